@@ -1,0 +1,38 @@
+# Thin driver over CMake. The two commands of README.md:
+#   make demo   installs dependencies, builds, runs the main job
+#   make test   installs dependencies, builds, runs every test
+BUILD ?= build
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+
+.PHONY: all deps build demo test asan tsan bench clean
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+build: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_WERROR=ON $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	@bash scripts/demo.sh $(BUILD)
+
+test: build
+	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 300
+	@$(MAKE) --no-print-directory asan
+
+# Sanitizer builds run the unit tests again (ASan+UBSan in one build, TSan in another).
+asan: deps
+	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKVS_ASAN=ON -DKVS_UBSAN=ON -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
+	@cmake --build build-asan -j $(JOBS)
+	@cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L unit
+
+tsan: deps
+	@cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_TSAN=ON -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
+	@cmake --build build-tsan -j $(JOBS)
+	@cd build-tsan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L tsan
+
+clean:
+	rm -rf $(BUILD) build-asan build-tsan

@@ -1,0 +1,215 @@
+/*
+ * kvstore.h: libkvstore, the in-process KV-cache vector store.
+ *
+ * An inference engine appends the key/value vectors of each layer as it
+ * prefills and decodes; at each decode step it asks for the top-k keys of a
+ * query (search) or for the attention output itself (attend), computed over a
+ * wave index: segmented clusters of keys, a steady zone attended exactly, a
+ * retrieval zone of the best clusters attended exactly and an estimation zone
+ * approximated from cluster centroids. See docs/engine.md.
+ *
+ * Conventions (as in rocksdb/c.h and lmdb.h):
+ * - Opaque handles only. Every function returns int: 0 on success, negative
+ *   on failure (a KVS_E* code from kvs_common.h, or -errno). After a failure
+ *   kvs_store_errmsg() gives a detailed message for the calling thread.
+ * - Sequences are named by a caller-chosen 64-bit id.
+ * - Key/value arrays are laid out [token][kv_head][head_dim] in the
+ *   sequence's dtype; queries are [q_head][head_dim] fp32; outputs are
+ *   caller-allocated with the sizes documented on each function.
+ * - Positions are 0-based token indices within a (sequence, layer).
+ *
+ * Thread-safety: a kvs_store_t may be used from any number of threads.
+ * search/attend run concurrently on any sequences, also while another thread
+ * appends to the same sequence (they see a consistent prefix). Appends to one
+ * (sequence, layer) are serialised by the store. kvs_store_close() must not
+ * race with other calls on the same store.
+ */
+#ifndef KVSTORE_H
+#define KVSTORE_H
+
+#include "kvs_common.h"
+
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvs_store_s kvs_store_t;
+
+/* Limits enforced on every geometry. */
+#define KVS_MAX_LAYERS 1024
+#define KVS_MAX_HEADS 1024
+#define KVS_MAX_HEAD_DIM 1024
+
+/* The model shape of one sequence. */
+typedef struct kvs_geometry_s {
+    uint32_t n_layers;
+    uint32_t n_q_heads;  /* query heads; a multiple of n_kv_heads (GQA) */
+    uint32_t n_kv_heads;
+    uint32_t head_dim;
+    kvs_dtype_t dtype;   /* element type of appended keys/values */
+} kvs_geometry_t;
+
+typedef enum kvs_mode_e {
+    KVS_MODE_EXACT = 0, /* every key, exactly: the reference */
+    KVS_MODE_WAVE = 1,  /* tripartite attention over the wave index */
+} kvs_mode_t;
+
+typedef enum kvs_budget_e {
+    /* Retrieval and estimation zones are fixed fractions of the clusters. */
+    KVS_BUDGET_FIXED = 0,
+    /* Retrieval clusters are added until the estimated attention mass left
+     * outside the steady and retrieval zones is below epsilon; the
+     * estimation zone is then the next estimation_fraction of clusters. */
+    KVS_BUDGET_BOUNDED = 1,
+} kvs_budget_t;
+
+/* How one search/attend call sizes its zones. Zero-initialised fields take
+ * the store's defaults (kvs_query_params_default). */
+typedef struct kvs_query_params_s {
+    kvs_mode_t mode;
+    kvs_budget_t budget;
+    float retrieval_fraction;  /* of the clusters; default 0.018 */
+    float estimation_fraction; /* of the clusters; default 0.232 */
+    float epsilon;             /* bounded mode; default 0.02 */
+    float scale;               /* softmax scale; 0 = 1/sqrt(head_dim) */
+} kvs_query_params_t;
+
+/* Store-wide options. Initialise with kvs_options_default(). */
+typedef struct kvs_options_s {
+    /* Data directory for persistence; NULL keeps everything in memory. */
+    const char *data_dir;
+    uint32_t n_threads;       /* attend/search workers; 0 = online CPUs */
+    uint32_t n_build_threads; /* background index builders; 0 = 1 */
+    /* Wave index. */
+    uint32_t segment_tokens;  /* keys per segment; default 8192 */
+    uint32_t cluster_tokens;  /* mean keys per cluster; default 16 */
+    uint32_t kmeans_iters;    /* spherical k-means iterations; default 10 */
+    uint32_t sink_tokens;     /* first tokens always exact; default 4 */
+    uint32_t window_tokens;   /* last indexed tokens always exact; 64 */
+    kvs_query_params_t defaults; /* for fields a call leaves 0 */
+} kvs_options_t;
+
+/* Fill `opts` with the defaults above. */
+void kvs_options_default(kvs_options_t *opts);
+/* Fill `params` with wave mode, fixed budget and the default fractions. */
+void kvs_query_params_default(kvs_query_params_t *params);
+
+/*
+ * Open a store. `opts` may be NULL for all defaults; it is copied (data_dir
+ * too). On success *out is a store to release with kvs_store_close().
+ * Errors: KVS_EINVAL (bad option, message says which), KVS_ENOMEM.
+ */
+int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out);
+/* Stop background builds, release every sequence and the store. NULL is a
+ * no-op. */
+void kvs_store_close(kvs_store_t *store);
+
+/* The detailed message of the calling thread's last failed call on `store`
+ * ("" when there is none). Valid until this thread's next call on it. */
+const char *kvs_store_errmsg(const kvs_store_t *store);
+
+/*
+ * Create an empty sequence `seq` with geometry `geo`.
+ * Errors: KVS_EEXIST, KVS_EINVAL (geometry out of the limits above, or
+ * n_q_heads not a multiple of n_kv_heads), KVS_ENOMEM.
+ */
+int kvs_seq_create(kvs_store_t *store, uint64_t seq, const kvs_geometry_t *geo);
+
+/*
+ * Append `n_tokens` tokens to `layer` of `seq`. `keys` and `values` each hold
+ * n_tokens * n_kv_heads * head_dim elements of the sequence dtype, laid out
+ * [token][kv_head][head_dim]; they are copied before return. Index segments
+ * are built in the background: append never waits for k-means.
+ * Errors: KVS_ENOSEQ, KVS_ERANGE (layer), KVS_EINVAL (NULL, zero tokens),
+ * KVS_ENOTFINITE (NaN/Inf anywhere; nothing is appended), KVS_ENOMEM.
+ */
+int kvs_seq_append(kvs_store_t *store, uint64_t seq, uint32_t layer,
+                   uint32_t n_tokens, const void *keys, const void *values);
+
+/*
+ * Top-k keys of `layer` for each query head. `queries` is [n_q_heads]
+ * [head_dim] fp32. Outputs are [n_q_heads][k]: `positions` token positions,
+ * `scores` raw dot products q.k (unscaled), best first. `params` may be NULL
+ * (store defaults); with mode WAVE only the steady zone and the retrieval
+ * zone are scanned (per query head, clusters ranked by q.c).
+ * Errors: KVS_ENOSEQ, KVS_ERANGE (layer, or k > tokens in the layer or k 0),
+ * KVS_EINVAL, KVS_ENOTFINITE.
+ */
+int kvs_seq_search(kvs_store_t *store, uint64_t seq, uint32_t layer,
+                   const float *queries, uint32_t k,
+                   const kvs_query_params_t *params, int64_t *positions,
+                   float *scores);
+
+/* What one attend call did, summed over KV heads. */
+typedef struct kvs_attend_stats_s {
+    uint64_t keys_total;         /* tokens in the layer x n_kv_heads */
+    uint64_t keys_exact;         /* keys attended exactly (steady+retrieval) */
+    uint64_t keys_steady;        /* of which in the steady zone */
+    uint64_t clusters_total;
+    uint64_t clusters_retrieved; /* attended exactly over their members */
+    uint64_t clusters_estimated; /* attended as one pseudo-token each */
+    uint64_t clusters_skipped;
+    double seconds;              /* wall time of the call */
+} kvs_attend_stats_t;
+
+/*
+ * Attention output of `layer` for each query head: softmax(scale * q.K) V
+ * over every token appended so far. `queries` is [n_q_heads][head_dim] fp32;
+ * `out` receives [n_q_heads][head_dim] fp32. `stats` may be NULL.
+ * Errors: KVS_ENOSEQ, KVS_ERANGE (layer; or the layer is empty),
+ * KVS_EINVAL, KVS_ENOTFINITE.
+ */
+int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
+                   const float *queries, const kvs_query_params_t *params,
+                   float *out, kvs_attend_stats_t *stats);
+
+/* Drop `seq` and everything it holds. Calls already running on it finish
+ * first. Errors: KVS_ENOSEQ. */
+int kvs_seq_drop(kvs_store_t *store, uint64_t seq);
+
+/* What a sequence holds. */
+typedef struct kvs_seq_info_s {
+    kvs_geometry_t geometry;
+    uint64_t tokens_min;     /* fewest tokens over its layers */
+    uint64_t tokens_max;     /* most tokens over its layers */
+    uint64_t indexed_tokens; /* tokens in built segments, summed over layers */
+    uint64_t segments;       /* built segments, summed over layers & kv heads */
+    uint64_t builds_pending; /* segment builds queued or running */
+    uint64_t bytes;          /* RAM held: raw K/V plus index */
+    uint64_t index_bytes;    /* RAM held by the index beyond raw K/V */
+} kvs_seq_info_t;
+
+/* Errors: KVS_ENOSEQ, KVS_EINVAL. */
+int kvs_seq_info(kvs_store_t *store, uint64_t seq, kvs_seq_info_t *info);
+
+/* Block until every segment build queued for `seq` has finished (or the
+ * sequence is dropped). Errors: KVS_ENOSEQ. */
+int kvs_seq_wait_indexed(kvs_store_t *store, uint64_t seq);
+
+/* Store-wide counters. */
+typedef struct kvs_store_stats_s {
+    uint64_t sequences;
+    uint64_t bytes;          /* RAM held by all sequences */
+    uint64_t index_bytes;
+    uint64_t builds_pending;
+    uint64_t builds_done;
+    uint64_t build_keys;     /* keys clustered by finished builds */
+    double build_seconds;    /* wall time spent in finished builds */
+} kvs_store_stats_t;
+
+/* Errors: KVS_EINVAL. */
+int kvs_store_stats(kvs_store_t *store, kvs_store_stats_t *stats);
+
+/*
+ * List up to `cap` sequence ids into `ids` (any order); *n_out receives the
+ * number of sequences in the store (may exceed cap).
+ */
+int kvs_store_list(kvs_store_t *store, uint64_t *ids, size_t cap,
+                   size_t *n_out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVSTORE_H */

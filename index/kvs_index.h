@@ -1,0 +1,165 @@
+/*
+ * kvs_index.h: the wave index of one (sequence, layer, KV head).
+ *
+ * Keys arrive in token order. Once a run of `segment_tokens` keys is complete
+ * it is built into a *segment*: the keys are centred on their mean, clustered
+ * by spherical maximum-inner-product k-means (FAISS), then every key is
+ * assigned once more against all centroids and each centroid is set to the
+ * plain mean of its members' raw keys. The segment stores its keys and values
+ * cluster-ordered (cluster c is the contiguous slots offsets[c] ..
+ * offsets[c+1]), the token position of every slot, and per cluster its
+ * centroid, member count and value mean (value sum = mean x count; the mean
+ * is what is stored because a sum of many fp16 values can overflow fp16).
+ *
+ * Keys not yet in a segment form the *tail*, attended exactly.
+ *
+ * The steady zone (first `sink_tokens` positions, last `window_tokens`
+ * indexed positions, the tail) is attended exactly. Its indexed members also
+ * sit inside clusters, so a segment carries two small *adjustment* tables
+ * that give the count and value mean of each cluster with its steady members
+ * left out: `adj_always` (sink positions, which are steady forever) and
+ * `adj_last` (sinks plus the segment's last window_tokens positions, which
+ * are steady while this is the newest segment).
+ *
+ * Functions here are single-threaded; the engine runs one KV head per worker.
+ * A built segment is immutable and may be read from any number of threads.
+ */
+#ifndef KVS_INDEX_H
+#define KVS_INDEX_H
+
+#include "kvs_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Clusters whose steady members are left out (see above). Sorted by id. */
+typedef struct kvs_cluster_adj_s {
+    uint32_t n;            /* number of adjusted clusters */
+    uint32_t *cluster;     /* [n] cluster ids, ascending */
+    uint32_t *count;       /* [n] members that are not steady (may be 0) */
+    void *value_means;     /* [n][d] dtype; mean over non-steady members
+                              (zeros when count is 0) */
+} kvs_cluster_adj_t;
+
+typedef struct kvs_segment_s {
+    kvs_dtype_t dtype;
+    uint32_t d;            /* head_dim */
+    uint64_t first_pos;    /* position of the segment's first token */
+    uint32_t n_tokens;     /* positions first_pos .. first_pos + n_tokens */
+    uint32_t n_clusters;   /* non-empty clusters */
+    uint32_t *offsets;     /* [n_clusters + 1] slot ranges, offsets[0] = 0 */
+    uint32_t *positions;   /* [n_tokens] slot -> position - first_pos */
+    void *keys;            /* [n_tokens][d] dtype, cluster-ordered, raw */
+    void *values;          /* [n_tokens][d] dtype, cluster-ordered, raw */
+    void *centroids;       /* [n_clusters][d] dtype: mean of member keys */
+    void *value_means;     /* [n_clusters][d] dtype: mean of member values */
+    uint32_t *counts;      /* [n_clusters] members */
+    /* Per cluster: bit 0 = listed in adj_always, bit 1 = in adj_last. */
+    uint8_t *adj_flags;    /* [n_clusters] */
+    kvs_cluster_adj_t adj_always;
+    kvs_cluster_adj_t adj_last;
+} kvs_segment_t;
+
+/* How segments are built. */
+typedef struct kvs_build_params_s {
+    uint32_t cluster_tokens; /* mean members per cluster (16) */
+    uint32_t kmeans_iters;   /* spherical k-means iterations (10) */
+    uint32_t sink_tokens;    /* positions < sink_tokens are steady forever */
+    uint32_t window_tokens;  /* last positions steady while segment is newest */
+    uint64_t seed;           /* k-means seed; builds are deterministic */
+} kvs_build_params_t;
+
+/*
+ * Build a segment from `n` keys/values in token order ([n][d] of `dtype`
+ * each) whose first token is at position `first_pos`. The arrays are only
+ * read. n_clusters = max(1, round(n / cluster_tokens)) before empty clusters
+ * are dropped. On success *out is a segment to release with
+ * kvs_segment_free(). `err` (may be NULL) receives a message on failure.
+ * Errors: KVS_EINVAL (n == 0, d == 0, n <= window_tokens), KVS_ENOMEM,
+ * KVS_EFAISS.
+ */
+int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                      uint32_t d, uint64_t first_pos, uint32_t n,
+                      const void *keys, const void *values,
+                      kvs_segment_t **out, char *err, size_t errlen);
+
+void kvs_segment_free(kvs_segment_t *seg);
+
+/* Bytes held by the segment beyond its raw keys and values. */
+size_t kvs_segment_index_bytes(const kvs_segment_t *seg);
+/* Bytes held in all (raw K/V plus index). */
+size_t kvs_segment_bytes(const kvs_segment_t *seg);
+
+/* Cluster c's count and value mean as seen by a query: with its steady
+ * members left out when `is_last` (segment is the newest) or when sinks
+ * fall inside it. Returns the count (0: nothing left to estimate). */
+uint32_t kvs_segment_cluster_view(const kvs_segment_t *seg, uint32_t c,
+                                  int is_last, const void **value_mean);
+
+/* ------------------------------------------------------------------------ */
+/* Search and attention over one KV head: segments plus tail.               */
+
+/* A consistent snapshot of one KV head, borrowed for one call. */
+typedef struct kvs_head_view_s {
+    kvs_dtype_t dtype;
+    uint32_t d;
+    kvs_segment_t *const *segments; /* [n_segments], position order */
+    uint32_t n_segments;
+    uint64_t indexed_tokens;        /* positions 0 .. indexed_tokens */
+    const void *tail_keys;          /* [tail_tokens][d] dtype, token order */
+    const void *tail_values;
+    uint32_t tail_tokens;           /* positions indexed_tokens .. + tail */
+    uint32_t sink_tokens;
+    uint32_t window_tokens;
+} kvs_head_view_t;
+
+/* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
+typedef struct kvs_zone_params_s {
+    int exact;                 /* 1: ignore the index, attend every key */
+    int bounded;               /* 1: accuracy-bounded retrieval zone */
+    float retrieval_fraction;
+    float estimation_fraction;
+    float epsilon;
+    float scale;               /* softmax scale (> 0) */
+} kvs_zone_params_t;
+
+typedef struct kvs_zone_stats_s {
+    uint64_t keys_total;
+    uint64_t keys_exact;
+    uint64_t keys_steady;
+    uint64_t clusters_total;
+    uint64_t clusters_retrieved;
+    uint64_t clusters_estimated;
+    uint64_t clusters_skipped;
+} kvs_zone_stats_t;
+
+/* Per-thread scratch memory, grown on demand and reused between calls. */
+typedef struct kvs_scratch_s kvs_scratch_t;
+kvs_scratch_t *kvs_scratch_new(void);
+void kvs_scratch_free(kvs_scratch_t *s);
+
+/*
+ * Attention for the `g` query heads of one GQA group over `view`.
+ * q is [g][d] fp32; out receives [g][d]. Stats are added to *stats.
+ * Errors: KVS_ENOMEM, KVS_EINVAL (g > KVS_KERNEL_MAX_Q, empty view).
+ */
+int kvs_head_attend(const kvs_head_view_t *view, const float *q, uint32_t g,
+                    const kvs_zone_params_t *zp, kvs_scratch_t *scratch,
+                    float *out, kvs_zone_stats_t *stats);
+
+/*
+ * Top-k by q.k for one query over `view`: exact when zp->exact, else steady
+ * zone plus retrieval-zone clusters ranked by q.c. positions/scores [k],
+ * best first; when fewer than k keys are scanned the rest of positions is -1
+ * and scores -INFINITY.
+ */
+int kvs_head_search(const kvs_head_view_t *view, const float *q, uint32_t k,
+                    const kvs_zone_params_t *zp, kvs_scratch_t *scratch,
+                    int64_t *positions, float *scores,
+                    kvs_zone_stats_t *stats);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVS_INDEX_H */

@@ -1,0 +1,63 @@
+/*
+ * kvs_kernels.h: the CPU compute kernels under the wave index: dtype
+ * conversion, dot products of a few queries against many keys, weighted sums
+ * of value rows, and the exp/max helpers of softmax.
+ *
+ * Each kernel has an AVX2+FMA+F16C version and a portable scalar one; the
+ * choice is made once, at the first call, from what the CPU supports
+ * (kvs_kernels_isa() tells which). Setting KVS_FORCE_SCALAR=1 in the
+ * environment forces the scalar versions (tests compare the two).
+ * All functions are thread-safe and allocate nothing.
+ */
+#ifndef KVS_KERNELS_H
+#define KVS_KERNELS_H
+
+#include "kvs_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* "avx2" or "scalar". */
+const char *kvs_kernels_isa(void);
+
+/* Scalar conversions; fp16 <-> fp32 round to nearest even, NaN kept. */
+float kvs_f16_to_f32(uint16_t h);
+uint16_t kvs_f32_to_f16(float f);
+float kvs_bf16_to_f32(uint16_t h);
+uint16_t kvs_f32_to_bf16(float f);
+
+/* dst[i] = src[i] as fp32, for n elements of `dtype`. */
+void kvs_to_f32(kvs_dtype_t dtype, const void *src, float *dst, size_t n);
+/* dst[i] = src[i] converted to `dtype` (rounded to nearest even). */
+void kvs_from_f32(kvs_dtype_t dtype, const float *src, void *dst, size_t n);
+/* True when all n elements are finite (no NaN/Inf). */
+int kvs_all_finite(kvs_dtype_t dtype, const void *src, size_t n);
+
+/*
+ * out[i * ld + j] = scale * dot(q[i], keys[j]) for i < nq, j < n.
+ * q is [nq][d] fp32, keys [n][d] of `dtype`. Each key row is read once for
+ * all nq queries. nq <= KVS_KERNEL_MAX_Q.
+ */
+#define KVS_KERNEL_MAX_Q 16
+void kvs_dot_rows(kvs_dtype_t dtype, const float *q, uint32_t nq,
+                  const void *keys, size_t n, uint32_t d, float scale,
+                  float *out, size_t ld);
+
+/*
+ * acc[i][:] += sum_j w[i * ldw + j] * vals[j][:] for i < nq, j < n.
+ * vals is [n][d] of `dtype`, acc is [nq][d] fp32. Each value row is read once
+ * for all nq weight rows. nq <= KVS_KERNEL_MAX_Q.
+ */
+void kvs_axpy_rows(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
+                   const void *vals, size_t n, uint32_t d, float *acc);
+
+/* Largest of x[0..n); -INFINITY when n is 0. */
+float kvs_max(const float *x, size_t n);
+/* x[i] = exp(x[i] - m) in place; returns the sum. exp(-inf) = 0. */
+float kvs_exp_sum(float *x, size_t n, float m);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVS_KERNELS_H */
