@@ -1,0 +1,176 @@
+/* test_kernels.c: the CPU kernels against plain double-precision loops. The
+ * test runs twice under CTest: with the CPU's best ISA and with
+ * KVS_FORCE_SCALAR=1. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kvs_kernels.h"
+
+static uint64_t rng_state = 88172645463325252ull;
+static double urand(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (double)(rng_state >> 11) / 9007199254740992.0;
+}
+
+static void test_kernels_f16_roundtrip(void **state) {
+    (void)state;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = kvs_f16_to_f32((uint16_t)h);
+        if (isnan(f)) {
+            assert_true(isnan(kvs_f16_to_f32(kvs_f32_to_f16(f))));
+            continue;
+        }
+        assert_int_equal(kvs_f32_to_f16(f), h);
+    }
+    assert_true(kvs_f16_to_f32(0x3c00) == 1.0f);
+    assert_true(kvs_f16_to_f32(0x0001) == ldexpf(1.0f, -24));
+    assert_true(kvs_f16_to_f32(0x7bff) == 65504.0f);
+    assert_true(isinf(kvs_f16_to_f32(kvs_f32_to_f16(70000.0f))));
+    assert_int_equal(kvs_f32_to_f16(ldexpf(1.0f, -26)), 0);
+}
+
+/* Round to nearest: no other half is closer to x than the chosen one. */
+static void test_kernels_f16_bf16_rounding(void **state) {
+    (void)state;
+    for (int i = 0; i < 200000; i++) {
+        float x = (float)((urand() - 0.5) * pow(2.0, (int)(urand() * 35) - 20));
+        /* |x| < 2^15: above 65520 IEEE rounds to Inf, not to 65504. */
+        uint16_t h = kvs_f32_to_f16(x);
+        double err = fabs((double)kvs_f16_to_f32(h) - x);
+        assert_true(!(fabs((double)kvs_f16_to_f32(h + 1) - x) < err));
+        assert_true(!(fabs((double)kvs_f16_to_f32(h - 1) - x) < err));
+        uint16_t b = kvs_f32_to_bf16(x);
+        double berr = fabs((double)kvs_bf16_to_f32(b) - x);
+        assert_true(!(fabs((double)kvs_bf16_to_f32(b + 1) - x) < berr));
+        assert_true(!(fabs((double)kvs_bf16_to_f32(b - 1) - x) < berr));
+    }
+}
+
+static void fill(kvs_dtype_t dt, void *dst, float *ref, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float x = (float)(urand() * 2 - 1);
+        if (dt == KVS_DTYPE_F32) {
+            ((float *)dst)[i] = x;
+        } else if (dt == KVS_DTYPE_F16) {
+            ((uint16_t *)dst)[i] = kvs_f32_to_f16(x);
+            x = kvs_f16_to_f32(((uint16_t *)dst)[i]);
+        } else {
+            ((uint16_t *)dst)[i] = kvs_f32_to_bf16(x);
+            x = kvs_bf16_to_f32(((uint16_t *)dst)[i]);
+        }
+        ref[i] = x;
+    }
+}
+
+static void test_kernels_convert(void **state) {
+    (void)state;
+    kvs_dtype_t dts[] = {KVS_DTYPE_F32, KVS_DTYPE_F16, KVS_DTYPE_BF16};
+    for (int k = 0; k < 3; k++) {
+        size_t n = 1037;
+        void *buf = malloc(n * 4);
+        void *back = malloc(n * 4);
+        float *ref = malloc(n * 4), *out = malloc(n * 4);
+        fill(dts[k], buf, ref, n);
+        kvs_to_f32(dts[k], buf, out, n);
+        assert_memory_equal(out, ref, n * 4);
+        kvs_from_f32(dts[k], out, back, n);
+        assert_memory_equal(back, buf, n * kvs_dtype_size(dts[k]));
+        assert_true(kvs_all_finite(dts[k], buf, n));
+        free(buf), free(back), free(ref), free(out);
+    }
+    float bad[3] = {1, NAN, 2};
+    assert_false(kvs_all_finite(KVS_DTYPE_F32, bad, 3));
+    bad[1] = INFINITY;
+    assert_false(kvs_all_finite(KVS_DTYPE_F32, bad, 3));
+    uint16_t h[2] = {0x3c00, 0x7c00};
+    assert_false(kvs_all_finite(KVS_DTYPE_F16, h, 2));
+    uint16_t b[2] = {0x3f80, 0x7fc0};
+    assert_false(kvs_all_finite(KVS_DTYPE_BF16, b, 2));
+}
+
+static void test_kernels_dot_axpy(void **state) {
+    (void)state;
+    kvs_dtype_t dts[] = {KVS_DTYPE_F32, KVS_DTYPE_F16, KVS_DTYPE_BF16};
+    uint32_t dims[] = {8, 64, 100, 128};
+    uint32_t nqs[] = {1, 2, 3, 4, 8, 16};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 4; b++)
+            for (int c = 0; c < 6; c++) {
+                kvs_dtype_t dt = dts[a];
+                uint32_t d = dims[b], nq = nqs[c];
+                size_t n = 75;
+                void *keys = malloc(n * d * 4);
+                float *kref = malloc(n * d * 4);
+                float *q = malloc(nq * d * 4);
+                float *out = malloc(nq * n * 4);
+                float *w = malloc(nq * n * 4);
+                float *acc = calloc(nq * d, 4);
+                fill(dt, keys, kref, n * d);
+                fill(KVS_DTYPE_F32, q, q, nq * d);
+                fill(KVS_DTYPE_F32, w, w, nq * n);
+                kvs_dot_rows(dt, q, nq, keys, n, d, 0.5f, out, n);
+                for (uint32_t i = 0; i < nq; i++)
+                    for (size_t j = 0; j < n; j++) {
+                        double s = 0;
+                        for (uint32_t t = 0; t < d; t++)
+                            s += (double)q[i * d + t] * kref[j * d + t];
+                        assert_float_equal(out[i * n + j], 0.5 * s, 1e-5);
+                    }
+                kvs_axpy_rows(dt, w, n, nq, keys, n, d, acc);
+                for (uint32_t i = 0; i < nq; i++)
+                    for (uint32_t t = 0; t < d; t++) {
+                        double s = 0;
+                        for (size_t j = 0; j < n; j++)
+                            s += (double)w[i * n + j] * kref[j * d + t];
+                        assert_float_equal(acc[i * d + t], s, 1e-5);
+                    }
+                free(keys), free(kref), free(q), free(out), free(w), free(acc);
+            }
+}
+
+static void test_kernels_exp_sum(void **state) {
+    (void)state;
+    size_t n = 1001;
+    float *x = malloc(n * 4), *y = malloc(n * 4);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)(urand() * 100 - 90);
+    x[5] = -INFINITY;
+    memcpy(y, x, n * 4);
+    float m = kvs_max(x, n);
+    float s = kvs_exp_sum(x, n, m);
+    double ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = exp((double)(y[i] - m)); /* the kernel subtracts in fp32 */
+        ref += e;
+        if (!(fabs(x[i] - e) <= 4e-7 * e + 1e-37))
+            fail_msg("exp(%g): %g vs %g", y[i] - m, x[i], e);
+    }
+    assert_true(x[5] == 0.0f);
+    assert_float_equal(s, ref, 1e-6 * ref);
+    /* All masked: no mass, no NaN. */
+    for (size_t i = 0; i < 10; i++)
+        x[i] = -INFINITY;
+    assert_true(kvs_exp_sum(x, 10, kvs_max(x, 10)) == 0.0f);
+    assert_true(x[3] == 0.0f);
+    free(x), free(y);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kernels_f16_roundtrip),
+        cmocka_unit_test(test_kernels_f16_bf16_rounding),
+        cmocka_unit_test(test_kernels_convert),
+        cmocka_unit_test(test_kernels_dot_axpy),
+        cmocka_unit_test(test_kernels_exp_sum),
+    };
+    print_message("kernels ISA: %s\n", kvs_kernels_isa());
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
