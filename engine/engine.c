@@ -1,0 +1,1057 @@
+/*
+ * engine.c: libkvstore, the in-process store (include/kvstore.h).
+ *
+ * A store holds sequences in a hash table keyed by id. A sequence has one
+ * layer_t per model layer, each guarded by a reader-writer lock and holding
+ * one head_t per KV head: that head's built segments (immutable, from
+ * index/) and its unindexed tail in token order.
+ *
+ * Appends copy into the tails under the layer's write lock. When a head's
+ * tail holds a whole segment a build job is queued; builder threads copy the
+ * segment's rows out under the read lock, run k-means with no lock held,
+ * and publish the segment under the write lock. One build per head is in
+ * flight at a time, so segments stay in position order.
+ *
+ * search/attend take the layer's read lock for the whole call and fan the
+ * KV heads out over the worker pool; each thread keeps its own scratch.
+ * Sequences are reference counted: a drop unlinks the sequence at once and
+ * frees it when the last running call or build job lets go.
+ */
+#include "kvstore.h"
+
+#include "engine/pool.h"
+#include "index/kvs_index.h"
+#include "kernels/kvs_kernels.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------------- */
+/* Types                                                                  */
+
+typedef struct head_s {
+    kvs_segment_t **segments;
+    uint32_t n_segments, segments_cap;
+    uint64_t indexed_tokens;
+    /* Tail: rows tail_start .. tail_start + tail_len of the buffers. */
+    char *tail_keys, *tail_values;
+    uint64_t tail_start, tail_len, tail_cap; /* in tokens */
+    int build_inflight;
+} head_t;
+
+typedef struct layer_s {
+    pthread_rwlock_t lock;
+    head_t *heads; /* [n_kv_heads] */
+    uint64_t tokens;
+} layer_t;
+
+typedef struct seq_s {
+    uint64_t id;
+    kvs_geometry_t geo;
+    size_t row_bytes; /* head_dim * dtype size */
+    atomic_int refs;
+    atomic_int dropped;
+    atomic_uint_fast64_t builds_pending;
+    layer_t *layers;
+    struct seq_s *next; /* hash chain */
+} seq_t;
+
+typedef struct build_job_s {
+    seq_t *seq;
+    uint32_t layer, head;
+    struct build_job_s *next;
+} build_job_t;
+
+struct kvs_store_s {
+    kvs_options_t opts;
+    char *data_dir;
+    kvs__pool_t *pool;
+    pthread_key_t scratch_key;
+
+    pthread_mutex_t map_mu;
+    seq_t **buckets;
+    size_t n_buckets, n_seqs;
+
+    /* Build queue. */
+    pthread_mutex_t build_mu;
+    pthread_cond_t build_cv;  /* work queued or stopping */
+    pthread_cond_t build_done; /* some build finished */
+    build_job_t *q_head, *q_tail;
+    atomic_int stopping;
+    pthread_t *builders;
+    uint32_t n_builders;
+    uint64_t builds_pending, builds_done, build_keys;
+    double build_seconds;
+};
+
+/* ---------------------------------------------------------------------- */
+/* Errors: one message per (thread, store).                               */
+
+static _Thread_local const kvs_store_t *err_store;
+static _Thread_local char err_msg[256];
+
+__attribute__((format(printf, 3, 4))) static int
+fail(const kvs_store_t *store, int code, const char *fmt, ...) {
+    err_store = store;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static void clear_err(const kvs_store_t *store) {
+    if (err_store == store)
+        err_msg[0] = 0;
+}
+
+const char *kvs_store_errmsg(const kvs_store_t *store) {
+    return err_store == store ? err_msg : "";
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Options                                                                */
+
+void kvs_query_params_default(kvs_query_params_t *p) {
+    memset(p, 0, sizeof *p);
+    p->mode = KVS_MODE_WAVE;
+    p->budget = KVS_BUDGET_FIXED;
+    p->retrieval_fraction = 0.018f;
+    p->estimation_fraction = 0.232f;
+    p->epsilon = 0.02f;
+    p->scale = 0;
+}
+
+void kvs_options_default(kvs_options_t *o) {
+    memset(o, 0, sizeof *o);
+    o->n_threads = 0;
+    o->n_build_threads = 1;
+    o->segment_tokens = 8192;
+    o->cluster_tokens = 16;
+    o->kmeans_iters = 10;
+    o->sink_tokens = 4;
+    o->window_tokens = 64;
+    kvs_query_params_default(&o->defaults);
+}
+
+static int check_options(kvs_store_t *s, const kvs_options_t *o) {
+    if (o->cluster_tokens == 0 || o->kmeans_iters == 0)
+        return fail(s, KVS_EINVAL, "cluster_tokens and kmeans_iters must be > 0");
+    if (o->segment_tokens < o->cluster_tokens ||
+        o->segment_tokens <= (uint64_t)o->sink_tokens + o->window_tokens)
+        return fail(s, KVS_EINVAL,
+                    "segment_tokens (%u) must exceed sink_tokens + "
+                    "window_tokens (%u) and cluster_tokens",
+                    o->segment_tokens, o->sink_tokens + o->window_tokens);
+    if (o->segment_tokens > (1u << 24))
+        return fail(s, KVS_EINVAL, "segment_tokens above 16M");
+    const kvs_query_params_t *d = &o->defaults;
+    if (!(d->retrieval_fraction >= 0 && d->retrieval_fraction <= 1) ||
+        !(d->estimation_fraction >= 0 && d->estimation_fraction <= 1) ||
+        !(d->epsilon >= 0 && d->epsilon <= 1) || !(d->scale >= 0) ||
+        !isfinite(d->scale))
+        return fail(s, KVS_EINVAL, "default query params out of range");
+    if (o->n_threads > 1024 || o->n_build_threads > 64)
+        return fail(s, KVS_EINVAL, "too many threads");
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Sequences                                                              */
+
+static void head_release(head_t *h) {
+    for (uint32_t i = 0; i < h->n_segments; i++)
+        kvs_segment_free(h->segments[i]);
+    free(h->segments);
+    free(h->tail_keys);
+    free(h->tail_values);
+}
+
+static void seq_free(seq_t *q) {
+    if (q->layers) {
+        for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+            layer_t *L = &q->layers[l];
+            if (!L->heads)
+                continue;
+            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+                head_release(&L->heads[h]);
+            free(L->heads);
+            pthread_rwlock_destroy(&L->lock);
+        }
+        free(q->layers);
+    }
+    free(q);
+}
+
+static void seq_unref(seq_t *q) {
+    if (atomic_fetch_sub(&q->refs, 1) == 1)
+        seq_free(q);
+}
+
+static size_t bucket_of(const kvs_store_t *s, uint64_t id) {
+    uint64_t x = id * 0x9e3779b97f4a7c15ull;
+    return (size_t)(x >> 17) & (s->n_buckets - 1);
+}
+
+/* Look `id` up and take a reference; NULL when unknown. */
+static seq_t *seq_get(kvs_store_t *s, uint64_t id) {
+    pthread_mutex_lock(&s->map_mu);
+    seq_t *q = s->buckets[bucket_of(s, id)];
+    while (q && q->id != id)
+        q = q->next;
+    if (q)
+        atomic_fetch_add(&q->refs, 1);
+    pthread_mutex_unlock(&s->map_mu);
+    return q;
+}
+
+static int map_grow(kvs_store_t *s) {
+    size_t nb = s->n_buckets * 2;
+    seq_t **b = calloc(nb, sizeof *b);
+    if (!b)
+        return KVS_ENOMEM;
+    seq_t **old = s->buckets;
+    size_t on = s->n_buckets;
+    s->buckets = b;
+    s->n_buckets = nb;
+    for (size_t i = 0; i < on; i++)
+        for (seq_t *q = old[i], *nx; q; q = nx) {
+            nx = q->next;
+            size_t k = bucket_of(s, q->id);
+            q->next = b[k];
+            b[k] = q;
+        }
+    free(old);
+    return 0;
+}
+
+static int check_geometry(kvs_store_t *s, const kvs_geometry_t *g) {
+    if (!g)
+        return fail(s, KVS_EINVAL, "geometry is NULL");
+    if (g->n_layers == 0 || g->n_layers > KVS_MAX_LAYERS)
+        return fail(s, KVS_EINVAL, "n_layers %u outside 1..%u", g->n_layers,
+                    KVS_MAX_LAYERS);
+    if (g->n_kv_heads == 0 || g->n_kv_heads > KVS_MAX_HEADS ||
+        g->n_q_heads == 0 || g->n_q_heads > KVS_MAX_HEADS)
+        return fail(s, KVS_EINVAL, "head counts outside 1..%u", KVS_MAX_HEADS);
+    if (g->n_q_heads % g->n_kv_heads)
+        return fail(s, KVS_EINVAL, "n_q_heads %u is not a multiple of "
+                    "n_kv_heads %u", g->n_q_heads, g->n_kv_heads);
+    if (g->n_q_heads / g->n_kv_heads > KVS_KERNEL_MAX_Q)
+        return fail(s, KVS_EINVAL, "more than %d query heads per KV head",
+                    KVS_KERNEL_MAX_Q);
+    if (g->head_dim == 0 || g->head_dim > KVS_MAX_HEAD_DIM)
+        return fail(s, KVS_EINVAL, "head_dim %u outside 1..%u", g->head_dim,
+                    KVS_MAX_HEAD_DIM);
+    if (kvs_dtype_size(g->dtype) == 0)
+        return fail(s, KVS_EINVAL, "unknown dtype %d", (int)g->dtype);
+    return 0;
+}
+
+int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    int rc = check_geometry(s, geo);
+    if (rc)
+        return rc;
+    seq_t *q = calloc(1, sizeof *q);
+    if (!q)
+        return fail(s, KVS_ENOMEM, "sequence");
+    q->id = id;
+    q->geo = *geo;
+    q->row_bytes = (size_t)geo->head_dim * kvs_dtype_size(geo->dtype);
+    atomic_init(&q->refs, 1);
+    q->layers = calloc(geo->n_layers, sizeof(layer_t));
+    if (!q->layers)
+        goto oom;
+    for (uint32_t l = 0; l < geo->n_layers; l++) {
+        q->layers[l].heads = calloc(geo->n_kv_heads, sizeof(head_t));
+        if (!q->layers[l].heads)
+            goto oom;
+        pthread_rwlockattr_t attr;
+        pthread_rwlockattr_init(&attr);
+        /* Writers (appends, publishes) must not starve behind a stream of
+         * attends. */
+        pthread_rwlockattr_setkind_np(
+            &attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+        pthread_rwlock_init(&q->layers[l].lock, &attr);
+        pthread_rwlockattr_destroy(&attr);
+    }
+
+    pthread_mutex_lock(&s->map_mu);
+    for (seq_t *p = s->buckets[bucket_of(s, id)]; p; p = p->next)
+        if (p->id == id) {
+            pthread_mutex_unlock(&s->map_mu);
+            seq_free(q);
+            return fail(s, KVS_EEXIST, "sequence %llu already exists",
+                        (unsigned long long)id);
+        }
+    if (s->n_seqs + 1 > s->n_buckets && map_grow(s)) {
+        pthread_mutex_unlock(&s->map_mu);
+        seq_free(q);
+        return fail(s, KVS_ENOMEM, "sequence table");
+    }
+    size_t b = bucket_of(s, id);
+    q->next = s->buckets[b];
+    s->buckets[b] = q;
+    s->n_seqs++;
+    pthread_mutex_unlock(&s->map_mu);
+    return 0;
+oom:
+    seq_free(q);
+    return fail(s, KVS_ENOMEM, "sequence");
+}
+
+int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    pthread_mutex_lock(&s->map_mu);
+    seq_t **pp = &s->buckets[bucket_of(s, id)];
+    while (*pp && (*pp)->id != id)
+        pp = &(*pp)->next;
+    seq_t *q = *pp;
+    if (q) {
+        *pp = q->next;
+        s->n_seqs--;
+    }
+    pthread_mutex_unlock(&s->map_mu);
+    if (!q)
+        return fail(s, KVS_ENOSEQ, "unknown sequence %llu",
+                    (unsigned long long)id);
+    atomic_store(&q->dropped, 1);
+    /* Wake kvs_seq_wait_indexed callers: a dropped sequence waits no more. */
+    pthread_mutex_lock(&s->build_mu);
+    pthread_cond_broadcast(&s->build_done);
+    pthread_mutex_unlock(&s->build_mu);
+    seq_unref(q);
+    return 0;
+}
+
+static seq_t *seq_lookup(kvs_store_t *s, uint64_t id, int *rc) {
+    seq_t *q = seq_get(s, id);
+    if (!q)
+        *rc = fail(s, KVS_ENOSEQ, "unknown sequence %llu",
+                   (unsigned long long)id);
+    return q;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Background builds                                                      */
+
+static void enqueue_build(kvs_store_t *s, seq_t *q, uint32_t layer,
+                          uint32_t head) {
+    build_job_t *j = malloc(sizeof *j);
+    if (!j)
+        return; /* retried at the next append to this head */
+    q->layers[layer].heads[head].build_inflight = 1;
+    atomic_fetch_add(&q->refs, 1);
+    atomic_fetch_add(&q->builds_pending, 1);
+    j->seq = q;
+    j->layer = layer;
+    j->head = head;
+    j->next = NULL;
+    pthread_mutex_lock(&s->build_mu);
+    if (s->q_tail)
+        s->q_tail->next = j;
+    else
+        s->q_head = j;
+    s->q_tail = j;
+    s->builds_pending++;
+    pthread_cond_signal(&s->build_cv);
+    pthread_mutex_unlock(&s->build_mu);
+}
+
+/* Caller holds the layer's write lock. */
+static void maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer,
+                        uint32_t head) {
+    head_t *h = &q->layers[layer].heads[head];
+    if (!h->build_inflight && h->tail_len >= s->opts.segment_tokens &&
+        !s->stopping)
+        enqueue_build(s, q, layer, head);
+}
+
+static void build_finish(kvs_store_t *s, seq_t *q, double secs,
+                         uint64_t keys) {
+    atomic_fetch_sub(&q->builds_pending, 1);
+    pthread_mutex_lock(&s->build_mu);
+    s->builds_pending--;
+    if (keys) {
+        s->builds_done++;
+        s->build_keys += keys;
+        s->build_seconds += secs;
+    }
+    pthread_cond_broadcast(&s->build_done);
+    pthread_mutex_unlock(&s->build_mu);
+    seq_unref(q);
+}
+
+static void run_build(kvs_store_t *s, build_job_t *j) {
+    seq_t *q = j->seq;
+    layer_t *L = &q->layers[j->layer];
+    head_t *h = &L->heads[j->head];
+    uint32_t n = s->opts.segment_tokens;
+    size_t bytes = (size_t)n * q->row_bytes;
+    char *keys = malloc(bytes), *vals = malloc(bytes);
+    double t0 = now_s();
+    kvs_segment_t *seg = NULL;
+    uint64_t first = 0;
+    int rc = KVS_ENOMEM;
+
+    if (keys && vals && !atomic_load(&q->dropped)) {
+        pthread_rwlock_rdlock(&L->lock);
+        first = h->indexed_tokens;
+        memcpy(keys, h->tail_keys + h->tail_start * q->row_bytes, bytes);
+        memcpy(vals, h->tail_values + h->tail_start * q->row_bytes, bytes);
+        pthread_rwlock_unlock(&L->lock);
+        kvs_build_params_t bp = {
+            .cluster_tokens = s->opts.cluster_tokens,
+            .kmeans_iters = s->opts.kmeans_iters,
+            .sink_tokens = s->opts.sink_tokens,
+            .window_tokens = s->opts.window_tokens,
+            .seed = 1234 + first,
+        };
+        char err[160] = "";
+        rc = kvs_segment_build(&bp, q->geo.dtype, q->geo.head_dim, first, n,
+                               keys, vals, &seg, err, sizeof err);
+        if (rc)
+            fprintf(stderr, "kvstore: segment build failed for sequence %llu "
+                    "layer %u head %u: %s (%s)\n", (unsigned long long)q->id,
+                    j->layer, j->head, kvs_strerror(rc), err);
+    }
+    free(keys);
+    free(vals);
+
+    pthread_rwlock_wrlock(&L->lock);
+    if (seg && h->n_segments == h->segments_cap) {
+        uint32_t cap = h->segments_cap ? h->segments_cap * 2 : 8;
+        kvs_segment_t **p = realloc(h->segments, cap * sizeof *p);
+        if (p) {
+            h->segments = p;
+            h->segments_cap = cap;
+        } else {
+            kvs_segment_free(seg);
+            seg = NULL;
+        }
+    }
+    uint64_t keys_done = 0;
+    if (seg) {
+        h->segments[h->n_segments++] = seg;
+        h->indexed_tokens += n;
+        h->tail_start += n;
+        h->tail_len -= n;
+        keys_done = n;
+    }
+    h->build_inflight = 0;
+    /* A failed build is not retried in a loop: the tail stays exact and the
+     * next append tries again. */
+    if (seg)
+        maybe_build(s, q, j->layer, j->head);
+    pthread_rwlock_unlock(&L->lock);
+    build_finish(s, q, now_s() - t0, keys_done);
+}
+
+static void *builder(void *arg) {
+    kvs_store_t *s = arg;
+    pthread_mutex_lock(&s->build_mu);
+    for (;;) {
+        while (!s->stopping && !s->q_head)
+            pthread_cond_wait(&s->build_cv, &s->build_mu);
+        if (s->stopping)
+            break;
+        build_job_t *j = s->q_head;
+        s->q_head = j->next;
+        if (!s->q_head)
+            s->q_tail = NULL;
+        pthread_mutex_unlock(&s->build_mu);
+        run_build(s, j);
+        free(j);
+        pthread_mutex_lock(&s->build_mu);
+    }
+    pthread_mutex_unlock(&s->build_mu);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Open / close                                                           */
+
+static void scratch_destroy(void *p) {
+    kvs_scratch_free(p);
+}
+
+int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
+    if (!out)
+        return KVS_EINVAL;
+    *out = NULL;
+    kvs_store_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return KVS_ENOMEM;
+    if (opts)
+        s->opts = *opts;
+    else
+        kvs_options_default(&s->opts);
+    kvs_query_params_t def;
+    kvs_query_params_default(&def);
+    kvs_query_params_t *d = &s->opts.defaults;
+    if (d->retrieval_fraction == 0 && d->estimation_fraction == 0 &&
+        d->epsilon == 0) {
+        kvs_mode_t m = d->mode;
+        kvs_budget_t b = d->budget;
+        float scale = d->scale;
+        *d = def;
+        d->mode = m;
+        d->budget = b;
+        d->scale = scale;
+    }
+    int rc = check_options(s, &s->opts);
+    if (rc) {
+        /* The message belongs to a store the caller never sees: print it. */
+        fprintf(stderr, "kvstore: %s\n", err_msg);
+        free(s);
+        return rc;
+    }
+    if (s->opts.data_dir) {
+        s->data_dir = strdup(s->opts.data_dir);
+        if (!s->data_dir) {
+            free(s);
+            return KVS_ENOMEM;
+        }
+        s->opts.data_dir = s->data_dir;
+    }
+    if (s->opts.n_threads == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        s->opts.n_threads = n > 0 ? (uint32_t)n : 1;
+    }
+    if (s->opts.n_build_threads == 0)
+        s->opts.n_build_threads = 1;
+
+    pthread_mutex_init(&s->map_mu, NULL);
+    pthread_mutex_init(&s->build_mu, NULL);
+    pthread_cond_init(&s->build_cv, NULL);
+    pthread_cond_init(&s->build_done, NULL);
+    s->n_buckets = 64;
+    s->buckets = calloc(s->n_buckets, sizeof *s->buckets);
+    if (!s->buckets || pthread_key_create(&s->scratch_key, scratch_destroy)) {
+        free(s->buckets);
+        free(s->data_dir);
+        free(s);
+        return KVS_ENOMEM;
+    }
+    /* The calling thread works on its own calls, so n_threads - 1 helpers. */
+    rc = kvs__pool_new(s->opts.n_threads - 1, &s->pool);
+    if (rc)
+        goto fail_pool;
+    s->builders = calloc(s->opts.n_build_threads, sizeof(pthread_t));
+    if (!s->builders) {
+        rc = KVS_ENOMEM;
+        goto fail_builders;
+    }
+    for (uint32_t i = 0; i < s->opts.n_build_threads; i++) {
+        if ((rc = -pthread_create(&s->builders[i], NULL, builder, s)))
+            goto fail_builders;
+        s->n_builders++;
+    }
+    *out = s;
+    return 0;
+fail_builders:
+    kvs_store_close(s);
+    return rc;
+fail_pool:
+    pthread_key_delete(s->scratch_key);
+    free(s->buckets);
+    free(s->data_dir);
+    free(s);
+    return rc;
+}
+
+void kvs_store_close(kvs_store_t *s) {
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->build_mu);
+    s->stopping = 1;
+    pthread_cond_broadcast(&s->build_cv);
+    pthread_mutex_unlock(&s->build_mu);
+    for (uint32_t i = 0; i < s->n_builders; i++)
+        pthread_join(s->builders[i], NULL);
+    /* Jobs never started: their tails simply stay unindexed. */
+    for (build_job_t *j = s->q_head, *nx; j; j = nx) {
+        nx = j->next;
+        atomic_fetch_sub(&j->seq->builds_pending, 1);
+        seq_unref(j->seq);
+        free(j);
+    }
+    free(s->builders);
+    kvs__pool_free(s->pool);
+    for (size_t i = 0; i < s->n_buckets; i++)
+        for (seq_t *q = s->buckets[i], *nx; q; q = nx) {
+            nx = q->next;
+            seq_unref(q);
+        }
+    free(s->buckets);
+    /* This thread's scratch; other threads' go with their exit. */
+    kvs_scratch_free(pthread_getspecific(s->scratch_key));
+    pthread_setspecific(s->scratch_key, NULL);
+    pthread_key_delete(s->scratch_key);
+    pthread_cond_destroy(&s->build_cv);
+    pthread_cond_destroy(&s->build_done);
+    pthread_mutex_destroy(&s->build_mu);
+    pthread_mutex_destroy(&s->map_mu);
+    free(s->data_dir);
+    free(s);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Append                                                                 */
+
+static int head_reserve(head_t *h, size_t row_bytes, uint64_t more) {
+    if (h->tail_start + h->tail_len + more <= h->tail_cap)
+        return 0;
+    /* Slide the live rows down before growing: the front was consumed by
+     * published segments. */
+    if (h->tail_start > 0) {
+        memmove(h->tail_keys, h->tail_keys + h->tail_start * row_bytes,
+                h->tail_len * row_bytes);
+        memmove(h->tail_values, h->tail_values + h->tail_start * row_bytes,
+                h->tail_len * row_bytes);
+        h->tail_start = 0;
+        if (h->tail_len + more <= h->tail_cap)
+            return 0;
+    }
+    uint64_t cap = h->tail_cap ? h->tail_cap : 256;
+    while (cap < h->tail_len + more)
+        cap *= 2;
+    char *k = realloc(h->tail_keys, cap * row_bytes);
+    if (!k)
+        return KVS_ENOMEM;
+    h->tail_keys = k;
+    char *v = realloc(h->tail_values, cap * row_bytes);
+    if (!v)
+        return KVS_ENOMEM;
+    h->tail_values = v;
+    h->tail_cap = cap;
+    return 0;
+}
+
+int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
+                   uint32_t n_tokens, const void *keys, const void *values) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    if (!keys || !values)
+        return fail(s, KVS_EINVAL, "keys or values is NULL");
+    if (n_tokens == 0)
+        return fail(s, KVS_EINVAL, "zero tokens");
+    int rc = 0;
+    seq_t *q = seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    const kvs_geometry_t *g = &q->geo;
+    if (layer >= g->n_layers) {
+        rc = fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)", layer,
+                  g->n_layers);
+        goto out;
+    }
+    size_t n_elems = (size_t)n_tokens * g->n_kv_heads * g->head_dim;
+    if (!kvs_all_finite(g->dtype, keys, n_elems) ||
+        !kvs_all_finite(g->dtype, values, n_elems)) {
+        rc = fail(s, KVS_ENOTFINITE, "NaN or Inf in appended keys/values");
+        goto out;
+    }
+    layer_t *L = &q->layers[layer];
+    pthread_rwlock_wrlock(&L->lock);
+    for (uint32_t h = 0; h < g->n_kv_heads; h++)
+        if ((rc = head_reserve(&L->heads[h], q->row_bytes, n_tokens))) {
+            pthread_rwlock_unlock(&L->lock);
+            rc = fail(s, rc, "cannot grow the tail of layer %u", layer);
+            goto out;
+        }
+    size_t stride = (size_t)g->n_kv_heads * q->row_bytes;
+    for (uint32_t h = 0; h < g->n_kv_heads; h++) {
+        head_t *hd = &L->heads[h];
+        char *dk = hd->tail_keys + (hd->tail_start + hd->tail_len) * q->row_bytes;
+        char *dv =
+            hd->tail_values + (hd->tail_start + hd->tail_len) * q->row_bytes;
+        const char *sk = (const char *)keys + h * q->row_bytes;
+        const char *sv = (const char *)values + h * q->row_bytes;
+        for (uint32_t t = 0; t < n_tokens; t++) {
+            memcpy(dk + t * q->row_bytes, sk + t * stride, q->row_bytes);
+            memcpy(dv + t * q->row_bytes, sv + t * stride, q->row_bytes);
+        }
+        hd->tail_len += n_tokens;
+        maybe_build(s, q, layer, h);
+    }
+    L->tokens += n_tokens;
+    pthread_rwlock_unlock(&L->lock);
+out:
+    seq_unref(q);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Search / attend                                                        */
+
+static kvs_scratch_t *thread_scratch(kvs_store_t *s) {
+    kvs_scratch_t *sc = pthread_getspecific(s->scratch_key);
+    if (!sc) {
+        sc = kvs_scratch_new();
+        if (sc && pthread_setspecific(s->scratch_key, sc)) {
+            kvs_scratch_free(sc);
+            sc = NULL;
+        }
+    }
+    return sc;
+}
+
+static void head_view(const kvs_store_t *s, const seq_t *q, const head_t *h,
+                      kvs_head_view_t *v) {
+    v->dtype = q->geo.dtype;
+    v->d = q->geo.head_dim;
+    v->segments = h->segments;
+    v->n_segments = h->n_segments;
+    v->indexed_tokens = h->indexed_tokens;
+    v->tail_keys = h->tail_keys + h->tail_start * q->row_bytes;
+    v->tail_values = h->tail_values + h->tail_start * q->row_bytes;
+    v->tail_tokens = (uint32_t)h->tail_len;
+    v->sink_tokens = s->opts.sink_tokens;
+    v->window_tokens = s->opts.window_tokens;
+}
+
+static int resolve_params(kvs_store_t *s, const seq_t *q,
+                          const kvs_query_params_t *p, kvs_zone_params_t *zp) {
+    const kvs_query_params_t *d = &s->opts.defaults;
+    kvs_query_params_t m = p ? *p : *d;
+    if (p) {
+        if (m.retrieval_fraction == 0 && m.estimation_fraction == 0 &&
+            m.epsilon == 0) {
+            m.retrieval_fraction = d->retrieval_fraction;
+            m.estimation_fraction = d->estimation_fraction;
+            m.epsilon = d->epsilon;
+        }
+        if (m.scale == 0)
+            m.scale = d->scale;
+    }
+    if (m.mode != KVS_MODE_EXACT && m.mode != KVS_MODE_WAVE)
+        return fail(s, KVS_EINVAL, "unknown mode %d", (int)m.mode);
+    if (m.budget != KVS_BUDGET_FIXED && m.budget != KVS_BUDGET_BOUNDED)
+        return fail(s, KVS_EINVAL, "unknown budget %d", (int)m.budget);
+    if (!(m.retrieval_fraction >= 0 && m.retrieval_fraction <= 1) ||
+        !(m.estimation_fraction >= 0 && m.estimation_fraction <= 1) ||
+        !(m.epsilon >= 0 && m.epsilon <= 1) || !(m.scale >= 0) ||
+        !isfinite(m.scale))
+        return fail(s, KVS_EINVAL, "query params out of range");
+    zp->exact = m.mode == KVS_MODE_EXACT;
+    zp->bounded = m.budget == KVS_BUDGET_BOUNDED;
+    zp->retrieval_fraction = m.retrieval_fraction;
+    zp->estimation_fraction = m.estimation_fraction;
+    zp->epsilon = m.epsilon;
+    zp->scale = m.scale > 0 ? m.scale : 1.0f / sqrtf((float)q->geo.head_dim);
+    return 0;
+}
+
+typedef struct call_s {
+    kvs_store_t *s;
+    seq_t *q;
+    layer_t *L;
+    const float *queries;
+    kvs_zone_params_t zp;
+    uint32_t group, k;
+    float *out;
+    int64_t *positions;
+    float *scores;
+    kvs_zone_stats_t stats[KVS_MAX_HEADS];
+    int rc[KVS_MAX_HEADS];
+} call_t;
+
+static void attend_task(void *arg, uint32_t h) {
+    call_t *c = arg;
+    kvs_scratch_t *sc = thread_scratch(c->s);
+    if (!sc) {
+        c->rc[h] = KVS_ENOMEM;
+        return;
+    }
+    kvs_head_view_t v;
+    head_view(c->s, c->q, &c->L->heads[h], &v);
+    size_t off = (size_t)h * c->group * c->q->geo.head_dim;
+    c->rc[h] = kvs_head_attend(&v, c->queries + off, c->group, &c->zp, sc,
+                               c->out + off, &c->stats[h]);
+}
+
+static void search_task(void *arg, uint32_t h) {
+    call_t *c = arg;
+    kvs_scratch_t *sc = thread_scratch(c->s);
+    if (!sc) {
+        c->rc[h] = KVS_ENOMEM;
+        return;
+    }
+    kvs_head_view_t v;
+    head_view(c->s, c->q, &c->L->heads[h], &v);
+    for (uint32_t i = 0; i < c->group; i++) {
+        uint32_t qh = h * c->group + i;
+        int rc = kvs_head_search(&v, c->queries + (size_t)qh * v.d, c->k,
+                                 &c->zp, sc, c->positions + (size_t)qh * c->k,
+                                 c->scores + (size_t)qh * c->k, &c->stats[h]);
+        if (rc) {
+            c->rc[h] = rc;
+            return;
+        }
+    }
+}
+
+/* Shared front half of search and attend: validation and the lock. */
+static int call_begin(kvs_store_t *s, uint64_t id, uint32_t layer,
+                      const float *queries, const kvs_query_params_t *params,
+                      call_t **out) {
+    int rc = 0;
+    seq_t *q = seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    const kvs_geometry_t *g = &q->geo;
+    if (layer >= g->n_layers) {
+        rc = fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)", layer,
+                  g->n_layers);
+        goto err;
+    }
+    if (!kvs_all_finite(KVS_DTYPE_F32, queries,
+                        (size_t)g->n_q_heads * g->head_dim)) {
+        rc = fail(s, KVS_ENOTFINITE, "NaN or Inf in queries");
+        goto err;
+    }
+    call_t *c = malloc(sizeof *c);
+    if (!c) {
+        rc = fail(s, KVS_ENOMEM, "call state");
+        goto err;
+    }
+    memset(c->stats, 0, g->n_kv_heads * sizeof c->stats[0]);
+    memset(c->rc, 0, g->n_kv_heads * sizeof c->rc[0]);
+    if ((rc = resolve_params(s, q, params, &c->zp))) {
+        free(c);
+        goto err;
+    }
+    c->s = s;
+    c->q = q;
+    c->L = &q->layers[layer];
+    c->queries = queries;
+    c->group = g->n_q_heads / g->n_kv_heads;
+    *out = c;
+    return 0;
+err:
+    seq_unref(q);
+    return rc;
+}
+
+static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
+    uint32_t nh = c->q->geo.n_kv_heads;
+    int rc = 0;
+    for (uint32_t h = 0; h < nh && !rc; h++)
+        rc = c->rc[h];
+    if (rc)
+        rc = fail(c->s, rc, "head computation failed: %s", kvs_strerror(rc));
+    if (stats) {
+        memset(stats, 0, sizeof *stats);
+        for (uint32_t h = 0; h < nh; h++) {
+            stats->keys_total += c->stats[h].keys_total;
+            stats->keys_exact += c->stats[h].keys_exact;
+            stats->keys_steady += c->stats[h].keys_steady;
+            stats->clusters_total += c->stats[h].clusters_total;
+            stats->clusters_retrieved += c->stats[h].clusters_retrieved;
+            stats->clusters_estimated += c->stats[h].clusters_estimated;
+            stats->clusters_skipped += c->stats[h].clusters_skipped;
+        }
+        stats->seconds = now_s() - t0;
+    }
+    seq_unref(c->q);
+    free(c);
+    return rc;
+}
+
+int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
+                   const float *queries, const kvs_query_params_t *params,
+                   float *out, kvs_attend_stats_t *stats) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    if (!queries || !out)
+        return fail(s, KVS_EINVAL, "queries or out is NULL");
+    double t0 = now_s();
+    call_t *c;
+    int rc = call_begin(s, id, layer, queries, params, &c);
+    if (rc)
+        return rc;
+    c->out = out;
+    pthread_rwlock_rdlock(&c->L->lock);
+    if (c->L->tokens == 0) {
+        pthread_rwlock_unlock(&c->L->lock);
+        seq_unref(c->q);
+        free(c);
+        return fail(s, KVS_ERANGE, "layer %u is empty", layer);
+    }
+    kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
+    pthread_rwlock_unlock(&c->L->lock);
+    return call_end(c, stats, t0);
+}
+
+int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
+                   const float *queries, uint32_t k,
+                   const kvs_query_params_t *params, int64_t *positions,
+                   float *scores) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    if (!queries || !positions || !scores)
+        return fail(s, KVS_EINVAL, "queries, positions or scores is NULL");
+    call_t *c;
+    int rc = call_begin(s, id, layer, queries, params, &c);
+    if (rc)
+        return rc;
+    c->k = k;
+    c->positions = positions;
+    c->scores = scores;
+    pthread_rwlock_rdlock(&c->L->lock);
+    if (k == 0 || k > c->L->tokens) {
+        uint64_t have = c->L->tokens;
+        pthread_rwlock_unlock(&c->L->lock);
+        seq_unref(c->q);
+        free(c);
+        return fail(s, KVS_ERANGE, "k %u outside 1..%llu (tokens in layer)",
+                    k, (unsigned long long)have);
+    }
+    kvs__pool_run(s->pool, c->q->geo.n_kv_heads, search_task, c);
+    pthread_rwlock_unlock(&c->L->lock);
+    return call_end(c, NULL, 0);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Introspection                                                          */
+
+static void seq_account(const seq_t *q, kvs_seq_info_t *info) {
+    memset(info, 0, sizeof *info);
+    info->geometry = q->geo;
+    info->tokens_min = UINT64_MAX;
+    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+        layer_t *L = &q->layers[l];
+        pthread_rwlock_rdlock(&L->lock);
+        if (L->tokens < info->tokens_min)
+            info->tokens_min = L->tokens;
+        if (L->tokens > info->tokens_max)
+            info->tokens_max = L->tokens;
+        for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+            const head_t *hd = &L->heads[h];
+            info->segments += hd->n_segments;
+            info->indexed_tokens += hd->indexed_tokens;
+            for (uint32_t i = 0; i < hd->n_segments; i++) {
+                info->bytes += kvs_segment_bytes(hd->segments[i]);
+                info->index_bytes += kvs_segment_index_bytes(hd->segments[i]);
+            }
+            info->bytes += 2 * hd->tail_cap * q->row_bytes;
+        }
+        pthread_rwlock_unlock(&L->lock);
+    }
+    if (q->geo.n_kv_heads)
+        info->indexed_tokens /= q->geo.n_kv_heads;
+    info->builds_pending = atomic_load(&q->builds_pending);
+}
+
+int kvs_seq_info(kvs_store_t *s, uint64_t id, kvs_seq_info_t *info) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    if (!info)
+        return fail(s, KVS_EINVAL, "info is NULL");
+    int rc = 0;
+    seq_t *q = seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    seq_account(q, info);
+    seq_unref(q);
+    return 0;
+}
+
+int kvs_seq_wait_indexed(kvs_store_t *s, uint64_t id) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    int rc = 0;
+    seq_t *q = seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    pthread_mutex_lock(&s->build_mu);
+    while (atomic_load(&q->builds_pending) > 0 && !atomic_load(&q->dropped) &&
+           !s->stopping)
+        pthread_cond_wait(&s->build_done, &s->build_mu);
+    pthread_mutex_unlock(&s->build_mu);
+    seq_unref(q);
+    return 0;
+}
+
+int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    if (!st)
+        return fail(s, KVS_EINVAL, "stats is NULL");
+    memset(st, 0, sizeof *st);
+    /* Take references under the map lock, account outside it. */
+    pthread_mutex_lock(&s->map_mu);
+    size_t n = s->n_seqs, k = 0;
+    seq_t **all = malloc((n ? n : 1) * sizeof *all);
+    if (!all) {
+        pthread_mutex_unlock(&s->map_mu);
+        return fail(s, KVS_ENOMEM, "stats");
+    }
+    for (size_t i = 0; i < s->n_buckets; i++)
+        for (seq_t *q = s->buckets[i]; q; q = q->next) {
+            atomic_fetch_add(&q->refs, 1);
+            all[k++] = q;
+        }
+    pthread_mutex_unlock(&s->map_mu);
+    st->sequences = k;
+    for (size_t i = 0; i < k; i++) {
+        kvs_seq_info_t info;
+        seq_account(all[i], &info);
+        st->bytes += info.bytes;
+        st->index_bytes += info.index_bytes;
+        seq_unref(all[i]);
+    }
+    free(all);
+    pthread_mutex_lock(&s->build_mu);
+    st->builds_pending = s->builds_pending;
+    st->builds_done = s->builds_done;
+    st->build_keys = s->build_keys;
+    st->build_seconds = s->build_seconds;
+    pthread_mutex_unlock(&s->build_mu);
+    return 0;
+}
+
+int kvs_store_list(kvs_store_t *s, uint64_t *ids, size_t cap, size_t *n_out) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    if (!n_out || (cap && !ids))
+        return fail(s, KVS_EINVAL, "ids or n_out is NULL");
+    pthread_mutex_lock(&s->map_mu);
+    size_t k = 0;
+    for (size_t i = 0; i < s->n_buckets; i++)
+        for (seq_t *q = s->buckets[i]; q; q = q->next) {
+            if (k < cap)
+                ids[k] = q->id;
+            k++;
+        }
+    pthread_mutex_unlock(&s->map_mu);
+    *n_out = k;
+    return 0;
+}

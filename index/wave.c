@@ -1,0 +1,820 @@
+/*
+ * wave.c: tripartite attention and top-k search over one KV head.
+ *
+ * A query group (the query heads that share this KV head) is answered from
+ * three zones, each turned into a softmax *partial* (running max m, sum l,
+ * weighted value sum acc) and merged by log-sum-exp:
+ *   steady     sinks, the last window of indexed tokens, and the unindexed
+ *              tail, attended exactly;
+ *   retrieval  the best clusters by softmax(q.c * scale) summed over the
+ *              group, attended exactly over their members (steady members
+ *              are masked there, having been attended already);
+ *   estimation the next band of clusters, each as one pseudo-token with key
+ *              = centroid, weight = member count, value = value mean.
+ * Clusters past those bands are skipped. Exact mode walks every row in
+ * chunks through the same partial/merge code.
+ *
+ * All work happens on rows that are contiguous in memory (a cluster's
+ * members, a chunk of the tail), scored by kvs_dot_rows into one scratch
+ * matrix so that each zone needs one softmax pass.
+ */
+#include "index/kvs_index.h"
+#include "kernels/kvs_kernels.h"
+
+#include <assert.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAXQ KVS_KERNEL_MAX_Q
+#define EXACT_CHUNK 1024
+
+/* A run of rows to score: `n` rows of keys/values, written to scratch
+ * columns col .. col+n. `fixed` rows carry a precomputed score (estimation
+ * pseudo-tokens) instead of keys. `seg` is the owning segment (NULL for the
+ * tail) and `slot0` the first slot, for masking and positions. */
+typedef struct block_s {
+    const void *keys;
+    const void *vals;
+    uint32_t n;
+    uint32_t col;
+    const kvs_segment_t *seg;
+    uint32_t slot0;
+    uint32_t fixed_cluster; /* estimation: global cluster index */
+    float log_count;        /* estimation: log(count) */
+    int fixed;
+} block_t;
+
+struct kvs_scratch_s {
+    float *scores; /* [g][cols] */
+    size_t scores_cap;
+    float *cscore; /* [g][C] scaled q.c */
+    size_t cscore_cap;
+    float *rank; /* [C] */
+    size_t rank_cap;
+    uint32_t *idx; /* [C] */
+    size_t idx_cap;
+    block_t *blocks;
+    size_t blocks_cap;
+    uint32_t *cbase; /* [n_segments + 1] */
+    size_t cbase_cap;
+    float *acc; /* [3][MAXQ][d] partial accumulators */
+    size_t acc_cap;
+    int64_t *hpos; /* [k] heap for search */
+    size_t hpos_cap;
+    float *hscore;
+    size_t hscore_cap;
+};
+
+kvs_scratch_t *kvs_scratch_new(void) {
+    return calloc(1, sizeof(kvs_scratch_t));
+}
+
+void kvs_scratch_free(kvs_scratch_t *s) {
+    if (!s)
+        return;
+    free(s->scores);
+    free(s->cscore);
+    free(s->rank);
+    free(s->idx);
+    free(s->blocks);
+    free(s->cbase);
+    free(s->acc);
+    free(s->hpos);
+    free(s->hscore);
+    free(s);
+}
+
+static int grow(void **p, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap)
+        return 0;
+    size_t n = *cap ? *cap : 64;
+    while (n < need)
+        n *= 2;
+    void *q = realloc(*p, n * elem);
+    if (!q)
+        return KVS_ENOMEM;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
+#define GROW(s, field, capf, need)                                             \
+    grow((void **)&(s)->field, &(s)->capf, (need), sizeof(*(s)->field))
+
+/* ---------------------------------------------------------------------- */
+/* Softmax partials                                                       */
+
+typedef struct partial_s {
+    uint32_t g, d;
+    float m[MAXQ];
+    float l[MAXQ];
+    float *acc; /* [g][d] */
+} partial_t;
+
+static void partial_init(partial_t *p, uint32_t g, uint32_t d, float *acc) {
+    p->g = g;
+    p->d = d;
+    p->acc = acc;
+    for (uint32_t i = 0; i < g; i++) {
+        p->m[i] = -INFINITY;
+        p->l[i] = 0;
+    }
+    memset(acc, 0, (size_t)g * d * sizeof(float));
+}
+
+/* Merge `b` into `a` by log-sum-exp: the result is the softmax partial over
+ * the union of both row sets. */
+static void partial_merge(partial_t *a, const partial_t *b) {
+    for (uint32_t i = 0; i < a->g; i++) {
+        if (b->l[i] == 0)
+            continue;
+        float m = a->m[i] > b->m[i] ? a->m[i] : b->m[i];
+        float sa = a->l[i] > 0 ? expf(a->m[i] - m) : 0;
+        float sb = expf(b->m[i] - m);
+        float *x = a->acc + (size_t)i * a->d;
+        const float *y = b->acc + (size_t)i * a->d;
+        for (uint32_t t = 0; t < a->d; t++)
+            x[t] = x[t] * sa + y[t] * sb;
+        a->l[i] = a->l[i] * sa + b->l[i] * sb;
+        a->m[i] = m;
+    }
+}
+
+/* Sinks, and the last window of indexed tokens (tail positions, which are
+ * never inside a segment, count as steady as well). */
+static int is_steady(const kvs_head_view_t *v, uint64_t pos) {
+    uint64_t lo = v->indexed_tokens > v->window_tokens
+                      ? v->indexed_tokens - v->window_tokens
+                      : 0;
+    return pos < v->sink_tokens || pos >= lo;
+}
+
+/*
+ * Score every block into s->scores ([g][cols]), mask steady members of
+ * cluster blocks when `mask_steady`, then fold the rows into partial `p`
+ * (which must be fresh). Estimation blocks take their score from
+ * s->cscore + log(count).
+ */
+static void zone_partial(const kvs_head_view_t *v, const float *q, uint32_t g,
+                         float scale, kvs_scratch_t *s, const block_t *blocks,
+                         size_t nb, uint32_t cols, uint32_t C, int mask_steady,
+                         partial_t *p) {
+    if (cols == 0)
+        return;
+    float *S = s->scores;
+    for (size_t b = 0; b < nb; b++) {
+        const block_t *bk = &blocks[b];
+        if (bk->fixed) {
+            for (uint32_t i = 0; i < g; i++)
+                S[(size_t)i * cols + bk->col] =
+                    s->cscore[(size_t)i * C + bk->fixed_cluster] +
+                    bk->log_count;
+            continue;
+        }
+        kvs_dot_rows(v->dtype, q, g, bk->keys, bk->n, v->d, scale,
+                     S + bk->col, cols);
+        if (mask_steady && bk->seg) {
+            for (uint32_t r = 0; r < bk->n; r++) {
+                uint64_t pos =
+                    bk->seg->first_pos + bk->seg->positions[bk->slot0 + r];
+                if (is_steady(v, pos))
+                    for (uint32_t i = 0; i < g; i++)
+                        S[(size_t)i * cols + bk->col + r] = -INFINITY;
+            }
+        }
+    }
+    for (uint32_t i = 0; i < g; i++) {
+        float *row = S + (size_t)i * cols;
+        p->m[i] = kvs_max(row, cols);
+        p->l[i] = kvs_exp_sum(row, cols, p->m[i]);
+    }
+    for (size_t b = 0; b < nb; b++) {
+        const block_t *bk = &blocks[b];
+        kvs_axpy_rows(v->dtype, S + bk->col, cols, g, bk->vals, bk->n, v->d,
+                      p->acc);
+    }
+}
+
+static void partial_finish(const partial_t *p, float *out) {
+    for (uint32_t i = 0; i < p->g; i++) {
+        float inv = p->l[i] > 0 ? 1.0f / p->l[i] : 0.0f;
+        for (uint32_t t = 0; t < p->d; t++)
+            out[(size_t)i * p->d + t] = p->acc[(size_t)i * p->d + t] * inv;
+    }
+}
+
+static int push_block(kvs_scratch_t *s, size_t *nb, block_t b) {
+    if (GROW(s, blocks, blocks_cap, *nb + 1))
+        return KVS_ENOMEM;
+    s->blocks[(*nb)++] = b;
+    return 0;
+}
+
+static size_t row_bytes(const kvs_head_view_t *v) {
+    return (size_t)v->d * kvs_dtype_size(v->dtype);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Exact                                                                  */
+
+/* Walk every row in chunks; fn(ctx, keys, vals, n, seg, slot0, pos0) gets
+ * each contiguous run. Returns the first non-zero fn result. */
+typedef int (*rows_fn)(void *ctx, const void *keys, const void *vals,
+                       uint32_t n, const kvs_segment_t *seg, uint32_t slot0,
+                       uint64_t pos0);
+
+static int for_each_chunk(const kvs_head_view_t *v, rows_fn fn, void *ctx) {
+    size_t rb = row_bytes(v);
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        for (uint32_t r = 0; r < seg->n_tokens; r += EXACT_CHUNK) {
+            uint32_t n = seg->n_tokens - r < EXACT_CHUNK ? seg->n_tokens - r
+                                                         : EXACT_CHUNK;
+            int rc = fn(ctx, (const char *)seg->keys + r * rb,
+                        (const char *)seg->values + r * rb, n, seg, r, 0);
+            if (rc)
+                return rc;
+        }
+    }
+    for (uint32_t r = 0; r < v->tail_tokens; r += EXACT_CHUNK) {
+        uint32_t n = v->tail_tokens - r < EXACT_CHUNK ? v->tail_tokens - r
+                                                      : EXACT_CHUNK;
+        int rc = fn(ctx, (const char *)v->tail_keys + r * rb,
+                    (const char *)v->tail_values + r * rb, n, NULL, 0,
+                    v->indexed_tokens + r);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+typedef struct exact_ctx_s {
+    const kvs_head_view_t *v;
+    const float *q;
+    uint32_t g;
+    float scale;
+    kvs_scratch_t *s;
+    partial_t *run;
+    partial_t *tmp;
+} exact_ctx_t;
+
+static int exact_chunk(void *arg, const void *keys, const void *vals,
+                       uint32_t n, const kvs_segment_t *seg, uint32_t slot0,
+                       uint64_t pos0) {
+    (void)seg, (void)slot0, (void)pos0;
+    exact_ctx_t *c = arg;
+    block_t b = {.keys = keys, .vals = vals, .n = n, .col = 0};
+    partial_init(c->tmp, c->g, c->v->d, c->tmp->acc);
+    zone_partial(c->v, c->q, c->g, c->scale, c->s, &b, 1, n, 0, 0, c->tmp);
+    partial_merge(c->run, c->tmp);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Cluster selection                                                      */
+
+/* Reorder idx[0..n) so that its first k entries have the largest key[]
+ * (in no particular order). Quickselect, expected O(n). */
+static void select_top(const float *key, uint32_t *idx, uint32_t n,
+                       uint32_t k) {
+    uint32_t lo = 0, hi = n;
+    while (k > lo && k < hi && hi - lo > 1) {
+        float pivot = key[idx[lo + (hi - lo) / 2]];
+        uint32_t i = lo, j = lo, e = hi;
+        /* Three-way partition: > pivot | == pivot | < pivot. */
+        while (j < e) {
+            float x = key[idx[j]];
+            if (x > pivot) {
+                uint32_t t = idx[i];
+                idx[i++] = idx[j];
+                idx[j++] = t;
+            } else if (x < pivot) {
+                uint32_t t = idx[--e];
+                idx[e] = idx[j];
+                idx[j] = t;
+            } else {
+                j++;
+            }
+        }
+        if (k <= i)
+            hi = i;
+        else if (k >= e)
+            lo = e;
+        else
+            return;
+    }
+}
+
+/* qsort has no context argument in C11; a thread-local key keeps the
+ * comparator reentrant across worker threads. */
+static _Thread_local const float *tl_sort_key;
+static int cmp_desc_tl(const void *a, const void *b) {
+    float x = tl_sort_key[*(const uint32_t *)a];
+    float y = tl_sort_key[*(const uint32_t *)b];
+    return (x < y) - (x > y);
+}
+
+static void sort_desc(const float *key, uint32_t *idx, uint32_t n) {
+    tl_sort_key = key;
+    qsort(idx, n, sizeof(uint32_t), cmp_desc_tl);
+}
+
+/* Global cluster index -> (segment, local cluster). */
+static uint32_t seg_of(const uint32_t *cbase, uint32_t nseg, uint32_t c) {
+    uint32_t lo = 0, hi = nseg;
+    while (hi - lo > 1) {
+        uint32_t mid = (lo + hi) / 2;
+        if (cbase[mid] <= c)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Steady zone                                                            */
+
+/* Blocks for the steady zone: sink and window slots found in the segments
+ * that hold them, then the tail in chunks. */
+static int steady_blocks(const kvs_head_view_t *v, kvs_scratch_t *s,
+                         size_t *nb, uint32_t *cols) {
+    size_t rb = row_bytes(v);
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        uint64_t end = seg->first_pos + seg->n_tokens;
+        int has_sink = seg->first_pos < v->sink_tokens;
+        int has_window = end + v->window_tokens > v->indexed_tokens;
+        if (!has_sink && !has_window)
+            continue;
+        for (uint32_t slot = 0; slot < seg->n_tokens; slot++) {
+            uint64_t pos = seg->first_pos + seg->positions[slot];
+            if (!is_steady(v, pos))
+                continue;
+            block_t b = {.keys = (const char *)seg->keys + slot * rb,
+                         .vals = (const char *)seg->values + slot * rb,
+                         .n = 1,
+                         .col = *cols,
+                         .seg = seg,
+                         .slot0 = slot};
+            if (push_block(s, nb, b))
+                return KVS_ENOMEM;
+            *cols += 1;
+        }
+    }
+    if (v->tail_tokens) {
+        block_t b = {.keys = v->tail_keys,
+                     .vals = v->tail_values,
+                     .n = v->tail_tokens,
+                     .col = *cols};
+        if (push_block(s, nb, b))
+            return KVS_ENOMEM;
+        *cols += v->tail_tokens;
+    }
+    return 0;
+}
+
+/* Score every cluster centroid of every segment: s->cscore [g][C]. */
+static int score_clusters(const kvs_head_view_t *v, const float *q,
+                          uint32_t g, float scale, kvs_scratch_t *s,
+                          uint32_t *C_out) {
+    if (GROW(s, cbase, cbase_cap, v->n_segments + 1))
+        return KVS_ENOMEM;
+    uint32_t C = 0;
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        s->cbase[si] = C;
+        C += v->segments[si]->n_clusters;
+    }
+    s->cbase[v->n_segments] = C;
+    if (GROW(s, cscore, cscore_cap, (size_t)g * C) ||
+        GROW(s, rank, rank_cap, C) || GROW(s, idx, idx_cap, C))
+        return KVS_ENOMEM;
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        kvs_dot_rows(v->dtype, q, g, seg->centroids, seg->n_clusters, v->d,
+                     scale, s->cscore + s->cbase[si], C);
+    }
+    *C_out = C;
+    return 0;
+}
+
+/* rank[c] = sum over the group of softmax_c(cscore[i][c]). */
+static void rank_clusters(kvs_scratch_t *s, uint32_t g, uint32_t C) {
+    memset(s->rank, 0, C * sizeof(float));
+    for (uint32_t i = 0; i < g; i++) {
+        const float *row = s->cscore + (size_t)i * C;
+        float m = kvs_max(row, C);
+        double z = 0;
+        for (uint32_t c = 0; c < C; c++)
+            z += expf(row[c] - m);
+        float inv = (float)(1.0 / z);
+        for (uint32_t c = 0; c < C; c++)
+            s->rank[c] += expf(row[c] - m) * inv;
+    }
+}
+
+static uint32_t frac_count(float f, uint32_t C) {
+    if (f <= 0)
+        return 0;
+    double x = ceil((double)f * C);
+    return x >= C ? C : (uint32_t)x;
+}
+
+/*
+ * Bounded mode: the smallest retrieval prefix of the clusters (ranked, in
+ * s->idx, sorted here) such that for every query head the estimated mass
+ * outside steady + retrieval is below epsilon of the estimated total.
+ * Cluster mass is estimated as count * exp(q.c * scale).
+ */
+static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
+                              uint32_t g, uint32_t C, const partial_t *steady,
+                              float epsilon) {
+    sort_desc(s->rank, s->idx, C);
+    double total[MAXQ], left[MAXQ];
+    float ref[MAXQ];
+    for (uint32_t i = 0; i < g; i++) {
+        const float *row = s->cscore + (size_t)i * C;
+        ref[i] = kvs_max(row, C);
+        if (steady->l[i] > 0 && steady->m[i] > ref[i])
+            ref[i] = steady->m[i];
+        total[i] = steady->l[i] > 0
+                       ? steady->l[i] * exp((double)steady->m[i] - ref[i])
+                       : 0;
+        left[i] = 0;
+    }
+    /* Per-cluster counts: a cluster's view may exclude steady members. */
+    for (uint32_t c = 0; c < C; c++) {
+        uint32_t si = seg_of(s->cbase, v->n_segments, c);
+        const kvs_segment_t *seg = v->segments[si];
+        const void *mean;
+        uint32_t cnt = kvs_segment_cluster_view(
+            seg, c - s->cbase[si], si + 1 == v->n_segments, &mean);
+        for (uint32_t i = 0; i < g; i++) {
+            double w = cnt * exp((double)s->cscore[(size_t)i * C + c] - ref[i]);
+            total[i] += w;
+            left[i] += w;
+        }
+    }
+    uint32_t r = 0;
+    for (;;) {
+        int ok = 1;
+        for (uint32_t i = 0; i < g; i++)
+            if (left[i] > epsilon * total[i])
+                ok = 0;
+        if (ok || r == C)
+            return r;
+        uint32_t c = s->idx[r++];
+        uint32_t si = seg_of(s->cbase, v->n_segments, c);
+        const void *mean;
+        uint32_t cnt = kvs_segment_cluster_view(v->segments[si],
+                                                c - s->cbase[si],
+                                                si + 1 == v->n_segments, &mean);
+        for (uint32_t i = 0; i < g; i++)
+            left[i] -= cnt * exp((double)s->cscore[(size_t)i * C + c] - ref[i]);
+    }
+}
+
+/* ---------------------------------------------------------------------- */
+/* Attention                                                              */
+
+int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
+                    const kvs_zone_params_t *zp, kvs_scratch_t *s, float *out,
+                    kvs_zone_stats_t *stats) {
+    if (g == 0 || g > MAXQ || !v || !q || !zp || !s || !out)
+        return KVS_EINVAL;
+    uint64_t total = v->indexed_tokens + v->tail_tokens;
+    if (total == 0)
+        return KVS_EINVAL;
+    size_t dd = (size_t)g * v->d;
+    if (GROW(s, acc, acc_cap, 3 * dd))
+        return KVS_ENOMEM;
+    partial_t run, tmp;
+    partial_init(&run, g, v->d, s->acc);
+    partial_init(&tmp, g, v->d, s->acc + dd);
+    kvs_zone_stats_t st = {0};
+    st.keys_total = total;
+
+    if (zp->exact || v->n_segments == 0) {
+        if (GROW(s, scores, scores_cap, (size_t)g * EXACT_CHUNK))
+            return KVS_ENOMEM;
+        exact_ctx_t ctx = {v, q, g, zp->scale, s, &run, &tmp};
+        for_each_chunk(v, exact_chunk, &ctx);
+        partial_finish(&run, out);
+        st.keys_exact = total;
+        st.keys_steady = zp->exact ? 0 : total;
+        for (uint32_t si = 0; si < v->n_segments; si++)
+            st.clusters_total += v->segments[si]->n_clusters;
+        st.clusters_retrieved = zp->exact ? st.clusters_total : 0;
+        goto done;
+    }
+
+    /* Steady zone. */
+    size_t nb = 0;
+    uint32_t cols = 0;
+    int rc = steady_blocks(v, s, &nb, &cols);
+    if (rc)
+        return rc;
+    if (GROW(s, scores, scores_cap, (size_t)g * cols))
+        return KVS_ENOMEM;
+    zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, 0, 0, &run);
+    st.keys_steady = cols;
+
+    /* Rank the clusters. */
+    uint32_t C;
+    if ((rc = score_clusters(v, q, g, zp->scale, s, &C)))
+        return rc;
+    rank_clusters(s, g, C);
+    for (uint32_t c = 0; c < C; c++)
+        s->idx[c] = c;
+    uint32_t R, E;
+    if (zp->bounded) {
+        R = bounded_count(v, s, g, C, &run, zp->epsilon);
+        E = frac_count(zp->estimation_fraction, C);
+        if (E > C - R)
+            E = C - R;
+    } else {
+        R = frac_count(zp->retrieval_fraction, C);
+        E = frac_count(zp->estimation_fraction, C);
+        if (E > C - R)
+            E = C - R;
+        select_top(s->rank, s->idx, C, R + E);
+        select_top(s->rank, s->idx, R + E, R);
+    }
+
+    /* Retrieval zone: members of the top R clusters, steady ones masked. */
+    size_t rb = row_bytes(v);
+    nb = 0;
+    cols = 0;
+    uint64_t retrieved_rows = 0;
+    for (uint32_t r = 0; r < R; r++) {
+        uint32_t c = s->idx[r];
+        uint32_t si = seg_of(s->cbase, v->n_segments, c);
+        const kvs_segment_t *seg = v->segments[si];
+        uint32_t lc = c - s->cbase[si];
+        uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
+        block_t b = {.keys = (const char *)seg->keys + a * rb,
+                     .vals = (const char *)seg->values + a * rb,
+                     .n = n,
+                     .col = cols,
+                     .seg = seg,
+                     .slot0 = a};
+        if (push_block(s, &nb, b))
+            return KVS_ENOMEM;
+        cols += n;
+        const void *mean;
+        retrieved_rows +=
+            kvs_segment_cluster_view(seg, lc, si + 1 == v->n_segments, &mean);
+    }
+    if (cols) {
+        if (GROW(s, scores, scores_cap, (size_t)g * cols))
+            return KVS_ENOMEM;
+        partial_init(&tmp, g, v->d, tmp.acc);
+        zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, C, 1, &tmp);
+        partial_merge(&run, &tmp);
+    }
+
+    /* Estimation zone: one pseudo-token per cluster. */
+    nb = 0;
+    cols = 0;
+    for (uint32_t e = R; e < R + E; e++) {
+        uint32_t c = s->idx[e];
+        uint32_t si = seg_of(s->cbase, v->n_segments, c);
+        const void *mean;
+        uint32_t cnt = kvs_segment_cluster_view(
+            v->segments[si], c - s->cbase[si], si + 1 == v->n_segments, &mean);
+        if (cnt == 0)
+            continue;
+        block_t b = {.keys = NULL,
+                     .vals = mean,
+                     .n = 1,
+                     .col = cols,
+                     .fixed = 1,
+                     .fixed_cluster = c,
+                     .log_count = logf((float)cnt)};
+        if (push_block(s, &nb, b))
+            return KVS_ENOMEM;
+        cols++;
+    }
+    if (cols) {
+        if (GROW(s, scores, scores_cap, (size_t)g * cols))
+            return KVS_ENOMEM;
+        partial_init(&tmp, g, v->d, tmp.acc);
+        zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, C, 0, &tmp);
+        partial_merge(&run, &tmp);
+    }
+    partial_finish(&run, out);
+
+    st.keys_exact = st.keys_steady + retrieved_rows;
+    st.clusters_total = C;
+    st.clusters_retrieved = R;
+    st.clusters_estimated = E;
+    st.clusters_skipped = C - R - E;
+done:
+    if (stats) {
+        stats->keys_total += st.keys_total;
+        stats->keys_exact += st.keys_exact;
+        stats->keys_steady += st.keys_steady;
+        stats->clusters_total += st.clusters_total;
+        stats->clusters_retrieved += st.clusters_retrieved;
+        stats->clusters_estimated += st.clusters_estimated;
+        stats->clusters_skipped += st.clusters_skipped;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Search                                                                 */
+
+/* A min-heap of the best k (score, position) pairs seen so far. */
+typedef struct topk_s {
+    float *score;
+    int64_t *pos;
+    uint32_t n, k;
+} topk_t;
+
+static void topk_push(topk_t *h, float sc, int64_t pos) {
+    if (h->n < h->k) {
+        uint32_t i = h->n++;
+        while (i > 0) {
+            uint32_t p = (i - 1) / 2;
+            if (h->score[p] <= sc)
+                break;
+            h->score[i] = h->score[p];
+            h->pos[i] = h->pos[p];
+            i = p;
+        }
+        h->score[i] = sc;
+        h->pos[i] = pos;
+        return;
+    }
+    if (sc <= h->score[0])
+        return;
+    uint32_t i = 0;
+    for (;;) {
+        uint32_t l = 2 * i + 1, r = l + 1, m = i;
+        float ms = sc;
+        if (l < h->n && h->score[l] < ms)
+            m = l, ms = h->score[l];
+        if (r < h->n && h->score[r] < ms)
+            m = r;
+        if (m == i)
+            break;
+        h->score[i] = h->score[m];
+        h->pos[i] = h->pos[m];
+        i = m;
+    }
+    h->score[i] = sc;
+    h->pos[i] = pos;
+}
+
+/* Pop everything out best first into positions/scores[k]. */
+static void topk_drain(topk_t *h, int64_t *positions, float *scores) {
+    for (uint32_t j = h->n; j < h->k; j++) {
+        positions[j] = -1;
+        scores[j] = -INFINITY;
+    }
+    while (h->n > 0) {
+        uint32_t last = --h->n;
+        positions[last] = h->pos[0];
+        scores[last] = h->score[0];
+        float sc = h->score[last];
+        int64_t pos = h->pos[last];
+        uint32_t i = 0;
+        for (;;) {
+            uint32_t l = 2 * i + 1, r = l + 1, m = i;
+            float ms = sc;
+            if (l < h->n && h->score[l] < ms)
+                m = l, ms = h->score[l];
+            if (r < h->n && h->score[r] < ms)
+                m = r;
+            if (m == i)
+                break;
+            h->score[i] = h->score[m];
+            h->pos[i] = h->pos[m];
+            i = m;
+        }
+        if (h->n > 0) {
+            h->score[i] = sc;
+            h->pos[i] = pos;
+        }
+    }
+}
+
+typedef struct search_ctx_s {
+    const kvs_head_view_t *v;
+    const float *q;
+    kvs_scratch_t *s;
+    topk_t *h;
+    int mask_steady;
+    uint64_t scanned;
+} search_ctx_t;
+
+static int search_rows(void *arg, const void *keys, const void *vals,
+                       uint32_t n, const kvs_segment_t *seg, uint32_t slot0,
+                       uint64_t pos0) {
+    (void)vals;
+    search_ctx_t *c = arg;
+    float *S = c->s->scores;
+    kvs_dot_rows(c->v->dtype, c->q, 1, keys, n, c->v->d, 1.0f, S, n);
+    for (uint32_t r = 0; r < n; r++) {
+        uint64_t pos = seg ? seg->first_pos + seg->positions[slot0 + r]
+                           : pos0 + r;
+        if (c->mask_steady && seg && is_steady(c->v, pos))
+            continue;
+        c->scanned++;
+        topk_push(c->h, S[r], (int64_t)pos);
+    }
+    return 0;
+}
+
+int kvs_head_search(const kvs_head_view_t *v, const float *q, uint32_t k,
+                    const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                    int64_t *positions, float *scores,
+                    kvs_zone_stats_t *stats) {
+    if (!v || !q || !zp || !s || !positions || !scores || k == 0)
+        return KVS_EINVAL;
+    uint64_t total = v->indexed_tokens + v->tail_tokens;
+    if (GROW(s, hpos, hpos_cap, k) || GROW(s, hscore, hscore_cap, k) ||
+        GROW(s, scores, scores_cap, EXACT_CHUNK))
+        return KVS_ENOMEM;
+    topk_t h = {.score = s->hscore, .pos = s->hpos, .n = 0, .k = k};
+    search_ctx_t ctx = {v, q, s, &h, 0, 0};
+    kvs_zone_stats_t st = {0};
+    st.keys_total = total;
+    int rc;
+
+    if (zp->exact || v->n_segments == 0) {
+        for_each_chunk(v, search_rows, &ctx);
+        for (uint32_t si = 0; si < v->n_segments; si++)
+            st.clusters_total += v->segments[si]->n_clusters;
+        st.clusters_retrieved = st.clusters_total;
+        st.keys_steady = zp->exact ? 0 : total;
+        goto out;
+    }
+
+    /* Steady zone rows. */
+    size_t nb = 0;
+    uint32_t cols = 0;
+    if ((rc = steady_blocks(v, s, &nb, &cols)))
+        return rc;
+    for (size_t b = 0; b < nb; b++) {
+        const block_t *bk = &s->blocks[b];
+        for (uint32_t r = 0; r < bk->n; r += EXACT_CHUNK) {
+            uint32_t n = bk->n - r < EXACT_CHUNK ? bk->n - r : EXACT_CHUNK;
+            search_rows(&ctx, (const char *)bk->keys + r * row_bytes(v), NULL,
+                        n, bk->seg, bk->slot0 + r, v->indexed_tokens + r);
+        }
+    }
+    st.keys_steady = ctx.scanned;
+
+    /* Retrieval clusters, ranked by q.c for this one query. */
+    uint32_t C;
+    if ((rc = score_clusters(v, q, 1, 1.0f, s, &C)))
+        return rc;
+    memcpy(s->rank, s->cscore, C * sizeof(float));
+    for (uint32_t c = 0; c < C; c++)
+        s->idx[c] = c;
+    uint32_t R;
+    if (zp->bounded) {
+        /* Mass is judged at the softmax scale of attention. */
+        for (uint32_t c = 0; c < C; c++)
+            s->cscore[c] *= zp->scale;
+        partial_t none;
+        none.g = 1;
+        none.m[0] = -INFINITY;
+        none.l[0] = 0;
+        R = bounded_count(v, s, 1, C, &none, zp->epsilon);
+    } else {
+        R = frac_count(zp->retrieval_fraction, C);
+        select_top(s->rank, s->idx, C, R);
+    }
+    ctx.mask_steady = 1;
+    size_t rb = row_bytes(v);
+    for (uint32_t r = 0; r < R; r++) {
+        uint32_t c = s->idx[r];
+        uint32_t si = seg_of(s->cbase, v->n_segments, c);
+        const kvs_segment_t *seg = v->segments[si];
+        uint32_t lc = c - s->cbase[si];
+        uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
+        if (GROW(s, scores, scores_cap, n))
+            return KVS_ENOMEM;
+        search_rows(&ctx, (const char *)seg->keys + a * rb, NULL, n, seg, a,
+                    0);
+    }
+    st.clusters_total = C;
+    st.clusters_retrieved = R;
+    st.clusters_skipped = C - R;
+out:
+    st.keys_exact = ctx.scanned;
+    topk_drain(&h, positions, scores);
+    if (stats) {
+        stats->keys_total += st.keys_total;
+        stats->keys_exact += st.keys_exact;
+        stats->keys_steady += st.keys_steady;
+        stats->clusters_total += st.clusters_total;
+        stats->clusters_retrieved += st.clusters_retrieved;
+        stats->clusters_skipped += st.clusters_skipped;
+    }
+    return 0;
+}

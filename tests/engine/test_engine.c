@@ -1,0 +1,491 @@
+/*
+ * test_engine.c: libkvstore through its public API: every error path, exact
+ * attention and search against double-precision brute force, wave attention
+ * at full budget equal to exact, bounded mode, fp16/bf16 storage, and
+ * background builds racing with readers and appenders.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kvs_kernels.h"
+#include "kvstore.h"
+
+#ifdef KVS_SANITIZER_RUN
+#define SCALE_DOWN 4
+#else
+#define SCALE_DOWN 1
+#endif
+
+static uint64_t rng = 0x1234567;
+static double urand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (double)(rng >> 11) / 9007199254740992.0;
+}
+static float nrand(void) {
+    double u = urand() + 1e-12, v = urand();
+    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
+}
+
+/* Keys around a few directions plus a shared offset (as real keys are),
+ * values Gaussian. fp32, [n][kvh][d]. */
+static void make_kv(float *k, float *v, uint32_t n, uint32_t kvh,
+                    uint32_t d) {
+    float dirs[8][256];
+    for (int c = 0; c < 8; c++)
+        for (uint32_t t = 0; t < d; t++)
+            dirs[c][t] = nrand() * 2;
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t h = 0; h < kvh; h++) {
+            int c = (int)(urand() * 8);
+            for (uint32_t t = 0; t < d; t++) {
+                size_t o = ((size_t)i * kvh + h) * d + t;
+                k[o] = dirs[c][t] + 0.5f * nrand() + (t % 3 == 0 ? 1.5f : 0);
+                v[o] = nrand();
+            }
+        }
+}
+
+/* Softmax attention in double over the first n tokens, one query head. */
+static void ref_attend(const float *k, const float *v, uint32_t n,
+                       uint32_t kvh, uint32_t h, uint32_t d, const float *q,
+                       float scale, double *out) {
+    double m = -INFINITY;
+    double *s = malloc(n * sizeof(double));
+    for (uint32_t i = 0; i < n; i++) {
+        double x = 0;
+        for (uint32_t t = 0; t < d; t++)
+            x += (double)q[t] * k[((size_t)i * kvh + h) * d + t];
+        s[i] = x * scale;
+        if (s[i] > m)
+            m = s[i];
+    }
+    double z = 0;
+    for (uint32_t t = 0; t < d; t++)
+        out[t] = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        double w = exp(s[i] - m);
+        z += w;
+        for (uint32_t t = 0; t < d; t++)
+            out[t] += w * v[((size_t)i * kvh + h) * d + t];
+    }
+    for (uint32_t t = 0; t < d; t++)
+        out[t] /= z;
+    free(s);
+}
+
+static kvs_store_t *open_small(uint32_t segment_tokens) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = segment_tokens;
+    o.n_threads = 2;
+    kvs_store_t *s = NULL;
+    assert_int_equal(kvs_store_open(&o, &s), 0);
+    return s;
+}
+
+static const kvs_geometry_t GEO = {2, 4, 2, 32, KVS_DTYPE_F32};
+
+static void test_engine_errors(void **state) {
+    (void)state;
+    kvs_store_t *s = open_small(256);
+    kvs_geometry_t g = GEO;
+    g.n_q_heads = 3;
+    assert_int_equal(kvs_seq_create(s, 1, &g), KVS_EINVAL);
+    assert_true(strstr(kvs_store_errmsg(s), "multiple") != NULL);
+    g = GEO;
+    g.head_dim = 0;
+    assert_int_equal(kvs_seq_create(s, 1, &g), KVS_EINVAL);
+    g = GEO;
+    g.dtype = (kvs_dtype_t)7;
+    assert_int_equal(kvs_seq_create(s, 1, &g), KVS_EINVAL);
+    assert_int_equal(kvs_seq_create(s, 1, NULL), KVS_EINVAL);
+    assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
+    assert_int_equal(kvs_seq_create(s, 1, &GEO), KVS_EEXIST);
+
+    float k[2 * 2 * 32], v[2 * 2 * 32], q[4 * 32], out[4 * 32];
+    make_kv(k, v, 2, 2, 32);
+    for (int i = 0; i < 4 * 32; i++)
+        q[i] = nrand();
+    int64_t pos[4 * 3];
+    float sc[4 * 3];
+    assert_int_equal(kvs_seq_append(s, 2, 0, 2, k, v), KVS_ENOSEQ);
+    assert_int_equal(kvs_seq_append(s, 1, 2, 2, k, v), KVS_ERANGE);
+    assert_int_equal(kvs_seq_append(s, 1, 0, 0, k, v), KVS_EINVAL);
+    assert_int_equal(kvs_seq_append(s, 1, 0, 2, NULL, v), KVS_EINVAL);
+    /* Empty layer. */
+    assert_int_equal(kvs_seq_attend(s, 1, 0, q, NULL, out, NULL), KVS_ERANGE);
+    k[5] = NAN;
+    assert_int_equal(kvs_seq_append(s, 1, 0, 2, k, v), KVS_ENOTFINITE);
+    k[5] = 0;
+    v[7] = INFINITY;
+    assert_int_equal(kvs_seq_append(s, 1, 0, 2, k, v), KVS_ENOTFINITE);
+    v[7] = 0;
+    /* Nothing was appended by the failed calls. */
+    kvs_seq_info_t info;
+    assert_int_equal(kvs_seq_info(s, 1, &info), 0);
+    assert_int_equal(info.tokens_max, 0);
+    assert_int_equal(kvs_seq_append(s, 1, 0, 2, k, v), 0);
+    assert_int_equal(kvs_seq_info(s, 1, &info), 0);
+    assert_int_equal(info.tokens_max, 2);
+    assert_int_equal(info.tokens_min, 0);
+
+    assert_int_equal(kvs_seq_search(s, 1, 0, q, 3, NULL, pos, sc), KVS_ERANGE);
+    assert_int_equal(kvs_seq_search(s, 1, 0, q, 0, NULL, pos, sc), KVS_ERANGE);
+    assert_int_equal(kvs_seq_search(s, 1, 0, q, 2, NULL, pos, sc), 0);
+    assert_int_equal(kvs_seq_search(s, 1, 5, q, 2, NULL, pos, sc), KVS_ERANGE);
+    assert_int_equal(kvs_seq_search(s, 1, 0, NULL, 2, NULL, pos, sc),
+                     KVS_EINVAL);
+    assert_int_equal(kvs_seq_attend(s, 1, 0, q, NULL, NULL, NULL), KVS_EINVAL);
+    q[3] = NAN;
+    assert_int_equal(kvs_seq_attend(s, 1, 0, q, NULL, out, NULL),
+                     KVS_ENOTFINITE);
+    q[3] = 0;
+    kvs_query_params_t p;
+    kvs_query_params_default(&p);
+    p.retrieval_fraction = 2;
+    assert_int_equal(kvs_seq_attend(s, 1, 0, q, &p, out, NULL), KVS_EINVAL);
+    p.retrieval_fraction = 0.5f;
+    p.mode = (kvs_mode_t)9;
+    assert_int_equal(kvs_seq_attend(s, 1, 0, q, &p, out, NULL), KVS_EINVAL);
+    assert_int_equal(kvs_seq_attend(s, 1, 0, q, NULL, out, NULL), 0);
+
+    assert_int_equal(kvs_seq_drop(s, 1), 0);
+    assert_int_equal(kvs_seq_drop(s, 1), KVS_ENOSEQ);
+    assert_int_equal(kvs_seq_attend(s, 1, 0, q, NULL, out, NULL), KVS_ENOSEQ);
+    assert_true(strstr(kvs_store_errmsg(s), "unknown sequence") != NULL);
+    assert_int_equal(kvs_seq_info(s, 1, &info), KVS_ENOSEQ);
+    assert_int_equal(kvs_seq_wait_indexed(s, 1), KVS_ENOSEQ);
+    /* The id is free again after a drop. */
+    assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
+    kvs_store_close(s);
+
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = 60; /* not above sink + window */
+    assert_int_equal(kvs_store_open(&o, &s), KVS_EINVAL);
+    assert_int_equal(kvs_store_open(NULL, NULL), KVS_EINVAL);
+    assert_string_equal(kvs_strerror(KVS_ENOSEQ), "unknown sequence");
+    assert_string_equal(kvs_err_name(KVS_ENOTFINITE), "KVS_ENOTFINITE");
+}
+
+typedef struct fixture_s {
+    kvs_store_t *s;
+    float *k, *v;
+    uint32_t n, kvh, qh, d;
+} fixture_t;
+
+/* A store with one sequence of n tokens over both layers, built. */
+static fixture_t build_fixture(uint32_t n, uint32_t segment_tokens,
+                               kvs_dtype_t dtype) {
+    fixture_t f = {0};
+    f.s = open_small(segment_tokens);
+    f.n = n;
+    f.kvh = 2;
+    f.qh = 4;
+    f.d = 32;
+    kvs_geometry_t g = {2, f.qh, f.kvh, f.d, dtype};
+    assert_int_equal(kvs_seq_create(f.s, 7, &g), 0);
+    size_t elems = (size_t)n * f.kvh * f.d;
+    f.k = malloc(elems * 4);
+    f.v = malloc(elems * 4);
+    make_kv(f.k, f.v, n, f.kvh, f.d);
+    void *ck = malloc(elems * 4), *cv = malloc(elems * 4);
+    kvs_from_f32(dtype, f.k, ck, elems);
+    kvs_from_f32(dtype, f.v, cv, elems);
+    /* The reference sees the stored (rounded) values. */
+    kvs_to_f32(dtype, ck, f.k, elems);
+    kvs_to_f32(dtype, cv, f.v, elems);
+    size_t esz = kvs_dtype_size(dtype);
+    /* Uneven chunks, so segments are cut mid-append. */
+    for (uint32_t l = 0; l < 2; l++)
+        for (uint32_t i = 0; i < n;) {
+            uint32_t m = 1 + (uint32_t)(urand() * 300);
+            if (m > n - i)
+                m = n - i;
+            size_t off = (size_t)i * f.kvh * f.d * esz;
+            assert_int_equal(kvs_seq_append(f.s, 7, l, m, (char *)ck + off,
+                                            (char *)cv + off),
+                             0);
+            i += m;
+        }
+    free(ck);
+    free(cv);
+    assert_int_equal(kvs_seq_wait_indexed(f.s, 7), 0);
+    return f;
+}
+
+static void free_fixture(fixture_t *f) {
+    kvs_store_close(f->s);
+    free(f->k);
+    free(f->v);
+}
+
+static double max_err_vs_ref(fixture_t *f, const float *q, const float *out) {
+    double worst = 0, ref[256];
+    float scale = 1.0f / sqrtf((float)f->d);
+    for (uint32_t i = 0; i < f->qh; i++) {
+        ref_attend(f->k, f->v, f->n, f->kvh, i / (f->qh / f->kvh), f->d,
+                   q + i * f->d, scale, ref);
+        for (uint32_t t = 0; t < f->d; t++) {
+            double e = fabs(ref[t] - out[i * f->d + t]);
+            if (e > worst)
+                worst = e;
+        }
+    }
+    return worst;
+}
+
+/* Exact mode walks the rows in chunks merged by log-sum-exp: the result
+ * must equal one-shot softmax in double. */
+static void test_engine_exact_lse_merge(void **state) {
+    (void)state;
+    fixture_t f = build_fixture(3000, 512, KVS_DTYPE_F32);
+    float q[4 * 32], out[4 * 32];
+    for (int r = 0; r < 5; r++) {
+        for (int i = 0; i < 4 * 32; i++)
+            q[i] = nrand() * 0.7f;
+        kvs_query_params_t p;
+        kvs_query_params_default(&p);
+        p.mode = KVS_MODE_EXACT;
+        kvs_attend_stats_t st;
+        assert_int_equal(kvs_seq_attend(f.s, 7, 1, q, &p, out, &st), 0);
+        assert_true(max_err_vs_ref(&f, q, out) < 1e-5);
+        assert_int_equal(st.keys_exact, 3000 * 2);
+        assert_int_equal(st.keys_total, 3000 * 2);
+    }
+    free_fixture(&f);
+}
+
+/* With retrieval covering every cluster, wave = exact (each token is
+ * attended exactly once: steady members are masked in their clusters). */
+static void test_engine_wave_full_budget_equals_exact(void **state) {
+    (void)state;
+    kvs_dtype_t dts[] = {KVS_DTYPE_F32, KVS_DTYPE_F16, KVS_DTYPE_BF16};
+    for (int di = 0; di < 3; di++) {
+        fixture_t f = build_fixture(2500, 512, dts[di]);
+        kvs_seq_info_t info;
+        assert_int_equal(kvs_seq_info(f.s, 7, &info), 0);
+        assert_int_equal(info.indexed_tokens, 2 * 2048); /* 4 segs x 2 layers */
+        assert_int_equal(info.segments, 2 * 2 * 4);
+        assert_true(info.index_bytes > 0);
+        float q[4 * 32], out[4 * 32];
+        for (int r = 0; r < 4; r++) {
+            for (int i = 0; i < 4 * 32; i++)
+                q[i] = nrand();
+            kvs_query_params_t p;
+            kvs_query_params_default(&p);
+            p.retrieval_fraction = 1;
+            p.estimation_fraction = 0;
+            kvs_attend_stats_t st;
+            assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, out, &st), 0);
+            double tol = dts[di] == KVS_DTYPE_F32 ? 1e-5 : 1e-4;
+            assert_true(max_err_vs_ref(&f, q, out) < tol);
+            assert_int_equal(st.keys_exact, 2500 * 2);
+            assert_int_equal(st.clusters_skipped, 0);
+            assert_int_equal(st.clusters_retrieved, st.clusters_total);
+            /* sinks 4 + window 64 + tail 452, per KV head */
+            assert_int_equal(st.keys_steady, (4 + 64 + 452) * 2);
+            /* Bounded mode with epsilon 0 retrieves everything too. */
+            p.budget = KVS_BUDGET_BOUNDED;
+            p.epsilon = 0;
+            p.retrieval_fraction = 0.01f;
+            assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, out, &st), 0);
+            assert_true(max_err_vs_ref(&f, q, out) < tol);
+        }
+        free_fixture(&f);
+    }
+}
+
+/* Default budgets: zone sizes as documented, output close to exact. */
+static void test_engine_wave_default_zones(void **state) {
+    (void)state;
+    fixture_t f = build_fixture(4096 + 100, 1024, KVS_DTYPE_F32);
+    float q[4 * 32], out[4 * 32], ex[4 * 32];
+    for (int i = 0; i < 4 * 32; i++)
+        q[i] = nrand();
+    kvs_attend_stats_t st;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, NULL, out, &st), 0);
+    /* 4 segments of 1024 / 16 = 64 clusters, fewer if any came out empty. */
+    uint64_t C = st.clusters_total / 2;
+    assert_true(C <= 256 && C >= 200);
+    assert_int_equal(st.clusters_retrieved, 2 * (uint64_t)ceil(0.018 * C));
+    assert_int_equal(st.clusters_estimated, 2 * (uint64_t)ceil(0.232 * C));
+    assert_int_equal(st.clusters_total, st.clusters_retrieved +
+                                            st.clusters_estimated +
+                                            st.clusters_skipped);
+    assert_true(st.keys_exact < st.keys_total / 4);
+    assert_true(st.seconds > 0);
+    kvs_query_params_t p;
+    kvs_query_params_default(&p);
+    p.mode = KVS_MODE_EXACT;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, ex, NULL), 0);
+    for (int i = 0; i < 4 * 32; i++)
+        assert_true(isfinite(out[i]));
+    /* A tighter epsilon never retrieves fewer keys. */
+    p.mode = KVS_MODE_WAVE;
+    p.budget = KVS_BUDGET_BOUNDED;
+    p.epsilon = 0.2f;
+    kvs_attend_stats_t a, b;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, out, &a), 0);
+    p.epsilon = 0.01f;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, out, &b), 0);
+    assert_true(b.keys_exact >= a.keys_exact);
+    free_fixture(&f);
+}
+
+static void test_engine_search(void **state) {
+    (void)state;
+    fixture_t f = build_fixture(2100, 512, KVS_DTYPE_F32);
+    float q[4 * 32];
+    for (int i = 0; i < 4 * 32; i++)
+        q[i] = nrand();
+    enum { K = 20 };
+    int64_t pos[4 * K], pos2[4 * K];
+    float sc[4 * K], sc2[4 * K];
+    kvs_query_params_t p;
+    kvs_query_params_default(&p);
+    p.mode = KVS_MODE_EXACT;
+    assert_int_equal(kvs_seq_search(f.s, 7, 1, q, K, &p, pos, sc), 0);
+    for (uint32_t i = 0; i < 4; i++) {
+        uint32_t h = i / 2;
+        double *all = malloc(f.n * sizeof(double));
+        for (uint32_t j = 0; j < f.n; j++) {
+            double x = 0;
+            for (uint32_t t = 0; t < 32; t++)
+                x += (double)q[i * 32 + t] * f.k[((size_t)j * 2 + h) * 32 + t];
+            all[j] = x;
+        }
+        for (int r = 0; r < K; r++) {
+            assert_true(pos[i * K + r] >= 0 && pos[i * K + r] < 2100);
+            assert_float_equal(sc[i * K + r], all[pos[i * K + r]], 1e-4);
+            if (r)
+                assert_true(sc[i * K + r] <= sc[i * K + r - 1]);
+            /* Nothing outside the list beats its last entry. */
+        }
+        int better = 0;
+        for (uint32_t j = 0; j < f.n; j++)
+            if (all[j] > sc[i * K + K - 1] + 1e-4)
+                better++;
+        assert_true(better <= K - 1);
+        free(all);
+    }
+    /* Wave search at 100% retrieval finds the same keys. */
+    p.mode = KVS_MODE_WAVE;
+    p.retrieval_fraction = 1;
+    assert_int_equal(kvs_seq_search(f.s, 7, 1, q, K, &p, pos2, sc2), 0);
+    for (int i = 0; i < 4 * K; i++) {
+        assert_int_equal(pos[i], pos2[i]);
+        assert_float_equal(sc[i], sc2[i], 1e-5);
+    }
+    /* Default wave search returns valid, sorted, distinct results. */
+    assert_int_equal(kvs_seq_search(f.s, 7, 1, q, K, NULL, pos2, sc2), 0);
+    for (int i = 0; i < 4; i++)
+        for (int r = 1; r < K; r++)
+            if (pos2[i * K + r] >= 0) {
+                assert_true(sc2[i * K + r] <= sc2[i * K + r - 1]);
+                assert_true(pos2[i * K + r] != pos2[i * K + r - 1]);
+            }
+    free_fixture(&f);
+}
+
+/* Readers and a writer on one sequence while segments are built. */
+typedef struct race_s {
+    kvs_store_t *s;
+    int stop;
+    int failures;
+    pthread_mutex_t mu;
+} race_t;
+
+static void *reader(void *arg) {
+    race_t *r = arg;
+    float q[4 * 32], out[4 * 32];
+    int64_t pos[4 * 8];
+    float sc[4 * 8];
+    for (int i = 0; i < 4 * 32; i++)
+        q[i] = nrand();
+    int n = 0;
+    while (!__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE) || n < 5) {
+        int rc = kvs_seq_attend(r->s, 9, 0, q, NULL, out, NULL);
+        int rc2 = kvs_seq_search(r->s, 9, 0, q, 8, NULL, pos, sc);
+        int bad = (rc && rc != KVS_ERANGE) || (rc2 && rc2 != KVS_ERANGE);
+        for (int i = 0; !rc && i < 4 * 32; i++)
+            bad |= !isfinite(out[i]);
+        if (bad) {
+            pthread_mutex_lock(&r->mu);
+            r->failures++;
+            pthread_mutex_unlock(&r->mu);
+        }
+        n++;
+    }
+    return NULL;
+}
+
+static void test_engine_build_races_readers(void **state) {
+    (void)state;
+    race_t r = {.s = open_small(256)};
+    pthread_mutex_init(&r.mu, NULL);
+    assert_int_equal(kvs_seq_create(r.s, 9, &GEO), 0);
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&th[i], NULL, reader, &r);
+    uint32_t n = 6000 / SCALE_DOWN;
+    float *k = malloc((size_t)n * 2 * 32 * 4), *v = malloc((size_t)n * 2 * 32 * 4);
+    make_kv(k, v, n, 2, 32);
+    for (uint32_t i = 0; i < n; i += 50)
+        for (uint32_t l = 0; l < 2; l++)
+            assert_int_equal(kvs_seq_append(r.s, 9, l, 50,
+                                            k + (size_t)i * 64,
+                                            v + (size_t)i * 64),
+                             0);
+    __atomic_store_n(&r.stop, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    assert_int_equal(r.failures, 0);
+    assert_int_equal(kvs_seq_wait_indexed(r.s, 9), 0);
+    kvs_seq_info_t info;
+    assert_int_equal(kvs_seq_info(r.s, 9, &info), 0);
+    assert_int_equal(info.tokens_min, n);
+    assert_int_equal(info.indexed_tokens, 2 * (n / 256) * 256);
+    assert_int_equal(info.builds_pending, 0);
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(r.s, &st), 0);
+    assert_int_equal(st.sequences, 1);
+    assert_int_equal(st.build_keys, 2 * 2 * (n / 256) * 256);
+    /* Drop while builds may still be queued on another sequence. */
+    assert_int_equal(kvs_seq_create(r.s, 10, &GEO), 0);
+    for (uint32_t i = 0; i + 600 <= n; i += 600)
+        assert_int_equal(kvs_seq_append(r.s, 10, 0, 600, k + (size_t)i * 64,
+                                        v + (size_t)i * 64),
+                         0);
+    assert_int_equal(kvs_seq_drop(r.s, 10), 0);
+    uint64_t ids[4];
+    size_t nids;
+    assert_int_equal(kvs_store_list(r.s, ids, 4, &nids), 0);
+    assert_int_equal(nids, 1);
+    assert_int_equal(ids[0], 9);
+    kvs_store_close(r.s);
+    free(k);
+    free(v);
+    pthread_mutex_destroy(&r.mu);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_engine_errors),
+        cmocka_unit_test(test_engine_exact_lse_merge),
+        cmocka_unit_test(test_engine_wave_full_budget_equals_exact),
+        cmocka_unit_test(test_engine_wave_default_zones),
+        cmocka_unit_test(test_engine_search),
+        cmocka_unit_test(test_engine_build_races_readers),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
