@@ -1,0 +1,156 @@
+/*
+ * kvs_server.h: kvstored, the daemon that serves a libkvstore store over the
+ * wire protocol of proto/kvs_frame.h. This header is the server module's one
+ * public surface: its configuration (used by main.c, --check-config and the
+ * unit tests) and the server's lifecycle.
+ *
+ * Configuration comes from four layers, each overriding the one before:
+ * built-in defaults, a config file of `key value` lines (like redis.conf),
+ * KVSTORED_<KEY> environment variables, and --key value flags. Every option
+ * is one line in the KVS_SERVER_OPTIONS table below, so --help, parsing and
+ * validation cannot drift apart.
+ *
+ * Thread-safety: a kvs_server_t lives on the thread that runs its loop;
+ * only kvs_server_shutdown() may be called from a signal handler context via
+ * libuv signal watchers (the server installs them itself).
+ */
+#ifndef KVS_SERVER_H
+#define KVS_SERVER_H
+
+#include "kvs_common.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * X(name, type, default, min, max, help). Types: STR (char *), U32, SIZE
+ * (uint64_t, accepts K/M/G suffixes), BOOL. min/max bound numbers.
+ */
+#define KVS_SERVER_OPTIONS(X)                                                  \
+    X(bind, STR, "127.0.0.1,::1", 0, 0,                                        \
+      "TCP addresses to listen on, comma-separated (IPv4 or IPv6); empty "     \
+      "disables TCP")                                                          \
+    X(port, U32, "7700", 0, 65535,                                             \
+      "TCP port; 0 picks a free one (shared by all bind addresses)")           \
+    X(unix_socket, STR, "", 0, 0, "Unix socket path; empty disables it")       \
+    X(http_bind, STR, "127.0.0.1", 0, 0,                                       \
+      "address of the /metrics and /healthz HTTP endpoint; empty disables "    \
+      "it")                                                                    \
+    X(http_port, U32, "7701", 0, 65535, "HTTP port; 0 picks a free one")       \
+    X(port_file, STR, "", 0, 0,                                                \
+      "once listening, write `port N`, `http_port N` lines to this file")      \
+    X(data_dir, STR, "./data", 0, 0,                                           \
+      "engine data directory; empty keeps everything in memory")              \
+    X(workers, U32, "4", 1, 1024,                                              \
+      "worker threads running engine calls (libuv thread pool)")               \
+    X(engine_threads, U32, "0", 0, 4096,                                       \
+      "engine search/attend threads; 0 = online CPUs")                         \
+    X(build_threads, U32, "1", 0, 4096, "engine index build threads")          \
+    X(segment_tokens, U32, "0", 0, 1u << 24,                                   \
+      "engine keys per index segment; 0 = engine default")                    \
+    X(cluster_tokens, U32, "0", 0, 1u << 16,                                   \
+      "engine mean keys per cluster; 0 = engine default")                     \
+    X(max_frame_bytes, SIZE, "64M", 1024, 1u << 30,                            \
+      "largest frame body accepted or sent")                                   \
+    X(max_head_dim, U32, "256", 1, 1024, "largest head_dim of a sequence")     \
+    X(max_tokens_per_append, U32, "65536", 1, 1u << 24,                        \
+      "most tokens in one Append")                                             \
+    X(max_connections, U32, "10000", 1, 1000000,                               \
+      "open client connections; more are refused with KVS_EBUSY")             \
+    X(max_inflight, U32, "64", 1, 65536,                                       \
+      "requests in flight per connection before it stops being read")         \
+    X(max_list_ids, U32, "100000", 1, 1u << 24,                                \
+      "most ids returned by one ListSequences")                                \
+    X(idle_timeout_ms, U32, "300000", 0, UINT32_MAX,                           \
+      "close connections idle this long; 0 = never")                           \
+    X(shutdown_timeout_ms, U32, "30000", 0, UINT32_MAX,                        \
+      "on SIGTERM, wait this long for in-flight requests")                     \
+    X(auth_token, STR, "", 0, 0,                                               \
+      "shared secret every connection must send in Hello; empty = no auth")    \
+    X(auth_token_file, STR, "", 0, 0,                                          \
+      "read auth_token from this file (first line)")                           \
+    X(node_id, STR, "", 0, 0, "name reported in Hello/Stats; empty = host")    \
+    X(log_level, STR, "info", 0, 0, "debug, info, warn or error")              \
+    X(tcp_nodelay, BOOL, "yes", 0, 1, "disable Nagle on client sockets")
+
+#define KVS__OPT_CTYPE_STR char *
+#define KVS__OPT_CTYPE_U32 uint32_t
+#define KVS__OPT_CTYPE_SIZE uint64_t
+#define KVS__OPT_CTYPE_BOOL bool
+
+typedef struct kvs_server_config_s {
+#define KVS__OPT_FIELD(name, type, def, min, max, help)                        \
+    KVS__OPT_CTYPE_##type name;
+    KVS_SERVER_OPTIONS(KVS__OPT_FIELD)
+#undef KVS__OPT_FIELD
+} kvs_server_config_t;
+
+/* Fill `cfg` with the defaults. Strings are malloc'ed; release with
+ * kvs_server_config_destroy(). Errors: KVS_ENOMEM. */
+int kvs_server_config_init(kvs_server_config_t *cfg);
+void kvs_server_config_destroy(kvs_server_config_t *cfg);
+
+/* Set one option by name (`-` and `_` are equivalent). Errors: KVS_EINVAL
+ * with a reason in err (unknown key, bad number, out of range). */
+int kvs_server_config_set(kvs_server_config_t *cfg, const char *key,
+                          const char *value, char *err, size_t errlen);
+
+/* Apply a config file: `key value` per line, `#` comments, blank lines, and
+ * values optionally in double quotes. Errors: -errno (cannot read),
+ * KVS_EINVAL (reason names file:line). */
+int kvs_server_config_load_file(kvs_server_config_t *cfg, const char *path,
+                                char *err, size_t errlen);
+
+/* Apply KVSTORED_<KEY> variables from `envp` (NULL-terminated; NULL means
+ * the process environment). Errors: KVS_EINVAL. */
+int kvs_server_config_load_env(kvs_server_config_t *cfg, char *const *envp,
+                               char *err, size_t errlen);
+
+/* Cross-option checks and derived values (reads auth_token_file).
+ * Errors: KVS_EINVAL, -errno. */
+int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
+                               size_t errlen);
+
+/* Print every option with its default and help (for --help). */
+void kvs_server_config_usage(FILE *out);
+/* Print the effective configuration as a config file (secrets masked). */
+void kvs_server_config_dump(const kvs_server_config_t *cfg, FILE *out);
+
+/*
+ * Parse argv into cfg, in layer order: defaults, the file named by
+ * --config (or -c), the environment, then flags. Recognised actions are
+ * reported in *action: 0 run, 1 --help, 2 --check-config, 3 --version.
+ * Errors: KVS_EINVAL with a reason.
+ */
+int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
+                                char **argv, int *action, char *err,
+                                size_t errlen);
+
+/* ---------------------------------------------------------------- server */
+
+typedef struct kvs_server_s kvs_server_t;
+
+/*
+ * Open the store and bind every listener described by cfg (borrowed until
+ * kvs_server_free). On success the ports are bound (port_file written) and
+ * kvs_server_run() serves until shutdown.
+ * Errors: -errno from binding, KVS_* from the store; a message goes to the
+ * log.
+ */
+int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out);
+/* Serve until SIGTERM/SIGINT or kvs_server_shutdown(), then drain and close
+ * the store. Returns 0 after a clean shutdown. */
+int kvs_server_run(kvs_server_t *srv);
+/* Begin a graceful shutdown (loop thread only). */
+void kvs_server_shutdown(kvs_server_t *srv);
+void kvs_server_free(kvs_server_t *srv);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVS_SERVER_H */

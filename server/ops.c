@@ -1,0 +1,478 @@
+/*
+ * ops.c: the worker-pool side of kvstored. Each function turns one decoded
+ * request into engine calls and encodes the response frame, so that neither
+ * engine work nor response packing ever runs on the I/O loop.
+ *
+ * The engine sizes its reads from the sequence's geometry, not from the
+ * bytes we received, so every byte array is checked against the geometry
+ * (kvs_seq_info) before the engine sees it, under a per-sequence read lock
+ * that create/drop take for writing: a drop and re-create with another
+ * geometry cannot slip between the check and the call.
+ */
+#include "server_int.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "kvstored passes wire arrays to the engine as-is: little-endian only"
+#endif
+
+typedef struct op_ctx_s {
+    kvs__work_t *w;
+    kvs_store_t *store;
+    char msg[512];
+} op_ctx_t;
+
+static int fail(op_ctx_t *c, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int fail(op_ctx_t *c, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->msg, sizeof(c->msg), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* The engine's own detail for its last failure on this thread. */
+static int engine_fail(op_ctx_t *c, int rc, const char *what) {
+    const char *detail = kvs_store_errmsg(c->store);
+    return fail(c, rc, "%s: %s%s%s", what, kvs_strerror(rc),
+                detail && *detail ? ": " : "", detail ? detail : "");
+}
+
+static pthread_rwlock_t *seq_lock(kvs_server_t *srv, uint64_t seq) {
+    uint64_t h = seq * 0x9E3779B97F4A7C15ull;
+    return &srv->seq_locks[h >> 58];
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            man &= 0x3ff;
+            bits = sign | (exp << 23) | (man << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Queries as fp32 [n][head_dim]: borrowed from the message when already
+ * fp32 (malloc'ed by protobuf-c, so aligned), converted otherwise. */
+static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
+                       Kvs__V1__DType dt, const kvs_geometry_t *g,
+                       const float **out, float **owned) {
+    size_t es = dt == KVS__V1__DTYPE__DTYPE_F32 ? 4 : 2;
+    size_t n = (size_t)g->n_q_heads * g->head_dim;
+    *owned = NULL;
+    if (q->len != n * es)
+        return fail(c, KVS_EGEOMETRY,
+                    "queries hold %zu bytes; the sequence needs %u heads x %u "
+                    "dims x %zu bytes = %zu",
+                    q->len, g->n_q_heads, g->head_dim, es, n * es);
+    if (dt == KVS__V1__DTYPE__DTYPE_F32) {
+        *out = (const float *)(const void *)q->data;
+        return 0;
+    }
+    float *f = malloc(n * sizeof(float));
+    if (!f)
+        return fail(c, KVS_ENOMEM, "out of memory converting queries");
+    const uint8_t *p = q->data;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8));
+        if (dt == KVS__V1__DTYPE__DTYPE_BF16) {
+            uint32_t bits = (uint32_t)h << 16;
+            memcpy(&f[i], &bits, 4);
+        } else {
+            f[i] = f16_to_f32(h);
+        }
+    }
+    *out = f;
+    *owned = f;
+    return 0;
+}
+
+static void params_from_msg(const Kvs__V1__QueryParams *m,
+                            kvs_query_params_t *p) {
+    /* Zero fields take the store's defaults (kvstore.h), so only map what
+     * the client set. The wire's DEFAULT (0) maps to the engine's 0 field
+     * as well: the engine treats zero-initialised params as its defaults. */
+    memset(p, 0, sizeof(*p));
+    kvs_query_params_default(p);
+    if (!m)
+        return;
+    if (m->mode == KVS__V1__MODE__MODE_EXACT)
+        p->mode = KVS_MODE_EXACT;
+    else if (m->mode == KVS__V1__MODE__MODE_WAVE)
+        p->mode = KVS_MODE_WAVE;
+    if (m->budget == KVS__V1__BUDGET__BUDGET_FIXED)
+        p->budget = KVS_BUDGET_FIXED;
+    else if (m->budget == KVS__V1__BUDGET__BUDGET_BOUNDED)
+        p->budget = KVS_BUDGET_BOUNDED;
+    if (m->retrieval_fraction > 0)
+        p->retrieval_fraction = m->retrieval_fraction;
+    if (m->estimation_fraction > 0)
+        p->estimation_fraction = m->estimation_fraction;
+    if (m->epsilon > 0)
+        p->epsilon = m->epsilon;
+    if (m->scale > 0)
+        p->scale = m->scale;
+}
+
+static void geometry_to_msg(const kvs_geometry_t *g, Kvs__V1__Geometry *m) {
+    m->n_layers = g->n_layers;
+    m->n_q_heads = g->n_q_heads;
+    m->n_kv_heads = g->n_kv_heads;
+    m->head_dim = g->head_dim;
+    m->dtype = (Kvs__V1__DType)g->dtype;
+}
+
+static int op_create(op_ctx_t *c, const Kvs__V1__CreateSequenceRequest *r) {
+    const Kvs__V1__Geometry *m = r->geometry;
+    kvs_geometry_t g = {
+        .n_layers = m->n_layers,
+        .n_q_heads = m->n_q_heads,
+        .n_kv_heads = m->n_kv_heads,
+        .head_dim = m->head_dim,
+        .dtype = (kvs_dtype_t)m->dtype,
+    };
+    pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
+    pthread_rwlock_wrlock(l);
+    int rc = kvs_seq_create(c->store, r->seq, &g);
+    pthread_rwlock_unlock(l);
+    return rc ? engine_fail(c, rc, "create") : 0;
+}
+
+static int op_append(op_ctx_t *c, const Kvs__V1__AppendRequest *r,
+                     Kvs__V1__AppendResponse *out) {
+    pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
+    pthread_rwlock_rdlock(l);
+    kvs_seq_info_t info;
+    int rc = kvs_seq_info(c->store, r->seq, &info);
+    if (rc) {
+        rc = engine_fail(c, rc, "append");
+        goto out;
+    }
+    const kvs_geometry_t *g = &info.geometry;
+    size_t need = (size_t)r->n_tokens * g->n_kv_heads * g->head_dim *
+                  kvs_dtype_size(g->dtype);
+    if (r->keys.len != need) {
+        rc = fail(c, KVS_EGEOMETRY,
+                  "append of %u tokens needs %zu key bytes (%u kv heads x %u "
+                  "dims x %s), got %zu",
+                  r->n_tokens, need, g->n_kv_heads, g->head_dim,
+                  kvs_dtype_name(g->dtype), r->keys.len);
+        goto out;
+    }
+    rc = kvs_seq_append(c->store, r->seq, r->layer, r->n_tokens, r->keys.data,
+                        r->values.data);
+    if (rc) {
+        rc = engine_fail(c, rc, "append");
+        goto out;
+    }
+    out->tokens = 0; /* not tracked per layer by the engine API */
+out:
+    pthread_rwlock_unlock(l);
+    return rc;
+}
+
+static int op_search(op_ctx_t *c, const Kvs__V1__SearchRequest *r,
+                     Kvs__V1__SearchResponse *out, void **bufs) {
+    pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
+    pthread_rwlock_rdlock(l);
+    float *owned = NULL;
+    kvs_seq_info_t info;
+    int rc = kvs_seq_info(c->store, r->seq, &info);
+    if (rc) {
+        rc = engine_fail(c, rc, "search");
+        goto out;
+    }
+    const kvs_geometry_t *g = &info.geometry;
+    const float *q;
+    if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
+        goto out;
+    /* Bound k before allocating outputs sized by it. */
+    if (r->k > info.tokens_max) {
+        rc = fail(c, KVS_ERANGE, "k %u exceeds the %llu tokens of the sequence",
+                  r->k, (unsigned long long)info.tokens_max);
+        goto out;
+    }
+    size_t n = (size_t)g->n_q_heads * r->k;
+    int64_t *pos = malloc(n * sizeof(int64_t));
+    float *sc = malloc(n * sizeof(float));
+    bufs[0] = pos;
+    bufs[1] = sc;
+    if (!pos || !sc) {
+        rc = fail(c, KVS_ENOMEM, "out of memory for %zu results", n);
+        goto out;
+    }
+    kvs_query_params_t p;
+    params_from_msg(r->params, &p);
+    rc = kvs_seq_search(c->store, r->seq, r->layer, q, r->k, &p, pos, sc);
+    if (rc) {
+        rc = engine_fail(c, rc, "search");
+        goto out;
+    }
+    out->n_q_heads = g->n_q_heads;
+    out->k = r->k;
+    out->positions.data = (uint8_t *)pos;
+    out->positions.len = n * sizeof(int64_t);
+    out->scores.data = (uint8_t *)sc;
+    out->scores.len = n * sizeof(float);
+out:
+    pthread_rwlock_unlock(l);
+    free(owned);
+    return rc;
+}
+
+static int op_attend(op_ctx_t *c, const Kvs__V1__AttendRequest *r,
+                     Kvs__V1__AttendResponse *out, Kvs__V1__AttendStats *st,
+                     void **bufs) {
+    pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
+    pthread_rwlock_rdlock(l);
+    float *owned = NULL;
+    kvs_seq_info_t info;
+    int rc = kvs_seq_info(c->store, r->seq, &info);
+    if (rc) {
+        rc = engine_fail(c, rc, "attend");
+        goto out;
+    }
+    const kvs_geometry_t *g = &info.geometry;
+    const float *q;
+    if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
+        goto out;
+    size_t n = (size_t)g->n_q_heads * g->head_dim;
+    float *o = malloc(n * sizeof(float));
+    bufs[0] = o;
+    if (!o) {
+        rc = fail(c, KVS_ENOMEM, "out of memory for the output");
+        goto out;
+    }
+    kvs_query_params_t p;
+    params_from_msg(r->params, &p);
+    kvs_attend_stats_t s;
+    memset(&s, 0, sizeof(s));
+    rc = kvs_seq_attend(c->store, r->seq, r->layer, q, &p, o, &s);
+    if (rc) {
+        rc = engine_fail(c, rc, "attend");
+        goto out;
+    }
+    out->output.data = (uint8_t *)o;
+    out->output.len = n * sizeof(float);
+    st->keys_total = s.keys_total;
+    st->keys_exact = s.keys_exact;
+    st->keys_steady = s.keys_steady;
+    st->clusters_total = s.clusters_total;
+    st->clusters_retrieved = s.clusters_retrieved;
+    st->clusters_estimated = s.clusters_estimated;
+    st->clusters_skipped = s.clusters_skipped;
+    st->seconds = s.seconds;
+    out->stats = st;
+out:
+    pthread_rwlock_unlock(l);
+    free(owned);
+    return rc;
+}
+
+static int op_drop(op_ctx_t *c, const Kvs__V1__DropRequest *r) {
+    pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
+    pthread_rwlock_wrlock(l);
+    int rc = kvs_seq_drop(c->store, r->seq);
+    pthread_rwlock_unlock(l);
+    return rc ? engine_fail(c, rc, "drop") : 0;
+}
+
+static int op_info(op_ctx_t *c, const Kvs__V1__InfoRequest *r,
+                   Kvs__V1__InfoResponse *out, Kvs__V1__Geometry *gm) {
+    kvs_seq_info_t info;
+    int rc = kvs_seq_info(c->store, r->seq, &info);
+    if (rc)
+        return engine_fail(c, rc, "info");
+    geometry_to_msg(&info.geometry, gm);
+    out->geometry = gm;
+    out->tokens_min = info.tokens_min;
+    out->tokens_max = info.tokens_max;
+    out->indexed_tokens = info.indexed_tokens;
+    out->segments = info.segments;
+    out->builds_pending = info.builds_pending;
+    out->bytes = info.bytes;
+    out->index_bytes = info.index_bytes;
+    return 0;
+}
+
+static int op_stats(op_ctx_t *c, Kvs__V1__StatsResponse *out) {
+    kvs_store_stats_t s;
+    memset(&s, 0, sizeof(s));
+    int rc = kvs_store_stats(c->store, &s);
+    if (rc)
+        return engine_fail(c, rc, "stats");
+    kvs__work_t *w = c->w;
+    out->sequences = s.sequences;
+    out->bytes = s.bytes;
+    out->index_bytes = s.index_bytes;
+    out->builds_pending = s.builds_pending;
+    out->builds_done = s.builds_done;
+    out->build_keys = s.build_keys;
+    out->build_seconds = s.build_seconds;
+    out->server_version = (char *)KVS_SERVER_VERSION;
+    out->node_id = w->srv->node_id;
+    out->uptime_seconds = (double)(uv_hrtime() - w->srv->start_ns) / 1e9;
+    out->connections = w->snap_connections;
+    out->requests_total = w->snap_requests;
+    out->inflight = w->snap_inflight;
+    out->bytes_in = w->snap_in;
+    out->bytes_out = w->snap_out;
+    return 0;
+}
+
+static int op_list(op_ctx_t *c, const Kvs__V1__ListSequencesRequest *r,
+                   Kvs__V1__ListSequencesResponse *out, void **bufs) {
+    uint32_t cap = c->w->srv->cfg->max_list_ids;
+    if (r->limit && r->limit < cap)
+        cap = r->limit;
+    uint64_t *ids = malloc((size_t)cap * sizeof(uint64_t));
+    bufs[0] = ids;
+    if (!ids)
+        return fail(c, KVS_ENOMEM, "out of memory for %u ids", cap);
+    size_t n = 0;
+    int rc = kvs_store_list(c->store, ids, cap, &n);
+    if (rc)
+        return engine_fail(c, rc, "list");
+    out->ids = ids;
+    out->n_ids = n < cap ? n : cap;
+    out->total = n;
+    return 0;
+}
+
+void kvs__op_run(kvs__work_t *w) {
+    op_ctx_t c = {.w = w, .store = w->srv->store};
+    const Kvs__V1__Request *req = w->msg;
+    Kvs__V1__Response resp = KVS__V1__RESPONSE__INIT;
+    /* Storage for whichever result is set; only one is used per call. */
+    Kvs__V1__CreateSequenceResponse r_create =
+        KVS__V1__CREATE_SEQUENCE_RESPONSE__INIT;
+    Kvs__V1__AppendResponse r_append = KVS__V1__APPEND_RESPONSE__INIT;
+    Kvs__V1__SearchResponse r_search = KVS__V1__SEARCH_RESPONSE__INIT;
+    Kvs__V1__AttendResponse r_attend = KVS__V1__ATTEND_RESPONSE__INIT;
+    Kvs__V1__AttendStats r_astats = KVS__V1__ATTEND_STATS__INIT;
+    Kvs__V1__DropResponse r_drop = KVS__V1__DROP_RESPONSE__INIT;
+    Kvs__V1__InfoResponse r_info = KVS__V1__INFO_RESPONSE__INIT;
+    Kvs__V1__Geometry r_geo = KVS__V1__GEOMETRY__INIT;
+    Kvs__V1__StatsResponse r_stats = KVS__V1__STATS_RESPONSE__INIT;
+    Kvs__V1__ListSequencesResponse r_list =
+        KVS__V1__LIST_SEQUENCES_RESPONSE__INIT;
+    void *bufs[2] = {NULL, NULL};
+    int rc;
+
+    switch (req->op_case) {
+    case KVS__V1__REQUEST__OP_CREATE:
+        rc = op_create(&c, req->create);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_CREATE;
+        resp.create = &r_create;
+        break;
+    case KVS__V1__REQUEST__OP_APPEND:
+        rc = op_append(&c, req->append, &r_append);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_APPEND;
+        resp.append = &r_append;
+        break;
+    case KVS__V1__REQUEST__OP_SEARCH:
+        rc = op_search(&c, req->search, &r_search, bufs);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_SEARCH;
+        resp.search = &r_search;
+        break;
+    case KVS__V1__REQUEST__OP_ATTEND:
+        rc = op_attend(&c, req->attend, &r_attend, &r_astats, bufs);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_ATTEND;
+        resp.attend = &r_attend;
+        break;
+    case KVS__V1__REQUEST__OP_DROP:
+        rc = op_drop(&c, req->drop);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_DROP;
+        resp.drop = &r_drop;
+        break;
+    case KVS__V1__REQUEST__OP_INFO:
+        rc = op_info(&c, req->info, &r_info, &r_geo);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_INFO;
+        resp.info = &r_info;
+        break;
+    case KVS__V1__REQUEST__OP_STATS:
+        rc = op_stats(&c, &r_stats);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_STATS;
+        resp.stats = &r_stats;
+        break;
+    case KVS__V1__REQUEST__OP_LIST:
+        rc = op_list(&c, req->list, &r_list, bufs);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_LIST;
+        resp.list = &r_list;
+        break;
+    case KVS__V1__REQUEST__OP_FORK:
+        /* Copy-on-write fork needs the engine's shared-block storage from
+         * the persistence issue; refuse clearly until it exists. */
+        rc = fail(&c, KVS_ENOTSUP,
+                  "fork is not supported by this server yet (needs the "
+                  "engine's copy-on-write sequences)");
+        break;
+    default:
+        /* Hello and Ping are answered on the loop thread; anything else was
+         * rejected by kvs_frame_decode_request(). */
+        rc = fail(&c, KVS_EPROTO, "op %s cannot run on a worker",
+                  kvs_frame_op_name(req->op_case));
+        break;
+    }
+
+    if (rc) {
+        /* An error carries no result: clients must not read half a result. */
+        resp.result_case = KVS__V1__RESPONSE__RESULT__NOT_SET;
+        resp.status = rc;
+        resp.message = c.msg;
+    }
+    resp.request_id = w->request_id;
+    w->status = rc;
+    int erc = kvs_frame_encode(w->request_id, KVS_FRAME_F_RESPONSE,
+                               &resp.base, (uint32_t)w->srv->cfg->max_frame_bytes,
+                               &w->frame, &w->frame_len);
+    if (erc) {
+        char m[160];
+        snprintf(m, sizeof(m),
+                 "response of %zu bytes exceeds max_frame_bytes %llu",
+                 protobuf_c_message_get_packed_size(&resp.base),
+                 (unsigned long long)w->srv->cfg->max_frame_bytes);
+        w->status = erc;
+        w->frame = kvs__error_frame(w->request_id, KVS_FRAME_F_RESPONSE, erc,
+                                    erc == KVS_ETOOBIG ? m : kvs_strerror(erc),
+                                    &w->frame_len);
+    }
+    free(bufs[0]);
+    free(bufs[1]);
+}
+
+uint8_t *kvs__error_frame(uint64_t request_id, uint16_t flags, int status,
+                          const char *message, size_t *len) {
+    Kvs__V1__Response resp = KVS__V1__RESPONSE__INIT;
+    resp.request_id = request_id;
+    resp.status = status;
+    resp.message = (char *)(message ? message : kvs_strerror(status));
+    uint8_t *f = NULL;
+    if (kvs_frame_encode(request_id, flags | KVS_FRAME_F_RESPONSE, &resp.base,
+                         KVS_FRAME_MAX_BODY_LIMIT, &f, len))
+        return NULL;
+    return f;
+}

@@ -1,0 +1,925 @@
+/*
+ * server.c: kvstored's I/O loop: listeners (TCP v4/v6, Unix socket),
+ * connections, frame dispatch, backpressure, idle timeouts and graceful
+ * shutdown. Engine work runs on the libuv worker pool (ops.c); this file
+ * never calls the engine except to open and close the store.
+ *
+ * Life of a request: bytes are read straight into the connection's frame
+ * reader; each complete frame is decoded and checked here (cheap, and it keeps
+ * auth and protocol errors ordered with the stream); Hello and Ping are
+ * answered inline, everything else goes to uv_queue_work. Answers are appended
+ * to the connection's output buffer in completion order (so out of request
+ * order) and flushed once per loop iteration by a check handle, which batches
+ * pipelined answers into one write.
+ *
+ * Backpressure: a connection stops being read while it has max_inflight
+ * requests on the pool, or more than two max frames queued for writing, and
+ * resumes as they drain. A protocol error marks the connection `fatal`: it is
+ * no longer read, the error is answered (flag CLOSE), requests already
+ * running are answered, then it closes. Nothing a peer sends can abort the
+ * process.
+ */
+#include "server_int.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define READ_CHUNK (64u << 10)
+
+static void conn_process(kvs__conn_t *c);
+static void conn_update_reading(kvs__conn_t *c);
+static void conn_maybe_close(kvs__conn_t *c);
+static void check_drained(kvs_server_t *srv);
+
+/* ------------------------------------------------------------ connections */
+
+static void conn_free(kvs__conn_t *c) {
+    kvs_frame_reader_destroy(&c->rd);
+    free(c->out);
+    free(c);
+}
+
+static void on_conn_closed(uv_handle_t *h) {
+    kvs__conn_t *c = h->data;
+    kvs_server_t *srv = c->srv;
+    c->closed = true;
+    if (c->prev)
+        c->prev->next = c->next;
+    else if (srv->conns == c)
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    if (!c->refused)
+        srv->n_conns--;
+    kvs__log(KVS__LOG_DEBUG, "conn_close", "conn=%llu peer=%s",
+             (unsigned long long)c->id, c->peer);
+    /* Work items still on the pool hold a pointer to c; the last one frees
+     * it (after_work). */
+    if (c->inflight == 0)
+        conn_free(c);
+    check_drained(srv);
+}
+
+static void conn_close(kvs__conn_t *c) {
+    if (c->closing)
+        return;
+    c->closing = true;
+    c->reading = false;
+    uv_close(&c->h.handle, on_conn_closed);
+}
+
+/* Close once nothing owed to the peer is left: no requests on the pool, no
+ * unflushed answers, no pending writes. */
+static void conn_maybe_close(kvs__conn_t *c) {
+    if (c->closing || !c->fatal)
+        return;
+    if (c->inflight == 0 && c->out_len == 0 && c->writes == 0)
+        conn_close(c);
+}
+
+static void queue_flush(kvs__conn_t *c) {
+    if (c->in_flush_list)
+        return;
+    c->in_flush_list = true;
+    c->flush_next = c->srv->flush_list;
+    c->srv->flush_list = c;
+}
+
+/* Queue a complete frame for the next flush. Takes nothing: copies. */
+static void conn_send(kvs__conn_t *c, const uint8_t *frame, size_t len) {
+    if (c->closing)
+        return;
+    if (c->out_cap - c->out_len < len) {
+        size_t cap = c->out_cap ? c->out_cap : 4096;
+        while (cap - c->out_len < len)
+            cap *= 2;
+        uint8_t *nb = realloc(c->out, cap);
+        if (!nb) {
+            kvs__log(KVS__LOG_ERROR, "oom", "conn=%llu what=output_buffer",
+                     (unsigned long long)c->id);
+            c->fatal = true;
+            conn_close(c);
+            return;
+        }
+        c->out = nb;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, frame, len);
+    c->out_len += len;
+    c->srv->m.bytes_out += len;
+    queue_flush(c);
+}
+
+/* Answer with an error from the loop thread; `fatal` closes afterwards. */
+static void conn_error(kvs__conn_t *c, uint64_t request_id, int op, int status,
+                       const char *msg, bool fatal) {
+    size_t len;
+    uint8_t *f = kvs__error_frame(request_id, fatal ? KVS_FRAME_F_CLOSE : 0,
+                                  status, msg, &len);
+    if (f) {
+        conn_send(c, f, len);
+        free(f);
+    }
+    kvs__metrics_observe(&c->srv->m, op, status, 0);
+    if (fatal) {
+        char q[600];
+        kvs__log(KVS__LOG_WARN, "conn_error",
+                 "conn=%llu peer=%s request_id=%llu status=%s msg=%s",
+                 (unsigned long long)c->id, c->peer,
+                 (unsigned long long)request_id, kvs_err_name(status),
+                 kvs__logq(q, sizeof(q), msg));
+        c->fatal = true;
+        conn_update_reading(c);
+    }
+}
+
+typedef struct write_req_s {
+    uv_write_t req;
+    uint8_t *buf;
+} write_req_t;
+
+static void on_write(uv_write_t *req, int status) {
+    write_req_t *wr = (write_req_t *)req;
+    kvs__conn_t *c = req->data;
+    free(wr->buf);
+    free(wr);
+    c->writes--;
+    if (status < 0 && !c->closing) {
+        kvs__log(KVS__LOG_INFO, "conn_write_error", "conn=%llu peer=%s err=%s",
+                 (unsigned long long)c->id, c->peer, uv_err_name(status));
+        conn_close(c);
+    }
+    if (!c->closing) {
+        conn_update_reading(c);
+        conn_process(c);
+        conn_maybe_close(c);
+    }
+    check_drained(c->srv);
+}
+
+static void conn_flush(kvs__conn_t *c) {
+    if (c->closing || c->out_len == 0)
+        return;
+    size_t off = 0;
+    /* Try the socket directly: most answers fit the socket buffer and need
+     * no write request at all. Only valid when nothing is queued, or bytes
+     * would be reordered. */
+    if (c->writes == 0) {
+        uv_buf_t b = uv_buf_init((char *)c->out, (unsigned)c->out_len);
+        int n = uv_try_write(&c->h.stream, &b, 1);
+        if (n > 0)
+            off = (size_t)n;
+        else if (n < 0 && n != UV_EAGAIN) {
+            conn_close(c);
+            return;
+        }
+    }
+    if (off == c->out_len) {
+        c->out_len = 0;
+        conn_maybe_close(c);
+        return;
+    }
+    write_req_t *wr = malloc(sizeof(*wr));
+    if (!wr) {
+        conn_close(c);
+        return;
+    }
+    /* Hand the whole buffer to the write; start a fresh one for later. */
+    wr->buf = c->out;
+    wr->req.data = c;
+    uv_buf_t b = uv_buf_init((char *)c->out + off, (unsigned)(c->out_len - off));
+    c->out = NULL;
+    c->out_len = c->out_cap = 0;
+    int rc = uv_write(&wr->req, &c->h.stream, &b, 1, on_write);
+    if (rc) {
+        free(wr->buf);
+        free(wr);
+        conn_close(c);
+        return;
+    }
+    c->writes++;
+    conn_update_reading(c);
+}
+
+static void on_flush_check(uv_check_t *h) {
+    kvs_server_t *srv = h->data;
+    kvs__conn_t *c = srv->flush_list;
+    srv->flush_list = NULL;
+    while (c) {
+        kvs__conn_t *next = c->flush_next;
+        c->in_flush_list = false;
+        c->flush_next = NULL;
+        conn_flush(c);
+        c = next;
+    }
+}
+
+static bool conn_wants_input(const kvs__conn_t *c) {
+    const kvs_server_t *srv = c->srv;
+    if (c->closing || c->fatal || srv->draining)
+        return false;
+    if (c->inflight >= srv->cfg->max_inflight)
+        return false;
+    size_t q = uv_stream_get_write_queue_size(&c->h.stream);
+    return q <= 2 * srv->cfg->max_frame_bytes;
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+    kvs__conn_t *c = h->data;
+    (void)suggested;
+    void *p;
+    size_t len;
+    if (kvs_frame_reader_prepare(&c->rd, READ_CHUNK, &p, &len)) {
+        *buf = uv_buf_init(NULL, 0); /* read_cb gets UV_ENOBUFS */
+        return;
+    }
+    *buf = uv_buf_init(p, (unsigned)(len > UINT32_MAX ? UINT32_MAX : len));
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+    kvs__conn_t *c = s->data;
+    (void)buf;
+    if (nread < 0) {
+        if (nread != UV_EOF)
+            kvs__log(KVS__LOG_INFO, "conn_read_error",
+                     "conn=%llu peer=%s err=%s", (unsigned long long)c->id,
+                     c->peer, uv_err_name((int)nread));
+        /* The peer is gone: answers cannot be delivered. Requests on the
+         * pool finish (the engine applies them) and are dropped. */
+        conn_close(c);
+        return;
+    }
+    if (nread == 0)
+        return;
+    kvs_frame_reader_commit(&c->rd, (size_t)nread);
+    c->srv->m.bytes_in += (uint64_t)nread;
+    c->last_active = uv_now(&c->srv->loop);
+    conn_process(c);
+}
+
+static void conn_update_reading(kvs__conn_t *c) {
+    bool want = conn_wants_input(c);
+    if (want && !c->reading) {
+        if (uv_read_start(&c->h.stream, on_alloc, on_read) == 0)
+            c->reading = true;
+    } else if (!want && c->reading) {
+        uv_read_stop(&c->h.stream);
+        c->reading = false;
+    }
+}
+
+/* Constant-time in the content of `given`: no early exit on a mismatch. */
+static bool token_equal(const char *expect, const char *given) {
+    size_t el = strlen(expect), gl = strlen(given);
+    volatile unsigned diff = (unsigned)(el ^ gl);
+    for (size_t i = 0; i < el; i++) {
+        unsigned char g = i < gl ? (unsigned char)given[i] : 0;
+        diff |= (unsigned)((unsigned char)expect[i] ^ g);
+    }
+    return diff == 0;
+}
+
+static void answer_inline(kvs__conn_t *c, uint64_t id, int op,
+                          Kvs__V1__Response *resp) {
+    uint8_t *f;
+    size_t len;
+    resp->request_id = id;
+    if (kvs_frame_encode(id, KVS_FRAME_F_RESPONSE, &resp->base,
+                         (uint32_t)c->srv->cfg->max_frame_bytes, &f, &len)) {
+        conn_error(c, id, op, KVS_ETOOBIG, "response exceeds max_frame_bytes",
+                   false);
+        return;
+    }
+    conn_send(c, f, len);
+    free(f);
+    kvs__metrics_observe(&c->srv->m, op, 0, 0);
+}
+
+static void handle_hello(kvs__conn_t *c, uint64_t id,
+                         const Kvs__V1__HelloRequest *h) {
+    kvs_server_t *srv = c->srv;
+    const kvs_server_config_t *cfg = srv->cfg;
+    int op = KVS__V1__REQUEST__OP_HELLO;
+    if (h->protocol_version != KVS_PROTOCOL_VERSION) {
+        char m[128];
+        snprintf(m, sizeof(m),
+                 "protocol version %u not supported; this server speaks %d",
+                 h->protocol_version, KVS_PROTOCOL_VERSION);
+        conn_error(c, id, op, KVS_EPROTO, m, true);
+        return;
+    }
+    if (cfg->auth_token[0]) {
+        if (!token_equal(cfg->auth_token, h->auth_token ? h->auth_token : "")) {
+            srv->m.auth_failures++;
+            conn_error(c, id, op, KVS_EAUTH,
+                       h->auth_token && h->auth_token[0]
+                           ? "authentication failed: wrong token"
+                           : "authentication required: send the token in "
+                             "Hello",
+                       true);
+            return;
+        }
+        c->authed = true;
+    }
+    char q[200];
+    kvs__log(KVS__LOG_DEBUG, "hello", "conn=%llu peer=%s client=%s",
+             (unsigned long long)c->id, c->peer,
+             kvs__logq(q, sizeof(q), h->client_name ? h->client_name : ""));
+    Kvs__V1__Response resp = KVS__V1__RESPONSE__INIT;
+    Kvs__V1__HelloResponse hr = KVS__V1__HELLO_RESPONSE__INIT;
+    hr.protocol_version = KVS_PROTOCOL_VERSION;
+    hr.server_version = (char *)KVS_SERVER_VERSION;
+    hr.node_id = srv->node_id;
+    hr.max_frame_bytes = (uint32_t)cfg->max_frame_bytes;
+    hr.max_head_dim = cfg->max_head_dim;
+    hr.max_tokens_per_append = cfg->max_tokens_per_append;
+    hr.max_inflight = cfg->max_inflight;
+    hr.auth_required = cfg->auth_token[0] != 0;
+    resp.result_case = KVS__V1__RESPONSE__RESULT_HELLO;
+    resp.hello = &hr;
+    answer_inline(c, id, op, &resp);
+}
+
+static void after_work(uv_work_t *req, int status) {
+    kvs__work_t *w = req->data;
+    kvs__conn_t *c = w->conn;
+    kvs_server_t *srv = w->srv;
+    (void)status; /* work is never cancelled */
+    double secs = (double)(uv_hrtime() - w->t0) / 1e9;
+    kvs__metrics_observe(&srv->m, w->op, w->status, secs);
+    if (w->status && w->status != KVS_ENOSEQ)
+        kvs__log(KVS__LOG_DEBUG, "request_error",
+                 "conn=%llu op=%s status=%s", (unsigned long long)c->id,
+                 kvs_frame_op_name(w->op), kvs_err_name(w->status));
+    c->inflight--;
+    srv->inflight--;
+    if (w->frame && !c->closing) {
+        conn_send(c, w->frame, w->frame_len);
+        c->last_active = uv_now(&srv->loop);
+    }
+    free(w->frame);
+    kvs__v1__request__free_unpacked(w->msg, NULL);
+    free(w);
+    if (c->closed) {
+        if (c->inflight == 0)
+            conn_free(c);
+    } else if (!c->closing) {
+        conn_update_reading(c);
+        conn_process(c);
+        conn_maybe_close(c);
+    }
+    check_drained(srv);
+}
+
+static void work_cb(uv_work_t *req) { kvs__op_run(req->data); }
+
+static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
+                     const uint8_t *body) {
+    kvs_server_t *srv = c->srv;
+    char why[512];
+    Kvs__V1__Request *msg = NULL;
+    int rc = kvs_frame_decode_request(body, hdr->body_len, &srv->limits, &msg,
+                                      why, sizeof(why));
+    int op = msg ? (int)msg->op_case : 0;
+    if (op < 0 || op >= KVS__N_OPS)
+        op = 0;
+    if (rc == KVS_EPROTO) {
+        /* Not a request we can understand: the stream is suspect. */
+        srv->m.protocol_errors++;
+        conn_error(c, hdr->request_id, op, rc, why, true);
+        goto done;
+    }
+    if (!c->authed && op != KVS__V1__REQUEST__OP_HELLO) {
+        srv->m.auth_failures++;
+        conn_error(c, hdr->request_id, op, KVS_EAUTH,
+                   "authentication required: the first request must be Hello "
+                   "with the server's token",
+                   true);
+        goto done;
+    }
+    if (rc) { /* well-formed but out of limits: refuse this request only */
+        conn_error(c, hdr->request_id, op, rc, why, false);
+        goto done;
+    }
+    if (op == KVS__V1__REQUEST__OP_HELLO) {
+        handle_hello(c, hdr->request_id, msg->hello);
+        goto done;
+    }
+    if (op == KVS__V1__REQUEST__OP_PING) {
+        /* Inline: a ping measures the server's I/O path, not the pool. */
+        Kvs__V1__Response resp = KVS__V1__RESPONSE__INIT;
+        Kvs__V1__PingResponse pr = KVS__V1__PING_RESPONSE__INIT;
+        pr.payload = msg->ping->payload;
+        resp.result_case = KVS__V1__RESPONSE__RESULT_PING;
+        resp.ping = &pr;
+        answer_inline(c, hdr->request_id, op, &resp);
+        goto done;
+    }
+    kvs__work_t *w = calloc(1, sizeof(*w));
+    if (!w) {
+        conn_error(c, hdr->request_id, op, KVS_ENOMEM,
+                   "out of memory queuing the request", false);
+        goto done;
+    }
+    w->req.data = w;
+    w->conn = c;
+    w->srv = srv;
+    w->msg = msg;
+    w->request_id = hdr->request_id;
+    w->op = op;
+    w->t0 = uv_hrtime();
+    if (op == KVS__V1__REQUEST__OP_STATS) {
+        uint64_t total = 0;
+        for (int i = 0; i < KVS__N_OPS; i++)
+            total += srv->m.requests[i];
+        w->snap_connections = srv->n_conns;
+        w->snap_requests = total;
+        w->snap_inflight = srv->inflight;
+        w->snap_in = srv->m.bytes_in;
+        w->snap_out = srv->m.bytes_out;
+    }
+    rc = uv_queue_work(&srv->loop, &w->req, work_cb, after_work);
+    if (rc) {
+        free(w);
+        conn_error(c, hdr->request_id, op, KVS_EBUSY,
+                   "cannot queue the request", false);
+        goto done;
+    }
+    c->inflight++;
+    srv->inflight++;
+    return; /* w owns msg */
+done:
+    if (msg)
+        kvs__v1__request__free_unpacked(msg, NULL);
+}
+
+/* Take frames out of the reader while this connection may have more work. */
+static void conn_process(kvs__conn_t *c) {
+    kvs_server_t *srv = c->srv;
+    while (!c->closing && !c->fatal && !srv->draining &&
+           c->inflight < srv->cfg->max_inflight) {
+        kvs_frame_header_t hdr;
+        const uint8_t *body;
+        char why[256];
+        int rc = kvs_frame_reader_next(&c->rd, &hdr, &body, why, sizeof(why));
+        if (rc == 0)
+            break;
+        if (rc < 0) {
+            srv->m.protocol_errors++;
+            /* Bad magic means the id is garbage too: answer with id 0. */
+            uint64_t id = hdr.magic == KVS_FRAME_MAGIC ? hdr.request_id : 0;
+            conn_error(c, id, 0, rc, why, true);
+            break;
+        }
+        if (hdr.flags & KVS_FRAME_F_RESPONSE) {
+            srv->m.protocol_errors++;
+            conn_error(c, hdr.request_id, 0, KVS_EPROTO,
+                       "a client sent a frame flagged as a response", true);
+            break;
+        }
+        dispatch(c, &hdr, body);
+    }
+    conn_update_reading(c);
+}
+
+/* ------------------------------------------------------------- listeners */
+
+static void set_peer_name(kvs__conn_t *c, bool is_tcp) {
+    if (!is_tcp) {
+        snprintf(c->peer, sizeof(c->peer), "unix");
+        return;
+    }
+    struct sockaddr_storage ss;
+    int len = sizeof(ss);
+    char ip[64] = "?";
+    int port = 0;
+    if (uv_tcp_getpeername(&c->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET6) {
+            uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof(ip));
+            port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+            snprintf(c->peer, sizeof(c->peer), "[%s]:%d", ip, port);
+            return;
+        }
+        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof(ip));
+        port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    }
+    snprintf(c->peer, sizeof(c->peer), "%s:%d", ip, port);
+}
+
+static void on_connection(uv_stream_t *listener, int status) {
+    kvs_server_t *srv = listener->data;
+    if (status < 0) {
+        kvs__log(KVS__LOG_WARN, "accept_error", "err=%s", uv_err_name(status));
+        return;
+    }
+    bool is_tcp = listener->type == UV_TCP;
+    kvs__conn_t *c = calloc(1, sizeof(*c));
+    if (!c || kvs_frame_reader_init(&c->rd,
+                                    (uint32_t)srv->cfg->max_frame_bytes)) {
+        free(c);
+        kvs__log(KVS__LOG_ERROR, "oom", "what=connection");
+        return;
+    }
+    c->srv = srv;
+    c->id = ++srv->next_conn_id;
+    if (is_tcp)
+        uv_tcp_init(&srv->loop, &c->h.tcp);
+    else
+        uv_pipe_init(&srv->loop, &c->h.pipe, 0);
+    c->h.handle.data = c;
+    c->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = c;
+    srv->conns = c;
+    if (uv_accept(listener, &c->h.stream)) {
+        c->refused = true;
+        conn_close(c);
+        return;
+    }
+    set_peer_name(c, is_tcp);
+    if (is_tcp && srv->cfg->tcp_nodelay)
+        uv_tcp_nodelay(&c->h.tcp, 1);
+    c->authed = srv->cfg->auth_token[0] == 0;
+    c->last_active = uv_now(&srv->loop);
+    if (srv->n_conns >= srv->cfg->max_connections || srv->draining) {
+        /* Refuse visibly: an answer the client can show, not a bare RST. */
+        c->refused = true;
+        srv->m.connections_refused++;
+        char m[128];
+        snprintf(m, sizeof(m), srv->draining
+                                   ? "server is shutting down"
+                                   : "too many connections (max_connections "
+                                     "%u)",
+                 srv->cfg->max_connections);
+        kvs__log(KVS__LOG_WARN, "conn_refused", "peer=%s reason=%s", c->peer,
+                 srv->draining ? "draining" : "max_connections");
+        conn_error(c, 0, 0, srv->draining ? KVS_ECLOSED : KVS_EBUSY, m, true);
+        conn_maybe_close(c);
+        return;
+    }
+    srv->n_conns++;
+    srv->m.connections_total++;
+    kvs__log(KVS__LOG_DEBUG, "conn_open", "conn=%llu peer=%s",
+             (unsigned long long)c->id, c->peer);
+    conn_update_reading(c);
+}
+
+static int listen_tcp(kvs_server_t *srv, const char *host, int port,
+                      int *bound) {
+    struct sockaddr_storage ss;
+    unsigned flags = 0;
+    if (strchr(host, ':')) {
+        if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss))
+            return KVS_EINVAL;
+        flags = UV_TCP_IPV6ONLY;
+    } else if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss)) {
+        return KVS_EINVAL;
+    }
+    if (srv->n_tcp >= (int)(sizeof(srv->tcp) / sizeof(srv->tcp[0])))
+        return KVS_ERANGE;
+    uv_tcp_t *t = &srv->tcp[srv->n_tcp];
+    uv_tcp_init(&srv->loop, t);
+    t->data = srv;
+    srv->n_tcp++;
+    int rc = uv_tcp_bind(t, (struct sockaddr *)&ss, flags);
+    if (!rc)
+        rc = uv_listen((uv_stream_t *)t, 1024, on_connection);
+    if (rc)
+        return rc;
+    int len = sizeof(ss);
+    uv_tcp_getsockname(t, (struct sockaddr *)&ss, &len);
+    *bound = ntohs(ss.ss_family == AF_INET6
+                       ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                       : ((struct sockaddr_in *)&ss)->sin_port);
+    kvs__log(KVS__LOG_INFO, "listen", "proto=tcp addr=%s port=%d", host,
+             *bound);
+    return 0;
+}
+
+static int listen_all_tcp(kvs_server_t *srv) {
+    char *list = strdup(srv->cfg->bind);
+    if (!list)
+        return KVS_ENOMEM;
+    int port = (int)srv->cfg->port, rc = 0;
+    char *save = NULL;
+    for (char *h = strtok_r(list, ", ", &save); h;
+         h = strtok_r(NULL, ", ", &save)) {
+        int bound = 0;
+        if (h[0] == '[') { /* accept [::1] as well as ::1 */
+            h++;
+            char *e = strchr(h, ']');
+            if (e)
+                *e = 0;
+        }
+        rc = listen_tcp(srv, h, port, &bound);
+        if (rc) {
+            kvs__log(KVS__LOG_ERROR, "listen_failed",
+                     "proto=tcp addr=%s port=%d err=%s", h, port,
+                     kvs_err_name(rc));
+            break;
+        }
+        /* With port 0 the first address picks the port; the others share
+         * it so that one number reaches the daemon on every address. */
+        port = bound;
+        srv->port = bound;
+    }
+    free(list);
+    return rc;
+}
+
+static int listen_unix(kvs_server_t *srv) {
+    const char *path = srv->cfg->unix_socket;
+    /* A stale socket file from a crashed run would make bind fail; only
+     * remove it if it is a socket nobody answers on. */
+    int probe = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (probe >= 0) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+        if (connect(probe, (struct sockaddr *)&sa, sizeof(sa)) != 0 &&
+            errno == ECONNREFUSED)
+            unlink(path);
+        close(probe);
+    }
+    uv_pipe_init(&srv->loop, &srv->unix_listener, 0);
+    srv->unix_listener.data = srv;
+    srv->have_unix = true;
+    int rc = uv_pipe_bind(&srv->unix_listener, path);
+    if (!rc)
+        rc = uv_listen((uv_stream_t *)&srv->unix_listener, 1024,
+                       on_connection);
+    if (rc) {
+        kvs__log(KVS__LOG_ERROR, "listen_failed", "proto=unix path=%s err=%s",
+                 path, uv_err_name(rc));
+        return rc;
+    }
+    kvs__log(KVS__LOG_INFO, "listen", "proto=unix path=%s", path);
+    return 0;
+}
+
+static int write_port_file(kvs_server_t *srv) {
+    const char *path = srv->cfg->port_file;
+    char tmp[4096];
+    snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return -errno;
+    fprintf(f, "port %d\nhttp_port %d\npid %d\n", srv->port, srv->http_port,
+            (int)getpid());
+    if (srv->cfg->unix_socket[0])
+        fprintf(f, "unix %s\n", srv->cfg->unix_socket);
+    if (fclose(f))
+        return -errno;
+    /* rename: a reader never sees a half-written file. */
+    if (rename(tmp, path))
+        return -errno;
+    return 0;
+}
+
+/* ------------------------------------------------------ timers and signals */
+
+static void on_sweep(uv_timer_t *t) {
+    kvs_server_t *srv = t->data;
+    uint64_t now = uv_now(&srv->loop);
+    uint64_t idle = srv->cfg->idle_timeout_ms;
+    for (kvs__conn_t *c = srv->conns; c; c = c->next) {
+        if (c->closing || c->inflight || c->writes)
+            continue;
+        if (now - c->last_active >= idle) {
+            kvs__log(KVS__LOG_INFO, "conn_idle_timeout",
+                     "conn=%llu peer=%s idle_ms=%llu",
+                     (unsigned long long)c->id, c->peer,
+                     (unsigned long long)(now - c->last_active));
+            srv->m.idle_closed++;
+            conn_close(c);
+        }
+    }
+}
+
+static void close_if_open(uv_handle_t *h) {
+    if (h->loop && !uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+/* Close every remaining handle; the loop then runs out of work and
+ * kvs_server_run() returns. */
+static void stop_everything(kvs_server_t *srv) {
+    if (srv->stopped)
+        return;
+    srv->stopped = true;
+    for (kvs__conn_t *c = srv->conns; c; c = c->next)
+        conn_close(c);
+    for (int i = 0; i < srv->n_tcp; i++)
+        close_if_open((uv_handle_t *)&srv->tcp[i]);
+    if (srv->have_unix) {
+        close_if_open((uv_handle_t *)&srv->unix_listener);
+        unlink(srv->cfg->unix_socket);
+    }
+    if (srv->have_http)
+        close_if_open((uv_handle_t *)&srv->http);
+    close_if_open((uv_handle_t *)&srv->flusher);
+    close_if_open((uv_handle_t *)&srv->sweeper);
+    close_if_open((uv_handle_t *)&srv->drain_timer);
+    close_if_open((uv_handle_t *)&srv->sigterm);
+    close_if_open((uv_handle_t *)&srv->sigint);
+}
+
+static void check_drained(kvs_server_t *srv) {
+    if (!srv->draining || srv->stopped || srv->inflight)
+        return;
+    for (kvs__conn_t *c = srv->conns; c; c = c->next)
+        if (!c->closing && (c->out_len || c->writes))
+            return; /* answers still on their way out */
+    kvs__log(KVS__LOG_INFO, "drained", "connections=%u", srv->n_conns);
+    stop_everything(srv);
+}
+
+static void on_drain_timeout(uv_timer_t *t) {
+    kvs_server_t *srv = t->data;
+    kvs__log(KVS__LOG_WARN, "drain_timeout",
+             "inflight=%llu timeout_ms=%u (closing connections; running "
+             "engine calls still finish)",
+             (unsigned long long)srv->inflight, srv->cfg->shutdown_timeout_ms);
+    stop_everything(srv);
+}
+
+void kvs_server_shutdown(kvs_server_t *srv) {
+    if (srv->draining)
+        return;
+    srv->draining = true;
+    kvs__log(KVS__LOG_INFO, "shutdown_begin", "inflight=%llu connections=%u",
+             (unsigned long long)srv->inflight, srv->n_conns);
+    /* Stop taking connections at once, so a restarted daemon can bind. */
+    for (int i = 0; i < srv->n_tcp; i++)
+        close_if_open((uv_handle_t *)&srv->tcp[i]);
+    if (srv->have_unix)
+        close_if_open((uv_handle_t *)&srv->unix_listener);
+    for (kvs__conn_t *c = srv->conns; c; c = c->next)
+        conn_update_reading(c);
+    if (srv->cfg->shutdown_timeout_ms)
+        uv_timer_start(&srv->drain_timer, on_drain_timeout,
+                       srv->cfg->shutdown_timeout_ms, 0);
+    check_drained(srv);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+    kvs_server_t *srv = s->data;
+    kvs__log(KVS__LOG_INFO, "signal", "signal=%s",
+             signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    kvs_server_shutdown(srv);
+}
+
+/* systemd readiness without libsystemd: one datagram to $NOTIFY_SOCKET. */
+static void sd_notify_send(const char *msg) {
+    const char *path = getenv("NOTIFY_SOCKET");
+    if (!path || !path[0])
+        return;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    size_t n = strlen(path);
+    if (n >= sizeof(sa.sun_path))
+        return;
+    memcpy(sa.sun_path, path, n);
+    if (sa.sun_path[0] == '@') /* abstract namespace */
+        sa.sun_path[0] = 0;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+    if (sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa,
+               len) < 0)
+        kvs__log(KVS__LOG_WARN, "sd_notify_failed", "err=%s",
+                 strerror(errno));
+    close(fd);
+}
+
+/* ------------------------------------------------------------- lifecycle */
+
+int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
+    kvs_server_t *srv = calloc(1, sizeof(*srv));
+    if (!srv)
+        return KVS_ENOMEM;
+    srv->cfg = cfg;
+    srv->start_ns = uv_hrtime();
+    srv->limits.max_head_dim = cfg->max_head_dim;
+    srv->limits.max_tokens_per_append = cfg->max_tokens_per_append;
+    for (size_t i = 0; i < 64; i++)
+        pthread_rwlock_init(&srv->seq_locks[i], NULL);
+    if (cfg->node_id[0])
+        snprintf(srv->node_id, sizeof(srv->node_id), "%s", cfg->node_id);
+    else if (gethostname(srv->node_id, sizeof(srv->node_id) - 1))
+        snprintf(srv->node_id, sizeof(srv->node_id), "kvstored");
+    int rc = uv_loop_init(&srv->loop);
+    if (rc) {
+        free(srv);
+        return rc;
+    }
+
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.data_dir = cfg->data_dir[0] ? cfg->data_dir : NULL;
+    o.n_threads = cfg->engine_threads;
+    if (cfg->build_threads)
+        o.n_build_threads = cfg->build_threads;
+    if (cfg->segment_tokens)
+        o.segment_tokens = cfg->segment_tokens;
+    if (cfg->cluster_tokens)
+        o.cluster_tokens = cfg->cluster_tokens;
+    uint64_t t0 = uv_hrtime();
+    rc = kvs_store_open(&o, &srv->store);
+    if (rc) {
+        char q[300];
+        kvs__log(KVS__LOG_ERROR, "store_open_failed",
+                 "data_dir=%s status=%s msg=%s",
+                 cfg->data_dir[0] ? cfg->data_dir : "(memory)",
+                 kvs_err_name(rc),
+                 kvs__logq(q, sizeof(q), kvs_strerror(rc)));
+        goto err;
+    }
+    kvs_store_stats_t st;
+    memset(&st, 0, sizeof(st));
+    kvs_store_stats(srv->store, &st);
+    kvs__log(KVS__LOG_INFO, "store_open",
+             "data_dir=%s sequences=%llu seconds=%.3f",
+             cfg->data_dir[0] ? cfg->data_dir : "(memory)",
+             (unsigned long long)st.sequences,
+             (double)(uv_hrtime() - t0) / 1e9);
+
+    uv_check_init(&srv->loop, &srv->flusher);
+    srv->flusher.data = srv;
+    uv_check_start(&srv->flusher, on_flush_check);
+    uv_unref((uv_handle_t *)&srv->flusher);
+    uv_timer_init(&srv->loop, &srv->sweeper);
+    srv->sweeper.data = srv;
+    if (cfg->idle_timeout_ms) {
+        uint64_t every = cfg->idle_timeout_ms / 4;
+        if (every < 10)
+            every = 10;
+        if (every > 1000)
+            every = 1000;
+        uv_timer_start(&srv->sweeper, on_sweep, every, every);
+    }
+    uv_timer_init(&srv->loop, &srv->drain_timer);
+    srv->drain_timer.data = srv;
+    uv_signal_init(&srv->loop, &srv->sigterm);
+    uv_signal_init(&srv->loop, &srv->sigint);
+    srv->sigterm.data = srv->sigint.data = srv;
+    uv_signal_start(&srv->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&srv->sigint, on_signal, SIGINT);
+
+    if (cfg->bind[0] && (rc = listen_all_tcp(srv)))
+        goto err;
+    if (cfg->unix_socket[0] && (rc = listen_unix(srv)))
+        goto err;
+    if (cfg->http_bind[0] && (rc = kvs__http_start(srv)))
+        goto err;
+    if (cfg->port_file[0] && (rc = write_port_file(srv))) {
+        kvs__log(KVS__LOG_ERROR, "port_file_failed", "path=%s err=%s",
+                 cfg->port_file, kvs_err_name(rc));
+        goto err;
+    }
+    *out = srv;
+    return 0;
+err:
+    stop_everything(srv);
+    uv_run(&srv->loop, UV_RUN_DEFAULT);
+    kvs_store_close(srv->store);
+    uv_loop_close(&srv->loop);
+    free(srv);
+    return rc;
+}
+
+int kvs_server_run(kvs_server_t *srv) {
+    kvs__log(KVS__LOG_INFO, "ready",
+             "port=%d http_port=%d node=%s version=%s pid=%d", srv->port,
+             srv->http_port, srv->node_id, KVS_SERVER_VERSION, (int)getpid());
+    sd_notify_send("READY=1\nSTATUS=serving");
+    uv_run(&srv->loop, UV_RUN_DEFAULT);
+    sd_notify_send("STOPPING=1");
+    uint64_t t0 = uv_hrtime();
+    kvs_store_close(srv->store);
+    srv->store = NULL;
+    kvs__log(KVS__LOG_INFO, "store_closed", "seconds=%.3f",
+             (double)(uv_hrtime() - t0) / 1e9);
+    return 0;
+}
+
+void kvs_server_free(kvs_server_t *srv) {
+    if (!srv)
+        return;
+    if (!srv->stopped) {
+        stop_everything(srv);
+        uv_run(&srv->loop, UV_RUN_DEFAULT);
+    }
+    kvs_store_close(srv->store);
+    uv_loop_close(&srv->loop);
+    for (size_t i = 0; i < 64; i++)
+        pthread_rwlock_destroy(&srv->seq_locks[i]);
+    free(srv);
+}

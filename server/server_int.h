@@ -1,0 +1,151 @@
+/*
+ * server_int.h: private to server/. The server and connection structs, the
+ * logger, metrics, the worker-side op execution and the HTTP endpoint, shared
+ * between the files of the daemon and nothing else.
+ *
+ * Threading model: everything in kvs_server_t and kvs__conn_t is owned by the
+ * loop thread. Workers (uv_queue_work) only see a kvs__work_t: the decoded
+ * request, the store, a read-only copy of the limits, and write their encoded
+ * response frame into it; after_work hands that back to the loop thread.
+ */
+#ifndef KVS_SERVER_INT_H
+#define KVS_SERVER_INT_H
+
+#include "kvs_frame.h"
+#include "kvs_server.h"
+#include "kvstore.h"
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#define KVS_SERVER_VERSION "0.1.0"
+
+/* ---------------------------------------------------------------- logging */
+
+enum { KVS__LOG_DEBUG, KVS__LOG_INFO, KVS__LOG_WARN, KVS__LOG_ERROR };
+
+void kvs__log_set_level(const char *level);
+/* One line: `ts=... level=... event=EVENT ` + fields formatted by fmt
+ * (logfmt `key=value` pairs; use kvs__logq() for values with spaces). */
+void kvs__log(int level, const char *event, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Quote `s` for a logfmt value into buf (always NUL-terminated). */
+const char *kvs__logq(char *buf, size_t len, const char *s);
+
+/* ---------------------------------------------------------------- metrics */
+
+/* Ops as counted by metrics: the request op case (1..11), 0 for frames that
+ * never became a request. */
+#define KVS__N_OPS 12
+/* Histogram bucket upper bounds in seconds; the +Inf bucket is implicit. */
+#define KVS__N_BUCKETS 14
+/* Error statuses: index 1..N for KVS_E* codes, 0 for -errno and others. */
+#define KVS__N_STATUS 32
+
+typedef struct kvs__metrics_s {
+    uint64_t requests[KVS__N_OPS];
+    uint64_t errors[KVS__N_OPS][KVS__N_STATUS];
+    uint64_t hist[KVS__N_OPS][KVS__N_BUCKETS + 1];
+    double seconds_sum[KVS__N_OPS];
+    uint64_t bytes_in, bytes_out;
+    uint64_t connections_total, connections_refused, protocol_errors;
+    uint64_t auth_failures, idle_closed;
+} kvs__metrics_t;
+
+void kvs__metrics_observe(kvs__metrics_t *m, int op, int status,
+                          double seconds);
+
+/* ----------------------------------------------------------------- server */
+
+typedef struct kvs__conn_s kvs__conn_t;
+
+struct kvs__conn_s {
+    union {
+        uv_handle_t handle;
+        uv_stream_t stream;
+        uv_tcp_t tcp;
+        uv_pipe_t pipe;
+    } h;
+    kvs_server_t *srv;
+    kvs__conn_t *prev, *next;       /* srv->conns */
+    kvs__conn_t *flush_next;        /* srv->flush_list */
+    kvs_frame_reader_t rd;
+    uint64_t id;
+    char peer[80];
+    uint32_t inflight;              /* requests on the worker pool */
+    uint32_t writes;                /* uv_write requests pending */
+    uint64_t last_active;           /* uv_now() of the last byte or answer */
+    uint8_t *out;                   /* responses waiting for the next flush */
+    size_t out_len, out_cap;
+    bool reading;
+    bool in_flush_list;
+    bool authed;
+    bool fatal;                     /* answer what is in flight, then close */
+    bool refused;                   /* over max_connections: not counted */
+    bool closing;                   /* uv_close called */
+    bool closed;                    /* close callback ran */
+};
+
+struct kvs_server_s {
+    const kvs_server_config_t *cfg;
+    uv_loop_t loop;
+    kvs_store_t *store;
+    uv_tcp_t tcp[8];
+    int n_tcp;
+    uv_pipe_t unix_listener;
+    bool have_unix;
+    uv_tcp_t http;
+    bool have_http;
+    int port, http_port;
+    uv_signal_t sigterm, sigint;
+    uv_check_t flusher;
+    uv_timer_t sweeper;  /* idle timeouts */
+    uv_timer_t drain_timer;
+    kvs__conn_t *conns;
+    kvs__conn_t *flush_list;
+    uint32_t n_conns;     /* accepted and counted (not refused) */
+    uint64_t next_conn_id;
+    uint64_t inflight;    /* across connections */
+    bool draining;
+    bool stopped;         /* handles closed */
+    uint64_t start_ns;
+    kvs_frame_limits_t limits;
+    char node_id[128];
+    kvs__metrics_t m;
+    /* Create/drop take a stripe for writing; ops that size buffers from a
+     * sequence's geometry take it for reading, so that geometry cannot
+     * change between the info call and the engine call. */
+    pthread_rwlock_t seq_locks[64];
+};
+
+/* Work item for one request on the worker pool. */
+typedef struct kvs__work_s {
+    uv_work_t req;
+    kvs__conn_t *conn;
+    kvs_server_t *srv;
+    Kvs__V1__Request *msg;
+    uint64_t request_id;
+    int op;
+    uint64_t t0;           /* uv_hrtime at dispatch */
+    int status;
+    uint8_t *frame;        /* encoded response */
+    size_t frame_len;
+    /* Server-side fields of a Stats answer, snapshot on the loop thread. */
+    uint64_t snap_connections, snap_requests, snap_inflight, snap_in,
+        snap_out;
+} kvs__work_t;
+
+/* Worker side: run w->msg against the store and encode w->frame. */
+void kvs__op_run(kvs__work_t *w);
+
+/* Encode an error-only response frame; NULL on ENOMEM. */
+uint8_t *kvs__error_frame(uint64_t request_id, uint16_t flags, int status,
+                          const char *message, size_t *len);
+
+/* HTTP endpoint (http.c). */
+int kvs__http_start(kvs_server_t *srv);
+void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len);
+
+#endif /* KVS_SERVER_INT_H */
