@@ -1,0 +1,580 @@
+/*
+ * segment.c: builds one wave-index segment from a run of keys and values.
+ *
+ * The keys are converted to fp32 and centred on the segment's mean key:
+ * attention keys share a large common component, and without centring every
+ * key's inner product with every centroid is dominated by it, so spherical
+ * k-means would cluster on noise. Centring is used for the assignment only;
+ * what the segment stores (keys, centroids) is raw. Spherical
+ * maximum-inner-product k-means (normalised centroids, assignment by largest
+ * inner product; the algorithm of faiss::Clustering with spherical = 1, run
+ * here on sgemm, see seg_cluster) runs for `kmeans_iters` iterations; then
+ * every centred key is assigned once more to its best normalised centroid,
+ * and each centroid becomes the plain mean of its members' raw keys, which
+ * is what q.c must estimate at query time.
+ * Empty clusters are dropped, slots are counting-sorted by cluster (token
+ * order inside a cluster), and the adjustment tables described in
+ * kvs_index.h are filled by brute force over the members.
+ *
+ * Every array of a segment is its own malloc() block and kvs_segment_free()
+ * frees each with free(), so a loader can assemble a segment from storage
+ * with plain malloc() and release it the same way. docs/index.md has the
+ * details.
+ */
+#include "index/kvs_index.h"
+
+#include "kernels/kvs_kernels.h"
+
+#include <cblas.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+#include <assert.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Flags in kvs_segment_t.adj_flags. */
+#define SEG_ADJ_ALWAYS 1u
+#define SEG_ADJ_LAST 2u
+
+static int seg_fail(char *err, size_t errlen, int code, const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+/* L2-normalise rows in place; zero rows stay zero (they score 0 against
+ * every key, which is harmless and avoids a division by zero). */
+static void seg_normalize_rows(float *x, size_t rows, uint32_t d) {
+    for (size_t i = 0; i < rows; i++) {
+        float *r = x + i * d;
+        double s = 0;
+        for (uint32_t j = 0; j < d; j++)
+            s += (double)r[j] * r[j];
+        if (s > 0) {
+            float inv = (float)(1.0 / sqrt(s));
+            for (uint32_t j = 0; j < d; j++)
+                r[j] *= inv;
+        }
+    }
+}
+
+/* Index of the largest of x[0..n), the first one on ties. */
+static uint32_t seg_argmax(const float *x, uint32_t n, float *best) {
+#ifdef __SSE2__
+    if (n >= 8) {
+        __m128 m0 = _mm_loadu_ps(x), m1 = _mm_loadu_ps(x + 4);
+        uint32_t i = 8;
+        for (; i + 8 <= n; i += 8) {
+            m0 = _mm_max_ps(m0, _mm_loadu_ps(x + i));
+            m1 = _mm_max_ps(m1, _mm_loadu_ps(x + i + 4));
+        }
+        float l[4];
+        _mm_storeu_ps(l, _mm_max_ps(m0, m1));
+        float m = l[0];
+        for (int j = 1; j < 4; j++)
+            m = l[j] > m ? l[j] : m;
+        for (; i < n; i++)
+            m = x[i] > m ? x[i] : m;
+        __m128 mv = _mm_set1_ps(m);
+        uint32_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            int mask = _mm_movemask_ps(_mm_cmpeq_ps(_mm_loadu_ps(x + j), mv));
+            if (mask) {
+                *best = m;
+                return j + (uint32_t)__builtin_ctz((unsigned)mask);
+            }
+        }
+        for (; j < n; j++)
+            if (x[j] == m)
+                break;
+        *best = m;
+        return j < n ? j : 0;
+    }
+#endif
+    uint32_t bi = 0;
+    for (uint32_t i = 1; i < n; i++)
+        if (x[i] > x[bi])
+            bi = i;
+    *best = x[bi];
+    return bi;
+}
+
+/*
+ * label[i] = the centroid with the largest inner product with xc[i], score[i]
+ * that product. One sgemm per block of rows, sized so the block of scores
+ * stays in cache while it is reduced.
+ */
+static void seg_assign(const float *xc, uint32_t n, uint32_t d,
+                       const float *cent, uint32_t k, float *buf,
+                       uint32_t brows, uint32_t *label, float *score) {
+    for (uint32_t i0 = 0; i0 < n; i0 += brows) {
+        uint32_t b = n - i0 < brows ? n - i0 : brows;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)b, (int)k,
+                    (int)d, 1.0f, xc + (size_t)i0 * d, (int)d, cent, (int)d,
+                    0.0f, buf, (int)k);
+        for (uint32_t i = 0; i < b; i++)
+            label[i0 + i] = seg_argmax(buf + (size_t)i * k, k, &score[i0 + i]);
+    }
+}
+
+/* splitmix64: a tiny seeded generator, the same on every platform. */
+static uint64_t seg_rng(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Rows per sgemm block: about 2 MiB of scores, at least 64 rows. */
+static uint32_t seg_block_rows(uint32_t n, uint32_t k) {
+    uint32_t b = (1u << 19) / k;
+    if (b < 64)
+        b = 64;
+    return b < n ? b : n;
+}
+
+/*
+ * Spherical maximum-inner-product k-means of the centred keys xc [n][d] into
+ * k clusters, then the final assignment: label[i] receives key i's cluster
+ * in [0, k) against the last normalised centroids.
+ *
+ * Centroids start as k distinct keys picked by the seed. Each iteration
+ * assigns every key to its best centroid (by inner product), sets each
+ * centroid to the normalised sum of its members and re-seeds every empty
+ * cluster with the key that gains most from a centroid of its own
+ * (|x| - x.c, distinct keys for distinct clusters). Clusters can still end
+ * up empty after the final assignment; the caller drops them.
+ *
+ * Written on cblas_sgemm rather than faiss::Clustering (which is the same
+ * algorithm): FAISS's OpenMP loops and OpenBLAS's own threads spin against
+ * each other on a small machine, and FAISS reduces a whole block of scores
+ * after writing it; see docs/index.md for the measurements.
+ */
+static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
+                       uint32_t k, const float *xc, uint32_t *label,
+                       float *score, char *err, size_t errlen) {
+    uint32_t brows = seg_block_rows(n, k);
+    float *cent = malloc(sizeof(*cent) * (size_t)k * d);
+    double *sum = malloc(sizeof(*sum) * (size_t)k * d);
+    float *buf = malloc(sizeof(*buf) * (size_t)brows * k);
+    uint32_t *perm = malloc(sizeof(*perm) * n);
+    uint32_t *cnt = malloc(sizeof(*cnt) * k);
+    float *norm = malloc(sizeof(*norm) * n);
+    uint32_t *prev = malloc(sizeof(*prev) * n);
+    int reseeded = 0;
+    int rc = 0;
+
+    if (!cent || !sum || !buf || !perm || !cnt || !norm || !prev) {
+        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        double s = 0;
+        for (uint32_t j = 0; j < d; j++)
+            s += (double)xc[(size_t)i * d + j] * xc[(size_t)i * d + j];
+        norm[i] = (float)sqrt(s);
+    }
+
+    /* Partial Fisher-Yates: k distinct keys. */
+    uint64_t st = p->seed;
+    for (uint32_t i = 0; i < n; i++)
+        perm[i] = i;
+    for (uint32_t i = 0; i < k; i++) {
+        uint32_t j = i + (uint32_t)(seg_rng(&st) % (n - i));
+        uint32_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+        memcpy(cent + (size_t)i * d, xc + (size_t)perm[i] * d,
+               sizeof(*cent) * d);
+    }
+    seg_normalize_rows(cent, k, d);
+
+    for (uint32_t it = 0; it < p->kmeans_iters; it++) {
+        seg_assign(xc, n, d, cent, k, buf, brows, label, score);
+        /* Same labels as last time and no re-seeding: the centroids would
+         * come out unchanged, so every later assignment (the final one
+         * included) would repeat this one. Stopping is exact. */
+        int changed = it == 0 || reseeded;
+        for (uint32_t i = 0; i < n && !changed; i++)
+            changed = label[i] != prev[i];
+        if (!changed)
+            goto out;
+        memcpy(prev, label, sizeof(*prev) * n);
+        reseeded = 0;
+        memset(sum, 0, sizeof(*sum) * (size_t)k * d);
+        memset(cnt, 0, sizeof(*cnt) * k);
+        for (uint32_t i = 0; i < n; i++) {
+            double *s = sum + (size_t)label[i] * d;
+            const float *x = xc + (size_t)i * d;
+            for (uint32_t j = 0; j < d; j++)
+                s[j] += x[j];
+            cnt[label[i]]++;
+        }
+        for (uint32_t c = 0; c < k; c++) {
+            if (cnt[c] == 0) {
+                /* Re-seed with the key that gains most; score[] of a key
+                 * taken here is set to its norm so it is not taken twice. */
+                uint32_t bi = 0;
+                float bg = -1.0f;
+                for (uint32_t i = 0; i < n; i++) {
+                    float g = norm[i] - score[i];
+                    if (g > bg) {
+                        bg = g;
+                        bi = i;
+                    }
+                }
+                score[bi] = norm[bi];
+                reseeded = 1;
+                for (uint32_t j = 0; j < d; j++)
+                    cent[(size_t)c * d + j] = xc[(size_t)bi * d + j];
+                continue;
+            }
+            for (uint32_t j = 0; j < d; j++)
+                cent[(size_t)c * d + j] = (float)sum[(size_t)c * d + j];
+        }
+        seg_normalize_rows(cent, k, d);
+    }
+    seg_assign(xc, n, d, cent, k, buf, brows, label, score);
+out:
+    free(cent);
+    free(sum);
+    free(buf);
+    free(perm);
+    free(cnt);
+    free(norm);
+    free(prev);
+    return rc;
+}
+/* Mean (in double) of rows src[slot] for slots in [lo, hi) whose `skip`
+ * entry is 0 (all when skip is NULL), stored to dst [d] in `dtype`. Returns
+ * the number of rows averaged; zeros are stored when it is 0. */
+static uint32_t seg_mean_rows(kvs_dtype_t dtype, uint32_t d, const float *src,
+                              uint32_t lo, uint32_t hi, const uint8_t *skip,
+                              double *acc, float *tmp, void *dst) {
+    uint32_t cnt = 0;
+    memset(acc, 0, sizeof(*acc) * d);
+    for (uint32_t s = lo; s < hi; s++) {
+        if (skip && skip[s])
+            continue;
+        const float *r = src + (size_t)s * d;
+        for (uint32_t j = 0; j < d; j++)
+            acc[j] += r[j];
+        cnt++;
+    }
+    for (uint32_t j = 0; j < d; j++)
+        tmp[j] = cnt ? (float)(acc[j] / cnt) : 0.0f;
+    kvs_from_f32(dtype, tmp, dst, d);
+    return cnt;
+}
+
+static void seg_adj_free(kvs_cluster_adj_t *a) {
+    free(a->cluster);
+    free(a->count);
+    free(a->value_means);
+    memset(a, 0, sizeof(*a));
+}
+
+/*
+ * Fill one adjustment table: every cluster with a member whose `steady`
+ * entry (indexed by slot) is set, with the count and value mean of its
+ * other members. vals is the fp32 values in slot order.
+ */
+static int seg_adj_build(kvs_segment_t *seg, const uint8_t *steady,
+                         const float *vals, uint8_t flag, kvs_cluster_adj_t *a,
+                         double *acc, float *tmp) {
+    size_t row = kvs_dtype_size(seg->dtype) * seg->d;
+    uint32_t m = 0;
+
+    for (uint32_t c = 0; c < seg->n_clusters; c++) {
+        for (uint32_t s = seg->offsets[c]; s < seg->offsets[c + 1]; s++) {
+            if (steady[s]) {
+                seg->adj_flags[c] |= flag;
+                m++;
+                break;
+            }
+        }
+    }
+    a->n = m;
+    if (m == 0)
+        return 0;
+    a->cluster = malloc(sizeof(*a->cluster) * m);
+    a->count = malloc(sizeof(*a->count) * m);
+    a->value_means = malloc(row * m);
+    if (!a->cluster || !a->count || !a->value_means)
+        return KVS_ENOMEM;
+    uint32_t i = 0;
+    for (uint32_t c = 0; c < seg->n_clusters; c++) {
+        if (!(seg->adj_flags[c] & flag))
+            continue;
+        a->cluster[i] = c;
+        a->count[i] = seg_mean_rows(seg->dtype, seg->d, vals, seg->offsets[c],
+                                    seg->offsets[c + 1], steady, acc, tmp,
+                                    (char *)a->value_means + row * i);
+        i++;
+    }
+    assert(i == m);
+    return 0;
+}
+
+void kvs_segment_free(kvs_segment_t *seg) {
+    if (!seg)
+        return;
+    free(seg->offsets);
+    free(seg->positions);
+    free(seg->keys);
+    free(seg->values);
+    free(seg->centroids);
+    free(seg->value_means);
+    free(seg->counts);
+    free(seg->adj_flags);
+    seg_adj_free(&seg->adj_always);
+    seg_adj_free(&seg->adj_last);
+    free(seg);
+}
+
+int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                      uint32_t d, uint64_t first_pos, uint32_t n,
+                      const void *keys, const void *values, kvs_segment_t **out,
+                      char *err, size_t errlen) {
+    size_t esz = kvs_dtype_size(dtype);
+    float *kf = NULL, *xc = NULL, *tmp = NULL;
+    double *acc = NULL;
+    uint32_t *label = NULL;
+    float *score = NULL;
+    uint32_t *cnt = NULL, *remap = NULL, *fill = NULL;
+    uint8_t *steady = NULL;
+    kvs_segment_t *seg = NULL;
+    int rc;
+
+    if (err && errlen)
+        err[0] = '\0';
+    if (!params || !keys || !values || !out)
+        return seg_fail(err, errlen, KVS_EINVAL, "NULL argument");
+    *out = NULL;
+    if (esz == 0)
+        return seg_fail(err, errlen, KVS_EINVAL, "unknown dtype %d",
+                        (int)dtype);
+    if (n == 0 || d == 0)
+        return seg_fail(err, errlen, KVS_EINVAL, "empty segment (n=%u d=%u)", n,
+                        d);
+    if (n <= params->window_tokens)
+        return seg_fail(err, errlen, KVS_EINVAL,
+                        "segment of %u tokens does not exceed the window "
+                        "of %u",
+                        n, params->window_tokens);
+    if (params->cluster_tokens == 0)
+        return seg_fail(err, errlen, KVS_EINVAL, "cluster_tokens is 0");
+    /* cblas takes int dimensions. */
+    if (d > INT_MAX || n > INT_MAX)
+        return seg_fail(err, errlen, KVS_EINVAL, "segment too large");
+
+    size_t nd = (size_t)n * d;
+    uint32_t k = (uint32_t)(((uint64_t)n + params->cluster_tokens / 2) /
+                            params->cluster_tokens);
+    if (k == 0)
+        k = 1;
+    assert(k <= n);
+
+    kf = malloc(sizeof(*kf) * nd);
+    xc = malloc(sizeof(*xc) * nd);
+    acc = malloc(sizeof(*acc) * d);
+    tmp = malloc(sizeof(*tmp) * d);
+    label = malloc(sizeof(*label) * n);
+    score = malloc(sizeof(*score) * n);
+    cnt = calloc(k, sizeof(*cnt));
+    remap = malloc(sizeof(*remap) * k);
+    fill = malloc(sizeof(*fill) * (k + 1));
+    steady = malloc(n);
+    seg = calloc(1, sizeof(*seg));
+    if (!kf || !xc || !acc || !tmp || !label || !score || !cnt || !remap ||
+        !fill || !steady || !seg) {
+        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        goto fail;
+    }
+
+    /* Centre the keys (for the assignment only). */
+    kvs_to_f32(dtype, keys, kf, nd);
+    if (!kvs_all_finite(KVS_DTYPE_F32, kf, nd)) {
+        rc = seg_fail(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
+        goto fail;
+    }
+    memset(acc, 0, sizeof(*acc) * d);
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t j = 0; j < d; j++)
+            acc[j] += kf[(size_t)i * d + j];
+    for (uint32_t j = 0; j < d; j++)
+        tmp[j] = (float)(acc[j] / n);
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t j = 0; j < d; j++)
+            xc[(size_t)i * d + j] = kf[(size_t)i * d + j] - tmp[j];
+
+    if (k == 1) {
+        memset(label, 0, sizeof(*label) * n);
+    } else {
+        rc = seg_cluster(params, d, n, k, xc, label, score, err, errlen);
+        if (rc)
+            goto fail;
+    }
+
+    /* Drop empty clusters, keeping the survivors in k-means order. */
+    for (uint32_t i = 0; i < n; i++)
+        cnt[label[i]]++;
+    uint32_t nc = 0;
+    for (uint32_t c = 0; c < k; c++)
+        remap[c] = cnt[c] ? nc++ : UINT32_MAX;
+
+    seg->dtype = dtype;
+    seg->d = d;
+    seg->first_pos = first_pos;
+    seg->n_tokens = n;
+    seg->n_clusters = nc;
+    seg->offsets = malloc(sizeof(*seg->offsets) * (nc + 1));
+    seg->positions = malloc(sizeof(*seg->positions) * n);
+    seg->keys = malloc(esz * nd);
+    seg->values = malloc(esz * nd);
+    seg->centroids = malloc(esz * d * nc);
+    seg->value_means = malloc(esz * d * nc);
+    seg->counts = malloc(sizeof(*seg->counts) * nc);
+    seg->adj_flags = calloc(nc, 1);
+    if (!seg->offsets || !seg->positions || !seg->keys || !seg->values ||
+        !seg->centroids || !seg->value_means || !seg->counts ||
+        !seg->adj_flags) {
+        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        goto fail;
+    }
+
+    /* Counting sort; a stable one, so members stay in token order. */
+    seg->offsets[0] = 0;
+    for (uint32_t c = 0; c < k; c++) {
+        if (remap[c] == UINT32_MAX)
+            continue;
+        seg->counts[remap[c]] = cnt[c];
+        seg->offsets[remap[c] + 1] = seg->offsets[remap[c]] + cnt[c];
+    }
+    assert(seg->offsets[nc] == n);
+    memcpy(fill, seg->offsets, sizeof(*fill) * nc);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t s = fill[remap[label[i]]]++;
+        seg->positions[s] = i;
+        memcpy((char *)seg->keys + (size_t)s * d * esz,
+               (const char *)keys + (size_t)i * d * esz, d * esz);
+        memcpy((char *)seg->values + (size_t)s * d * esz,
+               (const char *)values + (size_t)i * d * esz, d * esz);
+    }
+
+    /* Centroids: raw key means; xc now holds the raw keys in slot order. */
+    for (uint32_t s = 0; s < n; s++)
+        memcpy(xc + (size_t)s * d, kf + (size_t)seg->positions[s] * d,
+               sizeof(*xc) * d);
+    for (uint32_t c = 0; c < nc; c++)
+        seg_mean_rows(dtype, d, xc, seg->offsets[c], seg->offsets[c + 1], NULL,
+                      acc, tmp, (char *)seg->centroids + esz * d * c);
+
+    /* Value means, from fp32 values in slot order (xc again). */
+    kvs_to_f32(dtype, seg->values, xc, nd);
+    for (uint32_t c = 0; c < nc; c++)
+        seg_mean_rows(dtype, d, xc, seg->offsets[c], seg->offsets[c + 1], NULL,
+                      acc, tmp, (char *)seg->value_means + esz * d * c);
+
+    /* Adjustment tables: sinks, then sinks plus the segment's last window. */
+    for (uint32_t s = 0; s < n; s++)
+        steady[s] = first_pos + seg->positions[s] < params->sink_tokens;
+    rc = seg_adj_build(seg, steady, xc, SEG_ADJ_ALWAYS, &seg->adj_always, acc,
+                       tmp);
+    if (rc == 0) {
+        uint32_t win_lo = n - params->window_tokens;
+        for (uint32_t s = 0; s < n; s++)
+            steady[s] |= seg->positions[s] >= win_lo;
+        rc = seg_adj_build(seg, steady, xc, SEG_ADJ_LAST, &seg->adj_last, acc,
+                           tmp);
+    }
+    if (rc) {
+        rc = seg_fail(err, errlen, rc, "out of memory");
+        goto fail;
+    }
+
+    *out = seg;
+    seg = NULL;
+    rc = 0;
+fail:
+    kvs_segment_free(seg);
+    free(kf);
+    free(xc);
+    free(acc);
+    free(tmp);
+    free(label);
+    free(score);
+    free(cnt);
+    free(remap);
+    free(fill);
+    free(steady);
+    return rc;
+}
+
+static size_t seg_adj_bytes(const kvs_cluster_adj_t *a, size_t row) {
+    return (size_t)a->n * (sizeof(*a->cluster) + sizeof(*a->count) + row);
+}
+
+size_t kvs_segment_index_bytes(const kvs_segment_t *seg) {
+    if (!seg)
+        return 0;
+    size_t row = kvs_dtype_size(seg->dtype) * seg->d;
+    size_t nc = seg->n_clusters;
+    return sizeof(*seg) + sizeof(*seg->offsets) * (nc + 1) +
+           sizeof(*seg->positions) * seg->n_tokens + 2 * row * nc +
+           sizeof(*seg->counts) * nc + sizeof(*seg->adj_flags) * nc +
+           seg_adj_bytes(&seg->adj_always, row) +
+           seg_adj_bytes(&seg->adj_last, row);
+}
+
+size_t kvs_segment_bytes(const kvs_segment_t *seg) {
+    if (!seg)
+        return 0;
+    size_t row = kvs_dtype_size(seg->dtype) * seg->d;
+    return kvs_segment_index_bytes(seg) + 2 * row * seg->n_tokens;
+}
+
+/* Index of cluster c in a (which lists it: the caller checked the flag). */
+static uint32_t seg_adj_find(const kvs_cluster_adj_t *a, uint32_t c) {
+    uint32_t lo = 0, hi = a->n;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (a->cluster[mid] < c)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    assert(lo < a->n && a->cluster[lo] == c);
+    return lo;
+}
+
+uint32_t kvs_segment_cluster_view(const kvs_segment_t *seg, uint32_t c,
+                                  int is_last, const void **value_mean) {
+    assert(seg && c < seg->n_clusters);
+    size_t row = kvs_dtype_size(seg->dtype) * seg->d;
+    const kvs_cluster_adj_t *a = NULL;
+
+    if (is_last && (seg->adj_flags[c] & SEG_ADJ_LAST))
+        a = &seg->adj_last;
+    else if (seg->adj_flags[c] & SEG_ADJ_ALWAYS)
+        a = &seg->adj_always;
+    if (a) {
+        uint32_t i = seg_adj_find(a, c);
+        if (value_mean)
+            *value_mean = (const char *)a->value_means + row * i;
+        return a->count[i];
+    }
+    if (value_mean)
+        *value_mean = (const char *)seg->value_means + row * c;
+    return seg->counts[c];
+}
