@@ -40,8 +40,8 @@ static int fail(op_ctx_t *c, int code, const char *fmt, ...) {
 /* The engine's own detail for its last failure on this thread. */
 static int engine_fail(op_ctx_t *c, int rc, const char *what) {
     const char *detail = kvs_store_errmsg(c->store);
-    return fail(c, rc, "%s: %s%s%s", what, kvs_strerror(rc),
-                detail && *detail ? ": " : "", detail ? detail : "");
+    return fail(c, rc, "%s: %s", what,
+                detail && *detail ? detail : kvs_strerror(rc));
 }
 
 static pthread_rwlock_t *seq_lock(kvs_server_t *srv, uint64_t seq) {

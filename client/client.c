@@ -1,0 +1,1131 @@
+/*
+ * client.c: libkvsclient. Plain non-blocking sockets and poll(2), one
+ * connection per daemon, no threads: the library only does work inside
+ * kvs_client_submit(), kvs_client_poll() and the synchronous calls, so an
+ * inference engine can drive it from its own loop.
+ *
+ * Per node, ops in flight are kept twice: in an id -> op hash table to match
+ * answers (which arrive in completion order), and in a list in submission
+ * order, whose head has the earliest deadline because every op gets the same
+ * timeout. Completed ops wait in the client's done list until polled.
+ */
+#include "kvs_client.h"
+#include "kvs_frame.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_NODES 256
+
+typedef struct wframe_s {
+    uint8_t *buf;
+    size_t len, off;
+    struct wframe_s *next;
+} wframe_t;
+
+typedef struct node_s {
+    char addr[256];
+    bool is_unix;
+    char host[256];
+    char port[16];
+    uint64_t hash; /* of addr, for rendezvous hashing */
+    int fd;        /* -1 when not connected */
+    kvs_frame_reader_t rd;
+    wframe_t *wq_head, *wq_tail;
+    /* In flight: table for lookup, list for deadlines. */
+    kvs_client_op_t **tab;
+    size_t tab_cap, tab_n;
+    kvs_client_op_t *fifo_head, *fifo_tail;
+    uint64_t hello_id;
+} node_t;
+
+struct kvs_client_s {
+    node_t *nodes;
+    size_t n_nodes;
+    char *auth_token;
+    char *client_name;
+    uint32_t connect_timeout_ms, request_timeout_ms, max_frame_bytes;
+    uint64_t next_id;
+    size_t pending; /* submitted, not yet returned by poll */
+    kvs_client_op_t *done_head, *done_tail;
+    char errmsg[512];
+};
+
+static int cfail(kvs_client_t *c, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int cfail(kvs_client_t *c, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->errmsg, sizeof(c->errmsg), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static uint64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static uint64_t mix64(uint64_t x) { /* splitmix64 finaliser */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+
+static uint64_t fnv1a(const char *s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+/* --------------------------------------------------------- id hash table */
+
+static size_t slot_of(uint64_t id, size_t cap) {
+    return (size_t)(mix64(id) & (cap - 1));
+}
+
+static int tab_put(node_t *n, kvs_client_op_t *op) {
+    if ((n->tab_n + 1) * 2 > n->tab_cap) {
+        size_t cap = n->tab_cap ? n->tab_cap * 2 : 64;
+        kvs_client_op_t **t = calloc(cap, sizeof(*t));
+        if (!t)
+            return KVS_ENOMEM;
+        for (size_t i = 0; i < n->tab_cap; i++) {
+            kvs_client_op_t *o = n->tab[i];
+            if (!o)
+                continue;
+            size_t s = slot_of(o->id_, cap);
+            while (t[s])
+                s = (s + 1) & (cap - 1);
+            t[s] = o;
+        }
+        free(n->tab);
+        n->tab = t;
+        n->tab_cap = cap;
+    }
+    size_t s = slot_of(op->id_, n->tab_cap);
+    while (n->tab[s])
+        s = (s + 1) & (n->tab_cap - 1);
+    n->tab[s] = op;
+    n->tab_n++;
+    return 0;
+}
+
+/* Remove and return the op with `id`, or NULL. Backward-shift deletion keeps
+ * probe chains intact without tombstones. */
+static kvs_client_op_t *tab_take(node_t *n, uint64_t id) {
+    if (!n->tab_cap)
+        return NULL;
+    size_t mask = n->tab_cap - 1, s = slot_of(id, n->tab_cap);
+    while (n->tab[s] && n->tab[s]->id_ != id)
+        s = (s + 1) & mask;
+    kvs_client_op_t *op = n->tab[s];
+    if (!op)
+        return NULL;
+    n->tab[s] = NULL;
+    n->tab_n--;
+    size_t j = s;
+    for (;;) {
+        j = (j + 1) & mask;
+        kvs_client_op_t *o = n->tab[j];
+        if (!o)
+            break;
+        size_t home = slot_of(o->id_, n->tab_cap);
+        /* Move o back to the hole if its home is not in (s, j]. */
+        bool between = s <= j ? (home > s && home <= j)
+                              : (home > s || home <= j);
+        if (!between) {
+            n->tab[s] = o;
+            n->tab[j] = NULL;
+            s = j;
+        }
+    }
+    return op;
+}
+
+/* ---------------------------------------------------------- completion */
+
+static void fifo_remove(node_t *n, kvs_client_op_t *op) {
+    if (op->prev_)
+        op->prev_->next_ = op->next_;
+    else
+        n->fifo_head = op->next_;
+    if (op->next_)
+        op->next_->prev_ = op->prev_;
+    else
+        n->fifo_tail = op->prev_;
+    op->prev_ = op->next_ = NULL;
+}
+
+static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
+                     const char *msg) {
+    node_t *n = &c->nodes[op->node_];
+    fifo_remove(n, op);
+    op->status = status;
+    if (status)
+        snprintf(op->message, sizeof(op->message), "%s",
+                 msg && *msg ? msg : kvs_strerror(status));
+    op->done_ = true;
+    op->prev_ = c->done_tail;
+    op->next_ = NULL;
+    if (c->done_tail)
+        c->done_tail->next_ = op;
+    else
+        c->done_head = op;
+    c->done_tail = op;
+}
+
+static void done_remove(kvs_client_t *c, kvs_client_op_t *op) {
+    if (op->prev_)
+        op->prev_->next_ = op->next_;
+    else
+        c->done_head = op->next_;
+    if (op->next_)
+        op->next_->prev_ = op->prev_;
+    else
+        c->done_tail = op->prev_;
+    op->prev_ = op->next_ = NULL;
+    c->pending--;
+}
+
+/* Drop the connection; every op in flight on it completes with `status`. */
+static void node_fail(kvs_client_t *c, node_t *n, int status,
+                      const char *msg) {
+    if (n->fd >= 0)
+        close(n->fd);
+    n->fd = -1;
+    kvs_frame_reader_destroy(&n->rd);
+    while (n->wq_head) {
+        wframe_t *w = n->wq_head;
+        n->wq_head = w->next;
+        free(w->buf);
+        free(w);
+    }
+    n->wq_tail = NULL;
+    while (n->fifo_head) {
+        kvs_client_op_t *op = n->fifo_head;
+        tab_take(n, op->id_);
+        complete(c, op, status, msg);
+    }
+    n->hello_id = 0;
+}
+
+/* ------------------------------------------------------------ addresses */
+
+static int parse_addr(node_t *n, const char *a) {
+    if (strlen(a) >= sizeof(n->addr))
+        return KVS_EINVAL;
+    snprintf(n->addr, sizeof(n->addr), "%s", a);
+    n->hash = fnv1a(a);
+    if (!strncmp(a, "unix:", 5)) {
+        const char *p = a + 5;
+        if (!strncmp(p, "//", 2))
+            p += 2;
+        if (!*p || strlen(p) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+            return KVS_EINVAL;
+        n->is_unix = true;
+        snprintf(n->host, sizeof(n->host), "%s", p);
+        return 0;
+    }
+    if (!strncmp(a, "tcp://", 6))
+        a += 6;
+    const char *colon;
+    if (a[0] == '[') {
+        const char *e = strchr(a, ']');
+        if (!e || e[1] != ':')
+            return KVS_EINVAL;
+        snprintf(n->host, sizeof(n->host), "%.*s", (int)(e - a - 1), a + 1);
+        colon = e + 1;
+    } else {
+        colon = strrchr(a, ':');
+        if (!colon || strchr(a, ':') != colon)
+            return KVS_EINVAL;
+        snprintf(n->host, sizeof(n->host), "%.*s", (int)(colon - a), a);
+    }
+    const char *port = colon + 1;
+    char *end;
+    long pv = strtol(port, &end, 10);
+    if (!*port || *end || pv <= 0 || pv > 65535 || !n->host[0])
+        return KVS_EINVAL;
+    snprintf(n->port, sizeof(n->port), "%ld", pv);
+    return 0;
+}
+
+void kvs_client_options_default(kvs_client_options_t *o) {
+    memset(o, 0, sizeof(*o));
+    o->connect_timeout_ms = 2000;
+    o->request_timeout_ms = 30000;
+    o->max_frame_bytes = KVS_FRAME_DEFAULT_MAX_BODY;
+}
+
+int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
+    *out = NULL;
+    if (!o || !o->addrs || o->n_addrs == 0 || o->n_addrs > MAX_NODES)
+        return KVS_EINVAL;
+    if (o->max_frame_bytes == 0 || o->max_frame_bytes > KVS_FRAME_MAX_BODY_LIMIT)
+        return KVS_EINVAL;
+    kvs_client_t *c = calloc(1, sizeof(*c));
+    if (!c)
+        return KVS_ENOMEM;
+    c->nodes = calloc(o->n_addrs, sizeof(node_t));
+    c->auth_token = strdup(o->auth_token ? o->auth_token : "");
+    c->client_name = strdup(o->client_name ? o->client_name : "libkvsclient");
+    if (!c->nodes || !c->auth_token || !c->client_name) {
+        kvs_client_close(c);
+        return KVS_ENOMEM;
+    }
+    c->n_nodes = o->n_addrs;
+    c->connect_timeout_ms = o->connect_timeout_ms;
+    c->request_timeout_ms = o->request_timeout_ms;
+    c->max_frame_bytes = o->max_frame_bytes;
+    c->next_id = 1;
+    for (size_t i = 0; i < o->n_addrs; i++) {
+        c->nodes[i].fd = -1;
+        if (!o->addrs[i] || parse_addr(&c->nodes[i], o->addrs[i])) {
+            kvs_client_close(c);
+            return KVS_EINVAL;
+        }
+    }
+    *out = c;
+    return 0;
+}
+
+void kvs_client_close(kvs_client_t *c) {
+    if (!c)
+        return;
+    for (size_t i = 0; c->nodes && i < c->n_nodes; i++) {
+        node_t *n = &c->nodes[i];
+        node_fail(c, n, KVS_ECONN, "client closed");
+        free(n->tab);
+    }
+    free(c->nodes);
+    free(c->auth_token);
+    free(c->client_name);
+    free(c);
+}
+
+const char *kvs_client_errmsg(const kvs_client_t *c) { return c->errmsg; }
+size_t kvs_client_n_nodes(const kvs_client_t *c) { return c->n_nodes; }
+const char *kvs_client_node_addr(const kvs_client_t *c, size_t node) {
+    return node < c->n_nodes ? c->nodes[node].addr : NULL;
+}
+size_t kvs_client_pending(const kvs_client_t *c) { return c->pending; }
+
+size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
+    size_t best = 0;
+    uint64_t best_w = 0;
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        uint64_t w = mix64(seq ^ c->nodes[i].hash);
+        if (i == 0 || w > best_w) {
+            best_w = w;
+            best = i;
+        }
+    }
+    return best;
+}
+
+/* ------------------------------------------------------------ transport */
+
+static int queue_frame(node_t *n, uint8_t *buf, size_t len) {
+    wframe_t *w = malloc(sizeof(*w));
+    if (!w)
+        return KVS_ENOMEM;
+    w->buf = buf;
+    w->len = len;
+    w->off = 0;
+    w->next = NULL;
+    if (n->wq_tail)
+        n->wq_tail->next = w;
+    else
+        n->wq_head = w;
+    n->wq_tail = w;
+    return 0;
+}
+
+/* Write what the socket takes now. Returns 0, or -errno on a dead socket. */
+static int node_flush(node_t *n) {
+    while (n->wq_head) {
+        wframe_t *w = n->wq_head;
+        ssize_t r = send(n->fd, w->buf + w->off, w->len - w->off,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        w->off += (size_t)r;
+        if (w->off < w->len)
+            continue;
+        n->wq_head = w->next;
+        if (!n->wq_head)
+            n->wq_tail = NULL;
+        free(w->buf);
+        free(w);
+    }
+    return 0;
+}
+
+static int connect_one(kvs_client_t *c, node_t *n, const struct sockaddr *sa,
+                       socklen_t salen) {
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                    0);
+    if (fd < 0)
+        return -errno;
+    if (connect(fd, sa, salen) < 0) {
+        if (errno != EINPROGRESS && errno != EAGAIN) {
+            int e = errno;
+            close(fd);
+            return -e;
+        }
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        int r;
+        do
+            r = poll(&p, 1, c->connect_timeout_ms ? (int)c->connect_timeout_ms
+                                                  : -1);
+        while (r < 0 && errno == EINTR);
+        if (r == 0) {
+            close(fd);
+            return -ETIMEDOUT;
+        }
+        int soerr = 0;
+        socklen_t sl = sizeof(soerr);
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl);
+        if (soerr) {
+            close(fd);
+            return -soerr;
+        }
+    }
+    if (sa->sa_family != AF_UNIX) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+    n->fd = fd;
+    return 0;
+}
+
+static int send_hello(kvs_client_t *c, node_t *n) {
+    Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
+    Kvs__V1__HelloRequest h = KVS__V1__HELLO_REQUEST__INIT;
+    h.protocol_version = KVS_PROTOCOL_VERSION;
+    h.auth_token = c->auth_token;
+    h.client_name = c->client_name;
+    req.op_case = KVS__V1__REQUEST__OP_HELLO;
+    req.hello = &h;
+    uint8_t *buf;
+    size_t len;
+    n->hello_id = c->next_id++;
+    int rc = kvs_frame_encode(n->hello_id, 0, &req.base, c->max_frame_bytes,
+                              &buf, &len);
+    if (rc)
+        return rc;
+    if ((rc = queue_frame(n, buf, len))) {
+        free(buf);
+        return rc;
+    }
+    return 0;
+}
+
+static int node_connect(kvs_client_t *c, node_t *n) {
+    if (n->fd >= 0)
+        return 0;
+    int rc = kvs_frame_reader_init(&n->rd, c->max_frame_bytes);
+    if (rc)
+        return rc;
+    int err = -ECONNREFUSED;
+    if (n->is_unix) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%.107s", n->host);
+        err = connect_one(c, n, (struct sockaddr *)&sa, sizeof(sa));
+    } else {
+        struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                                 .ai_socktype = SOCK_STREAM,
+                                 .ai_flags = AI_NUMERICSERV};
+        struct addrinfo *res = NULL;
+        int g = getaddrinfo(n->host, n->port, &hints, &res);
+        if (g) {
+            kvs_frame_reader_destroy(&n->rd);
+            return cfail(c, KVS_ECONN, "%s: cannot resolve host: %s", n->addr,
+                         gai_strerror(g));
+        }
+        for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+            err = connect_one(c, n, ai->ai_addr, ai->ai_addrlen);
+            if (!err)
+                break;
+        }
+        freeaddrinfo(res);
+    }
+    if (err) {
+        kvs_frame_reader_destroy(&n->rd);
+        return cfail(c, err == -ETIMEDOUT ? KVS_ETIMEDOUT : KVS_ECONN,
+                     "%s: cannot connect: %s", n->addr, strerror(-err));
+    }
+    /* Hello goes first, pipelined with the requests behind it: the server
+     * handles frames of a connection in order, so no round trip is lost. */
+    if ((rc = send_hello(c, n))) {
+        node_fail(c, n, rc, "cannot send hello");
+        return cfail(c, rc, "%s: cannot send hello", n->addr);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- decode */
+
+static void fill_result(kvs_client_op_t *op, const Kvs__V1__Response *r,
+                        int *status, char *msg, size_t msglen) {
+    *status = 0;
+    switch (op->type) {
+    case KVS_CLIENT_SEARCH: {
+        const Kvs__V1__SearchResponse *s = r->search;
+        if (r->result_case != KVS__V1__RESPONSE__RESULT_SEARCH || !s)
+            goto wrong;
+        size_t n = (size_t)s->n_q_heads * s->k;
+        if (n > op->result_cap) {
+            *status = KVS_ERANGE;
+            snprintf(msg, msglen,
+                     "search result has %zu entries (%u heads x k %u); "
+                     "result_cap is %zu",
+                     n, s->n_q_heads, s->k, op->result_cap);
+            return;
+        }
+        if (n) {
+            memcpy(op->positions, s->positions.data, n * sizeof(int64_t));
+            memcpy(op->scores, s->scores.data, n * sizeof(float));
+        }
+        op->result_heads = s->n_q_heads;
+        op->result_k = s->k;
+        return;
+    }
+    case KVS_CLIENT_ATTEND: {
+        const Kvs__V1__AttendResponse *a = r->attend;
+        if (r->result_case != KVS__V1__RESPONSE__RESULT_ATTEND || !a)
+            goto wrong;
+        if (a->output.len != op->n_query_floats * sizeof(float)) {
+            *status = KVS_EPROTO;
+            snprintf(msg, msglen, "attend output has %zu bytes, expected %zu",
+                     a->output.len, op->n_query_floats * sizeof(float));
+            return;
+        }
+        memcpy(op->output, a->output.data, a->output.len);
+        if (op->attend_stats) {
+            kvs_attend_stats_t *st = op->attend_stats;
+            memset(st, 0, sizeof(*st));
+            if (a->stats) {
+                st->keys_total = a->stats->keys_total;
+                st->keys_exact = a->stats->keys_exact;
+                st->keys_steady = a->stats->keys_steady;
+                st->clusters_total = a->stats->clusters_total;
+                st->clusters_retrieved = a->stats->clusters_retrieved;
+                st->clusters_estimated = a->stats->clusters_estimated;
+                st->clusters_skipped = a->stats->clusters_skipped;
+                st->seconds = a->stats->seconds;
+            }
+        }
+        return;
+    }
+    case KVS_CLIENT_INFO: {
+        const Kvs__V1__InfoResponse *i = r->info;
+        if (r->result_case != KVS__V1__RESPONSE__RESULT_INFO || !i)
+            goto wrong;
+        kvs_seq_info_t *o = op->info;
+        memset(o, 0, sizeof(*o));
+        if (i->geometry) {
+            o->geometry.n_layers = i->geometry->n_layers;
+            o->geometry.n_q_heads = i->geometry->n_q_heads;
+            o->geometry.n_kv_heads = i->geometry->n_kv_heads;
+            o->geometry.head_dim = i->geometry->head_dim;
+            o->geometry.dtype = (kvs_dtype_t)i->geometry->dtype;
+        }
+        o->tokens_min = i->tokens_min;
+        o->tokens_max = i->tokens_max;
+        o->indexed_tokens = i->indexed_tokens;
+        o->segments = i->segments;
+        o->builds_pending = i->builds_pending;
+        o->bytes = i->bytes;
+        o->index_bytes = i->index_bytes;
+        return;
+    }
+    case KVS_CLIENT_STATS: {
+        const Kvs__V1__StatsResponse *s = r->stats;
+        if (r->result_case != KVS__V1__RESPONSE__RESULT_STATS || !s)
+            goto wrong;
+        kvs_client_stats_t *o = op->stats;
+        memset(o, 0, sizeof(*o));
+        o->store.sequences = s->sequences;
+        o->store.bytes = s->bytes;
+        o->store.index_bytes = s->index_bytes;
+        o->store.builds_pending = s->builds_pending;
+        o->store.builds_done = s->builds_done;
+        o->store.build_keys = s->build_keys;
+        o->store.build_seconds = s->build_seconds;
+        snprintf(o->server_version, sizeof(o->server_version), "%s",
+                 s->server_version ? s->server_version : "");
+        snprintf(o->node_id, sizeof(o->node_id), "%s",
+                 s->node_id ? s->node_id : "");
+        o->uptime_seconds = s->uptime_seconds;
+        o->connections = s->connections;
+        o->requests_total = s->requests_total;
+        o->inflight = s->inflight;
+        o->bytes_in = s->bytes_in;
+        o->bytes_out = s->bytes_out;
+        return;
+    }
+    case KVS_CLIENT_LIST: {
+        const Kvs__V1__ListSequencesResponse *l = r->list;
+        if (r->result_case != KVS__V1__RESPONSE__RESULT_LIST || !l)
+            goto wrong;
+        size_t n = l->n_ids < op->ids_cap ? l->n_ids : op->ids_cap;
+        if (n)
+            memcpy(op->ids, l->ids, n * sizeof(uint64_t));
+        op->n_ids = n;
+        op->ids_total = l->total;
+        return;
+    }
+    default:
+        return; /* no result beyond the status */
+    }
+wrong:
+    *status = KVS_EPROTO;
+    snprintf(msg, msglen, "server answered with the wrong result type (%d)",
+             (int)r->result_case);
+}
+
+/* Handle one frame. Returns non-zero when the connection must be dropped;
+ * *why then says with which status. */
+static int handle_frame(kvs_client_t *c, node_t *n,
+                        const kvs_frame_header_t *h, const uint8_t *body,
+                        int *fail_status, char *fail_msg, size_t fail_len) {
+    Kvs__V1__Response *r = NULL;
+    char why[256];
+    if (!(h->flags & KVS_FRAME_F_RESPONSE)) {
+        *fail_status = KVS_EPROTO;
+        snprintf(fail_msg, fail_len, "%s: server sent a non-response frame",
+                 n->addr);
+        return 1;
+    }
+    if (kvs_frame_decode_response(body, h->body_len, &r, why, sizeof(why))) {
+        *fail_status = KVS_EPROTO;
+        snprintf(fail_msg, fail_len, "%s: %.200s", n->addr, why);
+        return 1;
+    }
+    int drop = 0;
+    if (h->request_id == n->hello_id && n->hello_id) {
+        n->hello_id = 0;
+        if (r->status) {
+            /* Auth or version refused: every op queued behind it fails
+             * with the server's reason. */
+            *fail_status = r->status;
+            snprintf(fail_msg, fail_len, "%s: %s", n->addr,
+                     r->message && *r->message ? r->message
+                                               : kvs_strerror(r->status));
+            drop = 1;
+        }
+    } else {
+        kvs_client_op_t *op = tab_take(n, h->request_id);
+        if (op) {
+            int st = r->status;
+            char msg[256] = "";
+            if (st)
+                snprintf(msg, sizeof(msg), "%s",
+                         r->message ? r->message : "");
+            else
+                fill_result(op, r, &st, msg, sizeof(msg));
+            complete(c, op, st, msg);
+        }
+        /* Unknown ids are answers to ops that timed out: dropped. */
+    }
+    if (!drop && (h->flags & KVS_FRAME_F_CLOSE)) {
+        /* The server is closing (refusal, protocol error): the rest of the
+         * ops cannot be answered. */
+        *fail_status = r->status ? r->status : KVS_ECONN;
+        snprintf(fail_msg, fail_len, "%s: server closed the connection: %s",
+                 n->addr,
+                 r->message && *r->message ? r->message
+                                           : kvs_strerror(*fail_status));
+        drop = 1;
+    }
+    kvs__v1__response__free_unpacked(r, NULL);
+    return drop;
+}
+
+static void node_read(kvs_client_t *c, node_t *n) {
+    for (;;) {
+        void *p;
+        size_t room;
+        if (kvs_frame_reader_prepare(&n->rd, 64 << 10, &p, &room)) {
+            node_fail(c, n, KVS_ENOMEM, "out of memory reading an answer");
+            return;
+        }
+        ssize_t r = recv(n->fd, p, room, MSG_DONTWAIT);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (r <= 0) {
+            char msg[640];
+            snprintf(msg, sizeof(msg),
+                     "%s: connection lost (%s) with the request in flight; "
+                     "it may or may not have been applied",
+                     n->addr, r == 0 ? "closed by server" : strerror(errno));
+            /* Frames already buffered are still valid answers. */
+            kvs_frame_header_t h;
+            const uint8_t *body;
+            int fs = 0;
+            char fm[640];
+            while (kvs_frame_reader_next(&n->rd, &h, &body, NULL, 0) == 1) {
+                if (handle_frame(c, n, &h, body, &fs, fm, sizeof(fm))) {
+                    node_fail(c, n, fs, fm);
+                    return;
+                }
+            }
+            node_fail(c, n, KVS_ECONN, msg);
+            return;
+        }
+        kvs_frame_reader_commit(&n->rd, (size_t)r);
+        kvs_frame_header_t h;
+        const uint8_t *body;
+        char why[256];
+        int rc;
+        while ((rc = kvs_frame_reader_next(&n->rd, &h, &body, why,
+                                           sizeof(why))) == 1) {
+            int fs = 0;
+            char fm[640];
+            if (handle_frame(c, n, &h, body, &fs, fm, sizeof(fm))) {
+                node_fail(c, n, fs, fm);
+                return;
+            }
+        }
+        if (rc < 0) {
+            char fm[640];
+            snprintf(fm, sizeof(fm), "%s: bad frame from server: %s", n->addr,
+                     why);
+            node_fail(c, n, KVS_EPROTO, fm);
+            return;
+        }
+        if ((size_t)r < room)
+            break; /* drained the socket */
+    }
+}
+
+static void expire(kvs_client_t *c, uint64_t now) {
+    if (!c->request_timeout_ms)
+        return;
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        node_t *n = &c->nodes[i];
+        while (n->fifo_head && n->fifo_head->deadline_ms_ <= now) {
+            kvs_client_op_t *op = n->fifo_head;
+            tab_take(n, op->id_);
+            char msg[640];
+            snprintf(msg, sizeof(msg),
+                     "%s: no answer within %u ms; the request may or may "
+                     "not have been applied",
+                     n->addr, c->request_timeout_ms);
+            complete(c, op, KVS_ETIMEDOUT, msg);
+        }
+    }
+}
+
+/* One round of I/O: wait up to timeout_ms (-1 forever) for any socket,
+ * then read, write and expire. */
+static void pump(kvs_client_t *c, int timeout_ms) {
+    struct pollfd pfd[MAX_NODES];
+    size_t idx[MAX_NODES];
+    nfds_t np = 0;
+    uint64_t now = now_ms();
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        node_t *n = &c->nodes[i];
+        if (n->fd < 0)
+            continue;
+        pfd[np].fd = n->fd;
+        pfd[np].events = POLLIN | (n->wq_head ? POLLOUT : 0);
+        pfd[np].revents = 0;
+        idx[np++] = i;
+        if (n->fifo_head && c->request_timeout_ms) {
+            uint64_t d = n->fifo_head->deadline_ms_;
+            int left = d > now ? (int)(d - now) : 0;
+            if (timeout_ms < 0 || left < timeout_ms)
+                timeout_ms = left;
+        }
+    }
+    if (np == 0) {
+        expire(c, now);
+        return;
+    }
+    int r = poll(pfd, np, timeout_ms);
+    if (r > 0) {
+        for (nfds_t k = 0; k < np; k++) {
+            node_t *n = &c->nodes[idx[k]];
+            if (n->fd < 0 || !pfd[k].revents)
+                continue;
+            if (pfd[k].revents & POLLOUT) {
+                int e = node_flush(n);
+                if (e) {
+                    char msg[640];
+                    snprintf(msg, sizeof(msg),
+                             "%s: connection lost (%s) with the request in "
+                             "flight; it may or may not have been applied",
+                             n->addr, strerror(-e));
+                    node_fail(c, n, KVS_ECONN, msg);
+                    continue;
+                }
+            }
+            if (pfd[k].revents & (POLLIN | POLLHUP | POLLERR))
+                node_read(c, n);
+        }
+    }
+    expire(c, now_ms());
+}
+
+/* ---------------------------------------------------------------- submit */
+
+static Kvs__V1__DType dtype_msg(kvs_dtype_t d) { return (Kvs__V1__DType)d; }
+
+static void params_msg(const kvs_query_params_t *p, Kvs__V1__QueryParams *m) {
+    m->mode = p->mode == KVS_MODE_EXACT ? KVS__V1__MODE__MODE_EXACT
+                                        : KVS__V1__MODE__MODE_WAVE;
+    m->budget = p->budget == KVS_BUDGET_BOUNDED
+                    ? KVS__V1__BUDGET__BUDGET_BOUNDED
+                    : KVS__V1__BUDGET__BUDGET_FIXED;
+    m->retrieval_fraction = p->retrieval_fraction;
+    m->estimation_fraction = p->estimation_fraction;
+    m->epsilon = p->epsilon;
+    m->scale = p->scale;
+}
+
+static int encode_op(kvs_client_t *c, kvs_client_op_t *op, uint8_t **buf,
+                     size_t *len) {
+    Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
+    Kvs__V1__PingRequest ping = KVS__V1__PING_REQUEST__INIT;
+    Kvs__V1__CreateSequenceRequest cr = KVS__V1__CREATE_SEQUENCE_REQUEST__INIT;
+    Kvs__V1__Geometry geo = KVS__V1__GEOMETRY__INIT;
+    Kvs__V1__AppendRequest ap = KVS__V1__APPEND_REQUEST__INIT;
+    Kvs__V1__SearchRequest se = KVS__V1__SEARCH_REQUEST__INIT;
+    Kvs__V1__AttendRequest at = KVS__V1__ATTEND_REQUEST__INIT;
+    Kvs__V1__QueryParams qp = KVS__V1__QUERY_PARAMS__INIT;
+    Kvs__V1__ForkRequest fk = KVS__V1__FORK_REQUEST__INIT;
+    Kvs__V1__DropRequest dr = KVS__V1__DROP_REQUEST__INIT;
+    Kvs__V1__InfoRequest in = KVS__V1__INFO_REQUEST__INIT;
+    Kvs__V1__StatsRequest st = KVS__V1__STATS_REQUEST__INIT;
+    Kvs__V1__ListSequencesRequest ls = KVS__V1__LIST_SEQUENCES_REQUEST__INIT;
+    if (op->params)
+        params_msg(op->params, &qp);
+
+    switch (op->type) {
+    case KVS_CLIENT_PING:
+        ping.payload.data = (uint8_t *)op->payload;
+        ping.payload.len = op->payload ? op->payload_len : 0;
+        req.op_case = KVS__V1__REQUEST__OP_PING;
+        req.ping = &ping;
+        break;
+    case KVS_CLIENT_CREATE:
+        geo.n_layers = op->geometry.n_layers;
+        geo.n_q_heads = op->geometry.n_q_heads;
+        geo.n_kv_heads = op->geometry.n_kv_heads;
+        geo.head_dim = op->geometry.head_dim;
+        geo.dtype = dtype_msg(op->geometry.dtype);
+        cr.seq = op->seq;
+        cr.geometry = &geo;
+        req.op_case = KVS__V1__REQUEST__OP_CREATE;
+        req.create = &cr;
+        break;
+    case KVS_CLIENT_APPEND:
+        if (!op->keys || !op->values || !op->n_tokens || !op->kv_bytes)
+            return cfail(c, KVS_EINVAL, "append needs tokens, keys, values");
+        ap.seq = op->seq;
+        ap.layer = op->layer;
+        ap.n_tokens = op->n_tokens;
+        ap.keys.data = (uint8_t *)op->keys;
+        ap.keys.len = op->kv_bytes;
+        ap.values.data = (uint8_t *)op->values;
+        ap.values.len = op->kv_bytes;
+        req.op_case = KVS__V1__REQUEST__OP_APPEND;
+        req.append = &ap;
+        break;
+    case KVS_CLIENT_SEARCH:
+        if (!op->queries || !op->n_query_floats || !op->positions ||
+            !op->scores)
+            return cfail(c, KVS_EINVAL, "search needs queries and outputs");
+        se.seq = op->seq;
+        se.layer = op->layer;
+        se.k = op->k;
+        se.queries.data = (uint8_t *)op->queries;
+        se.queries.len = op->n_query_floats * sizeof(float);
+        se.query_dtype = KVS__V1__DTYPE__DTYPE_F32;
+        se.params = op->params ? &qp : NULL;
+        req.op_case = KVS__V1__REQUEST__OP_SEARCH;
+        req.search = &se;
+        break;
+    case KVS_CLIENT_ATTEND:
+        if (!op->queries || !op->n_query_floats || !op->output)
+            return cfail(c, KVS_EINVAL, "attend needs queries and output");
+        at.seq = op->seq;
+        at.layer = op->layer;
+        at.queries.data = (uint8_t *)op->queries;
+        at.queries.len = op->n_query_floats * sizeof(float);
+        at.query_dtype = KVS__V1__DTYPE__DTYPE_F32;
+        at.params = op->params ? &qp : NULL;
+        req.op_case = KVS__V1__REQUEST__OP_ATTEND;
+        req.attend = &at;
+        break;
+    case KVS_CLIENT_FORK:
+        fk.src = op->seq;
+        fk.dst = op->dst;
+        req.op_case = KVS__V1__REQUEST__OP_FORK;
+        req.fork = &fk;
+        break;
+    case KVS_CLIENT_DROP:
+        dr.seq = op->seq;
+        req.op_case = KVS__V1__REQUEST__OP_DROP;
+        req.drop = &dr;
+        break;
+    case KVS_CLIENT_INFO:
+        if (!op->info)
+            return cfail(c, KVS_EINVAL, "info needs an output");
+        in.seq = op->seq;
+        req.op_case = KVS__V1__REQUEST__OP_INFO;
+        req.info = &in;
+        break;
+    case KVS_CLIENT_STATS:
+        if (!op->stats)
+            return cfail(c, KVS_EINVAL, "stats needs an output");
+        req.op_case = KVS__V1__REQUEST__OP_STATS;
+        req.stats = &st;
+        break;
+    case KVS_CLIENT_LIST:
+        if (op->ids_cap && !op->ids)
+            return cfail(c, KVS_EINVAL, "list needs an ids array");
+        ls.limit = op->ids_cap > UINT32_MAX ? UINT32_MAX
+                                            : (uint32_t)op->ids_cap;
+        if (ls.limit == 0)
+            ls.limit = 1; /* 0 would mean the server's maximum */
+        req.op_case = KVS__V1__REQUEST__OP_LIST;
+        req.list = &ls;
+        break;
+    default:
+        return cfail(c, KVS_EINVAL, "unknown op type %d", (int)op->type);
+    }
+    int rc = kvs_frame_encode(op->id_, 0, &req.base, c->max_frame_bytes, buf,
+                              len);
+    if (rc == KVS_ETOOBIG)
+        return cfail(c, rc, "request of %zu bytes exceeds max_frame_bytes %u",
+                     protobuf_c_message_get_packed_size(&req.base),
+                     c->max_frame_bytes);
+    return rc ? cfail(c, rc, "cannot encode the request") : 0;
+}
+
+static bool op_is_seq(kvs_client_op_type_t t) {
+    return t != KVS_CLIENT_PING && t != KVS_CLIENT_STATS &&
+           t != KVS_CLIENT_LIST;
+}
+
+int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
+    c->errmsg[0] = 0;
+    op->status = 0;
+    op->message[0] = 0;
+    op->done_ = false;
+    op->prev_ = op->next_ = NULL;
+    size_t node;
+    if (op_is_seq(op->type)) {
+        node = kvs_client_node_for(c, op->seq);
+        if (op->type == KVS_CLIENT_FORK &&
+            kvs_client_node_for(c, op->dst) != node)
+            return cfail(c, KVS_EINVAL,
+                         "fork: sequences %llu and %llu live on different "
+                         "nodes",
+                         (unsigned long long)op->seq,
+                         (unsigned long long)op->dst);
+    } else {
+        if (op->node >= c->n_nodes)
+            return cfail(c, KVS_EINVAL, "node %u out of range (%zu nodes)",
+                         op->node, c->n_nodes);
+        node = op->node;
+    }
+    node_t *n = &c->nodes[node];
+    op->node_ = node;
+    op->id_ = c->next_id++;
+    uint8_t *buf;
+    size_t len;
+    int rc = encode_op(c, op, &buf, &len);
+    if (rc)
+        return rc;
+    if ((rc = node_connect(c, n))) {
+        free(buf);
+        return rc;
+    }
+    if ((rc = queue_frame(n, buf, len)) || (rc = tab_put(n, op))) {
+        free(buf);
+        return cfail(c, rc, "out of memory");
+    }
+    op->deadline_ms_ =
+        c->request_timeout_ms ? now_ms() + c->request_timeout_ms : UINT64_MAX;
+    op->prev_ = n->fifo_tail;
+    if (n->fifo_tail)
+        n->fifo_tail->next_ = op;
+    else
+        n->fifo_head = op;
+    n->fifo_tail = op;
+    c->pending++;
+    /* Push bytes out now so that the server starts working while the
+     * caller prepares the next op. */
+    int e = node_flush(n);
+    if (e) {
+        char msg[640];
+        snprintf(msg, sizeof(msg),
+                 "%s: connection lost (%s) with the request in flight; it "
+                 "may or may not have been applied",
+                 n->addr, strerror(-e));
+        node_fail(c, n, KVS_ECONN, msg);
+    }
+    return 0;
+}
+
+int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
+                    size_t *n_done, int timeout_ms) {
+    *n_done = 0;
+    if (!c->done_head && c->pending == 0)
+        return KVS_EINVAL;
+    if (!c->done_head) {
+        uint64_t start = now_ms();
+        for (;;) {
+            int left = timeout_ms;
+            if (timeout_ms > 0) {
+                uint64_t el = now_ms() - start;
+                left = el >= (uint64_t)timeout_ms ? 0
+                                                  : timeout_ms - (int)el;
+            }
+            pump(c, left);
+            if (c->done_head || left == 0)
+                break;
+        }
+    } else {
+        pump(c, 0); /* pick up whatever else is ready, without waiting */
+    }
+    while (c->done_head && *n_done < cap) {
+        kvs_client_op_t *op = c->done_head;
+        done_remove(c, op);
+        done[(*n_done)++] = op;
+    }
+    return 0;
+}
+
+/* ----------------------------------------------------------------- sync */
+
+static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
+    int rc = kvs_client_submit(c, op);
+    if (rc)
+        return rc;
+    while (!op->done_)
+        pump(c, -1);
+    done_remove(c, op);
+    if (op->status)
+        snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
+    return op->status;
+}
+
+int kvs_client_ping(kvs_client_t *c, size_t node) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_PING, .node = (uint32_t)node};
+    if (node >= c->n_nodes)
+        return cfail(c, KVS_EINVAL, "node %zu out of range", node);
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_create(kvs_client_t *c, uint64_t seq,
+                          const kvs_geometry_t *geo) {
+    if (!geo)
+        return cfail(c, KVS_EINVAL, "create needs a geometry");
+    kvs_client_op_t op = {.type = KVS_CLIENT_CREATE, .seq = seq,
+                          .geometry = *geo};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_append(kvs_client_t *c, uint64_t seq, uint32_t layer,
+                          uint32_t n_tokens, const void *keys,
+                          const void *values, size_t kv_bytes) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_APPEND, .seq = seq,
+                          .layer = layer, .n_tokens = n_tokens, .keys = keys,
+                          .values = values, .kv_bytes = kv_bytes};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_search(kvs_client_t *c, uint64_t seq, uint32_t layer,
+                          const float *queries, size_t n_query_floats,
+                          uint32_t k, const kvs_query_params_t *params,
+                          int64_t *positions, float *scores,
+                          size_t result_cap) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_SEARCH, .seq = seq,
+                          .layer = layer, .queries = queries,
+                          .n_query_floats = n_query_floats, .k = k,
+                          .params = params, .positions = positions,
+                          .scores = scores, .result_cap = result_cap};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
+                          const float *queries, size_t n_query_floats,
+                          const kvs_query_params_t *params, float *out,
+                          kvs_attend_stats_t *stats) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_ATTEND, .seq = seq,
+                          .layer = layer, .queries = queries,
+                          .n_query_floats = n_query_floats, .params = params,
+                          .output = out, .attend_stats = stats};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_fork(kvs_client_t *c, uint64_t src, uint64_t dst) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_FORK, .seq = src, .dst = dst};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_DROP, .seq = seq};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_INFO, .seq = seq, .info = info};
+    return run_sync(c, &op);
+}
+
+int kvs_client_store_stats(kvs_client_t *c, size_t node,
+                           kvs_client_stats_t *stats) {
+    if (node >= c->n_nodes)
+        return cfail(c, KVS_EINVAL, "node %zu out of range", node);
+    kvs_client_op_t op = {.type = KVS_CLIENT_STATS, .node = (uint32_t)node,
+                          .stats = stats};
+    return run_sync(c, &op);
+}
+
+int kvs_client_store_list(kvs_client_t *c, size_t node, uint64_t *ids,
+                          size_t cap, size_t *n_out, uint64_t *total) {
+    if (node >= c->n_nodes)
+        return cfail(c, KVS_EINVAL, "node %zu out of range", node);
+    kvs_client_op_t op = {.type = KVS_CLIENT_LIST, .node = (uint32_t)node,
+                          .ids = ids, .ids_cap = cap};
+    int rc = run_sync(c, &op);
+    if (!rc) {
+        *n_out = op.n_ids;
+        if (total)
+            *total = op.ids_total;
+    }
+    return rc;
+}

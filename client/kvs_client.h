@@ -1,0 +1,212 @@
+/*
+ * kvs_client.h: libkvsclient, a client for one or many kvstored daemons.
+ *
+ * The operations mirror the engine API (include/kvstore.h) over the wire
+ * protocol (docs/protocol.md): create, append, search, attend, fork, drop,
+ * info, stats, list, ping. Each exists as
+ *   - a synchronous call (kvs_client_seq_append(), ...), and
+ *   - an asynchronous, pipelined form: fill a caller-owned kvs_client_op_t,
+ *     kvs_client_submit() it, and collect it from kvs_client_poll(). Many
+ *     ops may be in flight per daemon; answers arrive in completion order.
+ *
+ * Many daemons: `addrs` lists them; a sequence lives on the daemon chosen by
+ * rendezvous (highest-random-weight) hashing of its id over the address
+ * strings, so every client with the same list agrees, and adding or removing
+ * a node moves only the sequences that hash to it. Store-wide ops (ping,
+ * stats, list) name a node index.
+ *
+ * Connections are opened on first use (Hello with the auth token goes first)
+ * and re-opened on the next submit after a drop. Ops in flight on a dropped
+ * connection complete with KVS_ECONN: the server may or may not have applied
+ * them. Ops still unanswered after request_timeout_ms complete with
+ * KVS_ETIMEDOUT (a late answer is discarded).
+ *
+ * Conventions as in kvstore.h: int returns, 0 or a KVS_E* code (-errno never
+ * escapes: socket errors become KVS_ECONN with the errno in the message);
+ * kvs_client_errmsg() holds the detail of the last failed call. Memory
+ * passed in ops is borrowed until the op completes.
+ *
+ * Thread-safety: a kvs_client_t is not thread-safe; use one per thread (or
+ * lock around it). Different clients share nothing.
+ */
+#ifndef KVS_CLIENT_H
+#define KVS_CLIENT_H
+
+#include "kvs_common.h"
+#include "kvstore.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvs_client_s kvs_client_t;
+
+typedef struct kvs_client_options_s {
+    /* Daemon addresses: "host:port", "[v6addr]:port", "tcp://host:port",
+     * "unix:/path" or "unix:///path". At least one; at most 256. */
+    const char *const *addrs;
+    size_t n_addrs;
+    const char *auth_token;      /* NULL or "": send no token */
+    const char *client_name;     /* logged by the server; NULL ok */
+    uint32_t connect_timeout_ms; /* default 2000 */
+    uint32_t request_timeout_ms; /* default 30000; 0 = wait forever */
+    uint32_t max_frame_bytes;    /* largest answer accepted; default 64 MiB */
+} kvs_client_options_t;
+
+/* Fill opts with the defaults above (no addresses). */
+void kvs_client_options_default(kvs_client_options_t *opts);
+
+/* Validate the options and copy them. Does not connect.
+ * Errors: KVS_EINVAL (no address, an unparsable one), KVS_ENOMEM. */
+int kvs_client_open(const kvs_client_options_t *opts, kvs_client_t **out);
+/* Close every connection; ops still pending are abandoned (never returned).
+ * NULL is a no-op. */
+void kvs_client_close(kvs_client_t *c);
+/* Detail of the last failed call ("" if none); valid until the next call. */
+const char *kvs_client_errmsg(const kvs_client_t *c);
+
+size_t kvs_client_n_nodes(const kvs_client_t *c);
+const char *kvs_client_node_addr(const kvs_client_t *c, size_t node);
+/* The node index that owns `seq` (rendezvous hashing). */
+size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq);
+
+/* Store stats plus the answering daemon's own counters. */
+typedef struct kvs_client_stats_s {
+    kvs_store_stats_t store;
+    char server_version[32];
+    char node_id[128];
+    double uptime_seconds;
+    uint64_t connections;
+    uint64_t requests_total;
+    uint64_t inflight;
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+} kvs_client_stats_t;
+
+typedef enum kvs_client_op_type_e {
+    KVS_CLIENT_PING = 0,
+    KVS_CLIENT_CREATE,
+    KVS_CLIENT_APPEND,
+    KVS_CLIENT_SEARCH,
+    KVS_CLIENT_ATTEND,
+    KVS_CLIENT_FORK,
+    KVS_CLIENT_DROP,
+    KVS_CLIENT_INFO,
+    KVS_CLIENT_STATS,
+    KVS_CLIENT_LIST,
+} kvs_client_op_type_t;
+
+/*
+ * One asynchronous operation. Zero it, set `type` and the inputs of that
+ * type, submit. Every pointer is borrowed until the op comes back from
+ * kvs_client_poll(); the op itself must stay valid (and unmoved) as well.
+ */
+typedef struct kvs_client_op_s {
+    kvs_client_op_type_t type;
+    void *data;      /* for the caller */
+    /* Inputs. */
+    uint64_t seq;    /* create/append/search/attend/drop/info; fork: src */
+    uint64_t dst;    /* fork */
+    uint32_t layer;  /* append/search/attend */
+    uint32_t node;   /* ping/stats/list: node index */
+    kvs_geometry_t geometry; /* create */
+    uint32_t n_tokens;       /* append */
+    const void *keys;        /* append: kv_bytes each, sequence dtype */
+    const void *values;
+    size_t kv_bytes;
+    const float *queries;    /* search/attend: [n_q_heads][head_dim] */
+    size_t n_query_floats;
+    uint32_t k;              /* search */
+    const kvs_query_params_t *params; /* NULL: server defaults */
+    const void *payload;     /* ping: echoed back; may be NULL */
+    size_t payload_len;
+    /* Outputs, caller-allocated. */
+    int64_t *positions;      /* search: result_cap entries */
+    float *scores;           /* search: result_cap entries */
+    size_t result_cap;
+    float *output;           /* attend: n_query_floats floats */
+    kvs_attend_stats_t *attend_stats; /* attend; may be NULL */
+    kvs_seq_info_t *info;    /* info */
+    kvs_client_stats_t *stats; /* stats */
+    uint64_t *ids;           /* list: up to ids_cap */
+    size_t ids_cap;
+    /* Results. */
+    int status;              /* 0 or a KVS_E* code */
+    char message[256];       /* detail when status != 0 */
+    uint32_t result_heads;   /* search: rows filled (n_q_heads) */
+    uint32_t result_k;       /* search: columns per row */
+    size_t n_ids;            /* list: ids filled */
+    uint64_t ids_total;      /* list: sequences on the node */
+    /* Private to the library. */
+    uint64_t id_;
+    uint64_t deadline_ms_;
+    size_t node_;
+    bool done_;
+    struct kvs_client_op_s *prev_, *next_;
+} kvs_client_op_t;
+
+/*
+ * Send `op` (connecting first if needed). On success the op is in flight and
+ * will come back from kvs_client_poll() exactly once, with op->status set.
+ * Errors (the op is then not in flight): KVS_EINVAL (bad inputs),
+ * KVS_ECONN (cannot connect), KVS_ETIMEDOUT (connect timed out),
+ * KVS_ETOOBIG (the request exceeds max_frame_bytes), KVS_ENOMEM.
+ */
+int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op);
+
+/*
+ * Wait up to timeout_ms (-1: until at least one completes, 0: do not wait)
+ * for completed ops; up to `cap` of them go into done[], their count into
+ * *n_done. Returns 0, or KVS_EINVAL when nothing is pending and nothing has
+ * completed (waiting would never end).
+ */
+int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
+                    size_t *n_done, int timeout_ms);
+/* Ops submitted and not yet returned by kvs_client_poll(). */
+size_t kvs_client_pending(const kvs_client_t *c);
+
+/* ------------------------------------------------ synchronous operations
+ * Each submits one op and waits for it; async ops completing meanwhile stay
+ * queued for kvs_client_poll(). Errors: those of kvs_client_submit(), then
+ * the server's status (the engine's errors, see kvstore.h), KVS_ECONN,
+ * KVS_ETIMEDOUT. */
+
+int kvs_client_ping(kvs_client_t *c, size_t node);
+int kvs_client_seq_create(kvs_client_t *c, uint64_t seq,
+                          const kvs_geometry_t *geo);
+/* keys/values: kv_bytes each = n_tokens * n_kv_heads * head_dim * dtype
+ * size, [token][kv_head][head_dim]; the server checks it against the
+ * sequence's geometry (KVS_EGEOMETRY). */
+int kvs_client_seq_append(kvs_client_t *c, uint64_t seq, uint32_t layer,
+                          uint32_t n_tokens, const void *keys,
+                          const void *values, size_t kv_bytes);
+/* queries: n_query_floats = n_q_heads * head_dim; positions/scores hold
+ * result_cap entries, at least n_q_heads * k (KVS_ERANGE otherwise). */
+int kvs_client_seq_search(kvs_client_t *c, uint64_t seq, uint32_t layer,
+                          const float *queries, size_t n_query_floats,
+                          uint32_t k, const kvs_query_params_t *params,
+                          int64_t *positions, float *scores,
+                          size_t result_cap);
+/* out: n_query_floats floats. stats may be NULL. */
+int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
+                          const float *queries, size_t n_query_floats,
+                          const kvs_query_params_t *params, float *out,
+                          kvs_attend_stats_t *stats);
+/* Both sequences must live on the same node; KVS_EINVAL otherwise. */
+int kvs_client_seq_fork(kvs_client_t *c, uint64_t src, uint64_t dst);
+int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq);
+int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info);
+int kvs_client_store_stats(kvs_client_t *c, size_t node,
+                           kvs_client_stats_t *stats);
+/* *n_out: ids filled (<= cap); *total (may be NULL): sequences on node. */
+int kvs_client_store_list(kvs_client_t *c, size_t node, uint64_t *ids,
+                          size_t cap, size_t *n_out, uint64_t *total);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVS_CLIENT_H */
