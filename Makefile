@@ -22,6 +22,7 @@ demo: build
 test: build
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 300
 	@$(MAKE) --no-print-directory asan
+	@$(MAKE) --no-print-directory tsan
 
 # Sanitizer builds run the unit tests again (ASan+UBSan in one build, TSan in another).
 asan: deps

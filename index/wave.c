@@ -30,9 +30,8 @@
 #define EXACT_CHUNK 1024
 
 /* A run of rows to score: `n` rows of keys/values, written to scratch
- * columns col .. col+n. `fixed` rows carry a precomputed score (estimation
- * pseudo-tokens) instead of keys. `seg` is the owning segment (NULL for the
- * tail) and `slot0` the first slot, for masking and positions. */
+ * columns col .. col+n. `seg` is the owning segment (NULL for the tail) and
+ * `slot0` the first slot, for masking and positions. */
 typedef struct block_s {
     const void *keys;
     const void *vals;
@@ -40,9 +39,6 @@ typedef struct block_s {
     uint32_t col;
     const kvs_segment_t *seg;
     uint32_t slot0;
-    uint32_t fixed_cluster; /* estimation: global cluster index */
-    float log_count;        /* estimation: log(count) */
-    int fixed;
 } block_t;
 
 struct kvs_scratch_s {
@@ -60,6 +56,10 @@ struct kvs_scratch_s {
     size_t cbase_cap;
     float *acc; /* [3][MAXQ][d] partial accumulators */
     size_t acc_cap;
+    char *gather; /* [E][row bytes] estimation value means */
+    size_t gather_cap;
+    float *tmpc; /* [C] */
+    size_t tmpc_cap;
     int64_t *hpos; /* [k] heap for search */
     size_t hpos_cap;
     float *hscore;
@@ -80,6 +80,8 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->blocks);
     free(s->cbase);
     free(s->acc);
+    free(s->gather);
+    free(s->tmpc);
     free(s->hpos);
     free(s->hscore);
     free(s);
@@ -153,25 +155,17 @@ static int is_steady(const kvs_head_view_t *v, uint64_t pos) {
 /*
  * Score every block into s->scores ([g][cols]), mask steady members of
  * cluster blocks when `mask_steady`, then fold the rows into partial `p`
- * (which must be fresh). Estimation blocks take their score from
- * s->cscore + log(count).
+ * (which must be fresh).
  */
 static void zone_partial(const kvs_head_view_t *v, const float *q, uint32_t g,
                          float scale, kvs_scratch_t *s, const block_t *blocks,
-                         size_t nb, uint32_t cols, uint32_t C, int mask_steady,
+                         size_t nb, uint32_t cols, int mask_steady,
                          partial_t *p) {
     if (cols == 0)
         return;
     float *S = s->scores;
     for (size_t b = 0; b < nb; b++) {
         const block_t *bk = &blocks[b];
-        if (bk->fixed) {
-            for (uint32_t i = 0; i < g; i++)
-                S[(size_t)i * cols + bk->col] =
-                    s->cscore[(size_t)i * C + bk->fixed_cluster] +
-                    bk->log_count;
-            continue;
-        }
         kvs_dot_rows(v->dtype, q, g, bk->keys, bk->n, v->d, scale,
                      S + bk->col, cols);
         if (mask_steady && bk->seg) {
@@ -266,7 +260,7 @@ static int exact_chunk(void *arg, const void *keys, const void *vals,
     exact_ctx_t *c = arg;
     block_t b = {.keys = keys, .vals = vals, .n = n, .col = 0};
     partial_init(c->tmp, c->g, c->v->d, c->tmp->acc);
-    zone_partial(c->v, c->q, c->g, c->scale, c->s, &b, 1, n, 0, 0, c->tmp);
+    zone_partial(c->v, c->q, c->g, c->scale, c->s, &b, 1, n, 0, c->tmp);
     partial_merge(c->run, c->tmp);
     return 0;
 }
@@ -400,18 +394,18 @@ static int score_clusters(const kvs_head_view_t *v, const float *q,
 }
 
 /* rank[c] = sum over the group of softmax_c(cscore[i][c]). */
-static void rank_clusters(kvs_scratch_t *s, uint32_t g, uint32_t C) {
+static int rank_clusters(kvs_scratch_t *s, uint32_t g, uint32_t C) {
+    if (GROW(s, tmpc, tmpc_cap, C))
+        return KVS_ENOMEM;
     memset(s->rank, 0, C * sizeof(float));
     for (uint32_t i = 0; i < g; i++) {
-        const float *row = s->cscore + (size_t)i * C;
-        float m = kvs_max(row, C);
-        double z = 0;
+        memcpy(s->tmpc, s->cscore + (size_t)i * C, C * sizeof(float));
+        float z = kvs_exp_sum(s->tmpc, C, kvs_max(s->tmpc, C));
+        float inv = 1.0f / z;
         for (uint32_t c = 0; c < C; c++)
-            z += expf(row[c] - m);
-        float inv = (float)(1.0 / z);
-        for (uint32_t c = 0; c < C; c++)
-            s->rank[c] += expf(row[c] - m) * inv;
+            s->rank[c] += s->tmpc[c] * inv;
     }
+    return 0;
 }
 
 static uint32_t frac_count(float f, uint32_t C) {
@@ -517,14 +511,15 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         return rc;
     if (GROW(s, scores, scores_cap, (size_t)g * cols))
         return KVS_ENOMEM;
-    zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, 0, 0, &run);
+    zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, 0, &run);
     st.keys_steady = cols;
 
     /* Rank the clusters. */
     uint32_t C;
     if ((rc = score_clusters(v, q, g, zp->scale, s, &C)))
         return rc;
-    rank_clusters(s, g, C);
+    if ((rc = rank_clusters(s, g, C)))
+        return rc;
     for (uint32_t c = 0; c < C; c++)
         s->idx[c] = c;
     uint32_t R, E;
@@ -570,13 +565,20 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         if (GROW(s, scores, scores_cap, (size_t)g * cols))
             return KVS_ENOMEM;
         partial_init(&tmp, g, v->d, tmp.acc);
-        zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, C, 1, &tmp);
+        zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, 1, &tmp);
         partial_merge(&run, &tmp);
     }
 
-    /* Estimation zone: one pseudo-token per cluster. */
-    nb = 0;
+    /* Estimation zone: one pseudo-token per cluster, score q.c*scale +
+     * log(count), value the cluster's value mean. The means are gathered
+     * into one contiguous block so that a single weighted-sum pass covers
+     * the whole zone. */
+    size_t rbytes = row_bytes(v);
+    if (GROW(s, gather, gather_cap, (size_t)E * rbytes) ||
+        GROW(s, scores, scores_cap, (size_t)g * (E ? E : 1)))
+        return KVS_ENOMEM;
     cols = 0;
+    float *S = s->scores;
     for (uint32_t e = R; e < R + E; e++) {
         uint32_t c = s->idx[e];
         uint32_t si = seg_of(s->cbase, v->n_segments, c);
@@ -585,22 +587,20 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             v->segments[si], c - s->cbase[si], si + 1 == v->n_segments, &mean);
         if (cnt == 0)
             continue;
-        block_t b = {.keys = NULL,
-                     .vals = mean,
-                     .n = 1,
-                     .col = cols,
-                     .fixed = 1,
-                     .fixed_cluster = c,
-                     .log_count = logf((float)cnt)};
-        if (push_block(s, &nb, b))
-            return KVS_ENOMEM;
+        memcpy(s->gather + (size_t)cols * rbytes, mean, rbytes);
+        float lc = logf((float)cnt);
+        for (uint32_t i = 0; i < g; i++)
+            S[(size_t)i * E + cols] = s->cscore[(size_t)i * C + c] + lc;
         cols++;
     }
     if (cols) {
-        if (GROW(s, scores, scores_cap, (size_t)g * cols))
-            return KVS_ENOMEM;
         partial_init(&tmp, g, v->d, tmp.acc);
-        zone_partial(v, q, g, zp->scale, s, s->blocks, nb, cols, C, 0, &tmp);
+        for (uint32_t i = 0; i < g; i++) {
+            float *row = S + (size_t)i * E;
+            tmp.m[i] = kvs_max(row, cols);
+            tmp.l[i] = kvs_exp_sum(row, cols, tmp.m[i]);
+        }
+        kvs_axpy_rows(v->dtype, S, E, g, s->gather, cols, v->d, tmp.acc);
         partial_merge(&run, &tmp);
     }
     partial_finish(&run, out);

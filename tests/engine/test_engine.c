@@ -23,7 +23,7 @@
 #define SCALE_DOWN 1
 #endif
 
-static uint64_t rng = 0x1234567;
+static _Thread_local uint64_t rng = 0x1234567;
 static double urand(void) {
     rng ^= rng << 13;
     rng ^= rng >> 7;
