@@ -143,6 +143,19 @@ static uint32_t seg_block_rows(uint32_t n, uint32_t k) {
     return b < n ? b : n;
 }
 
+typedef struct seg_gain_s {
+    float gain;
+    uint32_t i;
+} seg_gain_t;
+
+/* Largest gain first; index breaks ties so the order is deterministic. */
+static int seg_gain_cmp(const void *a, const void *b) {
+    const seg_gain_t *x = a, *y = b;
+    if (x->gain != y->gain)
+        return x->gain > y->gain ? -1 : 1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
 /*
  * Spherical maximum-inner-product k-means of the centred keys xc [n][d] into
  * k clusters, then the final assignment: label[i] receives key i's cluster
@@ -151,7 +164,7 @@ static uint32_t seg_block_rows(uint32_t n, uint32_t k) {
  * Centroids start as k distinct keys picked by the seed. Each iteration
  * assigns every key to its best centroid (by inner product), sets each
  * centroid to the normalised sum of its members and re-seeds every empty
- * cluster with the key that gains most from a centroid of its own
+ * cluster with a key that gains most from a centroid of its own
  * (|x| - x.c, distinct keys for distinct clusters). Clusters can still end
  * up empty after the final assignment; the caller drops them.
  *
@@ -171,10 +184,11 @@ static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
     uint32_t *cnt = malloc(sizeof(*cnt) * k);
     float *norm = malloc(sizeof(*norm) * n);
     uint32_t *prev = malloc(sizeof(*prev) * n);
+    seg_gain_t *gain = malloc(sizeof(*gain) * n);
     int reseeded = 0;
     int rc = 0;
 
-    if (!cent || !sum || !buf || !perm || !cnt || !norm || !prev) {
+    if (!cent || !sum || !buf || !perm || !cnt || !norm || !prev || !gain) {
         rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
         goto out;
     }
@@ -220,27 +234,28 @@ static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
                 s[j] += x[j];
             cnt[label[i]]++;
         }
-        for (uint32_t c = 0; c < k; c++) {
+        /* Empty clusters take the keys that gain most from a centroid of
+         * their own, best first; a sort rather than a scan per cluster, so
+         * that k close to n stays O(n log n). */
+        uint32_t n_empty = 0;
+        for (uint32_t c = 0; c < k; c++)
+            n_empty += cnt[c] == 0;
+        if (n_empty) {
+            for (uint32_t i = 0; i < n; i++) {
+                gain[i].gain = norm[i] - score[i];
+                gain[i].i = i;
+            }
+            qsort(gain, n, sizeof(*gain), seg_gain_cmp);
+            reseeded = 1;
+        }
+        for (uint32_t c = 0, e = 0; c < k; c++) {
+            float *cc = cent + (size_t)c * d;
             if (cnt[c] == 0) {
-                /* Re-seed with the key that gains most; score[] of a key
-                 * taken here is set to its norm so it is not taken twice. */
-                uint32_t bi = 0;
-                float bg = -1.0f;
-                for (uint32_t i = 0; i < n; i++) {
-                    float g = norm[i] - score[i];
-                    if (g > bg) {
-                        bg = g;
-                        bi = i;
-                    }
-                }
-                score[bi] = norm[bi];
-                reseeded = 1;
-                for (uint32_t j = 0; j < d; j++)
-                    cent[(size_t)c * d + j] = xc[(size_t)bi * d + j];
+                memcpy(cc, xc + (size_t)gain[e++].i * d, sizeof(*cc) * d);
                 continue;
             }
             for (uint32_t j = 0; j < d; j++)
-                cent[(size_t)c * d + j] = (float)sum[(size_t)c * d + j];
+                cc[j] = (float)sum[(size_t)c * d + j];
         }
         seg_normalize_rows(cent, k, d);
     }
@@ -253,8 +268,10 @@ out:
     free(cnt);
     free(norm);
     free(prev);
+    free(gain);
     return rc;
 }
+
 /* Mean (in double) of rows src[slot] for slots in [lo, hi) whose `skip`
  * entry is 0 (all when skip is NULL), stored to dst [d] in `dtype`. Returns
  * the number of rows averaged; zeros are stored when it is 0. */
