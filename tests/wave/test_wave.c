@@ -1,0 +1,281 @@
+/*
+ * test_wave.c: tripartite attention (index/wave.c) on segments assembled by
+ * hand, so the zone arithmetic is checked apart from k-means:
+ * - when every cluster's members share one key, a pseudo-token (centroid,
+ *   count, value mean) is exact, so estimating every cluster must equal
+ *   exact attention, with steady members (sinks, window) left out of their
+ *   clusters through the adjustment tables;
+ * - skipping every cluster leaves exactly the steady zone;
+ * - the LSE merge of zones equals one softmax over their union.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "index/kvs_index.h"
+
+enum { D = 8, CL = 16, PER = 8 }; /* clusters per segment, members each */
+
+static uint64_t rng = 77;
+static float frand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2 - 1);
+}
+
+/* Token-order arrays of the whole context, for the reference. */
+static float all_k[4096][D], all_v[4096][D];
+
+/* A segment of CL clusters x PER members at first_pos, members of cluster c
+ * at positions first_pos + c + CL * j (interleaved, as k-means would
+ * scatter them), all with the same key. Adjustment tables filled for the
+ * given sinks and window, as the builder must. */
+static kvs_segment_t *make_segment(uint64_t first_pos, uint32_t sink,
+                                   uint32_t window) {
+    uint32_t n = CL * PER;
+    kvs_segment_t *s = calloc(1, sizeof *s);
+    s->dtype = KVS_DTYPE_F32;
+    s->d = D;
+    s->first_pos = first_pos;
+    s->n_tokens = n;
+    s->n_clusters = CL;
+    s->offsets = malloc((CL + 1) * sizeof(uint32_t));
+    s->positions = malloc(n * sizeof(uint32_t));
+    s->keys = malloc(n * D * sizeof(float));
+    s->values = malloc(n * D * sizeof(float));
+    s->centroids = malloc(CL * D * sizeof(float));
+    s->value_means = malloc(CL * D * sizeof(float));
+    s->counts = malloc(CL * sizeof(uint32_t));
+    s->adj_flags = calloc(CL, 1);
+    float *K = s->keys, *V = s->values, *C = s->centroids, *M = s->value_means;
+    kvs_cluster_adj_t *adj[2] = {&s->adj_always, &s->adj_last};
+    for (int a = 0; a < 2; a++) {
+        adj[a]->cluster = malloc(CL * sizeof(uint32_t));
+        adj[a]->count = malloc(CL * sizeof(uint32_t));
+        adj[a]->value_means = malloc(CL * D * sizeof(float));
+    }
+    for (uint32_t c = 0; c < CL; c++) {
+        float key[D];
+        for (int t = 0; t < D; t++)
+            key[t] = frand() * 2;
+        s->offsets[c] = c * PER;
+        s->counts[c] = PER;
+        double sum[D] = {0}, sa[2][D] = {{0}};
+        uint32_t na[2] = {0, 0};
+        for (uint32_t j = 0; j < PER; j++) {
+            uint32_t slot = c * PER + j, rel = c + CL * j;
+            uint64_t pos = first_pos + rel;
+            s->positions[slot] = rel;
+            int is_sink = pos < sink, is_win = rel >= n - window;
+            for (int t = 0; t < D; t++) {
+                K[slot * D + t] = all_k[pos][t] = key[t];
+                V[slot * D + t] = all_v[pos][t] = frand();
+                sum[t] += V[slot * D + t];
+                if (!is_sink)
+                    sa[0][t] += V[slot * D + t];
+                if (!is_sink && !is_win)
+                    sa[1][t] += V[slot * D + t];
+            }
+            na[0] += !is_sink;
+            na[1] += !is_sink && !is_win;
+        }
+        for (int t = 0; t < D; t++) {
+            C[c * D + t] = key[t];
+            M[c * D + t] = (float)(sum[t] / PER);
+        }
+        for (int a = 0; a < 2; a++)
+            if (na[a] != PER) {
+                kvs_cluster_adj_t *x = adj[a];
+                x->cluster[x->n] = c;
+                x->count[x->n] = na[a];
+                for (int t = 0; t < D; t++)
+                    ((float *)x->value_means)[x->n * D + t] =
+                        na[a] ? (float)(sa[a][t] / na[a]) : 0;
+                x->n++;
+                s->adj_flags[c] |= (uint8_t)(1u << a);
+            }
+    }
+    s->offsets[CL] = n;
+    return s;
+}
+
+static void ref_attend(uint64_t n, const float *q, float scale,
+                       const uint8_t *include, double *out) {
+    double m = -INFINITY, z = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (include && !include[i])
+            continue;
+        double s = 0;
+        for (int t = 0; t < D; t++)
+            s += (double)q[t] * all_k[i][t];
+        if (s * scale > m)
+            m = s * scale;
+    }
+    for (int t = 0; t < D; t++)
+        out[t] = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (include && !include[i])
+            continue;
+        double s = 0;
+        for (int t = 0; t < D; t++)
+            s += (double)q[t] * all_k[i][t];
+        double w = exp(s * scale - m);
+        z += w;
+        for (int t = 0; t < D; t++)
+            out[t] += w * all_v[i][t];
+    }
+    for (int t = 0; t < D; t++)
+        out[t] /= z;
+}
+
+typedef struct ctx_s {
+    kvs_segment_t *segs[3];
+    float tail_k[40][D], tail_v[40][D];
+    kvs_head_view_t v;
+} ctx_t;
+
+static void make_view(ctx_t *c, uint32_t sink, uint32_t window) {
+    uint32_t n = CL * PER;
+    for (int i = 0; i < 3; i++)
+        c->segs[i] = make_segment((uint64_t)i * n, sink, window);
+    for (int i = 0; i < 40; i++)
+        for (int t = 0; t < D; t++) {
+            c->tail_k[i][t] = all_k[3 * n + i][t] = frand();
+            c->tail_v[i][t] = all_v[3 * n + i][t] = frand();
+        }
+    kvs_head_view_t v = {.dtype = KVS_DTYPE_F32,
+                         .d = D,
+                         .segments = c->segs,
+                         .n_segments = 3,
+                         .indexed_tokens = 3 * n,
+                         .tail_keys = c->tail_k,
+                         .tail_values = c->tail_v,
+                         .tail_tokens = 40,
+                         .sink_tokens = sink,
+                         .window_tokens = window};
+    c->v = v;
+}
+
+static void free_view(ctx_t *c) {
+    for (int i = 0; i < 3; i++)
+        kvs_segment_free(c->segs[i]);
+}
+
+static void test_wave_estimation_exact_for_point_clusters(void **state) {
+    (void)state;
+    ctx_t c;
+    make_view(&c, 4, 10);
+    kvs_scratch_t *s = kvs_scratch_new();
+    float q[2 * D], out[2 * D];
+    double ref[D];
+    for (int r = 0; r < 10; r++) {
+        for (int i = 0; i < 2 * D; i++)
+            q[i] = frand();
+        kvs_zone_params_t zp = {.retrieval_fraction = 0,
+                                .estimation_fraction = 1,
+                                .scale = 0.5f};
+        kvs_zone_stats_t st = {0};
+        assert_int_equal(kvs_head_attend(&c.v, q, 2, &zp, s, out, &st), 0);
+        for (int i = 0; i < 2; i++) {
+            ref_attend(3 * CL * PER + 40, q + i * D, 0.5f, NULL, ref);
+            for (int t = 0; t < D; t++)
+                assert_float_equal(out[i * D + t], ref[t], 1e-5);
+        }
+        assert_int_equal(st.clusters_estimated, 3 * CL);
+        assert_int_equal(st.clusters_retrieved, 0);
+        assert_int_equal(st.keys_steady, 4 + 10 + 40);
+        assert_int_equal(st.keys_exact, 4 + 10 + 40);
+    }
+    kvs_scratch_free(s);
+    free_view(&c);
+}
+
+static void test_wave_skip_all_leaves_steady_zone(void **state) {
+    (void)state;
+    ctx_t c;
+    make_view(&c, 4, 10);
+    kvs_scratch_t *s = kvs_scratch_new();
+    uint32_t n = 3 * CL * PER + 40;
+    uint8_t *inc = calloc(n, 1);
+    for (uint32_t i = 0; i < n; i++)
+        inc[i] = i < 4 || i >= 3 * CL * PER - 10;
+    float q[2 * D], out[2 * D];
+    double ref[D];
+    for (int i = 0; i < 2 * D; i++)
+        q[i] = frand();
+    kvs_zone_params_t zp = {.scale = 0.3f};
+    kvs_zone_stats_t st = {0};
+    assert_int_equal(kvs_head_attend(&c.v, q, 2, &zp, s, out, &st), 0);
+    for (int i = 0; i < 2; i++) {
+        ref_attend(n, q + i * D, 0.3f, inc, ref);
+        for (int t = 0; t < D; t++)
+            assert_float_equal(out[i * D + t], ref[t], 1e-5);
+    }
+    assert_int_equal(st.clusters_skipped, 3 * CL);
+    /* Retrieval of everything: exact over the whole context. */
+    zp.retrieval_fraction = 1;
+    assert_int_equal(kvs_head_attend(&c.v, q, 2, &zp, s, out, &st), 0);
+    for (int i = 0; i < 2; i++) {
+        ref_attend(n, q + i * D, 0.3f, NULL, ref);
+        for (int t = 0; t < D; t++)
+            assert_float_equal(out[i * D + t], ref[t], 1e-5);
+    }
+    /* Search in exact and full-retrieval wave mode agree. */
+    int64_t p1[5], p2[5];
+    float s1[5], s2[5];
+    kvs_zone_params_t ex = {.exact = 1, .scale = 1};
+    assert_int_equal(kvs_head_search(&c.v, q, 5, &ex, s, p1, s1, NULL), 0);
+    assert_int_equal(kvs_head_search(&c.v, q, 5, &zp, s, p2, s2, NULL), 0);
+    for (int i = 0; i < 5; i++) {
+        assert_true(p1[i] >= 0 && p1[i] < (int64_t)n);
+        assert_float_equal(s1[i], s2[i], 1e-6);
+    }
+    free(inc);
+    kvs_scratch_free(s);
+    free_view(&c);
+}
+
+/* Half retrieval, half estimation, still exact for point clusters: the
+ * zones' partials merge by log-sum-exp into one softmax. */
+static void test_wave_lse_merge_of_zones(void **state) {
+    (void)state;
+    ctx_t c;
+    make_view(&c, 4, 10);
+    kvs_scratch_t *s = kvs_scratch_new();
+    float q[4 * D], out[4 * D];
+    double ref[D];
+    for (int i = 0; i < 4 * D; i++)
+        q[i] = frand() * 3;
+    kvs_zone_params_t zp = {.retrieval_fraction = 0.5f,
+                            .estimation_fraction = 0.5f,
+                            .scale = 1.0f};
+    assert_int_equal(kvs_head_attend(&c.v, q, 4, &zp, s, out, NULL), 0);
+    for (int i = 0; i < 4; i++) {
+        ref_attend(3 * CL * PER + 40, q + i * D, 1.0f, NULL, ref);
+        for (int t = 0; t < D; t++)
+            assert_float_equal(out[i * D + t], ref[t], 1e-5);
+    }
+    /* Bounded mode: epsilon 0 means retrieve every cluster. */
+    zp.bounded = 1;
+    zp.epsilon = 0;
+    kvs_zone_stats_t st = {0};
+    assert_int_equal(kvs_head_attend(&c.v, q, 4, &zp, s, out, &st), 0);
+    assert_int_equal(st.clusters_retrieved, 3 * CL);
+    kvs_scratch_free(s);
+    free_view(&c);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_wave_estimation_exact_for_point_clusters),
+        cmocka_unit_test(test_wave_skip_all_leaves_steady_zone),
+        cmocka_unit_test(test_wave_lse_merge_of_zones),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
