@@ -141,18 +141,68 @@ ALWAYS_INLINE void dot_4rows_1q(kvs_dtype_t dtype, const float *q,
     out[j + 3] = s3 * scale;
 }
 
+/* Sums of four accumulators at once: lane i of the result = hsum(a_i). */
+ALWAYS_INLINE __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 s01 = _mm256_hadd_ps(a0, a1);
+    __m256 s23 = _mm256_hadd_ps(a2, a3);
+    __m256 s = _mm256_hadd_ps(s01, s23);
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* Two key rows against four queries: the q loads are shared by both rows
+ * and the eight sums are reduced four at a time. d % 8 == 0. */
+ALWAYS_INLINE void dot_2rows_4q(kvs_dtype_t dtype, const float *q,
+                                const void *r0, const void *r1, uint32_t d,
+                                float scale, float *out, size_t ld, size_t j) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+    for (uint32_t t = 0; t < d; t += 8) {
+        __m256 k0 = load8(dtype, r0, t), k1 = load8(dtype, r1, t);
+        __m256 q0 = _mm256_loadu_ps(q + t);
+        a0 = _mm256_fmadd_ps(q0, k0, a0);
+        b0 = _mm256_fmadd_ps(q0, k1, b0);
+        __m256 q1 = _mm256_loadu_ps(q + d + t);
+        a1 = _mm256_fmadd_ps(q1, k0, a1);
+        b1 = _mm256_fmadd_ps(q1, k1, b1);
+        __m256 q2 = _mm256_loadu_ps(q + 2 * d + t);
+        a2 = _mm256_fmadd_ps(q2, k0, a2);
+        b2 = _mm256_fmadd_ps(q2, k1, b2);
+        __m256 q3 = _mm256_loadu_ps(q + 3 * d + t);
+        a3 = _mm256_fmadd_ps(q3, k0, a3);
+        b3 = _mm256_fmadd_ps(q3, k1, b3);
+    }
+    float sa[4], sb[4];
+    __m128 sc = _mm_set1_ps(scale);
+    _mm_storeu_ps(sa, _mm_mul_ps(hsum4(a0, a1, a2, a3), sc));
+    _mm_storeu_ps(sb, _mm_mul_ps(hsum4(b0, b1, b2, b3), sc));
+    for (int i = 0; i < 4; i++) {
+        out[i * ld + j] = sa[i];
+        out[i * ld + j + 1] = sb[i];
+    }
+}
+
 ALWAYS_INLINE void dot_rows_t(kvs_dtype_t dtype, const float *q, uint32_t nq,
                               const void *keys, size_t n, uint32_t d,
                               float scale, float *out, size_t ld) {
     size_t esz = kvs_dtype_size(dtype);
+    size_t rb = (size_t)d * esz;
     size_t j = 0;
     if (nq == 1)
         for (; j + 4 <= n; j += 4)
             dot_4rows_1q(dtype, q, keys, j, d, scale, out);
+    if (nq == 4 && (d & 7) == 0)
+        for (; j + 2 <= n; j += 2) {
+            const char *r0 = (const char *)keys + j * rb;
+            __builtin_prefetch(r0 + 8 * rb);
+            __builtin_prefetch(r0 + 9 * rb);
+            dot_2rows_4q(dtype, q, r0, r0 + rb, d, scale, out, ld, j);
+        }
     for (; j < n; j++) {
         if (j + 8 < n)
-            __builtin_prefetch((const char *)keys + (j + 8) * d * esz);
-        dot_row_q(dtype, q, nq, (const char *)keys + j * d * esz, d, scale,
+            __builtin_prefetch((const char *)keys + (j + 8) * rb);
+        dot_row_q(dtype, q, nq, (const char *)keys + j * rb, d, scale,
                   out, ld, j);
     }
 }
