@@ -961,6 +961,14 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
         node = op->node;
     }
     node_t *n = &c->nodes[node];
+    if (n->fd >= 0 && !n->fifo_head) {
+        /* An idle connection may have been closed by the server (idle
+         * timeout, restart): notice it now and reconnect, rather than lose
+         * this request on a dead socket. */
+        struct pollfd p = {.fd = n->fd, .events = POLLIN};
+        if (poll(&p, 1, 0) > 0)
+            node_read(c, n);
+    }
     op->node_ = node;
     op->id_ = c->next_id++;
     uint8_t *buf;

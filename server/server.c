@@ -220,6 +220,9 @@ static void on_flush_check(uv_check_t *h) {
         conn_flush(c);
         c = next;
     }
+    /* The last answers of a drain usually leave through uv_try_write, with
+     * no write callback to notice that the drain is complete. */
+    check_drained(srv);
 }
 
 static bool conn_wants_input(const kvs__conn_t *c) {
