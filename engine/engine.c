@@ -19,6 +19,7 @@
  */
 #include "kvstore.h"
 
+#include "engine/persist.h"
 #include "engine/pool.h"
 #include "index/kvs_index.h"
 #include "kernels/kvs_kernels.h"
@@ -49,6 +50,9 @@ typedef struct head_s {
 
 typedef struct layer_s {
     pthread_rwlock_t lock;
+    /* Serialises appends to this layer, so the storage write (which may
+     * wait for an fsync) happens outside the rwlock readers need. */
+    pthread_mutex_t append_mu;
     head_t *heads; /* [n_kv_heads] */
     uint64_t tokens;
 } layer_t;
@@ -60,6 +64,7 @@ typedef struct seq_s {
     atomic_int refs;
     atomic_int dropped;
     atomic_uint_fast64_t builds_pending;
+    char *damage; /* non-NULL: quarantined, and why */
     layer_t *layers;
     struct seq_s *next; /* hash chain */
 } seq_t;
@@ -73,6 +78,7 @@ typedef struct build_job_s {
 struct kvs_store_s {
     kvs_options_t opts;
     char *data_dir;
+    kvs__db_t *db;      /* NULL: memory only */
     kvs__pool_t *pool;
     pthread_key_t scratch_key;
 
@@ -145,6 +151,8 @@ void kvs_options_default(kvs_options_t *o) {
     o->kmeans_iters = 10;
     o->sink_tokens = 4;
     o->window_tokens = 64;
+    o->sync = KVS_SYNC_BATCH;
+    o->sync_interval_ms = 5;
     kvs_query_params_default(&o->defaults);
 }
 
@@ -191,9 +199,11 @@ static void seq_free(seq_t *q) {
                 head_release(&L->heads[h]);
             free(L->heads);
             pthread_rwlock_destroy(&L->lock);
+            pthread_mutex_destroy(&L->append_mu);
         }
         free(q->layers);
     }
+    free(q->damage);
     free(q);
 }
 
@@ -262,13 +272,9 @@ static int check_geometry(kvs_store_t *s, const kvs_geometry_t *g) {
     return 0;
 }
 
-int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
-    if (!s)
-        return KVS_EINVAL;
-    clear_err(s);
-    int rc = check_geometry(s, geo);
-    if (rc)
-        return rc;
+/* A new, empty, unlinked sequence. */
+static int seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
+                   seq_t **out) {
     seq_t *q = calloc(1, sizeof *q);
     if (!q)
         return fail(s, KVS_ENOMEM, "sequence");
@@ -291,30 +297,67 @@ int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
             &attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
         pthread_rwlock_init(&q->layers[l].lock, &attr);
         pthread_rwlockattr_destroy(&attr);
+        pthread_mutex_init(&q->layers[l].append_mu, NULL);
     }
-
-    pthread_mutex_lock(&s->map_mu);
-    for (seq_t *p = s->buckets[bucket_of(s, id)]; p; p = p->next)
-        if (p->id == id) {
-            pthread_mutex_unlock(&s->map_mu);
-            seq_free(q);
-            return fail(s, KVS_EEXIST, "sequence %llu already exists",
-                        (unsigned long long)id);
-        }
-    if (s->n_seqs + 1 > s->n_buckets && map_grow(s)) {
-        pthread_mutex_unlock(&s->map_mu);
-        seq_free(q);
-        return fail(s, KVS_ENOMEM, "sequence table");
-    }
-    size_t b = bucket_of(s, id);
-    q->next = s->buckets[b];
-    s->buckets[b] = q;
-    s->n_seqs++;
-    pthread_mutex_unlock(&s->map_mu);
+    *out = q;
     return 0;
 oom:
     seq_free(q);
     return fail(s, KVS_ENOMEM, "sequence");
+}
+
+/* Caller holds map_mu; `id` is not in the table. */
+static int map_insert(kvs_store_t *s, seq_t *q) {
+    if (s->n_seqs + 1 > s->n_buckets && map_grow(s))
+        return KVS_ENOMEM;
+    size_t b = bucket_of(s, q->id);
+    q->next = s->buckets[b];
+    s->buckets[b] = q;
+    s->n_seqs++;
+    return 0;
+}
+
+static seq_t *map_find(kvs_store_t *s, uint64_t id) {
+    seq_t *q = s->buckets[bucket_of(s, id)];
+    while (q && q->id != id)
+        q = q->next;
+    return q;
+}
+
+int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    int rc = check_geometry(s, geo);
+    if (rc)
+        return rc;
+    seq_t *q;
+    if ((rc = seq_new(s, id, geo, &q)))
+        return rc;
+    /* The map lock is held across the storage write so that a racing
+     * create or drop of the same id cannot reorder with it. */
+    pthread_mutex_lock(&s->map_mu);
+    if (map_find(s, id)) {
+        pthread_mutex_unlock(&s->map_mu);
+        seq_free(q);
+        return fail(s, KVS_EEXIST, "sequence %llu already exists",
+                    (unsigned long long)id);
+    }
+    if (s->db) {
+        char err[256];
+        if ((rc = kvs__db_create_seq(s->db, id, geo, err, sizeof err))) {
+            pthread_mutex_unlock(&s->map_mu);
+            seq_free(q);
+            return fail(s, rc, "%s", err);
+        }
+    }
+    if ((rc = map_insert(s, q))) {
+        pthread_mutex_unlock(&s->map_mu);
+        seq_free(q);
+        return fail(s, rc, "sequence table");
+    }
+    pthread_mutex_unlock(&s->map_mu);
+    return 0;
 }
 
 int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
@@ -326,14 +369,22 @@ int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
     while (*pp && (*pp)->id != id)
         pp = &(*pp)->next;
     seq_t *q = *pp;
-    if (q) {
-        *pp = q->next;
-        s->n_seqs--;
-    }
-    pthread_mutex_unlock(&s->map_mu);
-    if (!q)
+    if (!q) {
+        pthread_mutex_unlock(&s->map_mu);
         return fail(s, KVS_ENOSEQ, "unknown sequence %llu",
                     (unsigned long long)id);
+    }
+    if (s->db) {
+        char err[256];
+        int rc = kvs__db_drop_seq(s->db, id, err, sizeof err);
+        if (rc) {
+            pthread_mutex_unlock(&s->map_mu);
+            return fail(s, rc, "%s", err);
+        }
+    }
+    *pp = q->next;
+    s->n_seqs--;
+    pthread_mutex_unlock(&s->map_mu);
     atomic_store(&q->dropped, 1);
     /* Wake kvs_seq_wait_indexed callers: a dropped sequence waits no more. */
     pthread_mutex_lock(&s->build_mu);
@@ -345,9 +396,15 @@ int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
 
 static seq_t *seq_lookup(kvs_store_t *s, uint64_t id, int *rc) {
     seq_t *q = seq_get(s, id);
-    if (!q)
+    if (!q) {
         *rc = fail(s, KVS_ENOSEQ, "unknown sequence %llu",
                    (unsigned long long)id);
+    } else if (q->damage) {
+        *rc = fail(s, KVS_EQUARANTINED, "sequence %llu is quarantined: %s",
+                   (unsigned long long)id, q->damage);
+        seq_unref(q);
+        q = NULL;
+    }
     return q;
 }
 
@@ -436,6 +493,14 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
     }
     free(keys);
     free(vals);
+    if (seg && s->db && !atomic_load(&q->dropped)) {
+        /* A failed write leaves the rows stored: the segment still serves
+         * from memory and is rebuilt after a restart. */
+        char err[256];
+        if (kvs__db_put_segment(s->db, q->id, j->layer, j->head, seg, err,
+                                sizeof err))
+            fprintf(stderr, "kvstore: %s\n", err);
+    }
 
     pthread_rwlock_wrlock(&L->lock);
     if (seg && h->n_segments == h->segments_cap) {
@@ -488,19 +553,157 @@ static void *builder(void *arg) {
 }
 
 /* ---------------------------------------------------------------------- */
+/* Loading a data directory                                               */
+
+static int head_reserve(head_t *h, size_t row_bytes, uint64_t more);
+
+static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g) {
+    kvs_store_t *s = ctx;
+    if (map_find(s, id))
+        return KVS_EEXIST;
+    int rc = check_geometry(s, g);
+    seq_t *q;
+    if (rc || (rc = seq_new(s, id, g, &q)))
+        return rc;
+    if ((rc = map_insert(s, q)))
+        seq_free(q);
+    return rc;
+}
+
+static head_t *load_head(kvs_store_t *s, uint64_t id, uint32_t layer,
+                         uint32_t head, seq_t **qo) {
+    seq_t *q = map_find(s, id);
+    if (!q || q->damage || layer >= q->geo.n_layers ||
+        head >= q->geo.n_kv_heads)
+        return NULL;
+    *qo = q;
+    return &q->layers[layer].heads[head];
+}
+
+static int load_segment(void *ctx, uint64_t id, uint32_t layer,
+                        uint32_t head, kvs_segment_t *seg) {
+    kvs_store_t *s = ctx;
+    seq_t *q;
+    head_t *h = load_head(s, id, layer, head, &q);
+    int rc = KVS_ECORRUPT;
+    if (!h || seg->dtype != q->geo.dtype || seg->d != q->geo.head_dim ||
+        seg->first_pos != h->indexed_tokens || h->tail_len != 0 ||
+        seg->n_tokens != s->opts.segment_tokens)
+        goto fail;
+    if (h->n_segments == h->segments_cap) {
+        uint32_t cap = h->segments_cap ? h->segments_cap * 2 : 8;
+        kvs_segment_t **p = realloc(h->segments, cap * sizeof *p);
+        if (!p) {
+            rc = KVS_ENOMEM;
+            goto fail;
+        }
+        h->segments = p;
+        h->segments_cap = cap;
+    }
+    h->segments[h->n_segments++] = seg;
+    h->indexed_tokens += seg->n_tokens;
+    return 0;
+fail:
+    kvs_segment_free(seg);
+    return rc;
+}
+
+static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                     uint64_t pos, uint32_t n, size_t half, const void *keys,
+                     const void *values) {
+    kvs_store_t *s = ctx;
+    seq_t *q;
+    head_t *h = load_head(s, id, layer, head, &q);
+    if (!h || half != (size_t)n * q->row_bytes ||
+        pos != h->indexed_tokens + h->tail_len)
+        return KVS_ECORRUPT;
+    int rc = head_reserve(h, q->row_bytes, n);
+    if (rc)
+        return rc;
+    size_t at = (h->tail_start + h->tail_len) * q->row_bytes;
+    memcpy(h->tail_keys + at, keys, half);
+    memcpy(h->tail_values + at, values, half);
+    h->tail_len += n;
+    return 0;
+}
+
+static void load_damaged(void *ctx, uint64_t id, const char *why) {
+    kvs_store_t *s = ctx;
+    seq_t *q = map_find(s, id);
+    fprintf(stderr, "kvstore: sequence %llu quarantined: %s\n",
+            (unsigned long long)id, why);
+    if (q && !q->damage)
+        q->damage = strdup(why ? why : "damaged");
+}
+
+/* After loading: every head of a layer must hold the same tokens. */
+static void load_finish(kvs_store_t *s) {
+    for (size_t b = 0; b < s->n_buckets; b++)
+        for (seq_t *q = s->buckets[b]; q; q = q->next) {
+            if (q->damage)
+                continue;
+            for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+                layer_t *L = &q->layers[l];
+                uint64_t t0 = L->heads[0].indexed_tokens + L->heads[0].tail_len;
+                for (uint32_t h = 1; h < q->geo.n_kv_heads; h++)
+                    if (L->heads[h].indexed_tokens + L->heads[h].tail_len != t0) {
+                        char why[128];
+                        snprintf(why, sizeof why, "layer %u: KV heads hold "
+                                 "different token counts", l);
+                        load_damaged(s, q->id, why);
+                    }
+                L->tokens = t0;
+            }
+        }
+}
+
+/* Queue builds for every tail that holds a whole segment. */
+static void load_schedule_builds(kvs_store_t *s) {
+    for (size_t b = 0; b < s->n_buckets; b++)
+        for (seq_t *q = s->buckets[b]; q; q = q->next) {
+            if (q->damage)
+                continue;
+            for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+                pthread_rwlock_wrlock(&q->layers[l].lock);
+                for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+                    maybe_build(s, q, l, h);
+                pthread_rwlock_unlock(&q->layers[l].lock);
+            }
+        }
+}
+
+/* ---------------------------------------------------------------------- */
 /* Open / close                                                           */
 
 static void scratch_destroy(void *p) {
     kvs_scratch_free(p);
 }
 
+static _Thread_local char open_err[320];
+
+const char *kvs_store_open_error(void) {
+    return open_err;
+}
+
+/* Fail an open: the message goes where kvs_store_open_error() finds it. */
+__attribute__((format(printf, 2, 3))) static int open_fail(int rc,
+                                                           const char *fmt,
+                                                           ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(open_err, sizeof open_err, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
 int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
+    open_err[0] = 0;
     if (!out)
-        return KVS_EINVAL;
+        return open_fail(KVS_EINVAL, "out is NULL");
     *out = NULL;
     kvs_store_t *s = calloc(1, sizeof *s);
     if (!s)
-        return KVS_ENOMEM;
+        return open_fail(KVS_ENOMEM, "store");
     if (opts)
         s->opts = *opts;
     else
@@ -520,18 +723,15 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
     }
     int rc = check_options(s, &s->opts);
     if (rc) {
-        /* The message belongs to a store the caller never sees: print it. */
-        fprintf(stderr, "kvstore: %s\n", err_msg);
+        open_fail(rc, "%s", err_msg);
         free(s);
         return rc;
     }
-    if (s->opts.data_dir) {
-        s->data_dir = strdup(s->opts.data_dir);
-        if (!s->data_dir) {
-            free(s);
-            return KVS_ENOMEM;
-        }
-        s->opts.data_dir = s->data_dir;
+    if (s->opts.sync != KVS_SYNC_BATCH && s->opts.sync != KVS_SYNC_ALWAYS &&
+        s->opts.sync != KVS_SYNC_NONE) {
+        int mode = (int)s->opts.sync;
+        free(s);
+        return open_fail(KVS_EINVAL, "unknown sync mode %d", mode);
     }
     if (s->opts.n_threads == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -544,38 +744,60 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
     pthread_mutex_init(&s->build_mu, NULL);
     pthread_cond_init(&s->build_cv, NULL);
     pthread_cond_init(&s->build_done, NULL);
+    atomic_init(&s->stopping, 0);
     s->n_buckets = 64;
     s->buckets = calloc(s->n_buckets, sizeof *s->buckets);
     if (!s->buckets || pthread_key_create(&s->scratch_key, scratch_destroy)) {
         free(s->buckets);
-        free(s->data_dir);
         free(s);
-        return KVS_ENOMEM;
+        return open_fail(KVS_ENOMEM, "store");
+    }
+    s->opts.data_dir = NULL;
+    if (opts && opts->data_dir) {
+        if (!(s->data_dir = strdup(opts->data_dir))) {
+            rc = open_fail(KVS_ENOMEM, "store");
+            goto fail;
+        }
+        s->opts.data_dir = s->data_dir;
+        char err[256] = "";
+        rc = kvs__db_open(s->data_dir, s->opts.sync, s->opts.sync_interval_ms,
+                          &s->db, err, sizeof err);
+        if (!rc)
+            rc = kvs__db_check_format(s->db, s->opts.segment_tokens, err,
+                                      sizeof err);
+        if (!rc) {
+            kvs__db_loader_t loader = {s, load_seq, load_segment, load_rows,
+                                       load_damaged};
+            rc = kvs__db_load(s->db, &loader, err, sizeof err);
+        }
+        if (rc) {
+            open_fail(rc, "%s: %s", s->data_dir, err);
+            goto fail;
+        }
+        load_finish(s);
     }
     /* The calling thread works on its own calls, so n_threads - 1 helpers. */
-    rc = kvs__pool_new(s->opts.n_threads - 1, &s->pool);
-    if (rc)
-        goto fail_pool;
+    if ((rc = kvs__pool_new(s->opts.n_threads - 1, &s->pool))) {
+        open_fail(rc, "worker pool");
+        goto fail;
+    }
     s->builders = calloc(s->opts.n_build_threads, sizeof(pthread_t));
     if (!s->builders) {
-        rc = KVS_ENOMEM;
-        goto fail_builders;
+        rc = open_fail(KVS_ENOMEM, "builders");
+        goto fail;
     }
     for (uint32_t i = 0; i < s->opts.n_build_threads; i++) {
-        if ((rc = -pthread_create(&s->builders[i], NULL, builder, s)))
-            goto fail_builders;
+        if ((rc = -pthread_create(&s->builders[i], NULL, builder, s))) {
+            open_fail(rc, "builder thread");
+            goto fail;
+        }
         s->n_builders++;
     }
+    load_schedule_builds(s);
     *out = s;
     return 0;
-fail_builders:
+fail:
     kvs_store_close(s);
-    return rc;
-fail_pool:
-    pthread_key_delete(s->scratch_key);
-    free(s->buckets);
-    free(s->data_dir);
-    free(s);
     return rc;
 }
 
@@ -596,7 +818,8 @@ void kvs_store_close(kvs_store_t *s) {
         free(j);
     }
     free(s->builders);
-    kvs__pool_free(s->pool);
+    if (s->pool)
+        kvs__pool_free(s->pool);
     for (size_t i = 0; i < s->n_buckets; i++)
         for (seq_t *q = s->buckets[i], *nx; q; q = nx) {
             nx = q->next;
@@ -611,6 +834,8 @@ void kvs_store_close(kvs_store_t *s) {
     pthread_cond_destroy(&s->build_done);
     pthread_mutex_destroy(&s->build_mu);
     pthread_mutex_destroy(&s->map_mu);
+    /* After every build has stopped: nothing writes to it any more. */
+    kvs__db_close(s->db);
     free(s->data_dir);
     free(s);
 }
@@ -673,13 +898,30 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
         goto out;
     }
     layer_t *L = &q->layers[layer];
+    pthread_mutex_lock(&L->append_mu);
+    /* Room first, so nothing can fail between the storage write and the
+     * copy into memory. */
     pthread_rwlock_wrlock(&L->lock);
     for (uint32_t h = 0; h < g->n_kv_heads; h++)
         if ((rc = head_reserve(&L->heads[h], q->row_bytes, n_tokens))) {
             pthread_rwlock_unlock(&L->lock);
+            pthread_mutex_unlock(&L->append_mu);
             rc = fail(s, rc, "cannot grow the tail of layer %u", layer);
             goto out;
         }
+    uint64_t pos0 = L->tokens;
+    pthread_rwlock_unlock(&L->lock);
+    if (s->db) {
+        char err[256];
+        rc = kvs__db_append(s->db, id, layer, g, pos0, n_tokens, keys, values,
+                            s->opts.segment_tokens, err, sizeof err);
+        if (rc) {
+            pthread_mutex_unlock(&L->append_mu);
+            rc = fail(s, rc, "%s", err);
+            goto out;
+        }
+    }
+    pthread_rwlock_wrlock(&L->lock);
     size_t stride = (size_t)g->n_kv_heads * q->row_bytes;
     for (uint32_t h = 0; h < g->n_kv_heads; h++) {
         head_t *hd = &L->heads[h];
@@ -697,6 +939,7 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
     }
     L->tokens += n_tokens;
     pthread_rwlock_unlock(&L->lock);
+    pthread_mutex_unlock(&L->append_mu);
 out:
     seq_unref(q);
     return rc;
@@ -935,6 +1178,65 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
     return call_end(c, NULL, 0);
 }
 
+int kvs_seq_read(kvs_store_t *s, uint64_t id, uint32_t layer, uint64_t pos,
+                 uint32_t n, void *keys, void *values) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    int rc = 0;
+    seq_t *q = seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    if (layer >= q->geo.n_layers) {
+        rc = fail(s, KVS_ERANGE, "layer %u out of range", layer);
+        goto out;
+    }
+    layer_t *L = &q->layers[layer];
+    pthread_rwlock_rdlock(&L->lock);
+    if (pos > L->tokens || n > L->tokens - pos) {
+        rc = fail(s, KVS_ERANGE, "tokens %llu..%llu past the %llu held",
+                  (unsigned long long)pos, (unsigned long long)(pos + n),
+                  (unsigned long long)L->tokens);
+        pthread_rwlock_unlock(&L->lock);
+        goto out;
+    }
+    size_t rb = q->row_bytes, stride = rb * q->geo.n_kv_heads;
+    uint64_t end = pos + n;
+    for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+        const head_t *hd = &L->heads[h];
+        for (uint32_t si = 0; si < hd->n_segments; si++) {
+            const kvs_segment_t *seg = hd->segments[si];
+            uint64_t a = seg->first_pos, b = a + seg->n_tokens;
+            if (b <= pos || a >= end)
+                continue;
+            for (uint32_t slot = 0; slot < seg->n_tokens; slot++) {
+                uint64_t p = a + seg->positions[slot];
+                if (p < pos || p >= end)
+                    continue;
+                size_t o = (p - pos) * stride + h * rb;
+                if (keys)
+                    memcpy((char *)keys + o, (char *)seg->keys + slot * rb, rb);
+                if (values)
+                    memcpy((char *)values + o, (char *)seg->values + slot * rb,
+                           rb);
+            }
+        }
+        uint64_t t0 = hd->indexed_tokens;
+        for (uint64_t p = pos > t0 ? pos : t0; p < end; p++) {
+            size_t src = (hd->tail_start + (p - t0)) * rb;
+            size_t o = (p - pos) * stride + h * rb;
+            if (keys)
+                memcpy((char *)keys + o, hd->tail_keys + src, rb);
+            if (values)
+                memcpy((char *)values + o, hd->tail_values + src, rb);
+        }
+    }
+    pthread_rwlock_unlock(&L->lock);
+out:
+    seq_unref(q);
+    return rc;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Introspection                                                          */
 
@@ -1022,12 +1324,19 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->sequences = k;
     for (size_t i = 0; i < k; i++) {
         kvs_seq_info_t info;
+        if (all[i]->damage) {
+            st->quarantined++;
+            seq_unref(all[i]);
+            continue;
+        }
         seq_account(all[i], &info);
         st->bytes += info.bytes;
         st->index_bytes += info.index_bytes;
         seq_unref(all[i]);
     }
     free(all);
+    if (s->db)
+        st->disk_bytes = kvs__db_disk_bytes(s->db);
     pthread_mutex_lock(&s->build_mu);
     st->builds_pending = s->builds_pending;
     st->builds_done = s->builds_done;

@@ -70,6 +70,9 @@ const char *kvs_strerror(int err);
 /* The code's name, e.g. "KVS_ENOSEQ" or "ENOENT"; never NULL. */
 const char *kvs_err_name(int err);
 
+/* CRC-32C of n bytes, continuing from `crc` (0 to start). */
+uint32_t kvs_crc32c(uint32_t crc, const void *data, size_t n);
+
 #ifdef __cplusplus
 }
 #endif

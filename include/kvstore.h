@@ -76,10 +76,24 @@ typedef struct kvs_query_params_s {
     float scale;               /* softmax scale; 0 = 1/sqrt(head_dim) */
 } kvs_query_params_t;
 
+/* When an append to a persistent store is acknowledged. */
+typedef enum kvs_sync_e {
+    KVS_SYNC_BATCH = 0,  /* group commit: the WAL is fsynced every
+                            sync_interval_ms and appends return after the
+                            fsync that covers them (default) */
+    KVS_SYNC_ALWAYS = 1, /* fsync of the WAL before each append returns */
+    KVS_SYNC_NONE = 2,   /* written to the WAL, not fsynced: survives a
+                            process crash, not a power loss */
+} kvs_sync_t;
+
 /* Store-wide options. Initialise with kvs_options_default(). */
 typedef struct kvs_options_s {
-    /* Data directory for persistence; NULL keeps everything in memory. */
+    /* Data directory of the RocksDB database; NULL keeps everything in
+     * memory. Opening a directory reloads its sequences and built index
+     * segments (no k-means is re-run). */
     const char *data_dir;
+    kvs_sync_t sync;
+    uint32_t sync_interval_ms; /* KVS_SYNC_BATCH; default 5 */
     uint32_t n_threads;       /* attend/search workers; 0 = online CPUs */
     uint32_t n_build_threads; /* background index builders; 0 = 1 */
     /* Wave index. */
@@ -99,12 +113,21 @@ void kvs_query_params_default(kvs_query_params_t *params);
 /*
  * Open a store. `opts` may be NULL for all defaults; it is copied (data_dir
  * too). On success *out is a store to release with kvs_store_close().
- * Errors: KVS_EINVAL (bad option, message says which), KVS_ENOMEM.
+ * With a data_dir, every sequence stored there is loaded; a sequence whose
+ * records fail their checksums or do not fit together is *quarantined*
+ * (listed, refused with KVS_EQUARANTINED, droppable) and the others serve.
+ * Errors: KVS_EINVAL (bad option, message says which), KVS_ENOMEM,
+ * KVS_ELOCKED (another process has the directory open), KVS_EIO,
+ * KVS_ECORRUPT (the database itself cannot be opened).
+ * kvs_store_open_error() gives the message of the last failed open on this
+ * thread (there is no store to ask).
  */
 int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out);
 /* Stop background builds, release every sequence and the store. NULL is a
  * no-op. */
 void kvs_store_close(kvs_store_t *store);
+/* Message of this thread's last failed kvs_store_open ("" if none). */
+const char *kvs_store_open_error(void);
 
 /* The detailed message of the calling thread's last failed call on `store`
  * ("" when there is none). Valid until this thread's next call on it. */
@@ -165,6 +188,17 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
                    const float *queries, const kvs_query_params_t *params,
                    float *out, kvs_attend_stats_t *stats);
 
+/*
+ * Copy tokens pos .. pos+n of `layer` out, in the append layout
+ * ([n][n_kv_heads][head_dim], sequence dtype) into `keys` and `values` (each
+ * n * n_kv_heads * head_dim elements; either may be NULL). For dumps and
+ * verification, not for the decode path (indexed rows are gathered from
+ * cluster order). Errors: KVS_ENOSEQ, KVS_ERANGE (layer, or the range is
+ * past the tokens held), KVS_EINVAL.
+ */
+int kvs_seq_read(kvs_store_t *store, uint64_t seq, uint32_t layer,
+                 uint64_t pos, uint32_t n, void *keys, void *values);
+
 /* Drop `seq` and everything it holds. Calls already running on it finish
  * first. Errors: KVS_ENOSEQ. */
 int kvs_seq_drop(kvs_store_t *store, uint64_t seq);
@@ -193,6 +227,8 @@ typedef struct kvs_store_stats_s {
     uint64_t sequences;
     uint64_t bytes;          /* RAM held by all sequences */
     uint64_t index_bytes;
+    uint64_t disk_bytes;     /* files in data_dir (0 without one) */
+    uint64_t quarantined;    /* sequences refused after damage */
     uint64_t builds_pending;
     uint64_t builds_done;
     uint64_t build_keys;     /* keys clustered by finished builds */

@@ -86,6 +86,14 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
 
 void kvs_segment_free(kvs_segment_t *seg);
 
+/* Serialisation for storage (index/segment_io.c): encode into a buffer of
+ * kvs_segment_encoded_size() bytes; decode validates every invariant and
+ * returns KVS_ECORRUPT (message in err) for a damaged record, KVS_ENOMEM. */
+size_t kvs_segment_encoded_size(const kvs_segment_t *seg);
+void kvs_segment_encode(const kvs_segment_t *seg, void *buf);
+int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
+                       char *err, size_t errlen);
+
 /* Bytes held by the segment beyond its raw keys and values. */
 size_t kvs_segment_index_bytes(const kvs_segment_t *seg);
 /* Bytes held in all (raw K/V plus index). */

@@ -1,0 +1,614 @@
+/*
+ * persist.c: the RocksDB store of a data directory (see persist.h for the
+ * layout). RocksDB is reached through its C API only; every errptr it
+ * returns is turned into a KVS_E* code and a message here.
+ *
+ * Sync modes: ALWAYS writes each batch with WriteOptions.sync; NONE never
+ * syncs; BATCH writes without sync and waits for the syncer thread, which
+ * every interval fsyncs the WAL (FlushWAL(sync)) once for all writes made
+ * since the last round: group commit.
+ */
+#include "engine/persist.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <pthread.h>
+#include <rocksdb/c.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#define SEQ_VERSION 1u
+
+enum { CF_DEFAULT, CF_SEQS, CF_KV, CF_INDEX, CF_COUNT };
+static const char *const cf_names[CF_COUNT] = {"default", "seqs", "kv",
+                                               "index"};
+
+struct kvs__db_s {
+    rocksdb_t *db;
+    rocksdb_options_t *opts;
+    rocksdb_column_family_handle_t *cf[CF_COUNT];
+    rocksdb_writeoptions_t *wo;      /* per the sync mode */
+    rocksdb_writeoptions_t *wo_nosync;
+    rocksdb_readoptions_t *ro;
+    char *dir;
+    kvs_sync_t sync;
+    uint32_t interval_ms;
+    /* Group commit. */
+    pthread_mutex_t mu;
+    pthread_cond_t synced_cv, work_cv;
+    uint64_t written, synced;
+    int sync_err;
+    int stopping;
+    pthread_t syncer;
+    int syncer_running;
+};
+
+static int map_err(const char *msg) {
+    if (!msg)
+        return 0;
+    if (strstr(msg, "No space left"))
+        return KVS_ENOSPC;
+    if (strstr(msg, "lock") || strstr(msg, "LOCK"))
+        return KVS_ELOCKED;
+    if (strstr(msg, "Corruption") || strstr(msg, "corrupt"))
+        return KVS_ECORRUPT;
+    return KVS_EIO;
+}
+
+/* Consume a RocksDB errptr: code + message, then free it. */
+static int take_err(char *rerr, char *err, size_t errlen, const char *what) {
+    if (!rerr)
+        return 0;
+    int rc = map_err(rerr);
+    if (err && errlen)
+        snprintf(err, errlen, "%s: %s", what, rerr);
+    rocksdb_free(rerr);
+    return rc;
+}
+
+static void put_be64(unsigned char *p, uint64_t x) {
+    for (int i = 7; i >= 0; i--, x >>= 8)
+        p[i] = (unsigned char)x;
+}
+static void put_be32(unsigned char *p, uint32_t x) {
+    for (int i = 3; i >= 0; i--, x >>= 8)
+        p[i] = (unsigned char)x;
+}
+static uint64_t get_be64(const unsigned char *p) {
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++)
+        x = x << 8 | p[i];
+    return x;
+}
+static uint32_t get_be32(const unsigned char *p) {
+    uint32_t x = 0;
+    for (int i = 0; i < 4; i++)
+        x = x << 8 | p[i];
+    return x;
+}
+
+/* id(8) layer(4) head(4) pos(8) */
+static void rec_key(unsigned char k[24], uint64_t id, uint32_t layer,
+                    uint32_t head, uint64_t pos) {
+    put_be64(k, id);
+    put_be32(k + 8, layer);
+    put_be32(k + 12, head);
+    put_be64(k + 16, pos);
+}
+
+static void *syncer_main(void *arg) {
+    kvs__db_t *db = arg;
+    pthread_mutex_lock(&db->mu);
+    while (!db->stopping) {
+        while (!db->stopping && db->written == db->synced)
+            pthread_cond_wait(&db->work_cv, &db->mu);
+        if (db->stopping)
+            break;
+        /* Let a round's worth of writers join this fsync. */
+        pthread_mutex_unlock(&db->mu);
+        struct timespec ts = {0, (long)db->interval_ms * 1000000L};
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&db->mu);
+        uint64_t target = db->written;
+        pthread_mutex_unlock(&db->mu);
+        char *rerr = NULL;
+        rocksdb_flush_wal(db->db, 1, &rerr);
+        int rc = take_err(rerr, NULL, 0, "");
+        pthread_mutex_lock(&db->mu);
+        if (rc)
+            db->sync_err = rc;
+        db->synced = target;
+        pthread_cond_broadcast(&db->synced_cv);
+    }
+    pthread_mutex_unlock(&db->mu);
+    return NULL;
+}
+
+int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
+                 kvs__db_t **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (mkdir(dir, 0755) && errno != EEXIST) {
+        int e = errno;
+        snprintf(err, errlen, "cannot create %s: %s", dir, strerror(e));
+        return -e;
+    }
+    kvs__db_t *db = calloc(1, sizeof *db);
+    if (!db)
+        return KVS_ENOMEM;
+    db->dir = strdup(dir);
+    db->sync = sync;
+    db->interval_ms = interval_ms ? interval_ms : 5;
+    pthread_mutex_init(&db->mu, NULL);
+    pthread_cond_init(&db->synced_cv, NULL);
+    pthread_cond_init(&db->work_cv, NULL);
+
+    rocksdb_options_t *o = rocksdb_options_create();
+    db->opts = o;
+    rocksdb_options_set_create_if_missing(o, 1);
+    rocksdb_options_set_create_missing_column_families(o, 1);
+    /* Float vectors do not compress; don't spend CPU trying. */
+    rocksdb_options_set_compression(o, rocksdb_no_compression);
+    rocksdb_options_set_write_buffer_size(o, 64 << 20);
+    rocksdb_options_set_target_file_size_base(o, 128 << 20);
+    rocksdb_options_set_max_background_jobs(o, 2);
+    rocksdb_options_set_paranoid_checks(o, 1);
+    const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o};
+    char *rerr = NULL;
+    db->db = rocksdb_open_column_families(o, dir, CF_COUNT, cf_names, cfo,
+                                          db->cf, &rerr);
+    int rc = take_err(rerr, err, errlen, "cannot open the database");
+    if (rc) {
+        db->db = NULL;
+        kvs__db_close(db);
+        return rc;
+    }
+    db->wo = rocksdb_writeoptions_create();
+    rocksdb_writeoptions_set_sync(db->wo, sync == KVS_SYNC_ALWAYS);
+    db->wo_nosync = rocksdb_writeoptions_create();
+    db->ro = rocksdb_readoptions_create();
+    rocksdb_readoptions_set_verify_checksums(db->ro, 1);
+    rocksdb_readoptions_set_fill_cache(db->ro, 0);
+    if (sync == KVS_SYNC_BATCH) {
+        if (pthread_create(&db->syncer, NULL, syncer_main, db)) {
+            kvs__db_close(db);
+            return KVS_ENOMEM;
+        }
+        db->syncer_running = 1;
+    }
+    *out = db;
+    return 0;
+}
+
+void kvs__db_close(kvs__db_t *db) {
+    if (!db)
+        return;
+    if (db->syncer_running) {
+        pthread_mutex_lock(&db->mu);
+        db->stopping = 1;
+        pthread_cond_broadcast(&db->work_cv);
+        pthread_mutex_unlock(&db->mu);
+        pthread_join(db->syncer, NULL);
+    }
+    if (db->db) {
+        /* Make everything acknowledged so far durable before closing. */
+        char *rerr = NULL;
+        rocksdb_flush_wal(db->db, 1, &rerr);
+        take_err(rerr, NULL, 0, "");
+        for (int i = 0; i < CF_COUNT; i++)
+            rocksdb_column_family_handle_destroy(db->cf[i]);
+        rocksdb_close(db->db);
+    }
+    if (db->wo)
+        rocksdb_writeoptions_destroy(db->wo);
+    if (db->wo_nosync)
+        rocksdb_writeoptions_destroy(db->wo_nosync);
+    if (db->ro)
+        rocksdb_readoptions_destroy(db->ro);
+    if (db->opts)
+        rocksdb_options_destroy(db->opts);
+    pthread_cond_destroy(&db->synced_cv);
+    pthread_cond_destroy(&db->work_cv);
+    pthread_mutex_destroy(&db->mu);
+    free(db->dir);
+    free(db);
+}
+
+/* Write `b` and return once it is as durable as the sync mode promises. */
+static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
+                         size_t errlen) {
+    char *rerr = NULL;
+    if (db->sync != KVS_SYNC_BATCH) {
+        rocksdb_write(db->db, db->wo, b, &rerr);
+        return take_err(rerr, err, errlen, "write");
+    }
+    pthread_mutex_lock(&db->mu);
+    /* Written under the mutex so that `written` orders with the WAL. */
+    rocksdb_write(db->db, db->wo_nosync, b, &rerr);
+    int rc = take_err(rerr, err, errlen, "write");
+    if (rc) {
+        pthread_mutex_unlock(&db->mu);
+        return rc;
+    }
+    uint64_t mine = ++db->written;
+    pthread_cond_signal(&db->work_cv);
+    while (db->synced < mine && !db->stopping)
+        pthread_cond_wait(&db->synced_cv, &db->mu);
+    rc = db->sync_err;
+    pthread_mutex_unlock(&db->mu);
+    if (rc && err)
+        snprintf(err, errlen, "WAL sync failed: %s", kvs_strerror(rc));
+    return rc;
+}
+
+int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
+                       char *err, size_t errlen) {
+    unsigned char k[8], v[4 + 4 + 20];
+    put_be64(k, id);
+    uint32_t f[6] = {SEQ_VERSION, g->n_layers, g->n_q_heads, g->n_kv_heads,
+                     g->head_dim, (uint32_t)g->dtype};
+    memcpy(v + 4, f, sizeof f);
+    uint32_t crc = kvs_crc32c(0, v + 4, sizeof f);
+    memcpy(v, &crc, 4);
+    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+    rocksdb_writebatch_put_cf(b, db->cf[CF_SEQS], (const char *)k, 8,
+                              (const char *)v, sizeof v);
+    int rc = write_durable(db, b, err, errlen);
+    rocksdb_writebatch_destroy(b);
+    return rc;
+}
+
+int kvs__db_drop_seq(kvs__db_t *db, uint64_t id, char *err, size_t errlen) {
+    unsigned char k[8], lo[24], hi[24];
+    put_be64(k, id);
+    memset(lo, 0, sizeof lo);
+    memset(hi, 0, sizeof hi);
+    put_be64(lo, id);
+    put_be64(hi, id + 1);
+    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+    rocksdb_writebatch_delete_cf(b, db->cf[CF_SEQS], (const char *)k, 8);
+    size_t hl = id == UINT64_MAX ? 24 : 8; /* id+1 wraps: end at max key */
+    if (id == UINT64_MAX)
+        memset(hi, 0xff, sizeof hi);
+    for (int cf = CF_KV; cf <= CF_INDEX; cf++)
+        rocksdb_writebatch_delete_range_cf(b, db->cf[cf], (const char *)lo, 8,
+                                           (const char *)hi, hl);
+    int rc = write_durable(db, b, err, errlen);
+    rocksdb_writebatch_destroy(b);
+    return rc;
+}
+
+int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
+                   const kvs_geometry_t *g, uint64_t pos0, uint32_t n,
+                   const void *keys, const void *values,
+                   uint32_t segment_tokens, char *err, size_t errlen) {
+    size_t rb = (size_t)g->head_dim * kvs_dtype_size(g->dtype);
+    size_t stride = rb * g->n_kv_heads;
+    /* The largest record: up to segment_tokens rows. */
+    size_t max_rows = n < segment_tokens ? n : segment_tokens;
+    unsigned char *buf = malloc(8 + 2 * rb * max_rows);
+    if (!buf)
+        return KVS_ENOMEM;
+    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+    for (uint32_t h = 0; h < g->n_kv_heads; h++) {
+        uint64_t pos = pos0;
+        uint32_t done = 0;
+        while (done < n) {
+            /* Split at segment boundaries: a segment covers whole records. */
+            uint64_t boundary = (pos / segment_tokens + 1) * segment_tokens;
+            uint32_t m = (uint32_t)(boundary - pos);
+            if (m > n - done)
+                m = n - done;
+            unsigned char *kp = buf + 8, *vp = buf + 8 + rb * m;
+            for (uint32_t t = 0; t < m; t++) {
+                memcpy(kp + t * rb,
+                       (const char *)keys + (size_t)(done + t) * stride + h * rb,
+                       rb);
+                memcpy(vp + t * rb,
+                       (const char *)values + (size_t)(done + t) * stride +
+                           h * rb,
+                       rb);
+            }
+            memcpy(buf + 4, &m, 4);
+            uint32_t crc = kvs_crc32c(0, buf + 4, 4 + 2 * rb * m);
+            memcpy(buf, &crc, 4);
+            unsigned char k[24];
+            rec_key(k, id, layer, h, pos);
+            rocksdb_writebatch_put_cf(b, db->cf[CF_KV], (const char *)k, 24,
+                                      (const char *)buf, 8 + 2 * rb * m);
+            pos += m;
+            done += m;
+        }
+    }
+    free(buf);
+    int rc = write_durable(db, b, err, errlen);
+    rocksdb_writebatch_destroy(b);
+    return rc;
+}
+
+int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
+                        uint32_t head, const kvs_segment_t *seg, char *err,
+                        size_t errlen) {
+    size_t len = kvs_segment_encoded_size(seg);
+    unsigned char *buf = malloc(4 + len);
+    if (!buf)
+        return KVS_ENOMEM;
+    kvs_segment_encode(seg, buf + 4);
+    uint32_t crc = kvs_crc32c(0, buf + 4, len);
+    memcpy(buf, &crc, 4);
+    unsigned char k[24], lo[24], hi[24];
+    rec_key(k, id, layer, head, seg->first_pos);
+    rec_key(lo, id, layer, head, seg->first_pos);
+    rec_key(hi, id, layer, head, seg->first_pos + seg->n_tokens);
+    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+    rocksdb_writebatch_put_cf(b, db->cf[CF_INDEX], (const char *)k, 24,
+                              (const char *)buf, 4 + len);
+    rocksdb_writebatch_delete_range_cf(b, db->cf[CF_KV], (const char *)lo, 24,
+                                       (const char *)hi, 24);
+    /* No fsync wait: until the WAL is synced the rows are still there, so a
+     * crash loses at most this build, never data. */
+    char *rerr = NULL;
+    rocksdb_write(db->db, db->wo_nosync, b, &rerr);
+    rocksdb_writebatch_destroy(b);
+    free(buf);
+    return take_err(rerr, err, errlen, "segment write");
+}
+
+/* ---------------------------------------------------------------------- */
+/* Loading                                                                */
+
+typedef struct known_s {
+    uint64_t *ids;
+    uint8_t *damaged;
+    size_t n, cap;
+} known_t;
+
+static int known_find(const known_t *k, uint64_t id) {
+    size_t lo = 0, hi = k->n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (k->ids[mid] < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < k->n && k->ids[lo] == id ? (int)lo : -1;
+}
+
+static void damage(known_t *k, const kvs__db_loader_t *L, int idx,
+                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void damage(known_t *k, const kvs__db_loader_t *L, int idx,
+                   const char *fmt, ...) {
+    if (k->damaged[idx])
+        return;
+    k->damaged[idx] = 1;
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    L->damaged(L->ctx, k->ids[idx], msg);
+}
+
+/* Walk one of the record families (kv or index). Records of unknown ids
+ * (left by a drop racing a build) are deleted. */
+static int load_records(kvs__db_t *db, int cf, known_t *known,
+                        const kvs__db_loader_t *L, char *err, size_t errlen) {
+    rocksdb_iterator_t *it = rocksdb_create_iterator_cf(db->db, db->ro,
+                                                        db->cf[cf]);
+    rocksdb_writebatch_t *orphans = rocksdb_writebatch_create();
+    int n_orphans = 0;
+    int cur = -1;
+    uint64_t cur_id = 0;
+    for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it);
+         rocksdb_iter_next(it)) {
+        size_t kl, vl;
+        const unsigned char *k = (const unsigned char *)rocksdb_iter_key(it, &kl);
+        const unsigned char *v =
+            (const unsigned char *)rocksdb_iter_value(it, &vl);
+        if (kl != 24)
+            continue;
+        uint64_t id = get_be64(k);
+        if (cur < 0 || id != cur_id) {
+            cur_id = id;
+            cur = known_find(known, id);
+        }
+        if (cur < 0) {
+            rocksdb_writebatch_delete_cf(orphans, db->cf[cf],
+                                         (const char *)k, kl);
+            n_orphans++;
+            continue;
+        }
+        if (known->damaged[cur])
+            continue;
+        uint32_t layer = get_be32(k + 8), head = get_be32(k + 12);
+        uint64_t pos = get_be64(k + 16);
+        uint32_t crc;
+        if (vl < 4 || (memcpy(&crc, v, 4), crc != kvs_crc32c(0, v + 4, vl - 4))) {
+            damage(known, L, cur, "%s record at layer %u head %u position "
+                   "%llu fails its checksum", cf_names[cf], layer, head,
+                   (unsigned long long)pos);
+            continue;
+        }
+        int rc;
+        if (cf == CF_INDEX) {
+            kvs_segment_t *seg;
+            char why[160] = "";
+            rc = kvs_segment_decode(v + 4, vl - 4, &seg, why, sizeof why);
+            if (rc) {
+                damage(known, L, cur, "index record at layer %u head %u: %s",
+                       layer, head, why);
+                continue;
+            }
+            rc = L->segment(L->ctx, id, layer, head, seg);
+        } else {
+            uint32_t n;
+            if (vl < 8) {
+                damage(known, L, cur, "short kv record");
+                continue;
+            }
+            memcpy(&n, v + 4, 4);
+            if (n == 0 || (vl - 8) % (2 * (size_t)n)) {
+                damage(known, L, cur, "kv record at layer %u head %u has a "
+                       "bad length", layer, head);
+                continue;
+            }
+            size_t half = (vl - 8) / 2;
+            rc = L->rows(L->ctx, id, layer, head, pos, n, half, v + 8,
+                         v + 8 + half);
+        }
+        if (rc)
+            damage(known, L, cur, "%s record at layer %u head %u position "
+                   "%llu does not fit: %s", cf_names[cf], layer, head,
+                   (unsigned long long)pos, kvs_strerror(rc));
+    }
+    char *rerr = NULL;
+    rocksdb_iter_get_error(it, &rerr);
+    rocksdb_iter_destroy(it);
+    int rc = 0;
+    if (rerr) {
+        /* The iterator stopped on damage it cannot skip: the sequence it
+         * was in (or past the last one) is all that can be blamed. */
+        if (cur >= 0)
+            damage(known, L, cur, "%s family: %s", cf_names[cf], rerr);
+        else
+            rc = take_err(strdup(rerr), err, errlen, "load");
+        rocksdb_free(rerr);
+    }
+    if (n_orphans) {
+        char *e2 = NULL;
+        rocksdb_write(db->db, db->wo_nosync, orphans, &e2);
+        take_err(e2, NULL, 0, "");
+    }
+    rocksdb_writebatch_destroy(orphans);
+    return rc;
+}
+
+int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
+                 size_t errlen) {
+    known_t known = {0};
+    rocksdb_iterator_t *it =
+        rocksdb_create_iterator_cf(db->db, db->ro, db->cf[CF_SEQS]);
+    int rc = 0;
+    for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it) && !rc;
+         rocksdb_iter_next(it)) {
+        size_t kl, vl;
+        const unsigned char *k = (const unsigned char *)rocksdb_iter_key(it, &kl);
+        const unsigned char *v =
+            (const unsigned char *)rocksdb_iter_value(it, &vl);
+        if (kl != 8)
+            continue;
+        if (known.n == known.cap) {
+            size_t cap = known.cap ? known.cap * 2 : 64;
+            uint64_t *ids = realloc(known.ids, cap * sizeof *ids);
+            uint8_t *dm = ids ? realloc(known.damaged, cap) : NULL;
+            if (!ids || !dm) {
+                if (ids)
+                    known.ids = ids;
+                rc = KVS_ENOMEM;
+                break;
+            }
+            known.ids = ids;
+            known.damaged = dm;
+            known.cap = cap;
+        }
+        uint64_t id = get_be64(k);
+        known.ids[known.n] = id;
+        known.damaged[known.n] = 0;
+        known.n++;
+        kvs_geometry_t g;
+        uint32_t f[6], crc;
+        if (vl != 28 || (memcpy(&crc, v, 4), memcpy(f, v + 4, 24),
+                         crc != kvs_crc32c(0, v + 4, 24)) ||
+            f[0] != SEQ_VERSION) {
+            /* Still announce it, so it can be listed and dropped. */
+            g = (kvs_geometry_t){1, 1, 1, 1, KVS_DTYPE_F32};
+            L->seq(L->ctx, id, &g);
+            damage(&known, L, (int)known.n - 1,
+                   "sequence metadata fails its checksum");
+            continue;
+        }
+        g = (kvs_geometry_t){f[1], f[2], f[3], f[4], (kvs_dtype_t)f[5]};
+        if (L->seq(L->ctx, id, &g)) {
+            g = (kvs_geometry_t){1, 1, 1, 1, KVS_DTYPE_F32};
+            L->seq(L->ctx, id, &g);
+            damage(&known, L, (int)known.n - 1, "bad sequence geometry");
+        }
+    }
+    char *rerr = NULL;
+    rocksdb_iter_get_error(it, &rerr);
+    rocksdb_iter_destroy(it);
+    if (!rc)
+        rc = take_err(rerr, err, errlen, "sequence metadata");
+    else if (rerr)
+        rocksdb_free(rerr);
+    /* Segments first, then the rows after them. */
+    if (!rc)
+        rc = load_records(db, CF_INDEX, &known, L, err, errlen);
+    if (!rc)
+        rc = load_records(db, CF_KV, &known, L, err, errlen);
+    free(known.ids);
+    free(known.damaged);
+    return rc;
+}
+
+uint64_t kvs__db_disk_bytes(kvs__db_t *db) {
+    DIR *d = opendir(db->dir);
+    if (!d)
+        return 0;
+    uint64_t total = 0;
+    struct dirent *e;
+    char path[4096];
+    while ((e = readdir(d))) {
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", db->dir, e->d_name);
+        if (stat(path, &st) == 0 && S_ISREG(st.st_mode))
+            total += (uint64_t)st.st_size;
+    }
+    closedir(d);
+    return total;
+}
+
+int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
+                         size_t errlen) {
+    static const char key[] = "kvstore-format";
+    uint32_t want[3] = {0, 1u, segment_tokens};
+    want[0] = kvs_crc32c(0, want + 1, 8);
+    char *rerr = NULL;
+    size_t vl = 0;
+    char *v = rocksdb_get_cf(db->db, db->ro, db->cf[CF_DEFAULT], key,
+                             sizeof key - 1, &vl, &rerr);
+    int rc = take_err(rerr, err, errlen, "format record");
+    if (rc)
+        return rc;
+    if (!v) {
+        rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+        rocksdb_writebatch_put_cf(b, db->cf[CF_DEFAULT], key, sizeof key - 1,
+                                  (const char *)want, sizeof want);
+        rc = write_durable(db, b, err, errlen);
+        rocksdb_writebatch_destroy(b);
+        return rc;
+    }
+    uint32_t have[3] = {0, 0, 0};
+    if (vl == sizeof have)
+        memcpy(have, v, sizeof have);
+    rocksdb_free(v);
+    if (vl != sizeof have || have[0] != kvs_crc32c(0, have + 1, 8)) {
+        snprintf(err, errlen, "format record is damaged");
+        return KVS_ECORRUPT;
+    }
+    if (have[1] != 1u) {
+        snprintf(err, errlen, "unknown storage format version %u", have[1]);
+        return KVS_ECORRUPT;
+    }
+    if (have[2] != segment_tokens) {
+        /* Stored rows are split at multiples of the segment size. */
+        snprintf(err, errlen, "the data directory was created with "
+                 "segment_tokens %u, not %u", have[2], segment_tokens);
+        return KVS_EINVAL;
+    }
+    return 0;
+}

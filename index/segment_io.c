@@ -1,0 +1,209 @@
+/*
+ * segment_io.c: a built segment as one flat byte string, so storage can
+ * persist it and a restart can reload it without running k-means again.
+ *
+ * Layout (little-endian, every field 4-byte aligned):
+ *   u32 magic "KVSG", u32 version, u32 dtype, u32 d, u64 first_pos,
+ *   u32 n_tokens, u32 n_clusters, u32 adj_always.n, u32 adj_last.n,
+ *   u32 offsets[C+1], u32 positions[n], u32 counts[C], u8 adj_flags[C]
+ *   padded to 4, then keys[n][d], values[n][d], centroids[C][d],
+ *   value_means[C][d] in dtype, then per adjustment table
+ *   u32 cluster[m], u32 count[m], value_means[m][d].
+ * Decoding checks every invariant the attention code relies on (sizes,
+ * offsets, a permutation of positions, counts, adjustment tables), so a
+ * damaged record is an error, never an out-of-bounds read. Integrity of the
+ * bytes themselves is the storage layer's checksum.
+ */
+#include "index/kvs_index.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "segment_io.c writes its native layout: little-endian hosts only"
+#endif
+
+#define SEG_MAGIC 0x4753564bu /* "KVSG" */
+#define SEG_VERSION 1u
+
+typedef struct hdr_s {
+    uint32_t magic, version, dtype, d;
+    uint64_t first_pos;
+    uint32_t n_tokens, n_clusters, n_always, n_last;
+} hdr_t;
+
+static size_t pad4(size_t x) {
+    return (x + 3) & ~(size_t)3;
+}
+
+static size_t encoded_size(const hdr_t *h) {
+    size_t esz = kvs_dtype_size((kvs_dtype_t)h->dtype);
+    size_t n = h->n_tokens, c = h->n_clusters, d = h->d;
+    size_t s = sizeof(hdr_t);
+    s += 4 * (c + 1) + 4 * n + 4 * c + pad4(c);
+    s += esz * d * (2 * n + 2 * c);
+    s += (8 + esz * d) * ((size_t)h->n_always + h->n_last);
+    return s;
+}
+
+size_t kvs_segment_encoded_size(const kvs_segment_t *seg) {
+    hdr_t h = {SEG_MAGIC, SEG_VERSION, (uint32_t)seg->dtype, seg->d,
+               seg->first_pos, seg->n_tokens, seg->n_clusters,
+               seg->adj_always.n, seg->adj_last.n};
+    return encoded_size(&h);
+}
+
+static char *put(char *p, const void *src, size_t n) {
+    if (n)
+        memcpy(p, src, n);
+    return p + n;
+}
+
+void kvs_segment_encode(const kvs_segment_t *seg, void *buf) {
+    hdr_t h = {SEG_MAGIC, SEG_VERSION, (uint32_t)seg->dtype, seg->d,
+               seg->first_pos, seg->n_tokens, seg->n_clusters,
+               seg->adj_always.n, seg->adj_last.n};
+    size_t esz = kvs_dtype_size(seg->dtype);
+    size_t n = seg->n_tokens, c = seg->n_clusters, rb = esz * seg->d;
+    char *p = buf;
+    p = put(p, &h, sizeof h);
+    p = put(p, seg->offsets, 4 * (c + 1));
+    p = put(p, seg->positions, 4 * n);
+    p = put(p, seg->counts, 4 * c);
+    p = put(p, seg->adj_flags, c);
+    memset(p, 0, pad4(c) - c);
+    p += pad4(c) - c;
+    p = put(p, seg->keys, rb * n);
+    p = put(p, seg->values, rb * n);
+    p = put(p, seg->centroids, rb * c);
+    p = put(p, seg->value_means, rb * c);
+    const kvs_cluster_adj_t *adj[2] = {&seg->adj_always, &seg->adj_last};
+    for (int a = 0; a < 2; a++) {
+        p = put(p, adj[a]->cluster, 4 * (size_t)adj[a]->n);
+        p = put(p, adj[a]->count, 4 * (size_t)adj[a]->n);
+        p = put(p, adj[a]->value_means, rb * adj[a]->n);
+    }
+}
+
+/* Copy `n` bytes into a fresh malloc() block (at least 1 byte). */
+static void *take(const char **p, size_t n) {
+    void *x = malloc(n ? n : 1);
+    if (x && n)
+        memcpy(x, *p, n);
+    *p += n;
+    return x;
+}
+
+static int bad(char *err, size_t errlen, const char *what) {
+    if (err && errlen)
+        snprintf(err, errlen, "segment record: %s", what);
+    return KVS_ECORRUPT;
+}
+
+int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
+                       char *err, size_t errlen) {
+    *out = NULL;
+    hdr_t h;
+    if (len < sizeof h)
+        return bad(err, errlen, "truncated header");
+    memcpy(&h, buf, sizeof h);
+    if (h.magic != SEG_MAGIC)
+        return bad(err, errlen, "bad magic");
+    if (h.version != SEG_VERSION)
+        return bad(err, errlen, "unknown version");
+    if (kvs_dtype_size((kvs_dtype_t)h.dtype) == 0 || h.d == 0 || h.d > 4096)
+        return bad(err, errlen, "bad dtype or head_dim");
+    if (h.n_tokens == 0 || h.n_clusters == 0 || h.n_clusters > h.n_tokens ||
+        h.n_always > h.n_clusters || h.n_last > h.n_clusters ||
+        h.n_tokens > (1u << 26))
+        return bad(err, errlen, "bad counts");
+    if (encoded_size(&h) != len)
+        return bad(err, errlen, "size does not match header");
+
+    size_t esz = kvs_dtype_size((kvs_dtype_t)h.dtype);
+    size_t n = h.n_tokens, c = h.n_clusters, rb = esz * h.d;
+    kvs_segment_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return KVS_ENOMEM;
+    s->dtype = (kvs_dtype_t)h.dtype;
+    s->d = h.d;
+    s->first_pos = h.first_pos;
+    s->n_tokens = h.n_tokens;
+    s->n_clusters = h.n_clusters;
+    const char *p = (const char *)buf + sizeof h;
+    s->offsets = take(&p, 4 * (c + 1));
+    s->positions = take(&p, 4 * n);
+    s->counts = take(&p, 4 * c);
+    s->adj_flags = take(&p, c);
+    p += pad4(c) - c;
+    s->keys = take(&p, rb * n);
+    s->values = take(&p, rb * n);
+    s->centroids = take(&p, rb * c);
+    s->value_means = take(&p, rb * c);
+    kvs_cluster_adj_t *adj[2] = {&s->adj_always, &s->adj_last};
+    uint32_t adj_n[2] = {h.n_always, h.n_last};
+    for (int a = 0; a < 2; a++) {
+        adj[a]->n = adj_n[a];
+        adj[a]->cluster = take(&p, 4 * (size_t)adj_n[a]);
+        adj[a]->count = take(&p, 4 * (size_t)adj_n[a]);
+        adj[a]->value_means = take(&p, rb * adj_n[a]);
+    }
+    int rc = KVS_ENOMEM;
+    if (!s->offsets || !s->positions || !s->counts || !s->adj_flags ||
+        !s->keys || !s->values || !s->centroids || !s->value_means ||
+        !adj[0]->cluster || !adj[0]->count || !adj[0]->value_means ||
+        !adj[1]->cluster || !adj[1]->count || !adj[1]->value_means)
+        goto fail;
+
+    /* Invariants the attention code relies on. */
+    rc = KVS_ECORRUPT;
+    if (s->offsets[0] != 0 || s->offsets[c] != n) {
+        bad(err, errlen, "offsets do not span the segment");
+        goto fail;
+    }
+    for (size_t i = 0; i < c; i++)
+        if (s->offsets[i + 1] <= s->offsets[i] ||
+            s->counts[i] != s->offsets[i + 1] - s->offsets[i] ||
+            (s->adj_flags[i] & ~3u)) {
+            bad(err, errlen, "bad cluster offsets, counts or flags");
+            goto fail;
+        }
+    uint8_t *seen = calloc(n, 1);
+    if (!seen) {
+        rc = KVS_ENOMEM;
+        goto fail;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (s->positions[i] >= n || seen[s->positions[i]]) {
+            free(seen);
+            bad(err, errlen, "positions are not a permutation");
+            goto fail;
+        }
+        seen[s->positions[i]] = 1;
+    }
+    free(seen);
+    for (int a = 0; a < 2; a++) {
+        uint32_t listed = 0;
+        for (uint32_t i = 0; i < adj[a]->n; i++) {
+            uint32_t cl = adj[a]->cluster[i];
+            if (cl >= c || (i && cl <= adj[a]->cluster[i - 1]) ||
+                adj[a]->count[i] > s->counts[cl] ||
+                !(s->adj_flags[cl] & (1u << a))) {
+                bad(err, errlen, "bad adjustment table");
+                goto fail;
+            }
+        }
+        for (size_t i = 0; i < c; i++)
+            listed += (s->adj_flags[i] >> a) & 1u;
+        if (listed != adj[a]->n) {
+            bad(err, errlen, "adjustment flags disagree with tables");
+            goto fail;
+        }
+    }
+    *out = s;
+    return 0;
+fail:
+    kvs_segment_free(s);
+    return rc;
+}
