@@ -29,12 +29,6 @@
 
 #define MAX_NODES 256
 
-typedef struct wframe_s {
-    uint8_t *buf;
-    size_t len, off;
-    struct wframe_s *next;
-} wframe_t;
-
 typedef struct node_s {
     char addr[256];
     bool is_unix;
@@ -43,7 +37,10 @@ typedef struct node_s {
     uint64_t hash; /* of addr, for rendezvous hashing */
     int fd;        /* -1 when not connected */
     kvs_frame_reader_t rd;
-    wframe_t *wq_head, *wq_tail;
+    /* Frames not yet sent, back to back: submits append, flushes send from
+     * woff. One buffer means one send() for a whole pipeline batch. */
+    uint8_t *wbuf;
+    size_t wlen, woff, wcap;
     /* In flight: table for lookup, list for deadlines. */
     kvs_client_op_t **tab;
     size_t tab_cap, tab_n;
@@ -214,13 +211,12 @@ static void node_fail(kvs_client_t *c, node_t *n, int status,
         close(n->fd);
     n->fd = -1;
     kvs_frame_reader_destroy(&n->rd);
-    while (n->wq_head) {
-        wframe_t *w = n->wq_head;
-        n->wq_head = w->next;
-        free(w->buf);
-        free(w);
+    n->wlen = n->woff = 0;
+    if (n->wcap > (4u << 20)) { /* do not keep a huge append's buffer */
+        free(n->wbuf);
+        n->wbuf = NULL;
+        n->wcap = 0;
     }
-    n->wq_tail = NULL;
     while (n->fifo_head) {
         kvs_client_op_t *op = n->fifo_head;
         tab_take(n, op->id_);
@@ -316,6 +312,7 @@ void kvs_client_close(kvs_client_t *c) {
         node_t *n = &c->nodes[i];
         node_fail(c, n, KVS_ECONN, "client closed");
         free(n->tab);
+        free(n->wbuf);
     }
     free(c->nodes);
     free(c->auth_token);
@@ -345,27 +342,50 @@ size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
 
 /* ------------------------------------------------------------ transport */
 
-static int queue_frame(node_t *n, uint8_t *buf, size_t len) {
-    wframe_t *w = malloc(sizeof(*w));
-    if (!w)
+/* Room for `need` more bytes at the end of the output buffer. */
+static int wbuf_reserve(node_t *n, size_t need) {
+    if (n->woff == n->wlen)
+        n->woff = n->wlen = 0;
+    if (n->wcap - n->wlen >= need)
+        return 0;
+    if (n->woff) { /* reclaim what was sent before growing */
+        memmove(n->wbuf, n->wbuf + n->woff, n->wlen - n->woff);
+        n->wlen -= n->woff;
+        n->woff = 0;
+        if (n->wcap - n->wlen >= need)
+            return 0;
+    }
+    size_t cap = n->wcap ? n->wcap : 16384;
+    while (cap - n->wlen < need)
+        cap *= 2;
+    uint8_t *b = realloc(n->wbuf, cap);
+    if (!b)
         return KVS_ENOMEM;
-    w->buf = buf;
-    w->len = len;
-    w->off = 0;
-    w->next = NULL;
-    if (n->wq_tail)
-        n->wq_tail->next = w;
-    else
-        n->wq_head = w;
-    n->wq_tail = w;
+    n->wbuf = b;
+    n->wcap = cap;
+    return 0;
+}
+
+/* Append one frame for `msg` to the node's output buffer. */
+static int queue_msg(kvs_client_t *c, node_t *n, uint64_t id,
+                     const ProtobufCMessage *msg) {
+    size_t body = protobuf_c_message_get_packed_size(msg);
+    if (body > c->max_frame_bytes)
+        return cfail(c, KVS_ETOOBIG,
+                     "request of %zu bytes exceeds max_frame_bytes %u", body,
+                     c->max_frame_bytes);
+    if (wbuf_reserve(n, KVS_FRAME_HEADER_SIZE + body))
+        return cfail(c, KVS_ENOMEM, "out of memory for a %zu-byte request",
+                     body);
+    kvs_frame_encode_to(id, 0, msg, body, n->wbuf + n->wlen);
+    n->wlen += KVS_FRAME_HEADER_SIZE + body;
     return 0;
 }
 
 /* Write what the socket takes now. Returns 0, or -errno on a dead socket. */
 static int node_flush(node_t *n) {
-    while (n->wq_head) {
-        wframe_t *w = n->wq_head;
-        ssize_t r = send(n->fd, w->buf + w->off, w->len - w->off,
+    while (n->woff < n->wlen) {
+        ssize_t r = send(n->fd, n->wbuf + n->woff, n->wlen - n->woff,
                          MSG_NOSIGNAL | MSG_DONTWAIT);
         if (r < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -374,15 +394,9 @@ static int node_flush(node_t *n) {
                 continue;
             return -errno;
         }
-        w->off += (size_t)r;
-        if (w->off < w->len)
-            continue;
-        n->wq_head = w->next;
-        if (!n->wq_head)
-            n->wq_tail = NULL;
-        free(w->buf);
-        free(w);
+        n->woff += (size_t)r;
     }
+    n->woff = n->wlen = 0;
     return 0;
 }
 
@@ -432,18 +446,8 @@ static int send_hello(kvs_client_t *c, node_t *n) {
     h.client_name = c->client_name;
     req.op_case = KVS__V1__REQUEST__OP_HELLO;
     req.hello = &h;
-    uint8_t *buf;
-    size_t len;
     n->hello_id = c->next_id++;
-    int rc = kvs_frame_encode(n->hello_id, 0, &req.base, c->max_frame_bytes,
-                              &buf, &len);
-    if (rc)
-        return rc;
-    if ((rc = queue_frame(n, buf, len))) {
-        free(buf);
-        return rc;
-    }
-    return 0;
+    return queue_msg(c, n, n->hello_id, &req.base);
 }
 
 static int node_connect(kvs_client_t *c, node_t *n) {
@@ -757,7 +761,19 @@ static void pump(kvs_client_t *c, int timeout_ms) {
         if (n->fd < 0)
             continue;
         pfd[np].fd = n->fd;
-        pfd[np].events = POLLIN | (n->wq_head ? POLLOUT : 0);
+        if (n->woff < n->wlen) { /* batched by submit: send before waiting */
+            int e = node_flush(n);
+            if (e) {
+                char msg[640];
+                snprintf(msg, sizeof(msg),
+                         "%s: connection lost (%s) with the request in "
+                         "flight; it may or may not have been applied",
+                         n->addr, strerror(-e));
+                node_fail(c, n, KVS_ECONN, msg);
+                continue;
+            }
+        }
+        pfd[np].events = POLLIN | (n->woff < n->wlen ? POLLOUT : 0);
         pfd[np].revents = 0;
         idx[np++] = i;
         if (n->fifo_head && c->request_timeout_ms) {
@@ -812,8 +828,7 @@ static void params_msg(const kvs_query_params_t *p, Kvs__V1__QueryParams *m) {
     m->scale = p->scale;
 }
 
-static int encode_op(kvs_client_t *c, kvs_client_op_t *op, uint8_t **buf,
-                     size_t *len) {
+static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
     Kvs__V1__PingRequest ping = KVS__V1__PING_REQUEST__INIT;
     Kvs__V1__CreateSequenceRequest cr = KVS__V1__CREATE_SEQUENCE_REQUEST__INIT;
@@ -924,13 +939,7 @@ static int encode_op(kvs_client_t *c, kvs_client_op_t *op, uint8_t **buf,
     default:
         return cfail(c, KVS_EINVAL, "unknown op type %d", (int)op->type);
     }
-    int rc = kvs_frame_encode(op->id_, 0, &req.base, c->max_frame_bytes, buf,
-                              len);
-    if (rc == KVS_ETOOBIG)
-        return cfail(c, rc, "request of %zu bytes exceeds max_frame_bytes %u",
-                     protobuf_c_message_get_packed_size(&req.base),
-                     c->max_frame_bytes);
-    return rc ? cfail(c, rc, "cannot encode the request") : 0;
+    return queue_msg(c, n, op->id_, &req.base);
 }
 
 static bool op_is_seq(kvs_client_op_type_t t) {
@@ -971,19 +980,17 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     }
     op->node_ = node;
     op->id_ = c->next_id++;
-    uint8_t *buf;
-    size_t len;
-    int rc = encode_op(c, op, &buf, &len);
+    int rc = node_connect(c, n);
     if (rc)
         return rc;
-    if ((rc = node_connect(c, n))) {
-        free(buf);
+    size_t mark = n->wlen;
+    if ((rc = encode_op(c, n, op)))
         return rc;
-    }
-    if ((rc = queue_frame(n, buf, len)) || (rc = tab_put(n, op))) {
-        free(buf);
+    if ((rc = tab_put(n, op))) {
+        n->wlen = mark; /* unqueue the frame */
         return cfail(c, rc, "out of memory");
     }
+    bool was_idle = n->fifo_head == NULL;
     op->deadline_ms_ =
         c->request_timeout_ms ? now_ms() + c->request_timeout_ms : UINT64_MAX;
     op->prev_ = n->fifo_tail;
@@ -993,8 +1000,11 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
         n->fifo_head = op;
     n->fifo_tail = op;
     c->pending++;
-    /* Push bytes out now so that the server starts working while the
-     * caller prepares the next op. */
+    /* An op alone on its connection goes out now (latency). Behind others,
+     * it waits for kvs_client_poll() or for enough bytes to batch, so that a
+     * pipeline costs one send() per batch rather than one per op. */
+    if (!was_idle && n->wlen - n->woff < (256u << 10))
+        return 0;
     int e = node_flush(n);
     if (e) {
         char msg[640];

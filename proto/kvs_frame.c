@@ -244,6 +244,22 @@ int kvs_frame_encode(uint64_t request_id, uint16_t flags,
     return 0;
 }
 
+void kvs_frame_encode_to(uint64_t request_id, uint16_t flags,
+                         const ProtobufCMessage *msg, size_t body_len,
+                         uint8_t *dst) {
+    kvs_frame_header_t h = {
+        .magic = KVS_FRAME_MAGIC,
+        .version = KVS_PROTOCOL_VERSION,
+        .flags = flags,
+        .request_id = request_id,
+        .body_len = (uint32_t)body_len,
+    };
+    kvs_frame_header_encode(&h, dst);
+    size_t packed = protobuf_c_message_pack(msg, dst + KVS_FRAME_HEADER_SIZE);
+    assert(packed == body_len);
+    (void)packed;
+}
+
 /* ---------------------------------------------------------------- checks */
 
 const char *kvs_frame_op_name(Kvs__V1__Request__OpCase op) {

@@ -130,6 +130,14 @@ int kvs_frame_encode(uint64_t request_id, uint16_t flags,
                      const ProtobufCMessage *msg, uint32_t max_body,
                      uint8_t **out, size_t *out_len);
 
+/* Encode a frame into caller memory: `body_len` must be
+ * protobuf_c_message_get_packed_size(msg) and `dst` must hold
+ * KVS_FRAME_HEADER_SIZE + body_len bytes. For callers that batch frames into
+ * one output buffer (no allocation per frame). Never fails. */
+void kvs_frame_encode_to(uint64_t request_id, uint16_t flags,
+                         const ProtobufCMessage *msg, size_t body_len,
+                         uint8_t *dst);
+
 /* Limits that a structurally valid request must respect. Zero fields are
  * not checked. */
 typedef struct kvs_frame_limits_s {
