@@ -143,6 +143,19 @@ static void partial_merge(partial_t *a, const partial_t *b) {
     }
 }
 
+static size_t row_bytes(const kvs_head_view_t *v) {
+    return (size_t)v->d * kvs_dtype_size(v->dtype);
+}
+
+/* Touch up to 16 KiB of rows so the hardware has them when needed. */
+static inline void prefetch_rows(const void *p, uint32_t n, size_t rb) {
+    size_t bytes = (size_t)n * rb;
+    if (bytes > 16384)
+        bytes = 16384;
+    for (size_t o = 0; o < bytes; o += 64)
+        __builtin_prefetch((const char *)p + o);
+}
+
 /* Sinks, and the last window of indexed tokens (tail positions, which are
  * never inside a segment, count as steady as well). */
 static int is_steady(const kvs_head_view_t *v, uint64_t pos) {
@@ -164,8 +177,13 @@ static void zone_partial(const kvs_head_view_t *v, const float *q, uint32_t g,
     if (cols == 0)
         return;
     float *S = s->scores;
+    size_t rb = row_bytes(v);
     for (size_t b = 0; b < nb; b++) {
         const block_t *bk = &blocks[b];
+        /* Cluster blocks are scattered: start the next one's keys on their
+         * way while this one is scored. */
+        if (b + 1 < nb)
+            prefetch_rows(blocks[b + 1].keys, blocks[b + 1].n, rb);
         kvs_dot_rows(v->dtype, q, g, bk->keys, bk->n, v->d, scale,
                      S + bk->col, cols);
         if (mask_steady && bk->seg) {
@@ -183,8 +201,12 @@ static void zone_partial(const kvs_head_view_t *v, const float *q, uint32_t g,
         p->m[i] = kvs_max(row, cols);
         p->l[i] = kvs_exp_sum(row, cols, p->m[i]);
     }
+    if (nb)
+        prefetch_rows(blocks[0].vals, blocks[0].n, rb);
     for (size_t b = 0; b < nb; b++) {
         const block_t *bk = &blocks[b];
+        if (b + 1 < nb)
+            prefetch_rows(blocks[b + 1].vals, blocks[b + 1].n, rb);
         kvs_axpy_rows(v->dtype, S + bk->col, cols, g, bk->vals, bk->n, v->d,
                       p->acc);
     }
@@ -205,9 +227,6 @@ static int push_block(kvs_scratch_t *s, size_t *nb, block_t b) {
     return 0;
 }
 
-static size_t row_bytes(const kvs_head_view_t *v) {
-    return (size_t)v->d * kvs_dtype_size(v->dtype);
-}
 
 /* ---------------------------------------------------------------------- */
 /* Exact                                                                  */
