@@ -181,9 +181,15 @@ static int check_options(kvs_store_t *s, const kvs_options_t *o) {
 /* ---------------------------------------------------------------------- */
 /* Sequences                                                              */
 
+/* Segments are shared between forks: the last owner frees. */
+static void segment_unref(kvs_segment_t *seg) {
+    if (__atomic_fetch_sub(&seg->extra_refs, 1, __ATOMIC_ACQ_REL) == 0)
+        kvs_segment_free(seg);
+}
+
 static void head_release(head_t *h) {
     for (uint32_t i = 0; i < h->n_segments; i++)
-        kvs_segment_free(h->segments[i]);
+        segment_unref(h->segments[i]);
     free(h->segments);
     free(h->tail_keys);
     free(h->tail_values);
@@ -1178,6 +1184,38 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
     return call_end(c, NULL, 0);
 }
 
+/* Copy tokens pos .. pos+n of one head into rows `stride` bytes apart
+ * (either destination may be NULL). Caller holds the layer lock. */
+static void head_gather(const head_t *hd, size_t rb, uint64_t pos, uint64_t n,
+                        char *keys, char *values, size_t stride) {
+    uint64_t end = pos + n;
+    for (uint32_t si = 0; si < hd->n_segments; si++) {
+        const kvs_segment_t *seg = hd->segments[si];
+        uint64_t a = seg->first_pos, b = a + seg->n_tokens;
+        if (b <= pos || a >= end)
+            continue;
+        for (uint32_t slot = 0; slot < seg->n_tokens; slot++) {
+            uint64_t p = a + seg->positions[slot];
+            if (p < pos || p >= end)
+                continue;
+            size_t o = (p - pos) * stride;
+            if (keys)
+                memcpy(keys + o, (const char *)seg->keys + slot * rb, rb);
+            if (values)
+                memcpy(values + o, (const char *)seg->values + slot * rb, rb);
+        }
+    }
+    uint64_t t0 = hd->indexed_tokens;
+    for (uint64_t p = pos > t0 ? pos : t0; p < end; p++) {
+        size_t src = (hd->tail_start + (p - t0)) * rb;
+        size_t o = (p - pos) * stride;
+        if (keys)
+            memcpy(keys + o, hd->tail_keys + src, rb);
+        if (values)
+            memcpy(values + o, hd->tail_values + src, rb);
+    }
+}
+
 int kvs_seq_read(kvs_store_t *s, uint64_t id, uint32_t layer, uint64_t pos,
                  uint32_t n, void *keys, void *values) {
     if (!s)
@@ -1201,39 +1239,171 @@ int kvs_seq_read(kvs_store_t *s, uint64_t id, uint32_t layer, uint64_t pos,
         goto out;
     }
     size_t rb = q->row_bytes, stride = rb * q->geo.n_kv_heads;
-    uint64_t end = pos + n;
-    for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
-        const head_t *hd = &L->heads[h];
-        for (uint32_t si = 0; si < hd->n_segments; si++) {
-            const kvs_segment_t *seg = hd->segments[si];
-            uint64_t a = seg->first_pos, b = a + seg->n_tokens;
-            if (b <= pos || a >= end)
-                continue;
-            for (uint32_t slot = 0; slot < seg->n_tokens; slot++) {
-                uint64_t p = a + seg->positions[slot];
-                if (p < pos || p >= end)
-                    continue;
-                size_t o = (p - pos) * stride + h * rb;
-                if (keys)
-                    memcpy((char *)keys + o, (char *)seg->keys + slot * rb, rb);
-                if (values)
-                    memcpy((char *)values + o, (char *)seg->values + slot * rb,
-                           rb);
-            }
-        }
-        uint64_t t0 = hd->indexed_tokens;
-        for (uint64_t p = pos > t0 ? pos : t0; p < end; p++) {
-            size_t src = (hd->tail_start + (p - t0)) * rb;
-            size_t o = (p - pos) * stride + h * rb;
-            if (keys)
-                memcpy((char *)keys + o, hd->tail_keys + src, rb);
-            if (values)
-                memcpy((char *)values + o, hd->tail_values + src, rb);
-        }
-    }
+    for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+        head_gather(&L->heads[h], rb, pos, n,
+                    keys ? (char *)keys + h * rb : NULL,
+                    values ? (char *)values + h * rb : NULL, stride);
     pthread_rwlock_unlock(&L->lock);
 out:
     seq_unref(q);
+    return rc;
+}
+
+/* End of the segments of `p` that lie wholly below `at`. */
+static uint64_t shareable_end(const head_t *p, uint64_t at) {
+    uint64_t end = 0;
+    for (uint32_t i = 0; i < p->n_segments; i++) {
+        uint64_t e = p->segments[i]->first_pos + p->segments[i]->n_tokens;
+        if (e <= at)
+            end = e;
+    }
+    return end;
+}
+
+/* Fill child head `c` from parent head `p` up to `at`: share the segments
+ * below `share_end`, copy the rest as tail rows. Parent layer locked. */
+static int fork_head(const head_t *p, head_t *c, size_t rb,
+                     uint64_t share_end, uint64_t at) {
+    uint32_t shared = 0;
+    while (shared < p->n_segments &&
+           p->segments[shared]->first_pos + p->segments[shared]->n_tokens <=
+               share_end)
+        shared++;
+    if (shared) {
+        c->segments = malloc(shared * sizeof *c->segments);
+        if (!c->segments)
+            return KVS_ENOMEM;
+        c->segments_cap = shared;
+    }
+    for (uint32_t i = 0; i < shared; i++) {
+        __atomic_fetch_add(&p->segments[i]->extra_refs, 1, __ATOMIC_RELAXED);
+        c->segments[c->n_segments++] = p->segments[i];
+        c->indexed_tokens += p->segments[i]->n_tokens;
+    }
+    uint64_t rest = at - c->indexed_tokens;
+    if (rest) {
+        int rc = head_reserve(c, rb, rest);
+        if (rc)
+            return rc;
+        head_gather(p, rb, c->indexed_tokens, rest, c->tail_keys,
+                    c->tail_values, rb);
+        c->tail_len = rest;
+    }
+    return 0;
+}
+
+/* Store a forked child: its segments and rows first, its metadata last, so
+ * a crash in between leaves records of an unknown id (deleted at the next
+ * open), never half a sequence. */
+static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
+    const kvs_geometry_t *g = &c->geo;
+    size_t rb = c->row_bytes, stride = rb * g->n_kv_heads;
+    int rc = 0;
+    for (uint32_t l = 0; l < g->n_layers && !rc; l++) {
+        layer_t *L = &c->layers[l];
+        uint64_t indexed = L->heads[0].indexed_tokens;
+        for (uint32_t h = 0; h < g->n_kv_heads && !rc; h++) {
+            head_t *hd = &L->heads[h];
+            for (uint32_t i = 0; i < hd->n_segments && !rc; i++)
+                rc = kvs__db_put_segment(s->db, c->id, l, h, hd->segments[i],
+                                         err, errlen);
+        }
+        /* kvs_seq_fork shares the same segments in every head of a layer,
+         * so the rows past them start at one position for all heads. */
+        uint64_t rest = L->tokens - indexed;
+        if (rc || rest == 0)
+            continue;
+        char *k = malloc(rest * stride), *v = malloc(rest * stride);
+        if (!k || !v) {
+            free(k);
+            free(v);
+            return KVS_ENOMEM;
+        }
+        for (uint32_t h = 0; h < g->n_kv_heads; h++)
+            head_gather(&L->heads[h], rb, indexed, rest, k + h * rb,
+                        v + h * rb, stride);
+        rc = kvs__db_append(s->db, c->id, l, g, indexed, (uint32_t)rest, k, v,
+                            s->opts.segment_tokens, err, errlen);
+        free(k);
+        free(v);
+    }
+    if (!rc)
+        rc = kvs__db_create_seq(s->db, c->id, g, err, errlen);
+    return rc;
+}
+
+int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at,
+                 uint64_t child) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    int rc = 0;
+    seq_t *p = seq_lookup(s, parent, &rc);
+    if (!p)
+        return rc;
+    seq_t *c = NULL;
+    if ((rc = seq_new(s, child, &p->geo, &c)))
+        goto out;
+    size_t rb = p->row_bytes;
+    for (uint32_t l = 0; l < p->geo.n_layers && !rc; l++) {
+        layer_t *PL = &p->layers[l], *CL = &c->layers[l];
+        pthread_rwlock_rdlock(&PL->lock);
+        if (at > PL->tokens)
+            rc = fail(s, KVS_ERANGE, "at_token %llu past the %llu tokens of "
+                      "layer %u", (unsigned long long)at,
+                      (unsigned long long)PL->tokens, l);
+        /* Heads finish their builds at different times: share only what
+         * every head of the layer has built, so the child's heads agree. */
+        uint64_t share_end = at;
+        for (uint32_t h = 0; h < p->geo.n_kv_heads; h++) {
+            uint64_t e = shareable_end(&PL->heads[h], at);
+            if (e < share_end)
+                share_end = e;
+        }
+        for (uint32_t h = 0; h < p->geo.n_kv_heads && !rc; h++)
+            if ((rc = fork_head(&PL->heads[h], &CL->heads[h], rb, share_end,
+                                at)))
+                rc = fail(s, rc, "fork of layer %u", l);
+        pthread_rwlock_unlock(&PL->lock);
+        CL->tokens = at;
+    }
+    if (rc)
+        goto out;
+    pthread_mutex_lock(&s->map_mu);
+    if (map_find(s, child)) {
+        pthread_mutex_unlock(&s->map_mu);
+        rc = fail(s, KVS_EEXIST, "sequence %llu already exists",
+                  (unsigned long long)child);
+        goto out;
+    }
+    if (s->db) {
+        char err[256] = "";
+        if ((rc = fork_persist(s, c, err, sizeof err))) {
+            pthread_mutex_unlock(&s->map_mu);
+            rc = fail(s, rc, "storing the fork: %s", err);
+            goto out;
+        }
+    }
+    if ((rc = map_insert(s, c))) {
+        pthread_mutex_unlock(&s->map_mu);
+        rc = fail(s, rc, "sequence table");
+        goto out;
+    }
+    atomic_fetch_add(&c->refs, 1); /* a racing drop must not free it */
+    pthread_mutex_unlock(&s->map_mu);
+    /* The copied rows may hold a whole segment: index them as usual. */
+    for (uint32_t l = 0; l < c->geo.n_layers; l++) {
+        pthread_rwlock_wrlock(&c->layers[l].lock);
+        for (uint32_t h = 0; h < c->geo.n_kv_heads; h++)
+            maybe_build(s, c, l, h);
+        pthread_rwlock_unlock(&c->layers[l].lock);
+    }
+    seq_unref(c);
+    c = NULL;
+out:
+    if (c)
+        seq_free(c);
+    seq_unref(p);
     return rc;
 }
 

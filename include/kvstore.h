@@ -199,6 +199,20 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
 int kvs_seq_read(kvs_store_t *store, uint64_t seq, uint32_t layer,
                  uint64_t pos, uint32_t n, void *keys, void *values);
 
+/*
+ * Fork: create `child` holding the first `at_token` tokens of every layer of
+ * `parent`. Built segments wholly below at_token are shared in memory (copy
+ * on write: nothing is copied until the child diverges; the child's own
+ * appends go to its own tail); the few rows past the last shared segment are
+ * copied. Parent and child are independent afterwards: dropping either
+ * keeps the other intact. With a data_dir the child is stored in full
+ * (shared segments are written again under the child's id).
+ * Errors: KVS_ENOSEQ (parent), KVS_EEXIST (child), KVS_ERANGE (at_token
+ * past the tokens of some layer), KVS_ENOMEM, storage errors.
+ */
+int kvs_seq_fork(kvs_store_t *store, uint64_t parent, uint64_t at_token,
+                 uint64_t child);
+
 /* Drop `seq` and everything it holds. Calls already running on it finish
  * first. Errors: KVS_ENOSEQ. */
 int kvs_seq_drop(kvs_store_t *store, uint64_t seq);

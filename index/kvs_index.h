@@ -59,6 +59,9 @@ typedef struct kvs_segment_s {
     uint8_t *adj_flags;    /* [n_clusters] */
     kvs_cluster_adj_t adj_always;
     kvs_cluster_adj_t adj_last;
+    /* Owners beyond the first (forked sequences share segments); 0 from
+     * the builder and the decoder. Managed by the engine with atomics. */
+    int32_t extra_refs;
 } kvs_segment_t;
 
 /* How segments are built. */

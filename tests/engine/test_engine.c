@@ -478,6 +478,57 @@ static void test_engine_build_races_readers(void **state) {
     pthread_mutex_destroy(&r.mu);
 }
 
+/* A fork shares the parent's segments, copies the rows past them, and is
+ * independent afterwards. */
+static void test_engine_fork(void **state) {
+    (void)state;
+    fixture_t f = build_fixture(1300, 256, KVS_DTYPE_F32);
+    kvs_store_t *s = f.s;
+    /* at 1000: segments 0..767 shared (3 x 256), 768..999 copied */
+    assert_int_equal(kvs_seq_fork(s, 7, 1000, 8), 0);
+    assert_int_equal(kvs_seq_fork(s, 7, 1000, 8), KVS_EEXIST);
+    assert_int_equal(kvs_seq_fork(s, 7, 1301, 9), KVS_ERANGE);
+    assert_int_equal(kvs_seq_fork(s, 99, 10, 9), KVS_ENOSEQ);
+    kvs_seq_info_t info;
+    assert_int_equal(kvs_seq_info(s, 8, &info), 0);
+    assert_int_equal(info.tokens_max, 1000);
+    assert_int_equal(info.tokens_min, 1000);
+    assert_int_equal(info.segments, 2 * 2 * 3);
+    /* The child's first 1000 tokens equal the parent's. */
+    size_t row = (size_t)f.kvh * f.d;
+    float *a = malloc(1000 * row * 4), *b = malloc(1000 * row * 4);
+    float *va = malloc(1000 * row * 4), *vb = malloc(1000 * row * 4);
+    assert_int_equal(kvs_seq_read(s, 7, 1, 0, 1000, a, va), 0);
+    assert_int_equal(kvs_seq_read(s, 8, 1, 0, 1000, b, vb), 0);
+    assert_memory_equal(a, b, 1000 * row * 4);
+    assert_memory_equal(va, vb, 1000 * row * 4);
+    assert_memory_equal(a, f.k, 1000 * row * 4);
+    /* Exact attention of the child = reference over its 1000 tokens. */
+    float q[4 * 32], out[4 * 32];
+    for (int i = 0; i < 4 * 32; i++)
+        q[i] = nrand();
+    kvs_query_params_t p;
+    kvs_query_params_default(&p);
+    p.mode = KVS_MODE_EXACT;
+    assert_int_equal(kvs_seq_attend(s, 8, 0, q, &p, out, NULL), 0);
+    uint32_t n_saved = f.n;
+    f.n = 1000;
+    assert_true(max_err_vs_ref(&f, q, out) < 1e-5);
+    f.n = n_saved;
+    /* Diverge: the child appends its own tokens; the parent is unchanged. */
+    assert_int_equal(kvs_seq_append(s, 8, 0, 1, b, vb), 0);
+    assert_int_equal(kvs_seq_info(s, 7, &info), 0);
+    assert_int_equal(info.tokens_max, 1300);
+    /* Dropping the parent keeps the child intact. */
+    assert_int_equal(kvs_seq_drop(s, 7), 0);
+    assert_int_equal(kvs_seq_read(s, 8, 1, 0, 1000, b, vb), 0);
+    assert_memory_equal(a, b, 1000 * row * 4);
+    p.mode = KVS_MODE_WAVE;
+    assert_int_equal(kvs_seq_attend(s, 8, 1, q, &p, out, NULL), 0);
+    free(a), free(b), free(va), free(vb);
+    free_fixture(&f);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_engine_errors),
@@ -486,6 +537,7 @@ int main(void) {
         cmocka_unit_test(test_engine_wave_default_zones),
         cmocka_unit_test(test_engine_search),
         cmocka_unit_test(test_engine_build_races_readers),
+        cmocka_unit_test(test_engine_fork),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -334,10 +334,43 @@ static void test_persist_crash_rounds(void **state) {
     free(dir);
 }
 
+static void test_persist_fork_survives_restart(void **state) {
+    (void)state;
+    char *dir = temp_dir();
+    kvs_store_t *s = open_dir(dir, KVS_SYNC_BATCH);
+    assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
+    for (uint32_t l = 0; l < 2; l++)
+        append_tokens(s, 1, l, 0, 700);
+    assert_int_equal(kvs_seq_wait_indexed(s, 1), 0);
+    assert_int_equal(kvs_seq_fork(s, 1, 600, 2), 0);
+    assert_int_equal(kvs_seq_drop(s, 1), 0);
+    kvs_store_close(s);
+    s = open_dir(dir, KVS_SYNC_BATCH);
+    kvs_seq_info_t info;
+    assert_int_equal(kvs_seq_info(s, 1, &info), KVS_ENOSEQ);
+    assert_int_equal(kvs_seq_info(s, 2, &info), 0);
+    assert_int_equal(info.tokens_max, 600);
+    assert_int_equal(info.segments, 2 * KVH * 2);
+    /* The child holds what the parent held, under the parent's generator. */
+    uint16_t *k = malloc(600 * KVH * D * 2), *v = malloc(600 * KVH * D * 2);
+    uint16_t *ek = malloc(600 * KVH * D * 2), *ev = malloc(600 * KVH * D * 2);
+    for (uint32_t l = 0; l < 2; l++) {
+        make_rows(1, l, 0, 600, ek, ev);
+        assert_int_equal(kvs_seq_read(s, 2, l, 0, 600, k, v), 0);
+        assert_memory_equal(k, ek, 600 * KVH * D * 2);
+        assert_memory_equal(v, ev, 600 * KVH * D * 2);
+    }
+    free(k), free(v), free(ek), free(ev);
+    kvs_store_close(s);
+    rm_rf(dir);
+    free(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_persist_reopen_without_reclustering),
         cmocka_unit_test(test_persist_damage_quarantines_one_sequence),
+        cmocka_unit_test(test_persist_fork_survives_restart),
         cmocka_unit_test(test_persist_crash_rounds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
