@@ -50,7 +50,9 @@ static void usage(FILE *f) {
             "  bench [--op ping|append|search|attend] [--requests N]\n"
             "        [--pipeline P] [--tokens T] [--context C] [--k K]\n"
             "        [--q-heads Q] [--kv-heads H] [--head-dim D] "
-            "[--dtype f16]\n");
+            "[--dtype f16]\n"
+            "        [--wait-indexed yes|no]    search/attend: wait for "
+            "index builds [yes]\n");
 }
 
 static int parse_u64(const char *s, uint64_t *out) {
@@ -371,6 +373,7 @@ typedef struct bench_s {
     uint64_t requests, pipeline, tokens, context, k;
     uint32_t q_heads, kv_heads, head_dim;
     kvs_dtype_t dtype;
+    bool no_wait; /* measure while index segments are still being built */
 } bench_t;
 
 static int cmp_double(const void *x, const void *y) {
@@ -485,6 +488,16 @@ static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
                 report_error(a, c, "bench fill", rc);
                 goto out;
             }
+        }
+        /* Steady state: let background segment builds finish so that the
+         * numbers are the index's, not k-means' competing for the CPU. */
+        for (int w = 0; type != KVS_CLIENT_APPEND && !b->no_wait && w < 1200;
+             w++) {
+            kvs_seq_info_t in;
+            if (kvs_client_seq_info(c, seq, &in) || in.builds_pending == 0)
+                break;
+            struct timespec ts = {0, 50 * 1000 * 1000};
+            nanosleep(&ts, NULL);
         }
     }
     size_t qf = (size_t)b->q_heads * b->head_dim;
@@ -612,6 +625,10 @@ static int cmd_bench(const args_t *a, kvs_client_t *c, int argc, char **argv) {
         uint64_t n = 0;
         if (!strcmp(o, "--op")) {
             b.op = v;
+            continue;
+        }
+        if (!strcmp(o, "--wait-indexed")) {
+            b.no_wait = strcmp(v, "no") == 0;
             continue;
         }
         if (!strcmp(o, "--dtype")) {

@@ -161,6 +161,13 @@ int kvs_frame_reader_prepare(kvs_frame_reader_t *r, size_t want, void **ptr,
     /* Read at least the rest of the current frame in one go when it is
      * large, but never reserve more than the frame needs plus `want` so that
      * an idle connection costs little memory. */
+    /* An idle connection should not keep the buffer of its largest frame
+     * (an append can be megabytes): drop it once everything is consumed. */
+    if (r->off == r->len && r->cap > (1u << 20)) {
+        free(r->buf);
+        r->buf = NULL;
+        r->cap = r->off = r->len = 0;
+    }
     size_t missing = frame_missing(r);
     if (missing > want)
         want = missing;

@@ -6,6 +6,7 @@
  */
 #include "server_int.h"
 
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,6 +65,10 @@ int main(int argc, char **argv) {
     }
     kvs__log_set_level(cfg.log_level);
     signal(SIGPIPE, SIG_IGN);
+    /* Append frames are megabytes each: served from mmap, every one would
+     * page-fault its way in and be unmapped again. Keep them in the heap. */
+    mallopt(M_MMAP_THRESHOLD, 256 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
     raise_nofile(cfg.max_connections);
     /* libuv sizes its pool from the environment at first use. */
     char n[16];

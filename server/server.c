@@ -190,6 +190,11 @@ static void conn_flush(kvs__conn_t *c) {
     }
     if (off == c->out_len) {
         c->out_len = 0;
+        if (c->out_cap > (1u << 20)) { /* do not keep a big answer's buffer */
+            free(c->out);
+            c->out = NULL;
+            c->out_cap = 0;
+        }
         conn_maybe_close(c);
         return;
     }
