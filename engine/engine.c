@@ -65,6 +65,8 @@ typedef struct seq_s {
     atomic_int dropped;
     atomic_uint_fast64_t builds_pending;
     char *damage; /* non-NULL: quarantined, and why */
+    atomic_uint ttl_s;                /* 0: never expires */
+    atomic_uint_fast64_t last_access; /* monotonic ms */
     layer_t *layers;
     struct seq_s *next; /* hash chain */
 } seq_t;
@@ -96,6 +98,12 @@ struct kvs_store_s {
     uint32_t n_builders;
     uint64_t builds_pending, builds_done, build_keys;
     double build_seconds;
+    uint64_t expired;
+
+    /* Housekeeping: TTL expiry. */
+    pthread_t keeper;
+    int keeper_running;
+    pthread_cond_t keeper_cv;
 };
 
 /* ---------------------------------------------------------------------- */
@@ -121,6 +129,12 @@ static void clear_err(const kvs_store_t *store) {
 
 const char *kvs_store_errmsg(const kvs_store_t *store) {
     return err_store == store ? err_msg : "";
+}
+
+static uint64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 static double now_s(void) {
@@ -288,6 +302,8 @@ static int seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
     q->geo = *geo;
     q->row_bytes = (size_t)geo->head_dim * kvs_dtype_size(geo->dtype);
     atomic_init(&q->refs, 1);
+    atomic_init(&q->ttl_s, 0);
+    atomic_init(&q->last_access, now_ms());
     q->layers = calloc(geo->n_layers, sizeof(layer_t));
     if (!q->layers)
         goto oom;
@@ -351,7 +367,7 @@ int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
     }
     if (s->db) {
         char err[256];
-        if ((rc = kvs__db_create_seq(s->db, id, geo, err, sizeof err))) {
+        if ((rc = kvs__db_create_seq(s->db, id, geo, 0, err, sizeof err))) {
             pthread_mutex_unlock(&s->map_mu);
             seq_free(q);
             return fail(s, rc, "%s", err);
@@ -410,8 +426,92 @@ static seq_t *seq_lookup(kvs_store_t *s, uint64_t id, int *rc) {
                    (unsigned long long)id, q->damage);
         seq_unref(q);
         q = NULL;
+    } else {
+        atomic_store(&q->last_access, now_ms());
     }
     return q;
+}
+
+int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    int rc = 0;
+    seq_t *q = seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    /* Under the map lock: the rewrite of the metadata must not overtake a
+     * drop of the same id. */
+    pthread_mutex_lock(&s->map_mu);
+    if (s->db && !atomic_load(&q->dropped)) {
+        char err[256];
+        rc = kvs__db_create_seq(s->db, id, &q->geo, ttl_seconds, err,
+                                sizeof err);
+        if (rc)
+            rc = fail(s, rc, "%s", err);
+    }
+    if (!rc)
+        atomic_store(&q->ttl_s, ttl_seconds);
+    pthread_mutex_unlock(&s->map_mu);
+    seq_unref(q);
+    return rc;
+}
+
+int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
+    if (!s)
+        return KVS_EINVAL;
+    uint64_t now = now_ms(), n = 0;
+    size_t cap = 16, k = 0;
+    uint64_t *ids = malloc(cap * sizeof *ids);
+    if (!ids)
+        return KVS_ENOMEM;
+    pthread_mutex_lock(&s->map_mu);
+    for (size_t b = 0; b < s->n_buckets; b++)
+        for (seq_t *q = s->buckets[b]; q; q = q->next) {
+            uint32_t ttl = atomic_load(&q->ttl_s);
+            if (!ttl || now - atomic_load(&q->last_access) < ttl * 1000ull)
+                continue;
+            if (k == cap) {
+                uint64_t *p = realloc(ids, 2 * cap * sizeof *ids);
+                if (!p)
+                    break;
+                ids = p;
+                cap *= 2;
+            }
+            ids[k++] = q->id;
+        }
+    pthread_mutex_unlock(&s->map_mu);
+    for (size_t i = 0; i < k; i++)
+        if (kvs_seq_drop(s, ids[i]) == 0) {
+            fprintf(stderr, "kvstore: sequence %llu expired (idle past its "
+                    "TTL)\n", (unsigned long long)ids[i]);
+            n++;
+        }
+    free(ids);
+    pthread_mutex_lock(&s->build_mu);
+    s->expired += n;
+    pthread_mutex_unlock(&s->build_mu);
+    if (n_expired)
+        *n_expired = n;
+    return 0;
+}
+
+static void *keeper_main(void *arg) {
+    kvs_store_t *s = arg;
+    pthread_mutex_lock(&s->build_mu);
+    while (!atomic_load(&s->stopping)) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(&s->keeper_cv, &s->build_mu, &ts);
+        if (atomic_load(&s->stopping))
+            break;
+        pthread_mutex_unlock(&s->build_mu);
+        kvs_store_expire(s, NULL);
+        pthread_mutex_lock(&s->build_mu);
+    }
+    pthread_mutex_unlock(&s->build_mu);
+    return NULL;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -563,7 +663,8 @@ static void *builder(void *arg) {
 
 static int head_reserve(head_t *h, size_t row_bytes, uint64_t more);
 
-static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g) {
+static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g,
+                    uint32_t ttl_s) {
     kvs_store_t *s = ctx;
     if (map_find(s, id))
         return KVS_EEXIST;
@@ -571,6 +672,7 @@ static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g) {
     seq_t *q;
     if (rc || (rc = seq_new(s, id, g, &q)))
         return rc;
+    atomic_store(&q->ttl_s, ttl_s);
     if ((rc = map_insert(s, q)))
         seq_free(q);
     return rc;
@@ -799,6 +901,12 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         }
         s->n_builders++;
     }
+    pthread_cond_init(&s->keeper_cv, NULL);
+    if ((rc = -pthread_create(&s->keeper, NULL, keeper_main, s))) {
+        open_fail(rc, "housekeeping thread");
+        goto fail;
+    }
+    s->keeper_running = 1;
     load_schedule_builds(s);
     *out = s;
     return 0;
@@ -813,7 +921,13 @@ void kvs_store_close(kvs_store_t *s) {
     pthread_mutex_lock(&s->build_mu);
     s->stopping = 1;
     pthread_cond_broadcast(&s->build_cv);
+    if (s->keeper_running)
+        pthread_cond_broadcast(&s->keeper_cv);
     pthread_mutex_unlock(&s->build_mu);
+    if (s->keeper_running) {
+        pthread_join(s->keeper, NULL);
+        pthread_cond_destroy(&s->keeper_cv);
+    }
     for (uint32_t i = 0; i < s->n_builders; i++)
         pthread_join(s->builders[i], NULL);
     /* Jobs never started: their tails simply stay unindexed. */
@@ -1328,7 +1442,8 @@ static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
         free(v);
     }
     if (!rc)
-        rc = kvs__db_create_seq(s->db, c->id, g, err, errlen);
+        rc = kvs__db_create_seq(s->db, c->id, g, atomic_load(&c->ttl_s), err,
+                                errlen);
     return rc;
 }
 
@@ -1344,6 +1459,7 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at,
     seq_t *c = NULL;
     if ((rc = seq_new(s, child, &p->geo, &c)))
         goto out;
+    atomic_store(&c->ttl_s, atomic_load(&p->ttl_s));
     size_t rb = p->row_bytes;
     for (uint32_t l = 0; l < p->geo.n_layers && !rc; l++) {
         layer_t *PL = &p->layers[l], *CL = &c->layers[l];
@@ -1512,6 +1628,7 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->builds_done = s->builds_done;
     st->build_keys = s->build_keys;
     st->build_seconds = s->build_seconds;
+    st->expired = s->expired;
     pthread_mutex_unlock(&s->build_mu);
     return 0;
 }

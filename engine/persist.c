@@ -245,11 +245,11 @@ static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
 }
 
 int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
-                       char *err, size_t errlen) {
-    unsigned char k[8], v[4 + 4 + 20];
+                       uint32_t ttl_s, char *err, size_t errlen) {
+    unsigned char k[8], v[4 + 28];
     put_be64(k, id);
-    uint32_t f[6] = {SEQ_VERSION, g->n_layers, g->n_q_heads, g->n_kv_heads,
-                     g->head_dim, (uint32_t)g->dtype};
+    uint32_t f[7] = {SEQ_VERSION, g->n_layers, g->n_q_heads, g->n_kv_heads,
+                     g->head_dim, (uint32_t)g->dtype, ttl_s};
     memcpy(v + 4, f, sizeof f);
     uint32_t crc = kvs_crc32c(0, v + 4, sizeof f);
     memcpy(v, &crc, 4);
@@ -520,21 +520,21 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
         known.damaged[known.n] = 0;
         known.n++;
         kvs_geometry_t g;
-        uint32_t f[6], crc;
-        if (vl != 28 || (memcpy(&crc, v, 4), memcpy(f, v + 4, 24),
-                         crc != kvs_crc32c(0, v + 4, 24)) ||
+        uint32_t f[7], crc;
+        if (vl != 32 || (memcpy(&crc, v, 4), memcpy(f, v + 4, 28),
+                         crc != kvs_crc32c(0, v + 4, 28)) ||
             f[0] != SEQ_VERSION) {
             /* Still announce it, so it can be listed and dropped. */
             g = (kvs_geometry_t){1, 1, 1, 1, KVS_DTYPE_F32};
-            L->seq(L->ctx, id, &g);
+            L->seq(L->ctx, id, &g, 0);
             damage(&known, L, (int)known.n - 1,
                    "sequence metadata fails its checksum");
             continue;
         }
         g = (kvs_geometry_t){f[1], f[2], f[3], f[4], (kvs_dtype_t)f[5]};
-        if (L->seq(L->ctx, id, &g)) {
+        if (L->seq(L->ctx, id, &g, f[6])) {
             g = (kvs_geometry_t){1, 1, 1, 1, KVS_DTYPE_F32};
-            L->seq(L->ctx, id, &g);
+            L->seq(L->ctx, id, &g, 0);
             damage(&known, L, (int)known.n - 1, "bad sequence geometry");
         }
     }

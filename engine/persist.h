@@ -3,7 +3,7 @@
  *
  * Column families (keys big-endian so that iteration is in id/position
  * order):
- *   seqs   id(8)                          -> crc | version | geometry
+ *   seqs   id(8)                          -> crc | version | geometry | ttl
  *   kv     id(8) layer(4) head(4) pos(8)  -> crc | n | keys[n][d] | vals[n][d]
  *   index  id(8) layer(4) head(4) pos(8)  -> crc | encoded segment
  * The kv family holds exactly the unindexed rows: appends are written per
@@ -30,8 +30,9 @@ void kvs__db_close(kvs__db_t *db);
 int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
                          size_t errlen);
 
+/* Write (or rewrite) a sequence's metadata: geometry and idle TTL. */
 int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
-                       char *err, size_t errlen);
+                       uint32_t ttl_s, char *err, size_t errlen);
 /* Delete the sequence and everything under it in one batch. */
 int kvs__db_drop_seq(kvs__db_t *db, uint64_t id, char *err, size_t errlen);
 
@@ -52,7 +53,8 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
  * within a (layer, head) segments then rows come in position order. */
 typedef struct kvs__db_loader_s {
     void *ctx;
-    int (*seq)(void *ctx, uint64_t id, const kvs_geometry_t *g);
+    int (*seq)(void *ctx, uint64_t id, const kvs_geometry_t *g,
+               uint32_t ttl_s);
     /* Takes ownership of seg. */
     int (*segment)(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                    kvs_segment_t *seg);

@@ -213,6 +213,19 @@ int kvs_seq_read(kvs_store_t *store, uint64_t seq, uint32_t layer,
 int kvs_seq_fork(kvs_store_t *store, uint64_t parent, uint64_t at_token,
                  uint64_t child);
 
+/*
+ * Expire `seq` after `ttl_seconds` without an append, search, attend, read
+ * or fork (0: never, the default). Expired sequences are dropped by the
+ * store's housekeeping thread (every second) or by kvs_store_expire(). The
+ * TTL is stored with the sequence; after a restart the idle clock starts
+ * again. Errors: KVS_ENOSEQ, storage errors.
+ */
+int kvs_seq_set_ttl(kvs_store_t *store, uint64_t seq, uint32_t ttl_seconds);
+
+/* Drop every sequence whose TTL has run out now; *n_expired (may be NULL)
+ * receives how many. */
+int kvs_store_expire(kvs_store_t *store, uint64_t *n_expired);
+
 /* Drop `seq` and everything it holds. Calls already running on it finish
  * first. Errors: KVS_ENOSEQ. */
 int kvs_seq_drop(kvs_store_t *store, uint64_t seq);
@@ -243,6 +256,7 @@ typedef struct kvs_store_stats_s {
     uint64_t index_bytes;
     uint64_t disk_bytes;     /* files in data_dir (0 without one) */
     uint64_t quarantined;    /* sequences refused after damage */
+    uint64_t expired;        /* sequences dropped by their TTL */
     uint64_t builds_pending;
     uint64_t builds_done;
     uint64_t build_keys;     /* keys clustered by finished builds */

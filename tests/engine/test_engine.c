@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels/kvs_kernels.h"
 #include "kvstore.h"
@@ -529,6 +530,41 @@ static void test_engine_fork(void **state) {
     free_fixture(&f);
 }
 
+static void test_engine_ttl(void **state) {
+    (void)state;
+    kvs_store_t *s = open_small(256);
+    assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
+    assert_int_equal(kvs_seq_create(s, 2, &GEO), 0);
+    assert_int_equal(kvs_seq_create(s, 3, &GEO), 0);
+    assert_int_equal(kvs_seq_set_ttl(s, 1, 1), 0);
+    assert_int_equal(kvs_seq_set_ttl(s, 2, 1), 0);
+    assert_int_equal(kvs_seq_set_ttl(s, 9, 1), KVS_ENOSEQ);
+    uint64_t n = 99;
+    assert_int_equal(kvs_store_expire(s, &n), 0);
+    assert_int_equal(n, 0);
+    struct timespec ts = {0, 700 * 1000000L};
+    nanosleep(&ts, NULL);
+    float k[2 * 32] = {0}, v[2 * 32] = {0};
+    /* Use keeps sequence 2 alive. */
+    assert_int_equal(kvs_seq_append(s, 2, 0, 1, k, v), 0);
+    nanosleep(&ts, NULL);
+    assert_int_equal(kvs_store_expire(s, &n), 0);
+    assert_true(n <= 1); /* the housekeeping thread may have been first */
+    kvs_seq_info_t info;
+    assert_int_equal(kvs_seq_info(s, 1, &info), KVS_ENOSEQ);
+    assert_int_equal(kvs_seq_info(s, 2, &info), 0);
+    assert_int_equal(kvs_seq_info(s, 3, &info), 0); /* no TTL */
+    /* The housekeeping thread expires on its own within a second or two. */
+    for (int i = 0; i < 40 && kvs_seq_info(s, 2, &info) == 0; i++)
+        nanosleep(&ts, NULL);
+    assert_int_equal(kvs_seq_info(s, 2, &info), KVS_ENOSEQ);
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.expired, 2);
+    assert_int_equal(st.sequences, 1);
+    kvs_store_close(s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_engine_errors),
@@ -538,6 +574,7 @@ int main(void) {
         cmocka_unit_test(test_engine_search),
         cmocka_unit_test(test_engine_build_races_readers),
         cmocka_unit_test(test_engine_fork),
+        cmocka_unit_test(test_engine_ttl),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
