@@ -416,7 +416,9 @@ int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
     return 0;
 }
 
-static seq_t *seq_lookup(kvs_store_t *s, uint64_t id, int *rc) {
+/* Look up a usable sequence; `use` marks it accessed for its TTL
+ * (inspecting a sequence through info or wait does not keep it alive). */
+static seq_t *seq_lookup_use(kvs_store_t *s, uint64_t id, int *rc, int use) {
     seq_t *q = seq_get(s, id);
     if (!q) {
         *rc = fail(s, KVS_ENOSEQ, "unknown sequence %llu",
@@ -426,10 +428,19 @@ static seq_t *seq_lookup(kvs_store_t *s, uint64_t id, int *rc) {
                    (unsigned long long)id, q->damage);
         seq_unref(q);
         q = NULL;
-    } else {
+    } else if (use) {
         atomic_store(&q->last_access, now_ms());
     }
     return q;
+}
+
+static seq_t *seq_lookup(kvs_store_t *s, uint64_t id, int *rc) {
+    return seq_lookup_use(s, id, rc, 1);
+}
+
+/* For calls that inspect a sequence without using it. */
+static seq_t *seq_peek(kvs_store_t *s, uint64_t id, int *rc) {
+    return seq_lookup_use(s, id, rc, 0);
 }
 
 int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
@@ -437,7 +448,7 @@ int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
         return KVS_EINVAL;
     clear_err(s);
     int rc = 0;
-    seq_t *q = seq_lookup(s, id, &rc);
+    seq_t *q = seq_peek(s, id, &rc);
     if (!q)
         return rc;
     /* Under the map lock: the rewrite of the metadata must not overtake a
@@ -1561,7 +1572,7 @@ int kvs_seq_info(kvs_store_t *s, uint64_t id, kvs_seq_info_t *info) {
     if (!info)
         return fail(s, KVS_EINVAL, "info is NULL");
     int rc = 0;
-    seq_t *q = seq_lookup(s, id, &rc);
+    seq_t *q = seq_peek(s, id, &rc);
     if (!q)
         return rc;
     seq_account(q, info);
@@ -1574,7 +1585,7 @@ int kvs_seq_wait_indexed(kvs_store_t *s, uint64_t id) {
         return KVS_EINVAL;
     clear_err(s);
     int rc = 0;
-    seq_t *q = seq_lookup(s, id, &rc);
+    seq_t *q = seq_peek(s, id, &rc);
     if (!q)
         return rc;
     pthread_mutex_lock(&s->build_mu);
