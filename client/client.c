@@ -578,6 +578,8 @@ static void fill_result(kvs_client_op_t *op, const Kvs__V1__Response *r,
         o->store.sequences = s->sequences;
         o->store.bytes = s->bytes;
         o->store.index_bytes = s->index_bytes;
+        o->store.disk_bytes = s->disk_bytes;
+        o->store.quarantined = s->quarantined;
         o->store.builds_pending = s->builds_pending;
         o->store.builds_done = s->builds_done;
         o->store.build_keys = s->build_keys;
@@ -905,6 +907,8 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     case KVS_CLIENT_FORK:
         fk.src = op->seq;
         fk.dst = op->dst;
+        fk.whole = op->at_token == KVS_CLIENT_FORK_ALL;
+        fk.at_token = fk.whole ? 0 : op->at_token;
         req.op_case = KVS__V1__REQUEST__OP_FORK;
         req.fork = &fk;
         break;
@@ -1109,8 +1113,10 @@ int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
     return run_sync(c, &op);
 }
 
-int kvs_client_seq_fork(kvs_client_t *c, uint64_t src, uint64_t dst) {
-    kvs_client_op_t op = {.type = KVS_CLIENT_FORK, .seq = src, .dst = dst};
+int kvs_client_seq_fork(kvs_client_t *c, uint64_t parent, uint64_t at_token,
+                        uint64_t child) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_FORK, .seq = parent,
+                          .dst = child, .at_token = at_token};
     return run_sync(c, &op);
 }
 

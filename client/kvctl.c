@@ -44,8 +44,9 @@ static void usage(FILE *f) {
             "  create SEQ --layers L --q-heads Q --kv-heads H --head-dim D\n"
             "         [--dtype f32|f16|bf16]     create a sequence\n"
             "  drop SEQ                          drop a sequence\n"
-            "  fork SRC DST                      fork a sequence "
-            "(copy-on-write)\n"
+            "  fork SRC DST [--at TOKENS]        fork a sequence "
+            "(copy-on-write;\n"
+            "                                    all tokens by default)\n"
             "  info SEQ | dump SEQ               a sequence's metadata\n"
             "  bench [--op ping|append|search|attend] [--requests N]\n"
             "        [--pipeline P] [--tokens T] [--context C] [--k K]\n"
@@ -176,13 +177,15 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                        "\"version\":\"%s\",\"uptime_seconds\":%.3f,"
                        "\"sequences\":%" PRIu64 ",\"ram_bytes\":%" PRIu64
                        ",\"index_bytes\":%" PRIu64
+                       ",\"disk_bytes\":%" PRIu64 ",\"quarantined\":%" PRIu64
                        ",\"builds_pending\":%" PRIu64
                        ",\"builds_done\":%" PRIu64 ",\"connections\":%" PRIu64
                        ",\"requests_total\":%" PRIu64 ",\"bytes_in\":%" PRIu64
                        ",\"bytes_out\":%" PRIu64 "}",
                        n ? "," : "", addr, s.node_id, s.server_version,
                        s.uptime_seconds, s.store.sequences, s.store.bytes,
-                       s.store.index_bytes, s.store.builds_pending,
+                       s.store.index_bytes, s.store.disk_bytes,
+                       s.store.quarantined, s.store.builds_pending,
                        s.store.builds_done, s.connections, s.requests_total,
                        s.bytes_in, s.bytes_out);
         } else if (rc) {
@@ -192,6 +195,8 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
             printf("%s (node %s, kvstored %s, up %.0f s)\n"
                    "  sequences       %" PRIu64 "\n"
                    "  ram             %.1f MiB (index %.1f MiB)\n"
+                   "  disk            %.1f MiB, %" PRIu64
+                   " sequences quarantined\n"
                    "  index builds    %" PRIu64 " pending, %" PRIu64
                    " done\n"
                    "  connections     %" PRIu64 "\n"
@@ -200,7 +205,8 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                    addr, s.node_id, s.server_version, s.uptime_seconds,
                    s.store.sequences, (double)s.store.bytes / 1048576.0,
                    (double)s.store.index_bytes / 1048576.0,
-                   s.store.builds_pending, s.store.builds_done, s.connections,
+                   (double)s.store.disk_bytes / 1048576.0,
+                   s.store.quarantined, s.store.builds_pending, s.store.builds_done, s.connections,
                    s.requests_total, s.bytes_in, s.bytes_out);
         }
         failed |= rc != 0;
@@ -302,8 +308,13 @@ static int cmd_create(const args_t *a, kvs_client_t *c, int argc,
 
 static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
                           int argc, char **argv) {
-    uint64_t seq, dst = 0;
+    uint64_t seq, dst = 0, at = KVS_CLIENT_FORK_ALL;
     bool fork = !strcmp(cmd, "fork");
+    if (fork && argc == 4 && !strcmp(argv[2], "--at")) {
+        if (parse_u64(argv[3], &at))
+            return die_usage("bad --at %s", argv[3]);
+        argc = 2;
+    }
     if (argc != (fork ? 2 : 1) || parse_u64(argv[0], &seq) ||
         (fork && parse_u64(argv[1], &dst)))
         return die_usage(fork ? "usage: fork SRC DST%s"
@@ -311,7 +322,7 @@ static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
                          fork ? "" : cmd);
     int rc;
     if (fork) {
-        rc = kvs_client_seq_fork(c, seq, dst);
+        rc = kvs_client_seq_fork(c, seq, at, dst);
         if (rc)
             return report_error(a, c, "fork", rc);
         if (a->json)

@@ -45,6 +45,9 @@ extern "C" {
 
 typedef struct kvs_client_s kvs_client_t;
 
+/* at_token of a fork that shares every token of the parent. */
+#define KVS_CLIENT_FORK_ALL UINT64_MAX
+
 typedef struct kvs_client_options_s {
     /* Daemon addresses: "host:port", "[v6addr]:port", "tcp://host:port",
      * "unix:/path" or "unix:///path". At least one; at most 256. */
@@ -110,7 +113,8 @@ typedef struct kvs_client_op_s {
     void *data;      /* for the caller */
     /* Inputs. */
     uint64_t seq;    /* create/append/search/attend/drop/info; fork: src */
-    uint64_t dst;    /* fork */
+    uint64_t dst;    /* fork: the child */
+    uint64_t at_token; /* fork: tokens shared; KVS_CLIENT_FORK_ALL = all */
     uint32_t layer;  /* append/search/attend */
     uint32_t node;   /* ping/stats/list: node index */
     kvs_geometry_t geometry; /* create */
@@ -196,8 +200,12 @@ int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
                           const float *queries, size_t n_query_floats,
                           const kvs_query_params_t *params, float *out,
                           kvs_attend_stats_t *stats);
-/* Both sequences must live on the same node; KVS_EINVAL otherwise. */
-int kvs_client_seq_fork(kvs_client_t *c, uint64_t src, uint64_t dst);
+/* Fork `parent` into `child` holding its first at_token tokens of every
+ * layer (KVS_CLIENT_FORK_ALL: up to its shortest layer), copy-on-write on
+ * the server. Both must live on the same node (rendezvous hashing of their
+ * ids); KVS_EINVAL otherwise. Errors as kvs_seq_fork() in kvstore.h. */
+int kvs_client_seq_fork(kvs_client_t *c, uint64_t parent, uint64_t at_token,
+                        uint64_t child);
 int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq);
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info);
 int kvs_client_store_stats(kvs_client_t *c, size_t node,

@@ -295,6 +295,11 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
     if (strlen(cfg->auth_token) > 512)
         return cerr(err, errlen, KVS_EINVAL,
                     "auth_token is longer than 512 bytes");
+    if (strcmp(cfg->sync, "batch") && strcmp(cfg->sync, "always") &&
+        strcmp(cfg->sync, "none"))
+        return cerr(err, errlen, KVS_EINVAL,
+                    "sync must be batch, always or none, not \"%s\"",
+                    cfg->sync);
     const char *lv = cfg->log_level;
     if (strcmp(lv, "debug") && strcmp(lv, "info") && strcmp(lv, "warn") &&
         strcmp(lv, "error"))

@@ -8,15 +8,12 @@
  * closed. Metrics are counters owned by the loop thread, which also runs this
  * code, so reading them needs no locks.
  */
-#define _XOPEN_SOURCE 700
 #include "server_int.h"
 
-#include <ftw.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 static const double bucket_le[KVS__N_BUCKETS] = {
     50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
@@ -88,26 +85,6 @@ static const char *op_label(int op) {
 
 static const char *status_label(int idx) {
     return idx == 0 ? "errno" : kvs_err_name(-1000 - idx);
-}
-
-static uint64_t du_total;
-static int du_visit(const char *path, const struct stat *st, int flag,
-                    struct FTW *ftw) {
-    (void)path;
-    (void)ftw;
-    if (flag == FTW_F)
-        du_total += (uint64_t)st->st_blocks * 512u;
-    return 0;
-}
-
-/* Bytes the data directory takes on disk; 0 in memory mode. Walking the
- * tree per scrape is cheap for a RocksDB directory (tens of files). */
-static uint64_t disk_bytes(const char *dir) {
-    if (!dir || !dir[0])
-        return 0;
-    du_total = 0;
-    nftw(dir, du_visit, 16, FTW_PHYS);
-    return du_total;
 }
 
 void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
@@ -206,17 +183,21 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
                   "# TYPE kvstore_builds_total counter\n"
                   "kvstore_builds_total %llu\n"
                   "# TYPE kvstore_build_seconds_total counter\n"
-                  "kvstore_build_seconds_total %.6f\n",
+                  "kvstore_build_seconds_total %.6f\n"
+                  "# HELP kvstore_disk_bytes Bytes of the data directory "
+                  "(0 in memory mode).\n# TYPE kvstore_disk_bytes gauge\n"
+                  "kvstore_disk_bytes %llu\n"
+                  "# HELP kvstore_quarantined_sequences Sequences refused "
+                  "after damage was found.\n"
+                  "# TYPE kvstore_quarantined_sequences gauge\n"
+                  "kvstore_quarantined_sequences %llu\n",
                   (unsigned long long)st.sequences,
                   (unsigned long long)st.bytes,
                   (unsigned long long)st.index_bytes,
                   (unsigned long long)st.builds_pending,
-                  (unsigned long long)st.builds_done, st.build_seconds);
-    sb_printf(&b,
-              "# HELP kvstore_disk_bytes Bytes the data directory takes on "
-              "disk.\n# TYPE kvstore_disk_bytes gauge\n"
-              "kvstore_disk_bytes %llu\n",
-              (unsigned long long)disk_bytes(srv->cfg->data_dir));
+                  (unsigned long long)st.builds_done, st.build_seconds,
+                  (unsigned long long)st.disk_bytes,
+                  (unsigned long long)st.quarantined);
     *out = b.p;
     *len = b.failed ? 0 : b.len;
 }

@@ -46,6 +46,11 @@ extern "C" {
       "once listening, write `port N`, `http_port N` lines to this file")      \
     X(data_dir, STR, "./data", 0, 0,                                           \
       "engine data directory; empty keeps everything in memory")              \
+    X(sync, STR, "batch", 0, 0,                                               \
+      "when appends are acknowledged: batch (group fsync), always (fsync "   \
+      "each) or none (WAL write only)")                                       \
+    X(sync_interval_ms, U32, "5", 1, 10000,                                    \
+      "fsync period of sync batch")                                            \
     X(workers, U32, "4", 1, 1024,                                              \
       "worker threads running engine calls (libuv thread pool)")               \
     X(engine_threads, U32, "0", 0, 4096,                                       \

@@ -292,6 +292,23 @@ out:
     return rc;
 }
 
+static int op_fork(op_ctx_t *c, const Kvs__V1__ForkRequest *r) {
+    uint64_t at = r->at_token;
+    if (r->whole) {
+        /* "All of it" is the shortest layer: the engine forks the same
+         * prefix of every layer. */
+        kvs_seq_info_t info;
+        int rc = kvs_seq_info(c->store, r->src, &info);
+        if (rc)
+            return engine_fail(c, rc, "fork");
+        at = info.tokens_min;
+    }
+    /* No stripe lock: fork sizes no buffer from the geometry, and the
+     * engine itself refuses an existing child or a too-long prefix. */
+    int rc = kvs_seq_fork(c->store, r->src, at, r->dst);
+    return rc ? engine_fail(c, rc, "fork") : 0;
+}
+
 static int op_drop(op_ctx_t *c, const Kvs__V1__DropRequest *r) {
     pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
     pthread_rwlock_wrlock(l);
@@ -328,6 +345,8 @@ static int op_stats(op_ctx_t *c, Kvs__V1__StatsResponse *out) {
     out->sequences = s.sequences;
     out->bytes = s.bytes;
     out->index_bytes = s.index_bytes;
+    out->disk_bytes = s.disk_bytes;
+    out->quarantined = s.quarantined;
     out->builds_pending = s.builds_pending;
     out->builds_done = s.builds_done;
     out->build_keys = s.build_keys;
@@ -374,6 +393,7 @@ void kvs__op_run(kvs__work_t *w) {
     Kvs__V1__AttendResponse r_attend = KVS__V1__ATTEND_RESPONSE__INIT;
     Kvs__V1__AttendStats r_astats = KVS__V1__ATTEND_STATS__INIT;
     Kvs__V1__DropResponse r_drop = KVS__V1__DROP_RESPONSE__INIT;
+    Kvs__V1__ForkResponse r_fork = KVS__V1__FORK_RESPONSE__INIT;
     Kvs__V1__InfoResponse r_info = KVS__V1__INFO_RESPONSE__INIT;
     Kvs__V1__Geometry r_geo = KVS__V1__GEOMETRY__INIT;
     Kvs__V1__StatsResponse r_stats = KVS__V1__STATS_RESPONSE__INIT;
@@ -424,11 +444,9 @@ void kvs__op_run(kvs__work_t *w) {
         resp.list = &r_list;
         break;
     case KVS__V1__REQUEST__OP_FORK:
-        /* Copy-on-write fork needs the engine's shared-block storage from
-         * the persistence issue; refuse clearly until it exists. */
-        rc = fail(&c, KVS_ENOTSUP,
-                  "fork is not supported by this server yet (needs the "
-                  "engine's copy-on-write sequences)");
+        rc = op_fork(&c, req->fork);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_FORK;
+        resp.fork = &r_fork;
         break;
     default:
         /* Hello and Ping are answered on the loop thread; anything else was

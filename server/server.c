@@ -887,6 +887,10 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     kvs_options_default(&o);
     o.data_dir = cfg->data_dir[0] ? cfg->data_dir : NULL;
     o.n_threads = cfg->engine_threads;
+    o.sync = !strcmp(cfg->sync, "always") ? KVS_SYNC_ALWAYS
+             : !strcmp(cfg->sync, "none") ? KVS_SYNC_NONE
+                                          : KVS_SYNC_BATCH;
+    o.sync_interval_ms = cfg->sync_interval_ms;
     if (cfg->build_threads)
         o.n_build_threads = cfg->build_threads;
     if (cfg->segment_tokens)
@@ -901,16 +905,19 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
                  "data_dir=%s status=%s msg=%s",
                  cfg->data_dir[0] ? cfg->data_dir : "(memory)",
                  kvs_err_name(rc),
-                 kvs__logq(q, sizeof(q), kvs_strerror(rc)));
+                 kvs__logq(q, sizeof(q),
+                           kvs_store_open_error()[0] ? kvs_store_open_error()
+                                                     : kvs_strerror(rc)));
         goto err;
     }
     kvs_store_stats_t st;
     memset(&st, 0, sizeof(st));
     kvs_store_stats(srv->store, &st);
-    kvs__log(KVS__LOG_INFO, "store_open",
-             "data_dir=%s sequences=%llu seconds=%.3f",
+    kvs__log(st.quarantined ? KVS__LOG_WARN : KVS__LOG_INFO, "store_open",
+             "data_dir=%s sequences=%llu quarantined=%llu seconds=%.3f",
              cfg->data_dir[0] ? cfg->data_dir : "(memory)",
              (unsigned long long)st.sequences,
+             (unsigned long long)st.quarantined,
              (double)(uv_hrtime() - t0) / 1e9);
 
     uv_check_init(&srv->loop, &srv->flusher);

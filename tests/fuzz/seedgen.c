@@ -91,7 +91,7 @@ int main(int argc, char **argv) {
     frame(dir, "attend", 0, &q.base);
 
     Kvs__V1__ForkRequest fk = KVS__V1__FORK_REQUEST__INIT;
-    fk.src = 7, fk.dst = 8;
+    fk.src = 7, fk.dst = 8, fk.at_token = 100;
     q.op_case = KVS__V1__REQUEST__OP_FORK;
     q.fork = &fk;
     frame(dir, "fork", 0, &q.base);
