@@ -1644,6 +1644,14 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     return 0;
 }
 
+int kvs_store_compact(kvs_store_t *s) {
+    if (!s)
+        return KVS_EINVAL;
+    if (s->db)
+        kvs__db_compact(s->db);
+    return 0;
+}
+
 int kvs_store_list(kvs_store_t *s, uint64_t *ids, size_t cap, size_t *n_out) {
     if (!s)
         return KVS_EINVAL;

@@ -612,3 +612,8 @@ int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
     }
     return 0;
 }
+
+void kvs__db_compact(kvs__db_t *db) {
+    for (int cf = 0; cf < CF_COUNT; cf++)
+        rocksdb_compact_range_cf(db->db, db->cf[cf], NULL, 0, NULL, 0);
+}

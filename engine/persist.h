@@ -69,6 +69,9 @@ typedef struct kvs__db_loader_s {
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *loader, char *err,
                  size_t errlen);
 
+/* Compact every column family now (drops deleted rows' space). */
+void kvs__db_compact(kvs__db_t *db);
+
 /* Bytes of live SST and WAL files (RocksDB's own estimate). */
 uint64_t kvs__db_disk_bytes(kvs__db_t *db);
 

@@ -266,6 +266,11 @@ typedef struct kvs_store_stats_s {
 /* Errors: KVS_EINVAL. */
 int kvs_store_stats(kvs_store_t *store, kvs_store_stats_t *stats);
 
+/* Compact the data directory now, so that space of dropped sequences and
+ * of rows replaced by index segments is reclaimed (RocksDB also does this
+ * in the background over time). A no-op without a data_dir. */
+int kvs_store_compact(kvs_store_t *store);
+
 /*
  * List up to `cap` sequence ids into `ids` (any order); *n_out receives the
  * number of sequences in the store (may exceed cap).

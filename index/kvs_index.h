@@ -3,7 +3,8 @@
  *
  * Keys arrive in token order. Once a run of `segment_tokens` keys is complete
  * it is built into a *segment*: the keys are centred on their mean, clustered
- * by spherical maximum-inner-product k-means (FAISS), then every key is
+ * by spherical maximum-inner-product k-means (FAISS's algorithm, run on
+ * cblas_sgemm: see docs/index.md for why), then every key is
  * assigned once more against all centroids and each centroid is set to the
  * plain mean of its members' raw keys. The segment stores its keys and values
  * cluster-ordered (cluster c is the contiguous slots offsets[c] ..
@@ -21,8 +22,9 @@
  * `adj_last` (sinks plus the segment's last window_tokens positions, which
  * are steady while this is the newest segment).
  *
- * Functions here are single-threaded; the engine runs one KV head per worker.
- * A built segment is immutable and may be read from any number of threads.
+ * Functions here run on the calling thread (the builder's sgemm may use
+ * OpenBLAS's own threads); the engine runs one KV head per worker. A built
+ * segment is immutable and may be read from any number of threads.
  */
 #ifndef KVS_INDEX_H
 #define KVS_INDEX_H
@@ -42,6 +44,10 @@ typedef struct kvs_cluster_adj_s {
                               (zeros when count is 0) */
 } kvs_cluster_adj_t;
 
+/* adj_flags bits: the cluster is listed in adj_always / adj_last. */
+#define KVS_ADJ_ALWAYS 1u
+#define KVS_ADJ_LAST 2u
+
 typedef struct kvs_segment_s {
     kvs_dtype_t dtype;
     uint32_t d;            /* head_dim */
@@ -55,8 +61,7 @@ typedef struct kvs_segment_s {
     void *centroids;       /* [n_clusters][d] dtype: mean of member keys */
     void *value_means;     /* [n_clusters][d] dtype: mean of member values */
     uint32_t *counts;      /* [n_clusters] members */
-    /* Per cluster: bit 0 = listed in adj_always, bit 1 = in adj_last. */
-    uint8_t *adj_flags;    /* [n_clusters] */
+    uint8_t *adj_flags;    /* [n_clusters] KVS_ADJ_* bits */
     kvs_cluster_adj_t adj_always;
     kvs_cluster_adj_t adj_last;
     /* Owners beyond the first (forked sequences share segments); 0 from
@@ -79,8 +84,8 @@ typedef struct kvs_build_params_s {
  * read. n_clusters = max(1, round(n / cluster_tokens)) before empty clusters
  * are dropped. On success *out is a segment to release with
  * kvs_segment_free(). `err` (may be NULL) receives a message on failure.
- * Errors: KVS_EINVAL (n == 0, d == 0, n <= window_tokens), KVS_ENOMEM,
- * KVS_EFAISS.
+ * Errors: KVS_EINVAL (n == 0, d == 0, n <= window_tokens), KVS_ENOTFINITE
+ * (NaN/Inf in the keys), KVS_ENOMEM.
  */
 int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
                       uint32_t d, uint64_t first_pos, uint32_t n,

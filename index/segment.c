@@ -39,8 +39,8 @@
 #include <string.h>
 
 /* Flags in kvs_segment_t.adj_flags. */
-#define SEG_ADJ_ALWAYS 1u
-#define SEG_ADJ_LAST 2u
+#define SEG_ADJ_ALWAYS KVS_ADJ_ALWAYS
+#define SEG_ADJ_LAST KVS_ADJ_LAST
 
 static int seg_fail(char *err, size_t errlen, int code, const char *fmt, ...) {
     if (err && errlen) {

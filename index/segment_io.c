@@ -165,7 +165,7 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
     for (size_t i = 0; i < c; i++)
         if (s->offsets[i + 1] <= s->offsets[i] ||
             s->counts[i] != s->offsets[i + 1] - s->offsets[i] ||
-            (s->adj_flags[i] & ~3u)) {
+            (s->adj_flags[i] & ~(KVS_ADJ_ALWAYS | KVS_ADJ_LAST))) {
             bad(err, errlen, "bad cluster offsets, counts or flags");
             goto fail;
         }
