@@ -841,6 +841,7 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     Kvs__V1__QueryParams qp = KVS__V1__QUERY_PARAMS__INIT;
     Kvs__V1__ForkRequest fk = KVS__V1__FORK_REQUEST__INIT;
     Kvs__V1__DropRequest dr = KVS__V1__DROP_REQUEST__INIT;
+    Kvs__V1__SetTtlRequest tt = KVS__V1__SET_TTL_REQUEST__INIT;
     Kvs__V1__InfoRequest in = KVS__V1__INFO_REQUEST__INIT;
     Kvs__V1__StatsRequest st = KVS__V1__STATS_REQUEST__INIT;
     Kvs__V1__ListSequencesRequest ls = KVS__V1__LIST_SEQUENCES_REQUEST__INIT;
@@ -862,6 +863,7 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
         geo.dtype = dtype_msg(op->geometry.dtype);
         cr.seq = op->seq;
         cr.geometry = &geo;
+        cr.ttl_seconds = op->ttl_seconds;
         req.op_case = KVS__V1__REQUEST__OP_CREATE;
         req.create = &cr;
         break;
@@ -911,6 +913,12 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
         fk.at_token = fk.whole ? 0 : op->at_token;
         req.op_case = KVS__V1__REQUEST__OP_FORK;
         req.fork = &fk;
+        break;
+    case KVS_CLIENT_SET_TTL:
+        tt.seq = op->seq;
+        tt.ttl_seconds = op->ttl_seconds;
+        req.op_case = KVS__V1__REQUEST__OP_SET_TTL;
+        req.set_ttl = &tt;
         break;
     case KVS_CLIENT_DROP:
         dr.seq = op->seq;
@@ -1122,6 +1130,13 @@ int kvs_client_seq_fork(kvs_client_t *c, uint64_t parent, uint64_t at_token,
 
 int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq) {
     kvs_client_op_t op = {.type = KVS_CLIENT_DROP, .seq = seq};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq,
+                           uint32_t ttl_seconds) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_SET_TTL, .seq = seq,
+                          .ttl_seconds = ttl_seconds};
     return run_sync(c, &op);
 }
 

@@ -43,7 +43,10 @@ static void usage(FILE *f) {
             "  list [--limit N]                  sequence ids per node\n"
             "  create SEQ --layers L --q-heads Q --kv-heads H --head-dim D\n"
             "         [--dtype f32|f16|bf16]     create a sequence\n"
+            "         [--ttl SECONDS]\n"
             "  drop SEQ                          drop a sequence\n"
+            "  ttl SEQ SECONDS                   expire SEQ after SECONDS "
+            "idle (0: never)\n"
             "  fork SRC DST [--at TOKENS]        fork a sequence "
             "(copy-on-write;\n"
             "                                    all tokens by default)\n"
@@ -268,6 +271,7 @@ static int cmd_create(const args_t *a, kvs_client_t *c, int argc,
         return die_usage("create needs a sequence id%s", "");
     kvs_geometry_t g = {.n_layers = 1, .n_q_heads = 0, .n_kv_heads = 0,
                         .head_dim = 0, .dtype = KVS_DTYPE_F16};
+    uint32_t ttl = 0;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
         if (i + 1 >= argc)
@@ -280,7 +284,9 @@ static int cmd_create(const args_t *a, kvs_client_t *c, int argc,
         }
         if (parse_u64(val, &v) || v > UINT32_MAX)
             return die_usage("bad number %s", val);
-        if (!strcmp(o, "--layers"))
+        if (!strcmp(o, "--ttl"))
+            ttl = (uint32_t)v;
+        else if (!strcmp(o, "--layers"))
             g.n_layers = (uint32_t)v;
         else if (!strcmp(o, "--q-heads"))
             g.n_q_heads = (uint32_t)v;
@@ -294,6 +300,8 @@ static int cmd_create(const args_t *a, kvs_client_t *c, int argc,
     if (!g.n_kv_heads)
         g.n_kv_heads = g.n_q_heads;
     int rc = kvs_client_seq_create(c, seq, &g);
+    if (!rc && ttl)
+        rc = kvs_client_seq_set_ttl(c, seq, ttl);
     if (rc)
         return report_error(a, c, "create", rc);
     size_t node = kvs_client_node_for(c, seq);
@@ -374,6 +382,24 @@ static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
                in.builds_pending, (double)in.bytes / 1048576.0,
                (double)in.index_bytes / 1048576.0);
     }
+    return 0;
+}
+
+static int cmd_ttl(const args_t *a, kvs_client_t *c, int argc, char **argv) {
+    uint64_t seq, ttl;
+    if (argc != 2 || parse_u64(argv[0], &seq) || parse_u64(argv[1], &ttl) ||
+        ttl > UINT32_MAX)
+        return die_usage("usage: ttl SEQ SECONDS%s", "");
+    int rc = kvs_client_seq_set_ttl(c, seq, (uint32_t)ttl);
+    if (rc)
+        return report_error(a, c, "ttl", rc);
+    if (a->json)
+        printf("{\"ok\":true,\"seq\":%" PRIu64 ",\"ttl_seconds\":%" PRIu64
+               "}\n",
+               seq, ttl);
+    else
+        printf("sequence %" PRIu64 " expires after %" PRIu64 " s idle\n", seq,
+               ttl);
     return 0;
 }
 
@@ -741,6 +767,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(cmd, "drop") || !strcmp(cmd, "fork") ||
              !strcmp(cmd, "info") || !strcmp(cmd, "dump"))
         rc = cmd_seq_simple(&a, c, cmd, sub_argc, sub_argv);
+    else if (!strcmp(cmd, "ttl"))
+        rc = cmd_ttl(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "bench"))
         rc = cmd_bench(&a, c, sub_argc, sub_argv);
     else

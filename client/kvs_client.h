@@ -101,6 +101,7 @@ typedef enum kvs_client_op_type_e {
     KVS_CLIENT_INFO,
     KVS_CLIENT_STATS,
     KVS_CLIENT_LIST,
+    KVS_CLIENT_SET_TTL,
 } kvs_client_op_type_t;
 
 /*
@@ -118,6 +119,7 @@ typedef struct kvs_client_op_s {
     uint32_t layer;  /* append/search/attend */
     uint32_t node;   /* ping/stats/list: node index */
     kvs_geometry_t geometry; /* create */
+    uint32_t ttl_seconds;    /* create (0 = never) and set_ttl */
     uint32_t n_tokens;       /* append */
     const void *keys;        /* append: kv_bytes each, sequence dtype */
     const void *values;
@@ -207,6 +209,10 @@ int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
 int kvs_client_seq_fork(kvs_client_t *c, uint64_t parent, uint64_t at_token,
                         uint64_t child);
 int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq);
+/* Expire `seq` after ttl_seconds without use (0: never); see
+ * kvs_seq_set_ttl() in kvstore.h. */
+int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq,
+                           uint32_t ttl_seconds);
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info);
 int kvs_client_store_stats(kvs_client_t *c, size_t node,
                            kvs_client_stats_t *stats);

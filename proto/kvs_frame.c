@@ -293,6 +293,8 @@ const char *kvs_frame_op_name(Kvs__V1__Request__OpCase op) {
         return "ping";
     case KVS__V1__REQUEST__OP_INFO:
         return "info";
+    case KVS__V1__REQUEST__OP_SET_TTL:
+        return "set_ttl";
     default:
         return "none";
     }
@@ -425,6 +427,7 @@ static int check_request(const Kvs__V1__Request *req,
     case KVS__V1__REQUEST__OP_LIST:
     case KVS__V1__REQUEST__OP_PING:
     case KVS__V1__REQUEST__OP_INFO:
+    case KVS__V1__REQUEST__OP_SET_TTL:
         /* The union member is a pointer for every case; any one tells. */
         if (!req->drop)
             break;

@@ -157,8 +157,18 @@ static int op_create(op_ctx_t *c, const Kvs__V1__CreateSequenceRequest *r) {
     pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
     pthread_rwlock_wrlock(l);
     int rc = kvs_seq_create(c->store, r->seq, &g);
+    if (!rc && r->ttl_seconds) {
+        rc = kvs_seq_set_ttl(c->store, r->seq, r->ttl_seconds);
+        if (rc) /* all or nothing: no sequence without its TTL */
+            kvs_seq_drop(c->store, r->seq);
+    }
     pthread_rwlock_unlock(l);
     return rc ? engine_fail(c, rc, "create") : 0;
+}
+
+static int op_set_ttl(op_ctx_t *c, const Kvs__V1__SetTtlRequest *r) {
+    int rc = kvs_seq_set_ttl(c->store, r->seq, r->ttl_seconds);
+    return rc ? engine_fail(c, rc, "set_ttl") : 0;
 }
 
 static int op_append(op_ctx_t *c, const Kvs__V1__AppendRequest *r,
@@ -394,6 +404,7 @@ void kvs__op_run(kvs__work_t *w) {
     Kvs__V1__AttendStats r_astats = KVS__V1__ATTEND_STATS__INIT;
     Kvs__V1__DropResponse r_drop = KVS__V1__DROP_RESPONSE__INIT;
     Kvs__V1__ForkResponse r_fork = KVS__V1__FORK_RESPONSE__INIT;
+    Kvs__V1__SetTtlResponse r_ttl = KVS__V1__SET_TTL_RESPONSE__INIT;
     Kvs__V1__InfoResponse r_info = KVS__V1__INFO_RESPONSE__INIT;
     Kvs__V1__Geometry r_geo = KVS__V1__GEOMETRY__INIT;
     Kvs__V1__StatsResponse r_stats = KVS__V1__STATS_RESPONSE__INIT;
@@ -442,6 +453,11 @@ void kvs__op_run(kvs__work_t *w) {
         rc = op_list(&c, req->list, &r_list, bufs);
         resp.result_case = KVS__V1__RESPONSE__RESULT_LIST;
         resp.list = &r_list;
+        break;
+    case KVS__V1__REQUEST__OP_SET_TTL:
+        rc = op_set_ttl(&c, req->set_ttl);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_SET_TTL;
+        resp.set_ttl = &r_ttl;
         break;
     case KVS__V1__REQUEST__OP_FORK:
         rc = op_fork(&c, req->fork);

@@ -756,6 +756,33 @@ static void test_server_sigterm_inflight_and_restart(void **state) {
     td_cleanup(&S);
 }
 
+/* TTL: a sequence left alone past its TTL is dropped by the daemon's store;
+ * one created with a TTL likewise. */
+static void test_server_ttl(void **state) {
+    (void)state;
+    kvs_client_t *c = td_client(&D, 0, NULL);
+    assert_int_equal(kvs_client_seq_create(c, 401, &GEO), 0);
+    assert_int_equal(kvs_client_seq_set_ttl(c, 401, 1), 0);
+    kvs_client_op_t op = {.type = KVS_CLIENT_CREATE, .seq = 402,
+                          .geometry = GEO, .ttl_seconds = 1};
+    kvs_client_op_t *done[1];
+    size_t n = 0;
+    assert_int_equal(kvs_client_submit(c, &op), 0);
+    assert_int_equal(kvs_client_poll(c, done, 1, &n, 5000), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(done[0]->status, 0);
+    assert_int_equal(kvs_client_seq_set_ttl(c, 403, 1), KVS_ENOSEQ);
+    kvs_seq_info_t in;
+    int gone = 0;
+    for (int i = 0; i < 50 && gone < 2; i++) { /* expiry runs every second */
+        sleep_ms(100);
+        gone = (kvs_client_seq_info(c, 401, &in) == KVS_ENOSEQ) +
+               (kvs_client_seq_info(c, 402, &in) == KVS_ENOSEQ);
+    }
+    assert_int_equal(gone, 2);
+    kvs_client_close(c);
+}
+
 /* Many daemons: rendezvous hashing spreads sequences, every client with the
  * same list agrees. */
 static void test_server_two_nodes(void **state) {
@@ -803,6 +830,7 @@ int main(void) {
         cmocka_unit_test(test_server_bad_frames),
         cmocka_unit_test(test_server_client_killed),
         cmocka_unit_test(test_server_two_nodes),
+        cmocka_unit_test(test_server_ttl),
     };
     const struct CMUnitTest own[] = {
         cmocka_unit_test(test_server_limits),
