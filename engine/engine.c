@@ -560,6 +560,27 @@ static void maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer,
         enqueue_build(s, q, layer, head);
 }
 
+/* After a burst of appends the tail buffer may be far larger than what is
+ * left in it once segments are published: give the memory back. Caller
+ * holds the layer's write lock. */
+static void head_shrink(head_t *h, size_t rb, uint32_t segment_tokens) {
+    uint64_t keep = 2 * (uint64_t)segment_tokens;
+    if (h->tail_len > keep || h->tail_cap <= 2 * keep)
+        return;
+    memmove(h->tail_keys, h->tail_keys + h->tail_start * rb, h->tail_len * rb);
+    memmove(h->tail_values, h->tail_values + h->tail_start * rb,
+            h->tail_len * rb);
+    h->tail_start = 0;
+    char *k = realloc(h->tail_keys, keep * rb);
+    if (k)
+        h->tail_keys = k;
+    char *v = realloc(h->tail_values, keep * rb);
+    if (v)
+        h->tail_values = v;
+    /* A failed shrink leaves a buffer larger than `keep`: still valid. */
+    h->tail_cap = keep;
+}
+
 static void build_finish(kvs_store_t *s, seq_t *q, double secs,
                          uint64_t keys) {
     atomic_fetch_sub(&q->builds_pending, 1);
@@ -638,6 +659,7 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
         h->tail_start += n;
         h->tail_len -= n;
         keys_done = n;
+        head_shrink(h, q->row_bytes, s->opts.segment_tokens);
     }
     h->build_inflight = 0;
     /* A failed build is not retried in a loop: the tail stays exact and the
