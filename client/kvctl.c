@@ -45,6 +45,8 @@ static void usage(FILE *f) {
             "         [--dtype f32|f16|bf16]     create a sequence\n"
             "         [--ttl SECONDS]\n"
             "  drop SEQ                          drop a sequence\n"
+            "  append SEQ [--layer L] [--tokens N]  append N random tokens "
+            "(testing)\n"
             "  ttl SEQ SECONDS                   expire SEQ after SECONDS "
             "idle (0: never)\n"
             "  fork SRC DST [--at TOKENS]        fork a sequence "
@@ -382,6 +384,59 @@ static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
                in.builds_pending, (double)in.bytes / 1048576.0,
                (double)in.index_bytes / 1048576.0);
     }
+    return 0;
+}
+
+static void fill_random(void *buf, size_t n, kvs_dtype_t dt, uint64_t *state);
+
+/* Random keys/values of the sequence's own geometry: for smoke tests and
+ * demos of a daemon, not for real data. */
+static int cmd_append(const args_t *a, kvs_client_t *c, int argc,
+                      char **argv) {
+    uint64_t seq, layer = 0, tokens = 16, v;
+    if (argc < 1 || parse_u64(argv[0], &seq))
+        return die_usage("usage: append SEQ [--layer L] [--tokens N]%s", "");
+    for (int i = 1; i < argc; i++) {
+        if (i + 1 >= argc || parse_u64(argv[i + 1], &v) || v > UINT32_MAX)
+            return die_usage("append: bad %s", argv[i]);
+        if (!strcmp(argv[i], "--layer"))
+            layer = v;
+        else if (!strcmp(argv[i], "--tokens") && v > 0)
+            tokens = v;
+        else
+            return die_usage("append: unknown option %s", argv[i]);
+        i++;
+    }
+    kvs_seq_info_t in;
+    int rc = kvs_client_seq_info(c, seq, &in);
+    if (rc)
+        return report_error(a, c, "append", rc);
+    size_t elems = (size_t)tokens * in.geometry.n_kv_heads *
+                   in.geometry.head_dim;
+    size_t bytes = elems * kvs_dtype_size(in.geometry.dtype);
+    void *k = malloc(bytes ? bytes : 1), *val = malloc(bytes ? bytes : 1);
+    if (!k || !val) {
+        free(k);
+        free(val);
+        return report_error(a, c, "append", KVS_ENOMEM);
+    }
+    uint64_t st = seq * 2654435761u + layer + in.tokens_max;
+    fill_random(k, elems, in.geometry.dtype, &st);
+    fill_random(val, elems, in.geometry.dtype, &st);
+    rc = kvs_client_seq_append(c, seq, (uint32_t)layer, (uint32_t)tokens, k,
+                               val, bytes);
+    free(k);
+    free(val);
+    if (rc)
+        return report_error(a, c, "append", rc);
+    if (a->json)
+        printf("{\"ok\":true,\"seq\":%" PRIu64 ",\"layer\":%" PRIu64
+               ",\"tokens\":%" PRIu64 ",\"bytes\":%zu}\n",
+               seq, layer, tokens, 2 * bytes);
+    else
+        printf("appended %" PRIu64 " tokens (%zu bytes) to layer %" PRIu64
+               " of %" PRIu64 "\n",
+               tokens, 2 * bytes, layer, seq);
     return 0;
 }
 
@@ -767,6 +822,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(cmd, "drop") || !strcmp(cmd, "fork") ||
              !strcmp(cmd, "info") || !strcmp(cmd, "dump"))
         rc = cmd_seq_simple(&a, c, cmd, sub_argc, sub_argv);
+    else if (!strcmp(cmd, "append"))
+        rc = cmd_append(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "ttl"))
         rc = cmd_ttl(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "bench"))
