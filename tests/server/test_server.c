@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -557,6 +558,40 @@ static void test_server_client_killed(void **state) {
     kvs_client_close(c);
 }
 
+/* systemd readiness: with NOTIFY_SOCKET set, READY=1 arrives once the
+ * daemon listens, STOPPING=1 when it shuts down. */
+static void test_server_sd_notify(void **state) {
+    (void)state;
+    char path[108];
+    snprintf(path, sizeof(path), "/tmp/kvs-notify-%d", (int)getpid());
+    unlink(path);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    setenv("NOTIFY_SOCKET", path, 1);
+    test_daemon_t N = {0};
+    int rc = td_start(&N, NULL);
+    unsetenv("NOTIFY_SOCKET");
+    assert_int_equal(rc, 0);
+    char msg[256];
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    assert_int_equal(poll(&p, 1, 5000), 1);
+    ssize_t n = recv(fd, msg, sizeof(msg) - 1, 0);
+    assert_true(n > 0);
+    msg[n] = 0;
+    assert_non_null(strstr(msg, "READY=1"));
+    assert_int_equal(td_stop(&N), 0);
+    assert_int_equal(poll(&p, 1, 5000), 1);
+    n = recv(fd, msg, sizeof(msg) - 1, 0);
+    assert_true(n > 0);
+    msg[n] = 0;
+    assert_non_null(strstr(msg, "STOPPING=1"));
+    close(fd);
+    unlink(path);
+    td_cleanup(&N);
+}
+
 /* ---------------------------------------------------------------- limits */
 
 static void test_server_limits(void **state) {
@@ -836,6 +871,7 @@ int main(void) {
         cmocka_unit_test(test_server_limits),
         cmocka_unit_test(test_server_auth),
         cmocka_unit_test(test_server_sigterm_inflight_and_restart),
+        cmocka_unit_test(test_server_sd_notify),
     };
     int fails = cmocka_run_group_tests_name("kvstored_shared", shared,
                                             group_setup, group_teardown);
