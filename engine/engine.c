@@ -166,7 +166,7 @@ void kvs_options_default(kvs_options_t *o) {
     o->sink_tokens = 4;
     o->window_tokens = 64;
     o->sync = KVS_SYNC_BATCH;
-    o->sync_interval_ms = 5;
+    o->sync_interval_ms = 2;
     kvs_query_params_default(&o->defaults);
 }
 

@@ -4,14 +4,15 @@
  * returns is turned into a KVS_E* code and a message here.
  *
  * Sync modes: ALWAYS writes each batch with WriteOptions.sync; NONE never
- * syncs; BATCH writes without sync and waits for the syncer thread, which
- * every interval fsyncs the WAL (FlushWAL(sync)) once for all writes made
- * since the last round: group commit.
+ * syncs; BATCH writes without sync and then group-commits: one fsync of the
+ * WAL (FlushWAL(sync)) covers every batch written before it (see
+ * write_durable).
  */
 #include "engine/persist.h"
 
 #include <dirent.h>
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <rocksdb/c.h>
 #include <stdarg.h>
@@ -39,12 +40,11 @@ struct kvs__db_s {
     uint32_t interval_ms;
     /* Group commit. */
     pthread_mutex_t mu;
-    pthread_cond_t synced_cv, work_cv;
+    pthread_cond_t synced_cv;
     uint64_t written, synced;
+    int syncing; /* a leader is in rocksdb_flush_wal */
     int sync_err;
-    int stopping;
-    pthread_t syncer;
-    int syncer_running;
+    struct timespec last_sync;
 };
 
 static int map_err(const char *msg) {
@@ -100,34 +100,6 @@ static void rec_key(unsigned char k[24], uint64_t id, uint32_t layer,
     put_be64(k + 16, pos);
 }
 
-static void *syncer_main(void *arg) {
-    kvs__db_t *db = arg;
-    pthread_mutex_lock(&db->mu);
-    while (!db->stopping) {
-        while (!db->stopping && db->written == db->synced)
-            pthread_cond_wait(&db->work_cv, &db->mu);
-        if (db->stopping)
-            break;
-        /* Let a round's worth of writers join this fsync. */
-        pthread_mutex_unlock(&db->mu);
-        struct timespec ts = {0, (long)db->interval_ms * 1000000L};
-        nanosleep(&ts, NULL);
-        pthread_mutex_lock(&db->mu);
-        uint64_t target = db->written;
-        pthread_mutex_unlock(&db->mu);
-        char *rerr = NULL;
-        rocksdb_flush_wal(db->db, 1, &rerr);
-        int rc = take_err(rerr, NULL, 0, "");
-        pthread_mutex_lock(&db->mu);
-        if (rc)
-            db->sync_err = rc;
-        db->synced = target;
-        pthread_cond_broadcast(&db->synced_cv);
-    }
-    pthread_mutex_unlock(&db->mu);
-    return NULL;
-}
-
 int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
                  kvs__db_t **out, char *err, size_t errlen) {
     *out = NULL;
@@ -141,10 +113,9 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
         return KVS_ENOMEM;
     db->dir = strdup(dir);
     db->sync = sync;
-    db->interval_ms = interval_ms ? interval_ms : 5;
+    db->interval_ms = interval_ms;
     pthread_mutex_init(&db->mu, NULL);
     pthread_cond_init(&db->synced_cv, NULL);
-    pthread_cond_init(&db->work_cv, NULL);
 
     rocksdb_options_t *o = rocksdb_options_create();
     db->opts = o;
@@ -172,13 +143,6 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     db->ro = rocksdb_readoptions_create();
     rocksdb_readoptions_set_verify_checksums(db->ro, 1);
     rocksdb_readoptions_set_fill_cache(db->ro, 0);
-    if (sync == KVS_SYNC_BATCH) {
-        if (pthread_create(&db->syncer, NULL, syncer_main, db)) {
-            kvs__db_close(db);
-            return KVS_ENOMEM;
-        }
-        db->syncer_running = 1;
-    }
     *out = db;
     return 0;
 }
@@ -186,13 +150,6 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
 void kvs__db_close(kvs__db_t *db) {
     if (!db)
         return;
-    if (db->syncer_running) {
-        pthread_mutex_lock(&db->mu);
-        db->stopping = 1;
-        pthread_cond_broadcast(&db->work_cv);
-        pthread_mutex_unlock(&db->mu);
-        pthread_join(db->syncer, NULL);
-    }
     if (db->db) {
         /* Make everything acknowledged so far durable before closing. */
         char *rerr = NULL;
@@ -211,13 +168,19 @@ void kvs__db_close(kvs__db_t *db) {
     if (db->opts)
         rocksdb_options_destroy(db->opts);
     pthread_cond_destroy(&db->synced_cv);
-    pthread_cond_destroy(&db->work_cv);
     pthread_mutex_destroy(&db->mu);
     free(db->dir);
     free(db);
 }
 
-/* Write `b` and return once it is as durable as the sync mode promises. */
+/* Write `b` and return once it is as durable as the sync mode promises.
+ *
+ * BATCH is leader/follower group commit: a writer whose batch is not yet
+ * covered by an fsync either becomes the leader, fsyncs the WAL once for
+ * every batch written so far and wakes the others, or waits for the leader
+ * in flight. A leader first lets sync_interval_ms pass since the previous
+ * fsync, so that under load one fsync covers many appends; a lone writer
+ * pays one fsync and no wait. */
 static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
                          size_t errlen) {
     char *rerr = NULL;
@@ -234,9 +197,37 @@ static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
         return rc;
     }
     uint64_t mine = ++db->written;
-    pthread_cond_signal(&db->work_cv);
-    while (db->synced < mine && !db->stopping)
-        pthread_cond_wait(&db->synced_cv, &db->mu);
+    while (db->synced < mine) {
+        if (db->syncing) {
+            pthread_cond_wait(&db->synced_cv, &db->mu);
+            continue;
+        }
+        db->syncing = 1;
+        pthread_mutex_unlock(&db->mu);
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double since = (now.tv_sec - db->last_sync.tv_sec) * 1e3 +
+                       (now.tv_nsec - db->last_sync.tv_nsec) / 1e6;
+        if (since < db->interval_ms) {
+            double wait = db->interval_ms - since;
+            struct timespec ts = {(time_t)(wait / 1e3),
+                                  (long)(fmod(wait, 1e3) * 1e6)};
+            nanosleep(&ts, NULL);
+        }
+        pthread_mutex_lock(&db->mu);
+        uint64_t target = db->written;
+        pthread_mutex_unlock(&db->mu);
+        char *serr = NULL;
+        rocksdb_flush_wal(db->db, 1, &serr);
+        int src = take_err(serr, NULL, 0, "");
+        pthread_mutex_lock(&db->mu);
+        clock_gettime(CLOCK_MONOTONIC, &db->last_sync);
+        if (src)
+            db->sync_err = src;
+        db->synced = target;
+        db->syncing = 0;
+        pthread_cond_broadcast(&db->synced_cv);
+    }
     rc = db->sync_err;
     pthread_mutex_unlock(&db->mu);
     if (rc && err)

@@ -78,9 +78,10 @@ typedef struct kvs_query_params_s {
 
 /* When an append to a persistent store is acknowledged. */
 typedef enum kvs_sync_e {
-    KVS_SYNC_BATCH = 0,  /* group commit: the WAL is fsynced every
-                            sync_interval_ms and appends return after the
-                            fsync that covers them (default) */
+    KVS_SYNC_BATCH = 0,  /* group commit: appends return after an fsync
+                            of the WAL that covers them; one fsync serves
+                            every append made while the previous one ran,
+                            at most one per sync_interval_ms (default) */
     KVS_SYNC_ALWAYS = 1, /* fsync of the WAL before each append returns */
     KVS_SYNC_NONE = 2,   /* written to the WAL, not fsynced: survives a
                             process crash, not a power loss */
@@ -93,7 +94,7 @@ typedef struct kvs_options_s {
      * segments (no k-means is re-run). */
     const char *data_dir;
     kvs_sync_t sync;
-    uint32_t sync_interval_ms; /* KVS_SYNC_BATCH; default 5 */
+    uint32_t sync_interval_ms; /* KVS_SYNC_BATCH; default 2 */
     uint32_t n_threads;       /* attend/search workers; 0 = online CPUs */
     uint32_t n_build_threads; /* background index builders; 0 = 1 */
     /* Wave index. */

@@ -1,0 +1,277 @@
+/*
+ * persist_bench.c: the `persistence` benchmark (bench/run.sh persistence).
+ *
+ * At Llama-3-8B layer geometry (8 KV heads, head_dim 128, fp16; 32 query
+ * heads for the attend) on a RocksDB data directory:
+ * - append throughput (MB/s of K+V) with sync always / batch / none, for
+ *   decode-style appends (one token per call) and prefill-style appends
+ *   (256 tokens per call), and batch mode with 4 appending threads (group
+ *   commit shares one fsync among them);
+ * - restart: a store holding `--tokens` tokens (1M by default) of one layer,
+ *   index built; time from kvs_store_open to the first answered attend;
+ * - space: bytes on disk / raw K/V bytes, after a compaction.
+ * Crash rounds are run by bench/run.sh through the persistence test.
+ *
+ *   persist_bench [--quick] [--tokens N] [--dir DIR] [--json FILE]
+ */
+#include "kernels/kvs_kernels.h"
+#include "kvstore.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { KVH = 8, QH = 32, D = 128 };
+static const kvs_geometry_t GEO = {1, QH, KVH, D, KVS_DTYPE_F16};
+static const size_t TOKEN_BYTES = 2 * KVH * D * 2; /* K + V, fp16 */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng = 0x853c49e6748fea9bull;
+static float frand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2 - 1);
+}
+
+static void rm_rf(const char *d) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d);
+    if (system(cmd) != 0)
+        fprintf(stderr, "persist_bench: could not remove %s\n", d);
+}
+
+static kvs_store_t *open_store(const char *dir, kvs_sync_t sync) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.data_dir = dir;
+    o.sync = sync;
+    kvs_store_t *s = NULL;
+    int rc = kvs_store_open(&o, &s);
+    if (rc) {
+        fprintf(stderr, "persist_bench: open %s: %s (%s)\n", dir,
+                kvs_strerror(rc), kvs_store_open_error());
+        exit(1);
+    }
+    return s;
+}
+
+/* fp16 K and V for `n` tokens. */
+static uint16_t *make_rows(uint32_t n) {
+    size_t elems = (size_t)n * KVH * D;
+    uint16_t *x = malloc(2 * elems * 2);
+    for (size_t i = 0; i < 2 * elems; i++)
+        x[i] = kvs_f32_to_f16(frand());
+    return x;
+}
+
+typedef struct append_job_s {
+    kvs_store_t *s;
+    uint64_t seq;
+    uint32_t chunk;
+    double seconds;
+    uint64_t tokens;
+    const uint16_t *rows;
+} append_job_t;
+
+static void *append_loop(void *arg) {
+    append_job_t *j = arg;
+    size_t elems = (size_t)j->chunk * KVH * D;
+    double t0 = now_s();
+    while (now_s() - t0 < j->seconds) {
+        if (kvs_seq_append(j->s, j->seq, 0, j->chunk, j->rows,
+                           j->rows + elems)) {
+            fprintf(stderr, "persist_bench: append: %s\n",
+                    kvs_store_errmsg(j->s));
+            exit(1);
+        }
+        j->tokens += j->chunk;
+    }
+    j->seconds = now_s() - t0;
+    return NULL;
+}
+
+/* MB/s of K+V appended by `threads` threads, each to its own sequence. */
+static double append_rate(const char *base, kvs_sync_t sync, uint32_t chunk,
+                          int threads, double seconds, double *appends_s) {
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/append-%d-%u-%d", base, (int)sync, chunk,
+             threads);
+    rm_rf(dir);
+    kvs_store_t *s = open_store(dir, sync);
+    uint16_t *rows = make_rows(chunk);
+    append_job_t jobs[8];
+    pthread_t th[8];
+    for (int i = 0; i < threads; i++) {
+        jobs[i] = (append_job_t){s, (uint64_t)i + 1, chunk, seconds, 0, rows};
+        if (kvs_seq_create(s, jobs[i].seq, &GEO))
+            exit(1);
+    }
+    for (int i = 0; i < threads; i++)
+        pthread_create(&th[i], NULL, append_loop, &jobs[i]);
+    uint64_t tokens = 0;
+    double secs = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(th[i], NULL);
+        tokens += jobs[i].tokens;
+        if (jobs[i].seconds > secs)
+            secs = jobs[i].seconds;
+    }
+    kvs_store_close(s);
+    rm_rf(dir);
+    free(rows);
+    *appends_s = (double)tokens / chunk / secs;
+    return (double)tokens * TOKEN_BYTES / secs / 1e6;
+}
+
+int main(int argc, char **argv) {
+    int quick = 0;
+    uint64_t tokens = 0;
+    const char *json = NULL, *base = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quick"))
+            quick = 1;
+        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
+            tokens = strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--dir") && i + 1 < argc)
+            base = argv[++i];
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc)
+            json = argv[++i];
+        else {
+            fprintf(stderr, "usage: persist_bench [--quick] [--tokens N] "
+                            "[--dir DIR] [--json FILE]\n");
+            return 2;
+        }
+    }
+    if (!tokens)
+        tokens = quick ? 32768 : 1048576;
+    char tmpl[] = "/tmp/kvs-persist-bench-XXXXXX";
+    if (!base && !(base = mkdtemp(tmpl))) {
+        perror("mkdtemp");
+        return 1;
+    }
+    mkdir(base, 0755);
+    double secs = quick ? 0.4 : 2.0;
+
+    /* 1. Append throughput. */
+    const char *names[] = {"batch", "always", "none"};
+    double mb[3][2], aps[3][2];
+    for (int m = 0; m < 3; m++)
+        for (int c = 0; c < 2; c++) {
+            uint32_t chunk = c == 0 ? 1 : 256;
+            mb[m][c] = append_rate(base, (kvs_sync_t)m, chunk, 1, secs,
+                                   &aps[m][c]);
+            fprintf(stderr, "  sync %-6s %3u token(s)/append: %8.1f MB/s "
+                    "(%.0f appends/s)\n", names[m], chunk, mb[m][c],
+                    aps[m][c]);
+        }
+    double aps4;
+    double mb_batch4 = append_rate(base, KVS_SYNC_BATCH, 1, 4, secs, &aps4);
+    fprintf(stderr, "  sync batch, 4 threads, 1 token/append: %.1f MB/s "
+            "(%.0f appends/s)\n", mb_batch4, aps4);
+
+    /* 2. Restart and space. */
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/restart", base);
+    rm_rf(dir);
+    kvs_store_t *s = open_store(dir, KVS_SYNC_NONE);
+    if (kvs_seq_create(s, 1, &GEO))
+        return 1;
+    /* A pool of 64K random tokens, cycled: eight segments' worth of distinct
+     * keys, so k-means sees real work, without generating 1M tokens. */
+    const uint32_t chunk = 1024, pool = 65536;
+    uint16_t *rows = make_rows(pool);
+    size_t row_elems = (size_t)KVH * D;
+    double t0 = now_s();
+    for (uint64_t t = 0; t < tokens; t += chunk) {
+        uint64_t at = t % pool;
+        if (kvs_seq_append(s, 1, 0, chunk, rows + at * row_elems,
+                           rows + ((size_t)pool + at) * row_elems)) {
+            fprintf(stderr, "persist_bench: %s\n", kvs_store_errmsg(s));
+            return 1;
+        }
+    }
+    double t_load = now_s() - t0;
+    kvs_seq_wait_indexed(s, 1);
+    double t_indexed = now_s() - t0;
+    kvs_store_stats_t st;
+    kvs_store_stats(s, &st);
+    uint64_t disk_before = st.disk_bytes;
+    kvs_store_compact(s);
+    kvs_store_stats(s, &st);
+    uint64_t disk_after = st.disk_bytes;
+    kvs_store_close(s);
+    double raw = (double)tokens * TOKEN_BYTES;
+    fprintf(stderr, "  %llu tokens appended in %.1f s, indexed after %.1f s; "
+            "disk %.2f GB before compaction, %.2f GB after (raw K/V %.2f GB)\n",
+            (unsigned long long)tokens, t_load, t_indexed, disk_before / 1e9,
+            disk_after / 1e9, raw / 1e9);
+
+    /* Drop the page cache's advantage where we can (not as root: ignore). */
+    sync();
+    t0 = now_s();
+    s = open_store(dir, KVS_SYNC_NONE);
+    double t_open = now_s() - t0;
+    float q[QH * D], out[QH * D];
+    for (int i = 0; i < QH * D; i++)
+        q[i] = frand();
+    kvs_attend_stats_t as;
+    if (kvs_seq_attend(s, 1, 0, q, NULL, out, &as)) {
+        fprintf(stderr, "persist_bench: attend after restart: %s\n",
+                kvs_store_errmsg(s));
+        return 1;
+    }
+    double t_first = now_s() - t0;
+    kvs_store_stats(s, &st);
+    uint64_t rebuilt = st.builds_done;
+    kvs_store_close(s);
+    fprintf(stderr, "  restart: open %.2f s, first attend answered after "
+            "%.2f s; segments rebuilt: %llu\n", t_open, t_first,
+            (unsigned long long)rebuilt);
+    rm_rf(dir);
+    free(rows);
+    if (base == tmpl)
+        rmdir(base);
+
+    FILE *f = json ? fopen(json, "w") : stdout;
+    if (!f)
+        return 1;
+    fprintf(f, "{\n  \"bench\": \"persistence\",\n  \"metrics\": {\n");
+    fprintf(f, "    \"append_mb_s_sync_always\": %.2f,\n", mb[1][1]);
+    fprintf(f, "    \"append_mb_s_sync_batch\": %.2f,\n", mb[0][1]);
+    fprintf(f, "    \"append_mb_s_sync_none\": %.2f,\n", mb[2][1]);
+    if (tokens == 1048576)
+        fprintf(f, "    \"restart_s_1m\": %.3f,\n", t_first);
+    fprintf(f, "    \"space_amplification\": %.4f\n  },\n", disk_after / raw);
+    fprintf(f, "  \"rows\": [\n");
+    for (int m = 0; m < 3; m++)
+        for (int c = 0; c < 2; c++)
+            fprintf(f, "    {\"sync\": \"%s\", \"tokens_per_append\": %d, "
+                    "\"threads\": 1, \"mb_s\": %.2f, \"appends_s\": %.0f},\n",
+                    names[m], c ? 256 : 1, mb[m][c], aps[m][c]);
+    fprintf(f, "    {\"sync\": \"batch\", \"tokens_per_append\": 1, "
+            "\"threads\": 4, \"mb_s\": %.2f, \"appends_s\": %.0f},\n",
+            mb_batch4, aps4);
+    fprintf(f, "    {\"restart_tokens\": %llu, \"geometry\": \"8 kv heads x "
+            "128, fp16, 1 layer\", \"open_s\": %.3f, \"first_attend_s\": %.3f, "
+            "\"segments_rebuilt\": %llu, \"append_s\": %.2f, "
+            "\"indexed_s\": %.2f, \"disk_bytes_before_compaction\": %llu, "
+            "\"disk_bytes\": %llu, \"raw_kv_bytes\": %.0f}\n",
+            (unsigned long long)tokens, t_open, t_first,
+            (unsigned long long)rebuilt, t_load, t_indexed,
+            (unsigned long long)disk_before, (unsigned long long)disk_after,
+            raw);
+    fprintf(f, "  ]\n}\n");
+    if (json)
+        fclose(f);
+    return 0;
+}
