@@ -69,7 +69,8 @@ static void gen_vec(uint32_t h, const float *mu, float *out) {
 /* GFLOP/s of a square-ish sgemm shaped like k-means assignment. */
 static double sgemm_gflops(void) {
     const int m = 8192, n = 512, k = 128;
-    float *a = malloc(sizeof(float) * m * k), *b = malloc(sizeof(float) * n * k);
+    float *a = malloc(sizeof(float) * m * k),
+          *b = malloc(sizeof(float) * n * k);
     float *c = malloc(sizeof(float) * m * n);
     for (int i = 0; i < m * k; i++)
         a[i] = nrand();
@@ -109,7 +110,8 @@ static int run_context(uint32_t tokens, uint32_t n_queries, row_t *row) {
     /* Generate everything first so the timed part is append + build. */
     size_t elems = (size_t)tokens * KVH * D;
     uint16_t *kc = malloc(2 * elems), *vc = malloc(2 * elems);
-    float *kf = malloc(sizeof(float) * KVH * D), *vf = malloc(sizeof(float) * KVH * D);
+    float *kf = malloc(sizeof(float) * KVH * D),
+          *vf = malloc(sizeof(float) * KVH * D);
     if (!kc || !vc || !kf || !vf) {
         rc = KVS_ENOMEM;
         goto out;
@@ -145,7 +147,8 @@ static int run_context(uint32_t tokens, uint32_t n_queries, row_t *row) {
     row->overhead =
         (double)info.index_bytes / (double)(info.bytes - info.index_bytes);
 
-    float *q = malloc(sizeof(float) * QH * D), *out = malloc(sizeof(float) * QH * D);
+    float *q = malloc(sizeof(float) * QH * D),
+          *out = malloc(sizeof(float) * QH * D);
     double *te = malloc(sizeof(double) * n_queries);
     double *tw = malloc(sizeof(double) * n_queries);
     kvs_query_params_t exact, wave;
@@ -249,7 +252,8 @@ int main(int argc, char **argv) {
         if (rows[i].overhead > overhead)
             overhead = rows[i].overhead;
     }
-    fprintf(f, "{\n  \"bench\": \"index\",\n  \"quick\": %s,\n", quick ? "true" : "false");
+    fprintf(f, "{\n  \"bench\": \"index\",\n  \"quick\": %s,\n",
+            quick ? "true" : "false");
     fprintf(f, "  \"metrics\": {\n");
     if (big->context == 131072)
         fprintf(f, "    \"wave_speedup_vs_exact_128k\": %.2f,\n", big->speedup);

@@ -168,16 +168,19 @@ int main(int argc, char **argv) {
     for (int m = 0; m < 3; m++)
         for (int c = 0; c < 2; c++) {
             uint32_t chunk = c == 0 ? 1 : 256;
-            mb[m][c] = append_rate(base, (kvs_sync_t)m, chunk, 1, secs,
-                                   &aps[m][c]);
-            fprintf(stderr, "  sync %-6s %3u token(s)/append: %8.1f MB/s "
-                    "(%.0f appends/s)\n", names[m], chunk, mb[m][c],
-                    aps[m][c]);
+            mb[m][c] =
+                append_rate(base, (kvs_sync_t)m, chunk, 1, secs, &aps[m][c]);
+            fprintf(stderr,
+                    "  sync %-6s %3u token(s)/append: %8.1f MB/s "
+                    "(%.0f appends/s)\n",
+                    names[m], chunk, mb[m][c], aps[m][c]);
         }
     double aps4;
     double mb_batch4 = append_rate(base, KVS_SYNC_BATCH, 1, 4, secs, &aps4);
-    fprintf(stderr, "  sync batch, 4 threads, 1 token/append: %.1f MB/s "
-            "(%.0f appends/s)\n", mb_batch4, aps4);
+    fprintf(stderr,
+            "  sync batch, 4 threads, 1 token/append: %.1f MB/s "
+            "(%.0f appends/s)\n",
+            mb_batch4, aps4);
 
     /* 2. Restart and space. */
     char dir[512];
@@ -211,7 +214,8 @@ int main(int argc, char **argv) {
     uint64_t disk_after = st.disk_bytes;
     kvs_store_close(s);
     double raw = (double)tokens * TOKEN_BYTES;
-    fprintf(stderr, "  %llu tokens appended in %.1f s, indexed after %.1f s; "
+    fprintf(stderr,
+            "  %llu tokens appended in %.1f s, indexed after %.1f s; "
             "disk %.2f GB before compaction, %.2f GB after (raw K/V %.2f GB)\n",
             (unsigned long long)tokens, t_load, t_indexed, disk_before / 1e9,
             disk_after / 1e9, raw / 1e9);
@@ -234,9 +238,10 @@ int main(int argc, char **argv) {
     kvs_store_stats(s, &st);
     uint64_t rebuilt = st.builds_done;
     kvs_store_close(s);
-    fprintf(stderr, "  restart: open %.2f s, first attend answered after "
-            "%.2f s; segments rebuilt: %llu\n", t_open, t_first,
-            (unsigned long long)rebuilt);
+    fprintf(stderr,
+            "  restart: open %.2f s, first attend answered after "
+            "%.2f s; segments rebuilt: %llu\n",
+            t_open, t_first, (unsigned long long)rebuilt);
     rm_rf(dir);
     free(rows);
     if (base == tmpl)
@@ -255,13 +260,16 @@ int main(int argc, char **argv) {
     fprintf(f, "  \"rows\": [\n");
     for (int m = 0; m < 3; m++)
         for (int c = 0; c < 2; c++)
-            fprintf(f, "    {\"sync\": \"%s\", \"tokens_per_append\": %d, "
+            fprintf(f,
+                    "    {\"sync\": \"%s\", \"tokens_per_append\": %d, "
                     "\"threads\": 1, \"mb_s\": %.2f, \"appends_s\": %.0f},\n",
                     names[m], c ? 256 : 1, mb[m][c], aps[m][c]);
-    fprintf(f, "    {\"sync\": \"batch\", \"tokens_per_append\": 1, "
+    fprintf(f,
+            "    {\"sync\": \"batch\", \"tokens_per_append\": 1, "
             "\"threads\": 4, \"mb_s\": %.2f, \"appends_s\": %.0f},\n",
             mb_batch4, aps4);
-    fprintf(f, "    {\"restart_tokens\": %llu, \"geometry\": \"8 kv heads x "
+    fprintf(f,
+            "    {\"restart_tokens\": %llu, \"geometry\": \"8 kv heads x "
             "128, fp16, 1 layer\", \"open_s\": %.3f, \"first_attend_s\": %.3f, "
             "\"segments_rebuilt\": %llu, \"append_s\": %.2f, "
             "\"indexed_s\": %.2f, \"disk_bytes_before_compaction\": %llu, "

@@ -22,7 +22,8 @@ static void init(void) {
     }
     for (uint32_t i = 0; i < 256; i++)
         for (int t = 1; t < 8; t++)
-            table[t][i] = (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xff];
+            table[t][i] =
+                (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xff];
 #if defined(__x86_64__)
     __builtin_cpu_init();
     have_sse42 = __builtin_cpu_supports("sse4.2");

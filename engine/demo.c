@@ -44,8 +44,8 @@ enum { RANK = 16 };
 
 typedef struct gen_s {
     uint32_t kvh, d;
-    float *mu_k, *mu_q;  /* [kvh][d] */
-    float *basis;        /* [kvh][RANK][d] */
+    float *mu_k, *mu_q; /* [kvh][d] */
+    float *basis;       /* [kvh][RANK][d] */
 } gen_t;
 
 static void gen_init(gen_t *g, uint32_t kvh, uint32_t d) {
@@ -129,7 +129,8 @@ int main(int argc, char **argv) {
     size_t esz = kvs_dtype_size(dtype);
     float *kf = malloc(sizeof(float) * chunk * kvh * d);
     float *vf = malloc(sizeof(float) * chunk * kvh * d);
-    void *kc = malloc(esz * chunk * kvh * d), *vc = malloc(esz * chunk * kvh * d);
+    void *kc = malloc(esz * chunk * kvh * d),
+         *vc = malloc(esz * chunk * kvh * d);
     double t0 = now_s();
     for (uint32_t done = 0; done < tokens; done += chunk) {
         uint32_t n = tokens - done < chunk ? tokens - done : chunk;
@@ -163,7 +164,8 @@ int main(int argc, char **argv) {
     enum { K = 100 };
     int64_t *pe = malloc(sizeof(int64_t) * qh * K);
     int64_t *pw = malloc(sizeof(int64_t) * qh * K);
-    float *se = malloc(sizeof(float) * qh * K), *sw = malloc(sizeof(float) * qh * K);
+    float *se = malloc(sizeof(float) * qh * K),
+          *sw = malloc(sizeof(float) * qh * K);
     kvs_query_params_t exact, wave;
     kvs_query_params_default(&exact);
     exact.mode = KVS_MODE_EXACT;

@@ -64,7 +64,7 @@ typedef struct seq_s {
     atomic_int refs;
     atomic_int dropped;
     atomic_uint_fast64_t builds_pending;
-    char *damage; /* non-NULL: quarantined, and why */
+    char *damage;                     /* non-NULL: quarantined, and why */
     atomic_uint ttl_s;                /* 0: never expires */
     atomic_uint_fast64_t last_access; /* monotonic ms */
     layer_t *layers;
@@ -80,7 +80,7 @@ typedef struct build_job_s {
 struct kvs_store_s {
     kvs_options_t opts;
     char *data_dir;
-    kvs__db_t *db;      /* NULL: memory only */
+    kvs__db_t *db; /* NULL: memory only */
     kvs__pool_t *pool;
     pthread_key_t scratch_key;
 
@@ -90,7 +90,7 @@ struct kvs_store_s {
 
     /* Build queue. */
     pthread_mutex_t build_mu;
-    pthread_cond_t build_cv;  /* work queued or stopping */
+    pthread_cond_t build_cv;   /* work queued or stopping */
     pthread_cond_t build_done; /* some build finished */
     build_job_t *q_head, *q_tail;
     atomic_int stopping;
@@ -172,7 +172,8 @@ void kvs_options_default(kvs_options_t *o) {
 
 static int check_options(kvs_store_t *s, const kvs_options_t *o) {
     if (o->cluster_tokens == 0 || o->kmeans_iters == 0)
-        return fail(s, KVS_EINVAL, "cluster_tokens and kmeans_iters must be > 0");
+        return fail(s, KVS_EINVAL,
+                    "cluster_tokens and kmeans_iters must be > 0");
     if (o->segment_tokens < o->cluster_tokens ||
         o->segment_tokens <= (uint64_t)o->sink_tokens + o->window_tokens)
         return fail(s, KVS_EINVAL,
@@ -279,8 +280,10 @@ static int check_geometry(kvs_store_t *s, const kvs_geometry_t *g) {
         g->n_q_heads == 0 || g->n_q_heads > KVS_MAX_HEADS)
         return fail(s, KVS_EINVAL, "head counts outside 1..%u", KVS_MAX_HEADS);
     if (g->n_q_heads % g->n_kv_heads)
-        return fail(s, KVS_EINVAL, "n_q_heads %u is not a multiple of "
-                    "n_kv_heads %u", g->n_q_heads, g->n_kv_heads);
+        return fail(s, KVS_EINVAL,
+                    "n_q_heads %u is not a multiple of "
+                    "n_kv_heads %u",
+                    g->n_q_heads, g->n_kv_heads);
     if (g->n_q_heads / g->n_kv_heads > KVS_KERNEL_MAX_Q)
         return fail(s, KVS_EINVAL, "more than %d query heads per KV head",
                     KVS_KERNEL_MAX_Q);
@@ -494,8 +497,10 @@ int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
     pthread_mutex_unlock(&s->map_mu);
     for (size_t i = 0; i < k; i++)
         if (kvs_seq_drop(s, ids[i]) == 0) {
-            fprintf(stderr, "kvstore: sequence %llu expired (idle past its "
-                    "TTL)\n", (unsigned long long)ids[i]);
+            fprintf(stderr,
+                    "kvstore: sequence %llu expired (idle past its "
+                    "TTL)\n",
+                    (unsigned long long)ids[i]);
             n++;
         }
     free(ids);
@@ -581,8 +586,7 @@ static void head_shrink(head_t *h, size_t rb, uint32_t segment_tokens) {
     h->tail_cap = keep;
 }
 
-static void build_finish(kvs_store_t *s, seq_t *q, double secs,
-                         uint64_t keys) {
+static void build_finish(kvs_store_t *s, seq_t *q, double secs, uint64_t keys) {
     atomic_fetch_sub(&q->builds_pending, 1);
     pthread_mutex_lock(&s->build_mu);
     s->builds_pending--;
@@ -625,9 +629,11 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
         rc = kvs_segment_build(&bp, q->geo.dtype, q->geo.head_dim, first, n,
                                keys, vals, &seg, err, sizeof err);
         if (rc)
-            fprintf(stderr, "kvstore: segment build failed for sequence %llu "
-                    "layer %u head %u: %s (%s)\n", (unsigned long long)q->id,
-                    j->layer, j->head, kvs_strerror(rc), err);
+            fprintf(stderr,
+                    "kvstore: segment build failed for sequence %llu "
+                    "layer %u head %u: %s (%s)\n",
+                    (unsigned long long)q->id, j->layer, j->head,
+                    kvs_strerror(rc), err);
     }
     free(keys);
     free(vals);
@@ -721,8 +727,8 @@ static head_t *load_head(kvs_store_t *s, uint64_t id, uint32_t layer,
     return &q->layers[layer].heads[head];
 }
 
-static int load_segment(void *ctx, uint64_t id, uint32_t layer,
-                        uint32_t head, kvs_segment_t *seg) {
+static int load_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                        kvs_segment_t *seg) {
     kvs_store_t *s = ctx;
     seq_t *q;
     head_t *h = load_head(s, id, layer, head, &q);
@@ -787,10 +793,13 @@ static void load_finish(kvs_store_t *s) {
                 layer_t *L = &q->layers[l];
                 uint64_t t0 = L->heads[0].indexed_tokens + L->heads[0].tail_len;
                 for (uint32_t h = 1; h < q->geo.n_kv_heads; h++)
-                    if (L->heads[h].indexed_tokens + L->heads[h].tail_len != t0) {
+                    if (L->heads[h].indexed_tokens + L->heads[h].tail_len !=
+                        t0) {
                         char why[128];
-                        snprintf(why, sizeof why, "layer %u: KV heads hold "
-                                 "different token counts", l);
+                        snprintf(why, sizeof why,
+                                 "layer %u: KV heads hold "
+                                 "different token counts",
+                                 l);
                         load_damaged(s, q->id, why);
                     }
                 L->tokens = t0;
@@ -827,9 +836,8 @@ const char *kvs_store_open_error(void) {
 }
 
 /* Fail an open: the message goes where kvs_store_open_error() finds it. */
-__attribute__((format(printf, 2, 3))) static int open_fail(int rc,
-                                                           const char *fmt,
-                                                           ...) {
+__attribute__((format(printf, 2, 3))) static int
+open_fail(int rc, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(open_err, sizeof open_err, fmt, ap);
@@ -1078,7 +1086,8 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
     size_t stride = (size_t)g->n_kv_heads * q->row_bytes;
     for (uint32_t h = 0; h < g->n_kv_heads; h++) {
         head_t *hd = &L->heads[h];
-        char *dk = hd->tail_keys + (hd->tail_start + hd->tail_len) * q->row_bytes;
+        char *dk =
+            hd->tail_keys + (hd->tail_start + hd->tail_len) * q->row_bytes;
         char *dv =
             hd->tail_values + (hd->tail_start + hd->tail_len) * q->row_bytes;
         const char *sk = (const char *)keys + h * q->row_bytes;
@@ -1323,8 +1332,8 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
         pthread_rwlock_unlock(&c->L->lock);
         seq_unref(c->q);
         free(c);
-        return fail(s, KVS_ERANGE, "k %u outside 1..%llu (tokens in layer)",
-                    k, (unsigned long long)have);
+        return fail(s, KVS_ERANGE, "k %u outside 1..%llu (tokens in layer)", k,
+                    (unsigned long long)have);
     }
     kvs__pool_run(s->pool, c->q->geo.n_kv_heads, search_task, c);
     pthread_rwlock_unlock(&c->L->lock);
@@ -1409,8 +1418,8 @@ static uint64_t shareable_end(const head_t *p, uint64_t at) {
 
 /* Fill child head `c` from parent head `p` up to `at`: share the segments
  * below `share_end`, copy the rest as tail rows. Parent layer locked. */
-static int fork_head(const head_t *p, head_t *c, size_t rb,
-                     uint64_t share_end, uint64_t at) {
+static int fork_head(const head_t *p, head_t *c, size_t rb, uint64_t share_end,
+                     uint64_t at) {
     uint32_t shared = 0;
     while (shared < p->n_segments &&
            p->segments[shared]->first_pos + p->segments[shared]->n_tokens <=
@@ -1467,8 +1476,8 @@ static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
             return KVS_ENOMEM;
         }
         for (uint32_t h = 0; h < g->n_kv_heads; h++)
-            head_gather(&L->heads[h], rb, indexed, rest, k + h * rb,
-                        v + h * rb, stride);
+            head_gather(&L->heads[h], rb, indexed, rest, k + h * rb, v + h * rb,
+                        stride);
         rc = kvs__db_append(s->db, c->id, l, g, indexed, (uint32_t)rest, k, v,
                             s->opts.segment_tokens, err, errlen);
         free(k);
@@ -1480,8 +1489,7 @@ static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
     return rc;
 }
 
-int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at,
-                 uint64_t child) {
+int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
     if (!s)
         return KVS_EINVAL;
     clear_err(s);
@@ -1498,9 +1506,11 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at,
         layer_t *PL = &p->layers[l], *CL = &c->layers[l];
         pthread_rwlock_rdlock(&PL->lock);
         if (at > PL->tokens)
-            rc = fail(s, KVS_ERANGE, "at_token %llu past the %llu tokens of "
-                      "layer %u", (unsigned long long)at,
-                      (unsigned long long)PL->tokens, l);
+            rc =
+                fail(s, KVS_ERANGE,
+                     "at_token %llu past the %llu tokens of "
+                     "layer %u",
+                     (unsigned long long)at, (unsigned long long)PL->tokens, l);
         /* Heads finish their builds at different times: share only what
          * every head of the layer has built, so the child's heads agree. */
         uint64_t share_end = at;

@@ -15,6 +15,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <rocksdb/c.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +33,7 @@ struct kvs__db_s {
     rocksdb_t *db;
     rocksdb_options_t *opts;
     rocksdb_column_family_handle_t *cf[CF_COUNT];
-    rocksdb_writeoptions_t *wo;      /* per the sync mode */
+    rocksdb_writeoptions_t *wo; /* per the sync mode */
     rocksdb_writeoptions_t *wo_nosync;
     rocksdb_readoptions_t *ro;
     char *dir;
@@ -43,6 +44,9 @@ struct kvs__db_s {
     pthread_cond_t synced_cv;
     uint64_t written, synced;
     int syncing; /* a leader is in rocksdb_flush_wal */
+    /* A write failed: RocksDB is read-only from here on, and syncing its
+     * WAL again would trip an assertion in some builds. */
+    atomic_int failed;
     int sync_err;
     struct timespec last_sync;
 };
@@ -50,12 +54,13 @@ struct kvs__db_s {
 static int map_err(const char *msg) {
     if (!msg)
         return 0;
-    if (strstr(msg, "No space left"))
-        return KVS_ENOSPC;
-    if (strstr(msg, "lock") || strstr(msg, "LOCK"))
-        return KVS_ELOCKED;
-    if (strstr(msg, "Corruption") || strstr(msg, "corrupt"))
+    if (strstr(msg, "Corruption") || strstr(msg, "corrupt") ||
+        strstr(msg, "checksum mismatch"))
         return KVS_ECORRUPT;
+    if (strstr(msg, "No space left") || strstr(msg, "File too large"))
+        return KVS_ENOSPC;
+    if (strstr(msg, "/LOCK") || strstr(msg, "lock hold"))
+        return KVS_ELOCKED;
     return KVS_EIO;
 }
 
@@ -100,6 +105,8 @@ static void rec_key(unsigned char k[24], uint64_t id, uint32_t layer,
     put_be64(k + 16, pos);
 }
 
+static int db_sync_wal(kvs__db_t *db);
+
 int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
                  kvs__db_t **out, char *err, size_t errlen) {
     *out = NULL;
@@ -126,7 +133,10 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     rocksdb_options_set_write_buffer_size(o, 64 << 20);
     rocksdb_options_set_target_file_size_base(o, 128 << 20);
     rocksdb_options_set_max_background_jobs(o, 2);
-    rocksdb_options_set_paranoid_checks(o, 1);
+    /* Not paranoid: one damaged table must not keep the whole directory
+     * from opening. Every record carries its own CRC and reads verify
+     * block checksums, so damage still surfaces, per sequence. */
+    rocksdb_options_set_paranoid_checks(o, 0);
     const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o};
     char *rerr = NULL;
     db->db = rocksdb_open_column_families(o, dir, CF_COUNT, cf_names, cfo,
@@ -152,9 +162,7 @@ void kvs__db_close(kvs__db_t *db) {
         return;
     if (db->db) {
         /* Make everything acknowledged so far durable before closing. */
-        char *rerr = NULL;
-        rocksdb_flush_wal(db->db, 1, &rerr);
-        take_err(rerr, NULL, 0, "");
+        db_sync_wal(db);
         for (int i = 0; i < CF_COUNT; i++)
             rocksdb_column_family_handle_destroy(db->cf[i]);
         rocksdb_close(db->db);
@@ -173,6 +181,38 @@ void kvs__db_close(kvs__db_t *db) {
     free(db);
 }
 
+/* Every write goes through here: after one failure the database refuses
+ * writes (RocksDB enters read-only mode) and reads go on serving. */
+static int db_write(kvs__db_t *db, const rocksdb_writeoptions_t *wo,
+                    rocksdb_writebatch_t *b, char *err, size_t errlen,
+                    const char *what) {
+    if (atomic_load(&db->failed)) {
+        if (err && errlen)
+            snprintf(err, errlen,
+                     "%s: the store is read-only after an "
+                     "earlier write error (free space, then restart)",
+                     what);
+        return KVS_EIO;
+    }
+    char *rerr = NULL;
+    rocksdb_write(db->db, wo, b, &rerr);
+    int rc = take_err(rerr, err, errlen, what);
+    if (rc)
+        atomic_store(&db->failed, 1);
+    return rc;
+}
+
+static int db_sync_wal(kvs__db_t *db) {
+    if (atomic_load(&db->failed))
+        return KVS_EIO;
+    char *rerr = NULL;
+    rocksdb_flush_wal(db->db, 1, &rerr);
+    int rc = take_err(rerr, NULL, 0, "");
+    if (rc)
+        atomic_store(&db->failed, 1);
+    return rc;
+}
+
 /* Write `b` and return once it is as durable as the sync mode promises.
  *
  * BATCH is leader/follower group commit: a writer whose batch is not yet
@@ -183,15 +223,11 @@ void kvs__db_close(kvs__db_t *db) {
  * pays one fsync and no wait. */
 static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
                          size_t errlen) {
-    char *rerr = NULL;
-    if (db->sync != KVS_SYNC_BATCH) {
-        rocksdb_write(db->db, db->wo, b, &rerr);
-        return take_err(rerr, err, errlen, "write");
-    }
+    if (db->sync != KVS_SYNC_BATCH)
+        return db_write(db, db->wo, b, err, errlen, "write");
     pthread_mutex_lock(&db->mu);
     /* Written under the mutex so that `written` orders with the WAL. */
-    rocksdb_write(db->db, db->wo_nosync, b, &rerr);
-    int rc = take_err(rerr, err, errlen, "write");
+    int rc = db_write(db, db->wo_nosync, b, err, errlen, "write");
     if (rc) {
         pthread_mutex_unlock(&db->mu);
         return rc;
@@ -217,9 +253,7 @@ static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
         pthread_mutex_lock(&db->mu);
         uint64_t target = db->written;
         pthread_mutex_unlock(&db->mu);
-        char *serr = NULL;
-        rocksdb_flush_wal(db->db, 1, &serr);
-        int src = take_err(serr, NULL, 0, "");
+        int src = db_sync_wal(db);
         pthread_mutex_lock(&db->mu);
         clock_gettime(CLOCK_MONOTONIC, &db->last_sync);
         if (src)
@@ -239,8 +273,9 @@ int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
                        uint32_t ttl_s, char *err, size_t errlen) {
     unsigned char k[8], v[4 + 28];
     put_be64(k, id);
-    uint32_t f[7] = {SEQ_VERSION, g->n_layers, g->n_q_heads, g->n_kv_heads,
-                     g->head_dim, (uint32_t)g->dtype, ttl_s};
+    uint32_t f[7] = {SEQ_VERSION,   g->n_layers, g->n_q_heads,
+                     g->n_kv_heads, g->head_dim, (uint32_t)g->dtype,
+                     ttl_s};
     memcpy(v + 4, f, sizeof f);
     uint32_t crc = kvs_crc32c(0, v + 4, sizeof f);
     memcpy(v, &crc, 4);
@@ -296,7 +331,8 @@ int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
             unsigned char *kp = buf + 8, *vp = buf + 8 + rb * m;
             for (uint32_t t = 0; t < m; t++) {
                 memcpy(kp + t * rb,
-                       (const char *)keys + (size_t)(done + t) * stride + h * rb,
+                       (const char *)keys + (size_t)(done + t) * stride +
+                           h * rb,
                        rb);
                 memcpy(vp + t * rb,
                        (const char *)values + (size_t)(done + t) * stride +
@@ -341,11 +377,10 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
                                        (const char *)hi, 24);
     /* No fsync wait: until the WAL is synced the rows are still there, so a
      * crash loses at most this build, never data. */
-    char *rerr = NULL;
-    rocksdb_write(db->db, db->wo_nosync, b, &rerr);
+    int rc = db_write(db, db->wo_nosync, b, err, errlen, "segment write");
     rocksdb_writebatch_destroy(b);
     free(buf);
-    return take_err(rerr, err, errlen, "segment write");
+    return rc;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -388,86 +423,116 @@ static void damage(known_t *k, const kvs__db_loader_t *L, int idx,
  * (left by a drop racing a build) are deleted. */
 static int load_records(kvs__db_t *db, int cf, known_t *known,
                         const kvs__db_loader_t *L, char *err, size_t errlen) {
-    rocksdb_iterator_t *it = rocksdb_create_iterator_cf(db->db, db->ro,
-                                                        db->cf[cf]);
     rocksdb_writebatch_t *orphans = rocksdb_writebatch_create();
     int n_orphans = 0;
     int cur = -1;
     uint64_t cur_id = 0;
-    for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it);
-         rocksdb_iter_next(it)) {
-        size_t kl, vl;
-        const unsigned char *k = (const unsigned char *)rocksdb_iter_key(it, &kl);
-        const unsigned char *v =
-            (const unsigned char *)rocksdb_iter_value(it, &vl);
-        if (kl != 24)
-            continue;
-        uint64_t id = get_be64(k);
-        if (cur < 0 || id != cur_id) {
-            cur_id = id;
-            cur = known_find(known, id);
-        }
-        if (cur < 0) {
-            rocksdb_writebatch_delete_cf(orphans, db->cf[cf],
-                                         (const char *)k, kl);
-            n_orphans++;
-            continue;
-        }
-        if (known->damaged[cur])
-            continue;
-        uint32_t layer = get_be32(k + 8), head = get_be32(k + 12);
-        uint64_t pos = get_be64(k + 16);
-        uint32_t crc;
-        if (vl < 4 || (memcpy(&crc, v, 4), crc != kvs_crc32c(0, v + 4, vl - 4))) {
-            damage(known, L, cur, "%s record at layer %u head %u position "
-                   "%llu fails its checksum", cf_names[cf], layer, head,
-                   (unsigned long long)pos);
-            continue;
-        }
-        int rc;
-        if (cf == CF_INDEX) {
-            kvs_segment_t *seg;
-            char why[160] = "";
-            rc = kvs_segment_decode(v + 4, vl - 4, &seg, why, sizeof why);
-            if (rc) {
-                damage(known, L, cur, "index record at layer %u head %u: %s",
-                       layer, head, why);
-                continue;
-            }
-            rc = L->segment(L->ctx, id, layer, head, seg);
-        } else {
-            uint32_t n;
-            if (vl < 8) {
-                damage(known, L, cur, "short kv record");
-                continue;
-            }
-            memcpy(&n, v + 4, 4);
-            if (n == 0 || (vl - 8) % (2 * (size_t)n)) {
-                damage(known, L, cur, "kv record at layer %u head %u has a "
-                       "bad length", layer, head);
-                continue;
-            }
-            size_t half = (vl - 8) / 2;
-            rc = L->rows(L->ctx, id, layer, head, pos, n, half, v + 8,
-                         v + 8 + half);
-        }
-        if (rc)
-            damage(known, L, cur, "%s record at layer %u head %u position "
-                   "%llu does not fit: %s", cf_names[cf], layer, head,
-                   (unsigned long long)pos, kvs_strerror(rc));
-    }
-    char *rerr = NULL;
-    rocksdb_iter_get_error(it, &rerr);
-    rocksdb_iter_destroy(it);
+    /* An unreadable block stops an iterator for good: blame the sequence
+     * it was in (or the next one, when it fails before yielding a key),
+     * then go on from the next known sequence, so that one damaged table
+     * block quarantines the sequences it holds and no others. */
+    size_t resume = 0; /* index into known->ids to seek to; 0 = first key */
     int rc = 0;
-    if (rerr) {
-        /* The iterator stopped on damage it cannot skip: the sequence it
-         * was in (or past the last one) is all that can be blamed. */
-        if (cur >= 0)
-            damage(known, L, cur, "%s family: %s", cf_names[cf], rerr);
-        else
-            rc = take_err(strdup(rerr), err, errlen, "load");
+    for (;;) {
+        rocksdb_iterator_t *it =
+            rocksdb_create_iterator_cf(db->db, db->ro, db->cf[cf]);
+        if (resume == 0) {
+            rocksdb_iter_seek_to_first(it);
+        } else {
+            unsigned char seek[8];
+            put_be64(seek, known->ids[resume]);
+            rocksdb_iter_seek(it, (const char *)seek, 8);
+        }
+        int got_key = 0;
+        for (; rocksdb_iter_valid(it); rocksdb_iter_next(it)) {
+            got_key = 1;
+
+            size_t kl, vl;
+            const unsigned char *k =
+                (const unsigned char *)rocksdb_iter_key(it, &kl);
+            const unsigned char *v =
+                (const unsigned char *)rocksdb_iter_value(it, &vl);
+            if (kl != 24)
+                continue;
+            uint64_t id = get_be64(k);
+            if (cur < 0 || id != cur_id) {
+                cur_id = id;
+                cur = known_find(known, id);
+            }
+            if (cur < 0) {
+                rocksdb_writebatch_delete_cf(orphans, db->cf[cf],
+                                             (const char *)k, kl);
+                n_orphans++;
+                continue;
+            }
+            if (known->damaged[cur])
+                continue;
+            uint32_t layer = get_be32(k + 8), head = get_be32(k + 12);
+            uint64_t pos = get_be64(k + 16);
+            uint32_t crc;
+            if (vl < 4 ||
+                (memcpy(&crc, v, 4), crc != kvs_crc32c(0, v + 4, vl - 4))) {
+                damage(known, L, cur,
+                       "%s record at layer %u head %u position "
+                       "%llu fails its checksum",
+                       cf_names[cf], layer, head, (unsigned long long)pos);
+                continue;
+            }
+            int rc;
+            if (cf == CF_INDEX) {
+                kvs_segment_t *seg;
+                char why[160] = "";
+                rc = kvs_segment_decode(v + 4, vl - 4, &seg, why, sizeof why);
+                if (rc) {
+                    damage(known, L, cur,
+                           "index record at layer %u head %u: %s", layer, head,
+                           why);
+                    continue;
+                }
+                rc = L->segment(L->ctx, id, layer, head, seg);
+            } else {
+                uint32_t n;
+                if (vl < 8) {
+                    damage(known, L, cur, "short kv record");
+                    continue;
+                }
+                memcpy(&n, v + 4, 4);
+                if (n == 0 || (vl - 8) % (2 * (size_t)n)) {
+                    damage(known, L, cur,
+                           "kv record at layer %u head %u has a "
+                           "bad length",
+                           layer, head);
+                    continue;
+                }
+                size_t half = (vl - 8) / 2;
+                rc = L->rows(L->ctx, id, layer, head, pos, n, half, v + 8,
+                             v + 8 + half);
+            }
+            if (rc)
+                damage(known, L, cur,
+                       "%s record at layer %u head %u position "
+                       "%llu does not fit: %s",
+                       cf_names[cf], layer, head, (unsigned long long)pos,
+                       kvs_strerror(rc));
+        }
+        char *rerr = NULL;
+        rocksdb_iter_get_error(it, &rerr);
+        rocksdb_iter_destroy(it);
+        if (!rerr)
+            break;
+        int blame = got_key ? cur : (resume < known->n ? (int)resume : -1);
+        if (blame < 0 && known->n == 0) {
+            rc = take_err(rerr, err, errlen, "load");
+            break;
+        }
+        if (blame < 0) /* before the first known sequence */
+            blame = 0;
+        damage(known, L, blame, "%s family: %s", cf_names[cf], rerr);
         rocksdb_free(rerr);
+        resume = (size_t)blame + 1;
+        cur = -1;
+        if (resume >= known->n)
+            break;
     }
     if (n_orphans) {
         char *e2 = NULL;
@@ -487,7 +552,8 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
     for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it) && !rc;
          rocksdb_iter_next(it)) {
         size_t kl, vl;
-        const unsigned char *k = (const unsigned char *)rocksdb_iter_key(it, &kl);
+        const unsigned char *k =
+            (const unsigned char *)rocksdb_iter_key(it, &kl);
         const unsigned char *v =
             (const unsigned char *)rocksdb_iter_value(it, &vl);
         if (kl != 8)
@@ -512,8 +578,9 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
         known.n++;
         kvs_geometry_t g;
         uint32_t f[7], crc;
-        if (vl != 32 || (memcpy(&crc, v, 4), memcpy(f, v + 4, 28),
-                         crc != kvs_crc32c(0, v + 4, 28)) ||
+        if (vl != 32 ||
+            (memcpy(&crc, v, 4), memcpy(f, v + 4, 28),
+             crc != kvs_crc32c(0, v + 4, 28)) ||
             f[0] != SEQ_VERSION) {
             /* Still announce it, so it can be listed and dropped. */
             g = (kvs_geometry_t){1, 1, 1, 1, KVS_DTYPE_F32};
@@ -597,8 +664,10 @@ int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
     }
     if (have[2] != segment_tokens) {
         /* Stored rows are split at multiples of the segment size. */
-        snprintf(err, errlen, "the data directory was created with "
-                 "segment_tokens %u, not %u", have[2], segment_tokens);
+        snprintf(err, errlen,
+                 "the data directory was created with "
+                 "segment_tokens %u, not %u",
+                 have[2], segment_tokens);
         return KVS_EINVAL;
     }
     return 0;

@@ -48,9 +48,9 @@ static size_t encoded_size(const hdr_t *h) {
 }
 
 size_t kvs_segment_encoded_size(const kvs_segment_t *seg) {
-    hdr_t h = {SEG_MAGIC, SEG_VERSION, (uint32_t)seg->dtype, seg->d,
-               seg->first_pos, seg->n_tokens, seg->n_clusters,
-               seg->adj_always.n, seg->adj_last.n};
+    hdr_t h = {SEG_MAGIC,       SEG_VERSION,       (uint32_t)seg->dtype,
+               seg->d,          seg->first_pos,    seg->n_tokens,
+               seg->n_clusters, seg->adj_always.n, seg->adj_last.n};
     return encoded_size(&h);
 }
 
@@ -61,9 +61,9 @@ static char *put(char *p, const void *src, size_t n) {
 }
 
 void kvs_segment_encode(const kvs_segment_t *seg, void *buf) {
-    hdr_t h = {SEG_MAGIC, SEG_VERSION, (uint32_t)seg->dtype, seg->d,
-               seg->first_pos, seg->n_tokens, seg->n_clusters,
-               seg->adj_always.n, seg->adj_last.n};
+    hdr_t h = {SEG_MAGIC,       SEG_VERSION,       (uint32_t)seg->dtype,
+               seg->d,          seg->first_pos,    seg->n_tokens,
+               seg->n_clusters, seg->adj_always.n, seg->adj_last.n};
     size_t esz = kvs_dtype_size(seg->dtype);
     size_t n = seg->n_tokens, c = seg->n_clusters, rb = esz * seg->d;
     char *p = buf;

@@ -184,8 +184,8 @@ static void zone_partial(const kvs_head_view_t *v, const float *q, uint32_t g,
          * way while this one is scored. */
         if (b + 1 < nb)
             prefetch_rows(blocks[b + 1].keys, blocks[b + 1].n, rb);
-        kvs_dot_rows(v->dtype, q, g, bk->keys, bk->n, v->d, scale,
-                     S + bk->col, cols);
+        kvs_dot_rows(v->dtype, q, g, bk->keys, bk->n, v->d, scale, S + bk->col,
+                     cols);
         if (mask_steady && bk->seg) {
             for (uint32_t r = 0; r < bk->n; r++) {
                 uint64_t pos =
@@ -227,7 +227,6 @@ static int push_block(kvs_scratch_t *s, size_t *nb, block_t b) {
     return 0;
 }
 
-
 /* ---------------------------------------------------------------------- */
 /* Exact                                                                  */
 
@@ -251,8 +250,8 @@ static int for_each_chunk(const kvs_head_view_t *v, rows_fn fn, void *ctx) {
         }
     }
     for (uint32_t r = 0; r < v->tail_tokens; r += EXACT_CHUNK) {
-        uint32_t n = v->tail_tokens - r < EXACT_CHUNK ? v->tail_tokens - r
-                                                      : EXACT_CHUNK;
+        uint32_t n =
+            v->tail_tokens - r < EXACT_CHUNK ? v->tail_tokens - r : EXACT_CHUNK;
         int rc = fn(ctx, (const char *)v->tail_keys + r * rb,
                     (const char *)v->tail_values + r * rb, n, NULL, 0,
                     v->indexed_tokens + r);
@@ -351,8 +350,8 @@ static uint32_t seg_of(const uint32_t *cbase, uint32_t nseg, uint32_t c) {
 
 /* Blocks for the steady zone: sink and window slots found in the segments
  * that hold them, then the tail in chunks. */
-static int steady_blocks(const kvs_head_view_t *v, kvs_scratch_t *s,
-                         size_t *nb, uint32_t *cols) {
+static int steady_blocks(const kvs_head_view_t *v, kvs_scratch_t *s, size_t *nb,
+                         uint32_t *cols) {
     size_t rb = row_bytes(v);
     for (uint32_t si = 0; si < v->n_segments; si++) {
         const kvs_segment_t *seg = v->segments[si];
@@ -389,9 +388,8 @@ static int steady_blocks(const kvs_head_view_t *v, kvs_scratch_t *s,
 }
 
 /* Score every cluster centroid of every segment: s->cscore [g][C]. */
-static int score_clusters(const kvs_head_view_t *v, const float *q,
-                          uint32_t g, float scale, kvs_scratch_t *s,
-                          uint32_t *C_out) {
+static int score_clusters(const kvs_head_view_t *v, const float *q, uint32_t g,
+                          float scale, kvs_scratch_t *s, uint32_t *C_out) {
     if (GROW(s, cbase, cbase_cap, v->n_segments + 1))
         return KVS_ENOMEM;
     uint32_t C = 0;
@@ -461,8 +459,8 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
         uint32_t si = seg_of(s->cbase, v->n_segments, c);
         const kvs_segment_t *seg = v->segments[si];
         const void *mean;
-        uint32_t cnt = kvs_segment_cluster_view(
-            seg, c - s->cbase[si], si + 1 == v->n_segments, &mean);
+        uint32_t cnt = kvs_segment_cluster_view(seg, c - s->cbase[si],
+                                                si + 1 == v->n_segments, &mean);
         for (uint32_t i = 0; i < g; i++) {
             double w = cnt * exp((double)s->cscore[(size_t)i * C + c] - ref[i]);
             total[i] += w;
@@ -480,9 +478,8 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
         uint32_t c = s->idx[r++];
         uint32_t si = seg_of(s->cbase, v->n_segments, c);
         const void *mean;
-        uint32_t cnt = kvs_segment_cluster_view(v->segments[si],
-                                                c - s->cbase[si],
-                                                si + 1 == v->n_segments, &mean);
+        uint32_t cnt = kvs_segment_cluster_view(
+            v->segments[si], c - s->cbase[si], si + 1 == v->n_segments, &mean);
         for (uint32_t i = 0; i < g; i++)
             left[i] -= cnt * exp((double)s->cscore[(size_t)i * C + c] - ref[i]);
     }
@@ -737,8 +734,8 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     float *S = c->s->scores;
     kvs_dot_rows(c->v->dtype, c->q, 1, keys, n, c->v->d, 1.0f, S, n);
     for (uint32_t r = 0; r < n; r++) {
-        uint64_t pos = seg ? seg->first_pos + seg->positions[slot0 + r]
-                           : pos0 + r;
+        uint64_t pos =
+            seg ? seg->first_pos + seg->positions[slot0 + r] : pos0 + r;
         if (c->mask_steady && seg && is_steady(c->v, pos))
             continue;
         c->scanned++;
@@ -818,8 +815,7 @@ int kvs_head_search(const kvs_head_view_t *v, const float *q, uint32_t k,
         uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
         if (GROW(s, scores, scores_cap, n))
             return KVS_ENOMEM;
-        search_rows(&ctx, (const char *)seg->keys + a * rb, NULL, n, seg, a,
-                    0);
+        search_rows(&ctx, (const char *)seg->keys + a * rb, NULL, n, seg, a, 0);
     }
     st.clusters_total = C;
     st.clusters_retrieved = R;

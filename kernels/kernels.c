@@ -119,8 +119,8 @@ static void scalar_from_f32(kvs_dtype_t dtype, const float *src, void *dst,
 }
 
 static void scalar_dot_rows(kvs_dtype_t dtype, const float *q, uint32_t nq,
-                            const void *keys, size_t n, uint32_t d,
-                            float scale, float *out, size_t ld) {
+                            const void *keys, size_t n, uint32_t d, float scale,
+                            float *out, size_t ld) {
     size_t esz = kvs_dtype_size(dtype);
     for (size_t j = 0; j < n; j++) {
         const char *row = (const char *)keys + j * d * esz;

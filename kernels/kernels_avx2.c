@@ -22,10 +22,10 @@ ALWAYS_INLINE __m256 load8(kvs_dtype_t dtype, const void *p, size_t i) {
         return _mm256_cvtph_ps(
             _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
     case KVS_DTYPE_BF16:
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(
-                _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))),
-            16));
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                  (const __m128i *)((const uint16_t *)p + i))),
+                              16));
     default:
         return _mm256_loadu_ps((const float *)p + i);
     }
@@ -202,8 +202,8 @@ ALWAYS_INLINE void dot_rows_t(kvs_dtype_t dtype, const float *q, uint32_t nq,
     for (; j < n; j++) {
         if (j + 8 < n)
             __builtin_prefetch((const char *)keys + (j + 8) * rb);
-        dot_row_q(dtype, q, nq, (const char *)keys + j * rb, d, scale,
-                  out, ld, j);
+        dot_row_q(dtype, q, nq, (const char *)keys + j * rb, d, scale, out, ld,
+                  j);
     }
 }
 
@@ -309,9 +309,9 @@ ALWAYS_INLINE __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f);
     __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.7f));
-    __m256 fx = _mm256_round_ps(
-        _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 fx =
+        _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
     __m256 y = _mm256_set1_ps(1.9875691500e-4f);
@@ -359,7 +359,9 @@ int kvs__kernels_avx2_init(kvs__kernel_table_t *t) {
         return 0;
     /* F16C has no __builtin_cpu_supports name in older GCCs: read CPUID. */
     unsigned a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    __asm__ volatile("cpuid"
+                     : "=a"(a), "=b"(b), "=c"(c), "=d"(d)
+                     : "a"(1), "c"(0));
     if (!(c & (1u << 29)))
         return 0;
     t->isa = "avx2";

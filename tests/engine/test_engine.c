@@ -38,8 +38,7 @@ static float nrand(void) {
 
 /* Keys around a few directions plus a shared offset (as real keys are),
  * values Gaussian. fp32, [n][kvh][d]. */
-static void make_kv(float *k, float *v, uint32_t n, uint32_t kvh,
-                    uint32_t d) {
+static void make_kv(float *k, float *v, uint32_t n, uint32_t kvh, uint32_t d) {
     float dirs[8][256];
     for (int c = 0; c < 8; c++)
         for (uint32_t t = 0; t < d; t++)
@@ -56,9 +55,9 @@ static void make_kv(float *k, float *v, uint32_t n, uint32_t kvh,
 }
 
 /* Softmax attention in double over the first n tokens, one query head. */
-static void ref_attend(const float *k, const float *v, uint32_t n,
-                       uint32_t kvh, uint32_t h, uint32_t d, const float *q,
-                       float scale, double *out) {
+static void ref_attend(const float *k, const float *v, uint32_t n, uint32_t kvh,
+                       uint32_t h, uint32_t d, const float *q, float scale,
+                       double *out) {
     double m = -INFINITY;
     double *s = malloc(n * sizeof(double));
     for (uint32_t i = 0; i < n; i++) {
@@ -439,12 +438,12 @@ static void test_engine_build_races_readers(void **state) {
     for (int i = 0; i < 2; i++)
         pthread_create(&th[i], NULL, reader, &r);
     uint32_t n = 6000 / SCALE_DOWN;
-    float *k = malloc((size_t)n * 2 * 32 * 4), *v = malloc((size_t)n * 2 * 32 * 4);
+    float *k = malloc((size_t)n * 2 * 32 * 4),
+          *v = malloc((size_t)n * 2 * 32 * 4);
     make_kv(k, v, n, 2, 32);
     for (uint32_t i = 0; i < n; i += 50)
         for (uint32_t l = 0; l < 2; l++)
-            assert_int_equal(kvs_seq_append(r.s, 9, l, 50,
-                                            k + (size_t)i * 64,
+            assert_int_equal(kvs_seq_append(r.s, 9, l, 50, k + (size_t)i * 64,
                                             v + (size_t)i * 64),
                              0);
     __atomic_store_n(&r.stop, 1, __ATOMIC_RELEASE);

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -185,8 +186,8 @@ static void damage_record(const char *dir, uint64_t seq) {
     const rocksdb_options_t *cfo[4] = {o, o, o, o};
     rocksdb_column_family_handle_t *cf[4];
     char *err = NULL;
-    rocksdb_t *db = rocksdb_open_column_families(o, dir, 4, names, cfo, cf,
-                                                 &err);
+    rocksdb_t *db =
+        rocksdb_open_column_families(o, dir, 4, names, cfo, cf, &err);
     assert_null(err);
     unsigned char key[24] = {0};
     for (int i = 0; i < 8; i++)
@@ -251,8 +252,7 @@ static void test_persist_damage_quarantines_one_sequence(void **state) {
 static void crash_child(const char *dir, int fd, uint64_t seed) {
     kvs_store_t *s = open_dir(dir, KVS_SYNC_ALWAYS);
     kvs_seq_info_t info;
-    if (kvs_seq_info(s, 1, &info) == KVS_ENOSEQ &&
-        kvs_seq_create(s, 1, &GEO))
+    if (kvs_seq_info(s, 1, &info) == KVS_ENOSEQ && kvs_seq_create(s, 1, &GEO))
         _exit(3);
     uint64_t have[2];
     for (uint32_t l = 0; l < 2; l++) {
@@ -326,9 +326,8 @@ static void test_persist_crash_rounds(void **state) {
         }
         kvs_store_close(s);
     }
-    print_message("crash rounds: %d, tokens acknowledged %llu + %llu\n",
-                  rounds, (unsigned long long)acked[0],
-                  (unsigned long long)acked[1]);
+    print_message("crash rounds: %d, tokens acknowledged %llu + %llu\n", rounds,
+                  (unsigned long long)acked[0], (unsigned long long)acked[1]);
     assert_true(acked[0] + acked[1] > 0);
     rm_rf(dir);
     free(dir);
@@ -366,11 +365,138 @@ static void test_persist_fork_survives_restart(void **state) {
     free(dir);
 }
 
+/* Flip bytes inside the largest SST (sequence data) of a closed store: the
+ * store opens, the sequences whose records are damaged are quarantined with
+ * a message naming the file, and the others serve; nothing returns wrong
+ * vectors. */
+static void test_persist_sst_bytes_flipped(void **state) {
+    (void)state;
+    char *dir = temp_dir();
+    kvs_store_t *s = open_dir(dir, KVS_SYNC_NONE);
+    for (uint64_t id = 1; id <= 3; id++) {
+        assert_int_equal(kvs_seq_create(s, id, &GEO), 0);
+        append_tokens(s, id, 0, 0, 600);
+    }
+    for (uint64_t id = 1; id <= 3; id++)
+        kvs_seq_wait_indexed(s, id);
+    kvs_store_compact(s); /* everything into SSTs, WAL emptied */
+    kvs_store_close(s);
+    char cmd[1024];
+    /* Flip 64 bytes in the middle of the largest table file. */
+    snprintf(cmd, sizeof cmd,
+             "f=$(ls -S '%s'/*.sst | head -1); n=$(stat -c %%s \"$f\"); "
+             "printf '%%064d' 0 | tr 0 '\\377' | dd of=\"$f\" bs=1 "
+             "seek=$((n / 2)) conv=notrunc status=none",
+             dir);
+    assert_int_equal(system(cmd), 0);
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.data_dir = dir;
+    o.segment_tokens = SEG;
+    int rc = kvs_store_open(&o, &s);
+    if (rc)
+        fail_msg("open: %s: %s", kvs_strerror(rc), kvs_store_open_error());
+    {
+        int served = 0, quarantined = 0;
+        for (uint64_t id = 1; id <= 3; id++) {
+            uint16_t *k = malloc(600 * KVH * D * 2),
+                     *v = malloc(600 * KVH * D * 2);
+            uint16_t *ek = malloc(600 * KVH * D * 2),
+                     *ev = malloc(600 * KVH * D * 2);
+            make_rows(id, 0, 0, 600, ek, ev);
+            int r = kvs_seq_read(s, id, 0, 0, 600, k, v);
+            if (r == 0) {
+                /* What is served is right. */
+                assert_memory_equal(k, ek, 600 * KVH * D * 2);
+                assert_memory_equal(v, ev, 600 * KVH * D * 2);
+                served++;
+            } else {
+                assert_true(r == KVS_EQUARANTINED || r == KVS_ENOSEQ);
+                quarantined++;
+            }
+            free(k), free(v), free(ek), free(ev);
+        }
+        print_message("after SST damage: %d served, %d refused\n", served,
+                      quarantined);
+        assert_true(quarantined >= 1);
+        assert_true(served >= 1);
+        kvs_store_close(s);
+    }
+    rm_rf(dir);
+    free(dir);
+}
+
+/* The file-size limit stands in for a full disk: the failing append gets a
+ * clear error, acknowledged data stays intact and readable. */
+static void test_persist_disk_full(void **state) {
+    (void)state;
+    char *dir = temp_dir();
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(fds[0]);
+        signal(SIGXFSZ, SIG_IGN);
+        struct rlimit rl = {4 << 20, 4 << 20}; /* 4 MiB per file */
+        setrlimit(RLIMIT_FSIZE, &rl);
+        kvs_store_t *s = open_dir(dir, KVS_SYNC_ALWAYS);
+        if (kvs_seq_create(s, 1, &GEO))
+            _exit(3);
+        uint64_t t = 0;
+        int rc = 0;
+        uint16_t k[64 * KVH * D], v[64 * KVH * D];
+        while (t < 100000) {
+            make_rows(1, 0, t, 64, k, v);
+            if ((rc = kvs_seq_append(s, 1, 0, 64, k, v)))
+                break;
+            t += 64;
+            uint64_t msg = t;
+            if (write(fds[1], &msg, sizeof msg) != sizeof msg)
+                _exit(5);
+        }
+        if (rc != KVS_ENOSPC && rc != KVS_EIO)
+            _exit(6);
+        if (strlen(kvs_store_errmsg(s)) == 0)
+            _exit(7);
+        fprintf(stderr, "disk full after %llu tokens: %s\n",
+                (unsigned long long)t, kvs_store_errmsg(s));
+        /* Reads keep working after the failure. */
+        uint16_t rk[KVH * D];
+        if (kvs_seq_read(s, 1, 0, 0, 1, rk, NULL))
+            _exit(8);
+        float q[QH * D], out[QH * D];
+        for (int i = 0; i < QH * D; i++)
+            q[i] = 0.01f * (float)i;
+        if (kvs_seq_attend(s, 1, 0, q, NULL, out, NULL))
+            _exit(9);
+        kvs_store_close(s);
+        _exit(0);
+    }
+    close(fds[1]);
+    uint64_t acked = 0, msg;
+    while (read(fds[0], &msg, sizeof msg) == sizeof msg)
+        acked = msg;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_true(acked > 0);
+    kvs_store_t *s = open_dir(dir, KVS_SYNC_ALWAYS);
+    check_tokens(s, 1, 0, acked);
+    kvs_store_close(s);
+    rm_rf(dir);
+    free(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_persist_reopen_without_reclustering),
         cmocka_unit_test(test_persist_damage_quarantines_one_sequence),
         cmocka_unit_test(test_persist_fork_survives_restart),
+        cmocka_unit_test(test_persist_sst_bytes_flipped),
+        cmocka_unit_test(test_persist_disk_full),
         cmocka_unit_test(test_persist_crash_rounds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

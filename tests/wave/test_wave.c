@@ -177,9 +177,8 @@ static void test_wave_estimation_exact_for_point_clusters(void **state) {
     for (int r = 0; r < 10; r++) {
         for (int i = 0; i < 2 * D; i++)
             q[i] = frand();
-        kvs_zone_params_t zp = {.retrieval_fraction = 0,
-                                .estimation_fraction = 1,
-                                .scale = 0.5f};
+        kvs_zone_params_t zp = {
+            .retrieval_fraction = 0, .estimation_fraction = 1, .scale = 0.5f};
         kvs_zone_stats_t st = {0};
         assert_int_equal(kvs_head_attend(&c.v, q, 2, &zp, s, out, &st), 0);
         for (int i = 0; i < 2; i++) {
@@ -252,9 +251,8 @@ static void test_wave_lse_merge_of_zones(void **state) {
     double ref[D];
     for (int i = 0; i < 4 * D; i++)
         q[i] = frand() * 3;
-    kvs_zone_params_t zp = {.retrieval_fraction = 0.5f,
-                            .estimation_fraction = 0.5f,
-                            .scale = 1.0f};
+    kvs_zone_params_t zp = {
+        .retrieval_fraction = 0.5f, .estimation_fraction = 0.5f, .scale = 1.0f};
     assert_int_equal(kvs_head_attend(&c.v, q, 4, &zp, s, out, NULL), 0);
     for (int i = 0; i < 4; i++) {
         ref_attend(3 * CL * PER + 40, q + i * D, 1.0f, NULL, ref);
