@@ -470,6 +470,8 @@ static int attend_own(kvs_decoder_t *d, uint32_t l, uint32_t p0, uint32_t n) {
  */
 typedef float f4 __attribute__((vector_size(16)));
 typedef double d4 __attribute__((vector_size(32)));
+/* Decode-step accumulators: one head of head_dim KVS_MAX_HEAD_DIM. */
+#define ACC_D4 (KVS_MAX_HEAD_DIM / 4)
 
 /* sum_j a[j] * b[j] in double over n floats; four independent chains so
  * that the adds do not wait on each other. */
@@ -496,59 +498,72 @@ __attribute__((target_clones("avx2", "default"))) static void
 attend_own_step(kvs_decoder_t *d, uint32_t l, uint32_t p) {
     const kvs_model_config_t *c = &d->m->cfg;
     uint32_t hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    uint32_t T = p + 1;
+    uint32_t T = p + 1, n4 = hd / 4;
     double scale = 1.0 / sqrt((double)hd);
-    double *sc = (double *)d->scores; /* QBLOCK * T floats hold T doubles */
-    d4 acc[KVS_MAX_HEAD_DIM / 4];
-    for (uint32_t h = 0; h < c->n_heads; h++) {
-        const float *q = d->q + (size_t)h * hd;
-        const float *K = d->kc[l * c->n_kv_heads + h / group];
-        const float *V = d->vc[l * c->n_kv_heads + h / group];
-        double mx = -INFINITY;
-        for (uint32_t t = 0; t < T; t++) {
-            sc[t] = dot_f64(q, K + (size_t)t * hd, hd) * scale;
-            mx = sc[t] > mx ? sc[t] : mx;
+    /* [group][T] doubles: scores has group * QBLOCK * T floats. */
+    double *sc = (double *)d->scores;
+    d4 acc[ACC_D4];
+    double tail[ACC_D4][2]; /* head_dim % 4 is 0 or 2 */
+    /* One pass over K and one over V per KV head serve its whole query
+     * group: at 32K tokens a decode step streams the cache from memory, so
+     * passes, not flops, set the time. Rows are read whole and in order
+     * (the accumulators live in L1), which the prefetcher follows. */
+    for (uint32_t g = 0; g < c->n_kv_heads; g++) {
+        const float *K = d->kc[l * c->n_kv_heads + g];
+        const float *V = d->vc[l * c->n_kv_heads + g];
+        const float *q0 = d->q + (size_t)g * group * hd;
+        for (uint32_t t = 0; t < T; t++)
+            for (uint32_t r = 0; r < group; r++)
+                sc[(size_t)r * T + t] =
+                    dot_f64(q0 + (size_t)r * hd, K + (size_t)t * hd, hd) *
+                    scale;
+        for (uint32_t r = 0; r < group; r++) {
+            double *s = sc + (size_t)r * T;
+            double mx = -INFINITY;
+            for (uint32_t t = 0; t < T; t++)
+                mx = s[t] > mx ? s[t] : mx;
+            /* Weights below e^-200 are set to 0: they cannot move a float
+             * output (the largest weight is 1), and their products with
+             * values could be subnormal, which costs ~100 cycles an add. */
+            double sum = 0;
+            for (uint32_t t = 0; t < T; t++) {
+                double x = s[t] - mx;
+                s[t] = x < -200.0 ? 0.0 : exp(x);
+                sum += s[t];
+            }
+            double inv = 1.0 / sum;
+            for (uint32_t t = 0; t < T; t++)
+                s[t] *= inv;
         }
-        /* Weights below e^-200 are set to 0: they cannot move a float
-         * output (the largest weight is 1), and their products with values
-         * would be subnormal doubles, which cost ~100 cycles per add. */
-        double sum = 0;
-        for (uint32_t t = 0; t < T; t++) {
-            double x = sc[t] - mx;
-            sc[t] = x < -200.0 ? 0.0 : exp(x);
-            sum += sc[t];
-        }
-        /* Output dims in blocks of 16 held in registers, tokens inner, over
-         * token blocks that stay in L2 (one pass per dim block would
-         * otherwise stream all of V from memory hd/16 times). */
-        uint32_t j0 = hd / 16 * 16;
-        memset(acc, 0, sizeof(acc));
-        for (uint32_t t0 = 0; t0 < T; t0 += 256) {
-            uint32_t t1 = T - t0 < 256 ? T : t0 + 256;
-            for (uint32_t jb = 0; jb < j0; jb += 16) {
-                d4 a[4];
-                memcpy(a, acc + jb / 4, sizeof(a));
-                for (uint32_t t = t0; t < t1; t++) {
-                    const float *v = V + (size_t)t * hd + jb;
-                    double w = sc[t];
-                    for (int u = 0; u < 4; u++) {
+        /* Query heads in batches whose accumulators fit acc (8 KiB). */
+        uint32_t per = ACC_D4 / (n4 ? n4 : 1);
+        for (uint32_t r0 = 0; r0 < group; r0 += per) {
+            uint32_t r1 = group - r0 < per ? group : r0 + per;
+            memset(acc, 0, sizeof(acc));
+            memset(tail, 0, sizeof(tail));
+            for (uint32_t t = 0; t < T; t++) {
+                const float *v = V + (size_t)t * hd;
+                for (uint32_t r = r0; r < r1; r++) {
+                    double w = sc[(size_t)r * T + t];
+                    d4 *a = acc + (size_t)(r - r0) * n4;
+                    for (uint32_t j = 0; j < n4; j++) {
                         f4 x;
-                        memcpy(&x, v + 4 * u, sizeof(x));
-                        a[u] += w * __builtin_convertvector(x, d4);
+                        memcpy(&x, v + 4 * j, sizeof(x));
+                        a[j] += w * __builtin_convertvector(x, d4);
                     }
+                    for (uint32_t j = 4 * n4; j < hd; j++)
+                        tail[r - r0][j - 4 * n4] += w * (double)v[j];
                 }
-                memcpy(acc + jb / 4, a, sizeof(a));
+            }
+            for (uint32_t r = r0; r < r1; r++) {
+                const d4 *a = acc + (size_t)(r - r0) * n4;
+                float *o = d->att + (size_t)(g * group + r) * hd;
+                for (uint32_t j = 0; j < 4 * n4; j++)
+                    o[j] = (float)a[j / 4][j % 4];
+                for (uint32_t j = 4 * n4; j < hd; j++)
+                    o[j] = (float)tail[r - r0][j - 4 * n4];
             }
         }
-        double tail[16] = {0}; /* head_dim % 16 dims */
-        for (uint32_t t = 0; j0 < hd && t < T; t++)
-            for (uint32_t j = j0; j < hd; j++)
-                tail[j - j0] += sc[t] * (double)V[(size_t)t * hd + j];
-        float *o = d->att + (size_t)h * hd;
-        for (uint32_t j = 0; j < j0; j++)
-            o[j] = (float)(acc[j / 4][j % 4] / sum);
-        for (uint32_t j = j0; j < hd; j++)
-            o[j] = (float)(tail[j - j0] / sum);
     }
 }
 
