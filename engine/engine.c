@@ -25,6 +25,7 @@
 #include "kernels/kvs_kernels.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -55,6 +56,9 @@ typedef struct layer_s {
     pthread_mutex_t append_mu;
     head_t *heads; /* [n_kv_heads] */
     uint64_t tokens;
+    /* 0 while the sequence is evicted: heads are empty, tokens still
+     * counts what storage holds. Read and written under `lock`. */
+    int resident;
 } layer_t;
 
 typedef struct seq_s {
@@ -64,8 +68,11 @@ typedef struct seq_s {
     atomic_int refs;
     atomic_int dropped;
     atomic_uint_fast64_t builds_pending;
-    char *damage;                     /* non-NULL: quarantined, and why */
-    atomic_uint ttl_s;                /* 0: never expires */
+    char *damage;            /* non-NULL: quarantined, and why */
+    atomic_uint ttl_s;       /* 0: never expires */
+    pthread_mutex_t page_mu; /* serialises evict / page-in */
+    atomic_int evicted;
+    atomic_int_fast64_t bytes;        /* counted against memory_bytes */
     atomic_uint_fast64_t last_access; /* monotonic ms */
     layer_t *layers;
     struct seq_s *next; /* hash chain */
@@ -100,11 +107,22 @@ struct kvs_store_s {
     double build_seconds;
     uint64_t expired;
 
+    /* Memory budget. */
+    atomic_int_fast64_t resident_bytes;
+    atomic_uint_fast64_t evictions, page_ins;
+
     /* Housekeeping: TTL expiry. */
     pthread_t keeper;
     int keeper_running;
     pthread_cond_t keeper_cv;
 };
+
+/* Memory budget (defined below, used throughout). */
+static void bytes_add(kvs_store_t *s, seq_t *q, int64_t delta);
+static int64_t layer_bytes(const seq_t *q, const layer_t *L);
+static void enforce_budget(kvs_store_t *s, const seq_t *keep);
+static int page_in(kvs_store_t *s, seq_t *q);
+static int layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write);
 
 /* ---------------------------------------------------------------------- */
 /* Errors: one message per (thread, store).                               */
@@ -225,6 +243,7 @@ static void seq_free(seq_t *q) {
         free(q->layers);
     }
     free(q->damage);
+    pthread_mutex_destroy(&q->page_mu);
     free(q);
 }
 
@@ -307,6 +326,9 @@ static int seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
     atomic_init(&q->refs, 1);
     atomic_init(&q->ttl_s, 0);
     atomic_init(&q->last_access, now_ms());
+    atomic_init(&q->evicted, 0);
+    atomic_init(&q->bytes, 0);
+    pthread_mutex_init(&q->page_mu, NULL);
     q->layers = calloc(geo->n_layers, sizeof(layer_t));
     if (!q->layers)
         goto oom;
@@ -323,6 +345,7 @@ static int seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
         pthread_rwlock_init(&q->layers[l].lock, &attr);
         pthread_rwlockattr_destroy(&attr);
         pthread_mutex_init(&q->layers[l].append_mu, NULL);
+        q->layers[l].resident = 1;
     }
     *out = q;
     return 0;
@@ -411,6 +434,7 @@ int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
     s->n_seqs--;
     pthread_mutex_unlock(&s->map_mu);
     atomic_store(&q->dropped, 1);
+    atomic_fetch_sub(&s->resident_bytes, atomic_load(&q->bytes));
     /* Wake kvs_seq_wait_indexed callers: a dropped sequence waits no more. */
     pthread_mutex_lock(&s->build_mu);
     pthread_cond_broadcast(&s->build_done);
@@ -524,6 +548,7 @@ static void *keeper_main(void *arg) {
             break;
         pthread_mutex_unlock(&s->build_mu);
         kvs_store_expire(s, NULL);
+        enforce_budget(s, NULL);
         pthread_mutex_lock(&s->build_mu);
     }
     pthread_mutex_unlock(&s->build_mu);
@@ -666,6 +691,7 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
         h->tail_len -= n;
         keys_done = n;
         head_shrink(h, q->row_bytes, s->opts.segment_tokens);
+        bytes_add(s, q, (int64_t)kvs_segment_index_bytes(seg));
     }
     h->build_inflight = 0;
     /* A failed build is not retried in a loop: the tail stays exact and the
@@ -717,21 +743,19 @@ static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g,
     return rc;
 }
 
-static head_t *load_head(kvs_store_t *s, uint64_t id, uint32_t layer,
-                         uint32_t head, seq_t **qo) {
-    seq_t *q = map_find(s, id);
+/* The head a stored record belongs to, or NULL when it names no head of
+ * a usable sequence. */
+static head_t *record_head(seq_t *q, uint32_t layer, uint32_t head) {
     if (!q || q->damage || layer >= q->geo.n_layers ||
         head >= q->geo.n_kv_heads)
         return NULL;
-    *qo = q;
     return &q->layers[layer].heads[head];
 }
 
-static int load_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+/* Segments must continue the head exactly where it stands. */
+static int fill_segment(kvs_store_t *s, seq_t *q, uint32_t layer, uint32_t head,
                         kvs_segment_t *seg) {
-    kvs_store_t *s = ctx;
-    seq_t *q;
-    head_t *h = load_head(s, id, layer, head, &q);
+    head_t *h = record_head(q, layer, head);
     int rc = KVS_ECORRUPT;
     if (!h || seg->dtype != q->geo.dtype || seg->d != q->geo.head_dim ||
         seg->first_pos != h->indexed_tokens || h->tail_len != 0 ||
@@ -755,12 +779,10 @@ fail:
     return rc;
 }
 
-static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
-                     uint64_t pos, uint32_t n, size_t half, const void *keys,
+static int fill_rows(seq_t *q, uint32_t layer, uint32_t head, uint64_t pos,
+                     uint32_t n, size_t half, const void *keys,
                      const void *values) {
-    kvs_store_t *s = ctx;
-    seq_t *q;
-    head_t *h = load_head(s, id, layer, head, &q);
+    head_t *h = record_head(q, layer, head);
     if (!h || half != (size_t)n * q->row_bytes ||
         pos != h->indexed_tokens + h->tail_len)
         return KVS_ECORRUPT;
@@ -772,6 +794,48 @@ static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
     memcpy(h->tail_values + at, values, half);
     h->tail_len += n;
     return 0;
+}
+
+static int load_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                        kvs_segment_t *seg) {
+    kvs_store_t *s = ctx;
+    return fill_segment(s, map_find(s, id), layer, head, seg);
+}
+
+static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                     uint64_t pos, uint32_t n, size_t half, const void *keys,
+                     const void *values) {
+    kvs_store_t *s = ctx;
+    return fill_rows(map_find(s, id), layer, head, pos, n, half, keys, values);
+}
+
+/* Page-in callbacks: the sequence is known, not looked up. */
+typedef struct page_ctx_s {
+    kvs_store_t *s;
+    seq_t *q;
+} page_ctx_t;
+
+static int page_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                        kvs_segment_t *seg) {
+    page_ctx_t *c = ctx;
+    (void)id;
+    return fill_segment(c->s, c->q, layer, head, seg);
+}
+
+static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                     uint64_t pos, uint32_t n, size_t half, const void *keys,
+                     const void *values) {
+    page_ctx_t *c = ctx;
+    (void)id;
+    return fill_rows(c->q, layer, head, pos, n, half, keys, values);
+}
+
+static void page_damaged(void *ctx, uint64_t id, const char *why) {
+    page_ctx_t *c = ctx;
+    fprintf(stderr, "kvstore: sequence %llu quarantined at page-in: %s\n",
+            (unsigned long long)id, why);
+    if (!c->q->damage)
+        c->q->damage = strdup(why ? why : "damaged");
 }
 
 static void load_damaged(void *ctx, uint64_t id, const char *why) {
@@ -803,6 +867,7 @@ static void load_finish(kvs_store_t *s) {
                         load_damaged(s, q->id, why);
                     }
                 L->tokens = t0;
+                bytes_add(s, q, layer_bytes(q, L));
             }
         }
 }
@@ -820,6 +885,201 @@ static void load_schedule_builds(kvs_store_t *s) {
                 pthread_rwlock_unlock(&q->layers[l].lock);
             }
         }
+}
+
+/* ---------------------------------------------------------------------- */
+/* Memory budget: eviction to storage and paging back in                  */
+
+static void bytes_add(kvs_store_t *s, seq_t *q, int64_t delta) {
+    atomic_fetch_add(&q->bytes, delta);
+    /* A dropped sequence's bytes left the store total at the drop. */
+    if (!atomic_load(&q->dropped) || delta < 0)
+        atomic_fetch_add(&s->resident_bytes, delta);
+}
+
+/* K/V plus index bytes of one resident layer. Caller holds its lock. */
+static int64_t layer_bytes(const seq_t *q, const layer_t *L) {
+    int64_t b = 0;
+    for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+        const head_t *hd = &L->heads[h];
+        for (uint32_t i = 0; i < hd->n_segments; i++)
+            b += (int64_t)kvs_segment_bytes(hd->segments[i]);
+        b += (int64_t)(2 * hd->tail_len * q->row_bytes);
+    }
+    return b;
+}
+
+/* Lock order: page_mu, then every layer's append_mu, then every layer's
+ * rwlock, each in layer order. Appends hold one append_mu while their
+ * storage write runs, so holding them all means no append is half done. */
+static void lock_all(seq_t *q) {
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        pthread_mutex_lock(&q->layers[l].append_mu);
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        pthread_rwlock_wrlock(&q->layers[l].lock);
+}
+
+static void unlock_all(seq_t *q) {
+    for (uint32_t l = q->geo.n_layers; l-- > 0;)
+        pthread_rwlock_unlock(&q->layers[l].lock);
+    for (uint32_t l = q->geo.n_layers; l-- > 0;)
+        pthread_mutex_unlock(&q->layers[l].append_mu);
+}
+
+/* Evict `q` to storage: free every layer's rows and segments. Gives up
+ * (returns 0) when a build is pending, since a build job works on the
+ * rows without holding the lock throughout. */
+static int try_evict(kvs_store_t *s, seq_t *q) {
+    int done = 0;
+    pthread_mutex_lock(&q->page_mu);
+    if (atomic_load(&q->evicted) || q->damage || atomic_load(&q->dropped))
+        goto out;
+    lock_all(q);
+    /* Builds are queued only under a layer's write lock: with all of them
+     * held, the count cannot grow under us. */
+    if (atomic_load(&q->builds_pending) == 0) {
+        for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+            layer_t *L = &q->layers[l];
+            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+                head_release(&L->heads[h]);
+                memset(&L->heads[h], 0, sizeof L->heads[h]);
+            }
+            L->resident = 0;
+        }
+        atomic_store(&q->evicted, 1);
+        bytes_add(s, q, -atomic_load(&q->bytes));
+        atomic_fetch_add(&s->evictions, 1);
+        done = 1;
+    }
+    unlock_all(q);
+    /* glibc keeps freed heap memory (and raises its mmap threshold after
+     * large frees): hand what eviction freed back to the system. */
+    if (done)
+        malloc_trim(0);
+out:
+    pthread_mutex_unlock(&q->page_mu);
+    return done;
+}
+
+typedef struct lru_s {
+    seq_t *q;
+    uint64_t at;
+} lru_t;
+
+static int lru_cmp(const void *a, const void *b) {
+    uint64_t x = ((const lru_t *)a)->at, y = ((const lru_t *)b)->at;
+    return (x > y) - (x < y);
+}
+
+/* Evict least recently used sequences (never `keep`) until the resident
+ * bytes fit memory_bytes. */
+static void enforce_budget(kvs_store_t *s, const seq_t *keep) {
+    uint64_t budget = s->opts.memory_bytes;
+    if (!budget || atomic_load(&s->resident_bytes) <= (int64_t)budget)
+        return;
+    pthread_mutex_lock(&s->map_mu);
+    size_t n = 0;
+    lru_t *c = malloc((s->n_seqs ? s->n_seqs : 1) * sizeof *c);
+    if (!c) {
+        pthread_mutex_unlock(&s->map_mu);
+        return;
+    }
+    for (size_t b = 0; b < s->n_buckets; b++)
+        for (seq_t *q = s->buckets[b]; q; q = q->next)
+            if (q != keep && !atomic_load(&q->evicted) && !q->damage) {
+                atomic_fetch_add(&q->refs, 1);
+                c[n++] = (lru_t){q, atomic_load(&q->last_access)};
+            }
+    pthread_mutex_unlock(&s->map_mu);
+    qsort(c, n, sizeof *c, lru_cmp);
+    for (size_t i = 0; i < n; i++) {
+        if (atomic_load(&s->resident_bytes) > (int64_t)budget)
+            try_evict(s, c[i].q);
+        seq_unref(c[i].q);
+    }
+    free(c);
+}
+
+/* Bring an evicted sequence back from storage. */
+static int page_in(kvs_store_t *s, seq_t *q) {
+    int rc = 0;
+    pthread_mutex_lock(&q->page_mu);
+    if (!atomic_load(&q->evicted) || !s->db)
+        goto out;
+    lock_all(q);
+    page_ctx_t ctx = {s, q};
+    kvs__db_loader_t loader = {&ctx, NULL, page_segment, page_rows,
+                               page_damaged};
+    char err[256] = "";
+    rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
+    int64_t bytes = 0;
+    for (uint32_t l = 0; l < q->geo.n_layers && !rc && !q->damage; l++) {
+        layer_t *L = &q->layers[l];
+        for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+            if (L->heads[h].indexed_tokens + L->heads[h].tail_len !=
+                L->tokens) {
+                snprintf(err, sizeof err,
+                         "layer %u head %u: storage holds "
+                         "%llu + %llu tokens, %llu were acknowledged",
+                         l, h, (unsigned long long)L->heads[h].indexed_tokens,
+                         (unsigned long long)L->heads[h].tail_len,
+                         (unsigned long long)L->tokens);
+                rc = KVS_ECORRUPT;
+                break;
+            }
+        bytes += layer_bytes(q, L);
+    }
+    if (rc || q->damage) {
+        /* Leave it evicted and refuse it: never serve partial data. */
+        for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+            layer_t *L = &q->layers[l];
+            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+                head_release(&L->heads[h]);
+                memset(&L->heads[h], 0, sizeof L->heads[h]);
+            }
+        }
+        if (!q->damage)
+            q->damage = strdup(err[0] ? err : "page-in failed");
+        if (!rc)
+            rc = KVS_EQUARANTINED;
+        fail(s, rc, "paging sequence %llu in: %s", (unsigned long long)q->id,
+             q->damage ? q->damage : err);
+    } else {
+        for (uint32_t l = 0; l < q->geo.n_layers; l++)
+            q->layers[l].resident = 1;
+        atomic_store(&q->evicted, 0);
+        bytes_add(s, q, bytes);
+        atomic_fetch_add(&s->page_ins, 1);
+    }
+    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+        layer_t *L = &q->layers[l];
+        if (L->resident)
+            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+                maybe_build(s, q, l, h);
+    }
+    unlock_all(q);
+out:
+    pthread_mutex_unlock(&q->page_mu);
+    if (!rc)
+        enforce_budget(s, q);
+    return rc;
+}
+
+/* Take `L`'s lock with its rows in memory, paging the sequence in first
+ * when it was evicted. */
+static int layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
+    for (;;) {
+        if (write)
+            pthread_rwlock_wrlock(&L->lock);
+        else
+            pthread_rwlock_rdlock(&L->lock);
+        if (L->resident)
+            return 0;
+        pthread_rwlock_unlock(&L->lock);
+        int rc = page_in(s, q);
+        if (rc)
+            return rc;
+    }
 }
 
 /* ---------------------------------------------------------------------- */
@@ -881,6 +1141,11 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         int mode = (int)s->opts.sync;
         free(s);
         return open_fail(KVS_EINVAL, "unknown sync mode %d", mode);
+    }
+    if (s->opts.memory_bytes && !(opts && opts->data_dir)) {
+        free(s);
+        return open_fail(KVS_EINVAL, "memory_bytes needs a data_dir to evict "
+                                     "to");
     }
     if (s->opts.n_threads == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1059,10 +1324,19 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
         goto out;
     }
     layer_t *L = &q->layers[layer];
-    pthread_mutex_lock(&L->append_mu);
+    for (;;) {
+        if (atomic_load(&q->evicted) && (rc = page_in(s, q)))
+            goto out;
+        pthread_mutex_lock(&L->append_mu);
+        pthread_rwlock_wrlock(&L->lock);
+        if (L->resident)
+            break;
+        /* Evicted between the check and the locks: page in again. */
+        pthread_rwlock_unlock(&L->lock);
+        pthread_mutex_unlock(&L->append_mu);
+    }
     /* Room first, so nothing can fail between the storage write and the
      * copy into memory. */
-    pthread_rwlock_wrlock(&L->lock);
     for (uint32_t h = 0; h < g->n_kv_heads; h++)
         if ((rc = head_reserve(&L->heads[h], q->row_bytes, n_tokens))) {
             pthread_rwlock_unlock(&L->lock);
@@ -1102,6 +1376,8 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
     L->tokens += n_tokens;
     pthread_rwlock_unlock(&L->lock);
     pthread_mutex_unlock(&L->append_mu);
+    bytes_add(s, q, (int64_t)(2 * (size_t)n_tokens * stride));
+    enforce_budget(s, q);
 out:
     seq_unref(q);
     return rc;
@@ -1298,7 +1574,11 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
     if (rc)
         return rc;
     c->out = out;
-    pthread_rwlock_rdlock(&c->L->lock);
+    if ((rc = layer_lock(s, c->q, c->L, 0))) {
+        seq_unref(c->q);
+        free(c);
+        return rc;
+    }
     if (c->L->tokens == 0) {
         pthread_rwlock_unlock(&c->L->lock);
         seq_unref(c->q);
@@ -1326,7 +1606,11 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
     c->k = k;
     c->positions = positions;
     c->scores = scores;
-    pthread_rwlock_rdlock(&c->L->lock);
+    if ((rc = layer_lock(s, c->q, c->L, 0))) {
+        seq_unref(c->q);
+        free(c);
+        return rc;
+    }
     if (k == 0 || k > c->L->tokens) {
         uint64_t have = c->L->tokens;
         pthread_rwlock_unlock(&c->L->lock);
@@ -1386,7 +1670,8 @@ int kvs_seq_read(kvs_store_t *s, uint64_t id, uint32_t layer, uint64_t pos,
         goto out;
     }
     layer_t *L = &q->layers[layer];
-    pthread_rwlock_rdlock(&L->lock);
+    if ((rc = layer_lock(s, q, L, 0)))
+        goto out;
     if (pos > L->tokens || n > L->tokens - pos) {
         rc = fail(s, KVS_ERANGE, "tokens %llu..%llu past the %llu held",
                   (unsigned long long)pos, (unsigned long long)(pos + n),
@@ -1504,7 +1789,8 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
     size_t rb = p->row_bytes;
     for (uint32_t l = 0; l < p->geo.n_layers && !rc; l++) {
         layer_t *PL = &p->layers[l], *CL = &c->layers[l];
-        pthread_rwlock_rdlock(&PL->lock);
+        if ((rc = layer_lock(s, p, PL, 0)))
+            break;
         if (at > PL->tokens)
             rc =
                 fail(s, KVS_ERANGE,
@@ -1553,6 +1839,7 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
     /* The copied rows may hold a whole segment: index them as usual. */
     for (uint32_t l = 0; l < c->geo.n_layers; l++) {
         pthread_rwlock_wrlock(&c->layers[l].lock);
+        bytes_add(s, c, layer_bytes(c, &c->layers[l]));
         for (uint32_t h = 0; h < c->geo.n_kv_heads; h++)
             maybe_build(s, c, l, h);
         pthread_rwlock_unlock(&c->layers[l].lock);
@@ -1595,6 +1882,7 @@ static void seq_account(const seq_t *q, kvs_seq_info_t *info) {
     if (q->geo.n_kv_heads)
         info->indexed_tokens /= q->geo.n_kv_heads;
     info->builds_pending = atomic_load(&q->builds_pending);
+    info->resident = !atomic_load(&q->evicted);
 }
 
 int kvs_seq_info(kvs_store_t *s, uint64_t id, kvs_seq_info_t *info) {
@@ -1672,6 +1960,9 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->build_keys = s->build_keys;
     st->build_seconds = s->build_seconds;
     st->expired = s->expired;
+    st->resident_bytes = (uint64_t)atomic_load(&s->resident_bytes);
+    st->evictions = atomic_load(&s->evictions);
+    st->page_ins = atomic_load(&s->page_ins);
     pthread_mutex_unlock(&s->build_mu);
     return 0;
 }

@@ -130,7 +130,9 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     rocksdb_options_set_create_missing_column_families(o, 1);
     /* Float vectors do not compress; don't spend CPU trying. */
     rocksdb_options_set_compression(o, rocksdb_no_compression);
-    rocksdb_options_set_write_buffer_size(o, 64 << 20);
+    rocksdb_options_set_write_buffer_size(o, 32 << 20);
+    /* Memtables of all families together: RAM on top of memory_bytes. */
+    rocksdb_options_set_db_write_buffer_size(o, 64 << 20);
     rocksdb_options_set_target_file_size_base(o, 128 << 20);
     rocksdb_options_set_max_background_jobs(o, 2);
     /* Not paranoid: one damaged table must not keep the whole directory
@@ -422,7 +424,8 @@ static void damage(known_t *k, const kvs__db_loader_t *L, int idx,
 /* Walk one of the record families (kv or index). Records of unknown ids
  * (left by a drop racing a build) are deleted. */
 static int load_records(kvs__db_t *db, int cf, known_t *known,
-                        const kvs__db_loader_t *L, char *err, size_t errlen) {
+                        const kvs__db_loader_t *L, int bounded, char *err,
+                        size_t errlen) {
     rocksdb_writebatch_t *orphans = rocksdb_writebatch_create();
     int n_orphans = 0;
     int cur = -1;
@@ -436,7 +439,7 @@ static int load_records(kvs__db_t *db, int cf, known_t *known,
     for (;;) {
         rocksdb_iterator_t *it =
             rocksdb_create_iterator_cf(db->db, db->ro, db->cf[cf]);
-        if (resume == 0) {
+        if (resume == 0 && !bounded) {
             rocksdb_iter_seek_to_first(it);
         } else {
             unsigned char seek[8];
@@ -455,11 +458,16 @@ static int load_records(kvs__db_t *db, int cf, known_t *known,
             if (kl != 24)
                 continue;
             uint64_t id = get_be64(k);
+            /* Bounded: only the known ids, which are sorted. */
+            if (bounded && id > known->ids[known->n - 1])
+                break;
             if (cur < 0 || id != cur_id) {
                 cur_id = id;
                 cur = known_find(known, id);
             }
             if (cur < 0) {
+                if (bounded) /* never judge other ids from a partial walk */
+                    continue;
                 rocksdb_writebatch_delete_cf(orphans, db->cf[cf],
                                              (const char *)k, kl);
                 n_orphans++;
@@ -605,11 +613,21 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
         rocksdb_free(rerr);
     /* Segments first, then the rows after them. */
     if (!rc)
-        rc = load_records(db, CF_INDEX, &known, L, err, errlen);
+        rc = load_records(db, CF_INDEX, &known, L, 0, err, errlen);
     if (!rc)
-        rc = load_records(db, CF_KV, &known, L, err, errlen);
+        rc = load_records(db, CF_KV, &known, L, 0, err, errlen);
     free(known.ids);
     free(known.damaged);
+    return rc;
+}
+
+int kvs__db_load_seq(kvs__db_t *db, uint64_t id, const kvs__db_loader_t *L,
+                     char *err, size_t errlen) {
+    uint8_t damaged = 0;
+    known_t known = {&id, &damaged, 1, 1};
+    int rc = load_records(db, CF_INDEX, &known, L, 1, err, errlen);
+    if (!rc)
+        rc = load_records(db, CF_KV, &known, L, 1, err, errlen);
     return rc;
 }
 

@@ -69,6 +69,11 @@ typedef struct kvs__db_loader_s {
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *loader, char *err,
                  size_t errlen);
 
+/* Load the segments and rows of one sequence only (paging an evicted
+ * sequence back in); the seq callback is not called. */
+int kvs__db_load_seq(kvs__db_t *db, uint64_t id, const kvs__db_loader_t *L,
+                     char *err, size_t errlen);
+
 /* Compact every column family now (drops deleted rows' space). */
 void kvs__db_compact(kvs__db_t *db);
 

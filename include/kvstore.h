@@ -95,6 +95,10 @@ typedef struct kvs_options_s {
     const char *data_dir;
     kvs_sync_t sync;
     uint32_t sync_interval_ms; /* KVS_SYNC_BATCH; default 2 */
+    /* RAM for K/V and index of all sequences (0: unlimited). Over it, the
+     * least recently used sequences are evicted to storage only and paged
+     * back in on their next use. Needs a data_dir. */
+    uint64_t memory_bytes;
     uint32_t n_threads;       /* attend/search workers; 0 = online CPUs */
     uint32_t n_build_threads; /* background index builders; 0 = 1 */
     /* Wave index. */
@@ -241,6 +245,8 @@ typedef struct kvs_seq_info_s {
     uint64_t builds_pending; /* segment builds queued or running */
     uint64_t bytes;          /* RAM held: raw K/V plus index */
     uint64_t index_bytes;    /* RAM held by the index beyond raw K/V */
+    int resident;            /* 0: evicted to storage (counts above are of
+                                what is in RAM) */
 } kvs_seq_info_t;
 
 /* Errors: KVS_ENOSEQ, KVS_EINVAL. */
@@ -258,6 +264,10 @@ typedef struct kvs_store_stats_s {
     uint64_t disk_bytes;     /* files in data_dir (0 without one) */
     uint64_t quarantined;    /* sequences refused after damage */
     uint64_t expired;        /* sequences dropped by their TTL */
+    uint64_t resident_bytes; /* K/V + index bytes counted against
+                                memory_bytes */
+    uint64_t evictions;      /* sequences evicted to storage */
+    uint64_t page_ins;       /* evicted sequences paged back in */
     uint64_t builds_pending;
     uint64_t builds_done;
     uint64_t build_keys;     /* keys clustered by finished builds */

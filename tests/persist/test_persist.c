@@ -89,7 +89,10 @@ static void append_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
     uint16_t *k = malloc((size_t)n * KVH * D * 2);
     uint16_t *v = malloc((size_t)n * KVH * D * 2);
     make_rows(seq, layer, t0, n, k, v);
-    assert_int_equal(kvs_seq_append(s, seq, layer, n, k, v), 0);
+    int rc = kvs_seq_append(s, seq, layer, n, k, v);
+    if (rc)
+        fail_msg("append %llu: %s", (unsigned long long)seq,
+                 kvs_store_errmsg(s));
     free(k);
     free(v);
 }
@@ -102,7 +105,9 @@ static void check_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
     uint16_t *k = malloc(n * KVH * D * 2), *v = malloc(n * KVH * D * 2);
     uint16_t *ek = malloc(n * KVH * D * 2), *ev = malloc(n * KVH * D * 2);
     make_rows(seq, layer, 0, (uint32_t)n, ek, ev);
-    assert_int_equal(kvs_seq_read(s, seq, layer, 0, (uint32_t)n, k, v), 0);
+    int rrc = kvs_seq_read(s, seq, layer, 0, (uint32_t)n, k, v);
+    if (rrc)
+        fail_msg("read %llu: %s", (unsigned long long)seq, kvs_store_errmsg(s));
     assert_memory_equal(k, ek, n * KVH * D * 2);
     assert_memory_equal(v, ev, n * KVH * D * 2);
     free(k), free(v), free(ek), free(ev);
@@ -490,6 +495,82 @@ static void test_persist_disk_full(void **state) {
     free(dir);
 }
 
+static long rss_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kb = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return kb;
+}
+
+/* A workload of 40 sequences, ~200 MB of K/V, under a 16 MB budget: the
+ * engine evicts least recently used sequences to storage, pages them back
+ * on use byte-exact, and RSS stays within the budget plus RocksDB's own
+ * memtables (capped at 64 MB) plus slack. */
+static void test_persist_memory_budget(void **state) {
+    (void)state;
+    char *dir = temp_dir();
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.data_dir = dir;
+    o.segment_tokens = 8192;
+    o.sync = KVS_SYNC_NONE;
+    o.memory_bytes = 16 << 20;
+    kvs_store_t *s = NULL;
+    assert_int_equal(kvs_store_open(&o, &s), 0);
+    long rss0 = rss_kb();
+    enum { SEQS = 40, TOK = 20000, CHUNK = 1000 };
+    uint64_t per_seq = 2ull * TOK * KVH * D * 2 * 2;
+    for (uint64_t id = 1; id <= SEQS; id++) {
+        assert_int_equal(kvs_seq_create(s, id, &GEO), 0);
+        for (uint32_t l = 0; l < 2; l++)
+            for (uint64_t t = 0; t < TOK; t += CHUNK)
+                append_tokens(s, id, l, t, CHUNK);
+        assert_int_equal(kvs_seq_wait_indexed(s, id), 0);
+    }
+    /* Builds that were pending held some sequences in; evict them now. */
+    float q[QH * D], out[QH * D];
+    for (int i = 0; i < QH * D; i++)
+        q[i] = 0.01f * (float)i;
+    assert_int_equal(kvs_seq_attend(s, SEQS, 0, q, NULL, out, NULL), 0);
+    long rss1 = rss_kb();
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    print_message("budget 16 MB, workload %.0f MB: resident %.1f MB, "
+                  "evictions %llu, RSS grew %.1f MB\n",
+                  SEQS * per_seq / 1e6, st.resident_bytes / 1e6,
+                  (unsigned long long)st.evictions, (rss1 - rss0) / 1e3);
+    assert_true(st.evictions > 0);
+    assert_true(st.resident_bytes <= o.memory_bytes + per_seq + per_seq / 4);
+    /* RSS: K/V within the budget, plus RocksDB memtables (64 MB cap),
+     * plus 32 MB for everything else. */
+    assert_true((rss1 - rss0) * 1024.0 <
+                (double)o.memory_bytes + (64 << 20) + (32 << 20));
+    kvs_seq_info_t info;
+    assert_int_equal(kvs_seq_info(s, 1, &info), 0);
+    assert_int_equal(info.resident, 0);
+    assert_int_equal(info.tokens_max, TOK);
+    /* Using an evicted sequence pages it in, byte-exact. */
+    uint64_t page_ins = st.page_ins;
+    check_tokens(s, 1, 0, TOK);
+    check_tokens(s, 1, 1, TOK);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_true(st.page_ins > page_ins);
+    assert_int_equal(kvs_seq_info(s, 1, &info), 0);
+    assert_int_equal(info.resident, 1);
+    assert_int_equal(info.segments, 2 * KVH * 2);
+    /* Appends to an evicted sequence work too. */
+    append_tokens(s, 2, 0, TOK, CHUNK);
+    check_tokens(s, 2, 0, TOK + CHUNK);
+    kvs_store_close(s);
+    rm_rf(dir);
+    free(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_persist_reopen_without_reclustering),
@@ -497,6 +578,7 @@ int main(void) {
         cmocka_unit_test(test_persist_fork_survives_restart),
         cmocka_unit_test(test_persist_sst_bytes_flipped),
         cmocka_unit_test(test_persist_disk_full),
+        cmocka_unit_test(test_persist_memory_budget),
         cmocka_unit_test(test_persist_crash_rounds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
