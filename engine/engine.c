@@ -1481,16 +1481,10 @@ static void search_task(void *arg, uint32_t h) {
     }
     kvs_head_view_t v;
     head_view(c->s, c->q, &c->L->heads[h], &v);
-    for (uint32_t i = 0; i < c->group; i++) {
-        uint32_t qh = h * c->group + i;
-        int rc = kvs_head_search(&v, c->queries + (size_t)qh * v.d, c->k,
-                                 &c->zp, sc, c->positions + (size_t)qh * c->k,
-                                 c->scores + (size_t)qh * c->k, &c->stats[h]);
-        if (rc) {
-            c->rc[h] = rc;
-            return;
-        }
-    }
+    size_t qh = (size_t)h * c->group;
+    c->rc[h] = kvs_head_search_group(
+        &v, c->queries + qh * v.d, c->group, c->k, &c->zp, sc,
+        c->positions + qh * c->k, c->scores + qh * c->k, &c->stats[h]);
 }
 
 /* Shared front half of search and attend: validation and the lock. */

@@ -175,6 +175,15 @@ int kvs_head_search(const kvs_head_view_t *view, const float *q, uint32_t k,
                     int64_t *positions, float *scores,
                     kvs_zone_stats_t *stats);
 
+/* The same for the `g` query heads of a GQA group at once (q [g][d],
+ * positions/scores [g][k]): rows every query scans (steady zone, or all of
+ * them in exact mode) and the centroids are read once for the group. Stats
+ * count (query, key) pairs. Identical results to g single searches. */
+int kvs_head_search_group(const kvs_head_view_t *view, const float *q,
+                          uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
+                          kvs_scratch_t *scratch, int64_t *positions,
+                          float *scores, kvs_zone_stats_t *stats);
+
 #ifdef __cplusplus
 }
 #endif

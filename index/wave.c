@@ -719,11 +719,12 @@ static void topk_drain(topk_t *h, int64_t *positions, float *scores) {
 
 typedef struct search_ctx_s {
     const kvs_head_view_t *v;
-    const float *q;
+    const float *q; /* [nq][d]: the queries scored together */
+    uint32_t nq;
     kvs_scratch_t *s;
-    topk_t *h;
+    topk_t *h; /* [nq] heaps, one per query */
     int mask_steady;
-    uint64_t scanned;
+    uint64_t scanned; /* (query, key) pairs scored */
 } search_ctx_t;
 
 static int search_rows(void *arg, const void *keys, const void *vals,
@@ -732,44 +733,53 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     (void)vals;
     search_ctx_t *c = arg;
     float *S = c->s->scores;
-    kvs_dot_rows(c->v->dtype, c->q, 1, keys, n, c->v->d, 1.0f, S, n);
+    kvs_dot_rows(c->v->dtype, c->q, c->nq, keys, n, c->v->d, 1.0f, S, n);
     for (uint32_t r = 0; r < n; r++) {
         uint64_t pos =
             seg ? seg->first_pos + seg->positions[slot0 + r] : pos0 + r;
         if (c->mask_steady && seg && is_steady(c->v, pos))
             continue;
-        c->scanned++;
-        topk_push(c->h, S[r], (int64_t)pos);
+        c->scanned += c->nq;
+        for (uint32_t i = 0; i < c->nq; i++)
+            topk_push(&c->h[i], S[(size_t)i * n + r], (int64_t)pos);
     }
     return 0;
 }
 
-int kvs_head_search(const kvs_head_view_t *v, const float *q, uint32_t k,
-                    const kvs_zone_params_t *zp, kvs_scratch_t *s,
-                    int64_t *positions, float *scores,
-                    kvs_zone_stats_t *stats) {
-    if (!v || !q || !zp || !s || !positions || !scores || k == 0)
+int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
+                          uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
+                          kvs_scratch_t *s, int64_t *positions, float *scores,
+                          kvs_zone_stats_t *stats) {
+    if (!v || !q || !zp || !s || !positions || !scores || k == 0 || g == 0 ||
+        g > MAXQ)
         return KVS_EINVAL;
     uint64_t total = v->indexed_tokens + v->tail_tokens;
-    if (GROW(s, hpos, hpos_cap, k) || GROW(s, hscore, hscore_cap, k) ||
-        GROW(s, scores, scores_cap, EXACT_CHUNK))
+    if (GROW(s, hpos, hpos_cap, (size_t)g * k) ||
+        GROW(s, hscore, hscore_cap, (size_t)g * k) ||
+        GROW(s, scores, scores_cap, (size_t)g * EXACT_CHUNK))
         return KVS_ENOMEM;
-    topk_t h = {.score = s->hscore, .pos = s->hpos, .n = 0, .k = k};
-    search_ctx_t ctx = {v, q, s, &h, 0, 0};
+    topk_t h[MAXQ];
+    for (uint32_t i = 0; i < g; i++)
+        h[i] = (topk_t){.score = s->hscore + (size_t)i * k,
+                        .pos = s->hpos + (size_t)i * k,
+                        .n = 0,
+                        .k = k};
+    /* Rows shared by the group (steady zone, or everything in exact mode)
+     * are read once and scored for all its queries. */
+    search_ctx_t ctx = {v, q, g, s, h, 0, 0};
     kvs_zone_stats_t st = {0};
-    st.keys_total = total;
+    st.keys_total = total * g;
     int rc;
 
     if (zp->exact || v->n_segments == 0) {
         for_each_chunk(v, search_rows, &ctx);
         for (uint32_t si = 0; si < v->n_segments; si++)
-            st.clusters_total += v->segments[si]->n_clusters;
+            st.clusters_total += (uint64_t)v->segments[si]->n_clusters * g;
         st.clusters_retrieved = st.clusters_total;
-        st.keys_steady = zp->exact ? 0 : total;
+        st.keys_steady = zp->exact ? 0 : total * g;
         goto out;
     }
 
-    /* Steady zone rows. */
     size_t nb = 0;
     uint32_t cols = 0;
     if ((rc = steady_blocks(v, s, &nb, &cols)))
@@ -784,45 +794,60 @@ int kvs_head_search(const kvs_head_view_t *v, const float *q, uint32_t k,
     }
     st.keys_steady = ctx.scanned;
 
-    /* Retrieval clusters, ranked by q.c for this one query. */
+    /* Centroids scored once for the group; each query then takes its own
+     * retrieval clusters, ranked by its own q.c. */
     uint32_t C;
-    if ((rc = score_clusters(v, q, 1, 1.0f, s, &C)))
+    if ((rc = score_clusters(v, q, g, 1.0f, s, &C)))
         return rc;
-    memcpy(s->rank, s->cscore, C * sizeof(float));
-    for (uint32_t c = 0; c < C; c++)
-        s->idx[c] = c;
-    uint32_t R;
-    if (zp->bounded) {
-        /* Mass is judged at the softmax scale of attention. */
-        for (uint32_t c = 0; c < C; c++)
-            s->cscore[c] *= zp->scale;
-        partial_t none;
-        none.g = 1;
-        none.m[0] = -INFINITY;
-        none.l[0] = 0;
-        R = bounded_count(v, s, 1, C, &none, zp->epsilon);
-    } else {
-        R = frac_count(zp->retrieval_fraction, C);
-        select_top(s->rank, s->idx, C, R);
-    }
-    ctx.mask_steady = 1;
+    if (GROW(s, tmpc, tmpc_cap, C))
+        return KVS_ENOMEM;
     size_t rb = row_bytes(v);
-    for (uint32_t r = 0; r < R; r++) {
-        uint32_t c = s->idx[r];
-        uint32_t si = seg_of(s->cbase, v->n_segments, c);
-        const kvs_segment_t *seg = v->segments[si];
-        uint32_t lc = c - s->cbase[si];
-        uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
-        if (GROW(s, scores, scores_cap, n))
-            return KVS_ENOMEM;
-        search_rows(&ctx, (const char *)seg->keys + a * rb, NULL, n, seg, a, 0);
+    ctx.mask_steady = 1;
+    ctx.nq = 1;
+    for (uint32_t i = 0; i < g; i++) {
+        const float *row = s->cscore + (size_t)i * C;
+        memcpy(s->rank, row, C * sizeof(float));
+        for (uint32_t c = 0; c < C; c++)
+            s->idx[c] = c;
+        uint32_t R;
+        if (zp->bounded) {
+            /* Mass is judged at the softmax scale of attention: give
+             * bounded_count this query's scaled scores as a group of one. */
+            for (uint32_t c = 0; c < C; c++)
+                s->tmpc[c] = row[c] * zp->scale;
+            float *saved = s->cscore;
+            s->cscore = s->tmpc;
+            partial_t none;
+            none.g = 1;
+            none.m[0] = -INFINITY;
+            none.l[0] = 0;
+            R = bounded_count(v, s, 1, C, &none, zp->epsilon);
+            s->cscore = saved;
+        } else {
+            R = frac_count(zp->retrieval_fraction, C);
+            select_top(s->rank, s->idx, C, R);
+        }
+        ctx.q = q + (size_t)i * v->d;
+        ctx.h = &h[i];
+        for (uint32_t r = 0; r < R; r++) {
+            uint32_t c = s->idx[r];
+            uint32_t si = seg_of(s->cbase, v->n_segments, c);
+            const kvs_segment_t *seg = v->segments[si];
+            uint32_t lc = c - s->cbase[si];
+            uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
+            if (GROW(s, scores, scores_cap, n))
+                return KVS_ENOMEM;
+            search_rows(&ctx, (const char *)seg->keys + a * rb, NULL, n, seg,
+                        a, 0);
+        }
+        st.clusters_total += C;
+        st.clusters_retrieved += R;
+        st.clusters_skipped += C - R;
     }
-    st.clusters_total = C;
-    st.clusters_retrieved = R;
-    st.clusters_skipped = C - R;
 out:
     st.keys_exact = ctx.scanned;
-    topk_drain(&h, positions, scores);
+    for (uint32_t i = 0; i < g; i++)
+        topk_drain(&h[i], positions + (size_t)i * k, scores + (size_t)i * k);
     if (stats) {
         stats->keys_total += st.keys_total;
         stats->keys_exact += st.keys_exact;
@@ -832,4 +857,11 @@ out:
         stats->clusters_skipped += st.clusters_skipped;
     }
     return 0;
+}
+
+int kvs_head_search(const kvs_head_view_t *v, const float *q, uint32_t k,
+                    const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                    int64_t *positions, float *scores,
+                    kvs_zone_stats_t *stats) {
+    return kvs_head_search_group(v, q, 1, k, zp, s, positions, scores, stats);
 }
