@@ -1,0 +1,103 @@
+/*
+ * kvs_buffer.h: the wave buffer: one layer's wave index served from the
+ * GPU while the keys and values live in pinned host memory.
+ *
+ * GPU-resident: all centroids and cluster metadata, the steady zone, and a
+ * cache of cluster pages (a fixed pool of slots of slot_tokens rows, one
+ * cluster per slot, slots_per_head slots for each head, a block table
+ * cluster -> slot, LRU or clock replacement per head). Host-resident:
+ * every cluster's keys and values, cluster-ordered, in mapped pinned
+ * memory.
+ *
+ * A decode step (kvs_wbuf_step): the GPU scores the centroids and selects
+ * the zones; the retrieval list is copied back while the GPU attends: hits
+ * from their slots, misses read straight from pinned host memory by the
+ * same kernel (unified addressing), which also stages the missed pages in
+ * GPU memory; the log-sum-exp merge gives the output. Meanwhile the host
+ * runs the replacement policy on the retrieval list; after the step a
+ * fill kernel copies the chosen staged pages into their slots (device to
+ * device) and updates the block table, so the next step sees them. Only
+ * clusters of at most slot_tokens rows are cached; larger ones are always
+ * read from host memory (counted as uncacheable).
+ *
+ * Not thread-safe: one buffer per stream. Errors as in kvs_cuda.h.
+ */
+#ifndef KVS_BUFFER_H
+#define KVS_BUFFER_H
+
+#include "kvs_cuda.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum kvs_wbuf_policy_e {
+    KVS_WBUF_LRU = 0,
+    KVS_WBUF_CLOCK = 1,
+} kvs_wbuf_policy_t;
+
+typedef struct kvs_wbuf_params_s {
+    kvs_dtype_t dtype;
+    uint32_t d, n_heads, group;
+    uint32_t max_clusters;   /* C per head */
+    uint32_t max_tokens;     /* N indexed tokens per head (K/V stride) */
+    uint32_t n_steady;       /* steady rows per head */
+    uint32_t slot_tokens;    /* rows per slot (32) */
+    uint32_t slots_per_head; /* clusters cached per head */
+    kvs_wbuf_policy_t policy;
+    kvs_cuda_wave_params_t wave;
+} kvs_wbuf_params_t;
+
+typedef struct kvs_wbuf_stats_s {
+    uint64_t steps;
+    uint64_t lookups;     /* retrieved clusters */
+    uint64_t hits;        /* found in a slot */
+    uint64_t misses;      /* read from host memory */
+    uint64_t uncacheable; /* misses larger than a slot */
+    uint64_t inserted, evicted;
+    uint64_t bytes_hit;   /* K+V bytes read from slots */
+    uint64_t bytes_miss;  /* K+V bytes read over the bus */
+    uint64_t bytes_fill;  /* K+V bytes copied staging -> slots */
+    uint64_t bytes_gpu;   /* GPU memory held (index, steady, cache, scratch) */
+    uint64_t bytes_host;  /* pinned host memory held */
+} kvs_wbuf_stats_t;
+
+typedef struct kvs_wbuf_s kvs_wbuf_t;
+
+/* Allocates everything (synchronous). */
+int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out);
+void kvs_wbuf_free(kvs_wbuf_t *wb);
+
+/*
+ * The layer the buffer owns, for the caller to fill before
+ * kvs_wbuf_commit(): *layer gets every pointer (device index arrays,
+ * pinned host keys/values as device-usable addresses) and, if build_out is
+ * not NULL, the same arrays as a kvs_cuda_kmeans_build() destination.
+ * steady_lo/steady_hi are set by kvs_wbuf_commit().
+ */
+void kvs_wbuf_layer(kvs_wbuf_t *wb, kvs_cuda_layer_t *layer,
+                    kvs_cuda_kmeans_out_t *build_out);
+
+/* Takes the filled layer into use: reads the offsets back, empties the
+ * cache. Synchronises the stream. */
+int kvs_wbuf_commit(kvs_wbuf_t *wb, uint32_t steady_lo, uint32_t steady_hi,
+                    cudaStream_t stream);
+
+/* Switches the replacement policy; takes effect at the next commit. */
+void kvs_wbuf_set_policy(kvs_wbuf_t *wb, kvs_wbuf_policy_t policy);
+
+/*
+ * One decode step for queries q (device [H][group][d] fp32) into out
+ * (device, same shape). Returns once the cache update is queued; the
+ * output is ready when the stream reaches it.
+ */
+int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
+                  cudaStream_t stream);
+
+void kvs_wbuf_stats(const kvs_wbuf_t *wb, kvs_wbuf_stats_t *out);
+void kvs_wbuf_reset_stats(kvs_wbuf_t *wb);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVS_BUFFER_H */

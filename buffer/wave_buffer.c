@@ -1,0 +1,424 @@
+/*
+ * wave_buffer.c: the wave buffer of kvs_buffer.h: memory, the decode step,
+ * and the per-head replacement policies (LRU: a doubly-linked list over
+ * the head's slots, most recent first; clock: reference bits and a hand).
+ * A slot used by the current step is never a victim, so a step never
+ * evicts what it is reading, and the policy never admits more pages than
+ * the head has slots.
+ */
+#include "kvs_buffer.h"
+#include "fill.cuh"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct kvs_wbuf_s {
+    kvs_wbuf_params_t p;
+    uint32_t H, C, N, S, st, rcap, esz;
+    kvs_cuda_wave_t *wave;
+    kvs_cuda_layer_t layer;
+    kvs_cuda_cache_t cache;
+    /* device memory we own */
+    uint32_t *d_nc, *d_counts, *d_offs, *d_pos;
+    uint8_t *d_flags;
+    void *d_cent, *d_vmean, *d_sk, *d_sv, *d_slot_k, *d_slot_v;
+    void *d_stage_k, *d_stage_v;
+    int32_t *d_slot_of;
+    kvs__fill_t *d_fill;
+    kvs__upd_t *d_upd;
+    /* pinned host memory */
+    void *h_keys, *h_values;
+    uint32_t *h_ret, *h_nret;
+    kvs__fill_t *h_fill;
+    kvs__upd_t *h_upd;
+    /* host policy state */
+    uint32_t *offs;      /* [H][C+1] */
+    int32_t *slot_of;    /* [H][C] mirror of the block table */
+    int32_t *slot_cl;    /* [H*S] cluster in slot, -1 free */
+    uint64_t *stamp;     /* [H*S] last step that used the slot */
+    int32_t *prev, *next;/* [H*S] LRU list links (local slot ids) */
+    int32_t *mru, *lru;  /* [H] list ends */
+    uint8_t *ref;        /* [H*S] clock reference bits */
+    uint32_t *hand;      /* [H] clock hands */
+    uint64_t step;
+    cudaEvent_t ev_lists;
+    kvs_wbuf_stats_t stats;
+};
+
+static int cu(cudaError_t e) {
+    return kvs_cuda_err(e);
+}
+
+int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
+    *out = NULL;
+    if (!p || p->d != KVS_CUDA_HEAD_DIM || p->n_heads == 0 ||
+        p->max_clusters == 0 || p->max_tokens == 0 || p->slot_tokens == 0 ||
+        p->slots_per_head == 0 || p->slots_per_head > p->max_clusters)
+        return KVS_EINVAL;
+    kvs_wbuf_t *wb = calloc(1, sizeof *wb);
+    if (!wb)
+        return KVS_ENOMEM;
+    wb->p = *p;
+    wb->H = p->n_heads;
+    wb->C = p->max_clusters;
+    wb->N = p->max_tokens;
+    wb->S = p->slots_per_head;
+    wb->st = p->slot_tokens;
+    wb->esz = (uint32_t)kvs_dtype_size(p->dtype);
+    const size_t H = wb->H, C = wb->C, N = wb->N, S = wb->S, D = p->d;
+    const size_t row = D * wb->esz;
+    int rc;
+    kvs_cuda_layer_t *L = &wb->layer;
+    L->dtype = p->dtype;
+    L->d = p->d;
+    L->n_heads = p->n_heads;
+    L->group = p->group;
+    L->max_clusters = p->max_clusters;
+    L->max_tokens = p->max_tokens;
+    L->n_steady = p->n_steady;
+    if ((rc = kvs_cuda_wave_new(L, &p->wave, &wb->wave)) != 0)
+        goto err;
+    wb->rcap = kvs_cuda_wave_retrieval_cap(wb->wave);
+    const size_t R = wb->rcap;
+    size_t gpu = 0;
+#define DALLOC(ptr, bytes)                                                     \
+    do {                                                                       \
+        if ((rc = cu(cudaMalloc((void **)&(ptr), (bytes)))) != 0)              \
+            goto err;                                                          \
+        gpu += (bytes);                                                        \
+    } while (0)
+    DALLOC(wb->d_nc, H * 4);
+    DALLOC(wb->d_counts, H * C * 4);
+    DALLOC(wb->d_offs, H * (C + 1) * 4);
+    DALLOC(wb->d_pos, H * N * 4);
+    DALLOC(wb->d_flags, H * C);
+    DALLOC(wb->d_cent, H * C * row);
+    DALLOC(wb->d_vmean, H * C * row);
+    DALLOC(wb->d_sk, H * (p->n_steady ? p->n_steady : 1) * row);
+    DALLOC(wb->d_sv, H * (p->n_steady ? p->n_steady : 1) * row);
+    DALLOC(wb->d_slot_k, H * S * wb->st * row);
+    DALLOC(wb->d_slot_v, H * S * wb->st * row);
+    DALLOC(wb->d_stage_k, H * R * wb->st * row);
+    DALLOC(wb->d_stage_v, H * R * wb->st * row);
+    DALLOC(wb->d_slot_of, H * C * 4);
+    DALLOC(wb->d_fill, H * R * sizeof(kvs__fill_t));
+    DALLOC(wb->d_upd, 2 * H * R * sizeof(kvs__upd_t));
+#undef DALLOC
+    wb->stats.bytes_gpu = gpu;
+#define HALLOC(ptr, bytes)                                                     \
+    do {                                                                       \
+        if ((rc = cu(cudaHostAlloc((void **)&(ptr), (bytes),                   \
+                                   cudaHostAllocMapped))) != 0)                \
+            goto err;                                                          \
+    } while (0)
+    HALLOC(wb->h_keys, H * N * row);
+    HALLOC(wb->h_values, H * N * row);
+    HALLOC(wb->h_ret, H * R * 4);
+    HALLOC(wb->h_nret, H * 4);
+    HALLOC(wb->h_fill, H * R * sizeof(kvs__fill_t));
+    HALLOC(wb->h_upd, 2 * H * R * sizeof(kvs__upd_t));
+#undef HALLOC
+    wb->stats.bytes_host = 2 * H * N * row;
+    wb->offs = malloc(H * (C + 1) * 4);
+    wb->slot_of = malloc(H * C * 4);
+    wb->slot_cl = malloc(H * S * 4);
+    wb->stamp = malloc(H * S * 8);
+    wb->prev = malloc(H * S * 4);
+    wb->next = malloc(H * S * 4);
+    wb->mru = malloc(H * 4);
+    wb->lru = malloc(H * 4);
+    wb->ref = malloc(H * S);
+    wb->hand = malloc(H * 4);
+    if (!wb->offs || !wb->slot_of || !wb->slot_cl || !wb->stamp ||
+        !wb->prev || !wb->next || !wb->mru || !wb->lru || !wb->ref ||
+        !wb->hand) {
+        rc = KVS_ENOMEM;
+        goto err;
+    }
+    if ((rc = cu(cudaEventCreateWithFlags(&wb->ev_lists,
+                                          cudaEventDisableTiming))) != 0)
+        goto err;
+    L->n_clusters = wb->d_nc;
+    L->centroids = wb->d_cent;
+    L->value_means = wb->d_vmean;
+    L->counts = wb->d_counts;
+    L->offsets = wb->d_offs;
+    L->steady_flags = wb->d_flags;
+    L->positions = wb->d_pos;
+    L->keys = wb->h_keys; /* unified addressing: host pointer is usable */
+    L->values = wb->h_values;
+    L->steady_keys = wb->d_sk;
+    L->steady_values = wb->d_sv;
+    wb->cache.slot_of = wb->d_slot_of;
+    wb->cache.slot_keys = wb->d_slot_k;
+    wb->cache.slot_values = wb->d_slot_v;
+    wb->cache.slot_tokens = wb->st;
+    wb->cache.stage_keys = wb->d_stage_k;
+    wb->cache.stage_values = wb->d_stage_v;
+    *out = wb;
+    return 0;
+err:
+    kvs_wbuf_free(wb);
+    return rc;
+}
+
+void kvs_wbuf_free(kvs_wbuf_t *wb) {
+    if (!wb)
+        return;
+    kvs_cuda_wave_free(wb->wave);
+    cudaFree(wb->d_nc);
+    cudaFree(wb->d_counts);
+    cudaFree(wb->d_offs);
+    cudaFree(wb->d_pos);
+    cudaFree(wb->d_flags);
+    cudaFree(wb->d_cent);
+    cudaFree(wb->d_vmean);
+    cudaFree(wb->d_sk);
+    cudaFree(wb->d_sv);
+    cudaFree(wb->d_slot_k);
+    cudaFree(wb->d_slot_v);
+    cudaFree(wb->d_stage_k);
+    cudaFree(wb->d_stage_v);
+    cudaFree(wb->d_slot_of);
+    cudaFree(wb->d_fill);
+    cudaFree(wb->d_upd);
+    cudaFreeHost(wb->h_keys);
+    cudaFreeHost(wb->h_values);
+    cudaFreeHost(wb->h_ret);
+    cudaFreeHost(wb->h_nret);
+    cudaFreeHost(wb->h_fill);
+    cudaFreeHost(wb->h_upd);
+    if (wb->ev_lists)
+        cudaEventDestroy(wb->ev_lists);
+    free(wb->offs);
+    free(wb->slot_of);
+    free(wb->slot_cl);
+    free(wb->stamp);
+    free(wb->prev);
+    free(wb->next);
+    free(wb->mru);
+    free(wb->lru);
+    free(wb->ref);
+    free(wb->hand);
+    free(wb);
+}
+
+void kvs_wbuf_layer(kvs_wbuf_t *wb, kvs_cuda_layer_t *layer,
+                    kvs_cuda_kmeans_out_t *o) {
+    *layer = wb->layer;
+    if (!o)
+        return;
+    o->cluster_stride = wb->C;
+    o->token_stride = wb->N;
+    o->n_clusters = wb->d_nc;
+    o->centroids = wb->d_cent;
+    o->value_means = wb->d_vmean;
+    o->counts = wb->d_counts;
+    o->offsets = wb->d_offs;
+    o->steady_flags = wb->d_flags;
+    o->positions = wb->d_pos;
+    o->keys = wb->h_keys;
+    o->values = wb->h_values;
+}
+
+static void lru_reset(kvs_wbuf_t *wb, uint32_t h) {
+    const uint32_t S = wb->S;
+    int32_t *prev = wb->prev + (size_t)h * S, *next = wb->next + (size_t)h * S;
+    for (uint32_t s = 0; s < S; s++) {
+        prev[s] = (int32_t)s - 1;
+        next[s] = s + 1 < S ? (int32_t)s + 1 : -1;
+    }
+    wb->mru[h] = 0;
+    wb->lru[h] = (int32_t)S - 1;
+}
+
+int kvs_wbuf_commit(kvs_wbuf_t *wb, uint32_t steady_lo, uint32_t steady_hi,
+                    cudaStream_t stream) {
+    const size_t H = wb->H, C = wb->C, S = wb->S;
+    int rc;
+    wb->layer.steady_lo = steady_lo;
+    wb->layer.steady_hi = steady_hi;
+    if ((rc = cu(cudaMemcpyAsync(wb->offs, wb->d_offs, H * (C + 1) * 4,
+                                 cudaMemcpyDeviceToHost, stream))) != 0)
+        return rc;
+    if ((rc = cu(cudaMemsetAsync(wb->d_slot_of, 0xff, H * C * 4, stream))) !=
+        0)
+        return rc;
+    if ((rc = cu(cudaStreamSynchronize(stream))) != 0)
+        return rc;
+    memset(wb->slot_of, 0xff, H * C * 4);
+    memset(wb->slot_cl, 0xff, H * S * 4);
+    memset(wb->stamp, 0, H * S * 8);
+    memset(wb->ref, 0, H * S);
+    memset(wb->hand, 0, H * 4);
+    for (uint32_t h = 0; h < H; h++)
+        lru_reset(wb, h);
+    wb->step = 0;
+    return 0;
+}
+
+static void lru_unlink(kvs_wbuf_t *wb, uint32_t h, int32_t s) {
+    int32_t *prev = wb->prev + (size_t)h * wb->S;
+    int32_t *next = wb->next + (size_t)h * wb->S;
+    if (prev[s] >= 0)
+        next[prev[s]] = next[s];
+    else
+        wb->mru[h] = next[s];
+    if (next[s] >= 0)
+        prev[next[s]] = prev[s];
+    else
+        wb->lru[h] = prev[s];
+}
+
+static void lru_front(kvs_wbuf_t *wb, uint32_t h, int32_t s) {
+    int32_t *prev = wb->prev + (size_t)h * wb->S;
+    int32_t *next = wb->next + (size_t)h * wb->S;
+    if (wb->mru[h] == s)
+        return;
+    lru_unlink(wb, h, s);
+    prev[s] = -1;
+    next[s] = wb->mru[h];
+    if (wb->mru[h] >= 0)
+        prev[wb->mru[h]] = s;
+    wb->mru[h] = s;
+    if (wb->lru[h] < 0)
+        wb->lru[h] = s;
+}
+
+/* A local slot of head h to (re)use now, or -1. */
+static int32_t victim(kvs_wbuf_t *wb, uint32_t h) {
+    const uint64_t *stamp = wb->stamp + (size_t)h * wb->S;
+    if (wb->p.policy == KVS_WBUF_LRU) {
+        const int32_t s = wb->lru[h];
+        return s >= 0 && stamp[s] != wb->step ? s : -1;
+    }
+    uint8_t *ref = wb->ref + (size_t)h * wb->S;
+    for (uint32_t k = 0; k < 2 * wb->S; k++) {
+        const uint32_t s = wb->hand[h];
+        wb->hand[h] = s + 1 < wb->S ? s + 1 : 0;
+        if (stamp[s] == wb->step)
+            continue;
+        if (ref[s]) {
+            ref[s] = 0;
+            continue;
+        }
+        return (int32_t)s;
+    }
+    return -1;
+}
+
+static void touch(kvs_wbuf_t *wb, uint32_t h, int32_t s) {
+    wb->stamp[(size_t)h * wb->S + s] = wb->step;
+    if (wb->p.policy == KVS_WBUF_LRU)
+        lru_front(wb, h, s);
+    else
+        wb->ref[(size_t)h * wb->S + s] = 1;
+}
+
+int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
+                  cudaStream_t stream) {
+    const uint32_t H = wb->H, C = wb->C, S = wb->S, R = wb->rcap;
+    const uint64_t row2 = 2ull * wb->p.d * wb->esz; /* K + V bytes per row */
+    int rc;
+    const uint32_t *d_nret;
+    const uint32_t *d_ret = kvs_cuda_wave_retrieved(wb->wave, &d_nret);
+    if ((rc = kvs_cuda_wave_select(wb->wave, &wb->layer, q, stream)) != 0)
+        return rc;
+    if ((rc = cu(cudaMemcpyAsync(wb->h_ret, d_ret, (size_t)H * R * 4,
+                                 cudaMemcpyDeviceToHost, stream))) != 0 ||
+        (rc = cu(cudaMemcpyAsync(wb->h_nret, d_nret, (size_t)H * 4,
+                                 cudaMemcpyDeviceToHost, stream))) != 0 ||
+        (rc = cu(cudaEventRecord(wb->ev_lists, stream))) != 0)
+        return rc;
+    if ((rc = kvs_cuda_wave_attend(wb->wave, &wb->layer, &wb->cache, q, out,
+                                   stream)) != 0)
+        return rc;
+    if ((rc = cu(cudaEventSynchronize(wb->ev_lists))) != 0)
+        return rc;
+
+    /* replacement policy, on the host while the GPU attends */
+    wb->step++;
+    uint32_t nf = 0, nu = 0;
+    kvs_wbuf_stats_t *st = &wb->stats;
+    for (uint32_t h = 0; h < H; h++) {
+        const uint32_t *offs = wb->offs + (size_t)h * (C + 1);
+        const uint32_t *ret = wb->h_ret + (size_t)h * R;
+        int32_t *slot_of = wb->slot_of + (size_t)h * C;
+        const uint32_t n_ret = wb->h_nret[h] < R ? wb->h_nret[h] : R;
+        /* hits first, so that this step's pages are protected */
+        for (uint32_t j = 0; j < n_ret; j++) {
+            const uint32_t c = ret[j];
+            const uint64_t bytes = (uint64_t)(offs[c + 1] - offs[c]) * row2;
+            st->lookups++;
+            if (slot_of[c] >= 0) {
+                st->hits++;
+                st->bytes_hit += bytes;
+                touch(wb, h, slot_of[c] - (int32_t)(h * S));
+            } else {
+                st->misses++;
+                st->bytes_miss += bytes;
+            }
+        }
+        for (uint32_t j = 0; j < n_ret; j++) {
+            const uint32_t c = ret[j];
+            const uint32_t rows = offs[c + 1] - offs[c];
+            if (slot_of[c] >= 0)
+                continue;
+            if (rows > wb->st) {
+                st->uncacheable++;
+                continue;
+            }
+            const int32_t s = victim(wb, h);
+            if (s < 0)
+                continue;
+            const int32_t gs = (int32_t)(h * S) + s;
+            const int32_t old = wb->slot_cl[gs];
+            if (old >= 0) {
+                slot_of[old] = -1;
+                wb->h_upd[nu++] = (kvs__upd_t){h * C + (uint32_t)old, -1};
+                st->evicted++;
+            }
+            wb->slot_cl[gs] = (int32_t)c;
+            slot_of[c] = gs;
+            wb->h_upd[nu++] = (kvs__upd_t){h * C + c, gs};
+            wb->h_fill[nf++] = (kvs__fill_t){h * R + j, (uint32_t)gs, rows};
+            st->inserted++;
+            st->bytes_fill += (uint64_t)rows * row2;
+            touch(wb, h, s);
+        }
+    }
+    st->steps++;
+    if (nf || nu) {
+        if (nf && (rc = cu(cudaMemcpyAsync(wb->d_fill, wb->h_fill,
+                                           nf * sizeof(kvs__fill_t),
+                                           cudaMemcpyHostToDevice, stream))) !=
+                      0)
+            return rc;
+        if (nu && (rc = cu(cudaMemcpyAsync(wb->d_upd, wb->h_upd,
+                                           nu * sizeof(kvs__upd_t),
+                                           cudaMemcpyHostToDevice, stream))) !=
+                      0)
+            return rc;
+        rc = kvs__wbuf_fill(wb->d_fill, nf, wb->d_upd, nu, wb->d_slot_of,
+                            wb->d_stage_k, wb->d_stage_v, wb->d_slot_k,
+                            wb->d_slot_v, wb->st, wb->p.d * wb->esz, stream);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+void kvs_wbuf_set_policy(kvs_wbuf_t *wb, kvs_wbuf_policy_t policy) {
+    wb->p.policy = policy;
+}
+
+void kvs_wbuf_stats(const kvs_wbuf_t *wb, kvs_wbuf_stats_t *out) {
+    *out = wb->stats;
+}
+
+void kvs_wbuf_reset_stats(kvs_wbuf_t *wb) {
+    const uint64_t g = wb->stats.bytes_gpu, h = wb->stats.bytes_host;
+    memset(&wb->stats, 0, sizeof wb->stats);
+    wb->stats.bytes_gpu = g;
+    wb->stats.bytes_host = h;
+}
