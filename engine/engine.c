@@ -1426,7 +1426,8 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
         if (m.scale == 0)
             m.scale = d->scale;
     }
-    if (m.mode != KVS_MODE_EXACT && m.mode != KVS_MODE_WAVE)
+    if (m.mode != KVS_MODE_EXACT && m.mode != KVS_MODE_WAVE &&
+        m.mode != KVS_MODE_FULL)
         return fail(s, KVS_EINVAL, "unknown mode %d", (int)m.mode);
     if (m.budget != KVS_BUDGET_FIXED && m.budget != KVS_BUDGET_BOUNDED)
         return fail(s, KVS_EINVAL, "unknown budget %d", (int)m.budget);
@@ -1435,12 +1436,17 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
         !(m.epsilon >= 0 && m.epsilon <= 1) || !(m.scale >= 0) ||
         !isfinite(m.scale))
         return fail(s, KVS_EINVAL, "query params out of range");
-    zp->exact = m.mode == KVS_MODE_EXACT;
+    zp->exact = m.mode == KVS_MODE_EXACT || m.mode == KVS_MODE_FULL;
+    zp->precise = m.mode == KVS_MODE_EXACT;
     zp->bounded = m.budget == KVS_BUDGET_BOUNDED;
     zp->retrieval_fraction = m.retrieval_fraction;
     zp->estimation_fraction = m.estimation_fraction;
     zp->epsilon = m.epsilon;
     zp->scale = m.scale > 0 ? m.scale : 1.0f / sqrtf((float)q->geo.head_dim);
+    /* The reference uses 1/sqrt(d) in double: a float scale alone moves
+     * every score by ~1e-7 relative. */
+    zp->scale_f64 = m.scale > 0 ? (double)m.scale
+                                : 1.0 / sqrt((double)q->geo.head_dim);
     return 0;
 }
 

@@ -52,8 +52,14 @@ typedef struct kvs_geometry_s {
 } kvs_geometry_t;
 
 typedef enum kvs_mode_e {
-    KVS_MODE_EXACT = 0, /* every key, exactly: the reference */
-    KVS_MODE_WAVE = 1,  /* tripartite attention over the wave index */
+    /* Every key, accumulated in double: the reference (slow). */
+    KVS_MODE_EXACT = 0,
+    /* Tripartite attention over the wave index. */
+    KVS_MODE_WAVE = 1,
+    /* Every key with the fp32 SIMD kernels: full attention as a decoder
+     * would compute it; the speed baseline of the benchmarks. For search,
+     * the same as EXACT. */
+    KVS_MODE_FULL = 2,
 } kvs_mode_t;
 
 typedef enum kvs_budget_e {

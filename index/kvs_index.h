@@ -133,11 +133,15 @@ typedef struct kvs_head_view_s {
 /* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
 typedef struct kvs_zone_params_s {
     int exact;                 /* 1: ignore the index, attend every key */
+    int precise;               /* with exact: accumulate in double (the
+                                  reference); else fp32, the speed baseline */
     int bounded;               /* 1: accuracy-bounded retrieval zone */
     float retrieval_fraction;
     float estimation_fraction;
     float epsilon;
     float scale;               /* softmax scale (> 0) */
+    double scale_f64;          /* the same in double, for precise mode
+                                  (0: use scale) */
 } kvs_zone_params_t;
 
 typedef struct kvs_zone_stats_s {

@@ -60,6 +60,8 @@ struct kvs_scratch_s {
     size_t gather_cap;
     float *tmpc; /* [C] */
     size_t tmpc_cap;
+    char *pbuf; /* precise exact mode: doubles and converted rows */
+    size_t pbuf_cap;
     int64_t *hpos; /* [k] heap for search */
     size_t hpos_cap;
     float *hscore;
@@ -81,6 +83,7 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->cbase);
     free(s->acc);
     free(s->gather);
+    free(s->pbuf);
     free(s->tmpc);
     free(s->hpos);
     free(s->hscore);
@@ -280,6 +283,85 @@ static int exact_chunk(void *arg, const void *keys, const void *vals,
     partial_init(c->tmp, c->g, c->v->d, c->tmp->acc);
     zone_partial(c->v, c->q, c->g, c->scale, c->s, &b, 1, n, 0, c->tmp);
     partial_merge(c->run, c->tmp);
+    return 0;
+}
+
+/* Precise exact mode: scores, softmax sums and the weighted value sums in
+ * double, so the reference differs from true attention by rounding of the
+ * final result only (an fp32 pass differs by far more on long contexts). */
+typedef struct precise_ctx_s {
+    const kvs_head_view_t *v;
+    const float *q;
+    uint32_t g;
+    double scale;
+    double m[MAXQ], l[MAXQ];
+    double *acc; /* [g][d] */
+    double *sc;  /* [g][EXACT_CHUNK] */
+    float *kf, *vf; /* [EXACT_CHUNK][d] */
+} precise_ctx_t;
+
+static int precise_chunk(void *arg, const void *keys, const void *vals,
+                         uint32_t n, const kvs_segment_t *seg, uint32_t slot0,
+                         uint64_t pos0) {
+    (void)seg, (void)slot0, (void)pos0;
+    precise_ctx_t *c = arg;
+    uint32_t d = c->v->d;
+    kvs_to_f32(c->v->dtype, keys, c->kf, (size_t)n * d);
+    kvs_to_f32(c->v->dtype, vals, c->vf, (size_t)n * d);
+    for (uint32_t i = 0; i < c->g; i++) {
+        const float *q = c->q + (size_t)i * d;
+        double *sc = c->sc + (size_t)i * EXACT_CHUNK, mx = -INFINITY;
+        for (uint32_t j = 0; j < n; j++) {
+            const float *k = c->kf + (size_t)j * d;
+            double x = 0;
+            for (uint32_t t = 0; t < d; t++)
+                x += (double)q[t] * k[t];
+            sc[j] = x * c->scale;
+            if (sc[j] > mx)
+                mx = sc[j];
+        }
+        double *acc = c->acc + (size_t)i * d;
+        if (mx > c->m[i]) {
+            double r = c->l[i] > 0 ? exp(c->m[i] - mx) : 0;
+            for (uint32_t t = 0; t < d; t++)
+                acc[t] *= r;
+            c->l[i] *= r;
+            c->m[i] = mx;
+        }
+        for (uint32_t j = 0; j < n; j++) {
+            double w = exp(sc[j] - c->m[i]);
+            const float *val = c->vf + (size_t)j * d;
+            c->l[i] += w;
+            for (uint32_t t = 0; t < d; t++)
+                acc[t] += w * val[t];
+        }
+    }
+    return 0;
+}
+
+static int precise_attend(const kvs_head_view_t *v, const float *q,
+                          uint32_t g, double scale, kvs_scratch_t *s,
+                          float *out) {
+    uint32_t d = v->d;
+    size_t need = sizeof(double) * ((size_t)g * d + (size_t)g * EXACT_CHUNK) +
+                  sizeof(float) * 2 * (size_t)EXACT_CHUNK * d;
+    if (grow((void **)&s->pbuf, &s->pbuf_cap, need, 1))
+        return KVS_ENOMEM;
+    precise_ctx_t c = {.v = v, .q = q, .g = g, .scale = scale};
+    c.acc = (double *)s->pbuf;
+    c.sc = c.acc + (size_t)g * d;
+    c.kf = (float *)(c.sc + (size_t)g * EXACT_CHUNK);
+    c.vf = c.kf + (size_t)EXACT_CHUNK * d;
+    memset(c.acc, 0, sizeof(double) * g * d);
+    for (uint32_t i = 0; i < g; i++) {
+        c.m[i] = -INFINITY;
+        c.l[i] = 0;
+    }
+    for_each_chunk(v, precise_chunk, &c);
+    for (uint32_t i = 0; i < g; i++)
+        for (uint32_t t = 0; t < d; t++)
+            out[(size_t)i * d + t] =
+                c.l[i] > 0 ? (float)(c.acc[(size_t)i * d + t] / c.l[i]) : 0;
     return 0;
 }
 
@@ -506,11 +588,18 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     st.keys_total = total;
 
     if (zp->exact || v->n_segments == 0) {
-        if (GROW(s, scores, scores_cap, (size_t)g * EXACT_CHUNK))
-            return KVS_ENOMEM;
-        exact_ctx_t ctx = {v, q, g, zp->scale, s, &run, &tmp};
-        for_each_chunk(v, exact_chunk, &ctx);
-        partial_finish(&run, out);
+        if (zp->exact && zp->precise) {
+            double sc64 = zp->scale_f64 > 0 ? zp->scale_f64 : zp->scale;
+            int prc = precise_attend(v, q, g, sc64, s, out);
+            if (prc)
+                return prc;
+        } else {
+            if (GROW(s, scores, scores_cap, (size_t)g * EXACT_CHUNK))
+                return KVS_ENOMEM;
+            exact_ctx_t ctx = {v, q, g, zp->scale, s, &run, &tmp};
+            for_each_chunk(v, exact_chunk, &ctx);
+            partial_finish(&run, out);
+        }
         st.keys_exact = total;
         st.keys_steady = zp->exact ? 0 : total;
         for (uint32_t si = 0; si < v->n_segments; si++)

@@ -255,7 +255,17 @@ static void test_persist_damage_quarantines_one_sequence(void **state) {
 /* The child: append chunks of random size with sync=always to two layers
  * of sequence 1 and write (layer, tokens acknowledged) after each. */
 static void crash_child(const char *dir, int fd, uint64_t seed) {
-    kvs_store_t *s = open_dir(dir, KVS_SYNC_ALWAYS);
+    /* No cmocka assertions in the child: a failure must end it, not run
+     * the rest of the suite in a second process. */
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.data_dir = dir;
+    o.segment_tokens = SEG;
+    o.sync = KVS_SYNC_ALWAYS;
+    o.n_threads = 2;
+    kvs_store_t *s = NULL;
+    if (kvs_store_open(&o, &s))
+        _exit(2);
     kvs_seq_info_t info;
     if (kvs_seq_info(s, 1, &info) == KVS_ENOSEQ && kvs_seq_create(s, 1, &GEO))
         _exit(3);
@@ -275,6 +285,11 @@ static void crash_child(const char *dir, int fd, uint64_t seed) {
         }
         have[l] = lo;
     }
+    /* Ready: the parent starts its kill timer now, so every round appends
+     * however slow the open was (sanitizer builds). */
+    uint64_t ready[2] = {UINT64_MAX, 0};
+    if (write(fd, ready, sizeof ready) != sizeof ready)
+        _exit(5);
     for (;;) {
         seed = seed * 6364136223846793005ull + 1442695040888963407ull;
         uint32_t l = (uint32_t)(seed >> 40) & 1;
@@ -309,14 +324,17 @@ static void test_persist_crash_rounds(void **state) {
             crash_child(dir, fds[1], (uint64_t)r * 7777 + 1);
         }
         close(fds[1]);
-        /* Kill at a random moment, 5..80 ms after start. */
+        /* Kill at a random moment, 5..80 ms after the child is ready. */
+        uint64_t msg[2];
+        if (read(fds[0], msg, sizeof msg) != sizeof msg ||
+            msg[0] != UINT64_MAX)
+            fail_msg("crash child did not start");
         struct timespec ts = {0, (5 + rand() % 76) * 1000000L};
         nanosleep(&ts, NULL);
         kill(pid, SIGKILL);
         int status;
         waitpid(pid, &status, 0);
         assert_true(WIFSIGNALED(status));
-        uint64_t msg[2];
         while (read(fds[0], msg, sizeof msg) == sizeof msg)
             if (msg[1] > acked[msg[0]])
                 acked[msg[0]] = msg[1];
