@@ -67,6 +67,31 @@ static int fail(kvs_decoder_t *d, int rc, const char *fmt, ...) {
     return rc;
 }
 
+/* The in-process backend: opt.store, used when no backend is given. */
+static int ip_create(void *ctx, uint64_t seq, const kvs_geometry_t *geo) {
+    return kvs_seq_create(ctx, seq, geo);
+}
+static int ip_append(void *ctx, uint64_t seq, uint32_t layer, uint32_t n,
+                     const void *k, const void *v, size_t kv_bytes) {
+    (void)kv_bytes;
+    return kvs_seq_append(ctx, seq, layer, n, k, v);
+}
+static int ip_attend(void *ctx, uint64_t seq, uint32_t layer, const float *q,
+                     const kvs_query_params_t *qp, float *out,
+                     kvs_attend_stats_t *st) {
+    return kvs_seq_attend(ctx, seq, layer, q, qp, out, st);
+}
+static int ip_drop(void *ctx, uint64_t seq) { return kvs_seq_drop(ctx, seq); }
+static const char *ip_errmsg(void *ctx) { return kvs_store_errmsg(ctx); }
+static const kvs_decoder_backend_t inproc_backend = {
+    ip_create, ip_append, ip_attend, ip_drop, ip_errmsg};
+
+static const char *backend_errmsg(const kvs_decoder_options_t *o) {
+    const char *m = o->backend->errmsg ? o->backend->errmsg(o->backend_ctx)
+                                       : NULL;
+    return m ? m : "";
+}
+
 const char *kvs_attn_name(kvs_attn_t attn) {
     switch (attn) {
     case KVS_ATTN_FULL:
@@ -294,10 +319,19 @@ int kvs_decoder_new(const kvs_model_t *model,
         kvs__dec_fmt(errbuf, errlen, "unknown attention mode %d", (int)o.attn);
         return KVS_EINVAL;
     }
-    if (o.attn != KVS_ATTN_FULL && !o.store) {
+    if (o.attn != KVS_ATTN_FULL && !o.store && !o.backend) {
         kvs__dec_fmt(errbuf, errlen, "%s needs a store",
                      kvs_attn_name(o.attn));
         return KVS_EINVAL;
+    }
+    if (o.backend && (!o.backend->create || !o.backend->append ||
+                      !o.backend->attend || !o.backend->drop)) {
+        kvs__dec_fmt(errbuf, errlen, "incomplete store backend");
+        return KVS_EINVAL;
+    }
+    if (!o.backend) {
+        o.backend = &inproc_backend;
+        o.backend_ctx = o.store;
     }
     if (kvs_dtype_size(o.kv_dtype) == 0) {
         kvs__dec_fmt(errbuf, errlen, "unknown kv dtype %d", (int)o.kv_dtype);
@@ -348,11 +382,11 @@ int kvs_decoder_new(const kvs_model_t *model,
                               .n_kv_heads = c->n_kv_heads,
                               .head_dim = c->head_dim,
                               .dtype = o.kv_dtype};
-        rc = kvs_seq_create(o.store, o.seq_id, &geo);
+        rc = o.backend->create(o.backend_ctx, o.seq_id, &geo);
         if (rc != 0) {
-            kvs__dec_fmt(errbuf, errlen, "kvs_seq_create(%llu): %s: %s",
+            kvs__dec_fmt(errbuf, errlen, "create sequence %llu: %s: %s",
                          (unsigned long long)o.seq_id, kvs_strerror(rc),
-                         kvs_store_errmsg(o.store));
+                         backend_errmsg(&o));
             goto err;
         }
         d->seq_created = true;
@@ -367,8 +401,8 @@ err:
 void kvs_decoder_free(kvs_decoder_t *d) {
     if (!d)
         return;
-    if (d->seq_created)
-        (void)kvs_seq_drop(d->opt.store, d->opt.seq_id);
+    if (d->seq_created && !d->opt.keep_seq)
+        (void)d->opt.backend->drop(d->opt.backend_ctx, d->opt.seq_id);
     const kvs_model_config_t *c = &d->m->cfg;
     for (uint32_t i = 0; i < c->n_layers * c->n_kv_heads; i++) {
         if (d->kc)
@@ -579,10 +613,12 @@ static int store_append(kvs_decoder_t *d, uint32_t l, uint32_t n) {
         k = kb;
         v = vb;
     }
-    int rc = kvs_seq_append(d->opt.store, d->opt.seq_id, l, n, k, v);
+    size_t bytes = (size_t)n * c->kv_dim * kvs_dtype_size(d->opt.kv_dtype);
+    int rc = d->opt.backend->append(d->opt.backend_ctx, d->opt.seq_id, l, n,
+                                    k, v, bytes);
     if (rc != 0)
-        return fail(d, rc, "kvs_seq_append(layer %u, %u tokens): %s: %s", l,
-                    n, kvs_strerror(rc), kvs_store_errmsg(d->opt.store));
+        return fail(d, rc, "append(layer %u, %u tokens): %s: %s", l, n,
+                    kvs_strerror(rc), backend_errmsg(&d->opt));
     return 0;
 }
 
@@ -593,12 +629,12 @@ static int attend_store(kvs_decoder_t *d, uint32_t l) {
     kvs_attend_stats_t st;
     memset(&st, 0, sizeof(st));
     double t0 = now_s();
-    int rc = kvs_seq_attend(d->opt.store, d->opt.seq_id, l, d->q, &qp, d->att,
-                            &st);
+    int rc = d->opt.backend->attend(d->opt.backend_ctx, d->opt.seq_id, l,
+                                    d->q, &qp, d->att, &st);
     d->stats.attend_seconds += now_s() - t0;
     if (rc != 0)
-        return fail(d, rc, "kvs_seq_attend(layer %u): %s: %s", l,
-                    kvs_strerror(rc), kvs_store_errmsg(d->opt.store));
+        return fail(d, rc, "attend(layer %u): %s: %s", l, kvs_strerror(rc),
+                    backend_errmsg(&d->opt));
     kvs_attend_stats_t *a = &d->stats.attend;
     a->keys_total += st.keys_total;
     a->keys_exact += st.keys_exact;

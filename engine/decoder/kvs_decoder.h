@@ -115,6 +115,26 @@ typedef int (*kvs_qkv_observer_fn)(void *ctx, uint32_t layer, uint32_t pos,
                                    uint32_t n_tokens, const float *q,
                                    const float *k, const float *v);
 
+/*
+ * Where store modes send their sequence operations when they do not go to an
+ * in-process kvs_store_t: e.g. libkvsclient to a kvstored (kvdecode --store),
+ * or a benchmark that compares several attend variants per call. The
+ * functions have the contracts of kvs_seq_create/append/attend/drop in
+ * kvstore.h (keys/values: kv_bytes bytes each in the sequence dtype;
+ * queries/out: n_q_heads * head_dim floats); errmsg (may be NULL) gives the
+ * detail of the last failed call. ctx is kvs_decoder_options_t.backend_ctx.
+ */
+typedef struct kvs_decoder_backend_s {
+    int (*create)(void *ctx, uint64_t seq, const kvs_geometry_t *geo);
+    int (*append)(void *ctx, uint64_t seq, uint32_t layer, uint32_t n_tokens,
+                  const void *keys, const void *values, size_t kv_bytes);
+    int (*attend)(void *ctx, uint64_t seq, uint32_t layer,
+                  const float *queries, const kvs_query_params_t *params,
+                  float *out, kvs_attend_stats_t *stats);
+    int (*drop)(void *ctx, uint64_t seq);
+    const char *(*errmsg)(void *ctx);
+} kvs_decoder_backend_t;
+
 typedef struct kvs_decoder_options_s {
     kvs_attn_t attn;
     /* Store modes: the store (borrowed; it must outlive the decoder) and the
@@ -122,6 +142,12 @@ typedef struct kvs_decoder_options_s {
      * kvs_decoder_free drops. Ignored in full mode. */
     kvs_store_t *store;
     uint64_t seq_id;
+    /* Store modes, instead of `store`: a backend (borrowed, with its ctx;
+     * both must outlive the decoder). When set, `store` is ignored. */
+    const kvs_decoder_backend_t *backend;
+    void *backend_ctx;
+    /* Keep the sequence when the decoder is freed (default: drop it). */
+    bool keep_seq;
     kvs_dtype_t kv_dtype; /* dtype of the store sequence; default f32 */
     /* Store modes: passed to kvs_seq_attend; `mode` is set from attn. */
     kvs_query_params_t query;
@@ -140,14 +166,15 @@ typedef struct kvs_decoder_s kvs_decoder_t;
 /*
  * A decoder at position 0 over `model` (borrowed; it must outlive the
  * decoder). `opts` is copied; NULL means the defaults.
- * Errors: KVS_EINVAL (bad option; store mode without a store), KVS_ENOMEM,
- * and kvs_seq_create's errors in store modes (e.g. KVS_EEXIST). When
+ * Errors: KVS_EINVAL (bad option; store mode without a store or backend),
+ * KVS_ENOMEM, and kvs_seq_create's errors in store modes (e.g. KVS_EEXIST). When
  * `errbuf` is not NULL it receives the message.
  */
 int kvs_decoder_new(const kvs_model_t *model,
                     const kvs_decoder_options_t *opts, kvs_decoder_t **out,
                     char *errbuf, size_t errlen);
-/* Free the decoder and drop its store sequence. NULL is a no-op. */
+/* Free the decoder and drop its store sequence (unless keep_seq). NULL is a
+ * no-op. */
 void kvs_decoder_free(kvs_decoder_t *dec);
 
 /* The message of the last failed call on `dec` ("" if none). Valid until

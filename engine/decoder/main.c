@@ -5,8 +5,11 @@
  * what the benchmarks need: the logits of every position (for comparisons
  * with PyTorch and between modes), per-head query/key/value dumps, and a
  * one-line summary with throughput and how much of the context the store
- * attended exactly. Run with --help for the options.
+ * attended exactly. With --store URL the store modes talk to a kvstored
+ * through libkvsclient instead of an in-process store. Run with --help for
+ * the options.
  */
+#include "kvs_client.h"
 #include "kvs_decoder.h"
 
 #include <errno.h>
@@ -15,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* From OpenBLAS; the decoder's matmuls are its sgemm calls. */
 void openblas_set_num_threads(int num_threads);
@@ -36,6 +40,14 @@ static void usage(FILE *f) {
         "generation and scoring:\n"
         "  --gen N             generate N tokens after the input (default "
         "0)\n"
+        "  --gen-out FILE      write the generated token ids, one per line\n"
+        "  --follow FILE       teacher-force generation on the token ids of "
+        "FILE\n"
+        "                      (a --gen-out of another run; --gen defaults "
+        "to their\n"
+        "                      count) and print how often this run's greedy "
+        "choice\n"
+        "                      agrees with them\n"
         "  --temp T            sampling temperature; 0 = greedy (default)\n"
         "  --seed S            sampling seed (default 42)\n"
         "  --step-from P       feed input positions >= P as decode steps "
@@ -49,6 +61,13 @@ static void usage(FILE *f) {
         "  --attn MODE         full | store-exact | store-wave (default "
         "full)\n"
         "  --kv-dtype T        f32 | f16 | bf16 in the store (default f32)\n"
+        "  --store URL         store modes use the kvstored at URL "
+        "(tcp://host:port,\n"
+        "                      host:port or unix:///path) instead of an "
+        "in-process\n"
+        "                      store; index options are then the daemon's\n"
+        "  --seq-id N          sequence id in the store (default 1)\n"
+        "  --keep              do not drop the sequence at the end\n"
         "  --segment-tokens N  --cluster-tokens N  --kmeans-iters N\n"
         "  --sink N  --window N  (steady zone)   --store-threads N\n"
         "  --retrieval F       retrieval fraction of clusters\n"
@@ -194,8 +213,64 @@ enum {
     O_TEXT = 256, O_OFFSET, O_IDS, O_TOKFILE, O_NOBOS, O_CTX, O_GEN, O_TEMP,
     O_SEED, O_STEPFROM, O_SCORE, O_ATTN, O_KVDT, O_SEG, O_CLU, O_KMI, O_SINK,
     O_WIN, O_STHR, O_RET, O_EST, O_EPS, O_WAIT, O_LOGITS, O_DUMP, O_DUMPDT,
-    O_PRINTTOK, O_QUIET, O_CHUNK, O_THREADS, O_HELP
+    O_PRINTTOK, O_QUIET, O_CHUNK, O_THREADS, O_HELP, O_STORE, O_SEQID, O_KEEP,
+    O_GENOUT, O_FOLLOW
 };
+
+/* ---- the kvstored backend: the decoder's store calls via libkvsclient -- */
+
+static int cl_create(void *ctx, uint64_t seq, const kvs_geometry_t *geo) {
+    return kvs_client_seq_create(ctx, seq, geo);
+}
+static int cl_append(void *ctx, uint64_t seq, uint32_t layer, uint32_t n,
+                     const void *k, const void *v, size_t kv_bytes) {
+    return kvs_client_seq_append(ctx, seq, layer, n, k, v, kv_bytes);
+}
+/* The geometry is fixed per run; the attend call needs the query size. */
+static size_t cl_query_floats;
+static int cl_attend(void *ctx, uint64_t seq, uint32_t layer, const float *q,
+                     const kvs_query_params_t *qp, float *out,
+                     kvs_attend_stats_t *st) {
+    return kvs_client_seq_attend(ctx, seq, layer, q, cl_query_floats, qp, out,
+                                 st);
+}
+static int cl_drop(void *ctx, uint64_t seq) {
+    return kvs_client_seq_drop(ctx, seq);
+}
+static const char *cl_errmsg(void *ctx) { return kvs_client_errmsg(ctx); }
+static const kvs_decoder_backend_t client_backend = {
+    cl_create, cl_append, cl_attend, cl_drop, cl_errmsg};
+
+/* kvs_seq_wait_indexed over the wire: poll the sequence's pending builds. */
+static int cl_wait_indexed(kvs_client_t *c, uint64_t seq) {
+    for (;;) {
+        kvs_seq_info_t info;
+        int rc = kvs_client_seq_info(c, seq, &info);
+        if (rc != 0 || info.builds_pending == 0)
+            return rc;
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Token ids of a --gen-out file (whitespace-separated decimal). */
+static int read_token_list(const char *path, tokbuf_t *t) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "kvdecode: %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    long v;
+    int rc = 0;
+    while (rc == 0 && fscanf(f, "%ld", &v) == 1)
+        rc = tok_push(t, (int32_t)v);
+    if (rc == 0 && !feof(f)) {
+        fprintf(stderr, "kvdecode: %s: not a list of token ids\n", path);
+        rc = -1;
+    }
+    fclose(f);
+    return rc;
+}
 
 int main(int argc, char **argv) {
     static const struct option longopts[] = {
@@ -214,9 +289,15 @@ int main(int argc, char **argv) {
         {"dump", 1, 0, O_DUMP},           {"dump-dtype", 1, 0, O_DUMPDT},
         {"print-tokens", 0, 0, O_PRINTTOK}, {"quiet", 0, 0, O_QUIET},
         {"chunk", 1, 0, O_CHUNK},         {"threads", 1, 0, O_THREADS},
-        {"help", 0, 0, O_HELP},           {0, 0, 0, 0}};
+        {"help", 0, 0, O_HELP},           {"store", 1, 0, O_STORE},
+        {"seq-id", 1, 0, O_SEQID},        {"keep", 0, 0, O_KEEP},
+        {"gen-out", 1, 0, O_GENOUT},      {"follow", 1, 0, O_FOLLOW},
+        {0, 0, 0, 0}};
     const char *text = NULL, *ids = NULL, *tokfile = NULL, *logits_out = NULL,
-               *dump_path = NULL;
+               *dump_path = NULL, *store_url = NULL, *gen_out = NULL,
+               *follow_path = NULL;
+    bool gen_set = false, index_opts = false;
+    uint32_t seq_id = 1;
     uint32_t offset = 0, ctx = 0, gen = 0, seed = 42, chunk = 0, threads = 2;
     uint32_t step_from = UINT32_MAX;
     float temp = 0;
@@ -236,7 +317,15 @@ int main(int argc, char **argv) {
         case O_TOKFILE: tokfile = optarg; break;
         case O_NOBOS: bos = false; break;
         case O_CTX: bad |= parse_u32(optarg, "ctx", &ctx); break;
-        case O_GEN: bad |= parse_u32(optarg, "gen", &gen); break;
+        case O_GEN:
+            bad |= parse_u32(optarg, "gen", &gen);
+            gen_set = true;
+            break;
+        case O_STORE: store_url = optarg; break;
+        case O_SEQID: bad |= parse_u32(optarg, "seq-id", &seq_id); break;
+        case O_KEEP: dopt.keep_seq = true; break;
+        case O_GENOUT: gen_out = optarg; break;
+        case O_FOLLOW: follow_path = optarg; break;
         case O_TEMP: bad |= parse_f(optarg, "temp", &temp); break;
         case O_SEED: bad |= parse_u32(optarg, "seed", &seed); break;
         case O_STEPFROM:
@@ -251,19 +340,27 @@ int main(int argc, char **argv) {
             break;
         case O_KVDT: bad |= parse_dtype(optarg, &dopt.kv_dtype); break;
         case O_SEG:
+            index_opts = true;
             bad |= parse_u32(optarg, "segment-tokens", &sopt.segment_tokens);
             break;
         case O_CLU:
+            index_opts = true;
             bad |= parse_u32(optarg, "cluster-tokens", &sopt.cluster_tokens);
             break;
         case O_KMI:
+            index_opts = true;
             bad |= parse_u32(optarg, "kmeans-iters", &sopt.kmeans_iters);
             break;
-        case O_SINK: bad |= parse_u32(optarg, "sink", &sopt.sink_tokens); break;
+        case O_SINK:
+            index_opts = true;
+            bad |= parse_u32(optarg, "sink", &sopt.sink_tokens);
+            break;
         case O_WIN:
+            index_opts = true;
             bad |= parse_u32(optarg, "window", &sopt.window_tokens);
             break;
         case O_STHR:
+            index_opts = true;
             bad |= parse_u32(optarg, "store-threads", &sopt.n_threads);
             break;
         case O_RET:
@@ -311,6 +408,10 @@ int main(int argc, char **argv) {
     tokbuf_t tok = {0};
     int status = 1;
     kvs_store_t *store = NULL;
+    kvs_client_t *client = NULL;
+    tokbuf_t follow = {0};
+    uint64_t agree = 0;
+    FILE *gen_f = NULL;
     kvs_decoder_t *dec = NULL;
     kvs_qkv_dump_t *dump = NULL;
     float *logits = NULL;
@@ -362,6 +463,27 @@ int main(int argc, char **argv) {
         fprintf(stderr, "kvdecode: empty input\n");
         goto out;
     }
+    if (follow_path) {
+        if (read_token_list(follow_path, &follow) != 0)
+            goto out;
+        if (!gen_set)
+            gen = (uint32_t)follow.n;
+        if (gen > follow.n) {
+            fprintf(stderr, "kvdecode: --gen %u but %s has %zu tokens\n", gen,
+                    follow_path, follow.n);
+            goto out;
+        }
+        for (size_t i = 0; i < follow.n; i++)
+            if (follow.v[i] < 0 || (uint32_t)follow.v[i] >= V) {
+                fprintf(stderr, "kvdecode: %s: token %d outside vocab %u\n",
+                        follow_path, follow.v[i], V);
+                goto out;
+            }
+    }
+    if (gen_out && !(gen_f = fopen(gen_out, "w"))) {
+        fprintf(stderr, "kvdecode: %s: %s\n", gen_out, strerror(errno));
+        goto out;
+    }
     size_t n_in = tok.n;
     size_t total = n_in + gen;
     if (total > UINT32_MAX) {
@@ -377,7 +499,29 @@ int main(int argc, char **argv) {
     }
 
     /* ---- store, decoder, dump ---- */
-    if (dopt.attn != KVS_ATTN_FULL) {
+    if (dopt.attn != KVS_ATTN_FULL && store_url) {
+        if (index_opts)
+            fprintf(stderr, "kvdecode: note: index options are the "
+                            "daemon's with --store; ignoring them\n");
+        kvs_client_options_t copt;
+        kvs_client_options_default(&copt);
+        copt.addrs = &store_url;
+        copt.n_addrs = 1;
+        copt.client_name = "kvdecode";
+        rc = kvs_client_open(&copt, &client);
+        if (rc == 0)
+            rc = kvs_client_ping(client, 0);
+        if (rc != 0) {
+            fprintf(stderr, "kvdecode: %s: %s: %s\n", store_url,
+                    kvs_strerror(rc),
+                    client ? kvs_client_errmsg(client) : "bad address");
+            goto out;
+        }
+        cl_query_floats = (size_t)cfg->n_heads * cfg->head_dim;
+        dopt.backend = &client_backend;
+        dopt.backend_ctx = client;
+        dopt.seq_id = seq_id;
+    } else if (dopt.attn != KVS_ATTN_FULL) {
         rc = kvs_store_open(&sopt, &store);
         if (rc != 0) {
             fprintf(stderr, "kvdecode: kvs_store_open: %s\n",
@@ -385,7 +529,7 @@ int main(int argc, char **argv) {
             goto out;
         }
         dopt.store = store;
-        dopt.seq_id = 1;
+        dopt.seq_id = seq_id;
     }
     if (dump_path) {
         rc = kvs_qkv_dump_open(dump_path, cfg, tok.v, (uint32_t)n_in,
@@ -419,7 +563,11 @@ int main(int argc, char **argv) {
         if (rc != 0)
             goto dec_err;
     }
-    if (wait_indexed && store && (rc = kvs_seq_wait_indexed(store, 1)) != 0) {
+    if (wait_indexed && store && (rc = kvs_seq_wait_indexed(store, seq_id))) {
+        fprintf(stderr, "kvdecode: wait indexed: %s\n", kvs_strerror(rc));
+        goto out;
+    }
+    if (wait_indexed && client && (rc = cl_wait_indexed(client, seq_id))) {
         fprintf(stderr, "kvdecode: wait indexed: %s\n", kvs_strerror(rc));
         goto out;
     }
@@ -432,6 +580,12 @@ int main(int argc, char **argv) {
     uint64_t rng = seed;
     for (uint32_t g = 0; g < gen; g++) {
         int32_t next = kvs_sample(ROW(tok.n - 1), V, temp, &rng);
+        if (follow.v) {
+            agree += next == follow.v[g];
+            next = follow.v[g];
+        }
+        if (gen_f)
+            fprintf(gen_f, "%d\n", next);
         if (tok_push(&tok, next) != 0)
             goto out;
         if (!quiet) {
@@ -464,9 +618,10 @@ int main(int argc, char **argv) {
     kvs_decoder_stats_t st;
     kvs_decoder_stats(dec, &st);
     fprintf(stderr,
-            "kvdecode: %s attn=%s tokens=%zu prefill=%llu (%.1f tok/s, "
+            "kvdecode: %s attn=%s%s%s tokens=%zu prefill=%llu (%.1f tok/s, "
             "%.2f s) steps=%llu (%.2f tok/s, %.2f s)",
-            argv[optind], kvs_attn_name(dopt.attn), tok.n,
+            argv[optind], kvs_attn_name(dopt.attn), client ? " store=" : "",
+            client ? store_url : "", tok.n,
             (unsigned long long)st.prefill_tokens,
             st.prefill_seconds > 0 ? st.prefill_tokens / st.prefill_seconds
                                    : 0.0,
@@ -486,6 +641,17 @@ int main(int argc, char **argv) {
         fprintf(stderr, " (positions beyond trained seq_len %u)",
                 cfg->seq_len);
     fprintf(stderr, "\n");
+    if (follow.v)
+        printf("agreement %llu/%u %.6f\n", (unsigned long long)agree, gen,
+               gen ? (double)agree / gen : 1.0);
+    if (gen_f) {
+        int bad_close = fclose(gen_f) != 0;
+        gen_f = NULL;
+        if (bad_close) {
+            fprintf(stderr, "kvdecode: %s: write failed\n", gen_out);
+            goto out;
+        }
+    }
     if (score)
         printf("bits_per_token %.6f over %zu predictions\n",
                bits_per_token(logits, tok.v, n_in, V), n_in - 1);
@@ -500,7 +666,11 @@ out:
     if (dump)
         kvs_qkv_dump_close(dump);
     kvs_decoder_free(dec);
+    kvs_client_close(client);
     kvs_store_close(store);
+    if (gen_f)
+        fclose(gen_f);
+    free(follow.v);
     kvs_model_close(model);
     free(logits);
     free(tok.v);
