@@ -49,8 +49,11 @@ extern "C" {
     X(sync, STR, "batch", 0, 0,                                               \
       "when appends are acknowledged: batch (group fsync), always (fsync "   \
       "each) or none (WAL write only)")                                       \
-    X(sync_interval_ms, U32, "5", 1, 10000,                                    \
-      "fsync period of sync batch")                                            \
+    X(sync_interval_ms, U32, "2", 0, 10000,                                    \
+      "sync batch: least time between two WAL fsyncs (group commit)")          \
+    X(memory_bytes, SIZE, "0", 0, UINT64_MAX,                                  \
+      "RAM for K/V and index; least recently used sequences are evicted to "  \
+      "the data directory and paged back in on use; 0 = unlimited")           \
     X(workers, U32, "4", 1, 1024,                                              \
       "worker threads running engine calls (libuv thread pool)")               \
     X(engine_threads, U32, "0", 0, 4096,                                       \

@@ -891,6 +891,7 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
              : !strcmp(cfg->sync, "none") ? KVS_SYNC_NONE
                                           : KVS_SYNC_BATCH;
     o.sync_interval_ms = cfg->sync_interval_ms;
+    o.memory_bytes = cfg->memory_bytes;
     if (cfg->build_threads)
         o.n_build_threads = cfg->build_threads;
     if (cfg->segment_tokens)
