@@ -59,6 +59,9 @@ typedef struct layer_s {
     /* 0 while the sequence is evicted: heads are empty, tokens still
      * counts what storage holds. Read and written under `lock`. */
     int resident;
+    /* Rows reserved by an append whose storage write is in flight (the
+     * rwlock is released meanwhile): a shrink must keep room for them. */
+    uint64_t appending;
 } layer_t;
 
 typedef struct seq_s {
@@ -408,33 +411,50 @@ int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
     return 0;
 }
 
+/* Unlink and delete `q` (in the table). Caller holds map_mu; on success
+ * the table's reference is the caller's to drop (after unlocking). Every
+ * layer's append_mu is taken before the storage delete and `dropped` is set
+ * under them, so no append or segment write can land under the id after
+ * its records are gone. Lock order: map_mu, then append_mu in layer order;
+ * nothing takes map_mu while holding an append_mu. */
+static int drop_locked(kvs_store_t *s, seq_t *q) {
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        pthread_mutex_lock(&q->layers[l].append_mu);
+    int rc = 0;
+    if (s->db) {
+        char err[256];
+        if ((rc = kvs__db_drop_seq(s->db, q->id, err, sizeof err)))
+            fail(s, rc, "%s", err);
+    }
+    if (!rc) {
+        atomic_store(&q->dropped, 1);
+        seq_t **pp = &s->buckets[bucket_of(s, q->id)];
+        while (*pp != q)
+            pp = &(*pp)->next;
+        *pp = q->next;
+        s->n_seqs--;
+        atomic_fetch_sub(&s->resident_bytes, atomic_load(&q->bytes));
+    }
+    for (uint32_t l = q->geo.n_layers; l-- > 0;)
+        pthread_mutex_unlock(&q->layers[l].append_mu);
+    return rc;
+}
+
 int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
     if (!s)
         return KVS_EINVAL;
     clear_err(s);
     pthread_mutex_lock(&s->map_mu);
-    seq_t **pp = &s->buckets[bucket_of(s, id)];
-    while (*pp && (*pp)->id != id)
-        pp = &(*pp)->next;
-    seq_t *q = *pp;
+    seq_t *q = map_find(s, id);
     if (!q) {
         pthread_mutex_unlock(&s->map_mu);
         return fail(s, KVS_ENOSEQ, "unknown sequence %llu",
                     (unsigned long long)id);
     }
-    if (s->db) {
-        char err[256];
-        int rc = kvs__db_drop_seq(s->db, id, err, sizeof err);
-        if (rc) {
-            pthread_mutex_unlock(&s->map_mu);
-            return fail(s, rc, "%s", err);
-        }
-    }
-    *pp = q->next;
-    s->n_seqs--;
+    int rc = drop_locked(s, q);
     pthread_mutex_unlock(&s->map_mu);
-    atomic_store(&q->dropped, 1);
-    atomic_fetch_sub(&s->resident_bytes, atomic_load(&q->bytes));
+    if (rc)
+        return rc;
     /* Wake kvs_seq_wait_indexed callers: a dropped sequence waits no more. */
     pthread_mutex_lock(&s->build_mu);
     pthread_cond_broadcast(&s->build_done);
@@ -481,7 +501,10 @@ int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
     /* Under the map lock: the rewrite of the metadata must not overtake a
      * drop of the same id. */
     pthread_mutex_lock(&s->map_mu);
-    if (s->db && !atomic_load(&q->dropped)) {
+    if (atomic_load(&q->dropped)) {
+        rc = fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                  (unsigned long long)id);
+    } else if (s->db) {
         char err[256];
         rc = kvs__db_create_seq(s->db, id, &q->geo, ttl_seconds, err,
                                 sizeof err);
@@ -495,41 +518,51 @@ int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
     return rc;
 }
 
+/* Idle past its TTL at `now`? last_access may be newer than `now` (a
+ * call touched it after `now` was read): then it is not idle. */
+static int seq_expired(seq_t *q, uint64_t now) {
+    uint32_t ttl = atomic_load(&q->ttl_s);
+    uint64_t la = atomic_load(&q->last_access);
+    return ttl && la < now && now - la >= ttl * 1000ull;
+}
+
 int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
     if (!s)
         return KVS_EINVAL;
-    uint64_t now = now_ms(), n = 0;
-    size_t cap = 16, k = 0;
-    uint64_t *ids = malloc(cap * sizeof *ids);
-    if (!ids)
-        return KVS_ENOMEM;
-    pthread_mutex_lock(&s->map_mu);
-    for (size_t b = 0; b < s->n_buckets; b++)
-        for (seq_t *q = s->buckets[b]; q; q = q->next) {
-            uint32_t ttl = atomic_load(&q->ttl_s);
-            if (!ttl || now - atomic_load(&q->last_access) < ttl * 1000ull)
-                continue;
-            if (k == cap) {
-                uint64_t *p = realloc(ids, 2 * cap * sizeof *ids);
-                if (!p)
+    uint64_t n = 0;
+    /* One sequence at a time, judged and unlinked under the map lock, so
+     * that an id dropped and created again meanwhile, or a sequence used
+     * meanwhile, is never dropped by a stale decision. */
+    for (;;) {
+        uint64_t now = now_ms();
+        seq_t *victim = NULL;
+        pthread_mutex_lock(&s->map_mu);
+        for (size_t b = 0; b < s->n_buckets && !victim; b++)
+            for (seq_t *q = s->buckets[b]; q; q = q->next)
+                if (seq_expired(q, now)) {
+                    victim = q;
                     break;
-                ids = p;
-                cap *= 2;
-            }
-            ids[k++] = q->id;
-        }
-    pthread_mutex_unlock(&s->map_mu);
-    for (size_t i = 0; i < k; i++)
-        if (kvs_seq_drop(s, ids[i]) == 0) {
+                }
+        int rc = victim ? drop_locked(s, victim) : 0;
+        pthread_mutex_unlock(&s->map_mu);
+        if (!victim)
+            break;
+        if (rc == 0) {
             fprintf(stderr,
                     "kvstore: sequence %llu expired (idle past its "
                     "TTL)\n",
-                    (unsigned long long)ids[i]);
+                    (unsigned long long)victim->id);
             n++;
+            seq_unref(victim);
+        } else {
+            /* Storage refused the drop: leave it and stop trying now. */
+            break;
         }
-    free(ids);
+    }
     pthread_mutex_lock(&s->build_mu);
     s->expired += n;
+    if (n)
+        pthread_cond_broadcast(&s->build_done);
     pthread_mutex_unlock(&s->build_mu);
     if (n_expired)
         *n_expired = n;
@@ -593,9 +626,12 @@ static void maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer,
 /* After a burst of appends the tail buffer may be far larger than what is
  * left in it once segments are published: give the memory back. Caller
  * holds the layer's write lock. */
-static void head_shrink(head_t *h, size_t rb, uint32_t segment_tokens) {
+static void head_shrink(head_t *h, size_t rb, uint32_t segment_tokens,
+                        uint64_t appending) {
     uint64_t keep = 2 * (uint64_t)segment_tokens;
-    if (h->tail_len > keep || h->tail_cap <= 2 * keep)
+    if (keep < h->tail_len + appending)
+        keep = h->tail_len + appending;
+    if (h->tail_cap <= 2 * keep)
         return;
     memmove(h->tail_keys, h->tail_keys + h->tail_start * rb, h->tail_len * rb);
     memmove(h->tail_values, h->tail_values + h->tail_start * rb,
@@ -662,13 +698,18 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
     }
     free(keys);
     free(vals);
-    if (seg && s->db && !atomic_load(&q->dropped)) {
-        /* A failed write leaves the rows stored: the segment still serves
-         * from memory and is rebuilt after a restart. */
+    if (seg && s->db) {
+        /* Under append_mu: a drop takes it before deleting the sequence's
+         * records, so the segment cannot land under a dropped id (or a new
+         * sequence that reuses it). A failed write leaves the rows stored:
+         * the segment still serves from memory, rebuilt after a restart. */
+        pthread_mutex_lock(&L->append_mu);
         char err[256];
-        if (kvs__db_put_segment(s->db, q->id, j->layer, j->head, seg, err,
+        if (!atomic_load(&q->dropped) &&
+            kvs__db_put_segment(s->db, q->id, j->layer, j->head, seg, err,
                                 sizeof err))
             fprintf(stderr, "kvstore: %s\n", err);
+        pthread_mutex_unlock(&L->append_mu);
     }
 
     pthread_rwlock_wrlock(&L->lock);
@@ -690,7 +731,7 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
         h->tail_start += n;
         h->tail_len -= n;
         keys_done = n;
-        head_shrink(h, q->row_bytes, s->opts.segment_tokens);
+        head_shrink(h, q->row_bytes, s->opts.segment_tokens, L->appending);
         bytes_add(s, q, (int64_t)kvs_segment_index_bytes(seg));
     }
     h->build_inflight = 0;
@@ -1328,6 +1369,14 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
         if (atomic_load(&q->evicted) && (rc = page_in(s, q)))
             goto out;
         pthread_mutex_lock(&L->append_mu);
+        /* A drop takes every append_mu before deleting the stored
+         * sequence: past this check nothing can delete it under us. */
+        if (atomic_load(&q->dropped)) {
+            pthread_mutex_unlock(&L->append_mu);
+            rc = fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                      (unsigned long long)id);
+            goto out;
+        }
         pthread_rwlock_wrlock(&L->lock);
         if (L->resident)
             break;
@@ -1345,18 +1394,23 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
             goto out;
         }
     uint64_t pos0 = L->tokens;
+    L->appending = n_tokens;
     pthread_rwlock_unlock(&L->lock);
     if (s->db) {
         char err[256];
         rc = kvs__db_append(s->db, id, layer, g, pos0, n_tokens, keys, values,
                             s->opts.segment_tokens, err, sizeof err);
         if (rc) {
+            pthread_rwlock_wrlock(&L->lock);
+            L->appending = 0;
+            pthread_rwlock_unlock(&L->lock);
             pthread_mutex_unlock(&L->append_mu);
             rc = fail(s, rc, "%s", err);
             goto out;
         }
     }
     pthread_rwlock_wrlock(&L->lock);
+    L->appending = 0;
     size_t stride = (size_t)g->n_kv_heads * q->row_bytes;
     for (uint32_t h = 0; h < g->n_kv_heads; h++) {
         head_t *hd = &L->heads[h];
@@ -1445,8 +1499,8 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
     zp->scale = m.scale > 0 ? m.scale : 1.0f / sqrtf((float)q->geo.head_dim);
     /* The reference uses 1/sqrt(d) in double: a float scale alone moves
      * every score by ~1e-7 relative. */
-    zp->scale_f64 = m.scale > 0 ? (double)m.scale
-                                : 1.0 / sqrt((double)q->geo.head_dim);
+    zp->scale_f64 =
+        m.scale > 0 ? (double)m.scale : 1.0 / sqrt((double)q->geo.head_dim);
     return 0;
 }
 
@@ -1488,9 +1542,9 @@ static void search_task(void *arg, uint32_t h) {
     kvs_head_view_t v;
     head_view(c->s, c->q, &c->L->heads[h], &v);
     size_t qh = (size_t)h * c->group;
-    c->rc[h] = kvs_head_search_group(
-        &v, c->queries + qh * v.d, c->group, c->k, &c->zp, sc,
-        c->positions + qh * c->k, c->scores + qh * c->k, &c->stats[h]);
+    c->rc[h] = kvs_head_search_group(&v, c->queries + qh * v.d, c->group, c->k,
+                                     &c->zp, sc, c->positions + qh * c->k,
+                                     c->scores + qh * c->k, &c->stats[h]);
 }
 
 /* Shared front half of search and attend: validation and the lock. */

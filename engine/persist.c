@@ -426,6 +426,8 @@ static void damage(known_t *k, const kvs__db_loader_t *L, int idx,
 static int load_records(kvs__db_t *db, int cf, known_t *known,
                         const kvs__db_loader_t *L, int bounded, char *err,
                         size_t errlen) {
+    /* Damage is charged to sequences, never returned: err stays unused. */
+    (void)err, (void)errlen;
     rocksdb_writebatch_t *orphans = rocksdb_writebatch_create();
     int n_orphans = 0;
     int cur = -1;
@@ -528,16 +530,30 @@ static int load_records(kvs__db_t *db, int cf, known_t *known,
         rocksdb_iter_destroy(it);
         if (!rerr)
             break;
-        int blame = got_key ? cur : (resume < known->n ? (int)resume : -1);
-        if (blame < 0 && known->n == 0) {
-            rc = take_err(rerr, err, errlen, "load");
+        /* The damaged block lies at or after the last key read (or at the
+         * resume point): blame the first known sequence from there on. */
+        size_t blame = resume;
+        if (got_key) {
+            size_t lo = 0, hi = known->n;
+            while (lo < hi) {
+                size_t mid = (lo + hi) / 2;
+                if (known->ids[mid] < cur_id)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            if (lo > blame)
+                blame = lo;
+        }
+        if (blame >= known->n) {
+            /* Past every known sequence: only orphans are damaged. */
+            rocksdb_free(rerr);
             break;
         }
-        if (blame < 0) /* before the first known sequence */
-            blame = 0;
-        damage(known, L, blame, "%s family: %s", cf_names[cf], rerr);
+        damage(known, L, (int)blame, "%s family: %s", cf_names[cf], rerr);
         rocksdb_free(rerr);
-        resume = (size_t)blame + 1;
+        /* Strictly forward: each restart passes at least one sequence. */
+        resume = blame + 1;
         cur = -1;
         if (resume >= known->n)
             break;
