@@ -93,6 +93,10 @@ struct kvs_store_s {
     kvs__db_t *db; /* NULL: memory only */
     kvs__pool_t *pool;
     pthread_key_t scratch_key;
+    /* Every thread's scratch, so that close frees those of threads that
+     * are still alive (key destructors stop running once it is deleted). */
+    pthread_mutex_t scratch_mu;
+    struct scratch_node_s *scratches;
 
     pthread_mutex_t map_mu;
     seq_t **buckets;
@@ -1079,8 +1083,10 @@ static int page_in(kvs_store_t *s, seq_t *q) {
                 memset(&L->heads[h], 0, sizeof L->heads[h]);
             }
         }
-        if (!q->damage)
-            q->damage = strdup(err[0] ? err : "page-in failed");
+        /* Damage quarantines; a passing failure (memory, I/O) leaves the
+         * sequence evicted for the next call to try again. */
+        if (!q->damage && rc == KVS_ECORRUPT)
+            q->damage = strdup(err[0] ? err : "page-in found damage");
         if (!rc)
             rc = KVS_EQUARANTINED;
         fail(s, rc, "paging sequence %llu in: %s", (unsigned long long)q->id,
@@ -1126,8 +1132,25 @@ static int layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
 /* ---------------------------------------------------------------------- */
 /* Open / close                                                           */
 
+typedef struct scratch_node_s {
+    kvs_scratch_t *sc;
+    kvs_store_t *s;
+    struct scratch_node_s *prev, *next;
+} scratch_node_t;
+
+/* Thread exit: unlink and free this thread's scratch. */
 static void scratch_destroy(void *p) {
-    kvs_scratch_free(p);
+    scratch_node_t *n = p;
+    pthread_mutex_lock(&n->s->scratch_mu);
+    if (n->prev)
+        n->prev->next = n->next;
+    else
+        n->s->scratches = n->next;
+    if (n->next)
+        n->next->prev = n->prev;
+    pthread_mutex_unlock(&n->s->scratch_mu);
+    kvs_scratch_free(n->sc);
+    free(n);
 }
 
 static _Thread_local char open_err[320];
@@ -1202,6 +1225,7 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
     atomic_init(&s->stopping, 0);
     s->n_buckets = 64;
     s->buckets = calloc(s->n_buckets, sizeof *s->buckets);
+    pthread_mutex_init(&s->scratch_mu, NULL);
     if (!s->buckets || pthread_key_create(&s->scratch_key, scratch_destroy)) {
         free(s->buckets);
         free(s);
@@ -1217,9 +1241,10 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         char err[256] = "";
         rc = kvs__db_open(s->data_dir, s->opts.sync, s->opts.sync_interval_ms,
                           &s->db, err, sizeof err);
+        kvs__db_format_t fmt = {s->opts.segment_tokens, s->opts.sink_tokens,
+                                s->opts.window_tokens};
         if (!rc)
-            rc = kvs__db_check_format(s->db, s->opts.segment_tokens, err,
-                                      sizeof err);
+            rc = kvs__db_check_format(s->db, &fmt, err, sizeof err);
         if (!rc) {
             kvs__db_loader_t loader = {s, load_seq, load_segment, load_rows,
                                        load_damaged};
@@ -1248,13 +1273,20 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         }
         s->n_builders++;
     }
+    /* Builds are queued and idle clocks restarted before the housekeeping
+     * thread can expire anything (it would free sequences under this walk,
+     * and a long load must not count as idle time). */
+    load_schedule_builds(s);
+    uint64_t now = now_ms();
+    for (size_t b = 0; b < s->n_buckets; b++)
+        for (seq_t *q = s->buckets[b]; q; q = q->next)
+            atomic_store(&q->last_access, now);
     pthread_cond_init(&s->keeper_cv, NULL);
     if ((rc = -pthread_create(&s->keeper, NULL, keeper_main, s))) {
         open_fail(rc, "housekeeping thread");
         goto fail;
     }
     s->keeper_running = 1;
-    load_schedule_builds(s);
     *out = s;
     return 0;
 fail:
@@ -1294,9 +1326,16 @@ void kvs_store_close(kvs_store_t *s) {
         }
     free(s->buckets);
     /* This thread's scratch; other threads' go with their exit. */
-    kvs_scratch_free(pthread_getspecific(s->scratch_key));
-    pthread_setspecific(s->scratch_key, NULL);
     pthread_key_delete(s->scratch_key);
+    pthread_mutex_lock(&s->scratch_mu);
+    for (scratch_node_t *n = s->scratches, *nx; n; n = nx) {
+        nx = n->next;
+        kvs_scratch_free(n->sc);
+        free(n);
+    }
+    s->scratches = NULL;
+    pthread_mutex_unlock(&s->scratch_mu);
+    pthread_mutex_destroy(&s->scratch_mu);
     pthread_cond_destroy(&s->build_cv);
     pthread_cond_destroy(&s->build_done);
     pthread_mutex_destroy(&s->build_mu);
@@ -1441,15 +1480,26 @@ out:
 /* Search / attend                                                        */
 
 static kvs_scratch_t *thread_scratch(kvs_store_t *s) {
-    kvs_scratch_t *sc = pthread_getspecific(s->scratch_key);
-    if (!sc) {
-        sc = kvs_scratch_new();
-        if (sc && pthread_setspecific(s->scratch_key, sc)) {
-            kvs_scratch_free(sc);
-            sc = NULL;
-        }
+    scratch_node_t *n = pthread_getspecific(s->scratch_key);
+    if (n)
+        return n->sc;
+    n = calloc(1, sizeof *n);
+    if (!n)
+        return NULL;
+    n->s = s;
+    if (!(n->sc = kvs_scratch_new()) ||
+        pthread_setspecific(s->scratch_key, n)) {
+        kvs_scratch_free(n->sc);
+        free(n);
+        return NULL;
     }
-    return sc;
+    pthread_mutex_lock(&s->scratch_mu);
+    n->next = s->scratches;
+    if (n->next)
+        n->next->prev = n;
+    s->scratches = n;
+    pthread_mutex_unlock(&s->scratch_mu);
+    return n->sc;
 }
 
 static void head_view(const kvs_store_t *s, const seq_t *q, const head_t *h,
@@ -2014,7 +2064,8 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->build_keys = s->build_keys;
     st->build_seconds = s->build_seconds;
     st->expired = s->expired;
-    st->resident_bytes = (uint64_t)atomic_load(&s->resident_bytes);
+    int64_t rb = atomic_load(&s->resident_bytes);
+    st->resident_bytes = rb > 0 ? (uint64_t)rb : 0; /* racing drops */
     st->evictions = atomic_load(&s->evictions);
     st->page_ins = atomic_load(&s->page_ins);
     pthread_mutex_unlock(&s->build_mu);

@@ -664,11 +664,13 @@ uint64_t kvs__db_disk_bytes(kvs__db_t *db) {
     return total;
 }
 
-int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
+int kvs__db_check_format(kvs__db_t *db, const kvs__db_format_t *f, char *err,
                          size_t errlen) {
     static const char key[] = "kvstore-format";
-    uint32_t want[3] = {0, 1u, segment_tokens};
-    want[0] = kvs_crc32c(0, want + 1, 8);
+    /* crc, version, segment_tokens, sink_tokens, window_tokens */
+    uint32_t want[5] = {0, 1u, f->segment_tokens, f->sink_tokens,
+                        f->window_tokens};
+    want[0] = kvs_crc32c(0, want + 1, sizeof want - 4);
     char *rerr = NULL;
     size_t vl = 0;
     char *v = rocksdb_get_cf(db->db, db->ro, db->cf[CF_DEFAULT], key,
@@ -684,11 +686,12 @@ int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
         rocksdb_writebatch_destroy(b);
         return rc;
     }
-    uint32_t have[3] = {0, 0, 0};
+    uint32_t have[5] = {0};
     if (vl == sizeof have)
         memcpy(have, v, sizeof have);
     rocksdb_free(v);
-    if (vl != sizeof have || have[0] != kvs_crc32c(0, have + 1, 8)) {
+    if (vl != sizeof have ||
+        have[0] != kvs_crc32c(0, have + 1, sizeof have - 4)) {
         snprintf(err, errlen, "format record is damaged");
         return KVS_ECORRUPT;
     }
@@ -696,14 +699,18 @@ int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
         snprintf(err, errlen, "unknown storage format version %u", have[1]);
         return KVS_ECORRUPT;
     }
-    if (have[2] != segment_tokens) {
-        /* Stored rows are split at multiples of the segment size. */
-        snprintf(err, errlen,
-                 "the data directory was created with "
-                 "segment_tokens %u, not %u",
-                 have[2], segment_tokens);
-        return KVS_EINVAL;
-    }
+    /* Stored rows are split at multiples of the segment size, and stored
+     * segments carry adjustment tables for the sink and window sizes. */
+    static const char *const names[3] = {"segment_tokens", "sink_tokens",
+                                         "window_tokens"};
+    for (int i = 0; i < 3; i++)
+        if (have[2 + i] != want[2 + i]) {
+            snprintf(err, errlen,
+                     "the data directory was created with "
+                     "%s %u, not %u",
+                     names[i], have[2 + i], want[2 + i]);
+            return KVS_EINVAL;
+        }
     return 0;
 }
 

@@ -24,10 +24,15 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
                  kvs__db_t **out, char *err, size_t errlen);
 void kvs__db_close(kvs__db_t *db);
 
-/* The directory's format record: written on first open, checked after.
- * A different segment_tokens is refused (stored rows are split at its
- * multiples). */
-int kvs__db_check_format(kvs__db_t *db, uint32_t segment_tokens, char *err,
+/* What stored data depends on: rows are split at multiples of the segment
+ * size; segments carry adjustment tables for the sink and window sizes. */
+typedef struct kvs__db_format_s {
+    uint32_t segment_tokens, sink_tokens, window_tokens;
+} kvs__db_format_t;
+
+/* The directory's format record: written on first open, checked after; a
+ * store opened with different values is refused (KVS_EINVAL). */
+int kvs__db_check_format(kvs__db_t *db, const kvs__db_format_t *f, char *err,
                          size_t errlen);
 
 /* Write (or rewrite) a sequence's metadata: geometry and idle TTL. */

@@ -17,6 +17,9 @@
  *   sequence's dtype; queries are [q_head][head_dim] fp32; outputs are
  *   caller-allocated with the sizes documented on each function.
  * - Positions are 0-based token indices within a (sequence, layer).
+ * - With a data_dir, any call on a sequence may also fail with
+ *   KVS_EQUARANTINED (its stored records are damaged; drop is allowed) or a
+ *   storage error (KVS_EIO, KVS_ENOSPC; reads keep working).
  *
  * Thread-safety: a kvs_store_t may be used from any number of threads.
  * search/attend run concurrently on any sequences, also while another thread
@@ -237,8 +240,10 @@ int kvs_seq_set_ttl(kvs_store_t *store, uint64_t seq, uint32_t ttl_seconds);
  * receives how many. */
 int kvs_store_expire(kvs_store_t *store, uint64_t *n_expired);
 
-/* Drop `seq` and everything it holds. Calls already running on it finish
- * first. Errors: KVS_ENOSEQ. */
+/* Drop `seq` and everything it holds, in memory and in storage. Searches
+ * and attends already running on it complete on the data they hold;
+ * appends not yet stored are refused with KVS_ENOSEQ. Errors: KVS_ENOSEQ,
+ * storage errors. */
 int kvs_seq_drop(kvs_store_t *store, uint64_t seq);
 
 /* What a sequence holds. */
