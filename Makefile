@@ -26,7 +26,7 @@ test: build
 
 # Sanitizer builds run the unit tests again (ASan+UBSan in one build, TSan in another).
 asan: deps
-	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKVS_ASAN=ON -DKVS_UBSAN=ON -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
+	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_ASAN=ON -DKVS_UBSAN=ON -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
 	@cmake --build build-asan -j $(JOBS)
 	@cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L unit
 

@@ -541,7 +541,11 @@ static void test_persist_memory_budget(void **state) {
     kvs_store_t *s = NULL;
     assert_int_equal(kvs_store_open(&o, &s), 0);
     long rss0 = rss_kb();
+#ifdef KVS_SANITIZER_RUN
+    enum { SEQS = 10, TOK = 20000, CHUNK = 1000 }; /* -O0 + sanitizers */
+#else
     enum { SEQS = 40, TOK = 20000, CHUNK = 1000 };
+#endif
     uint64_t per_seq = 2ull * TOK * KVH * D * 2 * 2;
     for (uint64_t id = 1; id <= SEQS; id++) {
         assert_int_equal(kvs_seq_create(s, id, &GEO), 0);
