@@ -1,5 +1,6 @@
 # Thin driver over CMake. The two commands of README.md:
-#   make demo   installs dependencies, builds, runs the main job
+#   make demo   installs dependencies, builds, runs the main job (kvstored
+#               on its RocksDB data dir, driven by the real-model decoder)
 #   make test   installs dependencies, builds, runs every test
 BUILD ?= build
 JOBS ?= $(shell nproc)
@@ -17,7 +18,7 @@ build: deps
 	@cmake --build $(BUILD) -j $(JOBS)
 
 demo: build
-	@bash scripts/demo.sh $(BUILD)
+	@bash scripts/demo-main.sh $(BUILD)
 
 test: build
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 300
@@ -26,12 +27,12 @@ test: build
 
 # Sanitizer builds run the unit tests again (ASan+UBSan in one build, TSan in another).
 asan: deps
-	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_ASAN=ON -DKVS_UBSAN=ON -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
+	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_ASAN=ON -DKVS_UBSAN=ON -DKVS_CUDA=OFF -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
 	@cmake --build build-asan -j $(JOBS)
 	@cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L unit
 
 tsan: deps
-	@cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_TSAN=ON -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
+	@cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_TSAN=ON -DKVS_CUDA=OFF -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
 	@cmake --build build-tsan -j $(JOBS)
 	@cd build-tsan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L tsan
 
