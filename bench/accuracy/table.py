@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""bench/accuracy/table.py [RESULT_JSON]: the markdown table of an accuracy
+result file (default bench/results/accuracy.json), for bench/RESULTS.md."""
+import json
+import sys
+
+r = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "bench/results/accuracy.json"))
+print("| model | context | segment | budget | rel L2 median | rel L2 p95 | keys exact "
+      "| clusters retrieved | clusters estimated | greedy agreement | bits full | bits wave |")
+print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for x in r["rows"]:
+    bits = x.get("bpb_full", x.get("bits_per_token_full"))
+    bw = x.get("bpb_wave", x.get("bits_per_token_wave"))
+    unit = "" if "bpb_full" in x else " /tok"
+    print("| %s | %d | %d | %s | %.4f | %.4f | %.2f%% | %.2f%% | %.1f%% | %s | %s | %s |" % (
+        x["model"], x["context"], x["segment_tokens"], x["variant"],
+        x["rel_l2_median"], x["rel_l2_p95"], 100 * x["exact_fraction"],
+        100 * x["clusters_retrieved_fraction"], 100 * x["clusters_estimated_fraction"],
+        "%.4f (%d)" % (x["greedy_agreement"], x["gen_tokens"]) if "greedy_agreement" in x else "",
+        "%.4f%s" % (bits, unit) if bits is not None else "",
+        "%.4f%s" % (bw, unit) if bw is not None else ""))
