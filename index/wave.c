@@ -738,23 +738,9 @@ typedef struct topk_s {
     uint32_t n, k;
 } topk_t;
 
-static void topk_push(topk_t *h, float sc, int64_t pos) {
-    if (h->n < h->k) {
-        uint32_t i = h->n++;
-        while (i > 0) {
-            uint32_t p = (i - 1) / 2;
-            if (h->score[p] <= sc)
-                break;
-            h->score[i] = h->score[p];
-            h->pos[i] = h->pos[p];
-            i = p;
-        }
-        h->score[i] = sc;
-        h->pos[i] = pos;
-        return;
-    }
-    if (sc <= h->score[0])
-        return;
+/* Put (sc, pos) at the root's place and sift it down to restore the heap
+ * over h->n entries. */
+static void sift_down(topk_t *h, float sc, int64_t pos) {
     uint32_t i = 0;
     for (;;) {
         uint32_t l = 2 * i + 1, r = l + 1, m = i;
@@ -773,6 +759,26 @@ static void topk_push(topk_t *h, float sc, int64_t pos) {
     h->pos[i] = pos;
 }
 
+static void topk_push(topk_t *h, float sc, int64_t pos) {
+    if (h->n < h->k) {
+        uint32_t i = h->n++;
+        while (i > 0) {
+            uint32_t p = (i - 1) / 2;
+            if (h->score[p] <= sc)
+                break;
+            h->score[i] = h->score[p];
+            h->pos[i] = h->pos[p];
+            i = p;
+        }
+        h->score[i] = sc;
+        h->pos[i] = pos;
+        return;
+    }
+    if (sc <= h->score[0])
+        return;
+    sift_down(h, sc, pos);
+}
+
 /* Pop everything out best first into positions/scores[k]. */
 static void topk_drain(topk_t *h, int64_t *positions, float *scores) {
     for (uint32_t j = h->n; j < h->k; j++) {
@@ -783,26 +789,8 @@ static void topk_drain(topk_t *h, int64_t *positions, float *scores) {
         uint32_t last = --h->n;
         positions[last] = h->pos[0];
         scores[last] = h->score[0];
-        float sc = h->score[last];
-        int64_t pos = h->pos[last];
-        uint32_t i = 0;
-        for (;;) {
-            uint32_t l = 2 * i + 1, r = l + 1, m = i;
-            float ms = sc;
-            if (l < h->n && h->score[l] < ms)
-                m = l, ms = h->score[l];
-            if (r < h->n && h->score[r] < ms)
-                m = r;
-            if (m == i)
-                break;
-            h->score[i] = h->score[m];
-            h->pos[i] = h->pos[m];
-            i = m;
-        }
-        if (h->n > 0) {
-            h->score[i] = sc;
-            h->pos[i] = pos;
-        }
+        if (h->n > 0)
+            sift_down(h, h->score[last], h->pos[last]);
     }
 }
 
