@@ -21,7 +21,12 @@
  * and errors on real model traces will differ. Every timing is the median over repetitions with a 256 MiB
  * memset between repetitions so that L2 holds nothing of the inputs.
  *
- * Usage: bench_gpu [--quick] [--sdpa FILE] [--json FILE]
+ * Usage: bench_gpu [--quick] [--sdpa FILE] [--json FILE] [--ctx N]
+ *                  [--batch B] [--no-offload] [--breakdown]
+ *   --ctx/--batch: only that context / batch (KV-on-GPU part);
+ *   --no-offload: skip part 3; --breakdown: also time select alone and
+ *   attend alone (each its own graph, L2 flushed before each).
+ * Environment: KVS_CUDA_PDL (0..3, see kernels/cuda/wave.cuh).
  */
 #include "kvs_buffer.h"
 #include "kvs_cuda.h"
@@ -67,6 +72,7 @@ static cudaEvent_t e0, e1;
 static char rows[1 << 16];
 static size_t rows_len;
 static double copy_gbs, h2d_gbs;
+static int breakdown;
 
 static int cmp_d(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -305,6 +311,25 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     CU(cudaStreamEndCapture(st, &g));
     CU(cudaGraphInstantiate(&gw, g, 0));
     CU(cudaGraphDestroy(g));
+    if (breakdown) {
+        cudaGraphExec_t gs, ga;
+        CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        KV(kvs_cuda_wave_select(w, &L, q, st));
+        CU(cudaStreamEndCapture(st, &g));
+        CU(cudaGraphInstantiate(&gs, g, 0));
+        CU(cudaGraphDestroy(g));
+        CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        KV(kvs_cuda_wave_attend(w, &L, NULL, q, ow, st));
+        CU(cudaStreamEndCapture(st, &g));
+        CU(cudaGraphInstantiate(&ga, g, 0));
+        CU(cudaGraphDestroy(g));
+        const double ts = time_graph(gs, reps), ta = time_graph(ga, reps);
+        printf("ctx %7u b%u breakdown: select (score+select) %.4f ms, "
+               "attend (zones+merge) %.4f ms, step %.4f ms\n",
+               ctx, b, ts, ta, time_graph(gw, reps));
+        CU(cudaGraphExecDestroy(gs));
+        CU(cudaGraphExecDestroy(ga));
+    }
     CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     KV(kvs_cuda_full_attend(f, dk, dv, n, 0, q, of, st));
     CU(cudaStreamEndCapture(st, &g));
@@ -578,9 +603,19 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     int quick = 0;
     const char *sdpa = NULL, *json = NULL;
+    uint32_t only_ctx = 0, only_b = 0;
+    int no_offload = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick"))
             quick = 1;
+        else if (!strcmp(argv[i], "--ctx") && i + 1 < argc)
+            only_ctx = (uint32_t)strtoul(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc)
+            only_b = (uint32_t)strtoul(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--no-offload"))
+            no_offload = 1;
+        else if (!strcmp(argv[i], "--breakdown"))
+            breakdown = 1;
         else if (!strcmp(argv[i], "--sdpa") && i + 1 < argc)
             sdpa = argv[++i];
         else if (!strcmp(argv[i], "--json") && i + 1 < argc)
@@ -605,12 +640,16 @@ int main(int argc, char **argv) {
             prop.name, prop.multiProcessorCount, copy_gbs, h2d_gbs);
 
     const uint32_t ctxs[3] = {32768, 131072, 524288};
-    const uint32_t nctx = quick ? 1 : 3, nb = quick ? 1 : 2;
+    const uint32_t nctx = quick && !only_ctx ? 1 : 3, nb = quick ? 1 : 2;
     const uint32_t bs[2] = {1, 8};
     gres_t r128[2];
+    memset(r128, 0, sizeof r128);
     int have128 = 0;
     for (uint32_t c = 0; c < nctx; c++)
-        for (uint32_t bi = 0; bi < nb; bi++) {
+        for (uint32_t bi = 0; bi < (only_b ? 2 : nb); bi++) {
+            if ((only_ctx && ctxs[c] != only_ctx) ||
+                (only_b && bs[bi] != only_b))
+                continue;
             const int is128 = ctxs[c] == 131072;
             gres_t r = run_gpu(ctxs[c], bs[bi], quick ? 10 : 30,
                                is128 && bi == 0 ? 3 : 1, sdpa);
@@ -619,8 +658,11 @@ int main(int argc, char **argv) {
                 have128 = 1;
             }
         }
-    ores_t o = run_offload(quick ? 65536 : 1048576, quick ? 40 : 300,
-                           quick ? 10 : 50);
+    ores_t o;
+    memset(&o, 0, sizeof o);
+    if (!no_offload)
+        o = run_offload(quick ? 65536 : 1048576, quick ? 40 : 300,
+                        quick ? 10 : 50);
 
     if (json) {
         FILE *f = fopen(json, "w");
@@ -644,7 +686,7 @@ int main(int argc, char **argv) {
                 copy_gbs, h2d_gbs);
         fprintf(f, "  \"metrics\": {");
         const char *sep = "";
-        if (have128) {
+        if (have128 && r128[0].wave_ms > 0) {
             if (r128[0].sdpa > 0) {
                 fprintf(f, "%s\n    \"speedup_vs_sdpa_128k_b1\": %.3f", sep,
                         r128[0].sdpa / r128[0].wave_ms);
@@ -665,7 +707,7 @@ int main(int argc, char **argv) {
                     32 * r128[0].build_ms * 1e-3, r128[0].rel_med);
             sep = ",";
         }
-        if (!quick) {
+        if (!quick && !no_offload) {
             fprintf(f,
                     "%s\n    \"offload_ms_per_layer_1m\": %.4f,"
                     "\n    \"cache_hit_rate_1m\": %.4f",

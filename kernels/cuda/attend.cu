@@ -1,6 +1,7 @@
 /*
  * attend.cu: tripartite (steady / retrieval / estimation) attention of one
- * layer over the zones chosen by select, and the log-sum-exp merge.
+ * layer over the zones chosen by select, and the log-sum-exp merge (fused:
+ * the last split of each head to finish merges that head).
  *
  * Grid: (steady items + retrieval items + estimation items, heads). Each
  * block is one split of one head's work and writes one partial; the item
@@ -9,12 +10,12 @@
  * an empty partial (lse -inf).
  *   steady item:     ATT_STEADY_ROWS consecutive steady rows, rows spread
  *                    over the half-warps
- *   retrieval item:  ATT_RET_CLUSTERS clusters of the retrieval list, one
- *                    cluster at a time per half-warp; steady members masked
+ *   retrieval item:  ret_split clusters of the retrieval list, their rows
+ *                    dealt evenly to the half-warps; steady members masked
  *                    by position; rows from the GPU cache slot on a hit,
  *                    else from layer keys/values (pinned host on the
  *                    offload path), misses staged for the cache fill
- *   estimation item: ATT_EST_ROWS clusters of the estimation list as
+ *   estimation item: est_rows clusters of the estimation list as
  *                    pseudo-tokens: key = centroid, value = value mean,
  *                    logit bias log(count)
  */
@@ -32,9 +33,78 @@ struct zone_args {
     float qs;
     const uint32_t *ret, *n_ret, *est, *n_est;
     uint32_t rcap, ecap;
+    uint32_t ret_split, est_rows;
     uint32_t steady_items, ret_items, est_items;
     float *po, *plse;
+    uint32_t *done;
+    float *out;
 };
+
+constexpr int RET_SPLIT_MAX = 32; /* one warp scans a split's sizes */
+
+/*
+ * The last split of head h to finish merges the head's partials into out
+ * (log-sum-exp weights), then resets done[h] for the next launch. The
+ * partials of other blocks are read through L2 (__ldcg) after the fence.
+ */
+template <int G>
+__device__ __forceinline__ void merge_if_last(const zone_args &a, int h,
+                                              uint32_t n_items) {
+    __shared__ uint32_t s_last;
+    __shared__ float s_m[G], s_l[G];
+    __threadfence(); /* this block's partial before the counter */
+    __syncthreads();
+    if (threadIdx.x == 0)
+        s_last = atomicAdd(&a.done[h], 1u) == n_items - 1;
+    __syncthreads();
+    if (!s_last)
+        return;
+    __threadfence();
+    const float *lse = a.plse + (size_t)h * n_items * G;
+    const float4 *po =
+        reinterpret_cast<const float4 *>(a.po + (size_t)h * n_items * G * D);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int i = warp; i < G; i += ATT_THREADS / 32) {
+        float m = -INFINITY;
+        for (uint32_t k = lane; k < n_items; k += 32)
+            m = fmaxf(m, __ldcg(lse + (size_t)k * G + i));
+        for (int off = 16; off; off >>= 1)
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        float l = 0.f;
+        if (m != -INFINITY)
+            for (uint32_t k = lane; k < n_items; k += 32)
+                l += exp2f(__ldcg(lse + (size_t)k * G + i) - m);
+        for (int off = 16; off; off >>= 1)
+            l += __shfl_xor_sync(0xffffffffu, l, off);
+        if (lane == 0) {
+            s_m[i] = m;
+            s_l[i] = l;
+        }
+    }
+    __syncthreads();
+    constexpr int V = G * D / 4; /* float4 per partial */
+    for (int e = threadIdx.x; e < V; e += ATT_THREADS) {
+        const int i = e / (D / 4);
+        const float m = s_m[i], l = s_l[i];
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (m != -INFINITY) {
+#pragma unroll 8
+            for (uint32_t k = 0; k < n_items; k++) {
+                const float c = exp2f(__ldcg(lse + (size_t)k * G + i) - m);
+                const float4 p = __ldcg(po + (size_t)k * V + e);
+                o.x = fmaf(c, p.x, o.x);
+                o.y = fmaf(c, p.y, o.y);
+                o.z = fmaf(c, p.z, o.z);
+                o.w = fmaf(c, p.w, o.w);
+            }
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        reinterpret_cast<float4 *>(a.out + (size_t)h * G * D)[e] =
+            make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+    }
+    if (threadIdx.x == 0)
+        a.done[h] = 0;
+}
 
 template <typename T, int G>
 __global__ void __launch_bounds__(ATT_THREADS) zone_kernel(zone_args a) {
@@ -50,6 +120,7 @@ __global__ void __launch_bounds__(ATT_THREADS) zone_kernel(zone_args a) {
     float bias[ATT_U];
 
     if (item < (int)a.steady_items) {
+        /* needs nothing from select: runs while it finishes (PDL) */
         const uint32_t n = a.L.n_steady;
         const uint32_t r0 = item * ATT_STEADY_ROWS;
         const uint32_t r1 = min(n, r0 + ATT_STEADY_ROWS);
@@ -67,57 +138,95 @@ __global__ void __launch_bounds__(ATT_THREADS) zone_kernel(zone_args a) {
             att_rows<T, G>(s, qr, kp, vp, bias);
         }
     } else if (item < (int)(a.steady_items + a.ret_items)) {
-        const uint32_t j0 = (item - a.steady_items) * ATT_RET_CLUSTERS;
-        const uint32_t j1 = min(a.n_ret[h], j0 + ATT_RET_CLUSTERS);
+        /* The split's clusters' rows as one list, dealt to the half-warps
+         * ATT_U consecutive rows at a time: a large cluster is spread over
+         * several half-warps instead of holding one back. */
+        __shared__ uint32_t s_pre[RET_SPLIT_MAX + 1], s_o0[RET_SPLIT_MAX];
+        __shared__ int s_slot[RET_SPLIT_MAX];
+        __shared__ uint32_t s_flag[RET_SPLIT_MAX];
+        pdl_wait();
+        const uint32_t j0 = (item - a.steady_items) * a.ret_split;
+        const uint32_t nr = a.n_ret[h];
+        const uint32_t nj = nr > j0 ? min(nr - j0, a.ret_split) : 0;
         const uint32_t *offs = a.L.offsets + (size_t)h * (C + 1);
+        if (threadIdx.x < 32) {
+            const uint32_t k = threadIdx.x;
+            uint32_t n = 0;
+            if (k < nj) {
+                const uint32_t c = a.ret[(size_t)h * a.rcap + j0 + k];
+                const uint32_t o0 = offs[c];
+                n = offs[c + 1] - o0;
+                s_o0[k] = o0;
+                s_slot[k] = a.cache.slot_of
+                                ? a.cache.slot_of[(size_t)h * C + c]
+                                : -1;
+                s_flag[k] = a.L.steady_flags[(size_t)h * C + c];
+            }
+            uint32_t x = n; /* inclusive scan of the sizes */
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const uint32_t y = __shfl_up_sync(0xffffffffu, x, off);
+                if ((int)k >= off)
+                    x += y;
+            }
+            if (k == 0)
+                s_pre[0] = 0;
+            if (k < nj)
+                s_pre[k + 1] = x;
+        }
+        __syncthreads();
+        const uint32_t total = nj ? s_pre[nj] : 0;
         const T *keys = (const T *)a.L.keys + (size_t)h * N * D;
         const T *vals = (const T *)a.L.values + (size_t)h * N * D;
         const uint32_t *pos = a.L.positions + (size_t)h * N;
         const uint32_t st = a.cache.slot_tokens;
-        for (uint32_t j = j0 + hw; j < j1; j += ATT_HW) {
-            const uint32_t c = a.ret[(size_t)h * a.rcap + j];
-            const uint32_t o0 = offs[c], n = offs[c + 1] - o0;
-            const int slot =
-                a.cache.slot_of ? a.cache.slot_of[(size_t)h * C + c] : -1;
-            const T *kb, *vb;
-            T *stk = nullptr, *stv = nullptr;
-            if (slot >= 0) {
-                kb = (const T *)a.cache.slot_keys + (size_t)slot * st * D;
-                vb = (const T *)a.cache.slot_values + (size_t)slot * st * D;
-            } else {
-                kb = keys + (size_t)o0 * D;
-                vb = vals + (size_t)o0 * D;
-                if (a.cache.stage_keys && n <= st) {
-                    const size_t so = ((size_t)h * a.rcap + j) * st * D;
-                    stk = (T *)a.cache.stage_keys + so;
-                    stv = (T *)a.cache.stage_values + so;
-                }
-            }
-            const bool flagged = a.L.steady_flags[(size_t)h * C + c] != 0;
-            for (uint32_t t = 0; t < n; t += ATT_U) {
-                int strow[ATT_U];
+        T *stk = (T *)a.cache.stage_keys, *stv = (T *)a.cache.stage_values;
+        for (uint32_t r0 = hw * ATT_U; r0 < total; r0 += ATT_HW * ATT_U) {
+            int strow[ATT_U];
 #pragma unroll
-                for (int u = 0; u < ATT_U; u++) {
-                    const uint32_t row = t + u;
-                    const bool ok = row < n;
-                    const uint32_t rr = ok ? row : t;
-                    kp[u] = kb + (size_t)rr * D;
-                    vp[u] = vb + (size_t)rr * D;
-                    strow[u] = ok ? (int)row : -1;
-                    bias[u] = ok ? 0.f : -INFINITY;
-                    if (ok && flagged) {
-                        const uint32_t p = pos[o0 + row];
-                        if (p < a.L.steady_lo || p >= a.L.steady_hi)
-                            bias[u] = -INFINITY;
-                    }
+            for (int u = 0; u < ATT_U; u++) {
+                const uint32_t row = r0 + u;
+                const bool ok = row < total;
+                const uint32_t rr = ok ? row : r0;
+                /* the cluster k holding row rr: last s_pre[k] <= rr */
+                int lo = 0, hi = (int)nj - 1;
+                while (lo < hi) {
+                    const int mid = (lo + hi + 1) >> 1;
+                    if (s_pre[mid] <= rr)
+                        lo = mid;
+                    else
+                        hi = mid - 1;
                 }
-                att_rows<T, G>(s, qr, kp, vp, bias, stk, stv, strow);
+                const uint32_t t = rr - s_pre[lo];
+                const uint32_t n = s_pre[lo + 1] - s_pre[lo];
+                const uint32_t o0 = s_o0[lo];
+                const int slot = s_slot[lo];
+                strow[u] = -1;
+                if (slot >= 0) {
+                    const size_t so = ((size_t)slot * st + t) * D;
+                    kp[u] = (const T *)a.cache.slot_keys + so;
+                    vp[u] = (const T *)a.cache.slot_values + so;
+                } else {
+                    kp[u] = keys + (size_t)(o0 + t) * D;
+                    vp[u] = vals + (size_t)(o0 + t) * D;
+                    if (ok && stk && n <= st)
+                        strow[u] = (int)(((size_t)h * a.rcap + j0 + lo) * st +
+                                         t);
+                }
+                bias[u] = ok ? 0.f : -INFINITY;
+                if (ok && s_flag[lo]) {
+                    const uint32_t p = pos[o0 + t];
+                    if (p < a.L.steady_lo || p >= a.L.steady_hi)
+                        bias[u] = -INFINITY;
+                }
             }
+            att_rows<T, G>(s, qr, kp, vp, bias, stk, stv, strow);
         }
     } else {
+        pdl_wait();
         const uint32_t j0 =
-            (item - a.steady_items - a.ret_items) * ATT_EST_ROWS;
-        const uint32_t j1 = min(a.n_est[h], j0 + ATT_EST_ROWS);
+            (item - a.steady_items - a.ret_items) * a.est_rows;
+        const uint32_t j1 = min(a.n_est[h], j0 + a.est_rows);
         const T *cen = (const T *)a.L.centroids + (size_t)h * C * D;
         const T *vm = (const T *)a.L.value_means + (size_t)h * C * D;
         const uint32_t *cnt = a.L.counts + (size_t)h * C;
@@ -135,9 +244,10 @@ __global__ void __launch_bounds__(ATT_THREADS) zone_kernel(zone_args a) {
             att_rows<T, G>(s, qr, kp, vp, bias);
         }
     }
-    const size_t n_items = a.steady_items + a.ret_items + a.est_items;
+    const uint32_t n_items = a.steady_items + a.ret_items + a.est_items;
     const size_t pi = (size_t)h * n_items + item;
     att_finish<G>(s, a.po + pi * G * D, a.plse + pi * G);
+    merge_if_last<G>(a, h, n_items);
 }
 
 __global__ void merge_kernel(const float *po, const float *plse,
@@ -161,10 +271,11 @@ __global__ void merge_kernel(const float *po, const float *plse,
 }
 
 template <typename T, int G>
-int launch_zones(const zone_args &a, uint32_t n_heads, cudaStream_t stream) {
+int launch_zones(const zone_args &a, uint32_t n_heads, bool pdl,
+                 cudaStream_t stream) {
     dim3 grid(a.steady_items + a.ret_items + a.est_items, n_heads);
-    zone_kernel<T, G><<<grid, ATT_THREADS, 0, stream>>>(a);
-    KVS_CUDA_LAUNCHED();
+    KVS_CUDA_TRY(kvs__cuda_launch(zone_kernel<T, G>, grid, dim3(ATT_THREADS),
+                                  0, stream, pdl, a));
     return 0;
 }
 
@@ -181,7 +292,7 @@ int kvs__cuda_merge(const float *po, const float *plse, uint32_t n_heads,
 
 int kvs__cuda_attend_zones(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                            const kvs_cuda_cache_t *cache, const float *q,
-                           cudaStream_t stream) {
+                           float *out, cudaStream_t stream) {
     zone_args a;
     a.L = *L;
     if (cache) {
@@ -197,20 +308,25 @@ int kvs__cuda_attend_zones(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
     a.n_est = w->n_est;
     a.rcap = w->rcap;
     a.ecap = w->ecap;
+    a.ret_split = w->ret_split;
+    a.est_rows = w->est_rows;
     a.steady_items = w->steady_items;
     a.ret_items = w->ret_items;
     a.est_items = w->est_items;
     a.po = w->po;
     a.plse = w->plse;
+    a.done = w->done;
+    a.out = out;
+    const bool pdl = (w->pdl & 1) != 0;
     KVS_CUDA_DISPATCH(L->dtype, switch (L->group) {
         case 1:
-            return launch_zones<T, 1>(a, L->n_heads, stream);
+            return launch_zones<T, 1>(a, L->n_heads, pdl, stream);
         case 2:
-            return launch_zones<T, 2>(a, L->n_heads, stream);
+            return launch_zones<T, 2>(a, L->n_heads, pdl, stream);
         case 4:
-            return launch_zones<T, 4>(a, L->n_heads, stream);
+            return launch_zones<T, 4>(a, L->n_heads, pdl, stream);
         case 8:
-            return launch_zones<T, 8>(a, L->n_heads, stream);
+            return launch_zones<T, 8>(a, L->n_heads, pdl, stream);
         default:
             return KVS_ENOTSUP;
     });

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <math.h>
+#include <utility>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -96,7 +97,41 @@ __device__ __forceinline__ float hsum16(float x) {
     return x;
 }
 
+/*
+ * Programmatic dependent launch (sm_90): a kernel launched with
+ * kvs__cuda_launch(..., pdl = true) may start while the previous kernel of
+ * the stream still runs, once that kernel has called
+ * pdl_launch_dependents(); it must call pdl_wait() before touching what
+ * the previous kernel writes (pdl_wait returns once that kernel has
+ * completed and its writes are visible). Both are no-ops for a kernel
+ * launched without the attribute.
+ */
+__device__ __forceinline__ void pdl_wait() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 } // namespace kvs_cuda
+
+/* Launch, with the programmatic-serialization attribute when pdl. */
+template <typename... KArgs, typename... Args>
+cudaError_t kvs__cuda_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                             size_t smem, cudaStream_t stream, bool pdl,
+                             Args &&...args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 /* Dispatch on dtype: BODY sees `T` as the element type. */
 #define KVS_CUDA_DISPATCH(dtype, ...)                                          \

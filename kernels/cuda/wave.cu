@@ -80,11 +80,23 @@ extern "C" int kvs_cuda_wave_new(const kvs_cuda_layer_t *g,
     w->rcap = frac_cap(w->rf, g->max_clusters);
     w->ecap = frac_cap(w->ef, g->max_clusters);
     w->tiles = div_up(g->max_clusters, SCORE_TILE);
+    const int few = g->n_heads <= ATT_FEW_HEADS;
+    w->ret_split = few ? ATT_RET_CLUSTERS_FEW : ATT_RET_CLUSTERS;
+    w->est_rows = few ? ATT_EST_ROWS_FEW : ATT_EST_ROWS;
     w->steady_items = div_up(g->n_steady, ATT_STEADY_ROWS);
-    w->ret_items = div_up(w->rcap, ATT_RET_CLUSTERS);
-    w->est_items = div_up(w->ecap, ATT_EST_ROWS);
+    w->ret_items = div_up(w->rcap, w->ret_split);
+    w->est_items = div_up(w->ecap, w->est_rows);
+    {
+        const char *e = getenv("KVS_CUDA_PDL");
+        w->pdl = e && *e ? (unsigned)atoi(e) & 3u : 0u;
+    }
     const size_t items = w->steady_items + w->ret_items + w->est_items;
-    const size_t smem = kvs__cuda_select_smem(g->max_clusters);
+    {
+        const char *e = getenv("KVS_CUDA_SELECT");
+        w->select_block = e && !strcmp(e, "block");
+    }
+    const size_t smem = kvs__cuda_select_smem(g->max_clusters,
+                                              w->select_block);
     int rc = 0;
 #define ALLOC(ptr, n)                                                          \
     do {                                                                       \
@@ -105,8 +117,20 @@ extern "C" int kvs_cuda_wave_new(const kvs_cuda_layer_t *g,
     ALLOC(w->n_est, H);
     ALLOC(w->po, H * items * G * KVS_CUDA_HEAD_DIM);
     ALLOC(w->plse, H * items * G);
+    ALLOC(w->done, H);
+    ALLOC(w->ghist, kvs__cuda_select_hist_words(g->n_heads));
 #undef ALLOC
-    if ((rc = kvs__cuda_select_prepare(smem)) != 0)
+    {
+        cudaError_t e = cudaMemset(w->done, 0, H * sizeof *w->done);
+        if (e == cudaSuccess)
+            e = cudaMemset(w->ghist, 0,
+                           kvs__cuda_select_hist_words(g->n_heads) * 4);
+        if (e != cudaSuccess) {
+            rc = kvs__cuda_fail(e, "cudaMemset done");
+            goto err;
+        }
+    }
+    if ((rc = kvs__cuda_select_prepare(smem, w->select_block)) != 0)
         goto err;
     *out = w;
     return 0;
@@ -128,6 +152,8 @@ extern "C" void kvs_cuda_wave_free(kvs_cuda_wave_t *w) {
     cudaFree(w->n_est);
     cudaFree(w->po);
     cudaFree(w->plse);
+    cudaFree(w->done);
+    cudaFree(w->ghist);
     free(w);
 }
 
@@ -162,11 +188,7 @@ extern "C" int kvs_cuda_wave_attend(kvs_cuda_wave_t *w,
     int rc = check_layer(w, L);
     if (rc)
         return rc;
-    if ((rc = kvs__cuda_attend_zones(w, L, cache, q, stream)) != 0)
-        return rc;
-    return kvs__cuda_merge(w->po, w->plse, w->n_heads, w->group,
-                           w->steady_items + w->ret_items + w->est_items, out,
-                           stream);
+    return kvs__cuda_attend_zones(w, L, cache, q, out, stream);
 }
 
 extern "C" const uint32_t *kvs_cuda_wave_retrieved(const kvs_cuda_wave_t *w,

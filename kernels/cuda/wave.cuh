@@ -6,32 +6,48 @@
 
 #include "common.cuh"
 
-/* Split sizes of the zone attention (one block = one split). */
-#define ATT_STEADY_ROWS 256 /* steady rows per split */
-#define ATT_RET_CLUSTERS 16 /* retrieval clusters per split */
-#define ATT_EST_ROWS 128    /* estimation pseudo-tokens per split */
-#define SCORE_TILE 128      /* centroids per score block */
+/* Split sizes of the zone attention (one block = one split). Few heads
+ * (batch 1): small splits, so that the step is spread over the whole GPU;
+ * many heads: larger ones (fewer partials to merge). */
+#define ATT_STEADY_ROWS 256    /* steady rows per split */
+#define ATT_RET_CLUSTERS 16    /* retrieval clusters per split (H > 16) */
+#define ATT_RET_CLUSTERS_FEW 8 /*   (H <= 16); at most 32 */
+#define ATT_EST_ROWS 128       /* estimation pseudo-tokens per split */
+#define ATT_EST_ROWS_FEW 64
+#define ATT_FEW_HEADS 16
+#define SCORE_TILE 128 /* centroids per score block */
 
 struct kvs_cuda_wave_s {
     kvs_dtype_t dtype;
     uint32_t n_heads, group, max_clusters, n_steady;
     float rf, ef, scale;
     uint32_t rcap, ecap, tiles;
+    uint32_t ret_split, est_rows; /* clusters / rows per split */
     uint32_t steady_items, ret_items, est_items;
+    unsigned pdl; /* 1: zones may start early (steady zone before select
+                     ends), 2: select may start during score; env
+                     KVS_CUDA_PDL=0..3, default 0 */
     /* device scratch */
     float *logits;  /* [H][G][C] base-2 logits */
     float *tile_ms; /* [H][tiles][G][2] tile max and sum of exp2 */
     float *scores;  /* [H][C] */
     uint32_t *keys; /* [H][C] select keys when they do not fit in smem */
+    uint32_t *ghist; /* cluster select's histograms (zero between steps) */
+    int select_block; /* 1: select_block_kernel (KVS_CUDA_SELECT=block) */
     uint32_t *ret, *n_ret, *est, *n_est;
     float *po, *plse; /* partials */
+    uint32_t *done;   /* [H] finished splits; the last one merges and
+                         resets it to 0 */
 };
 
 int kvs__cuda_score_select(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                            const float *q, cudaStream_t stream);
 /* Dynamic shared memory of select for C clusters (0: keys in global). */
-size_t kvs__cuda_select_smem(uint32_t max_clusters);
-int kvs__cuda_select_prepare(size_t smem);
+size_t kvs__cuda_select_smem(uint32_t max_clusters, int block);
+int kvs__cuda_select_prepare(size_t smem, int block);
+/* Words of the cluster select's global histograms for n_heads. */
+size_t kvs__cuda_select_hist_words(uint32_t n_heads);
+/* Zones and the merge (the last split of each head merges): out. */
 int kvs__cuda_attend_zones(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                            const kvs_cuda_cache_t *cache, const float *q,
-                           cudaStream_t stream);
+                           float *out, cudaStream_t stream);

@@ -1038,8 +1038,10 @@ static void test_kmeans(kvs_dtype_t dt) {
     kvs_cuda_kmeans_free(km);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress survives a timeout */
+    /* "wave": only the wave tests (select, zones, merge, cache path) */
+    const int only_wave = argc > 1 && !strcmp(argv[1], "wave");
     if (kvs_cuda_device_count() == 0) {
         printf("SKIP: no CUDA device\n");
         return 77;
@@ -1056,13 +1058,22 @@ int main(void) {
     const uint32_t nc3[3] = {700, 650, 513};
     test_wave(KVS_DTYPE_BF16, 3, 4, 700, nc3, 12000, 1);
     test_wave(KVS_DTYPE_F16, 3, 2, 700, nc3, 12000, 0);
-    const uint32_t nc1[1] = {45000}; /* select keys in global memory */
+    const uint32_t nc1[1] = {45000};
     test_wave(KVS_DTYPE_BF16, 1, 8, 45000, nc1, 90000, 0);
-    test_full(KVS_DTYPE_BF16, 3, 4, 5000, 0);
-    test_full(KVS_DTYPE_F16, 2, 8, 777, 0);
-    test_full(KVS_DTYPE_BF16, 2, 4, 3000, 1);
-    test_kmeans(KVS_DTYPE_BF16);
-    test_kmeans(KVS_DTYPE_F16);
+    /* the benchmark's batch-1 shape at 128K: 8 KV heads x 8192 clusters
+     * (select: 1024 clusters per block; 19 retrieval splits per head) */
+    const uint32_t nc8[8] = {8192, 8192, 8192, 8192, 8192, 8192, 8000, 8191};
+    test_wave(KVS_DTYPE_BF16, 8, 4, 8192, nc8, 20000, 0);
+    /* select keys in global memory (12500 per block > 48 KB), G = 1 */
+    const uint32_t ncg[1] = {100000};
+    test_wave(KVS_DTYPE_F16, 1, 1, 100000, ncg, 110000, 0);
+    if (!only_wave) {
+        test_full(KVS_DTYPE_BF16, 3, 4, 5000, 0);
+        test_full(KVS_DTYPE_F16, 2, 8, 777, 0);
+        test_full(KVS_DTYPE_BF16, 2, 4, 3000, 1);
+        test_kmeans(KVS_DTYPE_BF16);
+        test_kmeans(KVS_DTYPE_F16);
+    }
     if (failures) {
         printf("FAILED: %d checks\n", failures);
         return 1;
