@@ -100,7 +100,9 @@ typedef struct row_s {
 static int run_context(uint32_t tokens, uint32_t n_queries, row_t *row) {
     kvs_options_t opts;
     kvs_options_default(&opts);
+    /* Two builders with one BLAS thread each: one segment build per core. */
     opts.n_build_threads = 2;
+    opts.blas_threads = 1;
     kvs_store_t *s;
     int rc = kvs_store_open(&opts, &s);
     if (rc)

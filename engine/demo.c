@@ -109,6 +109,7 @@ int main(int argc, char **argv) {
     kvs_options_default(&opts);
     opts.n_threads = threads;
     opts.n_build_threads = 2;
+    opts.blas_threads = 1; /* one segment build per core */
     kvs_store_t *store;
     int rc = kvs_store_open(&opts, &store);
     if (rc) {

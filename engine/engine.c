@@ -24,6 +24,7 @@
 #include "index/kvs_index.h"
 #include "kernels/kvs_kernels.h"
 
+#include <cblas.h> /* openblas_set_num_threads */
 #include <errno.h>
 #include <malloc.h>
 #include <math.h>
@@ -1217,6 +1218,8 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
     }
     if (s->opts.n_build_threads == 0)
         s->opts.n_build_threads = 1;
+    if (s->opts.blas_threads)
+        openblas_set_num_threads((int)s->opts.blas_threads);
 
     pthread_mutex_init(&s->map_mu, NULL);
     pthread_mutex_init(&s->build_mu, NULL);

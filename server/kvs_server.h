@@ -58,7 +58,9 @@ extern "C" {
       "worker threads running engine calls (libuv thread pool)")               \
     X(engine_threads, U32, "0", 0, 4096,                                       \
       "engine search/attend threads; 0 = online CPUs")                         \
-    X(build_threads, U32, "1", 0, 4096, "engine index build threads")          \
+    X(build_threads, U32, "2", 0, 4096, "engine index build threads")          \
+    X(blas_threads, U32, "1", 0, 4096,                                         \
+      "OpenBLAS threads for index builds (process-wide); 0 = leave as is")    \
     X(segment_tokens, U32, "0", 0, 1u << 24,                                   \
       "engine keys per index segment; 0 = engine default")                    \
     X(cluster_tokens, U32, "0", 0, 1u << 16,                                   \
