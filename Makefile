@@ -34,7 +34,7 @@ asan: deps
 tsan: deps
 	@cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_TSAN=ON -DKVS_CUDA=OFF -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
 	@cmake --build build-tsan -j $(JOBS)
-	@cd build-tsan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L tsan
+	@cd build-tsan && TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp" ctest --output-on-failure -j $(JOBS) --timeout 600 -L tsan
 
 clean:
 	rm -rf $(BUILD) build-asan build-tsan
