@@ -2007,6 +2007,34 @@ int kvs_seq_info(kvs_store_t *s, uint64_t id, kvs_seq_info_t *info) {
     return 0;
 }
 
+int kvs_seq_shape(kvs_store_t *s, uint64_t id, uint32_t layer,
+                  kvs_geometry_t *geometry, uint64_t *layer_tokens) {
+    if (!s)
+        return KVS_EINVAL;
+    clear_err(s);
+    if (!geometry)
+        return fail(s, KVS_EINVAL, "geometry is NULL");
+    int rc = 0;
+    seq_t *q = seq_peek(s, id, &rc);
+    if (!q)
+        return rc;
+    *geometry = q->geo;
+    if (layer_tokens) {
+        if (layer >= q->geo.n_layers) {
+            rc = fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
+                      layer, q->geo.n_layers);
+        } else {
+            /* tokens is kept while evicted: no page-in needed. */
+            layer_t *L = &q->layers[layer];
+            pthread_rwlock_rdlock(&L->lock);
+            *layer_tokens = L->tokens;
+            pthread_rwlock_unlock(&L->lock);
+        }
+    }
+    seq_unref(q);
+    return rc;
+}
+
 int kvs_seq_wait_indexed(kvs_store_t *s, uint64_t id) {
     if (!s)
         return KVS_EINVAL;

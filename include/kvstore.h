@@ -266,8 +266,15 @@ typedef struct kvs_seq_info_s {
                                 what is in RAM) */
 } kvs_seq_info_t;
 
-/* Errors: KVS_ENOSEQ, KVS_EINVAL. */
+/* Errors: KVS_ENOSEQ, KVS_EINVAL. Walks every layer: not for hot paths. */
 int kvs_seq_info(kvs_store_t *store, uint64_t seq, kvs_seq_info_t *info);
+
+/* The cheap subset for request validation on hot paths: the geometry, and
+ * (when `layer_tokens` is not NULL) the tokens held by `layer`. Does not
+ * page an evicted sequence in. Errors: KVS_ENOSEQ, KVS_ERANGE (layer),
+ * KVS_EINVAL. */
+int kvs_seq_shape(kvs_store_t *store, uint64_t seq, uint32_t layer,
+                  kvs_geometry_t *geometry, uint64_t *layer_tokens);
 
 /* Block until every segment build queued for `seq` has finished (or the
  * sequence is dropped). Errors: KVS_ENOSEQ. */

@@ -175,13 +175,13 @@ static int op_append(op_ctx_t *c, const Kvs__V1__AppendRequest *r,
                      Kvs__V1__AppendResponse *out) {
     pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
     pthread_rwlock_rdlock(l);
-    kvs_seq_info_t info;
-    int rc = kvs_seq_info(c->store, r->seq, &info);
+    kvs_geometry_t geo;
+    int rc = kvs_seq_shape(c->store, r->seq, 0, &geo, NULL);
     if (rc) {
         rc = engine_fail(c, rc, "append");
         goto out;
     }
-    const kvs_geometry_t *g = &info.geometry;
+    const kvs_geometry_t *g = &geo;
     size_t need = (size_t)r->n_tokens * g->n_kv_heads * g->head_dim *
                   kvs_dtype_size(g->dtype);
     if (r->keys.len != need) {
@@ -209,20 +209,21 @@ static int op_search(op_ctx_t *c, const Kvs__V1__SearchRequest *r,
     pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
     pthread_rwlock_rdlock(l);
     float *owned = NULL;
-    kvs_seq_info_t info;
-    int rc = kvs_seq_info(c->store, r->seq, &info);
+    kvs_geometry_t geo;
+    uint64_t tokens = 0;
+    int rc = kvs_seq_shape(c->store, r->seq, r->layer, &geo, &tokens);
     if (rc) {
         rc = engine_fail(c, rc, "search");
         goto out;
     }
-    const kvs_geometry_t *g = &info.geometry;
+    const kvs_geometry_t *g = &geo;
     const float *q;
     if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
         goto out;
     /* Bound k before allocating outputs sized by it. */
-    if (r->k > info.tokens_max) {
-        rc = fail(c, KVS_ERANGE, "k %u exceeds the %llu tokens of the sequence",
-                  r->k, (unsigned long long)info.tokens_max);
+    if (r->k > tokens) {
+        rc = fail(c, KVS_ERANGE, "k %u exceeds the %llu tokens of layer %u",
+                  r->k, (unsigned long long)tokens, r->layer);
         goto out;
     }
     size_t n = (size_t)g->n_q_heads * r->k;
@@ -259,13 +260,13 @@ static int op_attend(op_ctx_t *c, const Kvs__V1__AttendRequest *r,
     pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
     pthread_rwlock_rdlock(l);
     float *owned = NULL;
-    kvs_seq_info_t info;
-    int rc = kvs_seq_info(c->store, r->seq, &info);
+    kvs_geometry_t geo;
+    int rc = kvs_seq_shape(c->store, r->seq, 0, &geo, NULL);
     if (rc) {
         rc = engine_fail(c, rc, "attend");
         goto out;
     }
-    const kvs_geometry_t *g = &info.geometry;
+    const kvs_geometry_t *g = &geo;
     const float *q;
     if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
         goto out;
