@@ -137,6 +137,18 @@ static void test_engine_errors(void **state) {
     assert_int_equal(kvs_seq_info(s, 1, &info), 0);
     assert_int_equal(info.tokens_max, 2);
     assert_int_equal(info.tokens_min, 0);
+    kvs_geometry_t shape;
+    uint64_t layer_tokens = 99;
+    assert_int_equal(kvs_seq_shape(s, 1, 0, &shape, &layer_tokens), 0);
+    assert_memory_equal(&shape, &GEO, sizeof shape);
+    assert_int_equal(layer_tokens, 2);
+    assert_int_equal(kvs_seq_shape(s, 1, 1, &shape, &layer_tokens), 0);
+    assert_int_equal(layer_tokens, 0);
+    assert_int_equal(kvs_seq_shape(s, 1, 2, &shape, &layer_tokens),
+                     KVS_ERANGE);
+    assert_int_equal(kvs_seq_shape(s, 1, 2, &shape, NULL), 0);
+    assert_int_equal(kvs_seq_shape(s, 5, 0, &shape, NULL), KVS_ENOSEQ);
+    assert_int_equal(kvs_seq_shape(s, 1, 0, NULL, NULL), KVS_EINVAL);
 
     assert_int_equal(kvs_seq_search(s, 1, 0, q, 3, NULL, pos, sc), KVS_ERANGE);
     assert_int_equal(kvs_seq_search(s, 1, 0, q, 0, NULL, pos, sc), KVS_ERANGE);
