@@ -784,6 +784,11 @@ static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g,
     if (rc || (rc = seq_new(s, id, g, &q)))
         return rc;
     atomic_store(&q->ttl_s, ttl_s);
+    /* Not in memory until its records are loaded (load_seq_done): a budget
+     * enforced meanwhile must not pick it. */
+    atomic_store(&q->evicted, 1);
+    for (uint32_t l = 0; l < g->n_layers; l++)
+        q->layers[l].resident = 0;
     if ((rc = map_insert(s, q)))
         seq_free(q);
     return rc;
@@ -893,29 +898,32 @@ static void load_damaged(void *ctx, uint64_t id, const char *why) {
         q->damage = strdup(why ? why : "damaged");
 }
 
-/* After loading: every head of a layer must hold the same tokens. */
-static void load_finish(kvs_store_t *s) {
-    for (size_t b = 0; b < s->n_buckets; b++)
-        for (seq_t *q = s->buckets[b]; q; q = q->next) {
-            if (q->damage)
-                continue;
-            for (uint32_t l = 0; l < q->geo.n_layers; l++) {
-                layer_t *L = &q->layers[l];
-                uint64_t t0 = L->heads[0].indexed_tokens + L->heads[0].tail_len;
-                for (uint32_t h = 1; h < q->geo.n_kv_heads; h++)
-                    if (L->heads[h].indexed_tokens + L->heads[h].tail_len !=
-                        t0) {
-                        char why[128];
-                        snprintf(why, sizeof why,
-                                 "layer %u: KV heads hold "
-                                 "different token counts",
-                                 l);
-                        load_damaged(s, q->id, why);
-                    }
-                L->tokens = t0;
-                bytes_add(s, q, layer_bytes(q, L));
+/* After a sequence's records are loaded: every head of a layer must hold
+ * the same tokens; then its bytes count against the budget, which may evict
+ * earlier sequences already (so an open never holds more than the budget
+ * plus one sequence). */
+static void load_seq_done(void *ctx, uint64_t id) {
+    kvs_store_t *s = ctx;
+    seq_t *q = map_find(s, id);
+    if (!q || q->damage)
+        return;
+    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+        layer_t *L = &q->layers[l];
+        uint64_t t0 = L->heads[0].indexed_tokens + L->heads[0].tail_len;
+        for (uint32_t h = 1; h < q->geo.n_kv_heads; h++)
+            if (L->heads[h].indexed_tokens + L->heads[h].tail_len != t0) {
+                char why[128];
+                snprintf(why, sizeof why,
+                         "layer %u: KV heads hold different token counts", l);
+                load_damaged(s, q->id, why);
             }
-        }
+        L->tokens = t0;
+        L->resident = 1;
+        bytes_add(s, q, layer_bytes(q, L));
+    }
+    atomic_store(&q->evicted, 0);
+    atomic_store(&q->last_access, now_ms());
+    enforce_budget(s, q);
 }
 
 /* Queue builds for every tail that holds a whole segment. */
@@ -1054,8 +1062,8 @@ static int page_in(kvs_store_t *s, seq_t *q) {
         goto out;
     lock_all(q);
     page_ctx_t ctx = {s, q};
-    kvs__db_loader_t loader = {&ctx, NULL, page_segment, page_rows,
-                               page_damaged};
+    kvs__db_loader_t loader = {&ctx,      NULL,         page_segment,
+                               page_rows, page_damaged, NULL};
     char err[256] = "";
     rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
     int64_t bytes = 0;
@@ -1249,15 +1257,14 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         if (!rc)
             rc = kvs__db_check_format(s->db, &fmt, err, sizeof err);
         if (!rc) {
-            kvs__db_loader_t loader = {s, load_seq, load_segment, load_rows,
-                                       load_damaged};
+            kvs__db_loader_t loader = {s,         load_seq,     load_segment,
+                                       load_rows, load_damaged, load_seq_done};
             rc = kvs__db_load(s->db, &loader, err, sizeof err);
         }
         if (rc) {
             open_fail(rc, "%s: %s", s->data_dir, err);
             goto fail;
         }
-        load_finish(s);
     }
     /* The calling thread works on its own calls, so n_threads - 1 helpers. */
     if ((rc = kvs__pool_new(s->opts.n_threads - 1, &s->pool))) {

@@ -567,6 +567,49 @@ static int load_records(kvs__db_t *db, int cf, known_t *known,
     return rc;
 }
 
+/* Delete the records of ids that have no metadata. One seek per distinct
+ * id: the walk jumps over each id's records instead of reading them. */
+static void sweep_orphans(kvs__db_t *db, int cf, const known_t *known) {
+    rocksdb_iterator_t *it =
+        rocksdb_create_iterator_cf(db->db, db->ro, db->cf[cf]);
+    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+    int n = 0;
+    for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it);) {
+        size_t kl;
+        const unsigned char *k =
+            (const unsigned char *)rocksdb_iter_key(it, &kl);
+        if (kl < 8)
+            break;
+        uint64_t id = get_be64(k);
+        unsigned char lo[8], hi[24];
+        put_be64(lo, id);
+        if (known_find(known, id) < 0) {
+            size_t hl = 8;
+            memset(hi, 0xff, sizeof hi);
+            if (id != UINT64_MAX)
+                put_be64(hi, id + 1);
+            else
+                hl = 24;
+            rocksdb_writebatch_delete_range_cf(b, db->cf[cf], (const char *)lo,
+                                               8, (const char *)hi, hl);
+            n++;
+        }
+        if (id == UINT64_MAX)
+            break;
+        put_be64(lo, id + 1);
+        rocksdb_iter_seek(it, (const char *)lo, 8);
+    }
+    /* A damaged block stops the sweep: sequences were already judged. */
+    char *rerr = NULL;
+    rocksdb_iter_get_error(it, &rerr);
+    if (rerr)
+        rocksdb_free(rerr);
+    rocksdb_iter_destroy(it);
+    if (n)
+        db_write(db, db->wo_nosync, b, NULL, 0, "orphan sweep");
+    rocksdb_writebatch_destroy(b);
+}
+
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
                  size_t errlen) {
     known_t known = {0};
@@ -627,11 +670,18 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
         rc = take_err(rerr, err, errlen, "sequence metadata");
     else if (rerr)
         rocksdb_free(rerr);
-    /* Segments first, then the rows after them. */
-    if (!rc)
-        rc = load_records(db, CF_INDEX, &known, L, 0, err, errlen);
-    if (!rc)
-        rc = load_records(db, CF_KV, &known, L, 0, err, errlen);
+    /* One sequence at a time (seeking to its prefix), segments first, then
+     * the rows after them; a budget can evict between sequences. */
+    for (size_t i = 0; i < known.n && !rc; i++) {
+        known_t one = {&known.ids[i], &known.damaged[i], 1, 1};
+        rc = load_records(db, CF_INDEX, &one, L, 1, err, errlen);
+        if (!rc)
+            rc = load_records(db, CF_KV, &one, L, 1, err, errlen);
+        if (!rc && L->loaded)
+            L->loaded(L->ctx, known.ids[i]);
+    }
+    for (int cf = CF_KV; cf <= CF_INDEX && !rc; cf++)
+        sweep_orphans(db, cf, &known);
     free(known.ids);
     free(known.damaged);
     return rc;

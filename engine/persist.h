@@ -54,8 +54,11 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
                         size_t errlen);
 
 /* Callbacks of kvs__db_load, each returning 0 or an error (which marks the
- * sequence damaged). Sequences come in id order, each before its records;
- * within a (layer, head) segments then rows come in position order. */
+ * sequence damaged). All sequences are announced first (seq), then each
+ * sequence's records are loaded in turn, in id order: within a (layer,
+ * head) segments then rows, in position order; then loaded(). Records of
+ * ids without metadata (a crash between a fork's records and its metadata)
+ * are deleted. */
 typedef struct kvs__db_loader_s {
     void *ctx;
     int (*seq)(void *ctx, uint64_t id, const kvs_geometry_t *g,
@@ -69,6 +72,9 @@ typedef struct kvs__db_loader_s {
                 const void *values);
     /* The sequence's records are damaged: it must be quarantined. */
     void (*damaged)(void *ctx, uint64_t id, const char *why);
+    /* All records of `id` are in (may be NULL). Called per sequence, so a
+     * memory budget can evict as the load goes. */
+    void (*loaded)(void *ctx, uint64_t id);
 } kvs__db_loader_t;
 
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *loader, char *err,

@@ -589,6 +589,16 @@ static void test_persist_memory_budget(void **state) {
     append_tokens(s, 2, 0, TOK, CHUNK);
     check_tokens(s, 2, 0, TOK + CHUNK);
     kvs_store_close(s);
+    /* Reopening under the budget loads sequence by sequence and evicts as
+     * it goes: the open itself stays within the budget (plus one). */
+    assert_int_equal(kvs_store_open(&o, &s), 0);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.sequences, SEQS);
+    assert_true(st.evictions > 0);
+    assert_true(st.resident_bytes <= o.memory_bytes + per_seq + per_seq / 4);
+    check_tokens(s, 1, 1, TOK);
+    check_tokens(s, 2, 0, TOK + CHUNK);
+    kvs_store_close(s);
     rm_rf(dir);
     free(dir);
 }
