@@ -198,6 +198,26 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
                   (unsigned long long)st.builds_done, st.build_seconds,
                   (unsigned long long)st.disk_bytes,
                   (unsigned long long)st.quarantined);
+    if (srv->store)
+        sb_printf(&b,
+                  "# HELP kvstore_resident_bytes K/V and index bytes counted "
+                  "against memory-bytes.\n"
+                  "# TYPE kvstore_resident_bytes gauge\n"
+                  "kvstore_resident_bytes %llu\n"
+                  "# HELP kvstore_evictions_total Sequences evicted to the "
+                  "data directory by the memory budget.\n"
+                  "# TYPE kvstore_evictions_total counter\n"
+                  "kvstore_evictions_total %llu\n"
+                  "# HELP kvstore_page_ins_total Evicted sequences paged "
+                  "back in.\n# TYPE kvstore_page_ins_total counter\n"
+                  "kvstore_page_ins_total %llu\n"
+                  "# HELP kvstore_expired_total Sequences dropped by their "
+                  "idle TTL.\n# TYPE kvstore_expired_total counter\n"
+                  "kvstore_expired_total %llu\n",
+                  (unsigned long long)st.resident_bytes,
+                  (unsigned long long)st.evictions,
+                  (unsigned long long)st.page_ins,
+                  (unsigned long long)st.expired);
     *out = b.p;
     *len = b.failed ? 0 : b.len;
 }

@@ -260,6 +260,10 @@ static void test_server_metrics_and_health(void **state) {
     assert_true(td_metric(m, "kvstore_sequences") >= 0);
     assert_true(td_metric(m, "kvstore_ram_bytes") >= 0);
     assert_true(td_metric(m, "kvstore_build_backlog") >= 0);
+    assert_true(td_metric(m, "kvstore_resident_bytes") >= 0);
+    assert_true(td_metric(m, "kvstore_evictions_total") == 0);
+    assert_true(td_metric(m, "kvstore_page_ins_total") == 0);
+    assert_true(td_metric(m, "kvstore_expired_total") >= 0);
     free(m);
     m = td_http_get(D.http_port, "/nope", &status);
     assert_int_equal(status, 404);
