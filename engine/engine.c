@@ -980,6 +980,16 @@ static void unlock_all(seq_t *q) {
         pthread_mutex_unlock(&q->layers[l].append_mu);
 }
 
+/* Free every head's rows and segments, leaving empty heads. Caller holds
+ * every layer's write lock (lock_all). */
+static void release_rows(seq_t *q) {
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+            head_release(&q->layers[l].heads[h]);
+            memset(&q->layers[l].heads[h], 0, sizeof(head_t));
+        }
+}
+
 /* Evict `q` to storage: free every layer's rows and segments. Gives up
  * (returns 0) when a build is pending, since a build job works on the
  * rows without holding the lock throughout. */
@@ -992,14 +1002,9 @@ static int try_evict(kvs_store_t *s, seq_t *q) {
     /* Builds are queued only under a layer's write lock: with all of them
      * held, the count cannot grow under us. */
     if (atomic_load(&q->builds_pending) == 0) {
-        for (uint32_t l = 0; l < q->geo.n_layers; l++) {
-            layer_t *L = &q->layers[l];
-            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
-                head_release(&L->heads[h]);
-                memset(&L->heads[h], 0, sizeof L->heads[h]);
-            }
-            L->resident = 0;
-        }
+        release_rows(q);
+        for (uint32_t l = 0; l < q->geo.n_layers; l++)
+            q->layers[l].resident = 0;
         atomic_store(&q->evicted, 1);
         bytes_add(s, q, -atomic_load(&q->bytes));
         atomic_fetch_add(&s->evictions, 1);
@@ -1085,13 +1090,7 @@ static int page_in(kvs_store_t *s, seq_t *q) {
     }
     if (rc || q->damage) {
         /* Leave it evicted and refuse it: never serve partial data. */
-        for (uint32_t l = 0; l < q->geo.n_layers; l++) {
-            layer_t *L = &q->layers[l];
-            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
-                head_release(&L->heads[h]);
-                memset(&L->heads[h], 0, sizeof L->heads[h]);
-            }
-        }
+        release_rows(q);
         /* Damage quarantines; a passing failure (memory, I/O) leaves the
          * sequence evicted for the next call to try again. */
         if (!q->damage && rc == KVS_ECORRUPT)
