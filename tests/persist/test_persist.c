@@ -98,19 +98,26 @@ static void append_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
 }
 
 /* Every token 0..n of (seq, layer) reads back as generated. */
-static void check_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
-                         uint64_t n) {
+/* Tokens 0..n of (seq, layer) read back as generated for (gen, layer): a
+ * fork holds what its parent `gen` was given. */
+static void check_tokens_as(kvs_store_t *s, uint64_t seq, uint64_t gen,
+                            uint32_t layer, uint64_t n) {
     if (n == 0)
         return;
     uint16_t *k = malloc(n * KVH * D * 2), *v = malloc(n * KVH * D * 2);
     uint16_t *ek = malloc(n * KVH * D * 2), *ev = malloc(n * KVH * D * 2);
-    make_rows(seq, layer, 0, (uint32_t)n, ek, ev);
+    make_rows(gen, layer, 0, (uint32_t)n, ek, ev);
     int rrc = kvs_seq_read(s, seq, layer, 0, (uint32_t)n, k, v);
     if (rrc)
         fail_msg("read %llu: %s", (unsigned long long)seq, kvs_store_errmsg(s));
     assert_memory_equal(k, ek, n * KVH * D * 2);
     assert_memory_equal(v, ev, n * KVH * D * 2);
     free(k), free(v), free(ek), free(ev);
+}
+
+static void check_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
+                         uint64_t n) {
+    check_tokens_as(s, seq, seq, layer, n);
 }
 
 static void test_persist_reopen_without_reclustering(void **state) {
@@ -326,8 +333,7 @@ static void test_persist_crash_rounds(void **state) {
         close(fds[1]);
         /* Kill at a random moment, 5..80 ms after the child is ready. */
         uint64_t msg[2];
-        if (read(fds[0], msg, sizeof msg) != sizeof msg ||
-            msg[0] != UINT64_MAX)
+        if (read(fds[0], msg, sizeof msg) != sizeof msg || msg[0] != UINT64_MAX)
             fail_msg("crash child did not start");
         struct timespec ts = {0, (5 + rand() % 76) * 1000000L};
         nanosleep(&ts, NULL);
@@ -374,15 +380,8 @@ static void test_persist_fork_survives_restart(void **state) {
     assert_int_equal(info.tokens_max, 600);
     assert_int_equal(info.segments, 2 * KVH * 2);
     /* The child holds what the parent held, under the parent's generator. */
-    uint16_t *k = malloc(600 * KVH * D * 2), *v = malloc(600 * KVH * D * 2);
-    uint16_t *ek = malloc(600 * KVH * D * 2), *ev = malloc(600 * KVH * D * 2);
-    for (uint32_t l = 0; l < 2; l++) {
-        make_rows(1, l, 0, 600, ek, ev);
-        assert_int_equal(kvs_seq_read(s, 2, l, 0, 600, k, v), 0);
-        assert_memory_equal(k, ek, 600 * KVH * D * 2);
-        assert_memory_equal(v, ev, 600 * KVH * D * 2);
-    }
-    free(k), free(v), free(ek), free(ev);
+    for (uint32_t l = 0; l < 2; l++)
+        check_tokens_as(s, 2, 1, l, 600);
     kvs_store_close(s);
     rm_rf(dir);
     free(dir);
