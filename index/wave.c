@@ -492,8 +492,15 @@ static int score_clusters(const kvs_head_view_t *v, const float *q, uint32_t g,
     return 0;
 }
 
-/* rank[c] = sum over the group of softmax_c(cscore[i][c]). */
-static int rank_clusters(kvs_scratch_t *s, uint32_t g, uint32_t C) {
+/*
+ * rank[c] = sum over the group of softmax_c(cscore[i][c]) (the softmax over
+ * all clusters); clusters whose view holds no member (every member steady)
+ * rank -1, below all others, and are not counted in *n_valid: retrieving
+ * them would attend nothing. The GPU select (kernels/cuda/score.cu) uses
+ * the same rule.
+ */
+static int rank_clusters(const kvs_head_view_t *v, kvs_scratch_t *s,
+                         uint32_t g, uint32_t C, uint32_t *n_valid) {
     if (GROW(s, tmpc, tmpc_cap, C))
         return KVS_ENOMEM;
     memset(s->rank, 0, C * sizeof(float));
@@ -504,6 +511,21 @@ static int rank_clusters(kvs_scratch_t *s, uint32_t g, uint32_t C) {
         for (uint32_t c = 0; c < C; c++)
             s->rank[c] += s->tmpc[c] * inv;
     }
+    uint32_t valid = C;
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        if (!seg->adj_always.n && !(si + 1 == v->n_segments && seg->adj_last.n))
+            continue; /* no adjusted cluster: every count is > 0 */
+        for (uint32_t c = 0; c < seg->n_clusters; c++) {
+            const void *mean;
+            if (kvs_segment_cluster_view(seg, c, si + 1 == v->n_segments,
+                                         &mean) == 0) {
+                s->rank[s->cbase[si] + c] = -1.0f;
+                valid--;
+            }
+        }
+    }
+    *n_valid = valid;
     return 0;
 }
 
@@ -620,10 +642,10 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     st.keys_steady = cols;
 
     /* Rank the clusters. */
-    uint32_t C;
+    uint32_t C, n_valid;
     if ((rc = score_clusters(v, q, g, zp->scale, s, &C)))
         return rc;
-    if ((rc = rank_clusters(s, g, C)))
+    if ((rc = rank_clusters(v, s, g, C, &n_valid)))
         return rc;
     for (uint32_t c = 0; c < C; c++)
         s->idx[c] = c;
@@ -636,8 +658,10 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     } else {
         R = frac_count(zp->retrieval_fraction, C);
         E = frac_count(zp->estimation_fraction, C);
-        if (E > C - R)
-            E = C - R;
+        if (R > n_valid)
+            R = n_valid;
+        if (E > n_valid - R)
+            E = n_valid - R;
         select_top(s->rank, s->idx, C, R + E);
         select_top(s->rank, s->idx, R + E, R);
     }

@@ -121,9 +121,10 @@ __global__ void __launch_bounds__(ATT_THREADS) zone_kernel(zone_args a) {
 
     if (item < (int)a.steady_items) {
         /* needs nothing from select: runs while it finishes (PDL) */
-        const uint32_t n = a.L.n_steady;
+        const uint32_t n = a.L.n_steady; /* stride */
+        const uint32_t used = a.L.steady_rows ? min(a.L.steady_rows, n) : n;
         const uint32_t r0 = item * ATT_STEADY_ROWS;
-        const uint32_t r1 = min(n, r0 + ATT_STEADY_ROWS);
+        const uint32_t r1 = min(used, r0 + ATT_STEADY_ROWS);
         const T *sk = (const T *)a.L.steady_keys + (size_t)h * n * D;
         const T *sv = (const T *)a.L.steady_values + (size_t)h * n * D;
         for (uint32_t r = r0 + hw; r < r1; r += ATT_HW * ATT_U) {

@@ -79,7 +79,10 @@ typedef struct kvs_cuda_layer_s {
     uint32_t steady_lo;         /* indexed p < steady_lo is steady */
     uint32_t steady_hi;         /* indexed p >= steady_hi is steady */
     uint32_t n_steady;          /* steady rows per head (sinks, window,
-                                   unindexed tail) */
+                                   unindexed tail): the stride of
+                                   steady_keys/values and the plan's size */
+    uint32_t steady_rows;       /* rows in use, <= n_steady; 0 = all. Lets
+                                   a growing tail keep one plan */
     const void *steady_keys;    /* device [H][n_steady][d] */
     const void *steady_values;  /* device [H][n_steady][d] */
 } kvs_cuda_layer_t;
@@ -115,8 +118,10 @@ typedef struct kvs_cuda_wave_s kvs_cuda_wave_t;
 /*
  * Scratch and launch plan for layers of geometry `geom` (dtype, d, n_heads,
  * group, max_clusters, n_steady are used; pointers are not). Retrieval per
- * head is max(1, round(fraction * n_clusters[h])) clusters, at most
- * kvs_cuda_wave_retrieval_cap(). Allocates device memory (synchronous).
+ * head is max(1, ceil(fraction * n_clusters[h])) clusters and estimation
+ * ceil(fraction * n_clusters[h]) more (the CPU engine's rule), both taken
+ * only from clusters with count > 0, at most kvs_cuda_wave_retrieval_cap()
+ * / _estimation_cap(). Allocates device memory (synchronous).
  */
 int kvs_cuda_wave_new(const kvs_cuda_layer_t *geom,
                       const kvs_cuda_wave_params_t *params,

@@ -136,9 +136,12 @@ struct sel_args {
 
 __device__ __forceinline__ uint32_t frac_count(float f, uint32_t n,
                                                uint32_t cap) {
-    if (n == 0)
+    /* ceil(f n), in double: the CPU engine's rule (index/wave.c), so both
+     * paths pick the same number of clusters */
+    if (n == 0 || !(f > 0.f))
         return 0;
-    uint32_t k = (uint32_t)floorf(f * (float)n + 0.5f);
+    const double x = ceil((double)f * (double)n);
+    const uint32_t k = x >= (double)n ? n : (uint32_t)x;
     return min(cap, k);
 }
 
@@ -265,8 +268,7 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
     cluster.sync(); /* valid count and pass-0 histogram complete */
 
     const uint32_t nvalid = __ldcg(gvalid);
-    const uint32_t kr = min(max(frac_count(a.rf, nc, a.rcap), nc ? 1u : 0u),
-                            nvalid);
+    const uint32_t kr = min(frac_count(a.rf, nc, a.rcap), nvalid);
     const uint32_t ke = frac_count(a.ef, nc, a.ecap);
     const uint32_t kre = min(kr + ke, nvalid);
 
@@ -507,8 +509,7 @@ __global__ void __launch_bounds__(SELB_THREADS)
     }
     __syncthreads();
     const uint32_t nvalid = s_nvalid;
-    const uint32_t kr = min(max(frac_count(a.rf, nc, a.rcap), nc ? 1u : 0u),
-                            nvalid);
+    const uint32_t kr = min(frac_count(a.rf, nc, a.rcap), nvalid);
     const uint32_t ke = frac_count(a.ef, nc, a.ecap);
     const uint32_t kre = min(kr + ke, nvalid);
 

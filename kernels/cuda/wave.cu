@@ -46,7 +46,9 @@ extern "C" int kvs_cuda_device_count(void) {
 }
 
 static uint32_t frac_cap(float f, uint32_t n) {
-    uint32_t k = (uint32_t)floorf(f * (float)n + 0.5f);
+    /* the device's count (ceil, see score.cu) can never exceed this */
+    const double x = f > 0.f ? ceil((double)f * (double)n) : 0.0;
+    const uint32_t k = x >= (double)n ? n : (uint32_t)x;
     return k ? k : 1;
 }
 

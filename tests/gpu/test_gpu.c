@@ -498,10 +498,9 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
             }
         }
         qsort(sorted, nvalid, 8, cmp_desc);
-        uint32_t kr = (uint32_t)floorf(0.018f * (float)n + 0.5f);
-        kr = kr < 1 ? 1 : kr;
+        uint32_t kr = (uint32_t)ceil((double)0.018f * n);
         kr = kr > nvalid ? nvalid : kr;
-        uint32_t ke = (uint32_t)floorf(0.232f * (float)n + 0.5f);
+        uint32_t ke = (uint32_t)ceil((double)0.232f * n);
         uint32_t kre = kr + ke > nvalid ? nvalid : kr + ke;
         CHECK(nr[h] == kr, "head %u retrieved %u want %u", h, nr[h], kr);
         CHECK(ne[h] == kre - kr, "head %u estimated %u want %u", h, ne[h],
