@@ -18,20 +18,32 @@
  * Data are synthetic (synth.cuh): keys clustered around 256 centres per
  * 8192-token segment, queries aimed at a focus token that moves with
  * probability 0.05 per step. They time the kernels honestly, but hit rates
- * and errors on real model traces will differ. Every timing is the median over repetitions with a 256 MiB
- * memset between repetitions so that L2 holds nothing of the inputs.
+ * and errors on real model traces differ: --trace DIR replaces all three
+ * parts with a real tinycode128 decode trace written by bench/gpu/trace.py
+ * (8 (layer, KV head) pairs as the heads, GQA group 2 from the files):
+ * KV on the GPU at 32K, 128K (prefixes) and the whole trace, per real step
+ * wave time and error vs our full kernel; then the whole trace offloaded
+ * (5% of the clusters cached, LRU and clock) over its decode steps.
+ * Every timing is the median over repetitions with a 256 MiB memset
+ * between repetitions so that L2 holds nothing of the inputs.
  *
  * Usage: bench_gpu [--quick] [--sdpa FILE] [--json FILE] [--ctx N]
  *                  [--batch B] [--no-offload] [--breakdown]
+ *        bench_gpu --trace DIR [--quick] [--json FILE] [--steps N]
+ *                  [--warm N]
  *   --ctx/--batch: only that context / batch (KV-on-GPU part);
  *   --no-offload: skip part 3; --breakdown: also time select alone and
- *   attend alone (each its own graph, L2 flushed before each).
+ *   attend alone (each its own graph, L2 flushed before each);
+ *   --steps: offloaded decode steps over the trace (default: its S
+ *   steps; more cycle through them), --warm: steps left out of the
+ *   offload times and counts (50).
  * Environment: KVS_CUDA_PDL (0..3, see kernels/cuda/wave.cuh).
  */
 #include "kvs_buffer.h"
 #include "kvs_cuda.h"
 #include "synth.cuh"
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -41,11 +53,14 @@
 #include <unistd.h>
 
 #define D 128
-#define G 4
 #define TAIL 256
 #define SINKS 4
 #define WINDOW 64
 #define FLUSH_BYTES (256u << 20)
+
+/* Query heads per KV head: 4 (Llama-3-8B) for the synthetic parts, the
+ * trace's GQA group (2 for tinycode128) with --trace. */
+static uint32_t n_group = 4;
 
 #define CU(call)                                                               \
     do {                                                                       \
@@ -198,21 +213,42 @@ static uint32_t rnd(void) {
     return (uint32_t)(rng >> 16);
 }
 
+/* Steady rows [H][SINKS + WINDOW + TAIL][D] from token-order keys/values
+ * [H][stride][D] whose first ctx tokens are indexed. */
+static void steady_copy(void *sk, void *sv, const void *dk, const void *dv,
+                        uint32_t H, uint32_t ctx, uint32_t stride) {
+    const size_t rb = D * 2, ns = SINKS + WINDOW + TAIL;
+    const void *src[2] = {dk, dv};
+    void *dst[2] = {sk, sv};
+    for (int i = 0; i < 2; i++) {
+        CU(cudaMemcpy2DAsync(dst[i], ns * rb, src[i], stride * rb,
+                             SINKS * rb, H, cudaMemcpyDeviceToDevice, st));
+        CU(cudaMemcpy2DAsync((char *)dst[i] + SINKS * rb, ns * rb,
+                             (const char *)src[i] + (size_t)(ctx - WINDOW) * rb,
+                             stride * rb, (WINDOW + TAIL) * rb, H,
+                             cudaMemcpyDeviceToDevice, st));
+    }
+}
+
+/*
+ * A wave index on the GPU built from the first ctx tokens of keys/values
+ * (device bf16 [H][stride][D], token order): GPU k-means (segments of
+ * 8192, 16 tokens per cluster, 10 iterations), and the steady zone = the
+ * SINKS first tokens, the last WINDOW indexed ones and the TAIL unindexed
+ * tokens after ctx.
+ */
 typedef struct {
-    double build_ms, wave_ms, full_ms, sdpa, rel_med, rel_p95;
-    double wave_bytes, full_bytes;
-} gres_t;
+    kvs_cuda_kmeans_out_t o;
+    kvs_cuda_layer_t L;
+    void *sk, *sv;
+    uint32_t C;
+    double build_ms; /* median of build_reps builds */
+} gindex_t;
 
-static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
-                      const char *sdpa_path) {
-    gres_t r = {0};
-    const uint32_t H = 8 * b, n = ctx + TAIL, ns = SINKS + WINDOW + TAIL;
-    const size_t kvb = (size_t)H * n * D * 2;
-    void *dk, *dv;
-    CU(cudaMalloc(&dk, kvb));
-    CU(cudaMalloc(&dv, kvb));
-    KV(bench_synth_kv(dk, dv, H, n, n, 256, 1234 + ctx + b, st));
-
+static void gindex_build(gindex_t *x, const void *dk, const void *dv,
+                         uint32_t H, uint32_t ctx, uint32_t stride,
+                         int build_reps) {
+    const uint32_t ns = SINKS + WINDOW + TAIL;
     kvs_cuda_kmeans_params_t kp = {8192, 16, 10, 1, SINKS, ctx - WINDOW};
     kvs_cuda_kmeans_t *km;
     KV(kvs_cuda_kmeans_new(&kp, KVS_DTYPE_BF16, D, H, ctx, &km));
@@ -232,14 +268,14 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     double bt[5];
     for (int i = 0; i < build_reps; i++) {
         CU(cudaEventRecord(e0, st));
-        KV(kvs_cuda_kmeans_build(km, dk, dv, n, 0, &o, st));
+        KV(kvs_cuda_kmeans_build(km, dk, dv, stride, 0, &o, st));
         CU(cudaEventRecord(e1, st));
         CU(cudaEventSynchronize(e1));
         float ms;
         CU(cudaEventElapsedTime(&ms, e0, e1));
         bt[i] = ms;
     }
-    r.build_ms = median(bt, build_reps);
+    x->build_ms = median(bt, build_reps);
     kvs_cuda_kmeans_free(km);
 
     kvs_cuda_layer_t L;
@@ -247,7 +283,7 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     L.dtype = KVS_DTYPE_BF16;
     L.d = D;
     L.n_heads = H;
-    L.group = G;
+    L.group = n_group;
     L.max_clusters = C;
     L.max_tokens = ctx;
     L.n_clusters = o.n_clusters;
@@ -265,39 +301,106 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     void *sk, *sv;
     CU(cudaMalloc(&sk, (size_t)H * ns * D * 2));
     CU(cudaMalloc(&sv, (size_t)H * ns * D * 2));
-    const size_t rb = D * 2;
-    CU(cudaMemcpy2DAsync(sk, ns * rb, dk, n * rb, SINKS * rb, H,
-                         cudaMemcpyDeviceToDevice, st));
-    CU(cudaMemcpy2DAsync((char *)sk + SINKS * rb, ns * rb,
-                         (char *)dk + (size_t)(ctx - WINDOW) * rb, n * rb,
-                         (WINDOW + TAIL) * rb, H, cudaMemcpyDeviceToDevice,
-                         st));
-    CU(cudaMemcpy2DAsync(sv, ns * rb, dv, n * rb, SINKS * rb, H,
-                         cudaMemcpyDeviceToDevice, st));
-    CU(cudaMemcpy2DAsync((char *)sv + SINKS * rb, ns * rb,
-                         (char *)dv + (size_t)(ctx - WINDOW) * rb, n * rb,
-                         (WINDOW + TAIL) * rb, H, cudaMemcpyDeviceToDevice,
-                         st));
+    steady_copy(sk, sv, dk, dv, H, ctx, stride);
     L.steady_keys = sk;
     L.steady_values = sv;
+    x->o = o;
+    x->L = L;
+    x->sk = sk;
+    x->sv = sv;
+    x->C = C;
+}
 
-    uint32_t *focus = malloc(H * G * 4), *dfocus;
-    for (uint32_t i = 0; i < H * G; i++)
+static void gindex_free(gindex_t *x) {
+    CU(cudaFree(x->sk));
+    CU(cudaFree(x->sv));
+    CU(cudaFree(x->o.n_clusters));
+    CU(cudaFree(x->o.centroids));
+    CU(cudaFree(x->o.value_means));
+    CU(cudaFree(x->o.counts));
+    CU(cudaFree(x->o.offsets));
+    CU(cudaFree(x->o.steady_flags));
+    CU(cudaFree(x->o.positions));
+    CU(cudaFree(x->o.keys));
+    CU(cudaFree(x->o.values));
+}
+
+/*
+ * Bytes the last wave step read -- centroids scored, estimation
+ * pseudo-tokens (centroid + value mean), steady K/V, retrieved clusters'
+ * K/V -- from the selection lists; *ret_rows = retrieved rows. offs: host
+ * copy of the layer's offsets [H][C + 1].
+ */
+static double wave_read_bytes(const kvs_cuda_wave_t *w, const uint32_t *offs,
+                              uint32_t H, uint32_t C, double *ret_rows) {
+    const size_t rb = D * 2, ns = SINKS + WINDOW + TAIL;
+    const uint32_t rcap = kvs_cuda_wave_retrieval_cap(w);
+    const uint32_t *dnr, *dne;
+    const uint32_t *dret = kvs_cuda_wave_retrieved(w, &dnr);
+    kvs_cuda_wave_estimated(w, &dne);
+    uint32_t *ret = malloc((size_t)H * rcap * 4), *nr = malloc(H * 4),
+             *ne = malloc(H * 4);
+    CU(cudaMemcpy(ret, dret, (size_t)H * rcap * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(nr, dnr, H * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(ne, dne, H * 4, cudaMemcpyDeviceToHost));
+    double bytes = 0, rows_ = 0;
+    for (uint32_t h = 0; h < H; h++) {
+        bytes += (double)C * rb;   /* centroids, scoring */
+        bytes += 2.0 * ne[h] * rb; /* centroid + value mean */
+        bytes += 2.0 * ns * rb;    /* steady K+V */
+        for (uint32_t j = 0; j < nr[h]; j++) {
+            const uint32_t c = ret[(size_t)h * rcap + j];
+            rows_ += offs[(size_t)h * (C + 1) + c + 1] -
+                     offs[(size_t)h * (C + 1) + c];
+        }
+    }
+    free(ret);
+    free(nr);
+    free(ne);
+    *ret_rows = rows_;
+    return bytes + 2.0 * rows_ * rb;
+}
+
+typedef struct {
+    double build_ms, wave_ms, full_ms, sdpa, rel_med, rel_p95;
+    double wave_bytes, full_bytes;
+} gres_t;
+
+static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
+                      const char *sdpa_path) {
+    gres_t r = {0};
+    const uint32_t H = 8 * b, n = ctx + TAIL, ns = SINKS + WINDOW + TAIL;
+    const size_t kvb = (size_t)H * n * D * 2;
+    void *dk, *dv;
+    CU(cudaMalloc(&dk, kvb));
+    CU(cudaMalloc(&dv, kvb));
+    KV(bench_synth_kv(dk, dv, H, n, n, 256, 1234 + ctx + b, st));
+
+    gindex_t x;
+    gindex_build(&x, dk, dv, H, ctx, n, build_reps);
+    r.build_ms = x.build_ms;
+    const uint32_t C = x.C;
+    const kvs_cuda_layer_t L = x.L;
+    const kvs_cuda_kmeans_out_t o = x.o;
+    const size_t rb = D * 2;
+
+    uint32_t *focus = malloc(H * n_group * 4), *dfocus;
+    for (uint32_t i = 0; i < H * n_group; i++)
         focus[i] = SINKS + rnd() % (ctx - SINKS);
-    CU(cudaMalloc((void **)&dfocus, H * G * 4));
-    CU(cudaMemcpy(dfocus, focus, H * G * 4, cudaMemcpyHostToDevice));
+    CU(cudaMalloc((void **)&dfocus, H * n_group * 4));
+    CU(cudaMemcpy(dfocus, focus, H * n_group * 4, cudaMemcpyHostToDevice));
     float *q, *ow, *of;
-    CU(cudaMalloc((void **)&q, (size_t)H * G * D * 4));
-    CU(cudaMalloc((void **)&ow, (size_t)H * G * D * 4));
-    CU(cudaMalloc((void **)&of, (size_t)H * G * D * 4));
-    KV(bench_synth_q(q, dk, n, H, G, dfocus, 1234 + ctx + b, 77 + ctx, 12.f,
-                      0.3f, st));
+    CU(cudaMalloc((void **)&q, (size_t)H * n_group * D * 4));
+    CU(cudaMalloc((void **)&ow, (size_t)H * n_group * D * 4));
+    CU(cudaMalloc((void **)&of, (size_t)H * n_group * D * 4));
+    KV(bench_synth_q(q, dk, n, H, n_group, dfocus, 1234 + ctx + b, 77 + ctx,
+                     12.f, 0.3f, st));
 
     kvs_cuda_wave_params_t wp = {0.018f, 0.232f, 0};
     kvs_cuda_wave_t *w;
     KV(kvs_cuda_wave_new(&L, &wp, &w));
     kvs_cuda_full_t *f;
-    KV(kvs_cuda_full_new(KVS_DTYPE_BF16, D, H, G, n, &f));
+    KV(kvs_cuda_full_new(KVS_DTYPE_BF16, D, H, n_group, n, &f));
     /* warm-up, then capture each as one graph */
     KV(kvs_cuda_wave_select(w, &L, q, st));
     KV(kvs_cuda_wave_attend(w, &L, NULL, q, ow, st));
@@ -339,36 +442,19 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     r.full_ms = time_graph(gf, reps);
 
     /* accuracy and bytes */
-    float *hw = malloc((size_t)H * G * D * 4), *hf = malloc((size_t)H * G * D * 4);
-    CU(cudaMemcpy(hw, ow, (size_t)H * G * D * 4, cudaMemcpyDeviceToHost));
-    CU(cudaMemcpy(hf, of, (size_t)H * G * D * 4, cudaMemcpyDeviceToHost));
-    double *rel = malloc(H * G * sizeof *rel);
-    rel_rows(hw, hf, H * G, rel);
-    r.rel_med = median(rel, H * G);
-    r.rel_p95 = pct(rel, H * G, 0.95);
-    const uint32_t rcap = kvs_cuda_wave_retrieval_cap(w);
-    const uint32_t *dnr, *dne;
-    const uint32_t *dret = kvs_cuda_wave_retrieved(w, &dnr);
-    kvs_cuda_wave_estimated(w, &dne);
-    uint32_t *ret = malloc((size_t)H * rcap * 4), *nr = malloc(H * 4),
-             *ne = malloc(H * 4), *offs = malloc((size_t)H * (C + 1) * 4);
-    CU(cudaMemcpy(ret, dret, (size_t)H * rcap * 4, cudaMemcpyDeviceToHost));
-    CU(cudaMemcpy(nr, dnr, H * 4, cudaMemcpyDeviceToHost));
-    CU(cudaMemcpy(ne, dne, H * 4, cudaMemcpyDeviceToHost));
+    const size_t qb = (size_t)H * n_group * D * 4;
+    float *hw = malloc(qb), *hf = malloc(qb);
+    CU(cudaMemcpy(hw, ow, (size_t)H * n_group * D * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(hf, of, (size_t)H * n_group * D * 4, cudaMemcpyDeviceToHost));
+    double *rel = malloc(H * n_group * sizeof *rel);
+    rel_rows(hw, hf, H * n_group, rel);
+    r.rel_med = median(rel, H * n_group);
+    r.rel_p95 = pct(rel, H * n_group, 0.95);
+    uint32_t *offs = malloc((size_t)H * (C + 1) * 4);
     CU(cudaMemcpy(offs, o.offsets, (size_t)H * (C + 1) * 4,
                   cudaMemcpyDeviceToHost));
-    double bytes = 0, ret_rows = 0;
-    for (uint32_t h = 0; h < H; h++) {
-        bytes += (double)C * rb;            /* centroids, scoring */
-        bytes += 2.0 * ne[h] * rb;          /* centroid + value mean */
-        bytes += 2.0 * ns * rb;             /* steady K+V */
-        for (uint32_t j = 0; j < nr[h]; j++) {
-            const uint32_t c = ret[(size_t)h * rcap + j];
-            ret_rows += offs[(size_t)h * (C + 1) + c + 1] -
-                        offs[(size_t)h * (C + 1) + c];
-        }
-    }
-    bytes += 2.0 * ret_rows * rb;
+    double ret_rows;
+    const double bytes = wave_read_bytes(w, offs, H, C, &ret_rows);
     r.wave_bytes = bytes;
     r.full_bytes = 2.0 * H * n * rb;
     char backend[64];
@@ -402,9 +488,6 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     free(hw);
     free(hf);
     free(rel);
-    free(ret);
-    free(nr);
-    free(ne);
     free(offs);
     free(focus);
     CU(cudaGraphExecDestroy(gw));
@@ -415,35 +498,35 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     CU(cudaFree(q));
     CU(cudaFree(ow));
     CU(cudaFree(of));
-    CU(cudaFree(sk));
-    CU(cudaFree(sv));
-    CU(cudaFree(o.n_clusters));
-    CU(cudaFree(o.centroids));
-    CU(cudaFree(o.value_means));
-    CU(cudaFree(o.counts));
-    CU(cudaFree(o.offsets));
-    CU(cudaFree(o.steady_flags));
-    CU(cudaFree(o.positions));
-    CU(cudaFree(o.keys));
-    CU(cudaFree(o.values));
+    gindex_free(&x);
     CU(cudaFree(dk));
     CU(cudaFree(dv));
     return r;
 }
 
 typedef struct {
-    double step_ms[2], hit[2], pcie_mb[2], fill_mb[2], uncacheable[2];
-    double stream_ms, rel_med, rel_p95, build_ms;
+    double step_ms[2], p90_ms[2], hit[2], pcie_mb[2], fill_mb[2];
+    double uncacheable[2];
+    double stream_ms, rel_med, rel_p95, build_ms, gpu_gb, host_gb;
 } ores_t;
 
-static ores_t run_offload(uint32_t ctx, uint32_t steps, uint32_t warm) {
+/*
+ * KV in pinned host memory: builds the wave buffer's index from the first
+ * ctx tokens of keys/values (device bf16 [H][stride][D]; ctx + TAIL used),
+ * then runs `steps` decode steps per policy (LRU, clock), step s with
+ * queries qs[s % n_q] (device [n_q][H][n_group][D]); the first `warm`
+ * steps are excluded from times and counts. Accuracy vs our full kernel
+ * over the same keys in device memory on steps acc_lo .. acc_hi - 1 of the
+ * LRU pass. Baseline: our full kernel streaming all K/V from pinned
+ * memory. `part` names the JSON rows.
+ */
+static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
+                          uint32_t ctx, uint32_t stride, const float *qs,
+                          uint32_t n_q, uint32_t steps, uint32_t warm,
+                          uint32_t acc_lo, uint32_t acc_hi, const char *part) {
     ores_t r = {0};
-    const uint32_t H = 8, n = ctx + TAIL, ns = SINKS + WINDOW + TAIL;
-    const size_t kvb = (size_t)H * n * D * 2, rb = D * 2;
-    void *dk, *dv;
-    CU(cudaMalloc(&dk, kvb));
-    CU(cudaMalloc(&dv, kvb));
-    KV(bench_synth_kv(dk, dv, H, n, n, 256, 99, st));
+    const uint32_t n = ctx + TAIL, ns = SINKS + WINDOW + TAIL;
+    const size_t rb = D * 2, qrow = (size_t)H * n_group * D;
     kvs_cuda_kmeans_params_t kp = {8192, 16, 10, 1, SINKS, ctx - WINDOW};
     kvs_cuda_kmeans_t *km;
     KV(kvs_cuda_kmeans_new(&kp, KVS_DTYPE_BF16, D, H, ctx, &km));
@@ -453,7 +536,7 @@ static ores_t run_offload(uint32_t ctx, uint32_t steps, uint32_t warm) {
     bp.dtype = KVS_DTYPE_BF16;
     bp.d = D;
     bp.n_heads = H;
-    bp.group = G;
+    bp.group = n_group;
     bp.max_clusters = C;
     bp.max_tokens = ctx;
     bp.n_steady = ns;
@@ -464,99 +547,84 @@ static ores_t run_offload(uint32_t ctx, uint32_t steps, uint32_t warm) {
     kvs_wbuf_t *wb;
     double t0 = now_s();
     KV(kvs_wbuf_new(&bp, &wb));
-    printf("offload ctx %u: buffer allocated in %.2f s\n", ctx, now_s() - t0);
+    printf("%s ctx %u: buffer allocated in %.2f s\n", part, ctx,
+           now_s() - t0);
     kvs_cuda_layer_t L;
     kvs_cuda_kmeans_out_t o;
     kvs_wbuf_layer(wb, &L, &o);
     CU(cudaEventRecord(e0, st));
-    KV(kvs_cuda_kmeans_build(km, dk, dv, n, 0, &o, st));
+    KV(kvs_cuda_kmeans_build(km, dk, dv, stride, 0, &o, st));
     CU(cudaEventRecord(e1, st));
     CU(cudaEventSynchronize(e1));
     float bms;
     CU(cudaEventElapsedTime(&bms, e0, e1));
     r.build_ms = bms;
     kvs_cuda_kmeans_free(km);
-    void *sk = (void *)L.steady_keys, *sv = (void *)L.steady_values;
-    CU(cudaMemcpy2D(sk, ns * rb, dk, n * rb, SINKS * rb, H,
-                    cudaMemcpyDeviceToDevice));
-    CU(cudaMemcpy2D((char *)sk + SINKS * rb, ns * rb,
-                    (char *)dk + (size_t)(ctx - WINDOW) * rb, n * rb,
-                    (WINDOW + TAIL) * rb, H, cudaMemcpyDeviceToDevice));
-    CU(cudaMemcpy2D(sv, ns * rb, dv, n * rb, SINKS * rb, H,
-                    cudaMemcpyDeviceToDevice));
-    CU(cudaMemcpy2D((char *)sv + SINKS * rb, ns * rb,
-                    (char *)dv + (size_t)(ctx - WINDOW) * rb, n * rb,
-                    (WINDOW + TAIL) * rb, H, cudaMemcpyDeviceToDevice));
+    steady_copy((void *)L.steady_keys, (void *)L.steady_values, dk, dv, H,
+                ctx, stride);
+    CU(cudaStreamSynchronize(st));
 
-    /* decode trace: per query head a focus token that moves w.p. 0.05 */
-    float *qs;
-    uint32_t *focus = malloc(H * G * 4), *dfocus;
-    CU(cudaMalloc((void **)&qs, (size_t)steps * H * G * D * 4));
-    CU(cudaMalloc((void **)&dfocus, H * G * 4));
-    for (uint32_t i = 0; i < H * G; i++)
-        focus[i] = SINKS + rnd() % (ctx - SINKS);
-    for (uint32_t s = 0; s < steps; s++) {
-        for (uint32_t i = 0; i < H * G; i++)
-            if (rnd() % 100 < 5)
-                focus[i] = SINKS + rnd() % (ctx - SINKS);
-        CU(cudaMemcpy(dfocus, focus, H * G * 4, cudaMemcpyHostToDevice));
-        KV(bench_synth_q(qs + (size_t)s * H * G * D, dk, n, H, G, dfocus,
-                         99, 1000 + s, 12.f, 0.3f, st));
-    }
     float *out, *of;
-    CU(cudaMalloc((void **)&out, (size_t)H * G * D * 4));
-    CU(cudaMalloc((void **)&of, (size_t)H * G * D * 4));
-    kvs_cuda_full_t *f;
-    KV(kvs_cuda_full_new(KVS_DTYPE_BF16, D, H, G, n, &f));
+    CU(cudaMalloc((void **)&out, qrow * 4));
+    CU(cudaMalloc((void **)&of, qrow * 4));
+    kvs_cuda_full_t *f, *fs;
+    KV(kvs_cuda_full_new(KVS_DTYPE_BF16, D, H, n_group, stride, &f));
+    /* the pinned copy is cluster-ordered with stride ctx (no tail) */
+    KV(kvs_cuda_full_new(KVS_DTYPE_BF16, D, H, n_group, ctx, &fs));
     double *t = malloc(steps * sizeof *t);
-    const uint32_t n_acc = steps < 16 ? steps : 16;
-    double *rel = malloc((size_t)n_acc * H * G * sizeof *rel);
-    float *hw = malloc((size_t)H * G * D * 4), *hf = malloc((size_t)H * G * D * 4);
+    if (acc_hi > steps)
+        acc_hi = steps;
+    const uint32_t n_acc = acc_hi > acc_lo ? acc_hi - acc_lo : 0;
+    double *rel = malloc(((size_t)n_acc * H * n_group + 1) * sizeof *rel);
+    float *hw = malloc(qrow * 4), *hf = malloc(qrow * 4);
     for (int pol = 0; pol < 2; pol++) {
         kvs_wbuf_set_policy(wb, pol ? KVS_WBUF_CLOCK : KVS_WBUF_LRU);
         KV(kvs_wbuf_commit(wb, SINKS, ctx - WINDOW, st));
         kvs_wbuf_reset_stats(wb);
         for (uint32_t s = 0; s < steps; s++) {
+            const float *q = qs + (size_t)(s % n_q) * qrow;
             if (s == warm)
                 kvs_wbuf_reset_stats(wb);
             CU(cudaStreamSynchronize(st));
             const double a = now_s();
-            KV(kvs_wbuf_step(wb, qs + (size_t)s * H * G * D, out, st));
+            KV(kvs_wbuf_step(wb, q, out, st));
             CU(cudaStreamSynchronize(st));
             t[s] = (now_s() - a) * 1e3;
-            if (pol == 0 && s >= steps - n_acc) {
-                KV(kvs_cuda_full_attend(f, dk, dv, n, 0,
-                                        qs + (size_t)s * H * G * D, of, st));
-                CU(cudaMemcpy(hw, out, (size_t)H * G * D * 4,
-                              cudaMemcpyDeviceToHost));
-                CU(cudaMemcpy(hf, of, (size_t)H * G * D * 4,
-                              cudaMemcpyDeviceToHost));
-                rel_rows(hw, hf, H * G,
-                         rel + (size_t)(s - (steps - n_acc)) * H * G);
+            if (pol == 0 && s >= acc_lo && s < acc_hi) {
+                KV(kvs_cuda_full_attend(f, dk, dv, n, 0, q, of, st));
+                CU(cudaMemcpy(hw, out, qrow * 4, cudaMemcpyDeviceToHost));
+                CU(cudaMemcpy(hf, of, qrow * 4, cudaMemcpyDeviceToHost));
+                rel_rows(hw, hf, H * n_group,
+                         rel + (size_t)(s - acc_lo) * H * n_group);
             }
         }
         kvs_wbuf_stats_t S;
         kvs_wbuf_stats(wb, &S);
         r.step_ms[pol] = median(t + warm, steps - warm);
+        r.p90_ms[pol] = pct(t + warm, steps - warm, 0.9);
         r.hit[pol] = S.lookups ? (double)S.hits / S.lookups : 0;
         r.pcie_mb[pol] = S.steps ? S.bytes_miss / 1e6 / S.steps : 0;
         r.fill_mb[pol] = S.steps ? S.bytes_fill / 1e6 / S.steps : 0;
         r.uncacheable[pol] = S.lookups ? (double)S.uncacheable / S.lookups : 0;
-        printf("offload ctx %u %s: step median %.3f ms (p90 %.3f), hit rate "
+        r.gpu_gb = S.bytes_gpu / 1e9;
+        r.host_gb = S.bytes_host / 1e9;
+        printf("%s ctx %u %s: step median %.3f ms (p90 %.3f), hit rate "
                "%.3f, over the bus %.1f MB/step, staged->slot %.1f MB/step, "
-               "uncacheable %.3f of lookups; GPU %.2f GB, pinned host %.2f GB\n",
-               ctx, pol ? "clock" : "LRU", r.step_ms[pol],
-               pct(t + warm, steps - warm, 0.9), r.hit[pol], r.pcie_mb[pol],
-               r.fill_mb[pol], r.uncacheable[pol], S.bytes_gpu / 1e9,
-               S.bytes_host / 1e9);
+               "uncacheable %.3f of lookups; GPU %.2f GB, pinned host %.2f "
+               "GB\n",
+               part, ctx, pol ? "clock" : "LRU", r.step_ms[pol], r.p90_ms[pol],
+               r.hit[pol], r.pcie_mb[pol], r.fill_mb[pol], r.uncacheable[pol],
+               r.gpu_gb, r.host_gb);
     }
-    r.rel_med = median(rel, n_acc * H * G);
-    r.rel_p95 = pct(rel, n_acc * H * G, 0.95);
+    if (n_acc) {
+        r.rel_med = median(rel, n_acc * H * n_group);
+        r.rel_p95 = pct(rel, n_acc * H * n_group, 0.95);
+    }
     /* baseline: stream all KV from pinned host memory */
     double ts[3];
     for (int i = 0; i < 3; i++) {
         CU(cudaEventRecord(e0, st));
-        KV(kvs_cuda_full_attend(f, L.keys, L.values, ctx, 0, qs, of, st));
+        KV(kvs_cuda_full_attend(fs, L.keys, L.values, ctx, 0, qs, of, st));
         CU(cudaEventRecord(e1, st));
         CU(cudaEventSynchronize(e1));
         float ms;
@@ -564,39 +632,400 @@ static ores_t run_offload(uint32_t ctx, uint32_t steps, uint32_t warm) {
         ts[i] = ms;
     }
     r.stream_ms = median(ts, 3);
-    printf("offload ctx %u: rel L2 vs exact median %.4f p95 %.4f; streaming "
-           "all KV from pinned memory %.2f ms (%.1f GB/s; copy model at "
-           "measured H2D %.2f ms); build %.1f ms\n",
-           ctx, r.rel_med, r.rel_p95, r.stream_ms,
+    printf("%s ctx %u: rel L2 vs exact median %.4f p95 %.4f (%u steps); "
+           "streaming all KV from pinned memory %.2f ms (%.1f GB/s; copy "
+           "model at measured H2D %.2f ms); build %.1f ms\n",
+           part, ctx, r.rel_med, r.rel_p95, n_acc, r.stream_ms,
            2.0 * H * ctx * rb / (r.stream_ms * 1e-3) / 1e9,
            2.0 * H * ctx * rb / (h2d_gbs * 1e9) * 1e3, r.build_ms);
     for (int pol = 0; pol < 2; pol++)
-        row_add("{\"part\": \"offload\", \"context\": %u, \"batch\": 1, "
+        row_add("{\"part\": \"%s\", \"context\": %u, \"batch\": 1, "
+                "\"kv_heads\": %u, \"group\": %u, "
                 "\"policy\": \"%s\", \"cache_clusters_fraction\": 0.05, "
                 "\"slot_tokens\": 32, \"steps\": %u, \"warmup_steps\": %u, "
-                "\"step_ms_median\": %.4f, \"hit_rate\": %.4f, "
+                "\"step_ms_median\": %.4f, \"step_ms_p90\": %.4f, "
+                "\"hit_rate\": %.4f, "
                 "\"bus_mb_per_step\": %.2f, \"fill_mb_per_step\": %.2f, "
                 "\"uncacheable_fraction\": %.4f, \"stream_all_kv_ms\": %.3f, "
                 "\"rel_l2_median\": %.5f, \"rel_l2_p95\": %.5f, "
-                "\"build_ms\": %.2f}",
-                ctx, pol ? "clock" : "lru", steps, warm, r.step_ms[pol],
-                r.hit[pol], r.pcie_mb[pol], r.fill_mb[pol],
-                r.uncacheable[pol], r.stream_ms, r.rel_med, r.rel_p95,
-                r.build_ms);
+                "\"accuracy_steps\": %u, \"build_ms\": %.2f, "
+                "\"gpu_gb\": %.3f, \"pinned_host_gb\": %.3f}",
+                part, ctx, H, n_group, pol ? "clock" : "lru", steps, warm,
+                r.step_ms[pol], r.p90_ms[pol], r.hit[pol], r.pcie_mb[pol],
+                r.fill_mb[pol], r.uncacheable[pol], r.stream_ms, r.rel_med,
+                r.rel_p95, n_acc, r.build_ms, r.gpu_gb, r.host_gb);
     free(t);
     free(rel);
     free(hw);
     free(hf);
-    free(focus);
     kvs_cuda_full_free(f);
+    kvs_cuda_full_free(fs);
     kvs_wbuf_free(wb);
-    CU(cudaFree(qs));
-    CU(cudaFree(dfocus));
     CU(cudaFree(out));
     CU(cudaFree(of));
+    return r;
+}
+
+/* Synthetic offload: clustered keys, a focus token per query head that
+ * moves with probability 0.05 per step; accuracy on the last 16 steps. */
+static ores_t run_offload(uint32_t ctx, uint32_t steps, uint32_t warm) {
+    const uint32_t H = 8, n = ctx + TAIL;
+    const size_t kvb = (size_t)H * n * D * 2, qrow = (size_t)H * n_group * D;
+    void *dk, *dv;
+    CU(cudaMalloc(&dk, kvb));
+    CU(cudaMalloc(&dv, kvb));
+    KV(bench_synth_kv(dk, dv, H, n, n, 256, 99, st));
+    float *qs;
+    uint32_t *focus = malloc(H * n_group * 4), *dfocus;
+    CU(cudaMalloc((void **)&qs, (size_t)steps * qrow * 4));
+    CU(cudaMalloc((void **)&dfocus, H * n_group * 4));
+    for (uint32_t i = 0; i < H * n_group; i++)
+        focus[i] = SINKS + rnd() % (ctx - SINKS);
+    for (uint32_t s = 0; s < steps; s++) {
+        for (uint32_t i = 0; i < H * n_group; i++)
+            if (rnd() % 100 < 5)
+                focus[i] = SINKS + rnd() % (ctx - SINKS);
+        CU(cudaMemcpy(dfocus, focus, H * n_group * 4, cudaMemcpyHostToDevice));
+        KV(bench_synth_q(qs + (size_t)s * qrow, dk, n, H, n_group, dfocus, 99,
+                         1000 + s, 12.f, 0.3f, st));
+    }
+    const uint32_t n_acc = steps < 16 ? steps : 16;
+    ores_t r = offload_run(dk, dv, H, ctx, n, qs, steps, steps, warm,
+                           steps - n_acc, steps, "offload");
+    free(focus);
+    CU(cudaFree(qs));
+    CU(cudaFree(dfocus));
     CU(cudaFree(dk));
     CU(cudaFree(dv));
     return r;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Real decode trace (bench/gpu/trace.py): tinycode128 K/V and queries.     */
+
+/* One trace file: the 64-byte KVSTRAC1 header and the array. */
+typedef struct {
+    uint32_t dtype, ndim;
+    uint64_t dims[6];
+    size_t bytes;
+    void *data; /* malloc'ed */
+} tfile_t;
+
+/* Reads DIR/NAME; 0, -ENOENT when it is missing, exits on a bad file. */
+static int trace_load(const char *dir, const char *name, tfile_t *t) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -ENOENT;
+    unsigned char h[64];
+    if (fread(h, 1, 64, f) != 64 || memcmp(h, "KVSTRAC1", 8)) {
+        fprintf(stderr, "%s: not a KVSTRAC1 trace file\n", path);
+        exit(1);
+    }
+    memcpy(&t->dtype, h + 8, 4);
+    memcpy(&t->ndim, h + 12, 4);
+    memcpy(t->dims, h + 16, 48);
+    size_t n = t->dtype == KVS_DTYPE_F32 ? 4 : 2;
+    for (uint32_t i = 0; i < t->ndim && i < 6; i++)
+        n *= t->dims[i];
+    t->bytes = n;
+    t->data = malloc(n);
+    if (!t->data || fread(t->data, 1, n, f) != n) {
+        fprintf(stderr, "%s: short file or no memory (%zu bytes)\n", path, n);
+        exit(1);
+    }
+    fclose(f);
+    return 0;
+}
+
+/* Device copy of a query file [S][H][n_group][D] fp32 checked against the
+ * trace geometry; NULL when the file is missing. */
+static float *trace_queries(const char *dir, const char *name, uint32_t H,
+                            uint32_t *n_steps) {
+    tfile_t t;
+    if (trace_load(dir, name, &t))
+        return NULL;
+    if (t.dtype != KVS_DTYPE_F32 || t.ndim != 4 || t.dims[1] != H ||
+        t.dims[2] != n_group || t.dims[3] != D) {
+        fprintf(stderr, "%s: queries must be fp32 [S][%u][%u][%d]\n", name,
+                H, n_group, D);
+        exit(1);
+    }
+    float *d;
+    CU(cudaMalloc((void **)&d, t.bytes));
+    CU(cudaMemcpy(d, t.data, t.bytes, cudaMemcpyHostToDevice));
+    free(t.data);
+    *n_steps = (uint32_t)t.dims[0];
+    return d;
+}
+
+typedef struct {
+    uint32_t ctx, steps;
+    double wave_ms, wave_p90, full_ms, rel_med, rel_p95, exact, mb;
+    double build_ms;
+} tres_t;
+
+/*
+ * KV on the GPU, the first ctx + TAIL tokens of the trace: per real decode
+ * step s (queries qs[s]) the wave step (one CUDA graph, L2 flushed) timed,
+ * and its output compared with our full kernel over the same tokens;
+ * full kernel timed on step 0's queries (median of reps).
+ */
+static tres_t trace_gpu(const void *dk, const void *dv, uint32_t H,
+                        uint32_t stride, uint32_t ctx, const float *qs,
+                        uint32_t S, int reps) {
+    tres_t r = {0};
+    const uint32_t n = ctx + TAIL, ns = SINKS + WINDOW + TAIL;
+    const uint32_t HG = H * n_group;
+    const size_t qrow = (size_t)HG * D;
+    r.ctx = ctx;
+    r.steps = S;
+    gindex_t x;
+    gindex_build(&x, dk, dv, H, ctx, stride, 1);
+    r.build_ms = x.build_ms;
+    kvs_cuda_wave_params_t wp = {0.018f, 0.232f, 0};
+    kvs_cuda_wave_t *w;
+    KV(kvs_cuda_wave_new(&x.L, &wp, &w));
+    kvs_cuda_full_t *f;
+    KV(kvs_cuda_full_new(KVS_DTYPE_BF16, D, H, n_group, stride, &f));
+    float *q, *ow, *of;
+    CU(cudaMalloc((void **)&q, qrow * 4));
+    CU(cudaMalloc((void **)&ow, qrow * 4));
+    CU(cudaMalloc((void **)&of, qrow * 4));
+    CU(cudaMemcpyAsync(q, qs, qrow * 4, cudaMemcpyDeviceToDevice, st));
+    KV(kvs_cuda_wave_select(w, &x.L, q, st));
+    KV(kvs_cuda_wave_attend(w, &x.L, NULL, q, ow, st));
+    KV(kvs_cuda_full_attend(f, dk, dv, n, 0, q, of, st));
+    CU(cudaStreamSynchronize(st));
+    cudaGraph_t g;
+    cudaGraphExec_t gw, gf;
+    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    KV(kvs_cuda_wave_select(w, &x.L, q, st));
+    KV(kvs_cuda_wave_attend(w, &x.L, NULL, q, ow, st));
+    CU(cudaStreamEndCapture(st, &g));
+    CU(cudaGraphInstantiate(&gw, g, 0));
+    CU(cudaGraphDestroy(g));
+    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    KV(kvs_cuda_full_attend(f, dk, dv, n, 0, q, of, st));
+    CU(cudaStreamEndCapture(st, &g));
+    CU(cudaGraphInstantiate(&gf, g, 0));
+    CU(cudaGraphDestroy(g));
+
+    uint32_t *offs = malloc((size_t)H * (x.C + 1) * 4);
+    CU(cudaMemcpy(offs, x.o.offsets, (size_t)H * (x.C + 1) * 4,
+                  cudaMemcpyDeviceToHost));
+    double *tw = malloc(S * sizeof *tw);
+    double *rel = malloc((size_t)S * HG * sizeof *rel);
+    double *per = malloc((size_t)S * n_group * sizeof *per);
+    float *hw = malloc(qrow * 4), *hf = malloc(qrow * 4);
+    double exact = 0, bytes = 0;
+    for (uint32_t s = 0; s < S; s++) {
+        CU(cudaMemcpyAsync(q, qs + s * qrow, qrow * 4,
+                           cudaMemcpyDeviceToDevice, st));
+        tw[s] = time_graph(gw, 1);
+        double ret_rows;
+        bytes += wave_read_bytes(w, offs, H, x.C, &ret_rows);
+        exact += (ret_rows + (double)H * ns) / ((double)H * n);
+        CU(cudaGraphLaunch(gf, st));
+        CU(cudaMemcpy(hw, ow, qrow * 4, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(hf, of, qrow * 4, cudaMemcpyDeviceToHost));
+        rel_rows(hw, hf, HG, rel + (size_t)s * HG);
+    }
+    /* per (layer, KV head) pair: median over its query heads and steps */
+    char pairs[1024];
+    size_t pl = 0;
+    pairs[0] = 0;
+    for (uint32_t h = 0; h < H; h++) {
+        for (uint32_t s = 0; s < S; s++)
+            for (uint32_t i = 0; i < n_group; i++)
+                per[s * n_group + i] = rel[((size_t)s * H + h) * n_group + i];
+        pl += snprintf(pairs + pl, sizeof pairs - pl, "%s%.4f", h ? ", " : "",
+                       median(per, S * n_group));
+    }
+    r.rel_med = median(rel, S * HG);
+    r.rel_p95 = pct(rel, S * HG, 0.95);
+    r.exact = exact / S;
+    r.mb = bytes / S / 1e6;
+    r.wave_ms = median(tw, S);
+    r.wave_p90 = pct(tw, S, 0.9);
+    CU(cudaMemcpyAsync(q, qs, qrow * 4, cudaMemcpyDeviceToDevice, st));
+    r.full_ms = time_graph(gf, reps);
+    printf("trace ctx %7u (+%d) on GPU: wave %.4f ms (p90 %.4f, %.1f MB) | "
+           "full %.4f ms | x%.2f | rel L2 median %.4f p95 %.4f over %u "
+           "steps x %u query heads | exact keys %.2f%% | per pair median "
+           "[%s] | build %.1f ms\n",
+           ctx, TAIL, r.wave_ms, r.wave_p90, r.mb, r.full_ms,
+           r.full_ms / r.wave_ms, r.rel_med, r.rel_p95, S, HG,
+           100 * r.exact, pairs, r.build_ms);
+    row_add("{\"part\": \"trace_gpu_kv\", \"context\": %u, \"tail\": %d, "
+            "\"kv_heads\": %u, \"group\": %u, \"steps\": %u, "
+            "\"wave_ms_median\": %.5f, \"wave_ms_p90\": %.5f, "
+            "\"full_kernel_ms\": %.5f, \"speedup_vs_full_kernel\": %.3f, "
+            "\"wave_mb_per_step\": %.2f, \"exact_key_fraction\": %.5f, "
+            "\"rel_l2_median\": %.5f, \"rel_l2_p95\": %.5f, "
+            "\"rel_l2_median_per_pair\": [%s], \"build_ms\": %.2f}",
+            ctx, TAIL, H, n_group, S, r.wave_ms, r.wave_p90, r.full_ms,
+            r.full_ms / r.wave_ms, r.mb, r.exact, r.rel_med, r.rel_p95, pairs,
+            r.build_ms);
+    free(offs);
+    free(tw);
+    free(rel);
+    free(per);
+    free(hw);
+    free(hf);
+    CU(cudaGraphExecDestroy(gw));
+    CU(cudaGraphExecDestroy(gf));
+    kvs_cuda_wave_free(w);
+    kvs_cuda_full_free(f);
+    CU(cudaFree(q));
+    CU(cudaFree(ow));
+    CU(cudaFree(of));
+    gindex_free(&x);
+    return r;
+}
+
+/*
+ * --trace DIR: (a) KV on the GPU at 32K and 128K (prefixes of the trace,
+ * queries q_CTX.bin) and at the full context; (b) the full context
+ * offloaded (wave buffer, 5% of the clusters cached, LRU and clock) over
+ * the trace's decode steps (q_trace.bin, cycled when steps > S).
+ */
+static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
+                     int quick, const char *json, const char *device) {
+    tfile_t k, v;
+    if (trace_load(dir, "k.bin", &k) || trace_load(dir, "v.bin", &v)) {
+        fprintf(stderr, "%s: no k.bin/v.bin (run bench/gpu/trace.py)\n", dir);
+        return 1;
+    }
+    if (k.dtype != KVS_DTYPE_BF16 || k.ndim != 3 || k.dims[2] != D ||
+        memcmp(k.dims, v.dims, sizeof k.dims) || k.dtype != v.dtype) {
+        fprintf(stderr, "%s: k/v must be bf16 [H][N][%d], the same\n", dir, D);
+        return 1;
+    }
+    const uint32_t H = (uint32_t)k.dims[0], N = (uint32_t)k.dims[1];
+    {
+        tfile_t q;
+        if (trace_load(dir, "q_trace.bin", &q) || q.ndim != 4) {
+            fprintf(stderr, "%s: no q_trace.bin\n", dir);
+            return 1;
+        }
+        n_group = (uint32_t)q.dims[2];
+        free(q.data);
+    }
+    void *dk, *dv;
+    CU(cudaMalloc(&dk, k.bytes));
+    CU(cudaMalloc(&dv, v.bytes));
+    CU(cudaMemcpy(dk, k.data, k.bytes, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dv, v.data, v.bytes, cudaMemcpyHostToDevice));
+    free(k.data);
+    free(v.data);
+    printf("trace %s: %u (layer, KV head) pairs x %u tokens, GQA group %u\n",
+           dir, H, N, n_group);
+
+    tres_t tr[3];
+    int nt = 0;
+    const uint32_t ctxs[2] = {32768, 131072};
+    for (int i = 0; i < 2; i++) {
+        char name[64];
+        uint32_t S;
+        snprintf(name, sizeof name, "q_%u.bin", ctxs[i]);
+        if (ctxs[i] + TAIL > N)
+            continue;
+        float *qs = trace_queries(dir, name, H, &S);
+        if (!qs)
+            continue;
+        if (quick && S > 20)
+            S = 20;
+        tr[nt++] = trace_gpu(dk, dv, H, N, ctxs[i], qs, S, quick ? 10 : 30);
+        CU(cudaFree(qs));
+    }
+    uint32_t S;
+    float *qs = trace_queries(dir, "q_trace.bin", H, &S);
+    const uint32_t ctx = N - TAIL;
+    if (ctx % 8192) {
+        fprintf(stderr, "trace context %u + %d: not whole segments\n", ctx,
+                TAIL);
+        return 1;
+    }
+    tr[nt++] = trace_gpu(dk, dv, H, N, ctx, qs, quick && S > 20 ? 20 : S,
+                         quick ? 10 : 30);
+    if (!steps)
+        steps = S;
+    if (warm >= steps)
+        warm = steps / 6;
+    ores_t o = offload_run(dk, dv, H, ctx, N, qs, S, steps, warm, 0, S,
+                           "trace_offload");
+    const double speed = o.stream_ms / o.step_ms[0];
+    const char *by_hit = o.hit[1] > o.hit[0] ? "clock" : "lru";
+    const char *by_time = o.step_ms[1] < o.step_ms[0] ? "clock" : "lru";
+    printf("trace offload: LRU %.3f ms hit %.4f | clock %.3f ms hit %.4f | "
+           "higher hit rate: %s, faster median: %s | streaming %.2f ms = "
+           "x%.1f slower than the buffer (LRU)\n",
+           o.step_ms[0], o.hit[0], o.step_ms[1], o.hit[1], by_hit, by_time,
+           o.stream_ms, speed);
+    CU(cudaFree(qs));
+    CU(cudaFree(dk));
+    CU(cudaFree(dv));
+    if (!json)
+        return 0;
+    FILE *f = fopen(json, "w");
+    if (!f) {
+        perror(json);
+        return 1;
+    }
+    char date[32];
+    time_t now = time(NULL);
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    fprintf(f, "{\n  \"bench\": \"gpu_trace\",\n  \"command\": "
+               "\"bench/gpu/run_trace.sh%s\",\n",
+            quick ? " --quick" : "");
+    fprintf(f, "  \"machine\": \"%ld-core x86-64 | %s\",\n",
+            sysconf(_SC_NPROCESSORS_ONLN), device);
+    fprintf(f, "  \"date\": \"%s\",\n  \"quick\": %s,\n", date,
+            quick ? "true" : "false");
+    fprintf(f, "  \"data\": \"tinycode128 real decode trace (bench/gpu/"
+               "trace.py): %u (layer, KV head) pairs, GQA %u, %u tokens\",\n",
+            H, n_group, N);
+    fprintf(f, "  \"better_policy_by_hit_rate\": \"%s\",\n"
+               "  \"faster_policy_by_median\": \"%s\",\n",
+            by_hit, by_time);
+    fprintf(f, "  \"copy_gb_s\": %.1f,\n  \"h2d_pinned_gb_s\": %.1f,\n",
+            copy_gbs, h2d_gbs);
+    fprintf(f, "  \"metrics\": {");
+    for (int i = 0; i < nt; i++) {
+        char tag[16];
+        if (tr[i].ctx == ctx)
+            snprintf(tag, sizeof tag, "1m");
+        else
+            snprintf(tag, sizeof tag, "%uk", tr[i].ctx / 1024);
+        fprintf(f,
+                "%s\n    \"trace_speedup_vs_full_%s\": %.3f,"
+                "\n    \"trace_rel_l2_median_%s\": %.5f,"
+                "\n    \"trace_rel_l2_p95_%s\": %.5f,"
+                "\n    \"trace_exact_fraction_%s\": %.5f",
+                i ? "," : "", tag, tr[i].full_ms / tr[i].wave_ms, tag,
+                tr[i].rel_med, tag, tr[i].rel_p95, tag, tr[i].exact);
+    }
+    fprintf(f,
+            ",\n    \"offload_ms_per_layer_1m\": %.4f,"
+            "\n    \"offload_ms_per_layer_1m_p90\": %.4f,"
+            "\n    \"offload_ms_per_layer_1m_clock\": %.4f,"
+            "\n    \"cache_hit_rate_1m\": %.4f,"
+            "\n    \"cache_hit_rate_1m_clock\": %.4f,"
+            "\n    \"bus_mb_per_step_1m\": %.2f,"
+            "\n    \"uncacheable_fraction_1m\": %.4f,"
+            "\n    \"stream_all_kv_ms_1m\": %.3f,"
+            "\n    \"offload_speedup_vs_streaming\": %.1f,"
+            "\n    \"gpu_rel_l2_median\": %.5f,"
+            "\n    \"gpu_rel_l2_p95\": %.5f",
+            o.step_ms[0], o.p90_ms[0], o.step_ms[1], o.hit[0], o.hit[1],
+            o.pcie_mb[0], o.uncacheable[0], o.stream_ms, speed, o.rel_med,
+            o.rel_p95);
+    fprintf(f, "\n  },\n  \"rows\": [\n    %s\n  ]\n}\n", rows);
+    fclose(f);
+    printf("wrote %s\n", json);
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -604,6 +1033,8 @@ int main(int argc, char **argv) {
     int quick = 0;
     const char *sdpa = NULL, *json = NULL;
     uint32_t only_ctx = 0, only_b = 0;
+    const char *trace = NULL;
+    uint32_t steps = 0, warm = 50;
     int no_offload = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick"))
@@ -620,6 +1051,16 @@ int main(int argc, char **argv) {
             sdpa = argv[++i];
         else if (!strcmp(argv[i], "--json") && i + 1 < argc)
             json = argv[++i];
+        else if (!strcmp(argv[i], "--trace") && i + 1 < argc)
+            trace = argv[++i];
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
+            steps = (uint32_t)strtoul(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--warm") && i + 1 < argc)
+            warm = (uint32_t)strtoul(argv[++i], NULL, 10);
+        else {
+            fprintf(stderr, "unknown argument %s\n", argv[i]);
+            return 2;
+        }
     }
     if (kvs_cuda_device_count() == 0) {
         printf("SKIP: no CUDA device\n");
@@ -636,8 +1077,12 @@ int main(int argc, char **argv) {
     measure_copy();
     row_add("{\"part\": \"device\", \"name\": \"%s\", \"sms\": %d, "
             "\"copy_gb_s\": %.1f, \"h2d_pinned_gb_s\": %.1f, \"data\": "
-            "\"synthetic clustered keys, focus-token queries\"}",
-            prop.name, prop.multiProcessorCount, copy_gbs, h2d_gbs);
+            "\"%s\"}",
+            prop.name, prop.multiProcessorCount, copy_gbs, h2d_gbs,
+            trace ? "tinycode128 real decode trace"
+                  : "synthetic clustered keys, focus-token queries");
+    if (trace)
+        return run_trace(trace, steps, warm, quick, json, prop.name);
 
     const uint32_t ctxs[3] = {32768, 131072, 524288};
     const uint32_t nctx = quick && !only_ctx ? 1 : 3, nb = quick ? 1 : 2;
