@@ -83,6 +83,43 @@ void kvs_wbuf_layer(kvs_wbuf_t *wb, kvs_cuda_layer_t *layer,
 int kvs_wbuf_commit(kvs_wbuf_t *wb, uint32_t steady_lo, uint32_t steady_hi,
                     cudaStream_t stream);
 
+/*
+ * Incremental filling from host arrays (the engine's way): instead of a
+ * build into kvs_wbuf_layer() plus kvs_wbuf_commit(), the caller writes
+ * clusters, tokens and steady rows as its index grows. A new buffer
+ * starts with an empty cache; cached pages stay valid as long as the
+ * keys/values of a cluster id do not change (metadata of a cluster such
+ * as its view count may be rewritten). Host sources are ordinary memory;
+ * copies are queued on `stream` (and staged by CUDA, so the sources may
+ * be reused on return). Errors: KVS_EINVAL (out of the buffer's
+ * capacity), or as in kvs_cuda.h.
+ *
+ * put_clusters: clusters first .. first + n of `head`: centroids and
+ * value means [n][d] (dtype), counts, steady flags [n], and offsets
+ * [n + 1]: absolute slot offsets into the head's tokens (offsets[n] is
+ * where the next cluster starts).
+ */
+int kvs_wbuf_put_clusters(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
+                          uint32_t n, const void *centroids,
+                          const void *value_means, const uint32_t *counts,
+                          const uint8_t *steady_flags, const uint32_t *offsets,
+                          cudaStream_t stream);
+/* Slots first .. first + n of `head`: absolute positions, cluster-ordered
+ * keys and values [n][d] (written into the pinned host arrays). */
+int kvs_wbuf_put_tokens(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
+                        uint32_t n, const uint32_t *positions,
+                        const void *keys, const void *values,
+                        cudaStream_t stream);
+/* Steady rows first .. first + n of `head` ([n][d] keys and values). */
+int kvs_wbuf_put_steady(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
+                        uint32_t n, const void *keys, const void *values,
+                        cudaStream_t stream);
+/* Clusters in use per head (host [H]), the steady position bounds and
+ * the steady rows in use (1 .. n_steady), for the next steps. */
+int kvs_wbuf_set_extent(kvs_wbuf_t *wb, const uint32_t *n_clusters,
+                        uint32_t steady_lo, uint32_t steady_hi,
+                        uint32_t steady_rows, cudaStream_t stream);
+
 /* Switches the replacement policy; takes effect at the next commit. */
 void kvs_wbuf_set_policy(kvs_wbuf_t *wb, kvs_wbuf_policy_t policy);
 

@@ -45,6 +45,8 @@ struct kvs_wbuf_s {
     kvs_wbuf_stats_t stats;
 };
 
+static void cache_reset(kvs_wbuf_t *wb);
+
 static int cu(cudaError_t e) {
     return kvs_cuda_err(e);
 }
@@ -138,6 +140,10 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     if ((rc = cu(cudaEventCreateWithFlags(&wb->ev_lists,
                                           cudaEventDisableTiming))) != 0)
         goto err;
+    if ((rc = cu(cudaMemset(wb->d_slot_of, 0xff, H * C * 4))) != 0 ||
+        (rc = cu(cudaMemset(wb->d_nc, 0, H * 4))) != 0)
+        goto err;
+    cache_reset(wb);
     L->n_clusters = wb->d_nc;
     L->centroids = wb->d_cent;
     L->value_means = wb->d_vmean;
@@ -232,9 +238,22 @@ static void lru_reset(kvs_wbuf_t *wb, uint32_t h) {
     wb->lru[h] = (int32_t)S - 1;
 }
 
+/* Empty cache: host policy state (the device block table separately). */
+static void cache_reset(kvs_wbuf_t *wb) {
+    const size_t H = wb->H, C = wb->C, S = wb->S;
+    memset(wb->slot_of, 0xff, H * C * 4);
+    memset(wb->slot_cl, 0xff, H * S * 4);
+    memset(wb->stamp, 0, H * S * 8);
+    memset(wb->ref, 0, H * S);
+    memset(wb->hand, 0, H * 4);
+    for (uint32_t h = 0; h < H; h++)
+        lru_reset(wb, h);
+    wb->step = 0;
+}
+
 int kvs_wbuf_commit(kvs_wbuf_t *wb, uint32_t steady_lo, uint32_t steady_hi,
                     cudaStream_t stream) {
-    const size_t H = wb->H, C = wb->C, S = wb->S;
+    const size_t H = wb->H, C = wb->C;
     int rc;
     wb->layer.steady_lo = steady_lo;
     wb->layer.steady_hi = steady_hi;
@@ -246,15 +265,88 @@ int kvs_wbuf_commit(kvs_wbuf_t *wb, uint32_t steady_lo, uint32_t steady_hi,
         return rc;
     if ((rc = cu(cudaStreamSynchronize(stream))) != 0)
         return rc;
-    memset(wb->slot_of, 0xff, H * C * 4);
-    memset(wb->slot_cl, 0xff, H * S * 4);
-    memset(wb->stamp, 0, H * S * 8);
-    memset(wb->ref, 0, H * S);
-    memset(wb->hand, 0, H * 4);
-    for (uint32_t h = 0; h < H; h++)
-        lru_reset(wb, h);
-    wb->step = 0;
+    cache_reset(wb);
     return 0;
+}
+
+int kvs_wbuf_put_clusters(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
+                          uint32_t n, const void *centroids,
+                          const void *value_means, const uint32_t *counts,
+                          const uint8_t *steady_flags, const uint32_t *offsets,
+                          cudaStream_t stream) {
+    if (head >= wb->H || first > wb->C || n > wb->C - first ||
+        offsets[n] > wb->N)
+        return KVS_EINVAL;
+    if (n == 0)
+        return 0;
+    const size_t row = (size_t)wb->p.d * wb->esz;
+    const size_t c0 = (size_t)head * wb->C + first;
+    int rc;
+    if ((rc = cu(cudaMemcpyAsync((char *)wb->d_cent + c0 * row, centroids,
+                                 n * row, cudaMemcpyHostToDevice, stream))) ||
+        (rc = cu(cudaMemcpyAsync((char *)wb->d_vmean + c0 * row, value_means,
+                                 n * row, cudaMemcpyHostToDevice, stream))) ||
+        (rc = cu(cudaMemcpyAsync(wb->d_counts + c0, counts, n * 4,
+                                 cudaMemcpyHostToDevice, stream))) ||
+        (rc = cu(cudaMemcpyAsync(wb->d_flags + c0, steady_flags, n,
+                                 cudaMemcpyHostToDevice, stream))))
+        return rc;
+    const size_t o0 = (size_t)head * (wb->C + 1) + first;
+    if ((rc = cu(cudaMemcpyAsync(wb->d_offs + o0, offsets, (n + 1) * 4,
+                                 cudaMemcpyHostToDevice, stream))))
+        return rc;
+    memcpy(wb->offs + o0, offsets, (n + 1) * 4);
+    return 0;
+}
+
+int kvs_wbuf_put_tokens(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
+                        uint32_t n, const uint32_t *positions,
+                        const void *keys, const void *values,
+                        cudaStream_t stream) {
+    if (head >= wb->H || first > wb->N || n > wb->N - first)
+        return KVS_EINVAL;
+    if (n == 0)
+        return 0;
+    const size_t row = (size_t)wb->p.d * wb->esz;
+    const size_t t0 = (size_t)head * wb->N + first;
+    /* new slots: no kernel in flight reads them yet */
+    memcpy((char *)wb->h_keys + t0 * row, keys, n * row);
+    memcpy((char *)wb->h_values + t0 * row, values, n * row);
+    return cu(cudaMemcpyAsync(wb->d_pos + t0, positions, (size_t)n * 4,
+                              cudaMemcpyHostToDevice, stream));
+}
+
+int kvs_wbuf_put_steady(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
+                        uint32_t n, const void *keys, const void *values,
+                        cudaStream_t stream) {
+    const uint32_t ns = wb->p.n_steady;
+    if (head >= wb->H || first > ns || n > ns - first)
+        return KVS_EINVAL;
+    if (n == 0)
+        return 0;
+    const size_t row = (size_t)wb->p.d * wb->esz;
+    const size_t r0 = (size_t)head * ns + first;
+    int rc = cu(cudaMemcpyAsync((char *)wb->d_sk + r0 * row, keys, n * row,
+                                cudaMemcpyHostToDevice, stream));
+    if (!rc)
+        rc = cu(cudaMemcpyAsync((char *)wb->d_sv + r0 * row, values, n * row,
+                                cudaMemcpyHostToDevice, stream));
+    return rc;
+}
+
+int kvs_wbuf_set_extent(kvs_wbuf_t *wb, const uint32_t *n_clusters,
+                        uint32_t steady_lo, uint32_t steady_hi,
+                        uint32_t steady_rows, cudaStream_t stream) {
+    for (uint32_t h = 0; h < wb->H; h++)
+        if (n_clusters[h] > wb->C)
+            return KVS_EINVAL;
+    if (steady_rows > wb->p.n_steady || (steady_rows == 0 && wb->p.n_steady))
+        return KVS_EINVAL; /* 0 means "all rows" to the kernels */
+    wb->layer.steady_lo = steady_lo;
+    wb->layer.steady_hi = steady_hi;
+    wb->layer.steady_rows = steady_rows;
+    return cu(cudaMemcpyAsync(wb->d_nc, n_clusters, (size_t)wb->H * 4,
+                              cudaMemcpyHostToDevice, stream));
 }
 
 static void lru_unlink(kvs_wbuf_t *wb, uint32_t h, int32_t s) {

@@ -19,6 +19,7 @@
  */
 #include "kvstore.h"
 
+#include "engine/gpu.h"
 #include "engine/persist.h"
 #include "engine/pool.h"
 #include "index/kvs_index.h"
@@ -63,6 +64,9 @@ typedef struct layer_s {
     /* Rows reserved by an append whose storage write is in flight (the
      * rwlock is released meanwhile): a shrink must keep room for them. */
     uint64_t appending;
+    /* GPU mirror of the index (engine/gpu.h), NULL until a GPU attend;
+     * freed under the write lock (eviction, drop, free). */
+    kvs__gpu_layer_t *_Atomic gpu;
 } layer_t;
 
 typedef struct seq_s {
@@ -79,6 +83,7 @@ typedef struct seq_s {
     atomic_int_fast64_t bytes;        /* counted against memory_bytes */
     atomic_uint_fast64_t last_access; /* monotonic ms */
     layer_t *layers;
+    kvs__gpu_t *gpu; /* the store's, for freeing mirrors */
     struct seq_s *next; /* hash chain */
 } seq_t;
 
@@ -118,6 +123,10 @@ struct kvs_store_s {
     /* Memory budget. */
     atomic_int_fast64_t resident_bytes;
     atomic_uint_fast64_t evictions, page_ins;
+
+    /* GPU attend path (NULL: CPU only; gpu_info says why). */
+    kvs__gpu_t *gpu;
+    char gpu_info[192];
 
     /* Housekeeping: TTL expiry. */
     pthread_t keeper;
@@ -193,6 +202,8 @@ void kvs_options_default(kvs_options_t *o) {
     o->window_tokens = 64;
     o->sync = KVS_SYNC_BATCH;
     o->sync_interval_ms = 2;
+    o->cuda_device = -1;
+    o->cuda_cache_fraction = 0.1f;
     kvs_query_params_default(&o->defaults);
 }
 
@@ -216,6 +227,9 @@ static int check_options(kvs_store_t *s, const kvs_options_t *o) {
         return fail(s, KVS_EINVAL, "default query params out of range");
     if (o->n_threads > 1024 || o->n_build_threads > 64)
         return fail(s, KVS_EINVAL, "too many threads");
+    if (o->cuda_device >= 0 &&
+        !(o->cuda_cache_fraction > 0 && o->cuda_cache_fraction <= 1))
+        return fail(s, KVS_EINVAL, "cuda_cache_fraction must be in (0, 1]");
     return 0;
 }
 
@@ -244,6 +258,7 @@ static void seq_free(seq_t *q) {
                 continue;
             for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
                 head_release(&L->heads[h]);
+            kvs__gpu_layer_free(q->gpu, atomic_load(&L->gpu));
             free(L->heads);
             pthread_rwlock_destroy(&L->lock);
             pthread_mutex_destroy(&L->append_mu);
@@ -330,6 +345,7 @@ static int seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
         return fail(s, KVS_ENOMEM, "sequence");
     q->id = id;
     q->geo = *geo;
+    q->gpu = s->gpu;
     q->row_bytes = (size_t)geo->head_dim * kvs_dtype_size(geo->dtype);
     atomic_init(&q->refs, 1);
     atomic_init(&q->ttl_s, 0);
@@ -983,11 +999,13 @@ static void unlock_all(seq_t *q) {
 /* Free every head's rows and segments, leaving empty heads. Caller holds
  * every layer's write lock (lock_all). */
 static void release_rows(seq_t *q) {
-    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
         for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
             head_release(&q->layers[l].heads[h]);
             memset(&q->layers[l].heads[h], 0, sizeof(head_t));
         }
+        kvs__gpu_layer_free(q->gpu, atomic_exchange(&q->layers[l].gpu, NULL));
+    }
 }
 
 /* Evict `q` to storage: free every layer's rows and segments. Gives up
@@ -1241,6 +1259,30 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         free(s);
         return open_fail(KVS_ENOMEM, "store");
     }
+    if (s->opts.cuda_device >= 0) {
+        kvs__gpu_params_t gp = {
+            .device = s->opts.cuda_device,
+            .cache_fraction = s->opts.cuda_cache_fraction,
+            .memory_bytes = s->opts.cuda_memory_bytes,
+            .segment_tokens = s->opts.segment_tokens,
+            .sink_tokens = s->opts.sink_tokens,
+            .window_tokens = s->opts.window_tokens,
+        };
+        if ((rc = kvs__gpu_open(&gp, &s->gpu, s->gpu_info,
+                                sizeof s->gpu_info))) {
+            open_fail(rc, "GPU path");
+            goto fail;
+        }
+        if (!s->gpu) { /* the CPU path serves; say why */
+            char why[sizeof s->gpu_info];
+            memcpy(why, s->gpu_info, sizeof why);
+            why[sizeof why - 8] = 0; /* room for "CPU (" ")" */
+            snprintf(s->gpu_info, sizeof s->gpu_info, "CPU (%.*s)",
+                     (int)(sizeof why - 8), why);
+        }
+    } else {
+        snprintf(s->gpu_info, sizeof s->gpu_info, "CPU (no cuda_device)");
+    }
     s->opts.data_dir = NULL;
     if (opts && opts->data_dir) {
         if (!(s->data_dir = strdup(opts->data_dir))) {
@@ -1334,6 +1376,7 @@ void kvs_store_close(kvs_store_t *s) {
             seq_unref(q);
         }
     free(s->buckets);
+    kvs__gpu_close(s->gpu); /* after every sequence's mirrors */
     /* This thread's scratch; other threads' go with their exit. */
     pthread_key_delete(s->scratch_key);
     pthread_mutex_lock(&s->scratch_mu);
@@ -1606,6 +1649,22 @@ static void search_task(void *arg, uint32_t h) {
                                      c->scores + qh * c->k, &c->stats[h]);
 }
 
+/* The GPU path for a wave attend (caller holds the layer's read lock).
+ * Nonzero: not served there (the CPU path runs; a GPU failure is counted
+ * in the store's stats, never returned). */
+static int gpu_attend(kvs_store_t *s, call_t *c) {
+    const uint32_t nh = c->q->geo.n_kv_heads;
+    kvs_head_view_t *v = malloc(nh * sizeof *v);
+    if (!v)
+        return KVS_ENOMEM;
+    for (uint32_t h = 0; h < nh; h++)
+        head_view(s, c->q, &c->L->heads[h], &v[h]);
+    int rc = kvs__gpu_attend(s->gpu, &c->L->gpu, v, nh, c->group, c->queries,
+                             &c->zp, c->out, c->stats);
+    free(v);
+    return rc;
+}
+
 /* Shared front half of search and attend: validation and the lock. */
 static int call_begin(kvs_store_t *s, uint64_t id, uint32_t layer,
                       const float *queries, const kvs_query_params_t *params,
@@ -1698,7 +1757,8 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
         free(c);
         return fail(s, KVS_ERANGE, "layer %u is empty", layer);
     }
-    kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
+    if (!s->gpu || c->zp.exact || gpu_attend(s, c) != 0)
+        kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
     pthread_rwlock_unlock(&c->L->lock);
     return call_end(c, stats, t0);
 }
@@ -2106,7 +2166,23 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->evictions = atomic_load(&s->evictions);
     st->page_ins = atomic_load(&s->page_ins);
     pthread_mutex_unlock(&s->build_mu);
+    kvs__gpu_stats_t g;
+    kvs__gpu_stats(s->gpu, &g);
+    st->gpu_device = g.device;
+    st->gpu_attends = g.attends;
+    st->gpu_fallbacks = g.fallbacks;
+    st->gpu_errors = g.errors;
+    st->gpu_bytes = g.bytes_gpu;
+    st->gpu_pinned_bytes = g.bytes_pinned;
+    st->gpu_cache_lookups = g.lookups;
+    st->gpu_cache_hits = g.hits;
+    st->gpu_bus_bytes = g.bytes_bus;
+    st->gpu_upload_bytes = g.bytes_uploaded;
     return 0;
+}
+
+const char *kvs_store_gpu_info(const kvs_store_t *s) {
+    return s ? s->gpu_info : "";
 }
 
 int kvs_store_compact(kvs_store_t *s) {

@@ -123,6 +123,21 @@ typedef struct kvs_options_s {
     uint32_t sink_tokens;     /* first tokens always exact; default 4 */
     uint32_t window_tokens;   /* last indexed tokens always exact; 64 */
     kvs_query_params_t defaults; /* for fields a call leaves 0 */
+    /* GPU attend path (docs/gpu.md). With a CUDA device ordinal here, a
+     * build with CUDA and that device present (sm_90), wave-mode attends
+     * with a fixed budget on F16/BF16 sequences of head_dim 128 run on the
+     * GPU through a wave buffer per (sequence, layer): index and steady
+     * zone in GPU memory, keys/values in pinned host memory with a GPU
+     * cache of cluster pages. Everything else, and every store without a
+     * usable GPU, runs on the CPU with the same results within fp32
+     * rounding; kvs_store_gpu_info() says which path serves. -1 (default):
+     * CPU only. */
+    int32_t cuda_device;
+    float cuda_cache_fraction;  /* cache slots per head, as a fraction of
+                                   its clusters; default 0.1 */
+    uint64_t cuda_memory_bytes; /* GPU memory for all layers' buffers; over
+                                   it new layers stay on the CPU; 0: no
+                                   limit */
 } kvs_options_t;
 
 /* Fill `opts` with the defaults above. */
@@ -296,10 +311,24 @@ typedef struct kvs_store_stats_s {
     uint64_t builds_done;
     uint64_t build_keys;     /* keys clustered by finished builds */
     double build_seconds;    /* wall time spent in finished builds */
+    /* GPU attend path (all 0, gpu_device -1, without one). */
+    int32_t gpu_device;
+    uint64_t gpu_attends;    /* attend calls served on the GPU */
+    uint64_t gpu_fallbacks;  /* wave attends the GPU path did not take */
+    uint64_t gpu_errors;     /* GPU failures (redone on the CPU) */
+    uint64_t gpu_bytes;      /* GPU memory held by layer buffers */
+    uint64_t gpu_pinned_bytes; /* pinned host memory held by them */
+    uint64_t gpu_cache_lookups, gpu_cache_hits; /* retrieved clusters */
+    uint64_t gpu_bus_bytes;  /* K/V read from host memory (cache misses) */
+    uint64_t gpu_upload_bytes; /* index and steady rows copied in */
 } kvs_store_stats_t;
 
 /* Errors: KVS_EINVAL. */
 int kvs_store_stats(kvs_store_t *store, kvs_store_stats_t *stats);
+
+/* Which path serves wave attends: "CUDA device 0: NVIDIA H100 80GB HBM3",
+ * or "CPU (why)". Valid while the store is open. */
+const char *kvs_store_gpu_info(const kvs_store_t *store);
 
 /* Compact the data directory now, so that space of dropped sequences and
  * of rows replaced by index segments is reclaimed (RocksDB also does this

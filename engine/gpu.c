@@ -1,0 +1,663 @@
+/*
+ * gpu.c: the engine's GPU attend path (gpu.h): layer mirrors kept in step
+ * with the CPU wave index, and the decode step through the wave buffer.
+ */
+#include "gpu.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef KVS_HAVE_CUDA
+
+struct kvs__gpu_s {
+    int unused;
+};
+
+int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
+                  size_t why_len) {
+    *out = NULL;
+    if (p && p->device >= 0)
+        snprintf(why, why_len, "this build has no CUDA (nvcc was not found "
+                               "when it was configured)");
+    return 0;
+}
+
+void kvs__gpu_close(kvs__gpu_t *g) {
+    (void)g;
+}
+
+int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
+                    const kvs_head_view_t *views, uint32_t n_heads,
+                    uint32_t group, const float *q,
+                    const kvs_zone_params_t *zp, float *out,
+                    kvs_zone_stats_t *stats) {
+    (void)g, (void)mirror, (void)views, (void)n_heads, (void)group, (void)q;
+    (void)zp, (void)out, (void)stats;
+    return KVS_ENOTSUP;
+}
+
+void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
+    (void)g, (void)m;
+}
+
+void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out) {
+    (void)g;
+    memset(out, 0, sizeof *out);
+    out->device = -1;
+}
+
+#else /* KVS_HAVE_CUDA */
+
+#include "kvs_buffer.h"
+
+#include <pthread.h>
+
+#define SLOT_TOKENS 32 /* rows per cache slot: 2x the mean cluster */
+#define KVS_MAX_HEADS_GPU 1024 /* = KVS_MAX_HEADS */
+
+struct kvs__gpu_s {
+    kvs__gpu_params_t p;
+    atomic_uint_fast64_t attends, fallbacks, errors, bytes_gpu, bytes_pinned,
+        lookups, hits, bytes_bus, bytes_uploaded, mirrors_built;
+};
+
+struct kvs__gpu_layer_s {
+    pthread_mutex_t mu;
+    kvs_wbuf_t *wb; /* NULL: nothing uploaded */
+    cudaStream_t stream;
+    /* geometry and plan of wb */
+    kvs_dtype_t dtype;
+    uint32_t H, G, C_cap, N_cap, S_cap;
+    float rf, ef, scale;
+    uint64_t held_gpu, held_pinned;
+    /* what has been uploaded */
+    uint32_t n_segments, seg_cap;
+    const kvs_segment_t **segs; /* [H][seg_cap] */
+    uint32_t *cbase, *tbase;    /* [H][seg_cap + 1] */
+    uint32_t *n_valid;          /* [H][seg_cap] clusters with count > 0 */
+    uint64_t indexed;           /* indexed tokens of the steady zone */
+    uint32_t steady_idx;        /* steady rows inside segments */
+    uint32_t tail_up;           /* tail rows uploaded */
+    /* step buffers */
+    float *d_q, *d_out, *h_q, *h_out;
+    /* host scratch for one segment's cluster arrays */
+    void *tmp_vm;
+    uint32_t *tmp_cnt, *tmp_off, *tmp_pos;
+    uint8_t *tmp_flag;
+    char *tmp_sk, *tmp_sv;
+    size_t tmp_clusters, tmp_tokens, tmp_steady;
+    kvs_wbuf_stats_t seen; /* wave buffer stats already counted */
+};
+
+int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
+                  size_t why_len) {
+    *out = NULL;
+    if (!p || p->device < 0)
+        return 0;
+    if (!(p->cache_fraction > 0 && p->cache_fraction <= 1))
+        return KVS_EINVAL;
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n <= 0) {
+        snprintf(why, why_len, "no CUDA device: %s",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        return 0;
+    }
+    if (p->device >= n) {
+        snprintf(why, why_len, "CUDA device %d asked for, %d present",
+                 p->device, n);
+        return 0;
+    }
+    struct cudaDeviceProp prop;
+    if (cudaSetDevice(p->device) != cudaSuccess ||
+        cudaGetDeviceProperties(&prop, p->device) != cudaSuccess) {
+        snprintf(why, why_len, "CUDA device %d unusable: %s", p->device,
+                 cudaGetErrorString(cudaGetLastError()));
+        return 0;
+    }
+    if (prop.major < 9) {
+        snprintf(why, why_len,
+                 "CUDA device %d (%s) is sm_%d%d; the kernels are built for "
+                 "sm_90a",
+                 p->device, prop.name, prop.major, prop.minor);
+        return 0;
+    }
+    kvs__gpu_t *g = calloc(1, sizeof *g);
+    if (!g)
+        return KVS_ENOMEM;
+    g->p = *p;
+    snprintf(why, why_len, "CUDA device %d: %s", p->device, prop.name);
+    *out = g;
+    return 0;
+}
+
+void kvs__gpu_close(kvs__gpu_t *g) {
+    free(g);
+}
+
+static void scratch_free(kvs__gpu_layer_t *m) {
+    free(m->tmp_vm);
+    free(m->tmp_cnt);
+    free(m->tmp_off);
+    free(m->tmp_pos);
+    free(m->tmp_flag);
+    free(m->tmp_sk);
+    free(m->tmp_sv);
+    m->tmp_vm = NULL;
+    m->tmp_cnt = m->tmp_off = m->tmp_pos = NULL;
+    m->tmp_flag = NULL;
+    m->tmp_sk = m->tmp_sv = NULL;
+    m->tmp_clusters = m->tmp_tokens = m->tmp_steady = 0;
+}
+
+/* Everything but the mutex: back to "nothing uploaded". */
+static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
+    if (m->wb) {
+        if (m->stream)
+            cudaStreamSynchronize(m->stream);
+        kvs_wbuf_free(m->wb);
+        m->wb = NULL;
+        atomic_fetch_sub(&g->bytes_gpu, m->held_gpu);
+        atomic_fetch_sub(&g->bytes_pinned, m->held_pinned);
+        m->held_gpu = m->held_pinned = 0;
+    }
+    cudaFree(m->d_q);
+    cudaFree(m->d_out);
+    cudaFreeHost(m->h_q);
+    cudaFreeHost(m->h_out);
+    m->d_q = m->d_out = m->h_q = m->h_out = NULL;
+    free(m->segs);
+    free(m->cbase);
+    free(m->tbase);
+    free(m->n_valid);
+    m->segs = NULL;
+    m->cbase = m->tbase = m->n_valid = NULL;
+    m->n_segments = m->seg_cap = 0;
+    m->tail_up = m->steady_idx = 0;
+    m->indexed = 0;
+    scratch_free(m);
+}
+
+void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
+    if (!m)
+        return;
+    if (g) {
+        cudaSetDevice(g->p.device);
+        mirror_release(g, m);
+    }
+    if (m->stream)
+        cudaStreamDestroy(m->stream);
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+}
+
+static uint32_t grow(uint64_t need, uint64_t floor_) {
+    uint64_t x = need + need / 2;
+    if (x < floor_)
+        x = floor_;
+    return x > UINT32_MAX ? UINT32_MAX : (uint32_t)x;
+}
+
+/* A fresh wave buffer for at least these extents. */
+static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
+                        const kvs_head_view_t *v, uint32_t H, uint32_t G,
+                        uint64_t C_need, uint64_t N_need, uint64_t S_need,
+                        const kvs_zone_params_t *zp) {
+    mirror_release(g, m);
+    const uint32_t seg = g->p.segment_tokens;
+    m->dtype = v->dtype;
+    m->H = H;
+    m->G = G;
+    m->C_cap = grow(C_need, 1024);
+    m->N_cap = grow(N_need, 2ull * seg);
+    /* sinks + window + a tail of up to two segments (builds lag behind) */
+    m->S_cap = grow(S_need, (uint64_t)g->p.sink_tokens + g->p.window_tokens +
+                                2ull * seg);
+    m->rf = zp->retrieval_fraction;
+    m->ef = zp->estimation_fraction;
+    m->scale = zp->scale;
+    uint32_t slots = (uint32_t)((double)g->p.cache_fraction * m->C_cap);
+    slots = slots ? slots : 1;
+    kvs_wbuf_params_t bp = {
+        .dtype = v->dtype,
+        .d = v->d,
+        .n_heads = H,
+        .group = G,
+        .max_clusters = m->C_cap,
+        .max_tokens = m->N_cap,
+        .n_steady = m->S_cap,
+        .slot_tokens = SLOT_TOKENS,
+        .slots_per_head = slots,
+        .policy = KVS_WBUF_LRU,
+        .wave = {.retrieval_fraction = m->rf,
+                 .estimation_fraction = m->ef,
+                 .scale = m->scale},
+    };
+    int rc = kvs_wbuf_new(&bp, &m->wb);
+    if (rc)
+        return rc;
+    kvs_wbuf_stats(m->wb, &m->seen);
+    m->held_gpu = m->seen.bytes_gpu;
+    m->held_pinned = m->seen.bytes_host;
+    atomic_fetch_add(&g->bytes_gpu, m->held_gpu);
+    atomic_fetch_add(&g->bytes_pinned, m->held_pinned);
+    if (g->p.memory_bytes && atomic_load(&g->bytes_gpu) > g->p.memory_bytes) {
+        mirror_release(g, m);
+        return KVS_ENOTSUP; /* over the GPU budget: CPU path */
+    }
+    const size_t qb = (size_t)H * G * v->d * sizeof(float);
+    m->seg_cap = 16;
+    m->segs = calloc((size_t)H * m->seg_cap, sizeof *m->segs);
+    m->cbase = calloc((size_t)H * (m->seg_cap + 1), 4);
+    m->tbase = calloc((size_t)H * (m->seg_cap + 1), 4);
+    m->n_valid = calloc((size_t)H * m->seg_cap, 4);
+    if (!m->segs || !m->cbase || !m->tbase || !m->n_valid)
+        return KVS_ENOMEM;
+    if ((rc = kvs_cuda_err(cudaMalloc((void **)&m->d_q, qb))) ||
+        (rc = kvs_cuda_err(cudaMalloc((void **)&m->d_out, qb))) ||
+        (rc = kvs_cuda_err(cudaMallocHost((void **)&m->h_q, qb))) ||
+        (rc = kvs_cuda_err(cudaMallocHost((void **)&m->h_out, qb))))
+        return rc;
+    atomic_fetch_add(&g->mirrors_built, 1);
+    return 0;
+}
+
+static int seg_table_grow(kvs__gpu_layer_t *m, uint32_t need) {
+    if (need <= m->seg_cap)
+        return 0;
+    uint32_t cap = m->seg_cap;
+    while (cap < need)
+        cap *= 2;
+    const uint32_t H = m->H;
+    const kvs_segment_t **segs = calloc((size_t)H * cap, sizeof *segs);
+    uint32_t *cb = calloc((size_t)H * (cap + 1), 4);
+    uint32_t *tb = calloc((size_t)H * (cap + 1), 4);
+    uint32_t *nv = calloc((size_t)H * cap, 4);
+    if (!segs || !cb || !tb || !nv) {
+        free(segs);
+        free(cb);
+        free(tb);
+        free(nv);
+        return KVS_ENOMEM;
+    }
+    for (uint32_t h = 0; h < H; h++) {
+        memcpy(segs + (size_t)h * cap, m->segs + (size_t)h * m->seg_cap,
+               m->seg_cap * sizeof *segs);
+        memcpy(cb + (size_t)h * (cap + 1), m->cbase + (size_t)h * (m->seg_cap + 1),
+               (m->seg_cap + 1) * 4);
+        memcpy(tb + (size_t)h * (cap + 1), m->tbase + (size_t)h * (m->seg_cap + 1),
+               (m->seg_cap + 1) * 4);
+        memcpy(nv + (size_t)h * cap, m->n_valid + (size_t)h * m->seg_cap,
+               m->seg_cap * 4);
+    }
+    free(m->segs);
+    free(m->cbase);
+    free(m->tbase);
+    free(m->n_valid);
+    m->segs = segs;
+    m->cbase = cb;
+    m->tbase = tb;
+    m->n_valid = nv;
+    m->seg_cap = cap;
+    return 0;
+}
+
+static int scratch_fit(kvs__gpu_layer_t *m, size_t row, size_t clusters,
+                       size_t tokens, size_t steady) {
+    if (clusters > m->tmp_clusters) {
+        void *vm = realloc(m->tmp_vm, clusters * row);
+        if (vm)
+            m->tmp_vm = vm;
+        uint32_t *c = realloc(m->tmp_cnt, clusters * 4);
+        if (c)
+            m->tmp_cnt = c;
+        uint32_t *o = realloc(m->tmp_off, (clusters + 1) * 4);
+        if (o)
+            m->tmp_off = o;
+        uint8_t *f = realloc(m->tmp_flag, clusters);
+        if (f)
+            m->tmp_flag = f;
+        if (!vm || !c || !o || !f)
+            return KVS_ENOMEM;
+        m->tmp_clusters = clusters;
+    }
+    if (tokens > m->tmp_tokens) {
+        uint32_t *p = realloc(m->tmp_pos, tokens * 4);
+        if (!p)
+            return KVS_ENOMEM;
+        m->tmp_pos = p;
+        m->tmp_tokens = tokens;
+    }
+    if (steady > m->tmp_steady) {
+        char *k = realloc(m->tmp_sk, steady * row);
+        if (k)
+            m->tmp_sk = k;
+        char *v = realloc(m->tmp_sv, steady * row);
+        if (v)
+            m->tmp_sv = v;
+        if (!k || !v)
+            return KVS_ENOMEM;
+        m->tmp_steady = steady;
+    }
+    return 0;
+}
+
+/* Cluster views of segment si of head h (counts, value means, flags with
+ * its steady members left out as seen while `is_last`); tokens too when
+ * `with_tokens`. */
+static int put_segment(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
+                       uint32_t si, const kvs_segment_t *seg, int is_last,
+                       int with_tokens) {
+    const size_t row = kvs_dtype_size(seg->dtype) * seg->d;
+    const uint32_t nc = seg->n_clusters, nt = seg->n_tokens;
+    uint32_t *cb = m->cbase + (size_t)h * (m->seg_cap + 1);
+    uint32_t *tb = m->tbase + (size_t)h * (m->seg_cap + 1);
+    int rc = scratch_fit(m, row, nc, with_tokens ? nt : 0, 0);
+    if (rc)
+        return rc;
+    const uint8_t mask = is_last ? (KVS_ADJ_ALWAYS | KVS_ADJ_LAST)
+                                 : KVS_ADJ_ALWAYS;
+    uint32_t valid = 0;
+    for (uint32_t c = 0; c < nc; c++) {
+        const void *mean;
+        m->tmp_cnt[c] = kvs_segment_cluster_view(seg, c, is_last, &mean);
+        memcpy((char *)m->tmp_vm + c * row, mean, row);
+        m->tmp_flag[c] = (seg->adj_flags[c] & mask) != 0;
+        m->tmp_off[c] = tb[si] + seg->offsets[c];
+        valid += m->tmp_cnt[c] > 0;
+    }
+    m->tmp_off[nc] = tb[si] + seg->offsets[nc];
+    m->n_valid[(size_t)h * m->seg_cap + si] = valid;
+    if ((rc = kvs_wbuf_put_clusters(m->wb, h, cb[si], nc, seg->centroids,
+                                    m->tmp_vm, m->tmp_cnt, m->tmp_flag,
+                                    m->tmp_off, m->stream)))
+        return rc;
+    uint64_t up = (uint64_t)nc * (2 * row + 9);
+    if (with_tokens) {
+        for (uint32_t t = 0; t < nt; t++)
+            m->tmp_pos[t] = (uint32_t)(seg->first_pos + seg->positions[t]);
+        if ((rc = kvs_wbuf_put_tokens(m->wb, h, tb[si], nt, m->tmp_pos,
+                                      seg->keys, seg->values, m->stream)))
+            return rc;
+        up += (uint64_t)nt * (2 * row + 4);
+    }
+    atomic_fetch_add(&g->bytes_uploaded, up);
+    return 0;
+}
+
+static int is_steady(const kvs_head_view_t *v, uint64_t pos) {
+    uint64_t lo = v->indexed_tokens > v->window_tokens
+                      ? v->indexed_tokens - v->window_tokens
+                      : 0;
+    return pos < v->sink_tokens || pos >= lo;
+}
+
+/* The steady rows inside segments (sinks, window) of head h, rewritten. */
+static int put_steady_indexed(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
+                              const kvs_head_view_t *v, uint32_t *rows) {
+    const size_t row = kvs_dtype_size(v->dtype) * v->d;
+    const uint32_t cap = v->sink_tokens + v->window_tokens;
+    int rc = scratch_fit(m, row, 0, 0, cap ? cap : 1);
+    if (rc)
+        return rc;
+    uint32_t n = 0;
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        if (si != 0 && si + 1 != v->n_segments)
+            continue; /* sinks live in the first, the window in the last */
+        for (uint32_t t = 0; t < seg->n_tokens; t++) {
+            if (!is_steady(v, seg->first_pos + seg->positions[t]))
+                continue;
+            if (n == cap)
+                return KVS_ENOTSUP; /* unexpected layout: CPU path */
+            memcpy(m->tmp_sk + (size_t)n * row,
+                   (const char *)seg->keys + (size_t)t * row, row);
+            memcpy(m->tmp_sv + (size_t)n * row,
+                   (const char *)seg->values + (size_t)t * row, row);
+            n++;
+        }
+    }
+    if ((rc = kvs_wbuf_put_steady(m->wb, h, 0, n, m->tmp_sk, m->tmp_sv,
+                                  m->stream)))
+        return rc;
+    atomic_fetch_add(&g->bytes_uploaded, (uint64_t)n * 2 * row);
+    *rows = n;
+    return 0;
+}
+
+/* Brings the mirror in step with the views. */
+static int mirror_sync(kvs__gpu_t *g, kvs__gpu_layer_t *m,
+                       const kvs_head_view_t *v, uint32_t H, uint32_t G,
+                       const kvs_zone_params_t *zp) {
+    const uint32_t nseg = v[0].n_segments;
+    uint64_t C_need = 0, N_need = 0;
+    for (uint32_t h = 0; h < H; h++) {
+        if (v[h].n_segments != nseg || v[h].tail_tokens != v[0].tail_tokens ||
+            v[h].indexed_tokens != v[0].indexed_tokens)
+            return KVS_ENOTSUP; /* a build is halfway through the heads */
+        uint64_t c = 0;
+        for (uint32_t si = 0; si < nseg; si++)
+            c += v[h].segments[si]->n_clusters;
+        C_need = c > C_need ? c : C_need;
+    }
+    N_need = v[0].indexed_tokens;
+    const uint64_t S_need = (uint64_t)v[0].sink_tokens + v[0].window_tokens +
+                            v[0].tail_tokens;
+    if (v[0].indexed_tokens + v[0].tail_tokens > UINT32_MAX)
+        return KVS_ENOTSUP; /* positions are 32-bit on the GPU */
+
+    int fresh = !m->wb || C_need > m->C_cap || N_need > m->N_cap ||
+                S_need > m->S_cap || nseg < m->n_segments ||
+                m->dtype != v[0].dtype || m->rf != zp->retrieval_fraction ||
+                m->ef != zp->estimation_fraction || m->scale != zp->scale;
+    for (uint32_t h = 0; h < H && !fresh; h++)
+        for (uint32_t si = 0; si < m->n_segments && !fresh; si++)
+            fresh = m->segs[(size_t)h * m->seg_cap + si] != v[h].segments[si];
+    int rc;
+    if (fresh &&
+        (rc = mirror_alloc(g, m, v, H, G, C_need, N_need, S_need, zp)))
+        return rc;
+    if ((rc = seg_table_grow(m, nseg + 1)))
+        return rc;
+
+    const uint32_t first_new = m->n_segments;
+    for (uint32_t h = 0; h < H; h++) {
+        uint32_t *cb = m->cbase + (size_t)h * (m->seg_cap + 1);
+        uint32_t *tb = m->tbase + (size_t)h * (m->seg_cap + 1);
+        /* the old newest segment now shows its window members again */
+        if (first_new > 0 && nseg > first_new &&
+            (rc = put_segment(g, m, h, first_new - 1,
+                              v[h].segments[first_new - 1], 0, 0)))
+            return rc;
+        for (uint32_t si = first_new; si < nseg; si++) {
+            const kvs_segment_t *seg = v[h].segments[si];
+            cb[si + 1] = cb[si] + seg->n_clusters;
+            tb[si + 1] = tb[si] + seg->n_tokens;
+            if ((rc = put_segment(g, m, h, si, seg, si + 1 == nseg, 1)))
+                return rc;
+            m->segs[(size_t)h * m->seg_cap + si] = seg;
+        }
+    }
+    m->n_segments = nseg;
+
+    /* steady zone: [sinks and window][tail] */
+    const size_t row = kvs_dtype_size(v[0].dtype) * v[0].d;
+    const uint32_t tail = v[0].tail_tokens;
+    if (fresh || nseg != first_new || m->indexed != v[0].indexed_tokens) {
+        uint32_t rows = 0;
+        for (uint32_t h = 0; h < H; h++) {
+            uint32_t r;
+            if ((rc = put_steady_indexed(g, m, h, &v[h], &r)))
+                return rc;
+            if (h > 0 && r != rows)
+                return KVS_ENOTSUP;
+            rows = r;
+        }
+        m->steady_idx = rows;
+        m->indexed = v[0].indexed_tokens;
+        m->tail_up = 0;
+    }
+    if (tail < m->tail_up)
+        m->tail_up = 0; /* cannot happen while indexed is unchanged */
+    if (tail > m->tail_up) {
+        for (uint32_t h = 0; h < H; h++) {
+            const size_t off = (size_t)m->tail_up * row;
+            if ((rc = kvs_wbuf_put_steady(
+                     m->wb, h, m->steady_idx + m->tail_up, tail - m->tail_up,
+                     (const char *)v[h].tail_keys + off,
+                     (const char *)v[h].tail_values + off, m->stream)))
+                return rc;
+        }
+        atomic_fetch_add(&g->bytes_uploaded,
+                         (uint64_t)H * (tail - m->tail_up) * 2 * row);
+        m->tail_up = tail;
+    }
+    const uint32_t steady_rows = m->steady_idx + tail;
+    if (steady_rows == 0)
+        return KVS_ENOTSUP; /* the kernels read 0 as "all rows" */
+    uint32_t ncl[KVS_MAX_HEADS_GPU];
+    for (uint32_t h = 0; h < H; h++)
+        ncl[h] = m->cbase[(size_t)h * (m->seg_cap + 1) + nseg];
+    const uint64_t lo = v[0].sink_tokens;
+    const uint64_t hi = v[0].indexed_tokens > v[0].window_tokens
+                            ? v[0].indexed_tokens - v[0].window_tokens
+                            : 0;
+    return kvs_wbuf_set_extent(m->wb, ncl, (uint32_t)lo, (uint32_t)hi,
+                               steady_rows, m->stream);
+}
+
+static uint32_t frac_count(float f, uint32_t C) {
+    if (f <= 0)
+        return 0;
+    double x = ceil((double)f * C);
+    return x >= C ? C : (uint32_t)x;
+}
+
+static void zone_stats(const kvs__gpu_layer_t *m, const kvs_head_view_t *v,
+                       uint32_t H, const kvs_wbuf_stats_t *d,
+                       kvs_zone_stats_t *st) {
+    const uint64_t row2 = 2ull * kvs_dtype_size(v[0].dtype) * v[0].d;
+    const uint64_t retrieved_rows =
+        row2 ? (d->bytes_hit + d->bytes_miss) / row2 : 0;
+    for (uint32_t h = 0; h < H; h++) {
+        kvs_zone_stats_t *s = &st[h];
+        memset(s, 0, sizeof *s);
+        const uint32_t C = m->cbase[(size_t)h * (m->seg_cap + 1) +
+                                    m->n_segments];
+        uint32_t valid = 0;
+        for (uint32_t si = 0; si < m->n_segments; si++)
+            valid += m->n_valid[(size_t)h * m->seg_cap + si];
+        uint32_t R = frac_count(m->rf, C), E = frac_count(m->ef, C);
+        R = R > valid ? valid : R;
+        E = E > valid - R ? valid - R : E;
+        s->keys_total = v[h].indexed_tokens + v[h].tail_tokens;
+        s->keys_steady = m->steady_idx + v[h].tail_tokens;
+        /* retrieved rows of all heads, given to head 0 (the buffer counts
+         * per step, not per head); steady members inside retrieved
+         * clusters are masked but counted here */
+        s->keys_exact = s->keys_steady + (h == 0 ? retrieved_rows : 0);
+        s->clusters_total = C;
+        s->clusters_retrieved = R;
+        s->clusters_estimated = E;
+        s->clusters_skipped = C - R - E;
+    }
+}
+
+int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
+                    const kvs_head_view_t *v, uint32_t H, uint32_t G,
+                    const float *q, const kvs_zone_params_t *zp, float *out,
+                    kvs_zone_stats_t *stats) {
+    if (!g)
+        return KVS_ENOTSUP;
+    if (zp->exact || zp->bounded || H == 0 || H > KVS_MAX_HEADS_GPU ||
+        v[0].n_segments == 0 || v[0].d != KVS_CUDA_HEAD_DIM ||
+        (v[0].dtype != KVS_DTYPE_F16 && v[0].dtype != KVS_DTYPE_BF16) ||
+        (G != 1 && G != 2 && G != 4 && G != 8)) {
+        atomic_fetch_add(&g->fallbacks, 1);
+        return KVS_ENOTSUP;
+    }
+    kvs__gpu_layer_t *m = atomic_load(slot);
+    if (!m) {
+        kvs__gpu_layer_t *n = calloc(1, sizeof *n);
+        if (!n)
+            return KVS_ENOMEM;
+        pthread_mutex_init(&n->mu, NULL);
+        kvs__gpu_layer_t *expect = NULL;
+        if (atomic_compare_exchange_strong(slot, &expect, n)) {
+            m = n;
+        } else {
+            pthread_mutex_destroy(&n->mu);
+            free(n);
+            m = expect;
+        }
+    }
+    pthread_mutex_lock(&m->mu);
+    int rc = kvs_cuda_err(cudaSetDevice(g->p.device));
+    if (!rc && !m->stream)
+        rc = kvs_cuda_err(
+            cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
+    if (!rc)
+        rc = mirror_sync(g, m, v, H, G, zp);
+    const size_t qn = (size_t)H * G * v[0].d;
+    if (!rc) {
+        memcpy(m->h_q, q, qn * sizeof(float));
+        if (!(rc = kvs_cuda_err(cudaMemcpyAsync(m->d_q, m->h_q,
+                                                qn * sizeof(float),
+                                                cudaMemcpyHostToDevice,
+                                                m->stream))) &&
+            !(rc = kvs_wbuf_step(m->wb, m->d_q, m->d_out, m->stream)) &&
+            !(rc = kvs_cuda_err(cudaMemcpyAsync(m->h_out, m->d_out,
+                                                qn * sizeof(float),
+                                                cudaMemcpyDeviceToHost,
+                                                m->stream))))
+            rc = kvs_cuda_err(cudaStreamSynchronize(m->stream));
+    }
+    if (!rc) {
+        memcpy(out, m->h_out, qn * sizeof(float));
+        kvs_wbuf_stats_t now, d;
+        kvs_wbuf_stats(m->wb, &now);
+        d.lookups = now.lookups - m->seen.lookups;
+        d.hits = now.hits - m->seen.hits;
+        d.bytes_hit = now.bytes_hit - m->seen.bytes_hit;
+        d.bytes_miss = now.bytes_miss - m->seen.bytes_miss;
+        m->seen = now;
+        atomic_fetch_add(&g->lookups, d.lookups);
+        atomic_fetch_add(&g->hits, d.hits);
+        atomic_fetch_add(&g->bytes_bus, d.bytes_miss);
+        atomic_fetch_add(&g->attends, 1);
+        if (stats)
+            zone_stats(m, v, H, &d, stats);
+    } else if (rc == KVS_ENOTSUP) {
+        atomic_fetch_add(&g->fallbacks, 1);
+    } else {
+        /* a CUDA failure: start over from the CPU index next time */
+        atomic_fetch_add(&g->errors, 1);
+        mirror_release(g, m);
+    }
+    pthread_mutex_unlock(&m->mu);
+    return rc;
+}
+
+void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {
+    memset(o, 0, sizeof *o);
+    if (!g) {
+        o->device = -1;
+        return;
+    }
+    o->device = g->p.device;
+    o->attends = atomic_load(&g->attends);
+    o->fallbacks = atomic_load(&g->fallbacks);
+    o->errors = atomic_load(&g->errors);
+    o->bytes_gpu = atomic_load(&g->bytes_gpu);
+    o->bytes_pinned = atomic_load(&g->bytes_pinned);
+    o->lookups = atomic_load(&g->lookups);
+    o->hits = atomic_load(&g->hits);
+    o->bytes_bus = atomic_load(&g->bytes_bus);
+    o->bytes_uploaded = atomic_load(&g->bytes_uploaded);
+    o->mirrors_built = atomic_load(&g->mirrors_built);
+}
+
+#endif /* KVS_HAVE_CUDA */

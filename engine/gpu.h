@@ -1,0 +1,75 @@
+/*
+ * gpu.h: the engine's GPU attend path (engine-internal).
+ *
+ * A store opened with a CUDA device keeps, per (sequence, layer) that is
+ * attended in wave mode, a *mirror* of its wave index in a wave buffer
+ * (buffer/kvs_buffer.h): centroids, cluster metadata and the steady zone
+ * in GPU memory, the cluster-ordered keys/values in pinned host memory
+ * with a GPU cache of cluster pages. The mirror follows the CPU index
+ * incrementally: new segments are uploaded once, the previously newest
+ * segment's cluster views are rewritten when it stops being newest, new
+ * tail rows are appended to the steady zone. The CPU index stays the
+ * source of truth; a mirror can always be dropped and rebuilt from it.
+ *
+ * kvs__gpu_attend returns KVS_ENOTSUP when a call is not for the GPU
+ * (exact/full mode, bounded budget, F32 keys, head_dim other than 128,
+ * GQA group not 1/2/4/8, heads with different index extents while a build
+ * is halfway, GPU memory budget full): the engine then runs the CPU path,
+ * which gives the same result within fp32 rounding (docs/gpu.md).
+ * Without CUDA in the build, kvs__gpu_open reports why and returns NULL.
+ */
+#ifndef KVS_ENGINE_GPU_H
+#define KVS_ENGINE_GPU_H
+
+#include "index/kvs_index.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct kvs__gpu_s kvs__gpu_t;
+typedef struct kvs__gpu_layer_s kvs__gpu_layer_t;
+
+typedef struct kvs__gpu_params_s {
+    int device;             /* CUDA device ordinal */
+    float cache_fraction;   /* GPU slots per head, fraction of clusters */
+    uint64_t memory_bytes;  /* GPU bytes for all mirrors; 0: no limit */
+    uint32_t segment_tokens, sink_tokens, window_tokens;
+} kvs__gpu_params_t;
+
+typedef struct kvs__gpu_stats_s {
+    int device;             /* -1: no GPU in use */
+    uint64_t attends, fallbacks, errors;
+    uint64_t bytes_gpu, bytes_pinned;
+    uint64_t lookups, hits, bytes_bus, bytes_uploaded;
+    uint64_t mirrors_built;
+} kvs__gpu_stats_t;
+
+/*
+ * *out = the store's GPU context, or NULL with the reason in `why` when
+ * the build has no CUDA or the device is missing. Returns 0 either way,
+ * or KVS_EINVAL for a bad parameter.
+ */
+int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
+                  size_t why_len);
+void kvs__gpu_close(kvs__gpu_t *g);
+
+/*
+ * Wave attention of one layer on the GPU: views[n_heads] (a consistent
+ * snapshot under the layer's read lock), queries [n_heads][group][d],
+ * out the same shape. *mirror is the layer's mirror slot (created on
+ * first use; concurrent callers serialise on it). stats[h] get the zone
+ * counts. Returns 0, KVS_ENOTSUP (use the CPU path), or another error
+ * (counted; the mirror is dropped; the caller should use the CPU path).
+ */
+int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
+                    const kvs_head_view_t *views, uint32_t n_heads,
+                    uint32_t group, const float *q,
+                    const kvs_zone_params_t *zp, float *out,
+                    kvs_zone_stats_t *stats);
+
+/* Frees a layer's mirror (no attend may be using it). NULL is a no-op. */
+void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m);
+
+void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out);
+
+#endif /* KVS_ENGINE_GPU_H */

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# gpu-engine-check.sh: on the GPU machine, run the engine's GPU tests packed
+# by scripts/gpu-engine-pack.sh (carry .carry/engine): test_engine_gpu (the
+# engine's GPU attend path against its CPU path), test_gpu (the kernels),
+# then compute-sanitizer memcheck on a short test_engine_gpu run. Logs go to
+# $OUT (or ./gpu-engine-logs). Exit status: that of the first failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$PWD/gpu-engine-logs}
+mkdir -p "$out"
+work=$(mktemp -d)
+tar -C "$work" -xJf .carry/engine/engine.tar.xz
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/device.txt" 2>&1
+cat "$out/device.txt"
+# Our libraries on the machine's glibc if it is new enough, else our glibc
+# and loader as well.
+run=(env LD_LIBRARY_PATH="$work/lib")
+if LD_LIBRARY_PATH="$work/lib" ldd "$work/test_engine_gpu" 2>&1 |
+    grep -q "GLIBC.*not found"; then
+    run=("$work/glibc/ld-linux-x86-64.so.2" --library-path "$work/glibc:$work/lib")
+    echo "using the packed glibc"
+fi
+status=0
+step() {
+    local name=$1
+    shift
+    echo "== $name"
+    local t0=$SECONDS
+    "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$out/$name.log"
+    echo "== $name: exit $rc, $((SECONDS - t0)) s"
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
+step test_engine_gpu "${run[@]}" "$work/test_engine_gpu"
+step test_gpu "${run[@]}" "$work/test_gpu"
+if command -v compute-sanitizer >/dev/null; then
+    step memcheck_engine env KVS_TEST_QUICK=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 9 "${run[@]}" "$work/test_engine_gpu"
+fi
+exit $status

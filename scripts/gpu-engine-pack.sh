@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# gpu-engine-pack.sh: build the engine's GPU tests HERE (CUDA plus our
+# Debian libraries) and pack them for the GPU machine, which has CUDA but
+# none of RocksDB/OpenBLAS/...: the binaries, their shared libraries
+# (lib/), and this machine's glibc with its loader (glibc/, used only if the
+# GPU machine's own glibc is too old) go into .carry/engine/ (git-ignored,
+# ~20 MB compressed). Then, on the GPU machine, with carry [".carry/engine"]:
+#   scripts/gpu-engine-check.sh
+# Environment: KVS_GPU_BUILD (build folder, default build-cuda).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=${KVS_GPU_BUILD:-build-cuda}
+cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DKVS_CUDA=ON >/dev/null
+cmake --build "$B" -j"$(nproc)" --target test_engine_gpu test_gpu
+out=.carry/engine
+rm -rf "$out"
+mkdir -p "$out/pack/lib" "$out/pack/glibc"
+cp "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_gpu" "$out/pack/"
+for bin in "$out"/pack/test_*; do
+    ldd "$bin" | awk '/=> \//{print $3}'
+done | sort -u | while read -r lib; do
+    case "$(basename "$lib")" in
+    libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*)
+        cp -L "$lib" "$out/pack/glibc/" ;;
+    *) cp -L "$lib" "$out/pack/lib/" ;;
+    esac
+done
+cp -L /lib64/ld-linux-x86-64.so.2 "$out/pack/glibc/"
+tar -C "$out/pack" -cJf "$out/engine.tar.xz" .
+rm -rf "$out/pack"
+ls -la "$out"

@@ -1,0 +1,365 @@
+/*
+ * test_engine_gpu.c: the engine's GPU attend path against its CPU path.
+ *
+ * Two stores with the same options, one opened with cuda_device 0, get the
+ * same appends; after each append both wait for their index builds, then
+ * attend the same queries in wave mode. Decode-like growth crosses segment
+ * boundaries, so the mirror's incremental paths all run: new segments, the
+ * previous newest segment's views rewritten, the tail growing into the
+ * steady zone and restarting after a build, the buffer regrown.
+ *
+ * Tolerance (both paths read the same bf16/fp16 rows and accumulate in
+ * fp32, choosing clusters by the same rule): relative L2 error of the
+ * output per call <= 1e-4 for all but 2% of the calls (a near-tie between
+ * two clusters' summed softmax scores may select differently) and
+ * <= 5e-2 for every call. Also: exact/bounded/F32 calls fall back to the
+ * CPU (counted), stats report cache hits, a dropped and recreated sequence
+ * is served from a fresh mirror.
+ *
+ * A plain program (the GPU machine has no cmocka); exits 77 = skipped when
+ * the store reports no usable GPU (no CUDA in the build, no device).
+ */
+#include "kernels/kvs_kernels.h"
+#include "kvstore.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define D 128
+
+static int failures;
+#define CHECK(cond, ...)                                                       \
+    do {                                                                       \
+        if (!(cond)) {                                                         \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);               \
+            fprintf(stderr, __VA_ARGS__);                                      \
+            fputc('\n', stderr);                                               \
+            failures++;                                                        \
+        }                                                                      \
+    } while (0)
+#define OK(call)                                                               \
+    do {                                                                       \
+        int rc_ = (call);                                                      \
+        if (rc_ != 0) {                                                        \
+            fprintf(stderr, "FAIL %s:%d: %s = %d (%s)\n", __FILE__, __LINE__,  \
+                    #call, rc_, kvs_strerror(rc_));                            \
+            exit(1);                                                           \
+        }                                                                      \
+    } while (0)
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static double urand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (double)(rng >> 11) / 9007199254740992.0;
+}
+static float nrand(void) {
+    double u = urand(), v = urand();
+    return (float)(sqrt(-2 * log(u + 1e-300)) * cos(6.283185307179586 * v));
+}
+
+/* n floats to dtype rows at dst */
+static void put_row(kvs_dtype_t dt, void *dst, const float *src, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (dt == KVS_DTYPE_F32)
+            ((float *)dst)[i] = src[i];
+        else if (dt == KVS_DTYPE_F16)
+            ((uint16_t *)dst)[i] = kvs_f32_to_f16(src[i]);
+        else
+            ((uint16_t *)dst)[i] = kvs_f32_to_bf16(src[i]);
+    }
+}
+
+/*
+ * Keys around 64 centres per head (+ a per-head offset, as real keys have),
+ * values random; written as dtype rows [n][kvh][D].
+ */
+typedef struct gen_s {
+    uint32_t kvh;
+    float *centres; /* [kvh][64][D] */
+    float *offset;  /* [kvh][D] */
+} gen_t;
+
+static void gen_init(gen_t *g, uint32_t kvh) {
+    g->kvh = kvh;
+    g->centres = malloc((size_t)kvh * 64 * D * sizeof(float));
+    g->offset = malloc((size_t)kvh * D * sizeof(float));
+    for (size_t i = 0; i < (size_t)kvh * 64 * D; i++)
+        g->centres[i] = 1.5f * nrand();
+    for (size_t i = 0; i < (size_t)kvh * D; i++)
+        g->offset[i] = 2.0f * nrand();
+}
+
+static void gen_rows(const gen_t *g, kvs_dtype_t dt, uint32_t n, void *keys,
+                     void *values) {
+    const size_t es = kvs_dtype_size(dt);
+    float row[D];
+    for (uint32_t t = 0; t < n; t++)
+        for (uint32_t h = 0; h < g->kvh; h++) {
+            const uint32_t c = (uint32_t)(urand() * 64) % 64;
+            const float *cen = g->centres + ((size_t)h * 64 + c) * D;
+            for (uint32_t k = 0; k < D; k++)
+                row[k] = g->offset[h * D + k] + cen[k] + 0.5f * nrand();
+            const size_t at = ((size_t)t * g->kvh + h) * D * es;
+            put_row(dt, (char *)keys + at, row, D);
+            for (uint32_t k = 0; k < D; k++)
+                row[k] = nrand();
+            put_row(dt, (char *)values + at, row, D);
+        }
+}
+
+/* Queries aimed at a centre (decoder queries are not keys: scaled, with
+ * their own noise). */
+static void gen_queries(const gen_t *g, uint32_t qh, float *q) {
+    const uint32_t group = qh / g->kvh;
+    for (uint32_t i = 0; i < qh; i++) {
+        const uint32_t h = i / group;
+        const uint32_t c = (uint32_t)(urand() * 64) % 64;
+        const float *cen = g->centres + ((size_t)h * 64 + c) * D;
+        for (uint32_t k = 0; k < D; k++)
+            q[(size_t)i * D + k] = 0.35f * cen[k] + 0.3f * nrand();
+    }
+}
+
+static double rel_l2(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct run_s {
+    double *err;
+    size_t n, cap;
+} run_t;
+
+static void push_err(run_t *r, double e) {
+    if (r->n == r->cap) {
+        r->cap = r->cap ? 2 * r->cap : 1024;
+        r->err = realloc(r->err, r->cap * sizeof *r->err);
+    }
+    r->err[r->n++] = e;
+}
+
+/*
+ * One sequence grown in both stores: a prefill of `prefill` tokens, then
+ * `steps` single-token appends, attending `layers` layers after each.
+ */
+static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
+                           kvs_dtype_t dt, uint32_t qh, uint32_t kvh,
+                           uint32_t layers, uint32_t prefill, uint32_t steps,
+                           uint32_t attend_every, run_t *errs) {
+    kvs_geometry_t geo = {.n_layers = layers, .n_q_heads = qh,
+                          .n_kv_heads = kvh, .head_dim = D, .dtype = dt};
+    OK(kvs_seq_create(cpu, id, &geo));
+    OK(kvs_seq_create(gpu, id, &geo));
+    gen_t g;
+    gen_init(&g, kvh);
+    const size_t es = kvs_dtype_size(dt);
+    const size_t big = (size_t)prefill * kvh * D * es;
+    void *k = malloc(big), *v = malloc(big);
+    float *q = malloc((size_t)qh * D * sizeof(float));
+    float *oc = malloc((size_t)qh * D * sizeof(float));
+    float *og = malloc((size_t)qh * D * sizeof(float));
+    for (uint32_t l = 0; l < layers; l++) {
+        gen_rows(&g, dt, prefill, k, v);
+        OK(kvs_seq_append(cpu, id, l, prefill, k, v));
+        OK(kvs_seq_append(gpu, id, l, prefill, k, v));
+    }
+    kvs_query_params_t qp;
+    kvs_query_params_default(&qp);
+    for (uint32_t s = 0; s <= steps; s++) {
+        if (s > 0)
+            for (uint32_t l = 0; l < layers; l++) {
+                gen_rows(&g, dt, 1, k, v);
+                OK(kvs_seq_append(cpu, id, l, 1, k, v));
+                OK(kvs_seq_append(gpu, id, l, 1, k, v));
+            }
+        if (s % attend_every)
+            continue;
+        OK(kvs_seq_wait_indexed(cpu, id));
+        OK(kvs_seq_wait_indexed(gpu, id));
+        for (uint32_t l = 0; l < layers; l++) {
+            gen_queries(&g, qh, q);
+            kvs_attend_stats_t sc, sg;
+            OK(kvs_seq_attend(cpu, id, l, q, &qp, oc, &sc));
+            OK(kvs_seq_attend(gpu, id, l, q, &qp, og, &sg));
+            const double e = rel_l2(og, oc, (size_t)qh * D);
+            push_err(errs, e);
+            CHECK(sc.clusters_total == sg.clusters_total &&
+                      sc.clusters_retrieved == sg.clusters_retrieved &&
+                      sc.clusters_estimated == sg.clusters_estimated &&
+                      sc.keys_steady == sg.keys_steady,
+                  "seq %llu layer %u step %u: zone counts cpu %llu/%llu/%llu "
+                  "steady %llu, gpu %llu/%llu/%llu steady %llu",
+                  (unsigned long long)id, l, s,
+                  (unsigned long long)sc.clusters_total,
+                  (unsigned long long)sc.clusters_retrieved,
+                  (unsigned long long)sc.clusters_estimated,
+                  (unsigned long long)sc.keys_steady,
+                  (unsigned long long)sg.clusters_total,
+                  (unsigned long long)sg.clusters_retrieved,
+                  (unsigned long long)sg.clusters_estimated,
+                  (unsigned long long)sg.keys_steady);
+        }
+    }
+    free(k);
+    free(v);
+    free(q);
+    free(oc);
+    free(og);
+    free(g.centres);
+    free(g.offset);
+}
+
+static void open_pair(kvs_store_t **cpu, kvs_store_t **gpu, uint32_t seg) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = seg;
+    o.n_build_threads = 2;
+    OK(kvs_store_open(&o, cpu));
+    o.cuda_device = 0;
+    o.cuda_cache_fraction = 0.1f;
+    OK(kvs_store_open(&o, gpu));
+}
+
+int main(void) {
+    kvs_store_t *cpu, *gpu;
+    open_pair(&cpu, &gpu, 1024);
+    const char *info = kvs_store_gpu_info(gpu);
+    if (strncmp(info, "CPU", 3) == 0) {
+        printf("SKIP test_engine_gpu: no usable GPU: %s\n", info);
+        kvs_store_close(cpu);
+        kvs_store_close(gpu);
+        return 77;
+    }
+    printf("GPU store: %s\n", info);
+
+    /* KVS_TEST_QUICK: a short run (under compute-sanitizer) */
+    const int quick = getenv("KVS_TEST_QUICK") != NULL;
+    run_t errs = {0};
+    /* GQA 4 bf16: prefill 3.5 segments, decode across two more builds */
+    decode_compare(cpu, gpu, 1, KVS_DTYPE_BF16, 32, 8, 2, 3584,
+                   quick ? 600 : 1400, 25, &errs);
+    /* GQA 2 fp16 (tinycode128's shape), GQA 1 and 8 */
+    decode_compare(cpu, gpu, 2, KVS_DTYPE_F16, 4, 2, 1, 2048,
+                   quick ? 100 : 1100, 20, &errs);
+    decode_compare(cpu, gpu, 3, KVS_DTYPE_BF16, 8, 8, 1, 1500,
+                   quick ? 60 : 600, 30, &errs);
+    decode_compare(cpu, gpu, 4, KVS_DTYPE_F16, 16, 2, 1, 5000, 200, 50, &errs);
+    /* a long one: the buffer grows several times */
+    decode_compare(cpu, gpu, 5, KVS_DTYPE_BF16, 8, 2, 1, quick ? 3000 : 20000,
+                   quick ? 100 : 2100, 100, &errs);
+
+    qsort(errs.err, errs.n, sizeof(double), cmp_double);
+    size_t over = 0;
+    for (size_t i = 0; i < errs.n; i++)
+        over += errs.err[i] > 1e-4;
+    const double med = errs.err[errs.n / 2], mx = errs.err[errs.n - 1];
+    const double p99 = errs.err[(size_t)(0.99 * (errs.n - 1))];
+    printf("GPU vs CPU wave attend: %zu calls, rel L2 median %.3g, p99 %.3g, "
+           "max %.3g, %zu above 1e-4\n",
+           errs.n, med, p99, mx, over);
+    CHECK(over <= errs.n / 50, "%zu of %zu calls above 1e-4", over, errs.n);
+    CHECK(mx <= 5e-2, "max rel L2 %.3g", mx);
+
+    kvs_store_stats_t st;
+    OK(kvs_store_stats(gpu, &st));
+    printf("stats: device %d, attends %llu, fallbacks %llu, errors %llu, "
+           "cache %llu/%llu hits, bus %.1f MB, uploaded %.1f MB, GPU %.1f MB, "
+           "pinned %.1f MB\n",
+           st.gpu_device, (unsigned long long)st.gpu_attends,
+           (unsigned long long)st.gpu_fallbacks,
+           (unsigned long long)st.gpu_errors,
+           (unsigned long long)st.gpu_cache_hits,
+           (unsigned long long)st.gpu_cache_lookups, st.gpu_bus_bytes / 1e6,
+           st.gpu_upload_bytes / 1e6, st.gpu_bytes / 1e6,
+           st.gpu_pinned_bytes / 1e6);
+    CHECK(st.gpu_device == 0, "gpu_device %d", st.gpu_device);
+    CHECK(st.gpu_attends == errs.n, "gpu attends %llu of %zu",
+          (unsigned long long)st.gpu_attends, errs.n);
+    CHECK(st.gpu_errors == 0, "gpu errors %llu",
+          (unsigned long long)st.gpu_errors);
+    CHECK(st.gpu_cache_hits > 0 && st.gpu_cache_hits < st.gpu_cache_lookups,
+          "cache hits %llu of %llu", (unsigned long long)st.gpu_cache_hits,
+          (unsigned long long)st.gpu_cache_lookups);
+
+    /* Not for the GPU: exact, bounded, F32 keys: counted, served by the
+     * CPU, equal to the CPU store's answer bit for bit. */
+    {
+        const uint32_t qh = 8;
+        float q[8 * D], oc[8 * D], og[8 * D];
+        kvs_query_params_t qp;
+        kvs_query_params_default(&qp);
+        gen_t g;
+        gen_init(&g, 2);
+        gen_queries(&g, qh, q);
+        const uint64_t fb0 = st.gpu_fallbacks;
+        qp.mode = KVS_MODE_EXACT;
+        OK(kvs_seq_attend(cpu, 5, 0, q, &qp, oc, NULL));
+        OK(kvs_seq_attend(gpu, 5, 0, q, &qp, og, NULL));
+        CHECK(memcmp(oc, og, sizeof oc) == 0, "exact mode differs");
+        qp.mode = KVS_MODE_WAVE;
+        qp.budget = KVS_BUDGET_BOUNDED;
+        OK(kvs_seq_attend(cpu, 5, 0, q, &qp, oc, NULL));
+        OK(kvs_seq_attend(gpu, 5, 0, q, &qp, og, NULL));
+        CHECK(memcmp(oc, og, sizeof oc) == 0, "bounded mode differs");
+        kvs_geometry_t geo = {1, qh, 2, D, KVS_DTYPE_F32};
+        OK(kvs_seq_create(cpu, 9, &geo));
+        OK(kvs_seq_create(gpu, 9, &geo));
+        const uint32_t n = 3000;
+        float *k = malloc((size_t)n * 2 * D * 4), *v = malloc((size_t)n * 2 * D * 4);
+        gen_rows(&g, KVS_DTYPE_F32, n, k, v);
+        OK(kvs_seq_append(cpu, 9, 0, n, k, v));
+        OK(kvs_seq_append(gpu, 9, 0, n, k, v));
+        OK(kvs_seq_wait_indexed(cpu, 9));
+        OK(kvs_seq_wait_indexed(gpu, 9));
+        kvs_query_params_default(&qp);
+        OK(kvs_seq_attend(cpu, 9, 0, q, &qp, oc, NULL));
+        OK(kvs_seq_attend(gpu, 9, 0, q, &qp, og, NULL));
+        CHECK(memcmp(oc, og, sizeof oc) == 0, "f32 sequence differs");
+        OK(kvs_store_stats(gpu, &st));
+        /* exact mode is not a wave call: only bounded and F32 count */
+        CHECK(st.gpu_fallbacks == fb0 + 2, "fallbacks %llu, want %llu",
+              (unsigned long long)st.gpu_fallbacks,
+              (unsigned long long)fb0 + 2);
+        free(k);
+        free(v);
+        free(g.centres);
+        free(g.offset);
+    }
+
+    /* Drop and recreate id 2 with other data: the new sequence must not
+     * be served from the old mirror. */
+    {
+        OK(kvs_seq_drop(cpu, 2));
+        OK(kvs_seq_drop(gpu, 2));
+        run_t e2 = {0};
+        decode_compare(cpu, gpu, 2, KVS_DTYPE_F16, 4, 2, 1, 2500, 10, 10, &e2);
+        for (size_t i = 0; i < e2.n; i++)
+            CHECK(e2.err[i] <= 5e-2, "recreated sequence: rel L2 %.3g",
+                  e2.err[i]);
+        free(e2.err);
+    }
+
+    free(errs.err);
+    kvs_store_close(cpu);
+    kvs_store_close(gpu);
+    if (failures) {
+        fprintf(stderr, "test_engine_gpu: %d failures\n", failures);
+        return 1;
+    }
+    printf("test_engine_gpu: pass\n");
+    return 0;
+}
