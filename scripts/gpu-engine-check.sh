@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# gpu-engine-check.sh: on the GPU machine, run the engine's GPU tests packed
-# by scripts/gpu-engine-pack.sh (carry .carry/engine): test_engine_gpu (the
-# engine's GPU attend path against its CPU path), test_gpu (the kernels),
-# then compute-sanitizer memcheck on a short test_engine_gpu run. Logs go to
-# $OUT (or ./gpu-engine-logs). Exit status: that of the first failure.
+# gpu-engine-check.sh [--bench]: on the GPU machine, run the engine's GPU
+# tests packed by scripts/gpu-engine-pack.sh (carry .carry/engine):
+# test_engine_gpu (the engine's GPU attend path against its CPU path),
+# test_gpu (the kernels), compute-sanitizer memcheck on a short
+# test_engine_gpu run; with --bench also bench_engine_gpu (engine_gpu.json).
+# Logs go to $OUT (or ./gpu-engine-logs). Exit status: that of the first
+# failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu-engine-logs}
@@ -37,5 +39,9 @@ step test_gpu "${run[@]}" "$work/test_gpu"
 if command -v compute-sanitizer >/dev/null; then
     step memcheck_engine env KVS_TEST_QUICK=1 compute-sanitizer --tool memcheck \
         --error-exitcode 9 "${run[@]}" "$work/test_engine_gpu"
+fi
+if [ "${1:-}" = --bench ]; then
+    step bench_engine_gpu "${run[@]}" "$work/bench_engine_gpu" \
+        --json "$out/engine_gpu.json"
 fi
 exit $status

@@ -11,12 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${KVS_GPU_BUILD:-build-cuda}
 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DKVS_CUDA=ON >/dev/null
-cmake --build "$B" -j"$(nproc)" --target test_engine_gpu test_gpu
+cmake --build "$B" -j"$(nproc)" --target test_engine_gpu test_gpu bench_engine_gpu
 out=.carry/engine
 rm -rf "$out"
 mkdir -p "$out/pack/lib" "$out/pack/glibc"
-cp "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_gpu" "$out/pack/"
-for bin in "$out"/pack/test_*; do
+cp "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_gpu" \
+    "$B/bench/bench_engine_gpu" "$out/pack/"
+for bin in "$out"/pack/test_* "$out"/pack/bench_*; do
     ldd "$bin" | awk '/=> \//{print $3}'
 done | sort -u | while read -r lib; do
     case "$(basename "$lib")" in

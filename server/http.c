@@ -167,6 +167,7 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
 
     kvs_store_stats_t st;
     memset(&st, 0, sizeof(st));
+    st.gpu_device = -1;
     if (srv->store && kvs_store_stats(srv->store, &st) == 0)
         sb_printf(&b,
                   "# HELP kvstore_sequences Sequences in the store.\n"
@@ -218,6 +219,42 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
                   (unsigned long long)st.evictions,
                   (unsigned long long)st.page_ins,
                   (unsigned long long)st.expired);
+    if (srv->store && st.gpu_device >= 0)
+        sb_printf(&b,
+                  "# HELP kvstore_gpu_attends_total Attend calls served on "
+                  "the GPU.\n# TYPE kvstore_gpu_attends_total counter\n"
+                  "kvstore_gpu_attends_total %llu\n"
+                  "# HELP kvstore_gpu_fallbacks_total Wave attends the GPU "
+                  "path did not take (served on the CPU).\n"
+                  "# TYPE kvstore_gpu_fallbacks_total counter\n"
+                  "kvstore_gpu_fallbacks_total %llu\n"
+                  "# HELP kvstore_gpu_errors_total GPU failures, redone on "
+                  "the CPU.\n# TYPE kvstore_gpu_errors_total counter\n"
+                  "kvstore_gpu_errors_total %llu\n"
+                  "# HELP kvstore_gpu_bytes GPU memory held by wave "
+                  "buffers.\n# TYPE kvstore_gpu_bytes gauge\n"
+                  "kvstore_gpu_bytes %llu\n"
+                  "# HELP kvstore_gpu_pinned_bytes Pinned host memory held "
+                  "by wave buffers.\n# TYPE kvstore_gpu_pinned_bytes gauge\n"
+                  "kvstore_gpu_pinned_bytes %llu\n"
+                  "# HELP kvstore_gpu_cache_lookups_total Retrieved clusters "
+                  "looked up in the GPU cache.\n"
+                  "# TYPE kvstore_gpu_cache_lookups_total counter\n"
+                  "kvstore_gpu_cache_lookups_total %llu\n"
+                  "# TYPE kvstore_gpu_cache_hits_total counter\n"
+                  "kvstore_gpu_cache_hits_total %llu\n"
+                  "# HELP kvstore_gpu_bus_bytes_total K/V bytes read from "
+                  "host memory by cache misses.\n"
+                  "# TYPE kvstore_gpu_bus_bytes_total counter\n"
+                  "kvstore_gpu_bus_bytes_total %llu\n",
+                  (unsigned long long)st.gpu_attends,
+                  (unsigned long long)st.gpu_fallbacks,
+                  (unsigned long long)st.gpu_errors,
+                  (unsigned long long)st.gpu_bytes,
+                  (unsigned long long)st.gpu_pinned_bytes,
+                  (unsigned long long)st.gpu_cache_lookups,
+                  (unsigned long long)st.gpu_cache_hits,
+                  (unsigned long long)st.gpu_bus_bytes);
     *out = b.p;
     *len = b.failed ? 0 : b.len;
 }

@@ -61,6 +61,14 @@ extern "C" {
     X(build_threads, U32, "2", 0, 4096, "engine index build threads")          \
     X(blas_threads, U32, "1", 0, 4096,                                         \
       "OpenBLAS threads for index builds (process-wide); 0 = leave as is")    \
+    X(gpu, BOOL, "no", 0, 1,                                                   \
+      "serve wave attends on the CUDA device cuda-device when the build has "  \
+      "CUDA and the device is usable (else the CPU serves; logged)")          \
+    X(cuda_device, U32, "0", 0, 1024, "CUDA device ordinal for --gpu")         \
+    X(cuda_cache_percent, U32, "10", 1, 100,                                   \
+      "GPU cache of cluster pages, percent of each head's clusters")          \
+    X(cuda_memory_bytes, SIZE, "0", 0, UINT64_MAX,                             \
+      "GPU memory for all layers' wave buffers; 0 = no limit")                \
     X(segment_tokens, U32, "0", 0, 1u << 24,                                   \
       "engine keys per index segment; 0 = engine default")                    \
     X(cluster_tokens, U32, "0", 0, 1u << 16,                                   \

@@ -899,6 +899,11 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
         o.segment_tokens = cfg->segment_tokens;
     if (cfg->cluster_tokens)
         o.cluster_tokens = cfg->cluster_tokens;
+    if (cfg->gpu) {
+        o.cuda_device = (int32_t)cfg->cuda_device;
+        o.cuda_cache_fraction = cfg->cuda_cache_percent / 100.0f;
+        o.cuda_memory_bytes = cfg->cuda_memory_bytes;
+    }
     uint64_t t0 = uv_hrtime();
     rc = kvs_store_open(&o, &srv->store);
     if (rc) {
@@ -921,6 +926,13 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
              (unsigned long long)st.sequences,
              (unsigned long long)st.quarantined,
              (double)(uv_hrtime() - t0) / 1e9);
+    {
+        char q[300];
+        kvs__log(cfg->gpu && st.gpu_device < 0 ? KVS__LOG_WARN
+                                               : KVS__LOG_INFO,
+                 "attend_path", "gpu=%s path=%s", cfg->gpu ? "yes" : "no",
+                 kvs__logq(q, sizeof(q), kvs_store_gpu_info(srv->store)));
+    }
 
     uv_check_init(&srv->loop, &srv->flusher);
     srv->flusher.data = srv;

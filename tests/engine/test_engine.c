@@ -317,6 +317,66 @@ static void test_engine_wave_full_budget_equals_exact(void **state) {
     }
 }
 
+/*
+ * cuda_device on a store without a usable GPU (no CUDA in the build, or no
+ * device): the store opens, says why it serves from the CPU, and answers
+ * exactly as a store without the option. (The GPU comparison itself is
+ * tests/gpu/test_engine_gpu.c, run on the GPU machine.)
+ */
+static void test_engine_cuda_option_without_gpu(void **state) {
+    (void)state;
+    kvs_options_t o;
+    kvs_options_default(&o);
+    assert_int_equal(o.cuda_device, -1);
+    o.cuda_device = 0;
+    o.cuda_cache_fraction = 0;
+    kvs_store_t *bad = NULL;
+    assert_int_equal(kvs_store_open(&o, &bad), KVS_EINVAL);
+    assert_null(bad);
+    assert_non_null(strstr(kvs_store_open_error(), "cuda_cache_fraction"));
+
+    fixture_t f = build_fixture(2500, 512, KVS_DTYPE_BF16);
+    kvs_options_default(&o);
+    o.segment_tokens = 512;
+    o.cuda_device = 0;
+    kvs_store_t *g = NULL;
+    assert_int_equal(kvs_store_open(&o, &g), 0);
+    const char *info = kvs_store_gpu_info(g);
+    if (strncmp(info, "CPU (", 5) != 0) {
+        /* a GPU is here after all: test_engine_gpu covers this case */
+        kvs_store_close(g);
+        free_fixture(&f);
+        skip();
+    }
+    assert_string_equal(kvs_store_gpu_info(f.s), "CPU (no cuda_device)");
+    kvs_geometry_t geo = {2, f.qh, f.kvh, f.d, KVS_DTYPE_BF16};
+    assert_int_equal(kvs_seq_create(g, 7, &geo), 0);
+    size_t elems = (size_t)f.n * f.kvh * f.d;
+    uint16_t *ck = malloc(elems * 2), *cv = malloc(elems * 2);
+    kvs_from_f32(KVS_DTYPE_BF16, f.k, ck, elems);
+    kvs_from_f32(KVS_DTYPE_BF16, f.v, cv, elems);
+    for (uint32_t l = 0; l < 2; l++)
+        assert_int_equal(kvs_seq_append(g, 7, l, f.n, ck, cv), 0);
+    assert_int_equal(kvs_seq_wait_indexed(g, 7), 0);
+    float q[4 * 32], a[4 * 32], b[4 * 32];
+    for (int r = 0; r < 8; r++) {
+        for (int i = 0; i < 4 * 32; i++)
+            q[i] = nrand();
+        assert_int_equal(kvs_seq_attend(f.s, 7, r & 1, q, NULL, a, NULL), 0);
+        assert_int_equal(kvs_seq_attend(g, 7, r & 1, q, NULL, b, NULL), 0);
+        assert_memory_equal(a, b, sizeof a);
+    }
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(g, &st), 0);
+    assert_int_equal(st.gpu_device, -1);
+    assert_int_equal(st.gpu_attends, 0);
+    assert_int_equal(st.gpu_bytes, 0);
+    free(ck);
+    free(cv);
+    kvs_store_close(g);
+    free_fixture(&f);
+}
+
 /* Default budgets: zone sizes as documented, output close to exact. */
 static void test_engine_wave_default_zones(void **state) {
     (void)state;
@@ -586,6 +646,7 @@ int main(void) {
         cmocka_unit_test(test_engine_build_races_readers),
         cmocka_unit_test(test_engine_fork),
         cmocka_unit_test(test_engine_ttl),
+        cmocka_unit_test(test_engine_cuda_option_without_gpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
