@@ -9,6 +9,8 @@
 # and writes gpu.json in the ../shared/BENCH.md format: to TMP_JSON when
 # called by bench/run.sh, else to $OUT (when set) and bench/results/.
 # Without a GPU it prints "SKIP: no CUDA device" (empty metrics) and exits 0.
+# The same benchmark on a real tinycode128 decode trace: bench/gpu/run_trace.sh
+# (gpu_trace.json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 json=""
