@@ -20,6 +20,9 @@
  * clusters of at most slot_tokens rows are cached; larger ones are always
  * read from host memory (counted as uncacheable).
  *
+ * With kv_on_device the keys/values live in GPU memory instead (a layer
+ * that fits): a step is select + zones + merge, nothing crosses the bus.
+ *
  * Not thread-safe: one buffer per stream. Errors as in kvs_cuda.h.
  */
 #ifndef KVS_BUFFER_H
@@ -45,6 +48,9 @@ typedef struct kvs_wbuf_params_s {
     uint32_t slot_tokens;    /* rows per slot (32) */
     uint32_t slots_per_head; /* clusters cached per head */
     kvs_wbuf_policy_t policy;
+    /* 1: keys/values in GPU memory instead of pinned host memory: no
+     * cache, no bus reads (slot_tokens, slots_per_head, policy unused) */
+    int kv_on_device;
     kvs_cuda_wave_params_t wave;
 } kvs_wbuf_params_t;
 

@@ -23,6 +23,7 @@ struct kvs_wbuf_s {
     uint8_t *d_flags;
     void *d_cent, *d_vmean, *d_sk, *d_sv, *d_slot_k, *d_slot_v;
     void *d_stage_k, *d_stage_v;
+    void *d_keys, *d_values; /* kv_on_device */
     int32_t *d_slot_of;
     kvs__fill_t *d_fill;
     kvs__upd_t *d_upd;
@@ -54,8 +55,10 @@ static int cu(cudaError_t e) {
 int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     *out = NULL;
     if (!p || p->d != KVS_CUDA_HEAD_DIM || p->n_heads == 0 ||
-        p->max_clusters == 0 || p->max_tokens == 0 || p->slot_tokens == 0 ||
-        p->slots_per_head == 0 || p->slots_per_head > p->max_clusters)
+        p->max_clusters == 0 || p->max_tokens == 0 ||
+        (!p->kv_on_device &&
+         (p->slot_tokens == 0 || p->slots_per_head == 0 ||
+          p->slots_per_head > p->max_clusters)))
         return KVS_EINVAL;
     kvs_wbuf_t *wb = calloc(1, sizeof *wb);
     if (!wb)
@@ -64,8 +67,10 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     wb->H = p->n_heads;
     wb->C = p->max_clusters;
     wb->N = p->max_tokens;
-    wb->S = p->slots_per_head;
-    wb->st = p->slot_tokens;
+    /* device-resident K/V: a token cache of one slot keeps the code paths
+     * uniform; it is never used */
+    wb->S = p->kv_on_device ? 1 : p->slots_per_head;
+    wb->st = p->kv_on_device ? 1 : p->slot_tokens;
     wb->esz = (uint32_t)kvs_dtype_size(p->dtype);
     const size_t H = wb->H, C = wb->C, N = wb->N, S = wb->S, D = p->d;
     const size_t row = D * wb->esz;
@@ -100,8 +105,13 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     DALLOC(wb->d_sv, H * (p->n_steady ? p->n_steady : 1) * row);
     DALLOC(wb->d_slot_k, H * S * wb->st * row);
     DALLOC(wb->d_slot_v, H * S * wb->st * row);
-    DALLOC(wb->d_stage_k, H * R * wb->st * row);
-    DALLOC(wb->d_stage_v, H * R * wb->st * row);
+    if (p->kv_on_device) {
+        DALLOC(wb->d_keys, H * N * row);
+        DALLOC(wb->d_values, H * N * row);
+    } else {
+        DALLOC(wb->d_stage_k, H * R * wb->st * row);
+        DALLOC(wb->d_stage_v, H * R * wb->st * row);
+    }
     DALLOC(wb->d_slot_of, H * C * 4);
     DALLOC(wb->d_fill, H * R * sizeof(kvs__fill_t));
     DALLOC(wb->d_upd, 2 * H * R * sizeof(kvs__upd_t));
@@ -113,14 +123,16 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
                                    cudaHostAllocMapped))) != 0)                \
             goto err;                                                          \
     } while (0)
-    HALLOC(wb->h_keys, H * N * row);
-    HALLOC(wb->h_values, H * N * row);
+    if (!p->kv_on_device) {
+        HALLOC(wb->h_keys, H * N * row);
+        HALLOC(wb->h_values, H * N * row);
+    }
     HALLOC(wb->h_ret, H * R * 4);
     HALLOC(wb->h_nret, H * 4);
     HALLOC(wb->h_fill, H * R * sizeof(kvs__fill_t));
     HALLOC(wb->h_upd, 2 * H * R * sizeof(kvs__upd_t));
 #undef HALLOC
-    wb->stats.bytes_host = 2 * H * N * row;
+    wb->stats.bytes_host = p->kv_on_device ? 0 : 2 * H * N * row;
     wb->offs = malloc(H * (C + 1) * 4);
     wb->slot_of = malloc(H * C * 4);
     wb->slot_cl = malloc(H * S * 4);
@@ -151,8 +163,9 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     L->offsets = wb->d_offs;
     L->steady_flags = wb->d_flags;
     L->positions = wb->d_pos;
-    L->keys = wb->h_keys; /* unified addressing: host pointer is usable */
-    L->values = wb->h_values;
+    /* pinned: unified addressing makes the host pointer usable */
+    L->keys = p->kv_on_device ? wb->d_keys : wb->h_keys;
+    L->values = p->kv_on_device ? wb->d_values : wb->h_values;
     L->steady_keys = wb->d_sk;
     L->steady_values = wb->d_sv;
     wb->cache.slot_of = wb->d_slot_of;
@@ -185,6 +198,8 @@ void kvs_wbuf_free(kvs_wbuf_t *wb) {
     cudaFree(wb->d_slot_v);
     cudaFree(wb->d_stage_k);
     cudaFree(wb->d_stage_v);
+    cudaFree(wb->d_keys);
+    cudaFree(wb->d_values);
     cudaFree(wb->d_slot_of);
     cudaFree(wb->d_fill);
     cudaFree(wb->d_upd);
@@ -223,8 +238,8 @@ void kvs_wbuf_layer(kvs_wbuf_t *wb, kvs_cuda_layer_t *layer,
     o->offsets = wb->d_offs;
     o->steady_flags = wb->d_flags;
     o->positions = wb->d_pos;
-    o->keys = wb->h_keys;
-    o->values = wb->h_values;
+    o->keys = (void *)wb->layer.keys;
+    o->values = (void *)wb->layer.values;
 }
 
 static void lru_reset(kvs_wbuf_t *wb, uint32_t h) {
@@ -309,9 +324,20 @@ int kvs_wbuf_put_tokens(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
         return 0;
     const size_t row = (size_t)wb->p.d * wb->esz;
     const size_t t0 = (size_t)head * wb->N + first;
-    /* new slots: no kernel in flight reads them yet */
-    memcpy((char *)wb->h_keys + t0 * row, keys, n * row);
-    memcpy((char *)wb->h_values + t0 * row, values, n * row);
+    int rc;
+    if (wb->p.kv_on_device) {
+        if ((rc = cu(cudaMemcpyAsync((char *)wb->d_keys + t0 * row, keys,
+                                     n * row, cudaMemcpyHostToDevice,
+                                     stream))) ||
+            (rc = cu(cudaMemcpyAsync((char *)wb->d_values + t0 * row, values,
+                                     n * row, cudaMemcpyHostToDevice,
+                                     stream))))
+            return rc;
+    } else {
+        /* new slots: no kernel in flight reads them yet */
+        memcpy((char *)wb->h_keys + t0 * row, keys, n * row);
+        memcpy((char *)wb->h_values + t0 * row, values, n * row);
+    }
     return cu(cudaMemcpyAsync(wb->d_pos + t0, positions, (size_t)n * 4,
                               cudaMemcpyHostToDevice, stream));
 }
@@ -416,6 +442,11 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
     const uint32_t *d_ret = kvs_cuda_wave_retrieved(wb->wave, &d_nret);
     if ((rc = kvs_cuda_wave_select(wb->wave, &wb->layer, q, stream)) != 0)
         return rc;
+    if (wb->p.kv_on_device) {
+        wb->stats.steps++;
+        return kvs_cuda_wave_attend(wb->wave, &wb->layer, NULL, q, out,
+                                    stream);
+    }
     if ((rc = cu(cudaMemcpyAsync(wb->h_ret, d_ret, (size_t)H * R * 4,
                                  cudaMemcpyDeviceToHost, stream))) != 0 ||
         (rc = cu(cudaMemcpyAsync(wb->h_nret, d_nret, (size_t)H * 4,

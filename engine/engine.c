@@ -230,6 +230,8 @@ static int check_options(kvs_store_t *s, const kvs_options_t *o) {
     if (o->cuda_device >= 0 &&
         !(o->cuda_cache_fraction > 0 && o->cuda_cache_fraction <= 1))
         return fail(s, KVS_EINVAL, "cuda_cache_fraction must be in (0, 1]");
+    if (o->cuda_kv != KVS_CUDA_KV_AUTO && o->cuda_kv != KVS_CUDA_KV_HOST)
+        return fail(s, KVS_EINVAL, "unknown cuda_kv %d", (int)o->cuda_kv);
     return 0;
 }
 
@@ -1264,6 +1266,7 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
             .device = s->opts.cuda_device,
             .cache_fraction = s->opts.cuda_cache_fraction,
             .memory_bytes = s->opts.cuda_memory_bytes,
+            .kv_host_only = s->opts.cuda_kv == KVS_CUDA_KV_HOST,
             .segment_tokens = s->opts.segment_tokens,
             .sink_tokens = s->opts.sink_tokens,
             .window_tokens = s->opts.window_tokens,
@@ -2174,6 +2177,7 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->gpu_errors = g.errors;
     st->gpu_bytes = g.bytes_gpu;
     st->gpu_pinned_bytes = g.bytes_pinned;
+    st->gpu_kv_bytes = g.bytes_kv_device;
     st->gpu_cache_lookups = g.lookups;
     st->gpu_cache_hits = g.hits;
     st->gpu_bus_bytes = g.bytes_bus;

@@ -60,6 +60,10 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out) {
 
 struct kvs__gpu_s {
     kvs__gpu_params_t p;
+    /* K/V of layers kept in GPU memory: up to kv_budget bytes (half the
+     * device memory free at open, or of memory_bytes) */
+    uint64_t kv_budget;
+    atomic_uint_fast64_t kv_used;
     atomic_uint_fast64_t attends, fallbacks, errors, bytes_gpu, bytes_pinned,
         lookups, hits, bytes_bus, bytes_uploaded, mirrors_built;
 };
@@ -72,7 +76,7 @@ struct kvs__gpu_layer_s {
     kvs_dtype_t dtype;
     uint32_t H, G, C_cap, N_cap, S_cap;
     float rf, ef, scale;
-    uint64_t held_gpu, held_pinned;
+    uint64_t held_gpu, held_pinned, held_kv;
     /* what has been uploaded */
     uint32_t n_segments, seg_cap;
     const kvs_segment_t **segs; /* [H][seg_cap] */
@@ -125,10 +129,19 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
                  p->device, prop.name, prop.major, prop.minor);
         return 0;
     }
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+        snprintf(why, why_len, "CUDA device %d: %s", p->device,
+                 cudaGetErrorString(cudaGetLastError()));
+        return 0;
+    }
     kvs__gpu_t *g = calloc(1, sizeof *g);
     if (!g)
         return KVS_ENOMEM;
     g->p = *p;
+    g->kv_budget = p->kv_host_only ? 0
+                   : p->memory_bytes ? p->memory_bytes / 2
+                                     : (uint64_t)free_b / 2;
     snprintf(why, why_len, "CUDA device %d: %s", p->device, prop.name);
     *out = g;
     return 0;
@@ -162,7 +175,8 @@ static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
         m->wb = NULL;
         atomic_fetch_sub(&g->bytes_gpu, m->held_gpu);
         atomic_fetch_sub(&g->bytes_pinned, m->held_pinned);
-        m->held_gpu = m->held_pinned = 0;
+        atomic_fetch_sub(&g->kv_used, m->held_kv);
+        m->held_gpu = m->held_pinned = m->held_kv = 0;
     }
     cudaFree(m->d_q);
     cudaFree(m->d_out);
@@ -221,6 +235,16 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
     m->scale = zp->scale;
     uint32_t slots = (uint32_t)((double)g->p.cache_fraction * m->C_cap);
     slots = slots ? slots : 1;
+    /* K/V in GPU memory while they fit the budget: no bus reads */
+    const uint64_t kv_bytes =
+        2ull * H * m->N_cap * kvs_dtype_size(v->dtype) * v->d;
+    int on_device = 0;
+    if (g->kv_budget) {
+        uint64_t used = atomic_fetch_add(&g->kv_used, kv_bytes);
+        on_device = used + kv_bytes <= g->kv_budget;
+        if (!on_device)
+            atomic_fetch_sub(&g->kv_used, kv_bytes);
+    }
     kvs_wbuf_params_t bp = {
         .dtype = v->dtype,
         .d = v->d,
@@ -232,13 +256,18 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
         .slot_tokens = SLOT_TOKENS,
         .slots_per_head = slots,
         .policy = KVS_WBUF_LRU,
+        .kv_on_device = on_device,
         .wave = {.retrieval_fraction = m->rf,
                  .estimation_fraction = m->ef,
                  .scale = m->scale},
     };
     int rc = kvs_wbuf_new(&bp, &m->wb);
-    if (rc)
+    if (rc) {
+        if (on_device)
+            atomic_fetch_sub(&g->kv_used, kv_bytes);
         return rc;
+    }
+    m->held_kv = on_device ? kv_bytes : 0;
     kvs_wbuf_stats(m->wb, &m->seen);
     m->held_gpu = m->seen.bytes_gpu;
     m->held_pinned = m->seen.bytes_host;
@@ -653,6 +682,7 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {
     o->errors = atomic_load(&g->errors);
     o->bytes_gpu = atomic_load(&g->bytes_gpu);
     o->bytes_pinned = atomic_load(&g->bytes_pinned);
+    o->bytes_kv_device = atomic_load(&g->kv_used);
     o->lookups = atomic_load(&g->lookups);
     o->hits = atomic_load(&g->hits);
     o->bytes_bus = atomic_load(&g->bytes_bus);

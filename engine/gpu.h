@@ -33,13 +33,14 @@ typedef struct kvs__gpu_params_s {
     int device;             /* CUDA device ordinal */
     float cache_fraction;   /* GPU slots per head, fraction of clusters */
     uint64_t memory_bytes;  /* GPU bytes for all mirrors; 0: no limit */
+    int kv_host_only;       /* 1: K/V always in pinned host memory */
     uint32_t segment_tokens, sink_tokens, window_tokens;
 } kvs__gpu_params_t;
 
 typedef struct kvs__gpu_stats_s {
     int device;             /* -1: no GPU in use */
     uint64_t attends, fallbacks, errors;
-    uint64_t bytes_gpu, bytes_pinned;
+    uint64_t bytes_gpu, bytes_pinned, bytes_kv_device;
     uint64_t lookups, hits, bytes_bus, bytes_uploaded;
     uint64_t mirrors_built;
 } kvs__gpu_stats_t;

@@ -85,6 +85,10 @@ typedef struct kvs_query_params_s {
     float scale;               /* softmax scale; 0 = 1/sqrt(head_dim) */
 } kvs_query_params_t;
 
+/* kvs_options_t.cuda_kv */
+#define KVS_CUDA_KV_AUTO 0
+#define KVS_CUDA_KV_HOST 1
+
 /* When an append to a persistent store is acknowledged. */
 typedef enum kvs_sync_e {
     KVS_SYNC_BATCH = 0,  /* group commit: appends return after an fsync
@@ -138,6 +142,12 @@ typedef struct kvs_options_s {
     uint64_t cuda_memory_bytes; /* GPU memory for all layers' buffers; over
                                    it new layers stay on the CPU; 0: no
                                    limit */
+    /* Where a GPU-served layer keeps its keys/values: KVS_CUDA_KV_AUTO
+     * (default) in GPU memory while those of all such layers fit half the
+     * memory free at open (half of cuda_memory_bytes when set), else in
+     * pinned host memory behind the GPU cache; KVS_CUDA_KV_HOST always the
+     * latter (long contexts offloaded, GPU memory left to the model). */
+    int32_t cuda_kv;
 } kvs_options_t;
 
 /* Fill `opts` with the defaults above. */
@@ -318,6 +328,7 @@ typedef struct kvs_store_stats_s {
     uint64_t gpu_errors;     /* GPU failures (redone on the CPU) */
     uint64_t gpu_bytes;      /* GPU memory held by layer buffers */
     uint64_t gpu_pinned_bytes; /* pinned host memory held by them */
+    uint64_t gpu_kv_bytes;   /* K/V held in GPU memory (KVS_CUDA_KV_AUTO) */
     uint64_t gpu_cache_lookups, gpu_cache_hits; /* retrieved clusters */
     uint64_t gpu_bus_bytes;  /* K/V read from host memory (cache misses) */
     uint64_t gpu_upload_bytes; /* index and steady rows copied in */

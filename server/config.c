@@ -300,6 +300,9 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         return cerr(err, errlen, KVS_EINVAL,
                     "sync must be batch, always or none, not \"%s\"",
                     cfg->sync);
+    if (strcmp(cfg->cuda_kv, "auto") && strcmp(cfg->cuda_kv, "host"))
+        return cerr(err, errlen, KVS_EINVAL,
+                    "cuda_kv must be auto or host, not \"%s\"", cfg->cuda_kv);
     const char *lv = cfg->log_level;
     if (strcmp(lv, "debug") && strcmp(lv, "info") && strcmp(lv, "warn") &&
         strcmp(lv, "error"))

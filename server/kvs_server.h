@@ -69,6 +69,9 @@ extern "C" {
       "GPU cache of cluster pages, percent of each head's clusters")          \
     X(cuda_memory_bytes, SIZE, "0", 0, UINT64_MAX,                             \
       "GPU memory for all layers' wave buffers; 0 = no limit")                \
+    X(cuda_kv, STR, "auto", 0, 0,                                              \
+      "where GPU-served layers keep K/V: auto (GPU memory while half of it "  \
+      "suffices, else pinned host + GPU cache) or host (always pinned host)") \
     X(segment_tokens, U32, "0", 0, 1u << 24,                                   \
       "engine keys per index segment; 0 = engine default")                    \
     X(cluster_tokens, U32, "0", 0, 1u << 16,                                   \

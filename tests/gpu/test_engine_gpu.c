@@ -12,7 +12,9 @@
  * fp32, choosing clusters by the same rule): relative L2 error of the
  * output per call <= 1e-4 for all but 2% of the calls (a near-tie between
  * two clusters' summed softmax scores may select differently) and
- * <= 5e-2 for every call. Also: exact/bounded/F32 calls fall back to the
+ * <= 5e-2 for every call. All of it twice: K/V of the GPU layers in
+ * pinned host memory behind the GPU cache (KVS_CUDA_KV_HOST), and in GPU
+ * memory (KVS_CUDA_KV_AUTO, everything fits). Also: exact/bounded/F32 calls fall back to the
  * CPU (counted), stats report cache hits, a dropped and recreated sequence
  * is served from a fresh mirror.
  *
@@ -223,7 +225,8 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
     free(g.offset);
 }
 
-static void open_pair(kvs_store_t **cpu, kvs_store_t **gpu, uint32_t seg) {
+static void open_pair(kvs_store_t **cpu, kvs_store_t **gpu, uint32_t seg,
+                      int32_t cuda_kv) {
     kvs_options_t o;
     kvs_options_default(&o);
     o.segment_tokens = seg;
@@ -231,12 +234,14 @@ static void open_pair(kvs_store_t **cpu, kvs_store_t **gpu, uint32_t seg) {
     OK(kvs_store_open(&o, cpu));
     o.cuda_device = 0;
     o.cuda_cache_fraction = 0.1f;
+    o.cuda_kv = cuda_kv;
     OK(kvs_store_open(&o, gpu));
 }
 
-int main(void) {
+/* Everything below for one placement of the GPU layers' K/V. */
+static int run_all(int32_t cuda_kv) {
     kvs_store_t *cpu, *gpu;
-    open_pair(&cpu, &gpu, 1024);
+    open_pair(&cpu, &gpu, 1024, cuda_kv);
     const char *info = kvs_store_gpu_info(gpu);
     if (strncmp(info, "CPU", 3) == 0) {
         printf("SKIP test_engine_gpu: no usable GPU: %s\n", info);
@@ -244,7 +249,9 @@ int main(void) {
         kvs_store_close(gpu);
         return 77;
     }
-    printf("GPU store: %s\n", info);
+    const int host = cuda_kv == KVS_CUDA_KV_HOST;
+    printf("GPU store: %s; K/V in %s\n", info,
+           host ? "pinned host memory + GPU cache" : "GPU memory");
 
     /* KVS_TEST_QUICK: a short run (under compute-sanitizer) */
     const int quick = getenv("KVS_TEST_QUICK") != NULL;
@@ -277,23 +284,33 @@ int main(void) {
     kvs_store_stats_t st;
     OK(kvs_store_stats(gpu, &st));
     printf("stats: device %d, attends %llu, fallbacks %llu, errors %llu, "
-           "cache %llu/%llu hits, bus %.1f MB, uploaded %.1f MB, GPU %.1f MB, "
-           "pinned %.1f MB\n",
+           "cache %llu/%llu hits, bus %.1f MB, uploaded %.1f MB, GPU %.1f MB "
+           "(K/V %.1f MB), pinned %.1f MB\n",
            st.gpu_device, (unsigned long long)st.gpu_attends,
            (unsigned long long)st.gpu_fallbacks,
            (unsigned long long)st.gpu_errors,
            (unsigned long long)st.gpu_cache_hits,
            (unsigned long long)st.gpu_cache_lookups, st.gpu_bus_bytes / 1e6,
            st.gpu_upload_bytes / 1e6, st.gpu_bytes / 1e6,
-           st.gpu_pinned_bytes / 1e6);
+           st.gpu_kv_bytes / 1e6, st.gpu_pinned_bytes / 1e6);
     CHECK(st.gpu_device == 0, "gpu_device %d", st.gpu_device);
     CHECK(st.gpu_attends == errs.n, "gpu attends %llu of %zu",
           (unsigned long long)st.gpu_attends, errs.n);
     CHECK(st.gpu_errors == 0, "gpu errors %llu",
           (unsigned long long)st.gpu_errors);
-    CHECK(st.gpu_cache_hits > 0 && st.gpu_cache_hits < st.gpu_cache_lookups,
-          "cache hits %llu of %llu", (unsigned long long)st.gpu_cache_hits,
-          (unsigned long long)st.gpu_cache_lookups);
+    if (host) {
+        CHECK(st.gpu_cache_hits > 0 &&
+                  st.gpu_cache_hits < st.gpu_cache_lookups,
+              "cache hits %llu of %llu", (unsigned long long)st.gpu_cache_hits,
+              (unsigned long long)st.gpu_cache_lookups);
+        CHECK(st.gpu_kv_bytes == 0, "K/V on the GPU: %llu bytes",
+              (unsigned long long)st.gpu_kv_bytes);
+    } else {
+        CHECK(st.gpu_kv_bytes > 0 && st.gpu_bus_bytes == 0,
+              "K/V on the GPU %llu bytes, bus %llu",
+              (unsigned long long)st.gpu_kv_bytes,
+              (unsigned long long)st.gpu_bus_bytes);
+    }
 
     /* Not for the GPU: exact, bounded, F32 keys: counted, served by the
      * CPU, equal to the CPU store's answer bit for bit. */
@@ -356,6 +373,14 @@ int main(void) {
     free(errs.err);
     kvs_store_close(cpu);
     kvs_store_close(gpu);
+    return 0;
+}
+
+int main(void) {
+    if (run_all(KVS_CUDA_KV_HOST) == 77)
+        return 77;
+    rng = 0x9e3779b97f4a7c15ull;
+    run_all(KVS_CUDA_KV_AUTO);
     if (failures) {
         fprintf(stderr, "test_engine_gpu: %d failures\n", failures);
         return 1;
