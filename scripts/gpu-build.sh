@@ -6,7 +6,8 @@
 #   test_gpu        every kernel vs the CPU reference (tests/gpu)
 #   bench_gpu       the GPU benchmark (bench/gpu)
 # Environment: NVCC (default nvcc on PATH or /usr/local/cuda/bin/nvcc),
-# CC (default cc), GENCODE (default sm_90a).
+# CC (default cc), GENCODE (default sm_90a), NVFLAGS_EXTRA (more nvcc
+# flags, e.g. -DKVS_ZONE_MIN_BLOCKS=1 for a variant build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-build-gpu}
@@ -15,7 +16,7 @@ CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
 CC=${CC:-cc}
 GENCODE=${GENCODE:--gencode=arch=compute_90a,code=sm_90a}
 INC="-Iinclude -Ikernels/cuda -Ibuffer -Ibench/gpu"
-NVFLAGS="-std=c++17 -O3 $GENCODE $INC -lineinfo -Xcompiler=-Wall,-Wextra"
+NVFLAGS="-std=c++17 -O3 $GENCODE $INC -lineinfo -Xcompiler=-Wall,-Wextra ${NVFLAGS_EXTRA:-}"
 CFLAGS="-std=c11 -O2 -g -Wall -Wextra -Werror -D_GNU_SOURCE $INC -I$CUDA_HOME/include"
 mkdir -p "$B/obj"
 

@@ -42,6 +42,14 @@ struct zone_args {
 
 constexpr int RET_SPLIT_MAX = 32; /* one warp scans a split's sizes */
 
+/* Blocks of the zone kernel resident per SM (a register cap of 128; G = 8
+ * spills under it and keeps the default). 3 at 148 registers left the
+ * 408 splits of the 128K batch-1 step 12 short of one wave (132 x 3 =
+ * 396 slots). */
+#ifndef KVS_ZONE_MIN_BLOCKS
+#define KVS_ZONE_MIN_BLOCKS 4
+#endif
+
 /*
  * The last split of head h to finish merges the head's partials into out
  * (log-sum-exp weights), then resets done[h] for the next launch. The
@@ -107,7 +115,8 @@ __device__ __forceinline__ void merge_if_last(const zone_args &a, int h,
 }
 
 template <typename T, int G>
-__global__ void __launch_bounds__(ATT_THREADS) zone_kernel(zone_args a) {
+__global__ void __launch_bounds__(ATT_THREADS, G >= 8 ? 1 : KVS_ZONE_MIN_BLOCKS)
+    zone_kernel(zone_args a) {
     const int h = blockIdx.y, item = blockIdx.x;
     const int hw = threadIdx.x / LPR;
     const uint32_t C = a.L.max_clusters;
