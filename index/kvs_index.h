@@ -92,6 +92,21 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
                       const void *keys, const void *values,
                       kvs_segment_t **out, char *err, size_t errlen);
 
+/*
+ * The second half of kvs_segment_build for a clustering made elsewhere
+ * (the GPU k-means): label[i] < k is the cluster of token i. Empty
+ * clusters are dropped, members sorted stably by cluster, centroids and
+ * value means are the plain means of the members, the adjustment tables
+ * are built. Errors as kvs_segment_build, KVS_EINVAL for a bad label.
+ */
+int kvs_segment_from_labels(const kvs_build_params_t *params,
+                            kvs_dtype_t dtype, uint32_t d, uint64_t first_pos,
+                            uint32_t n, const void *keys, const void *values,
+                            uint32_t k, const uint32_t *label,
+                            kvs_segment_t **out, char *err, size_t errlen);
+/* Clusters k-means makes for n keys: max(1, round(n / cluster_tokens)). */
+uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n);
+
 void kvs_segment_free(kvs_segment_t *seg);
 
 /* Serialisation for storage (index/segment_io.c): encode into a buffer of

@@ -359,26 +359,17 @@ void kvs_segment_free(kvs_segment_t *seg) {
     free(seg);
 }
 
-int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
-                      uint32_t d, uint64_t first_pos, uint32_t n,
-                      const void *keys, const void *values, kvs_segment_t **out,
-                      char *err, size_t errlen) {
-    size_t esz = kvs_dtype_size(dtype);
-    float *kf = NULL, *xc = NULL, *tmp = NULL;
-    double *acc = NULL;
-    uint32_t *label = NULL;
-    float *score = NULL;
-    uint32_t *cnt = NULL, *remap = NULL, *fill = NULL;
-    uint8_t *steady = NULL;
-    kvs_segment_t *seg = NULL;
-    int rc;
-
+/* The checks both builders share. */
+static int seg_check(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                     uint32_t d, uint32_t n, const void *keys,
+                     const void *values, kvs_segment_t **out, char *err,
+                     size_t errlen) {
     if (err && errlen)
         err[0] = '\0';
     if (!params || !keys || !values || !out)
         return seg_fail(err, errlen, KVS_EINVAL, "NULL argument");
     *out = NULL;
-    if (esz == 0)
+    if (kvs_dtype_size(dtype) == 0)
         return seg_fail(err, errlen, KVS_EINVAL, "unknown dtype %d",
                         (int)dtype);
     if (n == 0 || d == 0)
@@ -394,56 +385,104 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
     /* cblas takes int dimensions. */
     if (d > INT_MAX || n > INT_MAX)
         return seg_fail(err, errlen, KVS_EINVAL, "segment too large");
+    return 0;
+}
 
-    size_t nd = (size_t)n * d;
+uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n) {
     uint32_t k = (uint32_t)(((uint64_t)n + params->cluster_tokens / 2) /
                             params->cluster_tokens);
-    if (k == 0)
-        k = 1;
+    return k ? k : 1;
+}
+
+int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                      uint32_t d, uint64_t first_pos, uint32_t n,
+                      const void *keys, const void *values, kvs_segment_t **out,
+                      char *err, size_t errlen) {
+    int rc = seg_check(params, dtype, d, n, keys, values, out, err, errlen);
+    if (rc)
+        return rc;
+    const size_t nd = (size_t)n * d;
+    const uint32_t k = kvs_segment_clusters(params, n);
     assert(k <= n);
-
-    kf = malloc(sizeof(*kf) * nd);
-    xc = malloc(sizeof(*xc) * nd);
-    acc = malloc(sizeof(*acc) * d);
-    tmp = malloc(sizeof(*tmp) * d);
-    label = malloc(sizeof(*label) * n);
-    score = malloc(sizeof(*score) * n);
-    cnt = calloc(k, sizeof(*cnt));
-    remap = malloc(sizeof(*remap) * k);
-    fill = malloc(sizeof(*fill) * (k + 1));
-    steady = malloc(n);
-    seg = calloc(1, sizeof(*seg));
-    if (!kf || !xc || !acc || !tmp || !label || !score || !cnt || !remap ||
-        !fill || !steady || !seg) {
+    float *kf = malloc(sizeof(*kf) * nd);
+    float *xc = malloc(sizeof(*xc) * nd);
+    double *acc = malloc(sizeof(*acc) * d);
+    uint32_t *label = malloc(sizeof(*label) * n);
+    float *score = malloc(sizeof(*score) * n);
+    if (!kf || !xc || !acc || !label || !score) {
         rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
-        goto fail;
+        goto out;
     }
-
     /* Centre the keys (for the assignment only). */
     kvs_to_f32(dtype, keys, kf, nd);
     if (!kvs_all_finite(KVS_DTYPE_F32, kf, nd)) {
         rc = seg_fail(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
-        goto fail;
+        goto out;
     }
     memset(acc, 0, sizeof(*acc) * d);
     for (uint32_t i = 0; i < n; i++)
         for (uint32_t j = 0; j < d; j++)
             acc[j] += kf[(size_t)i * d + j];
-    for (uint32_t j = 0; j < d; j++)
-        tmp[j] = (float)(acc[j] / n);
     for (uint32_t i = 0; i < n; i++)
         for (uint32_t j = 0; j < d; j++)
-            xc[(size_t)i * d + j] = kf[(size_t)i * d + j] - tmp[j];
-
+            xc[(size_t)i * d + j] =
+                kf[(size_t)i * d + j] - (float)(acc[j] / n);
     if (k == 1) {
         memset(label, 0, sizeof(*label) * n);
-    } else {
-        rc = seg_cluster(params, d, n, k, xc, label, score, err, errlen);
-        if (rc)
-            goto fail;
+    } else if ((rc = seg_cluster(params, d, n, k, xc, label, score, err,
+                                 errlen))) {
+        goto out;
+    }
+    rc = kvs_segment_from_labels(params, dtype, d, first_pos, n, keys, values,
+                                 k, label, out, err, errlen);
+out:
+    free(kf);
+    free(xc);
+    free(acc);
+    free(label);
+    free(score);
+    return rc;
+}
+
+int kvs_segment_from_labels(const kvs_build_params_t *params,
+                            kvs_dtype_t dtype, uint32_t d, uint64_t first_pos,
+                            uint32_t n, const void *keys, const void *values,
+                            uint32_t k, const uint32_t *label,
+                            kvs_segment_t **out, char *err, size_t errlen) {
+    int rc = seg_check(params, dtype, d, n, keys, values, out, err, errlen);
+    if (rc)
+        return rc;
+    if (!label || k == 0 || k > n)
+        return seg_fail(err, errlen, KVS_EINVAL, "bad labels (k=%u, n=%u)", k,
+                        n);
+    for (uint32_t i = 0; i < n; i++)
+        if (label[i] >= k)
+            return seg_fail(err, errlen, KVS_EINVAL,
+                            "label %u of token %u out of range (k=%u)",
+                            label[i], i, k);
+    const size_t esz = kvs_dtype_size(dtype);
+    const size_t nd = (size_t)n * d;
+    float *kf = malloc(sizeof(*kf) * nd);
+    float *xc = malloc(sizeof(*xc) * nd);
+    double *acc = malloc(sizeof(*acc) * d);
+    float *tmp = malloc(sizeof(*tmp) * d);
+    uint32_t *cnt = calloc(k, sizeof(*cnt));
+    uint32_t *remap = malloc(sizeof(*remap) * k);
+    uint32_t *fill = malloc(sizeof(*fill) * (k + 1));
+    uint8_t *steady = calloc(n, 1);
+    kvs_segment_t *seg = calloc(1, sizeof(*seg));
+    if (!kf || !xc || !acc || !tmp || !cnt || !remap || !fill || !steady ||
+        !seg) {
+        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        goto fail;
+    }
+    kvs_to_f32(dtype, keys, kf, nd);
+    if (!kvs_all_finite(KVS_DTYPE_F32, kf, nd)) {
+        rc = seg_fail(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
+        goto fail;
     }
 
-    /* Drop empty clusters, keeping the survivors in k-means order. */
+    /* Drop empty clusters, keeping the survivors in label order. */
     for (uint32_t i = 0; i < n; i++)
         cnt[label[i]]++;
     uint32_t nc = 0;
@@ -489,7 +528,7 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
                (const char *)values + (size_t)i * d * esz, d * esz);
     }
 
-    /* Centroids: raw key means; xc now holds the raw keys in slot order. */
+    /* Centroids: raw key means (xc: the raw keys in slot order). */
     for (uint32_t s = 0; s < n; s++)
         memcpy(xc + (size_t)s * d, kf + (size_t)seg->positions[s] * d,
                sizeof(*xc) * d);
@@ -529,8 +568,6 @@ fail:
     free(xc);
     free(acc);
     free(tmp);
-    free(label);
-    free(score);
     free(cnt);
     free(remap);
     free(fill);

@@ -484,6 +484,52 @@ static void test_index_segment_deterministic(void **state) {
     data_free(&t);
 }
 
+/*
+ * kvs_segment_from_labels (the GPU build's second half): the labels of a
+ * built segment, with a few empty cluster ids mixed in, give the same
+ * segment byte for byte; labels out of range are refused.
+ */
+static void test_index_segment_from_labels(void **state) {
+    (void)state;
+    data_t t;
+    data_make(&t, KVS_DTYPE_BF16, 1500, 128, 12, 9);
+    kvs_build_params_t p = params(16, 4, 64);
+    kvs_segment_t *a = build(&p, &t, 8192);
+    uint32_t *label = malloc(sizeof(uint32_t) * t.n);
+    const uint32_t k = 2 * a->n_clusters + 1; /* odd ids stay empty */
+    for (uint32_t c = 0; c < a->n_clusters; c++)
+        for (uint32_t s = a->offsets[c]; s < a->offsets[c + 1]; s++)
+            label[a->positions[s]] = 2 * c;
+    kvs_segment_t *b = NULL;
+    char err[256];
+    assert_int_equal(kvs_segment_from_labels(&p, t.dtype, t.d, 8192, t.n,
+                                             t.keys, t.vals, k, label, &b, err,
+                                             sizeof err),
+                     0);
+    size_t ea = kvs_segment_encoded_size(a), eb = kvs_segment_encoded_size(b);
+    assert_int_equal(ea, eb);
+    void *xa = malloc(ea), *xb = malloc(eb);
+    kvs_segment_encode(a, xa);
+    kvs_segment_encode(b, xb);
+    assert_memory_equal(xa, xb, ea);
+    check_segment(&t, &p, 8192, b);
+    kvs_segment_free(b);
+    b = NULL;
+    label[7] = k;
+    assert_int_equal(kvs_segment_from_labels(&p, t.dtype, t.d, 8192, t.n,
+                                             t.keys, t.vals, k, label, &b, err,
+                                             sizeof err),
+                     KVS_EINVAL);
+    assert_null(b);
+    assert_non_null(strstr(err, "out of range"));
+    assert_int_equal(kvs_segment_clusters(&p, t.n), (t.n + 8) / 16);
+    free(xa);
+    free(xb);
+    free(label);
+    kvs_segment_free(a);
+    data_free(&t);
+}
+
 /* k-means must beat a random assignment with the same cluster sizes by far,
  * and match FAISS's spherical k-means (through the C API) on the same data. */
 static void test_index_segment_kmeans_quality(void **state) {
@@ -725,6 +771,7 @@ int main(void) {
         cmocka_unit_test(test_index_segment_shapes),
         cmocka_unit_test(test_index_segment_tiny),
         cmocka_unit_test(test_index_segment_deterministic),
+        cmocka_unit_test(test_index_segment_from_labels),
         cmocka_unit_test(test_index_segment_kmeans_quality),
         cmocka_unit_test(test_index_segment_recovers_directions),
         cmocka_unit_test(test_index_segment_errors),
