@@ -204,6 +204,7 @@ void kvs_options_default(kvs_options_t *o) {
     o->sync_interval_ms = 2;
     o->cuda_device = -1;
     o->cuda_cache_fraction = 0.1f;
+    o->cuda_build = 1;
     kvs_query_params_default(&o->defaults);
 }
 
@@ -710,8 +711,30 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
             .seed = 1234 + first,
         };
         char err[160] = "";
-        rc = kvs_segment_build(&bp, q->geo.dtype, q->geo.head_dim, first, n,
-                               keys, vals, &seg, err, sizeof err);
+        rc = KVS_ENOTSUP;
+        if (s->gpu && s->opts.cuda_build) {
+            /* k-means on the GPU, the rest of the build here */
+            uint32_t *label = malloc(sizeof *label * n), k = 0;
+            rc = label ? kvs__gpu_cluster(s->gpu, q->geo.dtype,
+                                          q->geo.head_dim, n, keys, &bp,
+                                          label, &k)
+                       : KVS_ENOMEM;
+            if (rc == 0)
+                rc = kvs_segment_from_labels(&bp, q->geo.dtype,
+                                             q->geo.head_dim, first, n, keys,
+                                             vals, k, label, &seg, err,
+                                             sizeof err);
+            free(label);
+            if (rc && rc != KVS_ENOTSUP && rc != KVS_ENOTFINITE)
+                fprintf(stderr,
+                        "kvstore: GPU clustering failed for sequence %llu "
+                        "layer %u head %u: %s; building on the CPU\n",
+                        (unsigned long long)q->id, j->layer, j->head,
+                        kvs_strerror(rc));
+        }
+        if (rc)
+            rc = kvs_segment_build(&bp, q->geo.dtype, q->geo.head_dim, first,
+                                   n, keys, vals, &seg, err, sizeof err);
         if (rc)
             fprintf(stderr,
                     "kvstore: segment build failed for sequence %llu "
@@ -2178,6 +2201,8 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->gpu_bytes = g.bytes_gpu;
     st->gpu_pinned_bytes = g.bytes_pinned;
     st->gpu_kv_bytes = g.bytes_kv_device;
+    st->gpu_builds = g.builds;
+    st->gpu_build_errors = g.build_errors;
     st->gpu_cache_lookups = g.lookups;
     st->gpu_cache_hits = g.hits;
     st->gpu_bus_bytes = g.bytes_bus;

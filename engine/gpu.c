@@ -43,6 +43,14 @@ void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
     (void)g, (void)m;
 }
 
+int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
+                     const void *keys, const kvs_build_params_t *bp,
+                     uint32_t *label, uint32_t *k) {
+    (void)g, (void)dtype, (void)d, (void)n, (void)keys, (void)bp;
+    (void)label, (void)k;
+    return KVS_ENOTSUP;
+}
+
 void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out) {
     (void)g;
     memset(out, 0, sizeof *out);
@@ -65,8 +73,138 @@ struct kvs__gpu_s {
     uint64_t kv_budget;
     atomic_uint_fast64_t kv_used;
     atomic_uint_fast64_t attends, fallbacks, errors, bytes_gpu, bytes_pinned,
-        lookups, hits, bytes_bus, bytes_uploaded, mirrors_built;
+        lookups, hits, bytes_bus, bytes_uploaded, mirrors_built, builds,
+        build_errors;
+    /* segment k-means: one handle for every builder thread */
+    pthread_mutex_t build_mu;
+    kvs_cuda_kmeans_t *km;
+    kvs_dtype_t km_dtype;
+    uint32_t km_n, km_ct, km_iters, km_k;
+    cudaStream_t build_stream;
+    void *d_keys;
+    uint32_t *d_nc, *d_counts, *d_offs, *d_pos;
+    uint8_t *d_flags;
+    void *d_cent, *d_vmean;
+    uint32_t *h_label; /* pinned [km_n] */
 };
+
+static void build_release(kvs__gpu_t *g) {
+    kvs_cuda_kmeans_free(g->km);
+    g->km = NULL;
+    cudaFree(g->d_keys);
+    cudaFree(g->d_nc);
+    cudaFree(g->d_counts);
+    cudaFree(g->d_offs);
+    cudaFree(g->d_pos);
+    cudaFree(g->d_flags);
+    cudaFree(g->d_cent);
+    cudaFree(g->d_vmean);
+    cudaFreeHost(g->h_label);
+    g->d_keys = g->d_cent = g->d_vmean = NULL;
+    g->d_nc = g->d_counts = g->d_offs = g->d_pos = NULL;
+    g->d_flags = NULL;
+    g->h_label = NULL;
+    g->km_n = 0;
+}
+
+/* A k-means handle and its buffers for segments of n keys. */
+static int build_setup(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t n,
+                       const kvs_build_params_t *bp) {
+    if (g->km && g->km_n == n && g->km_dtype == dtype &&
+        g->km_ct == bp->cluster_tokens && g->km_iters == bp->kmeans_iters)
+        return 0;
+    build_release(g);
+    kvs_cuda_kmeans_params_t kp = {
+        .segment_tokens = n,
+        .cluster_tokens = bp->cluster_tokens,
+        .iters = bp->kmeans_iters,
+        .seed = bp->seed,
+        .steady_lo = 0, /* the views are the CPU segment's business */
+        .steady_hi = UINT32_MAX,
+    };
+    int rc = kvs_cuda_kmeans_new(&kp, dtype, KVS_CUDA_HEAD_DIM, 1, n, &g->km);
+    if (rc)
+        return rc;
+    const uint32_t K = kvs_cuda_kmeans_clusters_per_head(g->km);
+    const size_t row = kvs_dtype_size(dtype) * KVS_CUDA_HEAD_DIM;
+    if ((rc = kvs_cuda_err(cudaMalloc(&g->d_keys, (size_t)n * row))) ||
+        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_nc, 4))) ||
+        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_counts, (size_t)K * 4))) ||
+        (rc = kvs_cuda_err(
+             cudaMalloc((void **)&g->d_offs, (size_t)(K + 1) * 4))) ||
+        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_pos, (size_t)n * 4))) ||
+        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_flags, K))) ||
+        (rc = kvs_cuda_err(cudaMalloc(&g->d_cent, (size_t)K * row))) ||
+        (rc = kvs_cuda_err(cudaMalloc(&g->d_vmean, (size_t)K * row))) ||
+        (rc = kvs_cuda_err(
+             cudaMallocHost((void **)&g->h_label, (size_t)n * 4)))) {
+        build_release(g);
+        return rc;
+    }
+    g->km_n = n;
+    g->km_dtype = dtype;
+    g->km_ct = bp->cluster_tokens;
+    g->km_iters = bp->kmeans_iters;
+    g->km_k = K;
+    return 0;
+}
+
+int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
+                     const void *keys, const kvs_build_params_t *bp,
+                     uint32_t *label, uint32_t *k) {
+    if (!g || d != KVS_CUDA_HEAD_DIM ||
+        (dtype != KVS_DTYPE_F16 && dtype != KVS_DTYPE_BF16) ||
+        bp->cluster_tokens == 0 || bp->kmeans_iters == 0)
+        return KVS_ENOTSUP;
+    pthread_mutex_lock(&g->build_mu);
+    int rc = kvs_cuda_err(cudaSetDevice(g->p.device));
+    if (!rc && !g->build_stream)
+        rc = kvs_cuda_err(cudaStreamCreateWithFlags(&g->build_stream,
+                                                    cudaStreamNonBlocking));
+    if (!rc)
+        rc = build_setup(g, dtype, n, bp);
+    if (!rc) {
+        kvs_cuda_kmeans_set_seed(g->km, bp->seed);
+        const size_t row = kvs_dtype_size(dtype) * d;
+        kvs_cuda_kmeans_out_t o = {
+            .cluster_stride = g->km_k,
+            .token_stride = n,
+            .n_clusters = g->d_nc,
+            .centroids = g->d_cent,
+            .value_means = g->d_vmean,
+            .counts = g->d_counts,
+            .offsets = g->d_offs,
+            .steady_flags = g->d_flags,
+            .positions = g->d_pos,
+            .keys = NULL,
+            .values = NULL,
+        };
+        /* values are only averaged into value_means, which the CPU redoes:
+         * the keys stand in for them */
+        if (!(rc = kvs_cuda_err(cudaMemcpyAsync(g->d_keys, keys,
+                                                (size_t)n * row,
+                                                cudaMemcpyHostToDevice,
+                                                g->build_stream))) &&
+            !(rc = kvs_cuda_kmeans_build(g->km, g->d_keys, g->d_keys, n, 0,
+                                         &o, g->build_stream)) &&
+            !(rc = kvs_cuda_err(cudaMemcpyAsync(
+                  g->h_label, kvs_cuda_kmeans_assignment(g->km),
+                  (size_t)n * 4, cudaMemcpyDeviceToHost, g->build_stream))))
+            rc = kvs_cuda_err(cudaStreamSynchronize(g->build_stream));
+        if (!rc) {
+            memcpy(label, g->h_label, (size_t)n * 4);
+            *k = g->km_k;
+        }
+    }
+    if (!rc) {
+        atomic_fetch_add(&g->builds, 1);
+    } else if (rc != KVS_ENOTSUP) {
+        atomic_fetch_add(&g->build_errors, 1);
+        build_release(g); /* start clean next time */
+    }
+    pthread_mutex_unlock(&g->build_mu);
+    return rc;
+}
 
 struct kvs__gpu_layer_s {
     pthread_mutex_t mu;
@@ -139,6 +277,7 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
     if (!g)
         return KVS_ENOMEM;
     g->p = *p;
+    pthread_mutex_init(&g->build_mu, NULL);
     g->kv_budget = p->kv_host_only ? 0
                    : p->memory_bytes ? p->memory_bytes / 2
                                      : (uint64_t)free_b / 2;
@@ -148,6 +287,13 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
 }
 
 void kvs__gpu_close(kvs__gpu_t *g) {
+    if (!g)
+        return;
+    cudaSetDevice(g->p.device);
+    build_release(g);
+    if (g->build_stream)
+        cudaStreamDestroy(g->build_stream);
+    pthread_mutex_destroy(&g->build_mu);
     free(g);
 }
 
@@ -688,6 +834,8 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {
     o->bytes_bus = atomic_load(&g->bytes_bus);
     o->bytes_uploaded = atomic_load(&g->bytes_uploaded);
     o->mirrors_built = atomic_load(&g->mirrors_built);
+    o->builds = atomic_load(&g->builds);
+    o->build_errors = atomic_load(&g->build_errors);
 }
 
 #endif /* KVS_HAVE_CUDA */

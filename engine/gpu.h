@@ -43,6 +43,7 @@ typedef struct kvs__gpu_stats_s {
     uint64_t bytes_gpu, bytes_pinned, bytes_kv_device;
     uint64_t lookups, hits, bytes_bus, bytes_uploaded;
     uint64_t mirrors_built;
+    uint64_t builds, build_errors; /* segment clusterings on the GPU */
 } kvs__gpu_stats_t;
 
 /*
@@ -67,6 +68,19 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
                     uint32_t group, const float *q,
                     const kvs_zone_params_t *zp, float *out,
                     kvs_zone_stats_t *stats);
+
+/*
+ * The k-means of one index segment on the GPU (the engine then finishes
+ * it with kvs_segment_from_labels): label[n] gets each key's cluster,
+ * *k the number of cluster ids. Same algorithm as the CPU build (centred
+ * spherical k-means, bp->kmeans_iters iterations, a final assignment;
+ * bf16 tensor cores for the assignment), so clusterings differ in detail.
+ * Builder threads share one handle (serialised). Returns KVS_ENOTSUP when
+ * the keys are not for the GPU (F32, head_dim not 128, no GPU).
+ */
+int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
+                     const void *keys, const kvs_build_params_t *bp,
+                     uint32_t *label, uint32_t *k);
 
 /* Frees a layer's mirror (no attend may be using it). NULL is a no-op. */
 void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m);

@@ -148,6 +148,10 @@ typedef struct kvs_options_s {
      * pinned host memory behind the GPU cache; KVS_CUDA_KV_HOST always the
      * latter (long contexts offloaded, GPU memory left to the model). */
     int32_t cuda_kv;
+    /* 1 (default): with a usable GPU, index segments are clustered there
+     * (the same k-means, finished on the CPU; builds differ from the CPU's
+     * in detail, not in quality); 0: on the CPU. */
+    int32_t cuda_build;
 } kvs_options_t;
 
 /* Fill `opts` with the defaults above. */
@@ -332,6 +336,9 @@ typedef struct kvs_store_stats_s {
     uint64_t gpu_cache_lookups, gpu_cache_hits; /* retrieved clusters */
     uint64_t gpu_bus_bytes;  /* K/V read from host memory (cache misses) */
     uint64_t gpu_upload_bytes; /* index and steady rows copied in */
+    uint64_t gpu_builds;     /* segments clustered on the GPU */
+    uint64_t gpu_build_errors; /* GPU clusterings that failed (built on
+                                  the CPU instead) */
 } kvs_store_stats_t;
 
 /* Errors: KVS_EINVAL. */

@@ -69,6 +69,8 @@ extern "C" {
       "GPU cache of cluster pages, percent of each head's clusters")          \
     X(cuda_memory_bytes, SIZE, "0", 0, UINT64_MAX,                             \
       "GPU memory for all layers' wave buffers; 0 = no limit")                \
+    X(cuda_build, BOOL, "yes", 0, 1,                                           \
+      "with --gpu: cluster index segments on the GPU (else on the CPU)")      \
     X(cuda_kv, STR, "auto", 0, 0,                                              \
       "where GPU-served layers keep K/V: auto (GPU memory while half of it "  \
       "suffices, else pinned host + GPU cache) or host (always pinned host)") \

@@ -905,6 +905,7 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
         o.cuda_memory_bytes = cfg->cuda_memory_bytes;
         o.cuda_kv = strcmp(cfg->cuda_kv, "host") == 0 ? KVS_CUDA_KV_HOST
                                                        : KVS_CUDA_KV_AUTO;
+        o.cuda_build = cfg->cuda_build;
     }
     uint64_t t0 = uv_hrtime();
     rc = kvs_store_open(&o, &srv->store);

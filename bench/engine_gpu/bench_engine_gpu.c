@@ -4,10 +4,12 @@
  * path of the same engine, in the same process, at Llama-3-8B geometry per
  * layer (32 query heads, 8 KV heads, head_dim 128, bf16, batch 1).
  *
- * Per context: three stores get the same appends and build their index on
- * the CPU: CPU only, GPU with the layer's K/V in GPU memory (cuda_kv
- * AUTO: it fits), GPU with K/V in pinned host memory behind the GPU cache
- * of 10% of the clusters (cuda_kv HOST, the offload configuration); then
+ * Per context: three stores get the same appends: "cpu" (CPU only),
+ * "gpu" (the defaults with cuda_device 0: K/V in GPU memory since they
+ * fit, index segments clustered on the GPU), "pinned" (K/V in pinned host
+ * memory behind a GPU cache of 10% of the clusters, index built on the
+ * CPU, so its answers must equal the CPU store's); then
+ *   - index build: append + wait until indexed, per store, keys/s;
  *   - first GPU attend: the mirror is built (wave buffer allocated, index
  *     and K/V copied in);
  *   - attend only, 50 queries: median call time of GPU wave (both
@@ -16,8 +18,9 @@
  *   - decode: `steps` x (append one token to both, attend both): median
  *     and p90 of the attend call (the GPU's includes uploading the new
  *     tail row);
- *   - accuracy: GPU wave vs the exact reference (KVS_MODE_EXACT, double)
- *     and GPU wave vs CPU wave, relative L2 per call.
+ *   - accuracy: wave vs the exact reference (KVS_MODE_EXACT, double) for
+ *     the CPU-built and the GPU-built index, and pinned vs CPU (same
+ *     index: must agree to fp32 rounding), relative L2 per call.
  * Data are synthetic (clustered keys, queries aimed at a cluster centre);
  * real-model traces are in bench_gpu --trace. Times are wall clock of the
  * whole call: query copy in, select, zones, merge, output copy back.
@@ -166,48 +169,54 @@ int main(int argc, char **argv) {
     o.cuda_device = 0;
     OK(kvs_store_open(&o, &gpu));
     o.cuda_kv = KVS_CUDA_KV_HOST;
+    o.cuda_build = 0;
     OK(kvs_store_open(&o, &gph));
     const char *info = kvs_store_gpu_info(gpu);
-    printf("GPU store: %s; host %ld cores\n", info, cores);
+    printf("GPU store: %s; host %ld cores, %u builder threads\n", info, cores,
+           o.n_build_threads);
     if (!strncmp(info, "CPU", 3)) {
         fprintf(stderr, "no usable GPU: nothing to measure\n");
         return 77;
     }
+    kvs_store_t *stores[3] = {cpu, gpu, gph};
+    const char *names[3] = {"cpu", "gpu", "pinned"};
 
-    char rows[8][1024];
-    double head_gph_ms = 0, head_gpu_ms = 0, head_cpu_ms = 0, head_full_ms = 0, head_err = 0;
+    char rows[8][1400];
+    double hd[12] = {0};
     const size_t qn = (size_t)QH * D;
     float *q = malloc(qn * 4), *og = malloc(qn * 4), *oc = malloc(qn * 4),
-          *ox = malloc(qn * 4);
-    const uint32_t chunk = 8192;
-    uint16_t *k = malloc((size_t)chunk * KVH * D * 2),
-             *v = malloc((size_t)chunk * KVH * D * 2);
-    double *th = malloc(sizeof(double) * (steps + reps + 1)),
-           *tg = malloc(sizeof(double) * (steps + reps + 1)),
-           *tc = malloc(sizeof(double) * (steps + reps + 1)),
-           *tf = malloc(sizeof(double) * (reps + 1)),
-           *ex = malloc(sizeof(double) * (steps + reps + 1)),
-           *ew = malloc(sizeof(double) * (steps + reps + 1));
+          *oh = malloc(qn * 4), *ox = malloc(qn * 4);
+    const size_t T = steps + reps + 1;
+    double *th = malloc(sizeof(double) * T), *tg = malloc(sizeof(double) * T),
+           *tc = malloc(sizeof(double) * T), *tf = malloc(sizeof(double) * T),
+           *ec = malloc(sizeof(double) * T), *eg = malloc(sizeof(double) * T),
+           *ew = malloc(sizeof(double) * T);
     for (uint32_t ci = 0; ci < n_ctx; ci++) {
         const uint32_t ctx = ctxs[ci];
         const uint64_t id = ci + 1;
         kvs_geometry_t geo = {1, QH, KVH, D, KVS_DTYPE_BF16};
-        OK(kvs_seq_create(cpu, id, &geo));
-        OK(kvs_seq_create(gpu, id, &geo));
-        OK(kvs_seq_create(gph, id, &geo));
-        double t0 = now_s();
-        for (uint32_t done = 0; done < ctx; done += chunk) {
-            uint32_t n = ctx - done < chunk ? ctx - done : chunk;
-            gen_rows(n, k, v);
-            OK(kvs_seq_append(cpu, id, 0, n, k, v));
-            OK(kvs_seq_append(gpu, id, 0, n, k, v));
-            OK(kvs_seq_append(gph, id, 0, n, k, v));
+        const size_t row = (size_t)KVH * D;
+        uint16_t *k = malloc((size_t)ctx * row * 2),
+                 *v = malloc((size_t)ctx * row * 2);
+        gen_rows(ctx, k, v);
+        double build_s[3];
+        for (int si = 0; si < 3; si++) {
+            OK(kvs_seq_create(stores[si], id, &geo));
+            const double t0 = now_s();
+            for (uint32_t done = 0; done < ctx; done += 8192) {
+                uint32_t n = ctx - done < 8192 ? ctx - done : 8192;
+                OK(kvs_seq_append(stores[si], id, 0, n, k + done * row,
+                                  v + done * row));
+            }
+            OK(kvs_seq_wait_indexed(stores[si], id));
+            build_s[si] = now_s() - t0;
+            printf("ctx %u: %s store appended and indexed in %.2f s (%.0f "
+                   "keys/s)\n",
+                   ctx, names[si], build_s[si],
+                   (double)ctx * KVH / build_s[si]);
         }
-        OK(kvs_seq_wait_indexed(cpu, id));
-        OK(kvs_seq_wait_indexed(gpu, id));
-        OK(kvs_seq_wait_indexed(gph, id));
-        printf("ctx %u: appended and indexed (three stores) in %.1f s\n", ctx,
-               now_s() - t0);
+        free(k);
+        free(v);
         kvs_query_params_t wave, full, exact;
         kvs_query_params_default(&wave);
         full = wave;
@@ -217,48 +226,46 @@ int main(int argc, char **argv) {
 
         gen_queries(q);
         const double first = timed_attend(gpu, id, q, &wave, og);
-        const double first_h = timed_attend(gph, id, q, &wave, og);
+        const double first_h = timed_attend(gph, id, q, &wave, oh);
         kvs_store_stats_t st0, st1, sd;
         OK(kvs_store_stats(gph, &st0));
-
         for (uint32_t r = 0; r < reps; r++) {
             gen_queries(q);
-            th[r] = timed_attend(gph, id, q, &wave, og);
+            th[r] = timed_attend(gph, id, q, &wave, oh);
             tc[r] = timed_attend(cpu, id, q, &wave, oc);
             tf[r] = timed_attend(cpu, id, q, &full, ox);
-            ew[r] = rel_l2(og, oc, qn);
             tg[r] = timed_attend(gpu, id, q, &wave, og);
-            const double e2 = rel_l2(og, oc, qn);
-            ew[r] = e2 > ew[r] ? e2 : ew[r];
             OK(kvs_seq_attend(cpu, id, 0, q, &exact, ox, NULL));
-            ex[r] = rel_l2(og, ox, qn);
+            ec[r] = rel_l2(oc, ox, qn);
+            eg[r] = rel_l2(og, ox, qn);
+            ew[r] = rel_l2(oh, oc, qn);
         }
         const double g_ms = pct(tg, reps, 0.5) * 1e3;
         const double h_ms = pct(th, reps, 0.5) * 1e3;
         const double c_ms = pct(tc, reps, 0.5) * 1e3;
         const double f_ms = pct(tf, reps, 0.5) * 1e3;
-        const double e_med = pct(ex, reps, 0.5), e_p95 = pct(ex, reps, 0.95);
-        const double w_max = pct(ew, reps, 1.0);
+        const double ec_med = pct(ec, reps, 0.5), ec_p95 = pct(ec, reps, 0.95);
+        const double eg_med = pct(eg, reps, 0.5), eg_p95 = pct(eg, reps, 0.95);
+        double w_max = pct(ew, reps, 1.0);
 
-        /* decode: append one token, attend */
+        /* decode: append one token to every store, attend */
+        uint16_t k1[KVH * D], v1[KVH * D];
         for (uint32_t s = 0; s < steps; s++) {
-            gen_rows(1, k, v);
-            OK(kvs_seq_append(cpu, id, 0, 1, k, v));
-            OK(kvs_seq_append(gpu, id, 0, 1, k, v));
-            OK(kvs_seq_append(gph, id, 0, 1, k, v));
+            gen_rows(1, k1, v1);
+            for (int si = 0; si < 3; si++)
+                OK(kvs_seq_append(stores[si], id, 0, 1, k1, v1));
             gen_queries(q);
             tg[s] = timed_attend(gpu, id, q, &wave, og);
+            th[s] = timed_attend(gph, id, q, &wave, oh);
             tc[s] = timed_attend(cpu, id, q, &wave, oc);
-            ew[s] = rel_l2(og, oc, qn);
-            th[s] = timed_attend(gph, id, q, &wave, og);
-            const double e2 = rel_l2(og, oc, qn);
-            ew[s] = e2 > ew[s] ? e2 : ew[s];
+            ew[s] = rel_l2(oh, oc, qn);
         }
-        const double dh = pct(th, steps, 0.5) * 1e3;
         const double dg = pct(tg, steps, 0.5) * 1e3,
                      dg90 = pct(tg, steps, 0.9) * 1e3;
+        const double dh = pct(th, steps, 0.5) * 1e3;
         const double dc = pct(tc, steps, 0.5) * 1e3;
-        const double dw_max = pct(ew, steps, 1.0);
+        const double dw = pct(ew, steps, 1.0);
+        w_max = dw > w_max ? dw : w_max;
         OK(kvs_store_stats(gph, &st1));
         OK(kvs_store_stats(gpu, &sd));
         const double hit =
@@ -266,43 +273,50 @@ int main(int argc, char **argv) {
                 ? (double)(st1.gpu_cache_hits - st0.gpu_cache_hits) /
                       (st1.gpu_cache_lookups - st0.gpu_cache_lookups)
                 : 0;
-        printf("ctx %u: first GPU attend (mirror build) %.1f ms (K/V on "
-               "GPU) / %.1f ms (K/V pinned); attend median: GPU wave %.3f ms "
-               "(K/V pinned + cache: %.3f ms), CPU wave %.3f ms, CPU full "
-               "%.3f ms (GPU %.1fx CPU wave, %.1fx CPU full); rel L2 vs exact "
-               "median %.4f p95 %.4f, GPU vs CPU wave max %.2g\n",
+        printf("ctx %u: first attend (mirror build) gpu %.1f ms, pinned "
+               "%.1f ms; attend median: gpu %.3f ms, pinned %.3f ms, CPU "
+               "wave %.3f ms, CPU full %.3f ms (gpu %.1fx CPU wave, %.1fx "
+               "CPU full)\n",
                ctx, first * 1e3, first_h * 1e3, g_ms, h_ms, c_ms, f_ms,
-               c_ms / g_ms, f_ms / g_ms, e_med, e_p95, w_max);
-        printf("ctx %u decode %u steps (append + attend): GPU %.3f ms (p90 "
-               "%.3f), K/V pinned %.3f ms, CPU wave %.3f ms; GPU vs CPU max "
-               "rel L2 %.2g; cache hit rate (pinned) %.3f; GPU %.1f MB (K/V "
-               "on GPU) / %.1f MB + %.1f MB pinned\n",
-               ctx, steps, dg, dg90, dh, dc, dw_max, hit, sd.gpu_bytes / 1e6,
-               st1.gpu_bytes / 1e6, st1.gpu_pinned_bytes / 1e6);
+               c_ms / g_ms, f_ms / g_ms);
+        printf("ctx %u: wave vs exact rel L2 median/p95: CPU-built %.4f/%.4f, "
+               "GPU-built %.4f/%.4f; pinned vs CPU (same index) max %.2g\n",
+               ctx, ec_med, ec_p95, eg_med, eg_p95, w_max);
+        printf("ctx %u decode %u steps (append + attend): gpu %.3f ms (p90 "
+               "%.3f), pinned %.3f ms, CPU wave %.3f ms; cache hit rate "
+               "(pinned) %.3f; GPU memory %.1f MB (gpu store) / %.1f MB + "
+               "%.1f MB pinned; GPU builds %llu\n",
+               ctx, steps, dg, dg90, dh, dc, hit, sd.gpu_bytes / 1e6,
+               st1.gpu_bytes / 1e6, st1.gpu_pinned_bytes / 1e6,
+               (unsigned long long)sd.gpu_builds);
+        const double kps_cpu = (double)ctx * KVH / build_s[0];
+        const double kps_gpu = (double)ctx * KVH / build_s[1];
         snprintf(rows[ci], sizeof rows[ci],
-                 "{\"context\": %u, \"batch\": 1, \"first_gpu_attend_ms\": "
-                 "%.2f, \"first_gpu_pinned_attend_ms\": %.2f, "
-                 "\"gpu_wave_ms\": %.4f, \"gpu_pinned_wave_ms\": %.4f, "
-                 "\"decode_gpu_pinned_ms\": %.4f, \"cpu_wave_ms\": %.4f, "
+                 "{\"context\": %u, \"batch\": 1, "
+                 "\"index_keys_per_s_cpu\": %.0f, "
+                 "\"index_keys_per_s_gpu\": %.0f, "
+                 "\"first_gpu_attend_ms\": %.2f, "
+                 "\"first_pinned_attend_ms\": %.2f, \"gpu_wave_ms\": %.4f, "
+                 "\"pinned_wave_ms\": %.4f, \"cpu_wave_ms\": %.4f, "
                  "\"cpu_full_ms\": %.4f, \"speedup_vs_cpu_wave\": %.2f, "
                  "\"speedup_vs_cpu_full\": %.2f, \"decode_gpu_ms\": %.4f, "
-                 "\"decode_gpu_p90_ms\": %.4f, \"decode_cpu_wave_ms\": %.4f, "
-                 "\"rel_l2_vs_exact_median\": %.5f, \"rel_l2_vs_exact_p95\": "
-                 "%.5f, \"gpu_vs_cpu_wave_max_rel_l2\": %.3g, "
-                 "\"cache_hit_rate\": %.4f}",
-                 ctx, first * 1e3, first_h * 1e3, g_ms, h_ms, dh, c_ms, f_ms,
-                 c_ms / g_ms, f_ms / g_ms, dg, dg90, dc, e_med, e_p95,
-                 dw_max > w_max ? dw_max : w_max, hit);
+                 "\"decode_gpu_p90_ms\": %.4f, \"decode_pinned_ms\": %.4f, "
+                 "\"decode_cpu_wave_ms\": %.4f, "
+                 "\"rel_l2_cpu_built_median\": %.5f, "
+                 "\"rel_l2_cpu_built_p95\": %.5f, "
+                 "\"rel_l2_gpu_built_median\": %.5f, "
+                 "\"rel_l2_gpu_built_p95\": %.5f, "
+                 "\"pinned_vs_cpu_max_rel_l2\": %.3g, "
+                 "\"cache_hit_rate_pinned\": %.4f}",
+                 ctx, kps_cpu, kps_gpu, first * 1e3, first_h * 1e3, g_ms,
+                 h_ms, c_ms, f_ms, c_ms / g_ms, f_ms / g_ms, dg, dg90, dh, dc,
+                 ec_med, ec_p95, eg_med, eg_p95, w_max, hit);
         if (ctx == 131072 || ci + 1 == n_ctx) {
-            head_gpu_ms = g_ms;
-            head_gph_ms = h_ms;
-            head_cpu_ms = c_ms;
-            head_full_ms = f_ms;
-            head_err = e_med;
+            hd[0] = g_ms, hd[1] = h_ms, hd[2] = c_ms, hd[3] = f_ms;
+            hd[4] = eg_med, hd[5] = kps_cpu, hd[6] = kps_gpu, hd[7] = ec_med;
         }
-        OK(kvs_seq_drop(cpu, id));
-        OK(kvs_seq_drop(gpu, id));
-        OK(kvs_seq_drop(gph, id));
+        for (int si = 0; si < 3; si++)
+            OK(kvs_seq_drop(stores[si], id));
     }
     if (json) {
         FILE *f = fopen(json, "w");
@@ -315,27 +329,28 @@ int main(int argc, char **argv) {
         strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
         fprintf(f,
                 "{\n  \"bench\": \"engine_gpu\",\n  \"command\": "
-                "\"scripts/gpu-engine-check.sh (bench_engine_gpu%s)\",\n  "
-                "\"machine\": \"%ld-core x86-64 host | %s\",\n  \"date\": "
-                "\"%s\",\n  \"quick\": %s,\n  \"metrics\": {"
+                "\"scripts/gpu-engine-check.sh --bench (bench_engine_gpu%s)\","
+                "\n  \"machine\": \"%ld-core x86-64 host | %s\",\n  "
+                "\"date\": \"%s\",\n  \"quick\": %s,\n  \"metrics\": {"
                 "\"engine_gpu_attend_ms\": %.4f, "
                 "\"engine_gpu_pinned_attend_ms\": %.4f, "
-                "\"engine_cpu_wave_attend_ms\": "
-                "%.4f, \"engine_cpu_full_attend_ms\": %.4f, "
+                "\"engine_cpu_wave_attend_ms\": %.4f, "
+                "\"engine_cpu_full_attend_ms\": %.4f, "
                 "\"engine_gpu_speedup_vs_cpu_wave\": %.2f, "
                 "\"engine_gpu_speedup_vs_cpu_full\": %.2f, "
-                "\"gpu_rel_l2_median\": %.5f},\n  \"rows\": [\n",
-                quick ? " --quick" : "", cores, info + 0, date,
-                quick ? "true" : "false", head_gpu_ms, head_gph_ms, head_cpu_ms,
-                head_full_ms, head_cpu_ms / head_gpu_ms,
-                head_full_ms / head_gpu_ms, head_err);
+                "\"gpu_rel_l2_median\": %.5f, "
+                "\"cpu_rel_l2_median\": %.5f, "
+                "\"engine_index_keys_per_s_cpu\": %.0f, "
+                "\"engine_index_keys_per_s_gpu\": %.0f},\n  \"rows\": [\n",
+                quick ? " --quick" : "", cores, info, date,
+                quick ? "true" : "false", hd[0], hd[1], hd[2], hd[3],
+                hd[2] / hd[0], hd[3] / hd[0], hd[4], hd[7], hd[5], hd[6]);
         for (uint32_t ci = 0; ci < n_ctx; ci++)
             fprintf(f, "    %s%s\n", rows[ci], ci + 1 < n_ctx ? "," : "");
         fprintf(f, "  ]\n}\n");
         fclose(f);
     }
-    kvs_store_close(cpu);
-    kvs_store_close(gpu);
-    kvs_store_close(gph);
+    for (int si = 0; si < 3; si++)
+        kvs_store_close(stores[si]);
     return 0;
 }

@@ -437,6 +437,11 @@ int build(kvs_cuda_kmeans_t *km, const void *keys, const void *values,
 
 } // namespace
 
+extern "C" void kvs_cuda_kmeans_set_seed(kvs_cuda_kmeans_t *km,
+                                         uint64_t seed) {
+    km->p.seed = seed;
+}
+
 extern "C" int kvs_cuda_kmeans_new(const kvs_cuda_kmeans_params_t *p,
                                    kvs_dtype_t dtype, uint32_t d,
                                    uint32_t n_heads, uint32_t n_tokens,

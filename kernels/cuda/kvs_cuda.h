@@ -222,6 +222,8 @@ int kvs_cuda_kmeans_new(const kvs_cuda_kmeans_params_t *params,
                         kvs_dtype_t dtype, uint32_t d, uint32_t n_heads,
                         uint32_t n_tokens, kvs_cuda_kmeans_t **out);
 void kvs_cuda_kmeans_free(kvs_cuda_kmeans_t *km);
+/* The seed of the next builds (a handle serves many segments). */
+void kvs_cuda_kmeans_set_seed(kvs_cuda_kmeans_t *km, uint64_t seed);
 uint32_t kvs_cuda_kmeans_clusters_per_head(const kvs_cuda_kmeans_t *km);
 uint32_t kvs_cuda_kmeans_indexed_tokens(const kvs_cuda_kmeans_t *km);
 

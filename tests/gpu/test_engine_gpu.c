@@ -16,7 +16,8 @@
  * pinned host memory behind the GPU cache (KVS_CUDA_KV_HOST), and in GPU
  * memory (KVS_CUDA_KV_AUTO, everything fits). Also: exact/bounded/F32 calls fall back to the
  * CPU (counted), stats report cache hits, a dropped and recreated sequence
- * is served from a fresh mirror.
+ * is served from a fresh mirror. Then index builds on the GPU
+ * (gpu_build_check).
  *
  * A plain program (the GPU machine has no cmocka); exits 77 = skipped when
  * the store reports no usable GPU (no CUDA in the build, no device).
@@ -235,7 +236,87 @@ static void open_pair(kvs_store_t **cpu, kvs_store_t **gpu, uint32_t seg,
     o.cuda_device = 0;
     o.cuda_cache_fraction = 0.1f;
     o.cuda_kv = cuda_kv;
+    o.cuda_build = 0; /* same index as the CPU store: same answers */
     OK(kvs_store_open(&o, gpu));
+}
+
+/*
+ * Index builds on the GPU (cuda_build, the default): the k-means runs
+ * there, so the clusters differ from the CPU build's in detail; the
+ * segments must be whole and the wave answers as close to exact as the
+ * CPU-built index's (median rel L2 within 1.25x + 0.005 over 48 calls).
+ */
+static void gpu_build_check(void) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = 2048;
+    o.n_build_threads = 2;
+    kvs_store_t *cpu, *gpu;
+    OK(kvs_store_open(&o, &cpu));
+    o.cuda_device = 0;
+    OK(kvs_store_open(&o, &gpu));
+    const uint32_t qh = 32, kvh = 8, n = 4 * 2048 + 300;
+    kvs_geometry_t geo = {1, qh, kvh, D, KVS_DTYPE_BF16};
+    OK(kvs_seq_create(cpu, 1, &geo));
+    OK(kvs_seq_create(gpu, 1, &geo));
+    gen_t g;
+    gen_init(&g, kvh);
+    void *k = malloc((size_t)n * kvh * D * 2), *v = malloc((size_t)n * kvh * D * 2);
+    gen_rows(&g, KVS_DTYPE_BF16, n, k, v);
+    OK(kvs_seq_append(cpu, 1, 0, n, k, v));
+    OK(kvs_seq_append(gpu, 1, 0, n, k, v));
+    OK(kvs_seq_wait_indexed(cpu, 1));
+    OK(kvs_seq_wait_indexed(gpu, 1));
+    kvs_seq_info_t ic, ig;
+    OK(kvs_seq_info(cpu, 1, &ic));
+    OK(kvs_seq_info(gpu, 1, &ig));
+    CHECK(ic.indexed_tokens == ig.indexed_tokens && ic.segments == ig.segments,
+          "GPU build: indexed %llu segments %llu, CPU %llu / %llu",
+          (unsigned long long)ig.indexed_tokens,
+          (unsigned long long)ig.segments,
+          (unsigned long long)ic.indexed_tokens,
+          (unsigned long long)ic.segments);
+    kvs_store_stats_t st;
+    OK(kvs_store_stats(gpu, &st));
+    CHECK(st.gpu_builds == 4ull * kvh && st.gpu_build_errors == 0,
+          "GPU builds %llu (want %u), errors %llu",
+          (unsigned long long)st.gpu_builds, 4 * kvh,
+          (unsigned long long)st.gpu_build_errors);
+    enum { CALLS = 48 };
+    double ec[CALLS], eg[CALLS];
+    float *q = malloc((size_t)qh * D * 4), *ex = malloc((size_t)qh * D * 4),
+          *oc = malloc((size_t)qh * D * 4), *og = malloc((size_t)qh * D * 4);
+    kvs_query_params_t wave, exact;
+    kvs_query_params_default(&wave);
+    exact = wave;
+    exact.mode = KVS_MODE_EXACT;
+    for (int i = 0; i < CALLS; i++) {
+        gen_queries(&g, qh, q);
+        OK(kvs_seq_attend(cpu, 1, 0, q, &exact, ex, NULL));
+        OK(kvs_seq_attend(cpu, 1, 0, q, &wave, oc, NULL));
+        OK(kvs_seq_attend(gpu, 1, 0, q, &wave, og, NULL));
+        ec[i] = rel_l2(oc, ex, (size_t)qh * D);
+        eg[i] = rel_l2(og, ex, (size_t)qh * D);
+    }
+    qsort(ec, CALLS, sizeof(double), cmp_double);
+    qsort(eg, CALLS, sizeof(double), cmp_double);
+    printf("GPU-built index: %llu segments clustered on the GPU; wave vs exact "
+           "rel L2 median %.4f (CPU-built %.4f), max %.4f (%.4f)\n",
+           (unsigned long long)st.gpu_builds, eg[CALLS / 2], ec[CALLS / 2],
+           eg[CALLS - 1], ec[CALLS - 1]);
+    CHECK(eg[CALLS / 2] <= 1.25 * ec[CALLS / 2] + 0.005,
+          "GPU-built median rel L2 %.4f vs CPU-built %.4f", eg[CALLS / 2],
+          ec[CALLS / 2]);
+    free(k);
+    free(v);
+    free(q);
+    free(ex);
+    free(oc);
+    free(og);
+    free(g.centres);
+    free(g.offset);
+    kvs_store_close(cpu);
+    kvs_store_close(gpu);
 }
 
 /* Everything below for one placement of the GPU layers' K/V. */
@@ -381,6 +462,7 @@ int main(void) {
         return 77;
     rng = 0x9e3779b97f4a7c15ull;
     run_all(KVS_CUDA_KV_AUTO);
+    gpu_build_check();
     if (failures) {
         fprintf(stderr, "test_engine_gpu: %d failures\n", failures);
         return 1;
