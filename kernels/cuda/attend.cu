@@ -320,9 +320,26 @@ int kvs__cuda_attend_zones(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
     a.ecap = w->ecap;
     a.ret_split = w->ret_split;
     a.est_rows = w->est_rows;
-    a.steady_items = w->steady_items;
+    /* only the splits the steady rows in use need: a growing tail keeps a
+     * plan sized for its capacity (the engine's mirrors: sinks + window +
+     * two segments) without launching hundreds of empty steady splits */
+    a.steady_items =
+        L->steady_rows && L->steady_rows < L->n_steady
+            ? (L->steady_rows + ATT_STEADY_ROWS - 1) / ATT_STEADY_ROWS
+            : w->steady_items;
     a.ret_items = w->ret_items;
     a.est_items = w->est_items;
+    if (L->clusters_hint && L->clusters_hint < L->max_clusters) {
+        /* no head selects more than the hint's counts (the rule of
+         * score.cu: ceil(f n) over n <= hint clusters) */
+        const double n = L->clusters_hint;
+        const uint32_t r = (uint32_t)ceil((double)w->rf * n);
+        const uint32_t e = (uint32_t)ceil((double)w->ef * n);
+        const uint32_t rr = r < w->rcap ? r : w->rcap;
+        const uint32_t ee = e < w->ecap ? e : w->ecap;
+        a.ret_items = (rr + a.ret_split - 1) / a.ret_split;
+        a.est_items = (ee + a.est_rows - 1) / a.est_rows;
+    }
     a.po = w->po;
     a.plse = w->plse;
     a.done = w->done;

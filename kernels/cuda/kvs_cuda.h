@@ -83,6 +83,10 @@ typedef struct kvs_cuda_layer_s {
                                    steady_keys/values and the plan's size */
     uint32_t steady_rows;       /* rows in use, <= n_steady; 0 = all. Lets
                                    a growing tail keep one plan */
+    uint32_t clusters_hint;     /* host-side bound: no n_clusters[h] is
+                                   larger (0 = max_clusters). A plan sized
+                                   for growth then launches only the blocks
+                                   the layer needs now */
     const void *steady_keys;    /* device [H][n_steady][d] */
     const void *steady_values;  /* device [H][n_steady][d] */
 } kvs_cuda_layer_t;

@@ -29,17 +29,23 @@ using namespace kvs_cuda;
 
 namespace {
 
-constexpr int SEL_THREADS = 512;
+constexpr int SEL_THREADS = 512; /* select_kernel<512>; <256> when the
+                                     grid would not fit in one wave */
 constexpr int SEL_CLUSTER = 8; /* blocks per head (a portable cluster) */
 constexpr int SEL_BINS = 2048;
-constexpr int SEL_BPT = SEL_BINS / SEL_THREADS; /* bins per thread */
 constexpr int SELB_THREADS = 1024;           /* select_block_kernel */
 constexpr size_t SELB_SMEM_MAX = 160 * 1024; /* its keys in smem up to this */
 constexpr size_t SEL_SMEM_MAX = 48 * 1024; /* a block's keys in smem up to
                                               this, else in global memory */
 
+/* Score blocks resident per SM (a register cap), for the many-head
+ * (batch) case where the grid is several waves; build variants measure it */
+#ifndef KVS_SCORE_MIN_BLOCKS
+#define KVS_SCORE_MIN_BLOCKS 1
+#endif
+
 template <typename T, int G>
-__global__ void __launch_bounds__(SCORE_TILE)
+__global__ void __launch_bounds__(SCORE_TILE, KVS_SCORE_MIN_BLOCKS)
     score_kernel(const kvs_cuda_layer_t L, const float *q, float qs,
                  float *logits, float *tile_ms, uint32_t tiles) {
     constexpr int HW = SCORE_TILE / LPR; /* 8 half-warps */
@@ -172,12 +178,14 @@ __device__ __forceinline__ void warp_count(uint32_t *ctr, bool flag) {
  * reading every block's shared memory from every block: 81 us at 128K
  * batch 1, stalled on the load queue.)
  */
+template <int THREADS>
 __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
-    __launch_bounds__(SEL_THREADS) select_kernel(sel_args a) {
+    __launch_bounds__(THREADS) select_kernel(sel_args a) {
+    constexpr int BPT = SEL_BINS / THREADS; /* bins per thread */
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
-    typedef cub::BlockScan<unsigned long long, SEL_THREADS> scan_t;
-    typedef cub::BlockReduce<uint32_t, SEL_THREADS> reduce_t;
+    typedef cub::BlockScan<unsigned long long, THREADS> scan_t;
+    typedef cub::BlockReduce<uint32_t, THREADS> reduce_t;
     __shared__ union {
         typename scan_t::TempStorage scan;
         typename reduce_t::TempStorage reduce;
@@ -238,7 +246,7 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
 
     /* scores and keys of the slice; pass-0 histogram as we go */
     uint32_t valid = 0;
-    for (uint32_t i0 = 0; i0 < n_loc; i0 += SEL_THREADS) {
+    for (uint32_t i0 = 0; i0 < n_loc; i0 += THREADS) {
         const uint32_t i = i0 + tid, c = lo + i;
         uint32_t key = 0;
         if (i < n_loc) {
@@ -284,7 +292,7 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
             const uint32_t hm = ~0u << (shift + nbits[p]);
             const uint32_t dm = (1u << nbits[p]) - 1;
             if (kk[0] || kk[1]) {
-                for (uint32_t i0 = 0; i0 < n_loc; i0 += SEL_THREADS) {
+                for (uint32_t i0 = 0; i0 < n_loc; i0 += THREADS) {
                     const uint32_t i = i0 + tid;
                     const uint32_t key = i < n_loc ? keys[i] : 0;
 #pragma unroll
@@ -306,27 +314,33 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
         /* thread t owns bins 2047 - BPT t - k, k < BPT (descending order),
          * one 16-byte L2 read per set; both sets scanned at once as
          * 32|32-bit halves of a 64-bit sum */
-        static_assert(SEL_BPT == 4, "one uint4 per thread and set");
-        const uint32_t b0 = SEL_BINS - SEL_BPT * (tid + 1);
-        const uint4 x0 = __ldcg(reinterpret_cast<const uint4 *>(h0 + b0));
-        const uint4 x1 =
-            p == 0 ? x0 : __ldcg(reinterpret_cast<const uint4 *>(h1 + b0));
-        unsigned long long v[SEL_BPT], ex[SEL_BPT];
-        v[0] = x0.w | ((unsigned long long)x1.w << 32); /* bin b0 + 3 */
-        v[1] = x0.z | ((unsigned long long)x1.z << 32);
-        v[2] = x0.y | ((unsigned long long)x1.y << 32);
-        v[3] = x0.x | ((unsigned long long)x1.x << 32); /* bin b0 */
+        static_assert(BPT % 4 == 0, "whole uint4s per thread and set");
+        const uint32_t b0 = SEL_BINS - BPT * (tid + 1);
+        unsigned long long v[BPT], ex[BPT];
+#pragma unroll
+        for (int j = 0; j < BPT / 4; j++) {
+            const uint4 x0 =
+                __ldcg(reinterpret_cast<const uint4 *>(h0 + b0 + 4 * j));
+            const uint4 x1 = p == 0 ? x0
+                                    : __ldcg(reinterpret_cast<const uint4 *>(
+                                          h1 + b0 + 4 * j));
+            const int kb = BPT - 1 - 4 * j; /* v[kb] is bin b0 + 4 j */
+            v[kb] = x0.x | ((unsigned long long)x1.x << 32);
+            v[kb - 1] = x0.y | ((unsigned long long)x1.y << 32);
+            v[kb - 2] = x0.z | ((unsigned long long)x1.z << 32);
+            v[kb - 3] = x0.w | ((unsigned long long)x1.w << 32);
+        }
         scan_t(tmp.scan).ExclusiveSum(v, ex);
 #pragma unroll
         for (int s = 0; s < 2; s++) {
             if (kk[s] == 0)
                 continue;
 #pragma unroll
-            for (int k = 0; k < SEL_BPT; k++) {
+            for (int k = 0; k < BPT; k++) {
                 const uint32_t cnt = (uint32_t)(v[k] >> (32 * s));
                 const uint32_t e = (uint32_t)(ex[k] >> (32 * s));
                 if (e < kk[s] && kk[s] <= e + cnt) {
-                    sel_digit[s] = SEL_BINS - 1 - SEL_BPT * tid - k;
+                    sel_digit[s] = SEL_BINS - 1 - BPT * tid - k;
                     sel_above[s] = e;
                 }
             }
@@ -348,7 +362,7 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
 
     /* counts of this slice above / at each threshold */
     if (kr) {
-        for (uint32_t i0 = 0; i0 < n_loc; i0 += SEL_THREADS) {
+        for (uint32_t i0 = 0; i0 < n_loc; i0 += THREADS) {
             const uint32_t i = i0 + tid;
             const uint32_t key = i < n_loc ? keys[i] : 0;
             const bool ok = i < n_loc && key != 0;
@@ -360,8 +374,8 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
     }
     cluster.sync(); /* every block's counts complete; all histogram reads
                        are done: clear this block's share for next time */
-    for (uint32_t i = rank * SEL_THREADS + tid; i < 5 * SEL_BINS;
-         i += SEL_CLUSTER * SEL_THREADS)
+    for (uint32_t i = rank * THREADS + tid; i < 5 * SEL_BINS;
+         i += SEL_CLUSTER * THREADS)
         gh[i] = 0;
     if (rank == 0 && tid == 0)
         *gvalid = 0;
@@ -407,7 +421,7 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
         return;
     const uint32_t base_r = s_base_r, base_e = s_base_e;
     const uint32_t tp_r = s_tp_r, tp_e = s_tp_e;
-    for (uint32_t i = tid; i < n_loc; i += SEL_THREADS) {
+    for (uint32_t i = tid; i < n_loc; i += THREADS) {
         const uint32_t key = keys[i];
         if (key == 0)
             continue;
@@ -601,9 +615,10 @@ __global__ void __launch_bounds__(SELB_THREADS)
 template <typename T, int G>
 int launch_score(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                  const float *q, cudaStream_t stream) {
-    dim3 grid(w->tiles, L->n_heads);
+    const uint32_t tiles = kvs__cuda_tiles(w, L);
+    dim3 grid(tiles, L->n_heads);
     score_kernel<T, G><<<grid, SCORE_TILE, 0, stream>>>(
-        *L, q, w->scale * LOG2E, w->logits, w->tile_ms, w->tiles);
+        *L, q, w->scale * LOG2E, w->logits, w->tile_ms, tiles);
     KVS_CUDA_LAUNCHED();
     return 0;
 }
@@ -623,6 +638,26 @@ size_t kvs__cuda_select_smem(uint32_t max_clusters, int block) {
     return b <= SEL_SMEM_MAX ? b : 0;
 }
 
+int kvs__cuda_select_threads(uint32_t n_heads, size_t smem) {
+    /* 512 threads a block while the 8 blocks of every head fit on the GPU
+     * at once; else 256 (twice the blocks per SM): a second wave of
+     * blocks costs a whole select again (batch 8 at 128K: 512 blocks,
+     * 264 resident at 512 threads) */
+    int dev = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+            cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, select_kernel<SEL_THREADS>, SEL_THREADS, smem) !=
+            cudaSuccess) {
+        cudaGetLastError();
+        return SEL_THREADS;
+    }
+    return (uint64_t)n_heads * SEL_CLUSTER <= (uint64_t)per_sm * sms
+               ? SEL_THREADS
+               : SEL_THREADS / 2;
+}
+
 size_t kvs__cuda_select_hist_words(uint32_t n_heads) {
     return (size_t)n_heads * (5 * SEL_BINS + 1);
 }
@@ -633,9 +668,14 @@ int kvs__cuda_select_prepare(size_t smem, int block) {
             select_block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
             (int)smem));
     else
+    {
         KVS_CUDA_TRY(cudaFuncSetAttribute(
-            select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-            (int)smem));
+            select_kernel<SEL_THREADS>,
+            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        KVS_CUDA_TRY(cudaFuncSetAttribute(
+            select_kernel<SEL_THREADS / 2>,
+            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    }
     return 0;
 }
 
@@ -665,7 +705,7 @@ int kvs__cuda_score_select(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
     a.counts = L->counts;
     a.C = L->max_clusters;
     a.group = L->group;
-    a.tiles = w->tiles;
+    a.tiles = kvs__cuda_tiles(w, L); /* as the score launch above */
     a.rcap = w->rcap;
     a.ecap = w->ecap;
     a.slice = sel_slice(L->max_clusters);
@@ -686,8 +726,13 @@ int kvs__cuda_score_select(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
         KVS_CUDA_TRY(kvs__cuda_launch(select_block_kernel,
                                       dim3(L->n_heads), dim3(SELB_THREADS),
                                       smem, stream, (w->pdl & 2) != 0, a));
+    else if (w->sel_threads == SEL_THREADS / 2)
+        KVS_CUDA_TRY(kvs__cuda_launch(select_kernel<SEL_THREADS / 2>,
+                                      dim3(SEL_CLUSTER, L->n_heads),
+                                      dim3(SEL_THREADS / 2), smem, stream,
+                                      (w->pdl & 2) != 0, a));
     else
-        KVS_CUDA_TRY(kvs__cuda_launch(select_kernel,
+        KVS_CUDA_TRY(kvs__cuda_launch(select_kernel<SEL_THREADS>,
                                       dim3(SEL_CLUSTER, L->n_heads),
                                       dim3(SEL_THREADS), smem, stream,
                                       (w->pdl & 2) != 0, a));

@@ -134,6 +134,13 @@ extern "C" int kvs_cuda_wave_new(const kvs_cuda_layer_t *g,
     }
     if ((rc = kvs__cuda_select_prepare(smem, w->select_block)) != 0)
         goto err;
+    {
+        const char *e = getenv("KVS_CUDA_SEL_THREADS");
+        w->sel_threads = e && *e ? atoi(e)
+                                 : kvs__cuda_select_threads(g->n_heads, smem);
+        if (w->sel_threads != 256 && w->sel_threads != 512)
+            w->sel_threads = 512;
+    }
     *out = w;
     return 0;
 err:

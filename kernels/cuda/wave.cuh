@@ -34,11 +34,21 @@ struct kvs_cuda_wave_s {
     uint32_t *keys; /* [H][C] select keys when they do not fit in smem */
     uint32_t *ghist; /* cluster select's histograms (zero between steps) */
     int select_block; /* 1: select_block_kernel (KVS_CUDA_SELECT=block) */
+    int sel_threads;  /* select_kernel block size: 512 or 256 (by grid
+                         size; KVS_CUDA_SEL_THREADS overrides) */
     uint32_t *ret, *n_ret, *est, *n_est;
     float *po, *plse; /* partials */
     uint32_t *done;   /* [H] finished splits; the last one merges and
                          resets it to 0 */
 };
+
+/* Score tiles a launch covers: those of L->clusters_hint when set. */
+static inline uint32_t kvs__cuda_tiles(const kvs_cuda_wave_t *w,
+                                       const kvs_cuda_layer_t *L) {
+    if (!L->clusters_hint || L->clusters_hint >= L->max_clusters)
+        return w->tiles;
+    return (L->clusters_hint + SCORE_TILE - 1) / SCORE_TILE;
+}
 
 int kvs__cuda_score_select(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                            const float *q, cudaStream_t stream);
@@ -47,6 +57,8 @@ size_t kvs__cuda_select_smem(uint32_t max_clusters, int block);
 int kvs__cuda_select_prepare(size_t smem, int block);
 /* Words of the cluster select's global histograms for n_heads. */
 size_t kvs__cuda_select_hist_words(uint32_t n_heads);
+/* select_kernel's block size for n_heads (after select_prepare). */
+int kvs__cuda_select_threads(uint32_t n_heads, size_t smem);
 /* Zones and the merge (the last split of each head merges): out. */
 int kvs__cuda_attend_zones(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                            const kvs_cuda_cache_t *cache, const float *q,
