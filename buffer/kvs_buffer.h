@@ -20,6 +20,15 @@
  * clusters of at most slot_tokens rows are cached; larger ones are always
  * read from host memory (counted as uncacheable).
  *
+ * Misses can instead be brought in by the copy engines (miss mode
+ * KVS_WBUF_MISS_COPY): the host waits for the retrieval list, queues one
+ * batched copy of the missed pages that fit a slot from pinned host memory
+ * into the staging area on a second stream, and points their block-table
+ * entries at the staged pages for this step only; the zone kernel, ordered
+ * after the copies by an event, then reads every cacheable cluster from
+ * GPU memory. Same rows, same arithmetic: the output equals the in-place
+ * mode's. Uncacheable misses are still read in place.
+ *
  * With kv_on_device the keys/values live in GPU memory instead (a layer
  * that fits): a step is select + zones + merge, nothing crosses the bus.
  *
@@ -39,6 +48,17 @@ typedef enum kvs_wbuf_policy_e {
     KVS_WBUF_CLOCK = 1,
 } kvs_wbuf_policy_t;
 
+/* How misses that fit a slot reach the zone kernel (bench/RESULTS_gpu.md
+ * has the measurements). */
+typedef enum kvs_wbuf_miss_e {
+    KVS_WBUF_MISS_INPLACE = 0,   /* read over the bus by the kernel, staged
+                                    by it (default) */
+    KVS_WBUF_MISS_COPY = 1,      /* copy engines, one cudaMemcpyBatchAsync
+                                    per step (CUDA >= 13; else as _EACH) */
+    KVS_WBUF_MISS_COPY_EACH = 2, /* copy engines, one cudaMemcpyAsync per
+                                    contiguous run */
+} kvs_wbuf_miss_t;
+
 typedef struct kvs_wbuf_params_s {
     kvs_dtype_t dtype;
     uint32_t d, n_heads, group;
@@ -52,6 +72,9 @@ typedef struct kvs_wbuf_params_s {
      * cache, no bus reads (slot_tokens, slots_per_head, policy unused) */
     int kv_on_device;
     kvs_cuda_wave_params_t wave;
+    /* misses: in-place reads (0, default) or copies; unused with
+     * kv_on_device */
+    kvs_wbuf_miss_t miss;
 } kvs_wbuf_params_t;
 
 typedef struct kvs_wbuf_stats_s {
@@ -66,6 +89,9 @@ typedef struct kvs_wbuf_stats_s {
     uint64_t bytes_fill;  /* K+V bytes copied staging -> slots */
     uint64_t bytes_gpu;   /* GPU memory held (index, steady, cache, scratch) */
     uint64_t bytes_host;  /* pinned host memory held */
+    uint64_t bytes_copied;/* of bytes_miss: moved by the copy engines */
+    uint64_t copies;      /* copy operations queued for them */
+    uint64_t batches;     /* cudaMemcpyBatchAsync calls that took them */
 } kvs_wbuf_stats_t;
 
 typedef struct kvs_wbuf_s kvs_wbuf_t;
@@ -128,11 +154,16 @@ int kvs_wbuf_set_extent(kvs_wbuf_t *wb, const uint32_t *n_clusters,
 
 /* Switches the replacement policy; takes effect at the next commit. */
 void kvs_wbuf_set_policy(kvs_wbuf_t *wb, kvs_wbuf_policy_t policy);
+/* Switches the miss mode (ignored with kv_on_device); takes effect at the
+ * next step. KVS_EINVAL for an unknown mode. */
+int kvs_wbuf_set_miss(kvs_wbuf_t *wb, kvs_wbuf_miss_t miss);
 
 /*
  * One decode step for queries q (device [H][group][d] fp32) into out
  * (device, same shape). Returns once the cache update is queued; the
- * output is ready when the stream reaches it.
+ * output is ready when the stream reaches it. Waits on the host for the
+ * retrieval list (both miss modes; in-place after queuing the zones, copy
+ * before, since it must know the misses to queue their copies).
  */
 int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
                   cudaStream_t stream);

@@ -4,13 +4,29 @@
  * the head's slots, most recent first; clock: reference bits and a hand).
  * A slot used by the current step is never a victim, so a step never
  * evicts what it is reading, and the policy never admits more pages than
- * the head has slots.
+ * the head has slots. The policy walks each head's retrieval list in
+ * cluster order (select leaves it in no fixed order), so the cache's
+ * decisions depend on the retrieved set alone and repeat run to run.
+ *
+ * The staging area lies right behind the slot pool in one allocation, so
+ * staged page j of head h is also "slot" H * S + h * rcap + j: the copy
+ * miss mode presents its copied misses to the zone kernel as temporary
+ * slots (block-table entries written before the zones and reset or
+ * replaced by the fill after them) and the kernel needs no change.
  */
 #include "kvs_buffer.h"
 #include "fill.cuh"
 
 #include <stdlib.h>
 #include <string.h>
+
+#ifndef CUDART_VERSION
+#error "CUDART_VERSION: include the CUDA runtime headers"
+#endif
+/* cudaMemcpyBatchAsync without failIdx is CUDA 13's signature */
+#define KVS_WBUF_BATCH (CUDART_VERSION >= 13000)
+/* copies per cudaMemcpyBatchAsync call (a step has up to 2 * H * rcap) */
+#define KVS_WBUF_BATCH_MAX 256
 
 struct kvs_wbuf_s {
     kvs_wbuf_params_t p;
@@ -32,6 +48,13 @@ struct kvs_wbuf_s {
     uint32_t *h_ret, *h_nret;
     kvs__fill_t *h_fill;
     kvs__upd_t *h_upd;
+    /* copy miss mode: temporary block-table entries (pinned, device),
+     * the copies of one step, a second stream and its event */
+    kvs__upd_t *h_tmp, *d_tmp;
+    void **cp_dst, **cp_src;
+    size_t *cp_size;
+    cudaStream_t side;
+    cudaEvent_t ev_copied;
     /* host policy state */
     uint32_t *offs;      /* [H][C+1] */
     int32_t *slot_of;    /* [H][C] mirror of the block table */
@@ -41,6 +64,10 @@ struct kvs_wbuf_s {
     int32_t *mru, *lru;  /* [H] list ends */
     uint8_t *ref;        /* [H*S] clock reference bits */
     uint32_t *hand;      /* [H] clock hands */
+    uint32_t *ord;       /* [H][rcap] list indices in cluster order */
+    uint32_t *n_ord;     /* [H] */
+    uint64_t *mark;      /* [C / 64 + 1] one head's retrieved clusters */
+    uint32_t *at;        /* [C] list index of a retrieved cluster */
     uint64_t step;
     cudaEvent_t ev_lists;
     kvs_wbuf_stats_t stats;
@@ -56,6 +83,7 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     *out = NULL;
     if (!p || p->d != KVS_CUDA_HEAD_DIM || p->n_heads == 0 ||
         p->max_clusters == 0 || p->max_tokens == 0 ||
+        (unsigned)p->miss > KVS_WBUF_MISS_COPY_EACH ||
         (!p->kv_on_device &&
          (p->slot_tokens == 0 || p->slots_per_head == 0 ||
           p->slots_per_head > p->max_clusters)))
@@ -103,14 +131,18 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     DALLOC(wb->d_vmean, H * C * row);
     DALLOC(wb->d_sk, H * (p->n_steady ? p->n_steady : 1) * row);
     DALLOC(wb->d_sv, H * (p->n_steady ? p->n_steady : 1) * row);
-    DALLOC(wb->d_slot_k, H * S * wb->st * row);
-    DALLOC(wb->d_slot_v, H * S * wb->st * row);
     if (p->kv_on_device) {
+        DALLOC(wb->d_slot_k, H * S * wb->st * row);
+        DALLOC(wb->d_slot_v, H * S * wb->st * row);
         DALLOC(wb->d_keys, H * N * row);
         DALLOC(wb->d_values, H * N * row);
     } else {
-        DALLOC(wb->d_stage_k, H * R * wb->st * row);
-        DALLOC(wb->d_stage_v, H * R * wb->st * row);
+        /* slot pool, then staging (see the top of the file) */
+        DALLOC(wb->d_slot_k, (H * S + H * R) * wb->st * row);
+        DALLOC(wb->d_slot_v, (H * S + H * R) * wb->st * row);
+        wb->d_stage_k = (char *)wb->d_slot_k + H * S * wb->st * row;
+        wb->d_stage_v = (char *)wb->d_slot_v + H * S * wb->st * row;
+        DALLOC(wb->d_tmp, H * R * sizeof(kvs__upd_t));
     }
     DALLOC(wb->d_slot_of, H * C * 4);
     DALLOC(wb->d_fill, H * R * sizeof(kvs__fill_t));
@@ -131,6 +163,8 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     HALLOC(wb->h_nret, H * 4);
     HALLOC(wb->h_fill, H * R * sizeof(kvs__fill_t));
     HALLOC(wb->h_upd, 2 * H * R * sizeof(kvs__upd_t));
+    if (!p->kv_on_device)
+        HALLOC(wb->h_tmp, H * R * sizeof(kvs__upd_t));
 #undef HALLOC
     wb->stats.bytes_host = p->kv_on_device ? 0 : 2 * H * N * row;
     wb->offs = malloc(H * (C + 1) * 4);
@@ -143,14 +177,26 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     wb->lru = malloc(H * 4);
     wb->ref = malloc(H * S);
     wb->hand = malloc(H * 4);
+    wb->ord = malloc(H * R * 4);
+    wb->n_ord = malloc(H * 4);
+    wb->mark = calloc(C / 64 + 1, 8);
+    wb->at = malloc(C * 4);
+    wb->cp_dst = malloc(2 * H * R * sizeof(void *));
+    wb->cp_src = malloc(2 * H * R * sizeof(void *));
+    wb->cp_size = malloc(2 * H * R * sizeof(size_t));
     if (!wb->offs || !wb->slot_of || !wb->slot_cl || !wb->stamp ||
         !wb->prev || !wb->next || !wb->mru || !wb->lru || !wb->ref ||
-        !wb->hand) {
+        !wb->hand || !wb->ord || !wb->n_ord || !wb->mark || !wb->at ||
+        !wb->cp_dst || !wb->cp_src || !wb->cp_size) {
         rc = KVS_ENOMEM;
         goto err;
     }
     if ((rc = cu(cudaEventCreateWithFlags(&wb->ev_lists,
-                                          cudaEventDisableTiming))) != 0)
+                                          cudaEventDisableTiming))) != 0 ||
+        (rc = cu(cudaEventCreateWithFlags(&wb->ev_copied,
+                                          cudaEventDisableTiming))) != 0 ||
+        (rc = cu(cudaStreamCreateWithFlags(&wb->side,
+                                           cudaStreamNonBlocking))) != 0)
         goto err;
     if ((rc = cu(cudaMemset(wb->d_slot_of, 0xff, H * C * 4))) != 0 ||
         (rc = cu(cudaMemset(wb->d_nc, 0, H * 4))) != 0)
@@ -194,10 +240,9 @@ void kvs_wbuf_free(kvs_wbuf_t *wb) {
     cudaFree(wb->d_vmean);
     cudaFree(wb->d_sk);
     cudaFree(wb->d_sv);
-    cudaFree(wb->d_slot_k);
+    cudaFree(wb->d_slot_k); /* staging included */
     cudaFree(wb->d_slot_v);
-    cudaFree(wb->d_stage_k);
-    cudaFree(wb->d_stage_v);
+    cudaFree(wb->d_tmp);
     cudaFree(wb->d_keys);
     cudaFree(wb->d_values);
     cudaFree(wb->d_slot_of);
@@ -209,8 +254,20 @@ void kvs_wbuf_free(kvs_wbuf_t *wb) {
     cudaFreeHost(wb->h_nret);
     cudaFreeHost(wb->h_fill);
     cudaFreeHost(wb->h_upd);
+    cudaFreeHost(wb->h_tmp);
     if (wb->ev_lists)
         cudaEventDestroy(wb->ev_lists);
+    if (wb->ev_copied)
+        cudaEventDestroy(wb->ev_copied);
+    if (wb->side)
+        cudaStreamDestroy(wb->side);
+    free(wb->ord);
+    free(wb->n_ord);
+    free(wb->mark);
+    free(wb->at);
+    free(wb->cp_dst);
+    free(wb->cp_src);
+    free(wb->cp_size);
     free(wb->offs);
     free(wb->slot_of);
     free(wb->slot_cl);
@@ -433,6 +490,148 @@ static void touch(kvs_wbuf_t *wb, uint32_t h, int32_t s) {
         wb->ref[(size_t)h * wb->S + s] = 1;
 }
 
+/* Each head's retrieval list (h_ret) as list indices in cluster order
+ * (ord, n_ord): a bitmap of the retrieved clusters, read word by word. */
+static void lists_order(kvs_wbuf_t *wb) {
+    const uint32_t R = wb->rcap, W = wb->C / 64 + 1;
+    for (uint32_t h = 0; h < wb->H; h++) {
+        const uint32_t *ret = wb->h_ret + (size_t)h * R;
+        const uint32_t n_ret = wb->h_nret[h] < R ? wb->h_nret[h] : R;
+        uint32_t *ord = wb->ord + (size_t)h * R, k = 0;
+        for (uint32_t j = 0; j < n_ret; j++) {
+            const uint32_t c = ret[j];
+            wb->mark[c >> 6] |= 1ull << (c & 63);
+            wb->at[c] = j;
+        }
+        for (uint32_t w = 0; w < W && k < n_ret; w++) {
+            uint64_t m = wb->mark[w];
+            wb->mark[w] = 0;
+            while (m) {
+                ord[k++] = wb->at[w * 64 + (uint32_t)__builtin_ctzll(m)];
+                m &= m - 1;
+            }
+        }
+        wb->n_ord[h] = k;
+    }
+}
+
+/* Appends a copy to the list, or extends the last one when both sides
+ * continue it (neighbouring clusters of whole slots). */
+static void copy_add(kvs_wbuf_t *wb, size_t *n, size_t base, void *dst,
+                     const void *src, size_t bytes) {
+    if (*n > base) {
+        const size_t k = *n - 1;
+        if ((const char *)wb->cp_src[k] + wb->cp_size[k] == src &&
+            (char *)wb->cp_dst[k] + wb->cp_size[k] == dst) {
+            wb->cp_size[k] += bytes;
+            return;
+        }
+    }
+    wb->cp_dst[*n] = dst;
+    wb->cp_src[*n] = (void *)src;
+    wb->cp_size[*n] = bytes;
+    (*n)++;
+}
+
+/*
+ * Copy miss mode, after the lists are on the host and before the zones
+ * are queued: the misses that fit a slot are copied from pinned host
+ * memory into their staging pages on the side stream by the copy engines,
+ * and their block-table entries point at those pages (slot H * S +
+ * h * rcap + j) until the fill after the zones resets or replaces them.
+ * `stream` waits for the copies. *n_tmp: the temporary entries (h_tmp).
+ */
+static int miss_copy(kvs_wbuf_t *wb, cudaStream_t stream, uint32_t *n_tmp) {
+    const uint32_t H = wb->H, C = wb->C, S = wb->S, R = wb->rcap;
+    const size_t row = (size_t)wb->p.d * wb->esz, slot = wb->st * row;
+    const size_t half = (size_t)H * R; /* keys' copies, then values' */
+    size_t nk = 0, nv = half;
+    uint32_t nt = 0;
+    int rc;
+    *n_tmp = 0;
+    for (uint32_t h = 0; h < H; h++) {
+        const uint32_t *offs = wb->offs + (size_t)h * (C + 1);
+        const uint32_t *ret = wb->h_ret + (size_t)h * R;
+        const uint32_t *ord = wb->ord + (size_t)h * R;
+        const int32_t *slot_of = wb->slot_of + (size_t)h * C;
+        for (uint32_t i = 0; i < wb->n_ord[h]; i++) {
+            const uint32_t j = ord[i], c = ret[j];
+            const uint32_t rows = offs[c + 1] - offs[c];
+            if (slot_of[c] >= 0 || rows > wb->st || rows == 0)
+                continue;
+            const size_t src = ((size_t)h * wb->N + offs[c]) * row;
+            const size_t dst = ((size_t)h * R + j) * slot;
+            copy_add(wb, &nk, 0, (char *)wb->d_stage_k + dst,
+                     (const char *)wb->h_keys + src, rows * row);
+            copy_add(wb, &nv, half, (char *)wb->d_stage_v + dst,
+                     (const char *)wb->h_values + src, rows * row);
+            wb->h_tmp[nt++] = (kvs__upd_t){
+                h * C + c, (int32_t)((size_t)H * S + (size_t)h * R + j)};
+            wb->stats.bytes_copied += 2ull * rows * row;
+        }
+    }
+    if (nt == 0)
+        return 0;
+    /* one list: the values' copies behind the keys' */
+    memmove(wb->cp_dst + nk, wb->cp_dst + half, (nv - half) * sizeof(void *));
+    memmove(wb->cp_src + nk, wb->cp_src + half, (nv - half) * sizeof(void *));
+    memmove(wb->cp_size + nk, wb->cp_size + half,
+            (nv - half) * sizeof(size_t));
+    const size_t n = nk + nv - half;
+    wb->stats.copies += n;
+    /* the staging pages were last read by the previous fill on `stream` */
+    if ((rc = cu(cudaStreamWaitEvent(wb->side, wb->ev_lists, 0))) != 0)
+        return rc;
+    size_t done = 0;
+#if KVS_WBUF_BATCH
+    if (wb->p.miss == KVS_WBUF_MISS_COPY) {
+        struct cudaMemcpyAttributes at;
+        memset(&at, 0, sizeof at);
+        at.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+        at.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+        size_t at_idx = 0;
+        while (done < n) {
+            const size_t k =
+                n - done < KVS_WBUF_BATCH_MAX ? n - done : KVS_WBUF_BATCH_MAX;
+            if (cudaMemcpyBatchAsync((void *const *)wb->cp_dst + done,
+                                     (const void *const *)wb->cp_src + done,
+                                     wb->cp_size + done, k, &at, &at_idx, 1,
+                                     wb->side) != cudaSuccess) {
+                /* refused (driver, count): the rest one by one;
+                 * stats.batches tells */
+                (void)cudaGetLastError();
+                break;
+            }
+            wb->stats.batches++;
+            done += k;
+        }
+    }
+#endif
+    {
+        for (size_t i = done; i < n; i++)
+            if ((rc = cu(cudaMemcpyAsync(wb->cp_dst[i], wb->cp_src[i],
+                                         wb->cp_size[i],
+                                         cudaMemcpyHostToDevice,
+                                         wb->side))) != 0)
+                return rc;
+    }
+    if ((rc = cu(cudaEventRecord(wb->ev_copied, wb->side))) != 0)
+        return rc;
+    /* temporary block-table entries, while the copies run */
+    if ((rc = cu(cudaMemcpyAsync(wb->d_tmp, wb->h_tmp, nt * sizeof(kvs__upd_t),
+                                 cudaMemcpyHostToDevice, stream))) != 0)
+        return rc;
+    if ((rc = kvs__wbuf_fill(NULL, 0, wb->d_tmp, nt, wb->d_slot_of,
+                             wb->d_stage_k, wb->d_stage_v, wb->d_slot_k,
+                             wb->d_slot_v, wb->st, wb->p.d * wb->esz,
+                             stream)) != 0)
+        return rc;
+    if ((rc = cu(cudaStreamWaitEvent(stream, wb->ev_copied, 0))) != 0)
+        return rc;
+    *n_tmp = nt;
+    return 0;
+}
+
 int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
                   cudaStream_t stream) {
     const uint32_t H = wb->H, C = wb->C, S = wb->S, R = wb->rcap;
@@ -453,11 +652,24 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
                                  cudaMemcpyDeviceToHost, stream))) != 0 ||
         (rc = cu(cudaEventRecord(wb->ev_lists, stream))) != 0)
         return rc;
+    const int copy = wb->p.miss != KVS_WBUF_MISS_INPLACE;
+    uint32_t n_tmp = 0;
+    if (copy) {
+        /* the zones must wait for the copies, the copies for the lists */
+        if ((rc = cu(cudaEventSynchronize(wb->ev_lists))) != 0)
+            return rc;
+        lists_order(wb);
+        if ((rc = miss_copy(wb, stream, &n_tmp)) != 0)
+            return rc;
+    }
     if ((rc = kvs_cuda_wave_attend(wb->wave, &wb->layer, &wb->cache, q, out,
                                    stream)) != 0)
         return rc;
-    if ((rc = cu(cudaEventSynchronize(wb->ev_lists))) != 0)
-        return rc;
+    if (!copy) {
+        if ((rc = cu(cudaEventSynchronize(wb->ev_lists))) != 0)
+            return rc;
+        lists_order(wb);
+    }
 
     /* replacement policy, on the host while the GPU attends */
     wb->step++;
@@ -466,11 +678,12 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
     for (uint32_t h = 0; h < H; h++) {
         const uint32_t *offs = wb->offs + (size_t)h * (C + 1);
         const uint32_t *ret = wb->h_ret + (size_t)h * R;
+        const uint32_t *ord = wb->ord + (size_t)h * R;
         int32_t *slot_of = wb->slot_of + (size_t)h * C;
-        const uint32_t n_ret = wb->h_nret[h] < R ? wb->h_nret[h] : R;
+        const uint32_t n_ret = wb->n_ord[h];
         /* hits first, so that this step's pages are protected */
-        for (uint32_t j = 0; j < n_ret; j++) {
-            const uint32_t c = ret[j];
+        for (uint32_t i = 0; i < n_ret; i++) {
+            const uint32_t c = ret[ord[i]];
             const uint64_t bytes = (uint64_t)(offs[c + 1] - offs[c]) * row2;
             st->lookups++;
             if (slot_of[c] >= 0) {
@@ -482,8 +695,8 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
                 st->bytes_miss += bytes;
             }
         }
-        for (uint32_t j = 0; j < n_ret; j++) {
-            const uint32_t c = ret[j];
+        for (uint32_t i = 0; i < n_ret; i++) {
+            const uint32_t j = ord[i], c = ret[j];
             const uint32_t rows = offs[c + 1] - offs[c];
             if (slot_of[c] >= 0)
                 continue;
@@ -510,6 +723,10 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
             touch(wb, h, s);
         }
     }
+    /* temporary entries the policy did not turn into slots: back to -1 */
+    for (uint32_t i = 0; i < n_tmp; i++)
+        if (wb->slot_of[wb->h_tmp[i].index] < 0)
+            wb->h_upd[nu++] = (kvs__upd_t){wb->h_tmp[i].index, -1};
     st->steps++;
     if (nf || nu) {
         if (nf && (rc = cu(cudaMemcpyAsync(wb->d_fill, wb->h_fill,
@@ -533,6 +750,13 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
 
 void kvs_wbuf_set_policy(kvs_wbuf_t *wb, kvs_wbuf_policy_t policy) {
     wb->p.policy = policy;
+}
+
+int kvs_wbuf_set_miss(kvs_wbuf_t *wb, kvs_wbuf_miss_t miss) {
+    if ((unsigned)miss > KVS_WBUF_MISS_COPY_EACH)
+        return KVS_EINVAL;
+    wb->p.miss = miss;
+    return 0;
 }
 
 void kvs_wbuf_stats(const kvs_wbuf_t *wb, kvs_wbuf_stats_t *out) {

@@ -13,7 +13,10 @@
  *   3. KV in pinned host memory at 1M tokens, a GPU cache of 5% of the
  *      clusters (LRU and clock): time per step over a decode trace, hit
  *      rate, bytes over the bus; streaming all KV over PCIe (our full
- *      kernel reading pinned memory) as the baseline.
+ *      kernel reading pinned memory) as the baseline. LRU again with the
+ *      misses copied by the copy engines (one batched copy per step, and
+ *      one cudaMemcpyAsync per run) instead of read in place by the zone
+ *      kernel, same run; outputs compared with the in-place pass.
  *
  * Data are synthetic (synth.cuh): keys clustered around 256 centres per
  * 8192-token segment, queries aimed at a focus token that moves with
@@ -44,7 +47,9 @@
 #include "synth.cuh"
 
 #include <errno.h>
+#include <execinfo.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -504,9 +509,20 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     return r;
 }
 
+/* Offload passes over the same steps: the policies with misses read in
+ * place, then LRU with misses copied (batched, one copy per run). */
+enum { OP_LRU, OP_CLOCK, OP_COPY, OP_COPY_EACH, N_OPASS };
+static const char *const opass_name[N_OPASS] = {"LRU", "clock", "LRU copy",
+                                                "LRU copy-each"};
+static const char *const opass_miss[N_OPASS] = {"inplace", "inplace",
+                                                "copy_batch", "copy_each"};
+
 typedef struct {
-    double step_ms[2], p90_ms[2], hit[2], pcie_mb[2], fill_mb[2];
-    double uncacheable[2];
+    double step_ms[N_OPASS], p90_ms[N_OPASS], hit[N_OPASS];
+    double pcie_mb[N_OPASS], fill_mb[N_OPASS], uncacheable[N_OPASS];
+    double copies[N_OPASS], copied_mb[N_OPASS], max_rel[N_OPASS];
+    uint32_t same_steps[N_OPASS]; /* outputs bitwise equal to OP_LRU's */
+    int same_stats[N_OPASS];      /* cache counters equal to OP_LRU's */
     double stream_ms, rel_med, rel_p95, build_ms, gpu_gb, host_gb;
 } ores_t;
 
@@ -577,10 +593,20 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
     const uint32_t n_acc = acc_hi > acc_lo ? acc_hi - acc_lo : 0;
     double *rel = malloc(((size_t)n_acc * H * n_group + 1) * sizeof *rel);
     float *hw = malloc(qrow * 4), *hf = malloc(qrow * 4);
-    for (int pol = 0; pol < 2; pol++) {
+    float *h_lru = malloc((size_t)steps * qrow * 4); /* OP_LRU's outputs */
+    kvs_wbuf_stats_t S0;
+    memset(&S0, 0, sizeof S0);
+    for (int pass = 0; pass < N_OPASS; pass++) {
+        const int pol = pass == OP_CLOCK;
         kvs_wbuf_set_policy(wb, pol ? KVS_WBUF_CLOCK : KVS_WBUF_LRU);
+        KV(kvs_wbuf_set_miss(wb, pass == OP_COPY ? KVS_WBUF_MISS_COPY
+                                 : pass == OP_COPY_EACH
+                                     ? KVS_WBUF_MISS_COPY_EACH
+                                     : KVS_WBUF_MISS_INPLACE));
         KV(kvs_wbuf_commit(wb, SINKS, ctx - WINDOW, st));
         kvs_wbuf_reset_stats(wb);
+        r.same_steps[pass] = 0;
+        r.max_rel[pass] = 0;
         for (uint32_t s = 0; s < steps; s++) {
             const float *q = qs + (size_t)(s % n_q) * qrow;
             if (s == warm)
@@ -590,7 +616,25 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
             KV(kvs_wbuf_step(wb, q, out, st));
             CU(cudaStreamSynchronize(st));
             t[s] = (now_s() - a) * 1e3;
-            if (pol == 0 && s >= acc_lo && s < acc_hi) {
+            if (pass != OP_CLOCK) {
+                float *h = h_lru + (size_t)s * qrow;
+                if (pass == OP_LRU) {
+                    CU(cudaMemcpy(h, out, qrow * 4, cudaMemcpyDeviceToHost));
+                } else {
+                    CU(cudaMemcpy(hw, out, qrow * 4, cudaMemcpyDeviceToHost));
+                    r.same_steps[pass] += memcmp(hw, h, qrow * 4) == 0;
+                    double num = 0, den = 0;
+                    for (size_t i = 0; i < qrow; i++) {
+                        const double e = (double)hw[i] - h[i];
+                        num += e * e;
+                        den += (double)h[i] * h[i];
+                    }
+                    const double e = sqrt(num / (den > 0 ? den : 1));
+                    if (!(e <= r.max_rel[pass])) /* NaN too */
+                        r.max_rel[pass] = e;
+                }
+            }
+            if (pass == OP_LRU && s >= acc_lo && s < acc_hi) {
                 KV(kvs_cuda_full_attend(f, dk, dv, n, 0, q, of, st));
                 CU(cudaMemcpy(hw, out, qrow * 4, cudaMemcpyDeviceToHost));
                 CU(cudaMemcpy(hf, of, qrow * 4, cudaMemcpyDeviceToHost));
@@ -600,22 +644,42 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
         }
         kvs_wbuf_stats_t S;
         kvs_wbuf_stats(wb, &S);
-        r.step_ms[pol] = median(t + warm, steps - warm);
-        r.p90_ms[pol] = pct(t + warm, steps - warm, 0.9);
-        r.hit[pol] = S.lookups ? (double)S.hits / S.lookups : 0;
-        r.pcie_mb[pol] = S.steps ? S.bytes_miss / 1e6 / S.steps : 0;
-        r.fill_mb[pol] = S.steps ? S.bytes_fill / 1e6 / S.steps : 0;
-        r.uncacheable[pol] = S.lookups ? (double)S.uncacheable / S.lookups : 0;
+        const int p = pass;
+        r.step_ms[p] = median(t + warm, steps - warm);
+        r.p90_ms[p] = pct(t + warm, steps - warm, 0.9);
+        r.hit[p] = S.lookups ? (double)S.hits / S.lookups : 0;
+        r.pcie_mb[p] = S.steps ? S.bytes_miss / 1e6 / S.steps : 0;
+        r.fill_mb[p] = S.steps ? S.bytes_fill / 1e6 / S.steps : 0;
+        r.uncacheable[p] = S.lookups ? (double)S.uncacheable / S.lookups : 0;
+        r.copies[p] = S.steps ? (double)S.copies / S.steps : 0;
+        r.copied_mb[p] = S.steps ? S.bytes_copied / 1e6 / S.steps : 0;
         r.gpu_gb = S.bytes_gpu / 1e9;
         r.host_gb = S.bytes_host / 1e9;
+        if (pass == OP_LRU)
+            S0 = S;
+        r.same_stats[p] =
+            S.lookups == S0.lookups && S.hits == S0.hits &&
+            S.misses == S0.misses && S.uncacheable == S0.uncacheable &&
+            S.inserted == S0.inserted && S.evicted == S0.evicted &&
+            S.bytes_miss == S0.bytes_miss && S.bytes_fill == S0.bytes_fill;
         printf("%s ctx %u %s: step median %.3f ms (p90 %.3f), hit rate "
                "%.3f, over the bus %.1f MB/step, staged->slot %.1f MB/step, "
                "uncacheable %.3f of lookups; GPU %.2f GB, pinned host %.2f "
                "GB\n",
-               part, ctx, pol ? "clock" : "LRU", r.step_ms[pol], r.p90_ms[pol],
-               r.hit[pol], r.pcie_mb[pol], r.fill_mb[pol], r.uncacheable[pol],
-               r.gpu_gb, r.host_gb);
+               part, ctx, opass_name[p], r.step_ms[p], r.p90_ms[p], r.hit[p],
+               r.pcie_mb[p], r.fill_mb[p], r.uncacheable[p], r.gpu_gb,
+               r.host_gb);
+        if (pass >= OP_COPY)
+            printf("%s ctx %u %s: %.0f copies/step in %.2f batches/step, "
+                   "%.1f MB/step by the copy "
+                   "engines; outputs bitwise equal to LRU in-place on %u of "
+                   "%u steps (max rel L2 %.2e), cache counters %s\n",
+                   part, ctx, opass_name[p], r.copies[p],
+                   S.steps ? (double)S.batches / S.steps : 0, r.copied_mb[p],
+                   r.same_steps[p], steps, r.max_rel[p],
+                   r.same_stats[p] ? "equal" : "DIFFERENT");
     }
+    free(h_lru);
     if (n_acc) {
         r.rel_med = median(rel, n_acc * H * n_group);
         r.rel_p95 = pct(rel, n_acc * H * n_group, 0.95);
@@ -638,22 +702,35 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
            part, ctx, r.rel_med, r.rel_p95, n_acc, r.stream_ms,
            2.0 * H * ctx * rb / (r.stream_ms * 1e-3) / 1e9,
            2.0 * H * ctx * rb / (h2d_gbs * 1e9) * 1e3, r.build_ms);
-    for (int pol = 0; pol < 2; pol++)
+    for (int p = 0; p < N_OPASS; p++) {
+        char cmp[160] = "";
+        if (p >= OP_COPY)
+            snprintf(cmp, sizeof cmp,
+                     ", \"bitwise_equal_steps_vs_inplace\": %u, "
+                     "\"max_rel_l2_vs_inplace\": %.3g, "
+                     "\"cache_counters_equal_to_inplace\": %s",
+                     r.same_steps[p], r.max_rel[p],
+                     r.same_stats[p] ? "true" : "false");
         row_add("{\"part\": \"%s\", \"context\": %u, \"batch\": 1, "
                 "\"kv_heads\": %u, \"group\": %u, "
-                "\"policy\": \"%s\", \"cache_clusters_fraction\": 0.05, "
+                "\"policy\": \"%s\", \"miss\": \"%s\", "
+                "\"cache_clusters_fraction\": 0.05, "
                 "\"slot_tokens\": 32, \"steps\": %u, \"warmup_steps\": %u, "
                 "\"step_ms_median\": %.4f, \"step_ms_p90\": %.4f, "
                 "\"hit_rate\": %.4f, "
                 "\"bus_mb_per_step\": %.2f, \"fill_mb_per_step\": %.2f, "
+                "\"copy_engine_mb_per_step\": %.2f, "
+                "\"copies_per_step\": %.1f, "
                 "\"uncacheable_fraction\": %.4f, \"stream_all_kv_ms\": %.3f, "
                 "\"rel_l2_median\": %.5f, \"rel_l2_p95\": %.5f, "
                 "\"accuracy_steps\": %u, \"build_ms\": %.2f, "
-                "\"gpu_gb\": %.3f, \"pinned_host_gb\": %.3f}",
-                part, ctx, H, n_group, pol ? "clock" : "lru", steps, warm,
-                r.step_ms[pol], r.p90_ms[pol], r.hit[pol], r.pcie_mb[pol],
-                r.fill_mb[pol], r.uncacheable[pol], r.stream_ms, r.rel_med,
-                r.rel_p95, n_acc, r.build_ms, r.gpu_gb, r.host_gb);
+                "\"gpu_gb\": %.3f, \"pinned_host_gb\": %.3f%s}",
+                part, ctx, H, n_group, p == OP_CLOCK ? "clock" : "lru",
+                opass_miss[p], steps, warm, r.step_ms[p], r.p90_ms[p],
+                r.hit[p], r.pcie_mb[p], r.fill_mb[p], r.copied_mb[p],
+                r.copies[p], r.uncacheable[p], r.stream_ms, r.rel_med,
+                r.rel_p95, n_acc, r.build_ms, r.gpu_gb, r.host_gb, cmp);
+    }
     free(t);
     free(rel);
     free(hw);
@@ -959,11 +1036,23 @@ static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
     const double speed = o.stream_ms / o.step_ms[0];
     const char *by_hit = o.hit[1] > o.hit[0] ? "clock" : "lru";
     const char *by_time = o.step_ms[1] < o.step_ms[0] ? "clock" : "lru";
+    const char *by_miss = o.step_ms[OP_COPY] < o.step_ms[OP_LRU] ||
+                                  o.step_ms[OP_COPY_EACH] < o.step_ms[OP_LRU]
+                              ? (o.step_ms[OP_COPY] <= o.step_ms[OP_COPY_EACH]
+                                     ? "copy_batch"
+                                     : "copy_each")
+                              : "inplace";
     printf("trace offload: LRU %.3f ms hit %.4f | clock %.3f ms hit %.4f | "
            "higher hit rate: %s, faster median: %s | streaming %.2f ms = "
            "x%.1f slower than the buffer (LRU)\n",
            o.step_ms[0], o.hit[0], o.step_ms[1], o.hit[1], by_hit, by_time,
            o.stream_ms, speed);
+    printf("trace offload misses (LRU): in place %.3f ms (p90 %.3f) | copy "
+           "batch %.3f ms (p90 %.3f) | copy each %.3f ms (p90 %.3f) | "
+           "faster: %s\n",
+           o.step_ms[OP_LRU], o.p90_ms[OP_LRU], o.step_ms[OP_COPY],
+           o.p90_ms[OP_COPY], o.step_ms[OP_COPY_EACH], o.p90_ms[OP_COPY_EACH],
+           by_miss);
     CU(cudaFree(qs));
     CU(cudaFree(dk));
     CU(cudaFree(dv));
@@ -988,8 +1077,9 @@ static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
                "trace.py): %u (layer, KV head) pairs, GQA %u, %u tokens\",\n",
             H, n_group, N);
     fprintf(f, "  \"better_policy_by_hit_rate\": \"%s\",\n"
-               "  \"faster_policy_by_median\": \"%s\",\n",
-            by_hit, by_time);
+               "  \"faster_policy_by_median\": \"%s\",\n"
+               "  \"faster_miss_mode_by_median\": \"%s\",\n",
+            by_hit, by_time, by_miss);
     fprintf(f, "  \"copy_gb_s\": %.1f,\n  \"h2d_pinned_gb_s\": %.1f,\n",
             copy_gbs, h2d_gbs);
     fprintf(f, "  \"metrics\": {");
@@ -1018,17 +1108,36 @@ static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
             "\n    \"stream_all_kv_ms_1m\": %.3f,"
             "\n    \"offload_speedup_vs_streaming\": %.1f,"
             "\n    \"gpu_rel_l2_median\": %.5f,"
-            "\n    \"gpu_rel_l2_p95\": %.5f",
+            "\n    \"gpu_rel_l2_p95\": %.5f,"
+            "\n    \"offload_ms_per_layer_1m_copy\": %.4f,"
+            "\n    \"offload_ms_per_layer_1m_copy_p90\": %.4f,"
+            "\n    \"offload_ms_per_layer_1m_copy_each\": %.4f,"
+            "\n    \"copy_mode_max_rel_l2_vs_inplace\": %.3g,"
+            "\n    \"copy_mode_cache_counters_equal\": %s",
             o.step_ms[0], o.p90_ms[0], o.step_ms[1], o.hit[0], o.hit[1],
             o.pcie_mb[0], o.uncacheable[0], o.stream_ms, speed, o.rel_med,
-            o.rel_p95);
+            o.rel_p95, o.step_ms[OP_COPY], o.p90_ms[OP_COPY],
+            o.step_ms[OP_COPY_EACH],
+            fmax(o.max_rel[OP_COPY], o.max_rel[OP_COPY_EACH]),
+            o.same_stats[OP_COPY] && o.same_stats[OP_COPY_EACH] ? "true"
+                                                                : "false");
     fprintf(f, "\n  },\n  \"rows\": [\n    %s\n  ]\n}\n", rows);
     fclose(f);
     printf("wrote %s\n", json);
     return 0;
 }
 
+/* A crash on the GPU machine (no debugger there) leaves a backtrace. */
+static void on_fault(int sig) {
+    void *pc[32];
+    const int n = backtrace(pc, 32);
+    backtrace_symbols_fd(pc, n, 2);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
 int main(int argc, char **argv) {
+    signal(SIGSEGV, on_fault);
     setvbuf(stdout, NULL, _IOLBF, 0);
     int quick = 0;
     const char *sdpa = NULL, *json = NULL;

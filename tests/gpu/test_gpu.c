@@ -13,15 +13,23 @@
  *   cache       retrieval through the slot pool with K/V in pinned host
  *               memory equals the device path (rel L2 <= 1e-5); staged
  *               misses equal the cluster rows bit for bit
+ *   wbuf        the wave buffer (buffer/) filled through its incremental
+ *               API, many steps with revisited and fresh queries: misses
+ *               copied by the copy engines (batched and one copy per run)
+ *               give the in-place mode's outputs (rel L2 <= 1e-6) and the
+ *               same cache counters; K/V on the device within 1e-5
  *   kmeans      layout invariants exact; centroids / value means equal the
  *               mean of the members (bf16/fp16 rounding: rel 1e-2 + 1e-3);
  *               objective within 1% of a C reference of the same algorithm;
  *               two builds bitwise identical
  *
+ * `test_gpu wave` runs the wave tests only, `test_gpu wbuf` the wave
+ * buffer's (KVS_WBUF_STEPS=n: n steps each, for the sanitizers).
  * Prints "SKIP: no CUDA device" and exits 77 (CTest SKIP_RETURN_CODE)
  * where no GPU is usable. Inputs are fresh random each run; the seed is
  * printed and KVS_SEED=n repeats a run.
  */
+#include "kvs_buffer.h"
 #include "kvs_cuda.h"
 
 #include <math.h>
@@ -683,6 +691,177 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
     hlayer_free(&L);
 }
 
+/* ---------------- wave buffer: miss modes ----------------------------- */
+
+/*
+ * One layer in four wave buffers, filled as the engine fills them: K/V in
+ * GPU memory, and pinned with misses read in place, copied in one batch,
+ * copied one run at a time; a cache of 5% of the clusters (slots of 32
+ * rows, so the big clusters are uncacheable). Step s uses one of 6
+ * revisited query sets (70%) or a fresh one, so pages are hit, admitted
+ * and evicted. The copy modes must give the in-place mode's outputs, step
+ * by step (rel L2 <= 1e-6: bit for bit where select leaves its lists in
+ * the same order, which it does not guarantee), and the same cache
+ * counters.
+ */
+static void test_wbuf(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
+                      const uint32_t *nc, uint32_t ntok,
+                      kvs_wbuf_policy_t pol, uint32_t steps) {
+    g_dt = dt;
+    const char *env = getenv("KVS_WBUF_STEPS"); /* fewer under sanitizers */
+    if (env && strtoul(env, NULL, 10) > 0)
+        steps = (uint32_t)strtoul(env, NULL, 10);
+    printf("wbuf %s H=%u G=%u C=%u tokens=%u %s, %u steps\n",
+           kvs_dtype_name(dt), H, G, C, ntok,
+           pol == KVS_WBUF_LRU ? "LRU" : "clock", steps);
+    hlayer_t L;
+    hlayer_make(&L, H, G, C, nc, ntok, 100);
+    /* no tied centroids here: ties at the retrieval threshold are broken
+     * by select in no fixed order, and the buffers must retrieve the same
+     * sets to keep the same cache counters */
+    for (uint32_t h = 0; h < H; h++)
+        for (uint32_t c = 1; c < 5; c++) {
+            uint16_t *x = L.cent + ((size_t)h * C + c) * D;
+            x[c] = to_t(from_t(x[c]) + 0.05 * c);
+        }
+    const size_t qn = (size_t)H * G * D, ns = L.n_steady;
+    enum { NB = 4 };
+    const char *name[NB] = {"device", "in-place", "copy batch", "copy each"};
+    kvs_wbuf_t *wb[NB];
+    float *dout[NB], *hout[NB];
+    cudaStream_t s;
+    CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    for (int b = 0; b < NB; b++) {
+        kvs_wbuf_params_t bp;
+        memset(&bp, 0, sizeof bp);
+        bp.dtype = dt;
+        bp.d = D;
+        bp.n_heads = H;
+        bp.group = G;
+        bp.max_clusters = C;
+        bp.max_tokens = L.N;
+        bp.n_steady = L.n_steady;
+        bp.slot_tokens = 32;
+        bp.slots_per_head = (C + 19) / 20;
+        bp.policy = pol;
+        bp.kv_on_device = b == 0;
+        bp.miss = b == 2   ? KVS_WBUF_MISS_COPY
+                  : b == 3 ? KVS_WBUF_MISS_COPY_EACH
+                           : KVS_WBUF_MISS_INPLACE;
+        bp.wave = (kvs_cuda_wave_params_t){0.018f, 0.232f, 0};
+        KV(kvs_wbuf_new(&bp, &wb[b]));
+        for (uint32_t h = 0; h < H; h++) {
+            KV(kvs_wbuf_put_clusters(
+                wb[b], h, 0, C, L.cent + (size_t)h * C * D,
+                L.vmean + (size_t)h * C * D, L.counts + (size_t)h * C,
+                L.flags + (size_t)h * C, L.offs + (size_t)h * (C + 1), s));
+            KV(kvs_wbuf_put_tokens(wb[b], h, 0, ntok, L.pos + (size_t)h * L.N,
+                                   L.keys + (size_t)h * L.N * D,
+                                   L.vals + (size_t)h * L.N * D, s));
+            KV(kvs_wbuf_put_steady(wb[b], h, 0, L.n_steady,
+                                   L.sk + (size_t)h * ns * D,
+                                   L.sv + (size_t)h * ns * D, s));
+        }
+        KV(kvs_wbuf_set_extent(wb[b], L.nc, L.lo, L.hi, L.n_steady, s));
+        CU(cudaMalloc((void **)&dout[b], qn * 4));
+        hout[b] = malloc(qn * 4);
+    }
+    CU(cudaStreamSynchronize(s));
+    enum { NQ = 6 };
+    float *pool = malloc(NQ * qn * 4), *hq = malloc(qn * 4), *dq;
+    for (size_t i = 0; i < NQ * qn; i++)
+        pool[i] = (float)(0.7 * nrand());
+    CU(cudaMalloc((void **)&dq, qn * 4));
+    double *ref = malloc(qn * 8);
+    double dev_err = 0, copy_err = 0;
+    uint32_t same[NB] = {0};
+    for (uint32_t t = 0; t < steps; t++) {
+        if (rnd() % 10 < 7) {
+            memcpy(hq, pool + (size_t)(rnd() % NQ) * qn, qn * 4);
+        } else {
+            for (size_t i = 0; i < qn; i++)
+                hq[i] = (float)(0.7 * nrand());
+        }
+        CU(cudaMemcpy(dq, hq, qn * 4, cudaMemcpyHostToDevice));
+        for (int b = 0; b < NB; b++) {
+            CU(cudaMemsetAsync(dout[b], 0xff, qn * 4, s)); /* NaN */
+            KV(kvs_wbuf_step(wb[b], dq, dout[b], s));
+        }
+        CU(cudaStreamSynchronize(s));
+        for (int b = 0; b < NB; b++)
+            hcopy(hout[b], dout[b], qn * 4);
+        for (size_t i = 0; i < qn; i++)
+            ref[i] = hout[1][i];
+        const double e0 = rel_l2(hout[0], ref, qn);
+        dev_err = e0 > dev_err ? e0 : dev_err;
+        for (int b = 2; b < NB; b++) {
+            const double e = rel_l2(hout[b], ref, qn);
+            copy_err = e > copy_err ? e : copy_err;
+            same[b] += memcmp(hout[b], hout[1], qn * 4) == 0;
+        }
+    }
+    kvs_wbuf_stats_t S[NB];
+    for (int b = 0; b < NB; b++)
+        kvs_wbuf_stats(wb[b], &S[b]);
+    printf("  in-place: hit rate %.3f, %llu inserted, %llu evicted, %.3f "
+           "uncacheable; device K/V vs in-place max rel L2 %.2e (tol "
+           "1e-5)\n",
+           S[1].lookups ? (double)S[1].hits / S[1].lookups : 0,
+           (unsigned long long)S[1].inserted,
+           (unsigned long long)S[1].evicted,
+           S[1].lookups ? (double)S[1].uncacheable / S[1].lookups : 0,
+           dev_err);
+    CHECK(dev_err <= 1e-5, "wbuf device vs in-place rel L2 %g", dev_err);
+    CHECK(S[1].hits > 0 && S[1].evicted > 0 && S[1].uncacheable > 0,
+          "wbuf: the trace must hit, evict and meet uncacheable clusters");
+    for (int b = 2; b < NB; b++) {
+        printf("  %s: %u of %u steps bit-identical to in-place (max rel L2 "
+               "%.2e), %.1f copies per step (%llu batched calls), %.1f KB copied "
+               "per step\n",
+               name[b], same[b], steps, copy_err,
+               (double)S[b].copies / steps, (unsigned long long)S[b].batches,
+               S[b].bytes_copied / 1e3 / steps);
+        /* bit for bit only where select left the lists in the same
+         * order: its compaction order varies run to run */
+        CHECK(copy_err <= 1e-6, "wbuf %s: rel L2 %g vs in-place", name[b],
+              copy_err);
+        const int eq = S[b].lookups == S[1].lookups &&
+                       S[b].hits == S[1].hits &&
+                       S[b].misses == S[1].misses &&
+                       S[b].uncacheable == S[1].uncacheable &&
+                       S[b].inserted == S[1].inserted &&
+                       S[b].evicted == S[1].evicted &&
+                       S[b].bytes_hit == S[1].bytes_hit &&
+                       S[b].bytes_miss == S[1].bytes_miss &&
+                       S[b].bytes_fill == S[1].bytes_fill;
+        CHECK(eq, "wbuf %s: cache counters differ from in-place", name[b]);
+        CHECK(S[b].copies > 0 && S[b].bytes_copied > 0 &&
+                  S[b].bytes_copied < S[b].bytes_miss,
+              "wbuf %s: copies %llu, bytes %llu of %llu missed", name[b],
+              (unsigned long long)S[b].copies,
+              (unsigned long long)S[b].bytes_copied,
+              (unsigned long long)S[b].bytes_miss);
+    }
+    CHECK(S[2].batches > 0 && S[3].batches == 0,
+          "wbuf: batched copies %llu / %llu", (unsigned long long)S[2].batches,
+          (unsigned long long)S[3].batches);
+    CHECK(S[1].copies == 0 && S[1].bytes_copied == 0,
+          "wbuf in-place mode queued copies");
+    CHECK(kvs_wbuf_set_miss(wb[1], (kvs_wbuf_miss_t)7) == KVS_EINVAL,
+          "set_miss accepts an unknown mode");
+    for (int b = 0; b < NB; b++) {
+        kvs_wbuf_free(wb[b]);
+        cudaFree(dout[b]);
+        free(hout[b]);
+    }
+    cudaFree(dq);
+    cudaStreamDestroy(s);
+    free(pool);
+    free(hq);
+    free(ref);
+    hlayer_free(&L);
+}
+
 /* ---------------- full attention -------------------------------------- */
 
 static void test_full(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t n,
@@ -1039,8 +1218,10 @@ static void test_kmeans(kvs_dtype_t dt) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress survives a timeout */
-    /* "wave": only the wave tests (select, zones, merge, cache path) */
+    /* "wave": only the wave tests (select, zones, merge, cache path);
+     * "wbuf": only the wave buffer's */
     const int only_wave = argc > 1 && !strcmp(argv[1], "wave");
+    const int only_wbuf = argc > 1 && !strcmp(argv[1], "wbuf");
     if (kvs_cuda_device_count() == 0) {
         printf("SKIP: no CUDA device\n");
         return 77;
@@ -1055,6 +1236,13 @@ int main(int argc, char **argv) {
     printf("device: %s\n", prop.name);
 
     const uint32_t nc3[3] = {700, 650, 513};
+    /* 16 rows per cluster on average, as built; 5% cached */
+    const uint32_t ncb[8] = {2048, 2048, 2048, 2000, 2048, 1900, 2048, 2048};
+    test_wbuf(KVS_DTYPE_BF16, 3, 4, 700, nc3, 12000, KVS_WBUF_LRU, 60);
+    test_wbuf(KVS_DTYPE_BF16, 8, 2, 2048, ncb, 32768, KVS_WBUF_LRU, 120);
+    test_wbuf(KVS_DTYPE_F16, 8, 2, 2048, ncb, 32768, KVS_WBUF_CLOCK, 60);
+    if (only_wbuf)
+        goto done;
     test_wave(KVS_DTYPE_BF16, 3, 4, 700, nc3, 12000, 1);
     test_wave(KVS_DTYPE_F16, 3, 2, 700, nc3, 12000, 0);
     const uint32_t nc1[1] = {45000};
@@ -1073,6 +1261,7 @@ int main(int argc, char **argv) {
         test_kmeans(KVS_DTYPE_BF16);
         test_kmeans(KVS_DTYPE_F16);
     }
+done:
     if (failures) {
         printf("FAILED: %d checks\n", failures);
         return 1;
