@@ -46,6 +46,8 @@ struct kvs_wbuf_s {
     /* pinned host memory */
     void *h_keys, *h_values;
     uint32_t *h_ret, *h_nret;
+    uint32_t *h_nc;  /* pinned [H]: n_clusters last sent (set_extent) */
+    int nc_sent;     /* h_nc holds what the device has */
     kvs__fill_t *h_fill;
     kvs__upd_t *h_upd;
     /* copy miss mode: temporary block-table entries (pinned, device),
@@ -161,6 +163,7 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     }
     HALLOC(wb->h_ret, H * R * 4);
     HALLOC(wb->h_nret, H * 4);
+    HALLOC(wb->h_nc, H * 4);
     HALLOC(wb->h_fill, H * R * sizeof(kvs__fill_t));
     HALLOC(wb->h_upd, 2 * H * R * sizeof(kvs__upd_t));
     if (!p->kv_on_device)
@@ -252,6 +255,7 @@ void kvs_wbuf_free(kvs_wbuf_t *wb) {
     cudaFreeHost(wb->h_values);
     cudaFreeHost(wb->h_ret);
     cudaFreeHost(wb->h_nret);
+    cudaFreeHost(wb->h_nc);
     cudaFreeHost(wb->h_fill);
     cudaFreeHost(wb->h_upd);
     cudaFreeHost(wb->h_tmp);
@@ -428,7 +432,21 @@ int kvs_wbuf_set_extent(kvs_wbuf_t *wb, const uint32_t *n_clusters,
     wb->layer.steady_lo = steady_lo;
     wb->layer.steady_hi = steady_hi;
     wb->layer.steady_rows = steady_rows;
-    return cu(cudaMemcpyAsync(wb->d_nc, n_clusters, (size_t)wb->H * 4,
+    uint32_t most = 0;
+    for (uint32_t h = 0; h < wb->H; h++)
+        most = n_clusters[h] > most ? n_clusters[h] : most;
+    /* the kernels launch for the clusters in use, not the capacity */
+    wb->layer.clusters_hint = most ? most : 1;
+    if (wb->nc_sent && !memcmp(wb->h_nc, n_clusters, (size_t)wb->H * 4))
+        return 0; /* a decode step: only the tail moved */
+    /* pinned source (no staging copy); a copy of the last change may
+     * still be queued: let it finish before h_nc changes */
+    int rc;
+    if (wb->nc_sent && (rc = cu(cudaStreamSynchronize(stream))) != 0)
+        return rc;
+    memcpy(wb->h_nc, n_clusters, (size_t)wb->H * 4);
+    wb->nc_sent = 1;
+    return cu(cudaMemcpyAsync(wb->d_nc, wb->h_nc, (size_t)wb->H * 4,
                               cudaMemcpyHostToDevice, stream));
 }
 

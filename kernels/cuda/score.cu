@@ -38,14 +38,16 @@ constexpr size_t SELB_SMEM_MAX = 160 * 1024; /* its keys in smem up to this */
 constexpr size_t SEL_SMEM_MAX = 48 * 1024; /* a block's keys in smem up to
                                               this, else in global memory */
 
-/* Score blocks resident per SM (a register cap), for the many-head
- * (batch) case where the grid is several waves; build variants measure it */
-#ifndef KVS_SCORE_MIN_BLOCKS
-#define KVS_SCORE_MIN_BLOCKS 1
+/* Score blocks resident per SM when the grid is several waves (many
+ * heads): a cap of 96 registers (5 blocks/SM instead of 4, 16 bytes of
+ * spill) measured 2-3% faster at 128K batch 8 and 2% slower at batch 1,
+ * where the grid is one wave (bench/RESULTS_gpu.md). */
+#ifndef KVS_SCORE_MIN_BLOCKS_MANY
+#define KVS_SCORE_MIN_BLOCKS_MANY 5
 #endif
 
-template <typename T, int G>
-__global__ void __launch_bounds__(SCORE_TILE, KVS_SCORE_MIN_BLOCKS)
+template <typename T, int G, int MB>
+__global__ void __launch_bounds__(SCORE_TILE, MB)
     score_kernel(const kvs_cuda_layer_t L, const float *q, float qs,
                  float *logits, float *tile_ms, uint32_t tiles) {
     constexpr int HW = SCORE_TILE / LPR; /* 8 half-warps */
@@ -617,8 +619,13 @@ int launch_score(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                  const float *q, cudaStream_t stream) {
     const uint32_t tiles = kvs__cuda_tiles(w, L);
     dim3 grid(tiles, L->n_heads);
-    score_kernel<T, G><<<grid, SCORE_TILE, 0, stream>>>(
-        *L, q, w->scale * LOG2E, w->logits, w->tile_ms, tiles);
+    if (w->score_many)
+        score_kernel<T, G, KVS_SCORE_MIN_BLOCKS_MANY>
+            <<<grid, SCORE_TILE, 0, stream>>>(*L, q, w->scale * LOG2E,
+                                              w->logits, w->tile_ms, tiles);
+    else
+        score_kernel<T, G, 1><<<grid, SCORE_TILE, 0, stream>>>(
+            *L, q, w->scale * LOG2E, w->logits, w->tile_ms, tiles);
     KVS_CUDA_LAUNCHED();
     return 0;
 }

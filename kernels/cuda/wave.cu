@@ -140,6 +140,12 @@ extern "C" int kvs_cuda_wave_new(const kvs_cuda_layer_t *g,
                                  : kvs__cuda_select_threads(g->n_heads, smem);
         if (w->sel_threads != 256 && w->sel_threads != 512)
             w->sel_threads = 512;
+        /* 4 score blocks of 106 registers fit an SM: more than that per
+         * SM is more than one wave */
+        int dev = 0, sms = 132;
+        if (cudaGetDevice(&dev) == cudaSuccess)
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        w->score_many = (uint64_t)w->tiles * g->n_heads > 4ull * sms;
     }
     *out = w;
     return 0;

@@ -34,6 +34,8 @@ struct kvs_cuda_wave_s {
     uint32_t *keys; /* [H][C] select keys when they do not fit in smem */
     uint32_t *ghist; /* cluster select's histograms (zero between steps) */
     int select_block; /* 1: select_block_kernel (KVS_CUDA_SELECT=block) */
+    int score_many;   /* 1: score blocks capped for 5 per SM (the grid is
+                         more than one wave at 4 per SM) */
     int sel_threads;  /* select_kernel block size: 512 or 256 (by grid
                          size; KVS_CUDA_SEL_THREADS overrides) */
     uint32_t *ret, *n_ret, *est, *n_est;
