@@ -29,8 +29,8 @@
  *                         [--json FILE]
  * Writes the BENCH.md result format (bench "engine_gpu").
  */
-#include "kernels/kvs_kernels.h"
 #include "kvstore.h"
+#include "tests/gpu/kv_synth.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -42,19 +42,7 @@
 #define D 128
 #define QH 32
 #define KVH 8
-#define NCEN 256
-
-static uint64_t rng = 0x2545f4914f6cdd1dull;
-static double urand(void) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (double)(rng >> 11) / 9007199254740992.0;
-}
-static float nrand(void) {
-    double u = urand(), v = urand();
-    return (float)(sqrt(-2 * log(u + 1e-300)) * cos(6.283185307179586 * v));
-}
+#define NCEN 256 /* key centres per KV head */
 
 static double now_s(void) {
     struct timespec ts;
@@ -72,50 +60,10 @@ static double now_s(void) {
         }                                                                      \
     } while (0)
 
-static float *centres, *offsets;
+static kv_synth_t gen;
 
-static void gen_rows(uint32_t n, uint16_t *k, uint16_t *v) {
-    for (uint32_t t = 0; t < n; t++)
-        for (uint32_t h = 0; h < KVH; h++) {
-            const uint32_t c = (uint32_t)(urand() * NCEN) % NCEN;
-            const float *cen = centres + ((size_t)h * NCEN + c) * D;
-            uint16_t *kr = k + ((size_t)t * KVH + h) * D;
-            uint16_t *vr = v + ((size_t)t * KVH + h) * D;
-            for (uint32_t i = 0; i < D; i++) {
-                kr[i] = kvs_f32_to_bf16(offsets[h * D + i] + cen[i] +
-                                        0.5f * nrand());
-                vr[i] = kvs_f32_to_bf16(nrand());
-            }
-        }
-}
-
-static void gen_queries(float *q) {
-    const uint32_t group = QH / KVH;
-    for (uint32_t i = 0; i < QH; i++) {
-        const uint32_t h = i / group;
-        const uint32_t c = (uint32_t)(urand() * NCEN) % NCEN;
-        const float *cen = centres + ((size_t)h * NCEN + c) * D;
-        for (uint32_t k = 0; k < D; k++)
-            q[(size_t)i * D + k] = 0.35f * cen[k] + 0.3f * nrand();
-    }
-}
-
-static double rel_l2(const float *a, const float *b, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 static double pct(double *x, size_t n, double p) {
-    qsort(x, n, sizeof *x, cmp_d);
+    qsort(x, n, sizeof *x, kv_synth_cmp_double);
     return x[(size_t)(p * (n - 1) + 0.5)];
 }
 
@@ -152,12 +100,10 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    centres = malloc((size_t)KVH * NCEN * D * sizeof(float));
-    offsets = malloc((size_t)KVH * D * sizeof(float));
-    for (size_t i = 0; i < (size_t)KVH * NCEN * D; i++)
-        centres[i] = 1.5f * nrand();
-    for (size_t i = 0; i < (size_t)KVH * D; i++)
-        offsets[i] = 2.0f * nrand();
+    if (kv_synth_init(&gen, KVH, NCEN, 0x2545f4914f6cdd1dull)) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
 
     kvs_options_t o;
     kvs_options_default(&o);
@@ -198,7 +144,7 @@ int main(int argc, char **argv) {
         const size_t row = (size_t)KVH * D;
         uint16_t *k = malloc((size_t)ctx * row * 2),
                  *v = malloc((size_t)ctx * row * 2);
-        gen_rows(ctx, k, v);
+        kv_synth_rows(&gen, KVS_DTYPE_BF16, ctx, k, v);
         double build_s[3];
         for (int si = 0; si < 3; si++) {
             OK(kvs_seq_create(stores[si], id, &geo));
@@ -224,21 +170,21 @@ int main(int argc, char **argv) {
         exact = wave;
         exact.mode = KVS_MODE_EXACT;
 
-        gen_queries(q);
+        kv_synth_queries(&gen, QH, q);
         const double first = timed_attend(gpu, id, q, &wave, og);
         const double first_h = timed_attend(gph, id, q, &wave, oh);
         kvs_store_stats_t st0, st1, sd;
         OK(kvs_store_stats(gph, &st0));
         for (uint32_t r = 0; r < reps; r++) {
-            gen_queries(q);
+            kv_synth_queries(&gen, QH, q);
             th[r] = timed_attend(gph, id, q, &wave, oh);
             tc[r] = timed_attend(cpu, id, q, &wave, oc);
             tf[r] = timed_attend(cpu, id, q, &full, ox);
             tg[r] = timed_attend(gpu, id, q, &wave, og);
             OK(kvs_seq_attend(cpu, id, 0, q, &exact, ox, NULL));
-            ec[r] = rel_l2(oc, ox, qn);
-            eg[r] = rel_l2(og, ox, qn);
-            ew[r] = rel_l2(oh, oc, qn);
+            ec[r] = kv_synth_rel_l2(oc, ox, qn);
+            eg[r] = kv_synth_rel_l2(og, ox, qn);
+            ew[r] = kv_synth_rel_l2(oh, oc, qn);
         }
         const double g_ms = pct(tg, reps, 0.5) * 1e3;
         const double h_ms = pct(th, reps, 0.5) * 1e3;
@@ -251,14 +197,14 @@ int main(int argc, char **argv) {
         /* decode: append one token to every store, attend */
         uint16_t k1[KVH * D], v1[KVH * D];
         for (uint32_t s = 0; s < steps; s++) {
-            gen_rows(1, k1, v1);
+            kv_synth_rows(&gen, KVS_DTYPE_BF16, 1, k1, v1);
             for (int si = 0; si < 3; si++)
                 OK(kvs_seq_append(stores[si], id, 0, 1, k1, v1));
-            gen_queries(q);
+            kv_synth_queries(&gen, QH, q);
             tg[s] = timed_attend(gpu, id, q, &wave, og);
             th[s] = timed_attend(gph, id, q, &wave, oh);
             tc[s] = timed_attend(cpu, id, q, &wave, oc);
-            ew[s] = rel_l2(oh, oc, qn);
+            ew[s] = kv_synth_rel_l2(oh, oc, qn);
         }
         const double dg = pct(tg, steps, 0.5) * 1e3,
                      dg90 = pct(tg, steps, 0.9) * 1e3;

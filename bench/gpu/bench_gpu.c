@@ -65,6 +65,28 @@
 
 /* Query heads per KV head: 4 (Llama-3-8B) for the synthetic parts, the
  * trace's GQA group (2 for tinycode128) with --trace. */
+
+/* Opens a BENCH.md result file and writes its common head (bench, command,
+ * machine, date, quick). NULL (and a message) when it cannot be opened. */
+static FILE *json_begin(const char *path, const char *bench,
+                        const char *command, int quick, const char *device) {
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        perror(path);
+        return NULL;
+    }
+    char date[32];
+    time_t now = time(NULL);
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    fprintf(f, "{\n  \"bench\": \"%s\",\n  \"command\": \"%s%s\",\n",
+            bench, command, quick ? " --quick" : "");
+    fprintf(f, "  \"machine\": \"%ld-core x86-64 | %s\",\n",
+            sysconf(_SC_NPROCESSORS_ONLN), device);
+    fprintf(f, "  \"date\": \"%s\",\n  \"quick\": %s,\n", date,
+            quick ? "true" : "false");
+    return f;
+}
+
 static uint32_t n_group = 4;
 
 #define CU(call)                                                               \
@@ -1058,21 +1080,10 @@ static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
     CU(cudaFree(dv));
     if (!json)
         return 0;
-    FILE *f = fopen(json, "w");
-    if (!f) {
-        perror(json);
+    FILE *f = json_begin(json, "gpu_trace", "bench/gpu/run_trace.sh", quick,
+                         device);
+    if (!f)
         return 1;
-    }
-    char date[32];
-    time_t now = time(NULL);
-    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    fprintf(f, "{\n  \"bench\": \"gpu_trace\",\n  \"command\": "
-               "\"bench/gpu/run_trace.sh%s\",\n",
-            quick ? " --quick" : "");
-    fprintf(f, "  \"machine\": \"%ld-core x86-64 | %s\",\n",
-            sysconf(_SC_NPROCESSORS_ONLN), device);
-    fprintf(f, "  \"date\": \"%s\",\n  \"quick\": %s,\n", date,
-            quick ? "true" : "false");
     fprintf(f, "  \"data\": \"tinycode128 real decode trace (bench/gpu/"
                "trace.py): %u (layer, KV head) pairs, GQA %u, %u tokens\",\n",
             H, n_group, N);
@@ -1219,21 +1230,10 @@ int main(int argc, char **argv) {
                         quick ? 10 : 50);
 
     if (json) {
-        FILE *f = fopen(json, "w");
-        if (!f) {
-            perror(json);
+        FILE *f = json_begin(json, "gpu", "bench/run.sh gpu", quick,
+                             prop.name);
+        if (!f)
             return 1;
-        }
-        char date[32];
-        time_t now = time(NULL);
-        strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-        fprintf(f, "{\n  \"bench\": \"gpu\",\n  \"command\": \"bench/run.sh "
-                   "gpu%s\",\n",
-                quick ? " --quick" : "");
-        fprintf(f, "  \"machine\": \"%ld-core x86-64 | %s\",\n",
-                sysconf(_SC_NPROCESSORS_ONLN), prop.name);
-        fprintf(f, "  \"date\": \"%s\",\n  \"quick\": %s,\n", date,
-                quick ? "true" : "false");
         fprintf(f, "  \"data\": \"synthetic clustered keys, focus-token "
                    "queries (bench/gpu/synth.cuh)\",\n");
         fprintf(f, "  \"copy_gb_s\": %.1f,\n  \"h2d_pinned_gb_s\": %.1f,\n",

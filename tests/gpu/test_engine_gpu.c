@@ -22,7 +22,7 @@
  * A plain program (the GPU machine has no cmocka); exits 77 = skipped when
  * the store reports no usable GPU (no CUDA in the build, no device).
  */
-#include "kernels/kvs_kernels.h"
+#include "kv_synth.h"
 #include "kvstore.h"
 
 #include <math.h>
@@ -52,96 +52,6 @@ static int failures;
         }                                                                      \
     } while (0)
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static double urand(void) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (double)(rng >> 11) / 9007199254740992.0;
-}
-static float nrand(void) {
-    double u = urand(), v = urand();
-    return (float)(sqrt(-2 * log(u + 1e-300)) * cos(6.283185307179586 * v));
-}
-
-/* n floats to dtype rows at dst */
-static void put_row(kvs_dtype_t dt, void *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        if (dt == KVS_DTYPE_F32)
-            ((float *)dst)[i] = src[i];
-        else if (dt == KVS_DTYPE_F16)
-            ((uint16_t *)dst)[i] = kvs_f32_to_f16(src[i]);
-        else
-            ((uint16_t *)dst)[i] = kvs_f32_to_bf16(src[i]);
-    }
-}
-
-/*
- * Keys around 64 centres per head (+ a per-head offset, as real keys have),
- * values random; written as dtype rows [n][kvh][D].
- */
-typedef struct gen_s {
-    uint32_t kvh;
-    float *centres; /* [kvh][64][D] */
-    float *offset;  /* [kvh][D] */
-} gen_t;
-
-static void gen_init(gen_t *g, uint32_t kvh) {
-    g->kvh = kvh;
-    g->centres = malloc((size_t)kvh * 64 * D * sizeof(float));
-    g->offset = malloc((size_t)kvh * D * sizeof(float));
-    for (size_t i = 0; i < (size_t)kvh * 64 * D; i++)
-        g->centres[i] = 1.5f * nrand();
-    for (size_t i = 0; i < (size_t)kvh * D; i++)
-        g->offset[i] = 2.0f * nrand();
-}
-
-static void gen_rows(const gen_t *g, kvs_dtype_t dt, uint32_t n, void *keys,
-                     void *values) {
-    const size_t es = kvs_dtype_size(dt);
-    float row[D];
-    for (uint32_t t = 0; t < n; t++)
-        for (uint32_t h = 0; h < g->kvh; h++) {
-            const uint32_t c = (uint32_t)(urand() * 64) % 64;
-            const float *cen = g->centres + ((size_t)h * 64 + c) * D;
-            for (uint32_t k = 0; k < D; k++)
-                row[k] = g->offset[h * D + k] + cen[k] + 0.5f * nrand();
-            const size_t at = ((size_t)t * g->kvh + h) * D * es;
-            put_row(dt, (char *)keys + at, row, D);
-            for (uint32_t k = 0; k < D; k++)
-                row[k] = nrand();
-            put_row(dt, (char *)values + at, row, D);
-        }
-}
-
-/* Queries aimed at a centre (decoder queries are not keys: scaled, with
- * their own noise). */
-static void gen_queries(const gen_t *g, uint32_t qh, float *q) {
-    const uint32_t group = qh / g->kvh;
-    for (uint32_t i = 0; i < qh; i++) {
-        const uint32_t h = i / group;
-        const uint32_t c = (uint32_t)(urand() * 64) % 64;
-        const float *cen = g->centres + ((size_t)h * 64 + c) * D;
-        for (uint32_t k = 0; k < D; k++)
-            q[(size_t)i * D + k] = 0.35f * cen[k] + 0.3f * nrand();
-    }
-}
-
-static double rel_l2(const float *a, const float *b, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 typedef struct run_s {
     double *err;
     size_t n, cap;
@@ -167,8 +77,9 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
                           .n_kv_heads = kvh, .head_dim = D, .dtype = dt};
     OK(kvs_seq_create(cpu, id, &geo));
     OK(kvs_seq_create(gpu, id, &geo));
-    gen_t g;
-    gen_init(&g, kvh);
+    kv_synth_t g;
+    const uint64_t seed = 0x9e3779b97f4a7c15ull ^ (id * 0x100000001b3ull);
+    OK(kv_synth_init(&g, kvh, 64, seed) ? KVS_ENOMEM : 0);
     const size_t es = kvs_dtype_size(dt);
     const size_t big = (size_t)prefill * kvh * D * es;
     void *k = malloc(big), *v = malloc(big);
@@ -176,7 +87,7 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
     float *oc = malloc((size_t)qh * D * sizeof(float));
     float *og = malloc((size_t)qh * D * sizeof(float));
     for (uint32_t l = 0; l < layers; l++) {
-        gen_rows(&g, dt, prefill, k, v);
+        kv_synth_rows(&g, dt, prefill, k, v);
         OK(kvs_seq_append(cpu, id, l, prefill, k, v));
         OK(kvs_seq_append(gpu, id, l, prefill, k, v));
     }
@@ -185,7 +96,7 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
     for (uint32_t s = 0; s <= steps; s++) {
         if (s > 0)
             for (uint32_t l = 0; l < layers; l++) {
-                gen_rows(&g, dt, 1, k, v);
+                kv_synth_rows(&g, dt, 1, k, v);
                 OK(kvs_seq_append(cpu, id, l, 1, k, v));
                 OK(kvs_seq_append(gpu, id, l, 1, k, v));
             }
@@ -194,11 +105,11 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
         OK(kvs_seq_wait_indexed(cpu, id));
         OK(kvs_seq_wait_indexed(gpu, id));
         for (uint32_t l = 0; l < layers; l++) {
-            gen_queries(&g, qh, q);
+            kv_synth_queries(&g, qh, q);
             kvs_attend_stats_t sc, sg;
             OK(kvs_seq_attend(cpu, id, l, q, &qp, oc, &sc));
             OK(kvs_seq_attend(gpu, id, l, q, &qp, og, &sg));
-            const double e = rel_l2(og, oc, (size_t)qh * D);
+            const double e = kv_synth_rel_l2(og, oc, (size_t)qh * D);
             push_err(errs, e);
             CHECK(sc.clusters_total == sg.clusters_total &&
                       sc.clusters_retrieved == sg.clusters_retrieved &&
@@ -222,8 +133,7 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
     free(q);
     free(oc);
     free(og);
-    free(g.centres);
-    free(g.offset);
+    kv_synth_free(&g);
 }
 
 static void open_pair(kvs_store_t **cpu, kvs_store_t **gpu, uint32_t seg,
@@ -259,10 +169,10 @@ static void gpu_build_check(void) {
     kvs_geometry_t geo = {1, qh, kvh, D, KVS_DTYPE_BF16};
     OK(kvs_seq_create(cpu, 1, &geo));
     OK(kvs_seq_create(gpu, 1, &geo));
-    gen_t g;
-    gen_init(&g, kvh);
+    kv_synth_t g;
+    OK(kv_synth_init(&g, kvh, 64, 4242) ? KVS_ENOMEM : 0);
     void *k = malloc((size_t)n * kvh * D * 2), *v = malloc((size_t)n * kvh * D * 2);
-    gen_rows(&g, KVS_DTYPE_BF16, n, k, v);
+    kv_synth_rows(&g, KVS_DTYPE_BF16, n, k, v);
     OK(kvs_seq_append(cpu, 1, 0, n, k, v));
     OK(kvs_seq_append(gpu, 1, 0, n, k, v));
     OK(kvs_seq_wait_indexed(cpu, 1));
@@ -291,15 +201,15 @@ static void gpu_build_check(void) {
     exact = wave;
     exact.mode = KVS_MODE_EXACT;
     for (int i = 0; i < CALLS; i++) {
-        gen_queries(&g, qh, q);
+        kv_synth_queries(&g, qh, q);
         OK(kvs_seq_attend(cpu, 1, 0, q, &exact, ex, NULL));
         OK(kvs_seq_attend(cpu, 1, 0, q, &wave, oc, NULL));
         OK(kvs_seq_attend(gpu, 1, 0, q, &wave, og, NULL));
-        ec[i] = rel_l2(oc, ex, (size_t)qh * D);
-        eg[i] = rel_l2(og, ex, (size_t)qh * D);
+        ec[i] = kv_synth_rel_l2(oc, ex, (size_t)qh * D);
+        eg[i] = kv_synth_rel_l2(og, ex, (size_t)qh * D);
     }
-    qsort(ec, CALLS, sizeof(double), cmp_double);
-    qsort(eg, CALLS, sizeof(double), cmp_double);
+    qsort(ec, CALLS, sizeof(double), kv_synth_cmp_double);
+    qsort(eg, CALLS, sizeof(double), kv_synth_cmp_double);
     printf("GPU-built index: %llu segments clustered on the GPU; wave vs exact "
            "rel L2 median %.4f (CPU-built %.4f), max %.4f (%.4f)\n",
            (unsigned long long)st.gpu_builds, eg[CALLS / 2], ec[CALLS / 2],
@@ -313,8 +223,7 @@ static void gpu_build_check(void) {
     free(ex);
     free(oc);
     free(og);
-    free(g.centres);
-    free(g.offset);
+    kv_synth_free(&g);
     kvs_store_close(cpu);
     kvs_store_close(gpu);
 }
@@ -350,7 +259,7 @@ static int run_all(int32_t cuda_kv) {
     decode_compare(cpu, gpu, 5, KVS_DTYPE_BF16, 8, 2, 1, quick ? 3000 : 20000,
                    quick ? 100 : 2100, 100, &errs);
 
-    qsort(errs.err, errs.n, sizeof(double), cmp_double);
+    qsort(errs.err, errs.n, sizeof(double), kv_synth_cmp_double);
     size_t over = 0;
     for (size_t i = 0; i < errs.n; i++)
         over += errs.err[i] > 1e-4;
@@ -400,9 +309,9 @@ static int run_all(int32_t cuda_kv) {
         float q[8 * D], oc[8 * D], og[8 * D];
         kvs_query_params_t qp;
         kvs_query_params_default(&qp);
-        gen_t g;
-        gen_init(&g, 2);
-        gen_queries(&g, qh, q);
+        kv_synth_t g;
+        OK(kv_synth_init(&g, 2, 64, 77) ? KVS_ENOMEM : 0);
+        kv_synth_queries(&g, qh, q);
         const uint64_t fb0 = st.gpu_fallbacks;
         qp.mode = KVS_MODE_EXACT;
         OK(kvs_seq_attend(cpu, 5, 0, q, &qp, oc, NULL));
@@ -418,7 +327,7 @@ static int run_all(int32_t cuda_kv) {
         OK(kvs_seq_create(gpu, 9, &geo));
         const uint32_t n = 3000;
         float *k = malloc((size_t)n * 2 * D * 4), *v = malloc((size_t)n * 2 * D * 4);
-        gen_rows(&g, KVS_DTYPE_F32, n, k, v);
+        kv_synth_rows(&g, KVS_DTYPE_F32, n, k, v);
         OK(kvs_seq_append(cpu, 9, 0, n, k, v));
         OK(kvs_seq_append(gpu, 9, 0, n, k, v));
         OK(kvs_seq_wait_indexed(cpu, 9));
@@ -434,8 +343,7 @@ static int run_all(int32_t cuda_kv) {
               (unsigned long long)fb0 + 2);
         free(k);
         free(v);
-        free(g.centres);
-        free(g.offset);
+        kv_synth_free(&g);
     }
 
     /* Drop and recreate id 2 with other data: the new sequence must not
@@ -460,7 +368,6 @@ static int run_all(int32_t cuda_kv) {
 int main(void) {
     if (run_all(KVS_CUDA_KV_HOST) == 77)
         return 77;
-    rng = 0x9e3779b97f4a7c15ull;
     run_all(KVS_CUDA_KV_AUTO);
     gpu_build_check();
     if (failures) {
