@@ -75,6 +75,9 @@ typedef struct seq_s {
     size_t row_bytes; /* head_dim * dtype size */
     atomic_int refs;
     atomic_int dropped;
+    /* A drop is deleting the stored sequence: lookups see none (set and
+     * cleared under map_mu, see drop_seq) */
+    atomic_int unlinking;
     atomic_uint_fast64_t builds_pending;
     char *damage;            /* non-NULL: quarantined, and why */
     atomic_uint ttl_s;       /* 0: never expires */
@@ -104,6 +107,13 @@ struct kvs_store_s {
     pthread_mutex_t scratch_mu;
     struct scratch_node_s *scratches;
 
+    /* Lock order: meta_mu, then append_mu (layer order), then map_mu.
+     * meta_mu serialises the sequence-table changes that write storage
+     * (create, fork, drop, set_ttl, expiry) and is held across their
+     * writes, so that those of one id stay in order; map_mu guards the
+     * table itself and is never held across I/O, so lookups (every call)
+     * never wait for an fsync. */
+    pthread_mutex_t meta_mu;
     pthread_mutex_t map_mu;
     seq_t **buckets;
     size_t n_buckets, n_seqs;
@@ -287,7 +297,7 @@ static size_t bucket_of(const kvs_store_t *s, uint64_t id) {
 static seq_t *seq_get(kvs_store_t *s, uint64_t id) {
     pthread_mutex_lock(&s->map_mu);
     seq_t *q = s->buckets[bucket_of(s, id)];
-    while (q && q->id != id)
+    while (q && (q->id != id || atomic_load(&q->unlinking)))
         q = q->next;
     if (q)
         atomic_fetch_add(&q->refs, 1);
@@ -409,47 +419,60 @@ int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
     seq_t *q;
     if ((rc = seq_new(s, id, geo, &q)))
         return rc;
-    /* The map lock is held across the storage write so that a racing
-     * create or drop of the same id cannot reorder with it. */
+    /* meta_mu across the storage write: a racing create or drop of the
+     * same id cannot reorder with it; lookups go on meanwhile. */
+    pthread_mutex_lock(&s->meta_mu);
     pthread_mutex_lock(&s->map_mu);
-    if (map_find(s, id)) {
-        pthread_mutex_unlock(&s->map_mu);
-        seq_free(q);
-        return fail(s, KVS_EEXIST, "sequence %llu already exists",
-                    (unsigned long long)id);
-    }
-    if (s->db) {
-        char err[256];
-        if ((rc = kvs__db_create_seq(s->db, id, geo, 0, err, sizeof err))) {
-            pthread_mutex_unlock(&s->map_mu);
-            seq_free(q);
-            return fail(s, rc, "%s", err);
-        }
-    }
-    if ((rc = map_insert(s, q))) {
-        pthread_mutex_unlock(&s->map_mu);
-        seq_free(q);
-        return fail(s, rc, "sequence table");
-    }
+    int exists = map_find(s, id) != NULL;
     pthread_mutex_unlock(&s->map_mu);
-    return 0;
+    if (exists) {
+        rc = fail(s, KVS_EEXIST, "sequence %llu already exists",
+                  (unsigned long long)id);
+    } else if (s->db) {
+        char err[256];
+        if ((rc = kvs__db_create_seq(s->db, id, geo, 0, err, sizeof err)))
+            rc = fail(s, rc, "%s", err);
+    }
+    if (!rc) {
+        pthread_mutex_lock(&s->map_mu);
+        if ((rc = map_insert(s, q)))
+            rc = fail(s, rc, "sequence table");
+        pthread_mutex_unlock(&s->map_mu);
+    }
+    pthread_mutex_unlock(&s->meta_mu);
+    if (rc)
+        seq_free(q);
+    return rc;
 }
 
-/* Unlink and delete `q` (in the table). Caller holds map_mu; on success
- * the table's reference is the caller's to drop (after unlocking). Every
- * layer's append_mu is taken before the storage delete and `dropped` is set
- * under them, so no append or segment write can land under the id after
- * its records are gone. Lock order: map_mu, then append_mu in layer order;
- * nothing takes map_mu while holding an append_mu. */
-static int drop_locked(kvs_store_t *s, seq_t *q) {
+static int seq_expired(seq_t *q, uint64_t now);
+
+/*
+ * Delete `q` from storage and unlink it from the table. Caller holds
+ * meta_mu and a reference (not map_mu); on success the table's reference
+ * is the caller's to drop as well. Every layer's append_mu is taken before
+ * the storage delete and `dropped` is set under them, so no append or
+ * segment write can land under the id after its records are gone. While
+ * the delete is written, `unlinking` hides the sequence from lookups. With
+ * `if_expired`, a sequence used since it was judged expired is kept
+ * (KVS_EBUSY).
+ */
+static int drop_seq(kvs_store_t *s, seq_t *q, int if_expired) {
     for (uint32_t l = 0; l < q->geo.n_layers; l++)
         pthread_mutex_lock(&q->layers[l].append_mu);
     int rc = 0;
-    if (s->db) {
+    pthread_mutex_lock(&s->map_mu);
+    if (if_expired && !seq_expired(q, now_ms()))
+        rc = KVS_EBUSY;
+    else
+        atomic_store(&q->unlinking, 1);
+    pthread_mutex_unlock(&s->map_mu);
+    if (!rc && s->db) {
         char err[256];
         if ((rc = kvs__db_drop_seq(s->db, q->id, err, sizeof err)))
             fail(s, rc, "%s", err);
     }
+    pthread_mutex_lock(&s->map_mu);
     if (!rc) {
         atomic_store(&q->dropped, 1);
         seq_t **pp = &s->buckets[bucket_of(s, q->id)];
@@ -459,6 +482,8 @@ static int drop_locked(kvs_store_t *s, seq_t *q) {
         s->n_seqs--;
         atomic_fetch_sub(&s->resident_bytes, atomic_load(&q->bytes));
     }
+    atomic_store(&q->unlinking, 0);
+    pthread_mutex_unlock(&s->map_mu);
     for (uint32_t l = q->geo.n_layers; l-- > 0;)
         pthread_mutex_unlock(&q->layers[l].append_mu);
     return rc;
@@ -468,17 +493,20 @@ int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
     if (!s)
         return KVS_EINVAL;
     clear_err(s);
-    pthread_mutex_lock(&s->map_mu);
-    seq_t *q = map_find(s, id);
+    pthread_mutex_lock(&s->meta_mu);
+    seq_t *q = seq_get(s, id);
     if (!q) {
-        pthread_mutex_unlock(&s->map_mu);
+        pthread_mutex_unlock(&s->meta_mu);
         return fail(s, KVS_ENOSEQ, "unknown sequence %llu",
                     (unsigned long long)id);
     }
-    int rc = drop_locked(s, q);
-    pthread_mutex_unlock(&s->map_mu);
-    if (rc)
+    int rc = drop_seq(s, q, 0);
+    pthread_mutex_unlock(&s->meta_mu);
+    if (rc) {
+        seq_unref(q);
         return rc;
+    }
+    seq_unref(q); /* the lookup's reference; the table's below */
     /* Wake kvs_seq_wait_indexed callers: a dropped sequence waits no more. */
     pthread_mutex_lock(&s->build_mu);
     pthread_cond_broadcast(&s->build_done);
@@ -522,9 +550,9 @@ int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
     seq_t *q = seq_peek(s, id, &rc);
     if (!q)
         return rc;
-    /* Under the map lock: the rewrite of the metadata must not overtake a
-     * drop of the same id. */
-    pthread_mutex_lock(&s->map_mu);
+    /* Under meta_mu: the rewrite of the metadata must not overtake a drop
+     * of the same id. */
+    pthread_mutex_lock(&s->meta_mu);
     if (atomic_load(&q->dropped)) {
         rc = fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
                   (unsigned long long)id);
@@ -537,7 +565,7 @@ int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
     }
     if (!rc)
         atomic_store(&q->ttl_s, ttl_seconds);
-    pthread_mutex_unlock(&s->map_mu);
+    pthread_mutex_unlock(&s->meta_mu);
     seq_unref(q);
     return rc;
 }
@@ -554,31 +582,36 @@ int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
     if (!s)
         return KVS_EINVAL;
     uint64_t n = 0;
-    /* One sequence at a time, judged and unlinked under the map lock, so
-     * that an id dropped and created again meanwhile, or a sequence used
-     * meanwhile, is never dropped by a stale decision. */
+    /* One sequence at a time, under meta_mu (no create or drop of the id
+     * can come between), judged again once its appends are held (a
+     * sequence used meanwhile is kept), hidden from lookups while its
+     * records are deleted. */
     for (;;) {
         uint64_t now = now_ms();
         seq_t *victim = NULL;
+        pthread_mutex_lock(&s->meta_mu);
         pthread_mutex_lock(&s->map_mu);
         for (size_t b = 0; b < s->n_buckets && !victim; b++)
             for (seq_t *q = s->buckets[b]; q; q = q->next)
                 if (seq_expired(q, now)) {
                     victim = q;
+                    atomic_fetch_add(&q->refs, 1);
                     break;
                 }
-        int rc = victim ? drop_locked(s, victim) : 0;
         pthread_mutex_unlock(&s->map_mu);
+        int rc = victim ? drop_seq(s, victim, 1) : 0;
+        pthread_mutex_unlock(&s->meta_mu);
         if (!victim)
             break;
+        seq_unref(victim); /* the scan's reference */
         if (rc == 0) {
             fprintf(stderr,
                     "kvstore: sequence %llu expired (idle past its "
                     "TTL)\n",
                     (unsigned long long)victim->id);
             n++;
-            seq_unref(victim);
-        } else {
+            seq_unref(victim); /* the table's */
+        } else if (rc != KVS_EBUSY) {
             /* Storage refused the drop: leave it and stop trying now. */
             break;
         }
@@ -1271,6 +1304,7 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
     if (s->opts.blas_threads)
         openblas_set_num_threads((int)s->opts.blas_threads);
 
+    pthread_mutex_init(&s->meta_mu, NULL);
     pthread_mutex_init(&s->map_mu, NULL);
     pthread_mutex_init(&s->build_mu, NULL);
     pthread_cond_init(&s->build_cv, NULL);
@@ -1418,6 +1452,7 @@ void kvs_store_close(kvs_store_t *s) {
     pthread_cond_destroy(&s->build_done);
     pthread_mutex_destroy(&s->build_mu);
     pthread_mutex_destroy(&s->map_mu);
+    pthread_mutex_destroy(&s->meta_mu);
     /* After every build has stopped: nothing writes to it any more. */
     kvs__db_close(s->db);
     free(s->data_dir);
@@ -2013,9 +2048,13 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
     }
     if (rc)
         goto out;
+    /* meta_mu across the storage write (as create); lookups go on */
+    pthread_mutex_lock(&s->meta_mu);
     pthread_mutex_lock(&s->map_mu);
-    if (map_find(s, child)) {
-        pthread_mutex_unlock(&s->map_mu);
+    int exists = map_find(s, child) != NULL;
+    pthread_mutex_unlock(&s->map_mu);
+    if (exists) {
+        pthread_mutex_unlock(&s->meta_mu);
         rc = fail(s, KVS_EEXIST, "sequence %llu already exists",
                   (unsigned long long)child);
         goto out;
@@ -2023,18 +2062,21 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
     if (s->db) {
         char err[256] = "";
         if ((rc = fork_persist(s, c, err, sizeof err))) {
-            pthread_mutex_unlock(&s->map_mu);
+            pthread_mutex_unlock(&s->meta_mu);
             rc = fail(s, rc, "storing the fork: %s", err);
             goto out;
         }
     }
+    pthread_mutex_lock(&s->map_mu);
     if ((rc = map_insert(s, c))) {
         pthread_mutex_unlock(&s->map_mu);
+        pthread_mutex_unlock(&s->meta_mu);
         rc = fail(s, rc, "sequence table");
         goto out;
     }
     atomic_fetch_add(&c->refs, 1); /* a racing drop must not free it */
     pthread_mutex_unlock(&s->map_mu);
+    pthread_mutex_unlock(&s->meta_mu);
     /* The copied rows may hold a whole segment: index them as usual. */
     for (uint32_t l = 0; l < c->geo.n_layers; l++) {
         pthread_rwlock_wrlock(&c->layers[l].lock);
