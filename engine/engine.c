@@ -1020,8 +1020,9 @@ static void load_schedule_builds(kvs_store_t *s) {
 
 static void bytes_add(kvs_store_t *s, seq_t *q, int64_t delta) {
     atomic_fetch_add(&q->bytes, delta);
-    /* A dropped sequence's bytes left the store total at the drop. */
-    if (!atomic_load(&q->dropped) || delta < 0)
+    /* A dropped sequence's bytes left the store total at the drop: later
+     * changes (a finishing build, a racing eviction) must not count. */
+    if (!atomic_load(&q->dropped))
         atomic_fetch_add(&s->resident_bytes, delta);
 }
 
@@ -1076,8 +1077,9 @@ static int try_evict(kvs_store_t *s, seq_t *q) {
         goto out;
     lock_all(q);
     /* Builds are queued only under a layer's write lock: with all of them
-     * held, the count cannot grow under us. */
-    if (atomic_load(&q->builds_pending) == 0) {
+     * held, the count cannot grow under us. A drop may have finished while
+     * we waited for the appends: its bytes have left the total already. */
+    if (atomic_load(&q->builds_pending) == 0 && !atomic_load(&q->dropped)) {
         release_rows(q);
         for (uint32_t l = 0; l < q->geo.n_layers; l++)
             q->layers[l].resident = 0;
@@ -1121,7 +1123,8 @@ static void enforce_budget(kvs_store_t *s, const seq_t *keep) {
     }
     for (size_t b = 0; b < s->n_buckets; b++)
         for (seq_t *q = s->buckets[b]; q; q = q->next)
-            if (q != keep && !atomic_load(&q->evicted) && !q->damage) {
+            if (q != keep && !atomic_load(&q->evicted) && !q->damage &&
+                !atomic_load(&q->unlinking)) {
                 atomic_fetch_add(&q->refs, 1);
                 c[n++] = (lru_t){q, atomic_load(&q->last_access)};
             }
@@ -1142,6 +1145,14 @@ static int page_in(kvs_store_t *s, seq_t *q) {
     if (!atomic_load(&q->evicted) || !s->db)
         goto out;
     lock_all(q);
+    if (atomic_load(&q->dropped)) {
+        /* dropped while we waited for its appends: nothing to load, and
+         * the id may name a new sequence by now */
+        unlock_all(q);
+        rc = fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                  (unsigned long long)q->id);
+        goto out;
+    }
     page_ctx_t ctx = {s, q};
     kvs__db_loader_t loader = {&ctx,      NULL,         page_segment,
                                page_rows, page_damaged, NULL};

@@ -215,6 +215,12 @@ struct kvs__gpu_layer_s {
     uint32_t H, G, C_cap, N_cap, S_cap;
     float rf, ef, scale;
     uint64_t held_gpu, held_pinned, held_kv;
+    /* A buffer was refused (over cuda_memory_bytes, or the GPU out of
+     * memory) while the mirrors held refused_at bytes: no new attempt
+     * until some memory is given back, so that a layer over the budget
+     * does not allocate and free a whole buffer on every call. */
+    int refused;
+    uint64_t refused_at;
     /* what has been uploaded */
     uint32_t n_segments, seg_cap;
     const kvs_segment_t **segs; /* [H][seg_cap] */
@@ -367,6 +373,8 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
                         uint64_t C_need, uint64_t N_need, uint64_t S_need,
                         const kvs_zone_params_t *zp) {
     mirror_release(g, m);
+    if (m->refused && atomic_load(&g->bytes_gpu) >= m->refused_at)
+        return KVS_ENOTSUP; /* nothing was given back since */
     const uint32_t seg = g->p.segment_tokens;
     m->dtype = v->dtype;
     m->H = H;
@@ -411,7 +419,15 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
     if (rc) {
         if (on_device)
             atomic_fetch_sub(&g->kv_used, kv_bytes);
-        return rc;
+        if (rc != KVS_ENOMEM)
+            return rc;
+        /* GPU or pinned memory full: the CPU serves this layer for now
+         * (and the failed allocation must not surface at the next launch
+         * check as this layer's or another's error) */
+        (void)cudaGetLastError();
+        m->refused = 1;
+        m->refused_at = atomic_load(&g->bytes_gpu);
+        return KVS_ENOTSUP;
     }
     m->held_kv = on_device ? kv_bytes : 0;
     kvs_wbuf_stats(m->wb, &m->seen);
@@ -421,8 +437,11 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
     atomic_fetch_add(&g->bytes_pinned, m->held_pinned);
     if (g->p.memory_bytes && atomic_load(&g->bytes_gpu) > g->p.memory_bytes) {
         mirror_release(g, m);
+        m->refused = 1;
+        m->refused_at = atomic_load(&g->bytes_gpu);
         return KVS_ENOTSUP; /* over the GPU budget: CPU path */
     }
+    m->refused = 0;
     const size_t qb = (size_t)H * G * v->d * sizeof(float);
     m->seg_cap = 16;
     m->segs = calloc((size_t)H * m->seg_cap, sizeof *m->segs);

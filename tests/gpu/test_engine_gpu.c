@@ -365,11 +365,50 @@ static int run_all(int32_t cuda_kv) {
     return 0;
 }
 
+/*
+ * A GPU memory budget too small for any layer: every wave attend falls
+ * back to the CPU (counted, never an error), answers equal the CPU store's
+ * bit for bit, and the refused layer does not allocate again on each call
+ * (no GPU memory held afterwards).
+ */
+static void budget_check(void) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = 1024;
+    kvs_store_t *cpu, *gpu;
+    OK(kvs_store_open(&o, &cpu));
+    o.cuda_device = 0;
+    o.cuda_build = 0; /* the CPU store's index: equal answers */
+    o.cuda_memory_bytes = 1u << 20;
+    OK(kvs_store_open(&o, &gpu));
+    run_t e = {0};
+    decode_compare(cpu, gpu, 1, KVS_DTYPE_BF16, 8, 2, 1, 3000, 40, 10, &e);
+    kvs_store_stats_t st;
+    OK(kvs_store_stats(gpu, &st));
+    for (size_t i = 0; i < e.n; i++)
+        CHECK(e.err[i] == 0, "over the budget: call %zu differs (%.3g)", i,
+              e.err[i]);
+    CHECK(st.gpu_attends == 0 && st.gpu_fallbacks == e.n &&
+              st.gpu_errors == 0 && st.gpu_bytes == 0,
+          "over the budget: attends %llu fallbacks %llu (calls %zu) errors "
+          "%llu bytes %llu",
+          (unsigned long long)st.gpu_attends,
+          (unsigned long long)st.gpu_fallbacks, e.n,
+          (unsigned long long)st.gpu_errors,
+          (unsigned long long)st.gpu_bytes);
+    printf("GPU budget 1 MiB: %zu calls served by the CPU, equal bit for "
+           "bit\n", e.n);
+    free(e.err);
+    kvs_store_close(cpu);
+    kvs_store_close(gpu);
+}
+
 int main(void) {
     if (run_all(KVS_CUDA_KV_HOST) == 77)
         return 77;
     run_all(KVS_CUDA_KV_AUTO);
     gpu_build_check();
+    budget_check();
     if (failures) {
         fprintf(stderr, "test_engine_gpu: %d failures\n", failures);
         return 1;
