@@ -584,6 +584,20 @@ static void fill_result(kvs_client_op_t *op, const Kvs__V1__Response *r,
         o->store.builds_done = s->builds_done;
         o->store.build_keys = s->build_keys;
         o->store.build_seconds = s->build_seconds;
+        o->store.resident_bytes = s->resident_bytes;
+        o->store.evictions = s->evictions;
+        o->store.page_ins = s->page_ins;
+        o->store.expired = s->expired;
+        o->store.gpu_device = -1;
+        o->store.gpu_attends = s->gpu_attends;
+        o->store.gpu_fallbacks = s->gpu_fallbacks;
+        o->store.gpu_errors = s->gpu_errors;
+        o->store.gpu_bytes = s->gpu_bytes;
+        o->store.gpu_cache_lookups = s->gpu_cache_lookups;
+        o->store.gpu_cache_hits = s->gpu_cache_hits;
+        o->store.gpu_builds = s->gpu_builds;
+        snprintf(o->attend_path, sizeof(o->attend_path), "%s",
+                 s->attend_path ? s->attend_path : "");
         snprintf(o->server_version, sizeof(o->server_version), "%s",
                  s->server_version ? s->server_version : "");
         snprintf(o->node_id, sizeof(o->node_id), "%s",

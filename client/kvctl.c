@@ -165,6 +165,20 @@ static int cmd_ping(const args_t *a, kvs_client_t *c, int argc, char **argv) {
     return failed;
 }
 
+/* A string for a JSON value: quotes, backslashes and control characters
+ * become spaces (server strings are names and messages, not data). */
+static const char *json_safe(const char *in) {
+    static _Thread_local char buf[256];
+    size_t i = 0;
+    for (; in[i] && i + 1 < sizeof buf; i++)
+        buf[i] = (in[i] == '"' || in[i] == '\\' ||
+                  (unsigned char)in[i] < 0x20)
+                     ? ' '
+                     : in[i];
+    buf[i] = 0;
+    return buf;
+}
+
 static int cmd_stats(const args_t *a, kvs_client_t *c) {
     int failed = 0;
     if (a->json)
@@ -186,13 +200,25 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                        ",\"builds_pending\":%" PRIu64
                        ",\"builds_done\":%" PRIu64 ",\"connections\":%" PRIu64
                        ",\"requests_total\":%" PRIu64 ",\"bytes_in\":%" PRIu64
-                       ",\"bytes_out\":%" PRIu64 "}",
+                       ",\"bytes_out\":%" PRIu64 ",\"resident_bytes\":%" PRIu64
+                       ",\"evictions\":%" PRIu64 ",\"page_ins\":%" PRIu64
+                       ",\"expired\":%" PRIu64 ",\"attend_path\":\"%s\""
+                       ",\"gpu_attends\":%" PRIu64 ",\"gpu_fallbacks\":%" PRIu64
+                       ",\"gpu_errors\":%" PRIu64 ",\"gpu_bytes\":%" PRIu64
+                       ",\"gpu_cache_lookups\":%" PRIu64
+                       ",\"gpu_cache_hits\":%" PRIu64 ",\"gpu_builds\":%" PRIu64
+                       "}",
                        n ? "," : "", addr, s.node_id, s.server_version,
                        s.uptime_seconds, s.store.sequences, s.store.bytes,
                        s.store.index_bytes, s.store.disk_bytes,
                        s.store.quarantined, s.store.builds_pending,
                        s.store.builds_done, s.connections, s.requests_total,
-                       s.bytes_in, s.bytes_out);
+                       s.bytes_in, s.bytes_out, s.store.resident_bytes,
+                       s.store.evictions, s.store.page_ins, s.store.expired,
+                       json_safe(s.attend_path), s.store.gpu_attends,
+                       s.store.gpu_fallbacks, s.store.gpu_errors,
+                       s.store.gpu_bytes, s.store.gpu_cache_lookups,
+                       s.store.gpu_cache_hits, s.store.gpu_builds);
         } else if (rc) {
             printf("%s: FAILED %s: %s\n", addr, kvs_err_name(rc),
                    kvs_client_errmsg(c));
@@ -206,13 +232,29 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                    " done\n"
                    "  connections     %" PRIu64 "\n"
                    "  requests        %" PRIu64 "\n"
-                   "  bytes in/out    %" PRIu64 " / %" PRIu64 "\n",
+                   "  bytes in/out    %" PRIu64 " / %" PRIu64 "\n"
+                   "  attend path     %s\n",
                    addr, s.node_id, s.server_version, s.uptime_seconds,
                    s.store.sequences, (double)s.store.bytes / 1048576.0,
                    (double)s.store.index_bytes / 1048576.0,
                    (double)s.store.disk_bytes / 1048576.0,
                    s.store.quarantined, s.store.builds_pending, s.store.builds_done, s.connections,
-                   s.requests_total, s.bytes_in, s.bytes_out);
+                   s.requests_total, s.bytes_in, s.bytes_out,
+                   s.attend_path[0] ? s.attend_path : "(not reported)");
+            if (s.store.gpu_attends || s.store.gpu_fallbacks ||
+                s.store.gpu_builds)
+                printf("  gpu             %" PRIu64 " attends, %" PRIu64
+                       " on the CPU, %" PRIu64 " errors, cache %.1f%% of %"
+                       PRIu64 ", %.1f MiB, %" PRIu64 " builds\n",
+                       s.store.gpu_attends, s.store.gpu_fallbacks,
+                       s.store.gpu_errors,
+                       s.store.gpu_cache_lookups
+                           ? 100.0 * (double)s.store.gpu_cache_hits /
+                                 (double)s.store.gpu_cache_lookups
+                           : 0.0,
+                       s.store.gpu_cache_lookups,
+                       (double)s.store.gpu_bytes / 1048576.0,
+                       s.store.gpu_builds);
         }
         failed |= rc != 0;
     }

@@ -183,6 +183,9 @@ static void exercise_ops(kvs_client_t *c, uint64_t seq) {
     assert_true(s.store.bytes > 0);
     assert_string_equal(s.server_version, "0.1.0");
     assert_true(s.requests_total > 0);
+    /* started without --gpu: the CPU serves, and says so */
+    assert_string_equal(s.attend_path, "CPU (no cuda_device)");
+    assert_int_equal(s.store.gpu_attends, 0);
 
     assert_int_equal(kvs_client_ping(c, 0), 0);
     /* Fork: all of it, and a prefix; children are independent. */
