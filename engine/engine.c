@@ -2285,6 +2285,8 @@ int kvs_store_list(kvs_store_t *s, uint64_t *ids, size_t cap, size_t *n_out) {
     size_t k = 0;
     for (size_t i = 0; i < s->n_buckets; i++)
         for (seq_t *q = s->buckets[i]; q; q = q->next) {
+            if (atomic_load(&q->unlinking))
+                continue; /* as lookups: a drop is being written */
             if (k < cap)
                 ids[k] = q->id;
             k++;
