@@ -62,6 +62,19 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out) {
 #include "kvs_buffer.h"
 
 #include <pthread.h>
+#include <time.h>
+
+/* KVS_GPU_PROFILE=1: where the host time of a GPU attend goes, per phase,
+ * printed to stderr at close (for tuning the engine path). */
+enum { PH_LOCK, PH_SYNC, PH_ENQUEUE, PH_WAIT, PH_POST, PH_N };
+static const char *const ph_name[PH_N] = {"lock+device", "mirror sync",
+                                           "enqueue", "wait", "copy out+stats"};
+
+static uint64_t ns_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 #define SLOT_TOKENS 32 /* rows per cache slot: 2x the mean cluster */
 #define KVS_MAX_HEADS_GPU 1024 /* = KVS_MAX_HEADS */
@@ -75,6 +88,8 @@ struct kvs__gpu_s {
     atomic_uint_fast64_t attends, fallbacks, errors, bytes_gpu, bytes_pinned,
         lookups, hits, bytes_bus, bytes_uploaded, mirrors_built, builds,
         build_errors;
+    int profile;
+    atomic_uint_fast64_t ph_ns[PH_N], ph_calls;
     /* segment k-means: one handle for every builder thread */
     pthread_mutex_t build_mu;
     kvs_cuda_kmeans_t *km;
@@ -283,6 +298,8 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
     if (!g)
         return KVS_ENOMEM;
     g->p = *p;
+    const char *prof = getenv("KVS_GPU_PROFILE");
+    g->profile = prof && *prof && *prof != '0';
     pthread_mutex_init(&g->build_mu, NULL);
     g->kv_budget = p->kv_host_only ? 0
                    : p->memory_bytes ? p->memory_bytes / 2
@@ -295,6 +312,15 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
 void kvs__gpu_close(kvs__gpu_t *g) {
     if (!g)
         return;
+    const uint64_t calls = atomic_load(&g->ph_calls);
+    if (g->profile && calls) {
+        fprintf(stderr, "kvstore: GPU attend host time, mean over %llu calls:",
+                (unsigned long long)calls);
+        for (int i = 0; i < PH_N; i++)
+            fprintf(stderr, " %s %.1f us%s", ph_name[i],
+                    atomic_load(&g->ph_ns[i]) / 1e3 / (double)calls,
+                    i + 1 < PH_N ? "," : "\n");
+    }
     cudaSetDevice(g->p.device);
     build_release(g);
     if (g->build_stream)
@@ -788,13 +814,20 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
             m = expect;
         }
     }
+    uint64_t t[PH_N + 1] = {0};
+    if (g->profile)
+        t[0] = ns_now();
     pthread_mutex_lock(&m->mu);
     int rc = kvs_cuda_err(cudaSetDevice(g->p.device));
     if (!rc && !m->stream)
         rc = kvs_cuda_err(
             cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
+    if (g->profile)
+        t[1] = ns_now();
     if (!rc)
         rc = mirror_sync(g, m, v, H, G, zp);
+    if (g->profile)
+        t[2] = ns_now();
     const size_t qn = (size_t)H * G * v[0].d;
     if (!rc) {
         memcpy(m->h_q, q, qn * sizeof(float));
@@ -802,12 +835,17 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
                                                 qn * sizeof(float),
                                                 cudaMemcpyHostToDevice,
                                                 m->stream))) &&
-            !(rc = kvs_wbuf_step(m->wb, m->d_q, m->d_out, m->stream)) &&
-            !(rc = kvs_cuda_err(cudaMemcpyAsync(m->h_out, m->d_out,
-                                                qn * sizeof(float),
-                                                cudaMemcpyDeviceToHost,
-                                                m->stream))))
+            !(rc = kvs_wbuf_step(m->wb, m->d_q, m->d_out, m->stream)))
+            rc = kvs_cuda_err(cudaMemcpyAsync(m->h_out, m->d_out,
+                                              qn * sizeof(float),
+                                              cudaMemcpyDeviceToHost,
+                                              m->stream));
+        if (g->profile)
+            t[3] = ns_now();
+        if (!rc)
             rc = kvs_cuda_err(cudaStreamSynchronize(m->stream));
+        if (g->profile)
+            t[4] = ns_now();
     }
     if (!rc) {
         memcpy(out, m->h_out, qn * sizeof(float));
@@ -824,6 +862,12 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
         atomic_fetch_add(&g->attends, 1);
         if (stats)
             zone_stats(m, v, H, &d, stats);
+        if (g->profile) {
+            t[5] = ns_now();
+            for (int i = 0; i < PH_N; i++)
+                atomic_fetch_add(&g->ph_ns[i], t[i + 1] - t[i]);
+            atomic_fetch_add(&g->ph_calls, 1);
+        }
     } else if (rc == KVS_ENOTSUP) {
         atomic_fetch_add(&g->fallbacks, 1);
     } else {
