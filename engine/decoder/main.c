@@ -74,6 +74,9 @@ static void usage(FILE *f) {
         "  --estimation F      estimation fraction of clusters\n"
         "  --epsilon E         accuracy-bounded budget with this epsilon\n"
         "  --wait-indexed      after prefill, wait for index builds\n"
+        "  --cuda-device N     in-process store: wave attends (and index\n"
+        "                      builds) on this CUDA device when usable\n"
+        "                      (needs --kv-dtype f16|bf16); else the CPU\n"
         "output:\n"
         "  --logits-out FILE   logits of every position (bench/README.md)\n"
         "  --dump FILE         per-head q/k/v of the input positions "
@@ -214,7 +217,7 @@ enum {
     O_SEED, O_STEPFROM, O_SCORE, O_ATTN, O_KVDT, O_SEG, O_CLU, O_KMI, O_SINK,
     O_WIN, O_STHR, O_RET, O_EST, O_EPS, O_WAIT, O_LOGITS, O_DUMP, O_DUMPDT,
     O_PRINTTOK, O_QUIET, O_CHUNK, O_THREADS, O_HELP, O_STORE, O_SEQID, O_KEEP,
-    O_GENOUT, O_FOLLOW
+    O_GENOUT, O_FOLLOW, O_CUDA
 };
 
 /* ---- the kvstored backend: the decoder's store calls via libkvsclient -- */
@@ -292,6 +295,7 @@ int main(int argc, char **argv) {
         {"help", 0, 0, O_HELP},           {"store", 1, 0, O_STORE},
         {"seq-id", 1, 0, O_SEQID},        {"keep", 0, 0, O_KEEP},
         {"gen-out", 1, 0, O_GENOUT},      {"follow", 1, 0, O_FOLLOW},
+        {"cuda-device", 1, 0, O_CUDA},
         {0, 0, 0, 0}};
     const char *text = NULL, *ids = NULL, *tokfile = NULL, *logits_out = NULL,
                *dump_path = NULL, *store_url = NULL, *gen_out = NULL,
@@ -326,6 +330,12 @@ int main(int argc, char **argv) {
         case O_KEEP: dopt.keep_seq = true; break;
         case O_GENOUT: gen_out = optarg; break;
         case O_FOLLOW: follow_path = optarg; break;
+        case O_CUDA: {
+            uint32_t dev = 0;
+            bad |= parse_u32(optarg, "cuda-device", &dev);
+            sopt.cuda_device = (int32_t)dev;
+            break;
+        }
         case O_TEMP: bad |= parse_f(optarg, "temp", &temp); break;
         case O_SEED: bad |= parse_u32(optarg, "seed", &seed); break;
         case O_STEPFROM:
@@ -530,6 +540,9 @@ int main(int argc, char **argv) {
         }
         dopt.store = store;
         dopt.seq_id = seq_id;
+        if (sopt.cuda_device >= 0)
+            fprintf(stderr, "kvdecode: attend path: %s\n",
+                    kvs_store_gpu_info(store));
     }
     if (dump_path) {
         rc = kvs_qkv_dump_open(dump_path, cfg, tok.v, (uint32_t)n_in,
