@@ -2214,6 +2214,8 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     }
     for (size_t i = 0; i < s->n_buckets; i++)
         for (seq_t *q = s->buckets[i]; q; q = q->next) {
+            if (atomic_load(&q->unlinking))
+                continue; /* as lookups and list: being dropped */
             atomic_fetch_add(&q->refs, 1);
             all[k++] = q;
         }
