@@ -4,7 +4,6 @@
  */
 #include "gpu.h"
 
-#include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -608,13 +607,6 @@ static int put_segment(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
     return 0;
 }
 
-static int is_steady(const kvs_head_view_t *v, uint64_t pos) {
-    uint64_t lo = v->indexed_tokens > v->window_tokens
-                      ? v->indexed_tokens - v->window_tokens
-                      : 0;
-    return pos < v->sink_tokens || pos >= lo;
-}
-
 /* The steady rows inside segments (sinks, window) of head h, rewritten. */
 static int put_steady_indexed(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
                               const kvs_head_view_t *v, uint32_t *rows) {
@@ -629,7 +621,8 @@ static int put_steady_indexed(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
         if (si != 0 && si + 1 != v->n_segments)
             continue; /* sinks live in the first, the window in the last */
         for (uint32_t t = 0; t < seg->n_tokens; t++) {
-            if (!is_steady(v, seg->first_pos + seg->positions[t]))
+            const uint64_t pos = seg->first_pos + seg->positions[t];
+            if (!kvs_head_is_steady(v, pos))
                 continue;
             if (n == cap)
                 return KVS_ENOTSUP; /* unexpected layout: CPU path */
@@ -749,13 +742,6 @@ static int mirror_sync(kvs__gpu_t *g, kvs__gpu_layer_t *m,
                                steady_rows, m->stream);
 }
 
-static uint32_t frac_count(float f, uint32_t C) {
-    if (f <= 0)
-        return 0;
-    double x = ceil((double)f * C);
-    return x >= C ? C : (uint32_t)x;
-}
-
 static void zone_stats(const kvs__gpu_layer_t *m, const kvs_head_view_t *v,
                        uint32_t H, const kvs_wbuf_stats_t *d,
                        kvs_zone_stats_t *st) {
@@ -770,9 +756,8 @@ static void zone_stats(const kvs__gpu_layer_t *m, const kvs_head_view_t *v,
         uint32_t valid = 0;
         for (uint32_t si = 0; si < m->n_segments; si++)
             valid += m->n_valid[(size_t)h * m->seg_cap + si];
-        uint32_t R = frac_count(m->rf, C), E = frac_count(m->ef, C);
-        R = R > valid ? valid : R;
-        E = E > valid - R ? valid - R : E;
+        uint32_t R, E;
+        kvs_zone_sizes(m->rf, m->ef, C, valid, &R, &E);
         s->keys_total = v[h].indexed_tokens + v[h].tail_tokens;
         s->keys_steady = m->steady_idx + v[h].tail_tokens;
         /* retrieved rows of all heads, given to head 0 (the buffer counts

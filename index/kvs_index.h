@@ -31,6 +31,8 @@
 
 #include "kvs_common.h"
 
+#include <math.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -145,6 +147,16 @@ typedef struct kvs_head_view_s {
     uint32_t window_tokens;
 } kvs_head_view_t;
 
+/* Steady positions of a head: the sinks and the last window of indexed
+ * tokens (tail positions, never inside a segment, are steady as well).
+ * One definition for the CPU zones and the GPU mirror (engine/gpu.c). */
+static inline int kvs_head_is_steady(const kvs_head_view_t *v, uint64_t pos) {
+    uint64_t lo = v->indexed_tokens > v->window_tokens
+                      ? v->indexed_tokens - v->window_tokens
+                      : 0;
+    return pos < v->sink_tokens || pos >= lo;
+}
+
 /* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
 typedef struct kvs_zone_params_s {
     int exact;                 /* 1: ignore the index, attend every key */
@@ -158,6 +170,27 @@ typedef struct kvs_zone_params_s {
     double scale_f64;          /* the same in double, for precise mode
                                   (0: use scale) */
 } kvs_zone_params_t;
+
+/* ceil(f C) of C clusters, at most C; 0 when f <= 0. */
+static inline uint32_t kvs_zone_clusters(float f, uint32_t C) {
+    if (f <= 0)
+        return 0;
+    double x = ceil((double)f * C);
+    return x >= C ? C : (uint32_t)x;
+}
+
+/* Fixed-budget zone sizes over C clusters of which n_valid keep a member
+ * in the query's view: retrieval ceil(rf C), estimation ceil(ef C), both
+ * taken from the n_valid only. The rule of kvs_head_attend, of the GPU
+ * select (kernels/cuda/score.cu) and of the GPU path's stats. */
+static inline void kvs_zone_sizes(float rf, float ef, uint32_t C,
+                                  uint32_t n_valid, uint32_t *R,
+                                  uint32_t *E) {
+    uint32_t r = kvs_zone_clusters(rf, C), e = kvs_zone_clusters(ef, C);
+    r = r > n_valid ? n_valid : r;
+    *R = r;
+    *E = e > n_valid - r ? n_valid - r : e;
+}
 
 typedef struct kvs_zone_stats_s {
     uint64_t keys_total;

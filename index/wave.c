@@ -159,15 +159,6 @@ static inline void prefetch_rows(const void *p, uint32_t n, size_t rb) {
         __builtin_prefetch((const char *)p + o);
 }
 
-/* Sinks, and the last window of indexed tokens (tail positions, which are
- * never inside a segment, count as steady as well). */
-static int is_steady(const kvs_head_view_t *v, uint64_t pos) {
-    uint64_t lo = v->indexed_tokens > v->window_tokens
-                      ? v->indexed_tokens - v->window_tokens
-                      : 0;
-    return pos < v->sink_tokens || pos >= lo;
-}
-
 /*
  * Score every block into s->scores ([g][cols]), mask steady members of
  * cluster blocks when `mask_steady`, then fold the rows into partial `p`
@@ -193,7 +184,7 @@ static void zone_partial(const kvs_head_view_t *v, const float *q, uint32_t g,
             for (uint32_t r = 0; r < bk->n; r++) {
                 uint64_t pos =
                     bk->seg->first_pos + bk->seg->positions[bk->slot0 + r];
-                if (is_steady(v, pos))
+                if (kvs_head_is_steady(v, pos))
                     for (uint32_t i = 0; i < g; i++)
                         S[(size_t)i * cols + bk->col + r] = -INFINITY;
             }
@@ -444,7 +435,7 @@ static int steady_blocks(const kvs_head_view_t *v, kvs_scratch_t *s, size_t *nb,
             continue;
         for (uint32_t slot = 0; slot < seg->n_tokens; slot++) {
             uint64_t pos = seg->first_pos + seg->positions[slot];
-            if (!is_steady(v, pos))
+            if (!kvs_head_is_steady(v, pos))
                 continue;
             block_t b = {.keys = (const char *)seg->keys + slot * rb,
                          .vals = (const char *)seg->values + slot * rb,
@@ -527,13 +518,6 @@ static int rank_clusters(const kvs_head_view_t *v, kvs_scratch_t *s,
     }
     *n_valid = valid;
     return 0;
-}
-
-static uint32_t frac_count(float f, uint32_t C) {
-    if (f <= 0)
-        return 0;
-    double x = ceil((double)f * C);
-    return x >= C ? C : (uint32_t)x;
 }
 
 /*
@@ -652,16 +636,12 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     uint32_t R, E;
     if (zp->bounded) {
         R = bounded_count(v, s, g, C, &run, zp->epsilon);
-        E = frac_count(zp->estimation_fraction, C);
+        E = kvs_zone_clusters(zp->estimation_fraction, C);
         if (E > C - R)
             E = C - R;
     } else {
-        R = frac_count(zp->retrieval_fraction, C);
-        E = frac_count(zp->estimation_fraction, C);
-        if (R > n_valid)
-            R = n_valid;
-        if (E > n_valid - R)
-            E = n_valid - R;
+        kvs_zone_sizes(zp->retrieval_fraction, zp->estimation_fraction, C,
+                       n_valid, &R, &E);
         select_top(s->rank, s->idx, C, R + E);
         select_top(s->rank, s->idx, R + E, R);
     }
@@ -838,7 +818,7 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     for (uint32_t r = 0; r < n; r++) {
         uint64_t pos =
             seg ? seg->first_pos + seg->positions[slot0 + r] : pos0 + r;
-        if (c->mask_steady && seg && is_steady(c->v, pos))
+        if (c->mask_steady && seg && kvs_head_is_steady(c->v, pos))
             continue;
         c->scanned += c->nq;
         for (uint32_t i = 0; i < c->nq; i++)
@@ -925,7 +905,7 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
             R = bounded_count(v, s, 1, C, &none, zp->epsilon);
             s->cscore = saved;
         } else {
-            R = frac_count(zp->retrieval_fraction, C);
+            R = kvs_zone_clusters(zp->retrieval_fraction, C);
             select_top(s->rank, s->idx, C, R);
         }
         ctx.q = q + (size_t)i * v->d;
