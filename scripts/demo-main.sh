@@ -26,7 +26,7 @@ model=${KVS_DEMO_MODEL:-../shared/data/tinycode128.bin}
 ctx=${KVS_DEMO_CTX:-8448}
 gen=${KVS_DEMO_GEN:-200}
 kvstored=$build/server/kvstored
-kvdecode=$build/engine/decoder/kvdecode
+kvdecode=$build/tools/kvdecode/kvdecode
 for b in "$kvstored" "$kvdecode"; do
     [ -x "$b" ] || { echo "demo-main: $b missing; build first:" \
         "cmake --build $build --target kvstored kvdecode" >&2; exit 1; }

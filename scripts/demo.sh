@@ -3,4 +3,4 @@
 # context into libkvstore and comparing wave with exact attention.
 set -euo pipefail
 build=${1:-build}
-"$build/engine/kvdemo" --tokens 32768 --queries 16
+"$build/tools/kvdemo/kvdemo" --tokens 32768 --queries 16

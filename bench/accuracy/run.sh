@@ -40,7 +40,7 @@ for m in "$tiny" "$stories"; do
 done
 
 bench_bin=$build/bench/accuracy/acc_bench
-dec_bin=$build/engine/decoder/kvdecode
+dec_bin=$build/tools/kvdecode/kvdecode
 if [ -z "${KVS_BENCH_NO_BUILD:-}" ] || [ ! -x "$bench_bin" ] || [ ! -x "$dec_bin" ]; then
     [ -f "$build/CMakeCache.txt" ] ||
         cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null

@@ -10,7 +10,7 @@ function(kvs_recall_add)
         set(dir ${CMAKE_SOURCE_DIR}/bench/recall)
         add_executable(recall_bench ${dir}/recall_bench.c
                                     ${dir}/hnsw_count.cpp)
-        target_link_libraries(recall_bench PRIVATE kvstore kvs_index faiss
+        target_link_libraries(recall_bench PRIVATE kvstore kvs_index kvs_faiss_c
                               ${MATH_LIB})
         set_target_properties(recall_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY
                               ${CMAKE_BINARY_DIR}/bench/recall)

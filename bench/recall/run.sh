@@ -28,7 +28,7 @@ model=${KVS_RECALL_MODEL:-../shared/data/tinycode128.bin}
 [ -f "$model" ] || { echo "bench/recall: model $model not found" >&2; exit 1; }
 
 bench_bin=$build/bench/recall/recall_bench
-dec_bin=$build/engine/decoder/kvdecode
+dec_bin=$build/tools/kvdecode/kvdecode
 if [ -z "${KVS_BENCH_NO_BUILD:-}" ] || [ ! -x "$bench_bin" ] || [ ! -x "$dec_bin" ]; then
     if [ ! -f "$build/CMakeCache.txt" ] || [ ! -d "$build/bench/recall" ]; then
         cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \

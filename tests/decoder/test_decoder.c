@@ -1,5 +1,5 @@
 /*
- * test_decoder.c: the real-model decoder (engine/decoder) on stories260K.
+ * test_decoder.c: the real-model decoder (tools/kvdecode) on stories260K.
  * Checkpoint validation is tested on corrupted copies made in a temporary
  * directory (every one must be refused with a clear message, none may crash);
  * the forward pass on determinism and on agreement between its batched

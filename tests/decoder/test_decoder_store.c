@@ -23,7 +23,7 @@
 #include <unistd.h>
 
 #define MODEL KVS_SHARED_DATA "/stories260K.bin"
-#define KVDECODE KVS_BINARY_DIR "/engine/decoder/kvdecode"
+#define KVDECODE KVS_BINARY_DIR "/tools/kvdecode/kvdecode"
 /* BOS and 15 input tokens, fed one by one after BOS, then 32 generated:
  * 47 decode steps. */
 #define INPUT_IDS "400,301,270,500,43,67,89,12,250,311,90,17,480,2,77"

@@ -1,6 +1,6 @@
 /*
  * test_index_segment.c: the wave-index segment builder (index/segment.c) and
- * the FAISS C API shim (index/faiss_c.cpp).
+ * the FAISS C API shim (faiss_c/faiss_c.cpp).
  *
  * Segments are built from structured synthetic keys: a few random unit
  * directions plus noise, all shifted by one large common offset, which is

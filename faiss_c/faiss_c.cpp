@@ -6,7 +6,7 @@
  * not the library that implements them, so C code cannot call FAISS out of
  * the box. This file defines, with the exact upstream names and signatures
  * (the installed headers are included so the compiler checks them), the
- * functions that the segment builder and the benchmarks call: clustering,
+ * functions that the benchmarks, tests and kvtune call: clustering,
  * flat indexes, IVF-Flat, the index factory (HNSW and friends) and the
  * parameter space. Nothing here is kvstore-specific: C callers write the
  * same code they would write against upstream's libfaiss_c.
