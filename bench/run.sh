@@ -25,44 +25,10 @@ machine="$(nproc)-core $(uname -m) (${cpu:-CPU})"
 quick=false
 for a in "$@"; do [ "$a" = --quick ] && quick=true; done
 
-case "$name" in
-index)
-    "$build/bench/index_bench" --json "$tmp" "$@" ;;
-persistence)
-    "$build/bench/persist_bench" --json "$tmp" "$@"
-    # Crash rounds: the persistence test's SIGKILL loop, which fails on any
-    # lost acknowledged append.
-    rounds=200
-    $quick && rounds=20
-    crash_log=$(mktemp)
-    if KVS_CRASH_ROUNDS=$rounds "$build/tests/persist/test_persist" >"$crash_log" 2>&1; then
-        lost=0
-    else
-        lost=unknown
-        cat "$crash_log" >&2
-    fi
-    python3 - "$tmp" "$rounds" "$lost" "$crash_log" <<'PY'
-import json, re, sys
-path, rounds, lost, log = sys.argv[1:]
-r = json.load(open(path))
-text = open(log).read()
-m = re.search(r"crash rounds: (\d+), tokens acknowledged (\d+) \+ (\d+)", text)
-if m and lost == "0":
-    r["metrics"]["crash_rounds"] = int(m.group(1))
-    r["metrics"]["lost_acknowledged"] = 0
-    r["rows"].append({"crash_rounds": int(m.group(1)),
-                      "acknowledged_tokens": int(m.group(2)) + int(m.group(3)),
-                      "lost_acknowledged": 0})
-json.dump(r, open(path, "w"))
-PY
-    rm -f "$crash_log" ;;
-*)
-    if [ -x "bench/$name/run.sh" ]; then
-        bash "bench/$name/run.sh" "$build" "$tmp" "$@"
-    else
-        echo "bench/run.sh: unknown benchmark '$name'" >&2; exit 2
-    fi ;;
-esac
+# Every benchmark lives in bench/NAME/ with its sources and a run.sh that
+# takes BUILD OUT [args] and writes OUT as {"bench","metrics","rows"}.
+[ -x "bench/$name/run.sh" ] || { echo "bench/run.sh: unknown benchmark '$name'" >&2; exit 2; }
+bash "bench/$name/run.sh" "$build" "$tmp" "$@"
 
 python3 - "$tmp" "$out" "bench/run.sh $name $*" "$machine" "$quick" <<'PY'
 import json, sys, datetime

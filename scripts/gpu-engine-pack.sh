@@ -16,7 +16,7 @@ out=.carry/engine
 rm -rf "$out"
 mkdir -p "$out/pack/lib" "$out/pack/glibc"
 cp "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_gpu" \
-    "$B/bench/bench_engine_gpu" "$out/pack/"
+    "$B/bench/engine_gpu/bench_engine_gpu" "$out/pack/"
 for bin in "$out"/pack/test_* "$out"/pack/bench_*; do
     ldd "$bin" | awk '/=> \//{print $3}'
 done | sort -u | while read -r lib; do

@@ -3,8 +3,7 @@
 # the `recall` benchmark, called by bench/run.sh recall.
 #
 # 1. builds recall_bench and kvdecode in BUILD_DIR (unless KVS_BENCH_NO_BUILD
-#    is set and both exist); while bench/CMakeLists.txt does not add
-#    bench/recall, hook.cmake adds it to the build;
+#    is set and both exist);
 # 2. makes the text: C headers of the machine (/usr/include/*.h, sorted),
 #    which tinycode128 never saw (it was trained on Python and a dictionary);
 # 3. dumps real post-RoPE queries/keys of every layer and head with
@@ -31,8 +30,7 @@ bench_bin=$build/bench/recall/recall_bench
 dec_bin=$build/tools/kvdecode/kvdecode
 if [ -z "${KVS_BENCH_NO_BUILD:-}" ] || [ ! -x "$bench_bin" ] || [ ! -x "$dec_bin" ]; then
     if [ ! -f "$build/CMakeCache.txt" ] || [ ! -d "$build/bench/recall" ]; then
-        cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-            -DCMAKE_PROJECT_kvstore_INCLUDE="$PWD/bench/recall/hook.cmake" >/dev/null
+        cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
     fi
     cmake --build "$build" -j "${KVS_BENCH_JOBS:-2}" --target recall_bench kvdecode >/dev/null
 fi
