@@ -332,9 +332,8 @@ int kvs__cuda_attend_zones(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
     if (L->clusters_hint && L->clusters_hint < L->max_clusters) {
         /* no head selects more than the hint's counts (the rule of
          * score.cu: ceil(f n) over n <= hint clusters) */
-        const double n = L->clusters_hint;
-        const uint32_t r = (uint32_t)ceil((double)w->rf * n);
-        const uint32_t e = (uint32_t)ceil((double)w->ef * n);
+        const uint32_t r = kvs__cuda_frac_count(w->rf, L->clusters_hint);
+        const uint32_t e = kvs__cuda_frac_count(w->ef, L->clusters_hint);
         const uint32_t rr = r < w->rcap ? r : w->rcap;
         const uint32_t ee = e < w->ecap ? e : w->ecap;
         a.ret_items = (rr + a.ret_split - 1) / a.ret_split;

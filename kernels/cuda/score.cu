@@ -144,13 +144,37 @@ struct sel_args {
 
 __device__ __forceinline__ uint32_t frac_count(float f, uint32_t n,
                                                uint32_t cap) {
-    /* ceil(f n), in double: the CPU engine's rule (index/wave.c), so both
-     * paths pick the same number of clusters */
-    if (n == 0 || !(f > 0.f))
-        return 0;
-    const double x = ceil((double)f * (double)n);
-    const uint32_t k = x >= (double)n ? n : (uint32_t)x;
-    return min(cap, k);
+    return min(cap, kvs__cuda_frac_count(f, n));
+}
+
+/* One warp folds a query head's per-tile (max, sum of exp2) partials, t[k *
+ * G * 2 + {0,1}] for k < tiles, into the head's softmax max *M and
+ * normaliser *Z (written by lane 0). */
+__device__ __forceinline__ void head_normaliser(const float *t, uint32_t tiles,
+                                                uint32_t G, int lane,
+                                                float *M, float *Z) {
+    float m = -INFINITY, s = 0.f;
+    for (uint32_t k = lane; k < tiles; k += 32) {
+        const float tm = t[(size_t)k * G * 2], ts = t[(size_t)k * G * 2 + 1];
+        const float mx = fmaxf(m, tm);
+        if (mx != -INFINITY) {
+            s = s * exp2f(m - mx) + ts * exp2f(tm - mx);
+            m = mx;
+        }
+    }
+    for (int off = 16; off; off >>= 1) {
+        const float om = __shfl_xor_sync(0xffffffffu, m, off);
+        const float os = __shfl_xor_sync(0xffffffffu, s, off);
+        const float mx = fmaxf(m, om);
+        if (mx != -INFINITY) {
+            s = s * exp2f(m - mx) + os * exp2f(om - mx);
+            m = mx;
+        }
+    }
+    if (lane == 0) {
+        *M = m;
+        *Z = s;
+    }
 }
 
 __device__ __forceinline__ uint32_t clampu(int64_t x, uint32_t hi) {
@@ -219,31 +243,9 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
         tk_r = tk_e = s_cnt_r = s_cnt_e = 0;
 
     /* softmax normaliser per query head from the tile partials */
-    if (warp < (int)G) {
-        const float *t = a.tile_ms + ((size_t)h * a.tiles * G + warp) * 2;
-        float m = -INFINITY, s = 0.f;
-        for (uint32_t k = lane; k < a.tiles; k += 32) {
-            const float tm = t[(size_t)k * G * 2], ts = t[(size_t)k * G * 2 + 1];
-            const float mx = fmaxf(m, tm);
-            if (mx != -INFINITY) {
-                s = s * exp2f(m - mx) + ts * exp2f(tm - mx);
-                m = mx;
-            }
-        }
-        for (int off = 16; off; off >>= 1) {
-            const float om = __shfl_xor_sync(0xffffffffu, m, off);
-            const float os = __shfl_xor_sync(0xffffffffu, s, off);
-            const float mx = fmaxf(m, om);
-            if (mx != -INFINITY) {
-                s = s * exp2f(m - mx) + os * exp2f(om - mx);
-                m = mx;
-            }
-        }
-        if (lane == 0) {
-            sM[warp] = m;
-            sZ[warp] = s;
-        }
-    }
+    if (warp < (int)G)
+        head_normaliser(a.tile_ms + ((size_t)h * a.tiles * G + warp) * 2,
+                        a.tiles, G, lane, &sM[warp], &sZ[warp]);
     __syncthreads();
 
     /* scores and keys of the slice; pass-0 histogram as we go */
@@ -475,31 +477,9 @@ __global__ void __launch_bounds__(SELB_THREADS)
     uint32_t *keys = a.keys ? a.keys + (size_t)h * C : skeys;
 
     /* softmax normaliser per query head from the tile partials */
-    if (warp < (int)G) {
-        const float *t = a.tile_ms + ((size_t)h * a.tiles * G + warp) * 2;
-        float m = -INFINITY, s = 0.f;
-        for (uint32_t k = lane; k < a.tiles; k += 32) {
-            const float tm = t[(size_t)k * G * 2], ts = t[(size_t)k * G * 2 + 1];
-            const float mx = fmaxf(m, tm);
-            if (mx != -INFINITY) {
-                s = s * exp2f(m - mx) + ts * exp2f(tm - mx);
-                m = mx;
-            }
-        }
-        for (int off = 16; off; off >>= 1) {
-            const float om = __shfl_xor_sync(0xffffffffu, m, off);
-            const float os = __shfl_xor_sync(0xffffffffu, s, off);
-            const float mx = fmaxf(m, om);
-            if (mx != -INFINITY) {
-                s = s * exp2f(m - mx) + os * exp2f(om - mx);
-                m = mx;
-            }
-        }
-        if (lane == 0) {
-            sM[warp] = m;
-            sZ[warp] = s;
-        }
-    }
+    if (warp < (int)G)
+        head_normaliser(a.tile_ms + ((size_t)h * a.tiles * G + warp) * 2,
+                        a.tiles, G, lane, &sM[warp], &sZ[warp]);
     __syncthreads();
 
     uint32_t valid = 0;

@@ -46,9 +46,8 @@ extern "C" int kvs_cuda_device_count(void) {
 }
 
 static uint32_t frac_cap(float f, uint32_t n) {
-    /* the device's count (ceil, see score.cu) can never exceed this */
-    const double x = f > 0.f ? ceil((double)f * (double)n) : 0.0;
-    const uint32_t k = x >= (double)n ? n : (uint32_t)x;
+    /* the device's count can never exceed this; at least 1 slot */
+    const uint32_t k = kvs__cuda_frac_count(f, n);
     return k ? k : 1;
 }
 

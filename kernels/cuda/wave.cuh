@@ -44,6 +44,18 @@ struct kvs_cuda_wave_s {
                          resets it to 0 */
 };
 
+/* ceil(f n) clusters, at most n (0 for f <= 0 or n = 0), in double: the CPU
+ * engine's rule (kvs_zone_sizes in index/kvs_index.h), so that both paths
+ * pick the same number of clusters. The select kernels, the plan's caps and
+ * the launch grids all size zones with it. */
+__host__ __device__ __forceinline__ uint32_t kvs__cuda_frac_count(float f,
+                                                                uint32_t n) {
+    if (n == 0 || !(f > 0.f))
+        return 0;
+    const double x = ceil((double)f * (double)n);
+    return x >= (double)n ? n : (uint32_t)x;
+}
+
 /* Score tiles a launch covers: those of L->clusters_hint when set. */
 static inline uint32_t kvs__cuda_tiles(const kvs_cuda_wave_t *w,
                                        const kvs_cuda_layer_t *L) {
