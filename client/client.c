@@ -281,7 +281,7 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
     *out = NULL;
     if (!o || !o->addrs || o->n_addrs == 0 || o->n_addrs > MAX_NODES)
         return KVS_EINVAL;
-    if (o->max_frame_bytes == 0 || o->max_frame_bytes > KVS_FRAME_MAX_BODY_LIMIT)
+    if (o->max_frame_bytes > KVS_FRAME_MAX_BODY_LIMIT)
         return KVS_EINVAL;
     kvs_client_t *c = calloc(1, sizeof(*c));
     if (!c)
@@ -294,9 +294,20 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         return KVS_ENOMEM;
     }
     c->n_nodes = o->n_addrs;
-    c->connect_timeout_ms = o->connect_timeout_ms;
-    c->request_timeout_ms = o->request_timeout_ms;
-    c->max_frame_bytes = o->max_frame_bytes;
+    /* Zero fields are defaults (a zero-filled struct must work); inside,
+     * 0 means "no timeout", as the rest of this file expects. */
+    kvs_client_options_t def;
+    kvs_client_options_default(&def);
+    c->connect_timeout_ms = o->connect_timeout_ms == KVS_CLIENT_TIMEOUT_NONE
+                                ? 0
+                            : o->connect_timeout_ms ? o->connect_timeout_ms
+                                                    : def.connect_timeout_ms;
+    c->request_timeout_ms = o->request_timeout_ms == KVS_CLIENT_TIMEOUT_NONE
+                                ? 0
+                            : o->request_timeout_ms ? o->request_timeout_ms
+                                                    : def.request_timeout_ms;
+    c->max_frame_bytes =
+        o->max_frame_bytes ? o->max_frame_bytes : def.max_frame_bytes;
     c->next_id = 1;
     for (size_t i = 0; i < o->n_addrs; i++) {
         c->nodes[i].fd = -1;
