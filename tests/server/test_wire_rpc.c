@@ -382,6 +382,73 @@ static void test_wire_rpc_search_reply_too_big(void **state) {
     td_cleanup(&L);
 }
 
+/* The in-process side of the rule, resolved by the engine: DEFAULT fields
+ * take kvs_options_t.defaults, whose own DEFAULT is WAVE / FIXED, and
+ * KVS_SYNC_DEFAULT is batch on a persistent store. */
+static void test_wire_rpc_store_defaults(void **state) {
+    (void)state;
+    static float k[TOK * KVH * HD], v[TOK * KVH * HD];
+    make_kv(k, v, 42);
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = 256;
+    o.cluster_tokens = 16;
+    o.n_threads = 1;
+    o.n_build_threads = 1;
+    o.blas_threads = 1;
+    o.sync = KVS_SYNC_DEFAULT;
+    memset(&o.defaults, 0, sizeof(o.defaults)); /* all DEFAULT / 0 */
+    char dir[] = "/tmp/kvs-wire-defaults-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    o.data_dir = dir;
+    kvs_store_t *a = NULL;
+    assert_int_equal(kvs_store_open(&o, &a), 0);
+    assert_int_equal(kvs_seq_create(a, 1, &GEO), 0);
+    assert_int_equal(kvs_seq_append(a, 1, 0, TOK, k, v), 0);
+    assert_int_equal(kvs_seq_wait_indexed(a, 1), 0);
+    /* Zero-filled defaults: a zero params struct is WAVE + FIXED, the same
+     * as the shared store's explicit wave answer on the same index. */
+    static answer_t lw, z;
+    kvs_query_params_t w;
+    kvs_query_params_default(&w);
+    local_attend(&w, &lw);
+    kvs_query_params_t zp;
+    memset(&zp, 0, sizeof(zp));
+    memset(&z.st, 0, sizeof(z.st));
+    assert_int_equal(kvs_seq_attend(a, 1, 0, Q, &zp, z.out, &z.st), 0);
+    assert_true(max_diff(z.out, lw.out, QH * HD) <= SAME);
+    check_stats_equal(&z.st, &lw.st);
+    kvs_store_close(a);
+
+    /* Reopen (sync DEFAULT kept the data) with defaults.mode EXACT: now a
+     * zero params struct and NULL run the reference. */
+    o.defaults.mode = KVS_MODE_EXACT;
+    assert_int_equal(kvs_store_open(&o, &a), 0);
+    static answer_t le;
+    kvs_query_params_t ep;
+    memset(&ep, 0, sizeof(ep));
+    ep.mode = KVS_MODE_EXACT;
+    local_attend(&ep, &le);
+    memset(&z.st, 0, sizeof(z.st));
+    assert_int_equal(kvs_seq_attend(a, 1, 0, Q, &zp, z.out, &z.st), 0);
+    assert_true(z.st.keys_exact == z.st.keys_total);
+    assert_true(max_diff(z.out, le.out, QH * HD) <= SAME);
+    assert_int_equal(kvs_seq_attend(a, 1, 0, Q, NULL, z.out, &z.st), 0);
+    assert_true(z.st.keys_exact == z.st.keys_total);
+    /* An explicit mode still wins over the store's default. */
+    zp.mode = KVS_MODE_WAVE;
+    assert_int_equal(kvs_seq_attend(a, 1, 0, Q, &zp, z.out, &z.st), 0);
+    assert_true(z.st.keys_exact < z.st.keys_total);
+    kvs_store_close(a);
+
+    /* Values outside the enums are refused, not taken as a default. */
+    o.sync = (kvs_sync_t)9;
+    assert_int_equal(kvs_store_open(&o, &a), KVS_EINVAL);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 /* kvs_client_options_t follows the same rule: a zero-filled struct (but
  * the addresses) is the defaults, not a client that refuses to open
  * (max_frame_bytes 0) or waits forever (timeouts 0). */
@@ -421,6 +488,7 @@ int main(void) {
         cmocka_unit_test(test_wire_rpc_unknown_enums),
         cmocka_unit_test(test_wire_rpc_search_reply_too_big),
         cmocka_unit_test(test_wire_rpc_zero_client_options),
+        cmocka_unit_test(test_wire_rpc_store_defaults),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
