@@ -87,8 +87,8 @@ size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq);
 
 /* Store stats plus the answering daemon's own counters. */
 typedef struct kvs_client_stats_s {
-    kvs_store_stats_t store; /* gpu_device -1: no GPU (or a daemon before
-                                0.2, which did not send it) */
+    kvs_store_stats_t store; /* gpu_device -1: no GPU (or an older daemon
+                                that does not send it) */
     char attend_path[192];   /* "CUDA device N: name" or "CPU (why)" */
     char server_version[32];
     char node_id[128];
