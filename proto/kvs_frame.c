@@ -301,18 +301,6 @@ const char *kvs_frame_op_name(Kvs__V1__Request__OpCase op) {
     }
 }
 
-static size_t dtype_bytes(Kvs__V1__DType d) {
-    switch (d) {
-    case KVS__V1__DTYPE__DTYPE_F32:
-        return 4;
-    case KVS__V1__DTYPE__DTYPE_F16:
-    case KVS__V1__DTYPE__DTYPE_BF16:
-        return 2;
-    default:
-        return 0;
-    }
-}
-
 static int check_params(const Kvs__V1__QueryParams *p, char *err,
                         size_t errlen) {
     if (!p)
@@ -339,10 +327,11 @@ static int check_params(const Kvs__V1__QueryParams *p, char *err,
 
 static int check_queries(const ProtobufCBinaryData *q, Kvs__V1__DType dt,
                          char *err, size_t errlen) {
-    size_t es = dtype_bytes(dt);
-    if (es == 0)
+    kvs_dtype_t cdt;
+    if (kvs_wire_dtype_from_pb(dt, &cdt, NULL, 0))
         return kvs__ferr(err, errlen, KVS_EINVAL, "unknown query dtype %d",
                          (int)dt);
+    size_t es = kvs_dtype_size(cdt);
     if (q->len == 0 || q->len % es)
         return kvs__ferr(err, errlen, KVS_EINVAL,
                          "queries must be a non-empty whole number of %zu-byte "
