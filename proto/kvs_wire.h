@@ -57,16 +57,14 @@ int kvs_wire_budget_to_pb(kvs_budget_t in, Kvs__V1__Budget *out, char *err,
  * too, before a worker sees the request). Errors: KVS_EINVAL (mode or
  * budget unknown). */
 int kvs_wire_params_from_pb(const Kvs__V1__QueryParams *m,
-                            kvs_query_params_t *out, char *err,
-                            size_t errlen);
+                            kvs_query_params_t *out, char *err, size_t errlen);
 int kvs_wire_params_to_pb(const kvs_query_params_t *p,
-                          Kvs__V1__QueryParams *out, char *err,
-                          size_t errlen);
+                          Kvs__V1__QueryParams *out, char *err, size_t errlen);
 
 /* `m` NULL gives an all-zero geometry (which the engine refuses). Errors:
  * KVS_EINVAL (dtype unknown). */
-int kvs_wire_geometry_from_pb(const Kvs__V1__Geometry *m,
-                              kvs_geometry_t *out, char *err, size_t errlen);
+int kvs_wire_geometry_from_pb(const Kvs__V1__Geometry *m, kvs_geometry_t *out,
+                              char *err, size_t errlen);
 int kvs_wire_geometry_to_pb(const kvs_geometry_t *g, Kvs__V1__Geometry *out,
                             char *err, size_t errlen);
 
@@ -82,8 +80,8 @@ void kvs_wire_attend_stats_to_pb(const kvs_attend_stats_t *s,
 int kvs_wire_seq_info_from_pb(const Kvs__V1__InfoResponse *m,
                               kvs_seq_info_t *out, char *err, size_t errlen);
 int kvs_wire_seq_info_to_pb(const kvs_seq_info_t *info,
-                            Kvs__V1__InfoResponse *out,
-                            Kvs__V1__Geometry *geo, char *err, size_t errlen);
+                            Kvs__V1__InfoResponse *out, Kvs__V1__Geometry *geo,
+                            char *err, size_t errlen);
 
 /* Every field of kvs_store_stats_t; the daemon's own fields of the message
  * (versions, connections, ...) are not touched. gpu_device -1 (no GPU)

@@ -136,8 +136,7 @@ int kvs_wire_budget_to_pb(kvs_budget_t in, Kvs__V1__Budget *out, char *err,
 /* ---------------------------------------------------------------- structs */
 
 int kvs_wire_params_from_pb(const Kvs__V1__QueryParams *m,
-                            kvs_query_params_t *out, char *err,
-                            size_t errlen) {
+                            kvs_query_params_t *out, char *err, size_t errlen) {
     memset(out, 0, sizeof(*out));
     if (!m)
         return 0;
@@ -154,8 +153,7 @@ int kvs_wire_params_from_pb(const Kvs__V1__QueryParams *m,
 }
 
 int kvs_wire_params_to_pb(const kvs_query_params_t *p,
-                          Kvs__V1__QueryParams *out, char *err,
-                          size_t errlen) {
+                          Kvs__V1__QueryParams *out, char *err, size_t errlen) {
     int rc = kvs_wire_mode_to_pb(p->mode, &out->mode, err, errlen);
     if (!rc)
         rc = kvs_wire_budget_to_pb(p->budget, &out->budget, err, errlen);
@@ -168,8 +166,8 @@ int kvs_wire_params_to_pb(const kvs_query_params_t *p,
     return 0;
 }
 
-int kvs_wire_geometry_from_pb(const Kvs__V1__Geometry *m,
-                              kvs_geometry_t *out, char *err, size_t errlen) {
+int kvs_wire_geometry_from_pb(const Kvs__V1__Geometry *m, kvs_geometry_t *out,
+                              char *err, size_t errlen) {
     memset(out, 0, sizeof(*out));
     if (!m)
         return 0;
@@ -221,8 +219,8 @@ int kvs_wire_seq_info_from_pb(const Kvs__V1__InfoResponse *m,
     memset(out, 0, sizeof(*out));
     if (!m)
         return 0;
-    int rc = kvs_wire_geometry_from_pb(m->geometry, &out->geometry, err,
-                                       errlen);
+    int rc =
+        kvs_wire_geometry_from_pb(m->geometry, &out->geometry, err, errlen);
     if (rc)
         return rc;
     out->tokens_min = m->tokens_min;
@@ -237,8 +235,8 @@ int kvs_wire_seq_info_from_pb(const Kvs__V1__InfoResponse *m,
 }
 
 int kvs_wire_seq_info_to_pb(const kvs_seq_info_t *info,
-                            Kvs__V1__InfoResponse *out,
-                            Kvs__V1__Geometry *geo, char *err, size_t errlen) {
+                            Kvs__V1__InfoResponse *out, Kvs__V1__Geometry *geo,
+                            char *err, size_t errlen) {
     int rc = kvs_wire_geometry_to_pb(&info->geometry, geo, err, errlen);
     if (rc)
         return rc;
@@ -274,10 +272,10 @@ void kvs_wire_store_stats_from_pb(const Kvs__V1__StatsResponse *m,
     out->build_keys = m->build_keys;
     out->build_seconds = m->build_seconds;
     /* A device ordinal above INT32_MAX cannot come from a real server. */
-    out->gpu_device = m->gpu_device_plus1 == 0 ||
-                              m->gpu_device_plus1 > (uint32_t)INT32_MAX
-                          ? -1
-                          : (int32_t)(m->gpu_device_plus1 - 1);
+    out->gpu_device =
+        m->gpu_device_plus1 == 0 || m->gpu_device_plus1 > (uint32_t)INT32_MAX
+            ? -1
+            : (int32_t)(m->gpu_device_plus1 - 1);
     out->gpu_attends = m->gpu_attends;
     out->gpu_fallbacks = m->gpu_fallbacks;
     out->gpu_errors = m->gpu_errors;

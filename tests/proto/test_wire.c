@@ -50,8 +50,7 @@ static void test_wire_mode_every_value(void **state) {
         for (size_t j = 0; j < i; j++)
             assert_int_not_equal(w, seen[j]);
         seen[i] = w;
-        assert_int_equal(kvs_wire_mode_from_pb(w, &back, err, sizeof(err)),
-                         0);
+        assert_int_equal(kvs_wire_mode_from_pb(w, &back, err, sizeof(err)), 0);
         assert_int_equal(back, MODES[i]);
     }
     /* The numbers that travel: FULL is no longer sent as WAVE. */
@@ -68,9 +67,8 @@ static void test_wire_mode_every_value(void **state) {
     for (int v = 0; v <= KVS__V1__MODE__MODE_FULL; v++) {
         kvs_mode_t m;
         Kvs__V1__Mode again;
-        assert_int_equal(kvs_wire_mode_from_pb((Kvs__V1__Mode)v, &m, err,
-                                               sizeof(err)),
-                         0);
+        assert_int_equal(
+            kvs_wire_mode_from_pb((Kvs__V1__Mode)v, &m, err, sizeof(err)), 0);
         assert_int_equal(kvs_wire_mode_to_pb(m, &again, err, sizeof(err)), 0);
         assert_int_equal(again, v);
     }
@@ -91,11 +89,10 @@ static void test_wire_budget_dtype_every_value(void **state) {
     for (int v = 0; v <= KVS__V1__BUDGET__BUDGET_BOUNDED; v++) {
         kvs_budget_t b;
         Kvs__V1__Budget again;
-        assert_int_equal(kvs_wire_budget_from_pb((Kvs__V1__Budget)v, &b, err,
-                                                 sizeof(err)),
-                         0);
-        assert_int_equal(kvs_wire_budget_to_pb(b, &again, err, sizeof(err)),
-                         0);
+        assert_int_equal(
+            kvs_wire_budget_from_pb((Kvs__V1__Budget)v, &b, err, sizeof(err)),
+            0);
+        assert_int_equal(kvs_wire_budget_to_pb(b, &again, err, sizeof(err)), 0);
         assert_int_equal(again, v);
     }
     for (size_t i = 0; i < N_OF(DTYPES); i++) {
@@ -105,8 +102,7 @@ static void test_wire_budget_dtype_every_value(void **state) {
                          0);
         /* dtype numbers are the same on both sides (and on disk). */
         assert_int_equal((int)w, (int)DTYPES[i]);
-        assert_int_equal(kvs_wire_dtype_from_pb(w, &back, err, sizeof(err)),
-                         0);
+        assert_int_equal(kvs_wire_dtype_from_pb(w, &back, err, sizeof(err)), 0);
         assert_int_equal(back, DTYPES[i]);
     }
 }
@@ -123,46 +119,46 @@ static void test_wire_unknown_enums_refused(void **state) {
         Kvs__V1__Budget wb;
         Kvs__V1__DType wd;
         err[0] = 0;
-        assert_int_equal(kvs_wire_mode_to_pb((kvs_mode_t)bad[i], &wm, err,
-                                             sizeof(err)),
-                         KVS_EINVAL);
+        assert_int_equal(
+            kvs_wire_mode_to_pb((kvs_mode_t)bad[i], &wm, err, sizeof(err)),
+            KVS_EINVAL);
         assert_non_null(strstr(err, "mode"));
-        assert_int_equal(kvs_wire_mode_from_pb((Kvs__V1__Mode)bad[i], &m, err,
-                                               sizeof(err)),
-                         KVS_EINVAL);
+        assert_int_equal(
+            kvs_wire_mode_from_pb((Kvs__V1__Mode)bad[i], &m, err, sizeof(err)),
+            KVS_EINVAL);
         assert_non_null(strstr(err, "unknown mode"));
-        assert_int_equal(kvs_wire_budget_to_pb((kvs_budget_t)bad[i], &wb, err,
-                                               sizeof(err)),
-                         KVS_EINVAL);
+        assert_int_equal(
+            kvs_wire_budget_to_pb((kvs_budget_t)bad[i], &wb, err, sizeof(err)),
+            KVS_EINVAL);
         assert_non_null(strstr(err, "budget"));
         assert_int_equal(kvs_wire_budget_from_pb((Kvs__V1__Budget)bad[i], &b,
                                                  err, sizeof(err)),
                          KVS_EINVAL);
-        assert_int_equal(kvs_wire_dtype_to_pb((kvs_dtype_t)bad[i], &wd, err,
-                                              sizeof(err)),
-                         KVS_EINVAL);
+        assert_int_equal(
+            kvs_wire_dtype_to_pb((kvs_dtype_t)bad[i], &wd, err, sizeof(err)),
+            KVS_EINVAL);
         assert_non_null(strstr(err, "dtype"));
-        assert_int_equal(kvs_wire_dtype_from_pb((Kvs__V1__DType)bad[i], &d,
-                                                err, sizeof(err)),
+        assert_int_equal(kvs_wire_dtype_from_pb((Kvs__V1__DType)bad[i], &d, err,
+                                                sizeof(err)),
                          KVS_EINVAL);
         /* A NULL err buffer is allowed. */
-        assert_int_equal(kvs_wire_mode_from_pb((Kvs__V1__Mode)bad[i], &m,
-                                               NULL, 0),
-                         KVS_EINVAL);
+        assert_int_equal(
+            kvs_wire_mode_from_pb((Kvs__V1__Mode)bad[i], &m, NULL, 0),
+            KVS_EINVAL);
     }
     /* The first value past each enum. */
     kvs_budget_t b;
     kvs_dtype_t d;
-    assert_int_equal(kvs_wire_budget_from_pb((Kvs__V1__Budget)3, &b, err,
-                                             sizeof(err)),
-                     KVS_EINVAL);
+    assert_int_equal(
+        kvs_wire_budget_from_pb((Kvs__V1__Budget)3, &b, err, sizeof(err)),
+        KVS_EINVAL);
     assert_int_equal(kvs_wire_budget_to_pb((kvs_budget_t)3,
                                            &(Kvs__V1__Budget){0}, err,
                                            sizeof(err)),
                      KVS_EINVAL);
-    assert_int_equal(kvs_wire_dtype_from_pb((Kvs__V1__DType)3, &d, err,
-                                            sizeof(err)),
-                     KVS_EINVAL);
+    assert_int_equal(
+        kvs_wire_dtype_from_pb((Kvs__V1__DType)3, &d, err, sizeof(err)),
+        KVS_EINVAL);
     /* A struct with one unknown enum is refused as a whole. */
     kvs_query_params_t p = {.mode = (kvs_mode_t)9};
     Kvs__V1__QueryParams qp = KVS__V1__QUERY_PARAMS__INIT;
@@ -235,9 +231,8 @@ static void test_wire_params_roundtrip(void **state) {
             REPACK(Kvs__V1__QueryParams, query_params, &m, u);
             kvs_query_params_t back;
             memset(&back, 0xa5, sizeof(back)); /* no stale field passes */
-            assert_int_equal(kvs_wire_params_from_pb(u, &back, err,
-                                                     sizeof(err)),
-                             0);
+            assert_int_equal(
+                kvs_wire_params_from_pb(u, &back, err, sizeof(err)), 0);
             check_params_equal(&p, &back);
             kvs__v1__query_params__free_unpacked(u, NULL);
         }
@@ -250,8 +245,7 @@ static void test_wire_params_roundtrip(void **state) {
     assert_int_equal(m.budget, KVS__V1__BUDGET__BUDGET_DEFAULT);
     assert_int_equal(kvs__v1__query_params__get_packed_size(&m), 0);
     memset(&back, 0xa5, sizeof(back));
-    assert_int_equal(kvs_wire_params_from_pb(NULL, &back, err, sizeof(err)),
-                     0);
+    assert_int_equal(kvs_wire_params_from_pb(NULL, &back, err, sizeof(err)), 0);
     check_params_equal(&z, &back);
     assert_int_equal(back.mode, KVS_MODE_DEFAULT);
     assert_int_equal(back.budget, KVS_BUDGET_DEFAULT);
@@ -267,14 +261,12 @@ static void test_wire_geometry_roundtrip(void **state) {
                             .head_dim = 128 + (uint32_t)i,
                             .dtype = DTYPES[i]};
         Kvs__V1__Geometry m = KVS__V1__GEOMETRY__INIT;
-        assert_int_equal(kvs_wire_geometry_to_pb(&g, &m, err, sizeof(err)),
-                         0);
+        assert_int_equal(kvs_wire_geometry_to_pb(&g, &m, err, sizeof(err)), 0);
         Kvs__V1__Geometry *u;
         REPACK(Kvs__V1__Geometry, geometry, &m, u);
         kvs_geometry_t back;
         memset(&back, 0xa5, sizeof(back));
-        assert_int_equal(kvs_wire_geometry_from_pb(u, &back, err,
-                                                   sizeof(err)),
+        assert_int_equal(kvs_wire_geometry_from_pb(u, &back, err, sizeof(err)),
                          0);
         assert_int_equal(back.n_layers, g.n_layers);
         assert_int_equal(back.n_q_heads, g.n_q_heads);
@@ -314,8 +306,7 @@ static void test_wire_attend_stats_roundtrip(void **state) {
     /* Absent stats read as zeros. */
     memset(&b, 0xa5, sizeof(b));
     kvs_wire_attend_stats_from_pb(NULL, &b);
-    assert_true(b.keys_total == 0 && b.clusters_skipped == 0 &&
-                b.seconds == 0);
+    assert_true(b.keys_total == 0 && b.clusters_skipped == 0 && b.seconds == 0);
 }
 
 static void test_wire_seq_info_roundtrip(void **state) {
@@ -323,8 +314,11 @@ static void test_wire_seq_info_roundtrip(void **state) {
     char err[128];
     for (int resident = 0; resident <= 1; resident++) {
         kvs_seq_info_t in = {
-            .geometry = {.n_layers = 2, .n_q_heads = 4, .n_kv_heads = 2,
-                         .head_dim = 64, .dtype = KVS_DTYPE_BF16},
+            .geometry = {.n_layers = 2,
+                         .n_q_heads = 4,
+                         .n_kv_heads = 2,
+                         .head_dim = 64,
+                         .dtype = KVS_DTYPE_BF16},
             .tokens_min = 11,
             .tokens_max = 12,
             .indexed_tokens = 13,
@@ -336,16 +330,14 @@ static void test_wire_seq_info_roundtrip(void **state) {
         };
         Kvs__V1__InfoResponse m = KVS__V1__INFO_RESPONSE__INIT;
         Kvs__V1__Geometry gm = KVS__V1__GEOMETRY__INIT;
-        assert_int_equal(kvs_wire_seq_info_to_pb(&in, &m, &gm, err,
-                                                 sizeof(err)),
-                         0);
+        assert_int_equal(
+            kvs_wire_seq_info_to_pb(&in, &m, &gm, err, sizeof(err)), 0);
         assert_ptr_equal(m.geometry, &gm);
         Kvs__V1__InfoResponse *u;
         REPACK(Kvs__V1__InfoResponse, info_response, &m, u);
         kvs_seq_info_t b;
         memset(&b, 0xa5, sizeof(b));
-        assert_int_equal(kvs_wire_seq_info_from_pb(u, &b, err, sizeof(err)),
-                         0);
+        assert_int_equal(kvs_wire_seq_info_from_pb(u, &b, err, sizeof(err)), 0);
         assert_int_equal(b.geometry.n_layers, in.geometry.n_layers);
         assert_int_equal(b.geometry.n_q_heads, in.geometry.n_q_heads);
         assert_int_equal(b.geometry.n_kv_heads, in.geometry.n_kv_heads);
@@ -404,16 +396,32 @@ static void test_wire_store_stats_roundtrip(void **state) {
     for (size_t i = 0; i < N_OF(devices); i++) {
         /* Distinct values per field, so a swapped pair is caught. */
         kvs_store_stats_t s = {
-            .sequences = 101, .bytes = 102, .index_bytes = 103,
-            .disk_bytes = 104, .quarantined = 105, .expired = 106,
-            .resident_bytes = 107, .evictions = 108, .page_ins = 109,
-            .builds_pending = 110, .builds_done = 111, .build_keys = 112,
-            .build_seconds = 11.25, .gpu_device = devices[i],
-            .gpu_attends = 114, .gpu_fallbacks = 115, .gpu_errors = 116,
-            .gpu_bytes = 117, .gpu_pinned_bytes = 118, .gpu_kv_bytes = 119,
-            .gpu_cache_lookups = 120, .gpu_cache_hits = 121,
-            .gpu_bus_bytes = 122, .gpu_upload_bytes = 123,
-            .gpu_builds = 124, .gpu_build_errors = 1ull << 50,
+            .sequences = 101,
+            .bytes = 102,
+            .index_bytes = 103,
+            .disk_bytes = 104,
+            .quarantined = 105,
+            .expired = 106,
+            .resident_bytes = 107,
+            .evictions = 108,
+            .page_ins = 109,
+            .builds_pending = 110,
+            .builds_done = 111,
+            .build_keys = 112,
+            .build_seconds = 11.25,
+            .gpu_device = devices[i],
+            .gpu_attends = 114,
+            .gpu_fallbacks = 115,
+            .gpu_errors = 116,
+            .gpu_bytes = 117,
+            .gpu_pinned_bytes = 118,
+            .gpu_kv_bytes = 119,
+            .gpu_cache_lookups = 120,
+            .gpu_cache_hits = 121,
+            .gpu_bus_bytes = 122,
+            .gpu_upload_bytes = 123,
+            .gpu_builds = 124,
+            .gpu_build_errors = 1ull << 50,
         };
         Kvs__V1__StatsResponse m = KVS__V1__STATS_RESPONSE__INIT;
         kvs_wire_store_stats_to_pb(&s, &m);

@@ -35,8 +35,10 @@
 #define SEG "256"
 #define CLU "16"
 
-static const kvs_geometry_t GEO = {.n_layers = 1, .n_q_heads = QH,
-                                   .n_kv_heads = KVH, .head_dim = HD,
+static const kvs_geometry_t GEO = {.n_layers = 1,
+                                   .n_q_heads = QH,
+                                   .n_kv_heads = KVH,
+                                   .head_dim = HD,
                                    .dtype = KVS_DTYPE_F32};
 
 static test_daemon_t D;
@@ -266,9 +268,9 @@ static void test_wire_rpc_search_modes(void **state) {
         int64_t lp[QH * K], rp[QH * K];
         float ls[QH * K], rs[QH * K];
         assert_int_equal(kvs_seq_search(S, 1, 0, Q, K, &p, lp, ls), 0);
-        assert_int_equal(kvs_client_seq_search(C, 1, 0, Q, QH * HD, K, &p, rp,
-                                               rs, QH * K),
-                         0);
+        assert_int_equal(
+            kvs_client_seq_search(C, 1, 0, Q, QH * HD, K, &p, rp, rs, QH * K),
+            0);
         for (size_t i = 0; i < QH * K; i++) {
             assert_int_equal(rp[i], lp[i]);
             assert_true(rs[i] == ls[i]);
@@ -283,14 +285,12 @@ static void test_wire_rpc_unknown_enums(void **state) {
     kvs_query_params_t p;
     memset(&p, 0, sizeof(p));
     p.mode = (kvs_mode_t)7;
-    assert_int_equal(kvs_client_seq_attend(C, 1, 0, Q, QH * HD, &p, out,
-                                           NULL),
+    assert_int_equal(kvs_client_seq_attend(C, 1, 0, Q, QH * HD, &p, out, NULL),
                      KVS_EINVAL);
     assert_non_null(strstr(kvs_client_errmsg(C), "mode"));
     p.mode = KVS_MODE_WAVE;
     p.budget = (kvs_budget_t)3;
-    assert_int_equal(kvs_client_seq_attend(C, 1, 0, Q, QH * HD, &p, out,
-                                           NULL),
+    assert_int_equal(kvs_client_seq_attend(C, 1, 0, Q, QH * HD, &p, out, NULL),
                      KVS_EINVAL);
     assert_non_null(strstr(kvs_client_errmsg(C), "budget"));
     kvs_geometry_t g = GEO;
@@ -340,8 +340,8 @@ static void test_wire_rpc_search_reply_too_big(void **state) {
     int64_t pos[QH * 8];
     float sc[QH * 8];
     /* k = 4M x 4 heads x 12 B = 192 MiB, over the default 64 MiB. */
-    assert_int_equal(kvs_client_seq_search(C, 1, 0, Q, QH * HD, 4u << 20,
-                                           NULL, pos, sc, QH * 8),
+    assert_int_equal(kvs_client_seq_search(C, 1, 0, Q, QH * HD, 4u << 20, NULL,
+                                           pos, sc, QH * 8),
                      KVS_ETOOBIG);
     assert_non_null(strstr(kvs_client_errmsg(C), "max_frame_bytes"));
     assert_non_null(strstr(kvs_client_errmsg(C), "search reply"));
@@ -363,17 +363,16 @@ static void test_wire_rpc_search_reply_too_big(void **state) {
             k[i] = frand(&s);
             v[i] = frand(&s);
         }
-        assert_int_equal(kvs_client_seq_append(c, 3, 0, 1, k, v, sizeof(k)),
-                         0);
+        assert_int_equal(kvs_client_seq_append(c, 3, 0, 1, k, v, sizeof(k)), 0);
     }
     static int64_t p2[QH * 40];
     static float s2[QH * 40];
-    assert_int_equal(kvs_client_seq_search(c, 3, 0, Q, QH * HD, 16, NULL, p2,
-                                           s2, QH * 40),
-                     0);
-    assert_int_equal(kvs_client_seq_search(c, 3, 0, Q, QH * HD, 22, NULL, p2,
-                                           s2, QH * 40),
-                     KVS_ETOOBIG);
+    assert_int_equal(
+        kvs_client_seq_search(c, 3, 0, Q, QH * HD, 16, NULL, p2, s2, QH * 40),
+        0);
+    assert_int_equal(
+        kvs_client_seq_search(c, 3, 0, Q, QH * HD, 22, NULL, p2, s2, QH * 40),
+        KVS_ETOOBIG);
     assert_non_null(strstr(kvs_client_errmsg(c), "search reply"));
     /* The connection and the daemon carry on. */
     assert_int_equal(kvs_client_ping(c, 0), 0);
@@ -466,9 +465,8 @@ static void test_wire_rpc_zero_client_options(void **state) {
     assert_int_equal(kvs_client_ping(c, 0), 0);
     /* Answers are accepted: max_frame_bytes 0 is not a 0-byte limit. */
     static float out[QH * HD];
-    assert_int_equal(kvs_client_seq_attend(c, 1, 0, Q, QH * HD, NULL, out,
-                                           NULL),
-                     0);
+    assert_int_equal(
+        kvs_client_seq_attend(c, 1, 0, Q, QH * HD, NULL, out, NULL), 0);
     kvs_client_close(c);
     /* The explicit "never" still exists, and limits are still checked. */
     o.request_timeout_ms = KVS_CLIENT_TIMEOUT_NONE;
