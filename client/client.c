@@ -8,9 +8,13 @@
  * answers (which arrive in completion order), and in a list in submission
  * order, whose head has the earliest deadline because every op gets the same
  * timeout. Completed ops wait in the client's done list until polled.
+ *
+ * C API values become messages and back only through proto/kvs_wire.h, the
+ * same conversion the daemon uses.
  */
 #include "kvs_client.h"
 #include "kvs_frame.h"
+#include "kvs_wire.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -277,7 +281,7 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
     *out = NULL;
     if (!o || !o->addrs || o->n_addrs == 0 || o->n_addrs > MAX_NODES)
         return KVS_EINVAL;
-    if (o->max_frame_bytes == 0 || o->max_frame_bytes > KVS_FRAME_MAX_BODY_LIMIT)
+    if (o->max_frame_bytes > KVS_FRAME_MAX_BODY_LIMIT)
         return KVS_EINVAL;
     kvs_client_t *c = calloc(1, sizeof(*c));
     if (!c)
@@ -290,9 +294,20 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         return KVS_ENOMEM;
     }
     c->n_nodes = o->n_addrs;
-    c->connect_timeout_ms = o->connect_timeout_ms;
-    c->request_timeout_ms = o->request_timeout_ms;
-    c->max_frame_bytes = o->max_frame_bytes;
+    /* Zero fields are defaults (a zero-filled struct must work); inside,
+     * 0 means "no timeout", as the rest of this file expects. */
+    kvs_client_options_t def;
+    kvs_client_options_default(&def);
+    c->connect_timeout_ms = o->connect_timeout_ms == KVS_CLIENT_TIMEOUT_NONE
+                                ? 0
+                            : o->connect_timeout_ms ? o->connect_timeout_ms
+                                                    : def.connect_timeout_ms;
+    c->request_timeout_ms = o->request_timeout_ms == KVS_CLIENT_TIMEOUT_NONE
+                                ? 0
+                            : o->request_timeout_ms ? o->request_timeout_ms
+                                                    : def.request_timeout_ms;
+    c->max_frame_bytes =
+        o->max_frame_bytes ? o->max_frame_bytes : def.max_frame_bytes;
     c->next_id = 1;
     for (size_t i = 0; i < o->n_addrs; i++) {
         c->nodes[i].fd = -1;
@@ -531,42 +546,20 @@ static void fill_result(kvs_client_op_t *op, const Kvs__V1__Response *r,
             return;
         }
         memcpy(op->output, a->output.data, a->output.len);
-        if (op->attend_stats) {
-            kvs_attend_stats_t *st = op->attend_stats;
-            memset(st, 0, sizeof(*st));
-            if (a->stats) {
-                st->keys_total = a->stats->keys_total;
-                st->keys_exact = a->stats->keys_exact;
-                st->keys_steady = a->stats->keys_steady;
-                st->clusters_total = a->stats->clusters_total;
-                st->clusters_retrieved = a->stats->clusters_retrieved;
-                st->clusters_estimated = a->stats->clusters_estimated;
-                st->clusters_skipped = a->stats->clusters_skipped;
-                st->seconds = a->stats->seconds;
-            }
-        }
+        if (op->attend_stats)
+            kvs_wire_attend_stats_from_pb(a->stats, op->attend_stats);
         return;
     }
     case KVS_CLIENT_INFO: {
         const Kvs__V1__InfoResponse *i = r->info;
         if (r->result_case != KVS__V1__RESPONSE__RESULT_INFO || !i)
             goto wrong;
-        kvs_seq_info_t *o = op->info;
-        memset(o, 0, sizeof(*o));
-        if (i->geometry) {
-            o->geometry.n_layers = i->geometry->n_layers;
-            o->geometry.n_q_heads = i->geometry->n_q_heads;
-            o->geometry.n_kv_heads = i->geometry->n_kv_heads;
-            o->geometry.head_dim = i->geometry->head_dim;
-            o->geometry.dtype = (kvs_dtype_t)i->geometry->dtype;
+        char why[160];
+        if (kvs_wire_seq_info_from_pb(i, op->info, why, sizeof(why))) {
+            /* A daemon that sends what this client cannot represent. */
+            *status = KVS_EPROTO;
+            snprintf(msg, msglen, "info: %s", why);
         }
-        o->tokens_min = i->tokens_min;
-        o->tokens_max = i->tokens_max;
-        o->indexed_tokens = i->indexed_tokens;
-        o->segments = i->segments;
-        o->builds_pending = i->builds_pending;
-        o->bytes = i->bytes;
-        o->index_bytes = i->index_bytes;
         return;
     }
     case KVS_CLIENT_STATS: {
@@ -575,27 +568,7 @@ static void fill_result(kvs_client_op_t *op, const Kvs__V1__Response *r,
             goto wrong;
         kvs_client_stats_t *o = op->stats;
         memset(o, 0, sizeof(*o));
-        o->store.sequences = s->sequences;
-        o->store.bytes = s->bytes;
-        o->store.index_bytes = s->index_bytes;
-        o->store.disk_bytes = s->disk_bytes;
-        o->store.quarantined = s->quarantined;
-        o->store.builds_pending = s->builds_pending;
-        o->store.builds_done = s->builds_done;
-        o->store.build_keys = s->build_keys;
-        o->store.build_seconds = s->build_seconds;
-        o->store.resident_bytes = s->resident_bytes;
-        o->store.evictions = s->evictions;
-        o->store.page_ins = s->page_ins;
-        o->store.expired = s->expired;
-        o->store.gpu_device = -1;
-        o->store.gpu_attends = s->gpu_attends;
-        o->store.gpu_fallbacks = s->gpu_fallbacks;
-        o->store.gpu_errors = s->gpu_errors;
-        o->store.gpu_bytes = s->gpu_bytes;
-        o->store.gpu_cache_lookups = s->gpu_cache_lookups;
-        o->store.gpu_cache_hits = s->gpu_cache_hits;
-        o->store.gpu_builds = s->gpu_builds;
+        kvs_wire_store_stats_from_pb(s, &o->store);
         snprintf(o->attend_path, sizeof(o->attend_path), "%s",
                  s->attend_path ? s->attend_path : "");
         snprintf(o->server_version, sizeof(o->server_version), "%s",
@@ -654,7 +627,7 @@ static int handle_frame(kvs_client_t *c, node_t *n,
         if (r->status) {
             /* Auth or version refused: every op queued behind it fails
              * with the server's reason. */
-            *fail_status = r->status;
+            *fail_status = kvs_wire_status_from_pb(r->status);
             snprintf(fail_msg, fail_len, "%s: %s", n->addr,
                      r->message && *r->message ? r->message
                                                : kvs_strerror(r->status));
@@ -663,7 +636,7 @@ static int handle_frame(kvs_client_t *c, node_t *n,
     } else {
         kvs_client_op_t *op = tab_take(n, h->request_id);
         if (op) {
-            int st = r->status;
+            int st = kvs_wire_status_from_pb(r->status);
             char msg[256] = "";
             if (st)
                 snprintf(msg, sizeof(msg), "%s",
@@ -677,7 +650,8 @@ static int handle_frame(kvs_client_t *c, node_t *n,
     if (!drop && (h->flags & KVS_FRAME_F_CLOSE)) {
         /* The server is closing (refusal, protocol error): the rest of the
          * ops cannot be answered. */
-        *fail_status = r->status ? r->status : KVS_ECONN;
+        *fail_status = r->status ? kvs_wire_status_from_pb(r->status)
+                                 : KVS_ECONN;
         snprintf(fail_msg, fail_len, "%s: server closed the connection: %s",
                  n->addr,
                  r->message && *r->message ? r->message
@@ -830,20 +804,6 @@ static void pump(kvs_client_t *c, int timeout_ms) {
 
 /* ---------------------------------------------------------------- submit */
 
-static Kvs__V1__DType dtype_msg(kvs_dtype_t d) { return (Kvs__V1__DType)d; }
-
-static void params_msg(const kvs_query_params_t *p, Kvs__V1__QueryParams *m) {
-    m->mode = p->mode == KVS_MODE_EXACT ? KVS__V1__MODE__MODE_EXACT
-                                        : KVS__V1__MODE__MODE_WAVE;
-    m->budget = p->budget == KVS_BUDGET_BOUNDED
-                    ? KVS__V1__BUDGET__BUDGET_BOUNDED
-                    : KVS__V1__BUDGET__BUDGET_FIXED;
-    m->retrieval_fraction = p->retrieval_fraction;
-    m->estimation_fraction = p->estimation_fraction;
-    m->epsilon = p->epsilon;
-    m->scale = p->scale;
-}
-
 static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
     Kvs__V1__PingRequest ping = KVS__V1__PING_REQUEST__INIT;
@@ -859,8 +819,9 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     Kvs__V1__InfoRequest in = KVS__V1__INFO_REQUEST__INIT;
     Kvs__V1__StatsRequest st = KVS__V1__STATS_REQUEST__INIT;
     Kvs__V1__ListSequencesRequest ls = KVS__V1__LIST_SEQUENCES_REQUEST__INIT;
-    if (op->params)
-        params_msg(op->params, &qp);
+    char why[160];
+    if (op->params && kvs_wire_params_to_pb(op->params, &qp, why, sizeof(why)))
+        return cfail(c, KVS_EINVAL, "params: %s", why);
 
     switch (op->type) {
     case KVS_CLIENT_PING:
@@ -870,11 +831,8 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
         req.ping = &ping;
         break;
     case KVS_CLIENT_CREATE:
-        geo.n_layers = op->geometry.n_layers;
-        geo.n_q_heads = op->geometry.n_q_heads;
-        geo.n_kv_heads = op->geometry.n_kv_heads;
-        geo.head_dim = op->geometry.head_dim;
-        geo.dtype = dtype_msg(op->geometry.dtype);
+        if (kvs_wire_geometry_to_pb(&op->geometry, &geo, why, sizeof(why)))
+            return cfail(c, KVS_EINVAL, "create: %s", why);
         cr.seq = op->seq;
         cr.geometry = &geo;
         cr.ttl_seconds = op->ttl_seconds;

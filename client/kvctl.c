@@ -35,7 +35,7 @@ static void usage(FILE *f) {
             "[$KVS_ADDR or 127.0.0.1:7700]\n"
             "  --token TOKEN    auth token [$KVS_AUTH_TOKEN]\n"
             "  --json           machine-readable output\n"
-            "  --timeout MS     request timeout [30000]\n\n"
+            "  --timeout MS     request timeout, 0 = none [30000]\n\n"
             "commands:\n"
             "  ping [--count N]                  round trip to every node\n"
             "  stats                             store and server counters "
@@ -843,7 +843,10 @@ int main(int argc, char **argv) {
     o.n_addrs = a.n_addrs;
     o.auth_token = a.token;
     o.client_name = "kvctl";
-    o.request_timeout_ms = a.timeout_ms;
+    /* --timeout 0 has always meant "no timeout"; in the options 0 is the
+     * default. */
+    o.request_timeout_ms = a.timeout_ms ? a.timeout_ms
+                                        : KVS_CLIENT_TIMEOUT_NONE;
     kvs_client_t *c;
     int rc = kvs_client_open(&o, &c);
     if (rc) {

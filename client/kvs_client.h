@@ -47,7 +47,12 @@ typedef struct kvs_client_s kvs_client_t;
 
 /* at_token of a fork that shares every token of the parent. */
 #define KVS_CLIENT_FORK_ALL UINT64_MAX
+/* A timeout of kvs_client_options_t that never expires (0 is the default,
+ * as for every field there). */
+#define KVS_CLIENT_TIMEOUT_NONE UINT32_MAX
 
+/* Zero-filled fields take the defaults below (kvs_client_options_default
+ * fills them in explicitly). */
 typedef struct kvs_client_options_s {
     /* Daemon addresses: "host:port", "[v6addr]:port", "tcp://host:port",
      * "unix:/path" or "unix:///path". At least one; at most 256. */
@@ -55,16 +60,19 @@ typedef struct kvs_client_options_s {
     size_t n_addrs;
     const char *auth_token;      /* NULL or "": send no token */
     const char *client_name;     /* logged by the server; NULL ok */
-    uint32_t connect_timeout_ms; /* default 2000 */
-    uint32_t request_timeout_ms; /* default 30000; 0 = wait forever */
-    uint32_t max_frame_bytes;    /* largest answer accepted; default 64 MiB */
+    uint32_t connect_timeout_ms; /* 0: 2000; KVS_CLIENT_TIMEOUT_NONE: wait
+                                    for the kernel's own timeout */
+    uint32_t request_timeout_ms; /* 0: 30000; KVS_CLIENT_TIMEOUT_NONE: wait
+                                    forever */
+    uint32_t max_frame_bytes;    /* largest answer accepted; 0: 64 MiB */
 } kvs_client_options_t;
 
 /* Fill opts with the defaults above (no addresses). */
 void kvs_client_options_default(kvs_client_options_t *opts);
 
 /* Validate the options and copy them. Does not connect.
- * Errors: KVS_EINVAL (no address, an unparsable one), KVS_ENOMEM. */
+ * Errors: KVS_EINVAL (no address, an unparsable one, max_frame_bytes above
+ * 1 GiB), KVS_ENOMEM. */
 int kvs_client_open(const kvs_client_options_t *opts, kvs_client_t **out);
 /* Close every connection; ops still pending are abandoned (never returned).
  * NULL is a no-op. */
@@ -79,7 +87,8 @@ size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq);
 
 /* Store stats plus the answering daemon's own counters. */
 typedef struct kvs_client_stats_s {
-    kvs_store_stats_t store; /* gpu_device is -1 here: see attend_path */
+    kvs_store_stats_t store; /* gpu_device -1: no GPU (or an older daemon
+                                that does not send it) */
     char attend_path[192];   /* "CUDA device N: name" or "CPU (why)" */
     char server_version[32];
     char node_id[128];

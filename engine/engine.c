@@ -1295,6 +1295,8 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         free(s);
         return rc;
     }
+    if (s->opts.sync == KVS_SYNC_DEFAULT) /* persist.c knows only the three */
+        s->opts.sync = KVS_SYNC_BATCH;
     if (s->opts.sync != KVS_SYNC_BATCH && s->opts.sync != KVS_SYNC_ALWAYS &&
         s->opts.sync != KVS_SYNC_NONE) {
         int mode = (int)s->opts.sync;
@@ -1654,6 +1656,13 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
         if (m.scale == 0)
             m.scale = d->scale;
     }
+    /* DEFAULT (0) takes the store's default, whose own DEFAULT is WAVE /
+     * FIXED: a zero-filled params struct must not run the slow reference. */
+    if (m.mode == KVS_MODE_DEFAULT)
+        m.mode = d->mode != KVS_MODE_DEFAULT ? d->mode : KVS_MODE_WAVE;
+    if (m.budget == KVS_BUDGET_DEFAULT)
+        m.budget = d->budget != KVS_BUDGET_DEFAULT ? d->budget
+                                                   : KVS_BUDGET_FIXED;
     if (m.mode != KVS_MODE_EXACT && m.mode != KVS_MODE_WAVE &&
         m.mode != KVS_MODE_FULL)
         return fail(s, KVS_EINVAL, "unknown mode %d", (int)m.mode);

@@ -54,28 +54,38 @@ typedef struct kvs_geometry_s {
     kvs_dtype_t dtype;   /* element type of appended keys/values */
 } kvs_geometry_t;
 
+/* Zero is DEFAULT in every enum here, so that a zero-filled params or
+ * options struct means "the defaults" field by field. The numbers are not
+ * stored on disk; on the wire proto/wire.c maps them (docs/protocol.md). */
 typedef enum kvs_mode_e {
-    /* Every key, accumulated in double: the reference (slow). */
-    KVS_MODE_EXACT = 0,
+    /* The store's default (kvs_options_t.defaults.mode; WAVE unless set). */
+    KVS_MODE_DEFAULT = 0,
     /* Tripartite attention over the wave index. */
     KVS_MODE_WAVE = 1,
+    /* Every key, accumulated in double: the reference (slow). */
+    KVS_MODE_EXACT = 2,
     /* Every key with the fp32 SIMD kernels: full attention as a decoder
      * would compute it; the speed baseline of the benchmarks. For search,
      * the same as EXACT. */
-    KVS_MODE_FULL = 2,
+    KVS_MODE_FULL = 3,
 } kvs_mode_t;
 
 typedef enum kvs_budget_e {
+    /* The store's default (kvs_options_t.defaults.budget; FIXED unless
+     * set). */
+    KVS_BUDGET_DEFAULT = 0,
     /* Retrieval and estimation zones are fixed fractions of the clusters. */
-    KVS_BUDGET_FIXED = 0,
+    KVS_BUDGET_FIXED = 1,
     /* Retrieval clusters are added until the estimated attention mass left
      * outside the steady and retrieval zones is below epsilon; the
      * estimation zone is then the next estimation_fraction of clusters. */
-    KVS_BUDGET_BOUNDED = 1,
+    KVS_BUDGET_BOUNDED = 2,
 } kvs_budget_t;
 
 /* How one search/attend call sizes its zones. Zero-initialised fields take
- * the store's defaults (kvs_query_params_default). */
+ * the store's defaults (kvs_options_t.defaults): a zero-filled struct is the
+ * same as passing NULL. The three zone numbers go together: when all three
+ * are 0 all three come from the defaults, else each is taken as given. */
 typedef struct kvs_query_params_s {
     kvs_mode_t mode;
     kvs_budget_t budget;
@@ -91,13 +101,14 @@ typedef struct kvs_query_params_s {
 
 /* When an append to a persistent store is acknowledged. */
 typedef enum kvs_sync_e {
-    KVS_SYNC_BATCH = 0,  /* group commit: appends return after an fsync
-                            of the WAL that covers them; one fsync serves
-                            every append made while the previous one ran,
-                            at most one per sync_interval_ms (default) */
-    KVS_SYNC_ALWAYS = 1, /* fsync of the WAL before each append returns */
-    KVS_SYNC_NONE = 2,   /* written to the WAL, not fsynced: survives a
-                            process crash, not a power loss */
+    KVS_SYNC_DEFAULT = 0, /* KVS_SYNC_BATCH */
+    KVS_SYNC_BATCH = 1,   /* group commit: appends return after an fsync
+                             of the WAL that covers them; one fsync serves
+                             every append made while the previous one ran,
+                             at most one per sync_interval_ms */
+    KVS_SYNC_ALWAYS = 2,  /* fsync of the WAL before each append returns */
+    KVS_SYNC_NONE = 3,    /* written to the WAL, not fsynced: survives a
+                             process crash, not a power loss */
 } kvs_sync_t;
 
 /* Store-wide options. Initialise with kvs_options_default(). */
@@ -126,7 +137,10 @@ typedef struct kvs_options_s {
     uint32_t kmeans_iters;    /* spherical k-means iterations; default 10 */
     uint32_t sink_tokens;     /* first tokens always exact; default 4 */
     uint32_t window_tokens;   /* last indexed tokens always exact; 64 */
-    kvs_query_params_t defaults; /* for fields a call leaves 0 */
+    /* For fields a call leaves 0. Its own DEFAULT mode and budget mean
+     * WAVE and FIXED, and all three zone numbers 0 mean 0.018 / 0.232 /
+     * 0.02. */
+    kvs_query_params_t defaults;
     /* GPU attend path (docs/gpu.md). With a CUDA device ordinal here, a
      * build with CUDA and that device present (sm_90), wave-mode attends
      * with a fixed budget on F16/BF16 sequences of head_dim 128 run on the
@@ -156,7 +170,9 @@ typedef struct kvs_options_s {
 
 /* Fill `opts` with the defaults above. */
 void kvs_options_default(kvs_options_t *opts);
-/* Fill `params` with wave mode, fixed budget and the default fractions. */
+/* Fill `params` with wave mode, fixed budget and the default fractions
+ * (explicit values: they do not follow a store's own defaults, a
+ * zero-filled struct does). */
 void kvs_query_params_default(kvs_query_params_t *params);
 
 /*

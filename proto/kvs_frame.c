@@ -8,6 +8,7 @@
  * drives these functions with arbitrary bytes.
  */
 #include "kvs_frame.h"
+#include "kvs_wire.h"
 
 #include <assert.h>
 #include <stdarg.h>
@@ -300,28 +301,16 @@ const char *kvs_frame_op_name(Kvs__V1__Request__OpCase op) {
     }
 }
 
-static size_t dtype_bytes(Kvs__V1__DType d) {
-    switch (d) {
-    case KVS__V1__DTYPE__DTYPE_F32:
-        return 4;
-    case KVS__V1__DTYPE__DTYPE_F16:
-    case KVS__V1__DTYPE__DTYPE_BF16:
-        return 2;
-    default:
-        return 0;
-    }
-}
-
 static int check_params(const Kvs__V1__QueryParams *p, char *err,
                         size_t errlen) {
     if (!p)
         return 0;
-    if ((unsigned)p->mode > KVS__V1__MODE__MODE_WAVE)
-        return kvs__ferr(err, errlen, KVS_EINVAL, "unknown mode %d",
-                         (int)p->mode);
-    if ((unsigned)p->budget > KVS__V1__BUDGET__BUDGET_BOUNDED)
-        return kvs__ferr(err, errlen, KVS_EINVAL, "unknown budget %d",
-                         (int)p->budget);
+    /* The enum domains are the conversion's: what it maps is what the
+     * workers can run. */
+    kvs_query_params_t c;
+    int rc = kvs_wire_params_from_pb(p, &c, err, errlen);
+    if (rc)
+        return rc;
     /* NaN fails every comparison, so it is caught by the negated tests. */
     if (!(p->retrieval_fraction >= 0 && p->retrieval_fraction <= 1) ||
         !(p->estimation_fraction >= 0 && p->estimation_fraction <= 1))
@@ -338,10 +327,11 @@ static int check_params(const Kvs__V1__QueryParams *p, char *err,
 
 static int check_queries(const ProtobufCBinaryData *q, Kvs__V1__DType dt,
                          char *err, size_t errlen) {
-    size_t es = dtype_bytes(dt);
-    if (es == 0)
+    kvs_dtype_t cdt;
+    if (kvs_wire_dtype_from_pb(dt, &cdt, NULL, 0))
         return kvs__ferr(err, errlen, KVS_EINVAL, "unknown query dtype %d",
                          (int)dt);
+    size_t es = kvs_dtype_size(cdt);
     if (q->len == 0 || q->len % es)
         return kvs__ferr(err, errlen, KVS_EINVAL,
                          "queries must be a non-empty whole number of %zu-byte "
@@ -365,9 +355,10 @@ static int check_request(const Kvs__V1__Request *req,
         if (!g)
             return kvs__ferr(err, errlen, KVS_EINVAL,
                              "create needs a geometry");
-        if (dtype_bytes(g->dtype) == 0)
-            return kvs__ferr(err, errlen, KVS_EINVAL, "unknown dtype %d",
-                             (int)g->dtype);
+        kvs_geometry_t cg;
+        int rc = kvs_wire_geometry_from_pb(g, &cg, err, errlen);
+        if (rc)
+            return rc;
         if (lim && lim->max_head_dim && g->head_dim > lim->max_head_dim)
             return kvs__ferr(err, errlen, KVS_ETOOBIG,
                              "head_dim %u exceeds max_head_dim %u",

@@ -8,7 +8,11 @@
  * (kvs_seq_info) before the engine sees it, under a per-sequence read lock
  * that create/drop take for writing: a drop and re-create with another
  * geometry cannot slip between the check and the call.
+ *
+ * Messages become C API values only through proto/kvs_wire.h, the same
+ * conversion the client uses.
  */
+#include "kvs_wire.h"
 #include "server_int.h"
 
 #include <math.h>
@@ -42,6 +46,10 @@ static int engine_fail(op_ctx_t *c, int rc, const char *what) {
     const char *detail = kvs_store_errmsg(c->store);
     return fail(c, rc, "%s: %s", what,
                 detail && *detail ? detail : kvs_strerror(rc));
+}
+
+static uint64_t w_max_frame(const op_ctx_t *c) {
+    return c->w->srv->cfg->max_frame_bytes;
 }
 
 static pthread_rwlock_t *seq_lock(kvs_server_t *srv, uint64_t seq) {
@@ -78,17 +86,21 @@ static float f16_to_f32(uint16_t h) {
 /* Queries as fp32 [n][head_dim]: borrowed from the message when already
  * fp32 (malloc'ed by protobuf-c, so aligned), converted otherwise. */
 static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
-                       Kvs__V1__DType dt, const kvs_geometry_t *g,
+                       Kvs__V1__DType wire_dt, const kvs_geometry_t *g,
                        const float **out, float **owned) {
-    size_t es = dt == KVS__V1__DTYPE__DTYPE_F32 ? 4 : 2;
-    size_t n = (size_t)g->n_q_heads * g->head_dim;
     *owned = NULL;
+    kvs_dtype_t dt;
+    int rc = kvs_wire_dtype_from_pb(wire_dt, &dt, c->msg, sizeof(c->msg));
+    if (rc)
+        return rc;
+    size_t es = kvs_dtype_size(dt);
+    size_t n = (size_t)g->n_q_heads * g->head_dim;
     if (q->len != n * es)
         return fail(c, KVS_EGEOMETRY,
                     "queries hold %zu bytes; the sequence needs %u heads x %u "
                     "dims x %zu bytes = %zu",
                     q->len, g->n_q_heads, g->head_dim, es, n * es);
-    if (dt == KVS__V1__DTYPE__DTYPE_F32) {
+    if (dt == KVS_DTYPE_F32) {
         *out = (const float *)(const void *)q->data;
         return 0;
     }
@@ -98,7 +110,7 @@ static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
     const uint8_t *p = q->data;
     for (size_t i = 0; i < n; i++) {
         uint16_t h = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8));
-        if (dt == KVS__V1__DTYPE__DTYPE_BF16) {
+        if (dt == KVS_DTYPE_BF16) {
             uint32_t bits = (uint32_t)h << 16;
             memcpy(&f[i], &bits, 4);
         } else {
@@ -110,53 +122,22 @@ static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
     return 0;
 }
 
-static void params_from_msg(const Kvs__V1__QueryParams *m,
-                            kvs_query_params_t *p) {
-    /* Zero fields take the store's defaults (kvstore.h), so only map what
-     * the client set. The wire's DEFAULT (0) maps to the engine's 0 field
-     * as well: the engine treats zero-initialised params as its defaults. */
-    memset(p, 0, sizeof(*p));
-    kvs_query_params_default(p);
-    if (!m)
-        return;
-    if (m->mode == KVS__V1__MODE__MODE_EXACT)
-        p->mode = KVS_MODE_EXACT;
-    else if (m->mode == KVS__V1__MODE__MODE_WAVE)
-        p->mode = KVS_MODE_WAVE;
-    if (m->budget == KVS__V1__BUDGET__BUDGET_FIXED)
-        p->budget = KVS_BUDGET_FIXED;
-    else if (m->budget == KVS__V1__BUDGET__BUDGET_BOUNDED)
-        p->budget = KVS_BUDGET_BOUNDED;
-    if (m->retrieval_fraction > 0)
-        p->retrieval_fraction = m->retrieval_fraction;
-    if (m->estimation_fraction > 0)
-        p->estimation_fraction = m->estimation_fraction;
-    if (m->epsilon > 0)
-        p->epsilon = m->epsilon;
-    if (m->scale > 0)
-        p->scale = m->scale;
-}
-
-static void geometry_to_msg(const kvs_geometry_t *g, Kvs__V1__Geometry *m) {
-    m->n_layers = g->n_layers;
-    m->n_q_heads = g->n_q_heads;
-    m->n_kv_heads = g->n_kv_heads;
-    m->head_dim = g->head_dim;
-    m->dtype = (Kvs__V1__DType)g->dtype;
+/* A wire conversion failure: its reason is already in c->msg. */
+static int wire_fail(op_ctx_t *c, int rc, const char *what) {
+    char why[sizeof(c->msg)];
+    snprintf(why, sizeof(why), "%s", c->msg);
+    return fail(c, rc, "%s: %s", what, why);
 }
 
 static int op_create(op_ctx_t *c, const Kvs__V1__CreateSequenceRequest *r) {
-    const Kvs__V1__Geometry *m = r->geometry;
-    kvs_geometry_t g = {
-        .n_layers = m->n_layers,
-        .n_q_heads = m->n_q_heads,
-        .n_kv_heads = m->n_kv_heads,
-        .head_dim = m->head_dim,
-        .dtype = (kvs_dtype_t)m->dtype,
-    };
+    kvs_geometry_t g;
+    int rc = kvs_wire_geometry_from_pb(r->geometry, &g, c->msg,
+                                       sizeof(c->msg));
+    if (rc)
+        return wire_fail(c, rc, "create");
     pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
     pthread_rwlock_wrlock(l);
-    int rc = kvs_seq_create(c->store, r->seq, &g);
+    rc = kvs_seq_create(c->store, r->seq, &g);
     if (!rc && r->ttl_seconds) {
         rc = kvs_seq_set_ttl(c->store, r->seq, r->ttl_seconds);
         if (rc) /* all or nothing: no sequence without its TTL */
@@ -220,7 +201,26 @@ static int op_search(op_ctx_t *c, const Kvs__V1__SearchRequest *r,
     const float *q;
     if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
         goto out;
-    /* Bound k before allocating outputs sized by it. */
+    kvs_query_params_t p;
+    if ((rc = kvs_wire_params_from_pb(r->params, &p, c->msg,
+                                      sizeof(c->msg)))) {
+        rc = wire_fail(c, rc, "search");
+        goto out;
+    }
+    /* Bound k before allocating outputs sized by it: the reply (a position
+     * and a score per head and rank) must fit one frame, or a huge k on a
+     * long layer would allocate gigabytes only to be refused at encoding. */
+    uint64_t reply = (uint64_t)r->k * g->n_q_heads *
+                     (sizeof(int64_t) + sizeof(float));
+    if (reply > w_max_frame(c)) {
+        rc = fail(c, KVS_ETOOBIG,
+                  "search reply of k %u x %u heads x %zu bytes = %llu bytes "
+                  "exceeds max_frame_bytes %llu",
+                  r->k, g->n_q_heads, sizeof(int64_t) + sizeof(float),
+                  (unsigned long long)reply,
+                  (unsigned long long)w_max_frame(c));
+        goto out;
+    }
     if (r->k > tokens) {
         rc = fail(c, KVS_ERANGE, "k %u exceeds the %llu tokens of layer %u",
                   r->k, (unsigned long long)tokens, r->layer);
@@ -235,8 +235,6 @@ static int op_search(op_ctx_t *c, const Kvs__V1__SearchRequest *r,
         rc = fail(c, KVS_ENOMEM, "out of memory for %zu results", n);
         goto out;
     }
-    kvs_query_params_t p;
-    params_from_msg(r->params, &p);
     rc = kvs_seq_search(c->store, r->seq, r->layer, q, r->k, &p, pos, sc);
     if (rc) {
         rc = engine_fail(c, rc, "search");
@@ -270,6 +268,12 @@ static int op_attend(op_ctx_t *c, const Kvs__V1__AttendRequest *r,
     const float *q;
     if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
         goto out;
+    kvs_query_params_t p;
+    if ((rc = kvs_wire_params_from_pb(r->params, &p, c->msg,
+                                      sizeof(c->msg)))) {
+        rc = wire_fail(c, rc, "attend");
+        goto out;
+    }
     size_t n = (size_t)g->n_q_heads * g->head_dim;
     float *o = malloc(n * sizeof(float));
     bufs[0] = o;
@@ -277,8 +281,6 @@ static int op_attend(op_ctx_t *c, const Kvs__V1__AttendRequest *r,
         rc = fail(c, KVS_ENOMEM, "out of memory for the output");
         goto out;
     }
-    kvs_query_params_t p;
-    params_from_msg(r->params, &p);
     kvs_attend_stats_t s;
     memset(&s, 0, sizeof(s));
     rc = kvs_seq_attend(c->store, r->seq, r->layer, q, &p, o, &s);
@@ -288,14 +290,7 @@ static int op_attend(op_ctx_t *c, const Kvs__V1__AttendRequest *r,
     }
     out->output.data = (uint8_t *)o;
     out->output.len = n * sizeof(float);
-    st->keys_total = s.keys_total;
-    st->keys_exact = s.keys_exact;
-    st->keys_steady = s.keys_steady;
-    st->clusters_total = s.clusters_total;
-    st->clusters_retrieved = s.clusters_retrieved;
-    st->clusters_estimated = s.clusters_estimated;
-    st->clusters_skipped = s.clusters_skipped;
-    st->seconds = s.seconds;
+    kvs_wire_attend_stats_to_pb(&s, st);
     out->stats = st;
 out:
     pthread_rwlock_unlock(l);
@@ -334,16 +329,8 @@ static int op_info(op_ctx_t *c, const Kvs__V1__InfoRequest *r,
     int rc = kvs_seq_info(c->store, r->seq, &info);
     if (rc)
         return engine_fail(c, rc, "info");
-    geometry_to_msg(&info.geometry, gm);
-    out->geometry = gm;
-    out->tokens_min = info.tokens_min;
-    out->tokens_max = info.tokens_max;
-    out->indexed_tokens = info.indexed_tokens;
-    out->segments = info.segments;
-    out->builds_pending = info.builds_pending;
-    out->bytes = info.bytes;
-    out->index_bytes = info.index_bytes;
-    return 0;
+    rc = kvs_wire_seq_info_to_pb(&info, out, gm, c->msg, sizeof(c->msg));
+    return rc ? wire_fail(c, rc, "info") : 0;
 }
 
 static int op_stats(op_ctx_t *c, Kvs__V1__StatsResponse *out) {
@@ -353,27 +340,8 @@ static int op_stats(op_ctx_t *c, Kvs__V1__StatsResponse *out) {
     if (rc)
         return engine_fail(c, rc, "stats");
     kvs__work_t *w = c->w;
-    out->sequences = s.sequences;
-    out->bytes = s.bytes;
-    out->index_bytes = s.index_bytes;
-    out->disk_bytes = s.disk_bytes;
-    out->quarantined = s.quarantined;
-    out->builds_pending = s.builds_pending;
-    out->builds_done = s.builds_done;
-    out->build_keys = s.build_keys;
-    out->build_seconds = s.build_seconds;
-    out->resident_bytes = s.resident_bytes;
-    out->evictions = s.evictions;
-    out->page_ins = s.page_ins;
-    out->expired = s.expired;
+    kvs_wire_store_stats_to_pb(&s, out);
     out->attend_path = (char *)kvs_store_gpu_info(c->store);
-    out->gpu_attends = s.gpu_attends;
-    out->gpu_fallbacks = s.gpu_fallbacks;
-    out->gpu_errors = s.gpu_errors;
-    out->gpu_bytes = s.gpu_bytes;
-    out->gpu_cache_lookups = s.gpu_cache_lookups;
-    out->gpu_cache_hits = s.gpu_cache_hits;
-    out->gpu_builds = s.gpu_builds;
     out->server_version = (char *)KVS_SERVER_VERSION;
     out->node_id = w->srv->node_id;
     out->uptime_seconds = (double)(uv_hrtime() - w->srv->start_ns) / 1e9;
@@ -488,7 +456,7 @@ void kvs__op_run(kvs__work_t *w) {
     if (rc) {
         /* An error carries no result: clients must not read half a result. */
         resp.result_case = KVS__V1__RESPONSE__RESULT__NOT_SET;
-        resp.status = rc;
+        resp.status = kvs_wire_status_to_pb(rc);
         resp.message = c.msg;
     }
     resp.request_id = w->request_id;
@@ -515,7 +483,7 @@ uint8_t *kvs__error_frame(uint64_t request_id, uint16_t flags, int status,
                           const char *message, size_t *len) {
     Kvs__V1__Response resp = KVS__V1__RESPONSE__INIT;
     resp.request_id = request_id;
-    resp.status = status;
+    resp.status = kvs_wire_status_to_pb(status);
     resp.message = (char *)(message ? message : kvs_strerror(status));
     uint8_t *f = NULL;
     if (kvs_frame_encode(request_id, flags | KVS_FRAME_F_RESPONSE, &resp.base,

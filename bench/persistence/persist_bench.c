@@ -164,12 +164,14 @@ int main(int argc, char **argv) {
 
     /* 1. Append throughput. */
     const char *names[] = {"batch", "always", "none"};
+    const kvs_sync_t modes[] = {KVS_SYNC_BATCH, KVS_SYNC_ALWAYS,
+                                KVS_SYNC_NONE};
     double mb[3][2], aps[3][2];
     for (int m = 0; m < 3; m++)
         for (int c = 0; c < 2; c++) {
             uint32_t chunk = c == 0 ? 1 : 256;
             mb[m][c] =
-                append_rate(base, (kvs_sync_t)m, chunk, 1, secs, &aps[m][c]);
+                append_rate(base, modes[m], chunk, 1, secs, &aps[m][c]);
             fprintf(stderr,
                     "  sync %-6s %3u token(s)/append: %8.1f MB/s "
                     "(%.0f appends/s)\n",

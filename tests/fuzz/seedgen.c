@@ -89,6 +89,13 @@ int main(int argc, char **argv) {
     q.op_case = KVS__V1__REQUEST__OP_ATTEND;
     q.attend = &at;
     frame(dir, "attend", 0, &q.base);
+    /* Every mode has a wire value now (MODE_FULL = 3). */
+    Kvs__V1__QueryParams fp = KVS__V1__QUERY_PARAMS__INIT;
+    fp.mode = KVS__V1__MODE__MODE_FULL;
+    fp.budget = KVS__V1__BUDGET__BUDGET_FIXED;
+    at.params = &fp;
+    frame(dir, "attend-full", 0, &q.base);
+    at.params = NULL;
 
     Kvs__V1__ForkRequest fk = KVS__V1__FORK_REQUEST__INIT;
     fk.src = 7, fk.dst = 8, fk.at_token = 100;

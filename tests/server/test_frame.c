@@ -48,7 +48,12 @@ static void test_frame_header_roundtrip(void **state) {
     assert_int_equal(kvs_frame_header_decode(b, sizeof(b), 1 << 20, &o, NULL,
                                              0),
                      0);
-    assert_memory_equal(&h, &o, sizeof(h));
+    /* Field by field: the struct's padding bytes are not data. */
+    assert_int_equal(o.magic, h.magic);
+    assert_int_equal(o.version, h.version);
+    assert_int_equal(o.flags, h.flags);
+    assert_true(o.request_id == h.request_id);
+    assert_int_equal(o.body_len, h.body_len);
 }
 
 static void test_frame_header_errors(void **state) {
