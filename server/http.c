@@ -56,7 +56,7 @@ typedef struct kvs__http_s {
     kvs_server_t *srv;
     uv_timer_t sweeper;
     http_conn_t *conns;
-    uint32_t n_conns; /* accepted and not refused */
+    uint32_t n_conns; /* counted connections not yet closing */
     unsigned refs;    /* sweeper + every connection handle */
     bool stopped;
     uint64_t accepted, refused, timed_out;
@@ -373,7 +373,7 @@ struct http_conn_s {
     char buf[HTTP_MAX_REQUEST];
     size_t len;
     bool answered;
-    bool refused; /* over the limit: not in n_conns */
+    bool counted; /* in n_conns: accepted within the limit, not closing */
     bool closing;
     uv_write_t wreq;
     char *resp;
@@ -394,8 +394,6 @@ static void http_closed(uv_handle_t *handle) {
         h->conns = hc->next;
     if (hc->next)
         hc->next->prev = hc->prev;
-    if (!hc->refused)
-        h->n_conns--;
     free(hc->resp);
     free(hc);
     http_unref(h);
@@ -405,6 +403,14 @@ static void http_close(http_conn_t *hc) {
     if (hc->closing)
         return;
     hc->closing = true;
+    /* Uncounted now, not in the close callback: uv_close has closed the
+     * socket already, and a client that saw it go may connect again
+     * before the callback runs (later in this loop iteration); it must
+     * find the slot free. */
+    if (hc->counted) {
+        hc->counted = false;
+        hc->h->n_conns--;
+    }
     uv_close((uv_handle_t *)&hc->tcp, http_closed);
 }
 
@@ -509,7 +515,6 @@ static void http_on_connection(uv_stream_t *l, int status) {
         h->conns->prev = hc;
     h->conns = hc;
     h->refs++;
-    hc->refused = true; /* until counted below */
     if (uv_accept(l, (uv_stream_t *)&hc->tcp)) {
         http_close(hc);
         return;
@@ -531,7 +536,7 @@ static void http_on_connection(uv_stream_t *l, int status) {
         http_close(hc);
         return;
     }
-    hc->refused = false;
+    hc->counted = true;
     h->n_conns++;
     h->accepted++;
     hc->deadline = uv_now(l->loop) + srv->cfg->http_timeout_ms;
@@ -543,7 +548,7 @@ static void http_sweep(uv_timer_t *t) {
     kvs__http_t *h = t->data;
     uint64_t now = uv_now(t->loop);
     for (http_conn_t *hc = h->conns; hc; hc = hc->next) {
-        if (hc->closing || hc->refused || now < hc->deadline)
+        if (hc->closing || !hc->counted || now < hc->deadline)
             continue;
         h->timed_out++;
         kvs__log(KVS__LOG_DEBUG, "http_timeout", "answered=%s",
