@@ -249,6 +249,22 @@ static void test_server_unix_socket_path(void **state) {
     assert_true(log_has(d.log, "type=directory"));
     rmdir(path);
 
+    /* A symlink (here to a file): refused; neither link nor target goes. */
+    char target[128];
+    snprintf(target, sizeof(target), "%.80s/target", d.dir);
+    f = fopen(target, "w");
+    assert_non_null(f);
+    fputs("keep\n", f);
+    fclose(f);
+    assert_int_equal(symlink(target, path), 0);
+    assert_true(start_fails(&d, extra));
+    assert_int_equal(lstat(path, &st), 0);
+    assert_true(S_ISLNK(st.st_mode));
+    assert_int_equal(access(target, F_OK), 0);
+    assert_true(log_has(d.log, "type=symlink"));
+    unlink(path);
+    unlink(target);
+
     /* A live socket (someone listens): refused, and left working. */
     int l = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
