@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -124,6 +125,34 @@ static bool start_fails(test_daemon_t *d, const char *const *extra) {
     return true;
 }
 
+/* The daemons of the running test. A failed assertion leaves the test
+ * at once: reap() then kills what it left running and removes its files,
+ * so no daemon outlives the test binary. */
+static test_daemon_t D, R;
+
+static int fresh(void **state) {
+    (void)state;
+    memset(&D, 0, sizeof(D));
+    memset(&R, 0, sizeof(R));
+    return 0;
+}
+
+static void kill_and_clean(test_daemon_t *d) {
+    if (d->pid > 0) {
+        kill(d->pid, SIGKILL);
+        waitpid(d->pid, NULL, 0);
+        d->pid = 0;
+    }
+    td_cleanup(d);
+}
+
+static int reap(void **state) {
+    (void)state;
+    kill_and_clean(&D);
+    kill_and_clean(&R);
+    return 0;
+}
+
 /* ------------------------------------------------------------ HTTP port */
 
 /* Over the limit: answered 503 and closed at once, RPC unaffected; within
@@ -131,21 +160,20 @@ static bool start_fails(test_daemon_t *d, const char *const *extra) {
 static void test_server_http_limit_and_timeout(void **state) {
     (void)state;
     enum { LIMIT = 8, OVER = 200, TIMEOUT_MS = 3000 };
-    test_daemon_t d = {0};
     const char *extra[] = {
         "--data-dir", "",  "--http-max-connections", "8", "--http-timeout-ms",
         "3000",       NULL};
-    assert_int_equal(td_start(&d, extra), 0);
+    assert_int_equal(td_start(&D, extra), 0);
 
     int idle[LIMIT];
     double t_open = now_s();
     for (int i = 0; i < LIMIT; i++) {
-        idle[i] = td_raw_connect(d.http_port, false);
+        idle[i] = td_raw_connect(D.http_port, false);
         assert_true(idle[i] >= 0);
     }
     sleep_ms(100); /* let the daemon accept (and count) them */
     for (int i = 0; i < OVER; i++) {
-        int fd = td_raw_connect(d.http_port, false);
+        int fd = td_raw_connect(D.http_port, false);
         assert_true(fd >= 0);
         char buf[256] = "";
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
@@ -157,8 +185,8 @@ static void test_server_http_limit_and_timeout(void **state) {
         close(fd);
     }
     /* The RPC port still takes connections. */
-    assert_true(ping_ok(&d, 0));
-    assert_true(ping_ok(&d, 2));
+    assert_true(ping_ok(&D, 0));
+    assert_true(ping_ok(&D, 2));
     /* Else the idle ones may have timed out during the loop, and some of
      * the OVER were let in: the test would prove nothing. */
     assert_true(now_s() - t_open < TIMEOUT_MS / 1000.0);
@@ -170,7 +198,7 @@ static void test_server_http_limit_and_timeout(void **state) {
     assert_true(now_s() - t_open >= TIMEOUT_MS / 1000.0 * 0.9);
 
     int status = 0;
-    char *m = td_http_get(d.http_port, "/metrics", &status);
+    char *m = td_http_get(D.http_port, "/metrics", &status);
     assert_non_null(m);
     assert_int_equal(status, 200);
     assert_true(td_metric(m, "kvstored_http_connections_refused_total") ==
@@ -178,52 +206,96 @@ static void test_server_http_limit_and_timeout(void **state) {
     assert_true(td_metric(m, "kvstored_http_timeouts_total") >= LIMIT);
     assert_true(td_metric(m, "kvstored_http_connections") == 1); /* this */
     free(m);
-    assert_true(log_has(d.log, "event=http_refused"));
+    assert_true(log_has(D.log, "event=http_refused"));
     double secs;
-    assert_int_equal(stop_within(&d, 5000, &secs), 0);
-    td_cleanup(&d);
+    assert_int_equal(stop_within(&D, 5000, &secs), 0);
+    td_cleanup(&D);
+}
+
+/* The report: thousands of idle HTTP connections used up the daemon's file
+ * descriptors, and RPC connections were then accepted and dropped. Here
+ * with the daemon's limit lowered to 160 descriptors (prlimit) and 400 idle
+ * HTTP connections. */
+static void test_server_http_fd_exhaustion(void **state) {
+    (void)state;
+    enum { N = 400 };
+    struct rlimit mine;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &mine), 0);
+    if (mine.rlim_cur < N + 64) {
+        fprintf(stderr, "SKIP: this process may open only %llu files\n",
+                (unsigned long long)mine.rlim_cur);
+        skip();
+    }
+    const char *extra[] = {"--data-dir", "", NULL};
+    assert_int_equal(td_start(&D, extra), 0);
+    struct rlimit low = {160, 160};
+    assert_int_equal(prlimit(D.pid, RLIMIT_NOFILE, &low, NULL), 0);
+    int *fds = calloc(N, sizeof(int));
+    assert_non_null(fds);
+    for (int i = 0; i < N; i++) {
+        fds[i] = td_raw_connect(D.http_port, false);
+        assert_true(fds[i] >= 0);
+    }
+    sleep_ms(200);
+    for (int i = 0; i < 3; i++) {
+        assert_true(ping_ok(&D, 0));
+        assert_true(ping_ok(&D, 1));
+        assert_true(ping_ok(&D, 2));
+    }
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    free(fds);
+    sleep_ms(100);
+    int status = 0;
+    char *m = td_http_get(D.http_port, "/metrics", &status);
+    assert_non_null(m);
+    assert_int_equal(status, 200);
+    assert_true(td_metric(m, "kvstored_http_connections_refused_total") >=
+                N - 64);
+    free(m);
+    double secs;
+    assert_int_equal(stop_within(&D, 8000, &secs), 0);
+    td_cleanup(&D);
 }
 
 /* An idle HTTP connection used to keep the loop, and so the daemon, alive
  * forever after SIGTERM. */
 static void test_server_http_idle_shutdown(void **state) {
     (void)state;
-    test_daemon_t d = {0};
     /* The default http_timeout_ms (10 s) is well past the 5 s allowed:
      * the stop, not the timeout, must close them. */
     const char *extra[] = {"--data-dir", "", NULL};
-    assert_int_equal(td_start(&d, extra), 0);
+    assert_int_equal(td_start(&D, extra), 0);
     int fds[6];
     for (int i = 0; i < 6; i++) {
-        fds[i] = td_raw_connect(d.http_port, false);
+        fds[i] = td_raw_connect(D.http_port, false);
         assert_true(fds[i] >= 0);
     }
     /* One with half a request, one with a request it never reads. */
     assert_int_equal(td_send_all(fds[0], "GET /metr", 9), 0);
     assert_int_equal(td_send_all(fds[1], "GET /metrics HTTP/1.1\r\n\r\n", 25),
                      0);
-    assert_true(ping_ok(&d, 0));
+    assert_true(ping_ok(&D, 0));
     sleep_ms(100);
     double secs;
-    assert_int_equal(stop_within(&d, 8000, &secs), 0);
+    assert_int_equal(stop_within(&D, 8000, &secs), 0);
     assert_true(secs < 5.0);
     for (int i = 0; i < 6; i++) {
         assert_true(td_wait_eof(fds[i], 1000));
         close(fds[i]);
     }
-    assert_true(log_has(d.log, "event=http_closed"));
-    td_cleanup(&d);
+    assert_true(log_has(D.log, "event=http_closed"));
+    td_cleanup(&D);
 }
 
 /* --------------------------------------------------------- Unix socket */
 
 static void test_server_unix_socket_path(void **state) {
     (void)state;
-    test_daemon_t d = {0};
-    snprintf(d.dir, sizeof(d.dir), "/tmp/kvs-hard-test-XXXXXX");
-    assert_non_null(mkdtemp(d.dir));
+    snprintf(D.dir, sizeof(D.dir), "/tmp/kvs-hard-test-XXXXXX");
+    assert_non_null(mkdtemp(D.dir));
     char path[100]; /* fits sun_path */
-    snprintf(path, sizeof(path), "%.80s/notasock", d.dir);
+    snprintf(path, sizeof(path), "%.80s/notasock", D.dir);
 
     /* A regular file: refused, kept, contents intact. */
     FILE *f = fopen(path, "w");
@@ -231,37 +303,37 @@ static void test_server_unix_socket_path(void **state) {
     fputs("precious\n", f);
     fclose(f);
     const char *extra[] = {"--data-dir", "", "--unix-socket", path, NULL};
-    assert_true(start_fails(&d, extra));
+    assert_true(start_fails(&D, extra));
     char *s = slurp(path);
     assert_non_null(s);
     assert_string_equal(s, "precious\n");
     free(s);
-    assert_true(log_has(d.log, "event=unix_socket_path_taken"));
-    assert_true(log_has(d.log, "type=file"));
+    assert_true(log_has(D.log, "event=unix_socket_path_taken"));
+    assert_true(log_has(D.log, "type=file"));
     unlink(path);
 
     /* A directory: refused, kept. */
     assert_int_equal(mkdir(path, 0700), 0);
-    assert_true(start_fails(&d, extra));
+    assert_true(start_fails(&D, extra));
     struct stat st;
     assert_int_equal(lstat(path, &st), 0);
     assert_true(S_ISDIR(st.st_mode));
-    assert_true(log_has(d.log, "type=directory"));
+    assert_true(log_has(D.log, "type=directory"));
     rmdir(path);
 
     /* A symlink (here to a file): refused; neither link nor target goes. */
     char target[128];
-    snprintf(target, sizeof(target), "%.80s/target", d.dir);
+    snprintf(target, sizeof(target), "%.80s/target", D.dir);
     f = fopen(target, "w");
     assert_non_null(f);
     fputs("keep\n", f);
     fclose(f);
     assert_int_equal(symlink(target, path), 0);
-    assert_true(start_fails(&d, extra));
+    assert_true(start_fails(&D, extra));
     assert_int_equal(lstat(path, &st), 0);
     assert_true(S_ISLNK(st.st_mode));
     assert_int_equal(access(target, F_OK), 0);
-    assert_true(log_has(d.log, "type=symlink"));
+    assert_true(log_has(D.log, "type=symlink"));
     unlink(path);
     unlink(target);
 
@@ -271,8 +343,8 @@ static void test_server_unix_socket_path(void **state) {
     snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
     assert_int_equal(bind(l, (struct sockaddr *)&sa, sizeof(sa)), 0);
     assert_int_equal(listen(l, 4), 0);
-    assert_true(start_fails(&d, extra));
-    assert_true(log_has(d.log, "event=unix_socket_in_use"));
+    assert_true(start_fails(&D, extra));
+    assert_true(log_has(D.log, "event=unix_socket_in_use"));
     int c = socket(AF_UNIX, SOCK_STREAM, 0);
     assert_int_equal(connect(c, (struct sockaddr *)&sa, sizeof(sa)), 0);
     close(c);
@@ -280,14 +352,14 @@ static void test_server_unix_socket_path(void **state) {
     close(l);
     assert_int_equal(lstat(path, &st), 0);
     assert_true(S_ISSOCK(st.st_mode));
-    assert_int_equal(td_start(&d, extra), 0);
-    assert_true(log_has(d.log, "event=unix_socket_stale"));
-    snprintf(d.sock, sizeof(d.sock), "%s", path);
-    assert_true(ping_ok(&d, 2));
-    assert_int_equal(td_stop(&d), 0);
+    assert_int_equal(td_start(&D, extra), 0);
+    assert_true(log_has(D.log, "event=unix_socket_stale"));
+    snprintf(D.sock, sizeof(D.sock), "%s", path);
+    assert_true(ping_ok(&D, 2));
+    assert_int_equal(td_stop(&D), 0);
     /* Our own socket is removed at exit. */
     assert_int_equal(lstat(path, &st), -1);
-    td_cleanup(&d);
+    td_cleanup(&D);
 }
 
 /* ------------------------------------------------------- file modes */
@@ -295,43 +367,42 @@ static void test_server_unix_socket_path(void **state) {
 static void test_server_file_modes(void **state) {
     (void)state;
     mode_t old = umask(022); /* the usual umask: 0755 dirs, 0644 files */
-    test_daemon_t d = {0};
     const char *extra[] = {"--log-file", NULL, NULL};
-    snprintf(d.dir, sizeof(d.dir), "/tmp/kvs-hard-test-XXXXXX");
-    assert_non_null(mkdtemp(d.dir));
+    snprintf(D.dir, sizeof(D.dir), "/tmp/kvs-hard-test-XXXXXX");
+    assert_non_null(mkdtemp(D.dir));
     char logf[256], path[256];
-    snprintf(logf, sizeof(logf), "%s/kvstored.log", d.dir);
+    snprintf(logf, sizeof(logf), "%s/kvstored.log", D.dir);
     extra[1] = logf;
-    assert_int_equal(td_start(&d, extra), 0);
-    snprintf(path, sizeof(path), "%s/data", d.dir);
+    assert_int_equal(td_start(&D, extra), 0);
+    snprintf(path, sizeof(path), "%s/data", D.dir);
     assert_int_equal(file_mode(path), 0700);
-    assert_int_equal(file_mode(d.sock), 0660);
-    snprintf(path, sizeof(path), "%s/port", d.dir);
+    assert_int_equal(file_mode(D.sock), 0660);
+    snprintf(path, sizeof(path), "%s/port", D.dir);
     assert_int_equal(file_mode(path), 0600);
     assert_int_equal(file_mode(logf), 0600);
     assert_true(log_wait(logf, "event=ready", 5000));
     assert_false(log_has(logf, "data_dir_permissions"));
-    assert_true(ping_ok(&d, 2));
-    assert_int_equal(td_stop(&d), 0);
+    assert_true(ping_ok(&D, 2));
+    assert_int_equal(td_stop(&D), 0);
 
     /* An existing data dir open to others: served, with a warning. */
-    snprintf(path, sizeof(path), "%s/data", d.dir);
+    snprintf(path, sizeof(path), "%s/data", D.dir);
     assert_int_equal(chmod(path, 0755), 0);
     const char *extra2[] = {"--unix-socket-mode", "0600", NULL};
-    assert_int_equal(td_start(&d, extra2), 0);
-    assert_int_equal(file_mode(d.sock), 0600);
+    assert_int_equal(td_start(&D, extra2), 0);
+    assert_int_equal(file_mode(D.sock), 0600);
     assert_int_equal(file_mode(path), 0755); /* not ours to chmod */
-    assert_true(log_has(d.log, "event=data_dir_permissions"));
-    assert_true(ping_ok(&d, 2));
-    assert_int_equal(td_stop(&d), 0);
+    assert_true(log_has(D.log, "event=data_dir_permissions"));
+    assert_true(ping_ok(&D, 2));
+    assert_int_equal(td_stop(&D), 0);
 
     /* Decimal-looking or out-of-range modes are configuration errors. */
     const char *bad[] = {"--unix-socket-mode", "660x", NULL};
-    assert_true(start_fails(&d, bad));
-    assert_true(log_has(d.log, "unix_socket_mode must be octal"));
+    assert_true(start_fails(&D, bad));
+    assert_true(log_has(D.log, "unix_socket_mode must be octal"));
     const char *bad2[] = {"--unix-socket-mode", "1777", NULL};
-    assert_true(start_fails(&d, bad2));
-    td_cleanup(&d);
+    assert_true(start_fails(&D, bad2));
+    td_cleanup(&D);
     umask(old);
 }
 
@@ -340,52 +411,49 @@ static void test_server_file_modes(void **state) {
 static void test_server_sighup(void **state) {
     (void)state;
     /* Without a log file: logged and ignored. */
-    test_daemon_t d = {0};
     const char *extra[] = {"--data-dir", "", NULL};
-    assert_int_equal(td_start(&d, extra), 0);
-    assert_int_equal(kill(d.pid, SIGHUP), 0);
-    assert_true(log_wait(d.log, "signal=SIGHUP action=ignored", 5000));
-    assert_int_equal(waitpid(d.pid, NULL, WNOHANG), 0); /* still running */
-    assert_true(ping_ok(&d, 0));
-    assert_int_equal(td_stop(&d), 0);
-    td_cleanup(&d);
+    assert_int_equal(td_start(&D, extra), 0);
+    assert_int_equal(kill(D.pid, SIGHUP), 0);
+    assert_true(log_wait(D.log, "signal=SIGHUP action=ignored", 5000));
+    assert_int_equal(waitpid(D.pid, NULL, WNOHANG), 0); /* still running */
+    assert_true(ping_ok(&D, 0));
+    assert_int_equal(td_stop(&D), 0);
+    td_cleanup(&D);
 
     /* With one: rotated like logrotate does (rename, SIGHUP). */
-    test_daemon_t r = {0};
-    snprintf(r.dir, sizeof(r.dir), "/tmp/kvs-hard-test-XXXXXX");
-    assert_non_null(mkdtemp(r.dir));
+    snprintf(R.dir, sizeof(R.dir), "/tmp/kvs-hard-test-XXXXXX");
+    assert_non_null(mkdtemp(R.dir));
     char logf[256], rotated[256];
-    snprintf(logf, sizeof(logf), "%s/kvstored.log", r.dir);
-    snprintf(rotated, sizeof(rotated), "%s/kvstored.log.1", r.dir);
+    snprintf(logf, sizeof(logf), "%s/kvstored.log", R.dir);
+    snprintf(rotated, sizeof(rotated), "%s/kvstored.log.1", R.dir);
     const char *extra2[] = {"--data-dir", "", "--log-file", logf, NULL};
-    assert_int_equal(td_start(&r, extra2), 0);
+    assert_int_equal(td_start(&R, extra2), 0);
     assert_true(log_wait(logf, "event=ready", 5000));
     assert_int_equal(rename(logf, rotated), 0);
-    assert_int_equal(kill(r.pid, SIGHUP), 0);
+    assert_int_equal(kill(R.pid, SIGHUP), 0);
     assert_true(log_wait(logf, "action=log_reopen", 5000));
     assert_true(log_has(logf, "status=ok"));
     assert_int_equal(file_mode(logf), 0600);
-    assert_true(ping_ok(&r, 0));
-    assert_int_equal(td_stop(&r), 0);
+    assert_true(ping_ok(&R, 0));
+    assert_int_equal(td_stop(&R), 0);
     /* The shutdown went to the new file, nothing more to the old one. */
     assert_true(log_has(logf, "event=exit"));
     assert_false(log_has(rotated, "event=exit"));
     assert_false(log_has(rotated, "log_reopen"));
-    td_cleanup(&r);
+    td_cleanup(&R);
 }
 
 /* --------------------------------------------------------- auth token */
 
 static void test_server_auth_token_sources(void **state) {
     (void)state;
-    test_daemon_t d = {0};
     const char *extra[] = {"--data-dir", "", "--auth-token", "s3cret-flag",
                            NULL};
-    assert_int_equal(td_start(&d, extra), 0);
-    assert_true(log_has(d.log, "event=auth_token_on_command_line"));
+    assert_int_equal(td_start(&D, extra), 0);
+    assert_true(log_has(D.log, "event=auth_token_on_command_line"));
     /* Blanked in /proc/PID/cmdline, still the token. */
     char path[64];
-    snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)d.pid);
+    snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)D.pid);
     FILE *f = fopen(path, "r");
     assert_non_null(f);
     char cmd[4096];
@@ -394,35 +462,35 @@ static void test_server_auth_token_sources(void **state) {
     assert_true(n > 0);
     assert_null(memmem(cmd, n, "s3cret", 6));
     assert_non_null(memmem(cmd, n, "xxxxxxxxxxx", 11));
-    kvs_client_t *c = td_client(&d, 0, "s3cret-flag");
+    kvs_client_t *c = td_client(&D, 0, "s3cret-flag");
     assert_non_null(c);
     assert_int_equal(kvs_client_ping(c, 0), 0);
     kvs_client_close(c);
-    assert_int_equal(td_stop(&d), 0);
+    assert_int_equal(td_stop(&D), 0);
 
     /* From a file: no command-line warning; one for a readable file. */
     char tf[256];
-    snprintf(tf, sizeof(tf), "%s/token", d.dir);
+    snprintf(tf, sizeof(tf), "%s/token", D.dir);
     f = fopen(tf, "w");
     assert_non_null(f);
     fputs("s3cret-file\n", f);
     fclose(f);
     assert_int_equal(chmod(tf, 0644), 0);
     const char *extra2[] = {"--data-dir", "", "--auth-token-file", tf, NULL};
-    assert_int_equal(td_start(&d, extra2), 0);
-    assert_true(log_has(d.log, "event=auth_token_file_permissions"));
-    c = td_client(&d, 0, "s3cret-file");
+    assert_int_equal(td_start(&D, extra2), 0);
+    assert_true(log_has(D.log, "event=auth_token_file_permissions"));
+    c = td_client(&D, 0, "s3cret-file");
     assert_non_null(c);
     assert_int_equal(kvs_client_ping(c, 0), 0);
     kvs_client_close(c);
-    assert_int_equal(td_stop(&d), 0);
+    assert_int_equal(td_stop(&D), 0);
     assert_int_equal(chmod(tf, 0600), 0);
-    unlink(d.log); /* the log appends: look at this run's lines only */
-    assert_int_equal(td_start(&d, extra2), 0);
-    assert_false(log_has(d.log, "auth_token_file_permissions"));
-    assert_false(log_has(d.log, "auth_token_on_command_line"));
-    assert_int_equal(td_stop(&d), 0);
-    td_cleanup(&d);
+    unlink(D.log); /* the log appends: look at this run's lines only */
+    assert_int_equal(td_start(&D, extra2), 0);
+    assert_false(log_has(D.log, "auth_token_file_permissions"));
+    assert_false(log_has(D.log, "auth_token_on_command_line"));
+    assert_int_equal(td_stop(&D), 0);
+    td_cleanup(&D);
 }
 
 /* ------------------------------------------------------------ metrics */
@@ -546,16 +614,15 @@ static int check_exposition(const char *body) {
 
 static void test_server_metrics_conventions(void **state) {
     (void)state;
-    test_daemon_t d = {0};
-    assert_int_equal(td_start(&d, NULL), 0);
-    kvs_client_t *c = td_client(&d, 0, NULL);
+    assert_int_equal(td_start(&D, NULL), 0);
+    kvs_client_t *c = td_client(&D, 0, NULL);
     assert_non_null(c);
     assert_int_equal(kvs_client_ping(c, 0), 0);
     kvs_client_close(c);
     int status = 0;
-    char *h = td_http_get(d.http_port, "/healthz", &status); /* an http conn */
+    char *h = td_http_get(D.http_port, "/healthz", &status); /* an http conn */
     free(h);
-    char *m = td_http_get(d.http_port, "/metrics", &status);
+    char *m = td_http_get(D.http_port, "/metrics", &status);
     assert_non_null(m);
     assert_int_equal(status, 200);
     int n = check_exposition(m);
@@ -587,8 +654,8 @@ static void test_server_metrics_conventions(void **state) {
     assert_non_null(strstr(m, "kvstored_request_duration_seconds_bucket{op="
                               "\"ping\",le=\"+Inf\"}"));
     free(m);
-    assert_int_equal(td_stop(&d), 0);
-    td_cleanup(&d);
+    assert_int_equal(td_stop(&D), 0);
+    td_cleanup(&D);
 }
 
 /* promtool (Debian: package prometheus) is the reference linter; CI hosts
@@ -610,16 +677,15 @@ static void test_server_metrics_promtool(void **state) {
                         "installed (apt-get install prometheus)\n");
         skip();
     }
-    test_daemon_t d = {0};
-    assert_int_equal(td_start(&d, NULL), 0);
-    assert_true(ping_ok(&d, 0));
+    assert_int_equal(td_start(&D, NULL), 0);
+    assert_true(ping_ok(&D, 0));
     int status = 0;
-    char *m = td_http_get(d.http_port, "/metrics", &status);
+    char *m = td_http_get(D.http_port, "/metrics", &status);
     assert_non_null(m);
     assert_int_equal(status, 200);
     char in[256], out[256], cmd[1024];
-    snprintf(in, sizeof(in), "%s/metrics.txt", d.dir);
-    snprintf(out, sizeof(out), "%s/promtool.txt", d.dir);
+    snprintf(in, sizeof(in), "%s/metrics.txt", D.dir);
+    snprintf(out, sizeof(out), "%s/promtool.txt", D.dir);
     FILE *f = fopen(in, "w");
     assert_non_null(f);
     fputs(m, f);
@@ -632,21 +698,29 @@ static void test_server_metrics_promtool(void **state) {
     if (rc != 0 || (said && said[0]))
         fail_msg("promtool check metrics: status %d: %s", rc, said ? said : "");
     free(said);
-    assert_int_equal(td_stop(&d), 0);
-    td_cleanup(&d);
+    assert_int_equal(td_stop(&D), 0);
+    td_cleanup(&D);
 }
 
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_server_http_limit_and_timeout),
-        cmocka_unit_test(test_server_http_idle_shutdown),
-        cmocka_unit_test(test_server_unix_socket_path),
-        cmocka_unit_test(test_server_file_modes),
-        cmocka_unit_test(test_server_sighup),
-        cmocka_unit_test(test_server_auth_token_sources),
-        cmocka_unit_test(test_server_metrics_conventions),
-        cmocka_unit_test(test_server_metrics_promtool),
+        cmocka_unit_test_setup_teardown(test_server_http_limit_and_timeout,
+                                        fresh, reap),
+        cmocka_unit_test_setup_teardown(test_server_http_fd_exhaustion, fresh,
+                                        reap),
+        cmocka_unit_test_setup_teardown(test_server_http_idle_shutdown, fresh,
+                                        reap),
+        cmocka_unit_test_setup_teardown(test_server_unix_socket_path, fresh,
+                                        reap),
+        cmocka_unit_test_setup_teardown(test_server_file_modes, fresh, reap),
+        cmocka_unit_test_setup_teardown(test_server_sighup, fresh, reap),
+        cmocka_unit_test_setup_teardown(test_server_auth_token_sources, fresh,
+                                        reap),
+        cmocka_unit_test_setup_teardown(test_server_metrics_conventions, fresh,
+                                        reap),
+        cmocka_unit_test_setup_teardown(test_server_metrics_promtool, fresh,
+                                        reap),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
