@@ -229,7 +229,10 @@ static void test_server_http_fd_exhaustion(void **state) {
     const char *extra[] = {"--data-dir", "", NULL};
     assert_int_equal(td_start(&D, extra), 0);
     struct rlimit low = {160, 160};
-    assert_int_equal(prlimit(D.pid, RLIMIT_NOFILE, &low, NULL), 0);
+    if (prlimit(D.pid, RLIMIT_NOFILE, &low, NULL) != 0) {
+        fprintf(stderr, "SKIP: prlimit on the daemon: %s\n", strerror(errno));
+        skip(); /* reap() stops the daemon */
+    }
     int *fds = calloc(N, sizeof(int));
     assert_non_null(fds);
     for (int i = 0; i < N; i++) {
