@@ -312,6 +312,16 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
     if (cfg->unix_socket[0] && strlen(cfg->unix_socket) >= 100)
         return cerr(err, errlen, KVS_EINVAL,
                     "unix_socket path is longer than 99 bytes");
+    /* Octal only, as chmod(1) takes it: read as decimal, "660" would be
+     * another mode altogether. */
+    const char *m = cfg->unix_socket_mode;
+    size_t ml = strlen(m);
+    if (ml < 1 || ml > 4 || strspn(m, "01234567") != ml ||
+        strtoul(m, NULL, 8) > 0777)
+        return cerr(err, errlen, KVS_EINVAL,
+                    "unix_socket_mode must be octal permissions such as "
+                    "0660, not \"%s\"",
+                    m);
     return 0;
 }
 

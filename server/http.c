@@ -7,17 +7,26 @@
  * connection, headers capped at 8 KiB, the answer written and the connection
  * closed. Metrics are counters owned by the loop thread, which also runs this
  * code, so reading them needs no locks.
+ *
+ * The port is open to anything that can reach it, so it is bounded like the
+ * RPC port: at most http_max_connections at once (more are answered 503 and
+ * closed at once, so idle sockets cannot use up the descriptors the RPC
+ * listener needs), each closed http_timeout_ms after it was accepted whether
+ * or not its request came in or its answer went out, and all of them closed
+ * when the server stops (an idle one used to keep the loop, and so the
+ * process, alive forever after SIGTERM).
  */
 #include "server_int.h"
 
+#include <assert.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 static const double bucket_le[KVS__N_BUCKETS] = {
-    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
-    10e-3, 25e-3,  50e-3,  100e-3, 250e-3, 1.0, 5.0};
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3,   2.5e-3, 5e-3,
+    10e-3, 25e-3,  50e-3,  100e-3, 250e-3, 1.0,    5.0};
 
 static int status_index(int status) {
     if (status <= -1001 && status > -1001 - (KVS__N_STATUS - 1))
@@ -38,6 +47,22 @@ void kvs__metrics_observe(kvs__metrics_t *m, int op, int status,
     m->hist[op][b]++;
     m->seconds_sum[op] += seconds;
 }
+
+/* The HTTP endpoint's own state; srv->http.data points here. It outlives
+ * the listener: freed when the sweep timer and the last connection have
+ * closed (refs). */
+typedef struct http_conn_s http_conn_t;
+typedef struct kvs__http_s {
+    kvs_server_t *srv;
+    uv_timer_t sweeper;
+    http_conn_t *conns;
+    uint32_t n_conns; /* counted connections not yet closing */
+    unsigned refs;    /* sweeper + every connection handle */
+    bool stopped;
+    uint64_t accepted, refused, timed_out;
+} kvs__http_t;
+
+/* ------------------------------------------------------- metric writer */
 
 /* A growable text buffer; on allocation failure it stops growing and the
  * scrape is truncated rather than crashing the daemon. */
@@ -79,210 +104,319 @@ static void sb_printf(sbuf_t *b, const char *fmt, ...) {
     }
 }
 
+typedef enum { MT_COUNTER, MT_GAUGE, MT_HISTOGRAM } mtype_t;
+
+typedef struct mlabel_s {
+    const char *name, *value;
+} mlabel_t;
+
+/* Every sample goes through metric() or metric_hist(), which write a
+ * family's # HELP and # TYPE lines before its first sample, so that no
+ * metric can go out undocumented (13 did). A family's samples must be
+ * written one after the other: a family seen again later would get a
+ * second, invalid, HELP line. */
+typedef struct mwriter_s {
+    sbuf_t b;
+    const char *family;
+} mwriter_t;
+
+static bool ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && !strcmp(s + n - m, suffix);
+}
+
+static void mw_family(mwriter_t *w, const char *name, mtype_t type,
+                      const char *help) {
+    static const char *names[] = {"counter", "gauge", "histogram"};
+    /* Prometheus conventions, checked where the names are written. */
+    assert(type != MT_COUNTER || ends_with(name, "_total"));
+    assert(type == MT_COUNTER || !ends_with(name, "_total"));
+    assert(help && help[0]);
+    if (w->family && !strcmp(w->family, name))
+        return;
+    w->family = name;
+    /* HELP text escapes only backslash and newline. */
+    sb_printf(&w->b, "# HELP %s ", name);
+    for (const char *p = help; *p; p++) {
+        if (*p == '\\')
+            sb_printf(&w->b, "\\\\");
+        else if (*p == '\n')
+            sb_printf(&w->b, "\\n");
+        else
+            sb_printf(&w->b, "%c", *p);
+    }
+    sb_printf(&w->b, "\n# TYPE %s %s\n", name, names[type]);
+}
+
+static void mw_sample(mwriter_t *w, const char *name, const char *suffix,
+                      const mlabel_t *labels, size_t n_labels, const char *le,
+                      double value) {
+    sb_printf(&w->b, "%s%s", name, suffix);
+    if (n_labels || le) {
+        sb_printf(&w->b, "{");
+        for (size_t i = 0; i < n_labels + (le ? 1 : 0); i++) {
+            const char *k = i < n_labels ? labels[i].name : "le";
+            const char *v = i < n_labels ? labels[i].value : le;
+            sb_printf(&w->b, "%s%s=\"", i ? "," : "", k);
+            for (const char *p = v; *p; p++) {
+                if (*p == '\\' || *p == '"')
+                    sb_printf(&w->b, "\\%c", *p);
+                else if (*p == '\n')
+                    sb_printf(&w->b, "\\n");
+                else
+                    sb_printf(&w->b, "%c", *p);
+            }
+            sb_printf(&w->b, "\"");
+        }
+        sb_printf(&w->b, "}");
+    }
+    /* 15 significant digits: integers stay exact up to 1e15, and a value
+     * is a float64 to Prometheus anyway. */
+    sb_printf(&w->b, " %.15g\n", value);
+}
+
+/* One sample of a counter or gauge, with its family's HELP and TYPE. */
+static void metric(mwriter_t *w, const char *name, mtype_t type,
+                   const char *help, const mlabel_t *labels, size_t n_labels,
+                   double value) {
+    assert(type != MT_HISTOGRAM);
+    mw_family(w, name, type, help);
+    mw_sample(w, name, "", labels, n_labels, NULL, value);
+}
+
+/* One histogram: cumulative _bucket lines (counts has n_le + 1 entries, the
+ * last for +Inf), then _sum and _count. */
+static void metric_hist(mwriter_t *w, const char *name, const char *help,
+                        const mlabel_t *labels, size_t n_labels,
+                        const double *le, const uint64_t *counts, size_t n_le,
+                        double sum) {
+    mw_family(w, name, MT_HISTOGRAM, help);
+    uint64_t cum = 0;
+    for (size_t i = 0; i <= n_le; i++) {
+        char bound[32];
+        if (i < n_le)
+            snprintf(bound, sizeof(bound), "%g", le[i]);
+        else
+            snprintf(bound, sizeof(bound), "+Inf");
+        cum += counts[i];
+        mw_sample(w, name, "_bucket", labels, n_labels, bound, (double)cum);
+    }
+    mw_sample(w, name, "_sum", labels, n_labels, NULL, sum);
+    mw_sample(w, name, "_count", labels, n_labels, NULL, (double)cum);
+}
+
 static const char *op_label(int op) {
-    return op == 0 ? "invalid" : kvs_frame_op_name((Kvs__V1__Request__OpCase)op);
+    return op == 0 ? "invalid"
+                   : kvs_frame_op_name((Kvs__V1__Request__OpCase)op);
 }
 
 static const char *status_label(int idx) {
     return idx == 0 ? "errno" : kvs_err_name(-1000 - idx);
 }
 
+#define C MT_COUNTER
+#define G MT_GAUGE
+
 void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
-    sbuf_t b = {0};
+    mwriter_t w = {0};
     const kvs__metrics_t *m = &srv->m;
 
-    sb_printf(&b, "# HELP kvstored_requests_total Requests answered, by "
-                  "op.\n# TYPE kvstored_requests_total counter\n");
-    for (int op = 0; op < KVS__N_OPS; op++)
-        sb_printf(&b, "kvstored_requests_total{op=\"%s\"} %llu\n",
-                  op_label(op), (unsigned long long)m->requests[op]);
-
-    sb_printf(&b, "# HELP kvstored_errors_total Requests answered with an "
-                  "error, by op and status.\n# TYPE kvstored_errors_total "
-                  "counter\n");
+    for (int op = 0; op < KVS__N_OPS; op++) {
+        mlabel_t l[] = {{"op", op_label(op)}};
+        metric(&w, "kvstored_requests_total", C, "Requests answered, by op.", l,
+               1, (double)m->requests[op]);
+    }
     for (int op = 0; op < KVS__N_OPS; op++)
         for (int s = 0; s < KVS__N_STATUS; s++)
-            if (m->errors[op][s])
-                sb_printf(&b,
-                          "kvstored_errors_total{op=\"%s\",status=\"%s\"} "
-                          "%llu\n",
-                          op_label(op), status_label(s),
-                          (unsigned long long)m->errors[op][s]);
-
-    sb_printf(&b, "# HELP kvstored_request_duration_seconds Time from a "
-                  "request's decode to its answer being queued, by op.\n"
-                  "# TYPE kvstored_request_duration_seconds histogram\n");
+            if (m->errors[op][s]) {
+                mlabel_t l[] = {{"op", op_label(op)},
+                                {"status", status_label(s)}};
+                metric(&w, "kvstored_errors_total", C,
+                       "Requests answered with an error, by op and status.", l,
+                       2, (double)m->errors[op][s]);
+            }
     for (int op = 1; op < KVS__N_OPS; op++) {
-        uint64_t cum = 0;
-        for (int i = 0; i <= KVS__N_BUCKETS; i++) {
-            cum += m->hist[op][i];
-            if (i < KVS__N_BUCKETS)
-                sb_printf(&b,
-                          "kvstored_request_duration_seconds_bucket{op=\"%s\","
-                          "le=\"%g\"} %llu\n",
-                          op_label(op), bucket_le[i], (unsigned long long)cum);
-            else
-                sb_printf(&b,
-                          "kvstored_request_duration_seconds_bucket{op=\"%s\","
-                          "le=\"+Inf\"} %llu\n",
-                          op_label(op), (unsigned long long)cum);
-        }
-        sb_printf(&b,
-                  "kvstored_request_duration_seconds_sum{op=\"%s\"} %.9f\n"
-                  "kvstored_request_duration_seconds_count{op=\"%s\"} %llu\n",
-                  op_label(op), m->seconds_sum[op], op_label(op),
-                  (unsigned long long)cum);
+        mlabel_t l[] = {{"op", op_label(op)}};
+        metric_hist(&w, "kvstored_request_duration_seconds",
+                    "Time from a request's decode to its answer being "
+                    "queued, by op.",
+                    l, 1, bucket_le, m->hist[op], KVS__N_BUCKETS,
+                    m->seconds_sum[op]);
     }
-
-    sb_printf(&b,
-              "# TYPE kvstored_received_bytes_total counter\n"
-              "kvstored_received_bytes_total %llu\n"
-              "# TYPE kvstored_sent_bytes_total counter\n"
-              "kvstored_sent_bytes_total %llu\n"
-              "# TYPE kvstored_connections gauge\n"
-              "kvstored_connections %u\n"
-              "# TYPE kvstored_connections_total counter\n"
-              "kvstored_connections_total %llu\n"
-              "# TYPE kvstored_connections_refused_total counter\n"
-              "kvstored_connections_refused_total %llu\n"
-              "# TYPE kvstored_protocol_errors_total counter\n"
-              "kvstored_protocol_errors_total %llu\n"
-              "# TYPE kvstored_auth_failures_total counter\n"
-              "kvstored_auth_failures_total %llu\n"
-              "# TYPE kvstored_idle_closed_total counter\n"
-              "kvstored_idle_closed_total %llu\n"
-              "# TYPE kvstored_inflight_requests gauge\n"
-              "kvstored_inflight_requests %llu\n"
-              "# TYPE kvstored_uptime_seconds gauge\n"
-              "kvstored_uptime_seconds %.3f\n",
-              (unsigned long long)m->bytes_in,
-              (unsigned long long)m->bytes_out, srv->n_conns,
-              (unsigned long long)m->connections_total,
-              (unsigned long long)m->connections_refused,
-              (unsigned long long)m->protocol_errors,
-              (unsigned long long)m->auth_failures,
-              (unsigned long long)m->idle_closed,
-              (unsigned long long)srv->inflight,
-              (double)(uv_hrtime() - srv->start_ns) / 1e9);
+    metric(&w, "kvstored_received_bytes_total", C,
+           "Bytes read from client connections.", NULL, 0, (double)m->bytes_in);
+    metric(&w, "kvstored_sent_bytes_total", C,
+           "Bytes of answers queued to client connections.", NULL, 0,
+           (double)m->bytes_out);
+    metric(&w, "kvstored_connections", G,
+           "Client connections open (refused ones not counted).", NULL, 0,
+           srv->n_conns);
+    metric(&w, "kvstored_connections_total", C,
+           "Client connections accepted since start.", NULL, 0,
+           (double)m->connections_total);
+    metric(&w, "kvstored_connections_refused_total", C,
+           "Client connections refused (max_connections or draining).", NULL, 0,
+           (double)m->connections_refused);
+    metric(&w, "kvstored_protocol_errors_total", C,
+           "Connections closed for a frame that broke the protocol.", NULL, 0,
+           (double)m->protocol_errors);
+    metric(&w, "kvstored_auth_failures_total", C,
+           "Requests refused for want of a valid Hello token.", NULL, 0,
+           (double)m->auth_failures);
+    metric(&w, "kvstored_idle_closed_total", C,
+           "Client connections closed by idle_timeout_ms.", NULL, 0,
+           (double)m->idle_closed);
+    metric(&w, "kvstored_inflight_requests", G, "Requests on the worker pool.",
+           NULL, 0, (double)srv->inflight);
+    metric(&w, "kvstored_uptime_seconds", G,
+           "Seconds since the server started.", NULL, 0,
+           (double)(uv_hrtime() - srv->start_ns) / 1e9);
+    const kvs__http_t *h = srv->http.data;
+    if (srv->have_http && h) {
+        metric(&w, "kvstored_http_connections", G,
+               "Connections open on the HTTP port.", NULL, 0, h->n_conns);
+        metric(&w, "kvstored_http_connections_total", C,
+               "Connections accepted on the HTTP port.", NULL, 0,
+               (double)h->accepted);
+        metric(&w, "kvstored_http_connections_refused_total", C,
+               "HTTP connections refused with 503 over "
+               "http_max_connections.",
+               NULL, 0, (double)h->refused);
+        metric(&w, "kvstored_http_timeouts_total", C,
+               "HTTP connections closed by http_timeout_ms.", NULL, 0,
+               (double)h->timed_out);
+    }
 
     kvs_store_stats_t st;
     memset(&st, 0, sizeof(st));
     st.gpu_device = -1;
-    if (srv->store && kvs_store_stats(srv->store, &st) == 0)
-        sb_printf(&b,
-                  "# HELP kvstore_sequences Sequences in the store.\n"
-                  "# TYPE kvstore_sequences gauge\n"
-                  "kvstore_sequences %llu\n"
-                  "# HELP kvstore_ram_bytes RAM held by sequences (raw K/V "
-                  "plus index).\n# TYPE kvstore_ram_bytes gauge\n"
-                  "kvstore_ram_bytes %llu\n"
-                  "# TYPE kvstore_index_bytes gauge\n"
-                  "kvstore_index_bytes %llu\n"
-                  "# HELP kvstore_build_backlog Index segment builds queued "
-                  "or running.\n# TYPE kvstore_build_backlog gauge\n"
-                  "kvstore_build_backlog %llu\n"
-                  "# TYPE kvstore_builds_total counter\n"
-                  "kvstore_builds_total %llu\n"
-                  "# TYPE kvstore_build_seconds_total counter\n"
-                  "kvstore_build_seconds_total %.6f\n"
-                  "# HELP kvstore_disk_bytes Bytes of the data directory "
-                  "(0 in memory mode).\n# TYPE kvstore_disk_bytes gauge\n"
-                  "kvstore_disk_bytes %llu\n"
-                  "# HELP kvstore_quarantined_sequences Sequences refused "
-                  "after damage was found.\n"
-                  "# TYPE kvstore_quarantined_sequences gauge\n"
-                  "kvstore_quarantined_sequences %llu\n",
-                  (unsigned long long)st.sequences,
-                  (unsigned long long)st.bytes,
-                  (unsigned long long)st.index_bytes,
-                  (unsigned long long)st.builds_pending,
-                  (unsigned long long)st.builds_done, st.build_seconds,
-                  (unsigned long long)st.disk_bytes,
-                  (unsigned long long)st.quarantined);
-    if (srv->store)
-        sb_printf(&b,
-                  "# HELP kvstore_resident_bytes K/V and index bytes counted "
-                  "against memory-bytes.\n"
-                  "# TYPE kvstore_resident_bytes gauge\n"
-                  "kvstore_resident_bytes %llu\n"
-                  "# HELP kvstore_evictions_total Sequences evicted to the "
-                  "data directory by the memory budget.\n"
-                  "# TYPE kvstore_evictions_total counter\n"
-                  "kvstore_evictions_total %llu\n"
-                  "# HELP kvstore_page_ins_total Evicted sequences paged "
-                  "back in.\n# TYPE kvstore_page_ins_total counter\n"
-                  "kvstore_page_ins_total %llu\n"
-                  "# HELP kvstore_expired_total Sequences dropped by their "
-                  "idle TTL.\n# TYPE kvstore_expired_total counter\n"
-                  "kvstore_expired_total %llu\n",
-                  (unsigned long long)st.resident_bytes,
-                  (unsigned long long)st.evictions,
-                  (unsigned long long)st.page_ins,
-                  (unsigned long long)st.expired);
-    if (srv->store && st.gpu_device >= 0)
-        sb_printf(&b,
-                  "# HELP kvstore_gpu_attends_total Attend calls served on "
-                  "the GPU.\n# TYPE kvstore_gpu_attends_total counter\n"
-                  "kvstore_gpu_attends_total %llu\n"
-                  "# HELP kvstore_gpu_fallbacks_total Wave attends the GPU "
-                  "path did not take (served on the CPU).\n"
-                  "# TYPE kvstore_gpu_fallbacks_total counter\n"
-                  "kvstore_gpu_fallbacks_total %llu\n"
-                  "# HELP kvstore_gpu_errors_total GPU failures, redone on "
-                  "the CPU.\n# TYPE kvstore_gpu_errors_total counter\n"
-                  "kvstore_gpu_errors_total %llu\n"
-                  "# HELP kvstore_gpu_bytes GPU memory held by wave "
-                  "buffers.\n# TYPE kvstore_gpu_bytes gauge\n"
-                  "kvstore_gpu_bytes %llu\n"
-                  "# HELP kvstore_gpu_pinned_bytes Pinned host memory held "
-                  "by wave buffers.\n# TYPE kvstore_gpu_pinned_bytes gauge\n"
-                  "kvstore_gpu_pinned_bytes %llu\n"
-                  "# HELP kvstore_gpu_cache_lookups_total Retrieved clusters "
-                  "looked up in the GPU cache.\n"
-                  "# TYPE kvstore_gpu_cache_lookups_total counter\n"
-                  "kvstore_gpu_cache_lookups_total %llu\n"
-                  "# TYPE kvstore_gpu_cache_hits_total counter\n"
-                  "kvstore_gpu_cache_hits_total %llu\n"
-                  "# HELP kvstore_gpu_bus_bytes_total K/V bytes read from "
-                  "host memory by cache misses.\n"
-                  "# TYPE kvstore_gpu_bus_bytes_total counter\n"
-                  "kvstore_gpu_bus_bytes_total %llu\n",
-                  (unsigned long long)st.gpu_attends,
-                  (unsigned long long)st.gpu_fallbacks,
-                  (unsigned long long)st.gpu_errors,
-                  (unsigned long long)st.gpu_bytes,
-                  (unsigned long long)st.gpu_pinned_bytes,
-                  (unsigned long long)st.gpu_cache_lookups,
-                  (unsigned long long)st.gpu_cache_hits,
-                  (unsigned long long)st.gpu_bus_bytes);
-    *out = b.p;
-    *len = b.failed ? 0 : b.len;
+    if (srv->store && kvs_store_stats(srv->store, &st) == 0) {
+        metric(&w, "kvstore_sequences", G, "Sequences in the store.", NULL, 0,
+               (double)st.sequences);
+        metric(&w, "kvstore_ram_bytes", G,
+               "RAM held by sequences (raw K/V plus index).", NULL, 0,
+               (double)st.bytes);
+        metric(&w, "kvstore_index_bytes", G,
+               "Part of kvstore_ram_bytes held by the wave index.", NULL, 0,
+               (double)st.index_bytes);
+        metric(&w, "kvstore_build_backlog", G,
+               "Index segment builds queued or running.", NULL, 0,
+               (double)st.builds_pending);
+        metric(&w, "kvstore_builds_total", C, "Index segment builds finished.",
+               NULL, 0, (double)st.builds_done);
+        metric(&w, "kvstore_build_seconds_total", C,
+               "Seconds spent in index segment builds.", NULL, 0,
+               st.build_seconds);
+        metric(&w, "kvstore_disk_bytes", G,
+               "Bytes of the data directory (0 in memory mode).", NULL, 0,
+               (double)st.disk_bytes);
+        metric(&w, "kvstore_quarantined_sequences", G,
+               "Sequences refused after damage was found.", NULL, 0,
+               (double)st.quarantined);
+    }
+    if (srv->store) {
+        metric(&w, "kvstore_resident_bytes", G,
+               "K/V and index bytes counted against memory-bytes.", NULL, 0,
+               (double)st.resident_bytes);
+        metric(&w, "kvstore_evictions_total", C,
+               "Sequences evicted to the data directory by the memory "
+               "budget.",
+               NULL, 0, (double)st.evictions);
+        metric(&w, "kvstore_page_ins_total", C,
+               "Evicted sequences paged back in.", NULL, 0,
+               (double)st.page_ins);
+        metric(&w, "kvstore_expired_total", C,
+               "Sequences dropped by their idle TTL.", NULL, 0,
+               (double)st.expired);
+    }
+    if (srv->store && st.gpu_device >= 0) {
+        metric(&w, "kvstore_gpu_attends_total", C,
+               "Attend calls served on the GPU.", NULL, 0,
+               (double)st.gpu_attends);
+        metric(&w, "kvstore_gpu_fallbacks_total", C,
+               "Wave attends the GPU path did not take (served on the CPU).",
+               NULL, 0, (double)st.gpu_fallbacks);
+        metric(&w, "kvstore_gpu_errors_total", C,
+               "GPU failures, redone on the CPU.", NULL, 0,
+               (double)st.gpu_errors);
+        metric(&w, "kvstore_gpu_bytes", G, "GPU memory held by wave buffers.",
+               NULL, 0, (double)st.gpu_bytes);
+        metric(&w, "kvstore_gpu_pinned_bytes", G,
+               "Pinned host memory held by wave buffers.", NULL, 0,
+               (double)st.gpu_pinned_bytes);
+        metric(&w, "kvstore_gpu_cache_lookups_total", C,
+               "Retrieved clusters looked up in the GPU cache.", NULL, 0,
+               (double)st.gpu_cache_lookups);
+        metric(&w, "kvstore_gpu_cache_hits_total", C,
+               "Retrieved clusters found in the GPU cache.", NULL, 0,
+               (double)st.gpu_cache_hits);
+        metric(&w, "kvstore_gpu_bus_bytes_total", C,
+               "K/V bytes read from host memory by cache misses.", NULL, 0,
+               (double)st.gpu_bus_bytes);
+    }
+    *out = w.b.p;
+    *len = w.b.failed ? 0 : w.b.len;
 }
+
+#undef C
+#undef G
 
 /* ------------------------------------------------------------------ http */
 
 #define HTTP_MAX_REQUEST 8192
 
-typedef struct http_conn_s {
+struct http_conn_s {
     uv_tcp_t tcp;
-    kvs_server_t *srv;
+    kvs__http_t *h;
+    http_conn_t *prev, *next; /* h->conns */
+    uint64_t deadline;        /* uv_now: closed then, whatever its state */
     char buf[HTTP_MAX_REQUEST];
     size_t len;
     bool answered;
+    bool counted; /* in n_conns: accepted within the limit, not closing */
+    bool closing;
     uv_write_t wreq;
     char *resp;
-} http_conn_t;
+};
 
-static void http_closed(uv_handle_t *h) {
-    http_conn_t *hc = h->data;
+static void http_unref(kvs__http_t *h) {
+    assert(h->refs > 0);
+    if (--h->refs == 0)
+        free(h);
+}
+
+static void http_closed(uv_handle_t *handle) {
+    http_conn_t *hc = handle->data;
+    kvs__http_t *h = hc->h;
+    if (hc->prev)
+        hc->prev->next = hc->next;
+    else
+        h->conns = hc->next;
+    if (hc->next)
+        hc->next->prev = hc->prev;
     free(hc->resp);
     free(hc);
+    http_unref(h);
+}
+
+static void http_close(http_conn_t *hc) {
+    if (hc->closing)
+        return;
+    hc->closing = true;
+    /* Uncounted now, not in the close callback: uv_close has closed the
+     * socket already, and a client that saw it go may connect again
+     * before the callback runs (later in this loop iteration); it must
+     * find the slot free. */
+    if (hc->counted) {
+        hc->counted = false;
+        hc->h->n_conns--;
+    }
+    uv_close((uv_handle_t *)&hc->tcp, http_closed);
 }
 
 static void http_written(uv_write_t *req, int status) {
-    (void)status;
-    http_conn_t *hc = req->data;
-    uv_close((uv_handle_t *)&hc->tcp, http_closed);
+    (void)status; /* closed either way; UV_ECANCELED when closed first */
+    http_close(req->data);
 }
 
 static void http_answer(http_conn_t *hc, int code, const char *reason,
@@ -292,7 +426,7 @@ static void http_answer(http_conn_t *hc, int code, const char *reason,
     size_t cap = blen + 256;
     hc->resp = malloc(cap);
     if (!hc->resp) {
-        uv_close((uv_handle_t *)&hc->tcp, http_closed);
+        http_close(hc);
         return;
     }
     int n = snprintf(hc->resp, cap,
@@ -303,11 +437,11 @@ static void http_answer(http_conn_t *hc, int code, const char *reason,
     uv_buf_t b = uv_buf_init(hc->resp, (unsigned)(n + blen));
     hc->wreq.data = hc;
     if (uv_write(&hc->wreq, (uv_stream_t *)&hc->tcp, &b, 1, http_written))
-        uv_close((uv_handle_t *)&hc->tcp, http_closed);
+        http_close(hc);
 }
 
-static void http_alloc(uv_handle_t *h, size_t sz, uv_buf_t *buf) {
-    http_conn_t *hc = h->data;
+static void http_alloc(uv_handle_t *handle, size_t sz, uv_buf_t *buf) {
+    http_conn_t *hc = handle->data;
     (void)sz;
     *buf = uv_buf_init(hc->buf + hc->len,
                        (unsigned)(sizeof(hc->buf) - 1 - hc->len));
@@ -316,10 +450,10 @@ static void http_alloc(uv_handle_t *h, size_t sz, uv_buf_t *buf) {
 static void http_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     http_conn_t *hc = s->data;
     (void)buf;
-    if (hc->answered)
+    if (hc->answered || hc->closing)
         return;
     if (n < 0) {
-        uv_close((uv_handle_t *)&hc->tcp, http_closed);
+        http_close(hc);
         return;
     }
     hc->len += (size_t)n;
@@ -330,6 +464,7 @@ static void http_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
                         "text/plain", "too large\n", 10);
         return;
     }
+    kvs_server_t *srv = hc->h->srv;
     char method[8] = "", path[256] = "";
     if (sscanf(hc->buf, "%7s %255s", method, path) != 2) {
         http_answer(hc, 400, "Bad Request", "text/plain", "bad request\n", 12);
@@ -339,17 +474,17 @@ static void http_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     if (qm)
         *qm = 0;
     if (strcmp(method, "GET") && strcmp(method, "HEAD")) {
-        http_answer(hc, 405, "Method Not Allowed", "text/plain",
-                    "GET only\n", 9);
+        http_answer(hc, 405, "Method Not Allowed", "text/plain", "GET only\n",
+                    9);
     } else if (!strcmp(path, "/metrics")) {
         char *body = NULL;
         size_t blen = 0;
-        kvs__http_render_metrics(hc->srv, &body, &blen);
+        kvs__http_render_metrics(srv, &body, &blen);
         http_answer(hc, 200, "OK", "text/plain; version=0.0.4",
                     body ? body : "", blen);
         free(body);
     } else if (!strcmp(path, "/healthz")) {
-        if (hc->srv->draining)
+        if (srv->draining)
             http_answer(hc, 503, "Service Unavailable", "text/plain",
                         "draining\n", 9);
         else
@@ -360,18 +495,70 @@ static void http_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
 }
 
 static void http_on_connection(uv_stream_t *l, int status) {
-    kvs_server_t *srv = l->data;
-    if (status < 0)
+    kvs__http_t *h = l->data;
+    kvs_server_t *srv = h->srv;
+    if (status < 0) {
+        kvs__log(KVS__LOG_WARN, "accept_error", "proto=http err=%s",
+                 uv_err_name(status));
         return;
+    }
     http_conn_t *hc = calloc(1, sizeof(*hc));
-    if (!hc)
+    if (!hc) {
+        kvs__log(KVS__LOG_ERROR, "oom", "what=http_connection");
         return;
-    hc->srv = srv;
+    }
+    hc->h = h;
     uv_tcp_init(l->loop, &hc->tcp);
     hc->tcp.data = hc;
-    if (uv_accept(l, (uv_stream_t *)&hc->tcp) ||
-        uv_read_start((uv_stream_t *)&hc->tcp, http_alloc, http_read))
-        uv_close((uv_handle_t *)&hc->tcp, http_closed);
+    hc->next = h->conns;
+    if (h->conns)
+        h->conns->prev = hc;
+    h->conns = hc;
+    h->refs++;
+    if (uv_accept(l, (uv_stream_t *)&hc->tcp)) {
+        http_close(hc);
+        return;
+    }
+    if (h->n_conns >= srv->cfg->http_max_connections) {
+        /* A short answer the socket buffer always takes, then close at
+         * once: the descriptor is back before the next accept. */
+        static const char busy[] =
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+            "Content-Length: 22\r\nConnection: close\r\n\r\n"
+            "too many connections\r\n";
+        uv_buf_t b = uv_buf_init((char *)busy, sizeof(busy) - 1);
+        (void)uv_try_write((uv_stream_t *)&hc->tcp, &b, 1);
+        if (h->refused++ == 0 || h->refused % 1000 == 0)
+            kvs__log(KVS__LOG_WARN, "http_refused",
+                     "reason=http_max_connections max=%u refused=%llu",
+                     srv->cfg->http_max_connections,
+                     (unsigned long long)h->refused);
+        http_close(hc);
+        return;
+    }
+    hc->counted = true;
+    h->n_conns++;
+    h->accepted++;
+    hc->deadline = uv_now(l->loop) + srv->cfg->http_timeout_ms;
+    if (uv_read_start((uv_stream_t *)&hc->tcp, http_alloc, http_read))
+        http_close(hc);
+}
+
+static void http_sweep(uv_timer_t *t) {
+    kvs__http_t *h = t->data;
+    uint64_t now = uv_now(t->loop);
+    for (http_conn_t *hc = h->conns; hc; hc = hc->next) {
+        if (hc->closing || !hc->counted || now < hc->deadline)
+            continue;
+        h->timed_out++;
+        kvs__log(KVS__LOG_DEBUG, "http_timeout", "answered=%s",
+                 hc->answered ? "yes" : "no");
+        http_close(hc);
+    }
+}
+
+static void http_sweeper_closed(uv_handle_t *handle) {
+    http_unref(handle->data);
 }
 
 int kvs__http_start(kvs_server_t *srv) {
@@ -386,23 +573,62 @@ int kvs__http_start(kvs_server_t *srv) {
     } else if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss)) {
         return KVS_EINVAL;
     }
+    kvs__http_t *h = calloc(1, sizeof(*h));
+    if (!h)
+        return KVS_ENOMEM;
+    h->srv = srv;
+    h->refs = 1; /* the sweeper */
+    uv_timer_init(&srv->loop, &h->sweeper);
+    h->sweeper.data = h;
+    uint64_t timeout = srv->cfg->http_timeout_ms;
+    if (timeout) {
+        /* A quarter of the timeout, so a connection lives at most 1.25x
+         * it; at least 10 ms, at most 1 s. */
+        uint64_t every = timeout / 4 < 10 ? 10 : timeout / 4;
+        if (every > 1000)
+            every = 1000;
+        uv_timer_start(&h->sweeper, http_sweep, every, every);
+    }
     uv_tcp_init(&srv->loop, &srv->http);
-    srv->http.data = srv;
+    srv->http.data = h;
     srv->have_http = true;
     int rc = uv_tcp_bind(&srv->http, (struct sockaddr *)&ss, flags);
     if (!rc)
         rc = uv_listen((uv_stream_t *)&srv->http, 128, http_on_connection);
     if (rc) {
-        kvs__log(KVS__LOG_ERROR, "listen_failed", "proto=http addr=%s port=%d "
-                 "err=%s", host, port, uv_err_name(rc));
-        return rc;
+        kvs__log(KVS__LOG_ERROR, "listen_failed",
+                 "proto=http addr=%s port=%d "
+                 "err=%s",
+                 host, port, uv_err_name(rc));
+        return rc; /* kvs__http_stop (from the server's cleanup) frees h */
     }
     int len = sizeof(ss);
     uv_tcp_getsockname(&srv->http, (struct sockaddr *)&ss, &len);
-    srv->http_port = ntohs(ss.ss_family == AF_INET6
-                               ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                               : ((struct sockaddr_in *)&ss)->sin_port);
-    kvs__log(KVS__LOG_INFO, "listen", "proto=http addr=%s port=%d", host,
-             srv->http_port);
+    srv->http_port =
+        ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                       : ((struct sockaddr_in *)&ss)->sin_port);
+    kvs__log(KVS__LOG_INFO, "listen",
+             "proto=http addr=%s port=%d max_connections=%u timeout_ms=%u",
+             host, srv->http_port, srv->cfg->http_max_connections,
+             srv->cfg->http_timeout_ms);
     return 0;
+}
+
+void kvs__http_stop(kvs_server_t *srv) {
+    if (!srv->have_http)
+        return;
+    kvs__http_t *h = srv->http.data;
+    if (!uv_is_closing((uv_handle_t *)&srv->http))
+        uv_close((uv_handle_t *)&srv->http, NULL);
+    if (!h || h->stopped)
+        return;
+    h->stopped = true;
+    uint32_t open = h->n_conns;
+    for (http_conn_t *hc = h->conns; hc; hc = hc->next)
+        http_close(hc);
+    if (open)
+        kvs__log(KVS__LOG_INFO, "http_closed", "connections=%u", open);
+    /* The metrics page reads srv->http.data; it is about to go away. */
+    srv->http.data = NULL;
+    uv_close((uv_handle_t *)&h->sweeper, http_sweeper_closed);
 }

@@ -38,14 +38,23 @@ extern "C" {
     X(port, U32, "7700", 0, 65535,                                             \
       "TCP port; 0 picks a free one (shared by all bind addresses)")           \
     X(unix_socket, STR, "", 0, 0, "Unix socket path; empty disables it")       \
+    X(unix_socket_mode, STR, "0660", 0, 0,                                     \
+      "permissions of the Unix socket (octal); a stale socket is replaced, "  \
+      "any other file at the path is an error")                               \
     X(http_bind, STR, "127.0.0.1", 0, 0,                                       \
       "address of the /metrics and /healthz HTTP endpoint; empty disables "    \
       "it")                                                                    \
     X(http_port, U32, "7701", 0, 65535, "HTTP port; 0 picks a free one")       \
+    X(http_max_connections, U32, "64", 1, 100000,                              \
+      "open HTTP connections; more are answered 503 and closed")              \
+    X(http_timeout_ms, U32, "10000", 0, UINT32_MAX,                            \
+      "close an HTTP connection this long after it was accepted, answered "   \
+      "or not; 0 = never")                                                    \
     X(port_file, STR, "", 0, 0,                                                \
       "once listening, write `port N`, `http_port N` lines to this file")      \
     X(data_dir, STR, "./data", 0, 0,                                           \
-      "engine data directory; empty keeps everything in memory")              \
+      "engine data directory (created 0700); empty keeps everything in "     \
+      "memory")                                                               \
     X(sync, STR, "batch", 0, 0,                                               \
       "when appends are acknowledged: batch (group fsync), always (fsync "   \
       "each) or none (WAL write only)")                                       \
@@ -94,11 +103,17 @@ extern "C" {
     X(shutdown_timeout_ms, U32, "30000", 0, UINT32_MAX,                        \
       "on SIGTERM, wait this long for in-flight requests")                     \
     X(auth_token, STR, "", 0, 0,                                               \
-      "shared secret every connection must send in Hello; empty = no auth")    \
+      "shared secret every connection must send in Hello; empty = no auth. "  \
+      "On the command line it shows in ps: prefer auth_token_file or "        \
+      "KVSTORED_AUTH_TOKEN")                                                  \
     X(auth_token_file, STR, "", 0, 0,                                          \
-      "read auth_token from this file (first line)")                           \
+      "read auth_token from this file (first line; warned if group or "       \
+      "world can read it)")                                                   \
     X(node_id, STR, "", 0, 0, "name reported in Hello/Stats; empty = host")    \
     X(log_level, STR, "info", 0, 0, "debug, info, warn or error")              \
+    X(log_file, STR, "", 0, 0,                                                 \
+      "append log lines to this file (created 0600) instead of stderr; "      \
+      "reopened on SIGHUP (log rotation)")                                    \
     X(tcp_nodelay, BOOL, "yes", 0, 1, "disable Nagle on client sockets")
 
 #define KVS__OPT_CTYPE_STR char *

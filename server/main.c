@@ -1,17 +1,21 @@
 /*
  * main.c: the kvstored executable: configuration layers, process setup
- * (worker pool size, file-descriptor limit, SIGPIPE), then the server loop
- * until a graceful shutdown. Exit codes: 0 clean shutdown or a valid
- * --check-config, 1 runtime failure, 2 bad configuration.
+ * (worker pool size, file-descriptor limit, SIGPIPE, SIGHUP, log file, data
+ * directory, secrets on the command line), then the server loop until a
+ * graceful shutdown. Exit codes: 0 clean shutdown or a valid --check-config,
+ * 1 runtime failure, 2 bad configuration.
  */
 #include "server_int.h"
 
+#include <ctype.h>
+#include <errno.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 /* 1,000+ connections need more descriptors than the usual soft limit of
  * 1024; raise it to the hard limit like redis does. */
@@ -27,6 +31,98 @@ static void raise_nofile(uint32_t want) {
         kvs__log(KVS__LOG_WARN, "nofile_limit",
                  "limit=%llu max_connections=%u (raise the hard limit)",
                  (unsigned long long)rl.rlim_cur, want);
+}
+
+/* Is `arg` the flag --auth-token (or --auth_token, any case), bare or with
+ * "=value"? Returns the value's offset in arg with "=", -1 bare, 0 not. */
+static int auth_token_flag(const char *arg) {
+    static const char name[] = "auth-token";
+    if (strncmp(arg, "--", 2))
+        return 0;
+    size_t i = 0;
+    for (; name[i]; i++) {
+        char c =
+            arg[2 + i] == '_' ? '-' : (char)tolower((unsigned char)arg[2 + i]);
+        if (c != name[i])
+            return 0;
+    }
+    if (arg[2 + i] == 0)
+        return -1;
+    return arg[2 + i] == '=' ? (int)(2 + i + 1) : 0;
+}
+
+/* A token given as a flag is readable by every local user in ps and
+ * /proc/PID/cmdline. Still accepted (scripts use it); warn, and blank it
+ * in our argv, which is what /proc shows from now on. */
+static void hide_auth_token(int argc, char **argv) {
+    bool seen = false;
+    for (int i = 1; i < argc; i++) {
+        int at = auth_token_flag(argv[i]);
+        char *v = at > 0                   ? argv[i] + at
+                  : at < 0 && i + 1 < argc ? argv[++i]
+                                           : NULL;
+        if (!v)
+            continue;
+        seen = true;
+        memset(v, 'x', strlen(v));
+    }
+    if (seen)
+        kvs__log(KVS__LOG_WARN, "auth_token_on_command_line",
+                 "msg=\"other local users can read --auth-token in ps and "
+                 "/proc; use --auth-token-file or KVSTORED_AUTH_TOKEN\"");
+}
+
+static void check_token_file(const char *path) {
+    struct stat st;
+    if (!path[0] || stat(path, &st) != 0)
+        return; /* validate already read it */
+    if (st.st_mode & 077)
+        kvs__log(KVS__LOG_WARN, "auth_token_file_permissions",
+                 "path=%s mode=%04o msg=\"group or other users can read the "
+                 "token; chmod 600\"",
+                 path, (unsigned)(st.st_mode & 07777));
+}
+
+/* The data directory holds the KV cache, i.e. what users' prompts turned
+ * into: create it for the daemon's user only, and say so when an existing
+ * one is open to others (we do not chmod a directory we did not make).
+ * Missing parents are created with the umask's mode, like mkdir -p. */
+static int prepare_data_dir(const char *path) {
+    struct stat st;
+    if (!path[0])
+        return 0;
+    if (stat(path, &st) == 0) {
+        if (S_ISDIR(st.st_mode) && (st.st_mode & 077))
+            kvs__log(KVS__LOG_WARN, "data_dir_permissions",
+                     "path=%s mode=%04o msg=\"group or other users can read "
+                     "the KV cache; chmod 700\"",
+                     path, (unsigned)(st.st_mode & 07777));
+        return 0;
+    }
+    if (errno != ENOENT)
+        return -errno;
+    char *p = strdup(path);
+    if (!p)
+        return -ENOMEM;
+    int rc = 0;
+    for (char *s = p + 1; *s && !rc; s++) {
+        if (*s != '/')
+            continue;
+        *s = 0;
+        if (mkdir(p, 0777) != 0 && errno != EEXIST)
+            rc = -errno;
+        *s = '/';
+    }
+    free(p);
+    if (!rc && mkdir(path, 0700) != 0 && errno != EEXIST)
+        rc = -errno;
+    /* The umask may have narrowed 0700 but never widened it; set it
+     * exactly anyway, so the mode does not depend on the caller. */
+    if (!rc && chmod(path, 0700) != 0)
+        rc = -errno;
+    if (!rc)
+        kvs__log(KVS__LOG_INFO, "data_dir_created", "path=%s mode=0700", path);
+    return rc;
 }
 
 int main(int argc, char **argv) {
@@ -65,6 +161,23 @@ int main(int argc, char **argv) {
     }
     kvs__log_set_level(cfg.log_level);
     signal(SIGPIPE, SIG_IGN);
+    /* Until the server's handler is installed (after the store opens,
+     * which can take a while), SIGHUP would kill the daemon. */
+    signal(SIGHUP, SIG_IGN);
+    if ((rc = kvs__log_open(cfg.log_file))) {
+        fprintf(stderr, "kvstored: cannot open log_file %s: %s\n", cfg.log_file,
+                strerror(-rc));
+        kvs_server_config_destroy(&cfg);
+        return 1;
+    }
+    hide_auth_token(argc, argv);
+    check_token_file(cfg.auth_token_file);
+    if ((rc = prepare_data_dir(cfg.data_dir))) {
+        kvs__log(KVS__LOG_ERROR, "data_dir_failed", "path=%s err=%s",
+                 cfg.data_dir, kvs_err_name(rc));
+        kvs_server_config_destroy(&cfg);
+        return 1;
+    }
     /* Append frames are megabytes each: served from mmap, every one would
      * page-fault its way in and be unmapped again. Keep them in the heap. */
     mallopt(M_MMAP_THRESHOLD, 256 << 20);

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <stddef.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -697,23 +698,70 @@ static int listen_all_tcp(kvs_server_t *srv) {
     return rc;
 }
 
+/* Make room for the Unix socket at `path`. Only a stale socket is removed
+ * (a socket file nobody accepts on, left by a crashed run); a live one means
+ * another daemon owns it, and anything else (a regular file, a directory, a
+ * link) is not ours to delete: the user gave a wrong path. */
+static int unix_path_clear(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0)
+        return errno == ENOENT ? 0 : -errno;
+    if (!S_ISSOCK(st.st_mode)) {
+        kvs__log(KVS__LOG_ERROR, "unix_socket_path_taken",
+                 "path=%s type=%s (not a socket: refusing to remove it; "
+                 "choose another --unix-socket)",
+                 path, S_ISDIR(st.st_mode)   ? "directory"
+                       : S_ISLNK(st.st_mode) ? "symlink"
+                       : S_ISREG(st.st_mode) ? "file"
+                                             : "other");
+        return -EEXIST;
+    }
+    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (probe < 0)
+        return -errno;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    int rc = connect(probe, (struct sockaddr *)&sa, sizeof(sa)) == 0
+                 ? -EADDRINUSE
+                 : (errno == ECONNREFUSED ? 0 : -errno);
+    close(probe);
+    if (rc == -EADDRINUSE) {
+        kvs__log(KVS__LOG_ERROR, "unix_socket_in_use",
+                 "path=%s (another process accepts on it)", path);
+        return rc;
+    }
+    if (rc)
+        return rc;
+    kvs__log(KVS__LOG_INFO, "unix_socket_stale", "path=%s (removed)", path);
+    return unlink(path) == 0 || errno == ENOENT ? 0 : -errno;
+}
+
 static int listen_unix(kvs_server_t *srv) {
     const char *path = srv->cfg->unix_socket;
-    /* A stale socket file from a crashed run would make bind fail; only
-     * remove it if it is a socket nobody answers on. */
-    int probe = socket(AF_UNIX, SOCK_STREAM, 0);
-    if (probe >= 0) {
-        struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-        if (connect(probe, (struct sockaddr *)&sa, sizeof(sa)) != 0 &&
-            errno == ECONNREFUSED)
-            unlink(path);
-        close(probe);
+    mode_t mode = (mode_t)strtoul(srv->cfg->unix_socket_mode, NULL, 8);
+    int rc = unix_path_clear(path);
+    if (rc) {
+        kvs__log(KVS__LOG_ERROR, "listen_failed", "proto=unix path=%s err=%s",
+                 path, kvs_err_name(rc));
+        return rc;
     }
     uv_pipe_init(&srv->loop, &srv->unix_listener, 0);
     srv->unix_listener.data = srv;
     srv->have_unix = true;
-    int rc = uv_pipe_bind(&srv->unix_listener, path);
+    /* bind creates the file with the umask's mode: narrow the umask for it
+     * so the socket is never reachable with wider rights than asked, then
+     * set the mode. umask is per process; a file another thread creates
+     * meanwhile only ends up narrower. */
+    mode_t old = umask(0177);
+    rc = uv_pipe_bind(&srv->unix_listener, path);
+    umask(old);
+    struct stat st;
+    if (!rc && chmod(path, mode) != 0)
+        rc = -errno;
+    if (!rc && lstat(path, &st) == 0) {
+        srv->unix_dev = (uint64_t)st.st_dev;
+        srv->unix_ino = (uint64_t)st.st_ino;
+    }
     if (!rc)
         rc = uv_listen((uv_stream_t *)&srv->unix_listener, 1024,
                        on_connection);
@@ -722,17 +770,37 @@ static int listen_unix(kvs_server_t *srv) {
                  path, uv_err_name(rc));
         return rc;
     }
-    kvs__log(KVS__LOG_INFO, "listen", "proto=unix path=%s", path);
+    kvs__log(KVS__LOG_INFO, "listen", "proto=unix path=%s mode=%04o", path,
+             (unsigned)mode);
     return 0;
+}
+
+/* Unlink the socket only if the file at the path is still the one we
+ * bound: never another daemon's socket, or a file put there since. */
+static void unix_unlink_ours(kvs_server_t *srv) {
+    struct stat st;
+    const char *path = srv->cfg->unix_socket;
+    if (srv->unix_ino && lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) &&
+        (uint64_t)st.st_dev == srv->unix_dev &&
+        (uint64_t)st.st_ino == srv->unix_ino)
+        unlink(path);
 }
 
 static int write_port_file(kvs_server_t *srv) {
     const char *path = srv->cfg->port_file;
     char tmp[4096];
     snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f)
+    /* 0600, like every file kvstored writes itself (not the umask's). */
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
         return -errno;
+    FILE *f = fdopen(fd, "w");
+    if (!f) {
+        int e = errno;
+        close(fd);
+        unlink(tmp);
+        return -e;
+    }
     fprintf(f, "port %d\nhttp_port %d\npid %d\n", srv->port, srv->http_port,
             (int)getpid());
     if (srv->cfg->unix_socket[0])
@@ -782,15 +850,15 @@ static void stop_everything(kvs_server_t *srv) {
         close_if_open((uv_handle_t *)&srv->tcp[i]);
     if (srv->have_unix) {
         close_if_open((uv_handle_t *)&srv->unix_listener);
-        unlink(srv->cfg->unix_socket);
+        unix_unlink_ours(srv);
     }
-    if (srv->have_http)
-        close_if_open((uv_handle_t *)&srv->http);
+    kvs__http_stop(srv); /* its connections too: idle ones held the loop */
     close_if_open((uv_handle_t *)&srv->flusher);
     close_if_open((uv_handle_t *)&srv->sweeper);
     close_if_open((uv_handle_t *)&srv->drain_timer);
     close_if_open((uv_handle_t *)&srv->sigterm);
     close_if_open((uv_handle_t *)&srv->sigint);
+    close_if_open((uv_handle_t *)&srv->sighup);
 }
 
 static void check_drained(kvs_server_t *srv) {
@@ -836,6 +904,24 @@ static void on_signal(uv_signal_t *s, int signum) {
     kvs__log(KVS__LOG_INFO, "signal", "signal=%s",
              signum == SIGTERM ? "SIGTERM" : "SIGINT");
     kvs_server_shutdown(srv);
+}
+
+/* SIGHUP's default action kills the process: a daemon gets it from a
+ * closed terminal or from logrotate, and must survive both. */
+static void on_sighup(uv_signal_t *s, int signum) {
+    (void)s;
+    (void)signum;
+    if (!kvs__log_path()) {
+        kvs__log(KVS__LOG_INFO, "signal",
+                 "signal=SIGHUP action=ignored (no log_file to reopen)");
+        return;
+    }
+    int rc = kvs__log_reopen();
+    char q[300];
+    kvs__log(rc ? KVS__LOG_ERROR : KVS__LOG_INFO, "signal",
+             "signal=SIGHUP action=log_reopen path=%s status=%s",
+             kvs__logq(q, sizeof(q), kvs__log_path()),
+             rc ? kvs_err_name(rc) : "ok");
 }
 
 /* systemd readiness without libsystemd: one datagram to $NOTIFY_SOCKET. */
@@ -958,6 +1044,8 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     srv->sigterm.data = srv->sigint.data = srv;
     uv_signal_start(&srv->sigterm, on_signal, SIGTERM);
     uv_signal_start(&srv->sigint, on_signal, SIGINT);
+    uv_signal_init(&srv->loop, &srv->sighup);
+    uv_signal_start(&srv->sighup, on_sighup, SIGHUP);
 
     if (cfg->bind[0] && (rc = listen_all_tcp(srv)))
         goto err;

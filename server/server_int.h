@@ -27,6 +27,15 @@
 enum { KVS__LOG_DEBUG, KVS__LOG_INFO, KVS__LOG_WARN, KVS__LOG_ERROR };
 
 void kvs__log_set_level(const char *level);
+/* Send log lines to `path` (opened O_APPEND, created 0600) instead of
+ * stderr; NULL or "" keeps stderr. kvs__log_reopen() opens the same path
+ * again, for log rotation (SIGHUP): lines written meanwhile by other threads
+ * go to the old or the new file, never nowhere. Errors: -errno (the old
+ * file stays in use). */
+int kvs__log_open(const char *path);
+int kvs__log_reopen(void);
+/* The file being logged to, or NULL for stderr. */
+const char *kvs__log_path(void);
 /* One line: `ts=... level=... event=EVENT ` + fields formatted by fmt
  * (logfmt `key=value` pairs; use kvs__logq() for values with spaces). */
 void kvs__log(int level, const char *event, const char *fmt, ...)
@@ -96,10 +105,11 @@ struct kvs_server_s {
     int n_tcp;
     uv_pipe_t unix_listener;
     bool have_unix;
+    uint64_t unix_dev, unix_ino;  /* our socket file: only it is unlinked */
     uv_tcp_t http;
     bool have_http;
     int port, http_port;
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sighup;
     uv_check_t flusher;
     uv_timer_t sweeper;  /* idle timeouts */
     uv_timer_t drain_timer;
@@ -146,6 +156,8 @@ uint8_t *kvs__error_frame(uint64_t request_id, uint16_t flags, int status,
 
 /* HTTP endpoint (http.c). */
 int kvs__http_start(kvs_server_t *srv);
+/* Close the listener and every HTTP connection (server stop). */
+void kvs__http_stop(kvs_server_t *srv);
 void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len);
 
 #endif /* KVS_SERVER_INT_H */
