@@ -9,6 +9,7 @@
  */
 #include "engine/engine_int.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -30,7 +31,7 @@ static void enqueue_build(kvs_store_t *s, seq_t *q, uint32_t layer,
     j->layer = layer;
     j->head = head;
     j->next = NULL;
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     if (s->q_tail)
         s->q_tail->next = j;
     else
@@ -38,12 +39,11 @@ static void enqueue_build(kvs_store_t *s, seq_t *q, uint32_t layer,
     s->q_tail = j;
     s->builds_pending++;
     pthread_cond_signal(&s->build_cv);
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
 }
 
-/* Caller holds the layer's write lock. */
-void kvs__maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer,
-                        uint32_t head) {
+void kvs__maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer, uint32_t head) {
+    assert(kvs__held_write(&q->layers[layer].lock));
     head_t *h = &q->layers[layer].heads[head];
     if (!h->build_inflight && h->tail_len >= s->opts.segment_tokens &&
         !s->stopping)
@@ -51,8 +51,8 @@ void kvs__maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer,
 }
 
 /* After a burst of appends the tail buffer may be far larger than what is
- * left in it once segments are published: give the memory back. Caller
- * holds the layer's write lock. */
+ * left in it once segments are published: give the memory back (under the
+ * layer's write lock, as run_build publishes). */
 static void head_shrink(head_t *h, size_t rb, uint32_t segment_tokens,
                         uint64_t appending) {
     uint64_t keep = 2 * (uint64_t)segment_tokens;
@@ -76,7 +76,7 @@ static void head_shrink(head_t *h, size_t rb, uint32_t segment_tokens,
 
 static void build_finish(kvs_store_t *s, seq_t *q, double secs, uint64_t keys) {
     atomic_fetch_sub(&q->builds_pending, 1);
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     s->builds_pending--;
     if (keys) {
         s->builds_done++;
@@ -84,7 +84,7 @@ static void build_finish(kvs_store_t *s, seq_t *q, double secs, uint64_t keys) {
         s->build_seconds += secs;
     }
     pthread_cond_broadcast(&s->build_done);
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     kvs__seq_unref(q);
 }
 
@@ -101,11 +101,11 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
     int rc = KVS_ENOMEM;
 
     if (keys && vals && !atomic_load(&q->dropped)) {
-        pthread_rwlock_rdlock(&L->lock);
+        kvs__rdlock(&L->lock, j->layer);
         first = h->indexed_tokens;
         memcpy(keys, h->tail_keys + h->tail_start * q->row_bytes, bytes);
         memcpy(vals, h->tail_values + h->tail_start * q->row_bytes, bytes);
-        pthread_rwlock_unlock(&L->lock);
+        kvs__rwunlock(&L->lock);
         kvs_build_params_t bp = {
             .cluster_tokens = s->opts.cluster_tokens,
             .kmeans_iters = s->opts.kmeans_iters,
@@ -118,15 +118,13 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
         if (s->gpu && s->opts.cuda_build) {
             /* k-means on the GPU, the rest of the build here */
             uint32_t *label = malloc(sizeof *label * n), k = 0;
-            rc = label ? kvs__gpu_cluster(s->gpu, q->geo.dtype,
-                                          q->geo.head_dim, n, keys, &bp,
-                                          label, &k)
+            rc = label ? kvs__gpu_cluster(s->gpu, q->geo.dtype, q->geo.head_dim,
+                                          n, keys, &bp, label, &k)
                        : KVS_ENOMEM;
             if (rc == 0)
-                rc = kvs_segment_from_labels(&bp, q->geo.dtype,
-                                             q->geo.head_dim, first, n, keys,
-                                             vals, k, label, &seg, err,
-                                             sizeof err);
+                rc = kvs_segment_from_labels(&bp, q->geo.dtype, q->geo.head_dim,
+                                             first, n, keys, vals, k, label,
+                                             &seg, err, sizeof err);
             free(label);
             if (rc && rc != KVS_ENOTSUP && rc != KVS_ENOTFINITE)
                 fprintf(stderr,
@@ -136,8 +134,8 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
                         kvs_strerror(rc));
         }
         if (rc)
-            rc = kvs_segment_build(&bp, q->geo.dtype, q->geo.head_dim, first,
-                                   n, keys, vals, &seg, err, sizeof err);
+            rc = kvs_segment_build(&bp, q->geo.dtype, q->geo.head_dim, first, n,
+                                   keys, vals, &seg, err, sizeof err);
         if (rc)
             fprintf(stderr,
                     "kvstore: segment build failed for sequence %llu "
@@ -152,16 +150,16 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
          * records, so the segment cannot land under a dropped id (or a new
          * sequence that reuses it). A failed write leaves the rows stored:
          * the segment still serves from memory, rebuilt after a restart. */
-        pthread_mutex_lock(&L->append_mu);
+        kvs__lock(&L->append_mu, KVS__RANK_APPEND, j->layer);
         char err[256];
         if (!atomic_load(&q->dropped) &&
             kvs__db_put_segment(s->db, q->id, j->layer, j->head, seg, err,
                                 sizeof err))
             fprintf(stderr, "kvstore: %s\n", err);
-        pthread_mutex_unlock(&L->append_mu);
+        kvs__unlock(&L->append_mu);
     }
 
-    pthread_rwlock_wrlock(&L->lock);
+    kvs__wrlock(&L->lock, j->layer);
     if (seg && h->n_segments == h->segments_cap) {
         uint32_t cap = h->segments_cap ? h->segments_cap * 2 : 8;
         kvs_segment_t **p = realloc(h->segments, cap * sizeof *p);
@@ -188,13 +186,13 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
      * next append tries again. */
     if (seg)
         kvs__maybe_build(s, q, j->layer, j->head);
-    pthread_rwlock_unlock(&L->lock);
+    kvs__rwunlock(&L->lock);
     build_finish(s, q, kvs__now_s() - t0, keys_done);
 }
 
 void *kvs__builder(void *arg) {
     kvs_store_t *s = arg;
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     for (;;) {
         while (!s->stopping && !s->q_head)
             pthread_cond_wait(&s->build_cv, &s->build_mu);
@@ -204,11 +202,11 @@ void *kvs__builder(void *arg) {
         s->q_head = j->next;
         if (!s->q_head)
             s->q_tail = NULL;
-        pthread_mutex_unlock(&s->build_mu);
+        kvs__unlock(&s->build_mu);
         run_build(s, j);
         free(j);
-        pthread_mutex_lock(&s->build_mu);
+        kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     }
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     return NULL;
 }

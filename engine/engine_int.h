@@ -31,6 +31,78 @@
 #include <stdint.h>
 
 /* ---------------------------------------------------------------------- */
+/* Locks                                                                  */
+
+/*
+ * The lock order, first to last. A thread takes a lock only when every lock
+ * it holds comes earlier in this list; two locks of one rank (a sequence's
+ * append_mus, its layer rwlocks) only in increasing layer order.
+ *
+ *   1 meta_mu     store  serialises the sequence-table changes that write
+ *                        storage (create, fork, drop, set_ttl, expiry) and
+ *                        is held across their writes, so that those of one
+ *                        id stay in order
+ *   2 page_mu     seq    serialises eviction and page-in of a sequence
+ *   3 append_mu   layer  one append's storage write at a time; a drop or an
+ *                        eviction takes every layer's, so no append is half
+ *                        done under it
+ *   4 lock        layer  rwlock over the layer's heads
+ *   5 map_mu      store  the sequence table itself; never held across I/O,
+ *                        so lookups (every call) never wait for an fsync
+ *   6 build_mu    store  build queue and counters, keeper's sleep
+ *   7 scratch_mu  store  the list of thread scratches
+ *
+ * The engine takes these only through the wrappers below. Where NDEBUG is
+ * not defined (the RelWithDebInfo and Debug builds: the top CMakeLists
+ * sets RelWithDebInfo to "-O2 -g") each thread keeps the locks it holds
+ * (lock.c) and every acquisition asserts the order, before it blocks; and
+ * functions that need a lock held assert kvs__held() instead of saying so
+ * in a comment. Locks inside gpu.c, pool.c and persist.c are leaves: the
+ * engine never takes one of its own while in there.
+ */
+enum {
+    KVS__RANK_META = 1,
+    KVS__RANK_PAGE,
+    KVS__RANK_APPEND,
+    KVS__RANK_LAYER,
+    KVS__RANK_MAP,
+    KVS__RANK_BUILD,
+    KVS__RANK_SCRATCH,
+    KVS__RANK_N
+};
+
+#ifndef NDEBUG
+/* `sub`: the layer index for APPEND and LAYER, 0 for the others. */
+void kvs__lock(pthread_mutex_t *mu, int rank, uint32_t sub);
+void kvs__unlock(pthread_mutex_t *mu);
+void kvs__rdlock(pthread_rwlock_t *rw, uint32_t sub); /* rank LAYER */
+void kvs__wrlock(pthread_rwlock_t *rw, uint32_t sub);
+void kvs__rwunlock(pthread_rwlock_t *rw);
+/* For assert() only: does this thread hold `lock` (in write mode)? */
+int kvs__held(const void *lock);
+int kvs__held_write(const void *lock);
+#else
+static inline void kvs__lock(pthread_mutex_t *mu, int rank, uint32_t sub) {
+    (void)rank, (void)sub;
+    pthread_mutex_lock(mu);
+}
+static inline void kvs__unlock(pthread_mutex_t *mu) {
+    pthread_mutex_unlock(mu);
+}
+static inline void kvs__rdlock(pthread_rwlock_t *rw, uint32_t sub) {
+    (void)sub;
+    pthread_rwlock_rdlock(rw);
+}
+static inline void kvs__wrlock(pthread_rwlock_t *rw, uint32_t sub) {
+    (void)sub;
+    pthread_rwlock_wrlock(rw);
+}
+static inline void kvs__rwunlock(pthread_rwlock_t *rw) {
+    pthread_rwlock_unlock(rw);
+}
+#endif
+
+/* ---------------------------------------------------------------------- */
 /* Types                                                                  */
 
 typedef struct head_s {
@@ -78,7 +150,7 @@ typedef struct seq_s {
     atomic_int_fast64_t bytes;        /* counted against memory_bytes */
     atomic_uint_fast64_t last_access; /* monotonic ms */
     layer_t *layers;
-    kvs__gpu_t *gpu; /* the store's, for freeing mirrors */
+    kvs__gpu_t *gpu;    /* the store's, for freeing mirrors */
     struct seq_s *next; /* hash chain */
 } seq_t;
 
@@ -99,12 +171,7 @@ struct kvs_store_s {
     pthread_mutex_t scratch_mu;
     struct scratch_node_s *scratches;
 
-    /* Lock order: meta_mu, then append_mu (layer order), then map_mu.
-     * meta_mu serialises the sequence-table changes that write storage
-     * (create, fork, drop, set_ttl, expiry) and is held across their
-     * writes, so that those of one id stay in order; map_mu guards the
-     * table itself and is never held across I/O, so lookups (every call)
-     * never wait for an fsync. */
+    /* Sequence table (ranks 1 and 5 of the lock order, above). */
     pthread_mutex_t meta_mu;
     pthread_mutex_t map_mu;
     seq_t **buckets;
@@ -178,8 +245,7 @@ void *kvs__keeper_main(void *arg);
 /* build.c                                                                */
 
 /* Queue a build of the head when its tail holds a whole segment. */
-void kvs__maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer,
-                      uint32_t head);
+void kvs__maybe_build(kvs_store_t *s, seq_t *q, uint32_t layer, uint32_t head);
 void *kvs__builder(void *arg); /* a builder thread */
 
 /* ---------------------------------------------------------------------- */

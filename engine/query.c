@@ -8,6 +8,7 @@
  */
 #include "engine/engine_int.h"
 
+#include <assert.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -62,8 +63,8 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
         return rc;
     const kvs_geometry_t *g = &q->geo;
     if (layer >= g->n_layers) {
-        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)", layer,
-                  g->n_layers);
+        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
+                       layer, g->n_layers);
         goto out;
     }
     size_t n_elems = (size_t)n_tokens * g->n_kv_heads * g->head_dim;
@@ -76,48 +77,48 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
     for (;;) {
         if (atomic_load(&q->evicted) && (rc = kvs__page_in(s, q)))
             goto out;
-        pthread_mutex_lock(&L->append_mu);
+        kvs__lock(&L->append_mu, KVS__RANK_APPEND, layer);
         /* A drop takes every append_mu before deleting the stored
          * sequence: past this check nothing can delete it under us. */
         if (atomic_load(&q->dropped)) {
-            pthread_mutex_unlock(&L->append_mu);
+            kvs__unlock(&L->append_mu);
             rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
-                      (unsigned long long)id);
+                           (unsigned long long)id);
             goto out;
         }
-        pthread_rwlock_wrlock(&L->lock);
+        kvs__wrlock(&L->lock, layer);
         if (L->resident)
             break;
         /* Evicted between the check and the locks: page in again. */
-        pthread_rwlock_unlock(&L->lock);
-        pthread_mutex_unlock(&L->append_mu);
+        kvs__rwunlock(&L->lock);
+        kvs__unlock(&L->append_mu);
     }
     /* Room first, so nothing can fail between the storage write and the
      * copy into memory. */
     for (uint32_t h = 0; h < g->n_kv_heads; h++)
         if ((rc = kvs__head_reserve(&L->heads[h], q->row_bytes, n_tokens))) {
-            pthread_rwlock_unlock(&L->lock);
-            pthread_mutex_unlock(&L->append_mu);
+            kvs__rwunlock(&L->lock);
+            kvs__unlock(&L->append_mu);
             rc = kvs__fail(s, rc, "cannot grow the tail of layer %u", layer);
             goto out;
         }
     uint64_t pos0 = L->tokens;
     L->appending = n_tokens;
-    pthread_rwlock_unlock(&L->lock);
+    kvs__rwunlock(&L->lock);
     if (s->db) {
         char err[256];
         rc = kvs__db_append(s->db, id, layer, g, pos0, n_tokens, keys, values,
                             s->opts.segment_tokens, err, sizeof err);
         if (rc) {
-            pthread_rwlock_wrlock(&L->lock);
+            kvs__wrlock(&L->lock, layer);
             L->appending = 0;
-            pthread_rwlock_unlock(&L->lock);
-            pthread_mutex_unlock(&L->append_mu);
+            kvs__rwunlock(&L->lock);
+            kvs__unlock(&L->append_mu);
             rc = kvs__fail(s, rc, "%s", err);
             goto out;
         }
     }
-    pthread_rwlock_wrlock(&L->lock);
+    kvs__wrlock(&L->lock, layer);
     L->appending = 0;
     size_t stride = (size_t)g->n_kv_heads * q->row_bytes;
     for (uint32_t h = 0; h < g->n_kv_heads; h++) {
@@ -136,8 +137,8 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
         kvs__maybe_build(s, q, layer, h);
     }
     L->tokens += n_tokens;
-    pthread_rwlock_unlock(&L->lock);
-    pthread_mutex_unlock(&L->append_mu);
+    kvs__rwunlock(&L->lock);
+    kvs__unlock(&L->append_mu);
     kvs__bytes_add(s, q, (int64_t)(2 * (size_t)n_tokens * stride));
     kvs__enforce_budget(s, q);
 out:
@@ -162,12 +163,12 @@ static kvs_scratch_t *thread_scratch(kvs_store_t *s) {
         free(n);
         return NULL;
     }
-    pthread_mutex_lock(&s->scratch_mu);
+    kvs__lock(&s->scratch_mu, KVS__RANK_SCRATCH, 0);
     n->next = s->scratches;
     if (n->next)
         n->next->prev = n;
     s->scratches = n;
-    pthread_mutex_unlock(&s->scratch_mu);
+    kvs__unlock(&s->scratch_mu);
     return n->sc;
 }
 
@@ -266,10 +267,11 @@ static void search_task(void *arg, uint32_t h) {
                                      c->scores + qh * c->k, &c->stats[h]);
 }
 
-/* The GPU path for a wave attend (caller holds the layer's read lock).
- * Nonzero: not served there (the CPU path runs; a GPU failure is counted
- * in the store's stats, never returned). */
+/* The GPU path for a wave attend, under the layer's read lock. Nonzero:
+ * not served there (the CPU path runs; a GPU failure is counted in the
+ * store's stats, never returned). */
 static int gpu_attend(kvs_store_t *s, call_t *c) {
+    assert(kvs__held(&c->L->lock));
     const uint32_t nh = c->q->geo.n_kv_heads;
     kvs_head_view_t *v = malloc(nh * sizeof *v);
     if (!v)
@@ -292,8 +294,8 @@ static int call_begin(kvs_store_t *s, uint64_t id, uint32_t layer,
         return rc;
     const kvs_geometry_t *g = &q->geo;
     if (layer >= g->n_layers) {
-        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)", layer,
-                  g->n_layers);
+        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
+                       layer, g->n_layers);
         goto err;
     }
     if (!kvs_all_finite(KVS_DTYPE_F32, queries,
@@ -330,7 +332,8 @@ static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
     for (uint32_t h = 0; h < nh && !rc; h++)
         rc = c->rc[h];
     if (rc)
-        rc = kvs__fail(c->s, rc, "head computation failed: %s", kvs_strerror(rc));
+        rc = kvs__fail(c->s, rc, "head computation failed: %s",
+                       kvs_strerror(rc));
     if (stats) {
         memset(stats, 0, sizeof *stats);
         for (uint32_t h = 0; h < nh; h++) {
@@ -369,14 +372,14 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
         return rc;
     }
     if (c->L->tokens == 0) {
-        pthread_rwlock_unlock(&c->L->lock);
+        kvs__rwunlock(&c->L->lock);
         kvs__seq_unref(c->q);
         free(c);
         return kvs__fail(s, KVS_ERANGE, "layer %u is empty", layer);
     }
     if (!s->gpu || c->zp.exact || gpu_attend(s, c) != 0)
         kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
-    pthread_rwlock_unlock(&c->L->lock);
+    kvs__rwunlock(&c->L->lock);
     return call_end(c, stats, t0);
 }
 
@@ -403,21 +406,22 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
     }
     if (k == 0 || k > c->L->tokens) {
         uint64_t have = c->L->tokens;
-        pthread_rwlock_unlock(&c->L->lock);
+        kvs__rwunlock(&c->L->lock);
         kvs__seq_unref(c->q);
         free(c);
-        return kvs__fail(s, KVS_ERANGE, "k %u outside 1..%llu (tokens in layer)", k,
-                    (unsigned long long)have);
+        return kvs__fail(s, KVS_ERANGE,
+                         "k %u outside 1..%llu (tokens in layer)", k,
+                         (unsigned long long)have);
     }
     kvs__pool_run(s->pool, c->q->geo.n_kv_heads, search_task, c);
-    pthread_rwlock_unlock(&c->L->lock);
+    kvs__rwunlock(&c->L->lock);
     return call_end(c, NULL, 0);
 }
 
 /* Copy tokens pos .. pos+n of one head into rows `stride` bytes apart
  * (either destination may be NULL). Caller holds the layer lock. */
 void kvs__head_gather(const head_t *hd, size_t rb, uint64_t pos, uint64_t n,
-                        char *keys, char *values, size_t stride) {
+                      char *keys, char *values, size_t stride) {
     uint64_t end = pos + n;
     for (uint32_t si = 0; si < hd->n_segments; si++) {
         const kvs_segment_t *seg = hd->segments[si];
@@ -464,17 +468,17 @@ int kvs_seq_read(kvs_store_t *s, uint64_t id, uint32_t layer, uint64_t pos,
         goto out;
     if (pos > L->tokens || n > L->tokens - pos) {
         rc = kvs__fail(s, KVS_ERANGE, "tokens %llu..%llu past the %llu held",
-                  (unsigned long long)pos, (unsigned long long)(pos + n),
-                  (unsigned long long)L->tokens);
-        pthread_rwlock_unlock(&L->lock);
+                       (unsigned long long)pos, (unsigned long long)(pos + n),
+                       (unsigned long long)L->tokens);
+        kvs__rwunlock(&L->lock);
         goto out;
     }
     size_t rb = q->row_bytes, stride = rb * q->geo.n_kv_heads;
     for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
         kvs__head_gather(&L->heads[h], rb, pos, n,
-                    keys ? (char *)keys + h * rb : NULL,
-                    values ? (char *)values + h * rb : NULL, stride);
-    pthread_rwlock_unlock(&L->lock);
+                         keys ? (char *)keys + h * rb : NULL,
+                         values ? (char *)values + h * rb : NULL, stride);
+    kvs__rwunlock(&L->lock);
 out:
     kvs__seq_unref(q);
     return rc;

@@ -8,6 +8,7 @@
  */
 #include "engine/engine_int.h"
 
+#include <assert.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -33,7 +34,12 @@ static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g,
     atomic_store(&q->evicted, 1);
     for (uint32_t l = 0; l < g->n_layers; l++)
         q->layers[l].resident = 0;
-    if ((rc = kvs__map_insert(s, q)))
+    /* Open is single-threaded until the loads are done; the lock is for
+     * the table's rule (kvs__map_insert), not for a race. */
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
+    rc = kvs__map_insert(s, q);
+    kvs__unlock(&s->map_mu);
+    if (rc)
         kvs__seq_free(q);
     return rc;
 }
@@ -101,7 +107,8 @@ static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                      uint64_t pos, uint32_t n, size_t half, const void *keys,
                      const void *values) {
     kvs_store_t *s = ctx;
-    return fill_rows(kvs__map_find(s, id), layer, head, pos, n, half, keys, values);
+    return fill_rows(kvs__map_find(s, id), layer, head, pos, n, half, keys,
+                     values);
 }
 
 /* Page-in callbacks: the sequence is known, not looked up. */
@@ -161,9 +168,11 @@ static void load_seq_done(void *ctx, uint64_t id) {
                          "layer %u: KV heads hold different token counts", l);
                 load_damaged(s, q->id, why);
             }
+        kvs__wrlock(&L->lock, l);
         L->tokens = t0;
         L->resident = 1;
         kvs__bytes_add(s, q, kvs__layer_bytes(q, L));
+        kvs__rwunlock(&L->lock);
     }
     atomic_store(&q->evicted, 0);
     atomic_store(&q->last_access, kvs__now_ms());
@@ -183,10 +192,10 @@ void kvs__load_schedule_builds(kvs_store_t *s) {
             if (q->damage)
                 continue;
             for (uint32_t l = 0; l < q->geo.n_layers; l++) {
-                pthread_rwlock_wrlock(&q->layers[l].lock);
+                kvs__wrlock(&q->layers[l].lock, l);
                 for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
                     kvs__maybe_build(s, q, l, h);
-                pthread_rwlock_unlock(&q->layers[l].lock);
+                kvs__rwunlock(&q->layers[l].lock);
             }
         }
 }
@@ -202,8 +211,8 @@ void kvs__bytes_add(kvs_store_t *s, seq_t *q, int64_t delta) {
         atomic_fetch_add(&s->resident_bytes, delta);
 }
 
-/* K/V plus index bytes of one resident layer. Caller holds its lock. */
 int64_t kvs__layer_bytes(const seq_t *q, const layer_t *L) {
+    assert(kvs__held(&L->lock));
     int64_t b = 0;
     for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
         const head_t *hd = &L->heads[h];
@@ -214,27 +223,28 @@ int64_t kvs__layer_bytes(const seq_t *q, const layer_t *L) {
     return b;
 }
 
-/* Lock order: page_mu, then every layer's append_mu, then every layer's
- * rwlock, each in layer order. Appends hold one append_mu while their
- * storage write runs, so holding them all means no append is half done. */
+/* Every layer's append_mu, then every layer's rwlock (the lock order).
+ * Appends hold one append_mu while their storage write runs, so holding
+ * them all means no append is half done. */
 static void lock_all(seq_t *q) {
     for (uint32_t l = 0; l < q->geo.n_layers; l++)
-        pthread_mutex_lock(&q->layers[l].append_mu);
+        kvs__lock(&q->layers[l].append_mu, KVS__RANK_APPEND, l);
     for (uint32_t l = 0; l < q->geo.n_layers; l++)
-        pthread_rwlock_wrlock(&q->layers[l].lock);
+        kvs__wrlock(&q->layers[l].lock, l);
 }
 
 static void unlock_all(seq_t *q) {
     for (uint32_t l = q->geo.n_layers; l-- > 0;)
-        pthread_rwlock_unlock(&q->layers[l].lock);
+        kvs__rwunlock(&q->layers[l].lock);
     for (uint32_t l = q->geo.n_layers; l-- > 0;)
-        pthread_mutex_unlock(&q->layers[l].append_mu);
+        kvs__unlock(&q->layers[l].append_mu);
 }
 
-/* Free every head's rows and segments, leaving empty heads. Caller holds
- * every layer's write lock (lock_all). */
+/* Free every head's rows and segments, leaving empty heads (under
+ * lock_all). */
 static void release_rows(seq_t *q) {
     for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+        assert(kvs__held_write(&q->layers[l].lock));
         for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
             kvs__head_release(&q->layers[l].heads[h]);
             memset(&q->layers[l].heads[h], 0, sizeof(head_t));
@@ -248,7 +258,7 @@ static void release_rows(seq_t *q) {
  * rows without holding the lock throughout. */
 static int try_evict(kvs_store_t *s, seq_t *q) {
     int done = 0;
-    pthread_mutex_lock(&q->page_mu);
+    kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
     if (atomic_load(&q->evicted) || q->damage || atomic_load(&q->dropped))
         goto out;
     lock_all(q);
@@ -270,7 +280,7 @@ static int try_evict(kvs_store_t *s, seq_t *q) {
     if (done)
         malloc_trim(0);
 out:
-    pthread_mutex_unlock(&q->page_mu);
+    kvs__unlock(&q->page_mu);
     return done;
 }
 
@@ -290,11 +300,11 @@ void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
     uint64_t budget = s->opts.memory_bytes;
     if (!budget || atomic_load(&s->resident_bytes) <= (int64_t)budget)
         return;
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     size_t n = 0;
     lru_t *c = malloc((s->n_seqs ? s->n_seqs : 1) * sizeof *c);
     if (!c) {
-        pthread_mutex_unlock(&s->map_mu);
+        kvs__unlock(&s->map_mu);
         return;
     }
     for (size_t b = 0; b < s->n_buckets; b++)
@@ -304,7 +314,7 @@ void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
                 atomic_fetch_add(&q->refs, 1);
                 c[n++] = (lru_t){q, atomic_load(&q->last_access)};
             }
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     qsort(c, n, sizeof *c, lru_cmp);
     for (size_t i = 0; i < n; i++) {
         if (atomic_load(&s->resident_bytes) > (int64_t)budget)
@@ -317,7 +327,7 @@ void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
 /* Bring an evicted sequence back from storage. */
 int kvs__page_in(kvs_store_t *s, seq_t *q) {
     int rc = 0;
-    pthread_mutex_lock(&q->page_mu);
+    kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
     if (!atomic_load(&q->evicted) || !s->db)
         goto out;
     lock_all(q);
@@ -326,7 +336,7 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
          * the id may name a new sequence by now */
         unlock_all(q);
         rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
-                  (unsigned long long)q->id);
+                       (unsigned long long)q->id);
         goto out;
     }
     page_ctx_t ctx = {s, q};
@@ -360,8 +370,8 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
             q->damage = strdup(err[0] ? err : "page-in found damage");
         if (!rc)
             rc = KVS_EQUARANTINED;
-        kvs__fail(s, rc, "paging sequence %llu in: %s", (unsigned long long)q->id,
-             q->damage ? q->damage : err);
+        kvs__fail(s, rc, "paging sequence %llu in: %s",
+                  (unsigned long long)q->id, q->damage ? q->damage : err);
     } else {
         for (uint32_t l = 0; l < q->geo.n_layers; l++)
             q->layers[l].resident = 1;
@@ -377,23 +387,22 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
     }
     unlock_all(q);
 out:
-    pthread_mutex_unlock(&q->page_mu);
+    kvs__unlock(&q->page_mu);
     if (!rc)
         kvs__enforce_budget(s, q);
     return rc;
 }
 
-/* Take `L`'s lock with its rows in memory, paging the sequence in first
- * when it was evicted. */
 int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
+    const uint32_t no = (uint32_t)(L - q->layers);
     for (;;) {
         if (write)
-            pthread_rwlock_wrlock(&L->lock);
+            kvs__wrlock(&L->lock, no);
         else
-            pthread_rwlock_rdlock(&L->lock);
+            kvs__rdlock(&L->lock, no);
         if (L->resident)
             return 0;
-        pthread_rwlock_unlock(&L->lock);
+        kvs__rwunlock(&L->lock);
         int rc = kvs__page_in(s, q);
         if (rc)
             return rc;

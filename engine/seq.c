@@ -10,6 +10,7 @@
  */
 #include "engine/engine_int.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -66,13 +67,13 @@ static size_t bucket_of(const kvs_store_t *s, uint64_t id) {
 
 /* Look `id` up and take a reference; NULL when unknown. */
 static seq_t *seq_get(kvs_store_t *s, uint64_t id) {
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     seq_t *q = s->buckets[bucket_of(s, id)];
     while (q && (q->id != id || atomic_load(&q->unlinking)))
         q = q->next;
     if (q)
         atomic_fetch_add(&q->refs, 1);
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     return q;
 }
 
@@ -100,22 +101,23 @@ int kvs__check_geometry(kvs_store_t *s, const kvs_geometry_t *g) {
     if (!g)
         return kvs__fail(s, KVS_EINVAL, "geometry is NULL");
     if (g->n_layers == 0 || g->n_layers > KVS_MAX_LAYERS)
-        return kvs__fail(s, KVS_EINVAL, "n_layers %u outside 1..%u", g->n_layers,
-                    KVS_MAX_LAYERS);
+        return kvs__fail(s, KVS_EINVAL, "n_layers %u outside 1..%u",
+                         g->n_layers, KVS_MAX_LAYERS);
     if (g->n_kv_heads == 0 || g->n_kv_heads > KVS_MAX_HEADS ||
         g->n_q_heads == 0 || g->n_q_heads > KVS_MAX_HEADS)
-        return kvs__fail(s, KVS_EINVAL, "head counts outside 1..%u", KVS_MAX_HEADS);
+        return kvs__fail(s, KVS_EINVAL, "head counts outside 1..%u",
+                         KVS_MAX_HEADS);
     if (g->n_q_heads % g->n_kv_heads)
         return kvs__fail(s, KVS_EINVAL,
-                    "n_q_heads %u is not a multiple of "
-                    "n_kv_heads %u",
-                    g->n_q_heads, g->n_kv_heads);
+                         "n_q_heads %u is not a multiple of "
+                         "n_kv_heads %u",
+                         g->n_q_heads, g->n_kv_heads);
     if (g->n_q_heads / g->n_kv_heads > KVS_KERNEL_MAX_Q)
         return kvs__fail(s, KVS_EINVAL, "more than %d query heads per KV head",
-                    KVS_KERNEL_MAX_Q);
+                         KVS_KERNEL_MAX_Q);
     if (g->head_dim == 0 || g->head_dim > KVS_MAX_HEAD_DIM)
-        return kvs__fail(s, KVS_EINVAL, "head_dim %u outside 1..%u", g->head_dim,
-                    KVS_MAX_HEAD_DIM);
+        return kvs__fail(s, KVS_EINVAL, "head_dim %u outside 1..%u",
+                         g->head_dim, KVS_MAX_HEAD_DIM);
     if (kvs_dtype_size(g->dtype) == 0)
         return kvs__fail(s, KVS_EINVAL, "unknown dtype %d", (int)g->dtype);
     return 0;
@@ -123,7 +125,7 @@ int kvs__check_geometry(kvs_store_t *s, const kvs_geometry_t *g) {
 
 /* A new, empty, unlinked sequence. */
 int kvs__seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
-                   seq_t **out) {
+                 seq_t **out) {
     seq_t *q = calloc(1, sizeof *q);
     if (!q)
         return kvs__fail(s, KVS_ENOMEM, "sequence");
@@ -162,8 +164,9 @@ oom:
     return kvs__fail(s, KVS_ENOMEM, "sequence");
 }
 
-/* Caller holds map_mu; `id` is not in the table. */
+/* `id` is not in the table. */
 int kvs__map_insert(kvs_store_t *s, seq_t *q) {
+    assert(kvs__held(&s->map_mu));
     if (s->n_seqs + 1 > s->n_buckets && map_grow(s))
         return KVS_ENOMEM;
     size_t b = bucket_of(s, q->id);
@@ -192,25 +195,25 @@ int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
         return rc;
     /* meta_mu across the storage write: a racing create or drop of the
      * same id cannot reorder with it; lookups go on meanwhile. */
-    pthread_mutex_lock(&s->meta_mu);
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->meta_mu, KVS__RANK_META, 0);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     int exists = kvs__map_find(s, id) != NULL;
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     if (exists) {
         rc = kvs__fail(s, KVS_EEXIST, "sequence %llu already exists",
-                  (unsigned long long)id);
+                       (unsigned long long)id);
     } else if (s->db) {
         char err[256];
         if ((rc = kvs__db_create_seq(s->db, id, geo, 0, err, sizeof err)))
             rc = kvs__fail(s, rc, "%s", err);
     }
     if (!rc) {
-        pthread_mutex_lock(&s->map_mu);
+        kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
         if ((rc = kvs__map_insert(s, q)))
             rc = kvs__fail(s, rc, "sequence table");
-        pthread_mutex_unlock(&s->map_mu);
+        kvs__unlock(&s->map_mu);
     }
-    pthread_mutex_unlock(&s->meta_mu);
+    kvs__unlock(&s->meta_mu);
     if (rc)
         kvs__seq_free(q);
     return rc;
@@ -219,9 +222,9 @@ int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
 static int seq_expired(seq_t *q, uint64_t now);
 
 /*
- * Delete `q` from storage and unlink it from the table. Caller holds
- * meta_mu and a reference (not map_mu); on success the table's reference
- * is the caller's to drop as well. Every layer's append_mu is taken before
+ * Delete `q` from storage and unlink it from the table, under meta_mu,
+ * with a reference; on success the table's reference is the caller's to
+ * drop as well. Every layer's append_mu is taken before
  * the storage delete and `dropped` is set under them, so no append or
  * segment write can land under the id after its records are gone. While
  * the delete is written, `unlinking` hides the sequence from lookups. With
@@ -229,21 +232,22 @@ static int seq_expired(seq_t *q, uint64_t now);
  * (KVS_EBUSY).
  */
 static int drop_seq(kvs_store_t *s, seq_t *q, int if_expired) {
+    assert(kvs__held(&s->meta_mu) && !kvs__held(&s->map_mu));
     for (uint32_t l = 0; l < q->geo.n_layers; l++)
-        pthread_mutex_lock(&q->layers[l].append_mu);
+        kvs__lock(&q->layers[l].append_mu, KVS__RANK_APPEND, l);
     int rc = 0;
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     if (if_expired && !seq_expired(q, kvs__now_ms()))
         rc = KVS_EBUSY;
     else
         atomic_store(&q->unlinking, 1);
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     if (!rc && s->db) {
         char err[256];
         if ((rc = kvs__db_drop_seq(s->db, q->id, err, sizeof err)))
             kvs__fail(s, rc, "%s", err);
     }
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     if (!rc) {
         atomic_store(&q->dropped, 1);
         seq_t **pp = &s->buckets[bucket_of(s, q->id)];
@@ -254,9 +258,9 @@ static int drop_seq(kvs_store_t *s, seq_t *q, int if_expired) {
         atomic_fetch_sub(&s->resident_bytes, atomic_load(&q->bytes));
     }
     atomic_store(&q->unlinking, 0);
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     for (uint32_t l = q->geo.n_layers; l-- > 0;)
-        pthread_mutex_unlock(&q->layers[l].append_mu);
+        kvs__unlock(&q->layers[l].append_mu);
     return rc;
 }
 
@@ -264,24 +268,24 @@ int kvs_seq_drop(kvs_store_t *s, uint64_t id) {
     if (!s)
         return KVS_EINVAL;
     kvs__clear_err(s);
-    pthread_mutex_lock(&s->meta_mu);
+    kvs__lock(&s->meta_mu, KVS__RANK_META, 0);
     seq_t *q = seq_get(s, id);
     if (!q) {
-        pthread_mutex_unlock(&s->meta_mu);
+        kvs__unlock(&s->meta_mu);
         return kvs__fail(s, KVS_ENOSEQ, "unknown sequence %llu",
-                    (unsigned long long)id);
+                         (unsigned long long)id);
     }
     int rc = drop_seq(s, q, 0);
-    pthread_mutex_unlock(&s->meta_mu);
+    kvs__unlock(&s->meta_mu);
     if (rc) {
         kvs__seq_unref(q);
         return rc;
     }
     kvs__seq_unref(q); /* the lookup's reference; the table's below */
     /* Wake kvs_seq_wait_indexed callers: a dropped sequence waits no more. */
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     pthread_cond_broadcast(&s->build_done);
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     kvs__seq_unref(q);
     return 0;
 }
@@ -292,10 +296,10 @@ static seq_t *seq_lookup_use(kvs_store_t *s, uint64_t id, int *rc, int use) {
     seq_t *q = seq_get(s, id);
     if (!q) {
         *rc = kvs__fail(s, KVS_ENOSEQ, "unknown sequence %llu",
-                   (unsigned long long)id);
+                        (unsigned long long)id);
     } else if (q->damage) {
         *rc = kvs__fail(s, KVS_EQUARANTINED, "sequence %llu is quarantined: %s",
-                   (unsigned long long)id, q->damage);
+                        (unsigned long long)id, q->damage);
         kvs__seq_unref(q);
         q = NULL;
     } else if (use) {
@@ -323,10 +327,10 @@ int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
         return rc;
     /* Under meta_mu: the rewrite of the metadata must not overtake a drop
      * of the same id. */
-    pthread_mutex_lock(&s->meta_mu);
+    kvs__lock(&s->meta_mu, KVS__RANK_META, 0);
     if (atomic_load(&q->dropped)) {
         rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
-                  (unsigned long long)id);
+                       (unsigned long long)id);
     } else if (s->db) {
         char err[256];
         rc = kvs__db_create_seq(s->db, id, &q->geo, ttl_seconds, err,
@@ -336,7 +340,7 @@ int kvs_seq_set_ttl(kvs_store_t *s, uint64_t id, uint32_t ttl_seconds) {
     }
     if (!rc)
         atomic_store(&q->ttl_s, ttl_seconds);
-    pthread_mutex_unlock(&s->meta_mu);
+    kvs__unlock(&s->meta_mu);
     kvs__seq_unref(q);
     return rc;
 }
@@ -360,8 +364,8 @@ int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
     for (;;) {
         uint64_t now = kvs__now_ms();
         seq_t *victim = NULL;
-        pthread_mutex_lock(&s->meta_mu);
-        pthread_mutex_lock(&s->map_mu);
+        kvs__lock(&s->meta_mu, KVS__RANK_META, 0);
+        kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
         for (size_t b = 0; b < s->n_buckets && !victim; b++)
             for (seq_t *q = s->buckets[b]; q; q = q->next)
                 if (seq_expired(q, now)) {
@@ -369,9 +373,9 @@ int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
                     atomic_fetch_add(&q->refs, 1);
                     break;
                 }
-        pthread_mutex_unlock(&s->map_mu);
+        kvs__unlock(&s->map_mu);
         int rc = victim ? drop_seq(s, victim, 1) : 0;
-        pthread_mutex_unlock(&s->meta_mu);
+        kvs__unlock(&s->meta_mu);
         if (!victim)
             break;
         kvs__seq_unref(victim); /* the scan's reference */
@@ -387,11 +391,11 @@ int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
             break;
         }
     }
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     s->expired += n;
     if (n)
         pthread_cond_broadcast(&s->build_done);
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     if (n_expired)
         *n_expired = n;
     return 0;
@@ -399,7 +403,7 @@ int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
 
 void *kvs__keeper_main(void *arg) {
     kvs_store_t *s = arg;
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     while (!atomic_load(&s->stopping)) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
@@ -407,15 +411,14 @@ void *kvs__keeper_main(void *arg) {
         pthread_cond_timedwait(&s->keeper_cv, &s->build_mu, &ts);
         if (atomic_load(&s->stopping))
             break;
-        pthread_mutex_unlock(&s->build_mu);
+        kvs__unlock(&s->build_mu);
         kvs_store_expire(s, NULL);
         kvs__enforce_budget(s, NULL);
-        pthread_mutex_lock(&s->build_mu);
+        kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     }
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     return NULL;
 }
-
 
 /* ---------------------------------------------------------------------- */
 /* Fork                                                                   */
@@ -457,7 +460,7 @@ static int fork_head(const head_t *p, head_t *c, size_t rb, uint64_t share_end,
         if (rc)
             return rc;
         kvs__head_gather(p, rb, c->indexed_tokens, rest, c->tail_keys,
-                    c->tail_values, rb);
+                         c->tail_values, rb);
         c->tail_len = rest;
     }
     return 0;
@@ -491,8 +494,8 @@ static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
             return KVS_ENOMEM;
         }
         for (uint32_t h = 0; h < g->n_kv_heads; h++)
-            kvs__head_gather(&L->heads[h], rb, indexed, rest, k + h * rb, v + h * rb,
-                        stride);
+            kvs__head_gather(&L->heads[h], rb, indexed, rest, k + h * rb,
+                             v + h * rb, stride);
         rc = kvs__db_append(s->db, c->id, l, g, indexed, (uint32_t)rest, k, v,
                             s->opts.segment_tokens, err, errlen);
         free(k);
@@ -522,11 +525,11 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
         if ((rc = kvs__layer_lock(s, p, PL, 0)))
             break;
         if (at > PL->tokens)
-            rc =
-                kvs__fail(s, KVS_ERANGE,
-                     "at_token %llu past the %llu tokens of "
-                     "layer %u",
-                     (unsigned long long)at, (unsigned long long)PL->tokens, l);
+            rc = kvs__fail(s, KVS_ERANGE,
+                           "at_token %llu past the %llu tokens of "
+                           "layer %u",
+                           (unsigned long long)at,
+                           (unsigned long long)PL->tokens, l);
         /* Heads finish their builds at different times: share only what
          * every head of the layer has built, so the child's heads agree. */
         uint64_t share_end = at;
@@ -539,47 +542,47 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
             if ((rc = fork_head(&PL->heads[h], &CL->heads[h], rb, share_end,
                                 at)))
                 rc = kvs__fail(s, rc, "fork of layer %u", l);
-        pthread_rwlock_unlock(&PL->lock);
+        kvs__rwunlock(&PL->lock);
         CL->tokens = at;
     }
     if (rc)
         goto out;
     /* meta_mu across the storage write (as create); lookups go on */
-    pthread_mutex_lock(&s->meta_mu);
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->meta_mu, KVS__RANK_META, 0);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     int exists = kvs__map_find(s, child) != NULL;
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     if (exists) {
-        pthread_mutex_unlock(&s->meta_mu);
+        kvs__unlock(&s->meta_mu);
         rc = kvs__fail(s, KVS_EEXIST, "sequence %llu already exists",
-                  (unsigned long long)child);
+                       (unsigned long long)child);
         goto out;
     }
     if (s->db) {
         char err[256] = "";
         if ((rc = fork_persist(s, c, err, sizeof err))) {
-            pthread_mutex_unlock(&s->meta_mu);
+            kvs__unlock(&s->meta_mu);
             rc = kvs__fail(s, rc, "storing the fork: %s", err);
             goto out;
         }
     }
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     if ((rc = kvs__map_insert(s, c))) {
-        pthread_mutex_unlock(&s->map_mu);
-        pthread_mutex_unlock(&s->meta_mu);
+        kvs__unlock(&s->map_mu);
+        kvs__unlock(&s->meta_mu);
         rc = kvs__fail(s, rc, "sequence table");
         goto out;
     }
     atomic_fetch_add(&c->refs, 1); /* a racing drop must not free it */
-    pthread_mutex_unlock(&s->map_mu);
-    pthread_mutex_unlock(&s->meta_mu);
+    kvs__unlock(&s->map_mu);
+    kvs__unlock(&s->meta_mu);
     /* The copied rows may hold a whole segment: index them as usual. */
     for (uint32_t l = 0; l < c->geo.n_layers; l++) {
-        pthread_rwlock_wrlock(&c->layers[l].lock);
+        kvs__wrlock(&c->layers[l].lock, l);
         kvs__bytes_add(s, c, kvs__layer_bytes(c, &c->layers[l]));
         for (uint32_t h = 0; h < c->geo.n_kv_heads; h++)
             kvs__maybe_build(s, c, l, h);
-        pthread_rwlock_unlock(&c->layers[l].lock);
+        kvs__rwunlock(&c->layers[l].lock);
     }
     kvs__seq_unref(c);
     c = NULL;
@@ -590,7 +593,6 @@ out:
     return rc;
 }
 
-
 /* ---------------------------------------------------------------------- */
 /* Introspection                                                          */
 
@@ -600,7 +602,7 @@ void kvs__seq_account(const seq_t *q, kvs_seq_info_t *info) {
     info->tokens_min = UINT64_MAX;
     for (uint32_t l = 0; l < q->geo.n_layers; l++) {
         layer_t *L = &q->layers[l];
-        pthread_rwlock_rdlock(&L->lock);
+        kvs__rdlock(&L->lock, l);
         if (L->tokens < info->tokens_min)
             info->tokens_min = L->tokens;
         if (L->tokens > info->tokens_max)
@@ -615,7 +617,7 @@ void kvs__seq_account(const seq_t *q, kvs_seq_info_t *info) {
             }
             info->bytes += 2 * hd->tail_cap * q->row_bytes;
         }
-        pthread_rwlock_unlock(&L->lock);
+        kvs__rwunlock(&L->lock);
     }
     if (q->geo.n_kv_heads)
         info->indexed_tokens /= q->geo.n_kv_heads;
@@ -653,13 +655,13 @@ int kvs_seq_shape(kvs_store_t *s, uint64_t id, uint32_t layer,
     if (layer_tokens) {
         if (layer >= q->geo.n_layers) {
             rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
-                      layer, q->geo.n_layers);
+                           layer, q->geo.n_layers);
         } else {
             /* tokens is kept while evicted: no page-in needed. */
             layer_t *L = &q->layers[layer];
-            pthread_rwlock_rdlock(&L->lock);
+            kvs__rdlock(&L->lock, layer);
             *layer_tokens = L->tokens;
-            pthread_rwlock_unlock(&L->lock);
+            kvs__rwunlock(&L->lock);
         }
     }
     kvs__seq_unref(q);
@@ -674,11 +676,11 @@ int kvs_seq_wait_indexed(kvs_store_t *s, uint64_t id) {
     seq_t *q = seq_peek(s, id, &rc);
     if (!q)
         return rc;
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     while (atomic_load(&q->builds_pending) > 0 && !atomic_load(&q->dropped) &&
            !s->stopping)
         pthread_cond_wait(&s->build_done, &s->build_mu);
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     kvs__seq_unref(q);
     return 0;
 }
@@ -689,7 +691,7 @@ int kvs_store_list(kvs_store_t *s, uint64_t *ids, size_t cap, size_t *n_out) {
     kvs__clear_err(s);
     if (!n_out || (cap && !ids))
         return kvs__fail(s, KVS_EINVAL, "ids or n_out is NULL");
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     size_t k = 0;
     for (size_t i = 0; i < s->n_buckets; i++)
         for (seq_t *q = s->buckets[i]; q; q = q->next) {
@@ -699,7 +701,7 @@ int kvs_store_list(kvs_store_t *s, uint64_t *ids, size_t cap, size_t *n_out) {
                 ids[k] = q->id;
             k++;
         }
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     *n_out = k;
     return 0;
 }

@@ -90,13 +90,13 @@ void kvs_options_default(kvs_options_t *o) {
 static int check_options(kvs_store_t *s, const kvs_options_t *o) {
     if (o->cluster_tokens == 0 || o->kmeans_iters == 0)
         return kvs__fail(s, KVS_EINVAL,
-                    "cluster_tokens and kmeans_iters must be > 0");
+                         "cluster_tokens and kmeans_iters must be > 0");
     if (o->segment_tokens < o->cluster_tokens ||
         o->segment_tokens <= (uint64_t)o->sink_tokens + o->window_tokens)
         return kvs__fail(s, KVS_EINVAL,
-                    "segment_tokens (%u) must exceed sink_tokens + "
-                    "window_tokens (%u) and cluster_tokens",
-                    o->segment_tokens, o->sink_tokens + o->window_tokens);
+                         "segment_tokens (%u) must exceed sink_tokens + "
+                         "window_tokens (%u) and cluster_tokens",
+                         o->segment_tokens, o->sink_tokens + o->window_tokens);
     if (o->segment_tokens > (1u << 24))
         return kvs__fail(s, KVS_EINVAL, "segment_tokens above 16M");
     const kvs_query_params_t *d = &o->defaults;
@@ -109,7 +109,8 @@ static int check_options(kvs_store_t *s, const kvs_options_t *o) {
         return kvs__fail(s, KVS_EINVAL, "too many threads");
     if (o->cuda_device >= 0 &&
         !(o->cuda_cache_fraction > 0 && o->cuda_cache_fraction <= 1))
-        return kvs__fail(s, KVS_EINVAL, "cuda_cache_fraction must be in (0, 1]");
+        return kvs__fail(s, KVS_EINVAL,
+                         "cuda_cache_fraction must be in (0, 1]");
     if (o->cuda_kv != KVS_CUDA_KV_AUTO && o->cuda_kv != KVS_CUDA_KV_HOST)
         return kvs__fail(s, KVS_EINVAL, "unknown cuda_kv %d", (int)o->cuda_kv);
     return 0;
@@ -121,14 +122,14 @@ static int check_options(kvs_store_t *s, const kvs_options_t *o) {
 /* Thread exit: unlink and free this thread's scratch. */
 static void scratch_destroy(void *p) {
     scratch_node_t *n = p;
-    pthread_mutex_lock(&n->s->scratch_mu);
+    kvs__lock(&n->s->scratch_mu, KVS__RANK_SCRATCH, 0);
     if (n->prev)
         n->prev->next = n->next;
     else
         n->s->scratches = n->next;
     if (n->next)
         n->next->prev = n->prev;
-    pthread_mutex_unlock(&n->s->scratch_mu);
+    kvs__unlock(&n->s->scratch_mu);
     kvs_scratch_free(n->sc);
     free(n);
 }
@@ -301,12 +302,12 @@ fail:
 void kvs_store_close(kvs_store_t *s) {
     if (!s)
         return;
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     s->stopping = 1;
     pthread_cond_broadcast(&s->build_cv);
     if (s->keeper_running)
         pthread_cond_broadcast(&s->keeper_cv);
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     if (s->keeper_running) {
         pthread_join(s->keeper, NULL);
         pthread_cond_destroy(&s->keeper_cv);
@@ -332,14 +333,14 @@ void kvs_store_close(kvs_store_t *s) {
     kvs__gpu_close(s->gpu); /* after every sequence's mirrors */
     /* This thread's scratch; other threads' go with their exit. */
     pthread_key_delete(s->scratch_key);
-    pthread_mutex_lock(&s->scratch_mu);
+    kvs__lock(&s->scratch_mu, KVS__RANK_SCRATCH, 0);
     for (scratch_node_t *n = s->scratches, *nx; n; n = nx) {
         nx = n->next;
         kvs_scratch_free(n->sc);
         free(n);
     }
     s->scratches = NULL;
-    pthread_mutex_unlock(&s->scratch_mu);
+    kvs__unlock(&s->scratch_mu);
     pthread_mutex_destroy(&s->scratch_mu);
     pthread_cond_destroy(&s->build_cv);
     pthread_cond_destroy(&s->build_done);
@@ -352,7 +353,6 @@ void kvs_store_close(kvs_store_t *s) {
     free(s);
 }
 
-
 /* ---------------------------------------------------------------------- */
 /* Store statistics                                                       */
 
@@ -364,11 +364,11 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
         return kvs__fail(s, KVS_EINVAL, "stats is NULL");
     memset(st, 0, sizeof *st);
     /* Take references under the map lock, account outside it. */
-    pthread_mutex_lock(&s->map_mu);
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     size_t n = s->n_seqs, k = 0;
     seq_t **all = malloc((n ? n : 1) * sizeof *all);
     if (!all) {
-        pthread_mutex_unlock(&s->map_mu);
+        kvs__unlock(&s->map_mu);
         return kvs__fail(s, KVS_ENOMEM, "stats");
     }
     for (size_t i = 0; i < s->n_buckets; i++)
@@ -378,7 +378,7 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
             atomic_fetch_add(&q->refs, 1);
             all[k++] = q;
         }
-    pthread_mutex_unlock(&s->map_mu);
+    kvs__unlock(&s->map_mu);
     st->sequences = k;
     for (size_t i = 0; i < k; i++) {
         kvs_seq_info_t info;
@@ -395,7 +395,7 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     free(all);
     if (s->db)
         st->disk_bytes = kvs__db_disk_bytes(s->db);
-    pthread_mutex_lock(&s->build_mu);
+    kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     st->builds_pending = s->builds_pending;
     st->builds_done = s->builds_done;
     st->build_keys = s->build_keys;
@@ -405,7 +405,7 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->resident_bytes = rb > 0 ? (uint64_t)rb : 0; /* racing drops */
     st->evictions = atomic_load(&s->evictions);
     st->page_ins = atomic_load(&s->page_ins);
-    pthread_mutex_unlock(&s->build_mu);
+    kvs__unlock(&s->build_mu);
     kvs__gpu_stats_t g;
     kvs__gpu_stats(s->gpu, &g);
     st->gpu_device = g.device;
