@@ -127,21 +127,23 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
                                              &seg, err, sizeof err);
             free(label);
             if (rc && rc != KVS_ENOTSUP && rc != KVS_ENOTFINITE)
-                fprintf(stderr,
-                        "kvstore: GPU clustering failed for sequence %llu "
-                        "layer %u head %u: %s; building on the CPU\n",
-                        (unsigned long long)q->id, j->layer, j->head,
-                        kvs_strerror(rc));
+                kvs__store_log(
+                    s, KVS_LOG_WARN,
+                    "GPU clustering failed for sequence %llu layer %u "
+                    "head %u: %s; building on the CPU",
+                    (unsigned long long)q->id, j->layer, j->head,
+                    kvs_strerror(rc));
         }
         if (rc)
             rc = kvs_segment_build(&bp, q->geo.dtype, q->geo.head_dim, first, n,
                                    keys, vals, &seg, err, sizeof err);
         if (rc)
-            fprintf(stderr,
-                    "kvstore: segment build failed for sequence %llu "
-                    "layer %u head %u: %s (%s)\n",
-                    (unsigned long long)q->id, j->layer, j->head,
-                    kvs_strerror(rc), err);
+            kvs__store_log(
+                s, KVS_LOG_ERROR,
+                "segment build failed for sequence %llu layer %u head "
+                "%u: %s (%s)",
+                (unsigned long long)q->id, j->layer, j->head, kvs_strerror(rc),
+                err);
     }
     free(keys);
     free(vals);
@@ -155,7 +157,7 @@ static void run_build(kvs_store_t *s, build_job_t *j) {
         if (!atomic_load(&q->dropped) &&
             kvs__db_put_segment(s->db, q->id, j->layer, j->head, seg, err,
                                 sizeof err))
-            fprintf(stderr, "kvstore: %s\n", err);
+            kvs__store_log(s, KVS_LOG_ERROR, "%s", err);
         kvs__unlock(&L->append_mu);
     }
 

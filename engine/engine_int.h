@@ -218,6 +218,9 @@ typedef struct scratch_node_s {
 __attribute__((format(printf, 3, 4))) int
 kvs__fail(const kvs_store_t *store, int code, const char *fmt, ...);
 void kvs__clear_err(const kvs_store_t *store);
+/* Give the options' log callback a message (nothing without one). */
+__attribute__((format(printf, 3, 4))) void
+kvs__store_log(const kvs_store_t *s, int level, const char *fmt, ...);
 uint64_t kvs__now_ms(void); /* monotonic */
 double kvs__now_s(void);    /* monotonic */
 

@@ -64,7 +64,7 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out) {
 #include <time.h>
 
 /* KVS_GPU_PROFILE=1: where the host time of a GPU attend goes, per phase,
- * printed to stderr at close (for tuning the engine path). */
+ * given to the store's log callback at close (for tuning the engine path). */
 enum { PH_LOCK, PH_SYNC, PH_ENQUEUE, PH_WAIT, PH_POST, PH_N };
 static const char *const ph_name[PH_N] = {"lock+device", "mirror sync",
                                            "enqueue", "wait", "copy out+stats"};
@@ -312,13 +312,17 @@ void kvs__gpu_close(kvs__gpu_t *g) {
     if (!g)
         return;
     const uint64_t calls = atomic_load(&g->ph_calls);
-    if (g->profile && calls) {
-        fprintf(stderr, "kvstore: GPU attend host time, mean over %llu calls:",
-                (unsigned long long)calls);
-        for (int i = 0; i < PH_N; i++)
-            fprintf(stderr, " %s %.1f us%s", ph_name[i],
-                    atomic_load(&g->ph_ns[i]) / 1e3 / (double)calls,
-                    i + 1 < PH_N ? "," : "\n");
+    if (g->profile && calls && g->p.log) {
+        char msg[256];
+        int at = snprintf(msg, sizeof msg,
+                          "GPU attend host time, mean over %llu calls:",
+                          (unsigned long long)calls);
+        for (int i = 0; i < PH_N && at > 0 && (size_t)at < sizeof msg; i++)
+            at += snprintf(msg + at, sizeof msg - at, " %s %.1f us%s",
+                           ph_name[i],
+                           atomic_load(&g->ph_ns[i]) / 1e3 / (double)calls,
+                           i + 1 < PH_N ? "," : "");
+        g->p.log(g->p.log_ctx, KVS_LOG_INFO, msg);
     }
     cudaSetDevice(g->p.device);
     build_release(g);

@@ -134,8 +134,9 @@ static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
 
 static void page_damaged(void *ctx, uint64_t id, const char *why) {
     page_ctx_t *c = ctx;
-    fprintf(stderr, "kvstore: sequence %llu quarantined at page-in: %s\n",
-            (unsigned long long)id, why);
+    kvs__store_log(c->s, KVS_LOG_ERROR,
+                   "sequence %llu quarantined at page-in: %s",
+                   (unsigned long long)id, why ? why : "damaged");
     if (!c->q->damage)
         c->q->damage = strdup(why ? why : "damaged");
 }
@@ -143,8 +144,8 @@ static void page_damaged(void *ctx, uint64_t id, const char *why) {
 static void load_damaged(void *ctx, uint64_t id, const char *why) {
     kvs_store_t *s = ctx;
     seq_t *q = kvs__map_find(s, id);
-    fprintf(stderr, "kvstore: sequence %llu quarantined: %s\n",
-            (unsigned long long)id, why);
+    kvs__store_log(s, KVS_LOG_ERROR, "sequence %llu quarantined: %s",
+                   (unsigned long long)id, why ? why : "damaged");
     if (q && !q->damage)
         q->damage = strdup(why ? why : "damaged");
 }

@@ -380,10 +380,9 @@ int kvs_store_expire(kvs_store_t *s, uint64_t *n_expired) {
             break;
         kvs__seq_unref(victim); /* the scan's reference */
         if (rc == 0) {
-            fprintf(stderr,
-                    "kvstore: sequence %llu expired (idle past its "
-                    "TTL)\n",
-                    (unsigned long long)victim->id);
+            kvs__store_log(s, KVS_LOG_INFO,
+                           "sequence %llu expired (idle past its TTL)",
+                           (unsigned long long)victim->id);
             n++;
             kvs__seq_unref(victim); /* the table's */
         } else if (rc != KVS_EBUSY) {

@@ -45,6 +45,17 @@ const char *kvs_store_errmsg(const kvs_store_t *store) {
     return err_store == store ? err_msg : "";
 }
 
+void kvs__store_log(const kvs_store_t *s, int level, const char *fmt, ...) {
+    if (!s->opts.log)
+        return;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    s->opts.log(s->opts.log_ctx, level, msg);
+}
+
 uint64_t kvs__now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -224,6 +235,8 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
             .segment_tokens = s->opts.segment_tokens,
             .sink_tokens = s->opts.sink_tokens,
             .window_tokens = s->opts.window_tokens,
+            .log = s->opts.log,
+            .log_ctx = s->opts.log_ctx,
         };
         if ((rc = kvs__gpu_open(&gp, &s->gpu, s->gpu_info,
                                 sizeof s->gpu_info))) {
@@ -236,6 +249,11 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
             why[sizeof why - 8] = 0; /* room for "CPU (" ")" */
             snprintf(s->gpu_info, sizeof s->gpu_info, "CPU (%.*s)",
                      (int)(sizeof why - 8), why);
+            kvs__store_log(
+                s, KVS_LOG_WARN,
+                "GPU path unavailable (cuda_device %d): %s; attends run "
+                "on the CPU",
+                (int)s->opts.cuda_device, why);
         }
     } else {
         snprintf(s->gpu_info, sizeof s->gpu_info, "CPU (no cuda_device)");
