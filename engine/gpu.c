@@ -1,70 +1,23 @@
 /*
  * gpu.c: the engine's GPU attend path (gpu.h): layer mirrors kept in step
  * with the CPU wave index, and the decode step through the wave buffer.
+ * Built where the CUDA parts are (buffer/, kernels/cuda/); gpu_none.c
+ * stands in for it elsewhere.
  */
 #include "gpu.h"
-
-#include <stdatomic.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#ifndef KVS_HAVE_CUDA
-
-struct kvs__gpu_s {
-    int unused;
-};
-
-int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
-                  size_t why_len) {
-    *out = NULL;
-    if (p && p->device >= 0)
-        snprintf(why, why_len, "this build has no CUDA (nvcc was not found "
-                               "when it was configured)");
-    return 0;
-}
-
-void kvs__gpu_close(kvs__gpu_t *g) {
-    (void)g;
-}
-
-int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
-                    const kvs_head_view_t *views, uint32_t n_heads,
-                    uint32_t group, const float *q,
-                    const kvs_zone_params_t *zp, float *out,
-                    kvs_zone_stats_t *stats) {
-    (void)g, (void)mirror, (void)views, (void)n_heads, (void)group, (void)q;
-    (void)zp, (void)out, (void)stats;
-    return KVS_ENOTSUP;
-}
-
-void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
-    (void)g, (void)m;
-}
-
-int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
-                     const void *keys, const kvs_build_params_t *bp,
-                     uint32_t *label, uint32_t *k) {
-    (void)g, (void)dtype, (void)d, (void)n, (void)keys, (void)bp;
-    (void)label, (void)k;
-    return KVS_ENOTSUP;
-}
-
-void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out) {
-    (void)g;
-    memset(out, 0, sizeof *out);
-    out->device = -1;
-}
-
-#else /* KVS_HAVE_CUDA */
 
 #include "kvs_buffer.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
-/* KVS_GPU_PROFILE=1: where the host time of a GPU attend goes, per phase,
- * given to the store's log callback at close (for tuning the engine path). */
+/* kvs_options_t.cuda_profile: where the host time of a GPU attend goes, per
+ * phase, given to the store's log callback at close (for tuning the engine
+ * path). */
 enum { PH_LOCK, PH_SYNC, PH_ENQUEUE, PH_WAIT, PH_POST, PH_N };
 static const char *const ph_name[PH_N] = {"lock+device", "mirror sync",
                                            "enqueue", "wait", "copy out+stats"};
@@ -297,8 +250,7 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
     if (!g)
         return KVS_ENOMEM;
     g->p = *p;
-    const char *prof = getenv("KVS_GPU_PROFILE");
-    g->profile = prof && *prof && *prof != '0';
+    g->profile = p->profile;
     pthread_mutex_init(&g->build_mu, NULL);
     g->kv_budget = p->kv_host_only ? 0
                    : p->memory_bytes ? p->memory_bytes / 2
@@ -890,4 +842,3 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {
     o->build_errors = atomic_load(&g->build_errors);
 }
 
-#endif /* KVS_HAVE_CUDA */

@@ -235,6 +235,7 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
             .segment_tokens = s->opts.segment_tokens,
             .sink_tokens = s->opts.sink_tokens,
             .window_tokens = s->opts.window_tokens,
+            .profile = s->opts.cuda_profile,
             .log = s->opts.log,
             .log_ctx = s->opts.log_ctx,
         };

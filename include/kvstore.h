@@ -170,6 +170,9 @@ typedef struct kvs_options_s {
      * (the same k-means, finished on the CPU; builds differ from the CPU's
      * in detail, not in quality); 0: on the CPU. */
     int32_t cuda_build;
+    /* 1: time the host side of GPU attends per phase and give the means to
+     * the log callback (KVS_LOG_INFO) at close; 0 (default): off. */
+    int32_t cuda_profile;
     /* Where the store reports what no call returns: sequences quarantined
      * at open or page-in, failed background builds and segment writes, TTL
      * expiries, a GPU path that is unavailable. NULL (default): nothing is
