@@ -419,7 +419,8 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
 }
 
 /* Copy tokens pos .. pos+n of one head into rows `stride` bytes apart
- * (either destination may be NULL). Caller holds the layer lock. */
+ * (either destination may be NULL). Under the layer's lock, or of a head
+ * nobody else can see yet (a fork's child before it is linked). */
 void kvs__head_gather(const head_t *hd, size_t rb, uint64_t pos, uint64_t n,
                       char *keys, char *values, size_t stride) {
     uint64_t end = pos + n;
