@@ -1,70 +1,23 @@
 /*
  * gpu.c: the engine's GPU attend path (gpu.h): layer mirrors kept in step
  * with the CPU wave index, and the decode step through the wave buffer.
+ * Built where the CUDA parts are (buffer/, kernels/cuda/); gpu_none.c
+ * stands in for it elsewhere.
  */
 #include "gpu.h"
-
-#include <stdatomic.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#ifndef KVS_HAVE_CUDA
-
-struct kvs__gpu_s {
-    int unused;
-};
-
-int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
-                  size_t why_len) {
-    *out = NULL;
-    if (p && p->device >= 0)
-        snprintf(why, why_len, "this build has no CUDA (nvcc was not found "
-                               "when it was configured)");
-    return 0;
-}
-
-void kvs__gpu_close(kvs__gpu_t *g) {
-    (void)g;
-}
-
-int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
-                    const kvs_head_view_t *views, uint32_t n_heads,
-                    uint32_t group, const float *q,
-                    const kvs_zone_params_t *zp, float *out,
-                    kvs_zone_stats_t *stats) {
-    (void)g, (void)mirror, (void)views, (void)n_heads, (void)group, (void)q;
-    (void)zp, (void)out, (void)stats;
-    return KVS_ENOTSUP;
-}
-
-void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
-    (void)g, (void)m;
-}
-
-int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
-                     const void *keys, const kvs_build_params_t *bp,
-                     uint32_t *label, uint32_t *k) {
-    (void)g, (void)dtype, (void)d, (void)n, (void)keys, (void)bp;
-    (void)label, (void)k;
-    return KVS_ENOTSUP;
-}
-
-void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *out) {
-    (void)g;
-    memset(out, 0, sizeof *out);
-    out->device = -1;
-}
-
-#else /* KVS_HAVE_CUDA */
 
 #include "kvs_buffer.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
-/* KVS_GPU_PROFILE=1: where the host time of a GPU attend goes, per phase,
- * printed to stderr at close (for tuning the engine path). */
+/* kvs_options_t.cuda_profile: where the host time of a GPU attend goes, per
+ * phase, given to the store's log callback at close (for tuning the engine
+ * path). */
 enum { PH_LOCK, PH_SYNC, PH_ENQUEUE, PH_WAIT, PH_POST, PH_N };
 static const char *const ph_name[PH_N] = {"lock+device", "mirror sync",
                                            "enqueue", "wait", "copy out+stats"};
@@ -89,79 +42,10 @@ struct kvs__gpu_s {
         build_errors;
     int profile;
     atomic_uint_fast64_t ph_ns[PH_N], ph_calls;
-    /* segment k-means: one handle for every builder thread */
+    /* segment k-means: one context for every builder thread */
     pthread_mutex_t build_mu;
-    kvs_cuda_kmeans_t *km;
-    kvs_dtype_t km_dtype;
-    uint32_t km_n, km_ct, km_iters, km_k;
-    cudaStream_t build_stream;
-    void *d_keys;
-    uint32_t *d_nc, *d_counts, *d_offs, *d_pos;
-    uint8_t *d_flags;
-    void *d_cent, *d_vmean;
-    uint32_t *h_label; /* pinned [km_n] */
+    kvs_cuda_cluster_t *cl;
 };
-
-static void build_release(kvs__gpu_t *g) {
-    kvs_cuda_kmeans_free(g->km);
-    g->km = NULL;
-    cudaFree(g->d_keys);
-    cudaFree(g->d_nc);
-    cudaFree(g->d_counts);
-    cudaFree(g->d_offs);
-    cudaFree(g->d_pos);
-    cudaFree(g->d_flags);
-    cudaFree(g->d_cent);
-    cudaFree(g->d_vmean);
-    cudaFreeHost(g->h_label);
-    g->d_keys = g->d_cent = g->d_vmean = NULL;
-    g->d_nc = g->d_counts = g->d_offs = g->d_pos = NULL;
-    g->d_flags = NULL;
-    g->h_label = NULL;
-    g->km_n = 0;
-}
-
-/* A k-means handle and its buffers for segments of n keys. */
-static int build_setup(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t n,
-                       const kvs_build_params_t *bp) {
-    if (g->km && g->km_n == n && g->km_dtype == dtype &&
-        g->km_ct == bp->cluster_tokens && g->km_iters == bp->kmeans_iters)
-        return 0;
-    build_release(g);
-    kvs_cuda_kmeans_params_t kp = {
-        .segment_tokens = n,
-        .cluster_tokens = bp->cluster_tokens,
-        .iters = bp->kmeans_iters,
-        .seed = bp->seed,
-        .steady_lo = 0, /* the views are the CPU segment's business */
-        .steady_hi = UINT32_MAX,
-    };
-    int rc = kvs_cuda_kmeans_new(&kp, dtype, KVS_CUDA_HEAD_DIM, 1, n, &g->km);
-    if (rc)
-        return rc;
-    const uint32_t K = kvs_cuda_kmeans_clusters_per_head(g->km);
-    const size_t row = kvs_dtype_size(dtype) * KVS_CUDA_HEAD_DIM;
-    if ((rc = kvs_cuda_err(cudaMalloc(&g->d_keys, (size_t)n * row))) ||
-        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_nc, 4))) ||
-        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_counts, (size_t)K * 4))) ||
-        (rc = kvs_cuda_err(
-             cudaMalloc((void **)&g->d_offs, (size_t)(K + 1) * 4))) ||
-        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_pos, (size_t)n * 4))) ||
-        (rc = kvs_cuda_err(cudaMalloc((void **)&g->d_flags, K))) ||
-        (rc = kvs_cuda_err(cudaMalloc(&g->d_cent, (size_t)K * row))) ||
-        (rc = kvs_cuda_err(cudaMalloc(&g->d_vmean, (size_t)K * row))) ||
-        (rc = kvs_cuda_err(
-             cudaMallocHost((void **)&g->h_label, (size_t)n * 4)))) {
-        build_release(g);
-        return rc;
-    }
-    g->km_n = n;
-    g->km_dtype = dtype;
-    g->km_ct = bp->cluster_tokens;
-    g->km_iters = bp->kmeans_iters;
-    g->km_k = K;
-    return 0;
-}
 
 int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
                      const void *keys, const kvs_build_params_t *bp,
@@ -170,52 +54,22 @@ int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
         (dtype != KVS_DTYPE_F16 && dtype != KVS_DTYPE_BF16) ||
         bp->cluster_tokens == 0 || bp->kmeans_iters == 0)
         return KVS_ENOTSUP;
+    kvs_cuda_kmeans_params_t kp = {
+        .segment_tokens = n,
+        .cluster_tokens = bp->cluster_tokens,
+        .iters = bp->kmeans_iters,
+        .seed = bp->seed,
+        .steady_lo = 0, /* the views are the CPU segment's business */
+        .steady_hi = UINT32_MAX,
+    };
     pthread_mutex_lock(&g->build_mu);
-    int rc = kvs_cuda_err(cudaSetDevice(g->p.device));
-    if (!rc && !g->build_stream)
-        rc = kvs_cuda_err(cudaStreamCreateWithFlags(&g->build_stream,
-                                                    cudaStreamNonBlocking));
+    int rc = g->cl ? 0 : kvs_cuda_cluster_new(g->p.device, &g->cl);
     if (!rc)
-        rc = build_setup(g, dtype, n, bp);
-    if (!rc) {
-        kvs_cuda_kmeans_set_seed(g->km, bp->seed);
-        const size_t row = kvs_dtype_size(dtype) * d;
-        kvs_cuda_kmeans_out_t o = {
-            .cluster_stride = g->km_k,
-            .token_stride = n,
-            .n_clusters = g->d_nc,
-            .centroids = g->d_cent,
-            .value_means = g->d_vmean,
-            .counts = g->d_counts,
-            .offsets = g->d_offs,
-            .steady_flags = g->d_flags,
-            .positions = g->d_pos,
-            .keys = NULL,
-            .values = NULL,
-        };
-        /* values are only averaged into value_means, which the CPU redoes:
-         * the keys stand in for them */
-        if (!(rc = kvs_cuda_err(cudaMemcpyAsync(g->d_keys, keys,
-                                                (size_t)n * row,
-                                                cudaMemcpyHostToDevice,
-                                                g->build_stream))) &&
-            !(rc = kvs_cuda_kmeans_build(g->km, g->d_keys, g->d_keys, n, 0,
-                                         &o, g->build_stream)) &&
-            !(rc = kvs_cuda_err(cudaMemcpyAsync(
-                  g->h_label, kvs_cuda_kmeans_assignment(g->km),
-                  (size_t)n * 4, cudaMemcpyDeviceToHost, g->build_stream))))
-            rc = kvs_cuda_err(cudaStreamSynchronize(g->build_stream));
-        if (!rc) {
-            memcpy(label, g->h_label, (size_t)n * 4);
-            *k = g->km_k;
-        }
-    }
-    if (!rc) {
+        rc = kvs_cuda_cluster_run(g->cl, &kp, dtype, n, keys, label, k);
+    if (!rc)
         atomic_fetch_add(&g->builds, 1);
-    } else if (rc != KVS_ENOTSUP) {
+    else if (rc != KVS_ENOTSUP)
         atomic_fetch_add(&g->build_errors, 1);
-        build_release(g); /* start clean next time */
-    }
     pthread_mutex_unlock(&g->build_mu);
     return rc;
 }
@@ -261,49 +115,21 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
         return 0;
     if (!(p->cache_fraction > 0 && p->cache_fraction <= 1))
         return KVS_EINVAL;
-    int n = 0;
-    cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess || n <= 0) {
-        snprintf(why, why_len, "no CUDA device: %s",
-                 e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-        return 0;
-    }
-    if (p->device >= n) {
-        snprintf(why, why_len, "CUDA device %d asked for, %d present",
-                 p->device, n);
-        return 0;
-    }
-    struct cudaDeviceProp prop;
-    if (cudaSetDevice(p->device) != cudaSuccess ||
-        cudaGetDeviceProperties(&prop, p->device) != cudaSuccess) {
-        snprintf(why, why_len, "CUDA device %d unusable: %s", p->device,
-                 cudaGetErrorString(cudaGetLastError()));
-        return 0;
-    }
-    if (prop.major < 9) {
-        snprintf(why, why_len,
-                 "CUDA device %d (%s) is sm_%d%d; the kernels are built for "
-                 "sm_90a",
-                 p->device, prop.name, prop.major, prop.minor);
-        return 0;
-    }
-    size_t free_b = 0, total_b = 0;
-    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
-        snprintf(why, why_len, "CUDA device %d: %s", p->device,
-                 cudaGetErrorString(cudaGetLastError()));
-        return 0;
-    }
+    size_t free_b = 0;
+    char name[256];
+    if (kvs_cuda_device_check(p->device, 9, &free_b, name, sizeof name, why,
+                              why_len))
+        return 0; /* the CPU path serves; `why` says why */
     kvs__gpu_t *g = calloc(1, sizeof *g);
     if (!g)
         return KVS_ENOMEM;
     g->p = *p;
-    const char *prof = getenv("KVS_GPU_PROFILE");
-    g->profile = prof && *prof && *prof != '0';
+    g->profile = p->profile;
     pthread_mutex_init(&g->build_mu, NULL);
     g->kv_budget = p->kv_host_only ? 0
                    : p->memory_bytes ? p->memory_bytes / 2
                                      : (uint64_t)free_b / 2;
-    snprintf(why, why_len, "CUDA device %d: %s", p->device, prop.name);
+    snprintf(why, why_len, "CUDA device %d: %s", p->device, name);
     *out = g;
     return 0;
 }
@@ -312,18 +138,19 @@ void kvs__gpu_close(kvs__gpu_t *g) {
     if (!g)
         return;
     const uint64_t calls = atomic_load(&g->ph_calls);
-    if (g->profile && calls) {
-        fprintf(stderr, "kvstore: GPU attend host time, mean over %llu calls:",
-                (unsigned long long)calls);
-        for (int i = 0; i < PH_N; i++)
-            fprintf(stderr, " %s %.1f us%s", ph_name[i],
-                    atomic_load(&g->ph_ns[i]) / 1e3 / (double)calls,
-                    i + 1 < PH_N ? "," : "\n");
+    if (g->profile && calls && g->p.log) {
+        char msg[256];
+        int at = snprintf(msg, sizeof msg,
+                          "GPU attend host time, mean over %llu calls:",
+                          (unsigned long long)calls);
+        for (int i = 0; i < PH_N && at > 0 && (size_t)at < sizeof msg; i++)
+            at += snprintf(msg + at, sizeof msg - at, " %s %.1f us%s",
+                           ph_name[i],
+                           atomic_load(&g->ph_ns[i]) / 1e3 / (double)calls,
+                           i + 1 < PH_N ? "," : "");
+        g->p.log(g->p.log_ctx, KVS_LOG_INFO, msg);
     }
-    cudaSetDevice(g->p.device);
-    build_release(g);
-    if (g->build_stream)
-        cudaStreamDestroy(g->build_stream);
+    kvs_cuda_cluster_free(g->cl);
     pthread_mutex_destroy(&g->build_mu);
     free(g);
 }
@@ -886,4 +713,3 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {
     o->build_errors = atomic_load(&g->build_errors);
 }
 
-#endif /* KVS_HAVE_CUDA */

@@ -22,6 +22,7 @@
 #define KVS_ENGINE_GPU_H
 
 #include "index/kvs_index.h"
+#include "kvstore.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -34,7 +35,10 @@ typedef struct kvs__gpu_params_s {
     float cache_fraction;   /* GPU slots per head, fraction of clusters */
     uint64_t memory_bytes;  /* GPU bytes for all mirrors; 0: no limit */
     int kv_host_only;       /* 1: K/V always in pinned host memory */
+    int profile;            /* 1: time attend phases, log them at close */
     uint32_t segment_tokens, sink_tokens, window_tokens;
+    kvs_log_fn log; /* the store's (kvs_options_t.log); may be NULL */
+    void *log_ctx;
 } kvs__gpu_params_t;
 
 typedef struct kvs__gpu_stats_s {

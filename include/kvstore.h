@@ -111,6 +111,24 @@ typedef enum kvs_sync_e {
                              process crash, not a power loss */
 } kvs_sync_t;
 
+/* Levels of the messages a store gives its log callback (most severe
+ * first). */
+typedef enum kvs_log_level_e {
+    KVS_LOG_ERROR = 0, /* data or work lost: a quarantined sequence, a
+                          failed index build or segment write */
+    KVS_LOG_WARN = 1,  /* degraded: the GPU path unavailable or failing */
+    KVS_LOG_INFO = 2,  /* expected events: a TTL expiry, a GPU profile */
+    KVS_LOG_DEBUG = 3,
+} kvs_log_level_t;
+
+/*
+ * Log callback (kvs_options_t.log): `msg` is one line without a trailing
+ * newline, valid during the call only. Called from any of the store's
+ * threads (builders, housekeeping, the caller's), possibly concurrently;
+ * it must not call into the store.
+ */
+typedef void (*kvs_log_fn)(void *ctx, int level, const char *msg);
+
 /* Store-wide options. Initialise with kvs_options_default(). */
 typedef struct kvs_options_s {
     /* Data directory of the RocksDB database; NULL keeps everything in
@@ -166,6 +184,15 @@ typedef struct kvs_options_s {
      * (the same k-means, finished on the CPU; builds differ from the CPU's
      * in detail, not in quality); 0: on the CPU. */
     int32_t cuda_build;
+    /* 1: time the host side of GPU attends per phase and give the means to
+     * the log callback (KVS_LOG_INFO) at close; 0 (default): off. */
+    int32_t cuda_profile;
+    /* Where the store reports what no call returns: sequences quarantined
+     * at open or page-in, failed background builds and segment writes, TTL
+     * expiries, a GPU path that is unavailable. NULL (default): nothing is
+     * reported; the library never prints. log_ctx is passed back as is. */
+    kvs_log_fn log;
+    void *log_ctx;
 } kvs_options_t;
 
 /* Fill `opts` with the defaults above. */

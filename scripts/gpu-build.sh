@@ -23,8 +23,8 @@ mkdir -p "$B/obj"
 cu_srcs=(kernels/cuda/score.cu kernels/cuda/attend.cu kernels/cuda/full.cu
          kernels/cuda/wave.cu kernels/cuda/kmeans.cu buffer/fill.cu
          bench/gpu/synth.cu)
-c_srcs=(common/error.c buffer/wave_buffer.c tests/gpu/test_gpu.c
-        bench/gpu/bench_gpu.c)
+c_srcs=(common/error.c kernels/cuda/cluster.c buffer/wave_buffer.c
+        tests/gpu/test_gpu.c bench/gpu/bench_gpu.c)
 
 # Rebuild an object only when its source or any header is newer.
 newest_hdr=$(ls -t include/*.h kernels/cuda/*.h kernels/cuda/*.cuh buffer/*.h \
@@ -47,7 +47,7 @@ objs() { for s in "$@"; do echo "$B/obj/$(echo "$s" | tr / _).o"; done; }
 rm -f "$B/libkvs_cuda.a"
 ar rcs "$B/libkvs_cuda.a" $(objs kernels/cuda/score.cu kernels/cuda/attend.cu \
     kernels/cuda/full.cu kernels/cuda/wave.cu kernels/cuda/kmeans.cu \
-    buffer/fill.cu buffer/wave_buffer.c common/error.c)
+    kernels/cuda/cluster.c buffer/fill.cu buffer/wave_buffer.c common/error.c)
 "$NVCC" $GENCODE -o "$B/test_gpu" $(objs tests/gpu/test_gpu.c) \
     "$B/libkvs_cuda.a" -lm
 "$NVCC" $GENCODE -o "$B/bench_gpu" $(objs bench/gpu/bench_gpu.c \

@@ -949,6 +949,17 @@ static void sd_notify_send(const char *msg) {
 
 /* ------------------------------------------------------------- lifecycle */
 
+/* The store's messages (kvs_options_t.log) as our log lines. */
+static void store_log(void *ctx, int level, const char *msg) {
+    (void)ctx;
+    char q[600];
+    kvs__log(level == KVS_LOG_ERROR  ? KVS__LOG_ERROR
+             : level == KVS_LOG_WARN ? KVS__LOG_WARN
+             : level == KVS_LOG_INFO ? KVS__LOG_INFO
+                                     : KVS__LOG_DEBUG,
+             "store", "msg=%s", kvs__logq(q, sizeof(q), msg));
+}
+
 int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     kvs_server_t *srv = calloc(1, sizeof(*srv));
     if (!srv)
@@ -971,6 +982,7 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
 
     kvs_options_t o;
     kvs_options_default(&o);
+    o.log = store_log;
     o.data_dir = cfg->data_dir[0] ? cfg->data_dir : NULL;
     o.n_threads = cfg->engine_threads;
     o.sync = !strcmp(cfg->sync, "always") ? KVS_SYNC_ALWAYS

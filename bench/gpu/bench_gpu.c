@@ -40,7 +40,9 @@
  *   --steps: offloaded decode steps over the trace (default: its S
  *   steps; more cycle through them), --warm: steps left out of the
  *   offload times and counts (50).
- * Environment: KVS_CUDA_PDL (0..3, see kernels/cuda/wave.cuh).
+ * Environment: KVS_CUDA_PDL (0..3), KVS_CUDA_SELECT=block,
+ * KVS_CUDA_SEL_THREADS (256|512): the launch variants of
+ * kvs_cuda_wave_params_t (kernels/cuda/kvs_cuda.h), read here.
  */
 #include "kvs_buffer.h"
 #include "kvs_cuda.h"
@@ -56,6 +58,22 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+/* The wave kernels' parameters: the default fractions, and the launch
+ * variants from this program's environment (KVS_CUDA_PDL 0..3,
+ * KVS_CUDA_SELECT=block, KVS_CUDA_SEL_THREADS=256|512), which the library
+ * itself no longer reads (kvs_cuda_wave_params_t). */
+static kvs_cuda_wave_params_t wave_params(void) {
+    kvs_cuda_wave_params_t wp = {.retrieval_fraction = 0.018f,
+                                 .estimation_fraction = 0.232f};
+    const char *e = getenv("KVS_CUDA_PDL");
+    wp.pdl = e && *e ? (uint32_t)atoi(e) & 3u : 0u;
+    e = getenv("KVS_CUDA_SELECT");
+    wp.select_block = e && !strcmp(e, "block");
+    e = getenv("KVS_CUDA_SEL_THREADS");
+    wp.select_threads = e && *e ? (uint32_t)atoi(e) : 0u;
+    return wp;
+}
 
 #define D 128
 #define TAIL 256
@@ -423,7 +441,7 @@ static gres_t run_gpu(uint32_t ctx, uint32_t b, int reps, int build_reps,
     KV(bench_synth_q(q, dk, n, H, n_group, dfocus, 1234 + ctx + b, 77 + ctx,
                      12.f, 0.3f, st));
 
-    kvs_cuda_wave_params_t wp = {0.018f, 0.232f, 0};
+    kvs_cuda_wave_params_t wp = wave_params();
     kvs_cuda_wave_t *w;
     KV(kvs_cuda_wave_new(&L, &wp, &w));
     kvs_cuda_full_t *f;
@@ -581,7 +599,7 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
     bp.slot_tokens = 32;
     bp.slots_per_head = (uint32_t)ceil(0.05 * C);
     bp.policy = KVS_WBUF_LRU;
-    bp.wave = (kvs_cuda_wave_params_t){0.018f, 0.232f, 0};
+    bp.wave = wave_params();
     kvs_wbuf_t *wb;
     double t0 = now_s();
     KV(kvs_wbuf_new(&bp, &wb));
@@ -883,7 +901,7 @@ static tres_t trace_gpu(const void *dk, const void *dv, uint32_t H,
     gindex_t x;
     gindex_build(&x, dk, dv, H, ctx, stride, 1);
     r.build_ms = x.build_ms;
-    kvs_cuda_wave_params_t wp = {0.018f, 0.232f, 0};
+    kvs_cuda_wave_params_t wp = wave_params();
     kvs_cuda_wave_t *w;
     KV(kvs_cuda_wave_new(&x.L, &wp, &w));
     kvs_cuda_full_t *f;

@@ -46,6 +46,15 @@ extern "C" {
 
 /* Number of CUDA devices, 0 when there is no usable device or driver. */
 int kvs_cuda_device_count(void);
+/*
+ * Is `device` usable by these kernels (present, compute capability
+ * min_major or above)? 0 with its free memory and name (NUL-terminated in
+ * name_len), or KVS_ENOTSUP with the reason in `why`. Sets the calling
+ * thread's current device.
+ */
+int kvs_cuda_device_check(int device, int min_major, size_t *free_bytes,
+                          char *name, size_t name_len, char *why,
+                          size_t why_len);
 /* KVS_E* code for a CUDA error (0 for cudaSuccess). */
 int kvs_cuda_err(cudaError_t e);
 /* Last CUDA error message seen by any kvs_cuda call of this thread. */
@@ -115,6 +124,15 @@ typedef struct kvs_cuda_wave_params_s {
     float retrieval_fraction;  /* of a head's clusters (0.018) */
     float estimation_fraction; /* next clusters (0.232) */
     float scale;               /* softmax scale; 0 = 1/sqrt(d) */
+    /* Launch variants, 0 = the defaults (bench/gpu measures the others;
+     * they were the KVS_CUDA_PDL, KVS_CUDA_SELECT and KVS_CUDA_SEL_THREADS
+     * environment variables): pdl 0..3, bit 0: zones may start before
+     * select ends, bit 1: select may start during score (programmatic
+     * dependent launch); select_block 1: the one-block select kernel;
+     * select_threads 256 or 512: select block size (0: by grid size). */
+    uint32_t pdl;
+    int32_t select_block;
+    uint32_t select_threads;
 } kvs_cuda_wave_params_t;
 
 typedef struct kvs_cuda_wave_s kvs_cuda_wave_t;
@@ -254,6 +272,28 @@ int kvs_cuda_kmeans_objective(kvs_cuda_kmeans_t *km, double *out);
  * (h * segments + segment) * K + cluster in segment). Owned by km.
  */
 const uint32_t *kvs_cuda_kmeans_assignment(const kvs_cuda_kmeans_t *km);
+
+/* ------------------------------------------------------------------------ */
+/* One segment clustered from host memory (the engine's GPU builds).        */
+
+typedef struct kvs_cuda_cluster_s kvs_cuda_cluster_t;
+
+/* A context on `device` with its own stream; buffers come with the first
+ * run and stay for segments of the same shape. Not thread-safe. */
+int kvs_cuda_cluster_new(int device, kvs_cuda_cluster_t **out);
+void kvs_cuda_cluster_free(kvs_cuda_cluster_t *c);
+
+/*
+ * The k-means of kvs_cuda_kmeans_build over one segment of n keys (host
+ * [n][KVS_CUDA_HEAD_DIM], F16 or BF16; params->segment_tokens is taken to
+ * be n): label[n] (host) gets each key's cluster in the segment, *k the
+ * number of cluster ids. Synchronous. KVS_ENOTSUP for another dtype; after
+ * any other failure the buffers are freed and the next run starts clean.
+ */
+int kvs_cuda_cluster_run(kvs_cuda_cluster_t *c,
+                         const kvs_cuda_kmeans_params_t *params,
+                         kvs_dtype_t dtype, uint32_t n, const void *keys,
+                         uint32_t *label, uint32_t *k);
 
 #ifdef __cplusplus
 }

@@ -87,15 +87,9 @@ extern "C" int kvs_cuda_wave_new(const kvs_cuda_layer_t *g,
     w->steady_items = div_up(g->n_steady, ATT_STEADY_ROWS);
     w->ret_items = div_up(w->rcap, w->ret_split);
     w->est_items = div_up(w->ecap, w->est_rows);
-    {
-        const char *e = getenv("KVS_CUDA_PDL");
-        w->pdl = e && *e ? (unsigned)atoi(e) & 3u : 0u;
-    }
+    w->pdl = p->pdl & 3u;
     const size_t items = w->steady_items + w->ret_items + w->est_items;
-    {
-        const char *e = getenv("KVS_CUDA_SELECT");
-        w->select_block = e && !strcmp(e, "block");
-    }
+    w->select_block = p->select_block == 1;
     const size_t smem = kvs__cuda_select_smem(g->max_clusters,
                                               w->select_block);
     int rc = 0;
@@ -134,9 +128,9 @@ extern "C" int kvs_cuda_wave_new(const kvs_cuda_layer_t *g,
     if ((rc = kvs__cuda_select_prepare(smem, w->select_block)) != 0)
         goto err;
     {
-        const char *e = getenv("KVS_CUDA_SEL_THREADS");
-        w->sel_threads = e && *e ? atoi(e)
-                                 : kvs__cuda_select_threads(g->n_heads, smem);
+        w->sel_threads = p->select_threads
+                             ? (int)p->select_threads
+                             : kvs__cuda_select_threads(g->n_heads, smem);
         if (w->sel_threads != 256 && w->sel_threads != 512)
             w->sel_threads = 512;
         /* 4 score blocks of 106 registers fit an SM: more than that per

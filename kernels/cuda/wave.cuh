@@ -25,19 +25,19 @@ struct kvs_cuda_wave_s {
     uint32_t ret_split, est_rows; /* clusters / rows per split */
     uint32_t steady_items, ret_items, est_items;
     unsigned pdl; /* 1: zones may start early (steady zone before select
-                     ends), 2: select may start during score; env
-                     KVS_CUDA_PDL=0..3, default 0 */
+                     ends), 2: select may start during score;
+                     kvs_cuda_wave_params_t.pdl, default 0 */
     /* device scratch */
     float *logits;  /* [H][G][C] base-2 logits */
     float *tile_ms; /* [H][tiles][G][2] tile max and sum of exp2 */
     float *scores;  /* [H][C] */
     uint32_t *keys; /* [H][C] select keys when they do not fit in smem */
     uint32_t *ghist; /* cluster select's histograms (zero between steps) */
-    int select_block; /* 1: select_block_kernel (KVS_CUDA_SELECT=block) */
+    int select_block; /* 1: select_block_kernel (params.select_block) */
     int score_many;   /* 1: score blocks capped for 5 per SM (the grid is
                          more than one wave at 4 per SM) */
     int sel_threads;  /* select_kernel block size: 512 or 256 (by grid
-                         size; KVS_CUDA_SEL_THREADS overrides) */
+                         size; params.select_threads overrides) */
     uint32_t *ret, *n_ret, *est, *n_est;
     float *po, *plse; /* partials */
     uint32_t *done;   /* [H] finished splits; the last one merges and

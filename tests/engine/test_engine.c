@@ -11,6 +11,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -93,6 +94,36 @@ static kvs_store_t *open_small(uint32_t segment_tokens) {
 }
 
 static const kvs_geometry_t GEO = {2, 4, 2, 32, KVS_DTYPE_F32};
+
+/* What a store gave its log callback (from any of its threads). */
+typedef struct logbook_s {
+    pthread_mutex_t mu;
+    int n;
+    int level[8];
+    char msg[8][512];
+} logbook_t;
+
+static void log_capture(void *ctx, int level, const char *msg) {
+    logbook_t *b = ctx;
+    pthread_mutex_lock(&b->mu);
+    if (b->n < 8) {
+        b->level[b->n] = level;
+        snprintf(b->msg[b->n], sizeof b->msg[0], "%s", msg);
+    }
+    b->n++;
+    pthread_mutex_unlock(&b->mu);
+}
+
+/* Index of the first message at `level` that contains `needle`, or -1. */
+static int logbook_find(logbook_t *b, int level, const char *needle) {
+    pthread_mutex_lock(&b->mu);
+    int at = -1;
+    for (int i = 0; i < b->n && i < 8 && at < 0; i++)
+        if (b->level[i] == level && strstr(b->msg[i], needle))
+            at = i;
+    pthread_mutex_unlock(&b->mu);
+    return at;
+}
 
 static void test_engine_errors(void **state) {
     (void)state;
@@ -344,6 +375,9 @@ static void test_engine_cuda_option_without_gpu(void **state) {
     kvs_options_default(&o);
     o.segment_tokens = 512;
     o.cuda_device = 0;
+    logbook_t book = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    o.log = log_capture;
+    o.log_ctx = &book;
     kvs_store_t *g = NULL;
     assert_int_equal(kvs_store_open(&o, &g), 0);
     const char *info = kvs_store_gpu_info(g);
@@ -353,6 +387,13 @@ static void test_engine_cuda_option_without_gpu(void **state) {
         free_fixture(&f);
         skip();
     }
+    /* The open said why through the log callback. */
+    int at = logbook_find(&book, KVS_LOG_WARN, "GPU path unavailable");
+    assert_true(at >= 0);
+    char reason[192]; /* gpu_info is "CPU (reason)" */
+    snprintf(reason, sizeof reason, "%s", info + 5);
+    reason[strlen(reason) - 1] = 0;
+    assert_non_null(strstr(book.msg[at], reason));
     assert_string_equal(kvs_store_gpu_info(f.s), "CPU (no cuda_device)");
     kvs_geometry_t geo = {2, f.qh, f.kvh, f.d, KVS_DTYPE_BF16};
     assert_int_equal(kvs_seq_create(g, 7, &geo), 0);
@@ -608,7 +649,15 @@ static void test_engine_fork(void **state) {
 
 static void test_engine_ttl(void **state) {
     (void)state;
-    kvs_store_t *s = open_small(256);
+    logbook_t book = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = 256;
+    o.n_threads = 2;
+    o.log = log_capture;
+    o.log_ctx = &book;
+    kvs_store_t *s = NULL;
+    assert_int_equal(kvs_store_open(&o, &s), 0);
     assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
     assert_int_equal(kvs_seq_create(s, 2, &GEO), 0);
     assert_int_equal(kvs_seq_create(s, 3, &GEO), 0);
@@ -639,6 +688,10 @@ static void test_engine_ttl(void **state) {
     assert_int_equal(st.expired, 2);
     assert_int_equal(st.sequences, 1);
     kvs_store_close(s);
+    /* Each expiry went to the log callback, not to stderr. */
+    assert_int_equal(book.n, 2);
+    assert_true(logbook_find(&book, KVS_LOG_INFO, "sequence 1 expired") >= 0);
+    assert_true(logbook_find(&book, KVS_LOG_INFO, "sequence 2 expired") >= 0);
 }
 
 int main(void) {

@@ -39,6 +39,22 @@
 #include <string.h>
 #include <time.h>
 
+/* The wave kernels' parameters: the default fractions, and the launch
+ * variants from this program's environment (KVS_CUDA_PDL 0..3,
+ * KVS_CUDA_SELECT=block, KVS_CUDA_SEL_THREADS=256|512), which the library
+ * itself no longer reads (kvs_cuda_wave_params_t). */
+static kvs_cuda_wave_params_t wave_params(void) {
+    kvs_cuda_wave_params_t wp = {.retrieval_fraction = 0.018f,
+                                 .estimation_fraction = 0.232f};
+    const char *e = getenv("KVS_CUDA_PDL");
+    wp.pdl = e && *e ? (uint32_t)atoi(e) & 3u : 0u;
+    e = getenv("KVS_CUDA_SELECT");
+    wp.select_block = e && !strcmp(e, "block");
+    e = getenv("KVS_CUDA_SEL_THREADS");
+    wp.select_threads = e && *e ? (uint32_t)atoi(e) : 0u;
+    return wp;
+}
+
 #define D KVS_CUDA_HEAD_DIM
 
 static int failures;
@@ -427,7 +443,7 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
     hlayer_t L;
     hlayer_make(&L, H, G, C, nc, ntok, 100);
     kvs_cuda_layer_t dl = dlayer_make(&L, 0);
-    kvs_cuda_wave_params_t wp = {0.018f, 0.232f, 0};
+    kvs_cuda_wave_params_t wp = wave_params();
     kvs_cuda_wave_t *w;
     KV(kvs_cuda_wave_new(&dl, &wp, &w));
     const uint32_t rcap = kvs_cuda_wave_retrieval_cap(w);
@@ -748,7 +764,7 @@ static void test_wbuf(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
         bp.miss = b == 2   ? KVS_WBUF_MISS_COPY
                   : b == 3 ? KVS_WBUF_MISS_COPY_EACH
                            : KVS_WBUF_MISS_INPLACE;
-        bp.wave = (kvs_cuda_wave_params_t){0.018f, 0.232f, 0};
+        bp.wave = wave_params();
         KV(kvs_wbuf_new(&bp, &wb[b]));
         for (uint32_t h = 0; h < H; h++) {
             KV(kvs_wbuf_put_clusters(

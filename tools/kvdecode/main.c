@@ -25,6 +25,12 @@ void openblas_set_num_threads(int num_threads);
 
 #define LOGITS_MAGIC "KVSLOGT1"
 
+/* The store's messages (kvs_options_t.log): this program owns stderr. */
+static void log_stderr(void *ctx, int level, const char *msg) {
+    (void)ctx, (void)level;
+    fprintf(stderr, "kvstore: %s\n", msg);
+}
+
 static void usage(FILE *f) {
     fprintf(
         f,
@@ -311,6 +317,7 @@ int main(int argc, char **argv) {
     kvs_decoder_options_default(&dopt);
     kvs_options_t sopt;
     kvs_options_default(&sopt);
+    sopt.log = log_stderr;
     kvs_dtype_t dump_dtype = KVS_DTYPE_F32;
     int c, bad = 0;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {

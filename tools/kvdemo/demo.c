@@ -34,6 +34,12 @@ static float nrand(void) {
     return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
 }
 
+/* The store's messages (kvs_options_t.log): this program owns stderr. */
+static void log_stderr(void *ctx, int level, const char *msg) {
+    (void)ctx, (void)level;
+    fprintf(stderr, "kvstore: %s\n", msg);
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -108,6 +114,7 @@ int main(int argc, char **argv) {
     kvs_options_t opts;
     kvs_options_default(&opts);
     opts.n_threads = threads;
+    opts.log = log_stderr;
     opts.n_build_threads = 2;
     opts.blas_threads = 1; /* one segment build per core */
     kvs_store_t *store;

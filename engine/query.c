@@ -1,0 +1,493 @@
+/*
+ * query.c: the per-layer calls: append, search, attend and read.
+ *
+ * Appends copy into the heads' tails under the layer's write lock, with the
+ * storage write in between under the layer's append_mu only. search and
+ * attend take the layer's read lock for the whole call and fan the KV
+ * heads out over the worker pool; each thread keeps its own scratch.
+ */
+#include "engine/engine_int.h"
+
+#include <assert.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------- */
+/* Append                                                                 */
+
+int kvs__head_reserve(head_t *h, size_t row_bytes, uint64_t more) {
+    if (h->tail_start + h->tail_len + more <= h->tail_cap)
+        return 0;
+    /* Slide the live rows down before growing: the front was consumed by
+     * published segments. */
+    if (h->tail_start > 0) {
+        memmove(h->tail_keys, h->tail_keys + h->tail_start * row_bytes,
+                h->tail_len * row_bytes);
+        memmove(h->tail_values, h->tail_values + h->tail_start * row_bytes,
+                h->tail_len * row_bytes);
+        h->tail_start = 0;
+        if (h->tail_len + more <= h->tail_cap)
+            return 0;
+    }
+    uint64_t cap = h->tail_cap ? h->tail_cap : 256;
+    while (cap < h->tail_len + more)
+        cap *= 2;
+    char *k = realloc(h->tail_keys, cap * row_bytes);
+    if (!k)
+        return KVS_ENOMEM;
+    h->tail_keys = k;
+    char *v = realloc(h->tail_values, cap * row_bytes);
+    if (!v)
+        return KVS_ENOMEM;
+    h->tail_values = v;
+    h->tail_cap = cap;
+    return 0;
+}
+
+int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
+                   uint32_t n_tokens, const void *keys, const void *values) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (!keys || !values)
+        return kvs__fail(s, KVS_EINVAL, "keys or values is NULL");
+    if (n_tokens == 0)
+        return kvs__fail(s, KVS_EINVAL, "zero tokens");
+    int rc = 0;
+    seq_t *q = kvs__seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    const kvs_geometry_t *g = &q->geo;
+    if (layer >= g->n_layers) {
+        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
+                       layer, g->n_layers);
+        goto out;
+    }
+    size_t n_elems = (size_t)n_tokens * g->n_kv_heads * g->head_dim;
+    if (!kvs_all_finite(g->dtype, keys, n_elems) ||
+        !kvs_all_finite(g->dtype, values, n_elems)) {
+        rc = kvs__fail(s, KVS_ENOTFINITE, "NaN or Inf in appended keys/values");
+        goto out;
+    }
+    layer_t *L = &q->layers[layer];
+    for (;;) {
+        if (atomic_load(&q->evicted) && (rc = kvs__page_in(s, q)))
+            goto out;
+        kvs__lock(&L->append_mu, KVS__RANK_APPEND, layer);
+        /* A drop takes every append_mu before deleting the stored
+         * sequence: past this check nothing can delete it under us. */
+        if (atomic_load(&q->dropped)) {
+            kvs__unlock(&L->append_mu);
+            rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                           (unsigned long long)id);
+            goto out;
+        }
+        kvs__wrlock(&L->lock, layer);
+        if (L->resident)
+            break;
+        /* Evicted between the check and the locks: page in again. */
+        kvs__rwunlock(&L->lock);
+        kvs__unlock(&L->append_mu);
+    }
+    /* Room first, so nothing can fail between the storage write and the
+     * copy into memory. */
+    for (uint32_t h = 0; h < g->n_kv_heads; h++)
+        if ((rc = kvs__head_reserve(&L->heads[h], q->row_bytes, n_tokens))) {
+            kvs__rwunlock(&L->lock);
+            kvs__unlock(&L->append_mu);
+            rc = kvs__fail(s, rc, "cannot grow the tail of layer %u", layer);
+            goto out;
+        }
+    uint64_t pos0 = L->tokens;
+    L->appending = n_tokens;
+    kvs__rwunlock(&L->lock);
+    if (s->db) {
+        char err[256];
+        rc = kvs__db_append(s->db, id, layer, g, pos0, n_tokens, keys, values,
+                            s->opts.segment_tokens, err, sizeof err);
+        if (rc) {
+            kvs__wrlock(&L->lock, layer);
+            L->appending = 0;
+            kvs__rwunlock(&L->lock);
+            kvs__unlock(&L->append_mu);
+            rc = kvs__fail(s, rc, "%s", err);
+            goto out;
+        }
+    }
+    kvs__wrlock(&L->lock, layer);
+    L->appending = 0;
+    size_t stride = (size_t)g->n_kv_heads * q->row_bytes;
+    for (uint32_t h = 0; h < g->n_kv_heads; h++) {
+        head_t *hd = &L->heads[h];
+        char *dk =
+            hd->tail_keys + (hd->tail_start + hd->tail_len) * q->row_bytes;
+        char *dv =
+            hd->tail_values + (hd->tail_start + hd->tail_len) * q->row_bytes;
+        const char *sk = (const char *)keys + h * q->row_bytes;
+        const char *sv = (const char *)values + h * q->row_bytes;
+        for (uint32_t t = 0; t < n_tokens; t++) {
+            memcpy(dk + t * q->row_bytes, sk + t * stride, q->row_bytes);
+            memcpy(dv + t * q->row_bytes, sv + t * stride, q->row_bytes);
+        }
+        hd->tail_len += n_tokens;
+        kvs__maybe_build(s, q, layer, h);
+    }
+    L->tokens += n_tokens;
+    kvs__rwunlock(&L->lock);
+    kvs__unlock(&L->append_mu);
+    kvs__bytes_add(s, q, (int64_t)(2 * (size_t)n_tokens * stride));
+    kvs__enforce_budget(s, q);
+out:
+    kvs__seq_unref(q);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Search / attend                                                        */
+
+static kvs_scratch_t *thread_scratch(kvs_store_t *s) {
+    scratch_node_t *n = pthread_getspecific(s->scratch_key);
+    if (n)
+        return n->sc;
+    n = calloc(1, sizeof *n);
+    if (!n)
+        return NULL;
+    n->s = s;
+    if (!(n->sc = kvs_scratch_new()) ||
+        pthread_setspecific(s->scratch_key, n)) {
+        kvs_scratch_free(n->sc);
+        free(n);
+        return NULL;
+    }
+    kvs__lock(&s->scratch_mu, KVS__RANK_SCRATCH, 0);
+    n->next = s->scratches;
+    if (n->next)
+        n->next->prev = n;
+    s->scratches = n;
+    kvs__unlock(&s->scratch_mu);
+    return n->sc;
+}
+
+static void head_view(const kvs_store_t *s, const seq_t *q, const head_t *h,
+                      kvs_head_view_t *v) {
+    v->dtype = q->geo.dtype;
+    v->d = q->geo.head_dim;
+    v->segments = h->segments;
+    v->n_segments = h->n_segments;
+    v->indexed_tokens = h->indexed_tokens;
+    v->tail_keys = h->tail_keys + h->tail_start * q->row_bytes;
+    v->tail_values = h->tail_values + h->tail_start * q->row_bytes;
+    v->tail_tokens = (uint32_t)h->tail_len;
+    v->sink_tokens = s->opts.sink_tokens;
+    v->window_tokens = s->opts.window_tokens;
+}
+
+static int resolve_params(kvs_store_t *s, const seq_t *q,
+                          const kvs_query_params_t *p, kvs_zone_params_t *zp) {
+    const kvs_query_params_t *d = &s->opts.defaults;
+    kvs_query_params_t m = p ? *p : *d;
+    if (p) {
+        if (m.retrieval_fraction == 0 && m.estimation_fraction == 0 &&
+            m.epsilon == 0) {
+            m.retrieval_fraction = d->retrieval_fraction;
+            m.estimation_fraction = d->estimation_fraction;
+            m.epsilon = d->epsilon;
+        }
+        if (m.scale == 0)
+            m.scale = d->scale;
+    }
+    /* DEFAULT (0) takes the store's default, whose own DEFAULT is WAVE /
+     * FIXED: a zero-filled params struct must not run the slow reference. */
+    if (m.mode == KVS_MODE_DEFAULT)
+        m.mode = d->mode != KVS_MODE_DEFAULT ? d->mode : KVS_MODE_WAVE;
+    if (m.budget == KVS_BUDGET_DEFAULT)
+        m.budget = d->budget != KVS_BUDGET_DEFAULT ? d->budget
+                                                   : KVS_BUDGET_FIXED;
+    if (m.mode != KVS_MODE_EXACT && m.mode != KVS_MODE_WAVE &&
+        m.mode != KVS_MODE_FULL)
+        return kvs__fail(s, KVS_EINVAL, "unknown mode %d", (int)m.mode);
+    if (m.budget != KVS_BUDGET_FIXED && m.budget != KVS_BUDGET_BOUNDED)
+        return kvs__fail(s, KVS_EINVAL, "unknown budget %d", (int)m.budget);
+    if (!(m.retrieval_fraction >= 0 && m.retrieval_fraction <= 1) ||
+        !(m.estimation_fraction >= 0 && m.estimation_fraction <= 1) ||
+        !(m.epsilon >= 0 && m.epsilon <= 1) || !(m.scale >= 0) ||
+        !isfinite(m.scale))
+        return kvs__fail(s, KVS_EINVAL, "query params out of range");
+    zp->exact = m.mode == KVS_MODE_EXACT || m.mode == KVS_MODE_FULL;
+    zp->precise = m.mode == KVS_MODE_EXACT;
+    zp->bounded = m.budget == KVS_BUDGET_BOUNDED;
+    zp->retrieval_fraction = m.retrieval_fraction;
+    zp->estimation_fraction = m.estimation_fraction;
+    zp->epsilon = m.epsilon;
+    zp->scale = m.scale > 0 ? m.scale : 1.0f / sqrtf((float)q->geo.head_dim);
+    /* The reference uses 1/sqrt(d) in double: a float scale alone moves
+     * every score by ~1e-7 relative. */
+    zp->scale_f64 =
+        m.scale > 0 ? (double)m.scale : 1.0 / sqrt((double)q->geo.head_dim);
+    return 0;
+}
+
+typedef struct call_s {
+    kvs_store_t *s;
+    seq_t *q;
+    layer_t *L;
+    const float *queries;
+    kvs_zone_params_t zp;
+    uint32_t group, k;
+    float *out;
+    int64_t *positions;
+    float *scores;
+    kvs_zone_stats_t stats[KVS_MAX_HEADS];
+    int rc[KVS_MAX_HEADS];
+} call_t;
+
+static void attend_task(void *arg, uint32_t h) {
+    call_t *c = arg;
+    kvs_scratch_t *sc = thread_scratch(c->s);
+    if (!sc) {
+        c->rc[h] = KVS_ENOMEM;
+        return;
+    }
+    kvs_head_view_t v;
+    head_view(c->s, c->q, &c->L->heads[h], &v);
+    size_t off = (size_t)h * c->group * c->q->geo.head_dim;
+    c->rc[h] = kvs_head_attend(&v, c->queries + off, c->group, &c->zp, sc,
+                               c->out + off, &c->stats[h]);
+}
+
+static void search_task(void *arg, uint32_t h) {
+    call_t *c = arg;
+    kvs_scratch_t *sc = thread_scratch(c->s);
+    if (!sc) {
+        c->rc[h] = KVS_ENOMEM;
+        return;
+    }
+    kvs_head_view_t v;
+    head_view(c->s, c->q, &c->L->heads[h], &v);
+    size_t qh = (size_t)h * c->group;
+    c->rc[h] = kvs_head_search_group(&v, c->queries + qh * v.d, c->group, c->k,
+                                     &c->zp, sc, c->positions + qh * c->k,
+                                     c->scores + qh * c->k, &c->stats[h]);
+}
+
+/* The GPU path for a wave attend, under the layer's read lock. Nonzero:
+ * not served there (the CPU path runs; a GPU failure is counted in the
+ * store's stats, never returned). */
+static int gpu_attend(kvs_store_t *s, call_t *c) {
+    assert(kvs__held(&c->L->lock));
+    const uint32_t nh = c->q->geo.n_kv_heads;
+    kvs_head_view_t *v = malloc(nh * sizeof *v);
+    if (!v)
+        return KVS_ENOMEM;
+    for (uint32_t h = 0; h < nh; h++)
+        head_view(s, c->q, &c->L->heads[h], &v[h]);
+    int rc = kvs__gpu_attend(s->gpu, &c->L->gpu, v, nh, c->group, c->queries,
+                             &c->zp, c->out, c->stats);
+    free(v);
+    return rc;
+}
+
+/* Shared front half of search and attend: validation and the lock. */
+static int call_begin(kvs_store_t *s, uint64_t id, uint32_t layer,
+                      const float *queries, const kvs_query_params_t *params,
+                      call_t **out) {
+    int rc = 0;
+    seq_t *q = kvs__seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    const kvs_geometry_t *g = &q->geo;
+    if (layer >= g->n_layers) {
+        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
+                       layer, g->n_layers);
+        goto err;
+    }
+    if (!kvs_all_finite(KVS_DTYPE_F32, queries,
+                        (size_t)g->n_q_heads * g->head_dim)) {
+        rc = kvs__fail(s, KVS_ENOTFINITE, "NaN or Inf in queries");
+        goto err;
+    }
+    call_t *c = malloc(sizeof *c);
+    if (!c) {
+        rc = kvs__fail(s, KVS_ENOMEM, "call state");
+        goto err;
+    }
+    memset(c->stats, 0, g->n_kv_heads * sizeof c->stats[0]);
+    memset(c->rc, 0, g->n_kv_heads * sizeof c->rc[0]);
+    if ((rc = resolve_params(s, q, params, &c->zp))) {
+        free(c);
+        goto err;
+    }
+    c->s = s;
+    c->q = q;
+    c->L = &q->layers[layer];
+    c->queries = queries;
+    c->group = g->n_q_heads / g->n_kv_heads;
+    *out = c;
+    return 0;
+err:
+    kvs__seq_unref(q);
+    return rc;
+}
+
+static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
+    uint32_t nh = c->q->geo.n_kv_heads;
+    int rc = 0;
+    for (uint32_t h = 0; h < nh && !rc; h++)
+        rc = c->rc[h];
+    if (rc)
+        rc = kvs__fail(c->s, rc, "head computation failed: %s",
+                       kvs_strerror(rc));
+    if (stats) {
+        memset(stats, 0, sizeof *stats);
+        for (uint32_t h = 0; h < nh; h++) {
+            stats->keys_total += c->stats[h].keys_total;
+            stats->keys_exact += c->stats[h].keys_exact;
+            stats->keys_steady += c->stats[h].keys_steady;
+            stats->clusters_total += c->stats[h].clusters_total;
+            stats->clusters_retrieved += c->stats[h].clusters_retrieved;
+            stats->clusters_estimated += c->stats[h].clusters_estimated;
+            stats->clusters_skipped += c->stats[h].clusters_skipped;
+        }
+        stats->seconds = kvs__now_s() - t0;
+    }
+    kvs__seq_unref(c->q);
+    free(c);
+    return rc;
+}
+
+int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
+                   const float *queries, const kvs_query_params_t *params,
+                   float *out, kvs_attend_stats_t *stats) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (!queries || !out)
+        return kvs__fail(s, KVS_EINVAL, "queries or out is NULL");
+    double t0 = kvs__now_s();
+    call_t *c;
+    int rc = call_begin(s, id, layer, queries, params, &c);
+    if (rc)
+        return rc;
+    c->out = out;
+    if ((rc = kvs__layer_lock(s, c->q, c->L, 0))) {
+        kvs__seq_unref(c->q);
+        free(c);
+        return rc;
+    }
+    if (c->L->tokens == 0) {
+        kvs__rwunlock(&c->L->lock);
+        kvs__seq_unref(c->q);
+        free(c);
+        return kvs__fail(s, KVS_ERANGE, "layer %u is empty", layer);
+    }
+    if (!s->gpu || c->zp.exact || gpu_attend(s, c) != 0)
+        kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
+    kvs__rwunlock(&c->L->lock);
+    return call_end(c, stats, t0);
+}
+
+int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
+                   const float *queries, uint32_t k,
+                   const kvs_query_params_t *params, int64_t *positions,
+                   float *scores) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (!queries || !positions || !scores)
+        return kvs__fail(s, KVS_EINVAL, "queries, positions or scores is NULL");
+    call_t *c;
+    int rc = call_begin(s, id, layer, queries, params, &c);
+    if (rc)
+        return rc;
+    c->k = k;
+    c->positions = positions;
+    c->scores = scores;
+    if ((rc = kvs__layer_lock(s, c->q, c->L, 0))) {
+        kvs__seq_unref(c->q);
+        free(c);
+        return rc;
+    }
+    if (k == 0 || k > c->L->tokens) {
+        uint64_t have = c->L->tokens;
+        kvs__rwunlock(&c->L->lock);
+        kvs__seq_unref(c->q);
+        free(c);
+        return kvs__fail(s, KVS_ERANGE,
+                         "k %u outside 1..%llu (tokens in layer)", k,
+                         (unsigned long long)have);
+    }
+    kvs__pool_run(s->pool, c->q->geo.n_kv_heads, search_task, c);
+    kvs__rwunlock(&c->L->lock);
+    return call_end(c, NULL, 0);
+}
+
+/* Copy tokens pos .. pos+n of one head into rows `stride` bytes apart
+ * (either destination may be NULL). Under the layer's lock, or of a head
+ * nobody else can see yet (a fork's child before it is linked). */
+void kvs__head_gather(const head_t *hd, size_t rb, uint64_t pos, uint64_t n,
+                      char *keys, char *values, size_t stride) {
+    uint64_t end = pos + n;
+    for (uint32_t si = 0; si < hd->n_segments; si++) {
+        const kvs_segment_t *seg = hd->segments[si];
+        uint64_t a = seg->first_pos, b = a + seg->n_tokens;
+        if (b <= pos || a >= end)
+            continue;
+        for (uint32_t slot = 0; slot < seg->n_tokens; slot++) {
+            uint64_t p = a + seg->positions[slot];
+            if (p < pos || p >= end)
+                continue;
+            size_t o = (p - pos) * stride;
+            if (keys)
+                memcpy(keys + o, (const char *)seg->keys + slot * rb, rb);
+            if (values)
+                memcpy(values + o, (const char *)seg->values + slot * rb, rb);
+        }
+    }
+    uint64_t t0 = hd->indexed_tokens;
+    for (uint64_t p = pos > t0 ? pos : t0; p < end; p++) {
+        size_t src = (hd->tail_start + (p - t0)) * rb;
+        size_t o = (p - pos) * stride;
+        if (keys)
+            memcpy(keys + o, hd->tail_keys + src, rb);
+        if (values)
+            memcpy(values + o, hd->tail_values + src, rb);
+    }
+}
+
+int kvs_seq_read(kvs_store_t *s, uint64_t id, uint32_t layer, uint64_t pos,
+                 uint32_t n, void *keys, void *values) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    int rc = 0;
+    seq_t *q = kvs__seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    if (layer >= q->geo.n_layers) {
+        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range", layer);
+        goto out;
+    }
+    layer_t *L = &q->layers[layer];
+    if ((rc = kvs__layer_lock(s, q, L, 0)))
+        goto out;
+    if (pos > L->tokens || n > L->tokens - pos) {
+        rc = kvs__fail(s, KVS_ERANGE, "tokens %llu..%llu past the %llu held",
+                       (unsigned long long)pos, (unsigned long long)(pos + n),
+                       (unsigned long long)L->tokens);
+        kvs__rwunlock(&L->lock);
+        goto out;
+    }
+    size_t rb = q->row_bytes, stride = rb * q->geo.n_kv_heads;
+    for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+        kvs__head_gather(&L->heads[h], rb, pos, n,
+                         keys ? (char *)keys + h * rb : NULL,
+                         values ? (char *)values + h * rb : NULL, stride);
+    kvs__rwunlock(&L->lock);
+out:
+    kvs__seq_unref(q);
+    return rc;
+}

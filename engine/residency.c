@@ -1,0 +1,411 @@
+/*
+ * residency.c: which sequences are in memory. Loading a data directory at
+ * open, the memory budget (least recently used sequences are evicted to
+ * storage) and paging an evicted sequence back in on its next use.
+ *
+ * A layer's `resident` flag, read under its lock, says whether its rows are
+ * in memory; kvs__layer_lock() takes the lock with the rows there.
+ */
+#include "engine/engine_int.h"
+
+#include <assert.h>
+#include <malloc.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------- */
+/* Loading a data directory                                               */
+
+static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g,
+                    uint32_t ttl_s) {
+    kvs_store_t *s = ctx;
+    if (kvs__map_find(s, id))
+        return KVS_EEXIST;
+    int rc = kvs__check_geometry(s, g);
+    seq_t *q;
+    if (rc || (rc = kvs__seq_new(s, id, g, &q)))
+        return rc;
+    atomic_store(&q->ttl_s, ttl_s);
+    /* Not in memory until its records are loaded (load_seq_done): a budget
+     * enforced meanwhile must not pick it. */
+    atomic_store(&q->evicted, 1);
+    for (uint32_t l = 0; l < g->n_layers; l++)
+        q->layers[l].resident = 0;
+    /* Open is single-threaded until the loads are done; the lock is for
+     * the table's rule (kvs__map_insert), not for a race. */
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
+    rc = kvs__map_insert(s, q);
+    kvs__unlock(&s->map_mu);
+    if (rc)
+        kvs__seq_free(q);
+    return rc;
+}
+
+/* The head a stored record belongs to, or NULL when it names no head of
+ * a usable sequence. */
+static head_t *record_head(seq_t *q, uint32_t layer, uint32_t head) {
+    if (!q || q->damage || layer >= q->geo.n_layers ||
+        head >= q->geo.n_kv_heads)
+        return NULL;
+    return &q->layers[layer].heads[head];
+}
+
+/* Segments must continue the head exactly where it stands. */
+static int fill_segment(kvs_store_t *s, seq_t *q, uint32_t layer, uint32_t head,
+                        kvs_segment_t *seg) {
+    head_t *h = record_head(q, layer, head);
+    int rc = KVS_ECORRUPT;
+    if (!h || seg->dtype != q->geo.dtype || seg->d != q->geo.head_dim ||
+        seg->first_pos != h->indexed_tokens || h->tail_len != 0 ||
+        seg->n_tokens != s->opts.segment_tokens)
+        goto fail;
+    if (h->n_segments == h->segments_cap) {
+        uint32_t cap = h->segments_cap ? h->segments_cap * 2 : 8;
+        kvs_segment_t **p = realloc(h->segments, cap * sizeof *p);
+        if (!p) {
+            rc = KVS_ENOMEM;
+            goto fail;
+        }
+        h->segments = p;
+        h->segments_cap = cap;
+    }
+    h->segments[h->n_segments++] = seg;
+    h->indexed_tokens += seg->n_tokens;
+    return 0;
+fail:
+    kvs_segment_free(seg);
+    return rc;
+}
+
+static int fill_rows(seq_t *q, uint32_t layer, uint32_t head, uint64_t pos,
+                     uint32_t n, size_t half, const void *keys,
+                     const void *values) {
+    head_t *h = record_head(q, layer, head);
+    if (!h || half != (size_t)n * q->row_bytes ||
+        pos != h->indexed_tokens + h->tail_len)
+        return KVS_ECORRUPT;
+    int rc = kvs__head_reserve(h, q->row_bytes, n);
+    if (rc)
+        return rc;
+    size_t at = (h->tail_start + h->tail_len) * q->row_bytes;
+    memcpy(h->tail_keys + at, keys, half);
+    memcpy(h->tail_values + at, values, half);
+    h->tail_len += n;
+    return 0;
+}
+
+static int load_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                        kvs_segment_t *seg) {
+    kvs_store_t *s = ctx;
+    return fill_segment(s, kvs__map_find(s, id), layer, head, seg);
+}
+
+static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                     uint64_t pos, uint32_t n, size_t half, const void *keys,
+                     const void *values) {
+    kvs_store_t *s = ctx;
+    return fill_rows(kvs__map_find(s, id), layer, head, pos, n, half, keys,
+                     values);
+}
+
+/* Page-in callbacks: the sequence is known, not looked up. */
+typedef struct page_ctx_s {
+    kvs_store_t *s;
+    seq_t *q;
+} page_ctx_t;
+
+static int page_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                        kvs_segment_t *seg) {
+    page_ctx_t *c = ctx;
+    (void)id;
+    return fill_segment(c->s, c->q, layer, head, seg);
+}
+
+static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
+                     uint64_t pos, uint32_t n, size_t half, const void *keys,
+                     const void *values) {
+    page_ctx_t *c = ctx;
+    (void)id;
+    return fill_rows(c->q, layer, head, pos, n, half, keys, values);
+}
+
+static void page_damaged(void *ctx, uint64_t id, const char *why) {
+    page_ctx_t *c = ctx;
+    kvs__store_log(c->s, KVS_LOG_ERROR,
+                   "sequence %llu quarantined at page-in: %s",
+                   (unsigned long long)id, why ? why : "damaged");
+    if (!c->q->damage)
+        c->q->damage = strdup(why ? why : "damaged");
+}
+
+static void load_damaged(void *ctx, uint64_t id, const char *why) {
+    kvs_store_t *s = ctx;
+    seq_t *q = kvs__map_find(s, id);
+    kvs__store_log(s, KVS_LOG_ERROR, "sequence %llu quarantined: %s",
+                   (unsigned long long)id, why ? why : "damaged");
+    if (q && !q->damage)
+        q->damage = strdup(why ? why : "damaged");
+}
+
+/* After a sequence's records are loaded: every head of a layer must hold
+ * the same tokens; then its bytes count against the budget, which may evict
+ * earlier sequences already (so an open never holds more than the budget
+ * plus one sequence). */
+static void load_seq_done(void *ctx, uint64_t id) {
+    kvs_store_t *s = ctx;
+    seq_t *q = kvs__map_find(s, id);
+    if (!q || q->damage)
+        return;
+    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+        layer_t *L = &q->layers[l];
+        uint64_t t0 = L->heads[0].indexed_tokens + L->heads[0].tail_len;
+        for (uint32_t h = 1; h < q->geo.n_kv_heads; h++)
+            if (L->heads[h].indexed_tokens + L->heads[h].tail_len != t0) {
+                char why[128];
+                snprintf(why, sizeof why,
+                         "layer %u: KV heads hold different token counts", l);
+                load_damaged(s, q->id, why);
+            }
+        kvs__wrlock(&L->lock, l);
+        L->tokens = t0;
+        L->resident = 1;
+        kvs__bytes_add(s, q, kvs__layer_bytes(q, L));
+        kvs__rwunlock(&L->lock);
+    }
+    atomic_store(&q->evicted, 0);
+    atomic_store(&q->last_access, kvs__now_ms());
+    kvs__enforce_budget(s, q);
+}
+
+int kvs__store_load(kvs_store_t *s, char *err, size_t errlen) {
+    kvs__db_loader_t loader = {s,         load_seq,     load_segment,
+                               load_rows, load_damaged, load_seq_done};
+    return kvs__db_load(s->db, &loader, err, errlen);
+}
+
+/* Queue builds for every tail that holds a whole segment. */
+void kvs__load_schedule_builds(kvs_store_t *s) {
+    for (size_t b = 0; b < s->n_buckets; b++)
+        for (seq_t *q = s->buckets[b]; q; q = q->next) {
+            if (q->damage)
+                continue;
+            for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+                kvs__wrlock(&q->layers[l].lock, l);
+                for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+                    kvs__maybe_build(s, q, l, h);
+                kvs__rwunlock(&q->layers[l].lock);
+            }
+        }
+}
+
+/* ---------------------------------------------------------------------- */
+/* Memory budget: eviction to storage and paging back in                  */
+
+void kvs__bytes_add(kvs_store_t *s, seq_t *q, int64_t delta) {
+    atomic_fetch_add(&q->bytes, delta);
+    /* A dropped sequence's bytes left the store total at the drop: later
+     * changes (a finishing build, a racing eviction) must not count. */
+    if (!atomic_load(&q->dropped))
+        atomic_fetch_add(&s->resident_bytes, delta);
+}
+
+int64_t kvs__layer_bytes(const seq_t *q, const layer_t *L) {
+    assert(kvs__held(&L->lock));
+    int64_t b = 0;
+    for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+        const head_t *hd = &L->heads[h];
+        for (uint32_t i = 0; i < hd->n_segments; i++)
+            b += (int64_t)kvs_segment_bytes(hd->segments[i]);
+        b += (int64_t)(2 * hd->tail_len * q->row_bytes);
+    }
+    return b;
+}
+
+/* Every layer's append_mu, then every layer's rwlock (the lock order).
+ * Appends hold one append_mu while their storage write runs, so holding
+ * them all means no append is half done. */
+static void lock_all(seq_t *q) {
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        kvs__lock(&q->layers[l].append_mu, KVS__RANK_APPEND, l);
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        kvs__wrlock(&q->layers[l].lock, l);
+}
+
+static void unlock_all(seq_t *q) {
+    for (uint32_t l = q->geo.n_layers; l-- > 0;)
+        kvs__rwunlock(&q->layers[l].lock);
+    for (uint32_t l = q->geo.n_layers; l-- > 0;)
+        kvs__unlock(&q->layers[l].append_mu);
+}
+
+/* Free every head's rows and segments, leaving empty heads (under
+ * lock_all). */
+static void release_rows(seq_t *q) {
+    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+        assert(kvs__held_write(&q->layers[l].lock));
+        for (uint32_t h = 0; h < q->geo.n_kv_heads; h++) {
+            kvs__head_release(&q->layers[l].heads[h]);
+            memset(&q->layers[l].heads[h], 0, sizeof(head_t));
+        }
+        kvs__gpu_layer_free(q->gpu, atomic_exchange(&q->layers[l].gpu, NULL));
+    }
+}
+
+/* Evict `q` to storage: free every layer's rows and segments. Gives up
+ * (returns 0) when a build is pending, since a build job works on the
+ * rows without holding the lock throughout. */
+static int try_evict(kvs_store_t *s, seq_t *q) {
+    int done = 0;
+    kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
+    if (atomic_load(&q->evicted) || q->damage || atomic_load(&q->dropped))
+        goto out;
+    lock_all(q);
+    /* Builds are queued only under a layer's write lock: with all of them
+     * held, the count cannot grow under us. A drop may have finished while
+     * we waited for the appends: its bytes have left the total already. */
+    if (atomic_load(&q->builds_pending) == 0 && !atomic_load(&q->dropped)) {
+        release_rows(q);
+        for (uint32_t l = 0; l < q->geo.n_layers; l++)
+            q->layers[l].resident = 0;
+        atomic_store(&q->evicted, 1);
+        kvs__bytes_add(s, q, -atomic_load(&q->bytes));
+        atomic_fetch_add(&s->evictions, 1);
+        done = 1;
+    }
+    unlock_all(q);
+    /* glibc keeps freed heap memory (and raises its mmap threshold after
+     * large frees): hand what eviction freed back to the system. */
+    if (done)
+        malloc_trim(0);
+out:
+    kvs__unlock(&q->page_mu);
+    return done;
+}
+
+typedef struct lru_s {
+    seq_t *q;
+    uint64_t at;
+} lru_t;
+
+static int lru_cmp(const void *a, const void *b) {
+    uint64_t x = ((const lru_t *)a)->at, y = ((const lru_t *)b)->at;
+    return (x > y) - (x < y);
+}
+
+/* Evict least recently used sequences (never `keep`) until the resident
+ * bytes fit memory_bytes. */
+void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
+    uint64_t budget = s->opts.memory_bytes;
+    if (!budget || atomic_load(&s->resident_bytes) <= (int64_t)budget)
+        return;
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
+    size_t n = 0;
+    lru_t *c = malloc((s->n_seqs ? s->n_seqs : 1) * sizeof *c);
+    if (!c) {
+        kvs__unlock(&s->map_mu);
+        return;
+    }
+    for (size_t b = 0; b < s->n_buckets; b++)
+        for (seq_t *q = s->buckets[b]; q; q = q->next)
+            if (q != keep && !atomic_load(&q->evicted) && !q->damage &&
+                !atomic_load(&q->unlinking)) {
+                atomic_fetch_add(&q->refs, 1);
+                c[n++] = (lru_t){q, atomic_load(&q->last_access)};
+            }
+    kvs__unlock(&s->map_mu);
+    qsort(c, n, sizeof *c, lru_cmp);
+    for (size_t i = 0; i < n; i++) {
+        if (atomic_load(&s->resident_bytes) > (int64_t)budget)
+            try_evict(s, c[i].q);
+        kvs__seq_unref(c[i].q);
+    }
+    free(c);
+}
+
+/* Bring an evicted sequence back from storage. */
+int kvs__page_in(kvs_store_t *s, seq_t *q) {
+    int rc = 0;
+    kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
+    if (!atomic_load(&q->evicted) || !s->db)
+        goto out;
+    lock_all(q);
+    if (atomic_load(&q->dropped)) {
+        /* dropped while we waited for its appends: nothing to load, and
+         * the id may name a new sequence by now */
+        unlock_all(q);
+        rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                       (unsigned long long)q->id);
+        goto out;
+    }
+    page_ctx_t ctx = {s, q};
+    kvs__db_loader_t loader = {&ctx,      NULL,         page_segment,
+                               page_rows, page_damaged, NULL};
+    char err[256] = "";
+    rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
+    int64_t bytes = 0;
+    for (uint32_t l = 0; l < q->geo.n_layers && !rc && !q->damage; l++) {
+        layer_t *L = &q->layers[l];
+        for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+            if (L->heads[h].indexed_tokens + L->heads[h].tail_len !=
+                L->tokens) {
+                snprintf(err, sizeof err,
+                         "layer %u head %u: storage holds "
+                         "%llu + %llu tokens, %llu were acknowledged",
+                         l, h, (unsigned long long)L->heads[h].indexed_tokens,
+                         (unsigned long long)L->heads[h].tail_len,
+                         (unsigned long long)L->tokens);
+                rc = KVS_ECORRUPT;
+                break;
+            }
+        bytes += kvs__layer_bytes(q, L);
+    }
+    if (rc || q->damage) {
+        /* Leave it evicted and refuse it: never serve partial data. */
+        release_rows(q);
+        /* Damage quarantines; a passing failure (memory, I/O) leaves the
+         * sequence evicted for the next call to try again. */
+        if (!q->damage && rc == KVS_ECORRUPT)
+            q->damage = strdup(err[0] ? err : "page-in found damage");
+        if (!rc)
+            rc = KVS_EQUARANTINED;
+        kvs__fail(s, rc, "paging sequence %llu in: %s",
+                  (unsigned long long)q->id, q->damage ? q->damage : err);
+    } else {
+        for (uint32_t l = 0; l < q->geo.n_layers; l++)
+            q->layers[l].resident = 1;
+        atomic_store(&q->evicted, 0);
+        kvs__bytes_add(s, q, bytes);
+        atomic_fetch_add(&s->page_ins, 1);
+    }
+    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+        layer_t *L = &q->layers[l];
+        if (L->resident)
+            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
+                kvs__maybe_build(s, q, l, h);
+    }
+    unlock_all(q);
+out:
+    kvs__unlock(&q->page_mu);
+    if (!rc)
+        kvs__enforce_budget(s, q);
+    return rc;
+}
+
+int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
+    const uint32_t no = (uint32_t)(L - q->layers);
+    for (;;) {
+        if (write)
+            kvs__wrlock(&L->lock, no);
+        else
+            kvs__rdlock(&L->lock, no);
+        if (L->resident)
+            return 0;
+        kvs__rwunlock(&L->lock);
+        int rc = kvs__page_in(s, q);
+        if (rc)
+            return rc;
+    }
+}
