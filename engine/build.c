@@ -78,6 +78,7 @@ static void build_finish(kvs_store_t *s, seq_t *q, double secs, uint64_t keys) {
     atomic_fetch_sub(&q->builds_pending, 1);
     kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     s->builds_pending--;
+    s->builds_finished++;
     if (keys) {
         s->builds_done++;
         s->build_keys += keys;

@@ -186,6 +186,8 @@ struct kvs_store_s {
     pthread_t *builders;
     uint32_t n_builders;
     uint64_t builds_pending, builds_done, build_keys;
+    uint64_t builds_finished; /* every finished build, failed ones too:
+                                 deterministic reads wait for it to move */
     double build_seconds;
     uint64_t expired;
 

@@ -333,6 +333,33 @@ err:
     return rc;
 }
 
+/* Locks the call's layer for reading. With opts.deterministic, first waits
+ * until no head of the layer has a build queued or running. Race-free: the
+ * finish counter is read under build_mu while the layer lock still keeps the
+ * in-flight build from publishing, and a build bumps it only after its
+ * publish, so the wait cannot miss it. */
+static int call_lock(kvs_store_t *s, call_t *c) {
+    for (;;) {
+        int rc = kvs__layer_lock(s, c->q, c->L, 0);
+        if (rc || !s->opts.deterministic)
+            return rc;
+        int busy = 0;
+        for (uint32_t h = 0; h < c->q->geo.n_kv_heads; h++)
+            busy |= c->L->heads[h].build_inflight;
+        if (!busy)
+            return 0;
+        kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
+        const uint64_t seen = s->builds_finished;
+        kvs__rwunlock(&c->L->lock);
+        while (s->builds_finished == seen && !s->stopping)
+            pthread_cond_wait(&s->build_done, &s->build_mu);
+        const int stopping = s->stopping;
+        kvs__unlock(&s->build_mu);
+        if (stopping)
+            return kvs__fail(s, KVS_ECLOSED, "store is closing");
+    }
+}
+
 static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
     uint32_t nh = c->q->geo.n_kv_heads;
     int rc = 0;
@@ -373,7 +400,7 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
     if (rc)
         return rc;
     c->out = out;
-    if ((rc = kvs__layer_lock(s, c->q, c->L, 0))) {
+    if ((rc = call_lock(s, c))) {
         kvs__seq_unref(c->q);
         free(c);
         return rc;
@@ -406,7 +433,7 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
     c->k = k;
     c->positions = positions;
     c->scores = scores;
-    if ((rc = kvs__layer_lock(s, c->q, c->L, 0))) {
+    if ((rc = call_lock(s, c))) {
         kvs__seq_unref(c->q);
         free(c);
         return rc;

@@ -193,6 +193,16 @@ typedef struct kvs_options_s {
      * reported; the library never prints. log_ctx is passed back as is. */
     kvs_log_fn log;
     void *log_ctx;
+    /* 1: every search and attend first waits until its layer has no index
+     * build queued or running, so the index a call sees, and so its answer,
+     * depends only on the tokens appended before it, never on how fast the
+     * background builders ran: the same appends and queries give the same
+     * outputs on every run (benchmarks and tests use it). A call that comes
+     * right after an append completing a segment then waits for that
+     * segment's k-means. 0 (default): calls never wait; a segment becomes
+     * visible when its build finishes, and until then its keys are served
+     * exactly from the tail (same accuracy or better, timing-dependent). */
+    int32_t deterministic;
 } kvs_options_t;
 
 /* Fill `opts` with the defaults above. */

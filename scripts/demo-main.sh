@@ -48,7 +48,7 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- 1, 2: the daemon
-"$kvstored" --data-dir "$run/data" --port 0 --http-port 0 \
+"$kvstored" --data-dir "$run/data" --port 0 --http-port 0 --deterministic yes \
     --port-file "$run/ports" >"$run/kvstored.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 500); do

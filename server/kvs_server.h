@@ -74,6 +74,9 @@ extern "C" {
       "serve wave attends on the CUDA device cuda-device when the build has "  \
       "CUDA and the device is usable (else the CPU serves; logged)")          \
     X(cuda_device, U32, "0", 0, 1024, "CUDA device ordinal for --gpu")         \
+    X(deterministic, BOOL, "no", 0, 1,                                         \
+      "searches and attends wait for their layer's queued index builds, so "  \
+      "answers do not depend on build timing")                                \
     X(cuda_cache_percent, U32, "10", 1, 100,                                   \
       "GPU cache of cluster pages, percent of each head's clusters")          \
     X(cuda_memory_bytes, SIZE, "0", 0, UINT64_MAX,                             \

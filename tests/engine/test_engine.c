@@ -460,6 +460,63 @@ static void test_engine_wave_default_zones(void **state) {
     free_fixture(&f);
 }
 
+/* Deterministic mode: an attend right after the append that completes a
+ * segment sees that segment indexed (never the tail it came from), so two
+ * stores fed the same appends and queries give bit-identical outputs. */
+static void run_deterministic(float *outs, uint64_t *clusters, int rounds) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = 512;
+    o.n_threads = 2;
+    o.n_build_threads = 2;
+    o.deterministic = 1;
+    kvs_store_t *s = NULL;
+    assert_int_equal(kvs_store_open(&o, &s), 0);
+    const kvs_geometry_t g = {1, 4, 2, 32, KVS_DTYPE_F32};
+    assert_int_equal(kvs_seq_create(s, 3, &g), 0);
+    const uint32_t chunk = 128, row = 2 * 32;
+    float *k = malloc(sizeof(float) * chunk * row);
+    float *v = malloc(sizeof(float) * chunk * row);
+    float q[4 * 32];
+    rng = 0x5eed;
+    for (int r = 0; r < rounds; r++) {
+        make_kv(k, v, chunk, 2, 32);
+        for (int i = 0; i < 4 * 32; i++)
+            q[i] = nrand();
+        assert_int_equal(kvs_seq_append(s, 3, 0, chunk, k, v), 0);
+        kvs_attend_stats_t st;
+        assert_int_equal(
+            kvs_seq_attend(s, 3, 0, q, NULL, outs + (size_t)r * 4 * 32, &st),
+            0);
+        clusters[r] = st.clusters_total;
+    }
+    free(k);
+    free(v);
+    kvs_store_close(s);
+}
+
+static void test_engine_deterministic(void **state) {
+    (void)state;
+    enum { ROUNDS = 24 }; /* 3072 tokens: 6 segments of 512 */
+    float *a = malloc(sizeof(float) * ROUNDS * 4 * 32);
+    float *b = malloc(sizeof(float) * ROUNDS * 4 * 32);
+    uint64_t ca[ROUNDS], cb[ROUNDS];
+    run_deterministic(a, ca, ROUNDS);
+    run_deterministic(b, cb, ROUNDS);
+    for (int r = 0; r < ROUNDS; r++) {
+        /* every complete segment is indexed by the time the call runs */
+        const uint32_t tokens = (uint32_t)(r + 1) * 128;
+        if (tokens >= 512)
+            assert_true(ca[r] > 0);
+        else
+            assert_int_equal(ca[r], 0);
+        assert_int_equal(ca[r], cb[r]);
+    }
+    assert_memory_equal(a, b, sizeof(float) * ROUNDS * 4 * 32);
+    free(a);
+    free(b);
+}
+
 static void test_engine_search(void **state) {
     (void)state;
     fixture_t f = build_fixture(2100, 512, KVS_DTYPE_F32);
@@ -701,6 +758,7 @@ int main(void) {
         cmocka_unit_test(test_engine_wave_full_budget_equals_exact),
         cmocka_unit_test(test_engine_wave_default_zones),
         cmocka_unit_test(test_engine_search),
+        cmocka_unit_test(test_engine_deterministic),
         cmocka_unit_test(test_engine_build_races_readers),
         cmocka_unit_test(test_engine_fork),
         cmocka_unit_test(test_engine_ttl),

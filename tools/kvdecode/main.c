@@ -80,6 +80,9 @@ static void usage(FILE *f) {
         "  --estimation F      estimation fraction of clusters\n"
         "  --epsilon E         accuracy-bounded budget with this epsilon\n"
         "  --wait-indexed      after prefill, wait for index builds\n"
+        "                      (the in-process store is deterministic: each\n"
+        "                      attend waits for its layer's builds; for a\n"
+        "                      daemon, start it with --deterministic yes)\n"
         "  --cuda-device N     in-process store: wave attends (and index\n"
         "                      builds) on this CUDA device when usable\n"
         "                      (needs --kv-dtype f16|bf16); else the CPU\n"
@@ -318,6 +321,9 @@ int main(int argc, char **argv) {
     kvs_options_t sopt;
     kvs_options_default(&sopt);
     sopt.log = log_stderr;
+    /* A measurement tool: the same input must give the same tokens, never
+     * depend on when a background build finished. */
+    sopt.deterministic = 1;
     kvs_dtype_t dump_dtype = KVS_DTYPE_F32;
     int c, bad = 0;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
