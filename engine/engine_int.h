@@ -176,6 +176,8 @@ struct kvs_store_s {
     pthread_mutex_t map_mu;
     seq_t **buckets;
     size_t n_buckets, n_seqs;
+    uint64_t meta_bytes; /* bookkeeping of the sequences in the table (part
+                            of resident_bytes; eviction keeps it) */
 
     /* Build queue. */
     pthread_mutex_t build_mu;
@@ -236,6 +238,11 @@ void kvs__seq_unref(seq_t *q);
 int kvs__check_geometry(kvs_store_t *s, const kvs_geometry_t *g);
 int kvs__seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
                  seq_t **out);
+/* RAM a sequence of geometry g takes before it holds a token. */
+uint64_t kvs__seq_meta_bytes(const kvs_geometry_t *g);
+/* 0 when one more sequence of g fits max_sequences and memory_bytes, else
+ * the error (with its message). Caller holds map_mu. */
+int kvs__seq_admit(kvs_store_t *s, const kvs_geometry_t *g);
 int kvs__map_insert(kvs_store_t *s, seq_t *q);
 seq_t *kvs__map_find(kvs_store_t *s, uint64_t id);
 /* A usable sequence with a reference taken and its TTL clock restarted;

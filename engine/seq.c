@@ -164,6 +164,29 @@ oom:
     return kvs__fail(s, KVS_ENOMEM, "sequence");
 }
 
+uint64_t kvs__seq_meta_bytes(const kvs_geometry_t *g) {
+    return sizeof(seq_t) + (uint64_t)g->n_layers * sizeof(layer_t) +
+           (uint64_t)g->n_layers * g->n_kv_heads * sizeof(head_t);
+}
+
+int kvs__seq_admit(kvs_store_t *s, const kvs_geometry_t *g) {
+    assert(kvs__held(&s->map_mu));
+    if (s->opts.max_sequences && s->n_seqs >= s->opts.max_sequences)
+        return kvs__fail(s, KVS_ETOOBIG,
+                         "the store holds max_sequences (%llu) sequences",
+                         (unsigned long long)s->opts.max_sequences);
+    const uint64_t meta = kvs__seq_meta_bytes(g);
+    if (s->opts.memory_bytes && s->meta_bytes + meta > s->opts.memory_bytes)
+        return kvs__fail(s, KVS_ENOMEM,
+                         "the bookkeeping of one more sequence of this "
+                         "geometry (%llu bytes; %llu held by %zu sequences) "
+                         "would exceed memory_bytes (%llu)",
+                         (unsigned long long)meta,
+                         (unsigned long long)s->meta_bytes, s->n_seqs,
+                         (unsigned long long)s->opts.memory_bytes);
+    return 0;
+}
+
 /* `id` is not in the table. */
 int kvs__map_insert(kvs_store_t *s, seq_t *q) {
     assert(kvs__held(&s->map_mu));
@@ -173,6 +196,9 @@ int kvs__map_insert(kvs_store_t *s, seq_t *q) {
     q->next = s->buckets[b];
     s->buckets[b] = q;
     s->n_seqs++;
+    const uint64_t meta = kvs__seq_meta_bytes(&q->geo);
+    s->meta_bytes += meta;
+    atomic_fetch_add(&s->resident_bytes, (int64_t)meta);
     return 0;
 }
 
@@ -198,10 +224,13 @@ int kvs_seq_create(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo) {
     kvs__lock(&s->meta_mu, KVS__RANK_META, 0);
     kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     int exists = kvs__map_find(s, id) != NULL;
+    int admit = exists ? 0 : kvs__seq_admit(s, geo);
     kvs__unlock(&s->map_mu);
     if (exists) {
         rc = kvs__fail(s, KVS_EEXIST, "sequence %llu already exists",
                        (unsigned long long)id);
+    } else if (admit) {
+        rc = admit;
     } else if (s->db) {
         char err[256];
         if ((rc = kvs__db_create_seq(s->db, id, geo, 0, err, sizeof err)))
@@ -255,7 +284,10 @@ static int drop_seq(kvs_store_t *s, seq_t *q, int if_expired) {
             pp = &(*pp)->next;
         *pp = q->next;
         s->n_seqs--;
-        atomic_fetch_sub(&s->resident_bytes, atomic_load(&q->bytes));
+        const uint64_t meta = kvs__seq_meta_bytes(&q->geo);
+        s->meta_bytes -= meta;
+        atomic_fetch_sub(&s->resident_bytes,
+                         atomic_load(&q->bytes) + (int64_t)meta);
     }
     atomic_store(&q->unlinking, 0);
     kvs__unlock(&s->map_mu);
@@ -550,11 +582,17 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
     kvs__lock(&s->meta_mu, KVS__RANK_META, 0);
     kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     int exists = kvs__map_find(s, child) != NULL;
+    int admit = exists ? 0 : kvs__seq_admit(s, &p->geo);
     kvs__unlock(&s->map_mu);
     if (exists) {
         kvs__unlock(&s->meta_mu);
         rc = kvs__fail(s, KVS_EEXIST, "sequence %llu already exists",
                        (unsigned long long)child);
+        goto out;
+    }
+    if (admit) {
+        kvs__unlock(&s->meta_mu);
+        rc = admit;
         goto out;
     }
     if (s->db) {

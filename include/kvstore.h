@@ -143,6 +143,13 @@ typedef struct kvs_options_s {
     uint64_t memory_bytes;
     uint32_t n_threads;       /* attend/search workers; 0 = online CPUs */
     uint32_t n_build_threads; /* background index builders; 0 = 1 */
+    /* Most sequences the store holds; a create or fork past it fails with
+     * KVS_ETOOBIG. 0 (default): no limit but memory_bytes. Each sequence
+     * costs bookkeeping in RAM even when empty or evicted (about 72 bytes
+     * per (layer, KV head) plus 200 per layer): that is counted in
+     * resident_bytes, and with memory_bytes set a create or fork whose
+     * bookkeeping would not fit in it fails with KVS_ENOMEM. */
+    uint64_t max_sequences;
     /* OpenBLAS threads, set process-wide at open (0: leave as is). Index
      * builds run sgemm; with several builders, 1 here lets each build own
      * a core instead of all of them queueing on one BLAS thread pool

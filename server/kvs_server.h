@@ -99,6 +99,9 @@ extern "C" {
       "open client connections; more are refused with KVS_EBUSY")             \
     X(max_inflight, U32, "64", 1, 65536,                                       \
       "requests in flight per connection before it stops being read")         \
+    X(max_sequences, U32, "100000", 0, UINT32_MAX,                             \
+      "most sequences the store holds (each costs bookkeeping RAM even "     \
+      "when empty); 0 = no limit but memory_bytes")                           \
     X(max_list_ids, U32, "100000", 1, 1u << 24,                                \
       "most ids returned by one ListSequences")                                \
     X(idle_timeout_ms, U32, "300000", 0, UINT32_MAX,                           \

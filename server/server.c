@@ -994,6 +994,7 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
         o.n_build_threads = cfg->build_threads;
     o.blas_threads = cfg->blas_threads;
     o.deterministic = cfg->deterministic;
+    o.max_sequences = cfg->max_sequences;
     if (cfg->segment_tokens)
         o.segment_tokens = cfg->segment_tokens;
     if (cfg->cluster_tokens)

@@ -517,6 +517,59 @@ static void test_engine_deterministic(void **state) {
     free(b);
 }
 
+/* Per-sequence bookkeeping counts in resident_bytes and memory_bytes, and
+ * max_sequences caps the count: empty sequences cannot take unbounded RAM. */
+static void test_engine_sequence_limits(void **state) {
+    (void)state;
+    const kvs_geometry_t g = {256, 8, 8, 64, KVS_DTYPE_BF16};
+    kvs_store_t *s = open_small(1024);
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.resident_bytes, 0);
+    assert_int_equal(kvs_seq_create(s, 1, &g), 0);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    const uint64_t meta = st.resident_bytes;
+    assert_true(meta >= 256ull * 8 * 40); /* every (layer, head) counted */
+    assert_int_equal(kvs_seq_drop(s, 1), 0);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.resident_bytes, 0);
+    kvs_store_close(s);
+
+    char dir[] = "/tmp/kvs_test_limits_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.data_dir = dir;
+    o.sync = KVS_SYNC_NONE;
+    o.memory_bytes = 2 * meta + meta / 2;
+    o.max_sequences = 3;
+    assert_int_equal(kvs_store_open(&o, &s), 0);
+    assert_int_equal(kvs_seq_create(s, 1, &g), 0);
+    assert_int_equal(kvs_seq_create(s, 2, &g), 0);
+    assert_int_equal(kvs_seq_create(s, 3, &g), KVS_ENOMEM);
+    assert_non_null(strstr(kvs_store_errmsg(s), "memory_bytes"));
+    assert_int_equal(kvs_seq_fork(s, 1, 0, 4), KVS_ENOMEM);
+    assert_int_equal(kvs_seq_drop(s, 2), 0);
+    assert_int_equal(kvs_seq_create(s, 3, &g), 0);
+    /* small geometries fit the budget; the count limit stops them */
+    const kvs_geometry_t small = {1, 1, 1, 8, KVS_DTYPE_F32};
+    assert_int_equal(kvs_seq_create(s, 5, &small), 0);
+    assert_int_equal(kvs_seq_create(s, 6, &small), KVS_ETOOBIG);
+    assert_int_equal(kvs_seq_fork(s, 5, 0, 7), KVS_ETOOBIG);
+    assert_non_null(strstr(kvs_store_errmsg(s), "max_sequences"));
+    kvs_store_close(s);
+    /* a reopen counts what it loads */
+    o.max_sequences = 0;
+    assert_int_equal(kvs_store_open(&o, &s), 0);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_true(st.resident_bytes >= 2 * meta);
+    assert_int_equal(kvs_seq_create(s, 8, &g), KVS_ENOMEM);
+    kvs_store_close(s);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 static void test_engine_search(void **state) {
     (void)state;
     fixture_t f = build_fixture(2100, 512, KVS_DTYPE_F32);
@@ -759,6 +812,7 @@ int main(void) {
         cmocka_unit_test(test_engine_wave_default_zones),
         cmocka_unit_test(test_engine_search),
         cmocka_unit_test(test_engine_deterministic),
+        cmocka_unit_test(test_engine_sequence_limits),
         cmocka_unit_test(test_engine_build_races_readers),
         cmocka_unit_test(test_engine_fork),
         cmocka_unit_test(test_engine_ttl),
