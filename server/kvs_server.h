@@ -87,6 +87,15 @@ extern "C" {
       "open client connections; more are refused with KVS_EBUSY")             \
     X(max_inflight, U32, "64", 1, 65536,                                       \
       "requests in flight per connection before it stops being read")         \
+    X(max_output_bytes, SIZE, "4M", 4096, 1u << 30,                            \
+      "answer bytes queued for one connection before it stops being read "     \
+      "(a client that does not read its answers)")                             \
+    X(max_buffered_bytes, SIZE, "256M", 0, UINT64_MAX,                         \
+      "request bytes of large frames (over 64K) buffered over all "            \
+      "connections; a connection over it waits; 0 = unlimited")                \
+    X(frame_timeout_ms, U32, "10000", 0, UINT32_MAX,                           \
+      "close a connection that has not completed a started frame, or sent "    \
+      "Hello when auth is on, within this time; 0 = never")                    \
     X(max_list_ids, U32, "100000", 1, 1u << 24,                                \
       "most ids returned by one ListSequences")                                \
     X(idle_timeout_ms, U32, "300000", 0, UINT32_MAX,                           \

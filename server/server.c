@@ -12,12 +12,24 @@
  * order) and flushed once per loop iteration by a check handle, which batches
  * pipelined answers into one write.
  *
- * Backpressure: a connection stops being read while it has max_inflight
- * requests on the pool, or more than two max frames queued for writing, and
- * resumes as they drain. A protocol error marks the connection `fatal`: it is
- * no longer read, the error is answered (flag CLOSE), requests already
- * running are answered, then it closes. Nothing a peer sends can abort the
- * process.
+ * Ordering and fairness: a request that names sequences passes a
+ * per-connection gate (mutations of a sequence run one at a time in arrival
+ * order, reads wait only for earlier mutations), then waits in its
+ * connection's ready FIFO; at most `workers` requests are on the pool, taken
+ * from the connections round robin. See "ordering and fairness" below.
+ *
+ * Backpressure: a connection stops being read, and frames already buffered
+ * stop being dispatched, while it has max_inflight requests unanswered or
+ * more than max_output_bytes of answers unsent; it resumes as they drain.
+ * Large frames (over ADMIT_MIN) are admitted against max_buffered_bytes over
+ * all connections; a connection that would exceed it is paused until bytes
+ * are released. Before a successful Hello (when a token is set) only frames
+ * of PREAUTH_MAX_BODY bytes are accepted. A frame that is started but not
+ * completed within frame_timeout_ms closes its connection (slow senders).
+ *
+ * A protocol error marks the connection `fatal`: it is no longer read, the
+ * error is answered (flag CLOSE), requests already running are answered,
+ * then it closes. Nothing a peer sends can abort the process.
  */
 #include "server_int.h"
 
@@ -32,17 +44,35 @@
 #include <unistd.h>
 
 #define READ_CHUNK (64u << 10)
+/* Largest frame body before authentication: a Hello fits easily. */
+#define PREAUTH_MAX_BODY 4096u
+/* Frames up to this size (header included) are not counted against
+ * max_buffered_bytes: a read chunk is buffered anyway, and small requests
+ * must keep flowing when large ones wait. */
+#define ADMIT_MIN ((uint64_t)READ_CHUNK)
 
 static void conn_process(kvs__conn_t *c);
 static void conn_update_reading(kvs__conn_t *c);
 static void conn_maybe_close(kvs__conn_t *c);
 static void check_drained(kvs_server_t *srv);
+static void pump(kvs_server_t *srv);
+static void admit_release(kvs_server_t *srv, uint64_t n);
 
 /* ------------------------------------------------------------ connections */
 
 static void conn_free(kvs__conn_t *c) {
     kvs_frame_reader_destroy(&c->rd);
     free(c->out);
+    if (c->seq_qs) {
+        /* Empty by now (nothing in flight); free the chains anyway. */
+        for (size_t i = 0; i < KVS__SEQ_Q_BUCKETS; i++)
+            while (c->seq_qs[i]) {
+                kvs__seq_q_t *q = c->seq_qs[i];
+                c->seq_qs[i] = q->next;
+                free(q);
+            }
+        free(c->seq_qs);
+    }
     free(c);
 }
 
@@ -73,6 +103,13 @@ static void conn_close(kvs__conn_t *c) {
         return;
     c->closing = true;
     c->reading = false;
+    /* The frame being read will never complete: give its bytes back. */
+    admit_release(c->srv, c->admit);
+    c->admit = 0;
+    if (c->admit_wait) {
+        c->admit_wait = false;
+        c->srv->n_admit_wait--;
+    }
     uv_close(&c->h.handle, on_conn_closed);
 }
 
@@ -142,6 +179,8 @@ static void conn_error(kvs__conn_t *c, uint64_t request_id, int op, int status,
                  (unsigned long long)c->id, c->peer,
                  (unsigned long long)request_id, kvs_err_name(status),
                  kvs__logq(q, sizeof(q), msg));
+        if (!c->fatal)
+            c->fatal_at = uv_now(&c->srv->loop);
         c->fatal = true;
         conn_update_reading(c);
     }
@@ -196,6 +235,12 @@ static void conn_flush(kvs__conn_t *c) {
             c->out_cap = 0;
         }
         conn_maybe_close(c);
+        /* Output that held back reading (max_output_bytes) is gone with
+         * no write callback to say so. */
+        if (!c->closing) {
+            conn_update_reading(c);
+            conn_process(c);
+        }
         return;
     }
     write_req_t *wr = malloc(sizeof(*wr));
@@ -220,30 +265,54 @@ static void conn_flush(kvs__conn_t *c) {
     conn_update_reading(c);
 }
 
+static bool conn_admit(kvs__conn_t *c);
+
 static void on_flush_check(uv_check_t *h) {
     kvs_server_t *srv = h->data;
-    kvs__conn_t *c = srv->flush_list;
-    srv->flush_list = NULL;
-    while (c) {
-        kvs__conn_t *next = c->flush_next;
-        c->in_flush_list = false;
-        c->flush_next = NULL;
-        conn_flush(c);
-        c = next;
+    if (srv->admit_retry) {
+        /* Bytes of max_buffered_bytes were released: let paused
+         * connections try again, in list order. */
+        srv->admit_retry = false;
+        for (kvs__conn_t *c = srv->conns; c && srv->n_admit_wait;
+             c = c->next)
+            if (c->admit_wait && conn_admit(c))
+                conn_update_reading(c);
+    }
+    /* Flushing can resume a connection whose frames answer inline and
+     * queue more output: loop until nothing is left, so no answer waits for
+     * the next wake-up of the loop. Each round consumes buffered frames, so
+     * this ends. */
+    while (srv->flush_list) {
+        kvs__conn_t *c = srv->flush_list;
+        srv->flush_list = NULL;
+        while (c) {
+            kvs__conn_t *next = c->flush_next;
+            c->in_flush_list = false;
+            c->flush_next = NULL;
+            conn_flush(c);
+            c = next;
+        }
     }
     /* The last answers of a drain usually leave through uv_try_write, with
      * no write callback to notice that the drain is complete. */
     check_drained(srv);
 }
 
-static bool conn_wants_input(const kvs__conn_t *c) {
+/* Answer bytes owed to the peer and not yet taken by the kernel. */
+static size_t conn_out_bytes(const kvs__conn_t *c) {
+    return c->out_len + uv_stream_get_write_queue_size(&c->h.stream);
+}
+
+/* May buffered frames of c be dispatched now? */
+static bool conn_may_dispatch(const kvs__conn_t *c) {
     const kvs_server_t *srv = c->srv;
-    if (c->closing || c->fatal || srv->draining)
-        return false;
-    if (c->inflight >= srv->cfg->max_inflight)
-        return false;
-    size_t q = uv_stream_get_write_queue_size(&c->h.stream);
-    return q <= 2 * srv->cfg->max_frame_bytes;
+    return !c->closing && !c->fatal && !srv->draining &&
+           c->inflight < srv->cfg->max_inflight &&
+           conn_out_bytes(c) <= srv->cfg->max_output_bytes;
+}
+
+static bool conn_wants_input(const kvs__conn_t *c) {
+    return conn_may_dispatch(c) && !c->admit_wait;
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
@@ -251,7 +320,10 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     (void)suggested;
     void *p;
     size_t len;
-    if (kvs_frame_reader_prepare(&c->rd, READ_CHUNK, &p, &len)) {
+    /* Before Hello a frame is at most PREAUTH_MAX_BODY: read no more. */
+    size_t want = c->authed ? READ_CHUNK
+                            : KVS_FRAME_HEADER_SIZE + PREAUTH_MAX_BODY;
+    if (kvs_frame_reader_prepare(&c->rd, want, &p, &len)) {
         *buf = uv_buf_init(NULL, 0); /* read_cb gets UV_ENOBUFS */
         return;
     }
@@ -276,6 +348,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     kvs_frame_reader_commit(&c->rd, (size_t)nread);
     c->srv->m.bytes_in += (uint64_t)nread;
     c->last_active = uv_now(&c->srv->loop);
+    if (!c->frame_start)
+        c->frame_start = c->last_active;
     conn_process(c);
 }
 
@@ -284,21 +358,119 @@ static void conn_update_reading(kvs__conn_t *c) {
     if (want && !c->reading) {
         if (uv_read_start(&c->h.stream, on_alloc, on_read) == 0)
             c->reading = true;
+        /* The frame deadline is the peer's: time spent paused by us does
+         * not count. */
+        if (c->frame_start)
+            c->frame_start = uv_now(&c->srv->loop);
     } else if (!want && c->reading) {
         uv_read_stop(&c->h.stream);
         c->reading = false;
     }
 }
 
-/* Constant-time in the content of `given`: no early exit on a mismatch. */
-static bool token_equal(const char *expect, const char *given) {
-    size_t el = strlen(expect), gl = strlen(given);
-    volatile unsigned diff = (unsigned)(el ^ gl);
+/* Constant-time in the content of `given`: no early exit on a mismatch.
+ * `gl` is the token's length on the wire: protobuf-c hands over a C string
+ * that stops at the first NUL, so "token\0junk" would compare equal to
+ * "token" by strlen. protobuf-c copies all gl bytes (plus a NUL), so
+ * given[0..gl) is readable. */
+static bool token_equal(const char *expect, const char *given, size_t gl) {
+    size_t el = strlen(expect);
+    volatile unsigned diff = el != gl;
     for (size_t i = 0; i < el; i++) {
         unsigned char g = i < gl ? (unsigned char)given[i] : 0;
         diff |= (unsigned)((unsigned char)expect[i] ^ g);
     }
     return diff == 0;
+}
+
+static bool pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+    *v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+        *v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80))
+            return true;
+    }
+    return false;
+}
+
+/* Skip or find length-delimited field `want` in [p, end): the last one wins
+ * (as protobuf merges). Returns false on malformed input. */
+static bool pb_last_bytes(const uint8_t *p, const uint8_t *end, uint32_t want,
+                          const uint8_t **val, size_t *len) {
+    while (p < end) {
+        uint64_t key, n;
+        if (!pb_varint(&p, end, &key))
+            return false;
+        switch (key & 7) {
+        case 0:
+            if (!pb_varint(&p, end, &n))
+                return false;
+            break;
+        case 1:
+            if (end - p < 8)
+                return false;
+            p += 8;
+            break;
+        case 5:
+            if (end - p < 4)
+                return false;
+            p += 4;
+            break;
+        case 2:
+            if (!pb_varint(&p, end, &n) || n > (uint64_t)(end - p))
+                return false;
+            if ((key >> 3) == want) {
+                *val = p;
+                *len = (size_t)n;
+            }
+            p += n;
+            break;
+        default:
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Wire length of Request.hello.auth_token (fields 1 and 2); 0 if absent.
+ * Several hello fields merge, so the last token of the last one counts. */
+static size_t hello_token_len(const uint8_t *body, size_t len) {
+    const uint8_t *end = body + len, *p = body;
+    size_t tl = 0;
+    while (p < end) {
+        const uint8_t *hv = NULL;
+        size_t hl = 0;
+        /* One hello field at a time: find the next, then its token. */
+        uint64_t key, n;
+        if (!pb_varint(&p, end, &key))
+            break;
+        if ((key & 7) == 0) {
+            if (!pb_varint(&p, end, &n))
+                break;
+            continue;
+        }
+        if ((key & 7) == 1 || (key & 7) == 5) {
+            size_t w = (key & 7) == 1 ? 8 : 4;
+            if ((size_t)(end - p) < w)
+                break;
+            p += w;
+            continue;
+        }
+        if ((key & 7) != 2 || !pb_varint(&p, end, &n) ||
+            n > (uint64_t)(end - p))
+            break;
+        hv = p;
+        hl = (size_t)n;
+        p += n;
+        if ((key >> 3) != 1)
+            continue;
+        const uint8_t *tv = NULL;
+        size_t t = 0;
+        if (pb_last_bytes(hv, hv + hl, 2, &tv, &t) && tv)
+            tl = t;
+    }
+    return tl;
 }
 
 /* Answer from the loop thread, packed straight into the output buffer: a
@@ -324,7 +496,7 @@ static void answer_inline(kvs__conn_t *c, uint64_t id, int op,
 }
 
 static void handle_hello(kvs__conn_t *c, uint64_t id,
-                         const Kvs__V1__HelloRequest *h) {
+                         const Kvs__V1__HelloRequest *h, size_t token_len) {
     kvs_server_t *srv = c->srv;
     const kvs_server_config_t *cfg = srv->cfg;
     int op = KVS__V1__REQUEST__OP_HELLO;
@@ -337,7 +509,8 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
         return;
     }
     if (cfg->auth_token[0]) {
-        if (!token_equal(cfg->auth_token, h->auth_token ? h->auth_token : "")) {
+        if (!h->auth_token ||
+            !token_equal(cfg->auth_token, h->auth_token, token_len)) {
             srv->m.auth_failures++;
             conn_error(c, id, op, KVS_EAUTH,
                        h->auth_token && h->auth_token[0]
@@ -348,6 +521,7 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
             return;
         }
         c->authed = true;
+        c->rd.max_body = (uint32_t)cfg->max_frame_bytes;
     }
     char q[200];
     kvs__log(KVS__LOG_DEBUG, "hello", "conn=%llu peer=%s client=%s",
@@ -368,6 +542,284 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
     answer_inline(c, id, op, &resp);
 }
 
+/* ---------------------------------------------- ordering and fairness */
+
+/*
+ * Ordering. A request that names a sequence joins that sequence's queue in
+ * its connection, in arrival order. A mutation (create, append, fork, drop,
+ * set_ttl) leaves the gate once every earlier request of the queue is
+ * answered; a read (search, attend, info) once no earlier mutation is left.
+ * So every request sees exactly the mutations of its sequence sent before
+ * it on its connection, mutations of one sequence never overlap, and reads
+ * overlap each other freely. Fork names both of its sequences and waits in
+ * both queues. Stats and list name none and never wait.
+ *
+ * Fairness. Requests that left the gate wait in their connection's ready
+ * FIFO. At most `workers` requests are on the pool at once, taken from the
+ * connections with ready work in round robin: a request of another
+ * connection waits for at most one request of each busy connection, not
+ * for a whole pipeline queued in the pool's FIFO ahead of it.
+ */
+
+static size_t seq_bucket(uint64_t seq) {
+    return (size_t)((seq * 0x9E3779B97F4A7C15ull) >> 32) % KVS__SEQ_Q_BUCKETS;
+}
+
+static kvs__seq_q_t *seq_q_get(kvs__conn_t *c, uint64_t seq) {
+    if (!c->seq_qs) {
+        c->seq_qs = calloc(KVS__SEQ_Q_BUCKETS, sizeof(*c->seq_qs));
+        if (!c->seq_qs)
+            return NULL;
+    }
+    size_t b = seq_bucket(seq);
+    for (kvs__seq_q_t *q = c->seq_qs[b]; q; q = q->next)
+        if (q->seq == seq)
+            return q;
+    kvs__seq_q_t *q = calloc(1, sizeof(*q));
+    if (!q)
+        return NULL;
+    q->seq = seq;
+    q->next = c->seq_qs[b];
+    c->seq_qs[b] = q;
+    return q;
+}
+
+/* Free an empty queue: a connection touching many sequences over its life
+ * keeps only those with requests pending. */
+static void seq_q_put(kvs__conn_t *c, kvs__seq_q_t *q) {
+    if (q->head)
+        return;
+    kvs__seq_q_t **pp = &c->seq_qs[seq_bucket(q->seq)];
+    while (*pp != q)
+        pp = &(*pp)->next;
+    *pp = q->next;
+    free(q);
+}
+
+/* The sequences a request names (0, 1 or 2) and whether it changes them. */
+static int request_seqs(const Kvs__V1__Request *m, uint64_t seqs[2],
+                        bool *mutates) {
+    *mutates = true;
+    switch (m->op_case) {
+    case KVS__V1__REQUEST__OP_CREATE:
+        seqs[0] = m->create->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_APPEND:
+        seqs[0] = m->append->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_DROP:
+        seqs[0] = m->drop->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_SET_TTL:
+        seqs[0] = m->set_ttl->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_FORK:
+        /* A fork reads src (its length, with `whole`) and creates dst:
+         * ordered against both, as a mutation of both for simplicity. */
+        seqs[0] = m->fork->src;
+        seqs[1] = m->fork->dst;
+        return seqs[0] == seqs[1] ? 1 : 2;
+    case KVS__V1__REQUEST__OP_SEARCH:
+        *mutates = false;
+        seqs[0] = m->search->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_ATTEND:
+        *mutates = false;
+        seqs[0] = m->attend->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_INFO:
+        *mutates = false;
+        seqs[0] = m->info->seq;
+        return 1;
+    default:
+        *mutates = false;
+        return 0;
+    }
+}
+
+static int q_slot(const kvs__work_t *w, const kvs__seq_q_t *q) {
+    return w->q[0] == q ? 0 : 1;
+}
+
+/* May w leave the gate as far as queue slot i is concerned? */
+static bool gate_open_at(const kvs__work_t *w, int i) {
+    const kvs__seq_q_t *q = w->q[i];
+    if (w->mutates)
+        return q->head == w;
+    for (const kvs__work_t *e = q->head; e != w; e = e->qnext[q_slot(e, q)])
+        if (e->mutates)
+            return false;
+    return true;
+}
+
+static bool gate_open(const kvs__work_t *w) {
+    for (int i = 0; i < w->n_q; i++)
+        if (!gate_open_at(w, i))
+            return false;
+    return true;
+}
+
+static void work_ready(kvs__conn_t *c, kvs__work_t *w) {
+    kvs_server_t *srv = c->srv;
+    w->started = true;
+    w->ready_next = NULL;
+    if (c->ready_tail)
+        c->ready_tail->ready_next = w;
+    else
+        c->ready_head = w;
+    c->ready_tail = w;
+    if (!c->in_rr) {
+        c->in_rr = true;
+        c->rr_next = NULL;
+        if (srv->rr_tail)
+            srv->rr_tail->rr_next = c;
+        else
+            srv->rr_head = c;
+        srv->rr_tail = c;
+    }
+}
+
+/* Put w at the tail of the queues of the sequences it names. Errors:
+ * KVS_ENOMEM (w is in no queue then). */
+static int gate_enter(kvs__conn_t *c, kvs__work_t *w) {
+    uint64_t seqs[2];
+    w->n_q = request_seqs(w->msg, seqs, &w->mutates);
+    for (int i = 0; i < w->n_q; i++) {
+        w->q[i] = seq_q_get(c, seqs[i]);
+        if (!w->q[i]) {
+            for (int j = 0; j < i; j++)
+                seq_q_put(c, w->q[j]);
+            w->n_q = 0;
+            return KVS_ENOMEM;
+        }
+    }
+    for (int i = 0; i < w->n_q; i++) {
+        kvs__seq_q_t *q = w->q[i];
+        w->qprev[i] = q->tail;
+        w->qnext[i] = NULL;
+        if (q->tail)
+            q->tail->qnext[q_slot(q->tail, q)] = w;
+        else
+            q->head = w;
+        q->tail = w;
+    }
+    return 0;
+}
+
+/* w is answered: take it out of its queues and open the gate for what
+ * waited behind it. */
+static void gate_leave(kvs__conn_t *c, kvs__work_t *w) {
+    for (int i = 0; i < w->n_q; i++) {
+        kvs__seq_q_t *q = w->q[i];
+        kvs__work_t *p = w->qprev[i], *n = w->qnext[i];
+        if (p)
+            p->qnext[q_slot(p, q)] = n;
+        else
+            q->head = n;
+        if (n)
+            n->qprev[q_slot(n, q)] = p;
+        else
+            q->tail = p;
+        /* Only requests up to the first mutation can have become free. */
+        for (kvs__work_t *e = q->head; e; e = e->qnext[q_slot(e, q)]) {
+            if (!e->started && gate_open(e))
+                work_ready(c, e);
+            if (e->mutates)
+                break;
+        }
+    }
+    for (int i = 0; i < w->n_q; i++)
+        seq_q_put(c, w->q[i]);
+    w->n_q = 0;
+}
+
+static void work_cb(uv_work_t *req) { kvs__op_run(req->data); }
+static void after_work(uv_work_t *req, int status);
+
+/* Hand ready requests to the pool, one connection after the other. */
+static void pump(kvs_server_t *srv) {
+    while (srv->running < srv->cfg->workers && srv->rr_head) {
+        kvs__conn_t *c = srv->rr_head;
+        kvs__work_t *w = c->ready_head;
+        srv->rr_head = c->rr_next;
+        if (!srv->rr_head)
+            srv->rr_tail = NULL;
+        c->rr_next = NULL;
+        c->in_rr = false;
+        c->ready_head = w->ready_next;
+        if (!c->ready_head)
+            c->ready_tail = NULL;
+        w->ready_next = NULL;
+        if (c->ready_head) { /* back of the line */
+            c->in_rr = true;
+            if (srv->rr_tail)
+                srv->rr_tail->rr_next = c;
+            else
+                srv->rr_head = c;
+            srv->rr_tail = c;
+        }
+        srv->running++;
+        if (uv_queue_work(&srv->loop, &w->req, work_cb, after_work)) {
+            /* Cannot happen with valid callbacks; answer rather than lose
+             * the request. */
+            w->status = KVS_EBUSY;
+            w->frame = kvs__error_frame(w->request_id, 0, KVS_EBUSY,
+                                        "cannot queue the request",
+                                        &w->frame_len);
+            after_work(&w->req, 0);
+        }
+    }
+}
+
+/* ------------------------------------------------------------ admission */
+
+static void admit_release(kvs_server_t *srv, uint64_t n) {
+    if (!n)
+        return;
+    srv->admitted -= n;
+    if (srv->n_admit_wait)
+        srv->admit_retry = true; /* on_flush_check retries the waiters */
+}
+
+/* The reader holds the start of a frame it cannot complete yet: count a
+ * large one against max_buffered_bytes before buffering its body. A frame
+ * larger than the whole budget is admitted alone, so it cannot wait
+ * forever. Returns false (and pauses c) when it must wait. */
+static bool conn_admit(kvs__conn_t *c) {
+    kvs_server_t *srv = c->srv;
+    uint64_t cap = srv->cfg->max_buffered_bytes;
+    size_t have = kvs_frame_reader_pending(&c->rd);
+    kvs_frame_header_t h;
+    bool ok = true;
+    if (c->admit || !cap || have < KVS_FRAME_HEADER_SIZE ||
+        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body,
+                                &h, NULL, 0))
+        goto out; /* nothing to admit; a bad header is reported by next() */
+    uint64_t total = KVS_FRAME_HEADER_SIZE + (uint64_t)h.body_len;
+    if (total <= ADMIT_MIN)
+        goto out;
+    if (srv->admitted && srv->admitted + total > cap) {
+        ok = false;
+        if (!c->admit_wait)
+            kvs__log(KVS__LOG_DEBUG, "conn_admit_wait",
+                     "conn=%llu frame_bytes=%llu buffered=%llu",
+                     (unsigned long long)c->id, (unsigned long long)total,
+                     (unsigned long long)srv->admitted);
+        goto out;
+    }
+    c->admit = total;
+    srv->admitted += total;
+out:
+    if (ok && c->admit_wait) {
+        c->admit_wait = false;
+        srv->n_admit_wait--;
+    } else if (!ok && !c->admit_wait) {
+        c->admit_wait = true;
+        srv->n_admit_wait++;
+    }
+    return ok;
+}
+
 static void after_work(uv_work_t *req, int status) {
     kvs__work_t *w = req->data;
     kvs__conn_t *c = w->conn;
@@ -381,6 +833,9 @@ static void after_work(uv_work_t *req, int status) {
                  kvs_frame_op_name(w->op), kvs_err_name(w->status));
     c->inflight--;
     srv->inflight--;
+    srv->running--;
+    gate_leave(c, w);
+    admit_release(srv, w->admit);
     if (w->frame && !c->closing) {
         conn_send(c, w->frame, w->frame_len);
         c->last_active = uv_now(&srv->loop);
@@ -396,10 +851,9 @@ static void after_work(uv_work_t *req, int status) {
         conn_process(c);
         conn_maybe_close(c);
     }
+    pump(srv);
     check_drained(srv);
 }
-
-static void work_cb(uv_work_t *req) { kvs__op_run(req->data); }
 
 /* Ping without payload is the liveness probe and the pipelining benchmark;
  * its request and answer have one encoding each, so skip protobuf for it.
@@ -441,8 +895,11 @@ static bool try_fast_ping(kvs__conn_t *c, const kvs_frame_header_t *hdr,
     return true;
 }
 
+/* Handle one frame. `*admit` is the max_buffered_bytes share of its bytes:
+ * taken (zeroed) when the request goes to the pool, which releases it when
+ * answered; the caller releases what is left. */
 static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
-                     const uint8_t *body) {
+                     const uint8_t *body, uint64_t *admit) {
     kvs_server_t *srv = c->srv;
     if (try_fast_ping(c, hdr, body))
         return;
@@ -472,7 +929,8 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
         goto done;
     }
     if (op == KVS__V1__REQUEST__OP_HELLO) {
-        handle_hello(c, hdr->request_id, msg->hello);
+        handle_hello(c, hdr->request_id, msg->hello,
+                     hello_token_len(body, hdr->body_len));
         goto done;
     }
     if (op == KVS__V1__REQUEST__OP_PING) {
@@ -508,15 +966,19 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
         w->snap_in = srv->m.bytes_in;
         w->snap_out = srv->m.bytes_out;
     }
-    rc = uv_queue_work(&srv->loop, &w->req, work_cb, after_work);
-    if (rc) {
+    if (gate_enter(c, w)) {
         free(w);
-        conn_error(c, hdr->request_id, op, KVS_EBUSY,
-                   "cannot queue the request", false);
+        conn_error(c, hdr->request_id, op, KVS_ENOMEM,
+                   "out of memory queuing the request", false);
         goto done;
     }
+    w->admit = *admit;
+    *admit = 0;
     c->inflight++;
     srv->inflight++;
+    if (gate_open(w))
+        work_ready(c, w);
+    pump(srv);
     return; /* w owns msg */
 done:
     if (msg)
@@ -526,8 +988,8 @@ done:
 /* Take frames out of the reader while this connection may have more work. */
 static void conn_process(kvs__conn_t *c) {
     kvs_server_t *srv = c->srv;
-    while (!c->closing && !c->fatal && !srv->draining &&
-           c->inflight < srv->cfg->max_inflight) {
+    bool consumed = false;
+    while (conn_may_dispatch(c)) {
         kvs_frame_header_t hdr;
         const uint8_t *body;
         char why[256];
@@ -538,17 +1000,36 @@ static void conn_process(kvs__conn_t *c) {
             srv->m.protocol_errors++;
             /* Bad magic means the id is garbage too: answer with id 0. */
             uint64_t id = hdr.magic == KVS_FRAME_MAGIC ? hdr.request_id : 0;
+            if (rc == KVS_ETOOBIG && !c->authed)
+                snprintf(why, sizeof(why),
+                         "frame body of %u bytes before authentication "
+                         "(limit %u until Hello succeeds)",
+                         hdr.body_len, PREAUTH_MAX_BODY);
             conn_error(c, id, 0, rc, why, true);
             break;
         }
+        consumed = true;
+        uint64_t admit = c->admit;
+        c->admit = 0;
         if (hdr.flags & KVS_FRAME_F_RESPONSE) {
             srv->m.protocol_errors++;
             conn_error(c, hdr.request_id, 0, KVS_EPROTO,
                        "a client sent a frame flagged as a response", true);
             break;
         }
-        dispatch(c, &hdr, body);
+        dispatch(c, &hdr, body, &admit);
+        admit_release(srv, admit);
     }
+    /* A large frame at the front, complete or not, is counted before more
+     * of it is read (a paused connection is retried by on_flush_check). */
+    if (!c->closing && !c->fatal)
+        conn_admit(c);
+    /* The frame deadline runs from the first byte of the frame now at the
+     * front; bytes behind a completed frame came with its last read. */
+    if (kvs_frame_reader_pending(&c->rd) == 0)
+        c->frame_start = 0;
+    else if (consumed)
+        c->frame_start = uv_now(&srv->loop);
     conn_update_reading(c);
 }
 
@@ -610,7 +1091,9 @@ static void on_connection(uv_stream_t *listener, int status) {
     if (is_tcp && srv->cfg->tcp_nodelay)
         uv_tcp_nodelay(&c->h.tcp, 1);
     c->authed = srv->cfg->auth_token[0] == 0;
-    c->last_active = uv_now(&srv->loop);
+    if (!c->authed && c->rd.max_body > PREAUTH_MAX_BODY)
+        c->rd.max_body = PREAUTH_MAX_BODY; /* until Hello succeeds */
+    c->last_active = c->accepted_at = uv_now(&srv->loop);
     if (srv->n_conns >= srv->cfg->max_connections || srv->draining) {
         /* Refuse visibly: an answer the client can show, not a bare RST. */
         c->refused = true;
@@ -747,12 +1230,54 @@ static int write_port_file(kvs_server_t *srv) {
 
 /* ------------------------------------------------------ timers and signals */
 
+/* Deadlines of frame_timeout_ms; true when c is being closed. */
+static bool conn_deadlines(kvs__conn_t *c, uint64_t now) {
+    kvs_server_t *srv = c->srv;
+    uint64_t ft = srv->cfg->frame_timeout_ms;
+    char m[160];
+    if (!ft || c->closing)
+        return c->closing;
+    if (c->fatal) {
+        /* Its answer was queued; a peer that never reads it does not keep
+         * the connection. */
+        if (now - c->fatal_at >= ft) {
+            conn_close(c);
+            return true;
+        }
+        return false;
+    }
+    if (!c->authed && now - c->accepted_at >= ft) {
+        srv->m.auth_failures++;
+        snprintf(m, sizeof(m),
+                 "authentication required: no Hello with the token within "
+                 "frame_timeout_ms (%llu)",
+                 (unsigned long long)ft);
+        conn_error(c, 0, 0, KVS_EAUTH, m, true);
+        conn_maybe_close(c);
+        return true;
+    }
+    /* Only while we are reading: a connection we paused owes us nothing. */
+    if (c->reading && c->frame_start && now - c->frame_start >= ft) {
+        srv->m.protocol_errors++;
+        snprintf(m, sizeof(m),
+                 "frame not completed within frame_timeout_ms (%llu): %zu "
+                 "bytes received",
+                 (unsigned long long)ft, kvs_frame_reader_pending(&c->rd));
+        conn_error(c, 0, 0, KVS_ETIMEDOUT, m, true);
+        conn_maybe_close(c);
+        return true;
+    }
+    return false;
+}
+
 static void on_sweep(uv_timer_t *t) {
     kvs_server_t *srv = t->data;
     uint64_t now = uv_now(&srv->loop);
     uint64_t idle = srv->cfg->idle_timeout_ms;
     for (kvs__conn_t *c = srv->conns; c; c = c->next) {
-        if (c->closing || c->inflight || c->writes)
+        if (conn_deadlines(c, now))
+            continue;
+        if (!idle || c->inflight || c->writes)
             continue;
         if (now - c->last_active >= idle) {
             kvs__log(KVS__LOG_INFO, "conn_idle_timeout",
@@ -943,8 +1468,11 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     uv_unref((uv_handle_t *)&srv->flusher);
     uv_timer_init(&srv->loop, &srv->sweeper);
     srv->sweeper.data = srv;
-    if (cfg->idle_timeout_ms) {
-        uint64_t every = cfg->idle_timeout_ms / 4;
+    uint64_t tmo = cfg->idle_timeout_ms;
+    if (cfg->frame_timeout_ms && (!tmo || cfg->frame_timeout_ms < tmo))
+        tmo = cfg->frame_timeout_ms;
+    if (tmo) {
+        uint64_t every = tmo / 4;
         if (every < 10)
             every = 10;
         if (every > 1000)

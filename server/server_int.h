@@ -60,6 +60,17 @@ void kvs__metrics_observe(kvs__metrics_t *m, int op, int status,
 /* ----------------------------------------------------------------- server */
 
 typedef struct kvs__conn_s kvs__conn_t;
+typedef struct kvs__work_s kvs__work_t;
+
+/* Requests of one connection that name one sequence and are not answered
+ * yet, in arrival order (the per-connection ordering gate, server.c). */
+typedef struct kvs__seq_q_s kvs__seq_q_t;
+struct kvs__seq_q_s {
+    uint64_t seq;
+    kvs__seq_q_t *next;             /* hash chain in conn->seq_qs */
+    kvs__work_t *head, *tail;
+};
+#define KVS__SEQ_Q_BUCKETS 64
 
 struct kvs__conn_s {
     union {
@@ -74,7 +85,18 @@ struct kvs__conn_s {
     kvs_frame_reader_t rd;
     uint64_t id;
     char peer[80];
-    uint32_t inflight;              /* requests on the worker pool */
+    uint32_t inflight;              /* requests read, not yet answered */
+    kvs__seq_q_t **seq_qs;          /* KVS__SEQ_Q_BUCKETS; NULL until used */
+    kvs__work_t *ready_head, *ready_tail; /* may run; wait for a worker */
+    kvs__conn_t *rr_next;           /* srv->rr ring of conns with ready work */
+    bool in_rr;
+    uint64_t accepted_at;           /* uv_now() at accept */
+    uint64_t frame_start;           /* uv_now() of the first byte of the
+                                       frame being read; 0: none */
+    uint64_t admit;                 /* bytes of srv->admitted held by the
+                                       frame being read */
+    bool admit_wait;                /* paused: over max_buffered_bytes */
+    uint64_t fatal_at;              /* uv_now() when marked fatal */
     uint32_t writes;                /* uv_write requests pending */
     uint64_t last_active;           /* uv_now() of the last byte or answer */
     uint8_t *out;                   /* responses waiting for the next flush */
@@ -108,6 +130,11 @@ struct kvs_server_s {
     uint32_t n_conns;     /* accepted and counted (not refused) */
     uint64_t next_conn_id;
     uint64_t inflight;    /* across connections */
+    uint32_t running;     /* requests handed to the worker pool */
+    kvs__conn_t *rr_head, *rr_tail; /* round robin over ready connections */
+    uint64_t admitted;    /* large-frame bytes admitted (max_buffered_bytes) */
+    uint32_t n_admit_wait;
+    bool admit_retry;     /* admitted bytes were released: retry waiters */
     bool draining;
     bool stopped;         /* handles closed */
     uint64_t start_ns;
@@ -121,7 +148,7 @@ struct kvs_server_s {
 };
 
 /* Work item for one request on the worker pool. */
-typedef struct kvs__work_s {
+struct kvs__work_s {
     uv_work_t req;
     kvs__conn_t *conn;
     kvs_server_t *srv;
@@ -135,7 +162,16 @@ typedef struct kvs__work_s {
     /* Server-side fields of a Stats answer, snapshot on the loop thread. */
     uint64_t snap_connections, snap_requests, snap_inflight, snap_in,
         snap_out;
-} kvs__work_t;
+    /* Ordering gate (loop thread only): the sequences the request names,
+     * whether it changes them, its links in each sequence's queue. */
+    uint64_t admit;        /* srv->admitted bytes released when answered */
+    kvs__seq_q_t *q[2];
+    kvs__work_t *qprev[2], *qnext[2];
+    int n_q;
+    bool mutates;
+    bool started;          /* left the gate (ready or running) */
+    kvs__work_t *ready_next;
+};
 
 /* Worker side: run w->msg against the store and encode w->frame. */
 void kvs__op_run(kvs__work_t *w);
