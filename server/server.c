@@ -273,8 +273,7 @@ static void on_flush_check(uv_check_t *h) {
         /* Bytes of max_buffered_bytes were released: let paused
          * connections try again, in list order. */
         srv->admit_retry = false;
-        for (kvs__conn_t *c = srv->conns; c && srv->n_admit_wait;
-             c = c->next)
+        for (kvs__conn_t *c = srv->conns; c && srv->n_admit_wait; c = c->next)
             if (c->admit_wait && conn_admit(c))
                 conn_update_reading(c);
     }
@@ -321,8 +320,8 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     void *p;
     size_t len;
     /* Before Hello a frame is at most PREAUTH_MAX_BODY: read no more. */
-    size_t want = c->authed ? READ_CHUNK
-                            : KVS_FRAME_HEADER_SIZE + PREAUTH_MAX_BODY;
+    size_t want =
+        c->authed ? READ_CHUNK : KVS_FRAME_HEADER_SIZE + PREAUTH_MAX_BODY;
     if (kvs_frame_reader_prepare(&c->rd, want, &p, &len)) {
         *buf = uv_buf_init(NULL, 0); /* read_cb gets UV_ENOBUFS */
         return;
@@ -733,7 +732,9 @@ static void gate_leave(kvs__conn_t *c, kvs__work_t *w) {
     w->n_q = 0;
 }
 
-static void work_cb(uv_work_t *req) { kvs__op_run(req->data); }
+static void work_cb(uv_work_t *req) {
+    kvs__op_run(req->data);
+}
 static void after_work(uv_work_t *req, int status);
 
 /* Hand ready requests to the pool, one connection after the other. */
@@ -763,9 +764,9 @@ static void pump(kvs_server_t *srv) {
             /* Cannot happen with valid callbacks; answer rather than lose
              * the request. */
             w->status = KVS_EBUSY;
-            w->frame = kvs__error_frame(w->request_id, 0, KVS_EBUSY,
-                                        "cannot queue the request",
-                                        &w->frame_len);
+            w->frame =
+                kvs__error_frame(w->request_id, 0, KVS_EBUSY,
+                                 "cannot queue the request", &w->frame_len);
             after_work(&w->req, 0);
         }
     }
@@ -792,8 +793,8 @@ static bool conn_admit(kvs__conn_t *c) {
     kvs_frame_header_t h;
     bool ok = true;
     if (c->admit || !cap || have < KVS_FRAME_HEADER_SIZE ||
-        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body,
-                                &h, NULL, 0))
+        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body, &h,
+                                NULL, 0))
         goto out; /* nothing to admit; a bad header is reported by next() */
     uint64_t total = KVS_FRAME_HEADER_SIZE + (uint64_t)h.body_len;
     if (total <= ADMIT_MIN)

@@ -67,7 +67,7 @@ typedef struct kvs__work_s kvs__work_t;
 typedef struct kvs__seq_q_s kvs__seq_q_t;
 struct kvs__seq_q_s {
     uint64_t seq;
-    kvs__seq_q_t *next;             /* hash chain in conn->seq_qs */
+    kvs__seq_q_t *next; /* hash chain in conn->seq_qs */
     kvs__work_t *head, *tail;
 };
 #define KVS__SEQ_Q_BUCKETS 64
@@ -85,10 +85,10 @@ struct kvs__conn_s {
     kvs_frame_reader_t rd;
     uint64_t id;
     char peer[80];
-    uint32_t inflight;              /* requests read, not yet answered */
-    kvs__seq_q_t **seq_qs;          /* KVS__SEQ_Q_BUCKETS; NULL until used */
+    uint32_t inflight;     /* requests read, not yet answered */
+    kvs__seq_q_t **seq_qs; /* KVS__SEQ_Q_BUCKETS; NULL until used */
     kvs__work_t *ready_head, *ready_tail; /* may run; wait for a worker */
-    kvs__conn_t *rr_next;           /* srv->rr ring of conns with ready work */
+    kvs__conn_t *rr_next; /* srv->rr ring of conns with ready work */
     bool in_rr;
     uint64_t accepted_at;           /* uv_now() at accept */
     uint64_t frame_start;           /* uv_now() of the first byte of the
@@ -132,9 +132,9 @@ struct kvs_server_s {
     uint64_t inflight;    /* across connections */
     uint32_t running;     /* requests handed to the worker pool */
     kvs__conn_t *rr_head, *rr_tail; /* round robin over ready connections */
-    uint64_t admitted;    /* large-frame bytes admitted (max_buffered_bytes) */
+    uint64_t admitted; /* large-frame bytes admitted (max_buffered_bytes) */
     uint32_t n_admit_wait;
-    bool admit_retry;     /* admitted bytes were released: retry waiters */
+    bool admit_retry; /* admitted bytes were released: retry waiters */
     bool draining;
     bool stopped;         /* handles closed */
     uint64_t start_ns;
@@ -164,12 +164,12 @@ struct kvs__work_s {
         snap_out;
     /* Ordering gate (loop thread only): the sequences the request names,
      * whether it changes them, its links in each sequence's queue. */
-    uint64_t admit;        /* srv->admitted bytes released when answered */
+    uint64_t admit; /* srv->admitted bytes released when answered */
     kvs__seq_q_t *q[2];
     kvs__work_t *qprev[2], *qnext[2];
     int n_q;
     bool mutates;
-    bool started;          /* left the gate (ready or running) */
+    bool started; /* left the gate (ready or running) */
     kvs__work_t *ready_next;
 };
 

@@ -213,13 +213,13 @@ static void test_adversarial_pipelined_lifecycle_in_order(void **state) {
         in.seq = bseq;
         r.op_case = KVS__V1__REQUEST__OP_INFO;
         r.info = &in;
-        assert_int_equal(aw_buf_request(&b, 1000000 + 2 * (uint64_t)round,
-                                        &r), 0);
+        assert_int_equal(aw_buf_request(&b, 1000000 + 2 * (uint64_t)round, &r),
+                         0);
         Kvs__V1__InfoRequest in2 = KVS__V1__INFO_REQUEST__INIT;
         in2.seq = a;
         r.info = &in2;
-        assert_int_equal(aw_buf_request(&b, 1000001 + 2 * (uint64_t)round,
-                                        &r), 0);
+        assert_int_equal(aw_buf_request(&b, 1000001 + 2 * (uint64_t)round, &r),
+                         0);
         /* Clean up for the next round, still pipelined. */
         Kvs__V1__DropRequest d1 = KVS__V1__DROP_REQUEST__INIT,
                              d2 = KVS__V1__DROP_REQUEST__INIT;
@@ -247,8 +247,7 @@ static void test_adversarial_pipelined_lifecycle_in_order(void **state) {
             errors++;
         }
         if (h.request_id >= 1000000) {
-            assert_int_equal(resp->result_case,
-                             KVS__V1__RESPONSE__RESULT_INFO);
+            assert_int_equal(resp->result_case, KVS__V1__RESPONSE__RESULT_INFO);
             uint64_t want = (h.request_id - 1000000) % 2 ? 1 : 10;
             assert_int_equal(resp->info->tokens_max, want);
             infos++;
@@ -346,8 +345,8 @@ static void test_adversarial_never_reads_bounded(void **state) {
             peak = rss;
     }
     report_rss("never_reads", base, peak);
-    fprintf(stderr, "sent %zu of %zu request bytes before backpressure\n",
-            off, b.len);
+    fprintf(stderr, "sent %zu of %zu request bytes before backpressure\n", off,
+            b.len);
     assert_true(peak - base < 40L * 1024 + RSS_SLACK_KB);
 
     /* Now read: every answer arrives, the rest of the pipeline flows. */
@@ -375,8 +374,8 @@ static void test_adversarial_never_reads_bounded(void **state) {
                 kvs_frame_header_t h;
                 memcpy(hdr, in.p + pos, sizeof(hdr));
                 assert_int_equal(kvs_frame_header_decode(
-                                     hdr, sizeof(hdr),
-                                     KVS_FRAME_MAX_BODY_LIMIT, &h, NULL, 0),
+                                     hdr, sizeof(hdr), KVS_FRAME_MAX_BODY_LIMIT,
+                                     &h, NULL, 0),
                                  0);
                 if (in.len - pos < KVS_FRAME_HEADER_SIZE + h.body_len)
                     break;
@@ -576,8 +575,8 @@ static void test_adversarial_buffered_bytes_capped(void **state) {
         for (int i = 0; i < CONNS; i++) {
             size_t len = KVS_FRAME_HEADER_SIZE + part;
             if (off[i] < len) {
-                ssize_t w = send(fds[i], junk + off[i], len - off[i],
-                                 MSG_NOSIGNAL);
+                ssize_t w =
+                    send(fds[i], junk + off[i], len - off[i], MSG_NOSIGNAL);
                 if (w > 0)
                     off[i] += (size_t)w;
             }

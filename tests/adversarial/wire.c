@@ -36,8 +36,7 @@ int aw_buf_put(aw_buf_t *b, const void *data, size_t len) {
 int aw_buf_request(aw_buf_t *b, uint64_t id, const Kvs__V1__Request *req) {
     uint8_t *f;
     size_t len;
-    if (kvs_frame_encode(id, 0, &req->base, KVS_FRAME_MAX_BODY_LIMIT, &f,
-                         &len))
+    if (kvs_frame_encode(id, 0, &req->base, KVS_FRAME_MAX_BODY_LIMIT, &f, &len))
         return -1;
     int rc = aw_buf_put(b, f, len);
     free(f);
@@ -95,8 +94,7 @@ void aw_search(Kvs__V1__Request *r, Kvs__V1__SearchRequest *s,
     r->search = s;
 }
 
-int aw_call(int fd, uint64_t id, const Kvs__V1__Request *req,
-            int timeout_ms) {
+int aw_call(int fd, uint64_t id, const Kvs__V1__Request *req, int timeout_ms) {
     if (td_send_request(fd, id, KVS_PROTOCOL_VERSION, req))
         return -100001;
     kvs_frame_header_t h;

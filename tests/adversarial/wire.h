@@ -31,8 +31,7 @@ void aw_create(Kvs__V1__Request *r, Kvs__V1__CreateSequenceRequest *c,
                Kvs__V1__Geometry *g, uint64_t seq, uint32_t q_heads,
                uint32_t kv_heads, uint32_t head_dim);
 void aw_append(Kvs__V1__Request *r, Kvs__V1__AppendRequest *a, uint64_t seq,
-               uint32_t n_tokens, const float *k, const float *v,
-               size_t bytes);
+               uint32_t n_tokens, const float *k, const float *v, size_t bytes);
 /* Exact search of layer 0; q is q_heads x head_dim floats. */
 void aw_search(Kvs__V1__Request *r, Kvs__V1__SearchRequest *s,
                Kvs__V1__QueryParams *p, uint64_t seq, uint32_t k,
