@@ -13,8 +13,8 @@
  * pipelined answers into one write.
  *
  * Ordering and fairness: a request that names sequences passes a
- * per-connection gate (mutations of a sequence run one at a time in arrival
- * order, reads wait only for earlier mutations), then waits in its
+ * per-connection gate (changes of a sequence take effect in arrival order,
+ * reads wait only for earlier changes they would see), then waits in its
  * connection's ready FIFO; at most `workers` requests are on the pool, taken
  * from the connections round robin. See "ordering and fairness" below.
  *
@@ -545,13 +545,17 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
 
 /*
  * Ordering. A request that names a sequence joins that sequence's queue in
- * its connection, in arrival order. A mutation (create, append, fork, drop,
- * set_ttl) leaves the gate once every earlier request of the queue is
- * answered; a read (search, attend, info) once no earlier mutation is left.
- * So every request sees exactly the mutations of its sequence sent before
- * it on its connection, mutations of one sequence never overlap, and reads
- * overlap each other freely. Fork names both of its sequences and waits in
- * both queues. Stats and list name none and never wait.
+ * its connection, in arrival order, and leaves the gate once nothing before
+ * it in the queue conflicts with it (gate_free): a whole-sequence change
+ * (create, drop, fork, set_ttl) waits for every earlier request; an append
+ * waits for earlier appends and reads of its layer, earlier infos and
+ * whole-sequence changes; a search or attend waits for earlier appends of
+ * its layer and whole-sequence changes; an info for every earlier change.
+ * So each request sees exactly the changes of its sequence (layer) sent
+ * before it on its connection, changes take effect in the order sent, and
+ * reads, and appends to different layers, overlap freely. Fork names both
+ * of its sequences and waits in both queues. Stats and list name none and
+ * never wait.
  *
  * Fairness. Requests that left the gate wait in their connection's ready
  * FIFO. At most `workers` requests are on the pool at once, taken from the
@@ -595,16 +599,22 @@ static void seq_q_put(kvs__conn_t *c, kvs__seq_q_t *q) {
     free(q);
 }
 
-/* The sequences a request names (0, 1 or 2) and whether it changes them. */
-static int request_seqs(const Kvs__V1__Request *m, uint64_t seqs[2],
-                        bool *mutates) {
-    *mutates = true;
+/* What a request does to the sequences it names, for the gate. */
+enum {
+    GATE_READ,     /* search, attend: reads one layer */
+    GATE_READ_ALL, /* info: reads every layer */
+    GATE_APPEND,   /* append: changes one layer */
+    GATE_WIDE      /* create, drop, fork, set_ttl: the whole sequence */
+};
+
+/* The sequences a request names (0, 1 or 2), with w->kind and w->layer. */
+static int request_seqs(kvs__work_t *w, uint64_t seqs[2]) {
+    const Kvs__V1__Request *m = w->msg;
+    w->kind = GATE_WIDE;
+    w->layer = 0;
     switch (m->op_case) {
     case KVS__V1__REQUEST__OP_CREATE:
         seqs[0] = m->create->seq;
-        return 1;
-    case KVS__V1__REQUEST__OP_APPEND:
-        seqs[0] = m->append->seq;
         return 1;
     case KVS__V1__REQUEST__OP_DROP:
         seqs[0] = m->drop->seq;
@@ -614,24 +624,31 @@ static int request_seqs(const Kvs__V1__Request *m, uint64_t seqs[2],
         return 1;
     case KVS__V1__REQUEST__OP_FORK:
         /* A fork reads src (its length, with `whole`) and creates dst:
-         * ordered against both, as a mutation of both for simplicity. */
+         * ordered against both, as a change of both for simplicity. */
         seqs[0] = m->fork->src;
         seqs[1] = m->fork->dst;
         return seqs[0] == seqs[1] ? 1 : 2;
+    case KVS__V1__REQUEST__OP_APPEND:
+        w->kind = GATE_APPEND;
+        w->layer = m->append->layer;
+        seqs[0] = m->append->seq;
+        return 1;
     case KVS__V1__REQUEST__OP_SEARCH:
-        *mutates = false;
+        w->kind = GATE_READ;
+        w->layer = m->search->layer;
         seqs[0] = m->search->seq;
         return 1;
     case KVS__V1__REQUEST__OP_ATTEND:
-        *mutates = false;
+        w->kind = GATE_READ;
+        w->layer = m->attend->layer;
         seqs[0] = m->attend->seq;
         return 1;
     case KVS__V1__REQUEST__OP_INFO:
-        *mutates = false;
+        w->kind = GATE_READ_ALL;
         seqs[0] = m->info->seq;
         return 1;
     default:
-        *mutates = false;
+        w->kind = GATE_READ_ALL;
         return 0;
     }
 }
@@ -640,15 +657,69 @@ static int q_slot(const kvs__work_t *w, const kvs__seq_q_t *q) {
     return w->q[0] == q ? 0 : 1;
 }
 
+/* What the earlier requests of a queue still hold. Layers are kept modulo
+ * 256: two layers that alias are merely ordered when they need not be. */
+typedef struct gate_seen_s {
+    bool any, wide, append_any, read_all;
+    uint64_t app[4], rd[4];
+} gate_seen_t;
+
+static bool layer_in(const uint64_t *set, uint32_t layer) {
+    layer &= 255;
+    return (set[layer >> 6] >> (layer & 63)) & 1;
+}
+
+static void layer_add(uint64_t *set, uint32_t layer) {
+    layer &= 255;
+    set[layer >> 6] |= 1ull << (layer & 63);
+}
+
+/* May e run, given the requests before it in one queue? Appends of one
+ * layer run one at a time and never overlap a read of that layer sent
+ * before or after them; appends of different layers overlap; a whole-
+ * sequence change waits for everything before it and holds everything
+ * after it. */
+static bool gate_free(const gate_seen_t *s, const kvs__work_t *e) {
+    switch (e->kind) {
+    case GATE_WIDE:
+        return !s->any;
+    case GATE_APPEND:
+        return !s->wide && !s->read_all && !layer_in(s->app, e->layer) &&
+               !layer_in(s->rd, e->layer);
+    case GATE_READ:
+        return !s->wide && !layer_in(s->app, e->layer);
+    default:
+        return !s->wide && !s->append_any;
+    }
+}
+
+static void gate_see(gate_seen_t *s, const kvs__work_t *e) {
+    s->any = true;
+    switch (e->kind) {
+    case GATE_WIDE:
+        s->wide = true;
+        break;
+    case GATE_APPEND:
+        s->append_any = true;
+        layer_add(s->app, e->layer);
+        break;
+    case GATE_READ:
+        layer_add(s->rd, e->layer);
+        break;
+    default:
+        s->read_all = true;
+        break;
+    }
+}
+
 /* May w leave the gate as far as queue slot i is concerned? */
 static bool gate_open_at(const kvs__work_t *w, int i) {
     const kvs__seq_q_t *q = w->q[i];
-    if (w->mutates)
-        return q->head == w;
+    gate_seen_t s;
+    memset(&s, 0, sizeof(s));
     for (const kvs__work_t *e = q->head; e != w; e = e->qnext[q_slot(e, q)])
-        if (e->mutates)
-            return false;
-    return true;
+        gate_see(&s, e);
+    return gate_free(&s, w);
 }
 
 static bool gate_open(const kvs__work_t *w) {
@@ -682,7 +753,7 @@ static void work_ready(kvs__conn_t *c, kvs__work_t *w) {
  * KVS_ENOMEM (w is in no queue then). */
 static int gate_enter(kvs__conn_t *c, kvs__work_t *w) {
     uint64_t seqs[2];
-    w->n_q = request_seqs(w->msg, seqs, &w->mutates);
+    w->n_q = request_seqs(w, seqs);
     for (int i = 0; i < w->n_q; i++) {
         w->q[i] = seq_q_get(c, seqs[i]);
         if (!w->q[i]) {
@@ -719,12 +790,16 @@ static void gate_leave(kvs__conn_t *c, kvs__work_t *w) {
             n->qprev[q_slot(n, q)] = p;
         else
             q->tail = p;
-        /* Only requests up to the first mutation can have become free. */
-        for (kvs__work_t *e = q->head; e; e = e->qnext[q_slot(e, q)]) {
-            if (!e->started && gate_open(e))
+        /* One pass: what each request waits for is what came before it.
+         * Nothing behind a whole-sequence change can run. */
+        gate_seen_t seen;
+        memset(&seen, 0, sizeof(seen));
+        for (kvs__work_t *e = q->head; e && !seen.wide;
+             e = e->qnext[q_slot(e, q)]) {
+            if (!e->started && gate_free(&seen, e) &&
+                (e->n_q == 1 || gate_open(e)))
                 work_ready(c, e);
-            if (e->mutates)
-                break;
+            gate_see(&seen, e);
         }
     }
     for (int i = 0; i < w->n_q; i++)

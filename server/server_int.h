@@ -163,12 +163,13 @@ struct kvs__work_s {
     uint64_t snap_connections, snap_requests, snap_inflight, snap_in,
         snap_out;
     /* Ordering gate (loop thread only): the sequences the request names,
-     * whether it changes them, its links in each sequence's queue. */
+     * what it does to them, its links in each sequence's queue. */
     uint64_t admit; /* srv->admitted bytes released when answered */
     kvs__seq_q_t *q[2];
     kvs__work_t *qprev[2], *qnext[2];
     int n_q;
-    bool mutates;
+    int kind;              /* GATE_* (server.c) */
+    uint32_t layer;        /* of an append, search or attend */
     bool started; /* left the gate (ready or running) */
     kvs__work_t *ready_next;
 };

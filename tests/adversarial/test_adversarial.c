@@ -165,6 +165,102 @@ static void test_adversarial_pipelined_appends_in_order(void **state) {
     stop(&d);
 }
 
+/* Check a search answer of layer `k` tokens: positions 0..k-1, each with
+ * score position + 1 (token i has key (i + 1, 0, ...)). */
+static void check_positions(const Kvs__V1__Response *resp, uint32_t k) {
+    assert_int_equal(resp->status, 0);
+    assert_int_equal(resp->search->k, k);
+    assert_int_equal(resp->search->positions.len, k * sizeof(int64_t));
+    int wrong = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        int64_t pos;
+        float sc;
+        memcpy(&pos, resp->search->positions.data + i * sizeof(pos),
+               sizeof(pos));
+        memcpy(&sc, resp->search->scores.data + i * sizeof(sc), sizeof(sc));
+        assert_true(pos >= 0 && pos < (int64_t)k);
+        if (sc != (float)(pos + 1))
+            wrong++;
+    }
+    assert_int_equal(wrong, 0);
+}
+
+/* Appends to two layers interleaved, with searches of layer 0 and an info
+ * pipelined in the middle: the reads see exactly the appends sent before
+ * them (layers may run side by side, each in order). */
+static void test_adversarial_pipelined_layers_read_own_writes(void **state) {
+    (void)state;
+    test_daemon_t d;
+    start(&d, NULL);
+    enum { N = 300, MID = 150 };
+    const uint64_t seq = 78;
+    int fd = td_raw_connect(d.port, false);
+    assert_true(fd >= 0);
+    aw_buf_t b = {0};
+    Kvs__V1__Request r;
+    Kvs__V1__CreateSequenceRequest cr;
+    Kvs__V1__Geometry g;
+    aw_create(&r, &cr, &g, seq, 1, 1, HD);
+    g.n_layers = 2;
+    assert_int_equal(aw_buf_request(&b, 1, &r), 0);
+    float q[HD] = {1.0f};
+    Kvs__V1__SearchRequest s;
+    Kvs__V1__QueryParams p;
+    Kvs__V1__InfoRequest in = KVS__V1__INFO_REQUEST__INIT;
+    uint64_t id = 10;
+    for (int i = 0; i < N; i++) {
+        for (uint32_t layer = 0; layer < 2; layer++) {
+            float k[HD] = {0}, v[HD] = {0};
+            k[0] = v[0] = (float)(i + 1);
+            Kvs__V1__AppendRequest a;
+            aw_append(&r, &a, seq, 1, k, v, sizeof(k));
+            a.layer = layer;
+            assert_int_equal(aw_buf_request(&b, id++, &r), 0);
+        }
+        if (i + 1 == MID) {
+            aw_search(&r, &s, &p, seq, MID, q, sizeof(q));
+            assert_int_equal(aw_buf_request(&b, 2, &r), 0);
+            kvs__v1__request__init(&r);
+            in.seq = seq;
+            r.op_case = KVS__V1__REQUEST__OP_INFO;
+            r.info = &in;
+            assert_int_equal(aw_buf_request(&b, 3, &r), 0);
+        }
+    }
+    aw_search(&r, &s, &p, seq, N, q, sizeof(q));
+    s.layer = 1;
+    assert_int_equal(aw_buf_request(&b, 4, &r), 0);
+    assert_int_equal(td_send_all(fd, b.p, b.len), 0);
+    aw_buf_free(&b);
+    size_t total = 1 + 2 * N + 3, errors = 0, checked = 0;
+    for (size_t i = 0; i < total; i++) {
+        kvs_frame_header_t h;
+        Kvs__V1__Response *resp = NULL;
+        assert_int_equal(td_read_response(fd, 30000, &h, &resp), 0);
+        if (resp->status) {
+            fprintf(stderr, "request %llu: status %d %s\n",
+                    (unsigned long long)h.request_id, resp->status,
+                    resp->message ? resp->message : "");
+            errors++;
+        } else if (h.request_id == 2) {
+            check_positions(resp, MID);
+            checked++;
+        } else if (h.request_id == 3) {
+            assert_int_equal(resp->info->tokens_max, MID);
+            assert_int_equal(resp->info->tokens_min, MID);
+            checked++;
+        } else if (h.request_id == 4) {
+            check_positions(resp, N);
+            checked++;
+        }
+        kvs__v1__response__free_unpacked(resp, NULL);
+    }
+    assert_int_equal(errors, 0);
+    assert_int_equal(checked, 3);
+    close(fd);
+    stop(&d);
+}
+
 /* create, appends, fork, drop, re-create of the same ids in one write:
  * each takes effect in the order sent, and infos pipelined behind them see
  * exactly the mutations sent before them. */
@@ -800,6 +896,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adversarial_pipelined_appends_in_order),
         cmocka_unit_test(test_adversarial_pipelined_lifecycle_in_order),
+        cmocka_unit_test(test_adversarial_pipelined_layers_read_own_writes),
         cmocka_unit_test(test_adversarial_never_reads_bounded),
         cmocka_unit_test(test_adversarial_unauthenticated_memory),
         cmocka_unit_test(test_adversarial_slow_sender),
