@@ -91,8 +91,8 @@ extern "C" {
       "answer bytes queued for one connection before it stops being read "     \
       "(a client that does not read its answers)")                             \
     X(max_buffered_bytes, SIZE, "256M", 0, UINT64_MAX,                         \
-      "request bytes of large frames (over 64K) buffered over all "            \
-      "connections; a connection over it waits; 0 = unlimited")                \
+      "request bytes buffered over all connections (frames read, not yet "     \
+      "answered); a connection over it waits; 0 = unlimited")                  \
     X(frame_timeout_ms, U32, "10000", 0, UINT32_MAX,                           \
       "close a connection that has not completed a started frame, or sent "    \
       "Hello when auth is on, within this time; 0 = never")                    \

@@ -21,11 +21,12 @@
  * Backpressure: a connection stops being read, and frames already buffered
  * stop being dispatched, while it has max_inflight requests unanswered or
  * more than max_output_bytes of answers unsent; it resumes as they drain.
- * Large frames (over ADMIT_MIN) are admitted against max_buffered_bytes over
- * all connections; a connection that would exceed it is paused until bytes
- * are released. Before a successful Hello (when a token is set) only frames
- * of PREAUTH_MAX_BODY bytes are accepted. A frame that is started but not
- * completed within frame_timeout_ms closes its connection (slow senders).
+ * Request bytes buffered over all connections are admitted against
+ * max_buffered_bytes (conn_admit); a connection that would exceed it is
+ * paused until bytes are released. Before a successful Hello (when a token
+ * is set) only frames of PREAUTH_MAX_BODY bytes are accepted. A frame that
+ * is started but not completed within frame_timeout_ms closes its
+ * connection (slow senders).
  *
  * A protocol error marks the connection `fatal`: it is no longer read, the
  * error is answered (flag CLOSE), requests already running are answered,
@@ -46,9 +47,9 @@
 #define READ_CHUNK (64u << 10)
 /* Largest frame body before authentication: a Hello fits easily. */
 #define PREAUTH_MAX_BODY 4096u
-/* Frames up to this size (header included) are not counted against
- * max_buffered_bytes: a read chunk is buffered anyway, and small requests
- * must keep flowing when large ones wait. */
+/* Frames up to this size (header included) are counted against
+ * max_buffered_bytes only once complete (a read chunk is buffered anyway);
+ * larger ones as soon as their header is in. */
 #define ADMIT_MIN ((uint64_t)READ_CHUNK)
 
 static void conn_process(kvs__conn_t *c);
@@ -275,7 +276,7 @@ static void on_flush_check(uv_check_t *h) {
         srv->admit_retry = false;
         for (kvs__conn_t *c = srv->conns; c && srv->n_admit_wait; c = c->next)
             if (c->admit_wait && conn_admit(c))
-                conn_update_reading(c);
+                conn_process(c); /* its buffered frames, then reading */
     }
     /* Flushing can resume a connection whose frames answer inline and
      * queue more output: loop until nothing is left, so no answer waits for
@@ -853,14 +854,23 @@ static void admit_release(kvs_server_t *srv, uint64_t n) {
     if (!n)
         return;
     srv->admitted -= n;
+    if (n > ADMIT_MIN)
+        srv->admitted_large -= n;
     if (srv->n_admit_wait)
         srv->admit_retry = true; /* on_flush_check retries the waiters */
 }
 
-/* The reader holds the start of a frame it cannot complete yet: count a
- * large one against max_buffered_bytes before buffering its body. A frame
- * larger than the whole budget is admitted alone, so it cannot wait
- * forever. Returns false (and pauses c) when it must wait. */
+/*
+ * Count the frame at the front of c's reader against max_buffered_bytes,
+ * once: a large frame (over ADMIT_MIN) as soon as its header is in, before
+ * its body is buffered; a small one when it is complete, before it is
+ * decoded and queued. A frame that does not fit waits (c is not read, its
+ * frames not dispatched) until bytes are released, except that one large
+ * frame may always be admitted when no other is (a frame larger than the
+ * budget cannot starve), and a small one when its connection has nothing
+ * in flight (every connection makes progress). Returns false when c must
+ * wait.
+ */
 static bool conn_admit(kvs__conn_t *c) {
     kvs_server_t *srv = c->srv;
     uint64_t cap = srv->cfg->max_buffered_bytes;
@@ -868,13 +878,15 @@ static bool conn_admit(kvs__conn_t *c) {
     kvs_frame_header_t h;
     bool ok = true;
     if (c->admit || !cap || have < KVS_FRAME_HEADER_SIZE ||
-        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body, &h,
-                                NULL, 0))
+        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body,
+                                &h, NULL, 0))
         goto out; /* nothing to admit; a bad header is reported by next() */
     uint64_t total = KVS_FRAME_HEADER_SIZE + (uint64_t)h.body_len;
-    if (total <= ADMIT_MIN)
-        goto out;
-    if (srv->admitted && srv->admitted + total > cap) {
+    bool large = total > ADMIT_MIN;
+    if (!large && have < total)
+        goto out; /* a read chunk at most: counted once complete */
+    if (srv->admitted + total > cap &&
+        (large ? srv->admitted_large != 0 : c->inflight != 0)) {
         ok = false;
         if (!c->admit_wait)
             kvs__log(KVS__LOG_DEBUG, "conn_admit_wait",
@@ -885,6 +897,8 @@ static bool conn_admit(kvs__conn_t *c) {
     }
     c->admit = total;
     srv->admitted += total;
+    if (large)
+        srv->admitted_large += total;
 out:
     if (ok && c->admit_wait) {
         c->admit_wait = false;
@@ -1065,7 +1079,7 @@ done:
 static void conn_process(kvs__conn_t *c) {
     kvs_server_t *srv = c->srv;
     bool consumed = false;
-    while (conn_may_dispatch(c)) {
+    while (conn_may_dispatch(c) && conn_admit(c)) {
         kvs_frame_header_t hdr;
         const uint8_t *body;
         char why[256];
@@ -1096,8 +1110,8 @@ static void conn_process(kvs__conn_t *c) {
         dispatch(c, &hdr, body, &admit);
         admit_release(srv, admit);
     }
-    /* A large frame at the front, complete or not, is counted before more
-     * of it is read (a paused connection is retried by on_flush_check). */
+    /* A large frame at the front is counted before more of it is read (a
+     * paused connection is retried by on_flush_check). */
     if (!c->closing && !c->fatal)
         conn_admit(c);
     /* The frame deadline runs from the first byte of the frame now at the

@@ -132,7 +132,8 @@ struct kvs_server_s {
     uint64_t inflight;    /* across connections */
     uint32_t running;     /* requests handed to the worker pool */
     kvs__conn_t *rr_head, *rr_tail; /* round robin over ready connections */
-    uint64_t admitted; /* large-frame bytes admitted (max_buffered_bytes) */
+    uint64_t admitted; /* request bytes admitted (max_buffered_bytes) */
+    uint64_t admitted_large; /* of which frames over ADMIT_MIN */
     uint32_t n_admit_wait;
     bool admit_retry; /* admitted bytes were released: retry waiters */
     bool draining;

@@ -682,10 +682,32 @@ static void test_adversarial_buffered_bytes_capped(void **state) {
             peak = rss;
         aw_sleep_ms(20);
     }
-    /* Meanwhile a small client is served. */
+    /* Meanwhile a small client is served, pipelining too (its requests
+     * count against the exhausted budget: one at a time, but all). */
     int fd = td_raw_connect(d.port, false);
     assert_true(fd >= 0);
     assert_int_equal(aw_hello(fd, NULL), 0);
+    aw_buf_t pipe = {0};
+    Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
+    Kvs__V1__PingRequest pr = KVS__V1__PING_REQUEST__INIT;
+    static uint8_t payload[1000];
+    pr.payload.data = payload;
+    pr.payload.len = sizeof(payload);
+    req.op_case = KVS__V1__REQUEST__OP_PING;
+    req.ping = &pr;
+    Kvs__V1__StatsRequest st = KVS__V1__STATS_REQUEST__INIT;
+    Kvs__V1__Request sreq = KVS__V1__REQUEST__INIT;
+    sreq.op_case = KVS__V1__REQUEST__OP_STATS;
+    sreq.stats = &st;
+    for (int i = 0; i < 200; i++)
+        assert_int_equal(
+            aw_buf_request(&pipe, 100 + (uint64_t)i, i % 2 ? &req : &sreq),
+            0);
+    assert_int_equal(td_send_all(fd, pipe.p, pipe.len), 0);
+    aw_buf_free(&pipe);
+    size_t errors = 0;
+    read_answers(fd, 100, 200, 20000, &errors);
+    assert_int_equal(errors, 0);
     report_rss("stalled_3MiB_frames_x16", base, peak);
     assert_true(peak - base < 20L * 1024 + RSS_SLACK_KB);
     for (int i = 0; i < CONNS; i++)
