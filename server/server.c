@@ -34,6 +34,7 @@
  */
 #include "server_int.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -1102,6 +1103,7 @@ static void conn_process(kvs__conn_t *c) {
         uint64_t admit = c->admit;
         c->admit = 0;
         if (hdr.flags & KVS_FRAME_F_RESPONSE) {
+            admit_release(srv, admit);
             srv->m.protocol_errors++;
             conn_error(c, hdr.request_id, 0, KVS_EPROTO,
                        "a client sent a frame flagged as a response", true);
@@ -1621,6 +1623,10 @@ void kvs_server_free(kvs_server_t *srv) {
         stop_everything(srv);
         uv_run(&srv->loop, UV_RUN_DEFAULT);
     }
+    /* Every connection is gone and every request answered: all admitted
+     * bytes came back (a leak here would shrink the budget for good). */
+    assert(srv->inflight == 0 && srv->running == 0);
+    assert(srv->admitted == 0 && srv->admitted_large == 0);
     kvs_store_close(srv->store);
     uv_loop_close(&srv->loop);
     for (size_t i = 0; i < 64; i++)
