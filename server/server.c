@@ -1,13 +1,14 @@
 /*
  * server.c: kvstored's I/O loop: listeners (TCP v4/v6, Unix socket),
  * connections, frame dispatch, backpressure, idle timeouts and graceful
- * shutdown. Engine work runs on the libuv worker pool (ops.c); this file
- * never calls the engine except to open and close the store.
+ * shutdown, and the worker pool. Engine work runs on the workers (ops.c);
+ * the loop thread never calls the engine except to open and close the
+ * store.
  *
  * Life of a request: bytes are read straight into the connection's frame
  * reader; each complete frame is decoded and checked here (cheap, and it keeps
  * auth and protocol errors ordered with the stream); Hello and Ping are
- * answered inline, everything else goes to uv_queue_work. Answers are appended
+ * answered inline, everything else goes to the workers. Answers are appended
  * to the connection's output buffer in completion order (so out of request
  * order) and flushed once per loop iteration by a check handle, which batches
  * pipelined answers into one write.
@@ -15,8 +16,8 @@
  * Ordering and fairness: a request that names sequences passes a
  * per-connection gate (changes of a sequence take effect in arrival order,
  * reads wait only for earlier changes they would see), then waits in its
- * connection's ready FIFO; at most `workers` requests are on the pool, taken
- * from the connections round robin. See "ordering and fairness" below.
+ * connection's ready FIFO; a free worker takes the next request from the
+ * connections in round robin. See "ordering and fairness" below.
  *
  * Backpressure: a connection stops being read, and frames already buffered
  * stop being dispatched, while it has max_inflight requests unanswered or
@@ -57,7 +58,6 @@ static void conn_process(kvs__conn_t *c);
 static void conn_update_reading(kvs__conn_t *c);
 static void conn_maybe_close(kvs__conn_t *c);
 static void check_drained(kvs_server_t *srv);
-static void pump(kvs_server_t *srv);
 static void admit_release(kvs_server_t *srv, uint64_t n);
 
 /* ------------------------------------------------------------ connections */
@@ -560,10 +560,10 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
  * never wait.
  *
  * Fairness. Requests that left the gate wait in their connection's ready
- * FIFO. At most `workers` requests are on the pool at once, taken from the
- * connections with ready work in round robin: a request of another
- * connection waits for at most one request of each busy connection, not
- * for a whole pipeline queued in the pool's FIFO ahead of it.
+ * FIFO. A worker that becomes free takes the next request from the
+ * connections with ready work in round robin (worker_main): a request of
+ * another connection waits for the requests already running, not for a
+ * whole pipeline queued ahead of it in a FIFO.
  */
 
 static size_t seq_bucket(uint64_t seq) {
@@ -731,9 +731,13 @@ static bool gate_open(const kvs__work_t *w) {
     return true;
 }
 
+/* w may run: queue it for the workers (loop thread). */
 static void work_ready(kvs__conn_t *c, kvs__work_t *w) {
     kvs_server_t *srv = c->srv;
     w->started = true;
+    if (srv->running++ == 0)
+        uv_ref((uv_handle_t *)&srv->done_async); /* keep the loop alive */
+    pthread_mutex_lock(&srv->pool_mu);
     w->ready_next = NULL;
     if (c->ready_tail)
         c->ready_tail->ready_next = w;
@@ -749,6 +753,8 @@ static void work_ready(kvs__conn_t *c, kvs__work_t *w) {
             srv->rr_head = c;
         srv->rr_tail = c;
     }
+    pthread_cond_signal(&srv->pool_cv);
+    pthread_mutex_unlock(&srv->pool_mu);
 }
 
 /* Put w at the tail of the queues of the sequences it names. Errors:
@@ -809,14 +815,23 @@ static void gate_leave(kvs__conn_t *c, kvs__work_t *w) {
     w->n_q = 0;
 }
 
-static void work_cb(uv_work_t *req) {
-    kvs__op_run(req->data);
-}
-static void after_work(uv_work_t *req, int status);
+static void work_done(kvs__work_t *w);
 
-/* Hand ready requests to the pool, one connection after the other. */
-static void pump(kvs_server_t *srv) {
-    while (srv->running < srv->cfg->workers && srv->rr_head) {
+/*
+ * The worker pool: `workers` threads that take the next ready request from
+ * the connections in round robin, at the moment they become free, so a
+ * connection's request waits for at most the requests already running; and
+ * that go on to the next request without waiting for the loop thread, which
+ * collects finished requests in batches (done_async).
+ */
+static void *worker_main(void *arg) {
+    kvs_server_t *srv = arg;
+    pthread_mutex_lock(&srv->pool_mu);
+    for (;;) {
+        while (!srv->pool_stop && !srv->rr_head)
+            pthread_cond_wait(&srv->pool_cv, &srv->pool_mu);
+        if (!srv->rr_head) /* stopping, and nothing left */
+            break;
         kvs__conn_t *c = srv->rr_head;
         kvs__work_t *w = c->ready_head;
         srv->rr_head = c->rr_next;
@@ -827,7 +842,6 @@ static void pump(kvs_server_t *srv) {
         c->ready_head = w->ready_next;
         if (!c->ready_head)
             c->ready_tail = NULL;
-        w->ready_next = NULL;
         if (c->ready_head) { /* back of the line */
             c->in_rr = true;
             if (srv->rr_tail)
@@ -836,16 +850,67 @@ static void pump(kvs_server_t *srv) {
                 srv->rr_head = c;
             srv->rr_tail = c;
         }
-        srv->running++;
-        if (uv_queue_work(&srv->loop, &w->req, work_cb, after_work)) {
-            /* Cannot happen with valid callbacks; answer rather than lose
-             * the request. */
-            w->status = KVS_EBUSY;
-            w->frame =
-                kvs__error_frame(w->request_id, 0, KVS_EBUSY,
-                                 "cannot queue the request", &w->frame_len);
-            after_work(&w->req, 0);
-        }
+        pthread_mutex_unlock(&srv->pool_mu);
+        kvs__op_run(w);
+        pthread_mutex_lock(&srv->pool_mu);
+        w->ready_next = srv->done;
+        srv->done = w;
+        uv_async_send(&srv->done_async);
+    }
+    pthread_mutex_unlock(&srv->pool_mu);
+    return NULL;
+}
+
+static void on_done_async(uv_async_t *a) {
+    kvs_server_t *srv = a->data;
+    pthread_mutex_lock(&srv->pool_mu);
+    kvs__work_t *list = srv->done;
+    srv->done = NULL;
+    pthread_mutex_unlock(&srv->pool_mu);
+    /* The list is newest first: answer in completion order. */
+    kvs__work_t *fifo = NULL;
+    while (list) {
+        kvs__work_t *n = list->ready_next;
+        list->ready_next = fifo;
+        fifo = list;
+        list = n;
+    }
+    while (fifo) {
+        kvs__work_t *n = fifo->ready_next;
+        work_done(fifo);
+        fifo = n;
+    }
+}
+
+static int pool_start(kvs_server_t *srv) {
+    srv->pool_threads = calloc(srv->cfg->workers, sizeof(pthread_t));
+    if (!srv->pool_threads)
+        return KVS_ENOMEM;
+    for (uint32_t i = 0; i < srv->cfg->workers; i++) {
+        int rc = pthread_create(&srv->pool_threads[i], NULL, worker_main, srv);
+        if (rc)
+            return -rc; /* pool_close joins those that started */
+        srv->n_pool_threads++;
+    }
+    return 0;
+}
+
+/* Once the loop has run out of work (nothing running: done_async is
+ * ref'd while anything is), join the idle workers and close done_async. */
+static void pool_close(kvs_server_t *srv) {
+    pthread_mutex_lock(&srv->pool_mu);
+    srv->pool_stop = true;
+    pthread_cond_broadcast(&srv->pool_cv);
+    pthread_mutex_unlock(&srv->pool_mu);
+    for (uint32_t i = 0; i < srv->n_pool_threads; i++)
+        pthread_join(srv->pool_threads[i], NULL);
+    srv->n_pool_threads = 0;
+    free(srv->pool_threads);
+    srv->pool_threads = NULL;
+    if (srv->have_async) {
+        srv->have_async = false;
+        uv_close((uv_handle_t *)&srv->done_async, NULL);
+        uv_run(&srv->loop, UV_RUN_DEFAULT);
     }
 }
 
@@ -911,11 +976,10 @@ out:
     return ok;
 }
 
-static void after_work(uv_work_t *req, int status) {
-    kvs__work_t *w = req->data;
+/* Loop thread: w ran; answer it and let what waited behind it go. */
+static void work_done(kvs__work_t *w) {
     kvs__conn_t *c = w->conn;
     kvs_server_t *srv = w->srv;
-    (void)status; /* work is never cancelled */
     double secs = (double)(uv_hrtime() - w->t0) / 1e9;
     kvs__metrics_observe(&srv->m, w->op, w->status, secs);
     if (w->status && w->status != KVS_ENOSEQ)
@@ -924,7 +988,8 @@ static void after_work(uv_work_t *req, int status) {
                  kvs_frame_op_name(w->op), kvs_err_name(w->status));
     c->inflight--;
     srv->inflight--;
-    srv->running--;
+    if (--srv->running == 0)
+        uv_unref((uv_handle_t *)&srv->done_async);
     gate_leave(c, w);
     admit_release(srv, w->admit);
     if (w->frame && !c->closing) {
@@ -942,7 +1007,6 @@ static void after_work(uv_work_t *req, int status) {
         conn_process(c);
         conn_maybe_close(c);
     }
-    pump(srv);
     check_drained(srv);
 }
 
@@ -987,7 +1051,7 @@ static bool try_fast_ping(kvs__conn_t *c, const kvs_frame_header_t *hdr,
 }
 
 /* Handle one frame. `*admit` is the max_buffered_bytes share of its bytes:
- * taken (zeroed) when the request goes to the pool, which releases it when
+ * taken (zeroed) when the request is queued, and released when it is
  * answered; the caller releases what is left. */
 static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
                      const uint8_t *body, uint64_t *admit) {
@@ -1040,7 +1104,6 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
                    "out of memory queuing the request", false);
         goto done;
     }
-    w->req.data = w;
     w->conn = c;
     w->srv = srv;
     w->msg = msg;
@@ -1069,7 +1132,6 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
     srv->inflight++;
     if (gate_open(w))
         work_ready(c, w);
-    pump(srv);
     return; /* w owns msg */
 done:
     if (msg)
@@ -1490,6 +1552,8 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     srv->limits.max_tokens_per_append = cfg->max_tokens_per_append;
     for (size_t i = 0; i < 64; i++)
         pthread_rwlock_init(&srv->seq_locks[i], NULL);
+    pthread_mutex_init(&srv->pool_mu, NULL);
+    pthread_cond_init(&srv->pool_cv, NULL);
     if (cfg->node_id[0])
         snprintf(srv->node_id, sizeof(srv->node_id), "%s", cfg->node_id);
     else if (gethostname(srv->node_id, sizeof(srv->node_id) - 1))
@@ -1554,6 +1618,12 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
                  kvs__logq(q, sizeof(q), kvs_store_gpu_info(srv->store)));
     }
 
+    uv_async_init(&srv->loop, &srv->done_async, on_done_async);
+    srv->done_async.data = srv;
+    uv_unref((uv_handle_t *)&srv->done_async); /* ref'd while work runs */
+    srv->have_async = true;
+    if ((rc = pool_start(srv)))
+        goto err;
     uv_check_init(&srv->loop, &srv->flusher);
     srv->flusher.data = srv;
     uv_check_start(&srv->flusher, on_flush_check);
@@ -1595,8 +1665,11 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
 err:
     stop_everything(srv);
     uv_run(&srv->loop, UV_RUN_DEFAULT);
+    pool_close(srv);
     kvs_store_close(srv->store);
     uv_loop_close(&srv->loop);
+    pthread_mutex_destroy(&srv->pool_mu);
+    pthread_cond_destroy(&srv->pool_cv);
     free(srv);
     return rc;
 }
@@ -1627,9 +1700,12 @@ void kvs_server_free(kvs_server_t *srv) {
      * bytes came back (a leak here would shrink the budget for good). */
     assert(srv->inflight == 0 && srv->running == 0);
     assert(srv->admitted == 0 && srv->admitted_large == 0);
+    pool_close(srv);
     kvs_store_close(srv->store);
     uv_loop_close(&srv->loop);
     for (size_t i = 0; i < 64; i++)
         pthread_rwlock_destroy(&srv->seq_locks[i]);
+    pthread_mutex_destroy(&srv->pool_mu);
+    pthread_cond_destroy(&srv->pool_cv);
     free(srv);
 }

@@ -4,9 +4,10 @@
  * between the files of the daemon and nothing else.
  *
  * Threading model: everything in kvs_server_t and kvs__conn_t is owned by the
- * loop thread. Workers (uv_queue_work) only see a kvs__work_t: the decoded
- * request, the store, a read-only copy of the limits, and write their encoded
- * response frame into it; after_work hands that back to the loop thread.
+ * loop thread, except the worker pool's queues (pool_mu, below). Workers
+ * (server.c, worker_main) only see a kvs__work_t: the decoded request, the
+ * store, a read-only copy of the limits, and write their encoded response
+ * frame into it; done_async hands it back to the loop thread.
  */
 #ifndef KVS_SERVER_INT_H
 #define KVS_SERVER_INT_H
@@ -87,8 +88,10 @@ struct kvs__conn_s {
     char peer[80];
     uint32_t inflight;     /* requests read, not yet answered */
     kvs__seq_q_t **seq_qs; /* KVS__SEQ_Q_BUCKETS; NULL until used */
-    kvs__work_t *ready_head, *ready_tail; /* may run; wait for a worker */
-    kvs__conn_t *rr_next; /* srv->rr ring of conns with ready work */
+    /* Under srv->pool_mu: requests that may run, waiting for a worker, and
+     * this connection's place in the round robin. */
+    kvs__work_t *ready_head, *ready_tail;
+    kvs__conn_t *rr_next;
     bool in_rr;
     uint64_t accepted_at;           /* uv_now() at accept */
     uint64_t frame_start;           /* uv_now() of the first byte of the
@@ -130,8 +133,18 @@ struct kvs_server_s {
     uint32_t n_conns;     /* accepted and counted (not refused) */
     uint64_t next_conn_id;
     uint64_t inflight;    /* across connections */
-    uint32_t running;     /* requests handed to the worker pool */
+    uint32_t running;     /* requests handed to the pool, not yet done */
+    /* The worker pool. pool_mu guards rr_*, done, pool_stop and every
+     * connection's ready_* / rr_next / in_rr; nothing else is shared. */
+    pthread_mutex_t pool_mu;
+    pthread_cond_t pool_cv;
+    pthread_t *pool_threads;
+    uint32_t n_pool_threads;
+    bool pool_stop;
     kvs__conn_t *rr_head, *rr_tail; /* round robin over ready connections */
+    kvs__work_t *done;              /* finished, newest first */
+    uv_async_t done_async;          /* ref'd while running > 0 */
+    bool have_async;
     uint64_t admitted; /* request bytes admitted (max_buffered_bytes) */
     uint64_t admitted_large; /* of which frames over ADMIT_MIN */
     uint32_t n_admit_wait;
@@ -150,7 +163,6 @@ struct kvs_server_s {
 
 /* Work item for one request on the worker pool. */
 struct kvs__work_s {
-    uv_work_t req;
     kvs__conn_t *conn;
     kvs_server_t *srv;
     Kvs__V1__Request *msg;
@@ -172,7 +184,7 @@ struct kvs__work_s {
     int kind;              /* GATE_* (server.c) */
     uint32_t layer;        /* of an append, search or attend */
     bool started; /* left the gate (ready or running) */
-    kvs__work_t *ready_next;
+    kvs__work_t *ready_next; /* under pool_mu: ready FIFO, then done list */
 };
 
 /* Worker side: run w->msg against the store and encode w->frame. */

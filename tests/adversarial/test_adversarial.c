@@ -770,7 +770,7 @@ static void test_adversarial_fair_share(void **state) {
     printf("adversarial_fairness search_ms=%.1f info_ms=%.1f "
            "(a FIFO pool would give about %.0f)\n",
            one, waited, one * 64 / 2);
-    assert_true(waited < 6 * one + 150);
+    assert_true(waited < 4 * one + 100);
     close(bfd);
     size_t errors = 0;
     read_answers(a, 1000, N, 120000, &errors);
