@@ -55,7 +55,8 @@ extern "C" {
       "RAM for K/V and index; least recently used sequences are evicted to "  \
       "the data directory and paged back in on use; 0 = unlimited")           \
     X(workers, U32, "4", 1, 1024,                                              \
-      "worker threads running engine calls (libuv thread pool)")               \
+      "worker threads running engine calls, shared round robin by the "        \
+      "connections")                                                           \
     X(engine_threads, U32, "0", 0, 4096,                                       \
       "engine search/attend threads; 0 = online CPUs")                         \
     X(build_threads, U32, "2", 0, 4096, "engine index build threads")          \
