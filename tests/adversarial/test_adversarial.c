@@ -5,9 +5,11 @@
  * that the daemon is still alive and correct afterwards.
  *
  * Covered: pipelined mutations of one sequence take effect in the order
- * sent; a client that never reads keeps the daemon's memory bounded and
- * still gets every answer; unauthenticated connections cannot make the
- * daemon buffer more than a Hello; slow senders are closed by the frame
+ * sent, and pipelined reads see exactly the changes sent before them (also
+ * when the client disconnects mid-pipeline); a client that never reads
+ * keeps the daemon's memory bounded and still gets every answer;
+ * unauthenticated connections cannot make the daemon buffer more than a
+ * Hello; slow senders are closed by the frame
  * deadline; the bytes buffered over all connections are capped; one busy
  * connection does not starve another's info; tokens with a NUL and junk
  * are refused; truncated, oversized, bad-magic, bad-version and garbage
@@ -257,6 +259,76 @@ static void test_adversarial_pipelined_layers_read_own_writes(void **state) {
     }
     assert_int_equal(errors, 0);
     assert_int_equal(checked, 3);
+    close(fd);
+    stop(&d);
+}
+
+/* A client pipelines 500 appends (and searches) and goes away without
+ * reading: what the daemon had read is applied, in order (a prefix of the
+ * tokens, each at its own position), and nothing leaks (ASan at exit). */
+static void test_adversarial_disconnect_mid_pipeline(void **state) {
+    (void)state;
+    test_daemon_t d;
+    start(&d, NULL);
+    enum { N = 500 };
+    const uint64_t seq = 79;
+    int fd = td_raw_connect(d.port, false);
+    assert_true(fd >= 0);
+    Kvs__V1__Request r;
+    Kvs__V1__CreateSequenceRequest cr;
+    Kvs__V1__Geometry g;
+    aw_create(&r, &cr, &g, seq, 1, 1, HD);
+    assert_int_equal(aw_call(fd, 1, &r, 10000), 0);
+    aw_buf_t b = {0};
+    float q[HD] = {1.0f};
+    for (int i = 0; i < N; i++) {
+        float k[HD] = {0}, v[HD] = {0};
+        k[0] = v[0] = (float)(i + 1);
+        Kvs__V1__AppendRequest a;
+        aw_append(&r, &a, seq, 1, k, v, sizeof(k));
+        assert_int_equal(aw_buf_request(&b, 10 + (uint64_t)i, &r), 0);
+        if (i % 50 == 49) {
+            Kvs__V1__SearchRequest s;
+            Kvs__V1__QueryParams p;
+            aw_search(&r, &s, &p, seq, (uint32_t)i + 1, q, sizeof(q));
+            assert_int_equal(aw_buf_request(&b, 5000 + (uint64_t)i, &r), 0);
+        }
+    }
+    assert_int_equal(td_send_all(fd, b.p, b.len), 0);
+    aw_buf_free(&b);
+    close(fd);
+    aw_sleep_ms(300);
+
+    fd = td_raw_connect(d.port, false);
+    assert_true(fd >= 0);
+    Kvs__V1__InfoRequest in = KVS__V1__INFO_REQUEST__INIT;
+    in.seq = seq;
+    kvs__v1__request__init(&r);
+    r.op_case = KVS__V1__REQUEST__OP_INFO;
+    r.info = &in;
+    /* Wait until the appends already read have all run. */
+    uint64_t tokens = 0, last = UINT64_MAX;
+    for (int tries = 0; tries < 100 && tokens != last; tries++) {
+        last = tokens;
+        aw_sleep_ms(100);
+        assert_int_equal(td_send_request(fd, 2, 1, &r), 0);
+        kvs_frame_header_t h;
+        Kvs__V1__Response *resp = NULL;
+        assert_int_equal(td_read_response(fd, 10000, &h, &resp), 0);
+        assert_int_equal(resp->status, 0);
+        tokens = resp->info->tokens_max;
+        kvs__v1__response__free_unpacked(resp, NULL);
+    }
+    assert_true(tokens >= 1 && tokens <= N);
+    Kvs__V1__SearchRequest s;
+    Kvs__V1__QueryParams p;
+    aw_search(&r, &s, &p, seq, (uint32_t)tokens, q, sizeof(q));
+    assert_int_equal(td_send_request(fd, 3, 1, &r), 0);
+    kvs_frame_header_t h;
+    Kvs__V1__Response *resp = NULL;
+    assert_int_equal(td_read_response(fd, 10000, &h, &resp), 0);
+    check_positions(resp, (uint32_t)tokens);
+    kvs__v1__response__free_unpacked(resp, NULL);
     close(fd);
     stop(&d);
 }
@@ -923,6 +995,7 @@ int main(void) {
         cmocka_unit_test(test_adversarial_pipelined_appends_in_order),
         cmocka_unit_test(test_adversarial_pipelined_lifecycle_in_order),
         cmocka_unit_test(test_adversarial_pipelined_layers_read_own_writes),
+        cmocka_unit_test(test_adversarial_disconnect_mid_pipeline),
         cmocka_unit_test(test_adversarial_never_reads_bounded),
         cmocka_unit_test(test_adversarial_unauthenticated_memory),
         cmocka_unit_test(test_adversarial_slow_sender),
