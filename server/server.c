@@ -199,6 +199,7 @@ static void on_write(uv_write_t *req, int status) {
     free(wr->buf);
     free(wr);
     c->writes--;
+    c->last_write = uv_now(&c->srv->loop);
     if (status < 0 && !c->closing) {
         kvs__log(KVS__LOG_INFO, "conn_write_error", "conn=%llu peer=%s err=%s",
                  (unsigned long long)c->id, c->peer, uv_err_name(status));
@@ -263,7 +264,8 @@ static void conn_flush(kvs__conn_t *c) {
         conn_close(c);
         return;
     }
-    c->writes++;
+    if (c->writes++ == 0) /* the write-stall clock starts now */
+        c->last_write = uv_now(&c->srv->loop);
     conn_update_reading(c);
 }
 
@@ -1431,6 +1433,18 @@ static void on_sweep(uv_timer_t *t) {
     for (kvs__conn_t *c = srv->conns; c; c = c->next) {
         if (conn_deadlines(c, now))
             continue;
+        if (idle && c->writes && now - c->last_write >= idle) {
+            /* A peer that reads none of its answers would otherwise hold
+             * its max_output_bytes for ever. */
+            kvs__log(KVS__LOG_INFO, "conn_write_stalled",
+                     "conn=%llu peer=%s stalled_ms=%llu queued=%zu",
+                     (unsigned long long)c->id, c->peer,
+                     (unsigned long long)(now - c->last_write),
+                     conn_out_bytes(c));
+            srv->m.idle_closed++;
+            conn_close(c);
+            continue;
+        }
         if (!idle || c->inflight || c->writes)
             continue;
         if (now - c->last_active >= idle) {

@@ -100,6 +100,7 @@ struct kvs__conn_s {
                                        frame being read */
     bool admit_wait;                /* paused: over max_buffered_bytes */
     uint64_t fatal_at;              /* uv_now() when marked fatal */
+    uint64_t last_write;            /* uv_now() a write last completed */
     uint32_t writes;                /* uv_write requests pending */
     uint64_t last_active;           /* uv_now() of the last byte or answer */
     uint8_t *out;                   /* responses waiting for the next flush */

@@ -570,6 +570,65 @@ static void test_adversarial_never_reads_bounded(void **state) {
     stop(&d);
 }
 
+/* A client that never reads at all is closed after idle_timeout_ms
+ * without write progress, instead of holding max_output_bytes for ever:
+ * reading afterwards yields what the kernel had buffered, then EOF, well
+ * before all answers. */
+static void test_adversarial_never_reads_closed(void **state) {
+    (void)state;
+    test_daemon_t d;
+    const char *flags[] = {"--idle-timeout-ms", "1500", NULL};
+    start(&d, flags);
+    enum { N = 2000, HEADS = 8, TOKENS = 512 };
+    const uint64_t seq = 10;
+    int fd = td_raw_connect(d.port, false);
+    assert_true(fd >= 0);
+    fill_seq(fd, seq, HEADS, TOKENS, TOKENS);
+    aw_buf_t b = {0};
+    float q[HEADS * HD];
+    for (int i = 0; i < HEADS * HD; i++)
+        q[i] = (float)(i % 7) - 3.0f;
+    Kvs__V1__Request r;
+    Kvs__V1__SearchRequest s;
+    Kvs__V1__QueryParams p;
+    aw_search(&r, &s, &p, seq, TOKENS, q, sizeof(q));
+    for (int i = 0; i < N; i++)
+        assert_int_equal(aw_buf_request(&b, 100 + (uint64_t)i, &r), 0);
+    aw_nonblock(fd);
+    size_t off = 0;
+    double t0 = aw_now_ms();
+    while (off < b.len && aw_now_ms() - t0 < 3000) {
+        ssize_t w = send(fd, b.p + off, b.len - off, MSG_NOSIGNAL);
+        if (w > 0)
+            off += (size_t)w;
+        else
+            aw_sleep_ms(20);
+    }
+    aw_buf_free(&b);
+    aw_sleep_ms(3500); /* > idle_timeout_ms + a sweep */
+    size_t got = 0;
+    bool eof = false;
+    t0 = aw_now_ms();
+    while (!eof && aw_now_ms() - t0 < 15000) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, 1000) <= 0)
+            continue;
+        uint8_t chunk[1 << 16];
+        ssize_t n = recv(fd, chunk, sizeof(chunk), 0);
+        if (n > 0)
+            got += (size_t)n;
+        else if (n == 0 || errno == ECONNRESET)
+            eof = true;
+    }
+    fprintf(stderr, "read %zu bytes before EOF (all answers: %zu)\n", got,
+            (size_t)N * (HEADS * TOKENS * 12 + 40));
+    assert_true(eof);
+    assert_true(got < (size_t)N * HEADS * TOKENS * 12 / 2);
+    close(fd);
+    assert_alive(&d, NULL);
+    stop(&d);
+}
+
 /* ------------------------------------- 3. memory before authentication */
 
 /* A raw frame header announcing body_len bytes. */
@@ -997,6 +1056,7 @@ int main(void) {
         cmocka_unit_test(test_adversarial_pipelined_layers_read_own_writes),
         cmocka_unit_test(test_adversarial_disconnect_mid_pipeline),
         cmocka_unit_test(test_adversarial_never_reads_bounded),
+        cmocka_unit_test(test_adversarial_never_reads_closed),
         cmocka_unit_test(test_adversarial_unauthenticated_memory),
         cmocka_unit_test(test_adversarial_slow_sender),
         cmocka_unit_test(test_adversarial_buffered_bytes_capped),
