@@ -100,7 +100,8 @@ struct kvs__conn_s {
                                        frame being read */
     bool admit_wait;                /* paused: over max_buffered_bytes */
     uint64_t fatal_at;              /* uv_now() when marked fatal */
-    uint64_t last_write;            /* uv_now() a write last completed */
+    uint64_t last_write;            /* uv_now() a write last completed, or
+                                       was queued with none pending */
     uint32_t writes;                /* uv_write requests pending */
     uint64_t last_active;           /* uv_now() of the last byte or answer */
     uint8_t *out;                   /* responses waiting for the next flush */
@@ -136,7 +137,9 @@ struct kvs_server_s {
     uint64_t inflight;    /* across connections */
     uint32_t running;     /* requests handed to the pool, not yet done */
     /* The worker pool. pool_mu guards rr_*, done, pool_stop and every
-     * connection's ready_* / rr_next / in_rr; nothing else is shared. */
+     * connection's ready_* / rr_next / in_rr; nothing else is shared. It is
+     * a leaf lock: nothing else is taken while it is held (workers drop it
+     * before the engine call, which takes seq_locks). */
     pthread_mutex_t pool_mu;
     pthread_cond_t pool_cv;
     pthread_t *pool_threads;
@@ -176,9 +179,9 @@ struct kvs__work_s {
     /* Server-side fields of a Stats answer, snapshot on the loop thread. */
     uint64_t snap_connections, snap_requests, snap_inflight, snap_in,
         snap_out;
+    uint64_t admit; /* srv->admitted bytes released when answered */
     /* Ordering gate (loop thread only): the sequences the request names,
      * what it does to them, its links in each sequence's queue. */
-    uint64_t admit; /* srv->admitted bytes released when answered */
     kvs__seq_q_t *q[2];
     kvs__work_t *qprev[2], *qnext[2];
     int n_q;
