@@ -397,83 +397,57 @@ static bool pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
     return false;
 }
 
-/* Skip or find length-delimited field `want` in [p, end): the last one wins
- * (as protobuf merges). Returns false on malformed input. */
-static bool pb_last_bytes(const uint8_t *p, const uint8_t *end, uint32_t want,
-                          const uint8_t **val, size_t *len) {
-    while (p < end) {
-        uint64_t key, n;
-        if (!pb_varint(&p, end, &key))
+/* The next field of a protobuf message in [*p, end): its number, and for a
+ * length-delimited one its bytes (*val NULL for others). false at the end
+ * or on malformed input. */
+static bool pb_next(const uint8_t **p, const uint8_t *end, uint64_t *field,
+                    const uint8_t **val, size_t *len) {
+    uint64_t key, n;
+    if (*p >= end || !pb_varint(p, end, &key))
+        return false;
+    *field = key >> 3;
+    *val = NULL;
+    *len = 0;
+    switch (key & 7) {
+    case 0:
+        return pb_varint(p, end, &n);
+    case 1:
+        if (end - *p < 8)
             return false;
-        switch (key & 7) {
-        case 0:
-            if (!pb_varint(&p, end, &n))
-                return false;
-            break;
-        case 1:
-            if (end - p < 8)
-                return false;
-            p += 8;
-            break;
-        case 5:
-            if (end - p < 4)
-                return false;
-            p += 4;
-            break;
-        case 2:
-            if (!pb_varint(&p, end, &n) || n > (uint64_t)(end - p))
-                return false;
-            if ((key >> 3) == want) {
-                *val = p;
-                *len = (size_t)n;
-            }
-            p += n;
-            break;
-        default:
+        *p += 8;
+        return true;
+    case 5:
+        if (end - *p < 4)
             return false;
-        }
+        *p += 4;
+        return true;
+    case 2:
+        if (!pb_varint(p, end, &n) || n > (uint64_t)(end - *p))
+            return false;
+        *val = *p;
+        *len = (size_t)n;
+        *p += n;
+        return true;
+    default:
+        return false;
     }
-    return true;
 }
 
 /* Wire length of Request.hello.auth_token (fields 1 and 2); 0 if absent.
- * Several hello fields merge, so the last token of the last one counts. */
+ * Repeated hello fields merge, so the last token seen counts. */
 static size_t hello_token_len(const uint8_t *body, size_t len) {
-    const uint8_t *end = body + len, *p = body;
-    size_t tl = 0;
-    while (p < end) {
-        const uint8_t *hv = NULL;
-        size_t hl = 0;
-        /* One hello field at a time: find the next, then its token. */
-        uint64_t key, n;
-        if (!pb_varint(&p, end, &key))
-            break;
-        if ((key & 7) == 0) {
-            if (!pb_varint(&p, end, &n))
-                break;
+    const uint8_t *p = body, *end = body + len, *hv, *tv;
+    uint64_t f, g;
+    size_t hl, tl, token = 0;
+    while (pb_next(&p, end, &f, &hv, &hl)) {
+        if (f != 1 || !hv)
             continue;
-        }
-        if ((key & 7) == 1 || (key & 7) == 5) {
-            size_t w = (key & 7) == 1 ? 8 : 4;
-            if ((size_t)(end - p) < w)
-                break;
-            p += w;
-            continue;
-        }
-        if ((key & 7) != 2 || !pb_varint(&p, end, &n) ||
-            n > (uint64_t)(end - p))
-            break;
-        hv = p;
-        hl = (size_t)n;
-        p += n;
-        if ((key >> 3) != 1)
-            continue;
-        const uint8_t *tv = NULL;
-        size_t t = 0;
-        if (pb_last_bytes(hv, hv + hl, 2, &tv, &t) && tv)
-            tl = t;
+        const uint8_t *q = hv;
+        while (pb_next(&q, hv + hl, &g, &tv, &tl))
+            if (g == 2 && tv)
+                token = tl;
     }
-    return tl;
+    return token;
 }
 
 /* Answer from the loop thread, packed straight into the output buffer: a
