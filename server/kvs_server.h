@@ -64,7 +64,8 @@ extern "C" {
       "RAM for K/V and index; least recently used sequences are evicted to "  \
       "the data directory and paged back in on use; 0 = unlimited")           \
     X(workers, U32, "4", 1, 1024,                                              \
-      "worker threads running engine calls (libuv thread pool)")               \
+      "worker threads running engine calls, shared round robin by the "        \
+      "connections")                                                           \
     X(engine_threads, U32, "0", 0, 4096,                                       \
       "engine search/attend threads; 0 = online CPUs")                         \
     X(build_threads, U32, "2", 0, 4096, "engine index build threads")          \
@@ -102,6 +103,15 @@ extern "C" {
     X(max_sequences, U32, "100000", 0, UINT32_MAX,                             \
       "most sequences the store holds (each costs bookkeeping RAM even "     \
       "when empty); 0 = no limit but memory_bytes")                           \
+    X(max_output_bytes, SIZE, "4M", 4096, 1u << 30,                            \
+      "answer bytes queued for one connection before it stops being read "     \
+      "(a client that does not read its answers)")                             \
+    X(max_buffered_bytes, SIZE, "256M", 0, UINT64_MAX,                         \
+      "request bytes buffered over all connections (frames read, not yet "     \
+      "answered); a connection over it waits; 0 = unlimited")                  \
+    X(frame_timeout_ms, U32, "10000", 0, UINT32_MAX,                           \
+      "close a connection that has not completed a started frame, or sent "    \
+      "Hello when auth is on, within this time; 0 = never")                    \
     X(max_list_ids, U32, "100000", 1, 1u << 24,                                \
       "most ids returned by one ListSequences")                                \
     X(idle_timeout_ms, U32, "300000", 0, UINT32_MAX,                           \

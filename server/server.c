@@ -1,26 +1,41 @@
 /*
  * server.c: kvstored's I/O loop: listeners (TCP v4/v6, Unix socket),
  * connections, frame dispatch, backpressure, idle timeouts and graceful
- * shutdown. Engine work runs on the libuv worker pool (ops.c); this file
- * never calls the engine except to open and close the store.
+ * shutdown, and the worker pool. Engine work runs on the workers (ops.c);
+ * the loop thread never calls the engine except to open and close the
+ * store.
  *
  * Life of a request: bytes are read straight into the connection's frame
  * reader; each complete frame is decoded and checked here (cheap, and it keeps
  * auth and protocol errors ordered with the stream); Hello and Ping are
- * answered inline, everything else goes to uv_queue_work. Answers are appended
+ * answered inline, everything else goes to the workers. Answers are appended
  * to the connection's output buffer in completion order (so out of request
  * order) and flushed once per loop iteration by a check handle, which batches
  * pipelined answers into one write.
  *
- * Backpressure: a connection stops being read while it has max_inflight
- * requests on the pool, or more than two max frames queued for writing, and
- * resumes as they drain. A protocol error marks the connection `fatal`: it is
- * no longer read, the error is answered (flag CLOSE), requests already
- * running are answered, then it closes. Nothing a peer sends can abort the
- * process.
+ * Ordering and fairness: a request that names sequences passes a
+ * per-connection gate (changes of a sequence take effect in arrival order,
+ * reads wait only for earlier changes they would see), then waits in its
+ * connection's ready FIFO; a free worker takes the next request from the
+ * connections in round robin. See "ordering and fairness" below.
+ *
+ * Backpressure: a connection stops being read, and frames already buffered
+ * stop being dispatched, while it has max_inflight requests unanswered or
+ * more than max_output_bytes of answers unsent; it resumes as they drain.
+ * Request bytes buffered over all connections are admitted against
+ * max_buffered_bytes (conn_admit); a connection that would exceed it is
+ * paused until bytes are released. Before a successful Hello (when a token
+ * is set) only frames of PREAUTH_MAX_BODY bytes are accepted. A frame that
+ * is started but not completed within frame_timeout_ms closes its
+ * connection (slow senders).
+ *
+ * A protocol error marks the connection `fatal`: it is no longer read, the
+ * error is answered (flag CLOSE), requests already running are answered,
+ * then it closes. Nothing a peer sends can abort the process.
  */
 #include "server_int.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -33,17 +48,34 @@
 #include <unistd.h>
 
 #define READ_CHUNK (64u << 10)
+/* Largest frame body before authentication: a Hello fits easily. */
+#define PREAUTH_MAX_BODY 4096u
+/* Frames up to this size (header included) are counted against
+ * max_buffered_bytes only once complete (a read chunk is buffered anyway);
+ * larger ones as soon as their header is in. */
+#define ADMIT_MIN ((uint64_t)READ_CHUNK)
 
 static void conn_process(kvs__conn_t *c);
 static void conn_update_reading(kvs__conn_t *c);
 static void conn_maybe_close(kvs__conn_t *c);
 static void check_drained(kvs_server_t *srv);
+static void admit_release(kvs_server_t *srv, uint64_t n);
 
 /* ------------------------------------------------------------ connections */
 
 static void conn_free(kvs__conn_t *c) {
     kvs_frame_reader_destroy(&c->rd);
     free(c->out);
+    if (c->seq_qs) {
+        /* Empty by now (nothing in flight); free the chains anyway. */
+        for (size_t i = 0; i < KVS__SEQ_Q_BUCKETS; i++)
+            while (c->seq_qs[i]) {
+                kvs__seq_q_t *q = c->seq_qs[i];
+                c->seq_qs[i] = q->next;
+                free(q);
+            }
+        free(c->seq_qs);
+    }
     free(c);
 }
 
@@ -74,6 +106,13 @@ static void conn_close(kvs__conn_t *c) {
         return;
     c->closing = true;
     c->reading = false;
+    /* The frame being read will never complete: give its bytes back. */
+    admit_release(c->srv, c->admit);
+    c->admit = 0;
+    if (c->admit_wait) {
+        c->admit_wait = false;
+        c->srv->n_admit_wait--;
+    }
     uv_close(&c->h.handle, on_conn_closed);
 }
 
@@ -143,6 +182,8 @@ static void conn_error(kvs__conn_t *c, uint64_t request_id, int op, int status,
                  (unsigned long long)c->id, c->peer,
                  (unsigned long long)request_id, kvs_err_name(status),
                  kvs__logq(q, sizeof(q), msg));
+        if (!c->fatal)
+            c->fatal_at = uv_now(&c->srv->loop);
         c->fatal = true;
         conn_update_reading(c);
     }
@@ -159,6 +200,7 @@ static void on_write(uv_write_t *req, int status) {
     free(wr->buf);
     free(wr);
     c->writes--;
+    c->last_write = uv_now(&c->srv->loop);
     if (status < 0 && !c->closing) {
         kvs__log(KVS__LOG_INFO, "conn_write_error", "conn=%llu peer=%s err=%s",
                  (unsigned long long)c->id, c->peer, uv_err_name(status));
@@ -197,6 +239,12 @@ static void conn_flush(kvs__conn_t *c) {
             c->out_cap = 0;
         }
         conn_maybe_close(c);
+        /* Output that held back reading (max_output_bytes) is gone with
+         * no write callback to say so. */
+        if (!c->closing) {
+            conn_update_reading(c);
+            conn_process(c);
+        }
         return;
     }
     write_req_t *wr = malloc(sizeof(*wr));
@@ -217,34 +265,58 @@ static void conn_flush(kvs__conn_t *c) {
         conn_close(c);
         return;
     }
-    c->writes++;
+    if (c->writes++ == 0) /* the write-stall clock starts now */
+        c->last_write = uv_now(&c->srv->loop);
     conn_update_reading(c);
 }
 
+static bool conn_admit(kvs__conn_t *c);
+
 static void on_flush_check(uv_check_t *h) {
     kvs_server_t *srv = h->data;
-    kvs__conn_t *c = srv->flush_list;
-    srv->flush_list = NULL;
-    while (c) {
-        kvs__conn_t *next = c->flush_next;
-        c->in_flush_list = false;
-        c->flush_next = NULL;
-        conn_flush(c);
-        c = next;
+    if (srv->admit_retry) {
+        /* Bytes of max_buffered_bytes were released: let paused
+         * connections try again, in list order. */
+        srv->admit_retry = false;
+        for (kvs__conn_t *c = srv->conns; c && srv->n_admit_wait; c = c->next)
+            if (c->admit_wait && conn_admit(c))
+                conn_process(c); /* its buffered frames, then reading */
+    }
+    /* Flushing can resume a connection whose frames answer inline and
+     * queue more output: loop until nothing is left, so no answer waits for
+     * the next wake-up of the loop. Each round consumes buffered frames, so
+     * this ends. */
+    while (srv->flush_list) {
+        kvs__conn_t *c = srv->flush_list;
+        srv->flush_list = NULL;
+        while (c) {
+            kvs__conn_t *next = c->flush_next;
+            c->in_flush_list = false;
+            c->flush_next = NULL;
+            conn_flush(c);
+            c = next;
+        }
     }
     /* The last answers of a drain usually leave through uv_try_write, with
      * no write callback to notice that the drain is complete. */
     check_drained(srv);
 }
 
-static bool conn_wants_input(const kvs__conn_t *c) {
+/* Answer bytes owed to the peer and not yet taken by the kernel. */
+static size_t conn_out_bytes(const kvs__conn_t *c) {
+    return c->out_len + uv_stream_get_write_queue_size(&c->h.stream);
+}
+
+/* May buffered frames of c be dispatched now? */
+static bool conn_may_dispatch(const kvs__conn_t *c) {
     const kvs_server_t *srv = c->srv;
-    if (c->closing || c->fatal || srv->draining)
-        return false;
-    if (c->inflight >= srv->cfg->max_inflight)
-        return false;
-    size_t q = uv_stream_get_write_queue_size(&c->h.stream);
-    return q <= 2 * srv->cfg->max_frame_bytes;
+    return !c->closing && !c->fatal && !srv->draining &&
+           c->inflight < srv->cfg->max_inflight &&
+           conn_out_bytes(c) <= srv->cfg->max_output_bytes;
+}
+
+static bool conn_wants_input(const kvs__conn_t *c) {
+    return conn_may_dispatch(c) && !c->admit_wait;
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
@@ -252,7 +324,10 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     (void)suggested;
     void *p;
     size_t len;
-    if (kvs_frame_reader_prepare(&c->rd, READ_CHUNK, &p, &len)) {
+    /* Before Hello a frame is at most PREAUTH_MAX_BODY: read no more. */
+    size_t want =
+        c->authed ? READ_CHUNK : KVS_FRAME_HEADER_SIZE + PREAUTH_MAX_BODY;
+    if (kvs_frame_reader_prepare(&c->rd, want, &p, &len)) {
         *buf = uv_buf_init(NULL, 0); /* read_cb gets UV_ENOBUFS */
         return;
     }
@@ -277,6 +352,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     kvs_frame_reader_commit(&c->rd, (size_t)nread);
     c->srv->m.bytes_in += (uint64_t)nread;
     c->last_active = uv_now(&c->srv->loop);
+    if (!c->frame_start)
+        c->frame_start = c->last_active;
     conn_process(c);
 }
 
@@ -285,21 +362,93 @@ static void conn_update_reading(kvs__conn_t *c) {
     if (want && !c->reading) {
         if (uv_read_start(&c->h.stream, on_alloc, on_read) == 0)
             c->reading = true;
+        /* The frame deadline is the peer's: time spent paused by us does
+         * not count. */
+        if (c->frame_start)
+            c->frame_start = uv_now(&c->srv->loop);
     } else if (!want && c->reading) {
         uv_read_stop(&c->h.stream);
         c->reading = false;
     }
 }
 
-/* Constant-time in the content of `given`: no early exit on a mismatch. */
-static bool token_equal(const char *expect, const char *given) {
-    size_t el = strlen(expect), gl = strlen(given);
-    volatile unsigned diff = (unsigned)(el ^ gl);
+/* Constant-time in the content of `given`: no early exit on a mismatch.
+ * `gl` is the token's length on the wire: protobuf-c hands over a C string
+ * that stops at the first NUL, so "token\0junk" would compare equal to
+ * "token" by strlen. protobuf-c copies all gl bytes (plus a NUL), so
+ * given[0..gl) is readable. */
+static bool token_equal(const char *expect, const char *given, size_t gl) {
+    size_t el = strlen(expect);
+    volatile unsigned diff = el != gl;
     for (size_t i = 0; i < el; i++) {
         unsigned char g = i < gl ? (unsigned char)given[i] : 0;
         diff |= (unsigned)((unsigned char)expect[i] ^ g);
     }
     return diff == 0;
+}
+
+static bool pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+    *v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+        *v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80))
+            return true;
+    }
+    return false;
+}
+
+/* The next field of a protobuf message in [*p, end): its number, and for a
+ * length-delimited one its bytes (*val NULL for others). false at the end
+ * or on malformed input. */
+static bool pb_next(const uint8_t **p, const uint8_t *end, uint64_t *field,
+                    const uint8_t **val, size_t *len) {
+    uint64_t key, n;
+    if (*p >= end || !pb_varint(p, end, &key))
+        return false;
+    *field = key >> 3;
+    *val = NULL;
+    *len = 0;
+    switch (key & 7) {
+    case 0:
+        return pb_varint(p, end, &n);
+    case 1:
+        if (end - *p < 8)
+            return false;
+        *p += 8;
+        return true;
+    case 5:
+        if (end - *p < 4)
+            return false;
+        *p += 4;
+        return true;
+    case 2:
+        if (!pb_varint(p, end, &n) || n > (uint64_t)(end - *p))
+            return false;
+        *val = *p;
+        *len = (size_t)n;
+        *p += n;
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Wire length of Request.hello.auth_token (fields 1 and 2); 0 if absent.
+ * Repeated hello fields merge, so the last token seen counts. */
+static size_t hello_token_len(const uint8_t *body, size_t len) {
+    const uint8_t *p = body, *end = body + len, *hv, *tv;
+    uint64_t f, g;
+    size_t hl, tl, token = 0;
+    while (pb_next(&p, end, &f, &hv, &hl)) {
+        if (f != 1 || !hv)
+            continue;
+        const uint8_t *q = hv;
+        while (pb_next(&q, hv + hl, &g, &tv, &tl))
+            if (g == 2 && tv)
+                token = tl;
+    }
+    return token;
 }
 
 /* Answer from the loop thread, packed straight into the output buffer: a
@@ -325,7 +474,7 @@ static void answer_inline(kvs__conn_t *c, uint64_t id, int op,
 }
 
 static void handle_hello(kvs__conn_t *c, uint64_t id,
-                         const Kvs__V1__HelloRequest *h) {
+                         const Kvs__V1__HelloRequest *h, size_t token_len) {
     kvs_server_t *srv = c->srv;
     const kvs_server_config_t *cfg = srv->cfg;
     int op = KVS__V1__REQUEST__OP_HELLO;
@@ -338,7 +487,8 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
         return;
     }
     if (cfg->auth_token[0]) {
-        if (!token_equal(cfg->auth_token, h->auth_token ? h->auth_token : "")) {
+        if (!h->auth_token ||
+            !token_equal(cfg->auth_token, h->auth_token, token_len)) {
             srv->m.auth_failures++;
             conn_error(c, id, op, KVS_EAUTH,
                        h->auth_token && h->auth_token[0]
@@ -349,6 +499,7 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
             return;
         }
         c->authed = true;
+        c->rd.max_body = (uint32_t)cfg->max_frame_bytes;
     }
     char q[200];
     kvs__log(KVS__LOG_DEBUG, "hello", "conn=%llu peer=%s client=%s",
@@ -369,11 +520,443 @@ static void handle_hello(kvs__conn_t *c, uint64_t id,
     answer_inline(c, id, op, &resp);
 }
 
-static void after_work(uv_work_t *req, int status) {
-    kvs__work_t *w = req->data;
+/* ---------------------------------------------- ordering and fairness */
+
+/*
+ * Ordering. A request that names a sequence joins that sequence's queue in
+ * its connection, in arrival order, and leaves the gate once nothing before
+ * it in the queue conflicts with it (gate_free): a whole-sequence change
+ * (create, drop, fork, set_ttl) waits for every earlier request; an append
+ * waits for earlier appends and reads of its layer, earlier infos and
+ * whole-sequence changes; a search or attend waits for earlier appends of
+ * its layer and whole-sequence changes; an info for every earlier change.
+ * So each request sees exactly the changes of its sequence (layer) sent
+ * before it on its connection, changes take effect in the order sent, and
+ * reads, and appends to different layers, overlap freely. Fork names both
+ * of its sequences and waits in both queues. Stats and list name none and
+ * never wait.
+ *
+ * Fairness. Requests that left the gate wait in their connection's ready
+ * FIFO. A worker that becomes free takes the next request from the
+ * connections with ready work in round robin (worker_main): a request of
+ * another connection waits for the requests already running, not for a
+ * whole pipeline queued ahead of it in a FIFO.
+ */
+
+static size_t seq_bucket(uint64_t seq) {
+    return (size_t)((seq * 0x9E3779B97F4A7C15ull) >> 32) % KVS__SEQ_Q_BUCKETS;
+}
+
+static kvs__seq_q_t *seq_q_get(kvs__conn_t *c, uint64_t seq) {
+    if (!c->seq_qs) {
+        c->seq_qs = calloc(KVS__SEQ_Q_BUCKETS, sizeof(*c->seq_qs));
+        if (!c->seq_qs)
+            return NULL;
+    }
+    size_t b = seq_bucket(seq);
+    for (kvs__seq_q_t *q = c->seq_qs[b]; q; q = q->next)
+        if (q->seq == seq)
+            return q;
+    kvs__seq_q_t *q = calloc(1, sizeof(*q));
+    if (!q)
+        return NULL;
+    q->seq = seq;
+    q->next = c->seq_qs[b];
+    c->seq_qs[b] = q;
+    return q;
+}
+
+/* Free an empty queue: a connection touching many sequences over its life
+ * keeps only those with requests pending. */
+static void seq_q_put(kvs__conn_t *c, kvs__seq_q_t *q) {
+    if (q->head)
+        return;
+    kvs__seq_q_t **pp = &c->seq_qs[seq_bucket(q->seq)];
+    while (*pp != q)
+        pp = &(*pp)->next;
+    *pp = q->next;
+    free(q);
+}
+
+/* What a request does to the sequences it names, for the gate. */
+enum {
+    GATE_READ,     /* search, attend: reads one layer */
+    GATE_READ_ALL, /* info: reads every layer */
+    GATE_APPEND,   /* append: changes one layer */
+    GATE_WIDE      /* create, drop, fork, set_ttl: the whole sequence */
+};
+
+/* The sequences a request names (0, 1 or 2), with w->kind and w->layer. */
+static int request_seqs(kvs__work_t *w, uint64_t seqs[2]) {
+    const Kvs__V1__Request *m = w->msg;
+    w->kind = GATE_WIDE;
+    w->layer = 0;
+    switch (m->op_case) {
+    case KVS__V1__REQUEST__OP_CREATE:
+        seqs[0] = m->create->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_DROP:
+        seqs[0] = m->drop->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_SET_TTL:
+        seqs[0] = m->set_ttl->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_FORK:
+        /* A fork reads src (its length, with `whole`) and creates dst:
+         * ordered against both, as a change of both for simplicity. */
+        seqs[0] = m->fork->src;
+        seqs[1] = m->fork->dst;
+        return seqs[0] == seqs[1] ? 1 : 2;
+    case KVS__V1__REQUEST__OP_APPEND:
+        w->kind = GATE_APPEND;
+        w->layer = m->append->layer;
+        seqs[0] = m->append->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_SEARCH:
+        w->kind = GATE_READ;
+        w->layer = m->search->layer;
+        seqs[0] = m->search->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_ATTEND:
+        w->kind = GATE_READ;
+        w->layer = m->attend->layer;
+        seqs[0] = m->attend->seq;
+        return 1;
+    case KVS__V1__REQUEST__OP_INFO:
+        w->kind = GATE_READ_ALL;
+        seqs[0] = m->info->seq;
+        return 1;
+    default:
+        w->kind = GATE_READ_ALL;
+        return 0;
+    }
+}
+
+static int q_slot(const kvs__work_t *w, const kvs__seq_q_t *q) {
+    return w->q[0] == q ? 0 : 1;
+}
+
+/* What the earlier requests of a queue still hold. Layers are kept modulo
+ * 256: two layers that alias are merely ordered when they need not be. */
+typedef struct gate_seen_s {
+    bool any, wide, append_any, read_all;
+    uint64_t app[4], rd[4];
+} gate_seen_t;
+
+static bool layer_in(const uint64_t *set, uint32_t layer) {
+    layer &= 255;
+    return (set[layer >> 6] >> (layer & 63)) & 1;
+}
+
+static void layer_add(uint64_t *set, uint32_t layer) {
+    layer &= 255;
+    set[layer >> 6] |= 1ull << (layer & 63);
+}
+
+/* May e run, given the requests before it in one queue? Appends of one
+ * layer run one at a time and never overlap a read of that layer sent
+ * before or after them; appends of different layers overlap; a whole-
+ * sequence change waits for everything before it and holds everything
+ * after it. */
+static bool gate_free(const gate_seen_t *s, const kvs__work_t *e) {
+    switch (e->kind) {
+    case GATE_WIDE:
+        return !s->any;
+    case GATE_APPEND:
+        return !s->wide && !s->read_all && !layer_in(s->app, e->layer) &&
+               !layer_in(s->rd, e->layer);
+    case GATE_READ:
+        return !s->wide && !layer_in(s->app, e->layer);
+    default:
+        return !s->wide && !s->append_any;
+    }
+}
+
+static void gate_see(gate_seen_t *s, const kvs__work_t *e) {
+    s->any = true;
+    switch (e->kind) {
+    case GATE_WIDE:
+        s->wide = true;
+        break;
+    case GATE_APPEND:
+        s->append_any = true;
+        layer_add(s->app, e->layer);
+        break;
+    case GATE_READ:
+        layer_add(s->rd, e->layer);
+        break;
+    default:
+        s->read_all = true;
+        break;
+    }
+}
+
+/* May w leave the gate as far as queue slot i is concerned? */
+static bool gate_open_at(const kvs__work_t *w, int i) {
+    const kvs__seq_q_t *q = w->q[i];
+    gate_seen_t s;
+    memset(&s, 0, sizeof(s));
+    for (const kvs__work_t *e = q->head; e != w; e = e->qnext[q_slot(e, q)])
+        gate_see(&s, e);
+    return gate_free(&s, w);
+}
+
+static bool gate_open(const kvs__work_t *w) {
+    for (int i = 0; i < w->n_q; i++)
+        if (!gate_open_at(w, i))
+            return false;
+    return true;
+}
+
+/* w may run: queue it for the workers (loop thread). */
+static void work_ready(kvs__conn_t *c, kvs__work_t *w) {
+    kvs_server_t *srv = c->srv;
+    w->started = true;
+    if (srv->running++ == 0)
+        uv_ref((uv_handle_t *)&srv->done_async); /* keep the loop alive */
+    pthread_mutex_lock(&srv->pool_mu);
+    w->ready_next = NULL;
+    if (c->ready_tail)
+        c->ready_tail->ready_next = w;
+    else
+        c->ready_head = w;
+    c->ready_tail = w;
+    if (!c->in_rr) {
+        c->in_rr = true;
+        c->rr_next = NULL;
+        if (srv->rr_tail)
+            srv->rr_tail->rr_next = c;
+        else
+            srv->rr_head = c;
+        srv->rr_tail = c;
+    }
+    pthread_cond_signal(&srv->pool_cv);
+    pthread_mutex_unlock(&srv->pool_mu);
+}
+
+/* Put w at the tail of the queues of the sequences it names. Errors:
+ * KVS_ENOMEM (w is in no queue then). */
+static int gate_enter(kvs__conn_t *c, kvs__work_t *w) {
+    uint64_t seqs[2];
+    w->n_q = request_seqs(w, seqs);
+    for (int i = 0; i < w->n_q; i++) {
+        w->q[i] = seq_q_get(c, seqs[i]);
+        if (!w->q[i]) {
+            for (int j = 0; j < i; j++)
+                seq_q_put(c, w->q[j]);
+            w->n_q = 0;
+            return KVS_ENOMEM;
+        }
+    }
+    for (int i = 0; i < w->n_q; i++) {
+        kvs__seq_q_t *q = w->q[i];
+        w->qprev[i] = q->tail;
+        w->qnext[i] = NULL;
+        if (q->tail)
+            q->tail->qnext[q_slot(q->tail, q)] = w;
+        else
+            q->head = w;
+        q->tail = w;
+    }
+    return 0;
+}
+
+/* w is answered: take it out of its queues and open the gate for what
+ * waited behind it. */
+static void gate_leave(kvs__conn_t *c, kvs__work_t *w) {
+    for (int i = 0; i < w->n_q; i++) {
+        kvs__seq_q_t *q = w->q[i];
+        kvs__work_t *p = w->qprev[i], *n = w->qnext[i];
+        if (p)
+            p->qnext[q_slot(p, q)] = n;
+        else
+            q->head = n;
+        if (n)
+            n->qprev[q_slot(n, q)] = p;
+        else
+            q->tail = p;
+        /* One pass: what each request waits for is what came before it.
+         * Nothing behind a whole-sequence change can run. */
+        gate_seen_t seen;
+        memset(&seen, 0, sizeof(seen));
+        for (kvs__work_t *e = q->head; e && !seen.wide;
+             e = e->qnext[q_slot(e, q)]) {
+            if (!e->started && gate_free(&seen, e) &&
+                (e->n_q == 1 || gate_open(e)))
+                work_ready(c, e);
+            gate_see(&seen, e);
+        }
+    }
+    for (int i = 0; i < w->n_q; i++)
+        seq_q_put(c, w->q[i]);
+    w->n_q = 0;
+}
+
+static void work_done(kvs__work_t *w);
+
+/*
+ * The worker pool: `workers` threads that take the next ready request from
+ * the connections in round robin, at the moment they become free, so a
+ * connection's request waits for at most the requests already running; and
+ * that go on to the next request without waiting for the loop thread, which
+ * collects finished requests in batches (done_async).
+ */
+static void *worker_main(void *arg) {
+    kvs_server_t *srv = arg;
+    pthread_mutex_lock(&srv->pool_mu);
+    for (;;) {
+        while (!srv->pool_stop && !srv->rr_head)
+            pthread_cond_wait(&srv->pool_cv, &srv->pool_mu);
+        if (!srv->rr_head) /* stopping, and nothing left */
+            break;
+        kvs__conn_t *c = srv->rr_head;
+        kvs__work_t *w = c->ready_head;
+        srv->rr_head = c->rr_next;
+        if (!srv->rr_head)
+            srv->rr_tail = NULL;
+        c->rr_next = NULL;
+        c->in_rr = false;
+        c->ready_head = w->ready_next;
+        if (!c->ready_head)
+            c->ready_tail = NULL;
+        if (c->ready_head) { /* back of the line */
+            c->in_rr = true;
+            if (srv->rr_tail)
+                srv->rr_tail->rr_next = c;
+            else
+                srv->rr_head = c;
+            srv->rr_tail = c;
+        }
+        pthread_mutex_unlock(&srv->pool_mu);
+        kvs__op_run(w);
+        pthread_mutex_lock(&srv->pool_mu);
+        w->ready_next = srv->done;
+        srv->done = w;
+        uv_async_send(&srv->done_async);
+    }
+    pthread_mutex_unlock(&srv->pool_mu);
+    return NULL;
+}
+
+static void on_done_async(uv_async_t *a) {
+    kvs_server_t *srv = a->data;
+    pthread_mutex_lock(&srv->pool_mu);
+    kvs__work_t *list = srv->done;
+    srv->done = NULL;
+    pthread_mutex_unlock(&srv->pool_mu);
+    /* The list is newest first: answer in completion order. */
+    kvs__work_t *fifo = NULL;
+    while (list) {
+        kvs__work_t *n = list->ready_next;
+        list->ready_next = fifo;
+        fifo = list;
+        list = n;
+    }
+    while (fifo) {
+        kvs__work_t *n = fifo->ready_next;
+        work_done(fifo);
+        fifo = n;
+    }
+}
+
+static int pool_start(kvs_server_t *srv) {
+    srv->pool_threads = calloc(srv->cfg->workers, sizeof(pthread_t));
+    if (!srv->pool_threads)
+        return KVS_ENOMEM;
+    for (uint32_t i = 0; i < srv->cfg->workers; i++) {
+        int rc = pthread_create(&srv->pool_threads[i], NULL, worker_main, srv);
+        if (rc)
+            return -rc; /* pool_close joins those that started */
+        srv->n_pool_threads++;
+    }
+    return 0;
+}
+
+/* Once the loop has run out of work (nothing running: done_async is
+ * ref'd while anything is), join the idle workers and close done_async. */
+static void pool_close(kvs_server_t *srv) {
+    pthread_mutex_lock(&srv->pool_mu);
+    srv->pool_stop = true;
+    pthread_cond_broadcast(&srv->pool_cv);
+    pthread_mutex_unlock(&srv->pool_mu);
+    for (uint32_t i = 0; i < srv->n_pool_threads; i++)
+        pthread_join(srv->pool_threads[i], NULL);
+    srv->n_pool_threads = 0;
+    free(srv->pool_threads);
+    srv->pool_threads = NULL;
+    if (srv->have_async) {
+        srv->have_async = false;
+        uv_close((uv_handle_t *)&srv->done_async, NULL);
+        uv_run(&srv->loop, UV_RUN_DEFAULT);
+    }
+}
+
+/* ------------------------------------------------------------ admission */
+
+static void admit_release(kvs_server_t *srv, uint64_t n) {
+    if (!n)
+        return;
+    srv->admitted -= n;
+    if (n > ADMIT_MIN)
+        srv->admitted_large -= n;
+    if (srv->n_admit_wait)
+        srv->admit_retry = true; /* on_flush_check retries the waiters */
+}
+
+/*
+ * Count the frame at the front of c's reader against max_buffered_bytes,
+ * once: a large frame (over ADMIT_MIN) as soon as its header is in, before
+ * its body is buffered; a small one when it is complete, before it is
+ * decoded and queued. A frame that does not fit waits (c is not read, its
+ * frames not dispatched) until bytes are released, except that one large
+ * frame may always be admitted when no other is (a frame larger than the
+ * budget cannot starve), and a small one when its connection has nothing
+ * in flight (every connection makes progress). Returns false when c must
+ * wait.
+ */
+static bool conn_admit(kvs__conn_t *c) {
+    kvs_server_t *srv = c->srv;
+    uint64_t cap = srv->cfg->max_buffered_bytes;
+    size_t have = kvs_frame_reader_pending(&c->rd);
+    kvs_frame_header_t h;
+    bool ok = true;
+    if (c->admit || !cap || have < KVS_FRAME_HEADER_SIZE ||
+        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body,
+                                &h, NULL, 0))
+        goto out; /* nothing to admit; a bad header is reported by next() */
+    uint64_t total = KVS_FRAME_HEADER_SIZE + (uint64_t)h.body_len;
+    bool large = total > ADMIT_MIN;
+    if (!large && have < total)
+        goto out; /* a read chunk at most: counted once complete */
+    if (srv->admitted + total > cap &&
+        (large ? srv->admitted_large != 0 : c->inflight != 0)) {
+        ok = false;
+        if (!c->admit_wait)
+            kvs__log(KVS__LOG_DEBUG, "conn_admit_wait",
+                     "conn=%llu frame_bytes=%llu buffered=%llu",
+                     (unsigned long long)c->id, (unsigned long long)total,
+                     (unsigned long long)srv->admitted);
+        goto out;
+    }
+    c->admit = total;
+    srv->admitted += total;
+    if (large)
+        srv->admitted_large += total;
+out:
+    if (ok && c->admit_wait) {
+        c->admit_wait = false;
+        srv->n_admit_wait--;
+    } else if (!ok && !c->admit_wait) {
+        c->admit_wait = true;
+        srv->n_admit_wait++;
+    }
+    return ok;
+}
+
+/* Loop thread: w ran; answer it and let what waited behind it go. */
+static void work_done(kvs__work_t *w) {
     kvs__conn_t *c = w->conn;
     kvs_server_t *srv = w->srv;
-    (void)status; /* work is never cancelled */
     double secs = (double)(uv_hrtime() - w->t0) / 1e9;
     kvs__metrics_observe(&srv->m, w->op, w->status, secs);
     if (w->status && w->status != KVS_ENOSEQ)
@@ -382,6 +965,10 @@ static void after_work(uv_work_t *req, int status) {
                  kvs_frame_op_name(w->op), kvs_err_name(w->status));
     c->inflight--;
     srv->inflight--;
+    if (--srv->running == 0)
+        uv_unref((uv_handle_t *)&srv->done_async);
+    gate_leave(c, w);
+    admit_release(srv, w->admit);
     if (w->frame && !c->closing) {
         conn_send(c, w->frame, w->frame_len);
         c->last_active = uv_now(&srv->loop);
@@ -399,8 +986,6 @@ static void after_work(uv_work_t *req, int status) {
     }
     check_drained(srv);
 }
-
-static void work_cb(uv_work_t *req) { kvs__op_run(req->data); }
 
 /* Ping without payload is the liveness probe and the pipelining benchmark;
  * its request and answer have one encoding each, so skip protobuf for it.
@@ -442,8 +1027,11 @@ static bool try_fast_ping(kvs__conn_t *c, const kvs_frame_header_t *hdr,
     return true;
 }
 
+/* Handle one frame. `*admit` is the max_buffered_bytes share of its bytes:
+ * taken (zeroed) when the request is queued, and released when it is
+ * answered; the caller releases what is left. */
 static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
-                     const uint8_t *body) {
+                     const uint8_t *body, uint64_t *admit) {
     kvs_server_t *srv = c->srv;
     if (try_fast_ping(c, hdr, body))
         return;
@@ -473,7 +1061,8 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
         goto done;
     }
     if (op == KVS__V1__REQUEST__OP_HELLO) {
-        handle_hello(c, hdr->request_id, msg->hello);
+        handle_hello(c, hdr->request_id, msg->hello,
+                     hello_token_len(body, hdr->body_len));
         goto done;
     }
     if (op == KVS__V1__REQUEST__OP_PING) {
@@ -492,7 +1081,6 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
                    "out of memory queuing the request", false);
         goto done;
     }
-    w->req.data = w;
     w->conn = c;
     w->srv = srv;
     w->msg = msg;
@@ -509,15 +1097,18 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
         w->snap_in = srv->m.bytes_in;
         w->snap_out = srv->m.bytes_out;
     }
-    rc = uv_queue_work(&srv->loop, &w->req, work_cb, after_work);
-    if (rc) {
+    if (gate_enter(c, w)) {
         free(w);
-        conn_error(c, hdr->request_id, op, KVS_EBUSY,
-                   "cannot queue the request", false);
+        conn_error(c, hdr->request_id, op, KVS_ENOMEM,
+                   "out of memory queuing the request", false);
         goto done;
     }
+    w->admit = *admit;
+    *admit = 0;
     c->inflight++;
     srv->inflight++;
+    if (gate_open(w))
+        work_ready(c, w);
     return; /* w owns msg */
 done:
     if (msg)
@@ -527,8 +1118,8 @@ done:
 /* Take frames out of the reader while this connection may have more work. */
 static void conn_process(kvs__conn_t *c) {
     kvs_server_t *srv = c->srv;
-    while (!c->closing && !c->fatal && !srv->draining &&
-           c->inflight < srv->cfg->max_inflight) {
+    bool consumed = false;
+    while (conn_may_dispatch(c) && conn_admit(c)) {
         kvs_frame_header_t hdr;
         const uint8_t *body;
         char why[256];
@@ -539,17 +1130,37 @@ static void conn_process(kvs__conn_t *c) {
             srv->m.protocol_errors++;
             /* Bad magic means the id is garbage too: answer with id 0. */
             uint64_t id = hdr.magic == KVS_FRAME_MAGIC ? hdr.request_id : 0;
+            if (rc == KVS_ETOOBIG && !c->authed)
+                snprintf(why, sizeof(why),
+                         "frame body of %u bytes before authentication "
+                         "(limit %u until Hello succeeds)",
+                         hdr.body_len, PREAUTH_MAX_BODY);
             conn_error(c, id, 0, rc, why, true);
             break;
         }
+        consumed = true;
+        uint64_t admit = c->admit;
+        c->admit = 0;
         if (hdr.flags & KVS_FRAME_F_RESPONSE) {
+            admit_release(srv, admit);
             srv->m.protocol_errors++;
             conn_error(c, hdr.request_id, 0, KVS_EPROTO,
                        "a client sent a frame flagged as a response", true);
             break;
         }
-        dispatch(c, &hdr, body);
+        dispatch(c, &hdr, body, &admit);
+        admit_release(srv, admit);
     }
+    /* A large frame at the front is counted before more of it is read (a
+     * paused connection is retried by on_flush_check). */
+    if (!c->closing && !c->fatal)
+        conn_admit(c);
+    /* The frame deadline runs from the first byte of the frame now at the
+     * front; bytes behind a completed frame came with its last read. */
+    if (kvs_frame_reader_pending(&c->rd) == 0)
+        c->frame_start = 0;
+    else if (consumed)
+        c->frame_start = uv_now(&srv->loop);
     conn_update_reading(c);
 }
 
@@ -611,7 +1222,9 @@ static void on_connection(uv_stream_t *listener, int status) {
     if (is_tcp && srv->cfg->tcp_nodelay)
         uv_tcp_nodelay(&c->h.tcp, 1);
     c->authed = srv->cfg->auth_token[0] == 0;
-    c->last_active = uv_now(&srv->loop);
+    if (!c->authed && c->rd.max_body > PREAUTH_MAX_BODY)
+        c->rd.max_body = PREAUTH_MAX_BODY; /* until Hello succeeds */
+    c->last_active = c->accepted_at = uv_now(&srv->loop);
     if (srv->n_conns >= srv->cfg->max_connections || srv->draining) {
         /* Refuse visibly: an answer the client can show, not a bare RST. */
         c->refused = true;
@@ -815,12 +1428,66 @@ static int write_port_file(kvs_server_t *srv) {
 
 /* ------------------------------------------------------ timers and signals */
 
+/* Deadlines of frame_timeout_ms; true when c is being closed. */
+static bool conn_deadlines(kvs__conn_t *c, uint64_t now) {
+    kvs_server_t *srv = c->srv;
+    uint64_t ft = srv->cfg->frame_timeout_ms;
+    char m[160];
+    if (!ft || c->closing)
+        return c->closing;
+    if (c->fatal) {
+        /* Its answer was queued; a peer that never reads it does not keep
+         * the connection. */
+        if (now - c->fatal_at >= ft) {
+            conn_close(c);
+            return true;
+        }
+        return false;
+    }
+    if (!c->authed && now - c->accepted_at >= ft) {
+        srv->m.auth_failures++;
+        snprintf(m, sizeof(m),
+                 "authentication required: no Hello with the token within "
+                 "frame_timeout_ms (%llu)",
+                 (unsigned long long)ft);
+        conn_error(c, 0, 0, KVS_EAUTH, m, true);
+        conn_maybe_close(c);
+        return true;
+    }
+    /* Only while we are reading: a connection we paused owes us nothing. */
+    if (c->reading && c->frame_start && now - c->frame_start >= ft) {
+        srv->m.protocol_errors++;
+        snprintf(m, sizeof(m),
+                 "frame not completed within frame_timeout_ms (%llu): %zu "
+                 "bytes received",
+                 (unsigned long long)ft, kvs_frame_reader_pending(&c->rd));
+        conn_error(c, 0, 0, KVS_ETIMEDOUT, m, true);
+        conn_maybe_close(c);
+        return true;
+    }
+    return false;
+}
+
 static void on_sweep(uv_timer_t *t) {
     kvs_server_t *srv = t->data;
     uint64_t now = uv_now(&srv->loop);
     uint64_t idle = srv->cfg->idle_timeout_ms;
     for (kvs__conn_t *c = srv->conns; c; c = c->next) {
-        if (c->closing || c->inflight || c->writes)
+        if (conn_deadlines(c, now))
+            continue;
+        if (idle && c->writes && now - c->last_write >= idle) {
+            /* A peer that reads none of its answers would otherwise hold
+             * its max_output_bytes for ever. */
+            kvs__log(KVS__LOG_INFO, "conn_write_stalled",
+                     "conn=%llu peer=%s stalled_ms=%llu queued=%zu",
+                     (unsigned long long)c->id, c->peer,
+                     (unsigned long long)(now - c->last_write),
+                     conn_out_bytes(c));
+            srv->m.idle_closed++;
+            conn_close(c);
+            continue;
+        }
+        if (!idle || c->inflight || c->writes)
             continue;
         if (now - c->last_active >= idle) {
             kvs__log(KVS__LOG_INFO, "conn_idle_timeout",
@@ -970,6 +1637,8 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     srv->limits.max_tokens_per_append = cfg->max_tokens_per_append;
     for (size_t i = 0; i < 64; i++)
         pthread_rwlock_init(&srv->seq_locks[i], NULL);
+    pthread_mutex_init(&srv->pool_mu, NULL);
+    pthread_cond_init(&srv->pool_cv, NULL);
     if (cfg->node_id[0])
         snprintf(srv->node_id, sizeof(srv->node_id), "%s", cfg->node_id);
     else if (gethostname(srv->node_id, sizeof(srv->node_id) - 1))
@@ -1037,14 +1706,23 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
                  kvs__logq(q, sizeof(q), kvs_store_gpu_info(srv->store)));
     }
 
+    uv_async_init(&srv->loop, &srv->done_async, on_done_async);
+    srv->done_async.data = srv;
+    uv_unref((uv_handle_t *)&srv->done_async); /* ref'd while work runs */
+    srv->have_async = true;
+    if ((rc = pool_start(srv)))
+        goto err;
     uv_check_init(&srv->loop, &srv->flusher);
     srv->flusher.data = srv;
     uv_check_start(&srv->flusher, on_flush_check);
     uv_unref((uv_handle_t *)&srv->flusher);
     uv_timer_init(&srv->loop, &srv->sweeper);
     srv->sweeper.data = srv;
-    if (cfg->idle_timeout_ms) {
-        uint64_t every = cfg->idle_timeout_ms / 4;
+    uint64_t tmo = cfg->idle_timeout_ms;
+    if (cfg->frame_timeout_ms && (!tmo || cfg->frame_timeout_ms < tmo))
+        tmo = cfg->frame_timeout_ms;
+    if (tmo) {
+        uint64_t every = tmo / 4;
         if (every < 10)
             every = 10;
         if (every > 1000)
@@ -1077,8 +1755,11 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
 err:
     stop_everything(srv);
     uv_run(&srv->loop, UV_RUN_DEFAULT);
+    pool_close(srv);
     kvs_store_close(srv->store);
     uv_loop_close(&srv->loop);
+    pthread_mutex_destroy(&srv->pool_mu);
+    pthread_cond_destroy(&srv->pool_cv);
     free(srv);
     return rc;
 }
@@ -1105,9 +1786,16 @@ void kvs_server_free(kvs_server_t *srv) {
         stop_everything(srv);
         uv_run(&srv->loop, UV_RUN_DEFAULT);
     }
+    /* Every connection is gone and every request answered: all admitted
+     * bytes came back (a leak here would shrink the budget for good). */
+    assert(srv->inflight == 0 && srv->running == 0);
+    assert(srv->admitted == 0 && srv->admitted_large == 0);
+    pool_close(srv);
     kvs_store_close(srv->store);
     uv_loop_close(&srv->loop);
     for (size_t i = 0; i < 64; i++)
         pthread_rwlock_destroy(&srv->seq_locks[i]);
+    pthread_mutex_destroy(&srv->pool_mu);
+    pthread_cond_destroy(&srv->pool_cv);
     free(srv);
 }

@@ -4,9 +4,10 @@
  * between the files of the daemon and nothing else.
  *
  * Threading model: everything in kvs_server_t and kvs__conn_t is owned by the
- * loop thread. Workers (uv_queue_work) only see a kvs__work_t: the decoded
- * request, the store, a read-only copy of the limits, and write their encoded
- * response frame into it; after_work hands that back to the loop thread.
+ * loop thread, except the worker pool's queues (pool_mu, below). Workers
+ * (server.c, worker_main) only see a kvs__work_t: the decoded request, the
+ * store, a read-only copy of the limits, and write their encoded response
+ * frame into it; done_async hands it back to the loop thread.
  */
 #ifndef KVS_SERVER_INT_H
 #define KVS_SERVER_INT_H
@@ -69,6 +70,17 @@ void kvs__metrics_observe(kvs__metrics_t *m, int op, int status,
 /* ----------------------------------------------------------------- server */
 
 typedef struct kvs__conn_s kvs__conn_t;
+typedef struct kvs__work_s kvs__work_t;
+
+/* Requests of one connection that name one sequence and are not answered
+ * yet, in arrival order (the per-connection ordering gate, server.c). */
+typedef struct kvs__seq_q_s kvs__seq_q_t;
+struct kvs__seq_q_s {
+    uint64_t seq;
+    kvs__seq_q_t *next; /* hash chain in conn->seq_qs */
+    kvs__work_t *head, *tail;
+};
+#define KVS__SEQ_Q_BUCKETS 64
 
 struct kvs__conn_s {
     union {
@@ -83,7 +95,22 @@ struct kvs__conn_s {
     kvs_frame_reader_t rd;
     uint64_t id;
     char peer[80];
-    uint32_t inflight;              /* requests on the worker pool */
+    uint32_t inflight;     /* requests read, not yet answered */
+    kvs__seq_q_t **seq_qs; /* KVS__SEQ_Q_BUCKETS; NULL until used */
+    /* Under srv->pool_mu: requests that may run, waiting for a worker, and
+     * this connection's place in the round robin. */
+    kvs__work_t *ready_head, *ready_tail;
+    kvs__conn_t *rr_next;
+    bool in_rr;
+    uint64_t accepted_at;           /* uv_now() at accept */
+    uint64_t frame_start;           /* uv_now() of the first byte of the
+                                       frame being read; 0: none */
+    uint64_t admit;                 /* bytes of srv->admitted held by the
+                                       frame being read */
+    bool admit_wait;                /* paused: over max_buffered_bytes */
+    uint64_t fatal_at;              /* uv_now() when marked fatal */
+    uint64_t last_write;            /* uv_now() a write last completed, or
+                                       was queued with none pending */
     uint32_t writes;                /* uv_write requests pending */
     uint64_t last_active;           /* uv_now() of the last byte or answer */
     uint8_t *out;                   /* responses waiting for the next flush */
@@ -118,6 +145,24 @@ struct kvs_server_s {
     uint32_t n_conns;     /* accepted and counted (not refused) */
     uint64_t next_conn_id;
     uint64_t inflight;    /* across connections */
+    uint32_t running;     /* requests handed to the pool, not yet done */
+    /* The worker pool. pool_mu guards rr_*, done, pool_stop and every
+     * connection's ready_* / rr_next / in_rr; nothing else is shared. It is
+     * a leaf lock: nothing else is taken while it is held (workers drop it
+     * before the engine call, which takes seq_locks). */
+    pthread_mutex_t pool_mu;
+    pthread_cond_t pool_cv;
+    pthread_t *pool_threads;
+    uint32_t n_pool_threads;
+    bool pool_stop;
+    kvs__conn_t *rr_head, *rr_tail; /* round robin over ready connections */
+    kvs__work_t *done;              /* finished, newest first */
+    uv_async_t done_async;          /* ref'd while running > 0 */
+    bool have_async;
+    uint64_t admitted; /* request bytes admitted (max_buffered_bytes) */
+    uint64_t admitted_large; /* of which frames over ADMIT_MIN */
+    uint32_t n_admit_wait;
+    bool admit_retry; /* admitted bytes were released: retry waiters */
     bool draining;
     bool stopped;         /* handles closed */
     uint64_t start_ns;
@@ -131,8 +176,7 @@ struct kvs_server_s {
 };
 
 /* Work item for one request on the worker pool. */
-typedef struct kvs__work_s {
-    uv_work_t req;
+struct kvs__work_s {
     kvs__conn_t *conn;
     kvs_server_t *srv;
     Kvs__V1__Request *msg;
@@ -145,7 +189,17 @@ typedef struct kvs__work_s {
     /* Server-side fields of a Stats answer, snapshot on the loop thread. */
     uint64_t snap_connections, snap_requests, snap_inflight, snap_in,
         snap_out;
-} kvs__work_t;
+    uint64_t admit; /* srv->admitted bytes released when answered */
+    /* Ordering gate (loop thread only): the sequences the request names,
+     * what it does to them, its links in each sequence's queue. */
+    kvs__seq_q_t *q[2];
+    kvs__work_t *qprev[2], *qnext[2];
+    int n_q;
+    int kind;              /* GATE_* (server.c) */
+    uint32_t layer;        /* of an append, search or attend */
+    bool started; /* left the gate (ready or running) */
+    kvs__work_t *ready_next; /* under pool_mu: ready FIFO, then done list */
+};
 
 /* Worker side: run w->msg against the store and encode w->frame. */
 void kvs__op_run(kvs__work_t *w);
