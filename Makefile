@@ -29,7 +29,7 @@ test: build
 asan: deps
 	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_ASAN=ON -DKVS_UBSAN=ON -DKVS_CUDA=OFF -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null
 	@cmake --build build-asan -j $(JOBS)
-	@cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L unit
+	@cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 600 -L 'unit|adversarial'
 
 tsan: deps
 	@cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVS_TSAN=ON -DKVS_CUDA=OFF -DKVS_WERROR=ON -DKVS_SANITIZER_RUN=ON >/dev/null

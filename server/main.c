@@ -183,10 +183,6 @@ int main(int argc, char **argv) {
     mallopt(M_MMAP_THRESHOLD, 256 << 20);
     mallopt(M_TRIM_THRESHOLD, 512 << 20);
     raise_nofile(cfg.max_connections);
-    /* libuv sizes its pool from the environment at first use. */
-    char n[16];
-    snprintf(n, sizeof(n), "%u", cfg.workers);
-    setenv("UV_THREADPOOL_SIZE", n, 1);
 
     kvs_server_t *srv = NULL;
     rc = kvs_server_new(&cfg, &srv);
