@@ -448,56 +448,118 @@ static int tables_check(rocksdb_t *rdb, const char *dir, char *err,
     return rc;
 }
 
-/* The WAL holds every write not yet in a table, and RocksDB opens without
- * complaint when it is missing or cut short. A clean close writes the last
- * sequence number to CLOSED_SEQ_FILE; an open that recovers less refuses.
- * (After a crash the file holds an older close's number: a lower bound,
- * still right, but it cannot tell a lost WAL from the crash's own loss.) */
-#define CLOSED_SEQ_FILE "KVSTORE-CLOSED"
+/* RocksDB opens without complaint when a WAL is missing or cut short, or
+ * when a MANIFEST cut short (read as a torn write) no longer lists tables
+ * that hold data, which it then deletes as obsolete. A clean close writes
+ * what it leaves, CLOSED_FILE: the last sequence number and every live
+ * table with its size, under a CRC. The next open must find all of it
+ * (a later sequence, every table live at that size) and removes the file
+ * once open: after a crash there is none, and these losses cannot be told
+ * from the crash's own. */
+#define CLOSED_FILE "KVSTORE-CLOSED"
 
-static void closed_seq_write(kvs__db_t *db, uint64_t seq) {
-    char path[4096], tmp[4096], line[64];
-    snprintf(path, sizeof path, "%s/" CLOSED_SEQ_FILE, db->dir);
-    snprintf(tmp, sizeof tmp, "%s/" CLOSED_SEQ_FILE ".tmp", db->dir);
-    int n = snprintf(line, sizeof line, "%llu %08x\n", (unsigned long long)seq,
-                     kvs_crc32c(0, &seq, sizeof seq));
+static void closed_write(kvs__db_t *db) {
+    char path[4096], tmp[4096];
+    snprintf(path, sizeof path, "%s/" CLOSED_FILE, db->dir);
+    snprintf(tmp, sizeof tmp, "%s/" CLOSED_FILE ".tmp", db->dir);
+    const rocksdb_livefiles_t *lf = rocksdb_livefiles(db->db);
+    int n = lf ? rocksdb_livefiles_count(lf) : 0;
+    size_t cap = 64 + (size_t)n * 96, len = 0;
+    char *buf = malloc(cap);
+    if (buf) {
+        len += (size_t)snprintf(
+            buf + len, cap - len, "kvstore-closed 1\nseq %llu\n",
+            (unsigned long long)rocksdb_get_latest_sequence_number(db->db));
+        for (int i = 0; i < n && len < cap; i++) {
+            const char *name = rocksdb_livefiles_name(lf, i);
+            len += (size_t)snprintf(buf + len, cap - len, "table %.64s %zu\n",
+                                    name + (name[0] == '/'),
+                                    rocksdb_livefiles_size(lf, i));
+        }
+    }
+    if (lf)
+        rocksdb_livefiles_destroy(lf);
+    if (!buf || len + 16 > cap) {
+        free(buf);
+        return; /* no record: the next open checks less, that is all */
+    }
+    len += (size_t)snprintf(buf + len, cap - len, "crc %08x\n",
+                            kvs_crc32c(0, buf, len));
     FILE *f = fopen(tmp, "wb");
-    if (!f)
-        return;
-    int ok = fwrite(line, 1, (size_t)n, f) == (size_t)n && fflush(f) == 0 &&
+    int ok = f && fwrite(buf, 1, len, f) == len && fflush(f) == 0 &&
              fsync(fileno(f)) == 0;
-    ok &= fclose(f) == 0;
+    if (f)
+        ok &= fclose(f) == 0;
     if (!ok || rename(tmp, path))
         unlink(tmp);
+    free(buf);
 }
 
-static int closed_seq_check(rocksdb_t *rdb, const char *dir, char *err,
-                            size_t errlen) {
-    char path[4096], line[64] = "";
-    snprintf(path, sizeof path, "%s/" CLOSED_SEQ_FILE, dir);
+static int closed_check(rocksdb_t *rdb, const char *dir, char *err,
+                        size_t errlen) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/" CLOSED_FILE, dir);
     FILE *f = fopen(path, "rb");
     if (!f)
-        return 0; /* never closed cleanly, or closed before this rule */
-    size_t n = fread(line, 1, sizeof line - 1, f);
+        return 0; /* not closed cleanly since the last open */
+    char *buf = NULL;
+    struct stat st;
+    size_t len = 0;
+    if (fstat(fileno(f), &st) == 0 && st.st_size < (64 << 20) &&
+        (buf = malloc((size_t)st.st_size + 1)))
+        len = fread(buf, 1, (size_t)st.st_size, f);
     fclose(f);
-    line[n] = 0;
-    unsigned long long want;
-    unsigned crc;
-    uint64_t w;
-    if (sscanf(line, "%llu %8x", &want, &crc) != 2 ||
-        (w = want, crc != kvs_crc32c(0, &w, sizeof w))) {
-        snprintf(err, errlen, CLOSED_SEQ_FILE " is damaged");
-        return KVS_ECORRUPT;
+    if (!buf)
+        return KVS_ENOMEM;
+    buf[len] = 0;
+    int rc = 0;
+    const rocksdb_livefiles_t *lf = NULL;
+    char *crc_at = strstr(buf, "crc ");
+    unsigned crc = 0;
+    unsigned long long want = 0;
+    if (!crc_at || sscanf(crc_at, "crc %8x", &crc) != 1 ||
+        crc != kvs_crc32c(0, buf, (size_t)(crc_at - buf)) ||
+        sscanf(buf, "kvstore-closed 1\nseq %llu\n", &want) != 1) {
+        snprintf(err, errlen, CLOSED_FILE " is damaged (remove it to open)");
+        rc = KVS_ECORRUPT;
+        goto out;
     }
     uint64_t have = rocksdb_get_latest_sequence_number(rdb);
     if (have < want) {
         snprintf(err, errlen,
                  "a WAL is missing or cut short: the store was closed at "
-                 "sequence %llu, only %llu are there (" CLOSED_SEQ_FILE ")",
+                 "sequence %llu, only %llu are there (" CLOSED_FILE ")",
                  want, (unsigned long long)have);
-        return KVS_ECORRUPT;
+        rc = KVS_ECORRUPT;
+        goto out;
     }
-    return 0;
+    lf = rocksdb_livefiles(rdb);
+    int n = lf ? rocksdb_livefiles_count(lf) : 0;
+    for (char *p = strstr(buf, "\ntable "); p && p < crc_at && !rc;
+         p = strstr(p + 1, "\ntable ")) {
+        char name[80];
+        size_t size;
+        if (sscanf(p, "\ntable %79s %zu", name, &size) != 2)
+            break;
+        int live = 0;
+        for (int i = 0; i < n && !live; i++) {
+            const char *ln = rocksdb_livefiles_name(lf, i);
+            live = !strcmp(ln + (ln[0] == '/'), name) &&
+                   rocksdb_livefiles_size(lf, i) == size;
+        }
+        if (!live) {
+            snprintf(err, errlen,
+                     "the MANIFEST no longer lists table file %s, which "
+                     "held data at the last clean close (" CLOSED_FILE ")",
+                     name);
+            rc = KVS_ECORRUPT;
+        }
+    }
+out:
+    if (lf)
+        rocksdb_livefiles_destroy(lf);
+    free(buf);
+    return rc;
 }
 
 /* Files only the store's user may read (they hold users' contexts).
@@ -545,6 +607,35 @@ static void private_files_fix(const char *dir) {
     closedir(d);
 }
 
+/* The records whose damage refuses the open (the format record, the
+ * sequences' metadata) must be readable before the read-write open, which
+ * would already have rewritten RocksDB's own files. */
+static int meta_check(rocksdb_t *rdb, rocksdb_column_family_handle_t **cf,
+                      char *err, size_t errlen) {
+    static const char key[] = "kvstore-format";
+    rocksdb_readoptions_t *ro = rocksdb_readoptions_create();
+    rocksdb_readoptions_set_verify_checksums(ro, 1);
+    rocksdb_readoptions_set_fill_cache(ro, 0);
+    char *rerr = NULL;
+    size_t vl;
+    rocksdb_free(rocksdb_get_cf(rdb, ro, cf[CF_DEFAULT], key, sizeof key - 1,
+                                &vl, &rerr));
+    int rc = take_err(rerr, err, errlen, "format record");
+    if (!rc) {
+        rocksdb_iterator_t *it =
+            rocksdb_create_iterator_cf(rdb, ro, cf[CF_SEQS]);
+        for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it);
+             rocksdb_iter_next(it))
+            ;
+        rocksdb_iter_get_error(it, &rerr);
+        rocksdb_iter_destroy(it);
+        rc = take_err(rerr, err, errlen, "sequence metadata");
+    }
+    rocksdb_readoptions_destroy(ro);
+    /* A block that cannot be read is damage, whatever RocksDB calls it. */
+    return rc == KVS_EIO ? KVS_ECORRUPT : rc;
+}
+
 /* What RocksDB's open would trust without looking, looked at through a
  * read-only open first (it reads the MANIFEST and replays the WALs into
  * memory, and writes nothing): a refused open leaves the directory as it
@@ -560,11 +651,27 @@ static int open_check(const rocksdb_options_t *o, const char *dir, char *err,
     char *rerr = NULL;
     rocksdb_t *rdb = rocksdb_open_for_read_only_column_families(
         o, dir, CF_COUNT, cf_names, cfo, cf, 0, &rerr);
+    if (rerr && strstr(rerr, "Column family not found")) {
+        /* Every store has all four: the MANIFEST lost their records. */
+        char cur[64] = "the MANIFEST";
+        FILE *f = fopen(path, "rb");
+        if (f) {
+            if (!fgets(cur, sizeof cur, f))
+                snprintf(cur, sizeof cur, "the MANIFEST");
+            cur[strcspn(cur, "\n")] = 0;
+            fclose(f);
+        }
+        snprintf(err, errlen, "%s is damaged: %s", cur, rerr);
+        rocksdb_free(rerr);
+        return KVS_ECORRUPT;
+    }
     int rc = take_err(rerr, err, errlen, "cannot open the database");
     if (rc)
         return rc;
     if (!(rc = tables_check(rdb, dir, err, errlen)))
-        rc = closed_seq_check(rdb, dir, err, errlen);
+        rc = closed_check(rdb, dir, err, errlen);
+    if (!rc)
+        rc = meta_check(rdb, cf, err, errlen);
     for (int i = 0; i < CF_COUNT; i++)
         rocksdb_column_family_handle_destroy(cf[i]);
     rocksdb_close(rdb);
@@ -628,6 +735,11 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
         db->db = NULL;
         goto err;
     }
+    /* It described the directory before this open; the next clean close
+     * writes it anew. */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/" CLOSED_FILE, dir);
+    unlink(path);
     db->wo = rocksdb_writeoptions_create();
     rocksdb_writeoptions_set_sync(db->wo, sync == KVS_SYNC_ALWAYS);
     db->wo_nosync = rocksdb_writeoptions_create();
@@ -650,7 +762,7 @@ int kvs__db_close(kvs__db_t *db) {
         /* Make everything acknowledged so far durable before closing. */
         rc = db_sync_wal(db);
         if (!rc && db->opened)
-            closed_seq_write(db, rocksdb_get_latest_sequence_number(db->db));
+            closed_write(db);
         for (int i = 0; i < CF_COUNT; i++)
             rocksdb_column_family_handle_destroy(db->cf[i]);
         if (atomic_load(&db->failed)) {

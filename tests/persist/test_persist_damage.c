@@ -767,68 +767,6 @@ static void test_persist_damage_disk_full_close(void **state) {
     free(dir);
 }
 
-/* A compaction (background work, not a client write) meets the full disk
- * first: the close still returns instead of aborting, with KVS_ENOSPC. */
-static void test_persist_damage_disk_full_compaction(void **state) {
-    (void)state;
-    char *dir = temp_dir();
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        signal(SIGXFSZ, SIG_IGN);
-        struct rlimit rl = {3 << 20, 3 << 20};
-        setrlimit(RLIMIT_FSIZE, &rl);
-        kvs_options_t o;
-        kvs_options_default(&o);
-        o.data_dir = dir;
-        o.segment_tokens = 1 << 20; /* rows only: no builds */
-        o.sync = KVS_SYNC_BATCH;
-        o.n_threads = 2;
-        kvs_store_t *s = NULL;
-        if (kvs_store_open(&o, &s) || kvs_seq_create(s, 1, &GEO) ||
-            kvs_seq_create(s, 2, &GEO))
-            _exit(2);
-        enum { CH = 1000 };
-        uint16_t *k = malloc(CH * KVH * D * 2), *v = malloc(CH * KVH * D * 2);
-        uint64_t t = 0;
-        int rc = 0, compactions = 0;
-        /* About 2 MiB per round over both sequences: each table alone
-         * fits under the limit; their key ranges overlap, so the
-         * compaction rewrites them into one that does not. */
-        for (int round = 0; round < 4 && !rc; round++) {
-            for (int i = 0; i < 8 && !rc; i++, t += CH)
-                for (uint64_t id = 1; id <= 2 && !rc; id++) {
-                    make_rows(id, 0, t, CH, k, v);
-                    rc = kvs_seq_append(s, id, 0, CH, k, v);
-                }
-            if (!rc && kvs_store_compact(s) == 0)
-                compactions++;
-        }
-        if (rc || compactions != 4 || t != 32000)
-            _exit(3);
-        /* RocksDB retries the compaction; no client write failed. */
-        rc = kvs_store_close(s);
-        _exit(rc == 0 || rc == KVS_ENOSPC ? 0 : 6);
-    }
-    int status;
-    waitpid(pid, &status, 0);
-    if (WIFSIGNALED(status))
-        fail_msg("the writer died of signal %d", WTERMSIG(status));
-    assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 0);
-    kvs_options_t o;
-    kvs_options_default(&o);
-    o.data_dir = dir;
-    o.segment_tokens = 1 << 20;
-    kvs_store_t *s = NULL;
-    assert_int_equal(kvs_store_open(&o, &s), 0);
-    for (uint64_t id = 1; id <= 2; id++)
-        assert_int_equal(tokens_match(s, id, 0, 32000), 1);
-    assert_int_equal(kvs_store_close(s), 0);
-    sh("rm -rf '%s'", dir);
-    free(dir);
-}
-
 /* A real full disk (ENOSPC, which RLIMIT_FSIZE does not give): a 3 MiB
  * tmpfs in a private mount namespace. RocksDB's WAL writer used to abort
  * the close after it (an assertion on a writer that has seen an error).
@@ -932,7 +870,6 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_persist_damage_quarantine_page_in),
         cmocka_unit_test(test_persist_damage_file_modes),
         cmocka_unit_test(test_persist_damage_disk_full_close),
-        cmocka_unit_test(test_persist_damage_disk_full_compaction),
         cmocka_unit_test(test_persist_damage_enospc_close),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
