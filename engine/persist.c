@@ -12,6 +12,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <rocksdb/c.h>
@@ -163,96 +164,96 @@ static int log_is_torn(const unsigned char *h, size_t avail, size_t hs) {
  * reader will: 0, KVS_ECORRUPT with `why` said, or -errno. */
 static int log_check(const char *path, char *why, size_t whylen) {
     int rc = 0;
-    unsigned char *buf = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return -errno;
-    struct stat st;
-    if (fstat(fileno(f), &st)) {
-        rc = -errno;
-        goto out;
-    }
-    size_t size = (size_t)st.st_size;
-    if (!(buf = malloc(size ? size : 1))) {
-        rc = KVS_ENOMEM;
-        goto out;
-    }
-    if (size && fread(buf, 1, size, f) != size) {
-        rc = ferror(f) ? KVS_EIO : KVS_ECORRUPT;
-        snprintf(why, whylen, "short read");
+    /* Records never cross a block: one block in memory at a time. */
+    unsigned char *blk = malloc(LOG_BLOCK);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || !blk) {
+        rc = fd < 0 ? -errno : KVS_ENOMEM;
         goto out;
     }
     int in_frag = 0;
-    size_t off = 0;
-    while (off < size) {
-        size_t left = LOG_BLOCK - off % LOG_BLOCK;
-        if (left < LOG_HDR) { /* the writer pads a block's tail */
-            off += left;
-            continue;
-        }
-        if (size - off < LOG_HDR)
-            break; /* header cut short by a crash */
-        const unsigned char *h = buf + off;
-        size_t len = (size_t)h[4] | (size_t)h[5] << 8;
-        unsigned type = h[6];
-        if (type == 0 && len == 0) {
-            /* Preallocated space: the reader skips the rest of the block,
-             * so it must hold nothing. */
-            size_t end = off + left < size ? off + left : size;
-            for (size_t i = off; i < end; i++)
-                if (buf[i]) {
-                    snprintf(why, whylen,
-                             "data after an empty record at offset %zu", off);
-                    rc = KVS_ECORRUPT;
-                    goto out;
-                }
-            off = end;
-            continue;
-        }
-        if (type < 1 || type > 9) {
-            snprintf(why, whylen, "unknown record type %u at offset %zu", type,
-                     off);
-            rc = KVS_ECORRUPT;
+    for (uint64_t base = 0;; base += LOG_BLOCK) {
+        ssize_t got = pread(fd, blk, LOG_BLOCK, (off_t)base);
+        if (got < 0) {
+            rc = -errno;
             goto out;
         }
-        size_t hs = type >= 5 && type <= 8 ? LOG_HDR_RECYCLED : LOG_HDR;
-        if (size - off < hs)
-            break; /* header cut short by a crash */
-        if (hs + len > size - off) {
-            if (log_is_torn(h, size - off - hs, hs))
-                break; /* a write cut short by a crash: never acknowledged */
-            snprintf(why, whylen, "record length damaged at offset %zu", off);
-            rc = KVS_ECORRUPT;
-            goto out;
+        size_t size = (size_t)got, off = 0;
+        while (off < size) {
+            size_t left = LOG_BLOCK - off;
+            if (left < LOG_HDR) /* the writer pads a block's tail */
+                break;
+            if (size - off < LOG_HDR)
+                break; /* header cut short by a crash (last block) */
+            const unsigned char *h = blk + off;
+            size_t len = (size_t)h[4] | (size_t)h[5] << 8;
+            unsigned type = h[6];
+            if (type == 0 && len == 0) {
+                /* Preallocated space: the reader skips the rest of the
+                 * block, so it must hold nothing. */
+                for (size_t i = off; i < size; i++)
+                    if (blk[i]) {
+                        snprintf(why, whylen,
+                                 "data after an empty record at offset "
+                                 "%llu",
+                                 (unsigned long long)(base + off));
+                        rc = KVS_ECORRUPT;
+                        goto out;
+                    }
+                break;
+            }
+            if (type < 1 || type > 9) {
+                snprintf(why, whylen, "unknown record type %u at offset %llu",
+                         type, (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            size_t hs = type >= 5 && type <= 8 ? LOG_HDR_RECYCLED : LOG_HDR;
+            if (size - off < hs)
+                break; /* header cut short by a crash */
+            if (hs + len > left) {
+                snprintf(why, whylen, "record at offset %llu crosses a block",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            if (hs + len > size - off) { /* runs past the end of the file */
+                if (log_is_torn(h, size - off - hs, hs))
+                    break; /* cut short by a crash: never acknowledged */
+                snprintf(why, whylen, "record length damaged at offset %llu",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            if (log_unmask(get_le32(h)) != kvs_crc32c(0, h + 6, hs - 6 + len)) {
+                snprintf(why, whylen,
+                         "record at offset %llu fails its checksum",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            /* Fragments: full | first middle* last (recycled: +4). */
+            unsigned kind = type >= 5 && type <= 8 ? type - 4 : type;
+            if (kind == 9) {
+                /* A settings record (WAL compression): not in a batch. */
+            } else if ((kind == 1 || kind == 2) == in_frag) {
+                snprintf(why, whylen, "broken record chain at offset %llu",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            } else {
+                in_frag = kind == 2 || kind == 3;
+            }
+            off += hs + len;
         }
-        if (hs + len > left) {
-            snprintf(why, whylen, "record at offset %zu crosses a block", off);
-            rc = KVS_ECORRUPT;
-            goto out;
-        }
-        if (log_unmask(get_le32(h)) != kvs_crc32c(0, h + 6, hs - 6 + len)) {
-            snprintf(why, whylen, "record at offset %zu fails its checksum",
-                     off);
-            rc = KVS_ECORRUPT;
-            goto out;
-        }
-        /* Fragments: full | first middle* last (recycled: +4). */
-        unsigned kind = type >= 5 && type <= 8 ? type - 4 : type;
-        if (kind == 9) {
-            /* A settings record (WAL compression): not part of a batch. */
-        } else if ((kind == 1 || kind == 2) == in_frag) {
-            snprintf(why, whylen, "broken record chain at offset %zu", off);
-            rc = KVS_ECORRUPT;
-            goto out;
-        } else {
-            in_frag = kind == 2 || kind == 3;
-        }
-        off += hs + len;
+        if (size < LOG_BLOCK)
+            break; /* the last block; a record missing its last fragments
+                    * is a torn write too */
     }
-    /* A last record missing its final fragments is a torn write too. */
 out:
-    free(buf);
-    fclose(f);
+    free(blk);
+    if (fd >= 0)
+        close(fd);
     return rc;
 }
 
