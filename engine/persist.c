@@ -762,21 +762,21 @@ int kvs__db_close(kvs__db_t *db) {
     if (db->db) {
         /* Make everything acknowledged so far durable before closing. */
         rc = db_sync_wal(db);
+        /* No flush or compaction may change the tables after this: the
+         * record of them must be what the next open finds. */
+        rocksdb_cancel_all_background_work(db->db, 1);
         if (!rc && db->opened)
             closed_write(db);
         for (int i = 0; i < CF_COUNT; i++)
             rocksdb_column_family_handle_destroy(db->cf[i]);
-        if (atomic_load(&db->failed)) {
-            /* After a failed write RocksDB's WAL writer asserts on any
-             * further use, and closing the database flushes it: Debian
-             * builds RocksDB with assertions, so the process would abort.
-             * Stop its background work and leave the handle: everything
-             * acknowledged is already durable, and the directory stays
-             * locked by this process until it exits. */
-            rocksdb_cancel_all_background_work(db->db, 1);
-        } else {
+        /* After a failed write RocksDB's WAL writer asserts on any further
+         * use, and closing the database flushes it: Debian builds RocksDB
+         * with assertions, so the process would abort. Then the handle is
+         * left (its background work is stopped): everything acknowledged
+         * is already durable, and the directory stays locked by this
+         * process until it exits. */
+        if (!atomic_load(&db->failed))
             rocksdb_close(db->db);
-        }
     }
     if (db->wo)
         rocksdb_writeoptions_destroy(db->wo);
