@@ -51,8 +51,9 @@ struct kvs__db_s {
      * trip an assertion in some builds. */
     atomic_int failed;
     int sync_err;
-    int private_umask; /* holds a private_files_begin() */
-    int opened;        /* passed every check at open */
+    int private_umask;         /* holds a private_files_begin() */
+    int opened;                /* passed every check at open */
+    struct open_dir_s *listed; /* in open_dirs while open */
     struct timespec last_sync;
 };
 
@@ -679,6 +680,79 @@ static int open_check(const rocksdb_options_t *o, const char *dir, char *err,
     return rc;
 }
 
+/* The checks before RocksDB's open read files that a store open elsewhere
+ * is changing (its WAL grows, compactions delete tables), and would call
+ * that damage: a directory in use is refused first, as RocksDB would
+ * (KVS_ELOCKED). In this process, by a list of open directories: closing
+ * any descriptor of LOCK here would drop RocksDB's lock on it. In another,
+ * by asking for the lock RocksDB holds on LOCK (fcntl, whole file). */
+typedef struct open_dir_s {
+    dev_t dev;
+    ino_t ino;
+    pid_t pid; /* entries a fork inherits are its parent's */
+    struct open_dir_s *next;
+} open_dir_t;
+
+static pthread_mutex_t open_mu = PTHREAD_MUTEX_INITIALIZER;
+static open_dir_t *open_dirs;
+
+static int in_use(const char *dir, char *err, size_t errlen) {
+    struct stat st;
+    if (stat(dir, &st))
+        return 0; /* the open reports it */
+    int here = 0;
+    pthread_mutex_lock(&open_mu);
+    for (open_dir_t *o = open_dirs; o && !here; o = o->next)
+        here = o->dev == st.st_dev && o->ino == st.st_ino && o->pid == getpid();
+    pthread_mutex_unlock(&open_mu);
+    if (here) {
+        snprintf(err, errlen, "%s is open in this process already", dir);
+        return KVS_ELOCKED;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/LOCK", dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    int held = fcntl(fd, F_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+    close(fd);
+    if (held) {
+        snprintf(err, errlen, "%s is locked by process %d", dir, (int)fl.l_pid);
+        return KVS_ELOCKED;
+    }
+    return 0;
+}
+
+static void open_dir_add(kvs__db_t *db) {
+    struct stat st;
+    open_dir_t *o = malloc(sizeof *o);
+    if (!o || stat(db->dir, &st)) {
+        free(o);
+        return;
+    }
+    o->dev = st.st_dev;
+    o->ino = st.st_ino;
+    o->pid = getpid();
+    pthread_mutex_lock(&open_mu);
+    o->next = open_dirs;
+    open_dirs = o;
+    pthread_mutex_unlock(&open_mu);
+    db->listed = o;
+}
+
+static void open_dir_remove(kvs__db_t *db) {
+    pthread_mutex_lock(&open_mu);
+    for (open_dir_t **p = &open_dirs; *p; p = &(*p)->next)
+        if (*p == db->listed) {
+            *p = db->listed->next;
+            break;
+        }
+    pthread_mutex_unlock(&open_mu);
+    free(db->listed);
+    db->listed = NULL;
+}
+
 int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
                  kvs__db_t **out, char *err, size_t errlen) {
     *out = NULL;
@@ -687,7 +761,9 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
         snprintf(err, errlen, "cannot create %s: %s", dir, strerror(e));
         return -e;
     }
-    int rc = dir_check(dir, err, errlen);
+    int rc = in_use(dir, err, errlen);
+    if (!rc)
+        rc = dir_check(dir, err, errlen);
     if (rc)
         return rc;
     kvs__db_t *db = calloc(1, sizeof *db);
@@ -741,6 +817,7 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     char path[4096];
     snprintf(path, sizeof path, "%s/" CLOSED_FILE, dir);
     unlink(path);
+    open_dir_add(db);
     db->wo = rocksdb_writeoptions_create();
     rocksdb_writeoptions_set_sync(db->wo, sync == KVS_SYNC_ALWAYS);
     db->wo_nosync = rocksdb_writeoptions_create();
@@ -788,6 +865,8 @@ int kvs__db_close(kvs__db_t *db) {
         rocksdb_options_destroy(db->opts);
     if (db->private_umask)
         private_files_end();
+    if (db->listed && !atomic_load(&db->failed))
+        open_dir_remove(db); /* a handle left open stays listed */
     pthread_cond_destroy(&db->synced_cv);
     pthread_mutex_destroy(&db->mu);
     free(db->dir);

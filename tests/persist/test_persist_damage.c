@@ -697,6 +697,41 @@ static void test_persist_damage_file_modes(void **state) {
     free(dir);
 }
 
+/* A directory in use is refused with KVS_ELOCKED before any check reads
+ * its files (they change under a live store), in this process and in
+ * another. */
+static void test_persist_damage_in_use_refused(void **state) {
+    (void)state;
+    char *dir = temp_dir();
+    kvs_store_t *s = open_dir(dir, KVS_SYNC_BATCH);
+    assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
+    append_tokens(s, 1, 0, 0, 300);
+    kvs_store_t *s2 = NULL;
+    assert_int_equal(try_open(dir, &s2), KVS_ELOCKED);
+    assert_non_null(strstr(kvs_store_open_error(), "this process"));
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        kvs_store_t *s3 = NULL;
+        int rc = try_open(dir, &s3);
+        _exit(rc == KVS_ELOCKED &&
+                      strstr(kvs_store_open_error(), "locked by process")
+                  ? 0
+                  : 1);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_int_equal(kvs_store_close(s), 0);
+    /* Closed: it opens again, here. */
+    s = open_dir(dir, KVS_SYNC_BATCH);
+    assert_int_equal(tokens_match(s, 1, 0, 300), 1);
+    assert_int_equal(kvs_store_close(s), 0);
+    sh("rm -rf '%s'", dir);
+    free(dir);
+}
+
 /* ---------------------------------------------------------------------- */
 
 /* The file-size limit stands in for a full disk. One-token appends make
@@ -869,6 +904,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_persist_damage_quarantine_exact),
         cmocka_unit_test(test_persist_damage_quarantine_page_in),
         cmocka_unit_test(test_persist_damage_file_modes),
+        cmocka_unit_test(test_persist_damage_in_use_refused),
         cmocka_unit_test(test_persist_damage_disk_full_close),
         cmocka_unit_test(test_persist_damage_enospc_close),
     };
