@@ -798,8 +798,9 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
      * What paranoid_checks would also guard (the MANIFEST, the WALs, table
      * files' presence and sizes) dir_check and tables_check do. */
     rocksdb_options_set_paranoid_checks(o, 0);
-    /* With the WALs checked first, a corrupted record can only be a torn
-     * tail: replay everything before it, fail on anything else. */
+    /* The intent (a torn tail is forgiven, nothing else); without
+     * paranoid_checks RocksDB reports no WAL corruption whatever the mode,
+     * so dir_check's WAL check is what refuses. */
     rocksdb_options_set_wal_recovery_mode(
         o, rocksdb_tolerate_corrupted_tail_records_recovery);
     if ((rc = open_check(o, dir, err, errlen)))
