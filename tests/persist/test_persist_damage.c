@@ -438,11 +438,12 @@ static void test_persist_damage_sst_truncated_or_deleted(void **state) {
 }
 
 /* ---------------------------------------------------------------------- */
-/* Quarantine: 12 sequences, each with a segment and three row records per */
-/* (layer, head); with 4 KiB table blocks every record is a block or two.  */
+/* Quarantine: 12 sequences, each with a segment and eight row records per */
+/* (layer, head); a 4 KiB table block holds one segment record, or about  */
+/* three row records: some hold the rows of two sequences.                 */
 
 #define Q_SEQS 12
-enum { Q_TOKENS = 400, Q_CHUNK = 48 };
+enum { Q_TOKENS = 400, Q_CHUNK = 19 };
 
 static void build_q_store(const char *dir, uint64_t memory_bytes,
                           kvs_store_t **keep) {
@@ -460,7 +461,8 @@ static void build_q_store(const char *dir, uint64_t memory_bytes,
         for (uint32_t l = 0; l < N_LAYERS; l++) {
             append_tokens(s, id, l, 0, SEG);
             for (uint32_t t = SEG; t < Q_TOKENS; t += Q_CHUNK)
-                append_tokens(s, id, l, t, Q_CHUNK);
+                append_tokens(s, id, l, t,
+                              Q_TOKENS - t < Q_CHUNK ? Q_TOKENS - t : Q_CHUNK);
         }
         assert_int_equal(kvs_seq_wait_indexed(s, id), 0);
     }
@@ -602,18 +604,21 @@ static void test_persist_damage_quarantine_exact(void **state) {
         pclose(p);
         name[strcspn(name, "\n")] = 0;
         long data_end = table_index_offset(pristine, name);
-        /* Start, middle and end of the key space. */
-        long offs[3] = {100, data_end / 2, data_end - 100};
-        for (int w = 0; w < 3; w++) {
+        /* Start, middle and end of the key space; in the kv table also
+         * the first block that holds rows of two sequences. */
+        long offs[4] = {100, data_end / 2, data_end - 100, 100};
+        for (int w = 0; w < (fam == 0 ? 4 : 3); w++) {
             int damaged[Q_SEQS + 1], n_damaged = 0;
             long off = offs[w];
             /* Near the end the last blocks may be meta blocks: step back
-             * until the flip hits a data block. */
-            for (;; off -= 1024) {
-                assert_true(off > 0);
+             * until the flip hits a data block; for the shared block, step
+             * forward until two sequences are hit. */
+            for (;; off += w == 3 ? 1000 : -1024) {
+                assert_true(off > 0 && off < data_end);
                 sh("rm -rf '%s' && cp -a '%s' '%s'", probe, pristine, probe);
                 flip(probe, name, off, 16);
-                if ((n_damaged = unreadable_seqs(probe, damaged)))
+                n_damaged = unreadable_seqs(probe, damaged);
+                if (w == 3 ? n_damaged == 2 : n_damaged > 0)
                     break;
             }
             sh("rm -rf '%s' && cp -a '%s' '%s'", work, pristine, work);
@@ -637,7 +642,7 @@ static void test_persist_damage_quarantine_exact(void **state) {
             cases++;
         }
     }
-    assert_int_equal(cases, 6);
+    assert_int_equal(cases, 7);
     sh("rm -rf '%s' '%s' '%s'", pristine, work, probe);
     free(pristine), free(work), free(probe);
 }
