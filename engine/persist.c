@@ -12,6 +12,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <rocksdb/c.h>
@@ -22,6 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define SEQ_VERSION 1u
 
@@ -44,10 +46,14 @@ struct kvs__db_s {
     pthread_cond_t synced_cv;
     uint64_t written, synced;
     int syncing; /* a leader is in rocksdb_flush_wal */
-    /* A write failed: RocksDB is read-only from here on, and syncing its
-     * WAL again would trip an assertion in some builds. */
+    /* The first write error (KVS_ENOSPC, KVS_EIO...), 0 while none:
+     * RocksDB is read-only from then on, and syncing its WAL again would
+     * trip an assertion in some builds. */
     atomic_int failed;
     int sync_err;
+    int private_umask;         /* holds a private_files_begin() */
+    int opened;                /* passed every check at open */
+    struct open_dir_s *listed; /* in open_dirs while open */
     struct timespec last_sync;
 };
 
@@ -105,24 +111,675 @@ static void rec_key(unsigned char k[24], uint64_t id, uint32_t layer,
     put_be64(k + 16, pos);
 }
 
+/* ---------------------------------------------------------------------- */
+/* Checking the directory before RocksDB reads it                         */
+/*
+ * RocksDB forgives damage to its own metadata in ways that lose data: a
+ * MANIFEST record whose length field is damaged in the last block reads as
+ * a torn write, recovery stops there, and the table files the lost records
+ * named are deleted as obsolete; without paranoid_checks a WAL record that
+ * fails its CRC is skipped and replay goes on; a missing CURRENT makes a
+ * new, empty database next to the old files. So before RocksDB opens the
+ * directory we read what it will read, with the log format's own CRCs
+ * (32 KiB blocks, 7-byte headers: masked CRC-32C, length, type), and
+ * refuse with KVS_ECORRUPT and the file's name on any damage. The one
+ * forgiven case is the tail of a log that a crash cut short (a record that
+ * runs past the end of the file, or a last record missing its fragments):
+ * it was never acknowledged.
+ */
+
+enum {
+    LOG_BLOCK = 32768,
+    LOG_HDR = 7,
+    LOG_HDR_RECYCLED = 11, /* + log number; recycled WAL files only */
+};
+
+static uint32_t log_unmask(uint32_t m) {
+    uint32_t r = m - 0xa282ead8u;
+    return (r >> 17) | (r << 15);
+}
+
+static uint32_t get_le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+
+/* A record whose length runs past the end of the file: a torn write, unless
+ * a shorter length gives the stored CRC (then the length field itself was
+ * damaged, and what follows it is not a tail). */
+static int log_is_torn(const unsigned char *h, size_t avail, size_t hs) {
+    /* avail: payload bytes present after the header */
+    uint32_t want = log_unmask(get_le32(h));
+    uint32_t c = kvs_crc32c(0, h + 6, hs - 6);
+    if (c == want)
+        return 0;
+    for (size_t i = 0; i < avail; i++) {
+        c = kvs_crc32c(c, h + hs + i, 1);
+        if (c == want)
+            return 0;
+    }
+    return 1;
+}
+
+/* Check every record of one RocksDB log file (MANIFEST or WAL) as its
+ * reader will: 0, KVS_ECORRUPT with `why` said, or -errno. */
+static int log_check(const char *path, char *why, size_t whylen) {
+    int rc = 0;
+    /* Records never cross a block: one block in memory at a time. */
+    unsigned char *blk = malloc(LOG_BLOCK);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || !blk) {
+        rc = fd < 0 ? -errno : KVS_ENOMEM;
+        goto out;
+    }
+    int in_frag = 0;
+    for (uint64_t base = 0;; base += LOG_BLOCK) {
+        ssize_t got = pread(fd, blk, LOG_BLOCK, (off_t)base);
+        if (got < 0) {
+            rc = -errno;
+            goto out;
+        }
+        size_t size = (size_t)got, off = 0;
+        while (off < size) {
+            size_t left = LOG_BLOCK - off;
+            if (left < LOG_HDR) /* the writer pads a block's tail */
+                break;
+            if (size - off < LOG_HDR)
+                break; /* header cut short by a crash (last block) */
+            const unsigned char *h = blk + off;
+            size_t len = (size_t)h[4] | (size_t)h[5] << 8;
+            unsigned type = h[6];
+            if (type == 0 && len == 0) {
+                /* Preallocated space: the reader skips the rest of the
+                 * block, so it must hold nothing. */
+                for (size_t i = off; i < size; i++)
+                    if (blk[i]) {
+                        snprintf(why, whylen,
+                                 "data after an empty record at offset "
+                                 "%llu",
+                                 (unsigned long long)(base + off));
+                        rc = KVS_ECORRUPT;
+                        goto out;
+                    }
+                break;
+            }
+            if (type < 1 || type > 9) {
+                snprintf(why, whylen, "unknown record type %u at offset %llu",
+                         type, (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            size_t hs = type >= 5 && type <= 8 ? LOG_HDR_RECYCLED : LOG_HDR;
+            if (size - off < hs)
+                break; /* header cut short by a crash */
+            if (hs + len > left) {
+                snprintf(why, whylen, "record at offset %llu crosses a block",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            if (hs + len > size - off) { /* runs past the end of the file */
+                if (log_is_torn(h, size - off - hs, hs))
+                    break; /* cut short by a crash: never acknowledged */
+                snprintf(why, whylen, "record length damaged at offset %llu",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            if (log_unmask(get_le32(h)) != kvs_crc32c(0, h + 6, hs - 6 + len)) {
+                snprintf(why, whylen,
+                         "record at offset %llu fails its checksum",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            }
+            /* Fragments: full | first middle* last (recycled: +4). */
+            unsigned kind = type >= 5 && type <= 8 ? type - 4 : type;
+            if (kind == 9) {
+                /* A settings record (WAL compression): not in a batch. */
+            } else if ((kind == 1 || kind == 2) == in_frag) {
+                snprintf(why, whylen, "broken record chain at offset %llu",
+                         (unsigned long long)(base + off));
+                rc = KVS_ECORRUPT;
+                goto out;
+            } else {
+                in_frag = kind == 2 || kind == 3;
+            }
+            off += hs + len;
+        }
+        if (size < LOG_BLOCK)
+            break; /* the last block; a record missing its last fragments
+                    * is a torn write too */
+    }
+out:
+    free(blk);
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* RocksDB's numbered files: digits then `suffix`. */
+static int numbered(const char *name, const char *suffix) {
+    size_t i = 0;
+    while (name[i] >= '0' && name[i] <= '9')
+        i++;
+    return i > 0 && strcmp(name + i, suffix) == 0;
+}
+
+static int check_log_file(const char *dir, const char *name, char *err,
+                          size_t errlen) {
+    char path[4096], why[160] = "";
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int rc = log_check(path, why, sizeof why);
+    if (rc == KVS_ECORRUPT)
+        snprintf(err, errlen, "%s is damaged: %s", name, why);
+    else if (rc == -ENOENT)
+        snprintf(err, errlen, "%s is missing", name);
+    else if (rc)
+        snprintf(err, errlen, "cannot read %s: %s", name, kvs_strerror(rc));
+    return rc == -ENOENT ? KVS_ECORRUPT : rc;
+}
+
+/* What RocksDB will trust at open: CURRENT names an existing MANIFEST,
+ * and the MANIFEST and every WAL pass their record CRCs. An empty
+ * directory is a new store. */
+static int dir_check(const char *dir, char *err, size_t errlen) {
+    DIR *d = opendir(dir);
+    if (!d) {
+        int e = errno;
+        snprintf(err, errlen, "cannot read %s: %s", dir, strerror(e));
+        return -e;
+    }
+    int rc = 0, have_current = 0;
+    const char *store_file = NULL; /* a file only an opened store writes */
+    char name[256] = "";
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, "CURRENT"))
+            have_current = 1;
+        else if (numbered(e->d_name, ".sst") || numbered(e->d_name, ".log") ||
+                 !strncmp(e->d_name, "OPTIONS-", 8))
+            snprintf(name, sizeof name, "%s", store_file = e->d_name);
+    }
+    if (!have_current) {
+        if (store_file) {
+            /* RocksDB would start an empty store beside the old files and
+             * then delete them as obsolete. */
+            snprintf(err, errlen,
+                     "CURRENT is missing, yet the directory holds a store "
+                     "(%s)",
+                     name);
+            rc = KVS_ECORRUPT;
+        }
+        goto out;
+    }
+    char path[4096], cur[64] = "";
+    snprintf(path, sizeof path, "%s/CURRENT", dir);
+    FILE *f = fopen(path, "rb");
+    size_t n = 0;
+    if (f) {
+        n = fread(cur, 1, sizeof cur - 1, f);
+        fclose(f);
+    }
+    cur[n] = 0;
+    size_t digits = 0;
+    if (n > 9 && !strncmp(cur, "MANIFEST-", 9))
+        while (cur[9 + digits] >= '0' && cur[9 + digits] <= '9')
+            digits++;
+    if (!f || digits == 0 || n != 9 + digits + 1 || cur[n - 1] != '\n') {
+        snprintf(err, errlen, "CURRENT is damaged (it must name a MANIFEST)");
+        rc = KVS_ECORRUPT;
+        goto out;
+    }
+    cur[n - 1] = 0;
+    if ((rc = check_log_file(dir, cur, err, errlen)))
+        goto out;
+    /* The WALs RocksDB replays (older ones are skipped, and deleted: a
+     * damaged one refuses the open too, as nothing says it is old). */
+    rewinddir(d);
+    while ((e = readdir(d)))
+        if (numbered(e->d_name, ".log") &&
+            (rc = check_log_file(dir, e->d_name, err, errlen)))
+            goto out;
+out:
+    closedir(d);
+    return rc;
+}
+
+/* A block-based table ends in a footer: checksum type, the metaindex and
+ * index block handles (varints, padded to 40 bytes), format version and
+ * magic. A damaged footer or index handle fails the table's open, which
+ * RocksDB's iterators do not survive: check them here. */
+enum { FOOTER_LEN = 53 };
+
+static int get_varint64(const unsigned char **p, const unsigned char *end,
+                        uint64_t *v) {
+    *v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        unsigned char b = *(*p)++;
+        *v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80))
+            return 0;
+    }
+    return -1;
+}
+
+static int table_footer_check(const char *path, uint64_t size, char *why,
+                              size_t whylen) {
+    unsigned char ft[FOOTER_LEN];
+    if (size < FOOTER_LEN) {
+        snprintf(why, whylen, "too short for a table");
+        return KVS_ECORRUPT;
+    }
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -errno;
+    int ok = fseeko(f, (off_t)(size - FOOTER_LEN), SEEK_SET) == 0 &&
+             fread(ft, 1, FOOTER_LEN, f) == FOOTER_LEN;
+    fclose(f);
+    if (!ok)
+        return KVS_EIO;
+    uint64_t magic = 0;
+    for (int i = 7; i >= 0; i--)
+        magic = magic << 8 | ft[45 + i];
+    if (magic != 0x88e241b785f4cff7ull) {
+        snprintf(why, whylen, "bad table magic number");
+        return KVS_ECORRUPT;
+    }
+    uint32_t version = get_le32(ft + 41);
+    const unsigned char *p = ft + 1, *end = ft + 41;
+    uint64_t h[4];
+    int bad = ft[0] > 4 || version < 1 || version > 5;
+    for (int i = 0; i < 4 && !bad; i++)
+        bad = get_varint64(&p, end, &h[i]) != 0;
+    /* Each block is followed by a 5-byte trailer (type, checksum). */
+    for (int i = 0; i < 4 && !bad; i += 2)
+        bad = h[i] > size || h[i + 1] > size ||
+              h[i] + h[i + 1] + 5 > size - FOOTER_LEN;
+    if (bad) {
+        snprintf(why, whylen, "bad table footer");
+        return KVS_ECORRUPT;
+    }
+    return 0;
+}
+
 static int db_sync_wal(kvs__db_t *db);
+
+/* The MANIFEST's table files, checked against the directory before anything
+ * reads them: RocksDB (without paranoid_checks) opens with a table missing
+ * or cut short, and its first read then aborts on an assertion. Each table
+ * must exist with the size the MANIFEST gives and end in a block-based
+ * table footer whose block handles lie inside it. */
+static int tables_check(rocksdb_t *rdb, const char *dir, char *err,
+                        size_t errlen) {
+    const rocksdb_livefiles_t *lf = rocksdb_livefiles(rdb);
+    if (!lf)
+        return 0;
+    int rc = 0, n = rocksdb_livefiles_count(lf);
+    for (int i = 0; i < n && !rc; i++) {
+        const char *name = rocksdb_livefiles_name(lf, i);
+        size_t want = rocksdb_livefiles_size(lf, i);
+        name += name[0] == '/';
+        char path[4096], why[160] = "";
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        struct stat st;
+        if (stat(path, &st)) {
+            int e = errno;
+            if (e == ENOENT) {
+                snprintf(err, errlen, "table file %s is missing", name);
+                rc = KVS_ECORRUPT;
+            } else {
+                snprintf(err, errlen, "cannot stat %s: %s", name, strerror(e));
+                rc = -e;
+            }
+        } else if ((uint64_t)st.st_size != want) {
+            snprintf(err, errlen,
+                     "table file %s holds %lld bytes, the MANIFEST says %zu",
+                     name, (long long)st.st_size, want);
+            rc = KVS_ECORRUPT;
+        } else if ((rc = table_footer_check(path, want, why, sizeof why))) {
+            if (rc == KVS_ECORRUPT)
+                snprintf(err, errlen, "table file %s is damaged: %s", name,
+                         why);
+            else
+                snprintf(err, errlen, "cannot read %s: %s", name,
+                         kvs_strerror(rc));
+        }
+    }
+    rocksdb_livefiles_destroy(lf);
+    return rc;
+}
+
+/* RocksDB opens without complaint when a WAL is missing or cut short, or
+ * when a MANIFEST cut short (read as a torn write) no longer lists tables
+ * that hold data, which it then deletes as obsolete. A clean close writes
+ * what it leaves, CLOSED_FILE: the last sequence number and every live
+ * table with its size, under a CRC. The next open must find all of it
+ * (a later sequence, every table live at that size) and removes the file
+ * once open: after a crash there is none, and these losses cannot be told
+ * from the crash's own. */
+#define CLOSED_FILE "KVSTORE-CLOSED"
+
+static void closed_write(kvs__db_t *db) {
+    char path[4096], tmp[4096];
+    snprintf(path, sizeof path, "%s/" CLOSED_FILE, db->dir);
+    snprintf(tmp, sizeof tmp, "%s/" CLOSED_FILE ".tmp", db->dir);
+    const rocksdb_livefiles_t *lf = rocksdb_livefiles(db->db);
+    int n = lf ? rocksdb_livefiles_count(lf) : 0;
+    size_t cap = 64 + (size_t)n * 96, len = 0;
+    char *buf = malloc(cap);
+    if (buf) {
+        len += (size_t)snprintf(
+            buf + len, cap - len, "kvstore-closed 1\nseq %llu\n",
+            (unsigned long long)rocksdb_get_latest_sequence_number(db->db));
+        for (int i = 0; i < n && len < cap; i++) {
+            const char *name = rocksdb_livefiles_name(lf, i);
+            len += (size_t)snprintf(buf + len, cap - len, "table %.64s %zu\n",
+                                    name + (name[0] == '/'),
+                                    rocksdb_livefiles_size(lf, i));
+        }
+    }
+    if (lf)
+        rocksdb_livefiles_destroy(lf);
+    if (!buf || len + 16 > cap) {
+        free(buf);
+        return; /* no record: the next open checks less, that is all */
+    }
+    len += (size_t)snprintf(buf + len, cap - len, "crc %08x\n",
+                            kvs_crc32c(0, buf, len));
+    FILE *f = fopen(tmp, "wb");
+    int ok = f && fwrite(buf, 1, len, f) == len && fflush(f) == 0 &&
+             fsync(fileno(f)) == 0;
+    if (f)
+        ok &= fclose(f) == 0;
+    if (!ok || rename(tmp, path))
+        unlink(tmp);
+    free(buf);
+}
+
+static int closed_check(rocksdb_t *rdb, const char *dir, char *err,
+                        size_t errlen) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/" CLOSED_FILE, dir);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return 0; /* not closed cleanly since the last open */
+    char *buf = NULL;
+    struct stat st;
+    size_t len = 0;
+    if (fstat(fileno(f), &st) == 0 && st.st_size < (64 << 20) &&
+        (buf = malloc((size_t)st.st_size + 1)))
+        len = fread(buf, 1, (size_t)st.st_size, f);
+    fclose(f);
+    if (!buf)
+        return KVS_ENOMEM;
+    buf[len] = 0;
+    int rc = 0;
+    const rocksdb_livefiles_t *lf = NULL;
+    char *crc_at = strstr(buf, "crc ");
+    unsigned crc = 0;
+    unsigned long long want = 0;
+    if (!crc_at || sscanf(crc_at, "crc %8x", &crc) != 1 ||
+        crc != kvs_crc32c(0, buf, (size_t)(crc_at - buf)) ||
+        sscanf(buf, "kvstore-closed 1\nseq %llu\n", &want) != 1) {
+        snprintf(err, errlen, CLOSED_FILE " is damaged (remove it to open)");
+        rc = KVS_ECORRUPT;
+        goto out;
+    }
+    uint64_t have = rocksdb_get_latest_sequence_number(rdb);
+    if (have < want) {
+        snprintf(err, errlen,
+                 "a WAL is missing or cut short: the store was closed at "
+                 "sequence %llu, only %llu are there (" CLOSED_FILE ")",
+                 want, (unsigned long long)have);
+        rc = KVS_ECORRUPT;
+        goto out;
+    }
+    lf = rocksdb_livefiles(rdb);
+    int n = lf ? rocksdb_livefiles_count(lf) : 0;
+    for (char *p = strstr(buf, "\ntable "); p && p < crc_at && !rc;
+         p = strstr(p + 1, "\ntable ")) {
+        char name[80];
+        size_t size;
+        if (sscanf(p, "\ntable %79s %zu", name, &size) != 2)
+            break;
+        int live = 0;
+        for (int i = 0; i < n && !live; i++) {
+            const char *ln = rocksdb_livefiles_name(lf, i);
+            live = !strcmp(ln + (ln[0] == '/'), name) &&
+                   rocksdb_livefiles_size(lf, i) == size;
+        }
+        if (!live) {
+            snprintf(err, errlen,
+                     "the MANIFEST no longer lists table file %s, which "
+                     "held data at the last clean close (" CLOSED_FILE ")",
+                     name);
+            rc = KVS_ECORRUPT;
+        }
+    }
+out:
+    if (lf)
+        rocksdb_livefiles_destroy(lf);
+    free(buf);
+    return rc;
+}
+
+/* Files only the store's user may read (they hold users' contexts).
+ * RocksDB creates its files 0644 less the umask and takes no mode, and
+ * creates them from its own threads for as long as the store is open, so
+ * the process umask denies group and others while any store is open (a
+ * chmod after open would miss every later table and log). */
+static pthread_mutex_t umask_mu = PTHREAD_MUTEX_INITIALIZER;
+static int umask_users;
+static mode_t umask_saved;
+
+static void private_files_begin(void) {
+    pthread_mutex_lock(&umask_mu);
+    if (umask_users++ == 0) {
+        umask_saved = umask(077);
+        umask(umask_saved | 077);
+    }
+    pthread_mutex_unlock(&umask_mu);
+}
+
+static void private_files_end(void) {
+    pthread_mutex_lock(&umask_mu);
+    if (--umask_users == 0)
+        umask(umask_saved);
+    pthread_mutex_unlock(&umask_mu);
+}
+
+/* Stores written before the umask rule: tighten what is there. */
+static void private_files_fix(const char *dir) {
+    struct stat st;
+    if (stat(dir, &st) || st.st_uid != geteuid())
+        return;
+    if ((st.st_mode & 0777) != 0700)
+        chmod(dir, 0700);
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    char path[4096];
+    while ((e = readdir(d))) {
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (lstat(path, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 077))
+            chmod(path, st.st_mode & 0700);
+    }
+    closedir(d);
+}
+
+/* The records whose damage refuses the open (the format record, the
+ * sequences' metadata) must be readable before the read-write open, which
+ * would already have rewritten RocksDB's own files. */
+static int meta_check(rocksdb_t *rdb, rocksdb_column_family_handle_t **cf,
+                      char *err, size_t errlen) {
+    static const char key[] = "kvstore-format";
+    rocksdb_readoptions_t *ro = rocksdb_readoptions_create();
+    rocksdb_readoptions_set_verify_checksums(ro, 1);
+    rocksdb_readoptions_set_fill_cache(ro, 0);
+    char *rerr = NULL;
+    size_t vl;
+    rocksdb_free(rocksdb_get_cf(rdb, ro, cf[CF_DEFAULT], key, sizeof key - 1,
+                                &vl, &rerr));
+    int rc = take_err(rerr, err, errlen, "format record");
+    if (!rc) {
+        rocksdb_iterator_t *it =
+            rocksdb_create_iterator_cf(rdb, ro, cf[CF_SEQS]);
+        for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it);
+             rocksdb_iter_next(it))
+            ;
+        rocksdb_iter_get_error(it, &rerr);
+        rocksdb_iter_destroy(it);
+        rc = take_err(rerr, err, errlen, "sequence metadata");
+    }
+    rocksdb_readoptions_destroy(ro);
+    /* A block that cannot be read is damage, whatever RocksDB calls it. */
+    return rc == KVS_EIO ? KVS_ECORRUPT : rc;
+}
+
+/* What RocksDB's open would trust without looking, looked at through a
+ * read-only open first (it reads the MANIFEST and replays the WALs into
+ * memory, and writes nothing): a refused open leaves the directory as it
+ * was. A new store has nothing to check. */
+static int open_check(const rocksdb_options_t *o, const char *dir, char *err,
+                      size_t errlen) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/CURRENT", dir);
+    if (access(path, F_OK))
+        return 0; /* dir_check allowed it: an empty directory */
+    const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o};
+    rocksdb_column_family_handle_t *cf[CF_COUNT];
+    char *rerr = NULL;
+    rocksdb_t *rdb = rocksdb_open_for_read_only_column_families(
+        o, dir, CF_COUNT, cf_names, cfo, cf, 0, &rerr);
+    if (rerr && strstr(rerr, "Column family not found")) {
+        /* Every store has all four: the MANIFEST lost their records. */
+        char cur[64] = "the MANIFEST";
+        FILE *f = fopen(path, "rb");
+        if (f) {
+            if (!fgets(cur, sizeof cur, f))
+                snprintf(cur, sizeof cur, "the MANIFEST");
+            cur[strcspn(cur, "\n")] = 0;
+            fclose(f);
+        }
+        snprintf(err, errlen, "%s is damaged: %s", cur, rerr);
+        rocksdb_free(rerr);
+        return KVS_ECORRUPT;
+    }
+    int rc = take_err(rerr, err, errlen, "cannot open the database");
+    if (rc)
+        return rc;
+    if (!(rc = tables_check(rdb, dir, err, errlen)))
+        rc = closed_check(rdb, dir, err, errlen);
+    if (!rc)
+        rc = meta_check(rdb, cf, err, errlen);
+    for (int i = 0; i < CF_COUNT; i++)
+        rocksdb_column_family_handle_destroy(cf[i]);
+    rocksdb_close(rdb);
+    return rc;
+}
+
+/* The checks before RocksDB's open read files that a store open elsewhere
+ * is changing (its WAL grows, compactions delete tables), and would call
+ * that damage: a directory in use is refused first, as RocksDB would
+ * (KVS_ELOCKED). In this process, by a list of open directories: closing
+ * any descriptor of LOCK here would drop RocksDB's lock on it. In another,
+ * by asking for the lock RocksDB holds on LOCK (fcntl, whole file). */
+typedef struct open_dir_s {
+    dev_t dev;
+    ino_t ino;
+    pid_t pid; /* entries a fork inherits are its parent's */
+    struct open_dir_s *next;
+} open_dir_t;
+
+static pthread_mutex_t open_mu = PTHREAD_MUTEX_INITIALIZER;
+static open_dir_t *open_dirs;
+
+static int in_use(const char *dir, char *err, size_t errlen) {
+    struct stat st;
+    if (stat(dir, &st))
+        return 0; /* the open reports it */
+    int here = 0;
+    pthread_mutex_lock(&open_mu);
+    for (open_dir_t *o = open_dirs; o && !here; o = o->next)
+        here = o->dev == st.st_dev && o->ino == st.st_ino && o->pid == getpid();
+    pthread_mutex_unlock(&open_mu);
+    if (here) {
+        snprintf(err, errlen, "%s is open in this process already", dir);
+        return KVS_ELOCKED;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/LOCK", dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    int held = fcntl(fd, F_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+    close(fd);
+    if (held) {
+        snprintf(err, errlen, "%s is locked by process %d", dir, (int)fl.l_pid);
+        return KVS_ELOCKED;
+    }
+    return 0;
+}
+
+static void open_dir_add(kvs__db_t *db) {
+    struct stat st;
+    open_dir_t *o = malloc(sizeof *o);
+    if (!o || stat(db->dir, &st)) {
+        free(o);
+        return;
+    }
+    o->dev = st.st_dev;
+    o->ino = st.st_ino;
+    o->pid = getpid();
+    pthread_mutex_lock(&open_mu);
+    o->next = open_dirs;
+    open_dirs = o;
+    pthread_mutex_unlock(&open_mu);
+    db->listed = o;
+}
+
+static void open_dir_remove(kvs__db_t *db) {
+    pthread_mutex_lock(&open_mu);
+    for (open_dir_t **p = &open_dirs; *p; p = &(*p)->next)
+        if (*p == db->listed) {
+            *p = db->listed->next;
+            break;
+        }
+    pthread_mutex_unlock(&open_mu);
+    free(db->listed);
+    db->listed = NULL;
+}
 
 int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
                  kvs__db_t **out, char *err, size_t errlen) {
     *out = NULL;
-    if (mkdir(dir, 0755) && errno != EEXIST) {
+    if (mkdir(dir, 0700) && errno != EEXIST) {
         int e = errno;
         snprintf(err, errlen, "cannot create %s: %s", dir, strerror(e));
         return -e;
     }
+    int rc = in_use(dir, err, errlen);
+    if (!rc)
+        rc = dir_check(dir, err, errlen);
+    if (rc)
+        return rc;
     kvs__db_t *db = calloc(1, sizeof *db);
     if (!db)
         return KVS_ENOMEM;
-    db->dir = strdup(dir);
+    private_files_begin();
+    db->private_umask = 1;
+    private_files_fix(dir);
     db->sync = sync;
     db->interval_ms = interval_ms;
     pthread_mutex_init(&db->mu, NULL);
     pthread_cond_init(&db->synced_cv, NULL);
+    if (!(db->dir = strdup(dir))) {
+        rc = KVS_ENOMEM;
+        goto err;
+    }
 
     rocksdb_options_t *o = rocksdb_options_create();
     db->opts = o;
@@ -135,39 +792,69 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     rocksdb_options_set_db_write_buffer_size(o, 64 << 20);
     rocksdb_options_set_target_file_size_base(o, 128 << 20);
     rocksdb_options_set_max_background_jobs(o, 2);
-    /* Not paranoid: one damaged table must not keep the whole directory
-     * from opening. Every record carries its own CRC and reads verify
-     * block checksums, so damage still surfaces, per sequence. */
+    /* Not paranoid: one damaged table block must not keep the whole
+     * directory from opening. Every record carries its own CRC and reads
+     * verify block checksums, so damage still surfaces, per sequence.
+     * What paranoid_checks would also guard (the MANIFEST, the WALs, table
+     * files' presence and sizes) dir_check and tables_check do. */
     rocksdb_options_set_paranoid_checks(o, 0);
+    /* The intent (a torn tail is forgiven, nothing else); without
+     * paranoid_checks RocksDB reports no WAL corruption whatever the mode,
+     * so dir_check's WAL check is what refuses. */
+    rocksdb_options_set_wal_recovery_mode(
+        o, rocksdb_tolerate_corrupted_tail_records_recovery);
+    if ((rc = open_check(o, dir, err, errlen)))
+        goto err;
     const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o};
     char *rerr = NULL;
     db->db = rocksdb_open_column_families(o, dir, CF_COUNT, cf_names, cfo,
                                           db->cf, &rerr);
-    int rc = take_err(rerr, err, errlen, "cannot open the database");
-    if (rc) {
+    if ((rc = take_err(rerr, err, errlen, "cannot open the database"))) {
         db->db = NULL;
-        kvs__db_close(db);
-        return rc;
+        goto err;
     }
+    /* It described the directory before this open; the next clean close
+     * writes it anew. */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/" CLOSED_FILE, dir);
+    unlink(path);
+    open_dir_add(db);
     db->wo = rocksdb_writeoptions_create();
     rocksdb_writeoptions_set_sync(db->wo, sync == KVS_SYNC_ALWAYS);
     db->wo_nosync = rocksdb_writeoptions_create();
     db->ro = rocksdb_readoptions_create();
     rocksdb_readoptions_set_verify_checksums(db->ro, 1);
     rocksdb_readoptions_set_fill_cache(db->ro, 0);
+    db->opened = 1;
     *out = db;
     return 0;
+err:
+    kvs__db_close(db);
+    return rc;
 }
 
-void kvs__db_close(kvs__db_t *db) {
+int kvs__db_close(kvs__db_t *db) {
     if (!db)
-        return;
+        return 0;
+    int rc = 0;
     if (db->db) {
         /* Make everything acknowledged so far durable before closing. */
-        db_sync_wal(db);
+        rc = db_sync_wal(db);
+        /* No flush or compaction may change the tables after this: the
+         * record of them must be what the next open finds. */
+        rocksdb_cancel_all_background_work(db->db, 1);
+        if (!rc && db->opened)
+            closed_write(db);
         for (int i = 0; i < CF_COUNT; i++)
             rocksdb_column_family_handle_destroy(db->cf[i]);
-        rocksdb_close(db->db);
+        /* After a failed write RocksDB's WAL writer asserts on any further
+         * use, and closing the database flushes it: Debian builds RocksDB
+         * with assertions, so the process would abort. Then the handle is
+         * left (its background work is stopped): everything acknowledged
+         * is already durable, and the directory stays locked by this
+         * process until it exits. */
+        if (!atomic_load(&db->failed))
+            rocksdb_close(db->db);
     }
     if (db->wo)
         rocksdb_writeoptions_destroy(db->wo);
@@ -177,10 +864,35 @@ void kvs__db_close(kvs__db_t *db) {
         rocksdb_readoptions_destroy(db->ro);
     if (db->opts)
         rocksdb_options_destroy(db->opts);
+    if (db->private_umask)
+        private_files_end();
+    if (db->listed && !atomic_load(&db->failed))
+        open_dir_remove(db); /* a handle left open stays listed */
     pthread_cond_destroy(&db->synced_cv);
     pthread_mutex_destroy(&db->mu);
     free(db->dir);
     free(db);
+    return rc;
+}
+
+/* The first write error, kept: later refusals say what it was (a full
+ * disk is the one an operator can fix). */
+static void write_failed(kvs__db_t *db, int rc) {
+    int none = 0;
+    atomic_compare_exchange_strong(&db->failed, &none, rc);
+}
+
+static int refused(kvs__db_t *db, char *err, size_t errlen, const char *what) {
+    int rc = atomic_load(&db->failed);
+    if (err && errlen)
+        snprintf(err, errlen,
+                 rc == KVS_ENOSPC
+                     ? "%s: the disk is full: the store is read-only after "
+                       "an earlier write error (free space, then restart)"
+                     : "%s: the store is read-only after an earlier write "
+                       "error (%s; restart)",
+                 what, kvs_strerror(rc));
+    return rc;
 }
 
 /* Every write goes through here: after one failure the database refuses
@@ -188,30 +900,24 @@ void kvs__db_close(kvs__db_t *db) {
 static int db_write(kvs__db_t *db, const rocksdb_writeoptions_t *wo,
                     rocksdb_writebatch_t *b, char *err, size_t errlen,
                     const char *what) {
-    if (atomic_load(&db->failed)) {
-        if (err && errlen)
-            snprintf(err, errlen,
-                     "%s: the store is read-only after an "
-                     "earlier write error (free space, then restart)",
-                     what);
-        return KVS_EIO;
-    }
+    if (atomic_load(&db->failed))
+        return refused(db, err, errlen, what);
     char *rerr = NULL;
     rocksdb_write(db->db, wo, b, &rerr);
     int rc = take_err(rerr, err, errlen, what);
     if (rc)
-        atomic_store(&db->failed, 1);
+        write_failed(db, rc);
     return rc;
 }
 
 static int db_sync_wal(kvs__db_t *db) {
     if (atomic_load(&db->failed))
-        return KVS_EIO;
+        return atomic_load(&db->failed);
     char *rerr = NULL;
     rocksdb_flush_wal(db->db, 1, &rerr);
     int rc = take_err(rerr, NULL, 0, "");
     if (rc)
-        atomic_store(&db->failed, 1);
+        write_failed(db, rc);
     return rc;
 }
 
@@ -390,7 +1096,6 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
 
 typedef struct known_s {
     uint64_t *ids;
-    uint8_t *damaged;
     size_t n, cap;
 } known_t;
 
@@ -406,165 +1111,222 @@ static int known_find(const known_t *k, uint64_t id) {
     return lo < k->n && k->ids[lo] == id ? (int)lo : -1;
 }
 
-static void damage(known_t *k, const kvs__db_loader_t *L, int idx,
-                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static void damage(known_t *k, const kvs__db_loader_t *L, int idx,
-                   const char *fmt, ...) {
-    if (k->damaged[idx])
+/*
+ * One sequence's load. A block RocksDB cannot read stops the iterator with
+ * an error but does not say whose records it held. The walk is bounded to
+ * the sequence's keys (seek to its first possible key, upper bound at the
+ * next id), so that RocksDB's index keeps it off the blocks of neighbours
+ * (their separators fall on the id boundary), but an error alone still
+ * does not prove the sequence lost records. What does: stored records of
+ * (layer, head) cover positions 0.. without a gap (segments, then rows),
+ * so the record that would follow the last one read has a known key,
+ * (id, layer, head, end). After an iterator error every such key is
+ * looked up in both families: found (a record the walk missed) or
+ * unreadable (its block is the damaged one) charges the sequence; not
+ * found anywhere means it was read in full and the damage is a
+ * neighbour's, which that neighbour's own walk meets.
+ */
+typedef struct walk_s {
+    uint64_t id;
+    uint32_t n_layers, n_heads;
+    uint64_t *ends; /* [layer][head]: positions covered so far */
+    int gap;        /* a record did not start where the last one ended */
+    int damaged;    /* reported through L->damaged */
+    char io_err[200];
+    rocksdb_readoptions_t *ro; /* verified reads bounded to the id */
+    unsigned char upper[8];
+} walk_t;
+
+static void walk_damage(walk_t *w, const kvs__db_loader_t *L, const char *fmt,
+                        ...) __attribute__((format(printf, 3, 4)));
+static void walk_damage(walk_t *w, const kvs__db_loader_t *L, const char *fmt,
+                        ...) {
+    if (w->damaged)
         return;
-    k->damaged[idx] = 1;
+    w->damaged = 1;
     char msg[256];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    L->damaged(L->ctx, k->ids[idx], msg);
+    L->damaged(L->ctx, w->id, msg);
 }
 
-/* Walk one of the record families (kv or index). Records of unknown ids
- * (left by a drop racing a build) are deleted. */
-static int load_records(kvs__db_t *db, int cf, known_t *known,
-                        const kvs__db_loader_t *L, int bounded, char *err,
-                        size_t errlen) {
-    /* Damage is charged to sequences, never returned: err stays unused. */
-    (void)err, (void)errlen;
-    rocksdb_writebatch_t *orphans = rocksdb_writebatch_create();
-    int n_orphans = 0;
-    int cur = -1;
-    uint64_t cur_id = 0;
-    /* An unreadable block stops an iterator for good: blame the sequence
-     * it was in (or the next one, when it fails before yielding a key),
-     * then go on from the next known sequence, so that one damaged table
-     * block quarantines the sequences it holds and no others. */
-    size_t resume = 0; /* index into known->ids to seek to; 0 = first key */
-    int rc = 0;
-    for (;;) {
-        rocksdb_iterator_t *it =
-            rocksdb_create_iterator_cf(db->db, db->ro, db->cf[cf]);
-        if (resume == 0 && !bounded) {
-            rocksdb_iter_seek_to_first(it);
-        } else {
-            unsigned char seek[8];
-            put_be64(seek, known->ids[resume]);
-            rocksdb_iter_seek(it, (const char *)seek, 8);
-        }
-        int got_key = 0;
-        for (; rocksdb_iter_valid(it); rocksdb_iter_next(it)) {
-            got_key = 1;
+static int walk_init(walk_t *w, uint64_t id, const kvs_geometry_t *g) {
+    memset(w, 0, sizeof *w);
+    w->id = id;
+    w->n_layers = g ? g->n_layers : 0;
+    w->n_heads = g ? g->n_kv_heads : 0;
+    size_t n = (size_t)w->n_layers * w->n_heads;
+    w->ends = calloc(n ? n : 1, sizeof *w->ends);
+    w->ro = rocksdb_readoptions_create();
+    if (!w->ends || !w->ro)
+        return KVS_ENOMEM;
+    rocksdb_readoptions_set_verify_checksums(w->ro, 1);
+    rocksdb_readoptions_set_fill_cache(w->ro, 0);
+    if (id != UINT64_MAX) { /* the last id runs to the end of the keys */
+        put_be64(w->upper, id + 1);
+        rocksdb_readoptions_set_iterate_upper_bound(
+            w->ro, (const char *)w->upper, sizeof w->upper);
+    }
+    return 0;
+}
 
-            size_t kl, vl;
-            const unsigned char *k =
-                (const unsigned char *)rocksdb_iter_key(it, &kl);
-            const unsigned char *v =
-                (const unsigned char *)rocksdb_iter_value(it, &vl);
-            if (kl != 24)
-                continue;
-            uint64_t id = get_be64(k);
-            /* Bounded: only the known ids, which are sorted. */
-            if (bounded && id > known->ids[known->n - 1])
+static void walk_free(walk_t *w) {
+    free(w->ends);
+    if (w->ro)
+        rocksdb_readoptions_destroy(w->ro);
+}
+
+/* After an iterator error: whether a record follows the last one read in
+ * any (layer, head) (see walk_t); 0 when none does. */
+static int walk_probe(kvs__db_t *db, walk_t *w, char *why, size_t whylen) {
+    for (uint32_t l = 0; l < w->n_layers; l++)
+        for (uint32_t h = 0; h < w->n_heads; h++)
+            for (int cf = CF_KV; cf <= CF_INDEX; cf++) {
+                unsigned char k[24];
+                uint64_t end = w->ends[(size_t)l * w->n_heads + h];
+                rec_key(k, w->id, l, h, end);
+                char *rerr = NULL;
+                size_t vl;
+                char *v = rocksdb_get_cf(db->db, db->ro, db->cf[cf],
+                                         (const char *)k, 24, &vl, &rerr);
+                rocksdb_free(v);
+                if (rerr) {
+                    snprintf(why, whylen, "%s family: %s", cf_names[cf], rerr);
+                    rocksdb_free(rerr);
+                    return 1;
+                }
+                if (v) {
+                    snprintf(why, whylen,
+                             "%s records of layer %u head %u past position "
+                             "%llu cannot be read: %.150s",
+                             cf_names[cf], l, h, (unsigned long long)end,
+                             w->io_err);
+                    return 1;
+                }
+            }
+    return 0;
+}
+
+/* Records [pos, pos + n) of (layer, head) were read. */
+static void walk_cover(walk_t *w, uint32_t layer, uint32_t head, uint64_t pos,
+                       uint64_t n) {
+    if (layer >= w->n_layers || head >= w->n_heads) {
+        w->gap = 1;
+        return;
+    }
+    uint64_t *e = &w->ends[(size_t)layer * w->n_heads + head];
+    if (pos != *e)
+        w->gap = 1;
+    *e = pos + n;
+}
+
+/* Walk one record family (kv or index) over the sequence's keys. */
+static void walk_family(kvs__db_t *db, int cf, walk_t *w,
+                        const kvs__db_loader_t *L) {
+    rocksdb_iterator_t *it =
+        rocksdb_create_iterator_cf(db->db, w->ro, db->cf[cf]);
+    /* The first possible key, not the 8-byte id: a block separator may be
+     * exactly the id, and seeking to it would read the block before. */
+    unsigned char seek[24];
+    rec_key(seek, w->id, 0, 0, 0);
+    for (rocksdb_iter_seek(it, (const char *)seek, 24);
+         rocksdb_iter_valid(it) && !w->damaged; rocksdb_iter_next(it)) {
+        size_t kl, vl;
+        const unsigned char *k =
+            (const unsigned char *)rocksdb_iter_key(it, &kl);
+        const unsigned char *v =
+            (const unsigned char *)rocksdb_iter_value(it, &vl);
+        if (kl != 24) {
+            if (kl >= 8 && get_be64(k) > w->id)
                 break;
-            if (cur < 0 || id != cur_id) {
-                cur_id = id;
-                cur = known_find(known, id);
-            }
-            if (cur < 0) {
-                if (bounded) /* never judge other ids from a partial walk */
-                    continue;
-                rocksdb_writebatch_delete_cf(orphans, db->cf[cf],
-                                             (const char *)k, kl);
-                n_orphans++;
-                continue;
-            }
-            if (known->damaged[cur])
-                continue;
-            uint32_t layer = get_be32(k + 8), head = get_be32(k + 12);
-            uint64_t pos = get_be64(k + 16);
-            uint32_t crc;
-            if (vl < 4 ||
-                (memcpy(&crc, v, 4), crc != kvs_crc32c(0, v + 4, vl - 4))) {
-                damage(known, L, cur,
-                       "%s record at layer %u head %u position "
-                       "%llu fails its checksum",
-                       cf_names[cf], layer, head, (unsigned long long)pos);
-                continue;
-            }
-            int rc;
-            if (cf == CF_INDEX) {
-                kvs_segment_t *seg;
-                char why[160] = "";
-                rc = kvs_segment_decode(v + 4, vl - 4, &seg, why, sizeof why);
-                if (rc) {
-                    damage(known, L, cur,
-                           "index record at layer %u head %u: %s", layer, head,
-                           why);
-                    continue;
-                }
-                rc = L->segment(L->ctx, id, layer, head, seg);
-            } else {
-                uint32_t n;
-                if (vl < 8) {
-                    damage(known, L, cur, "short kv record");
-                    continue;
-                }
-                memcpy(&n, v + 4, 4);
-                if (n == 0 || (vl - 8) % (2 * (size_t)n)) {
-                    damage(known, L, cur,
-                           "kv record at layer %u head %u has a "
-                           "bad length",
-                           layer, head);
-                    continue;
-                }
-                size_t half = (vl - 8) / 2;
-                rc = L->rows(L->ctx, id, layer, head, pos, n, half, v + 8,
-                             v + 8 + half);
-            }
-            if (rc)
-                damage(known, L, cur,
-                       "%s record at layer %u head %u position "
-                       "%llu does not fit: %s",
-                       cf_names[cf], layer, head, (unsigned long long)pos,
-                       kvs_strerror(rc));
+            continue;
         }
-        char *rerr = NULL;
-        rocksdb_iter_get_error(it, &rerr);
-        rocksdb_iter_destroy(it);
-        if (!rerr)
+        uint64_t id = get_be64(k);
+        if (id != w->id)
             break;
-        /* The damaged block lies at or after the last key read (or at the
-         * resume point): blame the first known sequence from there on. */
-        size_t blame = resume;
-        if (got_key) {
-            size_t lo = 0, hi = known->n;
-            while (lo < hi) {
-                size_t mid = (lo + hi) / 2;
-                if (known->ids[mid] < cur_id)
-                    lo = mid + 1;
-                else
-                    hi = mid;
-            }
-            if (lo > blame)
-                blame = lo;
-        }
-        if (blame >= known->n) {
-            /* Past every known sequence: only orphans are damaged. */
-            rocksdb_free(rerr);
+        uint32_t layer = get_be32(k + 8), head = get_be32(k + 12);
+        uint64_t pos = get_be64(k + 16);
+        uint32_t crc;
+        if (vl < 4 ||
+            (memcpy(&crc, v, 4), crc != kvs_crc32c(0, v + 4, vl - 4))) {
+            walk_damage(w, L,
+                        "%s record at layer %u head %u position "
+                        "%llu fails its checksum",
+                        cf_names[cf], layer, head, (unsigned long long)pos);
             break;
         }
-        damage(known, L, (int)blame, "%s family: %s", cf_names[cf], rerr);
-        rocksdb_free(rerr);
-        /* Strictly forward: each restart passes at least one sequence. */
-        resume = blame + 1;
-        cur = -1;
-        if (resume >= known->n)
-            break;
+        int rc;
+        if (cf == CF_INDEX) {
+            kvs_segment_t *seg;
+            char why[160] = "";
+            rc = kvs_segment_decode(v + 4, vl - 4, &seg, why, sizeof why);
+            if (rc) {
+                walk_damage(w, L, "index record at layer %u head %u: %s", layer,
+                            head, why);
+                break;
+            }
+            walk_cover(w, layer, head, seg->first_pos, seg->n_tokens);
+            rc = L->segment(L->ctx, id, layer, head, seg);
+        } else {
+            uint32_t n;
+            if (vl < 8) {
+                walk_damage(w, L, "short kv record");
+                break;
+            }
+            memcpy(&n, v + 4, 4);
+            if (n == 0 || (vl - 8) % (2 * (size_t)n)) {
+                walk_damage(w, L,
+                            "kv record at layer %u head %u has a "
+                            "bad length",
+                            layer, head);
+                break;
+            }
+            size_t half = (vl - 8) / 2;
+            walk_cover(w, layer, head, pos, n);
+            rc = L->rows(L->ctx, id, layer, head, pos, n, half, v + 8,
+                         v + 8 + half);
+        }
+        if (rc && w->io_err[0]) /* the records before it were unreadable */
+            walk_damage(w, L, "%s", w->io_err);
+        else if (rc)
+            walk_damage(w, L,
+                        "%s record at layer %u head %u position "
+                        "%llu does not fit: %s",
+                        cf_names[cf], layer, head, (unsigned long long)pos,
+                        kvs_strerror(rc));
     }
-    if (n_orphans) {
-        char *e2 = NULL;
-        rocksdb_write(db->db, db->wo_nosync, orphans, &e2);
-        take_err(e2, NULL, 0, "");
+    char *rerr = NULL;
+    rocksdb_iter_get_error(it, &rerr);
+    rocksdb_iter_destroy(it);
+    if (rerr && !w->io_err[0])
+        snprintf(w->io_err, sizeof w->io_err, "%s family: %s", cf_names[cf],
+                 rerr);
+    rocksdb_free(rerr);
+}
+
+/* Load one sequence's records: segments, then the rows after them. */
+static int load_one(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
+                    const kvs__db_loader_t *L) {
+    walk_t w;
+    if (walk_init(&w, id, g)) {
+        walk_free(&w);
+        return KVS_ENOMEM;
     }
-    rocksdb_writebatch_destroy(orphans);
-    return rc;
+    if (!g)
+        walk_damage(&w, L, "sequence metadata is damaged");
+    if (!w.damaged)
+        walk_family(db, CF_INDEX, &w, L);
+    if (!w.damaged)
+        walk_family(db, CF_KV, &w, L);
+    if (!w.damaged && w.gap)
+        walk_damage(&w, L, "records do not continue each other");
+    char why[256];
+    if (!w.damaged && w.io_err[0] && walk_probe(db, &w, why, sizeof why))
+        walk_damage(&w, L, "%s", why);
+    walk_free(&w);
+    return 0;
 }
 
 /* Delete the records of ids that have no metadata. One seek per distinct
@@ -610,9 +1372,25 @@ static void sweep_orphans(kvs__db_t *db, int cf, const known_t *known) {
     rocksdb_writebatch_destroy(b);
 }
 
+/* A sequence's metadata record: 0 and its geometry and TTL, or -1. */
+static int parse_seq(const unsigned char *v, size_t vl, kvs_geometry_t *g,
+                     uint32_t *ttl_s) {
+    uint32_t f[7], crc;
+    if (vl != 32)
+        return -1;
+    memcpy(&crc, v, 4);
+    memcpy(f, v + 4, 28);
+    if (crc != kvs_crc32c(0, v + 4, 28) || f[0] != SEQ_VERSION)
+        return -1;
+    *g = (kvs_geometry_t){f[1], f[2], f[3], f[4], (kvs_dtype_t)f[5]};
+    *ttl_s = f[6];
+    return 0;
+}
+
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
                  size_t errlen) {
     known_t known = {0};
+    kvs_geometry_t *geos = NULL; /* n_layers 0: metadata damaged */
     rocksdb_iterator_t *it =
         rocksdb_create_iterator_cf(db->db, db->ro, db->cf[CF_SEQS]);
     int rc = 0;
@@ -628,40 +1406,33 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
         if (known.n == known.cap) {
             size_t cap = known.cap ? known.cap * 2 : 64;
             uint64_t *ids = realloc(known.ids, cap * sizeof *ids);
-            uint8_t *dm = ids ? realloc(known.damaged, cap) : NULL;
-            if (!ids || !dm) {
-                if (ids)
-                    known.ids = ids;
+            if (ids)
+                known.ids = ids;
+            kvs_geometry_t *gs = ids ? realloc(geos, cap * sizeof *gs) : NULL;
+            if (!gs) {
                 rc = KVS_ENOMEM;
                 break;
             }
-            known.ids = ids;
-            known.damaged = dm;
+            geos = gs;
             known.cap = cap;
         }
         uint64_t id = get_be64(k);
-        known.ids[known.n] = id;
-        known.damaged[known.n] = 0;
-        known.n++;
         kvs_geometry_t g;
-        uint32_t f[7], crc;
-        if (vl != 32 ||
-            (memcpy(&crc, v, 4), memcpy(f, v + 4, 28),
-             crc != kvs_crc32c(0, v + 4, 28)) ||
-            f[0] != SEQ_VERSION) {
+        uint32_t ttl_s;
+        int ok = parse_seq(v, vl, &g, &ttl_s) == 0;
+        if (ok && L->seq(L->ctx, id, &g, ttl_s))
+            ok = 0;
+        if (!ok) {
             /* Still announce it, so it can be listed and dropped. */
             g = (kvs_geometry_t){1, 1, 1, 1, KVS_DTYPE_F32};
             L->seq(L->ctx, id, &g, 0);
-            damage(&known, L, (int)known.n - 1,
-                   "sequence metadata fails its checksum");
-            continue;
+            L->damaged(L->ctx, id,
+                       "sequence metadata fails its checksum or its "
+                       "geometry is invalid");
+            g.n_layers = 0;
         }
-        g = (kvs_geometry_t){f[1], f[2], f[3], f[4], (kvs_dtype_t)f[5]};
-        if (L->seq(L->ctx, id, &g, f[6])) {
-            g = (kvs_geometry_t){1, 1, 1, 1, KVS_DTYPE_F32};
-            L->seq(L->ctx, id, &g, 0);
-            damage(&known, L, (int)known.n - 1, "bad sequence geometry");
-        }
+        known.ids[known.n] = id;
+        geos[known.n++] = g;
     }
     char *rerr = NULL;
     rocksdb_iter_get_error(it, &rerr);
@@ -673,28 +1444,35 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
     /* One sequence at a time (seeking to its prefix), segments first, then
      * the rows after them; a budget can evict between sequences. */
     for (size_t i = 0; i < known.n && !rc; i++) {
-        known_t one = {&known.ids[i], &known.damaged[i], 1, 1};
-        rc = load_records(db, CF_INDEX, &one, L, 1, err, errlen);
-        if (!rc)
-            rc = load_records(db, CF_KV, &one, L, 1, err, errlen);
+        if (geos[i].n_layers == 0)
+            continue; /* already quarantined */
+        rc = load_one(db, known.ids[i], &geos[i], L);
         if (!rc && L->loaded)
             L->loaded(L->ctx, known.ids[i]);
     }
     for (int cf = CF_KV; cf <= CF_INDEX && !rc; cf++)
         sweep_orphans(db, cf, &known);
     free(known.ids);
-    free(known.damaged);
+    free(geos);
     return rc;
 }
 
 int kvs__db_load_seq(kvs__db_t *db, uint64_t id, const kvs__db_loader_t *L,
                      char *err, size_t errlen) {
-    uint8_t damaged = 0;
-    known_t known = {&id, &damaged, 1, 1};
-    int rc = load_records(db, CF_INDEX, &known, L, 1, err, errlen);
-    if (!rc)
-        rc = load_records(db, CF_KV, &known, L, 1, err, errlen);
-    return rc;
+    unsigned char k[8];
+    put_be64(k, id);
+    char *rerr = NULL;
+    size_t vl = 0;
+    char *v = rocksdb_get_cf(db->db, db->ro, db->cf[CF_SEQS], (const char *)k,
+                             8, &vl, &rerr);
+    int rc = take_err(rerr, err, errlen, "sequence metadata");
+    if (rc)
+        return rc;
+    kvs_geometry_t g;
+    uint32_t ttl_s;
+    int ok = v && parse_seq((const unsigned char *)v, vl, &g, &ttl_s) == 0;
+    rocksdb_free(v);
+    return load_one(db, id, ok ? &g : NULL, L);
 }
 
 uint64_t kvs__db_disk_bytes(kvs__db_t *db) {

@@ -22,7 +22,7 @@ typedef struct kvs__db_s kvs__db_t;
 
 int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
                  kvs__db_t **out, char *err, size_t errlen);
-void kvs__db_close(kvs__db_t *db);
+int kvs__db_close(kvs__db_t *db);
 
 /* What stored data depends on: rows are split at multiples of the segment
  * size; segments carry adjustment tables for the sink and window sizes. */

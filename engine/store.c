@@ -320,9 +320,9 @@ fail:
     return rc;
 }
 
-void kvs_store_close(kvs_store_t *s) {
+int kvs_store_close(kvs_store_t *s) {
     if (!s)
-        return;
+        return 0;
     kvs__lock(&s->build_mu, KVS__RANK_BUILD, 0);
     s->stopping = 1;
     pthread_cond_broadcast(&s->build_cv);
@@ -369,9 +369,10 @@ void kvs_store_close(kvs_store_t *s) {
     pthread_mutex_destroy(&s->map_mu);
     pthread_mutex_destroy(&s->meta_mu);
     /* After every build has stopped: nothing writes to it any more. */
-    kvs__db_close(s->db);
+    int rc = kvs__db_close(s->db);
     free(s->data_dir);
     free(s);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------- */

@@ -227,14 +227,18 @@ void kvs_query_params_default(kvs_query_params_t *params);
  * (listed, refused with KVS_EQUARANTINED, droppable) and the others serve.
  * Errors: KVS_EINVAL (bad option, message says which), KVS_ENOMEM,
  * KVS_ELOCKED (another process has the directory open), KVS_EIO,
- * KVS_ECORRUPT (the database itself cannot be opened).
+ * KVS_ECORRUPT (the database's own files are damaged or missing: the
+ * message names the file, and no file of the directory is removed).
  * kvs_store_open_error() gives the message of the last failed open on this
  * thread (there is no store to ask).
  */
 int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out);
 /* Stop background builds, release every sequence and the store. NULL is a
- * no-op. */
-void kvs_store_close(kvs_store_t *store);
+ * no-op. The store is released whatever the result: 0, or the first write
+ * error the store met while open (KVS_ENOSPC: the disk filled up; KVS_EIO),
+ * so that a daemon can exit with a failure status. Acknowledged data is
+ * durable either way. */
+int kvs_store_close(kvs_store_t *store);
 /* Message of this thread's last failed kvs_store_open ("" if none). */
 const char *kvs_store_open_error(void);
 

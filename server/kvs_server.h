@@ -198,7 +198,9 @@ typedef struct kvs_server_s kvs_server_t;
  */
 int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out);
 /* Serve until SIGTERM/SIGINT or kvs_server_shutdown(), then drain and close
- * the store. Returns 0 after a clean shutdown. */
+ * the store. Returns 0 after a clean shutdown, or the store's close error
+ * (KVS_ENOSPC / KVS_EIO after a failed write; logged as store_close_failed):
+ * kvstored then exits 1. */
 int kvs_server_run(kvs_server_t *srv);
 /* Begin a graceful shutdown (loop thread only). */
 void kvs_server_shutdown(kvs_server_t *srv);

@@ -1772,8 +1772,16 @@ int kvs_server_run(kvs_server_t *srv) {
     uv_run(&srv->loop, UV_RUN_DEFAULT);
     sd_notify_send("STOPPING=1");
     uint64_t t0 = uv_hrtime();
-    kvs_store_close(srv->store);
+    int rc = kvs_store_close(srv->store);
     srv->store = NULL;
+    if (rc) {
+        /* Acknowledged data is durable; what failed is a write after it
+         * (a full disk, say): say so, and exit non-zero. */
+        kvs__log(KVS__LOG_ERROR, "store_close_failed",
+                 "status=%s msg=\"%s\" seconds=%.3f", kvs_err_name(rc),
+                 kvs_strerror(rc), (double)(uv_hrtime() - t0) / 1e9);
+        return rc;
+    }
     kvs__log(KVS__LOG_INFO, "store_closed", "seconds=%.3f",
              (double)(uv_hrtime() - t0) / 1e9);
     return 0;

@@ -272,8 +272,12 @@ static void crash_child(const char *dir, int fd, uint64_t seed) {
     o.sync = KVS_SYNC_ALWAYS;
     o.n_threads = 2;
     kvs_store_t *s = NULL;
-    if (kvs_store_open(&o, &s))
+    int rc = kvs_store_open(&o, &s);
+    if (rc) {
+        fprintf(stderr, "crash child: open: %s (%s)\n", kvs_strerror(rc),
+                kvs_store_open_error());
         _exit(2);
+    }
     kvs_seq_info_t info;
     if (kvs_seq_info(s, 1, &info) == KVS_ENOSEQ && kvs_seq_create(s, 1, &GEO))
         _exit(3);
