@@ -275,7 +275,7 @@ int main(int argc, char **argv) {
         strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
         fprintf(f,
                 "{\n  \"bench\": \"engine_gpu\",\n  \"command\": "
-                "\"scripts/gpu-engine-check.sh --bench (bench_engine_gpu%s)\","
+                "\"tests/gpu/engine-check.sh --bench (bench_engine_gpu%s)\","
                 "\n  \"machine\": \"%ld-core x86-64 host | %s\",\n  "
                 "\"date\": \"%s\",\n  \"quick\": %s,\n  \"metrics\": {"
                 "\"engine_gpu_attend_ms\": %.4f, "

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # bench/gpu/run.sh: the GPU benchmark. Two ways in:
-#   bench/gpu/run.sh [--quick]               standalone (device machine)
+#   bench/gpu/run.sh [--quick]               standalone (on a machine with a GPU)
 #   bench/run.sh gpu [--quick]               via bench/run.sh, which calls
-#       bench/gpu/run.sh BUILD TMP_JSON [--quick]; on the GPU machine set
+#       bench/gpu/run.sh BUILD TMP_JSON [--quick]; on a machine with a GPU set
 #       KVS_BENCH_NO_BUILD=1 (the full CMake build needs faiss/rocksdb).
-# Builds the GPU targets with scripts/gpu-build.sh (nvcc only), times torch
+# Builds the GPU targets with kernels/cuda/build.sh (nvcc only), times torch
 # SDPA (sdpa.py) and then bench_gpu on this machine's GPU in the same run,
 # and writes gpu.json in the ../shared/BENCH.md format: to TMP_JSON when
-# called by bench/run.sh, else to $OUT (when set) and bench/results/.
+# called by bench/run.sh, else to $KVS_GPU_LOGS (when set) and bench/results/.
 # Without a GPU it prints "SKIP: no CUDA device" (empty metrics) and exits 0.
 # The same benchmark on a real tinycode128 decode trace: bench/gpu/run_trace.sh
 # (gpu_trace.json).
@@ -21,8 +21,8 @@ fi
 quick=""
 for a in "$@"; do [ "$a" = --quick ] && quick="--quick"; done
 B=${KVS_GPU_BUILD:-build-gpu}
-scripts/gpu-build.sh "$B" >/dev/null
-dest=${OUT:-bench/results}
+kernels/cuda/build.sh "$B" >/dev/null
+dest=${KVS_GPU_LOGS:-bench/results}
 mkdir -p "$dest" bench/results
 [ -n "$json" ] || json="$dest/gpu.json"
 if ! nvidia-smi -L >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# gpu-build.sh [BUILD_DIR]: builds the GPU targets with nvcc and the C
+# kernels/cuda/build.sh [BUILD_DIR]: builds the GPU targets with nvcc and the C
 # compiler alone -- no CMake project, no faiss/rocksdb/cmocka -- so that
-# they build on the GPU machine. Outputs in BUILD_DIR (default build-gpu):
+# they build on a machine with a GPU. Outputs in BUILD_DIR (default build-gpu):
 #   libkvs_cuda.a   kernels/cuda + buffer + common/error.c
 #   test_gpu        every kernel vs the CPU reference (tests/gpu)
 #   bench_gpu       the GPU benchmark (bench/gpu)
@@ -9,7 +9,7 @@
 # CC (default cc), GENCODE (default sm_90a), NVFLAGS_EXTRA (more nvcc
 # flags, e.g. -DKVS_ZONE_MIN_BLOCKS=1 for a variant build).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 B=${1:-build-gpu}
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}

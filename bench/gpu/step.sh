@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# gpu-step.sh: on the GPU machine, with binaries built here and carried (no
+# bench/gpu/step.sh: on a machine with a GPU, with binaries built elsewhere and copied (no
 # rebuild): the wave tests, the 128K batch-1 step for each select variant
 # (KVS_CUDA_SELECT=cluster|block, KVS_CUDA_PDL=0|1) and a baseline build
 # ($KVS_GPU_BASE/bench_gpu) when given, then the full benchmark (torch SDPA
 # + bench_gpu) with the fastest variant, the full test suite, and
 # compute-sanitizer memcheck/racecheck on the wave tests. Every step has a
 # timeout. Logs in a work folder; gpu.json, bench.log, sdpa.txt/.log,
-# test_all.log and logs.tar.gz (everything) copied to $OUT (or $B/logs) at
-# the end (the device tool returns at most 8 files); a summary on stdout.
+# test_all.log and logs.tar.gz (everything) copied to $KVS_GPU_LOGS (or $B/logs) at
+# the end; a summary on stdout.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 B=${KVS_GPU_BUILD:-build-gpu}
 BASE=${KVS_GPU_BASE:-}
-D=${OUT:-$B/logs}
+D=${KVS_GPU_LOGS:-$B/logs}
 O=$(mktemp -d /tmp/gpu-step.XXXXXX)
 mkdir -p "$D"
 trap 'cp "$O"/gpu.json "$O"/bench.log "$O"/sdpa.txt "$O"/sdpa.log "$O"/test_all.log "$D"/ 2>/dev/null; tar -czf "$D/logs.tar.gz" -C "$O" . 2>/dev/null' EXIT

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# gpu-check.sh: on the GPU machine, in one go: build the GPU targets
-# (scripts/gpu-build.sh), run the kernel tests, run them again under
+# tests/gpu/check.sh: on a machine with a GPU, in one go: build the GPU targets
+# (kernels/cuda/build.sh), run the kernel tests, run them again under
 # compute-sanitizer memcheck and racecheck, and (unless KVS_NO_BENCH=1)
-# the quick benchmark. Logs go to $OUT (or build-gpu/logs). Exit status is
+# the quick benchmark. Logs go to $KVS_GPU_LOGS (or build-gpu/logs). Exit status is
 # non-zero when a test or sanitizer failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 B=${KVS_GPU_BUILD:-build-gpu}
-L=${OUT:-$B/logs}
+L=${KVS_GPU_LOGS:-$B/logs}
 mkdir -p "$L"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
     --format=csv 2>&1 | tee "$L/device.txt"
-scripts/gpu-build.sh "$B" 2>&1 | tee "$L/build.log" || exit 1
+kernels/cuda/build.sh "$B" 2>&1 | tee "$L/build.log" || exit 1
 fail=0
 "$B/test_gpu" 2>&1 | tee "$L/test.log"
 rc=${PIPESTATUS[0]}
@@ -27,6 +27,6 @@ for tool in memcheck racecheck; do
     [ "$rc" = 0 ] || fail=1
 done
 if [ -z "${KVS_NO_BENCH:-}" ]; then
-    OUT="$L" bench/gpu/run.sh --quick 2>&1 | tee "$L/bench_quick.log"
+    KVS_GPU_LOGS="$L" bench/gpu/run.sh --quick 2>&1 | tee "$L/bench_quick.log"
 fi
 exit $fail

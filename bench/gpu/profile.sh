@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu-profile.sh: on the GPU machine, where the wave step's time goes at
+# bench/gpu/profile.sh: on a machine with a GPU, where the wave step's time goes at
 # 128K batch 1, for binaries built here or carried (no rebuild):
 #   1. the wave tests (test_gpu wave), then compute-sanitizer memcheck and
 #      racecheck on them (KVS_NO_SANITIZER=1 skips);
@@ -8,13 +8,13 @@
 #      ($KVS_GPU_BASE/bench_gpu) when given;
 #   3. Nsight Compute (ncu, clocks not locked, caches flushed before each
 #      kernel) on the first step's kernels, new and baseline.
-# Logs in $OUT (or $B/logs); a short table on stdout. Every step has a
+# Logs in $KVS_GPU_LOGS (or $B/logs); a short table on stdout. Every step has a
 # timeout so that a hang cannot eat the lease.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 B=${KVS_GPU_BUILD:-build-gpu}
 BASE=${KVS_GPU_BASE:-}
-O=${OUT:-$B/logs}
+O=${KVS_GPU_LOGS:-$B/logs}
 mkdir -p "$O"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 timeout 90 "$B/test_gpu" wave >"$O/test_wave.log" 2>&1

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# gpu-engine-pack.sh: build the engine's GPU tests HERE (CUDA plus our
-# Debian libraries) and pack them for the GPU machine, which has CUDA but
+# tests/gpu/engine-pack.sh: build the engine's GPU tests HERE (CUDA plus our
+# Debian libraries) and pack them for a machine with a GPU, which has CUDA but
 # none of RocksDB/OpenBLAS/...: the binaries, their shared libraries
 # (lib/), and this machine's glibc with its loader (glibc/, used only if the
-# GPU machine's own glibc is too old) go into .carry/engine/ (git-ignored,
-# ~20 MB compressed). Then, on the GPU machine, with carry [".carry/engine"]:
-#   scripts/gpu-engine-check.sh
+# target machine's own glibc is too old) go into build-cuda/pack/ (git-ignored,
+# ~20 MB compressed). Then, on a machine with a GPU, with build-cuda/pack copied along:
+#   tests/gpu/engine-check.sh
 # Environment: KVS_GPU_BUILD (build folder, default build-cuda).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 B=${KVS_GPU_BUILD:-build-cuda}
 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DKVS_CUDA=ON >/dev/null
 cmake --build "$B" -j"$(nproc)" --target test_engine_gpu test_gpu bench_engine_gpu
-out=.carry/engine
+out=build-cuda/pack
 rm -rf "$out"
 mkdir -p "$out/pack/lib" "$out/pack/glibc"
 cp "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_gpu" \

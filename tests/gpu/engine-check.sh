@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# gpu-engine-check.sh [--bench]: on the GPU machine, run the engine's GPU
-# tests packed by scripts/gpu-engine-pack.sh (carry .carry/engine):
+# tests/gpu/engine-check.sh [--bench]: on a machine with a GPU, run the engine's GPU
+# tests packed by tests/gpu/engine-pack.sh:
 # test_engine_gpu (the engine's GPU attend path against its CPU path),
 # test_gpu (the kernels), compute-sanitizer memcheck on a short
 # test_engine_gpu run; with --bench also bench_engine_gpu (engine_gpu.json).
-# Logs go to $OUT (or ./gpu-engine-logs). Exit status: that of the first
+# Logs go to $KVS_GPU_LOGS (or ./gpu-engine-logs). Exit status: that of the first
 # failure.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-$PWD/gpu-engine-logs}
+cd "$(dirname "$0")/../.."
+out=${KVS_GPU_LOGS:-$PWD/gpu-engine-logs}
 mkdir -p "$out"
 work=$(mktemp -d)
-tar -C "$work" -xJf .carry/engine/engine.tar.xz
+tar -C "$work" -xJf build-cuda/pack/engine.tar.xz
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 # Our libraries on the machine's glibc if it is new enough, else our glibc
