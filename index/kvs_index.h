@@ -200,6 +200,11 @@ typedef struct kvs_zone_stats_s {
     uint64_t clusters_retrieved;
     uint64_t clusters_estimated;
     uint64_t clusters_skipped;
+    /* Search only: bytes the call read from the index and the keys
+     * (centroids, per-cluster metadata, key codes, full keys and their
+     * positions), and how many keys it scored from their codes. */
+    uint64_t bytes_read;
+    uint64_t keys_coded;
 } kvs_zone_stats_t;
 
 /* Per-thread scratch memory, grown on demand and reused between calls. */

@@ -806,6 +806,7 @@ typedef struct search_ctx_s {
     topk_t *h; /* [nq] heaps, one per query */
     int mask_steady;
     uint64_t scanned; /* (query, key) pairs scored */
+    uint64_t bytes;   /* bytes read, summed over the queries */
 } search_ctx_t;
 
 static int search_rows(void *arg, const void *keys, const void *vals,
@@ -815,6 +816,9 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     search_ctx_t *c = arg;
     float *S = c->s->scores;
     kvs_dot_rows(c->v->dtype, c->q, c->nq, keys, n, c->v->d, 1.0f, S, n);
+    /* Every row of the block is read, masked or not; a segment row also
+     * reads its position. */
+    c->bytes += (uint64_t)c->nq * n * (row_bytes(c->v) + (seg ? 4 : 0));
     for (uint32_t r = 0; r < n; r++) {
         uint64_t pos =
             seg ? seg->first_pos + seg->positions[slot0 + r] : pos0 + r;
@@ -847,7 +851,7 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
                         .k = k};
     /* Rows shared by the group (steady zone, or everything in exact mode)
      * are read once and scored for all its queries. */
-    search_ctx_t ctx = {v, q, g, s, h, 0, 0};
+    search_ctx_t ctx = {v, q, g, s, h, 0, 0, 0};
     kvs_zone_stats_t st = {0};
     st.keys_total = total * g;
     int rc;
@@ -922,11 +926,14 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
                         a, 0);
         }
         st.clusters_total += C;
+        /* Every centroid with its offset and count. */
+        st.bytes_read += (uint64_t)C * (rb + 8);
         st.clusters_retrieved += R;
         st.clusters_skipped += C - R;
     }
 out:
     st.keys_exact = ctx.scanned;
+    st.bytes_read += ctx.bytes;
     for (uint32_t i = 0; i < g; i++)
         topk_drain(&h[i], positions + (size_t)i * k, scores + (size_t)i * k);
     if (stats) {
@@ -936,6 +943,8 @@ out:
         stats->clusters_total += st.clusters_total;
         stats->clusters_retrieved += st.clusters_retrieved;
         stats->clusters_skipped += st.clusters_skipped;
+        stats->bytes_read += st.bytes_read;
+        stats->keys_coded += st.keys_coded;
     }
     return 0;
 }
