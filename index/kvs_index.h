@@ -46,6 +46,28 @@ typedef struct kvs_cluster_adj_s {
                               (zeros when count is 0) */
 } kvs_cluster_adj_t;
 
+/*
+ * Compact codes of a segment for two-stage search (index/codes.c). Keys and
+ * centroids are rotated by R = H diag(sign) / sqrt(d) (H the Walsh-Hadamard
+ * matrix, sign drawn from `seed` by splitmix64; d a power of two, else the
+ * signs alone), which spreads a few large channels over all dims, then
+ * quantised per rotated dim: key x gets code_j = round((Rx_j - lo_j) /
+ * step_j) in 0..15 (4 bits, kvs_code4_dot_rows layout), centroid c gets
+ * 8-bit codes with its own clo/cstep. q.x is estimated as
+ * Rq.lo + sum_j (Rq_j step_j) code_j. Built with the segment (its data,
+ * nothing else), so codebooks follow the data; d must be a multiple of 32.
+ */
+typedef struct kvs_codes_s {
+    uint64_t seed;       /* rotation signs */
+    float *lo, *step;    /* [d] key codes: offset and step per rotated dim */
+    float *clo, *cstep;  /* [d] centroid codes */
+    uint8_t *keys;       /* [n_tokens][d / 2] 4-bit codes, slot order */
+    uint8_t *centroids;  /* [n_clusters][d] 8-bit codes */
+    float *spread;       /* [n_clusters] RMS member distance to the centroid
+                            over sqrt(d): the spread of q.x - q.c per unit
+                            of |q| if residuals were isotropic */
+} kvs_codes_t;
+
 /* adj_flags bits: the cluster is listed in adj_always / adj_last. */
 #define KVS_ADJ_ALWAYS 1u
 #define KVS_ADJ_LAST 2u
@@ -69,6 +91,10 @@ typedef struct kvs_segment_s {
     /* Owners beyond the first (forked sequences share segments); 0 from
      * the builder and the decoder. Managed by the engine with atomics. */
     int32_t extra_refs;
+    /* Compact codes (NULL when d is not a multiple of 32): built by both
+     * builders, stored by segment_io.c (format 2), rebuilt from the keys
+     * when a format-1 record is decoded. Freed by kvs_segment_free. */
+    kvs_codes_t *codes;
 } kvs_segment_t;
 
 /* How segments are built. */
@@ -110,6 +136,18 @@ int kvs_segment_from_labels(const kvs_build_params_t *params,
 uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n);
 
 void kvs_segment_free(kvs_segment_t *seg);
+
+/* Build seg->codes from the segment's keys and centroids (replacing any);
+ * deterministic in (keys, seed). A no-op returning 0 when d is not a
+ * multiple of 32. Errors: KVS_ENOMEM. Called by the builders and by
+ * kvs_segment_decode for records written before codes existed. */
+int kvs_segment_build_codes(kvs_segment_t *seg, uint64_t seed);
+void kvs_codes_free(kvs_codes_t *codes);
+/* Bytes held by codes of a segment of n tokens, C clusters, d dims. */
+size_t kvs_codes_bytes(uint32_t n, uint32_t C, uint32_t d);
+/* out = R x for the rotation of `codes` (x and out [d], may alias). */
+void kvs_codes_rotate(const kvs_codes_t *codes, uint32_t d, const float *x,
+                      float *out);
 
 /* Serialisation for storage (index/segment_io.c): encode into a buffer of
  * kvs_segment_encoded_size() bytes; decode validates every invariant and
@@ -158,6 +196,20 @@ static inline int kvs_head_is_steady(const kvs_head_view_t *v, uint64_t pos) {
 }
 
 /* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
+/* How search ranks keys (kvs_zone_params_t.rank). */
+typedef enum kvs_rank_e {
+    /* Codes where the segments have them, else as KVS_RANK_CENTROID. */
+    KVS_RANK_DEFAULT = 0,
+    /* Clusters by q.c over full-precision centroids; every member of the
+     * retrieval clusters is read in full (the index before codes). */
+    KVS_RANK_CENTROID = 1,
+    /* Two stages: clusters ranked by 8-bit centroid codes plus a spread
+     * term; the 4-bit codes of their members are scanned until
+     * code_ratio x R keys are scored; the best R by code score are read
+     * in full (R = retrieval_fraction x indexed keys). */
+    KVS_RANK_CODES = 2,
+} kvs_rank_t;
+
 typedef struct kvs_zone_params_s {
     int exact;                 /* 1: ignore the index, attend every key */
     int precise;               /* with exact: accumulate in double (the
@@ -169,7 +221,17 @@ typedef struct kvs_zone_params_s {
     float scale;               /* softmax scale (> 0) */
     double scale_f64;          /* the same in double, for precise mode
                                   (0: use scale) */
+    /* Search only (kvs_head_search*): see kvs_rank_t. */
+    kvs_rank_t rank;
+    float code_ratio;          /* keys scored by code per key read in full
+                                  (0: KVS_CODE_RATIO_DEFAULT) */
+    float spread;              /* weight of the cluster spread in the
+                                  cluster ranking: q.c + spread |q| s_c
+                                  (0: KVS_SPREAD_DEFAULT; < 0: none) */
 } kvs_zone_params_t;
+
+#define KVS_CODE_RATIO_DEFAULT 16.0f
+#define KVS_SPREAD_DEFAULT 1.0f
 
 /* ceil(f C) of C clusters, at most C; 0 when f <= 0. */
 static inline uint32_t kvs_zone_clusters(float f, uint32_t C) {

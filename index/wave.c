@@ -66,6 +66,14 @@ struct kvs_scratch_s {
     size_t hpos_cap;
     float *hscore;
     size_t hscore_cap;
+    float *cq; /* codes search: per segment [w4 d][w8 d][b4 b8] */
+    size_t cq_cap;
+    float *est; /* [cluster members] code scores */
+    size_t est_cap;
+    int64_t *cpos; /* [R] candidate heap: (segment << 32 | slot) */
+    size_t cpos_cap;
+    float *cscr;
+    size_t cscr_cap;
 };
 
 kvs_scratch_t *kvs_scratch_new(void) {
@@ -87,6 +95,10 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->tmpc);
     free(s->hpos);
     free(s->hscore);
+    free(s->cq);
+    free(s->est);
+    free(s->cpos);
+    free(s->cscr);
     free(s);
 }
 
@@ -831,6 +843,156 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     return 0;
 }
 
+static int cmp_desc_idx_tl(const void *a, const void *b) {
+    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
+    float x = tl_sort_key[i], y = tl_sort_key[j];
+    if (x != y)
+        return (x < y) - (x > y);
+    return (i > j) - (i < j); /* ties by index: same order on every libc */
+}
+
+/* The codes path serves a view only when every segment has codes. */
+static int view_has_codes(const kvs_head_view_t *v) {
+    for (uint32_t si = 0; si < v->n_segments; si++)
+        if (!v->segments[si]->codes)
+            return 0;
+    return v->n_segments > 0;
+}
+
+/*
+ * Two-stage search of one query (KVS_RANK_CODES) into ctx->h, after the
+ * steady zone. (1) Every cluster is scored from its 8-bit centroid code
+ * plus spread x |q| x s_c: a cluster of wide spread holds keys well above
+ * its centroid's score in more directions. (2) In that order, the 4-bit
+ * codes of the clusters' non-steady members are scored until M keys are.
+ * (3) The best R of them by code score are read in full and scored
+ * exactly. R = ceil(retrieval_fraction x indexed), M = code_ratio x R.
+ */
+static int codes_search(const kvs_head_view_t *v, const float *q,
+                        const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                        search_ctx_t *ctx, kvs_zone_stats_t *st) {
+    const uint32_t d = v->d, nseg = v->n_segments;
+    const size_t rb = row_bytes(v);
+    if (GROW(s, cbase, cbase_cap, nseg + 1) ||
+        GROW(s, cq, cq_cap, (size_t)nseg * (2 * d + 2)))
+        return KVS_ENOMEM;
+    uint32_t C = 0, maxn = 1;
+    for (uint32_t si = 0; si < nseg; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        s->cbase[si] = C;
+        C += seg->n_clusters;
+        for (uint32_t c = 0; c < seg->n_clusters; c++) {
+            uint32_t n = seg->offsets[c + 1] - seg->offsets[c];
+            maxn = n > maxn ? n : maxn;
+        }
+    }
+    s->cbase[nseg] = C;
+    if (GROW(s, rank, rank_cap, C) || GROW(s, idx, idx_cap, C) ||
+        GROW(s, est, est_cap, maxn))
+        return KVS_ENOMEM;
+
+    float alpha = zp->spread == 0 ? KVS_SPREAD_DEFAULT
+                  : zp->spread < 0 ? 0.0f
+                                   : zp->spread;
+    double qq = 0;
+    for (uint32_t j = 0; j < d; j++)
+        qq += (double)q[j] * q[j];
+    const float sq = alpha * (float)sqrt(qq);
+    uint64_t bytes = 0;
+    for (uint32_t si = 0; si < nseg; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        const kvs_codes_t *k = seg->codes;
+        float *w4 = s->cq + (size_t)si * (2 * d + 2), *w8 = w4 + d;
+        kvs_codes_rotate(k, d, q, w8);
+        double b4 = 0, b8 = 0;
+        for (uint32_t j = 0; j < d; j++) {
+            b4 += (double)w8[j] * k->lo[j];
+            b8 += (double)w8[j] * k->clo[j];
+            w4[j] = w8[j] * k->step[j];
+        }
+        for (uint32_t j = 0; j < d; j++)
+            w8[j] *= k->cstep[j];
+        w8[d] = (float)b4;
+        w8[d + 1] = (float)b8;
+        float *rk = s->rank + s->cbase[si];
+        kvs_code8_dot_rows(w8, k->centroids, seg->n_clusters, d, (float)b8,
+                           rk);
+        if (sq > 0)
+            for (uint32_t c = 0; c < seg->n_clusters; c++)
+                rk[c] += sq * k->spread[c];
+        /* Clusters with no member left in the view sort last. */
+        if (seg->adj_always.n || (si + 1 == nseg && seg->adj_last.n))
+            for (uint32_t c = 0; c < seg->n_clusters; c++)
+                if (kvs_segment_cluster_view(seg, c, si + 1 == nseg, NULL) ==
+                    0)
+                    rk[c] = -INFINITY;
+        /* Centroid codes, offsets, counts, spreads; four ranges. */
+        bytes += (uint64_t)seg->n_clusters * (d + 12) + 16 * (uint64_t)d;
+    }
+
+    uint64_t R64 = (uint64_t)ceil((double)zp->retrieval_fraction *
+                                  (double)v->indexed_tokens);
+    float ratio = zp->code_ratio > 0 ? zp->code_ratio : KVS_CODE_RATIO_DEFAULT;
+    uint64_t M = (uint64_t)ceil((double)ratio * (double)R64);
+    uint32_t R = R64 > v->indexed_tokens ? (uint32_t)v->indexed_tokens
+                                         : (uint32_t)R64;
+    if (R == 0) {
+        st->clusters_total += C;
+        st->clusters_skipped += C;
+        st->bytes_read += bytes;
+        return 0;
+    }
+    if (GROW(s, cpos, cpos_cap, R) || GROW(s, cscr, cscr_cap, R))
+        return KVS_ENOMEM;
+    for (uint32_t c = 0; c < C; c++)
+        s->idx[c] = c;
+    tl_sort_key = s->rank;
+    qsort(s->idx, C, sizeof(uint32_t), cmp_desc_idx_tl);
+
+    topk_t cand = {.score = s->cscr, .pos = s->cpos, .n = 0, .k = R};
+    uint64_t coded = 0;
+    uint32_t used = 0;
+    for (; used < C && coded < M; used++) {
+        uint32_t c = s->idx[used];
+        if (s->rank[c] == -INFINITY)
+            break;
+        uint32_t si = seg_of(s->cbase, nseg, c);
+        const kvs_segment_t *seg = v->segments[si];
+        uint32_t lc = c - s->cbase[si];
+        uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
+        const float *w4 = s->cq + (size_t)si * (2 * d + 2);
+        kvs_code4_dot_rows(w4, seg->codes->keys + (size_t)a * (d / 2), n, d,
+                           w4[2 * d], s->est);
+        bytes += (uint64_t)n * (d / 2 + 4);
+        for (uint32_t j = 0; j < n; j++) {
+            uint64_t pos = seg->first_pos + seg->positions[a + j];
+            if (kvs_head_is_steady(v, pos))
+                continue;
+            coded++;
+            topk_push(&cand, s->est[j], (int64_t)((uint64_t)si << 32 | (a + j)));
+        }
+    }
+
+    /* Full keys for the shortlist, scored exactly. */
+    for (uint32_t j = 0; j < cand.n; j++) {
+        uint64_t id = (uint64_t)cand.pos[j];
+        const kvs_segment_t *seg = v->segments[id >> 32];
+        uint32_t slot = (uint32_t)id;
+        float sc;
+        kvs_dot_rows(v->dtype, q, 1, (const char *)seg->keys + slot * rb, 1,
+                     d, 1.0f, &sc, 1);
+        topk_push(ctx->h, sc, (int64_t)(seg->first_pos + seg->positions[slot]));
+    }
+    ctx->scanned += cand.n;
+    bytes += (uint64_t)cand.n * rb;
+    st->clusters_total += C;
+    st->clusters_retrieved += used;
+    st->clusters_skipped += C - used;
+    st->keys_coded += coded;
+    st->bytes_read += bytes;
+    return 0;
+}
+
 int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
                           uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
                           kvs_scratch_t *s, int64_t *positions, float *scores,
@@ -878,6 +1040,21 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
         }
     }
     st.keys_steady = ctx.scanned;
+
+    /* The bounded budget is judged on centroid mass: it keeps the
+     * centroid path unless codes are asked for by name. */
+    if (zp->rank == KVS_RANK_CODES ||
+        (zp->rank == KVS_RANK_DEFAULT && !zp->bounded && view_has_codes(v))) {
+        if (!view_has_codes(v))
+            return KVS_EINVAL;
+        for (uint32_t i = 0; i < g; i++) {
+            ctx.h = &h[i];
+            if ((rc = codes_search(v, q + (size_t)i * v->d, zp, s, &ctx,
+                                   &st)))
+                return rc;
+        }
+        goto out;
+    }
 
     /* Centroids scored once for the group; each query then takes its own
      * retrieval clusters, ranked by its own q.c. */

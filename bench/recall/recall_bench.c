@@ -423,12 +423,16 @@ typedef struct ctx_info_s {
 
 enum {
     S_WAVE,
+    S_WAVE_CENTROID,
+    S_WAVE_R8,
+    S_WAVE_NOSPREAD,
     S_WAVE_BOUNDED,
     S_IVF,
     S_HNSW,
     S_FLAT,
     S_IVF_K2K,
     S_WAVE_K2K,
+    S_WAVE_CENTROID_K2K,
     S_COUNT
 };
 
@@ -512,6 +516,12 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
 
     series_init(&S[S_WAVE], "wave", "retrieval_fraction", Q_DECODE, g_rf,
                 n_rf, L, HQ, nq);
+    series_init(&S[S_WAVE_CENTROID], "wave-centroid", "retrieval_fraction",
+                Q_DECODE, g_rf, n_rf, L, HQ, nq);
+    series_init(&S[S_WAVE_R8], "wave-codes-ratio8", "retrieval_fraction",
+                Q_DECODE, g_rf, n_rf, L, HQ, nq);
+    series_init(&S[S_WAVE_NOSPREAD], "wave-codes-nospread",
+                "retrieval_fraction", Q_DECODE, g_rf, n_rf, L, HQ, nq);
     series_init(&S[S_WAVE_BOUNDED], "wave-bounded", "epsilon", Q_DECODE, g_eps,
                 n_eps, L, HQ, nq);
     series_init(&S[S_IVF], "ivf-flat", "nprobe", Q_DECODE, g_nprobe, n_nprobe,
@@ -523,6 +533,8 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 n_nprobe, L, HKV, nq);
     series_init(&S[S_WAVE_K2K], "wave", "retrieval_fraction", Q_KEY, g_rf,
                 n_rf, L, HKV, nq);
+    series_init(&S[S_WAVE_CENTROID_K2K], "wave-centroid", "retrieval_fraction",
+                Q_KEY, g_rf, n_rf, L, HKV, nq);
 
     /* Mean-query / mean-key cosine per query head over the whole context:
      * how far from the keys' distribution the queries sit. */
@@ -662,19 +674,31 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                     info->exact_hits += (uint64_t)llround(r100 * TOPK);
                     info->exact_total += TOPK;
                 }
-                for (int mode = 0; mode < 2; mode++) {
-                    if (key && mode == 1)
+                /* Series per mode: the default (codes), the centroid path
+                 * (the index before codes), codes ablations, bounded. */
+                static const int mode_series[] = {S_WAVE, S_WAVE_CENTROID,
+                                                  S_WAVE_R8, S_WAVE_NOSPREAD,
+                                                  S_WAVE_BOUNDED};
+                for (int mode = 0; mode < 5; mode++) {
+                    if (key && mode >= 2)
                         break;
-                    uint32_t ng = mode ? n_eps : n_rf;
+                    int bounded = mode == 4;
+                    uint32_t ng = bounded ? n_eps : n_rf;
                     for (uint32_t gi = 0; gi < ng; gi++) {
                         kvs_zone_params_t zp = {0};
                         zp.scale = 1.0f / sqrtf((float)D);
-                        if (mode) {
+                        if (bounded) {
                             zp.bounded = 1;
                             zp.epsilon = (float)g_eps[gi];
                         } else {
                             zp.retrieval_fraction = (float)g_rf[gi];
                         }
+                        if (mode == 1)
+                            zp.rank = KVS_RANK_CENTROID;
+                        if (mode == 2)
+                            zp.code_ratio = 8;
+                        if (mode == 3)
+                            zp.spread = -1;
                         kvs_zone_stats_t zs = {0};
                         if ((rc = kvs_head_search(&v, q, TOPK, &zp, scr, hp,
                                                   hs, &zs)))
@@ -683,16 +707,17 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                         double bytes = (double)zs.bytes_read / kb;
                         recall_of(&tr, hp, &r10, &r100);
                         if (key) {
-                            series_put(&S[S_WAVE_K2K], l, g, i, gi, r10, r100,
-                                       scan, bytes);
+                            series_put(&S[mode ? S_WAVE_CENTROID_K2K
+                                               : S_WAVE_K2K],
+                                       l, g, i, gi, r10, r100, scan, bytes);
                             continue;
                         }
                         if (!mode) {
                             steady_sum += (double)zs.keys_steady;
                             steady_n++;
                         }
-                        series_put(&S[mode ? S_WAVE_BOUNDED : S_WAVE], l, h, i,
-                                   gi, r10, r100, scan, bytes);
+                        series_put(&S[mode_series[mode]], l, h, i, gi, r10,
+                                   r100, scan, bytes);
                     }
                 }
             }
@@ -1114,7 +1139,7 @@ int main(int argc, char **argv) {
     row_str("dump_dtype", dp.dtype ? "f16" : "f32");
     row_end();
 
-#define N_HEADLINE 14
+#define N_HEADLINE 17
     double headline[N_HEADLINE];
     for (int i = 0; i < N_HEADLINE; i++)
         headline[i] = NAN;
@@ -1172,13 +1197,14 @@ int main(int argc, char **argv) {
         fprintf(stderr,
                 "recall ctx=%u keys=%u: scanned at recall@100=0.95 (median / "
                 "p90 over %u x %u x %u pairs): wave %.4f / %.4f, "
-                "wave-bounded %.4f / %.4f, ivf %.4f / %.4f, hnsw %.4f / %.4f;"
-                " bytes read: wave %.4f / %.4f, ivf %.4f / %.4f;"
+                "wave-centroid %.4f / %.4f, wave-bounded %.4f / %.4f, ivf %.4f / %.4f, hnsw %.4f / %.4f;"
+                " bytes read: wave %.4f / %.4f, wave-centroid %.4f, ivf %.4f / %.4f;"
                 " ivf key-to-key %.4f; ivf/wave %.2fx; q.k mean cosine %.3f\n",
                 ctx, info.n_keys, cfg.n_layers, dp.n_q, cfg.nq, med[S_WAVE],
-                p90[S_WAVE], med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED],
+                p90[S_WAVE], med[S_WAVE_CENTROID], p90[S_WAVE_CENTROID],
+                med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED],
                 med[S_IVF], p90[S_IVF], med[S_HNSW], p90[S_HNSW], bm[S_WAVE],
-                b9[S_WAVE], bm[S_IVF], b9[S_IVF], med[S_IVF_K2K], ratio, qk);
+                b9[S_WAVE], bm[S_WAVE_CENTROID], bm[S_IVF], b9[S_IVF], med[S_IVF_K2K], ratio, qk);
 
         if (ctx >= head_ctx) {
             head_ctx = ctx;
@@ -1196,6 +1222,9 @@ int main(int argc, char **argv) {
             headline[11] = bm[S_IVF];
             headline[12] = b9[S_IVF];
             headline[13] = p90[S_IVF] / p90[S_WAVE];
+            headline[14] = med[S_WAVE_CENTROID];
+            headline[15] = p90[S_WAVE_CENTROID];
+            headline[16] = bm[S_WAVE_CENTROID];
             qk_med = qk;
         }
         for (int s = 0; s < S_COUNT; s++)
@@ -1215,7 +1244,10 @@ int main(int argc, char **argv) {
         "wave_recall100_within_2pct",
         "wave_bytes_read_fraction",      "wave_bytes_read_fraction_p90",
         "ivf_bytes_read_fraction",       "ivf_bytes_read_fraction_p90",
-        "ivf_over_wave_scan_ratio_at_recall95_p90"};
+        "ivf_over_wave_scan_ratio_at_recall95_p90",
+        "wave_centroid_scanned_at_recall95",
+        "wave_centroid_scanned_at_recall95_p90",
+        "wave_centroid_bytes_read_fraction"};
     for (int i = 0; i < N_HEADLINE; i++)
         if (isfinite(headline[i]))
             fprintf(jf, ",\"%s\":%.6g", names[i], headline[i]);

@@ -269,11 +269,197 @@ static void test_wave_lse_merge_of_zones(void **state) {
     free_view(&c);
 }
 
+/* ---- two-stage search over codes (KVS_RANK_CODES) ----------------------- */
+
+enum { CD = 64, CSEG = 700, CTAIL = 50 };
+
+/* Keys with the shape of attention keys (offset, directions, noise), two
+ * built segments and a tail. */
+typedef struct cview_s {
+    float *k, *v;
+    kvs_segment_t *seg[2];
+    kvs_head_view_t view;
+} cview_t;
+
+static void make_cview(cview_t *c) {
+    uint32_t n = 2 * CSEG + CTAIL;
+    c->k = malloc(sizeof(float) * n * CD);
+    c->v = malloc(sizeof(float) * n * CD);
+    float off[CD], dir[12][CD];
+    for (int j = 0; j < CD; j++)
+        off[j] = 2 + frand();
+    for (int d = 0; d < 12; d++)
+        for (int j = 0; j < CD; j++)
+            dir[d][j] = 2 * frand();
+    for (uint32_t i = 0; i < n; i++) {
+        int d = (int)((i * 7919u) % 12);
+        for (int j = 0; j < CD; j++) {
+            c->k[i * CD + j] = off[j] + dir[d][j] + 0.7f * frand();
+            c->v[i * CD + j] = frand();
+        }
+    }
+    kvs_build_params_t p = {.cluster_tokens = 16,
+                            .kmeans_iters = 5,
+                            .sink_tokens = 4,
+                            .window_tokens = 16};
+    for (int s = 0; s < 2; s++) {
+        p.seed = 1234 + s;
+        char err[160];
+        assert_int_equal(kvs_segment_build(&p, KVS_DTYPE_F32, CD,
+                                           (uint64_t)s * CSEG, CSEG,
+                                           c->k + (size_t)s * CSEG * CD,
+                                           c->v + (size_t)s * CSEG * CD,
+                                           &c->seg[s], err, sizeof err),
+                         0);
+        assert_non_null(c->seg[s]->codes);
+    }
+    c->view = (kvs_head_view_t){.dtype = KVS_DTYPE_F32,
+                                .d = CD,
+                                .segments = c->seg,
+                                .n_segments = 2,
+                                .indexed_tokens = 2 * CSEG,
+                                .tail_keys = c->k + 2 * CSEG * CD,
+                                .tail_values = c->v + 2 * CSEG * CD,
+                                .tail_tokens = CTAIL,
+                                .sink_tokens = 4,
+                                .window_tokens = 16};
+}
+
+static void free_cview(cview_t *c) {
+    kvs_segment_free(c->seg[0]);
+    kvs_segment_free(c->seg[1]);
+    free(c->k);
+    free(c->v);
+}
+
+/* At full budget the codes path reads every key in full: the same top-k
+ * as exact search, scores within 1e-5; for a group as for single queries. */
+static void test_wave_codes_full_budget_is_exact(void **state) {
+    (void)state;
+    cview_t c;
+    make_cview(&c);
+    kvs_scratch_t *s = kvs_scratch_new();
+    enum { K = 50, G = 2 };
+    float q[G * CD];
+    for (int i = 0; i < G * CD; i++)
+        q[i] = frand();
+    int64_t pe[G * K], pc[G * K];
+    float se[G * K], sc[G * K];
+    kvs_zone_params_t ex = {.exact = 1, .scale = 1};
+    kvs_zone_params_t zc = {.rank = KVS_RANK_CODES, .retrieval_fraction = 1,
+                            .scale = 1};
+    kvs_zone_stats_t st = {0};
+    assert_int_equal(kvs_head_search_group(&c.view, q, G, K, &ex, s, pe, se,
+                                           NULL),
+                     0);
+    assert_int_equal(kvs_head_search_group(&c.view, q, G, K, &zc, s, pc, sc,
+                                           &st),
+                     0);
+    for (int i = 0; i < G * K; i++) {
+        assert_int_equal(pe[i], pc[i]);
+        assert_float_equal(se[i], sc[i], 1e-5 * (1 + fabsf(se[i])));
+    }
+    /* Every key read in full once (steady or shortlist), every non-steady
+     * key scored by its code. */
+    uint64_t n = 2 * CSEG + CTAIL, steady = 4 + 16 + CTAIL;
+    assert_true(st.keys_exact == G * n);
+    assert_true(st.keys_coded == G * (n - steady));
+    assert_true(st.bytes_read > G * n * CD * sizeof(float));
+    /* kvs_head_search is the group of one. */
+    int64_t p1[K];
+    float s1[K];
+    assert_int_equal(kvs_head_search(&c.view, q + CD, K, &zc, s, p1, s1, NULL),
+                     0);
+    assert_memory_equal(p1, pc + K, sizeof p1);
+    kvs_scratch_free(s);
+    free_cview(&c);
+}
+
+/* Below full budget: reads exactly the shortlist beyond the steady zone,
+ * scores at most code_ratio x R keys by code, finds the exact top 10
+ * (90% over 20 queries) while reading 10% of the keys in full, and does
+ * at least as well as the centroid path given the same full-key budget. */
+static void test_wave_codes_budget_and_recall(void **state) {
+    (void)state;
+    cview_t c;
+    make_cview(&c);
+    kvs_scratch_t *s = kvs_scratch_new();
+    enum { K = 10 };
+    uint32_t hit_codes = 0, hit_centroid = 0;
+    uint64_t read_codes = 0, read_centroid = 0;
+    for (int t = 0; t < 20; t++) {
+        float q[CD];
+        for (int j = 0; j < CD; j++)
+            q[j] = frand() * 2;
+        int64_t pe[K], pc[K], pk[K];
+        float se[K], sc[K], sk[K];
+        kvs_zone_params_t ex = {.exact = 1, .scale = 1};
+        kvs_zone_params_t zc = {.rank = KVS_RANK_CODES,
+                                .retrieval_fraction = 0.1f,
+                                .code_ratio = 4,
+                                .scale = 1};
+        kvs_zone_params_t zk = zc;
+        zk.rank = KVS_RANK_CENTROID;
+        kvs_zone_stats_t st = {0}, sk_st = {0};
+        assert_int_equal(kvs_head_search(&c.view, q, K, &ex, s, pe, se, NULL),
+                         0);
+        assert_int_equal(kvs_head_search(&c.view, q, K, &zc, s, pc, sc, &st),
+                         0);
+        assert_int_equal(
+            kvs_head_search(&c.view, q, K, &zk, s, pk, sk, &sk_st), 0);
+        /* As kvs_zone_clusters: ceil of the float fraction in double. */
+        uint32_t R = (uint32_t)ceil((double)0.1f * 2 * CSEG);
+        assert_true(st.keys_exact == st.keys_steady + R);
+        assert_true(st.keys_coded <= 4 * R + CSEG / 16 * 3);
+        assert_true(st.keys_coded >= 4 * R);
+        read_codes += st.keys_exact;
+        read_centroid += sk_st.keys_exact;
+        for (int i = 0; i < K; i++)
+            for (int j = 0; j < K; j++) {
+                hit_codes += pc[i] == pe[j];
+                hit_centroid += pk[i] == pe[j];
+            }
+    }
+    assert_true(hit_codes >= 180);
+    assert_true(hit_codes >= hit_centroid);
+    assert_true(read_codes <= read_centroid + 20 * 16);
+    kvs_scratch_free(s);
+    free_cview(&c);
+}
+
+/* Segments without codes (head_dim 8, hand-made): the default ranks by
+ * centroids, exactly as KVS_RANK_CENTROID; asking for codes is an error. */
+static void test_wave_codes_fallback(void **state) {
+    (void)state;
+    ctx_t c;
+    make_view(&c, 4, 10);
+    kvs_scratch_t *s = kvs_scratch_new();
+    float q[D];
+    for (int i = 0; i < D; i++)
+        q[i] = frand();
+    int64_t pd[8], pk[8];
+    float sd[8], sk[8];
+    kvs_zone_params_t zd = {.retrieval_fraction = 0.3f, .scale = 1};
+    kvs_zone_params_t zk = zd;
+    zk.rank = KVS_RANK_CENTROID;
+    assert_int_equal(kvs_head_search(&c.v, q, 8, &zd, s, pd, sd, NULL), 0);
+    assert_int_equal(kvs_head_search(&c.v, q, 8, &zk, s, pk, sk, NULL), 0);
+    assert_memory_equal(pd, pk, sizeof pd);
+    zk.rank = KVS_RANK_CODES;
+    assert_int_equal(kvs_head_search(&c.v, q, 8, &zk, s, pk, sk, NULL),
+                     KVS_EINVAL);
+    kvs_scratch_free(s);
+    free_view(&c);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_wave_estimation_exact_for_point_clusters),
         cmocka_unit_test(test_wave_skip_all_leaves_steady_zone),
         cmocka_unit_test(test_wave_lse_merge_of_zones),
+        cmocka_unit_test(test_wave_codes_full_budget_is_exact),
+        cmocka_unit_test(test_wave_codes_budget_and_recall),
+        cmocka_unit_test(test_wave_codes_fallback),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
