@@ -92,7 +92,8 @@ static inline uint32_t quant(float v, float lo, float step, uint32_t top) {
     if (!(step > 0))
         return 0;
     float c = rintf((v - lo) / step);
-    return c <= 0 ? 0 : c >= (float)top ? top : (uint32_t)c;
+    /* !(c > 0) also catches NaN, whose conversion would be undefined. */
+    return !(c > 0) ? 0 : c >= (float)top ? top : (uint32_t)c;
 }
 
 int kvs_segment_build_codes(kvs_segment_t *seg, uint64_t seed) {

@@ -917,9 +917,14 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         float *rk = s->rank + s->cbase[si];
         kvs_code8_dot_rows(w8, k->centroids, seg->n_clusters, d, (float)b8,
                            rk);
-        if (sq > 0)
-            for (uint32_t c = 0; c < seg->n_clusters; c++)
+        for (uint32_t c = 0; c < seg->n_clusters; c++) {
+            if (sq > 0)
                 rk[c] += sq * k->spread[c];
+            /* NaN (from non-finite stored keys) would break the sort's
+             * ordering: it ranks last. */
+            if (rk[c] != rk[c])
+                rk[c] = -INFINITY;
+        }
         /* Clusters with no member left in the view sort last. */
         if (seg->adj_always.n || (si + 1 == nseg && seg->adj_last.n))
             for (uint32_t c = 0; c < seg->n_clusters; c++)
