@@ -48,7 +48,8 @@
  * unreached (+inf in medians and percentiles).
  *
  *   recall_bench --dump FILE [--contexts 2048,8192,32768] [--queries N]
- *                [--layers N] [--segment-max N] [--no-hnsw] [--quick]
+ *                [--layers N] [--segment-max N] [--no-hnsw] [--ablations]
+ *                [--quick]
  *                [--input-desc TEXT] [--json FILE]
  * Writes one JSON object ({"bench":"recall","metrics":{...},"rows":[...]},
  * BENCH.md format without command/machine/date, which run.sh adds) and
@@ -373,7 +374,7 @@ typedef struct cfg_s {
     const char *dump_path, *json_path, *input_desc;
     uint32_t contexts[MAX_CTX], n_ctx;
     uint32_t nq, n_layers, segment_max;
-    int hnsw, quick;
+    int hnsw, quick, ablations;
 } cfg_t;
 
 /* Sweep grids. Geometric, so that "smallest grid point reaching R" errs by
@@ -419,6 +420,10 @@ typedef struct ctx_info_s {
     uint64_t agree, compared, exact_hits, exact_total;
     uint64_t hnsw_agree, hnsw_compared;
     double t_wave_build, t_ivf_build, t_hnsw_build;
+    /* Codes alone (rebuilt once more, same result), and the index bytes
+     * with and without them, over the raw K/V bytes. */
+    double t_codes_build;
+    double index_bytes, codes_bytes, kv_bytes;
 } ctx_info_t;
 
 enum {
@@ -610,6 +615,19 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 C += segs[s]->n_clusters;
             }
             info->t_wave_build += now_s() - t0;
+            t0 = now_s();
+            for (uint32_t s = 0; s < nseg; s++)
+                if ((rc = kvs_segment_build_codes(segs[s],
+                                                  segs[s]->codes->seed ^
+                                                      0x636f646573ull)))
+                    die("kvs_segment_build_codes", rc);
+            info->t_codes_build += now_s() - t0;
+            for (uint32_t s = 0; s < nseg; s++) {
+                info->index_bytes += (double)kvs_segment_index_bytes(segs[s]);
+                info->codes_bytes += (double)kvs_codes_bytes(
+                    segs[s]->n_tokens, segs[s]->n_clusters, D);
+                info->kv_bytes += 2.0 * segs[s]->n_tokens * rb;
+            }
             clusters_sum += C;
 
             /* Queries: the group's decode queries, then the held-out keys
@@ -682,6 +700,8 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 for (int mode = 0; mode < 5; mode++) {
                     if (key && mode >= 2)
                         break;
+                    if ((mode == 2 || mode == 3) && !cfg->ablations)
+                        continue;
                     int bounded = mode == 4;
                     uint32_t ng = bounded ? n_eps : n_rf;
                     for (uint32_t gi = 0; gi < ng; gi++) {
@@ -1048,7 +1068,7 @@ static void usage(void) {
             "usage: recall_bench --dump FILE [--contexts 2048,8192,32768] "
             "[--queries N]\n"
             "                    [--layers N] [--segment-max N] [--no-hnsw] "
-            "[--quick]\n"
+            "[--ablations] [--quick]\n"
             "                    [--input-desc TEXT] [--json FILE]\n");
 }
 
@@ -1083,6 +1103,8 @@ int main(int argc, char **argv) {
             cfg.segment_max = (uint32_t)atoi(argv[++i]);
         } else if (!strcmp(a, "--input-desc") && nx) {
             cfg.input_desc = argv[++i];
+        } else if (!strcmp(a, "--ablations")) {
+            cfg.ablations = 1;
         } else if (!strcmp(a, "--no-hnsw")) {
             cfg.hnsw = 0;
         } else if (!strcmp(a, "--quick")) {
@@ -1188,6 +1210,11 @@ int main(int argc, char **argv) {
                               : NAN);
         jnum("q_k_mean_cosine_median", qk);
         jnum("wave_build_s", info.t_wave_build);
+        jnum("codes_build_s", info.t_codes_build);
+        jnum("codes_share_of_build",
+             info.t_codes_build / info.t_wave_build);
+        jnum("index_memory_overhead", info.index_bytes / info.kv_bytes);
+        jnum("codes_memory_overhead", info.codes_bytes / info.kv_bytes);
         jnum("ivf_build_s", info.t_ivf_build);
         jnum("hnsw_build_s", cfg.hnsw ? info.t_hnsw_build : NAN);
         jnum("seconds", secs);
