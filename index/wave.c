@@ -74,6 +74,8 @@ struct kvs_scratch_s {
     size_t cpos_cap;
     float *cscr;
     size_t cscr_cap;
+    uint32_t *ustart; /* codes attend: first member of each scanned cluster */
+    size_t ustart_cap;
 };
 
 kvs_scratch_t *kvs_scratch_new(void) {
@@ -99,6 +101,7 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->est);
     free(s->cpos);
     free(s->cscr);
+    free(s->ustart);
     free(s);
 }
 
@@ -588,6 +591,14 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
 /* ---------------------------------------------------------------------- */
 /* Attention                                                              */
 
+/* The codes paths (defined with search, below). */
+static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
+                     int *yes);
+static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
+                        const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                        uint32_t C, partial_t *run, partial_t *tmp,
+                        kvs_zone_stats_t *st);
+
 int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                     const kvs_zone_params_t *zp, kvs_scratch_t *s, float *out,
                     kvs_zone_stats_t *stats) {
@@ -643,6 +654,15 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         return rc;
     if ((rc = rank_clusters(v, s, g, C, &n_valid)))
         return rc;
+    int codes;
+    if ((rc = use_codes(v, zp, &codes)))
+        return rc;
+    if (codes) {
+        if ((rc = codes_attend(v, q, g, zp, s, C, &run, &tmp, &st)))
+            return rc;
+        partial_finish(&run, out);
+        goto done;
+    }
     for (uint32_t c = 0; c < C; c++)
         s->idx[c] = c;
     uint32_t R, E;
@@ -740,6 +760,7 @@ done:
         stats->clusters_retrieved += st.clusters_retrieved;
         stats->clusters_estimated += st.clusters_estimated;
         stats->clusters_skipped += st.clusters_skipped;
+        stats->keys_coded += st.keys_coded;
     }
     return 0;
 }
@@ -851,13 +872,268 @@ static int cmp_desc_idx_tl(const void *a, const void *b) {
     return (i > j) - (i < j); /* ties by index: same order on every libc */
 }
 
-/* The codes path serves a view only when every segment has codes. */
+/* The codes paths serve a view only when every segment has codes. */
 static int view_has_codes(const kvs_head_view_t *v) {
     for (uint32_t si = 0; si < v->n_segments; si++)
         if (!v->segments[si]->codes)
             return 0;
     return v->n_segments > 0;
 }
+
+/* Whether a call takes the codes path (KVS_EINVAL: asked for codes the
+ * view does not have). The bounded budget is judged on centroid mass: it
+ * keeps the centroid path unless codes are asked for by name. */
+static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
+                     int *yes) {
+    *yes = 0;
+    if (zp->rank == KVS_RANK_CODES) {
+        if (!view_has_codes(v))
+            return KVS_EINVAL;
+        *yes = 1;
+    } else if (zp->rank == KVS_RANK_DEFAULT && !zp->bounded) {
+        *yes = view_has_codes(v);
+    }
+    return 0;
+}
+
+/* R (keys read in full beyond the steady zone) and M (keys scored by code)
+ * for a call: R = ceil(retrieval_fraction x indexed), M = code_ratio x R. */
+static void codes_budget(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
+                         uint32_t *R, uint64_t *M) {
+    uint64_t r = (uint64_t)ceil((double)zp->retrieval_fraction *
+                                (double)v->indexed_tokens);
+    float ratio = zp->code_ratio > 0 ? zp->code_ratio : KVS_CODE_RATIO_DEFAULT;
+    *M = (uint64_t)ceil((double)ratio * (double)r);
+    *R = r > v->indexed_tokens ? (uint32_t)v->indexed_tokens : (uint32_t)r;
+}
+
+/* Per segment and query: 4-bit code weights Rq x step into s->cq
+ * ([nseg][g][d + 1], the bias Rq.lo last). */
+static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
+                        kvs_scratch_t *s) {
+    const uint32_t d = v->d;
+    if (GROW(s, cq, cq_cap, (size_t)v->n_segments * g * (d + 1)))
+        return KVS_ENOMEM;
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        const kvs_codes_t *k = v->segments[si]->codes;
+        for (uint32_t i = 0; i < g; i++) {
+            float *w = s->cq + ((size_t)si * g + i) * (d + 1);
+            kvs_codes_rotate(k, d, q + (size_t)i * d, w);
+            double b = 0;
+            for (uint32_t j = 0; j < d; j++) {
+                b += (double)w[j] * k->lo[j];
+                w[j] *= k->step[j];
+            }
+            w[d] = (float)b;
+        }
+    }
+    return 0;
+}
+
+/*
+ * The retrieval and estimation zones of kvs_head_attend over codes, after
+ * the steady zone (in *run) and the cluster ranking (s->rank, s->cscore):
+ *   - clusters in rank order have their non-steady members scored by code
+ *     for every query of the group until M members are; a member's group
+ *     score is max over queries of (code score - that query's best
+ *     centroid score), so a key any head wants is kept;
+ *   - retrieval: the best R of them, attended exactly;
+ *   - the other scanned members, per cluster, one pseudo-token: weight the
+ *     sum of exp(code score) (their own estimate, finer than centroid x
+ *     count), value the mean of the cluster's values without the
+ *     retrieved ones;
+ *   - estimation: the next estimation_fraction of clusters as today
+ *     (centroid score + log count, value mean); the rest is skipped.
+ */
+static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
+                        const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                        uint32_t C, partial_t *run, partial_t *tmp,
+                        kvs_zone_stats_t *st) {
+    const uint32_t d = v->d, nseg = v->n_segments;
+    const size_t rb = row_bytes(v);
+    const float scale = zp->scale;
+    uint32_t R;
+    uint64_t M;
+    codes_budget(v, zp, &R, &M);
+    int rc = code_weights(v, q, g, s);
+    if (rc)
+        return rc;
+    float cmax[MAXQ];
+    for (uint32_t i = 0; i < g; i++)
+        cmax[i] = kvs_max(s->cscore + (size_t)i * C, C);
+    for (uint32_t c = 0; c < C; c++)
+        s->idx[c] = c;
+    tl_sort_key = s->rank;
+    qsort(s->idx, C, sizeof(uint32_t), cmp_desc_idx_tl);
+
+    /* Scan: members (as slot ids) and their scaled code scores [m][g];
+     * ustart[u] is where scanned cluster u's members begin. */
+    uint32_t used = 0, nm = 0;
+    for (; used < C && nm < M; used++) {
+        uint32_t c = s->idx[used];
+        if (s->rank[c] < 0)
+            break; /* nothing of it left in the view */
+        uint32_t si = seg_of(s->cbase, nseg, c);
+        const kvs_segment_t *seg = v->segments[si];
+        uint32_t lc = c - s->cbase[si];
+        uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
+        if (GROW(s, est, est_cap, (size_t)(nm + n) * g + n) ||
+            GROW(s, cpos, cpos_cap, nm + n) ||
+            GROW(s, ustart, ustart_cap, (size_t)used + 2))
+            return KVS_ENOMEM;
+        s->ustart[used] = nm;
+        float *row = s->est + (size_t)(nm + n) * g; /* [n] scratch */
+        for (uint32_t i = 0; i < g; i++) {
+            const float *w = s->cq + ((size_t)si * g + i) * (d + 1);
+            kvs_code4_dot_rows(w, seg->codes->keys + (size_t)a * (d / 2), n,
+                               d, w[d], row);
+            uint32_t m = nm;
+            for (uint32_t j = 0; j < n; j++) {
+                uint64_t pos = seg->first_pos + seg->positions[a + j];
+                if (kvs_head_is_steady(v, pos))
+                    continue;
+                s->est[(size_t)m * g + i] = row[j] * scale;
+                if (i == 0)
+                    s->cpos[m] = (int64_t)((uint64_t)si << 32 | (a + j));
+                m++;
+            }
+            if (i + 1 == g)
+                nm = m;
+        }
+    }
+    if (GROW(s, ustart, ustart_cap, (size_t)used + 1))
+        return KVS_ENOMEM;
+    s->ustart[used] = nm;
+    uint64_t coded = nm;
+
+    /* Shortlist: the best R members by group score (heap of member ids). */
+    if (R > nm)
+        R = nm;
+    if (GROW(s, cscr, cscr_cap, R ? R : 1) ||
+        GROW(s, hpos, hpos_cap, R ? R : 1) || GROW(s, gather, gather_cap, 1))
+        return KVS_ENOMEM;
+    topk_t hp = {.score = s->cscr, .pos = s->hpos, .n = 0, .k = R};
+    for (uint32_t m = 0; m < nm && R; m++) {
+        float best = -INFINITY;
+        for (uint32_t i = 0; i < g; i++) {
+            float x = s->est[(size_t)m * g + i] - cmax[i];
+            best = x > best ? x : best;
+        }
+        topk_push(&hp, best, m);
+    }
+    /* Mark the shortlist by negating its slot ids' high bit. */
+    size_t nb = 0;
+    uint32_t cols = 0;
+    for (uint32_t j = 0; j < hp.n; j++) {
+        uint32_t m = (uint32_t)hp.pos[j];
+        uint64_t id = (uint64_t)s->cpos[m];
+        const kvs_segment_t *seg = v->segments[id >> 32];
+        uint32_t slot = (uint32_t)id;
+        block_t b = {.keys = (const char *)seg->keys + slot * rb,
+                     .vals = (const char *)seg->values + slot * rb,
+                     .n = 1,
+                     .col = cols++};
+        if (push_block(s, &nb, b))
+            return KVS_ENOMEM;
+        s->cpos[m] = (int64_t)(id | 1ull << 63);
+    }
+    if (cols) {
+        if (GROW(s, scores, scores_cap, (size_t)g * cols))
+            return KVS_ENOMEM;
+        partial_init(tmp, g, d, tmp->acc);
+        zone_partial(v, q, g, scale, s, s->blocks, nb, cols, 0, tmp);
+        partial_merge(run, tmp);
+    }
+
+    /* Pseudo-tokens: the rest of each scanned cluster, then estimation. */
+    uint32_t E = kvs_zone_clusters(zp->estimation_fraction, C);
+    if (E > C - used)
+        E = C - used;
+    uint32_t P = used + E;
+    if (GROW(s, gather, gather_cap, (size_t)(P ? P : 1) * rb) ||
+        GROW(s, scores, scores_cap, (size_t)g * (P ? P : 1)) ||
+        GROW(s, pbuf, pbuf_cap, 2 * (size_t)d * sizeof(float)))
+        return KVS_ENOMEM;
+    float *vf = (float *)(void *)s->pbuf; /* [2][d] fp32 value rows */
+    float *S = s->scores;
+    uint32_t np = 0;
+    for (uint32_t u = 0; u < used + E; u++) {
+        uint32_t c = s->idx[u];
+        if (s->rank[c] < 0)
+            break;
+        uint32_t si = seg_of(s->cbase, nseg, c);
+        const kvs_segment_t *seg = v->segments[si];
+        const void *mean;
+        uint32_t cnt = kvs_segment_cluster_view(seg, c - s->cbase[si],
+                                                si + 1 == nseg, &mean);
+        if (cnt == 0)
+            continue;
+        char *dst = s->gather + (size_t)np * rb;
+        if (u >= used) {
+            memcpy(dst, mean, rb);
+            float lc = logf((float)cnt);
+            for (uint32_t i = 0; i < g; i++)
+                S[(size_t)i * P + np] = s->cscore[(size_t)i * C + c] + lc;
+            np++;
+            continue;
+        }
+        uint32_t m0 = s->ustart[u], m1 = s->ustart[u + 1];
+        uint32_t left = 0;
+        for (uint32_t i = 0; i < g; i++) {
+            float mx = -INFINITY;
+            for (uint32_t m = m0; m < m1; m++)
+                if (s->cpos[m] >= 0 && s->est[(size_t)m * g + i] > mx)
+                    mx = s->est[(size_t)m * g + i];
+            double z = 0;
+            left = 0;
+            for (uint32_t m = m0; m < m1; m++)
+                if (s->cpos[m] >= 0) {
+                    z += exp((double)s->est[(size_t)m * g + i] - mx);
+                    left++;
+                }
+            S[(size_t)i * P + np] = left ? mx + (float)log(z) : -INFINITY;
+        }
+        if (left == 0)
+            continue;
+        /* Value mean of the members left: the view's mean x count less
+         * the retrieved members' values. */
+        kvs_to_f32(v->dtype, mean, vf, d);
+        for (uint32_t t = 0; t < d; t++)
+            vf[t] *= (float)cnt;
+        for (uint32_t m = m0; m < m1; m++) {
+            if (s->cpos[m] >= 0)
+                continue;
+            uint64_t id = (uint64_t)s->cpos[m] & ~(1ull << 63);
+            const kvs_segment_t *sg = v->segments[id >> 32];
+            kvs_to_f32(v->dtype, (const char *)sg->values + (uint32_t)id * rb,
+                       vf + d, d);
+            for (uint32_t t = 0; t < d; t++)
+                vf[t] -= vf[d + t];
+        }
+        for (uint32_t t = 0; t < d; t++)
+            vf[t] /= (float)left;
+        kvs_from_f32(v->dtype, vf, dst, d);
+        np++;
+    }
+    if (np) {
+        partial_init(tmp, g, d, tmp->acc);
+        for (uint32_t i = 0; i < g; i++) {
+            float *row = S + (size_t)i * P;
+            tmp->m[i] = kvs_max(row, np);
+            tmp->l[i] = kvs_exp_sum(row, np, tmp->m[i]);
+        }
+        kvs_axpy_rows(v->dtype, S, P, g, s->gather, np, d, tmp->acc);
+        partial_merge(run, tmp);
+    }
+    st->keys_exact = st->keys_steady + cols;
+    st->keys_coded = coded;
+    st->clusters_total = C;
+    st->clusters_retrieved = used;
+    st->clusters_estimated = E;
+    st->clusters_skipped = C - used - E;
+    return 0;
+}
+
 
 /*
  * Two-stage search of one query (KVS_RANK_CODES) into ctx->h, after the
@@ -935,12 +1211,9 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         bytes += (uint64_t)seg->n_clusters * (d + 12) + 16 * (uint64_t)d;
     }
 
-    uint64_t R64 = (uint64_t)ceil((double)zp->retrieval_fraction *
-                                  (double)v->indexed_tokens);
-    float ratio = zp->code_ratio > 0 ? zp->code_ratio : KVS_CODE_RATIO_DEFAULT;
-    uint64_t M = (uint64_t)ceil((double)ratio * (double)R64);
-    uint32_t R = R64 > v->indexed_tokens ? (uint32_t)v->indexed_tokens
-                                         : (uint32_t)R64;
+    uint32_t R;
+    uint64_t M;
+    codes_budget(v, zp, &R, &M);
     if (R == 0) {
         st->clusters_total += C;
         st->clusters_skipped += C;
@@ -1046,12 +1319,10 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
     }
     st.keys_steady = ctx.scanned;
 
-    /* The bounded budget is judged on centroid mass: it keeps the
-     * centroid path unless codes are asked for by name. */
-    if (zp->rank == KVS_RANK_CODES ||
-        (zp->rank == KVS_RANK_DEFAULT && !zp->bounded && view_has_codes(v))) {
-        if (!view_has_codes(v))
-            return KVS_EINVAL;
+    int codes;
+    if ((rc = use_codes(v, zp, &codes)))
+        return rc;
+    if (codes) {
         for (uint32_t i = 0; i < g; i++) {
             ctx.h = &h[i];
             if ((rc = codes_search(v, q + (size_t)i * v->d, zp, s, &ctx,
