@@ -6,7 +6,8 @@ rows as measured; nothing is recomputed beyond picking and formatting."""
 import json
 import sys
 
-INDEXES = ("wave", "wave-centroid", "wave-bounded", "ivf-flat", "hnsw")
+INDEXES = ("wave", "wave-codes-ratio8", "wave-codes-nospread",
+           "wave-centroid", "wave-bounded", "ivf-flat", "hnsw")
 
 
 def pct(x):
@@ -67,8 +68,9 @@ def main():
                "consistency checks.\n")
     out.append("| context | prefill keys | segments x tokens | clusters/head | "
                "centroids / keys | steady keys | counted HNSW = FAISS | "
-               "exact-mode recall@100 | q.k mean cosine (median) |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "exact-mode recall@100 | q.k mean cosine (median) | "
+               "build s (codes s) | index / raw K+V (codes) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in ctxs:
         i = info[c]
         out.append(
@@ -79,7 +81,11 @@ def main():
             f"({pct(i['steady_fraction'])}) | "
             f"{num(i['hnsw_counted_search_equals_faiss'], '{:.4f}')} | "
             f"{num(i['exact_mode_recall_at_100'], '{:.4f}')} | "
-            f"{num(i['q_k_mean_cosine_median'])} |")
+            f"{num(i['q_k_mean_cosine_median'])} | "
+            f"{num(i.get('wave_build_s'), '{:.1f}')} "
+            f"({num(i.get('codes_build_s'), '{:.1f}')}) | "
+            f"{pct(i.get('index_memory_overhead'))} "
+            f"({pct(i.get('codes_memory_overhead'))}) |")
     out.append("")
 
     out.append(f"Out of distribution ({top // 1024}K): the same indexes "
