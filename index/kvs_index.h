@@ -196,7 +196,7 @@ static inline int kvs_head_is_steady(const kvs_head_view_t *v, uint64_t pos) {
 }
 
 /* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
-/* How search ranks keys (kvs_zone_params_t.rank). */
+/* How search and attention rank keys (kvs_rank_params_t.rank). */
 typedef enum kvs_rank_e {
     /* Codes where the segments have them, else as KVS_RANK_CENTROID. */
     KVS_RANK_DEFAULT = 0,
@@ -221,14 +221,19 @@ typedef struct kvs_zone_params_s {
     float scale;               /* softmax scale (> 0) */
     double scale_f64;          /* the same in double, for precise mode
                                   (0: use scale) */
-    /* Search only (kvs_head_search*): see kvs_rank_t. */
-    kvs_rank_t rank;
-    float code_ratio;          /* keys scored by code per key read in full
-                                  (0: KVS_CODE_RATIO_DEFAULT) */
-    float spread;              /* weight of the cluster spread in the
-                                  cluster ranking: q.c + spread |q| s_c
-                                  (0: KVS_SPREAD_DEFAULT; < 0: none) */
 } kvs_zone_params_t;
+
+/* How keys are ranked (the *_ranked calls; NULL or all zeros: defaults).
+ * Kept out of kvs_zone_params_t so that callers which fill that struct
+ * field by field (the engine) get the defaults, never stray values. */
+typedef struct kvs_rank_params_s {
+    kvs_rank_t rank;
+    float code_ratio; /* keys scored by code per key read in full
+                         (0: KVS_CODE_RATIO_DEFAULT) */
+    float spread;     /* weight of the cluster spread in the cluster
+                         ranking of search: q.c + spread |q| s_c
+                         (0: KVS_SPREAD_DEFAULT; < 0: none) */
+} kvs_rank_params_t;
 
 #define KVS_CODE_RATIO_DEFAULT 16.0f
 #define KVS_SPREAD_DEFAULT 1.0f
@@ -282,6 +287,13 @@ void kvs_scratch_free(kvs_scratch_t *s);
 int kvs_head_attend(const kvs_head_view_t *view, const float *q, uint32_t g,
                     const kvs_zone_params_t *zp, kvs_scratch_t *scratch,
                     float *out, kvs_zone_stats_t *stats);
+/* The same with how keys are ranked (rp NULL: defaults, as above).
+ * KVS_EINVAL also when rp asks for codes the view's segments lack. */
+int kvs_head_attend_ranked(const kvs_head_view_t *view, const float *q,
+                           uint32_t g, const kvs_zone_params_t *zp,
+                           const kvs_rank_params_t *rp,
+                           kvs_scratch_t *scratch, float *out,
+                           kvs_zone_stats_t *stats);
 
 /*
  * Top-k by q.k for one query over `view`: exact when zp->exact, else steady
@@ -302,6 +314,13 @@ int kvs_head_search_group(const kvs_head_view_t *view, const float *q,
                           uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
                           kvs_scratch_t *scratch, int64_t *positions,
                           float *scores, kvs_zone_stats_t *stats);
+/* The same with how keys are ranked (rp NULL: defaults). */
+int kvs_head_search_group_ranked(const kvs_head_view_t *view, const float *q,
+                                 uint32_t g, uint32_t k,
+                                 const kvs_zone_params_t *zp,
+                                 const kvs_rank_params_t *rp,
+                                 kvs_scratch_t *scratch, int64_t *positions,
+                                 float *scores, kvs_zone_stats_t *stats);
 
 #ifdef __cplusplus
 }

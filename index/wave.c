@@ -593,17 +593,26 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
 
 /* The codes paths (defined with search, below). */
 static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
-                     int *yes);
+                     const kvs_rank_params_t *rp, int *yes);
 static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
-                        const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                        const kvs_zone_params_t *zp,
+                        const kvs_rank_params_t *rp, kvs_scratch_t *s,
                         uint32_t C, partial_t *run, partial_t *tmp,
                         kvs_zone_stats_t *st);
 
 int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                     const kvs_zone_params_t *zp, kvs_scratch_t *s, float *out,
                     kvs_zone_stats_t *stats) {
+    return kvs_head_attend_ranked(v, q, g, zp, NULL, s, out, stats);
+}
+
+int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q,
+                           uint32_t g, const kvs_zone_params_t *zp,
+                           const kvs_rank_params_t *rpp, kvs_scratch_t *s,
+                           float *out, kvs_zone_stats_t *stats) {
     if (g == 0 || g > MAXQ || !v || !q || !zp || !s || !out)
         return KVS_EINVAL;
+    const kvs_rank_params_t rp0 = {0}, *rp = rpp ? rpp : &rp0;
     uint64_t total = v->indexed_tokens + v->tail_tokens;
     if (total == 0)
         return KVS_EINVAL;
@@ -655,10 +664,10 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     if ((rc = rank_clusters(v, s, g, C, &n_valid)))
         return rc;
     int codes;
-    if ((rc = use_codes(v, zp, &codes)))
+    if ((rc = use_codes(v, zp, rp, &codes)))
         return rc;
     if (codes) {
-        if ((rc = codes_attend(v, q, g, zp, s, C, &run, &tmp, &st)))
+        if ((rc = codes_attend(v, q, g, zp, rp, s, C, &run, &tmp, &st)))
             return rc;
         partial_finish(&run, out);
         goto done;
@@ -884,13 +893,13 @@ static int view_has_codes(const kvs_head_view_t *v) {
  * view does not have). The bounded budget is judged on centroid mass: it
  * keeps the centroid path unless codes are asked for by name. */
 static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
-                     int *yes) {
+                     const kvs_rank_params_t *rp, int *yes) {
     *yes = 0;
-    if (zp->rank == KVS_RANK_CODES) {
+    if (rp->rank == KVS_RANK_CODES) {
         if (!view_has_codes(v))
             return KVS_EINVAL;
         *yes = 1;
-    } else if (zp->rank == KVS_RANK_DEFAULT && !zp->bounded) {
+    } else if (rp->rank == KVS_RANK_DEFAULT && !zp->bounded) {
         *yes = view_has_codes(v);
     }
     return 0;
@@ -899,10 +908,11 @@ static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
 /* R (keys read in full beyond the steady zone) and M (keys scored by code)
  * for a call: R = ceil(retrieval_fraction x indexed), M = code_ratio x R. */
 static void codes_budget(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
-                         uint32_t *R, uint64_t *M) {
+                         const kvs_rank_params_t *rp, uint32_t *R,
+                         uint64_t *M) {
     uint64_t r = (uint64_t)ceil((double)zp->retrieval_fraction *
                                 (double)v->indexed_tokens);
-    float ratio = zp->code_ratio > 0 ? zp->code_ratio : KVS_CODE_RATIO_DEFAULT;
+    float ratio = rp->code_ratio > 0 ? rp->code_ratio : KVS_CODE_RATIO_DEFAULT;
     *M = (uint64_t)ceil((double)ratio * (double)r);
     *R = r > v->indexed_tokens ? (uint32_t)v->indexed_tokens : (uint32_t)r;
 }
@@ -946,7 +956,8 @@ static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
  *     (centroid score + log count, value mean); the rest is skipped.
  */
 static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
-                        const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                        const kvs_zone_params_t *zp,
+                        const kvs_rank_params_t *rp, kvs_scratch_t *s,
                         uint32_t C, partial_t *run, partial_t *tmp,
                         kvs_zone_stats_t *st) {
     const uint32_t d = v->d, nseg = v->n_segments;
@@ -954,7 +965,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     const float scale = zp->scale;
     uint32_t R;
     uint64_t M;
-    codes_budget(v, zp, &R, &M);
+    codes_budget(v, zp, rp, &R, &M);
     int rc = code_weights(v, q, g, s);
     if (rc)
         return rc;
@@ -1145,7 +1156,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
  * exactly. R = ceil(retrieval_fraction x indexed), M = code_ratio x R.
  */
 static int codes_search(const kvs_head_view_t *v, const float *q,
-                        const kvs_zone_params_t *zp, kvs_scratch_t *s,
+                        const kvs_zone_params_t *zp,
+                        const kvs_rank_params_t *rp, kvs_scratch_t *s,
                         search_ctx_t *ctx, kvs_zone_stats_t *st) {
     const uint32_t d = v->d, nseg = v->n_segments;
     const size_t rb = row_bytes(v);
@@ -1167,9 +1179,9 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         GROW(s, est, est_cap, maxn))
         return KVS_ENOMEM;
 
-    float alpha = zp->spread == 0 ? KVS_SPREAD_DEFAULT
-                  : zp->spread < 0 ? 0.0f
-                                   : zp->spread;
+    float alpha = rp->spread == 0 ? KVS_SPREAD_DEFAULT
+                  : rp->spread < 0 ? 0.0f
+                                   : rp->spread;
     double qq = 0;
     for (uint32_t j = 0; j < d; j++)
         qq += (double)q[j] * q[j];
@@ -1213,7 +1225,7 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
 
     uint32_t R;
     uint64_t M;
-    codes_budget(v, zp, &R, &M);
+    codes_budget(v, zp, rp, &R, &M);
     if (R == 0) {
         st->clusters_total += C;
         st->clusters_skipped += C;
@@ -1275,9 +1287,20 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
                           uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
                           kvs_scratch_t *s, int64_t *positions, float *scores,
                           kvs_zone_stats_t *stats) {
+    return kvs_head_search_group_ranked(v, q, g, k, zp, NULL, s, positions,
+                                        scores, stats);
+}
+
+int kvs_head_search_group_ranked(const kvs_head_view_t *v, const float *q,
+                                 uint32_t g, uint32_t k,
+                                 const kvs_zone_params_t *zp,
+                                 const kvs_rank_params_t *rpp,
+                                 kvs_scratch_t *s, int64_t *positions,
+                                 float *scores, kvs_zone_stats_t *stats) {
     if (!v || !q || !zp || !s || !positions || !scores || k == 0 || g == 0 ||
         g > MAXQ)
         return KVS_EINVAL;
+    const kvs_rank_params_t rp0 = {0}, *rp = rpp ? rpp : &rp0;
     uint64_t total = v->indexed_tokens + v->tail_tokens;
     if (GROW(s, hpos, hpos_cap, (size_t)g * k) ||
         GROW(s, hscore, hscore_cap, (size_t)g * k) ||
@@ -1320,12 +1343,12 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
     st.keys_steady = ctx.scanned;
 
     int codes;
-    if ((rc = use_codes(v, zp, &codes)))
+    if ((rc = use_codes(v, zp, rp, &codes)))
         return rc;
     if (codes) {
         for (uint32_t i = 0; i < g; i++) {
             ctx.h = &h[i];
-            if ((rc = codes_search(v, q + (size_t)i * v->d, zp, s, &ctx,
+            if ((rc = codes_search(v, q + (size_t)i * v->d, zp, rp, s, &ctx,
                                    &st)))
                 return rc;
         }

@@ -713,15 +713,16 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                         } else {
                             zp.retrieval_fraction = (float)g_rf[gi];
                         }
+                        kvs_rank_params_t rp = {0};
                         if (mode == 1)
-                            zp.rank = KVS_RANK_CENTROID;
+                            rp.rank = KVS_RANK_CENTROID;
                         if (mode == 2)
-                            zp.code_ratio = 8;
+                            rp.code_ratio = 8;
                         if (mode == 3)
-                            zp.spread = -1;
+                            rp.spread = -1;
                         kvs_zone_stats_t zs = {0};
-                        if ((rc = kvs_head_search(&v, q, TOPK, &zp, scr, hp,
-                                                  hs, &zs)))
+                        if ((rc = kvs_head_search_group_ranked(
+                                 &v, q, 1, TOPK, &zp, &rp, scr, hp, hs, &zs)))
                             die("kvs_head_search", rc);
                         double scan = (double)zs.keys_exact / t;
                         double bytes = (double)zs.bytes_read / kb;

@@ -346,14 +346,14 @@ static void test_wave_codes_full_budget_is_exact(void **state) {
     int64_t pe[G * K], pc[G * K];
     float se[G * K], sc[G * K];
     kvs_zone_params_t ex = {.exact = 1, .scale = 1};
-    kvs_zone_params_t zc = {.rank = KVS_RANK_CODES, .retrieval_fraction = 1,
-                            .scale = 1};
+    kvs_zone_params_t zc = {.retrieval_fraction = 1, .scale = 1};
+    kvs_rank_params_t rc = {.rank = KVS_RANK_CODES};
     kvs_zone_stats_t st = {0};
     assert_int_equal(kvs_head_search_group(&c.view, q, G, K, &ex, s, pe, se,
                                            NULL),
                      0);
-    assert_int_equal(kvs_head_search_group(&c.view, q, G, K, &zc, s, pc, sc,
-                                           &st),
+    assert_int_equal(kvs_head_search_group_ranked(&c.view, q, G, K, &zc, &rc,
+                                                  s, pc, sc, &st),
                      0);
     for (int i = 0; i < G * K; i++) {
         assert_int_equal(pe[i], pc[i]);
@@ -365,7 +365,7 @@ static void test_wave_codes_full_budget_is_exact(void **state) {
     assert_true(st.keys_exact == G * n);
     assert_true(st.keys_coded == G * (n - steady));
     assert_true(st.bytes_read > G * n * CD * sizeof(float));
-    /* kvs_head_search is the group of one. */
+    /* The default ranks by codes, one query as in a group. */
     int64_t p1[K];
     float s1[K];
     assert_int_equal(kvs_head_search(&c.view, q + CD, K, &zc, s, p1, s1, NULL),
@@ -394,19 +394,18 @@ static void test_wave_codes_budget_and_recall(void **state) {
         int64_t pe[K], pc[K], pk[K];
         float se[K], sc[K], sk[K];
         kvs_zone_params_t ex = {.exact = 1, .scale = 1};
-        kvs_zone_params_t zc = {.rank = KVS_RANK_CODES,
-                                .retrieval_fraction = 0.1f,
-                                .code_ratio = 4,
-                                .scale = 1};
-        kvs_zone_params_t zk = zc;
-        zk.rank = KVS_RANK_CENTROID;
+        kvs_zone_params_t zc = {.retrieval_fraction = 0.1f, .scale = 1};
+        kvs_rank_params_t rc = {.rank = KVS_RANK_CODES, .code_ratio = 4};
+        kvs_rank_params_t rk = {.rank = KVS_RANK_CENTROID};
         kvs_zone_stats_t st = {0}, sk_st = {0};
         assert_int_equal(kvs_head_search(&c.view, q, K, &ex, s, pe, se, NULL),
                          0);
-        assert_int_equal(kvs_head_search(&c.view, q, K, &zc, s, pc, sc, &st),
+        assert_int_equal(kvs_head_search_group_ranked(&c.view, q, 1, K, &zc,
+                                                      &rc, s, pc, sc, &st),
                          0);
-        assert_int_equal(
-            kvs_head_search(&c.view, q, K, &zk, s, pk, sk, &sk_st), 0);
+        assert_int_equal(kvs_head_search_group_ranked(&c.view, q, 1, K, &zc,
+                                                      &rk, s, pk, sk, &sk_st),
+                         0);
         /* As kvs_zone_clusters: ceil of the float fraction in double. */
         uint32_t R = (uint32_t)ceil((double)0.1f * 2 * CSEG);
         assert_true(st.keys_exact == st.keys_steady + R);
@@ -440,14 +439,20 @@ static void test_wave_codes_fallback(void **state) {
     int64_t pd[8], pk[8];
     float sd[8], sk[8];
     kvs_zone_params_t zd = {.retrieval_fraction = 0.3f, .scale = 1};
-    kvs_zone_params_t zk = zd;
-    zk.rank = KVS_RANK_CENTROID;
+    kvs_rank_params_t rk = {.rank = KVS_RANK_CENTROID};
     assert_int_equal(kvs_head_search(&c.v, q, 8, &zd, s, pd, sd, NULL), 0);
-    assert_int_equal(kvs_head_search(&c.v, q, 8, &zk, s, pk, sk, NULL), 0);
+    assert_int_equal(kvs_head_search_group_ranked(&c.v, q, 1, 8, &zd, &rk, s,
+                                                  pk, sk, NULL),
+                     0);
     assert_memory_equal(pd, pk, sizeof pd);
-    zk.rank = KVS_RANK_CODES;
-    assert_int_equal(kvs_head_search(&c.v, q, 8, &zk, s, pk, sk, NULL),
+    rk.rank = KVS_RANK_CODES;
+    assert_int_equal(kvs_head_search_group_ranked(&c.v, q, 1, 8, &zd, &rk, s,
+                                                  pk, sk, NULL),
                      KVS_EINVAL);
+    float out[D];
+    assert_int_equal(
+        kvs_head_attend_ranked(&c.v, q, 1, &zd, &rk, s, out, NULL),
+        KVS_EINVAL);
     kvs_scratch_free(s);
     free_view(&c);
 }
@@ -468,11 +473,12 @@ static void test_wave_codes_attend(void **state) {
         q[i] = frand();
     kvs_zone_params_t ze = {.exact = 1, .scale = 0.125f};
     assert_int_equal(kvs_head_attend(&c.view, q, G, &ze, s, ex, NULL), 0);
-    kvs_zone_params_t zc = {.rank = KVS_RANK_CODES,
-                            .retrieval_fraction = 1,
-                            .scale = 0.125f};
+    kvs_zone_params_t zc = {.retrieval_fraction = 1, .scale = 0.125f};
+    kvs_rank_params_t rc = {.rank = KVS_RANK_CODES};
     kvs_zone_stats_t st = {0};
-    assert_int_equal(kvs_head_attend(&c.view, q, G, &zc, s, out, &st), 0);
+    assert_int_equal(kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s, out,
+                                            &st),
+                     0);
     for (int i = 0; i < G * CD; i++)
         assert_float_equal(out[i], ex[i], 1e-5);
     assert_true(st.keys_exact == 2 * CSEG + CTAIL);
@@ -485,20 +491,21 @@ static void test_wave_codes_attend(void **state) {
         assert_int_equal(kvs_head_attend(&c.view, q, G, &ze, s, ex, NULL), 0);
         zc.retrieval_fraction = 0.05f;
         zc.estimation_fraction = 1;
-        zc.code_ratio = 4;
+        rc.code_ratio = 4;
         kvs_zone_stats_t a = {0}, b = {0};
-        assert_int_equal(kvs_head_attend(&c.view, q, G, &zc, s, out, &a), 0);
+        assert_int_equal(kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s,
+                                                out, &a),
+                         0);
         uint32_t R = (uint32_t)ceil((double)0.05f * 2 * CSEG);
         assert_true(a.keys_exact == a.keys_steady + R);
         assert_true(a.clusters_retrieved + a.clusters_estimated +
                         a.clusters_skipped ==
                     a.clusters_total);
         assert_true(a.keys_coded >= 4 * R);
-        kvs_zone_params_t zk = {.rank = KVS_RANK_CENTROID,
-                                .retrieval_fraction = 0.05f,
-                                .estimation_fraction = 1,
-                                .scale = 0.125f};
-        assert_int_equal(kvs_head_attend(&c.view, q, G, &zk, s, cen, &b), 0);
+        kvs_rank_params_t rk = {.rank = KVS_RANK_CENTROID};
+        assert_int_equal(kvs_head_attend_ranked(&c.view, q, G, &zc, &rk, s,
+                                                cen, &b),
+                         0);
         read_codes += a.keys_exact;
         read_cent += b.keys_exact;
         for (int i = 0; i < G * CD; i++) {
