@@ -198,7 +198,9 @@ static inline int kvs_head_is_steady(const kvs_head_view_t *v, uint64_t pos) {
 /* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
 /* How search and attention rank keys (kvs_rank_params_t.rank). */
 typedef enum kvs_rank_e {
-    /* Codes where the segments have them, else as KVS_RANK_CENTROID. */
+    /* Search: codes where the segments have them and the budget is fixed,
+     * else as KVS_RANK_CENTROID. Attention: KVS_RANK_CENTROID (the engine's
+     * zone statistics describe it; see docs/index.md). */
     KVS_RANK_DEFAULT = 0,
     /* Clusters by q.c over full-precision centroids; every member of the
      * retrieval clusters is read in full (the index before codes). */
