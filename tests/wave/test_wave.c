@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "index/kvs_index.h"
+#include "kernels/kvs_kernels.h"
 
 enum { D = 8, CL = 16, PER = 8 }; /* clusters per segment, members each */
 
@@ -277,11 +278,12 @@ enum { CD = 64, CSEG = 700, CTAIL = 50 };
  * built segments and a tail. */
 typedef struct cview_s {
     float *k, *v;
+    void *kd, *vd; /* the same in dtype (NULL for fp32) */
     kvs_segment_t *seg[2];
     kvs_head_view_t view;
 } cview_t;
 
-static void make_cview(cview_t *c) {
+static void make_cview_dt(cview_t *c, kvs_dtype_t dt) {
     uint32_t n = 2 * CSEG + CTAIL;
     c->k = malloc(sizeof(float) * n * CD);
     c->v = malloc(sizeof(float) * n * CD);
@@ -298,6 +300,17 @@ static void make_cview(cview_t *c) {
             c->v[i * CD + j] = frand();
         }
     }
+    c->kd = c->vd = NULL;
+    const char *K = (const char *)c->k, *V = (const char *)c->v;
+    size_t rb = kvs_dtype_size(dt) * CD;
+    if (dt != KVS_DTYPE_F32) {
+        c->kd = malloc(rb * n);
+        c->vd = malloc(rb * n);
+        kvs_from_f32(dt, c->k, c->kd, (size_t)n * CD);
+        kvs_from_f32(dt, c->v, c->vd, (size_t)n * CD);
+        K = c->kd;
+        V = c->vd;
+    }
     kvs_build_params_t p = {.cluster_tokens = 16,
                             .kmeans_iters = 5,
                             .sink_tokens = 4,
@@ -305,27 +318,30 @@ static void make_cview(cview_t *c) {
     for (int s = 0; s < 2; s++) {
         p.seed = 1234 + s;
         char err[160];
-        assert_int_equal(kvs_segment_build(&p, KVS_DTYPE_F32, CD,
-                                           (uint64_t)s * CSEG, CSEG,
-                                           c->k + (size_t)s * CSEG * CD,
-                                           c->v + (size_t)s * CSEG * CD,
+        assert_int_equal(kvs_segment_build(&p, dt, CD, (uint64_t)s * CSEG,
+                                           CSEG, K + (size_t)s * CSEG * rb,
+                                           V + (size_t)s * CSEG * rb,
                                            &c->seg[s], err, sizeof err),
                          0);
         assert_non_null(c->seg[s]->codes);
     }
-    c->view = (kvs_head_view_t){.dtype = KVS_DTYPE_F32,
+    c->view = (kvs_head_view_t){.dtype = dt,
                                 .d = CD,
                                 .segments = c->seg,
                                 .n_segments = 2,
                                 .indexed_tokens = 2 * CSEG,
-                                .tail_keys = c->k + 2 * CSEG * CD,
-                                .tail_values = c->v + 2 * CSEG * CD,
+                                .tail_keys = K + 2 * CSEG * rb,
+                                .tail_values = V + 2 * CSEG * rb,
                                 .tail_tokens = CTAIL,
                                 .sink_tokens = 4,
                                 .window_tokens = 16};
 }
 
+static void make_cview(cview_t *c) { make_cview_dt(c, KVS_DTYPE_F32); }
+
 static void free_cview(cview_t *c) {
+    free(c->kd);
+    free(c->vd);
     kvs_segment_free(c->seg[0]);
     kvs_segment_free(c->seg[1]);
     free(c->k);
@@ -524,6 +540,46 @@ static void test_wave_codes_attend(void **state) {
     free_cview(&c);
 }
 
+/* bf16 keys and values: codes are built from the stored rows, full keys
+ * and pseudo-token values are read and written in the view's dtype. Full
+ * budget equals exact for search and attention; a partial budget stays
+ * within a loose bound of exact. */
+static void test_wave_codes_bf16(void **state) {
+    (void)state;
+    cview_t c;
+    make_cview_dt(&c, KVS_DTYPE_BF16);
+    kvs_scratch_t *s = kvs_scratch_new();
+    enum { K = 20, G = 2 };
+    float q[G * CD], ex[G * CD], out[G * CD];
+    for (int i = 0; i < G * CD; i++)
+        q[i] = frand();
+    int64_t pe[K], pc[K];
+    float se[K], sc[K];
+    kvs_zone_params_t ze = {.exact = 1, .scale = 0.125f};
+    kvs_zone_params_t zc = {.retrieval_fraction = 1, .scale = 0.125f};
+    kvs_rank_params_t rc = {.rank = KVS_RANK_CODES};
+    assert_int_equal(kvs_head_search(&c.view, q, K, &ze, s, pe, se, NULL), 0);
+    assert_int_equal(kvs_head_search(&c.view, q, K, &zc, s, pc, sc, NULL), 0);
+    assert_memory_equal(pe, pc, sizeof pe);
+    assert_int_equal(kvs_head_attend(&c.view, q, G, &ze, s, ex, NULL), 0);
+    assert_int_equal(
+        kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s, out, NULL), 0);
+    double e = 0, nrm = 0;
+    for (int i = 0; i < G * CD; i++) {
+        assert_float_equal(out[i], ex[i], 1e-4);
+        nrm += (double)ex[i] * ex[i];
+    }
+    zc.retrieval_fraction = 0.05f;
+    zc.estimation_fraction = 0.5f;
+    assert_int_equal(
+        kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s, out, NULL), 0);
+    for (int i = 0; i < G * CD; i++)
+        e += (double)(out[i] - ex[i]) * (out[i] - ex[i]);
+    assert_true(sqrt(e / nrm) < 0.5);
+    kvs_scratch_free(s);
+    free_cview(&c);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_wave_estimation_exact_for_point_clusters),
@@ -533,6 +589,7 @@ int main(void) {
         cmocka_unit_test(test_wave_codes_budget_and_recall),
         cmocka_unit_test(test_wave_codes_fallback),
         cmocka_unit_test(test_wave_codes_attend),
+        cmocka_unit_test(test_wave_codes_bf16),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
