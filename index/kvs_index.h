@@ -46,6 +46,28 @@ typedef struct kvs_cluster_adj_s {
                               (zeros when count is 0) */
 } kvs_cluster_adj_t;
 
+/*
+ * Compact codes of a segment for two-stage search (index/codes.c). Keys and
+ * centroids are rotated by R = H diag(sign) / sqrt(d) (H the Walsh-Hadamard
+ * matrix, sign drawn from `seed` by splitmix64; d a power of two, else the
+ * signs alone), which spreads a few large channels over all dims, then
+ * quantised per rotated dim: key x gets code_j = round((Rx_j - lo_j) /
+ * step_j) in 0..15 (4 bits, kvs_code4_dot_rows layout), centroid c gets
+ * 8-bit codes with its own clo/cstep. q.x is estimated as
+ * Rq.lo + sum_j (Rq_j step_j) code_j. Built with the segment (its data,
+ * nothing else), so codebooks follow the data; d must be a multiple of 32.
+ */
+typedef struct kvs_codes_s {
+    uint64_t seed;       /* rotation signs */
+    float *lo, *step;    /* [d] key codes: offset and step per rotated dim */
+    float *clo, *cstep;  /* [d] centroid codes */
+    uint8_t *keys;       /* [n_tokens][d / 2] 4-bit codes, slot order */
+    uint8_t *centroids;  /* [n_clusters][d] 8-bit codes */
+    float *spread;       /* [n_clusters] RMS member distance to the centroid
+                            over sqrt(d): the spread of q.x - q.c per unit
+                            of |q| if residuals were isotropic */
+} kvs_codes_t;
+
 /* adj_flags bits: the cluster is listed in adj_always / adj_last. */
 #define KVS_ADJ_ALWAYS 1u
 #define KVS_ADJ_LAST 2u
@@ -69,6 +91,10 @@ typedef struct kvs_segment_s {
     /* Owners beyond the first (forked sequences share segments); 0 from
      * the builder and the decoder. Managed by the engine with atomics. */
     int32_t extra_refs;
+    /* Compact codes (NULL when d is not a multiple of 32): built by both
+     * builders, stored by segment_io.c (format 2), rebuilt from the keys
+     * when a format-1 record is decoded. Freed by kvs_segment_free. */
+    kvs_codes_t *codes;
 } kvs_segment_t;
 
 /* How segments are built. */
@@ -110,6 +136,18 @@ int kvs_segment_from_labels(const kvs_build_params_t *params,
 uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n);
 
 void kvs_segment_free(kvs_segment_t *seg);
+
+/* Build seg->codes from the segment's keys and centroids (replacing any);
+ * deterministic in (keys, seed). A no-op returning 0 when d is not a
+ * multiple of 32. Errors: KVS_ENOMEM. Called by the builders and by
+ * kvs_segment_decode for records written before codes existed. */
+int kvs_segment_build_codes(kvs_segment_t *seg, uint64_t seed);
+void kvs_codes_free(kvs_codes_t *codes);
+/* Bytes held by codes of a segment of n tokens, C clusters, d dims. */
+size_t kvs_codes_bytes(uint32_t n, uint32_t C, uint32_t d);
+/* out = R x for the rotation of `codes` (x and out [d], may alias). */
+void kvs_codes_rotate(const kvs_codes_t *codes, uint32_t d, const float *x,
+                      float *out);
 
 /* Serialisation for storage (index/segment_io.c): encode into a buffer of
  * kvs_segment_encoded_size() bytes; decode validates every invariant and
@@ -158,6 +196,22 @@ static inline int kvs_head_is_steady(const kvs_head_view_t *v, uint64_t pos) {
 }
 
 /* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
+/* How search and attention rank keys (kvs_rank_params_t.rank). */
+typedef enum kvs_rank_e {
+    /* Search: codes where the segments have them and the budget is fixed,
+     * else as KVS_RANK_CENTROID. Attention: KVS_RANK_CENTROID (the engine's
+     * zone statistics describe it; see docs/index.md). */
+    KVS_RANK_DEFAULT = 0,
+    /* Clusters by q.c over full-precision centroids; every member of the
+     * retrieval clusters is read in full (the index before codes). */
+    KVS_RANK_CENTROID = 1,
+    /* Two stages: clusters ranked by 8-bit centroid codes plus a spread
+     * term; the 4-bit codes of their members are scanned until
+     * code_ratio x R keys are scored; the best R by code score are read
+     * in full (R = retrieval_fraction x indexed keys). */
+    KVS_RANK_CODES = 2,
+} kvs_rank_t;
+
 typedef struct kvs_zone_params_s {
     int exact;                 /* 1: ignore the index, attend every key */
     int precise;               /* with exact: accumulate in double (the
@@ -170,6 +224,21 @@ typedef struct kvs_zone_params_s {
     double scale_f64;          /* the same in double, for precise mode
                                   (0: use scale) */
 } kvs_zone_params_t;
+
+/* How keys are ranked (the *_ranked calls; NULL or all zeros: defaults).
+ * Kept out of kvs_zone_params_t so that callers which fill that struct
+ * field by field (the engine) get the defaults, never stray values. */
+typedef struct kvs_rank_params_s {
+    kvs_rank_t rank;
+    float code_ratio; /* keys scored by code per key read in full
+                         (0: KVS_CODE_RATIO_DEFAULT) */
+    float spread;     /* weight of the cluster spread in the cluster
+                         ranking of search: q.c + spread |q| s_c
+                         (0: KVS_SPREAD_DEFAULT; < 0: none) */
+} kvs_rank_params_t;
+
+#define KVS_CODE_RATIO_DEFAULT 16.0f
+#define KVS_SPREAD_DEFAULT 1.0f
 
 /* ceil(f C) of C clusters, at most C; 0 when f <= 0. */
 static inline uint32_t kvs_zone_clusters(float f, uint32_t C) {
@@ -200,6 +269,11 @@ typedef struct kvs_zone_stats_s {
     uint64_t clusters_retrieved;
     uint64_t clusters_estimated;
     uint64_t clusters_skipped;
+    /* Search only: bytes the call read from the index and the keys
+     * (centroids, per-cluster metadata, key codes, full keys and their
+     * positions), and how many keys it scored from their codes. */
+    uint64_t bytes_read;
+    uint64_t keys_coded;
 } kvs_zone_stats_t;
 
 /* Per-thread scratch memory, grown on demand and reused between calls. */
@@ -215,6 +289,13 @@ void kvs_scratch_free(kvs_scratch_t *s);
 int kvs_head_attend(const kvs_head_view_t *view, const float *q, uint32_t g,
                     const kvs_zone_params_t *zp, kvs_scratch_t *scratch,
                     float *out, kvs_zone_stats_t *stats);
+/* The same with how keys are ranked (rp NULL: defaults, as above).
+ * KVS_EINVAL also when rp asks for codes the view's segments lack. */
+int kvs_head_attend_ranked(const kvs_head_view_t *view, const float *q,
+                           uint32_t g, const kvs_zone_params_t *zp,
+                           const kvs_rank_params_t *rp,
+                           kvs_scratch_t *scratch, float *out,
+                           kvs_zone_stats_t *stats);
 
 /*
  * Top-k by q.k for one query over `view`: exact when zp->exact, else steady
@@ -235,6 +316,13 @@ int kvs_head_search_group(const kvs_head_view_t *view, const float *q,
                           uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
                           kvs_scratch_t *scratch, int64_t *positions,
                           float *scores, kvs_zone_stats_t *stats);
+/* The same with how keys are ranked (rp NULL: defaults). */
+int kvs_head_search_group_ranked(const kvs_head_view_t *view, const float *q,
+                                 uint32_t g, uint32_t k,
+                                 const kvs_zone_params_t *zp,
+                                 const kvs_rank_params_t *rp,
+                                 kvs_scratch_t *scratch, int64_t *positions,
+                                 float *scores, kvs_zone_stats_t *stats);
 
 #ifdef __cplusplus
 }

@@ -356,6 +356,7 @@ void kvs_segment_free(kvs_segment_t *seg) {
     free(seg->adj_flags);
     seg_adj_free(&seg->adj_always);
     seg_adj_free(&seg->adj_last);
+    kvs_codes_free(seg->codes);
     free(seg);
 }
 
@@ -554,6 +555,8 @@ int kvs_segment_from_labels(const kvs_build_params_t *params,
         rc = seg_adj_build(seg, steady, xc, SEG_ADJ_LAST, &seg->adj_last, acc,
                            tmp);
     }
+    if (rc == 0)
+        rc = kvs_segment_build_codes(seg, params->seed);
     if (rc) {
         rc = seg_fail(err, errlen, rc, "out of memory");
         goto fail;
@@ -588,7 +591,8 @@ size_t kvs_segment_index_bytes(const kvs_segment_t *seg) {
            sizeof(*seg->positions) * seg->n_tokens + 2 * row * nc +
            sizeof(*seg->counts) * nc + sizeof(*seg->adj_flags) * nc +
            seg_adj_bytes(&seg->adj_always, row) +
-           seg_adj_bytes(&seg->adj_last, row);
+           seg_adj_bytes(&seg->adj_last, row) +
+           (seg->codes ? kvs_codes_bytes(seg->n_tokens, nc, seg->d) : 0);
 }
 
 size_t kvs_segment_bytes(const kvs_segment_t *seg) {

@@ -9,6 +9,11 @@
  *   padded to 4, then keys[n][d], values[n][d], centroids[C][d],
  *   value_means[C][d] in dtype, then per adjustment table
  *   u32 cluster[m], u32 count[m], value_means[m][d].
+ * Version 2 (codes) appends: u32 has_codes, u32 0, and when has_codes
+ *   u64 seed, f32 lo[d], step[d], clo[d], cstep[d], spread[C],
+ *   u8 centroid codes[C][d], u8 key codes[n][d/2] (see kvs_codes_t).
+ * Version 1 records (before codes) still decode: their codes are rebuilt
+ * from the keys with seed = first_pos (a few ms per segment, no k-means).
  * Decoding checks every invariant the attention code relies on (sizes,
  * offsets, a permutation of positions, counts, adjustment tables), so a
  * damaged record is an error, never an out-of-bounds read. Integrity of the
@@ -16,6 +21,7 @@
  */
 #include "index/kvs_index.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +31,7 @@
 #endif
 
 #define SEG_MAGIC 0x4753564bu /* "KVSG" */
-#define SEG_VERSION 1u
+#define SEG_VERSION 2u
 
 typedef struct hdr_s {
     uint32_t magic, version, dtype, d;
@@ -47,11 +53,17 @@ static size_t encoded_size(const hdr_t *h) {
     return s;
 }
 
+/* The version-2 codes section (has_codes word and pad included). */
+static size_t codes_size(const hdr_t *h, int has) {
+    size_t n = h->n_tokens, c = h->n_clusters, d = h->d;
+    return 8 + (has ? 8 + 16 * d + 4 * c + c * d + n * (d / 2) : 0);
+}
+
 size_t kvs_segment_encoded_size(const kvs_segment_t *seg) {
     hdr_t h = {SEG_MAGIC,       SEG_VERSION,       (uint32_t)seg->dtype,
                seg->d,          seg->first_pos,    seg->n_tokens,
                seg->n_clusters, seg->adj_always.n, seg->adj_last.n};
-    return encoded_size(&h);
+    return encoded_size(&h) + codes_size(&h, seg->codes != NULL);
 }
 
 static char *put(char *p, const void *src, size_t n) {
@@ -84,6 +96,20 @@ void kvs_segment_encode(const kvs_segment_t *seg, void *buf) {
         p = put(p, adj[a]->count, 4 * (size_t)adj[a]->n);
         p = put(p, adj[a]->value_means, rb * adj[a]->n);
     }
+    const kvs_codes_t *k = seg->codes;
+    uint32_t has[2] = {k != NULL, 0};
+    p = put(p, has, sizeof has);
+    if (!k)
+        return;
+    size_t d = seg->d;
+    p = put(p, &k->seed, 8);
+    p = put(p, k->lo, 4 * d);
+    p = put(p, k->step, 4 * d);
+    p = put(p, k->clo, 4 * d);
+    p = put(p, k->cstep, 4 * d);
+    p = put(p, k->spread, 4 * c);
+    p = put(p, k->centroids, c * d);
+    put(p, k->keys, n * (d / 2));
 }
 
 /* Copy `n` bytes into a fresh malloc() block (at least 1 byte). */
@@ -110,7 +136,7 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
     memcpy(&h, buf, sizeof h);
     if (h.magic != SEG_MAGIC)
         return bad(err, errlen, "bad magic");
-    if (h.version != SEG_VERSION)
+    if (h.version != 1 && h.version != SEG_VERSION)
         return bad(err, errlen, "unknown version");
     if (kvs_dtype_size((kvs_dtype_t)h.dtype) == 0 || h.d == 0 || h.d > 4096)
         return bad(err, errlen, "bad dtype or head_dim");
@@ -118,7 +144,17 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
         h.n_always > h.n_clusters || h.n_last > h.n_clusters ||
         h.n_tokens > (1u << 26))
         return bad(err, errlen, "bad counts");
-    if (encoded_size(&h) != len)
+    size_t body = encoded_size(&h);
+    uint32_t has_codes = 0;
+    if (h.version >= 2) {
+        if (len < body + 8)
+            return bad(err, errlen, "size does not match header");
+        memcpy(&has_codes, (const char *)buf + body, 4);
+        if (has_codes > 1 || (has_codes && (h.d % 32 || h.d > 1024)))
+            return bad(err, errlen, "bad codes flag");
+        body += codes_size(&h, (int)has_codes);
+    }
+    if (body != len)
         return bad(err, errlen, "size does not match header");
 
     size_t esz = kvs_dtype_size((kvs_dtype_t)h.dtype);
@@ -200,6 +236,46 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
             bad(err, errlen, "adjustment flags disagree with tables");
             goto fail;
         }
+    }
+    if (h.version >= 2 && has_codes) {
+        size_t d = h.d;
+        p += 8; /* has_codes, pad */
+        kvs_codes_t *k = calloc(1, sizeof *k);
+        if (!k) {
+            rc = KVS_ENOMEM;
+            goto fail;
+        }
+        s->codes = k;
+        memcpy(&k->seed, p, 8);
+        p += 8;
+        k->lo = take(&p, 4 * d);
+        k->step = take(&p, 4 * d);
+        k->clo = take(&p, 4 * d);
+        k->cstep = take(&p, 4 * d);
+        k->spread = take(&p, 4 * c);
+        k->centroids = take(&p, c * d);
+        k->keys = take(&p, n * (d / 2));
+        if (!k->lo || !k->step || !k->clo || !k->cstep || !k->spread ||
+            !k->centroids || !k->keys) {
+            rc = KVS_ENOMEM;
+            goto fail;
+        }
+        /* Scores must stay finite: no NaN/Inf ranges, no negative steps. */
+        for (size_t j = 0; j < d; j++)
+            if (!isfinite(k->lo[j]) || !isfinite(k->clo[j]) ||
+                !(k->step[j] >= 0 && k->step[j] < INFINITY) ||
+                !(k->cstep[j] >= 0 && k->cstep[j] < INFINITY)) {
+                bad(err, errlen, "bad code ranges");
+                goto fail;
+            }
+        for (size_t i = 0; i < c; i++)
+            if (!(k->spread[i] >= 0 && k->spread[i] < INFINITY)) {
+                bad(err, errlen, "bad cluster spread");
+                goto fail;
+            }
+    } else if (h.version == 1 &&
+               (rc = kvs_segment_build_codes(s, s->first_pos))) {
+        goto fail;
     }
     *out = s;
     return 0;

@@ -66,6 +66,16 @@ struct kvs_scratch_s {
     size_t hpos_cap;
     float *hscore;
     size_t hscore_cap;
+    float *cq; /* codes search: per segment [w4 d][w8 d][b4 b8] */
+    size_t cq_cap;
+    float *est; /* [cluster members] code scores */
+    size_t est_cap;
+    int64_t *cpos; /* [R] candidate heap: (segment << 32 | slot) */
+    size_t cpos_cap;
+    float *cscr;
+    size_t cscr_cap;
+    uint32_t *ustart; /* codes attend: first member of each scanned cluster */
+    size_t ustart_cap;
 };
 
 kvs_scratch_t *kvs_scratch_new(void) {
@@ -87,6 +97,11 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->tmpc);
     free(s->hpos);
     free(s->hscore);
+    free(s->cq);
+    free(s->est);
+    free(s->cpos);
+    free(s->cscr);
+    free(s->ustart);
     free(s);
 }
 
@@ -576,11 +591,28 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
 /* ---------------------------------------------------------------------- */
 /* Attention                                                              */
 
+/* The codes paths (defined with search, below). */
+static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
+                     const kvs_rank_params_t *rp, int attend, int *yes);
+static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
+                        const kvs_zone_params_t *zp,
+                        const kvs_rank_params_t *rp, kvs_scratch_t *s,
+                        uint32_t C, partial_t *run, partial_t *tmp,
+                        kvs_zone_stats_t *st);
+
 int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                     const kvs_zone_params_t *zp, kvs_scratch_t *s, float *out,
                     kvs_zone_stats_t *stats) {
+    return kvs_head_attend_ranked(v, q, g, zp, NULL, s, out, stats);
+}
+
+int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q,
+                           uint32_t g, const kvs_zone_params_t *zp,
+                           const kvs_rank_params_t *rpp, kvs_scratch_t *s,
+                           float *out, kvs_zone_stats_t *stats) {
     if (g == 0 || g > MAXQ || !v || !q || !zp || !s || !out)
         return KVS_EINVAL;
+    const kvs_rank_params_t rp0 = {0}, *rp = rpp ? rpp : &rp0;
     uint64_t total = v->indexed_tokens + v->tail_tokens;
     if (total == 0)
         return KVS_EINVAL;
@@ -631,6 +663,15 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         return rc;
     if ((rc = rank_clusters(v, s, g, C, &n_valid)))
         return rc;
+    int codes;
+    if ((rc = use_codes(v, zp, rp, 1, &codes)))
+        return rc;
+    if (codes) {
+        if ((rc = codes_attend(v, q, g, zp, rp, s, C, &run, &tmp, &st)))
+            return rc;
+        partial_finish(&run, out);
+        goto done;
+    }
     for (uint32_t c = 0; c < C; c++)
         s->idx[c] = c;
     uint32_t R, E;
@@ -728,6 +769,7 @@ done:
         stats->clusters_retrieved += st.clusters_retrieved;
         stats->clusters_estimated += st.clusters_estimated;
         stats->clusters_skipped += st.clusters_skipped;
+        stats->keys_coded += st.keys_coded;
     }
     return 0;
 }
@@ -806,6 +848,7 @@ typedef struct search_ctx_s {
     topk_t *h; /* [nq] heaps, one per query */
     int mask_steady;
     uint64_t scanned; /* (query, key) pairs scored */
+    uint64_t bytes;   /* bytes read, summed over the queries */
 } search_ctx_t;
 
 static int search_rows(void *arg, const void *keys, const void *vals,
@@ -815,6 +858,9 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     search_ctx_t *c = arg;
     float *S = c->s->scores;
     kvs_dot_rows(c->v->dtype, c->q, c->nq, keys, n, c->v->d, 1.0f, S, n);
+    /* Every row of the block is read, masked or not; a segment row also
+     * reads its position. */
+    c->bytes += (uint64_t)c->nq * n * (row_bytes(c->v) + (seg ? 4 : 0));
     for (uint32_t r = 0; r < n; r++) {
         uint64_t pos =
             seg ? seg->first_pos + seg->positions[slot0 + r] : pos0 + r;
@@ -827,13 +873,437 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     return 0;
 }
 
+static int cmp_desc_idx_tl(const void *a, const void *b) {
+    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
+    float x = tl_sort_key[i], y = tl_sort_key[j];
+    if (x != y)
+        return (x < y) - (x > y);
+    return (i > j) - (i < j); /* ties by index: same order on every libc */
+}
+
+/* The codes paths serve a view only when every segment has codes. */
+static int view_has_codes(const kvs_head_view_t *v) {
+    for (uint32_t si = 0; si < v->n_segments; si++)
+        if (!v->segments[si]->codes)
+            return 0;
+    return v->n_segments > 0;
+}
+
+/* Whether a call takes the codes path (KVS_EINVAL: asked for codes the
+ * view does not have). By default search does where it can; attention
+ * keeps the centroid path, whose zone sizes the engine's statistics (and
+ * their tests) describe, until the engine asks for codes. The bounded
+ * budget is judged on centroid mass: it keeps the centroid path unless
+ * codes are asked for by name. */
+static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
+                     const kvs_rank_params_t *rp, int attend, int *yes) {
+    *yes = 0;
+    if (rp->rank == KVS_RANK_CODES) {
+        if (!view_has_codes(v))
+            return KVS_EINVAL;
+        *yes = 1;
+    } else if (rp->rank == KVS_RANK_DEFAULT && !zp->bounded && !attend) {
+        *yes = view_has_codes(v);
+    }
+    return 0;
+}
+
+/* R (keys read in full beyond the steady zone) and M (keys scored by code)
+ * for a call: R = ceil(retrieval_fraction x indexed), M = code_ratio x R. */
+static void codes_budget(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
+                         const kvs_rank_params_t *rp, uint32_t *R,
+                         uint64_t *M) {
+    uint64_t r = (uint64_t)ceil((double)zp->retrieval_fraction *
+                                (double)v->indexed_tokens);
+    float ratio = rp->code_ratio > 0 ? rp->code_ratio : KVS_CODE_RATIO_DEFAULT;
+    *M = (uint64_t)ceil((double)ratio * (double)r);
+    *R = r > v->indexed_tokens ? (uint32_t)v->indexed_tokens : (uint32_t)r;
+}
+
+/* Per segment and query: 4-bit code weights Rq x step into s->cq
+ * ([nseg][g][d + 1], the bias Rq.lo last). */
+static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
+                        kvs_scratch_t *s) {
+    const uint32_t d = v->d;
+    if (GROW(s, cq, cq_cap, (size_t)v->n_segments * g * (d + 1)))
+        return KVS_ENOMEM;
+    for (uint32_t si = 0; si < v->n_segments; si++) {
+        const kvs_codes_t *k = v->segments[si]->codes;
+        for (uint32_t i = 0; i < g; i++) {
+            float *w = s->cq + ((size_t)si * g + i) * (d + 1);
+            kvs_codes_rotate(k, d, q + (size_t)i * d, w);
+            double b = 0;
+            for (uint32_t j = 0; j < d; j++) {
+                b += (double)w[j] * k->lo[j];
+                w[j] *= k->step[j];
+            }
+            w[d] = (float)b;
+        }
+    }
+    return 0;
+}
+
+/*
+ * The retrieval and estimation zones of kvs_head_attend over codes, after
+ * the steady zone (in *run) and the cluster ranking (s->rank, s->cscore):
+ *   - clusters in rank order have their non-steady members scored by code
+ *     for every query of the group until M members are; a member's group
+ *     score is max over queries of (code score - that query's best
+ *     centroid score), so a key any head wants is kept;
+ *   - retrieval: the best R of them, attended exactly;
+ *   - the other scanned members, per cluster, one pseudo-token: weight the
+ *     sum of exp(code score) (their own estimate, finer than centroid x
+ *     count), value the mean of the cluster's values without the
+ *     retrieved ones;
+ *   - estimation: the next estimation_fraction of clusters as today
+ *     (centroid score + log count, value mean); the rest is skipped.
+ */
+static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
+                        const kvs_zone_params_t *zp,
+                        const kvs_rank_params_t *rp, kvs_scratch_t *s,
+                        uint32_t C, partial_t *run, partial_t *tmp,
+                        kvs_zone_stats_t *st) {
+    const uint32_t d = v->d, nseg = v->n_segments;
+    const size_t rb = row_bytes(v);
+    const float scale = zp->scale;
+    uint32_t R;
+    uint64_t M;
+    codes_budget(v, zp, rp, &R, &M);
+    int rc = code_weights(v, q, g, s);
+    if (rc)
+        return rc;
+    float cmax[MAXQ];
+    for (uint32_t i = 0; i < g; i++)
+        cmax[i] = kvs_max(s->cscore + (size_t)i * C, C);
+    for (uint32_t c = 0; c < C; c++)
+        s->idx[c] = c;
+    tl_sort_key = s->rank;
+    qsort(s->idx, C, sizeof(uint32_t), cmp_desc_idx_tl);
+
+    /* Scan: members (as slot ids) and their scaled code scores [m][g];
+     * ustart[u] is where scanned cluster u's members begin. */
+    uint32_t used = 0, nm = 0;
+    for (; used < C && nm < M; used++) {
+        uint32_t c = s->idx[used];
+        if (s->rank[c] < 0)
+            break; /* nothing of it left in the view */
+        uint32_t si = seg_of(s->cbase, nseg, c);
+        const kvs_segment_t *seg = v->segments[si];
+        uint32_t lc = c - s->cbase[si];
+        uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
+        if (GROW(s, est, est_cap, (size_t)(nm + n) * g + n) ||
+            GROW(s, cpos, cpos_cap, nm + n) ||
+            GROW(s, ustart, ustart_cap, (size_t)used + 2))
+            return KVS_ENOMEM;
+        s->ustart[used] = nm;
+        float *row = s->est + (size_t)(nm + n) * g; /* [n] scratch */
+        for (uint32_t i = 0; i < g; i++) {
+            const float *w = s->cq + ((size_t)si * g + i) * (d + 1);
+            kvs_code4_dot_rows(w, seg->codes->keys + (size_t)a * (d / 2), n,
+                               d, w[d], row);
+            uint32_t m = nm;
+            for (uint32_t j = 0; j < n; j++) {
+                uint64_t pos = seg->first_pos + seg->positions[a + j];
+                if (kvs_head_is_steady(v, pos))
+                    continue;
+                s->est[(size_t)m * g + i] = row[j] * scale;
+                if (i == 0)
+                    s->cpos[m] = (int64_t)((uint64_t)si << 32 | (a + j));
+                m++;
+            }
+            if (i + 1 == g)
+                nm = m;
+        }
+    }
+    if (GROW(s, ustart, ustart_cap, (size_t)used + 1))
+        return KVS_ENOMEM;
+    s->ustart[used] = nm;
+    uint64_t coded = nm;
+
+    /* Shortlist: the best R members by group score (heap of member ids). */
+    if (R > nm)
+        R = nm;
+    if (GROW(s, cscr, cscr_cap, R ? R : 1) ||
+        GROW(s, hpos, hpos_cap, R ? R : 1) || GROW(s, gather, gather_cap, 1))
+        return KVS_ENOMEM;
+    topk_t hp = {.score = s->cscr, .pos = s->hpos, .n = 0, .k = R};
+    for (uint32_t m = 0; m < nm && R; m++) {
+        float best = -INFINITY;
+        for (uint32_t i = 0; i < g; i++) {
+            float x = s->est[(size_t)m * g + i] - cmax[i];
+            best = x > best ? x : best;
+        }
+        topk_push(&hp, best, m);
+    }
+    /* Mark the shortlist by negating its slot ids' high bit. */
+    size_t nb = 0;
+    uint32_t cols = 0;
+    for (uint32_t j = 0; j < hp.n; j++) {
+        uint32_t m = (uint32_t)hp.pos[j];
+        uint64_t id = (uint64_t)s->cpos[m];
+        const kvs_segment_t *seg = v->segments[id >> 32];
+        uint32_t slot = (uint32_t)id;
+        block_t b = {.keys = (const char *)seg->keys + slot * rb,
+                     .vals = (const char *)seg->values + slot * rb,
+                     .n = 1,
+                     .col = cols++};
+        if (push_block(s, &nb, b))
+            return KVS_ENOMEM;
+        s->cpos[m] = (int64_t)(id | 1ull << 63);
+    }
+    if (cols) {
+        if (GROW(s, scores, scores_cap, (size_t)g * cols))
+            return KVS_ENOMEM;
+        partial_init(tmp, g, d, tmp->acc);
+        zone_partial(v, q, g, scale, s, s->blocks, nb, cols, 0, tmp);
+        partial_merge(run, tmp);
+    }
+
+    /* Pseudo-tokens: the rest of each scanned cluster, then estimation. */
+    uint32_t E = kvs_zone_clusters(zp->estimation_fraction, C);
+    if (E > C - used)
+        E = C - used;
+    uint32_t P = used + E;
+    if (GROW(s, gather, gather_cap, (size_t)(P ? P : 1) * rb) ||
+        GROW(s, scores, scores_cap, (size_t)g * (P ? P : 1)) ||
+        GROW(s, pbuf, pbuf_cap, 2 * (size_t)d * sizeof(float)))
+        return KVS_ENOMEM;
+    float *vf = (float *)(void *)s->pbuf; /* [2][d] fp32 value rows */
+    float *S = s->scores;
+    uint32_t np = 0;
+    for (uint32_t u = 0; u < used + E; u++) {
+        uint32_t c = s->idx[u];
+        if (s->rank[c] < 0)
+            break;
+        uint32_t si = seg_of(s->cbase, nseg, c);
+        const kvs_segment_t *seg = v->segments[si];
+        const void *mean;
+        uint32_t cnt = kvs_segment_cluster_view(seg, c - s->cbase[si],
+                                                si + 1 == nseg, &mean);
+        if (cnt == 0)
+            continue;
+        char *dst = s->gather + (size_t)np * rb;
+        if (u >= used) {
+            memcpy(dst, mean, rb);
+            float lc = logf((float)cnt);
+            for (uint32_t i = 0; i < g; i++)
+                S[(size_t)i * P + np] = s->cscore[(size_t)i * C + c] + lc;
+            np++;
+            continue;
+        }
+        uint32_t m0 = s->ustart[u], m1 = s->ustart[u + 1];
+        uint32_t left = 0;
+        for (uint32_t i = 0; i < g; i++) {
+            float mx = -INFINITY;
+            for (uint32_t m = m0; m < m1; m++)
+                if (s->cpos[m] >= 0 && s->est[(size_t)m * g + i] > mx)
+                    mx = s->est[(size_t)m * g + i];
+            double z = 0;
+            left = 0;
+            for (uint32_t m = m0; m < m1; m++)
+                if (s->cpos[m] >= 0) {
+                    z += exp((double)s->est[(size_t)m * g + i] - mx);
+                    left++;
+                }
+            S[(size_t)i * P + np] = left ? mx + (float)log(z) : -INFINITY;
+        }
+        if (left == 0)
+            continue;
+        /* Value mean of the members left: the view's mean x count less
+         * the retrieved members' values. */
+        kvs_to_f32(v->dtype, mean, vf, d);
+        for (uint32_t t = 0; t < d; t++)
+            vf[t] *= (float)cnt;
+        for (uint32_t m = m0; m < m1; m++) {
+            if (s->cpos[m] >= 0)
+                continue;
+            uint64_t id = (uint64_t)s->cpos[m] & ~(1ull << 63);
+            const kvs_segment_t *sg = v->segments[id >> 32];
+            kvs_to_f32(v->dtype, (const char *)sg->values + (uint32_t)id * rb,
+                       vf + d, d);
+            for (uint32_t t = 0; t < d; t++)
+                vf[t] -= vf[d + t];
+        }
+        for (uint32_t t = 0; t < d; t++)
+            vf[t] /= (float)left;
+        kvs_from_f32(v->dtype, vf, dst, d);
+        np++;
+    }
+    if (np) {
+        partial_init(tmp, g, d, tmp->acc);
+        for (uint32_t i = 0; i < g; i++) {
+            float *row = S + (size_t)i * P;
+            tmp->m[i] = kvs_max(row, np);
+            tmp->l[i] = kvs_exp_sum(row, np, tmp->m[i]);
+        }
+        kvs_axpy_rows(v->dtype, S, P, g, s->gather, np, d, tmp->acc);
+        partial_merge(run, tmp);
+    }
+    st->keys_exact = st->keys_steady + cols;
+    st->keys_coded = coded;
+    st->clusters_total = C;
+    st->clusters_retrieved = used;
+    st->clusters_estimated = E;
+    st->clusters_skipped = C - used - E;
+    return 0;
+}
+
+
+/*
+ * Two-stage search of one query (KVS_RANK_CODES) into ctx->h, after the
+ * steady zone. (1) Every cluster is scored from its 8-bit centroid code
+ * plus spread x |q| x s_c: a cluster of wide spread holds keys well above
+ * its centroid's score in more directions. (2) In that order, the 4-bit
+ * codes of the clusters' non-steady members are scored until M keys are.
+ * (3) The best R of them by code score are read in full and scored
+ * exactly. R = ceil(retrieval_fraction x indexed), M = code_ratio x R.
+ */
+static int codes_search(const kvs_head_view_t *v, const float *q,
+                        const kvs_zone_params_t *zp,
+                        const kvs_rank_params_t *rp, kvs_scratch_t *s,
+                        search_ctx_t *ctx, kvs_zone_stats_t *st) {
+    const uint32_t d = v->d, nseg = v->n_segments;
+    const size_t rb = row_bytes(v);
+    if (GROW(s, cbase, cbase_cap, nseg + 1) ||
+        GROW(s, cq, cq_cap, (size_t)nseg * (2 * d + 2)))
+        return KVS_ENOMEM;
+    uint32_t C = 0, maxn = 1;
+    for (uint32_t si = 0; si < nseg; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        s->cbase[si] = C;
+        C += seg->n_clusters;
+        for (uint32_t c = 0; c < seg->n_clusters; c++) {
+            uint32_t n = seg->offsets[c + 1] - seg->offsets[c];
+            maxn = n > maxn ? n : maxn;
+        }
+    }
+    s->cbase[nseg] = C;
+    if (GROW(s, rank, rank_cap, C) || GROW(s, idx, idx_cap, C) ||
+        GROW(s, est, est_cap, maxn))
+        return KVS_ENOMEM;
+
+    float alpha = rp->spread == 0 ? KVS_SPREAD_DEFAULT
+                  : rp->spread < 0 ? 0.0f
+                                   : rp->spread;
+    double qq = 0;
+    for (uint32_t j = 0; j < d; j++)
+        qq += (double)q[j] * q[j];
+    const float sq = alpha * (float)sqrt(qq);
+    uint64_t bytes = 0;
+    for (uint32_t si = 0; si < nseg; si++) {
+        const kvs_segment_t *seg = v->segments[si];
+        const kvs_codes_t *k = seg->codes;
+        float *w4 = s->cq + (size_t)si * (2 * d + 2), *w8 = w4 + d;
+        kvs_codes_rotate(k, d, q, w8);
+        double b4 = 0, b8 = 0;
+        for (uint32_t j = 0; j < d; j++) {
+            b4 += (double)w8[j] * k->lo[j];
+            b8 += (double)w8[j] * k->clo[j];
+            w4[j] = w8[j] * k->step[j];
+        }
+        for (uint32_t j = 0; j < d; j++)
+            w8[j] *= k->cstep[j];
+        w8[d] = (float)b4;
+        w8[d + 1] = (float)b8;
+        float *rk = s->rank + s->cbase[si];
+        kvs_code8_dot_rows(w8, k->centroids, seg->n_clusters, d, (float)b8,
+                           rk);
+        for (uint32_t c = 0; c < seg->n_clusters; c++) {
+            if (sq > 0)
+                rk[c] += sq * k->spread[c];
+            /* NaN (from non-finite stored keys) would break the sort's
+             * ordering: it ranks last. */
+            if (rk[c] != rk[c])
+                rk[c] = -INFINITY;
+        }
+        /* Clusters with no member left in the view sort last. */
+        if (seg->adj_always.n || (si + 1 == nseg && seg->adj_last.n))
+            for (uint32_t c = 0; c < seg->n_clusters; c++)
+                if (kvs_segment_cluster_view(seg, c, si + 1 == nseg, NULL) ==
+                    0)
+                    rk[c] = -INFINITY;
+        /* Centroid codes, offsets, counts, spreads; four ranges. */
+        bytes += (uint64_t)seg->n_clusters * (d + 12) + 16 * (uint64_t)d;
+    }
+
+    uint32_t R;
+    uint64_t M;
+    codes_budget(v, zp, rp, &R, &M);
+    if (R == 0) {
+        st->clusters_total += C;
+        st->clusters_skipped += C;
+        st->bytes_read += bytes;
+        return 0;
+    }
+    if (GROW(s, cpos, cpos_cap, R) || GROW(s, cscr, cscr_cap, R))
+        return KVS_ENOMEM;
+    for (uint32_t c = 0; c < C; c++)
+        s->idx[c] = c;
+    tl_sort_key = s->rank;
+    qsort(s->idx, C, sizeof(uint32_t), cmp_desc_idx_tl);
+
+    topk_t cand = {.score = s->cscr, .pos = s->cpos, .n = 0, .k = R};
+    uint64_t coded = 0;
+    uint32_t used = 0;
+    for (; used < C && coded < M; used++) {
+        uint32_t c = s->idx[used];
+        if (s->rank[c] == -INFINITY)
+            break;
+        uint32_t si = seg_of(s->cbase, nseg, c);
+        const kvs_segment_t *seg = v->segments[si];
+        uint32_t lc = c - s->cbase[si];
+        uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
+        const float *w4 = s->cq + (size_t)si * (2 * d + 2);
+        kvs_code4_dot_rows(w4, seg->codes->keys + (size_t)a * (d / 2), n, d,
+                           w4[2 * d], s->est);
+        bytes += (uint64_t)n * (d / 2 + 4);
+        for (uint32_t j = 0; j < n; j++) {
+            uint64_t pos = seg->first_pos + seg->positions[a + j];
+            if (kvs_head_is_steady(v, pos))
+                continue;
+            coded++;
+            topk_push(&cand, s->est[j], (int64_t)((uint64_t)si << 32 | (a + j)));
+        }
+    }
+
+    /* Full keys for the shortlist, scored exactly. */
+    for (uint32_t j = 0; j < cand.n; j++) {
+        uint64_t id = (uint64_t)cand.pos[j];
+        const kvs_segment_t *seg = v->segments[id >> 32];
+        uint32_t slot = (uint32_t)id;
+        float sc;
+        kvs_dot_rows(v->dtype, q, 1, (const char *)seg->keys + slot * rb, 1,
+                     d, 1.0f, &sc, 1);
+        topk_push(ctx->h, sc, (int64_t)(seg->first_pos + seg->positions[slot]));
+    }
+    ctx->scanned += cand.n;
+    bytes += (uint64_t)cand.n * rb;
+    st->clusters_total += C;
+    st->clusters_retrieved += used;
+    st->clusters_skipped += C - used;
+    st->keys_coded += coded;
+    st->bytes_read += bytes;
+    return 0;
+}
+
 int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
                           uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
                           kvs_scratch_t *s, int64_t *positions, float *scores,
                           kvs_zone_stats_t *stats) {
+    return kvs_head_search_group_ranked(v, q, g, k, zp, NULL, s, positions,
+                                        scores, stats);
+}
+
+int kvs_head_search_group_ranked(const kvs_head_view_t *v, const float *q,
+                                 uint32_t g, uint32_t k,
+                                 const kvs_zone_params_t *zp,
+                                 const kvs_rank_params_t *rpp,
+                                 kvs_scratch_t *s, int64_t *positions,
+                                 float *scores, kvs_zone_stats_t *stats) {
     if (!v || !q || !zp || !s || !positions || !scores || k == 0 || g == 0 ||
         g > MAXQ)
         return KVS_EINVAL;
+    const kvs_rank_params_t rp0 = {0}, *rp = rpp ? rpp : &rp0;
     uint64_t total = v->indexed_tokens + v->tail_tokens;
     if (GROW(s, hpos, hpos_cap, (size_t)g * k) ||
         GROW(s, hscore, hscore_cap, (size_t)g * k) ||
@@ -847,7 +1317,7 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
                         .k = k};
     /* Rows shared by the group (steady zone, or everything in exact mode)
      * are read once and scored for all its queries. */
-    search_ctx_t ctx = {v, q, g, s, h, 0, 0};
+    search_ctx_t ctx = {v, q, g, s, h, 0, 0, 0};
     kvs_zone_stats_t st = {0};
     st.keys_total = total * g;
     int rc;
@@ -874,6 +1344,19 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
         }
     }
     st.keys_steady = ctx.scanned;
+
+    int codes;
+    if ((rc = use_codes(v, zp, rp, 0, &codes)))
+        return rc;
+    if (codes) {
+        for (uint32_t i = 0; i < g; i++) {
+            ctx.h = &h[i];
+            if ((rc = codes_search(v, q + (size_t)i * v->d, zp, rp, s, &ctx,
+                                   &st)))
+                return rc;
+        }
+        goto out;
+    }
 
     /* Centroids scored once for the group; each query then takes its own
      * retrieval clusters, ranked by its own q.c. */
@@ -922,11 +1405,14 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
                         a, 0);
         }
         st.clusters_total += C;
+        /* Every centroid with its offset and count. */
+        st.bytes_read += (uint64_t)C * (rb + 8);
         st.clusters_retrieved += R;
         st.clusters_skipped += C - R;
     }
 out:
     st.keys_exact = ctx.scanned;
+    st.bytes_read += ctx.bytes;
     for (uint32_t i = 0; i < g; i++)
         topk_drain(&h[i], positions + (size_t)i * k, scores + (size_t)i * k);
     if (stats) {
@@ -936,6 +1422,8 @@ out:
         stats->clusters_total += st.clusters_total;
         stats->clusters_retrieved += st.clusters_retrieved;
         stats->clusters_skipped += st.clusters_skipped;
+        stats->bytes_read += st.bytes_read;
+        stats->keys_coded += st.keys_coded;
     }
     return 0;
 }

@@ -52,6 +52,22 @@ void kvs_dot_rows(kvs_dtype_t dtype, const float *q, uint32_t nq,
 void kvs_axpy_rows(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
                    const void *vals, size_t n, uint32_t d, float *acc);
 
+/*
+ * Code scans (kernels/codes_scan.c): out[j] = bias + sum_i w[i] * code_j[i]
+ * for rows j < n of unsigned integer codes, w [d] fp32.
+ *   4-bit rows are d/2 bytes, d a multiple of 32: per block of 32 dims, 16
+ *   bytes, byte b holding dim b in its low nibble and dim b + 16 in its
+ *   high nibble (so a SIMD unpack needs no shuffle);
+ *   8-bit rows are d bytes, one per dim.
+ * kvs_code_scan_isa() tells which version runs ("avx2" or "scalar";
+ * KVS_FORCE_SCALAR=1 forces scalar as for the other kernels).
+ */
+void kvs_code4_dot_rows(const float *w, const uint8_t *codes, size_t n,
+                        uint32_t d, float bias, float *out);
+void kvs_code8_dot_rows(const float *w, const uint8_t *codes, size_t n,
+                        uint32_t d, float bias, float *out);
+const char *kvs_code_scan_isa(void);
+
 /* Largest of x[0..n); -INFINITY when n is 0. */
 float kvs_max(const float *x, size_t n);
 /* x[i] = exp(x[i] - m) in place; returns the sum. exp(-inf) = 0. */

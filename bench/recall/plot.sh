@@ -18,7 +18,7 @@ out = sys.argv[2]
 curves = [r for r in rows if r.get("row") == "curve"]
 ctxs = sorted({r["context"] for r in curves})[-2:][::-1]
 for c in ctxs:
-    for idx in ("wave", "wave-bounded", "ivf-flat", "hnsw"):
+    for idx in ("wave", "wave-centroid", "wave-bounded", "ivf-flat", "hnsw"):
         for q in ("decode", "key"):
             pts = [(r["scanned_fraction"], r["recall_at_100"]) for r in curves
                    if r["context"] == c and r["index"] == idx and r["queries"] == q
@@ -38,17 +38,18 @@ n=$#
     echo "set multiplot layout 1,$n"
     for c in "$@"; do
         cat <<EOF
-set title 'tinycode128, $((c / 1024))K context: recall@100 vs keys scanned (mean over heads x queries)'
+set title 'tinycode128, $((c / 1024))K context: recall@100 vs keys read in full (mean over heads x queries)'
 set logscale x
 set xrange [0.001:1.05]
 set yrange [0:1.01]
-set xlabel 'fraction of keys scanned (attended exactly)'
+set xlabel 'fraction of keys read in full (steady zone and tail included)'
 set ylabel 'recall@100'
 set key bottom right
 set grid
 set arrow 1 from 0.02, graph 0 to 0.02, graph 1 nohead dt 3 lc rgb 'gray40'
 set arrow 2 from graph 0, first 0.95 to graph 1, first 0.95 nohead dt 3 lc rgb 'gray40'
-plot '$tmp/${c}_wave_decode.tsv' u 1:2 w lp pt 7 ps 0.5 lc rgb '#1f77b4' t 'wave (retrieval fraction)', \\
+plot '$tmp/${c}_wave_decode.tsv' u 1:2 w lp pt 7 ps 0.5 lc rgb '#1f77b4' t 'wave, codes (retrieval fraction)', \\
+     '$tmp/${c}_wave-centroid_decode.tsv' u 1:2 w lp pt 13 ps 0.5 lc rgb '#9467bd' t 'wave, centroids (before)', \\
      '$tmp/${c}_wave-bounded_decode.tsv' u 1:2 w lp pt 5 ps 0.5 lc rgb '#17becf' t 'wave (bounded, epsilon)', \\
      '$tmp/${c}_ivf-flat_decode.tsv' u 1:2 w lp pt 9 ps 0.5 lc rgb '#d62728' t 'IVF-Flat IP (nprobe)', \\
      '$tmp/${c}_hnsw_decode.tsv' u 1:2 w lp pt 11 ps 0.5 lc rgb '#2ca02c' t 'HNSW32 IP (efSearch)', \\

@@ -6,34 +6,40 @@
  * dumped by kvdecode (bench/README.md, "Dump format"), for every layer, KV
  * head, query head and decode query, this measures recall@10 and recall@100
  * of the true top keys by q.k against the fraction of keys scanned, for
- *   - the wave index through libkvstore (kvs_seq_search, wave mode),
- *     sweeping the retrieval fraction (fixed budget) and epsilon (bounded);
+ *   - the wave index (kvs_head_search over the segments kvs_segment_build
+ *     makes with the store's parameters and seeds), sweeping the retrieval
+ *     fraction (fixed budget) and epsilon (bounded);
  *   - FAISS IVF-Flat (inner product, as many lists as wave clusters),
  *     sweeping nprobe;
  *   - FAISS HNSW32 (inner product), sweeping efSearch;
- *   - exact flat search (kvs_seq_search exact mode, and FAISS IndexFlatIP,
- *     which is the ground truth).
+ *   - exact flat search (kvs_head_search exact mode, and FAISS
+ *     IndexFlatIP, which is the ground truth).
  * Decoder queries are out of distribution with respect to keys, which is
  * why key-to-key indexes scan so much; to show that effect the same IVF and
  * wave indexes are also queried with held-out keys (key-to-key).
  *
- * Setup, per context length C: the queries are those of the last N
- * positions C-N .. C-1 (decode-like), the keys are those of positions
- * 0 .. C-N-1 of the same KV head, shared by all N queries. The store cuts
- * the keys into equal segments of at most --segment-max tokens so that the
- * whole key set is indexed, as after a prefill (the store only indexes full
- * segments; a remainder of fewer tokens than segments stays in the exact
- * tail and counts as scanned).
+ * Setup, per context length C, as a decode step sees it: the prefill is
+ * positions 0 .. P-1 (P = C - N), cut into equal segments of at most
+ * --segment-max tokens (what a store with that segment size has built by
+ * position P); the N decode queries sit at P .. C-1 and the query at t
+ * sees every key 0 .. t-1: the segments plus its own tail P' .. t-1 (the
+ * prefill's remainder and the keys decoded since), which is attended
+ * exactly, counted as read and never missed. Ground truth is the exact
+ * top-100 by q.k over keys 0 .. t-1. IVF and HNSW index the same keys the
+ * segments hold and search the tail exactly, as the store does.
  *
- * "Scanned" is what each index computes a full q.k for: for the wave index,
- * steady zone (sinks, recent window, tail) plus the members of retrieved
- * clusters (kvs_head_search's keys_exact, over the same segments the store
- * built; the run checks that its results equal kvs_seq_search's); for IVF,
- * the sizes of the probed lists; for HNSW, every distance computation of
+ * "Scanned" is the keys whose full vectors a method reads: for the wave
+ * index, steady zone (sinks, recent window, tail) plus the members of
+ * retrieved clusters (kvs_head_search's keys_exact); for IVF, the sizes of
+ * the probed lists plus the tail; for HNSW, every distance computation of
  * the search, upper levels included (hnsw_count.cpp; it can exceed the key
- * count, as upper-level nodes are met again on level 0). Centroid scoring
- * (one dot product per cluster or list, 1/16 of the keys for both wave and
- * IVF) is not counted as scanned; the context rows report it.
+ * count, as upper-level nodes are met again on level 0), plus the tail.
+ * "Bytes read" is everything a query reads, over the context's key bytes
+ * (t keys of head_dim fp32): for the wave index kvs_head_search's
+ * bytes_read (centroids with their offsets and counts, codes, full keys
+ * with their positions); for IVF every list centroid with 8 bytes of list
+ * metadata, the probed keys with 4-byte ids, the tail; for HNSW each
+ * visited node's key and 32 links of 4 bytes, the tail.
  *
  * Per (head, query) pair and method, "scanned at recall R" is the smallest
  * scanned fraction over the sweep's grid points whose recall@100 >= R (the
@@ -42,7 +48,8 @@
  * unreached (+inf in medians and percentiles).
  *
  *   recall_bench --dump FILE [--contexts 2048,8192,32768] [--queries N]
- *                [--layers N] [--segment-max N] [--no-hnsw] [--quick]
+ *                [--layers N] [--segment-max N] [--no-hnsw] [--ablations]
+ *                [--quick]
  *                [--input-desc TEXT] [--json FILE]
  * Writes one JSON object ({"bench":"recall","metrics":{...},"rows":[...]},
  * BENCH.md format without command/machine/date, which run.sh adds) and
@@ -217,6 +224,7 @@ typedef struct series_s {
     uint32_t n_heads; /* per layer: query heads (decode) or KV heads (key) */
     uint32_t n_layers, nq;
     float *r10, *r100, *scan; /* [pair][grid]; pair = (layer, head, query) */
+    float *bytes; /* [pair][grid]: bytes read / the context's key bytes */
     int used;
 } series_t;
 
@@ -236,12 +244,14 @@ static void series_init(series_t *s, const char *name, const char *param,
     s->r10 = xcalloc(n, sizeof(float));
     s->r100 = xcalloc(n, sizeof(float));
     s->scan = xcalloc(n, sizeof(float));
+    s->bytes = xcalloc(n, sizeof(float));
 }
 
 static void series_free(series_t *s) {
     free(s->r10);
     free(s->r100);
     free(s->scan);
+    free(s->bytes);
 }
 
 static size_t series_at(const series_t *s, uint32_t layer, uint32_t head,
@@ -252,8 +262,9 @@ static size_t series_at(const series_t *s, uint32_t layer, uint32_t head,
 
 static void series_put(series_t *s, uint32_t layer, uint32_t head,
                        uint32_t query, uint32_t gi, double r10, double r100,
-                       double scan) {
+                       double scan, double bytes) {
     size_t i = series_at(s, layer, head, query, gi);
+    s->bytes[i] = (float)bytes;
     s->r10[i] = (float)r10;
     s->r100[i] = (float)r100;
     s->scan[i] = (float)scan;
@@ -272,6 +283,16 @@ static double pair_scan_at(const series_t *s, size_t p0, double target,
         if (r + 1e-6 >= target && s->scan[p0 + g] < best)
             best = s->scan[p0 + g];
     }
+    return best;
+}
+
+/* Fewest bytes read (over the context's key bytes) at a grid point where
+ * the pair reaches recall@100 `target`; +inf if none does. */
+static double pair_bytes_at(const series_t *s, size_t p0, double target) {
+    double best = INFINITY;
+    for (uint32_t g = 0; g < s->n_grid; g++)
+        if (s->r100[p0 + g] + 1e-6 >= target && s->bytes[p0 + g] < best)
+            best = s->bytes[p0 + g];
     return best;
 }
 
@@ -353,7 +374,7 @@ typedef struct cfg_s {
     const char *dump_path, *json_path, *input_desc;
     uint32_t contexts[MAX_CTX], n_ctx;
     uint32_t nq, n_layers, segment_max;
-    int hnsw, quick;
+    int hnsw, quick, ablations;
 } cfg_t;
 
 /* Sweep grids. Geometric, so that "smallest grid point reaching R" errs by
@@ -399,43 +420,113 @@ typedef struct ctx_info_s {
     uint64_t agree, compared, exact_hits, exact_total;
     uint64_t hnsw_agree, hnsw_compared;
     double t_wave_build, t_ivf_build, t_hnsw_build;
+    /* Codes alone (rebuilt once more, same result), and the index bytes
+     * with and without them, over the raw K/V bytes. */
+    double t_codes_build;
+    double index_bytes, codes_bytes, kv_bytes;
 } ctx_info_t;
 
 enum {
     S_WAVE,
+    S_WAVE_CENTROID,
+    S_WAVE_R8,
+    S_WAVE_NOSPREAD,
     S_WAVE_BOUNDED,
     S_IVF,
     S_HNSW,
     S_FLAT,
     S_IVF_K2K,
     S_WAVE_K2K,
+    S_WAVE_CENTROID_K2K,
     S_COUNT
 };
 
 static const double g_one[1] = {1};
 
+/* Exact top-TOPK of one query over keys 0 .. t-1: FAISS's top TOPK + nq
+ * over all `ctx` loaded keys (at most nq of them sit at t or later), those
+ * at t or later dropped. */
+static void truth_before(const int64_t *lab, uint32_t t, int64_t *out) {
+    uint32_t n = 0;
+    for (uint32_t j = 0; n < TOPK && lab[j] >= 0; j++)
+        if ((uint64_t)lab[j] < t)
+            out[n++] = lab[j];
+    for (; n < TOPK; n++)
+        out[n] = -1;
+}
+
+typedef struct cand_s {
+    float s;
+    int64_t pos;
+} cand_t;
+
+static int cmp_cand(const void *a, const void *b) {
+    const cand_t *x = a, *y = b;
+    if (x->s != y->s)
+        return (x->s < y->s) - (x->s > y->s);
+    return (x->pos > y->pos) - (x->pos < y->pos);
+}
+
+/* Top TOPK of an index's answer (lab/dist, TOPK entries, -1 for none)
+ * merged with the exact scores of the unindexed keys first .. t-1. */
+static void merge_tail(const int64_t *lab, const float *dist, const float *q,
+                       const float *keys, uint32_t D, uint32_t first,
+                       uint32_t t, int64_t *out) {
+    cand_t c[TOPK + 256];
+    uint32_t n = 0;
+    for (uint32_t j = 0; j < TOPK; j++)
+        if (lab[j] >= 0)
+            c[n++] = (cand_t){dist[j], lab[j]};
+    for (uint32_t p = first; p < t && n < TOPK + 256; p++) {
+        double s = 0;
+        for (uint32_t j = 0; j < D; j++)
+            s += (double)q[j] * keys[(size_t)p * D + j];
+        c[n++] = (cand_t){(float)s, p};
+    }
+    qsort(c, n, sizeof *c, cmp_cand);
+    for (uint32_t j = 0; j < TOPK; j++)
+        out[j] = j < n ? c[j].pos : -1;
+}
+
+/* Bytes a flat list index (IVF) reads for one query: every list centroid
+ * with an offset and a size, then the probed keys with their ids, then the
+ * unindexed keys in full. */
+static double ivf_bytes(uint32_t C, uint64_t probed, uint32_t tail,
+                        size_t rb) {
+    return (double)C * (rb + 8) + (double)probed * (rb + 4) +
+           (double)tail * rb;
+}
+
 static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                         series_t *S, ctx_info_t *info, double *qk_cos) {
     const uint32_t L = cfg->n_layers, HQ = dp->n_q, HKV = dp->n_kv, D = dp->d;
     const uint32_t G = HQ / HKV, nq = cfg->nq;
-    const uint32_t nk = ctx - nq;
+    /* The prefill: positions 0 .. P-1, cut into equal segments (what a
+     * store with that segment size builds by position P). The decode
+     * queries sit at P .. ctx-1; query t sees keys 0 .. t-1, of which
+     * P .. t-1 are its unindexed tail (exact, counted as read). */
+    const uint32_t P = ctx - nq;
+    const size_t rb = (size_t)D * sizeof(float);
     memset(info, 0, sizeof *info);
     info->ctx = ctx;
-    info->n_keys = nk;
+    info->n_keys = P;
 
     kvs_options_t opts;
     kvs_options_default(&opts);
-    /* Equal segments covering all keys: as after a prefill, everything but
-     * the steady zone is in the index. */
-    uint32_t nseg = (nk + cfg->segment_max - 1) / cfg->segment_max;
-    opts.segment_tokens = nk / nseg;
-    opts.n_build_threads = 2;
-    info->seg_tokens = opts.segment_tokens;
+    uint32_t nseg = (P + cfg->segment_max - 1) / cfg->segment_max;
+    const uint32_t T = P / nseg, indexed = nseg * T;
+    info->seg_tokens = T;
     info->n_segments = nseg;
-    info->tail = nk - nseg * opts.segment_tokens;
+    info->tail = P - indexed;
 
     series_init(&S[S_WAVE], "wave", "retrieval_fraction", Q_DECODE, g_rf,
                 n_rf, L, HQ, nq);
+    series_init(&S[S_WAVE_CENTROID], "wave-centroid", "retrieval_fraction",
+                Q_DECODE, g_rf, n_rf, L, HQ, nq);
+    series_init(&S[S_WAVE_R8], "wave-codes-ratio8", "retrieval_fraction",
+                Q_DECODE, g_rf, n_rf, L, HQ, nq);
+    series_init(&S[S_WAVE_NOSPREAD], "wave-codes-nospread",
+                "retrieval_fraction", Q_DECODE, g_rf, n_rf, L, HQ, nq);
     series_init(&S[S_WAVE_BOUNDED], "wave-bounded", "epsilon", Q_DECODE, g_eps,
                 n_eps, L, HQ, nq);
     series_init(&S[S_IVF], "ivf-flat", "nprobe", Q_DECODE, g_nprobe, n_nprobe,
@@ -447,38 +538,8 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 n_nprobe, L, HKV, nq);
     series_init(&S[S_WAVE_K2K], "wave", "retrieval_fraction", Q_KEY, g_rf,
                 n_rf, L, HKV, nq);
-
-    kvs_store_t *st;
-    int rc = kvs_store_open(&opts, &st);
-    if (rc)
-        die(kvs_store_open_error(), rc);
-    kvs_geometry_t geo = {L, HQ, HKV, D, KVS_DTYPE_F32};
-    if ((rc = kvs_seq_create(st, 1, &geo)))
-        die("kvs_seq_create", rc);
-
-    /* Append every layer: keys/values interleaved [token][kv_head][d]. */
-    float *kh = xcalloc((size_t)nk * D, sizeof(float));
-    float *kv_keys = xcalloc((size_t)nk * HKV * D, sizeof(float));
-    float *kv_vals = xcalloc((size_t)nk * HKV * D, sizeof(float));
-    double t0 = now_s();
-    for (uint32_t l = 0; l < L; l++) {
-        for (uint32_t g = 0; g < HKV; g++) {
-            for (int which = 0; which < 2; which++) {
-                dump_rows(dp, l, HQ + which * HKV + g, 0, nk, kh);
-                float *dst = which ? kv_vals : kv_keys;
-                for (uint32_t t = 0; t < nk; t++)
-                    memcpy(dst + ((size_t)t * HKV + g) * D,
-                           kh + (size_t)t * D, D * sizeof(float));
-            }
-        }
-        if ((rc = kvs_seq_append(st, 1, l, nk, kv_keys, kv_vals)))
-            die(kvs_store_errmsg(st), rc);
-    }
-    free(kv_keys);
-    free(kv_vals);
-    if ((rc = kvs_seq_wait_indexed(st, 1)))
-        die("kvs_seq_wait_indexed", rc);
-    info->t_wave_build = now_s() - t0;
+    series_init(&S[S_WAVE_CENTROID_K2K], "wave-centroid", "retrieval_fraction",
+                Q_KEY, g_rf, n_rf, L, HKV, nq);
 
     /* Mean-query / mean-key cosine per query head over the whole context:
      * how far from the keys' distribution the queries sit. */
@@ -509,73 +570,39 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
     }
     free(row);
 
-    /* Decode queries [query][q_head][d] and held-out keys [kv][query][d]. */
+    float *kh = xcalloc((size_t)ctx * D, sizeof(float));
+    float *vals = xcalloc((size_t)ctx * D, sizeof(float));
     float *qs = xcalloc((size_t)nq * HQ * D, sizeof(float));
-    float *kq = xcalloc((size_t)HKV * nq * D, sizeof(float));
-    float *vals = xcalloc((size_t)nk * D, sizeof(float));
-    int64_t *wpos = xcalloc((size_t)n_rf * nq * HQ * TOPK, sizeof(int64_t));
-    int64_t *bpos = xcalloc((size_t)n_eps * nq * HQ * TOPK, sizeof(int64_t));
-    int64_t *epos = xcalloc((size_t)nq * HQ * TOPK, sizeof(int64_t));
-    float *sc = xcalloc((size_t)HQ * TOPK, sizeof(float));
     int64_t *hp = xcalloc(TOPK, sizeof(int64_t));
     float *hs = xcalloc(TOPK, sizeof(float));
-    truth_t tr = {xcalloc(nk, sizeof(uint32_t)), 0, NULL};
+    int64_t *tb = xcalloc(TOPK, sizeof(int64_t));
+    truth_t tr = {xcalloc(ctx, sizeof(uint32_t)), 0, NULL};
     kvs_scratch_t *scr = kvs_scratch_new();
     if (!scr)
         die("kvs_scratch_new", KVS_ENOMEM);
     double steady_sum = 0, clusters_sum = 0;
     uint64_t steady_n = 0;
+    int rc;
 
     for (uint32_t l = 0; l < L; l++) {
         for (uint32_t h = 0; h < HQ; h++) {
             float *tmp = xcalloc((size_t)nq * D, sizeof(float));
-            dump_rows(dp, l, h, nk, nq, tmp);
+            dump_rows(dp, l, h, P, nq, tmp);
             for (uint32_t i = 0; i < nq; i++)
                 memcpy(qs + ((size_t)i * HQ + h) * D, tmp + (size_t)i * D,
                        D * sizeof(float));
             free(tmp);
         }
-        for (uint32_t g = 0; g < HKV; g++)
-            dump_rows(dp, l, HQ + g, nk, nq, kq + (size_t)g * nq * D);
-
-        /* Through the public API: exact, fixed-budget and bounded wave. */
-        for (uint32_t i = 0; i < nq; i++) {
-            const float *q = qs + (size_t)i * HQ * D;
-            kvs_query_params_t p;
-            kvs_query_params_default(&p);
-            p.mode = KVS_MODE_EXACT;
-            if ((rc = kvs_seq_search(st, 1, l, q, TOPK, &p,
-                                     epos + (size_t)i * HQ * TOPK, sc)))
-                die(kvs_store_errmsg(st), rc);
-            for (uint32_t gi = 0; gi < n_rf; gi++) {
-                kvs_query_params_default(&p);
-                p.retrieval_fraction = (float)g_rf[gi];
-                if ((rc = kvs_seq_search(
-                         st, 1, l, q, TOPK, &p,
-                         wpos + ((size_t)gi * nq + i) * HQ * TOPK, sc)))
-                    die(kvs_store_errmsg(st), rc);
-            }
-            for (uint32_t gi = 0; gi < n_eps; gi++) {
-                kvs_query_params_default(&p);
-                p.budget = KVS_BUDGET_BOUNDED;
-                p.epsilon = (float)g_eps[gi];
-                if ((rc = kvs_seq_search(
-                         st, 1, l, q, TOPK, &p,
-                         bpos + ((size_t)gi * nq + i) * HQ * TOPK, sc)))
-                    die(kvs_store_errmsg(st), rc);
-            }
-        }
-
         for (uint32_t g = 0; g < HKV; g++) {
-            dump_rows(dp, l, HQ + g, 0, nk, kh);
-            dump_rows(dp, l, HQ + HKV + g, 0, nk, vals);
+            dump_rows(dp, l, HQ + g, 0, ctx, kh);
+            dump_rows(dp, l, HQ + HKV + g, 0, ctx, vals);
 
-            /* The same segments the store built (same parameters and seed),
-             * searched per query by kvs_head_search for its scan counts. */
+            /* The segments the store builds (its parameters and seeds). */
+            double t0 = now_s();
             kvs_segment_t **segs = xcalloc(nseg, sizeof *segs);
             kvs_build_params_t bp = {opts.cluster_tokens, opts.kmeans_iters,
                                      opts.sink_tokens, opts.window_tokens, 0};
-            uint32_t C = 0, T = opts.segment_tokens;
+            uint32_t C = 0;
             for (uint32_t s = 0; s < nseg; s++) {
                 char err[160] = "";
                 bp.seed = 1234 + (uint64_t)s * T;
@@ -587,91 +614,131 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                     die(err, rc);
                 C += segs[s]->n_clusters;
             }
+            info->t_wave_build += now_s() - t0;
+            t0 = now_s();
+            for (uint32_t s = 0; s < nseg; s++)
+                if ((rc = kvs_segment_build_codes(segs[s],
+                                                  segs[s]->codes->seed ^
+                                                      0x636f646573ull)))
+                    die("kvs_segment_build_codes", rc);
+            info->t_codes_build += now_s() - t0;
+            for (uint32_t s = 0; s < nseg; s++) {
+                info->index_bytes += (double)kvs_segment_index_bytes(segs[s]);
+                info->codes_bytes += (double)kvs_codes_bytes(
+                    segs[s]->n_tokens, segs[s]->n_clusters, D);
+                info->kv_bytes += 2.0 * segs[s]->n_tokens * rb;
+            }
             clusters_sum += C;
-            kvs_head_view_t v = {
-                .dtype = KVS_DTYPE_F32,
-                .d = D,
-                .segments = segs,
-                .n_segments = nseg,
-                .indexed_tokens = (uint64_t)nseg * T,
-                .tail_keys = kh + (size_t)nseg * T * D,
-                .tail_values = vals + (size_t)nseg * T * D,
-                .tail_tokens = info->tail,
-                .sink_tokens = opts.sink_tokens,
-                .window_tokens = opts.window_tokens,
-            };
 
-            /* Ground truth: FAISS exact inner product over all keys. */
-            uint32_t nall = G * nq + nq; /* decode queries, then keys */
+            /* Queries: the group's decode queries, then the held-out keys
+             * at the same positions (key-to-key). */
+            uint32_t nall = G * nq + nq;
             float *qx = xcalloc((size_t)nall * D, sizeof(float));
             for (uint32_t j = 0; j < G; j++)
                 for (uint32_t i = 0; i < nq; i++)
                     memcpy(qx + ((size_t)j * nq + i) * D,
                            qs + ((size_t)i * HQ + g * G + j) * D,
                            D * sizeof(float));
-            memcpy(qx + (size_t)G * nq * D, kq + (size_t)g * nq * D,
+            memcpy(qx + (size_t)G * nq * D, kh + (size_t)P * D,
                    (size_t)nq * D * sizeof(float));
+            /* Ground truth: exact inner product over keys before t. */
+            const uint32_t KT = TOPK + nq;
+            int64_t *lab = xcalloc((size_t)nall * KT, sizeof(int64_t));
+            float *ld = xcalloc((size_t)nall * KT, sizeof(float));
             int64_t *truth = xcalloc((size_t)nall * TOPK, sizeof(int64_t));
-            float *dist = xcalloc((size_t)nall * TOPK, sizeof(float));
             FaissIndexFlatIP *flat;
             faiss_check(faiss_IndexFlatIP_new_with(&flat, D), "flat");
-            faiss_check(faiss_Index_add((FaissIndex *)flat, nk, kh), "add");
-            faiss_check(faiss_Index_search((FaissIndex *)flat, nall, qx, TOPK,
-                                           dist, truth),
+            faiss_check(faiss_Index_add((FaissIndex *)flat, ctx, kh), "add");
+            faiss_check(faiss_Index_search((FaissIndex *)flat, nall, qx, KT,
+                                           ld, lab),
                         "flat search");
             faiss_IndexFlatIP_free(flat);
+            for (uint32_t a = 0; a < nall; a++) {
+                uint32_t i = a >= G * nq ? a - G * nq : a % nq;
+                truth_before(lab + (size_t)a * KT, P + i,
+                             truth + (size_t)a * TOPK);
+            }
+            free(lab);
+            free(ld);
 
-            /* Wave: results from kvs_seq_search, scan counts and the
-             * agreement check from kvs_head_search. */
+            /* Wave over the segments plus the query's own tail. */
             for (uint32_t a = 0; a < nall; a++) {
                 truth_set(&tr, truth + (size_t)a * TOPK);
                 int key = a >= G * nq;
                 uint32_t j = key ? 0 : a / nq, i = key ? a - G * nq : a % nq;
-                uint32_t h = g * G + j;
+                uint32_t h = g * G + j, t = P + i;
                 const float *q = qx + (size_t)a * D;
+                kvs_head_view_t v = {
+                    .dtype = KVS_DTYPE_F32,
+                    .d = D,
+                    .segments = segs,
+                    .n_segments = nseg,
+                    .indexed_tokens = indexed,
+                    .tail_keys = kh + (size_t)indexed * D,
+                    .tail_values = vals + (size_t)indexed * D,
+                    .tail_tokens = t - indexed,
+                    .sink_tokens = opts.sink_tokens,
+                    .window_tokens = opts.window_tokens,
+                };
                 double r10, r100;
+                const double kb = (double)t * rb; /* the context's keys */
                 if (!key) {
-                    recall_of(&tr, epos + ((size_t)i * HQ + h) * TOPK, &r10,
-                              &r100);
-                    series_put(&S[S_FLAT], l, h, i, 0, r10, r100, 1.0);
+                    kvs_zone_params_t zp = {.exact = 1, .scale = 1};
+                    if ((rc = kvs_head_search(&v, q, TOPK, &zp, scr, hp, hs,
+                                              NULL)))
+                        die("kvs_head_search", rc);
+                    recall_of(&tr, hp, &r10, &r100);
+                    series_put(&S[S_FLAT], l, h, i, 0, r10, r100, 1.0, 1.0);
                     info->exact_hits += (uint64_t)llround(r100 * TOPK);
                     info->exact_total += TOPK;
                 }
-                for (int mode = 0; mode < 2; mode++) {
-                    if (key && mode == 1)
+                /* Series per mode: the default (codes), the centroid path
+                 * (the index before codes), codes ablations, bounded. */
+                static const int mode_series[] = {S_WAVE, S_WAVE_CENTROID,
+                                                  S_WAVE_R8, S_WAVE_NOSPREAD,
+                                                  S_WAVE_BOUNDED};
+                for (int mode = 0; mode < 5; mode++) {
+                    if (key && mode >= 2)
                         break;
-                    uint32_t ng = mode ? n_eps : n_rf;
+                    if ((mode == 2 || mode == 3) && !cfg->ablations)
+                        continue;
+                    int bounded = mode == 4;
+                    uint32_t ng = bounded ? n_eps : n_rf;
                     for (uint32_t gi = 0; gi < ng; gi++) {
                         kvs_zone_params_t zp = {0};
                         zp.scale = 1.0f / sqrtf((float)D);
-                        if (mode) {
+                        if (bounded) {
                             zp.bounded = 1;
                             zp.epsilon = (float)g_eps[gi];
                         } else {
                             zp.retrieval_fraction = (float)g_rf[gi];
                         }
+                        kvs_rank_params_t rp = {0};
+                        if (mode == 1)
+                            rp.rank = KVS_RANK_CENTROID;
+                        if (mode == 2)
+                            rp.code_ratio = 8;
+                        if (mode == 3)
+                            rp.spread = -1;
                         kvs_zone_stats_t zs = {0};
-                        if ((rc = kvs_head_search(&v, q, TOPK, &zp, scr, hp,
-                                                  hs, &zs)))
+                        if ((rc = kvs_head_search_group_ranked(
+                                 &v, q, 1, TOPK, &zp, &rp, scr, hp, hs, &zs)))
                             die("kvs_head_search", rc);
-                        double scan = (double)zs.keys_exact / nk;
+                        double scan = (double)zs.keys_exact / t;
+                        double bytes = (double)zs.bytes_read / kb;
+                        recall_of(&tr, hp, &r10, &r100);
                         if (key) {
-                            recall_of(&tr, hp, &r10, &r100);
-                            series_put(&S[S_WAVE_K2K], l, g, i, gi, r10, r100,
-                                       scan);
+                            series_put(&S[mode ? S_WAVE_CENTROID_K2K
+                                               : S_WAVE_K2K],
+                                       l, g, i, gi, r10, r100, scan, bytes);
                             continue;
                         }
-                        steady_sum += (double)zs.keys_steady;
-                        steady_n++;
-                        const int64_t *api =
-                            (mode ? bpos : wpos) +
-                            (((size_t)gi * nq + i) * HQ + h) * TOPK;
-                        info->compared++;
-                        if (!memcmp(api, hp, TOPK * sizeof(int64_t)))
-                            info->agree++;
-                        recall_of(&tr, api, &r10, &r100);
-                        series_put(&S[mode ? S_WAVE_BOUNDED : S_WAVE], l, h, i,
-                                   gi, r10, r100, scan);
+                        if (!mode) {
+                            steady_sum += (double)zs.keys_steady;
+                            steady_n++;
+                        }
+                        series_put(&S[mode_series[mode]], l, h, i, gi, r10,
+                                   r100, scan, bytes);
                     }
                 }
             }
@@ -679,7 +746,8 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 kvs_segment_free(segs[s]);
             free(segs);
 
-            /* IVF-Flat, inner product, one list per wave cluster. */
+            /* IVF-Flat, inner product, one list per wave cluster, over the
+             * same indexed keys; the tail is searched exactly. */
             t0 = now_s();
             FaissIndexFlatIP *quant;
             FaissIndexIVFFlat *ivf;
@@ -688,17 +756,20 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                             &ivf, (FaissIndex *)quant, D, C,
                             METRIC_INNER_PRODUCT),
                         "ivf");
-            faiss_check(faiss_Index_train((FaissIndex *)ivf, nk, kh), "train");
-            faiss_check(faiss_Index_add((FaissIndex *)ivf, nk, kh), "add");
+            faiss_check(faiss_Index_train((FaissIndex *)ivf, indexed, kh),
+                        "train");
+            faiss_check(faiss_Index_add((FaissIndex *)ivf, indexed, kh),
+                        "add");
             info->t_ivf_build += now_s() - t0;
             /* List sizes, and each query's list ranking: the IVF probes
              * the quantizer's top nprobe lists, so the scanned keys are the
              * running sum of their sizes. */
-            int64_t *asg = xcalloc(nk, sizeof(int64_t));
-            faiss_check(faiss_Index_assign((FaissIndex *)quant, nk, kh, asg, 1),
+            int64_t *asg = xcalloc(indexed, sizeof(int64_t));
+            faiss_check(faiss_Index_assign((FaissIndex *)quant, indexed, kh,
+                                           asg, 1),
                         "assign");
             uint64_t *lsize = xcalloc(C, sizeof(uint64_t));
-            for (uint32_t t = 0; t < nk; t++)
+            for (uint32_t t = 0; t < indexed; t++)
                 if (asg[t] >= 0 && asg[t] < C)
                     lsize[asg[t]]++;
             int64_t *rank = xcalloc((size_t)nall * C, sizeof(int64_t));
@@ -716,6 +787,7 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 }
             }
             int64_t *got = xcalloc((size_t)nall * TOPK, sizeof(int64_t));
+            float *dist = xcalloc((size_t)nall * TOPK, sizeof(float));
             for (uint32_t gi = 0; gi < n_nprobe; gi++) {
                 size_t np = g_nprobe[gi] < C ? (size_t)g_nprobe[gi] : C;
                 faiss_IndexIVF_set_nprobe((FaissIndexIVF *)ivf, np);
@@ -723,16 +795,23 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                                                TOPK, dist, got),
                             "ivf search");
                 for (uint32_t a = 0; a < nall; a++) {
+                    uint32_t i = a >= G * nq ? a - G * nq : a % nq;
+                    uint32_t t = P + i;
+                    merge_tail(got + (size_t)a * TOPK, dist + (size_t)a * TOPK,
+                               qx + (size_t)a * D, kh, D, indexed, t, tb);
                     truth_set(&tr, truth + (size_t)a * TOPK);
                     double r10, r100;
-                    recall_of(&tr, got + (size_t)a * TOPK, &r10, &r100);
-                    double scan = (double)cum[(size_t)a * C + np - 1] / nk;
+                    recall_of(&tr, tb, &r10, &r100);
+                    uint64_t probed = cum[(size_t)a * C + np - 1];
+                    double scan = (double)(probed + t - indexed) / t;
+                    double bytes = ivf_bytes(C, probed, t - indexed, rb) /
+                                   ((double)t * rb);
                     if (a < G * nq)
-                        series_put(&S[S_IVF], l, g * G + a / nq, a % nq, gi,
-                                   r10, r100, scan);
+                        series_put(&S[S_IVF], l, g * G + a / nq, i, gi, r10,
+                                   r100, scan, bytes);
                     else
-                        series_put(&S[S_IVF_K2K], l, g, a - G * nq, gi, r10,
-                                   r100, scan);
+                        series_put(&S[S_IVF_K2K], l, g, i, gi, r10, r100,
+                                   scan, bytes);
                 }
             }
             free(asg);
@@ -743,9 +822,10 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
             faiss_IndexIVFFlat_free(ivf);
             faiss_IndexFlatIP_free(quant);
 
-            /* HNSW32 over inner product. Scans come from a counting
-             * replica of IndexHNSW::search (hnsw_count.cpp); its labels are
-             * checked against FAISS's own search at the same efSearch. */
+            /* HNSW32 over inner product on the indexed keys, tail exact.
+             * Scans come from a counting replica of IndexHNSW::search
+             * (hnsw_count.cpp); its labels are checked against FAISS's own
+             * search at the same efSearch. */
             if (cfg->hnsw) {
                 t0 = now_s();
                 FaissIndex *hn;
@@ -753,7 +833,7 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 faiss_check(faiss_index_factory(&hn, D, "HNSW32,Flat",
                                                 METRIC_INNER_PRODUCT),
                             "hnsw");
-                faiss_check(faiss_Index_add(hn, nk, kh), "hnsw add");
+                faiss_check(faiss_Index_add(hn, indexed, kh), "hnsw add");
                 info->t_hnsw_build += now_s() - t0;
                 faiss_check(faiss_ParameterSpace_new(&ps), "parameter space");
                 int64_t *ref = xcalloc(TOPK, sizeof(int64_t));
@@ -777,12 +857,27 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                             if (!memcmp(got, ref, TOPK * sizeof(int64_t)))
                                 info->hnsw_agree++;
                         }
-                        double scan = (double)ndis / nk;
+                        /* Scores of the returned labels for the merge. */
+                        for (uint32_t j = 0; j < TOPK; j++) {
+                            double s = 0;
+                            if (got[j] >= 0)
+                                for (uint32_t x = 0; x < D; x++)
+                                    s += (double)q[x] *
+                                         kh[(size_t)got[j] * D + x];
+                            dist[j] = (float)s;
+                        }
+                        uint32_t i = a % nq, t = P + i;
+                        merge_tail(got, dist, q, kh, D, indexed, t, tb);
+                        /* Graph nodes hold a key and 32-64 links. */
+                        double scan = (double)(ndis + t - indexed) / t;
+                        double bytes = ((double)ndis * (rb + 4 * 32) +
+                                        (double)(t - indexed) * rb) /
+                                       ((double)t * rb);
                         truth_set(&tr, truth + (size_t)a * TOPK);
                         double r10, r100;
-                        recall_of(&tr, got, &r10, &r100);
-                        series_put(&S[S_HNSW], l, g * G + a / nq, a % nq, gi,
-                                   r10, r100, scan);
+                        recall_of(&tr, tb, &r10, &r100);
+                        series_put(&S[S_HNSW], l, g * G + a / nq, i, gi, r10,
+                                   r100, scan, bytes);
                     }
                 }
                 free(ref);
@@ -790,8 +885,8 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                 faiss_Index_free(hn);
             }
             free(got);
-            free(truth);
             free(dist);
+            free(truth);
             free(qx);
         }
         fprintf(stderr, "recall_bench: ctx %u layer %u done\n", ctx, l);
@@ -803,22 +898,17 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
     free(tr.stamp);
     free(hp);
     free(hs);
-    free(sc);
-    free(epos);
-    free(wpos);
-    free(bpos);
+    free(tb);
     free(vals);
-    free(kq);
     free(qs);
     free(kh);
-    kvs_store_close(st);
 }
 
 /* Summary of one series at one context: returns the median and p90 of the
  * per-pair scanned fraction at recall@100 = 0.95 through *med / *p90. */
 static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
                           const double *qk_cos, double *med, double *p90,
-                          double *within2) {
+                          double *within2, double *bmed, double *bp90) {
     size_t np = (size_t)s->n_layers * s->n_heads * s->nq;
     double *v = xcalloc(np, sizeof(double));
     double *w = xcalloc(np, sizeof(double));
@@ -828,11 +918,13 @@ static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
     for (uint32_t gi = 0; gi < s->n_grid; gi++) {
         double *a = xcalloc(np, sizeof(double)), *b = xcalloc(np, sizeof(double));
         double *c = xcalloc(np, sizeof(double));
+        double *e = xcalloc(np, sizeof(double));
         for (size_t p = 0; p < np; p++) {
             size_t i = p * s->n_grid + gi;
             a[p] = s->scan[i];
             b[p] = s->r100[i];
             c[p] = s->r10[i];
+            e[p] = s->bytes[i];
         }
         row_begin("curve", ctx);
         row_str("index", s->name);
@@ -843,6 +935,7 @@ static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
         jnum("scanned_fraction", mean(a, np));
         jnum("recall_at_10", mean(c, np));
         jnum("recall_at_100", mean(b, np));
+        jnum("bytes_read_fraction", mean(e, np));
         jnum("scanned_fraction_median", pct(a, np, 0.5));
         jnum("recall_at_100_median", pct(b, np, 0.5));
         jnum("recall_at_100_p10", pct(b, np, 0.1));
@@ -850,6 +943,7 @@ static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
         free(a);
         free(b);
         free(c);
+        free(e);
     }
 
     /* Per head: the scan each query of the head needs (the exact search
@@ -913,6 +1007,12 @@ static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
         }
     }
     for (size_t p = 0; p < np; p++)
+        v[p] = pair_bytes_at(s, p * s->n_grid, 0.95);
+    *bmed = pct(v, np, 0.5);
+    *bp90 = pct(v, np, 0.9);
+    jnum("bytes_read_at_recall95_median", *bmed);
+    jnum("bytes_read_at_recall95_p90", *bp90);
+    for (size_t p = 0; p < np; p++)
         v[p] = pair_scan_at(s, p * s->n_grid, 0.9, 1);
     jnum("scanned_at_recall10_90_median", pct(v, np, 0.5));
     size_t ok = 0;
@@ -969,7 +1069,7 @@ static void usage(void) {
             "usage: recall_bench --dump FILE [--contexts 2048,8192,32768] "
             "[--queries N]\n"
             "                    [--layers N] [--segment-max N] [--no-hnsw] "
-            "[--quick]\n"
+            "[--ablations] [--quick]\n"
             "                    [--input-desc TEXT] [--json FILE]\n");
 }
 
@@ -1004,6 +1104,8 @@ int main(int argc, char **argv) {
             cfg.segment_max = (uint32_t)atoi(argv[++i]);
         } else if (!strcmp(a, "--input-desc") && nx) {
             cfg.input_desc = argv[++i];
+        } else if (!strcmp(a, "--ablations")) {
+            cfg.ablations = 1;
         } else if (!strcmp(a, "--no-hnsw")) {
             cfg.hnsw = 0;
         } else if (!strcmp(a, "--quick")) {
@@ -1060,8 +1162,9 @@ int main(int argc, char **argv) {
     row_str("dump_dtype", dp.dtype ? "f16" : "f32");
     row_end();
 
-    double headline[9];
-    for (int i = 0; i < 9; i++)
+#define N_HEADLINE 17
+    double headline[N_HEADLINE];
+    for (int i = 0; i < N_HEADLINE; i++)
         headline[i] = NAN;
     double qk_med = NAN;
     uint32_t head_ctx = 0;
@@ -1074,12 +1177,13 @@ int main(int argc, char **argv) {
         run_context(&cfg, &dp, ctx, S, &info, qk_cos);
         double secs = now_s() - t0;
 
-        double med[S_COUNT], p90[S_COUNT], w2[S_COUNT];
+        double med[S_COUNT], p90[S_COUNT], w2[S_COUNT], bm[S_COUNT],
+            b9[S_COUNT];
         for (int s = 0; s < S_COUNT; s++) {
-            med[s] = p90[s] = w2[s] = NAN;
+            med[s] = p90[s] = w2[s] = bm[s] = b9[s] = NAN;
             if (S[s].used)
                 report_series(&S[s], ctx, &dp, qk_cos, &med[s], &p90[s],
-                              &w2[s]);
+                              &w2[s], &bm[s], &b9[s]);
         }
         size_t nh = (size_t)cfg.n_layers * dp.n_q;
         double *tmp = xcalloc(nh, sizeof(double));
@@ -1099,8 +1203,6 @@ int main(int argc, char **argv) {
         jnum("centroid_fraction", info.clusters_mean / info.n_keys);
         jnum("steady_keys_mean", info.steady_mean);
         jnum("steady_fraction", info.steady_mean / info.n_keys);
-        jnum("kvs_seq_search_equals_head_search",
-             info.compared ? (double)info.agree / info.compared : NAN);
         jnum("hnsw_counted_search_equals_faiss",
              info.hnsw_compared ? (double)info.hnsw_agree / info.hnsw_compared
                                 : NAN);
@@ -1109,6 +1211,11 @@ int main(int argc, char **argv) {
                               : NAN);
         jnum("q_k_mean_cosine_median", qk);
         jnum("wave_build_s", info.t_wave_build);
+        jnum("codes_build_s", info.t_codes_build);
+        jnum("codes_share_of_build",
+             info.t_codes_build / info.t_wave_build);
+        jnum("index_memory_overhead", info.index_bytes / info.kv_bytes);
+        jnum("codes_memory_overhead", info.codes_bytes / info.kv_bytes);
         jnum("ivf_build_s", info.t_ivf_build);
         jnum("hnsw_build_s", cfg.hnsw ? info.t_hnsw_build : NAN);
         jnum("seconds", secs);
@@ -1118,12 +1225,14 @@ int main(int argc, char **argv) {
         fprintf(stderr,
                 "recall ctx=%u keys=%u: scanned at recall@100=0.95 (median / "
                 "p90 over %u x %u x %u pairs): wave %.4f / %.4f, "
-                "wave-bounded %.4f / %.4f, ivf %.4f / %.4f, hnsw %.4f / %.4f;"
+                "wave-centroid %.4f / %.4f, wave-bounded %.4f / %.4f, ivf %.4f / %.4f, hnsw %.4f / %.4f;"
+                " bytes read: wave %.4f / %.4f, wave-centroid %.4f, ivf %.4f / %.4f;"
                 " ivf key-to-key %.4f; ivf/wave %.2fx; q.k mean cosine %.3f\n",
                 ctx, info.n_keys, cfg.n_layers, dp.n_q, cfg.nq, med[S_WAVE],
-                p90[S_WAVE], med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED],
-                med[S_IVF], p90[S_IVF], med[S_HNSW], p90[S_HNSW],
-                med[S_IVF_K2K], ratio, qk);
+                p90[S_WAVE], med[S_WAVE_CENTROID], p90[S_WAVE_CENTROID],
+                med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED],
+                med[S_IVF], p90[S_IVF], med[S_HNSW], p90[S_HNSW], bm[S_WAVE],
+                b9[S_WAVE], bm[S_WAVE_CENTROID], bm[S_IVF], b9[S_IVF], med[S_IVF_K2K], ratio, qk);
 
         if (ctx >= head_ctx) {
             head_ctx = ctx;
@@ -1136,6 +1245,14 @@ int main(int argc, char **argv) {
             headline[6] = ratio;
             headline[7] = med[S_WAVE_BOUNDED];
             headline[8] = w2[S_WAVE];
+            headline[9] = bm[S_WAVE];
+            headline[10] = b9[S_WAVE];
+            headline[11] = bm[S_IVF];
+            headline[12] = b9[S_IVF];
+            headline[13] = p90[S_IVF] / p90[S_WAVE];
+            headline[14] = med[S_WAVE_CENTROID];
+            headline[15] = p90[S_WAVE_CENTROID];
+            headline[16] = bm[S_WAVE_CENTROID];
             qk_med = qk;
         }
         for (int s = 0; s < S_COUNT; s++)
@@ -1152,8 +1269,14 @@ int main(int argc, char **argv) {
         "hnsw_scanned_at_recall95",      "ivf_k2k_scanned_at_recall95",
         "ivf_over_wave_scan_ratio_at_recall95",
         "wave_bounded_scanned_at_recall95",
-        "wave_recall100_within_2pct"};
-    for (int i = 0; i < 9; i++)
+        "wave_recall100_within_2pct",
+        "wave_bytes_read_fraction",      "wave_bytes_read_fraction_p90",
+        "ivf_bytes_read_fraction",       "ivf_bytes_read_fraction_p90",
+        "ivf_over_wave_scan_ratio_at_recall95_p90",
+        "wave_centroid_scanned_at_recall95",
+        "wave_centroid_scanned_at_recall95_p90",
+        "wave_centroid_bytes_read_fraction"};
+    for (int i = 0; i < N_HEADLINE; i++)
         if (isfinite(headline[i]))
             fprintf(jf, ",\"%s\":%.6g", names[i], headline[i]);
     if (isfinite(qk_med))

@@ -10,8 +10,10 @@
 #    `kvdecode --dump` over the first CTX bytes (tinycode128, 32K: ~770 MB
 #    in fp32, in a temporary directory removed afterwards; KVS_RECALL_DUMP=
 #    FILE reuses or keeps a dump instead);
-# 4. runs recall_bench at 2K, 8K and 32K (--quick: 2K, 2 layers, 16 queries,
-#    coarse sweeps: well under a minute on 2 cores), which writes OUT_JSON;
+# 4. runs recall_bench at 2K, 8K and 32K (32 decode queries per head at the
+#    end of each context, with the codes ablations; --quick: 2K, 2 layers,
+#    16 queries, coarse sweeps: well under a minute on 2 cores), which writes
+#    OUT_JSON; later options win (e.g. --contexts 32768 --no-hnsw);
 # 5. full runs only: draws bench/recall/recall.png with plot.sh (gnuplot).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,7 +40,7 @@ fi
 if [ $quick = 1 ]; then
     ctxs=2048 args=(--queries 16 --layers 2 --quick)
 else
-    ctxs=2048,8192,32768 args=(--queries 64)
+    ctxs=2048,8192,32768 args=(--queries 32 --ablations)
 fi
 max_ctx=${ctxs##*,}
 

@@ -6,6 +6,9 @@ rows as measured; nothing is recomputed beyond picking and formatting."""
 import json
 import sys
 
+INDEXES = ("wave", "wave-codes-ratio8", "wave-codes-nospread",
+           "wave-centroid", "wave-bounded", "ivf-flat", "hnsw")
+
 
 def pct(x):
     return "n/r" if x is None else f"{100 * x:.2f}%"
@@ -31,16 +34,20 @@ def main():
     if inp:
         out.append(f"Input: {inp[0]['input']}\n")
 
-    out.append("Fraction of the context's keys scanned (attended exactly) to "
-               "reach recall@100 = R, per (layer, query head, decode query) "
-               "pair; median and 90th percentile over pairs. `n/r`: not "
-               "reached within the sweep.\n")
+    out.append("Fraction of the context's keys whose full vectors are read "
+               "(steady zone and unindexed tail included) to reach "
+               "recall@100 = R, per (layer, query head, decode query) "
+               "pair; median and 90th percentile over pairs; and all bytes "
+               "read (centroids, metadata, codes, full keys) over the "
+               "context's key bytes at R = 0.95. `n/r`: not reached within "
+               "the sweep.\n")
     out.append("| context | index | pairs | R=0.90 median | R=0.95 median | "
-               "R=0.95 p90 | R=0.99 median | recall@100 within 2% scan "
+               "R=0.95 p90 | R=0.99 median | bytes at R=0.95 median | "
+               "bytes at R=0.95 p90 | recall@100 within 2% scan "
                "(median) | pairs at R>=0.95 within 2% |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in ctxs:
-        for idx in ("wave", "wave-bounded", "ivf-flat", "hnsw"):
+        for idx in INDEXES:
             s = summ.get((c, idx, "decode"))
             if not s:
                 continue
@@ -50,6 +57,8 @@ def main():
                 f"**{pct(s['scanned_at_recall95_median'])}** | "
                 f"{pct(s['scanned_at_recall95_p90'])} | "
                 f"{pct(s['scanned_at_recall99_median'])} | "
+                f"{pct(s.get('bytes_read_at_recall95_median'))} | "
+                f"{pct(s.get('bytes_read_at_recall95_p90'))} | "
                 f"{num(s['recall_at_100_within_2pct_median'], '{:.2f}')} | "
                 f"{pct(s['pairs_recall95_within_2pct'])} |")
     out.append("")
@@ -57,11 +66,11 @@ def main():
     out.append("Context setup (per KV head): keys, wave clusters (= IVF "
                "lists), the steady zone the wave index always scans, and "
                "consistency checks.\n")
-    out.append("| context | keys | segments x tokens | clusters/head | "
-               "centroids / keys | steady keys | kvs_seq_search = "
-               "kvs_head_search | counted HNSW = FAISS | exact-mode "
-               "recall@100 | q.k mean cosine (median) |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| context | prefill keys | segments x tokens | clusters/head | "
+               "centroids / keys | steady keys | counted HNSW = FAISS | "
+               "exact-mode recall@100 | q.k mean cosine (median) | "
+               "build s (codes s) | index / raw K+V (codes) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in ctxs:
         i = info[c]
         out.append(
@@ -70,10 +79,13 @@ def main():
             f" | {pct(i['centroid_fraction'])} | "
             f"{num(i['steady_keys_mean'], '{:.0f}')} "
             f"({pct(i['steady_fraction'])}) | "
-            f"{num(i['kvs_seq_search_equals_head_search'], '{:.4f}')} | "
             f"{num(i['hnsw_counted_search_equals_faiss'], '{:.4f}')} | "
             f"{num(i['exact_mode_recall_at_100'], '{:.4f}')} | "
-            f"{num(i['q_k_mean_cosine_median'])} |")
+            f"{num(i['q_k_mean_cosine_median'])} | "
+            f"{num(i.get('wave_build_s'), '{:.1f}')} "
+            f"({num(i.get('codes_build_s'), '{:.1f}')}) | "
+            f"{pct(i.get('index_memory_overhead'))} "
+            f"({pct(i.get('codes_memory_overhead'))}) |")
     out.append("")
 
     out.append(f"Out of distribution ({top // 1024}K): the same indexes "
@@ -117,8 +129,9 @@ def main():
     out.append(f"Per head ({top // 1024}K): scanned at recall@100 = 0.95 over "
                "that head's decode queries, median / p90.\n")
     out.append("| layer | q head | kv head | q.k mean cosine | wave | "
-               "wave-bounded | IVF-Flat | HNSW | IVF / wave (medians) |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "wave-centroid | wave-bounded | IVF-Flat | HNSW | IVF / wave "
+               "(medians) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for (l, h) in sorted(heads):
         e = heads[(l, h)]
 
@@ -133,7 +146,7 @@ def main():
         ratio = f"{i / w:.2f}x" if w and i else "n/r"
         out.append(f"| {l} | {h} | {e['wave']['kv_head']} | "
                    f"{num(e['wave']['q_k_mean_cosine'])} | {mp('wave')} | "
-                   f"{mp('wave-bounded')} | {mp('ivf-flat')} | {mp('hnsw')} | "
+                   f"{mp('wave-centroid')} | {mp('wave-bounded')} | {mp('ivf-flat')} | {mp('hnsw')} | "
                    f"{ratio} |")
     print("\n".join(out))
 

@@ -48,6 +48,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         float sc[4];
         uint32_t k = seg->n_tokens < 4 ? seg->n_tokens : 4;
         kvs_head_search(&v, q, k, &zp, s, pos, sc, NULL);
+        /* The two-stage path over the record's codes (index/codes.c). */
+        kvs_zone_params_t zc = {.retrieval_fraction = 0.3f, .scale = 0.125f};
+        kvs_head_search(&v, q, k, &zc, s, pos, sc, NULL);
         for (uint32_t c = 0; c < seg->n_clusters; c++) {
             const void *mean;
             kvs_segment_cluster_view(seg, c, (int)(c & 1), &mean);
