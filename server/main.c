@@ -94,8 +94,8 @@ static int prepare_data_dir(const char *path) {
     if (stat(path, &st) == 0) {
         if (S_ISDIR(st.st_mode) && (st.st_mode & 077))
             kvs__log(KVS__LOG_WARN, "data_dir_permissions",
-                     "path=%s mode=%04o msg=\"group or other users can read "
-                     "the KV cache; chmod 700\"",
+                     "path=%s mode=%04o msg=\"group or other users could "
+                     "read the KV cache; the store sets it to 0700\"",
                      path, (unsigned)(st.st_mode & 07777));
         return 0;
     }
