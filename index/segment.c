@@ -23,6 +23,8 @@
  */
 #include "index/kvs_index.h"
 
+#include "common/kvs_rng.h"
+
 #include "kernels/kvs_kernels.h"
 
 #include <cblas.h>
@@ -127,14 +129,6 @@ static void seg_assign(const float *xc, uint32_t n, uint32_t d,
     }
 }
 
-/* splitmix64: a tiny seeded generator, the same on every platform. */
-static uint64_t seg_rng(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* Rows per sgemm block: about 2 MiB of scores, at least 64 rows. */
 static uint32_t seg_block_rows(uint32_t n, uint32_t k) {
     uint32_t b = (1u << 19) / k;
@@ -200,11 +194,11 @@ static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
     }
 
     /* Partial Fisher-Yates: k distinct keys. */
-    uint64_t st = p->seed;
+    kvs_rng_t st = {p->seed};
     for (uint32_t i = 0; i < n; i++)
         perm[i] = i;
     for (uint32_t i = 0; i < k; i++) {
-        uint32_t j = i + (uint32_t)(seg_rng(&st) % (n - i));
+        uint32_t j = i + (uint32_t)(kvs_rng_next(&st) % (n - i));
         uint32_t t = perm[i];
         perm[i] = perm[j];
         perm[j] = t;

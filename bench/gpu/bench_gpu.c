@@ -44,6 +44,7 @@
  * KVS_CUDA_SEL_THREADS (256|512): the launch variants of
  * kvs_cuda_wave_params_t (kernels/cuda/kvs_cuda.h), read here.
  */
+#include "common/kvs_rng.h"
 #include "kvs_buffer.h"
 #include "kvs_cuda.h"
 #include "synth.cuh"
@@ -250,13 +251,8 @@ static void rel_rows(const float *a, const float *b, uint32_t nrows,
     }
 }
 
-static uint64_t rng = 88172645463325252ull;
-static uint32_t rnd(void) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (uint32_t)(rng >> 16);
-}
+static kvs_rng_t rng = {88172645463325252ull};
+static uint32_t rnd(void) { return (uint32_t)(kvs_rng_next(&rng) >> 32); }
 
 /* Steady rows [H][SINKS + WINDOW + TAIL][D] from token-order keys/values
  * [H][stride][D] whose first ctx tokens are indexed. */

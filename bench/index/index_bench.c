@@ -18,6 +18,7 @@
  * Prints one JSON object (BENCH.md format, without command/machine/date,
  * which run.sh adds) to --json or stdout.
  */
+#include "common/kvs_rng.h"
 #include "kernels/kvs_kernels.h"
 #include "kvstore.h"
 
@@ -28,17 +29,8 @@
 #include <string.h>
 #include <time.h>
 
-static uint64_t rng = 0x2545f4914f6cdd1dull;
-static double urand(void) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (double)(rng >> 11) / 9007199254740992.0;
-}
-static float nrand(void) {
-    double u = urand() + 1e-12, v = urand();
-    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
-}
+static kvs_rng_t rng = {0x2545f4914f6cdd1dull};
+static float nrand(void) { return kvs_rng_normal(&rng); }
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -31,28 +31,16 @@
 #include <faiss/c_api/error_c.h>
 #include <faiss/c_api/index_factory_c.h>
 
+#include "common/kvs_rng.h"
 #include "index/kvs_index.h"
 #include "kernels/kvs_kernels.h"
 
 /* ---- data -------------------------------------------------------------- */
 
-static uint64_t rng_state;
+static kvs_rng_t rng;
 
-static uint64_t rng_next(void) {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static double rng_uniform(void) {
-    return ((rng_next() >> 11) + 0.5) / 9007199254740992.0;
-}
-
-static float rng_gauss(void) {
-    double u = rng_uniform(), v = rng_uniform();
-    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
-}
+static uint64_t rng_next(void) { return kvs_rng_next(&rng); }
+static float rng_gauss(void) { return kvs_rng_normal(&rng); }
 
 /* Keys and values of n tokens, [n][d] fp32 and in `dtype`. */
 typedef struct data_s {
@@ -70,7 +58,7 @@ static void data_make(data_t *t, kvs_dtype_t dtype, uint32_t n, uint32_t d,
     float *off = malloc(sizeof(float) * d);
     assert_non_null(dir);
     assert_non_null(off);
-    rng_state = seed;
+    rng.s = seed;
     t->dtype = dtype;
     t->n = n;
     t->d = d;
@@ -549,7 +537,7 @@ static void test_index_segment_kmeans_quality(void **state) {
     assert_non_null(rnd);
     for (uint32_t i = 0; i < n; i++)
         perm[i] = i;
-    rng_state = 99;
+    rng.s = 99;
     for (uint32_t i = n - 1; i > 0; i--) {
         uint32_t j = (uint32_t)(rng_next() % (i + 1));
         uint32_t x = perm[i];
@@ -697,7 +685,7 @@ static void test_index_faiss_c_api(void **state) {
     const uint32_t d = 16, n = 400;
     float *x = malloc(sizeof(float) * n * d);
     assert_non_null(x);
-    rng_state = 11;
+    rng.s = 11;
     for (uint32_t i = 0; i < n * d; i++)
         x[i] = rng_gauss();
 

@@ -10,15 +10,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/kvs_rng.h"
 #include "kernels/kvs_kernels.h"
 
-static uint64_t rng_state = 88172645463325252ull;
-static double urand(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / 9007199254740992.0;
-}
+static kvs_rng_t rng = {88172645463325252ull};
+static double urand(void) { return kvs_rng_uniform(&rng); }
 
 static void test_kernels_f16_roundtrip(void **state) {
     (void)state;

@@ -13,6 +13,7 @@
  *
  *   kvdemo [--tokens N] [--queries N] [--threads N] [--dtype f32|f16|bf16]
  */
+#include "common/kvs_rng.h"
 #include "kernels/kvs_kernels.h"
 #include "kvstore.h"
 
@@ -22,17 +23,8 @@
 #include <string.h>
 #include <time.h>
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static double urand(void) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (double)(rng >> 11) / 9007199254740992.0;
-}
-static float nrand(void) {
-    double u = urand() + 1e-12, v = urand();
-    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
-}
+static kvs_rng_t rng = {0x9e3779b97f4a7c15ull};
+static float nrand(void) { return kvs_rng_normal(&rng); }
 
 /* The store's messages (kvs_options_t.log): this program owns stderr. */
 static void log_stderr(void *ctx, int level, const char *msg) {
