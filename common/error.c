@@ -1,6 +1,9 @@
 /* error.c: the one table that turns kvstore error codes into text. */
 #include "kvs_common.h"
+#include "kvs_errf.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 
 size_t kvs_dtype_size(kvs_dtype_t dtype) {
@@ -56,4 +59,14 @@ const char *kvs_err_name(int err) {
         return n ? n : "errno";
     }
     return "unknown";
+}
+
+int kvs__errf(char *err, size_t errlen, int code, const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
 }

@@ -23,6 +23,7 @@
  */
 #include "index/kvs_index.h"
 
+#include "common/kvs_errf.h"
 #include "common/kvs_rng.h"
 
 #include "kernels/kvs_kernels.h"
@@ -44,15 +45,7 @@
 #define SEG_ADJ_ALWAYS KVS_ADJ_ALWAYS
 #define SEG_ADJ_LAST KVS_ADJ_LAST
 
-static int seg_fail(char *err, size_t errlen, int code, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
+
 
 /* L2-normalise rows in place; zero rows stay zero (they score 0 against
  * every key, which is harmless and avoids a division by zero). */
@@ -183,7 +176,7 @@ static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
     int rc = 0;
 
     if (!cent || !sum || !buf || !perm || !cnt || !norm || !prev || !gain) {
-        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
         goto out;
     }
     for (uint32_t i = 0; i < n; i++) {
@@ -362,24 +355,24 @@ static int seg_check(const kvs_build_params_t *params, kvs_dtype_t dtype,
     if (err && errlen)
         err[0] = '\0';
     if (!params || !keys || !values || !out)
-        return seg_fail(err, errlen, KVS_EINVAL, "NULL argument");
+        return kvs__errf(err, errlen, KVS_EINVAL, "NULL argument");
     *out = NULL;
     if (kvs_dtype_size(dtype) == 0)
-        return seg_fail(err, errlen, KVS_EINVAL, "unknown dtype %d",
+        return kvs__errf(err, errlen, KVS_EINVAL, "unknown dtype %d",
                         (int)dtype);
     if (n == 0 || d == 0)
-        return seg_fail(err, errlen, KVS_EINVAL, "empty segment (n=%u d=%u)", n,
+        return kvs__errf(err, errlen, KVS_EINVAL, "empty segment (n=%u d=%u)", n,
                         d);
     if (n <= params->window_tokens)
-        return seg_fail(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                         "segment of %u tokens does not exceed the window "
                         "of %u",
                         n, params->window_tokens);
     if (params->cluster_tokens == 0)
-        return seg_fail(err, errlen, KVS_EINVAL, "cluster_tokens is 0");
+        return kvs__errf(err, errlen, KVS_EINVAL, "cluster_tokens is 0");
     /* cblas takes int dimensions. */
     if (d > INT_MAX || n > INT_MAX)
-        return seg_fail(err, errlen, KVS_EINVAL, "segment too large");
+        return kvs__errf(err, errlen, KVS_EINVAL, "segment too large");
     return 0;
 }
 
@@ -405,13 +398,13 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
     uint32_t *label = malloc(sizeof(*label) * n);
     float *score = malloc(sizeof(*score) * n);
     if (!kf || !xc || !acc || !label || !score) {
-        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
         goto out;
     }
     /* Centre the keys (for the assignment only). */
     kvs_to_f32(dtype, keys, kf, nd);
     if (!kvs_all_finite(KVS_DTYPE_F32, kf, nd)) {
-        rc = seg_fail(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
+        rc = kvs__errf(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
         goto out;
     }
     memset(acc, 0, sizeof(*acc) * d);
@@ -448,11 +441,11 @@ int kvs_segment_from_labels(const kvs_build_params_t *params,
     if (rc)
         return rc;
     if (!label || k == 0 || k > n)
-        return seg_fail(err, errlen, KVS_EINVAL, "bad labels (k=%u, n=%u)", k,
+        return kvs__errf(err, errlen, KVS_EINVAL, "bad labels (k=%u, n=%u)", k,
                         n);
     for (uint32_t i = 0; i < n; i++)
         if (label[i] >= k)
-            return seg_fail(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                             "label %u of token %u out of range (k=%u)",
                             label[i], i, k);
     const size_t esz = kvs_dtype_size(dtype);
@@ -468,12 +461,12 @@ int kvs_segment_from_labels(const kvs_build_params_t *params,
     kvs_segment_t *seg = calloc(1, sizeof(*seg));
     if (!kf || !xc || !acc || !tmp || !cnt || !remap || !fill || !steady ||
         !seg) {
-        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
         goto fail;
     }
     kvs_to_f32(dtype, keys, kf, nd);
     if (!kvs_all_finite(KVS_DTYPE_F32, kf, nd)) {
-        rc = seg_fail(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
+        rc = kvs__errf(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
         goto fail;
     }
 
@@ -500,7 +493,7 @@ int kvs_segment_from_labels(const kvs_build_params_t *params,
     if (!seg->offsets || !seg->positions || !seg->keys || !seg->values ||
         !seg->centroids || !seg->value_means || !seg->counts ||
         !seg->adj_flags) {
-        rc = seg_fail(err, errlen, KVS_ENOMEM, "out of memory");
+        rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
         goto fail;
     }
 
@@ -552,7 +545,7 @@ int kvs_segment_from_labels(const kvs_build_params_t *params,
     if (rc == 0)
         rc = kvs_segment_build_codes(seg, params->seed);
     if (rc) {
-        rc = seg_fail(err, errlen, rc, "out of memory");
+        rc = kvs__errf(err, errlen, rc, "out of memory");
         goto fail;
     }
 

@@ -10,25 +10,15 @@
 #include "kvs_frame.h"
 #include "kvs_wire.h"
 
+#include "common/kvs_errf.h"
+
 #include <assert.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int kvs__ferr(char *err, size_t errlen, int code, const char *fmt,
-                     ...) __attribute__((format(printf, 4, 5)));
 
-static int kvs__ferr(char *err, size_t errlen, int code, const char *fmt,
-                     ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 /* Explicit byte order, so the header is the same on any host. */
 static void put_le16(uint8_t *p, uint16_t v) {
@@ -71,7 +61,7 @@ void kvs_frame_header_encode(const kvs_frame_header_t *h, uint8_t *out) {
 int kvs_frame_header_decode(const uint8_t *buf, size_t len, uint32_t max_body,
                             kvs_frame_header_t *h, char *err, size_t errlen) {
     if (len < KVS_FRAME_HEADER_SIZE)
-        return kvs__ferr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                          "frame header needs %d bytes, have %zu",
                          KVS_FRAME_HEADER_SIZE, len);
     h->magic = get_le32(buf);
@@ -81,22 +71,22 @@ int kvs_frame_header_decode(const uint8_t *buf, size_t len, uint32_t max_body,
     h->body_len = get_le32(buf + 16);
     uint32_t reserved = get_le32(buf + 20);
     if (h->magic != KVS_FRAME_MAGIC)
-        return kvs__ferr(err, errlen, KVS_EPROTO,
+        return kvs__errf(err, errlen, KVS_EPROTO,
                          "bad frame magic 0x%08x (expected 0x%08x \"KVSP\")",
                          h->magic, KVS_FRAME_MAGIC);
     if (h->version != KVS_PROTOCOL_VERSION)
-        return kvs__ferr(err, errlen, KVS_EPROTO,
+        return kvs__errf(err, errlen, KVS_EPROTO,
                          "unsupported protocol version %u (this side speaks "
                          "%d)",
                          h->version, KVS_PROTOCOL_VERSION);
     if (h->flags & ~KVS_FRAME_F_KNOWN)
-        return kvs__ferr(err, errlen, KVS_EPROTO, "unknown frame flags 0x%x",
+        return kvs__errf(err, errlen, KVS_EPROTO, "unknown frame flags 0x%x",
                          h->flags & ~KVS_FRAME_F_KNOWN);
     if (reserved != 0)
-        return kvs__ferr(err, errlen, KVS_EPROTO,
+        return kvs__errf(err, errlen, KVS_EPROTO,
                          "reserved header bytes are not zero");
     if (h->body_len > max_body)
-        return kvs__ferr(err, errlen, KVS_ETOOBIG,
+        return kvs__errf(err, errlen, KVS_ETOOBIG,
                          "frame body of %u bytes exceeds max_frame_bytes %u",
                          h->body_len, max_body);
     return 0;
@@ -314,13 +304,13 @@ static int check_params(const Kvs__V1__QueryParams *p, char *err,
     /* NaN fails every comparison, so it is caught by the negated tests. */
     if (!(p->retrieval_fraction >= 0 && p->retrieval_fraction <= 1) ||
         !(p->estimation_fraction >= 0 && p->estimation_fraction <= 1))
-        return kvs__ferr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                          "zone fractions must be within [0, 1]");
     if (!(p->epsilon >= 0 && p->epsilon <= 1))
-        return kvs__ferr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                          "epsilon must be within [0, 1]");
     if (!(p->scale >= 0 && p->scale < 1e30f))
-        return kvs__ferr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                          "scale must be finite and >= 0");
     return 0;
 }
@@ -329,11 +319,11 @@ static int check_queries(const ProtobufCBinaryData *q, Kvs__V1__DType dt,
                          char *err, size_t errlen) {
     kvs_dtype_t cdt;
     if (kvs_wire_dtype_from_pb(dt, &cdt, NULL, 0))
-        return kvs__ferr(err, errlen, KVS_EINVAL, "unknown query dtype %d",
+        return kvs__errf(err, errlen, KVS_EINVAL, "unknown query dtype %d",
                          (int)dt);
     size_t es = kvs_dtype_size(cdt);
     if (q->len == 0 || q->len % es)
-        return kvs__ferr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                          "queries must be a non-empty whole number of %zu-byte "
                          "elements (got %zu bytes)",
                          es, q->len);
@@ -353,14 +343,14 @@ static int check_request(const Kvs__V1__Request *req,
             break;
         const Kvs__V1__Geometry *g = req->create->geometry;
         if (!g)
-            return kvs__ferr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                              "create needs a geometry");
         kvs_geometry_t cg;
         int rc = kvs_wire_geometry_from_pb(g, &cg, err, errlen);
         if (rc)
             return rc;
         if (lim && lim->max_head_dim && g->head_dim > lim->max_head_dim)
-            return kvs__ferr(err, errlen, KVS_ETOOBIG,
+            return kvs__errf(err, errlen, KVS_ETOOBIG,
                              "head_dim %u exceeds max_head_dim %u",
                              g->head_dim, lim->max_head_dim);
         return 0;
@@ -370,21 +360,21 @@ static int check_request(const Kvs__V1__Request *req,
         if (!a)
             break;
         if (a->n_tokens == 0)
-            return kvs__ferr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                              "append of zero tokens");
         if (lim && lim->max_tokens_per_append &&
             a->n_tokens > lim->max_tokens_per_append)
-            return kvs__ferr(err, errlen, KVS_ETOOBIG,
+            return kvs__errf(err, errlen, KVS_ETOOBIG,
                              "append of %u tokens exceeds "
                              "max_tokens_per_append %u",
                              a->n_tokens, lim->max_tokens_per_append);
         if (a->keys.len != a->values.len)
-            return kvs__ferr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                              "keys (%zu bytes) and values (%zu bytes) differ "
                              "in size",
                              a->keys.len, a->values.len);
         if (a->keys.len == 0 || a->keys.len % a->n_tokens)
-            return kvs__ferr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                              "%zu key bytes are not a whole number of bytes "
                              "for each of %u tokens",
                              a->keys.len, a->n_tokens);
@@ -395,7 +385,7 @@ static int check_request(const Kvs__V1__Request *req,
         if (!s)
             break;
         if (s->k == 0)
-            return kvs__ferr(err, errlen, KVS_ERANGE, "search with k = 0");
+            return kvs__errf(err, errlen, KVS_ERANGE, "search with k = 0");
         int rc = check_queries(&s->queries, s->query_dtype, err, errlen);
         return rc ? rc : check_params(s->params, err, errlen);
     }
@@ -410,7 +400,7 @@ static int check_request(const Kvs__V1__Request *req,
         if (!req->fork)
             break;
         if (req->fork->src == req->fork->dst)
-            return kvs__ferr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                              "fork source and destination are the same");
         return 0;
     case KVS__V1__REQUEST__OP_DROP:
@@ -424,9 +414,9 @@ static int check_request(const Kvs__V1__Request *req,
             break;
         return 0;
     default:
-        return kvs__ferr(err, errlen, KVS_EPROTO, "request has no operation");
+        return kvs__errf(err, errlen, KVS_EPROTO, "request has no operation");
     }
-    return kvs__ferr(err, errlen, KVS_EPROTO, "request op %s has no body",
+    return kvs__errf(err, errlen, KVS_EPROTO, "request op %s has no body",
                      kvs_frame_op_name(req->op_case));
 }
 
@@ -436,7 +426,7 @@ int kvs_frame_decode_request(const uint8_t *body, size_t len,
                              size_t errlen) {
     *out = kvs__v1__request__unpack(NULL, len, body);
     if (!*out)
-        return kvs__ferr(err, errlen, KVS_EPROTO,
+        return kvs__errf(err, errlen, KVS_EPROTO,
                          "frame body (%zu bytes) is not a valid Request "
                          "message",
                          len);
@@ -446,7 +436,7 @@ int kvs_frame_decode_request(const uint8_t *body, size_t len,
 static int check_response(const Kvs__V1__Response *r, char *err,
                           size_t errlen) {
     if (r->status > 0)
-        return kvs__ferr(err, errlen, KVS_EPROTO, "positive status %d",
+        return kvs__errf(err, errlen, KVS_EPROTO, "positive status %d",
                          r->status);
     switch (r->result_case) {
     case KVS__V1__RESPONSE__RESULT_SEARCH: {
@@ -455,7 +445,7 @@ static int check_response(const Kvs__V1__Response *r, char *err,
             break;
         uint64_t n = (uint64_t)s->n_q_heads * s->k;
         if (s->positions.len != n * 8 || s->scores.len != n * 4)
-            return kvs__ferr(err, errlen, KVS_EPROTO,
+            return kvs__errf(err, errlen, KVS_EPROTO,
                              "search response arrays do not match %u heads x "
                              "k %u",
                              s->n_q_heads, s->k);
@@ -465,7 +455,7 @@ static int check_response(const Kvs__V1__Response *r, char *err,
         if (!r->attend)
             break;
         if (r->attend->output.len % 4)
-            return kvs__ferr(err, errlen, KVS_EPROTO,
+            return kvs__errf(err, errlen, KVS_EPROTO,
                              "attend output is not whole float32s");
         return 0;
     case KVS__V1__RESPONSE__RESULT__NOT_SET:
@@ -475,7 +465,7 @@ static int check_response(const Kvs__V1__Response *r, char *err,
             break;
         return 0;
     }
-    return kvs__ferr(err, errlen, KVS_EPROTO, "response result has no body");
+    return kvs__errf(err, errlen, KVS_EPROTO, "response result has no body");
 }
 
 int kvs_frame_decode_response(const uint8_t *body, size_t len,
@@ -483,7 +473,7 @@ int kvs_frame_decode_response(const uint8_t *body, size_t len,
                               size_t errlen) {
     *out = kvs__v1__response__unpack(NULL, len, body);
     if (!*out)
-        return kvs__ferr(err, errlen, KVS_EPROTO,
+        return kvs__errf(err, errlen, KVS_EPROTO,
                          "frame body (%zu bytes) is not a valid Response "
                          "message",
                          len);

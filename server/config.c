@@ -8,6 +8,8 @@
  */
 #include "kvs_server.h"
 
+#include "common/kvs_errf.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -37,17 +39,7 @@ static const opt_t opts[] = {
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
-static int cerr(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static int cerr(char *err, size_t errlen, int code, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
+
 
 /* `-` and `_` are equivalent so that flags (--max-frame-bytes) and file keys
  * (max_frame_bytes) name the same option. */
@@ -132,7 +124,7 @@ static int set_opt(kvs_server_config_t *cfg, const opt_t *o, const char *value,
     case OPT_BOOL: {
         bool b;
         if (parse_bool(value, &b))
-            return cerr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                         "%s: expected yes/no, got \"%s\"", o->name, value);
         *(bool *)(void *)field = b;
         return 0;
@@ -141,12 +133,12 @@ static int set_opt(kvs_server_config_t *cfg, const opt_t *o, const char *value,
     case OPT_SIZE: {
         uint64_t v;
         if (parse_u64(value, o->type == OPT_SIZE, &v))
-            return cerr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                         "%s: expected a non-negative number%s, got \"%s\"",
                         o->name, o->type == OPT_SIZE ? " (K/M/G suffixes)" : "",
                         value);
         if (v < o->min || v > o->max)
-            return cerr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                         "%s: %llu is outside [%llu, %llu]", o->name,
                         (unsigned long long)v, (unsigned long long)o->min,
                         (unsigned long long)o->max);
@@ -164,7 +156,7 @@ int kvs_server_config_set(kvs_server_config_t *cfg, const char *key,
                           const char *value, char *err, size_t errlen) {
     const opt_t *o = find_opt(key, strlen(key));
     if (!o)
-        return cerr(err, errlen, KVS_EINVAL, "unknown option \"%s\"", key);
+        return kvs__errf(err, errlen, KVS_EINVAL, "unknown option \"%s\"", key);
     return set_opt(cfg, o, value, err, errlen);
 }
 
@@ -194,14 +186,14 @@ int kvs_server_config_load_file(kvs_server_config_t *cfg, const char *path,
                                 char *err, size_t errlen) {
     FILE *f = fopen(path, "r");
     if (!f)
-        return cerr(err, errlen, -errno, "%s: %s", path, strerror(errno));
+        return kvs__errf(err, errlen, -errno, "%s: %s", path, strerror(errno));
     char line[4096];
     int lineno = 0, rc = 0;
     while (fgets(line, sizeof(line), f)) {
         lineno++;
         size_t n = strlen(line);
         if (n == sizeof(line) - 1 && line[n - 1] != '\n') {
-            rc = cerr(err, errlen, KVS_EINVAL, "%s:%d: line too long", path,
+            rc = kvs__errf(err, errlen, KVS_EINVAL, "%s:%d: line too long", path,
                       lineno);
             break;
         }
@@ -226,14 +218,14 @@ int kvs_server_config_load_file(kvs_server_config_t *cfg, const char *path,
         }
         const opt_t *o = find_opt(key, keylen);
         if (!o) {
-            rc = cerr(err, errlen, KVS_EINVAL, "%s:%d: unknown option \"%.*s\"",
+            rc = kvs__errf(err, errlen, KVS_EINVAL, "%s:%d: unknown option \"%.*s\"",
                       path, lineno, (int)keylen, key);
             break;
         }
         char why[256];
         rc = set_opt(cfg, o, val, why, sizeof(why));
         if (rc) {
-            cerr(err, errlen, rc, "%s:%d: %s", path, lineno, why);
+            kvs__errf(err, errlen, rc, "%s:%d: %s", path, lineno, why);
             break;
         }
     }
@@ -260,7 +252,7 @@ int kvs_server_config_load_env(kvs_server_config_t *cfg, char *const *envp,
         char why[256];
         int rc = set_opt(cfg, o, eq + 1, why, sizeof(why));
         if (rc)
-            return cerr(err, errlen, rc, "environment %.*s: %s",
+            return kvs__errf(err, errlen, rc, "environment %.*s: %s",
                         (int)(eq - e), e, why);
     }
     return 0;
@@ -269,13 +261,13 @@ int kvs_server_config_load_env(kvs_server_config_t *cfg, char *const *envp,
 int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
                                size_t errlen) {
     if (!cfg->bind[0] && !cfg->unix_socket[0])
-        return cerr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                     "nothing to listen on: bind and unix_socket are both "
                     "empty");
     if (cfg->auth_token_file[0]) {
         FILE *f = fopen(cfg->auth_token_file, "r");
         if (!f)
-            return cerr(err, errlen, -errno, "auth_token_file %s: %s",
+            return kvs__errf(err, errlen, -errno, "auth_token_file %s: %s",
                         cfg->auth_token_file, strerror(errno));
         char buf[1024] = "";
         char *got = fgets(buf, sizeof(buf), f);
@@ -284,7 +276,7 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
             buf[--n] = 0;
         if (!n)
-            return cerr(err, errlen, KVS_EINVAL, "auth_token_file %s is empty",
+            return kvs__errf(err, errlen, KVS_EINVAL, "auth_token_file %s is empty",
                         cfg->auth_token_file);
         char *dup = strdup(buf);
         if (!dup)
@@ -293,24 +285,24 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         cfg->auth_token = dup;
     }
     if (strlen(cfg->auth_token) > 512)
-        return cerr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                     "auth_token is longer than 512 bytes");
     if (strcmp(cfg->sync, "batch") && strcmp(cfg->sync, "always") &&
         strcmp(cfg->sync, "none"))
-        return cerr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                     "sync must be batch, always or none, not \"%s\"",
                     cfg->sync);
     if (strcmp(cfg->cuda_kv, "auto") && strcmp(cfg->cuda_kv, "host"))
-        return cerr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                     "cuda_kv must be auto or host, not \"%s\"", cfg->cuda_kv);
     const char *lv = cfg->log_level;
     if (strcmp(lv, "debug") && strcmp(lv, "info") && strcmp(lv, "warn") &&
         strcmp(lv, "error"))
-        return cerr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                     "log_level must be debug, info, warn or error, not \"%s\"",
                     lv);
     if (cfg->unix_socket[0] && strlen(cfg->unix_socket) >= 100)
-        return cerr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                     "unix_socket path is longer than 99 bytes");
     /* Octal only, as chmod(1) takes it: read as decimal, "660" would be
      * another mode altogether. */
@@ -318,7 +310,7 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
     size_t ml = strlen(m);
     if (ml < 1 || ml > 4 || strspn(m, "01234567") != ml ||
         strtoul(m, NULL, 8) > 0777)
-        return cerr(err, errlen, KVS_EINVAL,
+        return kvs__errf(err, errlen, KVS_EINVAL,
                     "unix_socket_mode must be octal permissions such as "
                     "0660, not \"%s\"",
                     m);
@@ -385,7 +377,7 @@ int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") || !strcmp(argv[i], "-c")) {
             if (i + 1 >= argc)
-                return cerr(err, errlen, KVS_EINVAL, "%s needs a file",
+                return kvs__errf(err, errlen, KVS_EINVAL, "%s needs a file",
                             argv[i]);
             file = argv[++i];
         } else if (!strncmp(argv[i], "--config=", 9)) {
@@ -420,14 +412,14 @@ int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
             continue;
         }
         if (strncmp(a, "--", 2))
-            return cerr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                         "unexpected argument \"%s\" (try --help)", a);
         const char *key = a + 2;
         const char *eq = strchr(key, '=');
         size_t keylen = eq ? (size_t)(eq - key) : strlen(key);
         const opt_t *o = find_opt(key, keylen);
         if (!o)
-            return cerr(err, errlen, KVS_EINVAL,
+            return kvs__errf(err, errlen, KVS_EINVAL,
                         "unknown option --%.*s (try --help)", (int)keylen,
                         key);
         const char *val;
@@ -438,7 +430,7 @@ int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
             val = "yes"; /* a bare boolean flag turns it on */
         } else {
             if (i + 1 >= argc)
-                return cerr(err, errlen, KVS_EINVAL, "--%s needs a value",
+                return kvs__errf(err, errlen, KVS_EINVAL, "--%s needs a value",
                             o->name);
             val = argv[++i];
         }

@@ -7,6 +7,8 @@
 
 #include "kvs_decoder.h"
 
+#include "common/kvs_errf.h"
+
 #include <stdarg.h>
 
 struct kvs_model_s {
@@ -31,7 +33,7 @@ struct kvs_model_s {
 };
 
 /* snprintf into errbuf when it is not NULL. */
-void kvs__dec_fmt(char *errbuf, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+#define kvs__dec_fmt(errbuf, errlen, ...)                                      \
+    ((void)kvs__errf((errbuf), (errlen), 0, __VA_ARGS__))
 
 #endif /* KVS_DECODER_INTERNAL_H */

@@ -28,14 +28,6 @@
 /* llama2.c export.py "version 1+" files start with this magic ("ak42"). */
 #define LLAMA2C_MAGIC 0x616b3432
 
-void kvs__dec_fmt(char *errbuf, size_t errlen, const char *fmt, ...) {
-    if (!errbuf || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(errbuf, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* a * b + c into *out, false on uint64 overflow. */
 static bool mul_add(uint64_t a, uint64_t b, uint64_t c, uint64_t *out) {
