@@ -12,6 +12,7 @@
  * Messages become C API values only through proto/kvs_wire.h, the same
  * conversion the client uses.
  */
+#include "kernels/kvs_kernels.h"
 #include "kvs_wire.h"
 #include "server_int.h"
 
@@ -57,32 +58,6 @@ static pthread_rwlock_t *seq_lock(kvs_server_t *srv, uint64_t seq) {
     return &srv->seq_locks[h >> 58];
 }
 
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: renormalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            man &= 0x3ff;
-            bits = sign | (exp << 23) | (man << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* Queries as fp32 [n][head_dim]: borrowed from the message when already
  * fp32 (malloc'ed by protobuf-c, so aligned), converted otherwise. */
 static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
@@ -107,16 +82,8 @@ static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
     float *f = malloc(n * sizeof(float));
     if (!f)
         return fail(c, KVS_ENOMEM, "out of memory converting queries");
-    const uint8_t *p = q->data;
-    for (size_t i = 0; i < n; i++) {
-        uint16_t h = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8));
-        if (dt == KVS_DTYPE_BF16) {
-            uint32_t bits = (uint32_t)h << 16;
-            memcpy(&f[i], &bits, 4);
-        } else {
-            f[i] = f16_to_f32(h);
-        }
-    }
+    /* The wire is little-endian, as every host kvstored builds for. */
+    kvs_to_f32(dt, q->data, f, n);
     *out = f;
     *owned = f;
     return 0;

@@ -12,6 +12,7 @@
  * before the daemon allocates it.
  */
 #include "daemon.h"
+#include "kernels/kvs_kernels.h"
 #include "kvstore.h"
 
 #include <math.h>
@@ -332,6 +333,56 @@ static void test_wire_rpc_unknown_enums(void **state) {
     close(fd);
 }
 
+/* Queries sent as f16 and bf16 (the daemon widens them with the kernels'
+ * conversion) answer as the same queries rounded to that type and sent as
+ * f32. */
+static void test_wire_rpc_half_queries(void **state) {
+    (void)state;
+    const kvs_dtype_t types[] = {KVS_DTYPE_F16, KVS_DTYPE_BF16};
+    const Kvs__V1__DType wire[] = {KVS__V1__DTYPE__DTYPE_F16,
+                                   KVS__V1__DTYPE__DTYPE_BF16};
+    for (int t = 0; t < 2; t++) {
+        uint16_t half[QH * HD];
+        float rounded[QH * HD];
+        kvs_from_f32(types[t], Q, half, QH * HD);
+        kvs_to_f32(types[t], half, rounded, QH * HD);
+        float want[QH * HD];
+        kvs_query_params_t p;
+        memset(&p, 0, sizeof(p));
+        p.mode = KVS_MODE_EXACT;
+        assert_int_equal(
+            kvs_client_seq_attend(C, 1, 0, rounded, QH * HD, &p, want, NULL),
+            0);
+
+        int fd = td_raw_connect(D.port, false);
+        assert_true(fd >= 0);
+        Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
+        Kvs__V1__AttendRequest at = KVS__V1__ATTEND_REQUEST__INIT;
+        Kvs__V1__QueryParams qp = KVS__V1__QUERY_PARAMS__INIT;
+        at.seq = 1;
+        at.queries.data = (uint8_t *)half;
+        at.queries.len = sizeof(half);
+        at.query_dtype = wire[t];
+        at.params = &qp;
+        qp.mode = KVS__V1__MODE__MODE_EXACT;
+        req.op_case = KVS__V1__REQUEST__OP_ATTEND;
+        req.attend = &at;
+        assert_int_equal(td_send_request(fd, 7, KVS_PROTOCOL_VERSION, &req),
+                         0);
+        kvs_frame_header_t h;
+        Kvs__V1__Response *r = NULL;
+        assert_int_equal(td_read_response(fd, 10000, &h, &r), 0);
+        assert_int_equal(r->status, 0);
+        assert_non_null(r->attend);
+        assert_int_equal(r->attend->output.len, sizeof(want));
+        const float *got = (const float *)(const void *)r->attend->output.data;
+        for (int i = 0; i < QH * HD; i++)
+            assert_float_equal(got[i], want[i], 1e-6);
+        kvs__v1__response__free_unpacked(r, NULL);
+        close(fd);
+    }
+}
+
 /* The reply of a search is k x n_q_heads x (8-byte position + 4-byte
  * score): one over max_frame_bytes is refused before anything is sized by
  * k, also on a layer shorter than k (the size does not depend on it). */
@@ -484,6 +535,7 @@ int main(void) {
         cmocka_unit_test(test_wire_rpc_zero_params_default),
         cmocka_unit_test(test_wire_rpc_search_modes),
         cmocka_unit_test(test_wire_rpc_unknown_enums),
+        cmocka_unit_test(test_wire_rpc_half_queries),
         cmocka_unit_test(test_wire_rpc_search_reply_too_big),
         cmocka_unit_test(test_wire_rpc_zero_client_options),
         cmocka_unit_test(test_wire_rpc_store_defaults),
