@@ -6,7 +6,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build demo test asan tsan bench clean
+.PHONY: all deps build demo test lint asan tsan bench clean
 
 all: build
 
@@ -20,10 +20,14 @@ build: deps
 demo: build
 	@bash scripts/demo-main.sh $(BUILD)
 
-test: build
+test: build lint
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 300
 	@$(MAKE) --no-print-directory asan
 	@$(MAKE) --no-print-directory tsan
+
+# The layer rules of DESIGN.md on the sources (scripts/check-layers.py).
+lint: deps
+	@python3 scripts/check-layers.py
 
 # Sanitizer builds run the unit tests again (ASan+UBSan in one build, TSan in another).
 asan: deps

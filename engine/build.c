@@ -7,7 +7,7 @@
  * publish the segment under the write lock. One build per head is in
  * flight at a time, so segments stay in position order.
  */
-#include "engine/engine_int.h"
+#include "engine_int.h"
 
 #include <assert.h>
 #include <pthread.h>

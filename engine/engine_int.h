@@ -19,11 +19,11 @@
 
 #include "kvstore.h"
 
-#include "engine/gpu.h"
-#include "engine/persist.h"
-#include "engine/pool.h"
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "gpu_int.h"
+#include "persist_int.h"
+#include "pool_int.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -128,7 +128,7 @@ typedef struct layer_s {
     /* Rows reserved by an append whose storage write is in flight (the
      * rwlock is released meanwhile): a shrink must keep room for them. */
     uint64_t appending;
-    /* GPU mirror of the index (engine/gpu.h), NULL until a GPU attend;
+    /* GPU mirror of the index (engine/gpu_int.h), NULL until a GPU attend;
      * freed under the write lock (eviction, drop, free). */
     kvs__gpu_layer_t *_Atomic gpu;
 } layer_t;

@@ -1,10 +1,10 @@
 /*
- * gpu.c: the engine's GPU attend path (gpu.h): layer mirrors kept in step
+ * gpu.c: the engine's GPU attend path (gpu_int.h): layer mirrors kept in step
  * with the CPU wave index, and the decode step through the wave buffer.
  * Built where the CUDA parts are (buffer/, kernels/cuda/); gpu_none.c
  * stands in for it elsewhere.
  */
-#include "gpu.h"
+#include "gpu_int.h"
 
 #include "kvs_buffer.h"
 

@@ -1,9 +1,9 @@
 /*
- * gpu_none.c: the engine's GPU path (gpu.h) in a build without CUDA: the
+ * gpu_none.c: the engine's GPU path (gpu_int.h) in a build without CUDA: the
  * store is told why there is no GPU and every call runs on the CPU. CMake
  * builds this file instead of gpu.c where the CUDA parts are not built.
  */
-#include "gpu.h"
+#include "gpu_int.h"
 
 #include <stdio.h>
 #include <string.h>

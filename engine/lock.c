@@ -9,7 +9,7 @@
  * With NDEBUG the wrappers are the bare pthread calls (engine_int.h) and
  * this file compiles to nothing.
  */
-#include "engine/engine_int.h"
+#include "engine_int.h"
 
 #ifndef NDEBUG
 

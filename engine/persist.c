@@ -1,5 +1,5 @@
 /*
- * persist.c: the RocksDB store of a data directory (see persist.h for the
+ * persist.c: the RocksDB store of a data directory (see persist_int.h for the
  * layout). RocksDB is reached through its C API only; every errptr it
  * returns is turned into a KVS_E* code and a message here.
  *
@@ -8,7 +8,7 @@
  * WAL (FlushWAL(sync)) covers every batch written before it (see
  * write_durable).
  */
-#include "engine/persist.h"
+#include "persist_int.h"
 
 #include <dirent.h>
 #include <errno.h>

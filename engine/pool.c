@@ -1,9 +1,9 @@
 /*
- * pool.c: the parallel-for worker pool of the engine (see pool.h).
+ * pool.c: the parallel-for worker pool of the engine (see pool_int.h).
  * Jobs wait in a FIFO list; a worker takes task indices from the job at the
  * head with an atomic counter, and the last finisher wakes the submitter.
  */
-#include "engine/pool.h"
+#include "pool_int.h"
 
 #include "kvs_common.h"
 

@@ -6,7 +6,7 @@
  * attend take the layer's read lock for the whole call and fan the KV
  * heads out over the worker pool; each thread keeps its own scratch.
  */
-#include "engine/engine_int.h"
+#include "engine_int.h"
 
 #include <assert.h>
 #include <math.h>

@@ -6,7 +6,7 @@
  * A layer's `resident` flag, read under its lock, says whether its rows are
  * in memory; kvs__layer_lock() takes the lock with the rows there.
  */
-#include "engine/engine_int.h"
+#include "engine_int.h"
 
 #include <assert.h>
 #include <malloc.h>

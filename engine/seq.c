@@ -8,7 +8,7 @@
  * counted: a drop unlinks the sequence at once and frees it when the last
  * running call or build job lets go.
  */
-#include "engine/engine_int.h"
+#include "engine_int.h"
 
 #include <assert.h>
 #include <pthread.h>

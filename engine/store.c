@@ -8,7 +8,7 @@
  * (build.c) and the housekeeping thread (seq.c: TTL expiry, the memory
  * budget); a close stops them before it frees any sequence.
  */
-#include "engine/engine_int.h"
+#include "engine_int.h"
 
 #include <cblas.h> /* openblas_set_num_threads */
 #include <math.h>

@@ -13,8 +13,8 @@
  * query wants are the ones that stick out in its direction; clipping would
  * flatten exactly those.
  */
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -21,12 +21,12 @@
  * with plain malloc() and release it the same way. docs/index.md has the
  * details.
  */
-#include "index/kvs_index.h"
+#include "kvs_index.h"
 
-#include "common/kvs_errf.h"
-#include "common/kvs_rng.h"
+#include "kvs_errf.h"
+#include "kvs_rng.h"
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 
 #include <cblas.h>
 #ifdef __SSE2__

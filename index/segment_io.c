@@ -19,7 +19,7 @@
  * damaged record is an error, never an out-of-bounds read. Integrity of the
  * bytes themselves is the storage layer's checksum.
  */
-#include "index/kvs_index.h"
+#include "kvs_index.h"
 
 #include <math.h>
 #include <stdio.h>

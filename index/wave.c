@@ -18,8 +18,8 @@
  * members, a chunk of the tail), scored by kvs_dot_rows into one scratch
  * matrix so that each zone needs one softmax pass.
  */
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 
 #include <assert.h>
 #include <math.h>

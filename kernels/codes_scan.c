@@ -5,7 +5,7 @@
  * of the AVX2 versions in codes_scan_avx2.c. Kept apart from kernels.c so
  * that the scan kernels build and dispatch on their own.
  */
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 
 #include <pthread.h>
 #include <stdlib.h>

@@ -5,7 +5,7 @@
  * accumulators, so the sums are ordered differently from the scalar loop
  * (results agree to float rounding, not bit for bit).
  */
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 
 #include <immintrin.h>
 

@@ -3,7 +3,7 @@
  * and the AVX2 versions in kernels_avx2.c. The scalar code is the reference
  * the AVX2 code is tested against, so it favours plain loops over speed.
  */
-#include "kernels_impl.h"
+#include "kernels_int.h"
 
 #include <math.h>
 #include <pthread.h>

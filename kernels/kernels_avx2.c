@@ -8,7 +8,7 @@
  * value row once for all queries of the group, since decode attention is
  * bound by memory traffic, not arithmetic.
  */
-#include "kernels_impl.h"
+#include "kernels_int.h"
 
 #include <immintrin.h>
 #include <math.h>

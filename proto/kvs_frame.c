@@ -10,7 +10,7 @@
 #include "kvs_frame.h"
 #include "kvs_wire.h"
 
-#include "common/kvs_errf.h"
+#include "kvs_errf.h"
 
 #include <assert.h>
 #include <stdarg.h>

@@ -6,7 +6,7 @@
 set -eu
 
 packages=(
-    build-essential cmake pkg-config git
+    build-essential cmake pkg-config git python3
     libfaiss-dev libopenblas-dev
     librocksdb-dev
     libuv1-dev

@@ -8,7 +8,7 @@
  */
 #include "kvs_server.h"
 
-#include "common/kvs_errf.h"
+#include "kvs_errf.h"
 
 #include <ctype.h>
 #include <errno.h>

@@ -12,7 +12,7 @@
  * Messages become C API values only through proto/kvs_wire.h, the same
  * conversion the client uses.
  */
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvs_wire.h"
 #include "server_int.h"
 

@@ -30,7 +30,7 @@
  * Writes the BENCH.md result format (bench "engine_gpu").
  */
 #include "kvstore.h"
-#include "tests/gpu/kv_synth.h"
+#include "kv_synth.h"
 
 #include <math.h>
 #include <stdio.h>

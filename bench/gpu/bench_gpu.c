@@ -44,7 +44,7 @@
  * KVS_CUDA_SEL_THREADS (256|512): the launch variants of
  * kvs_cuda_wave_params_t (kernels/cuda/kvs_cuda.h), read here.
  */
-#include "common/kvs_rng.h"
+#include "kvs_rng.h"
 #include "kvs_buffer.h"
 #include "kvs_cuda.h"
 #include "synth.cuh"

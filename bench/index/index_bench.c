@@ -18,8 +18,8 @@
  * Prints one JSON object (BENCH.md format, without command/machine/date,
  * which run.sh adds) to --json or stdout.
  */
-#include "common/kvs_rng.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_rng.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 #include <cblas.h>

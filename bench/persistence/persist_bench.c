@@ -14,7 +14,7 @@
  *
  *   persist_bench [--quick] [--tokens N] [--dir DIR] [--json FILE]
  */
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 #include <pthread.h>

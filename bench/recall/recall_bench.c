@@ -55,8 +55,8 @@
  * BENCH.md format without command/machine/date, which run.sh adds) and
  * prints a one-line summary per context on stderr.
  */
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 #include <faiss/c_api/AutoTune_c.h>

@@ -15,7 +15,7 @@ NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
 CC=${CC:-cc}
 GENCODE=${GENCODE:--gencode=arch=compute_90a,code=sm_90a}
-INC="-I. -Iinclude -Ikernels/cuda -Ibuffer -Ibench/gpu"
+INC="-Iinclude -Icommon -Ikernels/cuda -Ibuffer -Ibench/gpu"
 NVFLAGS="-std=c++17 -O3 $GENCODE $INC -lineinfo -Xcompiler=-Wall,-Wextra ${NVFLAGS_EXTRA:-}"
 CFLAGS="-std=c11 -O2 -g -Wall -Wextra -Werror -D_GNU_SOURCE $INC -I$CUDA_HOME/include"
 mkdir -p "$B/obj"

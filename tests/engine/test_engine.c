@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 #ifdef KVS_SANITIZER_RUN

@@ -5,7 +5,7 @@
  * it, aborts (checked in a forked child). Debug builds only: with NDEBUG
  * the check is compiled out and these tests skip.
  */
-#include "engine/engine_int.h"
+#include "engine_int.h"
 
 #include <setjmp.h>
 #include <signal.h>

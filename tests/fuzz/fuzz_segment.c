@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "index/kvs_index.h"
+#include "kvs_index.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     kvs_segment_t *seg = NULL;

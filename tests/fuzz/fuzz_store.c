@@ -30,7 +30,7 @@
 #include <unistd.h>
 
 #include "fuzz_store.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 enum { KVH = 2, QH = 4, D = 16, SEG = 256, N_LAYERS = 2, N_SEQS = 3 };

@@ -12,7 +12,7 @@
 #ifndef KVS_TESTS_GPU_KV_SYNTH_H
 #define KVS_TESTS_GPU_KV_SYNTH_H
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvs_common.h"
 
 #include <math.h>

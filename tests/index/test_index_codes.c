@@ -20,8 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 
 static uint64_t rng_state;
 

@@ -31,9 +31,9 @@
 #include <faiss/c_api/error_c.h>
 #include <faiss/c_api/index_factory_c.h>
 
-#include "common/kvs_rng.h"
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_rng.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 
 /* ---- data -------------------------------------------------------------- */
 

@@ -10,8 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/kvs_rng.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_rng.h"
+#include "kvs_kernels.h"
 
 static kvs_rng_t rng = {88172645463325252ull};
 static double urand(void) { return kvs_rng_uniform(&rng); }

@@ -26,7 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 #ifndef CRASH_ROUNDS

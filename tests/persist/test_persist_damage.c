@@ -33,7 +33,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 enum { KVH = 2, QH = 4, D = 16, SEG = 256, N_LAYERS = 2 };

@@ -12,7 +12,7 @@
  * before the daemon allocates it.
  */
 #include "daemon.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 #include <math.h>

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 enum { KVH = 2, QH = 4, D = 16, SEG = 256, SEQS = 6, APPENDERS = 2 };

@@ -17,8 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 
 enum { D = 8, CL = 16, PER = 8 }; /* clusters per segment, members each */
 

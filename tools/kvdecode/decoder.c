@@ -12,8 +12,8 @@
  * mode is the reference that store-exact is tested against, so the two must
  * not share the code under test, and the reference should be the more exact.
  */
-#include "decoder_internal.h"
-#include "kernels/kvs_kernels.h"
+#include "decoder_int.h"
+#include "kvs_kernels.h"
 
 #include <cblas.h>
 #include <math.h>

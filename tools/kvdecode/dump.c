@@ -7,8 +7,8 @@
  * scattered to its place with pwrite rather than buffered whole (a 64K-token
  * dump of tinycode128 is 1.5 GB in fp32).
  */
-#include "decoder_internal.h"
-#include "kernels/kvs_kernels.h"
+#include "decoder_int.h"
+#include "kvs_kernels.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -12,7 +12,7 @@
  * RMSNorm weights, w1, w2, w3, final RMSNorm weights, freq_cis_real and
  * freq_cis_imag ([seq_len][head_dim/2] each), and the optional classifier.
  */
-#include "decoder_internal.h"
+#include "decoder_int.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -13,8 +13,8 @@
  *
  *   kvdemo [--tokens N] [--queries N] [--threads N] [--dtype f32|f16|bf16]
  */
-#include "common/kvs_rng.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_rng.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 
 #include <math.h>

@@ -5,7 +5,7 @@
 #ifndef KVS_KERNELS_IMPL_H
 #define KVS_KERNELS_IMPL_H
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 
 typedef struct kvs__kernel_table_s {
     const char *isa;

@@ -1,5 +1,5 @@
 /*
- * persist.h: private to engine/. The RocksDB store under a data directory.
+ * persist_int.h: private to engine/. The RocksDB store under a data directory.
  *
  * Column families (keys big-endian so that iteration is in id/position
  * order):
@@ -15,7 +15,7 @@
 #ifndef KVS_ENGINE_PERSIST_H
 #define KVS_ENGINE_PERSIST_H
 
-#include "index/kvs_index.h"
+#include "kvs_index.h"
 #include "kvstore.h"
 
 typedef struct kvs__db_s kvs__db_t;

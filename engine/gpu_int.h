@@ -1,5 +1,5 @@
 /*
- * gpu.h: the engine's GPU attend path (engine-internal).
+ * gpu_int.h: the engine's GPU attend path (engine-internal).
  *
  * A store opened with a CUDA device keeps, per (sequence, layer) that is
  * attended in wave mode, a *mirror* of its wave index in a wave buffer
@@ -21,7 +21,7 @@
 #ifndef KVS_ENGINE_GPU_H
 #define KVS_ENGINE_GPU_H
 
-#include "index/kvs_index.h"
+#include "kvs_index.h"
 #include "kvstore.h"
 
 #include <stddef.h>

@@ -1,5 +1,5 @@
 /*
- * pool.h: private to engine/. A fixed set of worker threads that run
+ * pool_int.h: private to engine/. A fixed set of worker threads that run
  * parallel-for jobs. Any number of threads may submit jobs at once; the
  * submitting thread works on its own job too, so a job always makes
  * progress even when every worker is busy with other callers' jobs.

@@ -2,12 +2,12 @@
  * decoder_internal.h: what the decoder's files share and nobody else sees:
  * the model's weight pointers into the mapped checkpoint.
  */
-#ifndef KVS_DECODER_INTERNAL_H
-#define KVS_DECODER_INTERNAL_H
+#ifndef KVS_DECODER_INT_H
+#define KVS_DECODER_INT_H
 
 #include "kvs_decoder.h"
 
-#include "common/kvs_errf.h"
+#include "kvs_errf.h"
 
 #include <stdarg.h>
 
@@ -36,4 +36,4 @@ struct kvs_model_s {
 #define kvs__dec_fmt(errbuf, errlen, ...)                                      \
     ((void)kvs__errf((errbuf), (errlen), 0, __VA_ARGS__))
 
-#endif /* KVS_DECODER_INTERNAL_H */
+#endif /* KVS_DECODER_INT_H */
