@@ -9,7 +9,8 @@
 #    with --quick; KVS_KVTUNE_DUMP=FILE reuses (or keeps) a dump instead;
 # 3. runs kvtune on it, which writes the profile (bench/kvtune/kvtune.profile,
 #    a temporary file with --quick), its plot and OUT_JSON. Full run: every
-#    layer, 16 decode queries per head, the whole sweep. --quick: 2 layers,
+#    layer, 8 decode queries per head, the whole sweep (tens of minutes on
+#    2 shared cores). --quick: 2 layers,
 #    8 queries, the coarse sweep (well under a minute on 2 cores). Later
 #    options win (e.g. --layers 2 --queries 8).
 set -euo pipefail
@@ -39,7 +40,7 @@ trap 'rm -rf "$tmp"' EXIT
 if [ $quick = 1 ]; then
     ctx=2048 args=(--quick --layers 2 --queries 8 --profile "$tmp/kvtune.profile" --plot none)
 else
-    ctx=32768 args=(--queries 16 --profile bench/kvtune/kvtune.profile
+    ctx=32768 args=(--queries 8 --profile bench/kvtune/kvtune.profile
                     --plot bench/kvtune/kvtune.png)
 fi
 
