@@ -5,11 +5,18 @@
  *
  * The sample is a `kvdecode --dump` file. Every point of the sweep (segment
  * size, cluster size, ranking and its code ratio, fixed budget fractions or
- * bounded epsilon) is measured as a decode step sees it, the way
- * bench/recall does: the prefill is positions 0 .. P-1 (P = T - N for a
- * dump of T tokens and N decode queries), cut into the segments a store
- * with that segment size has built by then (the rest is its tail), and the
- * decode query at t sees every key 0 .. t-1, its own recent keys exactly.
+ * bounded epsilon) is measured as a decode step sees it: the query at
+ * position t sees every key 0 .. t-1, of which a store with segment size S
+ * has indexed the first floor(t / S) x S (segments of exactly S, cut from
+ * position 0, built with the store's parameters and seeds) and attends the
+ * rest, its tail, exactly. In a causal model the query at t is the same
+ * whether t was prefilled or decoded, so the N queries are taken at
+ * positions spread over the last `span` positions of the sample (span =
+ * the largest segment size, at most half the sample) by a golden-ratio
+ * sequence: the tail at the queries then covers the segment cycle for
+ * every S, as it does over a long decode, instead of sitting wherever the
+ * sample happens to end (at 32K - 8 every power-of-two S has its tail
+ * nearly full, the worst phase).
  * Per (layer, query head, query) pair it records
  *   - recall@100 of the index's search against the exact top-100 by q.k,
  *     the full keys it read and every byte it read (kvs_zone_stats_t), over
@@ -253,7 +260,8 @@ static int same_search(const point_t *a, const point_t *b) {
 /* ---- measuring ----------------------------------------------------------- */
 
 typedef struct head_data_s {
-    uint32_t d, G, nq, P, ctx;
+    uint32_t d, G, nq, ctx;
+    const uint32_t *pos;      /* [nq] query positions */
     const float *keys, *vals; /* [ctx][d] */
     const float *q;           /* [nq][G][d] */
     const int64_t *truth;     /* [nq][G][TOPK] */
@@ -323,8 +331,10 @@ static void measure_build(const head_data_t *h, kvs_segment_t **segs,
                                           : KVS_RANK_DEFAULT;
         rp.code_ratio = p->code_ratio;
         for (uint32_t i = 0; i < h->nq; i++) {
-            uint32_t t = h->P + i;
-            kvs_head_view_t v = make_view(h, segs, nseg, seg_tokens, t, o);
+            uint32_t t = h->pos[i];
+            /* The segments the store has by position t: a prefix. */
+            uint32_t ns = t / seg_tokens < nseg ? t / seg_tokens : nseg;
+            kvs_head_view_t v = make_view(h, segs, ns, seg_tokens, t, o);
             const float *q = h->q + (size_t)i * G * d;
             for (uint32_t j = 0; j < G; j++) {
                 size_t pair = pair0 + (size_t)j * h->nq + i;
@@ -683,7 +693,9 @@ int main(int argc, char **argv) {
     const uint32_t ctx = dp.n_tokens, nq = c.queries;
     if (nq >= ctx || G > KVS_KERNEL_MAX_Q)
         die("sample too small: %u tokens for %u decode queries", ctx, nq);
-    const uint32_t P = ctx - nq;
+    /* The query positions (see the top of the file). */
+    if (nq * 4 > ctx)
+        die("sample too small: %u tokens for %u queries", ctx, nq);
     const uint32_t steady = o.sink_tokens + o.window_tokens;
     if (!seg_given) {
         static const uint32_t full[] = {2048, 4096, 8192, 16384};
@@ -692,13 +704,13 @@ int main(int argc, char **argv) {
         uint32_t n = c.quick ? 2 : 4;
         c.n_seg = 0;
         for (uint32_t i = 0; i < n; i++)
-            if (s[i] <= P)
+            if (s[i] <= ctx / 2)
                 c.seg[c.n_seg++] = s[i];
         /* A short sample: the largest power of two that leaves room for
          * the steady zone, so something is indexed at all. */
         if (!c.n_seg) {
             uint32_t x = 64;
-            while (x * 2 <= P)
+            while (x * 2 <= ctx / 2)
                 x *= 2;
             c.seg[c.n_seg++] = x;
         }
@@ -710,10 +722,20 @@ int main(int argc, char **argv) {
         memcpy(c.cl, c.quick ? quick : full, c.n_cl * sizeof(uint32_t));
     }
     for (uint32_t i = 0; i < c.n_seg; i++)
-        if (c.seg[i] <= steady || c.seg[i] > P)
-            die("segment size %u: must exceed sink + window (%u) and fit the "
-                "sample's prefill (%u tokens)",
-                c.seg[i], steady, P);
+        if (c.seg[i] <= steady || c.seg[i] > ctx / 2)
+            die("segment size %u: must exceed sink + window (%u) and be at "
+                "most half the sample (%u tokens)",
+                c.seg[i], steady, ctx);
+    uint32_t span = 0;
+    for (uint32_t i = 0; i < c.n_seg; i++)
+        span = c.seg[i] > span ? c.seg[i] : span;
+    if (span < nq)
+        span = nq;
+    uint32_t *qpos = xcalloc(nq, sizeof(uint32_t));
+    for (uint32_t i = 0; i < nq; i++) {
+        double f = fmod(0.6180339887498949 * i, 1.0);
+        qpos[i] = ctx - 1 - (uint32_t)(f * span);
+    }
     make_points(&c);
     const size_t n_pairs = (size_t)L * HQ * nq;
     for (uint32_t i = 0; i < n_pts; i++) {
@@ -726,14 +748,13 @@ int main(int argc, char **argv) {
     }
     fprintf(stderr,
             "kvtune: %s: %u layers (of %u), %u query / %u KV heads, d %u, "
-            "%u tokens, %u decode queries per head; %u segment x %u cluster "
-            "sizes, %u points\n",
-            c.dump, L, dp.n_layers, HQ, HKV, d, ctx, nq, c.n_seg, c.n_cl,
-            n_pts);
+            "%u tokens, %u queries per head over its last %u positions; %u "
+            "segment x %u cluster sizes, %u points\n",
+            c.dump, L, dp.n_layers, HQ, HKV, d, ctx, nq, span, c.n_seg,
+            c.n_cl, n_pts);
 
     float *keys = xcalloc((size_t)ctx * d, sizeof(float));
     float *vals = xcalloc((size_t)ctx * d, sizeof(float));
-    float *qrow = xcalloc((size_t)nq * d, sizeof(float));
     float *qg = xcalloc((size_t)nq * G * d, sizeof(float));
     float *ref = xcalloc((size_t)nq * G * d, sizeof(float));
     int64_t *truth = xcalloc((size_t)nq * G * TOPK, sizeof(int64_t));
@@ -750,20 +771,18 @@ int main(int argc, char **argv) {
         for (uint32_t g = 0; g < HKV; g++) {
             kvt_dump_rows(&dp, l, HQ + g, 0, ctx, keys);
             kvt_dump_rows(&dp, l, HQ + HKV + g, 0, ctx, vals);
-            for (uint32_t j = 0; j < G; j++) {
-                kvt_dump_rows(&dp, l, g * G + j, P, nq, qrow);
+            for (uint32_t j = 0; j < G; j++)
                 for (uint32_t i = 0; i < nq; i++)
-                    memcpy(qg + ((size_t)i * G + j) * d, qrow + (size_t)i * d,
-                           d * sizeof(float));
-            }
-            head_data_t h = {.d = d, .G = G, .nq = nq, .P = P, .ctx = ctx,
+                    kvt_dump_rows(&dp, l, g * G + j, qpos[i], 1,
+                                  qg + ((size_t)i * G + j) * d);
+            head_data_t h = {.d = d, .G = G, .nq = nq, .pos = qpos, .ctx = ctx,
                              .keys = keys, .vals = vals, .q = qg,
                              .truth = truth, .ref = ref};
             /* Ground truth over the exact view (everything in the tail):
              * the top-100 by q.k and attention in double; and the fp32
              * full attention a decoder would run, for time. */
             for (uint32_t i = 0; i < nq; i++) {
-                kvs_head_view_t v = make_view(&h, NULL, 0, 1, P + i, &o);
+                kvs_head_view_t v = make_view(&h, NULL, 0, 1, qpos[i], &o);
                 kvs_zone_params_t zx = {.exact = 1, .precise = 1,
                                         .scale = 1.0f / sqrtf((float)d)};
                 const float *q = qg + (size_t)i * G * d;
@@ -785,7 +804,9 @@ int main(int argc, char **argv) {
                 n_full++;
             }
             for (uint32_t si = 0; si < c.n_seg; si++) {
-                const uint32_t S = c.seg[si], nseg = P / S;
+                /* Every segment some query sees (the last query sits at
+                 * ctx - 1). */
+                const uint32_t S = c.seg[si], nseg = (ctx - 1) / S;
                 for (uint32_t ci = 0; ci < c.n_cl; ci++) {
                     const uint32_t cl = c.cl[ci];
                     kvs_segment_t **segs = xcalloc(nseg, sizeof *segs);
@@ -1040,12 +1061,12 @@ int main(int argc, char **argv) {
     free(pts);
     free(keys);
     free(vals);
-    free(qrow);
     free(qg);
     free(ref);
     free(truth);
     free(tsc);
     free(fout);
+    free(qpos);
     kvt_dump_close(&dp);
     return 0;
 }
