@@ -218,7 +218,7 @@ static void make_points(const cfg_t *c) {
      * such points cost the most to measure. */
     static const float rf_full[] = {0.003f, 0.006f, 0.01f, 0.018f,
                                     0.03f,  0.06f,  0.1f};
-    static const float rf_quick[] = {0.005f, 0.018f, 0.05f, 0.15f};
+    static const float rf_quick[] = {0.002f, 0.005f, 0.018f, 0.05f, 0.15f};
     static const float ef_full[] = {0.1f, 0.232f};
     static const float ef_quick[] = {0.232f};
     static const float eps_full[] = {0.1f, 0.05f, 0.02f, 0.01f, 0.005f};
@@ -229,7 +229,7 @@ static void make_points(const cfg_t *c) {
     const float *ef = c->quick ? ef_quick : ef_full;
     const float *eps = c->quick ? eps_quick : eps_full;
     const float *ratio = c->quick ? ratio_quick : ratio_full;
-    uint32_t nrf = c->quick ? 4 : 7, nef = c->quick ? 1 : 2,
+    uint32_t nrf = c->quick ? 5 : 7, nef = c->quick ? 1 : 2,
              neps = c->quick ? 2 : 5, nratio = c->quick ? 1 : 2;
     for (uint32_t s = 0; s < c->n_seg; s++)
         for (uint32_t k = 0; k < c->n_cl; k++) {
@@ -1009,6 +1009,8 @@ int main(int argc, char **argv) {
         snprintf(pngbuf, sizeof pngbuf, "%s.png", c.profile);
         png = pngbuf;
     }
+    /* The table first when both streams go to one file. */
+    fflush(stdout);
     if (strcmp(png, "none"))
         draw_plot(png, chosen);
 
