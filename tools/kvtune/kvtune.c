@@ -883,10 +883,14 @@ int main(int argc, char **argv) {
             (best95 < 0 || p->scan_med < pts[best95].scan_med))
             best95 = i;
         /* Closest when nothing meets the targets: highest recall, then
-         * lowest error. */
-        if (closest < 0 || p->recall_mean > pts[closest].recall_mean ||
-            (p->recall_mean == pts[closest].recall_mean &&
-             p->err_med < pts[closest].err_med))
+         * lowest error; lowest error when only an error was asked for. */
+        if (closest < 0)
+            closest = i;
+        else if (c.target_recall > 0
+                     ? (p->recall_mean > pts[closest].recall_mean ||
+                        (p->recall_mean == pts[closest].recall_mean &&
+                         p->err_med < pts[closest].err_med))
+                     : p->err_med < pts[closest].err_med)
             closest = i;
     }
     if (closest < 0)
