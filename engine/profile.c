@@ -27,8 +27,8 @@ typedef enum key_type_e { K_U32, K_FRAC, K_MODE, K_BUDGET, K_RANK } key_type_t;
 typedef struct key_s {
     const char *name;
     key_type_t type;
-    double lo, hi;  /* inclusive range for K_U32 and K_FRAC */
-    int lo_open;    /* K_FRAC: lo itself is refused */
+    double lo, hi; /* inclusive range for K_U32 and K_FRAC */
+    int lo_open;   /* K_FRAC: lo itself is refused */
 } pkey_t;
 
 /* Ranges are what a store can open with (engine/store.c's checks) and
@@ -54,8 +54,7 @@ static int fail(char *err, size_t errlen, const char *name, unsigned line,
     if (err && errlen) {
         int n = 0;
         if (line)
-            n = snprintf(err, errlen, "%s:%u: ", name ? name : "profile",
-                         line);
+            n = snprintf(err, errlen, "%s:%u: ", name ? name : "profile", line);
         else
             n = snprintf(err, errlen, "%s: ", name ? name : "profile");
         if (n < 0)
@@ -101,7 +100,9 @@ static int parse_frac(const char *s, const pkey_t *k, float *out) {
     return 0;
 }
 
-static int word_is(const char *s, const char *w) { return !strcmp(s, w); }
+static int word_is(const char *s, const char *w) {
+    return !strcmp(s, w);
+}
 
 /* One `key value` pair onto *o. 0, or a message in err. */
 static int apply(kvs_options_t *o, const pkey_t *k, const char *v,
@@ -191,9 +192,8 @@ static int apply(kvs_options_t *o, const pkey_t *k, const char *v,
     return fail(err, errlen, name, line, "internal: bad key type");
 }
 
-int kvs__profile_parse(kvs_options_t *opts, const char *name,
-                       const char *text, size_t len, char *err,
-                       size_t errlen) {
+int kvs__profile_parse(kvs_options_t *opts, const char *name, const char *text,
+                       size_t len, char *err, size_t errlen) {
     if (err && errlen)
         err[0] = '\0';
     if (!opts || (!text && len))
@@ -202,8 +202,9 @@ int kvs__profile_parse(kvs_options_t *opts, const char *name,
         return fail(err, errlen, name, 0, "larger than %u bytes",
                     PROFILE_MAX_BYTES);
     if (memchr(text, '\0', len))
-        return fail(err, errlen, name, 0, "contains a NUL byte: not a text "
-                                          "profile");
+        return fail(err, errlen, name, 0,
+                    "contains a NUL byte: not a text "
+                    "profile");
     kvs_options_t o = *opts;
     unsigned char seen[N_KEYS] = {0};
     int have_version = 0;
@@ -234,8 +235,8 @@ int kvs__profile_parse(kvs_options_t *opts, const char *name,
         if (!val)
             return fail(err, errlen, name, line, "'%s' has no value", key);
         if (extra)
-            return fail(err, errlen, name, line,
-                        "'%s' has more than one value", key);
+            return fail(err, errlen, name, line, "'%s' has more than one value",
+                        key);
         if (!have_version) {
             if (strcmp(key, "kvs_profile"))
                 return fail(err, errlen, name, line,
@@ -252,8 +253,7 @@ int kvs__profile_parse(kvs_options_t *opts, const char *name,
             continue;
         }
         if (!strcmp(key, "kvs_profile"))
-            return fail(err, errlen, name, line,
-                        "'kvs_profile' given twice");
+            return fail(err, errlen, name, line, "'kvs_profile' given twice");
         size_t i = 0;
         while (i < N_KEYS && strcmp(keys[i].name, key))
             i++;
@@ -267,8 +267,8 @@ int kvs__profile_parse(kvs_options_t *opts, const char *name,
             return rc;
     }
     if (!have_version)
-        return fail(err, errlen, name, 0,
-                    "empty: no 'kvs_profile %d' line", PROFILE_VERSION);
+        return fail(err, errlen, name, 0, "empty: no 'kvs_profile %d' line",
+                    PROFILE_VERSION);
     /* The same relations kvs_store_open checks, reported against the
      * profile so the message names what to change. */
     if (o.segment_tokens < o.cluster_tokens ||

@@ -14,8 +14,7 @@
  * left as it was; on failure `opts` is untouched and `err` names the line.
  * `name` (may be NULL) prefixes messages. Errors as
  * kvs_options_load_profile. */
-int kvs__profile_parse(kvs_options_t *opts, const char *name,
-                       const char *text, size_t len, char *err,
-                       size_t errlen);
+int kvs__profile_parse(kvs_options_t *opts, const char *name, const char *text,
+                       size_t len, char *err, size_t errlen);
 
 #endif /* KVS_ENGINE_PROFILE_H */

@@ -86,7 +86,8 @@ static void test_kvtune_end_to_end(void **state) {
         fprintf(stderr, "%s\n", errtxt ? errtxt : "");
     assert_int_equal(rc, 0);
     /* Plain progress lines when stderr is not a terminal. */
-    assert_non_null(strstr(errtxt, "kvtune: 8/8 layer 2/2 kv 2/2 seg 512 cl 16"));
+    assert_non_null(
+        strstr(errtxt, "kvtune: 8/8 layer 2/2 kv 2/2 seg 512 cl 16"));
     free(errtxt);
 
     /* The table: a front with the profile's point marked. */
@@ -100,8 +101,7 @@ static void test_kvtune_end_to_end(void **state) {
     unsigned n_front = 0;
     const char *p = strstr(out, "points, ");
     assert_non_null(p);
-    assert_int_equal(sscanf(p, "points, %u on the Pareto front", &n_front),
-                     1);
+    assert_int_equal(sscanf(p, "points, %u on the Pareto front", &n_front), 1);
     assert_true(n_front >= 1);
     free(out);
 

@@ -83,8 +83,8 @@ static void expect_bad(const char *text, const char *want) {
     char err[256];
     int rc = parse(&o, text, err, sizeof err);
     if (rc != KVS_EINVAL || !strstr(err, want))
-        fail_msg("profile <<%s>>: rc %d, message '%s' (wanted '%s')", text,
-                 rc, err, want);
+        fail_msg("profile <<%s>>: rc %d, message '%s' (wanted '%s')", text, rc,
+                 err, want);
     assert_opts_equal(&o, &before);
 }
 

@@ -182,8 +182,8 @@ static void progress(const cfg_t *c, uint32_t done, uint32_t total,
         if (done == total)
             fputc('\n', stderr);
     } else {
-        fprintf(stderr, "kvtune: %u/%u %s (%.0fs, ~%.0fs left)\n", done,
-                total, what, el, eta);
+        fprintf(stderr, "kvtune: %u/%u %s (%.0fs, ~%.0fs left)\n", done, total,
+                what, el, eta);
     }
     fflush(stderr);
 }
@@ -269,8 +269,8 @@ typedef struct head_data_s {
 } head_data_t;
 
 static kvs_head_view_t make_view(const head_data_t *h, kvs_segment_t **segs,
-                                 uint32_t nseg, uint32_t seg_tokens,
-                                 uint32_t t, const kvs_options_t *o) {
+                                 uint32_t nseg, uint32_t seg_tokens, uint32_t t,
+                                 const kvs_options_t *o) {
     uint64_t indexed = (uint64_t)nseg * seg_tokens;
     kvs_head_view_t v = {
         .dtype = KVS_DTYPE_F32,
@@ -341,13 +341,13 @@ static void measure_build(const head_data_t *h, kvs_segment_t **segs,
                 size_t k = (size_t)i * G + j;
                 if (!reuse) {
                     kvs_zone_stats_t zs = {0};
-                    int rc = kvs_head_search_group_ranked(
-                        &v, q + (size_t)j * d, 1, TOPK, &zp, &rp, scr, pos,
-                        sc, &zs);
+                    int rc = kvs_head_search_group_ranked(&v, q + (size_t)j * d,
+                                                          1, TOPK, &zp, &rp,
+                                                          scr, pos, sc, &zs);
                     if (rc)
                         die("search: %s", kvs_strerror(rc));
-                    prev_r[k] = (float)kvt_recall(
-                        h->truth + k * TOPK, pos, TOPK);
+                    prev_r[k] =
+                        (float)kvt_recall(h->truth + k * TOPK, pos, TOPK);
                     prev_s[k] = (float)((double)zs.keys_exact / t);
                     prev_b[k] = (float)((double)zs.bytes_read /
                                         ((double)t * d * sizeof(float)));
@@ -374,9 +374,9 @@ static void measure_build(const head_data_t *h, kvs_segment_t **segs,
                 }
                 p->err[pair] = (float)(n > 0 ? sqrt(e / n) : sqrt(e));
                 p->exact[pair] =
-                    as.keys_total ? (float)((double)as.keys_exact /
-                                            (double)as.keys_total)
-                                  : 1.0f;
+                    as.keys_total
+                        ? (float)((double)as.keys_exact / (double)as.keys_total)
+                        : 1.0f;
             }
         }
         prev = p;
@@ -438,7 +438,9 @@ static agg_t aggregate(const point_t *p, size_t n_pairs, const subset_t *s,
 
 /* The store ranks as KVS_RANK_DEFAULT and has no code-ratio option: only
  * those points can be written into a profile. */
-static int deployable(const point_t *p) { return p->rank == R_DEFAULT; }
+static int deployable(const point_t *p) {
+    return p->rank == R_DEFAULT;
+}
 
 static int meets(const cfg_t *c, double recall, double err) {
     if (c->target_recall > 0 && !(recall + 1e-9 >= c->target_recall))
@@ -459,13 +461,13 @@ static int dominates(const point_t *a, const point_t *b) {
 
 static void point_label(const point_t *p, char *buf, size_t len) {
     if (p->bounded)
-        snprintf(buf, len, "%6u %4u %-8s %5s bounded eps=%-6g ef=%-5g",
-                 p->seg, p->cl, rank_name[p->rank], "-", p->eps, p->ef);
+        snprintf(buf, len, "%6u %4u %-8s %5s bounded eps=%-6g ef=%-5g", p->seg,
+                 p->cl, rank_name[p->rank], "-", p->eps, p->ef);
     else if (p->rank == R_CODES)
         snprintf(buf, len, "%6u %4u %-8s %5g fixed   rf=%-6g ef=%-5g", p->seg,
-                 p->cl, rank_name[p->rank], p->code_ratio ? p->code_ratio
-                                                          : KVS_CODE_RATIO_DEFAULT,
-                 p->rf, p->ef);
+                 p->cl, rank_name[p->rank],
+                 p->code_ratio ? p->code_ratio : KVS_CODE_RATIO_DEFAULT, p->rf,
+                 p->ef);
     else
         snprintf(buf, len, "%6u %4u %-8s %5s fixed   rf=%-6g ef=%-5g", p->seg,
                  p->cl, rank_name[p->rank], "-", p->rf, p->ef);
@@ -474,15 +476,17 @@ static void point_label(const point_t *p, char *buf, size_t len) {
 static void print_row(FILE *f, const point_t *p, const char *mark) {
     char lab[128];
     point_label(p, lab, sizeof lab);
-    fprintf(f, "%s %s %7.4f %7.3f%% %7.3f%% %7.3f%% %8.5f %8.5f %7.3f%% %9.1f\n",
+    fprintf(f,
+            "%s %s %7.4f %7.3f%% %7.3f%% %7.3f%% %8.5f %8.5f %7.3f%% %9.1f\n",
             mark, lab, p->recall_mean, 100 * p->scan_med, 100 * p->scan_p90,
             100 * p->bytes_med, p->err_med, p->err_p90, 100 * p->exact_med,
             p->time_us);
 }
 
 static void print_header(FILE *f) {
-    fprintf(f, "  %6s %4s %-8s %5s %-7s %-16s %7s %8s %8s %8s %8s %8s %8s "
-               "%9s\n",
+    fprintf(f,
+            "  %6s %4s %-8s %5s %-7s %-16s %7s %8s %8s %8s %8s %8s %8s "
+            "%9s\n",
             "seg", "cl", "rank", "ratio", "budget", "fractions", "recall",
             "keys", "keys90", "bytes", "relL2", "relL2_90", "exact",
             "attend_us");
@@ -639,15 +643,25 @@ int main(int argc, char **argv) {
     int ch;
     while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
         switch (ch) {
-        case 'd': c.dump = optarg; break;
-        case 'p': c.profile = optarg; break;
+        case 'd':
+            c.dump = optarg;
+            break;
+        case 'p':
+            c.profile = optarg;
+            break;
         case O_TR:
             c.target_recall = parse_num(optarg, "--target-recall");
             trecall_given = 1;
             break;
-        case O_TE: c.target_error = parse_num(optarg, "--target-error"); break;
-        case 'l': c.layers = (uint32_t)parse_num(optarg, "--layers"); break;
-        case 'q': c.queries = (uint32_t)parse_num(optarg, "--queries"); break;
+        case O_TE:
+            c.target_error = parse_num(optarg, "--target-error");
+            break;
+        case 'l':
+            c.layers = (uint32_t)parse_num(optarg, "--layers");
+            break;
+        case 'q':
+            c.queries = (uint32_t)parse_num(optarg, "--queries");
+            break;
         case O_SEG:
             if (parse_list(optarg, c.seg, &c.n_seg))
                 die("--segments: '%s' is not a list of sizes", optarg);
@@ -658,11 +672,21 @@ int main(int argc, char **argv) {
                 die("--clusters: '%s' is not a list of sizes", optarg);
             cl_given = 1;
             break;
-        case 'Q': c.quick = 1; break;
-        case O_PLOT: c.plot = optarg; break;
-        case O_JSON: c.json = optarg; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'Q':
+            c.quick = 1;
+            break;
+        case O_PLOT:
+            c.plot = optarg;
+            break;
+        case O_JSON:
+            c.json = optarg;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (!c.dump || optind != argc) {
@@ -686,8 +710,8 @@ int main(int argc, char **argv) {
     kvs_options_t o;
     kvs_options_default(&o);
     const uint32_t HQ = dp.n_q, HKV = dp.n_kv, d = dp.d, G = HQ / HKV;
-    const uint32_t L = c.layers && c.layers < dp.n_layers ? c.layers
-                                                          : dp.n_layers;
+    const uint32_t L =
+        c.layers && c.layers < dp.n_layers ? c.layers : dp.n_layers;
     if (!c.queries)
         c.queries = c.quick ? 8 : 16;
     const uint32_t ctx = dp.n_tokens, nq = c.queries;
@@ -750,8 +774,8 @@ int main(int argc, char **argv) {
             "kvtune: %s: %u layers (of %u), %u query / %u KV heads, d %u, "
             "%u tokens, %u queries per head over its last %u positions; %u "
             "segment x %u cluster sizes, %u points\n",
-            c.dump, L, dp.n_layers, HQ, HKV, d, ctx, nq, span, c.n_seg,
-            c.n_cl, n_pts);
+            c.dump, L, dp.n_layers, HQ, HKV, d, ctx, nq, span, c.n_seg, c.n_cl,
+            n_pts);
 
     float *keys = xcalloc((size_t)ctx * d, sizeof(float));
     float *vals = xcalloc((size_t)ctx * d, sizeof(float));
@@ -775,23 +799,28 @@ int main(int argc, char **argv) {
                 for (uint32_t i = 0; i < nq; i++)
                     kvt_dump_rows(&dp, l, g * G + j, qpos[i], 1,
                                   qg + ((size_t)i * G + j) * d);
-            head_data_t h = {.d = d, .G = G, .nq = nq, .pos = qpos, .ctx = ctx,
-                             .keys = keys, .vals = vals, .q = qg,
-                             .truth = truth, .ref = ref};
+            head_data_t h = {.d = d,
+                             .G = G,
+                             .nq = nq,
+                             .pos = qpos,
+                             .ctx = ctx,
+                             .keys = keys,
+                             .vals = vals,
+                             .q = qg,
+                             .truth = truth,
+                             .ref = ref};
             /* Ground truth over the exact view (everything in the tail):
              * the top-100 by q.k and attention in double; and the fp32
              * full attention a decoder would run, for time. */
             for (uint32_t i = 0; i < nq; i++) {
                 kvs_head_view_t v = make_view(&h, NULL, 0, 1, qpos[i], &o);
-                kvs_zone_params_t zx = {.exact = 1, .precise = 1,
-                                        .scale = 1.0f / sqrtf((float)d)};
+                kvs_zone_params_t zx = {
+                    .exact = 1, .precise = 1, .scale = 1.0f / sqrtf((float)d)};
                 const float *q = qg + (size_t)i * G * d;
                 for (uint32_t j = 0; j < G; j++)
-                    if ((rc = kvs_head_search(&v, q + (size_t)j * d, TOPK, &zx,
-                                              scr,
-                                              truth + ((size_t)i * G + j) *
-                                                          TOPK,
-                                              tsc, NULL)))
+                    if ((rc = kvs_head_search(
+                             &v, q + (size_t)j * d, TOPK, &zx, scr,
+                             truth + ((size_t)i * G + j) * TOPK, tsc, NULL)))
                         die("exact search: %s", kvs_strerror(rc));
                 if ((rc = kvs_head_attend(&v, q, G, &zx, scr,
                                           ref + (size_t)i * G * d, NULL)))
@@ -812,17 +841,16 @@ int main(int argc, char **argv) {
                     kvs_segment_t **segs = xcalloc(nseg, sizeof *segs);
                     /* What the store builds: its parameters and seeds
                      * (engine/build.c: 1234 + first position). */
-                    kvs_build_params_t bp = {cl, o.kmeans_iters,
-                                             o.sink_tokens, o.window_tokens,
-                                             0};
+                    kvs_build_params_t bp = {cl, o.kmeans_iters, o.sink_tokens,
+                                             o.window_tokens, 0};
                     for (uint32_t s = 0; s < nseg; s++) {
                         char err[160] = "";
                         bp.seed = 1234 + (uint64_t)s * S;
-                        if ((rc = kvs_segment_build(
-                                 &bp, KVS_DTYPE_F32, d, (uint64_t)s * S, S,
-                                 keys + (size_t)s * S * d,
-                                 vals + (size_t)s * S * d, &segs[s], err,
-                                 sizeof err)))
+                        if ((rc = kvs_segment_build(&bp, KVS_DTYPE_F32, d,
+                                                    (uint64_t)s * S, S,
+                                                    keys + (size_t)s * S * d,
+                                                    vals + (size_t)s * S * d,
+                                                    &segs[s], err, sizeof err)))
                             die("segment build: %s", err);
                     }
                     measure_build(&h, segs, nseg, S, cl, &o,

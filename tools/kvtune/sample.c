@@ -40,9 +40,9 @@ int kvt_dump_open(const char *path, kvt_dump_t *dp) {
     uint64_t esz = dtype == 0 ? 4 : 2;
     /* Every factor is bounded before the product, so it cannot wrap. */
     int ok = !memcmp(b, "KVSDUMP1", 8) && h[2] == 1 && h[3] == 64 &&
-             dtype <= 1 && n_layers && n_layers <= 4096 && n_kv &&
-             n_q && n_q <= 4096 && n_q % n_kv == 0 && d && d <= 4096 &&
-             n_tok && off >= 64 && off <= (uint64_t)st.st_size &&
+             dtype <= 1 && n_layers && n_layers <= 4096 && n_kv && n_q &&
+             n_q <= 4096 && n_q % n_kv == 0 && d && d <= 4096 && n_tok &&
+             off >= 64 && off <= (uint64_t)st.st_size &&
              off + (uint64_t)n_layers * (n_q + 2 * n_kv) * n_tok * d * esz ==
                  (uint64_t)st.st_size;
     if (!ok) {
