@@ -9,7 +9,7 @@
  * rather than skipped: a profile written for another build that silently
  * lost a key would run with settings nobody chose.
  */
-#include "profile.h"
+#include "kvstore.h"
 
 #include <errno.h>
 #include <math.h>
@@ -192,8 +192,9 @@ static int apply(kvs_options_t *o, const pkey_t *k, const char *v,
     return fail(err, errlen, name, line, "internal: bad key type");
 }
 
-int kvs__profile_parse(kvs_options_t *opts, const char *name, const char *text,
-                       size_t len, char *err, size_t errlen) {
+int kvs_options_parse_profile(kvs_options_t *opts, const char *name,
+                              const char *text, size_t len, char *err,
+                              size_t errlen) {
     if (err && errlen)
         err[0] = '\0';
     if (!opts || (!text && len))
@@ -310,7 +311,7 @@ int kvs_options_load_profile(kvs_options_t *opts, const char *path, char *err,
         fail(err, errlen, path, 0, "read error");
         goto err;
     }
-    rc = kvs__profile_parse(opts, path, text, n, err, errlen);
+    rc = kvs_options_parse_profile(opts, path, text, n, err, errlen);
 err:
     free(text);
     if (f)

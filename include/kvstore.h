@@ -439,6 +439,11 @@ int kvs_store_list(kvs_store_t *store, uint64_t *ids, size_t cap,
  */
 int kvs_options_load_profile(kvs_options_t *opts, const char *path, char *err,
                              size_t errlen);
+/* The same on `len` bytes of profile text in memory (need not be
+ * NUL-terminated); `name` (may be NULL) stands for the file in messages. */
+int kvs_options_parse_profile(kvs_options_t *opts, const char *name,
+                              const char *text, size_t len, char *err,
+                              size_t errlen);
 
 #ifdef __cplusplus
 }

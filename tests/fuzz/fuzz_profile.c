@@ -1,7 +1,7 @@
 /*
  * fuzz_profile.c: libFuzzer target for the tuning-profile parser
- * (kvs__profile_parse, engine/profile.c), which reads files that users and
- * kvtune write and kvstored loads at start. Whatever the bytes, the parser
+ * (kvs_options_parse_profile, engine/profile.c), which reads files that users
+ * and kvtune write and kvstored loads at start. Whatever the bytes, the parser
  * must return 0 or KVS_EINVAL with a NUL-terminated message, and a profile
  * it accepts must describe options a store accepts (checked against the
  * same relations kvs_store_open enforces). Replayed over
@@ -12,7 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/profile.h"
 #include "kvstore.h"
 
 /* The store's defaults (kvs_options_default), set here so that the target
@@ -37,8 +36,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     start_options(&o);
     char err[96];
     memset(err, 'x', sizeof err);
-    int rc = kvs__profile_parse(&o, "fuzz", (const char *)data, size, err,
-                                sizeof err);
+    int rc = kvs_options_parse_profile(&o, "fuzz", (const char *)data, size,
+                                       err, sizeof err);
     if (rc != 0 && rc != KVS_EINVAL)
         abort();
     if (!memchr(err, '\0', sizeof err))

@@ -13,7 +13,7 @@ secs=${1:-120}
 [ $# -gt 0 ] && shift
 mkdir -p "$out/corpus-profile"
 clang -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    -D_GNU_SOURCE -I"$root/include" -I"$root" \
+    -D_GNU_SOURCE -I"$root/include" \
     "$here/fuzz_profile.c" "$root/engine/profile.c" -lm -o "$out/fuzz_profile"
 exec "$out/fuzz_profile" -max_total_time="$secs" -max_len=4096 \
     -print_final_stats=1 "$@" "$out/corpus-profile" "$here/corpus/profile"

@@ -9,7 +9,6 @@
 
 #include <cmocka.h>
 
-#include "engine/profile.h"
 #include "kvstore.h"
 
 #include <stdio.h>
@@ -18,7 +17,7 @@
 #include <unistd.h>
 
 static int parse(kvs_options_t *o, const char *text, char *err, size_t n) {
-    return kvs__profile_parse(o, "p", text, strlen(text), err, n);
+    return kvs_options_parse_profile(o, "p", text, strlen(text), err, n);
 }
 
 /* Field by field (STYLE.md: never memcmp a struct). */
@@ -147,9 +146,9 @@ static void test_profile_parse_refuses_bad_profiles(void **state) {
     kvs_options_t o;
     kvs_options_default(&o);
     char err[128];
-    assert_int_equal(
-        kvs__profile_parse(&o, "p", "kvs_profile 1\0x", 16, err, sizeof err),
-        KVS_EINVAL);
+    assert_int_equal(kvs_options_parse_profile(&o, "p", "kvs_profile 1\0x", 16,
+                                               err, sizeof err),
+                     KVS_EINVAL);
     assert_non_null(strstr(err, "NUL"));
 }
 

@@ -34,8 +34,8 @@
  * per-layer and per-KV-head choices and the other rankings are reported,
  * not applied.
  */
-#include "index/kvs_index.h"
-#include "kernels/kvs_kernels.h"
+#include "kvs_index.h"
+#include "kvs_kernels.h"
 #include "kvstore.h"
 #include "sample.h"
 

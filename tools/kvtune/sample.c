@@ -3,7 +3,7 @@
  */
 #include "sample.h"
 
-#include "kernels/kvs_kernels.h"
+#include "kvs_kernels.h"
 #include "kvs_common.h"
 
 #include <errno.h>
