@@ -424,6 +424,27 @@ int kvs_store_compact(kvs_store_t *store);
 int kvs_store_list(kvs_store_t *store, uint64_t *ids, size_t cap,
                    size_t *n_out);
 
+/*
+ * Tuning profiles (docs/kvtune.md): apply the `key value` text file at
+ * `path`, written by tools/kvtune, onto `opts` (initialise it first, e.g.
+ * with kvs_options_default). It sets only the keys it lists, among
+ * segment_tokens, cluster_tokens, kmeans_iters, sink_tokens,
+ * window_tokens and defaults.{mode, budget, retrieval_fraction,
+ * estimation_fraction, epsilon}; all or nothing: on failure `opts` is
+ * unchanged. The first key must be `kvs_profile 1`; unknown keys, other
+ * versions, repeated keys, bad or out-of-range values are refused.
+ * `err` (may be NULL) receives a message naming the file and line.
+ * Errors: KVS_EINVAL (bad profile), -errno (cannot open), KVS_EIO,
+ * KVS_ENOMEM. Thread-safe (no shared state).
+ */
+int kvs_options_load_profile(kvs_options_t *opts, const char *path, char *err,
+                             size_t errlen);
+/* The same on `len` bytes of profile text in memory (need not be
+ * NUL-terminated); `name` (may be NULL) stands for the file in messages. */
+int kvs_options_parse_profile(kvs_options_t *opts, const char *name,
+                              const char *text, size_t len, char *err,
+                              size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -91,6 +91,9 @@ extern "C" {
       "engine keys per index segment; 0 = engine default")                    \
     X(cluster_tokens, U32, "0", 0, 1u << 16,                                   \
       "engine mean keys per cluster; 0 = engine default")                     \
+    X(profile, STR, "", 0, 0,                                                  \
+      "tuning profile from kvtune (docs/kvtune.md) applied to the engine "    \
+      "options; segment_tokens and cluster_tokens, when non-zero, win")       \
     X(max_frame_bytes, SIZE, "64M", 1024, 1u << 30,                            \
       "largest frame body accepted or sent")                                   \
     X(max_head_dim, U32, "256", 1, 1024, "largest head_dim of a sequence")     \

@@ -1651,6 +1651,21 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
 
     kvs_options_t o;
     kvs_options_default(&o);
+    /* The profile first: the explicit options below (segment_tokens,
+     * cluster_tokens when non-zero) win over it. */
+    if (cfg->profile[0]) {
+        char perr[256], q[300];
+        rc = kvs_options_load_profile(&o, cfg->profile, perr, sizeof perr);
+        if (rc) {
+            kvs__log(KVS__LOG_ERROR, "profile_failed", "status=%s msg=%s",
+                     kvs_err_name(rc), kvs__logq(q, sizeof(q), perr));
+            goto err;
+        }
+        kvs__log(KVS__LOG_INFO, "profile_loaded", "path=%s segment_tokens=%u "
+                 "cluster_tokens=%u retrieval_fraction=%g",
+                 cfg->profile, o.segment_tokens, o.cluster_tokens,
+                 (double)o.defaults.retrieval_fraction);
+    }
     o.log = store_log;
     o.data_dir = cfg->data_dir[0] ? cfg->data_dir : NULL;
     o.n_threads = cfg->engine_threads;

@@ -86,6 +86,9 @@ static void usage(FILE *f) {
         "  --cuda-device N     in-process store: wave attends (and index\n"
         "                      builds) on this CUDA device when usable\n"
         "                      (needs --kv-dtype f16|bf16); else the CPU\n"
+        "  --profile FILE      kvtune profile (docs/kvtune.md): index options "
+        "and\n"
+        "                      budget; flags after it override it\n"
         "output:\n"
         "  --logits-out FILE   logits of every position (bench/README.md)\n"
         "  --dump FILE         per-head q/k/v of the input positions "
@@ -228,6 +231,8 @@ enum {
     O_PRINTTOK, O_QUIET, O_CHUNK, O_THREADS, O_HELP, O_STORE, O_SEQID, O_KEEP,
     O_GENOUT, O_FOLLOW, O_CUDA
 };
+/* --profile, numbered apart from the list above. */
+enum { O_PROFILE = 1024 };
 
 /* ---- the kvstored backend: the decoder's store calls via libkvsclient -- */
 
@@ -297,6 +302,7 @@ int main(int argc, char **argv) {
         {"sink", 1, 0, O_SINK},           {"window", 1, 0, O_WIN},
         {"store-threads", 1, 0, O_STHR},  {"retrieval", 1, 0, O_RET},
         {"estimation", 1, 0, O_EST},      {"epsilon", 1, 0, O_EPS},
+        {"profile", 1, 0, O_PROFILE},
         {"wait-indexed", 0, 0, O_WAIT},   {"logits-out", 1, 0, O_LOGITS},
         {"dump", 1, 0, O_DUMP},           {"dump-dtype", 1, 0, O_DUMPDT},
         {"print-tokens", 0, 0, O_PRINTTOK}, {"quiet", 0, 0, O_QUIET},
@@ -347,6 +353,27 @@ int main(int argc, char **argv) {
             uint32_t dev = 0;
             bad |= parse_u32(optarg, "cuda-device", &dev);
             sopt.cuda_device = (int32_t)dev;
+            break;
+        }
+        case O_PROFILE: {
+            /* Applied where it stands, so later flags override it. The
+             * decoder passes explicit query params, so the profile's budget
+             * goes there too (the store's defaults alone would not reach
+             * its calls); the mode stays --attn's. */
+            char perr[256];
+            int prc =
+                kvs_options_load_profile(&sopt, optarg, perr, sizeof perr);
+            if (prc) {
+                fprintf(stderr, "kvdecode: --profile: %s\n", perr);
+                bad = 1;
+                break;
+            }
+            index_opts = true;
+            dopt.query.budget = sopt.defaults.budget;
+            dopt.query.retrieval_fraction = sopt.defaults.retrieval_fraction;
+            dopt.query.estimation_fraction =
+                sopt.defaults.estimation_fraction;
+            dopt.query.epsilon = sopt.defaults.epsilon;
             break;
         }
         case O_TEMP: bad |= parse_f(optarg, "temp", &temp); break;
