@@ -8,6 +8,7 @@ library rebuilt with the same SONAME serves without rebuilding the
 extension. Set PKG_CONFIG_PATH to <prefix>/lib/pkgconfig for a prefix
 pkg-config does not search.
 """
+import os
 import shlex
 import subprocess
 
@@ -34,7 +35,7 @@ def var(name):
 
 cflags = pkg("--cflags")
 libs = pkg("--libs")
-lib_dirs = [f[2:] for f in libs if f.startswith("-L")]
+lib_dirs = [os.path.normpath(f[2:]) for f in libs if f.startswith("-L")]
 version = subprocess.run(["pkg-config", "--modversion", "kvstore"],
                          capture_output=True, text=True).stdout.strip()
 cuda = 1 if var("cuda").upper() in ("ON", "1", "YES", "TRUE") else 0
@@ -42,7 +43,8 @@ cuda = 1 if var("cuda").upper() in ("ON", "1", "YES", "TRUE") else 0
 setup(ext_modules=[Extension(
     "kvstore._kvstore",
     sources=["src/_kvstore.c"],
-    include_dirs=[f[2:] for f in cflags if f.startswith("-I")],
+    include_dirs=[os.path.normpath(f[2:]) for f in cflags
+                  if f.startswith("-I")],
     library_dirs=lib_dirs,
     libraries=[f[2:] for f in libs if f.startswith("-l")],
     runtime_library_dirs=lib_dirs,

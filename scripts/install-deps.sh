@@ -14,6 +14,8 @@ packages=(
     libcmocka-dev
     clang libclang-rt-14-dev
     gnuplot-nox redis-server redis-tools
+    python3-dev python3-setuptools python3-pip python3-venv
+    python3-numpy python3-pytest
 )
 
 missing=()
