@@ -187,20 +187,141 @@ static PyObject *raise_result(const kvs_py_result_t *r) {
 
 /* --------------------------------------------------------------- arrays */
 
+/* DLPack (dlpack.h, the legacy "dltensor" capsule every framework speaks):
+ * the few declarations we consume, so that no header is needed. */
+typedef struct {
+    int32_t device_type; /* 1 CPU, 2 CUDA, 3 CUDA host (pinned) */
+    int32_t device_id;
+} kvs_py_dl_device_t;
+typedef struct {
+    uint8_t code; /* 0 int, 1 uint, 2 float, 4 bfloat */
+    uint8_t bits;
+    uint16_t lanes;
+} kvs_py_dl_dtype_t;
+typedef struct {
+    void *data;
+    kvs_py_dl_device_t device;
+    int32_t ndim;
+    kvs_py_dl_dtype_t dtype;
+    int64_t *shape;
+    int64_t *strides; /* in elements; NULL: C-contiguous */
+    uint64_t byte_offset;
+} kvs_py_dl_tensor_t;
+typedef struct kvs_py_dl_managed_s {
+    kvs_py_dl_tensor_t dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct kvs_py_dl_managed_s *self);
+} kvs_py_dl_managed_t;
+
+#define KVS_PY_MAX_DIMS 8
+
 /* A borrowed view of an input or output array. `owner` is the object whose
- * buffer we hold (the argument itself, or its __array__() view). */
+ * memory we hold: the argument itself, or its __array__() view. With
+ * DLPack, `view` is filled in by us and `dl` is released instead. */
 typedef struct {
     Py_buffer view;
     PyObject *owner;
+    kvs_py_dl_managed_t *dl;
+    Py_ssize_t dl_shape[KVS_PY_MAX_DIMS];
     bool held;
 } kvs_py_array_t;
 
 static void array_release(kvs_py_array_t *a) {
-    if (a->held)
+    if (a->dl) {
+        if (a->dl->deleter)
+            a->dl->deleter(a->dl);
+        a->dl = NULL;
+    } else if (a->held) {
         PyBuffer_Release(&a->view);
+    }
     Py_XDECREF(a->owner);
     a->held = false;
     a->owner = NULL;
+}
+
+/* Take obj.__dlpack__() into `a`: CPU memory only (a CUDA tensor is
+ * refused, naming the argument: this binding has no device path yet),
+ * C-contiguous, and a dtype we know. */
+static int array_get_dlpack(PyObject *obj, const char *arg,
+                            kvs_py_array_t *a) {
+    PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (dev) {
+        int type = -1, id = 0;
+        int ok = PyArg_ParseTuple(dev, "ii", &type, &id);
+        Py_DECREF(dev);
+        if (!ok)
+            return -1;
+        if (type != 1 && type != 3) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: device must be the CPU (DLPack device type %d, "
+                         "id %d); move it with .cpu()",
+                         arg, type, id);
+            return -1;
+        }
+    } else {
+        PyErr_Clear();
+    }
+    PyObject *cap = PyObject_CallMethod(obj, "__dlpack__", NULL);
+    if (!cap)
+        return -1;
+    kvs_py_dl_managed_t *m = PyCapsule_GetPointer(cap, "dltensor");
+    if (!m) {
+        Py_DECREF(cap);
+        return -1;
+    }
+    /* Ours now: the capsule must not call the deleter too. */
+    if (PyCapsule_SetName(cap, "used_dltensor") < 0) {
+        Py_DECREF(cap);
+        return -1;
+    }
+    Py_DECREF(cap);
+    a->dl = m;
+    kvs_py_dl_tensor_t *t = &m->dl_tensor;
+    if (t->device.device_type != 1 && t->device.device_type != 3) {
+        PyErr_Format(PyExc_ValueError, "%s: device must be the CPU", arg);
+        return -1;
+    }
+    if (t->ndim < 0 || t->ndim > KVS_PY_MAX_DIMS || t->dtype.lanes != 1) {
+        PyErr_Format(PyExc_ValueError, "%s: unsupported DLPack layout", arg);
+        return -1;
+    }
+    const char *fmt = NULL;
+    if (t->dtype.code == 2 && t->dtype.bits == 32)
+        fmt = "f";
+    else if (t->dtype.code == 2 && t->dtype.bits == 16)
+        fmt = "e";
+    else if ((t->dtype.code == 4 || t->dtype.code == 1) && t->dtype.bits == 16)
+        fmt = "H"; /* bfloat16, or its bits as uint16 */
+    else if (t->dtype.code == 0 && t->dtype.bits == 64)
+        fmt = "q";
+    else
+        fmt = "?"; /* refused by the dtype check, which names the argument */
+    int64_t expect = 1, n = 1;
+    bool contiguous = true;
+    for (int i = t->ndim - 1; i >= 0; i--) {
+        if (t->strides && t->shape[i] != 1 && t->strides[i] != expect)
+            contiguous = false;
+        expect *= t->shape[i];
+    }
+    for (int i = 0; i < t->ndim; i++) {
+        a->dl_shape[i] = (Py_ssize_t)t->shape[i];
+        n *= t->shape[i];
+    }
+    if (!contiguous) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: must be C-contiguous (strides do not match its "
+                     "shape); use .contiguous()",
+                     arg);
+        return -1;
+    }
+    memset(&a->view, 0, sizeof(a->view));
+    a->view.buf = (char *)t->data + t->byte_offset;
+    a->view.itemsize = (t->dtype.bits + 7) / 8;
+    a->view.len = (Py_ssize_t)n * a->view.itemsize;
+    a->view.ndim = t->ndim;
+    a->view.shape = a->dl_shape;
+    a->view.format = (char *)fmt;
+    return 0;
 }
 
 /* Element kind of a buffer format: 'f' f32, 'e' f16, 'H' u16 (bf16 bits),
@@ -236,6 +357,12 @@ static int array_get(PyObject *obj, const char *arg, bool writable,
     if (PyObject_CheckBuffer(obj)) {
         Py_INCREF(obj);
         a->owner = obj;
+    } else if (PyObject_HasAttrString(obj, "__dlpack__")) {
+        /* torch tensors (CPU; CUDA ones are refused by device). The
+         * producer keeps the memory alive until we call its deleter. */
+        if (array_get_dlpack(obj, arg, a) < 0)
+            goto err;
+        return 0;
     } else if (PyObject_HasAttrString(obj, "__array__")) {
         /* torch CPU tensors: __array__() is a numpy view of the same
          * memory (a CUDA tensor raises here, which we pass on). */

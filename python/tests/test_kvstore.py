@@ -328,3 +328,36 @@ def test_python_m_kvstore_prints_version_and_features():
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.startswith(f"kvstore {kvstore.__version__}")
     assert "CUDA: " in r.stdout and "attend path: " in r.stdout
+
+
+class DLPackOnly:
+    """An array reachable only through DLPack (as a torch tensor is)."""
+
+    def __init__(self, a, device=(1, 0)):
+        self.a, self.device = a, device
+
+    def __dlpack__(self, stream=None):
+        return self.a.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.device
+
+
+def test_dlpack_inputs_without_copy(kv):
+    k, v = make(kv, 100)
+    q = rng.standard_normal((QH, HD)).astype(np.float32)
+    out, _ = kv.attend(100, 0, DLPackOnly(q), mode="exact")
+    np.testing.assert_allclose(out, ref_attend(q, k, v), atol=1e-4)
+    mine = np.empty((QH, HD), np.float32)
+    got, _ = kv.attend(100, 0, q, out=DLPackOnly(mine), mode="exact")
+    np.testing.assert_allclose(mine, out, atol=0)  # written in place
+    kk = rng.standard_normal((3, KVH, HD)).astype(np.float32)
+    kv.append(100, 1, DLPackOnly(kk), DLPackOnly(kk))
+    assert kv.info(100).tokens_max == 67
+    with pytest.raises(ValueError, match="queries: device must be the CPU"):
+        kv.attend(100, 0, DLPackOnly(q, device=(2, 0)))
+    with pytest.raises(TypeError, match="queries: dtype"):
+        kv.attend(100, 0, DLPackOnly(q.astype(np.float64)))
+    big = np.zeros((HD, QH), np.float32)
+    with pytest.raises(ValueError, match="queries: must be C-contiguous"):
+        kv.attend(100, 0, DLPackOnly(big.T))
