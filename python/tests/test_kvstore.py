@@ -361,3 +361,27 @@ def test_dlpack_inputs_without_copy(kv):
     big = np.zeros((HD, QH), np.float32)
     with pytest.raises(ValueError, match="queries: must be C-contiguous"):
         kv.attend(100, 0, DLPackOnly(big.T))
+
+
+def test_stubs_match_the_module():
+    import ast
+    import os
+    path = os.path.join(os.path.dirname(kvstore.__file__), "_kvstore.pyi")
+    tree = ast.parse(open(path).read())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            cls = getattr(kvstore, node.name)
+            for f in node.body:
+                if isinstance(f, ast.FunctionDef) and f.name != "__init__":
+                    assert hasattr(cls, f.name), (node.name, f.name)
+        elif isinstance(node, ast.FunctionDef):
+            assert callable(getattr(kvstore, node.name)), node.name
+        elif isinstance(node, ast.AnnAssign) and \
+                node.target.id.startswith("KVS_"):
+            assert isinstance(getattr(kvstore, node.target.id), int)
+    # and every exception class of the module is in the stubs
+    names = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    for name in dir(kvstore):
+        obj = getattr(kvstore, name)
+        if isinstance(obj, type) and issubclass(obj, kvstore.Error):
+            assert name in names, name
