@@ -1030,6 +1030,13 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         /* The client does not know the geometry; the shapes give it and
          * the server checks it (KVS_EGEOMETRY). */
         char kind = format_kind(k.view.format, k.view.itemsize);
+        if (kind != 'f' && kind != 'e' && kind != 'H') {
+            PyErr_Format(PyExc_TypeError,
+                         "keys: dtype must be float32, float16 or bfloat16 "
+                         "bits as uint16 (buffer format '%s')",
+                         k.view.format ? k.view.format : "B");
+            goto done;
+        }
         g.dtype = kind == 'e' ? KVS_DTYPE_F16
                   : kind == 'H' ? KVS_DTYPE_BF16
                                 : KVS_DTYPE_F32;

@@ -385,3 +385,15 @@ def test_stubs_match_the_module():
         obj = getattr(kvstore, name)
         if isinstance(obj, type) and issubclass(obj, kvstore.Error):
             assert name in names, name
+
+
+def test_dtype_given_as_numpy_dtype(kv):
+    kv.create(110, layers=1, q_heads=2, kv_heads=1, head_dim=4,
+              dtype=np.float16)
+    kv.create(111, layers=1, q_heads=2, kv_heads=1, head_dim=4,
+              dtype=np.dtype("float32"))
+    kv.create(112, layers=1, q_heads=2, kv_heads=1, head_dim=4,
+              dtype="bfloat16")
+    assert [kv.info(s).dtype for s in (110, 111, 112)] == \
+        ["f16", "f32", "bf16"]
+
