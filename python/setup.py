@@ -42,7 +42,8 @@ cuda = 1 if var("cuda").upper() in ("ON", "1", "YES", "TRUE") else 0
 
 setup(ext_modules=[Extension(
     "kvstore._kvstore",
-    sources=["src/_kvstore.c"],
+    sources=["src/_kvstore.c", "src/arrays.c"],
+    depends=["src/kvs_py.h"],
     include_dirs=[os.path.normpath(f[2:]) for f in cflags
                   if f.startswith("-I")],
     library_dirs=lib_dirs,

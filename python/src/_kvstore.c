@@ -22,8 +22,8 @@
  * - Every negative return becomes a kvstore.Error subclass carrying .code,
  *   .name, .strerror (kvs_strerror) and .detail (the handle's message).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "kvs_py.h"
+
 #include <structmember.h>
 
 #include <pthread.h>
@@ -78,8 +78,8 @@ static const struct {
 enum { KVS_PY_N_CODES = 0 KVS_ERRNO_MAP(KVS__PY_COUNT) };
 #undef KVS__PY_COUNT
 
-static PyObject *kvs_py_error;                  /* kvstore.Error */
-static PyObject *kvs_py_err_cls[KVS_PY_N_ERR];  /* its subclasses */
+static PyObject *kvs_py_error;                 /* kvstore.Error */
+static PyObject *kvs_py_err_cls[KVS_PY_N_ERR]; /* its subclasses */
 
 /* Raise the kvstore.Error subclass of `code` with `detail` (may be "").
  * Returns NULL for `return raise_kvs(...)`. */
@@ -93,9 +93,10 @@ static PyObject *raise_kvs(int code, const char *detail) {
     }
     const char *name = kvs_err_name(code);
     const char *text = kvs_strerror(code);
-    PyObject *msg = (detail && detail[0])
-                        ? PyUnicode_FromFormat("%s: %s (%s)", name, text, detail)
-                        : PyUnicode_FromFormat("%s: %s", name, text);
+    PyObject *msg =
+        (detail && detail[0])
+            ? PyUnicode_FromFormat("%s: %s (%s)", name, text, detail)
+            : PyUnicode_FromFormat("%s: %s", name, text);
     if (!msg)
         return NULL;
     PyObject *exc = PyObject_CallOneArg(cls, msg);
@@ -128,12 +129,11 @@ static PyObject *raise_kvs(int code, const char *detail) {
 /* ------------------------------------------------------------- handles */
 
 typedef struct {
-    PyObject_HEAD
-    kvs_store_t *store;   /* Store; NULL once closed */
-    kvs_client_t *client; /* Client; NULL once closed */
-    pthread_mutex_t mu;   /* Client only: libkvsclient is not thread-safe */
-    int inflight;         /* calls running with the GIL released; under GIL */
-    bool closing;         /* close() began: new calls are refused */
+    PyObject_HEAD kvs_store_t *store; /* Store; NULL once closed */
+    kvs_client_t *client;             /* Client; NULL once closed */
+    pthread_mutex_t mu; /* Client only: libkvsclient is not thread-safe */
+    int inflight;       /* calls running with the GIL released; under GIL */
+    bool closing;       /* close() began: new calls are refused */
     bool is_client;
 } kvs_py_handle_t;
 
@@ -169,7 +169,9 @@ static int call_begin(kvs_py_handle_t *h) {
     return 0;
 }
 
-static void call_end(kvs_py_handle_t *h) { h->inflight--; }
+static void call_end(kvs_py_handle_t *h) {
+    h->inflight--;
+}
 
 /* Without the GIL: the Client's mutex around its calls. */
 static void lock_client(kvs_py_handle_t *h) {
@@ -183,295 +185,6 @@ static void unlock_client(kvs_py_handle_t *h) {
 
 static PyObject *raise_result(const kvs_py_result_t *r) {
     return raise_kvs(r->rc, r->msg);
-}
-
-/* --------------------------------------------------------------- arrays */
-
-/* DLPack (dlpack.h, the legacy "dltensor" capsule every framework speaks):
- * the few declarations we consume, so that no header is needed. */
-typedef struct {
-    int32_t device_type; /* 1 CPU, 2 CUDA, 3 CUDA host (pinned) */
-    int32_t device_id;
-} kvs_py_dl_device_t;
-typedef struct {
-    uint8_t code; /* 0 int, 1 uint, 2 float, 4 bfloat */
-    uint8_t bits;
-    uint16_t lanes;
-} kvs_py_dl_dtype_t;
-typedef struct {
-    void *data;
-    kvs_py_dl_device_t device;
-    int32_t ndim;
-    kvs_py_dl_dtype_t dtype;
-    int64_t *shape;
-    int64_t *strides; /* in elements; NULL: C-contiguous */
-    uint64_t byte_offset;
-} kvs_py_dl_tensor_t;
-typedef struct kvs_py_dl_managed_s {
-    kvs_py_dl_tensor_t dl_tensor;
-    void *manager_ctx;
-    void (*deleter)(struct kvs_py_dl_managed_s *self);
-} kvs_py_dl_managed_t;
-
-#define KVS_PY_MAX_DIMS 8
-
-/* A borrowed view of an input or output array. `owner` is the object whose
- * memory we hold: the argument itself, or its __array__() view. With
- * DLPack, `view` is filled in by us and `dl` is released instead. */
-typedef struct {
-    Py_buffer view;
-    PyObject *owner;
-    kvs_py_dl_managed_t *dl;
-    Py_ssize_t dl_shape[KVS_PY_MAX_DIMS];
-    bool held;
-} kvs_py_array_t;
-
-static void array_release(kvs_py_array_t *a) {
-    if (a->dl) {
-        if (a->dl->deleter)
-            a->dl->deleter(a->dl);
-        a->dl = NULL;
-    } else if (a->held) {
-        PyBuffer_Release(&a->view);
-    }
-    Py_XDECREF(a->owner);
-    a->held = false;
-    a->owner = NULL;
-}
-
-/* Take obj.__dlpack__() into `a`: CPU memory only (a CUDA tensor is
- * refused, naming the argument: this binding has no device path yet),
- * C-contiguous, and a dtype we know. */
-static int array_get_dlpack(PyObject *obj, const char *arg,
-                            kvs_py_array_t *a) {
-    PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-    if (dev) {
-        int type = -1, id = 0;
-        int ok = PyArg_ParseTuple(dev, "ii", &type, &id);
-        Py_DECREF(dev);
-        if (!ok)
-            return -1;
-        if (type != 1 && type != 3) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: device must be the CPU (DLPack device type %d, "
-                         "id %d); move it with .cpu()",
-                         arg, type, id);
-            return -1;
-        }
-    } else {
-        PyErr_Clear();
-    }
-    PyObject *cap = PyObject_CallMethod(obj, "__dlpack__", NULL);
-    if (!cap)
-        return -1;
-    kvs_py_dl_managed_t *m = PyCapsule_GetPointer(cap, "dltensor");
-    if (!m) {
-        Py_DECREF(cap);
-        return -1;
-    }
-    /* Ours now: the capsule must not call the deleter too. */
-    if (PyCapsule_SetName(cap, "used_dltensor") < 0) {
-        Py_DECREF(cap);
-        return -1;
-    }
-    Py_DECREF(cap);
-    a->dl = m;
-    kvs_py_dl_tensor_t *t = &m->dl_tensor;
-    if (t->device.device_type != 1 && t->device.device_type != 3) {
-        PyErr_Format(PyExc_ValueError, "%s: device must be the CPU", arg);
-        return -1;
-    }
-    if (t->ndim < 0 || t->ndim > KVS_PY_MAX_DIMS || t->dtype.lanes != 1) {
-        PyErr_Format(PyExc_ValueError, "%s: unsupported DLPack layout", arg);
-        return -1;
-    }
-    const char *fmt = NULL;
-    if (t->dtype.code == 2 && t->dtype.bits == 32)
-        fmt = "f";
-    else if (t->dtype.code == 2 && t->dtype.bits == 16)
-        fmt = "e";
-    else if ((t->dtype.code == 4 || t->dtype.code == 1) && t->dtype.bits == 16)
-        fmt = "H"; /* bfloat16, or its bits as uint16 */
-    else if (t->dtype.code == 0 && t->dtype.bits == 64)
-        fmt = "q";
-    else
-        fmt = "?"; /* refused by the dtype check, which names the argument */
-    int64_t expect = 1, n = 1;
-    bool contiguous = true;
-    for (int i = t->ndim - 1; i >= 0; i--) {
-        if (t->strides && t->shape[i] != 1 && t->strides[i] != expect)
-            contiguous = false;
-        expect *= t->shape[i];
-    }
-    for (int i = 0; i < t->ndim; i++) {
-        a->dl_shape[i] = (Py_ssize_t)t->shape[i];
-        n *= t->shape[i];
-    }
-    if (!contiguous) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: must be C-contiguous (strides do not match its "
-                     "shape); use .contiguous()",
-                     arg);
-        return -1;
-    }
-    memset(&a->view, 0, sizeof(a->view));
-    a->view.buf = (char *)t->data + t->byte_offset;
-    a->view.itemsize = (t->dtype.bits + 7) / 8;
-    a->view.len = (Py_ssize_t)n * a->view.itemsize;
-    a->view.ndim = t->ndim;
-    a->view.shape = a->dl_shape;
-    a->view.format = (char *)fmt;
-    return 0;
-}
-
-/* Element kind of a buffer format: 'f' f32, 'e' f16, 'H' u16 (bf16 bits),
- * 'q' i64; 0 for anything else. Byte-order prefixes of native order are
- * accepted. */
-static char format_kind(const char *fmt, Py_ssize_t itemsize) {
-    if (!fmt)
-        return itemsize == 1 ? 'B' : 0;
-    if (*fmt == '@' || *fmt == '=' || *fmt == '<')
-        fmt++;
-    if (fmt[0] == 0 || fmt[1] != 0)
-        return 0;
-    switch (fmt[0]) {
-    case 'f':
-        return itemsize == 4 ? 'f' : 0;
-    case 'e':
-        return itemsize == 2 ? 'e' : 0;
-    case 'H':
-        return itemsize == 2 ? 'H' : 0;
-    case 'q':
-    case 'l':
-        return itemsize == 8 ? 'q' : 0;
-    default:
-        return 0;
-    }
-}
-
-/* Get a C-contiguous view of `obj` named `arg` in errors. */
-static int array_get(PyObject *obj, const char *arg, bool writable,
-                     kvs_py_array_t *a) {
-    memset(a, 0, sizeof(*a));
-    int flags = PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_CheckBuffer(obj)) {
-        Py_INCREF(obj);
-        a->owner = obj;
-    } else if (PyObject_HasAttrString(obj, "__dlpack__")) {
-        /* torch tensors (CPU; CUDA ones are refused by device). The
-         * producer keeps the memory alive until we call its deleter. */
-        if (array_get_dlpack(obj, arg, a) < 0)
-            goto err;
-        return 0;
-    } else if (PyObject_HasAttrString(obj, "__array__")) {
-        /* torch CPU tensors: __array__() is a numpy view of the same
-         * memory (a CUDA tensor raises here, which we pass on). */
-        a->owner = PyObject_CallMethod(obj, "__array__", NULL);
-        if (!a->owner)
-            return -1;
-        if (!PyObject_CheckBuffer(a->owner)) {
-            PyErr_Format(PyExc_TypeError,
-                         "%s: __array__() gave no buffer", arg);
-            goto err;
-        }
-    } else {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: expected an array (buffer protocol or __array__), "
-                     "got %.100s",
-                     arg, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    if (PyObject_GetBuffer(a->owner, &a->view, flags) < 0) {
-        PyErr_Clear();
-        if (writable && PyObject_GetBuffer(a->owner, &a->view,
-                                           PyBUF_RECORDS_RO) == 0) {
-            PyBuffer_Release(&a->view);
-            PyErr_Format(PyExc_ValueError, "%s: array is read-only", arg);
-        } else {
-            PyErr_Format(PyExc_TypeError, "%s: cannot get its buffer", arg);
-        }
-        goto err;
-    }
-    a->held = true;
-    if (!PyBuffer_IsContiguous(&a->view, 'C')) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: must be C-contiguous (strides %s); use "
-                     "numpy.ascontiguousarray or .contiguous()",
-                     arg, "do not match its shape");
-        goto err;
-    }
-    return 0;
-err:
-    array_release(a);
-    return -1;
-}
-
-/* Check the element kind and that the shape is `rows` x `cols` given as
- * (rows, cols), (rows, heads, dim) with heads*dim == cols, or flat
- * rows*cols when flat_ok. rows 0 means "any positive number" and is
- * returned through *rows_out. */
-static int array_check_shape(kvs_py_array_t *a, const char *arg,
-                             char want_kind, const char *want_name,
-                             uint64_t rows, uint64_t cols, uint64_t *rows_out) {
-    char kind = format_kind(a->view.format, a->view.itemsize);
-    if (kind != want_kind) {
-        PyErr_Format(PyExc_TypeError, "%s: dtype must be %s (buffer format "
-                     "'%s', itemsize %zd)",
-                     arg, want_name, a->view.format ? a->view.format : "B",
-                     a->view.itemsize);
-        return -1;
-    }
-    int nd = a->view.ndim;
-    const Py_ssize_t *sh = a->view.shape;
-    uint64_t n_items = (uint64_t)(a->view.len / a->view.itemsize);
-    uint64_t r = 0;
-    if (nd == 2 && (uint64_t)sh[1] == cols)
-        r = (uint64_t)sh[0];
-    else if (nd == 3 && (uint64_t)sh[1] * (uint64_t)sh[2] == cols)
-        r = (uint64_t)sh[0];
-    else if (nd == 1 && cols && n_items % cols == 0 && rows)
-        r = n_items / cols;
-    if (cols == 0 || r == 0 || (rows && r != rows)) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: shape does not fit: expected %s%llu rows of %llu "
-                     "elements ([rows][heads][head_dim]), got %llu elements "
-                     "in %d dimension(s)",
-                     arg, rows ? "" : "n x ", (unsigned long long)rows,
-                     (unsigned long long)cols,
-                     (unsigned long long)n_items, nd);
-        return -1;
-    }
-    if (rows_out)
-        *rows_out = r;
-    return 0;
-}
-
-static PyObject *kvs_py_numpy_empty; /* numpy.empty, imported lazily */
-
-/* A new numpy array of the given shape and dtype ("float32", "int64"). */
-static PyObject *numpy_empty(Py_ssize_t d0, Py_ssize_t d1, const char *dtype) {
-    if (!kvs_py_numpy_empty) {
-        PyObject *np = PyImport_ImportModule("numpy");
-        if (!np)
-            return NULL;
-        kvs_py_numpy_empty = PyObject_GetAttrString(np, "empty");
-        Py_DECREF(np);
-        if (!kvs_py_numpy_empty)
-            return NULL;
-    }
-    PyObject *shape = Py_BuildValue("(nn)", d0, d1);
-    if (!shape)
-        return NULL;
-    PyObject *dt = PyUnicode_FromString(dtype);
-    if (!dt) {
-        Py_DECREF(shape);
-        return NULL;
-    }
-    PyObject *args[2] = {shape, dt};
-    PyObject *arr = PyObject_Vectorcall(kvs_py_numpy_empty, args, 2, NULL);
-    Py_DECREF(shape);
-    Py_DECREF(dt);
-    return arr;
 }
 
 /* ---------------------------------------------------------- converters */
@@ -565,8 +278,7 @@ static int params_from(const char *mode, const char *budget, float retrieval,
         q->budget = KVS_BUDGET_BOUNDED;
     else {
         PyErr_Format(PyExc_ValueError,
-                     "budget: expected 'fixed' or 'bounded', got '%s'",
-                     budget);
+                     "budget: expected 'fixed' or 'bounded', got '%s'", budget);
         return -1;
     }
     q->retrieval_fraction = retrieval;
@@ -596,13 +308,16 @@ static PyStructSequence_Desc kvs_py_attend_stats_desc = {
 
 static PyTypeObject kvs_py_seq_info_type;
 static PyStructSequence_Field kvs_py_seq_info_fields[] = {
-    {"layers", NULL},         {"q_heads", NULL},
-    {"kv_heads", NULL},       {"head_dim", NULL},
+    {"layers", NULL},
+    {"q_heads", NULL},
+    {"kv_heads", NULL},
+    {"head_dim", NULL},
     {"dtype", "'f32', 'f16' or 'bf16'"},
     {"tokens_min", "fewest tokens over its layers"},
     {"tokens_max", "most tokens over its layers"},
     {"indexed_tokens", "tokens in built segments, summed over layers"},
-    {"segments", NULL},       {"builds_pending", NULL},
+    {"segments", NULL},
+    {"builds_pending", NULL},
     {"bytes", "RAM held: raw K/V plus index"},
     {"index_bytes", NULL},
     {"resident", "False: evicted to storage"},
@@ -683,6 +398,7 @@ static PyObject *store_stats_dict(const kvs_store_stats_t *s) {
     PyObject *d = PyDict_New();
     if (!d)
         return NULL;
+/* clang-format off */
 #define U(f)                                                                   \
     if (dict_u64(d, #f, s->f) < 0)                                             \
         goto err;
@@ -692,8 +408,9 @@ static PyObject *store_stats_dict(const kvs_store_stats_t *s) {
     U(gpu_errors) U(gpu_bytes) U(gpu_pinned_bytes) U(gpu_kv_bytes)
     U(gpu_cache_lookups) U(gpu_cache_hits) U(gpu_bus_bytes)
     U(gpu_upload_bytes) U(gpu_builds) U(gpu_build_errors)
+/* clang-format on */
 #undef U
-    PyObject *x = PyFloat_FromDouble(s->build_seconds);
+                            PyObject *x = PyFloat_FromDouble(s->build_seconds);
     if (!x || PyDict_SetItemString(d, "build_seconds", x) < 0) {
         Py_XDECREF(x);
         goto err;
@@ -738,17 +455,14 @@ static PyObject *handle_close(kvs_py_handle_t *h, PyObject *unused) {
     }
     h->closing = true;
     while (h->inflight > 0) {
-        Py_BEGIN_ALLOW_THREADS
-        usleep(1000);
+        Py_BEGIN_ALLOW_THREADS usleep(1000);
         Py_END_ALLOW_THREADS
     }
     kvs_py_result_t r;
-    Py_BEGIN_ALLOW_THREADS
-    lock_client(h);
+    Py_BEGIN_ALLOW_THREADS lock_client(h);
     handle_release(h, &r);
     unlock_client(h);
-    Py_END_ALLOW_THREADS
-    h->closing = false;
+    Py_END_ALLOW_THREADS h->closing = false;
     if (r.rc)
         return raise_kvs(r.rc, "the store met this write error while open");
     Py_RETURN_NONE;
@@ -758,16 +472,14 @@ static void handle_dealloc(kvs_py_handle_t *h) {
     kvs_py_result_t r;
     /* No call can be in flight: each holds a reference to h. */
     if (h->store || h->client) {
-        Py_BEGIN_ALLOW_THREADS
-        handle_release(h, &r);
+        Py_BEGIN_ALLOW_THREADS handle_release(h, &r);
         Py_END_ALLOW_THREADS
     }
     pthread_mutex_destroy(&h->mu);
     Py_TYPE(h)->tp_free((PyObject *)h);
 }
 
-static PyObject *handle_new(PyTypeObject *type, PyObject *args,
-                            PyObject *kw) {
+static PyObject *handle_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     (void)args;
     (void)kw;
     kvs_py_handle_t *h = (kvs_py_handle_t *)type->tp_alloc(type, 0);
@@ -800,11 +512,19 @@ static PyObject *handle_closed(kvs_py_handle_t *h, void *unused) {
 }
 
 static int store_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"data_dir",       "memory_bytes",  "sync",
-                             "cuda_device",    "n_threads",     "deterministic",
-                             "segment_tokens", "cluster_tokens",
-                             "max_sequences",  "sink_tokens",
-                             "window_tokens",  "n_build_threads", NULL};
+    static char *kwlist[] = {"data_dir",
+                             "memory_bytes",
+                             "sync",
+                             "cuda_device",
+                             "n_threads",
+                             "deterministic",
+                             "segment_tokens",
+                             "cluster_tokens",
+                             "max_sequences",
+                             "sink_tokens",
+                             "window_tokens",
+                             "n_build_threads",
+                             NULL};
     const char *data_dir = NULL, *sync = "batch";
     unsigned long long memory_bytes = 0, max_sequences = 0;
     PyObject *cuda = Py_None;
@@ -862,12 +582,10 @@ static int store_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     kvs_store_t *s = NULL;
     int rc;
     char msg[512];
-    Py_BEGIN_ALLOW_THREADS
-    rc = kvs_store_open(&o, &s);
+    Py_BEGIN_ALLOW_THREADS rc = kvs_store_open(&o, &s);
     if (rc)
         snprintf(msg, sizeof(msg), "%s", kvs_store_open_error());
-    Py_END_ALLOW_THREADS
-    if (rc) {
+    Py_END_ALLOW_THREADS if (rc) {
         raise_kvs(rc, msg);
         return -1;
     }
@@ -876,8 +594,9 @@ static int store_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
 }
 
 static int client_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"addrs", "token", "name", "connect_timeout_ms",
-                             "request_timeout_ms", NULL};
+    static char *kwlist[] = {
+        "addrs", "token", "name", "connect_timeout_ms", "request_timeout_ms",
+        NULL};
     PyObject *addrs = NULL;
     const char *token = NULL, *name = NULL;
     unsigned int cto = 0, rto = 0;
@@ -885,8 +604,8 @@ static int client_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "Client already open");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|zzII", kwlist, &addrs,
-                                     &token, &name, &cto, &rto))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|zzII", kwlist, &addrs, &token,
+                                     &name, &cto, &rto))
         return -1;
     PyObject *seq = NULL;
     const char **list = NULL;
@@ -949,28 +668,25 @@ err:
     do {                                                                       \
         if (call_begin(h) < 0)                                                 \
             return NULL;                                                       \
-        Py_BEGIN_ALLOW_THREADS                                                 \
-        lock_client(h);                                                        \
+        Py_BEGIN_ALLOW_THREADS lock_client(h);                                 \
         stmt;                                                                  \
         result_take_msg(h, &(r));                                              \
         unlock_client(h);                                                      \
-        Py_END_ALLOW_THREADS                                                   \
-        call_end(h);                                                           \
+        Py_END_ALLOW_THREADS call_end(h);                                      \
     } while (0)
 
 static PyObject *m_create(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"seq",      "layers",   "q_heads", "kv_heads",
-                             "head_dim", "dtype",    "ttl",     NULL};
+    static char *kwlist[] = {"seq",      "layers", "q_heads", "kv_heads",
+                             "head_dim", "dtype",  "ttl",     NULL};
     uint64_t seq;
     kvs_geometry_t g;
     memset(&g, 0, sizeof(g));
     g.dtype = KVS_DTYPE_F32;
     uint32_t ttl = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O&O&O&O&O&O&", kwlist,
-                                     conv_u64, &seq, conv_u32, &g.n_layers,
-                                     conv_u32, &g.n_q_heads, conv_u32,
-                                     &g.n_kv_heads, conv_u32, &g.head_dim,
-                                     conv_dtype, &g.dtype, conv_u32, &ttl))
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "O&|$O&O&O&O&O&O&", kwlist, conv_u64, &seq, conv_u32,
+            &g.n_layers, conv_u32, &g.n_q_heads, conv_u32, &g.n_kv_heads,
+            conv_u32, &g.head_dim, conv_dtype, &g.dtype, conv_u32, &ttl))
         return NULL;
     if (!g.n_layers || !g.n_q_heads || !g.n_kv_heads || !g.head_dim) {
         PyErr_SetString(PyExc_TypeError,
@@ -1006,14 +722,14 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     uint64_t seq;
     uint32_t layer;
     PyObject *ko, *vo;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&OO", kwlist, conv_u64,
-                                     &seq, conv_u32, &layer, &ko, &vo))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&OO", kwlist, conv_u64, &seq,
+                                     conv_u32, &layer, &ko, &vo))
         return NULL;
     kvs_py_array_t k, v;
-    if (array_get(ko, "keys", false, &k) < 0)
+    if (kvs__py_array_get(ko, "keys", false, &k) < 0)
         return NULL;
-    if (array_get(vo, "values", false, &v) < 0) {
-        array_release(&k);
+    if (kvs__py_array_get(vo, "values", false, &v) < 0) {
+        kvs__py_array_release(&k);
         return NULL;
     }
     PyObject *ret = NULL;
@@ -1029,7 +745,7 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     } else {
         /* The client does not know the geometry; the shapes give it and
          * the server checks it (KVS_EGEOMETRY). */
-        char kind = format_kind(k.view.format, k.view.itemsize);
+        char kind = kvs__py_format_kind(k.view.format, k.view.itemsize);
         if (kind != 'f' && kind != 'e' && kind != 'H') {
             PyErr_Format(PyExc_TypeError,
                          "keys: dtype must be float32, float16 or bfloat16 "
@@ -1037,7 +753,7 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
                          k.view.format ? k.view.format : "B");
             goto done;
         }
-        g.dtype = kind == 'e' ? KVS_DTYPE_F16
+        g.dtype = kind == 'e'   ? KVS_DTYPE_F16
                   : kind == 'H' ? KVS_DTYPE_BF16
                                 : KVS_DTYPE_F32;
         if (k.view.ndim != 3) {
@@ -1054,10 +770,10 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "sequence has an unknown dtype");
         goto done;
     }
-    if (array_check_shape(&k, "keys", dtype_kind[g.dtype],
-                          dtype_want[g.dtype], 0, cols, &n_tok) < 0 ||
-        array_check_shape(&v, "values", dtype_kind[g.dtype],
-                          dtype_want[g.dtype], n_tok, cols, &n_v) < 0)
+    if (kvs__py_array_check_shape(&k, "keys", dtype_kind[g.dtype],
+                                  dtype_want[g.dtype], 0, cols, &n_tok) < 0 ||
+        kvs__py_array_check_shape(&v, "values", dtype_kind[g.dtype],
+                                  dtype_want[g.dtype], n_tok, cols, &n_v) < 0)
         goto done;
     if (n_tok > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "keys: too many tokens in one call");
@@ -1067,11 +783,11 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     size_t bytes = (size_t)k.view.len;
     KVS_PY_CALL(h, r, {
         if (h->is_client)
-            r.rc = kvs_client_seq_append(h->client, seq, layer,
-                                         (uint32_t)n_tok, kp, vp, bytes);
+            r.rc = kvs_client_seq_append(h->client, seq, layer, (uint32_t)n_tok,
+                                         kp, vp, bytes);
         else
-            r.rc = kvs_seq_append(h->store, seq, layer, (uint32_t)n_tok, kp,
-                                  vp);
+            r.rc =
+                kvs_seq_append(h->store, seq, layer, (uint32_t)n_tok, kp, vp);
     });
     if (r.rc) {
         raise_result(&r);
@@ -1080,8 +796,8 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    array_release(&k);
-    array_release(&v);
+    kvs__py_array_release(&k);
+    kvs__py_array_release(&v);
     return ret;
 }
 
@@ -1104,19 +820,18 @@ static int query_prepare(kvs_py_handle_t *h, kvs_py_query_t *q) {
         memset(&g, 0, sizeof(g));
         if (call_begin(h) < 0)
             return -1;
-        Py_BEGIN_ALLOW_THREADS
-        r.rc = kvs_seq_shape(h->store, q->seq, q->layer, &g, NULL);
+        Py_BEGIN_ALLOW_THREADS r.rc =
+            kvs_seq_shape(h->store, q->seq, q->layer, &g, NULL);
         result_take_msg(h, &r);
-        Py_END_ALLOW_THREADS
-        call_end(h);
+        Py_END_ALLOW_THREADS call_end(h);
         if (r.rc) {
             raise_result(&r);
             return -1;
         }
         q->q_heads = g.n_q_heads;
         q->head_dim = g.head_dim;
-        return array_check_shape(&q->q, "queries", 'f', "float32",
-                                 q->q_heads, q->head_dim, NULL);
+        return kvs__py_array_check_shape(&q->q, "queries", 'f', "float32",
+                                         q->q_heads, q->head_dim, NULL);
     }
     if (q->q.view.ndim != 2) {
         PyErr_SetString(PyExc_ValueError,
@@ -1125,28 +840,34 @@ static int query_prepare(kvs_py_handle_t *h, kvs_py_query_t *q) {
     }
     q->q_heads = (uint64_t)q->q.view.shape[0];
     q->head_dim = (uint64_t)q->q.view.shape[1];
-    return array_check_shape(&q->q, "queries", 'f', "float32", q->q_heads,
-                             q->head_dim, NULL);
+    return kvs__py_array_check_shape(&q->q, "queries", 'f', "float32",
+                                     q->q_heads, q->head_dim, NULL);
 }
 
 static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"seq",   "layer",     "queries",
-                             "mode",  "budget",    "retrieval_fraction",
-                             "estimation_fraction", "epsilon",
-                             "scale", "out",       NULL};
+    static char *kwlist[] = {"seq",
+                             "layer",
+                             "queries",
+                             "mode",
+                             "budget",
+                             "retrieval_fraction",
+                             "estimation_fraction",
+                             "epsilon",
+                             "scale",
+                             "out",
+                             NULL};
     kvs_py_query_t q;
     memset(&q, 0, sizeof(q));
     PyObject *qo, *out = Py_None;
     const char *mode = NULL, *budget = NULL;
     float rf = 0, ef = 0, eps = 0, scale = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&O|$zzffffO", kwlist,
-                                     conv_u64, &q.seq, conv_u32, &q.layer,
-                                     &qo, &mode, &budget, &rf, &ef, &eps,
-                                     &scale, &out))
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "O&O&O|$zzffffO", kwlist, conv_u64, &q.seq, conv_u32,
+            &q.layer, &qo, &mode, &budget, &rf, &ef, &eps, &scale, &out))
         return NULL;
     if (params_from(mode, budget, rf, ef, eps, scale, &q.params) < 0)
         return NULL;
-    if (array_get(qo, "queries", false, &q.q) < 0)
+    if (kvs__py_array_get(qo, "queries", false, &q.q) < 0)
         return NULL;
     PyObject *ret = NULL, *arr = NULL;
     kvs_py_array_t o;
@@ -1154,17 +875,17 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     if (query_prepare(h, &q) < 0)
         goto done;
     if (out == Py_None) {
-        arr = numpy_empty((Py_ssize_t)q.q_heads, (Py_ssize_t)q.head_dim,
-                          "float32");
+        arr = kvs__py_numpy_empty((Py_ssize_t)q.q_heads, (Py_ssize_t)q.head_dim,
+                                  "float32");
         if (!arr)
             goto done;
     } else {
         Py_INCREF(out);
         arr = out;
     }
-    if (array_get(arr, "out", true, &o) < 0 ||
-        array_check_shape(&o, "out", 'f', "float32", q.q_heads, q.head_dim,
-                          NULL) < 0)
+    if (kvs__py_array_get(arr, "out", true, &o) < 0 ||
+        kvs__py_array_check_shape(&o, "out", 'f', "float32", q.q_heads,
+                                  q.head_dim, NULL) < 0)
         goto done;
     kvs_attend_stats_t st;
     memset(&st, 0, sizeof(st));
@@ -1177,8 +898,8 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
             r.rc = kvs_client_seq_attend(h->client, q.seq, q.layer, qp, nq,
                                          &q.params, op, &st);
         else
-            r.rc = kvs_seq_attend(h->store, q.seq, q.layer, qp, &q.params,
-                                  op, &st);
+            r.rc = kvs_seq_attend(h->store, q.seq, q.layer, qp, &q.params, op,
+                                  &st);
     });
     if (r.rc) {
         raise_result(&r);
@@ -1190,31 +911,36 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     ret = PyTuple_Pack(2, arr, sto);
     Py_DECREF(sto);
 done:
-    array_release(&o);
-    array_release(&q.q);
+    kvs__py_array_release(&o);
+    kvs__py_array_release(&q.q);
     Py_XDECREF(arr);
     return ret;
 }
 
 static PyObject *m_search(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"seq",    "layer",   "queries",
-                             "k",      "mode",    "budget",
-                             "retrieval_fraction", "estimation_fraction",
-                             "epsilon", NULL};
+    static char *kwlist[] = {"seq",
+                             "layer",
+                             "queries",
+                             "k",
+                             "mode",
+                             "budget",
+                             "retrieval_fraction",
+                             "estimation_fraction",
+                             "epsilon",
+                             NULL};
     kvs_py_query_t q;
     memset(&q, 0, sizeof(q));
     PyObject *qo;
     uint32_t k;
     const char *mode = NULL, *budget = NULL;
     float rf = 0, ef = 0, eps = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&OO&|$zzfff", kwlist,
-                                     conv_u64, &q.seq, conv_u32, &q.layer,
-                                     &qo, conv_u32, &k, &mode, &budget, &rf,
-                                     &ef, &eps))
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "O&O&OO&|$zzfff", kwlist, conv_u64, &q.seq, conv_u32,
+            &q.layer, &qo, conv_u32, &k, &mode, &budget, &rf, &ef, &eps))
         return NULL;
     if (params_from(mode, budget, rf, ef, eps, 0, &q.params) < 0)
         return NULL;
-    if (array_get(qo, "queries", false, &q.q) < 0)
+    if (kvs__py_array_get(qo, "queries", false, &q.q) < 0)
         return NULL;
     PyObject *ret = NULL, *pos = NULL, *sc = NULL;
     kvs_py_array_t pa, sa;
@@ -1226,11 +952,11 @@ static PyObject *m_search(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "k: must be at least 1");
         goto done;
     }
-    if (!(pos = numpy_empty((Py_ssize_t)q.q_heads, k, "int64")) ||
-        !(sc = numpy_empty((Py_ssize_t)q.q_heads, k, "float32")))
+    if (!(pos = kvs__py_numpy_empty((Py_ssize_t)q.q_heads, k, "int64")) ||
+        !(sc = kvs__py_numpy_empty((Py_ssize_t)q.q_heads, k, "float32")))
         goto done;
-    if (array_get(pos, "positions", true, &pa) < 0 ||
-        array_get(sc, "scores", true, &sa) < 0)
+    if (kvs__py_array_get(pos, "positions", true, &pa) < 0 ||
+        kvs__py_array_get(sc, "scores", true, &sa) < 0)
         goto done;
     kvs_py_result_t r = {0};
     const float *qp = q.q.view.buf;
@@ -1252,9 +978,9 @@ static PyObject *m_search(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     }
     ret = PyTuple_Pack(2, pos, sc);
 done:
-    array_release(&pa);
-    array_release(&sa);
-    array_release(&q.q);
+    kvs__py_array_release(&pa);
+    kvs__py_array_release(&sa);
+    kvs__py_array_release(&q.q);
     Py_XDECREF(pos);
     Py_XDECREF(sc);
     return ret;
@@ -1309,8 +1035,7 @@ static PyObject *m_drop(kvs_py_handle_t *h, PyObject *arg) {
 static PyObject *m_set_ttl(kvs_py_handle_t *h, PyObject *args) {
     uint64_t seq;
     uint32_t ttl;
-    if (!PyArg_ParseTuple(args, "O&O&:set_ttl", conv_u64, &seq, conv_u32,
-                          &ttl))
+    if (!PyArg_ParseTuple(args, "O&O&:set_ttl", conv_u64, &seq, conv_u32, &ttl))
         return NULL;
     kvs_py_result_t r = {0};
     KVS_PY_CALL(h, r, {
@@ -1361,8 +1086,8 @@ static PyObject *m_list(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         uint64_t total = 0;
         KVS_PY_CALL(h, r, {
             if (h->is_client) {
-                r.rc = kvs_client_store_list(h->client, (size_t)node, ids,
-                                             cap, &n, &total);
+                r.rc = kvs_client_store_list(h->client, (size_t)node, ids, cap,
+                                             &n, &total);
             } else {
                 r.rc = kvs_store_list(h->store, ids, cap, &n);
                 total = n;
@@ -1504,6 +1229,7 @@ static PyObject *m_ping(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
 
 /* ---------------------------------------------------------------- types */
 
+/* clang-format off */
 #define KVS_PY_COMMON_METHODS                                                  \
     {"create", (PyCFunction)(void (*)(void))m_create,                          \
      METH_VARARGS | METH_KEYWORDS,                                             \
@@ -1528,11 +1254,12 @@ static PyObject *m_ping(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
      METH_VARARGS | METH_KEYWORDS,                                             \
      "fork(parent, child, at_token=None)\nCreate child holding the first "     \
      "at_token tokens of parent (None: all of its shortest layer)."},          \
-    {"drop", (PyCFunction)(void (*)(void))m_drop, METH_O, "drop(seq)\nDrop a sequence."},      \
-    {"set_ttl", (PyCFunction)(void (*)(void))m_set_ttl, METH_VARARGS,                          \
+    {"drop", (PyCFunction)(void (*)(void))m_drop, METH_O,                      \
+     "drop(seq)\nDrop a sequence."},                                           \
+    {"set_ttl", (PyCFunction)(void (*)(void))m_set_ttl, METH_VARARGS,          \
      "set_ttl(seq, seconds)\nExpire seq after seconds without use (0: "        \
      "never)."},                                                               \
-    {"info", (PyCFunction)(void (*)(void))m_info, METH_O,                                      \
+    {"info", (PyCFunction)(void (*)(void))m_info, METH_O,                      \
      "info(seq) -> SeqInfo\nWhat a sequence holds."},                          \
     {"list", (PyCFunction)(void (*)(void))m_list,                              \
      METH_VARARGS | METH_KEYWORDS,                                             \
@@ -1540,11 +1267,12 @@ static PyObject *m_ping(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     {"stats", (PyCFunction)(void (*)(void))m_stats,                            \
      METH_VARARGS | METH_KEYWORDS,                                             \
      "stats(node=0) -> dict\nStore-wide counters."},                           \
-    {"close", (PyCFunction)(void (*)(void))handle_close, METH_NOARGS,                          \
+    {"close", (PyCFunction)(void (*)(void))handle_close, METH_NOARGS,          \
      "close()\nWait for calls in flight, then release the handle. "            \
      "Idempotent."},                                                           \
     {"__enter__", handle_enter, METH_NOARGS, NULL},                            \
     {"__exit__", handle_exit, METH_VARARGS, NULL}
+/* clang-format on */
 
 static PyMethodDef kvs_py_store_methods[] = {
     KVS_PY_COMMON_METHODS,
@@ -1566,7 +1294,8 @@ static PyMethodDef kvs_py_client_methods[] = {
 };
 
 static PyGetSetDef kvs_py_handle_getset[] = {
-    {"closed", (getter)(void (*)(void))handle_closed, NULL, "True after close().", NULL},
+    {"closed", (getter)(void (*)(void))handle_closed, NULL,
+     "True after close().", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1619,9 +1348,15 @@ static PyMethodDef kvs_py_module_methods[] = {
 };
 
 static struct PyModuleDef kvs_py_module = {
-    PyModuleDef_HEAD_INIT, "kvstore._kvstore",
-    "The C core of the kvstore package (see kvstore/__init__.py).", -1,
-    kvs_py_module_methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT,
+    "kvstore._kvstore",
+    "The C core of the kvstore package (see kvstore/__init__.py).",
+    -1,
+    kvs_py_module_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
 };
 
 PyMODINIT_FUNC PyInit__kvstore(void) {
@@ -1650,8 +1385,7 @@ PyMODINIT_FUNC PyInit__kvstore(void) {
                            (PyObject *)&kvs_py_attend_stats_type) < 0)
         goto err;
     Py_INCREF(&kvs_py_seq_info_type);
-    if (PyModule_AddObject(m, "SeqInfo", (PyObject *)&kvs_py_seq_info_type) <
-        0)
+    if (PyModule_AddObject(m, "SeqInfo", (PyObject *)&kvs_py_seq_info_type) < 0)
         goto err;
 
     kvs_py_error = PyErr_NewExceptionWithDoc(
