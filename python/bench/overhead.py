@@ -1,0 +1,42 @@
+"""Per-call overhead of the binding: the same attend calls (full mode, one
+sequence of 32 q heads x 128 over TOKENS keys, out= given) from Python and
+from C (overhead.c, built against the same library); prints both medians
+and their difference in us per call.
+
+Usage: python overhead.py OVERHEAD_C_BINARY [TOKENS] [ITERS]
+"""
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import kvstore
+
+
+def main():
+    cbin = sys.argv[1]
+    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    iters = int(sys.argv[3]) if len(sys.argv) > 3 else 20000
+    rng = np.random.default_rng(15)
+    with kvstore.Store(n_threads=1) as s:
+        s.create(1, layers=1, q_heads=32, kv_heads=8, head_dim=128)
+        k = (rng.random((tokens, 8, 128), np.float32) - 0.5)
+        s.append(1, 0, k, k)
+        q = (rng.random((32, 128), np.float32) - 0.5)
+        out = np.empty((32, 128), np.float32)
+        rounds = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                s.attend(1, 0, q, mode="full", out=out)
+            rounds.append((time.perf_counter() - t0) / iters * 1e6)
+    py = sorted(rounds)[2]
+    c = float(subprocess.run([cbin, str(tokens), str(iters)], check=True,
+                             capture_output=True, text=True).stdout)
+    print(f"tokens {tokens}: python {py:.2f} us/call, C {c:.2f} us/call, "
+          f"binding overhead {py - c:.2f} us/call")
+
+
+if __name__ == "__main__":
+    main()
