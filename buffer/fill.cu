@@ -21,7 +21,8 @@ static __global__ void fill_kernel(const kvs__fill_t *fills, uint32_t n_fills,
         return;
     }
     const kvs__fill_t f = fills[blockIdx.x];
-    const size_t src = (size_t)f.stage * slot_u4, dst = (size_t)f.slot * slot_u4;
+    const size_t src = (size_t)f.stage * slot_u4,
+                 dst = (size_t)f.slot * slot_u4;
     for (uint32_t i = threadIdx.x; i < f.rows * row_u4; i += blockDim.x) {
         slot_k[dst + i] = stage_k[src + i];
         slot_v[dst + i] = stage_v[src + i];

@@ -84,14 +84,14 @@ typedef struct kvs_wbuf_stats_s {
     uint64_t misses;      /* read from host memory */
     uint64_t uncacheable; /* misses larger than a slot */
     uint64_t inserted, evicted;
-    uint64_t bytes_hit;   /* K+V bytes read from slots */
-    uint64_t bytes_miss;  /* K+V bytes read over the bus */
-    uint64_t bytes_fill;  /* K+V bytes copied staging -> slots */
-    uint64_t bytes_gpu;   /* GPU memory held (index, steady, cache, scratch) */
-    uint64_t bytes_host;  /* pinned host memory held */
-    uint64_t bytes_copied;/* of bytes_miss: moved by the copy engines */
-    uint64_t copies;      /* copy operations queued for them */
-    uint64_t batches;     /* cudaMemcpyBatchAsync calls that took them */
+    uint64_t bytes_hit;    /* K+V bytes read from slots */
+    uint64_t bytes_miss;   /* K+V bytes read over the bus */
+    uint64_t bytes_fill;   /* K+V bytes copied staging -> slots */
+    uint64_t bytes_gpu;    /* GPU memory held (index, steady, cache, scratch) */
+    uint64_t bytes_host;   /* pinned host memory held */
+    uint64_t bytes_copied; /* of bytes_miss: moved by the copy engines */
+    uint64_t copies;       /* copy operations queued for them */
+    uint64_t batches;      /* cudaMemcpyBatchAsync calls that took them */
 } kvs_wbuf_stats_t;
 
 typedef struct kvs_wbuf_s kvs_wbuf_t;
@@ -139,9 +139,8 @@ int kvs_wbuf_put_clusters(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
 /* Slots first .. first + n of `head`: absolute positions, cluster-ordered
  * keys and values [n][d] (written into the pinned host arrays). */
 int kvs_wbuf_put_tokens(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
-                        uint32_t n, const uint32_t *positions,
-                        const void *keys, const void *values,
-                        cudaStream_t stream);
+                        uint32_t n, const uint32_t *positions, const void *keys,
+                        const void *values, cudaStream_t stream);
 /* Steady rows first .. first + n of `head` ([n][d] keys and values). */
 int kvs_wbuf_put_steady(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
                         uint32_t n, const void *keys, const void *values,

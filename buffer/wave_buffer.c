@@ -46,8 +46,8 @@ struct kvs_wbuf_s {
     /* pinned host memory */
     void *h_keys, *h_values;
     uint32_t *h_ret, *h_nret;
-    uint32_t *h_nc;  /* pinned [H]: n_clusters last sent (set_extent) */
-    int nc_sent;     /* h_nc holds what the device has */
+    uint32_t *h_nc; /* pinned [H]: n_clusters last sent (set_extent) */
+    int nc_sent;    /* h_nc holds what the device has */
     kvs__fill_t *h_fill;
     kvs__upd_t *h_upd;
     /* copy miss mode: temporary block-table entries (pinned, device),
@@ -58,18 +58,18 @@ struct kvs_wbuf_s {
     cudaStream_t side;
     cudaEvent_t ev_copied;
     /* host policy state */
-    uint32_t *offs;      /* [H][C+1] */
-    int32_t *slot_of;    /* [H][C] mirror of the block table */
-    int32_t *slot_cl;    /* [H*S] cluster in slot, -1 free */
-    uint64_t *stamp;     /* [H*S] last step that used the slot */
-    int32_t *prev, *next;/* [H*S] LRU list links (local slot ids) */
-    int32_t *mru, *lru;  /* [H] list ends */
-    uint8_t *ref;        /* [H*S] clock reference bits */
-    uint32_t *hand;      /* [H] clock hands */
-    uint32_t *ord;       /* [H][rcap] list indices in cluster order */
-    uint32_t *n_ord;     /* [H] */
-    uint64_t *mark;      /* [C / 64 + 1] one head's retrieved clusters */
-    uint32_t *at;        /* [C] list index of a retrieved cluster */
+    uint32_t *offs;       /* [H][C+1] */
+    int32_t *slot_of;     /* [H][C] mirror of the block table */
+    int32_t *slot_cl;     /* [H*S] cluster in slot, -1 free */
+    uint64_t *stamp;      /* [H*S] last step that used the slot */
+    int32_t *prev, *next; /* [H*S] LRU list links (local slot ids) */
+    int32_t *mru, *lru;   /* [H] list ends */
+    uint8_t *ref;         /* [H*S] clock reference bits */
+    uint32_t *hand;       /* [H] clock hands */
+    uint32_t *ord;        /* [H][rcap] list indices in cluster order */
+    uint32_t *n_ord;      /* [H] */
+    uint64_t *mark;       /* [C / 64 + 1] one head's retrieved clusters */
+    uint32_t *at;         /* [C] list index of a retrieved cluster */
     uint64_t step;
     cudaEvent_t ev_lists;
     kvs_wbuf_stats_t stats;
@@ -86,9 +86,8 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     if (!p || p->d != KVS_CUDA_HEAD_DIM || p->n_heads == 0 ||
         p->max_clusters == 0 || p->max_tokens == 0 ||
         (unsigned)p->miss > KVS_WBUF_MISS_COPY_EACH ||
-        (!p->kv_on_device &&
-         (p->slot_tokens == 0 || p->slots_per_head == 0 ||
-          p->slots_per_head > p->max_clusters)))
+        (!p->kv_on_device && (p->slot_tokens == 0 || p->slots_per_head == 0 ||
+                              p->slots_per_head > p->max_clusters)))
         return KVS_EINVAL;
     kvs_wbuf_t *wb = calloc(1, sizeof *wb);
     if (!wb)
@@ -187,10 +186,10 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     wb->cp_dst = malloc(2 * H * R * sizeof(void *));
     wb->cp_src = malloc(2 * H * R * sizeof(void *));
     wb->cp_size = malloc(2 * H * R * sizeof(size_t));
-    if (!wb->offs || !wb->slot_of || !wb->slot_cl || !wb->stamp ||
-        !wb->prev || !wb->next || !wb->mru || !wb->lru || !wb->ref ||
-        !wb->hand || !wb->ord || !wb->n_ord || !wb->mark || !wb->at ||
-        !wb->cp_dst || !wb->cp_src || !wb->cp_size) {
+    if (!wb->offs || !wb->slot_of || !wb->slot_cl || !wb->stamp || !wb->prev ||
+        !wb->next || !wb->mru || !wb->lru || !wb->ref || !wb->hand ||
+        !wb->ord || !wb->n_ord || !wb->mark || !wb->at || !wb->cp_dst ||
+        !wb->cp_src || !wb->cp_size) {
         rc = KVS_ENOMEM;
         goto err;
     }
@@ -198,8 +197,8 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
                                           cudaEventDisableTiming))) != 0 ||
         (rc = cu(cudaEventCreateWithFlags(&wb->ev_copied,
                                           cudaEventDisableTiming))) != 0 ||
-        (rc = cu(cudaStreamCreateWithFlags(&wb->side,
-                                           cudaStreamNonBlocking))) != 0)
+        (rc = cu(
+             cudaStreamCreateWithFlags(&wb->side, cudaStreamNonBlocking))) != 0)
         goto err;
     if ((rc = cu(cudaMemset(wb->d_slot_of, 0xff, H * C * 4))) != 0 ||
         (rc = cu(cudaMemset(wb->d_nc, 0, H * 4))) != 0)
@@ -336,8 +335,7 @@ int kvs_wbuf_commit(kvs_wbuf_t *wb, uint32_t steady_lo, uint32_t steady_hi,
     if ((rc = cu(cudaMemcpyAsync(wb->offs, wb->d_offs, H * (C + 1) * 4,
                                  cudaMemcpyDeviceToHost, stream))) != 0)
         return rc;
-    if ((rc = cu(cudaMemsetAsync(wb->d_slot_of, 0xff, H * C * 4, stream))) !=
-        0)
+    if ((rc = cu(cudaMemsetAsync(wb->d_slot_of, 0xff, H * C * 4, stream))) != 0)
         return rc;
     if ((rc = cu(cudaStreamSynchronize(stream))) != 0)
         return rc;
@@ -376,9 +374,8 @@ int kvs_wbuf_put_clusters(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
 }
 
 int kvs_wbuf_put_tokens(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
-                        uint32_t n, const uint32_t *positions,
-                        const void *keys, const void *values,
-                        cudaStream_t stream) {
+                        uint32_t n, const uint32_t *positions, const void *keys,
+                        const void *values, cudaStream_t stream) {
     if (head >= wb->H || first > wb->N || n > wb->N - first)
         return KVS_EINVAL;
     if (n == 0)
@@ -391,8 +388,7 @@ int kvs_wbuf_put_tokens(kvs_wbuf_t *wb, uint32_t head, uint32_t first,
                                      n * row, cudaMemcpyHostToDevice,
                                      stream))) ||
             (rc = cu(cudaMemcpyAsync((char *)wb->d_values + t0 * row, values,
-                                     n * row, cudaMemcpyHostToDevice,
-                                     stream))))
+                                     n * row, cudaMemcpyHostToDevice, stream))))
             return rc;
     } else {
         /* new slots: no kernel in flight reads them yet */
@@ -593,8 +589,7 @@ static int miss_copy(kvs_wbuf_t *wb, cudaStream_t stream, uint32_t *n_tmp) {
     /* one list: the values' copies behind the keys' */
     memmove(wb->cp_dst + nk, wb->cp_dst + half, (nv - half) * sizeof(void *));
     memmove(wb->cp_src + nk, wb->cp_src + half, (nv - half) * sizeof(void *));
-    memmove(wb->cp_size + nk, wb->cp_size + half,
-            (nv - half) * sizeof(size_t));
+    memmove(wb->cp_size + nk, wb->cp_size + half, (nv - half) * sizeof(size_t));
     const size_t n = nk + nv - half;
     wb->stats.copies += n;
     /* the staging pages were last read by the previous fill on `stream` */
@@ -628,8 +623,7 @@ static int miss_copy(kvs_wbuf_t *wb, cudaStream_t stream, uint32_t *n_tmp) {
     {
         for (size_t i = done; i < n; i++)
             if ((rc = cu(cudaMemcpyAsync(wb->cp_dst[i], wb->cp_src[i],
-                                         wb->cp_size[i],
-                                         cudaMemcpyHostToDevice,
+                                         wb->cp_size[i], cudaMemcpyHostToDevice,
                                          wb->side))) != 0)
                 return rc;
     }
@@ -661,8 +655,7 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
         return rc;
     if (wb->p.kv_on_device) {
         wb->stats.steps++;
-        return kvs_cuda_wave_attend(wb->wave, &wb->layer, NULL, q, out,
-                                    stream);
+        return kvs_cuda_wave_attend(wb->wave, &wb->layer, NULL, q, out, stream);
     }
     if ((rc = cu(cudaMemcpyAsync(wb->h_ret, d_ret, (size_t)H * R * 4,
                                  cudaMemcpyDeviceToHost, stream))) != 0 ||
@@ -747,15 +740,13 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
             wb->h_upd[nu++] = (kvs__upd_t){wb->h_tmp[i].index, -1};
     st->steps++;
     if (nf || nu) {
-        if (nf && (rc = cu(cudaMemcpyAsync(wb->d_fill, wb->h_fill,
-                                           nf * sizeof(kvs__fill_t),
-                                           cudaMemcpyHostToDevice, stream))) !=
-                      0)
+        if (nf && (rc = cu(cudaMemcpyAsync(
+                       wb->d_fill, wb->h_fill, nf * sizeof(kvs__fill_t),
+                       cudaMemcpyHostToDevice, stream))) != 0)
             return rc;
-        if (nu && (rc = cu(cudaMemcpyAsync(wb->d_upd, wb->h_upd,
-                                           nu * sizeof(kvs__upd_t),
-                                           cudaMemcpyHostToDevice, stream))) !=
-                      0)
+        if (nu && (rc = cu(cudaMemcpyAsync(
+                       wb->d_upd, wb->h_upd, nu * sizeof(kvs__upd_t),
+                       cudaMemcpyHostToDevice, stream))) != 0)
             return rc;
         rc = kvs__wbuf_fill(wb->d_fill, nf, wb->d_upd, nu, wb->d_slot_of,
                             wb->d_stage_k, wb->d_stage_v, wb->d_slot_k,

@@ -30,7 +30,9 @@ static uint64_t splitmix64(uint64_t *s) {
 /* Head dims up to this get codes (the stack buffer of one row's codes). */
 #define CODES_MAX_D 1024
 
-static int is_pow2(uint32_t d) { return d && !(d & (d - 1)); }
+static int is_pow2(uint32_t d) {
+    return d && !(d & (d - 1));
+}
 
 void kvs_codes_rotate(const kvs_codes_t *codes, uint32_t d, const float *x,
                       float *out) {

@@ -45,8 +45,6 @@
 #define SEG_ADJ_ALWAYS KVS_ADJ_ALWAYS
 #define SEG_ADJ_LAST KVS_ADJ_LAST
 
-
-
 /* L2-normalise rows in place; zero rows stay zero (they score 0 against
  * every key, which is harmless and avoids a division by zero). */
 static void seg_normalize_rows(float *x, size_t rows, uint32_t d) {
@@ -359,15 +357,15 @@ static int seg_check(const kvs_build_params_t *params, kvs_dtype_t dtype,
     *out = NULL;
     if (kvs_dtype_size(dtype) == 0)
         return kvs__errf(err, errlen, KVS_EINVAL, "unknown dtype %d",
-                        (int)dtype);
+                         (int)dtype);
     if (n == 0 || d == 0)
-        return kvs__errf(err, errlen, KVS_EINVAL, "empty segment (n=%u d=%u)", n,
-                        d);
+        return kvs__errf(err, errlen, KVS_EINVAL, "empty segment (n=%u d=%u)",
+                         n, d);
     if (n <= params->window_tokens)
         return kvs__errf(err, errlen, KVS_EINVAL,
-                        "segment of %u tokens does not exceed the window "
-                        "of %u",
-                        n, params->window_tokens);
+                         "segment of %u tokens does not exceed the window "
+                         "of %u",
+                         n, params->window_tokens);
     if (params->cluster_tokens == 0)
         return kvs__errf(err, errlen, KVS_EINVAL, "cluster_tokens is 0");
     /* cblas takes int dimensions. */
@@ -413,8 +411,7 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
             acc[j] += kf[(size_t)i * d + j];
     for (uint32_t i = 0; i < n; i++)
         for (uint32_t j = 0; j < d; j++)
-            xc[(size_t)i * d + j] =
-                kf[(size_t)i * d + j] - (float)(acc[j] / n);
+            xc[(size_t)i * d + j] = kf[(size_t)i * d + j] - (float)(acc[j] / n);
     if (k == 1) {
         memset(label, 0, sizeof(*label) * n);
     } else if ((rc = seg_cluster(params, d, n, k, xc, label, score, err,
@@ -432,22 +429,22 @@ out:
     return rc;
 }
 
-int kvs_segment_from_labels(const kvs_build_params_t *params,
-                            kvs_dtype_t dtype, uint32_t d, uint64_t first_pos,
-                            uint32_t n, const void *keys, const void *values,
-                            uint32_t k, const uint32_t *label,
-                            kvs_segment_t **out, char *err, size_t errlen) {
+int kvs_segment_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                            uint32_t d, uint64_t first_pos, uint32_t n,
+                            const void *keys, const void *values, uint32_t k,
+                            const uint32_t *label, kvs_segment_t **out,
+                            char *err, size_t errlen) {
     int rc = seg_check(params, dtype, d, n, keys, values, out, err, errlen);
     if (rc)
         return rc;
     if (!label || k == 0 || k > n)
         return kvs__errf(err, errlen, KVS_EINVAL, "bad labels (k=%u, n=%u)", k,
-                        n);
+                         n);
     for (uint32_t i = 0; i < n; i++)
         if (label[i] >= k)
             return kvs__errf(err, errlen, KVS_EINVAL,
-                            "label %u of token %u out of range (k=%u)",
-                            label[i], i, k);
+                             "label %u of token %u out of range (k=%u)",
+                             label[i], i, k);
     const size_t esz = kvs_dtype_size(dtype);
     const size_t nd = (size_t)n * d;
     float *kf = malloc(sizeof(*kf) * nd);

@@ -11,8 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t,
-                        float, float *);
+typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t, float,
+                        float *);
 
 /* codes_scan_avx2.c: the AVX2+FMA versions; 1 when the CPU runs them. */
 int kvs__code_scan_avx2(code_fn *c4, code_fn *c8);

@@ -9,13 +9,13 @@
 
 #include <immintrin.h>
 
-typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t,
-                        float, float *);
+typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t, float,
+                        float *);
 int kvs__code_scan_avx2(code_fn *c4, code_fn *c8);
 
 static inline float hsum(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v),
-                          _mm256_extractf128_ps(v, 1));
+    __m128 a =
+        _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));
     a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
     return _mm_cvtss_f32(a);

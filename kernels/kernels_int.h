@@ -11,8 +11,8 @@ typedef struct kvs__kernel_table_s {
     const char *isa;
     void (*to_f32)(kvs_dtype_t, const void *, float *, size_t);
     void (*from_f32)(kvs_dtype_t, const float *, void *, size_t);
-    void (*dot_rows)(kvs_dtype_t, const float *, uint32_t, const void *,
-                     size_t, uint32_t, float, float *, size_t);
+    void (*dot_rows)(kvs_dtype_t, const float *, uint32_t, const void *, size_t,
+                     uint32_t, float, float *, size_t);
     void (*axpy_rows)(kvs_dtype_t, const float *, size_t, uint32_t,
                       const void *, size_t, uint32_t, float *);
     float (*exp_sum)(float *, size_t, float);

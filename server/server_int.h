@@ -90,8 +90,8 @@ struct kvs__conn_s {
         uv_pipe_t pipe;
     } h;
     kvs_server_t *srv;
-    kvs__conn_t *prev, *next;       /* srv->conns */
-    kvs__conn_t *flush_next;        /* srv->flush_list */
+    kvs__conn_t *prev, *next; /* srv->conns */
+    kvs__conn_t *flush_next;  /* srv->flush_list */
     kvs_frame_reader_t rd;
     uint64_t id;
     char peer[80];
@@ -102,26 +102,26 @@ struct kvs__conn_s {
     kvs__work_t *ready_head, *ready_tail;
     kvs__conn_t *rr_next;
     bool in_rr;
-    uint64_t accepted_at;           /* uv_now() at accept */
-    uint64_t frame_start;           /* uv_now() of the first byte of the
-                                       frame being read; 0: none */
-    uint64_t admit;                 /* bytes of srv->admitted held by the
-                                       frame being read */
-    bool admit_wait;                /* paused: over max_buffered_bytes */
-    uint64_t fatal_at;              /* uv_now() when marked fatal */
-    uint64_t last_write;            /* uv_now() a write last completed, or
-                                       was queued with none pending */
-    uint32_t writes;                /* uv_write requests pending */
-    uint64_t last_active;           /* uv_now() of the last byte or answer */
-    uint8_t *out;                   /* responses waiting for the next flush */
+    uint64_t accepted_at; /* uv_now() at accept */
+    uint64_t frame_start; /* uv_now() of the first byte of the
+                             frame being read; 0: none */
+    uint64_t admit;       /* bytes of srv->admitted held by the
+                             frame being read */
+    bool admit_wait;      /* paused: over max_buffered_bytes */
+    uint64_t fatal_at;    /* uv_now() when marked fatal */
+    uint64_t last_write;  /* uv_now() a write last completed, or
+                             was queued with none pending */
+    uint32_t writes;      /* uv_write requests pending */
+    uint64_t last_active; /* uv_now() of the last byte or answer */
+    uint8_t *out;         /* responses waiting for the next flush */
     size_t out_len, out_cap;
     bool reading;
     bool in_flush_list;
     bool authed;
-    bool fatal;                     /* answer what is in flight, then close */
-    bool refused;                   /* over max_connections: not counted */
-    bool closing;                   /* uv_close called */
-    bool closed;                    /* close callback ran */
+    bool fatal;   /* answer what is in flight, then close */
+    bool refused; /* over max_connections: not counted */
+    bool closing; /* uv_close called */
+    bool closed;  /* close callback ran */
 };
 
 struct kvs_server_s {
@@ -132,20 +132,20 @@ struct kvs_server_s {
     int n_tcp;
     uv_pipe_t unix_listener;
     bool have_unix;
-    uint64_t unix_dev, unix_ino;  /* our socket file: only it is unlinked */
+    uint64_t unix_dev, unix_ino; /* our socket file: only it is unlinked */
     uv_tcp_t http;
     bool have_http;
     int port, http_port;
     uv_signal_t sigterm, sigint, sighup;
     uv_check_t flusher;
-    uv_timer_t sweeper;  /* idle timeouts */
+    uv_timer_t sweeper; /* idle timeouts */
     uv_timer_t drain_timer;
     kvs__conn_t *conns;
     kvs__conn_t *flush_list;
-    uint32_t n_conns;     /* accepted and counted (not refused) */
+    uint32_t n_conns; /* accepted and counted (not refused) */
     uint64_t next_conn_id;
-    uint64_t inflight;    /* across connections */
-    uint32_t running;     /* requests handed to the pool, not yet done */
+    uint64_t inflight; /* across connections */
+    uint32_t running;  /* requests handed to the pool, not yet done */
     /* The worker pool. pool_mu guards rr_*, done, pool_stop and every
      * connection's ready_* / rr_next / in_rr; nothing else is shared. It is
      * a leaf lock: nothing else is taken while it is held (workers drop it
@@ -159,12 +159,12 @@ struct kvs_server_s {
     kvs__work_t *done;              /* finished, newest first */
     uv_async_t done_async;          /* ref'd while running > 0 */
     bool have_async;
-    uint64_t admitted; /* request bytes admitted (max_buffered_bytes) */
+    uint64_t admitted;       /* request bytes admitted (max_buffered_bytes) */
     uint64_t admitted_large; /* of which frames over ADMIT_MIN */
     uint32_t n_admit_wait;
     bool admit_retry; /* admitted bytes were released: retry waiters */
     bool draining;
-    bool stopped;         /* handles closed */
+    bool stopped; /* handles closed */
     uint64_t start_ns;
     kvs_frame_limits_t limits;
     char node_id[128];
@@ -182,22 +182,21 @@ struct kvs__work_s {
     Kvs__V1__Request *msg;
     uint64_t request_id;
     int op;
-    uint64_t t0;           /* uv_hrtime at dispatch */
+    uint64_t t0; /* uv_hrtime at dispatch */
     int status;
-    uint8_t *frame;        /* encoded response */
+    uint8_t *frame; /* encoded response */
     size_t frame_len;
     /* Server-side fields of a Stats answer, snapshot on the loop thread. */
-    uint64_t snap_connections, snap_requests, snap_inflight, snap_in,
-        snap_out;
+    uint64_t snap_connections, snap_requests, snap_inflight, snap_in, snap_out;
     uint64_t admit; /* srv->admitted bytes released when answered */
     /* Ordering gate (loop thread only): the sequences the request names,
      * what it does to them, its links in each sequence's queue. */
     kvs__seq_q_t *q[2];
     kvs__work_t *qprev[2], *qnext[2];
     int n_q;
-    int kind;              /* GATE_* (server.c) */
-    uint32_t layer;        /* of an append, search or attend */
-    bool started; /* left the gate (ready or running) */
+    int kind;                /* GATE_* (server.c) */
+    uint32_t layer;          /* of an append, search or attend */
+    bool started;            /* left the gate (ready or running) */
     kvs__work_t *ready_next; /* under pool_mu: ready FIFO, then done list */
 };
 

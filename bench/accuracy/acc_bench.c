@@ -42,8 +42,8 @@ void openblas_set_num_threads(int num_threads);
 typedef struct variant_s {
     char name[48];
     kvs_query_params_t qp;
-    double *err_sum;  /* [layer][q_head] */
-    uint64_t steps;   /* attend calls measured */
+    double *err_sum; /* [layer][q_head] */
+    uint64_t steps;  /* attend calls measured */
     kvs_attend_stats_t st;
 } variant_t;
 
@@ -118,8 +118,7 @@ static int m_attend(void *ctx, uint64_t seq, uint32_t layer, const float *q,
 }
 
 static const kvs_decoder_backend_t meter_backend = {m_create, m_append,
-                                                    m_attend, m_drop,
-                                                    m_errmsg};
+                                                    m_attend, m_drop, m_errmsg};
 
 static double bits_of(const float *l, uint32_t V, int32_t target) {
     double mx = l[0], z = 0;
@@ -203,36 +202,69 @@ static void usage(void) {
 }
 
 int main(int argc, char **argv) {
-    enum { O_ROWS = 256, O_LABEL, O_CTX, O_SCORE, O_GEN, O_TEXT, O_TOKF,
-           O_EPS, O_DRIVE, O_SEG, O_THR };
+    enum {
+        O_ROWS = 256,
+        O_LABEL,
+        O_CTX,
+        O_SCORE,
+        O_GEN,
+        O_TEXT,
+        O_TOKF,
+        O_EPS,
+        O_DRIVE,
+        O_SEG,
+        O_THR
+    };
     static const struct option lo[] = {
-        {"rows", 1, 0, O_ROWS},   {"label", 1, 0, O_LABEL},
-        {"ctx", 1, 0, O_CTX},     {"score", 1, 0, O_SCORE},
-        {"gen", 1, 0, O_GEN},     {"text", 1, 0, O_TEXT},
+        {"rows", 1, 0, O_ROWS},       {"label", 1, 0, O_LABEL},
+        {"ctx", 1, 0, O_CTX},         {"score", 1, 0, O_SCORE},
+        {"gen", 1, 0, O_GEN},         {"text", 1, 0, O_TEXT},
         {"token-file", 1, 0, O_TOKF}, {"eps", 1, 0, O_EPS},
-        {"drive", 1, 0, O_DRIVE}, {"segment-tokens", 1, 0, O_SEG},
-        {"threads", 1, 0, O_THR}, {0, 0, 0, 0}};
+        {"drive", 1, 0, O_DRIVE},     {"segment-tokens", 1, 0, O_SEG},
+        {"threads", 1, 0, O_THR},     {0, 0, 0, 0}};
     const char *rows = NULL, *label = "?", *text = NULL, *tokf = NULL;
     uint32_t ctx = 0, score = 256, gen = 1000, seg = 0, threads = 2;
     float eps[MAX_VARIANTS];
     int n_eps = 0, drive = 0, c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (c) {
-        case O_ROWS: rows = optarg; break;
-        case O_LABEL: label = optarg; break;
-        case O_CTX: ctx = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case O_SCORE: score = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case O_GEN: gen = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case O_TEXT: text = optarg; break;
-        case O_TOKF: tokf = optarg; break;
+        case O_ROWS:
+            rows = optarg;
+            break;
+        case O_LABEL:
+            label = optarg;
+            break;
+        case O_CTX:
+            ctx = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case O_SCORE:
+            score = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case O_GEN:
+            gen = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case O_TEXT:
+            text = optarg;
+            break;
+        case O_TOKF:
+            tokf = optarg;
+            break;
         case O_EPS:
             if (n_eps < MAX_VARIANTS - 1)
                 eps[n_eps++] = strtof(optarg, NULL);
             break;
-        case O_DRIVE: drive = atoi(optarg); break;
-        case O_SEG: seg = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case O_THR: threads = (uint32_t)strtoul(optarg, NULL, 10); break;
-        default: usage(); return 2;
+        case O_DRIVE:
+            drive = atoi(optarg);
+            break;
+        case O_SEG:
+            seg = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case O_THR:
+            threads = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        default:
+            usage();
+            return 2;
         }
     }
     if (optind != argc - 1 || !rows || ctx < 2 || (!text == !tokf) ||
@@ -295,8 +327,10 @@ int main(int argc, char **argv) {
     so.n_threads = threads;
     if (seg)
         so.segment_tokens = seg;
-    meter_t m = {.n_layers = cfg->n_layers, .n_heads = cfg->n_heads,
-                 .head_dim = cfg->head_dim, .drive = drive};
+    meter_t m = {.n_layers = cfg->n_layers,
+                 .n_heads = cfg->n_heads,
+                 .head_dim = cfg->head_dim,
+                 .drive = drive};
     if (kvs_store_open(&so, &m.store) != 0) {
         fprintf(stderr, "acc_bench: %s\n", kvs_store_open_error());
         return 1;
@@ -346,9 +380,8 @@ int main(int argc, char **argv) {
                 "{\"model\": \"%s\", \"context\": %u, \"segment_tokens\": %u, "
                 "\"variant\": \"%s\", \"budget\": \"%s\", \"epsilon\": %g, "
                 "\"decode_steps\": %llu, \"rel_l2_by_layer_median\": [",
-                label, ctx, so.segment_tokens, v->name,
-                i ? "bounded" : "fixed", i ? (double)eps[i - 1] : 0.0,
-                (unsigned long long)v->steps);
+                label, ctx, so.segment_tokens, v->name, i ? "bounded" : "fixed",
+                i ? (double)eps[i - 1] : 0.0, (unsigned long long)v->steps);
         for (uint32_t l = 0; l < m.n_layers; l++) {
             memcpy(el, e + (size_t)l * m.n_heads, m.n_heads * sizeof(double));
             qsort(el, m.n_heads, sizeof(double), cmp_d);
@@ -394,8 +427,10 @@ int main(int argc, char **argv) {
                 label, ctx, v->name, quant(e, nlh, 0.5), quant(e, nlh, 0.95),
                 s->keys_total ? 100.0 * s->keys_exact / s->keys_total : NAN);
         if (i == drive)
-            fprintf(stderr, ", agreement %.4f over %u, bits full %.4f wave "
-                    "%.4f", gen ? (double)agree / gen : NAN, gen,
+            fprintf(stderr,
+                    ", agreement %.4f over %u, bits full %.4f wave "
+                    "%.4f",
+                    gen ? (double)agree / gen : NAN, gen,
                     score ? bits_full / score : NAN,
                     score ? bits_wave / score : NAN);
         fprintf(stderr, "\n");

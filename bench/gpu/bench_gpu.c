@@ -97,8 +97,8 @@ static FILE *json_begin(const char *path, const char *bench,
     char date[32];
     time_t now = time(NULL);
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    fprintf(f, "{\n  \"bench\": \"%s\",\n  \"command\": \"%s%s\",\n",
-            bench, command, quick ? " --quick" : "");
+    fprintf(f, "{\n  \"bench\": \"%s\",\n  \"command\": \"%s%s\",\n", bench,
+            command, quick ? " --quick" : "");
     fprintf(f, "  \"machine\": \"%ld-core x86-64 | %s\",\n",
             sysconf(_SC_NPROCESSORS_ONLN), device);
     fprintf(f, "  \"date\": \"%s\",\n  \"quick\": %s,\n", date,
@@ -159,7 +159,8 @@ static void row_add(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     if (rows_len)
-        rows_len += snprintf(rows + rows_len, sizeof rows - rows_len, ",\n    ");
+        rows_len +=
+            snprintf(rows + rows_len, sizeof rows - rows_len, ",\n    ");
     rows_len += vsnprintf(rows + rows_len, sizeof rows - rows_len, fmt, ap);
     va_end(ap);
 }
@@ -252,7 +253,9 @@ static void rel_rows(const float *a, const float *b, uint32_t nrows,
 }
 
 static kvs_rng_t rng = {88172645463325252ull};
-static uint32_t rnd(void) { return (uint32_t)(kvs_rng_next(&rng) >> 32); }
+static uint32_t rnd(void) {
+    return (uint32_t)(kvs_rng_next(&rng) >> 32);
+}
 
 /* Steady rows [H][SINKS + WINDOW + TAIL][D] from token-order keys/values
  * [H][stride][D] whose first ctx tokens are indexed. */
@@ -262,8 +265,8 @@ static void steady_copy(void *sk, void *sv, const void *dk, const void *dv,
     const void *src[2] = {dk, dv};
     void *dst[2] = {sk, sv};
     for (int i = 0; i < 2; i++) {
-        CU(cudaMemcpy2DAsync(dst[i], ns * rb, src[i], stride * rb,
-                             SINKS * rb, H, cudaMemcpyDeviceToDevice, st));
+        CU(cudaMemcpy2DAsync(dst[i], ns * rb, src[i], stride * rb, SINKS * rb,
+                             H, cudaMemcpyDeviceToDevice, st));
         CU(cudaMemcpy2DAsync((char *)dst[i] + SINKS * rb, ns * rb,
                              (const char *)src[i] + (size_t)(ctx - WINDOW) * rb,
                              stride * rb, (WINDOW + TAIL) * rb, H,
@@ -599,8 +602,7 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
     kvs_wbuf_t *wb;
     double t0 = now_s();
     KV(kvs_wbuf_new(&bp, &wb));
-    printf("%s ctx %u: buffer allocated in %.2f s\n", part, ctx,
-           now_s() - t0);
+    printf("%s ctx %u: buffer allocated in %.2f s\n", part, ctx, now_s() - t0);
     kvs_cuda_layer_t L;
     kvs_cuda_kmeans_out_t o;
     kvs_wbuf_layer(wb, &L, &o);
@@ -612,8 +614,8 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
     CU(cudaEventElapsedTime(&bms, e0, e1));
     r.build_ms = bms;
     kvs_cuda_kmeans_free(km);
-    steady_copy((void *)L.steady_keys, (void *)L.steady_values, dk, dv, H,
-                ctx, stride);
+    steady_copy((void *)L.steady_keys, (void *)L.steady_values, dk, dv, H, ctx,
+                stride);
     CU(cudaStreamSynchronize(st));
 
     float *out, *of;
@@ -762,10 +764,10 @@ static ores_t offload_run(const void *dk, const void *dv, uint32_t H,
                 "\"accuracy_steps\": %u, \"build_ms\": %.2f, "
                 "\"gpu_gb\": %.3f, \"pinned_host_gb\": %.3f%s}",
                 part, ctx, H, n_group, p == OP_CLOCK ? "clock" : "lru",
-                opass_miss[p], steps, warm, r.step_ms[p], r.p90_ms[p],
-                r.hit[p], r.pcie_mb[p], r.fill_mb[p], r.copied_mb[p],
-                r.copies[p], r.uncacheable[p], r.stream_ms, r.rel_med,
-                r.rel_p95, n_acc, r.build_ms, r.gpu_gb, r.host_gb, cmp);
+                opass_miss[p], steps, warm, r.step_ms[p], r.p90_ms[p], r.hit[p],
+                r.pcie_mb[p], r.fill_mb[p], r.copied_mb[p], r.copies[p],
+                r.uncacheable[p], r.stream_ms, r.rel_med, r.rel_p95, n_acc,
+                r.build_ms, r.gpu_gb, r.host_gb, cmp);
     }
     free(t);
     free(rel);
@@ -861,8 +863,8 @@ static float *trace_queries(const char *dir, const char *name, uint32_t H,
         return NULL;
     if (t.dtype != KVS_DTYPE_F32 || t.ndim != 4 || t.dims[1] != H ||
         t.dims[2] != n_group || t.dims[3] != D) {
-        fprintf(stderr, "%s: queries must be fp32 [S][%u][%u][%d]\n", name,
-                H, n_group, D);
+        fprintf(stderr, "%s: queries must be fp32 [S][%u][%u][%d]\n", name, H,
+                n_group, D);
         exit(1);
     }
     float *d;
@@ -934,8 +936,8 @@ static tres_t trace_gpu(const void *dk, const void *dv, uint32_t H,
     float *hw = malloc(qrow * 4), *hf = malloc(qrow * 4);
     double exact = 0, bytes = 0;
     for (uint32_t s = 0; s < S; s++) {
-        CU(cudaMemcpyAsync(q, qs + s * qrow, qrow * 4,
-                           cudaMemcpyDeviceToDevice, st));
+        CU(cudaMemcpyAsync(q, qs + s * qrow, qrow * 4, cudaMemcpyDeviceToDevice,
+                           st));
         tw[s] = time_graph(gw, 1);
         double ret_rows;
         bytes += wave_read_bytes(w, offs, H, x.C, &ret_rows);
@@ -969,8 +971,8 @@ static tres_t trace_gpu(const void *dk, const void *dv, uint32_t H,
            "steps x %u query heads | exact keys %.2f%% | per pair median "
            "[%s] | build %.1f ms\n",
            ctx, TAIL, r.wave_ms, r.wave_p90, r.mb, r.full_ms,
-           r.full_ms / r.wave_ms, r.rel_med, r.rel_p95, S, HG,
-           100 * r.exact, pairs, r.build_ms);
+           r.full_ms / r.wave_ms, r.rel_med, r.rel_p95, S, HG, 100 * r.exact,
+           pairs, r.build_ms);
     row_add("{\"part\": \"trace_gpu_kv\", \"context\": %u, \"tail\": %d, "
             "\"kv_heads\": %u, \"group\": %u, \"steps\": %u, "
             "\"wave_ms_median\": %.5f, \"wave_ms_p90\": %.5f, "
@@ -1004,8 +1006,8 @@ static tres_t trace_gpu(const void *dk, const void *dv, uint32_t H,
  * offloaded (wave buffer, 5% of the clusters cached, LRU and clock) over
  * the trace's decode steps (q_trace.bin, cycled when steps > S).
  */
-static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
-                     int quick, const char *json, const char *device) {
+static int run_trace(const char *dir, uint32_t steps, uint32_t warm, int quick,
+                     const char *json, const char *device) {
     tfile_t k, v;
     if (trace_load(dir, "k.bin", &k) || trace_load(dir, "v.bin", &v)) {
         fprintf(stderr, "%s: no k.bin/v.bin (run bench/gpu/trace.py)\n", dir);
@@ -1072,12 +1074,12 @@ static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
     const double speed = o.stream_ms / o.step_ms[0];
     const char *by_hit = o.hit[1] > o.hit[0] ? "clock" : "lru";
     const char *by_time = o.step_ms[1] < o.step_ms[0] ? "clock" : "lru";
-    const char *by_miss = o.step_ms[OP_COPY] < o.step_ms[OP_LRU] ||
-                                  o.step_ms[OP_COPY_EACH] < o.step_ms[OP_LRU]
-                              ? (o.step_ms[OP_COPY] <= o.step_ms[OP_COPY_EACH]
-                                     ? "copy_batch"
-                                     : "copy_each")
-                              : "inplace";
+    const char *by_miss =
+        o.step_ms[OP_COPY] < o.step_ms[OP_LRU] ||
+                o.step_ms[OP_COPY_EACH] < o.step_ms[OP_LRU]
+            ? (o.step_ms[OP_COPY] <= o.step_ms[OP_COPY_EACH] ? "copy_batch"
+                                                             : "copy_each")
+            : "inplace";
     printf("trace offload: LRU %.3f ms hit %.4f | clock %.3f ms hit %.4f | "
            "higher hit rate: %s, faster median: %s | streaming %.2f ms = "
            "x%.1f slower than the buffer (LRU)\n",
@@ -1094,16 +1096,18 @@ static int run_trace(const char *dir, uint32_t steps, uint32_t warm,
     CU(cudaFree(dv));
     if (!json)
         return 0;
-    FILE *f = json_begin(json, "gpu_trace", "bench/gpu/run_trace.sh", quick,
-                         device);
+    FILE *f =
+        json_begin(json, "gpu_trace", "bench/gpu/run_trace.sh", quick, device);
     if (!f)
         return 1;
-    fprintf(f, "  \"data\": \"tinycode128 real decode trace (bench/gpu/"
-               "trace.py): %u (layer, KV head) pairs, GQA %u, %u tokens\",\n",
+    fprintf(f,
+            "  \"data\": \"tinycode128 real decode trace (bench/gpu/"
+            "trace.py): %u (layer, KV head) pairs, GQA %u, %u tokens\",\n",
             H, n_group, N);
-    fprintf(f, "  \"better_policy_by_hit_rate\": \"%s\",\n"
-               "  \"faster_policy_by_median\": \"%s\",\n"
-               "  \"faster_miss_mode_by_median\": \"%s\",\n",
+    fprintf(f,
+            "  \"better_policy_by_hit_rate\": \"%s\",\n"
+            "  \"faster_policy_by_median\": \"%s\",\n"
+            "  \"faster_miss_mode_by_median\": \"%s\",\n",
             by_hit, by_time, by_miss);
     fprintf(f, "  \"copy_gb_s\": %.1f,\n  \"h2d_pinned_gb_s\": %.1f,\n",
             copy_gbs, h2d_gbs);
@@ -1244,8 +1248,7 @@ int main(int argc, char **argv) {
                         quick ? 10 : 50);
 
     if (json) {
-        FILE *f = json_begin(json, "gpu", "bench/run.sh gpu", quick,
-                             prop.name);
+        FILE *f = json_begin(json, "gpu", "bench/run.sh gpu", quick, prop.name);
         if (!f)
             return 1;
         fprintf(f, "  \"data\": \"synthetic clustered keys, focus-token "

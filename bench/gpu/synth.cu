@@ -23,12 +23,12 @@ static __device__ float hnorm(uint64_t key) {
 }
 
 static __device__ float offset_of(uint64_t seed, uint32_t h, int d) {
-    return 2.f * hnorm(seed * 0x100000001b3ULL + ((uint64_t)h << 20) + d +
-                       0x5555);
+    return 2.f *
+           hnorm(seed * 0x100000001b3ULL + ((uint64_t)h << 20) + d + 0x5555);
 }
 
-static __global__ void kv_kernel(__nv_bfloat16 *k, __nv_bfloat16 *v,
-                                 uint32_t H, uint64_t n, uint64_t stride,
+static __global__ void kv_kernel(__nv_bfloat16 *k, __nv_bfloat16 *v, uint32_t H,
+                                 uint64_t n, uint64_t stride,
                                  uint32_t n_centers, uint64_t seed) {
     const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (uint64_t)H * n * (D / 8))
@@ -37,10 +37,10 @@ static __global__ void kv_kernel(__nv_bfloat16 *k, __nv_bfloat16 *v,
     const uint64_t t = (i / (D / 8)) % n;
     const uint32_t h = (uint32_t)(i / (D / 8) / n);
     /* centres are local to each 8192-token segment (topics come and go) */
-    const uint64_t c = (t / 8192) * n_centers +
-                       mix(seed ^ (t * 0x9e3779b97f4a7c15ULL) ^
-                           ((uint64_t)h << 56)) %
-                           n_centers;
+    const uint64_t c =
+        (t / 8192) * n_centers +
+        mix(seed ^ (t * 0x9e3779b97f4a7c15ULL) ^ ((uint64_t)h << 56)) %
+            n_centers;
     const size_t row = ((size_t)h * stride + t) * D;
     for (int j = 0; j < 8; j++) {
         const int d = chunk * 8 + j;
@@ -80,8 +80,7 @@ extern "C" int bench_synth_kv(void *k, void *v, uint32_t H, uint64_t n,
                               uint64_t seed, cudaStream_t s) {
     const uint64_t total = (uint64_t)H * n * (D / 8);
     kv_kernel<<<(unsigned)((total + 255) / 256), 256, 0, s>>>(
-        (__nv_bfloat16 *)k, (__nv_bfloat16 *)v, H, n, stride, n_centers,
-        seed);
+        (__nv_bfloat16 *)k, (__nv_bfloat16 *)v, H, n, stride, n_centers, seed);
     return (int)cudaGetLastError();
 }
 
@@ -89,7 +88,7 @@ extern "C" int bench_synth_q(float *q, const void *k, uint64_t stride,
                              uint32_t H, uint32_t G, const uint32_t *focus,
                              uint64_t kv_seed, uint64_t seed, float strength,
                              float noise, cudaStream_t s) {
-    q_kernel<<<H * G, D, 0, s>>>(q, (const __nv_bfloat16 *)k, stride, G,
-                                 focus, kv_seed, seed, strength, noise);
+    q_kernel<<<H * G, D, 0, s>>>(q, (const __nv_bfloat16 *)k, stride, G, focus,
+                                 kv_seed, seed, strength, noise);
     return (int)cudaGetLastError();
 }

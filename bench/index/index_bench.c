@@ -30,7 +30,9 @@
 #include <time.h>
 
 static kvs_rng_t rng = {0x2545f4914f6cdd1dull};
-static float nrand(void) { return kvs_rng_normal(&rng); }
+static float nrand(void) {
+    return kvs_rng_normal(&rng);
+}
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

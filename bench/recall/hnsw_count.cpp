@@ -31,7 +31,9 @@ struct CountingDistance : faiss::DistanceComputer {
     bool negate = false; /* HNSW minimises: inner product is negated */
     uint64_t n = 0;
 
-    void set_query(const float *x) override { inner->set_query(x); }
+    void set_query(const float *x) override {
+        inner->set_query(x);
+    }
     float operator()(idx_t i) override {
         n++;
         float d = (*inner)(i);
@@ -45,8 +47,8 @@ struct CountingDistance : faiss::DistanceComputer {
 
 } // namespace
 
-extern "C" int kvs__recall_hnsw_search(const void *index, const float *q,
-                                       int k, int ef, int64_t *labels,
+extern "C" int kvs__recall_hnsw_search(const void *index, const float *q, int k,
+                                       int ef, int64_t *labels,
                                        uint64_t *ndis) {
     try {
         auto *h = dynamic_cast<const faiss::IndexHNSW *>(

@@ -153,11 +153,10 @@ static int dump_open(const char *path, dump_t *dp) {
     dp->dtype = h[9];
     dp->seq_len = h[10];
     size_t e = dp->dtype == 0 ? 4 : 2;
-    if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 ||
-        dp->dtype > 1 || !dp->n_layers || !dp->n_kv || !dp->d ||
-        dp->n_q % dp->n_kv ||
+    if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 || dp->dtype > 1 ||
+        !dp->n_layers || !dp->n_kv || !dp->d || dp->n_q % dp->n_kv ||
         dp->data_off + (uint64_t)dp->n_layers * (dp->n_q + 2 * dp->n_kv) *
-                               dp->n_tokens * dp->d * e !=
+                           dp->n_tokens * dp->d * e !=
             (uint64_t)st.st_size) {
         munmap(m, (size_t)st.st_size);
         return KVS_ECORRUPT;
@@ -297,8 +296,7 @@ static double pair_bytes_at(const series_t *s, size_t p0, double target) {
 }
 
 /* Best recall@100 the pair gets while scanning at most `budget`. */
-static double pair_recall_within(const series_t *s, size_t p0,
-                                 double budget) {
+static double pair_recall_within(const series_t *s, size_t p0, double budget) {
     double best = 0;
     for (uint32_t g = 0; g < s->n_grid; g++)
         if (s->scan[p0 + g] <= budget + 1e-9 && s->r100[p0 + g] > best)
@@ -330,7 +328,9 @@ static void row_str(const char *key, const char *v) {
     fprintf(jf, ",\"%s\":\"%s\"", key, v);
 }
 
-static void row_end(void) { fputc('}', jf); }
+static void row_end(void) {
+    fputc('}', jf);
+}
 
 /* ---- recall against the ground truth ----------------------------------- */
 
@@ -390,9 +390,9 @@ static void make_grids(int quick) {
         if (f >= 1)
             break;
     }
-    static const double eps_full[] = {0.5,  0.3,   0.2,   0.1,  0.05,
-                                      0.02, 0.01,  0.005, 0.002, 0.001,
-                                      5e-4, 2e-4,  1e-4,  3e-5,  1e-5};
+    static const double eps_full[] = {0.5,  0.3,  0.2,   0.1,   0.05,
+                                      0.02, 0.01, 0.005, 0.002, 0.001,
+                                      5e-4, 2e-4, 1e-4,  3e-5,  1e-5};
     static const double eps_quick[] = {0.3, 0.1, 0.03, 0.01, 0.003, 0.001};
     const double *e = quick ? eps_quick : eps_full;
     n_eps = quick ? sizeof eps_quick / sizeof *eps_quick
@@ -491,10 +491,8 @@ static void merge_tail(const int64_t *lab, const float *dist, const float *q,
 /* Bytes a flat list index (IVF) reads for one query: every list centroid
  * with an offset and a size, then the probed keys with their ids, then the
  * unindexed keys in full. */
-static double ivf_bytes(uint32_t C, uint64_t probed, uint32_t tail,
-                        size_t rb) {
-    return (double)C * (rb + 8) + (double)probed * (rb + 4) +
-           (double)tail * rb;
+static double ivf_bytes(uint32_t C, uint64_t probed, uint32_t tail, size_t rb) {
+    return (double)C * (rb + 8) + (double)probed * (rb + 4) + (double)tail * rb;
 }
 
 static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
@@ -519,8 +517,8 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
     info->n_segments = nseg;
     info->tail = P - indexed;
 
-    series_init(&S[S_WAVE], "wave", "retrieval_fraction", Q_DECODE, g_rf,
-                n_rf, L, HQ, nq);
+    series_init(&S[S_WAVE], "wave", "retrieval_fraction", Q_DECODE, g_rf, n_rf,
+                L, HQ, nq);
     series_init(&S[S_WAVE_CENTROID], "wave-centroid", "retrieval_fraction",
                 Q_DECODE, g_rf, n_rf, L, HQ, nq);
     series_init(&S[S_WAVE_R8], "wave-codes-ratio8", "retrieval_fraction",
@@ -534,10 +532,10 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
     series_init(&S[S_HNSW], "hnsw", "efSearch", Q_DECODE, g_ef, n_ef, L, HQ,
                 nq);
     series_init(&S[S_FLAT], "exact", "none", Q_DECODE, g_one, 1, L, HQ, nq);
-    series_init(&S[S_IVF_K2K], "ivf-flat", "nprobe", Q_KEY, g_nprobe,
-                n_nprobe, L, HKV, nq);
-    series_init(&S[S_WAVE_K2K], "wave", "retrieval_fraction", Q_KEY, g_rf,
-                n_rf, L, HKV, nq);
+    series_init(&S[S_IVF_K2K], "ivf-flat", "nprobe", Q_KEY, g_nprobe, n_nprobe,
+                L, HKV, nq);
+    series_init(&S[S_WAVE_K2K], "wave", "retrieval_fraction", Q_KEY, g_rf, n_rf,
+                L, HKV, nq);
     series_init(&S[S_WAVE_CENTROID_K2K], "wave-centroid", "retrieval_fraction",
                 Q_KEY, g_rf, n_rf, L, HKV, nq);
 
@@ -606,20 +604,18 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
             for (uint32_t s = 0; s < nseg; s++) {
                 char err[160] = "";
                 bp.seed = 1234 + (uint64_t)s * T;
-                if ((rc = kvs_segment_build(&bp, KVS_DTYPE_F32, D,
-                                            (uint64_t)s * T, T,
-                                            kh + (size_t)s * T * D,
-                                            vals + (size_t)s * T * D,
-                                            &segs[s], err, sizeof err)))
+                if ((rc = kvs_segment_build(
+                         &bp, KVS_DTYPE_F32, D, (uint64_t)s * T, T,
+                         kh + (size_t)s * T * D, vals + (size_t)s * T * D,
+                         &segs[s], err, sizeof err)))
                     die(err, rc);
                 C += segs[s]->n_clusters;
             }
             info->t_wave_build += now_s() - t0;
             t0 = now_s();
             for (uint32_t s = 0; s < nseg; s++)
-                if ((rc = kvs_segment_build_codes(segs[s],
-                                                  segs[s]->codes->seed ^
-                                                      0x636f646573ull)))
+                if ((rc = kvs_segment_build_codes(
+                         segs[s], segs[s]->codes->seed ^ 0x636f646573ull)))
                     die("kvs_segment_build_codes", rc);
             info->t_codes_build += now_s() - t0;
             for (uint32_t s = 0; s < nseg; s++) {
@@ -649,9 +645,9 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
             FaissIndexFlatIP *flat;
             faiss_check(faiss_IndexFlatIP_new_with(&flat, D), "flat");
             faiss_check(faiss_Index_add((FaissIndex *)flat, ctx, kh), "add");
-            faiss_check(faiss_Index_search((FaissIndex *)flat, nall, qx, KT,
-                                           ld, lab),
-                        "flat search");
+            faiss_check(
+                faiss_Index_search((FaissIndex *)flat, nall, qx, KT, ld, lab),
+                "flat search");
             faiss_IndexFlatIP_free(flat);
             for (uint32_t a = 0; a < nall; a++) {
                 uint32_t i = a >= G * nq ? a - G * nq : a % nq;
@@ -728,9 +724,9 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                         double bytes = (double)zs.bytes_read / kb;
                         recall_of(&tr, hp, &r10, &r100);
                         if (key) {
-                            series_put(&S[mode ? S_WAVE_CENTROID_K2K
-                                               : S_WAVE_K2K],
-                                       l, g, i, gi, r10, r100, scan, bytes);
+                            series_put(
+                                &S[mode ? S_WAVE_CENTROID_K2K : S_WAVE_K2K], l,
+                                g, i, gi, r10, r100, scan, bytes);
                             continue;
                         }
                         if (!mode) {
@@ -752,22 +748,21 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
             FaissIndexFlatIP *quant;
             FaissIndexIVFFlat *ivf;
             faiss_check(faiss_IndexFlatIP_new_with(&quant, D), "quantizer");
-            faiss_check(faiss_IndexIVFFlat_new_with_metric(
-                            &ivf, (FaissIndex *)quant, D, C,
-                            METRIC_INNER_PRODUCT),
-                        "ivf");
+            faiss_check(
+                faiss_IndexIVFFlat_new_with_metric(&ivf, (FaissIndex *)quant, D,
+                                                   C, METRIC_INNER_PRODUCT),
+                "ivf");
             faiss_check(faiss_Index_train((FaissIndex *)ivf, indexed, kh),
                         "train");
-            faiss_check(faiss_Index_add((FaissIndex *)ivf, indexed, kh),
-                        "add");
+            faiss_check(faiss_Index_add((FaissIndex *)ivf, indexed, kh), "add");
             info->t_ivf_build += now_s() - t0;
             /* List sizes, and each query's list ranking: the IVF probes
              * the quantizer's top nprobe lists, so the scanned keys are the
              * running sum of their sizes. */
             int64_t *asg = xcalloc(indexed, sizeof(int64_t));
-            faiss_check(faiss_Index_assign((FaissIndex *)quant, indexed, kh,
-                                           asg, 1),
-                        "assign");
+            faiss_check(
+                faiss_Index_assign((FaissIndex *)quant, indexed, kh, asg, 1),
+                "assign");
             uint64_t *lsize = xcalloc(C, sizeof(uint64_t));
             for (uint32_t t = 0; t < indexed; t++)
                 if (asg[t] >= 0 && asg[t] < C)
@@ -810,8 +805,8 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                         series_put(&S[S_IVF], l, g * G + a / nq, i, gi, r10,
                                    r100, scan, bytes);
                     else
-                        series_put(&S[S_IVF_K2K], l, g, i, gi, r10, r100,
-                                   scan, bytes);
+                        series_put(&S[S_IVF_K2K], l, g, i, gi, r10, r100, scan,
+                                   bytes);
                 }
             }
             free(asg);
@@ -850,9 +845,9 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
                         /* A few queries per grid point suffice to show the
                          * replica returns what FAISS returns. */
                         if (a < 4) {
-                            faiss_check(faiss_Index_search(hn, 1, q, TOPK,
-                                                           dist, ref),
-                                        "hnsw search");
+                            faiss_check(
+                                faiss_Index_search(hn, 1, q, TOPK, dist, ref),
+                                "hnsw search");
                             info->hnsw_compared++;
                             if (!memcmp(got, ref, TOPK * sizeof(int64_t)))
                                 info->hnsw_agree++;
@@ -916,7 +911,8 @@ static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
 
     /* Curve: one row per grid point, means and quantiles over pairs. */
     for (uint32_t gi = 0; gi < s->n_grid; gi++) {
-        double *a = xcalloc(np, sizeof(double)), *b = xcalloc(np, sizeof(double));
+        double *a = xcalloc(np, sizeof(double)),
+               *b = xcalloc(np, sizeof(double));
         double *c = xcalloc(np, sizeof(double));
         double *e = xcalloc(np, sizeof(double));
         for (size_t p = 0; p < np; p++) {
@@ -1132,9 +1128,10 @@ int main(int argc, char **argv) {
     for (uint32_t c = 0; c < cfg.n_ctx; c++) {
         if (cfg.contexts[c] > dp.n_tokens ||
             cfg.contexts[c] < cfg.nq + TOPK + 2 * 68 ||
-            (cfg.contexts[c] - cfg.nq) / ((cfg.contexts[c] - cfg.nq +
-                                           cfg.segment_max - 1) /
-                                          cfg.segment_max) <= 68) {
+            (cfg.contexts[c] - cfg.nq) /
+                    ((cfg.contexts[c] - cfg.nq + cfg.segment_max - 1) /
+                     cfg.segment_max) <=
+                68) {
             fprintf(stderr,
                     "recall_bench: context %u does not fit the dump (%u "
                     "tokens) with %u queries\n",
@@ -1182,8 +1179,8 @@ int main(int argc, char **argv) {
         for (int s = 0; s < S_COUNT; s++) {
             med[s] = p90[s] = w2[s] = bm[s] = b9[s] = NAN;
             if (S[s].used)
-                report_series(&S[s], ctx, &dp, qk_cos, &med[s], &p90[s],
-                              &w2[s], &bm[s], &b9[s]);
+                report_series(&S[s], ctx, &dp, qk_cos, &med[s], &p90[s], &w2[s],
+                              &bm[s], &b9[s]);
         }
         size_t nh = (size_t)cfg.n_layers * dp.n_q;
         double *tmp = xcalloc(nh, sizeof(double));
@@ -1212,8 +1209,7 @@ int main(int argc, char **argv) {
         jnum("q_k_mean_cosine_median", qk);
         jnum("wave_build_s", info.t_wave_build);
         jnum("codes_build_s", info.t_codes_build);
-        jnum("codes_share_of_build",
-             info.t_codes_build / info.t_wave_build);
+        jnum("codes_share_of_build", info.t_codes_build / info.t_wave_build);
         jnum("index_memory_overhead", info.index_bytes / info.kv_bytes);
         jnum("codes_memory_overhead", info.codes_bytes / info.kv_bytes);
         jnum("ivf_build_s", info.t_ivf_build);
@@ -1225,14 +1221,17 @@ int main(int argc, char **argv) {
         fprintf(stderr,
                 "recall ctx=%u keys=%u: scanned at recall@100=0.95 (median / "
                 "p90 over %u x %u x %u pairs): wave %.4f / %.4f, "
-                "wave-centroid %.4f / %.4f, wave-bounded %.4f / %.4f, ivf %.4f / %.4f, hnsw %.4f / %.4f;"
-                " bytes read: wave %.4f / %.4f, wave-centroid %.4f, ivf %.4f / %.4f;"
+                "wave-centroid %.4f / %.4f, wave-bounded %.4f / %.4f, ivf %.4f "
+                "/ %.4f, hnsw %.4f / %.4f;"
+                " bytes read: wave %.4f / %.4f, wave-centroid %.4f, ivf %.4f / "
+                "%.4f;"
                 " ivf key-to-key %.4f; ivf/wave %.2fx; q.k mean cosine %.3f\n",
                 ctx, info.n_keys, cfg.n_layers, dp.n_q, cfg.nq, med[S_WAVE],
                 p90[S_WAVE], med[S_WAVE_CENTROID], p90[S_WAVE_CENTROID],
-                med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED],
-                med[S_IVF], p90[S_IVF], med[S_HNSW], p90[S_HNSW], bm[S_WAVE],
-                b9[S_WAVE], bm[S_WAVE_CENTROID], bm[S_IVF], b9[S_IVF], med[S_IVF_K2K], ratio, qk);
+                med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED], med[S_IVF],
+                p90[S_IVF], med[S_HNSW], p90[S_HNSW], bm[S_WAVE], b9[S_WAVE],
+                bm[S_WAVE_CENTROID], bm[S_IVF], b9[S_IVF], med[S_IVF_K2K],
+                ratio, qk);
 
         if (ctx >= head_ctx) {
             head_ctx = ctx;
@@ -1263,19 +1262,23 @@ int main(int argc, char **argv) {
     /* Headline metrics (BENCH.md names) at the largest context run. An
      * unreached median is absent, not a number. */
     fprintf(jf, "\n  ],\n  \"metrics\":{\"headline_context\":%u", head_ctx);
-    static const char *names[] = {
-        "wave_scanned_at_recall95",      "wave_scanned_at_recall95_p90",
-        "ivf_scanned_at_recall95",       "ivf_scanned_at_recall95_p90",
-        "hnsw_scanned_at_recall95",      "ivf_k2k_scanned_at_recall95",
-        "ivf_over_wave_scan_ratio_at_recall95",
-        "wave_bounded_scanned_at_recall95",
-        "wave_recall100_within_2pct",
-        "wave_bytes_read_fraction",      "wave_bytes_read_fraction_p90",
-        "ivf_bytes_read_fraction",       "ivf_bytes_read_fraction_p90",
-        "ivf_over_wave_scan_ratio_at_recall95_p90",
-        "wave_centroid_scanned_at_recall95",
-        "wave_centroid_scanned_at_recall95_p90",
-        "wave_centroid_bytes_read_fraction"};
+    static const char *names[] = {"wave_scanned_at_recall95",
+                                  "wave_scanned_at_recall95_p90",
+                                  "ivf_scanned_at_recall95",
+                                  "ivf_scanned_at_recall95_p90",
+                                  "hnsw_scanned_at_recall95",
+                                  "ivf_k2k_scanned_at_recall95",
+                                  "ivf_over_wave_scan_ratio_at_recall95",
+                                  "wave_bounded_scanned_at_recall95",
+                                  "wave_recall100_within_2pct",
+                                  "wave_bytes_read_fraction",
+                                  "wave_bytes_read_fraction_p90",
+                                  "ivf_bytes_read_fraction",
+                                  "ivf_bytes_read_fraction_p90",
+                                  "ivf_over_wave_scan_ratio_at_recall95_p90",
+                                  "wave_centroid_scanned_at_recall95",
+                                  "wave_centroid_scanned_at_recall95_p90",
+                                  "wave_centroid_bytes_read_fraction"};
     for (int i = 0; i < N_HEADLINE; i++)
         if (isfinite(headline[i]))
             fprintf(jf, ",\"%s\":%.6g", names[i], headline[i]);

@@ -167,9 +167,8 @@ __global__ void __launch_bounds__(ATT_THREADS, G >= 8 ? 1 : KVS_ZONE_MIN_BLOCKS)
                 const uint32_t o0 = offs[c];
                 n = offs[c + 1] - o0;
                 s_o0[k] = o0;
-                s_slot[k] = a.cache.slot_of
-                                ? a.cache.slot_of[(size_t)h * C + c]
-                                : -1;
+                s_slot[k] =
+                    a.cache.slot_of ? a.cache.slot_of[(size_t)h * C + c] : -1;
                 s_flag[k] = a.L.steady_flags[(size_t)h * C + c];
             }
             uint32_t x = n; /* inclusive scan of the sizes */
@@ -220,8 +219,8 @@ __global__ void __launch_bounds__(ATT_THREADS, G >= 8 ? 1 : KVS_ZONE_MIN_BLOCKS)
                     kp[u] = keys + (size_t)(o0 + t) * D;
                     vp[u] = vals + (size_t)(o0 + t) * D;
                     if (ok && stk && n <= st)
-                        strow[u] = (int)(((size_t)h * a.rcap + j0 + lo) * st +
-                                         t);
+                        strow[u] =
+                            (int)(((size_t)h * a.rcap + j0 + lo) * st + t);
                 }
                 bias[u] = ok ? 0.f : -INFINITY;
                 if (ok && s_flag[lo]) {
@@ -234,8 +233,7 @@ __global__ void __launch_bounds__(ATT_THREADS, G >= 8 ? 1 : KVS_ZONE_MIN_BLOCKS)
         }
     } else {
         pdl_wait();
-        const uint32_t j0 =
-            (item - a.steady_items - a.ret_items) * a.est_rows;
+        const uint32_t j0 = (item - a.steady_items - a.ret_items) * a.est_rows;
         const uint32_t j1 = min(a.n_est[h], j0 + a.est_rows);
         const T *cen = (const T *)a.L.centroids + (size_t)h * C * D;
         const T *vm = (const T *)a.L.value_means + (size_t)h * C * D;
@@ -260,8 +258,8 @@ __global__ void __launch_bounds__(ATT_THREADS, G >= 8 ? 1 : KVS_ZONE_MIN_BLOCKS)
     merge_if_last<G>(a, h, n_items);
 }
 
-__global__ void merge_kernel(const float *po, const float *plse,
-                             uint32_t group, uint32_t n_items, float *out) {
+__global__ void merge_kernel(const float *po, const float *plse, uint32_t group,
+                             uint32_t n_items, float *out) {
     const uint32_t h = blockIdx.x / group, i = blockIdx.x % group;
     const int dim = threadIdx.x;
     const float *lse = plse + (size_t)h * n_items * group + i;
@@ -273,8 +271,8 @@ __global__ void merge_kernel(const float *po, const float *plse,
         for (uint32_t k = 0; k < n_items; k++) {
             const float c = exp2f(lse[(size_t)k * group] - m);
             l += c;
-            o = fmaf(c,
-                     po[(((size_t)h * n_items + k) * group + i) * D + dim], o);
+            o = fmaf(c, po[(((size_t)h * n_items + k) * group + i) * D + dim],
+                     o);
         }
     }
     out[((size_t)h * group + i) * D + dim] = l > 0.f ? o / l : 0.f;
@@ -284,8 +282,8 @@ template <typename T, int G>
 int launch_zones(const zone_args &a, uint32_t n_heads, bool pdl,
                  cudaStream_t stream) {
     dim3 grid(a.steady_items + a.ret_items + a.est_items, n_heads);
-    KVS_CUDA_TRY(kvs__cuda_launch(zone_kernel<T, G>, grid, dim3(ATT_THREADS),
-                                  0, stream, pdl, a));
+    KVS_CUDA_TRY(kvs__cuda_launch(zone_kernel<T, G>, grid, dim3(ATT_THREADS), 0,
+                                  stream, pdl, a));
     return 0;
 }
 
@@ -344,17 +342,18 @@ int kvs__cuda_attend_zones(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
     a.done = w->done;
     a.out = out;
     const bool pdl = (w->pdl & 1) != 0;
-    KVS_CUDA_DISPATCH(L->dtype, switch (L->group) {
-        case 1:
-            return launch_zones<T, 1>(a, L->n_heads, pdl, stream);
-        case 2:
-            return launch_zones<T, 2>(a, L->n_heads, pdl, stream);
-        case 4:
-            return launch_zones<T, 4>(a, L->n_heads, pdl, stream);
-        case 8:
-            return launch_zones<T, 8>(a, L->n_heads, pdl, stream);
-        default:
-            return KVS_ENOTSUP;
-    });
+    KVS_CUDA_DISPATCH(
+        L->dtype, switch (L->group) {
+            case 1:
+                return launch_zones<T, 1>(a, L->n_heads, pdl, stream);
+            case 2:
+                return launch_zones<T, 2>(a, L->n_heads, pdl, stream);
+            case 4:
+                return launch_zones<T, 4>(a, L->n_heads, pdl, stream);
+            case 8:
+                return launch_zones<T, 8>(a, L->n_heads, pdl, stream);
+            default:
+                return KVS_ENOTSUP;
+        });
     return KVS_ENOTSUP;
 }

@@ -22,9 +22,7 @@ constexpr int ATT_THREADS = 128;
 constexpr int ATT_HW = ATT_THREADS / LPR; /* half-warps per block: 8 */
 constexpr int ATT_U = 4;                  /* rows in flight per half-warp */
 
-template <int G> struct att_state {
-    float m[G], l[G], o[G][8];
-};
+template <int G> struct att_state { float m[G], l[G], o[G][8]; };
 
 template <int G> __device__ __forceinline__ void att_init(att_state<G> &s) {
 #pragma unroll
@@ -104,8 +102,7 @@ att_rows(att_state<G> &s, const float qr[G][8], const T *const kp[ATT_U],
 #pragma unroll
     for (int u = 0; u < ATT_U; u++)
 #pragma unroll
-        for (int i = 0; i < G; i++)
-        {
+        for (int i = 0; i < G; i++) {
             const float t = hsum16(lg[u][i]); /* all 16 lanes, always */
             lg[u][i] = t + bias[u];
         }

@@ -74,8 +74,8 @@ extern "C" int kvs_cuda_full_new(kvs_dtype_t dtype, uint32_t d,
         return KVS_ENOTSUP;
     int dev = 0, sms = 0;
     KVS_CUDA_TRY(cudaGetDevice(&dev));
-    KVS_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        dev));
+    KVS_CUDA_TRY(
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     kvs_cuda_full_t *f = (kvs_cuda_full_t *)calloc(1, sizeof *f);
     if (!f)
         return KVS_ENOMEM;
@@ -123,26 +123,27 @@ extern "C" int kvs_cuda_full_attend(kvs_cuda_full_t *f, const void *keys,
     const uint32_t items = (n_tokens + chunk - 1) / chunk;
     const float qs = scale * LOG2E;
     int rc = KVS_ENOTSUP;
-    KVS_CUDA_DISPATCH(f->dtype, switch (f->group) {
-        case 1:
-            rc = launch_full<T, 1>(f, keys, values, n_tokens, chunk, items, qs,
-                                   q, stream);
-            break;
-        case 2:
-            rc = launch_full<T, 2>(f, keys, values, n_tokens, chunk, items, qs,
-                                   q, stream);
-            break;
-        case 4:
-            rc = launch_full<T, 4>(f, keys, values, n_tokens, chunk, items, qs,
-                                   q, stream);
-            break;
-        case 8:
-            rc = launch_full<T, 8>(f, keys, values, n_tokens, chunk, items, qs,
-                                   q, stream);
-            break;
-        default:
-            return KVS_ENOTSUP;
-    });
+    KVS_CUDA_DISPATCH(
+        f->dtype, switch (f->group) {
+            case 1:
+                rc = launch_full<T, 1>(f, keys, values, n_tokens, chunk, items,
+                                       qs, q, stream);
+                break;
+            case 2:
+                rc = launch_full<T, 2>(f, keys, values, n_tokens, chunk, items,
+                                       qs, q, stream);
+                break;
+            case 4:
+                rc = launch_full<T, 4>(f, keys, values, n_tokens, chunk, items,
+                                       qs, q, stream);
+                break;
+            case 8:
+                rc = launch_full<T, 8>(f, keys, values, n_tokens, chunk, items,
+                                       qs, q, stream);
+                break;
+            default:
+                return KVS_ENOTSUP;
+        });
     if (rc)
         return rc;
     return kvs__cuda_merge(f->po, f->plse, f->n_heads, f->group, items, out,

@@ -80,8 +80,8 @@ __global__ void mean_kernel(const T *keys, size_t key_stride, uint32_t seg,
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (uint32_t r = rg; r < seg; r += 16) {
         float f[8];
-        cvt8(*reinterpret_cast<const uint4 *>(kb + (size_t)r * D + lane * 8),
-             f, (const T *)nullptr);
+        cvt8(*reinterpret_cast<const uint4 *>(kb + (size_t)r * D + lane * 8), f,
+             (const T *)nullptr);
 #pragma unroll
         for (int i = 0; i < 8; i++)
             acc[i] += f[i];
@@ -154,8 +154,7 @@ __global__ void __launch_bounds__(KM_THREADS)
     const uint32_t sg = blockIdx.y, h = sg / n_seg, j = sg % n_seg;
     const uint32_t row0 = blockIdx.x * KM_ROWS;
     const uint32_t rows = min((uint32_t)KM_ROWS, seg - row0);
-    const T *kb =
-        keys + ((size_t)h * key_stride + (size_t)j * seg + row0) * D;
+    const T *kb = keys + ((size_t)h * key_stride + (size_t)j * seg + row0) * D;
     const float *mu = mean + (size_t)sg * D;
     for (int e = tid; e < KM_ROWS * (D / 8); e += KM_THREADS) {
         const int r = e / (D / 8), ch = e % (D / 8);
@@ -202,8 +201,7 @@ __global__ void __launch_bounds__(KM_THREADS)
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
                                wmma::col_major>
                     fb;
-                wmma::load_matrix_sync(fb, Bs + n * 16 * KM_LD + k * 16,
-                                       KM_LD);
+                wmma::load_matrix_sync(fb, Bs + n * 16 * KM_LD + k * 16, KM_LD);
                 wmma::mma_sync(acc[n], fa, fb, acc[n]);
             }
         }
@@ -252,8 +250,7 @@ struct upd_args {
 };
 
 /* One warp per cluster; FINAL writes the output index. */
-template <typename T, bool FINAL>
-__global__ void update_kernel(upd_args a) {
+template <typename T, bool FINAL> __global__ void update_kernel(upd_args a) {
     const uint32_t gc = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (gc >= a.gcl)
@@ -296,8 +293,7 @@ __global__ void update_kernel(upd_args a) {
     for (int i = 0; i < 4; i++)
         s[i] *= inv;
     store4((T *)a.out.centroids + oc * D + lane * 4, s);
-    const T *vb =
-        (const T *)a.values + (size_t)h * a.key_stride * D + lane * 4;
+    const T *vb = (const T *)a.values + (size_t)h * a.key_stride * D + lane * 4;
     float v[4] = {0, 0, 0, 0};
     uint32_t cnt = 0, flag = 0;
     for (uint32_t m = 0; m < n; m++) {
@@ -327,12 +323,11 @@ __global__ void update_kernel(upd_args a) {
 
 /* cluster-ordered rows and positions; one half-warp per slot */
 template <typename T>
-__global__ void gather_kernel(const T *keys, const T *values,
-                              size_t key_stride, uint32_t Np, size_t total,
-                              const uint32_t *ids, uint32_t first_pos,
-                              kvs_cuda_kmeans_out_t out) {
-    const size_t i = (size_t)blockIdx.x * (blockDim.x / LPR) +
-                     threadIdx.x / LPR;
+__global__ void gather_kernel(const T *keys, const T *values, size_t key_stride,
+                              uint32_t Np, size_t total, const uint32_t *ids,
+                              uint32_t first_pos, kvs_cuda_kmeans_out_t out) {
+    const size_t i =
+        (size_t)blockIdx.x * (blockDim.x / LPR) + threadIdx.x / LPR;
     const int lane = threadIdx.x % LPR;
     if (i >= total)
         return;
@@ -377,15 +372,15 @@ int build(kvs_cuda_kmeans_t *km, const void *keys, const void *values,
           uint32_t key_stride, uint32_t first_pos,
           const kvs_cuda_kmeans_out_t *out, cudaStream_t st) {
     const T *k = (const T *)keys;
-    KVS_CUDA_TRY(cudaFuncSetAttribute(assign_kernel<T>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      KM_SMEM));
+    KVS_CUDA_TRY(cudaFuncSetAttribute(
+        assign_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        KM_SMEM));
     iota_kernel<<<blocks(km->total, 256), 256, 0, st>>>(km->ids, km->total);
-    mean_kernel<T><<<km->S, 256, 0, st>>>(k, key_stride, km->seg, km->n_seg,
-                                          km->mean);
+    mean_kernel<T>
+        <<<km->S, 256, 0, st>>>(k, key_stride, km->seg, km->n_seg, km->mean);
     init_kernel<T><<<blocks(km->gcl, 8), 256, 0, st>>>(
-        k, key_stride, km->seg, km->n_seg, km->K, km->gcl, km->p.seed,
-        km->mean, km->cn);
+        k, key_stride, km->seg, km->n_seg, km->K, km->gcl, km->p.seed, km->mean,
+        km->cn);
     KVS_CUDA_LAUNCHED();
     upd_args a;
     memset(&a, 0, sizeof a);
@@ -410,16 +405,16 @@ int build(kvs_cuda_kmeans_t *km, const void *keys, const void *values,
         KVS_CUDA_TRY(cudaMemsetAsync(km->counts, 0,
                                      (km->gcl + 1) * sizeof(uint32_t), st));
         assign_kernel<T><<<agrid, KM_THREADS, KM_SMEM, st>>>(
-            k, key_stride, km->Np, km->seg, km->n_seg, km->K, km->mean,
-            km->cn, km->assign, km->best, km->counts);
+            k, key_stride, km->Np, km->seg, km->n_seg, km->K, km->mean, km->cn,
+            km->assign, km->best, km->counts);
         KVS_CUDA_LAUNCHED();
         size_t tb = km->tmp_bytes;
         KVS_CUDA_TRY(cub::DeviceScan::ExclusiveSum(km->tmp, tb, km->counts,
                                                    km->offs, km->gcl + 1, st));
         tb = km->tmp_bytes;
         KVS_CUDA_TRY(cub::DeviceRadixSort::SortPairs(
-            km->tmp, tb, km->assign, km->assign_sorted, km->ids,
-            km->ids_sorted, km->total, 0, km->end_bit, st));
+            km->tmp, tb, km->assign, km->assign_sorted, km->ids, km->ids_sorted,
+            km->total, 0, km->end_bit, st));
         if (it < km->p.iters)
             update_kernel<T, false><<<blocks(km->gcl, 8), 256, 0, st>>>(a);
         else
@@ -437,8 +432,7 @@ int build(kvs_cuda_kmeans_t *km, const void *keys, const void *values,
 
 } // namespace
 
-extern "C" void kvs_cuda_kmeans_set_seed(kvs_cuda_kmeans_t *km,
-                                         uint64_t seed) {
+extern "C" void kvs_cuda_kmeans_set_seed(kvs_cuda_kmeans_t *km, uint64_t seed) {
     km->p.seed = seed;
 }
 
@@ -495,10 +489,9 @@ extern "C" int kvs_cuda_kmeans_new(const kvs_cuda_kmeans_params_t *p,
     e = cub::DeviceScan::ExclusiveSum(nullptr, b1, km->counts, km->offs,
                                       km->gcl + 1);
     if (e == cudaSuccess)
-        e = cub::DeviceRadixSort::SortPairs(nullptr, b2, km->assign,
-                                            km->assign_sorted, km->ids,
-                                            km->ids_sorted, km->total, 0,
-                                            km->end_bit);
+        e = cub::DeviceRadixSort::SortPairs(
+            nullptr, b2, km->assign, km->assign_sorted, km->ids, km->ids_sorted,
+            km->total, 0, km->end_bit);
     if (e != cudaSuccess) {
         rc = kvs__cuda_fail(e, "cub temp size");
         goto err;
@@ -529,15 +522,18 @@ extern "C" void kvs_cuda_kmeans_free(kvs_cuda_kmeans_t *km) {
     free(km);
 }
 
-extern "C" uint32_t kvs_cuda_kmeans_clusters_per_head(const kvs_cuda_kmeans_t *km) {
+extern "C" uint32_t
+kvs_cuda_kmeans_clusters_per_head(const kvs_cuda_kmeans_t *km) {
     return km->C;
 }
 
-extern "C" uint32_t kvs_cuda_kmeans_indexed_tokens(const kvs_cuda_kmeans_t *km) {
+extern "C" uint32_t
+kvs_cuda_kmeans_indexed_tokens(const kvs_cuda_kmeans_t *km) {
     return km->Np;
 }
 
-extern "C" const uint32_t *kvs_cuda_kmeans_assignment(const kvs_cuda_kmeans_t *km) {
+extern "C" const uint32_t *
+kvs_cuda_kmeans_assignment(const kvs_cuda_kmeans_t *km) {
     return km->assign;
 }
 

@@ -13,5 +13,5 @@
 #define KM_THREADS 256
 #define KM_LD (KVS_CUDA_HEAD_DIM + 8) /* bf16 row pitch: 272 B */
 #define KM_CLD (KM_CHUNK + 4)         /* fp32 score row pitch */
-#define KM_SMEM                                                              \
+#define KM_SMEM                                                                \
     ((KM_ROWS + KM_CHUNK) * KM_LD * 2 + (KM_THREADS / 32) * 16 * KM_CLD * 4)

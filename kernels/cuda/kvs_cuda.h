@@ -70,34 +70,34 @@ const char *kvs_cuda_last_error(void);
  * them in clusters whose steady_flags is set.
  */
 typedef struct kvs_cuda_layer_s {
-    kvs_dtype_t dtype;          /* KVS_DTYPE_F16 or KVS_DTYPE_BF16 */
-    uint32_t d;                 /* head_dim (128) */
-    uint32_t n_heads;           /* H */
-    uint32_t group;             /* query heads per head, 1..8 */
-    uint32_t max_clusters;      /* C: stride of per-cluster arrays */
-    uint32_t max_tokens;        /* N: stride of keys/values/positions */
-    const uint32_t *n_clusters; /* device [H] */
-    const void *centroids;      /* device [H][C][d]: mean of member keys */
-    const void *value_means;    /* device [H][C][d]: non-steady members */
-    const uint32_t *counts;     /* device [H][C]: non-steady members */
-    const uint32_t *offsets;    /* device [H][C + 1] */
-    const uint8_t *steady_flags;/* device [H][C]: 1 = has steady members */
-    const uint32_t *positions;  /* device [H][N]: absolute position */
-    const void *keys;           /* [H][N][d] cluster-ordered: device or */
-    const void *values;         /*   mapped pinned host memory           */
-    uint32_t steady_lo;         /* indexed p < steady_lo is steady */
-    uint32_t steady_hi;         /* indexed p >= steady_hi is steady */
-    uint32_t n_steady;          /* steady rows per head (sinks, window,
-                                   unindexed tail): the stride of
-                                   steady_keys/values and the plan's size */
-    uint32_t steady_rows;       /* rows in use, <= n_steady; 0 = all. Lets
-                                   a growing tail keep one plan */
-    uint32_t clusters_hint;     /* host-side bound: no n_clusters[h] is
-                                   larger (0 = max_clusters). A plan sized
-                                   for growth then launches only the blocks
-                                   the layer needs now */
-    const void *steady_keys;    /* device [H][n_steady][d] */
-    const void *steady_values;  /* device [H][n_steady][d] */
+    kvs_dtype_t dtype;           /* KVS_DTYPE_F16 or KVS_DTYPE_BF16 */
+    uint32_t d;                  /* head_dim (128) */
+    uint32_t n_heads;            /* H */
+    uint32_t group;              /* query heads per head, 1..8 */
+    uint32_t max_clusters;       /* C: stride of per-cluster arrays */
+    uint32_t max_tokens;         /* N: stride of keys/values/positions */
+    const uint32_t *n_clusters;  /* device [H] */
+    const void *centroids;       /* device [H][C][d]: mean of member keys */
+    const void *value_means;     /* device [H][C][d]: non-steady members */
+    const uint32_t *counts;      /* device [H][C]: non-steady members */
+    const uint32_t *offsets;     /* device [H][C + 1] */
+    const uint8_t *steady_flags; /* device [H][C]: 1 = has steady members */
+    const uint32_t *positions;   /* device [H][N]: absolute position */
+    const void *keys;            /* [H][N][d] cluster-ordered: device or */
+    const void *values;          /*   mapped pinned host memory           */
+    uint32_t steady_lo;          /* indexed p < steady_lo is steady */
+    uint32_t steady_hi;          /* indexed p >= steady_hi is steady */
+    uint32_t n_steady;           /* steady rows per head (sinks, window,
+                                    unindexed tail): the stride of
+                                    steady_keys/values and the plan's size */
+    uint32_t steady_rows;        /* rows in use, <= n_steady; 0 = all. Lets
+                                    a growing tail keep one plan */
+    uint32_t clusters_hint;      /* host-side bound: no n_clusters[h] is
+                                    larger (0 = max_clusters). A plan sized
+                                    for growth then launches only the blocks
+                                    the layer needs now */
+    const void *steady_keys;     /* device [H][n_steady][d] */
+    const void *steady_values;   /* device [H][n_steady][d] */
 } kvs_cuda_layer_t;
 
 /*
@@ -109,12 +109,12 @@ typedef struct kvs_cuda_layer_s {
  * filling the cache afterwards is a device-to-device copy.
  */
 typedef struct kvs_cuda_cache_s {
-    const int32_t *slot_of;  /* device [H][C] */
-    const void *slot_keys;   /* device [n_slots][slot_tokens][d] */
+    const int32_t *slot_of; /* device [H][C] */
+    const void *slot_keys;  /* device [n_slots][slot_tokens][d] */
     const void *slot_values;
-    uint32_t slot_tokens;    /* rows per slot */
-    void *stage_keys;        /* device [H][retrieval_cap][slot_tokens][d] */
-    void *stage_values;      /*   or NULL: no staging */
+    uint32_t slot_tokens; /* rows per slot */
+    void *stage_keys;     /* device [H][retrieval_cap][slot_tokens][d] */
+    void *stage_values;   /*   or NULL: no staging */
 } kvs_cuda_cache_t;
 
 /* ------------------------------------------------------------------------ */
@@ -220,14 +220,14 @@ typedef struct kvs_cuda_kmeans_params_s {
 typedef struct kvs_cuda_kmeans_out_s {
     uint32_t cluster_stride;
     uint32_t token_stride;
-    uint32_t *n_clusters;    /* [H] */
-    void *centroids;         /* [H][C][d] plain mean of raw member keys */
-    void *value_means;       /* [H][C][d] mean of non-steady member values */
-    uint32_t *counts;        /* [H][C] non-steady members */
-    uint32_t *offsets;       /* [H][C + 1] */
-    uint8_t *steady_flags;   /* [H][C] */
-    uint32_t *positions;     /* [H][N'] absolute positions, slot order */
-    void *keys;              /* [H][N'][d] cluster-ordered */
+    uint32_t *n_clusters;  /* [H] */
+    void *centroids;       /* [H][C][d] plain mean of raw member keys */
+    void *value_means;     /* [H][C][d] mean of non-steady member values */
+    uint32_t *counts;      /* [H][C] non-steady members */
+    uint32_t *offsets;     /* [H][C + 1] */
+    uint8_t *steady_flags; /* [H][C] */
+    uint32_t *positions;   /* [H][N'] absolute positions, slot order */
+    void *keys;            /* [H][N'][d] cluster-ordered */
     void *values;
 } kvs_cuda_kmeans_out_t;
 

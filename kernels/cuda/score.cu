@@ -31,12 +31,12 @@ namespace {
 
 constexpr int SEL_THREADS = 512; /* select_kernel<512>; <256> when the
                                      grid would not fit in one wave */
-constexpr int SEL_CLUSTER = 8; /* blocks per head (a portable cluster) */
+constexpr int SEL_CLUSTER = 8;   /* blocks per head (a portable cluster) */
 constexpr int SEL_BINS = 2048;
 constexpr int SELB_THREADS = 1024;           /* select_block_kernel */
 constexpr size_t SELB_SMEM_MAX = 160 * 1024; /* its keys in smem up to this */
-constexpr size_t SEL_SMEM_MAX = 48 * 1024; /* a block's keys in smem up to
-                                              this, else in global memory */
+constexpr size_t SEL_SMEM_MAX = 48 * 1024;   /* a block's keys in smem up to
+                                                this, else in global memory */
 
 /* Score blocks resident per SM when the grid is several waves (many
  * heads): a cap of 96 registers (5 blocks/SM instead of 4, 16 bytes of
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(SCORE_TILE, MB)
                  float *logits, float *tile_ms, uint32_t tiles) {
     constexpr int HW = SCORE_TILE / LPR; /* 8 half-warps */
     constexpr int PER_HW = SCORE_TILE / HW;
-    constexpr int U = 8; /* centroid rows in flight per half-warp */
+    constexpr int U = 8;     /* centroid rows in flight per half-warp */
     pdl_launch_dependents(); /* select may start; it waits for us */
     const int h = blockIdx.y, tile = blockIdx.x;
     const int hw = threadIdx.x / LPR, lane = threadIdx.x % LPR;
@@ -151,8 +151,8 @@ __device__ __forceinline__ uint32_t frac_count(float f, uint32_t n,
  * G * 2 + {0,1}] for k < tiles, into the head's softmax max *M and
  * normaliser *Z (written by lane 0). */
 __device__ __forceinline__ void head_normaliser(const float *t, uint32_t tiles,
-                                                uint32_t G, int lane,
-                                                float *M, float *Z) {
+                                                uint32_t G, int lane, float *M,
+                                                float *Z) {
     float m = -INFINITY, s = 0.f;
     for (uint32_t k = lane; k < tiles; k += 32) {
         const float tm = t[(size_t)k * G * 2], ts = t[(size_t)k * G * 2 + 1];
@@ -205,8 +205,8 @@ __device__ __forceinline__ void warp_count(uint32_t *ctr, bool flag) {
  * batch 1, stalled on the load queue.)
  */
 template <int THREADS>
-__global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
-    __launch_bounds__(THREADS) select_kernel(sel_args a) {
+__global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__(THREADS)
+    select_kernel(sel_args a) {
     constexpr int BPT = SEL_BINS / THREADS; /* bins per thread */
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
@@ -258,8 +258,7 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
             if (c < nc && a.counts[(size_t)h * C + c] > 0) {
                 sc = 0.f;
                 for (uint32_t q = 0; q < G; q++)
-                    sc += exp2f(a.logits[((size_t)h * G + q) * C + c] -
-                                sM[q]) /
+                    sc += exp2f(a.logits[((size_t)h * G + q) * C + c] - sM[q]) /
                           sZ[q];
                 key = __float_as_uint(sc) + 1u;
                 valid++;
@@ -325,9 +324,10 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
         for (int j = 0; j < BPT / 4; j++) {
             const uint4 x0 =
                 __ldcg(reinterpret_cast<const uint4 *>(h0 + b0 + 4 * j));
-            const uint4 x1 = p == 0 ? x0
-                                    : __ldcg(reinterpret_cast<const uint4 *>(
-                                          h1 + b0 + 4 * j));
+            const uint4 x1 =
+                p == 0
+                    ? x0
+                    : __ldcg(reinterpret_cast<const uint4 *>(h1 + b0 + 4 * j));
             const int kb = BPT - 1 - 4 * j; /* v[kb] is bin b0 + 4 j */
             v[kb] = x0.x | ((unsigned long long)x1.x << 32);
             v[kb - 1] = x0.y | ((unsigned long long)x1.y << 32);
@@ -392,8 +392,7 @@ __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1)
                            eq_e = cn[3];
             uint32_t nr = 0, ne = 0;
             if (kr) {
-                const uint32_t take_r =
-                    clampu((int64_t)need_r - tp_r, eq_r);
+                const uint32_t take_r = clampu((int64_t)need_r - tp_r, eq_r);
                 nr = gt_r + take_r;
                 if (same)
                     ne = clampu((int64_t)need_e - tp_r, eq_r) - take_r;
@@ -595,8 +594,8 @@ __global__ void __launch_bounds__(SELB_THREADS)
 }
 
 template <typename T, int G>
-int launch_score(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
-                 const float *q, cudaStream_t stream) {
+int launch_score(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L, const float *q,
+                 cudaStream_t stream) {
     const uint32_t tiles = kvs__cuda_tiles(w, L);
     dim3 grid(tiles, L->n_heads);
     if (w->score_many)
@@ -654,8 +653,7 @@ int kvs__cuda_select_prepare(size_t smem, int block) {
         KVS_CUDA_TRY(cudaFuncSetAttribute(
             select_block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
             (int)smem));
-    else
-    {
+    else {
         KVS_CUDA_TRY(cudaFuncSetAttribute(
             select_kernel<SEL_THREADS>,
             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -669,22 +667,23 @@ int kvs__cuda_select_prepare(size_t smem, int block) {
 int kvs__cuda_score_select(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
                            const float *q, cudaStream_t stream) {
     int rc = KVS_ENOTSUP;
-    KVS_CUDA_DISPATCH(L->dtype, switch (L->group) {
-        case 1:
-            rc = launch_score<T, 1>(w, L, q, stream);
-            break;
-        case 2:
-            rc = launch_score<T, 2>(w, L, q, stream);
-            break;
-        case 4:
-            rc = launch_score<T, 4>(w, L, q, stream);
-            break;
-        case 8:
-            rc = launch_score<T, 8>(w, L, q, stream);
-            break;
-        default:
-            return KVS_ENOTSUP;
-    });
+    KVS_CUDA_DISPATCH(
+        L->dtype, switch (L->group) {
+            case 1:
+                rc = launch_score<T, 1>(w, L, q, stream);
+                break;
+            case 2:
+                rc = launch_score<T, 2>(w, L, q, stream);
+                break;
+            case 4:
+                rc = launch_score<T, 4>(w, L, q, stream);
+                break;
+            case 8:
+                rc = launch_score<T, 8>(w, L, q, stream);
+                break;
+            default:
+                return KVS_ENOTSUP;
+        });
     if (rc)
         return rc;
     sel_args a;
@@ -701,8 +700,7 @@ int kvs__cuda_score_select(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
     a.logits = w->logits;
     a.tile_ms = w->tile_ms;
     a.scores = w->scores;
-    const size_t smem = kvs__cuda_select_smem(L->max_clusters,
-                                              w->select_block);
+    const size_t smem = kvs__cuda_select_smem(L->max_clusters, w->select_block);
     a.keys = smem ? nullptr : w->keys;
     a.ret = w->ret;
     a.n_ret = w->n_ret;
@@ -710,18 +708,16 @@ int kvs__cuda_score_select(kvs_cuda_wave_t *w, const kvs_cuda_layer_t *L,
     a.n_est = w->n_est;
     a.ghist = w->ghist;
     if (w->select_block)
-        KVS_CUDA_TRY(kvs__cuda_launch(select_block_kernel,
-                                      dim3(L->n_heads), dim3(SELB_THREADS),
-                                      smem, stream, (w->pdl & 2) != 0, a));
+        KVS_CUDA_TRY(kvs__cuda_launch(select_block_kernel, dim3(L->n_heads),
+                                      dim3(SELB_THREADS), smem, stream,
+                                      (w->pdl & 2) != 0, a));
     else if (w->sel_threads == SEL_THREADS / 2)
-        KVS_CUDA_TRY(kvs__cuda_launch(select_kernel<SEL_THREADS / 2>,
-                                      dim3(SEL_CLUSTER, L->n_heads),
-                                      dim3(SEL_THREADS / 2), smem, stream,
-                                      (w->pdl & 2) != 0, a));
+        KVS_CUDA_TRY(kvs__cuda_launch(
+            select_kernel<SEL_THREADS / 2>, dim3(SEL_CLUSTER, L->n_heads),
+            dim3(SEL_THREADS / 2), smem, stream, (w->pdl & 2) != 0, a));
     else
-        KVS_CUDA_TRY(kvs__cuda_launch(select_kernel<SEL_THREADS>,
-                                      dim3(SEL_CLUSTER, L->n_heads),
-                                      dim3(SEL_THREADS), smem, stream,
-                                      (w->pdl & 2) != 0, a));
+        KVS_CUDA_TRY(kvs__cuda_launch(
+            select_kernel<SEL_THREADS>, dim3(SEL_CLUSTER, L->n_heads),
+            dim3(SEL_THREADS), smem, stream, (w->pdl & 2) != 0, a));
     return 0;
 }

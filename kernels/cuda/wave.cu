@@ -11,8 +11,7 @@
 static __thread char last_err[256];
 
 int kvs__cuda_fail(cudaError_t e, const char *what) {
-    snprintf(last_err, sizeof last_err, "%s: %s", what,
-             cudaGetErrorString(e));
+    snprintf(last_err, sizeof last_err, "%s: %s", what, cudaGetErrorString(e));
     return kvs_cuda_err(e);
 }
 
@@ -90,8 +89,7 @@ extern "C" int kvs_cuda_wave_new(const kvs_cuda_layer_t *g,
     w->pdl = p->pdl & 3u;
     const size_t items = w->steady_items + w->ret_items + w->est_items;
     w->select_block = p->select_block == 1;
-    const size_t smem = kvs__cuda_select_smem(g->max_clusters,
-                                              w->select_block);
+    const size_t smem = kvs__cuda_select_smem(g->max_clusters, w->select_block);
     int rc = 0;
 #define ALLOC(ptr, n)                                                          \
     do {                                                                       \

@@ -28,11 +28,11 @@ struct kvs_cuda_wave_s {
                      ends), 2: select may start during score;
                      kvs_cuda_wave_params_t.pdl, default 0 */
     /* device scratch */
-    float *logits;  /* [H][G][C] base-2 logits */
-    float *tile_ms; /* [H][tiles][G][2] tile max and sum of exp2 */
-    float *scores;  /* [H][C] */
-    uint32_t *keys; /* [H][C] select keys when they do not fit in smem */
-    uint32_t *ghist; /* cluster select's histograms (zero between steps) */
+    float *logits;    /* [H][G][C] base-2 logits */
+    float *tile_ms;   /* [H][tiles][G][2] tile max and sum of exp2 */
+    float *scores;    /* [H][C] */
+    uint32_t *keys;   /* [H][C] select keys when they do not fit in smem */
+    uint32_t *ghist;  /* cluster select's histograms (zero between steps) */
     int select_block; /* 1: select_block_kernel (params.select_block) */
     int score_many;   /* 1: score blocks capped for 5 per SM (the grid is
                          more than one wave at 4 per SM) */
@@ -49,7 +49,7 @@ struct kvs_cuda_wave_s {
  * pick the same number of clusters. The select kernels, the plan's caps and
  * the launch grids all size zones with it. */
 __host__ __device__ __forceinline__ uint32_t kvs__cuda_frac_count(float f,
-                                                                uint32_t n) {
+                                                                  uint32_t n) {
     if (n == 0 || !(f > 0.f))
         return 0;
     const double x = ceil((double)f * (double)n);

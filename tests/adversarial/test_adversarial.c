@@ -832,8 +832,7 @@ static void test_adversarial_buffered_bytes_capped(void **state) {
     sreq.stats = &st;
     for (int i = 0; i < 200; i++)
         assert_int_equal(
-            aw_buf_request(&pipe, 100 + (uint64_t)i, i % 2 ? &req : &sreq),
-            0);
+            aw_buf_request(&pipe, 100 + (uint64_t)i, i % 2 ? &req : &sreq), 0);
     assert_int_equal(td_send_all(fd, pipe.p, pipe.len), 0);
     aw_buf_free(&pipe);
     size_t errors = 0;

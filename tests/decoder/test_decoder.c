@@ -237,7 +237,8 @@ static void test_decoder_deterministic(void **state) {
     enum { N = 300, V = 512 };
     int32_t tok[N];
     make_tokens(tok, N);
-    float *a = malloc(sizeof(float) * N * V), *b = malloc(sizeof(float) * N * V);
+    float *a = malloc(sizeof(float) * N * V),
+          *b = malloc(sizeof(float) * N * V);
     assert_non_null(a);
     assert_non_null(b);
     /* Same chunking: bit-identical. */
@@ -375,8 +376,8 @@ static void test_decoder_dump(void **state) {
                         .n = N,
                         .kv_dim = c->kv_dim}};
     char err[256];
-    assert_int_equal(kvs_qkv_dump_open(path, c, tok, N, KVS_DTYPE_F32,
-                                       &b.dump, err, sizeof(err)),
+    assert_int_equal(kvs_qkv_dump_open(path, c, tok, N, KVS_DTYPE_F32, &b.dump,
+                                       err, sizeof(err)),
                      0);
     kvs_decoder_options_t o;
     kvs_decoder_options_default(&o);
@@ -506,8 +507,7 @@ static void test_decoder_store_exact_equals_full(void **state) {
     kvs_options_default(&so);
     so.n_threads = 2;
     kvs_decoder_stats_t s;
-    if (run_mode(m, KVS_ATTN_STORE_EXACT, &so, NULL, tok, PRE, STEPS, st,
-                 &s)) {
+    if (run_mode(m, KVS_ATTN_STORE_EXACT, &so, NULL, tok, PRE, STEPS, st, &s)) {
         free(full);
         free(st);
         kvs_model_close(m);

@@ -106,9 +106,19 @@ static void decode_exact(const char *url, const char *seq, const char *out,
                          bool keep) {
     char log[256];
     snprintf(log, sizeof(log), "%s.log", out);
-    const char *args[24] = {"--token-ids", INPUT_IDS, "--step-from", "1",
-                            "--gen", "32", "--attn", "store-exact",
-                            "--logits-out", out, "--quiet", "--seq-id", seq};
+    const char *args[24] = {"--token-ids",
+                            INPUT_IDS,
+                            "--step-from",
+                            "1",
+                            "--gen",
+                            "32",
+                            "--attn",
+                            "store-exact",
+                            "--logits-out",
+                            out,
+                            "--quiet",
+                            "--seq-id",
+                            seq};
     int n = 13;
     if (url) {
         args[n++] = "--store";
@@ -165,8 +175,9 @@ static void test_decoder_store_unix_keep(void **state) {
     assert_int_equal(info.tokens_min, 48);
     assert_int_equal(info.tokens_max, 48);
     /* A second run on the same id is refused, not merged. */
-    const char *args[] = {"--gen", "2", "--attn", "store-exact", "--store",
-                          url, "--seq-id", "12", "--quiet", NULL};
+    const char *args[] = {"--gen",   "2", "--attn",   "store-exact",
+                          "--store", url, "--seq-id", "12",
+                          "--quiet", NULL};
     char log[256];
     snprintf(log, sizeof(log), "%s/exists.log", g_d.dir);
     assert_int_equal(run_kvdecode(args, log), 1);

@@ -52,8 +52,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         kvs_frame_header_t h;
         const uint8_t *body;
         char err[256];
-        while ((rc = kvs_frame_reader_next(&rd, &h, &body, err,
-                                           sizeof(err))) == 1)
+        while ((rc = kvs_frame_reader_next(&rd, &h, &body, err, sizeof(err))) ==
+               1)
             decode_body(&h, body);
     }
     kvs_frame_reader_destroy(&rd);

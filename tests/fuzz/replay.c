@@ -12,7 +12,8 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int main(int argc, char **argv) {
-    const char *dir = argc > 1 ? argv[1] : KVS_SOURCE_DIR "/tests/fuzz/corpus/frame";
+    const char *dir =
+        argc > 1 ? argv[1] : KVS_SOURCE_DIR "/tests/fuzz/corpus/frame";
     DIR *d = opendir(dir);
     if (!d) {
         perror(dir);

@@ -167,8 +167,8 @@ int main(int argc, char **argv) {
 
     /* Bad frames. */
     uint8_t hdr[KVS_FRAME_HEADER_SIZE];
-    kvs_frame_header_t h = {.magic = KVS_FRAME_MAGIC, .version = 1,
-                            .request_id = 1, .body_len = 4};
+    kvs_frame_header_t h = {
+        .magic = KVS_FRAME_MAGIC, .version = 1, .request_id = 1, .body_len = 4};
     kvs_frame_header_encode(&h, hdr);
     put(dir, "truncated", hdr, sizeof(hdr), blob, 2);
     h.version = 9;

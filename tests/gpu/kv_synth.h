@@ -41,8 +41,8 @@ static inline float kv_synth_nrand(kv_synth_t *g) {
 }
 
 /* Returns 0, or -1 when out of memory. */
-static inline int kv_synth_init(kv_synth_t *g, uint32_t kvh,
-                                uint32_t n_centres, uint64_t seed) {
+static inline int kv_synth_init(kv_synth_t *g, uint32_t kvh, uint32_t n_centres,
+                                uint64_t seed) {
     const size_t D = KV_SYNTH_D;
     g->rng = seed ? seed : 0x9e3779b97f4a7c15ull;
     g->kvh = kvh;
@@ -88,7 +88,8 @@ static inline void kv_synth_rows(kv_synth_t *g, kvs_dtype_t dt, uint32_t n,
                 (uint32_t)(kv_synth_urand(g) * g->n_centres) % g->n_centres;
             const float *cen = g->centres + ((size_t)h * g->n_centres + c) * D;
             for (size_t k = 0; k < D; k++)
-                row[k] = g->offset[h * D + k] + cen[k] + 0.5f * kv_synth_nrand(g);
+                row[k] =
+                    g->offset[h * D + k] + cen[k] + 0.5f * kv_synth_nrand(g);
             const size_t at = ((size_t)t * g->kvh + h) * D * es;
             kv_synth_put(dt, (char *)keys + at, row, D);
             for (size_t k = 0; k < D; k++)
@@ -112,8 +113,7 @@ static inline void kv_synth_queries(kv_synth_t *g, uint32_t qh, float *q) {
 }
 
 /* ||a - b|| / ||b|| in double. */
-static inline double kv_synth_rel_l2(const float *a, const float *b,
-                                     size_t n) {
+static inline double kv_synth_rel_l2(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {
         double d = (double)a[i] - b[i];

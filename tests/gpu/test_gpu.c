@@ -83,8 +83,7 @@ static int failures;
     do {                                                                       \
         int rc_ = (call);                                                      \
         if (rc_) {                                                             \
-            printf("%s failed: %d (%s)\n", #call, rc_,                         \
-                   kvs_cuda_last_error());                                     \
+            printf("%s failed: %d (%s)\n", #call, rc_, kvs_cuda_last_error()); \
             exit(1);                                                           \
         }                                                                      \
     } while (0)
@@ -438,8 +437,8 @@ static int cmp_desc(const void *a, const void *b) {
 static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
                       const uint32_t *nc, uint32_t ntok, int with_cache) {
     g_dt = dt;
-    printf("wave %s H=%u G=%u C=%u tokens=%u%s\n", kvs_dtype_name(dt), H, G,
-           C, ntok, with_cache ? " +cache" : "");
+    printf("wave %s H=%u G=%u C=%u tokens=%u%s\n", kvs_dtype_name(dt), H, G, C,
+           ntok, with_cache ? " +cache" : "");
     hlayer_t L;
     hlayer_make(&L, H, G, C, nc, ntok, 100);
     kvs_cuda_layer_t dl = dlayer_make(&L, 0);
@@ -457,7 +456,8 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
     const uint32_t *dnr, *dne;
     const uint32_t *dret = kvs_cuda_wave_retrieved(w, &dnr);
     const uint32_t *dest = kvs_cuda_wave_estimated(w, &dne);
-    uint32_t *ret = malloc((size_t)H * rcap * 4), *est = malloc((size_t)H * ecap * 4);
+    uint32_t *ret = malloc((size_t)H * rcap * 4),
+             *est = malloc((size_t)H * ecap * 4);
     uint32_t *nr = malloc(H * 4), *ne = malloc(H * 4);
     float *sc = malloc((size_t)H * C * 4), *out = malloc((size_t)H * G * D * 4);
     hcopy(ret, dret, (size_t)H * rcap * 4);
@@ -472,8 +472,8 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
             sane = ret[(size_t)h * rcap + j] < L.nc[h];
         for (uint32_t j = 0; sane && j < ne[h]; j++)
             sane = est[(size_t)h * ecap + j] < L.nc[h];
-        CHECK(sane, "head %u: lists out of range (n_ret %u n_est %u)", h,
-              nr[h], ne[h]);
+        CHECK(sane, "head %u: lists out of range (n_ret %u n_est %u)", h, nr[h],
+              ne[h]);
         if (!sane) {
             printf("FAILED: %d checks\n", failures);
             exit(1);
@@ -484,7 +484,8 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
     hcopy(out, dout, (size_t)H * G * D * 4);
 
     const double scale = 1.0 / sqrt((double)D);
-    double *ref = calloc((size_t)H * G * D, 8), *exact = calloc((size_t)H * G * D, 8);
+    double *ref = calloc((size_t)H * G * D, 8),
+           *exact = calloc((size_t)H * G * D, 8);
     double *rs = malloc((size_t)C * 8), *sorted = malloc((size_t)C * 8);
     double *lg = malloc((size_t)C * 8);
     uint8_t *mark = malloc(C);
@@ -530,15 +531,16 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
         CHECK(ne[h] == kre - kr, "head %u estimated %u want %u", h, ne[h],
               kre - kr);
         memset(mark, 0, C);
-        const double tr = kr ? sorted[kr - 1] : 0, te = kre ? sorted[kre - 1] : 0;
+        const double tr = kr ? sorted[kr - 1] : 0,
+                     te = kre ? sorted[kre - 1] : 0;
         for (uint32_t j = 0; j < nr[h] && j < rcap; j++) {
             uint32_t c = ret[(size_t)h * rcap + j];
             CHECK(c < n && !mark[c], "retrieved cluster %u bad/dup", c);
             if (c >= n || mark[c])
                 continue;
             mark[c] = 1;
-            CHECK(rs[c] >= tr * (1 - 1e-5), "retrieved %u score %g < thr %g",
-                  c, rs[c], tr);
+            CHECK(rs[c] >= tr * (1 - 1e-5), "retrieved %u score %g < thr %g", c,
+                  rs[c], tr);
         }
         for (uint32_t j = 0; j < ne[h] && j < ecap; j++) {
             uint32_t c = est[(size_t)h * ecap + j];
@@ -546,8 +548,8 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
             if (c >= n || mark[c])
                 continue;
             mark[c] = 2;
-            CHECK(rs[c] >= te * (1 - 1e-5), "estimated %u score %g < thr %g",
-                  c, rs[c], te);
+            CHECK(rs[c] >= te * (1 - 1e-5), "estimated %u score %g < thr %g", c,
+                  rs[c], te);
             CHECK(rs[c] <= tr * (1 + 1e-5), "estimated %u above retrieval", c);
         }
         /* reference attention over the GPU's zones, and exact attention */
@@ -721,8 +723,8 @@ static void test_wave(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
  * counters.
  */
 static void test_wbuf(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
-                      const uint32_t *nc, uint32_t ntok,
-                      kvs_wbuf_policy_t pol, uint32_t steps) {
+                      const uint32_t *nc, uint32_t ntok, kvs_wbuf_policy_t pol,
+                      uint32_t steps) {
     g_dt = dt;
     const char *env = getenv("KVS_WBUF_STEPS"); /* fewer under sanitizers */
     if (env && strtoul(env, NULL, 10) > 0)
@@ -823,26 +825,23 @@ static void test_wbuf(kvs_dtype_t dt, uint32_t H, uint32_t G, uint32_t C,
            "uncacheable; device K/V vs in-place max rel L2 %.2e (tol "
            "1e-5)\n",
            S[1].lookups ? (double)S[1].hits / S[1].lookups : 0,
-           (unsigned long long)S[1].inserted,
-           (unsigned long long)S[1].evicted,
-           S[1].lookups ? (double)S[1].uncacheable / S[1].lookups : 0,
-           dev_err);
+           (unsigned long long)S[1].inserted, (unsigned long long)S[1].evicted,
+           S[1].lookups ? (double)S[1].uncacheable / S[1].lookups : 0, dev_err);
     CHECK(dev_err <= 1e-5, "wbuf device vs in-place rel L2 %g", dev_err);
     CHECK(S[1].hits > 0 && S[1].evicted > 0 && S[1].uncacheable > 0,
           "wbuf: the trace must hit, evict and meet uncacheable clusters");
     for (int b = 2; b < NB; b++) {
-        printf("  %s: %u of %u steps bit-identical to in-place (max rel L2 "
-               "%.2e), %.1f copies per step (%llu batched calls), %.1f KB copied "
-               "per step\n",
-               name[b], same[b], steps, copy_err,
-               (double)S[b].copies / steps, (unsigned long long)S[b].batches,
-               S[b].bytes_copied / 1e3 / steps);
+        printf(
+            "  %s: %u of %u steps bit-identical to in-place (max rel L2 "
+            "%.2e), %.1f copies per step (%llu batched calls), %.1f KB copied "
+            "per step\n",
+            name[b], same[b], steps, copy_err, (double)S[b].copies / steps,
+            (unsigned long long)S[b].batches, S[b].bytes_copied / 1e3 / steps);
         /* bit for bit only where select left the lists in the same
          * order: its compaction order varies run to run */
         CHECK(copy_err <= 1e-6, "wbuf %s: rel L2 %g vs in-place", name[b],
               copy_err);
-        const int eq = S[b].lookups == S[1].lookups &&
-                       S[b].hits == S[1].hits &&
+        const int eq = S[b].lookups == S[1].lookups && S[b].hits == S[1].hits &&
                        S[b].misses == S[1].misses &&
                        S[b].uncacheable == S[1].uncacheable &&
                        S[b].inserted == S[1].inserted &&
@@ -992,7 +991,8 @@ static double ref_kmeans_segment(const uint16_t *keys, uint32_t n, uint32_t K,
             n2 += v * v;
         }
         for (int k = 0; k < D; k++)
-            c[(size_t)j * D + k] = bfr(n2 > 0 ? c[(size_t)j * D + k] / sqrt(n2) : 0);
+            c[(size_t)j * D + k] =
+                bfr(n2 > 0 ? c[(size_t)j * D + k] / sqrt(n2) : 0);
     }
     double obj = 0;
     for (uint32_t it = 0; it <= iters; it++) {
@@ -1047,8 +1047,8 @@ static void test_kmeans(kvs_dtype_t dt) {
     const uint32_t H = 2, seg = 2048, n_seg = 2, tail = 100;
     const uint32_t ntok = seg * n_seg + tail, stride = ntok + 5;
     kvs_cuda_kmeans_params_t p = {seg, 16, 10, rnd(), 4, seg * n_seg - 64};
-    printf("kmeans %s H=%u segments=%u x %u seed=%llu\n", kvs_dtype_name(dt),
-           H, n_seg, seg, (unsigned long long)p.seed);
+    printf("kmeans %s H=%u segments=%u x %u seed=%llu\n", kvs_dtype_name(dt), H,
+           n_seg, seg, (unsigned long long)p.seed);
     const size_t kvn = (size_t)H * stride * D;
     uint16_t *k = malloc(kvn * 2), *v = malloc(kvn * 2);
     double *centers = malloc((size_t)64 * D * 8);

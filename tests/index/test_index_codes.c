@@ -173,8 +173,8 @@ static void test_index_codes_error_bound(void **state) {
         const uint8_t *row = c->keys + (size_t)s * d / 2;
         for (uint32_t j = 0; j < d; j++) {
             float back = c->lo[j] + c->step[j] * (float)code4_at(row, j);
-            assert_true(fabsf(back - x[j]) <= 0.5f * c->step[j] * 1.0001f +
-                                                  1e-5f);
+            assert_true(fabsf(back - x[j]) <=
+                        0.5f * c->step[j] * 1.0001f + 1e-5f);
         }
     }
     for (uint32_t k = 0; k < seg->n_clusters; k++) {
@@ -182,8 +182,8 @@ static void test_index_codes_error_bound(void **state) {
                          x);
         for (uint32_t j = 0; j < d; j++) {
             float back = c->clo[j] + c->cstep[j] * c->centroids[k * d + j];
-            assert_true(fabsf(back - x[j]) <= 0.5f * c->cstep[j] * 1.0001f +
-                                                  1e-5f);
+            assert_true(fabsf(back - x[j]) <=
+                        0.5f * c->cstep[j] * 1.0001f + 1e-5f);
         }
         assert_true(c->spread[k] >= 0);
     }

@@ -39,8 +39,12 @@
 
 static kvs_rng_t rng;
 
-static uint64_t rng_next(void) { return kvs_rng_next(&rng); }
-static float rng_gauss(void) { return kvs_rng_normal(&rng); }
+static uint64_t rng_next(void) {
+    return kvs_rng_next(&rng);
+}
+static float rng_gauss(void) {
+    return kvs_rng_normal(&rng);
+}
 
 /* Keys and values of n tokens, [n][d] fp32 and in `dtype`. */
 typedef struct data_s {

@@ -14,7 +14,9 @@
 #include "kvs_kernels.h"
 
 static kvs_rng_t rng = {88172645463325252ull};
-static double urand(void) { return kvs_rng_uniform(&rng); }
+static double urand(void) {
+    return kvs_rng_uniform(&rng);
+}
 
 static void test_kernels_f16_roundtrip(void **state) {
     (void)state;

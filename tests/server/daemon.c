@@ -38,12 +38,27 @@ int td_start(test_daemon_t *d, const char *const *extra) {
     snprintf(d->log, sizeof(d->log), "%s/log", d->dir);
     snprintf(port, sizeof(port), "%d", d->port);
     unlink(pf);
-    const char *argv[64] = {
-        KVS_BINARY_DIR "/server/kvstored", "--bind", "127.0.0.1,::1",
-        "--port", port, "--http-port", "0", "--port-file", pf,
-        "--data-dir", data, "--unix-socket", d->sock, "--workers", "2",
-        "--engine-threads", "1", "--build-threads", "1", "--log-level",
-        "info"};
+    const char *argv[64] = {KVS_BINARY_DIR "/server/kvstored",
+                            "--bind",
+                            "127.0.0.1,::1",
+                            "--port",
+                            port,
+                            "--http-port",
+                            "0",
+                            "--port-file",
+                            pf,
+                            "--data-dir",
+                            data,
+                            "--unix-socket",
+                            d->sock,
+                            "--workers",
+                            "2",
+                            "--engine-threads",
+                            "1",
+                            "--build-threads",
+                            "1",
+                            "--log-level",
+                            "info"};
     int n = 0;
     while (argv[n])
         n++;
@@ -199,8 +214,8 @@ int td_send_request(int fd, uint64_t id, uint16_t version,
                     const Kvs__V1__Request *req) {
     uint8_t *buf;
     size_t len;
-    int rc = kvs_frame_encode(id, 0, &req->base, KVS_FRAME_MAX_BODY_LIMIT,
-                              &buf, &len);
+    int rc = kvs_frame_encode(id, 0, &req->base, KVS_FRAME_MAX_BODY_LIMIT, &buf,
+                              &len);
     if (rc)
         return rc;
     if (version != KVS_PROTOCOL_VERSION) {
@@ -280,8 +295,8 @@ char *td_http_get(int port, const char *path, int *status) {
     if (fd < 0)
         return NULL;
     char req[256];
-    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: x\r\n\r\n",
-                     path);
+    int n =
+        snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", path);
     if (td_send_all(fd, req, (size_t)n)) {
         close(fd);
         return NULL;
@@ -316,7 +331,8 @@ char *td_http_get(int port, const char *path, int *status) {
 
 double td_metric(const char *body, const char *name) {
     size_t nl = strlen(name);
-    for (const char *p = body; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : p) {
+    for (const char *p = body; p && *p;
+         p = strchr(p, '\n'), p = p ? p + 1 : p) {
         if (!strncmp(p, name, nl) && p[nl] == ' ')
             return atof(p + nl + 1);
     }

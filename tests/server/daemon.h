@@ -17,7 +17,7 @@ typedef struct test_daemon_s {
     pid_t pid;
     int port;
     int http_port;
-    char dir[128];     /* temp dir: data/, log, port file, socket */
+    char dir[128]; /* temp dir: data/, log, port file, socket */
     char sock[192];
     char log[192];
 } test_daemon_t;

@@ -26,8 +26,7 @@ static uint8_t *ping_frame(uint64_t id, size_t payload, size_t *len) {
     req.op_case = KVS__V1__REQUEST__OP_PING;
     req.ping = &p;
     uint8_t *buf;
-    assert_int_equal(kvs_frame_encode(id, 0, &req.base, 1 << 20, &buf, len),
-                     0);
+    assert_int_equal(kvs_frame_encode(id, 0, &req.base, 1 << 20, &buf, len), 0);
     return buf;
 }
 
@@ -49,9 +48,8 @@ static void test_frame_header_roundtrip(void **state) {
      * run; the old memcmp failed here every time. */
     kvs_frame_header_t o;
     memset(&o, 0xa5, sizeof(o));
-    assert_int_equal(kvs_frame_header_decode(b, sizeof(b), 1 << 20, &o, NULL,
-                                             0),
-                     0);
+    assert_int_equal(
+        kvs_frame_header_decode(b, sizeof(b), 1 << 20, &o, NULL, 0), 0);
     /* Field by field: memcmp would also compare the tail padding, which
      * decode never writes (the test failed at random, about one run in
      * two). */
@@ -64,43 +62,42 @@ static void test_frame_header_roundtrip(void **state) {
 
 static void test_frame_header_errors(void **state) {
     (void)state;
-    kvs_frame_header_t h = {.magic = KVS_FRAME_MAGIC, .version = 1,
-                            .body_len = 100};
+    kvs_frame_header_t h = {
+        .magic = KVS_FRAME_MAGIC, .version = 1, .body_len = 100};
     uint8_t b[KVS_FRAME_HEADER_SIZE];
     kvs_frame_header_t o;
     char err[256];
     kvs_frame_header_encode(&h, b);
-    assert_int_equal(kvs_frame_header_decode(b, 10, 1000, &o, err,
-                                             sizeof(err)),
+    assert_int_equal(kvs_frame_header_decode(b, 10, 1000, &o, err, sizeof(err)),
                      KVS_EINVAL);
-    assert_int_equal(kvs_frame_header_decode(b, sizeof(b), 99, &o, err,
-                                             sizeof(err)),
-                     KVS_ETOOBIG);
+    assert_int_equal(
+        kvs_frame_header_decode(b, sizeof(b), 99, &o, err, sizeof(err)),
+        KVS_ETOOBIG);
     assert_non_null(strstr(err, "max_frame_bytes"));
     h.version = 2;
     kvs_frame_header_encode(&h, b);
-    assert_int_equal(kvs_frame_header_decode(b, sizeof(b), 1000, &o, err,
-                                             sizeof(err)),
-                     KVS_EPROTO);
+    assert_int_equal(
+        kvs_frame_header_decode(b, sizeof(b), 1000, &o, err, sizeof(err)),
+        KVS_EPROTO);
     assert_non_null(strstr(err, "version 2"));
     h.version = 1;
     h.flags = 0x10;
     kvs_frame_header_encode(&h, b);
-    assert_int_equal(kvs_frame_header_decode(b, sizeof(b), 1000, &o, err,
-                                             sizeof(err)),
-                     KVS_EPROTO);
+    assert_int_equal(
+        kvs_frame_header_decode(b, sizeof(b), 1000, &o, err, sizeof(err)),
+        KVS_EPROTO);
     h.flags = 0;
     kvs_frame_header_encode(&h, b);
     b[0] = 'X';
-    assert_int_equal(kvs_frame_header_decode(b, sizeof(b), 1000, &o, err,
-                                             sizeof(err)),
-                     KVS_EPROTO);
+    assert_int_equal(
+        kvs_frame_header_decode(b, sizeof(b), 1000, &o, err, sizeof(err)),
+        KVS_EPROTO);
     assert_non_null(strstr(err, "magic"));
     b[0] = 'K';
     b[23] = 1; /* reserved */
-    assert_int_equal(kvs_frame_header_decode(b, sizeof(b), 1000, &o, err,
-                                             sizeof(err)),
-                     KVS_EPROTO);
+    assert_int_equal(
+        kvs_frame_header_decode(b, sizeof(b), 1000, &o, err, sizeof(err)),
+        KVS_EPROTO);
 }
 
 static void drain(kvs_frame_reader_t *r, uint64_t *next_id, int *frames) {
@@ -110,9 +107,8 @@ static void drain(kvs_frame_reader_t *r, uint64_t *next_id, int *frames) {
     while ((rc = kvs_frame_reader_next(r, &h, &body, NULL, 0)) == 1) {
         assert_int_equal(h.request_id, *next_id);
         Kvs__V1__Request *q = NULL;
-        assert_int_equal(kvs_frame_decode_request(body, h.body_len, NULL, &q,
-                                                  NULL, 0),
-                         0);
+        assert_int_equal(
+            kvs_frame_decode_request(body, h.body_len, NULL, &q, NULL, 0), 0);
         assert_int_equal(q->op_case, KVS__V1__REQUEST__OP_PING);
         kvs__v1__request__free_unpacked(q, NULL);
         (*next_id)++;
@@ -182,8 +178,7 @@ static void test_frame_reader_oversized(void **state) {
 
 static void test_frame_request_checks(void **state) {
     (void)state;
-    kvs_frame_limits_t lim = {.max_head_dim = 64,
-                              .max_tokens_per_append = 16};
+    kvs_frame_limits_t lim = {.max_head_dim = 64, .max_tokens_per_append = 16};
     uint8_t blob[1024] = {0};
     Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
     Kvs__V1__AppendRequest ap = KVS__V1__APPEND_REQUEST__INIT;
@@ -195,9 +190,9 @@ static void test_frame_request_checks(void **state) {
 #define CHECK(expect)                                                          \
     do {                                                                       \
         size_t n = kvs__v1__request__pack(&req, buf);                          \
-        assert_int_equal(kvs_frame_decode_request(buf, n, &lim, &q, err,       \
-                                                  sizeof(err)),                \
-                         expect);                                              \
+        assert_int_equal(                                                      \
+            kvs_frame_decode_request(buf, n, &lim, &q, err, sizeof(err)),      \
+            expect);                                                           \
         if (q)                                                                 \
             kvs__v1__request__free_unpacked(q, NULL);                          \
     } while (0)
@@ -248,14 +243,14 @@ static void test_frame_request_checks(void **state) {
     /* No op at all, and bytes that are not protobuf. */
     Kvs__V1__Request empty = KVS__V1__REQUEST__INIT;
     size_t n = kvs__v1__request__pack(&empty, buf);
-    assert_int_equal(kvs_frame_decode_request(buf, n, &lim, &q, err,
-                                              sizeof(err)),
-                     KVS_EPROTO);
+    assert_int_equal(
+        kvs_frame_decode_request(buf, n, &lim, &q, err, sizeof(err)),
+        KVS_EPROTO);
     kvs__v1__request__free_unpacked(q, NULL);
     memset(buf, 0xff, 16);
-    assert_int_equal(kvs_frame_decode_request(buf, 16, &lim, &q, err,
-                                              sizeof(err)),
-                     KVS_EPROTO);
+    assert_int_equal(
+        kvs_frame_decode_request(buf, 16, &lim, &q, err, sizeof(err)),
+        KVS_EPROTO);
     assert_null(q);
 #undef CHECK
 }
@@ -303,32 +298,30 @@ static void test_config_layers(void **state) {
 
     char *envp[] = {"KVSTORED_MAX_INFLIGHT=10", "KVSTORED_PORT=8001",
                     "KVSTORED_UNRELATED_THING=1", "HOME=/", NULL};
-    assert_int_equal(kvs_server_config_load_file(&cfg, path, err,
-                                                 sizeof(err)),
+    assert_int_equal(kvs_server_config_load_file(&cfg, path, err, sizeof(err)),
                      0);
     assert_int_equal(cfg.port, 8000);
     assert_int_equal(cfg.max_frame_bytes, 2u << 20);
     assert_string_equal(cfg.data_dir, "/tmp/x y");
-    assert_int_equal(kvs_server_config_load_env(&cfg, envp, err,
-                                                sizeof(err)),
+    assert_int_equal(kvs_server_config_load_env(&cfg, envp, err, sizeof(err)),
                      0);
     assert_int_equal(cfg.port, 8001);
     assert_int_equal(cfg.max_inflight, 10);
-    assert_int_equal(kvs_server_config_set(&cfg, "max-inflight", "11", err,
-                                           sizeof(err)),
-                     0);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "max-inflight", "11", err, sizeof(err)), 0);
     assert_int_equal(cfg.max_inflight, 11);
     assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)), 0);
     kvs_server_config_destroy(&cfg);
 
     /* argv: flags beat file; --check-config is reported. */
     assert_int_equal(kvs_server_config_init(&cfg), 0);
-    char *argv[] = {"kvstored", "--config", path, "--port=9000",
-                    "--tcp-nodelay", "no", "--check-config", NULL};
+    char *argv[] = {
+        "kvstored", "--config",       path, "--port=9000", "--tcp-nodelay",
+        "no",       "--check-config", NULL};
     int action = 0;
-    assert_int_equal(kvs_server_config_from_args(&cfg, 7, argv, &action, err,
-                                                 sizeof(err)),
-                     0);
+    assert_int_equal(
+        kvs_server_config_from_args(&cfg, 7, argv, &action, err, sizeof(err)),
+        0);
     assert_int_equal(action, 2);
     assert_int_equal(cfg.port, 9000);
     assert_int_equal(cfg.max_inflight, 9);
@@ -342,23 +335,21 @@ static void test_config_errors(void **state) {
     kvs_server_config_t cfg;
     char err[256];
     assert_int_equal(kvs_server_config_init(&cfg), 0);
-    assert_int_equal(kvs_server_config_set(&cfg, "port", "70000", err,
-                                           sizeof(err)),
-                     KVS_EINVAL);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "port", "70000", err, sizeof(err)),
+        KVS_EINVAL);
     assert_non_null(strstr(err, "port"));
-    assert_int_equal(kvs_server_config_set(&cfg, "max_frame_bytes", "12Q",
-                                           err, sizeof(err)),
-                     KVS_EINVAL);
-    assert_int_equal(kvs_server_config_set(&cfg, "nope", "1", err,
-                                           sizeof(err)),
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "max_frame_bytes", "12Q", err, sizeof(err)),
+        KVS_EINVAL);
+    assert_int_equal(kvs_server_config_set(&cfg, "nope", "1", err, sizeof(err)),
                      KVS_EINVAL);
     assert_non_null(strstr(err, "unknown option"));
-    assert_int_equal(kvs_server_config_set(&cfg, "max_head_dim", "-3", err,
-                                           sizeof(err)),
-                     KVS_EINVAL);
-    assert_int_equal(kvs_server_config_set(&cfg, "log_level", "loud", err,
-                                           sizeof(err)),
-                     0);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "max_head_dim", "-3", err, sizeof(err)),
+        KVS_EINVAL);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "log_level", "loud", err, sizeof(err)), 0);
     assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)),
                      KVS_EINVAL);
     assert_non_null(strstr(err, "log_level"));
@@ -370,8 +361,7 @@ static void test_config_errors(void **state) {
     const char *text = "port 1\nbogus_key 3\n";
     assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     close(fd);
-    assert_int_equal(kvs_server_config_load_file(&cfg, path, err,
-                                                 sizeof(err)),
+    assert_int_equal(kvs_server_config_load_file(&cfg, path, err, sizeof(err)),
                      KVS_EINVAL);
     assert_non_null(strstr(err, ":2:"));
     unlink(path);
@@ -393,23 +383,22 @@ static void test_config_hardening_options(void **state) {
     assert_int_equal(kvs_server_config_set(&cfg, "http-max-connections", "0",
                                            err, sizeof(err)),
                      KVS_EINVAL);
-    assert_int_equal(kvs_server_config_set(&cfg, "http_timeout_ms", "0", err,
-                                           sizeof(err)),
-                     0);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "http_timeout_ms", "0", err, sizeof(err)),
+        0);
     static const char *good[] = {"0660", "660", "0600", "0", "0777"};
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
         assert_int_equal(kvs_server_config_set(&cfg, "unix_socket_mode",
                                                good[i], err, sizeof(err)),
                          0);
-        assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)),
-                         0);
+        assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)), 0);
     }
     /* 8 and 9 are not octal digits; 1777 is past 0777; "" and "0x1b6" are
      * not modes. */
     static const char *bad[] = {"660x", "0680", "1777", "", "0x1b6", "00660"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        assert_int_equal(kvs_server_config_set(&cfg, "unix_socket_mode",
-                                               bad[i], err, sizeof(err)),
+        assert_int_equal(kvs_server_config_set(&cfg, "unix_socket_mode", bad[i],
+                                               err, sizeof(err)),
                          0);
         assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)),
                          KVS_EINVAL);

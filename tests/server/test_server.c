@@ -49,8 +49,10 @@ static float frand(uint64_t *s) {
     return (float)((int64_t)(*s >> 33) % 20001 - 10000) / 10000.0f;
 }
 
-static const kvs_geometry_t GEO = {.n_layers = LAYERS, .n_q_heads = QH,
-                                   .n_kv_heads = KVH, .head_dim = HD,
+static const kvs_geometry_t GEO = {.n_layers = LAYERS,
+                                   .n_q_heads = QH,
+                                   .n_kv_heads = KVH,
+                                   .head_dim = HD,
                                    .dtype = KVS_DTYPE_F32};
 
 /* Keys/values [TOK][KVH][HD] fp32. */
@@ -84,12 +86,11 @@ static void exercise_ops(kvs_client_t *c, uint64_t seq) {
     assert_non_null(strstr(kvs_client_errmsg(c), "exist"));
     /* Two appends of half the tokens to layer 1. */
     size_t half = (size_t)TOK / 2 * KVH * HD;
-    assert_int_equal(kvs_client_seq_append(c, seq, 1, TOK / 2, k, v,
-                                           half * 4),
+    assert_int_equal(kvs_client_seq_append(c, seq, 1, TOK / 2, k, v, half * 4),
                      0);
-    assert_int_equal(kvs_client_seq_append(c, seq, 1, TOK / 2, k + half,
-                                           v + half, half * 4),
-                     0);
+    assert_int_equal(
+        kvs_client_seq_append(c, seq, 1, TOK / 2, k + half, v + half, half * 4),
+        0);
     assert_int_equal(kvs_client_seq_append(c, seq, 0, TOK, v, k,
                                            sizeof(float) * TOK * KVH * HD),
                      0);
@@ -118,27 +119,26 @@ static void exercise_ops(kvs_client_t *c, uint64_t seq) {
     kvs_query_params_t p = {.mode = KVS_MODE_EXACT};
     int64_t pos[QH * 5];
     float sc[QH * 5];
-    assert_int_equal(kvs_client_seq_search(c, seq, 1, q, QH * HD, 5, &p, pos,
-                                           sc, QH * 5),
-                     0);
+    assert_int_equal(
+        kvs_client_seq_search(c, seq, 1, q, QH * HD, 5, &p, pos, sc, QH * 5),
+        0);
     for (int h = 0; h < QH; h++) {
         assert_int_equal(pos[h * 5], 17);
         assert_true(sc[h * 5] >= sc[h * 5 + 1]);
     }
     /* Output capacity too small: a clear client-side range error. */
-    assert_int_equal(kvs_client_seq_search(c, seq, 1, q, QH * HD, 5, &p, pos,
-                                           sc, 3),
-                     KVS_ERANGE);
+    assert_int_equal(
+        kvs_client_seq_search(c, seq, 1, q, QH * HD, 5, &p, pos, sc, 3),
+        KVS_ERANGE);
     /* Queries of the wrong shape. */
-    assert_int_equal(kvs_client_seq_search(c, seq, 1, q, HD, 5, &p, pos, sc,
-                                           QH * 5),
-                     KVS_EGEOMETRY);
+    assert_int_equal(
+        kvs_client_seq_search(c, seq, 1, q, HD, 5, &p, pos, sc, QH * 5),
+        KVS_EGEOMETRY);
 
     /* Attend, exact, against a double-precision reference. */
     float out[QH * HD];
     kvs_attend_stats_t st;
-    assert_int_equal(kvs_client_seq_attend(c, seq, 1, q, QH * HD, &p, out,
-                                           &st),
+    assert_int_equal(kvs_client_seq_attend(c, seq, 1, q, QH * HD, &p, out, &st),
                      0);
     assert_int_equal(st.keys_total, (uint64_t)TOK * KVH);
     double scale = 1.0 / sqrt((double)HD);
@@ -163,9 +163,9 @@ static void exercise_ops(kvs_client_t *c, uint64_t seq) {
         }
     }
     /* Layer out of range. */
-    assert_int_equal(kvs_client_seq_attend(c, seq, LAYERS, q, QH * HD, &p,
-                                           out, NULL),
-                     KVS_ERANGE);
+    assert_int_equal(
+        kvs_client_seq_attend(c, seq, LAYERS, q, QH * HD, &p, out, NULL),
+        KVS_ERANGE);
 
     uint64_t ids[64];
     size_t n = 0;
@@ -199,8 +199,7 @@ static void exercise_ops(kvs_client_t *c, uint64_t seq) {
                      KVS_ENOSEQ);
     assert_int_equal(kvs_client_seq_info(c, pre, &in), 0);
     assert_int_equal(in.tokens_max, 100);
-    assert_int_equal(kvs_client_seq_append(c, pre, 1, 1, k, v,
-                                           KVH * HD * 4),
+    assert_int_equal(kvs_client_seq_append(c, pre, 1, 1, k, v, KVH * HD * 4),
                      0);
     assert_int_equal(kvs_client_seq_info(c, pre, &in), 0);
     assert_int_equal(in.tokens_max, 101);
@@ -208,9 +207,9 @@ static void exercise_ops(kvs_client_t *c, uint64_t seq) {
     /* The whole fork answers like its parent did. */
     int64_t pos2[QH * 5];
     float sc2[QH * 5];
-    assert_int_equal(kvs_client_seq_search(c, all, 1, q, QH * HD, 5, &p,
-                                           pos2, sc2, QH * 5),
-                     0);
+    assert_int_equal(
+        kvs_client_seq_search(c, all, 1, q, QH * HD, 5, &p, pos2, sc2, QH * 5),
+        0);
     assert_memory_equal(pos, pos2, sizeof(pos));
     assert_int_equal(kvs_client_seq_info(c, all, &in), 0);
     assert_int_equal(in.tokens_max, TOK);
@@ -604,11 +603,16 @@ static void test_server_sd_notify(void **state) {
 static void test_server_limits(void **state) {
     (void)state;
     test_daemon_t L = {0};
-    const char *extra[] = {"--max-frame-bytes", "64K",
-                           "--max-tokens-per-append", "64",
-                           "--max-head-dim", "32",
-                           "--max-connections", "3",
-                           "--idle-timeout-ms", "400",
+    const char *extra[] = {"--max-frame-bytes",
+                           "64K",
+                           "--max-tokens-per-append",
+                           "64",
+                           "--max-head-dim",
+                           "32",
+                           "--max-connections",
+                           "3",
+                           "--idle-timeout-ms",
+                           "400",
                            NULL};
     assert_int_equal(td_start(&L, extra), 0);
     kvs_client_t *c = td_client(&L, 0, NULL);
@@ -620,20 +624,20 @@ static void test_server_limits(void **state) {
     static float k[TOK * KVH * HD], v[TOK * KVH * HD];
     make_kv(k, v, 5);
     /* 65 tokens: over max_tokens_per_append, connection stays usable. */
-    assert_int_equal(kvs_client_seq_append(c, 1, 0, 65, k, v,
-                                           65 * KVH * HD * 4),
-                     KVS_ETOOBIG);
+    assert_int_equal(
+        kvs_client_seq_append(c, 1, 0, 65, k, v, 65 * KVH * HD * 4),
+        KVS_ETOOBIG);
     assert_non_null(strstr(kvs_client_errmsg(c), "max_tokens_per_append"));
-    assert_int_equal(kvs_client_seq_append(c, 1, 0, 64, k, v,
-                                           64 * KVH * HD * 4),
-                     0);
+    assert_int_equal(
+        kvs_client_seq_append(c, 1, 0, 64, k, v, 64 * KVH * HD * 4), 0);
     /* 256 tokens x 2 x 256 B = 128 KiB body: over max_frame_bytes. The
      * client refuses to send what it cannot; a raw sender gets ETOOBIG. */
     int fd = td_raw_connect(L.port, false);
     uint8_t hdr[KVS_FRAME_HEADER_SIZE];
     kvs_frame_header_t h = {.magic = KVS_FRAME_MAGIC,
                             .version = KVS_PROTOCOL_VERSION,
-                            .request_id = 9, .body_len = 65 << 10};
+                            .request_id = 9,
+                            .body_len = 65 << 10};
     kvs_frame_header_encode(&h, hdr);
     td_send_all(fd, hdr, sizeof(hdr));
     expect_fatal(fd, KVS_ETOOBIG, 9);
@@ -805,8 +809,10 @@ static void test_server_ttl(void **state) {
     kvs_client_t *c = td_client(&D, 0, NULL);
     assert_int_equal(kvs_client_seq_create(c, 401, &GEO), 0);
     assert_int_equal(kvs_client_seq_set_ttl(c, 401, 1), 0);
-    kvs_client_op_t op = {.type = KVS_CLIENT_CREATE, .seq = 402,
-                          .geometry = GEO, .ttl_seconds = 1};
+    kvs_client_op_t op = {.type = KVS_CLIENT_CREATE,
+                          .seq = 402,
+                          .geometry = GEO,
+                          .ttl_seconds = 1};
     kvs_client_op_t *done[1];
     size_t n = 0;
     assert_int_equal(kvs_client_submit(c, &op), 0);

@@ -367,8 +367,7 @@ static void test_wire_rpc_half_queries(void **state) {
         qp.mode = KVS__V1__MODE__MODE_EXACT;
         req.op_case = KVS__V1__REQUEST__OP_ATTEND;
         req.attend = &at;
-        assert_int_equal(td_send_request(fd, 7, KVS_PROTOCOL_VERSION, &req),
-                         0);
+        assert_int_equal(td_send_request(fd, 7, KVS_PROTOCOL_VERSION, &req), 0);
         kvs_frame_header_t h;
         Kvs__V1__Response *r = NULL;
         assert_int_equal(td_read_response(fd, 10000, &h, &r), 0);

@@ -318,8 +318,8 @@ static void make_cview_dt(cview_t *c, kvs_dtype_t dt) {
     for (int s = 0; s < 2; s++) {
         p.seed = 1234 + s;
         char err[160];
-        assert_int_equal(kvs_segment_build(&p, dt, CD, (uint64_t)s * CSEG,
-                                           CSEG, K + (size_t)s * CSEG * rb,
+        assert_int_equal(kvs_segment_build(&p, dt, CD, (uint64_t)s * CSEG, CSEG,
+                                           K + (size_t)s * CSEG * rb,
                                            V + (size_t)s * CSEG * rb,
                                            &c->seg[s], err, sizeof err),
                          0);
@@ -337,7 +337,9 @@ static void make_cview_dt(cview_t *c, kvs_dtype_t dt) {
                                 .window_tokens = 16};
 }
 
-static void make_cview(cview_t *c) { make_cview_dt(c, KVS_DTYPE_F32); }
+static void make_cview(cview_t *c) {
+    make_cview_dt(c, KVS_DTYPE_F32);
+}
 
 static void free_cview(cview_t *c) {
     free(c->kd);
@@ -365,11 +367,10 @@ static void test_wave_codes_full_budget_is_exact(void **state) {
     kvs_zone_params_t zc = {.retrieval_fraction = 1, .scale = 1};
     kvs_rank_params_t rc = {.rank = KVS_RANK_CODES};
     kvs_zone_stats_t st = {0};
-    assert_int_equal(kvs_head_search_group(&c.view, q, G, K, &ex, s, pe, se,
-                                           NULL),
-                     0);
-    assert_int_equal(kvs_head_search_group_ranked(&c.view, q, G, K, &zc, &rc,
-                                                  s, pc, sc, &st),
+    assert_int_equal(
+        kvs_head_search_group(&c.view, q, G, K, &ex, s, pe, se, NULL), 0);
+    assert_int_equal(kvs_head_search_group_ranked(&c.view, q, G, K, &zc, &rc, s,
+                                                  pc, sc, &st),
                      0);
     for (int i = 0; i < G * K; i++) {
         assert_int_equal(pe[i], pc[i]);
@@ -457,18 +458,17 @@ static void test_wave_codes_fallback(void **state) {
     kvs_zone_params_t zd = {.retrieval_fraction = 0.3f, .scale = 1};
     kvs_rank_params_t rk = {.rank = KVS_RANK_CENTROID};
     assert_int_equal(kvs_head_search(&c.v, q, 8, &zd, s, pd, sd, NULL), 0);
-    assert_int_equal(kvs_head_search_group_ranked(&c.v, q, 1, 8, &zd, &rk, s,
-                                                  pk, sk, NULL),
-                     0);
+    assert_int_equal(
+        kvs_head_search_group_ranked(&c.v, q, 1, 8, &zd, &rk, s, pk, sk, NULL),
+        0);
     assert_memory_equal(pd, pk, sizeof pd);
     rk.rank = KVS_RANK_CODES;
-    assert_int_equal(kvs_head_search_group_ranked(&c.v, q, 1, 8, &zd, &rk, s,
-                                                  pk, sk, NULL),
-                     KVS_EINVAL);
-    float out[D];
     assert_int_equal(
-        kvs_head_attend_ranked(&c.v, q, 1, &zd, &rk, s, out, NULL),
+        kvs_head_search_group_ranked(&c.v, q, 1, 8, &zd, &rk, s, pk, sk, NULL),
         KVS_EINVAL);
+    float out[D];
+    assert_int_equal(kvs_head_attend_ranked(&c.v, q, 1, &zd, &rk, s, out, NULL),
+                     KVS_EINVAL);
     kvs_scratch_free(s);
     free_view(&c);
 }
@@ -492,9 +492,8 @@ static void test_wave_codes_attend(void **state) {
     kvs_zone_params_t zc = {.retrieval_fraction = 1, .scale = 0.125f};
     kvs_rank_params_t rc = {.rank = KVS_RANK_CODES};
     kvs_zone_stats_t st = {0};
-    assert_int_equal(kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s, out,
-                                            &st),
-                     0);
+    assert_int_equal(
+        kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s, out, &st), 0);
     for (int i = 0; i < G * CD; i++)
         assert_float_equal(out[i], ex[i], 1e-5);
     assert_true(st.keys_exact == 2 * CSEG + CTAIL);
@@ -509,9 +508,8 @@ static void test_wave_codes_attend(void **state) {
         zc.estimation_fraction = 1;
         rc.code_ratio = 4;
         kvs_zone_stats_t a = {0}, b = {0};
-        assert_int_equal(kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s,
-                                                out, &a),
-                         0);
+        assert_int_equal(
+            kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s, out, &a), 0);
         uint32_t R = (uint32_t)ceil((double)0.05f * 2 * CSEG);
         assert_true(a.keys_exact == a.keys_steady + R);
         assert_true(a.clusters_retrieved + a.clusters_estimated +
@@ -519,9 +517,8 @@ static void test_wave_codes_attend(void **state) {
                     a.clusters_total);
         assert_true(a.keys_coded >= 4 * R);
         kvs_rank_params_t rk = {.rank = KVS_RANK_CENTROID};
-        assert_int_equal(kvs_head_attend_ranked(&c.view, q, G, &zc, &rk, s,
-                                                cen, &b),
-                         0);
+        assert_int_equal(
+            kvs_head_attend_ranked(&c.view, q, G, &zc, &rk, s, cen, &b), 0);
         read_codes += a.keys_exact;
         read_cent += b.keys_exact;
         for (int i = 0; i < G * CD; i++) {

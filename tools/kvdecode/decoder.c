@@ -81,14 +81,18 @@ static int ip_attend(void *ctx, uint64_t seq, uint32_t layer, const float *q,
                      kvs_attend_stats_t *st) {
     return kvs_seq_attend(ctx, seq, layer, q, qp, out, st);
 }
-static int ip_drop(void *ctx, uint64_t seq) { return kvs_seq_drop(ctx, seq); }
-static const char *ip_errmsg(void *ctx) { return kvs_store_errmsg(ctx); }
+static int ip_drop(void *ctx, uint64_t seq) {
+    return kvs_seq_drop(ctx, seq);
+}
+static const char *ip_errmsg(void *ctx) {
+    return kvs_store_errmsg(ctx);
+}
 static const kvs_decoder_backend_t inproc_backend = {
     ip_create, ip_append, ip_attend, ip_drop, ip_errmsg};
 
 static const char *backend_errmsg(const kvs_decoder_options_t *o) {
-    const char *m = o->backend->errmsg ? o->backend->errmsg(o->backend_ctx)
-                                       : NULL;
+    const char *m =
+        o->backend->errmsg ? o->backend->errmsg(o->backend_ctx) : NULL;
     return m ? m : "";
 }
 
@@ -139,9 +143,9 @@ typedef int32_t i8 __attribute__((vector_size(32)));
 
 /*
  * x = exp(x) for x <= 0, to about 1 ulp: Cephes' expf polynomial. (By
- * pointer: passing 32-byte vectors by value changes the ABI without AVX.) Rounding uses
- * the 1.5 * 2^23 trick, valid in the default rounding mode without
- * -ffast-math. Below -87 the result is 0 (e^-87 < FLT_MIN).
+ * pointer: passing 32-byte vectors by value changes the ABI without AVX.)
+ * Rounding uses the 1.5 * 2^23 trick, valid in the default rounding mode
+ * without -ffast-math. Below -87 the result is 0 (e^-87 < FLT_MIN).
  */
 static inline void exp8(f8 *xp) {
     f8 x = *xp;
@@ -231,8 +235,7 @@ static void linear(const float *x, uint32_t n, uint32_t in, const float *w,
  * for tinycode128 they are correctly rounded, and fp32 recomputation drifts).
  * Beyond it there is no table: angles are computed in double, then rounded.
  */
-static void rope(kvs_decoder_t *d, uint32_t pos, float *vec,
-                 uint32_t n_heads) {
+static void rope(kvs_decoder_t *d, uint32_t pos, float *vec, uint32_t n_heads) {
     const kvs_model_t *m = d->m;
     uint32_t hd = m->cfg.head_dim, half = hd / 2;
     const float *c, *s;
@@ -300,9 +303,8 @@ static int grow_scores(kvs_decoder_t *d, size_t ctx) {
     return 0;
 }
 
-int kvs_decoder_new(const kvs_model_t *model,
-                    const kvs_decoder_options_t *opts, kvs_decoder_t **out,
-                    char *errbuf, size_t errlen) {
+int kvs_decoder_new(const kvs_model_t *model, const kvs_decoder_options_t *opts,
+                    kvs_decoder_t **out, char *errbuf, size_t errlen) {
     kvs__dec_fmt(errbuf, errlen, "%s", "");
     if (!model || !out) {
         kvs__dec_fmt(errbuf, errlen, "NULL model or out");
@@ -320,8 +322,7 @@ int kvs_decoder_new(const kvs_model_t *model,
         return KVS_EINVAL;
     }
     if (o.attn != KVS_ATTN_FULL && !o.store && !o.backend) {
-        kvs__dec_fmt(errbuf, errlen, "%s needs a store",
-                     kvs_attn_name(o.attn));
+        kvs__dec_fmt(errbuf, errlen, "%s needs a store", kvs_attn_name(o.attn));
         return KVS_EINVAL;
     }
     if (o.backend && (!o.backend->create || !o.backend->append ||
@@ -517,8 +518,8 @@ static inline double dot_f64(const float *a, const float *b, uint32_t n) {
             f4 x, y;
             memcpy(&x, a + j + 4 * u, sizeof(x));
             memcpy(&y, b + j + 4 * u, sizeof(y));
-            acc[u] += __builtin_convertvector(x, d4) *
-                      __builtin_convertvector(y, d4);
+            acc[u] +=
+                __builtin_convertvector(x, d4) * __builtin_convertvector(y, d4);
         }
     }
     d4 v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
@@ -614,8 +615,8 @@ static int store_append(kvs_decoder_t *d, uint32_t l, uint32_t n) {
         v = vb;
     }
     size_t bytes = (size_t)n * c->kv_dim * kvs_dtype_size(d->opt.kv_dtype);
-    int rc = d->opt.backend->append(d->opt.backend_ctx, d->opt.seq_id, l, n,
-                                    k, v, bytes);
+    int rc = d->opt.backend->append(d->opt.backend_ctx, d->opt.seq_id, l, n, k,
+                                    v, bytes);
     if (rc != 0)
         return fail(d, rc, "append(layer %u, %u tokens): %s: %s", l, n,
                     kvs_strerror(rc), backend_errmsg(&d->opt));
@@ -624,13 +625,13 @@ static int store_append(kvs_decoder_t *d, uint32_t l, uint32_t n) {
 
 static int attend_store(kvs_decoder_t *d, uint32_t l) {
     kvs_query_params_t qp = d->opt.query;
-    qp.mode = d->opt.attn == KVS_ATTN_STORE_WAVE ? KVS_MODE_WAVE
-                                                 : KVS_MODE_EXACT;
+    qp.mode =
+        d->opt.attn == KVS_ATTN_STORE_WAVE ? KVS_MODE_WAVE : KVS_MODE_EXACT;
     kvs_attend_stats_t st;
     memset(&st, 0, sizeof(st));
     double t0 = now_s();
-    int rc = d->opt.backend->attend(d->opt.backend_ctx, d->opt.seq_id, l,
-                                    d->q, &qp, d->att, &st);
+    int rc = d->opt.backend->attend(d->opt.backend_ctx, d->opt.seq_id, l, d->q,
+                                    &qp, d->att, &st);
     d->stats.attend_seconds += now_s() - t0;
     if (rc != 0)
         return fail(d, rc, "attend(layer %u): %s: %s", l, kvs_strerror(rc),
@@ -651,8 +652,8 @@ static int attend_store(kvs_decoder_t *d, uint32_t l) {
 /*
  * Run n <= chunk tokens through every layer. via_store marks a decode step
  * (n is 1): attention from kvs_seq_attend in store modes, from the double
- * precision attend_own_step in full mode. logits: [n][vocab] when all, else the last
- * row's [vocab]; NULL skips the classifier.
+ * precision attend_own_step in full mode. logits: [n][vocab] when all, else the
+ * last row's [vocab]; NULL skips the classifier.
  */
 static int forward(kvs_decoder_t *d, const int32_t *tokens, uint32_t n,
                    bool via_store, float *logits, bool all) {
@@ -665,8 +666,8 @@ static int forward(kvs_decoder_t *d, const int32_t *tokens, uint32_t n,
     if (rc != 0)
         return fail(d, rc, "out of memory for %u cached tokens", p0 + n);
     for (uint32_t i = 0; i < n; i++)
-        memcpy(d->x + (size_t)i * dim,
-               m->tok_emb + (size_t)tokens[i] * dim, dim * sizeof(float));
+        memcpy(d->x + (size_t)i * dim, m->tok_emb + (size_t)tokens[i] * dim,
+               dim * sizeof(float));
     for (uint32_t l = 0; l < c->n_layers; l++) {
         for (uint32_t i = 0; i < n; i++)
             rmsnorm(d->xb + (size_t)i * dim, d->x + (size_t)i * dim,
@@ -690,8 +691,7 @@ static int forward(kvs_decoder_t *d, const int32_t *tokens, uint32_t n,
             }
         }
         if (d->opt.observe) {
-            rc = d->opt.observe(d->opt.observe_ctx, l, p0, n, d->q, d->k,
-                                d->v);
+            rc = d->opt.observe(d->opt.observe_ctx, l, p0, n, d->q, d->k, d->v);
             if (rc != 0)
                 return fail(d, rc, "observer failed at layer %u: %s", l,
                             kvs_strerror(rc));

@@ -170,9 +170,9 @@ int kvs_qkv_dump_observe(void *ctx, uint32_t layer, uint32_t pos,
         n_tokens = d->n_tokens - pos;
     const kvs_model_config_t *c = &d->cfg;
     uint64_t head_bytes = (uint64_t)d->n_tokens * c->head_dim * d->elt;
-    uint64_t qarr = d->data_offset +
-                    (uint64_t)layer * (c->n_heads + 2ull * c->n_kv_heads) *
-                        head_bytes;
+    uint64_t qarr = d->data_offset + (uint64_t)layer *
+                                         (c->n_heads + 2ull * c->n_kv_heads) *
+                                         head_bytes;
     uint64_t karr = qarr + c->n_heads * head_bytes;
     uint64_t varr = karr + c->n_kv_heads * head_bytes;
     int rc = 0;

@@ -16,14 +16,14 @@
  *
  * Attention modes. `full` is the decoder's own exact attention over its own
  * fp32 K/V arrays: the reference (its decode steps accumulate attention in
- * double and round once, so they are within an ulp of exact). In `store-exact` and `store-wave` every
- * layer also appends its post-RoPE keys and values to a kvstore sequence, and
- * each decode step (kvs_decoder_step) gets its attention output from
- * kvs_seq_attend() in KVS_MODE_EXACT or KVS_MODE_WAVE. Batched prefill
- * (kvs_decoder_prefill) always computes its causal attention itself, exactly,
- * in every mode: kvs_seq_attend attends to everything appended so far, so a
- * chunk of tokens cannot attend causally through it without appending token
- * by token, which would make long prefills take hours. The store still
+ * double and round once, so they are within an ulp of exact). In `store-exact`
+ * and `store-wave` every layer also appends its post-RoPE keys and values to a
+ * kvstore sequence, and each decode step (kvs_decoder_step) gets its attention
+ * output from kvs_seq_attend() in KVS_MODE_EXACT or KVS_MODE_WAVE. Batched
+ * prefill (kvs_decoder_prefill) always computes its causal attention itself,
+ * exactly, in every mode: kvs_seq_attend attends to everything appended so far,
+ * so a chunk of tokens cannot attend causally through it without appending
+ * token by token, which would make long prefills take hours. The store still
  * receives every prefilled key and value, so the decode steps after it run
  * over the whole context. To score a text with store attention at every
  * position, feed it through kvs_decoder_step one token at a time.
@@ -64,9 +64,9 @@ typedef struct kvs_model_config_s {
     uint32_t n_heads;    /* query heads */
     uint32_t n_kv_heads; /* n_heads is a multiple of it */
     uint32_t vocab_size;
-    uint32_t seq_len;    /* trained context; RoPE table rows in the file */
-    uint32_t head_dim;   /* dim / n_heads, even */
-    uint32_t kv_dim;     /* n_kv_heads * head_dim */
+    uint32_t seq_len;       /* trained context; RoPE table rows in the file */
+    uint32_t head_dim;      /* dim / n_heads, even */
+    uint32_t kv_dim;        /* n_kv_heads * head_dim */
     bool shared_classifier; /* output matrix = token embedding */
     uint64_t n_params;      /* weights, RoPE tables not counted */
 } kvs_model_config_t;
@@ -128,9 +128,9 @@ typedef struct kvs_decoder_backend_s {
     int (*create)(void *ctx, uint64_t seq, const kvs_geometry_t *geo);
     int (*append)(void *ctx, uint64_t seq, uint32_t layer, uint32_t n_tokens,
                   const void *keys, const void *values, size_t kv_bytes);
-    int (*attend)(void *ctx, uint64_t seq, uint32_t layer,
-                  const float *queries, const kvs_query_params_t *params,
-                  float *out, kvs_attend_stats_t *stats);
+    int (*attend)(void *ctx, uint64_t seq, uint32_t layer, const float *queries,
+                  const kvs_query_params_t *params, float *out,
+                  kvs_attend_stats_t *stats);
     int (*drop)(void *ctx, uint64_t seq);
     const char *(*errmsg)(void *ctx);
 } kvs_decoder_backend_t;
@@ -167,12 +167,11 @@ typedef struct kvs_decoder_s kvs_decoder_t;
  * A decoder at position 0 over `model` (borrowed; it must outlive the
  * decoder). `opts` is copied; NULL means the defaults.
  * Errors: KVS_EINVAL (bad option; store mode without a store or backend),
- * KVS_ENOMEM, and kvs_seq_create's errors in store modes (e.g. KVS_EEXIST). When
- * `errbuf` is not NULL it receives the message.
+ * KVS_ENOMEM, and kvs_seq_create's errors in store modes (e.g. KVS_EEXIST).
+ * When `errbuf` is not NULL it receives the message.
  */
-int kvs_decoder_new(const kvs_model_t *model,
-                    const kvs_decoder_options_t *opts, kvs_decoder_t **out,
-                    char *errbuf, size_t errlen);
+int kvs_decoder_new(const kvs_model_t *model, const kvs_decoder_options_t *opts,
+                    kvs_decoder_t **out, char *errbuf, size_t errlen);
 /* Free the decoder and drop its store sequence (unless keep_seq). NULL is a
  * no-op. */
 void kvs_decoder_free(kvs_decoder_t *dec);
@@ -208,8 +207,8 @@ typedef struct kvs_decoder_stats_s {
     double prefill_seconds;
     uint64_t step_tokens;
     double step_seconds;
-    double attend_seconds; /* in kvs_seq_attend (store modes), summed */
-    uint64_t attend_calls; /* one per layer per step */
+    double attend_seconds;     /* in kvs_seq_attend (store modes), summed */
+    uint64_t attend_calls;     /* one per layer per step */
     kvs_attend_stats_t attend; /* summed over calls (seconds too) */
 } kvs_decoder_stats_t;
 

@@ -28,7 +28,6 @@
 /* llama2.c export.py "version 1+" files start with this magic ("ak42"). */
 #define LLAMA2C_MAGIC 0x616b3432
 
-
 /* a * b + c into *out, false on uint64 overflow. */
 static bool mul_add(uint64_t a, uint64_t b, uint64_t c, uint64_t *out) {
     if (a != 0 && b > (UINT64_MAX - c) / a)
@@ -39,13 +38,13 @@ static bool mul_add(uint64_t a, uint64_t b, uint64_t c, uint64_t *out) {
 
 static int check_header(const int32_t h[7], kvs_model_config_t *cfg,
                         char *errbuf, size_t errlen) {
-    static const char *names[7] = {"dim",        "hidden_dim", "n_layers",
-                                   "n_heads",    "n_kv_heads", "vocab_size",
+    static const char *names[7] = {"dim",     "hidden_dim", "n_layers",
+                                   "n_heads", "n_kv_heads", "vocab_size",
                                    "seq_len"};
-    static const uint32_t max[7] = {
-        KVS_MODEL_MAX_DIM,   KVS_MODEL_MAX_HIDDEN, KVS_MODEL_MAX_LAYERS,
-        KVS_MODEL_MAX_HEADS, KVS_MODEL_MAX_HEADS,  KVS_MODEL_MAX_VOCAB,
-        KVS_MODEL_MAX_SEQ_LEN};
+    static const uint32_t max[7] = {KVS_MODEL_MAX_DIM,    KVS_MODEL_MAX_HIDDEN,
+                                    KVS_MODEL_MAX_LAYERS, KVS_MODEL_MAX_HEADS,
+                                    KVS_MODEL_MAX_HEADS,  KVS_MODEL_MAX_VOCAB,
+                                    KVS_MODEL_MAX_SEQ_LEN};
     if (h[0] == LLAMA2C_MAGIC) {
         kvs__dec_fmt(errbuf, errlen,
                      "llama2.c version-1+ file (magic \"ak42\"); only the "
@@ -76,8 +75,8 @@ static int check_header(const int32_t h[7], kvs_model_config_t *cfg,
     cfg->shared_classifier = h[5] > 0;
     if (cfg->dim % cfg->n_heads != 0) {
         kvs__dec_fmt(errbuf, errlen,
-                     "bad header: dim %u not divisible by n_heads %u",
-                     cfg->dim, cfg->n_heads);
+                     "bad header: dim %u not divisible by n_heads %u", cfg->dim,
+                     cfg->n_heads);
         return KVS_ECORRUPT;
     }
     if (cfg->n_kv_heads > cfg->n_heads || cfg->n_heads % cfg->n_kv_heads) {
@@ -107,19 +106,19 @@ static bool layout(kvs_model_t *m, const float *base, uint64_t *n_floats) {
     /* Sizes in order; each product fits in 64 bits given the header limits
      * (largest: 2^10 * 2^16 * 2^20), the running sum is checked. */
     uint64_t sizes[14] = {
-        (uint64_t)c->vocab_size * d,                /* tok_emb */
-        L * d,                                      /* rms_att */
-        L * d * d,                                  /* wq */
-        L * kv * d,                                 /* wk */
-        L * kv * d,                                 /* wv */
-        L * d * d,                                  /* wo */
-        L * d,                                      /* rms_ffn */
-        L * hid * d,                                /* w1 */
-        L * d * hid,                                /* w2 */
-        L * hid * d,                                /* w3 */
-        d,                                          /* rms_final */
-        (uint64_t)c->seq_len * (c->head_dim / 2),   /* rope_cos */
-        (uint64_t)c->seq_len * (c->head_dim / 2),   /* rope_sin */
+        (uint64_t)c->vocab_size * d,                            /* tok_emb */
+        L * d,                                                  /* rms_att */
+        L * d * d,                                              /* wq */
+        L * kv * d,                                             /* wk */
+        L * kv * d,                                             /* wv */
+        L * d * d,                                              /* wo */
+        L * d,                                                  /* rms_ffn */
+        L * hid * d,                                            /* w1 */
+        L * d * hid,                                            /* w2 */
+        L * hid * d,                                            /* w3 */
+        d,                                                      /* rms_final */
+        (uint64_t)c->seq_len * (c->head_dim / 2),               /* rope_cos */
+        (uint64_t)c->seq_len * (c->head_dim / 2),               /* rope_sin */
         c->shared_classifier ? 0 : (uint64_t)c->vocab_size * d, /* wcls */
     };
     for (int i = 0; i < 14; i++) {
@@ -195,8 +194,7 @@ static int check_contents(const kvs_model_t *m, char *errbuf, size_t errlen) {
             kvs__dec_fmt(errbuf, errlen,
                          "corrupt RoPE tables: entry %llu (position %llu) is "
                          "not a rotation",
-                         (unsigned long long)i,
-                         (unsigned long long)(i / half));
+                         (unsigned long long)i, (unsigned long long)(i / half));
             return KVS_ECORRUPT;
         }
     }
@@ -276,8 +274,8 @@ int kvs_model_open(const char *path, kvs_model_t **out, char *errbuf,
                          "%s: size %llu fits a %s classifier but vocab_size "
                          "%d says %s",
                          path, (unsigned long long)fsize,
-                         m->cfg.shared_classifier ? "separate" : "shared",
-                         h[5], m->cfg.shared_classifier ? "shared" : "separate");
+                         m->cfg.shared_classifier ? "separate" : "shared", h[5],
+                         m->cfg.shared_classifier ? "shared" : "separate");
         else
             kvs__dec_fmt(errbuf, errlen,
                          "%s: %s: %llu bytes, the header implies %llu", path,

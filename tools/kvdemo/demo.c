@@ -24,7 +24,9 @@
 #include <time.h>
 
 static kvs_rng_t rng = {0x9e3779b97f4a7c15ull};
-static float nrand(void) { return kvs_rng_normal(&rng); }
+static float nrand(void) {
+    return kvs_rng_normal(&rng);
+}
 
 /* The store's messages (kvs_options_t.log): this program owns stderr. */
 static void log_stderr(void *ctx, int level, const char *msg) {
