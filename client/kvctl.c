@@ -45,6 +45,10 @@ static void usage(FILE *f) {
             "         [--dtype f32|f16|bf16]     create a sequence\n"
             "         [--ttl SECONDS]\n"
             "  drop SEQ                          drop a sequence\n"
+            "  flush SEQ                         wait until SEQ's appends "
+            "(and all\n"
+            "                                    earlier writes) are durable "
+            "(sync async)\n"
             "  append SEQ [--layer L] [--tokens N]  append N random tokens "
             "(testing)\n"
             "  ttl SEQ SECONDS                   expire SEQ after SECONDS "
@@ -207,7 +211,9 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                        ",\"gpu_errors\":%" PRIu64 ",\"gpu_bytes\":%" PRIu64
                        ",\"gpu_cache_lookups\":%" PRIu64
                        ",\"gpu_cache_hits\":%" PRIu64 ",\"gpu_builds\":%" PRIu64
-                       "}",
+                       ",\"queued_seqno\":%" PRIu64
+                       ",\"persisted_seqno\":%" PRIu64
+                       ",\"unpersisted_bytes\":%" PRIu64 "}",
                        n ? "," : "", addr, s.node_id, s.server_version,
                        s.uptime_seconds, s.store.sequences, s.store.bytes,
                        s.store.index_bytes, s.store.disk_bytes,
@@ -218,7 +224,9 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                        json_safe(s.attend_path), s.store.gpu_attends,
                        s.store.gpu_fallbacks, s.store.gpu_errors,
                        s.store.gpu_bytes, s.store.gpu_cache_lookups,
-                       s.store.gpu_cache_hits, s.store.gpu_builds);
+                       s.store.gpu_cache_hits, s.store.gpu_builds,
+                       s.store.queued_seqno, s.store.persisted_seqno,
+                       s.store.unpersisted_bytes);
         } else if (rc) {
             printf("%s: FAILED %s: %s\n", addr, kvs_err_name(rc),
                    kvs_client_errmsg(c));
@@ -233,14 +241,18 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                    "  connections     %" PRIu64 "\n"
                    "  requests        %" PRIu64 "\n"
                    "  bytes in/out    %" PRIu64 " / %" PRIu64 "\n"
-                   "  attend path     %s\n",
+                   "  attend path     %s\n"
+                   "  persisted       write %" PRIu64 " of %" PRIu64
+                   ", %" PRIu64 " bytes queued\n",
                    addr, s.node_id, s.server_version, s.uptime_seconds,
                    s.store.sequences, (double)s.store.bytes / 1048576.0,
                    (double)s.store.index_bytes / 1048576.0,
                    (double)s.store.disk_bytes / 1048576.0,
                    s.store.quarantined, s.store.builds_pending, s.store.builds_done, s.connections,
                    s.requests_total, s.bytes_in, s.bytes_out,
-                   s.attend_path[0] ? s.attend_path : "(not reported)");
+                   s.attend_path[0] ? s.attend_path : "(not reported)",
+                   s.store.persisted_seqno, s.store.queued_seqno,
+                   s.store.unpersisted_bytes);
             if (s.store.gpu_attends || s.store.gpu_fallbacks ||
                 s.store.gpu_builds)
                 printf("  gpu             %" PRIu64 " attends, %" PRIu64
@@ -479,6 +491,25 @@ static int cmd_append(const args_t *a, kvs_client_t *c, int argc,
         printf("appended %" PRIu64 " tokens (%zu bytes) to layer %" PRIu64
                " of %" PRIu64 "\n",
                tokens, 2 * bytes, layer, seq);
+    return 0;
+}
+
+static int cmd_flush(const args_t *a, kvs_client_t *c, int argc,
+                     char **argv) {
+    uint64_t seq, persisted = 0;
+    if (argc != 1 || parse_u64(argv[0], &seq))
+        return die_usage("usage: flush SEQ%s", "");
+    int rc = kvs_client_seq_flush(c, seq, &persisted);
+    if (rc)
+        return report_error(a, c, "flush", rc);
+    if (a->json)
+        printf("{\"ok\":true,\"seq\":%" PRIu64 ",\"persisted_seqno\":%" PRIu64
+               "}\n",
+               seq, persisted);
+    else
+        printf("sequence %" PRIu64 " flushed (persisted_seqno %" PRIu64
+               ")\n",
+               seq, persisted);
     return 0;
 }
 
@@ -871,6 +902,8 @@ int main(int argc, char **argv) {
         rc = cmd_append(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "ttl"))
         rc = cmd_ttl(&a, c, sub_argc, sub_argv);
+    else if (!strcmp(cmd, "flush"))
+        rc = cmd_flush(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "bench"))
         rc = cmd_bench(&a, c, sub_argc, sub_argv);
     else
