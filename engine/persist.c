@@ -1125,11 +1125,13 @@ static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
     pthread_mutex_lock(&db->q_mu);
     /* The lag bound: wait for the writer, never drop. A write larger than
      * the bound alone goes in once the queue is empty. */
+    int waited = 0;
     while (!db->q_failed && db->unpersisted > 0 &&
            db->unpersisted + bytes > db->max_unpersisted) {
-        db->lag_waits++;
+        waited = 1;
         pthread_cond_wait(&db->q_done, &db->q_mu);
     }
+    db->lag_waits += waited;
     if (db->q_failed) {
         pthread_mutex_unlock(&db->q_mu);
         return refused(db, err, errlen, what);

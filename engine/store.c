@@ -458,6 +458,7 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
         st->queued_seqno = p.queued;
         st->persisted_seqno = p.persisted;
         st->unpersisted_bytes = p.unpersisted_bytes;
+        st->unpersisted_waits = p.lag_waits;
     }
     return 0;
 }

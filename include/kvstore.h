@@ -425,6 +425,7 @@ typedef struct kvs_store_stats_s {
     uint64_t queued_seqno;      /* the last one made */
     uint64_t persisted_seqno;   /* every one up to it is durable */
     uint64_t unpersisted_bytes; /* KVS_SYNC_ASYNC: queued, not written */
+    uint64_t unpersisted_waits; /* writes that waited for the lag bound */
 } kvs_store_stats_t;
 
 /* Errors: KVS_EINVAL. */

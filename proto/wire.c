@@ -291,6 +291,7 @@ void kvs_wire_store_stats_from_pb(const Kvs__V1__StatsResponse *m,
     out->queued_seqno = m->queued_seqno;
     out->persisted_seqno = m->persisted_seqno;
     out->unpersisted_bytes = m->unpersisted_bytes;
+    out->unpersisted_waits = m->unpersisted_waits;
 }
 
 void kvs_wire_store_stats_to_pb(const kvs_store_stats_t *s,
@@ -326,6 +327,7 @@ void kvs_wire_store_stats_to_pb(const kvs_store_stats_t *s,
     out->queued_seqno = s->queued_seqno;
     out->persisted_seqno = s->persisted_seqno;
     out->unpersisted_bytes = s->unpersisted_bytes;
+    out->unpersisted_waits = s->unpersisted_waits;
 }
 
 /* ----------------------------------------------------------- status codes */

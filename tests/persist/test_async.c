@@ -260,6 +260,27 @@ static void test_async_evict_and_page_in(void **state) {
     free(dir);
 }
 
+typedef struct conc_s {
+    kvs_store_t *s;
+    uint64_t id;
+    int bad;
+} conc_t;
+
+enum { SINGLES = 1000 };
+
+static void *single_appends(void *arg) {
+    conc_t *c = arg;
+    uint16_t *k = malloc((size_t)SINGLES * KVH * D * 2);
+    uint16_t *v = malloc((size_t)SINGLES * KVH * D * 2);
+    make_rows(c->id, 0, 0, SINGLES, k, v);
+    for (uint32_t t = 0; t < SINGLES; t++)
+        c->bad |= kvs_seq_append(c->s, c->id, 0, 1, k + (size_t)t * KVH * D,
+                                 v + (size_t)t * KVH * D) != 0;
+    free(k);
+    free(v);
+    return NULL;
+}
+
 typedef struct watch_s {
     kvs_store_t *s;
     atomic_int stop;
@@ -298,11 +319,20 @@ static void test_async_lag_bound(void **state) {
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, watch_main, &w), 0);
     const uint32_t n = 128; /* 16 KiB of K/V per append */
+    /* Rows made first, so the appends come faster than the writer's
+     * fsyncs. */
+    size_t row = (size_t)KVH * D;
+    uint16_t *k = malloc(200 * n * row * 2), *v = malloc(200 * n * row * 2);
+    make_rows(1, 0, 0, 200 * n, k, v);
     uint64_t total = 0;
     for (uint32_t i = 0; i < 200; i++) {
-        assert_int_equal(append_tokens(s, 1, 1, 0, (uint64_t)i * n, n), 0);
+        assert_int_equal(kvs_seq_append(s, 1, 0, n, k + (size_t)i * n * row,
+                                        v + (size_t)i * n * row),
+                         0);
         total += n * TOK_BYTES;
     }
+    free(k);
+    free(v);
     atomic_store(&w.stop, 1);
     pthread_join(th, NULL);
     print_message("lag bound 24576: max unpersisted seen %llu in %llu "
@@ -315,15 +345,43 @@ static void test_async_lag_bound(void **state) {
     s = open_opts(&o);
     check_tokens_as(s, 1, 1, 0, 200ull * n);
     kvs_store_close(s);
+
+    /* A 1-byte bound: a write joins only an empty queue, so single-token
+     * appends from two threads (faster than the writer's wake-up, write
+     * and fsync) must wait, and the stats count it. */
+    o.max_unpersisted_bytes = 1;
+    s = open_opts(&o);
+    assert_int_equal(kvs_seq_create(s, 2, &GEO), 0);
+    assert_int_equal(kvs_seq_create(s, 3, &GEO), 0);
+    watch_t w2 = {.s = s};
+    assert_int_equal(pthread_create(&th, NULL, watch_main, &w2), 0);
+    conc_t one[2] = {{s, 2, 0}, {s, 3, 0}};
+    pthread_t ath[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(
+            pthread_create(&ath[i], NULL, single_appends, &one[i]), 0);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(ath[i], NULL);
+        assert_int_equal(one[i].bad, 0);
+    }
+    atomic_store(&w2.stop, 1);
+    pthread_join(th, NULL);
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    print_message("bound 1: %llu of %d writes waited; max unpersisted seen "
+                  "%llu\n",
+                  (unsigned long long)st.unpersisted_waits, 2 * SINGLES,
+                  (unsigned long long)w2.max_seen);
+    assert_true(st.unpersisted_waits > 0);
+    assert_true(w2.max_seen <= 256); /* one single-token write */
+    assert_int_equal(kvs_store_close(s), 0);
+    s = open_opts(&o);
+    check_tokens_as(s, 2, 2, 0, SINGLES);
+    check_tokens_as(s, 3, 3, 0, SINGLES);
+    kvs_store_close(s);
     rm_rf(dir);
     free(dir);
 }
-
-typedef struct conc_s {
-    kvs_store_t *s;
-    uint64_t id;
-    int bad;
-} conc_t;
 
 static void *conc_append(void *arg) {
     conc_t *c = arg;
