@@ -1047,6 +1047,13 @@ static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
 
 typedef void (*fill_fn)(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx);
 
+/* When submit returns. */
+enum {
+    SUBMIT_NOWAIT,  /* segments: no fsync wait in any mode */
+    SUBMIT_MODE,    /* appends: durable as the mode says; ASYNC: queued */
+    SUBMIT_DURABLE, /* metadata: durable in every mode, ASYNC included */
+};
+
 /* Wait until `ticket` is on disk; 0 or the error that lost it. Caller
  * holds q_mu. */
 static int q_wait_locked(kvs__db_t *db, uint64_t ticket) {
@@ -1100,10 +1107,8 @@ static void *writer_main(void *arg) {
     return NULL;
 }
 
-/* `bytes`: about what the records take (for the lag bound). `wait`: return
- * once durable as the mode promises (0: segments, which need no fsync wait
- * in the synchronous modes and none in ASYNC). *ticket (may be NULL) gets
- * the write's number. */
+/* `bytes`: about what the records take (for the lag bound). `wait`: one
+ * of SUBMIT_*. *ticket (may be NULL) gets the write's number. */
 static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
                   int wait, uint64_t *ticket, char *err, size_t errlen,
                   const char *what) {
@@ -1111,8 +1116,9 @@ static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
     if (!db->writer_running) {
         rocksdb_writebatch_t *b = rocksdb_writebatch_create();
         fill(db, b, ctx);
-        rc = wait ? write_durable(db, b, err, errlen)
-                  : db_write(db, db->wo_nosync, b, err, errlen, what);
+        rc = wait != SUBMIT_NOWAIT
+                 ? write_durable(db, b, err, errlen)
+                 : db_write(db, db->wo_nosync, b, err, errlen, what);
         rocksdb_writebatch_destroy(b);
         pthread_mutex_lock(&db->q_mu);
         if (!rc)
@@ -1144,7 +1150,7 @@ static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
     if (ticket)
         *ticket = mine;
     pthread_cond_signal(&db->q_work);
-    if (wait && (rc = q_wait_locked(db, mine)))
+    if (wait == SUBMIT_DURABLE && (rc = q_wait_locked(db, mine)))
         refused(db, err, errlen, what);
     pthread_mutex_unlock(&db->q_mu);
     return rc;
@@ -1238,8 +1244,8 @@ int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
     memcpy(r.v + 4, f, sizeof f);
     uint32_t crc = kvs_crc32c(0, r.v + 4, sizeof f);
     memcpy(r.v, &crc, 4);
-    return submit(db, fill_seq, &r, sizeof r, 1, NULL, err, errlen,
-                  "sequence write");
+    return submit(db, fill_seq, &r, sizeof r, SUBMIT_DURABLE, NULL, err,
+                  errlen, "sequence write");
 }
 
 static void fill_drop(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
@@ -1263,7 +1269,7 @@ static void fill_drop(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
  * (the engine refuses appends of a dropped id from then on), so no queued
  * row of the id can land after its delete. */
 int kvs__db_drop_seq(kvs__db_t *db, uint64_t id, char *err, size_t errlen) {
-    return submit(db, fill_drop, &id, 64, 1, NULL, err, errlen,
+    return submit(db, fill_drop, &id, 64, SUBMIT_DURABLE, NULL, err, errlen,
                   "sequence drop");
 }
 
@@ -1347,8 +1353,8 @@ int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
     }
     rows_rec_t r = {id, layer, g->n_kv_heads, pos0, n, segment_tokens, rb,
                     buf};
-    int rc = submit(db, fill_rows, &r, total + 24 * n_recs, 1, ticket, err,
-                    errlen, "write");
+    int rc = submit(db, fill_rows, &r, total + 24 * n_recs, SUBMIT_MODE,
+                    ticket, err, errlen, "write");
     free(buf);
     return rc;
 }
@@ -1385,8 +1391,8 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
      * crash loses at most this build, never data. In ASYNC the segment is
      * queued behind the rows it replaces, so its delete of them can never
      * run before they are written. */
-    int rc = submit(db, fill_segment, &r, 4 + len + 72, 0, NULL, err, errlen,
-                    "segment write");
+    int rc = submit(db, fill_segment, &r, 4 + len + 72, SUBMIT_NOWAIT, NULL,
+                    err, errlen, "segment write");
     free(buf);
     return rc;
 }
