@@ -144,6 +144,8 @@ static void test_async_flush_and_close_drain(void **state) {
     assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
     for (uint32_t i = 0; i < 40; i++)
         assert_int_equal(append_tokens(s, 1, 1, i & 1, (i / 2) * CH, CH), 0);
+    /* No build may queue a segment write between the flush and the stats. */
+    assert_int_equal(kvs_seq_wait_indexed(s, 1), 0);
     assert_int_equal(kvs_seq_flush(s, 1), 0);
     assert_int_equal(kvs_seq_flush(s, 99), KVS_ENOSEQ);
     kvs_store_stats_t st;
