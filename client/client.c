@@ -594,6 +594,13 @@ static void fill_result(kvs_client_op_t *op, const Kvs__V1__Response *r,
         op->ids_total = l->total;
         return;
     }
+    case KVS_CLIENT_FLUSH: {
+        const Kvs__V1__FlushResponse *f = r->flush;
+        if (r->result_case != KVS__V1__RESPONSE__RESULT_FLUSH || !f)
+            goto wrong;
+        op->persisted_seqno = f->persisted_seqno;
+        return;
+    }
     default:
         return; /* no result beyond the status */
     }
@@ -819,6 +826,7 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     Kvs__V1__InfoRequest in = KVS__V1__INFO_REQUEST__INIT;
     Kvs__V1__StatsRequest st = KVS__V1__STATS_REQUEST__INIT;
     Kvs__V1__ListSequencesRequest ls = KVS__V1__LIST_SEQUENCES_REQUEST__INIT;
+    Kvs__V1__FlushRequest fl = KVS__V1__FLUSH_REQUEST__INIT;
     char why[160];
     if (op->params && kvs_wire_params_to_pb(op->params, &qp, why, sizeof(why)))
         return cfail(c, KVS_EINVAL, "params: %s", why);
@@ -891,6 +899,11 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
         tt.ttl_seconds = op->ttl_seconds;
         req.op_case = KVS__V1__REQUEST__OP_SET_TTL;
         req.set_ttl = &tt;
+        break;
+    case KVS_CLIENT_FLUSH:
+        fl.seq = op->seq;
+        req.op_case = KVS__V1__REQUEST__OP_FLUSH;
+        req.flush = &fl;
         break;
     case KVS_CLIENT_DROP:
         dr.seq = op->seq;
@@ -1110,6 +1123,15 @@ int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq,
     kvs_client_op_t op = {.type = KVS_CLIENT_SET_TTL, .seq = seq,
                           .ttl_seconds = ttl_seconds};
     return run_sync(c, &op);
+}
+
+int kvs_client_seq_flush(kvs_client_t *c, uint64_t seq,
+                         uint64_t *persisted_seqno) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_FLUSH, .seq = seq};
+    int rc = run_sync(c, &op);
+    if (!rc && persisted_seqno)
+        *persisted_seqno = op.persisted_seqno;
+    return rc;
 }
 
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info) {

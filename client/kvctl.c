@@ -45,6 +45,10 @@ static void usage(FILE *f) {
             "         [--dtype f32|f16|bf16]     create a sequence\n"
             "         [--ttl SECONDS]\n"
             "  drop SEQ                          drop a sequence\n"
+            "  flush SEQ                         wait until SEQ's appends "
+            "(and all\n"
+            "                                    earlier writes) are durable "
+            "(sync async)\n"
             "  append SEQ [--layer L] [--tokens N]  append N random tokens "
             "(testing)\n"
             "  ttl SEQ SECONDS                   expire SEQ after SECONDS "
@@ -207,7 +211,9 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                        ",\"gpu_errors\":%" PRIu64 ",\"gpu_bytes\":%" PRIu64
                        ",\"gpu_cache_lookups\":%" PRIu64
                        ",\"gpu_cache_hits\":%" PRIu64 ",\"gpu_builds\":%" PRIu64
-                       "}",
+                       ",\"queued_seqno\":%" PRIu64
+                       ",\"persisted_seqno\":%" PRIu64
+                       ",\"unpersisted_bytes\":%" PRIu64 "}",
                        n ? "," : "", addr, s.node_id, s.server_version,
                        s.uptime_seconds, s.store.sequences, s.store.bytes,
                        s.store.index_bytes, s.store.disk_bytes,
@@ -218,7 +224,9 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                        json_safe(s.attend_path), s.store.gpu_attends,
                        s.store.gpu_fallbacks, s.store.gpu_errors,
                        s.store.gpu_bytes, s.store.gpu_cache_lookups,
-                       s.store.gpu_cache_hits, s.store.gpu_builds);
+                       s.store.gpu_cache_hits, s.store.gpu_builds,
+                       s.store.queued_seqno, s.store.persisted_seqno,
+                       s.store.unpersisted_bytes);
         } else if (rc) {
             printf("%s: FAILED %s: %s\n", addr, kvs_err_name(rc),
                    kvs_client_errmsg(c));
@@ -233,14 +241,18 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                    "  connections     %" PRIu64 "\n"
                    "  requests        %" PRIu64 "\n"
                    "  bytes in/out    %" PRIu64 " / %" PRIu64 "\n"
-                   "  attend path     %s\n",
+                   "  attend path     %s\n"
+                   "  persisted       write %" PRIu64 " of %" PRIu64
+                   ", %" PRIu64 " bytes queued\n",
                    addr, s.node_id, s.server_version, s.uptime_seconds,
                    s.store.sequences, (double)s.store.bytes / 1048576.0,
                    (double)s.store.index_bytes / 1048576.0,
                    (double)s.store.disk_bytes / 1048576.0,
                    s.store.quarantined, s.store.builds_pending, s.store.builds_done, s.connections,
                    s.requests_total, s.bytes_in, s.bytes_out,
-                   s.attend_path[0] ? s.attend_path : "(not reported)");
+                   s.attend_path[0] ? s.attend_path : "(not reported)",
+                   s.store.persisted_seqno, s.store.queued_seqno,
+                   s.store.unpersisted_bytes);
             if (s.store.gpu_attends || s.store.gpu_fallbacks ||
                 s.store.gpu_builds)
                 printf("  gpu             %" PRIu64 " attends, %" PRIu64
@@ -482,6 +494,25 @@ static int cmd_append(const args_t *a, kvs_client_t *c, int argc,
     return 0;
 }
 
+static int cmd_flush(const args_t *a, kvs_client_t *c, int argc,
+                     char **argv) {
+    uint64_t seq, persisted = 0;
+    if (argc != 1 || parse_u64(argv[0], &seq))
+        return die_usage("usage: flush SEQ%s", "");
+    int rc = kvs_client_seq_flush(c, seq, &persisted);
+    if (rc)
+        return report_error(a, c, "flush", rc);
+    if (a->json)
+        printf("{\"ok\":true,\"seq\":%" PRIu64 ",\"persisted_seqno\":%" PRIu64
+               "}\n",
+               seq, persisted);
+    else
+        printf("sequence %" PRIu64 " flushed (persisted_seqno %" PRIu64
+               ")\n",
+               seq, persisted);
+    return 0;
+}
+
 static int cmd_ttl(const args_t *a, kvs_client_t *c, int argc, char **argv) {
     uint64_t seq, ttl;
     if (argc != 2 || parse_u64(argv[0], &seq) || parse_u64(argv[1], &ttl) ||
@@ -700,23 +731,37 @@ static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
         goto out;
     }
     double secs = now_s() - t0;
+    /* Appends: how long the daemon then needs to make them durable (the
+     * write-behind of --sync async; ~0 in the synchronous modes). */
+    double flush_s = 0;
+    if (type == KVS_CLIENT_APPEND) {
+        double tf = now_s();
+        int frc = kvs_client_seq_flush(c, seq, NULL);
+        flush_s = now_s() - tf;
+        if (frc && errors++ == 0)
+            first_err = frc;
+    }
     free(t_sub);
     free(done);
     qsort(lat, finished, sizeof(double), cmp_double);
     double p50 = finished ? lat[finished / 2] : 0;
     double p99 = finished ? lat[(size_t)((double)(finished - 1) * 0.99)] : 0;
     double ops_s = (double)finished / secs;
-    double gbps = type == KVS_CLIENT_APPEND
-                      ? (double)finished * 2.0 * (double)b->tokens *
-                            (double)tok_elems * (double)es / secs / 1e9
-                      : 0;
+    double bytes = type == KVS_CLIENT_APPEND
+                       ? (double)finished * 2.0 * (double)b->tokens *
+                             (double)tok_elems * (double)es
+                       : 0;
+    double gbps = bytes / secs / 1e9;
+    double gbps_flushed = bytes / (secs + flush_s) / 1e9;
     if (a->json) {
         printf("{\"ok\":%s,\"op\":\"%s\",\"requests\":%" PRIu64
                ",\"errors\":%" PRIu64 ",\"pipeline\":%" PRIu64
                ",\"seconds\":%.6f,\"ops_per_s\":%.1f,\"p50_us\":%.2f,"
-               "\"p99_us\":%.2f,\"gb_per_s\":%.4f,\"first_error\":\"%s\"}\n",
+               "\"p99_us\":%.2f,\"gb_per_s\":%.4f,\"flush_s\":%.6f,"
+               "\"gb_per_s_flushed\":%.4f,\"first_error\":\"%s\"}\n",
                errors ? "false" : "true", b->op, finished, errors,
-               b->pipeline, secs, ops_s, p50 * 1e6, p99 * 1e6, gbps,
+               b->pipeline, secs, ops_s, p50 * 1e6, p99 * 1e6, gbps, flush_s,
+               gbps_flushed,
                first_err ? kvs_err_name(first_err) : "");
     } else {
         printf("%s: %" PRIu64 " requests, pipeline %" PRIu64
@@ -724,7 +769,8 @@ static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
                b->op, finished, b->pipeline, secs, ops_s, p50 * 1e6,
                p99 * 1e6);
         if (gbps > 0)
-            printf(", %.3f GB/s", gbps);
+            printf(", %.3f GB/s (%.3f GB/s with the %.3f s flush)", gbps,
+                   gbps_flushed, flush_s);
         printf("\n");
         if (errors)
             printf("  %" PRIu64 " errors, first %s\n", errors,
@@ -871,6 +917,8 @@ int main(int argc, char **argv) {
         rc = cmd_append(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "ttl"))
         rc = cmd_ttl(&a, c, sub_argc, sub_argv);
+    else if (!strcmp(cmd, "flush"))
+        rc = cmd_flush(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "bench"))
         rc = cmd_bench(&a, c, sub_argc, sub_argv);
     else

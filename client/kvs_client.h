@@ -112,6 +112,7 @@ typedef enum kvs_client_op_type_e {
     KVS_CLIENT_STATS,
     KVS_CLIENT_LIST,
     KVS_CLIENT_SET_TTL,
+    KVS_CLIENT_FLUSH,
 } kvs_client_op_type_t;
 
 /*
@@ -157,6 +158,7 @@ typedef struct kvs_client_op_s {
     uint32_t result_k;       /* search: columns per row */
     size_t n_ids;            /* list: ids filled */
     uint64_t ids_total;      /* list: sequences on the node */
+    uint64_t persisted_seqno; /* flush: the node's, when it answered */
     /* Private to the library. */
     uint64_t id_;
     uint64_t deadline_ms_;
@@ -223,6 +225,15 @@ int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq);
  * kvs_seq_set_ttl() in kvstore.h. */
 int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq,
                            uint32_t ttl_seconds);
+/* Barrier (kvs_seq_flush() in kvstore.h): returns once every append to
+ * `seq` sent before it on this client's connection, and every storage
+ * write its node had made when the flush ran, is durable. Needed with
+ * `kvstored --sync async`; immediate in batch/always. *persisted_seqno
+ * (may be NULL) gets the node's persisted write number. Errors: as
+ * kvs_seq_flush (KVS_ENOSEQ, KVS_ENOSPC after a write error: then what
+ * was queued is lost). */
+int kvs_client_seq_flush(kvs_client_t *c, uint64_t seq,
+                         uint64_t *persisted_seqno);
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info);
 int kvs_client_store_stats(kvs_client_t *c, size_t node,
                            kvs_client_stats_t *stats);

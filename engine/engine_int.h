@@ -147,6 +147,10 @@ typedef struct seq_s {
     atomic_uint ttl_s;       /* 0: never expires */
     pthread_mutex_t page_mu; /* serialises evict / page-in */
     atomic_int evicted;
+    /* Number of this sequence's latest queued append (persist.c ticket):
+     * with KVS_SYNC_ASYNC eviction waits until it is on disk, since the
+     * rows it frees must be readable back. */
+    atomic_uint_fast64_t last_write;
     atomic_int_fast64_t bytes;        /* counted against memory_bytes */
     atomic_uint_fast64_t last_access; /* monotonic ms */
     layer_t *layers;

@@ -6,7 +6,8 @@
  * Sync modes: ALWAYS writes each batch with WriteOptions.sync; NONE never
  * syncs; BATCH writes without sync and then group-commits: one fsync of the
  * WAL (FlushWAL(sync)) covers every batch written before it (see
- * write_durable).
+ * write_durable). ASYNC queues writes for one writer thread (see
+ * submit).
  */
 #include "persist_int.h"
 
@@ -55,6 +56,23 @@ struct kvs__db_s {
     int opened;                /* passed every check at open */
     struct open_dir_s *listed; /* in open_dirs while open */
     struct timespec last_sync;
+    /* Write numbering, and KVS_SYNC_ASYNC's queue (see submit). q_mu is a
+     * leaf: nothing is taken under it; it may be waited on under any
+     * engine lock, since the writer takes none. */
+    pthread_mutex_t q_mu;
+    pthread_cond_t q_work; /* pending writes or stopping */
+    pthread_cond_t q_done; /* persisted moved, or the writer failed */
+    rocksdb_writebatch_t *pending, *spare;
+    uint64_t pending_n, pending_bytes;
+    uint64_t queued, persisted; /* tickets */
+    uint64_t unpersisted;       /* bytes pending or being written */
+    uint64_t max_unpersisted;
+    uint64_t groups, lag_waits;
+    int q_failed; /* the writer's error: everything after persisted lost */
+    int q_stop, writer_running;
+    pthread_t writer;
+    kvs_log_fn log;
+    void *log_ctx;
 };
 
 static int map_err(const char *msg) {
@@ -404,6 +422,7 @@ static int table_footer_check(const char *path, uint64_t size, char *why,
 }
 
 static int db_sync_wal(kvs__db_t *db);
+static void stop_writer(kvs__db_t *db);
 
 /* The MANIFEST's table files, checked against the directory before anything
  * reads them: RocksDB (without paranoid_checks) opens with a table missing
@@ -753,6 +772,18 @@ static void open_dir_remove(kvs__db_t *db) {
     db->listed = NULL;
 }
 
+__attribute__((format(printf, 3, 4))) static void
+db_log(kvs__db_t *db, int level, const char *fmt, ...) {
+    if (!db->log)
+        return;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    db->log(db->log_ctx, level, msg);
+}
+
 int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
                  kvs__db_t **out, char *err, size_t errlen) {
     *out = NULL;
@@ -776,6 +807,9 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     db->interval_ms = interval_ms;
     pthread_mutex_init(&db->mu, NULL);
     pthread_cond_init(&db->synced_cv, NULL);
+    pthread_mutex_init(&db->q_mu, NULL);
+    pthread_cond_init(&db->q_work, NULL);
+    pthread_cond_init(&db->q_done, NULL);
     if (!(db->dir = strdup(dir))) {
         rc = KVS_ENOMEM;
         goto err;
@@ -820,7 +854,9 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     unlink(path);
     open_dir_add(db);
     db->wo = rocksdb_writeoptions_create();
-    rocksdb_writeoptions_set_sync(db->wo, sync == KVS_SYNC_ALWAYS);
+    /* ASYNC's writer fsyncs each group it writes (see submit). */
+    rocksdb_writeoptions_set_sync(db->wo, sync == KVS_SYNC_ALWAYS ||
+                                              sync == KVS_SYNC_ASYNC);
     db->wo_nosync = rocksdb_writeoptions_create();
     db->ro = rocksdb_readoptions_create();
     rocksdb_readoptions_set_verify_checksums(db->ro, 1);
@@ -837,9 +873,19 @@ int kvs__db_close(kvs__db_t *db) {
     if (!db)
         return 0;
     int rc = 0;
+    /* Write out the queue first: close drains, it never drops. */
+    stop_writer(db);
+    if (db->q_failed)
+        rc = db->q_failed;
+    if (db->pending)
+        rocksdb_writebatch_destroy(db->pending);
+    if (db->spare)
+        rocksdb_writebatch_destroy(db->spare);
     if (db->db) {
         /* Make everything acknowledged so far durable before closing. */
-        rc = db_sync_wal(db);
+        int src = db_sync_wal(db);
+        if (!rc)
+            rc = src;
         /* No flush or compaction may change the tables after this: the
          * record of them must be what the next open finds. */
         rocksdb_cancel_all_background_work(db->db, 1);
@@ -870,6 +916,9 @@ int kvs__db_close(kvs__db_t *db) {
         open_dir_remove(db); /* a handle left open stays listed */
     pthread_cond_destroy(&db->synced_cv);
     pthread_mutex_destroy(&db->mu);
+    pthread_cond_destroy(&db->q_work);
+    pthread_cond_destroy(&db->q_done);
+    pthread_mutex_destroy(&db->q_mu);
     free(db->dir);
     free(db);
     return rc;
@@ -977,32 +1026,236 @@ static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
     return rc;
 }
 
-int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
-                       uint32_t ttl_s, char *err, size_t errlen) {
-    unsigned char k[8], v[4 + 28];
-    put_be64(k, id);
-    uint32_t f[7] = {SEQ_VERSION,   g->n_layers, g->n_q_heads,
-                     g->n_kv_heads, g->head_dim, (uint32_t)g->dtype,
-                     ttl_s};
-    memcpy(v + 4, f, sizeof f);
-    uint32_t crc = kvs_crc32c(0, v + 4, sizeof f);
-    memcpy(v, &crc, 4);
-    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
-    rocksdb_writebatch_put_cf(b, db->cf[CF_SEQS], (const char *)k, 8,
-                              (const char *)v, sizeof v);
-    int rc = write_durable(db, b, err, errlen);
-    rocksdb_writebatch_destroy(b);
+/* ---------------------------------------------------------------------- */
+/* Submitting writes; the write-behind queue (KVS_SYNC_ASYNC)             */
+/*
+ * Every write of the engine goes through submit(): its records are put into
+ * a WriteBatch by a fill function. In the synchronous modes that batch is
+ * the caller's own and is written at once (write_durable, or without the
+ * fsync wait for a segment). With KVS_SYNC_ASYNC the records go into the
+ * one pending batch under q_mu, in the order the engine makes its writes,
+ * and the writer thread takes the whole pending batch at a time, writes it
+ * with WriteOptions.sync (one fsync per group: what is persisted is durable
+ * against power loss too, and while one fsync runs the next group fills),
+ * then advances persisted. A write is numbered (its ticket) when it joins
+ * the pending batch, so "ticket <= persisted" is exactly "on disk", and
+ * since batches are written in ticket order, the disk always holds a prefix
+ * of the writes made. Callers that must be durable on return (metadata:
+ * create, drop, TTL, a fork's child) wait for their ticket; appends and
+ * segments do not.
+ */
+
+typedef void (*fill_fn)(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx);
+
+/* When submit returns. */
+enum {
+    SUBMIT_NOWAIT,  /* segments: no fsync wait in any mode */
+    SUBMIT_MODE,    /* appends: durable as the mode says; ASYNC: queued */
+    SUBMIT_DURABLE, /* metadata: durable in every mode, ASYNC included */
+};
+
+/* Wait until `ticket` is on disk; 0 or the error that lost it. Caller
+ * holds q_mu. */
+static int q_wait_locked(kvs__db_t *db, uint64_t ticket) {
+    while (db->persisted < ticket && !db->q_failed)
+        pthread_cond_wait(&db->q_done, &db->q_mu);
+    return db->persisted >= ticket ? 0 : db->q_failed;
+}
+
+static void *writer_main(void *arg) {
+    kvs__db_t *db = arg;
+    char err[256];
+    pthread_mutex_lock(&db->q_mu);
+    for (;;) {
+        while (!db->pending_n && !db->q_stop)
+            pthread_cond_wait(&db->q_work, &db->q_mu);
+        if (!db->pending_n)
+            break; /* stopping, and everything queued is written */
+        rocksdb_writebatch_t *w = db->pending;
+        db->pending = db->spare;
+        db->spare = NULL;
+        uint64_t hi = db->queued, bytes = db->pending_bytes;
+        db->pending_bytes = 0;
+        db->pending_n = 0;
+        pthread_mutex_unlock(&db->q_mu);
+        err[0] = 0;
+        int rc = db_write(db, db->wo, w, err, sizeof err, "queued write");
+        rocksdb_writebatch_clear(w);
+        pthread_mutex_lock(&db->q_mu);
+        db->spare = w;
+        if (!rc) {
+            db->persisted = hi;
+            db->groups++;
+        } else if (!db->q_failed) {
+            /* Read-only from here: submit refuses, and what is queued now
+             * (this group and any behind it) will never be written. */
+            db->q_failed = rc;
+            uint64_t lost = db->queued - db->persisted;
+            uint64_t lost_bytes = db->unpersisted;
+            db_log(db, KVS_LOG_ERROR,
+                   "write-behind failed (%s): the %llu writes (%llu bytes) "
+                   "acknowledged after persisted_seqno %llu are lost; the "
+                   "store is read-only",
+                   err[0] ? err : kvs_strerror(rc), (unsigned long long)lost,
+                   (unsigned long long)lost_bytes,
+                   (unsigned long long)db->persisted);
+        }
+        db->unpersisted -= bytes;
+        pthread_cond_broadcast(&db->q_done);
+    }
+    pthread_mutex_unlock(&db->q_mu);
+    return NULL;
+}
+
+/* `bytes`: about what the records take (for the lag bound). `wait`: one
+ * of SUBMIT_*. *ticket (may be NULL) gets the write's number. */
+static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
+                  int wait, uint64_t *ticket, char *err, size_t errlen,
+                  const char *what) {
+    int rc = 0;
+    if (!db->writer_running) {
+        rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+        fill(db, b, ctx);
+        rc = wait != SUBMIT_NOWAIT
+                 ? write_durable(db, b, err, errlen)
+                 : db_write(db, db->wo_nosync, b, err, errlen, what);
+        rocksdb_writebatch_destroy(b);
+        pthread_mutex_lock(&db->q_mu);
+        if (!rc)
+            db->persisted = ++db->queued;
+        if (ticket)
+            *ticket = db->queued;
+        pthread_mutex_unlock(&db->q_mu);
+        return rc;
+    }
+    pthread_mutex_lock(&db->q_mu);
+    /* The lag bound: wait for the writer, never drop. A write larger than
+     * the bound alone goes in once the queue is empty. */
+    int waited = 0;
+    while (!db->q_failed && db->unpersisted > 0 &&
+           db->unpersisted + bytes > db->max_unpersisted) {
+        waited = 1;
+        pthread_cond_wait(&db->q_done, &db->q_mu);
+    }
+    db->lag_waits += waited;
+    if (db->q_failed) {
+        pthread_mutex_unlock(&db->q_mu);
+        return refused(db, err, errlen, what);
+    }
+    fill(db, db->pending, ctx);
+    uint64_t mine = ++db->queued;
+    db->pending_n++;
+    db->pending_bytes += bytes;
+    db->unpersisted += bytes;
+    if (ticket)
+        *ticket = mine;
+    pthread_cond_signal(&db->q_work);
+    if (wait == SUBMIT_DURABLE && (rc = q_wait_locked(db, mine)))
+        refused(db, err, errlen, what);
+    pthread_mutex_unlock(&db->q_mu);
     return rc;
 }
 
-int kvs__db_drop_seq(kvs__db_t *db, uint64_t id, char *err, size_t errlen) {
+int kvs__db_start_writer(kvs__db_t *db, uint64_t max_unpersisted,
+                         kvs_log_fn log, void *log_ctx) {
+    db->log = log;
+    db->log_ctx = log_ctx;
+    if (db->sync != KVS_SYNC_ASYNC)
+        return 0;
+    db->max_unpersisted = max_unpersisted;
+    /* Two batches: producers fill one while the writer writes the other. */
+    if (!(db->pending = rocksdb_writebatch_create()) ||
+        !(db->spare = rocksdb_writebatch_create()))
+        return KVS_ENOMEM;
+    int e = pthread_create(&db->writer, NULL, writer_main, db);
+    if (e)
+        return -e;
+    db->writer_running = 1;
+    return 0;
+}
+
+int kvs__db_wait(kvs__db_t *db, uint64_t ticket) {
+    if (!db->writer_running)
+        return 0;
+    pthread_mutex_lock(&db->q_mu);
+    int rc = q_wait_locked(db, ticket);
+    pthread_mutex_unlock(&db->q_mu);
+    return rc;
+}
+
+int kvs__db_flush(kvs__db_t *db, char *err, size_t errlen) {
+    if (db->sync == KVS_SYNC_NONE) {
+        int rc = db_sync_wal(db);
+        if (rc)
+            refused(db, err, errlen, "flush");
+        return rc;
+    }
+    if (!db->writer_running) /* BATCH, ALWAYS: durable on return */
+        return atomic_load(&db->failed) ? refused(db, err, errlen, "flush")
+                                        : 0;
+    pthread_mutex_lock(&db->q_mu);
+    int rc = q_wait_locked(db, db->queued);
+    if (!rc && db->q_failed)
+        rc = db->q_failed; /* nothing lost before, but no longer writable */
+    pthread_mutex_unlock(&db->q_mu);
+    if (rc)
+        refused(db, err, errlen, "flush");
+    return rc;
+}
+
+void kvs__db_progress(kvs__db_t *db, kvs__db_progress_t *p) {
+    pthread_mutex_lock(&db->q_mu);
+    p->queued = db->queued;
+    p->persisted = db->persisted;
+    p->unpersisted_bytes = db->unpersisted;
+    p->groups = db->groups;
+    p->lag_waits = db->lag_waits;
+    pthread_mutex_unlock(&db->q_mu);
+}
+
+static void stop_writer(kvs__db_t *db) {
+    if (!db->writer_running)
+        return;
+    pthread_mutex_lock(&db->q_mu);
+    db->q_stop = 1;
+    pthread_cond_signal(&db->q_work);
+    pthread_mutex_unlock(&db->q_mu);
+    pthread_join(db->writer, NULL);
+    db->writer_running = 0;
+}
+
+typedef struct seq_rec_s {
+    unsigned char k[8], v[4 + 28];
+} seq_rec_t;
+
+static void fill_seq(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
+    seq_rec_t *r = ctx;
+    rocksdb_writebatch_put_cf(b, db->cf[CF_SEQS], (const char *)r->k, 8,
+                              (const char *)r->v, sizeof r->v);
+}
+
+int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
+                       uint32_t ttl_s, char *err, size_t errlen) {
+    seq_rec_t r;
+    put_be64(r.k, id);
+    uint32_t f[7] = {SEQ_VERSION,   g->n_layers, g->n_q_heads,
+                     g->n_kv_heads, g->head_dim, (uint32_t)g->dtype,
+                     ttl_s};
+    memcpy(r.v + 4, f, sizeof f);
+    uint32_t crc = kvs_crc32c(0, r.v + 4, sizeof f);
+    memcpy(r.v, &crc, 4);
+    return submit(db, fill_seq, &r, sizeof r, SUBMIT_DURABLE, NULL, err,
+                  errlen, "sequence write");
+}
+
+static void fill_drop(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
+    uint64_t id = *(const uint64_t *)ctx;
     unsigned char k[8], lo[24], hi[24];
     put_be64(k, id);
     memset(lo, 0, sizeof lo);
     memset(hi, 0, sizeof hi);
     put_be64(lo, id);
     put_be64(hi, id + 1);
-    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
     rocksdb_writebatch_delete_cf(b, db->cf[CF_SEQS], (const char *)k, 8);
     size_t hl = id == UINT64_MAX ? 24 : 8; /* id+1 wraps: end at max key */
     if (id == UINT64_MAX)
@@ -1010,33 +1263,76 @@ int kvs__db_drop_seq(kvs__db_t *db, uint64_t id, char *err, size_t errlen) {
     for (int cf = CF_KV; cf <= CF_INDEX; cf++)
         rocksdb_writebatch_delete_range_cf(b, db->cf[cf], (const char *)lo, 8,
                                            (const char *)hi, hl);
-    int rc = write_durable(db, b, err, errlen);
-    rocksdb_writebatch_destroy(b);
-    return rc;
+}
+
+/* In ASYNC the drop joins the queue behind every append queued before it
+ * (the engine refuses appends of a dropped id from then on), so no queued
+ * row of the id can land after its delete. */
+int kvs__db_drop_seq(kvs__db_t *db, uint64_t id, char *err, size_t errlen) {
+    return submit(db, fill_drop, &id, 64, SUBMIT_DURABLE, NULL, err, errlen,
+                  "sequence drop");
+}
+
+typedef struct rows_rec_s {
+    uint64_t id;
+    uint32_t layer, n_kv_heads;
+    uint64_t pos0;
+    uint32_t n, segment_tokens;
+    size_t rb;
+    const unsigned char *buf; /* the records' values, one after another */
+} rows_rec_t;
+
+static void fill_rows(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
+    const rows_rec_t *r = ctx;
+    const unsigned char *p = r->buf;
+    for (uint32_t h = 0; h < r->n_kv_heads; h++) {
+        uint64_t pos = r->pos0;
+        uint32_t done = 0;
+        while (done < r->n) {
+            uint64_t boundary =
+                (pos / r->segment_tokens + 1) * r->segment_tokens;
+            uint32_t m = (uint32_t)(boundary - pos);
+            if (m > r->n - done)
+                m = r->n - done;
+            unsigned char k[24];
+            rec_key(k, r->id, r->layer, h, pos);
+            size_t vl = 8 + 2 * r->rb * m;
+            rocksdb_writebatch_put_cf(b, db->cf[CF_KV], (const char *)k, 24,
+                                      (const char *)p, vl);
+            p += vl;
+            pos += m;
+            done += m;
+        }
+    }
 }
 
 int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
                    const kvs_geometry_t *g, uint64_t pos0, uint32_t n,
                    const void *keys, const void *values,
-                   uint32_t segment_tokens, char *err, size_t errlen) {
+                   uint32_t segment_tokens, uint64_t *ticket, char *err,
+                   size_t errlen) {
     size_t rb = (size_t)g->head_dim * kvs_dtype_size(g->dtype);
     size_t stride = rb * g->n_kv_heads;
-    /* The largest record: up to segment_tokens rows. */
-    size_t max_rows = n < segment_tokens ? n : segment_tokens;
-    unsigned char *buf = malloc(8 + 2 * rb * max_rows);
+    /* Records are split at segment boundaries (a segment covers whole
+     * records); all of them are encoded here, outside any lock, so that
+     * the queue's lock is held only to copy them into the batch. */
+    uint64_t first = pos0 / segment_tokens,
+             last = (pos0 + n - 1) / segment_tokens;
+    size_t n_recs = (size_t)(last - first + 1) * g->n_kv_heads;
+    size_t total = n_recs * 8 + 2 * rb * (size_t)n * g->n_kv_heads;
+    unsigned char *buf = malloc(total);
     if (!buf)
         return KVS_ENOMEM;
-    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+    unsigned char *p = buf;
     for (uint32_t h = 0; h < g->n_kv_heads; h++) {
         uint64_t pos = pos0;
         uint32_t done = 0;
         while (done < n) {
-            /* Split at segment boundaries: a segment covers whole records. */
             uint64_t boundary = (pos / segment_tokens + 1) * segment_tokens;
             uint32_t m = (uint32_t)(boundary - pos);
             if (m > n - done)
                 m = n - done;
-            unsigned char *kp = buf + 8, *vp = buf + 8 + rb * m;
+            unsigned char *kp = p + 8, *vp = p + 8 + rb * m;
             for (uint32_t t = 0; t < m; t++) {
                 memcpy(kp + t * rb,
                        (const char *)keys + (size_t)(done + t) * stride +
@@ -1047,21 +1343,34 @@ int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
                            h * rb,
                        rb);
             }
-            memcpy(buf + 4, &m, 4);
-            uint32_t crc = kvs_crc32c(0, buf + 4, 4 + 2 * rb * m);
-            memcpy(buf, &crc, 4);
-            unsigned char k[24];
-            rec_key(k, id, layer, h, pos);
-            rocksdb_writebatch_put_cf(b, db->cf[CF_KV], (const char *)k, 24,
-                                      (const char *)buf, 8 + 2 * rb * m);
+            memcpy(p + 4, &m, 4);
+            uint32_t crc = kvs_crc32c(0, p + 4, 4 + 2 * rb * m);
+            memcpy(p, &crc, 4);
+            p += 8 + 2 * rb * m;
             pos += m;
             done += m;
         }
     }
+    rows_rec_t r = {id, layer, g->n_kv_heads, pos0, n, segment_tokens, rb,
+                    buf};
+    int rc = submit(db, fill_rows, &r, total + 24 * n_recs, SUBMIT_MODE,
+                    ticket, err, errlen, "write");
     free(buf);
-    int rc = write_durable(db, b, err, errlen);
-    rocksdb_writebatch_destroy(b);
     return rc;
+}
+
+typedef struct seg_rec_s {
+    unsigned char k[24], lo[24], hi[24];
+    const unsigned char *buf;
+    size_t len;
+} seg_rec_t;
+
+static void fill_segment(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
+    const seg_rec_t *r = ctx;
+    rocksdb_writebatch_put_cf(b, db->cf[CF_INDEX], (const char *)r->k, 24,
+                              (const char *)r->buf, r->len);
+    rocksdb_writebatch_delete_range_cf(b, db->cf[CF_KV], (const char *)r->lo,
+                                       24, (const char *)r->hi, 24);
 }
 
 int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
@@ -1074,19 +1383,16 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
     kvs_segment_encode(seg, buf + 4);
     uint32_t crc = kvs_crc32c(0, buf + 4, len);
     memcpy(buf, &crc, 4);
-    unsigned char k[24], lo[24], hi[24];
-    rec_key(k, id, layer, head, seg->first_pos);
-    rec_key(lo, id, layer, head, seg->first_pos);
-    rec_key(hi, id, layer, head, seg->first_pos + seg->n_tokens);
-    rocksdb_writebatch_t *b = rocksdb_writebatch_create();
-    rocksdb_writebatch_put_cf(b, db->cf[CF_INDEX], (const char *)k, 24,
-                              (const char *)buf, 4 + len);
-    rocksdb_writebatch_delete_range_cf(b, db->cf[CF_KV], (const char *)lo, 24,
-                                       (const char *)hi, 24);
+    seg_rec_t r = {.buf = buf, .len = 4 + len};
+    rec_key(r.k, id, layer, head, seg->first_pos);
+    rec_key(r.lo, id, layer, head, seg->first_pos);
+    rec_key(r.hi, id, layer, head, seg->first_pos + seg->n_tokens);
     /* No fsync wait: until the WAL is synced the rows are still there, so a
-     * crash loses at most this build, never data. */
-    int rc = db_write(db, db->wo_nosync, b, err, errlen, "segment write");
-    rocksdb_writebatch_destroy(b);
+     * crash loses at most this build, never data. In ASYNC the segment is
+     * queued behind the rows it replaces, so its delete of them can never
+     * run before they are written. */
+    int rc = submit(db, fill_segment, &r, 4 + len + 72, SUBMIT_NOWAIT, NULL,
+                    err, errlen, "segment write");
     free(buf);
     return rc;
 }
@@ -1459,6 +1765,15 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
 
 int kvs__db_load_seq(kvs__db_t *db, uint64_t id, const kvs__db_loader_t *L,
                      char *err, size_t errlen) {
+    /* The engine evicted the sequence only once its own writes were on
+     * disk (kvs__db_wait), but segments and a re-created id's writes may
+     * still be queued: read after all of them. A queue lost to a write
+     * error lost none of this sequence's evicted rows. */
+    if (db->writer_running) {
+        pthread_mutex_lock(&db->q_mu);
+        (void)q_wait_locked(db, db->queued);
+        pthread_mutex_unlock(&db->q_mu);
+    }
     unsigned char k[8];
     put_be64(k, id);
     char *rerr = NULL;

@@ -42,11 +42,32 @@ int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
 int kvs__db_drop_seq(kvs__db_t *db, uint64_t id, char *err, size_t errlen);
 
 /* Rows pos0 .. pos0+n of `layer`, all KV heads ([n][kvh][d] layout), in one
- * batch; returns once durable as the sync mode says. */
+ * batch; returns once durable as the sync mode says (ASYNC: once queued,
+ * the rows copied). *ticket (may be NULL) gets the write's number, for
+ * kvs__db_wait. */
 int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
                    const kvs_geometry_t *g, uint64_t pos0, uint32_t n,
                    const void *keys, const void *values,
-                   uint32_t segment_tokens, char *err, size_t errlen);
+                   uint32_t segment_tokens, uint64_t *ticket, char *err,
+                   size_t errlen);
+
+/* KVS_SYNC_ASYNC: start the writer thread (after the load at open, whose
+ * own writes are direct). In every mode, `log` (may be NULL) is where a
+ * lost queue is reported. max_unpersisted: the lag bound in bytes. */
+int kvs__db_start_writer(kvs__db_t *db, uint64_t max_unpersisted,
+                         kvs_log_fn log, void *log_ctx);
+/* Wait until write `ticket` is durable: 0, or the write error that lost
+ * it. Immediate outside ASYNC. Takes only persist.c's leaf lock. */
+int kvs__db_wait(kvs__db_t *db, uint64_t ticket);
+/* Barrier over every write made before the call (NONE: fsync the WAL). */
+int kvs__db_flush(kvs__db_t *db, char *err, size_t errlen);
+
+typedef struct kvs__db_progress_s {
+    uint64_t queued, persisted, unpersisted_bytes;
+    uint64_t groups;    /* batches the writer wrote */
+    uint64_t lag_waits; /* times a write waited for the lag bound */
+} kvs__db_progress_t;
+void kvs__db_progress(kvs__db_t *db, kvs__db_progress_t *p);
 
 /* A built segment replaces the rows it covers, atomically. */
 int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
@@ -81,7 +102,8 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *loader, char *err,
                  size_t errlen);
 
 /* Load the segments and rows of one sequence only (paging an evicted
- * sequence back in); the seq callback is not called. */
+ * sequence back in); the seq callback is not called. In ASYNC it first
+ * waits for every queued write, so it reads what the engine wrote. */
 int kvs__db_load_seq(kvs__db_t *db, uint64_t id, const kvs__db_loader_t *L,
                      char *err, size_t errlen);
 

@@ -107,8 +107,14 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
     kvs__rwunlock(&L->lock);
     if (s->db) {
         char err[256];
+        uint64_t ticket = 0;
         rc = kvs__db_append(s->db, id, layer, g, pos0, n_tokens, keys, values,
-                            s->opts.segment_tokens, err, sizeof err);
+                            s->opts.segment_tokens, &ticket, err, sizeof err);
+        /* Tickets of two layers' appends may be stored out of order. */
+        uint_fast64_t was = atomic_load(&q->last_write);
+        while (!rc && was < ticket &&
+               !atomic_compare_exchange_weak(&q->last_write, &was, ticket))
+            ;
         if (rc) {
             kvs__wrlock(&L->lock, layer);
             L->appending = 0;

@@ -262,7 +262,20 @@ static int try_evict(kvs_store_t *s, seq_t *q) {
     kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
     if (atomic_load(&q->evicted) || q->damage || atomic_load(&q->dropped))
         goto out;
-    lock_all(q);
+    /* Appends first: none can start, so the sequence's last queued write
+     * is final; wait for it to reach the disk (KVS_SYNC_ASYNC) before the
+     * rows it frees are gone from memory, and before the layer locks, so
+     * readers go on meanwhile. A write error means those rows exist only
+     * here: then the sequence stays. */
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        kvs__lock(&q->layers[l].append_mu, KVS__RANK_APPEND, l);
+    if (s->db && kvs__db_wait(s->db, atomic_load(&q->last_write))) {
+        for (uint32_t l = q->geo.n_layers; l-- > 0;)
+            kvs__unlock(&q->layers[l].append_mu);
+        goto out;
+    }
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        kvs__wrlock(&q->layers[l].lock, l);
     /* Builds are queued only under a layer's write lock: with all of them
      * held, the count cannot grow under us. A drop may have finished while
      * we waited for the appends: its bytes have left the total already. */

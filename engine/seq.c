@@ -528,7 +528,7 @@ static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
             kvs__head_gather(&L->heads[h], rb, indexed, rest, k + h * rb,
                              v + h * rb, stride);
         rc = kvs__db_append(s->db, c->id, l, g, indexed, (uint32_t)rest, k, v,
-                            s->opts.segment_tokens, err, errlen);
+                            s->opts.segment_tokens, NULL, err, errlen);
         free(k);
         free(v);
     }

@@ -92,6 +92,7 @@ void kvs_options_default(kvs_options_t *o) {
     o->window_tokens = 64;
     o->sync = KVS_SYNC_BATCH;
     o->sync_interval_ms = 2;
+    o->max_unpersisted_bytes = 256ull << 20;
     o->cuda_device = -1;
     o->cuda_cache_fraction = 0.1f;
     o->cuda_build = 1;
@@ -192,10 +193,12 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         free(s);
         return rc;
     }
-    if (s->opts.sync == KVS_SYNC_DEFAULT) /* persist.c knows only the three */
+    if (s->opts.sync == KVS_SYNC_DEFAULT) /* persist.c knows only the four */
         s->opts.sync = KVS_SYNC_BATCH;
+    if (s->opts.max_unpersisted_bytes == 0)
+        s->opts.max_unpersisted_bytes = 256ull << 20;
     if (s->opts.sync != KVS_SYNC_BATCH && s->opts.sync != KVS_SYNC_ALWAYS &&
-        s->opts.sync != KVS_SYNC_NONE) {
+        s->opts.sync != KVS_SYNC_NONE && s->opts.sync != KVS_SYNC_ASYNC) {
         int mode = (int)s->opts.sync;
         free(s);
         return open_fail(KVS_EINVAL, "unknown sync mode %d", mode);
@@ -277,6 +280,12 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
             rc = kvs__db_check_format(s->db, &fmt, err, sizeof err);
         if (!rc)
             rc = kvs__store_load(s, err, sizeof err);
+        /* After the load, whose writes (the format record, the orphan
+         * sweep) are direct. */
+        if (!rc && (rc = kvs__db_start_writer(
+                        s->db, s->opts.max_unpersisted_bytes, s->opts.log,
+                        s->opts.log_ctx)))
+            snprintf(err, sizeof err, "write-behind thread");
         if (rc) {
             open_fail(rc, "%s: %s", s->data_dir, err);
             goto fail;
@@ -443,7 +452,38 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->gpu_cache_hits = g.hits;
     st->gpu_bus_bytes = g.bytes_bus;
     st->gpu_upload_bytes = g.bytes_uploaded;
+    if (s->db) {
+        kvs__db_progress_t p;
+        kvs__db_progress(s->db, &p);
+        st->queued_seqno = p.queued;
+        st->persisted_seqno = p.persisted;
+        st->unpersisted_bytes = p.unpersisted_bytes;
+        st->unpersisted_waits = p.lag_waits;
+    }
     return 0;
+}
+
+int kvs_store_flush(kvs_store_t *s) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (!s->db)
+        return 0;
+    char err[256] = "";
+    int rc = kvs__db_flush(s->db, err, sizeof err);
+    return rc ? kvs__fail(s, rc, "%s", err) : 0;
+}
+
+int kvs_seq_flush(kvs_store_t *s, uint64_t id) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    int rc = 0;
+    seq_t *q = kvs__seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    kvs__seq_unref(q);
+    return kvs_store_flush(s);
 }
 
 const char *kvs_store_gpu_info(const kvs_store_t *s) {

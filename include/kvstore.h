@@ -109,6 +109,18 @@ typedef enum kvs_sync_e {
     KVS_SYNC_ALWAYS = 2,  /* fsync of the WAL before each append returns */
     KVS_SYNC_NONE = 3,    /* written to the WAL, not fsynced: survives a
                              process crash, not a power loss */
+    KVS_SYNC_ASYNC = 4,   /* write-behind: an append returns once it is in
+                             memory and queued; one background writer per
+                             store writes the queue in order, each group of
+                             queued writes as one WriteBatch with an fsync
+                             of the WAL. A crash loses a suffix of the
+                             acknowledged appends, never anything before
+                             the last completed kvs_store_flush /
+                             kvs_seq_flush, nor anything through the
+                             persisted_seqno stats reported.
+                             Creates, drops, forks and TTL changes still
+                             return once durable (after every append queued
+                             before them). docs/persistence.md */
 } kvs_sync_t;
 
 /* Levels of the messages a store gives its log callback (most severe
@@ -137,6 +149,11 @@ typedef struct kvs_options_s {
     const char *data_dir;
     kvs_sync_t sync;
     uint32_t sync_interval_ms; /* KVS_SYNC_BATCH; default 2 */
+    /* KVS_SYNC_ASYNC: most bytes queued for the disk and not yet written
+     * (the lag a crash can lose). An append that would go past it waits
+     * for the writer, never dropped; one larger than it alone is queued
+     * once the queue is empty. 0: default 256 MiB. */
+    uint64_t max_unpersisted_bytes;
     /* RAM for K/V and index of all sequences (0: unlimited). Over it, the
      * least recently used sequences are evicted to storage only and paged
      * back in on their next use. Needs a data_dir. */
@@ -403,10 +420,33 @@ typedef struct kvs_store_stats_s {
     uint64_t gpu_builds;     /* segments clustered on the GPU */
     uint64_t gpu_build_errors; /* GPU clusterings that failed (built on
                                   the CPU instead) */
+    /* Storage writes (appends, index segments, sequence metadata) are
+     * numbered from 1 in the order the store makes them, per open. */
+    uint64_t queued_seqno;      /* the last one made */
+    uint64_t persisted_seqno;   /* every one up to it is durable */
+    uint64_t unpersisted_bytes; /* KVS_SYNC_ASYNC: queued, not written */
+    uint64_t unpersisted_waits; /* writes that waited for the lag bound */
 } kvs_store_stats_t;
 
 /* Errors: KVS_EINVAL. */
 int kvs_store_stats(kvs_store_t *store, kvs_store_stats_t *stats);
+
+/*
+ * Barrier: return once every storage write the store made before the call
+ * (every append acknowledged before it, of all sequences) is durable. With
+ * KVS_SYNC_ASYNC it waits for the background writer; with KVS_SYNC_NONE it
+ * fsyncs the WAL; BATCH and ALWAYS have nothing left to do; 0 without a
+ * data_dir. Errors: KVS_EINVAL; the write error that made the store
+ * read-only (KVS_ENOSPC, KVS_EIO), in which case what was queued is lost
+ * (the log callback says how much). Thread-safe; appends may go on
+ * meanwhile (those made after the call are not waited for).
+ */
+int kvs_store_flush(kvs_store_t *store);
+
+/* kvs_store_flush for a caller that holds a sequence: KVS_ENOSEQ when
+ * `seq_id` is unknown, else the same barrier (writes are ordered store-wide,
+ * so it covers the other sequences' earlier appends too). */
+int kvs_seq_flush(kvs_store_t *store, uint64_t seq_id);
 
 /* Which path serves wave attends: "CUDA device 0: NVIDIA H100 80GB HBM3",
  * or "CPU (why)". Valid while the store is open. */

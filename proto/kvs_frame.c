@@ -286,6 +286,8 @@ const char *kvs_frame_op_name(Kvs__V1__Request__OpCase op) {
         return "info";
     case KVS__V1__REQUEST__OP_SET_TTL:
         return "set_ttl";
+    case KVS__V1__REQUEST__OP_FLUSH:
+        return "flush";
     default:
         return "none";
     }
@@ -409,6 +411,7 @@ static int check_request(const Kvs__V1__Request *req,
     case KVS__V1__REQUEST__OP_PING:
     case KVS__V1__REQUEST__OP_INFO:
     case KVS__V1__REQUEST__OP_SET_TTL:
+    case KVS__V1__REQUEST__OP_FLUSH:
         /* The union member is a pointer for every case; any one tells. */
         if (!req->drop)
             break;

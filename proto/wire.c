@@ -288,6 +288,10 @@ void kvs_wire_store_stats_from_pb(const Kvs__V1__StatsResponse *m,
     out->gpu_upload_bytes = m->gpu_upload_bytes;
     out->gpu_builds = m->gpu_builds;
     out->gpu_build_errors = m->gpu_build_errors;
+    out->queued_seqno = m->queued_seqno;
+    out->persisted_seqno = m->persisted_seqno;
+    out->unpersisted_bytes = m->unpersisted_bytes;
+    out->unpersisted_waits = m->unpersisted_waits;
 }
 
 void kvs_wire_store_stats_to_pb(const kvs_store_stats_t *s,
@@ -320,6 +324,10 @@ void kvs_wire_store_stats_to_pb(const kvs_store_stats_t *s,
     out->gpu_upload_bytes = s->gpu_upload_bytes;
     out->gpu_builds = s->gpu_builds;
     out->gpu_build_errors = s->gpu_build_errors;
+    out->queued_seqno = s->queued_seqno;
+    out->persisted_seqno = s->persisted_seqno;
+    out->unpersisted_bytes = s->unpersisted_bytes;
+    out->unpersisted_waits = s->unpersisted_waits;
 }
 
 /* ----------------------------------------------------------- status codes */

@@ -288,9 +288,9 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         return kvs__errf(err, errlen, KVS_EINVAL,
                     "auth_token is longer than 512 bytes");
     if (strcmp(cfg->sync, "batch") && strcmp(cfg->sync, "always") &&
-        strcmp(cfg->sync, "none"))
+        strcmp(cfg->sync, "none") && strcmp(cfg->sync, "async"))
         return kvs__errf(err, errlen, KVS_EINVAL,
-                    "sync must be batch, always or none, not \"%s\"",
+                    "sync must be batch, always, none or async, not \"%s\"",
                     cfg->sync);
     if (strcmp(cfg->cuda_kv, "auto") && strcmp(cfg->cuda_kv, "host"))
         return kvs__errf(err, errlen, KVS_EINVAL,

@@ -57,9 +57,12 @@ extern "C" {
       "memory")                                                               \
     X(sync, STR, "batch", 0, 0,                                               \
       "when appends are acknowledged: batch (group fsync), always (fsync "   \
-      "each) or none (WAL write only)")                                       \
+      "each), none (WAL write only) or async (queued in memory, written "     \
+      "behind in order; Flush / kvctl flush is the barrier)")                 \
     X(sync_interval_ms, U32, "2", 0, 10000,                                    \
       "sync batch: least time between two WAL fsyncs (group commit)")          \
+    X(max_unpersisted_bytes, SIZE, "256M", 1, UINT64_MAX,                      \
+      "sync async: most bytes queued for the disk; appends wait beyond it")    \
     X(memory_bytes, SIZE, "0", 0, UINT64_MAX,                                  \
       "RAM for K/V and index; least recently used sequences are evicted to "  \
       "the data directory and paged back in on use; 0 = unlimited")           \

@@ -320,6 +320,18 @@ static int op_stats(op_ctx_t *c, Kvs__V1__StatsResponse *out) {
     return 0;
 }
 
+static int op_flush(op_ctx_t *c, const Kvs__V1__FlushRequest *r,
+                    Kvs__V1__FlushResponse *out) {
+    int rc = kvs_seq_flush(c->store, r->seq);
+    if (rc)
+        return engine_fail(c, rc, "flush");
+    kvs_store_stats_t s;
+    memset(&s, 0, sizeof(s));
+    if (kvs_store_stats(c->store, &s) == 0)
+        out->persisted_seqno = s.persisted_seqno;
+    return 0;
+}
+
 static int op_list(op_ctx_t *c, const Kvs__V1__ListSequencesRequest *r,
                    Kvs__V1__ListSequencesResponse *out, void **bufs) {
     uint32_t cap = c->w->srv->cfg->max_list_ids;
@@ -358,6 +370,7 @@ void kvs__op_run(kvs__work_t *w) {
     Kvs__V1__StatsResponse r_stats = KVS__V1__STATS_RESPONSE__INIT;
     Kvs__V1__ListSequencesResponse r_list =
         KVS__V1__LIST_SEQUENCES_RESPONSE__INIT;
+    Kvs__V1__FlushResponse r_flush = KVS__V1__FLUSH_RESPONSE__INIT;
     void *bufs[2] = {NULL, NULL};
     int rc;
 
@@ -411,6 +424,11 @@ void kvs__op_run(kvs__work_t *w) {
         rc = op_fork(&c, req->fork);
         resp.result_case = KVS__V1__RESPONSE__RESULT_FORK;
         resp.fork = &r_fork;
+        break;
+    case KVS__V1__REQUEST__OP_FLUSH:
+        rc = op_flush(&c, req->flush, &r_flush);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_FLUSH;
+        resp.flush = &r_flush;
         break;
     default:
         /* Hello and Ping are answered on the loop thread; anything else was

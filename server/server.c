@@ -626,6 +626,12 @@ static int request_seqs(kvs__work_t *w, uint64_t seqs[2]) {
         w->kind = GATE_READ_ALL;
         seqs[0] = m->info->seq;
         return 1;
+    case KVS__V1__REQUEST__OP_FLUSH:
+        /* Waits, as an info, for every earlier change of its sequence on
+         * this connection: those appends are queued before it runs. */
+        w->kind = GATE_READ_ALL;
+        seqs[0] = m->flush->seq;
+        return 1;
     default:
         w->kind = GATE_READ_ALL;
         return 0;
@@ -1669,9 +1675,11 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     o.log = store_log;
     o.data_dir = cfg->data_dir[0] ? cfg->data_dir : NULL;
     o.n_threads = cfg->engine_threads;
-    o.sync = !strcmp(cfg->sync, "always") ? KVS_SYNC_ALWAYS
-             : !strcmp(cfg->sync, "none") ? KVS_SYNC_NONE
-                                          : KVS_SYNC_BATCH;
+    o.sync = !strcmp(cfg->sync, "always")  ? KVS_SYNC_ALWAYS
+             : !strcmp(cfg->sync, "none")  ? KVS_SYNC_NONE
+             : !strcmp(cfg->sync, "async") ? KVS_SYNC_ASYNC
+                                           : KVS_SYNC_BATCH;
+    o.max_unpersisted_bytes = cfg->max_unpersisted_bytes;
     o.sync_interval_ms = cfg->sync_interval_ms;
     o.memory_bytes = cfg->memory_bytes;
     if (cfg->build_threads)

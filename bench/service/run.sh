@@ -8,7 +8,9 @@
 # (1 layer, 32 query heads, 8 KV heads, head_dim 128, bf16, top-100, 32K
 # context, one request at a time), ping_ops_per_s and redis_ping_ops_per_s
 # (one connection, pipeline 64, both over TCP loopback), ping_ratio_vs_redis,
-# append_gb_s (K+V bytes per second, 1024-token appends, pipeline 4).
+# append_gb_s (K+V bytes per second, 1024-token appends, pipeline 4, sync
+# batch; also as append_gb_s_batch) and append_gb_s_async (kvstored --sync
+# async, same appends; _flushed counts the final Flush).
 # Client and servers share this machine's cores: the numbers include that.
 set -euo pipefail
 build=$1; out=$2; shift 2
@@ -49,7 +51,20 @@ done
 kvctl bench --op search --requests "$search_n" --pipeline 1 --context "$ctx" \
     --k 100 "${geo[@]}" | sed "s/^{/{\"server\":\"kvstored\",\"context\":$ctx,/" >>"$rows"
 kvctl bench --op append --requests "$append_n" --pipeline 4 --tokens 1024 \
-    "${geo[@]}" | sed "s/^{/{\"server\":\"kvstored\",/" >>"$rows"
+    "${geo[@]}" | sed "s/^{/{\"server\":\"kvstored\",\"sync\":\"batch\",/" >>"$rows"
+kill "$kvs_pid"; wait "$kvs_pid" || true; kvs_pid=
+
+# The same appends with write-behind (--sync async): acknowledged once
+# queued; the bench's final Flush (flush_s) is what the disk still owed.
+rm -f "$tmp/port"
+"$build/server/kvstored" --bind 127.0.0.1 --port 0 --http-bind "" \
+    --port-file "$tmp/port" --data-dir "$tmp/data-async" --workers 2 \
+    --sync async --log-level warn 2>>"$tmp/kvstored.log" &
+kvs_pid=$!
+for _ in $(seq 200); do [ -s "$tmp/port" ] && break; sleep 0.05; done
+port=$(awk '/^port/ {print $2}' "$tmp/port")
+kvctl bench --op append --requests "$append_n" --pipeline 4 --tokens 1024 \
+    "${geo[@]}" | sed "s/^{/{\"server\":\"kvstored\",\"sync\":\"async\",/" >>"$rows"
 kill "$kvs_pid"; wait "$kvs_pid" || true; kvs_pid=
 
 # Redis baseline, same machine, same run, same connection/pipeline shapes.
@@ -94,8 +109,13 @@ if rb:
     m["redis_ping_ops_per_s"] = round(max(r["ops_per_s"] for r in rb))
 if "ping_ops_per_s" in m and "redis_ping_ops_per_s" in m:
     m["ping_ratio_vs_redis"] = round(m["ping_ops_per_s"] / m["redis_ping_ops_per_s"], 3)
-a = pick(server="kvstored", op="append")
+a = pick(server="kvstored", op="append", sync="batch")
 if a and a.get("ok"):
     m["append_gb_s"] = round(a["gb_per_s"], 3)
+    m["append_gb_s_batch"] = round(a["gb_per_s"], 3)
+a = pick(server="kvstored", op="append", sync="async")
+if a and a.get("ok"):
+    m["append_gb_s_async"] = round(a["gb_per_s"], 3)
+    m["append_gb_s_async_flushed"] = round(a["gb_per_s_flushed"], 3)
 json.dump({"bench": "service", "metrics": m, "rows": rows}, open(sys.argv[2], "w"), indent=2)
 PY

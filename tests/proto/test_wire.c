@@ -25,7 +25,7 @@ _Static_assert(sizeof(kvs_query_params_t) == 24, "new query param field");
 _Static_assert(sizeof(kvs_geometry_t) == 20, "new geometry field");
 _Static_assert(sizeof(kvs_attend_stats_t) == 64, "new attend stats field");
 _Static_assert(sizeof(kvs_seq_info_t) == 88, "new seq info field");
-_Static_assert(sizeof(kvs_store_stats_t) == 208, "new store stats field");
+_Static_assert(sizeof(kvs_store_stats_t) == 240, "new store stats field");
 
 static const kvs_mode_t MODES[] = {KVS_MODE_DEFAULT, KVS_MODE_WAVE,
                                    KVS_MODE_EXACT, KVS_MODE_FULL};
