@@ -316,8 +316,22 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
     }
     if (srv->store) {
         metric(&w, "kvstore_resident_bytes", G,
-               "K/V and index bytes counted against memory-bytes.", NULL, 0,
-               (double)st.resident_bytes);
+               "K/V, index and sequence bookkeeping bytes counted against "
+               "memory-bytes.",
+               NULL, 0, (double)st.resident_bytes);
+        metric(&w, "kvstore_unpersisted_bytes", G,
+               "Acknowledged append bytes queued for the disk (sync async).",
+               NULL, 0, (double)st.unpersisted_bytes);
+        metric(&w, "kvstore_unpersisted_waits_total", C,
+               "Writes that waited for max-unpersisted-bytes.", NULL, 0,
+               (double)st.unpersisted_waits);
+        metric(&w, "kvstore_storage_writes_queued_total", C,
+               "Storage writes queued since open (their last sequence "
+               "number).",
+               NULL, 0, (double)st.queued_seqno);
+        metric(&w, "kvstore_storage_writes_persisted_total", C,
+               "Storage writes durable on disk since open.", NULL, 0,
+               (double)st.persisted_seqno);
         metric(&w, "kvstore_evictions_total", C,
                "Sequences evicted to the data directory by the memory "
                "budget.",
