@@ -15,17 +15,11 @@
  */
 #include "kvs_index.h"
 #include "kvs_kernels.h"
+#include "kvs_rng.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-
-static uint64_t splitmix64(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 /* Head dims up to this get codes (the stack buffer of one row's codes). */
 #define CODES_MAX_D 1024
@@ -36,11 +30,11 @@ static int is_pow2(uint32_t d) {
 
 void kvs_codes_rotate(const kvs_codes_t *codes, uint32_t d, const float *x,
                       float *out) {
-    uint64_t s = codes->seed;
+    kvs_rng_t s = {codes->seed};
     uint64_t bits = 0;
     for (uint32_t j = 0; j < d; j++) {
         if (j % 64 == 0)
-            bits = splitmix64(&s);
+            bits = kvs_rng_next(&s);
         out[j] = (bits >> (j % 64)) & 1 ? -x[j] : x[j];
     }
     if (!is_pow2(d))

@@ -18,6 +18,7 @@
  *   persist_bench [--quick] [--tokens N] [--dir DIR] [--json FILE]
  */
 #include "kvs_kernels.h"
+#include "kvs_rng.h"
 #include "kvstore.h"
 
 #include <pthread.h>
@@ -38,13 +39,8 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static uint64_t rng = 0x853c49e6748fea9bull;
-static float frand(void) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2 - 1);
-}
+static kvs_rng_t rng = {0x853c49e6748fea9bull};
+static float frand(void) { return (float)(kvs_rng_uniform(&rng) * 2 - 1); }
 
 static void rm_rf(const char *d) {
     char cmd[1024];

@@ -12,8 +12,9 @@
 #ifndef KVS_TESTS_GPU_KV_SYNTH_H
 #define KVS_TESTS_GPU_KV_SYNTH_H
 
-#include "kvs_kernels.h"
 #include "kvs_common.h"
+#include "kvs_kernels.h"
+#include "kvs_rng.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -22,29 +23,25 @@
 #define KV_SYNTH_D 128
 
 typedef struct kv_synth_s {
-    uint64_t rng;
+    kvs_rng_t rng;
     uint32_t kvh, n_centres;
     float *centres; /* [kvh][n_centres][D] */
     float *offset;  /* [kvh][D] */
 } kv_synth_t;
 
 static inline double kv_synth_urand(kv_synth_t *g) {
-    g->rng ^= g->rng << 13;
-    g->rng ^= g->rng >> 7;
-    g->rng ^= g->rng << 17;
-    return (double)(g->rng >> 11) / 9007199254740992.0;
+    return kvs_rng_uniform(&g->rng);
 }
 
 static inline float kv_synth_nrand(kv_synth_t *g) {
-    double u = kv_synth_urand(g), v = kv_synth_urand(g);
-    return (float)(sqrt(-2 * log(u + 1e-300)) * cos(6.283185307179586 * v));
+    return kvs_rng_normal(&g->rng);
 }
 
 /* Returns 0, or -1 when out of memory. */
 static inline int kv_synth_init(kv_synth_t *g, uint32_t kvh, uint32_t n_centres,
                                 uint64_t seed) {
     const size_t D = KV_SYNTH_D;
-    g->rng = seed ? seed : 0x9e3779b97f4a7c15ull;
+    g->rng.s = seed;
     g->kvh = kvh;
     g->n_centres = n_centres;
     g->centres = malloc((size_t)kvh * n_centres * D * sizeof(float));

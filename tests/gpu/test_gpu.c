@@ -30,6 +30,7 @@
  * printed and KVS_SEED=n repeats a run.
  */
 #include "kvs_buffer.h"
+#include "kvs_rng.h"
 #include "kvs_cuda.h"
 
 #include <math.h>
@@ -90,13 +91,8 @@ static int failures;
 
 /* ---------------- random numbers and half-precision conversions ------- */
 
-static uint64_t rng_state;
-static uint32_t rnd(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 11);
-}
+static kvs_rng_t rng;
+static uint32_t rnd(void) { return (uint32_t)(kvs_rng_next(&rng) >> 32); }
 static double urand(void) {
     return (rnd() + 0.5) / 2097152.0 / 2048.0;
 }
@@ -1243,10 +1239,8 @@ int main(int argc, char **argv) {
         return 77;
     }
     const char *s = getenv("KVS_SEED");
-    rng_state = s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL);
-    if (!rng_state)
-        rng_state = 1;
-    printf("seed %llu (KVS_SEED to repeat)\n", (unsigned long long)rng_state);
+    rng.s = s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL);
+    printf("seed %llu (KVS_SEED to repeat)\n", (unsigned long long)rng.s);
     struct cudaDeviceProp prop;
     CU(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s\n", prop.name);
