@@ -93,6 +93,15 @@ typedef struct kvs_query_params_s {
     float estimation_fraction; /* of the clusters; default 0.232 */
     float epsilon;             /* bounded mode; default 0.02 */
     float scale;               /* softmax scale; 0 = 1/sqrt(head_dim) */
+    /* How keys are ranked (kvs_rank_t in kvs_common.h). DEFAULT: the
+     * store's default, whose own DEFAULT is codes where a head's segments
+     * have them (centroid for the bounded budget). KVS_RANK_CODES on a
+     * head whose segments lack codes (segments stored before codes
+     * existed) fails with KVS_EINVAL, as does KVS_RANK_CODES with the
+     * bounded budget (it is judged on centroid mass). The GPU path serves
+     * KVS_RANK_CENTROID only; codes-ranked attends run on the CPU and count
+     * in gpu_fallbacks. */
+    kvs_rank_t rank;
 } kvs_query_params_t;
 
 /* kvs_options_t.cuda_kv */
