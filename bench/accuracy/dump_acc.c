@@ -18,8 +18,10 @@
  * (as acc_bench does). No model runs: no bits per byte, no greedy
  * agreement.
  *
- * usage: dump_acc --dump FILE [--span N] [--stride N] [--segment-tokens N]
- *                 [--rank codes|centroid] [--label NAME] [--rows FILE]
+ * usage: dump_acc --dump FILE [--end N] [--span N] [--stride N]
+ *                 [--segment-tokens N] [--retrieval F] [--rank codes|centroid]
+ *                 [--label NAME] [--rows FILE]
+ * (--end: use the first N positions of the dump only.)
  */
 #include "kvstore.h"
 
@@ -38,6 +40,7 @@ typedef struct dump_s {
     const uint8_t *map;
     size_t size;
     uint32_t n_layers, n_q, n_kv, d, n_tokens, dtype;
+    uint32_t n_tokens_used; /* positions measured: the first n (--end) */
     uint64_t data_off;
 } dump_t;
 
@@ -66,6 +69,7 @@ static int dump_open(const char *path, dump_t *dp) {
     dp->d = h[7];
     dp->n_tokens = h[8];
     dp->dtype = h[9];
+    dp->n_tokens_used = dp->n_tokens;
     size_t e = dp->dtype == 0 ? 4 : 2;
     if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 ||
         dp->dtype > 1 || !dp->n_layers || !dp->n_kv || !dp->d ||
@@ -123,7 +127,8 @@ static double quant(const double *v, size_t n, double p) {
 
 int main(int argc, char **argv) {
     const char *path = NULL, *rows = NULL, *label = "tinycode128";
-    uint32_t span = 8192, stride = 128, seg = 0;
+    uint32_t span = 8192, stride = 128, seg = 0, end = 0;
+    float retrieval = 0;
     kvs_rank_t rank = KVS_RANK_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *x = i + 1 < argc ? argv[i + 1] : NULL;
@@ -139,6 +144,10 @@ int main(int argc, char **argv) {
             span = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--stride"))
             stride = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--end"))
+            end = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--retrieval"))
+            retrieval = strtof(x, NULL);
         else if (!strcmp(a, "--segment-tokens"))
             seg = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--rank") && !strcmp(x, "codes"))
@@ -153,7 +162,9 @@ int main(int argc, char **argv) {
         goto usage;
     dump_t dp;
     int rc = dump_open(path, &dp);
-    if (rc || dp.dtype != 0 || span >= dp.n_tokens) {
+    if (!rc && end && end < dp.n_tokens)
+        dp.n_tokens_used = end;
+    if (rc || dp.dtype != 0 || span >= dp.n_tokens_used) {
         fprintf(stderr, "dump_acc: %s: %s\n", path,
                 rc ? kvs_strerror(rc) : "not fp32, or span too large");
         return 1;
@@ -170,7 +181,7 @@ int main(int argc, char **argv) {
     }
     const uint32_t L = dp.n_layers, HQ = dp.n_q, D = dp.d;
     kvs_geometry_t g = {L, HQ, dp.n_kv, D, KVS_DTYPE_F32};
-    const uint32_t P = dp.n_tokens - span;
+    const uint32_t P = dp.n_tokens_used - span;
     float *k = malloc((size_t)1024 * dp.n_kv * D * 4);
     float *v = malloc((size_t)1024 * dp.n_kv * D * 4);
     float *q = malloc((size_t)HQ * D * 4), *ex = malloc((size_t)HQ * D * 4);
@@ -185,11 +196,13 @@ int main(int argc, char **argv) {
     kvs_query_params_t wp, xp;
     kvs_query_params_default(&wp);
     wp.rank = rank;
+    if (retrieval > 0) /* the other two zone numbers stay the defaults */
+        wp.retrieval_fraction = retrieval;
     xp = wp;
     xp.mode = KVS_MODE_EXACT;
     uint64_t steps = 0, keys_total = 0, keys_exact = 0, keys_steady = 0;
     uint32_t have = P;
-    for (uint32_t t = P; t < dp.n_tokens; t += stride, steps++) {
+    for (uint32_t t = P; t < dp.n_tokens_used; t += stride, steps++) {
         if ((rc = append_range(s, &dp, have, t + 1, k, v)))
             goto fail;
         have = t + 1;
@@ -224,13 +237,14 @@ int main(int argc, char **argv) {
     double stf = (double)keys_steady / (double)keys_total;
     fprintf(stderr,
             "dump_acc: %s positions %u..%u step %u, segments of %u, rank %s: "
-            "rel_l2 median %.4g p95 %.4g max %.4g, %.2f%% keys exact "
-            "(steady %.2f%%), %.1f s CPU\n",
-            label, P, dp.n_tokens - 1, stride, o.segment_tokens,
+            "retrieval %g: rel_l2 median %.4g p95 %.4g max %.4g, %.2f%% keys "
+            "exact (steady %.2f%%), %.1f s CPU\n",
+            label, P, dp.n_tokens_used - 1, stride, o.segment_tokens,
             rank == KVS_RANK_CENTROID ? "centroid"
             : rank == KVS_RANK_CODES  ? "codes"
                                       : "default",
-            med, p95, err[n - 1], 100 * exf, 100 * stf, secs);
+            (double)wp.retrieval_fraction, med, p95, err[n - 1], 100 * exf,
+            100 * stf, secs);
     if (rows) {
         FILE *f = fopen(rows, "a");
         if (!f)
@@ -239,15 +253,16 @@ int main(int argc, char **argv) {
                 "{\"model\": \"%s\", \"source\": \"dump\", \"context_first\": "
                 "%u, \"context_last\": %u, \"stride\": %u, "
                 "\"segment_tokens\": %u, \"rank\": \"%s\", "
+                "\"retrieval_fraction\": %g, "
                 "\"variant\": \"fixed\", \"decode_steps\": %llu, "
                 "\"rel_l2_median\": %.6g, \"rel_l2_p95\": %.6g, "
                 "\"rel_l2_max\": %.6g, \"exact_fraction\": %.6g, "
                 "\"steady_fraction\": %.6g}\n",
-                label, P + 1, dp.n_tokens, stride, o.segment_tokens,
+                label, P + 1, dp.n_tokens_used, stride, o.segment_tokens,
                 rank == KVS_RANK_CENTROID ? "centroid"
                 : rank == KVS_RANK_CODES  ? "codes"
                                           : "default",
-                (unsigned long long)steps, med, p95, err[n - 1], exf, stf);
+                (double)wp.retrieval_fraction, (unsigned long long)steps, med, p95, err[n - 1], exf, stf);
         if (fclose(f))
             return 1;
     }
@@ -264,8 +279,9 @@ fail:
             kvs_store_errmsg(s));
     return 1;
 usage:
-    fprintf(stderr, "usage: dump_acc --dump FILE [--span N] [--stride N] "
-                    "[--segment-tokens N] [--rank codes|centroid] "
+    fprintf(stderr, "usage: dump_acc --dump FILE [--end N] [--span N] "
+                    "[--stride N] [--segment-tokens N] [--retrieval F] "
+                    "[--rank codes|centroid] "
                     "[--label NAME] [--rows FILE]\n");
     return 2;
 }
