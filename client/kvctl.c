@@ -62,7 +62,10 @@ static void usage(FILE *f) {
             "        [--q-heads Q] [--kv-heads H] [--head-dim D] "
             "[--dtype f16]\n"
             "        [--wait-indexed yes|no]    search/attend: wait for "
-            "index builds [yes]\n");
+            "index builds [yes]\n"
+            "        [--rank codes|centroid]    search/attend: how keys are "
+            "ranked\n"
+            "                                   [the server's default]\n");
 }
 
 static int parse_u64(const char *s, uint64_t *out) {
@@ -539,6 +542,7 @@ typedef struct bench_s {
     uint32_t q_heads, kv_heads, head_dim;
     kvs_dtype_t dtype;
     bool no_wait; /* measure while index segments are still being built */
+    kvs_query_params_t params; /* zero: the server's defaults */
 } bench_t;
 
 static int cmp_double(const void *x, const void *y) {
@@ -603,6 +607,7 @@ static void bench_fill(const bench_slot_t *sl, kvs_client_op_t *op, size_t s) {
     op->scores = sl->scores + s * per;
     op->result_cap = per;
     op->output = sl->outs + s * sl->qf;
+    op->params = &b->params;
 }
 
 static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
@@ -805,6 +810,15 @@ static int cmd_bench(const args_t *a, kvs_client_t *c, int argc, char **argv) {
         uint64_t n = 0;
         if (!strcmp(o, "--op")) {
             b.op = v;
+            continue;
+        }
+        if (!strcmp(o, "--rank")) {
+            if (!strcmp(v, "codes"))
+                b.params.rank = KVS_RANK_CODES;
+            else if (!strcmp(v, "centroid"))
+                b.params.rank = KVS_RANK_CENTROID;
+            else
+                return die_usage("bad --rank %s", v);
             continue;
         }
         if (!strcmp(o, "--wait-indexed")) {

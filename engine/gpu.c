@@ -600,11 +600,14 @@ static void zone_stats(const kvs__gpu_layer_t *m, const kvs_head_view_t *v,
 
 int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
                     const kvs_head_view_t *v, uint32_t H, uint32_t G,
-                    const float *q, const kvs_zone_params_t *zp, float *out,
+                    const float *q, const kvs_zone_params_t *zp,
+                    const kvs_rank_params_t *rp, float *out,
                     kvs_zone_stats_t *stats) {
     if (!g)
         return KVS_ENOTSUP;
-    if (zp->exact || zp->bounded || H == 0 || H > KVS_MAX_HEADS_GPU ||
+    /* The kernels rank by centroid; DEFAULT may mean codes on the CPU. */
+    if (zp->exact || zp->bounded || rp->rank != KVS_RANK_CENTROID || H == 0 ||
+        H > KVS_MAX_HEADS_GPU ||
         v[0].n_segments == 0 || v[0].d != KVS_CUDA_HEAD_DIM ||
         (v[0].dtype != KVS_DTYPE_F16 && v[0].dtype != KVS_DTYPE_BF16) ||
         (G != 1 && G != 2 && G != 4 && G != 8)) {

@@ -64,13 +64,18 @@ void kvs__gpu_close(kvs__gpu_t *g);
  * snapshot under the layer's read lock), queries [n_heads][group][d],
  * out the same shape. *mirror is the layer's mirror slot (created on
  * first use; concurrent callers serialise on it). stats[h] get the zone
- * counts. Returns 0, KVS_ENOTSUP (use the CPU path), or another error
+ * counts. Serves the centroid ranking only (rp->rank KVS_RANK_CENTROID):
+ * any other rank, which may take the codes path on the CPU, is KVS_ENOTSUP
+ * and counted as a fallback, so that a call never answers differently on
+ * the GPU than on the CPU. Returns 0, KVS_ENOTSUP (use the CPU path), or
+ * another error
  * (counted; the mirror is dropped; the caller should use the CPU path).
  */
 int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
                     const kvs_head_view_t *views, uint32_t n_heads,
                     uint32_t group, const float *q,
-                    const kvs_zone_params_t *zp, float *out,
+                    const kvs_zone_params_t *zp,
+                    const kvs_rank_params_t *rp, float *out,
                     kvs_zone_stats_t *stats);
 
 /*

@@ -28,10 +28,11 @@ void kvs__gpu_close(kvs__gpu_t *g) {
 int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
                     const kvs_head_view_t *views, uint32_t n_heads,
                     uint32_t group, const float *q,
-                    const kvs_zone_params_t *zp, float *out,
+                    const kvs_zone_params_t *zp,
+                    const kvs_rank_params_t *rp, float *out,
                     kvs_zone_stats_t *stats) {
     (void)g, (void)mirror, (void)views, (void)n_heads, (void)group, (void)q;
-    (void)zp, (void)out, (void)stats;
+    (void)zp, (void)rp, (void)out, (void)stats;
     return KVS_ENOTSUP;
 }
 

@@ -193,7 +193,12 @@ static void head_view(const kvs_store_t *s, const seq_t *q, const head_t *h,
 }
 
 static int resolve_params(kvs_store_t *s, const seq_t *q,
-                          const kvs_query_params_t *p, kvs_zone_params_t *zp) {
+                          const kvs_query_params_t *p, kvs_zone_params_t *zp,
+                          kvs_rank_params_t *rp) {
+    /* Zeroed first: a field the index gains later must read as its
+     * default here, never as whatever malloc left in the call state. */
+    memset(zp, 0, sizeof *zp);
+    memset(rp, 0, sizeof *rp);
     const kvs_query_params_t *d = &s->opts.defaults;
     kvs_query_params_t m = p ? *p : *d;
     if (p) {
@@ -213,11 +218,24 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
     if (m.budget == KVS_BUDGET_DEFAULT)
         m.budget = d->budget != KVS_BUDGET_DEFAULT ? d->budget
                                                    : KVS_BUDGET_FIXED;
+    /* The store's DEFAULT rank stays DEFAULT for the index: codes where a
+     * head's segments have them, per head (segments reloaded from before
+     * codes have none). */
+    if (m.rank == KVS_RANK_DEFAULT)
+        m.rank = d->rank;
     if (m.mode != KVS_MODE_EXACT && m.mode != KVS_MODE_WAVE &&
         m.mode != KVS_MODE_FULL)
         return kvs__fail(s, KVS_EINVAL, "unknown mode %d", (int)m.mode);
     if (m.budget != KVS_BUDGET_FIXED && m.budget != KVS_BUDGET_BOUNDED)
         return kvs__fail(s, KVS_EINVAL, "unknown budget %d", (int)m.budget);
+    if (m.rank != KVS_RANK_DEFAULT && m.rank != KVS_RANK_CODES &&
+        m.rank != KVS_RANK_CENTROID)
+        return kvs__fail(s, KVS_EINVAL, "unknown rank %d", (int)m.rank);
+    if (m.rank == KVS_RANK_CODES && m.budget == KVS_BUDGET_BOUNDED &&
+        m.mode == KVS_MODE_WAVE)
+        return kvs__fail(s, KVS_EINVAL,
+                         "the bounded budget ranks by centroid mass: "
+                         "rank codes needs the fixed budget");
     if (!(m.retrieval_fraction >= 0 && m.retrieval_fraction <= 1) ||
         !(m.estimation_fraction >= 0 && m.estimation_fraction <= 1) ||
         !(m.epsilon >= 0 && m.epsilon <= 1) || !(m.scale >= 0) ||
@@ -234,6 +252,7 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
      * every score by ~1e-7 relative. */
     zp->scale_f64 =
         m.scale > 0 ? (double)m.scale : 1.0 / sqrt((double)q->geo.head_dim);
+    rp->rank = m.rank;
     return 0;
 }
 
@@ -243,6 +262,7 @@ typedef struct call_s {
     layer_t *L;
     const float *queries;
     kvs_zone_params_t zp;
+    kvs_rank_params_t rp;
     uint32_t group, k;
     float *out;
     int64_t *positions;
@@ -261,8 +281,8 @@ static void attend_task(void *arg, uint32_t h) {
     kvs_head_view_t v;
     head_view(c->s, c->q, &c->L->heads[h], &v);
     size_t off = (size_t)h * c->group * c->q->geo.head_dim;
-    c->rc[h] = kvs_head_attend(&v, c->queries + off, c->group, &c->zp, sc,
-                               c->out + off, &c->stats[h]);
+    c->rc[h] = kvs_head_attend_ranked(&v, c->queries + off, c->group, &c->zp,
+                                      &c->rp, sc, c->out + off, &c->stats[h]);
 }
 
 static void search_task(void *arg, uint32_t h) {
@@ -275,9 +295,9 @@ static void search_task(void *arg, uint32_t h) {
     kvs_head_view_t v;
     head_view(c->s, c->q, &c->L->heads[h], &v);
     size_t qh = (size_t)h * c->group;
-    c->rc[h] = kvs_head_search_group(&v, c->queries + qh * v.d, c->group, c->k,
-                                     &c->zp, sc, c->positions + qh * c->k,
-                                     c->scores + qh * c->k, &c->stats[h]);
+    c->rc[h] = kvs_head_search_group_ranked(
+        &v, c->queries + qh * v.d, c->group, c->k, &c->zp, &c->rp, sc,
+        c->positions + qh * c->k, c->scores + qh * c->k, &c->stats[h]);
 }
 
 /* The GPU path for a wave attend, under the layer's read lock. Nonzero:
@@ -292,7 +312,7 @@ static int gpu_attend(kvs_store_t *s, call_t *c) {
     for (uint32_t h = 0; h < nh; h++)
         head_view(s, c->q, &c->L->heads[h], &v[h]);
     int rc = kvs__gpu_attend(s->gpu, &c->L->gpu, v, nh, c->group, c->queries,
-                             &c->zp, c->out, c->stats);
+                             &c->zp, &c->rp, c->out, c->stats);
     free(v);
     return rc;
 }
@@ -323,7 +343,7 @@ static int call_begin(kvs_store_t *s, uint64_t id, uint32_t layer,
     }
     memset(c->stats, 0, g->n_kv_heads * sizeof c->stats[0]);
     memset(c->rc, 0, g->n_kv_heads * sizeof c->rc[0]);
-    if ((rc = resolve_params(s, q, params, &c->zp))) {
+    if ((rc = resolve_params(s, q, params, &c->zp, &c->rp))) {
         free(c);
         goto err;
     }

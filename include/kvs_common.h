@@ -27,6 +27,26 @@ typedef enum kvs_dtype_e {
     KVS_DTYPE_BF16 = 2,
 } kvs_dtype_t;
 
+/* How search and attention rank keys (kvs_query_params_t.rank in
+ * kvstore.h; the index's kvs_rank_params_t.rank). Here, below both, so that
+ * the engine's API and the index it calls share one enum. */
+typedef enum kvs_rank_e {
+    /* The store's default (kvs_options_t.defaults.rank); its own DEFAULT,
+     * and the index's: codes where every segment of a head has them, else
+     * centroid. The accuracy-bounded budget is judged on centroid mass and
+     * so ranks by centroid unless codes are asked for by name. */
+    KVS_RANK_DEFAULT = 0,
+    /* Clusters by q.c over full-precision centroids; every member of the
+     * retrieval clusters is read in full (the index before codes). The GPU
+     * path implements this ranking only. */
+    KVS_RANK_CENTROID = 1,
+    /* Two stages: clusters ranked by 8-bit centroid codes plus a spread
+     * term; the 4-bit codes of their members are scanned until
+     * code_ratio x R keys are scored; the best R by code score are read
+     * in full (R = retrieval_fraction x indexed keys). */
+    KVS_RANK_CODES = 2,
+} kvs_rank_t;
+
 /* Bytes per element of `dtype`, 0 for an unknown dtype. */
 size_t kvs_dtype_size(kvs_dtype_t dtype);
 /* "f32", "f16", "bf16" or "?". */

@@ -93,6 +93,15 @@ typedef struct kvs_query_params_s {
     float estimation_fraction; /* of the clusters; default 0.232 */
     float epsilon;             /* bounded mode; default 0.02 */
     float scale;               /* softmax scale; 0 = 1/sqrt(head_dim) */
+    /* How keys are ranked (kvs_rank_t in kvs_common.h). DEFAULT: the
+     * store's default, whose own DEFAULT is codes where a head's segments
+     * have them (centroid for the bounded budget). KVS_RANK_CODES on a
+     * head whose segments lack codes (segments stored before codes
+     * existed) fails with KVS_EINVAL, as does KVS_RANK_CODES with the
+     * bounded budget (it is judged on centroid mass). The GPU path serves
+     * KVS_RANK_CENTROID only; codes-ranked attends run on the CPU and count
+     * in gpu_fallbacks. */
+    kvs_rank_t rank;
 } kvs_query_params_t;
 
 /* kvs_options_t.cuda_kv */
@@ -174,7 +183,9 @@ typedef struct kvs_options_s {
      * cores). It also applies to any other OpenBLAS user in the process. */
     uint32_t blas_threads;
     /* Wave index. */
-    uint32_t segment_tokens;  /* keys per segment; default 8192 */
+    /* Keys per segment; default 1024 (8192 before issue 13: a data
+     * directory made then opens only with segment_tokens 8192). */
+    uint32_t segment_tokens;
     uint32_t cluster_tokens;  /* mean keys per cluster; default 16 */
     uint32_t kmeans_iters;    /* spherical k-means iterations; default 10 */
     uint32_t sink_tokens;     /* first tokens always exact; default 4 */

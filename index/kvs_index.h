@@ -195,23 +195,10 @@ static inline int kvs_head_is_steady(const kvs_head_view_t *v, uint64_t pos) {
     return pos < v->sink_tokens || pos >= lo;
 }
 
-/* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
-/* How search and attention rank keys (kvs_rank_params_t.rank). */
-typedef enum kvs_rank_e {
-    /* Search: codes where the segments have them and the budget is fixed,
-     * else as KVS_RANK_CENTROID. Attention: KVS_RANK_CENTROID (the engine's
-     * zone statistics describe it; see docs/index.md). */
-    KVS_RANK_DEFAULT = 0,
-    /* Clusters by q.c over full-precision centroids; every member of the
-     * retrieval clusters is read in full (the index before codes). */
-    KVS_RANK_CENTROID = 1,
-    /* Two stages: clusters ranked by 8-bit centroid codes plus a spread
-     * term; the 4-bit codes of their members are scanned until
-     * code_ratio x R keys are scored; the best R by code score are read
-     * in full (R = retrieval_fraction x indexed keys). */
-    KVS_RANK_CODES = 2,
-} kvs_rank_t;
+/* kvs_rank_t (how keys are ranked) is in kvs_common.h, shared with the
+ * engine's API. */
 
+/* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
 typedef struct kvs_zone_params_s {
     int exact;                 /* 1: ignore the index, attend every key */
     int precise;               /* with exact: accumulate in double (the

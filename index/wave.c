@@ -593,7 +593,7 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
 
 /* The codes paths (defined with search, below). */
 static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
-                     const kvs_rank_params_t *rp, int attend, int *yes);
+                     const kvs_rank_params_t *rp, int *yes);
 static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                         const kvs_zone_params_t *zp,
                         const kvs_rank_params_t *rp, kvs_scratch_t *s,
@@ -664,7 +664,7 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q,
     if ((rc = rank_clusters(v, s, g, C, &n_valid)))
         return rc;
     int codes;
-    if ((rc = use_codes(v, zp, rp, 1, &codes)))
+    if ((rc = use_codes(v, zp, rp, &codes)))
         return rc;
     if (codes) {
         if ((rc = codes_attend(v, q, g, zp, rp, s, C, &run, &tmp, &st)))
@@ -890,19 +890,18 @@ static int view_has_codes(const kvs_head_view_t *v) {
 }
 
 /* Whether a call takes the codes path (KVS_EINVAL: asked for codes the
- * view does not have). By default search does where it can; attention
- * keeps the centroid path, whose zone sizes the engine's statistics (and
- * their tests) describe, until the engine asks for codes. The bounded
- * budget is judged on centroid mass: it keeps the centroid path unless
- * codes are asked for by name. */
+ * view does not have). By default search and attention both do where they
+ * can: at equal keys read in full, codes cut attention error ~3.5x at 8K
+ * (bench/accuracy/RESULTS.md). The bounded budget is judged on centroid
+ * mass: it keeps the centroid path unless codes are asked for by name. */
 static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
-                     const kvs_rank_params_t *rp, int attend, int *yes) {
+                     const kvs_rank_params_t *rp, int *yes) {
     *yes = 0;
     if (rp->rank == KVS_RANK_CODES) {
         if (!view_has_codes(v))
             return KVS_EINVAL;
         *yes = 1;
-    } else if (rp->rank == KVS_RANK_DEFAULT && !zp->bounded && !attend) {
+    } else if (rp->rank == KVS_RANK_DEFAULT && !zp->bounded) {
         *yes = view_has_codes(v);
     }
     return 0;
@@ -1346,7 +1345,7 @@ int kvs_head_search_group_ranked(const kvs_head_view_t *v, const float *q,
     st.keys_steady = ctx.scanned;
 
     int codes;
-    if ((rc = use_codes(v, zp, rp, 0, &codes)))
+    if ((rc = use_codes(v, zp, rp, &codes)))
         return rc;
     if (codes) {
         for (uint32_t i = 0; i < g; i++) {

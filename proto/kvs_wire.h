@@ -48,14 +48,18 @@ int kvs_wire_budget_from_pb(Kvs__V1__Budget in, kvs_budget_t *out, char *err,
                             size_t errlen);
 int kvs_wire_budget_to_pb(kvs_budget_t in, Kvs__V1__Budget *out, char *err,
                           size_t errlen);
+int kvs_wire_rank_from_pb(Kvs__V1__Rank in, kvs_rank_t *out, char *err,
+                          size_t errlen);
+int kvs_wire_rank_to_pb(kvs_rank_t in, Kvs__V1__Rank *out, char *err,
+                        size_t errlen);
 
 /* ---------------------------------------------------------------- structs */
 
 /* `m` NULL (the field absent on the wire) gives an all-zero struct: every
  * field the store's default. The float fields are copied as they are; their
  * ranges are the engine's to check (kvs_frame_decode_request checks them
- * too, before a worker sees the request). Errors: KVS_EINVAL (mode or
- * budget unknown). */
+ * too, before a worker sees the request). Errors: KVS_EINVAL (mode,
+ * budget or rank unknown). */
 int kvs_wire_params_from_pb(const Kvs__V1__QueryParams *m,
                             kvs_query_params_t *out, char *err, size_t errlen);
 int kvs_wire_params_to_pb(const kvs_query_params_t *p,

@@ -133,6 +133,40 @@ int kvs_wire_budget_to_pb(kvs_budget_t in, Kvs__V1__Budget *out, char *err,
     return werr(err, errlen, "unknown budget %d", (int)in);
 }
 
+int kvs_wire_rank_from_pb(Kvs__V1__Rank in, kvs_rank_t *out, char *err,
+                          size_t errlen) {
+    switch (in) {
+    case KVS__V1__RANK__RANK_DEFAULT:
+        *out = KVS_RANK_DEFAULT;
+        return 0;
+    case KVS__V1__RANK__RANK_CENTROID:
+        *out = KVS_RANK_CENTROID;
+        return 0;
+    case KVS__V1__RANK__RANK_CODES:
+        *out = KVS_RANK_CODES;
+        return 0;
+    case _KVS__V1__RANK_IS_INT_SIZE:
+        break;
+    }
+    return werr(err, errlen, "unknown rank %d on the wire", (int)in);
+}
+
+int kvs_wire_rank_to_pb(kvs_rank_t in, Kvs__V1__Rank *out, char *err,
+                        size_t errlen) {
+    switch (in) {
+    case KVS_RANK_DEFAULT:
+        *out = KVS__V1__RANK__RANK_DEFAULT;
+        return 0;
+    case KVS_RANK_CENTROID:
+        *out = KVS__V1__RANK__RANK_CENTROID;
+        return 0;
+    case KVS_RANK_CODES:
+        *out = KVS__V1__RANK__RANK_CODES;
+        return 0;
+    }
+    return werr(err, errlen, "unknown rank %d", (int)in);
+}
+
 /* ---------------------------------------------------------------- structs */
 
 int kvs_wire_params_from_pb(const Kvs__V1__QueryParams *m,
@@ -143,6 +177,8 @@ int kvs_wire_params_from_pb(const Kvs__V1__QueryParams *m,
     int rc = kvs_wire_mode_from_pb(m->mode, &out->mode, err, errlen);
     if (!rc)
         rc = kvs_wire_budget_from_pb(m->budget, &out->budget, err, errlen);
+    if (!rc)
+        rc = kvs_wire_rank_from_pb(m->rank, &out->rank, err, errlen);
     if (rc)
         return rc;
     out->retrieval_fraction = m->retrieval_fraction;
@@ -157,6 +193,8 @@ int kvs_wire_params_to_pb(const kvs_query_params_t *p,
     int rc = kvs_wire_mode_to_pb(p->mode, &out->mode, err, errlen);
     if (!rc)
         rc = kvs_wire_budget_to_pb(p->budget, &out->budget, err, errlen);
+    if (!rc)
+        rc = kvs_wire_rank_to_pb(p->rank, &out->rank, err, errlen);
     if (rc)
         return rc;
     out->retrieval_fraction = p->retrieval_fraction;

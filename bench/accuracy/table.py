@@ -9,6 +9,12 @@ print("| model | context | segment | budget | rel L2 median | rel L2 p95 | keys 
       "| clusters retrieved | clusters estimated | greedy agreement | bits full | bits wave |")
 print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for x in r["rows"]:
+    if x.get("source") == "dump":  # dump_acc: error and keys only
+        print("| %s (dump, positions %d-%d) | %d | %d | %s | %.4f | %.4f | %.2f%% | | | | | |" % (
+            x["model"], x["context_first"], x["context_last"], x["context_last"],
+            x["segment_tokens"], "%s %s, retrieval %g" % (x["variant"], x["rank"], x.get("retrieval_fraction", 0.018)), x["rel_l2_median"],
+            x["rel_l2_p95"], 100 * x["exact_fraction"]))
+        continue
     bits = x.get("bpb_full", x.get("bits_per_token_full"))
     bw = x.get("bpb_wave", x.get("bits_per_token_wave"))
     unit = "" if "bpb_full" in x else " /tok"

@@ -165,6 +165,9 @@ int main(int argc, char **argv) {
         free(v);
         kvs_query_params_t wave, full, exact;
         kvs_query_params_default(&wave);
+        /* The GPU path ranks by centroid; codes-ranked calls (the
+         * default) would run on the CPU. */
+        wave.rank = KVS_RANK_CENTROID;
         full = wave;
         full.mode = KVS_MODE_FULL;
         exact = wave;

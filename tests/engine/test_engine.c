@@ -424,10 +424,25 @@ static void test_engine_cuda_option_without_gpu(void **state) {
 }
 
 /* Default budgets: zone sizes as documented, output close to exact. */
+static double rel_l2(const float *a, const float *ref, size_t n) {
+    double e = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        e += ((double)a[i] - ref[i]) * ((double)a[i] - ref[i]);
+        r += (double)ref[i] * ref[i];
+    }
+    return sqrt(e / r);
+}
+
+/* The default attend ranks by codes: per head, the steady zone plus
+ * ceil(0.018 x indexed keys) keys read in full, chosen by 4-bit code score
+ * from clusters taken in centroid order until 16x as many keys are scored;
+ * the next 0.232 of the clusters estimated. KVS_RANK_CENTROID is the
+ * index before codes: 0.018 / 0.232 of the clusters, every member of the
+ * retrieval clusters read in full. */
 static void test_engine_wave_default_zones(void **state) {
     (void)state;
     fixture_t f = build_fixture(4096 + 100, 1024, KVS_DTYPE_F32);
-    float q[4 * 32], out[4 * 32], ex[4 * 32];
+    float q[4 * 32], out[4 * 32], ex[4 * 32], cen[4 * 32], cod[4 * 32];
     for (int i = 0; i < 4 * 32; i++)
         q[i] = nrand();
     kvs_attend_stats_t st;
@@ -435,21 +450,72 @@ static void test_engine_wave_default_zones(void **state) {
     /* 4 segments of 1024 / 16 = 64 clusters, fewer if any came out empty. */
     uint64_t C = st.clusters_total / 2;
     assert_true(C <= 256 && C >= 200);
-    assert_int_equal(st.clusters_retrieved, 2 * (uint64_t)ceil(0.018 * C));
-    assert_int_equal(st.clusters_estimated, 2 * (uint64_t)ceil(0.232 * C));
+    /* Steady: 4 sinks + the last 64 indexed + the 100-token tail, per
+     * KV head; full reads beyond it: ceil(0.018 x 4096) = 74 per head. */
+    assert_int_equal(st.keys_total, 2 * (4096 + 100));
+    assert_int_equal(st.keys_steady, 2 * (4 + 64 + 100));
+    assert_int_equal(st.keys_exact, st.keys_steady + 2 * 74);
+    /* Codes of 16 x 74 = 1184 keys are scanned per head: at ~16 keys a
+     * cluster that is far more clusters than the centroid path's 5. */
+    assert_true(st.clusters_retrieved >= 2 * (1184 / 32));
+    assert_true(st.clusters_retrieved > 2 * (uint64_t)ceil(0.018 * C));
+    assert_true(st.clusters_retrieved < 2 * C);
+    assert_true(st.clusters_estimated <= 2 * (uint64_t)ceil(0.232 * C));
+    assert_true(st.clusters_estimated > 0);
     assert_int_equal(st.clusters_total, st.clusters_retrieved +
                                             st.clusters_estimated +
                                             st.clusters_skipped);
-    assert_true(st.keys_exact < st.keys_total / 4);
     assert_true(st.seconds > 0);
+
+    /* DEFAULT and KVS_RANK_CODES by name are the same call, bit for bit. */
     kvs_query_params_t p;
+    memset(&p, 0, sizeof p);
+    p.rank = KVS_RANK_CODES;
+    kvs_attend_stats_t sc;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, cod, &sc), 0);
+    for (int i = 0; i < 4 * 32; i++)
+        assert_true(cod[i] == out[i]);
+    assert_int_equal(sc.keys_exact, st.keys_exact);
+    assert_int_equal(sc.clusters_retrieved, st.clusters_retrieved);
+
+    /* The centroid ranking keeps its zone sizes. */
+    p.rank = KVS_RANK_CENTROID;
+    kvs_attend_stats_t sk;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, cen, &sk), 0);
+    assert_int_equal(sk.clusters_total, st.clusters_total);
+    assert_int_equal(sk.clusters_retrieved, 2 * (uint64_t)ceil(0.018 * C));
+    assert_int_equal(sk.clusters_estimated, 2 * (uint64_t)ceil(0.232 * C));
+    assert_int_equal(sk.keys_steady, st.keys_steady);
+    assert_true(sk.keys_exact < sk.keys_total / 4);
+
+    /* Random keys spread attention over the whole context, so neither
+     * path is close at ~2% of keys; the codes path is still the nearer
+     * one, at about the same keys read in full (0.40 vs 0.90 here). */
     kvs_query_params_default(&p);
     p.mode = KVS_MODE_EXACT;
     assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, ex, NULL), 0);
-    for (int i = 0; i < 4 * 32; i++)
-        assert_true(isfinite(out[i]));
-    /* A tighter epsilon never retrieves fewer keys. */
-    p.mode = KVS_MODE_WAVE;
+    double e_codes = rel_l2(out, ex, 4 * 32), e_cen = rel_l2(cen, ex, 4 * 32);
+    print_message("rel. L2 vs exact: codes %.4f (%llu keys exact), "
+                  "centroid %.4f (%llu)\n",
+                  e_codes, (unsigned long long)st.keys_exact, e_cen,
+                  (unsigned long long)sk.keys_exact);
+    assert_true(isfinite(e_codes) && isfinite(e_cen));
+    assert_true(e_codes < 0.75 * e_cen);
+
+    /* Codes with the bounded budget, or an unknown rank: refused. */
+    kvs_query_params_default(&p);
+    p.budget = KVS_BUDGET_BOUNDED;
+    p.rank = KVS_RANK_CODES;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, out, NULL), KVS_EINVAL);
+    p.budget = KVS_BUDGET_FIXED;
+    p.rank = (kvs_rank_t)3;
+    assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, out, NULL), KVS_EINVAL);
+    int64_t pos[4 * 8];
+    float sco[4 * 8];
+    assert_int_equal(kvs_seq_search(f.s, 7, 0, q, 8, &p, pos, sco), KVS_EINVAL);
+
+    /* A tighter epsilon never retrieves fewer keys (bounded: centroid). */
+    kvs_query_params_default(&p);
     p.budget = KVS_BUDGET_BOUNDED;
     p.epsilon = 0.2f;
     kvs_attend_stats_t a, b;
@@ -457,6 +523,8 @@ static void test_engine_wave_default_zones(void **state) {
     p.epsilon = 0.01f;
     assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, out, &b), 0);
     assert_true(b.keys_exact >= a.keys_exact);
+    for (int i = 0; i < 4 * 32; i++)
+        assert_true(isfinite(out[i]));
     free_fixture(&f);
 }
 

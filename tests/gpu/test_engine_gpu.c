@@ -14,9 +14,11 @@
  * two clusters' summed softmax scores may select differently) and
  * <= 5e-2 for every call. All of it twice: K/V of the GPU layers in
  * pinned host memory behind the GPU cache (KVS_CUDA_KV_HOST), and in GPU
- * memory (KVS_CUDA_KV_AUTO, everything fits). Also: exact/bounded/F32 calls fall back to the
- * CPU (counted), stats report cache hits, a dropped and recreated sequence
- * is served from a fresh mirror. Then index builds on the GPU
+ * memory (KVS_CUDA_KV_AUTO, everything fits). Wave calls here rank by
+ * centroid (KVS_RANK_CENTROID), the GPU's ranking. Also: exact/bounded/F32
+ * and codes-ranked calls fall back to the CPU (counted, equal bit for
+ * bit), stats report cache hits, a dropped and recreated sequence is
+ * served from a fresh mirror. Then index builds on the GPU
  * (gpu_build_check).
  *
  * A plain program (the GPU machine has no cmocka); exits 77 = skipped when
@@ -93,6 +95,9 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
     }
     kvs_query_params_t qp;
     kvs_query_params_default(&qp);
+    /* The GPU's ranking; codes-ranked calls run on the CPU (checked in
+     * engine_check). */
+    qp.rank = KVS_RANK_CENTROID;
     for (uint32_t s = 0; s <= steps; s++) {
         if (s > 0)
             for (uint32_t l = 0; l < layers; l++) {
@@ -198,6 +203,7 @@ static void gpu_build_check(void) {
           *oc = malloc((size_t)qh * D * 4), *og = malloc((size_t)qh * D * 4);
     kvs_query_params_t wave, exact;
     kvs_query_params_default(&wave);
+    wave.rank = KVS_RANK_CENTROID;
     exact = wave;
     exact.mode = KVS_MODE_EXACT;
     for (int i = 0; i < CALLS; i++) {
@@ -309,6 +315,7 @@ static int run_all(int32_t cuda_kv) {
         float q[8 * D], oc[8 * D], og[8 * D];
         kvs_query_params_t qp;
         kvs_query_params_default(&qp);
+        qp.rank = KVS_RANK_CENTROID;
         kv_synth_t g;
         OK(kv_synth_init(&g, 2, 64, 77) ? KVS_ENOMEM : 0);
         kv_synth_queries(&g, qh, q);
@@ -333,14 +340,26 @@ static int run_all(int32_t cuda_kv) {
         OK(kvs_seq_wait_indexed(cpu, 9));
         OK(kvs_seq_wait_indexed(gpu, 9));
         kvs_query_params_default(&qp);
+        qp.rank = KVS_RANK_CENTROID;
         OK(kvs_seq_attend(cpu, 9, 0, q, &qp, oc, NULL));
         OK(kvs_seq_attend(gpu, 9, 0, q, &qp, og, NULL));
         CHECK(memcmp(oc, og, sizeof oc) == 0, "f32 sequence differs");
+        /* Ranked by codes (the default, and by name) on a sequence the
+         * GPU serves otherwise: the CPU answers, bit for bit. */
+        kvs_query_params_default(&qp);
+        OK(kvs_seq_attend(cpu, 5, 0, q, &qp, oc, NULL));
+        OK(kvs_seq_attend(gpu, 5, 0, q, &qp, og, NULL));
+        CHECK(memcmp(oc, og, sizeof oc) == 0, "default (codes) differs");
+        qp.rank = KVS_RANK_CODES;
+        OK(kvs_seq_attend(cpu, 5, 0, q, &qp, oc, NULL));
+        OK(kvs_seq_attend(gpu, 5, 0, q, &qp, og, NULL));
+        CHECK(memcmp(oc, og, sizeof oc) == 0, "rank codes differs");
         OK(kvs_store_stats(gpu, &st));
-        /* exact mode is not a wave call: only bounded and F32 count */
-        CHECK(st.gpu_fallbacks == fb0 + 2, "fallbacks %llu, want %llu",
+        /* exact mode is not a wave call: bounded, F32 and the two codes
+         * calls count */
+        CHECK(st.gpu_fallbacks == fb0 + 4, "fallbacks %llu, want %llu",
               (unsigned long long)st.gpu_fallbacks,
-              (unsigned long long)fb0 + 2);
+              (unsigned long long)fb0 + 4);
         free(k);
         free(v);
         kv_synth_free(&g);

@@ -21,7 +21,7 @@
 
 /* Tripwires: a field added to one of these structs must be added to the
  * wire (kvstore.proto, wire.c) and to the field-by-field checks below. */
-_Static_assert(sizeof(kvs_query_params_t) == 24, "new query param field");
+_Static_assert(sizeof(kvs_query_params_t) == 28, "new query param field");
 _Static_assert(sizeof(kvs_geometry_t) == 20, "new geometry field");
 _Static_assert(sizeof(kvs_attend_stats_t) == 64, "new attend stats field");
 _Static_assert(sizeof(kvs_seq_info_t) == 88, "new seq info field");
@@ -31,6 +31,8 @@ static const kvs_mode_t MODES[] = {KVS_MODE_DEFAULT, KVS_MODE_WAVE,
                                    KVS_MODE_EXACT, KVS_MODE_FULL};
 static const kvs_budget_t BUDGETS[] = {KVS_BUDGET_DEFAULT, KVS_BUDGET_FIXED,
                                        KVS_BUDGET_BOUNDED};
+static const kvs_rank_t RANKS[] = {KVS_RANK_DEFAULT, KVS_RANK_CENTROID,
+                                   KVS_RANK_CODES};
 static const kvs_dtype_t DTYPES[] = {KVS_DTYPE_F32, KVS_DTYPE_F16,
                                      KVS_DTYPE_BF16};
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
@@ -105,6 +107,62 @@ static void test_wire_budget_dtype_every_value(void **state) {
         assert_int_equal(kvs_wire_dtype_from_pb(w, &back, err, sizeof(err)), 0);
         assert_int_equal(back, DTYPES[i]);
     }
+}
+
+static void test_wire_rank_every_value(void **state) {
+    (void)state;
+    char err[128];
+    /* Each C rank has its own wire value and comes back as itself. */
+    for (size_t i = 0; i < N_OF(RANKS); i++) {
+        Kvs__V1__Rank w;
+        kvs_rank_t back;
+        assert_int_equal(kvs_wire_rank_to_pb(RANKS[i], &w, err, sizeof(err)),
+                         0);
+        for (size_t j = 0; j < i; j++) {
+            Kvs__V1__Rank o;
+            kvs_wire_rank_to_pb(RANKS[j], &o, NULL, 0);
+            assert_int_not_equal(o, w);
+        }
+        assert_int_equal(kvs_wire_rank_from_pb(w, &back, err, sizeof(err)), 0);
+        assert_int_equal(back, RANKS[i]);
+    }
+    /* Zero is DEFAULT on both sides: an old client's absent field. */
+    Kvs__V1__Rank w;
+    kvs_wire_rank_to_pb(KVS_RANK_DEFAULT, &w, NULL, 0);
+    assert_int_equal(w, KVS__V1__RANK__RANK_DEFAULT);
+    assert_int_equal(KVS__V1__RANK__RANK_DEFAULT, 0);
+    /* Every wire value maps, and back to itself. */
+    for (int v = 0; v <= KVS__V1__RANK__RANK_CODES; v++) {
+        kvs_rank_t r;
+        Kvs__V1__Rank again;
+        assert_int_equal(
+            kvs_wire_rank_from_pb((Kvs__V1__Rank)v, &r, err, sizeof(err)), 0);
+        assert_int_equal(kvs_wire_rank_to_pb(r, &again, err, sizeof(err)), 0);
+        assert_int_equal(again, v);
+    }
+    const int bad[] = {-1, 3, 7, 1000, INT32_MAX};
+    for (size_t i = 0; i < N_OF(bad); i++) {
+        kvs_rank_t r;
+        Kvs__V1__Rank wr;
+        err[0] = 0;
+        assert_int_equal(
+            kvs_wire_rank_to_pb((kvs_rank_t)bad[i], &wr, err, sizeof(err)),
+            KVS_EINVAL);
+        assert_non_null(strstr(err, "rank"));
+        err[0] = 0;
+        assert_int_equal(
+            kvs_wire_rank_from_pb((Kvs__V1__Rank)bad[i], &r, err, sizeof(err)),
+            KVS_EINVAL);
+        assert_non_null(strstr(err, "unknown rank"));
+    }
+    /* A params struct with an unknown rank is refused as a whole. */
+    kvs_query_params_t p = {.mode = KVS_MODE_WAVE, .rank = (kvs_rank_t)7};
+    Kvs__V1__QueryParams qp = KVS__V1__QUERY_PARAMS__INIT;
+    assert_int_equal(kvs_wire_params_to_pb(&p, &qp, err, sizeof(err)),
+                     KVS_EINVAL);
+    qp.rank = (Kvs__V1__Rank)9;
+    assert_int_equal(kvs_wire_params_from_pb(&qp, &p, err, sizeof(err)),
+                     KVS_EINVAL);
 }
 
 static void test_wire_unknown_enums_refused(void **state) {
@@ -209,33 +267,36 @@ static void check_params_equal(const kvs_query_params_t *a,
     assert_true(a->estimation_fraction == b->estimation_fraction);
     assert_true(a->epsilon == b->epsilon);
     assert_true(a->scale == b->scale);
+    assert_int_equal(a->rank, b->rank);
 }
 
 static void test_wire_params_roundtrip(void **state) {
     (void)state;
     char err[128];
     for (size_t i = 0; i < N_OF(MODES); i++)
-        for (size_t j = 0; j < N_OF(BUDGETS); j++) {
-            kvs_query_params_t p = {
-                .mode = MODES[i],
-                .budget = BUDGETS[j],
-                .retrieval_fraction = 0.125f + (float)i,
-                .estimation_fraction = 0.375f + (float)j,
-                .epsilon = 0.0625f * (float)(i + j + 1),
-                .scale = 0.088388f * (float)(i + 1),
-            };
-            Kvs__V1__QueryParams m = KVS__V1__QUERY_PARAMS__INIT;
-            assert_int_equal(kvs_wire_params_to_pb(&p, &m, err, sizeof(err)),
-                             0);
-            Kvs__V1__QueryParams *u;
-            REPACK(Kvs__V1__QueryParams, query_params, &m, u);
-            kvs_query_params_t back;
-            memset(&back, 0xa5, sizeof(back)); /* no stale field passes */
-            assert_int_equal(
-                kvs_wire_params_from_pb(u, &back, err, sizeof(err)), 0);
-            check_params_equal(&p, &back);
-            kvs__v1__query_params__free_unpacked(u, NULL);
-        }
+        for (size_t j = 0; j < N_OF(BUDGETS); j++)
+            for (size_t r = 0; r < N_OF(RANKS); r++) {
+                kvs_query_params_t p = {
+                    .mode = MODES[i],
+                    .budget = BUDGETS[j],
+                    .rank = RANKS[r],
+                    .retrieval_fraction = 0.125f + (float)i,
+                    .estimation_fraction = 0.375f + (float)j,
+                    .epsilon = 0.0625f * (float)(i + j + 1),
+                    .scale = 0.088388f * (float)(i + 1),
+                };
+                Kvs__V1__QueryParams m = KVS__V1__QUERY_PARAMS__INIT;
+                assert_int_equal(
+                    kvs_wire_params_to_pb(&p, &m, err, sizeof(err)), 0);
+                Kvs__V1__QueryParams *u;
+                REPACK(Kvs__V1__QueryParams, query_params, &m, u);
+                kvs_query_params_t back;
+                memset(&back, 0xa5, sizeof(back)); /* no stale field passes */
+                assert_int_equal(
+                    kvs_wire_params_from_pb(u, &back, err, sizeof(err)), 0);
+                check_params_equal(&p, &back);
+                kvs__v1__query_params__free_unpacked(u, NULL);
+            }
     /* Zero stays zero (the store's defaults), and absent means zero. */
     kvs_query_params_t z, back;
     memset(&z, 0, sizeof(z));
@@ -249,6 +310,7 @@ static void test_wire_params_roundtrip(void **state) {
     check_params_equal(&z, &back);
     assert_int_equal(back.mode, KVS_MODE_DEFAULT);
     assert_int_equal(back.budget, KVS_BUDGET_DEFAULT);
+    assert_int_equal(back.rank, KVS_RANK_DEFAULT);
 }
 
 static void test_wire_geometry_roundtrip(void **state) {
@@ -474,6 +536,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_wire_mode_every_value),
         cmocka_unit_test(test_wire_budget_dtype_every_value),
+        cmocka_unit_test(test_wire_rank_every_value),
         cmocka_unit_test(test_wire_unknown_enums_refused),
         cmocka_unit_test(test_wire_params_roundtrip),
         cmocka_unit_test(test_wire_geometry_roundtrip),

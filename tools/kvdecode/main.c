@@ -79,6 +79,10 @@ static void usage(FILE *f) {
         "  --retrieval F       retrieval fraction of clusters\n"
         "  --estimation F      estimation fraction of clusters\n"
         "  --epsilon E         accuracy-bounded budget with this epsilon\n"
+        "                      (ranks by centroid)\n"
+        "  --rank R            codes | centroid: how keys are ranked "
+        "(default:\n"
+        "                      the store's, codes where segments have them)\n"
         "  --wait-indexed      after prefill, wait for index builds\n"
         "                      (the in-process store is deterministic: each\n"
         "                      attend waits for its layer's builds; for a\n"
@@ -229,7 +233,7 @@ enum {
     O_SEED, O_STEPFROM, O_SCORE, O_ATTN, O_KVDT, O_SEG, O_CLU, O_KMI, O_SINK,
     O_WIN, O_STHR, O_RET, O_EST, O_EPS, O_WAIT, O_LOGITS, O_DUMP, O_DUMPDT,
     O_PRINTTOK, O_QUIET, O_CHUNK, O_THREADS, O_HELP, O_STORE, O_SEQID, O_KEEP,
-    O_GENOUT, O_FOLLOW, O_CUDA
+    O_GENOUT, O_FOLLOW, O_CUDA, O_RANK
 };
 /* --profile, numbered apart from the list above. */
 enum { O_PROFILE = 1024 };
@@ -310,7 +314,7 @@ int main(int argc, char **argv) {
         {"help", 0, 0, O_HELP},           {"store", 1, 0, O_STORE},
         {"seq-id", 1, 0, O_SEQID},        {"keep", 0, 0, O_KEEP},
         {"gen-out", 1, 0, O_GENOUT},      {"follow", 1, 0, O_FOLLOW},
-        {"cuda-device", 1, 0, O_CUDA},
+        {"cuda-device", 1, 0, O_CUDA},    {"rank", 1, 0, O_RANK},
         {0, 0, 0, 0}};
     const char *text = NULL, *ids = NULL, *tokfile = NULL, *logits_out = NULL,
                *dump_path = NULL, *store_url = NULL, *gen_out = NULL,
@@ -423,6 +427,16 @@ int main(int argc, char **argv) {
         case O_EPS:
             bad |= parse_f(optarg, "epsilon", &dopt.query.epsilon);
             dopt.query.budget = KVS_BUDGET_BOUNDED;
+            break;
+        case O_RANK:
+            if (!strcmp(optarg, "codes")) {
+                dopt.query.rank = KVS_RANK_CODES;
+            } else if (!strcmp(optarg, "centroid")) {
+                dopt.query.rank = KVS_RANK_CENTROID;
+            } else {
+                fprintf(stderr, "kvdecode: bad --rank: %s\n", optarg);
+                bad = 1;
+            }
             break;
         case O_WAIT: wait_indexed = true; break;
         case O_LOGITS: logits_out = optarg; break;

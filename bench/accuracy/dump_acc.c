@@ -1,0 +1,287 @@
+/*
+ * dump_acc.c: attention error of the engine's wave mode at long contexts on
+ * real queries, keys and values, from a `kvdecode --dump` file (format:
+ * bench/README.md), for the 32K point of bench/accuracy where two 32K
+ * prefills of the model do not fit the machine's time.
+ *
+ * One in-process store (deterministic mode, default options but
+ * --segment-tokens) gets the dump's keys and values of positions 0 .. P-1
+ * (P = tokens - span), so it builds the segments a decoder's store would
+ * have built by then. Then, like decode steps, every `stride` positions from
+ * P to the end: the keys up to and including position t are appended and
+ * the query of position t is attended, per layer, exactly (KVS_MODE_EXACT,
+ * the double-precision reference) and in wave mode with the default fixed
+ * budget (and --rank). The queries cover a whole segment's span of
+ * positions, so every tail length a decode meets is sampled, whatever the
+ * segment size. Relative L2 error of the output per query head is averaged
+ * over the steps, then median and p95 over the (layer, query head) pairs
+ * (as acc_bench does). No model runs: no bits per byte, no greedy
+ * agreement.
+ *
+ * usage: dump_acc --dump FILE [--end N] [--span N] [--stride N]
+ *                 [--segment-tokens N] [--retrieval F] [--rank codes|centroid]
+ *                 [--label NAME] [--rows FILE]
+ * (--end: use the first N positions of the dump only.)
+ */
+#include "kvstore.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct dump_s {
+    const uint8_t *map;
+    size_t size;
+    uint32_t n_layers, n_q, n_kv, d, n_tokens, dtype;
+    uint32_t n_tokens_used; /* positions measured: the first n (--end) */
+    uint64_t data_off;
+} dump_t;
+
+static int dump_open(const char *path, dump_t *dp) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) || st.st_size < 64) {
+        close(fd);
+        return KVS_ECORRUPT;
+    }
+    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED)
+        return -errno;
+    const uint8_t *b = m;
+    uint32_t h[16];
+    memcpy(h, b, sizeof h);
+    memcpy(&dp->data_off, b + 48, 8);
+    dp->map = b;
+    dp->size = (size_t)st.st_size;
+    dp->n_layers = h[4];
+    dp->n_q = h[5];
+    dp->n_kv = h[6];
+    dp->d = h[7];
+    dp->n_tokens = h[8];
+    dp->dtype = h[9];
+    dp->n_tokens_used = dp->n_tokens;
+    size_t e = dp->dtype == 0 ? 4 : 2;
+    if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 ||
+        dp->dtype > 1 || !dp->n_layers || !dp->n_kv || !dp->d ||
+        dp->n_q % dp->n_kv ||
+        dp->data_off + (uint64_t)dp->n_layers * (dp->n_q + 2 * dp->n_kv) *
+                               dp->n_tokens * dp->d * e !=
+            (uint64_t)st.st_size) {
+        munmap(m, (size_t)st.st_size);
+        return KVS_ECORRUPT;
+    }
+    return 0;
+}
+
+/* Row `pos` of array `arr` of a layer (query heads, then key heads, then
+ * value heads) as fp32. */
+static void dump_row(const dump_t *dp, uint32_t layer, uint32_t arr,
+                     uint32_t pos, float *out) {
+    size_t e = dp->dtype == 0 ? 4 : 2;
+    size_t head = (size_t)dp->n_tokens * dp->d * e;
+    const uint8_t *p = dp->map + dp->data_off +
+                       ((size_t)layer * (dp->n_q + 2 * dp->n_kv) + arr) * head +
+                       (size_t)pos * dp->d * e;
+    memcpy(out, p, (size_t)dp->d * e); /* fp32 dumps only (main) */
+}
+
+/* Keys and values of positions a .. b of every layer into the store. */
+static int append_range(kvs_store_t *s, const dump_t *dp, uint32_t a,
+                        uint32_t b, float *k, float *v) {
+    const uint32_t H = dp->n_kv, D = dp->d, chunk = 1024;
+    for (uint32_t l = 0; l < dp->n_layers; l++)
+        for (uint32_t p = a; p < b; p += chunk) {
+            uint32_t n = b - p < chunk ? b - p : chunk;
+            for (uint32_t i = 0; i < n; i++)
+                for (uint32_t h = 0; h < H; h++) {
+                    size_t o = ((size_t)i * H + h) * D;
+                    dump_row(dp, l, dp->n_q + h, p + i, k + o);
+                    dump_row(dp, l, dp->n_q + H + h, p + i, v + o);
+                }
+            int rc = kvs_seq_append(s, 1, l, n, k, v);
+            if (rc)
+                return rc;
+        }
+    return 0;
+}
+
+static int cmp_d(const void *x, const void *y) {
+    double a = *(const double *)x, b = *(const double *)y;
+    return (a > b) - (a < b);
+}
+
+static double quant(const double *v, size_t n, double p) {
+    size_t i = (size_t)ceil(p * (double)n);
+    return v[i ? i - 1 : 0];
+}
+
+int main(int argc, char **argv) {
+    const char *path = NULL, *rows = NULL, *label = "tinycode128";
+    uint32_t span = 8192, stride = 128, seg = 0, end = 0;
+    float retrieval = 0;
+    kvs_rank_t rank = KVS_RANK_DEFAULT;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *x = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!x)
+            goto usage;
+        if (!strcmp(a, "--dump"))
+            path = x;
+        else if (!strcmp(a, "--rows"))
+            rows = x;
+        else if (!strcmp(a, "--label"))
+            label = x;
+        else if (!strcmp(a, "--span"))
+            span = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--stride"))
+            stride = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--end"))
+            end = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--retrieval"))
+            retrieval = strtof(x, NULL);
+        else if (!strcmp(a, "--segment-tokens"))
+            seg = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--rank") && !strcmp(x, "codes"))
+            rank = KVS_RANK_CODES;
+        else if (!strcmp(a, "--rank") && !strcmp(x, "centroid"))
+            rank = KVS_RANK_CENTROID;
+        else
+            goto usage;
+        i++;
+    }
+    if (!path || !stride || !span)
+        goto usage;
+    dump_t dp;
+    int rc = dump_open(path, &dp);
+    if (!rc && end && end < dp.n_tokens)
+        dp.n_tokens_used = end;
+    if (rc || dp.dtype != 0 || span >= dp.n_tokens_used) {
+        fprintf(stderr, "dump_acc: %s: %s\n", path,
+                rc ? kvs_strerror(rc) : "not fp32, or span too large");
+        return 1;
+    }
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.deterministic = 1;
+    if (seg)
+        o.segment_tokens = seg;
+    kvs_store_t *s = NULL;
+    if (kvs_store_open(&o, &s)) {
+        fprintf(stderr, "dump_acc: %s\n", kvs_store_open_error());
+        return 1;
+    }
+    const uint32_t L = dp.n_layers, HQ = dp.n_q, D = dp.d;
+    kvs_geometry_t g = {L, HQ, dp.n_kv, D, KVS_DTYPE_F32};
+    const uint32_t P = dp.n_tokens_used - span;
+    float *k = malloc((size_t)1024 * dp.n_kv * D * 4);
+    float *v = malloc((size_t)1024 * dp.n_kv * D * 4);
+    float *q = malloc((size_t)HQ * D * 4), *ex = malloc((size_t)HQ * D * 4);
+    float *out = malloc((size_t)HQ * D * 4);
+    double *err = calloc((size_t)L * HQ, sizeof(double));
+    if (!k || !v || !q || !ex || !out || !err)
+        return 1;
+    double t0 = (double)clock() / CLOCKS_PER_SEC;
+    if ((rc = kvs_seq_create(s, 1, &g)) ||
+        (rc = append_range(s, &dp, 0, P, k, v)))
+        goto fail;
+    kvs_query_params_t wp, xp;
+    kvs_query_params_default(&wp);
+    wp.rank = rank;
+    if (retrieval > 0) /* the other two zone numbers stay the defaults */
+        wp.retrieval_fraction = retrieval;
+    xp = wp;
+    xp.mode = KVS_MODE_EXACT;
+    uint64_t steps = 0, keys_total = 0, keys_exact = 0, keys_steady = 0;
+    uint32_t have = P;
+    for (uint32_t t = P; t < dp.n_tokens_used; t += stride, steps++) {
+        if ((rc = append_range(s, &dp, have, t + 1, k, v)))
+            goto fail;
+        have = t + 1;
+        for (uint32_t l = 0; l < L; l++) {
+            for (uint32_t h = 0; h < HQ; h++)
+                dump_row(&dp, l, h, t, q + (size_t)h * D);
+            kvs_attend_stats_t st;
+            if ((rc = kvs_seq_attend(s, 1, l, q, &xp, ex, NULL)) ||
+                (rc = kvs_seq_attend(s, 1, l, q, &wp, out, &st)))
+                goto fail;
+            keys_total += st.keys_total;
+            keys_exact += st.keys_exact;
+            keys_steady += st.keys_steady;
+            for (uint32_t h = 0; h < HQ; h++) {
+                double num = 0, den = 0;
+                for (uint32_t j = 0; j < D; j++) {
+                    size_t x = (size_t)h * D + j;
+                    num += ((double)out[x] - ex[x]) * ((double)out[x] - ex[x]);
+                    den += (double)ex[x] * ex[x];
+                }
+                err[(size_t)l * HQ + h] += den > 0 ? sqrt(num / den) : 0;
+            }
+        }
+    }
+    double secs = (double)clock() / CLOCKS_PER_SEC - t0;
+    size_t n = (size_t)L * HQ;
+    for (size_t i = 0; i < n; i++)
+        err[i] /= (double)steps;
+    qsort(err, n, sizeof(double), cmp_d);
+    double med = quant(err, n, 0.5), p95 = quant(err, n, 0.95);
+    double exf = (double)keys_exact / (double)keys_total;
+    double stf = (double)keys_steady / (double)keys_total;
+    fprintf(stderr,
+            "dump_acc: %s positions %u..%u step %u, segments of %u, rank %s: "
+            "retrieval %g: rel_l2 median %.4g p95 %.4g max %.4g, %.2f%% keys "
+            "exact (steady %.2f%%), %.1f s CPU\n",
+            label, P, dp.n_tokens_used - 1, stride, o.segment_tokens,
+            rank == KVS_RANK_CENTROID ? "centroid"
+            : rank == KVS_RANK_CODES  ? "codes"
+                                      : "default",
+            (double)wp.retrieval_fraction, med, p95, err[n - 1], 100 * exf,
+            100 * stf, secs);
+    if (rows) {
+        FILE *f = fopen(rows, "a");
+        if (!f)
+            return 1;
+        fprintf(f,
+                "{\"model\": \"%s\", \"source\": \"dump\", \"context_first\": "
+                "%u, \"context_last\": %u, \"stride\": %u, "
+                "\"segment_tokens\": %u, \"rank\": \"%s\", "
+                "\"retrieval_fraction\": %g, "
+                "\"variant\": \"fixed\", \"decode_steps\": %llu, "
+                "\"rel_l2_median\": %.6g, \"rel_l2_p95\": %.6g, "
+                "\"rel_l2_max\": %.6g, \"exact_fraction\": %.6g, "
+                "\"steady_fraction\": %.6g}\n",
+                label, P + 1, dp.n_tokens_used, stride, o.segment_tokens,
+                rank == KVS_RANK_CENTROID ? "centroid"
+                : rank == KVS_RANK_CODES  ? "codes"
+                                          : "default",
+                (double)wp.retrieval_fraction, (unsigned long long)steps, med, p95, err[n - 1], exf, stf);
+        if (fclose(f))
+            return 1;
+    }
+    kvs_store_close(s);
+    free(k);
+    free(v);
+    free(q);
+    free(ex);
+    free(out);
+    free(err);
+    return 0;
+fail:
+    fprintf(stderr, "dump_acc: %s: %s\n", kvs_strerror(rc),
+            kvs_store_errmsg(s));
+    return 1;
+usage:
+    fprintf(stderr, "usage: dump_acc --dump FILE [--end N] [--span N] "
+                    "[--stride N] [--segment-tokens N] [--retrieval F] "
+                    "[--rank codes|centroid] "
+                    "[--label NAME] [--rows FILE]\n");
+    return 2;
+}
