@@ -1850,8 +1850,10 @@ int kvs__db_check_format(kvs__db_t *db, const kvs__db_format_t *f, char *err,
         if (have[2 + i] != want[2 + i]) {
             snprintf(err, errlen,
                      "the data directory was created with "
-                     "%s %u, not %u",
-                     names[i], have[2 + i], want[2 + i]);
+                     "%s %u, not %u: open it with %s %u (kvstored: "
+                     "the option or a --profile) or use another directory",
+                     names[i], have[2 + i], want[2 + i], names[i],
+                     have[2 + i]);
             return KVS_EINVAL;
         }
     return 0;

@@ -223,6 +223,11 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
      * codes have none). */
     if (m.rank == KVS_RANK_DEFAULT)
         m.rank = d->rank;
+    /* With a usable GPU, DEFAULT is what its kernels serve (they rank by
+     * centroid), so a GPU store attends on the GPU unless a call asks for
+     * codes. */
+    if (m.rank == KVS_RANK_DEFAULT && s->gpu)
+        m.rank = KVS_RANK_CENTROID;
     if (m.mode != KVS_MODE_EXACT && m.mode != KVS_MODE_WAVE &&
         m.mode != KVS_MODE_FULL)
         return kvs__fail(s, KVS_EINVAL, "unknown mode %d", (int)m.mode);

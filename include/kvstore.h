@@ -99,8 +99,9 @@ typedef struct kvs_query_params_s {
      * head whose segments lack codes (segments stored before codes
      * existed) fails with KVS_EINVAL, as does KVS_RANK_CODES with the
      * bounded budget (it is judged on centroid mass). The GPU path serves
-     * KVS_RANK_CENTROID only; codes-ranked attends run on the CPU and count
-     * in gpu_fallbacks. */
+     * KVS_RANK_CENTROID only: on a store whose GPU path is usable, DEFAULT
+     * means centroid there; an explicit KVS_RANK_CODES runs on the CPU and
+     * counts in gpu_fallbacks. */
     kvs_rank_t rank;
 } kvs_query_params_t;
 
