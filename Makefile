@@ -25,9 +25,11 @@ test: build lint
 	@$(MAKE) --no-print-directory asan
 	@$(MAKE) --no-print-directory tsan
 
-# The layer rules of DESIGN.md on the sources (scripts/check-layers.py).
+# The layer rules of DESIGN.md on the sources (scripts/check-layers.py) and
+# the committed .clang-format (scripts/check-format.sh).
 lint: deps
 	@python3 scripts/check-layers.py
+	@bash scripts/check-format.sh
 
 # Sanitizer builds run the unit tests again (ASan+UBSan in one build, TSan in another).
 asan: deps

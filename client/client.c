@@ -152,8 +152,8 @@ static kvs_client_op_t *tab_take(node_t *n, uint64_t id) {
             break;
         size_t home = slot_of(o->id_, n->tab_cap);
         /* Move o back to the hole if its home is not in (s, j]. */
-        bool between = s <= j ? (home > s && home <= j)
-                              : (home > s || home <= j);
+        bool between =
+            s <= j ? (home > s && home <= j) : (home > s || home <= j);
         if (!between) {
             n->tab[s] = o;
             n->tab[j] = NULL;
@@ -209,8 +209,7 @@ static void done_remove(kvs_client_t *c, kvs_client_op_t *op) {
 }
 
 /* Drop the connection; every op in flight on it completes with `status`. */
-static void node_fail(kvs_client_t *c, node_t *n, int status,
-                      const char *msg) {
+static void node_fail(kvs_client_t *c, node_t *n, int status, const char *msg) {
     if (n->fd >= 0)
         close(n->fd);
     n->fd = -1;
@@ -298,12 +297,10 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
      * 0 means "no timeout", as the rest of this file expects. */
     kvs_client_options_t def;
     kvs_client_options_default(&def);
-    c->connect_timeout_ms = o->connect_timeout_ms == KVS_CLIENT_TIMEOUT_NONE
-                                ? 0
+    c->connect_timeout_ms = o->connect_timeout_ms == KVS_CLIENT_TIMEOUT_NONE ? 0
                             : o->connect_timeout_ms ? o->connect_timeout_ms
                                                     : def.connect_timeout_ms;
-    c->request_timeout_ms = o->request_timeout_ms == KVS_CLIENT_TIMEOUT_NONE
-                                ? 0
+    c->request_timeout_ms = o->request_timeout_ms == KVS_CLIENT_TIMEOUT_NONE ? 0
                             : o->request_timeout_ms ? o->request_timeout_ms
                                                     : def.request_timeout_ms;
     c->max_frame_bytes =
@@ -335,12 +332,18 @@ void kvs_client_close(kvs_client_t *c) {
     free(c);
 }
 
-const char *kvs_client_errmsg(const kvs_client_t *c) { return c->errmsg; }
-size_t kvs_client_n_nodes(const kvs_client_t *c) { return c->n_nodes; }
+const char *kvs_client_errmsg(const kvs_client_t *c) {
+    return c->errmsg;
+}
+size_t kvs_client_n_nodes(const kvs_client_t *c) {
+    return c->n_nodes;
+}
 const char *kvs_client_node_addr(const kvs_client_t *c, size_t node) {
     return node < c->n_nodes ? c->nodes[node].addr : NULL;
 }
-size_t kvs_client_pending(const kvs_client_t *c) { return c->pending; }
+size_t kvs_client_pending(const kvs_client_t *c) {
+    return c->pending;
+}
 
 size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
     size_t best = 0;
@@ -417,8 +420,8 @@ static int node_flush(node_t *n) {
 
 static int connect_one(kvs_client_t *c, node_t *n, const struct sockaddr *sa,
                        socklen_t salen) {
-    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                    0);
+    int fd =
+        socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     if (connect(fd, sa, salen) < 0) {
@@ -430,8 +433,8 @@ static int connect_one(kvs_client_t *c, node_t *n, const struct sockaddr *sa,
         struct pollfd p = {.fd = fd, .events = POLLOUT};
         int r;
         do
-            r = poll(&p, 1, c->connect_timeout_ms ? (int)c->connect_timeout_ms
-                                                  : -1);
+            r = poll(&p, 1,
+                     c->connect_timeout_ms ? (int)c->connect_timeout_ms : -1);
         while (r < 0 && errno == EINTR);
         if (r == 0) {
             close(fd);
@@ -612,9 +615,9 @@ wrong:
 
 /* Handle one frame. Returns non-zero when the connection must be dropped;
  * *why then says with which status. */
-static int handle_frame(kvs_client_t *c, node_t *n,
-                        const kvs_frame_header_t *h, const uint8_t *body,
-                        int *fail_status, char *fail_msg, size_t fail_len) {
+static int handle_frame(kvs_client_t *c, node_t *n, const kvs_frame_header_t *h,
+                        const uint8_t *body, int *fail_status, char *fail_msg,
+                        size_t fail_len) {
     Kvs__V1__Response *r = NULL;
     char why[256];
     if (!(h->flags & KVS_FRAME_F_RESPONSE)) {
@@ -646,8 +649,7 @@ static int handle_frame(kvs_client_t *c, node_t *n,
             int st = kvs_wire_status_from_pb(r->status);
             char msg[256] = "";
             if (st)
-                snprintf(msg, sizeof(msg), "%s",
-                         r->message ? r->message : "");
+                snprintf(msg, sizeof(msg), "%s", r->message ? r->message : "");
             else
                 fill_result(op, r, &st, msg, sizeof(msg));
             complete(c, op, st, msg);
@@ -657,8 +659,8 @@ static int handle_frame(kvs_client_t *c, node_t *n,
     if (!drop && (h->flags & KVS_FRAME_F_CLOSE)) {
         /* The server is closing (refusal, protocol error): the rest of the
          * ops cannot be answered. */
-        *fail_status = r->status ? kvs_wire_status_from_pb(r->status)
-                                 : KVS_ECONN;
+        *fail_status =
+            r->status ? kvs_wire_status_from_pb(r->status) : KVS_ECONN;
         snprintf(fail_msg, fail_len, "%s: server closed the connection: %s",
                  n->addr,
                  r->message && *r->message ? r->message
@@ -926,8 +928,8 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     case KVS_CLIENT_LIST:
         if (op->ids_cap && !op->ids)
             return cfail(c, KVS_EINVAL, "list needs an ids array");
-        ls.limit = op->ids_cap > UINT32_MAX ? UINT32_MAX
-                                            : (uint32_t)op->ids_cap;
+        ls.limit =
+            op->ids_cap > UINT32_MAX ? UINT32_MAX : (uint32_t)op->ids_cap;
         if (ls.limit == 0)
             ls.limit = 1; /* 0 would mean the server's maximum */
         req.op_case = KVS__V1__REQUEST__OP_LIST;
@@ -1025,8 +1027,7 @@ int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
             int left = timeout_ms;
             if (timeout_ms > 0) {
                 uint64_t el = now_ms() - start;
-                left = el >= (uint64_t)timeout_ms ? 0
-                                                  : timeout_ms - (int)el;
+                left = el >= (uint64_t)timeout_ms ? 0 : timeout_ms - (int)el;
             }
             pump(c, left);
             if (c->done_head || left == 0)
@@ -1068,17 +1069,21 @@ int kvs_client_seq_create(kvs_client_t *c, uint64_t seq,
                           const kvs_geometry_t *geo) {
     if (!geo)
         return cfail(c, KVS_EINVAL, "create needs a geometry");
-    kvs_client_op_t op = {.type = KVS_CLIENT_CREATE, .seq = seq,
-                          .geometry = *geo};
+    kvs_client_op_t op = {
+        .type = KVS_CLIENT_CREATE, .seq = seq, .geometry = *geo};
     return run_sync(c, &op);
 }
 
 int kvs_client_seq_append(kvs_client_t *c, uint64_t seq, uint32_t layer,
                           uint32_t n_tokens, const void *keys,
                           const void *values, size_t kv_bytes) {
-    kvs_client_op_t op = {.type = KVS_CLIENT_APPEND, .seq = seq,
-                          .layer = layer, .n_tokens = n_tokens, .keys = keys,
-                          .values = values, .kv_bytes = kv_bytes};
+    kvs_client_op_t op = {.type = KVS_CLIENT_APPEND,
+                          .seq = seq,
+                          .layer = layer,
+                          .n_tokens = n_tokens,
+                          .keys = keys,
+                          .values = values,
+                          .kv_bytes = kv_bytes};
     return run_sync(c, &op);
 }
 
@@ -1087,11 +1092,16 @@ int kvs_client_seq_search(kvs_client_t *c, uint64_t seq, uint32_t layer,
                           uint32_t k, const kvs_query_params_t *params,
                           int64_t *positions, float *scores,
                           size_t result_cap) {
-    kvs_client_op_t op = {.type = KVS_CLIENT_SEARCH, .seq = seq,
-                          .layer = layer, .queries = queries,
-                          .n_query_floats = n_query_floats, .k = k,
-                          .params = params, .positions = positions,
-                          .scores = scores, .result_cap = result_cap};
+    kvs_client_op_t op = {.type = KVS_CLIENT_SEARCH,
+                          .seq = seq,
+                          .layer = layer,
+                          .queries = queries,
+                          .n_query_floats = n_query_floats,
+                          .k = k,
+                          .params = params,
+                          .positions = positions,
+                          .scores = scores,
+                          .result_cap = result_cap};
     return run_sync(c, &op);
 }
 
@@ -1099,17 +1109,23 @@ int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
                           const float *queries, size_t n_query_floats,
                           const kvs_query_params_t *params, float *out,
                           kvs_attend_stats_t *stats) {
-    kvs_client_op_t op = {.type = KVS_CLIENT_ATTEND, .seq = seq,
-                          .layer = layer, .queries = queries,
-                          .n_query_floats = n_query_floats, .params = params,
-                          .output = out, .attend_stats = stats};
+    kvs_client_op_t op = {.type = KVS_CLIENT_ATTEND,
+                          .seq = seq,
+                          .layer = layer,
+                          .queries = queries,
+                          .n_query_floats = n_query_floats,
+                          .params = params,
+                          .output = out,
+                          .attend_stats = stats};
     return run_sync(c, &op);
 }
 
 int kvs_client_seq_fork(kvs_client_t *c, uint64_t parent, uint64_t at_token,
                         uint64_t child) {
-    kvs_client_op_t op = {.type = KVS_CLIENT_FORK, .seq = parent,
-                          .dst = child, .at_token = at_token};
+    kvs_client_op_t op = {.type = KVS_CLIENT_FORK,
+                          .seq = parent,
+                          .dst = child,
+                          .at_token = at_token};
     return run_sync(c, &op);
 }
 
@@ -1120,8 +1136,8 @@ int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq) {
 
 int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq,
                            uint32_t ttl_seconds) {
-    kvs_client_op_t op = {.type = KVS_CLIENT_SET_TTL, .seq = seq,
-                          .ttl_seconds = ttl_seconds};
+    kvs_client_op_t op = {
+        .type = KVS_CLIENT_SET_TTL, .seq = seq, .ttl_seconds = ttl_seconds};
     return run_sync(c, &op);
 }
 
@@ -1143,8 +1159,8 @@ int kvs_client_store_stats(kvs_client_t *c, size_t node,
                            kvs_client_stats_t *stats) {
     if (node >= c->n_nodes)
         return cfail(c, KVS_EINVAL, "node %zu out of range", node);
-    kvs_client_op_t op = {.type = KVS_CLIENT_STATS, .node = (uint32_t)node,
-                          .stats = stats};
+    kvs_client_op_t op = {
+        .type = KVS_CLIENT_STATS, .node = (uint32_t)node, .stats = stats};
     return run_sync(c, &op);
 }
 
@@ -1152,8 +1168,10 @@ int kvs_client_store_list(kvs_client_t *c, size_t node, uint64_t *ids,
                           size_t cap, size_t *n_out, uint64_t *total) {
     if (node >= c->n_nodes)
         return cfail(c, KVS_EINVAL, "node %zu out of range", node);
-    kvs_client_op_t op = {.type = KVS_CLIENT_LIST, .node = (uint32_t)node,
-                          .ids = ids, .ids_cap = cap};
+    kvs_client_op_t op = {.type = KVS_CLIENT_LIST,
+                          .node = (uint32_t)node,
+                          .ids = ids,
+                          .ids_cap = cap};
     int rc = run_sync(c, &op);
     if (!rc) {
         *n_out = op.n_ids;

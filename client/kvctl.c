@@ -154,9 +154,8 @@ static int cmd_ping(const args_t *a, kvs_client_t *c, int argc, char **argv) {
         if (a->json) {
             printf("%s{\"addr\":\"%s\",\"ok\":%s,\"status\":\"%s\","
                    "\"min_us\":%.1f,\"mean_us\":%.1f}",
-                   n ? "," : "", addr, rc ? "false" : "true",
-                   kvs_err_name(rc), rc ? 0 : best * 1e6,
-                   rc ? 0 : t_all / (double)count * 1e6);
+                   n ? "," : "", addr, rc ? "false" : "true", kvs_err_name(rc),
+                   rc ? 0 : best * 1e6, rc ? 0 : t_all / (double)count * 1e6);
         } else if (rc) {
             printf("%-28s FAILED %s: %s\n", addr, kvs_err_name(rc),
                    kvs_client_errmsg(c));
@@ -178,8 +177,7 @@ static const char *json_safe(const char *in) {
     static _Thread_local char buf[256];
     size_t i = 0;
     for (; in[i] && i + 1 < sizeof buf; i++)
-        buf[i] = (in[i] == '"' || in[i] == '\\' ||
-                  (unsigned char)in[i] < 0x20)
+        buf[i] = (in[i] == '"' || in[i] == '\\' || (unsigned char)in[i] < 0x20)
                      ? ' '
                      : in[i];
     buf[i] = 0;
@@ -199,37 +197,36 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                 printf("%s{\"addr\":\"%s\",\"ok\":false,\"status\":\"%s\"}",
                        n ? "," : "", addr, kvs_err_name(rc));
             else
-                printf("%s{\"addr\":\"%s\",\"ok\":true,\"node_id\":\"%s\","
-                       "\"version\":\"%s\",\"uptime_seconds\":%.3f,"
-                       "\"sequences\":%" PRIu64 ",\"ram_bytes\":%" PRIu64
-                       ",\"index_bytes\":%" PRIu64
-                       ",\"disk_bytes\":%" PRIu64 ",\"quarantined\":%" PRIu64
-                       ",\"builds_pending\":%" PRIu64
-                       ",\"builds_done\":%" PRIu64 ",\"connections\":%" PRIu64
-                       ",\"requests_total\":%" PRIu64 ",\"bytes_in\":%" PRIu64
-                       ",\"bytes_out\":%" PRIu64 ",\"resident_bytes\":%" PRIu64
-                       ",\"evictions\":%" PRIu64 ",\"page_ins\":%" PRIu64
-                       ",\"expired\":%" PRIu64 ",\"attend_path\":\"%s\""
-                       ",\"gpu_attends\":%" PRIu64 ",\"gpu_fallbacks\":%" PRIu64
-                       ",\"gpu_errors\":%" PRIu64 ",\"gpu_bytes\":%" PRIu64
-                       ",\"gpu_cache_lookups\":%" PRIu64
-                       ",\"gpu_cache_hits\":%" PRIu64 ",\"gpu_builds\":%" PRIu64
-                       ",\"queued_seqno\":%" PRIu64
-                       ",\"persisted_seqno\":%" PRIu64
-                       ",\"unpersisted_bytes\":%" PRIu64 "}",
-                       n ? "," : "", addr, s.node_id, s.server_version,
-                       s.uptime_seconds, s.store.sequences, s.store.bytes,
-                       s.store.index_bytes, s.store.disk_bytes,
-                       s.store.quarantined, s.store.builds_pending,
-                       s.store.builds_done, s.connections, s.requests_total,
-                       s.bytes_in, s.bytes_out, s.store.resident_bytes,
-                       s.store.evictions, s.store.page_ins, s.store.expired,
-                       json_safe(s.attend_path), s.store.gpu_attends,
-                       s.store.gpu_fallbacks, s.store.gpu_errors,
-                       s.store.gpu_bytes, s.store.gpu_cache_lookups,
-                       s.store.gpu_cache_hits, s.store.gpu_builds,
-                       s.store.queued_seqno, s.store.persisted_seqno,
-                       s.store.unpersisted_bytes);
+                printf(
+                    "%s{\"addr\":\"%s\",\"ok\":true,\"node_id\":\"%s\","
+                    "\"version\":\"%s\",\"uptime_seconds\":%.3f,"
+                    "\"sequences\":%" PRIu64 ",\"ram_bytes\":%" PRIu64
+                    ",\"index_bytes\":%" PRIu64 ",\"disk_bytes\":%" PRIu64
+                    ",\"quarantined\":%" PRIu64 ",\"builds_pending\":%" PRIu64
+                    ",\"builds_done\":%" PRIu64 ",\"connections\":%" PRIu64
+                    ",\"requests_total\":%" PRIu64 ",\"bytes_in\":%" PRIu64
+                    ",\"bytes_out\":%" PRIu64 ",\"resident_bytes\":%" PRIu64
+                    ",\"evictions\":%" PRIu64 ",\"page_ins\":%" PRIu64
+                    ",\"expired\":%" PRIu64 ",\"attend_path\":\"%s\""
+                    ",\"gpu_attends\":%" PRIu64 ",\"gpu_fallbacks\":%" PRIu64
+                    ",\"gpu_errors\":%" PRIu64 ",\"gpu_bytes\":%" PRIu64
+                    ",\"gpu_cache_lookups\":%" PRIu64
+                    ",\"gpu_cache_hits\":%" PRIu64 ",\"gpu_builds\":%" PRIu64
+                    ",\"queued_seqno\":%" PRIu64 ",\"persisted_seqno\":%" PRIu64
+                    ",\"unpersisted_bytes\":%" PRIu64 "}",
+                    n ? "," : "", addr, s.node_id, s.server_version,
+                    s.uptime_seconds, s.store.sequences, s.store.bytes,
+                    s.store.index_bytes, s.store.disk_bytes,
+                    s.store.quarantined, s.store.builds_pending,
+                    s.store.builds_done, s.connections, s.requests_total,
+                    s.bytes_in, s.bytes_out, s.store.resident_bytes,
+                    s.store.evictions, s.store.page_ins, s.store.expired,
+                    json_safe(s.attend_path), s.store.gpu_attends,
+                    s.store.gpu_fallbacks, s.store.gpu_errors,
+                    s.store.gpu_bytes, s.store.gpu_cache_lookups,
+                    s.store.gpu_cache_hits, s.store.gpu_builds,
+                    s.store.queued_seqno, s.store.persisted_seqno,
+                    s.store.unpersisted_bytes);
         } else if (rc) {
             printf("%s: FAILED %s: %s\n", addr, kvs_err_name(rc),
                    kvs_client_errmsg(c));
@@ -239,8 +236,7 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                    "  ram             %.1f MiB (index %.1f MiB)\n"
                    "  disk            %.1f MiB, %" PRIu64
                    " sequences quarantined\n"
-                   "  index builds    %" PRIu64 " pending, %" PRIu64
-                   " done\n"
+                   "  index builds    %" PRIu64 " pending, %" PRIu64 " done\n"
                    "  connections     %" PRIu64 "\n"
                    "  requests        %" PRIu64 "\n"
                    "  bytes in/out    %" PRIu64 " / %" PRIu64 "\n"
@@ -250,26 +246,26 @@ static int cmd_stats(const args_t *a, kvs_client_t *c) {
                    addr, s.node_id, s.server_version, s.uptime_seconds,
                    s.store.sequences, (double)s.store.bytes / 1048576.0,
                    (double)s.store.index_bytes / 1048576.0,
-                   (double)s.store.disk_bytes / 1048576.0,
-                   s.store.quarantined, s.store.builds_pending, s.store.builds_done, s.connections,
+                   (double)s.store.disk_bytes / 1048576.0, s.store.quarantined,
+                   s.store.builds_pending, s.store.builds_done, s.connections,
                    s.requests_total, s.bytes_in, s.bytes_out,
                    s.attend_path[0] ? s.attend_path : "(not reported)",
                    s.store.persisted_seqno, s.store.queued_seqno,
                    s.store.unpersisted_bytes);
             if (s.store.gpu_attends || s.store.gpu_fallbacks ||
                 s.store.gpu_builds)
-                printf("  gpu             %" PRIu64 " attends, %" PRIu64
-                       " on the CPU, %" PRIu64 " errors, cache %.1f%% of %"
-                       PRIu64 ", %.1f MiB, %" PRIu64 " builds\n",
-                       s.store.gpu_attends, s.store.gpu_fallbacks,
-                       s.store.gpu_errors,
-                       s.store.gpu_cache_lookups
-                           ? 100.0 * (double)s.store.gpu_cache_hits /
-                                 (double)s.store.gpu_cache_lookups
-                           : 0.0,
-                       s.store.gpu_cache_lookups,
-                       (double)s.store.gpu_bytes / 1048576.0,
-                       s.store.gpu_builds);
+                printf(
+                    "  gpu             %" PRIu64 " attends, %" PRIu64
+                    " on the CPU, %" PRIu64 " errors, cache %.1f%% of %" PRIu64
+                    ", %.1f MiB, %" PRIu64 " builds\n",
+                    s.store.gpu_attends, s.store.gpu_fallbacks,
+                    s.store.gpu_errors,
+                    s.store.gpu_cache_lookups
+                        ? 100.0 * (double)s.store.gpu_cache_hits /
+                              (double)s.store.gpu_cache_lookups
+                        : 0.0,
+                    s.store.gpu_cache_lookups,
+                    (double)s.store.gpu_bytes / 1048576.0, s.store.gpu_builds);
         }
         failed |= rc != 0;
     }
@@ -323,13 +319,15 @@ static int cmd_list(const args_t *a, kvs_client_t *c, int argc, char **argv) {
     return failed;
 }
 
-static int cmd_create(const args_t *a, kvs_client_t *c, int argc,
-                      char **argv) {
+static int cmd_create(const args_t *a, kvs_client_t *c, int argc, char **argv) {
     uint64_t seq, v;
     if (argc < 1 || parse_u64(argv[0], &seq))
         return die_usage("create needs a sequence id%s", "");
-    kvs_geometry_t g = {.n_layers = 1, .n_q_heads = 0, .n_kv_heads = 0,
-                        .head_dim = 0, .dtype = KVS_DTYPE_F16};
+    kvs_geometry_t g = {.n_layers = 1,
+                        .n_q_heads = 0,
+                        .n_kv_heads = 0,
+                        .head_dim = 0,
+                        .dtype = KVS_DTYPE_F16};
     uint32_t ttl = 0;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
@@ -384,8 +382,7 @@ static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
     }
     if (argc != (fork ? 2 : 1) || parse_u64(argv[0], &seq) ||
         (fork && parse_u64(argv[1], &dst)))
-        return die_usage(fork ? "usage: fork SRC DST%s"
-                              : "usage: %s SEQ",
+        return die_usage(fork ? "usage: fork SRC DST%s" : "usage: %s SEQ",
                          fork ? "" : cmd);
     int rc;
     if (fork) {
@@ -423,10 +420,10 @@ static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
                ",\"indexed_tokens\":%" PRIu64 ",\"segments\":%" PRIu64
                ",\"builds_pending\":%" PRIu64 ",\"bytes\":%" PRIu64
                ",\"index_bytes\":%" PRIu64 "}\n",
-               seq, node, g->n_layers, g->n_q_heads, g->n_kv_heads,
-               g->head_dim, kvs_dtype_name(g->dtype), in.tokens_min,
-               in.tokens_max, in.indexed_tokens, in.segments,
-               in.builds_pending, in.bytes, in.index_bytes);
+               seq, node, g->n_layers, g->n_q_heads, g->n_kv_heads, g->head_dim,
+               kvs_dtype_name(g->dtype), in.tokens_min, in.tokens_max,
+               in.indexed_tokens, in.segments, in.builds_pending, in.bytes,
+               in.index_bytes);
     } else {
         printf("sequence %" PRIu64 " on %s\n"
                "  geometry        %u layers, %u q heads, %u kv heads, "
@@ -435,10 +432,10 @@ static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
                "  indexed tokens  %" PRIu64 " (%" PRIu64 " segments, %" PRIu64
                " builds pending)\n"
                "  ram             %.2f MiB (index %.2f MiB)\n",
-               seq, node, g->n_layers, g->n_q_heads, g->n_kv_heads,
-               g->head_dim, kvs_dtype_name(g->dtype), in.tokens_min,
-               in.tokens_max, in.indexed_tokens, in.segments,
-               in.builds_pending, (double)in.bytes / 1048576.0,
+               seq, node, g->n_layers, g->n_q_heads, g->n_kv_heads, g->head_dim,
+               kvs_dtype_name(g->dtype), in.tokens_min, in.tokens_max,
+               in.indexed_tokens, in.segments, in.builds_pending,
+               (double)in.bytes / 1048576.0,
                (double)in.index_bytes / 1048576.0);
     }
     return 0;
@@ -448,8 +445,7 @@ static void fill_random(void *buf, size_t n, kvs_dtype_t dt, uint64_t *state);
 
 /* Random keys/values of the sequence's own geometry: for smoke tests and
  * demos of a daemon, not for real data. */
-static int cmd_append(const args_t *a, kvs_client_t *c, int argc,
-                      char **argv) {
+static int cmd_append(const args_t *a, kvs_client_t *c, int argc, char **argv) {
     uint64_t seq, layer = 0, tokens = 16, v;
     if (argc < 1 || parse_u64(argv[0], &seq))
         return die_usage("usage: append SEQ [--layer L] [--tokens N]%s", "");
@@ -468,8 +464,8 @@ static int cmd_append(const args_t *a, kvs_client_t *c, int argc,
     int rc = kvs_client_seq_info(c, seq, &in);
     if (rc)
         return report_error(a, c, "append", rc);
-    size_t elems = (size_t)tokens * in.geometry.n_kv_heads *
-                   in.geometry.head_dim;
+    size_t elems =
+        (size_t)tokens * in.geometry.n_kv_heads * in.geometry.head_dim;
     size_t bytes = elems * kvs_dtype_size(in.geometry.dtype);
     void *k = malloc(bytes ? bytes : 1), *val = malloc(bytes ? bytes : 1);
     if (!k || !val) {
@@ -497,8 +493,7 @@ static int cmd_append(const args_t *a, kvs_client_t *c, int argc,
     return 0;
 }
 
-static int cmd_flush(const args_t *a, kvs_client_t *c, int argc,
-                     char **argv) {
+static int cmd_flush(const args_t *a, kvs_client_t *c, int argc, char **argv) {
     uint64_t seq, persisted = 0;
     if (argc != 1 || parse_u64(argv[0], &seq))
         return die_usage("usage: flush SEQ%s", "");
@@ -510,8 +505,7 @@ static int cmd_flush(const args_t *a, kvs_client_t *c, int argc,
                "}\n",
                seq, persisted);
     else
-        printf("sequence %" PRIu64 " flushed (persisted_seqno %" PRIu64
-               ")\n",
+        printf("sequence %" PRIu64 " flushed (persisted_seqno %" PRIu64 ")\n",
                seq, persisted);
     return 0;
 }
@@ -632,9 +626,11 @@ static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
     bool created = false;
 
     if (type != KVS_CLIENT_PING) {
-        kvs_geometry_t g = {.n_layers = 1, .n_q_heads = b->q_heads,
+        kvs_geometry_t g = {.n_layers = 1,
+                            .n_q_heads = b->q_heads,
                             .n_kv_heads = b->kv_heads,
-                            .head_dim = b->head_dim, .dtype = b->dtype};
+                            .head_dim = b->head_dim,
+                            .dtype = b->dtype};
         if ((rc = kvs_client_seq_create(c, seq, &g)))
             return report_error(a, c, "bench create", rc);
         created = true;
@@ -650,8 +646,8 @@ static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
         /* Search/attend need a context to run over. */
         for (uint64_t t = 0; type != KVS_CLIENT_APPEND && t < b->context;
              t += chunk) {
-            uint32_t n = (uint32_t)(b->context - t < chunk ? b->context - t
-                                                           : chunk);
+            uint32_t n =
+                (uint32_t)(b->context - t < chunk ? b->context - t : chunk);
             rc = kvs_client_seq_append(c, seq, 0, n, keys, vals,
                                        n * tok_elems * es);
             if (rc) {
@@ -693,10 +689,17 @@ static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
     }
     uint64_t submitted = 0, finished = 0, errors = 0;
     int first_err = 0;
-    bench_slot_t sl = {.type = type, .seq = seq, .b = b, .keys = keys,
-                       .vals = vals, .kv_bytes = b->tokens * tok_elems * es,
-                       .queries = queries, .qf = qf, .positions = positions,
-                       .scores = scores, .outs = outs};
+    bench_slot_t sl = {.type = type,
+                       .seq = seq,
+                       .b = b,
+                       .keys = keys,
+                       .vals = vals,
+                       .kv_bytes = b->tokens * tok_elems * es,
+                       .queries = queries,
+                       .qf = qf,
+                       .positions = positions,
+                       .scores = scores,
+                       .outs = outs};
     double t0 = now_s();
     /* Keep P ops in flight; each slot is refilled as soon as it completes. */
     for (size_t s = 0; s < P && submitted < b->requests; s++) {
@@ -764,15 +767,13 @@ static int bench_run(const args_t *a, kvs_client_t *c, const bench_t *b) {
                ",\"seconds\":%.6f,\"ops_per_s\":%.1f,\"p50_us\":%.2f,"
                "\"p99_us\":%.2f,\"gb_per_s\":%.4f,\"flush_s\":%.6f,"
                "\"gb_per_s_flushed\":%.4f,\"first_error\":\"%s\"}\n",
-               errors ? "false" : "true", b->op, finished, errors,
-               b->pipeline, secs, ops_s, p50 * 1e6, p99 * 1e6, gbps, flush_s,
-               gbps_flushed,
+               errors ? "false" : "true", b->op, finished, errors, b->pipeline,
+               secs, ops_s, p50 * 1e6, p99 * 1e6, gbps, flush_s, gbps_flushed,
                first_err ? kvs_err_name(first_err) : "");
     } else {
         printf("%s: %" PRIu64 " requests, pipeline %" PRIu64
                ", %.3f s: %.0f ops/s, p50 %.1f us, p99 %.1f us",
-               b->op, finished, b->pipeline, secs, ops_s, p50 * 1e6,
-               p99 * 1e6);
+               b->op, finished, b->pipeline, secs, ops_s, p50 * 1e6, p99 * 1e6);
         if (gbps > 0)
             printf(", %.3f GB/s (%.3f GB/s with the %.3f s flush)", gbps,
                    gbps_flushed, flush_s);
@@ -799,9 +800,16 @@ out:
 }
 
 static int cmd_bench(const args_t *a, kvs_client_t *c, int argc, char **argv) {
-    bench_t b = {.op = "ping", .requests = 100000, .pipeline = 64,
-                 .tokens = 256, .context = 32768, .k = 100, .q_heads = 32,
-                 .kv_heads = 8, .head_dim = 128, .dtype = KVS_DTYPE_F16};
+    bench_t b = {.op = "ping",
+                 .requests = 100000,
+                 .pipeline = 64,
+                 .tokens = 256,
+                 .context = 32768,
+                 .k = 100,
+                 .q_heads = 32,
+                 .kv_heads = 8,
+                 .head_dim = 128,
+                 .dtype = KVS_DTYPE_F16};
     for (int i = 0; i < argc; i++) {
         const char *o = argv[i];
         if (i + 1 >= argc)
@@ -905,8 +913,8 @@ int main(int argc, char **argv) {
     o.client_name = "kvctl";
     /* --timeout 0 has always meant "no timeout"; in the options 0 is the
      * default. */
-    o.request_timeout_ms = a.timeout_ms ? a.timeout_ms
-                                        : KVS_CLIENT_TIMEOUT_NONE;
+    o.request_timeout_ms =
+        a.timeout_ms ? a.timeout_ms : KVS_CLIENT_TIMEOUT_NONE;
     kvs_client_t *c;
     int rc = kvs_client_open(&o, &c);
     if (rc) {

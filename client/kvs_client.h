@@ -122,42 +122,42 @@ typedef enum kvs_client_op_type_e {
  */
 typedef struct kvs_client_op_s {
     kvs_client_op_type_t type;
-    void *data;      /* for the caller */
+    void *data; /* for the caller */
     /* Inputs. */
-    uint64_t seq;    /* create/append/search/attend/drop/info; fork: src */
-    uint64_t dst;    /* fork: the child */
+    uint64_t seq;      /* create/append/search/attend/drop/info; fork: src */
+    uint64_t dst;      /* fork: the child */
     uint64_t at_token; /* fork: tokens shared; KVS_CLIENT_FORK_ALL = all */
-    uint32_t layer;  /* append/search/attend */
-    uint32_t node;   /* ping/stats/list: node index */
+    uint32_t layer;    /* append/search/attend */
+    uint32_t node;     /* ping/stats/list: node index */
     kvs_geometry_t geometry; /* create */
     uint32_t ttl_seconds;    /* create (0 = never) and set_ttl */
     uint32_t n_tokens;       /* append */
     const void *keys;        /* append: kv_bytes each, sequence dtype */
     const void *values;
     size_t kv_bytes;
-    const float *queries;    /* search/attend: [n_q_heads][head_dim] */
+    const float *queries; /* search/attend: [n_q_heads][head_dim] */
     size_t n_query_floats;
-    uint32_t k;              /* search */
+    uint32_t k;                       /* search */
     const kvs_query_params_t *params; /* NULL: server defaults */
-    const void *payload;     /* ping: echoed back; may be NULL */
+    const void *payload;              /* ping: echoed back; may be NULL */
     size_t payload_len;
     /* Outputs, caller-allocated. */
-    int64_t *positions;      /* search: result_cap entries */
-    float *scores;           /* search: result_cap entries */
+    int64_t *positions; /* search: result_cap entries */
+    float *scores;      /* search: result_cap entries */
     size_t result_cap;
-    float *output;           /* attend: n_query_floats floats */
+    float *output;                    /* attend: n_query_floats floats */
     kvs_attend_stats_t *attend_stats; /* attend; may be NULL */
-    kvs_seq_info_t *info;    /* info */
-    kvs_client_stats_t *stats; /* stats */
-    uint64_t *ids;           /* list: up to ids_cap */
+    kvs_seq_info_t *info;             /* info */
+    kvs_client_stats_t *stats;        /* stats */
+    uint64_t *ids;                    /* list: up to ids_cap */
     size_t ids_cap;
     /* Results. */
-    int status;              /* 0 or a KVS_E* code */
-    char message[256];       /* detail when status != 0 */
-    uint32_t result_heads;   /* search: rows filled (n_q_heads) */
-    uint32_t result_k;       /* search: columns per row */
-    size_t n_ids;            /* list: ids filled */
-    uint64_t ids_total;      /* list: sequences on the node */
+    int status;               /* 0 or a KVS_E* code */
+    char message[256];        /* detail when status != 0 */
+    uint32_t result_heads;    /* search: rows filled (n_q_heads) */
+    uint32_t result_k;        /* search: columns per row */
+    size_t n_ids;             /* list: ids filled */
+    uint64_t ids_total;       /* list: sequences on the node */
     uint64_t persisted_seqno; /* flush: the node's, when it answered */
     /* Private to the library. */
     uint64_t id_;
@@ -207,8 +207,7 @@ int kvs_client_seq_append(kvs_client_t *c, uint64_t seq, uint32_t layer,
 int kvs_client_seq_search(kvs_client_t *c, uint64_t seq, uint32_t layer,
                           const float *queries, size_t n_query_floats,
                           uint32_t k, const kvs_query_params_t *params,
-                          int64_t *positions, float *scores,
-                          size_t result_cap);
+                          int64_t *positions, float *scores, size_t result_cap);
 /* out: n_query_floats floats. stats may be NULL. */
 int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
                           const float *queries, size_t n_query_floats,
@@ -223,8 +222,7 @@ int kvs_client_seq_fork(kvs_client_t *c, uint64_t parent, uint64_t at_token,
 int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq);
 /* Expire `seq` after ttl_seconds without use (0: never); see
  * kvs_seq_set_ttl() in kvstore.h. */
-int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq,
-                           uint32_t ttl_seconds);
+int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq, uint32_t ttl_seconds);
 /* Barrier (kvs_seq_flush() in kvstore.h): returns once every append to
  * `seq` sent before it on this client's connection, and every storage
  * write its node had made when the flush ran, is durable. Needed with

@@ -20,7 +20,7 @@
  * path). */
 enum { PH_LOCK, PH_SYNC, PH_ENQUEUE, PH_WAIT, PH_POST, PH_N };
 static const char *const ph_name[PH_N] = {"lock+device", "mirror sync",
-                                           "enqueue", "wait", "copy out+stats"};
+                                          "enqueue", "wait", "copy out+stats"};
 
 static uint64_t ns_now(void) {
     struct timespec ts;
@@ -28,7 +28,7 @@ static uint64_t ns_now(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-#define SLOT_TOKENS 32 /* rows per cache slot: 2x the mean cluster */
+#define SLOT_TOKENS 32         /* rows per cache slot: 2x the mean cluster */
 #define KVS_MAX_HEADS_GPU 1024 /* = KVS_MAX_HEADS */
 
 struct kvs__gpu_s {
@@ -126,7 +126,7 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
     g->p = *p;
     g->profile = p->profile;
     pthread_mutex_init(&g->build_mu, NULL);
-    g->kv_budget = p->kv_host_only ? 0
+    g->kv_budget = p->kv_host_only   ? 0
                    : p->memory_bytes ? p->memory_bytes / 2
                                      : (uint64_t)free_b / 2;
     snprintf(why, why_len, "CUDA device %d: %s", p->device, name);
@@ -144,10 +144,10 @@ void kvs__gpu_close(kvs__gpu_t *g) {
                           "GPU attend host time, mean over %llu calls:",
                           (unsigned long long)calls);
         for (int i = 0; i < PH_N && at > 0 && (size_t)at < sizeof msg; i++)
-            at += snprintf(msg + at, sizeof msg - at, " %s %.1f us%s",
-                           ph_name[i],
-                           atomic_load(&g->ph_ns[i]) / 1e3 / (double)calls,
-                           i + 1 < PH_N ? "," : "");
+            at +=
+                snprintf(msg + at, sizeof msg - at, " %s %.1f us%s", ph_name[i],
+                         atomic_load(&g->ph_ns[i]) / 1e3 / (double)calls,
+                         i + 1 < PH_N ? "," : "");
         g->p.log(g->p.log_ctx, KVS_LOG_INFO, msg);
     }
     kvs_cuda_cluster_free(g->cl);
@@ -332,10 +332,10 @@ static int seg_table_grow(kvs__gpu_layer_t *m, uint32_t need) {
     for (uint32_t h = 0; h < H; h++) {
         memcpy(segs + (size_t)h * cap, m->segs + (size_t)h * m->seg_cap,
                m->seg_cap * sizeof *segs);
-        memcpy(cb + (size_t)h * (cap + 1), m->cbase + (size_t)h * (m->seg_cap + 1),
-               (m->seg_cap + 1) * 4);
-        memcpy(tb + (size_t)h * (cap + 1), m->tbase + (size_t)h * (m->seg_cap + 1),
-               (m->seg_cap + 1) * 4);
+        memcpy(cb + (size_t)h * (cap + 1),
+               m->cbase + (size_t)h * (m->seg_cap + 1), (m->seg_cap + 1) * 4);
+        memcpy(tb + (size_t)h * (cap + 1),
+               m->tbase + (size_t)h * (m->seg_cap + 1), (m->seg_cap + 1) * 4);
         memcpy(nv + (size_t)h * cap, m->n_valid + (size_t)h * m->seg_cap,
                m->seg_cap * 4);
     }
@@ -404,8 +404,8 @@ static int put_segment(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
     int rc = scratch_fit(m, row, nc, with_tokens ? nt : 0, 0);
     if (rc)
         return rc;
-    const uint8_t mask = is_last ? (KVS_ADJ_ALWAYS | KVS_ADJ_LAST)
-                                 : KVS_ADJ_ALWAYS;
+    const uint8_t mask =
+        is_last ? (KVS_ADJ_ALWAYS | KVS_ADJ_LAST) : KVS_ADJ_ALWAYS;
     uint32_t valid = 0;
     for (uint32_t c = 0; c < nc; c++) {
         const void *mean;
@@ -484,8 +484,8 @@ static int mirror_sync(kvs__gpu_t *g, kvs__gpu_layer_t *m,
         C_need = c > C_need ? c : C_need;
     }
     N_need = v[0].indexed_tokens;
-    const uint64_t S_need = (uint64_t)v[0].sink_tokens + v[0].window_tokens +
-                            v[0].tail_tokens;
+    const uint64_t S_need =
+        (uint64_t)v[0].sink_tokens + v[0].window_tokens + v[0].tail_tokens;
     if (v[0].indexed_tokens + v[0].tail_tokens > UINT32_MAX)
         return KVS_ENOTSUP; /* positions are 32-bit on the GPU */
 
@@ -497,8 +497,7 @@ static int mirror_sync(kvs__gpu_t *g, kvs__gpu_layer_t *m,
         for (uint32_t si = 0; si < m->n_segments && !fresh; si++)
             fresh = m->segs[(size_t)h * m->seg_cap + si] != v[h].segments[si];
     int rc;
-    if (fresh &&
-        (rc = mirror_alloc(g, m, v, H, G, C_need, N_need, S_need, zp)))
+    if (fresh && (rc = mirror_alloc(g, m, v, H, G, C_need, N_need, S_need, zp)))
         return rc;
     if ((rc = seg_table_grow(m, nseg + 1)))
         return rc;
@@ -578,8 +577,8 @@ static void zone_stats(const kvs__gpu_layer_t *m, const kvs_head_view_t *v,
     for (uint32_t h = 0; h < H; h++) {
         kvs_zone_stats_t *s = &st[h];
         memset(s, 0, sizeof *s);
-        const uint32_t C = m->cbase[(size_t)h * (m->seg_cap + 1) +
-                                    m->n_segments];
+        const uint32_t C =
+            m->cbase[(size_t)h * (m->seg_cap + 1) + m->n_segments];
         uint32_t valid = 0;
         for (uint32_t si = 0; si < m->n_segments; si++)
             valid += m->n_valid[(size_t)h * m->seg_cap + si];
@@ -607,8 +606,8 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
         return KVS_ENOTSUP;
     /* The kernels rank by centroid; DEFAULT may mean codes on the CPU. */
     if (zp->exact || zp->bounded || rp->rank != KVS_RANK_CENTROID || H == 0 ||
-        H > KVS_MAX_HEADS_GPU ||
-        v[0].n_segments == 0 || v[0].d != KVS_CUDA_HEAD_DIM ||
+        H > KVS_MAX_HEADS_GPU || v[0].n_segments == 0 ||
+        v[0].d != KVS_CUDA_HEAD_DIM ||
         (v[0].dtype != KVS_DTYPE_F16 && v[0].dtype != KVS_DTYPE_BF16) ||
         (G != 1 && G != 2 && G != 4 && G != 8)) {
         atomic_fetch_add(&g->fallbacks, 1);
@@ -646,15 +645,13 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
     const size_t qn = (size_t)H * G * v[0].d;
     if (!rc) {
         memcpy(m->h_q, q, qn * sizeof(float));
-        if (!(rc = kvs_cuda_err(cudaMemcpyAsync(m->d_q, m->h_q,
-                                                qn * sizeof(float),
-                                                cudaMemcpyHostToDevice,
-                                                m->stream))) &&
+        if (!(rc = kvs_cuda_err(
+                  cudaMemcpyAsync(m->d_q, m->h_q, qn * sizeof(float),
+                                  cudaMemcpyHostToDevice, m->stream))) &&
             !(rc = kvs_wbuf_step(m->wb, m->d_q, m->d_out, m->stream)))
-            rc = kvs_cuda_err(cudaMemcpyAsync(m->h_out, m->d_out,
-                                              qn * sizeof(float),
-                                              cudaMemcpyDeviceToHost,
-                                              m->stream));
+            rc = kvs_cuda_err(
+                cudaMemcpyAsync(m->h_out, m->d_out, qn * sizeof(float),
+                                cudaMemcpyDeviceToHost, m->stream));
         if (g->profile)
             t[3] = ns_now();
         if (!rc)
@@ -715,4 +712,3 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {
     o->builds = atomic_load(&g->builds);
     o->build_errors = atomic_load(&g->build_errors);
 }
-

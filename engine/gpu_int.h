@@ -31,18 +31,18 @@ typedef struct kvs__gpu_s kvs__gpu_t;
 typedef struct kvs__gpu_layer_s kvs__gpu_layer_t;
 
 typedef struct kvs__gpu_params_s {
-    int device;             /* CUDA device ordinal */
-    float cache_fraction;   /* GPU slots per head, fraction of clusters */
-    uint64_t memory_bytes;  /* GPU bytes for all mirrors; 0: no limit */
-    int kv_host_only;       /* 1: K/V always in pinned host memory */
-    int profile;            /* 1: time attend phases, log them at close */
+    int device;            /* CUDA device ordinal */
+    float cache_fraction;  /* GPU slots per head, fraction of clusters */
+    uint64_t memory_bytes; /* GPU bytes for all mirrors; 0: no limit */
+    int kv_host_only;      /* 1: K/V always in pinned host memory */
+    int profile;           /* 1: time attend phases, log them at close */
     uint32_t segment_tokens, sink_tokens, window_tokens;
     kvs_log_fn log; /* the store's (kvs_options_t.log); may be NULL */
     void *log_ctx;
 } kvs__gpu_params_t;
 
 typedef struct kvs__gpu_stats_s {
-    int device;             /* -1: no GPU in use */
+    int device; /* -1: no GPU in use */
     uint64_t attends, fallbacks, errors;
     uint64_t bytes_gpu, bytes_pinned, bytes_kv_device;
     uint64_t lookups, hits, bytes_bus, bytes_uploaded;
@@ -73,8 +73,7 @@ void kvs__gpu_close(kvs__gpu_t *g);
  */
 int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
                     const kvs_head_view_t *views, uint32_t n_heads,
-                    uint32_t group, const float *q,
-                    const kvs_zone_params_t *zp,
+                    uint32_t group, const float *q, const kvs_zone_params_t *zp,
                     const kvs_rank_params_t *rp, float *out,
                     kvs_zone_stats_t *stats);
 

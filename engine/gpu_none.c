@@ -16,8 +16,9 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
                   size_t why_len) {
     *out = NULL;
     if (p && p->device >= 0)
-        snprintf(why, why_len, "this build has no CUDA (nvcc was not found "
-                               "when it was configured)");
+        snprintf(why, why_len,
+                 "this build has no CUDA (nvcc was not found "
+                 "when it was configured)");
     return 0;
 }
 
@@ -27,8 +28,7 @@ void kvs__gpu_close(kvs__gpu_t *g) {
 
 int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
                     const kvs_head_view_t *views, uint32_t n_heads,
-                    uint32_t group, const float *q,
-                    const kvs_zone_params_t *zp,
+                    uint32_t group, const float *q, const kvs_zone_params_t *zp,
                     const kvs_rank_params_t *rp, float *out,
                     kvs_zone_stats_t *stats) {
     (void)g, (void)mirror, (void)views, (void)n_heads, (void)group, (void)q;

@@ -1191,8 +1191,7 @@ int kvs__db_flush(kvs__db_t *db, char *err, size_t errlen) {
         return rc;
     }
     if (!db->writer_running) /* BATCH, ALWAYS: durable on return */
-        return atomic_load(&db->failed) ? refused(db, err, errlen, "flush")
-                                        : 0;
+        return atomic_load(&db->failed) ? refused(db, err, errlen, "flush") : 0;
     pthread_mutex_lock(&db->q_mu);
     int rc = q_wait_locked(db, db->queued);
     if (!rc && db->q_failed)
@@ -1244,8 +1243,8 @@ int kvs__db_create_seq(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
     memcpy(r.v + 4, f, sizeof f);
     uint32_t crc = kvs_crc32c(0, r.v + 4, sizeof f);
     memcpy(r.v, &crc, 4);
-    return submit(db, fill_seq, &r, sizeof r, SUBMIT_DURABLE, NULL, err,
-                  errlen, "sequence write");
+    return submit(db, fill_seq, &r, sizeof r, SUBMIT_DURABLE, NULL, err, errlen,
+                  "sequence write");
 }
 
 static void fill_drop(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
@@ -1351,10 +1350,9 @@ int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
             done += m;
         }
     }
-    rows_rec_t r = {id, layer, g->n_kv_heads, pos0, n, segment_tokens, rb,
-                    buf};
-    int rc = submit(db, fill_rows, &r, total + 24 * n_recs, SUBMIT_MODE,
-                    ticket, err, errlen, "write");
+    rows_rec_t r = {id, layer, g->n_kv_heads, pos0, n, segment_tokens, rb, buf};
+    int rc = submit(db, fill_rows, &r, total + 24 * n_recs, SUBMIT_MODE, ticket,
+                    err, errlen, "write");
     free(buf);
     return rc;
 }
@@ -1852,8 +1850,7 @@ int kvs__db_check_format(kvs__db_t *db, const kvs__db_format_t *f, char *err,
                      "the data directory was created with "
                      "%s %u, not %u: open it with %s %u (kvstored: "
                      "the option or a --profile) or use another directory",
-                     names[i], have[2 + i], want[2 + i], names[i],
-                     have[2 + i]);
+                     names[i], have[2 + i], want[2 + i], names[i], have[2 + i]);
             return KVS_EINVAL;
         }
     return 0;

@@ -82,8 +82,7 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
  * are deleted. */
 typedef struct kvs__db_loader_s {
     void *ctx;
-    int (*seq)(void *ctx, uint64_t id, const kvs_geometry_t *g,
-               uint32_t ttl_s);
+    int (*seq)(void *ctx, uint64_t id, const kvs_geometry_t *g, uint32_t ttl_s);
     /* Takes ownership of seg. */
     int (*segment)(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                    kvs_segment_t *seg);

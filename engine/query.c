@@ -216,8 +216,8 @@ static int resolve_params(kvs_store_t *s, const seq_t *q,
     if (m.mode == KVS_MODE_DEFAULT)
         m.mode = d->mode != KVS_MODE_DEFAULT ? d->mode : KVS_MODE_WAVE;
     if (m.budget == KVS_BUDGET_DEFAULT)
-        m.budget = d->budget != KVS_BUDGET_DEFAULT ? d->budget
-                                                   : KVS_BUDGET_FIXED;
+        m.budget =
+            d->budget != KVS_BUDGET_DEFAULT ? d->budget : KVS_BUDGET_FIXED;
     /* The store's DEFAULT rank stays DEFAULT for the index: codes where a
      * head's segments have them, per head (segments reloaded from before
      * codes have none). */

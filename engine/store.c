@@ -291,9 +291,9 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
             rc = kvs__store_load(s, err, sizeof err);
         /* After the load, whose writes (the format record, the orphan
          * sweep) are direct. */
-        if (!rc && (rc = kvs__db_start_writer(
-                        s->db, s->opts.max_unpersisted_bytes, s->opts.log,
-                        s->opts.log_ctx)))
+        if (!rc &&
+            (rc = kvs__db_start_writer(s->db, s->opts.max_unpersisted_bytes,
+                                       s->opts.log, s->opts.log_ctx)))
             snprintf(err, sizeof err, "write-behind thread");
         if (rc) {
             open_fail(rc, "%s: %s", s->data_dir, err);

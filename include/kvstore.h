@@ -48,10 +48,10 @@ typedef struct kvs_store_s kvs_store_t;
 /* The model shape of one sequence. */
 typedef struct kvs_geometry_s {
     uint32_t n_layers;
-    uint32_t n_q_heads;  /* query heads; a multiple of n_kv_heads (GQA) */
+    uint32_t n_q_heads; /* query heads; a multiple of n_kv_heads (GQA) */
     uint32_t n_kv_heads;
     uint32_t head_dim;
-    kvs_dtype_t dtype;   /* element type of appended keys/values */
+    kvs_dtype_t dtype; /* element type of appended keys/values */
 } kvs_geometry_t;
 
 /* Zero is DEFAULT in every enum here, so that a zero-filled params or
@@ -187,10 +187,10 @@ typedef struct kvs_options_s {
     /* Keys per segment; default 1024 (8192 before issue 13: a data
      * directory made then opens only with segment_tokens 8192). */
     uint32_t segment_tokens;
-    uint32_t cluster_tokens;  /* mean keys per cluster; default 16 */
-    uint32_t kmeans_iters;    /* spherical k-means iterations; default 10 */
-    uint32_t sink_tokens;     /* first tokens always exact; default 4 */
-    uint32_t window_tokens;   /* last indexed tokens always exact; 64 */
+    uint32_t cluster_tokens; /* mean keys per cluster; default 16 */
+    uint32_t kmeans_iters;   /* spherical k-means iterations; default 10 */
+    uint32_t sink_tokens;    /* first tokens always exact; default 4 */
+    uint32_t window_tokens;  /* last indexed tokens always exact; 64 */
     /* For fields a call leaves 0. Its own DEFAULT mode and budget mean
      * WAVE and FIXED, and all three zone numbers 0 mean 0.018 / 0.232 /
      * 0.02. */
@@ -309,14 +309,14 @@ int kvs_seq_search(kvs_store_t *store, uint64_t seq, uint32_t layer,
 
 /* What one attend call did, summed over KV heads. */
 typedef struct kvs_attend_stats_s {
-    uint64_t keys_total;         /* tokens in the layer x n_kv_heads */
-    uint64_t keys_exact;         /* keys attended exactly (steady+retrieval) */
-    uint64_t keys_steady;        /* of which in the steady zone */
+    uint64_t keys_total;  /* tokens in the layer x n_kv_heads */
+    uint64_t keys_exact;  /* keys attended exactly (steady+retrieval) */
+    uint64_t keys_steady; /* of which in the steady zone */
     uint64_t clusters_total;
     uint64_t clusters_retrieved; /* attended exactly over their members */
     uint64_t clusters_estimated; /* attended as one pseudo-token each */
     uint64_t clusters_skipped;
-    double seconds;              /* wall time of the call */
+    double seconds; /* wall time of the call */
 } kvs_attend_stats_t;
 
 /*
@@ -338,8 +338,8 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
  * cluster order). Errors: KVS_ENOSEQ, KVS_ERANGE (layer, or the range is
  * past the tokens held), KVS_EINVAL.
  */
-int kvs_seq_read(kvs_store_t *store, uint64_t seq, uint32_t layer,
-                 uint64_t pos, uint32_t n, void *keys, void *values);
+int kvs_seq_read(kvs_store_t *store, uint64_t seq, uint32_t layer, uint64_t pos,
+                 uint32_t n, void *keys, void *values);
 
 /*
  * Fork: create `child` holding the first `at_token` tokens of every layer of
@@ -405,7 +405,7 @@ int kvs_seq_wait_indexed(kvs_store_t *store, uint64_t seq);
 /* Store-wide counters. */
 typedef struct kvs_store_stats_s {
     uint64_t sequences;
-    uint64_t bytes;          /* RAM held by all sequences */
+    uint64_t bytes; /* RAM held by all sequences */
     uint64_t index_bytes;
     uint64_t disk_bytes;     /* files in data_dir (0 without one) */
     uint64_t quarantined;    /* sequences refused after damage */
@@ -416,20 +416,20 @@ typedef struct kvs_store_stats_s {
     uint64_t page_ins;       /* evicted sequences paged back in */
     uint64_t builds_pending;
     uint64_t builds_done;
-    uint64_t build_keys;     /* keys clustered by finished builds */
-    double build_seconds;    /* wall time spent in finished builds */
+    uint64_t build_keys;  /* keys clustered by finished builds */
+    double build_seconds; /* wall time spent in finished builds */
     /* GPU attend path (all 0, gpu_device -1, without one). */
     int32_t gpu_device;
-    uint64_t gpu_attends;    /* attend calls served on the GPU */
-    uint64_t gpu_fallbacks;  /* wave attends the GPU path did not take */
-    uint64_t gpu_errors;     /* GPU failures (redone on the CPU) */
-    uint64_t gpu_bytes;      /* GPU memory held by layer buffers */
+    uint64_t gpu_attends;      /* attend calls served on the GPU */
+    uint64_t gpu_fallbacks;    /* wave attends the GPU path did not take */
+    uint64_t gpu_errors;       /* GPU failures (redone on the CPU) */
+    uint64_t gpu_bytes;        /* GPU memory held by layer buffers */
     uint64_t gpu_pinned_bytes; /* pinned host memory held by them */
-    uint64_t gpu_kv_bytes;   /* K/V held in GPU memory (KVS_CUDA_KV_AUTO) */
+    uint64_t gpu_kv_bytes;     /* K/V held in GPU memory (KVS_CUDA_KV_AUTO) */
     uint64_t gpu_cache_lookups, gpu_cache_hits; /* retrieved clusters */
-    uint64_t gpu_bus_bytes;  /* K/V read from host memory (cache misses) */
+    uint64_t gpu_bus_bytes;    /* K/V read from host memory (cache misses) */
     uint64_t gpu_upload_bytes; /* index and steady rows copied in */
-    uint64_t gpu_builds;     /* segments clustered on the GPU */
+    uint64_t gpu_builds;       /* segments clustered on the GPU */
     uint64_t gpu_build_errors; /* GPU clusterings that failed (built on
                                   the CPU instead) */
     /* Storage writes (appends, index segments, sequence metadata) are

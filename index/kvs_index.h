@@ -39,11 +39,11 @@ extern "C" {
 
 /* Clusters whose steady members are left out (see above). Sorted by id. */
 typedef struct kvs_cluster_adj_s {
-    uint32_t n;            /* number of adjusted clusters */
-    uint32_t *cluster;     /* [n] cluster ids, ascending */
-    uint32_t *count;       /* [n] members that are not steady (may be 0) */
-    void *value_means;     /* [n][d] dtype; mean over non-steady members
-                              (zeros when count is 0) */
+    uint32_t n;        /* number of adjusted clusters */
+    uint32_t *cluster; /* [n] cluster ids, ascending */
+    uint32_t *count;   /* [n] members that are not steady (may be 0) */
+    void *value_means; /* [n][d] dtype; mean over non-steady members
+                          (zeros when count is 0) */
 } kvs_cluster_adj_t;
 
 /*
@@ -58,14 +58,14 @@ typedef struct kvs_cluster_adj_s {
  * nothing else), so codebooks follow the data; d must be a multiple of 32.
  */
 typedef struct kvs_codes_s {
-    uint64_t seed;       /* rotation signs */
-    float *lo, *step;    /* [d] key codes: offset and step per rotated dim */
-    float *clo, *cstep;  /* [d] centroid codes */
-    uint8_t *keys;       /* [n_tokens][d / 2] 4-bit codes, slot order */
-    uint8_t *centroids;  /* [n_clusters][d] 8-bit codes */
-    float *spread;       /* [n_clusters] RMS member distance to the centroid
-                            over sqrt(d): the spread of q.x - q.c per unit
-                            of |q| if residuals were isotropic */
+    uint64_t seed;      /* rotation signs */
+    float *lo, *step;   /* [d] key codes: offset and step per rotated dim */
+    float *clo, *cstep; /* [d] centroid codes */
+    uint8_t *keys;      /* [n_tokens][d / 2] 4-bit codes, slot order */
+    uint8_t *centroids; /* [n_clusters][d] 8-bit codes */
+    float *spread;      /* [n_clusters] RMS member distance to the centroid
+                           over sqrt(d): the spread of q.x - q.c per unit
+                           of |q| if residuals were isotropic */
 } kvs_codes_t;
 
 /* adj_flags bits: the cluster is listed in adj_always / adj_last. */
@@ -74,18 +74,18 @@ typedef struct kvs_codes_s {
 
 typedef struct kvs_segment_s {
     kvs_dtype_t dtype;
-    uint32_t d;            /* head_dim */
-    uint64_t first_pos;    /* position of the segment's first token */
-    uint32_t n_tokens;     /* positions first_pos .. first_pos + n_tokens */
-    uint32_t n_clusters;   /* non-empty clusters */
-    uint32_t *offsets;     /* [n_clusters + 1] slot ranges, offsets[0] = 0 */
-    uint32_t *positions;   /* [n_tokens] slot -> position - first_pos */
-    void *keys;            /* [n_tokens][d] dtype, cluster-ordered, raw */
-    void *values;          /* [n_tokens][d] dtype, cluster-ordered, raw */
-    void *centroids;       /* [n_clusters][d] dtype: mean of member keys */
-    void *value_means;     /* [n_clusters][d] dtype: mean of member values */
-    uint32_t *counts;      /* [n_clusters] members */
-    uint8_t *adj_flags;    /* [n_clusters] KVS_ADJ_* bits */
+    uint32_t d;          /* head_dim */
+    uint64_t first_pos;  /* position of the segment's first token */
+    uint32_t n_tokens;   /* positions first_pos .. first_pos + n_tokens */
+    uint32_t n_clusters; /* non-empty clusters */
+    uint32_t *offsets;   /* [n_clusters + 1] slot ranges, offsets[0] = 0 */
+    uint32_t *positions; /* [n_tokens] slot -> position - first_pos */
+    void *keys;          /* [n_tokens][d] dtype, cluster-ordered, raw */
+    void *values;        /* [n_tokens][d] dtype, cluster-ordered, raw */
+    void *centroids;     /* [n_clusters][d] dtype: mean of member keys */
+    void *value_means;   /* [n_clusters][d] dtype: mean of member values */
+    uint32_t *counts;    /* [n_clusters] members */
+    uint8_t *adj_flags;  /* [n_clusters] KVS_ADJ_* bits */
     kvs_cluster_adj_t adj_always;
     kvs_cluster_adj_t adj_last;
     /* Owners beyond the first (forked sequences share segments); 0 from
@@ -117,8 +117,8 @@ typedef struct kvs_build_params_s {
  */
 int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
                       uint32_t d, uint64_t first_pos, uint32_t n,
-                      const void *keys, const void *values,
-                      kvs_segment_t **out, char *err, size_t errlen);
+                      const void *keys, const void *values, kvs_segment_t **out,
+                      char *err, size_t errlen);
 
 /*
  * The second half of kvs_segment_build for a clustering made elsewhere
@@ -127,11 +127,11 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
  * value means are the plain means of the members, the adjustment tables
  * are built. Errors as kvs_segment_build, KVS_EINVAL for a bad label.
  */
-int kvs_segment_from_labels(const kvs_build_params_t *params,
-                            kvs_dtype_t dtype, uint32_t d, uint64_t first_pos,
-                            uint32_t n, const void *keys, const void *values,
-                            uint32_t k, const uint32_t *label,
-                            kvs_segment_t **out, char *err, size_t errlen);
+int kvs_segment_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                            uint32_t d, uint64_t first_pos, uint32_t n,
+                            const void *keys, const void *values, uint32_t k,
+                            const uint32_t *label, kvs_segment_t **out,
+                            char *err, size_t errlen);
 /* Clusters k-means makes for n keys: max(1, round(n / cluster_tokens)). */
 uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n);
 
@@ -177,10 +177,10 @@ typedef struct kvs_head_view_s {
     uint32_t d;
     kvs_segment_t *const *segments; /* [n_segments], position order */
     uint32_t n_segments;
-    uint64_t indexed_tokens;        /* positions 0 .. indexed_tokens */
-    const void *tail_keys;          /* [tail_tokens][d] dtype, token order */
+    uint64_t indexed_tokens; /* positions 0 .. indexed_tokens */
+    const void *tail_keys;   /* [tail_tokens][d] dtype, token order */
     const void *tail_values;
-    uint32_t tail_tokens;           /* positions indexed_tokens .. + tail */
+    uint32_t tail_tokens; /* positions indexed_tokens .. + tail */
     uint32_t sink_tokens;
     uint32_t window_tokens;
 } kvs_head_view_t;
@@ -200,16 +200,16 @@ static inline int kvs_head_is_steady(const kvs_head_view_t *v, uint64_t pos) {
 
 /* Zone sizing for one call; see kvs_query_params_t in kvstore.h. */
 typedef struct kvs_zone_params_s {
-    int exact;                 /* 1: ignore the index, attend every key */
-    int precise;               /* with exact: accumulate in double (the
-                                  reference); else fp32, the speed baseline */
-    int bounded;               /* 1: accuracy-bounded retrieval zone */
+    int exact;   /* 1: ignore the index, attend every key */
+    int precise; /* with exact: accumulate in double (the
+                    reference); else fp32, the speed baseline */
+    int bounded; /* 1: accuracy-bounded retrieval zone */
     float retrieval_fraction;
     float estimation_fraction;
     float epsilon;
-    float scale;               /* softmax scale (> 0) */
-    double scale_f64;          /* the same in double, for precise mode
-                                  (0: use scale) */
+    float scale;      /* softmax scale (> 0) */
+    double scale_f64; /* the same in double, for precise mode
+                         (0: use scale) */
 } kvs_zone_params_t;
 
 /* How keys are ranked (the *_ranked calls; NULL or all zeros: defaults).
@@ -240,8 +240,7 @@ static inline uint32_t kvs_zone_clusters(float f, uint32_t C) {
  * taken from the n_valid only. The rule of kvs_head_attend, of the GPU
  * select (kernels/cuda/score.cu) and of the GPU path's stats. */
 static inline void kvs_zone_sizes(float rf, float ef, uint32_t C,
-                                  uint32_t n_valid, uint32_t *R,
-                                  uint32_t *E) {
+                                  uint32_t n_valid, uint32_t *R, uint32_t *E) {
     uint32_t r = kvs_zone_clusters(rf, C), e = kvs_zone_clusters(ef, C);
     r = r > n_valid ? n_valid : r;
     *R = r;
@@ -280,9 +279,8 @@ int kvs_head_attend(const kvs_head_view_t *view, const float *q, uint32_t g,
  * KVS_EINVAL also when rp asks for codes the view's segments lack. */
 int kvs_head_attend_ranked(const kvs_head_view_t *view, const float *q,
                            uint32_t g, const kvs_zone_params_t *zp,
-                           const kvs_rank_params_t *rp,
-                           kvs_scratch_t *scratch, float *out,
-                           kvs_zone_stats_t *stats);
+                           const kvs_rank_params_t *rp, kvs_scratch_t *scratch,
+                           float *out, kvs_zone_stats_t *stats);
 
 /*
  * Top-k by q.k for one query over `view`: exact when zp->exact, else steady
@@ -292,8 +290,7 @@ int kvs_head_attend_ranked(const kvs_head_view_t *view, const float *q,
  */
 int kvs_head_search(const kvs_head_view_t *view, const float *q, uint32_t k,
                     const kvs_zone_params_t *zp, kvs_scratch_t *scratch,
-                    int64_t *positions, float *scores,
-                    kvs_zone_stats_t *stats);
+                    int64_t *positions, float *scores, kvs_zone_stats_t *stats);
 
 /* The same for the `g` query heads of a GQA group at once (q [g][d],
  * positions/scores [g][k]): rows every query scans (steady zone, or all of

@@ -301,8 +301,8 @@ typedef struct precise_ctx_s {
     uint32_t g;
     double scale;
     double m[MAXQ], l[MAXQ];
-    double *acc; /* [g][d] */
-    double *sc;  /* [g][EXACT_CHUNK] */
+    double *acc;    /* [g][d] */
+    double *sc;     /* [g][EXACT_CHUNK] */
     float *kf, *vf; /* [EXACT_CHUNK][d] */
 } precise_ctx_t;
 
@@ -345,9 +345,8 @@ static int precise_chunk(void *arg, const void *keys, const void *vals,
     return 0;
 }
 
-static int precise_attend(const kvs_head_view_t *v, const float *q,
-                          uint32_t g, double scale, kvs_scratch_t *s,
-                          float *out) {
+static int precise_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
+                          double scale, kvs_scratch_t *s, float *out) {
     uint32_t d = v->d;
     size_t need = sizeof(double) * ((size_t)g * d + (size_t)g * EXACT_CHUNK) +
                   sizeof(float) * 2 * (size_t)EXACT_CHUNK * d;
@@ -505,8 +504,8 @@ static int score_clusters(const kvs_head_view_t *v, const float *q, uint32_t g,
  * them would attend nothing. The GPU select (kernels/cuda/score.cu) uses
  * the same rule.
  */
-static int rank_clusters(const kvs_head_view_t *v, kvs_scratch_t *s,
-                         uint32_t g, uint32_t C, uint32_t *n_valid) {
+static int rank_clusters(const kvs_head_view_t *v, kvs_scratch_t *s, uint32_t g,
+                         uint32_t C, uint32_t *n_valid) {
     if (GROW(s, tmpc, tmpc_cap, C))
         return KVS_ENOMEM;
     memset(s->rank, 0, C * sizeof(float));
@@ -606,8 +605,8 @@ int kvs_head_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     return kvs_head_attend_ranked(v, q, g, zp, NULL, s, out, stats);
 }
 
-int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q,
-                           uint32_t g, const kvs_zone_params_t *zp,
+int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
+                           const kvs_zone_params_t *zp,
                            const kvs_rank_params_t *rpp, kvs_scratch_t *s,
                            float *out, kvs_zone_stats_t *stats) {
     if (g == 0 || g > MAXQ || !v || !q || !zp || !s || !out)
@@ -998,8 +997,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         float *row = s->est + (size_t)(nm + n) * g; /* [n] scratch */
         for (uint32_t i = 0; i < g; i++) {
             const float *w = s->cq + ((size_t)si * g + i) * (d + 1);
-            kvs_code4_dot_rows(w, seg->codes->keys + (size_t)a * (d / 2), n,
-                               d, w[d], row);
+            kvs_code4_dot_rows(w, seg->codes->keys + (size_t)a * (d / 2), n, d,
+                               w[d], row);
             uint32_t m = nm;
             for (uint32_t j = 0; j < n; j++) {
                 uint64_t pos = seg->first_pos + seg->positions[a + j];
@@ -1147,7 +1146,6 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     return 0;
 }
 
-
 /*
  * Two-stage search of one query (KVS_RANK_CODES) into ctx->h, after the
  * steady zone. (1) Every cluster is scored from its 8-bit centroid code
@@ -1181,7 +1179,7 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         GROW(s, est, est_cap, maxn))
         return KVS_ENOMEM;
 
-    float alpha = rp->spread == 0 ? KVS_SPREAD_DEFAULT
+    float alpha = rp->spread == 0  ? KVS_SPREAD_DEFAULT
                   : rp->spread < 0 ? 0.0f
                                    : rp->spread;
     double qq = 0;
@@ -1205,8 +1203,7 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         w8[d] = (float)b4;
         w8[d + 1] = (float)b8;
         float *rk = s->rank + s->cbase[si];
-        kvs_code8_dot_rows(w8, k->centroids, seg->n_clusters, d, (float)b8,
-                           rk);
+        kvs_code8_dot_rows(w8, k->centroids, seg->n_clusters, d, (float)b8, rk);
         for (uint32_t c = 0; c < seg->n_clusters; c++) {
             if (sq > 0)
                 rk[c] += sq * k->spread[c];
@@ -1218,8 +1215,7 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         /* Clusters with no member left in the view sort last. */
         if (seg->adj_always.n || (si + 1 == nseg && seg->adj_last.n))
             for (uint32_t c = 0; c < seg->n_clusters; c++)
-                if (kvs_segment_cluster_view(seg, c, si + 1 == nseg, NULL) ==
-                    0)
+                if (kvs_segment_cluster_view(seg, c, si + 1 == nseg, NULL) == 0)
                     rk[c] = -INFINITY;
         /* Centroid codes, offsets, counts, spreads; four ranges. */
         bytes += (uint64_t)seg->n_clusters * (d + 12) + 16 * (uint64_t)d;
@@ -1261,7 +1257,8 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
             if (kvs_head_is_steady(v, pos))
                 continue;
             coded++;
-            topk_push(&cand, s->est[j], (int64_t)((uint64_t)si << 32 | (a + j)));
+            topk_push(&cand, s->est[j],
+                      (int64_t)((uint64_t)si << 32 | (a + j)));
         }
     }
 
@@ -1271,8 +1268,8 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         const kvs_segment_t *seg = v->segments[id >> 32];
         uint32_t slot = (uint32_t)id;
         float sc;
-        kvs_dot_rows(v->dtype, q, 1, (const char *)seg->keys + slot * rb, 1,
-                     d, 1.0f, &sc, 1);
+        kvs_dot_rows(v->dtype, q, 1, (const char *)seg->keys + slot * rb, 1, d,
+                     1.0f, &sc, 1);
         topk_push(ctx->h, sc, (int64_t)(seg->first_pos + seg->positions[slot]));
     }
     ctx->scanned += cand.n;
@@ -1285,8 +1282,8 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
     return 0;
 }
 
-int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
-                          uint32_t g, uint32_t k, const kvs_zone_params_t *zp,
+int kvs_head_search_group(const kvs_head_view_t *v, const float *q, uint32_t g,
+                          uint32_t k, const kvs_zone_params_t *zp,
                           kvs_scratch_t *s, int64_t *positions, float *scores,
                           kvs_zone_stats_t *stats) {
     return kvs_head_search_group_ranked(v, q, g, k, zp, NULL, s, positions,
@@ -1296,9 +1293,9 @@ int kvs_head_search_group(const kvs_head_view_t *v, const float *q,
 int kvs_head_search_group_ranked(const kvs_head_view_t *v, const float *q,
                                  uint32_t g, uint32_t k,
                                  const kvs_zone_params_t *zp,
-                                 const kvs_rank_params_t *rpp,
-                                 kvs_scratch_t *s, int64_t *positions,
-                                 float *scores, kvs_zone_stats_t *stats) {
+                                 const kvs_rank_params_t *rpp, kvs_scratch_t *s,
+                                 int64_t *positions, float *scores,
+                                 kvs_zone_stats_t *stats) {
     if (!v || !q || !zp || !s || !positions || !scores || k == 0 || g == 0 ||
         g > MAXQ)
         return KVS_EINVAL;
@@ -1400,8 +1397,8 @@ int kvs_head_search_group_ranked(const kvs_head_view_t *v, const float *q,
             uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
             if (GROW(s, scores, scores_cap, n))
                 return KVS_ENOMEM;
-            search_rows(&ctx, (const char *)seg->keys + a * rb, NULL, n, seg,
-                        a, 0);
+            search_rows(&ctx, (const char *)seg->keys + a * rb, NULL, n, seg, a,
+                        0);
         }
         st.clusters_total += C;
         /* Every centroid with its offset and count. */

@@ -18,8 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
-
 /* Explicit byte order, so the header is the same on any host. */
 static void put_le16(uint8_t *p, uint16_t v) {
     p[0] = (uint8_t)v;
@@ -202,8 +200,8 @@ int kvs_frame_reader_next(kvs_frame_reader_t *r, kvs_frame_header_t *h,
     size_t have = r->len - r->off;
     if (have < KVS_FRAME_HEADER_SIZE)
         return 0;
-    int rc = kvs_frame_header_decode(r->buf + r->off, have, r->max_body, h,
-                                     err, errlen);
+    int rc = kvs_frame_header_decode(r->buf + r->off, have, r->max_body, h, err,
+                                     errlen);
     if (rc)
         return rc;
     if (have - KVS_FRAME_HEADER_SIZE < h->body_len)
@@ -353,8 +351,8 @@ static int check_request(const Kvs__V1__Request *req,
             return rc;
         if (lim && lim->max_head_dim && g->head_dim > lim->max_head_dim)
             return kvs__errf(err, errlen, KVS_ETOOBIG,
-                             "head_dim %u exceeds max_head_dim %u",
-                             g->head_dim, lim->max_head_dim);
+                             "head_dim %u exceeds max_head_dim %u", g->head_dim,
+                             lim->max_head_dim);
         return 0;
     }
     case KVS__V1__REQUEST__OP_APPEND: {
@@ -362,8 +360,7 @@ static int check_request(const Kvs__V1__Request *req,
         if (!a)
             break;
         if (a->n_tokens == 0)
-            return kvs__errf(err, errlen, KVS_EINVAL,
-                             "append of zero tokens");
+            return kvs__errf(err, errlen, KVS_EINVAL, "append of zero tokens");
         if (lim && lim->max_tokens_per_append &&
             a->n_tokens > lim->max_tokens_per_append)
             return kvs__errf(err, errlen, KVS_ETOOBIG,
@@ -425,8 +422,7 @@ static int check_request(const Kvs__V1__Request *req,
 
 int kvs_frame_decode_request(const uint8_t *body, size_t len,
                              const kvs_frame_limits_t *limits,
-                             Kvs__V1__Request **out, char *err,
-                             size_t errlen) {
+                             Kvs__V1__Request **out, char *err, size_t errlen) {
     *out = kvs__v1__request__unpack(NULL, len, body);
     if (!*out)
         return kvs__errf(err, errlen, KVS_EPROTO,

@@ -12,7 +12,7 @@ packages=(
     libuv1-dev
     libprotobuf-c-dev protobuf-c-compiler
     libcmocka-dev
-    clang libclang-rt-14-dev
+    clang libclang-rt-14-dev clang-format
     gnuplot-nox redis-server redis-tools
     python3-dev python3-setuptools python3-pip python3-venv
     python3-numpy python3-pytest

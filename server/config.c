@@ -32,14 +32,17 @@ typedef struct opt_s {
 
 static const opt_t opts[] = {
 #define KVS__OPT_ROW(name, type, def, min, max, help)                          \
-    {#name, OPT_##type, def, (uint64_t)(min), (uint64_t)(max), help,          \
+    {#name,                                                                    \
+     OPT_##type,                                                               \
+     def,                                                                      \
+     (uint64_t)(min),                                                          \
+     (uint64_t)(max),                                                          \
+     help,                                                                     \
      offsetof(kvs_server_config_t, name)},
     KVS_SERVER_OPTIONS(KVS__OPT_ROW)
 #undef KVS__OPT_ROW
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
-
-
 
 /* `-` and `_` are equivalent so that flags (--max-frame-bytes) and file keys
  * (max_frame_bytes) name the same option. */
@@ -125,7 +128,7 @@ static int set_opt(kvs_server_config_t *cfg, const opt_t *o, const char *value,
         bool b;
         if (parse_bool(value, &b))
             return kvs__errf(err, errlen, KVS_EINVAL,
-                        "%s: expected yes/no, got \"%s\"", o->name, value);
+                             "%s: expected yes/no, got \"%s\"", o->name, value);
         *(bool *)(void *)field = b;
         return 0;
     }
@@ -133,15 +136,15 @@ static int set_opt(kvs_server_config_t *cfg, const opt_t *o, const char *value,
     case OPT_SIZE: {
         uint64_t v;
         if (parse_u64(value, o->type == OPT_SIZE, &v))
-            return kvs__errf(err, errlen, KVS_EINVAL,
-                        "%s: expected a non-negative number%s, got \"%s\"",
-                        o->name, o->type == OPT_SIZE ? " (K/M/G suffixes)" : "",
-                        value);
+            return kvs__errf(
+                err, errlen, KVS_EINVAL,
+                "%s: expected a non-negative number%s, got \"%s\"", o->name,
+                o->type == OPT_SIZE ? " (K/M/G suffixes)" : "", value);
         if (v < o->min || v > o->max)
             return kvs__errf(err, errlen, KVS_EINVAL,
-                        "%s: %llu is outside [%llu, %llu]", o->name,
-                        (unsigned long long)v, (unsigned long long)o->min,
-                        (unsigned long long)o->max);
+                             "%s: %llu is outside [%llu, %llu]", o->name,
+                             (unsigned long long)v, (unsigned long long)o->min,
+                             (unsigned long long)o->max);
         if (o->type == OPT_U32)
             *(uint32_t *)(void *)field = (uint32_t)v;
         else
@@ -193,8 +196,8 @@ int kvs_server_config_load_file(kvs_server_config_t *cfg, const char *path,
         lineno++;
         size_t n = strlen(line);
         if (n == sizeof(line) - 1 && line[n - 1] != '\n') {
-            rc = kvs__errf(err, errlen, KVS_EINVAL, "%s:%d: line too long", path,
-                      lineno);
+            rc = kvs__errf(err, errlen, KVS_EINVAL, "%s:%d: line too long",
+                           path, lineno);
             break;
         }
         while (n && isspace((unsigned char)line[n - 1]))
@@ -218,8 +221,9 @@ int kvs_server_config_load_file(kvs_server_config_t *cfg, const char *path,
         }
         const opt_t *o = find_opt(key, keylen);
         if (!o) {
-            rc = kvs__errf(err, errlen, KVS_EINVAL, "%s:%d: unknown option \"%.*s\"",
-                      path, lineno, (int)keylen, key);
+            rc = kvs__errf(err, errlen, KVS_EINVAL,
+                           "%s:%d: unknown option \"%.*s\"", path, lineno,
+                           (int)keylen, key);
             break;
         }
         char why[256];
@@ -253,7 +257,7 @@ int kvs_server_config_load_env(kvs_server_config_t *cfg, char *const *envp,
         int rc = set_opt(cfg, o, eq + 1, why, sizeof(why));
         if (rc)
             return kvs__errf(err, errlen, rc, "environment %.*s: %s",
-                        (int)(eq - e), e, why);
+                             (int)(eq - e), e, why);
     }
     return 0;
 }
@@ -262,13 +266,13 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
                                size_t errlen) {
     if (!cfg->bind[0] && !cfg->unix_socket[0])
         return kvs__errf(err, errlen, KVS_EINVAL,
-                    "nothing to listen on: bind and unix_socket are both "
-                    "empty");
+                         "nothing to listen on: bind and unix_socket are both "
+                         "empty");
     if (cfg->auth_token_file[0]) {
         FILE *f = fopen(cfg->auth_token_file, "r");
         if (!f)
             return kvs__errf(err, errlen, -errno, "auth_token_file %s: %s",
-                        cfg->auth_token_file, strerror(errno));
+                             cfg->auth_token_file, strerror(errno));
         char buf[1024] = "";
         char *got = fgets(buf, sizeof(buf), f);
         fclose(f);
@@ -276,8 +280,9 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
             buf[--n] = 0;
         if (!n)
-            return kvs__errf(err, errlen, KVS_EINVAL, "auth_token_file %s is empty",
-                        cfg->auth_token_file);
+            return kvs__errf(err, errlen, KVS_EINVAL,
+                             "auth_token_file %s is empty",
+                             cfg->auth_token_file);
         char *dup = strdup(buf);
         if (!dup)
             return KVS_ENOMEM;
@@ -286,24 +291,25 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
     }
     if (strlen(cfg->auth_token) > 512)
         return kvs__errf(err, errlen, KVS_EINVAL,
-                    "auth_token is longer than 512 bytes");
+                         "auth_token is longer than 512 bytes");
     if (strcmp(cfg->sync, "batch") && strcmp(cfg->sync, "always") &&
         strcmp(cfg->sync, "none") && strcmp(cfg->sync, "async"))
-        return kvs__errf(err, errlen, KVS_EINVAL,
-                    "sync must be batch, always, none or async, not \"%s\"",
-                    cfg->sync);
+        return kvs__errf(
+            err, errlen, KVS_EINVAL,
+            "sync must be batch, always, none or async, not \"%s\"", cfg->sync);
     if (strcmp(cfg->cuda_kv, "auto") && strcmp(cfg->cuda_kv, "host"))
         return kvs__errf(err, errlen, KVS_EINVAL,
-                    "cuda_kv must be auto or host, not \"%s\"", cfg->cuda_kv);
+                         "cuda_kv must be auto or host, not \"%s\"",
+                         cfg->cuda_kv);
     const char *lv = cfg->log_level;
     if (strcmp(lv, "debug") && strcmp(lv, "info") && strcmp(lv, "warn") &&
         strcmp(lv, "error"))
-        return kvs__errf(err, errlen, KVS_EINVAL,
-                    "log_level must be debug, info, warn or error, not \"%s\"",
-                    lv);
+        return kvs__errf(
+            err, errlen, KVS_EINVAL,
+            "log_level must be debug, info, warn or error, not \"%s\"", lv);
     if (cfg->unix_socket[0] && strlen(cfg->unix_socket) >= 100)
         return kvs__errf(err, errlen, KVS_EINVAL,
-                    "unix_socket path is longer than 99 bytes");
+                         "unix_socket path is longer than 99 bytes");
     /* Octal only, as chmod(1) takes it: read as decimal, "660" would be
      * another mode altogether. */
     const char *m = cfg->unix_socket_mode;
@@ -311,21 +317,20 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
     if (ml < 1 || ml > 4 || strspn(m, "01234567") != ml ||
         strtoul(m, NULL, 8) > 0777)
         return kvs__errf(err, errlen, KVS_EINVAL,
-                    "unix_socket_mode must be octal permissions such as "
-                    "0660, not \"%s\"",
-                    m);
+                         "unix_socket_mode must be octal permissions such as "
+                         "0660, not \"%s\"",
+                         m);
     return 0;
 }
 
 void kvs_server_config_usage(FILE *out) {
-    fprintf(out,
-            "usage: kvstored [--config FILE] [--KEY VALUE]... "
-            "[--check-config] [--help] [--version]\n\n"
-            "Serves a kvstore KV-cache store over TCP and Unix sockets.\n"
-            "Each option may be set in the config file (`key value`), as\n"
-            "KVSTORED_KEY in the environment, or as --key VALUE (later "
-            "layers win).\n\n"
-            "options (default in brackets):\n");
+    fprintf(out, "usage: kvstored [--config FILE] [--KEY VALUE]... "
+                 "[--check-config] [--help] [--version]\n\n"
+                 "Serves a kvstore KV-cache store over TCP and Unix sockets.\n"
+                 "Each option may be set in the config file (`key value`), as\n"
+                 "KVSTORED_KEY in the environment, or as --key VALUE (later "
+                 "layers win).\n\n"
+                 "options (default in brackets):\n");
     for (size_t i = 0; i < N_OPTS; i++) {
         char flag[64];
         snprintf(flag, sizeof(flag), "--%s", opts[i].name);
@@ -368,9 +373,8 @@ void kvs_server_config_dump(const kvs_server_config_t *cfg, FILE *out) {
     }
 }
 
-int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
-                                char **argv, int *action, char *err,
-                                size_t errlen) {
+int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc, char **argv,
+                                int *action, char *err, size_t errlen) {
     *action = 0;
     /* The file layer goes first, so find --config before applying flags. */
     const char *file = NULL;
@@ -378,7 +382,7 @@ int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
         if (!strcmp(argv[i], "--config") || !strcmp(argv[i], "-c")) {
             if (i + 1 >= argc)
                 return kvs__errf(err, errlen, KVS_EINVAL, "%s needs a file",
-                            argv[i]);
+                                 argv[i]);
             file = argv[++i];
         } else if (!strncmp(argv[i], "--config=", 9)) {
             file = argv[i] + 9;
@@ -413,15 +417,15 @@ int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
         }
         if (strncmp(a, "--", 2))
             return kvs__errf(err, errlen, KVS_EINVAL,
-                        "unexpected argument \"%s\" (try --help)", a);
+                             "unexpected argument \"%s\" (try --help)", a);
         const char *key = a + 2;
         const char *eq = strchr(key, '=');
         size_t keylen = eq ? (size_t)(eq - key) : strlen(key);
         const opt_t *o = find_opt(key, keylen);
         if (!o)
             return kvs__errf(err, errlen, KVS_EINVAL,
-                        "unknown option --%.*s (try --help)", (int)keylen,
-                        key);
+                             "unknown option --%.*s (try --help)", (int)keylen,
+                             key);
         const char *val;
         if (eq) {
             val = eq + 1;
@@ -431,7 +435,7 @@ int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
         } else {
             if (i + 1 >= argc)
                 return kvs__errf(err, errlen, KVS_EINVAL, "--%s needs a value",
-                            o->name);
+                                 o->name);
             val = argv[++i];
         }
         if ((rc = set_opt(cfg, o, val, err, errlen)))

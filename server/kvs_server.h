@@ -39,33 +39,33 @@ extern "C" {
       "TCP port; 0 picks a free one (shared by all bind addresses)")           \
     X(unix_socket, STR, "", 0, 0, "Unix socket path; empty disables it")       \
     X(unix_socket_mode, STR, "0660", 0, 0,                                     \
-      "permissions of the Unix socket (octal); a stale socket is replaced, "  \
-      "any other file at the path is an error")                               \
+      "permissions of the Unix socket (octal); a stale socket is replaced, "   \
+      "any other file at the path is an error")                                \
     X(http_bind, STR, "127.0.0.1", 0, 0,                                       \
       "address of the /metrics and /healthz HTTP endpoint; empty disables "    \
       "it")                                                                    \
     X(http_port, U32, "7701", 0, 65535, "HTTP port; 0 picks a free one")       \
     X(http_max_connections, U32, "64", 1, 100000,                              \
-      "open HTTP connections; more are answered 503 and closed")              \
+      "open HTTP connections; more are answered 503 and closed")               \
     X(http_timeout_ms, U32, "10000", 0, UINT32_MAX,                            \
-      "close an HTTP connection this long after it was accepted, answered "   \
-      "or not; 0 = never")                                                    \
+      "close an HTTP connection this long after it was accepted, answered "    \
+      "or not; 0 = never")                                                     \
     X(port_file, STR, "", 0, 0,                                                \
       "once listening, write `port N`, `http_port N` lines to this file")      \
     X(data_dir, STR, "./data", 0, 0,                                           \
-      "engine data directory (created 0700); empty keeps everything in "     \
-      "memory")                                                               \
-    X(sync, STR, "batch", 0, 0,                                               \
-      "when appends are acknowledged: batch (group fsync), always (fsync "   \
-      "each), none (WAL write only) or async (queued in memory, written "     \
-      "behind in order; Flush / kvctl flush is the barrier)")                 \
+      "engine data directory (created 0700); empty keeps everything in "       \
+      "memory")                                                                \
+    X(sync, STR, "batch", 0, 0,                                                \
+      "when appends are acknowledged: batch (group fsync), always (fsync "     \
+      "each), none (WAL write only) or async (queued in memory, written "      \
+      "behind in order; Flush / kvctl flush is the barrier)")                  \
     X(sync_interval_ms, U32, "2", 0, 10000,                                    \
       "sync batch: least time between two WAL fsyncs (group commit)")          \
     X(max_unpersisted_bytes, SIZE, "256M", 1, UINT64_MAX,                      \
       "sync async: most bytes queued for the disk; appends wait beyond it")    \
     X(memory_bytes, SIZE, "0", 0, UINT64_MAX,                                  \
-      "RAM for K/V and index; least recently used sequences are evicted to "  \
-      "the data directory and paged back in on use; 0 = unlimited")           \
+      "RAM for K/V and index; least recently used sequences are evicted to "   \
+      "the data directory and paged back in on use; 0 = unlimited")            \
     X(workers, U32, "4", 1, 1024,                                              \
       "worker threads running engine calls, shared round robin by the "        \
       "connections")                                                           \
@@ -73,42 +73,42 @@ extern "C" {
       "engine search/attend threads; 0 = online CPUs")                         \
     X(build_threads, U32, "2", 0, 4096, "engine index build threads")          \
     X(blas_threads, U32, "1", 0, 4096,                                         \
-      "OpenBLAS threads for index builds (process-wide); 0 = leave as is")    \
+      "OpenBLAS threads for index builds (process-wide); 0 = leave as is")     \
     X(gpu, BOOL, "no", 0, 1,                                                   \
       "serve wave attends on the CUDA device cuda-device when the build has "  \
-      "CUDA and the device is usable (else the CPU serves; logged)")          \
+      "CUDA and the device is usable (else the CPU serves; logged)")           \
     X(cuda_device, U32, "0", 0, 1024, "CUDA device ordinal for --gpu")         \
     X(deterministic, BOOL, "no", 0, 1,                                         \
-      "searches and attends wait for their layer's queued index builds, so "  \
-      "answers do not depend on build timing")                                \
+      "searches and attends wait for their layer's queued index builds, so "   \
+      "answers do not depend on build timing")                                 \
     X(cuda_cache_percent, U32, "10", 1, 100,                                   \
-      "GPU cache of cluster pages, percent of each head's clusters")          \
+      "GPU cache of cluster pages, percent of each head's clusters")           \
     X(cuda_memory_bytes, SIZE, "0", 0, UINT64_MAX,                             \
-      "GPU memory for all layers' wave buffers; 0 = no limit")                \
+      "GPU memory for all layers' wave buffers; 0 = no limit")                 \
     X(cuda_build, BOOL, "yes", 0, 1,                                           \
-      "with --gpu: cluster index segments on the GPU (else on the CPU)")      \
+      "with --gpu: cluster index segments on the GPU (else on the CPU)")       \
     X(cuda_kv, STR, "auto", 0, 0,                                              \
-      "where GPU-served layers keep K/V: auto (GPU memory while half of it "  \
-      "suffices, else pinned host + GPU cache) or host (always pinned host)") \
+      "where GPU-served layers keep K/V: auto (GPU memory while half of it "   \
+      "suffices, else pinned host + GPU cache) or host (always pinned host)")  \
     X(segment_tokens, U32, "0", 0, 1u << 24,                                   \
-      "engine keys per index segment; 0 = engine default")                    \
+      "engine keys per index segment; 0 = engine default")                     \
     X(cluster_tokens, U32, "0", 0, 1u << 16,                                   \
-      "engine mean keys per cluster; 0 = engine default")                     \
+      "engine mean keys per cluster; 0 = engine default")                      \
     X(profile, STR, "", 0, 0,                                                  \
-      "tuning profile from kvtune (docs/kvtune.md) applied to the engine "    \
-      "options; segment_tokens and cluster_tokens, when non-zero, win")       \
+      "tuning profile from kvtune (docs/kvtune.md) applied to the engine "     \
+      "options; segment_tokens and cluster_tokens, when non-zero, win")        \
     X(max_frame_bytes, SIZE, "64M", 1024, 1u << 30,                            \
       "largest frame body accepted or sent")                                   \
     X(max_head_dim, U32, "256", 1, 1024, "largest head_dim of a sequence")     \
     X(max_tokens_per_append, U32, "65536", 1, 1u << 24,                        \
       "most tokens in one Append")                                             \
     X(max_connections, U32, "10000", 1, 1000000,                               \
-      "open client connections; more are refused with KVS_EBUSY")             \
+      "open client connections; more are refused with KVS_EBUSY")              \
     X(max_inflight, U32, "64", 1, 65536,                                       \
-      "requests in flight per connection before it stops being read")         \
+      "requests in flight per connection before it stops being read")          \
     X(max_sequences, U32, "100000", 0, UINT32_MAX,                             \
-      "most sequences the store holds (each costs bookkeeping RAM even "     \
-      "when empty); 0 = no limit but memory_bytes")                           \
+      "most sequences the store holds (each costs bookkeeping RAM even "       \
+      "when empty); 0 = no limit but memory_bytes")                            \
     X(max_output_bytes, SIZE, "4M", 4096, 1u << 30,                            \
       "answer bytes queued for one connection before it stops being read "     \
       "(a client that does not read its answers)")                             \
@@ -125,17 +125,17 @@ extern "C" {
     X(shutdown_timeout_ms, U32, "30000", 0, UINT32_MAX,                        \
       "on SIGTERM, wait this long for in-flight requests")                     \
     X(auth_token, STR, "", 0, 0,                                               \
-      "shared secret every connection must send in Hello; empty = no auth. "  \
-      "On the command line it shows in ps: prefer auth_token_file or "        \
-      "KVSTORED_AUTH_TOKEN")                                                  \
+      "shared secret every connection must send in Hello; empty = no auth. "   \
+      "On the command line it shows in ps: prefer auth_token_file or "         \
+      "KVSTORED_AUTH_TOKEN")                                                   \
     X(auth_token_file, STR, "", 0, 0,                                          \
-      "read auth_token from this file (first line; warned if group or "       \
-      "world can read it)")                                                   \
+      "read auth_token from this file (first line; warned if group or "        \
+      "world can read it)")                                                    \
     X(node_id, STR, "", 0, 0, "name reported in Hello/Stats; empty = host")    \
     X(log_level, STR, "info", 0, 0, "debug, info, warn or error")              \
     X(log_file, STR, "", 0, 0,                                                 \
-      "append log lines to this file (created 0600) instead of stderr; "      \
-      "reopened on SIGHUP (log rotation)")                                    \
+      "append log lines to this file (created 0600) instead of stderr; "       \
+      "reopened on SIGHUP (log rotation)")                                     \
     X(tcp_nodelay, BOOL, "yes", 0, 1, "disable Nagle on client sockets")
 
 #define KVS__OPT_CTYPE_STR char *
@@ -187,9 +187,8 @@ void kvs_server_config_dump(const kvs_server_config_t *cfg, FILE *out);
  * reported in *action: 0 run, 1 --help, 2 --check-config, 3 --version.
  * Errors: KVS_EINVAL with a reason.
  */
-int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc,
-                                char **argv, int *action, char *err,
-                                size_t errlen);
+int kvs_server_config_from_args(kvs_server_config_t *cfg, int argc, char **argv,
+                                int *action, char *err, size_t errlen);
 
 /* ---------------------------------------------------------------- server */
 

@@ -98,8 +98,7 @@ static int wire_fail(op_ctx_t *c, int rc, const char *what) {
 
 static int op_create(op_ctx_t *c, const Kvs__V1__CreateSequenceRequest *r) {
     kvs_geometry_t g;
-    int rc = kvs_wire_geometry_from_pb(r->geometry, &g, c->msg,
-                                       sizeof(c->msg));
+    int rc = kvs_wire_geometry_from_pb(r->geometry, &g, c->msg, sizeof(c->msg));
     if (rc)
         return wire_fail(c, rc, "create");
     pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
@@ -169,23 +168,22 @@ static int op_search(op_ctx_t *c, const Kvs__V1__SearchRequest *r,
     if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
         goto out;
     kvs_query_params_t p;
-    if ((rc = kvs_wire_params_from_pb(r->params, &p, c->msg,
-                                      sizeof(c->msg)))) {
+    if ((rc = kvs_wire_params_from_pb(r->params, &p, c->msg, sizeof(c->msg)))) {
         rc = wire_fail(c, rc, "search");
         goto out;
     }
     /* Bound k before allocating outputs sized by it: the reply (a position
      * and a score per head and rank) must fit one frame, or a huge k on a
      * long layer would allocate gigabytes only to be refused at encoding. */
-    uint64_t reply = (uint64_t)r->k * g->n_q_heads *
-                     (sizeof(int64_t) + sizeof(float));
+    uint64_t reply =
+        (uint64_t)r->k * g->n_q_heads * (sizeof(int64_t) + sizeof(float));
     if (reply > w_max_frame(c)) {
-        rc = fail(c, KVS_ETOOBIG,
-                  "search reply of k %u x %u heads x %zu bytes = %llu bytes "
-                  "exceeds max_frame_bytes %llu",
-                  r->k, g->n_q_heads, sizeof(int64_t) + sizeof(float),
-                  (unsigned long long)reply,
-                  (unsigned long long)w_max_frame(c));
+        rc =
+            fail(c, KVS_ETOOBIG,
+                 "search reply of k %u x %u heads x %zu bytes = %llu bytes "
+                 "exceeds max_frame_bytes %llu",
+                 r->k, g->n_q_heads, sizeof(int64_t) + sizeof(float),
+                 (unsigned long long)reply, (unsigned long long)w_max_frame(c));
         goto out;
     }
     if (r->k > tokens) {
@@ -236,8 +234,7 @@ static int op_attend(op_ctx_t *c, const Kvs__V1__AttendRequest *r,
     if ((rc = queries_f32(c, &r->queries, r->query_dtype, g, &q, &owned)))
         goto out;
     kvs_query_params_t p;
-    if ((rc = kvs_wire_params_from_pb(r->params, &p, c->msg,
-                                      sizeof(c->msg)))) {
+    if ((rc = kvs_wire_params_from_pb(r->params, &p, c->msg, sizeof(c->msg)))) {
         rc = wire_fail(c, rc, "attend");
         goto out;
     }
@@ -446,8 +443,8 @@ void kvs__op_run(kvs__work_t *w) {
     }
     resp.request_id = w->request_id;
     w->status = rc;
-    int erc = kvs_frame_encode(w->request_id, KVS_FRAME_F_RESPONSE,
-                               &resp.base, (uint32_t)w->srv->cfg->max_frame_bytes,
+    int erc = kvs_frame_encode(w->request_id, KVS_FRAME_F_RESPONSE, &resp.base,
+                               (uint32_t)w->srv->cfg->max_frame_bytes,
                                &w->frame, &w->frame_len);
     if (erc) {
         char m[160];

@@ -255,7 +255,8 @@ static void conn_flush(kvs__conn_t *c) {
     /* Hand the whole buffer to the write; start a fresh one for later. */
     wr->buf = c->out;
     wr->req.data = c;
-    uv_buf_t b = uv_buf_init((char *)c->out + off, (unsigned)(c->out_len - off));
+    uv_buf_t b =
+        uv_buf_init((char *)c->out + off, (unsigned)(c->out_len - off));
     c->out = NULL;
     c->out_len = c->out_cap = 0;
     int rc = uv_write(&wr->req, &c->h.stream, &b, 1, on_write);
@@ -927,8 +928,8 @@ static bool conn_admit(kvs__conn_t *c) {
     kvs_frame_header_t h;
     bool ok = true;
     if (c->admit || !cap || have < KVS_FRAME_HEADER_SIZE ||
-        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body,
-                                &h, NULL, 0))
+        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body, &h,
+                                NULL, 0))
         goto out; /* nothing to admit; a bad header is reported by next() */
     uint64_t total = KVS_FRAME_HEADER_SIZE + (uint64_t)h.body_len;
     bool large = total > ADMIT_MIN;
@@ -966,9 +967,9 @@ static void work_done(kvs__work_t *w) {
     double secs = (double)(uv_hrtime() - w->t0) / 1e9;
     kvs__metrics_observe(&srv->m, w->op, w->status, secs);
     if (w->status && w->status != KVS_ENOSEQ)
-        kvs__log(KVS__LOG_DEBUG, "request_error",
-                 "conn=%llu op=%s status=%s", (unsigned long long)c->id,
-                 kvs_frame_op_name(w->op), kvs_err_name(w->status));
+        kvs__log(KVS__LOG_DEBUG, "request_error", "conn=%llu op=%s status=%s",
+                 (unsigned long long)c->id, kvs_frame_op_name(w->op),
+                 kvs_err_name(w->status));
     c->inflight--;
     srv->inflight--;
     if (--srv->running == 0)
@@ -1202,8 +1203,8 @@ static void on_connection(uv_stream_t *listener, int status) {
     }
     bool is_tcp = listener->type == UV_TCP;
     kvs__conn_t *c = calloc(1, sizeof(*c));
-    if (!c || kvs_frame_reader_init(&c->rd,
-                                    (uint32_t)srv->cfg->max_frame_bytes)) {
+    if (!c ||
+        kvs_frame_reader_init(&c->rd, (uint32_t)srv->cfg->max_frame_bytes)) {
         free(c);
         kvs__log(KVS__LOG_ERROR, "oom", "what=connection");
         return;
@@ -1236,10 +1237,10 @@ static void on_connection(uv_stream_t *listener, int status) {
         c->refused = true;
         srv->m.connections_refused++;
         char m[128];
-        snprintf(m, sizeof(m), srv->draining
-                                   ? "server is shutting down"
-                                   : "too many connections (max_connections "
-                                     "%u)",
+        snprintf(m, sizeof(m),
+                 srv->draining ? "server is shutting down"
+                               : "too many connections (max_connections "
+                                 "%u)",
                  srv->cfg->max_connections);
         kvs__log(KVS__LOG_WARN, "conn_refused", "peer=%s reason=%s", c->peer,
                  srv->draining ? "draining" : "max_connections");
@@ -1278,9 +1279,9 @@ static int listen_tcp(kvs_server_t *srv, const char *host, int port,
         return rc;
     int len = sizeof(ss);
     uv_tcp_getsockname(t, (struct sockaddr *)&ss, &len);
-    *bound = ntohs(ss.ss_family == AF_INET6
-                       ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                       : ((struct sockaddr_in *)&ss)->sin_port);
+    *bound =
+        ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                       : ((struct sockaddr_in *)&ss)->sin_port);
     kvs__log(KVS__LOG_INFO, "listen", "proto=tcp addr=%s port=%d", host,
              *bound);
     return 0;
@@ -1329,10 +1330,11 @@ static int unix_path_clear(const char *path) {
         kvs__log(KVS__LOG_ERROR, "unix_socket_path_taken",
                  "path=%s type=%s (not a socket: refusing to remove it; "
                  "choose another --unix-socket)",
-                 path, S_ISDIR(st.st_mode)   ? "directory"
-                       : S_ISLNK(st.st_mode) ? "symlink"
-                       : S_ISREG(st.st_mode) ? "file"
-                                             : "other");
+                 path,
+                 S_ISDIR(st.st_mode)   ? "directory"
+                 : S_ISLNK(st.st_mode) ? "symlink"
+                 : S_ISREG(st.st_mode) ? "file"
+                                       : "other");
         return -EEXIST;
     }
     int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -1382,8 +1384,7 @@ static int listen_unix(kvs_server_t *srv) {
         srv->unix_ino = (uint64_t)st.st_ino;
     }
     if (!rc)
-        rc = uv_listen((uv_stream_t *)&srv->unix_listener, 1024,
-                       on_connection);
+        rc = uv_listen((uv_stream_t *)&srv->unix_listener, 1024, on_connection);
     if (rc) {
         kvs__log(KVS__LOG_ERROR, "listen_failed", "proto=unix path=%s err=%s",
                  path, uv_err_name(rc));
@@ -1615,8 +1616,7 @@ static void sd_notify_send(const char *msg) {
     socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
     if (sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa,
                len) < 0)
-        kvs__log(KVS__LOG_WARN, "sd_notify_failed", "err=%s",
-                 strerror(errno));
+        kvs__log(KVS__LOG_WARN, "sd_notify_failed", "err=%s", strerror(errno));
     close(fd);
 }
 
@@ -1667,7 +1667,8 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
                      kvs_err_name(rc), kvs__logq(q, sizeof(q), perr));
             goto err;
         }
-        kvs__log(KVS__LOG_INFO, "profile_loaded", "path=%s segment_tokens=%u "
+        kvs__log(KVS__LOG_INFO, "profile_loaded",
+                 "path=%s segment_tokens=%u "
                  "cluster_tokens=%u retrieval_fraction=%g",
                  cfg->profile, o.segment_tokens, o.cluster_tokens,
                  (double)o.defaults.retrieval_fraction);
@@ -1696,20 +1697,19 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
         o.cuda_cache_fraction = cfg->cuda_cache_percent / 100.0f;
         o.cuda_memory_bytes = cfg->cuda_memory_bytes;
         o.cuda_kv = strcmp(cfg->cuda_kv, "host") == 0 ? KVS_CUDA_KV_HOST
-                                                       : KVS_CUDA_KV_AUTO;
+                                                      : KVS_CUDA_KV_AUTO;
         o.cuda_build = cfg->cuda_build;
     }
     uint64_t t0 = uv_hrtime();
     rc = kvs_store_open(&o, &srv->store);
     if (rc) {
         char q[300];
-        kvs__log(KVS__LOG_ERROR, "store_open_failed",
-                 "data_dir=%s status=%s msg=%s",
-                 cfg->data_dir[0] ? cfg->data_dir : "(memory)",
-                 kvs_err_name(rc),
-                 kvs__logq(q, sizeof(q),
-                           kvs_store_open_error()[0] ? kvs_store_open_error()
-                                                     : kvs_strerror(rc)));
+        kvs__log(
+            KVS__LOG_ERROR, "store_open_failed", "data_dir=%s status=%s msg=%s",
+            cfg->data_dir[0] ? cfg->data_dir : "(memory)", kvs_err_name(rc),
+            kvs__logq(q, sizeof(q),
+                      kvs_store_open_error()[0] ? kvs_store_open_error()
+                                                : kvs_strerror(rc)));
         goto err;
     }
     kvs_store_stats_t st;
@@ -1723,8 +1723,7 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
              (double)(uv_hrtime() - t0) / 1e9);
     {
         char q[300];
-        kvs__log(cfg->gpu && st.gpu_device < 0 ? KVS__LOG_WARN
-                                               : KVS__LOG_INFO,
+        kvs__log(cfg->gpu && st.gpu_device < 0 ? KVS__LOG_WARN : KVS__LOG_INFO,
                  "attend_path", "gpu=%s path=%s", cfg->gpu ? "yes" : "no",
                  kvs__logq(q, sizeof(q), kvs_store_gpu_info(srv->store)));
     }

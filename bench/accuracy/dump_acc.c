@@ -71,11 +71,10 @@ static int dump_open(const char *path, dump_t *dp) {
     dp->dtype = h[9];
     dp->n_tokens_used = dp->n_tokens;
     size_t e = dp->dtype == 0 ? 4 : 2;
-    if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 ||
-        dp->dtype > 1 || !dp->n_layers || !dp->n_kv || !dp->d ||
-        dp->n_q % dp->n_kv ||
+    if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 || dp->dtype > 1 ||
+        !dp->n_layers || !dp->n_kv || !dp->d || dp->n_q % dp->n_kv ||
         dp->data_off + (uint64_t)dp->n_layers * (dp->n_q + 2 * dp->n_kv) *
-                               dp->n_tokens * dp->d * e !=
+                           dp->n_tokens * dp->d * e !=
             (uint64_t)st.st_size) {
         munmap(m, (size_t)st.st_size);
         return KVS_ECORRUPT;
@@ -262,7 +261,8 @@ int main(int argc, char **argv) {
                 rank == KVS_RANK_CENTROID ? "centroid"
                 : rank == KVS_RANK_CODES  ? "codes"
                                           : "default",
-                (double)wp.retrieval_fraction, (unsigned long long)steps, med, p95, err[n - 1], exf, stf);
+                (double)wp.retrieval_fraction, (unsigned long long)steps, med,
+                p95, err[n - 1], exf, stf);
         if (fclose(f))
             return 1;
     }

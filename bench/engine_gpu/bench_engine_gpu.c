@@ -13,8 +13,8 @@
  *   - first GPU attend: the mirror is built (wave buffer allocated, index
  *     and K/V copied in);
  *   - attend only, 50 queries: median call time of GPU wave (both
- *     placements), CPU wave and CPU full attention (fp32, KVS_MODE_FULL: the engine's speed
- *     baseline);
+ *     placements), CPU wave and CPU full attention (fp32, KVS_MODE_FULL: the
+ * engine's speed baseline);
  *   - decode: `steps` x (append one token to both, attend both): median
  *     and p90 of the attend call (the GPU's includes uploading the new
  *     tail row);
@@ -95,8 +95,10 @@ int main(int argc, char **argv) {
         } else if (!strcmp(argv[i], "--json") && i + 1 < argc) {
             json = argv[++i];
         } else {
-            fprintf(stderr, "usage: %s [--quick] [--ctx N,...] [--steps S] "
-                            "[--json FILE]\n", argv[0]);
+            fprintf(stderr,
+                    "usage: %s [--quick] [--ctx N,...] [--steps S] "
+                    "[--json FILE]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -257,9 +259,9 @@ int main(int argc, char **argv) {
                  "\"rel_l2_gpu_built_p95\": %.5f, "
                  "\"pinned_vs_cpu_max_rel_l2\": %.3g, "
                  "\"cache_hit_rate_pinned\": %.4f}",
-                 ctx, kps_cpu, kps_gpu, first * 1e3, first_h * 1e3, g_ms,
-                 h_ms, c_ms, f_ms, c_ms / g_ms, f_ms / g_ms, dg, dg90, dh, dc,
-                 ec_med, ec_p95, eg_med, eg_p95, w_max, hit);
+                 ctx, kps_cpu, kps_gpu, first * 1e3, first_h * 1e3, g_ms, h_ms,
+                 c_ms, f_ms, c_ms / g_ms, f_ms / g_ms, dg, dg90, dh, dc, ec_med,
+                 ec_p95, eg_med, eg_p95, w_max, hit);
         if (ctx == 131072 || ci + 1 == n_ctx) {
             hd[0] = g_ms, hd[1] = h_ms, hd[2] = c_ms, hd[3] = f_ms;
             hd[4] = eg_med, hd[5] = kps_cpu, hd[6] = kps_gpu, hd[7] = ec_med;

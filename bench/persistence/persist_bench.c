@@ -40,7 +40,9 @@ static double now_s(void) {
 }
 
 static kvs_rng_t rng = {0x853c49e6748fea9bull};
-static float frand(void) { return (float)(kvs_rng_uniform(&rng) * 2 - 1); }
+static float frand(void) {
+    return (float)(kvs_rng_uniform(&rng) * 2 - 1);
+}
 
 static void rm_rf(const char *d) {
     char cmd[1024];
@@ -179,8 +181,8 @@ int main(int argc, char **argv) {
     for (int m = 0; m < N_MODES; m++)
         for (int c = 0; c < 2; c++) {
             uint32_t chunk = c == 0 ? 1 : 256;
-            mb[m][c] = append_rate(base, modes[m], chunk, 1, secs,
-                                   &aps[m][c], &mbf[m][c]);
+            mb[m][c] = append_rate(base, modes[m], chunk, 1, secs, &aps[m][c],
+                                   &mbf[m][c]);
             fprintf(stderr,
                     "  sync %-6s %3u token(s)/append: %8.1f MB/s "
                     "(%.0f appends/s; %.1f MB/s with the final flush)\n",

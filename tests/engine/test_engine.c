@@ -182,8 +182,7 @@ static void test_engine_errors(void **state) {
     assert_int_equal(layer_tokens, 2);
     assert_int_equal(kvs_seq_shape(s, 1, 1, &shape, &layer_tokens), 0);
     assert_int_equal(layer_tokens, 0);
-    assert_int_equal(kvs_seq_shape(s, 1, 2, &shape, &layer_tokens),
-                     KVS_ERANGE);
+    assert_int_equal(kvs_seq_shape(s, 1, 2, &shape, &layer_tokens), KVS_ERANGE);
     assert_int_equal(kvs_seq_shape(s, 1, 2, &shape, NULL), 0);
     assert_int_equal(kvs_seq_shape(s, 5, 0, &shape, NULL), KVS_ENOSEQ);
     assert_int_equal(kvs_seq_shape(s, 1, 0, NULL, NULL), KVS_EINVAL);

@@ -75,8 +75,11 @@ static void decode_compare(kvs_store_t *cpu, kvs_store_t *gpu, uint64_t id,
                            kvs_dtype_t dt, uint32_t qh, uint32_t kvh,
                            uint32_t layers, uint32_t prefill, uint32_t steps,
                            uint32_t attend_every, run_t *errs) {
-    kvs_geometry_t geo = {.n_layers = layers, .n_q_heads = qh,
-                          .n_kv_heads = kvh, .head_dim = D, .dtype = dt};
+    kvs_geometry_t geo = {.n_layers = layers,
+                          .n_q_heads = qh,
+                          .n_kv_heads = kvh,
+                          .head_dim = D,
+                          .dtype = dt};
     OK(kvs_seq_create(cpu, id, &geo));
     OK(kvs_seq_create(gpu, id, &geo));
     kv_synth_t g;
@@ -176,7 +179,8 @@ static void gpu_build_check(void) {
     OK(kvs_seq_create(gpu, 1, &geo));
     kv_synth_t g;
     OK(kv_synth_init(&g, kvh, 64, 4242) ? KVS_ENOMEM : 0);
-    void *k = malloc((size_t)n * kvh * D * 2), *v = malloc((size_t)n * kvh * D * 2);
+    void *k = malloc((size_t)n * kvh * D * 2),
+         *v = malloc((size_t)n * kvh * D * 2);
     kv_synth_rows(&g, KVS_DTYPE_BF16, n, k, v);
     OK(kvs_seq_append(cpu, 1, 0, n, k, v));
     OK(kvs_seq_append(gpu, 1, 0, n, k, v));
@@ -185,12 +189,11 @@ static void gpu_build_check(void) {
     kvs_seq_info_t ic, ig;
     OK(kvs_seq_info(cpu, 1, &ic));
     OK(kvs_seq_info(gpu, 1, &ig));
-    CHECK(ic.indexed_tokens == ig.indexed_tokens && ic.segments == ig.segments,
-          "GPU build: indexed %llu segments %llu, CPU %llu / %llu",
-          (unsigned long long)ig.indexed_tokens,
-          (unsigned long long)ig.segments,
-          (unsigned long long)ic.indexed_tokens,
-          (unsigned long long)ic.segments);
+    CHECK(
+        ic.indexed_tokens == ig.indexed_tokens && ic.segments == ig.segments,
+        "GPU build: indexed %llu segments %llu, CPU %llu / %llu",
+        (unsigned long long)ig.indexed_tokens, (unsigned long long)ig.segments,
+        (unsigned long long)ic.indexed_tokens, (unsigned long long)ic.segments);
     kvs_store_stats_t st;
     OK(kvs_store_stats(gpu, &st));
     CHECK(st.gpu_builds == 4ull * kvh && st.gpu_build_errors == 0,
@@ -258,8 +261,8 @@ static int run_all(int32_t cuda_kv) {
     /* GQA 2 fp16 (tinycode128's shape), GQA 1 and 8 */
     decode_compare(cpu, gpu, 2, KVS_DTYPE_F16, 4, 2, 1, 2048,
                    quick ? 100 : 1100, 20, &errs);
-    decode_compare(cpu, gpu, 3, KVS_DTYPE_BF16, 8, 8, 1, 1500,
-                   quick ? 60 : 600, 30, &errs);
+    decode_compare(cpu, gpu, 3, KVS_DTYPE_BF16, 8, 8, 1, 1500, quick ? 60 : 600,
+                   30, &errs);
     decode_compare(cpu, gpu, 4, KVS_DTYPE_F16, 16, 2, 1, 5000, 200, 50, &errs);
     /* a long one: the buffer grows several times */
     decode_compare(cpu, gpu, 5, KVS_DTYPE_BF16, 8, 2, 1, quick ? 3000 : 20000,
@@ -287,16 +290,15 @@ static int run_all(int32_t cuda_kv) {
            (unsigned long long)st.gpu_errors,
            (unsigned long long)st.gpu_cache_hits,
            (unsigned long long)st.gpu_cache_lookups, st.gpu_bus_bytes / 1e6,
-           st.gpu_upload_bytes / 1e6, st.gpu_bytes / 1e6,
-           st.gpu_kv_bytes / 1e6, st.gpu_pinned_bytes / 1e6);
+           st.gpu_upload_bytes / 1e6, st.gpu_bytes / 1e6, st.gpu_kv_bytes / 1e6,
+           st.gpu_pinned_bytes / 1e6);
     CHECK(st.gpu_device == 0, "gpu_device %d", st.gpu_device);
     CHECK(st.gpu_attends == errs.n, "gpu attends %llu of %zu",
           (unsigned long long)st.gpu_attends, errs.n);
     CHECK(st.gpu_errors == 0, "gpu errors %llu",
           (unsigned long long)st.gpu_errors);
     if (host) {
-        CHECK(st.gpu_cache_hits > 0 &&
-                  st.gpu_cache_hits < st.gpu_cache_lookups,
+        CHECK(st.gpu_cache_hits > 0 && st.gpu_cache_hits < st.gpu_cache_lookups,
               "cache hits %llu of %llu", (unsigned long long)st.gpu_cache_hits,
               (unsigned long long)st.gpu_cache_lookups);
         CHECK(st.gpu_kv_bytes == 0, "K/V on the GPU: %llu bytes",
@@ -333,7 +335,8 @@ static int run_all(int32_t cuda_kv) {
         OK(kvs_seq_create(cpu, 9, &geo));
         OK(kvs_seq_create(gpu, 9, &geo));
         const uint32_t n = 3000;
-        float *k = malloc((size_t)n * 2 * D * 4), *v = malloc((size_t)n * 2 * D * 4);
+        float *k = malloc((size_t)n * 2 * D * 4),
+              *v = malloc((size_t)n * 2 * D * 4);
         kv_synth_rows(&g, KVS_DTYPE_F32, n, k, v);
         OK(kvs_seq_append(cpu, 9, 0, n, k, v));
         OK(kvs_seq_append(gpu, 9, 0, n, k, v));
@@ -413,10 +416,10 @@ static void budget_check(void) {
           "%llu bytes %llu",
           (unsigned long long)st.gpu_attends,
           (unsigned long long)st.gpu_fallbacks, e.n,
-          (unsigned long long)st.gpu_errors,
-          (unsigned long long)st.gpu_bytes);
+          (unsigned long long)st.gpu_errors, (unsigned long long)st.gpu_bytes);
     printf("GPU budget 1 MiB: %zu calls served by the CPU, equal bit for "
-           "bit\n", e.n);
+           "bit\n",
+           e.n);
     free(e.err);
     kvs_store_close(cpu);
     kvs_store_close(gpu);

@@ -92,7 +92,9 @@ static int failures;
 /* ---------------- random numbers and half-precision conversions ------- */
 
 static kvs_rng_t rng;
-static uint32_t rnd(void) { return (uint32_t)(kvs_rng_next(&rng) >> 32); }
+static uint32_t rnd(void) {
+    return (uint32_t)(kvs_rng_next(&rng) >> 32);
+}
 static double urand(void) {
     return (rnd() + 0.5) / 2097152.0 / 2048.0;
 }

@@ -339,8 +339,8 @@ static void test_async_lag_bound(void **state) {
     pthread_join(th, NULL);
     print_message("lag bound 24576: max unpersisted seen %llu in %llu "
                   "samples, %llu bytes appended\n",
-                  (unsigned long long)w.max_seen,
-                  (unsigned long long)w.samples, (unsigned long long)total);
+                  (unsigned long long)w.max_seen, (unsigned long long)w.samples,
+                  (unsigned long long)total);
     assert_true(w.max_seen <= o.max_unpersisted_bytes);
     assert_true(total > 100 * o.max_unpersisted_bytes);
     assert_int_equal(kvs_store_close(s), 0);
@@ -360,8 +360,8 @@ static void test_async_lag_bound(void **state) {
     conc_t one[2] = {{s, 2, 0}, {s, 3, 0}};
     pthread_t ath[2];
     for (int i = 0; i < 2; i++)
-        assert_int_equal(
-            pthread_create(&ath[i], NULL, single_appends, &one[i]), 0);
+        assert_int_equal(pthread_create(&ath[i], NULL, single_appends, &one[i]),
+                         0);
     for (int i = 0; i < 2; i++) {
         pthread_join(ath[i], NULL);
         assert_int_equal(one[i].bad, 0);
@@ -593,7 +593,8 @@ static void crash_child(const char *dir, kvs_sync_t sync, int fd,
         }
         uint64_t best[2] = {0, 0};
         int any = 0;
-        while (r_head < r_tail && ring_no[r_head % RING] <= st.persisted_seqno) {
+        while (r_head < r_tail &&
+               ring_no[r_head % RING] <= st.persisted_seqno) {
             best[0] = ring_t[r_head % RING][0];
             best[1] = ring_t[r_head % RING][1];
             any = 1;

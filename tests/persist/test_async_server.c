@@ -59,8 +59,7 @@ static void test_async_server_flush_and_kill9(void **state) {
         /* Five appends, a flush, then five more left queued. */
         for (int i = 0; i < 10; i++) {
             fill(k, v, appended, CH);
-            assert_int_equal(
-                kvs_client_seq_append(c, 1, 0, CH, k, v, kvb), 0);
+            assert_int_equal(kvs_client_seq_append(c, 1, 0, CH, k, v, kvb), 0);
             appended += CH;
             if (i == 4) {
                 uint64_t p = 0;

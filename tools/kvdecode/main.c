@@ -191,8 +191,8 @@ static int parse_dtype(const char *s, kvs_dtype_t *out) {
 }
 
 /* Mean -log2 p(next token) over positions 0..n-2 of logits [n][V]. */
-static double bits_per_token(const float *logits, const int32_t *tok,
-                             size_t n, uint32_t V) {
+static double bits_per_token(const float *logits, const int32_t *tok, size_t n,
+                             uint32_t V) {
     double sum = 0;
     for (size_t i = 0; i + 1 < n; i++) {
         const float *l = logits + i * V;
@@ -229,11 +229,44 @@ static int write_logits(const char *path, const int32_t *tok, size_t n,
 }
 
 enum {
-    O_TEXT = 256, O_OFFSET, O_IDS, O_TOKFILE, O_NOBOS, O_CTX, O_GEN, O_TEMP,
-    O_SEED, O_STEPFROM, O_SCORE, O_ATTN, O_KVDT, O_SEG, O_CLU, O_KMI, O_SINK,
-    O_WIN, O_STHR, O_RET, O_EST, O_EPS, O_WAIT, O_LOGITS, O_DUMP, O_DUMPDT,
-    O_PRINTTOK, O_QUIET, O_CHUNK, O_THREADS, O_HELP, O_STORE, O_SEQID, O_KEEP,
-    O_GENOUT, O_FOLLOW, O_CUDA, O_RANK
+    O_TEXT = 256,
+    O_OFFSET,
+    O_IDS,
+    O_TOKFILE,
+    O_NOBOS,
+    O_CTX,
+    O_GEN,
+    O_TEMP,
+    O_SEED,
+    O_STEPFROM,
+    O_SCORE,
+    O_ATTN,
+    O_KVDT,
+    O_SEG,
+    O_CLU,
+    O_KMI,
+    O_SINK,
+    O_WIN,
+    O_STHR,
+    O_RET,
+    O_EST,
+    O_EPS,
+    O_WAIT,
+    O_LOGITS,
+    O_DUMP,
+    O_DUMPDT,
+    O_PRINTTOK,
+    O_QUIET,
+    O_CHUNK,
+    O_THREADS,
+    O_HELP,
+    O_STORE,
+    O_SEQID,
+    O_KEEP,
+    O_GENOUT,
+    O_FOLLOW,
+    O_CUDA,
+    O_RANK
 };
 /* --profile, numbered apart from the list above. */
 enum { O_PROFILE = 1024 };
@@ -258,7 +291,9 @@ static int cl_attend(void *ctx, uint64_t seq, uint32_t layer, const float *q,
 static int cl_drop(void *ctx, uint64_t seq) {
     return kvs_client_seq_drop(ctx, seq);
 }
-static const char *cl_errmsg(void *ctx) { return kvs_client_errmsg(ctx); }
+static const char *cl_errmsg(void *ctx) {
+    return kvs_client_errmsg(ctx);
+}
 static const kvs_decoder_backend_t client_backend = {
     cl_create, cl_append, cl_attend, cl_drop, cl_errmsg};
 
@@ -294,28 +329,46 @@ static int read_token_list(const char *path, tokbuf_t *t) {
 }
 
 int main(int argc, char **argv) {
-    static const struct option longopts[] = {
-        {"text", 1, 0, O_TEXT},           {"offset", 1, 0, O_OFFSET},
-        {"token-ids", 1, 0, O_IDS},       {"token-file", 1, 0, O_TOKFILE},
-        {"no-bos", 0, 0, O_NOBOS},        {"ctx", 1, 0, O_CTX},
-        {"gen", 1, 0, O_GEN},             {"temp", 1, 0, O_TEMP},
-        {"seed", 1, 0, O_SEED},           {"step-from", 1, 0, O_STEPFROM},
-        {"score", 0, 0, O_SCORE},         {"attn", 1, 0, O_ATTN},
-        {"kv-dtype", 1, 0, O_KVDT},       {"segment-tokens", 1, 0, O_SEG},
-        {"cluster-tokens", 1, 0, O_CLU},  {"kmeans-iters", 1, 0, O_KMI},
-        {"sink", 1, 0, O_SINK},           {"window", 1, 0, O_WIN},
-        {"store-threads", 1, 0, O_STHR},  {"retrieval", 1, 0, O_RET},
-        {"estimation", 1, 0, O_EST},      {"epsilon", 1, 0, O_EPS},
-        {"profile", 1, 0, O_PROFILE},
-        {"wait-indexed", 0, 0, O_WAIT},   {"logits-out", 1, 0, O_LOGITS},
-        {"dump", 1, 0, O_DUMP},           {"dump-dtype", 1, 0, O_DUMPDT},
-        {"print-tokens", 0, 0, O_PRINTTOK}, {"quiet", 0, 0, O_QUIET},
-        {"chunk", 1, 0, O_CHUNK},         {"threads", 1, 0, O_THREADS},
-        {"help", 0, 0, O_HELP},           {"store", 1, 0, O_STORE},
-        {"seq-id", 1, 0, O_SEQID},        {"keep", 0, 0, O_KEEP},
-        {"gen-out", 1, 0, O_GENOUT},      {"follow", 1, 0, O_FOLLOW},
-        {"cuda-device", 1, 0, O_CUDA},    {"rank", 1, 0, O_RANK},
-        {0, 0, 0, 0}};
+    static const struct option longopts[] = {{"text", 1, 0, O_TEXT},
+                                             {"offset", 1, 0, O_OFFSET},
+                                             {"token-ids", 1, 0, O_IDS},
+                                             {"token-file", 1, 0, O_TOKFILE},
+                                             {"no-bos", 0, 0, O_NOBOS},
+                                             {"ctx", 1, 0, O_CTX},
+                                             {"gen", 1, 0, O_GEN},
+                                             {"temp", 1, 0, O_TEMP},
+                                             {"seed", 1, 0, O_SEED},
+                                             {"step-from", 1, 0, O_STEPFROM},
+                                             {"score", 0, 0, O_SCORE},
+                                             {"attn", 1, 0, O_ATTN},
+                                             {"kv-dtype", 1, 0, O_KVDT},
+                                             {"segment-tokens", 1, 0, O_SEG},
+                                             {"cluster-tokens", 1, 0, O_CLU},
+                                             {"kmeans-iters", 1, 0, O_KMI},
+                                             {"sink", 1, 0, O_SINK},
+                                             {"window", 1, 0, O_WIN},
+                                             {"store-threads", 1, 0, O_STHR},
+                                             {"retrieval", 1, 0, O_RET},
+                                             {"estimation", 1, 0, O_EST},
+                                             {"epsilon", 1, 0, O_EPS},
+                                             {"profile", 1, 0, O_PROFILE},
+                                             {"wait-indexed", 0, 0, O_WAIT},
+                                             {"logits-out", 1, 0, O_LOGITS},
+                                             {"dump", 1, 0, O_DUMP},
+                                             {"dump-dtype", 1, 0, O_DUMPDT},
+                                             {"print-tokens", 0, 0, O_PRINTTOK},
+                                             {"quiet", 0, 0, O_QUIET},
+                                             {"chunk", 1, 0, O_CHUNK},
+                                             {"threads", 1, 0, O_THREADS},
+                                             {"help", 0, 0, O_HELP},
+                                             {"store", 1, 0, O_STORE},
+                                             {"seq-id", 1, 0, O_SEQID},
+                                             {"keep", 0, 0, O_KEEP},
+                                             {"gen-out", 1, 0, O_GENOUT},
+                                             {"follow", 1, 0, O_FOLLOW},
+                                             {"cuda-device", 1, 0, O_CUDA},
+                                             {"rank", 1, 0, O_RANK},
+                                             {0, 0, 0, 0}};
     const char *text = NULL, *ids = NULL, *tokfile = NULL, *logits_out = NULL,
                *dump_path = NULL, *store_url = NULL, *gen_out = NULL,
                *follow_path = NULL;
@@ -338,21 +391,43 @@ int main(int argc, char **argv) {
     int c, bad = 0;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (c) {
-        case O_TEXT: text = optarg; break;
-        case O_OFFSET: bad |= parse_u32(optarg, "offset", &offset); break;
-        case O_IDS: ids = optarg; break;
-        case O_TOKFILE: tokfile = optarg; break;
-        case O_NOBOS: bos = false; break;
-        case O_CTX: bad |= parse_u32(optarg, "ctx", &ctx); break;
+        case O_TEXT:
+            text = optarg;
+            break;
+        case O_OFFSET:
+            bad |= parse_u32(optarg, "offset", &offset);
+            break;
+        case O_IDS:
+            ids = optarg;
+            break;
+        case O_TOKFILE:
+            tokfile = optarg;
+            break;
+        case O_NOBOS:
+            bos = false;
+            break;
+        case O_CTX:
+            bad |= parse_u32(optarg, "ctx", &ctx);
+            break;
         case O_GEN:
             bad |= parse_u32(optarg, "gen", &gen);
             gen_set = true;
             break;
-        case O_STORE: store_url = optarg; break;
-        case O_SEQID: bad |= parse_u32(optarg, "seq-id", &seq_id); break;
-        case O_KEEP: dopt.keep_seq = true; break;
-        case O_GENOUT: gen_out = optarg; break;
-        case O_FOLLOW: follow_path = optarg; break;
+        case O_STORE:
+            store_url = optarg;
+            break;
+        case O_SEQID:
+            bad |= parse_u32(optarg, "seq-id", &seq_id);
+            break;
+        case O_KEEP:
+            dopt.keep_seq = true;
+            break;
+        case O_GENOUT:
+            gen_out = optarg;
+            break;
+        case O_FOLLOW:
+            follow_path = optarg;
+            break;
         case O_CUDA: {
             uint32_t dev = 0;
             bad |= parse_u32(optarg, "cuda-device", &dev);
@@ -375,24 +450,31 @@ int main(int argc, char **argv) {
             index_opts = true;
             dopt.query.budget = sopt.defaults.budget;
             dopt.query.retrieval_fraction = sopt.defaults.retrieval_fraction;
-            dopt.query.estimation_fraction =
-                sopt.defaults.estimation_fraction;
+            dopt.query.estimation_fraction = sopt.defaults.estimation_fraction;
             dopt.query.epsilon = sopt.defaults.epsilon;
             break;
         }
-        case O_TEMP: bad |= parse_f(optarg, "temp", &temp); break;
-        case O_SEED: bad |= parse_u32(optarg, "seed", &seed); break;
+        case O_TEMP:
+            bad |= parse_f(optarg, "temp", &temp);
+            break;
+        case O_SEED:
+            bad |= parse_u32(optarg, "seed", &seed);
+            break;
         case O_STEPFROM:
             bad |= parse_u32(optarg, "step-from", &step_from);
             break;
-        case O_SCORE: score = true; break;
+        case O_SCORE:
+            score = true;
+            break;
         case O_ATTN:
             if (kvs_attn_parse(optarg, &dopt.attn) != 0) {
                 fprintf(stderr, "kvdecode: bad --attn: %s\n", optarg);
                 bad = 1;
             }
             break;
-        case O_KVDT: bad |= parse_dtype(optarg, &dopt.kv_dtype); break;
+        case O_KVDT:
+            bad |= parse_dtype(optarg, &dopt.kv_dtype);
+            break;
         case O_SEG:
             index_opts = true;
             bad |= parse_u32(optarg, "segment-tokens", &sopt.segment_tokens);
@@ -438,17 +520,36 @@ int main(int argc, char **argv) {
                 bad = 1;
             }
             break;
-        case O_WAIT: wait_indexed = true; break;
-        case O_LOGITS: logits_out = optarg; break;
-        case O_DUMP: dump_path = optarg; break;
-        case O_DUMPDT: bad |= parse_dtype(optarg, &dump_dtype); break;
-        case O_PRINTTOK: print_tokens = true; break;
-        case O_QUIET: quiet = true; break;
-        case O_CHUNK: bad |= parse_u32(optarg, "chunk", &chunk); break;
-        case O_THREADS: bad |= parse_u32(optarg, "threads", &threads); break;
+        case O_WAIT:
+            wait_indexed = true;
+            break;
+        case O_LOGITS:
+            logits_out = optarg;
+            break;
+        case O_DUMP:
+            dump_path = optarg;
+            break;
+        case O_DUMPDT:
+            bad |= parse_dtype(optarg, &dump_dtype);
+            break;
+        case O_PRINTTOK:
+            print_tokens = true;
+            break;
+        case O_QUIET:
+            quiet = true;
+            break;
+        case O_CHUNK:
+            bad |= parse_u32(optarg, "chunk", &chunk);
+            break;
+        case O_THREADS:
+            bad |= parse_u32(optarg, "threads", &threads);
+            break;
         case O_HELP:
-        case 'h': usage(stdout); return 0;
-        default: bad = 1;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            bad = 1;
         }
     }
     if (bad || optind != argc - 1 || (!!text + !!ids + !!tokfile) > 1) {
@@ -483,8 +584,10 @@ int main(int argc, char **argv) {
         tok_push(&tok, KVS_TOKEN_BOS);
     if (text) {
         if (V != 256) {
-            fprintf(stderr, "kvdecode: --text needs a byte model (vocab 256), "
-                            "this one has %u; pass token ids\n", V);
+            fprintf(stderr,
+                    "kvdecode: --text needs a byte model (vocab 256), "
+                    "this one has %u; pass token ids\n",
+                    V);
             goto out;
         }
         size_t len;
@@ -588,8 +691,7 @@ int main(int argc, char **argv) {
     } else if (dopt.attn != KVS_ATTN_FULL) {
         rc = kvs_store_open(&sopt, &store);
         if (rc != 0) {
-            fprintf(stderr, "kvdecode: kvs_store_open: %s\n",
-                    kvs_strerror(rc));
+            fprintf(stderr, "kvdecode: kvs_store_open: %s\n", kvs_strerror(rc));
             goto out;
         }
         dopt.store = store;
@@ -620,7 +722,7 @@ int main(int argc, char **argv) {
         goto out;
     }
 /* Logits row of position i: all rows kept, or one reused row. */
-#define ROW(i) (logits + (keep_all ? (size_t)(i) * V : 0))
+#define ROW(i) (logits + (keep_all ? (size_t)(i)*V : 0))
 
     /* ---- input: prefill, then decode steps from step_from ---- */
     size_t n_pre = step_from < n_in ? step_from : n_in;
@@ -684,17 +786,16 @@ int main(int argc, char **argv) {
     /* ---- report ---- */
     kvs_decoder_stats_t st;
     kvs_decoder_stats(dec, &st);
-    fprintf(stderr,
-            "kvdecode: %s attn=%s%s%s tokens=%zu prefill=%llu (%.1f tok/s, "
-            "%.2f s) steps=%llu (%.2f tok/s, %.2f s)",
-            argv[optind], kvs_attn_name(dopt.attn), client ? " store=" : "",
-            client ? store_url : "", tok.n,
-            (unsigned long long)st.prefill_tokens,
-            st.prefill_seconds > 0 ? st.prefill_tokens / st.prefill_seconds
-                                   : 0.0,
-            st.prefill_seconds, (unsigned long long)st.step_tokens,
-            st.step_seconds > 0 ? st.step_tokens / st.step_seconds : 0.0,
-            st.step_seconds);
+    fprintf(
+        stderr,
+        "kvdecode: %s attn=%s%s%s tokens=%zu prefill=%llu (%.1f tok/s, "
+        "%.2f s) steps=%llu (%.2f tok/s, %.2f s)",
+        argv[optind], kvs_attn_name(dopt.attn), client ? " store=" : "",
+        client ? store_url : "", tok.n, (unsigned long long)st.prefill_tokens,
+        st.prefill_seconds > 0 ? st.prefill_tokens / st.prefill_seconds : 0.0,
+        st.prefill_seconds, (unsigned long long)st.step_tokens,
+        st.step_seconds > 0 ? st.step_tokens / st.step_seconds : 0.0,
+        st.step_seconds);
     if (st.attend_calls && st.attend.keys_total)
         fprintf(stderr,
                 " attend: %.1f%% keys exact, %llu/%llu clusters retrieved, "
@@ -705,8 +806,7 @@ int main(int argc, char **argv) {
                 (unsigned long long)st.attend.clusters_estimated,
                 1e3 * st.attend_seconds / st.attend_calls);
     if (tok.n > cfg->seq_len)
-        fprintf(stderr, " (positions beyond trained seq_len %u)",
-                cfg->seq_len);
+        fprintf(stderr, " (positions beyond trained seq_len %u)", cfg->seq_len);
     fprintf(stderr, "\n");
     if (follow.v)
         printf("agreement %llu/%u %.6f\n", (unsigned long long)agree, gen,
