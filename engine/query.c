@@ -400,17 +400,19 @@ static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
         rc = kvs__fail(c->s, rc, "head computation failed: %s",
                        kvs_strerror(rc));
     if (stats) {
-        memset(stats, 0, sizeof *stats);
-        for (uint32_t h = 0; h < nh; h++) {
-            stats->keys_total += c->stats[h].keys_total;
-            stats->keys_exact += c->stats[h].keys_exact;
-            stats->keys_steady += c->stats[h].keys_steady;
-            stats->clusters_total += c->stats[h].clusters_total;
-            stats->clusters_retrieved += c->stats[h].clusters_retrieved;
-            stats->clusters_estimated += c->stats[h].clusters_estimated;
-            stats->clusters_skipped += c->stats[h].clusters_skipped;
-        }
-        stats->seconds = kvs__now_s() - t0;
+        kvs_zone_stats_t sum = {0};
+        for (uint32_t h = 0; h < nh; h++)
+            kvs_zone_stats_add(&sum, &c->stats[h]);
+        *stats = (kvs_attend_stats_t){
+            .keys_total = sum.keys_total,
+            .keys_exact = sum.keys_exact,
+            .keys_steady = sum.keys_steady,
+            .clusters_total = sum.clusters_total,
+            .clusters_retrieved = sum.clusters_retrieved,
+            .clusters_estimated = sum.clusters_estimated,
+            .clusters_skipped = sum.clusters_skipped,
+            .seconds = kvs__now_s() - t0,
+        };
     }
     kvs__seq_unref(c->q);
     free(c);

@@ -262,6 +262,9 @@ typedef struct kvs_zone_stats_s {
     uint64_t keys_coded;
 } kvs_zone_stats_t;
 
+/* acc += x, every field. */
+void kvs_zone_stats_add(kvs_zone_stats_t *acc, const kvs_zone_stats_t *x);
+
 /* Per-thread scratch memory, grown on demand and reused between calls. */
 typedef struct kvs_scratch_s kvs_scratch_t;
 kvs_scratch_t *kvs_scratch_new(void);

@@ -29,6 +29,17 @@
 #define MAXQ KVS_KERNEL_MAX_Q
 #define EXACT_CHUNK 1024
 
+void kvs_zone_stats_add(kvs_zone_stats_t *acc, const kvs_zone_stats_t *x) {
+    acc->keys_total += x->keys_total;
+    acc->keys_exact += x->keys_exact;
+    acc->keys_steady += x->keys_steady;
+    acc->clusters_total += x->clusters_total;
+    acc->clusters_retrieved += x->clusters_retrieved;
+    acc->clusters_estimated += x->clusters_estimated;
+    acc->clusters_skipped += x->clusters_skipped;
+    acc->bytes_read += x->bytes_read;
+    acc->keys_coded += x->keys_coded;
+}
 /* A run of rows to score: `n` rows of keys/values, written to scratch
  * columns col .. col+n. `seg` is the owning segment (NULL for the tail) and
  * `slot0` the first slot, for masking and positions. */
@@ -760,16 +771,8 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
     st.clusters_estimated = E;
     st.clusters_skipped = C - R - E;
 done:
-    if (stats) {
-        stats->keys_total += st.keys_total;
-        stats->keys_exact += st.keys_exact;
-        stats->keys_steady += st.keys_steady;
-        stats->clusters_total += st.clusters_total;
-        stats->clusters_retrieved += st.clusters_retrieved;
-        stats->clusters_estimated += st.clusters_estimated;
-        stats->clusters_skipped += st.clusters_skipped;
-        stats->keys_coded += st.keys_coded;
-    }
+    if (stats)
+        kvs_zone_stats_add(stats, &st);
     return 0;
 }
 
@@ -1411,16 +1414,8 @@ out:
     st.bytes_read += ctx.bytes;
     for (uint32_t i = 0; i < g; i++)
         topk_drain(&h[i], positions + (size_t)i * k, scores + (size_t)i * k);
-    if (stats) {
-        stats->keys_total += st.keys_total;
-        stats->keys_exact += st.keys_exact;
-        stats->keys_steady += st.keys_steady;
-        stats->clusters_total += st.clusters_total;
-        stats->clusters_retrieved += st.clusters_retrieved;
-        stats->clusters_skipped += st.clusters_skipped;
-        stats->bytes_read += st.bytes_read;
-        stats->keys_coded += st.keys_coded;
-    }
+    if (stats)
+        kvs_zone_stats_add(stats, &st);
     return 0;
 }
 
