@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "fuzz_store.h"
+#include "kv_rows.h"
 #include "kvs_kernels.h"
 #include "kvstore.h"
 
@@ -53,26 +54,6 @@ static void die(const char *fmt, const char *a, const char *b) {
     abort();
 }
 
-static float elem(uint64_t seq, uint32_t layer, uint64_t t, uint32_t i,
-                  int val) {
-    uint64_t x = (seq * 1000003u + layer * 7919u + t * 131u + i * 17u +
-                  (uint64_t)val * 999983u) *
-                 0x9e3779b97f4a7c15ull;
-    x ^= x >> 29;
-    return (float)((double)(x >> 11) / 9007199254740992.0 * 4 - 2);
-}
-
-static void make_rows(uint64_t seq, uint32_t layer, uint64_t t0, uint32_t n,
-                      uint16_t *k, uint16_t *v) {
-    for (uint32_t t = 0; t < n; t++)
-        for (uint32_t i = 0; i < KVH * D; i++) {
-            k[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 0));
-            v[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 1));
-        }
-}
-
 static kvs_store_t *open_store(const char *dir, int *rc) {
     kvs_options_t o;
     kvs_options_default(&o);
@@ -90,7 +71,7 @@ static void append(kvs_store_t *s, uint64_t id, uint32_t l, uint64_t t0,
                    uint32_t n) {
     uint16_t *k = malloc((size_t)n * KVH * D * 2);
     uint16_t *v = malloc((size_t)n * KVH * D * 2);
-    make_rows(id, l, t0, n, k, v);
+    kv_rows_make(KVH * D, id, l, t0, n, k, v);
     if (!k || !v || kvs_seq_append(s, id, l, n, k, v))
         die("%s%s: append failed", "", "");
     free(k);
@@ -324,7 +305,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 q = 1;
                 continue;
             }
-            make_rows(id, l, 0, (uint32_t)have, ek, ev);
+            kv_rows_make(KVH * D, id, l, 0, (uint32_t)have, ek, ev);
             if (r || memcmp(k, ek, have * KVH * D * 2) ||
                 memcmp(v, ev, have * KVH * D * 2))
                 die("%s: a sequence reads back wrong%s", what, "");

@@ -31,6 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kv_rows.h"
 #include "kvs_kernels.h"
 #include "kvstore.h"
 
@@ -46,27 +47,6 @@ enum { KVH = 2, QH = 4, D = 16, SEG = 256, CH = 24 };
 #endif
 static const kvs_geometry_t GEO = {2, QH, KVH, D, KVS_DTYPE_F16};
 static const size_t TOK_BYTES = 2 * KVH * D * 2; /* keys + values */
-
-/* Token t's key/value elements are a pure function of (seq, layer, t). */
-static float elem(uint64_t seq, uint32_t layer, uint64_t t, uint32_t i,
-                  int val) {
-    uint64_t x = (seq * 1000003u + layer * 7919u + t * 131u + i * 17u +
-                  (uint64_t)val * 999983u) *
-                 0x9e3779b97f4a7c15ull;
-    x ^= x >> 29;
-    return (float)((double)(x >> 11) / 9007199254740992.0 * 4 - 2);
-}
-
-static void make_rows(uint64_t seq, uint32_t layer, uint64_t t0, uint32_t n,
-                      uint16_t *k, uint16_t *v) {
-    for (uint32_t t = 0; t < n; t++)
-        for (uint32_t i = 0; i < KVH * D; i++) {
-            k[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 0));
-            v[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 1));
-        }
-}
 
 static char *temp_dir(void) {
     char *d = strdup("/tmp/kvs-async-XXXXXX");
@@ -107,7 +87,7 @@ static int append_tokens(kvs_store_t *s, uint64_t seq, uint64_t gen,
                          uint32_t layer, uint64_t t0, uint32_t n) {
     uint16_t *k = malloc((size_t)n * KVH * D * 2);
     uint16_t *v = malloc((size_t)n * KVH * D * 2);
-    make_rows(gen, layer, t0, n, k, v);
+    kv_rows_make(KVH * D, gen, layer, t0, n, k, v);
     int rc = kvs_seq_append(s, seq, layer, n, k, v);
     free(k);
     free(v);
@@ -126,7 +106,7 @@ static void check_tokens_as(kvs_store_t *s, uint64_t seq, uint64_t gen,
         return;
     uint16_t *k = malloc(n * KVH * D * 2), *v = malloc(n * KVH * D * 2);
     uint16_t *ek = malloc(n * KVH * D * 2), *ev = malloc(n * KVH * D * 2);
-    make_rows(gen, layer, 0, (uint32_t)n, ek, ev);
+    kv_rows_make(KVH * D, gen, layer, 0, (uint32_t)n, ek, ev);
     int rc = kvs_seq_read(s, seq, layer, 0, (uint32_t)n, k, v);
     if (rc)
         fail_msg("read %llu: %s", (unsigned long long)seq, kvs_store_errmsg(s));
@@ -274,7 +254,7 @@ static void *single_appends(void *arg) {
     conc_t *c = arg;
     uint16_t *k = malloc((size_t)SINGLES * KVH * D * 2);
     uint16_t *v = malloc((size_t)SINGLES * KVH * D * 2);
-    make_rows(c->id, 0, 0, SINGLES, k, v);
+    kv_rows_make(KVH * D, c->id, 0, 0, SINGLES, k, v);
     for (uint32_t t = 0; t < SINGLES; t++)
         c->bad |= kvs_seq_append(c->s, c->id, 0, 1, k + (size_t)t * KVH * D,
                                  v + (size_t)t * KVH * D) != 0;
@@ -325,7 +305,7 @@ static void test_async_lag_bound(void **state) {
      * fsyncs. */
     size_t row = (size_t)KVH * D;
     uint16_t *k = malloc(200 * n * row * 2), *v = malloc(200 * n * row * 2);
-    make_rows(1, 0, 0, 200 * n, k, v);
+    kv_rows_make(KVH * D, 1, 0, 0, 200 * n, k, v);
     uint64_t total = 0;
     for (uint32_t i = 0; i < 200; i++) {
         assert_int_equal(kvs_seq_append(s, 1, 0, n, k + (size_t)i * n * row,
@@ -475,7 +455,7 @@ static void test_async_disk_full(void **state) {
         int rc = 0;
         uint16_t k[64 * KVH * D], v[64 * KVH * D];
         for (int i = 0; t < 200000; i++) {
-            make_rows(1, 0, t, 64, k, v);
+            kv_rows_make(KVH * D, 1, 0, t, 64, k, v);
             if ((rc = kvs_seq_append(s, 1, 0, 64, k, v)))
                 break;
             t += 64;
@@ -494,7 +474,7 @@ static void test_async_disk_full(void **state) {
         /* Read-only from now on, with the same error. */
         if (kvs_store_flush(s) != KVS_ENOSPC)
             _exit(7);
-        make_rows(1, 0, t, 1, k, v);
+        kv_rows_make(KVH * D, 1, 0, t, 1, k, v);
         if (kvs_seq_append(s, 1, 0, 1, k, v) != KVS_ENOSPC)
             _exit(8);
         if (!atomic_load(&lost_logged))

@@ -33,32 +33,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "kv_rows.h"
 #include "kvs_kernels.h"
 #include "kvstore.h"
 
 enum { KVH = 2, QH = 4, D = 16, SEG = 256, N_LAYERS = 2 };
 static const kvs_geometry_t GEO = {N_LAYERS, QH, KVH, D, KVS_DTYPE_F16};
-
-/* Token t's key/value elements are a pure function of (seq, layer, t). */
-static float elem(uint64_t seq, uint32_t layer, uint64_t t, uint32_t i,
-                  int val) {
-    uint64_t x = (seq * 1000003u + layer * 7919u + t * 131u + i * 17u +
-                  (uint64_t)val * 999983u) *
-                 0x9e3779b97f4a7c15ull;
-    x ^= x >> 29;
-    return (float)((double)(x >> 11) / 9007199254740992.0 * 4 - 2);
-}
-
-static void make_rows(uint64_t seq, uint32_t layer, uint64_t t0, uint32_t n,
-                      uint16_t *k, uint16_t *v) {
-    for (uint32_t t = 0; t < n; t++)
-        for (uint32_t i = 0; i < KVH * D; i++) {
-            k[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 0));
-            v[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 1));
-        }
-}
 
 static char *temp_dir(void) {
     char *d = strdup("/tmp/kvs-damage-XXXXXX");
@@ -105,7 +85,7 @@ static void append_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
                           uint64_t t0, uint32_t n) {
     uint16_t *k = malloc((size_t)n * KVH * D * 2);
     uint16_t *v = malloc((size_t)n * KVH * D * 2);
-    make_rows(seq, layer, t0, n, k, v);
+    kv_rows_make(KVH * D, seq, layer, t0, n, k, v);
     int rc = kvs_seq_append(s, seq, layer, n, k, v);
     if (rc)
         fail_msg("append %llu: %s", (unsigned long long)seq,
@@ -127,7 +107,7 @@ static int tokens_match(kvs_store_t *s, uint64_t seq, uint32_t layer,
         return 0;
     uint16_t *k = malloc(n * KVH * D * 2), *v = malloc(n * KVH * D * 2);
     uint16_t *ek = malloc(n * KVH * D * 2), *ev = malloc(n * KVH * D * 2);
-    make_rows(seq, layer, 0, (uint32_t)n, ek, ev);
+    kv_rows_make(KVH * D, seq, layer, 0, (uint32_t)n, ek, ev);
     rc = kvs_seq_read(s, seq, layer, 0, (uint32_t)n, k, v);
     if (rc == 0)
         rc = !memcmp(k, ek, n * KVH * D * 2) && !memcmp(v, ev, n * KVH * D * 2);
@@ -801,14 +781,14 @@ static void test_persist_damage_disk_full_close(void **state) {
         int rc = 0;
         uint64_t t;
         for (t = 0; t < 200000; t++) {
-            make_rows(1, 0, t, 1, k, v);
+            kv_rows_make(KVH * D, 1, 0, t, 1, k, v);
             if ((rc = kvs_seq_append(s, 1, 0, 1, k, v)))
                 break;
         }
         if (rc != KVS_ENOSPC)
             _exit(3);
         /* The next write: refused, saying the disk is full. */
-        make_rows(1, 0, t, 1, k, v);
+        kv_rows_make(KVH * D, 1, 0, t, 1, k, v);
         rc = kvs_seq_append(s, 1, 0, 1, k, v);
         const char *msg = kvs_store_errmsg(s);
         if (rc != KVS_ENOSPC || !strstr(msg, "disk is full"))
@@ -875,7 +855,7 @@ static void test_persist_damage_enospc_close(void **state) {
             uint64_t t = 0;
             int rc;
             for (;; t += CH) {
-                make_rows(1, 0, t, CH, k, v);
+                kv_rows_make(KVH * D, 1, 0, t, CH, k, v);
                 if ((rc = kvs_seq_append(s, 1, 0, CH, k, v)))
                     break;
                 if (write(fds[1], &t, sizeof t) != sizeof t)
