@@ -75,6 +75,9 @@ typedef struct kvs_wbuf_params_s {
     /* misses: in-place reads (0, default) or copies; unused with
      * kv_on_device */
     kvs_wbuf_miss_t miss;
+    /* the CUDA device the buffer lives on (made current by every
+     * host-driven call below) */
+    int device;
 } kvs_wbuf_params_t;
 
 typedef struct kvs_wbuf_stats_s {
@@ -96,9 +99,30 @@ typedef struct kvs_wbuf_stats_s {
 
 typedef struct kvs_wbuf_s kvs_wbuf_t;
 
-/* Allocates everything (synchronous). */
+/* Allocates everything (synchronous) on p->device, which it makes
+ * current. A failed allocation (KVS_ENOMEM) leaves no CUDA error behind
+ * for the next launch check to report. */
 int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out);
+/* Waits for the buffer's own stream, then frees everything. */
 void kvs_wbuf_free(kvs_wbuf_t *wb);
+
+/*
+ * Host-driven use, for callers that keep no CUDA state of their own (the
+ * engine): the buffer owns a non-blocking stream on its device and
+ * pinned staging for one step's queries and outputs.
+ *
+ * kvs_wbuf_use: makes the buffer's device current for the calling thread
+ * (call it before the put/set functions below on a thread that may have
+ * another device current). kvs_wbuf_stream: the buffer's own stream, for
+ * the put/set functions. kvs_wbuf_step_host: one decode step for host
+ * queries q [H][group][d] fp32 into host out (same shape); returns once
+ * out holds the result (the stream is synchronised). kvs_wbuf_sync: waits
+ * for everything queued on the buffer's stream.
+ */
+int kvs_wbuf_use(kvs_wbuf_t *wb);
+cudaStream_t kvs_wbuf_stream(const kvs_wbuf_t *wb);
+int kvs_wbuf_step_host(kvs_wbuf_t *wb, const float *q, float *out);
+int kvs_wbuf_sync(kvs_wbuf_t *wb);
 
 /*
  * The layer the buffer owns, for the caller to fill before

@@ -72,6 +72,11 @@ struct kvs_wbuf_s {
     uint32_t *at;         /* [C] list index of a retrieved cluster */
     uint64_t step;
     cudaEvent_t ev_lists;
+    /* host-driven use: own stream, one step's queries/outputs (device and
+     * pinned host copies, [H][group][d] fp32) */
+    cudaStream_t own;
+    float *d_q, *d_out, *h_q, *h_out;
+    size_t q_floats;
     kvs_wbuf_stats_t stats;
 };
 
@@ -89,6 +94,9 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
         (!p->kv_on_device && (p->slot_tokens == 0 || p->slots_per_head == 0 ||
                               p->slots_per_head > p->max_clusters)))
         return KVS_EINVAL;
+    int rc = cu(cudaSetDevice(p->device));
+    if (rc)
+        return rc;
     kvs_wbuf_t *wb = calloc(1, sizeof *wb);
     if (!wb)
         return KVS_ENOMEM;
@@ -103,7 +111,6 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     wb->esz = (uint32_t)kvs_dtype_size(p->dtype);
     const size_t H = wb->H, C = wb->C, N = wb->N, S = wb->S, D = p->d;
     const size_t row = D * wb->esz;
-    int rc;
     kvs_cuda_layer_t *L = &wb->layer;
     L->dtype = p->dtype;
     L->d = p->d;
@@ -148,6 +155,9 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     DALLOC(wb->d_slot_of, H * C * 4);
     DALLOC(wb->d_fill, H * R * sizeof(kvs__fill_t));
     DALLOC(wb->d_upd, 2 * H * R * sizeof(kvs__upd_t));
+    wb->q_floats = H * (p->group ? p->group : 1) * D;
+    DALLOC(wb->d_q, wb->q_floats * sizeof(float));
+    DALLOC(wb->d_out, wb->q_floats * sizeof(float));
 #undef DALLOC
     wb->stats.bytes_gpu = gpu;
 #define HALLOC(ptr, bytes)                                                     \
@@ -167,6 +177,8 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     HALLOC(wb->h_upd, 2 * H * R * sizeof(kvs__upd_t));
     if (!p->kv_on_device)
         HALLOC(wb->h_tmp, H * R * sizeof(kvs__upd_t));
+    HALLOC(wb->h_q, wb->q_floats * sizeof(float));
+    HALLOC(wb->h_out, wb->q_floats * sizeof(float));
 #undef HALLOC
     wb->stats.bytes_host = p->kv_on_device ? 0 : 2 * H * N * row;
     wb->offs = malloc(H * (C + 1) * 4);
@@ -197,8 +209,10 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
                                           cudaEventDisableTiming))) != 0 ||
         (rc = cu(cudaEventCreateWithFlags(&wb->ev_copied,
                                           cudaEventDisableTiming))) != 0 ||
-        (rc = cu(
-             cudaStreamCreateWithFlags(&wb->side, cudaStreamNonBlocking))) != 0)
+        (rc = cu(cudaStreamCreateWithFlags(&wb->side,
+                                           cudaStreamNonBlocking))) != 0 ||
+        (rc = cu(cudaStreamCreateWithFlags(&wb->own,
+                                           cudaStreamNonBlocking))) != 0)
         goto err;
     if ((rc = cu(cudaMemset(wb->d_slot_of, 0xff, H * C * 4))) != 0 ||
         (rc = cu(cudaMemset(wb->d_nc, 0, H * 4))) != 0)
@@ -226,12 +240,18 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
     return 0;
 err:
     kvs_wbuf_free(wb);
+    /* a failed cudaMalloc is sticky until read: read it here, so that it
+     * does not surface at the next launch check as someone else's error */
+    (void)cudaGetLastError();
     return rc;
 }
 
 void kvs_wbuf_free(kvs_wbuf_t *wb) {
     if (!wb)
         return;
+    cudaSetDevice(wb->p.device);
+    if (wb->own)
+        cudaStreamSynchronize(wb->own);
     kvs_cuda_wave_free(wb->wave);
     cudaFree(wb->d_nc);
     cudaFree(wb->d_counts);
@@ -264,6 +284,12 @@ void kvs_wbuf_free(kvs_wbuf_t *wb) {
         cudaEventDestroy(wb->ev_copied);
     if (wb->side)
         cudaStreamDestroy(wb->side);
+    if (wb->own)
+        cudaStreamDestroy(wb->own);
+    cudaFree(wb->d_q);
+    cudaFree(wb->d_out);
+    cudaFreeHost(wb->h_q);
+    cudaFreeHost(wb->h_out);
     free(wb->ord);
     free(wb->n_ord);
     free(wb->mark);
@@ -755,6 +781,35 @@ int kvs_wbuf_step(kvs_wbuf_t *wb, const float *q, float *out,
             return rc;
     }
     return 0;
+}
+
+int kvs_wbuf_use(kvs_wbuf_t *wb) {
+    return cu(cudaSetDevice(wb->p.device));
+}
+
+cudaStream_t kvs_wbuf_stream(const kvs_wbuf_t *wb) {
+    return wb->own;
+}
+
+int kvs_wbuf_step_host(kvs_wbuf_t *wb, const float *q, float *out) {
+    const size_t bytes = wb->q_floats * sizeof(float);
+    int rc;
+    if ((rc = kvs_wbuf_use(wb)) != 0)
+        return rc;
+    memcpy(wb->h_q, q, bytes);
+    if ((rc = cu(cudaMemcpyAsync(wb->d_q, wb->h_q, bytes,
+                                 cudaMemcpyHostToDevice, wb->own))) != 0 ||
+        (rc = kvs_wbuf_step(wb, wb->d_q, wb->d_out, wb->own)) != 0 ||
+        (rc = cu(cudaMemcpyAsync(wb->h_out, wb->d_out, bytes,
+                                 cudaMemcpyDeviceToHost, wb->own))) != 0 ||
+        (rc = cu(cudaStreamSynchronize(wb->own))) != 0)
+        return rc;
+    memcpy(out, wb->h_out, bytes);
+    return 0;
+}
+
+int kvs_wbuf_sync(kvs_wbuf_t *wb) {
+    return cu(cudaStreamSynchronize(wb->own));
 }
 
 void kvs_wbuf_set_policy(kvs_wbuf_t *wb, kvs_wbuf_policy_t policy) {

@@ -18,9 +18,9 @@
 /* kvs_options_t.cuda_profile: where the host time of a GPU attend goes, per
  * phase, given to the store's log callback at close (for tuning the engine
  * path). */
-enum { PH_LOCK, PH_SYNC, PH_ENQUEUE, PH_WAIT, PH_POST, PH_N };
+enum { PH_LOCK, PH_SYNC, PH_STEP, PH_POST, PH_N };
 static const char *const ph_name[PH_N] = {"lock+device", "mirror sync",
-                                          "enqueue", "wait", "copy out+stats"};
+                                          "step", "stats"};
 
 static uint64_t ns_now(void) {
     struct timespec ts;
@@ -76,8 +76,7 @@ int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
 
 struct kvs__gpu_layer_s {
     pthread_mutex_t mu;
-    kvs_wbuf_t *wb; /* NULL: nothing uploaded */
-    cudaStream_t stream;
+    kvs_wbuf_t *wb; /* NULL: nothing uploaded; owns its stream */
     /* geometry and plan of wb */
     kvs_dtype_t dtype;
     uint32_t H, G, C_cap, N_cap, S_cap;
@@ -97,8 +96,6 @@ struct kvs__gpu_layer_s {
     uint64_t indexed;           /* indexed tokens of the steady zone */
     uint32_t steady_idx;        /* steady rows inside segments */
     uint32_t tail_up;           /* tail rows uploaded */
-    /* step buffers */
-    float *d_q, *d_out, *h_q, *h_out;
     /* host scratch for one segment's cluster arrays */
     void *tmp_vm;
     uint32_t *tmp_cnt, *tmp_off, *tmp_pos;
@@ -173,8 +170,6 @@ static void scratch_free(kvs__gpu_layer_t *m) {
 /* Everything but the mutex: back to "nothing uploaded". */
 static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
     if (m->wb) {
-        if (m->stream)
-            cudaStreamSynchronize(m->stream);
         kvs_wbuf_free(m->wb);
         m->wb = NULL;
         atomic_fetch_sub(&g->bytes_gpu, m->held_gpu);
@@ -182,11 +177,6 @@ static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
         atomic_fetch_sub(&g->kv_used, m->held_kv);
         m->held_gpu = m->held_pinned = m->held_kv = 0;
     }
-    cudaFree(m->d_q);
-    cudaFree(m->d_out);
-    cudaFreeHost(m->h_q);
-    cudaFreeHost(m->h_out);
-    m->d_q = m->d_out = m->h_q = m->h_out = NULL;
     free(m->segs);
     free(m->cbase);
     free(m->tbase);
@@ -202,12 +192,8 @@ static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
 void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
     if (!m)
         return;
-    if (g) {
-        cudaSetDevice(g->p.device);
+    if (g)
         mirror_release(g, m);
-    }
-    if (m->stream)
-        cudaStreamDestroy(m->stream);
     pthread_mutex_destroy(&m->mu);
     free(m);
 }
@@ -263,6 +249,7 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
         .slots_per_head = slots,
         .policy = KVS_WBUF_LRU,
         .kv_on_device = on_device,
+        .device = g->p.device,
         .wave = {.retrieval_fraction = m->rf,
                  .estimation_fraction = m->ef,
                  .scale = m->scale},
@@ -273,10 +260,7 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
             atomic_fetch_sub(&g->kv_used, kv_bytes);
         if (rc != KVS_ENOMEM)
             return rc;
-        /* GPU or pinned memory full: the CPU serves this layer for now
-         * (and the failed allocation must not surface at the next launch
-         * check as this layer's or another's error) */
-        (void)cudaGetLastError();
+        /* GPU or pinned memory full: the CPU serves this layer for now */
         m->refused = 1;
         m->refused_at = atomic_load(&g->bytes_gpu);
         return KVS_ENOTSUP;
@@ -294,7 +278,6 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
         return KVS_ENOTSUP; /* over the GPU budget: CPU path */
     }
     m->refused = 0;
-    const size_t qb = (size_t)H * G * v->d * sizeof(float);
     m->seg_cap = 16;
     m->segs = calloc((size_t)H * m->seg_cap, sizeof *m->segs);
     m->cbase = calloc((size_t)H * (m->seg_cap + 1), 4);
@@ -302,11 +285,6 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
     m->n_valid = calloc((size_t)H * m->seg_cap, 4);
     if (!m->segs || !m->cbase || !m->tbase || !m->n_valid)
         return KVS_ENOMEM;
-    if ((rc = kvs_cuda_err(cudaMalloc((void **)&m->d_q, qb))) ||
-        (rc = kvs_cuda_err(cudaMalloc((void **)&m->d_out, qb))) ||
-        (rc = kvs_cuda_err(cudaMallocHost((void **)&m->h_q, qb))) ||
-        (rc = kvs_cuda_err(cudaMallocHost((void **)&m->h_out, qb))))
-        return rc;
     atomic_fetch_add(&g->mirrors_built, 1);
     return 0;
 }
@@ -419,14 +397,15 @@ static int put_segment(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
     m->n_valid[(size_t)h * m->seg_cap + si] = valid;
     if ((rc = kvs_wbuf_put_clusters(m->wb, h, cb[si], nc, seg->centroids,
                                     m->tmp_vm, m->tmp_cnt, m->tmp_flag,
-                                    m->tmp_off, m->stream)))
+                                    m->tmp_off, kvs_wbuf_stream(m->wb))))
         return rc;
     uint64_t up = (uint64_t)nc * (2 * row + 9);
     if (with_tokens) {
         for (uint32_t t = 0; t < nt; t++)
             m->tmp_pos[t] = (uint32_t)(seg->first_pos + seg->positions[t]);
         if ((rc = kvs_wbuf_put_tokens(m->wb, h, tb[si], nt, m->tmp_pos,
-                                      seg->keys, seg->values, m->stream)))
+                                      seg->keys, seg->values,
+                                      kvs_wbuf_stream(m->wb))))
             return rc;
         up += (uint64_t)nt * (2 * row + 4);
     }
@@ -461,7 +440,7 @@ static int put_steady_indexed(kvs__gpu_t *g, kvs__gpu_layer_t *m, uint32_t h,
         }
     }
     if ((rc = kvs_wbuf_put_steady(m->wb, h, 0, n, m->tmp_sk, m->tmp_sv,
-                                  m->stream)))
+                                  kvs_wbuf_stream(m->wb))))
         return rc;
     atomic_fetch_add(&g->bytes_uploaded, (uint64_t)n * 2 * row);
     *rows = n;
@@ -547,7 +526,8 @@ static int mirror_sync(kvs__gpu_t *g, kvs__gpu_layer_t *m,
             if ((rc = kvs_wbuf_put_steady(
                      m->wb, h, m->steady_idx + m->tail_up, tail - m->tail_up,
                      (const char *)v[h].tail_keys + off,
-                     (const char *)v[h].tail_values + off, m->stream)))
+                     (const char *)v[h].tail_values + off,
+                     kvs_wbuf_stream(m->wb))))
                 return rc;
         }
         atomic_fetch_add(&g->bytes_uploaded,
@@ -565,7 +545,7 @@ static int mirror_sync(kvs__gpu_t *g, kvs__gpu_layer_t *m,
                             ? v[0].indexed_tokens - v[0].window_tokens
                             : 0;
     return kvs_wbuf_set_extent(m->wb, ncl, (uint32_t)lo, (uint32_t)hi,
-                               steady_rows, m->stream);
+                               steady_rows, kvs_wbuf_stream(m->wb));
 }
 
 static void zone_stats(const kvs__gpu_layer_t *m, const kvs_head_view_t *v,
@@ -632,35 +612,21 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
     if (g->profile)
         t[0] = ns_now();
     pthread_mutex_lock(&m->mu);
-    int rc = kvs_cuda_err(cudaSetDevice(g->p.device));
-    if (!rc && !m->stream)
-        rc = kvs_cuda_err(
-            cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
+    /* this thread may have another device current (a new buffer makes
+     * its own current) */
+    int rc = m->wb ? kvs_wbuf_use(m->wb) : 0;
     if (g->profile)
         t[1] = ns_now();
     if (!rc)
         rc = mirror_sync(g, m, v, H, G, zp);
     if (g->profile)
         t[2] = ns_now();
-    const size_t qn = (size_t)H * G * v[0].d;
     if (!rc) {
-        memcpy(m->h_q, q, qn * sizeof(float));
-        if (!(rc = kvs_cuda_err(
-                  cudaMemcpyAsync(m->d_q, m->h_q, qn * sizeof(float),
-                                  cudaMemcpyHostToDevice, m->stream))) &&
-            !(rc = kvs_wbuf_step(m->wb, m->d_q, m->d_out, m->stream)))
-            rc = kvs_cuda_err(
-                cudaMemcpyAsync(m->h_out, m->d_out, qn * sizeof(float),
-                                cudaMemcpyDeviceToHost, m->stream));
+        rc = kvs_wbuf_step_host(m->wb, q, out);
         if (g->profile)
             t[3] = ns_now();
-        if (!rc)
-            rc = kvs_cuda_err(cudaStreamSynchronize(m->stream));
-        if (g->profile)
-            t[4] = ns_now();
     }
     if (!rc) {
-        memcpy(out, m->h_out, qn * sizeof(float));
         kvs_wbuf_stats_t now, d;
         kvs_wbuf_stats(m->wb, &now);
         d.lookups = now.lookups - m->seen.lookups;
@@ -675,7 +641,7 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
         if (stats)
             zone_stats(m, v, H, &d, stats);
         if (g->profile) {
-            t[5] = ns_now();
+            t[4] = ns_now();
             for (int i = 0; i < PH_N; i++)
                 atomic_fetch_add(&g->ph_ns[i], t[i + 1] - t[i]);
             atomic_fetch_add(&g->ph_calls, 1);
