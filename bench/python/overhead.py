@@ -3,8 +3,9 @@ sequence of 32 q heads x 128 over TOKENS keys, out= given) from Python and
 from C (overhead.c, built against the same library); prints both medians
 and their difference in us per call.
 
-Usage: python overhead.py OVERHEAD_C_BINARY [TOKENS] [ITERS]
+Usage: python overhead.py OVERHEAD_C_BINARY [TOKENS] [ITERS] [--json OUT]
 """
+import json
 import subprocess
 import sys
 import time
@@ -15,9 +16,15 @@ import kvstore
 
 
 def main():
-    cbin = sys.argv[1]
-    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-    iters = int(sys.argv[3]) if len(sys.argv) > 3 else 20000
+    args = sys.argv[1:]
+    out_json = None
+    if "--json" in args:
+        i = args.index("--json")
+        out_json = args[i + 1]
+        del args[i:i + 2]
+    cbin = args[0]
+    tokens = int(args[1]) if len(args) > 1 else 64
+    iters = int(args[2]) if len(args) > 2 else 20000
     rng = np.random.default_rng(15)
     with kvstore.Store(n_threads=1) as s:
         s.create(1, layers=1, q_heads=32, kv_heads=8, head_dim=128)
@@ -36,6 +43,10 @@ def main():
                              capture_output=True, text=True).stdout)
     print(f"tokens {tokens}: python {py:.2f} us/call, C {c:.2f} us/call, "
           f"binding overhead {py - c:.2f} us/call")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump({"tokens": tokens, "iters": iters, "python_us": py,
+                       "c_us": c, "overhead_us": py - c}, f)
 
 
 if __name__ == "__main__":

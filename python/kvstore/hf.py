@@ -1,0 +1,158 @@
+"""kvstore.hf: Hugging Face transformers decoding through kvstore.
+
+An unmodified Llama-style model (`LlamaForCausalLM` and the others built on
+transformers' attention interface, transformers >= 4.48) selects kvstore
+as its attention implementation; each request is a kvstore sequence:
+
+    import kvstore, kvstore.hf
+    kvstore.hf.register()                       # once: "kvstore"
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="kvstore")
+    with kvstore.Store() as store, kvstore.hf.Session(store, model) as s:
+        out = model.generate(ids, max_new_tokens=500, do_sample=False)
+
+Inside a Session every attention call of the model appends that call's new
+keys/values (the last T of what the model's cache hands over) to the
+request's sequence; a decode step (one query per row) takes its output
+from the store (wave by default; Session(mode="exact") for exact), a
+prefill (T > 1) is computed by torch's own attention over the keys it was
+given, as an engine computes its prompt. Rows of a batch are separate
+sequences. Outside a Session the model falls back to torch's attention.
+
+The model's own cache still holds a copy of the keys/values (transformers
+gives the attention function the whole history); pass
+`past_key_values=kvstore.hf.NewTokensCache()` to `generate` where the
+installed transformers accepts a custom cache, so that only the store
+holds them.
+"""
+import contextvars
+
+import torch
+
+from kvstore.torch import StoreAttention
+
+__all__ = ["register", "Session", "attention", "NAME"]
+
+NAME = "kvstore"
+_current = contextvars.ContextVar("kvstore_hf_session", default=None)
+
+
+def _torch_attention(query, key, value, attention_mask, scaling):
+    """Causal attention in torch for a prefill: query [B, H, T, D], key and
+    value [B, KV, N, D]; returns [B, T, H, D]."""
+    b, h, t, d = query.shape
+    g = h // key.shape[1]
+    k = key.repeat_interleave(g, dim=1)
+    v = value.repeat_interleave(g, dim=1)
+    s = torch.matmul(query, k.transpose(-1, -2)) * scaling
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        s = s.masked_fill(~attention_mask[..., :k.shape[2]], float("-inf"))
+    elif attention_mask is not None:
+        s = s + attention_mask[..., :k.shape[2]]
+    else:
+        n = k.shape[2]
+        causal = torch.ones(t, n, dtype=torch.bool).tril(n - t)
+        s = s.masked_fill(~causal, float("-inf"))
+    o = torch.matmul(torch.softmax(s.float(), dim=-1).to(v.dtype), v)
+    return o.transpose(1, 2).contiguous()
+
+
+class Session:
+    """Binds a model's attention calls to kvstore sequences (one per batch
+    row) for the duration of a `with` block; the sequences are dropped on
+    exit. handle: kvstore.Store or kvstore.Client; mode/query params as
+    for kvstore.torch.StoreAttention."""
+
+    def __init__(self, handle, model, *, batch=1, mode="wave",
+                 first_seq=1, **query_params):
+        cfg = model.config
+        hd = getattr(cfg, "head_dim", None) or \
+            cfg.hidden_size // cfg.num_attention_heads
+        self.backend = StoreAttention(
+            handle, layers=cfg.num_hidden_layers,
+            q_heads=cfg.num_attention_heads,
+            kv_heads=getattr(cfg, "num_key_value_heads",
+                             cfg.num_attention_heads),
+            head_dim=hd, mode=mode, first_seq=first_seq, **query_params)
+        self.batch = batch
+        self.seqs = []
+        self.decode_calls = 0
+        self._token = None
+
+    def __enter__(self):
+        self.seqs = [self.backend.open() for _ in range(self.batch)]
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _current.reset(self._token)
+        self.backend.close_all()
+        return False
+
+    def __call__(self, module, query, key, value, attention_mask, scaling):
+        b, h, t, d = query.shape
+        if b != len(self.seqs):
+            raise ValueError(f"query: batch {b}, but the session has "
+                             f"{len(self.seqs)} sequences")
+        layer = module.layer_idx
+        new_k = key[:, :, -t:].transpose(1, 2).float()  # [B, T, KV, D]
+        new_v = value[:, :, -t:].transpose(1, 2).float()
+        if t > 1:
+            for i, seq in enumerate(self.seqs):
+                self.backend.handle.append(seq, layer,
+                                           new_k[i].contiguous(),
+                                           new_v[i].contiguous())
+            return _torch_attention(query, key, value, attention_mask,
+                                    scaling)
+        out = torch.empty(b, 1, h, d, dtype=query.dtype)
+        for i, seq in enumerate(self.seqs):
+            o = self.backend.step(seq, layer, query[i, :, 0], new_k[i, 0],
+                                  new_v[i, 0])
+            out[i, 0] = o.to(query.dtype)
+        self.decode_calls += 1
+        return out
+
+
+def attention(module, query, key, value, attention_mask, scaling=None,
+              dropout=0.0, **kwargs):
+    """The attention function registered as "kvstore": transformers'
+    interface (query [B, H, T, D], key/value [B, KV, N, D]; returns
+    ([B, T, H, D], None))."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    session = _current.get()
+    if session is None:
+        return _torch_attention(query, key, value, attention_mask,
+                                scaling), None
+    return session(module, query, key, value, attention_mask, scaling), None
+
+
+def register():
+    """Registers "kvstore" with transformers.AttentionInterface."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(NAME, attention)
+
+
+class NewTokensCache:
+    """A cache object for generate() that keeps no keys/values: it hands
+    each layer only the new ones and counts the length (the store holds the
+    history). Built on transformers.DynamicCache so that generate() accepts
+    it; created lazily because transformers is optional."""
+
+    def __new__(cls):
+        from transformers import DynamicCache
+
+        class _NewTokens(DynamicCache):
+            def __init__(self):
+                super().__init__()
+                self._len = {}
+
+            def update(self, key_states, value_states, layer_idx,
+                       cache_kwargs=None):
+                self._len[layer_idx] = self._len.get(layer_idx, 0) + \
+                    key_states.shape[-2]
+                return key_states, value_states
+
+            def get_seq_length(self, layer_idx=0):
+                return self._len.get(layer_idx, 0)
+
+        return _NewTokens()

@@ -1,0 +1,99 @@
+"""kvstore.llama2c.to_transformers and kvstore.hf: the converted checkpoint
+in transformers' layout (rotate-half RoPE) gives the llama2.c model's
+logits; with transformers installed, an unmodified LlamaForCausalLM
+decodes through kvstore (skipped where transformers is not installed:
+Debian 12 does not package it)."""
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import kvstore  # noqa: E402
+from kvstore.llama2c import Llama2c, TorchCache, sdpa_attention, \
+    to_transformers  # noqa: E402
+
+DATA = os.environ.get("KVS_SHARED_DATA", os.path.join(
+    os.path.dirname(__file__), "..", "..", "..", "shared", "data"))
+
+
+def rotate_half_forward(cfg, sd, tokens):
+    """transformers' Llama forward (rotate_half RoPE, theta from cfg), written
+    out over the converted state dict: logits [T, vocab]."""
+    L, H = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    KVH, hd = cfg["num_key_value_heads"], cfg["head_dim"]
+    t = len(tokens)
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).double() / hd)
+    ang = torch.outer(torch.arange(t).double(), inv)
+    emb = torch.cat([ang, ang], dim=-1)
+    cos, sin = emb.cos().float()[:, None], emb.sin().float()[:, None]
+
+    def rope(x):
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def norm(x, w):
+        return w * (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5))
+
+    x = sd["model.embed_tokens.weight"][torch.tensor(tokens)]
+    for l in range(L):
+        p = f"model.layers.{l}."
+        h = norm(x, sd[p + "input_layernorm.weight"])
+        q = rope((h @ sd[p + "self_attn.q_proj.weight"].T).view(t, H, hd))
+        k = rope((h @ sd[p + "self_attn.k_proj.weight"].T).view(t, KVH, hd))
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(t, KVH, hd)
+        o = sdpa_attention(q, k, v).reshape(t, -1)
+        x = x + o @ sd[p + "self_attn.o_proj.weight"].T
+        h = norm(x, sd[p + "post_attention_layernorm.weight"])
+        g = torch.nn.functional.silu(h @ sd[p + "mlp.gate_proj.weight"].T)
+        x = x + (g * (h @ sd[p + "mlp.up_proj.weight"].T)) @ \
+            sd[p + "mlp.down_proj.weight"].T
+    return norm(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("name", ["stories260K.bin", "tinycode128.bin"])
+def test_converted_layout_gives_the_same_logits(name):
+    path = os.path.join(DATA, name)
+    cfg, sd = to_transformers(path)
+    m = Llama2c(path)
+    toks = [1] + list(range(40, 40 + 47))
+    with torch.no_grad():
+        want = m.forward(toks, 0, TorchCache(m))
+        got = rotate_half_forward(cfg, sd, toks)
+    err = (got - want).abs().max().item()
+    print(f"{name}: max |converted - llama2.c| logits {err:.3g}")
+    assert err <= 1e-3 * max(1.0, want.abs().max().item())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_converter_refuses_wrong_rope_tables(tmp_path):
+    import numpy as np
+    src = os.path.join(DATA, "stories260K.bin")
+    raw = np.fromfile(src, np.uint8).copy()
+    # the last floats of the file belong to the RoPE sin table (shared
+    # classifier): make one wrong
+    f = raw[-4:].view(np.float32)
+    f[0] += 0.5
+    bad = tmp_path / "bad.bin"
+    raw.tofile(bad)
+    with pytest.raises(ValueError, match="RoPE"):
+        to_transformers(str(bad))
+
+
+def test_llama_for_causal_lm_decodes_through_kvstore():
+    transformers = pytest.importorskip("transformers")
+    import kvstore.hf
+    cfg, sd = to_transformers(os.path.join(DATA, "stories260K.bin"))
+    kvstore.hf.register()
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**cfg, attn_implementation="kvstore"))
+    model.load_state_dict(sd, strict=False)
+    model.eval()
+    ids = torch.tensor([[1] + list(range(40, 72))])
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=48, do_sample=False)
+        with kvstore.Store() as s, \
+                kvstore.hf.Session(s, model, mode="exact") as sess:
+            got = model.generate(ids, max_new_tokens=48, do_sample=False)
+            assert sess.decode_calls > 0
+    assert torch.equal(got, want)
