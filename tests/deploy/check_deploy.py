@@ -1,0 +1,156 @@
+"""tests/deploy: the files under deploy/ agree with the kvstored they
+deploy. Usage: check_deploy.py KVSTORED SOURCE_DIR
+
+- deploy/systemd/kvstored.conf passes `kvstored --check-config`;
+- deploy/systemd/kvstored.service passes `systemd-analyze verify` (with
+  ExecStart pointed at this build; skipped, and said so, without systemd);
+- deploy/kubernetes/*.yaml parse; the kvstored.conf of its ConfigMap passes
+  `kvstored --check-config` (its secret and data paths replaced by
+  temporary ones); the StatefulSet's ports, probes, config mount and
+  environment match that configuration and kvstored's options.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+KVSTORED, SRC = sys.argv[1], sys.argv[2]
+DEPLOY = os.path.join(SRC, "deploy")
+failures = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        failures.append(what)
+
+
+def check_config(path):
+    r = subprocess.run([KVSTORED, "--config", path, "--check-config"],
+                       capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+
+
+def conf_map(text):
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            k, _, v = line.partition(" ")
+            out[k] = v.strip().strip('"')
+    return out
+
+
+tmp = tempfile.mkdtemp()
+try:
+    # ---- systemd
+    rc, out = check_config(os.path.join(DEPLOY, "systemd", "kvstored.conf"))
+    check(rc == 0, f"systemd/kvstored.conf passes --check-config ({rc}) "
+          + ("" if rc == 0 else out))
+    unit = open(os.path.join(DEPLOY, "systemd", "kvstored.service")).read()
+    check("Type=notify" in unit, "unit is Type=notify (kvstored sends READY=1)")
+    m = re.search(r"TimeoutStopSec=(\d+)", unit)
+    conf = conf_map(open(os.path.join(DEPLOY, "systemd",
+                                      "kvstored.conf")).read())
+    drain_s = int(conf.get("shutdown_timeout_ms", "30000")) / 1000
+    check(m and int(m.group(1)) > drain_s,
+          "unit's TimeoutStopSec exceeds the drain (shutdown_timeout_ms)")
+    check(conf.get("data_dir", "").startswith("/var/lib/kvstored"),
+          "config's data_dir is the unit's StateDirectory")
+    if shutil.which("systemd-analyze"):
+        u = os.path.join(tmp, "kvstored.service")
+        with open(u, "w") as f:
+            f.write(unit.replace("/usr/local/bin/kvstored",
+                                 os.path.abspath(KVSTORED)))
+        r = subprocess.run(["systemd-analyze", "verify", u],
+                           capture_output=True, text=True)
+        bad = [l for l in (r.stdout + r.stderr).splitlines()
+               if "kvstored.service" in l]
+        check(r.returncode == 0 and not bad,
+              "systemd-analyze verify kvstored.service " + " ".join(bad))
+    else:
+        print("skip systemd-analyze verify: systemd-analyze not installed")
+
+    # ---- Kubernetes
+    docs = []
+    for name in sorted(os.listdir(os.path.join(DEPLOY, "kubernetes"))):
+        if name.endswith(".yaml"):
+            with open(os.path.join(DEPLOY, "kubernetes", name)) as f:
+                docs += [d for d in yaml.safe_load_all(f) if d]
+    for d in docs:
+        check(all(k in d for k in ("apiVersion", "kind", "metadata")) and
+              d["metadata"].get("name"), f"{d.get('kind')} "
+              f"{d.get('metadata', {}).get('name')} has apiVersion, kind, name")
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    cm = by.get(("ConfigMap", "kvstored"))
+    sts = by.get(("StatefulSet", "kvstored"))
+    check(cm is not None and sts is not None, "ConfigMap and StatefulSet kvstored")
+    text = cm["data"]["kvstored.conf"]
+    kconf = conf_map(text)
+    token = os.path.join(tmp, "auth-token")
+    with open(token, "w") as f:
+        f.write("x" * 32 + "\n")
+    os.chmod(token, 0o600)
+    text = text.replace(kconf["auth_token_file"], token)
+    text = text.replace(kconf["data_dir"], os.path.join(tmp, "data"))
+    p = os.path.join(tmp, "k8s.conf")
+    with open(p, "w") as f:
+        f.write(text)
+    rc, out = check_config(p)
+    check(rc == 0, f"ConfigMap kvstored.conf passes --check-config ({rc}) "
+          + ("" if rc == 0 else out))
+    pod = sts["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    ports = {pp["name"]: pp["containerPort"] for pp in c["ports"]}
+    check(ports.get("rpc") == int(kconf["port"]) and
+          ports.get("http") == int(kconf["http_port"]),
+          "container ports are the config's port and http_port")
+    check(kconf["bind"] == "0.0.0.0" and kconf["http_bind"] == "0.0.0.0",
+          "the pod listens on its own address (bind, http_bind 0.0.0.0)")
+    for probe in ("readinessProbe", "startupProbe"):
+        hg = c[probe]["httpGet"]
+        check(hg["path"] == "/healthz" and hg["port"] in ports,
+              f"{probe} asks /healthz on a named port")
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    args = c["args"]
+    cfg_path = args[args.index("--config") + 1]
+    check(cfg_path in mounts, "the --config path is mounted")
+    check(any(kconf["auth_token_file"].startswith(mp) for mp in mounts),
+          "auth_token_file lies in a mounted volume")
+    check(any(kconf["data_dir"].startswith(mp) for mp in mounts),
+          "data_dir lies in a mounted volume")
+    r = subprocess.run([KVSTORED, "--help"], capture_output=True, text=True)
+    options = set(re.findall(r"^\s+--([a-z0-9-]+)", r.stdout, re.M))
+    for e in c.get("env", []):
+        if e["name"].startswith("KVSTORED_"):
+            opt = e["name"][len("KVSTORED_"):].lower().replace("_", "-")
+            check(opt in options, f"env {e['name']} is a kvstored option")
+    drain_s = int(kconf.get("shutdown_timeout_ms", "30000")) / 1000
+    check(pod["terminationGracePeriodSeconds"] > drain_s,
+          "terminationGracePeriodSeconds exceeds the drain")
+
+    # ---- the image: its runtime packages are Debian 12's names
+    docker = open(os.path.join(DEPLOY, "Dockerfile")).read()
+    stage = docker[docker.rindex("FROM "):]
+    install = stage[stage.index("--no-install-recommends"):]
+    install = install[:install.index("&&")]
+    pkgs = re.findall(r"\b(lib[\w.+-]+)", install)
+    if shutil.which("apt-cache"):
+        r = subprocess.run(["apt-cache", "show"] + pkgs, capture_output=True,
+                           text=True)
+        found = set(re.findall(r"^Package: (\S+)", r.stdout, re.M))
+        check(pkgs and set(pkgs) <= found,
+              f"Dockerfile runtime packages exist in apt: {pkgs}")
+    else:
+        print("skip Dockerfile package check: no apt-cache")
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+if failures:
+    print(f"{len(failures)} check(s) failed")
+    sys.exit(1)
+print("deploy: all checks passed")
