@@ -211,8 +211,8 @@ int kvs_wbuf_new(const kvs_wbuf_params_t *p, kvs_wbuf_t **out) {
                                           cudaEventDisableTiming))) != 0 ||
         (rc = cu(cudaStreamCreateWithFlags(&wb->side,
                                            cudaStreamNonBlocking))) != 0 ||
-        (rc = cu(cudaStreamCreateWithFlags(&wb->own,
-                                           cudaStreamNonBlocking))) != 0)
+        (rc = cu(cudaStreamCreateWithFlags(&wb->own, cudaStreamNonBlocking))) !=
+            0)
         goto err;
     if ((rc = cu(cudaMemset(wb->d_slot_of, 0xff, H * C * 4))) != 0 ||
         (rc = cu(cudaMemset(wb->d_nc, 0, H * 4))) != 0)

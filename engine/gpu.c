@@ -19,8 +19,8 @@
  * phase, given to the store's log callback at close (for tuning the engine
  * path). */
 enum { PH_LOCK, PH_SYNC, PH_STEP, PH_POST, PH_N };
-static const char *const ph_name[PH_N] = {"lock+device", "mirror sync",
-                                          "step", "stats"};
+static const char *const ph_name[PH_N] = {"lock+device", "mirror sync", "step",
+                                          "stats"};
 
 static uint64_t ns_now(void) {
     struct timespec ts;
@@ -42,6 +42,15 @@ struct kvs__gpu_s {
         build_errors;
     int profile;
     atomic_uint_fast64_t ph_ns[PH_N], ph_calls;
+    /* Layers holding a wave buffer, most recently attended first. Over
+     * memory_bytes (or when the GPU is out of memory) a new buffer evicts
+     * the least recently used ones (mirror_evict) instead of being
+     * refused. Lock order: a layer's mu, then lru_mu, then other layers'
+     * mu by trylock only (a busy layer is never waited for, so two layers
+     * evicting each other cannot deadlock). */
+    pthread_mutex_t lru_mu;
+    kvs__gpu_layer_t *lru_first, *lru_last;
+    atomic_uint_fast64_t mirrors_evicted;
     /* segment k-means: one context for every builder thread */
     pthread_mutex_t build_mu;
     kvs_cuda_cluster_t *cl;
@@ -77,6 +86,9 @@ int kvs__gpu_cluster(kvs__gpu_t *g, kvs_dtype_t dtype, uint32_t d, uint32_t n,
 struct kvs__gpu_layer_s {
     pthread_mutex_t mu;
     kvs_wbuf_t *wb; /* NULL: nothing uploaded; owns its stream */
+    /* in g's LRU list while wb is held (under g->lru_mu) */
+    kvs__gpu_layer_t *lru_prev, *lru_next;
+    int in_lru;
     /* geometry and plan of wb */
     kvs_dtype_t dtype;
     uint32_t H, G, C_cap, N_cap, S_cap;
@@ -123,6 +135,7 @@ int kvs__gpu_open(const kvs__gpu_params_t *p, kvs__gpu_t **out, char *why,
     g->p = *p;
     g->profile = p->profile;
     pthread_mutex_init(&g->build_mu, NULL);
+    pthread_mutex_init(&g->lru_mu, NULL);
     g->kv_budget = p->kv_host_only   ? 0
                    : p->memory_bytes ? p->memory_bytes / 2
                                      : (uint64_t)free_b / 2;
@@ -149,6 +162,7 @@ void kvs__gpu_close(kvs__gpu_t *g) {
     }
     kvs_cuda_cluster_free(g->cl);
     pthread_mutex_destroy(&g->build_mu);
+    pthread_mutex_destroy(&g->lru_mu);
     free(g);
 }
 
@@ -167,8 +181,63 @@ static void scratch_free(kvs__gpu_layer_t *m) {
     m->tmp_clusters = m->tmp_tokens = m->tmp_steady = 0;
 }
 
+/* LRU list of layers holding a buffer; callers hold g->lru_mu. */
+static void lru_unlink(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
+    if (!m->in_lru)
+        return;
+    if (m->lru_prev)
+        m->lru_prev->lru_next = m->lru_next;
+    else
+        g->lru_first = m->lru_next;
+    if (m->lru_next)
+        m->lru_next->lru_prev = m->lru_prev;
+    else
+        g->lru_last = m->lru_prev;
+    m->lru_prev = m->lru_next = NULL;
+    m->in_lru = 0;
+}
+
+/* Marks m (holding its mu and a buffer) most recently used. */
+static void lru_touch(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
+    pthread_mutex_lock(&g->lru_mu);
+    if (g->lru_first != m) {
+        lru_unlink(g, m);
+        m->lru_next = g->lru_first;
+        if (g->lru_first)
+            g->lru_first->lru_prev = m;
+        g->lru_first = m;
+        if (!g->lru_last)
+            g->lru_last = m;
+        m->in_lru = 1;
+    }
+    pthread_mutex_unlock(&g->lru_mu);
+}
+
+static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m);
+
+/* Gives back the least recently used other layer's buffer (one that is
+ * not in use right now); 0 if none could be. The caller holds m->mu. */
+static int mirror_evict(kvs__gpu_t *g, const kvs__gpu_layer_t *m) {
+    pthread_mutex_lock(&g->lru_mu);
+    kvs__gpu_layer_t *v = g->lru_last;
+    while (v && (v == m || pthread_mutex_trylock(&v->mu) != 0))
+        v = v->lru_prev;
+    if (v)
+        lru_unlink(g, v);
+    pthread_mutex_unlock(&g->lru_mu);
+    if (!v)
+        return 0;
+    mirror_release(g, v); /* the next attend of v uploads it again */
+    pthread_mutex_unlock(&v->mu);
+    atomic_fetch_add(&g->mirrors_evicted, 1);
+    return 1;
+}
+
 /* Everything but the mutex: back to "nothing uploaded". */
 static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
+    pthread_mutex_lock(&g->lru_mu);
+    lru_unlink(g, m);
+    pthread_mutex_unlock(&g->lru_mu);
     if (m->wb) {
         kvs_wbuf_free(m->wb);
         m->wb = NULL;
@@ -192,8 +261,13 @@ static void mirror_release(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
 void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
     if (!m)
         return;
-    if (g)
+    if (g) {
+        /* an evictor may hold m->mu: wait for it (after release, m is in
+         * no list, so no evictor can find it again) */
+        pthread_mutex_lock(&m->mu);
         mirror_release(g, m);
+        pthread_mutex_unlock(&m->mu);
+    }
     pthread_mutex_destroy(&m->mu);
     free(m);
 }
@@ -254,7 +328,10 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
                  .estimation_fraction = m->ef,
                  .scale = m->scale},
     };
-    int rc = kvs_wbuf_new(&bp, &m->wb);
+    int rc;
+    /* the GPU out of memory: evict other layers' buffers until it fits */
+    while ((rc = kvs_wbuf_new(&bp, &m->wb)) == KVS_ENOMEM && mirror_evict(g, m))
+        ;
     if (rc) {
         if (on_device)
             atomic_fetch_sub(&g->kv_used, kv_bytes);
@@ -271,6 +348,12 @@ static int mirror_alloc(kvs__gpu_t *g, kvs__gpu_layer_t *m,
     m->held_pinned = m->seen.bytes_host;
     atomic_fetch_add(&g->bytes_gpu, m->held_gpu);
     atomic_fetch_add(&g->bytes_pinned, m->held_pinned);
+    lru_touch(g, m);
+    /* over the budget: least recently used layers make room; if they
+     * cannot (this layer alone is over it), the CPU serves this one */
+    while (g->p.memory_bytes &&
+           atomic_load(&g->bytes_gpu) > g->p.memory_bytes && mirror_evict(g, m))
+        ;
     if (g->p.memory_bytes && atomic_load(&g->bytes_gpu) > g->p.memory_bytes) {
         mirror_release(g, m);
         m->refused = 1;
@@ -523,11 +606,11 @@ static int mirror_sync(kvs__gpu_t *g, kvs__gpu_layer_t *m,
     if (tail > m->tail_up) {
         for (uint32_t h = 0; h < H; h++) {
             const size_t off = (size_t)m->tail_up * row;
-            if ((rc = kvs_wbuf_put_steady(
-                     m->wb, h, m->steady_idx + m->tail_up, tail - m->tail_up,
-                     (const char *)v[h].tail_keys + off,
-                     (const char *)v[h].tail_values + off,
-                     kvs_wbuf_stream(m->wb))))
+            if ((rc = kvs_wbuf_put_steady(m->wb, h, m->steady_idx + m->tail_up,
+                                          tail - m->tail_up,
+                                          (const char *)v[h].tail_keys + off,
+                                          (const char *)v[h].tail_values + off,
+                                          kvs_wbuf_stream(m->wb))))
                 return rc;
         }
         atomic_fetch_add(&g->bytes_uploaded,
@@ -638,6 +721,7 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
         atomic_fetch_add(&g->hits, d.hits);
         atomic_fetch_add(&g->bytes_bus, d.bytes_miss);
         atomic_fetch_add(&g->attends, 1);
+        lru_touch(g, m);
         if (stats)
             zone_stats(m, v, H, &d, stats);
         if (g->profile) {
@@ -677,4 +761,5 @@ void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {
     o->mirrors_built = atomic_load(&g->mirrors_built);
     o->builds = atomic_load(&g->builds);
     o->build_errors = atomic_load(&g->build_errors);
+    o->mirrors_evicted = atomic_load(&g->mirrors_evicted);
 }

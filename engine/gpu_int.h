@@ -47,6 +47,7 @@ typedef struct kvs__gpu_stats_s {
     uint64_t bytes_gpu, bytes_pinned, bytes_kv_device;
     uint64_t lookups, hits, bytes_bus, bytes_uploaded;
     uint64_t mirrors_built;
+    uint64_t mirrors_evicted;      /* buffers given back for other layers */
     uint64_t builds, build_errors; /* segment clusterings on the GPU */
 } kvs__gpu_stats_t;
 

@@ -457,6 +457,7 @@ int kvs_store_stats(kvs_store_t *s, kvs_store_stats_t *st) {
     st->gpu_kv_bytes = g.bytes_kv_device;
     st->gpu_builds = g.builds;
     st->gpu_build_errors = g.build_errors;
+    st->gpu_mirrors_evicted = g.mirrors_evicted;
     st->gpu_cache_lookups = g.lookups;
     st->gpu_cache_hits = g.hits;
     st->gpu_bus_bytes = g.bytes_bus;

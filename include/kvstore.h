@@ -205,11 +205,14 @@ typedef struct kvs_options_s {
      * rounding; kvs_store_gpu_info() says which path serves. -1 (default):
      * CPU only. */
     int32_t cuda_device;
-    float cuda_cache_fraction;  /* cache slots per head, as a fraction of
-                                   its clusters; default 0.1 */
-    uint64_t cuda_memory_bytes; /* GPU memory for all layers' buffers; over
-                                   it new layers stay on the CPU; 0: no
-                                   limit */
+    float cuda_cache_fraction; /* cache slots per head, as a fraction of
+                                  its clusters; default 0.1 */
+    /* GPU memory for all layers' buffers; 0: no limit. A layer that
+     * would go over it (or finds the GPU out of memory) makes room by
+     * evicting the least recently attended layers' buffers (they are
+     * uploaded again at their next attend; gpu_mirrors_evicted counts
+     * them); a layer larger than the whole budget stays on the CPU. */
+    uint64_t cuda_memory_bytes;
     /* Where a GPU-served layer keeps its keys/values: KVS_CUDA_KV_AUTO
      * (default) in GPU memory while those of all such layers fit half the
      * memory free at open (half of cuda_memory_bytes when set), else in
@@ -427,11 +430,14 @@ typedef struct kvs_store_stats_s {
     uint64_t gpu_pinned_bytes; /* pinned host memory held by them */
     uint64_t gpu_kv_bytes;     /* K/V held in GPU memory (KVS_CUDA_KV_AUTO) */
     uint64_t gpu_cache_lookups, gpu_cache_hits; /* retrieved clusters */
-    uint64_t gpu_bus_bytes;    /* K/V read from host memory (cache misses) */
-    uint64_t gpu_upload_bytes; /* index and steady rows copied in */
-    uint64_t gpu_builds;       /* segments clustered on the GPU */
-    uint64_t gpu_build_errors; /* GPU clusterings that failed (built on
-                                  the CPU instead) */
+    uint64_t gpu_bus_bytes;       /* K/V read from host memory (cache misses) */
+    uint64_t gpu_upload_bytes;    /* index and steady rows copied in */
+    uint64_t gpu_builds;          /* segments clustered on the GPU */
+    uint64_t gpu_build_errors;    /* GPU clusterings that failed (built on
+                                     the CPU instead) */
+    uint64_t gpu_mirrors_evicted; /* layer buffers given back (least
+                                     recently used first) to make room
+                                     under cuda_memory_bytes */
     /* Storage writes (appends, index segments, sequence metadata) are
      * numbered from 1 in the order the store makes them, per open. */
     uint64_t queued_seqno;      /* the last one made */

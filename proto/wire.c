@@ -326,6 +326,7 @@ void kvs_wire_store_stats_from_pb(const Kvs__V1__StatsResponse *m,
     out->gpu_upload_bytes = m->gpu_upload_bytes;
     out->gpu_builds = m->gpu_builds;
     out->gpu_build_errors = m->gpu_build_errors;
+    out->gpu_mirrors_evicted = m->gpu_mirrors_evicted;
     out->queued_seqno = m->queued_seqno;
     out->persisted_seqno = m->persisted_seqno;
     out->unpersisted_bytes = m->unpersisted_bytes;
@@ -362,6 +363,7 @@ void kvs_wire_store_stats_to_pb(const kvs_store_stats_t *s,
     out->gpu_upload_bytes = s->gpu_upload_bytes;
     out->gpu_builds = s->gpu_builds;
     out->gpu_build_errors = s->gpu_build_errors;
+    out->gpu_mirrors_evicted = s->gpu_mirrors_evicted;
     out->queued_seqno = s->queued_seqno;
     out->persisted_seqno = s->persisted_seqno;
     out->unpersisted_bytes = s->unpersisted_bytes;

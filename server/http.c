@@ -367,6 +367,10 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
         metric(&w, "kvstore_gpu_bus_bytes_total", C,
                "K/V bytes read from host memory by cache misses.", NULL, 0,
                (double)st.gpu_bus_bytes);
+        metric(&w, "kvstore_gpu_mirrors_evicted_total", C,
+               "Layer wave buffers given back, least recently used first, "
+               "to make room under cuda_memory_bytes.",
+               NULL, 0, (double)st.gpu_mirrors_evicted);
     }
     *out = w.b.p;
     *len = w.b.failed ? 0 : w.b.len;

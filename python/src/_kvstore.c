@@ -408,9 +408,11 @@ static PyObject *store_stats_dict(const kvs_store_stats_t *s) {
     U(gpu_errors) U(gpu_bytes) U(gpu_pinned_bytes) U(gpu_kv_bytes)
     U(gpu_cache_lookups) U(gpu_cache_hits) U(gpu_bus_bytes)
     U(gpu_upload_bytes) U(gpu_builds) U(gpu_build_errors)
+    U(gpu_mirrors_evicted)
 /* clang-format on */
 #undef U
-                            PyObject *x = PyFloat_FromDouble(s->build_seconds);
+                                PyObject *x =
+                                    PyFloat_FromDouble(s->build_seconds);
     if (!x || PyDict_SetItemString(d, "build_seconds", x) < 0) {
         Py_XDECREF(x);
         goto err;

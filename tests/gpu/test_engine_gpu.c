@@ -425,12 +425,76 @@ static void budget_check(void) {
     kvs_store_close(gpu);
 }
 
+/*
+ * A GPU memory budget that holds one layer's buffer but not two: attends
+ * alternating between two layers evict each other's buffers (least
+ * recently used first) instead of sending the second layer to the CPU;
+ * every call is served by the GPU, answers as the CPU store's.
+ */
+static void eviction_check(void) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.segment_tokens = 1024;
+    o.cuda_device = 0;
+    o.cuda_build = 0;
+    o.cuda_kv = KVS_CUDA_KV_HOST;
+    /* one layer's buffer: measured, with no budget */
+    kvs_store_t *cpu, *gpu;
+    OK(kvs_store_open(&o, &gpu));
+    OK(kvs_store_open(&o, &cpu));
+    run_t e = {0};
+    decode_compare(cpu, gpu, 1, KVS_DTYPE_BF16, 8, 2, 1, 3000, 0, 1, &e);
+    kvs_store_stats_t st;
+    OK(kvs_store_stats(gpu, &st));
+    const uint64_t one = st.gpu_bytes;
+    kvs_store_close(gpu);
+    kvs_store_close(cpu);
+    free(e.err);
+    memset(&e, 0, sizeof e);
+
+    kvs_options_t c;
+    kvs_options_default(&c);
+    c.segment_tokens = 1024;
+    OK(kvs_store_open(&c, &cpu));
+    o.cuda_memory_bytes = one + one / 2;
+    OK(kvs_store_open(&o, &gpu));
+    decode_compare(cpu, gpu, 1, KVS_DTYPE_BF16, 8, 2, 2, 3000, 40, 10, &e);
+    OK(kvs_store_stats(gpu, &st));
+    size_t over = 0;
+    for (size_t i = 0; i < e.n; i++)
+        over += e.err[i] > 1e-4;
+    printf("GPU budget %.1f MB (1.5 layers): %zu calls over 2 layers, %llu "
+           "on the GPU, %llu fallbacks, %llu buffers evicted, %zu above "
+           "1e-4\n",
+           o.cuda_memory_bytes / 1e6, e.n, (unsigned long long)st.gpu_attends,
+           (unsigned long long)st.gpu_fallbacks,
+           (unsigned long long)st.gpu_mirrors_evicted, over);
+    CHECK(one > 0, "no GPU bytes measured for one layer");
+    CHECK(st.gpu_attends == e.n && st.gpu_fallbacks == 0 && st.gpu_errors == 0,
+          "eviction: attends %llu of %zu, fallbacks %llu, errors %llu",
+          (unsigned long long)st.gpu_attends, e.n,
+          (unsigned long long)st.gpu_fallbacks,
+          (unsigned long long)st.gpu_errors);
+    CHECK(st.gpu_mirrors_evicted + 1 >= e.n,
+          "eviction: %llu buffers evicted over %zu alternating calls",
+          (unsigned long long)st.gpu_mirrors_evicted, e.n);
+    CHECK(st.gpu_bytes <= o.cuda_memory_bytes,
+          "eviction: %llu GPU bytes held over the budget %llu",
+          (unsigned long long)st.gpu_bytes,
+          (unsigned long long)o.cuda_memory_bytes);
+    CHECK(over == 0, "eviction: %zu calls differ from the CPU's", over);
+    free(e.err);
+    kvs_store_close(cpu);
+    kvs_store_close(gpu);
+}
+
 int main(void) {
     if (run_all(KVS_CUDA_KV_HOST) == 77)
         return 77;
     run_all(KVS_CUDA_KV_AUTO);
     gpu_build_check();
     budget_check();
+    eviction_check();
     if (failures) {
         fprintf(stderr, "test_engine_gpu: %d failures\n", failures);
         return 1;

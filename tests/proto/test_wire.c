@@ -25,7 +25,7 @@ _Static_assert(sizeof(kvs_query_params_t) == 28, "new query param field");
 _Static_assert(sizeof(kvs_geometry_t) == 20, "new geometry field");
 _Static_assert(sizeof(kvs_attend_stats_t) == 64, "new attend stats field");
 _Static_assert(sizeof(kvs_seq_info_t) == 88, "new seq info field");
-_Static_assert(sizeof(kvs_store_stats_t) == 240, "new store stats field");
+_Static_assert(sizeof(kvs_store_stats_t) == 248, "new store stats field");
 
 static const kvs_mode_t MODES[] = {KVS_MODE_DEFAULT, KVS_MODE_WAVE,
                                    KVS_MODE_EXACT, KVS_MODE_FULL};
@@ -449,6 +449,7 @@ static void check_store_stats_equal(const kvs_store_stats_t *a,
     assert_true(a->gpu_bus_bytes == b->gpu_bus_bytes);
     assert_true(a->gpu_upload_bytes == b->gpu_upload_bytes);
     assert_true(a->gpu_builds == b->gpu_builds);
+    assert_true(a->gpu_mirrors_evicted == b->gpu_mirrors_evicted);
     assert_true(a->gpu_build_errors == b->gpu_build_errors);
 }
 
@@ -483,6 +484,7 @@ static void test_wire_store_stats_roundtrip(void **state) {
             .gpu_bus_bytes = 122,
             .gpu_upload_bytes = 123,
             .gpu_builds = 124,
+            .gpu_mirrors_evicted = 1ull << 51,
             .gpu_build_errors = 1ull << 50,
         };
         Kvs__V1__StatsResponse m = KVS__V1__STATS_RESPONSE__INIT;
