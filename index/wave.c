@@ -87,6 +87,8 @@ struct kvs_scratch_s {
     size_t cscr_cap;
     uint32_t *ustart; /* codes attend: first member of each scanned cluster */
     size_t ustart_cap;
+    uint64_t *rsort; /* [2][C] radix sort of the cluster ranking */
+    size_t rsort_cap;
 };
 
 kvs_scratch_t *kvs_scratch_new(void) {
@@ -113,6 +115,7 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->cpos);
     free(s->cscr);
     free(s->ustart);
+    free(s->rsort);
     free(s);
 }
 
@@ -875,12 +878,38 @@ static int search_rows(void *arg, const void *keys, const void *vals,
     return 0;
 }
 
-static int cmp_desc_idx_tl(const void *a, const void *b) {
-    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
-    float x = tl_sort_key[i], y = tl_sort_key[j];
-    if (x != y)
-        return (x < y) - (x > y);
-    return (i > j) - (i < j); /* ties by index: same order on every libc */
+/* s->idx[0 .. C) = 0 .. C - 1 ordered by key descending, ties by index
+ * (the same order on every libc). A stable LSD radix sort of (key, index)
+ * pairs: C log C comparisons through a thread-local key cost a tenth of a
+ * codes attend. Keys are compared as floats (-0 == +0; no NaN). */
+static int sort_rank_desc(kvs_scratch_t *s, const float *key, uint32_t C) {
+    if (GROW(s, rsort, rsort_cap, 2 * (size_t)(C ? C : 1)))
+        return KVS_ENOMEM;
+    uint64_t *a = s->rsort, *b = s->rsort + C;
+    for (uint32_t c = 0; c < C; c++) {
+        float f = key[c] == 0 ? 0.0f : key[c];
+        uint32_t u;
+        memcpy(&u, &f, sizeof u);
+        u = u >> 31 ? ~u : u | 0x80000000u; /* ascending with f */
+        a[c] = (uint64_t)~u << 32 | c;      /* ascending: f descending */
+    }
+    for (uint32_t shift = 32; shift < 64 && C; shift += 8) {
+        uint32_t count[257] = {0};
+        for (uint32_t c = 0; c < C; c++)
+            count[((a[c] >> shift) & 255) + 1]++;
+        if (count[((a[0] >> shift) & 255) + 1] == C)
+            continue; /* one bucket: the pass would not move anything */
+        for (uint32_t i = 0; i < 256; i++)
+            count[i + 1] += count[i];
+        for (uint32_t c = 0; c < C; c++)
+            b[count[(a[c] >> shift) & 255]++] = a[c];
+        uint64_t *t = a;
+        a = b;
+        b = t;
+    }
+    for (uint32_t c = 0; c < C; c++)
+        s->idx[c] = (uint32_t)a[c];
+    return 0;
 }
 
 /* The codes paths serve a view only when every segment has codes. */
@@ -976,10 +1005,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     float cmax[MAXQ];
     for (uint32_t i = 0; i < g; i++)
         cmax[i] = kvs_max(s->cscore + (size_t)i * C, C);
-    for (uint32_t c = 0; c < C; c++)
-        s->idx[c] = c;
-    tl_sort_key = s->rank;
-    qsort(s->idx, C, sizeof(uint32_t), cmp_desc_idx_tl);
+    if ((rc = sort_rank_desc(s, s->rank, C)))
+        return rc;
 
     /* Scan: members (as slot ids) and their scaled code scores [m][g];
      * ustart[u] is where scanned cluster u's members begin. */
@@ -992,29 +1019,30 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         const kvs_segment_t *seg = v->segments[si];
         uint32_t lc = c - s->cbase[si];
         uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
-        if (GROW(s, est, est_cap, (size_t)(nm + n) * g + n) ||
+        if (GROW(s, est, est_cap, (size_t)(nm + 2 * n) * g) ||
             GROW(s, cpos, cpos_cap, nm + n) ||
             GROW(s, ustart, ustart_cap, (size_t)used + 2))
             return KVS_ENOMEM;
         s->ustart[used] = nm;
-        float *row = s->est + (size_t)(nm + n) * g; /* [n] scratch */
-        for (uint32_t i = 0; i < g; i++) {
-            const float *w = s->cq + ((size_t)si * g + i) * (d + 1);
-            kvs_code4_dot_rows(w, seg->codes->keys + (size_t)a * (d / 2), n, d,
-                               w[d], row);
-            uint32_t m = nm;
-            for (uint32_t j = 0; j < n; j++) {
-                uint64_t pos = seg->first_pos + seg->positions[a + j];
-                if (kvs_head_is_steady(v, pos))
-                    continue;
-                s->est[(size_t)m * g + i] = row[j] * scale;
-                if (i == 0)
-                    s->cpos[m] = (int64_t)((uint64_t)si << 32 | (a + j));
-                m++;
-            }
-            if (i + 1 == g)
-                nm = m;
+        /* [g][n] scratch past the members so far: every query's code
+         * scores of the cluster's rows, each row unpacked once per pair */
+        float *row = s->est + (size_t)nm * g;
+        const float *w = s->cq + (size_t)si * g * (d + 1);
+        kvs_code4_dot_rows_multi(w, d + 1, g, w + d, d + 1,
+                                 seg->codes->keys + (size_t)a * (d / 2), n, d,
+                                 row + (size_t)n * g, n);
+        const float *sc = row + (size_t)n * g;
+        uint32_t m = nm;
+        for (uint32_t j = 0; j < n; j++) {
+            uint64_t pos = seg->first_pos + seg->positions[a + j];
+            if (kvs_head_is_steady(v, pos))
+                continue;
+            for (uint32_t i = 0; i < g; i++)
+                s->est[(size_t)m * g + i] = sc[(size_t)i * n + j] * scale;
+            s->cpos[m] = (int64_t)((uint64_t)si << 32 | (a + j));
+            m++;
         }
+        nm = m;
     }
     if (GROW(s, ustart, ustart_cap, (size_t)used + 1))
         return KVS_ENOMEM;
@@ -1093,23 +1121,25 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             continue;
         }
         uint32_t m0 = s->ustart[u], m1 = s->ustart[u + 1];
+        /* the members left (not retrieved), query by query, contiguous
+         * for the vector max and exp-sum */
+        if (GROW(s, tmpc, tmpc_cap, (size_t)(m1 - m0) * g + 1))
+            return KVS_ENOMEM;
         uint32_t left = 0;
-        for (uint32_t i = 0; i < g; i++) {
-            float mx = -INFINITY;
-            for (uint32_t m = m0; m < m1; m++)
-                if (s->cpos[m] >= 0 && s->est[(size_t)m * g + i] > mx)
-                    mx = s->est[(size_t)m * g + i];
-            double z = 0;
-            left = 0;
-            for (uint32_t m = m0; m < m1; m++)
-                if (s->cpos[m] >= 0) {
-                    z += exp((double)s->est[(size_t)m * g + i] - mx);
-                    left++;
-                }
-            S[(size_t)i * P + np] = left ? mx + (float)log(z) : -INFINITY;
-        }
+        for (uint32_t m = m0; m < m1; m++)
+            if (s->cpos[m] >= 0) {
+                for (uint32_t i = 0; i < g; i++)
+                    s->tmpc[(size_t)i * (m1 - m0) + left] =
+                        s->est[(size_t)m * g + i];
+                left++;
+            }
         if (left == 0)
             continue;
+        for (uint32_t i = 0; i < g; i++) {
+            float *x = s->tmpc + (size_t)i * (m1 - m0);
+            float mx = kvs_max(x, left);
+            S[(size_t)i * P + np] = mx + logf(kvs_exp_sum(x, left, mx));
+        }
         /* Value mean of the members left: the view's mean x count less
          * the retrieved members' values. */
         kvs_to_f32(v->dtype, mean, vf, d);
@@ -1235,10 +1265,8 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
     }
     if (GROW(s, cpos, cpos_cap, R) || GROW(s, cscr, cscr_cap, R))
         return KVS_ENOMEM;
-    for (uint32_t c = 0; c < C; c++)
-        s->idx[c] = c;
-    tl_sort_key = s->rank;
-    qsort(s->idx, C, sizeof(uint32_t), cmp_desc_idx_tl);
+    if (sort_rank_desc(s, s->rank, C))
+        return KVS_ENOMEM;
 
     topk_t cand = {.score = s->cscr, .pos = s->cpos, .n = 0, .k = R};
     uint64_t coded = 0;

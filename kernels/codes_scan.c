@@ -13,9 +13,11 @@
 
 typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t, float,
                         float *);
+typedef void (*code_pair_fn)(const float *, const float *, const uint8_t *,
+                             size_t, uint32_t, float, float, float *, float *);
 
 /* codes_scan_avx2.c: the AVX2+FMA versions; 1 when the CPU runs them. */
-int kvs__code_scan_avx2(code_fn *c4, code_fn *c8);
+int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p);
 
 static void code4_scalar(const float *w, const uint8_t *codes, size_t n,
                          uint32_t d, float bias, float *out) {
@@ -45,7 +47,16 @@ static void code8_scalar(const float *w, const uint8_t *codes, size_t n,
     }
 }
 
+static void code4_pair_scalar(const float *w, const float *w2,
+                              const uint8_t *codes, size_t n, uint32_t d,
+                              float bias, float bias2, float *out,
+                              float *out2) {
+    code4_scalar(w, codes, n, d, bias, out);
+    code4_scalar(w2, codes, n, d, bias2, out2);
+}
+
 static code_fn g_c4 = code4_scalar, g_c8 = code8_scalar;
+static code_pair_fn g_c4p = code4_pair_scalar;
 static const char *g_isa = "scalar";
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
@@ -54,9 +65,11 @@ static void pick(void) {
     if (force && *force && strcmp(force, "0"))
         return;
     code_fn c4, c8;
-    if (kvs__code_scan_avx2(&c4, &c8)) {
+    code_pair_fn c4p;
+    if (kvs__code_scan_avx2(&c4, &c8, &c4p)) {
         g_c4 = c4;
         g_c8 = c8;
+        g_c4p = c4p;
         g_isa = "avx2";
     }
 }
@@ -70,6 +83,21 @@ void kvs_code4_dot_rows(const float *w, const uint8_t *codes, size_t n,
                         uint32_t d, float bias, float *out) {
     pthread_once(&g_once, pick);
     g_c4(w, codes, n, d, bias, out);
+}
+
+void kvs_code4_dot_rows_multi(const float *w, size_t w_stride, uint32_t g,
+                              const float *bias, size_t bias_stride,
+                              const uint8_t *codes, size_t n, uint32_t d,
+                              float *out, size_t out_stride) {
+    pthread_once(&g_once, pick);
+    uint32_t i = 0;
+    for (; i + 2 <= g; i += 2)
+        g_c4p(w + i * w_stride, w + (i + 1) * w_stride, codes, n, d,
+              bias[i * bias_stride], bias[(i + 1) * bias_stride],
+              out + i * out_stride, out + (i + 1) * out_stride);
+    if (i < g)
+        g_c4(w + i * w_stride, codes, n, d, bias[i * bias_stride],
+             out + i * out_stride);
 }
 
 void kvs_code8_dot_rows(const float *w, const uint8_t *codes, size_t n,

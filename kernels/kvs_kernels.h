@@ -66,6 +66,15 @@ void kvs_code4_dot_rows(const float *w, const uint8_t *codes, size_t n,
                         uint32_t d, float bias, float *out);
 void kvs_code8_dot_rows(const float *w, const uint8_t *codes, size_t n,
                         uint32_t d, float bias, float *out);
+/* kvs_code4_dot_rows for g queries over the same rows (each row's codes
+ * are unpacked once per pair of queries): query i has weights
+ * w + i * w_stride, bias bias[i * bias_stride] and writes
+ * out + i * out_stride [n]. Each output equals kvs_code4_dot_rows' for that
+ * query bit for bit. */
+void kvs_code4_dot_rows_multi(const float *w, size_t w_stride, uint32_t g,
+                              const float *bias, size_t bias_stride,
+                              const uint8_t *codes, size_t n, uint32_t d,
+                              float *out, size_t out_stride);
 const char *kvs_code_scan_isa(void);
 
 /* Largest of x[0..n); -INFINITY when n is 0. */

@@ -157,6 +157,29 @@ static void test_index_codes_scan_kernels(void **state) {
     assert_true(!strcmp(isa, "avx2") || !strcmp(isa, "scalar"));
 }
 
+/* kvs_code4_dot_rows_multi: every query's outputs equal the single-query
+ * kernel's bit for bit (odd and even query counts, strides). */
+static void test_index_codes_scan_multi(void **state) {
+    (void)state;
+    enum { N = 29, G = 5, D = 128, WS = D + 3 };
+    static uint8_t codes[N * D / 2];
+    static float w[G * WS], bias[G * 2], out[G * (N + 4)], one[N];
+    rng_state = 77;
+    for (size_t i = 0; i < sizeof codes; i++)
+        codes[i] = (uint8_t)rng_next();
+    for (size_t i = 0; i < G * WS; i++)
+        w[i] = rng_gauss();
+    for (size_t i = 0; i < G * 2; i++)
+        bias[i] = rng_gauss();
+    for (uint32_t g = 1; g <= G; g++) {
+        kvs_code4_dot_rows_multi(w, WS, g, bias, 2, codes, N, D, out, N + 4);
+        for (uint32_t i = 0; i < g; i++) {
+            kvs_code4_dot_rows(w + i * WS, codes, N, D, bias[2 * i], one);
+            assert_memory_equal(out + i * (N + 4), one, sizeof one);
+        }
+    }
+}
+
 /* Every code is the nearest of its 16 (256) levels, so the code score of
  * q.x is within sum_j |Rq_j| step_j / 2 of the exact one (plus rounding). */
 static void test_index_codes_error_bound(void **state) {
@@ -359,6 +382,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_index_codes_rotation_keeps_dots),
         cmocka_unit_test(test_index_codes_scan_kernels),
+        cmocka_unit_test(test_index_codes_scan_multi),
         cmocka_unit_test(test_index_codes_error_bound),
         cmocka_unit_test(test_index_codes_rank_order),
         cmocka_unit_test(test_index_codes_serialise),
