@@ -54,8 +54,7 @@ static const char *path_of(const char *name) {
 /* The value the writer is given for element i of head h of array a
  * (0 = Q, 1 = K, 2 = V) of layer l at position t: distinct per place in
  * fp32. */
-static float value(uint32_t l, uint32_t a, uint32_t h, uint32_t t,
-                   uint32_t i) {
+static float value(uint32_t l, uint32_t a, uint32_t h, uint32_t t, uint32_t i) {
     return (float)(((l * 3 + a) * 8 + h) * 64 + t) + (float)i / 8.0f - 500.0f;
 }
 
@@ -106,9 +105,9 @@ static void write_dump(const char *path, kvs_dtype_t dtype) {
                         v[t][h * HD + i] = value(l, 2, h, p + t, i);
                     }
                 }
-            assert_int_equal(kvs_qkv_dump_observe(d, l, p, n, &q[0][0],
-                                                  &k[0][0], &v[0][0]),
-                             0);
+            assert_int_equal(
+                kvs_qkv_dump_observe(d, l, p, n, &q[0][0], &k[0][0], &v[0][0]),
+                0);
         }
     assert_int_equal(kvs_qkv_dump_close(d), 0);
 }
@@ -140,16 +139,16 @@ static void check_round_trip(kvs_dtype_t dtype) {
         for (uint32_t a = 0; a < 3; a++)
             for (uint32_t h = 0; h < heads[a]; h++) {
                 /* A window in the middle, then one row at the end. */
-                assert_int_equal(kvs_dump_rows(d, l, (kvs_dump_array_t)a, h,
-                                               5, 20, rows),
-                                 0);
+                assert_int_equal(
+                    kvs_dump_rows(d, l, (kvs_dump_array_t)a, h, 5, 20, rows),
+                    0);
                 for (uint32_t t = 0; t < 20; t++)
                     for (uint32_t i = 0; i < HD; i++)
                         assert_true(rows[t * HD + i] ==
                                     stored(dtype, value(l, a, h, 5 + t, i)));
-                assert_int_equal(kvs_dump_rows(d, l, (kvs_dump_array_t)a, h,
-                                               N - 1, 1, rows),
-                                 0);
+                assert_int_equal(
+                    kvs_dump_rows(d, l, (kvs_dump_array_t)a, h, N - 1, 1, rows),
+                    0);
                 assert_true(rows[HD - 1] ==
                             stored(dtype, value(l, a, h, N - 1, HD - 1)));
             }
@@ -166,8 +165,8 @@ static void check_round_trip(kvs_dtype_t dtype) {
                      KVS_ERANGE);
     assert_int_equal(kvs_dump_rows(d, 0, KVS_DUMP_V, 0, N + 1, 0, rows),
                      KVS_ERANGE);
-    assert_int_equal(
-        kvs_dump_rows(d, 0, (kvs_dump_array_t)3, 0, 0, 1, rows), KVS_EINVAL);
+    assert_int_equal(kvs_dump_rows(d, 0, (kvs_dump_array_t)3, 0, 0, 1, rows),
+                     KVS_EINVAL);
     assert_true(rows[0] == 42.0f);
     assert_int_equal(kvs_dump_rows(d, 0, KVS_DUMP_V, 0, N, 0, rows), 0);
     kvs_dump_close(d);
@@ -200,8 +199,8 @@ static unsigned char *slurp(const char *path, size_t *len) {
 /* Write `len` bytes of `b` as `name`; opening it must fail with `want`
  * and a message naming the file and containing `needle`. The same bytes
  * through kvs_dump_open_buffer must fail the same way. */
-static void expect_refused(const char *name, const unsigned char *b,
-                           size_t len, int want, const char *needle) {
+static void expect_refused(const char *name, const unsigned char *b, size_t len,
+                           int want, const char *needle) {
     const char *path = path_of(name);
     FILE *f = fopen(path, "wb");
     assert_non_null(f);
@@ -222,9 +221,8 @@ static void expect_refused(const char *name, const unsigned char *b,
     assert_non_null(copy);
     memcpy(copy, b, len);
     d = (kvs_dump_t *)0x1;
-    assert_int_equal(kvs_dump_open_buffer(copy, len, name, &d, err,
-                                          sizeof(err)),
-                     want);
+    assert_int_equal(
+        kvs_dump_open_buffer(copy, len, name, &d, err, sizeof(err)), want);
     assert_null(d);
     assert_non_null(strstr(err, needle));
     free(copy);
@@ -300,17 +298,15 @@ static void test_dump_damaged(void **state) {
     /* Not there: -errno, named. */
     kvs_dump_t *d = NULL;
     char err[256];
-    assert_int_equal(kvs_dump_open(path_of("missing.bin"), &d, err,
-                                   sizeof(err)),
-                     -ENOENT);
+    assert_int_equal(
+        kvs_dump_open(path_of("missing.bin"), &d, err, sizeof(err)), -ENOENT);
     assert_non_null(strstr(err, "missing.bin"));
     /* A directory is no dump. */
-    assert_int_equal(kvs_dump_open(g_dir, &d, err, sizeof(err)),
-                     KVS_ECORRUPT);
+    assert_int_equal(kvs_dump_open(g_dir, &d, err, sizeof(err)), KVS_ECORRUPT);
     assert_int_equal(kvs_dump_open(NULL, &d, err, sizeof(err)), KVS_EINVAL);
-    assert_int_equal(kvs_dump_open_buffer(b + 1, len - 1, "x", &d, err,
-                                          sizeof(err)),
-                     KVS_EINVAL);
+    assert_int_equal(
+        kvs_dump_open_buffer(b + 1, len - 1, "x", &d, err, sizeof(err)),
+        KVS_EINVAL);
     /* The good one still opens from memory. */
     assert_int_equal(kvs_dump_open_buffer(b, len, "x", &d, NULL, 0), 0);
     assert_int_equal(kvs_dump_info(d)->n_tokens, N);

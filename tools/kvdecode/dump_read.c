@@ -39,8 +39,8 @@ static uint64_t get64(const uint8_t *p) {
 
 /* Check the header of the `len` bytes at `b` and fill d; the message names
  * the file and the first thing found wrong. */
-static int parse(kvs_dump_t *d, const uint8_t *b, size_t len,
-                 const char *name, char *errbuf, size_t errlen) {
+static int parse(kvs_dump_t *d, const uint8_t *b, size_t len, const char *name,
+                 char *errbuf, size_t errlen) {
     if (len < KVS_DUMP_HEADER_BYTES)
         return kvs__errf(errbuf, errlen, KVS_ECORRUPT,
                          "%s: truncated: %zu bytes, shorter than the %d-byte "
@@ -141,8 +141,7 @@ int kvs_dump_open_buffer(const void *buf, size_t len, const char *name,
                          "%s: buffer missing or not 4-byte aligned", name);
     kvs_dump_t *d = calloc(1, sizeof(*d));
     if (!d)
-        return kvs__errf(errbuf, errlen, KVS_ENOMEM, "%s: out of memory",
-                         name);
+        return kvs__errf(errbuf, errlen, KVS_ENOMEM, "%s: out of memory", name);
     int rc = parse(d, buf, len, name, errbuf, errlen);
     if (rc != 0) {
         free(d);
@@ -176,8 +175,8 @@ int kvs_dump_open(const char *path, kvs_dump_t **out, char *errbuf,
         goto err;
     }
     if (!S_ISREG(st.st_mode)) {
-        rc = kvs__errf(errbuf, errlen, KVS_ECORRUPT,
-                       "%s: not a regular file", path);
+        rc = kvs__errf(errbuf, errlen, KVS_ECORRUPT, "%s: not a regular file",
+                       path);
         goto err;
     }
     size = (size_t)st.st_size;
@@ -196,8 +195,8 @@ int kvs_dump_open(const char *path, kvs_dump_t **out, char *errbuf,
         goto err;
     }
     static const uint8_t none[1];
-    rc = parse(d, map == MAP_FAILED ? none : map,
-               map == MAP_FAILED ? 0 : size, path, errbuf, errlen);
+    rc = parse(d, map == MAP_FAILED ? none : map, map == MAP_FAILED ? 0 : size,
+               path, errbuf, errlen);
     if (rc != 0)
         goto err;
     d->mapped = 1;
