@@ -23,89 +23,43 @@
  *                 [--label NAME] [--rows FILE]
  * (--end: use the first N positions of the dump only.)
  */
+#include "kvs_dump.h"
 #include "kvstore.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-typedef struct dump_s {
-    const uint8_t *map;
-    size_t size;
-    uint32_t n_layers, n_q, n_kv, d, n_tokens, dtype;
-    uint32_t n_tokens_used; /* positions measured: the first n (--end) */
-    uint64_t data_off;
-} dump_t;
-
-static int dump_open(const char *path, dump_t *dp) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        return -errno;
-    struct stat st;
-    if (fstat(fd, &st) || st.st_size < 64) {
-        close(fd);
-        return KVS_ECORRUPT;
+/* Row `pos` of one head's queries, keys or values as fp32
+ * (tools/kvdecode/kvs_dump.h; fp16 dumps are converted). The positions are
+ * this program's own, so a refusal is a bug here. */
+static void dump_row(const kvs_dump_t *dp, uint32_t layer,
+                     kvs_dump_array_t which, uint32_t head, uint32_t pos,
+                     float *out) {
+    int rc = kvs_dump_rows(dp, layer, which, head, pos, 1, out);
+    if (rc) {
+        fprintf(stderr, "dump_acc: dump row (layer %u, head %u, %u): %s\n",
+                layer, head, pos, kvs_strerror(rc));
+        exit(1);
     }
-    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-    close(fd);
-    if (m == MAP_FAILED)
-        return -errno;
-    const uint8_t *b = m;
-    uint32_t h[16];
-    memcpy(h, b, sizeof h);
-    memcpy(&dp->data_off, b + 48, 8);
-    dp->map = b;
-    dp->size = (size_t)st.st_size;
-    dp->n_layers = h[4];
-    dp->n_q = h[5];
-    dp->n_kv = h[6];
-    dp->d = h[7];
-    dp->n_tokens = h[8];
-    dp->dtype = h[9];
-    dp->n_tokens_used = dp->n_tokens;
-    size_t e = dp->dtype == 0 ? 4 : 2;
-    if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 || dp->dtype > 1 ||
-        !dp->n_layers || !dp->n_kv || !dp->d || dp->n_q % dp->n_kv ||
-        dp->data_off + (uint64_t)dp->n_layers * (dp->n_q + 2 * dp->n_kv) *
-                           dp->n_tokens * dp->d * e !=
-            (uint64_t)st.st_size) {
-        munmap(m, (size_t)st.st_size);
-        return KVS_ECORRUPT;
-    }
-    return 0;
-}
-
-/* Row `pos` of array `arr` of a layer (query heads, then key heads, then
- * value heads) as fp32. */
-static void dump_row(const dump_t *dp, uint32_t layer, uint32_t arr,
-                     uint32_t pos, float *out) {
-    size_t e = dp->dtype == 0 ? 4 : 2;
-    size_t head = (size_t)dp->n_tokens * dp->d * e;
-    const uint8_t *p = dp->map + dp->data_off +
-                       ((size_t)layer * (dp->n_q + 2 * dp->n_kv) + arr) * head +
-                       (size_t)pos * dp->d * e;
-    memcpy(out, p, (size_t)dp->d * e); /* fp32 dumps only (main) */
 }
 
 /* Keys and values of positions a .. b of every layer into the store. */
-static int append_range(kvs_store_t *s, const dump_t *dp, uint32_t a,
+static int append_range(kvs_store_t *s, const kvs_dump_t *dp, uint32_t a,
                         uint32_t b, float *k, float *v) {
-    const uint32_t H = dp->n_kv, D = dp->d, chunk = 1024;
-    for (uint32_t l = 0; l < dp->n_layers; l++)
+    const kvs_dump_info_t *in = kvs_dump_info(dp);
+    const uint32_t H = in->n_kv_heads, D = in->head_dim, chunk = 1024;
+    for (uint32_t l = 0; l < in->n_layers; l++)
         for (uint32_t p = a; p < b; p += chunk) {
             uint32_t n = b - p < chunk ? b - p : chunk;
             for (uint32_t i = 0; i < n; i++)
                 for (uint32_t h = 0; h < H; h++) {
                     size_t o = ((size_t)i * H + h) * D;
-                    dump_row(dp, l, dp->n_q + h, p + i, k + o);
-                    dump_row(dp, l, dp->n_q + H + h, p + i, v + o);
+                    dump_row(dp, l, KVS_DUMP_K, h, p + i, k + o);
+                    dump_row(dp, l, KVS_DUMP_V, h, p + i, v + o);
                 }
             int rc = kvs_seq_append(s, 1, l, n, k, v);
             if (rc)
@@ -159,13 +113,19 @@ int main(int argc, char **argv) {
     }
     if (!path || !stride || !span)
         goto usage;
-    dump_t dp;
-    int rc = dump_open(path, &dp);
-    if (!rc && end && end < dp.n_tokens)
-        dp.n_tokens_used = end;
-    if (rc || dp.dtype != 0 || span >= dp.n_tokens_used) {
-        fprintf(stderr, "dump_acc: %s: %s\n", path,
-                rc ? kvs_strerror(rc) : "not fp32, or span too large");
+    kvs_dump_t *dp = NULL;
+    char msg[512];
+    int rc = kvs_dump_open(path, &dp, msg, sizeof(msg));
+    if (rc) {
+        fprintf(stderr, "dump_acc: %s\n", msg);
+        return 1;
+    }
+    const kvs_dump_info_t *in = kvs_dump_info(dp);
+    /* Positions measured: the first n_used (--end). */
+    uint32_t n_used = end && end < in->n_tokens ? end : in->n_tokens;
+    if (span >= n_used) {
+        fprintf(stderr, "dump_acc: %s: span %u too large for %u positions\n",
+                path, span, n_used);
         return 1;
     }
     kvs_options_t o;
@@ -178,11 +138,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "dump_acc: %s\n", kvs_store_open_error());
         return 1;
     }
-    const uint32_t L = dp.n_layers, HQ = dp.n_q, D = dp.d;
-    kvs_geometry_t g = {L, HQ, dp.n_kv, D, KVS_DTYPE_F32};
-    const uint32_t P = dp.n_tokens_used - span;
-    float *k = malloc((size_t)1024 * dp.n_kv * D * 4);
-    float *v = malloc((size_t)1024 * dp.n_kv * D * 4);
+    const uint32_t L = in->n_layers, HQ = in->n_q_heads, D = in->head_dim;
+    kvs_geometry_t g = {L, HQ, in->n_kv_heads, D, KVS_DTYPE_F32};
+    const uint32_t P = n_used - span;
+    float *k = malloc((size_t)1024 * in->n_kv_heads * D * 4);
+    float *v = malloc((size_t)1024 * in->n_kv_heads * D * 4);
     float *q = malloc((size_t)HQ * D * 4), *ex = malloc((size_t)HQ * D * 4);
     float *out = malloc((size_t)HQ * D * 4);
     double *err = calloc((size_t)L * HQ, sizeof(double));
@@ -190,7 +150,7 @@ int main(int argc, char **argv) {
         return 1;
     double t0 = (double)clock() / CLOCKS_PER_SEC;
     if ((rc = kvs_seq_create(s, 1, &g)) ||
-        (rc = append_range(s, &dp, 0, P, k, v)))
+        (rc = append_range(s, dp, 0, P, k, v)))
         goto fail;
     kvs_query_params_t wp, xp;
     kvs_query_params_default(&wp);
@@ -201,13 +161,13 @@ int main(int argc, char **argv) {
     xp.mode = KVS_MODE_EXACT;
     uint64_t steps = 0, keys_total = 0, keys_exact = 0, keys_steady = 0;
     uint32_t have = P;
-    for (uint32_t t = P; t < dp.n_tokens_used; t += stride, steps++) {
-        if ((rc = append_range(s, &dp, have, t + 1, k, v)))
+    for (uint32_t t = P; t < n_used; t += stride, steps++) {
+        if ((rc = append_range(s, dp, have, t + 1, k, v)))
             goto fail;
         have = t + 1;
         for (uint32_t l = 0; l < L; l++) {
             for (uint32_t h = 0; h < HQ; h++)
-                dump_row(&dp, l, h, t, q + (size_t)h * D);
+                dump_row(dp, l, KVS_DUMP_Q, h, t, q + (size_t)h * D);
             kvs_attend_stats_t st;
             if ((rc = kvs_seq_attend(s, 1, l, q, &xp, ex, NULL)) ||
                 (rc = kvs_seq_attend(s, 1, l, q, &wp, out, &st)))
@@ -238,7 +198,7 @@ int main(int argc, char **argv) {
             "dump_acc: %s positions %u..%u step %u, segments of %u, rank %s: "
             "retrieval %g: rel_l2 median %.4g p95 %.4g max %.4g, %.2f%% keys "
             "exact (steady %.2f%%), %.1f s CPU\n",
-            label, P, dp.n_tokens_used - 1, stride, o.segment_tokens,
+            label, P, n_used - 1, stride, o.segment_tokens,
             rank == KVS_RANK_CENTROID ? "centroid"
             : rank == KVS_RANK_CODES  ? "codes"
                                       : "default",
@@ -257,7 +217,7 @@ int main(int argc, char **argv) {
                 "\"rel_l2_median\": %.6g, \"rel_l2_p95\": %.6g, "
                 "\"rel_l2_max\": %.6g, \"exact_fraction\": %.6g, "
                 "\"steady_fraction\": %.6g}\n",
-                label, P + 1, dp.n_tokens_used, stride, o.segment_tokens,
+                label, P + 1, n_used, stride, o.segment_tokens,
                 rank == KVS_RANK_CENTROID ? "centroid"
                 : rank == KVS_RANK_CODES  ? "codes"
                                           : "default",
@@ -267,6 +227,7 @@ int main(int argc, char **argv) {
             return 1;
     }
     kvs_store_close(s);
+    kvs_dump_close(dp);
     free(k);
     free(v);
     free(q);

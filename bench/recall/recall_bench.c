@@ -57,6 +57,7 @@
  */
 #include "kvs_index.h"
 #include "kvs_kernels.h"
+#include "kvs_dump.h"
 #include "kvstore.h"
 
 #include <faiss/c_api/AutoTune_c.h>
@@ -67,14 +68,10 @@
 #include <faiss/c_api/error_c.h>
 #include <faiss/c_api/index_factory_c.h>
 
-#include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -118,68 +115,18 @@ static void faiss_check(int rc, const char *what) {
 
 /* ---- the dump ----------------------------------------------------------- */
 
-typedef struct dump_s {
-    const uint8_t *map;
-    size_t size;
-    uint32_t n_layers, n_q, n_kv, d, n_tokens, dtype, seq_len;
-    uint64_t data_off;
-} dump_t;
-
-/* Open and validate a kvdecode --dump file (format in bench/README.md). */
-static int dump_open(const char *path, dump_t *dp) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        return -errno;
-    struct stat st;
-    if (fstat(fd, &st) || st.st_size < 64) {
-        close(fd);
-        return KVS_ECORRUPT;
-    }
-    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-    close(fd);
-    if (m == MAP_FAILED)
-        return -errno;
-    const uint8_t *b = m;
-    uint32_t h[16];
-    memcpy(h, b, sizeof h);
-    memcpy(&dp->data_off, b + 48, 8);
-    dp->map = b;
-    dp->size = (size_t)st.st_size;
-    dp->n_layers = h[4];
-    dp->n_q = h[5];
-    dp->n_kv = h[6];
-    dp->d = h[7];
-    dp->n_tokens = h[8];
-    dp->dtype = h[9];
-    dp->seq_len = h[10];
-    size_t e = dp->dtype == 0 ? 4 : 2;
-    if (memcmp(b, "KVSDUMP1", 8) || h[2] != 1 || h[3] != 64 || dp->dtype > 1 ||
-        !dp->n_layers || !dp->n_kv || !dp->d || dp->n_q % dp->n_kv ||
-        dp->data_off + (uint64_t)dp->n_layers * (dp->n_q + 2 * dp->n_kv) *
-                           dp->n_tokens * dp->d * e !=
-            (uint64_t)st.st_size) {
-        munmap(m, (size_t)st.st_size);
-        return KVS_ECORRUPT;
-    }
-    return 0;
-}
-
-/* Rows pos .. pos+n of one head's array as fp32. `arr` numbers the layer's
- * arrays: query heads 0 .. n_q-1, then key heads, then value heads. */
-static void dump_rows(const dump_t *dp, uint32_t layer, uint32_t arr,
-                      uint32_t pos, uint32_t n, float *out) {
-    size_t e = dp->dtype == 0 ? 4 : 2;
-    size_t head = (size_t)dp->n_tokens * dp->d * e;
-    const uint8_t *p = dp->map + dp->data_off +
-                       ((size_t)layer * (dp->n_q + 2 * dp->n_kv) + arr) * head +
-                       (size_t)pos * dp->d * e;
-    size_t cnt = (size_t)n * dp->d;
-    if (e == 4) {
-        memcpy(out, p, cnt * 4);
-    } else {
-        const uint16_t *s = (const uint16_t *)p;
-        for (size_t i = 0; i < cnt; i++)
-            out[i] = kvs_f16_to_f32(s[i]);
+/* Rows pos .. pos+n of one head's queries, keys or values as fp32
+ * (tools/kvdecode/kvs_dump.h). The ranges are this program's own, so a
+ * refusal is a bug here. */
+static void dump_rows(const kvs_dump_t *dp, uint32_t layer,
+                      kvs_dump_array_t which, uint32_t head, uint32_t pos,
+                      uint32_t n, float *out) {
+    int rc = kvs_dump_rows(dp, layer, which, head, pos, n, out);
+    if (rc) {
+        fprintf(stderr,
+                "recall_bench: dump rows (layer %u, head %u, %u+%u): %s\n",
+                layer, head, pos, n, kvs_strerror(rc));
+        exit(1);
     }
 }
 
@@ -495,9 +442,11 @@ static double ivf_bytes(uint32_t C, uint64_t probed, uint32_t tail, size_t rb) {
     return (double)C * (rb + 8) + (double)probed * (rb + 4) + (double)tail * rb;
 }
 
-static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
+static void run_context(const cfg_t *cfg, const kvs_dump_t *dp, uint32_t ctx,
                         series_t *S, ctx_info_t *info, double *qk_cos) {
-    const uint32_t L = cfg->n_layers, HQ = dp->n_q, HKV = dp->n_kv, D = dp->d;
+    const kvs_dump_info_t *di = kvs_dump_info(dp);
+    const uint32_t L = cfg->n_layers, HQ = di->n_q_heads, HKV = di->n_kv_heads,
+                   D = di->head_dim;
     const uint32_t G = HQ / HKV, nq = cfg->nq;
     /* The prefill: positions 0 .. P-1, cut into equal segments (what a
      * store with that segment size builds by position P). The decode
@@ -548,12 +497,12 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
             double mq[KVS_MAX_HEAD_DIM] = {0};
             if (h % G == 0) {
                 memset(mk, 0, sizeof mk);
-                dump_rows(dp, l, HQ + h / G, 0, ctx, row);
+                dump_rows(dp, l, KVS_DUMP_K, h / G, 0, ctx, row);
                 for (size_t t = 0; t < ctx; t++)
                     for (uint32_t j = 0; j < D; j++)
                         mk[j] += row[t * D + j];
             }
-            dump_rows(dp, l, h, 0, ctx, row);
+            dump_rows(dp, l, KVS_DUMP_Q, h, 0, ctx, row);
             for (size_t t = 0; t < ctx; t++)
                 for (uint32_t j = 0; j < D; j++)
                     mq[j] += row[t * D + j];
@@ -585,15 +534,15 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
     for (uint32_t l = 0; l < L; l++) {
         for (uint32_t h = 0; h < HQ; h++) {
             float *tmp = xcalloc((size_t)nq * D, sizeof(float));
-            dump_rows(dp, l, h, P, nq, tmp);
+            dump_rows(dp, l, KVS_DUMP_Q, h, P, nq, tmp);
             for (uint32_t i = 0; i < nq; i++)
                 memcpy(qs + ((size_t)i * HQ + h) * D, tmp + (size_t)i * D,
                        D * sizeof(float));
             free(tmp);
         }
         for (uint32_t g = 0; g < HKV; g++) {
-            dump_rows(dp, l, HQ + g, 0, ctx, kh);
-            dump_rows(dp, l, HQ + HKV + g, 0, ctx, vals);
+            dump_rows(dp, l, KVS_DUMP_K, g, 0, ctx, kh);
+            dump_rows(dp, l, KVS_DUMP_V, g, 0, ctx, vals);
 
             /* The segments the store builds (its parameters and seeds). */
             double t0 = now_s();
@@ -901,9 +850,10 @@ static void run_context(const cfg_t *cfg, const dump_t *dp, uint32_t ctx,
 
 /* Summary of one series at one context: returns the median and p90 of the
  * per-pair scanned fraction at recall@100 = 0.95 through *med / *p90. */
-static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
-                          const double *qk_cos, double *med, double *p90,
-                          double *within2, double *bmed, double *bp90) {
+static void report_series(const series_t *s, uint32_t ctx,
+                          const kvs_dump_info_t *dp, const double *qk_cos,
+                          double *med, double *p90, double *within2,
+                          double *bmed, double *bp90) {
     size_t np = (size_t)s->n_layers * s->n_heads * s->nq;
     double *v = xcalloc(np, sizeof(double));
     double *w = xcalloc(np, sizeof(double));
@@ -961,8 +911,8 @@ static void report_series(const series_t *s, uint32_t ctx, const dump_t *dp,
             jnum("layer", l);
             if (s->queries == Q_DECODE) {
                 jnum("q_head", h);
-                jnum("kv_head", h / (dp->n_q / dp->n_kv));
-                jnum("q_k_mean_cosine", qk_cos[l * dp->n_q + h]);
+                jnum("kv_head", h / (dp->n_q_heads / dp->n_kv_heads));
+                jnum("q_k_mean_cosine", qk_cos[l * dp->n_q_heads + h]);
             } else {
                 jnum("kv_head", h);
             }
@@ -1115,18 +1065,17 @@ int main(int argc, char **argv) {
         usage();
         return 2;
     }
-    dump_t dp;
-    int rc = dump_open(cfg.dump_path, &dp);
-    if (rc) {
-        fprintf(stderr, "recall_bench: %s: %s\n", cfg.dump_path,
-                rc == KVS_ECORRUPT ? "not a valid KVSDUMP1 file"
-                                   : kvs_strerror(rc));
+    kvs_dump_t *dump = NULL;
+    char err[512];
+    if (kvs_dump_open(cfg.dump_path, &dump, err, sizeof(err)) != 0) {
+        fprintf(stderr, "recall_bench: %s\n", err);
         return 1;
     }
-    if (!cfg.n_layers || cfg.n_layers > dp.n_layers)
-        cfg.n_layers = dp.n_layers;
+    const kvs_dump_info_t *di = kvs_dump_info(dump);
+    if (!cfg.n_layers || cfg.n_layers > di->n_layers)
+        cfg.n_layers = di->n_layers;
     for (uint32_t c = 0; c < cfg.n_ctx; c++) {
-        if (cfg.contexts[c] > dp.n_tokens ||
+        if (cfg.contexts[c] > di->n_tokens ||
             cfg.contexts[c] < cfg.nq + TOPK + 2 * 68 ||
             (cfg.contexts[c] - cfg.nq) /
                     ((cfg.contexts[c] - cfg.nq + cfg.segment_max - 1) /
@@ -1135,7 +1084,7 @@ int main(int argc, char **argv) {
             fprintf(stderr,
                     "recall_bench: context %u does not fit the dump (%u "
                     "tokens) with %u queries\n",
-                    cfg.contexts[c], dp.n_tokens, cfg.nq);
+                    cfg.contexts[c], di->n_tokens, cfg.nq);
             return 2;
         }
     }
@@ -1148,15 +1097,15 @@ int main(int argc, char **argv) {
     }
     fprintf(jf, "{\"bench\":\"recall\",\"rows\":[");
     /* What was measured on, in the rows (metrics hold numbers only). */
-    row_begin("input", dp.n_tokens);
+    row_begin("input", di->n_tokens);
     row_str("input", cfg.input_desc ? cfg.input_desc : cfg.dump_path);
-    jnum("dump_tokens", dp.n_tokens);
-    jnum("model_seq_len", dp.seq_len);
-    jnum("n_layers", dp.n_layers);
-    jnum("n_q_heads", dp.n_q);
-    jnum("n_kv_heads", dp.n_kv);
-    jnum("head_dim", dp.d);
-    row_str("dump_dtype", dp.dtype ? "f16" : "f32");
+    jnum("dump_tokens", di->n_tokens);
+    jnum("model_seq_len", di->seq_len);
+    jnum("n_layers", di->n_layers);
+    jnum("n_q_heads", di->n_q_heads);
+    jnum("n_kv_heads", di->n_kv_heads);
+    jnum("head_dim", di->head_dim);
+    row_str("dump_dtype", di->dtype == KVS_DTYPE_F16 ? "f16" : "f32");
     row_end();
 
 #define N_HEADLINE 17
@@ -1169,9 +1118,10 @@ int main(int argc, char **argv) {
         uint32_t ctx = cfg.contexts[c];
         series_t S[S_COUNT];
         ctx_info_t info;
-        double *qk_cos = xcalloc((size_t)cfg.n_layers * dp.n_q, sizeof(double));
+        double *qk_cos =
+            xcalloc((size_t)cfg.n_layers * di->n_q_heads, sizeof(double));
         double t0 = now_s();
-        run_context(&cfg, &dp, ctx, S, &info, qk_cos);
+        run_context(&cfg, dump, ctx, S, &info, qk_cos);
         double secs = now_s() - t0;
 
         double med[S_COUNT], p90[S_COUNT], w2[S_COUNT], bm[S_COUNT],
@@ -1179,10 +1129,10 @@ int main(int argc, char **argv) {
         for (int s = 0; s < S_COUNT; s++) {
             med[s] = p90[s] = w2[s] = bm[s] = b9[s] = NAN;
             if (S[s].used)
-                report_series(&S[s], ctx, &dp, qk_cos, &med[s], &p90[s], &w2[s],
+                report_series(&S[s], ctx, di, qk_cos, &med[s], &p90[s], &w2[s],
                               &bm[s], &b9[s]);
         }
-        size_t nh = (size_t)cfg.n_layers * dp.n_q;
+        size_t nh = (size_t)cfg.n_layers * di->n_q_heads;
         double *tmp = xcalloc(nh, sizeof(double));
         memcpy(tmp, qk_cos, nh * sizeof(double));
         double qk = pct(tmp, nh, 0.5);
@@ -1192,7 +1142,7 @@ int main(int argc, char **argv) {
         jnum("keys", info.n_keys);
         jnum("queries_per_head", cfg.nq);
         jnum("layers", cfg.n_layers);
-        jnum("extrapolated", ctx > dp.seq_len);
+        jnum("extrapolated", ctx > di->seq_len);
         jnum("segment_tokens", info.seg_tokens);
         jnum("segments", info.n_segments);
         jnum("tail_tokens", info.tail);
@@ -1226,12 +1176,12 @@ int main(int argc, char **argv) {
                 " bytes read: wave %.4f / %.4f, wave-centroid %.4f, ivf %.4f / "
                 "%.4f;"
                 " ivf key-to-key %.4f; ivf/wave %.2fx; q.k mean cosine %.3f\n",
-                ctx, info.n_keys, cfg.n_layers, dp.n_q, cfg.nq, med[S_WAVE],
-                p90[S_WAVE], med[S_WAVE_CENTROID], p90[S_WAVE_CENTROID],
-                med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED], med[S_IVF],
-                p90[S_IVF], med[S_HNSW], p90[S_HNSW], bm[S_WAVE], b9[S_WAVE],
-                bm[S_WAVE_CENTROID], bm[S_IVF], b9[S_IVF], med[S_IVF_K2K],
-                ratio, qk);
+                ctx, info.n_keys, cfg.n_layers, di->n_q_heads, cfg.nq,
+                med[S_WAVE], p90[S_WAVE], med[S_WAVE_CENTROID],
+                p90[S_WAVE_CENTROID], med[S_WAVE_BOUNDED], p90[S_WAVE_BOUNDED],
+                med[S_IVF], p90[S_IVF], med[S_HNSW], p90[S_HNSW], bm[S_WAVE],
+                b9[S_WAVE], bm[S_WAVE_CENTROID], bm[S_IVF], b9[S_IVF],
+                med[S_IVF_K2K], ratio, qk);
 
         if (ctx >= head_ctx) {
             head_ctx = ctx;
@@ -1287,6 +1237,6 @@ int main(int argc, char **argv) {
     fprintf(jf, "}}\n");
     if (jf != stdout)
         fclose(jf);
-    munmap((void *)dp.map, dp.size);
+    kvs_dump_close(dump);
     return 0;
 }

@@ -51,7 +51,7 @@ static void stop(test_daemon_t *d) {
 static void assert_alive(const test_daemon_t *d, const char *token) {
     int fd = td_raw_connect(d->port, false);
     assert_true(fd >= 0);
-    assert_int_equal(aw_hello(fd, token), 0);
+    assert_int_equal(td_hello(fd, token), 0);
     close(fd);
 }
 
@@ -278,7 +278,7 @@ static void test_adversarial_disconnect_mid_pipeline(void **state) {
     Kvs__V1__CreateSequenceRequest cr;
     Kvs__V1__Geometry g;
     aw_create(&r, &cr, &g, seq, 1, 1, HD);
-    assert_int_equal(aw_call(fd, 1, &r, 10000), 0);
+    assert_int_equal(td_call(fd, 1, &r, 10000), 0);
     aw_buf_t b = {0};
     float q[HD] = {1.0f};
     for (int i = 0; i < N; i++) {
@@ -297,7 +297,7 @@ static void test_adversarial_disconnect_mid_pipeline(void **state) {
     assert_int_equal(td_send_all(fd, b.p, b.len), 0);
     aw_buf_free(&b);
     close(fd);
-    aw_sleep_ms(300);
+    td_sleep_ms(300);
 
     fd = td_raw_connect(d.port, false);
     assert_true(fd >= 0);
@@ -310,7 +310,7 @@ static void test_adversarial_disconnect_mid_pipeline(void **state) {
     uint64_t tokens = 0, last = UINT64_MAX;
     for (int tries = 0; tries < 100 && tokens != last; tries++) {
         last = tokens;
-        aw_sleep_ms(100);
+        td_sleep_ms(100);
         assert_int_equal(td_send_request(fd, 2, 1, &r), 0);
         kvs_frame_header_t h;
         Kvs__V1__Response *resp = NULL;
@@ -444,7 +444,7 @@ static void fill_seq(int fd, uint64_t seq, uint32_t heads, uint32_t n_tokens,
     Kvs__V1__CreateSequenceRequest cr;
     Kvs__V1__Geometry g;
     aw_create(&r, &cr, &g, seq, heads, heads, HD);
-    assert_int_equal(aw_call(fd, 2, &r, 20000), 0);
+    assert_int_equal(td_call(fd, 2, &r, 20000), 0);
     size_t n = (size_t)per_append * heads * HD;
     float *k = malloc(n * sizeof(float)), *v = malloc(n * sizeof(float));
     assert_non_null(k);
@@ -458,7 +458,7 @@ static void fill_seq(int fd, uint64_t seq, uint32_t heads, uint32_t n_tokens,
         }
         Kvs__V1__AppendRequest a;
         aw_append(&r, &a, seq, per_append, k, v, n * sizeof(float));
-        assert_int_equal(aw_call(fd, 3, &r, 60000), 0);
+        assert_int_equal(td_call(fd, 3, &r, 60000), 0);
     }
     free(k);
     free(v);
@@ -487,28 +487,28 @@ static void test_adversarial_never_reads_bounded(void **state) {
     aw_search(&r, &s, &p, seq, TOKENS, q, sizeof(q));
     for (int i = 0; i < N; i++)
         assert_int_equal(aw_buf_request(&b, 100 + (uint64_t)i, &r), 0);
-    long base = aw_rss_kb(d.pid), peak = base;
-    aw_nonblock(fd);
+    long base = td_rss_kb(d.pid), peak = base;
+    td_nonblock(fd);
     size_t off = 0;
-    double last_progress = aw_now_ms();
+    double last_progress = td_now_ms();
     /* Send until everything is out or the daemon has stopped reading for
      * 1.5 s (backpressure), sampling the daemon's RSS. */
-    while (off < b.len && aw_now_ms() - last_progress < 1500) {
+    while (off < b.len && td_now_ms() - last_progress < 1500) {
         ssize_t w = send(fd, b.p + off, b.len - off, MSG_NOSIGNAL);
         if (w > 0) {
             off += (size_t)w;
-            last_progress = aw_now_ms();
+            last_progress = td_now_ms();
         } else {
             assert_true(w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
-            aw_sleep_ms(20);
+            td_sleep_ms(20);
         }
-        long rss = aw_rss_kb(d.pid);
+        long rss = td_rss_kb(d.pid);
         if (rss > peak)
             peak = rss;
     }
     for (int i = 0; i < 10; i++) { /* let answers pile up, if they would */
-        aw_sleep_ms(100);
-        long rss = aw_rss_kb(d.pid);
+        td_sleep_ms(100);
+        long rss = td_rss_kb(d.pid);
         if (rss > peak)
             peak = rss;
     }
@@ -519,10 +519,10 @@ static void test_adversarial_never_reads_bounded(void **state) {
 
     /* Now read: every answer arrives, the rest of the pipeline flows. */
     size_t answers = 0, errors = 0;
-    double t0 = aw_now_ms();
+    double t0 = td_now_ms();
     uint8_t hdr[KVS_FRAME_HEADER_SIZE];
     aw_buf_t in = {0};
-    while (answers < N && aw_now_ms() - t0 < 60000) {
+    while (answers < N && td_now_ms() - t0 < 60000) {
         struct pollfd pfd = {.fd = fd,
                              .events = POLLIN | (off < b.len ? POLLOUT : 0)};
         if (poll(&pfd, 1, 1000) <= 0)
@@ -594,22 +594,22 @@ static void test_adversarial_never_reads_closed(void **state) {
     aw_search(&r, &s, &p, seq, TOKENS, q, sizeof(q));
     for (int i = 0; i < N; i++)
         assert_int_equal(aw_buf_request(&b, 100 + (uint64_t)i, &r), 0);
-    aw_nonblock(fd);
+    td_nonblock(fd);
     size_t off = 0;
-    double t0 = aw_now_ms();
-    while (off < b.len && aw_now_ms() - t0 < 3000) {
+    double t0 = td_now_ms();
+    while (off < b.len && td_now_ms() - t0 < 3000) {
         ssize_t w = send(fd, b.p + off, b.len - off, MSG_NOSIGNAL);
         if (w > 0)
             off += (size_t)w;
         else
-            aw_sleep_ms(20);
+            td_sleep_ms(20);
     }
     aw_buf_free(&b);
-    aw_sleep_ms(3500); /* > idle_timeout_ms + a sweep */
+    td_sleep_ms(3500); /* > idle_timeout_ms + a sweep */
     size_t got = 0;
     bool eof = false;
-    t0 = aw_now_ms();
-    while (!eof && aw_now_ms() - t0 < 15000) {
+    t0 = td_now_ms();
+    while (!eof && td_now_ms() - t0 < 15000) {
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
         if (poll(&pfd, 1, 1000) <= 0)
             continue;
@@ -630,15 +630,6 @@ static void test_adversarial_never_reads_closed(void **state) {
 }
 
 /* ------------------------------------- 3. memory before authentication */
-
-/* A raw frame header announcing body_len bytes. */
-static void put_header(uint8_t *out, uint64_t id, uint32_t body_len) {
-    kvs_frame_header_t h = {.magic = KVS_FRAME_MAGIC,
-                            .version = KVS_PROTOCOL_VERSION,
-                            .request_id = id,
-                            .body_len = body_len};
-    kvs_frame_header_encode(&h, out);
-}
 
 /* Read one answer; expect `status` and the CLOSE flag, then EOF. */
 static void expect_closed_with(int fd, int status, int timeout_ms) {
@@ -665,20 +656,20 @@ static void test_adversarial_unauthenticated_memory(void **state) {
                            "1000", NULL};
     start(&d, flags);
     enum { CONNS = 12 };
-    long base = aw_rss_kb(d.pid), peak = base;
+    long base = td_rss_kb(d.pid), peak = base;
     int fds[CONNS];
     uint8_t buf[KVS_FRAME_HEADER_SIZE + 4096];
     memset(buf, 0x42, sizeof(buf));
     for (int i = 0; i < CONNS; i++) {
         fds[i] = td_raw_connect(d.port, i % 2);
         assert_true(fds[i] >= 0);
-        put_header(buf, 7, 64u << 20);
+        td_put_header(buf, 7, 64u << 20);
         assert_int_equal(td_send_all(fds[i], buf, sizeof(buf)), 0);
     }
     for (int i = 0; i < CONNS; i++) {
         expect_closed_with(fds[i], KVS_ETOOBIG, 5000);
         close(fds[i]);
-        long rss = aw_rss_kb(d.pid);
+        long rss = td_rss_kb(d.pid);
         if (rss > peak)
             peak = rss;
     }
@@ -706,15 +697,15 @@ static void test_adversarial_unauthenticated_memory(void **state) {
      * Hello (with an answer saying why). */
     fd = td_raw_connect(d.port, false);
     assert_true(fd >= 0);
-    double t0 = aw_now_ms();
+    double t0 = td_now_ms();
     expect_closed_with(fd, KVS_EAUTH, 5000);
-    assert_true(aw_now_ms() - t0 < 4000);
+    assert_true(td_now_ms() - t0 < 4000);
     close(fd);
 
     /* After Hello, large frames are fine again. */
     fd = td_raw_connect(d.port, false);
     assert_true(fd >= 0);
-    assert_int_equal(aw_hello(fd, "s3cret"), 0);
+    assert_int_equal(td_hello(fd, "s3cret"), 0);
     Kvs__V1__PingRequest pr = KVS__V1__PING_REQUEST__INIT;
     static uint8_t payload[1 << 20];
     pr.payload.data = payload;
@@ -722,7 +713,7 @@ static void test_adversarial_unauthenticated_memory(void **state) {
     kvs__v1__request__init(&req);
     req.op_case = KVS__V1__REQUEST__OP_PING;
     req.ping = &pr;
-    assert_int_equal(aw_call(fd, 4, &req, 10000), 0);
+    assert_int_equal(td_call(fd, 4, &req, 10000), 0);
     close(fd);
     assert_alive(&d, "s3cret");
     stop(&d);
@@ -741,11 +732,11 @@ static void test_adversarial_slow_sender(void **state) {
     int fd = td_raw_connect(d.port, true);
     assert_true(fd >= 0);
     uint8_t frame[KVS_FRAME_HEADER_SIZE + 2];
-    put_header(frame, 9, 2);
+    td_put_header(frame, 9, 2);
     frame[KVS_FRAME_HEADER_SIZE] = 0x52; /* Request{ping {}} */
     frame[KVS_FRAME_HEADER_SIZE + 1] = 0;
-    long base = aw_rss_kb(d.pid);
-    double t0 = aw_now_ms();
+    long base = td_rss_kb(d.pid);
+    double t0 = td_now_ms();
     size_t sent = 0;
     for (; sent < sizeof(frame); sent++) {
         if (td_send_all(fd, frame + sent, 1))
@@ -756,16 +747,16 @@ static void test_adversarial_slow_sender(void **state) {
     }
     assert_true(sent < sizeof(frame));
     expect_closed_with(fd, KVS_ETIMEDOUT, 5000);
-    double took = aw_now_ms() - t0;
+    double took = td_now_ms() - t0;
     assert_true(took >= 900 && took < 3500);
     close(fd);
-    report_rss("slow_sender", base, aw_rss_kb(d.pid));
+    report_rss("slow_sender", base, td_rss_kb(d.pid));
     /* The idle connection (no frame started) still works. */
     Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
     Kvs__V1__PingRequest pr = KVS__V1__PING_REQUEST__INIT;
     req.op_case = KVS__V1__REQUEST__OP_PING;
     req.ping = &pr;
-    assert_int_equal(aw_call(idle, 10, &req, 5000), 0);
+    assert_int_equal(td_call(idle, 10, &req, 5000), 0);
     close(idle);
     stop(&d);
 }
@@ -787,18 +778,18 @@ static void test_adversarial_buffered_bytes_capped(void **state) {
     uint8_t *junk = malloc(KVS_FRAME_HEADER_SIZE + part);
     assert_non_null(junk);
     memset(junk, 0x11, KVS_FRAME_HEADER_SIZE + part);
-    put_header(junk, 5, body);
-    long base = aw_rss_kb(d.pid), peak = base;
+    td_put_header(junk, 5, body);
+    long base = td_rss_kb(d.pid), peak = base;
     int fds[CONNS];
     size_t off[CONNS];
     for (int i = 0; i < CONNS; i++) {
         fds[i] = td_raw_connect(d.port, false);
         assert_true(fds[i] >= 0);
-        aw_nonblock(fds[i]);
+        td_nonblock(fds[i]);
         off[i] = 0;
     }
-    double t0 = aw_now_ms();
-    while (aw_now_ms() - t0 < 2500) {
+    double t0 = td_now_ms();
+    while (td_now_ms() - t0 < 2500) {
         for (int i = 0; i < CONNS; i++) {
             size_t len = KVS_FRAME_HEADER_SIZE + part;
             if (off[i] < len) {
@@ -808,16 +799,16 @@ static void test_adversarial_buffered_bytes_capped(void **state) {
                     off[i] += (size_t)w;
             }
         }
-        long rss = aw_rss_kb(d.pid);
+        long rss = td_rss_kb(d.pid);
         if (rss > peak)
             peak = rss;
-        aw_sleep_ms(20);
+        td_sleep_ms(20);
     }
     /* Meanwhile a small client is served, pipelining too (its requests
      * count against the exhausted budget: one at a time, but all). */
     int fd = td_raw_connect(d.port, false);
     assert_true(fd >= 0);
-    assert_int_equal(aw_hello(fd, NULL), 0);
+    assert_int_equal(td_hello(fd, NULL), 0);
     aw_buf_t pipe = {0};
     Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
     Kvs__V1__PingRequest pr = KVS__V1__PING_REQUEST__INIT;
@@ -876,16 +867,16 @@ static void test_adversarial_fair_share(void **state) {
     Kvs__V1__QueryParams p;
     aw_search(&r, &s, &p, seq, 256, q, sizeof(q));
     /* One search alone, for the scale of the bound. */
-    double t0 = aw_now_ms();
-    assert_int_equal(aw_call(a, 50, &r, 20000), 0);
-    assert_int_equal(aw_call(a, 51, &r, 20000), 0);
-    double one = (aw_now_ms() - t0) / 2;
+    double t0 = td_now_ms();
+    assert_int_equal(td_call(a, 50, &r, 20000), 0);
+    assert_int_equal(td_call(a, 51, &r, 20000), 0);
+    double one = (td_now_ms() - t0) / 2;
     aw_buf_t b = {0};
     for (int i = 0; i < N; i++)
         assert_int_equal(aw_buf_request(&b, 1000 + (uint64_t)i, &r), 0);
     assert_int_equal(td_send_all(a, b.p, b.len), 0);
     aw_buf_free(&b);
-    aw_sleep_ms(50 + (int)one); /* A's pipeline is queued by now */
+    td_sleep_ms(50 + (int)one); /* A's pipeline is queued by now */
 
     int bfd = td_raw_connect(d.port, false);
     assert_true(bfd >= 0);
@@ -894,9 +885,9 @@ static void test_adversarial_fair_share(void **state) {
     in.seq = seq;
     ir.op_case = KVS__V1__REQUEST__OP_INFO;
     ir.info = &in;
-    t0 = aw_now_ms();
-    assert_int_equal(aw_call(bfd, 7, &ir, 60000), 0);
-    double waited = aw_now_ms() - t0;
+    t0 = td_now_ms();
+    assert_int_equal(td_call(bfd, 7, &ir, 60000), 0);
+    double waited = td_now_ms() - t0;
     printf("adversarial_fairness search_ms=%.1f info_ms=%.1f "
            "(a FIFO pool would give about %.0f)\n",
            one, waited, one * 64 / 2);
@@ -913,7 +904,7 @@ static void test_adversarial_fair_share(void **state) {
 
 /* Send a Hello whose token is `tok` of `len` bytes (NULs allowed), built by
  * hand: protobuf-c would stop the string at the NUL. */
-static void send_raw_hello(int fd, const char *tok, size_t len) {
+static void send_rtd_hello(int fd, const char *tok, size_t len) {
     uint8_t body[256], inner[200];
     size_t n = 0;
     assert_true(len < 100);
@@ -929,7 +920,7 @@ static void send_raw_hello(int fd, const char *tok, size_t len) {
     memcpy(body + m, inner, n);
     m += n;
     uint8_t frame[KVS_FRAME_HEADER_SIZE + 256];
-    put_header(frame, 1, (uint32_t)m);
+    td_put_header(frame, 1, (uint32_t)m);
     memcpy(frame + KVS_FRAME_HEADER_SIZE, body, m);
     assert_int_equal(td_send_all(fd, frame, KVS_FRAME_HEADER_SIZE + m), 0);
 }
@@ -954,7 +945,7 @@ static void test_adversarial_token_with_nul_refused(void **state) {
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         int fd = td_raw_connect(d.port, false);
         assert_true(fd >= 0);
-        send_raw_hello(fd, cases[i].tok, cases[i].len);
+        send_rtd_hello(fd, cases[i].tok, cases[i].len);
         kvs_frame_header_t h;
         Kvs__V1__Response *r = NULL;
         assert_int_equal(td_read_response(fd, 5000, &h, &r), 0);
@@ -977,13 +968,13 @@ static void test_adversarial_malformed_frames(void **state) {
     const char *flags[] = {"--max-frame-bytes", "1M", "--frame-timeout-ms",
                            "1000", NULL};
     start(&d, flags);
-    long base = aw_rss_kb(d.pid), peak = base;
+    long base = td_rss_kb(d.pid), peak = base;
     uint8_t f[KVS_FRAME_HEADER_SIZE + 64];
     for (int round = 0; round < 3; round++) {
         /* Truncated frame, then the client goes away. */
         int fd = td_raw_connect(d.port, round % 2);
         assert_true(fd >= 0);
-        put_header(f, 1, 100);
+        td_put_header(f, 1, 100);
         assert_int_equal(td_send_all(fd, f, KVS_FRAME_HEADER_SIZE + 10), 0);
         shutdown(fd, SHUT_WR);
         assert_true(td_wait_eof(fd, 5000));
@@ -996,33 +987,33 @@ static void test_adversarial_malformed_frames(void **state) {
         close(fd);
         /* Oversized length. */
         fd = td_raw_connect(d.port, false);
-        put_header(f, 2, 0xFFFFFFF0u);
+        td_put_header(f, 2, 0xFFFFFFF0u);
         assert_int_equal(td_send_all(fd, f, KVS_FRAME_HEADER_SIZE), 0);
         expect_closed_with(fd, KVS_ETOOBIG, 5000);
         close(fd);
         /* Bad magic. */
         fd = td_raw_connect(d.port, false);
-        put_header(f, 3, 2);
+        td_put_header(f, 3, 2);
         f[0] = 'X';
         assert_int_equal(td_send_all(fd, f, KVS_FRAME_HEADER_SIZE + 2), 0);
         expect_closed_with(fd, KVS_EPROTO, 5000);
         close(fd);
         /* Bad version. */
         fd = td_raw_connect(d.port, false);
-        put_header(f, 4, 2);
+        td_put_header(f, 4, 2);
         f[4] = 9;
         assert_int_equal(td_send_all(fd, f, KVS_FRAME_HEADER_SIZE + 2), 0);
         expect_closed_with(fd, KVS_EPROTO, 5000);
         close(fd);
         /* Garbage protobuf. */
         fd = td_raw_connect(d.port, false);
-        put_header(f, 5, 40);
+        td_put_header(f, 5, 40);
         for (int i = 0; i < 40; i++)
             f[KVS_FRAME_HEADER_SIZE + i] = (uint8_t)(0xff - i * 7);
         assert_int_equal(td_send_all(fd, f, KVS_FRAME_HEADER_SIZE + 40), 0);
         expect_closed_with(fd, KVS_EPROTO, 5000);
         close(fd);
-        long rss = aw_rss_kb(d.pid);
+        long rss = td_rss_kb(d.pid);
         if (rss > peak)
             peak = rss;
     }
@@ -1042,7 +1033,7 @@ static void test_adversarial_malformed_frames(void **state) {
     expect_closed_with(fd, KVS_EAUTH, 5000);
     close(fd);
     fd = td_raw_connect(d.port, false);
-    assert_int_equal(aw_hello(fd, NULL), KVS_EAUTH);
+    assert_int_equal(td_hello(fd, NULL), KVS_EAUTH);
     close(fd);
     assert_alive(&d, "s3cret");
     stop(&d);

@@ -1,15 +1,10 @@
 /*
- * wire.c: see wire.h. Loopback only; every wait is bounded.
+ * wire.c: see wire.h.
  */
 #include "wire.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
 void aw_buf_free(aw_buf_t *b) {
     free(b->p);
@@ -92,61 +87,4 @@ void aw_search(Kvs__V1__Request *r, Kvs__V1__SearchRequest *s,
     s->params = p;
     r->op_case = KVS__V1__REQUEST__OP_SEARCH;
     r->search = s;
-}
-
-int aw_call(int fd, uint64_t id, const Kvs__V1__Request *req, int timeout_ms) {
-    if (td_send_request(fd, id, KVS_PROTOCOL_VERSION, req))
-        return -100001;
-    kvs_frame_header_t h;
-    Kvs__V1__Response *r = NULL;
-    if (td_read_response(fd, timeout_ms, &h, &r))
-        return -100002;
-    int st = r->status;
-    if (h.request_id != id)
-        st = -100003;
-    kvs__v1__response__free_unpacked(r, NULL);
-    return st;
-}
-
-int aw_hello(int fd, const char *token) {
-    Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
-    Kvs__V1__HelloRequest h = KVS__V1__HELLO_REQUEST__INIT;
-    h.protocol_version = KVS_PROTOCOL_VERSION;
-    h.auth_token = (char *)(token ? token : "");
-    h.client_name = (char *)"adversarial";
-    req.op_case = KVS__V1__REQUEST__OP_HELLO;
-    req.hello = &h;
-    return aw_call(fd, 1, &req, 10000);
-}
-
-long aw_rss_kb(int pid) {
-    char path[64], line[256];
-    snprintf(path, sizeof(path), "/proc/%d/status", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    long kb = -1;
-    while (fgets(line, sizeof(line), f))
-        if (!strncmp(line, "VmRSS:", 6)) {
-            kb = atol(line + 6);
-            break;
-        }
-    fclose(f);
-    return kb;
-}
-
-double aw_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
-void aw_sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-void aw_nonblock(int fd) {
-    int fl = fcntl(fd, F_GETFL);
-    fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }

@@ -1,9 +1,9 @@
 /*
- * wire.h: a small raw-frame client for the adversarial tests. It speaks the
- * protocol of proto/kvs_frame.h byte by byte so that a test can send what a
- * well-behaved client never would (half frames, slow bytes, unread
- * answers, pipelines far past what libkvsclient allows), and it reads the
- * daemon's memory from /proc.
+ * wire.h: request builders for the adversarial tests: whole pipelines of
+ * encoded frames in one buffer, so that a test can send what a
+ * well-behaved client never would (unread answers, pipelines far past what
+ * libkvsclient allows). Sockets, single calls, raw headers, timing and the
+ * daemon's memory come from tests/server/daemon.h.
  */
 #ifndef KVS_TEST_WIRE_H
 #define KVS_TEST_WIRE_H
@@ -36,19 +36,5 @@ void aw_append(Kvs__V1__Request *r, Kvs__V1__AppendRequest *a, uint64_t seq,
 void aw_search(Kvs__V1__Request *r, Kvs__V1__SearchRequest *s,
                Kvs__V1__QueryParams *p, uint64_t seq, uint32_t k,
                const float *q, size_t bytes);
-
-/* Send Hello (token may be NULL) and read its answer: the status, or a
- * negative value below -100000 when no answer came. */
-int aw_hello(int fd, const char *token);
-/* Send one request and wait for its answer's status (same convention). */
-int aw_call(int fd, uint64_t id, const Kvs__V1__Request *req, int timeout_ms);
-
-/* Resident memory of pid in KiB (VmRSS), -1 if unreadable. */
-long aw_rss_kb(int pid);
-/* Milliseconds on a monotonic clock. */
-double aw_now_ms(void);
-void aw_sleep_ms(int ms);
-/* Make fd non-blocking. */
-void aw_nonblock(int fd);
 
 #endif

@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kv_rows.h"
 #include "kvs_kernels.h"
 #include "kvstore.h"
 
@@ -36,38 +37,21 @@
 enum { KVH = 2, QH = 4, D = 16, SEG = 256 };
 static const kvs_geometry_t GEO = {2, QH, KVH, D, KVS_DTYPE_F16};
 
-/* Token t's key/value elements are a pure function of (seq, layer, t). */
-static float elem(uint64_t seq, uint32_t layer, uint64_t t, uint32_t i,
-                  int val) {
-    uint64_t x = (seq * 1000003u + layer * 7919u + t * 131u + i * 17u +
-                  (uint64_t)val * 999983u) *
-                 0x9e3779b97f4a7c15ull;
-    x ^= x >> 29;
-    return (float)((double)(x >> 11) / 9007199254740992.0 * 4 - 2) +
-           (val ? 0 : (i % 4 == 0 ? 1.5f : 0));
-}
-
+/* Token t's key/value elements are a pure function of (seq, layer, t):
+ * kv_rows.h's key-biased rows. */
 static void make_rows(uint64_t seq, uint32_t layer, uint64_t t0, uint32_t n,
                       uint16_t *k, uint16_t *v) {
-    for (uint32_t t = 0; t < n; t++)
-        for (uint32_t i = 0; i < KVH * D; i++) {
-            k[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 0));
-            v[(size_t)t * KVH * D + i] =
-                kvs_f32_to_f16(elem(seq, layer, t0 + t, i, 1));
-        }
+    kv_rows_make_key_biased(KVH * D, seq, layer, t0, n, k, v);
 }
 
 static char *temp_dir(void) {
-    char *d = strdup("/tmp/kvs-persist-XXXXXX");
-    assert_non_null(mkdtemp(d));
+    char *d = kv_temp_dir("persist");
+    assert_non_null(d);
     return d;
 }
 
 static void rm_rf(const char *d) {
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d);
-    assert_int_equal(system(cmd), 0);
+    assert_int_equal(kv_rm_rf(d), 0);
 }
 
 static kvs_store_t *open_dir(const char *dir, kvs_sync_t sync) {
@@ -137,7 +121,7 @@ static void test_persist_reopen_without_reclustering(void **state) {
     assert_int_equal(kvs_seq_wait_indexed(s, 2), 0);
     float q[QH * D], out1[QH * D], out2[QH * D];
     for (int i = 0; i < QH * D; i++)
-        q[i] = elem(9, 9, 9, (uint32_t)i, 0);
+        q[i] = kv_rows_elem_key_biased(9, 9, 9, (uint32_t)i, 0);
     int64_t p1[QH * 10], p2[QH * 10];
     float sc1[QH * 10], sc2[QH * 10];
     assert_int_equal(kvs_seq_attend(s, 1, 1, q, NULL, out1, NULL), 0);

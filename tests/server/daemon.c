@@ -20,7 +20,13 @@
 #include <time.h>
 #include <unistd.h>
 
-static void sleep_ms(int ms) {
+double td_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+void td_sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
 }
@@ -98,27 +104,36 @@ int td_start(test_daemon_t *d, const char *const *extra) {
             td_dump_log(d);
             return -1;
         }
-        sleep_ms(10);
+        td_sleep_ms(10);
     }
     return -ETIMEDOUT;
 }
 
 int td_stop(test_daemon_t *d) {
+    return td_stop_within(d, 20000, NULL);
+}
+
+int td_stop_within(test_daemon_t *d, int timeout_ms, double *seconds) {
     if (d->pid <= 0)
         return -1;
+    double t0 = td_now_ms();
     kill(d->pid, SIGTERM);
     int st = 0;
-    for (int i = 0; i < 2000; i++) { /* 20 s */
+    for (int t = 0; t <= timeout_ms; t += 10) {
         pid_t r = waitpid(d->pid, &st, WNOHANG);
         if (r == d->pid) {
             d->pid = 0;
+            if (seconds)
+                *seconds = (td_now_ms() - t0) / 1e3;
             if (WIFEXITED(st))
                 return WEXITSTATUS(st);
             td_dump_log(d);
             return -1;
         }
-        sleep_ms(10);
+        td_sleep_ms(10);
     }
+    if (seconds)
+        *seconds = (td_now_ms() - t0) / 1e3;
     kill(d->pid, SIGKILL);
     waitpid(d->pid, &st, 0);
     d->pid = 0;
@@ -138,6 +153,15 @@ void td_cleanup(test_daemon_t *d) {
     d->dir[0] = 0;
 }
 
+void td_kill_cleanup(test_daemon_t *d) {
+    if (d->pid > 0) {
+        kill(d->pid, SIGKILL);
+        waitpid(d->pid, NULL, 0);
+        d->pid = 0;
+    }
+    td_cleanup(d);
+}
+
 void td_dump_log(const test_daemon_t *d) {
     FILE *f = fopen(d->log, "r");
     if (!f)
@@ -147,6 +171,61 @@ void td_dump_log(const test_daemon_t *d) {
     while (fgets(line, sizeof(line), f))
         fputs(line, stderr);
     fclose(f);
+}
+
+char *td_slurp(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return NULL;
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    size_t n;
+    while (buf && (n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+        len += n;
+        if (cap - len < 2) {
+            char *b = realloc(buf, cap * 2);
+            if (!b) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = b;
+            cap *= 2;
+        }
+    }
+    fclose(f);
+    if (buf)
+        buf[len] = 0;
+    return buf;
+}
+
+bool td_log_wait(const char *path, const char *needle, int timeout_ms) {
+    for (int t = 0;; t += 20) {
+        char *s = td_slurp(path);
+        bool found = s && strstr(s, needle);
+        free(s);
+        if (found)
+            return true;
+        if (t >= timeout_ms)
+            return false;
+        td_sleep_ms(20);
+    }
+}
+
+long td_rss_kb(pid_t pid) {
+    char path[64], line[256];
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    long kb = -1;
+    while (fgets(line, sizeof(line), f))
+        if (!strncmp(line, "VmRSS:", 6)) {
+            kb = atol(line + 6);
+            break;
+        }
+    fclose(f);
+    return kb;
 }
 
 kvs_client_t *td_client(const test_daemon_t *d, int v6, const char *token) {
@@ -194,6 +273,19 @@ int td_raw_connect(int port, bool v6) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     return fd;
+}
+
+void td_nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+void td_put_header(uint8_t *out, uint64_t id, uint32_t body_len) {
+    kvs_frame_header_t h = {.magic = KVS_FRAME_MAGIC,
+                            .version = KVS_PROTOCOL_VERSION,
+                            .request_id = id,
+                            .body_len = body_len};
+    kvs_frame_header_encode(&h, out);
 }
 
 int td_send_all(int fd, const void *buf, size_t len) {
@@ -273,6 +365,31 @@ int td_read_response(int fd, int timeout_ms, kvs_frame_header_t *h,
     rc = kvs_frame_decode_response(body, h->body_len, r, NULL, 0) ? -1 : 0;
     free(body);
     return rc;
+}
+
+int td_call(int fd, uint64_t id, const Kvs__V1__Request *req, int timeout_ms) {
+    if (td_send_request(fd, id, KVS_PROTOCOL_VERSION, req))
+        return -100001;
+    kvs_frame_header_t h;
+    Kvs__V1__Response *r = NULL;
+    if (td_read_response(fd, timeout_ms, &h, &r))
+        return -100002;
+    int st = r->status;
+    if (h.request_id != id)
+        st = -100003;
+    kvs__v1__response__free_unpacked(r, NULL);
+    return st;
+}
+
+int td_hello(int fd, const char *token) {
+    Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
+    Kvs__V1__HelloRequest h = KVS__V1__HELLO_REQUEST__INIT;
+    h.protocol_version = KVS_PROTOCOL_VERSION;
+    h.auth_token = (char *)(token ? token : "");
+    h.client_name = (char *)"kvs-test";
+    req.op_case = KVS__V1__REQUEST__OP_HELLO;
+    req.hello = &h;
+    return td_call(fd, 1, &req, 10000);
 }
 
 bool td_wait_eof(int fd, int timeout_ms) {

@@ -31,79 +31,18 @@
 
 #include <cmocka.h>
 
+/* Seconds on a monotonic clock. */
 static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-/* Whole file as a string (NULL if unreadable). */
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap);
-    size_t n;
-    while (buf && (n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-        len += n;
-        if (cap - len < 2) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    fclose(f);
-    if (buf)
-        buf[len] = 0;
-    return buf;
+    return td_now_ms() / 1e3;
 }
 
 static bool log_has(const char *path, const char *needle) {
-    char *s = slurp(path);
-    bool found = s && strstr(s, needle);
-    free(s);
-    return found;
-}
-
-/* Wait up to timeout_ms for `needle` in the file at `path`. */
-static bool log_wait(const char *path, const char *needle, int timeout_ms) {
-    for (int t = 0; t <= timeout_ms; t += 20) {
-        if (log_has(path, needle))
-            return true;
-        sleep_ms(20);
-    }
-    return false;
+    return td_log_wait(path, needle, 0);
 }
 
 static int file_mode(const char *path) {
     struct stat st;
     return lstat(path, &st) == 0 ? (int)(st.st_mode & 07777) : -1;
-}
-
-/* SIGTERM and wait up to timeout_ms; the exit status, or -1 (then killed). */
-static int stop_within(test_daemon_t *d, int timeout_ms, double *seconds) {
-    double t0 = now_s();
-    kill(d->pid, SIGTERM);
-    int st = 0;
-    for (int t = 0; t <= timeout_ms; t += 10) {
-        if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
-            d->pid = 0;
-            *seconds = now_s() - t0;
-            return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-        }
-        sleep_ms(10);
-    }
-    *seconds = now_s() - t0;
-    kill(d->pid, SIGKILL);
-    waitpid(d->pid, &st, 0);
-    d->pid = 0;
-    td_dump_log(d);
-    return -1;
 }
 
 static bool ping_ok(const test_daemon_t *d, int how) {
@@ -137,19 +76,10 @@ static int fresh(void **state) {
     return 0;
 }
 
-static void kill_and_clean(test_daemon_t *d) {
-    if (d->pid > 0) {
-        kill(d->pid, SIGKILL);
-        waitpid(d->pid, NULL, 0);
-        d->pid = 0;
-    }
-    td_cleanup(d);
-}
-
 static int reap(void **state) {
     (void)state;
-    kill_and_clean(&D);
-    kill_and_clean(&R);
+    td_kill_cleanup(&D);
+    td_kill_cleanup(&R);
     return 0;
 }
 
@@ -171,7 +101,7 @@ static void test_server_http_limit_and_timeout(void **state) {
         idle[i] = td_raw_connect(D.http_port, false);
         assert_true(idle[i] >= 0);
     }
-    sleep_ms(100); /* let the daemon accept (and count) them */
+    td_sleep_ms(100); /* let the daemon accept (and count) them */
     for (int i = 0; i < OVER; i++) {
         int fd = td_raw_connect(D.http_port, false);
         assert_true(fd >= 0);
@@ -208,7 +138,7 @@ static void test_server_http_limit_and_timeout(void **state) {
     free(m);
     assert_true(log_has(D.log, "event=http_refused"));
     double secs;
-    assert_int_equal(stop_within(&D, 5000, &secs), 0);
+    assert_int_equal(td_stop_within(&D, 5000, &secs), 0);
     td_cleanup(&D);
 }
 
@@ -239,7 +169,7 @@ static void test_server_http_fd_exhaustion(void **state) {
         fds[i] = td_raw_connect(D.http_port, false);
         assert_true(fds[i] >= 0);
     }
-    sleep_ms(200);
+    td_sleep_ms(200);
     for (int i = 0; i < 3; i++) {
         assert_true(ping_ok(&D, 0));
         assert_true(ping_ok(&D, 1));
@@ -248,7 +178,7 @@ static void test_server_http_fd_exhaustion(void **state) {
     for (int i = 0; i < N; i++)
         close(fds[i]);
     free(fds);
-    sleep_ms(100);
+    td_sleep_ms(100);
     int status = 0;
     char *m = td_http_get(D.http_port, "/metrics", &status);
     assert_non_null(m);
@@ -257,7 +187,7 @@ static void test_server_http_fd_exhaustion(void **state) {
                 N - 64);
     free(m);
     double secs;
-    assert_int_equal(stop_within(&D, 8000, &secs), 0);
+    assert_int_equal(td_stop_within(&D, 8000, &secs), 0);
     td_cleanup(&D);
 }
 
@@ -279,9 +209,9 @@ static void test_server_http_idle_shutdown(void **state) {
     assert_int_equal(td_send_all(fds[1], "GET /metrics HTTP/1.1\r\n\r\n", 25),
                      0);
     assert_true(ping_ok(&D, 0));
-    sleep_ms(100);
+    td_sleep_ms(100);
     double secs;
-    assert_int_equal(stop_within(&D, 8000, &secs), 0);
+    assert_int_equal(td_stop_within(&D, 8000, &secs), 0);
     assert_true(secs < 5.0);
     for (int i = 0; i < 6; i++) {
         assert_true(td_wait_eof(fds[i], 1000));
@@ -307,7 +237,7 @@ static void test_server_unix_socket_path(void **state) {
     fclose(f);
     const char *extra[] = {"--data-dir", "", "--unix-socket", path, NULL};
     assert_true(start_fails(&D, extra));
-    char *s = slurp(path);
+    char *s = td_slurp(path);
     assert_non_null(s);
     assert_string_equal(s, "precious\n");
     free(s);
@@ -383,7 +313,7 @@ static void test_server_file_modes(void **state) {
     snprintf(path, sizeof(path), "%s/port", D.dir);
     assert_int_equal(file_mode(path), 0600);
     assert_int_equal(file_mode(logf), 0600);
-    assert_true(log_wait(logf, "event=ready", 5000));
+    assert_true(td_log_wait(logf, "event=ready", 5000));
     assert_false(log_has(logf, "data_dir_permissions"));
     assert_true(ping_ok(&D, 2));
     assert_int_equal(td_stop(&D), 0);
@@ -418,7 +348,7 @@ static void test_server_sighup(void **state) {
     const char *extra[] = {"--data-dir", "", NULL};
     assert_int_equal(td_start(&D, extra), 0);
     assert_int_equal(kill(D.pid, SIGHUP), 0);
-    assert_true(log_wait(D.log, "signal=SIGHUP action=ignored", 5000));
+    assert_true(td_log_wait(D.log, "signal=SIGHUP action=ignored", 5000));
     assert_int_equal(waitpid(D.pid, NULL, WNOHANG), 0); /* still running */
     assert_true(ping_ok(&D, 0));
     assert_int_equal(td_stop(&D), 0);
@@ -432,10 +362,10 @@ static void test_server_sighup(void **state) {
     snprintf(rotated, sizeof(rotated), "%s/kvstored.log.1", R.dir);
     const char *extra2[] = {"--data-dir", "", "--log-file", logf, NULL};
     assert_int_equal(td_start(&R, extra2), 0);
-    assert_true(log_wait(logf, "event=ready", 5000));
+    assert_true(td_log_wait(logf, "event=ready", 5000));
     assert_int_equal(rename(logf, rotated), 0);
     assert_int_equal(kill(R.pid, SIGHUP), 0);
-    assert_true(log_wait(logf, "action=log_reopen", 5000));
+    assert_true(td_log_wait(logf, "action=log_reopen", 5000));
     assert_true(log_has(logf, "status=ok"));
     assert_int_equal(file_mode(logf), 0600);
     assert_true(ping_ok(&R, 0));
@@ -698,7 +628,7 @@ static void test_server_metrics_promtool(void **state) {
     snprintf(cmd, sizeof(cmd), "%s check metrics < '%s' > '%s' 2>&1", promtool,
              in, out);
     int rc = system(cmd);
-    char *said = slurp(out);
+    char *said = td_slurp(out);
     if (rc != 0 || (said && said[0]))
         fail_msg("promtool check metrics: status %d: %s", rc, said ? said : "");
     free(said);

@@ -8,6 +8,7 @@
  * dump of tinycode128 is 1.5 GB in fp32).
  */
 #include "decoder_int.h"
+#include "kvs_dump.h"
 #include "kvs_kernels.h"
 
 #include <errno.h>
@@ -16,11 +17,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-#define DUMP_MAGIC "KVSDUMP1"
-#define DUMP_VERSION 1
-#define DUMP_HEADER_BYTES 64
-#define DUMP_ALIGN 4096
 
 struct kvs_qkv_dump_s {
     int fd;
@@ -84,8 +80,9 @@ int kvs_qkv_dump_open(const char *path, const kvs_model_config_t *cfg,
     d->n_tokens = n_tokens;
     d->dtype = dtype;
     d->elt = kvs_dtype_size(dtype);
-    uint64_t toks_end = DUMP_HEADER_BYTES + 4ull * n_tokens;
-    d->data_offset = (toks_end + DUMP_ALIGN - 1) / DUMP_ALIGN * DUMP_ALIGN;
+    uint64_t toks_end = KVS_DUMP_HEADER_BYTES + 4ull * n_tokens;
+    d->data_offset =
+        (toks_end + KVS_DUMP_ALIGN - 1) / KVS_DUMP_ALIGN * KVS_DUMP_ALIGN;
     d->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (d->fd < 0) {
         int rc = -errno;
@@ -94,11 +91,11 @@ int kvs_qkv_dump_open(const char *path, const kvs_model_config_t *cfg,
         free(d);
         return rc;
     }
-    unsigned char h[DUMP_HEADER_BYTES];
+    unsigned char h[KVS_DUMP_HEADER_BYTES];
     memset(h, 0, sizeof(h));
-    memcpy(h, DUMP_MAGIC, 8);
-    put32(h + 8, DUMP_VERSION);
-    put32(h + 12, DUMP_HEADER_BYTES);
+    memcpy(h, KVS_DUMP_MAGIC, 8);
+    put32(h + 8, KVS_DUMP_VERSION);
+    put32(h + 12, KVS_DUMP_HEADER_BYTES);
     put32(h + 16, cfg->n_layers);
     put32(h + 20, cfg->n_heads);
     put32(h + 24, cfg->n_kv_heads);
@@ -113,7 +110,7 @@ int kvs_qkv_dump_open(const char *path, const kvs_model_config_t *cfg,
     int rc = write_all(d->fd, h, sizeof(h), 0);
     /* Tokens as little-endian int32 (the host is little-endian x86/arm). */
     if (rc == 0)
-        rc = write_all(d->fd, tokens, 4ull * n_tokens, DUMP_HEADER_BYTES);
+        rc = write_all(d->fd, tokens, 4ull * n_tokens, KVS_DUMP_HEADER_BYTES);
     uint64_t total =
         d->data_offset + (uint64_t)cfg->n_layers *
                              (cfg->n_heads + 2ull * cfg->n_kv_heads) *

@@ -1,86 +1,56 @@
 /*
- * sample.c: the dump reader and statistics of sample.h.
+ * sample.c: the dump access and statistics of sample.h.
  */
 #include "sample.h"
 
-#include "kvs_kernels.h"
 #include "kvs_common.h"
+#include "kvs_dump.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 int kvt_dump_open(const char *path, kvt_dump_t *dp) {
     memset(dp, 0, sizeof *dp);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        return -errno;
-    struct stat st;
-    if (fstat(fd, &st) || st.st_size < 64) {
-        close(fd);
-        return KVS_ECORRUPT;
+    char err[512];
+    int rc = kvs_dump_open(path, &dp->dump, err, sizeof err);
+    if (rc) {
+        /* kvtune's own message names the code; this says what is wrong. */
+        fprintf(stderr, "kvtune: %s\n", err);
+        return rc;
     }
-    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-    int e = errno;
-    close(fd);
-    if (m == MAP_FAILED)
-        return -e;
-    const uint8_t *b = m;
-    uint32_t h[16];
-    memcpy(h, b, sizeof h);
-    uint64_t off;
-    memcpy(&off, b + 48, 8);
-    uint32_t n_layers = h[4], n_q = h[5], n_kv = h[6], d = h[7], n_tok = h[8],
-             dtype = h[9];
-    uint64_t esz = dtype == 0 ? 4 : 2;
-    /* Every factor is bounded before the product, so it cannot wrap. */
-    int ok = !memcmp(b, "KVSDUMP1", 8) && h[2] == 1 && h[3] == 64 &&
-             dtype <= 1 && n_layers && n_layers <= 4096 && n_kv && n_q &&
-             n_q <= 4096 && n_q % n_kv == 0 && d && d <= 4096 && n_tok &&
-             off >= 64 && off <= (uint64_t)st.st_size &&
-             off + (uint64_t)n_layers * (n_q + 2 * n_kv) * n_tok * d * esz ==
-                 (uint64_t)st.st_size;
-    if (!ok) {
-        munmap(m, (size_t)st.st_size);
-        return KVS_ECORRUPT;
-    }
-    dp->map = b;
-    dp->size = (size_t)st.st_size;
-    dp->n_layers = n_layers;
-    dp->n_q = n_q;
-    dp->n_kv = n_kv;
-    dp->d = d;
-    dp->n_tokens = n_tok;
-    dp->dtype = dtype;
-    dp->data_off = off;
+    const kvs_dump_info_t *in = kvs_dump_info(dp->dump);
+    dp->n_layers = in->n_layers;
+    dp->n_q = in->n_q_heads;
+    dp->n_kv = in->n_kv_heads;
+    dp->d = in->head_dim;
+    dp->n_tokens = in->n_tokens;
+    dp->dtype = (uint32_t)in->dtype;
     return 0;
 }
 
 void kvt_dump_close(kvt_dump_t *dp) {
-    if (dp->map)
-        munmap((void *)dp->map, dp->size);
+    kvs_dump_close(dp->dump);
     memset(dp, 0, sizeof *dp);
 }
 
 void kvt_dump_rows(const kvt_dump_t *dp, uint32_t layer, uint32_t arr,
                    uint32_t pos, uint32_t n, float *out) {
-    size_t e = dp->dtype == 0 ? 4 : 2;
-    size_t head = (size_t)dp->n_tokens * dp->d * e;
-    const uint8_t *p = dp->map + dp->data_off +
-                       ((size_t)layer * (dp->n_q + 2 * dp->n_kv) + arr) * head +
-                       (size_t)pos * dp->d * e;
-    size_t cnt = (size_t)n * dp->d;
-    if (e == 4) {
-        memcpy(out, p, cnt * 4);
-    } else {
-        const uint16_t *s = (const uint16_t *)p;
-        for (size_t i = 0; i < cnt; i++)
-            out[i] = kvs_f16_to_f32(s[i]);
+    kvs_dump_array_t which = KVS_DUMP_Q;
+    uint32_t head = arr;
+    if (arr >= dp->n_q + dp->n_kv) {
+        which = KVS_DUMP_V;
+        head = arr - dp->n_q - dp->n_kv;
+    } else if (arr >= dp->n_q) {
+        which = KVS_DUMP_K;
+        head = arr - dp->n_q;
+    }
+    int rc = kvs_dump_rows(dp->dump, layer, which, head, pos, n, out);
+    if (rc) {
+        fprintf(stderr, "kvtune: dump rows (layer %u, array %u, %u+%u): %s\n",
+                layer, arr, pos, n, kvs_strerror(rc));
+        exit(1);
     }
 }
 
