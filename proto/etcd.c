@@ -157,7 +157,8 @@ static const char *skip_value(const char *p, const char *end, int depth) {
         }
     }
     const char *s = p;
-    while (p < end && (strchr("+-.0123456789eE", *p) || (*p >= 'a' && *p <= 'z')))
+    while (p < end &&
+           (strchr("+-.0123456789eE", *p) || (*p >= 'a' && *p <= 'z')))
         p++;
     return p > s ? p : NULL;
 }
@@ -335,8 +336,8 @@ static int parse_endpoint(endpoint_t *ep, const char *s, size_t n, char *err,
     char *end;
     long port = strtol(colon + 1, &end, 10);
     if (!colon[1] || *end || port <= 0 || port > 65535)
-        return kvs__errf(err, errlen, KVS_EINVAL,
-                         "etcd endpoint %s: bad port", buf);
+        return kvs__errf(err, errlen, KVS_EINVAL, "etcd endpoint %s: bad port",
+                         buf);
     snprintf(ep->port, sizeof(ep->port), "%ld", port);
     return 0;
 }
@@ -410,8 +411,8 @@ static int connect_ep(const endpoint_t *ep, uint64_t deadline, int *fd_out) {
         return g == EAI_SYSTEM ? -errno : -EHOSTUNREACH;
     int rc = -ECONNREFUSED;
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC |
-                                           SOCK_NONBLOCK,
+        int fd = socket(ai->ai_family,
+                        ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
                         ai->ai_protocol);
         if (fd < 0) {
             rc = -errno;
@@ -477,8 +478,8 @@ static int post_ep(kvs_etcd_t *e, const endpoint_t *ep, const char *path,
                            "etcd %s:%s: send timed out", ep->host, ep->port);
                 goto err;
             }
-            rc = efail(e, KVS_ECONN, "etcd %s:%s: send: %s", ep->host,
-                       ep->port, strerror(errno));
+            rc = efail(e, KVS_ECONN, "etcd %s:%s: send: %s", ep->host, ep->port,
+                       strerror(errno));
             goto err;
         }
     }
@@ -514,8 +515,8 @@ static int post_ep(kvs_etcd_t *e, const endpoint_t *ep, const char *path,
             if (w > 0)
                 continue;
             rc = efail(e, w ? KVS_ECONN : KVS_ETIMEDOUT,
-                       "etcd %s:%s: no answer within %u ms", ep->host,
-                       ep->port, e->timeout_ms);
+                       "etcd %s:%s: no answer within %u ms", ep->host, ep->port,
+                       e->timeout_ms);
             goto err;
         }
         rc = efail(e, KVS_ECONN, "etcd %s:%s: recv: %s", ep->host, ep->port,
@@ -558,8 +559,8 @@ err:
 
 /* POST to the endpoint that answered last, then to the others; an error
  * answer from etcd itself (KVS_EIO) is final, unreachable ones are not. */
-static int post(kvs_etcd_t *e, const char *path, const char *body,
-                char **resp, size_t *rlen) {
+static int post(kvs_etcd_t *e, const char *path, const char *body, char **resp,
+                size_t *rlen) {
     int rc = KVS_ECONN;
     for (size_t i = 0; i < e->n_ep; i++) {
         size_t k = (e->cur + i) % e->n_ep;
@@ -599,9 +600,8 @@ int kvs_etcd_lease_keepalive(kvs_etcd_t *e, int64_t id, int64_t *ttl_left) {
     /* A stream of one message: {"result":{..., "TTL":"N"}}; no TTL (0) once
      * the lease is gone. */
     const char *v, *ve;
-    *ttl_left = json_get(r, r + rl, "result", &v, &ve)
-                    ? member_i64(v, ve, "TTL")
-                    : 0;
+    *ttl_left =
+        json_get(r, r + rl, "result", &v, &ve) ? member_i64(v, ve, "TTL") : 0;
     free(r);
     return 0;
 }
@@ -763,13 +763,14 @@ int kvs_node_record_encode(const kvs_node_record_t *r, char *buf, size_t cap,
         !json_quote(r->addr, addr, sizeof(addr)) ||
         !json_quote(r->version, ver, sizeof(ver)))
         return KVS_ETOOBIG;
-    int n = snprintf(
-        buf, cap,
-        "{\"node_id\":%s,\"addr\":%s,\"port\":%u,\"http_port\":%u,"
-        "\"memory_limit\":%" PRIu64 ",\"memory_used\":%" PRIu64
-        ",\"sequences\":%" PRIu64 ",\"start_time\":%" PRId64 ",\"protocol\":%u,\"version\":%s}",
-        id, addr, r->port, r->http_port, r->memory_limit, r->memory_used,
-        r->sequences, r->start_time, r->protocol, ver);
+    int n =
+        snprintf(buf, cap,
+                 "{\"node_id\":%s,\"addr\":%s,\"port\":%u,\"http_port\":%u,"
+                 "\"memory_limit\":%" PRIu64 ",\"memory_used\":%" PRIu64
+                 ",\"sequences\":%" PRIu64 ",\"start_time\":%" PRId64
+                 ",\"protocol\":%u,\"version\":%s}",
+                 id, addr, r->port, r->http_port, r->memory_limit,
+                 r->memory_used, r->sequences, r->start_time, r->protocol, ver);
     if (n < 0 || (size_t)n >= cap)
         return KVS_ETOOBIG;
     if (len)

@@ -57,8 +57,7 @@ static bool wait_stop(kvs__member_t *m, uint64_t ms) {
         ts.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&m->mu);
-    while (!m->stop &&
-           pthread_cond_timedwait(&m->cv, &m->mu, &ts) == 0)
+    while (!m->stop && pthread_cond_timedwait(&m->cv, &m->mu, &ts) == 0)
         ;
     bool stop = m->stop;
     pthread_mutex_unlock(&m->mu);
@@ -122,8 +121,8 @@ static void *member_main(void *arg) {
             if (!rc && left <= 0) {
                 /* Expired while etcd was away from us (or revoked by an
                  * operator): register again at once. */
-                kvs__log(KVS__LOG_WARN, "etcd_lease_lost",
-                         "key=%s lease=%lld", m->key, (long long)m->lease);
+                kvs__log(KVS__LOG_WARN, "etcd_lease_lost", "key=%s lease=%lld",
+                         m->key, (long long)m->lease);
                 m->lease = 0;
                 m->last_put[0] = 0;
                 continue;
@@ -216,8 +215,7 @@ int kvs__member_start(kvs_server_t *srv) {
     m->rec.memory_limit = cfg->memory_bytes;
     m->rec.start_time = (int64_t)time(NULL);
     m->rec.protocol = KVS_PROTOCOL_VERSION;
-    snprintf(m->rec.version, sizeof(m->rec.version), "%s",
-             KVS_SERVER_VERSION);
+    snprintf(m->rec.version, sizeof(m->rec.version), "%s", KVS_SERVER_VERSION);
     if ((rc = -pthread_create(&m->thread, NULL, member_main, m)))
         goto err;
     m->started = true;
