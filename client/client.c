@@ -11,8 +11,18 @@
  *
  * C API values become messages and back only through proto/kvs_wire.h, the
  * same conversion the daemon uses.
+ *
+ * With an etcd:// address the node list is etcd's (proto/kvs_etcd.h): read
+ * with a range over `<prefix>/nodes/` at open, then again inside submit
+ * once membership_refresh_ms has passed or a connection failed. A periodic
+ * range rather than a watch: the library has no thread and no loop of its
+ * own to keep a watch stream read, and a range of a few nodes costs one
+ * loopback-sized round trip per refresh period. Nodes live in fixed slots
+ * (an op in flight names its slot); a node that leaves keeps its slot, not
+ * live, until it is idle and the slot is reused by a newcomer.
  */
 #include "kvs_client.h"
+#include "kvs_etcd.h"
 #include "kvs_frame.h"
 #include "kvs_wire.h"
 
@@ -50,6 +60,8 @@ typedef struct node_s {
     size_t tab_cap, tab_n;
     kvs_client_op_t *fifo_head, *fifo_tail;
     uint64_t hello_id;
+    bool live;             /* placed on: always, for a static list */
+    kvs_node_record_t rec; /* etcd's record of the node (etcd:// only) */
 } node_t;
 
 struct kvs_client_s {
@@ -61,6 +73,11 @@ struct kvs_client_s {
     uint64_t next_id;
     size_t pending; /* submitted, not yet returned by poll */
     kvs_client_op_t *done_head, *done_tail;
+    /* etcd:// only (etcd NULL otherwise). */
+    kvs_etcd_t *etcd;
+    char node_prefix[512]; /* "<prefix>/nodes/" */
+    uint32_t refresh_ms;
+    uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
     char errmsg[512];
 };
 
@@ -231,6 +248,7 @@ static void node_fail(kvs_client_t *c, node_t *n, int status, const char *msg) {
 /* ------------------------------------------------------------ addresses */
 
 static int parse_addr(node_t *n, const char *a) {
+    n->is_unix = false; /* a reused slot may have held a unix: node */
     if (strlen(a) >= sizeof(n->addr))
         return KVS_EINVAL;
     snprintf(n->addr, sizeof(n->addr), "%s", a);
@@ -269,6 +287,116 @@ static int parse_addr(node_t *n, const char *a) {
     return 0;
 }
 
+/* ----------------------------------------------------------- membership */
+
+/* Re-read the node list from etcd. Nodes still listed stay where they are
+ * (connections and ops in flight untouched); gone ones stop being live and
+ * lose an idle connection; new ones take a free slot. On failure the last
+ * list stays in use. */
+static int members_refresh(kvs_client_t *c) {
+    kvs_etcd_kv_t *kvs = NULL;
+    size_t nk = 0;
+    c->next_refresh = now_ms() + c->refresh_ms;
+    int rc = kvs_etcd_range_prefix(c->etcd, c->node_prefix, &kvs, &nk, NULL);
+    if (rc)
+        return cfail(c, rc, "membership: %s", kvs_etcd_errmsg(c->etcd));
+    bool seen[MAX_NODES] = {false};
+    for (size_t k = 0; k < nk; k++) {
+        kvs_node_record_t r;
+        if (kvs_node_record_decode(kvs[k].value, kvs[k].value_len, &r))
+            continue; /* not a record we can read: not a node for us */
+        size_t i = 0, fresh = SIZE_MAX;
+        for (; i < c->n_nodes; i++) {
+            node_t *n = &c->nodes[i];
+            if (!strcmp(n->addr, r.addr))
+                break;
+            if (fresh == SIZE_MAX && !n->live && n->fd < 0 && !n->fifo_head)
+                fresh = i;
+        }
+        if (i == c->n_nodes) {
+            if (fresh == SIZE_MAX && c->n_nodes == MAX_NODES)
+                continue;
+            i = fresh != SIZE_MAX ? fresh : c->n_nodes++;
+            node_t *n = &c->nodes[i];
+            n->fd = -1;
+            if (parse_addr(n, r.addr)) {
+                n->addr[0] = 0; /* unusable; the slot stays free */
+                continue;
+            }
+        }
+        c->nodes[i].rec = r;
+        seen[i] = true;
+    }
+    kvs_etcd_kvs_free(kvs, nk);
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        node_t *n = &c->nodes[i];
+        n->live = seen[i];
+        if (!n->live && n->fd >= 0 && !n->fifo_head)
+            node_fail(c, n, KVS_ECONN, "node left the cluster");
+    }
+    return 0;
+}
+
+/* "etcd://host:port[,host:port...]/prefix" (prefix "/kvstore" if none). */
+static int etcd_open(kvs_client_t *c, const char *url) {
+    const char *hosts = url + 7;
+    const char *slash = strchr(hosts, '/');
+    size_t hl = slash ? (size_t)(slash - hosts) : strlen(hosts);
+    char eps[512], err[256];
+    if (!hl || hl >= sizeof(eps))
+        return cfail(c, KVS_EINVAL, "%s: no etcd host", url);
+    memcpy(eps, hosts, hl);
+    eps[hl] = 0;
+    const char *prefix = slash && slash[1] ? slash : "/kvstore";
+    int rc =
+        kvs_etcd_new(eps, c->connect_timeout_ms ? c->connect_timeout_ms : 2000,
+                     &c->etcd, err, sizeof(err));
+    if (rc)
+        return cfail(c, rc, "%s: %s", url, err);
+    if (kvs_node_key_prefix(prefix, c->node_prefix, sizeof(c->node_prefix)))
+        return cfail(c, KVS_EINVAL, "%s: prefix too long", url);
+    return members_refresh(c);
+}
+
+/* Time for a refresh (etcd:// only)? A failed refresh keeps the old list:
+ * the nodes themselves may well be fine while etcd is away. */
+static void members_maybe_refresh(kvs_client_t *c) {
+    if (c->etcd && now_ms() >= c->next_refresh)
+        members_refresh(c);
+}
+
+bool kvs_client_node_live(const kvs_client_t *c, size_t node) {
+    return node < c->n_nodes && c->nodes[node].live;
+}
+
+int kvs_client_members(kvs_client_t *c, kvs_client_member_t *out, size_t cap,
+                       size_t *n_out) {
+    *n_out = 0;
+    if (c->etcd) {
+        int rc = members_refresh(c);
+        if (rc)
+            return rc;
+    }
+    for (size_t i = 0; i < c->n_nodes && *n_out < cap; i++) {
+        const node_t *n = &c->nodes[i];
+        if (!n->live)
+            continue;
+        kvs_client_member_t *m = &out[(*n_out)++];
+        memset(m, 0, sizeof(*m));
+        m->node = i;
+        snprintf(m->addr, sizeof(m->addr), "%s", n->addr);
+        snprintf(m->node_id, sizeof(m->node_id), "%s", n->rec.node_id);
+        snprintf(m->version, sizeof(m->version), "%s", n->rec.version);
+        m->memory_limit = n->rec.memory_limit;
+        m->memory_used = n->rec.memory_used;
+        m->sequences = n->rec.sequences;
+        m->start_time = n->rec.start_time;
+        m->protocol = n->rec.protocol;
+        m->http_port = n->rec.http_port;
+    }
+    return 0;
+}
+
 void kvs_client_options_default(kvs_client_options_t *o) {
     memset(o, 0, sizeof(*o));
     o->connect_timeout_ms = 2000;
@@ -282,17 +410,20 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         return KVS_EINVAL;
     if (o->max_frame_bytes > KVS_FRAME_MAX_BODY_LIMIT)
         return KVS_EINVAL;
+    bool etcd = o->addrs[0] && !strncmp(o->addrs[0], "etcd://", 7);
+    if (etcd && o->n_addrs != 1)
+        return KVS_EINVAL; /* one etcd:// address names the whole cluster */
     kvs_client_t *c = calloc(1, sizeof(*c));
     if (!c)
         return KVS_ENOMEM;
-    c->nodes = calloc(o->n_addrs, sizeof(node_t));
+    c->nodes = calloc(etcd ? MAX_NODES : o->n_addrs, sizeof(node_t));
     c->auth_token = strdup(o->auth_token ? o->auth_token : "");
     c->client_name = strdup(o->client_name ? o->client_name : "libkvsclient");
     if (!c->nodes || !c->auth_token || !c->client_name) {
         kvs_client_close(c);
         return KVS_ENOMEM;
     }
-    c->n_nodes = o->n_addrs;
+    c->n_nodes = etcd ? 0 : o->n_addrs;
     /* Zero fields are defaults (a zero-filled struct must work); inside,
      * 0 means "no timeout", as the rest of this file expects. */
     kvs_client_options_t def;
@@ -306,8 +437,19 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
     c->max_frame_bytes =
         o->max_frame_bytes ? o->max_frame_bytes : def.max_frame_bytes;
     c->next_id = 1;
+    c->refresh_ms = o->membership_refresh_ms ? o->membership_refresh_ms : 1000;
+    if (etcd) {
+        int rc = etcd_open(c, o->addrs[0]);
+        if (rc) {
+            kvs_client_close(c);
+            return rc;
+        }
+        *out = c;
+        return 0;
+    }
     for (size_t i = 0; i < o->n_addrs; i++) {
         c->nodes[i].fd = -1;
+        c->nodes[i].live = true;
         if (!o->addrs[i] || parse_addr(&c->nodes[i], o->addrs[i])) {
             kvs_client_close(c);
             return KVS_EINVAL;
@@ -327,6 +469,7 @@ void kvs_client_close(kvs_client_t *c) {
         free(n->wbuf);
     }
     free(c->nodes);
+    kvs_etcd_free(c->etcd);
     free(c->auth_token);
     free(c->client_name);
     free(c);
@@ -346,11 +489,13 @@ size_t kvs_client_pending(const kvs_client_t *c) {
 }
 
 size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
-    size_t best = 0;
+    size_t best = SIZE_MAX;
     uint64_t best_w = 0;
     for (size_t i = 0; i < c->n_nodes; i++) {
+        if (!c->nodes[i].live)
+            continue;
         uint64_t w = mix64(seq ^ c->nodes[i].hash);
-        if (i == 0 || w > best_w) {
+        if (best == SIZE_MAX || w > best_w) {
             best_w = w;
             best = i;
         }
@@ -953,8 +1098,12 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     op->done_ = false;
     op->prev_ = op->next_ = NULL;
     size_t node;
+    members_maybe_refresh(c);
     if (op_is_seq(op->type)) {
         node = kvs_client_node_for(c, op->seq);
+        if (node == SIZE_MAX)
+            return cfail(c, KVS_ECONN, "no live node%s",
+                         c->etcd ? " registered in etcd" : "");
         if (op->type == KVS_CLIENT_FORK &&
             kvs_client_node_for(c, op->dst) != node)
             return cfail(c, KVS_EINVAL,
@@ -980,8 +1129,11 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     op->node_ = node;
     op->id_ = c->next_id++;
     int rc = node_connect(c, n);
-    if (rc)
+    if (rc) {
+        /* It may have left the cluster: look again on the next submit. */
+        c->next_refresh = 0;
         return rc;
+    }
     size_t mark = n->wlen;
     if ((rc = encode_op(c, n, op)))
         return rc;

@@ -8,8 +8,10 @@
  * short test.
  */
 #include "cluster.h"
+#include "kvs_client.h"
 #include "kvs_common.h"
 
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -170,10 +172,188 @@ static void test_cluster_record_codec(void **state) {
     kvs_etcd_free(e);
 }
 
+static const kvs_geometry_t geo = {.n_layers = 1,
+                                   .n_q_heads = 2,
+                                   .n_kv_heads = 1,
+                                   .head_dim = 8,
+                                   .dtype = KVS_DTYPE_F32};
+
+/* Create seq, append 4 tokens, attend: the round trip a decoder makes. */
+static int seq_roundtrip(kvs_client_t *c, uint64_t seq, bool create) {
+    float kv[4 * 8], q[2 * 8], out[2 * 8];
+    for (int i = 0; i < 32; i++)
+        kv[i] = (float)((seq * 31 + (uint64_t)i) % 17) / 17.0f - 0.5f;
+    for (int i = 0; i < 16; i++)
+        q[i] = (float)(i % 5) / 5.0f;
+    int rc;
+    if (create && (rc = kvs_client_seq_create(c, seq, &geo)))
+        return rc;
+    if (create &&
+        (rc = kvs_client_seq_append(c, seq, 0, 4, kv, kv, sizeof(kv))))
+        return rc;
+    if ((rc = kvs_client_seq_attend(c, seq, 0, q, 16, NULL, out, NULL)))
+        return rc;
+    for (int i = 0; i < 16; i++)
+        if (!isfinite(out[i]) || fabsf(out[i]) > 1.0f)
+            return KVS_ERANGE; /* attention of values in [-0.5, 0.5] */
+    return 0;
+}
+
+static const char *owner(kvs_client_t *c, uint64_t seq) {
+    size_t n = kvs_client_node_for(c, seq);
+    return n == SIZE_MAX ? "" : kvs_client_node_addr(c, n);
+}
+
+/* A client with an etcd:// address places sequences over the registered
+ * nodes; a node that joins gets new sequences; one that leaves is no
+ * longer used, and sequences on the others keep working. */
+static void test_cluster_client_membership(void **state) {
+    (void)state;
+    NEED_ETCD();
+    const char *pfx = "/t-client";
+    tc_node_t n[3];
+    memset(n, 0, sizeof(n));
+    assert_int_equal(tc_node_start(&n[0], &etcd, pfx, "a", TTL, NULL), 0);
+    assert_int_equal(tc_node_start(&n[1], &etcd, pfx, "b", TTL, NULL), 0);
+    assert_true(tc_wait_members(&etcd, pfx, "a,b", 5000) >= 0);
+    char addr[3][64], url[128];
+    for (int i = 0; i < 2; i++)
+        snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", n[i].port);
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    const char *addrs[1] = {url};
+    kvs_client_options_t o;
+    kvs_client_options_default(&o);
+    o.addrs = addrs;
+    o.n_addrs = 1;
+    o.request_timeout_ms = 20000;
+    o.membership_refresh_ms = 100;
+    kvs_client_t *c = NULL;
+    assert_int_equal(kvs_client_open(&o, &c), 0);
+
+    kvs_client_member_t m[8];
+    size_t nm = 0;
+    assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
+    assert_int_equal(nm, 2);
+    for (size_t i = 0; i < nm; i++) {
+        int k = !strcmp(m[i].node_id, "a") ? 0 : 1;
+        assert_string_equal(m[i].node_id, k ? "b" : "a");
+        assert_string_equal(m[i].addr, addr[k]);
+        assert_string_equal(kvs_client_node_addr(c, m[i].node), addr[k]);
+        assert_int_equal(m[i].protocol, 1);
+    }
+
+    /* kvctl nodes lists the same members, sorted by node id. */
+    char cmd[512], line[4096] = "";
+    snprintf(cmd, sizeof(cmd), "%s/client/kvctl --addr %s --json nodes",
+             KVS_BINARY_DIR, url);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    assert_non_null(fgets(line, sizeof(line), p));
+    assert_int_equal(pclose(p), 0);
+    const char *ja = strstr(line, "\"node_id\":\"a\"");
+    const char *jb = strstr(line, "\"node_id\":\"b\"");
+    assert_true(ja && jb && ja < jb);
+    assert_non_null(strstr(line, addr[0]));
+    assert_non_null(strstr(line, addr[1]));
+
+    /* 16 sequences over a and b: both get some (all on one: 2^-15). */
+    int on[2] = {0, 0};
+    for (uint64_t s = 1; s <= 16; s++) {
+        assert_int_equal(seq_roundtrip(c, s, true), 0);
+        on[!strcmp(owner(c, s), addr[1])]++;
+    }
+    assert_true(on[0] > 0 && on[1] > 0);
+
+    /* c joins: within a refresh, new sequences land on it too. */
+    assert_int_equal(tc_node_start(&n[2], &etcd, pfx, "c", TTL, NULL), 0);
+    snprintf(addr[2], sizeof(addr[2]), "127.0.0.1:%d", n[2].port);
+    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    tc_sleep_ms(250);
+    int on_c = 0;
+    for (uint64_t s = 101; s <= 124; s++) {
+        assert_int_equal(seq_roundtrip(c, s, true), 0);
+        on_c += !strcmp(owner(c, s), addr[2]);
+    }
+    assert_true(on_c > 0);
+    size_t node_c = SIZE_MAX;
+    for (uint64_t s = 101; s <= 124 && node_c == SIZE_MAX; s++)
+        if (!strcmp(owner(c, s), addr[2]))
+            node_c = kvs_client_node_for(c, s);
+    uint64_t ids[64], total = 0;
+    size_t nids = 0;
+    assert_int_equal(kvs_client_store_list(c, node_c, ids, 64, &nids, &total),
+                     0);
+    assert_int_equal((int)total, on_c); /* exactly the ones placed there */
+    /* Sequences that still hash to a or b are where they were. */
+    int kept = 0;
+    for (uint64_t s = 1; s <= 16; s++) {
+        if (!strcmp(owner(c, s), addr[2]))
+            continue; /* moved to c: its data did not (no repair yet) */
+        assert_int_equal(seq_roundtrip(c, s, false), 0);
+        kept++;
+    }
+    assert_true(kept > 0);
+
+    /* a drains away: nothing is placed on it any more, and every sequence
+     * on b and c keeps working. */
+    assert_int_equal(tc_node_stop(&n[0]), 0);
+    assert_true(tc_wait_members(&etcd, pfx, "b,c", 3000) >= 0);
+    tc_sleep_ms(250);
+    for (uint64_t s = 1; s <= 124; s = s == 16 ? 101 : s + 1) {
+        const char *ow = owner(c, s);
+        assert_string_not_equal(ow, addr[0]);
+        if (!strcmp(ow, addr[1]) || !strcmp(ow, addr[2])) {
+            int rc = seq_roundtrip(c, s, false);
+            /* ENOSEQ: it was on a and now hashes here (no repair yet). */
+            assert_true(rc == 0 || rc == KVS_ENOSEQ);
+        }
+    }
+    for (uint64_t s = 201; s <= 208; s++)
+        assert_int_equal(seq_roundtrip(c, s, true), 0);
+    assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
+    assert_int_equal(nm, 2);
+
+    kvs_client_close(c);
+    for (int i = 0; i < 3; i++)
+        tc_node_cleanup(&n[i]);
+}
+
+/* An etcd:// client with etcd down fails to open, saying so; one with an
+ * empty prefix opens and reports no live node. */
+static void test_cluster_client_errors(void **state) {
+    (void)state;
+    NEED_ETCD();
+    const char *bad[1] = {"etcd://127.0.0.1:1/x"};
+    kvs_client_options_t o;
+    kvs_client_options_default(&o);
+    o.addrs = bad;
+    o.n_addrs = 1;
+    o.connect_timeout_ms = 500;
+    kvs_client_t *c = NULL;
+    assert_int_equal(kvs_client_open(&o, &c), KVS_ECONN);
+    assert_null(c);
+    const char *two[2] = {"etcd://127.0.0.1:1/x", "127.0.0.1:7700"};
+    o.addrs = two;
+    o.n_addrs = 2;
+    assert_int_equal(kvs_client_open(&o, &c), KVS_EINVAL);
+    char url[128];
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d/t-empty", etcd.port);
+    const char *empty[1] = {url};
+    o.addrs = empty;
+    o.n_addrs = 1;
+    assert_int_equal(kvs_client_open(&o, &c), 0);
+    assert_true(kvs_client_node_for(c, 1) == SIZE_MAX);
+    assert_int_equal(kvs_client_seq_create(c, 1, &geo), KVS_ECONN);
+    assert_non_null(strstr(kvs_client_errmsg(c), "no live node"));
+    kvs_client_close(c);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cluster_record_codec),
         cmocka_unit_test(test_cluster_membership),
+        cmocka_unit_test(test_cluster_client_membership),
+        cmocka_unit_test(test_cluster_client_errors),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
