@@ -299,6 +299,9 @@ static void test_cluster_client_membership(void **state) {
     assert_int_equal(tc_node_stop(&n[0]), 0);
     assert_true(tc_wait_members(&etcd, pfx, "b,c", 3000) >= 0);
     tc_sleep_ms(250);
+    /* kvs_client_node_for does not read etcd; a submit (or this) does. */
+    assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
+    assert_int_equal(nm, 2);
     for (uint64_t s = 1; s <= 124; s = s == 16 ? 101 : s + 1) {
         const char *ow = owner(c, s);
         assert_string_not_equal(ow, addr[0]);
