@@ -42,6 +42,7 @@
 #include <unistd.h>
 
 #define MAX_NODES 256
+#define MAX_REPLICAS 8
 
 typedef struct node_s {
     char addr[256];
@@ -78,6 +79,9 @@ struct kvs_client_s {
     char node_prefix[512]; /* "<prefix>/nodes/" */
     uint32_t refresh_ms;
     uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
+    uint32_t replicas;     /* R: nodes that hold each sequence */
+    kvs_client_counters_t counters;
+    uint32_t last_acked, last_wanted; /* the last synchronous write */
     char errmsg[512];
 };
 
@@ -310,7 +314,9 @@ static int members_refresh(kvs_client_t *c) {
             node_t *n = &c->nodes[i];
             if (!strcmp(n->addr, r.addr))
                 break;
-            if (fresh == SIZE_MAX && !n->live && n->fd < 0 && !n->fifo_head)
+            /* Free: not live before, not taken in this round, idle. */
+            if (fresh == SIZE_MAX && !n->live && !seen[i] && n->fd < 0 &&
+                !n->fifo_head)
                 fresh = i;
         }
         if (i == c->n_nodes) {
@@ -438,6 +444,11 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         o->max_frame_bytes ? o->max_frame_bytes : def.max_frame_bytes;
     c->next_id = 1;
     c->refresh_ms = o->membership_refresh_ms ? o->membership_refresh_ms : 1000;
+    if (o->replicas > MAX_REPLICAS) {
+        kvs_client_close(c);
+        return KVS_EINVAL;
+    }
+    c->replicas = o->replicas ? o->replicas : 1;
     if (etcd) {
         int rc = etcd_open(c, o->addrs[0]);
         if (rc) {
@@ -501,6 +512,32 @@ size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
         }
     }
     return best;
+}
+
+/* The R nodes that hold `seq`: the live nodes of highest rendezvous
+ * weight, best first (the first is kvs_client_node_for's). */
+static size_t replicas_of(const kvs_client_t *c, uint64_t seq, size_t *out) {
+    size_t n = 0;
+    uint64_t w_out[MAX_REPLICAS];
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        if (!c->nodes[i].live)
+            continue;
+        uint64_t w = mix64(seq ^ c->nodes[i].hash);
+        size_t at = n;
+        while (at > 0 && w_out[at - 1] < w)
+            at--;
+        if (at >= c->replicas)
+            continue;
+        if (n < c->replicas)
+            n++;
+        for (size_t k = n - 1; k > at; k--) {
+            out[k] = out[k - 1];
+            w_out[k] = w_out[k - 1];
+        }
+        out[at] = i;
+        w_out[at] = w;
+    }
+    return n;
 }
 
 /* ------------------------------------------------------------ transport */
@@ -1091,15 +1128,25 @@ static bool op_is_seq(kvs_client_op_type_t t) {
            t != KVS_CLIENT_LIST;
 }
 
-int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
+/* Writes go to every replica; the rest to one. */
+static bool op_is_write(kvs_client_op_type_t t) {
+    return t == KVS_CLIENT_CREATE || t == KVS_CLIENT_APPEND ||
+           t == KVS_CLIENT_FORK || t == KVS_CLIENT_DROP ||
+           t == KVS_CLIENT_SET_TTL || t == KVS_CLIENT_FLUSH;
+}
+
+/* Submit op to `at` (a node index), or, at SIZE_MAX, to the node its
+ * sequence hashes to (or op->node for store-wide ops). */
+static int submit_at(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
     c->errmsg[0] = 0;
     op->status = 0;
     op->message[0] = 0;
     op->done_ = false;
     op->prev_ = op->next_ = NULL;
     size_t node;
-    members_maybe_refresh(c);
-    if (op_is_seq(op->type)) {
+    if (at != SIZE_MAX) {
+        node = at;
+    } else if (op_is_seq(op->type)) {
         node = kvs_client_node_for(c, op->seq);
         if (node == SIZE_MAX)
             return cfail(c, KVS_ECONN, "no live node%s",
@@ -1168,6 +1215,15 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     return 0;
 }
 
+int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
+    members_maybe_refresh(c);
+    if (c->replicas > 1 && op_is_write(op->type))
+        return cfail(c, KVS_ENOTSUP,
+                     "asynchronous writes with replicas > 1 are not "
+                     "supported yet; use the synchronous calls");
+    return submit_at(c, op, SIZE_MAX);
+}
+
 int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
                     size_t *n_done, int timeout_ms) {
     *n_done = 0;
@@ -1198,16 +1254,135 @@ int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
 
 /* ----------------------------------------------------------------- sync */
 
-static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
-    int rc = kvs_client_submit(c, op);
+static int run_one(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
+    int rc = submit_at(c, op, at);
     if (rc)
-        return rc;
+        return op->status = rc;
     while (!op->done_)
         pump(c, -1);
     done_remove(c, op);
     if (op->status)
         snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
     return op->status;
+}
+
+/* The node did not answer (down, or gone since the list was read). */
+static bool unreachable(int status) {
+    return status == KVS_ECONN || status == KVS_ETIMEDOUT;
+}
+
+/* A write to every replica at once. Acknowledged when every replica that
+ * answered applied it: replicas that cannot be reached are left out (and
+ * counted: last_acked < last_wanted, degraded_writes), an error answer from
+ * any replica is the call's error. */
+static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                     size_t nr) {
+    kvs_client_op_t ops[MAX_REPLICAS];
+    bool sent[MAX_REPLICAS] = {false};
+    for (size_t i = 0; i < nr; i++) {
+        ops[i] = *op;
+        int rc = submit_at(c, &ops[i], rep[i]);
+        if (rc) {
+            ops[i].status = rc;
+            snprintf(ops[i].message, sizeof(ops[i].message), "%.255s",
+                     c->errmsg);
+        } else {
+            sent[i] = true;
+        }
+    }
+    for (size_t i = 0; i < nr; i++) {
+        if (!sent[i])
+            continue;
+        while (!ops[i].done_)
+            pump(c, -1);
+        done_remove(c, &ops[i]);
+    }
+    size_t acked = 0, first_ok = SIZE_MAX, first_err = SIZE_MAX;
+    size_t first_down = SIZE_MAX;
+    for (size_t i = 0; i < nr; i++) {
+        if (!ops[i].status) {
+            acked++;
+            first_ok = first_ok == SIZE_MAX ? i : first_ok;
+        } else if (unreachable(ops[i].status)) {
+            first_down = first_down == SIZE_MAX ? i : first_down;
+        } else if (first_err == SIZE_MAX) {
+            first_err = i;
+        }
+    }
+    c->counters.replicated_writes++;
+    c->last_acked = (uint32_t)acked;
+    c->last_wanted = (uint32_t)nr;
+    size_t pick = first_err != SIZE_MAX  ? first_err
+                  : first_ok != SIZE_MAX ? first_ok
+                                         : first_down;
+    op->status = ops[pick].status;
+    memcpy(op->message, ops[pick].message, sizeof(op->message));
+    op->persisted_seqno = ops[pick].persisted_seqno;
+    if (op->status) {
+        snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
+        return op->status;
+    }
+    if (acked < nr) {
+        c->counters.degraded_writes++;
+        snprintf(c->errmsg, sizeof(c->errmsg),
+                 "acknowledged by %zu of %zu replicas (%s: %s)", acked, nr,
+                 c->nodes[rep[first_down]].addr, ops[first_down].message);
+    }
+    return 0;
+}
+
+/* A read from the first replica that has the sequence: an unreachable
+ * node, or one without it (it joined after the sequence was written),
+ * passes to the next. */
+static int run_read(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                    size_t nr) {
+    kvs_client_op_t tmp = *op;
+    for (size_t i = 0; i < nr; i++) {
+        tmp = *op;
+        int rc = run_one(c, &tmp, rep[i]);
+        if (i + 1 < nr && (unreachable(rc) || rc == KVS_ENOSEQ)) {
+            c->counters.read_failovers++;
+            continue;
+        }
+        break;
+    }
+    *op = tmp;
+    return op->status;
+}
+
+static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
+    members_maybe_refresh(c);
+    if (c->replicas <= 1 || !op_is_seq(op->type))
+        return run_one(c, op, SIZE_MAX);
+    size_t rep[MAX_REPLICAS];
+    size_t nr = replicas_of(c, op->seq, rep);
+    if (!nr)
+        return cfail(c, KVS_ECONN, "no live node%s",
+                     c->etcd ? " registered in etcd" : "");
+    if (op->type == KVS_CLIENT_FORK) {
+        size_t dst[MAX_REPLICAS];
+        bool same = replicas_of(c, op->dst, dst) == nr;
+        for (size_t i = 0; same && i < nr; i++)
+            same = dst[i] == rep[i];
+        if (!same)
+            return cfail(c, KVS_EINVAL,
+                         "fork: sequences %llu and %llu live on different "
+                         "nodes",
+                         (unsigned long long)op->seq,
+                         (unsigned long long)op->dst);
+    }
+    return op_is_write(op->type) ? run_write(c, op, rep, nr)
+                                 : run_read(c, op, rep, nr);
+}
+
+void kvs_client_counters(const kvs_client_t *c, kvs_client_counters_t *out) {
+    *out = c->counters;
+}
+
+void kvs_client_last_write_acks(const kvs_client_t *c, uint32_t *acked,
+                                uint32_t *replicas) {
+    *acked = c->last_acked;
+    *replicas = c->last_wanted;
 }
 
 int kvs_client_ping(kvs_client_t *c, size_t node) {

@@ -26,6 +26,19 @@
  * longer live (kvs_client_node_live) and its index may be reused by a node
  * that joins later.
  *
+ * Replicas (options.replicas = R > 1): the synchronous calls send writes
+ * (create, append, fork, drop, set_ttl, flush) to all R nodes of a
+ * sequence and return once each reachable one answered: success when
+ * every replica that answered applied it, even if others could not be
+ * reached (kvs_client_last_write_acks() says how many acknowledged; the
+ * shortfall is counted in kvs_client_counters()); an error answer from any
+ * replica is the call's error. Reads (search, attend, info) go to the first
+ * replica and, within the same call, to the next when it cannot be reached
+ * or does not have the sequence. Replicas are not repaired: a replica that
+ * was down misses the writes made meanwhile. Asynchronous writes
+ * (kvs_client_submit) with R > 1 are refused with KVS_ENOTSUP for now;
+ * asynchronous reads go to the first replica only.
+ *
  * Connections are opened on first use (Hello with the auth token goes first)
  * and re-opened on the next submit after a drop. Ops in flight on a dropped
  * connection complete with KVS_ECONN: the server may or may not have applied
@@ -78,6 +91,9 @@ typedef struct kvs_client_options_s {
     uint32_t max_frame_bytes;       /* largest answer accepted; 0: 64 MiB */
     uint32_t membership_refresh_ms; /* etcd:// only: how often the node
                                        list is re-read; 0: 1000 */
+    uint32_t replicas; /* R, nodes that hold each sequence (the top R of
+                          the rendezvous order); 0: 1; at most 8. See
+                          "Replicas" below */
 } kvs_client_options_t;
 
 /* Fill opts with the defaults above (no addresses). */
@@ -226,6 +242,18 @@ int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
                     size_t *n_done, int timeout_ms);
 /* Ops submitted and not yet returned by kvs_client_poll(). */
 size_t kvs_client_pending(const kvs_client_t *c);
+
+/* Client-side counters of replication (all 0 with replicas 1). */
+typedef struct kvs_client_counters_s {
+    uint64_t replicated_writes; /* synchronous writes sent to R > 1 nodes */
+    uint64_t degraded_writes;   /* of which acknowledged by fewer than R */
+    uint64_t read_failovers;    /* reads passed on to a later replica */
+} kvs_client_counters_t;
+void kvs_client_counters(const kvs_client_t *c, kvs_client_counters_t *out);
+/* Of the last synchronous write with replicas > 1: how many replicas
+ * acknowledged it, out of how many it went to. */
+void kvs_client_last_write_acks(const kvs_client_t *c, uint32_t *acked,
+                                uint32_t *replicas);
 
 /* ------------------------------------------------ synchronous operations
  * Each submits one op and waits for it; async ops completing meanwhile stay

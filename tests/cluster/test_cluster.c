@@ -229,6 +229,11 @@ static void test_cluster_client_membership(void **state) {
     o.membership_refresh_ms = 100;
     kvs_client_t *c = NULL;
     assert_int_equal(kvs_client_open(&o, &c), 0);
+    /* The list read at open has both (before any refresh). */
+    size_t live = 0;
+    for (size_t i = 0; i < kvs_client_n_nodes(c); i++)
+        live += kvs_client_node_live(c, i);
+    assert_int_equal(live, 2);
 
     kvs_client_member_t m[8];
     size_t nm = 0;
@@ -351,12 +356,121 @@ static void test_cluster_client_errors(void **state) {
     kvs_client_close(c);
 }
 
+/* R = 2: every write reaches two nodes; with one of them killed, reads are
+ * still answered (by the other, within the same call) and appends are
+ * acknowledged by the one left, which the client reports. */
+static void test_cluster_replicas(void **state) {
+    (void)state;
+    NEED_ETCD();
+    const char *pfx = "/t-replicas";
+    tc_node_t n[3];
+    const char *ids[3] = {"a", "b", "c"};
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, NULL),
+                         0);
+    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    char url[128], addr_a[64];
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    snprintf(addr_a, sizeof(addr_a), "127.0.0.1:%d", n[0].port);
+    const char *addrs[1] = {url};
+    kvs_client_options_t o;
+    kvs_client_options_default(&o);
+    o.addrs = addrs;
+    o.n_addrs = 1;
+    o.request_timeout_ms = 20000;
+    o.membership_refresh_ms = 100;
+    o.replicas = 2;
+    kvs_client_t *c = NULL;
+    assert_int_equal(kvs_client_open(&o, &c), 0);
+
+    enum { N = 24 };
+    uint32_t acked, wanted;
+    for (uint64_t s = 1; s <= N; s++) {
+        assert_int_equal(seq_roundtrip(c, s, true), 0);
+        kvs_client_last_write_acks(c, &acked, &wanted);
+        if (acked != 2)
+            fprintf(stderr, "seq %llu: %s\n", (unsigned long long)s,
+                    kvs_client_errmsg(c));
+        assert_int_equal(acked, 2);
+        assert_int_equal(wanted, 2);
+    }
+    /* Two copies of each: the nodes hold 2N sequences between them. */
+    kvs_client_member_t m[8];
+    size_t nm = 0;
+    assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
+    assert_int_equal(nm, 3);
+    uint64_t total = 0, ids_buf[64];
+    for (size_t i = 0; i < nm; i++) {
+        uint64_t t = 0;
+        size_t got = 0;
+        assert_int_equal(
+            kvs_client_store_list(c, m[i].node, ids_buf, 64, &got, &t), 0);
+        total += t;
+    }
+    assert_int_equal((int)total, 2 * N);
+    /* Async writes are not replicated yet: refused, not half done. */
+    kvs_client_op_t op = {.type = KVS_CLIENT_DROP, .seq = 1};
+    assert_int_equal(kvs_client_submit(c, &op), KVS_ENOTSUP);
+
+    /* a dies without deregistering: etcd still lists it for up to TTL. */
+    tc_node_kill(&n[0]);
+    kvs_client_counters_t k0, k1;
+    kvs_client_counters(c, &k0);
+    int degraded = 0;
+    float kv[4 * 8];
+    for (int i = 0; i < 32; i++)
+        kv[i] = 0.25f;
+    for (uint64_t s = 1; s <= N; s++) {
+        assert_int_equal(seq_roundtrip(c, s, false), 0);
+        assert_int_equal(kvs_client_seq_append(c, s, 0, 4, kv, kv, sizeof(kv)),
+                         0);
+        kvs_client_last_write_acks(c, &acked, &wanted);
+        assert_int_equal(wanted, 2);
+        if (acked == 1) {
+            degraded++;
+            assert_non_null(
+                strstr(kvs_client_errmsg(c), "acknowledged by 1 of 2"));
+        } else {
+            assert_int_equal(acked, 2);
+        }
+        kvs_seq_info_t info;
+        assert_int_equal(kvs_client_seq_info(c, s, &info), 0);
+        assert_true(info.tokens_min ==
+                    8); /* both appends, on the replica read */
+    }
+    kvs_client_counters(c, &k1);
+    /* a held about 2/3 of the sequences; P(none) = (1/3)^24. */
+    assert_true(degraded > 0);
+    assert_true(k1.degraded_writes - k0.degraded_writes == (uint64_t)degraded);
+    assert_true(k1.read_failovers > k0.read_failovers);
+    fprintf(stderr,
+            "R=2, one node killed: %d of %d appends acknowledged by "
+            "one replica, %llu reads failed over\n",
+            degraded, N,
+            (unsigned long long)(k1.read_failovers - k0.read_failovers));
+
+    /* Once its lease is gone, a is no longer placed on; every sequence is
+     * still read (a new second replica has no copy: the read passes on). */
+    assert_true(tc_wait_members(&etcd, pfx, "b,c", TTL * 1000 + 2000) >= 0);
+    assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
+    assert_int_equal(nm, 2);
+    for (uint64_t s = 1; s <= N; s++) {
+        assert_string_not_equal(
+            kvs_client_node_addr(c, kvs_client_node_for(c, s)), addr_a);
+        assert_int_equal(seq_roundtrip(c, s, false), 0);
+    }
+    kvs_client_close(c);
+    for (int i = 0; i < 3; i++)
+        tc_node_cleanup(&n[i]);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cluster_record_codec),
         cmocka_unit_test(test_cluster_membership),
         cmocka_unit_test(test_cluster_client_membership),
         cmocka_unit_test(test_cluster_client_errors),
+        cmocka_unit_test(test_cluster_replicas),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
