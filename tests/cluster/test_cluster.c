@@ -10,6 +10,7 @@
 #include "cluster.h"
 #include "kvs_client.h"
 #include "kvs_common.h"
+#include "kvs_server.h"
 
 #include <math.h>
 #include <setjmp.h>
@@ -472,9 +473,96 @@ static void test_cluster_replicas(void **state) {
     }
 }
 
+/* The etcd options go through the same layers as every kvstored option,
+ * and validation refuses what would make a bad key or address. */
+static void test_cluster_config(void **state) {
+    (void)state;
+    kvs_server_config_t cfg;
+    char err[256];
+    assert_int_equal(kvs_server_config_init(&cfg), 0);
+    assert_string_equal(cfg.etcd_endpoints, "");
+    assert_string_equal(cfg.etcd_prefix, "/kvstore");
+    assert_int_equal(cfg.etcd_lease_ttl, 10);
+    char *env[] = {"KVSTORED_ETCD_ENDPOINTS=http://127.0.0.1:2379",
+                   "KVSTORED_ETCD_LEASE_TTL=3", NULL};
+    assert_int_equal(kvs_server_config_load_env(&cfg, env, err, sizeof(err)),
+                     0);
+    assert_string_equal(cfg.etcd_endpoints, "http://127.0.0.1:2379");
+    assert_int_equal(cfg.etcd_lease_ttl, 3);
+    assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)), 0);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "etcd-lease-ttl", "1", err, sizeof(err)),
+        KVS_EINVAL);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "etcd_prefix", "kv", err, sizeof(err)), 0);
+    assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)),
+                     KVS_EINVAL);
+    assert_non_null(strstr(err, "etcd_prefix"));
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "etcd_prefix", "/kv", err, sizeof(err)), 0);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "node_id", "a/b", err, sizeof(err)), 0);
+    assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)),
+                     KVS_EINVAL);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "node_id", "a", err, sizeof(err)), 0);
+    assert_int_equal(
+        kvs_server_config_set(&cfg, "advertise_addr", "host", err, sizeof(err)),
+        0);
+    assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)),
+                     KVS_EINVAL);
+    assert_int_equal(kvs_server_config_set(&cfg, "advertise_addr",
+                                           "10.0.0.5:7700", err, sizeof(err)),
+                     0);
+    assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)), 0);
+    kvs_server_config_destroy(&cfg);
+}
+
+/* etcd down: the daemon starts and serves all the same (etcd is how
+ * clients find it, not the data path), says so in its log, and still
+ * stops cleanly. */
+static void test_cluster_etcd_down(void **state) {
+    (void)state;
+    tc_etcd_t none;
+    memset(&none, 0, sizeof(none));
+    snprintf(none.endpoint, sizeof(none.endpoint), "http://127.0.0.1:1");
+    tc_node_t n;
+    assert_int_equal(tc_node_start(&n, &none, "/t-down", "a", TTL, NULL), 0);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", n.port);
+    const char *addrs[1] = {addr};
+    kvs_client_options_t o;
+    kvs_client_options_default(&o);
+    o.addrs = addrs;
+    o.n_addrs = 1;
+    kvs_client_t *c = NULL;
+    assert_int_equal(kvs_client_open(&o, &c), 0);
+    assert_int_equal(kvs_client_ping(c, 0), 0);
+    assert_int_equal(seq_roundtrip(c, 7, true), 0);
+    kvs_client_close(c);
+    bool logged = false;
+    for (int i = 0; i < 50 && !logged; i++) {
+        FILE *f = fopen(n.log, "r");
+        char line[1024];
+        while (f && fgets(line, sizeof(line), f))
+            logged |= strstr(line, "event=etcd_unreachable") != NULL;
+        if (f)
+            fclose(f);
+        if (!logged)
+            tc_sleep_ms(100);
+    }
+    assert_true(logged);
+    long t0 = tc_now_ms();
+    assert_int_equal(tc_node_stop(&n), 0);
+    assert_true(tc_now_ms() - t0 < 5000);
+    tc_node_cleanup(&n);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cluster_record_codec),
+        cmocka_unit_test(test_cluster_config),
+        cmocka_unit_test(test_cluster_etcd_down),
         cmocka_unit_test(test_cluster_membership),
         cmocka_unit_test(test_cluster_client_membership),
         cmocka_unit_test(test_cluster_client_errors),
