@@ -24,6 +24,7 @@ typedef struct args_s {
     const char *token;
     bool json;
     uint32_t timeout_ms;
+    uint32_t replicas;
 } args_t;
 
 static void usage(FILE *f) {
@@ -38,7 +39,10 @@ static void usage(FILE *f) {
             "[$KVS_ADDR or 127.0.0.1:7700]\n"
             "  --token TOKEN    auth token [$KVS_AUTH_TOKEN]\n"
             "  --json           machine-readable output\n"
-            "  --timeout MS     request timeout, 0 = none [30000]\n\n"
+            "  --timeout MS     request timeout, 0 = none [30000]\n"
+            "  --replicas R     nodes per sequence: writes go to all R, "
+            "reads to the\n"
+            "                   first that answers (docs/cluster.md) [1]\n\n"
             "commands:\n"
             "  ping [--count N]                  round trip to every node\n"
             "  stats                             store and server counters "
@@ -946,6 +950,10 @@ int main(int argc, char **argv) {
             if (parse_u64(v, &n) || n > UINT32_MAX)
                 return die_usage("bad --timeout %s", v);
             a.timeout_ms = (uint32_t)n;
+        } else if (!strcmp(o, "--replicas")) {
+            if (parse_u64(v, &n) || n < 1 || n > 8)
+                return die_usage("bad --replicas %s (1..8)", v);
+            a.replicas = (uint32_t)n;
         } else {
             return die_usage("unknown option %s", o);
         }
@@ -970,11 +978,17 @@ int main(int argc, char **argv) {
      * default. */
     o.request_timeout_ms =
         a.timeout_ms ? a.timeout_ms : KVS_CLIENT_TIMEOUT_NONE;
+    o.replicas = a.replicas;
     kvs_client_t *c;
     int rc = kvs_client_open(&o, &c);
-    if (rc) {
+    if (rc == KVS_EINVAL) {
         fprintf(stderr, "kvctl: bad address list (%s)\n", kvs_strerror(rc));
         return 2;
+    }
+    if (rc) { /* etcd:// that could not be read */
+        fprintf(stderr, "kvctl: cannot read the node list from %s: %s (%s)\n",
+                a.addrs[0], kvs_strerror(rc), kvs_err_name(rc));
+        return 1;
     }
     int sub_argc = argc - i;
     char **sub_argv = argv + i;

@@ -96,6 +96,18 @@ static void test_cluster_membership(void **state) {
     assert_int_equal(r.port, n[0].port);
     assert_int_equal(r.protocol, 1);
     assert_true(r.start_time > 1600000000);
+    /* An operator (or an etcd that lost its data) revokes the lease: the
+     * next keepalive sees it gone and the node registers again. */
+    int64_t old_lease = kvs[0].lease;
+    assert_int_equal(kvs_etcd_lease_revoke(c, old_lease), 0);
+    assert_true(tc_wait_members(&etcd, pfx, "b,c", 2000) >= 0);
+    ms = tc_wait_members(&etcd, pfx, "a,b,c", TTL * 1000 + 2000);
+    assert_true(ms >= 0);
+    fprintf(stderr, "lease revoked: registered again after %ld ms\n", ms);
+    kvs_etcd_kvs_free(kvs, nk);
+    assert_int_equal(kvs_etcd_range_prefix(c, key, &kvs, &nk, NULL), 0);
+    assert_int_equal(nk, 1);
+    assert_true(kvs[0].lease != 0 && kvs[0].lease != old_lease);
     kvs_etcd_kvs_free(kvs, nk);
     kvs_etcd_free(c);
 
