@@ -198,14 +198,9 @@ static void fifo_remove(node_t *n, kvs_client_op_t *op) {
     op->prev_ = op->next_ = NULL;
 }
 
-static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
-                     const char *msg) {
-    node_t *n = &c->nodes[op->node_];
-    fifo_remove(n, op);
-    op->status = status;
-    if (status)
-        snprintf(op->message, sizeof(op->message), "%s",
-                 msg && *msg ? msg : kvs_strerror(status));
+static void fan_sub_done(kvs_client_t *c, kvs_client_op_t *sub);
+
+static void done_push(kvs_client_t *c, kvs_client_op_t *op) {
     op->done_ = true;
     op->prev_ = c->done_tail;
     op->next_ = NULL;
@@ -214,6 +209,25 @@ static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
     else
         c->done_head = op;
     c->done_tail = op;
+}
+
+/* An op in flight is answered (or failed). A replica's copy of a write
+ * (fan_ set) reports to its write instead of the done list; `op` may be
+ * freed by then, so nothing touches it after this call. */
+static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
+                     const char *msg) {
+    node_t *n = &c->nodes[op->node_];
+    fifo_remove(n, op);
+    op->status = status;
+    if (status)
+        snprintf(op->message, sizeof(op->message), "%s",
+                 msg && *msg ? msg : kvs_strerror(status));
+    if (op->fan_) {
+        op->done_ = true;
+        fan_sub_done(c, op);
+        return;
+    }
+    done_push(c, op);
 }
 
 static void done_remove(kvs_client_t *c, kvs_client_op_t *op) {
@@ -1215,12 +1229,19 @@ static int submit_at(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
     return 0;
 }
 
+static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
+                          size_t *rep, size_t *nr);
+static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                      size_t nr);
+
 int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     members_maybe_refresh(c);
-    if (c->replicas > 1 && op_is_write(op->type))
-        return cfail(c, KVS_ENOTSUP,
-                     "asynchronous writes with replicas > 1 are not "
-                     "supported yet; use the synchronous calls");
+    op->fan_ = NULL;
+    if (c->replicas > 1 && op_is_write(op->type)) {
+        size_t rep[MAX_REPLICAS], nr;
+        int rc = write_replicas(c, op, rep, &nr);
+        return rc ? rc : submit_fan(c, op, rep, nr);
+    }
     return submit_at(c, op, SIZE_MAX);
 }
 
@@ -1271,64 +1292,114 @@ static bool unreachable(int status) {
     return status == KVS_ECONN || status == KVS_ETIMEDOUT;
 }
 
-/* A write to every replica at once. Acknowledged when every replica that
- * answered applied it: replicas that cannot be reached are left out (and
- * counted: last_acked < last_wanted, degraded_writes), an error answer from
- * any replica is the call's error. */
-static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
-                     size_t nr) {
-    kvs_client_op_t ops[MAX_REPLICAS];
-    bool sent[MAX_REPLICAS] = {false};
-    for (size_t i = 0; i < nr; i++) {
-        ops[i] = *op;
-        int rc = submit_at(c, &ops[i], rep[i]);
-        if (rc) {
-            ops[i].status = rc;
-            snprintf(ops[i].message, sizeof(ops[i].message), "%.255s",
-                     c->errmsg);
-        } else {
-            sent[i] = true;
-        }
+/* ------------------------------------------------------------- replicas
+ *
+ * A write with R > 1 becomes R copies ("subs"), one per replica, each an
+ * ordinary op in its node's table and deadline list; the caller's op is in
+ * no node's list and completes (onto the done list, counted once in
+ * c->pending) when the last sub does. Acknowledged when every replica that
+ * answered applied it; unreachable ones are left out and reported (the
+ * op's message, kvs_client_last_write_acks, degraded_writes); an error
+ * answer from any replica is the write's error.
+ */
+typedef struct fan_s {
+    kvs_client_op_t *parent;
+    size_t n;
+    size_t left; /* subs not finished, + 1 while the submit loop runs */
+    size_t node[MAX_REPLICAS];
+    kvs_client_op_t sub[MAX_REPLICAS];
+} fan_t;
+
+static void fan_finish(kvs_client_t *c, fan_t *f) {
+    kvs_client_op_t *op = f->parent;
+    size_t acked = 0, ok = SIZE_MAX, err = SIZE_MAX, down = SIZE_MAX;
+    for (size_t i = 0; i < f->n; i++) {
+        int st = f->sub[i].status;
+        if (!st)
+            ok = ok == SIZE_MAX ? i : ok, acked++;
+        else if (unreachable(st))
+            down = down == SIZE_MAX ? i : down;
+        else if (err == SIZE_MAX)
+            err = i;
     }
-    for (size_t i = 0; i < nr; i++) {
-        if (!sent[i])
-            continue;
-        while (!ops[i].done_)
-            pump(c, -1);
-        done_remove(c, &ops[i]);
-    }
-    size_t acked = 0, first_ok = SIZE_MAX, first_err = SIZE_MAX;
-    size_t first_down = SIZE_MAX;
-    for (size_t i = 0; i < nr; i++) {
-        if (!ops[i].status) {
-            acked++;
-            first_ok = first_ok == SIZE_MAX ? i : first_ok;
-        } else if (unreachable(ops[i].status)) {
-            first_down = first_down == SIZE_MAX ? i : first_down;
-        } else if (first_err == SIZE_MAX) {
-            first_err = i;
-        }
-    }
+    size_t pick = err != SIZE_MAX ? err : ok != SIZE_MAX ? ok : down;
+    op->status = f->sub[pick].status;
+    memcpy(op->message, f->sub[pick].message, sizeof(op->message));
+    op->persisted_seqno = f->sub[pick].persisted_seqno;
     c->counters.replicated_writes++;
     c->last_acked = (uint32_t)acked;
-    c->last_wanted = (uint32_t)nr;
-    size_t pick = first_err != SIZE_MAX  ? first_err
-                  : first_ok != SIZE_MAX ? first_ok
-                                         : first_down;
-    op->status = ops[pick].status;
-    memcpy(op->message, ops[pick].message, sizeof(op->message));
-    op->persisted_seqno = ops[pick].persisted_seqno;
-    if (op->status) {
-        snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
-        return op->status;
-    }
-    if (acked < nr) {
+    c->last_wanted = (uint32_t)f->n;
+    if (!op->status && acked < f->n) {
         c->counters.degraded_writes++;
-        snprintf(c->errmsg, sizeof(c->errmsg),
-                 "acknowledged by %zu of %zu replicas (%s: %s)", acked, nr,
-                 c->nodes[rep[first_down]].addr, ops[first_down].message);
+        snprintf(op->message, sizeof(op->message),
+                 "acknowledged by %zu of %zu replicas (%.80s: %.100s)", acked,
+                 f->n, c->nodes[f->node[down]].addr, f->sub[down].message);
     }
+    free(f);
+    done_push(c, op);
+}
+
+static void fan_sub_done(kvs_client_t *c, kvs_client_op_t *sub) {
+    fan_t *f = sub->fan_;
+    if (--f->left == 0)
+        fan_finish(c, f);
+}
+
+/* Submit a write to the nodes rep[0..nr). Errors (nothing in flight): the
+ * first replica's, when none of them could be sent to. */
+static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                      size_t nr) {
+    fan_t *f = calloc(1, sizeof(*f));
+    if (!f)
+        return cfail(c, KVS_ENOMEM, "out of memory");
+    op->status = 0;
+    op->message[0] = 0;
+    op->done_ = false;
+    op->prev_ = op->next_ = NULL;
+    f->parent = op;
+    f->n = nr;
+    f->left = nr + 1;
+    size_t sent = 0;
+    for (size_t i = 0; i < nr; i++) {
+        kvs_client_op_t *sub = &f->sub[i];
+        *sub = *op;
+        sub->fan_ = f;
+        sub->data = NULL;
+        f->node[i] = rep[i];
+        int rc = submit_at(c, sub, rep[i]);
+        if (rc) {
+            sub->status = rc;
+            snprintf(sub->message, sizeof(sub->message), "%.255s", c->errmsg);
+            f->left--;
+        } else {
+            sent++;
+        }
+    }
+    /* Subs are not counted as pending: their write is, once. */
+    c->pending -= sent;
+    if (!sent) {
+        int rc = f->sub[0].status;
+        cfail(c, rc, "%s", f->sub[0].message);
+        free(f);
+        return rc;
+    }
+    c->pending++;
+    if (--f->left == 0) /* every sub already answered (or failed) */
+        fan_finish(c, f);
     return 0;
+}
+
+static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                     size_t nr) {
+    int rc = submit_fan(c, op, rep, nr);
+    if (rc)
+        return rc;
+    while (!op->done_)
+        pump(c, -1);
+    done_remove(c, op);
+    /* Also on success: "acknowledged by 1 of 2 replicas (...)". */
+    snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
+    return op->status;
 }
 
 /* A read from the first replica that has the sequence: an unreachable
@@ -1350,12 +1421,12 @@ static int run_read(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
     return op->status;
 }
 
-static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
-    members_maybe_refresh(c);
-    if (c->replicas <= 1 || !op_is_seq(op->type))
-        return run_one(c, op, SIZE_MAX);
-    size_t rep[MAX_REPLICAS];
+/* The nodes a write to op->seq goes to; a fork's child must live on the
+ * same ones. */
+static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
+                          size_t *rep, size_t *nr_out) {
     size_t nr = replicas_of(c, op->seq, rep);
+    *nr_out = nr;
     if (!nr)
         return cfail(c, KVS_ECONN, "no live node%s",
                      c->etcd ? " registered in etcd" : "");
@@ -1371,6 +1442,21 @@ static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
                          (unsigned long long)op->seq,
                          (unsigned long long)op->dst);
     }
+    return 0;
+}
+
+static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
+    members_maybe_refresh(c);
+    if (c->replicas <= 1 || !op_is_seq(op->type))
+        return run_one(c, op, SIZE_MAX);
+    size_t rep[MAX_REPLICAS], nr;
+    int rc = op_is_write(op->type) ? write_replicas(c, op, rep, &nr)
+                                   : (nr = replicas_of(c, op->seq, rep), 0);
+    if (!rc && !nr)
+        rc = cfail(c, KVS_ECONN, "no live node%s",
+                   c->etcd ? " registered in etcd" : "");
+    if (rc)
+        return rc;
     return op_is_write(op->type) ? run_write(c, op, rep, nr)
                                  : run_read(c, op, rep, nr);
 }

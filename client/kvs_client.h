@@ -26,18 +26,19 @@
  * longer live (kvs_client_node_live) and its index may be reused by a node
  * that joins later.
  *
- * Replicas (options.replicas = R > 1): the synchronous calls send writes
- * (create, append, fork, drop, set_ttl, flush) to all R nodes of a
- * sequence and return once each reachable one answered: success when
- * every replica that answered applied it, even if others could not be
- * reached (kvs_client_last_write_acks() says how many acknowledged; the
- * shortfall is counted in kvs_client_counters()); an error answer from any
- * replica is the call's error. Reads (search, attend, info) go to the first
- * replica and, within the same call, to the next when it cannot be reached
- * or does not have the sequence. Replicas are not repaired: a replica that
- * was down misses the writes made meanwhile. Asynchronous writes
- * (kvs_client_submit) with R > 1 are refused with KVS_ENOTSUP for now;
- * asynchronous reads go to the first replica only.
+ * Replicas (options.replicas = R > 1): writes (create, append, fork, drop,
+ * set_ttl, flush; synchronous or submitted) go to all R nodes of a sequence
+ * and complete once each reachable one answered: success when every
+ * replica that answered applied it, even if others could not be reached
+ * (then op->message, or kvs_client_errmsg() after a synchronous call, says
+ * "acknowledged by 1 of 2 replicas (...)", kvs_client_last_write_acks()
+ * gives the counts of the last write to complete, and kvs_client_counters()
+ * counts it); an error answer from any replica is the write's error.
+ * Synchronous reads (search, attend, info) go to the first replica and,
+ * within the same call, to the next when it cannot be reached or does not
+ * have the sequence; submitted reads go to the first replica only.
+ * Replicas are not repaired: a replica that was down misses the writes
+ * made meanwhile.
  *
  * Connections are opened on first use (Hello with the auth token goes first)
  * and re-opened on the next submit after a drop. Ops in flight on a dropped
@@ -220,6 +221,7 @@ typedef struct kvs_client_op_s {
     uint64_t deadline_ms_;
     size_t node_;
     bool done_;
+    void *fan_; /* a replica's copy of a write: the write it belongs to */
     struct kvs_client_op_s *prev_, *next_;
 } kvs_client_op_t;
 
