@@ -17,6 +17,40 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Nodes started and not yet reaped, by pid and directory (copies: a failed
+ * assertion leaves the test's tc_node_t behind on its stack). */
+#define MAX_LIVE 32
+static pid_t live_pid[MAX_LIVE];
+static char live_dir[MAX_LIVE][128];
+
+static void live_add(pid_t pid, const char *dir) {
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (!live_pid[i]) {
+            live_pid[i] = pid;
+            snprintf(live_dir[i], sizeof(live_dir[i]), "%s", dir);
+            return;
+        }
+}
+
+static void live_del(pid_t pid) {
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (live_pid[i] == pid)
+            live_pid[i] = 0;
+}
+
+static void rm_rf(const char *dir);
+
+void tc_reap_all(void) {
+    for (int i = 0; i < MAX_LIVE; i++) {
+        if (!live_pid[i])
+            continue;
+        kill(live_pid[i], SIGKILL);
+        waitpid(live_pid[i], NULL, 0);
+        rm_rf(live_dir[i]);
+        live_pid[i] = 0;
+    }
+}
+
 void tc_sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
@@ -184,6 +218,7 @@ int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
     n->pid = spawn(argv, n->log);
     if (n->pid < 0)
         return -errno;
+    live_add(n->pid, n->dir);
     for (int i = 0; i < 1000; i++) { /* 10 s */
         FILE *f = fopen(pf, "r");
         if (f) {
@@ -197,6 +232,7 @@ int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
         }
         int st;
         if (waitpid(n->pid, &st, WNOHANG) == n->pid) {
+            live_del(n->pid);
             n->pid = 0;
             tc_node_dump_log(n);
             return -ECHILD;
@@ -213,6 +249,7 @@ int tc_node_stop(tc_node_t *n) {
     int st = 0;
     for (int i = 0; i < 2000; i++) {
         if (waitpid(n->pid, &st, WNOHANG) == n->pid) {
+            live_del(n->pid);
             n->pid = 0;
             return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
         }
@@ -220,6 +257,7 @@ int tc_node_stop(tc_node_t *n) {
     }
     kill(n->pid, SIGKILL);
     waitpid(n->pid, &st, 0);
+    live_del(n->pid);
     n->pid = 0;
     return -1;
 }
@@ -229,6 +267,7 @@ void tc_node_kill(tc_node_t *n) {
         return;
     kill(n->pid, SIGKILL);
     waitpid(n->pid, NULL, 0);
+    live_del(n->pid);
     n->pid = 0;
 }
 

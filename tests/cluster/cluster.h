@@ -46,6 +46,9 @@ void tc_node_kill(tc_node_t *n);
 /* Stop if running, remove the directory. */
 void tc_node_cleanup(tc_node_t *n);
 void tc_node_dump_log(const tc_node_t *n);
+/* SIGKILL every node still running and remove its directory: a failed
+ * assertion skips a test's own cleanup (call from the group teardown). */
+void tc_reap_all(void);
 
 /* Node ids registered under prefix right now (sorted, comma-joined into
  * out); -1 when etcd cannot be read. */

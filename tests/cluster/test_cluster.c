@@ -44,8 +44,16 @@ static int group_setup(void **state) {
     return 0;
 }
 
+/* A failed assertion skips the test's own cleanup: no daemon outlives it. */
+static int test_teardown(void **state) {
+    (void)state;
+    tc_reap_all();
+    return 0;
+}
+
 static int group_teardown(void **state) {
     (void)state;
+    tc_reap_all();
     if (have_etcd)
         tc_etcd_stop(&etcd);
     return 0;
@@ -622,13 +630,14 @@ static void test_cluster_etcd_down(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_cluster_record_codec),
-        cmocka_unit_test(test_cluster_config),
-        cmocka_unit_test(test_cluster_etcd_down),
-        cmocka_unit_test(test_cluster_membership),
-        cmocka_unit_test(test_cluster_client_membership),
-        cmocka_unit_test(test_cluster_client_errors),
-        cmocka_unit_test(test_cluster_replicas),
+        cmocka_unit_test_teardown(test_cluster_record_codec, test_teardown),
+        cmocka_unit_test_teardown(test_cluster_config, test_teardown),
+        cmocka_unit_test_teardown(test_cluster_etcd_down, test_teardown),
+        cmocka_unit_test_teardown(test_cluster_membership, test_teardown),
+        cmocka_unit_test_teardown(test_cluster_client_membership,
+                                  test_teardown),
+        cmocka_unit_test_teardown(test_cluster_client_errors, test_teardown),
+        cmocka_unit_test_teardown(test_cluster_replicas, test_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
