@@ -21,6 +21,7 @@
 
 #include "kvs_etcd.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -38,6 +39,9 @@ struct kvs__member_s {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool stop;
+    /* For /metrics (read on the loop thread, written on ours). */
+    atomic_bool registered;
+    atomic_uint_fast64_t registrations, failures;
 };
 
 static uint64_t mono_ms(void) {
@@ -106,13 +110,16 @@ static void *member_main(void *arg) {
             rc = kvs_etcd_lease_grant(m->etcd, cfg->etcd_lease_ttl, &m->lease);
             if (!rc) {
                 what = "put";
-                if ((rc = put_record(m, true)))
+                if ((rc = put_record(m, true))) {
                     m->lease = 0; /* expires by itself: never kept alive */
-                else
+                } else {
+                    atomic_store(&m->registered, true);
+                    atomic_fetch_add(&m->registrations, 1);
                     kvs__log(KVS__LOG_INFO, "etcd_registered",
                              "key=%s addr=%s lease=%lld ttl=%u", m->key,
                              m->rec.addr, (long long)m->lease,
                              cfg->etcd_lease_ttl);
+                }
             }
         } else {
             int64_t left = 0;
@@ -125,6 +132,7 @@ static void *member_main(void *arg) {
                          m->key, (long long)m->lease);
                 m->lease = 0;
                 m->last_put[0] = 0;
+                atomic_store(&m->registered, false);
                 continue;
             }
             if (!rc) {
@@ -132,6 +140,8 @@ static void *member_main(void *arg) {
                 rc = put_record(m, false);
             }
         }
+        if (rc)
+            atomic_fetch_add(&m->failures, 1);
         if (rc && !down)
             kvs__log(KVS__LOG_WARN, "etcd_unreachable",
                      "op=%s status=%s msg=%s (serving on; retrying)", what,
@@ -154,8 +164,20 @@ static void *member_main(void *arg) {
                  (unsigned long long)(mono_ms() - t0),
                  rc ? " (the key goes when its lease expires)" : "");
         m->lease = 0;
+        atomic_store(&m->registered, false);
     }
     return NULL;
+}
+
+bool kvs__member_metrics(const kvs_server_t *srv, bool *registered,
+                         uint64_t *registrations, uint64_t *failures) {
+    kvs__member_t *m = srv->member;
+    if (!m)
+        return false;
+    *registered = atomic_load(&m->registered);
+    *registrations = atomic_load(&m->registrations);
+    *failures = atomic_load(&m->failures);
+    return true;
 }
 
 /* The address clients dial: advertise_addr, else the first bind address

@@ -218,6 +218,11 @@ uint8_t *kvs__error_frame(uint64_t request_id, uint16_t flags, int status,
 int kvs__member_start(kvs_server_t *srv);
 void kvs__member_leave(kvs_server_t *srv);
 void kvs__member_stop(kvs_server_t *srv);
+/* For /metrics: false without etcd. registered: the node key is there as
+ * far as this daemon knows; registrations: leases granted and written;
+ * failures: etcd calls that failed. Any thread. */
+bool kvs__member_metrics(const kvs_server_t *srv, bool *registered,
+                         uint64_t *registrations, uint64_t *failures);
 
 /* HTTP endpoint (http.c). */
 int kvs__http_start(kvs_server_t *srv);

@@ -224,9 +224,12 @@ int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
         if (f) {
             char key[32];
             int v;
-            while (fscanf(f, "%31s %d", key, &v) == 2)
+            while (fscanf(f, "%31s %d", key, &v) == 2) {
                 if (!strcmp(key, "port"))
                     n->port = v;
+                else if (!strcmp(key, "http_port"))
+                    n->http_port = v;
+            }
             fclose(f);
             return 0;
         }
@@ -330,4 +333,34 @@ long tc_wait_members(const tc_etcd_t *e, const char *prefix, const char *want,
             return -1;
         tc_sleep_ms(50);
     }
+}
+
+double tc_metric(int http_port, const char *name) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)http_port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a))) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    static const char req[] = "GET /metrics HTTP/1.0\r\n\r\n";
+    if (write(fd, req, sizeof(req) - 1) != (ssize_t)(sizeof(req) - 1)) {
+        close(fd);
+        return -1;
+    }
+    static char buf[1 << 20];
+    size_t len = 0;
+    ssize_t r;
+    while (len + 1 < sizeof(buf) &&
+           (r = read(fd, buf + len, sizeof(buf) - 1 - len)) > 0)
+        len += (size_t)r;
+    close(fd);
+    buf[len] = 0;
+    size_t nl = strlen(name);
+    for (char *p = buf; (p = strstr(p, name)); p += nl)
+        if ((p == buf || p[-1] == '\n') && p[nl] == ' ')
+            return atof(p + nl + 1);
+    return -1;
 }

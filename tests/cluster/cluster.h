@@ -28,7 +28,7 @@ void tc_etcd_stop(tc_etcd_t *e);
 
 typedef struct tc_node_s {
     pid_t pid;
-    int port;
+    int port, http_port;
     char node_id[32];
     char dir[128];
     char log[192];
@@ -57,6 +57,10 @@ int tc_members(const tc_etcd_t *e, const char *prefix, char *out, size_t cap);
  * milliseconds it took, or -1 on timeout. */
 long tc_wait_members(const tc_etcd_t *e, const char *prefix, const char *want,
                      int timeout_ms);
+
+/* Value of the unlabelled metric `name` on the node's /metrics, -1 when
+ * missing or unreachable. */
+double tc_metric(int http_port, const char *name);
 
 void tc_sleep_ms(int ms);
 long tc_now_ms(void);

@@ -112,6 +112,11 @@ static void test_cluster_membership(void **state) {
     ms = tc_wait_members(&etcd, pfx, "a,b,c", TTL * 1000 + 2000);
     assert_true(ms >= 0);
     fprintf(stderr, "lease revoked: registered again after %ld ms\n", ms);
+    assert_true(tc_metric(n[0].http_port, "kvstored_etcd_registered") == 1);
+    assert_true(
+        tc_metric(n[0].http_port, "kvstored_etcd_registrations_total") == 2);
+    assert_true(
+        tc_metric(n[1].http_port, "kvstored_etcd_registrations_total") == 1);
     kvs_etcd_kvs_free(kvs, nk);
     assert_int_equal(kvs_etcd_range_prefix(c, key, &kvs, &nk, NULL), 0);
     assert_int_equal(nk, 1);
@@ -622,6 +627,8 @@ static void test_cluster_etcd_down(void **state) {
             tc_sleep_ms(100);
     }
     assert_true(logged);
+    assert_true(tc_metric(n.http_port, "kvstored_etcd_registered") == 0);
+    assert_true(tc_metric(n.http_port, "kvstored_etcd_failures_total") >= 1);
     long t0 = tc_now_ms();
     assert_int_equal(tc_node_stop(&n), 0);
     assert_true(tc_now_ms() - t0 < 5000);
