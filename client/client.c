@@ -1328,12 +1328,21 @@ static void fan_finish(kvs_client_t *c, fan_t *f) {
     op->persisted_seqno = f->sub[pick].persisted_seqno;
     c->counters.replicated_writes++;
     c->last_acked = (uint32_t)acked;
-    c->last_wanted = (uint32_t)f->n;
-    if (!op->status && acked < f->n) {
+    /* Counted against R, not the nodes there were: with fewer live nodes
+     * than R the data has fewer copies than asked for, which is news. */
+    c->last_wanted = c->replicas;
+    if (!op->status && acked < c->replicas) {
         c->counters.degraded_writes++;
-        snprintf(op->message, sizeof(op->message),
-                 "acknowledged by %zu of %zu replicas (%.80s: %.100s)", acked,
-                 f->n, c->nodes[f->node[down]].addr, f->sub[down].message);
+        if (down != SIZE_MAX)
+            snprintf(op->message, sizeof(op->message),
+                     "acknowledged by %zu of %u replicas (%.80s: %.100s)",
+                     acked, c->replicas, c->nodes[f->node[down]].addr,
+                     f->sub[down].message);
+        else
+            snprintf(op->message, sizeof(op->message),
+                     "acknowledged by %zu of %u replicas (only %zu live "
+                     "nodes)",
+                     acked, c->replicas, f->n);
     }
     free(f);
     done_push(c, op);

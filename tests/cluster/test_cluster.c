@@ -539,6 +539,24 @@ static void test_cluster_replicas(void **state) {
             kvs_client_node_addr(c, kvs_client_node_for(c, s)), addr_a);
         assert_int_equal(seq_roundtrip(c, s, false), 0);
     }
+    /* Down to one live node: a write there is one copy where R asked for
+     * two, and says so. */
+    assert_int_equal(tc_node_stop(&n[2]), 0);
+    assert_true(tc_wait_members(&etcd, pfx, "b", 2000) >= 0);
+    assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
+    int on_b = 0;
+    for (uint64_t s = 1; s <= N; s++) {
+        int rc = kvs_client_seq_append(c, s, 0, 4, kv, kv, sizeof(kv));
+        if (rc == KVS_ENOSEQ)
+            continue; /* its copies were on a and c */
+        assert_int_equal(rc, 0);
+        kvs_client_last_write_acks(c, &acked, &wanted);
+        assert_int_equal(acked, 1);
+        assert_int_equal(wanted, 2);
+        assert_non_null(strstr(kvs_client_errmsg(c), "only 1 live nodes"));
+        on_b++;
+    }
+    assert_true(on_b > 0);
     kvs_client_close(c);
     /* Clean exits (under ASan: no leaks, no errors) of those still up. */
     for (int i = 0; i < 3; i++) {
