@@ -232,6 +232,12 @@ int kvs__member_start(kvs_server_t *srv) {
     }
     snprintf(m->rec.node_id, sizeof(m->rec.node_id), "%s", srv->node_id);
     advertised(srv, m->rec.addr, sizeof(m->rec.addr));
+    if (!strncmp(m->rec.addr, "0.0.0.0:", 8) ||
+        !strncmp(m->rec.addr, "[::]:", 5))
+        kvs__log(KVS__LOG_WARN, "etcd_advertise_wildcard",
+                 "addr=%s msg=\"clients cannot dial a wildcard address; set "
+                 "advertise_addr\"",
+                 m->rec.addr);
     m->rec.port = srv->port > 0 ? (uint32_t)srv->port : 0;
     m->rec.http_port = srv->http_port > 0 ? (uint32_t)srv->http_port : 0;
     m->rec.memory_limit = cfg->memory_bytes;
