@@ -583,6 +583,21 @@ static void test_cluster_config(void **state) {
     assert_string_equal(cfg.etcd_endpoints, "http://127.0.0.1:2379");
     assert_int_equal(cfg.etcd_lease_ttl, 3);
     assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)), 0);
+    static const char *bad_ep[] = {"https://h:1", "h", "http://h",
+                                   "http://a:1,b"};
+    for (size_t i = 0; i < 4; i++) {
+        assert_int_equal(kvs_server_config_set(&cfg, "etcd_endpoints",
+                                               bad_ep[i], err, sizeof(err)),
+                         0);
+        assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)),
+                         KVS_EINVAL);
+        assert_non_null(strstr(err, "etcd_endpoints"));
+    }
+    assert_int_equal(kvs_server_config_set(&cfg, "etcd_endpoints",
+                                           "http://[::1]:2379,10.0.0.2:2379",
+                                           err, sizeof(err)),
+                     0);
+    assert_int_equal(kvs_server_config_validate(&cfg, err, sizeof(err)), 0);
     assert_int_equal(
         kvs_server_config_set(&cfg, "etcd-lease-ttl", "1", err, sizeof(err)),
         KVS_EINVAL);
