@@ -81,6 +81,9 @@ struct kvs_client_s {
     uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
     uint32_t replicas;     /* R: nodes that hold each sequence */
     kvs_client_counters_t counters;
+    /* Reads with R > 1 their replica could not answer, to be sent to the
+     * next one by pump() (linked by next_; still counted in pending). */
+    kvs_client_op_t *retry_head;
     uint32_t last_acked, last_wanted; /* the last synchronous write */
     char errmsg[512];
 };
@@ -199,6 +202,7 @@ static void fifo_remove(node_t *n, kvs_client_op_t *op) {
 }
 
 static void fan_sub_done(kvs_client_t *c, kvs_client_op_t *sub);
+static bool read_fails_over(const kvs_client_t *c, const kvs_client_op_t *op);
 
 static void done_push(kvs_client_t *c, kvs_client_op_t *op) {
     op->done_ = true;
@@ -225,6 +229,14 @@ static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
     if (op->fan_) {
         op->done_ = true;
         fan_sub_done(c, op);
+        return;
+    }
+    if (read_fails_over(c, op)) {
+        /* Not from here: complete() runs inside node_fail() and friends,
+         * which a submit could re-enter. */
+        op->try_++;
+        op->next_ = c->retry_head;
+        c->retry_head = op;
         return;
     }
     done_push(c, op);
@@ -946,7 +958,12 @@ static void expire(kvs_client_t *c, uint64_t now) {
 
 /* One round of I/O: wait up to timeout_ms (-1 forever) for any socket,
  * then read, write and expire. */
+static void retry_reads(kvs_client_t *c);
+
 static void pump(kvs_client_t *c, int timeout_ms) {
+    retry_reads(c);
+    if (c->done_head && timeout_ms)
+        timeout_ms = 0; /* a retry finished something: do not sleep */
     struct pollfd pfd[MAX_NODES];
     size_t idx[MAX_NODES];
     nfds_t np = 0;
@@ -1231,6 +1248,7 @@ static int submit_at(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
 
 static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
                           size_t *rep, size_t *nr);
+static int submit_read_from(kvs_client_t *c, kvs_client_op_t *op);
 static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
                       size_t nr);
 
@@ -1242,6 +1260,9 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
         int rc = write_replicas(c, op, rep, &nr);
         return rc ? rc : submit_fan(c, op, rep, nr);
     }
+    op->try_ = 0;
+    if (c->replicas > 1 && op_is_seq(op->type))
+        return submit_read_from(c, op);
     return submit_at(c, op, SIZE_MAX);
 }
 
@@ -1411,23 +1432,53 @@ static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
     return op->status;
 }
 
-/* A read from the first replica that has the sequence: an unreachable
- * node, or one without it (it joined after the sequence was written),
- * passes to the next. */
-static int run_read(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
-                    size_t nr) {
-    kvs_client_op_t tmp = *op;
-    for (size_t i = 0; i < nr; i++) {
-        tmp = *op;
-        int rc = run_one(c, &tmp, rep[i]);
-        if (i + 1 < nr && (unreachable(rc) || rc == KVS_ENOSEQ)) {
-            c->counters.read_failovers++;
+/* Reads with R > 1 go to the first replica; one it cannot reach, or that
+ * does not have the sequence (it joined after the sequence was written),
+ * passes the read to the next, as part of the same op. */
+static bool read_fails_over(const kvs_client_t *c, const kvs_client_op_t *op) {
+    return c->replicas > 1 && op_is_seq(op->type) && !op_is_write(op->type) &&
+           (unreachable(op->status) || op->status == KVS_ENOSEQ) &&
+           op->try_ + 1u < c->replicas;
+}
+
+/* Submit a read to its replicas from op->try_ on, passing over those that
+ * cannot be reached at once. */
+static int submit_read_from(kvs_client_t *c, kvs_client_op_t *op) {
+    size_t rep[MAX_REPLICAS], nr = replicas_of(c, op->seq, rep);
+    if (!nr)
+        return cfail(c, KVS_ECONN, "no live node%s",
+                     c->etcd ? " registered in etcd" : "");
+    int rc = KVS_ECONN;
+    for (; op->try_ < nr; op->try_++) {
+        rc = submit_at(c, op, rep[op->try_]);
+        if (!rc || !unreachable(rc) || op->try_ + 1u >= nr)
+            return rc;
+        c->counters.read_failovers++;
+    }
+    return rc;
+}
+
+static void retry_reads(kvs_client_t *c) {
+    while (c->retry_head) {
+        kvs_client_op_t *op = c->retry_head;
+        c->retry_head = op->next_;
+        op->next_ = NULL;
+        size_t rep[MAX_REPLICAS];
+        if (op->try_ >= replicas_of(c, op->seq, rep)) {
+            /* Fewer replicas than when it was sent: the last answer. */
+            done_push(c, op);
             continue;
         }
-        break;
+        c->counters.read_failovers++;
+        c->pending--; /* submit counts it again */
+        int rc = submit_read_from(c, op);
+        if (!rc)
+            continue;
+        c->pending++;
+        op->status = rc;
+        snprintf(op->message, sizeof(op->message), "%.255s", c->errmsg);
+        done_push(c, op);
     }
-    *op = tmp;
-    return op->status;
 }
 
 /* The nodes a write to op->seq goes to; a fork's child must live on the
@@ -1466,8 +1517,18 @@ static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
                    c->etcd ? " registered in etcd" : "");
     if (rc)
         return rc;
-    return op_is_write(op->type) ? run_write(c, op, rep, nr)
-                                 : run_read(c, op, rep, nr);
+    if (op_is_write(op->type))
+        return run_write(c, op, rep, nr);
+    op->fan_ = NULL;
+    op->try_ = 0;
+    if ((rc = submit_read_from(c, op)))
+        return rc;
+    while (!op->done_)
+        pump(c, -1);
+    done_remove(c, op);
+    if (op->status)
+        snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
+    return op->status;
 }
 
 void kvs_client_counters(const kvs_client_t *c, kvs_client_counters_t *out) {

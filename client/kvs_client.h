@@ -34,9 +34,9 @@
  * "acknowledged by 1 of 2 replicas (...)", kvs_client_last_write_acks()
  * gives the counts of the last write to complete, and kvs_client_counters()
  * counts it); an error answer from any replica is the write's error.
- * Synchronous reads (search, attend, info) go to the first replica and,
- * within the same call, to the next when it cannot be reached or does not
- * have the sequence; submitted reads go to the first replica only.
+ * Reads (search, attend, info; synchronous or submitted) go to the first
+ * replica and, as part of the same op, to the next when it cannot be
+ * reached or does not have the sequence.
  * Replicas are not repaired: a replica that was down misses the writes
  * made meanwhile.
  *
@@ -221,7 +221,8 @@ typedef struct kvs_client_op_s {
     uint64_t deadline_ms_;
     size_t node_;
     bool done_;
-    void *fan_; /* a replica's copy of a write: the write it belongs to */
+    void *fan_;    /* a replica's copy of a write: the write it belongs to */
+    uint32_t try_; /* a read with replicas: the replica it is at */
     struct kvs_client_op_s *prev_, *next_;
 } kvs_client_op_t;
 

@@ -529,20 +529,75 @@ static void test_cluster_replicas(void **state) {
             degraded, N,
             (unsigned long long)(k1.read_failovers - k0.read_failovers));
 
+    /* Submitted reads fail over too: N attends pipelined at once, those
+     * whose first replica is the dead node pass on to the other. */
+    static kvs_client_op_t at[N];
+    static float out[N][16];
+    float q[16];
+    for (int i = 0; i < 16; i++)
+        q[i] = 0.1f * (float)i;
+    kvs_client_counters(c, &k0);
+    for (int i = 0; i < N; i++) {
+        memset(&at[i], 0, sizeof(at[i]));
+        at[i].type = KVS_CLIENT_ATTEND;
+        at[i].seq = (uint64_t)i + 1;
+        at[i].queries = q;
+        at[i].n_query_floats = 16;
+        at[i].output = out[i];
+        assert_int_equal(kvs_client_submit(c, &at[i]), 0);
+    }
+    for (size_t got = 0; got < N;) {
+        kvs_client_op_t *done[N];
+        size_t nd = 0;
+        assert_int_equal(kvs_client_poll(c, done, N, &nd, 5000), 0);
+        assert_true(nd > 0);
+        for (size_t i = 0; i < nd; i++) {
+            assert_int_equal(done[i]->status, 0);
+            assert_true(isfinite(((float *)done[i]->output)[0]));
+        }
+        got += nd;
+    }
+    kvs_client_counters(c, &k1);
+    assert_true(k1.read_failovers > k0.read_failovers);
+
     /* Once its lease is gone, a is no longer placed on; every sequence is
-     * still read (a new second replica has no copy: the read passes on). */
+     * still read, from its first replica: a sequence that was on a and x
+     * now has {x, y} with y ranked below x (rendezvous: a leaving node
+     * only promotes the next one), so no read needs to pass on. */
     assert_true(tc_wait_members(&etcd, pfx, "b,c", TTL * 1000 + 2000) >= 0);
     assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
     assert_int_equal(nm, 2);
+    kvs_client_counters(c, &k0);
     for (uint64_t s = 1; s <= N; s++) {
         assert_string_not_equal(
             kvs_client_node_addr(c, kvs_client_node_for(c, s)), addr_a);
         assert_int_equal(seq_roundtrip(c, s, false), 0);
     }
+    kvs_client_counters(c, &k1);
+    assert_true(k1.read_failovers == k0.read_failovers);
+
+    /* d joins and ranks first for about a third of the sequences, with no
+     * copy of them (no repair yet): it answers KVS_ENOSEQ and the read
+     * passes on to the old first replica. P(d first for none) = (2/3)^24. */
+    tc_node_t d;
+    assert_int_equal(tc_node_start(&d, &etcd, pfx, "d", TTL, NULL), 0);
+    assert_true(tc_wait_members(&etcd, pfx, "b,c,d", 5000) >= 0);
+    assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
+    assert_int_equal(nm, 3);
+    kvs_client_counters(c, &k0);
+    for (uint64_t s = 1; s <= N; s++)
+        assert_int_equal(seq_roundtrip(c, s, false), 0);
+    kvs_client_counters(c, &k1);
+    assert_true(k1.read_failovers > k0.read_failovers);
+    fprintf(stderr, "node joined: %llu of %d reads passed over it\n",
+            (unsigned long long)(k1.read_failovers - k0.read_failovers), N);
+    assert_int_equal(tc_node_stop(&d), 0);
+    tc_node_cleanup(&d);
+
     /* Down to one live node: a write there is one copy where R asked for
      * two, and says so. */
     assert_int_equal(tc_node_stop(&n[2]), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "b", 2000) >= 0);
+    assert_true(tc_wait_members(&etcd, pfx, "b", 3000) >= 0);
     assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
     int on_b = 0;
     for (uint64_t s = 1; s <= N; s++) {
