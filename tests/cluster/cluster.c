@@ -17,37 +17,47 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Nodes started and not yet reaped, by pid and directory (copies: a failed
- * assertion leaves the test's tc_node_t behind on its stack). */
+/* Nodes started and not yet cleaned up, by pid (0 once reaped) and
+ * directory: copies, since a failed assertion leaves the test's tc_node_t
+ * behind on its stack. */
 #define MAX_LIVE 32
 static pid_t live_pid[MAX_LIVE];
 static char live_dir[MAX_LIVE][128];
 
 static void live_add(pid_t pid, const char *dir) {
     for (int i = 0; i < MAX_LIVE; i++)
-        if (!live_pid[i]) {
+        if (!live_dir[i][0]) {
             live_pid[i] = pid;
             snprintf(live_dir[i], sizeof(live_dir[i]), "%s", dir);
             return;
         }
 }
 
-static void live_del(pid_t pid) {
+/* The process is reaped; the directory stays listed until cleanup. */
+static void live_reaped(pid_t pid) {
     for (int i = 0; i < MAX_LIVE; i++)
         if (live_pid[i] == pid)
             live_pid[i] = 0;
+}
+
+static void live_del_dir(const char *dir) {
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (live_dir[i][0] && !strcmp(live_dir[i], dir))
+            live_dir[i][0] = 0;
 }
 
 static void rm_rf(const char *dir);
 
 void tc_reap_all(void) {
     for (int i = 0; i < MAX_LIVE; i++) {
-        if (!live_pid[i])
-            continue;
-        kill(live_pid[i], SIGKILL);
-        waitpid(live_pid[i], NULL, 0);
-        rm_rf(live_dir[i]);
-        live_pid[i] = 0;
+        if (live_pid[i]) {
+            kill(live_pid[i], SIGKILL);
+            waitpid(live_pid[i], NULL, 0);
+            live_pid[i] = 0;
+        }
+        if (live_dir[i][0])
+            rm_rf(live_dir[i]);
+        live_dir[i][0] = 0;
     }
 }
 
@@ -235,7 +245,7 @@ int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
         }
         int st;
         if (waitpid(n->pid, &st, WNOHANG) == n->pid) {
-            live_del(n->pid);
+            live_reaped(n->pid);
             n->pid = 0;
             tc_node_dump_log(n);
             return -ECHILD;
@@ -252,7 +262,7 @@ int tc_node_stop(tc_node_t *n) {
     int st = 0;
     for (int i = 0; i < 2000; i++) {
         if (waitpid(n->pid, &st, WNOHANG) == n->pid) {
-            live_del(n->pid);
+            live_reaped(n->pid);
             n->pid = 0;
             return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
         }
@@ -260,7 +270,7 @@ int tc_node_stop(tc_node_t *n) {
     }
     kill(n->pid, SIGKILL);
     waitpid(n->pid, &st, 0);
-    live_del(n->pid);
+    live_reaped(n->pid);
     n->pid = 0;
     return -1;
 }
@@ -270,15 +280,17 @@ void tc_node_kill(tc_node_t *n) {
         return;
     kill(n->pid, SIGKILL);
     waitpid(n->pid, NULL, 0);
-    live_del(n->pid);
+    live_reaped(n->pid);
     n->pid = 0;
 }
 
 void tc_node_cleanup(tc_node_t *n) {
     if (n->pid > 0)
         tc_node_stop(n);
-    if (n->dir[0])
+    if (n->dir[0]) {
         rm_rf(n->dir);
+        live_del_dir(n->dir);
+    }
     n->dir[0] = 0;
 }
 
