@@ -11,8 +11,18 @@
  *
  * C API values become messages and back only through proto/kvs_wire.h, the
  * same conversion the daemon uses.
+ *
+ * With an etcd:// address the node list is etcd's (proto/kvs_etcd.h): read
+ * with a range over `<prefix>/nodes/` at open, then again inside submit
+ * once membership_refresh_ms has passed or a connection failed. A periodic
+ * range rather than a watch: the library has no thread and no loop of its
+ * own to keep a watch stream read, and a range of a few nodes costs one
+ * loopback-sized round trip per refresh period. Nodes live in fixed slots
+ * (an op in flight names its slot); a node that leaves keeps its slot, not
+ * live, until it is idle and the slot is reused by a newcomer.
  */
 #include "kvs_client.h"
+#include "kvs_etcd.h"
 #include "kvs_frame.h"
 #include "kvs_wire.h"
 
@@ -32,6 +42,7 @@
 #include <unistd.h>
 
 #define MAX_NODES 256
+#define MAX_REPLICAS 8
 
 typedef struct node_s {
     char addr[256];
@@ -50,6 +61,8 @@ typedef struct node_s {
     size_t tab_cap, tab_n;
     kvs_client_op_t *fifo_head, *fifo_tail;
     uint64_t hello_id;
+    bool live;             /* placed on: always, for a static list */
+    kvs_node_record_t rec; /* etcd's record of the node (etcd:// only) */
 } node_t;
 
 struct kvs_client_s {
@@ -61,6 +74,17 @@ struct kvs_client_s {
     uint64_t next_id;
     size_t pending; /* submitted, not yet returned by poll */
     kvs_client_op_t *done_head, *done_tail;
+    /* etcd:// only (etcd NULL otherwise). */
+    kvs_etcd_t *etcd;
+    char node_prefix[512]; /* "<prefix>/nodes/" */
+    uint32_t refresh_ms;
+    uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
+    uint32_t replicas;     /* R: nodes that hold each sequence */
+    kvs_client_counters_t counters;
+    /* Reads with R > 1 their replica could not answer, to be sent to the
+     * next one by pump() (linked by next_; still counted in pending). */
+    kvs_client_op_t *retry_head;
+    uint32_t last_acked, last_wanted; /* the last synchronous write */
     char errmsg[512];
 };
 
@@ -177,14 +201,10 @@ static void fifo_remove(node_t *n, kvs_client_op_t *op) {
     op->prev_ = op->next_ = NULL;
 }
 
-static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
-                     const char *msg) {
-    node_t *n = &c->nodes[op->node_];
-    fifo_remove(n, op);
-    op->status = status;
-    if (status)
-        snprintf(op->message, sizeof(op->message), "%s",
-                 msg && *msg ? msg : kvs_strerror(status));
+static void fan_sub_done(kvs_client_t *c, kvs_client_op_t *sub);
+static bool read_fails_over(const kvs_client_t *c, const kvs_client_op_t *op);
+
+static void done_push(kvs_client_t *c, kvs_client_op_t *op) {
     op->done_ = true;
     op->prev_ = c->done_tail;
     op->next_ = NULL;
@@ -193,6 +213,33 @@ static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
     else
         c->done_head = op;
     c->done_tail = op;
+}
+
+/* An op in flight is answered (or failed). A replica's copy of a write
+ * (fan_ set) reports to its write instead of the done list; `op` may be
+ * freed by then, so nothing touches it after this call. */
+static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
+                     const char *msg) {
+    node_t *n = &c->nodes[op->node_];
+    fifo_remove(n, op);
+    op->status = status;
+    if (status)
+        snprintf(op->message, sizeof(op->message), "%s",
+                 msg && *msg ? msg : kvs_strerror(status));
+    if (op->fan_) {
+        op->done_ = true;
+        fan_sub_done(c, op);
+        return;
+    }
+    if (read_fails_over(c, op)) {
+        /* Not from here: complete() runs inside node_fail() and friends,
+         * which a submit could re-enter. */
+        op->try_++;
+        op->next_ = c->retry_head;
+        c->retry_head = op;
+        return;
+    }
+    done_push(c, op);
 }
 
 static void done_remove(kvs_client_t *c, kvs_client_op_t *op) {
@@ -231,6 +278,7 @@ static void node_fail(kvs_client_t *c, node_t *n, int status, const char *msg) {
 /* ------------------------------------------------------------ addresses */
 
 static int parse_addr(node_t *n, const char *a) {
+    n->is_unix = false; /* a reused slot may have held a unix: node */
     if (strlen(a) >= sizeof(n->addr))
         return KVS_EINVAL;
     snprintf(n->addr, sizeof(n->addr), "%s", a);
@@ -269,6 +317,118 @@ static int parse_addr(node_t *n, const char *a) {
     return 0;
 }
 
+/* ----------------------------------------------------------- membership */
+
+/* Re-read the node list from etcd. Nodes still listed stay where they are
+ * (connections and ops in flight untouched); gone ones stop being live and
+ * lose an idle connection; new ones take a free slot. On failure the last
+ * list stays in use. */
+static int members_refresh(kvs_client_t *c) {
+    kvs_etcd_kv_t *kvs = NULL;
+    size_t nk = 0;
+    c->next_refresh = now_ms() + c->refresh_ms;
+    int rc = kvs_etcd_range_prefix(c->etcd, c->node_prefix, &kvs, &nk, NULL);
+    if (rc)
+        return cfail(c, rc, "membership: %s", kvs_etcd_errmsg(c->etcd));
+    bool seen[MAX_NODES] = {false};
+    for (size_t k = 0; k < nk; k++) {
+        kvs_node_record_t r;
+        if (kvs_node_record_decode(kvs[k].value, kvs[k].value_len, &r))
+            continue; /* not a record we can read: not a node for us */
+        size_t i = 0, fresh = SIZE_MAX;
+        for (; i < c->n_nodes; i++) {
+            node_t *n = &c->nodes[i];
+            if (!strcmp(n->addr, r.addr))
+                break;
+            /* Free: not live before, not taken in this round, idle. */
+            if (fresh == SIZE_MAX && !n->live && !seen[i] && n->fd < 0 &&
+                !n->fifo_head)
+                fresh = i;
+        }
+        if (i == c->n_nodes) {
+            if (fresh == SIZE_MAX && c->n_nodes == MAX_NODES)
+                continue;
+            i = fresh != SIZE_MAX ? fresh : c->n_nodes++;
+            node_t *n = &c->nodes[i];
+            n->fd = -1;
+            if (parse_addr(n, r.addr)) {
+                n->addr[0] = 0; /* unusable; the slot stays free */
+                continue;
+            }
+        }
+        c->nodes[i].rec = r;
+        seen[i] = true;
+    }
+    kvs_etcd_kvs_free(kvs, nk);
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        node_t *n = &c->nodes[i];
+        n->live = seen[i];
+        if (!n->live && n->fd >= 0 && !n->fifo_head)
+            node_fail(c, n, KVS_ECONN, "node left the cluster");
+    }
+    return 0;
+}
+
+/* "etcd://host:port[,host:port...]/prefix" (prefix "/kvstore" if none). */
+static int etcd_open(kvs_client_t *c, const char *url) {
+    const char *hosts = url + 7;
+    const char *slash = strchr(hosts, '/');
+    size_t hl = slash ? (size_t)(slash - hosts) : strlen(hosts);
+    char eps[512], err[256];
+    if (!hl || hl >= sizeof(eps))
+        return cfail(c, KVS_EINVAL, "%s: no etcd host", url);
+    memcpy(eps, hosts, hl);
+    eps[hl] = 0;
+    const char *prefix = slash && slash[1] ? slash : "/kvstore";
+    int rc =
+        kvs_etcd_new(eps, c->connect_timeout_ms ? c->connect_timeout_ms : 2000,
+                     &c->etcd, err, sizeof(err));
+    if (rc)
+        return cfail(c, rc, "%s: %s", url, err);
+    if (kvs_node_key_prefix(prefix, c->node_prefix, sizeof(c->node_prefix)))
+        return cfail(c, KVS_EINVAL, "%s: prefix too long", url);
+    return members_refresh(c);
+}
+
+/* Time for a refresh (etcd:// only)? A failed refresh keeps the old list:
+ * the nodes themselves may well be fine while etcd is away. */
+static void members_maybe_refresh(kvs_client_t *c) {
+    if (c->etcd && now_ms() >= c->next_refresh)
+        members_refresh(c);
+}
+
+bool kvs_client_node_live(const kvs_client_t *c, size_t node) {
+    return node < c->n_nodes && c->nodes[node].live;
+}
+
+int kvs_client_members(kvs_client_t *c, kvs_client_member_t *out, size_t cap,
+                       size_t *n_out) {
+    *n_out = 0;
+    if (c->etcd) {
+        int rc = members_refresh(c);
+        if (rc)
+            return rc;
+    }
+    for (size_t i = 0; i < c->n_nodes && *n_out < cap; i++) {
+        const node_t *n = &c->nodes[i];
+        if (!n->live)
+            continue;
+        kvs_client_member_t *m = &out[(*n_out)++];
+        memset(m, 0, sizeof(*m));
+        m->node = i;
+        snprintf(m->addr, sizeof(m->addr), "%s", n->addr);
+        snprintf(m->node_id, sizeof(m->node_id), "%s", n->rec.node_id);
+        snprintf(m->version, sizeof(m->version), "%s", n->rec.version);
+        m->memory_limit = n->rec.memory_limit;
+        m->memory_used = n->rec.memory_used;
+        m->sequences = n->rec.sequences;
+        m->start_time = n->rec.start_time;
+        m->protocol = n->rec.protocol;
+        m->http_port = n->rec.http_port;
+    }
+    return 0;
+}
+
 void kvs_client_options_default(kvs_client_options_t *o) {
     memset(o, 0, sizeof(*o));
     o->connect_timeout_ms = 2000;
@@ -282,17 +442,20 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         return KVS_EINVAL;
     if (o->max_frame_bytes > KVS_FRAME_MAX_BODY_LIMIT)
         return KVS_EINVAL;
+    bool etcd = o->addrs[0] && !strncmp(o->addrs[0], "etcd://", 7);
+    if (etcd && o->n_addrs != 1)
+        return KVS_EINVAL; /* one etcd:// address names the whole cluster */
     kvs_client_t *c = calloc(1, sizeof(*c));
     if (!c)
         return KVS_ENOMEM;
-    c->nodes = calloc(o->n_addrs, sizeof(node_t));
+    c->nodes = calloc(etcd ? MAX_NODES : o->n_addrs, sizeof(node_t));
     c->auth_token = strdup(o->auth_token ? o->auth_token : "");
     c->client_name = strdup(o->client_name ? o->client_name : "libkvsclient");
     if (!c->nodes || !c->auth_token || !c->client_name) {
         kvs_client_close(c);
         return KVS_ENOMEM;
     }
-    c->n_nodes = o->n_addrs;
+    c->n_nodes = etcd ? 0 : o->n_addrs;
     /* Zero fields are defaults (a zero-filled struct must work); inside,
      * 0 means "no timeout", as the rest of this file expects. */
     kvs_client_options_t def;
@@ -306,8 +469,24 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
     c->max_frame_bytes =
         o->max_frame_bytes ? o->max_frame_bytes : def.max_frame_bytes;
     c->next_id = 1;
+    c->refresh_ms = o->membership_refresh_ms ? o->membership_refresh_ms : 1000;
+    if (o->replicas > MAX_REPLICAS) {
+        kvs_client_close(c);
+        return KVS_EINVAL;
+    }
+    c->replicas = o->replicas ? o->replicas : 1;
+    if (etcd) {
+        int rc = etcd_open(c, o->addrs[0]);
+        if (rc) {
+            kvs_client_close(c);
+            return rc;
+        }
+        *out = c;
+        return 0;
+    }
     for (size_t i = 0; i < o->n_addrs; i++) {
         c->nodes[i].fd = -1;
+        c->nodes[i].live = true;
         if (!o->addrs[i] || parse_addr(&c->nodes[i], o->addrs[i])) {
             kvs_client_close(c);
             return KVS_EINVAL;
@@ -327,6 +506,7 @@ void kvs_client_close(kvs_client_t *c) {
         free(n->wbuf);
     }
     free(c->nodes);
+    kvs_etcd_free(c->etcd);
     free(c->auth_token);
     free(c->client_name);
     free(c);
@@ -346,16 +526,44 @@ size_t kvs_client_pending(const kvs_client_t *c) {
 }
 
 size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
-    size_t best = 0;
+    size_t best = SIZE_MAX;
     uint64_t best_w = 0;
     for (size_t i = 0; i < c->n_nodes; i++) {
+        if (!c->nodes[i].live)
+            continue;
         uint64_t w = mix64(seq ^ c->nodes[i].hash);
-        if (i == 0 || w > best_w) {
+        if (best == SIZE_MAX || w > best_w) {
             best_w = w;
             best = i;
         }
     }
     return best;
+}
+
+/* The R nodes that hold `seq`: the live nodes of highest rendezvous
+ * weight, best first (the first is kvs_client_node_for's). */
+static size_t replicas_of(const kvs_client_t *c, uint64_t seq, size_t *out) {
+    size_t n = 0;
+    uint64_t w_out[MAX_REPLICAS];
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        if (!c->nodes[i].live)
+            continue;
+        uint64_t w = mix64(seq ^ c->nodes[i].hash);
+        size_t at = n;
+        while (at > 0 && w_out[at - 1] < w)
+            at--;
+        if (at >= c->replicas)
+            continue;
+        if (n < c->replicas)
+            n++;
+        for (size_t k = n - 1; k > at; k--) {
+            out[k] = out[k - 1];
+            w_out[k] = w_out[k - 1];
+        }
+        out[at] = i;
+        w_out[at] = w;
+    }
+    return n;
 }
 
 /* ------------------------------------------------------------ transport */
@@ -750,7 +958,12 @@ static void expire(kvs_client_t *c, uint64_t now) {
 
 /* One round of I/O: wait up to timeout_ms (-1 forever) for any socket,
  * then read, write and expire. */
+static void retry_reads(kvs_client_t *c);
+
 static void pump(kvs_client_t *c, int timeout_ms) {
+    retry_reads(c);
+    if (c->done_head && timeout_ms)
+        timeout_ms = 0; /* a retry finished something: do not sleep */
     struct pollfd pfd[MAX_NODES];
     size_t idx[MAX_NODES];
     nfds_t np = 0;
@@ -946,15 +1159,29 @@ static bool op_is_seq(kvs_client_op_type_t t) {
            t != KVS_CLIENT_LIST;
 }
 
-int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
+/* Writes go to every replica; the rest to one. */
+static bool op_is_write(kvs_client_op_type_t t) {
+    return t == KVS_CLIENT_CREATE || t == KVS_CLIENT_APPEND ||
+           t == KVS_CLIENT_FORK || t == KVS_CLIENT_DROP ||
+           t == KVS_CLIENT_SET_TTL || t == KVS_CLIENT_FLUSH;
+}
+
+/* Submit op to `at` (a node index), or, at SIZE_MAX, to the node its
+ * sequence hashes to (or op->node for store-wide ops). */
+static int submit_at(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
     c->errmsg[0] = 0;
     op->status = 0;
     op->message[0] = 0;
     op->done_ = false;
     op->prev_ = op->next_ = NULL;
     size_t node;
-    if (op_is_seq(op->type)) {
+    if (at != SIZE_MAX) {
+        node = at;
+    } else if (op_is_seq(op->type)) {
         node = kvs_client_node_for(c, op->seq);
+        if (node == SIZE_MAX)
+            return cfail(c, KVS_ECONN, "no live node%s",
+                         c->etcd ? " registered in etcd" : "");
         if (op->type == KVS_CLIENT_FORK &&
             kvs_client_node_for(c, op->dst) != node)
             return cfail(c, KVS_EINVAL,
@@ -980,8 +1207,11 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     op->node_ = node;
     op->id_ = c->next_id++;
     int rc = node_connect(c, n);
-    if (rc)
+    if (rc) {
+        /* It may have left the cluster: look again on the next submit. */
+        c->next_refresh = 0;
         return rc;
+    }
     size_t mark = n->wlen;
     if ((rc = encode_op(c, n, op)))
         return rc;
@@ -1016,6 +1246,26 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     return 0;
 }
 
+static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
+                          size_t *rep, size_t *nr);
+static int submit_read_from(kvs_client_t *c, kvs_client_op_t *op);
+static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                      size_t nr);
+
+int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
+    members_maybe_refresh(c);
+    op->fan_ = NULL;
+    if (c->replicas > 1 && op_is_write(op->type)) {
+        size_t rep[MAX_REPLICAS], nr;
+        int rc = write_replicas(c, op, rep, &nr);
+        return rc ? rc : submit_fan(c, op, rep, nr);
+    }
+    op->try_ = 0;
+    if (c->replicas > 1 && op_is_seq(op->type))
+        return submit_read_from(c, op);
+    return submit_at(c, op, SIZE_MAX);
+}
+
 int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
                     size_t *n_done, int timeout_ms) {
     *n_done = 0;
@@ -1046,9 +1296,232 @@ int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
 
 /* ----------------------------------------------------------------- sync */
 
-static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
-    int rc = kvs_client_submit(c, op);
+static int run_one(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
+    int rc = submit_at(c, op, at);
     if (rc)
+        return op->status = rc;
+    while (!op->done_)
+        pump(c, -1);
+    done_remove(c, op);
+    if (op->status)
+        snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
+    return op->status;
+}
+
+/* The node did not answer (down, or gone since the list was read). */
+static bool unreachable(int status) {
+    return status == KVS_ECONN || status == KVS_ETIMEDOUT;
+}
+
+/* ------------------------------------------------------------- replicas
+ *
+ * A write with R > 1 becomes R copies ("subs"), one per replica, each an
+ * ordinary op in its node's table and deadline list; the caller's op is in
+ * no node's list and completes (onto the done list, counted once in
+ * c->pending) when the last sub does. Acknowledged when every replica that
+ * answered applied it; unreachable ones are left out and reported (the
+ * op's message, kvs_client_last_write_acks, degraded_writes); an error
+ * answer from any replica is the write's error.
+ */
+typedef struct fan_s {
+    kvs_client_op_t *parent;
+    size_t n;
+    size_t left; /* subs not finished, + 1 while the submit loop runs */
+    size_t node[MAX_REPLICAS];
+    kvs_client_op_t sub[MAX_REPLICAS];
+} fan_t;
+
+static void fan_finish(kvs_client_t *c, fan_t *f) {
+    kvs_client_op_t *op = f->parent;
+    size_t acked = 0, ok = SIZE_MAX, err = SIZE_MAX, down = SIZE_MAX;
+    for (size_t i = 0; i < f->n; i++) {
+        int st = f->sub[i].status;
+        if (!st)
+            ok = ok == SIZE_MAX ? i : ok, acked++;
+        else if (unreachable(st))
+            down = down == SIZE_MAX ? i : down;
+        else if (err == SIZE_MAX)
+            err = i;
+    }
+    size_t pick = err != SIZE_MAX ? err : ok != SIZE_MAX ? ok : down;
+    op->status = f->sub[pick].status;
+    memcpy(op->message, f->sub[pick].message, sizeof(op->message));
+    op->persisted_seqno = f->sub[pick].persisted_seqno;
+    c->counters.replicated_writes++;
+    c->last_acked = (uint32_t)acked;
+    /* Counted against R, not the nodes there were: with fewer live nodes
+     * than R the data has fewer copies than asked for, which is news. */
+    c->last_wanted = c->replicas;
+    if (!op->status && acked < c->replicas) {
+        c->counters.degraded_writes++;
+        if (down != SIZE_MAX)
+            snprintf(op->message, sizeof(op->message),
+                     "acknowledged by %zu of %u replicas (%.80s: %.100s)",
+                     acked, c->replicas, c->nodes[f->node[down]].addr,
+                     f->sub[down].message);
+        else
+            snprintf(op->message, sizeof(op->message),
+                     "acknowledged by %zu of %u replicas (only %zu live "
+                     "nodes)",
+                     acked, c->replicas, f->n);
+    }
+    free(f);
+    done_push(c, op);
+}
+
+static void fan_sub_done(kvs_client_t *c, kvs_client_op_t *sub) {
+    fan_t *f = sub->fan_;
+    if (--f->left == 0)
+        fan_finish(c, f);
+}
+
+/* Submit a write to the nodes rep[0..nr). Errors (nothing in flight): the
+ * first replica's, when none of them could be sent to. */
+static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                      size_t nr) {
+    fan_t *f = calloc(1, sizeof(*f));
+    if (!f)
+        return cfail(c, KVS_ENOMEM, "out of memory");
+    op->status = 0;
+    op->message[0] = 0;
+    op->done_ = false;
+    op->prev_ = op->next_ = NULL;
+    f->parent = op;
+    f->n = nr;
+    f->left = nr + 1;
+    size_t sent = 0;
+    for (size_t i = 0; i < nr; i++) {
+        kvs_client_op_t *sub = &f->sub[i];
+        *sub = *op;
+        sub->fan_ = f;
+        sub->data = NULL;
+        f->node[i] = rep[i];
+        int rc = submit_at(c, sub, rep[i]);
+        if (rc) {
+            sub->status = rc;
+            snprintf(sub->message, sizeof(sub->message), "%.255s", c->errmsg);
+            f->left--;
+        } else {
+            sent++;
+        }
+    }
+    /* Subs are not counted as pending: their write is, once. */
+    c->pending -= sent;
+    if (!sent) {
+        int rc = f->sub[0].status;
+        cfail(c, rc, "%s", f->sub[0].message);
+        free(f);
+        return rc;
+    }
+    c->pending++;
+    if (--f->left == 0) /* every sub already answered (or failed) */
+        fan_finish(c, f);
+    return 0;
+}
+
+static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
+                     size_t nr) {
+    int rc = submit_fan(c, op, rep, nr);
+    if (rc)
+        return rc;
+    while (!op->done_)
+        pump(c, -1);
+    done_remove(c, op);
+    /* Also on success: "acknowledged by 1 of 2 replicas (...)". */
+    snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
+    return op->status;
+}
+
+/* Reads with R > 1 go to the first replica; one it cannot reach, or that
+ * does not have the sequence (it joined after the sequence was written),
+ * passes the read to the next, as part of the same op. */
+static bool read_fails_over(const kvs_client_t *c, const kvs_client_op_t *op) {
+    return c->replicas > 1 && op_is_seq(op->type) && !op_is_write(op->type) &&
+           (unreachable(op->status) || op->status == KVS_ENOSEQ) &&
+           op->try_ + 1u < c->replicas;
+}
+
+/* Submit a read to its replicas from op->try_ on, passing over those that
+ * cannot be reached at once. */
+static int submit_read_from(kvs_client_t *c, kvs_client_op_t *op) {
+    size_t rep[MAX_REPLICAS], nr = replicas_of(c, op->seq, rep);
+    if (!nr)
+        return cfail(c, KVS_ECONN, "no live node%s",
+                     c->etcd ? " registered in etcd" : "");
+    int rc = KVS_ECONN;
+    for (; op->try_ < nr; op->try_++) {
+        rc = submit_at(c, op, rep[op->try_]);
+        if (!rc || !unreachable(rc) || op->try_ + 1u >= nr)
+            return rc;
+        c->counters.read_failovers++;
+    }
+    return rc;
+}
+
+static void retry_reads(kvs_client_t *c) {
+    while (c->retry_head) {
+        kvs_client_op_t *op = c->retry_head;
+        c->retry_head = op->next_;
+        op->next_ = NULL;
+        size_t rep[MAX_REPLICAS];
+        if (op->try_ >= replicas_of(c, op->seq, rep)) {
+            /* Fewer replicas than when it was sent: the last answer. */
+            done_push(c, op);
+            continue;
+        }
+        c->counters.read_failovers++;
+        c->pending--; /* submit counts it again */
+        int rc = submit_read_from(c, op);
+        if (!rc)
+            continue;
+        c->pending++;
+        op->status = rc;
+        snprintf(op->message, sizeof(op->message), "%.255s", c->errmsg);
+        done_push(c, op);
+    }
+}
+
+/* The nodes a write to op->seq goes to; a fork's child must live on the
+ * same ones. */
+static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
+                          size_t *rep, size_t *nr_out) {
+    size_t nr = replicas_of(c, op->seq, rep);
+    *nr_out = nr;
+    if (!nr)
+        return cfail(c, KVS_ECONN, "no live node%s",
+                     c->etcd ? " registered in etcd" : "");
+    if (op->type == KVS_CLIENT_FORK) {
+        size_t dst[MAX_REPLICAS];
+        bool same = replicas_of(c, op->dst, dst) == nr;
+        for (size_t i = 0; same && i < nr; i++)
+            same = dst[i] == rep[i];
+        if (!same)
+            return cfail(c, KVS_EINVAL,
+                         "fork: sequences %llu and %llu live on different "
+                         "nodes",
+                         (unsigned long long)op->seq,
+                         (unsigned long long)op->dst);
+    }
+    return 0;
+}
+
+static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
+    members_maybe_refresh(c);
+    if (c->replicas <= 1 || !op_is_seq(op->type))
+        return run_one(c, op, SIZE_MAX);
+    size_t rep[MAX_REPLICAS], nr;
+    int rc = op_is_write(op->type) ? write_replicas(c, op, rep, &nr)
+                                   : (nr = replicas_of(c, op->seq, rep), 0);
+    if (!rc && !nr)
+        rc = cfail(c, KVS_ECONN, "no live node%s",
+                   c->etcd ? " registered in etcd" : "");
+    if (rc)
+        return rc;
+    if (op_is_write(op->type))
+        return run_write(c, op, rep, nr);
+    op->fan_ = NULL;
+    op->try_ = 0;
+    if ((rc = submit_read_from(c, op)))
         return rc;
     while (!op->done_)
         pump(c, -1);
@@ -1056,6 +1529,16 @@ static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
     if (op->status)
         snprintf(c->errmsg, sizeof(c->errmsg), "%s", op->message);
     return op->status;
+}
+
+void kvs_client_counters(const kvs_client_t *c, kvs_client_counters_t *out) {
+    *out = c->counters;
+}
+
+void kvs_client_last_write_acks(const kvs_client_t *c, uint32_t *acked,
+                                uint32_t *replicas) {
+    *acked = c->last_acked;
+    *replicas = c->last_wanted;
 }
 
 int kvs_client_ping(kvs_client_t *c, size_t node) {

@@ -3,7 +3,8 @@
  *
  *   kvctl [--addr HOST:PORT]... [--token T] [--json] [--timeout MS] CMD ...
  *
- * Commands: ping, stats, list, create, drop, fork, info (alias dump), bench.
+ * Commands: ping, stats, nodes, list, create, drop, fork, info (alias dump),
+ * bench.
  * Output is for humans by default; --json prints one JSON object per command
  * for scripts. Exit status: 0 success, 1 the operation failed, 2 usage.
  */
@@ -23,6 +24,7 @@ typedef struct args_s {
     const char *token;
     bool json;
     uint32_t timeout_ms;
+    uint32_t replicas;
 } args_t;
 
 static void usage(FILE *f) {
@@ -31,15 +33,23 @@ static void usage(FILE *f) {
             "options:\n"
             "  --addr ADDR      daemon address (repeatable): HOST:PORT, "
             "[V6]:PORT,\n"
-            "                   tcp://HOST:PORT, unix:/PATH "
+            "                   tcp://HOST:PORT, unix:/PATH, or one "
+            "etcd://HOST:PORT/PREFIX\n"
+            "                   for the nodes registered in etcd "
             "[$KVS_ADDR or 127.0.0.1:7700]\n"
             "  --token TOKEN    auth token [$KVS_AUTH_TOKEN]\n"
             "  --json           machine-readable output\n"
-            "  --timeout MS     request timeout, 0 = none [30000]\n\n"
+            "  --timeout MS     request timeout, 0 = none [30000]\n"
+            "  --replicas R     nodes per sequence: writes go to all R, "
+            "reads to the\n"
+            "                   first that answers (docs/cluster.md) [1]\n\n"
             "commands:\n"
             "  ping [--count N]                  round trip to every node\n"
             "  stats                             store and server counters "
             "per node\n"
+            "  nodes                             live nodes and their load "
+            "(from etcd\n"
+            "                                    with an etcd:// address)\n"
             "  list [--limit N]                  sequence ids per node\n"
             "  create SEQ --layers L --q-heads Q --kv-heads H --head-dim D\n"
             "         [--dtype f32|f16|bf16]     create a sequence\n"
@@ -182,6 +192,55 @@ static const char *json_safe(const char *in) {
                      : in[i];
     buf[i] = 0;
     return buf;
+}
+
+static int member_cmp(const void *x, const void *y) {
+    const kvs_client_member_t *a = x, *b = y;
+    int r = strcmp(a->node_id, b->node_id);
+    return r ? r : strcmp(a->addr, b->addr);
+}
+
+/* The live nodes and the load their records report, by node id. */
+static int cmd_nodes(const args_t *a, kvs_client_t *c) {
+    static kvs_client_member_t m[256];
+    size_t n = 0;
+    int rc = kvs_client_members(c, m, 256, &n);
+    if (rc)
+        return report_error(a, c, "nodes", rc);
+    qsort(m, n, sizeof(m[0]), member_cmp);
+    time_t now = time(NULL);
+    if (a->json)
+        printf("{\"ok\":true,\"nodes\":[");
+    else
+        printf("%-16s %-24s %9s %14s %14s %9s %s\n", "NODE", "ADDR",
+               "SEQUENCES", "MEMORY_USED", "MEMORY_LIMIT", "UPTIME_S",
+               "VERSION");
+    for (size_t i = 0; i < n; i++) {
+        long long up = m[i].start_time ? (long long)(now - m[i].start_time) : 0;
+        if (a->json) {
+            /* json_safe has one buffer: one string per printf. */
+            printf("%s{\"node_id\":\"%s\",", i ? "," : "",
+                   json_safe(m[i].node_id));
+            printf("\"addr\":\"%s\",", json_safe(m[i].addr));
+            printf("\"version\":\"%s\",", json_safe(m[i].version));
+            printf("\"sequences\":%" PRIu64 ",\"memory_used\":%" PRIu64
+                   ",\"memory_limit\":%" PRIu64 ",\"start_time\":%lld,"
+                   "\"uptime_seconds\":%lld,\"protocol\":%u}",
+                   m[i].sequences, m[i].memory_used, m[i].memory_limit,
+                   (long long)m[i].start_time, up, m[i].protocol);
+            continue;
+        }
+        char limit[32] = "unlimited";
+        if (m[i].memory_limit)
+            snprintf(limit, sizeof(limit), "%" PRIu64, m[i].memory_limit);
+        printf("%-16s %-24s %9" PRIu64 " %14" PRIu64 " %14s %9lld %s\n",
+               m[i].node_id[0] ? m[i].node_id : "-", m[i].addr, m[i].sequences,
+               m[i].memory_used, limit, up,
+               m[i].version[0] ? m[i].version : "-");
+    }
+    if (a->json)
+        printf("]}\n");
+    return 0;
 }
 
 static int cmd_stats(const args_t *a, kvs_client_t *c) {
@@ -891,6 +950,10 @@ int main(int argc, char **argv) {
             if (parse_u64(v, &n) || n > UINT32_MAX)
                 return die_usage("bad --timeout %s", v);
             a.timeout_ms = (uint32_t)n;
+        } else if (!strcmp(o, "--replicas")) {
+            if (parse_u64(v, &n) || n < 1 || n > 8)
+                return die_usage("bad --replicas %s (1..8)", v);
+            a.replicas = (uint32_t)n;
         } else {
             return die_usage("unknown option %s", o);
         }
@@ -915,11 +978,17 @@ int main(int argc, char **argv) {
      * default. */
     o.request_timeout_ms =
         a.timeout_ms ? a.timeout_ms : KVS_CLIENT_TIMEOUT_NONE;
+    o.replicas = a.replicas;
     kvs_client_t *c;
     int rc = kvs_client_open(&o, &c);
-    if (rc) {
+    if (rc == KVS_EINVAL) {
         fprintf(stderr, "kvctl: bad address list (%s)\n", kvs_strerror(rc));
         return 2;
+    }
+    if (rc) { /* etcd:// that could not be read */
+        fprintf(stderr, "kvctl: cannot read the node list from %s: %s (%s)\n",
+                a.addrs[0], kvs_strerror(rc), kvs_err_name(rc));
+        return 1;
     }
     int sub_argc = argc - i;
     char **sub_argv = argv + i;
@@ -928,6 +997,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(cmd, "stats"))
         rc = sub_argc ? die_usage("stats takes no arguments%s", "")
                       : cmd_stats(&a, c);
+    else if (!strcmp(cmd, "nodes"))
+        rc = cmd_nodes(&a, c);
     else if (!strcmp(cmd, "list"))
         rc = cmd_list(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "create"))

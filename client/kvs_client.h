@@ -15,6 +15,31 @@
  * a node moves only the sequences that hash to it. Store-wide ops (ping,
  * stats, list) name a node index.
  *
+ * Or one address "etcd://host:port[,host:port]/prefix": the daemons
+ * registered in etcd under that prefix (kvstored --etcd-endpoints,
+ * docs/cluster.md) are the list, re-read every membership_refresh_ms (and
+ * after a failed connect) inside kvs_client_submit(). Hashing is over the
+ * live nodes only: a node that joins takes the sequences that hash to it,
+ * one that leaves gives its sequences to the others (their data does not
+ * move with them: that is the replicas' and repair's job, not done yet).
+ * Node indexes stay valid for the client's life; a node that left is no
+ * longer live (kvs_client_node_live) and its index may be reused by a node
+ * that joins later.
+ *
+ * Replicas (options.replicas = R > 1): writes (create, append, fork, drop,
+ * set_ttl, flush; synchronous or submitted) go to all R nodes of a sequence
+ * and complete once each reachable one answered: success when every
+ * replica that answered applied it, even if others could not be reached
+ * (then op->message, or kvs_client_errmsg() after a synchronous call, says
+ * "acknowledged by 1 of 2 replicas (...)", kvs_client_last_write_acks()
+ * gives the counts of the last write to complete, and kvs_client_counters()
+ * counts it); an error answer from any replica is the write's error.
+ * Reads (search, attend, info; synchronous or submitted) go to the first
+ * replica and, as part of the same op, to the next when it cannot be
+ * reached or does not have the sequence.
+ * Replicas are not repaired: a replica that was down misses the writes
+ * made meanwhile.
+ *
  * Connections are opened on first use (Hello with the auth token goes first)
  * and re-opened on the next submit after a drop. Ops in flight on a dropped
  * connection complete with KVS_ECONN: the server may or may not have applied
@@ -58,21 +83,28 @@ typedef struct kvs_client_options_s {
      * "unix:/path" or "unix:///path". At least one; at most 256. */
     const char *const *addrs;
     size_t n_addrs;
-    const char *auth_token;      /* NULL or "": send no token */
-    const char *client_name;     /* logged by the server; NULL ok */
-    uint32_t connect_timeout_ms; /* 0: 2000; KVS_CLIENT_TIMEOUT_NONE: wait
-                                    for the kernel's own timeout */
-    uint32_t request_timeout_ms; /* 0: 30000; KVS_CLIENT_TIMEOUT_NONE: wait
-                                    forever */
-    uint32_t max_frame_bytes;    /* largest answer accepted; 0: 64 MiB */
+    const char *auth_token;         /* NULL or "": send no token */
+    const char *client_name;        /* logged by the server; NULL ok */
+    uint32_t connect_timeout_ms;    /* 0: 2000; KVS_CLIENT_TIMEOUT_NONE: wait
+                                       for the kernel's own timeout */
+    uint32_t request_timeout_ms;    /* 0: 30000; KVS_CLIENT_TIMEOUT_NONE: wait
+                                       forever */
+    uint32_t max_frame_bytes;       /* largest answer accepted; 0: 64 MiB */
+    uint32_t membership_refresh_ms; /* etcd:// only: how often the node
+                                       list is re-read; 0: 1000 */
+    uint32_t replicas; /* R, nodes that hold each sequence (the top R of
+                          the rendezvous order); 0: 1; at most 8. See
+                          "Replicas" below */
 } kvs_client_options_t;
 
 /* Fill opts with the defaults above (no addresses). */
 void kvs_client_options_default(kvs_client_options_t *opts);
 
-/* Validate the options and copy them. Does not connect.
- * Errors: KVS_EINVAL (no address, an unparsable one, max_frame_bytes above
- * 1 GiB), KVS_ENOMEM. */
+/* Validate the options and copy them. Does not connect to a daemon; with
+ * an etcd:// address, reads the node list once (an empty list is fine).
+ * Errors: KVS_EINVAL (no address, an unparsable one, an etcd:// address
+ * with others, max_frame_bytes above 1 GiB), KVS_ENOMEM; etcd://: KVS_ECONN
+ * / KVS_ETIMEDOUT (etcd unreachable), KVS_EIO / KVS_EPROTO (etcd's answer). */
 int kvs_client_open(const kvs_client_options_t *opts, kvs_client_t **out);
 /* Close every connection; ops still pending are abandoned (never returned).
  * NULL is a no-op. */
@@ -80,10 +112,35 @@ void kvs_client_close(kvs_client_t *c);
 /* Detail of the last failed call ("" if none); valid until the next call. */
 const char *kvs_client_errmsg(const kvs_client_t *c);
 
+/* Node slots (live or not: see above); their addresses ("" for a slot
+ * never used); whether a slot is a live node (always, for a static list). */
 size_t kvs_client_n_nodes(const kvs_client_t *c);
 const char *kvs_client_node_addr(const kvs_client_t *c, size_t node);
-/* The node index that owns `seq` (rendezvous hashing). */
+bool kvs_client_node_live(const kvs_client_t *c, size_t node);
+/* The node index that owns `seq` (rendezvous hashing over live nodes);
+ * SIZE_MAX when no node is live. */
 size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq);
+
+/* A live node as etcd lists it (load figures as of its last record
+ * update, every third of its lease TTL at most; 0 for a static list). */
+typedef struct kvs_client_member_s {
+    size_t node; /* index for kvs_client_ping/store_stats/store_list */
+    char node_id[128];
+    char addr[256];
+    char version[32];
+    uint32_t protocol;
+    uint32_t http_port;    /* 0: none */
+    uint64_t memory_limit; /* 0: unlimited */
+    uint64_t memory_used;  /* K/V + index bytes resident */
+    uint64_t sequences;
+    int64_t start_time; /* Unix seconds */
+} kvs_client_member_t;
+
+/* The live nodes, re-reading etcd first (etcd://). Up to cap go to out,
+ * their count to *n_out. Errors (etcd://): those of kvs_client_open's
+ * etcd read; the previous list stays in use. */
+int kvs_client_members(kvs_client_t *c, kvs_client_member_t *out, size_t cap,
+                       size_t *n_out);
 
 /* Store stats plus the answering daemon's own counters. */
 typedef struct kvs_client_stats_s {
@@ -164,6 +221,8 @@ typedef struct kvs_client_op_s {
     uint64_t deadline_ms_;
     size_t node_;
     bool done_;
+    void *fan_;    /* a replica's copy of a write: the write it belongs to */
+    uint32_t try_; /* a read with replicas: the replica it is at */
     struct kvs_client_op_s *prev_, *next_;
 } kvs_client_op_t;
 
@@ -186,6 +245,18 @@ int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
                     size_t *n_done, int timeout_ms);
 /* Ops submitted and not yet returned by kvs_client_poll(). */
 size_t kvs_client_pending(const kvs_client_t *c);
+
+/* Client-side counters of replication (all 0 with replicas 1). */
+typedef struct kvs_client_counters_s {
+    uint64_t replicated_writes; /* synchronous writes sent to R > 1 nodes */
+    uint64_t degraded_writes;   /* of which acknowledged by fewer than R */
+    uint64_t read_failovers;    /* reads passed on to a later replica */
+} kvs_client_counters_t;
+void kvs_client_counters(const kvs_client_t *c, kvs_client_counters_t *out);
+/* Of the last synchronous write with replicas > 1: how many replicas
+ * acknowledged it, out of how many it went to. */
+void kvs_client_last_write_acks(const kvs_client_t *c, uint32_t *acked,
+                                uint32_t *replicas);
 
 /* ------------------------------------------------ synchronous operations
  * Each submits one op and waits for it; async ops completing meanwhile stay

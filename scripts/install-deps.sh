@@ -10,6 +10,7 @@ packages=(
     libfaiss-dev libopenblas-dev
     librocksdb-dev
     libuv1-dev
+    etcd-server   # tests/cluster: a real etcd on loopback (docs/cluster.md)
     libprotobuf-c-dev protobuf-c-compiler
     libcmocka-dev
     clang libclang-rt-14-dev clang-format

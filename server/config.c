@@ -307,6 +307,32 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         return kvs__errf(
             err, errlen, KVS_EINVAL,
             "log_level must be debug, info, warn or error, not \"%s\"", lv);
+    /* The endpoints' full parse is proto's (kvs_etcd_new, at start); catch
+     * here what would otherwise fail only then, with exit 1 not 2. */
+    for (const char *e = cfg->etcd_endpoints; *e;) {
+        size_t n = strcspn(e, ",");
+        if (n && (!strncmp(e, "https://", 8) || !memchr(e, ':', n) ||
+                  (!strncmp(e, "http://", 7) && !memchr(e + 7, ':', n - 7))))
+            return kvs__errf(err, errlen, KVS_EINVAL,
+                             "etcd_endpoints: \"%.*s\" is not "
+                             "http://host:port (https is not supported)",
+                             (int)n, e);
+        e += n;
+        if (*e == ',')
+            e++;
+    }
+    if (cfg->etcd_endpoints[0] && cfg->etcd_prefix[0] != '/')
+        return kvs__errf(err, errlen, KVS_EINVAL,
+                         "etcd_prefix must start with '/', not \"%s\"",
+                         cfg->etcd_prefix);
+    if (cfg->etcd_endpoints[0] && strchr(cfg->node_id, '/'))
+        return kvs__errf(err, errlen, KVS_EINVAL,
+                         "node_id must not contain '/' with etcd (it is the "
+                         "last part of the node's key)");
+    if (cfg->advertise_addr[0] && !strchr(cfg->advertise_addr, ':'))
+        return kvs__errf(err, errlen, KVS_EINVAL,
+                         "advertise_addr must be host:port, not \"%s\"",
+                         cfg->advertise_addr);
     if (cfg->unix_socket[0] && strlen(cfg->unix_socket) >= 100)
         return kvs__errf(err, errlen, KVS_EINVAL,
                          "unix_socket path is longer than 99 bytes");

@@ -271,6 +271,20 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
     metric(&w, "kvstored_uptime_seconds", G,
            "Seconds since the server started.", NULL, 0,
            (double)(uv_hrtime() - srv->start_ns) / 1e9);
+    bool reg;
+    uint64_t regs, fails;
+    if (kvs__member_metrics(srv, &reg, &regs, &fails)) {
+        metric(&w, "kvstored_etcd_registered", G,
+               "1 while this node's key is registered in etcd (cluster.md).",
+               NULL, 0, reg);
+        metric(&w, "kvstored_etcd_registrations_total", C,
+               "etcd leases granted and node records written (1 unless a "
+               "lease was lost).",
+               NULL, 0, (double)regs);
+        metric(&w, "kvstored_etcd_failures_total", C,
+               "etcd calls that failed (unreachable, timeout, error answer).",
+               NULL, 0, (double)fails);
+    }
     const kvs__http_t *h = srv->http.data;
     if (srv->have_http && h) {
         metric(&w, "kvstored_http_connections", G,

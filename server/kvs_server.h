@@ -132,6 +132,17 @@ extern "C" {
       "read auth_token from this file (first line; warned if group or "        \
       "world can read it)")                                                    \
     X(node_id, STR, "", 0, 0, "name reported in Hello/Stats; empty = host")    \
+    X(etcd_endpoints, STR, "", 0, 0,                                           \
+      "etcd client URLs, comma-separated (http://host:port); when set, the "   \
+      "daemon registers <etcd_prefix>/nodes/<node_id> under a lease while it " \
+      "serves (docs/cluster.md); empty = no etcd")                             \
+    X(etcd_prefix, STR, "/kvstore", 0, 0, "etcd key prefix of this cluster")   \
+    X(etcd_lease_ttl, U32, "10", 2, 3600,                                      \
+      "seconds a node stays registered after its last keepalive (a crashed "   \
+      "daemon disappears within it)")                                          \
+    X(advertise_addr, STR, "", 0, 0,                                           \
+      "host:port clients should dial, written to etcd; empty = the first "     \
+      "bind address and the bound port")                                       \
     X(log_level, STR, "info", 0, 0, "debug, info, warn or error")              \
     X(log_file, STR, "", 0, 0,                                                 \
       "append log lines to this file (created 0600) instead of stderr; "       \

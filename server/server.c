@@ -1560,6 +1560,9 @@ void kvs_server_shutdown(kvs_server_t *srv) {
     srv->draining = true;
     kvs__log(KVS__LOG_INFO, "shutdown_begin", "inflight=%llu connections=%u",
              (unsigned long long)srv->inflight, srv->n_conns);
+    /* Leave the etcd node list first, so that clients stop sending new
+     * sequences here while these requests drain. */
+    kvs__member_leave(srv);
     /* Stop taking connections at once, so a restarted daemon can bind. */
     for (int i = 0; i < srv->n_tcp; i++)
         close_if_open((uv_handle_t *)&srv->tcp[i]);
@@ -1772,9 +1775,12 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
                  cfg->port_file, kvs_err_name(rc));
         goto err;
     }
+    if ((rc = kvs__member_start(srv)))
+        goto err;
     *out = srv;
     return 0;
 err:
+    kvs__member_stop(srv);
     stop_everything(srv);
     uv_run(&srv->loop, UV_RUN_DEFAULT);
     pool_close(srv);
@@ -1793,6 +1799,7 @@ int kvs_server_run(kvs_server_t *srv) {
     sd_notify_send("READY=1\nSTATUS=serving");
     uv_run(&srv->loop, UV_RUN_DEFAULT);
     sd_notify_send("STOPPING=1");
+    kvs__member_stop(srv);
     uint64_t t0 = uv_hrtime();
     int rc = kvs_store_close(srv->store);
     srv->store = NULL;
@@ -1820,6 +1827,7 @@ void kvs_server_free(kvs_server_t *srv) {
      * bytes came back (a leak here would shrink the budget for good). */
     assert(srv->inflight == 0 && srv->running == 0);
     assert(srv->admitted == 0 && srv->admitted_large == 0);
+    kvs__member_stop(srv);
     pool_close(srv);
     kvs_store_close(srv->store);
     uv_loop_close(&srv->loop);

@@ -71,6 +71,7 @@ void kvs__metrics_observe(kvs__metrics_t *m, int op, int status,
 
 typedef struct kvs__conn_s kvs__conn_t;
 typedef struct kvs__work_s kvs__work_t;
+typedef struct kvs__member_s kvs__member_t;
 
 /* Requests of one connection that name one sequence and are not answered
  * yet, in arrival order (the per-connection ordering gate, server.c). */
@@ -169,6 +170,7 @@ struct kvs_server_s {
     kvs_frame_limits_t limits;
     char node_id[128];
     kvs__metrics_t m;
+    kvs__member_t *member; /* etcd membership (etcd.c); NULL without etcd */
     /* Create/drop take a stripe for writing; ops that size buffers from a
      * sequence's geometry take it for reading, so that geometry cannot
      * change between the info call and the engine call. */
@@ -206,6 +208,21 @@ void kvs__op_run(kvs__work_t *w);
 /* Encode an error-only response frame; NULL on ENOMEM. */
 uint8_t *kvs__error_frame(uint64_t request_id, uint16_t flags, int status,
                           const char *message, size_t *len);
+
+/* Membership in etcd (etcd.c). start: when etcd_endpoints is set, begin
+ * registering on a thread of its own (ports must be bound); 0 or a config
+ * error (logged). leave: ask that thread to deregister and end, without
+ * waiting (the drain's first step). stop: leave, then join and free; before
+ * the store closes, since the thread reads its stats. Both no-ops without
+ * etcd; loop thread only. */
+int kvs__member_start(kvs_server_t *srv);
+void kvs__member_leave(kvs_server_t *srv);
+void kvs__member_stop(kvs_server_t *srv);
+/* For /metrics: false without etcd. registered: the node key is there as
+ * far as this daemon knows; registrations: leases granted and written;
+ * failures: etcd calls that failed. Any thread. */
+bool kvs__member_metrics(const kvs_server_t *srv, bool *registered,
+                         uint64_t *registrations, uint64_t *failures);
 
 /* HTTP endpoint (http.c). */
 int kvs__http_start(kvs_server_t *srv);

@@ -1,0 +1,68 @@
+/*
+ * cluster.h: helpers of the cluster tests: a real etcd on loopback ports
+ * with a temporary data directory, and real kvstored processes registered
+ * in it (--etcd-endpoints). Copied in spirit from tests/server/daemon.c,
+ * which another test suite owns, rather than shared with it.
+ */
+#ifndef KVS_TEST_CLUSTER_H
+#define KVS_TEST_CLUSTER_H
+
+#include "kvs_etcd.h"
+
+#include <stdbool.h>
+#include <sys/types.h>
+
+typedef struct tc_etcd_s {
+    pid_t pid;
+    int port, peer_port;
+    char dir[128];
+    char endpoint[64]; /* "http://127.0.0.1:PORT" */
+} tc_etcd_t;
+
+/* Path of the etcd binary, or NULL when it is not installed. */
+const char *tc_etcd_binary(void);
+/* Start etcd in a fresh temp dir and wait until it answers (<= 15 s). */
+int tc_etcd_start(tc_etcd_t *e);
+/* SIGTERM it and remove its directory. */
+void tc_etcd_stop(tc_etcd_t *e);
+
+typedef struct tc_node_s {
+    pid_t pid;
+    int port, http_port;
+    char node_id[32];
+    char dir[128];
+    char log[192];
+} tc_node_t;
+
+/* Start kvstored named node_id, registered in e under prefix with a lease
+ * of ttl seconds, plus `extra` flags (NULL-terminated, may be NULL).
+ * Returns 0 once its port file is written. */
+int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
+                  const char *node_id, int ttl, const char *const *extra);
+/* SIGTERM and wait (<= 20 s): the exit status, -1 on a signal/timeout. */
+int tc_node_stop(tc_node_t *n);
+/* SIGKILL: no drain, no deregistration. */
+void tc_node_kill(tc_node_t *n);
+/* Stop if running, remove the directory. */
+void tc_node_cleanup(tc_node_t *n);
+void tc_node_dump_log(const tc_node_t *n);
+/* SIGKILL every node still running and remove its directory: a failed
+ * assertion skips a test's own cleanup (call from the group teardown). */
+void tc_reap_all(void);
+
+/* Node ids registered under prefix right now (sorted, comma-joined into
+ * out); -1 when etcd cannot be read. */
+int tc_members(const tc_etcd_t *e, const char *prefix, char *out, size_t cap);
+/* Poll tc_members until it equals `want` or timeout_ms passes; returns the
+ * milliseconds it took, or -1 on timeout. */
+long tc_wait_members(const tc_etcd_t *e, const char *prefix, const char *want,
+                     int timeout_ms);
+
+/* Value of the unlabelled metric `name` on the node's /metrics, -1 when
+ * missing or unreachable. */
+double tc_metric(int http_port, const char *name);
+
+void tc_sleep_ms(int ms);
+long tc_now_ms(void);
+
+#endif
