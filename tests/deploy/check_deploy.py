@@ -129,6 +129,14 @@ try:
         if e["name"].startswith("KVSTORED_"):
             opt = e["name"][len("KVSTORED_"):].lower().replace("_", "-")
             check(opt in options, f"env {e['name']} is a kvstored option")
+    if "etcd_endpoints" in kconf:
+        for url in kconf["etcd_endpoints"].split(","):
+            host = re.sub(r"^https?://", "", url).split(":")[0]
+            check(("Service", host) in by,
+                  f"etcd endpoint {url} is a Service of the manifests")
+        env = {e["name"] for e in c.get("env", [])}
+        check("KVSTORED_ADVERTISE_ADDR" in env or "advertise_addr" in kconf,
+              "pods advertise their own address to etcd")
     drain_s = int(kconf.get("shutdown_timeout_ms", "30000")) / 1000
     check(pod["terminationGracePeriodSeconds"] > drain_s,
           "terminationGracePeriodSeconds exceeds the drain")
