@@ -180,9 +180,43 @@ static void load_seq_done(void *ctx, uint64_t id) {
     kvs__enforce_budget(s, q);
 }
 
+/* Lazy open: layer `layer` of `id` holds ends[h] tokens in head h; the
+ * records stay on disk until the sequence is first used or warmed up. */
+static int load_extent(void *ctx, uint64_t id, uint32_t layer,
+                       const uint64_t *ends) {
+    kvs_store_t *s = ctx;
+    seq_t *q = kvs__map_find(s, id);
+    if (!q || q->damage || layer >= q->geo.n_layers)
+        return 0;
+    for (uint32_t h = 1; h < q->geo.n_kv_heads; h++)
+        if (ends[h] != ends[0]) {
+            char why[128];
+            snprintf(why, sizeof why,
+                     "layer %u: KV heads hold different token counts", layer);
+            load_damaged(s, id, why);
+            return 0;
+        }
+    layer_t *L = &q->layers[layer];
+    kvs__wrlock(&L->lock, layer);
+    L->tokens = ends[0];
+    kvs__rwunlock(&L->lock);
+    atomic_store(&q->cold, 1);
+    return 0;
+}
+
 int kvs__store_load(kvs_store_t *s, char *err, size_t errlen) {
-    kvs__db_loader_t loader = {s,         load_seq,     load_segment,
-                               load_rows, load_damaged, load_seq_done};
+    kvs__db_loader_t loader = {
+        .ctx = s,
+        .seq = load_seq,
+        .segment = load_segment,
+        .rows = load_rows,
+        .damaged = load_damaged,
+        .loaded = load_seq_done,
+    };
+    if (s->opts.load != KVS_LOAD_EAGER) {
+        loader.extent = load_extent;
+        loader.segment_tokens = s->opts.segment_tokens;
+    }
     return kvs__db_load(s->db, &loader, err, errlen);
 }
 
@@ -354,9 +388,15 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
         goto out;
     }
     page_ctx_t ctx = {s, q};
-    kvs__db_loader_t loader = {&ctx,      NULL,         page_segment,
-                               page_rows, page_damaged, NULL};
+    kvs__db_loader_t loader = {
+        .ctx = &ctx,
+        .segment = page_segment,
+        .rows = page_rows,
+        .damaged = page_damaged,
+        .cancel = &s->stopping, /* a close does not wait for the read */
+    };
     char err[256] = "";
+    const int was_damaged = q->damage != NULL;
     rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
     int64_t bytes = 0;
     for (uint32_t l = 0; l < q->geo.n_layers && !rc && !q->damage; l++) {
@@ -382,16 +422,22 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
          * sequence evicted for the next call to try again. */
         if (!q->damage && rc == KVS_ECORRUPT)
             q->damage = strdup(err[0] ? err : "page-in found damage");
+        /* The call that found the damage is told so (KVS_ECORRUPT, the
+         * sequence named); later ones are refused as quarantined. */
         if (!rc)
-            rc = KVS_EQUARANTINED;
-        kvs__fail(s, rc, "paging sequence %llu in: %s",
-                  (unsigned long long)q->id, q->damage ? q->damage : err);
+            rc = was_damaged ? KVS_EQUARANTINED : KVS_ECORRUPT;
+        kvs__fail(s, rc, "sequence %llu: %s%s", (unsigned long long)q->id,
+                  q->damage ? q->damage : err,
+                  q->damage && !was_damaged ? "; quarantined" : "");
     } else {
         for (uint32_t l = 0; l < q->geo.n_layers; l++)
             q->layers[l].resident = 1;
         atomic_store(&q->evicted, 0);
         kvs__bytes_add(s, q, bytes);
-        atomic_fetch_add(&s->page_ins, 1);
+        /* A first read after a lazy open is no page-in: nothing was
+         * evicted. */
+        if (!atomic_exchange(&q->cold, 0))
+            atomic_fetch_add(&s->page_ins, 1);
     }
     for (uint32_t l = 0; l < q->geo.n_layers; l++) {
         layer_t *L = &q->layers[l];
@@ -421,4 +467,68 @@ int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
         if (rc)
             return rc;
     }
+}
+
+/* ---------------------------------------------------------------------- */
+/* Warm-up after a lazy open                                              */
+
+static int id_cmp(const void *a, const void *b) {
+    uint64_t x = (*(seq_t *const *)a)->id, y = (*(seq_t *const *)b)->id;
+    return (x > y) - (x < y);
+}
+
+/* The K/V and index bytes a cold sequence will take once read: its rows
+ * plus a quarter for what segments add (centroids, value sums, codes), an
+ * overestimate so that the warm-up's page-in does not push the budget
+ * over and evict. */
+static uint64_t cold_bytes(const seq_t *q) {
+    uint64_t b = 0;
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        b += q->layers[l].tokens * 2 * q->row_bytes * q->geo.n_kv_heads;
+    return b + b / 4;
+}
+
+/*
+ * KVS_LOAD_WARM: read every sequence the lazy open left on disk, in id
+ * order, through the same page-in as a first use (so a call on a sequence
+ * the warm-up has not reached reads it itself, and one on the sequence
+ * being read waits for that read on its page_mu). It only fills free
+ * budget: a sequence that would not fit memory_bytes beside what is
+ * resident is left for its first use, so the warm-up never evicts what
+ * calls are using. One pass; stops when the store closes.
+ */
+void *kvs__warmup_main(void *arg) {
+    kvs_store_t *s = arg;
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
+    size_t n = 0;
+    seq_t **c = malloc((s->n_seqs ? s->n_seqs : 1) * sizeof *c);
+    if (c)
+        for (size_t b = 0; b < s->n_buckets; b++)
+            for (seq_t *q = s->buckets[b]; q; q = q->next)
+                if (atomic_load(&q->cold) && !atomic_load(&q->unlinking)) {
+                    atomic_fetch_add(&q->refs, 1);
+                    c[n++] = q;
+                }
+    kvs__unlock(&s->map_mu);
+    if (!c)
+        return NULL;
+    qsort(c, n, sizeof *c, id_cmp);
+    uint64_t budget = s->opts.memory_bytes;
+    for (size_t i = 0; i < n; i++) {
+        seq_t *q = c[i];
+        if (!atomic_load(&s->stopping) && atomic_load(&q->cold) &&
+            atomic_load(&q->evicted) && !q->damage &&
+            !atomic_load(&q->dropped) &&
+            (!budget ||
+             (uint64_t)atomic_load(&s->resident_bytes) + cold_bytes(q) <=
+                 budget)) {
+            int rc = kvs__page_in(s, q);
+            if (rc && rc != KVS_ECLOSED && rc != KVS_ENOSEQ)
+                kvs__store_log(s, KVS_LOG_WARN, "warm-up of sequence %llu: %s",
+                               (unsigned long long)q->id, kvs_strerror(rc));
+        }
+        kvs__seq_unref(q);
+    }
+    free(c);
+    return NULL;
 }
