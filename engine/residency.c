@@ -378,6 +378,11 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
     kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
     if (!atomic_load(&q->evicted) || !s->db)
         goto out;
+    if (q->damage) { /* found by an earlier read: never read again */
+        rc = kvs__fail(s, KVS_EQUARANTINED, "sequence %llu: %s",
+                       (unsigned long long)q->id, q->damage);
+        goto out;
+    }
     lock_all(q);
     if (atomic_load(&q->dropped)) {
         /* dropped while we waited for its appends: nothing to load, and
@@ -516,14 +521,15 @@ void *kvs__warmup_main(void *arg) {
     uint64_t budget = s->opts.memory_bytes;
     for (size_t i = 0; i < n; i++) {
         seq_t *q = c[i];
+        /* damage is checked by the page-in, under page_mu */
         if (!atomic_load(&s->stopping) && atomic_load(&q->cold) &&
-            atomic_load(&q->evicted) && !q->damage &&
-            !atomic_load(&q->dropped) &&
+            atomic_load(&q->evicted) && !atomic_load(&q->dropped) &&
             (!budget ||
              (uint64_t)atomic_load(&s->resident_bytes) + cold_bytes(q) <=
                  budget)) {
             int rc = kvs__page_in(s, q);
-            if (rc && rc != KVS_ECLOSED && rc != KVS_ENOSEQ)
+            if (rc && rc != KVS_ECLOSED && rc != KVS_ENOSEQ &&
+                rc != KVS_EQUARANTINED)
                 kvs__store_log(s, KVS_LOG_WARN, "warm-up of sequence %llu: %s",
                                (unsigned long long)q->id, kvs_strerror(rc));
         }
