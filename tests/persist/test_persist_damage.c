@@ -8,7 +8,8 @@
  * - a table file cut short or deleted refuses the open the same way (it
  *   used to abort in a RocksDB assertion);
  * - a damaged table block quarantines exactly the sequences whose records
- *   it holds (found independently with point lookups), no neighbour;
+ *   it holds (found independently with point lookups), no neighbour, at
+ *   an eager open, by the first reads after a lazy one, and at page-in;
  * - the directory is 0700 and every file in it 0600, after writes and a
  *   compaction;
  * - after the disk fills, later writes say KVS_ENOSPC and that the disk is
@@ -557,6 +558,8 @@ static long table_index_offset(const char *dir, const char *name) {
  * back bit for bit. A read that finds the damage itself (a lazy open's
  * first read, or a page-in) gets KVS_ECORRUPT naming the sequence; later
  * ones KVS_EQUARANTINED. */
+static int ecorrupt_seen; /* reads that found the damage themselves */
+
 static void check_quarantine(kvs_store_t *s, const int damaged[Q_SEQS + 1],
                              const char *what) {
     for (uint64_t id = 1; id <= Q_SEQS; id++)
@@ -570,6 +573,7 @@ static void check_quarantine(kvs_store_t *s, const int damaged[Q_SEQS + 1],
                     fail_msg("%s: KVS_ECORRUPT without the sequence named: "
                              "%s",
                              what, kvs_store_errmsg(s));
+                ecorrupt_seen++;
                 rc = KVS_EQUARANTINED;
             }
             if (damaged[id] && rc != KVS_EQUARANTINED)
@@ -688,6 +692,50 @@ static void test_persist_damage_quarantine_page_in(void **state) {
     assert_true(st.page_ins > page_ins);
     print_message("%s: %d of %d sequences quarantined, as the point lookups "
                   "say\n",
+                  what, n_damaged, Q_SEQS);
+    assert_int_equal(kvs_store_close(s), 0);
+    sh("rm -rf '%s' '%s'", dir, probe);
+    free(dir), free(probe);
+}
+
+/* After a lazy open (no warm-up), a block damaged under the open store is
+ * found by the first read of each sequence it holds: that read gets
+ * KVS_ECORRUPT naming the sequence, only those sequences are quarantined,
+ * and none of it counts as a page-in. */
+static void test_persist_damage_quarantine_lazy_first_use(void **state) {
+    (void)state;
+    char *dir = temp_dir(), *probe = temp_dir();
+    build_q_store(dir, 0, NULL);
+    kvs_store_t *s = NULL;
+    assert_int_equal(try_open_load(dir, &s, KVS_LOAD_LAZY), 0);
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.quarantined, 0);
+    char cmd[600], name[64] = "";
+    snprintf(cmd, sizeof cmd, "cd '%s' && ls -1S *.sst | head -1", dir);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    assert_non_null(fgets(name, sizeof name, p));
+    pclose(p);
+    name[strcspn(name, "\n")] = 0;
+    long off = table_index_offset(dir, name) / 2;
+    int damaged[Q_SEQS + 1], n_damaged;
+    sh("rm -rf '%s' && cp -a '%s' '%s' && rm -f '%s/LOCK'", probe, dir, probe,
+       probe);
+    flip(probe, name, off, 16);
+    n_damaged = unreadable_seqs(probe, damaged);
+    assert_true(n_damaged > 0);
+    flip(dir, name, off, 16); /* under the open store */
+    char what[200];
+    snprintf(what, sizeof what, "%s at %ld (lazy open, first use)", name, off);
+    ecorrupt_seen = 0;
+    check_quarantine(s, damaged, what);
+    assert_int_equal(ecorrupt_seen, n_damaged);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.quarantined, (uint64_t)n_damaged);
+    assert_int_equal(st.page_ins, 0);
+    print_message("%s: %d of %d sequences quarantined, each by its first "
+                  "read (KVS_ECORRUPT)\n",
                   what, n_damaged, Q_SEQS);
     assert_int_equal(kvs_store_close(s), 0);
     sh("rm -rf '%s' '%s'", dir, probe);
@@ -947,6 +995,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_persist_damage_sst_truncated_or_deleted),
         cmocka_unit_test(test_persist_damage_quarantine_exact),
         cmocka_unit_test(test_persist_damage_quarantine_page_in),
+        cmocka_unit_test(test_persist_damage_quarantine_lazy_first_use),
         cmocka_unit_test(test_persist_damage_file_modes),
         cmocka_unit_test(test_persist_damage_in_use_refused),
         cmocka_unit_test(test_persist_damage_disk_full_close),
