@@ -45,18 +45,22 @@ static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g,
 }
 
 /* The head a stored record belongs to, or NULL when it names no head of
- * a usable sequence. */
-static head_t *record_head(seq_t *q, uint32_t layer, uint32_t head) {
+ * a usable sequence. `into` (page-in): heads [n_layers][n_kv_heads] being
+ * filled outside the sequence; NULL: the sequence's own (open). */
+static head_t *record_head(seq_t *q, head_t *into, uint32_t layer,
+                           uint32_t head) {
     if (!q || q->damage || layer >= q->geo.n_layers ||
         head >= q->geo.n_kv_heads)
         return NULL;
+    if (into)
+        return &into[(size_t)layer * q->geo.n_kv_heads + head];
     return &q->layers[layer].heads[head];
 }
 
 /* Segments must continue the head exactly where it stands. */
-static int fill_segment(kvs_store_t *s, seq_t *q, uint32_t layer, uint32_t head,
-                        kvs_segment_t *seg) {
-    head_t *h = record_head(q, layer, head);
+static int fill_segment(kvs_store_t *s, seq_t *q, head_t *into, uint32_t layer,
+                        uint32_t head, kvs_segment_t *seg) {
+    head_t *h = record_head(q, into, layer, head);
     int rc = KVS_ECORRUPT;
     if (!h || seg->dtype != q->geo.dtype || seg->d != q->geo.head_dim ||
         seg->first_pos != h->indexed_tokens || h->tail_len != 0 ||
@@ -80,10 +84,10 @@ fail:
     return rc;
 }
 
-static int fill_rows(seq_t *q, uint32_t layer, uint32_t head, uint64_t pos,
-                     uint32_t n, size_t half, const void *keys,
+static int fill_rows(seq_t *q, head_t *into, uint32_t layer, uint32_t head,
+                     uint64_t pos, uint32_t n, size_t half, const void *keys,
                      const void *values) {
-    head_t *h = record_head(q, layer, head);
+    head_t *h = record_head(q, into, layer, head);
     if (!h || half != (size_t)n * q->row_bytes ||
         pos != h->indexed_tokens + h->tail_len)
         return KVS_ECORRUPT;
@@ -100,28 +104,35 @@ static int fill_rows(seq_t *q, uint32_t layer, uint32_t head, uint64_t pos,
 static int load_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                         kvs_segment_t *seg) {
     kvs_store_t *s = ctx;
-    return fill_segment(s, kvs__map_find(s, id), layer, head, seg);
+    return fill_segment(s, kvs__map_find(s, id), NULL, layer, head, seg);
 }
 
 static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                      uint64_t pos, uint32_t n, size_t half, const void *keys,
                      const void *values) {
     kvs_store_t *s = ctx;
-    return fill_rows(kvs__map_find(s, id), layer, head, pos, n, half, keys,
-                     values);
+    return fill_rows(kvs__map_find(s, id), NULL, layer, head, pos, n, half,
+                     keys, values);
 }
 
-/* Page-in callbacks: the sequence is known, not looked up. */
+/* Page-in callbacks: the sequence is known, not looked up; its records go
+ * into `heads`, installed under the layer locks once all are read. */
 typedef struct page_ctx_s {
     kvs_store_t *s;
     seq_t *q;
+    head_t *heads; /* [n_layers][n_kv_heads] */
+    char *damage;  /* why the records are damaged, NULL while they are not */
 } page_ctx_t;
 
 static int page_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                         kvs_segment_t *seg) {
     page_ctx_t *c = ctx;
     (void)id;
-    return fill_segment(c->s, c->q, layer, head, seg);
+    if (c->damage) {
+        kvs_segment_free(seg);
+        return KVS_ECORRUPT;
+    }
+    return fill_segment(c->s, c->q, c->heads, layer, head, seg);
 }
 
 static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
@@ -129,7 +140,9 @@ static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                      const void *values) {
     page_ctx_t *c = ctx;
     (void)id;
-    return fill_rows(c->q, layer, head, pos, n, half, keys, values);
+    if (c->damage)
+        return KVS_ECORRUPT;
+    return fill_rows(c->q, c->heads, layer, head, pos, n, half, keys, values);
 }
 
 static void page_damaged(void *ctx, uint64_t id, const char *why) {
@@ -137,8 +150,8 @@ static void page_damaged(void *ctx, uint64_t id, const char *why) {
     kvs__store_log(c->s, KVS_LOG_ERROR,
                    "sequence %llu quarantined at page-in: %s",
                    (unsigned long long)id, why ? why : "damaged");
-    if (!c->q->damage)
-        c->q->damage = strdup(why ? why : "damaged");
+    if (!c->damage)
+        c->damage = strdup(why ? why : "damaged");
 }
 
 static void load_damaged(void *ctx, uint64_t id, const char *why) {
@@ -372,9 +385,25 @@ void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
     free(c);
 }
 
-/* Bring an evicted sequence back from storage. */
+/* Free heads read by a page-in that are not installed. */
+static void release_heads(const seq_t *q, head_t *heads) {
+    for (size_t i = 0; i < (size_t)q->geo.n_layers * q->geo.n_kv_heads; i++)
+        kvs__head_release(&heads[i]);
+    free(heads);
+}
+
+/*
+ * Bring an evicted (or cold) sequence back from storage. The records are
+ * read into heads of our own under page_mu only, so calls that read the
+ * layers meanwhile (info, stats, list: they take the layer locks) do not
+ * wait for the read, which can take minutes for a long sequence; nothing
+ * else changes the heads of a non-resident sequence (appends, reads and
+ * evictions all go through page_mu first, a drop is checked for after).
+ * Then every layer's locks are taken and the heads installed at once.
+ */
 int kvs__page_in(kvs_store_t *s, seq_t *q) {
     int rc = 0;
+    head_t *heads = NULL;
     kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
     if (!atomic_load(&q->evicted) || !s->db)
         goto out;
@@ -383,16 +412,16 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
                        (unsigned long long)q->id, q->damage);
         goto out;
     }
-    lock_all(q);
-    if (atomic_load(&q->dropped)) {
-        /* dropped while we waited for its appends: nothing to load, and
-         * the id may name a new sequence by now */
-        unlock_all(q);
-        rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
-                       (unsigned long long)q->id);
+    const uint32_t n_layers = q->geo.n_layers, n_heads = q->geo.n_kv_heads;
+    if (atomic_load(&q->dropped) ||
+        !(heads = calloc((size_t)n_layers * n_heads, sizeof *heads))) {
+        rc = atomic_load(&q->dropped)
+                 ? kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                             (unsigned long long)q->id)
+                 : kvs__fail(s, KVS_ENOMEM, "paging sequence in");
         goto out;
     }
-    page_ctx_t ctx = {s, q};
+    page_ctx_t ctx = {s, q, heads, NULL};
     kvs__db_loader_t loader = {
         .ctx = &ctx,
         .segment = page_segment,
@@ -401,58 +430,72 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
         .cancel = &s->stopping, /* a close does not wait for the read */
     };
     char err[256] = "";
-    const int was_damaged = q->damage != NULL;
     rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
-    int64_t bytes = 0;
-    for (uint32_t l = 0; l < q->geo.n_layers && !rc && !q->damage; l++) {
-        layer_t *L = &q->layers[l];
-        for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
-            if (L->heads[h].indexed_tokens + L->heads[h].tail_len !=
-                L->tokens) {
+    lock_all(q);
+    if (atomic_load(&q->dropped)) {
+        /* dropped while we read (its records may have gone under the
+         * read): nothing to install, and the id may name a new sequence */
+        unlock_all(q);
+        free(ctx.damage);
+        rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                       (unsigned long long)q->id);
+        goto out;
+    }
+    for (uint32_t l = 0; l < n_layers && !rc && !ctx.damage; l++) {
+        const layer_t *L = &q->layers[l];
+        for (uint32_t h = 0; h < n_heads && !rc; h++) {
+            const head_t *hd = &heads[(size_t)l * n_heads + h];
+            if (hd->indexed_tokens + hd->tail_len != L->tokens) {
                 snprintf(err, sizeof err,
                          "layer %u head %u: storage holds "
                          "%llu + %llu tokens, %llu were acknowledged",
-                         l, h, (unsigned long long)L->heads[h].indexed_tokens,
-                         (unsigned long long)L->heads[h].tail_len,
+                         l, h, (unsigned long long)hd->indexed_tokens,
+                         (unsigned long long)hd->tail_len,
                          (unsigned long long)L->tokens);
                 rc = KVS_ECORRUPT;
-                break;
             }
-        bytes += kvs__layer_bytes(q, L);
+        }
     }
-    if (rc || q->damage) {
-        /* Leave it evicted and refuse it: never serve partial data. */
-        release_rows(q);
-        /* Damage quarantines; a passing failure (memory, I/O) leaves the
-         * sequence evicted for the next call to try again. */
-        if (!q->damage && rc == KVS_ECORRUPT)
+    if (rc || ctx.damage) {
+        /* Leave it evicted and refuse it: never serve partial data.
+         * Damage quarantines (the call that found it is told so:
+         * KVS_ECORRUPT, the sequence named; later ones are refused as
+         * quarantined); a passing failure (memory, I/O, a close) leaves
+         * the sequence evicted for the next call to try again. */
+        if (ctx.damage)
+            q->damage = ctx.damage;
+        else if (rc == KVS_ECORRUPT)
             q->damage = strdup(err[0] ? err : "page-in found damage");
-        /* The call that found the damage is told so (KVS_ECORRUPT, the
-         * sequence named); later ones are refused as quarantined. */
         if (!rc)
-            rc = was_damaged ? KVS_EQUARANTINED : KVS_ECORRUPT;
+            rc = KVS_ECORRUPT;
         kvs__fail(s, rc, "sequence %llu: %s%s", (unsigned long long)q->id,
                   q->damage ? q->damage : err,
-                  q->damage && !was_damaged ? "; quarantined" : "");
-    } else {
-        for (uint32_t l = 0; l < q->geo.n_layers; l++)
-            q->layers[l].resident = 1;
-        atomic_store(&q->evicted, 0);
-        kvs__bytes_add(s, q, bytes);
-        /* A first read after a lazy open is no page-in: nothing was
-         * evicted. */
-        if (!atomic_exchange(&q->cold, 0))
-            atomic_fetch_add(&s->page_ins, 1);
+                  q->damage ? "; quarantined" : "");
+        unlock_all(q);
+        goto out;
     }
-    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+    int64_t bytes = 0;
+    for (uint32_t l = 0; l < n_layers; l++) {
         layer_t *L = &q->layers[l];
-        if (L->resident)
-            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
-                kvs__maybe_build(s, q, l, h);
+        memcpy(L->heads, &heads[(size_t)l * n_heads], n_heads * sizeof *heads);
+        L->resident = 1;
+        bytes += kvs__layer_bytes(q, L);
     }
+    free(heads);
+    heads = NULL;
+    atomic_store(&q->evicted, 0);
+    kvs__bytes_add(s, q, bytes);
+    /* A first read after a lazy open is no page-in: nothing was evicted. */
+    if (!atomic_exchange(&q->cold, 0))
+        atomic_fetch_add(&s->page_ins, 1);
+    for (uint32_t l = 0; l < n_layers; l++)
+        for (uint32_t h = 0; h < n_heads; h++)
+            kvs__maybe_build(s, q, l, h);
     unlock_all(q);
 out:
     kvs__unlock(&q->page_mu);
+    if (heads)
+        release_heads(q, heads);
     if (!rc)
         kvs__enforce_budget(s, q);
     return rc;
