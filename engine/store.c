@@ -4,9 +4,11 @@
  *
  * The engine's files share one private header, engine_int.h, which holds
  * the store, sequence, layer and head types and the lock order. An open
- * loads the data directory (residency.c), then starts the builder threads
- * (build.c) and the housekeeping thread (seq.c: TTL expiry, the memory
- * budget); a close stops them before it frees any sequence.
+ * loads the data directory (residency.c: all of it, or by default only the
+ * sequence table and token counts), then starts the builder threads
+ * (build.c), the housekeeping thread (seq.c: TTL expiry, the memory
+ * budget) and the warm-up thread (residency.c: reads what a lazy load left
+ * on disk); a close stops them before it frees any sequence.
  */
 #include "engine_int.h"
 
