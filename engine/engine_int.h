@@ -6,7 +6,8 @@
  *   seq.c        the sequence table: create, drop, fork, TTL and expiry,
  *                info, list
  *   build.c      background index builds
- *   residency.c  loading a data directory, memory budget, eviction, page-in
+ *   residency.c  loading a data directory (eagerly, or lazily with a
+ *                warm-up thread), memory budget, eviction, page-in
  *   query.c      append, search, attend, read
  *
  * A store holds sequences in a hash table keyed by id. A sequence has one
@@ -147,6 +148,10 @@ typedef struct seq_s {
     atomic_uint ttl_s;       /* 0: never expires */
     pthread_mutex_t page_mu; /* serialises evict / page-in */
     atomic_int evicted;
+    /* Not read since a lazy open (KVS_LOAD_WARM/LAZY): evicted, layers'
+     * tokens known, records still on disk. Cleared by its first page-in,
+     * which is not counted as one; the warm-up reads only these. */
+    atomic_int cold;
     /* Number of this sequence's latest queued append (persist.c ticket):
      * with KVS_SYNC_ASYNC eviction waits until it is on disk, since the
      * rows it frees must be readable back. */
@@ -209,6 +214,10 @@ struct kvs_store_s {
     pthread_t keeper;
     int keeper_running;
     pthread_cond_t keeper_cv;
+
+    /* KVS_LOAD_WARM: the thread reading what the lazy open left on disk. */
+    pthread_t warmer;
+    int warmer_running;
 };
 
 /* A thread's scratch for search/attend, listed so that close frees those
@@ -275,7 +284,11 @@ int64_t kvs__layer_bytes(const seq_t *q, const layer_t *L);
 /* Evict least recently used sequences (never `keep`) until the resident
  * bytes fit memory_bytes. */
 void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep);
+/* Read an evicted (or cold) sequence back. KVS_ECORRUPT (message naming
+ * the sequence) when this read found it damaged and quarantined it. */
 int kvs__page_in(kvs_store_t *s, seq_t *q);
+/* KVS_LOAD_WARM's thread (see residency.c). */
+void *kvs__warmup_main(void *arg);
 /* Take `L`'s lock with its rows in memory, paging the sequence in first
  * when it was evicted. */
 int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write);

@@ -1436,6 +1436,7 @@ typedef struct walk_s {
     uint64_t *ends; /* [layer][head]: positions covered so far */
     int gap;        /* a record did not start where the last one ended */
     int damaged;    /* reported through L->damaged */
+    int cancelled;  /* L->cancel was set: stopped, nothing charged */
     char io_err[200];
     rocksdb_readoptions_t *ro; /* verified reads bounded to the id */
     unsigned char upper[8];
@@ -1537,6 +1538,10 @@ static void walk_family(kvs__db_t *db, int cf, walk_t *w,
     rec_key(seek, w->id, 0, 0, 0);
     for (rocksdb_iter_seek(it, (const char *)seek, 24);
          rocksdb_iter_valid(it) && !w->damaged; rocksdb_iter_next(it)) {
+        if (L->cancel && atomic_load(L->cancel)) {
+            w->cancelled = 1;
+            break;
+        }
         size_t kl, vl;
         const unsigned char *k =
             (const unsigned char *)rocksdb_iter_key(it, &kl);
@@ -1622,8 +1627,12 @@ static int load_one(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
         walk_damage(&w, L, "sequence metadata is damaged");
     if (!w.damaged)
         walk_family(db, CF_INDEX, &w, L);
-    if (!w.damaged)
+    if (!w.damaged && !w.cancelled)
         walk_family(db, CF_KV, &w, L);
+    if (w.cancelled) {
+        walk_free(&w);
+        return KVS_ECLOSED;
+    }
     if (!w.damaged && w.gap)
         walk_damage(&w, L, "records do not continue each other");
     char why[256];
@@ -1631,6 +1640,83 @@ static int load_one(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
         walk_damage(&w, L, "%s", why);
     walk_free(&w);
     return 0;
+}
+
+/*
+ * Lazy open of one sequence: where each (layer, head) ends, from its last
+ * record in each family (SeekForPrev bounded to the id), the records
+ * themselves left on disk. Rows follow segments, so a head's last kv
+ * record (read and checked: it carries the row count) ends it; without
+ * rows its last segment does, segment_tokens after its first position (the
+ * key says where; the segment is not decoded: page-in decodes and checks
+ * it). 1 when the sequence must be read in full instead (an unreadable
+ * block, a record that fails its checksum or reads oddly: load_one then
+ * charges the damage exactly), 0 when every layer was given, or an error.
+ */
+static int extent_one(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
+                      const kvs__db_loader_t *L) {
+    walk_t w;
+    uint64_t *ends = NULL;
+    rocksdb_iterator_t *it[2] = {NULL, NULL};
+    int rc = walk_init(&w, id, g);
+    if (rc)
+        goto out;
+    if (!(ends = calloc(g->n_kv_heads, sizeof *ends))) {
+        rc = KVS_ENOMEM;
+        goto out;
+    }
+    for (int f = 0; f < 2; f++)
+        it[f] = rocksdb_create_iterator_cf(db->db, w.ro,
+                                           db->cf[f ? CF_INDEX : CF_KV]);
+    for (uint32_t l = 0; l < g->n_layers && !rc; l++) {
+        for (uint32_t h = 0; h < g->n_kv_heads && !rc; h++) {
+            unsigned char k[24];
+            rec_key(k, id, l, h, UINT64_MAX);
+            ends[h] = 0;
+            for (int f = 0; f < 2; f++) {
+                rocksdb_iter_seek_for_prev(it[f], (const char *)k, 24);
+                char *rerr = NULL;
+                rocksdb_iter_get_error(it[f], &rerr);
+                if (rerr) {
+                    rocksdb_free(rerr);
+                    rc = 1;
+                    break;
+                }
+                if (!rocksdb_iter_valid(it[f]))
+                    continue;
+                size_t kl, vl;
+                const unsigned char *rk =
+                    (const unsigned char *)rocksdb_iter_key(it[f], &kl);
+                if (kl != 24 || memcmp(rk, k, 16))
+                    continue; /* an earlier head's, or none of this id */
+                uint64_t pos = get_be64(rk + 16);
+                if (f == 1) { /* a segment: the head has no rows */
+                    ends[h] = pos + L->segment_tokens;
+                    break;
+                }
+                const unsigned char *v =
+                    (const unsigned char *)rocksdb_iter_value(it[f], &vl);
+                uint32_t crc, n;
+                if (vl < 8 ||
+                    (memcpy(&crc, v, 4), crc != kvs_crc32c(0, v + 4, vl - 4))) {
+                    rc = 1;
+                    break;
+                }
+                memcpy(&n, v + 4, 4);
+                ends[h] = pos + n;
+                break;
+            }
+        }
+        if (!rc)
+            rc = L->extent(L->ctx, id, l, ends);
+    }
+out:
+    for (int f = 0; f < 2; f++)
+        if (it[f])
+            rocksdb_iter_destroy(it[f]);
+    free(ends);
+    walk_free(&w);
+    return rc;
 }
 
 /* Delete the records of ids that have no metadata. One seek per distinct
@@ -1750,6 +1836,11 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
     for (size_t i = 0; i < known.n && !rc; i++) {
         if (geos[i].n_layers == 0)
             continue; /* already quarantined */
+        if (L->extent) {
+            rc = extent_one(db, known.ids[i], &geos[i], L);
+            if (rc <= 0)
+                continue;
+        }
         rc = load_one(db, known.ids[i], &geos[i], L);
         if (!rc && L->loaded)
             L->loaded(L->ctx, known.ids[i]);

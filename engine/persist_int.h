@@ -18,6 +18,8 @@
 #include "kvs_index.h"
 #include "kvstore.h"
 
+#include <stdatomic.h>
+
 typedef struct kvs__db_s kvs__db_t;
 
 int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
@@ -95,6 +97,21 @@ typedef struct kvs__db_loader_s {
     /* All records of `id` are in (may be NULL). Called per sequence, so a
      * memory budget can evict as the load goes. */
     void (*loaded)(void *ctx, uint64_t id);
+    /* Lazy open (kvs__db_load only; NULL: every record is read). Instead
+     * of a sequence's records, each layer's token count per KV head
+     * (ends[n_kv_heads]) is given, found from the last record of each
+     * (layer, head): one seek per family, the last kv record read and
+     * checked, no segment decoded. The records stay on disk for a later
+     * kvs__db_load_seq. Where that seek meets an unreadable block or a
+     * record that fails its checksum, the sequence is read in full
+     * instead (segment, rows, damaged and loaded as above), so damage
+     * seen at open is charged exactly as an eager load charges it. */
+    int (*extent)(void *ctx, uint64_t id, uint32_t layer, const uint64_t *ends);
+    uint32_t segment_tokens; /* with extent: tokens of a stored segment */
+    /* May be NULL. Read between records: once non-zero the load stops and
+     * returns KVS_ECLOSED, charging nothing as damaged (a close does not
+     * wait for a whole sequence to be read). */
+    const atomic_int *cancel;
 } kvs__db_loader_t;
 
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *loader, char *err,

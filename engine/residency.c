@@ -45,18 +45,22 @@ static int load_seq(void *ctx, uint64_t id, const kvs_geometry_t *g,
 }
 
 /* The head a stored record belongs to, or NULL when it names no head of
- * a usable sequence. */
-static head_t *record_head(seq_t *q, uint32_t layer, uint32_t head) {
+ * a usable sequence. `into` (page-in): heads [n_layers][n_kv_heads] being
+ * filled outside the sequence; NULL: the sequence's own (open). */
+static head_t *record_head(seq_t *q, head_t *into, uint32_t layer,
+                           uint32_t head) {
     if (!q || q->damage || layer >= q->geo.n_layers ||
         head >= q->geo.n_kv_heads)
         return NULL;
+    if (into)
+        return &into[(size_t)layer * q->geo.n_kv_heads + head];
     return &q->layers[layer].heads[head];
 }
 
 /* Segments must continue the head exactly where it stands. */
-static int fill_segment(kvs_store_t *s, seq_t *q, uint32_t layer, uint32_t head,
-                        kvs_segment_t *seg) {
-    head_t *h = record_head(q, layer, head);
+static int fill_segment(kvs_store_t *s, seq_t *q, head_t *into, uint32_t layer,
+                        uint32_t head, kvs_segment_t *seg) {
+    head_t *h = record_head(q, into, layer, head);
     int rc = KVS_ECORRUPT;
     if (!h || seg->dtype != q->geo.dtype || seg->d != q->geo.head_dim ||
         seg->first_pos != h->indexed_tokens || h->tail_len != 0 ||
@@ -80,10 +84,10 @@ fail:
     return rc;
 }
 
-static int fill_rows(seq_t *q, uint32_t layer, uint32_t head, uint64_t pos,
-                     uint32_t n, size_t half, const void *keys,
+static int fill_rows(seq_t *q, head_t *into, uint32_t layer, uint32_t head,
+                     uint64_t pos, uint32_t n, size_t half, const void *keys,
                      const void *values) {
-    head_t *h = record_head(q, layer, head);
+    head_t *h = record_head(q, into, layer, head);
     if (!h || half != (size_t)n * q->row_bytes ||
         pos != h->indexed_tokens + h->tail_len)
         return KVS_ECORRUPT;
@@ -100,28 +104,35 @@ static int fill_rows(seq_t *q, uint32_t layer, uint32_t head, uint64_t pos,
 static int load_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                         kvs_segment_t *seg) {
     kvs_store_t *s = ctx;
-    return fill_segment(s, kvs__map_find(s, id), layer, head, seg);
+    return fill_segment(s, kvs__map_find(s, id), NULL, layer, head, seg);
 }
 
 static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                      uint64_t pos, uint32_t n, size_t half, const void *keys,
                      const void *values) {
     kvs_store_t *s = ctx;
-    return fill_rows(kvs__map_find(s, id), layer, head, pos, n, half, keys,
-                     values);
+    return fill_rows(kvs__map_find(s, id), NULL, layer, head, pos, n, half,
+                     keys, values);
 }
 
-/* Page-in callbacks: the sequence is known, not looked up. */
+/* Page-in callbacks: the sequence is known, not looked up; its records go
+ * into `heads`, installed under the layer locks once all are read. */
 typedef struct page_ctx_s {
     kvs_store_t *s;
     seq_t *q;
+    head_t *heads; /* [n_layers][n_kv_heads] */
+    char *damage;  /* why the records are damaged, NULL while they are not */
 } page_ctx_t;
 
 static int page_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                         kvs_segment_t *seg) {
     page_ctx_t *c = ctx;
     (void)id;
-    return fill_segment(c->s, c->q, layer, head, seg);
+    if (c->damage) {
+        kvs_segment_free(seg);
+        return KVS_ECORRUPT;
+    }
+    return fill_segment(c->s, c->q, c->heads, layer, head, seg);
 }
 
 static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
@@ -129,7 +140,9 @@ static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                      const void *values) {
     page_ctx_t *c = ctx;
     (void)id;
-    return fill_rows(c->q, layer, head, pos, n, half, keys, values);
+    if (c->damage)
+        return KVS_ECORRUPT;
+    return fill_rows(c->q, c->heads, layer, head, pos, n, half, keys, values);
 }
 
 static void page_damaged(void *ctx, uint64_t id, const char *why) {
@@ -137,8 +150,8 @@ static void page_damaged(void *ctx, uint64_t id, const char *why) {
     kvs__store_log(c->s, KVS_LOG_ERROR,
                    "sequence %llu quarantined at page-in: %s",
                    (unsigned long long)id, why ? why : "damaged");
-    if (!c->q->damage)
-        c->q->damage = strdup(why ? why : "damaged");
+    if (!c->damage)
+        c->damage = strdup(why ? why : "damaged");
 }
 
 static void load_damaged(void *ctx, uint64_t id, const char *why) {
@@ -180,9 +193,43 @@ static void load_seq_done(void *ctx, uint64_t id) {
     kvs__enforce_budget(s, q);
 }
 
+/* Lazy open: layer `layer` of `id` holds ends[h] tokens in head h; the
+ * records stay on disk until the sequence is first used or warmed up. */
+static int load_extent(void *ctx, uint64_t id, uint32_t layer,
+                       const uint64_t *ends) {
+    kvs_store_t *s = ctx;
+    seq_t *q = kvs__map_find(s, id);
+    if (!q || q->damage || layer >= q->geo.n_layers)
+        return 0;
+    for (uint32_t h = 1; h < q->geo.n_kv_heads; h++)
+        if (ends[h] != ends[0]) {
+            char why[128];
+            snprintf(why, sizeof why,
+                     "layer %u: KV heads hold different token counts", layer);
+            load_damaged(s, id, why);
+            return 0;
+        }
+    layer_t *L = &q->layers[layer];
+    kvs__wrlock(&L->lock, layer);
+    L->tokens = ends[0];
+    kvs__rwunlock(&L->lock);
+    atomic_store(&q->cold, 1);
+    return 0;
+}
+
 int kvs__store_load(kvs_store_t *s, char *err, size_t errlen) {
-    kvs__db_loader_t loader = {s,         load_seq,     load_segment,
-                               load_rows, load_damaged, load_seq_done};
+    kvs__db_loader_t loader = {
+        .ctx = s,
+        .seq = load_seq,
+        .segment = load_segment,
+        .rows = load_rows,
+        .damaged = load_damaged,
+        .loaded = load_seq_done,
+    };
+    if (s->opts.load != KVS_LOAD_EAGER) {
+        loader.extent = load_extent;
+        loader.segment_tokens = s->opts.segment_tokens;
+    }
     return kvs__db_load(s->db, &loader, err, errlen);
 }
 
@@ -338,70 +385,117 @@ void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
     free(c);
 }
 
-/* Bring an evicted sequence back from storage. */
+/* Free heads read by a page-in that are not installed. */
+static void release_heads(const seq_t *q, head_t *heads) {
+    for (size_t i = 0; i < (size_t)q->geo.n_layers * q->geo.n_kv_heads; i++)
+        kvs__head_release(&heads[i]);
+    free(heads);
+}
+
+/*
+ * Bring an evicted (or cold) sequence back from storage. The records are
+ * read into heads of our own under page_mu only, so calls that read the
+ * layers meanwhile (info, stats, list: they take the layer locks) do not
+ * wait for the read, which can take minutes for a long sequence; nothing
+ * else changes the heads of a non-resident sequence (appends, reads and
+ * evictions all go through page_mu first, a drop is checked for after).
+ * Then every layer's locks are taken and the heads installed at once.
+ */
 int kvs__page_in(kvs_store_t *s, seq_t *q) {
     int rc = 0;
+    head_t *heads = NULL;
     kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
     if (!atomic_load(&q->evicted) || !s->db)
         goto out;
+    if (q->damage) { /* found by an earlier read: never read again */
+        rc = kvs__fail(s, KVS_EQUARANTINED, "sequence %llu: %s",
+                       (unsigned long long)q->id, q->damage);
+        goto out;
+    }
+    const uint32_t n_layers = q->geo.n_layers, n_heads = q->geo.n_kv_heads;
+    if (atomic_load(&q->dropped) ||
+        !(heads = calloc((size_t)n_layers * n_heads, sizeof *heads))) {
+        rc = atomic_load(&q->dropped)
+                 ? kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                             (unsigned long long)q->id)
+                 : kvs__fail(s, KVS_ENOMEM, "paging sequence in");
+        goto out;
+    }
+    page_ctx_t ctx = {s, q, heads, NULL};
+    kvs__db_loader_t loader = {
+        .ctx = &ctx,
+        .segment = page_segment,
+        .rows = page_rows,
+        .damaged = page_damaged,
+        .cancel = &s->stopping, /* a close does not wait for the read */
+    };
+    char err[256] = "";
+    rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
     lock_all(q);
     if (atomic_load(&q->dropped)) {
-        /* dropped while we waited for its appends: nothing to load, and
-         * the id may name a new sequence by now */
+        /* dropped while we read (its records may have gone under the
+         * read): nothing to install, and the id may name a new sequence */
         unlock_all(q);
+        free(ctx.damage);
         rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
                        (unsigned long long)q->id);
         goto out;
     }
-    page_ctx_t ctx = {s, q};
-    kvs__db_loader_t loader = {&ctx,      NULL,         page_segment,
-                               page_rows, page_damaged, NULL};
-    char err[256] = "";
-    rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
-    int64_t bytes = 0;
-    for (uint32_t l = 0; l < q->geo.n_layers && !rc && !q->damage; l++) {
-        layer_t *L = &q->layers[l];
-        for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
-            if (L->heads[h].indexed_tokens + L->heads[h].tail_len !=
-                L->tokens) {
+    for (uint32_t l = 0; l < n_layers && !rc && !ctx.damage; l++) {
+        const layer_t *L = &q->layers[l];
+        for (uint32_t h = 0; h < n_heads && !rc; h++) {
+            const head_t *hd = &heads[(size_t)l * n_heads + h];
+            if (hd->indexed_tokens + hd->tail_len != L->tokens) {
                 snprintf(err, sizeof err,
                          "layer %u head %u: storage holds "
                          "%llu + %llu tokens, %llu were acknowledged",
-                         l, h, (unsigned long long)L->heads[h].indexed_tokens,
-                         (unsigned long long)L->heads[h].tail_len,
+                         l, h, (unsigned long long)hd->indexed_tokens,
+                         (unsigned long long)hd->tail_len,
                          (unsigned long long)L->tokens);
                 rc = KVS_ECORRUPT;
-                break;
             }
-        bytes += kvs__layer_bytes(q, L);
+        }
     }
-    if (rc || q->damage) {
-        /* Leave it evicted and refuse it: never serve partial data. */
-        release_rows(q);
-        /* Damage quarantines; a passing failure (memory, I/O) leaves the
-         * sequence evicted for the next call to try again. */
-        if (!q->damage && rc == KVS_ECORRUPT)
+    if (rc || ctx.damage) {
+        /* Leave it evicted and refuse it: never serve partial data.
+         * Damage quarantines (the call that found it is told so:
+         * KVS_ECORRUPT, the sequence named; later ones are refused as
+         * quarantined); a passing failure (memory, I/O, a close) leaves
+         * the sequence evicted for the next call to try again. */
+        if (ctx.damage)
+            q->damage = ctx.damage;
+        else if (rc == KVS_ECORRUPT)
             q->damage = strdup(err[0] ? err : "page-in found damage");
         if (!rc)
-            rc = KVS_EQUARANTINED;
-        kvs__fail(s, rc, "paging sequence %llu in: %s",
-                  (unsigned long long)q->id, q->damage ? q->damage : err);
-    } else {
-        for (uint32_t l = 0; l < q->geo.n_layers; l++)
-            q->layers[l].resident = 1;
-        atomic_store(&q->evicted, 0);
-        kvs__bytes_add(s, q, bytes);
-        atomic_fetch_add(&s->page_ins, 1);
+            rc = KVS_ECORRUPT;
+        kvs__fail(s, rc, "sequence %llu: %s%s", (unsigned long long)q->id,
+                  q->damage ? q->damage : err,
+                  q->damage ? "; quarantined" : "");
+        unlock_all(q);
+        goto out;
     }
-    for (uint32_t l = 0; l < q->geo.n_layers; l++) {
+    int64_t bytes = 0;
+    for (uint32_t l = 0; l < n_layers; l++) {
         layer_t *L = &q->layers[l];
-        if (L->resident)
-            for (uint32_t h = 0; h < q->geo.n_kv_heads; h++)
-                kvs__maybe_build(s, q, l, h);
+        memcpy(L->heads, &heads[(size_t)l * n_heads], n_heads * sizeof *heads);
+        L->resident = 1;
+        bytes += kvs__layer_bytes(q, L);
     }
+    free(heads);
+    heads = NULL;
+    atomic_store(&q->evicted, 0);
+    kvs__bytes_add(s, q, bytes);
+    /* A first read after a lazy open is no page-in: nothing was evicted. */
+    if (!atomic_exchange(&q->cold, 0))
+        atomic_fetch_add(&s->page_ins, 1);
+    for (uint32_t l = 0; l < n_layers; l++)
+        for (uint32_t h = 0; h < n_heads; h++)
+            kvs__maybe_build(s, q, l, h);
     unlock_all(q);
 out:
     kvs__unlock(&q->page_mu);
+    if (heads)
+        release_heads(q, heads);
     if (!rc)
         kvs__enforce_budget(s, q);
     return rc;
@@ -421,4 +515,69 @@ int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
         if (rc)
             return rc;
     }
+}
+
+/* ---------------------------------------------------------------------- */
+/* Warm-up after a lazy open                                              */
+
+static int id_cmp(const void *a, const void *b) {
+    uint64_t x = (*(seq_t *const *)a)->id, y = (*(seq_t *const *)b)->id;
+    return (x > y) - (x < y);
+}
+
+/* The K/V and index bytes a cold sequence will take once read: its rows
+ * plus a quarter for what segments add (centroids, value sums, codes), an
+ * overestimate so that the warm-up's page-in does not push the budget
+ * over and evict. */
+static uint64_t cold_bytes(const seq_t *q) {
+    uint64_t b = 0;
+    for (uint32_t l = 0; l < q->geo.n_layers; l++)
+        b += q->layers[l].tokens * 2 * q->row_bytes * q->geo.n_kv_heads;
+    return b + b / 4;
+}
+
+/*
+ * KVS_LOAD_WARM: read every sequence the lazy open left on disk, in id
+ * order, through the same page-in as a first use (so a call on a sequence
+ * the warm-up has not reached reads it itself, and one on the sequence
+ * being read waits for that read on its page_mu). It only fills free
+ * budget: a sequence that would not fit memory_bytes beside what is
+ * resident is left for its first use, so the warm-up never evicts what
+ * calls are using. One pass; stops when the store closes.
+ */
+void *kvs__warmup_main(void *arg) {
+    kvs_store_t *s = arg;
+    kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
+    size_t n = 0;
+    seq_t **c = malloc((s->n_seqs ? s->n_seqs : 1) * sizeof *c);
+    if (c)
+        for (size_t b = 0; b < s->n_buckets; b++)
+            for (seq_t *q = s->buckets[b]; q; q = q->next)
+                if (atomic_load(&q->cold) && !atomic_load(&q->unlinking)) {
+                    atomic_fetch_add(&q->refs, 1);
+                    c[n++] = q;
+                }
+    kvs__unlock(&s->map_mu);
+    if (!c)
+        return NULL;
+    qsort(c, n, sizeof *c, id_cmp);
+    uint64_t budget = s->opts.memory_bytes;
+    for (size_t i = 0; i < n; i++) {
+        seq_t *q = c[i];
+        /* damage is checked by the page-in, under page_mu */
+        if (!atomic_load(&s->stopping) && atomic_load(&q->cold) &&
+            atomic_load(&q->evicted) && !atomic_load(&q->dropped) &&
+            (!budget ||
+             (uint64_t)atomic_load(&s->resident_bytes) + cold_bytes(q) <=
+                 budget)) {
+            int rc = kvs__page_in(s, q);
+            if (rc && rc != KVS_ECLOSED && rc != KVS_ENOSEQ &&
+                rc != KVS_EQUARANTINED)
+                kvs__store_log(s, KVS_LOG_WARN, "warm-up of sequence %llu: %s",
+                               (unsigned long long)q->id, kvs_strerror(rc));
+        }
+        kvs__seq_unref(q);
+    }
+    free(c);
+    return NULL;
 }

@@ -4,9 +4,11 @@
  *
  * The engine's files share one private header, engine_int.h, which holds
  * the store, sequence, layer and head types and the lock order. An open
- * loads the data directory (residency.c), then starts the builder threads
- * (build.c) and the housekeeping thread (seq.c: TTL expiry, the memory
- * budget); a close stops them before it frees any sequence.
+ * loads the data directory (residency.c: all of it, or by default only the
+ * sequence table and token counts), then starts the builder threads
+ * (build.c), the housekeeping thread (seq.c: TTL expiry, the memory
+ * budget) and the warm-up thread (residency.c: reads what a lazy load left
+ * on disk); a close stops them before it frees any sequence.
  */
 #include "engine_int.h"
 
@@ -126,6 +128,9 @@ static int check_options(kvs_store_t *s, const kvs_options_t *o) {
                          (int)d->rank);
     if (o->n_threads > 1024 || o->n_build_threads > 64)
         return kvs__fail(s, KVS_EINVAL, "too many threads");
+    if (o->load != KVS_LOAD_DEFAULT && o->load != KVS_LOAD_WARM &&
+        o->load != KVS_LOAD_LAZY && o->load != KVS_LOAD_EAGER)
+        return kvs__fail(s, KVS_EINVAL, "unknown load mode %d", (int)o->load);
     if (o->cuda_device >= 0 &&
         !(o->cuda_cache_fraction > 0 && o->cuda_cache_fraction <= 1))
         return kvs__fail(s, KVS_EINVAL,
@@ -331,6 +336,16 @@ int kvs_store_open(const kvs_options_t *opts, kvs_store_t **out) {
         goto fail;
     }
     s->keeper_running = 1;
+    /* Last, once the table is final for the open: the warm-up reads what
+     * the lazy load left cold, competing with calls like any page-in. */
+    if (s->db &&
+        (s->opts.load == KVS_LOAD_DEFAULT || s->opts.load == KVS_LOAD_WARM)) {
+        if ((rc = -pthread_create(&s->warmer, NULL, kvs__warmup_main, s))) {
+            open_fail(rc, "warm-up thread");
+            goto fail;
+        }
+        s->warmer_running = 1;
+    }
     *out = s;
     return 0;
 fail:
@@ -347,6 +362,9 @@ int kvs_store_close(kvs_store_t *s) {
     if (s->keeper_running)
         pthread_cond_broadcast(&s->keeper_cv);
     kvs__unlock(&s->build_mu);
+    /* Its read in flight sees `stopping` between records and gives up. */
+    if (s->warmer_running)
+        pthread_join(s->warmer, NULL);
     if (s->keeper_running) {
         pthread_join(s->keeper, NULL);
         pthread_cond_destroy(&s->keeper_cv);

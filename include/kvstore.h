@@ -133,6 +133,26 @@ typedef enum kvs_sync_e {
                              before them). docs/persistence.md */
 } kvs_sync_t;
 
+/* How kvs_store_open reads a data directory (kvs_options_t.load). */
+typedef enum kvs_load_e {
+    KVS_LOAD_DEFAULT = 0, /* KVS_LOAD_WARM */
+    /* Lazy: the open reads the sequence table and, per (layer, KV head),
+     * the last stored record (its token count), not the K/V and index
+     * records: a sequence's records are read and their checksums checked
+     * on its first use, as an evicted sequence is paged in (under the
+     * same locks and memory_bytes). A block found damaged then
+     * quarantines that sequence only, and the call that found it gets
+     * KVS_ECORRUPT naming it. WARM adds one background thread that reads
+     * every sequence so, in id order, while they fit memory_bytes beside
+     * what is resident (it never evicts); calls are served meanwhile. */
+    KVS_LOAD_WARM = 1,
+    KVS_LOAD_LAZY = 2, /* lazy, without the warm-up: first use only */
+    /* Every record read and checked before the open returns (as before
+     * issue 14): damage is quarantined at open; an open of N bytes of
+     * K/V reads N bytes. */
+    KVS_LOAD_EAGER = 3,
+} kvs_load_t;
+
 /* Levels of the messages a store gives its log callback (most severe
  * first). */
 typedef enum kvs_log_level_e {
@@ -242,6 +262,9 @@ typedef struct kvs_options_s {
      * visible when its build finishes, and until then its keys are served
      * exactly from the tail (same accuracy or better, timing-dependent). */
     int32_t deterministic;
+    /* How an open reads the data directory: KVS_LOAD_WARM (default),
+     * KVS_LOAD_LAZY or KVS_LOAD_EAGER (see kvs_load_t). */
+    kvs_load_t load;
 } kvs_options_t;
 
 /* Fill `opts` with the defaults above. */
@@ -254,9 +277,12 @@ void kvs_query_params_default(kvs_query_params_t *params);
 /*
  * Open a store. `opts` may be NULL for all defaults; it is copied (data_dir
  * too). On success *out is a store to release with kvs_store_close().
- * With a data_dir, every sequence stored there is loaded; a sequence whose
+ * With a data_dir, every sequence stored there comes back; a sequence whose
  * records fail their checksums or do not fit together is *quarantined*
  * (listed, refused with KVS_EQUARANTINED, droppable) and the others serve.
+ * How much is read before the open returns is opts->load (kvs_load_t):
+ * by default the records are read on first use or by a warm-up thread,
+ * and damage found then quarantines as at open.
  * Errors: KVS_EINVAL (bad option, message says which), KVS_ENOMEM,
  * KVS_ELOCKED (another process has the directory open), KVS_EIO,
  * KVS_ECORRUPT (the database's own files are damaged or missing: the

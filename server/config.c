@@ -297,6 +297,11 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         return kvs__errf(
             err, errlen, KVS_EINVAL,
             "sync must be batch, always, none or async, not \"%s\"", cfg->sync);
+    if (strcmp(cfg->load, "warm") && strcmp(cfg->load, "lazy") &&
+        strcmp(cfg->load, "eager"))
+        return kvs__errf(err, errlen, KVS_EINVAL,
+                         "load must be warm, lazy or eager, not \"%s\"",
+                         cfg->load);
     if (strcmp(cfg->cuda_kv, "auto") && strcmp(cfg->cuda_kv, "host"))
         return kvs__errf(err, errlen, KVS_EINVAL,
                          "cuda_kv must be auto or host, not \"%s\"",

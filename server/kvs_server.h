@@ -63,6 +63,10 @@ extern "C" {
       "sync batch: least time between two WAL fsyncs (group commit)")          \
     X(max_unpersisted_bytes, SIZE, "256M", 1, UINT64_MAX,                      \
       "sync async: most bytes queued for the disk; appends wait beyond it")    \
+    X(load, STR, "warm", 0, 0,                                                 \
+      "how a restart reads the data directory: warm (sequence table only; "    \
+      "records on first use and by a background warm-up), lazy (first use "    \
+      "only) or eager (every record read and checked before serving)")         \
     X(memory_bytes, SIZE, "0", 0, UINT64_MAX,                                  \
       "RAM for K/V and index; least recently used sequences are evicted to "   \
       "the data directory and paged back in on use; 0 = unlimited")            \

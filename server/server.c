@@ -1686,6 +1686,9 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     o.max_unpersisted_bytes = cfg->max_unpersisted_bytes;
     o.sync_interval_ms = cfg->sync_interval_ms;
     o.memory_bytes = cfg->memory_bytes;
+    o.load = !strcmp(cfg->load, "lazy")    ? KVS_LOAD_LAZY
+             : !strcmp(cfg->load, "eager") ? KVS_LOAD_EAGER
+                                           : KVS_LOAD_WARM;
     if (cfg->build_threads)
         o.n_build_threads = cfg->build_threads;
     o.blas_threads = cfg->blas_threads;

@@ -11,11 +11,22 @@
  *   kvs_store_flush at the end (what async owes the disk: with the default
  *   256 MiB lag a short run can be mostly queued);
  * - restart: a store holding `--tokens` tokens (1M by default) of one layer,
- *   index built; time from kvs_store_open to the first answered attend;
+ *   index built, reopened in each load mode (issue 14): eager (every record
+ *   read and checked before the open returns: the behaviour before), lazy
+ *   (the open reads the sequence table and each head's last record; the
+ *   first call reads the sequence) and warm (the default: lazy plus the
+ *   background warm-up). Per mode: time of kvs_store_open, to the first
+ *   answered attend, and until the sequence is resident (full warm-up). The
+ *   page cache is dropped before each open where the process may
+ *   (/proc/sys/vm/drop_caches, root); the JSON says whether it was;
  * - space: bytes on disk / raw K/V bytes, after a compaction.
  * Crash rounds are run by bench/run.sh through the persistence test.
  *
  *   persist_bench [--quick] [--tokens N] [--dir DIR] [--json FILE]
+ *                 [--restart-only] [--store DIR]
+ * --restart-only skips the append rates (their rows are absent); --store
+ * keeps the restart store in DIR and reuses one already there (building
+ * 1M tokens and their index takes many minutes on 2 cores).
  */
 #include "kvs_kernels.h"
 #include "kvs_rng.h"
@@ -51,11 +62,13 @@ static void rm_rf(const char *d) {
         fprintf(stderr, "persist_bench: could not remove %s\n", d);
 }
 
-static kvs_store_t *open_store(const char *dir, kvs_sync_t sync) {
+static kvs_store_t *open_store_load(const char *dir, kvs_sync_t sync,
+                                    kvs_load_t load) {
     kvs_options_t o;
     kvs_options_default(&o);
     o.data_dir = dir;
     o.sync = sync;
+    o.load = load;
     kvs_store_t *s = NULL;
     int rc = kvs_store_open(&o, &s);
     if (rc) {
@@ -64,6 +77,64 @@ static kvs_store_t *open_store(const char *dir, kvs_sync_t sync) {
         exit(1);
     }
     return s;
+}
+
+static kvs_store_t *open_store(const char *dir, kvs_sync_t sync) {
+    return open_store_load(dir, sync, KVS_LOAD_DEFAULT);
+}
+
+/* Empty the page cache (root only); 1 when done. */
+static int drop_caches(void) {
+    sync();
+    FILE *f = fopen("/proc/sys/vm/drop_caches", "w");
+    if (!f)
+        return 0;
+    int ok = fputs("3\n", f) >= 0;
+    return fclose(f) == 0 && ok;
+}
+
+typedef struct restart_s {
+    const char *mode;
+    double open_s, first_s, warm_s;
+    int cache_dropped;
+    uint64_t rebuilt;
+} restart_t;
+
+/* Reopen `dir` in one load mode: open, first attend, sequence resident. */
+static int restart(const char *dir, kvs_load_t load, restart_t *r) {
+    r->cache_dropped = drop_caches();
+    double t0 = now_s();
+    kvs_store_t *s = open_store_load(dir, KVS_SYNC_NONE, load);
+    r->open_s = now_s() - t0;
+    float q[QH * D], out[QH * D];
+    for (int i = 0; i < QH * D; i++)
+        q[i] = frand();
+    if (kvs_seq_attend(s, 1, 0, q, NULL, out, NULL)) {
+        fprintf(stderr, "persist_bench: attend after restart: %s\n",
+                kvs_store_errmsg(s));
+        return 1;
+    }
+    r->first_s = now_s() - t0;
+    for (;;) {
+        kvs_seq_info_t info;
+        if (kvs_seq_info(s, 1, &info))
+            return 1;
+        if (info.resident)
+            break;
+        usleep(1000);
+    }
+    r->warm_s = now_s() - t0;
+    kvs_store_stats_t st;
+    kvs_store_stats(s, &st);
+    r->rebuilt = st.builds_done;
+    kvs_store_close(s);
+    fprintf(stderr,
+            "  restart (%s): open %.3f s, first attend %.2f s, resident "
+            "%.2f s; segments rebuilt %llu; page cache %s\n",
+            r->mode, r->open_s, r->first_s, r->warm_s,
+            (unsigned long long)r->rebuilt,
+            r->cache_dropped ? "dropped" : "NOT dropped (warm)");
+    return 0;
 }
 
 /* fp16 K and V for `n` tokens. */
@@ -144,12 +215,16 @@ static double append_rate(const char *base, kvs_sync_t sync, uint32_t chunk,
 }
 
 int main(int argc, char **argv) {
-    int quick = 0;
+    int quick = 0, restart_only = 0;
     uint64_t tokens = 0;
-    const char *json = NULL, *base = NULL;
+    const char *json = NULL, *base = NULL, *store = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick"))
             quick = 1;
+        else if (!strcmp(argv[i], "--restart-only"))
+            restart_only = 1;
+        else if (!strcmp(argv[i], "--store") && i + 1 < argc)
+            store = argv[++i];
         else if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
             tokens = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc)
@@ -158,7 +233,8 @@ int main(int argc, char **argv) {
             json = argv[++i];
         else {
             fprintf(stderr, "usage: persist_bench [--quick] [--tokens N] "
-                            "[--dir DIR] [--json FILE]\n");
+                            "[--dir DIR] [--json FILE] [--restart-only] "
+                            "[--store DIR]\n");
             return 2;
         }
     }
@@ -177,8 +253,10 @@ int main(int argc, char **argv) {
     const char *names[N_MODES] = {"batch", "always", "none", "async"};
     const kvs_sync_t modes[N_MODES] = {KVS_SYNC_BATCH, KVS_SYNC_ALWAYS,
                                        KVS_SYNC_NONE, KVS_SYNC_ASYNC};
-    double mb[N_MODES][2], aps[N_MODES][2], mbf[N_MODES][2];
-    for (int m = 0; m < N_MODES; m++)
+    double mb[N_MODES][2] = {{0}}, aps[N_MODES][2] = {{0}},
+           mbf[N_MODES][2] = {{0}};
+    double aps4 = 0, mb_batch4 = 0;
+    for (int m = 0; m < N_MODES && !restart_only; m++)
         for (int c = 0; c < 2; c++) {
             uint32_t chunk = c == 0 ? 1 : 256;
             mb[m][c] = append_rate(base, modes[m], chunk, 1, secs, &aps[m][c],
@@ -188,76 +266,88 @@ int main(int argc, char **argv) {
                     "(%.0f appends/s; %.1f MB/s with the final flush)\n",
                     names[m], chunk, mb[m][c], aps[m][c], mbf[m][c]);
         }
-    double aps4;
-    double mb_batch4 =
-        append_rate(base, KVS_SYNC_BATCH, 1, 4, secs, &aps4, NULL);
-    fprintf(stderr,
-            "  sync batch, 4 threads, 1 token/append: %.1f MB/s "
-            "(%.0f appends/s)\n",
-            mb_batch4, aps4);
+    if (!restart_only) {
+        mb_batch4 = append_rate(base, KVS_SYNC_BATCH, 1, 4, secs, &aps4, NULL);
+        fprintf(stderr,
+                "  sync batch, 4 threads, 1 token/append: %.1f MB/s "
+                "(%.0f appends/s)\n",
+                mb_batch4, aps4);
+    }
 
     /* 2. Restart and space. */
     char dir[512];
     snprintf(dir, sizeof dir, "%s/restart", base);
-    rm_rf(dir);
-    kvs_store_t *s = open_store(dir, KVS_SYNC_NONE);
-    if (kvs_seq_create(s, 1, &GEO))
-        return 1;
-    /* A pool of 64K random tokens, cycled: eight segments' worth of distinct
-     * keys, so k-means sees real work, without generating 1M tokens. */
-    const uint32_t chunk = 1024, pool = 65536;
-    uint16_t *rows = make_rows(pool);
-    size_t row_elems = (size_t)KVH * D;
-    double t0 = now_s();
-    for (uint64_t t = 0; t < tokens; t += chunk) {
-        uint64_t at = t % pool;
-        if (kvs_seq_append(s, 1, 0, chunk, rows + at * row_elems,
-                           rows + ((size_t)pool + at) * row_elems)) {
-            fprintf(stderr, "persist_bench: %s\n", kvs_store_errmsg(s));
-            return 1;
-        }
-    }
-    double t_load = now_s() - t0;
-    kvs_seq_wait_indexed(s, 1);
-    double t_indexed = now_s() - t0;
+    if (store)
+        snprintf(dir, sizeof dir, "%s", store);
+    char current[600];
+    snprintf(current, sizeof current, "%s/CURRENT", dir);
+    struct stat cur_st;
+    int reuse = store && stat(current, &cur_st) == 0;
+    double t_load = 0, t_indexed = 0;
+    uint64_t disk_before = 0, disk_after = 0;
     kvs_store_stats_t st;
-    kvs_store_stats(s, &st);
-    uint64_t disk_before = st.disk_bytes;
-    kvs_store_compact(s);
-    kvs_store_stats(s, &st);
-    uint64_t disk_after = st.disk_bytes;
-    kvs_store_close(s);
-    double raw = (double)tokens * TOKEN_BYTES;
-    fprintf(stderr,
-            "  %llu tokens appended in %.1f s, indexed after %.1f s; "
-            "disk %.2f GB before compaction, %.2f GB after (raw K/V %.2f GB)\n",
-            (unsigned long long)tokens, t_load, t_indexed, disk_before / 1e9,
-            disk_after / 1e9, raw / 1e9);
-
-    /* Drop the page cache's advantage where we can (not as root: ignore). */
-    sync();
-    t0 = now_s();
-    s = open_store(dir, KVS_SYNC_NONE);
-    double t_open = now_s() - t0;
-    float q[QH * D], out[QH * D];
-    for (int i = 0; i < QH * D; i++)
-        q[i] = frand();
-    kvs_attend_stats_t as;
-    if (kvs_seq_attend(s, 1, 0, q, NULL, out, &as)) {
-        fprintf(stderr, "persist_bench: attend after restart: %s\n",
-                kvs_store_errmsg(s));
-        return 1;
+    if (!reuse) {
+        rm_rf(dir);
+        kvs_store_t *s = open_store(dir, KVS_SYNC_NONE);
+        if (kvs_seq_create(s, 1, &GEO))
+            return 1;
+        /* A pool of 64K random tokens, cycled: eight segments' worth of
+         * distinct keys, so k-means sees real work, without generating 1M
+         * tokens. */
+        const uint32_t chunk = 1024, pool = 65536;
+        uint16_t *rows = make_rows(pool);
+        size_t row_elems = (size_t)KVH * D;
+        double t0 = now_s();
+        for (uint64_t t = 0; t < tokens; t += chunk) {
+            uint64_t at = t % pool;
+            if (kvs_seq_append(s, 1, 0, chunk, rows + at * row_elems,
+                               rows + ((size_t)pool + at) * row_elems)) {
+                fprintf(stderr, "persist_bench: %s\n", kvs_store_errmsg(s));
+                return 1;
+            }
+        }
+        t_load = now_s() - t0;
+        kvs_seq_wait_indexed(s, 1);
+        t_indexed = now_s() - t0;
+        kvs_store_stats(s, &st);
+        disk_before = st.disk_bytes;
+        kvs_store_compact(s);
+        kvs_store_stats(s, &st);
+        disk_after = st.disk_bytes;
+        kvs_store_close(s);
+        free(rows);
+        fprintf(stderr,
+                "  %llu tokens appended in %.1f s, indexed after %.1f s; "
+                "disk %.2f GB before compaction, %.2f GB after (raw K/V "
+                "%.2f GB)\n",
+                (unsigned long long)tokens, t_load, t_indexed,
+                disk_before / 1e9, disk_after / 1e9,
+                (double)tokens * TOKEN_BYTES / 1e9);
+    } else {
+        kvs_store_t *s = open_store_load(dir, KVS_SYNC_NONE, KVS_LOAD_LAZY);
+        kvs_geometry_t g;
+        if (kvs_seq_shape(s, 1, 0, &g, &tokens))
+            return 1;
+        kvs_store_stats(s, &st);
+        disk_after = st.disk_bytes;
+        kvs_store_close(s);
+        fprintf(stderr, "  reusing the store in %s: %llu tokens, %.2f GB\n",
+                dir, (unsigned long long)tokens, disk_after / 1e9);
     }
-    double t_first = now_s() - t0;
-    kvs_store_stats(s, &st);
-    uint64_t rebuilt = st.builds_done;
-    kvs_store_close(s);
-    fprintf(stderr,
-            "  restart: open %.2f s, first attend answered after "
-            "%.2f s; segments rebuilt: %llu\n",
-            t_open, t_first, (unsigned long long)rebuilt);
-    rm_rf(dir);
-    free(rows);
+    double raw = (double)tokens * TOKEN_BYTES;
+
+    /* Eager first (the behaviour before issue 14), then the lazy modes:
+     * each from a dropped page cache where allowed. */
+    enum { N_LOADS = 3 };
+    restart_t rs[N_LOADS] = {
+        {.mode = "eager"}, {.mode = "lazy"}, {.mode = "warm"}};
+    const kvs_load_t loads[N_LOADS] = {KVS_LOAD_EAGER, KVS_LOAD_LAZY,
+                                       KVS_LOAD_WARM};
+    for (int m = 0; m < N_LOADS; m++)
+        if (restart(dir, loads[m], &rs[m]))
+            return 1;
+    if (!store)
+        rm_rf(dir);
     if (base == tmpl)
         rmdir(base);
 
@@ -265,36 +355,54 @@ int main(int argc, char **argv) {
     if (!f)
         return 1;
     fprintf(f, "{\n  \"bench\": \"persistence\",\n  \"metrics\": {\n");
-    fprintf(f, "    \"append_mb_s_sync_always\": %.2f,\n", mb[1][1]);
-    fprintf(f, "    \"append_mb_s_sync_batch\": %.2f,\n", mb[0][1]);
-    fprintf(f, "    \"append_mb_s_sync_none\": %.2f,\n", mb[2][1]);
-    fprintf(f, "    \"append_mb_s_async\": %.2f,\n", mb[3][1]);
-    fprintf(f, "    \"append_mb_s_async_flushed\": %.2f,\n", mbf[3][1]);
-    if (tokens == 1048576)
-        fprintf(f, "    \"restart_s_1m\": %.3f,\n", t_first);
-    fprintf(f, "    \"space_amplification\": %.4f\n  },\n", disk_after / raw);
+    if (!restart_only) {
+        fprintf(f, "    \"append_mb_s_sync_always\": %.2f,\n", mb[1][1]);
+        fprintf(f, "    \"append_mb_s_sync_batch\": %.2f,\n", mb[0][1]);
+        fprintf(f, "    \"append_mb_s_sync_none\": %.2f,\n", mb[2][1]);
+        fprintf(f, "    \"append_mb_s_async\": %.2f,\n", mb[3][1]);
+        fprintf(f, "    \"append_mb_s_async_flushed\": %.2f,\n", mbf[3][1]);
+    }
+    if (tokens == 1048576) {
+        /* The default (warm) mode; _eager: the same store opened as
+         * before issue 14, in the same run. */
+        fprintf(f, "    \"restart_open_s_1m\": %.3f,\n", rs[2].open_s);
+        fprintf(f, "    \"restart_s_1m\": %.3f,\n", rs[2].first_s);
+        fprintf(f, "    \"restart_warm_s_1m\": %.3f,\n", rs[2].warm_s);
+        fprintf(f, "    \"restart_open_s_1m_eager\": %.3f,\n", rs[0].open_s);
+        fprintf(f, "    \"restart_s_1m_eager\": %.3f,\n", rs[0].first_s);
+    }
+    if (disk_before)
+        fprintf(f, "    \"space_amplification\": %.4f,\n", disk_after / raw);
+    fprintf(f, "    \"restart_tokens\": %llu\n  },\n",
+            (unsigned long long)tokens);
     fprintf(f, "  \"rows\": [\n");
-    for (int m = 0; m < N_MODES; m++)
+    for (int m = 0; m < N_MODES && !restart_only; m++)
         for (int c = 0; c < 2; c++)
             fprintf(f,
                     "    {\"sync\": \"%s\", \"tokens_per_append\": %d, "
                     "\"threads\": 1, \"mb_s\": %.2f, \"appends_s\": %.0f, "
                     "\"mb_s_flushed\": %.2f},\n",
                     names[m], c ? 256 : 1, mb[m][c], aps[m][c], mbf[m][c]);
-    fprintf(f,
-            "    {\"sync\": \"batch\", \"tokens_per_append\": 1, "
-            "\"threads\": 4, \"mb_s\": %.2f, \"appends_s\": %.0f},\n",
-            mb_batch4, aps4);
-    fprintf(f,
-            "    {\"restart_tokens\": %llu, \"geometry\": \"8 kv heads x "
-            "128, fp16, 1 layer\", \"open_s\": %.3f, \"first_attend_s\": %.3f, "
-            "\"segments_rebuilt\": %llu, \"append_s\": %.2f, "
-            "\"indexed_s\": %.2f, \"disk_bytes_before_compaction\": %llu, "
-            "\"disk_bytes\": %llu, \"raw_kv_bytes\": %.0f}\n",
-            (unsigned long long)tokens, t_open, t_first,
-            (unsigned long long)rebuilt, t_load, t_indexed,
-            (unsigned long long)disk_before, (unsigned long long)disk_after,
-            raw);
+    if (!restart_only)
+        fprintf(f,
+                "    {\"sync\": \"batch\", \"tokens_per_append\": 1, "
+                "\"threads\": 4, \"mb_s\": %.2f, \"appends_s\": %.0f},\n",
+                mb_batch4, aps4);
+    for (int m = 0; m < N_LOADS; m++)
+        fprintf(f,
+                "    {\"restart_tokens\": %llu, \"geometry\": \"8 kv heads x "
+                "128, fp16, 1 layer\", \"load\": \"%s\", \"open_s\": %.3f, "
+                "\"first_attend_s\": %.3f, \"resident_s\": %.3f, "
+                "\"page_cache_dropped\": %s, \"segments_rebuilt\": %llu, "
+                "\"append_s\": %.2f, \"indexed_s\": %.2f, "
+                "\"disk_bytes_before_compaction\": %llu, "
+                "\"disk_bytes\": %llu, \"raw_kv_bytes\": %.0f}%s\n",
+                (unsigned long long)tokens, rs[m].mode, rs[m].open_s,
+                rs[m].first_s, rs[m].warm_s,
+                rs[m].cache_dropped ? "true" : "false",
+                (unsigned long long)rs[m].rebuilt, t_load, t_indexed,
+                (unsigned long long)disk_before, (unsigned long long)disk_after,
+                raw, m + 1 < N_LOADS ? "," : "");
     fprintf(f, "  ]\n}\n");
     if (json)
         fclose(f);

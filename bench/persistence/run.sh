@@ -6,17 +6,29 @@
 # rounds (200, or 20 with --quick); test_async's SIGKILL loops give the
 # write-behind rounds (async: nothing before the last flush or the reported
 # persisted_seqno lost; batch: no acknowledged append lost), 50 each or 10
-# with --quick.
+# with --quick. The restart store is kept for kvstored_ready.py: seconds
+# from starting kvstored on it to READY=1, per --load mode (eager: before
+# issue 14), added as rows.
 set -euo pipefail
 build=$1; out=$2; shift 2
 quick=false
 for a in "$@"; do [ "$a" = --quick ] && quick=true; done
 
-"$build/bench/persistence/persist_bench" --json "$out" "$@"
+store=$(mktemp -d)
+trap 'rm -rf "$store"' EXIT
+rmdir "$store" # persist_bench builds it
+"$build/bench/persistence/persist_bench" --json "$out" --store "$store" "$@"
+ready_log=$(mktemp)
+trap 'rm -rf "$store" "$ready_log"' EXIT
+if [ -x "$build/server/kvstored" ]; then
+    python3 "$(dirname "$0")/kvstored_ready.py" "$build/server/kvstored" \
+        "$store" warm lazy eager >"$ready_log"
+fi
+rm -rf "$store"
 rounds=200
 $quick && rounds=20
 crash_log=$(mktemp)
-trap 'rm -f "$crash_log"' EXIT
+trap 'rm -f "$crash_log" "$ready_log"' EXIT
 if KVS_CRASH_ROUNDS=$rounds "$build/tests/persist/test_persist" >"$crash_log" 2>&1; then
     lost=0
 else
@@ -26,17 +38,24 @@ fi
 async_rounds=50
 $quick && async_rounds=10
 async_log=$(mktemp)
-trap 'rm -f "$crash_log" "$async_log"' EXIT
+trap 'rm -f "$crash_log" "$async_log" "$ready_log"' EXIT
 if KVS_CRASH_ROUNDS=$async_rounds "$build/tests/persist/test_async" >"$async_log" 2>&1; then
     async_lost=0
 else
     async_lost=unknown
     cat "$async_log" >&2
 fi
-python3 - "$out" "$rounds" "$lost" "$crash_log" "$async_lost" "$async_log" <<'PY'
+python3 - "$out" "$rounds" "$lost" "$crash_log" "$async_lost" "$async_log" "$ready_log" <<'PY'
 import json, re, sys
-path, rounds, lost, log, async_lost, async_log = sys.argv[1:]
+path, rounds, lost, log, async_lost, async_log, ready_log = sys.argv[1:]
 r = json.load(open(path))
+for line in open(ready_log):
+    row = json.loads(line)
+    row["kvstored_ready"] = True
+    r["rows"].append(row)
+    if row["load"] in ("warm", "eager") and row["ready_s"] is not None:
+        key = "kvstored_ready_s" + ("" if row["load"] == "warm" else "_eager")
+        r["metrics"][key] = row["ready_s"]
 text = open(log).read()
 m = re.search(r"crash rounds: (\d+), tokens acknowledged (\d+) \+ (\d+)", text)
 if m and lost == "0":

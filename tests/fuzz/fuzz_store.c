@@ -6,7 +6,8 @@
  * of it, opens the copy, and aborts unless:
  * - the open returns KVS_ECORRUPT or an I/O error, and removed no file; or
  * - it succeeds, no table file disappeared, all three sequences are there,
- *   and each reads back bit for bit or is quarantined (KVS_EQUARANTINED).
+ *   and each reads back bit for bit or is quarantined (KVS_EQUARANTINED,
+ *   or KVS_ECORRUPT from the read that found the damage).
  *
  * Input: [0] file kind (table, MANIFEST, CURRENT, OPTIONS, WAL, LOCK),
  * [1] action (flip bytes, truncate, delete), [2..5] offset (LE, modulo the
@@ -301,7 +302,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (have != tokens[id][l])
                 die("%s: a sequence lost tokens silently%s", what, "");
             r = kvs_seq_read(s, id, l, 0, (uint32_t)have, k, v);
-            if (r == KVS_EQUARANTINED) {
+            /* KVS_ECORRUPT: this read found the damage (a lazy open reads
+             * records on first use) and quarantined the sequence. */
+            if (r == KVS_EQUARANTINED || r == KVS_ECORRUPT) {
                 q = 1;
                 continue;
             }

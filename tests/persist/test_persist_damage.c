@@ -8,7 +8,8 @@
  * - a table file cut short or deleted refuses the open the same way (it
  *   used to abort in a RocksDB assertion);
  * - a damaged table block quarantines exactly the sequences whose records
- *   it holds (found independently with point lookups), no neighbour;
+ *   it holds (found independently with point lookups), no neighbour, at
+ *   an eager open, by the first reads after a lazy one, and at page-in;
  * - the directory is 0700 and every file in it 0600, after writes and a
  *   compaction;
  * - after the disk fills, later writes say KVS_ENOSPC and that the disk is
@@ -72,13 +73,18 @@ static kvs_store_t *open_dir(const char *dir, kvs_sync_t sync) {
     return s;
 }
 
-static int try_open(const char *dir, kvs_store_t **s) {
+static int try_open_load(const char *dir, kvs_store_t **s, kvs_load_t load) {
     kvs_options_t o;
     kvs_options_default(&o);
     o.data_dir = dir;
     o.segment_tokens = SEG;
     o.n_threads = 2;
+    o.load = load;
     return kvs_store_open(&o, s);
+}
+
+static int try_open(const char *dir, kvs_store_t **s) {
+    return try_open_load(dir, s, KVS_LOAD_DEFAULT);
 }
 
 static void append_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
@@ -549,12 +555,27 @@ static long table_index_offset(const char *dir, const char *name) {
 }
 
 /* Each sequence is quarantined iff `damaged` says so; the others read
- * back bit for bit. */
+ * back bit for bit. A read that finds the damage itself (a lazy open's
+ * first read, or a page-in) gets KVS_ECORRUPT naming the sequence; later
+ * ones KVS_EQUARANTINED. */
+static int ecorrupt_seen; /* reads that found the damage themselves */
+
 static void check_quarantine(kvs_store_t *s, const int damaged[Q_SEQS + 1],
                              const char *what) {
     for (uint64_t id = 1; id <= Q_SEQS; id++)
         for (uint32_t l = 0; l < N_LAYERS; l++) {
             int rc = tokens_match(s, id, l, Q_TOKENS);
+            if (rc == KVS_ECORRUPT) {
+                char name[40];
+                snprintf(name, sizeof name,
+                         "sequence %llu:", (unsigned long long)id);
+                if (!strstr(kvs_store_errmsg(s), name))
+                    fail_msg("%s: KVS_ECORRUPT without the sequence named: "
+                             "%s",
+                             what, kvs_store_errmsg(s));
+                ecorrupt_seen++;
+                rc = KVS_EQUARANTINED;
+            }
             if (damaged[id] && rc != KVS_EQUARANTINED)
                 fail_msg("%s: sequence %llu has an unreadable record but "
                          "reads (%d)",
@@ -601,28 +622,38 @@ static void test_persist_damage_quarantine_exact(void **state) {
                 if (w == 3 ? n_damaged == 2 : n_damaged > 0)
                     break;
             }
-            sh("rm -rf '%s' && cp -a '%s' '%s'", work, pristine, work);
-            flip(work, name, off, 16);
-            kvs_store_t *s = NULL;
-            int rc = try_open(work, &s);
-            if (rc)
-                fail_msg("open after a data block flip: %s",
-                         kvs_store_open_error());
-            char what[200];
-            snprintf(what, sizeof what, "%s table %s at %ld (open)", fams[fam],
-                     name, off);
-            kvs_store_stats_t st;
-            assert_int_equal(kvs_store_stats(s, &st), 0);
-            check_quarantine(s, damaged, what);
-            assert_int_equal(st.quarantined, (uint64_t)n_damaged);
-            assert_int_equal(kvs_store_close(s), 0);
-            print_message("%s: %d of %d sequences quarantined, as the point "
-                          "lookups say\n",
-                          what, n_damaged, Q_SEQS);
-            cases++;
+            /* Eager: found at open. Lazy: found by the first read (or at
+             * open, where the last record of a head is the damaged one),
+             * and the same sequences in the end. */
+            for (int lazy = 0; lazy < 2; lazy++) {
+                sh("rm -rf '%s' && cp -a '%s' '%s'", work, pristine, work);
+                flip(work, name, off, 16);
+                kvs_store_t *s = NULL;
+                int rc = try_open_load(work, &s,
+                                       lazy ? KVS_LOAD_LAZY : KVS_LOAD_EAGER);
+                if (rc)
+                    fail_msg("open after a data block flip: %s",
+                             kvs_store_open_error());
+                char what[200];
+                snprintf(what, sizeof what, "%s table %s at %ld (%s open)",
+                         fams[fam], name, off, lazy ? "lazy" : "eager");
+                kvs_store_stats_t st;
+                assert_int_equal(kvs_store_stats(s, &st), 0);
+                uint64_t at_open = st.quarantined;
+                check_quarantine(s, damaged, what);
+                if (lazy)
+                    assert_int_equal(kvs_store_stats(s, &st), 0);
+                assert_int_equal(st.quarantined, (uint64_t)n_damaged);
+                assert_int_equal(kvs_store_close(s), 0);
+                print_message("%s: %d of %d sequences quarantined (%llu at "
+                              "open), as the point lookups say\n",
+                              what, n_damaged, Q_SEQS,
+                              (unsigned long long)at_open);
+                cases++;
+            }
         }
     }
-    assert_int_equal(cases, 7);
+    assert_int_equal(cases, 14);
     sh("rm -rf '%s' '%s' '%s'", pristine, work, probe);
     free(pristine), free(work), free(probe);
 }
@@ -661,6 +692,50 @@ static void test_persist_damage_quarantine_page_in(void **state) {
     assert_true(st.page_ins > page_ins);
     print_message("%s: %d of %d sequences quarantined, as the point lookups "
                   "say\n",
+                  what, n_damaged, Q_SEQS);
+    assert_int_equal(kvs_store_close(s), 0);
+    sh("rm -rf '%s' '%s'", dir, probe);
+    free(dir), free(probe);
+}
+
+/* After a lazy open (no warm-up), a block damaged under the open store is
+ * found by the first read of each sequence it holds: that read gets
+ * KVS_ECORRUPT naming the sequence, only those sequences are quarantined,
+ * and none of it counts as a page-in. */
+static void test_persist_damage_quarantine_lazy_first_use(void **state) {
+    (void)state;
+    char *dir = temp_dir(), *probe = temp_dir();
+    build_q_store(dir, 0, NULL);
+    kvs_store_t *s = NULL;
+    assert_int_equal(try_open_load(dir, &s, KVS_LOAD_LAZY), 0);
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.quarantined, 0);
+    char cmd[600], name[64] = "";
+    snprintf(cmd, sizeof cmd, "cd '%s' && ls -1S *.sst | head -1", dir);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    assert_non_null(fgets(name, sizeof name, p));
+    pclose(p);
+    name[strcspn(name, "\n")] = 0;
+    long off = table_index_offset(dir, name) / 2;
+    int damaged[Q_SEQS + 1], n_damaged;
+    sh("rm -rf '%s' && cp -a '%s' '%s' && rm -f '%s/LOCK'", probe, dir, probe,
+       probe);
+    flip(probe, name, off, 16);
+    n_damaged = unreadable_seqs(probe, damaged);
+    assert_true(n_damaged > 0);
+    flip(dir, name, off, 16); /* under the open store */
+    char what[200];
+    snprintf(what, sizeof what, "%s at %ld (lazy open, first use)", name, off);
+    ecorrupt_seen = 0;
+    check_quarantine(s, damaged, what);
+    assert_int_equal(ecorrupt_seen, n_damaged);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.quarantined, (uint64_t)n_damaged);
+    assert_int_equal(st.page_ins, 0);
+    print_message("%s: %d of %d sequences quarantined, each by its first "
+                  "read (KVS_ECORRUPT)\n",
                   what, n_damaged, Q_SEQS);
     assert_int_equal(kvs_store_close(s), 0);
     sh("rm -rf '%s' '%s'", dir, probe);
@@ -920,6 +995,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_persist_damage_sst_truncated_or_deleted),
         cmocka_unit_test(test_persist_damage_quarantine_exact),
         cmocka_unit_test(test_persist_damage_quarantine_page_in),
+        cmocka_unit_test(test_persist_damage_quarantine_lazy_first_use),
         cmocka_unit_test(test_persist_damage_file_modes),
         cmocka_unit_test(test_persist_damage_in_use_refused),
         cmocka_unit_test(test_persist_damage_disk_full_close),
