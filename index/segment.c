@@ -83,18 +83,6 @@ static inline void seg_acc_row(double *acc, const float *x, uint32_t d) {
         acc[j] += x[j];
 }
 
-/* acc[j] += x[j] for j < d in fp32, four at a time. */
-static inline void seg_acc_row_f(float *acc, const float *x, uint32_t d) {
-    uint32_t j = 0;
-#ifdef __SSE2__
-    for (; j + 4 <= d; j += 4)
-        _mm_storeu_ps(acc + j,
-                      _mm_add_ps(_mm_loadu_ps(acc + j), _mm_loadu_ps(x + j)));
-#endif
-    for (; j < d; j++)
-        acc[j] += x[j];
-}
-
 /* Index of the largest of x[0..n), the first one on ties. */
 static uint32_t seg_argmax(const float *x, uint32_t n, float *best) {
 #ifdef __SSE2__
@@ -181,23 +169,21 @@ static int seg_gain_cmp(const void *a, const void *b) {
  * evenly spaced sample of SEG_SAMPLE_PER_CLUSTER keys per cluster, and
  * stops once at most SEG_EPS of the sample's labels change instead of
  * waiting for none: the sample only has to get the centroids close. Then
- * up to SEG_REFINE_ITERS iterations over every key (stopping when none
- * changes) fit them to the whole segment before the final assignment; on
- * real keys one such pass left the attention error a little higher than
- * two. Keys of a segment are a run of tokens whose neighbours look alike,
- * so an evenly spaced sample covers the segment's clusters as well as a
- * random one, and needs no random draws.
+ * SEG_REFINE_ITERS iterations over every key fit them to the whole segment
+ * before the final assignment (two such passes scored no better on the
+ * recall and accuracy benchmarks). Keys of a segment are a run of tokens
+ * whose neighbours look alike, so an evenly spaced sample covers the
+ * segment's clusters as well as a random one, and needs no random draws.
  */
 #define SEG_SAMPLE_PER_CLUSTER 4
-#define SEG_EPS 0.03
-#define SEG_REFINE_ITERS 2
+#define SEG_EPS 0.01
+#define SEG_REFINE_ITERS 1
 
 typedef struct seg_km_cfg_s {
     uint32_t iters;  /* iteration cap */
     double eps;      /* stop when at most eps * rows labels change */
     uint32_t sample; /* rows to iterate on (0: all) */
     uint32_t refine; /* iterations over all rows after the sample's */
-    int fsum;        /* centroid sums in fp32 (else double) */
 } seg_km_cfg_t;
 
 /* KVS_KMEANS=full in the environment selects the k-means of before #14
@@ -205,16 +191,13 @@ typedef struct seg_km_cfg_s {
  * benchmarks can measure both in one process, as KVS_FORCE_SCALAR does for
  * the kernels. */
 static seg_km_cfg_t seg_km_cfg(const kvs_build_params_t *p, uint32_t k) {
-    seg_km_cfg_t c = {p->kmeans_iters, 0, 0, 0, 0};
+    seg_km_cfg_t c = {p->kmeans_iters, 0, 0, 0};
     const char *m = getenv("KVS_KMEANS");
     if (m && !strcmp(m, "full"))
         return c;
     c.eps = SEG_EPS;
     c.sample = SEG_SAMPLE_PER_CLUSTER * k;
     c.refine = SEG_REFINE_ITERS;
-    /* A centroid is normalised after its sum: fp32 sums of a few dozen
-     * keys lose nothing that matters, at half the cost of double. */
-    c.fsum = 1;
     return c;
 }
 
@@ -243,8 +226,7 @@ static int seg_kmeans(const kvs_build_params_t *p, const seg_km_cfg_t *cfg,
                       uint32_t k, const float *xs, float *cent, uint32_t *label,
                       float *score) {
     uint32_t brows = seg_block_rows(ns, k);
-    double *sum = cfg->fsum ? NULL : malloc(sizeof(*sum) * (size_t)k * d);
-    float *fsum = cfg->fsum ? malloc(sizeof(*fsum) * (size_t)k * d) : NULL;
+    double *sum = malloc(sizeof(*sum) * (size_t)k * d);
     float *buf = malloc(sizeof(*buf) * (size_t)brows * k);
     uint32_t *perm = malloc(sizeof(*perm) * ns);
     uint32_t *cnt = malloc(sizeof(*cnt) * k);
@@ -254,7 +236,7 @@ static int seg_kmeans(const kvs_build_params_t *p, const seg_km_cfg_t *cfg,
     int reseeded = 0;
     int rc = 0;
 
-    if ((!sum && !fsum) || !buf || !perm || !cnt || !norm || !prev || !gain) {
+    if (!sum || !buf || !perm || !cnt || !norm || !prev || !gain) {
         rc = KVS_ENOMEM;
         goto out;
     }
@@ -287,17 +269,10 @@ static int seg_kmeans(const kvs_build_params_t *p, const seg_km_cfg_t *cfg,
         }
         memcpy(prev, label, sizeof(*prev) * ns);
         reseeded = 0;
-        if (fsum)
-            memset(fsum, 0, sizeof(*fsum) * (size_t)k * d);
-        else
-            memset(sum, 0, sizeof(*sum) * (size_t)k * d);
+        memset(sum, 0, sizeof(*sum) * (size_t)k * d);
         memset(cnt, 0, sizeof(*cnt) * k);
         for (uint32_t i = 0; i < ns; i++) {
-            if (fsum)
-                seg_acc_row_f(fsum + (size_t)label[i] * d, xs + (size_t)i * d,
-                              d);
-            else
-                seg_acc_row(sum + (size_t)label[i] * d, xs + (size_t)i * d, d);
+            seg_acc_row(sum + (size_t)label[i] * d, xs + (size_t)i * d, d);
             cnt[label[i]]++;
         }
         uint32_t n_empty = 0;
@@ -325,14 +300,12 @@ static int seg_kmeans(const kvs_build_params_t *p, const seg_km_cfg_t *cfg,
                 continue;
             }
             for (uint32_t j = 0; j < d; j++)
-                cc[j] = fsum ? fsum[(size_t)c * d + j]
-                             : (float)sum[(size_t)c * d + j];
+                cc[j] = (float)sum[(size_t)c * d + j];
         }
         seg_normalize_rows(cent, k, d);
     }
 out:
     free(sum);
-    free(fsum);
     free(buf);
     free(perm);
     free(cnt);
@@ -368,13 +341,9 @@ static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
     }
     rc = seg_kmeans(p, &cfg, cfg.iters, 1, d, ns, k, ns < n ? xs : xc, cent,
                     label, score);
-    if (!rc && ns < n && cfg.refine) {
-        /* Over every key, stop only when nothing changes. */
-        seg_km_cfg_t all = cfg;
-        all.eps = 0;
+    if (!rc && ns < n && cfg.refine)
         rc =
-            seg_kmeans(p, &all, cfg.refine, 0, d, n, k, xc, cent, label, score);
-    }
+            seg_kmeans(p, &cfg, cfg.refine, 0, d, n, k, xc, cent, label, score);
     if (rc) {
         rc = kvs__errf(err, errlen, rc, "out of memory");
         goto out;
