@@ -196,7 +196,10 @@ static seg_km_cfg_t seg_km_cfg(const kvs_build_params_t *p, uint32_t k) {
     if (m && !strcmp(m, "full"))
         return c;
     c.eps = SEG_EPS;
-    c.sample = SEG_SAMPLE_PER_CLUSTER * k;
+    /* 0 (every row) where 4 k would not fit: no sample is smaller. */
+    c.sample = k <= UINT32_MAX / SEG_SAMPLE_PER_CLUSTER
+                   ? SEG_SAMPLE_PER_CLUSTER * k
+                   : 0;
     c.refine = SEG_REFINE_ITERS;
     return c;
 }
