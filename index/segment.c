@@ -8,8 +8,10 @@
  * what the segment stores (keys, centroids) is raw. Spherical
  * maximum-inner-product k-means (normalised centroids, assignment by largest
  * inner product; the algorithm of faiss::Clustering with spherical = 1, run
- * here on sgemm, see seg_cluster) runs for `kmeans_iters` iterations; then
- * every centred key is assigned once more to its best normalised centroid,
+ * here on sgemm, see seg_kmeans) runs for up to `kmeans_iters` iterations on
+ * a sample of the keys, then once over all of them (SEG_SAMPLE_PER_CLUSTER
+ * below says why); then every centred key is assigned once more to its
+ * best normalised centroid,
  * and each centroid becomes the plain mean of its members' raw keys, which
  * is what q.c must estimate at query time.
  * Empty clusters are dropped, slots are counting-sorted by cluster (token
@@ -21,6 +23,7 @@
  * with plain malloc() and release it the same way. docs/index.md has the
  * details.
  */
+#include "codes_int.h"
 #include "kvs_index.h"
 
 #include "kvs_errf.h"
@@ -59,6 +62,25 @@ static void seg_normalize_rows(float *x, size_t rows, uint32_t d) {
                 r[j] *= inv;
         }
     }
+}
+
+/* acc[j] += x[j] for j < d, in double: the same sums as the scalar loop
+ * (each element is one exact conversion and one rounding add), two at a
+ * time. */
+static inline void seg_acc_row(double *acc, const float *x, uint32_t d) {
+    uint32_t j = 0;
+#ifdef __SSE2__
+    for (; j + 4 <= d; j += 4) {
+        __m128 v = _mm_loadu_ps(x + j);
+        _mm_storeu_pd(acc + j,
+                      _mm_add_pd(_mm_loadu_pd(acc + j), _mm_cvtps_pd(v)));
+        _mm_storeu_pd(acc + j + 2,
+                      _mm_add_pd(_mm_loadu_pd(acc + j + 2),
+                                 _mm_cvtps_pd(_mm_movehl_ps(v, v))));
+    }
+#endif
+    for (; j < d; j++)
+        acc[j] += x[j];
 }
 
 /* Index of the largest of x[0..n), the first one on ties. */
@@ -142,101 +164,142 @@ static int seg_gain_cmp(const void *a, const void *b) {
 }
 
 /*
- * Spherical maximum-inner-product k-means of the centred keys xc [n][d] into
- * k clusters, then the final assignment: label[i] receives key i's cluster
- * in [0, k) against the last normalised centroids.
+ * The default k-means (#14: about the same index at a third of the cost;
+ * docs/index.md, "Build cost", has the measurements). It iterates on an
+ * evenly spaced sample of SEG_SAMPLE_PER_CLUSTER keys per cluster, and
+ * stops once at most SEG_EPS of the sample's labels change instead of
+ * waiting for none: the sample only has to get the centroids close. Then
+ * SEG_REFINE_ITERS iterations over every key fit them to the whole segment
+ * before the final assignment (two such passes scored no better on the
+ * recall and accuracy benchmarks). Keys of a segment are a run of tokens
+ * whose neighbours look alike, so an evenly spaced sample covers the
+ * segment's clusters as well as a random one, and needs no random draws.
+ */
+#define SEG_SAMPLE_PER_CLUSTER 4
+#define SEG_EPS 0.01
+#define SEG_REFINE_ITERS 1
+
+typedef struct seg_km_cfg_s {
+    uint32_t iters;  /* iteration cap */
+    double eps;      /* stop when at most eps * rows labels change */
+    uint32_t sample; /* rows to iterate on (0: all) */
+    uint32_t refine; /* iterations over all rows after the sample's */
+} seg_km_cfg_t;
+
+/* KVS_KMEANS=full in the environment selects the k-means of before #14
+ * (every key, kmeans_iters iterations or until no label changes), so that
+ * benchmarks can measure both in one process, as KVS_FORCE_SCALAR does for
+ * the kernels. */
+static seg_km_cfg_t seg_km_cfg(const kvs_build_params_t *p, uint32_t k) {
+    seg_km_cfg_t c = {p->kmeans_iters, 0, 0, 0};
+    const char *m = getenv("KVS_KMEANS");
+    if (m && !strcmp(m, "full"))
+        return c;
+    c.eps = SEG_EPS;
+    /* 0 (every row) where 4 k would not fit: no sample is smaller. */
+    c.sample = k <= UINT32_MAX / SEG_SAMPLE_PER_CLUSTER
+                   ? SEG_SAMPLE_PER_CLUSTER * k
+                   : 0;
+    c.refine = SEG_REFINE_ITERS;
+    return c;
+}
+
+/*
+ * Spherical maximum-inner-product k-means of the rows xs [ns][d] into k
+ * clusters, at most `iters` iterations: cent [k][d] receives the last
+ * normalised centroids; label/score [ns] are the last assignment's (the
+ * caller assigns once more). With `init`, centroids start as k distinct
+ * rows picked by the seed; without, from cent as given.
  *
- * Centroids start as k distinct keys picked by the seed. Each iteration
- * assigns every key to its best centroid (by inner product), sets each
- * centroid to the normalised sum of its members and re-seeds every empty
- * cluster with a key that gains most from a centroid of its own
- * (|x| - x.c, distinct keys for distinct clusters). Clusters can still end
- * up empty after the final assignment; the caller drops them.
+ * Each iteration assigns every row to its best centroid (by inner
+ * product), sets each centroid to the normalised sum of its members and
+ * re-seeds every empty cluster with a row that gains most from a centroid
+ * of its own (|x| - x.c, distinct rows for distinct clusters). It stops
+ * early once at most cfg->eps of the labels changed (none, for eps = 0:
+ * then the centroids would come out unchanged and every later assignment
+ * would repeat this one, so stopping is exact).
  *
  * Written on cblas_sgemm rather than faiss::Clustering (which is the same
  * algorithm): FAISS's OpenMP loops and OpenBLAS's own threads spin against
  * each other on a small machine, and FAISS reduces a whole block of scores
  * after writing it; see docs/index.md for the measurements.
  */
-static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
-                       uint32_t k, const float *xc, uint32_t *label,
-                       float *score, char *err, size_t errlen) {
-    uint32_t brows = seg_block_rows(n, k);
-    float *cent = malloc(sizeof(*cent) * (size_t)k * d);
+static int seg_kmeans(const kvs_build_params_t *p, const seg_km_cfg_t *cfg,
+                      uint32_t iters, int init, uint32_t d, uint32_t ns,
+                      uint32_t k, const float *xs, float *cent, uint32_t *label,
+                      float *score) {
+    uint32_t brows = seg_block_rows(ns, k);
     double *sum = malloc(sizeof(*sum) * (size_t)k * d);
     float *buf = malloc(sizeof(*buf) * (size_t)brows * k);
-    uint32_t *perm = malloc(sizeof(*perm) * n);
+    uint32_t *perm = malloc(sizeof(*perm) * ns);
     uint32_t *cnt = malloc(sizeof(*cnt) * k);
-    float *norm = malloc(sizeof(*norm) * n);
-    uint32_t *prev = malloc(sizeof(*prev) * n);
-    seg_gain_t *gain = malloc(sizeof(*gain) * n);
+    float *norm = malloc(sizeof(*norm) * ns);
+    uint32_t *prev = malloc(sizeof(*prev) * ns);
+    seg_gain_t *gain = malloc(sizeof(*gain) * ns);
     int reseeded = 0;
     int rc = 0;
 
-    if (!cent || !sum || !buf || !perm || !cnt || !norm || !prev || !gain) {
-        rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
+    if (!sum || !buf || !perm || !cnt || !norm || !prev || !gain) {
+        rc = KVS_ENOMEM;
         goto out;
     }
-    for (uint32_t i = 0; i < n; i++) {
-        double s = 0;
-        for (uint32_t j = 0; j < d; j++)
-            s += (double)xc[(size_t)i * d + j] * xc[(size_t)i * d + j];
-        norm[i] = (float)sqrt(s);
-    }
+    /* Norms only matter when a cluster empties: computed then, once. */
+    int have_norm = 0;
 
     /* Partial Fisher-Yates: k distinct keys. */
     kvs_rng_t st = {p->seed};
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; i < ns; i++)
         perm[i] = i;
-    for (uint32_t i = 0; i < k; i++) {
-        uint32_t j = i + (uint32_t)(kvs_rng_next(&st) % (n - i));
+    for (uint32_t i = 0; i < k && init; i++) {
+        uint32_t j = i + (uint32_t)(kvs_rng_next(&st) % (ns - i));
         uint32_t t = perm[i];
         perm[i] = perm[j];
         perm[j] = t;
-        memcpy(cent + (size_t)i * d, xc + (size_t)perm[i] * d,
+        memcpy(cent + (size_t)i * d, xs + (size_t)perm[i] * d,
                sizeof(*cent) * d);
     }
-    seg_normalize_rows(cent, k, d);
+    if (init)
+        seg_normalize_rows(cent, k, d);
 
-    for (uint32_t it = 0; it < p->kmeans_iters; it++) {
-        seg_assign(xc, n, d, cent, k, buf, brows, label, score);
-        /* Same labels as last time and no re-seeding: the centroids would
-         * come out unchanged, so every later assignment (the final one
-         * included) would repeat this one. Stopping is exact. */
-        int changed = it == 0 || reseeded;
-        for (uint32_t i = 0; i < n && !changed; i++)
-            changed = label[i] != prev[i];
-        if (!changed)
-            goto out;
-        memcpy(prev, label, sizeof(*prev) * n);
+    for (uint32_t it = 0; it < iters; it++) {
+        seg_assign(xs, ns, d, cent, k, buf, brows, label, score);
+        if (it > 0 && !reseeded) {
+            uint32_t changed = 0;
+            for (uint32_t i = 0; i < ns; i++)
+                changed += label[i] != prev[i];
+            if (changed <= cfg->eps * ns)
+                goto out;
+        }
+        memcpy(prev, label, sizeof(*prev) * ns);
         reseeded = 0;
         memset(sum, 0, sizeof(*sum) * (size_t)k * d);
         memset(cnt, 0, sizeof(*cnt) * k);
-        for (uint32_t i = 0; i < n; i++) {
-            double *s = sum + (size_t)label[i] * d;
-            const float *x = xc + (size_t)i * d;
-            for (uint32_t j = 0; j < d; j++)
-                s[j] += x[j];
+        for (uint32_t i = 0; i < ns; i++) {
+            seg_acc_row(sum + (size_t)label[i] * d, xs + (size_t)i * d, d);
             cnt[label[i]]++;
         }
-        /* Empty clusters take the keys that gain most from a centroid of
-         * their own, best first; a sort rather than a scan per cluster, so
-         * that k close to n stays O(n log n). */
         uint32_t n_empty = 0;
         for (uint32_t c = 0; c < k; c++)
             n_empty += cnt[c] == 0;
         if (n_empty) {
-            for (uint32_t i = 0; i < n; i++) {
+            for (uint32_t i = 0; i < ns && !have_norm; i++) {
+                double s = 0;
+                for (uint32_t j = 0; j < d; j++)
+                    s += (double)xs[(size_t)i * d + j] * xs[(size_t)i * d + j];
+                norm[i] = (float)sqrt(s);
+            }
+            have_norm = 1;
+            for (uint32_t i = 0; i < ns; i++) {
                 gain[i].gain = norm[i] - score[i];
                 gain[i].i = i;
             }
-            qsort(gain, n, sizeof(*gain), seg_gain_cmp);
+            qsort(gain, ns, sizeof(*gain), seg_gain_cmp);
             reseeded = 1;
         }
         for (uint32_t c = 0, e = 0; c < k; c++) {
             float *cc = cent + (size_t)c * d;
             if (cnt[c] == 0) {
-                memcpy(cc, xc + (size_t)gain[e++].i * d, sizeof(*cc) * d);
+                memcpy(cc, xs + (size_t)gain[e++].i * d, sizeof(*cc) * d);
                 continue;
             }
             for (uint32_t j = 0; j < d; j++)
@@ -244,9 +307,7 @@ static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
         }
         seg_normalize_rows(cent, k, d);
     }
-    seg_assign(xc, n, d, cent, k, buf, brows, label, score);
 out:
-    free(cent);
     free(sum);
     free(buf);
     free(perm);
@@ -254,6 +315,47 @@ out:
     free(norm);
     free(prev);
     free(gain);
+    return rc;
+}
+
+/*
+ * k-means of the centred keys xc [n][d] into k clusters, then the final
+ * assignment: label[i] receives key i's cluster in [0, k) against the last
+ * normalised centroids. Clusters can end up empty; the caller drops them.
+ */
+static int seg_cluster(const kvs_build_params_t *p, uint32_t d, uint32_t n,
+                       uint32_t k, const float *xc, uint32_t *label,
+                       float *score, char *err, size_t errlen) {
+    seg_km_cfg_t cfg = seg_km_cfg(p, k);
+    uint32_t ns = cfg.sample && cfg.sample < n ? cfg.sample : n;
+    float *cent = malloc(sizeof(*cent) * (size_t)k * d);
+    float *xs = ns < n ? malloc(sizeof(*xs) * (size_t)ns * d) : NULL;
+    float *buf = malloc(sizeof(*buf) * (size_t)seg_block_rows(n, k) * k);
+    int rc = 0;
+    if (!cent || !buf || (ns < n && !xs)) {
+        rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (ns < n) {
+        /* Evenly spaced rows: the segment is a run of tokens. */
+        for (uint32_t i = 0; i < ns; i++)
+            memcpy(xs + (size_t)i * d, xc + (size_t)((uint64_t)i * n / ns) * d,
+                   sizeof(*xs) * d);
+    }
+    rc = seg_kmeans(p, &cfg, cfg.iters, 1, d, ns, k, ns < n ? xs : xc, cent,
+                    label, score);
+    if (!rc && ns < n && cfg.refine)
+        rc =
+            seg_kmeans(p, &cfg, cfg.refine, 0, d, n, k, xc, cent, label, score);
+    if (rc) {
+        rc = kvs__errf(err, errlen, rc, "out of memory");
+        goto out;
+    }
+    seg_assign(xc, n, d, cent, k, buf, seg_block_rows(n, k), label, score);
+out:
+    free(cent);
+    free(xs);
+    free(buf);
     return rc;
 }
 
@@ -268,9 +370,7 @@ static uint32_t seg_mean_rows(kvs_dtype_t dtype, uint32_t d, const float *src,
     for (uint32_t s = lo; s < hi; s++) {
         if (skip && skip[s])
             continue;
-        const float *r = src + (size_t)s * d;
-        for (uint32_t j = 0; j < d; j++)
-            acc[j] += r[j];
+        seg_acc_row(acc, src + (size_t)s * d, d);
         cnt++;
     }
     for (uint32_t j = 0; j < d; j++)
@@ -380,6 +480,12 @@ uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n) {
     return k ? k : 1;
 }
 
+static int seg_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                           uint32_t d, uint64_t first_pos, uint32_t n,
+                           const void *keys, const void *values, uint32_t k,
+                           const uint32_t *label, const float *kf, float *xc,
+                           kvs_segment_t **out, char *err, size_t errlen);
+
 int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
                       uint32_t d, uint64_t first_pos, uint32_t n,
                       const void *keys, const void *values, kvs_segment_t **out,
@@ -393,9 +499,10 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
     float *kf = malloc(sizeof(*kf) * nd);
     float *xc = malloc(sizeof(*xc) * nd);
     double *acc = malloc(sizeof(*acc) * d);
+    float *mean = malloc(sizeof(*mean) * d);
     uint32_t *label = malloc(sizeof(*label) * n);
     float *score = malloc(sizeof(*score) * n);
-    if (!kf || !xc || !acc || !label || !score) {
+    if (!kf || !xc || !acc || !mean || !label || !score) {
         rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
         goto out;
     }
@@ -407,23 +514,34 @@ int kvs_segment_build(const kvs_build_params_t *params, kvs_dtype_t dtype,
     }
     memset(acc, 0, sizeof(*acc) * d);
     for (uint32_t i = 0; i < n; i++)
-        for (uint32_t j = 0; j < d; j++)
-            acc[j] += kf[(size_t)i * d + j];
-    for (uint32_t i = 0; i < n; i++)
-        for (uint32_t j = 0; j < d; j++)
-            xc[(size_t)i * d + j] = kf[(size_t)i * d + j] - (float)(acc[j] / n);
+        seg_acc_row(acc, kf + (size_t)i * d, d);
+    for (uint32_t j = 0; j < d; j++)
+        mean[j] = (float)(acc[j] / n);
+    for (uint32_t i = 0; i < n; i++) {
+        const float *r = kf + (size_t)i * d;
+        float *o = xc + (size_t)i * d;
+        uint32_t j = 0;
+#ifdef __SSE2__
+        for (; j + 4 <= d; j += 4)
+            _mm_storeu_ps(
+                o + j, _mm_sub_ps(_mm_loadu_ps(r + j), _mm_loadu_ps(mean + j)));
+#endif
+        for (; j < d; j++)
+            o[j] = r[j] - mean[j];
+    }
     if (k == 1) {
         memset(label, 0, sizeof(*label) * n);
     } else if ((rc = seg_cluster(params, d, n, k, xc, label, score, err,
                                  errlen))) {
         goto out;
     }
-    rc = kvs_segment_from_labels(params, dtype, d, first_pos, n, keys, values,
-                                 k, label, out, err, errlen);
+    rc = seg_from_labels(params, dtype, d, first_pos, n, keys, values, k, label,
+                         kf, xc, out, err, errlen);
 out:
     free(kf);
     free(xc);
     free(acc);
+    free(mean);
     free(label);
     free(score);
     return rc;
@@ -445,10 +563,37 @@ int kvs_segment_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
             return kvs__errf(err, errlen, KVS_EINVAL,
                              "label %u of token %u out of range (k=%u)",
                              label[i], i, k);
-    const size_t esz = kvs_dtype_size(dtype);
     const size_t nd = (size_t)n * d;
     float *kf = malloc(sizeof(*kf) * nd);
     float *xc = malloc(sizeof(*xc) * nd);
+    if (!kf || !xc) {
+        rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
+        goto out;
+    }
+    kvs_to_f32(dtype, keys, kf, nd);
+    if (!kvs_all_finite(KVS_DTYPE_F32, kf, nd)) {
+        rc = kvs__errf(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
+        goto out;
+    }
+    rc = seg_from_labels(params, dtype, d, first_pos, n, keys, values, k, label,
+                         kf, xc, out, err, errlen);
+out:
+    free(kf);
+    free(xc);
+    return rc;
+}
+
+/*
+ * kvs_segment_from_labels on checked arguments: kf [n][d] is the keys in
+ * fp32 (token order, finite), xc [n][d] scratch.
+ */
+static int seg_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
+                           uint32_t d, uint64_t first_pos, uint32_t n,
+                           const void *keys, const void *values, uint32_t k,
+                           const uint32_t *label, const float *kf, float *xc,
+                           kvs_segment_t **out, char *err, size_t errlen) {
+    const size_t esz = kvs_dtype_size(dtype);
+    const size_t nd = (size_t)n * d;
     double *acc = malloc(sizeof(*acc) * d);
     float *tmp = malloc(sizeof(*tmp) * d);
     uint32_t *cnt = calloc(k, sizeof(*cnt));
@@ -456,14 +601,9 @@ int kvs_segment_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
     uint32_t *fill = malloc(sizeof(*fill) * (k + 1));
     uint8_t *steady = calloc(n, 1);
     kvs_segment_t *seg = calloc(1, sizeof(*seg));
-    if (!kf || !xc || !acc || !tmp || !cnt || !remap || !fill || !steady ||
-        !seg) {
+    int rc;
+    if (!acc || !tmp || !cnt || !remap || !fill || !steady || !seg) {
         rc = kvs__errf(err, errlen, KVS_ENOMEM, "out of memory");
-        goto fail;
-    }
-    kvs_to_f32(dtype, keys, kf, nd);
-    if (!kvs_all_finite(KVS_DTYPE_F32, kf, nd)) {
-        rc = kvs__errf(err, errlen, KVS_ENOTFINITE, "keys contain NaN or Inf");
         goto fail;
     }
 
@@ -520,6 +660,12 @@ int kvs_segment_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
     for (uint32_t c = 0; c < nc; c++)
         seg_mean_rows(dtype, d, xc, seg->offsets[c], seg->offsets[c + 1], NULL,
                       acc, tmp, (char *)seg->centroids + esz * d * c);
+    /* Codes from the fp32 keys in hand (which they rotate in place). */
+    if (d % 32 == 0 && d <= KVS__CODES_MAX_D &&
+        (rc = kvs__segment_build_codes_f32(seg, params->seed, xc))) {
+        rc = kvs__errf(err, errlen, rc, "out of memory");
+        goto fail;
+    }
 
     /* Value means, from fp32 values in slot order (xc again). */
     kvs_to_f32(dtype, seg->values, xc, nd);
@@ -539,8 +685,6 @@ int kvs_segment_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
         rc = seg_adj_build(seg, steady, xc, SEG_ADJ_LAST, &seg->adj_last, acc,
                            tmp);
     }
-    if (rc == 0)
-        rc = kvs_segment_build_codes(seg, params->seed);
     if (rc) {
         rc = kvs__errf(err, errlen, rc, "out of memory");
         goto fail;
@@ -551,8 +695,6 @@ int kvs_segment_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
     rc = 0;
 fail:
     kvs_segment_free(seg);
-    free(kf);
-    free(xc);
     free(acc);
     free(tmp);
     free(cnt);

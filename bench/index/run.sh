@@ -1,7 +1,61 @@
 #!/usr/bin/env bash
 # bench/index/run.sh BUILD OUT [--quick] [args]: the `index` benchmark, called
-# by bench/run.sh index. Wave vs full attention per layer at 32K and 128K,
-# index build rate and memory overhead (bench/index/index_bench.c).
+# by bench/run.sh index.
+# 1. index_bench: wave vs full attention per layer at 32K and 128K, index
+#    build rate through the engine and memory overhead (synthetic keys);
+# 2. build_bench: the CPU segment build on real tinycode128 keys (a
+#    `kvdecode --dump` of the first 8K bytes of the C headers, 2K with
+#    --quick; KVS_INDEX_DUMP=FILE reuses one), the default k-means against
+#    the old one (KVS_KMEANS=full) in the same process: keys per CPU-second
+#    on one thread, quality of both. Skipped when the model is missing.
+# Both land in OUT: build_bench's rows beside index_bench's, its headline
+# numbers as build_* metrics.
 set -euo pipefail
 build=$1; out=$2; shift 2
+quick=0
+for a in "$@"; do [ "$a" = --quick ] && quick=1; done
 "$build/bench/index/index_bench" --json "$out" "$@"
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+model=${KVS_INDEX_MODEL:-$root/../shared/data/tinycode128.bin}
+[ -f "$model" ] || { echo "bench/index: $model not found, build_bench skipped" >&2; exit 0; }
+ctx=8192
+[ $quick = 1 ] && ctx=2048
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+dump=${KVS_INDEX_DUMP:-$tmp/qkv.bin}
+if [ ! -s "$dump" ]; then
+    { find /usr/include -maxdepth 1 -name '*.h' -type f -print0 | LC_ALL=C sort -z |
+          xargs -0 cat 2>/dev/null || true; } | head -c "$ctx" >"$tmp/text.txt"
+    "$build/tools/kvdecode/kvdecode" "$model" --text "$tmp/text.txt" --ctx "$ctx" \
+        --dump "$dump" --quiet --threads "${KVS_BENCH_THREADS:-2}" >&2
+fi
+# One BLAS thread: the rate is per core, as the engine runs one build per
+# core (docs/index.md, "Threads").
+OPENBLAS_NUM_THREADS=1 "$build/bench/index/build_bench" --dump "$dump" \
+    --reps "${KVS_INDEX_REPS:-3}" --json "$tmp/build.json"
+python3 - "$out" "$tmp/build.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+b = json.load(open(sys.argv[2]))
+by = {x["kmeans"]: x for x in b["rows"]}
+fast, full = by["fast"], by["full"]
+r["metrics"].update({
+    "build_keys_per_cpu_s": fast["build_keys_per_s"],
+    "build_keys_per_cpu_s_full_kmeans": full["build_keys_per_s"],
+    "build_speedup_vs_full_kmeans": round(fast["build_keys_per_s"] / full["build_keys_per_s"], 3),
+    "build_keys_read_median_ratio": round(fast["keys_read_median"] / full["keys_read_median"], 4),
+    "build_keys_read_p90_ratio": round(fast["keys_read_p90"] / full["keys_read_p90"], 4),
+})
+for x in b["rows"]:
+    x = dict(x, bench="build", input="tinycode128 kvdecode dump",
+             segment_tokens=b["segment_tokens"], cluster_tokens=b["cluster_tokens"],
+             kmeans_iters=b["kmeans_iters"], keys=b["keys"])
+    r["rows"].append(x)
+json.dump(r, open(sys.argv[1], "w"), indent=2)
+print("index build (one thread, CPU time): default %.0f keys/s, full k-means %.0f "
+      "keys/s (%.2fx); keys read to recall 0.95 median %.4f vs %.4f" % (
+          fast["build_keys_per_s"], full["build_keys_per_s"],
+          fast["build_keys_per_s"] / full["build_keys_per_s"],
+          fast["keys_read_median"], full["keys_read_median"]), file=sys.stderr)
+PY

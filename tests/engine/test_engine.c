@@ -339,8 +339,12 @@ static void test_engine_wave_full_budget_equals_exact(void **state) {
             double tol = dts[di] == KVS_DTYPE_F32 ? 1e-5 : 1e-4;
             assert_true(max_err_vs_ref(&f, q, out) < tol);
             assert_int_equal(st.keys_exact, 2500 * 2);
-            assert_int_equal(st.clusters_skipped, 0);
-            assert_int_equal(st.clusters_retrieved, st.clusters_total);
+            /* Every key is attended exactly; the only clusters skipped are
+             * those whose members are all steady (nothing left to
+             * retrieve), which depends on the clustering. */
+            assert_int_equal(st.clusters_retrieved + st.clusters_skipped,
+                             st.clusters_total);
+            assert_true(st.clusters_skipped <= 2 * 2 * 4);
             /* sinks 4 + window 64 + tail 452, per KV head */
             assert_int_equal(st.keys_steady, (4 + 64 + 452) * 2);
             /* Bounded mode with epsilon 0 retrieves everything too. */
