@@ -274,6 +274,7 @@ typedef struct call_s {
     float *scores;
     kvs_zone_stats_t stats[KVS_MAX_HEADS];
     int rc[KVS_MAX_HEADS];
+    float budget[KVS_MAX_HEADS]; /* attend: per-head budget (observe.c) */
 } call_t;
 
 static void attend_task(void *arg, uint32_t h) {
@@ -286,8 +287,10 @@ static void attend_task(void *arg, uint32_t h) {
     kvs_head_view_t v;
     head_view(c->s, c->q, &c->L->heads[h], &v);
     size_t off = (size_t)h * c->group * c->q->geo.head_dim;
+    kvs_rank_params_t rp = c->rp;
+    rp.budget_scale = c->budget[h];
     c->rc[h] = kvs_head_attend_ranked(&v, c->queries + off, c->group, &c->zp,
-                                      &c->rp, sc, c->out + off, &c->stats[h]);
+                                      &rp, sc, c->out + off, &c->stats[h]);
 }
 
 static void search_task(void *arg, uint32_t h) {
@@ -444,6 +447,14 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
         free(c);
         return kvs__fail(s, KVS_ERANGE, "layer %u is empty", layer);
     }
+    /* Per-head budgets. A failure here (out of memory for a reservoir)
+     * leaves every head at the call's budget: the answer stays what the
+     * call asked for, only not tuned. */
+    if (c->zp.exact ||
+        kvs__obs_attend(s, c->q, layer, queries, c->zp.retrieval_fraction,
+                        c->zp.scale, c->budget))
+        for (uint32_t h = 0; h < c->q->geo.n_kv_heads; h++)
+            c->budget[h] = 1.0f;
     if (!s->gpu || c->zp.exact || gpu_attend(s, c) != 0)
         kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
     kvs__rwunlock(&c->L->lock);

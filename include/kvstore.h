@@ -239,7 +239,20 @@ typedef struct kvs_options_s {
      * visible when its build finishes, and until then its keys are served
      * exactly from the tail (same accuracy or better, timing-dependent). */
     int32_t deterministic;
+    /* Per-head budgets (kvs_seq_observe_queries): query groups kept per
+     * (sequence, layer, KV head) in a seeded reservoir of the queries
+     * observed and of every wave attend's; 0: 16; at most
+     * KVS_OBSERVE_SAMPLES_MAX; < 0: off (nothing kept, every head takes
+     * the call's budget). The reservoirs cost observe_samples x
+     * (n_q_heads / n_kv_heads) x head_dim x 4 bytes per (layer, KV head)
+     * that has seen a query, counted in resident_bytes for as long as the
+     * sequence exists (eviction keeps them, like its bookkeeping). */
+    int32_t observe_samples;
 } kvs_options_t;
+
+#define KVS_OBSERVE_SAMPLES_MAX 4096
+/* Most query tokens one kvs_seq_observe_queries call takes. */
+#define KVS_OBSERVE_MAX 65536u
 
 /* Fill `opts` with the defaults above. */
 void kvs_options_default(kvs_options_t *opts);
@@ -329,6 +342,30 @@ typedef struct kvs_attend_stats_s {
 int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
                    const float *queries, const kvs_query_params_t *params,
                    float *out, kvs_attend_stats_t *stats);
+
+/*
+ * Show the store queries the decoder makes at `layer` of `seq`, so that it
+ * sizes each KV head's budget for them (per-head budgets): `queries` is
+ * [n][n_q_heads][head_dim] fp32, the layout of kvs_seq_attend's queries
+ * for n tokens (e.g. a sample of the prefill's queries, every k-th
+ * position). Each token's query group of KV head h goes into that head's
+ * reservoir (options.observe_samples, seeded: the same calls in the same
+ * order keep the same sample), which wave attends feed too. At the
+ * layer's next wave attend, and again whenever its index grows, the
+ * sample calibrates per (layer, KV head) multiples of the call's
+ * retrieval budget: one coverage target of the attention mass (steady
+ * zone plus the best keys) for all of the sequence's heads, chosen so
+ * that the multiples average at most 1, each head taking the smallest
+ * multiple (0.25 .. 4) that reaches it. They apply to wave attends that
+ * rank by codes (the default on the CPU); search, the centroid ranking and
+ * the GPU path take the call's budget as is. Nothing is stored on disk; a
+ * fork starts without observations. The queries are copied before return.
+ * With observe_samples < 0 the call validates and keeps nothing.
+ * Errors: KVS_ENOSEQ, KVS_ERANGE (layer), KVS_EINVAL (NULL, n 0),
+ * KVS_ETOOBIG (n > KVS_OBSERVE_MAX), KVS_ENOTFINITE, KVS_ENOMEM.
+ */
+int kvs_seq_observe_queries(kvs_store_t *store, uint64_t seq, uint32_t layer,
+                            uint32_t n, const float *queries);
 
 /*
  * Copy tokens pos .. pos+n of `layer` out, in the append layout

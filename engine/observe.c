@@ -1,0 +1,425 @@
+/*
+ * observe.c: the queries a sequence has seen, and the per-head budgets they
+ * calibrate (issue 13, "queries reach the index", "per-head budgets").
+ *
+ * Heads differ widely: on tinycode128 a few (layer, KV head) pairs need
+ * several times the keys of the others to cover the same attention mass, so
+ * one retrieval fraction for all of them spends keys where they are not
+ * needed and misses them where they are. Each (layer, KV head) keeps a
+ * bounded reservoir of the query groups it has seen (from
+ * kvs_seq_observe_queries, e.g. a sample of the prefill's queries, and
+ * from every wave attend). From it, per head, a coverage curve: the mean
+ * share of the attention mass held by the steady zone plus the R best
+ * indexed keys, for R on a grid of multiples of the call's budget. One
+ * coverage target is then chosen for the whole sequence so that the mean
+ * multiple over its calibrated heads stays at most 1 (the same mean
+ * budget), and each head gets the smallest multiple that reaches it.
+ * The multiple scales the codes paths' retrieval (kvs_rank_params_t
+ * budget_scale); the centroid paths and search are unchanged.
+ *
+ * Determinism: a head's reservoir is Algorithm R with a splitmix64 stream
+ * seeded from (sequence, layer, head); a layer recalibrates when its
+ * indexed tokens changed or its sample doubled since the last calibration.
+ * So the same appends, observations and attends in the same order give the
+ * same budgets (with opts.deterministic, an attend sees an index that
+ * depends only on the appends).
+ */
+#include "engine_int.h"
+
+#include <assert.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Budget multiples on the grid: 2^((j - 6) / 3), 0.25 .. 4. */
+#define GRID 13
+/* Fewest samples in a head's reservoir before it is calibrated. */
+#define MIN_SAMPLES 4
+
+typedef struct obs_head_s {
+    float *samples; /* [cap][group][d], NULL until the first offer */
+    uint32_t n;     /* samples held, <= cap */
+    uint64_t seen;  /* query groups offered */
+    uint64_t rng;
+    float cover[GRID]; /* coverage at each multiple (valid with has_curve) */
+    int has_curve;
+    float scale; /* the multiple applied at attend (1: uncalibrated) */
+} obs_head_t;
+
+struct kvs__obs_s {
+    uint32_t cap, row;          /* samples per head, floats per sample */
+    obs_head_t *heads;          /* [n_layers][n_kv_heads] */
+    uint64_t *calib_indexed;    /* [n_layers] indexed tokens at calibration */
+    uint32_t *calib_n;          /* [n_layers] samples held then (head 0) */
+    uint8_t *stale;             /* [n_layers] recalibrate at next attend */
+};
+
+static double grid_mult(int j) { return exp2((double)(j - 6) / 3.0); }
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint32_t obs_cap(const kvs_store_t *s) {
+    int32_t n = s->opts.observe_samples;
+    if (n == 0)
+        return KVS__OBSERVE_DEFAULT;
+    return n > KVS_OBSERVE_SAMPLES_MAX ? KVS_OBSERVE_SAMPLES_MAX : (uint32_t)n;
+}
+
+void kvs__obs_free(seq_t *q) {
+    kvs__obs_t *o = q->obs;
+    if (!o)
+        return;
+    size_t nh = (size_t)q->geo.n_layers * q->geo.n_kv_heads;
+    for (size_t i = 0; i < nh; i++)
+        free(o->heads[i].samples);
+    free(o->heads);
+    free(o->calib_indexed);
+    free(o->calib_n);
+    free(o->stale);
+    free(o);
+    q->obs = NULL;
+}
+
+static void obs_bytes_add(kvs_store_t *s, seq_t *q, int64_t delta) {
+    atomic_fetch_add(&q->obs_bytes, delta);
+    /* Leaves the store total at the drop (seq.c), with the rest. */
+    if (!atomic_load(&q->dropped))
+        atomic_fetch_add(&s->resident_bytes, delta);
+}
+
+/* The sequence's observation state, made on first use. Under obs_mu. */
+static int obs_get(kvs_store_t *s, seq_t *q, kvs__obs_t **out) {
+    assert(kvs__held(&q->obs_mu));
+    if (q->obs) {
+        *out = q->obs;
+        return 0;
+    }
+    const kvs_geometry_t *g = &q->geo;
+    size_t nh = (size_t)g->n_layers * g->n_kv_heads;
+    kvs__obs_t *o = calloc(1, sizeof *o);
+    if (!o)
+        return KVS_ENOMEM;
+    o->cap = obs_cap(s);
+    o->row = g->n_q_heads / g->n_kv_heads * g->head_dim;
+    o->heads = calloc(nh, sizeof *o->heads);
+    o->calib_indexed = calloc(g->n_layers, sizeof *o->calib_indexed);
+    o->calib_n = calloc(g->n_layers, sizeof *o->calib_n);
+    o->stale = calloc(g->n_layers, sizeof *o->stale);
+    if (!o->heads || !o->calib_indexed || !o->calib_n || !o->stale) {
+        free(o->heads);
+        free(o->calib_indexed);
+        free(o->calib_n);
+        free(o->stale);
+        free(o);
+        return KVS_ENOMEM;
+    }
+    for (size_t i = 0; i < nh; i++) {
+        o->heads[i].scale = 1.0f;
+        o->heads[i].rng = q->id ^ (0x6a09e667f3bcc909ull * (i + 1));
+    }
+    q->obs = o;
+    obs_bytes_add(s, q, (int64_t)(sizeof *o + nh * sizeof *o->heads +
+                                  g->n_layers * (sizeof *o->calib_indexed +
+                                                 sizeof *o->calib_n + 1)));
+    *out = o;
+    return 0;
+}
+
+/* Offer one query group ([group][d]) to a head's reservoir (Algorithm R). */
+static int offer(kvs_store_t *s, seq_t *q, kvs__obs_t *o, obs_head_t *h,
+                 const float *x) {
+    if (!h->samples) {
+        size_t bytes = (size_t)o->cap * o->row * sizeof(float);
+        if (!(h->samples = malloc(bytes)))
+            return KVS_ENOMEM;
+        obs_bytes_add(s, q, (int64_t)bytes);
+    }
+    h->seen++;
+    uint64_t slot = h->n;
+    if (h->n == o->cap) {
+        slot = splitmix64(&h->rng) % h->seen;
+        if (slot >= o->cap)
+            return 0;
+    } else {
+        h->n++;
+    }
+    memcpy(h->samples + slot * o->row, x, o->row * sizeof(float));
+    return 0;
+}
+
+/* Queries [n][n_q_heads][d]: each token's group of head h goes to head h's
+ * reservoir; `stale`: the layer recalibrates at its next attend. Under
+ * obs_mu. */
+static int offer_tokens(kvs_store_t *s, seq_t *q, uint32_t layer, uint32_t n,
+                        const float *queries, int stale) {
+    kvs__obs_t *o;
+    int rc = obs_get(s, q, &o);
+    if (rc)
+        return rc;
+    const uint32_t H = q->geo.n_kv_heads;
+    const size_t tok = (size_t)q->geo.n_q_heads * q->geo.head_dim;
+    for (uint32_t t = 0; t < n; t++)
+        for (uint32_t h = 0; h < H; h++)
+            if ((rc = offer(s, q, o, &o->heads[(size_t)layer * H + h],
+                            queries + t * tok + (size_t)h * o->row)))
+                return rc;
+    o->stale[layer] |= (uint8_t)stale;
+    return 0;
+}
+
+int kvs_seq_observe_queries(kvs_store_t *s, uint64_t id, uint32_t layer,
+                            uint32_t n, const float *queries) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (!queries)
+        return kvs__fail(s, KVS_EINVAL, "queries is NULL");
+    if (n == 0)
+        return kvs__fail(s, KVS_EINVAL, "zero queries");
+    if (n > KVS_OBSERVE_MAX)
+        return kvs__fail(s, KVS_ETOOBIG, "%u queries in one call (most %u)",
+                         n, KVS_OBSERVE_MAX);
+    int rc = 0;
+    seq_t *q = kvs__seq_lookup(s, id, &rc);
+    if (!q)
+        return rc;
+    const kvs_geometry_t *g = &q->geo;
+    if (layer >= g->n_layers) {
+        rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
+                       layer, g->n_layers);
+        goto out;
+    }
+    if (!kvs_all_finite(KVS_DTYPE_F32, queries,
+                        (size_t)n * g->n_q_heads * g->head_dim)) {
+        rc = kvs__fail(s, KVS_ENOTFINITE, "NaN or Inf in queries");
+        goto out;
+    }
+    if (s->opts.observe_samples < 0)
+        goto out; /* observation off: accepted, nothing kept */
+    kvs__lock(&q->obs_mu, KVS__RANK_OBS, 0);
+    rc = offer_tokens(s, q, layer, n, queries, 1);
+    kvs__unlock(&q->obs_mu);
+    if (rc)
+        rc = kvs__fail(s, rc, "query reservoir");
+out:
+    kvs__seq_unref(q);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Calibration                                                            */
+
+static int cmp_desc_f(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+/* Steady positions, as kvs_head_is_steady sees them for this head. */
+static int steady(const kvs_store_t *s, const head_t *hd, uint64_t pos) {
+    uint64_t w = s->opts.window_tokens;
+    uint64_t lo = hd->indexed_tokens > w ? hd->indexed_tokens - w : 0;
+    return pos < s->opts.sink_tokens || pos >= lo;
+}
+
+/*
+ * The coverage curve of one head from `n` samples (copied out of the
+ * reservoir): per sample and query head, exact softmax weights over every
+ * key of the head; cover[j] is the mean of (steady mass + the best R_j
+ * indexed non-steady weights), R_j = ceil(mult_j x rf x indexed) as the
+ * codes paths size R. Under the layer's read lock.
+ */
+static int head_curve(const kvs_store_t *s, const seq_t *q, const head_t *hd,
+                      const float *samples, uint32_t n, float rf,
+                      float scale, float *cover) {
+    const kvs_geometry_t *g = &q->geo;
+    const uint32_t G = g->n_q_heads / g->n_kv_heads, d = g->head_dim;
+    const size_t rb = q->row_bytes;
+    const uint64_t T = hd->indexed_tokens + hd->tail_len;
+    float *logit = malloc((size_t)G * T * sizeof(float));
+    float *w = malloc(T * sizeof(float));
+    uint8_t *st = malloc(T);
+    if (!logit || !w || !st) {
+        free(logit);
+        free(w);
+        free(st);
+        return KVS_ENOMEM;
+    }
+    /* Key order: segments in slot order, then the tail (steady). */
+    uint64_t k = 0;
+    for (uint32_t si = 0; si < hd->n_segments; si++) {
+        const kvs_segment_t *seg = hd->segments[si];
+        for (uint32_t j = 0; j < seg->n_tokens; j++)
+            st[k + j] = (uint8_t)steady(s, hd, seg->first_pos +
+                                                   seg->positions[j]);
+        k += seg->n_tokens;
+    }
+    memset(st + k, 1, T - k);
+    uint64_t R0 = (uint64_t)ceil((double)rf * (double)hd->indexed_tokens);
+    double acc[GRID] = {0};
+    for (uint32_t smp = 0; smp < n; smp++) {
+        const float *x = samples + (size_t)smp * G * d;
+        k = 0;
+        for (uint32_t si = 0; si < hd->n_segments; si++) {
+            const kvs_segment_t *seg = hd->segments[si];
+            kvs_dot_rows(g->dtype, x, G, seg->keys, seg->n_tokens, d, scale,
+                         logit + k, T);
+            k += seg->n_tokens;
+        }
+        if (hd->tail_len)
+            kvs_dot_rows(g->dtype, x, G, hd->tail_keys + hd->tail_start * rb,
+                         hd->tail_len, d, scale, logit + k, T);
+        for (uint32_t i = 0; i < G; i++) {
+            const float *l = logit + (size_t)i * T;
+            float m = kvs_max(l, T);
+            double z = 0, zs = 0;
+            uint64_t nw = 0;
+            for (uint64_t t = 0; t < T; t++) {
+                double e = exp((double)l[t] - m);
+                z += e;
+                if (st[t])
+                    zs += e;
+                else
+                    w[nw++] = (float)e;
+            }
+            qsort(w, nw, sizeof(float), cmp_desc_f);
+            double run = zs;
+            uint64_t used = 0;
+            for (int j = 0; j < GRID; j++) {
+                uint64_t R = (uint64_t)ceil(grid_mult(j) * (double)R0);
+                for (; used < R && used < nw; used++)
+                    run += w[used];
+                acc[j] += run / z;
+            }
+        }
+    }
+    for (int j = 0; j < GRID; j++)
+        cover[j] = (float)(acc[j] / ((double)n * G));
+    free(logit);
+    free(w);
+    free(st);
+    return 0;
+}
+
+/* The smallest grid multiple reaching coverage tau (the largest when none
+ * does). */
+static int mult_for(const obs_head_t *h, double tau) {
+    for (int j = 0; j < GRID; j++)
+        if (h->cover[j] >= tau)
+            return j;
+    return GRID - 1;
+}
+
+/* One coverage target for all calibrated heads of the sequence: the
+ * highest whose multiples average at most 1. Under obs_mu. */
+static void solve(const seq_t *q, kvs__obs_t *o) {
+    size_t nh = (size_t)q->geo.n_layers * q->geo.n_kv_heads, nc = 0;
+    for (size_t i = 0; i < nh; i++)
+        nc += o->heads[i].has_curve;
+    if (!nc)
+        return;
+    double lo = 0, hi = 1;
+    for (int it = 0; it < 40; it++) {
+        double tau = 0.5 * (lo + hi), sum = 0;
+        for (size_t i = 0; i < nh; i++)
+            if (o->heads[i].has_curve)
+                sum += grid_mult(mult_for(&o->heads[i], tau));
+        if (sum <= (double)nc + 1e-9)
+            lo = tau;
+        else
+            hi = tau;
+    }
+    for (size_t i = 0; i < nh; i++)
+        if (o->heads[i].has_curve)
+            o->heads[i].scale = (float)grid_mult(mult_for(&o->heads[i], lo));
+}
+
+/* Recalibrate `layer`: samples are copied out under obs_mu, the curves
+ * computed without it (other layers' attends go on), then stored and the
+ * targets solved under it again. Under the layer's read lock. */
+static int calibrate(kvs_store_t *s, seq_t *q, uint32_t layer, float rf,
+                     float scale) {
+    assert(kvs__held(&q->obs_mu));
+    kvs__obs_t *o = q->obs;
+    const uint32_t H = q->geo.n_kv_heads;
+    const layer_t *L = &q->layers[layer];
+    obs_head_t *oh = o->heads + (size_t)layer * H;
+    uint32_t cnt[KVS_MAX_HEADS];
+    size_t total = 0;
+    for (uint32_t h = 0; h < H; h++)
+        total += (size_t)(cnt[h] = oh[h].n) * o->row;
+    float *copy = malloc((total ? total : 1) * sizeof(float));
+    float(*cover)[GRID] = malloc(H * sizeof *cover);
+    if (!copy || !cover) {
+        free(copy);
+        free(cover);
+        return KVS_ENOMEM;
+    }
+    size_t off = 0;
+    for (uint32_t h = 0; h < H; h++) {
+        memcpy(copy + off, oh[h].samples, (size_t)cnt[h] * o->row * 4);
+        off += (size_t)cnt[h] * o->row;
+    }
+    o->stale[layer] = 0;
+    o->calib_n[layer] = cnt[0];
+    o->calib_indexed[layer] = L->heads[0].indexed_tokens;
+    kvs__unlock(&q->obs_mu);
+    int rc = 0;
+    off = 0;
+    for (uint32_t h = 0; h < H && !rc; h++) {
+        if (cnt[h] >= MIN_SAMPLES && L->heads[h].n_segments)
+            rc = head_curve(s, q, &L->heads[h], copy + off, cnt[h], rf, scale,
+                            cover[h]);
+        off += (size_t)cnt[h] * o->row;
+    }
+    kvs__lock(&q->obs_mu, KVS__RANK_OBS, 0);
+    for (uint32_t h = 0; h < H && !rc; h++) {
+        int ok = cnt[h] >= MIN_SAMPLES && L->heads[h].n_segments;
+        oh[h].has_curve = ok;
+        if (ok)
+            memcpy(oh[h].cover, cover[h], sizeof cover[h]);
+        else
+            oh[h].scale = 1.0f;
+    }
+    if (!rc)
+        solve(q, o);
+    free(copy);
+    free(cover);
+    return rc;
+}
+
+int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
+                    const float *queries, float rf, float scale_factor,
+                    float *scale) {
+    const uint32_t H = q->geo.n_kv_heads;
+    for (uint32_t h = 0; h < H; h++)
+        scale[h] = 1.0f;
+    if (s->opts.observe_samples < 0)
+        return 0;
+    assert(kvs__held(&q->layers[layer].lock));
+    kvs__lock(&q->obs_mu, KVS__RANK_OBS, 0);
+    int rc = offer_tokens(s, q, layer, 1, queries, 0);
+    kvs__obs_t *o = q->obs;
+    if (!rc) {
+        const layer_t *L = &q->layers[layer];
+        uint32_t n0 = o->heads[(size_t)layer * H].n;
+        /* Redo the curves when the index or the sample moved: an observe
+         * call, a new segment, or a sample twice that of the last
+         * calibration (decode attends filling the reservoir). */
+        int redo = n0 >= MIN_SAMPLES && L->heads[0].n_segments &&
+                   (o->stale[layer] ||
+                    o->calib_indexed[layer] != L->heads[0].indexed_tokens ||
+                    n0 >= 2 * o->calib_n[layer]);
+        if (redo)
+            rc = calibrate(s, q, layer, rf, scale_factor);
+    }
+    if (!rc)
+        for (uint32_t h = 0; h < H; h++)
+            scale[h] = o->heads[(size_t)layer * H + h].scale;
+    kvs__unlock(&q->obs_mu);
+    return rc;
+}
