@@ -47,14 +47,17 @@ typedef struct obs_head_s {
 } obs_head_t;
 
 struct kvs__obs_s {
-    uint32_t cap, row;          /* samples per head, floats per sample */
-    obs_head_t *heads;          /* [n_layers][n_kv_heads] */
-    uint64_t *calib_indexed;    /* [n_layers] indexed tokens at calibration */
-    uint32_t *calib_n;          /* [n_layers] samples held then (head 0) */
-    uint8_t *stale;             /* [n_layers] recalibrate at next attend */
+    uint32_t cap, row;       /* samples per head, floats per sample */
+    obs_head_t *heads;       /* [n_layers][n_kv_heads] */
+    uint64_t *calib_indexed; /* [n_layers] indexed tokens at calibration */
+    uint32_t *calib_n;       /* [n_layers] samples held then (head 0) */
+    float *calib_rf;         /* [n_layers] the retrieval fraction then */
+    uint8_t *stale;          /* [n_layers] recalibrate at next attend */
 };
 
-static double grid_mult(int j) { return exp2((double)(j - 6) / 3.0); }
+static double grid_mult(int j) {
+    return exp2((double)(j - 6) / 3.0);
+}
 
 static uint64_t splitmix64(uint64_t *x) {
     uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
@@ -80,6 +83,7 @@ void kvs__obs_free(seq_t *q) {
     free(o->heads);
     free(o->calib_indexed);
     free(o->calib_n);
+    free(o->calib_rf);
     free(o->stale);
     free(o);
     q->obs = NULL;
@@ -109,11 +113,14 @@ static int obs_get(kvs_store_t *s, seq_t *q, kvs__obs_t **out) {
     o->heads = calloc(nh, sizeof *o->heads);
     o->calib_indexed = calloc(g->n_layers, sizeof *o->calib_indexed);
     o->calib_n = calloc(g->n_layers, sizeof *o->calib_n);
+    o->calib_rf = calloc(g->n_layers, sizeof *o->calib_rf);
     o->stale = calloc(g->n_layers, sizeof *o->stale);
-    if (!o->heads || !o->calib_indexed || !o->calib_n || !o->stale) {
+    if (!o->heads || !o->calib_indexed || !o->calib_n || !o->calib_rf ||
+        !o->stale) {
         free(o->heads);
         free(o->calib_indexed);
         free(o->calib_n);
+        free(o->calib_rf);
         free(o->stale);
         free(o);
         return KVS_ENOMEM;
@@ -123,9 +130,11 @@ static int obs_get(kvs_store_t *s, seq_t *q, kvs__obs_t **out) {
         o->heads[i].rng = q->id ^ (0x6a09e667f3bcc909ull * (i + 1));
     }
     q->obs = o;
-    obs_bytes_add(s, q, (int64_t)(sizeof *o + nh * sizeof *o->heads +
-                                  g->n_layers * (sizeof *o->calib_indexed +
-                                                 sizeof *o->calib_n + 1)));
+    obs_bytes_add(
+        s, q,
+        (int64_t)(sizeof *o + nh * sizeof *o->heads +
+                  g->n_layers * (sizeof *o->calib_indexed + sizeof *o->calib_n +
+                                 sizeof *o->calib_rf + 1)));
     *out = o;
     return 0;
 }
@@ -182,8 +191,8 @@ int kvs_seq_observe_queries(kvs_store_t *s, uint64_t id, uint32_t layer,
     if (n == 0)
         return kvs__fail(s, KVS_EINVAL, "zero queries");
     if (n > KVS_OBSERVE_MAX)
-        return kvs__fail(s, KVS_ETOOBIG, "%u queries in one call (most %u)",
-                         n, KVS_OBSERVE_MAX);
+        return kvs__fail(s, KVS_ETOOBIG, "%u queries in one call (most %u)", n,
+                         KVS_OBSERVE_MAX);
     int rc = 0;
     seq_t *q = kvs__seq_lookup(s, id, &rc);
     if (!q)
@@ -234,8 +243,8 @@ static int steady(const kvs_store_t *s, const head_t *hd, uint64_t pos) {
  * codes paths size R. Under the layer's read lock.
  */
 static int head_curve(const kvs_store_t *s, const seq_t *q, const head_t *hd,
-                      const float *samples, uint32_t n, float rf,
-                      float scale, float *cover) {
+                      const float *samples, uint32_t n, float rf, float scale,
+                      float *cover) {
     const kvs_geometry_t *g = &q->geo;
     const uint32_t G = g->n_q_heads / g->n_kv_heads, d = g->head_dim;
     const size_t rb = q->row_bytes;
@@ -254,8 +263,8 @@ static int head_curve(const kvs_store_t *s, const seq_t *q, const head_t *hd,
     for (uint32_t si = 0; si < hd->n_segments; si++) {
         const kvs_segment_t *seg = hd->segments[si];
         for (uint32_t j = 0; j < seg->n_tokens; j++)
-            st[k + j] = (uint8_t)steady(s, hd, seg->first_pos +
-                                                   seg->positions[j]);
+            st[k + j] =
+                (uint8_t)steady(s, hd, seg->first_pos + seg->positions[j]);
         k += seg->n_tokens;
     }
     memset(st + k, 1, T - k);
@@ -367,6 +376,7 @@ static int calibrate(kvs_store_t *s, seq_t *q, uint32_t layer, float rf,
     o->stale[layer] = 0;
     o->calib_n[layer] = cnt[0];
     o->calib_indexed[layer] = L->heads[0].indexed_tokens;
+    o->calib_rf[layer] = rf;
     kvs__unlock(&q->obs_mu);
     int rc = 0;
     off = 0;
@@ -404,20 +414,24 @@ int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
     kvs__lock(&q->obs_mu, KVS__RANK_OBS, 0);
     int rc = offer_tokens(s, q, layer, 1, queries, 0);
     kvs__obs_t *o = q->obs;
-    if (!rc) {
+    /* The multiples keep the mean budget only while no head's R is cut
+     * at all the keys: a call asking for more than 1/4 of them (near
+     * exact, e.g. retrieval 1 in tests) takes its own budget as is. */
+    int apply = rf > 0 && (double)rf * grid_mult(GRID - 1) <= 1;
+    if (!rc && apply) {
         const layer_t *L = &q->layers[layer];
         uint32_t n0 = o->heads[(size_t)layer * H].n;
         /* Redo the curves when the index or the sample moved: an observe
          * call, a new segment, or a sample twice that of the last
          * calibration (decode attends filling the reservoir). */
         int redo = n0 >= MIN_SAMPLES && L->heads[0].n_segments &&
-                   (o->stale[layer] ||
+                   (o->stale[layer] || o->calib_rf[layer] != rf ||
                     o->calib_indexed[layer] != L->heads[0].indexed_tokens ||
                     n0 >= 2 * o->calib_n[layer]);
         if (redo)
             rc = calibrate(s, q, layer, rf, scale_factor);
     }
-    if (!rc)
+    if (!rc && apply)
         for (uint32_t h = 0; h < H; h++)
             scale[h] = o->heads[(size_t)layer * H + h].scale;
     kvs__unlock(&q->obs_mu);

@@ -357,10 +357,13 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
  * zone plus the best keys) for all of the sequence's heads, chosen so
  * that the multiples average at most 1, each head taking the smallest
  * multiple (0.25 .. 4) that reaches it. They apply to wave attends that
- * rank by codes (the default on the CPU); search, the centroid ranking and
- * the GPU path take the call's budget as is. Nothing is stored on disk; a
- * fork starts without observations. The queries are copied before return.
- * With observe_samples < 0 the call validates and keeps nothing.
+ * rank by codes (the default on the CPU) with a retrieval_fraction of at
+ * most 1/4 (so no head's share is cut at all its keys); search, the
+ * centroid ranking, the GPU path and larger fractions take the call's
+ * budget as is. Calibration runs inside the attend that finds the sample
+ * or index changed (exact scores of the sample over the layer's keys). Nothing
+ * is stored on disk; a fork starts without observations. The queries are copied
+ * before return. With observe_samples < 0 the call validates and keeps nothing.
  * Errors: KVS_ENOSEQ, KVS_ERANGE (layer), KVS_EINVAL (NULL, n 0),
  * KVS_ETOOBIG (n > KVS_OBSERVE_MAX), KVS_ENOTFINITE, KVS_ENOMEM.
  */
