@@ -2,6 +2,10 @@
  * observe.c: the queries a sequence has seen, and the per-head budgets they
  * calibrate (issue 13, "queries reach the index", "per-head budgets").
  *
+ * A sequence takes part once kvs_seq_observe_queries was called on it (any
+ * layer); from then on its wave attends feed the reservoirs too, so
+ * segments built during decode are calibrated on decode queries.
+ *
  * Heads differ widely: on tinycode128 a few (layer, KV head) pairs need
  * several times the keys of the others to cover the same attention mass, so
  * one retrieval fraction for all of them spends keys where they are not
@@ -412,8 +416,15 @@ int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
         return 0;
     assert(kvs__held(&q->layers[layer].lock));
     kvs__lock(&q->obs_mu, KVS__RANK_OBS, 0);
-    int rc = offer_tokens(s, q, layer, 1, queries, 0);
     kvs__obs_t *o = q->obs;
+    if (!o) {
+        /* Never observed: the call's budget for every head, as before
+         * observation existed (a caller that does not take part sees no
+         * change, and repeated calls keep giving the same answer). */
+        kvs__unlock(&q->obs_mu);
+        return 0;
+    }
+    int rc = offer_tokens(s, q, layer, 1, queries, 0);
     /* The multiples keep the mean budget only while no head's R is cut
      * at all the keys: a call asking for more than 1/4 of them (near
      * exact, e.g. retrieval 1 in tests) takes its own budget as is. */

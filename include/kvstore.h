@@ -241,7 +241,8 @@ typedef struct kvs_options_s {
     int32_t deterministic;
     /* Per-head budgets (kvs_seq_observe_queries): query groups kept per
      * (sequence, layer, KV head) in a seeded reservoir of the queries
-     * observed and of every wave attend's; 0: 16; at most
+     * observed and, once a sequence was observed, of its wave attends';
+     * 0: 16; at most
      * KVS_OBSERVE_SAMPLES_MAX; < 0: off (nothing kept, every head takes
      * the call's budget). The reservoirs cost observe_samples x
      * (n_q_heads / n_kv_heads) x head_dim x 4 bytes per (layer, KV head)
@@ -350,7 +351,9 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
  * for n tokens (e.g. a sample of the prefill's queries, every k-th
  * position). Each token's query group of KV head h goes into that head's
  * reservoir (options.observe_samples, seeded: the same calls in the same
- * order keep the same sample), which wave attends feed too. At the
+ * order keep the same sample), which the sequence's wave attends feed too
+ * from the first observation on (a sequence never observed keeps the
+ * call's budget for every head, as before). At the
  * layer's next wave attend, and again whenever its index grows, the
  * sample calibrates per (layer, KV head) multiples of the call's
  * retrieval budget: one coverage target of the attention mass (steady
