@@ -297,6 +297,15 @@ int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write);
 
 /* Room for `more` rows at the end of the head's tail. */
 int kvs__head_reserve(head_t *h, size_t row_bytes, uint64_t more);
+/* Calibration of per-head budgets (observe.c): for `n` query groups
+ * ([n][group][d]) of KV head h of layer L, err[j] (j < nm) receives the
+ * mean relative L2 error of the wave attend with budget_scale mults[j]
+ * against the fp32 attention over every key. Under the layer's read
+ * lock, on the caller's thread. */
+int kvs__head_errors(kvs_store_t *s, const seq_t *q, const layer_t *L,
+                     uint32_t h, const float *samples, uint32_t n,
+                     const kvs_zone_params_t *zp, const kvs_rank_params_t *rp,
+                     const float *mults, int nm, double *err);
 /* Copy tokens pos .. pos+n of one head into rows `stride` bytes apart
  * (either destination may be NULL). */
 void kvs__head_gather(const head_t *hd, size_t rb, uint64_t pos, uint64_t n,
@@ -312,8 +321,8 @@ void kvs__head_gather(const head_t *hd, size_t rb, uint64_t pos, uint64_t n,
  * sample changed, and fill scale[h] (the retrieval multiplier of each KV
  * head; 1 where nothing is calibrated). Under the layer's read lock. */
 int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
-                    const float *queries, float rf, float scale_factor,
-                    float *scale);
+                    const float *queries, const kvs_zone_params_t *zp,
+                    const kvs_rank_params_t *rp, float *scale);
 void kvs__obs_free(seq_t *q);
 
 #endif /* KVS_ENGINE_INT_H */

@@ -7,19 +7,22 @@
  * segments built during decode are calibrated on decode queries.
  *
  * Heads differ widely: on tinycode128 a few (layer, KV head) pairs need
- * several times the keys of the others to cover the same attention mass, so
- * one retrieval fraction for all of them spends keys where they are not
- * needed and misses them where they are. Each (layer, KV head) keeps a
- * bounded reservoir of the query groups it has seen (from
- * kvs_seq_observe_queries, e.g. a sample of the prefill's queries, and
- * from every wave attend). From it, per head, a coverage curve: the mean
- * share of the attention mass held by the steady zone plus the R best
- * indexed keys, for R on a grid of multiples of the call's budget. One
- * coverage target is then chosen for the whole sequence so that the mean
- * multiple over its calibrated heads stays at most 1 (the same mean
- * budget), and each head gets the smallest multiple that reaches it.
- * The multiple scales the codes paths' retrieval (kvs_rank_params_t
- * budget_scale); the centroid paths and search are unchanged.
+ * several times the keys of the others for the same attention error, so one
+ * retrieval fraction for all of them spends keys where they are not needed
+ * and misses them where they are. Each (layer, KV head) keeps a bounded
+ * reservoir of the query groups it has seen (kvs_seq_observe_queries, e.g.
+ * a sample of the prefill's queries, and the sequence's wave attends).
+ * From it, per head, an error curve: the mean relative L2 error of the
+ * head's own wave attend against full attention on the sample, at budget
+ * multiples 0.25 .. 4 of the call's (13 points, 2^(1/3) apart). Then, for
+ * the whole sequence, the multiples that minimise the sum of the heads'
+ * errors with their mean at most 1 (a Lagrangian: the same keys as one
+ * budget for all). The multiple scales the codes paths' retrieval
+ * (kvs_rank_params_t budget_scale); the centroid paths and search are
+ * unchanged. Measuring the attend itself, rather than a proxy (the share
+ * of attention mass in the best keys, or of the output outside them), is
+ * what made it work: both proxies moved budget to diffuse heads whose
+ * error the estimation zone already kept low (bench/accuracy/RESULTS.md).
  *
  * Determinism: a head's reservoir is Algorithm R with a splitmix64 stream
  * seeded from (sequence, layer, head); a layer recalibrates when its
@@ -45,7 +48,7 @@ typedef struct obs_head_s {
     uint32_t n;     /* samples held, <= cap */
     uint64_t seen;  /* query groups offered */
     uint64_t rng;
-    float cover[GRID]; /* coverage at each multiple (valid with has_curve) */
+    float err[GRID]; /* mean rel. L2 error at each multiple (has_curve) */
     int has_curve;
     float scale; /* the multiple applied at attend (1: uncalibrated) */
 } obs_head_t;
@@ -227,135 +230,53 @@ out:
 /* ---------------------------------------------------------------------- */
 /* Calibration                                                            */
 
-static int cmp_desc_f(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x < y) - (x > y);
-}
-
-/* Steady positions, as kvs_head_is_steady sees them for this head. */
-static int steady(const kvs_store_t *s, const head_t *hd, uint64_t pos) {
-    uint64_t w = s->opts.window_tokens;
-    uint64_t lo = hd->indexed_tokens > w ? hd->indexed_tokens - w : 0;
-    return pos < s->opts.sink_tokens || pos >= lo;
-}
-
-/*
- * The coverage curve of one head from `n` samples (copied out of the
- * reservoir): per sample and query head, exact softmax weights over every
- * key of the head; cover[j] is the mean of (steady mass + the best R_j
- * indexed non-steady weights), R_j = ceil(mult_j x rf x indexed) as the
- * codes paths size R. Under the layer's read lock.
- */
-static int head_curve(const kvs_store_t *s, const seq_t *q, const head_t *hd,
-                      const float *samples, uint32_t n, float rf, float scale,
-                      float *cover) {
-    const kvs_geometry_t *g = &q->geo;
-    const uint32_t G = g->n_q_heads / g->n_kv_heads, d = g->head_dim;
-    const size_t rb = q->row_bytes;
-    const uint64_t T = hd->indexed_tokens + hd->tail_len;
-    float *logit = malloc((size_t)G * T * sizeof(float));
-    float *w = malloc(T * sizeof(float));
-    uint8_t *st = malloc(T);
-    if (!logit || !w || !st) {
-        free(logit);
-        free(w);
-        free(st);
-        return KVS_ENOMEM;
-    }
-    /* Key order: segments in slot order, then the tail (steady). */
-    uint64_t k = 0;
-    for (uint32_t si = 0; si < hd->n_segments; si++) {
-        const kvs_segment_t *seg = hd->segments[si];
-        for (uint32_t j = 0; j < seg->n_tokens; j++)
-            st[k + j] =
-                (uint8_t)steady(s, hd, seg->first_pos + seg->positions[j]);
-        k += seg->n_tokens;
-    }
-    memset(st + k, 1, T - k);
-    uint64_t R0 = (uint64_t)ceil((double)rf * (double)hd->indexed_tokens);
-    double acc[GRID] = {0};
-    for (uint32_t smp = 0; smp < n; smp++) {
-        const float *x = samples + (size_t)smp * G * d;
-        k = 0;
-        for (uint32_t si = 0; si < hd->n_segments; si++) {
-            const kvs_segment_t *seg = hd->segments[si];
-            kvs_dot_rows(g->dtype, x, G, seg->keys, seg->n_tokens, d, scale,
-                         logit + k, T);
-            k += seg->n_tokens;
-        }
-        if (hd->tail_len)
-            kvs_dot_rows(g->dtype, x, G, hd->tail_keys + hd->tail_start * rb,
-                         hd->tail_len, d, scale, logit + k, T);
-        for (uint32_t i = 0; i < G; i++) {
-            const float *l = logit + (size_t)i * T;
-            float m = kvs_max(l, T);
-            double z = 0, zs = 0;
-            uint64_t nw = 0;
-            for (uint64_t t = 0; t < T; t++) {
-                double e = exp((double)l[t] - m);
-                z += e;
-                if (st[t])
-                    zs += e;
-                else
-                    w[nw++] = (float)e;
-            }
-            qsort(w, nw, sizeof(float), cmp_desc_f);
-            double run = zs;
-            uint64_t used = 0;
-            for (int j = 0; j < GRID; j++) {
-                uint64_t R = (uint64_t)ceil(grid_mult(j) * (double)R0);
-                for (; used < R && used < nw; used++)
-                    run += w[used];
-                acc[j] += run / z;
-            }
+/* The multiple that minimises err + lambda x multiple for one head. */
+static int mult_for(const obs_head_t *h, double lambda) {
+    int best = 0;
+    double bv = INFINITY;
+    for (int j = 0; j < GRID; j++) {
+        double f = (double)h->err[j] + lambda * grid_mult(j);
+        if (f < bv) {
+            bv = f;
+            best = j;
         }
     }
-    for (int j = 0; j < GRID; j++)
-        cover[j] = (float)(acc[j] / ((double)n * G));
-    free(logit);
-    free(w);
-    free(st);
-    return 0;
+    return best;
 }
 
-/* The smallest grid multiple reaching coverage tau (the largest when none
- * does). */
-static int mult_for(const obs_head_t *h, double tau) {
-    for (int j = 0; j < GRID; j++)
-        if (h->cover[j] >= tau)
-            return j;
-    return GRID - 1;
-}
-
-/* One coverage target for all calibrated heads of the sequence: the
- * highest whose multiples average at most 1. Under obs_mu. */
+/* The multiples that minimise the sum of the calibrated heads' errors
+ * while their mean stays at most 1 (the same keys as one budget for all):
+ * the smallest Lagrange multiplier whose choices fit, found on a log
+ * scale. (Equalising the errors instead, minimax, lowered p95 as much but
+ * raised the median; bench/accuracy/RESULTS.md.) Under obs_mu. */
 static void solve(const seq_t *q, kvs__obs_t *o) {
     size_t nh = (size_t)q->geo.n_layers * q->geo.n_kv_heads, nc = 0;
     for (size_t i = 0; i < nh; i++)
         nc += o->heads[i].has_curve;
     if (!nc)
         return;
-    double lo = 0, hi = 1;
-    for (int it = 0; it < 40; it++) {
-        double tau = 0.5 * (lo + hi), sum = 0;
+    double lo = -30, hi = 10; /* log lambda */
+    for (int it = 0; it < 60; it++) {
+        double mid = 0.5 * (lo + hi), sum = 0;
         for (size_t i = 0; i < nh; i++)
             if (o->heads[i].has_curve)
-                sum += grid_mult(mult_for(&o->heads[i], tau));
+                sum += grid_mult(mult_for(&o->heads[i], exp(mid)));
         if (sum <= (double)nc + 1e-9)
-            lo = tau;
+            hi = mid;
         else
-            hi = tau;
+            lo = mid;
     }
     for (size_t i = 0; i < nh; i++)
         if (o->heads[i].has_curve)
-            o->heads[i].scale = (float)grid_mult(mult_for(&o->heads[i], lo));
+            o->heads[i].scale =
+                (float)grid_mult(mult_for(&o->heads[i], exp(hi)));
 }
 
 /* Recalibrate `layer`: samples are copied out under obs_mu, the curves
  * computed without it (other layers' attends go on), then stored and the
  * targets solved under it again. Under the layer's read lock. */
-static int calibrate(kvs_store_t *s, seq_t *q, uint32_t layer, float rf,
-                     float scale) {
+static int calibrate(kvs_store_t *s, seq_t *q, uint32_t layer,
+                     const kvs_zone_params_t *zp, const kvs_rank_params_t *rp) {
     assert(kvs__held(&q->obs_mu));
     kvs__obs_t *o = q->obs;
     const uint32_t H = q->geo.n_kv_heads;
@@ -366,10 +287,10 @@ static int calibrate(kvs_store_t *s, seq_t *q, uint32_t layer, float rf,
     for (uint32_t h = 0; h < H; h++)
         total += (size_t)(cnt[h] = oh[h].n) * o->row;
     float *copy = malloc((total ? total : 1) * sizeof(float));
-    float(*cover)[GRID] = malloc(H * sizeof *cover);
-    if (!copy || !cover) {
+    float(*err)[GRID] = malloc(H * sizeof *err);
+    if (!copy || !err) {
         free(copy);
-        free(cover);
+        free(err);
         return KVS_ENOMEM;
     }
     size_t off = 0;
@@ -380,14 +301,21 @@ static int calibrate(kvs_store_t *s, seq_t *q, uint32_t layer, float rf,
     o->stale[layer] = 0;
     o->calib_n[layer] = cnt[0];
     o->calib_indexed[layer] = L->heads[0].indexed_tokens;
-    o->calib_rf[layer] = rf;
+    o->calib_rf[layer] = zp->retrieval_fraction;
     kvs__unlock(&q->obs_mu);
     int rc = 0;
     off = 0;
     for (uint32_t h = 0; h < H && !rc; h++) {
-        if (cnt[h] >= MIN_SAMPLES && L->heads[h].n_segments)
-            rc = head_curve(s, q, &L->heads[h], copy + off, cnt[h], rf, scale,
-                            cover[h]);
+        if (cnt[h] >= MIN_SAMPLES && L->heads[h].n_segments) {
+            float mults[GRID];
+            double e[GRID];
+            for (int j = 0; j < GRID; j++)
+                mults[j] = (float)grid_mult(j);
+            rc = kvs__head_errors(s, q, L, h, copy + off, cnt[h], zp, rp, mults,
+                                  GRID, e);
+            for (int j = 0; j < GRID; j++)
+                err[h][j] = (float)e[j];
+        }
         off += (size_t)cnt[h] * o->row;
     }
     kvs__lock(&q->obs_mu, KVS__RANK_OBS, 0);
@@ -395,20 +323,22 @@ static int calibrate(kvs_store_t *s, seq_t *q, uint32_t layer, float rf,
         int ok = cnt[h] >= MIN_SAMPLES && L->heads[h].n_segments;
         oh[h].has_curve = ok;
         if (ok)
-            memcpy(oh[h].cover, cover[h], sizeof cover[h]);
+            memcpy(oh[h].err, err[h], sizeof err[h]);
         else
             oh[h].scale = 1.0f;
     }
-    if (!rc)
+    if (!rc) {
         solve(q, o);
+    }
     free(copy);
-    free(cover);
+    free(err);
     return rc;
 }
 
 int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
-                    const float *queries, float rf, float scale_factor,
-                    float *scale) {
+                    const float *queries, const kvs_zone_params_t *zp,
+                    const kvs_rank_params_t *rp, float *scale) {
+    const float rf = zp->retrieval_fraction;
     const uint32_t H = q->geo.n_kv_heads;
     for (uint32_t h = 0; h < H; h++)
         scale[h] = 1.0f;
@@ -428,7 +358,7 @@ int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
     /* The multiples keep the mean budget only while no head's R is cut
      * at all the keys: a call asking for more than 1/4 of them (near
      * exact, e.g. retrieval 1 in tests) takes its own budget as is. */
-    int apply = rf > 0 && (double)rf * grid_mult(GRID - 1) <= 1;
+    int apply = !zp->bounded && rf > 0 && (double)rf * grid_mult(GRID - 1) <= 1;
     if (!rc && apply) {
         const layer_t *L = &q->layers[layer];
         uint32_t n0 = o->heads[(size_t)layer * H].n;
@@ -440,7 +370,7 @@ int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
                     o->calib_indexed[layer] != L->heads[0].indexed_tokens ||
                     n0 >= 2 * o->calib_n[layer]);
         if (redo)
-            rc = calibrate(s, q, layer, rf, scale_factor);
+            rc = calibrate(s, q, layer, zp, rp);
     }
     if (!rc && apply)
         for (uint32_t h = 0; h < H; h++)

@@ -308,6 +308,55 @@ static void search_task(void *arg, uint32_t h) {
         c->positions + qh * c->k, c->scores + qh * c->k, &c->stats[h]);
 }
 
+int kvs__head_errors(kvs_store_t *s, const seq_t *q, const layer_t *L,
+                     uint32_t h, const float *samples, uint32_t n,
+                     const kvs_zone_params_t *zp, const kvs_rank_params_t *rp,
+                     const float *mults, int nm, double *err) {
+    assert(kvs__held(&L->lock));
+    kvs_scratch_t *sc = thread_scratch(s);
+    if (!sc)
+        return KVS_ENOMEM;
+    const uint32_t G = q->geo.n_q_heads / q->geo.n_kv_heads,
+                   d = q->geo.head_dim;
+    kvs_head_view_t v;
+    head_view(s, q, &L->heads[h], &v);
+    float *ex = malloc(2 * (size_t)G * d * sizeof(float));
+    if (!ex)
+        return KVS_ENOMEM;
+    float *out = ex + (size_t)G * d;
+    kvs_zone_params_t xz = *zp;
+    xz.exact = 1;
+    xz.precise = 0;
+    int rc = 0;
+    for (int j = 0; j < nm; j++)
+        err[j] = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        const float *x = samples + (size_t)i * G * d;
+        kvs_zone_stats_t st = {0};
+        if ((rc = kvs_head_attend_ranked(&v, x, G, &xz, rp, sc, ex, &st)))
+            break;
+        for (int j = 0; j < nm && !rc; j++) {
+            kvs_rank_params_t r = *rp;
+            r.budget_scale = mults[j];
+            if ((rc = kvs_head_attend_ranked(&v, x, G, zp, &r, sc, out, &st)))
+                break;
+            for (uint32_t g = 0; g < G; g++) {
+                double num = 0, den = 0;
+                for (uint32_t t = 0; t < d; t++) {
+                    double e = (double)out[g * d + t] - ex[g * d + t];
+                    num += e * e;
+                    den += (double)ex[g * d + t] * ex[g * d + t];
+                }
+                err[j] += den > 0 ? sqrt(num / den) : sqrt(num);
+            }
+        }
+    }
+    for (int j = 0; j < nm; j++)
+        err[j] /= (double)n * G;
+    free(ex);
+    return rc;
+}
+
 /* The GPU path for a wave attend, under the layer's read lock. Nonzero:
  * not served there (the CPU path runs; a GPU failure is counted in the
  * store's stats, never returned). */
@@ -451,8 +500,7 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
      * leaves every head at the call's budget: the answer stays what the
      * call asked for, only not tuned. */
     if (c->zp.exact ||
-        kvs__obs_attend(s, c->q, layer, queries, c->zp.retrieval_fraction,
-                        c->zp.scale, c->budget))
+        kvs__obs_attend(s, c->q, layer, queries, &c->zp, &c->rp, c->budget))
         for (uint32_t h = 0; h < c->q->geo.n_kv_heads; h++)
             c->budget[h] = 1.0f;
     if (!s->gpu || c->zp.exact || gpu_attend(s, c) != 0)

@@ -353,20 +353,22 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
  * reservoir (options.observe_samples, seeded: the same calls in the same
  * order keep the same sample), which the sequence's wave attends feed too
  * from the first observation on (a sequence never observed keeps the
- * call's budget for every head, as before). At the
- * layer's next wave attend, and again whenever its index grows, the
- * sample calibrates per (layer, KV head) multiples of the call's
- * retrieval budget: one coverage target of the attention mass (steady
- * zone plus the best keys) for all of the sequence's heads, chosen so
- * that the multiples average at most 1, each head taking the smallest
- * multiple (0.25 .. 4) that reaches it. They apply to wave attends that
- * rank by codes (the default on the CPU) with a retrieval_fraction of at
- * most 1/4 (so no head's share is cut at all its keys); search, the
- * centroid ranking, the GPU path and larger fractions take the call's
- * budget as is. Calibration runs inside the attend that finds the sample
- * or index changed (exact scores of the sample over the layer's keys). Nothing
- * is stored on disk; a fork starts without observations. The queries are copied
- * before return. With observe_samples < 0 the call validates and keeps nothing.
+ * call's budget for every head, as before). At the layer's next wave
+ * attend, and again whenever its index grows, the sample calibrates per
+ * (layer, KV head) multiples (0.25 .. 4) of the call's retrieval budget:
+ * each head's own wave attend is measured against full attention on the
+ * sample at every multiple, and the multiples that minimise the sum of
+ * the errors of all the sequence's calibrated heads, with their mean at
+ * most 1 (the same keys in all), are applied to wave attends with the
+ * fixed budget that rank by codes (the default on the CPU) with a
+ * retrieval_fraction of at most 1/4 (so no head's share is cut at all its
+ * keys); search, the bounded budget, the centroid ranking, the GPU path
+ * and larger fractions take the call's budget as is. Calibration runs
+ * inside the attend that finds the sample or the index changed (13 wave
+ * attends and one full attend per sample and KV head: once per segment
+ * built, not per step). Nothing is stored on disk; a fork starts without
+ * observations. The queries are copied before return. With
+ * observe_samples < 0 the call validates and keeps nothing.
  * Errors: KVS_ENOSEQ, KVS_ERANGE (layer), KVS_EINVAL (NULL, n 0),
  * KVS_ETOOBIG (n > KVS_OBSERVE_MAX), KVS_ENOTFINITE, KVS_ENOMEM.
  */
