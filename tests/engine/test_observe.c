@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -318,6 +319,55 @@ static void test_observe_deterministic(void **state) {
     free(b);
 }
 
+/* Attends on both layers and observe calls on one sequence from three
+ * threads at once: calibrations of different layers run concurrently
+ * (each solves over the whole sequence under obs_mu) and every call
+ * succeeds (TSan checks the locking). */
+typedef struct race_s {
+    kvs_store_t *s;
+    uint32_t layer;
+    int observe;
+    int fails;
+} race_t;
+
+static void *race_main(void *arg) {
+    race_t *r = arg;
+    float q[QH * D], out[QH * D];
+    uint64_t x = 0x1000 + r->layer + 7 * (uint64_t)r->observe;
+    for (int i = 0; i < 12; i++) {
+        for (int j = 0; j < QH * D; j++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            q[j] = (float)((int64_t)(x >> 40) % 1000) / 300.0f;
+        }
+        int rc = r->observe
+                     ? kvs_seq_observe_queries(r->s, 4, r->layer, 1, q)
+                     : kvs_seq_attend(r->s, 4, r->layer, q, NULL, out, NULL);
+        r->fails += rc != 0;
+        for (int j = 0; !r->observe && j < QH * D; j++)
+            r->fails += !isfinite(out[j]);
+    }
+    return NULL;
+}
+
+static void test_observe_concurrent(void **state) {
+    (void)state;
+    kvs_store_t *s = open_store(0);
+    fill(s, 4);
+    float q[QH * D];
+    rng = 0x42;
+    make_query(q);
+    assert_int_equal(kvs_seq_observe_queries(s, 4, 0, 1, q), 0);
+    race_t r[3] = {{s, 0, 0, 0}, {s, 1, 0, 0}, {s, 1, 1, 0}};
+    pthread_t th[3];
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, race_main, &r[i]), 0);
+    for (int i = 0; i < 3; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(r[i].fails, 0);
+    }
+    kvs_store_close(s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_observe_errors),
@@ -325,6 +375,7 @@ int main(void) {
         cmocka_unit_test(test_observe_budgets),
         cmocka_unit_test(test_observe_decode_reservoir),
         cmocka_unit_test(test_observe_deterministic),
+        cmocka_unit_test(test_observe_concurrent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
