@@ -1042,6 +1042,7 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
     Kvs__V1__StatsRequest st = KVS__V1__STATS_REQUEST__INIT;
     Kvs__V1__ListSequencesRequest ls = KVS__V1__LIST_SEQUENCES_REQUEST__INIT;
     Kvs__V1__FlushRequest fl = KVS__V1__FLUSH_REQUEST__INIT;
+    Kvs__V1__ObserveQueriesRequest ob = KVS__V1__OBSERVE_QUERIES_REQUEST__INIT;
     char why[160];
     if (op->params && kvs_wire_params_to_pb(op->params, &qp, why, sizeof(why)))
         return cfail(c, KVS_EINVAL, "params: %s", why);
@@ -1100,6 +1101,18 @@ static int encode_op(kvs_client_t *c, node_t *n, kvs_client_op_t *op) {
         at.params = op->params ? &qp : NULL;
         req.op_case = KVS__V1__REQUEST__OP_ATTEND;
         req.attend = &at;
+        break;
+    case KVS_CLIENT_OBSERVE:
+        if (!op->queries || !op->n_query_floats || !op->n_tokens)
+            return cfail(c, KVS_EINVAL, "observe needs tokens and queries");
+        ob.seq = op->seq;
+        ob.layer = op->layer;
+        ob.n = op->n_tokens;
+        ob.queries.data = (uint8_t *)op->queries;
+        ob.queries.len = op->n_query_floats * sizeof(float);
+        ob.query_dtype = KVS__V1__DTYPE__DTYPE_F32;
+        req.op_case = KVS__V1__REQUEST__OP_OBSERVE;
+        req.observe = &ob;
         break;
     case KVS_CLIENT_FORK:
         fk.src = op->seq;
@@ -1600,6 +1613,19 @@ int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
                           .params = params,
                           .output = out,
                           .attend_stats = stats};
+    return run_sync(c, &op);
+}
+
+int kvs_client_seq_observe_queries(kvs_client_t *c, uint64_t seq,
+                                   uint32_t layer, uint32_t n_tokens,
+                                   const float *queries,
+                                   size_t n_query_floats) {
+    kvs_client_op_t op = {.type = KVS_CLIENT_OBSERVE,
+                          .seq = seq,
+                          .layer = layer,
+                          .n_tokens = n_tokens,
+                          .queries = queries,
+                          .n_query_floats = n_query_floats};
     return run_sync(c, &op);
 }
 

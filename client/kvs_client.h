@@ -170,6 +170,7 @@ typedef enum kvs_client_op_type_e {
     KVS_CLIENT_LIST,
     KVS_CLIENT_SET_TTL,
     KVS_CLIENT_FLUSH,
+    KVS_CLIENT_OBSERVE,
 } kvs_client_op_type_t;
 
 /*
@@ -188,12 +189,13 @@ typedef struct kvs_client_op_s {
     uint32_t node;     /* ping/stats/list: node index */
     kvs_geometry_t geometry; /* create */
     uint32_t ttl_seconds;    /* create (0 = never) and set_ttl */
-    uint32_t n_tokens;       /* append */
+    uint32_t n_tokens;       /* append, observe */
     const void *keys;        /* append: kv_bytes each, sequence dtype */
     const void *values;
     size_t kv_bytes;
-    const float *queries; /* search/attend: [n_q_heads][head_dim] */
-    size_t n_query_floats;
+    const float *queries;             /* search/attend: [n_q_heads][head_dim];
+                                         observe: [n_tokens][n_q_heads][head_dim] */
+    size_t n_query_floats;            /* observe: all n_tokens' */
     uint32_t k;                       /* search */
     const kvs_query_params_t *params; /* NULL: server defaults */
     const void *payload;              /* ping: echoed back; may be NULL */
@@ -290,6 +292,12 @@ int kvs_client_seq_attend(kvs_client_t *c, uint64_t seq, uint32_t layer,
  * ids); KVS_EINVAL otherwise. Errors as kvs_seq_fork() in kvstore.h. */
 int kvs_client_seq_fork(kvs_client_t *c, uint64_t parent, uint64_t at_token,
                         uint64_t child);
+/* kvs_seq_observe_queries() (kvstore.h): queries of n_tokens tokens,
+ * n_query_floats = n_tokens * n_q_heads * head_dim, fp32; the server
+ * checks it against the sequence's geometry (KVS_EGEOMETRY). */
+int kvs_client_seq_observe_queries(kvs_client_t *c, uint64_t seq,
+                                   uint32_t layer, uint32_t n_tokens,
+                                   const float *queries, size_t n_query_floats);
 int kvs_client_seq_drop(kvs_client_t *c, uint64_t seq);
 /* Expire `seq` after ttl_seconds without use (0: never); see
  * kvs_seq_set_ttl() in kvstore.h. */

@@ -52,6 +52,8 @@
  *                        so lookups (every call) never wait for an fsync
  *   6 build_mu    store  build queue and counters, keeper's sleep
  *   7 scratch_mu  store  the list of thread scratches
+ *   8 obs_mu      seq    observed queries and per-head budgets (observe.c);
+ *                        taken under a layer's read lock by attends
  *
  * The engine takes these only through the wrappers below. Where NDEBUG is
  * not defined (the RelWithDebInfo and Debug builds: the top CMakeLists
@@ -69,6 +71,7 @@ enum {
     KVS__RANK_MAP,
     KVS__RANK_BUILD,
     KVS__RANK_SCRATCH,
+    KVS__RANK_OBS,
     KVS__RANK_N
 };
 
@@ -134,6 +137,9 @@ typedef struct layer_s {
     kvs__gpu_layer_t *_Atomic gpu;
 } layer_t;
 
+/* Observed queries of a sequence and what they calibrate (observe.c). */
+typedef struct kvs__obs_s kvs__obs_t;
+
 typedef struct seq_s {
     uint64_t id;
     kvs_geometry_t geo;
@@ -159,6 +165,12 @@ typedef struct seq_s {
     atomic_int_fast64_t bytes;        /* counted against memory_bytes */
     atomic_uint_fast64_t last_access; /* monotonic ms */
     layer_t *layers;
+    /* Query reservoirs and per-head budgets, NULL until the first query
+     * is observed; obs_bytes of it count in the store's resident_bytes
+     * (kept across eviction, like the bookkeeping). */
+    pthread_mutex_t obs_mu;
+    kvs__obs_t *obs;
+    atomic_int_fast64_t obs_bytes;
     kvs__gpu_t *gpu;    /* the store's, for freeing mirrors */
     struct seq_s *next; /* hash chain */
 } seq_t;
@@ -298,9 +310,32 @@ int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write);
 
 /* Room for `more` rows at the end of the head's tail. */
 int kvs__head_reserve(head_t *h, size_t row_bytes, uint64_t more);
+/* Calibration of per-head budgets (observe.c): for `n` query groups
+ * ([n][group][d]) of KV head h of layer L, err[j] (j < nm) receives the
+ * mean relative L2 error of the wave attend with budget_scale mults[j]
+ * against the fp32 attention over every key. Under the layer's read
+ * lock, on the caller's thread. */
+int kvs__head_errors(kvs_store_t *s, const seq_t *q, const layer_t *L,
+                     uint32_t h, const float *samples, uint32_t n,
+                     const kvs_zone_params_t *zp, const kvs_rank_params_t *rp,
+                     const float *mults, int nm, double *err);
 /* Copy tokens pos .. pos+n of one head into rows `stride` bytes apart
  * (either destination may be NULL). */
 void kvs__head_gather(const head_t *hd, size_t rb, uint64_t pos, uint64_t n,
                       char *keys, char *values, size_t stride);
+
+/* ---------------------------------------------------------------------- */
+/* observe.c                                                              */
+
+/* Reservoir samples per (layer, KV head) when opts.observe_samples is 0. */
+#define KVS__OBSERVE_DEFAULT 16
+/* Per-head budget of a wave attend: offer the call's queries to the
+ * reservoirs of `layer`, recalibrate the budgets when the layer's index or
+ * sample changed, and fill scale[h] (the retrieval multiplier of each KV
+ * head; 1 where nothing is calibrated). Under the layer's read lock. */
+int kvs__obs_attend(kvs_store_t *s, seq_t *q, uint32_t layer,
+                    const float *queries, const kvs_zone_params_t *zp,
+                    const kvs_rank_params_t *rp, float *scale);
+void kvs__obs_free(seq_t *q);
 
 #endif /* KVS_ENGINE_INT_H */

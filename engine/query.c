@@ -274,6 +274,7 @@ typedef struct call_s {
     float *scores;
     kvs_zone_stats_t stats[KVS_MAX_HEADS];
     int rc[KVS_MAX_HEADS];
+    float budget[KVS_MAX_HEADS]; /* attend: per-head budget (observe.c) */
 } call_t;
 
 static void attend_task(void *arg, uint32_t h) {
@@ -286,8 +287,10 @@ static void attend_task(void *arg, uint32_t h) {
     kvs_head_view_t v;
     head_view(c->s, c->q, &c->L->heads[h], &v);
     size_t off = (size_t)h * c->group * c->q->geo.head_dim;
+    kvs_rank_params_t rp = c->rp;
+    rp.budget_scale = c->budget[h];
     c->rc[h] = kvs_head_attend_ranked(&v, c->queries + off, c->group, &c->zp,
-                                      &c->rp, sc, c->out + off, &c->stats[h]);
+                                      &rp, sc, c->out + off, &c->stats[h]);
 }
 
 static void search_task(void *arg, uint32_t h) {
@@ -303,6 +306,55 @@ static void search_task(void *arg, uint32_t h) {
     c->rc[h] = kvs_head_search_group_ranked(
         &v, c->queries + qh * v.d, c->group, c->k, &c->zp, &c->rp, sc,
         c->positions + qh * c->k, c->scores + qh * c->k, &c->stats[h]);
+}
+
+int kvs__head_errors(kvs_store_t *s, const seq_t *q, const layer_t *L,
+                     uint32_t h, const float *samples, uint32_t n,
+                     const kvs_zone_params_t *zp, const kvs_rank_params_t *rp,
+                     const float *mults, int nm, double *err) {
+    assert(kvs__held(&L->lock));
+    kvs_scratch_t *sc = thread_scratch(s);
+    if (!sc)
+        return KVS_ENOMEM;
+    const uint32_t G = q->geo.n_q_heads / q->geo.n_kv_heads,
+                   d = q->geo.head_dim;
+    kvs_head_view_t v;
+    head_view(s, q, &L->heads[h], &v);
+    float *ex = malloc(2 * (size_t)G * d * sizeof(float));
+    if (!ex)
+        return KVS_ENOMEM;
+    float *out = ex + (size_t)G * d;
+    kvs_zone_params_t xz = *zp;
+    xz.exact = 1;
+    xz.precise = 0;
+    int rc = 0;
+    for (int j = 0; j < nm; j++)
+        err[j] = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        const float *x = samples + (size_t)i * G * d;
+        kvs_zone_stats_t st = {0};
+        if ((rc = kvs_head_attend_ranked(&v, x, G, &xz, rp, sc, ex, &st)))
+            break;
+        for (int j = 0; j < nm && !rc; j++) {
+            kvs_rank_params_t r = *rp;
+            r.budget_scale = mults[j];
+            if ((rc = kvs_head_attend_ranked(&v, x, G, zp, &r, sc, out, &st)))
+                break;
+            for (uint32_t g = 0; g < G; g++) {
+                double num = 0, den = 0;
+                for (uint32_t t = 0; t < d; t++) {
+                    double e = (double)out[g * d + t] - ex[g * d + t];
+                    num += e * e;
+                    den += (double)ex[g * d + t] * ex[g * d + t];
+                }
+                err[j] += den > 0 ? sqrt(num / den) : sqrt(num);
+            }
+        }
+    }
+    for (int j = 0; j < nm; j++)
+        err[j] /= (double)n * G;
+    free(ex);
+    return rc;
 }
 
 /* The GPU path for a wave attend, under the layer's read lock. Nonzero:
@@ -444,6 +496,13 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
         free(c);
         return kvs__fail(s, KVS_ERANGE, "layer %u is empty", layer);
     }
+    /* Per-head budgets. A failure here (out of memory for a reservoir)
+     * leaves every head at the call's budget: the answer stays what the
+     * call asked for, only not tuned. */
+    if (c->zp.exact ||
+        kvs__obs_attend(s, c->q, layer, queries, &c->zp, &c->rp, c->budget))
+        for (uint32_t h = 0; h < c->q->geo.n_kv_heads; h++)
+            c->budget[h] = 1.0f;
     if (!s->gpu || c->zp.exact || gpu_attend(s, c) != 0)
         kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
     kvs__rwunlock(&c->L->lock);

@@ -50,7 +50,9 @@ void kvs__seq_free(seq_t *q) {
         }
         free(q->layers);
     }
+    kvs__obs_free(q);
     free(q->damage);
+    pthread_mutex_destroy(&q->obs_mu);
     pthread_mutex_destroy(&q->page_mu);
     free(q);
 }
@@ -138,7 +140,9 @@ int kvs__seq_new(kvs_store_t *s, uint64_t id, const kvs_geometry_t *geo,
     atomic_init(&q->last_access, kvs__now_ms());
     atomic_init(&q->evicted, 0);
     atomic_init(&q->bytes, 0);
+    atomic_init(&q->obs_bytes, 0);
     pthread_mutex_init(&q->page_mu, NULL);
+    pthread_mutex_init(&q->obs_mu, NULL);
     q->layers = calloc(geo->n_layers, sizeof(layer_t));
     if (!q->layers)
         goto oom;
@@ -286,8 +290,9 @@ static int drop_seq(kvs_store_t *s, seq_t *q, int if_expired) {
         s->n_seqs--;
         const uint64_t meta = kvs__seq_meta_bytes(&q->geo);
         s->meta_bytes -= meta;
-        atomic_fetch_sub(&s->resident_bytes,
-                         atomic_load(&q->bytes) + (int64_t)meta);
+        atomic_fetch_sub(&s->resident_bytes, atomic_load(&q->bytes) +
+                                                 atomic_load(&q->obs_bytes) +
+                                                 (int64_t)meta);
     }
     atomic_store(&q->unlinking, 0);
     kvs__unlock(&s->map_mu);

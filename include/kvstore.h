@@ -265,7 +265,21 @@ typedef struct kvs_options_s {
     /* How an open reads the data directory: KVS_LOAD_WARM (default),
      * KVS_LOAD_LAZY or KVS_LOAD_EAGER (see kvs_load_t). */
     kvs_load_t load;
+    /* Per-head budgets (kvs_seq_observe_queries): query groups kept per
+     * (sequence, layer, KV head) in a seeded reservoir of the queries
+     * observed and, once a sequence was observed, of its wave attends';
+     * 0: 16; at most
+     * KVS_OBSERVE_SAMPLES_MAX; < 0: off (nothing kept, every head takes
+     * the call's budget). The reservoirs cost observe_samples x
+     * (n_q_heads / n_kv_heads) x head_dim x 4 bytes per (layer, KV head)
+     * that has seen a query, counted in resident_bytes for as long as the
+     * sequence exists (eviction keeps them, like its bookkeeping). */
+    int32_t observe_samples;
 } kvs_options_t;
+
+#define KVS_OBSERVE_SAMPLES_MAX 4096
+/* Most query tokens one kvs_seq_observe_queries call takes. */
+#define KVS_OBSERVE_MAX 65536u
 
 /* Fill `opts` with the defaults above. */
 void kvs_options_default(kvs_options_t *opts);
@@ -358,6 +372,37 @@ typedef struct kvs_attend_stats_s {
 int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
                    const float *queries, const kvs_query_params_t *params,
                    float *out, kvs_attend_stats_t *stats);
+
+/*
+ * Show the store queries the decoder makes at `layer` of `seq`, so that it
+ * sizes each KV head's budget for them (per-head budgets): `queries` is
+ * [n][n_q_heads][head_dim] fp32, the layout of kvs_seq_attend's queries
+ * for n tokens (e.g. a sample of the prefill's queries, every k-th
+ * position). Each token's query group of KV head h goes into that head's
+ * reservoir (options.observe_samples, seeded: the same calls in the same
+ * order keep the same sample), which the sequence's wave attends feed too
+ * from the first observation on (a sequence never observed keeps the
+ * call's budget for every head, as before). At the layer's next wave
+ * attend, and again whenever its index grows, the sample calibrates per
+ * (layer, KV head) multiples (0.25 .. 4) of the call's retrieval budget:
+ * each head's own wave attend is measured against full attention on the
+ * sample at every multiple, and the multiples that minimise the sum of
+ * the errors of all the sequence's calibrated heads, with their mean at
+ * most 1 (the same keys in all), are applied to wave attends with the
+ * fixed budget that rank by codes (the default on the CPU) with a
+ * retrieval_fraction of at most 1/4 (so no head's share is cut at all its
+ * keys); search, the bounded budget, the centroid ranking, the GPU path
+ * and larger fractions take the call's budget as is. Calibration runs
+ * inside the attend that finds the sample or the index changed (13 wave
+ * attends and one full attend per sample and KV head: once per segment
+ * built, not per step). Nothing is stored on disk; a fork starts without
+ * observations. The queries are copied before return. With
+ * observe_samples < 0 the call validates and keeps nothing.
+ * Errors: KVS_ENOSEQ, KVS_ERANGE (layer), KVS_EINVAL (NULL, n 0),
+ * KVS_ETOOBIG (n > KVS_OBSERVE_MAX), KVS_ENOTFINITE, KVS_ENOMEM.
+ */
+int kvs_seq_observe_queries(kvs_store_t *store, uint64_t seq, uint32_t layer,
+                            uint32_t n, const float *queries);
 
 /*
  * Copy tokens pos .. pos+n of `layer` out, in the append layout

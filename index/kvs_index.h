@@ -217,11 +217,16 @@ typedef struct kvs_zone_params_s {
  * field by field (the engine) get the defaults, never stray values. */
 typedef struct kvs_rank_params_s {
     kvs_rank_t rank;
-    float code_ratio; /* keys scored by code per key read in full
-                         (0: KVS_CODE_RATIO_DEFAULT) */
-    float spread;     /* weight of the cluster spread in the cluster
-                         ranking of search: q.c + spread |q| s_c
-                         (0: KVS_SPREAD_DEFAULT; < 0: none) */
+    float code_ratio;   /* keys scored by code per key read in full
+                           (0: KVS_CODE_RATIO_DEFAULT) */
+    float spread;       /* weight of the cluster spread in the cluster
+                           ranking of search: q.c + spread |q| s_c
+                           (0: KVS_SPREAD_DEFAULT; < 0: none) */
+    float budget_scale; /* the codes paths' R (keys read in full) is
+                           retrieval_fraction x budget_scale of the indexed
+                           keys, M follows; the engine's per-head budgets
+                           (0: 1). The centroid paths ignore it, so the
+                           GPU path, which serves them, stays the CPU's. */
 } kvs_rank_params_t;
 
 #define KVS_CODE_RATIO_DEFAULT 16.0f

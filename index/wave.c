@@ -939,12 +939,15 @@ static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
 }
 
 /* R (keys read in full beyond the steady zone) and M (keys scored by code)
- * for a call: R = ceil(retrieval_fraction x indexed), M = code_ratio x R. */
+ * for a call: R = ceil(retrieval_fraction x budget_scale x indexed),
+ * M = code_ratio x R. */
 static void codes_budget(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
                          const kvs_rank_params_t *rp, uint32_t *R,
                          uint64_t *M) {
-    uint64_t r = (uint64_t)ceil((double)zp->retrieval_fraction *
-                                (double)v->indexed_tokens);
+    double f = (double)zp->retrieval_fraction;
+    if (rp->budget_scale > 0)
+        f *= rp->budget_scale;
+    uint64_t r = (uint64_t)ceil(f * (double)v->indexed_tokens);
     float ratio = rp->code_ratio > 0 ? rp->code_ratio : KVS_CODE_RATIO_DEFAULT;
     *M = (uint64_t)ceil((double)ratio * (double)r);
     *R = r > v->indexed_tokens ? (uint32_t)v->indexed_tokens : (uint32_t)r;

@@ -286,6 +286,8 @@ const char *kvs_frame_op_name(Kvs__V1__Request__OpCase op) {
         return "set_ttl";
     case KVS__V1__REQUEST__OP_FLUSH:
         return "flush";
+    case KVS__V1__REQUEST__OP_OBSERVE:
+        return "observe";
     default:
         return "none";
     }
@@ -394,6 +396,20 @@ static int check_request(const Kvs__V1__Request *req,
             break;
         int rc = check_queries(&a->queries, a->query_dtype, err, errlen);
         return rc ? rc : check_params(a->params, err, errlen);
+    }
+    case KVS__V1__REQUEST__OP_OBSERVE: {
+        const Kvs__V1__ObserveQueriesRequest *o = req->observe;
+        if (!o)
+            break;
+        if (o->n == 0)
+            return kvs__errf(err, errlen, KVS_EINVAL, "observe with n = 0");
+        int rc = check_queries(&o->queries, o->query_dtype, err, errlen);
+        if (!rc && o->queries.len % o->n)
+            return kvs__errf(err, errlen, KVS_EINVAL,
+                             "%zu query bytes are not a whole number of "
+                             "bytes for each of %u tokens",
+                             o->queries.len, o->n);
+        return rc;
     }
     case KVS__V1__REQUEST__OP_FORK:
         if (!req->fork)

@@ -60,21 +60,21 @@ static pthread_rwlock_t *seq_lock(kvs_server_t *srv, uint64_t seq) {
 
 /* Queries as fp32 [n][head_dim]: borrowed from the message when already
  * fp32 (malloc'ed by protobuf-c, so aligned), converted otherwise. */
-static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
-                       Kvs__V1__DType wire_dt, const kvs_geometry_t *g,
-                       const float **out, float **owned) {
+static int queries_f32_n(op_ctx_t *c, const ProtobufCBinaryData *q,
+                         Kvs__V1__DType wire_dt, const kvs_geometry_t *g,
+                         uint32_t tokens, const float **out, float **owned) {
     *owned = NULL;
     kvs_dtype_t dt;
     int rc = kvs_wire_dtype_from_pb(wire_dt, &dt, c->msg, sizeof(c->msg));
     if (rc)
         return rc;
     size_t es = kvs_dtype_size(dt);
-    size_t n = (size_t)g->n_q_heads * g->head_dim;
+    size_t n = (size_t)tokens * g->n_q_heads * g->head_dim;
     if (q->len != n * es)
         return fail(c, KVS_EGEOMETRY,
-                    "queries hold %zu bytes; the sequence needs %u heads x %u "
-                    "dims x %zu bytes = %zu",
-                    q->len, g->n_q_heads, g->head_dim, es, n * es);
+                    "queries hold %zu bytes; the sequence needs %u tokens x "
+                    "%u heads x %u dims x %zu bytes = %zu",
+                    q->len, tokens, g->n_q_heads, g->head_dim, es, n * es);
     if (dt == KVS_DTYPE_F32) {
         *out = (const float *)(const void *)q->data;
         return 0;
@@ -87,6 +87,12 @@ static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
     *out = f;
     *owned = f;
     return 0;
+}
+
+static int queries_f32(op_ctx_t *c, const ProtobufCBinaryData *q,
+                       Kvs__V1__DType wire_dt, const kvs_geometry_t *g,
+                       const float **out, float **owned) {
+    return queries_f32_n(c, q, wire_dt, g, 1, out, owned);
 }
 
 /* A wire conversion failure: its reason is already in c->msg. */
@@ -348,6 +354,36 @@ static int op_list(op_ctx_t *c, const Kvs__V1__ListSequencesRequest *r,
     return 0;
 }
 
+static int op_observe(op_ctx_t *c, const Kvs__V1__ObserveQueriesRequest *r) {
+    pthread_rwlock_t *l = seq_lock(c->w->srv, r->seq);
+    pthread_rwlock_rdlock(l);
+    float *owned = NULL;
+    kvs_geometry_t geo;
+    int rc = kvs_seq_shape(c->store, r->seq, 0, &geo, NULL);
+    if (rc) {
+        rc = engine_fail(c, rc, "observe");
+        goto out;
+    }
+    /* The engine's bound first: n x heads x dims must not overflow nor
+     * make the byte count below match by wrapping. */
+    if (r->n > KVS_OBSERVE_MAX) {
+        rc = fail(c, KVS_ETOOBIG, "observe of %u queries (most %u)", r->n,
+                  KVS_OBSERVE_MAX);
+        goto out;
+    }
+    const float *q;
+    if ((rc = queries_f32_n(c, &r->queries, r->query_dtype, &geo, r->n, &q,
+                            &owned)))
+        goto out;
+    rc = kvs_seq_observe_queries(c->store, r->seq, r->layer, r->n, q);
+    if (rc)
+        rc = engine_fail(c, rc, "observe");
+out:
+    pthread_rwlock_unlock(l);
+    free(owned);
+    return rc;
+}
+
 void kvs__op_run(kvs__work_t *w) {
     op_ctx_t c = {.w = w, .store = w->srv->store};
     const Kvs__V1__Request *req = w->msg;
@@ -368,6 +404,8 @@ void kvs__op_run(kvs__work_t *w) {
     Kvs__V1__ListSequencesResponse r_list =
         KVS__V1__LIST_SEQUENCES_RESPONSE__INIT;
     Kvs__V1__FlushResponse r_flush = KVS__V1__FLUSH_RESPONSE__INIT;
+    Kvs__V1__ObserveQueriesResponse r_observe =
+        KVS__V1__OBSERVE_QUERIES_RESPONSE__INIT;
     void *bufs[2] = {NULL, NULL};
     int rc;
 
@@ -426,6 +464,11 @@ void kvs__op_run(kvs__work_t *w) {
         rc = op_flush(&c, req->flush, &r_flush);
         resp.result_case = KVS__V1__RESPONSE__RESULT_FLUSH;
         resp.flush = &r_flush;
+        break;
+    case KVS__V1__REQUEST__OP_OBSERVE:
+        rc = op_observe(&c, req->observe);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_OBSERVE;
+        resp.observe = &r_observe;
         break;
     default:
         /* Hello and Ping are answered on the loop thread; anything else was

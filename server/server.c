@@ -623,6 +623,12 @@ static int request_seqs(kvs__work_t *w, uint64_t seqs[2]) {
         w->layer = m->attend->layer;
         seqs[0] = m->attend->seq;
         return 1;
+    case KVS__V1__REQUEST__OP_OBSERVE:
+        /* Ordered as a change of its layer: a later attend sees it. */
+        w->kind = GATE_APPEND;
+        w->layer = m->observe->layer;
+        seqs[0] = m->observe->seq;
+        return 1;
     case KVS__V1__REQUEST__OP_INFO:
         w->kind = GATE_READ_ALL;
         seqs[0] = m->info->seq;

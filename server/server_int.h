@@ -46,9 +46,9 @@ const char *kvs__logq(char *buf, size_t len, const char *s);
 
 /* ---------------------------------------------------------------- metrics */
 
-/* Ops as counted by metrics: the request op case (1..12), 0 for frames that
+/* Ops as counted by metrics: the request op case (1..14), 0 for frames that
  * never became a request. */
-#define KVS__N_OPS 13
+#define KVS__N_OPS 15
 /* Histogram bucket upper bounds in seconds; the +Inf bucket is implicit. */
 #define KVS__N_BUCKETS 14
 /* Error statuses: index 1..N for KVS_E* codes, 0 for -errno and others. */

@@ -21,6 +21,13 @@
  *      those of that variant; the errors of the others are measured on the
  *      same queries.
  *
+ * --per-head K adds the variant "fixed per-head": a second store gets the
+ * same appends and, from the decoder, the prefill's queries of every K-th
+ * position (kvs_seq_observe_queries; its decode attends feed it too), and
+ * its wave attends with the fixed budget run there (per-head budgets); the
+ * first store is never observed, so "fixed" is the uniform budget. Both in
+ * the same run, on the same queries.
+ *
  * Each variant gives one JSON line appended to --rows FILE (bench/accuracy/
  * run.sh assembles the result file). Relative errors are first averaged per
  * (layer, head) over the decode steps; median and p95 are over the
@@ -45,10 +52,12 @@ typedef struct variant_s {
     double *err_sum; /* [layer][q_head] */
     uint64_t steps;  /* attend calls measured */
     kvs_attend_stats_t st;
+    bool per_head; /* runs on store2 */
 } variant_t;
 
 typedef struct meter_s {
     kvs_store_t *store;
+    kvs_store_t *store2; /* --per-head: the observed store, or NULL */
     uint32_t n_layers, n_heads, head_dim;
     variant_t v[MAX_VARIANTS];
     int n_v, drive;
@@ -57,15 +66,27 @@ typedef struct meter_s {
 } meter_t;
 
 static int m_create(void *ctx, uint64_t seq, const kvs_geometry_t *geo) {
-    return kvs_seq_create(((meter_t *)ctx)->store, seq, geo);
+    meter_t *m = ctx;
+    int rc = kvs_seq_create(m->store, seq, geo);
+    return rc || !m->store2 ? rc : kvs_seq_create(m->store2, seq, geo);
 }
 static int m_append(void *ctx, uint64_t seq, uint32_t layer, uint32_t n,
                     const void *k, const void *v, size_t bytes) {
     (void)bytes;
-    return kvs_seq_append(((meter_t *)ctx)->store, seq, layer, n, k, v);
+    meter_t *m = ctx;
+    int rc = kvs_seq_append(m->store, seq, layer, n, k, v);
+    return rc || !m->store2 ? rc
+                            : kvs_seq_append(m->store2, seq, layer, n, k, v);
 }
 static int m_drop(void *ctx, uint64_t seq) {
-    return kvs_seq_drop(((meter_t *)ctx)->store, seq);
+    meter_t *m = ctx;
+    int rc = kvs_seq_drop(m->store, seq);
+    return rc || !m->store2 ? rc : kvs_seq_drop(m->store2, seq);
+}
+static int m_observe(void *ctx, uint64_t seq, uint32_t layer, uint32_t n,
+                     const float *q) {
+    meter_t *m = ctx;
+    return m->store2 ? kvs_seq_observe_queries(m->store2, seq, layer, n, q) : 0;
 }
 static const char *m_errmsg(void *ctx) {
     return kvs_store_errmsg(((meter_t *)ctx)->store);
@@ -85,7 +106,8 @@ static int m_attend(void *ctx, uint64_t seq, uint32_t layer, const float *q,
     for (int i = 0; i < m->n_v; i++) {
         variant_t *v = &m->v[i];
         kvs_attend_stats_t st;
-        rc = kvs_seq_attend(m->store, seq, layer, q, &v->qp, m->out, &st);
+        rc = kvs_seq_attend(v->per_head ? m->store2 : m->store, seq, layer, q,
+                            &v->qp, m->out, &st);
         if (rc != 0)
             return rc;
         for (uint32_t h = 0; h < m->n_heads; h++) {
@@ -117,8 +139,8 @@ static int m_attend(void *ctx, uint64_t seq, uint32_t layer, const float *q,
     return 0;
 }
 
-static const kvs_decoder_backend_t meter_backend = {m_create, m_append,
-                                                    m_attend, m_drop, m_errmsg};
+static const kvs_decoder_backend_t meter_backend = {
+    m_create, m_append, m_attend, m_drop, m_errmsg, m_observe};
 
 static double bits_of(const float *l, uint32_t V, int32_t target) {
     double mx = l[0], z = 0;
@@ -148,9 +170,9 @@ static double quant(const double *x, size_t n, double q) {
 /* One decoder pass; see the file comment. ref: [gen] (filled when
  * follow is false). Returns 0 or an error. */
 static int pass(const kvs_model_t *model, kvs_decoder_options_t *o,
-                kvs_store_t *store, const int32_t *tok, uint32_t ctx,
-                uint32_t score, uint32_t gen, int32_t *ref, bool follow,
-                double *bits, uint64_t *agree, double *step_s) {
+                kvs_store_t *store, kvs_store_t *store2, const int32_t *tok,
+                uint32_t ctx, uint32_t score, uint32_t gen, int32_t *ref,
+                bool follow, double *bits, uint64_t *agree, double *step_s) {
     char err[512];
     kvs_decoder_t *d = NULL;
     uint32_t V = kvs_model_config(model)->vocab_size;
@@ -164,6 +186,8 @@ static int pass(const kvs_model_t *model, kvs_decoder_options_t *o,
     rc = kvs_decoder_prefill(d, tok, ctx, lg, false);
     if (rc == 0 && store)
         rc = kvs_seq_wait_indexed(store, o->seq_id);
+    if (rc == 0 && store2)
+        rc = kvs_seq_wait_indexed(store2, o->seq_id);
     *bits = 0;
     *agree = 0;
     for (uint32_t i = 0; rc == 0 && i < score; i++) {
@@ -198,6 +222,8 @@ static void usage(void) {
             "[--score N] [--gen N]\n"
             "  input: --text FILE (byte models) | --token-file FILE (int32)\n"
             "  --eps E (repeatable: bounded variants)  --drive I\n"
+            "  --per-head K (variant on a store observing every K-th "
+            "prefill query)\n"
             "  --segment-tokens N  --threads N (OpenBLAS and store)\n");
 }
 
@@ -213,17 +239,25 @@ int main(int argc, char **argv) {
         O_EPS,
         O_DRIVE,
         O_SEG,
-        O_THR
+        O_THR,
+        O_PERHEAD
     };
-    static const struct option lo[] = {
-        {"rows", 1, 0, O_ROWS},       {"label", 1, 0, O_LABEL},
-        {"ctx", 1, 0, O_CTX},         {"score", 1, 0, O_SCORE},
-        {"gen", 1, 0, O_GEN},         {"text", 1, 0, O_TEXT},
-        {"token-file", 1, 0, O_TOKF}, {"eps", 1, 0, O_EPS},
-        {"drive", 1, 0, O_DRIVE},     {"segment-tokens", 1, 0, O_SEG},
-        {"threads", 1, 0, O_THR},     {0, 0, 0, 0}};
+    static const struct option lo[] = {{"rows", 1, 0, O_ROWS},
+                                       {"label", 1, 0, O_LABEL},
+                                       {"ctx", 1, 0, O_CTX},
+                                       {"score", 1, 0, O_SCORE},
+                                       {"gen", 1, 0, O_GEN},
+                                       {"text", 1, 0, O_TEXT},
+                                       {"token-file", 1, 0, O_TOKF},
+                                       {"eps", 1, 0, O_EPS},
+                                       {"drive", 1, 0, O_DRIVE},
+                                       {"segment-tokens", 1, 0, O_SEG},
+                                       {"threads", 1, 0, O_THR},
+                                       {"per-head", 1, 0, O_PERHEAD},
+                                       {0, 0, 0, 0}};
     const char *rows = NULL, *label = "?", *text = NULL, *tokf = NULL;
     uint32_t ctx = 0, score = 256, gen = 1000, seg = 0, threads = 2;
+    uint32_t per_head = 0;
     float eps[MAX_VARIANTS];
     int n_eps = 0, drive = 0, c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -262,13 +296,16 @@ int main(int argc, char **argv) {
         case O_THR:
             threads = (uint32_t)strtoul(optarg, NULL, 10);
             break;
+        case O_PERHEAD:
+            per_head = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
         default:
             usage();
             return 2;
         }
     }
     if (optind != argc - 1 || !rows || ctx < 2 || (!text == !tokf) ||
-        drive < 0 || drive > n_eps) {
+        drive < 0 || drive > n_eps + (per_head > 0)) {
         usage();
         return 2;
     }
@@ -317,7 +354,7 @@ int main(int argc, char **argv) {
     kvs_decoder_options_default(&o);
     double bits_full, bits_wave, full_step_s, wave_step_s;
     uint64_t agree;
-    if (!ref || pass(model, &o, NULL, tok, ctx, score, gen, ref, false,
+    if (!ref || pass(model, &o, NULL, NULL, tok, ctx, score, gen, ref, false,
                      &bits_full, &agree, &full_step_s) != 0)
         return 1;
 
@@ -331,17 +368,21 @@ int main(int argc, char **argv) {
                  .n_heads = cfg->n_heads,
                  .head_dim = cfg->head_dim,
                  .drive = drive};
-    if (kvs_store_open(&so, &m.store) != 0) {
+    if (kvs_store_open(&so, &m.store) != 0 ||
+        (per_head && kvs_store_open(&so, &m.store2) != 0)) {
         fprintf(stderr, "acc_bench: %s\n", kvs_store_open_error());
         return 1;
     }
-    m.n_v = 1 + n_eps;
+    m.n_v = 1 + n_eps + (per_head > 0);
     for (int i = 0; i < m.n_v; i++) {
         variant_t *v = &m.v[i];
         kvs_query_params_default(&v->qp);
         v->qp.mode = KVS_MODE_WAVE;
         if (i == 0) {
             snprintf(v->name, sizeof(v->name), "fixed");
+        } else if (per_head && i == m.n_v - 1) {
+            v->per_head = true;
+            snprintf(v->name, sizeof(v->name), "fixed per-head");
         } else {
             v->qp.budget = KVS_BUDGET_BOUNDED;
             v->qp.epsilon = eps[i - 1];
@@ -358,8 +399,9 @@ int main(int argc, char **argv) {
     o.backend = &meter_backend;
     o.backend_ctx = &m;
     o.seq_id = 1;
-    if (pass(model, &o, m.store, tok, ctx, score, gen, ref, true, &bits_wave,
-             &agree, &wave_step_s) != 0)
+    o.observe_every = per_head;
+    if (pass(model, &o, m.store, m.store2, tok, ctx, score, gen, ref, true,
+             &bits_wave, &agree, &wave_step_s) != 0)
         return 1;
 
     /* Rows. */
@@ -380,8 +422,10 @@ int main(int argc, char **argv) {
                 "{\"model\": \"%s\", \"context\": %u, \"segment_tokens\": %u, "
                 "\"variant\": \"%s\", \"budget\": \"%s\", \"epsilon\": %g, "
                 "\"decode_steps\": %llu, \"rel_l2_by_layer_median\": [",
-                label, ctx, so.segment_tokens, v->name, i ? "bounded" : "fixed",
-                i ? (double)eps[i - 1] : 0.0, (unsigned long long)v->steps);
+                label, ctx, so.segment_tokens, v->name,
+                i && !v->per_head ? "bounded" : "fixed",
+                i && !v->per_head ? (double)eps[i - 1] : 0.0,
+                (unsigned long long)v->steps);
         for (uint32_t l = 0; l < m.n_layers; l++) {
             memcpy(el, e + (size_t)l * m.n_heads, m.n_heads * sizeof(double));
             qsort(el, m.n_heads, sizeof(double), cmp_d);
@@ -437,6 +481,7 @@ int main(int argc, char **argv) {
     }
     int bad = fclose(out) != 0;
     kvs_store_close(m.store);
+    kvs_store_close(m.store2);
     for (int i = 0; i < m.n_v; i++)
         free(m.v[i].err_sum);
     free(m.exact);

@@ -18,8 +18,15 @@
  * (as acc_bench does). No model runs: no bits per byte, no greedy
  * agreement.
  *
+ * Per-head budgets (kvs_seq_observe_queries): --observe-samples N is the
+ * store's observe_samples (-1: off, one budget for every head, the engine
+ * before them); --observe K shows the store the prefill's queries of every
+ * K-th position per layer after the prefill (0: none, only the decode
+ * attends feed the reservoirs).
+ *
  * usage: dump_acc --dump FILE [--end N] [--span N] [--stride N]
  *                 [--segment-tokens N] [--retrieval F] [--rank codes|centroid]
+ *                 [--observe-samples N] [--observe K]
  *                 [--label NAME] [--rows FILE]
  * (--end: use the first N positions of the dump only.)
  */
@@ -82,6 +89,8 @@ int main(int argc, char **argv) {
     const char *path = NULL, *rows = NULL, *label = "tinycode128";
     uint32_t span = 8192, stride = 128, seg = 0, end = 0;
     float retrieval = 0;
+    int32_t observe_samples = 0;
+    uint32_t observe = 0;
     kvs_rank_t rank = KVS_RANK_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *x = i + 1 < argc ? argv[i + 1] : NULL;
@@ -101,6 +110,10 @@ int main(int argc, char **argv) {
             end = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--retrieval"))
             retrieval = strtof(x, NULL);
+        else if (!strcmp(a, "--observe-samples"))
+            observe_samples = (int32_t)strtol(x, NULL, 10);
+        else if (!strcmp(a, "--observe"))
+            observe = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--segment-tokens"))
             seg = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--rank") && !strcmp(x, "codes"))
@@ -131,6 +144,7 @@ int main(int argc, char **argv) {
     kvs_options_t o;
     kvs_options_default(&o);
     o.deterministic = 1;
+    o.observe_samples = observe_samples;
     if (seg)
         o.segment_tokens = seg;
     kvs_store_t *s = NULL;
@@ -152,6 +166,23 @@ int main(int argc, char **argv) {
     if ((rc = kvs_seq_create(s, 1, &g)) ||
         (rc = append_range(s, dp, 0, P, k, v)))
         goto fail;
+    /* The prefill's queries, every `observe`-th position (as kvdecode
+     * feeds them). */
+    for (uint32_t l = 0; observe && l < L; l++)
+        for (uint32_t t = 0; t < P; t += observe) {
+            for (uint32_t h = 0; h < HQ; h++)
+                dump_row(&dp, l, h, t, q + (size_t)h * D);
+            if ((rc = kvs_seq_observe_queries(s, 1, l, 1, q)))
+                goto fail;
+        }
+    char method[64];
+    if (observe_samples < 0)
+        snprintf(method, sizeof method, "uniform");
+    else if (observe)
+        snprintf(method, sizeof method, "per-head (prefill/%u + decode)",
+                 observe);
+    else
+        snprintf(method, sizeof method, "per-head (decode)");
     kvs_query_params_t wp, xp;
     kvs_query_params_default(&wp);
     wp.rank = rank;
@@ -195,15 +226,16 @@ int main(int argc, char **argv) {
     double exf = (double)keys_exact / (double)keys_total;
     double stf = (double)keys_steady / (double)keys_total;
     fprintf(stderr,
-            "dump_acc: %s positions %u..%u step %u, segments of %u, rank %s: "
-            "retrieval %g: rel_l2 median %.4g p95 %.4g max %.4g, %.2f%% keys "
+            "dump_acc: %s positions %u..%u step %u, segments of %u, rank %s, "
+            "budget %s: retrieval %g: rel_l2 median %.4g p95 %.4g max %.4g, "
+            "%.2f%% keys "
             "exact (steady %.2f%%), %.1f s CPU\n",
             label, P, n_used - 1, stride, o.segment_tokens,
             rank == KVS_RANK_CENTROID ? "centroid"
             : rank == KVS_RANK_CODES  ? "codes"
                                       : "default",
-            (double)wp.retrieval_fraction, med, p95, err[n - 1], 100 * exf,
-            100 * stf, secs);
+            method, (double)wp.retrieval_fraction, med, p95, err[n - 1],
+            100 * exf, 100 * stf, secs);
     if (rows) {
         FILE *f = fopen(rows, "a");
         if (!f)
@@ -212,7 +244,7 @@ int main(int argc, char **argv) {
                 "{\"model\": \"%s\", \"source\": \"dump\", \"context_first\": "
                 "%u, \"context_last\": %u, \"stride\": %u, "
                 "\"segment_tokens\": %u, \"rank\": \"%s\", "
-                "\"retrieval_fraction\": %g, "
+                "\"retrieval_fraction\": %g, \"method\": \"%s\", "
                 "\"variant\": \"fixed\", \"decode_steps\": %llu, "
                 "\"rel_l2_median\": %.6g, \"rel_l2_p95\": %.6g, "
                 "\"rel_l2_max\": %.6g, \"exact_fraction\": %.6g, "
@@ -221,8 +253,8 @@ int main(int argc, char **argv) {
                 rank == KVS_RANK_CENTROID ? "centroid"
                 : rank == KVS_RANK_CODES  ? "codes"
                                           : "default",
-                (double)wp.retrieval_fraction, (unsigned long long)steps, med,
-                p95, err[n - 1], exf, stf);
+                (double)wp.retrieval_fraction, method,
+                (unsigned long long)steps, med, p95, err[n - 1], exf, stf);
         if (fclose(f))
             return 1;
     }
@@ -242,7 +274,7 @@ fail:
 usage:
     fprintf(stderr, "usage: dump_acc --dump FILE [--end N] [--span N] "
                     "[--stride N] [--segment-tokens N] [--retrieval F] "
-                    "[--rank codes|centroid] "
-                    "[--label NAME] [--rows FILE]\n");
+                    "[--rank codes|centroid] [--observe-samples N] "
+                    "[--observe K] [--label NAME] [--rows FILE]\n");
     return 2;
 }

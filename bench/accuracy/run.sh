@@ -88,7 +88,9 @@ else
     acc "$stories" --label stories260K --ctx 512 --token-file "$tmp/st.bin"
     acc "$stories" --label stories260K --ctx 512 --token-file "$tmp/st.bin" --segment-tokens 256
     acc "$tiny" --label tinycode128 --ctx 2048 --text "$tmp/text.txt" --segment-tokens 1024
-    acc "$tiny" --label tinycode128 --ctx 8192 --text "$tmp/text.txt"
+    # --per-head 64: the same run adds "fixed per-head" (a second store that
+    # observes every 64th prefill query: per-head budgets) beside "fixed".
+    acc "$tiny" --label tinycode128 --ctx 8192 --text "$tmp/text.txt" --per-head 64
     if [ -n "${KVS_ACC_CTX32:-}" ]; then
         acc "$tiny" --label tinycode128 --ctx 32768 --text "$tmp/text.txt"
     fi
@@ -98,7 +100,9 @@ else
     if [ -n "${KVS_ACC_DUMP:-}" ]; then
         cmake --build "$build" -j "${KVS_BENCH_JOBS:-2}" --target dump_acc >/dev/null
         "$build/bench/accuracy/dump_acc" --dump "$KVS_ACC_DUMP" --span 8192 \
-            --stride 128 --rows "$rows"
+            --stride 128 --observe-samples -1 --rows "$rows"
+        "$build/bench/accuracy/dump_acc" --dump "$KVS_ACC_DUMP" --span 8192 \
+            --stride 128 --observe 64 --rows "$rows"
     fi
     head_ctx=8192
 fi
@@ -116,7 +120,8 @@ for r in rows:
                         "bpb_full": r["bpb_full"], "bpb_wave": r["bpb_wave"]})
     # 32K beside 8K: dump_acc's row (KVS_ACC_DUMP) for the error, then
     # acc_bench's (KVS_ACC_CTX32=1), which also has the agreement.
-    if r.get("source") == "dump" and r["context_last"] == 32768:
+    if (r.get("source") == "dump" and r["context_last"] == 32768
+            and r.get("method", "uniform") == "uniform"):
         metrics.update({"rel_l2_median_32k": r["rel_l2_median"],
                         "rel_l2_p95_32k": r["rel_l2_p95"],
                         "exact_fraction_32k": r["exact_fraction"]})

@@ -59,6 +59,8 @@ class _Handle:
                estimation_fraction: float = 0.0, epsilon: float = 0.0,
                scale: float = 0.0, out: Optional[ArrayLike] = None
                ) -> Tuple[npt.NDArray[np.float32], AttendStats]: ...
+    def observe_queries(self, seq: int, layer: int,
+                        queries: ArrayLike) -> None: ...
     def search(self, seq: int, layer: int, queries: ArrayLike, k: int, *,
                mode: Mode = None, budget: Budget = None,
                retrieval_fraction: float = 0.0,

@@ -919,6 +919,71 @@ done:
     return ret;
 }
 
+/* observe_queries(seq, layer, queries): queries (n, q_heads, head_dim)
+ * float32 (or (n, q_heads * head_dim)). For a Store the geometry gives
+ * the row size; for a Client the shape does (3-D only) and the server
+ * checks it. */
+static PyObject *m_observe_queries(kvs_py_handle_t *h, PyObject *args,
+                                   PyObject *kw) {
+    static char *kwlist[] = {"seq", "layer", "queries", NULL};
+    uint64_t seq;
+    uint32_t layer;
+    PyObject *qo;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&O", kwlist, conv_u64, &seq,
+                                     conv_u32, &layer, &qo))
+        return NULL;
+    kvs_py_array_t a;
+    if (kvs__py_array_get(qo, "queries", false, &a) < 0)
+        return NULL;
+    PyObject *ret = NULL;
+    kvs_py_result_t r = {0};
+    uint64_t cols = 0, n = 0;
+    if (!h->is_client) {
+        kvs_geometry_t g;
+        memset(&g, 0, sizeof(g));
+        KVS_PY_CALL(h, r, r.rc = kvs_seq_shape(h->store, seq, layer, &g, NULL));
+        if (r.rc) {
+            raise_result(&r);
+            goto done;
+        }
+        cols = (uint64_t)g.n_q_heads * g.head_dim;
+    } else {
+        if (a.view.ndim != 3) {
+            PyErr_SetString(PyExc_ValueError,
+                            "queries: shape must be (n, q_heads, head_dim) "
+                            "for a Client");
+            goto done;
+        }
+        cols = (uint64_t)a.view.shape[1] * (uint64_t)a.view.shape[2];
+    }
+    if (kvs__py_array_check_shape(&a, "queries", 'f', "float32", 0, cols, &n) <
+        0)
+        goto done;
+    if (n > UINT32_MAX) {
+        /* Past any limit: the engine refuses it with TooBigError. */
+        n = (uint64_t)UINT32_MAX;
+    }
+    const float *qp = a.view.buf;
+    size_t nf = (size_t)(n * cols);
+    KVS_PY_CALL(h, r, {
+        if (h->is_client)
+            r.rc = kvs_client_seq_observe_queries(h->client, seq, layer,
+                                                  (uint32_t)n, qp, nf);
+        else
+            r.rc =
+                kvs_seq_observe_queries(h->store, seq, layer, (uint32_t)n, qp);
+    });
+    if (r.rc) {
+        raise_result(&r);
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    kvs__py_array_release(&a);
+    return ret;
+}
+
 static PyObject *m_search(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"seq",
                              "layer",
@@ -1248,6 +1313,11 @@ static PyObject *m_ping(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
      "retrieval_fraction=0, estimation_fraction=0, epsilon=0, scale=0, "       \
      "out=None) -> (out, AttendStats)\nAttention output for float32 "          \
      "queries (q_heads, head_dim); out is float32 (q_heads, head_dim)."},      \
+    {"observe_queries", (PyCFunction)(void (*)(void))m_observe_queries,        \
+     METH_VARARGS | METH_KEYWORDS,                                             \
+     "observe_queries(seq, layer, queries)\nShow the store decoder queries "  \
+     "(float32 (n, q_heads, head_dim), e.g. a sample of the prefill's) so "   \
+     "that it sizes each KV head's budget for them. Copied before return."},  \
     {"search", (PyCFunction)(void (*)(void))m_search,                          \
      METH_VARARGS | METH_KEYWORDS,                                             \
      "search(seq, layer, queries, k, *, mode=None, ...) -> (positions, "       \

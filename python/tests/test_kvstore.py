@@ -400,3 +400,61 @@ def test_dtype_given_as_numpy_dtype(kv):
     assert [kv.info(s).dtype for s in (110, 111, 112)] == \
         ["f16", "f32", "bf16"]
 
+
+
+def test_observe_queries_errors(kv):
+    make(kv, 40)
+    q = rng.standard_normal((8, QH, HD)).astype(np.float32)
+    assert kv.observe_queries(40, 0, q) is None
+    if isinstance(kv, kvstore.Store):  # 2-D rows fit a Store (geometry)
+        kv.observe_queries(40, 1, q.reshape(8, QH * HD))
+    else:  # a Client takes the shape from the array: 3-D only
+        with pytest.raises(ValueError, match="queries"):
+            kv.observe_queries(40, 1, q.reshape(8, QH * HD))
+    with pytest.raises(kvstore.NoSequenceError):
+        kv.observe_queries(99, 0, q)
+    with pytest.raises(kvstore.RangeError):
+        kv.observe_queries(40, L, q)
+    with pytest.raises(TypeError, match="queries"):
+        kv.observe_queries(40, 0, q.astype(np.float64))
+    with pytest.raises(ValueError, match="queries"):
+        kv.observe_queries(40, 0, np.zeros((0, QH, HD), np.float32))
+    bad = q.copy()
+    bad[3, 1, 2] = np.nan
+    with pytest.raises(kvstore.NotFiniteError):
+        kv.observe_queries(40, 0, bad)
+
+
+def test_observe_queries_moves_budget():
+    """A sink-dominated KV head gives budget to a spread one: fewer keys
+    read in full, and the reservoir's bytes show in resident_bytes."""
+    r = np.random.default_rng(3)
+    d, n = 32, 1024 + 40
+    dirs = r.standard_normal((8, d)).astype(np.float32)
+    sink = r.standard_normal(d).astype(np.float32)
+    k = np.empty((n, 2, d), np.float32)
+    k[:, 0] = dirs[r.integers(0, 8, n)] + 0.7 * r.standard_normal((n, d))
+    k[:, 1] = 0.3 * r.standard_normal((n, d))
+    k[0, 1] = 4 * sink
+    v = r.standard_normal((n, 2, d)).astype(np.float32)
+
+    def query():
+        q = np.empty((4, d), np.float32)
+        q[:2] = 1.5 * r.standard_normal((2, d))
+        q[2:] = 3 * sink + 0.3 * r.standard_normal((2, d))
+        return q
+
+    with kvstore.Store(deterministic=True, n_threads=2,
+                       segment_tokens=256) as s:
+        s.create(1, layers=1, q_heads=4, kv_heads=2, head_dim=d)
+        s.append(1, 0, k, v)
+        s.wait_indexed(1)
+        q = query()
+        _, before = s.attend(1, 0, q)
+        # ceil(0.018 x 1024) = 19 keys per KV head beyond the steady zone
+        assert before.keys_exact - before.keys_steady == 2 * 19
+        bytes0 = s.stats()["resident_bytes"]
+        s.observe_queries(1, 0, np.stack([query() for _ in range(32)]))
+        assert s.stats()["resident_bytes"] - bytes0 >= 2 * 16 * 2 * d * 4
+        _, after = s.attend(1, 0, q)
+        assert after.keys_exact - after.keys_steady < 2 * 19

@@ -528,6 +528,70 @@ static void test_wire_rpc_zero_client_options(void **state) {
     assert_int_equal(kvs_client_open(&o, &c), KVS_EINVAL);
 }
 
+/* kvs_seq_observe_queries over the wire: the same observations and
+ * attends on a fresh sequence give the daemon the in-process store's
+ * per-head budgets (same outputs and stats), and each error comes back
+ * with the engine's code. */
+static void test_wire_rpc_observe(void **state) {
+    (void)state;
+    enum { NOBS = 24 };
+    static float k[TOK * KVH * HD], v[TOK * KVH * HD], obs[NOBS * QH * HD];
+    make_kv(k, v, 43);
+    uint64_t s = 11;
+    for (size_t i = 0; i < NOBS * QH * HD; i++)
+        obs[i] = 2.0f * frand(&s) + ((i % 7) == 0 ? 1.5f : 0);
+    assert_int_equal(kvs_seq_create(S, 2, &GEO), 0);
+    assert_int_equal(kvs_client_seq_create(C, 2, &GEO), 0);
+    assert_int_equal(kvs_seq_append(S, 2, 0, TOK, k, v), 0);
+    assert_int_equal(kvs_client_seq_append(C, 2, 0, TOK, k, v, sizeof(k)), 0);
+    assert_int_equal(kvs_seq_wait_indexed(S, 2), 0);
+    kvs_seq_info_t li, ri;
+    assert_int_equal(kvs_seq_info(S, 2, &li), 0);
+    for (int i = 0; i < 2000; i++) {
+        assert_int_equal(kvs_client_seq_info(C, 2, &ri), 0);
+        if (ri.builds_pending == 0 && ri.indexed_tokens == li.indexed_tokens)
+            break;
+        sleep_ms(10);
+    }
+    assert_true(ri.indexed_tokens == li.indexed_tokens);
+
+    assert_int_equal(kvs_seq_observe_queries(S, 2, 0, NOBS, obs), 0);
+    assert_int_equal(
+        kvs_client_seq_observe_queries(C, 2, 0, NOBS, obs, NOBS * QH * HD), 0);
+    for (int r = 0; r < 3; r++) {
+        static answer_t l, w;
+        memset(&l.st, 0, sizeof(l.st));
+        memset(&w.st, 0, sizeof(w.st));
+        const float *q = obs + (size_t)r * QH * HD;
+        assert_int_equal(kvs_seq_attend(S, 2, 0, q, NULL, l.out, &l.st), 0);
+        assert_int_equal(
+            kvs_client_seq_attend(C, 2, 0, q, QH * HD, NULL, w.out, &w.st), 0);
+        assert_true(max_diff(w.out, l.out, QH * HD) <= SAME);
+        check_stats_equal(&w.st, &l.st);
+    }
+
+    /* Errors: unknown sequence, layer, queries that do not match the
+     * geometry, n 0 (refused by the client), too many tokens. */
+    assert_int_equal(kvs_client_seq_observe_queries(C, 99, 0, 1, obs, QH * HD),
+                     KVS_ENOSEQ);
+    assert_int_equal(kvs_client_seq_observe_queries(C, 2, 1, 1, obs, QH * HD),
+                     KVS_ERANGE);
+    assert_int_equal(
+        kvs_client_seq_observe_queries(C, 2, 0, 3, obs, 2 * QH * HD),
+        KVS_EINVAL); /* 2 tokens' bytes for 3: not whole tokens */
+    assert_int_equal(
+        kvs_client_seq_observe_queries(C, 2, 0, 2, obs, 3 * QH * HD),
+        KVS_EGEOMETRY); /* whole, but 1.5 tokens each */
+    assert_int_equal(kvs_client_seq_observe_queries(C, 2, 0, 0, obs, QH * HD),
+                     KVS_EINVAL);
+    assert_int_equal(kvs_client_seq_observe_queries(C, 2, 0,
+                                                    KVS_OBSERVE_MAX + 1, obs,
+                                                    KVS_OBSERVE_MAX + 1),
+                     KVS_ETOOBIG);
+    assert_int_equal(kvs_seq_drop(S, 2), 0);
+    assert_int_equal(kvs_client_seq_drop(C, 2), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_wire_rpc_attend_modes),
@@ -538,6 +602,7 @@ int main(void) {
         cmocka_unit_test(test_wire_rpc_search_reply_too_big),
         cmocka_unit_test(test_wire_rpc_zero_client_options),
         cmocka_unit_test(test_wire_rpc_store_defaults),
+        cmocka_unit_test(test_wire_rpc_observe),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

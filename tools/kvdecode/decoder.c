@@ -87,8 +87,12 @@ static int ip_drop(void *ctx, uint64_t seq) {
 static const char *ip_errmsg(void *ctx) {
     return kvs_store_errmsg(ctx);
 }
+static int ip_observe(void *ctx, uint64_t seq, uint32_t layer, uint32_t n,
+                      const float *q) {
+    return kvs_seq_observe_queries(ctx, seq, layer, n, q);
+}
 static const kvs_decoder_backend_t inproc_backend = {
-    ip_create, ip_append, ip_attend, ip_drop, ip_errmsg};
+    ip_create, ip_append, ip_attend, ip_drop, ip_errmsg, ip_observe};
 
 static const char *backend_errmsg(const kvs_decoder_options_t *o) {
     const char *m =
@@ -623,6 +627,24 @@ static int store_append(kvs_decoder_t *d, uint32_t l, uint32_t n) {
     return 0;
 }
 
+/* Show the store the prefill's queries of every observe_every-th position
+ * of this chunk (rows of d->q; one call per row, as they are not
+ * contiguous: at k = 64, 6 layers, an 8K prefill makes 768 calls). */
+static int store_observe(kvs_decoder_t *d, uint32_t l, uint32_t p0,
+                         uint32_t n) {
+    const uint32_t k = d->opt.observe_every, dim = d->m->cfg.dim;
+    if (!k || !d->opt.backend->observe_queries)
+        return 0;
+    for (uint32_t i = (k - p0 % k) % k; i < n; i += k) {
+        int rc = d->opt.backend->observe_queries(
+            d->opt.backend_ctx, d->opt.seq_id, l, 1, d->q + (size_t)i * dim);
+        if (rc != 0)
+            return fail(d, rc, "observe_queries(layer %u, position %u): %s: %s",
+                        l, p0 + i, kvs_strerror(rc), backend_errmsg(&d->opt));
+    }
+    return 0;
+}
+
 static int attend_store(kvs_decoder_t *d, uint32_t l) {
     kvs_query_params_t qp = d->opt.query;
     qp.mode =
@@ -697,6 +719,8 @@ static int forward(kvs_decoder_t *d, const int32_t *tokens, uint32_t n,
                             kvs_strerror(rc));
         }
         if (store && (rc = store_append(d, l, n)) != 0)
+            return rc;
+        if (store && !via_store && (rc = store_observe(d, l, p0, n)) != 0)
             return rc;
         if (via_store && store) {
             rc = attend_store(d, l);

@@ -133,6 +133,10 @@ typedef struct kvs_decoder_backend_s {
                   kvs_attend_stats_t *stats);
     int (*drop)(void *ctx, uint64_t seq);
     const char *(*errmsg)(void *ctx);
+    /* kvs_seq_observe_queries (queries [n][n_q_heads * head_dim]); NULL:
+     * the backend takes none and observe_every is ignored. */
+    int (*observe_queries)(void *ctx, uint64_t seq, uint32_t layer, uint32_t n,
+                           const float *queries);
 } kvs_decoder_backend_t;
 
 typedef struct kvs_decoder_options_s {
@@ -153,6 +157,10 @@ typedef struct kvs_decoder_options_s {
     kvs_query_params_t query;
     /* Tokens per batched prefill chunk; 0 = 256. */
     uint32_t prefill_chunk;
+    /* Store modes: the prefill shows the store the queries of every
+     * observe_every-th position, per layer (kvs_seq_observe_queries, so
+     * that it sizes per-head budgets for them); 0: none. */
+    uint32_t observe_every;
     /* Optional: sees every layer's q/k/v (see kvs_qkv_observer_fn). */
     kvs_qkv_observer_fn observe;
     void *observe_ctx;

@@ -102,6 +102,10 @@ static void usage(FILE *f) {
         "  --quiet             no generated text on stdout\n"
         "performance:\n"
         "  --chunk N           prefill chunk (default 256)\n"
+        "  --observe-every K   store modes: show the store the prefill's\n"
+        "                      queries of every K-th position (per-head\n"
+        "                      budgets; default 0: none; 64 is what\n"
+        "                      bench/accuracy measures)\n"
         "  --threads N         OpenBLAS threads (default 2)\n");
 }
 
@@ -266,7 +270,8 @@ enum {
     O_GENOUT,
     O_FOLLOW,
     O_CUDA,
-    O_RANK
+    O_RANK,
+    O_OBSERVE
 };
 /* --profile, numbered apart from the list above. */
 enum { O_PROFILE = 1024 };
@@ -294,8 +299,13 @@ static int cl_drop(void *ctx, uint64_t seq) {
 static const char *cl_errmsg(void *ctx) {
     return kvs_client_errmsg(ctx);
 }
+static int cl_observe(void *ctx, uint64_t seq, uint32_t layer, uint32_t n,
+                      const float *q) {
+    return kvs_client_seq_observe_queries(ctx, seq, layer, n, q,
+                                          n * cl_query_floats);
+}
 static const kvs_decoder_backend_t client_backend = {
-    cl_create, cl_append, cl_attend, cl_drop, cl_errmsg};
+    cl_create, cl_append, cl_attend, cl_drop, cl_errmsg, cl_observe};
 
 /* kvs_seq_wait_indexed over the wire: poll the sequence's pending builds. */
 static int cl_wait_indexed(kvs_client_t *c, uint64_t seq) {
@@ -368,6 +378,7 @@ int main(int argc, char **argv) {
                                              {"follow", 1, 0, O_FOLLOW},
                                              {"cuda-device", 1, 0, O_CUDA},
                                              {"rank", 1, 0, O_RANK},
+                                             {"observe-every", 1, 0, O_OBSERVE},
                                              {0, 0, 0, 0}};
     const char *text = NULL, *ids = NULL, *tokfile = NULL, *logits_out = NULL,
                *dump_path = NULL, *store_url = NULL, *gen_out = NULL,
@@ -375,6 +386,7 @@ int main(int argc, char **argv) {
     bool gen_set = false, index_opts = false;
     uint32_t seq_id = 1;
     uint32_t offset = 0, ctx = 0, gen = 0, seed = 42, chunk = 0, threads = 2;
+    uint32_t observe_every = 0;
     uint32_t step_from = UINT32_MAX;
     float temp = 0;
     bool bos = true, score = false, wait_indexed = false, print_tokens = false,
@@ -544,6 +556,9 @@ int main(int argc, char **argv) {
         case O_THREADS:
             bad |= parse_u32(optarg, "threads", &threads);
             break;
+        case O_OBSERVE:
+            bad |= parse_u32(optarg, "observe-every", &observe_every);
+            break;
         case O_HELP:
         case 'h':
             usage(stdout);
@@ -558,6 +573,7 @@ int main(int argc, char **argv) {
     }
     openblas_set_num_threads(threads ? (int)threads : 1);
     dopt.prefill_chunk = chunk;
+    dopt.observe_every = observe_every;
 
     char err[512];
     kvs_model_t *model = NULL;
