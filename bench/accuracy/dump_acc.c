@@ -171,7 +171,7 @@ int main(int argc, char **argv) {
     for (uint32_t l = 0; observe && l < L; l++)
         for (uint32_t t = 0; t < P; t += observe) {
             for (uint32_t h = 0; h < HQ; h++)
-                dump_row(&dp, l, h, t, q + (size_t)h * D);
+                dump_row(dp, l, KVS_DUMP_Q, h, t, q + (size_t)h * D);
             if ((rc = kvs_seq_observe_queries(s, 1, l, 1, q)))
                 goto fail;
         }
