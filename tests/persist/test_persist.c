@@ -31,7 +31,13 @@
 #include "kvstore.h"
 
 #ifndef CRASH_ROUNDS
+#ifdef KVS_SANITIZER_RUN
+/* a round under ASan/UBSan costs ~10x; the plain build runs 50, bench/
+ * persistence 200 */
+#define CRASH_ROUNDS 12
+#else
 #define CRASH_ROUNDS 50
+#endif
 #endif
 
 enum { KVH = 2, QH = 4, D = 16, SEG = 256 };
@@ -675,9 +681,13 @@ static void test_persist_memory_budget(void **state) {
     assert_true(st.evictions > 0);
     assert_true(st.resident_bytes <= o.memory_bytes + per_seq + per_seq / 4);
     /* RSS: K/V within the budget, plus RocksDB memtables (64 MB cap),
-     * plus 32 MB for everything else. */
+     * plus 32 MB for everything else. Not under ASan: its allocator keeps
+     * freed blocks in a quarantine (256 MB by default), so RSS measures
+     * the quarantine, not the store (resident_bytes above still holds). */
+#ifndef KVS_SANITIZER_RUN
     assert_true((rss1 - rss0) * 1024.0 <
                 (double)o.memory_bytes + (64 << 20) + (32 << 20));
+#endif
     kvs_seq_info_t info;
     assert_int_equal(kvs_seq_info(s, 1, &info), 0);
     assert_int_equal(info.resident, 0);
