@@ -224,7 +224,8 @@ typedef struct kvs_client_op_s {
     size_t node_;
     bool done_;
     void *fan_;    /* a replica's copy of a write: the write it belongs to */
-    uint32_t try_; /* a read with replicas: the replica it is at */
+    uint32_t try_; /* the candidate node it is at (see candidates()) */
+    bool moved_;   /* a node it asked did not have the sequence */
     struct kvs_client_op_s *prev_, *next_;
 } kvs_client_op_t;
 
@@ -253,6 +254,9 @@ typedef struct kvs_client_counters_s {
     uint64_t replicated_writes; /* synchronous writes sent to R > 1 nodes */
     uint64_t degraded_writes;   /* of which acknowledged by fewer than R */
     uint64_t read_failovers;    /* reads passed on to a later replica */
+    uint64_t relocated; /* ops (or a write's replica copies) passed on to
+                           a further node because the one asked did not
+                           have the sequence (any R) */
 } kvs_client_counters_t;
 void kvs_client_counters(const kvs_client_t *c, kvs_client_counters_t *out);
 /* Of the last synchronous write with replicas > 1: how many replicas
