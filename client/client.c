@@ -1485,6 +1485,7 @@ int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     op->fan_ = NULL;
     op->try_ = 0;
     op->moved_ = false;
+    op->pinned_ = false;
     if (!op_is_seq(op->type))
         return submit_at(c, op, SIZE_MAX);
     if (c->replicas > 1 && op_is_write(op->type)) {
@@ -1528,6 +1529,8 @@ int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
 /* ----------------------------------------------------------------- sync */
 
 static int run_one(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
+    op->fan_ = NULL;
+    op->pinned_ = at != SIZE_MAX;
     int rc = submit_at(c, op, at);
     if (rc)
         return op->status = rc;
@@ -1718,7 +1721,8 @@ static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *cand,
  * sequence passes the op to the next (at most MAX_PROBE nodes); with
  * R > 1 one that cannot be reached passes it on within the R replicas. */
 static bool walks_on(const kvs_client_t *c, const kvs_client_op_t *op) {
-    if (op->fan_ || !op_is_seq(op->type) || op->type == KVS_CLIENT_CREATE)
+    if (op->fan_ || op->pinned_ || !op_is_seq(op->type) ||
+        op->type == KVS_CLIENT_CREATE)
         return false;
     return op->status == KVS_ENOSEQ ||
            (c->replicas > 1 && unreachable(op->status) &&
@@ -1727,7 +1731,8 @@ static bool walks_on(const kvs_client_t *c, const kvs_client_op_t *op) {
 
 /* A walked op is finished: remember where its sequence was found. */
 static void walk_done(kvs_client_t *c, kvs_client_op_t *op) {
-    if (op->fan_ || !op_is_seq(op->type) || op->type == KVS_CLIENT_CREATE)
+    if (op->fan_ || op->pinned_ || !op_is_seq(op->type) ||
+        op->type == KVS_CLIENT_CREATE)
         return;
     if (op->status == KVS_ENOSEQ ||
         (!op->status && op->type == KVS_CLIENT_DROP)) {
@@ -1839,6 +1844,7 @@ static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
     op->fan_ = NULL;
     op->try_ = 0;
     op->moved_ = false;
+    op->pinned_ = false;
     if (!op_is_seq(op->type) ||
         (c->replicas <= 1 && op->type == KVS_CLIENT_CREATE))
         return run_one(c, op, SIZE_MAX);
@@ -1977,6 +1983,44 @@ int kvs_client_seq_flush(kvs_client_t *c, uint64_t seq,
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info) {
     kvs_client_op_t op = {.type = KVS_CLIENT_INFO, .seq = seq, .info = info};
     return run_sync(c, &op);
+}
+
+int kvs_client_seq_locate(kvs_client_t *c, uint64_t seq, size_t *nodes,
+                          size_t cap, size_t *n_out, size_t *n_asked) {
+    *n_out = 0;
+    if (n_asked)
+        *n_asked = 0;
+    members_maybe_refresh(c);
+    size_t cand[MAX_PROBE], nc = candidates(c, seq, cand);
+    if (!nc)
+        return cfail(c, KVS_ECONN, "no live node%s",
+                     c->etcd ? " registered in etcd" : "");
+    /* Every candidate, not just until R are found: this is for looking,
+     * and extra copies (or a missing one) are what one looks for. */
+    size_t hold[MAX_PROBE], nh = 0;
+    for (size_t i = 0; i < nc; i++) {
+        kvs_seq_info_t info;
+        kvs_client_op_t op = {
+            .type = KVS_CLIENT_INFO, .seq = seq, .info = &info};
+        int rc = run_one(c, &op, cand[i]);
+        if (!unreachable(rc) && n_asked)
+            (*n_asked)++;
+        if (rc)
+            continue;
+        hold[nh++] = cand[i];
+        if (*n_out < cap)
+            nodes[(*n_out)++] = cand[i];
+    }
+    c->errmsg[0] = 0;
+    if (!nh) {
+        loc_del(c, seq);
+        return cfail(c, KVS_ENOSEQ,
+                     "sequence %llu: on none of the %zu nodes "
+                     "asked",
+                     (unsigned long long)seq, nc);
+    }
+    note_holders(c, seq, hold, nh > c->replicas ? c->replicas : nh);
+    return 0;
 }
 
 int kvs_client_store_stats(kvs_client_t *c, size_t node,

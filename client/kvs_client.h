@@ -226,6 +226,7 @@ typedef struct kvs_client_op_s {
     void *fan_;    /* a replica's copy of a write: the write it belongs to */
     uint32_t try_; /* the candidate node it is at (see candidates()) */
     bool moved_;   /* a node it asked did not have the sequence */
+    bool pinned_;  /* sent to one given node, never passed on */
     struct kvs_client_op_s *prev_, *next_;
 } kvs_client_op_t;
 
@@ -316,6 +317,16 @@ int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq, uint32_t ttl_seconds);
 int kvs_client_seq_flush(kvs_client_t *c, uint64_t seq,
                          uint64_t *persisted_seqno);
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info);
+/* Where `seq` lives: asks (info) each node of its search path (its
+ * remembered holders, then the live nodes in rendezvous order; at most 8,
+ * docs/cluster.md) and puts the indexes of those that have it in
+ * nodes[0..cap), in that order, their count in *n_out; *n_asked (may be
+ * NULL) gets how many nodes answered. Remembers what it found for later
+ * ops. Costs one round trip per node asked. Errors: KVS_ECONN (no live
+ * node), KVS_ENOSEQ (no node asked has it; *n_out = 0). A node that
+ * cannot be reached is passed over, not an error. */
+int kvs_client_seq_locate(kvs_client_t *c, uint64_t seq, size_t *nodes,
+                          size_t cap, size_t *n_out, size_t *n_asked);
 int kvs_client_store_stats(kvs_client_t *c, size_t node,
                            kvs_client_stats_t *stats);
 /* *n_out: ids filled (<= cap); *total (may be NULL): sequences on node. */

@@ -747,6 +747,42 @@ static void test_cluster_sticky_join(void **state) {
             "with one probe each\n",
             to_c, N);
 
+    /* kvctl locate: where one of them lives, and where hashing points. */
+    uint64_t moved_seq = 0;
+    for (uint64_t s = 1; s <= N && !moved_seq; s++)
+        if (kvs_client_node_for(c, s) == node_c)
+            moved_seq = s;
+    char cmd[512], line[1024] = "", want[160];
+    snprintf(cmd, sizeof(cmd), "%s/client/kvctl --addr %s --json locate %llu",
+             KVS_BINARY_DIR, url, (unsigned long long)moved_seq);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    assert_non_null(fgets(line, sizeof(line), p));
+    assert_int_equal(pclose(p), 0);
+    snprintf(want, sizeof(want), "\"hash_owner\":\"%s\"", addr[2]);
+    assert_non_null(strstr(line, want));
+    assert_non_null(strstr(line, "\"asked\":3"));
+    /* One holder, and not the newcomer: "nodes":["ADDR"] */
+    const char *nl = strstr(line, "\"nodes\":[\"127.0.0.1:");
+    assert_non_null(nl);
+    const char *end = strchr(nl, ']');
+    assert_non_null(end);
+    char holders[128];
+    snprintf(holders, sizeof(holders), "%.*s", (int)(end - nl), nl);
+    if (strchr(holders, ','))
+        fprintf(stderr, "locate: %s", line);
+    assert_null(strchr(holders, ','));
+    assert_null(strstr(holders, addr[2]));
+    size_t where[4], nw = 0, asked = 0;
+    assert_int_equal(kvs_client_seq_locate(c, moved_seq, where, 4, &nw, &asked),
+                     0);
+    assert_int_equal(nw, 1);
+    assert_int_equal(asked, 3);
+    assert_true(where[0] != node_c);
+    assert_int_equal(kvs_client_seq_locate(c, 999999, where, 4, &nw, NULL),
+                     KVS_ENOSEQ);
+    assert_int_equal(nw, 0);
+
     /* A client without the cache finds them by probing as well. */
     kvs_client_t *c2 = open_etcd_client(url, 1);
     for (uint64_t s = 1; s <= N; s++) {
