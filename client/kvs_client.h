@@ -9,19 +9,22 @@
  *     kvs_client_submit() it, and collect it from kvs_client_poll(). Many
  *     ops may be in flight per daemon; answers arrive in completion order.
  *
- * Many daemons: `addrs` lists them; a sequence lives on the daemon chosen by
- * rendezvous (highest-random-weight) hashing of its id over the address
- * strings, so every client with the same list agrees, and adding or removing
- * a node moves only the sequences that hash to it. Store-wide ops (ping,
- * stats, list) name a node index.
+ * Many daemons: `addrs` lists them; a sequence is created on the daemon
+ * chosen by rendezvous (highest-random-weight) hashing of its id over the
+ * address strings, so every client with the same list agrees. It stays
+ * there: an op on an existing sequence that its node answers KVS_ENOSEQ
+ * passes on to the next node in rendezvous order (at most 8), and where it
+ * was found off its hashed place is remembered (an LRU of 4096 sequences),
+ * so a list that changed costs one extra round trip per such sequence on
+ * its first use. Store-wide ops (ping, stats, list) name a node index.
  *
  * Or one address "etcd://host:port[,host:port]/prefix": the daemons
  * registered in etcd under that prefix (kvstored --etcd-endpoints,
  * docs/cluster.md) are the list, re-read every membership_refresh_ms (and
  * after a failed connect) inside kvs_client_submit(). Hashing is over the
- * live nodes only: a node that joins takes the sequences that hash to it,
- * one that leaves gives its sequences to the others (their data does not
- * move with them: that is the replicas' and repair's job, not done yet).
+ * live nodes only: a node that joins takes new sequences that hash to it;
+ * existing ones stay where they are and are found as above (no repair
+ * moves data yet; a node that leaves takes its sequences with it).
  * Node indexes stay valid for the client's life; a node that left is no
  * longer live (kvs_client_node_live) and its index may be reused by a node
  * that joins later.
@@ -33,7 +36,9 @@
  * (then op->message, or kvs_client_errmsg() after a synchronous call, says
  * "acknowledged by 1 of 2 replicas (...)", kvs_client_last_write_acks()
  * gives the counts of the last write to complete, and kvs_client_counters()
- * counts it); an error answer from any replica is the write's error.
+ * counts it); an error answer from any replica is the write's error,
+ * except KVS_ENOSEQ: that copy moves on to the next node in rendezvous
+ * order, so a write lands on the R nodes that hold the sequence.
  * Reads (search, attend, info; synchronous or submitted) go to the first
  * replica and, as part of the same op, to the next when it cannot be
  * reached or does not have the sequence.
