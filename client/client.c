@@ -48,9 +48,10 @@
 #define MAX_PROBE 8
 /* Sequences whose holders are not their rendezvous top R (they were
  * created before a node joined), remembered so that only their first op
- * after a change pays for the probing. 4096 entries, ~180 KiB. */
-#define LOC_CAP 4096
-#define LOC_BUCKETS 4096 /* power of two */
+ * after a change pays for the probing: options.location_cache entries,
+ * by default 4096 (~180 KiB). */
+#define LOC_DEFAULT_CAP 4096
+#define LOC_MAX_CAP (1u << 24)
 
 typedef struct node_s {
     char addr[256];
@@ -73,7 +74,7 @@ typedef struct node_s {
     kvs_node_record_t rec; /* etcd's record of the node (etcd:// only) */
 } node_t;
 
-/* Where a displaced sequence lives: an LRU of LOC_CAP entries, chained
+/* Where a displaced sequence lives: an LRU of loc_cap entries, chained
  * hash on seq, entries linked most-recent-first; indexes, -1 for none. */
 typedef struct loc_entry_s {
     uint64_t seq;
@@ -84,8 +85,10 @@ typedef struct loc_entry_s {
 } loc_entry_t;
 
 typedef struct loc_cache_s {
-    int32_t bucket[LOC_BUCKETS];
-    loc_entry_t e[LOC_CAP];
+    int32_t *bucket; /* n_buckets, a power of two */
+    uint32_t n_buckets;
+    loc_entry_t *e; /* cap */
+    int32_t cap;
     int32_t head, tail; /* most and least recently used */
     int32_t used;       /* entries handed out so far (then reuse the tail) */
 } loc_cache_t;
@@ -111,6 +114,7 @@ struct kvs_client_s {
     kvs_client_op_t *retry_head;
     uint32_t last_acked, last_wanted; /* the last synchronous write */
     loc_cache_t *loc;                 /* allocated on first use */
+    uint32_t loc_cap;                 /* its entries */
     char errmsg[512];
 };
 
@@ -151,7 +155,7 @@ static uint64_t fnv1a(const char *s) {
 /* ------------------------------------------------------ location cache */
 
 static int32_t *loc_slot(loc_cache_t *l, uint64_t seq) {
-    int32_t *p = &l->bucket[mix64(seq) & (LOC_BUCKETS - 1)];
+    int32_t *p = &l->bucket[mix64(seq) & (l->n_buckets - 1)];
     while (*p >= 0 && l->e[*p].seq != seq)
         p = &l->e[*p].hnext;
     return p;
@@ -222,18 +226,31 @@ static void loc_del(kvs_client_t *c, uint64_t seq) {
 static void loc_put(kvs_client_t *c, uint64_t seq, const size_t *node,
                     size_t n) {
     if (!c->loc) {
-        c->loc = malloc(sizeof(*c->loc));
-        if (!c->loc)
+        uint32_t nb = 1;
+        while (nb < c->loc_cap)
+            nb <<= 1;
+        loc_cache_t *l = calloc(1, sizeof(*l));
+        if (!l)
             return;
-        for (size_t b = 0; b < LOC_BUCKETS; b++)
-            c->loc->bucket[b] = -1;
-        c->loc->head = c->loc->tail = -1;
-        c->loc->used = 0;
+        l->bucket = malloc(nb * sizeof(*l->bucket));
+        l->e = calloc(c->loc_cap, sizeof(*l->e));
+        if (!l->bucket || !l->e) {
+            free(l->bucket);
+            free(l->e);
+            free(l);
+            return;
+        }
+        for (size_t b = 0; b < nb; b++)
+            l->bucket[b] = -1;
+        l->n_buckets = nb;
+        l->cap = (int32_t)c->loc_cap;
+        l->head = l->tail = -1;
+        c->loc = l;
     }
     loc_cache_t *l = c->loc;
     int32_t i = *loc_slot(l, seq);
     if (i < 0) {
-        if (l->used < LOC_CAP) {
+        if (l->used < l->cap) {
             i = l->used++;
             l->e[i].prev = l->e[i].next = -1;
         } else {
@@ -243,7 +260,7 @@ static void loc_put(kvs_client_t *c, uint64_t seq, const size_t *node,
             loc_unlink(l, i);
         }
         l->e[i].seq = seq;
-        int32_t *b = &l->bucket[mix64(seq) & (LOC_BUCKETS - 1)];
+        int32_t *b = &l->bucket[mix64(seq) & (l->n_buckets - 1)];
         l->e[i].hnext = *b;
         *b = i;
     } else {
@@ -634,6 +651,11 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         return KVS_EINVAL;
     }
     c->replicas = o->replicas ? o->replicas : 1;
+    if (o->location_cache > LOC_MAX_CAP) {
+        kvs_client_close(c);
+        return KVS_EINVAL;
+    }
+    c->loc_cap = o->location_cache ? o->location_cache : LOC_DEFAULT_CAP;
     if (etcd) {
         int rc = etcd_open(c, o->addrs[0]);
         if (rc) {
@@ -676,7 +698,11 @@ void kvs_client_close(kvs_client_t *c) {
         }
     }
     free(c->nodes);
-    free(c->loc);
+    if (c->loc) {
+        free(c->loc->bucket);
+        free(c->loc->e);
+        free(c->loc);
+    }
     kvs_etcd_free(c->etcd);
     free(c->auth_token);
     free(c->client_name);

@@ -97,9 +97,12 @@ typedef struct kvs_client_options_s {
     uint32_t max_frame_bytes;       /* largest answer accepted; 0: 64 MiB */
     uint32_t membership_refresh_ms; /* etcd:// only: how often the node
                                        list is re-read; 0: 1000 */
-    uint32_t replicas; /* R, nodes that hold each sequence (the top R of
-                          the rendezvous order); 0: 1; at most 8. See
-                          "Replicas" below */
+    uint32_t replicas;       /* R, nodes that hold each sequence (the top R of
+                                the rendezvous order); 0: 1; at most 8. See
+                                "Replicas" below */
+    uint32_t location_cache; /* sequences whose holders (off their
+                                rendezvous place) are remembered, LRU;
+                                0: 4096 (~180 KiB); at most 2^24 */
 } kvs_client_options_t;
 
 /* Fill opts with the defaults above (no addresses). */
@@ -108,7 +111,8 @@ void kvs_client_options_default(kvs_client_options_t *opts);
 /* Validate the options and copy them. Does not connect to a daemon; with
  * an etcd:// address, reads the node list once (an empty list is fine).
  * Errors: KVS_EINVAL (no address, an unparsable one, an etcd:// address
- * with others, max_frame_bytes above 1 GiB), KVS_ENOMEM; etcd://: KVS_ECONN
+ * with others, max_frame_bytes above 1 GiB, replicas above 8,
+ * location_cache above 2^24), KVS_ENOMEM; etcd://: KVS_ECONN
  * / KVS_ETIMEDOUT (etcd unreachable), KVS_EIO / KVS_EPROTO (etcd's answer). */
 int kvs_client_open(const kvs_client_options_t *opts, kvs_client_t **out);
 /* Close every connection; ops still pending are abandoned (never returned).

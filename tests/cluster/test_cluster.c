@@ -825,6 +825,49 @@ static void test_cluster_sticky_join(void **state) {
     kvs_client_close(c3);
     kvs_client_close(c2);
 
+    /* A cache of 2 sequences: evicted least recently used first, so a
+     * second pass in the same order over more than 2 moved sequences
+     * probes every one of them again; the answers stay right. */
+    {
+        const char *addrs[1] = {url};
+        kvs_client_options_t o;
+        kvs_client_options_default(&o);
+        o.addrs = addrs;
+        o.n_addrs = 1;
+        o.location_cache = (1u << 24) + 1;
+        kvs_client_t *bad = NULL;
+        assert_int_equal(kvs_client_open(&o, &bad), KVS_EINVAL);
+        o.location_cache = 2;
+        kvs_client_t *c4 = NULL;
+        assert_int_equal(kvs_client_open(&o, &c4), 0);
+        uint64_t per_pass[3];
+        for (int pass = 0; pass < 3; pass++) {
+            kvs_client_counters(c4, &k0);
+            for (uint64_t s = 1; s <= N; s++) {
+                assert_int_equal(kvs_client_seq_attend(c4, s, 0, sticky_q, 16,
+                                                       NULL, out, NULL),
+                                 0);
+                for (int i = 0; i < 16; i++)
+                    assert_true(out[i] == out1[s][i]);
+                /* Just found, so cached: the same op again costs no
+                 * probe. */
+                kvs_client_counters_t kb, ka;
+                kvs_client_counters(c4, &kb);
+                assert_int_equal(kvs_client_seq_attend(c4, s, 0, sticky_q, 16,
+                                                       NULL, out, NULL),
+                                 0);
+                kvs_client_counters(c4, &ka);
+                assert_int_equal(ka.relocated, kb.relocated);
+            }
+            kvs_client_counters(c4, &k1);
+            per_pass[pass] = k1.relocated - k0.relocated;
+        }
+        assert_int_equal(per_pass[0], (uint64_t)to_c);
+        assert_int_equal(per_pass[1], to_c > 2 ? (uint64_t)to_c : 0);
+        assert_int_equal(per_pass[2], per_pass[1]);
+        kvs_client_close(c4);
+    }
+
     /* New sequences go to the top of the new order: all three nodes. */
     int on[3] = {0, 0, 0};
     for (uint64_t s = 301; s <= 324; s++) {
