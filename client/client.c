@@ -109,9 +109,10 @@ struct kvs_client_s {
     uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
     uint32_t replicas;     /* R: nodes that hold each sequence */
     kvs_client_counters_t counters;
-    /* Reads with R > 1 their replica could not answer, to be sent to the
-     * next one by pump() (linked by next_; still counted in pending). */
-    kvs_client_op_t *retry_head;
+    /* Ops passed on (a node lacked the sequence or, R > 1, could not be
+     * reached), to be sent to the next one by pump(); linked by next_, in
+     * arrival order, still counted in pending. */
+    kvs_client_op_t *retry_head, *retry_tail;
     uint32_t last_acked, last_wanted; /* the last synchronous write */
     loc_cache_t *loc;                 /* allocated on first use */
     uint32_t loc_cap;                 /* its entries */
@@ -374,6 +375,17 @@ static bool fan_moves_on(kvs_client_t *c, kvs_client_op_t *sub);
 static bool walks_on(const kvs_client_t *c, const kvs_client_op_t *op);
 static void walk_done(kvs_client_t *c, kvs_client_op_t *op);
 
+/* Passed on, to be sent by retry_reads(), in the order answers came:
+ * two writes to one sequence that both found no sequence keep theirs. */
+static void retry_push(kvs_client_t *c, kvs_client_op_t *op) {
+    op->next_ = NULL;
+    if (c->retry_tail)
+        c->retry_tail->next_ = op;
+    else
+        c->retry_head = op;
+    c->retry_tail = op;
+}
+
 static void done_push(kvs_client_t *c, kvs_client_op_t *op) {
     op->done_ = true;
     op->prev_ = c->done_tail;
@@ -408,8 +420,7 @@ static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
          * which a submit could re-enter. */
         op->moved_ |= status == KVS_ENOSEQ;
         op->try_++;
-        op->next_ = c->retry_head;
-        c->retry_head = op;
+        retry_push(c, op);
         return;
     }
     walk_done(c, op);
@@ -690,6 +701,8 @@ void kvs_client_close(kvs_client_t *c) {
     while (c->nodes && c->retry_head) {
         kvs_client_op_t *op = c->retry_head;
         c->retry_head = op->next_;
+        if (!c->retry_head)
+            c->retry_tail = NULL;
         op->next_ = NULL;
         if (op->fan_) {
             op->status = KVS_ECONN;
@@ -1675,8 +1688,7 @@ static bool fan_moves_on(kvs_client_t *c, kvs_client_op_t *sub) {
     f->node[sub - f->sub] = f->cand[f->next++];
     f->moved = true;
     c->counters.relocated++;
-    sub->next_ = c->retry_head;
-    c->retry_head = sub;
+    retry_push(c, sub);
     return true;
 }
 
@@ -1803,6 +1815,8 @@ static void retry_reads(kvs_client_t *c) {
     while (c->retry_head) {
         kvs_client_op_t *op = c->retry_head;
         c->retry_head = op->next_;
+        if (!c->retry_head)
+            c->retry_tail = NULL;
         op->next_ = NULL;
         if (op->fan_) {
             fan_t *f = op->fan_;
