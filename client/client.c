@@ -43,6 +43,15 @@
 
 #define MAX_NODES 256
 #define MAX_REPLICAS 8
+/* Nodes asked, in rendezvous order, before a sequence is declared absent:
+ * a bound on the round trips one op may cost after membership changes. */
+#define MAX_PROBE 8
+/* Sequences whose holders are not their rendezvous top R (they were
+ * created before a node joined), remembered so that only their first op
+ * after a change pays for the probing: options.location_cache entries,
+ * by default 4096 (~180 KiB). */
+#define LOC_DEFAULT_CAP 4096
+#define LOC_MAX_CAP (1u << 24)
 
 typedef struct node_s {
     char addr[256];
@@ -65,6 +74,25 @@ typedef struct node_s {
     kvs_node_record_t rec; /* etcd's record of the node (etcd:// only) */
 } node_t;
 
+/* Where a displaced sequence lives: an LRU of loc_cap entries, chained
+ * hash on seq, entries linked most-recent-first; indexes, -1 for none. */
+typedef struct loc_entry_s {
+    uint64_t seq;
+    uint16_t node[MAX_REPLICAS];
+    uint8_t n;          /* 0: free */
+    int32_t hnext;      /* next in its bucket */
+    int32_t prev, next; /* LRU */
+} loc_entry_t;
+
+typedef struct loc_cache_s {
+    int32_t *bucket; /* n_buckets, a power of two */
+    uint32_t n_buckets;
+    loc_entry_t *e; /* cap */
+    int32_t cap;
+    int32_t head, tail; /* most and least recently used */
+    int32_t used;       /* entries handed out so far (then reuse the tail) */
+} loc_cache_t;
+
 struct kvs_client_s {
     node_t *nodes;
     size_t n_nodes;
@@ -81,10 +109,13 @@ struct kvs_client_s {
     uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
     uint32_t replicas;     /* R: nodes that hold each sequence */
     kvs_client_counters_t counters;
-    /* Reads with R > 1 their replica could not answer, to be sent to the
-     * next one by pump() (linked by next_; still counted in pending). */
-    kvs_client_op_t *retry_head;
+    /* Ops passed on (a node lacked the sequence or, R > 1, could not be
+     * reached), to be sent to the next one by pump(); linked by next_, in
+     * arrival order, still counted in pending. */
+    kvs_client_op_t *retry_head, *retry_tail;
     uint32_t last_acked, last_wanted; /* the last synchronous write */
+    loc_cache_t *loc;                 /* allocated on first use */
+    uint32_t loc_cap;                 /* its entries */
     char errmsg[512];
 };
 
@@ -120,6 +151,144 @@ static uint64_t fnv1a(const char *s) {
         h *= 0x100000001b3ull;
     }
     return h;
+}
+
+/* ------------------------------------------------------ location cache */
+
+static int32_t *loc_slot(loc_cache_t *l, uint64_t seq) {
+    int32_t *p = &l->bucket[mix64(seq) & (l->n_buckets - 1)];
+    while (*p >= 0 && l->e[*p].seq != seq)
+        p = &l->e[*p].hnext;
+    return p;
+}
+
+static void loc_unlink(loc_cache_t *l, int32_t i) {
+    loc_entry_t *e = &l->e[i];
+    if (e->prev >= 0)
+        l->e[e->prev].next = e->next;
+    else
+        l->head = e->next;
+    if (e->next >= 0)
+        l->e[e->next].prev = e->prev;
+    else
+        l->tail = e->prev;
+    e->prev = e->next = -1;
+}
+
+static void loc_push_front(loc_cache_t *l, int32_t i) {
+    loc_entry_t *e = &l->e[i];
+    e->prev = -1;
+    e->next = l->head;
+    if (l->head >= 0)
+        l->e[l->head].prev = i;
+    else
+        l->tail = i;
+    l->head = i;
+}
+
+/* The cached holders of seq (touching it), or 0. */
+static size_t loc_get(kvs_client_t *c, uint64_t seq, size_t *out) {
+    loc_cache_t *l = c->loc;
+    if (!l)
+        return 0;
+    int32_t i = *loc_slot(l, seq);
+    if (i < 0)
+        return 0;
+    loc_unlink(l, i);
+    loc_push_front(l, i);
+    for (size_t k = 0; k < l->e[i].n; k++)
+        out[k] = l->e[i].node[k];
+    return l->e[i].n;
+}
+
+static void loc_del(kvs_client_t *c, uint64_t seq) {
+    loc_cache_t *l = c->loc;
+    if (!l)
+        return;
+    int32_t *p = loc_slot(l, seq);
+    int32_t i = *p;
+    if (i < 0)
+        return;
+    *p = l->e[i].hnext;
+    loc_unlink(l, i);
+    l->e[i].n = 0;
+    /* A free entry goes to the back, to be taken first. */
+    l->e[i].prev = l->tail;
+    l->e[i].next = -1;
+    if (l->tail >= 0)
+        l->e[l->tail].next = i;
+    else
+        l->head = i;
+    l->tail = i;
+}
+
+/* Remember that seq lives on node[0..n) (n >= 1). Out of memory just
+ * means no cache: the next op probes again. */
+static void loc_put(kvs_client_t *c, uint64_t seq, const size_t *node,
+                    size_t n) {
+    if (!c->loc) {
+        uint32_t nb = 1;
+        while (nb < c->loc_cap)
+            nb <<= 1;
+        loc_cache_t *l = calloc(1, sizeof(*l));
+        if (!l)
+            return;
+        l->bucket = malloc(nb * sizeof(*l->bucket));
+        l->e = calloc(c->loc_cap, sizeof(*l->e));
+        if (!l->bucket || !l->e) {
+            free(l->bucket);
+            free(l->e);
+            free(l);
+            return;
+        }
+        for (size_t b = 0; b < nb; b++)
+            l->bucket[b] = -1;
+        l->n_buckets = nb;
+        l->cap = (int32_t)c->loc_cap;
+        l->head = l->tail = -1;
+        c->loc = l;
+    }
+    loc_cache_t *l = c->loc;
+    int32_t i = *loc_slot(l, seq);
+    if (i < 0) {
+        if (l->used < l->cap) {
+            i = l->used++;
+            l->e[i].prev = l->e[i].next = -1;
+        } else {
+            i = l->tail; /* least recently used, or a free one */
+            if (l->e[i].n)
+                loc_del(c, l->e[i].seq);
+            loc_unlink(l, i);
+        }
+        l->e[i].seq = seq;
+        int32_t *b = &l->bucket[mix64(seq) & (l->n_buckets - 1)];
+        l->e[i].hnext = *b;
+        *b = i;
+    } else {
+        loc_unlink(l, i);
+    }
+    loc_push_front(l, i);
+    l->e[i].n = (uint8_t)(n > MAX_REPLICAS ? MAX_REPLICAS : n);
+    for (size_t k = 0; k < l->e[i].n; k++)
+        l->e[i].node[k] = (uint16_t)node[k];
+}
+
+/* A node left: forget it as a holder (its slot may go to a newcomer). */
+static void loc_forget_node(kvs_client_t *c, size_t node) {
+    loc_cache_t *l = c->loc;
+    if (!l)
+        return;
+    for (int32_t i = 0; i < l->used; i++) {
+        loc_entry_t *e = &l->e[i];
+        size_t w = 0;
+        for (size_t k = 0; k < e->n; k++)
+            if (e->node[k] != node)
+                e->node[w++] = e->node[k];
+        if (e->n && !w)
+            loc_del(c, e->seq);
+        else
+            e->n = (uint8_t)w;
+    }
 }
 
 /* --------------------------------------------------------- id hash table */
@@ -202,7 +371,20 @@ static void fifo_remove(node_t *n, kvs_client_op_t *op) {
 }
 
 static void fan_sub_done(kvs_client_t *c, kvs_client_op_t *sub);
-static bool read_fails_over(const kvs_client_t *c, const kvs_client_op_t *op);
+static bool fan_moves_on(kvs_client_t *c, kvs_client_op_t *sub);
+static bool walks_on(const kvs_client_t *c, const kvs_client_op_t *op);
+static void walk_done(kvs_client_t *c, kvs_client_op_t *op);
+
+/* Passed on, to be sent by retry_reads(), in the order answers came:
+ * two writes to one sequence that both found no sequence keep theirs. */
+static void retry_push(kvs_client_t *c, kvs_client_op_t *op) {
+    op->next_ = NULL;
+    if (c->retry_tail)
+        c->retry_tail->next_ = op;
+    else
+        c->retry_head = op;
+    c->retry_tail = op;
+}
 
 static void done_push(kvs_client_t *c, kvs_client_op_t *op) {
     op->done_ = true;
@@ -227,18 +409,21 @@ static void complete(kvs_client_t *c, kvs_client_op_t *op, int status,
         snprintf(op->message, sizeof(op->message), "%s",
                  msg && *msg ? msg : kvs_strerror(status));
     if (op->fan_) {
+        if (fan_moves_on(c, op))
+            return;
         op->done_ = true;
         fan_sub_done(c, op);
         return;
     }
-    if (read_fails_over(c, op)) {
+    if (walks_on(c, op)) {
         /* Not from here: complete() runs inside node_fail() and friends,
          * which a submit could re-enter. */
+        op->moved_ |= status == KVS_ENOSEQ;
         op->try_++;
-        op->next_ = c->retry_head;
-        c->retry_head = op;
+        retry_push(c, op);
         return;
     }
+    walk_done(c, op);
     done_push(c, op);
 }
 
@@ -362,6 +547,8 @@ static int members_refresh(kvs_client_t *c) {
     kvs_etcd_kvs_free(kvs, nk);
     for (size_t i = 0; i < c->n_nodes; i++) {
         node_t *n = &c->nodes[i];
+        if (n->live && !seen[i])
+            loc_forget_node(c, i);
         n->live = seen[i];
         if (!n->live && n->fd >= 0 && !n->fifo_head)
             node_fail(c, n, KVS_ECONN, "node left the cluster");
@@ -475,6 +662,11 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         return KVS_EINVAL;
     }
     c->replicas = o->replicas ? o->replicas : 1;
+    if (o->location_cache > LOC_MAX_CAP) {
+        kvs_client_close(c);
+        return KVS_EINVAL;
+    }
+    c->loc_cap = o->location_cache ? o->location_cache : LOC_DEFAULT_CAP;
     if (etcd) {
         int rc = etcd_open(c, o->addrs[0]);
         if (rc) {
@@ -505,7 +697,25 @@ void kvs_client_close(kvs_client_t *c) {
         free(n->tab);
         free(n->wbuf);
     }
+    /* Replica copies waiting to move on: their write owns memory. */
+    while (c->nodes && c->retry_head) {
+        kvs_client_op_t *op = c->retry_head;
+        c->retry_head = op->next_;
+        if (!c->retry_head)
+            c->retry_tail = NULL;
+        op->next_ = NULL;
+        if (op->fan_) {
+            op->status = KVS_ECONN;
+            op->done_ = true;
+            fan_sub_done(c, op);
+        }
+    }
     free(c->nodes);
+    if (c->loc) {
+        free(c->loc->bucket);
+        free(c->loc->e);
+        free(c->loc);
+    }
     kvs_etcd_free(c->etcd);
     free(c->auth_token);
     free(c->client_name);
@@ -540,11 +750,12 @@ size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
     return best;
 }
 
-/* The R nodes that hold `seq`: the live nodes of highest rendezvous
- * weight, best first (the first is kvs_client_node_for's). */
-static size_t replicas_of(const kvs_client_t *c, uint64_t seq, size_t *out) {
+/* The `want` live nodes of highest rendezvous weight for `seq`, best
+ * first (the first is kvs_client_node_for's). */
+static size_t ranked(const kvs_client_t *c, uint64_t seq, size_t want,
+                     size_t *out) {
     size_t n = 0;
-    uint64_t w_out[MAX_REPLICAS];
+    uint64_t w_out[MAX_PROBE];
     for (size_t i = 0; i < c->n_nodes; i++) {
         if (!c->nodes[i].live)
             continue;
@@ -552,9 +763,9 @@ static size_t replicas_of(const kvs_client_t *c, uint64_t seq, size_t *out) {
         size_t at = n;
         while (at > 0 && w_out[at - 1] < w)
             at--;
-        if (at >= c->replicas)
+        if (at >= want)
             continue;
-        if (n < c->replicas)
+        if (n < want)
             n++;
         for (size_t k = n - 1; k > at; k--) {
             out[k] = out[k - 1];
@@ -564,6 +775,49 @@ static size_t replicas_of(const kvs_client_t *c, uint64_t seq, size_t *out) {
         w_out[at] = w;
     }
     return n;
+}
+
+/* Where a new sequence goes: the top R. */
+static size_t replicas_of(const kvs_client_t *c, uint64_t seq, size_t *out) {
+    return ranked(c, seq, c->replicas, out);
+}
+
+/* The nodes an op on an existing `seq` tries, in order: its cached
+ * holders, then every live node by rendezvous rank, at most MAX_PROBE.
+ * A sequence stays where it was created (no repair moves it), so after a
+ * node joined its holders may rank below the newcomer. */
+static size_t candidates(kvs_client_t *c, uint64_t seq, size_t *out) {
+    size_t hold[MAX_REPLICAS], nh = loc_get(c, seq, hold), n = 0;
+    for (size_t k = 0; k < nh; k++)
+        if (hold[k] < c->n_nodes && c->nodes[hold[k]].live)
+            out[n++] = hold[k];
+    size_t nc = n, r[MAX_PROBE], nr = ranked(c, seq, MAX_PROBE, r);
+    for (size_t k = 0; k < nr && n < MAX_PROBE; k++) {
+        bool dup = false;
+        for (size_t j = 0; j < nc && !dup; j++)
+            dup = r[k] == out[j];
+        if (!dup)
+            out[n++] = r[k];
+    }
+    return n;
+}
+
+/* An op on `seq` was answered by the nodes hold[0..n): remember them when
+ * they are not where hashing puts it, forget it when they are. */
+static void note_holders(kvs_client_t *c, uint64_t seq, const size_t *hold,
+                         size_t n) {
+    size_t top[MAX_REPLICAS], nt = replicas_of(c, seq, top);
+    bool same = n == nt;
+    for (size_t k = 0; same && k < n; k++) {
+        bool in = false;
+        for (size_t j = 0; j < nt && !in; j++)
+            in = hold[k] == top[j];
+        same = in;
+    }
+    if (same)
+        loc_del(c, seq);
+    else
+        loc_put(c, seq, hold, n);
 }
 
 /* ------------------------------------------------------------ transport */
@@ -1259,24 +1513,28 @@ static int submit_at(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
     return 0;
 }
 
-static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
-                          size_t *rep, size_t *nr);
-static int submit_read_from(kvs_client_t *c, kvs_client_op_t *op);
-static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
-                      size_t nr);
+static int write_targets(kvs_client_t *c, const kvs_client_op_t *op,
+                         size_t *cand, size_t *nc);
+static int submit_walk(kvs_client_t *c, kvs_client_op_t *op);
+static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *cand,
+                      size_t nc);
 
 int kvs_client_submit(kvs_client_t *c, kvs_client_op_t *op) {
     members_maybe_refresh(c);
     op->fan_ = NULL;
-    if (c->replicas > 1 && op_is_write(op->type)) {
-        size_t rep[MAX_REPLICAS], nr;
-        int rc = write_replicas(c, op, rep, &nr);
-        return rc ? rc : submit_fan(c, op, rep, nr);
-    }
     op->try_ = 0;
-    if (c->replicas > 1 && op_is_seq(op->type))
-        return submit_read_from(c, op);
-    return submit_at(c, op, SIZE_MAX);
+    op->moved_ = false;
+    op->pinned_ = false;
+    if (!op_is_seq(op->type))
+        return submit_at(c, op, SIZE_MAX);
+    if (c->replicas > 1 && op_is_write(op->type)) {
+        size_t cand[MAX_PROBE], nc;
+        int rc = write_targets(c, op, cand, &nc);
+        return rc ? rc : submit_fan(c, op, cand, nc);
+    }
+    if (op->type == KVS_CLIENT_CREATE)
+        return submit_at(c, op, SIZE_MAX);
+    return submit_walk(c, op);
 }
 
 int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
@@ -1310,6 +1568,8 @@ int kvs_client_poll(kvs_client_t *c, kvs_client_op_t **done, size_t cap,
 /* ----------------------------------------------------------------- sync */
 
 static int run_one(kvs_client_t *c, kvs_client_op_t *op, size_t at) {
+    op->fan_ = NULL;
+    op->pinned_ = at != SIZE_MAX;
     int rc = submit_at(c, op, at);
     if (rc)
         return op->status = rc;
@@ -1342,21 +1602,36 @@ typedef struct fan_s {
     size_t left; /* subs not finished, + 1 while the submit loop runs */
     size_t node[MAX_REPLICAS];
     kvs_client_op_t sub[MAX_REPLICAS];
+    /* Where subs answered KVS_ENOSEQ move on to: cand[next..n_cand). */
+    size_t cand[MAX_PROBE];
+    size_t n_cand, next;
+    bool moved; /* some replica did not have the sequence */
 } fan_t;
 
 static void fan_finish(kvs_client_t *c, fan_t *f) {
     kvs_client_op_t *op = f->parent;
     size_t acked = 0, ok = SIZE_MAX, err = SIZE_MAX, down = SIZE_MAX;
+    size_t noseq = SIZE_MAX, hold[MAX_REPLICAS];
     for (size_t i = 0; i < f->n; i++) {
         int st = f->sub[i].status;
-        if (!st)
-            ok = ok == SIZE_MAX ? i : ok, acked++;
-        else if (unreachable(st))
+        if (!st) {
+            ok = ok == SIZE_MAX ? i : ok;
+            hold[acked++] = f->node[i];
+        } else if (unreachable(st)) {
             down = down == SIZE_MAX ? i : down;
-        else if (err == SIZE_MAX)
+        } else if (st == KVS_ENOSEQ) {
+            /* Not a holder (it joined after the sequence was created) and
+             * no further node had it: not the write's error while another
+             * replica applied it. */
+            noseq = noseq == SIZE_MAX ? i : noseq;
+        } else if (err == SIZE_MAX) {
             err = i;
+        }
     }
-    size_t pick = err != SIZE_MAX ? err : ok != SIZE_MAX ? ok : down;
+    size_t pick = err != SIZE_MAX    ? err
+                  : ok != SIZE_MAX   ? ok
+                  : down != SIZE_MAX ? down
+                                     : noseq;
     op->status = f->sub[pick].status;
     memcpy(op->message, f->sub[pick].message, sizeof(op->message));
     op->persisted_seqno = f->sub[pick].persisted_seqno;
@@ -1365,6 +1640,14 @@ static void fan_finish(kvs_client_t *c, fan_t *f) {
     /* Counted against R, not the nodes there were: with fewer live nodes
      * than R the data has fewer copies than asked for, which is news. */
     c->last_wanted = c->replicas;
+    if (op->type == KVS_CLIENT_DROP && acked)
+        loc_del(c, op->seq);
+    else if (acked && f->moved)
+        note_holders(c, op->seq, hold, acked);
+    else if (op->status == KVS_ENOSEQ)
+        loc_del(c, op->seq);
+    if (op->type == KVS_CLIENT_FORK && !op->status && f->moved)
+        note_holders(c, op->dst, hold, acked);
     if (!op->status && acked < c->replicas) {
         c->counters.degraded_writes++;
         if (down != SIZE_MAX)
@@ -1372,6 +1655,11 @@ static void fan_finish(kvs_client_t *c, fan_t *f) {
                      "acknowledged by %zu of %u replicas (%.80s: %.100s)",
                      acked, c->replicas, c->nodes[f->node[down]].addr,
                      f->sub[down].message);
+        else if (noseq != SIZE_MAX)
+            snprintf(op->message, sizeof(op->message),
+                     "acknowledged by %zu of %u replicas (no other of the "
+                     "%zu nodes asked has the sequence)",
+                     acked, c->replicas, f->n_cand);
         else
             snprintf(op->message, sizeof(op->message),
                      "acknowledged by %zu of %u replicas (only %zu live "
@@ -1388,13 +1676,31 @@ static void fan_sub_done(kvs_client_t *c, kvs_client_op_t *sub) {
         fan_finish(c, f);
 }
 
-/* Submit a write to the nodes rep[0..nr). Errors (nothing in flight): the
- * first replica's, when none of them could be sent to. */
-static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
-                      size_t nr) {
+/* A replica's copy answered KVS_ENOSEQ: that node joined after the
+ * sequence was created. Send the copy on to the next node in rendezvous
+ * order the write has not tried (by retry_ops(), not from inside
+ * complete()). False when there is none left. */
+static bool fan_moves_on(kvs_client_t *c, kvs_client_op_t *sub) {
+    fan_t *f = sub->fan_;
+    if (sub->status != KVS_ENOSEQ || sub->type == KVS_CLIENT_CREATE ||
+        f->next >= f->n_cand)
+        return false;
+    f->node[sub - f->sub] = f->cand[f->next++];
+    f->moved = true;
+    c->counters.relocated++;
+    retry_push(c, sub);
+    return true;
+}
+
+/* Submit a write to the nodes cand[0..min(R, nc)), the rest of cand being
+ * where copies that find no sequence move on to. Errors (nothing in
+ * flight): the first replica's, when none of them could be sent to. */
+static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *cand,
+                      size_t nc) {
     fan_t *f = calloc(1, sizeof(*f));
     if (!f)
         return cfail(c, KVS_ENOMEM, "out of memory");
+    size_t nr = nc < c->replicas ? nc : c->replicas;
     op->status = 0;
     op->message[0] = 0;
     op->done_ = false;
@@ -1402,14 +1708,17 @@ static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
     f->parent = op;
     f->n = nr;
     f->left = nr + 1;
+    memcpy(f->cand, cand, nc * sizeof(*cand));
+    f->n_cand = nc;
+    f->next = nr;
     size_t sent = 0;
     for (size_t i = 0; i < nr; i++) {
         kvs_client_op_t *sub = &f->sub[i];
         *sub = *op;
         sub->fan_ = f;
         sub->data = NULL;
-        f->node[i] = rep[i];
-        int rc = submit_at(c, sub, rep[i]);
+        f->node[i] = cand[i];
+        int rc = submit_at(c, sub, cand[i]);
         if (rc) {
             sub->status = rc;
             snprintf(sub->message, sizeof(sub->message), "%.255s", c->errmsg);
@@ -1432,9 +1741,9 @@ static int submit_fan(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
     return 0;
 }
 
-static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
-                     size_t nr) {
-    int rc = submit_fan(c, op, rep, nr);
+static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *cand,
+                     size_t nc) {
+    int rc = submit_fan(c, op, cand, nc);
     if (rc)
         return rc;
     while (!op->done_)
@@ -1445,46 +1754,95 @@ static int run_write(kvs_client_t *c, kvs_client_op_t *op, const size_t *rep,
     return op->status;
 }
 
-/* Reads with R > 1 go to the first replica; one it cannot reach, or that
- * does not have the sequence (it joined after the sequence was written),
- * passes the read to the next, as part of the same op. */
-static bool read_fails_over(const kvs_client_t *c, const kvs_client_op_t *op) {
-    return c->replicas > 1 && op_is_seq(op->type) && !op_is_write(op->type) &&
-           (unreachable(op->status) || op->status == KVS_ENOSEQ) &&
-           op->try_ + 1u < c->replicas;
+/* Ops sent to one node (every op on an existing sequence with R = 1, reads
+ * with R > 1) walk its candidates(): a node that does not have the
+ * sequence passes the op to the next (at most MAX_PROBE nodes); with
+ * R > 1 one that cannot be reached passes it on within the R replicas. */
+static bool walks_on(const kvs_client_t *c, const kvs_client_op_t *op) {
+    if (op->fan_ || op->pinned_ || !op_is_seq(op->type) ||
+        op->type == KVS_CLIENT_CREATE)
+        return false;
+    return op->status == KVS_ENOSEQ ||
+           (c->replicas > 1 && unreachable(op->status) &&
+            op->try_ + 1u < c->replicas);
 }
 
-/* Submit a read to its replicas from op->try_ on, passing over those that
- * cannot be reached at once. */
-static int submit_read_from(kvs_client_t *c, kvs_client_op_t *op) {
-    size_t rep[MAX_REPLICAS], nr = replicas_of(c, op->seq, rep);
-    if (!nr)
+/* A walked op is finished: remember where its sequence was found. */
+static void walk_done(kvs_client_t *c, kvs_client_op_t *op) {
+    if (op->fan_ || op->pinned_ || !op_is_seq(op->type) ||
+        op->type == KVS_CLIENT_CREATE)
+        return;
+    if (op->status == KVS_ENOSEQ ||
+        (!op->status && op->type == KVS_CLIENT_DROP)) {
+        loc_del(c, op->seq);
+        return;
+    }
+    if (op->status || !op->moved_)
+        return;
+    size_t hold = op->node_;
+    note_holders(c, op->seq, &hold, 1);
+    if (op->type == KVS_CLIENT_FORK)
+        note_holders(c, op->dst, &hold, 1);
+}
+
+/* Submit a walked op to its candidates from op->try_ on, passing over
+ * those that cannot be reached at once (R > 1). */
+static int submit_walk(kvs_client_t *c, kvs_client_op_t *op) {
+    size_t cand[MAX_PROBE], nc = candidates(c, op->seq, cand);
+    if (!nc)
         return cfail(c, KVS_ECONN, "no live node%s",
                      c->etcd ? " registered in etcd" : "");
+    if (op->try_ == 0 && op->type == KVS_CLIENT_FORK &&
+        kvs_client_node_for(c, op->dst) != kvs_client_node_for(c, op->seq))
+        return cfail(c, KVS_EINVAL,
+                     "fork: sequences %llu and %llu live on different "
+                     "nodes",
+                     (unsigned long long)op->seq, (unsigned long long)op->dst);
     int rc = KVS_ECONN;
-    for (; op->try_ < nr; op->try_++) {
-        rc = submit_at(c, op, rep[op->try_]);
-        if (!rc || !unreachable(rc) || op->try_ + 1u >= nr)
+    for (; op->try_ < nc; op->try_++) {
+        rc = submit_at(c, op, cand[op->try_]);
+        if (!rc || !unreachable(rc) || op->try_ + 1u >= c->replicas ||
+            op->try_ + 1u >= nc)
             return rc;
         c->counters.read_failovers++;
     }
     return rc;
 }
 
+/* Ops that complete() passed on (walked ops and replica copies), sent to
+ * their next node. */
 static void retry_reads(kvs_client_t *c) {
     while (c->retry_head) {
         kvs_client_op_t *op = c->retry_head;
         c->retry_head = op->next_;
+        if (!c->retry_head)
+            c->retry_tail = NULL;
         op->next_ = NULL;
-        size_t rep[MAX_REPLICAS];
-        if (op->try_ >= replicas_of(c, op->seq, rep)) {
-            /* Fewer replicas than when it was sent: the last answer. */
+        if (op->fan_) {
+            fan_t *f = op->fan_;
+            int rc = submit_at(c, op, f->node[op - f->sub]);
+            if (!rc) {
+                c->pending--; /* counted once, as its write */
+                continue;
+            }
+            op->status = rc;
+            snprintf(op->message, sizeof(op->message), "%.255s", c->errmsg);
+            op->done_ = true;
+            fan_sub_done(c, op);
+            continue;
+        }
+        size_t cand[MAX_PROBE];
+        if (op->try_ >= candidates(c, op->seq, cand)) {
+            /* No node left to ask: the last answer stands. */
+            walk_done(c, op);
             done_push(c, op);
             continue;
         }
-        c->counters.read_failovers++;
+        if (op->moved_ && op->status == KVS_ENOSEQ)
+            c->counters.relocated++;
+        c->counters.read_failovers += c->replicas > 1;
         c->pending--; /* submit counts it again */
-        int rc = submit_read_from(c, op);
+        int rc = submit_walk(c, op);
         if (!rc)
             continue;
         c->pending++;
@@ -1494,20 +1852,23 @@ static void retry_reads(kvs_client_t *c) {
     }
 }
 
-/* The nodes a write to op->seq goes to; a fork's child must live on the
- * same ones. */
-static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
-                          size_t *rep, size_t *nr_out) {
-    size_t nr = replicas_of(c, op->seq, rep);
-    *nr_out = nr;
-    if (!nr)
+/* The nodes a write to op->seq goes to (the first R) and moves on to: a
+ * create's are the top R; an existing sequence's are its candidates().
+ * A fork's child must hash to the same R nodes as its parent. */
+static int write_targets(kvs_client_t *c, const kvs_client_op_t *op,
+                         size_t *cand, size_t *nc_out) {
+    size_t nc = op->type == KVS_CLIENT_CREATE ? replicas_of(c, op->seq, cand)
+                                              : candidates(c, op->seq, cand);
+    *nc_out = nc;
+    if (!nc)
         return cfail(c, KVS_ECONN, "no live node%s",
                      c->etcd ? " registered in etcd" : "");
     if (op->type == KVS_CLIENT_FORK) {
-        size_t dst[MAX_REPLICAS];
+        size_t src[MAX_REPLICAS], dst[MAX_REPLICAS];
+        size_t nr = replicas_of(c, op->seq, src);
         bool same = replicas_of(c, op->dst, dst) == nr;
         for (size_t i = 0; same && i < nr; i++)
-            same = dst[i] == rep[i];
+            same = dst[i] == src[i];
         if (!same)
             return cfail(c, KVS_EINVAL,
                          "fork: sequences %llu and %llu live on different "
@@ -1520,21 +1881,21 @@ static int write_replicas(kvs_client_t *c, const kvs_client_op_t *op,
 
 static int run_sync(kvs_client_t *c, kvs_client_op_t *op) {
     members_maybe_refresh(c);
-    if (c->replicas <= 1 || !op_is_seq(op->type))
-        return run_one(c, op, SIZE_MAX);
-    size_t rep[MAX_REPLICAS], nr;
-    int rc = op_is_write(op->type) ? write_replicas(c, op, rep, &nr)
-                                   : (nr = replicas_of(c, op->seq, rep), 0);
-    if (!rc && !nr)
-        rc = cfail(c, KVS_ECONN, "no live node%s",
-                   c->etcd ? " registered in etcd" : "");
-    if (rc)
-        return rc;
-    if (op_is_write(op->type))
-        return run_write(c, op, rep, nr);
     op->fan_ = NULL;
     op->try_ = 0;
-    if ((rc = submit_read_from(c, op)))
+    op->moved_ = false;
+    op->pinned_ = false;
+    if (!op_is_seq(op->type) ||
+        (c->replicas <= 1 && op->type == KVS_CLIENT_CREATE))
+        return run_one(c, op, SIZE_MAX);
+    int rc;
+    if (c->replicas > 1 && op_is_write(op->type)) {
+        size_t cand[MAX_PROBE], nc;
+        if ((rc = write_targets(c, op, cand, &nc)))
+            return rc;
+        return run_write(c, op, cand, nc);
+    }
+    if ((rc = submit_walk(c, op)))
         return rc;
     while (!op->done_)
         pump(c, -1);
@@ -1662,6 +2023,44 @@ int kvs_client_seq_flush(kvs_client_t *c, uint64_t seq,
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info) {
     kvs_client_op_t op = {.type = KVS_CLIENT_INFO, .seq = seq, .info = info};
     return run_sync(c, &op);
+}
+
+int kvs_client_seq_locate(kvs_client_t *c, uint64_t seq, size_t *nodes,
+                          size_t cap, size_t *n_out, size_t *n_asked) {
+    *n_out = 0;
+    if (n_asked)
+        *n_asked = 0;
+    members_maybe_refresh(c);
+    size_t cand[MAX_PROBE], nc = candidates(c, seq, cand);
+    if (!nc)
+        return cfail(c, KVS_ECONN, "no live node%s",
+                     c->etcd ? " registered in etcd" : "");
+    /* Every candidate, not just until R are found: this is for looking,
+     * and extra copies (or a missing one) are what one looks for. */
+    size_t hold[MAX_PROBE], nh = 0;
+    for (size_t i = 0; i < nc; i++) {
+        kvs_seq_info_t info;
+        kvs_client_op_t op = {
+            .type = KVS_CLIENT_INFO, .seq = seq, .info = &info};
+        int rc = run_one(c, &op, cand[i]);
+        if (!unreachable(rc) && n_asked)
+            (*n_asked)++;
+        if (rc)
+            continue;
+        hold[nh++] = cand[i];
+        if (*n_out < cap)
+            nodes[(*n_out)++] = cand[i];
+    }
+    c->errmsg[0] = 0;
+    if (!nh) {
+        loc_del(c, seq);
+        return cfail(c, KVS_ENOSEQ,
+                     "sequence %llu: on none of the %zu nodes "
+                     "asked",
+                     (unsigned long long)seq, nc);
+    }
+    note_holders(c, seq, hold, nh > c->replicas ? c->replicas : nh);
+    return 0;
 }
 
 int kvs_client_store_stats(kvs_client_t *c, size_t node,

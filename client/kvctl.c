@@ -4,7 +4,7 @@
  *   kvctl [--addr HOST:PORT]... [--token T] [--json] [--timeout MS] CMD ...
  *
  * Commands: ping, stats, nodes, list, create, drop, fork, info (alias dump),
- * bench.
+ * locate, bench.
  * Output is for humans by default; --json prints one JSON object per command
  * for scripts. Exit status: 0 success, 1 the operation failed, 2 usage.
  */
@@ -55,6 +55,9 @@ static void usage(FILE *f) {
             "         [--dtype f32|f16|bf16]     create a sequence\n"
             "         [--ttl SECONDS]\n"
             "  drop SEQ                          drop a sequence\n"
+            "  locate SEQ                        the nodes that hold SEQ "
+            "(asked in\n"
+            "                                    rendezvous order, at most 8)\n"
             "  flush SEQ                         wait until SEQ's appends "
             "(and all\n"
             "                                    earlier writes) are durable "
@@ -430,6 +433,28 @@ static int cmd_create(const args_t *a, kvs_client_t *c, int argc, char **argv) {
     return 0;
 }
 
+/* The nodes that hold seq, found the way every op finds them. */
+static int cmd_locate(const args_t *a, kvs_client_t *c, uint64_t seq) {
+    size_t where[8], nw = 0, asked = 0;
+    int rc = kvs_client_seq_locate(c, seq, where, 8, &nw, &asked);
+    if (rc)
+        return report_error(a, c, "locate", rc);
+    const char *home = kvs_client_node_addr(c, kvs_client_node_for(c, seq));
+    if (a->json) {
+        printf("{\"ok\":true,\"seq\":%" PRIu64 ",\"nodes\":[", seq);
+        for (size_t i = 0; i < nw; i++)
+            printf("%s\"%s\"", i ? "," : "", kvs_client_node_addr(c, where[i]));
+        printf("],\"asked\":%zu,\"hash_owner\":\"%s\"}\n", asked, home);
+        return 0;
+    }
+    printf("sequence %" PRIu64 " on", seq);
+    for (size_t i = 0; i < nw; i++)
+        printf("%s %s", i ? "," : "", kvs_client_node_addr(c, where[i]));
+    printf(" (%zu nodes asked; a new sequence with this id would go to %s)\n",
+           asked, home);
+    return 0;
+}
+
 static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
                           int argc, char **argv) {
     uint64_t seq, dst = 0, at = KVS_CLIENT_FORK_ALL;
@@ -465,12 +490,20 @@ static int cmd_seq_simple(const args_t *a, kvs_client_t *c, const char *cmd,
             printf("dropped sequence %" PRIu64 "\n", seq);
         return 0;
     }
+    if (!strcmp(cmd, "locate"))
+        return cmd_locate(a, c, seq);
+    /* Where it lives, not where hashing would put it now (they differ
+     * after a node joined: docs/cluster.md). */
+    size_t where[8], nw = 0;
+    rc = kvs_client_seq_locate(c, seq, where, 8, &nw, NULL);
+    if (rc)
+        return report_error(a, c, cmd, rc);
     kvs_seq_info_t in;
     rc = kvs_client_seq_info(c, seq, &in);
     if (rc)
         return report_error(a, c, cmd, rc);
     const kvs_geometry_t *g = &in.geometry;
-    const char *node = kvs_client_node_addr(c, kvs_client_node_for(c, seq));
+    const char *node = kvs_client_node_addr(c, where[0]);
     if (a->json) {
         printf("{\"ok\":true,\"seq\":%" PRIu64 ",\"node\":\"%s\","
                "\"geometry\":{\"n_layers\":%u,\"n_q_heads\":%u,"
@@ -1004,7 +1037,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(cmd, "create"))
         rc = cmd_create(&a, c, sub_argc, sub_argv);
     else if (!strcmp(cmd, "drop") || !strcmp(cmd, "fork") ||
-             !strcmp(cmd, "info") || !strcmp(cmd, "dump"))
+             !strcmp(cmd, "info") || !strcmp(cmd, "dump") ||
+             !strcmp(cmd, "locate"))
         rc = cmd_seq_simple(&a, c, cmd, sub_argc, sub_argv);
     else if (!strcmp(cmd, "append"))
         rc = cmd_append(&a, c, sub_argc, sub_argv);

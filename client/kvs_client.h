@@ -9,19 +9,22 @@
  *     kvs_client_submit() it, and collect it from kvs_client_poll(). Many
  *     ops may be in flight per daemon; answers arrive in completion order.
  *
- * Many daemons: `addrs` lists them; a sequence lives on the daemon chosen by
- * rendezvous (highest-random-weight) hashing of its id over the address
- * strings, so every client with the same list agrees, and adding or removing
- * a node moves only the sequences that hash to it. Store-wide ops (ping,
- * stats, list) name a node index.
+ * Many daemons: `addrs` lists them; a sequence is created on the daemon
+ * chosen by rendezvous (highest-random-weight) hashing of its id over the
+ * address strings, so every client with the same list agrees. It stays
+ * there: an op on an existing sequence that its node answers KVS_ENOSEQ
+ * passes on to the next node in rendezvous order (at most 8), and where it
+ * was found off its hashed place is remembered (an LRU of 4096 sequences),
+ * so a list that changed costs one extra round trip per such sequence on
+ * its first use. Store-wide ops (ping, stats, list) name a node index.
  *
  * Or one address "etcd://host:port[,host:port]/prefix": the daemons
  * registered in etcd under that prefix (kvstored --etcd-endpoints,
  * docs/cluster.md) are the list, re-read every membership_refresh_ms (and
  * after a failed connect) inside kvs_client_submit(). Hashing is over the
- * live nodes only: a node that joins takes the sequences that hash to it,
- * one that leaves gives its sequences to the others (their data does not
- * move with them: that is the replicas' and repair's job, not done yet).
+ * live nodes only: a node that joins takes new sequences that hash to it;
+ * existing ones stay where they are and are found as above (no repair
+ * moves data yet; a node that leaves takes its sequences with it).
  * Node indexes stay valid for the client's life; a node that left is no
  * longer live (kvs_client_node_live) and its index may be reused by a node
  * that joins later.
@@ -33,7 +36,9 @@
  * (then op->message, or kvs_client_errmsg() after a synchronous call, says
  * "acknowledged by 1 of 2 replicas (...)", kvs_client_last_write_acks()
  * gives the counts of the last write to complete, and kvs_client_counters()
- * counts it); an error answer from any replica is the write's error.
+ * counts it); an error answer from any replica is the write's error,
+ * except KVS_ENOSEQ: that copy moves on to the next node in rendezvous
+ * order, so a write lands on the R nodes that hold the sequence.
  * Reads (search, attend, info; synchronous or submitted) go to the first
  * replica and, as part of the same op, to the next when it cannot be
  * reached or does not have the sequence.
@@ -92,9 +97,12 @@ typedef struct kvs_client_options_s {
     uint32_t max_frame_bytes;       /* largest answer accepted; 0: 64 MiB */
     uint32_t membership_refresh_ms; /* etcd:// only: how often the node
                                        list is re-read; 0: 1000 */
-    uint32_t replicas; /* R, nodes that hold each sequence (the top R of
-                          the rendezvous order); 0: 1; at most 8. See
-                          "Replicas" below */
+    uint32_t replicas;       /* R, nodes that hold each sequence (the top R of
+                                the rendezvous order); 0: 1; at most 8. See
+                                "Replicas" below */
+    uint32_t location_cache; /* sequences whose holders (off their
+                                rendezvous place) are remembered, LRU;
+                                0: 4096 (~180 KiB); at most 2^24 */
 } kvs_client_options_t;
 
 /* Fill opts with the defaults above (no addresses). */
@@ -103,7 +111,8 @@ void kvs_client_options_default(kvs_client_options_t *opts);
 /* Validate the options and copy them. Does not connect to a daemon; with
  * an etcd:// address, reads the node list once (an empty list is fine).
  * Errors: KVS_EINVAL (no address, an unparsable one, an etcd:// address
- * with others, max_frame_bytes above 1 GiB), KVS_ENOMEM; etcd://: KVS_ECONN
+ * with others, max_frame_bytes above 1 GiB, replicas above 8,
+ * location_cache above 2^24), KVS_ENOMEM; etcd://: KVS_ECONN
  * / KVS_ETIMEDOUT (etcd unreachable), KVS_EIO / KVS_EPROTO (etcd's answer). */
 int kvs_client_open(const kvs_client_options_t *opts, kvs_client_t **out);
 /* Close every connection; ops still pending are abandoned (never returned).
@@ -224,7 +233,9 @@ typedef struct kvs_client_op_s {
     size_t node_;
     bool done_;
     void *fan_;    /* a replica's copy of a write: the write it belongs to */
-    uint32_t try_; /* a read with replicas: the replica it is at */
+    uint32_t try_; /* the candidate node it is at (see candidates()) */
+    bool moved_;   /* a node it asked did not have the sequence */
+    bool pinned_;  /* sent to one given node, never passed on */
     struct kvs_client_op_s *prev_, *next_;
 } kvs_client_op_t;
 
@@ -253,6 +264,9 @@ typedef struct kvs_client_counters_s {
     uint64_t replicated_writes; /* synchronous writes sent to R > 1 nodes */
     uint64_t degraded_writes;   /* of which acknowledged by fewer than R */
     uint64_t read_failovers;    /* reads passed on to a later replica */
+    uint64_t relocated; /* ops (or a write's replica copies) passed on to
+                           a further node because the one asked did not
+                           have the sequence (any R) */
 } kvs_client_counters_t;
 void kvs_client_counters(const kvs_client_t *c, kvs_client_counters_t *out);
 /* Of the last synchronous write with replicas > 1: how many replicas
@@ -312,6 +326,16 @@ int kvs_client_seq_set_ttl(kvs_client_t *c, uint64_t seq, uint32_t ttl_seconds);
 int kvs_client_seq_flush(kvs_client_t *c, uint64_t seq,
                          uint64_t *persisted_seqno);
 int kvs_client_seq_info(kvs_client_t *c, uint64_t seq, kvs_seq_info_t *info);
+/* Where `seq` lives: asks (info) each node of its search path (its
+ * remembered holders, then the live nodes in rendezvous order; at most 8,
+ * docs/cluster.md) and puts the indexes of those that have it in
+ * nodes[0..cap), in that order, their count in *n_out; *n_asked (may be
+ * NULL) gets how many nodes answered. Remembers what it found for later
+ * ops. Costs one round trip per node asked. Errors: KVS_ECONN (no live
+ * node), KVS_ENOSEQ (no node asked has it; *n_out = 0). A node that
+ * cannot be reached is passed over, not an error. */
+int kvs_client_seq_locate(kvs_client_t *c, uint64_t seq, size_t *nodes,
+                          size_t cap, size_t *n_out, size_t *n_asked);
 int kvs_client_store_stats(kvs_client_t *c, size_t node,
                            kvs_client_stats_t *stats);
 /* *n_out: ids filled (<= cap); *total (may be NULL): sequences on node. */

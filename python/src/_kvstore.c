@@ -597,17 +597,17 @@ static int store_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
 
 static int client_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {
-        "addrs", "token", "name", "connect_timeout_ms", "request_timeout_ms",
-        NULL};
+        "addrs",    "token", "name", "connect_timeout_ms", "request_timeout_ms",
+        "replicas", NULL};
     PyObject *addrs = NULL;
     const char *token = NULL, *name = NULL;
-    unsigned int cto = 0, rto = 0;
+    unsigned int cto = 0, rto = 0, replicas = 0;
     if (h->client) {
         PyErr_SetString(PyExc_RuntimeError, "Client already open");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|zzII", kwlist, &addrs, &token,
-                                     &name, &cto, &rto))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|zzIII", kwlist, &addrs,
+                                     &token, &name, &cto, &rto, &replicas))
         return -1;
     PyObject *seq = NULL;
     const char **list = NULL;
@@ -648,6 +648,7 @@ static int client_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         o.connect_timeout_ms = cto;
     if (rto)
         o.request_timeout_ms = rto;
+    o.replicas = replicas; /* 0: 1; above 8: KVS_EINVAL below */
     kvs_client_t *c = NULL;
     int rc = kvs_client_open(&o, &c); /* parses only: no I/O */
     if (rc) {
@@ -1393,9 +1394,11 @@ static PyTypeObject kvs_py_client_type = {
     .tp_basicsize = sizeof(kvs_py_handle_t),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Client(addrs, token=None, name=None, connect_timeout_ms=0, "
-              "request_timeout_ms=0)\nA client of one or many kvstored "
-              "daemons: addrs is 'tcp://host:port', 'unix:/path' or a list "
-              "of them. Calls are serialised per Client and release the GIL.",
+              "request_timeout_ms=0, replicas=1)\nA client of one or many "
+              "kvstored daemons: addrs is 'tcp://host:port', 'unix:/path', "
+              "a list of them, or 'etcd://host:port/prefix'. replicas: "
+              "nodes per sequence (1..8; docs/cluster.md). Calls are "
+              "serialised per Client and release the GIL.",
     .tp_new = handle_new,
     .tp_init = (initproc)(void (*)(void))client_init,
     .tp_dealloc = (destructor)(void (*)(void))handle_dealloc,

@@ -458,3 +458,15 @@ def test_observe_queries_moves_budget():
         assert s.stats()["resident_bytes"] - bytes0 >= 2 * 16 * 2 * d * 4
         _, after = s.attend(1, 0, q)
         assert after.keys_exact - after.keys_steady < 2 * 19
+
+
+def test_client_replicas(daemon):
+    """replicas= reaches the library: R = 2 over the one node writes one
+    copy (still success) and reads it back; R above 8 is refused."""
+    from conftest import TOKEN
+    with kvstore.Client(daemon.addr, token=TOKEN, replicas=2) as c:
+        k, v = make(c, 7100)
+        assert c.info(7100).tokens_min == 64
+        c.drop(7100)
+    with pytest.raises(kvstore.InvalidArgumentError):
+        kvstore.Client(daemon.addr, replicas=9)

@@ -182,6 +182,9 @@ void tc_etcd_stop(tc_etcd_t *e) {
     e->dir[0] = 0;
 }
 
+static int node_spawn(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
+                      int ttl, const char *const *extra);
+
 int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
                   const char *node_id, int ttl, const char *const *extra) {
     memset(n, 0, sizeof(*n));
@@ -189,6 +192,22 @@ int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
     snprintf(n->dir, sizeof(n->dir), "/tmp/kvs-node-test-XXXXXX");
     if (!mkdtemp(n->dir))
         return -errno;
+    return node_spawn(n, e, prefix, ttl, extra);
+}
+
+int tc_node_restart(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
+                    int ttl, const char *const *extra) {
+    if (n->pid > 0 || !n->dir[0])
+        return -EINVAL;
+    char pf[192];
+    snprintf(pf, sizeof(pf), "%s/port", n->dir);
+    unlink(pf); /* the wait below is for the new process's */
+    n->port = n->http_port = 0;
+    return node_spawn(n, e, prefix, ttl, extra);
+}
+
+static int node_spawn(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
+                      int ttl, const char *const *extra) {
     char pf[192], data[192], ttl_s[16];
     snprintf(pf, sizeof(pf), "%s/port", n->dir);
     snprintf(data, sizeof(data), "%s/data", n->dir);

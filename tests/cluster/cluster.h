@@ -39,6 +39,10 @@ typedef struct tc_node_s {
  * Returns 0 once its port file is written. */
 int tc_node_start(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
                   const char *node_id, int ttl, const char *const *extra);
+/* Start n again (after tc_node_kill/stop) on its data directory: same
+ * node id and data, a new port. */
+int tc_node_restart(tc_node_t *n, const tc_etcd_t *e, const char *prefix,
+                    int ttl, const char *const *extra);
 /* SIGTERM and wait (<= 20 s): the exit status, -1 on a signal/timeout. */
 int tc_node_stop(tc_node_t *n);
 /* SIGKILL: no drain, no deregistration. */
