@@ -912,6 +912,12 @@ static int sort_rank_desc(kvs_scratch_t *s, const float *key, uint32_t C) {
     return 0;
 }
 
+/* Ascending int64 (slot ids: segment << 32 | slot), for qsort. */
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
 /* The codes paths serve a view only when every segment has codes. */
 static int view_has_codes(const kvs_head_view_t *v) {
     for (uint32_t si = 0; si < v->n_segments; si++)
@@ -1011,8 +1017,10 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     if ((rc = sort_rank_desc(s, s->rank, C)))
         return rc;
 
-    /* Scan: members (as slot ids) and their scaled code scores [m][g];
-     * ustart[u] is where scanned cluster u's members begin. */
+    /* Scan: members (as slot ids) and their scaled code scores. Scanned
+     * cluster u's k non-steady members are ustart[u] .. ustart[u] + k - 1,
+     * their scores est[ustart[u] g ..] query by query ([g][k]), so the
+     * pseudo-token's max and exp-sum run on them in place. */
     uint32_t used = 0, nm = 0;
     for (; used < C && nm < M; used++) {
         uint32_t c = s->idx[used];
@@ -1022,30 +1030,38 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         const kvs_segment_t *seg = v->segments[si];
         uint32_t lc = c - s->cbase[si];
         uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
-        if (GROW(s, est, est_cap, (size_t)(nm + 2 * n) * g) ||
+        if (GROW(s, est, est_cap, (size_t)(nm + n) * g) ||
             GROW(s, cpos, cpos_cap, nm + n) ||
             GROW(s, ustart, ustart_cap, (size_t)used + 2))
             return KVS_ENOMEM;
         s->ustart[used] = nm;
-        /* [g][n] scratch past the members so far: every query's code
-         * scores of the cluster's rows, each row unpacked once per pair */
-        float *row = s->est + (size_t)nm * g;
+        /* every query's code scores of the cluster's rows ([g][n]), each
+         * row unpacked once per pair */
+        float *sc = s->est + (size_t)nm * g;
         const float *w = s->cq + (size_t)si * g * (d + 1);
         kvs_code4_dot_rows_multi(w, d + 1, g, w + d, d + 1,
                                  seg->codes->keys + (size_t)a * (d / 2), n, d,
-                                 row + (size_t)n * g, n);
-        const float *sc = row + (size_t)n * g;
-        uint32_t m = nm;
+                                 sc, n);
+        uint32_t k = 0;
         for (uint32_t j = 0; j < n; j++) {
             uint64_t pos = seg->first_pos + seg->positions[a + j];
             if (kvs_head_is_steady(v, pos))
                 continue;
-            for (uint32_t i = 0; i < g; i++)
-                s->est[(size_t)m * g + i] = sc[(size_t)i * n + j] * scale;
-            s->cpos[m] = (int64_t)((uint64_t)si << 32 | (a + j));
-            m++;
+            s->cpos[nm + k] = (int64_t)((uint64_t)si << 32 | (a + j));
+            /* compacted in place: row i's k-th lands at or before its
+             * source i n + j */
+            if (k != j)
+                for (uint32_t i = 0; i < g; i++)
+                    sc[(size_t)i * n + k] = sc[(size_t)i * n + j];
+            k++;
         }
-        nm = m;
+        for (uint32_t i = 0; i < g; i++) {
+            float *dst = sc + (size_t)i * k;
+            const float *src = sc + (size_t)i * n;
+            for (uint32_t j = 0; j < k; j++)
+                dst[j] = src[j] * scale;
+        }
+        nm += k;
     }
     if (GROW(s, ustart, ustart_cap, (size_t)used + 1))
         return KVS_ENOMEM;
@@ -1059,20 +1075,36 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         GROW(s, hpos, hpos_cap, R ? R : 1) || GROW(s, gather, gather_cap, 1))
         return KVS_ENOMEM;
     topk_t hp = {.score = s->cscr, .pos = s->hpos, .n = 0, .k = R};
-    for (uint32_t m = 0; m < nm && R; m++) {
-        float best = -INFINITY;
-        for (uint32_t i = 0; i < g; i++) {
-            float x = s->est[(size_t)m * g + i] - cmax[i];
-            best = x > best ? x : best;
+    for (uint32_t u = 0; u < used && R; u++) {
+        uint32_t m0 = s->ustart[u], k = s->ustart[u + 1] - m0;
+        const float *sc = s->est + (size_t)m0 * g;
+        for (uint32_t j = 0; j < k; j++) {
+            float best = -INFINITY;
+            for (uint32_t i = 0; i < g; i++) {
+                float x = sc[(size_t)i * k + j] - cmax[i];
+                best = x > best ? x : best;
+            }
+            topk_push(&hp, best, m0 + j);
         }
-        topk_push(&hp, best, m);
     }
-    /* Mark the shortlist by negating its slot ids' high bit. */
+    /* Mark the shortlist by negating its slot ids' high bit, then read it
+     * in slot order: the rows are scattered, and in address order the
+     * neighbours share pages and run into multi-row blocks. */
+    for (uint32_t j = 0; j < hp.n; j++) {
+        uint32_t m = (uint32_t)hp.pos[j];
+        hp.pos[j] = s->cpos[m];
+        s->cpos[m] = (int64_t)((uint64_t)s->cpos[m] | 1ull << 63);
+    }
+    qsort(hp.pos, hp.n, sizeof(int64_t), cmp_i64);
     size_t nb = 0;
     uint32_t cols = 0;
     for (uint32_t j = 0; j < hp.n; j++) {
-        uint32_t m = (uint32_t)hp.pos[j];
-        uint64_t id = (uint64_t)s->cpos[m];
+        uint64_t id = (uint64_t)hp.pos[j];
+        if (nb && id == (uint64_t)hp.pos[j - 1] + 1) {
+            s->blocks[nb - 1].n++;
+            cols++;
+            continue;
+        }
         const kvs_segment_t *seg = v->segments[id >> 32];
         uint32_t slot = (uint32_t)id;
         block_t b = {.keys = (const char *)seg->keys + slot * rb,
@@ -1081,7 +1113,6 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                      .col = cols++};
         if (push_block(s, &nb, b))
             return KVS_ENOMEM;
-        s->cpos[m] = (int64_t)(id | 1ull << 63);
     }
     if (cols) {
         if (GROW(s, scores, scores_cap, (size_t)g * cols))
@@ -1123,32 +1154,47 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             np++;
             continue;
         }
-        uint32_t m0 = s->ustart[u], m1 = s->ustart[u + 1];
-        /* the members left (not retrieved), query by query, contiguous
-         * for the vector max and exp-sum */
-        if (GROW(s, tmpc, tmpc_cap, (size_t)(m1 - m0) * g + 1))
-            return KVS_ENOMEM;
+        uint32_t m0 = s->ustart[u], k = s->ustart[u + 1] - m0;
         uint32_t left = 0;
-        for (uint32_t m = m0; m < m1; m++)
-            if (s->cpos[m] >= 0) {
-                for (uint32_t i = 0; i < g; i++)
-                    s->tmpc[(size_t)i * (m1 - m0) + left] =
-                        s->est[(size_t)m * g + i];
-                left++;
-            }
+        for (uint32_t m = m0; m < m0 + k; m++)
+            left += s->cpos[m] >= 0;
         if (left == 0)
             continue;
+        /* the members left (not retrieved), query by query, contiguous
+         * for the vector max and exp-sum: in place when none was
+         * retrieved (most clusters: R is 1/code_ratio of the scanned) */
+        float *x0 = s->est + (size_t)m0 * g;
+        size_t xs = k;
+        if (left < k) {
+            if (GROW(s, tmpc, tmpc_cap, (size_t)left * g))
+                return KVS_ENOMEM;
+            uint32_t t = 0;
+            for (uint32_t j = 0; j < k; j++)
+                if (s->cpos[m0 + j] >= 0) {
+                    for (uint32_t i = 0; i < g; i++)
+                        s->tmpc[(size_t)i * left + t] = x0[(size_t)i * k + j];
+                    t++;
+                }
+            x0 = s->tmpc;
+            xs = left;
+        }
         for (uint32_t i = 0; i < g; i++) {
-            float *x = s->tmpc + (size_t)i * (m1 - m0);
+            float *x = x0 + (size_t)i * xs;
             float mx = kvs_max(x, left);
             S[(size_t)i * P + np] = mx + logf(kvs_exp_sum(x, left, mx));
+        }
+        if (left == cnt) {
+            /* nothing retrieved, nothing steady: the view's mean */
+            memcpy(dst, mean, rb);
+            np++;
+            continue;
         }
         /* Value mean of the members left: the view's mean x count less
          * the retrieved members' values. */
         kvs_to_f32(v->dtype, mean, vf, d);
         for (uint32_t t = 0; t < d; t++)
             vf[t] *= (float)cnt;
-        for (uint32_t m = m0; m < m1; m++) {
+        for (uint32_t m = m0; m < m0 + k; m++) {
             if (s->cpos[m] >= 0)
                 continue;
             uint64_t id = (uint64_t)s->cpos[m] & ~(1ull << 63);

@@ -539,6 +539,41 @@ static void test_wave_codes_attend(void **state) {
     free_cview(&c);
 }
 
+/* The codes attend at a partial budget (shortlist, pseudo-tokens scored in
+ * place, estimation) gives the same bits for the same input, whether its
+ * scratch is fresh or reused after a different call (the scratch holds the
+ * scores it exponentiates in place). */
+static void test_wave_codes_attend_repeatable(void **state) {
+    (void)state;
+    cview_t c;
+    make_cview(&c);
+    kvs_scratch_t *s = kvs_scratch_new(), *fresh = kvs_scratch_new();
+    enum { G = 4 };
+    float q[G * CD], q2[G * CD], a[G * CD], b[G * CD];
+    for (int i = 0; i < G * CD; i++) {
+        q[i] = frand() * 3;
+        q2[i] = frand() * 3;
+    }
+    kvs_zone_params_t zc = {.retrieval_fraction = 0.05f,
+                            .estimation_fraction = 0.3f,
+                            .scale = 0.125f};
+    kvs_rank_params_t rc = {.rank = KVS_RANK_CODES};
+    kvs_zone_stats_t st = {0};
+    assert_int_equal(
+        kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, fresh, a, &st), 0);
+    assert_true(st.keys_coded > st.keys_exact - st.keys_steady);
+    assert_true(st.clusters_estimated > 0);
+    assert_int_equal(
+        kvs_head_attend_ranked(&c.view, q2, G, &zc, &rc, s, b, NULL), 0);
+    assert_int_equal(
+        kvs_head_attend_ranked(&c.view, q, G, &zc, &rc, s, b, NULL), 0);
+    for (int i = 0; i < G * CD; i++)
+        assert_true(a[i] == b[i]);
+    kvs_scratch_free(s);
+    kvs_scratch_free(fresh);
+    free_cview(&c);
+}
+
 /* bf16 keys and values: codes are built from the stored rows, full keys
  * and pseudo-token values are read and written in the view's dtype. Full
  * budget equals exact for search and attention; a partial budget stays
@@ -588,6 +623,7 @@ int main(void) {
         cmocka_unit_test(test_wave_codes_budget_and_recall),
         cmocka_unit_test(test_wave_codes_fallback),
         cmocka_unit_test(test_wave_codes_attend),
+        cmocka_unit_test(test_wave_codes_attend_repeatable),
         cmocka_unit_test(test_wave_codes_bf16),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
