@@ -395,3 +395,13 @@ double tc_metric(int http_port, const char *name) {
             return atof(p + nl + 1);
     return -1;
 }
+
+double tc_metric_wait(int http_port, const char *name, double want,
+                      int timeout_ms) {
+    double v = tc_metric(http_port, name);
+    for (int t = 0; v != want && t < timeout_ms; t += 20) {
+        tc_sleep_ms(20);
+        v = tc_metric(http_port, name);
+    }
+    return v;
+}

@@ -65,6 +65,11 @@ long tc_wait_members(const tc_etcd_t *e, const char *prefix, const char *want,
 /* Value of the unlabelled metric `name` on the node's /metrics, -1 when
  * missing or unreachable. */
 double tc_metric(int http_port, const char *name);
+/* Polls tc_metric until it equals `want` or timeout_ms passes; returns the
+ * last value read. The daemon updates its etcd gauges just after the put
+ * that makes its key visible, so a test that saw the key must wait. */
+double tc_metric_wait(int http_port, const char *name, double want,
+                      int timeout_ms);
 
 void tc_sleep_ms(int ms);
 long tc_now_ms(void);

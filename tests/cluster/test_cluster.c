@@ -113,9 +113,12 @@ static void test_cluster_membership(void **state) {
     ms = tc_wait_members(&etcd, pfx, "a,b,c", TTL * 1000 + 2000);
     assert_true(ms >= 0);
     fprintf(stderr, "lease revoked: registered again after %ld ms\n", ms);
-    assert_true(tc_metric(n[0].http_port, "kvstored_etcd_registered") == 1);
-    assert_true(
-        tc_metric(n[0].http_port, "kvstored_etcd_registrations_total") == 2);
+    /* the gauges follow the put that made the key visible */
+    assert_true(tc_metric_wait(n[0].http_port, "kvstored_etcd_registered", 1,
+                               2000) == 1);
+    assert_true(tc_metric_wait(n[0].http_port,
+                               "kvstored_etcd_registrations_total", 2,
+                               2000) == 2);
     assert_true(
         tc_metric(n[1].http_port, "kvstored_etcd_registrations_total") == 1);
     kvs_etcd_kvs_free(kvs, nk);
