@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# tests/gpu/hf-check.sh: on the GPU machine, with build-cuda/hfpack carried
+# (tests/gpu/hf-pack.sh): build kvstore._kvstore against this machine's
+# Python with gcc, then run the transformers adapter's tests
+# (python/tests/test_hf.py, test_torch.py) on it. Logs to $KVS_GPU_LOGS.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+pack=$(mktemp -d)
+tar -C "$pack" -xJf build-cuda/hfpack/hfpack.tar.xz
+out=${KVS_GPU_LOGS:-$PWD/gpu-hf-logs}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+"$py" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tee "$out/python.txt"
+"$py" -c 'import transformers; print("transformers", transformers.__version__)' 2>&1 | tee -a "$out/python.txt"
+ldd --version | head -1 | tee -a "$out/python.txt"
+lib=$pack/prefix/lib
+ext=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+pkg=$(mktemp -d)/kvstore
+mkdir -p "$pkg"
+cp python/kvstore/*.py python/kvstore/*.pyi "$pkg/"
+gcc -O2 -fPIC -shared -std=c11 -I"$inc" -I"$pack/prefix/include" \
+    -DKVS_PY_VERSION='"gpu-check"' -DKVS_PY_HAVE_CUDA=1 \
+    python/src/_kvstore.c python/src/arrays.c -L"$lib" -lkvstore -lkvsclient \
+    -Wl,-rpath,"$lib:$pack/deps" -o "$pkg/_kvstore$ext" 2>&1 | tail -20
+export LD_LIBRARY_PATH="$lib:$pack/deps${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONPATH=$(dirname "$pkg") KVS_SHARED_DATA=$pack/data
+"$py" -m kvstore 2>&1 | tee -a "$out/python.txt"
+"$py" -m pytest -x -q python/tests/test_hf.py python/tests/test_torch.py \
+    -k "not tinycode" 2>&1 | tee "$out/pytest.log" | tail -30
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# tests/gpu/hf-pack.sh: pack the C library (built HERE with CUDA, installed
+# into a prefix: headers, libkvstore.so, libkvsclient.so), the shared
+# libraries they need from this machine (RocksDB, OpenBLAS, ...) and the
+# small llama2.c checkpoint into build-cuda/hfpack/ (git-ignored), for a GPU
+# machine that has Python, torch and transformers but none of our Debian
+# libraries. There, tests/gpu/hf-check.sh builds the extension against its
+# own Python and runs python/tests/test_hf.py and test_torch.py.
+# Environment: KVS_GPU_BUILD (build folder, default build-cuda).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+B=${KVS_GPU_BUILD:-build-cuda}
+out=build-cuda/hfpack
+cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DKVS_CUDA=ON >/dev/null
+cmake --build "$B" -j"$(nproc)" --target kvstore_shared kvsclient_shared
+rm -rf "$out"
+mkdir -p "$out/prefix" "$out/deps" "$out/glibc" "$out/data"
+# What `cmake --install` puts under a prefix for these two libraries (it
+# would also want every program built).
+mkdir -p "$out/prefix/lib" "$out/prefix/include"
+cp -a "$B"/lib/libkvstore.so* "$B"/lib/libkvsclient.so* "$out/prefix/lib/"
+cp include/kvstore.h include/kvs_common.h client/kvs_client.h \
+    "$out/prefix/include/"
+for lib in "$out"/prefix/lib/libkvstore.so "$out"/prefix/lib/libkvsclient.so; do
+    ldd "$lib" | awk '/=> \//{print $3}'
+done | sort -u | while read -r lib; do
+    case "$(basename "$lib")" in
+    libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*)
+        cp -L "$lib" "$out/glibc/" ;;
+    libcuda.so.*|libcudart.so.*) ;; # the GPU machine's own
+    *) cp -L "$lib" "$out/deps/" ;;
+    esac
+done
+cp ../shared/data/stories260K.bin "$out/data/"
+# Compressed, to travel within the device's 64 MiB.
+tar -C "$out" -cJf build-cuda/hfpack.tar.xz .
+rm -rf "$out"
+mkdir -p "$out"
+mv build-cuda/hfpack.tar.xz "$out/"
+ls -la "$out"
