@@ -78,7 +78,7 @@ void kvs_query_params_default(kvs_query_params_t *p) {
     p->mode = KVS_MODE_WAVE;
     p->budget = KVS_BUDGET_FIXED;
     p->retrieval_fraction = 0.018f;
-    p->estimation_fraction = 0.232f;
+    p->estimation_fraction = 0.5f;
     p->epsilon = 0.02f;
     p->scale = 0;
 }

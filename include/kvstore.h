@@ -90,7 +90,7 @@ typedef struct kvs_query_params_s {
     kvs_mode_t mode;
     kvs_budget_t budget;
     float retrieval_fraction;  /* of the clusters; default 0.018 */
-    float estimation_fraction; /* of the clusters; default 0.232 */
+    float estimation_fraction; /* of the clusters; default 0.5 */
     float epsilon;             /* bounded mode; default 0.02 */
     float scale;               /* softmax scale; 0 = 1/sqrt(head_dim) */
     /* How keys are ranked (kvs_rank_t in kvs_common.h). DEFAULT: the
@@ -212,7 +212,7 @@ typedef struct kvs_options_s {
     uint32_t sink_tokens;    /* first tokens always exact; default 4 */
     uint32_t window_tokens;  /* last indexed tokens always exact; 64 */
     /* For fields a call leaves 0. Its own DEFAULT mode and budget mean
-     * WAVE and FIXED, and all three zone numbers 0 mean 0.018 / 0.232 /
+     * WAVE and FIXED, and all three zone numbers 0 mean 0.018 / 0.5 /
      * 0.02. */
     kvs_query_params_t defaults;
     /* GPU attend path (docs/gpu.md). With a CUDA device ordinal here, a

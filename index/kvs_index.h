@@ -137,6 +137,10 @@ uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n);
 
 void kvs_segment_free(kvs_segment_t *seg);
 
+/* The rotation seed of the codes the builders make (segments stored before
+ * it carry their own; kvs_codes_t.seed is stored with each). */
+#define KVS_CODES_SEED 0x6b7673636f646573ull
+
 /* Build seg->codes from the segment's keys and centroids (replacing any);
  * deterministic in (keys, seed). A no-op returning 0 when d is not a
  * multiple of 32. Errors: KVS_ENOMEM. Called by the builders and by
@@ -229,7 +233,7 @@ typedef struct kvs_rank_params_s {
                            GPU path, which serves them, stays the CPU's. */
 } kvs_rank_params_t;
 
-#define KVS_CODE_RATIO_DEFAULT 16.0f
+#define KVS_CODE_RATIO_DEFAULT 4.0f
 #define KVS_SPREAD_DEFAULT 1.0f
 
 /* ceil(f C) of C clusters, at most C; 0 when f <= 0. */

@@ -660,9 +660,11 @@ static int seg_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
     for (uint32_t c = 0; c < nc; c++)
         seg_mean_rows(dtype, d, xc, seg->offsets[c], seg->offsets[c + 1], NULL,
                       acc, tmp, (char *)seg->centroids + esz * d * c);
-    /* Codes from the fp32 keys in hand (which they rotate in place). */
+    /* Codes from the fp32 keys in hand (which they rotate in place). One
+     * rotation for every segment (not the per-segment k-means seed), so a
+     * query is rotated once per call, not once per segment. */
     if (d % 32 == 0 && d <= KVS__CODES_MAX_D &&
-        (rc = kvs__segment_build_codes_f32(seg, params->seed, xc))) {
+        (rc = kvs__segment_build_codes_f32(seg, KVS_CODES_SEED, xc))) {
         rc = kvs__errf(err, errlen, rc, "out of memory");
         goto fail;
     }
