@@ -106,8 +106,8 @@ static int ask_one(kvs_store_t *s, uint64_t id, uint32_t l, answers_t *a) {
     int rc = kvs_seq_attend(s, id, l, q, NULL, a->attend[id][l], NULL);
     if (rc)
         return rc;
-    rc = kvs_seq_search(s, id, l, q, TOPK, NULL, a->pos[id][l],
-                        a->score[id][l]);
+    rc =
+        kvs_seq_search(s, id, l, q, TOPK, NULL, a->pos[id][l], a->score[id][l]);
     if (rc)
         return rc;
     uint64_t n = seq_tokens(id, l);
@@ -233,8 +233,8 @@ static void raw_open(raw_t *r, const char *dir, int n_cf) {
     const rocksdb_options_t *cfo[F_N] = {r->o, r->o, r->o, r->o, r->o};
     char *err = NULL;
     r->n_cf = n_cf;
-    r->db = rocksdb_open_column_families(r->o, dir, n_cf, names, cfo, r->cf,
-                                         &err);
+    r->db =
+        rocksdb_open_column_families(r->o, dir, n_cf, names, cfo, r->cf, &err);
     if (err)
         fail_msg("raw open: %s", err);
     r->wo = rocksdb_writeoptions_create();
@@ -406,8 +406,7 @@ static void *stress_main(void *arg) {
         query_of(id, l, q);
         if (kvs_seq_search(t->s, id, l, q, TOPK, NULL, a->pos[id][l],
                            a->score[id][l]) ||
-            memcmp(a->pos[id][l], t->eager->pos[id][l],
-                   sizeof a->pos[id][l]) ||
+            memcmp(a->pos[id][l], t->eager->pos[id][l], sizeof a->pos[id][l]) ||
             memcmp(a->score[id][l], t->eager->score[id][l],
                    sizeof a->score[id][l]))
             t->failed = 1;
@@ -513,8 +512,8 @@ static void write_format1(const char *dir, uint64_t tail) {
                     kvs_segment_t *seg = NULL;
                     assert_int_equal(kvs_segment_build(&bp, KVS_DTYPE_F16, D,
                                                        pos, SEG, hk + pos * D,
-                                                       hv + pos * D, &seg,
-                                                       NULL, 0),
+                                                       hv + pos * D, &seg, NULL,
+                                                       0),
                                      0);
                     size_t len = kvs_segment_encoded_size(seg);
                     void *buf = malloc(len);
@@ -547,8 +546,8 @@ static uint32_t format_version(const char *dir) {
     static const char fkey[] = "kvstore-format";
     char *err = NULL;
     size_t vl = 0;
-    char *v = rocksdb_get_cf(r.db, r.ro, r.cf[F_DEFAULT], fkey,
-                             sizeof fkey - 1, &vl, &err);
+    char *v = rocksdb_get_cf(r.db, r.ro, r.cf[F_DEFAULT], fkey, sizeof fkey - 1,
+                             &vl, &err);
     assert_null(err);
     assert_int_equal(vl, 20);
     uint32_t f[5];
@@ -626,8 +625,8 @@ static void test_persist_blocks_format1_opens(void **state) {
         assert_int_equal(kvs_seq_info(s, 1, &info2), 0);
         if (lazy) /* read layer by layer: the others too */
             for (uint32_t l = 1; l < N_LAYERS; l++)
-                assert_int_equal(
-                    kvs_seq_attend(s, 1, l, q, NULL, again, NULL), 0);
+                assert_int_equal(kvs_seq_attend(s, 1, l, q, NULL, again, NULL),
+                                 0);
         assert_int_equal(kvs_seq_info(s, 1, &info2), 0);
         assert_int_equal(info2.segments, info.segments);
         uint64_t n = seq_tokens(1, 2) + 40 + SEG;
