@@ -1519,6 +1519,8 @@ static int walk_init(walk_t *w, uint64_t id, const kvs_geometry_t *g,
         return KVS_ENOMEM;
     rocksdb_readoptions_set_verify_checksums(w->ro, 1);
     rocksdb_readoptions_set_fill_cache(w->ro, 0);
+    if (L && L->readahead)
+        rocksdb_readoptions_set_readahead_size(w->ro, L->readahead);
     size_t ul = 0;
     if (L && L->one_layer) {
         /* The upper bound is a key prefix: (id, layer, head + 1) ends one

@@ -122,6 +122,11 @@ typedef struct kvs__db_loader_s {
      * keys, so another part's damage is not seen. */
     int one_layer, one_head;
     uint32_t layer, head;
+    /* Bytes each iterator of the walk reads ahead (0: RocksDB's own,
+     * adaptive). For long ranges read by several walks at once, so that
+     * each is a sequential stream; on a short range it would read far
+     * more than the range. */
+    size_t readahead;
 } kvs__db_loader_t;
 
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *loader, char *err,

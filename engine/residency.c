@@ -128,6 +128,7 @@ typedef struct page_ctx_s {
     pthread_mutex_t mu;
     char *damage;
     int rc[KVS_MAX_HEADS]; /* each head's walk */
+    size_t readahead;      /* per iterator (kvs__db_loader_t) */
 } page_ctx_t;
 
 static int page_damage_seen(page_ctx_t *c) {
@@ -414,6 +415,7 @@ static void page_head_task(void *arg, uint32_t h) {
         .one_head = 1,
         .layer = c->layer,
         .head = h,
+        .readahead = c->readahead,
     };
     char err[256] = "";
     c->rc[h] = kvs__db_load_seq(c->s->db, c->q->id, &loader, err, sizeof err);
@@ -438,6 +440,11 @@ static int page_in_layer(kvs_store_t *s, seq_t *q, uint32_t l, int64_t *bytes) {
     const uint32_t n_heads = q->geo.n_kv_heads;
     layer_t *L = &q->layers[l];
     page_ctx_t ctx = {.s = s, .q = q, .layer = l};
+    /* A head's K/V (and the index beside them) read as a stream: 4 MiB
+     * ahead where the head holds more than 64 MiB (1M tokens of d=128
+     * fp16 hold 512 MiB), RocksDB's adaptive readahead below. */
+    if (L->tokens * 2 * q->row_bytes >= (64u << 20))
+        ctx.readahead = 4u << 20;
     if (!(ctx.heads = calloc(n_heads, sizeof *ctx.heads)))
         return kvs__fail(s, KVS_ENOMEM, "paging sequence in");
     pthread_mutex_init(&ctx.mu, NULL);
@@ -508,13 +515,12 @@ static int page_in_layer(kvs_store_t *s, seq_t *q, uint32_t l, int64_t *bytes) {
 }
 
 /*
- * Bring the layers of a sequence that are not in memory (evicted, or cold
- * since a lazy open) back from storage: every layer (`one` < 0) or layer
- * `one` only. A layer is the unit: the first call on one layer of a cold
- * sequence reads that layer's records, not the others'. The sequence
- * counts as resident (evicted 0) once every layer is.
+ * Bring layer `one` of a sequence back from storage when it is not in
+ * memory (evicted, or cold since a lazy open). A layer is the unit: the first
+ * call on one layer of a cold sequence reads that layer's records, not the
+ * others'. The sequence counts as resident (evicted 0) once every layer is.
  */
-static int page_in(kvs_store_t *s, seq_t *q, int64_t one) {
+static int page_in(kvs_store_t *s, seq_t *q, uint32_t one) {
     int rc = 0, loaded = 0;
     int64_t bytes = 0;
     kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
@@ -536,7 +542,7 @@ static int page_in(kvs_store_t *s, seq_t *q, int64_t one) {
     for (uint32_t l = 0; l < q->geo.n_layers && !rc; l++) {
         if (q->layers[l].resident)
             continue;
-        if (one >= 0 && l != (uint64_t)one) {
+        if (l != one) {
             all = 0;
             continue;
         }
@@ -563,7 +569,13 @@ out:
 }
 
 int kvs__page_in(kvs_store_t *s, seq_t *q) {
-    return page_in(s, q, -1);
+    /* Layer by layer, page_mu released between them: a call needing
+     * another layer (of a sequence the warm-up is reading) waits for one
+     * layer's read, not the sequence's. */
+    int rc = 0;
+    for (uint32_t l = 0; l < q->geo.n_layers && !rc; l++)
+        rc = page_in(s, q, l);
+    return rc;
 }
 
 int kvs__page_in_layer(kvs_store_t *s, seq_t *q, uint32_t layer) {

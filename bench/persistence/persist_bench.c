@@ -30,9 +30,11 @@
  *
  *   persist_bench [--quick] [--tokens N] [--layers L] [--dir DIR]
  *                 [--json FILE] [--restart-only] [--store DIR]
+ *                 [--load eager|lazy|warm]
  * --restart-only skips the append rates (their rows are absent); --store
  * keeps the restart store in DIR and reuses one already there (building
- * 1M tokens and their index takes many minutes on 2 cores).
+ * 1M tokens and their index takes many minutes on 2 cores); --load runs
+ * that restart only (the others' numbers are then 0).
  */
 #include "kvs_kernels.h"
 #include "kvs_rng.h"
@@ -234,6 +236,7 @@ static double append_rate(const char *base, kvs_sync_t sync, uint32_t chunk,
 
 int main(int argc, char **argv) {
     int quick = 0, restart_only = 0;
+    const char *only_load = NULL; /* one restart mode only */
     uint64_t tokens = 0;
     const char *json = NULL, *base = NULL, *store = NULL;
     for (int i = 1; i < argc; i++) {
@@ -245,6 +248,8 @@ int main(int argc, char **argv) {
             store = argv[++i];
         else if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
             tokens = strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--load") && i + 1 < argc)
+            only_load = argv[++i];
         else if (!strcmp(argv[i], "--layers") && i + 1 < argc)
             restart_geo.n_layers = (uint32_t)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc)
@@ -254,7 +259,7 @@ int main(int argc, char **argv) {
         else {
             fprintf(stderr, "usage: persist_bench [--quick] [--tokens N] "
                             "[--layers L] [--dir DIR] [--json FILE] "
-                            "[--restart-only] [--store DIR]\n");
+                            "[--restart-only] [--store DIR] [--load MODE]\n");
             return 2;
         }
     }
@@ -365,7 +370,8 @@ int main(int argc, char **argv) {
     const kvs_load_t loads[N_LOADS] = {KVS_LOAD_EAGER, KVS_LOAD_LAZY,
                                        KVS_LOAD_WARM};
     for (int m = 0; m < N_LOADS; m++)
-        if (restart(dir, loads[m], &rs[m]))
+        if ((!only_load || !strcmp(only_load, rs[m].mode)) &&
+            restart(dir, loads[m], &rs[m]))
             return 1;
     if (!store)
         rm_rf(dir);
