@@ -648,8 +648,124 @@ static void test_persist_blocks_format1_opens(void **state) {
     free(ref);
 }
 
+/* ---------------------------------------------------------------------- */
+
+/* The two new decoders on damaged input (what a CRC collision or a bug in
+ * a writer would hand them): a metadata record and a K/V block, each with
+ * bytes flipped, truncated or extended, seeded. Whatever decodes and
+ * attaches must be safe to attend and search (run under ASan/UBSan). */
+static void test_persist_blocks_decoders_mutated(void **state) {
+    (void)state;
+    kvs_options_t o;
+    kvs_options_default(&o);
+    kvs_build_params_t bp = {.cluster_tokens = o.cluster_tokens,
+                             .kmeans_iters = o.kmeans_iters,
+                             .sink_tokens = 4,
+                             .window_tokens = 16,
+                             .seed = 7};
+    enum { N = 128 };
+    uint16_t *k = malloc(N * D * 2), *v = malloc(N * D * 2);
+    kv_rows_make(D, 9, 0, 0, N, k, v);
+    kvs_segment_t *seg = NULL;
+    assert_int_equal(
+        kvs_segment_build(&bp, KVS_DTYPE_F16, D, 0, N, k, v, &seg, NULL, 0), 0);
+    size_t ml = kvs_segment_meta_encoded_size(seg);
+    size_t bl = kvs_segment_kv_block_size(seg, N / 2);
+    unsigned char *meta = malloc(ml + 64), *blk[2];
+    kvs_segment_meta_encode(seg, meta);
+    for (int b = 0; b < 2; b++) {
+        blk[b] = malloc(bl + 64);
+        kvs_segment_kv_block_encode(seg, b * (N / 2), N / 2, blk[b]);
+    }
+    /* Intact: decodes, attaches in two blocks, equals the original. */
+    kvs_segment_t *back = NULL;
+    assert_int_equal(kvs_segment_meta_decode(meta, ml, &back, NULL, 0), 0);
+    assert_null(back->keys);
+    uint32_t next = 0;
+    assert_int_not_equal(
+        kvs_segment_kv_attach(back, blk[1], bl, &next, NULL, 0), 0);
+    assert_int_equal(kvs_segment_kv_attach(back, blk[0], bl, &next, NULL, 0),
+                     0);
+    assert_int_equal(kvs_segment_kv_attach(back, blk[1], bl, &next, NULL, 0),
+                     0);
+    assert_int_equal(next, N);
+    assert_memory_equal(back->keys, seg->keys, (size_t)N * D * 2);
+    assert_memory_equal(back->values, seg->values, (size_t)N * D * 2);
+    kvs_segment_free(back);
+    /* A metadata record is not a whole segment. */
+    assert_int_equal(kvs_segment_decode(meta, ml, &back, NULL, 0),
+                     KVS_ECORRUPT);
+
+    unsigned seed = 12345;
+    int decoded = 0, attached = 0;
+    kvs_scratch_t *sc = kvs_scratch_new();
+    unsigned char *m2 = malloc(ml + 64), *b2 = malloc(bl + 64);
+    for (int i = 0; i < 3000; i++) {
+        memcpy(m2, meta, ml);
+        memcpy(b2, blk[0], bl);
+        size_t mlen = ml, blen = bl;
+        int what = rand_r(&seed) % 4;
+        unsigned char *x = i % 2 ? b2 : m2;
+        size_t *xl = i % 2 ? &blen : &mlen;
+        if (what < 2) {
+            for (int f = 0; f < 1 + what * 3; f++)
+                x[rand_r(&seed) % (what ? 64 : *xl)] ^=
+                    (unsigned char)(1 + rand_r(&seed) % 255);
+        } else if (what == 2) {
+            *xl = rand_r(&seed) % *xl;
+        } else {
+            memset(x + *xl, 0, 8);
+            *xl += 1 + rand_r(&seed) % 8;
+        }
+        char err[160];
+        kvs_segment_t *s2 = NULL;
+        if (kvs_segment_meta_decode(m2, mlen, &s2, err, sizeof err))
+            continue;
+        decoded++;
+        next = 0;
+        int ok =
+            !s2->keys &&
+            kvs_segment_kv_attach(s2, b2, blen, &next, err, sizeof err) == 0 &&
+            kvs_segment_kv_attach(s2, blk[1], bl, &next, err, sizeof err) ==
+                0 &&
+            next == s2->n_tokens;
+        if (ok) {
+            attached++;
+            kvs_segment_t *segs[1] = {s2};
+            kvs_head_view_t view = {.dtype = s2->dtype,
+                                    .d = s2->d,
+                                    .segments = segs,
+                                    .n_segments = 1,
+                                    .indexed_tokens = s2->n_tokens,
+                                    .sink_tokens = 4,
+                                    .window_tokens = 16};
+            s2->first_pos = 0;
+            float q[2 * D], out[2 * D];
+            for (int j = 0; j < 2 * D; j++)
+                q[j] = (float)(j % 7) * 0.1f - 0.3f;
+            kvs_zone_params_t zp = {.retrieval_fraction = 0.2f,
+                                    .estimation_fraction = 0.3f,
+                                    .scale = 0.2f};
+            kvs_head_attend(&view, q, 2, &zp, sc, out, NULL);
+            int64_t pos[4];
+            float scv[4];
+            kvs_head_search(&view, q, 4, &zp, sc, pos, scv, NULL);
+        }
+        kvs_segment_free(s2);
+    }
+    print_message("3000 mutated records: %d metadata records decoded, %d "
+                  "segments whole and attended\n",
+                  decoded, attached);
+    assert_true(attached > 0);
+    kvs_scratch_free(sc);
+    free(m2), free(b2), free(meta), free(blk[0]), free(blk[1]);
+    free(k), free(v);
+    kvs_segment_free(seg);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_persist_blocks_decoders_mutated),
         cmocka_unit_test(test_persist_blocks_lazy_equals_eager),
         cmocka_unit_test(test_persist_blocks_damage_first_use),
         cmocka_unit_test(test_persist_blocks_evict_partly_read),
