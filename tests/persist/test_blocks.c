@@ -12,6 +12,9 @@
  * - under a memory budget, calls on different layers of different
  *   sequences page layers in and evict sequences partly read, answers
  *   unchanged, and resident_bytes stays the sum of what is resident;
+ * - appends and a fork on a lazily opened store read only the layers they
+ *   touch, and what they wrote reads back after a restart;
+ * - the metadata and K/V block decoders on 3000 mutated records;
  * - a store of format 1 (segment records holding their K/V, written here
  *   with the old encoder through RocksDB) opens, answers as a store built
  *   by the engine from the same rows, is marked format 2, and takes new
@@ -650,6 +653,61 @@ static void test_persist_blocks_format1_opens(void **state) {
 
 /* ---------------------------------------------------------------------- */
 
+/* Appends and forks on a lazily opened store read only the layers they
+ * touch (a fork reads each layer of the parent in turn); what they write
+ * reads back after another restart, bit for bit. */
+static void test_persist_blocks_append_fork_lazy(void **state) {
+    (void)state;
+    char *dir = kv_temp_dir("blocks");
+    build_store(dir);
+    kvs_store_t *s = open_load(dir, KVS_LOAD_LAZY, 0);
+    kvs_store_stats_t st0, st;
+    assert_int_equal(kvs_store_stats(s, &st0), 0);
+    /* Layer 1 of sequence 3 only: a partial segment's rows, then a whole
+     * segment more (built and stored split). */
+    append_tokens(s, 3, 1, seq_tokens(3, 1), 40);
+    append_tokens(s, 3, 1, seq_tokens(3, 1) + 40, SEG);
+    assert_int_equal(kvs_seq_wait_indexed(s, 3), 0);
+    kvs_seq_info_t info;
+    assert_int_equal(kvs_seq_info(s, 3, &info), 0);
+    assert_int_equal(info.resident, 0);
+    assert_int_equal(info.tokens_max, seq_tokens(3, 1) + 40 + SEG);
+    /* A fork of sequence 4 at a position inside its second segment. */
+    assert_int_equal(kvs_seq_fork(s, 4, SEG + 100, 9), 0);
+    assert_int_equal(kvs_seq_info(s, 4, &info), 0);
+    assert_int_equal(info.resident, 1); /* the fork read every layer */
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_int_equal(st.page_ins, 0);
+    assert_int_equal(st.quarantined, 0);
+    assert_int_equal(kvs_store_close(s), 0);
+    for (int lazy = 0; lazy < 2; lazy++) {
+        s = open_load(dir, lazy ? KVS_LOAD_LAZY : KVS_LOAD_EAGER, 0);
+        uint64_t n = seq_tokens(3, 1) + 40 + SEG;
+        size_t bytes = n * KVH * D * 2;
+        uint16_t *k = malloc(bytes), *v = malloc(bytes);
+        uint16_t *ek = malloc(bytes), *ev = malloc(bytes);
+        kv_rows_make(KVH * D, 3, 1, 0, (uint32_t)n, ek, ev);
+        assert_int_equal(kvs_seq_read(s, 3, 1, 0, (uint32_t)n, k, v), 0);
+        assert_memory_equal(k, ek, bytes);
+        assert_memory_equal(v, ev, bytes);
+        for (uint32_t l = 0; l < N_LAYERS; l++) {
+            n = SEG + 100;
+            kv_rows_make(KVH * D, 4, l, 0, (uint32_t)n, ek, ev);
+            assert_int_equal(kvs_seq_read(s, 9, l, 0, (uint32_t)n, k, v), 0);
+            assert_memory_equal(k, ek, n * KVH * D * 2);
+            assert_memory_equal(v, ev, n * KVH * D * 2);
+        }
+        free(k), free(v), free(ek), free(ev);
+        assert_int_equal(kvs_store_stats(s, &st), 0);
+        assert_int_equal(st.quarantined, 0);
+        assert_int_equal(kvs_store_close(s), 0);
+    }
+    kv_rm_rf(dir);
+    free(dir);
+}
+
+/* ---------------------------------------------------------------------- */
+
 /* The two new decoders on damaged input (what a CRC collision or a bug in
  * a writer would hand them): a metadata record and a K/V block, each with
  * bytes flipped, truncated or extended, seeded. Whatever decodes and
@@ -770,6 +828,7 @@ int main(void) {
         cmocka_unit_test(test_persist_blocks_damage_first_use),
         cmocka_unit_test(test_persist_blocks_evict_partly_read),
         cmocka_unit_test(test_persist_blocks_format1_opens),
+        cmocka_unit_test(test_persist_blocks_append_fork_lazy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
