@@ -153,10 +153,14 @@ typedef struct seq_s {
     char *damage;            /* non-NULL: quarantined, and why */
     atomic_uint ttl_s;       /* 0: never expires */
     pthread_mutex_t page_mu; /* serialises evict / page-in */
+    /* Some layer is not in memory (layer_t.resident 0; a page-in reads
+     * layers one at a time). Eviction takes every layer out at once. */
     atomic_int evicted;
     /* Not read since a lazy open (KVS_LOAD_WARM/LAZY): evicted, layers'
-     * tokens known, records still on disk. Cleared by its first page-in,
-     * which is not counted as one; the warm-up reads only these. */
+     * tokens known, records still on disk. Cleared once its first page-ins
+     * (layer by layer, on first use or by the warm-up) have read every
+     * layer; those are not counted as page-ins. The warm-up reads only
+     * these. */
     atomic_int cold;
     /* Number of this sequence's latest queued append (persist.c ticket):
      * with KVS_SYNC_ASYNC eviction waits until it is on disk, since the
@@ -296,9 +300,12 @@ int64_t kvs__layer_bytes(const seq_t *q, const layer_t *L);
 /* Evict least recently used sequences (never `keep`) until the resident
  * bytes fit memory_bytes. */
 void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep);
-/* Read an evicted (or cold) sequence back. KVS_ECORRUPT (message naming
- * the sequence) when this read found it damaged and quarantined it. */
+/* Read the layers of an evicted (or cold) sequence that are not in memory
+ * back: all of them, or one (the unit of paging is the layer). KVS_ECORRUPT
+ * (message naming the sequence) when this read found it damaged and
+ * quarantined it. */
 int kvs__page_in(kvs_store_t *s, seq_t *q);
+int kvs__page_in_layer(kvs_store_t *s, seq_t *q, uint32_t layer);
 /* KVS_LOAD_WARM's thread (see residency.c). */
 void *kvs__warmup_main(void *arg);
 /* Take `L`'s lock with its rows in memory, paging the sequence in first

@@ -28,9 +28,16 @@
 
 #define SEQ_VERSION 1u
 
-enum { CF_DEFAULT, CF_SEQS, CF_KV, CF_INDEX, CF_COUNT };
-static const char *const cf_names[CF_COUNT] = {"default", "seqs", "kv",
-                                               "index"};
+/* Storage format (the format record): 1 before K/V blocks were stored
+ * apart from segment metadata (CF_BLOCKS), 2 since. A version-1 store is
+ * opened as it is and its record rewritten to 2: its segment records (K/V
+ * inside) are still read, new segments are written split, and a binary
+ * that knows only version 1 refuses the directory from then on. */
+#define FORMAT_VERSION 2u
+
+enum { CF_DEFAULT, CF_SEQS, CF_KV, CF_INDEX, CF_BLOCKS, CF_COUNT };
+static const char *const cf_names[CF_COUNT] = {"default", "seqs", "kv", "index",
+                                               "blocks"};
 
 struct kvs__db_s {
     rocksdb_t *db;
@@ -667,13 +674,29 @@ static int open_check(const rocksdb_options_t *o, const char *dir, char *err,
     snprintf(path, sizeof path, "%s/CURRENT", dir);
     if (access(path, F_OK))
         return 0; /* dir_check allowed it: an empty directory */
-    const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o};
-    rocksdb_column_family_handle_t *cf[CF_COUNT];
+    const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o, o};
+    rocksdb_column_family_handle_t *cf[CF_COUNT] = {NULL};
     char *rerr = NULL;
+    /* A format-1 store has no blocks family yet (the read-write open
+     * creates it): a read-only open must not ask for it. */
+    int n_cf = CF_COUNT;
+    size_t listed = 0;
+    char **names = rocksdb_list_column_families(o, dir, &listed, &rerr);
+    if (rerr) {
+        rocksdb_free(rerr);
+        rerr = NULL;
+    } else {
+        n_cf = CF_BLOCKS;
+        for (size_t i = 0; i < listed; i++)
+            if (!strcmp(names[i], cf_names[CF_BLOCKS]))
+                n_cf = CF_COUNT;
+        rocksdb_list_column_families_destroy(names, listed);
+    }
     rocksdb_t *rdb = rocksdb_open_for_read_only_column_families(
-        o, dir, CF_COUNT, cf_names, cfo, cf, 0, &rerr);
+        o, dir, n_cf, cf_names, cfo, cf, 0, &rerr);
     if (rerr && strstr(rerr, "Column family not found")) {
-        /* Every store has all four: the MANIFEST lost their records. */
+        /* Every store has the first four: the MANIFEST lost their
+         * records. */
         char cur[64] = "the MANIFEST";
         FILE *f = fopen(path, "rb");
         if (f) {
@@ -693,7 +716,7 @@ static int open_check(const rocksdb_options_t *o, const char *dir, char *err,
         rc = closed_check(rdb, dir, err, errlen);
     if (!rc)
         rc = meta_check(rdb, cf, err, errlen);
-    for (int i = 0; i < CF_COUNT; i++)
+    for (int i = 0; i < n_cf; i++)
         rocksdb_column_family_handle_destroy(cf[i]);
     rocksdb_close(rdb);
     return rc;
@@ -839,7 +862,7 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
         o, rocksdb_tolerate_corrupted_tail_records_recovery);
     if ((rc = open_check(o, dir, err, errlen)))
         goto err;
-    const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o};
+    const rocksdb_options_t *cfo[CF_COUNT] = {o, o, o, o, o};
     char *rerr = NULL;
     db->db = rocksdb_open_column_families(o, dir, CF_COUNT, cf_names, cfo,
                                           db->cf, &rerr);
@@ -1259,7 +1282,7 @@ static void fill_drop(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
     size_t hl = id == UINT64_MAX ? 24 : 8; /* id+1 wraps: end at max key */
     if (id == UINT64_MAX)
         memset(hi, 0xff, sizeof hi);
-    for (int cf = CF_KV; cf <= CF_INDEX; cf++)
+    for (int cf = CF_KV; cf <= CF_BLOCKS; cf++)
         rocksdb_writebatch_delete_range_cf(b, db->cf[cf], (const char *)lo, 8,
                                            (const char *)hi, hl);
 }
@@ -1357,14 +1380,28 @@ int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
     return rc;
 }
 
+/* A block key: the segment's record key, then the block's first slot. */
+static void blk_key(unsigned char k[28], uint64_t id, uint32_t layer,
+                    uint32_t head, uint64_t pos, uint32_t slot0) {
+    rec_key(k, id, layer, head, pos);
+    put_be32(k + 24, slot0);
+}
+
+/* K/V blocks per segment: one, of all its slots. A block is read whole or
+ * not at all, and the engine makes a layer's segments whole before a call
+ * reads them (docs/persistence.md says why not per group of clusters); a
+ * finer split needs no format change: readers take any blocks that cover
+ * the slots in order. */
 typedef struct seg_rec_s {
-    unsigned char k[24], lo[24], hi[24];
-    const unsigned char *buf;
-    size_t len;
+    unsigned char k[24], lo[24], hi[24], bk[28];
+    const unsigned char *buf, *blk; /* each: crc | encoded */
+    size_t len, blk_len;
 } seg_rec_t;
 
 static void fill_segment(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
     const seg_rec_t *r = ctx;
+    rocksdb_writebatch_put_cf(b, db->cf[CF_BLOCKS], (const char *)r->bk, 28,
+                              (const char *)r->blk, r->blk_len);
     rocksdb_writebatch_put_cf(b, db->cf[CF_INDEX], (const char *)r->k, 24,
                               (const char *)r->buf, r->len);
     rocksdb_writebatch_delete_range_cf(b, db->cf[CF_KV], (const char *)r->lo,
@@ -1374,23 +1411,30 @@ static void fill_segment(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
 int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
                         uint32_t head, const kvs_segment_t *seg, char *err,
                         size_t errlen) {
-    size_t len = kvs_segment_encoded_size(seg);
-    unsigned char *buf = malloc(4 + len);
+    size_t len = kvs_segment_meta_encoded_size(seg);
+    size_t blen = kvs_segment_kv_block_size(seg, seg->n_tokens);
+    unsigned char *buf = malloc(4 + len + 4 + blen);
     if (!buf)
         return KVS_ENOMEM;
-    kvs_segment_encode(seg, buf + 4);
+    unsigned char *blk = buf + 4 + len;
+    kvs_segment_meta_encode(seg, buf + 4);
     uint32_t crc = kvs_crc32c(0, buf + 4, len);
     memcpy(buf, &crc, 4);
-    seg_rec_t r = {.buf = buf, .len = 4 + len};
+    kvs_segment_kv_block_encode(seg, 0, seg->n_tokens, blk + 4);
+    crc = kvs_crc32c(0, blk + 4, blen);
+    memcpy(blk, &crc, 4);
+    seg_rec_t r = {.buf = buf, .len = 4 + len, .blk = blk, .blk_len = 4 + blen};
     rec_key(r.k, id, layer, head, seg->first_pos);
+    blk_key(r.bk, id, layer, head, seg->first_pos, 0);
     rec_key(r.lo, id, layer, head, seg->first_pos);
     rec_key(r.hi, id, layer, head, seg->first_pos + seg->n_tokens);
     /* No fsync wait: until the WAL is synced the rows are still there, so a
      * crash loses at most this build, never data. In ASYNC the segment is
      * queued behind the rows it replaces, so its delete of them can never
-     * run before they are written. */
-    int rc = submit(db, fill_segment, &r, 4 + len + 72, SUBMIT_NOWAIT, NULL,
-                    err, errlen, "segment write");
+     * run before they are written. The metadata and its blocks are one
+     * batch: a segment is stored whole or not at all. */
+    int rc = submit(db, fill_segment, &r, 8 + len + blen + 100, SUBMIT_NOWAIT,
+                    NULL, err, errlen, "segment write");
     free(buf);
     return rc;
 }
@@ -1438,8 +1482,12 @@ typedef struct walk_s {
     int damaged;    /* reported through L->damaged */
     int cancelled;  /* L->cancel was set: stopped, nothing charged */
     char io_err[200];
-    rocksdb_readoptions_t *ro; /* verified reads bounded to the id */
-    unsigned char upper[8];
+    rocksdb_readoptions_t *ro; /* verified reads bounded to the range */
+    unsigned char upper[16];
+    /* The range walked: (l0, h0) up to (l1, h1) exclusive, in key order
+     * (one layer, one head of it, or everything). */
+    uint32_t l0, h0;
+    rocksdb_iterator_t *blocks; /* K/V blocks, created on first use */
 } walk_t;
 
 static void walk_damage(walk_t *w, const kvs__db_loader_t *L, const char *fmt,
@@ -1457,7 +1505,9 @@ static void walk_damage(walk_t *w, const kvs__db_loader_t *L, const char *fmt,
     L->damaged(L->ctx, w->id, msg);
 }
 
-static int walk_init(walk_t *w, uint64_t id, const kvs_geometry_t *g) {
+/* A walk over the whole sequence, or the part the loader names. */
+static int walk_init(walk_t *w, uint64_t id, const kvs_geometry_t *g,
+                     const kvs__db_loader_t *L) {
     memset(w, 0, sizeof *w);
     w->id = id;
     w->n_layers = g ? g->n_layers : 0;
@@ -1469,26 +1519,124 @@ static int walk_init(walk_t *w, uint64_t id, const kvs_geometry_t *g) {
         return KVS_ENOMEM;
     rocksdb_readoptions_set_verify_checksums(w->ro, 1);
     rocksdb_readoptions_set_fill_cache(w->ro, 0);
-    if (id != UINT64_MAX) { /* the last id runs to the end of the keys */
+    if (L && L->readahead)
+        rocksdb_readoptions_set_readahead_size(w->ro, L->readahead);
+    size_t ul = 0;
+    if (L && L->one_layer) {
+        /* The upper bound is a key prefix: (id, layer, head + 1) ends one
+         * head, (id, layer + 1) one layer. */
+        w->l0 = L->layer;
+        put_be64(w->upper, id);
+        if (L->one_head) {
+            w->h0 = L->head;
+            put_be32(w->upper + 8, L->layer);
+            put_be32(w->upper + 12, L->head + 1);
+            ul = 16;
+        } else {
+            put_be32(w->upper + 8, L->layer + 1);
+            ul = 12;
+        }
+    } else if (id != UINT64_MAX) { /* the last id runs to the end */
         put_be64(w->upper, id + 1);
-        rocksdb_readoptions_set_iterate_upper_bound(
-            w->ro, (const char *)w->upper, sizeof w->upper);
+        ul = 8;
     }
+    if (ul)
+        rocksdb_readoptions_set_iterate_upper_bound(w->ro,
+                                                    (const char *)w->upper, ul);
     return 0;
 }
 
 static void walk_free(walk_t *w) {
     free(w->ends);
+    if (w->blocks)
+        rocksdb_iter_destroy(w->blocks);
     if (w->ro)
         rocksdb_readoptions_destroy(w->ro);
 }
 
+/* Is (layer, head) inside the walk's range? */
+static int walk_has(const kvs__db_loader_t *L, uint32_t l, uint32_t h) {
+    if (!L->one_layer)
+        return 1;
+    return l == L->layer && (!L->one_head || h == L->head);
+}
+
+/* Make `seg`, decoded from a metadata record, whole: read its K/V blocks
+ * (keys after the record's own, in slot order) and check each one's CRC.
+ * 0, or a message in `why` (the sequence is then damaged: the blocks are
+ * under its own keys, so an unreadable one is its loss), or KVS_ENOMEM. */
+static int walk_blocks(kvs__db_t *db, walk_t *w, uint32_t layer, uint32_t head,
+                       kvs_segment_t *seg, char *why, size_t whylen) {
+    if (!w->blocks && !(w->blocks = rocksdb_create_iterator_cf(
+                            db->db, w->ro, db->cf[CF_BLOCKS])))
+        return KVS_ENOMEM;
+    unsigned char k[28];
+    blk_key(k, w->id, layer, head, seg->first_pos, 0);
+    uint32_t next = 0;
+    rocksdb_iterator_t *it = w->blocks;
+    /* Stop at the last block without stepping past it: the next key's
+     * block (the next segment's K/V, or a neighbour's) is not ours to read,
+     * and a step would read it whole. */
+    for (rocksdb_iter_seek(it, (const char *)k, 28); rocksdb_iter_valid(it);
+         rocksdb_iter_next(it)) {
+        size_t kl, vl;
+        const unsigned char *bk =
+            (const unsigned char *)rocksdb_iter_key(it, &kl);
+        const unsigned char *v =
+            (const unsigned char *)rocksdb_iter_value(it, &vl);
+        if (kl != 28 || memcmp(bk, k, 24))
+            break; /* past this segment's blocks */
+        uint32_t crc;
+        if (vl < 4 ||
+            (memcpy(&crc, v, 4), crc != kvs_crc32c(0, v + 4, vl - 4))) {
+            snprintf(why, whylen,
+                     "K/V block at layer %u head %u position %llu slot %u "
+                     "fails its checksum",
+                     layer, head, (unsigned long long)seg->first_pos,
+                     get_be32(bk + 24));
+            return KVS_ECORRUPT;
+        }
+        char e[160] = "";
+        int rc = kvs_segment_kv_attach(seg, v + 4, vl - 4, &next, e, sizeof e);
+        if (rc == KVS_ENOMEM)
+            return rc;
+        if (rc) {
+            snprintf(why, whylen, "layer %u head %u position %llu: %s", layer,
+                     head, (unsigned long long)seg->first_pos, e);
+            return KVS_ECORRUPT;
+        }
+        if (next == seg->n_tokens)
+            break;
+    }
+    char *rerr = NULL;
+    rocksdb_iter_get_error(it, &rerr);
+    if (rerr) {
+        snprintf(why, whylen, "K/V block at layer %u head %u position %llu: %s",
+                 layer, head, (unsigned long long)seg->first_pos, rerr);
+        rocksdb_free(rerr);
+        /* An iterator stays failed: the next segment gets a fresh one. */
+        rocksdb_iter_destroy(w->blocks);
+        w->blocks = NULL;
+        return KVS_ECORRUPT;
+    }
+    if (next != seg->n_tokens) {
+        snprintf(why, whylen,
+                 "K/V blocks of layer %u head %u position %llu are missing "
+                 "(slots %u.. of %u)",
+                 layer, head, (unsigned long long)seg->first_pos, next,
+                 seg->n_tokens);
+        return KVS_ECORRUPT;
+    }
+    return 0;
+}
+
 /* After an iterator error: whether a record follows the last one read in
  * any (layer, head) (see walk_t); 0 when none does. */
-static int walk_probe(kvs__db_t *db, walk_t *w, char *why, size_t whylen) {
+static int walk_probe(kvs__db_t *db, walk_t *w, const kvs__db_loader_t *L,
+                      char *why, size_t whylen) {
     for (uint32_t l = 0; l < w->n_layers; l++)
         for (uint32_t h = 0; h < w->n_heads; h++)
-            for (int cf = CF_KV; cf <= CF_INDEX; cf++) {
+            for (int cf = CF_KV; cf <= CF_INDEX && walk_has(L, l, h); cf++) {
                 unsigned char k[24];
                 uint64_t end = w->ends[(size_t)l * w->n_heads + h];
                 rec_key(k, w->id, l, h, end);
@@ -1535,7 +1683,7 @@ static void walk_family(kvs__db_t *db, int cf, walk_t *w,
     /* The first possible key, not the 8-byte id: a block separator may be
      * exactly the id, and seeking to it would read the block before. */
     unsigned char seek[24];
-    rec_key(seek, w->id, 0, 0, 0);
+    rec_key(seek, w->id, w->l0, w->h0, 0);
     for (rocksdb_iter_seek(it, (const char *)seek, 24);
          rocksdb_iter_valid(it) && !w->damaged; rocksdb_iter_next(it)) {
         if (L->cancel && atomic_load(L->cancel)) {
@@ -1569,11 +1717,23 @@ static void walk_family(kvs__db_t *db, int cf, walk_t *w,
         int rc;
         if (cf == CF_INDEX) {
             kvs_segment_t *seg;
-            char why[160] = "";
-            rc = kvs_segment_decode(v + 4, vl - 4, &seg, why, sizeof why);
+            char why[200] = "";
+            rc = kvs_segment_meta_decode(v + 4, vl - 4, &seg, why, sizeof why);
             if (rc) {
                 walk_damage(w, L, "index record at layer %u head %u: %s", layer,
                             head, why);
+                break;
+            }
+            /* Metadata stored apart from its K/V: never hand over a segment
+             * that is not whole. */
+            if (!seg->keys &&
+                (rc = walk_blocks(db, w, layer, head, seg, why, sizeof why))) {
+                kvs_segment_free(seg);
+                /* Out of memory is charged as a callback's failure is */
+                walk_damage(w, L, "%s",
+                            rc == KVS_ENOMEM ? "out of memory reading K/V "
+                                               "blocks"
+                                             : why);
                 break;
             }
             walk_cover(w, layer, head, seg->first_pos, seg->n_tokens);
@@ -1619,7 +1779,7 @@ static void walk_family(kvs__db_t *db, int cf, walk_t *w,
 static int load_one(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
                     const kvs__db_loader_t *L) {
     walk_t w;
-    if (walk_init(&w, id, g)) {
+    if (walk_init(&w, id, g, L)) {
         walk_free(&w);
         return KVS_ENOMEM;
     }
@@ -1636,7 +1796,7 @@ static int load_one(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
     if (!w.damaged && w.gap)
         walk_damage(&w, L, "records do not continue each other");
     char why[256];
-    if (!w.damaged && w.io_err[0] && walk_probe(db, &w, why, sizeof why))
+    if (!w.damaged && w.io_err[0] && walk_probe(db, &w, L, why, sizeof why))
         walk_damage(&w, L, "%s", why);
     walk_free(&w);
     return 0;
@@ -1658,7 +1818,7 @@ static int extent_one(kvs__db_t *db, uint64_t id, const kvs_geometry_t *g,
     walk_t w;
     uint64_t *ends = NULL;
     rocksdb_iterator_t *it[2] = {NULL, NULL};
-    int rc = walk_init(&w, id, g);
+    int rc = walk_init(&w, id, g, NULL);
     if (rc)
         goto out;
     if (!(ends = calloc(g->n_kv_heads, sizeof *ends))) {
@@ -1845,7 +2005,7 @@ int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *L, char *err,
         if (!rc && L->loaded)
             L->loaded(L->ctx, known.ids[i]);
     }
-    for (int cf = CF_KV; cf <= CF_INDEX && !rc; cf++)
+    for (int cf = CF_KV; cf <= CF_BLOCKS && !rc; cf++)
         sweep_orphans(db, cf, &known);
     free(known.ids);
     free(geos);
@@ -1900,7 +2060,7 @@ int kvs__db_check_format(kvs__db_t *db, const kvs__db_format_t *f, char *err,
                          size_t errlen) {
     static const char key[] = "kvstore-format";
     /* crc, version, segment_tokens, sink_tokens, window_tokens */
-    uint32_t want[5] = {0, 1u, f->segment_tokens, f->sink_tokens,
+    uint32_t want[5] = {0, FORMAT_VERSION, f->segment_tokens, f->sink_tokens,
                         f->window_tokens};
     want[0] = kvs_crc32c(0, want + 1, sizeof want - 4);
     char *rerr = NULL;
@@ -1927,7 +2087,7 @@ int kvs__db_check_format(kvs__db_t *db, const kvs__db_format_t *f, char *err,
         snprintf(err, errlen, "format record is damaged");
         return KVS_ECORRUPT;
     }
-    if (have[1] != 1u) {
+    if (have[1] != 1u && have[1] != FORMAT_VERSION) {
         snprintf(err, errlen, "unknown storage format version %u", have[1]);
         return KVS_ECORRUPT;
     }
@@ -1944,7 +2104,17 @@ int kvs__db_check_format(kvs__db_t *db, const kvs__db_format_t *f, char *err,
                      names[i], have[2 + i], want[2 + i], names[i], have[2 + i]);
             return KVS_EINVAL;
         }
-    return 0;
+    if (have[1] != FORMAT_VERSION) {
+        /* Format 1 (K/V inside segment records): read as it is; segments
+         * written from now on are split, which a binary of format 1 could
+         * not read, so the record says 2 before any is. */
+        rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+        rocksdb_writebatch_put_cf(b, db->cf[CF_DEFAULT], key, sizeof key - 1,
+                                  (const char *)want, sizeof want);
+        rc = write_durable(db, b, err, errlen);
+        rocksdb_writebatch_destroy(b);
+    }
+    return rc;
 }
 
 void kvs__db_compact(kvs__db_t *db) {

@@ -5,11 +5,16 @@
  * order):
  *   seqs   id(8)                          -> crc | version | geometry | ttl
  *   kv     id(8) layer(4) head(4) pos(8)  -> crc | n | keys[n][d] | vals[n][d]
- *   index  id(8) layer(4) head(4) pos(8)  -> crc | encoded segment
+ *   index  id(8) layer(4) head(4) pos(8)  -> crc | segment metadata
+ *   blocks id(8) layer(4) head(4) pos(8) slot(4) -> crc | K/V block
  * The kv family holds exactly the unindexed rows: appends are written per
  * KV head and split at multiples of segment_tokens, so a built segment
- * covers whole records, and its WriteBatch puts the segment and deletes the
- * covered rows at once: a segment is either wholly indexed or still rows.
+ * covers whole records, and its WriteBatch puts the segment's metadata
+ * record and K/V blocks and deletes the covered rows at once: a segment is
+ * either wholly indexed or still rows. The metadata record is what ranking
+ * needs (index/segment_io.c, version 3); its keys and values are blocks of
+ * consecutive slots under its key plus the first slot (format 2; a format-1
+ * store's index records hold their K/V inside and are read as they are).
  * Every value starts with a CRC-32C of the rest, checked on load.
  */
 #ifndef KVS_ENGINE_PERSIST_H
@@ -112,13 +117,25 @@ typedef struct kvs__db_loader_s {
      * returns KVS_ECLOSED, charging nothing as damaged (a close does not
      * wait for a whole sequence to be read). */
     const atomic_int *cancel;
+    /* kvs__db_load_seq only: read only layer `layer` (one_layer), or only
+     * KV head `head` of it (one_head too). The walk is bounded to those
+     * keys, so another part's damage is not seen. */
+    int one_layer, one_head;
+    uint32_t layer, head;
+    /* Bytes each iterator of the walk reads ahead (0: RocksDB's own,
+     * adaptive). For long ranges read by several walks at once, so that
+     * each is a sequential stream; on a short range it would read far
+     * more than the range. */
+    size_t readahead;
 } kvs__db_loader_t;
 
 int kvs__db_load(kvs__db_t *db, const kvs__db_loader_t *loader, char *err,
                  size_t errlen);
 
 /* Load the segments and rows of one sequence only (paging an evicted
- * sequence back in); the seq callback is not called. In ASYNC it first
+ * sequence back in), or of the part of it the loader names (one_layer);
+ * the seq callback is not called. Segments are handed over whole (with
+ * their K/V blocks read and checked). In ASYNC it first
  * waits for every queued write, so it reads what the engine wrote. */
 int kvs__db_load_seq(kvs__db_t *db, uint64_t id, const kvs__db_loader_t *L,
                      char *err, size_t errlen);

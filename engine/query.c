@@ -75,7 +75,9 @@ int kvs_seq_append(kvs_store_t *s, uint64_t id, uint32_t layer,
     }
     layer_t *L = &q->layers[layer];
     for (;;) {
-        if (atomic_load(&q->evicted) && (rc = kvs__page_in(s, q)))
+        /* The layer appended to, not the whole sequence: paging is per
+         * layer (residency.c). */
+        if (atomic_load(&q->evicted) && (rc = kvs__page_in_layer(s, q, layer)))
             goto out;
         kvs__lock(&L->append_mu, KVS__RANK_APPEND, layer);
         /* A drop takes every append_mu before deleting the stored

@@ -120,19 +120,34 @@ static int load_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
 typedef struct page_ctx_s {
     kvs_store_t *s;
     seq_t *q;
-    head_t *heads; /* [n_layers][n_kv_heads] */
-    char *damage;  /* why the records are damaged, NULL while they are not */
+    uint32_t layer; /* the layer being read */
+    head_t *heads;  /* [n_kv_heads] of that layer */
+    /* The KV heads are read in parallel (one walk each): `damage` (why the
+     * records are damaged, NULL while they are not) is shared. A leaf
+     * lock, private to the page-in. */
+    pthread_mutex_t mu;
+    char *damage;
+    int rc[KVS_MAX_HEADS]; /* each head's walk */
+    size_t readahead;      /* per iterator (kvs__db_loader_t) */
 } page_ctx_t;
+
+static int page_damage_seen(page_ctx_t *c) {
+    pthread_mutex_lock(&c->mu);
+    int seen = c->damage != NULL;
+    pthread_mutex_unlock(&c->mu);
+    return seen;
+}
 
 static int page_segment(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                         kvs_segment_t *seg) {
     page_ctx_t *c = ctx;
     (void)id;
-    if (c->damage) {
+    if (layer != c->layer || page_damage_seen(c)) {
         kvs_segment_free(seg);
         return KVS_ECORRUPT;
     }
-    return fill_segment(c->s, c->q, c->heads, layer, head, seg);
+    /* heads is one layer's: index it as layer 0 */
+    return fill_segment(c->s, c->q, c->heads, 0, head, seg);
 }
 
 static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
@@ -140,9 +155,9 @@ static int page_rows(void *ctx, uint64_t id, uint32_t layer, uint32_t head,
                      const void *values) {
     page_ctx_t *c = ctx;
     (void)id;
-    if (c->damage)
+    if (layer != c->layer || page_damage_seen(c))
         return KVS_ECORRUPT;
-    return fill_rows(c->q, c->heads, layer, head, pos, n, half, keys, values);
+    return fill_rows(c->q, c->heads, 0, head, pos, n, half, keys, values);
 }
 
 static void page_damaged(void *ctx, uint64_t id, const char *why) {
@@ -150,8 +165,10 @@ static void page_damaged(void *ctx, uint64_t id, const char *why) {
     kvs__store_log(c->s, KVS_LOG_ERROR,
                    "sequence %llu quarantined at page-in: %s",
                    (unsigned long long)id, why ? why : "damaged");
+    pthread_mutex_lock(&c->mu);
     if (!c->damage)
         c->damage = strdup(why ? why : "damaged");
+    pthread_mutex_unlock(&c->mu);
 }
 
 static void load_damaged(void *ctx, uint64_t id, const char *why) {
@@ -271,16 +288,7 @@ int64_t kvs__layer_bytes(const seq_t *q, const layer_t *L) {
     return b;
 }
 
-/* Every layer's append_mu, then every layer's rwlock (the lock order).
- * Appends hold one append_mu while their storage write runs, so holding
- * them all means no append is half done. */
-static void lock_all(seq_t *q) {
-    for (uint32_t l = 0; l < q->geo.n_layers; l++)
-        kvs__lock(&q->layers[l].append_mu, KVS__RANK_APPEND, l);
-    for (uint32_t l = 0; l < q->geo.n_layers; l++)
-        kvs__wrlock(&q->layers[l].lock, l);
-}
-
+/* Release what try_evict took: every layer's rwlock, then append_mu. */
 static void unlock_all(seq_t *q) {
     for (uint32_t l = q->geo.n_layers; l-- > 0;)
         kvs__rwunlock(&q->layers[l].lock);
@@ -307,7 +315,9 @@ static void release_rows(seq_t *q) {
 static int try_evict(kvs_store_t *s, seq_t *q) {
     int done = 0;
     kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
-    if (atomic_load(&q->evicted) || q->damage || atomic_load(&q->dropped))
+    /* A sequence partly read (some layers paged in) is evicted too: what
+     * counts is that some of it is in memory. */
+    if (atomic_load(&q->bytes) <= 0 || q->damage || atomic_load(&q->dropped))
         goto out;
     /* Appends first: none can start, so the sequence's last queued write
      * is final; wait for it to reach the disk (KVS_SYNC_ASYNC) before the
@@ -370,7 +380,7 @@ void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
     }
     for (size_t b = 0; b < s->n_buckets; b++)
         for (seq_t *q = s->buckets[b]; q; q = q->next)
-            if (q != keep && !atomic_load(&q->evicted) && !q->damage &&
+            if (q != keep && atomic_load(&q->bytes) > 0 && !q->damage &&
                 !atomic_load(&q->unlinking)) {
                 atomic_fetch_add(&q->refs, 1);
                 c[n++] = (lru_t){q, atomic_load(&q->last_access)};
@@ -386,24 +396,133 @@ void kvs__enforce_budget(kvs_store_t *s, const seq_t *keep) {
 }
 
 /* Free heads read by a page-in that are not installed. */
-static void release_heads(const seq_t *q, head_t *heads) {
-    for (size_t i = 0; i < (size_t)q->geo.n_layers * q->geo.n_kv_heads; i++)
+static void release_heads(uint32_t n, head_t *heads) {
+    for (uint32_t i = 0; i < n; i++)
         kvs__head_release(&heads[i]);
     free(heads);
 }
 
+/* One KV head's records of the layer being read (a pool task). */
+static void page_head_task(void *arg, uint32_t h) {
+    page_ctx_t *c = arg;
+    kvs__db_loader_t loader = {
+        .ctx = c,
+        .segment = page_segment,
+        .rows = page_rows,
+        .damaged = page_damaged,
+        .cancel = &c->s->stopping, /* a close does not wait for the read */
+        .one_layer = 1,
+        .one_head = 1,
+        .layer = c->layer,
+        .head = h,
+        .readahead = c->readahead,
+    };
+    char err[256] = "";
+    c->rc[h] = kvs__db_load_seq(c->s->db, c->q->id, &loader, err, sizeof err);
+}
+
 /*
- * Bring an evicted (or cold) sequence back from storage. The records are
- * read into heads of our own under page_mu only, so calls that read the
- * layers meanwhile (info, stats, list: they take the layer locks) do not
- * wait for the read, which can take minutes for a long sequence; nothing
- * else changes the heads of a non-resident sequence (appends, reads and
- * evictions all go through page_mu first, a drop is checked for after).
- * Then every layer's locks are taken and the heads installed at once.
+ * Read one layer of a sequence that is not resident and install it. Caller
+ * holds page_mu, so nothing else changes the layer's heads meanwhile
+ * (appends, reads and evictions all go through page_mu first; a drop is
+ * checked for after). The records are read into heads of our own, without
+ * the layer's locks, so calls that read the layers (info, stats, list:
+ * they take the layer locks) do not wait for the read, which can take
+ * seconds for a long sequence; the KV heads are read in parallel on the
+ * worker pool (a walk each over its own keys: metadata records, their K/V
+ * blocks, then rows). Then the layer's locks are taken, the heads' token
+ * counts checked against what the open found, and the heads installed at
+ * once: a call never sees a layer half read. 0, 1 when the sequence was
+ * dropped meanwhile (ENOSEQ set), or an error with its message.
  */
-int kvs__page_in(kvs_store_t *s, seq_t *q) {
+static int page_in_layer(kvs_store_t *s, seq_t *q, uint32_t l, int64_t *bytes) {
+    assert(kvs__held(&q->page_mu));
+    const uint32_t n_heads = q->geo.n_kv_heads;
+    layer_t *L = &q->layers[l];
+    page_ctx_t ctx = {.s = s, .q = q, .layer = l};
+    /* A head's K/V (and the index beside them) read as a stream: 4 MiB
+     * ahead where the head holds more than 64 MiB (1M tokens of d=128
+     * fp16 hold 512 MiB), RocksDB's adaptive readahead below. */
+    if (L->tokens * 2 * q->row_bytes >= (64u << 20))
+        ctx.readahead = 4u << 20;
+    if (!(ctx.heads = calloc(n_heads, sizeof *ctx.heads)))
+        return kvs__fail(s, KVS_ENOMEM, "paging sequence in");
+    pthread_mutex_init(&ctx.mu, NULL);
+    kvs__pool_run(s->pool, n_heads, page_head_task, &ctx);
+    pthread_mutex_destroy(&ctx.mu);
     int rc = 0;
-    head_t *heads = NULL;
+    char err[256] = "";
+    for (uint32_t h = 0; h < n_heads && !rc; h++)
+        rc = ctx.rc[h];
+    kvs__lock(&L->append_mu, KVS__RANK_APPEND, l);
+    kvs__wrlock(&L->lock, l);
+    if (atomic_load(&q->dropped)) {
+        /* dropped while we read (its records may have gone under the
+         * read): nothing to install, and the id may name a new sequence */
+        kvs__rwunlock(&L->lock);
+        kvs__unlock(&L->append_mu);
+        free(ctx.damage);
+        release_heads(n_heads, ctx.heads);
+        kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
+                  (unsigned long long)q->id);
+        return 1;
+    }
+    for (uint32_t h = 0; h < n_heads && !rc && !ctx.damage; h++) {
+        const head_t *hd = &ctx.heads[h];
+        if (hd->indexed_tokens + hd->tail_len != L->tokens) {
+            snprintf(err, sizeof err,
+                     "layer %u head %u: storage holds "
+                     "%llu + %llu tokens, %llu were acknowledged",
+                     l, h, (unsigned long long)hd->indexed_tokens,
+                     (unsigned long long)hd->tail_len,
+                     (unsigned long long)L->tokens);
+            rc = KVS_ECORRUPT;
+        }
+    }
+    if (rc || ctx.damage) {
+        /* Leave the layer out and refuse it: never serve partial data.
+         * Damage quarantines the whole sequence (the call that found it is
+         * told so: KVS_ECORRUPT, the sequence named; later ones are refused
+         * as quarantined); a passing failure (memory, I/O, a close) leaves
+         * the layer unread for the next call to try again. */
+        if (ctx.damage)
+            q->damage = ctx.damage;
+        else if (rc == KVS_ECORRUPT)
+            q->damage = strdup(err[0] ? err : "page-in found damage");
+        if (!rc)
+            rc = KVS_ECORRUPT;
+        kvs__fail(s, rc, "sequence %llu: %s%s", (unsigned long long)q->id,
+                  q->damage ? q->damage
+                  : err[0]  ? err
+                            : kvs_strerror(rc),
+                  q->damage ? "; quarantined" : "");
+        kvs__rwunlock(&L->lock);
+        kvs__unlock(&L->append_mu);
+        release_heads(n_heads, ctx.heads);
+        return rc;
+    }
+    memcpy(L->heads, ctx.heads, n_heads * sizeof *ctx.heads);
+    free(ctx.heads);
+    L->resident = 1;
+    int64_t b = kvs__layer_bytes(q, L);
+    kvs__bytes_add(s, q, b);
+    *bytes += b;
+    for (uint32_t h = 0; h < n_heads; h++)
+        kvs__maybe_build(s, q, l, h);
+    kvs__rwunlock(&L->lock);
+    kvs__unlock(&L->append_mu);
+    return 0;
+}
+
+/*
+ * Bring layer `one` of a sequence back from storage when it is not in
+ * memory (evicted, or cold since a lazy open). A layer is the unit: the first
+ * call on one layer of a cold sequence reads that layer's records, not the
+ * others'. The sequence counts as resident (evicted 0) once every layer is.
+ */
+static int page_in(kvs_store_t *s, seq_t *q, uint32_t one) {
+    int rc = 0, loaded = 0;
+    int64_t bytes = 0;
     kvs__lock(&q->page_mu, KVS__RANK_PAGE, 0);
     if (!atomic_load(&q->evicted) || !s->db)
         goto out;
@@ -412,93 +531,55 @@ int kvs__page_in(kvs_store_t *s, seq_t *q) {
                        (unsigned long long)q->id, q->damage);
         goto out;
     }
-    const uint32_t n_layers = q->geo.n_layers, n_heads = q->geo.n_kv_heads;
-    if (atomic_load(&q->dropped) ||
-        !(heads = calloc((size_t)n_layers * n_heads, sizeof *heads))) {
-        rc = atomic_load(&q->dropped)
-                 ? kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
-                             (unsigned long long)q->id)
-                 : kvs__fail(s, KVS_ENOMEM, "paging sequence in");
-        goto out;
-    }
-    page_ctx_t ctx = {s, q, heads, NULL};
-    kvs__db_loader_t loader = {
-        .ctx = &ctx,
-        .segment = page_segment,
-        .rows = page_rows,
-        .damaged = page_damaged,
-        .cancel = &s->stopping, /* a close does not wait for the read */
-    };
-    char err[256] = "";
-    rc = kvs__db_load_seq(s->db, q->id, &loader, err, sizeof err);
-    lock_all(q);
     if (atomic_load(&q->dropped)) {
-        /* dropped while we read (its records may have gone under the
-         * read): nothing to install, and the id may name a new sequence */
-        unlock_all(q);
-        free(ctx.damage);
         rc = kvs__fail(s, KVS_ENOSEQ, "sequence %llu was dropped",
                        (unsigned long long)q->id);
         goto out;
     }
-    for (uint32_t l = 0; l < n_layers && !rc && !ctx.damage; l++) {
-        const layer_t *L = &q->layers[l];
-        for (uint32_t h = 0; h < n_heads && !rc; h++) {
-            const head_t *hd = &heads[(size_t)l * n_heads + h];
-            if (hd->indexed_tokens + hd->tail_len != L->tokens) {
-                snprintf(err, sizeof err,
-                         "layer %u head %u: storage holds "
-                         "%llu + %llu tokens, %llu were acknowledged",
-                         l, h, (unsigned long long)hd->indexed_tokens,
-                         (unsigned long long)hd->tail_len,
-                         (unsigned long long)L->tokens);
-                rc = KVS_ECORRUPT;
-            }
+    /* `resident` changes only under page_mu (and the layer's write lock),
+     * so it can be read here without the layer's lock. */
+    int all = 1;
+    for (uint32_t l = 0; l < q->geo.n_layers && !rc; l++) {
+        if (q->layers[l].resident)
+            continue;
+        if (l != one) {
+            all = 0;
+            continue;
         }
+        rc = page_in_layer(s, q, l, &bytes);
+        if (rc == 1)
+            rc = KVS_ENOSEQ; /* the message is set */
+        loaded += !rc;
     }
-    if (rc || ctx.damage) {
-        /* Leave it evicted and refuse it: never serve partial data.
-         * Damage quarantines (the call that found it is told so:
-         * KVS_ECORRUPT, the sequence named; later ones are refused as
-         * quarantined); a passing failure (memory, I/O, a close) leaves
-         * the sequence evicted for the next call to try again. */
-        if (ctx.damage)
-            q->damage = ctx.damage;
-        else if (rc == KVS_ECORRUPT)
-            q->damage = strdup(err[0] ? err : "page-in found damage");
-        if (!rc)
-            rc = KVS_ECORRUPT;
-        kvs__fail(s, rc, "sequence %llu: %s%s", (unsigned long long)q->id,
-                  q->damage ? q->damage : err,
-                  q->damage ? "; quarantined" : "");
-        unlock_all(q);
-        goto out;
+    if (!rc) {
+        /* A first read after a lazy open is no page-in: nothing was
+         * evicted. The sequence stays cold until every layer is read. */
+        int was_cold =
+            all ? atomic_exchange(&q->cold, 0) : atomic_load(&q->cold);
+        if (loaded && !was_cold)
+            atomic_fetch_add(&s->page_ins, 1);
+        if (all)
+            atomic_store(&q->evicted, 0);
     }
-    int64_t bytes = 0;
-    for (uint32_t l = 0; l < n_layers; l++) {
-        layer_t *L = &q->layers[l];
-        memcpy(L->heads, &heads[(size_t)l * n_heads], n_heads * sizeof *heads);
-        L->resident = 1;
-        bytes += kvs__layer_bytes(q, L);
-    }
-    free(heads);
-    heads = NULL;
-    atomic_store(&q->evicted, 0);
-    kvs__bytes_add(s, q, bytes);
-    /* A first read after a lazy open is no page-in: nothing was evicted. */
-    if (!atomic_exchange(&q->cold, 0))
-        atomic_fetch_add(&s->page_ins, 1);
-    for (uint32_t l = 0; l < n_layers; l++)
-        for (uint32_t h = 0; h < n_heads; h++)
-            kvs__maybe_build(s, q, l, h);
-    unlock_all(q);
 out:
     kvs__unlock(&q->page_mu);
-    if (heads)
-        release_heads(q, heads);
     if (!rc)
         kvs__enforce_budget(s, q);
     return rc;
+}
+
+int kvs__page_in(kvs_store_t *s, seq_t *q) {
+    /* Layer by layer, page_mu released between them: a call needing
+     * another layer (of a sequence the warm-up is reading) waits for one
+     * layer's read, not the sequence's. */
+    int rc = 0;
+    for (uint32_t l = 0; l < q->geo.n_layers && !rc; l++)
+        rc = page_in(s, q, l);
+    return rc;
+}
+
+int kvs__page_in_layer(kvs_store_t *s, seq_t *q, uint32_t layer) {
+    return page_in(s, q, layer);
 }
 
 int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
@@ -511,7 +592,7 @@ int kvs__layer_lock(kvs_store_t *s, seq_t *q, layer_t *L, int write) {
         if (L->resident)
             return 0;
         kvs__rwunlock(&L->lock);
-        int rc = kvs__page_in(s, q);
+        int rc = kvs__page_in_layer(s, q, no);
         if (rc)
             return rc;
     }

@@ -161,6 +161,29 @@ void kvs_segment_encode(const kvs_segment_t *seg, void *buf);
 int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
                        char *err, size_t errlen);
 
+/* The same segment as a *metadata* record (everything ranking needs: no
+ * keys, no values) plus K/V blocks of consecutive slots, stored apart so
+ * that a store can read the one without the other. kvs_segment_decode
+ * refuses a metadata record (the segments it gives are whole);
+ * kvs_segment_meta_decode takes either kind and gives a segment with keys
+ * and values NULL for a metadata record: it must not be searched, attended
+ * or encoded until kvs_segment_kv_attach has been given blocks covering
+ * slots 0 .. n_tokens in slot order. `*next` (0 before the first block) is
+ * the slot the next block must start at; the segment is whole when it
+ * equals n_tokens. A failed attach (KVS_ECORRUPT with a message: a block
+ * that does not continue the segment or whose size disagrees; KVS_ENOMEM)
+ * leaves *next as it was. */
+size_t kvs_segment_meta_encoded_size(const kvs_segment_t *seg);
+void kvs_segment_meta_encode(const kvs_segment_t *seg, void *buf);
+int kvs_segment_meta_decode(const void *buf, size_t len, kvs_segment_t **out,
+                            char *err, size_t errlen);
+/* Block of slots slot0 .. slot0+n of a segment holding its K/V. */
+size_t kvs_segment_kv_block_size(const kvs_segment_t *seg, uint32_t n);
+void kvs_segment_kv_block_encode(const kvs_segment_t *seg, uint32_t slot0,
+                                 uint32_t n, void *buf);
+int kvs_segment_kv_attach(kvs_segment_t *seg, const void *buf, size_t len,
+                          uint32_t *next, char *err, size_t errlen);
+
 /* Bytes held by the segment beyond its raw keys and values. */
 size_t kvs_segment_index_bytes(const kvs_segment_t *seg);
 /* Bytes held in all (raw K/V plus index). */

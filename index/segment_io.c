@@ -14,6 +14,14 @@
  *   u8 centroid codes[C][d], u8 key codes[n][d/2] (see kvs_codes_t).
  * Version 1 records (before codes) still decode: their codes are rebuilt
  * from the keys with seed = first_pos (a few ms per segment, no k-means).
+ * Version 3 (the *metadata* record, what ranking needs) is version 2
+ *   without keys[n][d] and values[n][d]: those are stored apart, as K/V
+ *   blocks of consecutive slots (kvs_segment_kv_*), so that a store can read
+ *   what ranks without the bulk it ranks (4-bit codes: 64 bytes per key at
+ *   d=128 against 512 of fp16 K+V). A segment decoded from a version-3
+ *   record has keys and values NULL until every block is attached.
+ * K/V block: u32 magic "KVSB", u32 slot0, u32 n, u32 row_bytes, then
+ *   keys[n][d] and values[n][d] of slots slot0 .. slot0+n, in dtype.
  * Decoding checks every invariant the attention code relies on (sizes,
  * offsets, a permutation of positions, counts, adjustment tables), so a
  * damaged record is an error, never an out-of-bounds read. Integrity of the
@@ -31,7 +39,9 @@
 #endif
 
 #define SEG_MAGIC 0x4753564bu /* "KVSG" */
-#define SEG_VERSION 2u
+#define SEG_VERSION 2u        /* K/V inside (kvs_segment_encode) */
+#define SEG_VERSION_META 3u   /* K/V apart (kvs_segment_meta_encode) */
+#define BLK_MAGIC 0x4253564bu /* "KVSB" */
 
 typedef struct hdr_s {
     uint32_t magic, version, dtype, d;
@@ -43,12 +53,17 @@ static size_t pad4(size_t x) {
     return (x + 3) & ~(size_t)3;
 }
 
+/* K/V are inside every version but the metadata record's. */
+static int has_kv(const hdr_t *h) {
+    return h->version != SEG_VERSION_META;
+}
+
 static size_t encoded_size(const hdr_t *h) {
     size_t esz = kvs_dtype_size((kvs_dtype_t)h->dtype);
     size_t n = h->n_tokens, c = h->n_clusters, d = h->d;
     size_t s = sizeof(hdr_t);
     s += 4 * (c + 1) + 4 * n + 4 * c + pad4(c);
-    s += esz * d * (2 * n + 2 * c);
+    s += esz * d * ((has_kv(h) ? 2 * n : 0) + 2 * c);
     s += (8 + esz * d) * ((size_t)h->n_always + h->n_last);
     return s;
 }
@@ -59,10 +74,19 @@ static size_t codes_size(const hdr_t *h, int has) {
     return 8 + (has ? 8 + 16 * d + 4 * c + c * d + n * (d / 2) : 0);
 }
 
+static hdr_t seg_hdr(const kvs_segment_t *seg, uint32_t version) {
+    return (hdr_t){SEG_MAGIC,       version,           (uint32_t)seg->dtype,
+                   seg->d,          seg->first_pos,    seg->n_tokens,
+                   seg->n_clusters, seg->adj_always.n, seg->adj_last.n};
+}
+
 size_t kvs_segment_encoded_size(const kvs_segment_t *seg) {
-    hdr_t h = {SEG_MAGIC,       SEG_VERSION,       (uint32_t)seg->dtype,
-               seg->d,          seg->first_pos,    seg->n_tokens,
-               seg->n_clusters, seg->adj_always.n, seg->adj_last.n};
+    hdr_t h = seg_hdr(seg, SEG_VERSION);
+    return encoded_size(&h) + codes_size(&h, seg->codes != NULL);
+}
+
+size_t kvs_segment_meta_encoded_size(const kvs_segment_t *seg) {
+    hdr_t h = seg_hdr(seg, SEG_VERSION_META);
     return encoded_size(&h) + codes_size(&h, seg->codes != NULL);
 }
 
@@ -72,10 +96,10 @@ static char *put(char *p, const void *src, size_t n) {
     return p + n;
 }
 
-void kvs_segment_encode(const kvs_segment_t *seg, void *buf) {
-    hdr_t h = {SEG_MAGIC,       SEG_VERSION,       (uint32_t)seg->dtype,
-               seg->d,          seg->first_pos,    seg->n_tokens,
-               seg->n_clusters, seg->adj_always.n, seg->adj_last.n};
+/* One encoder for both layouts, so a field added to the segment is added
+ * once: `version` says whether keys and values are inside. */
+static void encode(const kvs_segment_t *seg, uint32_t version, void *buf) {
+    hdr_t h = seg_hdr(seg, version);
     size_t esz = kvs_dtype_size(seg->dtype);
     size_t n = seg->n_tokens, c = seg->n_clusters, rb = esz * seg->d;
     char *p = buf;
@@ -86,8 +110,10 @@ void kvs_segment_encode(const kvs_segment_t *seg, void *buf) {
     p = put(p, seg->adj_flags, c);
     memset(p, 0, pad4(c) - c);
     p += pad4(c) - c;
-    p = put(p, seg->keys, rb * n);
-    p = put(p, seg->values, rb * n);
+    if (has_kv(&h)) {
+        p = put(p, seg->keys, rb * n);
+        p = put(p, seg->values, rb * n);
+    }
     p = put(p, seg->centroids, rb * c);
     p = put(p, seg->value_means, rb * c);
     const kvs_cluster_adj_t *adj[2] = {&seg->adj_always, &seg->adj_last};
@@ -112,6 +138,14 @@ void kvs_segment_encode(const kvs_segment_t *seg, void *buf) {
     put(p, k->keys, n * (d / 2));
 }
 
+void kvs_segment_encode(const kvs_segment_t *seg, void *buf) {
+    encode(seg, SEG_VERSION, buf);
+}
+
+void kvs_segment_meta_encode(const kvs_segment_t *seg, void *buf) {
+    encode(seg, SEG_VERSION_META, buf);
+}
+
 /* Copy `n` bytes into a fresh malloc() block (at least 1 byte). */
 static void *take(const char **p, size_t n) {
     void *x = malloc(n ? n : 1);
@@ -127,8 +161,9 @@ static int bad(char *err, size_t errlen, const char *what) {
     return KVS_ECORRUPT;
 }
 
-int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
-                       char *err, size_t errlen) {
+/* `meta`: a metadata record (K/V apart) is accepted too. */
+static int decode(const void *buf, size_t len, int meta, kvs_segment_t **out,
+                  char *err, size_t errlen) {
     *out = NULL;
     hdr_t h;
     if (len < sizeof h)
@@ -136,7 +171,8 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
     memcpy(&h, buf, sizeof h);
     if (h.magic != SEG_MAGIC)
         return bad(err, errlen, "bad magic");
-    if (h.version != 1 && h.version != SEG_VERSION)
+    if (h.version != 1 && h.version != SEG_VERSION &&
+        (!meta || h.version != SEG_VERSION_META))
         return bad(err, errlen, "unknown version");
     if (kvs_dtype_size((kvs_dtype_t)h.dtype) == 0 || h.d == 0 || h.d > 4096)
         return bad(err, errlen, "bad dtype or head_dim");
@@ -173,8 +209,10 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
     s->counts = take(&p, 4 * c);
     s->adj_flags = take(&p, c);
     p += pad4(c) - c;
-    s->keys = take(&p, rb * n);
-    s->values = take(&p, rb * n);
+    if (has_kv(&h)) {
+        s->keys = take(&p, rb * n);
+        s->values = take(&p, rb * n);
+    }
     s->centroids = take(&p, rb * c);
     s->value_means = take(&p, rb * c);
     kvs_cluster_adj_t *adj[2] = {&s->adj_always, &s->adj_last};
@@ -187,9 +225,10 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
     }
     int rc = KVS_ENOMEM;
     if (!s->offsets || !s->positions || !s->counts || !s->adj_flags ||
-        !s->keys || !s->values || !s->centroids || !s->value_means ||
-        !adj[0]->cluster || !adj[0]->count || !adj[0]->value_means ||
-        !adj[1]->cluster || !adj[1]->count || !adj[1]->value_means)
+        (has_kv(&h) && (!s->keys || !s->values)) || !s->centroids ||
+        !s->value_means || !adj[0]->cluster || !adj[0]->count ||
+        !adj[0]->value_means || !adj[1]->cluster || !adj[1]->count ||
+        !adj[1]->value_means)
         goto fail;
 
     /* Invariants the attention code relies on. */
@@ -282,4 +321,69 @@ int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
 fail:
     kvs_segment_free(s);
     return rc;
+}
+
+int kvs_segment_decode(const void *buf, size_t len, kvs_segment_t **out,
+                       char *err, size_t errlen) {
+    return decode(buf, len, 0, out, err, errlen);
+}
+
+int kvs_segment_meta_decode(const void *buf, size_t len, kvs_segment_t **out,
+                            char *err, size_t errlen) {
+    return decode(buf, len, 1, out, err, errlen);
+}
+
+/* ------------------------------------------------------------------------ */
+/* K/V blocks of a segment stored apart (metadata record, version 3)        */
+
+typedef struct blk_hdr_s {
+    uint32_t magic, slot0, n, row_bytes;
+} blk_hdr_t;
+
+size_t kvs_segment_kv_block_size(const kvs_segment_t *seg, uint32_t n) {
+    size_t rb = kvs_dtype_size(seg->dtype) * seg->d;
+    return sizeof(blk_hdr_t) + 2 * rb * n;
+}
+
+void kvs_segment_kv_block_encode(const kvs_segment_t *seg, uint32_t slot0,
+                                 uint32_t n, void *buf) {
+    size_t rb = kvs_dtype_size(seg->dtype) * seg->d;
+    blk_hdr_t h = {BLK_MAGIC, slot0, n, (uint32_t)rb};
+    char *p = put(buf, &h, sizeof h);
+    p = put(p, (const char *)seg->keys + rb * slot0, rb * n);
+    put(p, (const char *)seg->values + rb * slot0, rb * n);
+}
+
+int kvs_segment_kv_attach(kvs_segment_t *seg, const void *buf, size_t len,
+                          uint32_t *next, char *err, size_t errlen) {
+    size_t rb = kvs_dtype_size(seg->dtype) * seg->d;
+    blk_hdr_t h;
+    if (len < sizeof h)
+        return bad(err, errlen, "K/V block: truncated header");
+    memcpy(&h, buf, sizeof h);
+    /* Blocks are attached to a segment whose K/V were stored apart, in
+     * slot order: anything else is a damaged or misplaced block. */
+    if (h.magic != BLK_MAGIC || h.row_bytes != rb)
+        return bad(err, errlen, "K/V block: bad magic or row size");
+    if (h.slot0 != *next || h.n == 0 || h.n > seg->n_tokens - *next)
+        return bad(err, errlen, "K/V block: does not continue the segment");
+    if (len != sizeof h + 2 * rb * h.n)
+        return bad(err, errlen, "K/V block: size does not match header");
+    if (*next == 0) {
+        if (seg->keys || seg->values)
+            return bad(err, errlen, "K/V block: the segment holds its K/V");
+        seg->keys = malloc(rb * seg->n_tokens);
+        seg->values = malloc(rb * seg->n_tokens);
+        if (!seg->keys || !seg->values) {
+            free(seg->keys);
+            free(seg->values);
+            seg->keys = seg->values = NULL;
+            return KVS_ENOMEM;
+        }
+    }
+    const char *p = (const char *)buf + sizeof h;
+    memcpy((char *)seg->keys + rb * h.slot0, p, rb * h.n);
+    memcpy((char *)seg->values + rb * h.slot0, p + rb * h.n, rb * h.n);
+    *next += h.n;
+    return 0;
 }

@@ -8,7 +8,10 @@
 # persisted_seqno lost; batch: no acknowledged append lost), 50 each or 10
 # with --quick. The restart store is kept for kvstored_ready.py: seconds
 # from starting kvstored on it to READY=1, per --load mode (eager: before
-# issue 14), added as rows.
+# issue 14), added as rows. Then the restart of a 4-layer store (131072
+# tokens a layer, 8192 with --quick), whose first attend reads one layer of
+# four, and block_touch (which K/V pages a wave attend reads: the unit of
+# stored K/V blocks), both added as rows.
 set -euo pipefail
 build=$1; out=$2; shift 2
 quick=false
@@ -25,10 +28,23 @@ if [ -x "$build/server/kvstored" ]; then
         "$store" warm lazy eager >"$ready_log"
 fi
 rm -rf "$store"
+layers_store=$(mktemp -d)
+layers_json=$(mktemp)
+touch_json=$(mktemp)
+trap 'rm -rf "$store" "$ready_log" "$layers_store" "$layers_json" "$touch_json"' EXIT
+rmdir "$layers_store"
+layer_tokens=131072
+touch_segments=64
+if $quick; then layer_tokens=8192; touch_segments=16; fi
+"$build/bench/persistence/persist_bench" --restart-only --layers 4 \
+    --tokens "$layer_tokens" --store "$layers_store" --json "$layers_json"
+rm -rf "$layers_store"
+"$build/bench/persistence/block_touch" --segments "$touch_segments" \
+    --queries 16 --json "$touch_json"
 rounds=200
 $quick && rounds=20
 crash_log=$(mktemp)
-trap 'rm -f "$crash_log" "$ready_log"' EXIT
+trap 'rm -f "$crash_log" "$ready_log" "$layers_json" "$touch_json"' EXIT
 if KVS_CRASH_ROUNDS=$rounds "$build/tests/persist/test_persist" >"$crash_log" 2>&1; then
     lost=0
 else
@@ -38,17 +54,28 @@ fi
 async_rounds=50
 $quick && async_rounds=10
 async_log=$(mktemp)
-trap 'rm -f "$crash_log" "$async_log" "$ready_log"' EXIT
+trap 'rm -f "$crash_log" "$async_log" "$ready_log" "$layers_json" "$touch_json"' EXIT
 if KVS_CRASH_ROUNDS=$async_rounds "$build/tests/persist/test_async" >"$async_log" 2>&1; then
     async_lost=0
 else
     async_lost=unknown
     cat "$async_log" >&2
 fi
-python3 - "$out" "$rounds" "$lost" "$crash_log" "$async_lost" "$async_log" "$ready_log" <<'PY'
+python3 - "$out" "$rounds" "$lost" "$crash_log" "$async_lost" "$async_log" "$ready_log" "$layers_json" "$touch_json" <<'PY'
 import json, re, sys
-path, rounds, lost, log, async_lost, async_log, ready_log = sys.argv[1:]
+path, rounds, lost, log, async_lost, async_log, ready_log, layers_json, touch_json = sys.argv[1:]
 r = json.load(open(path))
+for row in json.load(open(layers_json))["rows"]:
+    if "load" in row:
+        r["rows"].append(row)
+        if row["load"] == "warm":
+            r["metrics"]["first_attend_after_restart_ms_4_layers"] = \
+                row["first_attend_after_restart_ms"]
+            r["metrics"]["restart_resident_s_4_layers"] = row["resident_s"]
+touch = json.load(open(touch_json))
+touch["block_touch"] = True
+r["rows"].append(touch)
+r["metrics"]["wave_attend_kv_pages_read_pct"] = touch["pages_read_pct"]
 for line in open(ready_log):
     row = json.loads(line)
     row["kvstored_ready"] = True

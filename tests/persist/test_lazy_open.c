@@ -252,10 +252,21 @@ static void test_lazy_open_warmup_off_on(void **state) {
         assert_int_equal(kvs_seq_info(s, id, &info), 0);
         assert_int_equal(info.resident, 0);
     }
+    /* A call reads the layer it needs, not the sequence: resident once
+     * every layer is. */
     check_tokens(s, 3, 1, seq_tokens(3, 1, WU_BASE));
     kvs_seq_info_t info;
     assert_int_equal(kvs_seq_info(s, 3, &info), 0);
+    assert_int_equal(info.resident, 0);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_true(st.resident_bytes > st0.resident_bytes);
+    uint64_t one_layer = st.resident_bytes - st0.resident_bytes;
+    check_tokens(s, 3, 0, seq_tokens(3, 0, WU_BASE));
+    assert_int_equal(kvs_seq_info(s, 3, &info), 0);
     assert_int_equal(info.resident, 1);
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_true(st.resident_bytes - st0.resident_bytes > one_layer);
+    assert_int_equal(st.page_ins, 0); /* first reads, layer by layer */
     assert_int_equal(kvs_seq_info(s, 4, &info), 0);
     assert_int_equal(info.resident, 0);
     assert_int_equal(kvs_store_close(s), 0);

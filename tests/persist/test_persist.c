@@ -188,12 +188,12 @@ static void test_persist_reopen_without_reclustering(void **state) {
 /* Overwrite one kv record of sequence 2 with garbage through RocksDB. */
 static void damage_record(const char *dir, uint64_t seq) {
     rocksdb_options_t *o = rocksdb_options_create();
-    const char *names[4] = {"default", "seqs", "kv", "index"};
-    const rocksdb_options_t *cfo[4] = {o, o, o, o};
-    rocksdb_column_family_handle_t *cf[4];
+    const char *names[5] = {"default", "seqs", "kv", "index", "blocks"};
+    const rocksdb_options_t *cfo[5] = {o, o, o, o, o};
+    rocksdb_column_family_handle_t *cf[5];
     char *err = NULL;
     rocksdb_t *db =
-        rocksdb_open_column_families(o, dir, 4, names, cfo, cf, &err);
+        rocksdb_open_column_families(o, dir, 5, names, cfo, cf, &err);
     assert_null(err);
     unsigned char key[24] = {0};
     for (int i = 0; i < 8; i++)
@@ -208,7 +208,7 @@ static void damage_record(const char *dir, uint64_t seq) {
                    &err);
     assert_null(err);
     rocksdb_writeoptions_destroy(wo);
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         rocksdb_column_family_handle_destroy(cf[i]);
     rocksdb_close(db);
     rocksdb_options_destroy(o);
@@ -546,7 +546,10 @@ static void test_persist_sst_bytes_flipped(void **state) {
                 assert_memory_equal(v, ev, 600 * KVH * D * 2);
                 served++;
             } else {
-                assert_true(r == KVS_EQUARANTINED || r == KVS_ENOSEQ);
+                /* ECORRUPT: this read found the damage (the open is lazy
+                 * and the warm-up had not got there) */
+                assert_true(r == KVS_EQUARANTINED || r == KVS_ENOSEQ ||
+                            r == KVS_ECORRUPT);
                 quarantined++;
             }
             free(k), free(v), free(ek), free(ev);
