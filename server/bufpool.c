@@ -72,8 +72,8 @@ void kvs__bufpool_free(void *ctx, void *ptr) {
             if (cap_of(bp->buf[i]) < cap &&
                 (small < 0 || cap_of(bp->buf[i]) < cap_of(bp->buf[small])))
                 small = i;
-        if (small < 0 || bp->bytes - cap_of(bp->buf[small]) + cap >
-                             bp->max_bytes) {
+        if (small < 0 ||
+            bp->bytes - cap_of(bp->buf[small]) + cap > bp->max_bytes) {
             free((uint8_t *)ptr - HDR);
             return;
         }
