@@ -100,8 +100,7 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (!addr || !layers || !tokens || !chunk || !pipeline ||
-        tokens % chunk) {
+    if (!addr || !layers || !tokens || !chunk || !pipeline || tokens % chunk) {
         fprintf(stderr, "usage: ingest_bench --addr HOST:PORT [--layers N] "
                         "[--tokens N] [--chunk N (divides tokens)] "
                         "[--pipeline N] [--timeline FILE]\n");
@@ -209,8 +208,8 @@ int main(int argc, char **argv) {
         return 1;
     for (size_t i = 0; i < (size_t)QH * D; i++)
         q[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
-    int src = kvs_client_seq_search(c, seq, layers - 1, q, (size_t)QH * D,
-                                    100, NULL, pos, sc, (size_t)QH * 100);
+    int src = kvs_client_seq_search(c, seq, layers - 1, q, (size_t)QH * D, 100,
+                                    NULL, pos, sc, (size_t)QH * 100);
     double t_search = now_s() - t0;
     uint64_t persisted = 0;
     int frc = kvs_client_seq_flush(c, seq, &persisted);
@@ -233,19 +232,20 @@ int main(int argc, char **argv) {
     }
     if (tl.f)
         fclose(tl.f);
-    printf("{\"label\":\"%s\",\"layers\":%u,\"tokens\":%u,\"chunk\":%u,"
-           "\"pipeline\":%u,\"appends\":%" PRIu64 ",\"bytes\":%" PRIu64
-           ",\"errors\":%" PRIu64 ",\"first_error\":\"%s\","
-           "\"acked_s\":%.3f,\"gb_s\":%.4f,\"first_search_s\":%.3f,"
-           "\"search_ok\":%s,\"flushed_s\":%.3f,\"flush_ok\":%s,"
-           "\"gb_s_flushed\":%.4f,\"indexed_s\":%.3f,\"indexed_tokens\":%" PRIu64
-           ",\"segments\":%" PRIu64 "}\n",
-           label, layers, tokens, chunk, pipeline, n_appends, total_bytes,
-           errors, first_err ? kvs_strerror(first_err) : "", t_acked,
-           (double)total_bytes / t_acked / 1e9, t_search, src ? "false" : "true",
-           t_flushed, frc ? "false" : "true",
-           (double)total_bytes / t_flushed / 1e9, t_indexed, in.indexed_tokens,
-           in.segments);
+    printf(
+        "{\"label\":\"%s\",\"layers\":%u,\"tokens\":%u,\"chunk\":%u,"
+        "\"pipeline\":%u,\"appends\":%" PRIu64 ",\"bytes\":%" PRIu64
+        ",\"errors\":%" PRIu64 ",\"first_error\":\"%s\","
+        "\"acked_s\":%.3f,\"gb_s\":%.4f,\"first_search_s\":%.3f,"
+        "\"search_ok\":%s,\"flushed_s\":%.3f,\"flush_ok\":%s,"
+        "\"gb_s_flushed\":%.4f,\"indexed_s\":%.3f,\"indexed_tokens\":%" PRIu64
+        ",\"segments\":%" PRIu64 "}\n",
+        label, layers, tokens, chunk, pipeline, n_appends, total_bytes, errors,
+        first_err ? kvs_strerror(first_err) : "", t_acked,
+        (double)total_bytes / t_acked / 1e9, t_search, src ? "false" : "true",
+        t_flushed, frc ? "false" : "true",
+        (double)total_bytes / t_flushed / 1e9, t_indexed, in.indexed_tokens,
+        in.segments);
     kvs_client_seq_drop(c, seq);
     kvs_client_close(c);
     return errors || src || frc ? 1 : 0;
