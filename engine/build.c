@@ -58,6 +58,10 @@ static void head_shrink(head_t *h, size_t rb, uint32_t segment_tokens,
     uint64_t keep = 2 * (uint64_t)segment_tokens;
     if (keep < h->tail_len + appending)
         keep = h->tail_len + appending;
+    /* Hysteresis against kvs__head_reserve, which grows to twice what is
+     * needed: shrinking to less would have the next appends grow it again
+     * into fresh pages. */
+    keep *= 2;
     if (h->tail_cap <= 2 * keep)
         return;
     memmove(h->tail_keys, h->tail_keys + h->tail_start * rb, h->tail_len * rb);

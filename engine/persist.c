@@ -78,6 +78,12 @@ struct kvs__db_s {
     int q_failed; /* the writer's error: everything after persisted lost */
     int q_stop, writer_running;
     pthread_t writer;
+    /* Cleared batches for the synchronous modes (under q_mu): a batch
+     * keeps its buffer's capacity, so an append's records are copied into
+     * warm memory instead of a fresh, growing string (page faults and
+     * regrowth copies, per append). */
+    rocksdb_writebatch_t *free_batches[4];
+    int n_free_batches;
     kvs_log_fn log;
     void *log_ctx;
 };
@@ -904,6 +910,9 @@ int kvs__db_close(kvs__db_t *db) {
         rocksdb_writebatch_destroy(db->pending);
     if (db->spare)
         rocksdb_writebatch_destroy(db->spare);
+    for (int i = 0; i < db->n_free_batches; i++)
+        rocksdb_writebatch_destroy(db->free_batches[i]);
+    db->n_free_batches = 0;
     if (db->db) {
         /* Make everything acknowledged so far durable before closing. */
         int src = db_sync_wal(db);
@@ -1137,12 +1146,31 @@ static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
                   const char *what) {
     int rc = 0;
     if (!db->writer_running) {
-        rocksdb_writebatch_t *b = rocksdb_writebatch_create();
+        rocksdb_writebatch_t *b = NULL;
+        pthread_mutex_lock(&db->q_mu);
+        if (db->n_free_batches)
+            b = db->free_batches[--db->n_free_batches];
+        pthread_mutex_unlock(&db->q_mu);
+        if (!b && !(b = rocksdb_writebatch_create()))
+            return KVS_ENOMEM;
         fill(db, b, ctx);
         rc = wait != SUBMIT_NOWAIT
                  ? write_durable(db, b, err, errlen)
                  : db_write(db, db->wo_nosync, b, err, errlen, what);
-        rocksdb_writebatch_destroy(b);
+        /* Keep it unless it is huge (its memory would stay held). */
+        size_t used;
+        rocksdb_writebatch_data(b, &used);
+        rocksdb_writebatch_clear(b);
+        pthread_mutex_lock(&db->q_mu);
+        if (used <= (64u << 20) &&
+            db->n_free_batches <
+                (int)(sizeof(db->free_batches) / sizeof(db->free_batches[0]))) {
+            db->free_batches[db->n_free_batches++] = b;
+            b = NULL;
+        }
+        pthread_mutex_unlock(&db->q_mu);
+        if (b)
+            rocksdb_writebatch_destroy(b);
         pthread_mutex_lock(&db->q_mu);
         if (!rc)
             db->persisted = ++db->queued;
@@ -1300,13 +1328,19 @@ typedef struct rows_rec_s {
     uint32_t layer, n_kv_heads;
     uint64_t pos0;
     uint32_t n, segment_tokens;
-    size_t rb;
-    const unsigned char *buf; /* the records' values, one after another */
+    size_t rb, stride;
+    const char *keys, *values; /* the caller's rows, [token][head][rb] */
+    const unsigned char *hdrs; /* per record: CRC-32C, token count */
+    const char **parts;        /* scratch: 1 + 2 * the longest record */
+    size_t *part_len;
 } rows_rec_t;
 
+/* A record's value is its 8-byte header, its keys, then its values: put
+ * as slices of the caller's rows (RocksDB gathers them into the batch, the
+ * one copy), not encoded into a buffer first. */
 static void fill_rows(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
     const rows_rec_t *r = ctx;
-    const unsigned char *p = r->buf;
+    const unsigned char *hdr = r->hdrs;
     for (uint32_t h = 0; h < r->n_kv_heads; h++) {
         uint64_t pos = r->pos0;
         uint32_t done = 0;
@@ -1318,10 +1352,19 @@ static void fill_rows(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
                 m = r->n - done;
             unsigned char k[24];
             rec_key(k, r->id, r->layer, h, pos);
-            size_t vl = 8 + 2 * r->rb * m;
-            rocksdb_writebatch_put_cf(b, db->cf[CF_KV], (const char *)k, 24,
-                                      (const char *)p, vl);
-            p += vl;
+            r->parts[0] = (const char *)hdr;
+            r->part_len[0] = 8;
+            for (uint32_t t = 0; t < m; t++) {
+                size_t o = (size_t)(done + t) * r->stride + h * r->rb;
+                r->parts[1 + t] = r->keys + o;
+                r->parts[1 + m + t] = r->values + o;
+                r->part_len[1 + t] = r->part_len[1 + m + t] = r->rb;
+            }
+            const char *kp = (const char *)k;
+            size_t kl = 24;
+            rocksdb_writebatch_putv_cf(b, db->cf[CF_KV], 1, &kp, &kl,
+                                       (int)(1 + 2 * m), r->parts, r->part_len);
+            hdr += 8;
             pos += m;
             done += m;
         }
@@ -1336,16 +1379,24 @@ int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
     size_t rb = (size_t)g->head_dim * kvs_dtype_size(g->dtype);
     size_t stride = rb * g->n_kv_heads;
     /* Records are split at segment boundaries (a segment covers whole
-     * records); all of them are encoded here, outside any lock, so that
-     * the queue's lock is held only to copy them into the batch. */
+     * records). Their headers (checksums) are computed here, outside any
+     * lock; the queue's lock is held only while RocksDB gathers the rows
+     * into the batch, the one copy of the payload on this path. */
     uint64_t first = pos0 / segment_tokens,
              last = (pos0 + n - 1) / segment_tokens;
     size_t n_recs = (size_t)(last - first + 1) * g->n_kv_heads;
     size_t total = n_recs * 8 + 2 * rb * (size_t)n * g->n_kv_heads;
-    unsigned char *buf = malloc(total);
-    if (!buf)
-        return KVS_ENOMEM;
-    unsigned char *p = buf;
+    uint32_t longest = n < segment_tokens ? n : segment_tokens;
+    size_t n_parts = 1 + 2 * (size_t)longest;
+    unsigned char *hdrs = malloc(n_recs * 8);
+    const char **parts = malloc(n_parts * sizeof(*parts));
+    size_t *part_len = malloc(n_parts * sizeof(*part_len));
+    int rc = KVS_ENOMEM;
+    if (!hdrs || !parts || !part_len)
+        goto out;
+    /* The records' checksums, over the rows where they are: the only pass
+     * over the payload before RocksDB's copy. */
+    unsigned char *p = hdrs;
     for (uint32_t h = 0; h < g->n_kv_heads; h++) {
         uint64_t pos = pos0;
         uint32_t done = 0;
@@ -1354,29 +1405,39 @@ int kvs__db_append(kvs__db_t *db, uint64_t id, uint32_t layer,
             uint32_t m = (uint32_t)(boundary - pos);
             if (m > n - done)
                 m = n - done;
-            unsigned char *kp = p + 8, *vp = p + 8 + rb * m;
-            for (uint32_t t = 0; t < m; t++) {
-                memcpy(kp + t * rb,
-                       (const char *)keys + (size_t)(done + t) * stride +
-                           h * rb,
-                       rb);
-                memcpy(vp + t * rb,
-                       (const char *)values + (size_t)(done + t) * stride +
-                           h * rb,
-                       rb);
+            uint32_t crc = kvs_crc32c(0, &m, 4);
+            for (int part = 0; part < 2; part++) {
+                const char *src = part ? values : keys;
+                for (uint32_t t = 0; t < m; t++)
+                    crc = kvs_crc32c(
+                        crc, src + (size_t)(done + t) * stride + h * rb, rb);
             }
-            memcpy(p + 4, &m, 4);
-            uint32_t crc = kvs_crc32c(0, p + 4, 4 + 2 * rb * m);
             memcpy(p, &crc, 4);
-            p += 8 + 2 * rb * m;
+            memcpy(p + 4, &m, 4);
+            p += 8;
             pos += m;
             done += m;
         }
     }
-    rows_rec_t r = {id, layer, g->n_kv_heads, pos0, n, segment_tokens, rb, buf};
-    int rc = submit(db, fill_rows, &r, total + 24 * n_recs, SUBMIT_MODE, ticket,
-                    err, errlen, "write");
-    free(buf);
+    rows_rec_t r = {.id = id,
+                    .layer = layer,
+                    .n_kv_heads = g->n_kv_heads,
+                    .pos0 = pos0,
+                    .n = n,
+                    .segment_tokens = segment_tokens,
+                    .rb = rb,
+                    .stride = stride,
+                    .keys = keys,
+                    .values = values,
+                    .hdrs = hdrs,
+                    .parts = parts,
+                    .part_len = part_len};
+    rc = submit(db, fill_rows, &r, total + 24 * n_recs, SUBMIT_MODE, ticket,
+                err, errlen, "write");
+out:
+    free(hdrs);
+    free(parts);
+    free(part_len);
     return rc;
 }
 

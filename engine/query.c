@@ -22,28 +22,51 @@
 int kvs__head_reserve(head_t *h, size_t row_bytes, uint64_t more) {
     if (h->tail_start + h->tail_len + more <= h->tail_cap)
         return 0;
-    /* Slide the live rows down before growing: the front was consumed by
-     * published segments. */
-    if (h->tail_start > 0) {
+    uint64_t need = h->tail_len + more;
+    /* Slide the live rows down (the front was consumed by published
+     * segments) only when that leaves half the buffer free: a tail that
+     * builds consume at the front while appends fill the back would
+     * otherwise be copied whole by nearly every append. */
+    if (h->tail_start > 0 && need <= h->tail_cap / 2) {
         memmove(h->tail_keys, h->tail_keys + h->tail_start * row_bytes,
                 h->tail_len * row_bytes);
         memmove(h->tail_values, h->tail_values + h->tail_start * row_bytes,
                 h->tail_len * row_bytes);
         h->tail_start = 0;
-        if (h->tail_len + more <= h->tail_cap)
-            return 0;
+        return 0;
     }
+    /* Grow to twice what is needed, so that the copy is amortised. */
     uint64_t cap = h->tail_cap ? h->tail_cap : 256;
-    while (cap < h->tail_len + more)
+    while (cap < 2 * need)
         cap *= 2;
-    char *k = realloc(h->tail_keys, cap * row_bytes);
-    if (!k)
+    if (h->tail_start == 0) { /* realloc may move pages, not copy them */
+        char *k = realloc(h->tail_keys, cap * row_bytes);
+        if (!k)
+            return KVS_ENOMEM;
+        h->tail_keys = k;
+        char *v = realloc(h->tail_values, cap * row_bytes);
+        if (!v)
+            return KVS_ENOMEM;
+        h->tail_values = v;
+        h->tail_cap = cap;
+        return 0;
+    }
+    /* Copy the live rows only, not the consumed front. */
+    char *k = malloc(cap * row_bytes), *v = malloc(cap * row_bytes);
+    if (!k || !v) {
+        free(k);
+        free(v);
         return KVS_ENOMEM;
+    }
+    memcpy(k, h->tail_keys + h->tail_start * row_bytes,
+           h->tail_len * row_bytes);
+    memcpy(v, h->tail_values + h->tail_start * row_bytes,
+           h->tail_len * row_bytes);
+    free(h->tail_keys);
+    free(h->tail_values);
     h->tail_keys = k;
-    char *v = realloc(h->tail_values, cap * row_bytes);
-    if (!v)
-        return KVS_ENOMEM;
     h->tail_values = v;
+    h->tail_start = 0;
     h->tail_cap = cap;
     return 0;
 }

@@ -192,18 +192,25 @@ void kvs_from_f32(kvs_dtype_t dtype, const float *src, void *dst, size_t n) {
 }
 
 int kvs_all_finite(kvs_dtype_t dtype, const void *src, size_t n) {
+    /* Loads through memcpy: appended rows may sit at any address (kvstored
+     * hands the engine keys and values inside the received frame, where
+     * protobuf put them); on x86 these are plain unaligned loads. */
+    const unsigned char *p = src;
+    uint32_t bad = 0;
     if (dtype == KVS_DTYPE_F32) {
-        const uint32_t *x = src;
-        uint32_t bad = 0;
-        for (size_t i = 0; i < n; i++)
-            bad |= (uint32_t)((x[i] & 0x7f800000u) == 0x7f800000u);
+        for (size_t i = 0; i < n; i++) {
+            uint32_t x;
+            memcpy(&x, p + 4 * i, 4);
+            bad |= (uint32_t)((x & 0x7f800000u) == 0x7f800000u);
+        }
         return !bad;
     }
-    const uint16_t *h = src;
     uint16_t mask = dtype == KVS_DTYPE_F16 ? 0x7c00 : 0x7f80;
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++)
-        bad |= (uint32_t)((h[i] & mask) == mask);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * i, 2);
+        bad |= (uint32_t)((h & mask) == mask);
+    }
     return !bad;
 }
 

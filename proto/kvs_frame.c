@@ -104,6 +104,77 @@ void kvs_frame_reader_destroy(kvs_frame_reader_t *r) {
     free(r->buf);
     r->buf = NULL;
     r->cap = r->off = r->len = 0;
+    if (r->dbuf)
+        kvs_frame_reader_free_buf(r, r->dbuf);
+    r->dbuf = NULL;
+    r->dhave = r->dlen = 0;
+    r->dready = 0;
+}
+
+void kvs_frame_reader_set_allocator(kvs_frame_reader_t *r,
+                                    const kvs_frame_allocator_t *a) {
+    if (a)
+        r->alloc = *a;
+    else
+        memset(&r->alloc, 0, sizeof(r->alloc));
+}
+
+void kvs_frame_reader_free_buf(const kvs_frame_reader_t *r, uint8_t *buf) {
+    if (!buf)
+        return;
+    if (r->alloc.free)
+        r->alloc.free(r->alloc.ctx, buf);
+    else
+        free(buf);
+}
+
+/* A direct frame that _next returned and nobody took is dead. */
+static void drop_ready(kvs_frame_reader_t *r) {
+    if (!r->dbuf || !r->dready)
+        return;
+    kvs_frame_reader_free_buf(r, r->dbuf);
+    r->dbuf = NULL;
+    r->dhave = r->dlen = 0;
+    r->dready = 0;
+}
+
+/* The frame at r->off has `total` bytes and is not all here: give it a
+ * buffer of its own and move what arrived of it there (at most a read
+ * chunk: the header came with it). */
+static int direct_start(kvs_frame_reader_t *r, size_t total) {
+    size_t have = r->len - r->off;
+    uint8_t *b =
+        r->alloc.alloc ? r->alloc.alloc(r->alloc.ctx, total) : malloc(total);
+    if (!b)
+        return KVS_ENOMEM;
+    memcpy(b, r->buf + r->off, have);
+    r->copied += have;
+    r->off = r->len = 0;
+    r->dbuf = b;
+    r->dhave = have;
+    r->dlen = total;
+    r->dready = 0;
+    return 0;
+}
+
+const uint8_t *kvs_frame_reader_front(const kvs_frame_reader_t *r,
+                                      size_t *have) {
+    if (r->dbuf && !r->dready) {
+        *have = r->dhave;
+        return r->dbuf;
+    }
+    *have = r->len - r->off;
+    return r->buf ? r->buf + r->off : NULL;
+}
+
+uint8_t *kvs_frame_reader_take(kvs_frame_reader_t *r) {
+    if (!r->dbuf || !r->dready)
+        return NULL;
+    uint8_t *b = r->dbuf;
+    r->dbuf = NULL;
+    r->dhave = r->dlen = 0;
+    r->dready = 0;
+    return b;
 }
 
 /* Bytes the frame at r->off still needs, when its header is in; 0 when the
@@ -128,6 +199,7 @@ static int reader_reserve(kvs_frame_reader_t *r, size_t want) {
         size_t have = r->len - r->off;
         if (have)
             memmove(r->buf, r->buf + r->off, have);
+        r->copied += have;
         r->len = have;
         r->off = 0;
     }
@@ -140,6 +212,7 @@ static int reader_reserve(kvs_frame_reader_t *r, size_t want) {
     uint8_t *nb = realloc(r->buf, cap);
     if (!nb)
         return KVS_ENOMEM;
+    r->copied += r->len; /* at most: realloc may grow in place */
     r->buf = nb;
     r->cap = cap;
     return 0;
@@ -147,6 +220,14 @@ static int reader_reserve(kvs_frame_reader_t *r, size_t want) {
 
 int kvs_frame_reader_prepare(kvs_frame_reader_t *r, size_t want, void **ptr,
                              size_t *len) {
+    drop_ready(r);
+    /* A direct frame takes exactly its missing bytes: nothing of the next
+     * frame lands in its buffer. */
+    if (r->dbuf) {
+        *ptr = r->dbuf + r->dhave;
+        *len = r->dlen - r->dhave;
+        return 0;
+    }
     /* Read at least the rest of the current frame in one go when it is
      * large, but never reserve more than the frame needs plus `want` so that
      * an idle connection costs little memory. */
@@ -156,6 +237,21 @@ int kvs_frame_reader_prepare(kvs_frame_reader_t *r, size_t want, void **ptr,
         free(r->buf);
         r->buf = NULL;
         r->cap = r->off = r->len = 0;
+    }
+    size_t have = r->len - r->off;
+    kvs_frame_header_t h;
+    if (have >= KVS_FRAME_HEADER_SIZE &&
+        kvs_frame_header_decode(r->buf + r->off, have, r->max_body, &h, NULL,
+                                0) == 0) {
+        size_t total = (size_t)KVS_FRAME_HEADER_SIZE + h.body_len;
+        if (total >= KVS_FRAME_DIRECT_MIN && have < total) {
+            int rc = direct_start(r, total);
+            if (rc)
+                return rc;
+            *ptr = r->dbuf + r->dhave;
+            *len = r->dlen - r->dhave;
+            return 0;
+        }
     }
     size_t missing = frame_missing(r);
     if (missing > want)
@@ -171,10 +267,20 @@ int kvs_frame_reader_prepare(kvs_frame_reader_t *r, size_t want, void **ptr,
     }
     *ptr = r->buf + r->len;
     *len = r->cap - r->len;
+    /* After a direct frame, large frames are likely to follow: take the
+     * next header alone rather than a chunk of its body that would then be
+     * copied into its own buffer. */
+    if (r->after_direct && have < KVS_FRAME_HEADER_SIZE)
+        *len = KVS_FRAME_HEADER_SIZE - have;
     return 0;
 }
 
 void kvs_frame_reader_commit(kvs_frame_reader_t *r, size_t n) {
+    if (r->dbuf && !r->dready) {
+        assert(n <= r->dlen - r->dhave);
+        r->dhave += n;
+        return;
+    }
     assert(n <= r->cap - r->len);
     r->len += n;
 }
@@ -197,6 +303,20 @@ int kvs_frame_reader_feed(kvs_frame_reader_t *r, const void *data, size_t n) {
 
 int kvs_frame_reader_next(kvs_frame_reader_t *r, kvs_frame_header_t *h,
                           const uint8_t **body, char *err, size_t errlen) {
+    drop_ready(r);
+    if (r->dbuf) {
+        if (r->dhave < r->dlen)
+            return 0;
+        /* Checked when the frame became direct; decoded again for *h. */
+        int rc = kvs_frame_header_decode(r->dbuf, r->dhave, r->max_body, h, err,
+                                         errlen);
+        if (rc)
+            return rc;
+        *body = r->dbuf + KVS_FRAME_HEADER_SIZE;
+        r->dready = 1;
+        r->after_direct = 1;
+        return 1;
+    }
     size_t have = r->len - r->off;
     if (have < KVS_FRAME_HEADER_SIZE)
         return 0;
@@ -207,6 +327,7 @@ int kvs_frame_reader_next(kvs_frame_reader_t *r, kvs_frame_header_t *h,
     if (have - KVS_FRAME_HEADER_SIZE < h->body_len)
         return 0;
     *body = r->buf + r->off + KVS_FRAME_HEADER_SIZE;
+    r->after_direct = 0;
     r->off += KVS_FRAME_HEADER_SIZE + (size_t)h->body_len;
     if (r->off == r->len)
         r->off = r->len = 0; /* cheap reset; body stays readable */
@@ -446,6 +567,136 @@ int kvs_frame_decode_request(const uint8_t *body, size_t len,
                          "message",
                          len);
     return check_request(*out, limits, err, errlen);
+}
+
+/* -------------------------------------------------------- in-place append */
+
+/* A varint of at most `max` bytes at *p; 0 when truncated or longer. */
+static int pb_varint(const uint8_t **p, const uint8_t *end, int max,
+                     uint64_t *v) {
+    uint64_t x = 0;
+    for (int i = 0; i < max && *p < end; i++) {
+        uint8_t b = *(*p)++;
+        x |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) {
+            *v = x;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* A length-delimited field's extent: 0 unless it fits in the input. */
+static int pb_bytes(const uint8_t **p, const uint8_t *end, const uint8_t **d,
+                    size_t *n) {
+    uint64_t l;
+    if (!pb_varint(p, end, 10, &l) || l > (uint64_t)(end - *p))
+        return 0;
+    *d = *p;
+    *n = (size_t)l;
+    *p += l;
+    return 1;
+}
+
+/* One allocation holds a borrowed request (msg is its first member, so
+ * free(msg) releases it). */
+typedef struct borrowed_s {
+    Kvs__V1__Request req;
+    Kvs__V1__AppendRequest append;
+} borrowed_t;
+
+/*
+ * Decode `body` as Request{append} without copying keys and values, when
+ * it has the canonical form (kvs_frame_request_t); anything else is left to
+ * protobuf-c, so that both decoders agree on every input by construction:
+ * this one only takes inputs whose meaning has no protobuf subtlety
+ * (repeats that merge or override, unknown fields, uint32 truncation).
+ * Returns 1 with *out set, 0 to fall back, KVS_ENOMEM.
+ */
+static int append_in_place(const uint8_t *body, size_t len,
+                           Kvs__V1__Request **out) {
+    const uint8_t *p = body, *end = body + len;
+    uint64_t tag, v;
+    const uint8_t *sub;
+    size_t sublen;
+    if (!pb_varint(&p, end, 5, &tag) ||
+        tag != ((uint64_t)KVS__V1__REQUEST__OP_APPEND << 3 | 2) ||
+        !pb_bytes(&p, end, &sub, &sublen) || p != end)
+        return 0;
+    Kvs__V1__AppendRequest a = KVS__V1__APPEND_REQUEST__INIT;
+    unsigned seen = 0;
+    p = sub;
+    end = sub + sublen;
+    while (p < end) {
+        if (!pb_varint(&p, end, 5, &tag))
+            return 0;
+        uint64_t field = tag >> 3, wt = tag & 7;
+        if (field < 1 || field > 5 || (seen & (1u << field)))
+            return 0;
+        seen |= 1u << field;
+        if (field <= 3) {
+            /* uint64 seq: up to 10 bytes; uint32 layer and n_tokens: 5,
+             * and no bits protobuf-c would truncate. */
+            if (wt != 0 || !pb_varint(&p, end, field == 1 ? 10 : 5, &v) ||
+                (field > 1 && v > UINT32_MAX))
+                return 0;
+            if (field == 1)
+                a.seq = v;
+            else if (field == 2)
+                a.layer = (uint32_t)v;
+            else
+                a.n_tokens = (uint32_t)v;
+            continue;
+        }
+        const uint8_t *d;
+        size_t n;
+        if (wt != 2 || !pb_bytes(&p, end, &d, &n))
+            return 0;
+        ProtobufCBinaryData *bd = field == 4 ? &a.keys : &a.values;
+        bd->data = n ? (uint8_t *)d : NULL;
+        bd->len = n;
+    }
+    borrowed_t *b = malloc(sizeof(*b));
+    if (!b)
+        return KVS_ENOMEM;
+    Kvs__V1__Request req = KVS__V1__REQUEST__INIT;
+    b->req = req;
+    b->append = a;
+    b->req.op_case = KVS__V1__REQUEST__OP_APPEND;
+    b->req.append = &b->append;
+    *out = &b->req;
+    return 1;
+}
+
+int kvs_frame_decode_request_in_place(const uint8_t *body, size_t len,
+                                      const kvs_frame_limits_t *limits,
+                                      kvs_frame_request_t *out, char *err,
+                                      size_t errlen) {
+    memset(out, 0, sizeof(*out));
+    int rc = append_in_place(body, len, &out->msg);
+    if (rc < 0)
+        return kvs__errf(err, errlen, rc,
+                         "out of memory decoding a %zu-byte request", len);
+    if (rc == 1) {
+        out->borrowed = 1;
+        return check_request(out->msg, limits, err, errlen);
+    }
+    rc = kvs_frame_decode_request(body, len, limits, &out->msg, err, errlen);
+    const Kvs__V1__Request *m = out->msg;
+    if (m && m->op_case == KVS__V1__REQUEST__OP_APPEND && m->append)
+        out->copied = m->append->keys.len + m->append->values.len;
+    return rc;
+}
+
+void kvs_frame_request_release(kvs_frame_request_t *req) {
+    if (req->msg) {
+        if (req->borrowed)
+            free(req->msg); /* the borrowed_t block */
+        else
+            kvs__v1__request__free_unpacked(req->msg, NULL);
+    }
+    req->msg = NULL;
+    req->borrowed = 0;
 }
 
 static int check_response(const Kvs__V1__Response *r, char *err,

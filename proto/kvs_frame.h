@@ -77,10 +77,29 @@ int kvs_frame_header_decode(const uint8_t *buf, size_t len, uint32_t max_body,
                             kvs_frame_header_t *h, char *err, size_t errlen);
 
 /*
+ * Frames of at least this many bytes (header included) are "direct": once
+ * their header is in, the rest is received straight into a buffer of their
+ * own, exactly their size, instead of the shared buffer (which would grow,
+ * compact and read ahead into the next frame). The caller may then take
+ * that buffer (kvs_frame_reader_take) and keep the body without copying it,
+ * e.g. to decode an Append in place. Smaller frames share one buffer so
+ * that a pipeline of them costs one read.
+ */
+#define KVS_FRAME_DIRECT_MIN (256u << 10)
+
+/* Where direct frame buffers come from; NULL functions mean malloc/free.
+ * `free` gets what `alloc` returned. Called on the reader's thread. */
+typedef struct kvs_frame_allocator_s {
+    void *(*alloc)(void *ctx, size_t size);
+    void (*free)(void *ctx, void *ptr);
+    void *ctx;
+} kvs_frame_allocator_t;
+
+/*
  * An incremental reader: bytes go in as they arrive from a socket, whole
  * frames come out. The buffer grows to fit the frame being read (at most
  * KVS_FRAME_HEADER_SIZE + max_body plus read-ahead), so a frame's body is
- * always contiguous.
+ * always contiguous; a direct frame has a buffer of its own.
  */
 typedef struct kvs_frame_reader_s {
     uint8_t *buf;
@@ -88,12 +107,29 @@ typedef struct kvs_frame_reader_s {
     size_t off; /* first unconsumed byte */
     size_t len; /* end of received bytes */
     uint32_t max_body;
+    /* The direct frame at the front (NULL: none): dhave of its dlen bytes
+     * (header + body) have arrived; dready once _next returned it. */
+    uint8_t *dbuf;
+    size_t dhave, dlen;
+    int dready;
+    /* The last frame was direct: read the next header alone, so that a
+     * following direct frame's first bytes are not read into buf. */
+    int after_direct;
+    kvs_frame_allocator_t alloc;
+    /* Bytes the reader copied after receiving them (compaction, growth of
+     * the shared buffer, the first bytes of a direct frame): the copies
+     * beyond the one from the socket, for the copies-per-byte metric. */
+    uint64_t copied;
 } kvs_frame_reader_t;
 
 /* Errors: KVS_EINVAL (max_body 0 or above KVS_FRAME_MAX_BODY_LIMIT). */
 int kvs_frame_reader_init(kvs_frame_reader_t *r, uint32_t max_body);
-/* Release the buffer; the reader may be _init'ed again. */
+/* Release the buffers; the reader may be _init'ed again. */
 void kvs_frame_reader_destroy(kvs_frame_reader_t *r);
+/* Take direct frame buffers from `a` (copied) instead of malloc; before the
+ * first byte is fed. */
+void kvs_frame_reader_set_allocator(kvs_frame_reader_t *r,
+                                    const kvs_frame_allocator_t *a);
 
 /*
  * Space to receive into: *ptr and *len describe at least `want` writable bytes
@@ -110,7 +146,8 @@ int kvs_frame_reader_feed(kvs_frame_reader_t *r, const void *data, size_t n);
 
 /*
  * Take the next complete frame. Returns 1 with *h and *body (body_len bytes,
- * valid until the next _prepare, _feed or _destroy) filled, 0 when more bytes
+ * valid until the next _prepare, _feed, _next or _destroy; a direct frame's
+ * body, once taken, until its buffer is freed) filled, 0 when more bytes
  * are needed, or an error of kvs_frame_header_decode(); after an error the
  * stream cannot be resynchronised and the connection should be closed.
  * Bytes still buffered: kvs_frame_reader_pending().
@@ -118,8 +155,24 @@ int kvs_frame_reader_feed(kvs_frame_reader_t *r, const void *data, size_t n);
 int kvs_frame_reader_next(kvs_frame_reader_t *r, kvs_frame_header_t *h,
                           const uint8_t **body, char *err, size_t errlen);
 static inline size_t kvs_frame_reader_pending(const kvs_frame_reader_t *r) {
-    return r->len - r->off;
+    return r->len - r->off + (r->dbuf && !r->dready ? r->dhave : 0);
 }
+
+/* The received bytes of the frame at the front (header first), *have of
+ * them; for looking at its header before the frame is complete. */
+const uint8_t *kvs_frame_reader_front(const kvs_frame_reader_t *r,
+                                      size_t *have);
+
+/*
+ * After kvs_frame_reader_next() returned a direct frame: hand its buffer
+ * (the header at offset 0, the body at KVS_FRAME_HEADER_SIZE) to the
+ * caller, who frees it with kvs_frame_reader_free_buf() (any thread the
+ * allocator allows) and may keep body pointers until then. NULL when the
+ * last frame returned was not direct or was taken already. A direct frame
+ * not taken is freed by the next _prepare, _feed, _next or _destroy.
+ */
+uint8_t *kvs_frame_reader_take(kvs_frame_reader_t *r);
+void kvs_frame_reader_free_buf(const kvs_frame_reader_t *r, uint8_t *buf);
 
 /*
  * Encode a whole frame (header + packed message) into one malloc'ed buffer
@@ -159,6 +212,33 @@ typedef struct kvs_frame_limits_s {
 int kvs_frame_decode_request(const uint8_t *body, size_t len,
                              const kvs_frame_limits_t *limits,
                              Kvs__V1__Request **out, char *err, size_t errlen);
+
+/*
+ * A decoded request that may borrow its frame's body. An Append in the
+ * form encoders produce (the Request holds only the append field; the
+ * AppendRequest each of its fields at most once, with the wire types of
+ * kvstore.proto) is decoded in place: its keys and values point into the
+ * body, nothing is copied, and the body must stay valid and unchanged until
+ * kvs_frame_request_release(). Anything else is unpacked by protobuf-c
+ * (copied) exactly as kvs_frame_decode_request() does, and borrows nothing.
+ * Both give the same field values for the same bytes.
+ */
+typedef struct kvs_frame_request_s {
+    Kvs__V1__Request *msg;
+    int borrowed;  /* msg points into the body */
+    size_t copied; /* payload bytes the decode copied (keys+values) */
+} kvs_frame_request_t;
+
+/*
+ * kvs_frame_decode_request() that decodes Appends in place (above). Same
+ * checks and errors; on a check failure out->msg is set as there. Release
+ * with kvs_frame_request_release() in every case (a NULL msg is fine).
+ */
+int kvs_frame_decode_request_in_place(const uint8_t *body, size_t len,
+                                      const kvs_frame_limits_t *limits,
+                                      kvs_frame_request_t *out, char *err,
+                                      size_t errlen);
+void kvs_frame_request_release(kvs_frame_request_t *req);
 
 /*
  * Unpack a response body and check that its arrays are consistent with

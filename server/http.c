@@ -245,6 +245,25 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
     }
     metric(&w, "kvstored_received_bytes_total", C,
            "Bytes read from client connections.", NULL, 0, (double)m->bytes_in);
+    metric(&w, "kvstored_append_payload_bytes_total", C,
+           "Key and value bytes of the appends received.", NULL, 0,
+           (double)m->append_payload_bytes);
+    {
+        mlabel_t lr[] = {{"stage", "reader"}}, ld[] = {{"stage", "decode"}};
+        const char *h = "Bytes the append path copied after the socket "
+                        "read, by stage (reader: frame buffer compaction "
+                        "and growth; decode: appends not decoded in place); "
+                        "over kvstored_append_payload_bytes_total, the "
+                        "copies per byte.";
+        metric(&w, "kvstored_append_copied_bytes_total", C, h, lr, 1,
+               (double)m->copied_reader_bytes);
+        metric(&w, "kvstored_append_copied_bytes_total", C, h, ld, 1,
+               (double)m->copied_decode_bytes);
+    }
+    metric(&w, "kvstored_appends_in_place_total", C,
+           "Appends whose keys and values went to the engine from the "
+           "frame buffer, uncopied.",
+           NULL, 0, (double)m->appends_in_place);
     metric(&w, "kvstored_sent_bytes_total", C,
            "Bytes of answers queued to client connections.", NULL, 0,
            (double)m->bytes_out);

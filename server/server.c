@@ -930,12 +930,12 @@ static void admit_release(kvs_server_t *srv, uint64_t n) {
 static bool conn_admit(kvs__conn_t *c) {
     kvs_server_t *srv = c->srv;
     uint64_t cap = srv->cfg->max_buffered_bytes;
-    size_t have = kvs_frame_reader_pending(&c->rd);
+    size_t have;
+    const uint8_t *front = kvs_frame_reader_front(&c->rd, &have);
     kvs_frame_header_t h;
     bool ok = true;
     if (c->admit || !cap || have < KVS_FRAME_HEADER_SIZE ||
-        kvs_frame_header_decode(c->rd.buf + c->rd.off, have, c->rd.max_body, &h,
-                                NULL, 0))
+        kvs_frame_header_decode(front, have, c->rd.max_body, &h, NULL, 0))
         goto out; /* nothing to admit; a bad header is reported by next() */
     uint64_t total = KVS_FRAME_HEADER_SIZE + (uint64_t)h.body_len;
     bool large = total > ADMIT_MIN;
@@ -987,7 +987,8 @@ static void work_done(kvs__work_t *w) {
         c->last_active = uv_now(&srv->loop);
     }
     free(w->frame);
-    kvs__v1__request__free_unpacked(w->msg, NULL);
+    kvs_frame_request_release(&w->req);
+    kvs__bufpool_free(&srv->bufpool, w->body_buf);
     free(w);
     if (c->closed) {
         if (c->inflight == 0)
@@ -1042,16 +1043,31 @@ static bool try_fast_ping(kvs__conn_t *c, const kvs_frame_header_t *hdr,
 
 /* Handle one frame. `*admit` is the max_buffered_bytes share of its bytes:
  * taken (zeroed) when the request is queued, and released when it is
- * answered; the caller releases what is left. */
+ * answered; the caller releases what is left. `*direct` is the frame's own
+ * buffer (a direct frame, else NULL): taken (zeroed) when the queued
+ * request borrows from it (an append decoded in place), else the caller
+ * frees it. */
 static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
-                     const uint8_t *body, uint64_t *admit) {
+                     const uint8_t *body, uint64_t *admit, uint8_t **direct) {
     kvs_server_t *srv = c->srv;
     if (try_fast_ping(c, hdr, body))
         return;
     char why[512];
-    Kvs__V1__Request *msg = NULL;
-    int rc = kvs_frame_decode_request(body, hdr->body_len, &srv->limits, &msg,
-                                      why, sizeof(why));
+    /* Only a body in its own buffer can outlive this call: one in the
+     * shared read buffer is unpacked (copied) as before. */
+    kvs_frame_request_t req = {0};
+    int rc =
+        *direct ? kvs_frame_decode_request_in_place(
+                      body, hdr->body_len, &srv->limits, &req, why, sizeof(why))
+                : kvs_frame_decode_request(body, hdr->body_len, &srv->limits,
+                                           &req.msg, why, sizeof(why));
+    Kvs__V1__Request *msg = req.msg;
+    if (msg && msg->op_case == KVS__V1__REQUEST__OP_APPEND && msg->append) {
+        size_t n = msg->append->keys.len + msg->append->values.len;
+        srv->m.append_payload_bytes += n;
+        srv->m.copied_decode_bytes += req.borrowed ? 0 : n;
+        srv->m.appends_in_place += req.borrowed ? 1 : 0;
+    }
     int op = msg ? (int)msg->op_case : 0;
     if (op < 0 || op >= KVS__N_OPS)
         op = 0;
@@ -1096,7 +1112,12 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
     }
     w->conn = c;
     w->srv = srv;
+    w->req = req;
     w->msg = msg;
+    if (req.borrowed) {
+        w->body_buf = *direct;
+        *direct = NULL;
+    }
     w->request_id = hdr->request_id;
     w->op = op;
     w->t0 = uv_hrtime();
@@ -1111,6 +1132,9 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
         w->snap_out = srv->m.bytes_out;
     }
     if (gate_enter(c, w)) {
+        if (w->body_buf) { /* back to the caller, who frees it */
+            *direct = w->body_buf;
+        }
         free(w);
         conn_error(c, hdr->request_id, op, KVS_ENOMEM,
                    "out of memory queuing the request", false);
@@ -1124,8 +1148,7 @@ static void dispatch(kvs__conn_t *c, const kvs_frame_header_t *hdr,
         work_ready(c, w);
     return; /* w owns msg */
 done:
-    if (msg)
-        kvs__v1__request__free_unpacked(msg, NULL);
+    kvs_frame_request_release(&req);
 }
 
 /* Take frames out of the reader while this connection may have more work. */
@@ -1161,9 +1184,13 @@ static void conn_process(kvs__conn_t *c) {
                        "a client sent a frame flagged as a response", true);
             break;
         }
-        dispatch(c, &hdr, body, &admit);
+        uint8_t *direct = kvs_frame_reader_take(&c->rd);
+        dispatch(c, &hdr, body, &admit, &direct);
+        kvs__bufpool_free(&srv->bufpool, direct);
         admit_release(srv, admit);
     }
+    srv->m.copied_reader_bytes += c->rd.copied;
+    c->rd.copied = 0;
     /* A large frame at the front is counted before more of it is read (a
      * paused connection is retried by on_flush_check). */
     if (!c->closing && !c->fatal)
@@ -1217,6 +1244,9 @@ static void on_connection(uv_stream_t *listener, int status) {
     }
     c->srv = srv;
     c->id = ++srv->next_conn_id;
+    kvs_frame_allocator_t fa = {kvs__bufpool_alloc, kvs__bufpool_free,
+                                &srv->bufpool};
+    kvs_frame_reader_set_allocator(&c->rd, &fa);
     if (is_tcp)
         uv_tcp_init(&srv->loop, &c->h.tcp);
     else
@@ -1484,6 +1514,7 @@ static bool conn_deadlines(kvs__conn_t *c, uint64_t now) {
 static void on_sweep(uv_timer_t *t) {
     kvs_server_t *srv = t->data;
     uint64_t now = uv_now(&srv->loop);
+    kvs__bufpool_trim(&srv->bufpool, true);
     uint64_t idle = srv->cfg->idle_timeout_ms;
     for (kvs__conn_t *c = srv->conns; c; c = c->next) {
         if (conn_deadlines(c, now))
@@ -1650,6 +1681,13 @@ int kvs_server_new(const kvs_server_config_t *cfg, kvs_server_t **out) {
     srv->start_ns = uv_hrtime();
     srv->limits.max_head_dim = cfg->max_head_dim;
     srv->limits.max_tokens_per_append = cfg->max_tokens_per_append;
+    /* Recycled frame buffers: enough for a pipeline of large appends,
+     * never more than half of what may be buffered. */
+    srv->bufpool.max_bytes = cfg->max_buffered_bytes
+                                 ? cfg->max_buffered_bytes / 2
+                                 : (size_t)256 << 20;
+    if (srv->bufpool.max_bytes > ((size_t)256 << 20))
+        srv->bufpool.max_bytes = (size_t)256 << 20;
     for (size_t i = 0; i < 64; i++)
         pthread_rwlock_init(&srv->seq_locks[i], NULL);
     pthread_mutex_init(&srv->pool_mu, NULL);
@@ -1844,5 +1882,6 @@ void kvs_server_free(kvs_server_t *srv) {
         pthread_rwlock_destroy(&srv->seq_locks[i]);
     pthread_mutex_destroy(&srv->pool_mu);
     pthread_cond_destroy(&srv->pool_cv);
+    kvs__bufpool_trim(&srv->bufpool, false);
     free(srv);
 }

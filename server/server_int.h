@@ -62,12 +62,33 @@ typedef struct kvs__metrics_s {
     uint64_t bytes_in, bytes_out;
     uint64_t connections_total, connections_refused, protocol_errors;
     uint64_t auth_failures, idle_closed;
+    /* The append path's copies (copies per byte = copied / payload): the
+     * frame reader's (compaction, growth, the start of a direct frame) and
+     * the decode's (an append unpacked by protobuf-c instead of in place).
+     * The receive from the socket is not counted. */
+    uint64_t append_payload_bytes, copied_reader_bytes, copied_decode_bytes;
+    uint64_t appends_in_place;
 } kvs__metrics_t;
 
 void kvs__metrics_observe(kvs__metrics_t *m, int op, int status,
                           double seconds);
 
 /* ----------------------------------------------------------------- server */
+
+/* Recycled buffers of direct frames (bufpool.c); loop thread only. */
+#define KVS__BUFPOOL_SLOTS 16
+typedef struct kvs__bufpool_s {
+    void *buf[KVS__BUFPOOL_SLOTS];
+    int n;
+    size_t bytes, max_bytes; /* kept, and the most kept */
+    bool used;               /* since the last idle trim */
+    uint64_t fresh, reused;  /* allocations: malloc'ed, recycled */
+} kvs__bufpool_t;
+/* kvs_frame_allocator_t functions; ctx is the pool. */
+void *kvs__bufpool_alloc(void *ctx, size_t size);
+void kvs__bufpool_free(void *ctx, void *ptr);
+/* Free the kept buffers (if_idle: only when unused since the last call). */
+void kvs__bufpool_trim(kvs__bufpool_t *bp, bool if_idle);
 
 typedef struct kvs__conn_s kvs__conn_t;
 typedef struct kvs__work_s kvs__work_t;
@@ -170,6 +191,7 @@ struct kvs_server_s {
     kvs_frame_limits_t limits;
     char node_id[128];
     kvs__metrics_t m;
+    kvs__bufpool_t bufpool;
     kvs__member_t *member; /* etcd membership (etcd.c); NULL without etcd */
     /* Create/drop take a stripe for writing; ops that size buffers from a
      * sequence's geometry take it for reading, so that geometry cannot
@@ -181,7 +203,9 @@ struct kvs_server_s {
 struct kvs__work_s {
     kvs__conn_t *conn;
     kvs_server_t *srv;
-    Kvs__V1__Request *msg;
+    Kvs__V1__Request *msg; /* req.msg */
+    kvs_frame_request_t req;
+    uint8_t *body_buf; /* the direct frame req borrows from, or NULL */
     uint64_t request_id;
     int op;
     uint64_t t0; /* uv_hrtime at dispatch */

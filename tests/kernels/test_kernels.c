@@ -92,6 +92,20 @@ static void test_kernels_convert(void **state) {
     assert_false(kvs_all_finite(KVS_DTYPE_F16, h, 2));
     uint16_t b[2] = {0x3f80, 0x7fc0};
     assert_false(kvs_all_finite(KVS_DTYPE_BF16, b, 2));
+    /* At an odd address (kvstored passes rows inside a received frame):
+     * the same answers, and nothing for UBSan to report. */
+    unsigned char odd[1 + 3 * 4];
+    float f3[3] = {1, 2, 3};
+    memcpy(odd + 1, f3, sizeof(f3));
+    assert_true(kvs_all_finite(KVS_DTYPE_F32, odd + 1, 3));
+    f3[2] = NAN;
+    memcpy(odd + 1, f3, sizeof(f3));
+    assert_false(kvs_all_finite(KVS_DTYPE_F32, odd + 1, 3));
+    memcpy(odd + 1, b, sizeof(b));
+    assert_false(kvs_all_finite(KVS_DTYPE_BF16, odd + 1, 2));
+    b[1] = 0x3f80;
+    memcpy(odd + 1, b, sizeof(b));
+    assert_true(kvs_all_finite(KVS_DTYPE_BF16, odd + 1, 2));
 }
 
 static void test_kernels_dot_axpy(void **state) {

@@ -272,6 +272,93 @@ static void test_server_metrics_and_health(void **state) {
     free(m);
 }
 
+/* Appends of 256 KiB and more are decoded in place (no copy in the daemon,
+ * counted by /metrics) and the engine still gets every byte: an exact
+ * top-1 search for a stored key finds its position. A small append takes
+ * the copying path and is counted as such. */
+static void test_server_append_in_place(void **state) {
+    (void)state;
+    enum { H = 8, D128 = 128, N = 64, SMALL = 2, APPENDS = 3 };
+    const kvs_geometry_t g = {.n_layers = 1,
+                              .n_q_heads = H,
+                              .n_kv_heads = H,
+                              .head_dim = D128,
+                              .dtype = KVS_DTYPE_F32};
+    size_t row = (size_t)H * D128, bytes = (size_t)N * row * sizeof(float);
+    float *k = malloc(APPENDS * bytes), *v = malloc(APPENDS * bytes);
+    assert_non_null(k);
+    assert_non_null(v);
+    uint64_t seed = 77;
+    for (size_t i = 0; i < APPENDS * (size_t)N * row; i++) {
+        k[i] = frand(&seed);
+        v[i] = frand(&seed);
+    }
+    int status = 0;
+    char *m = td_http_get(D.http_port, "/metrics", &status);
+    assert_non_null(m);
+    double in0 = td_metric(m, "kvstored_appends_in_place_total");
+    double pay0 = td_metric(m, "kvstored_append_payload_bytes_total");
+    double dec0 =
+        td_metric(m, "kvstored_append_copied_bytes_total{stage=\"decode\"}");
+    double rd0 =
+        td_metric(m, "kvstored_append_copied_bytes_total{stage=\"reader\"}");
+    free(m);
+    assert_true(in0 >= 0 && pay0 >= 0 && dec0 >= 0 && rd0 >= 0);
+
+    kvs_client_t *c = td_client(&D, 0, NULL);
+    assert_non_null(c);
+    assert_int_equal(kvs_client_seq_create(c, 700, &g), 0);
+    for (int a = 0; a < APPENDS; a++)
+        assert_int_equal(kvs_client_seq_append(c, 700, 0, N, k + a * N * row,
+                                               v + a * N * row, bytes),
+                         0);
+    /* Its keys are values of the first append: unlike any stored key. */
+    assert_int_equal(kvs_client_seq_append(c, 700, 0, SMALL, v + 10 * row, k,
+                                           SMALL * row * sizeof(float)),
+                     0);
+    m = td_http_get(D.http_port, "/metrics", &status);
+    assert_non_null(m);
+    double in1 = td_metric(m, "kvstored_appends_in_place_total");
+    double pay1 = td_metric(m, "kvstored_append_payload_bytes_total");
+    double dec1 =
+        td_metric(m, "kvstored_append_copied_bytes_total{stage=\"decode\"}");
+    double rd1 =
+        td_metric(m, "kvstored_append_copied_bytes_total{stage=\"reader\"}");
+    free(m);
+    double small = 2.0 * SMALL * (double)row * sizeof(float);
+    assert_true(in1 - in0 == APPENDS);
+    assert_true(pay1 - pay0 == 2.0 * APPENDS * (double)bytes + small);
+    assert_true(dec1 - dec0 == small); /* only the small one was copied */
+    /* The reader moves at most a read chunk of each large frame. */
+    assert_true(rd1 - rd0 <= APPENDS * 65536.0 + small + 4096);
+
+    /* Every query head asks for the key of token t of its KV head: the
+     * exact top-1 is t (random 128-d keys: |k|^2 dwarfs any other q.k). */
+    kvs_query_params_t p = {.mode = KVS_MODE_EXACT};
+    uint32_t ts[] = {0, 77, APPENDS * N - 1, APPENDS * N + 1};
+    float *q = malloc(row * sizeof(float));
+    assert_non_null(q);
+    for (size_t i = 0; i < sizeof(ts) / sizeof(ts[0]); i++) {
+        uint32_t t = ts[i];
+        const float *src = t < APPENDS * N
+                               ? k + (size_t)t * row
+                               : v + (size_t)(10 + t - APPENDS * N) * row;
+        for (size_t j = 0; j < row; j++)
+            q[j] = 4 * src[j];
+        int64_t pos[H];
+        float sc[H];
+        assert_int_equal(
+            kvs_client_seq_search(c, 700, 0, q, row, 1, &p, pos, sc, H), 0);
+        for (int h = 0; h < H; h++)
+            assert_int_equal(pos[h], t);
+    }
+    assert_int_equal(kvs_client_seq_drop(c, 700), 0);
+    kvs_client_close(c);
+    free(q);
+    free(k);
+    free(v);
+}
+
 /* --------------------------------------------------------- pipelining */
 
 static void test_server_pipelining_out_of_order(void **state) {
@@ -873,6 +960,7 @@ int main(void) {
         cmocka_unit_test(test_server_every_op_ipv6),
         cmocka_unit_test(test_server_every_op_unix),
         cmocka_unit_test(test_server_metrics_and_health),
+        cmocka_unit_test(test_server_append_in_place),
         cmocka_unit_test(test_server_pipelining_out_of_order),
         cmocka_unit_test(test_server_many_connections),
         cmocka_unit_test(test_server_bad_frames),
