@@ -112,10 +112,10 @@ static int w_record(writer_t *w, uint8_t type, const void *a, size_t na,
  * (referenced) and the rows past them (copied). */
 typedef struct layer_snap_s {
     uint64_t tokens, indexed;
-    uint32_t *n_segs;      /* [kvh] */
-    kvs_segment_t **segs;  /* [kvh][max_segs] */
+    uint32_t *n_segs;     /* [kvh] */
+    kvs_segment_t **segs; /* [kvh][max_segs] */
     uint32_t max_segs;
-    char *keys, *values;   /* [kvh][tokens - indexed][d] */
+    char *keys, *values; /* [kvh][tokens - indexed][d] */
 } layer_snap_t;
 
 static void snap_release(layer_snap_t *sn, uint32_t kvh) {
@@ -598,7 +598,7 @@ static int compare_prefix(kvs_store_t *s, seq_t *e, const seq_t *in,
             goto out;
         e_tokens[l] = EL->tokens;
         /* Past a difference only the tokens are still wanted. */
-        uint64_t n = !*prefix              ? 0
+        uint64_t n = !*prefix                  ? 0
                      : EL->tokens < IL->tokens ? EL->tokens
                                                : IL->tokens;
         for (uint32_t h = 0; h < in->geo.n_kv_heads && *prefix; h++)

@@ -164,7 +164,7 @@ static void test_transfer_roundtrip(void **state) {
     assert_int_equal(res, KVS_IMPORT_INSTALLED);
     kvs_seq_info_t ib;
     assert_int_equal(kvs_seq_info(b, 7, &ib), 0);
-    assert_int_equal(ib.segments, 3 * KVH * L);  /* not re-clustered */
+    assert_int_equal(ib.segments, 3 * KVH * L); /* not re-clustered */
     assert_int_equal(ib.builds_pending, 0);
     assert_same_answers(a, b, 7);
 
