@@ -92,8 +92,9 @@ int kvs__import_piece(kvs_server_t *srv, uint64_t conn,
     import_t **pp = import_find(srv, r->seq), *e = *pp;
     /* Aborting an import only frees memory: done under the leaf lock. */
     if (e && !e->busy &&
-        (e->conn == conn ? r->abort || r->offset == 0
-                         : r->offset == 0 && now - e->last_ms > IMPORT_IDLE_MS)) {
+        (e->conn == conn
+             ? r->abort || r->offset == 0
+             : r->offset == 0 && now - e->last_ms > IMPORT_IDLE_MS)) {
         /* An abort, a sender starting over, or a push taking over from a
          * sender that went away. */
         *pp = e->next;

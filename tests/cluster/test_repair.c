@@ -11,8 +11,9 @@
  *   - a node joins: the sequences it now ranks for (top 2 of their
  *     rendezvous order) are copied to it, and the copy past R is dropped,
  *     so every sequence ends on exactly its top 2;
- *   - an ImportRequest push by hand: out-of-order and conflicting pushes
- *     are refused and change nothing.
+ *   - the node comes back on its stale data: caught up where it ranks,
+ *     its other copies dropped;
+ *   - two copies of one id created apart conflict: both kept, counted.
  */
 #include "cluster.h"
 #include "kvs_client.h"
@@ -80,8 +81,12 @@ static const kvs_geometry_t geo = {.n_layers = NL,
                                    .head_dim = D,
                                    .dtype = KVS_DTYPE_F32};
 
-static const char *const repair_flags[] = {
-    "--replicas", "2", "--repair-interval-ms", "200", NULL};
+static const char *const repair_flags[] = {"--replicas", "2",
+                                           "--repair-interval-ms", "200", NULL};
+/* Throttled so that copies take a while and appends overlap them. */
+static const char *const slow_flags[] = {
+    "--replicas", "2", "--repair-interval-ms", "200", "--repair-rate-bytes",
+    "20K",        NULL};
 
 static kvs_client_t *open_client(const char *addr, uint32_t replicas) {
     const char *addrs[1] = {addr};
@@ -100,9 +105,9 @@ static kvs_client_t *open_client(const char *addr, uint32_t replicas) {
 /* Rows of `n` tokens for (seq, round): distinct per sequence and round. */
 static void rows(uint64_t seq, int round, uint32_t n, float *kv) {
     for (uint32_t i = 0; i < n * D; i++)
-        kv[i] = (float)((seq * 131 + i * 7 + (uint64_t)round * 13) % 29) /
-                    29.0f -
-                0.5f;
+        kv[i] =
+            (float)((seq * 131 + i * 7 + (uint64_t)round * 13) % 29) / 29.0f -
+            0.5f;
 }
 
 static int append_all_layers(kvs_client_t *c, uint64_t seq, int round,
@@ -118,9 +123,8 @@ static int append_all_layers(kvs_client_t *c, uint64_t seq, int round,
     return 0;
 }
 
-static const float q[2 * D] = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f,
-                               0.7f, 0.8f, 0.9f, 1.0f, 0.0f, 0.2f,
-                               0.4f, 0.6f, 0.8f, 1.0f};
+static const float q[2 * D] = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f, 0.7f, 0.8f,
+                               0.9f, 1.0f, 0.0f, 0.2f, 0.4f, 0.6f, 0.8f, 1.0f};
 
 /* Attend of both layers of seq on the node at `addr` alone. */
 static int attend_on(const char *addr, uint64_t seq, float out[NL][2 * D],
@@ -161,13 +165,12 @@ static int holders(kvs_client_t *c, uint64_t seq, char *out, size_t cap) {
 
 /* The top 2 of seq's rendezvous order over `addrs`, sorted, comma-joined:
  * where repair must put it (the function the daemons and clients use). */
-static void top2(uint64_t seq, char addrs[][64], int n, char *out,
-                 size_t cap) {
+static void top2(uint64_t seq, char addrs[][64], int n, char *out, size_t cap) {
     int best[2] = {-1, -1};
     uint64_t w[2] = {0, 0};
     for (int i = 0; i < n; i++) {
-        uint64_t x = kvs_rendezvous_weight(
-            seq, kvs_rendezvous_node_hash(addrs[i]));
+        uint64_t x =
+            kvs_rendezvous_weight(seq, kvs_rendezvous_node_hash(addrs[i]));
         if (best[0] < 0 || x > w[0]) {
             best[1] = best[0];
             w[1] = w[0];
@@ -185,6 +188,25 @@ static void top2(uint64_t seq, char addrs[][64], int n, char *out,
         b = t;
     }
     snprintf(out, cap, "%s,%s", a, b);
+}
+
+/* Polls until every sequence is held by exactly its top 2 over addrs;
+ * the milliseconds it took, -1 after timeout_ms. */
+static long wait_top2(kvs_client_t *c, char addrs[][64], int n,
+                      int timeout_ms) {
+    long t0 = tc_now_ms();
+    while (tc_now_ms() - t0 < timeout_ms) {
+        bool ok = true;
+        for (uint64_t s = 1; s <= N && ok; s++) {
+            char h[256], want[160];
+            top2(s, addrs, n, want, sizeof want);
+            ok = holders(c, s, h, sizeof h) == 2 && !strcmp(h, want);
+        }
+        if (ok)
+            return tc_now_ms() - t0;
+        tc_sleep_ms(100);
+    }
+    return -1;
 }
 
 static uint64_t seq_tokens(uint64_t s, int rounds) {
@@ -260,7 +282,7 @@ static void test_repair_node_loss(void **state) {
     const char *ids[3] = {"a", "b", "c"};
     for (int i = 0; i < 3; i++)
         assert_int_equal(
-            tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, repair_flags), 0);
+            tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, slow_flags), 0);
     assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
     char url[128];
     snprintf(url, sizeof url, "etcd://127.0.0.1:%d%s", etcd.port, pfx);
@@ -280,12 +302,12 @@ static void test_repair_node_loss(void **state) {
     /* Appends while repair copies: each round lands on every live
      * holder (degraded while b is still listed). */
     int rounds = 0;
-    for (; rounds < 6; rounds++) {
+    for (; rounds < 12; rounds++) {
         for (uint64_t s = 1; s <= N; s++)
             assert_int_equal(append_all_layers(c, s, rounds, 4), 0);
         tc_sleep_ms(300);
     }
-    long ms = wait_repaired(c, n, 3, 30000);
+    long ms = wait_repaired(c, n, 3, 40000);
     fprintf(stderr,
             "repair after a SIGKILL: every sequence on 2 nodes %ld ms after "
             "the kill (%ld ms after the last append; lease %d s), "
@@ -300,16 +322,89 @@ static void test_repair_node_loss(void **state) {
         tc_node_dump_log(&n[2]);
     }
     assert_true(ms >= 0);
-    assert_true(tc_metric(n[0].http_port, "kvstored_repair_sequences_total") +
-                    tc_metric(n[2].http_port,
-                              "kvstored_repair_sequences_total") >=
-                1);
+    assert_true(
+        tc_metric(n[0].http_port, "kvstored_repair_sequences_total") +
+            tc_metric(n[2].http_port, "kvstored_repair_sequences_total") >=
+        1);
     /* Every append is on both holders, and they answer alike. */
     check_copies(c, rounds, before, false);
+    static float after[N + 1][NL][2 * D];
+    for (uint64_t s = 1; s <= N; s++) {
+        char h[256];
+        assert_int_equal(holders(c, s, h, sizeof h), 2);
+        assert_int_equal(attend_on(strtok(h, ","), s, after[s], NULL), 0);
+    }
+
+    /* b comes back on its data directory (a new port, so another rank),
+     * its copies stale: where it now ranks in the top 2 it is caught up
+     * (its copy replaced by one that extends it), elsewhere its copy is
+     * dropped once the top 2 hold it. */
+    assert_int_equal(tc_node_restart(&n[1], &etcd, pfx, TTL, repair_flags), 0);
+    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    char addrs[3][64];
+    for (int i = 0; i < 3; i++)
+        snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", n[i].port);
+    long back = wait_top2(c, addrs, 3, 40000);
+    fprintf(stderr,
+            "stale node back: every sequence on exactly its top 2 after %ld "
+            "ms; b dropped %.0f copies\n",
+            back, tc_metric(n[1].http_port, "kvstored_repair_dropped_total"));
+    if (back < 0)
+        for (int i = 0; i < 3; i++)
+            tc_node_dump_log(&n[i]);
+    assert_true(back >= 0);
+    check_copies(c, rounds, after, true);
     kvs_client_close(c);
     tc_node_cleanup(&n[0]);
     tc_node_cleanup(&n[1]);
     tc_node_cleanup(&n[2]);
+}
+
+/* Two clients with different node lists create the same id on two nodes
+ * with different rows (the conflict of docs/cluster.md): repair lets
+ * neither copy replace the other, both stay whole and serve, and the
+ * conflict is counted. */
+static void test_repair_conflict(void **state) {
+    (void)state;
+    NEED_ETCD();
+    const char *pfx = "/t-repair-conflict";
+    tc_node_t n[2];
+    memset(n, 0, sizeof n);
+    const char *ids[2] = {"a", "b"};
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(
+            tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, repair_flags), 0);
+    assert_true(tc_wait_members(&etcd, pfx, "a,b", 5000) >= 0);
+    char addr[2][64];
+    kvs_client_t *c[2];
+    for (int i = 0; i < 2; i++) {
+        snprintf(addr[i], sizeof addr[i], "127.0.0.1:%d", n[i].port);
+        c[i] = open_client(addr[i], 1); /* each sees one node */
+        assert_int_equal(kvs_client_seq_create(c[i], 77, &geo), 0);
+        assert_int_equal(
+            append_all_layers(c[i], 77, 50 + i, (uint32_t)(10 + 10 * i)), 0);
+    }
+    /* b's copy is longer: b pushes it to a, whose copy it does not
+     * extend. */
+    double conflicts = -1;
+    for (int t = 0; t < 100 && conflicts < 1; t++) {
+        tc_sleep_ms(100);
+        conflicts =
+            tc_metric(n[1].http_port, "kvstored_repair_conflicts_total");
+    }
+    fprintf(stderr, "conflicting copies: b counted %.0f conflicts\n",
+            conflicts);
+    assert_true(conflicts >= 1);
+    assert_true(tc_metric(n[1].http_port, "kvstored_repair_pending") >= 1);
+    for (int i = 0; i < 2; i++) {
+        kvs_seq_info_t info;
+        assert_int_equal(kvs_client_seq_info(c[i], 77, &info), 0);
+        assert_int_equal(info.tokens_max, 10 + 10 * i);
+        assert_int_equal(info.tokens_min, 10 + 10 * i);
+        kvs_client_close(c[i]);
+    }
+    tc_node_cleanup(&n[0]);
+    tc_node_cleanup(&n[1]);
 }
 
 /* R = 2 over three nodes; a fourth joins: every sequence ends on exactly
@@ -384,6 +479,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_repair_node_loss, test_teardown),
         cmocka_unit_test_teardown(test_repair_join, test_teardown),
+        cmocka_unit_test_teardown(test_repair_conflict, test_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
