@@ -48,6 +48,7 @@
 #define MAX_NODES 64
 #define PEER_TIMEOUT_MS 10000
 #define PIECE_MAX (1u << 20)
+#define MISSING_SLOTS 4096
 
 static uint64_t mono_ms(void) {
     struct timespec ts;
@@ -205,6 +206,15 @@ struct kvs__repair_s {
     bool stop;
     /* Rate limit: bytes sent since t0. */
     uint64_t t0_ms, sent;
+    /* (sequence, node) pairs found without the copy, by pass number: a
+     * node that lacks a sequence gets it only when a later pass finds it
+     * still missing, so that a push does not race a client's create that
+     * is on its way there (the create would fail KVS_EEXIST). A lossy
+     * table: a pair pushed out only waits one more pass. */
+    uint64_t pass_no;
+    struct missing_s {
+        uint64_t seq, node, pass;
+    } missing[MISSING_SLOTS];
     atomic_uint_fast64_t pushed, bytes, dropped, conflicts, errors, passes;
     atomic_uint_fast64_t pending;
 };
@@ -557,6 +567,21 @@ static size_t rank_nodes(const node_t *nodes, size_t n, uint64_t seq,
     return k;
 }
 
+/* Was seq found missing on node by an earlier pass? If not, remember this
+ * pass as the first. */
+static bool missing_before(kvs__repair_t *r, uint64_t seq, uint64_t node) {
+    uint64_t h = kvs_rendezvous_weight(seq, node);
+    struct missing_s *m = &r->missing[h % MISSING_SLOTS];
+    if (m->pass && m->seq == seq && m->node == node && m->pass < r->pass_no)
+        return true;
+    if (!(m->pass && m->seq == seq && m->node == node)) {
+        m->seq = seq;
+        m->node = node;
+        m->pass = r->pass_no;
+    }
+    return false;
+}
+
 /* Bring one sequence to its desired holders; true when nothing is left to
  * do for it. */
 static bool repair_seq(kvs__repair_t *r, node_t *nodes, size_t n, size_t self,
@@ -589,6 +614,10 @@ static bool repair_seq(kvs__repair_t *r, node_t *nodes, size_t n, size_t self,
             peer_failed(nd_, rc);
             atomic_fetch_add(&r->errors, 1);
             done = false;
+            continue;
+        }
+        if (rc == KVS_ENOSEQ && !missing_before(r, seq, nd_->hash)) {
+            done = false; /* pushed on the next pass if still missing */
             continue;
         }
         /* A leaving holder always pushes: the import is what checks that
@@ -691,6 +720,7 @@ static void *repair_main(void *arg) {
             continue;
         idle = 0;
         last_sig = sig;
+        r->pass_no++;
         size_t cap = 0, total = 0;
         uint64_t *ids = NULL;
         kvs_store_list(r->srv->store, NULL, 0, &total);
