@@ -694,16 +694,24 @@ int kvs_seq_import_end(kvs_import_t *im, kvs_import_result_t *result) {
          * beyond the source's snapshot came through writes that went to
          * every holder, the source included (docs/cluster.md). */
         int follows = atomic_load(&e->unconfirmed);
-        if (!follows && (!prefix || (longer && shorter))) {
-            rc = bad(im, KVS_ECONFLICT,
-                     "the copy here holds tokens the import lacks");
-            goto out;
-        }
         if (prefix && !longer) {
             if (!shorter) /* equal: the repair copy has caught up */
                 atomic_store(&e->unconfirmed, 0);
             res = KVS_IMPORT_CURRENT;
             goto out;
+        }
+        if (!prefix || shorter) {
+            /* An unconfirmed copy follows only a snapshot at least as long
+             * as itself: a shorter one is an older push, not a catch-up. */
+            if (follows && shorter) {
+                rc = bad(im, KVS_EBUSY, "the repair copy here is newer");
+                goto out;
+            }
+            if (!follows) {
+                rc = bad(im, KVS_ECONFLICT,
+                         "the copy here holds tokens the import lacks");
+                goto out;
+            }
         }
     }
     atomic_store(&c->unconfirmed, 1);

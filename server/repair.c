@@ -90,6 +90,19 @@ int kvs__import_piece(kvs_server_t *srv, uint64_t conn,
     *result = 0;
     uint64_t now = mono_ms();
     pthread_mutex_lock(&imports_mu);
+    /* Pushes whose sender went away hold a staged sequence in memory: free
+     * those idle for IMPORT_IDLE_MS (any sequence; the list is short). */
+    for (import_t **qq = &imports; *qq;) {
+        import_t *x = *qq;
+        if (x->srv == srv && x->seq != r->seq && !x->busy &&
+            now - x->last_ms > IMPORT_IDLE_MS) {
+            *qq = x->next;
+            kvs_seq_import_abort(x->im);
+            free(x);
+        } else {
+            qq = &x->next;
+        }
+    }
     import_t **pp = import_find(srv, r->seq), *e = *pp;
     /* Aborting an import only frees memory: done under the leaf lock. */
     if (e && !e->busy &&
@@ -490,6 +503,8 @@ static int send_piece(push_t *ps, const void *data, size_t len, bool last,
 
 static int push_chunk(void *ctx, const void *data, size_t len) {
     push_t *ps = ctx;
+    if (stopping(ps->r)) /* a drain does not wait for a long push */
+        return KVS_ECLOSED;
     int rc = throttle(ps->r, len);
     return rc ? rc : send_piece(ps, data, len, false, false);
 }
