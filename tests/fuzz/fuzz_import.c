@@ -8,7 +8,12 @@
  * tests/fuzz/corpus/import by CTest (test_fuzz_import_replay) with any
  * compiler; with clang the `fuzz_import` target fuzzes it (libFuzzer +
  * ASan + UBSan). The store matches the corpus: memory only, segments of
- * 64 tokens, a window of 16.
+ * 64 tokens, a window of 16. For coverage of the records past their
+ * checksums, build the engine itself instrumented and with
+ * -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION (the importer then skips the
+ * CRC check), e.g. CC=clang cmake -DKVS_CUDA=OFF -DCMAKE_C_FLAGS=
+ * "-fsanitize=fuzzer-no-link,address,undefined
+ * -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION" and build fuzz_import.
  */
 #include <stdint.h>
 #include <stdlib.h>
