@@ -144,15 +144,6 @@ static uint64_t mix64(uint64_t x) { /* splitmix64 finaliser */
     return x;
 }
 
-static uint64_t fnv1a(const char *s) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 0x100000001b3ull;
-    }
-    return h;
-}
-
 /* ------------------------------------------------------ location cache */
 
 static int32_t *loc_slot(loc_cache_t *l, uint64_t seq) {
@@ -467,7 +458,7 @@ static int parse_addr(node_t *n, const char *a) {
     if (strlen(a) >= sizeof(n->addr))
         return KVS_EINVAL;
     snprintf(n->addr, sizeof(n->addr), "%s", a);
-    n->hash = fnv1a(a);
+    n->hash = kvs_rendezvous_node_hash(a);
     if (!strncmp(a, "unix:", 5)) {
         const char *p = a + 5;
         if (!strncmp(p, "//", 2))
@@ -741,7 +732,7 @@ size_t kvs_client_node_for(const kvs_client_t *c, uint64_t seq) {
     for (size_t i = 0; i < c->n_nodes; i++) {
         if (!c->nodes[i].live)
             continue;
-        uint64_t w = mix64(seq ^ c->nodes[i].hash);
+        uint64_t w = kvs_rendezvous_weight(seq, c->nodes[i].hash);
         if (best == SIZE_MAX || w > best_w) {
             best_w = w;
             best = i;
@@ -759,7 +750,7 @@ static size_t ranked(const kvs_client_t *c, uint64_t seq, size_t want,
     for (size_t i = 0; i < c->n_nodes; i++) {
         if (!c->nodes[i].live)
             continue;
-        uint64_t w = mix64(seq ^ c->nodes[i].hash);
+        uint64_t w = kvs_rendezvous_weight(seq, c->nodes[i].hash);
         size_t at = n;
         while (at > 0 && w_out[at - 1] < w)
             at--;

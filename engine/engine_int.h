@@ -9,6 +9,8 @@
  *   residency.c  loading a data directory (eagerly, or lazily with a
  *                warm-up thread), memory budget, eviction, page-in
  *   query.c      append, search, attend, read
+ *   transfer.c   a sequence as a stream of its records (export), and the
+ *                import of one (repair between kvstored nodes)
  *
  * A store holds sequences in a hash table keyed by id. A sequence has one
  * layer_t per model layer, each guarded by a reader-writer lock and holding
@@ -162,6 +164,12 @@ typedef struct seq_s {
      * layer; those are not counted as page-ins. The warm-up reads only
      * these. */
     atomic_int cold;
+    /* Installed by kvs_seq_import_end and not yet found equal to a later
+     * import of the same sequence (transfer.c): a repair copy that may
+     * have missed appends made while it was copied, so a newer import
+     * replaces it even where the two differ. Not stored: a restart makes
+     * it an ordinary copy. */
+    atomic_int unconfirmed;
     /* Number of this sequence's latest queued append (persist.c ticket):
      * with KVS_SYNC_ASYNC eviction waits until it is on disk, since the
      * rows it frees must be readable back. */
@@ -281,6 +289,15 @@ seq_t *kvs__seq_lookup(kvs_store_t *s, uint64_t id, int *rc);
 void kvs__seq_account(const seq_t *q, kvs_seq_info_t *info);
 /* The housekeeping thread: TTL expiry and the memory budget. */
 void *kvs__keeper_main(void *arg);
+/* Release one owner of a segment shared between sequences. */
+void kvs__segment_unref(kvs_segment_t *seg);
+/* Write an unlinked sequence's records, then its metadata (fork, import). */
+int kvs__seq_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen);
+/* Delete `q` from storage and the table (kvs_seq_drop's work) with meta_mu
+ * and every layer's append_mu held by the caller, so that a check made
+ * under them still holds when the sequence goes (transfer.c). On success
+ * the caller drops the table's reference. */
+int kvs__drop_seq_held(kvs_store_t *s, seq_t *q);
 
 /* ---------------------------------------------------------------------- */
 /* build.c                                                                */

@@ -22,14 +22,14 @@
 /* Sequences                                                              */
 
 /* Segments are shared between forks: the last owner frees. */
-static void segment_unref(kvs_segment_t *seg) {
+void kvs__segment_unref(kvs_segment_t *seg) {
     if (__atomic_fetch_sub(&seg->extra_refs, 1, __ATOMIC_ACQ_REL) == 0)
         kvs_segment_free(seg);
 }
 
 void kvs__head_release(head_t *h) {
     for (uint32_t i = 0; i < h->n_segments; i++)
-        segment_unref(h->segments[i]);
+        kvs__segment_unref(h->segments[i]);
     free(h->segments);
     free(h->tail_keys);
     free(h->tail_values);
@@ -264,10 +264,25 @@ static int seq_expired(seq_t *q, uint64_t now);
  * `if_expired`, a sequence used since it was judged expired is kept
  * (KVS_EBUSY).
  */
+static int drop_seq_held(kvs_store_t *s, seq_t *q, int if_expired);
+
 static int drop_seq(kvs_store_t *s, seq_t *q, int if_expired) {
     assert(kvs__held(&s->meta_mu) && !kvs__held(&s->map_mu));
     for (uint32_t l = 0; l < q->geo.n_layers; l++)
         kvs__lock(&q->layers[l].append_mu, KVS__RANK_APPEND, l);
+    int rc = drop_seq_held(s, q, if_expired);
+    for (uint32_t l = q->geo.n_layers; l-- > 0;)
+        kvs__unlock(&q->layers[l].append_mu);
+    return rc;
+}
+
+int kvs__drop_seq_held(kvs_store_t *s, seq_t *q) {
+    return drop_seq_held(s, q, 0);
+}
+
+/* drop_seq with every layer's append_mu already held by the caller. */
+static int drop_seq_held(kvs_store_t *s, seq_t *q, int if_expired) {
+    assert(kvs__held(&s->meta_mu) && !kvs__held(&s->map_mu));
     int rc = 0;
     kvs__lock(&s->map_mu, KVS__RANK_MAP, 0);
     if (if_expired && !seq_expired(q, kvs__now_ms()))
@@ -296,8 +311,6 @@ static int drop_seq(kvs_store_t *s, seq_t *q, int if_expired) {
     }
     atomic_store(&q->unlinking, 0);
     kvs__unlock(&s->map_mu);
-    for (uint32_t l = q->geo.n_layers; l-- > 0;)
-        kvs__unlock(&q->layers[l].append_mu);
     return rc;
 }
 
@@ -502,10 +515,10 @@ static int fork_head(const head_t *p, head_t *c, size_t rb, uint64_t share_end,
     return 0;
 }
 
-/* Store a forked child: its segments and rows first, its metadata last, so
- * a crash in between leaves records of an unknown id (deleted at the next
- * open), never half a sequence. */
-static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
+/* Store a forked child (or an imported sequence, transfer.c): its segments
+ * and rows first, its metadata last, so a crash in between leaves records
+ * of an unknown id (deleted at the next open), never half a sequence. */
+int kvs__seq_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
     const kvs_geometry_t *g = &c->geo;
     size_t rb = c->row_bytes, stride = rb * g->n_kv_heads;
     int rc = 0;
@@ -518,8 +531,9 @@ static int fork_persist(kvs_store_t *s, seq_t *c, char *err, size_t errlen) {
                 rc = kvs__db_put_segment(s->db, c->id, l, h, hd->segments[i],
                                          err, errlen);
         }
-        /* kvs_seq_fork shares the same segments in every head of a layer,
-         * so the rows past them start at one position for all heads. */
+        /* kvs_seq_fork shares the same segments in every head of a layer
+         * (an import checks the same), so the rows past them start at one
+         * position for all heads. */
         uint64_t rest = L->tokens - indexed;
         if (rc || rest == 0)
             continue;
@@ -602,7 +616,7 @@ int kvs_seq_fork(kvs_store_t *s, uint64_t parent, uint64_t at, uint64_t child) {
     }
     if (s->db) {
         char err[256] = "";
-        if ((rc = fork_persist(s, c, err, sizeof err))) {
+        if ((rc = kvs__seq_persist(s, c, err, sizeof err))) {
             kvs__unlock(&s->meta_mu);
             rc = kvs__fail(s, rc, "storing the fork: %s", err);
             goto out;

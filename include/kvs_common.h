@@ -77,7 +77,8 @@ const char *kvs_dtype_name(kvs_dtype_t dtype);
     X(ECONN, -1018, "connection lost")                                         \
     X(ENOSPC, -1019, "no space left on device")                                \
     X(EQUARANTINED, -1020, "sequence is quarantined after corruption")         \
-    X(ENOTSUP, -1021, "operation not supported")
+    X(ENOTSUP, -1021, "operation not supported")                               \
+    X(ECONFLICT, -1022, "another copy of the sequence conflicts")
 
 enum {
 #define KVS__ERR_ENUM(name, value, msg) KVS_##name = (value),

@@ -476,6 +476,82 @@ int kvs_seq_shape(kvs_store_t *store, uint64_t seq, uint32_t layer,
  * sequence is dropped). Errors: KVS_ENOSEQ. */
 int kvs_seq_wait_indexed(kvs_store_t *store, uint64_t seq);
 
+/*
+ * Moving a sequence between stores (repair between kvstored nodes,
+ * docs/cluster.md). kvs_seq_export writes the sequence's stored records as
+ * a byte stream: its geometry and TTL, then per layer each KV head's built
+ * segments (kvs_segment_encode) and its unindexed rows. A layer is read
+ * under its lock, one layer at a time, so appends go on meanwhile; each
+ * layer is exported as it was when read (its tokens then). Only segments
+ * every head of a layer has built are sent as segments; rows past them go
+ * as rows (the importer builds them as its own appends would).
+ *
+ * `fn` receives the stream in pieces of at most `max_chunk` bytes (>= 64),
+ * in order, on the calling thread; a non-zero return stops the export and
+ * is returned. Slices do not follow record boundaries: give the pieces to
+ * kvs_seq_import_chunk in the same order. Errors: KVS_ENOSEQ,
+ * KVS_EQUARANTINED, KVS_EINVAL, KVS_ENOMEM, storage errors (an evicted
+ * sequence is paged in).
+ */
+typedef int (*kvs_export_fn)(void *ctx, const void *data, size_t len);
+int kvs_seq_export(kvs_store_t *store, uint64_t seq, size_t max_chunk,
+                   kvs_export_fn fn, void *ctx);
+
+/* What an import did. */
+typedef enum kvs_import_result_e {
+    KVS_IMPORT_NONE = 0,
+    KVS_IMPORT_INSTALLED, /* the store had no sequence of that id */
+    KVS_IMPORT_REPLACED,  /* it had an older copy: replaced */
+    KVS_IMPORT_CURRENT    /* it holds this copy already, or a longer one
+                             extending it: nothing changed */
+} kvs_import_result_t;
+
+/*
+ * Import an exported stream as sequence `seq`. begin allocates the import
+ * (nothing is visible until end); chunk takes the stream's bytes in order,
+ * in pieces of any size, checking every record (a CRC-32C each, then
+ * geometry, order, positions; segments through kvs_segment_decode) and
+ * keeping it in memory; end installs the sequence and frees the import;
+ * abort frees it without installing. After a failed chunk only abort is
+ * allowed.
+ *
+ * The ownership rule: a sequence that already exists under `seq` is
+ * replaced only by a copy that extends it: the same geometry, for every
+ * layer at least as many tokens, and the same keys and values at every
+ * position the existing copy holds (compared byte for byte). An append
+ * that reached the existing copy is therefore never undone by an import.
+ * A copy that the existing one extends (or equals) changes nothing
+ * (KVS_IMPORT_CURRENT). Anything else is a conflict (KVS_ECONFLICT) and
+ * both copies stay as they are. The check and the replacement happen with
+ * the existing copy's appends held; an append that came between the
+ * comparison and that point makes end return KVS_EBUSY (try again).
+ *
+ * Stores must agree on segment_tokens, sink_tokens and window_tokens (the
+ * stream says which it was cut with; KVS_EINVAL otherwise). Errors of
+ * chunk: KVS_EPROTO (malformed or out of order), KVS_ECORRUPT (a checksum
+ * or segment fails), KVS_ETOOBIG (a record over 64 MiB), KVS_EINVAL,
+ * KVS_ENOMEM. Of end: KVS_EPROTO (the stream stopped early), KVS_ECONFLICT,
+ * KVS_EBUSY, KVS_EQUARANTINED (the existing copy), KVS_ETOOBIG / KVS_ENOMEM
+ * (max_sequences, memory_bytes), storage errors. Thread-safety: one import
+ * is used by one thread at a time; imports of different ids run in
+ * parallel.
+ */
+typedef struct kvs_import_s kvs_import_t;
+int kvs_seq_import_begin(kvs_store_t *store, uint64_t seq, kvs_import_t **out);
+int kvs_seq_import_chunk(kvs_import_t *im, const void *data, size_t len);
+int kvs_seq_import_end(kvs_import_t *im, kvs_import_result_t *result);
+void kvs_seq_import_abort(kvs_import_t *im);
+
+/*
+ * Drop `seq` only if no layer holds more than `max_tokens` tokens, checked
+ * with the sequence's appends held, so that no append lands between the
+ * check and the drop (repair drops a copy past R this way once the nodes
+ * that keep it hold at least as much). Errors: KVS_ENOSEQ, KVS_EBUSY (a
+ * layer holds more: kept), storage errors.
+ */
+int kvs_seq_drop_if_covered(kvs_store_t *store, uint64_t seq,
+                            uint64_t max_tokens);
+
 /* Store-wide counters. */
 typedef struct kvs_store_stats_s {
     uint64_t sequences;

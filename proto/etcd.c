@@ -800,3 +800,24 @@ int kvs_node_record_decode(const char *json, size_t len, kvs_node_record_t *r) {
     r->protocol = (uint32_t)member_i64(p, end, "protocol");
     return 0;
 }
+
+/* ------------------------------------------------------ rendezvous order */
+
+uint64_t kvs_rendezvous_node_hash(const char *addr) {
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    for (; *addr; addr++) {
+        h ^= (unsigned char)*addr;
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+uint64_t kvs_rendezvous_weight(uint64_t seq, uint64_t node_hash) {
+    uint64_t x = seq ^ node_hash; /* splitmix64's finaliser */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}

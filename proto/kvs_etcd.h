@@ -104,6 +104,16 @@ int kvs_node_record_encode(const kvs_node_record_t *r, char *buf, size_t cap,
  * no addr). */
 int kvs_node_record_decode(const char *json, size_t len, kvs_node_record_t *r);
 
+/* ------------------------------------------------------ rendezvous order */
+
+/* Where sequences live, shared by libkvsclient (placement, probing) and
+ * kvstored (repair) so that both rank nodes alike: a node's hash is of the
+ * address clients dial (the record's addr, or a static address as given);
+ * a sequence ranks nodes by weight, highest first, and lives on the first
+ * R live ones. */
+uint64_t kvs_rendezvous_node_hash(const char *addr);
+uint64_t kvs_rendezvous_weight(uint64_t seq, uint64_t node_hash);
+
 #ifdef __cplusplus
 }
 #endif

@@ -409,6 +409,8 @@ const char *kvs_frame_op_name(Kvs__V1__Request__OpCase op) {
         return "flush";
     case KVS__V1__REQUEST__OP_OBSERVE:
         return "observe";
+    case KVS__V1__REQUEST__OP_SEQ_IMPORT:
+        return "import";
     default:
         return "none";
     }
@@ -531,6 +533,21 @@ static int check_request(const Kvs__V1__Request *req,
                              "bytes for each of %u tokens",
                              o->queries.len, o->n);
         return rc;
+    }
+    case KVS__V1__REQUEST__OP_SEQ_IMPORT: {
+        const Kvs__V1__ImportRequest *im = req->seq_import;
+        if (!im)
+            break;
+        if (im->abort && (im->last || im->data.len))
+            return kvs__errf(err, errlen, KVS_EINVAL,
+                             "import abort carries no data");
+        if (!im->abort && !im->last && im->data.len == 0)
+            return kvs__errf(err, errlen, KVS_EINVAL,
+                             "import piece without data");
+        if (im->offset > UINT64_MAX - im->data.len)
+            return kvs__errf(err, errlen, KVS_ERANGE,
+                             "import offset out of range");
+        return 0;
     }
     case KVS__V1__REQUEST__OP_FORK:
         if (!req->fork)

@@ -334,6 +334,11 @@ int kvs_server_config_validate(kvs_server_config_t *cfg, char *err,
         return kvs__errf(err, errlen, KVS_EINVAL,
                          "node_id must not contain '/' with etcd (it is the "
                          "last part of the node's key)");
+    /* Repair finds the other nodes in etcd: without it the option would
+     * silently do nothing. */
+    if (cfg->replicas && !cfg->etcd_endpoints[0])
+        return kvs__errf(err, errlen, KVS_EINVAL,
+                         "replicas (repair) needs etcd_endpoints");
     if (cfg->advertise_addr[0] && !strchr(cfg->advertise_addr, ':'))
         return kvs__errf(err, errlen, KVS_EINVAL,
                          "advertise_addr must be host:port, not \"%s\"",

@@ -248,6 +248,11 @@ int kvs__member_start(kvs_server_t *srv) {
         goto err;
     m->started = true;
     srv->member = m;
+    /* Repair reads the same membership; it is not the data path either, so
+     * a failure to start it is logged, not fatal. */
+    if ((rc = kvs__repair_start(srv, m->rec.addr)))
+        kvs__log(KVS__LOG_ERROR, "repair_start_failed", "status=%s",
+                 kvs_err_name(rc));
     return 0;
 err:
     kvs_etcd_free(m->etcd);
@@ -258,6 +263,7 @@ err:
 }
 
 void kvs__member_leave(kvs_server_t *srv) {
+    kvs__repair_leave(srv); /* a leaving node pushes nothing more */
     kvs__member_t *m = srv->member;
     if (!m)
         return;
@@ -268,6 +274,8 @@ void kvs__member_leave(kvs_server_t *srv) {
 }
 
 void kvs__member_stop(kvs_server_t *srv) {
+    /* First: repair's thread reads the membership and the store. */
+    kvs__repair_stop(srv);
     kvs__member_t *m = srv->member;
     if (!m)
         return;

@@ -304,6 +304,33 @@ void kvs__http_render_metrics(kvs_server_t *srv, char **out, size_t *len) {
                "etcd calls that failed (unreachable, timeout, error answer).",
                NULL, 0, (double)fails);
     }
+    kvs__repair_stats_t rs;
+    if (kvs__repair_metrics(srv, &rs)) {
+        metric(&w, "kvstored_repair_sequences_total", C,
+               "Sequences this node copied to a node that lacked them or "
+               "held an older copy (cluster.md).",
+               NULL, 0, (double)rs.pushed);
+        metric(&w, "kvstored_repair_bytes_total", C,
+               "Bytes of sequence streams this node pushed.", NULL, 0,
+               (double)rs.bytes);
+        metric(&w, "kvstored_repair_dropped_total", C,
+               "Copies dropped here once the nodes that keep them held "
+               "them.",
+               NULL, 0, (double)rs.dropped);
+        metric(&w, "kvstored_repair_conflicts_total", C,
+               "Pushes refused because the other copy holds tokens this "
+               "one lacks (both kept).",
+               NULL, 0, (double)rs.conflicts);
+        metric(&w, "kvstored_repair_errors_total", C,
+               "Pushes and probes that failed (retried on the next pass).",
+               NULL, 0, (double)rs.errors);
+        metric(&w, "kvstored_repair_passes_total", C,
+               "Passes over the sequences held here.", NULL, 0,
+               (double)rs.passes);
+        metric(&w, "kvstored_repair_pending", G,
+               "Sequences the last pass left unfinished.", NULL, 0,
+               (double)rs.pending);
+    }
     const kvs__http_t *h = srv->http.data;
     if (srv->have_http && h) {
         metric(&w, "kvstored_http_connections", G,

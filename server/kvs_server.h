@@ -147,6 +147,13 @@ extern "C" {
     X(advertise_addr, STR, "", 0, 0,                                           \
       "host:port clients should dial, written to etcd; empty = the first "     \
       "bind address and the bound port")                                       \
+    X(replicas, U32, "0", 0, 8,                                                \
+      "with etcd: copies of each sequence that repair keeps on the top "       \
+      "nodes of its rendezvous order (the clients' replicas); 0 = no repair")  \
+    X(repair_rate_bytes, SIZE, "64M", 0, UINT64_MAX,                           \
+      "bytes per second repair pushes to other nodes; 0 = unlimited")          \
+    X(repair_interval_ms, U32, "1000", 100, 600000,                            \
+      "how often repair reads the node list (and retries unfinished work)")    \
     X(log_level, STR, "info", 0, 0, "debug, info, warn or error")              \
     X(log_file, STR, "", 0, 0,                                                 \
       "append log lines to this file (created 0600) instead of stderr; "       \

@@ -384,6 +384,17 @@ out:
     return rc;
 }
 
+static int op_import(op_ctx_t *c, const Kvs__V1__ImportRequest *r,
+                     Kvs__V1__ImportResponse *out) {
+    /* No stripe lock: an import never changes the geometry of a sequence
+     * that exists (another geometry is a conflict), and installs one only
+     * where none is (a create in between makes it fail), so a geometry an
+     * append or a query checked stays true. Holding the stripe across a
+     * long install would stall every sequence sharing it. */
+    return kvs__import_piece(c->w->srv, c->w->conn->id, r, &out->result, c->msg,
+                             sizeof(c->msg));
+}
+
 void kvs__op_run(kvs__work_t *w) {
     op_ctx_t c = {.w = w, .store = w->srv->store};
     const Kvs__V1__Request *req = w->msg;
@@ -406,6 +417,7 @@ void kvs__op_run(kvs__work_t *w) {
     Kvs__V1__FlushResponse r_flush = KVS__V1__FLUSH_RESPONSE__INIT;
     Kvs__V1__ObserveQueriesResponse r_observe =
         KVS__V1__OBSERVE_QUERIES_RESPONSE__INIT;
+    Kvs__V1__ImportResponse r_import = KVS__V1__IMPORT_RESPONSE__INIT;
     void *bufs[2] = {NULL, NULL};
     int rc;
 
@@ -469,6 +481,11 @@ void kvs__op_run(kvs__work_t *w) {
         rc = op_observe(&c, req->observe);
         resp.result_case = KVS__V1__RESPONSE__RESULT_OBSERVE;
         resp.observe = &r_observe;
+        break;
+    case KVS__V1__REQUEST__OP_SEQ_IMPORT:
+        rc = op_import(&c, req->seq_import, &r_import);
+        resp.result_case = KVS__V1__RESPONSE__RESULT_SEQ_IMPORT;
+        resp.seq_import = &r_import;
         break;
     default:
         /* Hello and Ping are answered on the loop thread; anything else was

@@ -629,6 +629,9 @@ static int request_seqs(kvs__work_t *w, uint64_t seqs[2]) {
         w->layer = m->observe->layer;
         seqs[0] = m->observe->seq;
         return 1;
+    case KVS__V1__REQUEST__OP_SEQ_IMPORT: /* repair: the whole sequence */
+        seqs[0] = m->seq_import->seq;
+        return 1;
     case KVS__V1__REQUEST__OP_INFO:
         w->kind = GATE_READ_ALL;
         seqs[0] = m->info->seq;

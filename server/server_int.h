@@ -46,9 +46,9 @@ const char *kvs__logq(char *buf, size_t len, const char *s);
 
 /* ---------------------------------------------------------------- metrics */
 
-/* Ops as counted by metrics: the request op case (1..14), 0 for frames that
+/* Ops as counted by metrics: the request op case (1..15), 0 for frames that
  * never became a request. */
-#define KVS__N_OPS 15
+#define KVS__N_OPS 16
 /* Histogram bucket upper bounds in seconds; the +Inf bucket is implicit. */
 #define KVS__N_BUCKETS 14
 /* Error statuses: index 1..N for KVS_E* codes, 0 for -errno and others. */
@@ -93,6 +93,7 @@ void kvs__bufpool_trim(kvs__bufpool_t *bp, bool if_idle);
 typedef struct kvs__conn_s kvs__conn_t;
 typedef struct kvs__work_s kvs__work_t;
 typedef struct kvs__member_s kvs__member_t;
+typedef struct kvs__repair_s kvs__repair_t;
 
 /* Requests of one connection that name one sequence and are not answered
  * yet, in arrival order (the per-connection ordering gate, server.c). */
@@ -193,6 +194,7 @@ struct kvs_server_s {
     kvs__metrics_t m;
     kvs__bufpool_t bufpool;
     kvs__member_t *member; /* etcd membership (etcd.c); NULL without etcd */
+    kvs__repair_t *repair; /* repair.c; NULL without etcd and replicas */
     /* Create/drop take a stripe for writing; ops that size buffers from a
      * sequence's geometry take it for reading, so that geometry cannot
      * change between the info call and the engine call. */
@@ -247,6 +249,31 @@ void kvs__member_stop(kvs_server_t *srv);
  * failures: etcd calls that failed. Any thread. */
 bool kvs__member_metrics(const kvs_server_t *srv, bool *registered,
                          uint64_t *registrations, uint64_t *failures);
+
+/* Repair (repair.c, docs/cluster.md). import_piece: one ImportRequest, on
+ * a worker, from connection `conn`; *result is the kvs_import_result_t once
+ * the last piece is in (0 before); msg receives the reason of an error.
+ * start (etcd.c, once registered): the repair thread, when `replicas` and
+ * etcd are set; self_addr is the address this node advertises. leave: ask
+ * it to stop pushing (the drain); stop: leave, join, and abort the imports
+ * in progress (after the pool has stopped). */
+int kvs__import_piece(kvs_server_t *srv, uint64_t conn,
+                      const Kvs__V1__ImportRequest *r, uint32_t *result,
+                      char *msg, size_t msglen);
+int kvs__repair_start(kvs_server_t *srv, const char *self_addr);
+void kvs__repair_leave(kvs_server_t *srv);
+void kvs__repair_stop(kvs_server_t *srv);
+typedef struct kvs__repair_stats_s {
+    uint64_t pushed;    /* pushes that installed or replaced a copy */
+    uint64_t bytes;     /* stream bytes pushed */
+    uint64_t dropped;   /* copies past R dropped here */
+    uint64_t conflicts; /* pushes refused with KVS_ECONFLICT */
+    uint64_t errors;    /* failed pushes and probes */
+    uint64_t passes;    /* passes over the sequences held here */
+    uint64_t pending;   /* sequences left unfinished by the last pass */
+} kvs__repair_stats_t;
+/* For /metrics: false when repair is off. Any thread. */
+bool kvs__repair_metrics(const kvs_server_t *srv, kvs__repair_stats_t *st);
 
 /* HTTP endpoint (http.c). */
 int kvs__http_start(kvs_server_t *srv);
