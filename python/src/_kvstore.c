@@ -71,6 +71,7 @@ static const struct {
     {KVS_ENOSPC, "NoSpaceError"},
     {KVS_EQUARANTINED, "QuarantinedError"},
     {KVS_ENOTSUP, "NotSupportedError"},
+    {KVS_ECONFLICT, "ConflictError"},
 };
 #define KVS_PY_N_ERR (sizeof(kvs__py_err_names) / sizeof(kvs__py_err_names[0]))
 
