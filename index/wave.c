@@ -610,6 +610,50 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
 /* The codes paths (defined with search, below). */
 static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
                      const kvs_rank_params_t *rp, int *yes);
+/* The order in which codes_attend scans clusters: s->rank[c] = the sum
+ * over the group of softmax_c(q.c s + alpha s |q| spread_c), clusters
+ * without members left (rank < 0) kept last. The scan stops after M keys,
+ * so a key far above its centroid is found only if its cluster is
+ * scanned: the spread term moves wide clusters forward, by alpha standard
+ * deviations of q.(k - c) (search ranks the same way). By centroid score
+ * alone (alpha 0) the one key holding half of a late tinycode128 head's
+ * attention sat in a cluster ranked past the scan. */
+static int scan_rank(const kvs_head_view_t *v, const float *q, uint32_t g,
+                     const kvs_rank_params_t *rp, float scale, kvs_scratch_t *s,
+                     uint32_t C) {
+    float alpha = rp->spread == 0  ? KVS_SPREAD_ATTEND_DEFAULT
+                  : rp->spread < 0 ? 0.0f
+                                   : rp->spread;
+    if (alpha == 0)
+        return 0;
+    if (GROW(s, tmpc, tmpc_cap, C))
+        return KVS_ENOMEM;
+    const uint32_t d = v->d, nseg = v->n_segments;
+    for (uint32_t c = 0; c < C; c++)
+        if (s->rank[c] >= 0)
+            s->rank[c] = 0;
+    for (uint32_t i = 0; i < g; i++) {
+        const float *qi = q + (size_t)i * d;
+        double qq = 0;
+        for (uint32_t j = 0; j < d; j++)
+            qq += (double)qi[j] * qi[j];
+        const float a = alpha * scale * (float)sqrt(qq);
+        const float *cs = s->cscore + (size_t)i * C;
+        for (uint32_t si = 0; si < nseg; si++) {
+            const kvs_segment_t *seg = v->segments[si];
+            const float *sp = seg->codes->spread;
+            for (uint32_t c = 0, b = s->cbase[si]; c < seg->n_clusters; c++)
+                s->tmpc[b + c] = cs[b + c] + a * sp[c];
+        }
+        float z = kvs_exp_sum(s->tmpc, C, kvs_max(s->tmpc, C));
+        float inv = 1.0f / z;
+        for (uint32_t c = 0; c < C; c++)
+            if (s->rank[c] >= 0)
+                s->rank[c] += s->tmpc[c] * inv;
+    }
+    return 0;
+}
+
 static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                         const kvs_zone_params_t *zp,
                         const kvs_rank_params_t *rp, kvs_scratch_t *s,
@@ -1048,6 +1092,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     float cmax[MAXQ];
     for (uint32_t i = 0; i < g; i++)
         cmax[i] = kvs_max(s->cscore + (size_t)i * C, C);
+    if ((rc = scan_rank(v, q, g, rp, scale, s, C)))
+        return rc;
     if ((rc = sort_rank_desc(s, s->rank, C)))
         return rc;
 

@@ -440,7 +440,8 @@ static double rel_l2(const float *a, const float *ref, size_t n) {
 
 /* The default attend ranks by codes: per head, the steady zone plus
  * ceil(0.018 x indexed keys) keys read in full, chosen by 4-bit code score
- * from clusters taken in centroid order until 4x as many keys are scored;
+ * from clusters taken in centroid-and-spread order until 16x as many keys
+ * are scored;
  * the next 0.5 of the clusters estimated. KVS_RANK_CENTROID is the
  * index before codes: 0.018 / 0.5 of the clusters, every member of the
  * retrieval clusters read in full. */
@@ -460,9 +461,9 @@ static void test_engine_wave_default_zones(void **state) {
     assert_int_equal(st.keys_total, 2 * (4096 + 100));
     assert_int_equal(st.keys_steady, 2 * (4 + 64 + 100));
     assert_int_equal(st.keys_exact, st.keys_steady + 2 * 74);
-    /* Codes of 4 x 74 = 296 keys are scanned per head: at ~16 keys a
-     * cluster that is more clusters than the centroid path's 5. */
-    assert_true(st.clusters_retrieved >= 2 * (296 / 32));
+    /* Codes of 16 x 74 = 1184 keys are scanned per head: at ~16 keys a
+     * cluster that is far more clusters than the centroid path's 5. */
+    assert_true(st.clusters_retrieved >= 2 * (1184 / 32));
     assert_true(st.clusters_retrieved > 2 * (uint64_t)ceil(0.018 * C));
     assert_true(st.clusters_retrieved < 2 * C);
     assert_true(st.clusters_estimated <= 2 * (uint64_t)ceil(0.5 * C));
@@ -495,7 +496,7 @@ static void test_engine_wave_default_zones(void **state) {
 
     /* Random keys spread attention over the whole context, so neither
      * path is close at ~2% of keys; the codes path is still the nearer
-     * one, at about the same keys read in full (0.45 vs 0.52 here). */
+     * one, at about the same keys read in full (0.37 vs 0.52 here). */
     kvs_query_params_default(&p);
     p.mode = KVS_MODE_EXACT;
     assert_int_equal(kvs_seq_attend(f.s, 7, 0, q, &p, ex, NULL), 0);
@@ -505,7 +506,7 @@ static void test_engine_wave_default_zones(void **state) {
                   e_codes, (unsigned long long)st.keys_exact, e_cen,
                   (unsigned long long)sk.keys_exact);
     assert_true(isfinite(e_codes) && isfinite(e_cen));
-    assert_true(e_codes < 0.95 * e_cen);
+    assert_true(e_codes < 0.8 * e_cen);
 
     /* Codes with the bounded budget, or an unknown rank: refused. */
     kvs_query_params_default(&p);
