@@ -122,7 +122,7 @@ typedef struct kvs_cuda_cache_s {
 
 typedef struct kvs_cuda_wave_params_s {
     float retrieval_fraction;  /* of a head's clusters (0.018) */
-    float estimation_fraction; /* next clusters (0.232) */
+    float estimation_fraction; /* next clusters (the store's 0.5) */
     float scale;               /* softmax scale; 0 = 1/sqrt(d) */
     /* Launch variants, 0 = the defaults (bench/gpu measures the others;
      * they were the KVS_CUDA_PDL, KVS_CUDA_SELECT and KVS_CUDA_SEL_THREADS
