@@ -3,6 +3,10 @@
 # (tests/gpu/hf-pack.sh): build kvstore._kvstore against this machine's
 # Python with gcc, then run the transformers adapter's tests
 # (python/tests/test_hf.py, test_torch.py) on it. Logs to $KVS_GPU_LOGS.
+# With KVS_HF_BENCH="8192 32768" (contexts) it then runs
+# bench/python/hf_decode.py on tinycode128 (build-cuda/hfmodel, written by
+# hf-pack.sh) into $KVS_GPU_LOGS/python_hf.json; KVS_HF_STEPS sets the decode
+# steps (default 500), KVS_HF_SKIP_TESTS=1 skips the tests.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 pack=$(mktemp -d)
@@ -26,6 +30,28 @@ gcc -O2 -fPIC -shared -std=c11 -I"$inc" -I"$pack/prefix/include" \
 export LD_LIBRARY_PATH="$lib:$pack/deps${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONPATH=$(dirname "$pkg") KVS_SHARED_DATA=$pack/data
 "$py" -m kvstore 2>&1 | tee -a "$out/python.txt"
-"$py" -m pytest -x -q python/tests/test_hf.py python/tests/test_torch.py \
-    -k "not tinycode" 2>&1 | tee "$out/pytest.log" | tail -30
-exit "${PIPESTATUS[0]}"
+rc=0
+if [ -z "${KVS_HF_SKIP_TESTS:-}" ]; then
+    "$py" -m pytest -x -q python/tests/test_hf.py python/tests/test_torch.py \
+        -k "not tinycode" 2>&1 | tee "$out/pytest.log" | tail -30
+    rc=${PIPESTATUS[0]}
+fi
+if [ -n "${KVS_HF_BENCH:-}" ]; then
+    # The prompt: this Python's standard library sources in name order
+    # (real code, which the byte-level model was trained on).
+    "$py" - "$out/text.txt" <<'PY'
+import glob, os, sys, sysconfig
+out = bytearray()
+for p in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+    out += open(p, "rb").read()
+    if len(out) > 40000:
+        break
+open(sys.argv[1], "wb").write(bytes(out))
+PY
+    # shellcheck disable=SC2086
+    "$py" bench/python/hf_decode.py build-cuda/hfmodel/tinycode128_bf16.pt \
+        "$out/text.txt" --ctx $KVS_HF_BENCH --steps "${KVS_HF_STEPS:-500}" \
+        --json "$out/python_hf.json" 2>&1 | tee "$out/hf_decode.log" | tail -20
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+exit "$rc"

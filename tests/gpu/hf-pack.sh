@@ -38,3 +38,17 @@ rm -rf "$out"
 mkdir -p "$out"
 mv build-cuda/hfpack.tar.xz "$out/"
 ls -la "$out"
+# tinycode128 converted to transformers' layout, in bf16 (36 MB: the fp32
+# checkpoint would not fit the carry beside the packs), for
+# bench/python/hf_decode.py (KVS_HF_BENCH in hf-check.sh).
+mkdir -p build-cuda/hfmodel
+python3 - <<'PY'
+import sys
+import torch
+sys.path.insert(0, "python/kvstore")  # llama2c.py alone: no extension needed
+from llama2c import to_transformers
+cfg, sd = to_transformers("../shared/data/tinycode128.bin")
+torch.save((cfg, {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}),
+           "build-cuda/hfmodel/tinycode128_bf16.pt")
+PY
+ls -la build-cuda/hfmodel

@@ -1,0 +1,136 @@
+"""bench/python/hf_decode.py: an unmodified transformers LlamaForCausalLM
+(tinycode128 converted by kvstore.llama2c.to_transformers) decoding through
+kvstore (kvstore.hf, wave by default) against the same model with its own
+SDPA attention, same weights, same prompt, same process.
+
+    hf_decode.py WEIGHTS TEXT --ctx 8192 [32768 ...] --steps N --json OUT
+                 [--threads T] [--cuda-store DEV]
+
+WEIGHTS: a llama2.c checkpoint, or a torch.save'd (config, state dict) pair
+(tests/gpu/hf-pack.sh writes one in bf16 so that it fits a device carry;
+both models load the same tensors, so the comparison is unaffected). TEXT:
+bytes of real text (the model is byte-level); the prompt is BOS + its first
+ctx - 1 bytes.
+
+Per context: the SDPA model generates N greedy tokens (the reference);
+then both models run the same teacher-forced decode over those tokens, one
+forward per token with the KV cache, timed alike: SDPA's own, and kvstore's
+(its prefill appends the prompt's keys/values to a store sequence, every
+decode step's attention comes from the store). greedy_agreement is the
+fraction of steps where kvstore's argmax equals the reference token.
+The model runs on the CPU (kvstore.hf hands CPU float32 tensors to the
+store); --cuda-store DEV opens the store with cuda_device=DEV (its GPU path
+serves only bf16/f16 sequences ranked by centroid, so float32 sequences
+still attend on the CPU: the row says how many attends the GPU served).
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import kvstore
+import kvstore.hf
+from kvstore.llama2c import to_transformers
+
+
+def load(weights):
+    if weights.endswith(".bin"):
+        return to_transformers(weights)
+    cfg, sd = torch.load(weights)
+    return cfg, {k: v.float() for k, v in sd.items()}
+
+
+def build(transformers, cfg, sd, impl):
+    m = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**cfg, attn_implementation=impl))
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise SystemExit(f"unexpected weights: {unexpected[:4]}")
+    return m.eval()
+
+
+def teacher_forced(model, ids, gen):
+    """Prefill ids [1, P], then one forward per reference token; returns
+    (argmax per step [N], prefill seconds, decode seconds)."""
+    t0 = time.perf_counter()
+    o = model(input_ids=ids, use_cache=True)
+    t1 = time.perf_counter()
+    picks = [int(o.logits[0, -1].argmax())]
+    past = o.past_key_values
+    for tok in gen[:-1]:
+        o = model(input_ids=torch.tensor([[tok]]), past_key_values=past,
+                  use_cache=True)
+        past = o.past_key_values
+        picks.append(int(o.logits[0, -1].argmax()))
+    t2 = time.perf_counter()
+    return picks, t1 - t0, t2 - t1
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("weights")
+    ap.add_argument("text")
+    ap.add_argument("--ctx", type=int, nargs="+", default=[8192])
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cuda-store", type=int, default=None)
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    import transformers
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg, sd = load(a.weights)
+    kvstore.hf.register()
+    ref_model = build(transformers, cfg, sd, "sdpa")
+    kvs_model = build(transformers, cfg, sd, "kvstore")
+    text = open(a.text, "rb").read()
+    rows, metrics = [], {}
+    for ctx in a.ctx:
+        if len(text) < ctx - 1:
+            print(f"ctx {ctx}: text has only {len(text)} bytes", file=sys.stderr)
+            continue
+        ids = torch.tensor([[1] + list(text[:ctx - 1])])
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = ref_model.generate(ids, max_new_tokens=a.steps,
+                                     do_sample=False)
+            gen_s = time.perf_counter() - t0
+            gen = out[0, ctx:].tolist()
+            own, own_pre, own_dec = teacher_forced(ref_model, ids, gen)
+            opts = {} if a.cuda_store is None else {"cuda_device": a.cuda_store}
+            with kvstore.Store(deterministic=True, **opts) as s, \
+                    kvstore.hf.Session(s, kvs_model) as sess:
+                got, kvs_pre, kvs_dec = teacher_forced(kvs_model, ids, gen)
+                st = s.stats()
+                calls = sess.decode_calls
+        n = len(gen)
+        agree = sum(int(x == y) for x, y in zip(got, gen)) / n
+        own_agree = sum(int(x == y) for x, y in zip(own, gen)) / n
+        row = {"context": ctx, "steps": n, "greedy_agreement": agree,
+               "sdpa_self_agreement": own_agree,
+               "tokens_per_s_store": n / kvs_dec,
+               "tokens_per_s_sdpa": n / own_dec,
+               "prefill_s_store": kvs_pre, "prefill_s_sdpa": own_pre,
+               "generate_s_sdpa": gen_s, "decode_calls": calls,
+               "store_stats": {k: st[k] for k in st
+                               if isinstance(st[k], (int, float))},
+               "threads": torch.get_num_threads(),
+               "cuda_store": a.cuda_store,
+               "transformers": transformers.__version__,
+               "torch": torch.__version__}
+        print(json.dumps({k: v for k, v in row.items()
+                          if k != "store_stats"}), file=sys.stderr)
+        rows.append(row)
+        tag = f"{ctx // 1024}k"
+        metrics[f"hf_greedy_agreement_{tag}"] = agree
+        metrics[f"hf_tokens_per_s_store_{tag}"] = n / kvs_dec
+        metrics[f"hf_tokens_per_s_sdpa_{tag}"] = n / own_dec
+    with open(a.json, "w") as f:
+        json.dump({"bench": "python_hf", "metrics": metrics, "rows": rows},
+                  f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
