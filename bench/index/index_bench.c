@@ -96,9 +96,13 @@ typedef struct row_s {
     double centroid_ms, centroid_speedup, centroid_exact_fraction;
 } row_t;
 
+static uint32_t segment_tokens; /* --segment-tokens (0: the default) */
+
 static int run_context(uint32_t tokens, uint32_t n_queries, row_t *row) {
     kvs_options_t opts;
     kvs_options_default(&opts);
+    if (segment_tokens)
+        opts.segment_tokens = segment_tokens;
     /* Two builders with one BLAS thread each: one segment build per core. */
     opts.n_build_threads = 2;
     opts.blas_threads = 1;
@@ -216,14 +220,17 @@ int main(int argc, char **argv) {
             n_queries = (uint32_t)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json") && i + 1 < argc)
             json = argv[++i];
+        else if (!strcmp(argv[i], "--segment-tokens") && i + 1 < argc)
+            segment_tokens = (uint32_t)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--contexts") && i + 1 < argc) {
             n_ctx = 0;
             for (char *p = strtok(argv[++i], ","); p && n_ctx < 8;
                  p = strtok(NULL, ","))
                 contexts[n_ctx++] = (uint32_t)atoi(p);
         } else {
-            fprintf(stderr, "usage: index_bench [--quick] [--contexts a,b] "
-                            "[--queries N] [--json FILE]\n");
+            fprintf(stderr,
+                    "usage: index_bench [--quick] [--contexts a,b] "
+                    "[--queries N] [--segment-tokens N] [--json FILE]\n");
             return 2;
         }
     }
