@@ -204,8 +204,9 @@ typedef struct kvs_options_s {
      * cores). It also applies to any other OpenBLAS user in the process. */
     uint32_t blas_threads;
     /* Wave index. */
-    /* Keys per segment; default 1024 (8192 before issue 13: a data
-     * directory made then opens only with segment_tokens 8192). */
+    /* Keys per segment; default 256 (1024 from issue 13 to 2026-12-07,
+     * 8192 before: a data directory made then opens only with the
+     * segment_tokens it was made with; kvs_store_open says which). */
     uint32_t segment_tokens;
     uint32_t cluster_tokens; /* mean keys per cluster; default 16 */
     uint32_t kmeans_iters;   /* spherical k-means iterations; default 10 */
