@@ -4,7 +4,7 @@ kvstore (kvstore.hf, wave by default) against the same model with its own
 SDPA attention, same weights, same prompt, same process.
 
     hf_decode.py WEIGHTS TEXT --ctx 8192 [32768 ...] --steps N --json OUT
-                 [--threads T] [--cuda-store DEV]
+                 [--threads T] [--cuda-store DEV] [--kvstored BINARY]
 
 WEIGHTS: a llama2.c checkpoint, or a torch.save'd (config, state dict) pair
 (tests/gpu/hf-pack.sh writes one in bf16 so that it fits a device carry;
@@ -22,10 +22,17 @@ The model runs on the CPU (kvstore.hf hands CPU float32 tensors to the
 store); --cuda-store DEV opens the store with cuda_device=DEV (its GPU path
 serves only bf16/f16 sequences ranked by centroid, so float32 sequences
 still attend on the CPU: the row says how many attends the GPU served).
+--kvstored BINARY repeats the store run through a kvstored started on a
+unix socket (in memory, deterministic), kvstore.Client as the handle: a row
+with backend "kvstored".
 """
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -68,6 +75,50 @@ def teacher_forced(model, ids, gen):
     return picks, t1 - t0, t2 - t1
 
 
+class Daemon:
+    """kvstored on a unix socket in a temporary directory, in memory."""
+
+    TOKEN = "hf-decode-token"
+
+    def __init__(self, binary, threads):
+        self.dir = tempfile.mkdtemp(prefix="kvs-hf-")
+        self.sock = os.path.join(self.dir, "sock")
+        port_file = os.path.join(self.dir, "port")
+        self.log = open(os.path.join(self.dir, "log"), "wb")
+        env = dict(os.environ, KVSTORED_AUTH_TOKEN=self.TOKEN)
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", "0", "--http-port", "0",
+             "--port-file", port_file, "--data-dir", "",
+             "--unix-socket", self.sock, "--workers", "2",
+             "--engine-threads", str(threads), "--build-threads", "2",
+             "--deterministic", "yes", "--log-level", "warn"],
+            stdout=self.log, stderr=self.log, env=env)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(port_file):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("kvstored did not start: " + open(
+                    os.path.join(self.dir, "log")).read())
+            time.sleep(0.02)
+        self.addr = "unix:" + self.sock
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=30)
+        self.log.close()
+        subprocess.run(["rm", "-rf", self.dir], check=False)
+        return rc
+
+
+def store_run(handle, kvs_model, ids, gen):
+    with kvstore.hf.Session(handle, kvs_model) as sess:
+        got, pre, dec = teacher_forced(kvs_model, ids, gen)
+        try:
+            st = handle.stats()
+        except Exception:  # noqa: BLE001 (a client may not serve stats)
+            st = {}
+        return got, pre, dec, st, sess.decode_calls
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("weights")
@@ -76,6 +127,7 @@ def main():
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cuda-store", type=int, default=None)
+    ap.add_argument("--kvstored", default=None)
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     import transformers
@@ -100,32 +152,41 @@ def main():
             gen = out[0, ctx:].tolist()
             own, own_pre, own_dec = teacher_forced(ref_model, ids, gen)
             opts = {} if a.cuda_store is None else {"cuda_device": a.cuda_store}
-            with kvstore.Store(deterministic=True, **opts) as s, \
-                    kvstore.hf.Session(s, kvs_model) as sess:
-                got, kvs_pre, kvs_dec = teacher_forced(kvs_model, ids, gen)
-                st = s.stats()
-                calls = sess.decode_calls
+            runs = []
+            with kvstore.Store(deterministic=True, **opts) as s:
+                runs.append(("in-process",) + store_run(s, kvs_model, ids, gen))
+            if a.kvstored:
+                d = Daemon(a.kvstored, torch.get_num_threads())
+                try:
+                    with kvstore.Client(d.addr, token=Daemon.TOKEN) as c:
+                        runs.append(("kvstored",) +
+                                    store_run(c, kvs_model, ids, gen))
+                finally:
+                    d.stop()
         n = len(gen)
-        agree = sum(int(x == y) for x, y in zip(got, gen)) / n
         own_agree = sum(int(x == y) for x, y in zip(own, gen)) / n
-        row = {"context": ctx, "steps": n, "greedy_agreement": agree,
-               "sdpa_self_agreement": own_agree,
-               "tokens_per_s_store": n / kvs_dec,
-               "tokens_per_s_sdpa": n / own_dec,
-               "prefill_s_store": kvs_pre, "prefill_s_sdpa": own_pre,
-               "generate_s_sdpa": gen_s, "decode_calls": calls,
-               "store_stats": {k: st[k] for k in st
-                               if isinstance(st[k], (int, float))},
-               "threads": torch.get_num_threads(),
-               "cuda_store": a.cuda_store,
-               "transformers": transformers.__version__,
-               "torch": torch.__version__}
-        print(json.dumps({k: v for k, v in row.items()
-                          if k != "store_stats"}), file=sys.stderr)
-        rows.append(row)
         tag = f"{ctx // 1024}k"
-        metrics[f"hf_greedy_agreement_{tag}"] = agree
-        metrics[f"hf_tokens_per_s_store_{tag}"] = n / kvs_dec
+        for backend, got, kvs_pre, kvs_dec, st, calls in runs:
+            agree = sum(int(x == y) for x, y in zip(got, gen)) / n
+            row = {"context": ctx, "backend": backend, "steps": n,
+                   "greedy_agreement": agree,
+                   "sdpa_self_agreement": own_agree,
+                   "tokens_per_s_store": n / kvs_dec,
+                   "tokens_per_s_sdpa": n / own_dec,
+                   "prefill_s_store": kvs_pre, "prefill_s_sdpa": own_pre,
+                   "generate_s_sdpa": gen_s, "decode_calls": calls,
+                   "store_stats": {k: st[k] for k in st
+                                   if isinstance(st[k], (int, float))},
+                   "threads": torch.get_num_threads(),
+                   "cuda_store": a.cuda_store,
+                   "transformers": transformers.__version__,
+                   "torch": torch.__version__}
+            print(json.dumps({k: v for k, v in row.items()
+                              if k != "store_stats"}), file=sys.stderr)
+            rows.append(row)
+            sfx = "" if backend == "in-process" else "_kvstored"
+            metrics[f"hf_greedy_agreement_{tag}{sfx}"] = agree
+            metrics[f"hf_tokens_per_s_store_{tag}{sfx}"] = n / kvs_dec
         metrics[f"hf_tokens_per_s_sdpa_{tag}"] = n / own_dec
     with open(a.json, "w") as f:
         json.dump({"bench": "python_hf", "metrics": metrics, "rows": rows},

@@ -51,6 +51,7 @@ PY
     # shellcheck disable=SC2086
     "$py" bench/python/hf_decode.py build-cuda/hfmodel/tinycode128_bf16.pt \
         "$out/text.txt" --ctx $KVS_HF_BENCH --steps "${KVS_HF_STEPS:-500}" \
+        --kvstored "$pack/prefix/bin/kvstored" \
         --json "$out/python_hf.json" 2>&1 | tee "$out/hf_decode.log" | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 B=${KVS_GPU_BUILD:-build-cuda}
 out=build-cuda/hfpack
 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DKVS_CUDA=ON >/dev/null
-cmake --build "$B" -j"$(nproc)" --target kvstore_shared kvsclient_shared
+cmake --build "$B" -j"$(nproc)" --target kvstore_shared kvsclient_shared kvstored
 rm -rf "$out"
 mkdir -p "$out/prefix" "$out/deps" "$out/glibc" "$out/data"
 # What `cmake --install` puts under a prefix for these two libraries (it
@@ -21,7 +21,12 @@ mkdir -p "$out/prefix/lib" "$out/prefix/include"
 cp -a "$B"/lib/libkvstore.so* "$B"/lib/libkvsclient.so* "$out/prefix/lib/"
 cp include/kvstore.h include/kvs_common.h client/kvs_client.h \
     "$out/prefix/include/"
-for lib in "$out"/prefix/lib/libkvstore.so "$out"/prefix/lib/libkvsclient.so; do
+# kvstored, for the transformers run through the daemon (hf_decode.py
+# --kvstored).
+mkdir -p "$out/prefix/bin"
+cp "$B/server/kvstored" "$out/prefix/bin/"
+for lib in "$out"/prefix/lib/libkvstore.so "$out"/prefix/lib/libkvsclient.so \
+    "$out"/prefix/bin/kvstored; do
     ldd "$lib" | awk '/=> \//{print $3}'
 done | sort -u | while read -r lib; do
     case "$(basename "$lib")" in
