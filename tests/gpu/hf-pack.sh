@@ -47,7 +47,7 @@ ls -la "$out"
 # checkpoint would not fit the carry beside the packs), for
 # bench/python/hf_decode.py (KVS_HF_BENCH in hf-check.sh).
 mkdir -p build-cuda/hfmodel
-python3 - <<'PY'
+"${KVS_PYTHON:-/usr/bin/python3}" - <<'PY'
 import sys
 import torch
 sys.path.insert(0, "python/kvstore")  # llama2c.py alone: no extension needed
