@@ -9,6 +9,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -16,6 +17,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* 1,000+ connections need more descriptors than the usual soft limit of
  * 1024; raise it to the hard limit like redis does. */
@@ -125,7 +127,31 @@ static int prepare_data_dir(const char *path) {
     return rc;
 }
 
+/* A supervisor or a parent may start us with descriptors 0-2 closed. The
+ * first socket would then take one of them: a stray write to stdout or
+ * stderr would reach a client, and libuv refuses to close them (it aborted
+ * at shutdown). /dev/null holds each closed one. */
+static int hold_std_fds(void) {
+    for (int fd = 0; fd <= 2; fd++) {
+        if (fcntl(fd, F_GETFD) >= 0 || errno != EBADF)
+            continue;
+        /* open() takes the lowest free descriptor: this one */
+        int n = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+        if (n < 0)
+            return -errno;
+        if (n != fd) {
+            int rc = dup2(n, fd) < 0 ? -errno : 0;
+            close(n);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (hold_std_fds())
+        return 1; /* nowhere to say why: stderr is what failed */
     kvs_server_config_t cfg;
     char err[512] = "";
     int action = 0;

@@ -28,7 +28,7 @@ import contextvars
 
 import torch
 
-from kvstore.torch import StoreAttention
+from kvstore.torch import StoreAttention, append_chunked
 
 __all__ = ["register", "Session", "attention", "NAME"]
 
@@ -98,9 +98,8 @@ class Session:
         new_v = value[:, :, -t:].transpose(1, 2).float()
         if t > 1:
             for i, seq in enumerate(self.seqs):
-                self.backend.handle.append(seq, layer,
-                                           new_k[i].contiguous(),
-                                           new_v[i].contiguous())
+                append_chunked(self.backend.handle, seq, layer,
+                               new_k[i].contiguous(), new_v[i].contiguous())
             return _torch_attention(query, key, value, attention_mask,
                                     scaling)
         out = torch.empty(b, 1, h, d, dtype=query.dtype)

@@ -26,7 +26,28 @@ import torch
 
 import kvstore
 
-__all__ = ["StoreAttention", "reference_attention"]
+__all__ = ["StoreAttention", "reference_attention", "append_chunked"]
+
+# Bytes of keys + values per append call of append_chunked: a quarter of
+# kvstored's default max_frame_bytes (64 MiB), so a frame never reaches it.
+APPEND_CHUNK_BYTES = 16 << 20
+
+
+def append_chunked(handle, seq, layer, keys, values,
+                   max_bytes=APPEND_CHUNK_BYTES):
+    """handle.append of keys/values [T, KV, D] in runs of whole tokens of
+    at most max_bytes (keys and values together), in order. A kvstore.Client
+    refuses a request above the daemon's max_frame_bytes (TooBigError: a
+    32K-token prefill of one layer is 64 MiB at 8 KV heads, fp32); a Store
+    takes any size, so this only splits work. Not atomic across runs: a
+    failure leaves the runs before it appended (the sequence's token count
+    says how many)."""
+    t = keys.shape[0]
+    per_token = (keys[0].numel() * keys.element_size() +
+                 values[0].numel() * values.element_size()) if t else 1
+    run = max(1, max_bytes // per_token)
+    for i in range(0, t, run):
+        handle.append(seq, layer, keys[i:i + run], values[i:i + run])
 
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 

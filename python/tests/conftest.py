@@ -68,6 +68,7 @@ class Daemon:
         else:
             rc = self.proc.returncode
         self.log.close()
+        self.final_log = self.read_log()
         subprocess.run(["rm", "-rf", self.dir], check=False)
         return rc
 
@@ -80,7 +81,9 @@ def daemon():
                     "(CTest sets it)")
     d = Daemon(binary)
     yield d
-    assert d.stop() == 0, "kvstored did not exit cleanly on SIGTERM"
+    rc = d.stop()
+    assert rc == 0, (f"kvstored did not exit cleanly on SIGTERM ({rc}): "
+                     f"{d.final_log[-4000:]}")
 
 
 @pytest.fixture

@@ -470,3 +470,51 @@ def test_client_replicas(daemon):
         c.drop(7100)
     with pytest.raises(kvstore.InvalidArgumentError):
         kvstore.Client(daemon.addr, replicas=9)
+
+
+def test_daemon_started_with_std_fds_closed():
+    """kvstored started with descriptors 0-2 closed (as some supervisors
+    do) serves and stops cleanly: before, its first socket took fd 0 and
+    libuv aborted on closing it at SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    binary = os.environ.get("KVS_KVSTORED")
+    if not binary:
+        pytest.fail("KVS_KVSTORED must name the kvstored binary")
+    d = tempfile.mkdtemp(prefix="kvs-py-fds-")
+    sock = os.path.join(d, "sock")
+
+    def close_std():
+        for fd in (0, 1, 2):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # already closed (CTest may start pytest so)
+
+    env = dict(os.environ, KVSTORED_AUTH_TOKEN="fds-token")
+    p = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", "0", "--http-port", "0",
+         "--data-dir", "", "--unix-socket", sock, "--workers", "1",
+         "--log-file", os.path.join(d, "log")],
+        env=env, preexec_fn=close_std)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert p.poll() is None, "kvstored exited at start"
+            assert time.monotonic() < deadline, "no socket after 10 s"
+            time.sleep(0.01)
+        with kvstore.Client("unix:" + sock, token="fds-token") as c:
+            c.create(5, layers=1, q_heads=2, kv_heads=1, head_dim=32)
+            k = np.ones((3, 1, 32), np.float32)
+            c.append(5, 0, k, k)
+            assert c.info(5).tokens_min == 3
+    finally:
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=20)
+        log = open(os.path.join(d, "log")).read() \
+            if os.path.exists(os.path.join(d, "log")) else ""
+        subprocess.run(["rm", "-rf", d], check=False)
+    assert rc == 0, f"kvstored exit {rc}: {log[-2000:]}"

@@ -204,3 +204,30 @@ def test_backend_refuses_wrong_dtype(model):
         torch.testing.assert_close(o, reference_attention(q, k, v),
                                    atol=1e-5, rtol=1e-5)
         back2.close_all()
+
+
+def test_append_chunked_splits_a_prefill_into_frames(client, store):
+    """A prefill larger than a frame reaches kvstored in runs of whole
+    tokens, in order: the daemon's sequence equals one appended in
+    process at once (exact attention over both agrees to float rounding)."""
+    from kvstore.torch import append_chunked
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(700, 2, 64, generator=g)
+    v = torch.randn(700, 2, 64, generator=g)
+    q = torch.randn(4, 64, generator=g).numpy()
+    for h in (client, store):
+        h.create(91, layers=1, q_heads=4, kv_heads=2, head_dim=64)
+    # 2 x 2 x 64 x 4 = 1 KiB per token: runs of 100 tokens, 7 appends.
+    append_chunked(client, 91, 0, k, v, max_bytes=100 * 1024)
+    store.append(91, 0, k.contiguous(), v.contiguous())
+    assert client.info(91).tokens_min == 700
+    got, _ = client.attend(91, 0, q, mode="exact")
+    want, _ = store.attend(91, 0, q, mode="exact")
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the order of the runs is the order of the tokens: the last key is
+    # the last position
+    pos, _ = client.search(91, 0, k[-1, 0:1].repeat(4, 1).numpy() * 50, 1,
+                           mode="exact")
+    assert pos[0, 0] == 699
+    for h in (client, store):
+        h.drop(91)
