@@ -127,6 +127,18 @@ static double proc_cpu_s(pid_t pid) {
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* The machine's 1-minute load average: it is shared, so every row says
+ * how busy it was. */
+static double loadavg(void) {
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f && fscanf(f, "%lf", &l) != 1)
+        l = -1;
+    if (f)
+        fclose(f);
+    return l;
+}
+
 static double self_cpu_s(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -337,6 +349,7 @@ typedef struct tp_s {
     const cfg_t *cfg;
     const cl_t *cl;
     uint32_t replicas;
+    int node_threads; /* workers, engine and build threads per daemon */
     uint64_t first_seq;
     pthread_barrier_t bar;
     atomic_bool failed;
@@ -423,19 +436,20 @@ static void *tp_main(void *arg) {
 }
 
 typedef struct tp_mark_s {
-    double t, self;
+    double t, self, load;
     double node[MAX_NODES];
 } tp_mark_t;
 
 static void tp_mark(const cl_t *cl, tp_mark_t *m) {
     m->t = now_s();
     m->self = self_cpu_s();
+    m->load = loadavg();
     for (int i = 0; i < cl->n; i++)
         m->node[i] = proc_cpu_s(cl->node[i].pid);
 }
 
 static void tp_row(const cfg_t *cfg, const cl_t *cl, uint32_t r,
-                   const char *op, const tp_mark_t *a, const tp_mark_t *b,
+                   int node_threads, const char *op, const tp_mark_t *a, const tp_mark_t *b,
                    uint64_t ops, uint64_t errors, int first_err) {
     double secs = b->t - a->t, node[MAX_NODES], sum = 0;
     for (int i = 0; i < cl->n; i++) {
@@ -444,10 +458,12 @@ static void tp_row(const cfg_t *cfg, const cl_t *cl, uint32_t r,
     }
     double self = b->self - a->self;
     printf("{\"phase\":\"throughput\",\"op\":\"%s\",\"nodes\":%d,"
-           "\"replicas\":%u,\"threads\":%d,\"sequences\":%d,"
-           "\"seconds\":%.3f,\"calls\":%" PRIu64 ",\"calls_per_s\":%.1f",
-           op, cl->n, r, cfg->threads, cfg->threads * cfg->seqs_per_thread,
-           secs, ops, (double)ops / secs);
+           "\"replicas\":%u,\"node_threads\":%d,\"client_threads\":%d,"
+           "\"sequences\":%d,\"seconds\":%.3f,\"calls\":%" PRIu64
+           ",\"calls_per_s\":%.1f,\"loadavg\":%.2f",
+           op, cl->n, r, node_threads, cfg->threads,
+           cfg->threads * cfg->seqs_per_thread, secs, ops, (double)ops / secs,
+           a->load);
     if (!strcmp(op, "append")) {
         double bytes = (double)ops * CHUNK * TOKEN_BYTES;
         printf(",\"tokens_per_call\":%d,\"gb_per_s\":%.4f,"
@@ -468,16 +484,28 @@ static void tp_row(const cfg_t *cfg, const cl_t *cl, uint32_t r,
     fflush(stdout);
 }
 
-static int bench_throughput(const cfg_t *cfg, int nodes, uint32_t r) {
+/* node_threads 1: the daemons as tests/cluster starts them; 2: one
+ * daemon given both cores (--workers, --engine-threads, --build-threads),
+ * the baseline the cluster shapes are compared with. */
+static int bench_throughput(const cfg_t *cfg, int nodes, uint32_t r,
+                            int node_threads) {
+    static const char *const two[] = {"--workers",       "2",
+                                      "--engine-threads", "2",
+                                      "--build-threads",  "2",
+                                      NULL};
     char prefix[64];
-    snprintf(prefix, sizeof(prefix), "/bench-tp-%d-%u", nodes, r);
+    snprintf(prefix, sizeof(prefix), "/bench-tp-%d-%u-%d", nodes, r,
+             node_threads);
     cl_t cl;
     tp_t tp = {.cfg = cfg,
                .cl = &cl,
                .replicas = r,
-               .first_seq = 1000000u * (uint64_t)(nodes * 10 + (int)r)};
+               .node_threads = node_threads,
+               .first_seq = 1000000u * (uint64_t)(nodes * 100 + (int)r * 10 +
+                                                  node_threads)};
     tp_thread_t th[MAX_THREADS];
-    int T = cfg->threads, started = 0, rc = cl_start(&cl, prefix, nodes, NULL);
+    int T = cfg->threads, started = 0,
+        rc = cl_start(&cl, prefix, nodes, node_threads > 1 ? two : NULL);
     if (rc) {
         fprintf(stderr, "cluster_bench: %d nodes did not start (%d)\n", nodes,
                 rc);
@@ -515,13 +543,13 @@ static int bench_throughput(const cfg_t *cfg, int nodes, uint32_t r) {
         goto out;
     }
     /* Errors are per phase only in total: any error makes the run fail. */
-    tp_row(cfg, &cl, r, "append", &m[0], &m[1], ap, er, fe);
-    tp_row(cfg, &cl, r, "search", &m[2], &m[3], se, er, fe);
-    tp_row(cfg, &cl, r, "attend", &m[3], &m[4], at, er, fe);
+    tp_row(cfg, &cl, r, node_threads, "append", &m[0], &m[1], ap, er, fe);
+    tp_row(cfg, &cl, r, node_threads, "search", &m[2], &m[3], se, er, fe);
+    tp_row(cfg, &cl, r, node_threads, "attend", &m[3], &m[4], at, er, fe);
     fprintf(stderr,
-            "cluster_bench: throughput %d nodes R=%u: %.3f GB/s append, "
-            "%.0f search/s, %.0f attend/s\n",
-            nodes, r,
+            "cluster_bench: throughput %d nodes R=%u (%d threads each): "
+            "%.3f GB/s append, %.0f search/s, %.0f attend/s\n",
+            nodes, r, node_threads,
             (double)ap * CHUNK * TOKEN_BYTES / (m[1].t - m[0].t) / 1e9,
             (double)se / (m[3].t - m[2].t), (double)at / (m[4].t - m[3].t));
     rc = er ? -EIO : 0;
@@ -682,9 +710,11 @@ static int bench_failover(const cfg_t *cfg) {
          * longest pause between successful completions from just before the
          * kill on, and the failures. */
         double first_ok = -1, gap = 0, gap_at = 0, last_ok = -1, worst = 0,
-               worst_at = 0, inflight = -1, median_before = 0;
-        uint64_t failed = 0, after = 0, before = 0;
+               worst_at = 0, inflight = -1, median_before = 0,
+               median_window = 0;
+        uint64_t failed = 0, after = 0, before = 0, in_window = 0;
         double *lat = malloc(sizeof(double) * (f.n_reads + 1));
+        double *wlat = malloc(sizeof(double) * (f.n_reads + 1));
         for (size_t i = 0; i < f.n_reads; i++) {
             const fo_read_t *r = &f.reads[i];
             if (r->t1 < t_kill) {
@@ -696,6 +726,10 @@ static int bench_failover(const cfg_t *cfg) {
                 continue;
             }
             after++;
+            /* Started while the dead node is still listed (its lease not
+             * yet lapsed): what each read costs until etcd drops it. */
+            if (r->t0 >= t_kill && r->t0 < t_kill + TTL - 0.2 && wlat)
+                wlat[in_window++] = r->t1 - r->t0;
             if (r->t0 < t_kill) /* in flight when the node died */
                 inflight = r->rc ? -(r->t1 - r->t0) : r->t1 - r->t0;
             if (r->t1 - r->t0 > worst) {
@@ -718,7 +752,12 @@ static int bench_failover(const cfg_t *cfg) {
             qsort(lat, before, sizeof(double), cmp_double);
             median_before = lat[before / 2];
         }
+        if (wlat && in_window) {
+            qsort(wlat, in_window, sizeof(double), cmp_double);
+            median_window = wlat[in_window / 2];
+        }
         free(lat);
+        free(wlat);
         /* Acknowledged tokens missing from a holder, once the copies made
          * while the writer ran have caught up (bounded wait). */
         double t_settle = now_s();
@@ -747,10 +786,13 @@ static int bench_failover(const cfg_t *cfg) {
         uint64_t acked = 0;
         for (int i = 0; i < M; i++)
             acked += f.acked[i];
-        printf("{\"phase\":\"failover\",\"round\":%d,\"nodes\":3,"
+        printf("{\"phase\":\"failover\",\"round\":%d,\"loadavg\":%.2f,"
+               "\"nodes\":3,"
                "\"replicas\":2,\"lease_ttl_s\":%d,\"repair_interval_ms\":200,"
                "\"sequences\":%d,\"killed\":\"%s\",\"failover_ms\":%.3f,"
                "\"read_ms_before_kill\":%.3f,\"inflight_read_ms\":%.3f,"
+               "\"read_ms_until_lease_lapse\":%.3f,"
+               "\"reads_until_lease_lapse\":%" PRIu64 ","
                "\"max_gap_ms\":%.3f,\"max_gap_end_ms\":%.1f,"
                "\"worst_read_ms\":%.3f,\"worst_read_end_ms\":%.1f,"
                "\"reads_after_kill\":%" PRIu64 ",\"failed_reads\":%" PRIu64
@@ -758,9 +800,9 @@ static int bench_failover(const cfg_t *cfg) {
                ",\"lost_acknowledged\":%" PRIu64 ",\"catch_up_ms\":%.1f,"
                "\"degraded_writes\":%" PRIu64 ",\"write_errors\":%" PRIu64
                ",\"first_write_error\":\"%s\"}\n",
-               round, TTL, M, cl.node[victim].node_id,
+               round, loadavg(), TTL, M, cl.node[victim].node_id,
                first_ok < 0 ? -1 : first_ok * 1e3, median_before * 1e3,
-               inflight * 1e3, gap * 1e3, gap_at * 1e3, worst * 1e3,
+               inflight * 1e3, median_window * 1e3, in_window, gap * 1e3, gap_at * 1e3, worst * 1e3,
                worst_at * 1e3, after, failed, restored < 0 ? -1 : restored * 1e3, acked,
                lost, settle * 1e3, f.degraded, f.write_errors,
                f.write_first_err ? kvs_err_name(f.write_first_err) : "");
@@ -830,22 +872,26 @@ static int bench_repair(const cfg_t *cfg, const char *rate) {
     const uint64_t first = 8000000;
     cl_t cl;
     kvs_client_t *c = NULL;
+    const char *step = "start";
     int rc = cl_start(&cl, prefix, 1, flags);
     if (rc || !(c = open_cluster_client(&cl, 2))) {
         rc = rc ? rc : -ECONNREFUSED;
         goto out;
     }
+    step = "fill";
     for (int i = 0; i < S && !rc; i++)
         rc = fill_seq(c, first + (uint64_t)i, cfg->repair_ctx);
-    if (rc || (rc = wait_built(c, first, S, 300)))
+    if (rc || (step = "build", rc = wait_built(c, first, S, 300)))
         goto out;
     double b0 = tc_metric(cl.node[0].http_port, "kvstored_repair_bytes_total");
     double cpu0 = proc_cpu_s(cl.node[0].pid);
+    step = "join";
     if ((rc = cl_add(&cl))) /* returns once etcd lists the newcomer */
         goto out;
     double cpu1_0 = proc_cpu_s(cl.node[1].pid);
     double settle = wait_settled(c, &cl, first, S, 2, 120);
     if (settle < 0) {
+        step = "settle";
         rc = -ETIMEDOUT;
         goto out;
     }
@@ -856,13 +902,14 @@ static int bench_repair(const cfg_t *cfg, const char *rate) {
     int pushes = 0;
     pushed_from_log(&cl.node[0], &pb, &pms, &pushes);
     double bytes = b1 - b0;
-    printf("{\"phase\":\"repair\",\"repair_rate_bytes\":\"%s\",\"nodes\":"
+    printf("{\"phase\":\"repair\",\"loadavg\":%.2f,"
+           "\"repair_rate_bytes\":\"%s\",\"nodes\":"
            "\"1+1\",\"replicas\":2,\"sequences\":%d,\"tokens_each\":%u,"
            "\"raw_kv_bytes\":%.0f,\"bytes\":%.0f,\"seconds\":%.3f,"
            "\"mb_per_s\":%.1f,\"pushes\":%d,\"push_seconds\":%.3f,"
            "\"push_mb_per_s\":%.1f,\"source_cpu_s\":%.3f,"
            "\"target_cpu_s\":%.3f}\n",
-           rate, S, cfg->repair_ctx,
+           loadavg(), rate, S, cfg->repair_ctx,
            (double)S * cfg->repair_ctx * TOKEN_BYTES, bytes, settle,
            bytes / 1e6 / settle, pushes, pms / 1e3,
            pms > 0 ? pb / 1e6 / (pms / 1e3) : 0, cpu_src, cpu_dst);
@@ -873,8 +920,12 @@ static int bench_repair(const cfg_t *cfg, const char *rate) {
     if (bytes <= 0)
         rc = -EIO;
 out:
-    if (rc)
-        fprintf(stderr, "cluster_bench: repair at %s failed (%d)\n", rate, rc);
+    if (rc) {
+        fprintf(stderr, "cluster_bench: repair at %s failed at %s (%d)\n",
+                rate, step, rc);
+        for (int i = 0; i < cl.n; i++)
+            tc_node_dump_log(&cl.node[i]);
+    }
     kvs_client_close(c);
     cl_stop(&cl);
     return rc;
@@ -937,12 +988,13 @@ static int bench_join(const cfg_t *cfg, uint32_t r) {
         for (; tok; tok = strtok_r(NULL, ",", &save))
             copies_new += strstr(before[i], tok) == NULL;
     }
-    printf("{\"phase\":\"join\",\"nodes\":\"3+1\",\"replicas\":%u,"
+    printf("{\"phase\":\"join\",\"loadavg\":%.2f,\"nodes\":\"3+1\","
+           "\"replicas\":%u,"
            "\"sequences\":%d,\"changed\":%d,\"moved_fraction\":%.4f,"
            "\"theory\":%.4f,\"copies_moved_fraction\":%.4f,"
            "\"copies_theory\":0.25,\"settle_ms\":%.1f,"
            "\"join_to_settled_ms\":%.1f}\n",
-           r, S, changed, (double)changed / S, r == 1 ? 0.25 : 0.5,
+           loadavg(), r, S, changed, (double)changed / S, r == 1 ? 0.25 : 0.5,
            (double)copies_new / ((double)S * r), settle * 1e3,
            (now_s() - t0) * 1e3);
     fflush(stdout);
@@ -969,7 +1021,7 @@ int main(int argc, char **argv) {
                  .failover_ctx = 1024,
                  .repair_seqs = 12,
                  .repair_ctx = 2048,
-                 .join_seqs = 120};
+                 .join_seqs = 1000};
     const char *only = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) {
@@ -993,7 +1045,7 @@ int main(int argc, char **argv) {
         cfg.failover_ctx = 512;
         cfg.repair_seqs = 4;
         cfg.repair_ctx = 1024;
-        cfg.join_seqs = 100;
+        cfg.join_seqs = 120;
     }
     if (!tc_etcd_binary()) {
         fprintf(stderr, "cluster_bench: etcd is not installed "
@@ -1012,10 +1064,12 @@ int main(int argc, char **argv) {
     }
     int fails = 0;
     if (!only || !strcmp(only, "throughput")) {
-        static const int shapes[][2] = {{1, 1}, {2, 1}, {3, 1}, {2, 2}, {3, 2}};
+        static const int shapes[][3] = {{1, 1, 2}, {1, 1, 1}, {2, 1, 1},
+                                        {3, 1, 1}, {2, 2, 1}, {3, 2, 1}};
         for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
             fails += bench_throughput(&cfg, shapes[i][0],
-                                      (uint32_t)shapes[i][1]) != 0;
+                                      (uint32_t)shapes[i][1],
+                                      shapes[i][2]) != 0;
     }
     if (!only || !strcmp(only, "failover"))
         fails += bench_failover(&cfg) != 0;

@@ -17,9 +17,15 @@
 #                           repair_mb_s_default_throttle at 64M (the default)
 #   moved_fraction_on_join  R = 1, 3 nodes + 1: sequences that moved
 #                           (rendezvous theory 1/4); _r2 beside it
+#   repair_push_mb_s        the same bytes over the time the pushes took
+#                           (their repair_pushed log lines), without the
+#                           passes that find the work
 #   append_gb_s_nN_rR, search_per_s_nN_rR, attend_per_s_nN_rR: aggregate
-#                           throughput with N nodes at R (rows: CPU seconds
-#                           of every daemon and of the client)
+#                           throughput with N nodes at R, each daemon with
+#                           one worker, engine and build thread; _n1_r1_t2:
+#                           one daemon with two of each, the baseline (rows:
+#                           CPU seconds of every daemon and of the client,
+#                           load average)
 # Everything shares this machine's cores: the rows say how busy they were.
 set -euo pipefail
 build=$1; out=$2; shift 2
@@ -54,12 +60,16 @@ for r in rows:
         key = "repair_mb_s" if r["repair_rate_bytes"] == "0" else \
               "repair_mb_s_default_throttle"
         m[key] = round(r["mb_per_s"], 1)
+        if r["repair_rate_bytes"] == "0":
+            m["repair_push_mb_s"] = round(r["push_mb_per_s"], 1)
     if r["phase"] == "join":
         key = "moved_fraction_on_join" + ("" if r["replicas"] == 1 else
                                           "_r%d" % r["replicas"])
         m[key] = round(r["moved_fraction"], 4)
     if r["phase"] == "throughput" and r["errors"] == 0:
         tag = "n%d_r%d" % (r["nodes"], r["replicas"])
+        if r["node_threads"] > 1:
+            tag += "_t%d" % r["node_threads"]
         if r["op"] == "append":
             m["append_gb_s_" + tag] = round(r["gb_per_s"], 3)
         else:
