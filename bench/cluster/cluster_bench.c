@@ -120,9 +120,9 @@ static double proc_cpu_s(pid_t pid) {
     unsigned long long ut = 0, st = 0;
     /* state ppid pgrp session tty tpgid flags minflt cminflt majflt
      * cmajflt utime stime */
-    if (!p || sscanf(p + 1,
-                     " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
-                     &ut, &st) != 2)
+    if (!p ||
+        sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
+               &ut, &st) != 2)
         return -1;
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
@@ -165,8 +165,8 @@ static int cl_add(cl_t *cl) {
         return -EINVAL;
     char id[16];
     snprintf(id, sizeof(id), "n%d", cl->n + 1);
-    int rc = tc_node_start(&cl->node[cl->n], &etcd, cl->prefix, id, TTL,
-                           cl->flags);
+    int rc =
+        tc_node_start(&cl->node[cl->n], &etcd, cl->prefix, id, TTL, cl->flags);
     if (rc)
         return rc;
     cl->n++;
@@ -409,9 +409,9 @@ static void *tp_main(void *arg) {
     pthread_barrier_wait(&tp->bar); /* 3: search starts */
     double t0 = now_s();
     for (int i = 0; c && now_s() - t0 < cfg->op_s; i = (i + 1) % S) {
-        int rc = kvs_client_seq_search(
-            c, first + (uint64_t)i, 0, queries, Q_HEADS * HEAD_DIM, TOP_K,
-            NULL, pos, sc, (size_t)Q_HEADS * TOP_K);
+        int rc = kvs_client_seq_search(c, first + (uint64_t)i, 0, queries,
+                                       Q_HEADS * HEAD_DIM, TOP_K, NULL, pos, sc,
+                                       (size_t)Q_HEADS * TOP_K);
         if (rc)
             tp_err(t, rc);
         else
@@ -449,8 +449,9 @@ static void tp_mark(const cl_t *cl, tp_mark_t *m) {
 }
 
 static void tp_row(const cfg_t *cfg, const cl_t *cl, uint32_t r,
-                   int node_threads, const char *op, const tp_mark_t *a, const tp_mark_t *b,
-                   uint64_t ops, uint64_t errors, int first_err) {
+                   int node_threads, const char *op, const tp_mark_t *a,
+                   const tp_mark_t *b, uint64_t ops, uint64_t errors,
+                   int first_err) {
     double secs = b->t - a->t, node[MAX_NODES], sum = 0;
     for (int i = 0; i < cl->n; i++) {
         node[i] = b->node[i] - a->node[i];
@@ -489,10 +490,9 @@ static void tp_row(const cfg_t *cfg, const cl_t *cl, uint32_t r,
  * the baseline the cluster shapes are compared with. */
 static int bench_throughput(const cfg_t *cfg, int nodes, uint32_t r,
                             int node_threads) {
-    static const char *const two[] = {"--workers",       "2",
-                                      "--engine-threads", "2",
-                                      "--build-threads",  "2",
-                                      NULL};
+    static const char *const two[] = {
+        "--workers", "2", "--engine-threads", "2", "--build-threads",
+        "2",         NULL};
     char prefix[64];
     snprintf(prefix, sizeof(prefix), "/bench-tp-%d-%u-%d", nodes, r,
              node_threads);
@@ -586,8 +586,8 @@ static void *fo_reader(void *arg) {
     while (c && out && !atomic_load(&f->stop) && f->n_reads < f->cap_reads) {
         fo_read_t *r = &f->reads[f->n_reads];
         r->t0 = now_s();
-        r->rc = kvs_client_seq_attend(c, f->seq, 0, queries,
-                                      Q_HEADS * HEAD_DIM, NULL, out, NULL);
+        r->rc = kvs_client_seq_attend(c, f->seq, 0, queries, Q_HEADS * HEAD_DIM,
+                                      NULL, out, NULL);
         r->t1 = now_s();
         f->n_reads++;
     }
@@ -603,9 +603,9 @@ static void *fo_writer(void *arg) {
     kvs_client_t *c = open_cluster_client(f->cl, 2);
     const uint32_t n = 16;
     for (int i = 0; c && !atomic_load(&f->stop); i = (i + 1) % f->n_seqs) {
-        int rc = kvs_client_seq_append(c, f->first + (uint64_t)i, 0, n,
-                                       kv_chunk, kv_chunk,
-                                       (size_t)n * TOKEN_BYTES / 2);
+        int rc =
+            kvs_client_seq_append(c, f->first + (uint64_t)i, 0, n, kv_chunk,
+                                  kv_chunk, (size_t)n * TOKEN_BYTES / 2);
         if (rc) {
             if (f->write_errors++ == 0)
                 f->write_first_err = rc;
@@ -633,8 +633,8 @@ static long tokens_on(const tc_node_t *n, uint64_t seq) {
     node_addr(n, a, sizeof(a));
     kvs_client_t *c = open_client(a, 1);
     kvs_seq_info_t in;
-    long t = c && kvs_client_seq_info(c, seq, &in) == 0 ? (long)in.tokens_max
-                                                        : -1;
+    long t =
+        c && kvs_client_seq_info(c, seq, &in) == 0 ? (long)in.tokens_max : -1;
     kvs_client_close(c);
     return t;
 }
@@ -802,17 +802,17 @@ static int bench_failover(const cfg_t *cfg) {
                ",\"first_write_error\":\"%s\"}\n",
                round, loadavg(), TTL, M, cl.node[victim].node_id,
                first_ok < 0 ? -1 : first_ok * 1e3, median_before * 1e3,
-               inflight * 1e3, median_window * 1e3, in_window, gap * 1e3, gap_at * 1e3, worst * 1e3,
-               worst_at * 1e3, after, failed, restored < 0 ? -1 : restored * 1e3, acked,
-               lost, settle * 1e3, f.degraded, f.write_errors,
+               inflight * 1e3, median_window * 1e3, in_window, gap * 1e3,
+               gap_at * 1e3, worst * 1e3, worst_at * 1e3, after, failed,
+               restored < 0 ? -1 : restored * 1e3, acked, lost, settle * 1e3,
+               f.degraded, f.write_errors,
                f.write_first_err ? kvs_err_name(f.write_first_err) : "");
         fflush(stdout);
         fprintf(stderr,
                 "cluster_bench: failover round %d: reads back after %.2f ms "
                 "(max gap %.2f ms, %" PRIu64 " failed), R=2 after %.0f ms, "
                 "%" PRIu64 " lost\n",
-                round, first_ok * 1e3, gap * 1e3, failed, restored * 1e3,
-                lost);
+                round, first_ok * 1e3, gap * 1e3, failed, restored * 1e3, lost);
         if (restored < 0 || first_ok < 0) {
             rc = -ETIMEDOUT;
             goto out;
@@ -864,8 +864,9 @@ static void pushed_from_log(const tc_node_t *n, double *bytes, double *ms,
  * a second joins and repair copies every sequence to it: all bytes move,
  * however the rendezvous weights fall, and nothing is dropped. */
 static int bench_repair(const cfg_t *cfg, const char *rate) {
-    const char *const flags[] = {"--replicas", "2", "--repair-interval-ms",
-                                 "200", "--repair-rate-bytes", rate, NULL};
+    const char *const flags[] = {
+        "--replicas", "2", "--repair-interval-ms", "200", "--repair-rate-bytes",
+        rate,         NULL};
     char prefix[64];
     snprintf(prefix, sizeof(prefix), "/bench-repair-%s", rate);
     const int S = cfg->repair_seqs;
@@ -921,8 +922,8 @@ static int bench_repair(const cfg_t *cfg, const char *rate) {
         rc = -EIO;
 out:
     if (rc) {
-        fprintf(stderr, "cluster_bench: repair at %s failed at %s (%d)\n",
-                rate, step, rc);
+        fprintf(stderr, "cluster_bench: repair at %s failed at %s (%d)\n", rate,
+                step, rc);
         for (int i = 0; i < cl.n; i++)
             tc_node_dump_log(&cl.node[i]);
     }
@@ -1029,9 +1030,8 @@ int main(int argc, char **argv) {
         } else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
             only = argv[++i];
         } else {
-            fprintf(stderr,
-                    "usage: cluster_bench [--quick] "
-                    "[--only throughput|failover|repair|join]\n");
+            fprintf(stderr, "usage: cluster_bench [--quick] "
+                            "[--only throughput|failover|repair|join]\n");
             return 2;
         }
     }
@@ -1067,9 +1067,9 @@ int main(int argc, char **argv) {
         static const int shapes[][3] = {{1, 1, 2}, {1, 1, 1}, {2, 1, 1},
                                         {3, 1, 1}, {2, 2, 1}, {3, 2, 1}};
         for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
-            fails += bench_throughput(&cfg, shapes[i][0],
-                                      (uint32_t)shapes[i][1],
-                                      shapes[i][2]) != 0;
+            fails +=
+                bench_throughput(&cfg, shapes[i][0], (uint32_t)shapes[i][1],
+                                 shapes[i][2]) != 0;
     }
     if (!only || !strcmp(only, "failover"))
         fails += bench_failover(&cfg) != 0;
