@@ -300,7 +300,10 @@ static double wait_settled(kvs_client_t *c, const cl_t *cl, uint64_t first,
         }
         if (ok)
             return now_s() - t0;
-        tc_sleep_ms(20);
+        /* A poll asks nodes about every sequence (an info walks its
+         * layers): often enough for the resolution wanted, rarely enough
+         * not to load the daemons it measures. */
+        tc_sleep_ms(50);
     }
     return -1;
 }
@@ -701,7 +704,7 @@ static int bench_failover(const cfg_t *cfg) {
                 restored = now_s() - t_kill;
                 break;
             }
-            tc_sleep_ms(20);
+            tc_sleep_ms(50); /* as in wait_settled */
         }
         atomic_store(&f.stop, true);
         pthread_join(rd, NULL);
