@@ -26,7 +26,8 @@
 #                           one daemon with two of each, the baseline (rows:
 #                           CPU seconds of every daemon and of the client,
 #                           load average)
-# Everything shares this machine's cores: the rows say how busy they were.
+# MB = 10^6 bytes. Everything shares this machine's cores: the rows say how
+# busy they were (cores_busy, loadavg).
 set -euo pipefail
 build=$1; out=$2; shift 2
 bin="$build/bench/cluster/cluster_bench"
