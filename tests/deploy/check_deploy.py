@@ -4,11 +4,15 @@ deploy. Usage: check_deploy.py KVSTORED SOURCE_DIR
 - deploy/systemd/kvstored.conf passes `kvstored --check-config`;
 - deploy/systemd/kvstored.service passes `systemd-analyze verify` (with
   ExecStart pointed at this build; skipped, and said so, without systemd);
+- deploy/local/run.sh starts a real etcd and 3 kvstored on loopback (with
+  KVCTL, the third argument): all 3 listed by `kvctl nodes`, a sequence
+  created on one reaches a second by repair (R=2), stop leaves no process;
 - deploy/kubernetes/*.yaml parse; the kvstored.conf of its ConfigMap passes
   `kvstored --check-config` (its secret and data paths replaced by
   temporary ones); the StatefulSet's ports, probes, config mount and
   environment match that configuration and kvstored's options.
 """
+import json
 import os
 import re
 import shutil
@@ -19,6 +23,7 @@ import tempfile
 import yaml
 
 KVSTORED, SRC = sys.argv[1], sys.argv[2]
+KVCTL = sys.argv[3] if len(sys.argv) > 3 else None
 DEPLOY = os.path.join(SRC, "deploy")
 failures = []
 
@@ -157,6 +162,60 @@ try:
         print("skip Dockerfile package check: no apt-cache")
 finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_local():
+    import time
+    if not shutil.which("etcd"):
+        print("skip deploy/local: no etcd (apt-get install etcd-server)")
+        return
+    run = os.path.join(DEPLOY, "local", "run.sh")
+    d = tempfile.mkdtemp(prefix="kvs-deploy-local-")
+    env = dict(os.environ, KVSTORED=KVSTORED, KVCTL=KVCTL)
+    try:
+        r = subprocess.run([run, "start", d], env=env, capture_output=True,
+                           text=True, timeout=60)
+        check(r.returncode == 0, f"deploy/local start: {r.stderr[-500:]}")
+        if r.returncode:
+            return
+        kv = dict(line.split("=", 1) for line in
+                  open(os.path.join(d, "env")).read().split())
+        env.update(kv)
+        r = subprocess.run([run, "status", d], env=env, capture_output=True,
+                           text=True, timeout=30)
+        check(r.returncode == 0 and all(f"node{i}" in r.stdout
+                                        for i in (1, 2, 3)),
+              f"kvctl nodes lists node1-3: {r.stdout}{r.stderr}")
+        ctl = [KVCTL, "--addr", kv["KVS_ADDR"]]
+        r = subprocess.run(ctl + ["create", "7", "--layers", "1",
+                                  "--q-heads", "2", "--kv-heads", "1",
+                                  "--head-dim", "32"],
+                           env=env, capture_output=True, text=True, timeout=30)
+        check(r.returncode == 0, f"kvctl create: {r.stderr}")
+        holders = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and holders < 2:
+            r = subprocess.run(ctl + ["--json", "locate", "7"], env=env,
+                               capture_output=True, text=True, timeout=30)
+            try:
+                holders = len(json.loads(r.stdout)["nodes"])
+            except (ValueError, KeyError):
+                holders = 0
+            time.sleep(0.5)
+        check(holders >= 2, f"repair puts sequence 7 on 2 nodes: {r.stdout}")
+    finally:
+        r = subprocess.run([run, "stop", d], env=env, capture_output=True,
+                           text=True, timeout=120)
+        check(r.returncode == 0, f"deploy/local stop: {r.stderr}")
+        if shutil.which("pgrep"):
+            left = subprocess.run(["pgrep", "-f", d], capture_output=True,
+                                  text=True).stdout.split()
+            check(not left, f"no process of {d} left after stop: {left}")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if KVCTL:
+    check_local()
 
 if failures:
     print(f"{len(failures)} check(s) failed")
