@@ -71,6 +71,11 @@ typedef struct node_s {
     kvs_client_op_t *fifo_head, *fifo_tail;
     uint64_t hello_id;
     bool live;             /* placed on: always, for a static list */
+    /* now_ms() until which reads ask this node after the other replicas:
+     * a connect to it failed. A dead node stays registered until its lease
+     * lapses; without this every read paid a refused connect (and an etcd
+     * range) before failing over. 0: healthy. */
+    uint64_t down_until;
     kvs_node_record_t rec; /* etcd's record of the node (etcd:// only) */
 } node_t;
 
@@ -106,6 +111,7 @@ struct kvs_client_s {
     kvs_etcd_t *etcd;
     char node_prefix[512]; /* "<prefix>/nodes/" */
     uint32_t refresh_ms;
+    uint64_t down_ms; /* node_t.down_until after a failed connect */
     uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
     uint32_t replicas;     /* R: nodes that hold each sequence */
     kvs_client_counters_t counters;
@@ -527,6 +533,7 @@ static int members_refresh(kvs_client_t *c) {
             i = fresh != SIZE_MAX ? fresh : c->n_nodes++;
             node_t *n = &c->nodes[i];
             n->fd = -1;
+            n->down_until = 0;
             if (parse_addr(n, r.addr)) {
                 n->addr[0] = 0; /* unusable; the slot stays free */
                 continue;
@@ -648,6 +655,10 @@ int kvs_client_open(const kvs_client_options_t *o, kvs_client_t **out) {
         o->max_frame_bytes ? o->max_frame_bytes : def.max_frame_bytes;
     c->next_id = 1;
     c->refresh_ms = o->membership_refresh_ms ? o->membership_refresh_ms : 1000;
+    /* Two membership periods: long enough to cover the reads until the
+     * list is read again, short enough that a restarted node is asked
+     * again soon. */
+    c->down_ms = 2 * (uint64_t)c->refresh_ms;
     if (o->replicas > MAX_REPLICAS) {
         kvs_client_close(c);
         return KVS_EINVAL;
@@ -791,6 +802,25 @@ static size_t candidates(kvs_client_t *c, uint64_t seq, size_t *out) {
             out[n++] = r[k];
     }
     return n;
+}
+
+/* candidates() for a read: within the first R (the replicas a read may
+ * ask), nodes whose connect failed lately go after the others, in their
+ * order otherwise. Writes keep candidates(): they go to every replica. */
+static size_t read_candidates(kvs_client_t *c, uint64_t seq, size_t *out) {
+    size_t nc = candidates(c, seq, out);
+    size_t m = c->replicas < nc ? c->replicas : nc, up = 0;
+    size_t down[MAX_REPLICAS], nd = 0;
+    uint64_t now = now_ms();
+    for (size_t k = 0; k < m; k++) {
+        if (c->nodes[out[k]].down_until > now && nd < MAX_REPLICAS)
+            down[nd++] = out[k];
+        else
+            out[up++] = out[k];
+    }
+    for (size_t k = 0; k < nd; k++)
+        out[up + k] = down[k];
+    return nc;
 }
 
 /* An op on `seq` was answered by the nodes hold[0..n): remember them when
@@ -952,9 +982,11 @@ static int node_connect(kvs_client_t *c, node_t *n) {
     }
     if (err) {
         kvs_frame_reader_destroy(&n->rd);
+        n->down_until = now_ms() + c->down_ms;
         return cfail(c, err == -ETIMEDOUT ? KVS_ETIMEDOUT : KVS_ECONN,
                      "%s: cannot connect: %s", n->addr, strerror(-err));
     }
+    n->down_until = 0;
     /* Hello goes first, pipelined with the requests behind it: the server
      * handles frames of a connection in order, so no round trip is lost. */
     if ((rc = send_hello(c, n))) {
@@ -1779,7 +1811,7 @@ static void walk_done(kvs_client_t *c, kvs_client_op_t *op) {
 /* Submit a walked op to its candidates from op->try_ on, passing over
  * those that cannot be reached at once (R > 1). */
 static int submit_walk(kvs_client_t *c, kvs_client_op_t *op) {
-    size_t cand[MAX_PROBE], nc = candidates(c, op->seq, cand);
+    size_t cand[MAX_PROBE], nc = read_candidates(c, op->seq, cand);
     if (!nc)
         return cfail(c, KVS_ECONN, "no live node%s",
                      c->etcd ? " registered in etcd" : "");
@@ -1823,7 +1855,7 @@ static void retry_reads(kvs_client_t *c) {
             continue;
         }
         size_t cand[MAX_PROBE];
-        if (op->try_ >= candidates(c, op->seq, cand)) {
+        if (op->try_ >= read_candidates(c, op->seq, cand)) {
             /* No node left to ask: the last answer stands. */
             walk_done(c, op);
             done_push(c, op);

@@ -526,15 +526,21 @@ static void test_cluster_replicas(void **state) {
     /* a held about 2/3 of the sequences; P(none) = (1/3)^24. */
     assert_true(degraded > 0);
     assert_true(k1.degraded_writes - k0.degraded_writes == (uint64_t)degraded);
-    assert_true(k1.read_failovers > k0.read_failovers);
+    /* Only the first contact with the dead node (a read, or a write whose
+     * connect is refused) finds it down; the client then asks it last
+     * (node_t.down_until), and the writes to it keep that fresh. */
+    assert_true(k1.read_failovers - k0.read_failovers <= 1);
     fprintf(stderr,
             "R=2, one node killed: %d of %d appends acknowledged by "
             "one replica, %llu reads failed over\n",
             degraded, N,
             (unsigned long long)(k1.read_failovers - k0.read_failovers));
 
-    /* Submitted reads fail over too: N attends pipelined at once, those
-     * whose first replica is the dead node pass on to the other. */
+    /* Pipelined reads: N attends submitted at once. The client has seen
+     * connects to the dead node fail just now (the appends above), so for
+     * two membership periods it asks that node after the other replica:
+     * no read passes over it (before, each one paid a refused connect and
+     * an etcd range first). */
     static kvs_client_op_t at[N];
     static float out[N][16];
     float q[16];
@@ -562,7 +568,7 @@ static void test_cluster_replicas(void **state) {
         got += nd;
     }
     kvs_client_counters(c, &k1);
-    assert_true(k1.read_failovers > k0.read_failovers);
+    assert_true(k1.read_failovers == k0.read_failovers);
 
     /* Once its lease is gone, a is no longer placed on; every sequence is
      * still read, from its first replica: a sequence that was on a and x
