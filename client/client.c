@@ -70,7 +70,7 @@ typedef struct node_s {
     size_t tab_cap, tab_n;
     kvs_client_op_t *fifo_head, *fifo_tail;
     uint64_t hello_id;
-    bool live;             /* placed on: always, for a static list */
+    bool live; /* placed on: always, for a static list */
     /* now_ms() until which reads ask this node after the other replicas:
      * a connect to it failed. A dead node stays registered until its lease
      * lapses; without this every read paid a refused connect (and an etcd
@@ -111,7 +111,7 @@ struct kvs_client_s {
     kvs_etcd_t *etcd;
     char node_prefix[512]; /* "<prefix>/nodes/" */
     uint32_t refresh_ms;
-    uint64_t down_ms; /* node_t.down_until after a failed connect */
+    uint64_t down_ms;      /* node_t.down_until after a failed connect */
     uint64_t next_refresh; /* now_ms() of the next range; 0: at once */
     uint32_t replicas;     /* R: nodes that hold each sequence */
     kvs_client_counters_t counters;
