@@ -405,3 +405,38 @@ double tc_metric_wait(int http_port, const char *name, double want,
     }
     return v;
 }
+
+tc_etcd_t tc_etcd;
+bool tc_have_etcd;
+
+int tc_group_setup(void **state) {
+    (void)state;
+    if (!tc_etcd_binary()) {
+        fprintf(stderr, "etcd not installed (apt-get install etcd-server, or "
+                        "scripts/install-deps.sh): cluster tests skipped\n");
+        return 0;
+    }
+    int rc = tc_etcd_start(&tc_etcd);
+    if (rc) {
+        fprintf(stderr, "etcd did not start (%d); log in %s/log\n", rc,
+                tc_etcd.dir);
+        return -1;
+    }
+    tc_have_etcd = true;
+    return 0;
+}
+
+/* A failed assertion skips the test's own cleanup: no daemon outlives it. */
+int tc_test_teardown(void **state) {
+    (void)state;
+    tc_reap_all();
+    return 0;
+}
+
+int tc_group_teardown(void **state) {
+    (void)state;
+    tc_reap_all();
+    if (tc_have_etcd)
+        tc_etcd_stop(&tc_etcd);
+    return 0;
+}

@@ -54,6 +54,23 @@ void tc_node_dump_log(const tc_node_t *n);
  * assertion skips a test's own cleanup (call from the group teardown). */
 void tc_reap_all(void);
 
+/* One etcd for a cmocka group of tests: tc_group_setup starts it, or notes
+ * that etcd is not installed (TC_NEED_ETCD() then skips the test, it does
+ * not fail); tc_test_teardown reaps what a failed test left running;
+ * tc_group_teardown stops etcd. */
+extern tc_etcd_t tc_etcd;
+extern bool tc_have_etcd;
+int tc_group_setup(void **state);
+int tc_test_teardown(void **state);
+int tc_group_teardown(void **state);
+#define TC_NEED_ETCD()                                                         \
+    do {                                                                       \
+        if (!tc_have_etcd) {                                                   \
+            fprintf(stderr, "skipped: etcd not installed\n");                  \
+            skip();                                                            \
+        }                                                                      \
+    } while (0)
+
 /* Node ids registered under prefix right now (sorted, comma-joined into
  * out); -1 when etcd cannot be read. */
 int tc_members(const tc_etcd_t *e, const char *prefix, char *out, size_t cap);

@@ -25,68 +25,25 @@
 
 #define TTL 2
 
-static tc_etcd_t etcd;
-static bool have_etcd;
-
-static int group_setup(void **state) {
-    (void)state;
-    if (!tc_etcd_binary()) {
-        fprintf(stderr, "etcd not installed (apt-get install etcd-server, or "
-                        "scripts/install-deps.sh): cluster tests skipped\n");
-        return 0;
-    }
-    int rc = tc_etcd_start(&etcd);
-    if (rc) {
-        fprintf(stderr, "etcd did not start (%d); log in %s/log\n", rc,
-                etcd.dir);
-        return -1;
-    }
-    have_etcd = true;
-    return 0;
-}
-
-/* A failed assertion skips the test's own cleanup: no daemon outlives it. */
-static int test_teardown(void **state) {
-    (void)state;
-    tc_reap_all();
-    return 0;
-}
-
-static int group_teardown(void **state) {
-    (void)state;
-    tc_reap_all();
-    if (have_etcd)
-        tc_etcd_stop(&etcd);
-    return 0;
-}
-
-#define NEED_ETCD()                                                            \
-    do {                                                                       \
-        if (!have_etcd) {                                                      \
-            fprintf(stderr, "skipped: etcd not installed\n");                  \
-            skip();                                                            \
-        }                                                                      \
-    } while (0)
-
 /* Nodes appear under their lease; SIGTERM removes one at once (the drain
  * revokes its lease); SIGKILL removes one when the lease runs out. */
 static void test_cluster_membership(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-membership";
     tc_node_t n[3];
     const char *ids[3] = {"a", "b", "c"};
     for (int i = 0; i < 3; i++)
-        assert_int_equal(tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, NULL),
+        assert_int_equal(tc_node_start(&n[i], &tc_etcd, pfx, ids[i], TTL, NULL),
                          0);
-    long ms = tc_wait_members(&etcd, pfx, "a,b,c", 5000);
+    long ms = tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000);
     if (ms < 0)
         tc_node_dump_log(&n[0]);
     assert_true(ms >= 0);
 
     /* The record says where to connect and what the node runs. */
     kvs_etcd_t *c = NULL;
-    assert_int_equal(kvs_etcd_new(etcd.endpoint, 1000, &c, NULL, 0), 0);
+    assert_int_equal(kvs_etcd_new(tc_etcd.endpoint, 1000, &c, NULL, 0), 0);
     char key[256];
     assert_int_equal(kvs_node_key(pfx, "a", key, sizeof(key)), 0);
     kvs_etcd_kv_t *kvs = NULL;
@@ -109,8 +66,8 @@ static void test_cluster_membership(void **state) {
      * next keepalive sees it gone and the node registers again. */
     int64_t old_lease = kvs[0].lease;
     assert_int_equal(kvs_etcd_lease_revoke(c, old_lease), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "b,c", 2000) >= 0);
-    ms = tc_wait_members(&etcd, pfx, "a,b,c", TTL * 1000 + 2000);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "b,c", 2000) >= 0);
+    ms = tc_wait_members(&tc_etcd, pfx, "a,b,c", TTL * 1000 + 2000);
     assert_true(ms >= 0);
     fprintf(stderr, "lease revoked: registered again after %ld ms\n", ms);
     /* the gauges follow the put that made the key visible */
@@ -130,22 +87,22 @@ static void test_cluster_membership(void **state) {
 
     /* Drain: gone well before any lease could expire. */
     assert_int_equal(tc_node_stop(&n[1]), 0);
-    ms = tc_wait_members(&etcd, pfx, "a,c", 1500);
+    ms = tc_wait_members(&tc_etcd, pfx, "a,c", 1500);
     assert_true(ms >= 0);
     fprintf(stderr, "SIGTERM: deregistered after %ld ms\n", ms);
 
     /* Crash: gone within the TTL (etcd checks expiry every 500 ms). "a"
      * has been up for longer than its TTL by then: keepalives work. */
     tc_node_kill(&n[2]);
-    ms = tc_wait_members(&etcd, pfx, "a", TTL * 1000 + 2000);
+    ms = tc_wait_members(&tc_etcd, pfx, "a", TTL * 1000 + 2000);
     assert_true(ms >= 0);
     fprintf(stderr, "SIGKILL: lease expired after %ld ms (TTL %d s)\n", ms,
             TTL);
     tc_sleep_ms(TTL * 1000);
-    assert_true(tc_wait_members(&etcd, pfx, "a", 0) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a", 0) >= 0);
 
     assert_int_equal(tc_node_stop(&n[0]), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "", 1500) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "", 1500) >= 0);
     for (int i = 0; i < 3; i++)
         tc_node_cleanup(&n[i]);
 }
@@ -239,17 +196,17 @@ static const char *owner(kvs_client_t *c, uint64_t seq) {
  * longer used, and sequences on the others keep working. */
 static void test_cluster_client_membership(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-client";
     tc_node_t n[3];
     memset(n, 0, sizeof(n));
-    assert_int_equal(tc_node_start(&n[0], &etcd, pfx, "a", TTL, NULL), 0);
-    assert_int_equal(tc_node_start(&n[1], &etcd, pfx, "b", TTL, NULL), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b", 5000) >= 0);
+    assert_int_equal(tc_node_start(&n[0], &tc_etcd, pfx, "a", TTL, NULL), 0);
+    assert_int_equal(tc_node_start(&n[1], &tc_etcd, pfx, "b", TTL, NULL), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b", 5000) >= 0);
     char addr[3][64], url[128];
     for (int i = 0; i < 2; i++)
         snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", n[i].port);
-    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", tc_etcd.port, pfx);
     const char *addrs[1] = {url};
     kvs_client_options_t o;
     kvs_client_options_default(&o);
@@ -300,9 +257,9 @@ static void test_cluster_client_membership(void **state) {
     assert_true(on[0] > 0 && on[1] > 0);
 
     /* c joins: within a refresh, new sequences land on it too. */
-    assert_int_equal(tc_node_start(&n[2], &etcd, pfx, "c", TTL, NULL), 0);
+    assert_int_equal(tc_node_start(&n[2], &tc_etcd, pfx, "c", TTL, NULL), 0);
     snprintf(addr[2], sizeof(addr[2]), "127.0.0.1:%d", n[2].port);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     tc_sleep_ms(250);
     int on_c = 0;
     for (uint64_t s = 101; s <= 124; s++) {
@@ -332,7 +289,7 @@ static void test_cluster_client_membership(void **state) {
     /* a drains away: nothing is placed on it any more, and every sequence
      * on b and c keeps working. */
     assert_int_equal(tc_node_stop(&n[0]), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "b,c", 3000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "b,c", 3000) >= 0);
     tc_sleep_ms(250);
     /* kvs_client_node_for does not read etcd; a submit (or this) does. */
     assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
@@ -364,7 +321,7 @@ static void test_cluster_client_membership(void **state) {
  * empty prefix opens and reports no live node. */
 static void test_cluster_client_errors(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *bad[1] = {"etcd://127.0.0.1:1/x"};
     kvs_client_options_t o;
     kvs_client_options_default(&o);
@@ -379,7 +336,7 @@ static void test_cluster_client_errors(void **state) {
     o.n_addrs = 2;
     assert_int_equal(kvs_client_open(&o, &c), KVS_EINVAL);
     char url[128];
-    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d/t-empty", etcd.port);
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d/t-empty", tc_etcd.port);
     const char *empty[1] = {url};
     o.addrs = empty;
     o.n_addrs = 1;
@@ -395,16 +352,16 @@ static void test_cluster_client_errors(void **state) {
  * acknowledged by the one left, which the client reports. */
 static void test_cluster_replicas(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-replicas";
     tc_node_t n[3];
     const char *ids[3] = {"a", "b", "c"};
     for (int i = 0; i < 3; i++)
-        assert_int_equal(tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, NULL),
+        assert_int_equal(tc_node_start(&n[i], &tc_etcd, pfx, ids[i], TTL, NULL),
                          0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     char url[128], addr_a[64];
-    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", tc_etcd.port, pfx);
     snprintf(addr_a, sizeof(addr_a), "127.0.0.1:%d", n[0].port);
     const char *addrs[1] = {url};
     kvs_client_options_t o;
@@ -574,7 +531,7 @@ static void test_cluster_replicas(void **state) {
      * still read, from its first replica: a sequence that was on a and x
      * now has {x, y} with y ranked below x (rendezvous: a leaving node
      * only promotes the next one), so no read needs to pass on. */
-    assert_true(tc_wait_members(&etcd, pfx, "b,c", TTL * 1000 + 2000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "b,c", TTL * 1000 + 2000) >= 0);
     assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
     assert_int_equal(nm, 2);
     kvs_client_counters(c, &k0);
@@ -590,8 +547,8 @@ static void test_cluster_replicas(void **state) {
      * copy of them (no repair yet): it answers KVS_ENOSEQ and the read
      * passes on to the old first replica. P(d first for none) = (2/3)^24. */
     tc_node_t d;
-    assert_int_equal(tc_node_start(&d, &etcd, pfx, "d", TTL, NULL), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "b,c,d", 5000) >= 0);
+    assert_int_equal(tc_node_start(&d, &tc_etcd, pfx, "d", TTL, NULL), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "b,c,d", 5000) >= 0);
     assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
     assert_int_equal(nm, 3);
     kvs_client_counters(c, &k0);
@@ -607,7 +564,7 @@ static void test_cluster_replicas(void **state) {
     /* Down to one live node: a write there is one copy where R asked for
      * two, and says so. */
     assert_int_equal(tc_node_stop(&n[2]), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "b", 3000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "b", 3000) >= 0);
     assert_int_equal(kvs_client_members(c, m, 8, &nm), 0);
     int on_b = 0;
     for (uint64_t s = 1; s <= N; s++) {
@@ -687,15 +644,15 @@ static const float sticky_q[16] = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f,
  * Then a node is SIGKILLed and restarted on its data: found again. */
 static void test_cluster_sticky_join(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-sticky";
     tc_node_t n[3];
     memset(n, 0, sizeof(n));
-    assert_int_equal(tc_node_start(&n[0], &etcd, pfx, "a", TTL, NULL), 0);
-    assert_int_equal(tc_node_start(&n[1], &etcd, pfx, "b", TTL, NULL), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b", 5000) >= 0);
+    assert_int_equal(tc_node_start(&n[0], &tc_etcd, pfx, "a", TTL, NULL), 0);
+    assert_int_equal(tc_node_start(&n[1], &tc_etcd, pfx, "b", TTL, NULL), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b", 5000) >= 0);
     char url[128], addr[3][64];
-    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", tc_etcd.port, pfx);
     kvs_client_t *c = open_etcd_client(url, 1);
     assert_true(client_sees(c, 2));
 
@@ -712,9 +669,9 @@ static void test_cluster_sticky_join(void **state) {
             0);
     }
 
-    assert_int_equal(tc_node_start(&n[2], &etcd, pfx, "c", TTL, NULL), 0);
+    assert_int_equal(tc_node_start(&n[2], &tc_etcd, pfx, "c", TTL, NULL), 0);
     snprintf(addr[2], sizeof(addr[2]), "127.0.0.1:%d", n[2].port);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     assert_true(client_sees(c, 3));
     size_t node_c = node_of(c, addr[2]);
     assert_true(node_c != SIZE_MAX);
@@ -895,10 +852,10 @@ static void test_cluster_sticky_join(void **state) {
     /* b is SIGKILLed (its appends were flushed) and restarted on its data
      * dir, on a new port: its sequences are found again. */
     tc_node_kill(&n[1]);
-    assert_true(tc_wait_members(&etcd, pfx, "a,c", 5000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,c", 5000) >= 0);
     assert_true(client_sees(c, 2));
-    assert_int_equal(tc_node_restart(&n[1], &etcd, pfx, TTL, NULL), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    assert_int_equal(tc_node_restart(&n[1], &tc_etcd, pfx, TTL, NULL), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     assert_true(client_sees(c, 3));
     for (uint64_t s = 1; s <= N; s++) {
         int rc = kvs_client_seq_attend(c, s, 0, sticky_q, 16, NULL, out, NULL);
@@ -923,17 +880,17 @@ static void test_cluster_sticky_join(void **state) {
  * to their two holders (both acknowledge), never to the newcomer. */
 static void test_cluster_sticky_replicas(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-sticky-r2";
     tc_node_t n[4];
     memset(n, 0, sizeof(n));
     const char *ids[4] = {"a", "b", "c", "d"};
     for (int i = 0; i < 3; i++)
-        assert_int_equal(tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, NULL),
+        assert_int_equal(tc_node_start(&n[i], &tc_etcd, pfx, ids[i], TTL, NULL),
                          0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     char url[128], addr_d[64];
-    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    snprintf(url, sizeof(url), "etcd://127.0.0.1:%d%s", tc_etcd.port, pfx);
     kvs_client_t *c = open_etcd_client(url, 2);
     assert_true(client_sees(c, 3));
     enum { N = 24 };
@@ -943,9 +900,9 @@ static void test_cluster_sticky_replicas(void **state) {
         kvs_client_last_write_acks(c, &acked, &wanted);
         assert_int_equal(acked, 2);
     }
-    assert_int_equal(tc_node_start(&n[3], &etcd, pfx, "d", TTL, NULL), 0);
+    assert_int_equal(tc_node_start(&n[3], &tc_etcd, pfx, "d", TTL, NULL), 0);
     snprintf(addr_d, sizeof(addr_d), "127.0.0.1:%d", n[3].port);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c,d", 5000) >= 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c,d", 5000) >= 0);
     assert_true(client_sees(c, 4));
     size_t node_d = node_of(c, addr_d);
     assert_true(node_d != SIZE_MAX);
@@ -1129,16 +1086,17 @@ static void test_cluster_etcd_down(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_cluster_record_codec, test_teardown),
-        cmocka_unit_test_teardown(test_cluster_config, test_teardown),
-        cmocka_unit_test_teardown(test_cluster_etcd_down, test_teardown),
-        cmocka_unit_test_teardown(test_cluster_membership, test_teardown),
+        cmocka_unit_test_teardown(test_cluster_record_codec, tc_test_teardown),
+        cmocka_unit_test_teardown(test_cluster_config, tc_test_teardown),
+        cmocka_unit_test_teardown(test_cluster_etcd_down, tc_test_teardown),
+        cmocka_unit_test_teardown(test_cluster_membership, tc_test_teardown),
         cmocka_unit_test_teardown(test_cluster_client_membership,
-                                  test_teardown),
-        cmocka_unit_test_teardown(test_cluster_client_errors, test_teardown),
-        cmocka_unit_test_teardown(test_cluster_replicas, test_teardown),
-        cmocka_unit_test_teardown(test_cluster_sticky_join, test_teardown),
-        cmocka_unit_test_teardown(test_cluster_sticky_replicas, test_teardown),
+                                  tc_test_teardown),
+        cmocka_unit_test_teardown(test_cluster_client_errors, tc_test_teardown),
+        cmocka_unit_test_teardown(test_cluster_replicas, tc_test_teardown),
+        cmocka_unit_test_teardown(test_cluster_sticky_join, tc_test_teardown),
+        cmocka_unit_test_teardown(test_cluster_sticky_replicas,
+                                  tc_test_teardown),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, tc_group_setup, tc_group_teardown);
 }

@@ -35,48 +35,6 @@
 #define TTL 2
 enum { N = 12, D = 8, NL = 2, BIG = 1100 };
 
-static tc_etcd_t etcd;
-static bool have_etcd;
-
-static int group_setup(void **state) {
-    (void)state;
-    if (!tc_etcd_binary()) {
-        fprintf(stderr, "etcd not installed (apt-get install etcd-server, or "
-                        "scripts/install-deps.sh): repair tests skipped\n");
-        return 0;
-    }
-    int rc = tc_etcd_start(&etcd);
-    if (rc) {
-        fprintf(stderr, "etcd did not start (%d); log in %s/log\n", rc,
-                etcd.dir);
-        return -1;
-    }
-    have_etcd = true;
-    return 0;
-}
-
-static int test_teardown(void **state) {
-    (void)state;
-    tc_reap_all();
-    return 0;
-}
-
-static int group_teardown(void **state) {
-    (void)state;
-    tc_reap_all();
-    if (have_etcd)
-        tc_etcd_stop(&etcd);
-    return 0;
-}
-
-#define NEED_ETCD()                                                            \
-    do {                                                                       \
-        if (!have_etcd) {                                                      \
-            fprintf(stderr, "skipped: etcd not installed\n");                  \
-            skip();                                                            \
-        }                                                                      \
-    } while (0)
-
 static const kvs_geometry_t geo = {.n_layers = NL,
                                    .n_q_heads = 2,
                                    .n_kv_heads = 1,
@@ -277,17 +235,17 @@ static long wait_repaired(kvs_client_t *c, const tc_node_t *n, int nn,
 /* R = 2 over three nodes; a holder is SIGKILLed while appends go on. */
 static void test_repair_node_loss(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-repair-loss";
     tc_node_t n[3];
     memset(n, 0, sizeof n);
     const char *ids[3] = {"a", "b", "c"};
     for (int i = 0; i < 3; i++)
         assert_int_equal(
-            tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, slow_flags), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+            tc_node_start(&n[i], &tc_etcd, pfx, ids[i], TTL, slow_flags), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     char url[128];
-    snprintf(url, sizeof url, "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    snprintf(url, sizeof url, "etcd://127.0.0.1:%d%s", tc_etcd.port, pfx);
     kvs_client_t *c = open_client(url, 2);
     create_all(c);
     static float before[N + 1][NL][2 * D];
@@ -341,8 +299,9 @@ static void test_repair_node_loss(void **state) {
      * its copies stale: where it now ranks in the top 2 it is caught up
      * (its copy replaced by one that extends it), elsewhere its copy is
      * dropped once the top 2 hold it. */
-    assert_int_equal(tc_node_restart(&n[1], &etcd, pfx, TTL, repair_flags), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    assert_int_equal(tc_node_restart(&n[1], &tc_etcd, pfx, TTL, repair_flags),
+                     0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     char addrs[3][64];
     for (int i = 0; i < 3; i++)
         snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", n[i].port);
@@ -368,15 +327,15 @@ static void test_repair_node_loss(void **state) {
  * conflict is counted. */
 static void test_repair_conflict(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-repair-conflict";
     tc_node_t n[2];
     memset(n, 0, sizeof n);
     const char *ids[2] = {"a", "b"};
     for (int i = 0; i < 2; i++)
         assert_int_equal(
-            tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, repair_flags), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b", 5000) >= 0);
+            tc_node_start(&n[i], &tc_etcd, pfx, ids[i], TTL, repair_flags), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b", 5000) >= 0);
     char addr[2][64];
     kvs_client_t *c[2];
     for (int i = 0; i < 2; i++) {
@@ -413,17 +372,17 @@ static void test_repair_conflict(void **state) {
  * its top 2, the copies past R dropped, answers unchanged. */
 static void test_repair_join(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     const char *pfx = "/t-repair-join";
     tc_node_t n[4];
     memset(n, 0, sizeof n);
     const char *ids[4] = {"a", "b", "c", "d"};
     for (int i = 0; i < 3; i++)
         assert_int_equal(
-            tc_node_start(&n[i], &etcd, pfx, ids[i], TTL, repair_flags), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+            tc_node_start(&n[i], &tc_etcd, pfx, ids[i], TTL, repair_flags), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     char url[128];
-    snprintf(url, sizeof url, "etcd://127.0.0.1:%d%s", etcd.port, pfx);
+    snprintf(url, sizeof url, "etcd://127.0.0.1:%d%s", tc_etcd.port, pfx);
     kvs_client_t *c = open_client(url, 2);
     create_all(c);
     static float before[N + 1][NL][2 * D];
@@ -432,9 +391,9 @@ static void test_repair_join(void **state) {
         assert_int_equal(holders(c, s, h, sizeof h), 2);
         assert_int_equal(attend_on(strtok(h, ","), s, before[s], NULL), 0);
     }
-    assert_int_equal(tc_node_start(&n[3], &etcd, pfx, "d", TTL, repair_flags),
-                     0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c,d", 5000) >= 0);
+    assert_int_equal(
+        tc_node_start(&n[3], &tc_etcd, pfx, "d", TTL, repair_flags), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c,d", 5000) >= 0);
     char addrs[4][64];
     for (int i = 0; i < 4; i++)
         snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", n[i].port);
@@ -484,7 +443,7 @@ static void test_repair_join(void **state) {
  * bench/cluster: 2 of 12 sequences never reached a node that joined). */
 static void test_repair_missing_slot_collision(void **state) {
     (void)state;
-    NEED_ETCD();
+    TC_NEED_ETCD();
     /* R = 3 over three nodes: every node must hold every sequence, so the
      * pairs are desired wherever the third node ranks. */
     static const char *const flags3[] = {"--replicas", "3",
@@ -492,9 +451,9 @@ static void test_repair_missing_slot_collision(void **state) {
     const char *pfx = "/t-repair-collide";
     tc_node_t n[3];
     memset(n, 0, sizeof n);
-    assert_int_equal(tc_node_start(&n[0], &etcd, pfx, "a", TTL, flags3), 0);
-    assert_int_equal(tc_node_start(&n[1], &etcd, pfx, "b", TTL, flags3), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b", 5000) >= 0);
+    assert_int_equal(tc_node_start(&n[0], &tc_etcd, pfx, "a", TTL, flags3), 0);
+    assert_int_equal(tc_node_start(&n[1], &tc_etcd, pfx, "b", TTL, flags3), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b", 5000) >= 0);
     char addr[2][64];
     for (int i = 0; i < 2; i++)
         snprintf(addr[i], sizeof addr[i], "127.0.0.1:%d", n[i].port);
@@ -521,8 +480,8 @@ static void test_repair_missing_slot_collision(void **state) {
     }
     /* A third node joins: the membership change starts a pass at once
      * (rather than the steady pass every 30 intervals). */
-    assert_int_equal(tc_node_start(&n[2], &etcd, pfx, "c", TTL, flags3), 0);
-    assert_true(tc_wait_members(&etcd, pfx, "a,b,c", 5000) >= 0);
+    assert_int_equal(tc_node_start(&n[2], &tc_etcd, pfx, "c", TTL, flags3), 0);
+    assert_true(tc_wait_members(&tc_etcd, pfx, "a,b,c", 5000) >= 0);
     kvs_client_t *cb = open_client(addr[1], 1);
     long t0 = tc_now_ms(), ms = -1;
     while (tc_now_ms() - t0 < 15000 && ms < 0) {
@@ -551,11 +510,11 @@ static void test_repair_missing_slot_collision(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_repair_node_loss, test_teardown),
-        cmocka_unit_test_teardown(test_repair_join, test_teardown),
-        cmocka_unit_test_teardown(test_repair_conflict, test_teardown),
+        cmocka_unit_test_teardown(test_repair_node_loss, tc_test_teardown),
+        cmocka_unit_test_teardown(test_repair_join, tc_test_teardown),
+        cmocka_unit_test_teardown(test_repair_conflict, tc_test_teardown),
         cmocka_unit_test_teardown(test_repair_missing_slot_collision,
-                                  test_teardown),
+                                  tc_test_teardown),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, tc_group_setup, tc_group_teardown);
 }
