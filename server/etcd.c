@@ -50,29 +50,12 @@ static uint64_t mono_ms(void) {
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-/* Sleep until `ms` from now or a stop request; true when stopping. */
 static bool wait_stop(kvs__member_t *m, uint64_t ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += (time_t)(ms / 1000);
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    pthread_mutex_lock(&m->mu);
-    while (!m->stop && pthread_cond_timedwait(&m->cv, &m->mu, &ts) == 0)
-        ;
-    bool stop = m->stop;
-    pthread_mutex_unlock(&m->mu);
-    return stop;
+    return kvs__wait_stop(&m->mu, &m->cv, &m->stop, ms);
 }
 
 static bool stopping(kvs__member_t *m) {
-    pthread_mutex_lock(&m->mu);
-    bool s = m->stop;
-    pthread_mutex_unlock(&m->mu);
-    return s;
+    return kvs__stopping(&m->mu, &m->stop);
 }
 
 /* Write the record if it changed (load figures move) or `force`. */

@@ -235,27 +235,11 @@ struct kvs__repair_s {
 };
 
 static bool wait_stop(kvs__repair_t *r, uint64_t ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += (time_t)(ms / 1000);
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    pthread_mutex_lock(&r->mu);
-    while (!r->stop && pthread_cond_timedwait(&r->cv, &r->mu, &ts) == 0)
-        ;
-    bool stop = r->stop;
-    pthread_mutex_unlock(&r->mu);
-    return stop;
+    return kvs__wait_stop(&r->mu, &r->cv, &r->stop, ms);
 }
 
 static bool stopping(kvs__repair_t *r) {
-    pthread_mutex_lock(&r->mu);
-    bool s = r->stop;
-    pthread_mutex_unlock(&r->mu);
-    return s;
+    return kvs__stopping(&r->mu, &r->stop);
 }
 
 /* A blocking connection to another kvstored. */

@@ -95,6 +95,13 @@ typedef struct kvs__work_s kvs__work_t;
 typedef struct kvs__member_s kvs__member_t;
 typedef struct kvs__repair_s kvs__repair_t;
 
+/* stop.c: the stop flag of a background thread, guarded by `mu` (a leaf
+ * lock); `cv` runs on CLOCK_MONOTONIC. Sleep until `ms` from now or a stop
+ * request (true when stopping); read the flag. */
+bool kvs__wait_stop(pthread_mutex_t *mu, pthread_cond_t *cv, const bool *stop,
+                    uint64_t ms);
+bool kvs__stopping(pthread_mutex_t *mu, const bool *stop);
+
 /* Requests of one connection that name one sequence and are not answered
  * yet, in arrival order (the per-connection ordering gate, server.c). */
 typedef struct kvs__seq_q_s kvs__seq_q_t;
