@@ -27,7 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "kv_rows.h"
+#include "kv_store.h"
 #include "kvs_kernels.h"
 #include "kvstore.h"
 
@@ -63,33 +63,12 @@ static double now_s(void) {
 
 static kvs_store_t *open_load(const char *dir, kvs_load_t load,
                               uint64_t memory_bytes) {
-    kvs_options_t o;
-    kvs_options_default(&o);
-    o.data_dir = dir;
-    o.segment_tokens = SEG;
-    o.n_threads = 2;
-    o.deterministic = 1;
-    o.memory_bytes = memory_bytes;
-    o.load = load;
-    kvs_store_t *s = NULL;
-    int rc = kvs_store_open(&o, &s);
-    if (rc)
-        fail_msg("open %s: %s (%s)", dir, kvs_strerror(rc),
-                 kvs_store_open_error());
-    return s;
+    return kv_store_open_load(dir, SEG, load, memory_bytes);
 }
 
 static void append_tokens(kvs_store_t *s, uint64_t seq, uint32_t layer,
                           uint64_t t0, uint32_t n) {
-    uint16_t *k = malloc((size_t)n * KVH * D * 2);
-    uint16_t *v = malloc((size_t)n * KVH * D * 2);
-    kv_rows_make(KVH * D, seq, layer, t0, n, k, v);
-    int rc = kvs_seq_append(s, seq, layer, n, k, v);
-    if (rc)
-        fail_msg("append %llu: %s", (unsigned long long)seq,
-                 kvs_store_errmsg(s));
-    free(k);
-    free(v);
+    kv_store_append(s, seq, layer, t0, n, KVH * D);
 }
 
 /* Whether (seq, layer) holds exactly n tokens, as generated. */
