@@ -19,6 +19,7 @@
  */
 #include "cluster.h"
 #include "kvs_client.h"
+#include "kvstore.h"
 #include "kvs_common.h"
 #include "kvs_etcd.h"
 
@@ -186,18 +187,69 @@ static void create_all(kvs_client_t *c) {
     }
 }
 
+/* Exact attention of both layers of seq as an in-process store gives it
+ * for the same rows: create_all's, then `rounds` rounds of 4 tokens. */
+static void reference_exact(uint64_t seq, int rounds, float out[NL][2 * D]) {
+    kvs_options_t o;
+    kvs_options_default(&o);
+    o.deterministic = 1;
+    kvs_store_t *st = NULL;
+    assert_int_equal(kvs_store_open(&o, &st), 0);
+    assert_int_equal(kvs_seq_create(st, seq, &geo), 0);
+    static float kv[100 * D];
+    uint32_t left = seq == 1 ? BIG : 40;
+    for (int r = 0; left; r++) {
+        uint32_t n = left < 100 ? left : 100;
+        rows(seq, 100 + r, n, kv);
+        for (uint32_t l = 0; l < NL; l++)
+            assert_int_equal(kvs_seq_append(st, seq, l, n, kv, kv), 0);
+        left -= n;
+    }
+    for (int r = 0; r < rounds; r++) {
+        rows(seq, r, 4, kv);
+        for (uint32_t l = 0; l < NL; l++)
+            assert_int_equal(kvs_seq_append(st, seq, l, 4, kv, kv), 0);
+    }
+    kvs_query_params_t p;
+    kvs_query_params_default(&p);
+    p.mode = KVS_MODE_EXACT;
+    for (uint32_t l = 0; l < NL; l++)
+        assert_int_equal(kvs_seq_attend(st, seq, l, q, &p, out[l], NULL), 0);
+    kvs_store_close(st);
+}
+
+/* Exact attention of both layers of seq on the node at `addr` alone. */
+static void exact_on(const char *addr, uint64_t seq, float out[NL][2 * D]) {
+    kvs_client_t *c = open_client(addr, 1);
+    kvs_query_params_t p;
+    kvs_query_params_default(&p);
+    p.mode = KVS_MODE_EXACT;
+    for (uint32_t l = 0; l < NL; l++)
+        assert_int_equal(
+            kvs_client_seq_attend(c, seq, l, q, 2 * D, &p, out[l], NULL), 0);
+    kvs_client_close(c);
+}
+
 /* Every holder of every sequence answers the same, with `rounds` rounds
- * of 4 appended tokens on top of create_all's. */
+ * of 4 appended tokens on top of create_all's, and its exact attention is
+ * what an in-process store fed the same rows gives (no append lost,
+ * duplicated or reordered by the copies). */
 static void check_copies(kvs_client_t *c, int rounds,
                          float before[N + 1][NL][2 * D], bool compare) {
     for (uint64_t s = 1; s <= N; s++) {
         char h[256];
         assert_int_equal(holders(c, s, h, sizeof h), 2);
         char *save = NULL, *a = strtok_r(h, ",", &save);
-        float first[NL][2 * D];
+        float first[NL][2 * D], want[NL][2 * D];
+        reference_exact(s, rounds, want);
         for (int k = 0; a; k++, a = strtok_r(NULL, ",", &save)) {
-            float out[NL][2 * D];
+            float out[NL][2 * D], ex[NL][2 * D];
             kvs_seq_info_t info;
+            exact_on(a, s, ex);
+            for (uint32_t l = 0; l < NL; l++)
+                for (uint32_t i = 0; i < 2 * D; i++)
+                    assert_float_equal(ex[l][i], want[l][i],
+                                       1e-6f * (1 + fabsf(want[l][i])));
             assert_int_equal(attend_on(a, s, out, &info), 0);
             assert_int_equal(info.tokens_min, seq_tokens(s, rounds));
             assert_int_equal(info.tokens_max, seq_tokens(s, rounds));

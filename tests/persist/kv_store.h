@@ -32,8 +32,8 @@ static inline kvs_store_t *kv_store_open_load(const char *dir, uint32_t seg,
 
 /* n bf16 tokens of kv_rows_make (row_elems = kv heads x head_dim) from
  * position t0 of (seq, layer). */
-static inline void kv_store_append(kvs_store_t *s, uint64_t seq,
-                                   uint32_t layer, uint64_t t0, uint32_t n,
+static inline void kv_store_append(kvs_store_t *s, uint64_t seq, uint32_t layer,
+                                   uint64_t t0, uint32_t n,
                                    uint32_t row_elems) {
     uint16_t *k = malloc((size_t)n * row_elems * 2);
     uint16_t *v = malloc((size_t)n * row_elems * 2);
