@@ -17,6 +17,7 @@ packages=(
     gnuplot-nox redis-server redis-tools
     python3-dev python3-setuptools python3-pip python3-venv
     python3-numpy python3-pytest python3-yaml
+    yamllint        # tests/deploy: the Kubernetes manifests
     python3-torch   # python/tests/test_torch.py; large: 174 packages, ~580 MiB
 )
 

@@ -7,7 +7,9 @@ deploy. Usage: check_deploy.py KVSTORED SOURCE_DIR
 - deploy/local/run.sh starts a real etcd and 3 kvstored on loopback (with
   KVCTL, the third argument): all 3 listed by `kvctl nodes`, a sequence
   created on one reaches a second by repair (R=2), stop leaves no process;
-- deploy/kubernetes/*.yaml parse; the kvstored.conf of its ConfigMap passes
+- deploy/kubernetes/*.yaml pass yamllint (strict) and a schema check of
+  the fields their kinds require (apiVersion, selectors matching pod
+  labels, a PodDisruptionBudget); they parse; the kvstored.conf of its ConfigMap passes
   `kvstored --check-config` (its secret and data paths replaced by
   temporary ones); the StatefulSet's ports, probes, config mount and
   environment match that configuration and kvstored's options.
@@ -162,6 +164,62 @@ try:
         print("skip Dockerfile package check: no apt-cache")
 finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Required fields per kind (a schema check of what these manifests use:
+# the apiserver would refuse an object without them).
+REQUIRED = {
+    "ConfigMap": [("data",)],
+    "Service": [("spec", "ports"), ("spec", "selector")],
+    "StatefulSet": [("spec", "selector", "matchLabels"), ("spec", "serviceName"),
+                    ("spec", "template", "metadata", "labels"),
+                    ("spec", "template", "spec", "containers")],
+    "PodDisruptionBudget": [("spec", "selector", "matchLabels")],
+}
+API = {"ConfigMap": "v1", "Service": "v1", "StatefulSet": "apps/v1",
+       "PodDisruptionBudget": "policy/v1"}
+
+
+def check_schema(path):
+    for doc in yaml.safe_load_all(open(path)):
+        if doc is None:
+            continue
+        kind = doc.get("kind")
+        name = (doc.get("metadata") or {}).get("name")
+        where = f"{os.path.basename(path)} {kind}/{name}"
+        check(kind in API and doc.get("apiVersion") == API[kind] and name,
+              f"{where}: known kind, its apiVersion, a name")
+        for path_ in REQUIRED.get(kind, []):
+            x = doc
+            for k in path_:
+                x = x.get(k) if isinstance(x, dict) else None
+            check(x not in (None, [], {}), f"{where}: {'.'.join(path_)}")
+        if kind == "StatefulSet":
+            sel = doc["spec"]["selector"]["matchLabels"]
+            lab = doc["spec"]["template"]["metadata"]["labels"]
+            check(all(lab.get(k) == v for k, v in sel.items()),
+                  f"{where}: the selector matches the pod labels")
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                check(c.get("name") and c.get("image"),
+                      f"{where}: container {c.get('name')} has a name and image")
+        if kind == "PodDisruptionBudget":
+            spec = doc["spec"]
+            check(("minAvailable" in spec) != ("maxUnavailable" in spec),
+                  f"{where}: one of minAvailable / maxUnavailable")
+
+
+for y in sorted(os.listdir(os.path.join(DEPLOY, "kubernetes"))):
+    if y.endswith(".yaml"):
+        check_schema(os.path.join(DEPLOY, "kubernetes", y))
+if shutil.which("yamllint"):
+    r = subprocess.run(["yamllint", "-s", os.path.join(DEPLOY, "kubernetes")],
+                       capture_output=True, text=True)
+    check(r.returncode == 0, f"yamllint deploy/kubernetes: {r.stdout}")
+else:
+    print("skip yamllint: not installed (scripts/install-deps.sh installs it)")
+kinds = [d.get("kind") for d in yaml.safe_load_all(
+    open(os.path.join(DEPLOY, "kubernetes", "kvstored.yaml"))) if d]
+check("PodDisruptionBudget" in kinds, "kvstored.yaml has a PodDisruptionBudget")
 
 
 def check_local():
