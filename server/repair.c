@@ -251,24 +251,12 @@ typedef struct peer_s {
     char why[256];
 } peer_t;
 
-static int send_all(int fd, const uint8_t *p, size_t n) {
+/* All n bytes of p sent (`out`) or received on a blocking socket with a
+ * send/receive timeout: KVS_ETIMEDOUT when it ran out, KVS_ECONN when the
+ * peer closed or failed. */
+static int sock_all(int fd, uint8_t *p, size_t n, bool out) {
     while (n) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            return k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)
-                       ? KVS_ETIMEDOUT
-                       : KVS_ECONN;
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-static int recv_all(int fd, uint8_t *p, size_t n) {
-    while (n) {
-        ssize_t k = recv(fd, p, n, 0);
+        ssize_t k = out ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0)
@@ -293,10 +281,10 @@ static int peer_rpc(peer_t *p, Kvs__V1__Request *req, Kvs__V1__Response **out) {
         snprintf(p->why, sizeof p->why, "encoding: %s", kvs_strerror(rc));
         return rc;
     }
-    rc = send_all(p->fd, f, len);
+    rc = sock_all(p->fd, f, len, true);
     free(f);
     if (!rc)
-        rc = recv_all(p->fd, hb, sizeof hb);
+        rc = sock_all(p->fd, hb, sizeof hb, false);
     if (rc) {
         snprintf(p->why, sizeof p->why, "%s", kvs_strerror(rc));
         return rc;
@@ -308,7 +296,7 @@ static int peer_rpc(peer_t *p, Kvs__V1__Request *req, Kvs__V1__Response **out) {
     uint8_t *body = malloc(h.body_len ? h.body_len : 1);
     if (!body)
         return KVS_ENOMEM;
-    if ((rc = recv_all(p->fd, body, h.body_len))) {
+    if ((rc = sock_all(p->fd, body, h.body_len, false))) {
         free(body);
         snprintf(p->why, sizeof p->why, "%s", kvs_strerror(rc));
         return rc;
