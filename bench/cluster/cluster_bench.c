@@ -198,25 +198,10 @@ static void cl_stop(cl_t *cl) {
     cl->n = 0;
 }
 
-static kvs_client_t *open_client(const char *addr, uint32_t replicas) {
-    const char *addrs[1] = {addr};
-    kvs_client_options_t o;
-    kvs_client_options_default(&o);
-    o.addrs = addrs;
-    o.n_addrs = 1;
-    o.request_timeout_ms = 60000;
-    o.membership_refresh_ms = 100;
-    o.replicas = replicas;
-    kvs_client_t *c = NULL;
-    if (kvs_client_open(&o, &c))
-        return NULL;
-    return c;
-}
-
 static kvs_client_t *open_cluster_client(const cl_t *cl, uint32_t replicas) {
     char a[128];
     snprintf(a, sizeof(a), "etcd://127.0.0.1:%d%s", etcd.port, cl->prefix);
-    return open_client(a, replicas);
+    return tc_client_open(a, replicas, 60000);
 }
 
 /* Sorted, comma-joined addresses of the nodes holding seq (kvs_client_seq
@@ -634,7 +619,7 @@ static int cmp_double(const void *x, const void *y) {
 static long tokens_on(const tc_node_t *n, uint64_t seq) {
     char a[64];
     node_addr(n, a, sizeof(a));
-    kvs_client_t *c = open_client(a, 1);
+    kvs_client_t *c = tc_client_open(a, 1, 60000);
     kvs_seq_info_t in;
     long t =
         c && kvs_client_seq_info(c, seq, &in) == 0 ? (long)in.tokens_max : -1;

@@ -440,3 +440,17 @@ int tc_group_teardown(void **state) {
         tc_etcd_stop(&tc_etcd);
     return 0;
 }
+
+kvs_client_t *tc_client_open(const char *addr, uint32_t replicas,
+                             uint32_t timeout_ms) {
+    const char *addrs[1] = {addr};
+    kvs_client_options_t o;
+    kvs_client_options_default(&o);
+    o.addrs = addrs;
+    o.n_addrs = 1;
+    o.request_timeout_ms = timeout_ms;
+    o.membership_refresh_ms = 100;
+    o.replicas = replicas;
+    kvs_client_t *c = NULL;
+    return kvs_client_open(&o, &c) ? NULL : c;
+}

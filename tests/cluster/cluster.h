@@ -7,6 +7,7 @@
 #ifndef KVS_TEST_CLUSTER_H
 #define KVS_TEST_CLUSTER_H
 
+#include "kvs_client.h"
 #include "kvs_etcd.h"
 
 #include <stdbool.h>
@@ -53,6 +54,12 @@ void tc_node_dump_log(const tc_node_t *n);
 /* SIGKILL every node still running and remove its directory: a failed
  * assertion skips a test's own cleanup (call from the group teardown). */
 void tc_reap_all(void);
+
+/* A client of `addr` (host:port or etcd://...) with R = replicas, a 100 ms
+ * membership refresh and `timeout_ms` per request; NULL if it cannot
+ * open. */
+kvs_client_t *tc_client_open(const char *addr, uint32_t replicas,
+                             uint32_t timeout_ms);
 
 /* One etcd for a cmocka group of tests: tc_group_setup starts it, or notes
  * that etcd is not installed (TC_NEED_ETCD() then skips the test, it does

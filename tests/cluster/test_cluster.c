@@ -593,16 +593,8 @@ static void test_cluster_replicas(void **state) {
  * probing in rendezvous order after the membership changed. */
 
 static kvs_client_t *open_etcd_client(const char *url, uint32_t replicas) {
-    const char *addrs[1] = {url};
-    kvs_client_options_t o;
-    kvs_client_options_default(&o);
-    o.addrs = addrs;
-    o.n_addrs = 1;
-    o.request_timeout_ms = 20000;
-    o.membership_refresh_ms = 100;
-    o.replicas = replicas;
-    kvs_client_t *c = NULL;
-    assert_int_equal(kvs_client_open(&o, &c), 0);
+    kvs_client_t *c = tc_client_open(url, replicas, 20000);
+    assert_non_null(c);
     return c;
 }
 

@@ -50,16 +50,8 @@ static const char *const slow_flags[] = {
     "100K",       NULL};
 
 static kvs_client_t *open_client(const char *addr, uint32_t replicas) {
-    const char *addrs[1] = {addr};
-    kvs_client_options_t o;
-    kvs_client_options_default(&o);
-    o.addrs = addrs;
-    o.n_addrs = 1;
-    o.request_timeout_ms = 20000;
-    o.membership_refresh_ms = 100;
-    o.replicas = replicas;
-    kvs_client_t *c = NULL;
-    assert_int_equal(kvs_client_open(&o, &c), 0);
+    kvs_client_t *c = tc_client_open(addr, replicas, 20000);
+    assert_non_null(c);
     return c;
 }
 
