@@ -23,6 +23,7 @@
 
 #include <assert.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -91,6 +92,10 @@ struct kvs_scratch_s {
     size_t rsort_cap;
     float *rq; /* [g][d] rotated queries (code_weights) */
     size_t rq_cap;
+    const void **rows; /* codes attend: row addresses for the gather kernels */
+    size_t rows_cap;
+    int8_t *cq8; /* codes attend: [nseg][g][d] int8 code weights */
+    size_t cq8_cap;
 };
 
 kvs_scratch_t *kvs_scratch_new(void) {
@@ -119,6 +124,8 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->ustart);
     free(s->rsort);
     free(s->rq);
+    free(s->rows);
+    free(s->cq8);
     free(s);
 }
 
@@ -505,7 +512,14 @@ static int score_clusters(const kvs_head_view_t *v, const float *q, uint32_t g,
     if (GROW(s, cscore, cscore_cap, (size_t)g * C) ||
         GROW(s, rank, rank_cap, C) || GROW(s, idx, idx_cap, C))
         return KVS_ENOMEM;
-    for (uint32_t si = 0; si < v->n_segments; si++) {
+    const uint32_t nseg = v->n_segments;
+    for (uint32_t si = 0; si < nseg; si++) {
+        if (si + 4 < nseg) /* cold metadata: see code_weights */
+            __builtin_prefetch(v->segments[si + 4]);
+        if (si + 2 < nseg) {
+            const kvs_segment_t *n2 = v->segments[si + 2];
+            prefetch_rows(n2->centroids, n2->n_clusters, row_bytes(v) / 4);
+        }
         const kvs_segment_t *seg = v->segments[si];
         kvs_dot_rows(v->dtype, q, g, seg->centroids, seg->n_clusters, v->d,
                      scale, s->cscore + s->cbase[si], C);
@@ -1000,32 +1014,43 @@ static void codes_budget(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
     *R = r > v->indexed_tokens ? (uint32_t)v->indexed_tokens : (uint32_t)r;
 }
 
-/* Per segment and query: 4-bit code weights Rq x step into s->cq
- * ([nseg][g][d + 1], the bias Rq.lo last). Rq is computed once per
- * rotation seed met in a row (one for all segments built since
- * KVS_CODES_SEED; older ones each have their own) into s->rq. */
+/* Per segment and query: 4-bit code weights Rq x step x scale rounded to
+ * int8 (kvs_code4_weights_q8) into s->cq8 ([nseg][g][d]), their scales
+ * and the biases scale Rq.lo into s->cq ([nseg][2][g]), so a code scan
+ * gives scaled scores directly. Rq is computed once per rotation seed met
+ * in a row (one for all segments built since KVS_CODES_SEED; older ones
+ * each have their own) into s->rq. */
 static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
-                        kvs_scratch_t *s) {
+                        float scale, kvs_scratch_t *s) {
     const uint32_t d = v->d;
-    if (GROW(s, cq, cq_cap, (size_t)v->n_segments * g * (d + 1)) ||
+    if (GROW(s, cq8, cq8_cap, (size_t)v->n_segments * g * d) ||
+        GROW(s, cq, cq_cap, (size_t)v->n_segments * 2 * g) ||
         GROW(s, rq, rq_cap, (size_t)g * d))
         return KVS_ENOMEM;
-    for (uint32_t si = 0; si < v->n_segments; si++) {
+    const uint32_t nseg = v->n_segments;
+    for (uint32_t si = 0; si < nseg; si++) {
+        /* Each segment's metadata is its own few allocations, cold after
+         * the last attend's K/V reads: fetch them a few segments ahead. */
+        if (si + 8 < nseg)
+            __builtin_prefetch(v->segments[si + 8]);
+        if (si + 4 < nseg)
+            __builtin_prefetch(v->segments[si + 4]->codes);
+        if (si + 2 < nseg) {
+            const kvs_codes_t *n2 = v->segments[si + 2]->codes;
+            for (uint32_t j = 0; j < d; j += 16) {
+                __builtin_prefetch(n2->step + j);
+                __builtin_prefetch(n2->lo + j);
+            }
+        }
         const kvs_codes_t *k = v->segments[si]->codes;
         int again = si > 0 && v->segments[si - 1]->codes->seed == k->seed;
-        for (uint32_t i = 0; i < g; i++) {
-            float *w = s->cq + ((size_t)si * g + i) * (d + 1);
-            float *rq = s->rq + (size_t)i * d;
-            if (!again)
-                kvs_codes_rotate(k, d, q + (size_t)i * d, rq);
-            memcpy(w, rq, sizeof(float) * d);
-            double b = 0;
-            for (uint32_t j = 0; j < d; j++) {
-                b += (double)w[j] * k->lo[j];
-                w[j] *= k->step[j];
-            }
-            w[d] = (float)b;
-        }
+        for (uint32_t i = 0; i < g && !again; i++)
+            kvs_codes_rotate(k, d, q + (size_t)i * d, s->rq + (size_t)i * d);
+        float *sb = s->cq + (size_t)si * 2 * g; /* [scales g][biases g] */
+        kvs_dot_rows(KVS_DTYPE_F32, s->rq, g, k->lo, 1, d, scale, sb + g, 1);
+        for (uint32_t i = 0; i < g; i++)
+            kvs_code4_weights_q8(s->rq + (size_t)i * d, k->step, scale, d,
+                                 s->cq8 + ((size_t)si * g + i) * d, &sb[i]);
     }
     return 0;
 }
@@ -1060,6 +1085,43 @@ static float kth_largest(float *x, uint32_t n, uint32_t k) {
     return x[want];
 }
 
+/* Room in s->est ([g][*stride] code scores, query-major) for `need`
+ * members per query: a larger stride moves each query's row up. */
+static int est_reserve(kvs_scratch_t *s, uint32_t g, size_t *stride,
+                       size_t used, size_t need) {
+    if (need <= *stride)
+        return 0;
+    size_t ns = *stride * 2 > need ? *stride * 2 : need;
+    if (GROW(s, est, est_cap, (size_t)g * ns))
+        return KVS_ENOMEM;
+    for (uint32_t i = g; i-- > 1;)
+        memmove(s->est + i * ns, s->est + i * *stride, used * sizeof(float));
+    *stride = ns;
+    return 0;
+}
+
+/* Whether segment `seg` holds a steady (sink or window) position. */
+static int seg_has_steady(const kvs_head_view_t *v, const kvs_segment_t *seg) {
+    uint64_t end = seg->first_pos + seg->n_tokens;
+    return seg->first_pos < v->sink_tokens ||
+           end + v->window_tokens > v->indexed_tokens;
+}
+
+/* ln(n) for cluster counts: a table below 256, logf above. */
+static float log_table[256];
+static pthread_once_t log_table_once = PTHREAD_ONCE_INIT;
+static void log_table_init(void) {
+    log_table[0] = -INFINITY;
+    for (uint32_t i = 1; i < 256; i++)
+        log_table[i] = logf((float)i);
+}
+static float log_count(uint32_t n) {
+    if (n >= 256)
+        return logf((float)n);
+    pthread_once(&log_table_once, log_table_init);
+    return log_table[n];
+}
+
 /*
  * The retrieval and estimation zones of kvs_head_attend over codes, after
  * the steady zone (in *run) and the cluster ranking (s->rank, s->cscore):
@@ -1070,10 +1132,13 @@ static float kth_largest(float *x, uint32_t n, uint32_t k) {
  *   - retrieval: the best R of them, attended exactly;
  *   - the other scanned members, per cluster, one pseudo-token: weight the
  *     sum of exp(code score) (their own estimate, finer than centroid x
- *     count), value the cluster's value mean;
+ *     count), value the mean of those members' values;
  *   - estimation: the next estimation_fraction of clusters, one
  *     pseudo-token each (centroid score + log count + the spread term
  *     below, value mean); the rest is skipped.
+ * Scores live query-major ([g][members]) so that max, exp and the group
+ * score run as long vector loops, and rows are read where they lie (the
+ * gather kernels) rather than copied together first.
  */
 static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                         const kvs_zone_params_t *zp,
@@ -1086,7 +1151,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     uint32_t R;
     uint64_t M;
     codes_budget(v, zp, rp, &R, &M);
-    int rc = code_weights(v, q, g, s);
+    int rc = code_weights(v, q, g, scale, s);
     if (rc)
         return rc;
     float cmax[MAXQ];
@@ -1097,12 +1162,33 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     if ((rc = sort_rank_desc(s, s->rank, C)))
         return rc;
 
-    /* Scan: members (as slot ids) and their scaled code scores. Scanned
-     * cluster u's k non-steady members are ustart[u] .. ustart[u] + k - 1,
-     * their scores est[ustart[u] g ..] query by query ([g][k]), so the
-     * pseudo-token's max and exp-sum run on them in place. */
+    /* Scan: members (as segment << 32 | slot) and their scaled code
+     * scores, est[i stride + m] for query i; scanned cluster u's members
+     * are ustart[u] .. ustart[u + 1] - 1. */
+    size_t stride = M + 64 < v->indexed_tokens + 64 ? M + 64
+                                                      : v->indexed_tokens + 64;
+    if (GROW(s, est, est_cap, (size_t)g * stride) ||
+        GROW(s, cpos, cpos_cap, stride) || GROW(s, tmpc, tmpc_cap, nseg))
+        return KVS_ENOMEM;
+    uint8_t *steady_seg = (uint8_t *)(void *)s->tmpc; /* [nseg], free now */
+    for (uint32_t si = 0; si < nseg; si++)
+        steady_seg[si] = (uint8_t)seg_has_steady(v, v->segments[si]);
     uint32_t used = 0, nm = 0;
     for (; used < C && nm < M; used++) {
+        /* Clusters come in rank order, segments at random: fetch the
+         * offsets of the cluster 4 ahead and the codes of the one 2 ahead
+         * (whose offsets came 2 rounds ago). */
+        if (used + 4 < C) {
+            uint32_t c4 = s->idx[used + 4], s4 = seg_of(s->cbase, nseg, c4);
+            __builtin_prefetch(v->segments[s4]->offsets + (c4 - s->cbase[s4]));
+        }
+        if (used + 2 < C) {
+            uint32_t c2 = s->idx[used + 2], s2 = seg_of(s->cbase, nseg, c2);
+            const kvs_segment_t *g2 = v->segments[s2];
+            const uint32_t *o2 = g2->offsets + (c2 - s->cbase[s2]);
+            prefetch_rows(g2->codes->keys + (size_t)o2[0] * (d / 2),
+                          o2[1] - o2[0], d / 2);
+        }
         uint32_t c = s->idx[used];
         if (s->rank[c] < 0)
             break; /* nothing of it left in the view */
@@ -1110,36 +1196,31 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         const kvs_segment_t *seg = v->segments[si];
         uint32_t lc = c - s->cbase[si];
         uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
-        if (GROW(s, est, est_cap, (size_t)(nm + n) * g) ||
-            GROW(s, cpos, cpos_cap, nm + n) ||
+        if (est_reserve(s, g, &stride, nm, (size_t)nm + n) ||
+            GROW(s, cpos, cpos_cap, stride) ||
             GROW(s, ustart, ustart_cap, (size_t)used + 2))
             return KVS_ENOMEM;
         s->ustart[used] = nm;
-        /* every query's code scores of the cluster's rows ([g][n]), each
-         * row unpacked once per pair */
-        float *sc = s->est + (size_t)nm * g;
-        const float *w = s->cq + (size_t)si * g * (d + 1);
-        kvs_code4_dot_rows_multi(w, d + 1, g, w + d, d + 1,
-                                 seg->codes->keys + (size_t)a * (d / 2), n, d,
-                                 sc, n);
+        const float *sb = s->cq + (size_t)si * 2 * g;
+        kvs_code4_dot_rows_q8(s->cq8 + (size_t)si * g * d, d, g, sb, sb + g,
+                              seg->codes->keys + (size_t)a * (d / 2), n, d,
+                              s->est + nm, stride);
         uint32_t k = 0;
-        for (uint32_t j = 0; j < n; j++) {
-            uint64_t pos = seg->first_pos + seg->positions[a + j];
-            if (kvs_head_is_steady(v, pos))
-                continue;
-            s->cpos[nm + k] = (int64_t)((uint64_t)si << 32 | (a + j));
-            /* compacted in place: row i's k-th lands at or before its
-             * source i n + j */
-            if (k != j)
-                for (uint32_t i = 0; i < g; i++)
-                    sc[(size_t)i * n + k] = sc[(size_t)i * n + j];
-            k++;
-        }
-        for (uint32_t i = 0; i < g; i++) {
-            float *dst = sc + (size_t)i * k;
-            const float *src = sc + (size_t)i * n;
-            for (uint32_t j = 0; j < k; j++)
-                dst[j] = src[j] * scale;
+        if (!steady_seg[si]) {
+            for (uint32_t j = 0; j < n; j++)
+                s->cpos[nm + j] = (int64_t)((uint64_t)si << 32 | (a + j));
+            k = n;
+        } else {
+            /* compacted in place: a member's k-th lands at or before j */
+            for (uint32_t j = 0; j < n; j++) {
+                if (kvs_head_is_steady(v, seg->first_pos +
+                                              seg->positions[a + j]))
+                    continue;
+                s->cpos[nm + k] = (int64_t)((uint64_t)si << 32 | (a + j));
+                for (uint32_t i = 0; i < g && k != j; i++)
+                    s->est[i * stride + nm + k] = s->est[i * stride + nm + j];
+                k++;
+            }
         }
         nm += k;
     }
@@ -1152,24 +1233,19 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
      * score is found by selection (linear in the scanned members, where a
      * heap cost R log R more); members above it, then those equal to it
      * in scan order until R, are taken. They are read in scan order:
-     * members of a cluster hold neighbouring slots, so they run into
-     * multi-row blocks. */
+     * members of a cluster hold neighbouring slots. */
     if (R > nm)
         R = nm;
-    if (GROW(s, cscr, cscr_cap, 2 * (size_t)(nm ? nm : 1)) ||
-        GROW(s, gather, gather_cap, 1))
+    if (GROW(s, cscr, cscr_cap, 2 * (size_t)(nm ? nm : 1)))
         return KVS_ENOMEM;
     float *gs = s->cscr, *sel = s->cscr + nm;
-    for (uint32_t u = 0; u < used; u++) {
-        uint32_t m0 = s->ustart[u], k = s->ustart[u + 1] - m0;
-        const float *sc = s->est + (size_t)m0 * g;
-        for (uint32_t j = 0; j < k; j++) {
-            float best = -INFINITY;
-            for (uint32_t i = 0; i < g; i++) {
-                float x = sc[(size_t)i * k + j] - cmax[i];
-                best = x > best ? x : best; /* NaN never taken */
-            }
-            gs[m0 + j] = best;
+    for (uint32_t m = 0; m < nm; m++)
+        gs[m] = s->est[m] - cmax[0];
+    for (uint32_t i = 1; i < g; i++) {
+        const float *e = s->est + i * stride;
+        for (uint32_t m = 0; m < nm; m++) {
+            float x = e[m] - cmax[i];
+            gs[m] = x > gs[m] ? x : gs[m];
         }
     }
     float thr = INFINITY;
@@ -1182,45 +1258,61 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             above += gs[m] > thr;
         ties = R - above;
     }
-    size_t nb = 0;
+    /* Row addresses: the R keys, then the R values; the pseudo-tokens'
+     * rows after them (below). */
+    uint32_t E = kvs_zone_clusters(zp->estimation_fraction, C);
+    if (E > C - used)
+        E = C - used;
+    size_t nrows = 2 * (size_t)R + E + used + R + 1;
+    if (GROW(s, rows, rows_cap, nrows))
+        return KVS_ENOMEM;
+    const void **keys = s->rows, **vals = s->rows + R;
     uint32_t cols = 0;
-    int64_t prev = -2;
     for (uint32_t m = 0; m < nm && cols < R; m++) {
         if (!(gs[m] > thr || (gs[m] == thr && ties && ties--)))
             continue;
         int64_t id = s->cpos[m];
         s->cpos[m] = (int64_t)((uint64_t)id | 1ull << 63); /* retrieved */
-        if (nb && id == prev + 1) {
-            s->blocks[nb - 1].n++;
-        } else {
-            const kvs_segment_t *seg = v->segments[(uint64_t)id >> 32];
-            uint32_t slot = (uint32_t)id;
-            block_t b = {.keys = (const char *)seg->keys + slot * rb,
-                         .vals = (const char *)seg->values + slot * rb,
-                         .n = 1,
-                         .col = cols};
-            if (push_block(s, &nb, b))
-                return KVS_ENOMEM;
-        }
+        const kvs_segment_t *seg = v->segments[(uint64_t)id >> 32];
+        uint32_t slot = (uint32_t)id;
+        keys[cols] = (const char *)seg->keys + slot * rb;
+        vals[cols] = (const char *)seg->values + slot * rb;
         cols++;
-        prev = id;
     }
     if (cols) {
         if (GROW(s, scores, scores_cap, (size_t)g * cols))
             return KVS_ENOMEM;
         partial_init(tmp, g, d, tmp->acc);
-        zone_partial(v, q, g, scale, s, s->blocks, nb, cols, 0, tmp);
+        kvs_dot_gather(v->dtype, q, g, keys, cols, d, scale, s->scores, cols);
+        for (uint32_t i = 0; i < g; i++) {
+            float *row = s->scores + (size_t)i * cols;
+            tmp->m[i] = kvs_max(row, cols);
+            tmp->l[i] = kvs_exp_sum(row, cols, tmp->m[i]);
+        }
+        kvs_axpy_gather(v->dtype, s->scores, cols, g, vals, cols, d, tmp->acc);
         partial_merge(run, tmp);
     }
 
-    /* Pseudo-tokens: the rest of each scanned cluster, then estimation.
-     * An estimated cluster's mass is count x exp(q.c s + s^2 |q|^2
-     * spread^2 / 2): the mean of exp(q.k s) over members whose residuals
-     * k - c are isotropic Gaussian with per-dim variance spread^2.
-     * count x exp(q.c s) alone (Jensen) underestimates every cluster
-     * (its members' mean of exp exceeds the exp of their mean score), the
-     * wider ones most: on the 32K tinycode128 dump, at code_ratio 4,
-     * median error 2.7% -> 1.7%, the exact mass of each cluster 1.6%. */
+    /* Pseudo-tokens, one weighted row each in W ([g][P], linear weights
+     * against m[i]) with its value row at prow[p]:
+     *   - estimation: an estimated cluster's mass is count x exp(q.c s +
+     *     s^2 |q|^2 spread^2 / 2), the mean of exp(q.k s) over members
+     *     whose residuals k - c are isotropic Gaussian with per-dim
+     *     variance spread^2. count x exp(q.c s) alone (Jensen)
+     *     underestimates every cluster, the wider ones most: on the 32K
+     *     tinycode128 dump, at code_ratio 4, median error 2.7% -> 1.7%,
+     *     the exact mass of each cluster 1.6%.
+     *   - the rest of each scanned cluster: the sum of its members'
+     *     exp(code score); its value the mean of those members, i.e. the
+     *     view's mean x count/left less each retrieved member's value /
+     *     left (on the 32K dump the whole mean would do as well, 0.85% vs
+     *     0.87%; where attention is spread, random keys in tests/engine,
+     *     it is 13% worse), as extra rows of negative weight. */
+    const void **prow = s->rows + 2 * (size_t)R;
+    size_t P = E + used + R + 1;
+    if (GROW(s, scores, scores_cap, (size_t)g * P))
+        return KVS_ENOMEM;
+    float *W = s->scores;
     float half_qq[MAXQ];
     for (uint32_t i = 0; i < g; i++) {
         const float *qi = q + (size_t)i * d;
@@ -1229,20 +1321,10 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             x += qi[j] * qi[j];
         half_qq[i] = 0.5f * scale * scale * x;
     }
-    uint32_t E = kvs_zone_clusters(zp->estimation_fraction, C);
-    if (E > C - used)
-        E = C - used;
-    uint32_t P = used + E;
-    if (GROW(s, gather, gather_cap, (size_t)(P ? P : 1) * rb) ||
-        GROW(s, scores, scores_cap, (size_t)g * (P ? P : 1)) ||
-        GROW(s, pbuf, pbuf_cap, 2 * (size_t)d * sizeof(float)))
-        return KVS_ENOMEM;
-    float *S = s->scores;
-    uint32_t np = 0;
     /* The estimation zone in cluster id order (segment by segment, each
      * segment's value means in address order), not rank order: its
      * clusters are half of them, and read in rank order every mean was a
-     * cache miss. */
+     * cache miss. Log-domain scores first, made weights below. */
     uint8_t *mark = (uint8_t *)(void *)s->rsort; /* 16 C bytes, free now */
     memset(mark, 0, C);
     for (uint32_t u = used; u < used + E; u++) {
@@ -1251,6 +1333,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             break;
         mark[c] = 1;
     }
+    uint32_t np = 0;
     for (uint32_t c = 0, si = 0; c < C; c++) {
         if (!mark[c])
             continue;
@@ -1262,15 +1345,34 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         uint32_t cnt = kvs_segment_cluster_view(seg, lc, si + 1 == nseg, &mean);
         if (cnt == 0)
             continue;
-        memcpy(s->gather + (size_t)np * rb, mean, rb);
-        float lcnt = logf((float)cnt);
+        prow[np] = mean;
+        float lcnt = log_count(cnt);
         float sp = seg->codes->spread[lc];
         sp *= sp;
         for (uint32_t i = 0; i < g; i++)
-            S[(size_t)i * P + np] =
+            W[(size_t)i * P + np] =
                 s->cscore[(size_t)i * C + c] + lcnt + sp * half_qq[i];
         np++;
     }
+    const uint32_t n_est = np;
+    float m[MAXQ], l[MAXQ], rescale[MAXQ];
+    for (uint32_t i = 0; i < g; i++) {
+        /* scanned scores to weights against their own max, retrieved
+         * members' zeroed */
+        float *e = s->est + i * stride;
+        float em = kvs_max(e, nm);
+        kvs_exp_sum(e, nm, em);
+        float *wi = W + (size_t)i * P;
+        float xm = kvs_max(wi, n_est);
+        m[i] = em > xm ? em : xm;
+        l[i] = kvs_exp_sum(wi, n_est, m[i]);
+        /* the scanned clusters' weights below are against em */
+        rescale[i] = em == -INFINITY ? 0.0f : expf(em - m[i]);
+    }
+    for (uint32_t mm = 0; mm < nm; mm++)
+        if (s->cpos[mm] < 0)
+            for (uint32_t i = 0; i < g; i++)
+                s->est[i * stride + mm] = 0;
     /* The rest of each scanned cluster, rank order. */
     for (uint32_t u = 0; u < used; u++) {
         uint32_t c = s->idx[u];
@@ -1279,75 +1381,45 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         const void *mean;
         uint32_t cnt = kvs_segment_cluster_view(seg, c - s->cbase[si],
                                                 si + 1 == nseg, &mean);
-        if (cnt == 0)
-            continue;
-        char *dst = s->gather + (size_t)np * rb;
         uint32_t m0 = s->ustart[u], k = s->ustart[u + 1] - m0;
         uint32_t left = 0;
-        for (uint32_t m = m0; m < m0 + k; m++)
-            left += s->cpos[m] >= 0;
-        if (left == 0)
+        for (uint32_t j = m0; j < m0 + k; j++)
+            left += s->cpos[j] >= 0;
+        if (cnt == 0 || left == 0)
             continue;
-        /* the members left (not retrieved), query by query, contiguous
-         * for the vector max and exp-sum: in place when none was
-         * retrieved (most clusters: R is 1/code_ratio of the scanned) */
-        float *x0 = s->est + (size_t)m0 * g;
-        size_t xs = k;
-        if (left < k) {
-            if (GROW(s, tmpc, tmpc_cap, (size_t)left * g))
-                return KVS_ENOMEM;
-            uint32_t t = 0;
-            for (uint32_t j = 0; j < k; j++)
-                if (s->cpos[m0 + j] >= 0) {
-                    for (uint32_t i = 0; i < g; i++)
-                        s->tmpc[(size_t)i * left + t] = x0[(size_t)i * k + j];
-                    t++;
-                }
-            x0 = s->tmpc;
-            xs = left;
-        }
+        uint32_t p0 = np;
+        float share = (float)cnt / (float)left;
+        prow[np] = mean;
         for (uint32_t i = 0; i < g; i++) {
-            float *x = x0 + (size_t)i * xs;
-            float mx = kvs_max(x, left);
-            S[(size_t)i * P + np] = mx + logf(kvs_exp_sum(x, left, mx));
+            const float *e = s->est + i * stride + m0;
+            float x = 0;
+            for (uint32_t j = 0; j < k; j++)
+                x += e[j];
+            x *= rescale[i];
+            l[i] += x;
+            W[(size_t)i * P + np] = x * share;
         }
-        if (left == cnt) {
-            /* nothing retrieved, nothing steady: the view's mean */
-            memcpy(dst, mean, rb);
-            np++;
-            continue;
-        }
-        /* Value mean of the members left: the view's mean x count less
-         * the retrieved members' values (on the 32K dump the whole mean
-         * would do as well, 0.85% vs 0.87%; where attention is spread,
-         * random keys in tests/engine, it is 13% worse). */
-        float *vf = (float *)(void *)s->pbuf; /* [2][d] fp32 rows */
-        kvs_to_f32(v->dtype, mean, vf, d);
-        for (uint32_t t = 0; t < d; t++)
-            vf[t] *= (float)cnt;
-        for (uint32_t m = m0; m < m0 + k; m++) {
-            if (s->cpos[m] >= 0)
-                continue;
-            uint64_t id = (uint64_t)s->cpos[m] & ~(1ull << 63);
-            const kvs_segment_t *sg = v->segments[id >> 32];
-            kvs_to_f32(v->dtype, (const char *)sg->values + (uint32_t)id * rb,
-                       vf + d, d);
-            for (uint32_t t = 0; t < d; t++)
-                vf[t] -= vf[d + t];
-        }
-        for (uint32_t t = 0; t < d; t++)
-            vf[t] /= (float)left;
-        kvs_from_f32(v->dtype, vf, dst, d);
         np++;
+        if (left == cnt)
+            continue; /* nothing retrieved, nothing steady: the mean */
+        for (uint32_t j = m0; j < m0 + k; j++) {
+            if (s->cpos[j] >= 0)
+                continue;
+            uint64_t id = (uint64_t)s->cpos[j] & ~(1ull << 63);
+            const kvs_segment_t *sg = v->segments[id >> 32];
+            prow[np] = (const char *)sg->values + (uint32_t)id * rb;
+            for (uint32_t i = 0; i < g; i++)
+                W[(size_t)i * P + np] = -W[(size_t)i * P + p0] / (float)cnt;
+            np++;
+        }
     }
     if (np) {
         partial_init(tmp, g, d, tmp->acc);
         for (uint32_t i = 0; i < g; i++) {
-            float *row = S + (size_t)i * P;
-            tmp->m[i] = kvs_max(row, np);
-            tmp->l[i] = kvs_exp_sum(row, np, tmp->m[i]);
+            tmp->m[i] = m[i];
+            tmp->l[i] = l[i];
         }
-        kvs_axpy_rows(v->dtype, S, P, g, s->gather, np, d, tmp->acc);
+        kvs_axpy_gather(v->dtype, W, P, g, prow, np, d, tmp->acc);
         partial_merge(run, tmp);
     }
     st->keys_exact = st->keys_steady + cols;

@@ -7,6 +7,7 @@
  */
 #include "kvs_kernels.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,9 +16,66 @@ typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t, float,
                         float *);
 typedef void (*code_pair_fn)(const float *, const float *, const uint8_t *,
                              size_t, uint32_t, float, float, float *, float *);
+typedef void (*code_q8_fn)(const int8_t *, size_t, uint32_t, const float *,
+                           const float *, const uint8_t *, size_t, uint32_t,
+                           float *, size_t);
+typedef void (*weights_q8_fn)(const float *, const float *, float, uint32_t,
+                              int8_t *, float *);
+
+/* The portable weights_q8 (also codes_scan_avx2.c's for odd d). */
+void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
+                            uint32_t d, int8_t *q8, float *scale);
 
 /* codes_scan_avx2.c: the AVX2+FMA versions; 1 when the CPU runs them. */
-int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p);
+int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
+                        code_q8_fn *c4q8, weights_q8_fn *wq8);
+
+/* The place in kvs_code4_weights_q8's order of dim t. Per 64 dims: low
+ * nibbles (dims 0-15 and 32-47 of the 64) first, then high ones. */
+static uint32_t q8_place(uint32_t t, uint32_t d) {
+    uint32_t base = t & ~63u, r = t & 63;
+    if (base + 64 > d)
+        return t; /* a last block of 32: in order */
+    uint32_t blk = r / 32, in = r % 32; /* block of 32, dim within it */
+    return base + (in < 16 ? 0 : 32) + blk * 16 + in % 16;
+}
+
+void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
+                              uint32_t d, int8_t *q8, float *scale) {
+    float mx = 0;
+    for (uint32_t t = 0; t < d; t++) {
+        float w = a[t] * b[t] * mul;
+        w = w < 0 ? -w : w;
+        mx = w > mx ? w : mx;
+    }
+    float inv = mx > 0 ? 127.0f / mx : 0.0f;
+    for (uint32_t t = 0; t < d; t++) {
+        long r = lrintf(a[t] * b[t] * mul * inv); /* to nearest even */
+        q8[q8_place(t, d)] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+    }
+    *scale = mx / 127.0f;
+}
+
+static void code4_q8_scalar(const int8_t *q8, size_t q8_stride, uint32_t g,
+                            const float *scale, const float *bias,
+                            const uint8_t *codes, size_t n, uint32_t d,
+                            float *out, size_t out_stride) {
+    const size_t rb = d / 2;
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *r = codes + j * rb;
+        for (uint32_t i = 0; i < g; i++) {
+            const int8_t *w = q8 + i * q8_stride;
+            int32_t s = 0;
+            for (uint32_t b = 0; b < d; b += 32)
+                for (uint32_t u = 0; u < 16; u++) {
+                    uint8_t c = r[b / 2 + u];
+                    s += w[q8_place(b + u, d)] * (c & 15);
+                    s += w[q8_place(b + 16 + u, d)] * (c >> 4);
+                }
+            out[i * out_stride + j] = bias[i] + scale[i] * (float)s;
+        }
+    }
+}
 
 static void code4_scalar(const float *w, const uint8_t *codes, size_t n,
                          uint32_t d, float bias, float *out) {
@@ -57,6 +115,8 @@ static void code4_pair_scalar(const float *w, const float *w2,
 
 static code_fn g_c4 = code4_scalar, g_c8 = code8_scalar;
 static code_pair_fn g_c4p = code4_pair_scalar;
+static code_q8_fn g_c4q8 = code4_q8_scalar;
+static weights_q8_fn g_wq8 = kvs__weights_q8_scalar;
 static const char *g_isa = "scalar";
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
@@ -66,10 +126,14 @@ static void pick(void) {
         return;
     code_fn c4, c8;
     code_pair_fn c4p;
-    if (kvs__code_scan_avx2(&c4, &c8, &c4p)) {
+    code_q8_fn c4q8;
+    weights_q8_fn wq8;
+    if (kvs__code_scan_avx2(&c4, &c8, &c4p, &c4q8, &wq8)) {
+        g_wq8 = wq8;
         g_c4 = c4;
         g_c8 = c8;
         g_c4p = c4p;
+        g_c4q8 = c4q8;
         g_isa = "avx2";
     }
 }
@@ -104,4 +168,18 @@ void kvs_code8_dot_rows(const float *w, const uint8_t *codes, size_t n,
                         uint32_t d, float bias, float *out) {
     pthread_once(&g_once, pick);
     g_c8(w, codes, n, d, bias, out);
+}
+
+void kvs_code4_dot_rows_q8(const int8_t *q8, size_t q8_stride, uint32_t g,
+                           const float *scale, const float *bias,
+                           const uint8_t *codes, size_t n, uint32_t d,
+                           float *out, size_t out_stride) {
+    pthread_once(&g_once, pick);
+    g_c4q8(q8, q8_stride, g, scale, bias, codes, n, d, out, out_stride);
+}
+
+void kvs_code4_weights_q8(const float *a, const float *b, float mul,
+                          uint32_t d, int8_t *q8, float *scale) {
+    pthread_once(&g_once, pick);
+    g_wq8(a, b, mul, d, q8, scale);
 }

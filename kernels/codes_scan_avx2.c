@@ -13,7 +13,13 @@ typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t, float,
                         float *);
 typedef void (*code_pair_fn)(const float *, const float *, const uint8_t *,
                              size_t, uint32_t, float, float, float *, float *);
-int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p);
+typedef void (*code_q8_fn)(const int8_t *, size_t, uint32_t, const float *,
+                           const float *, const uint8_t *, size_t, uint32_t,
+                           float *, size_t);
+typedef void (*weights_q8_fn)(const float *, const float *, float, uint32_t,
+                              int8_t *, float *);
+int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
+                        code_q8_fn *c4q8, weights_q8_fn *wq8);
 
 static inline float hsum(__m256 v) {
     __m128 a =
@@ -103,11 +109,177 @@ static void code8_avx2(const float *w, const uint8_t *codes, size_t n,
     }
 }
 
-int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p) {
+/* Up to four queries (nq) over rows whose d is a multiple of 64: per 32
+ * code bytes (64 dims) the low and high nibbles are multiplied into the
+ * weights as unsigned x signed bytes (maddubs: pairs summed to int16, at
+ * most 2 x 15 x 127 in magnitude), two chunks summed in int16 (< 2^15),
+ * then widened to int32 pairs. The four sums are reduced together. */
+static inline void code4_q8_rows4(const int8_t *const *w, uint32_t nq,
+                                  const float *scale, const float *bias,
+                                  const uint8_t *codes, size_t n, uint32_t d,
+                                  float *const *out) {
+    const size_t rb = d / 2;
+    const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m128 sc = _mm_setr_ps(scale[0], nq > 1 ? scale[1] : 0,
+                                  nq > 2 ? scale[2] : 0, nq > 3 ? scale[3] : 0);
+    const __m128 bi = _mm_setr_ps(bias[0], nq > 1 ? bias[1] : 0,
+                                  nq > 2 ? bias[2] : 0, nq > 3 ? bias[3] : 0);
+    const int8_t *w0 = w[0], *w1 = nq > 1 ? w[1] : w[0],
+                 *w2 = nq > 2 ? w[2] : w[0], *w3 = nq > 3 ? w[3] : w[0];
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *r = codes + j * rb;
+        if (j + 8 < n)
+            __builtin_prefetch(r + 8 * rb);
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (uint32_t t = 0; t < d; t += 128) {
+            __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+            for (uint32_t u = t; u < t + 128 && u < d; u += 64) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(r + u / 2));
+                __m256i lo = _mm256_and_si256(v, mask);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+#define Q8_STEP(acc, wq)                                                       \
+    acc = _mm256_add_epi16(                                                    \
+        acc, _mm256_add_epi16(                                                 \
+                 _mm256_maddubs_epi16(                                         \
+                     lo, _mm256_loadu_si256((const __m256i *)(wq + u))),      \
+                 _mm256_maddubs_epi16(                                         \
+                     hi, _mm256_loadu_si256((const __m256i *)(wq + u + 32)))))
+                Q8_STEP(s0, w0);
+                Q8_STEP(s1, w1);
+                Q8_STEP(s2, w2);
+                Q8_STEP(s3, w3);
+#undef Q8_STEP
+            }
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(s0, ones));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(s1, ones));
+            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(s2, ones));
+            a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(s3, ones));
+        }
+        __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1),
+                                      _mm256_hadd_epi32(a2, a3));
+        __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h),
+                                    _mm256_extracti128_si256(h, 1));
+        float res[4];
+        _mm_storeu_ps(res, _mm_fmadd_ps(_mm_cvtepi32_ps(sum), sc, bi));
+        for (uint32_t i = 0; i < nq; i++)
+            out[i][j] = res[i];
+    }
+}
+
+static void code4_q8_scalar_rows(const int8_t *q8, size_t q8_stride,
+                                 uint32_t g, const float *scale,
+                                 const float *bias, const uint8_t *codes,
+                                 size_t n, uint32_t d, float *out,
+                                 size_t out_stride);
+
+static void code4_q8_avx2(const int8_t *q8, size_t q8_stride, uint32_t g,
+                          const float *scale, const float *bias,
+                          const uint8_t *codes, size_t n, uint32_t d,
+                          float *out, size_t out_stride) {
+    if (d % 64) { /* a last block of 32 dims: the portable loop */
+        code4_q8_scalar_rows(q8, q8_stride, g, scale, bias, codes, n, d, out,
+                             out_stride);
+        return;
+    }
+    for (uint32_t i = 0; i < g; i += 4) {
+        uint32_t nq = g - i < 4 ? g - i : 4;
+        const int8_t *w[4];
+        float *o[4];
+        for (uint32_t k = 0; k < nq; k++) {
+            w[k] = q8 + (i + k) * q8_stride;
+            o[k] = out + (i + k) * out_stride;
+        }
+        code4_q8_rows4(w, nq, scale + i, bias + i, codes, n, d, o);
+    }
+}
+
+/* As codes_scan.c's reference, for d not a multiple of 64 (the last 32
+ * dims' weights are in order). */
+static void code4_q8_scalar_rows(const int8_t *q8, size_t q8_stride,
+                                 uint32_t g, const float *scale,
+                                 const float *bias, const uint8_t *codes,
+                                 size_t n, uint32_t d, float *out,
+                                 size_t out_stride) {
+    const size_t rb = d / 2;
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *r = codes + j * rb;
+        for (uint32_t i = 0; i < g; i++) {
+            const int8_t *w = q8 + i * q8_stride;
+            int32_t s = 0;
+            uint32_t b = 0;
+            for (; b + 64 <= d; b += 64)
+                for (uint32_t u = 0; u < 32; u++) {
+                    uint8_t c = r[b / 2 + u];
+                    s += w[b + u] * (c & 15) + w[b + 32 + u] * (c >> 4);
+                }
+            for (; b < d; b += 32)
+                for (uint32_t u = 0; u < 16; u++) {
+                    uint8_t c = r[b / 2 + u];
+                    s += w[b + u] * (c & 15) + w[b + 16 + u] * (c >> 4);
+                }
+            out[i * out_stride + j] = bias[i] + scale[i] * (float)s;
+        }
+    }
+}
+
+void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
+                            uint32_t d, int8_t *q8, float *scale);
+
+/* 32 int32 (four vectors, in order) to 32 int8 in order; |x| <= 127. */
+static inline __m256i pack32(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1),
+                                   _mm256_packs_epi32(i2, i3));
+    return _mm256_permutevar8x32_epi32(b,
+                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* codes_scan.c's weights_q8_scalar, bit for bit: the same products in the
+ * same order, rounding to nearest even (cvtps_epi32 in the default
+ * mode); d a multiple of 64 and at most 1024, else the scalar one. */
+static void weights_q8_avx2(const float *a, const float *b, float mul,
+                            uint32_t d, int8_t *q8, float *scale) {
+    if (d % 64 || d > 1024) {
+        kvs__weights_q8_scalar(a, b, mul, d, q8, scale);
+        return;
+    }
+    float w[1024];
+    const __m256 mv = _mm256_set1_ps(mul);
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps();
+    for (uint32_t t = 0; t < d; t += 8) {
+        __m256 x = _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_loadu_ps(a + t), _mm256_loadu_ps(b + t)), mv);
+        _mm256_storeu_ps(w + t, x);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(x, absm));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx),
+                           _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float m = _mm_cvtss_f32(m4);
+    const __m256 inv = _mm256_set1_ps(m > 0 ? 127.0f / m : 0.0f);
+#define Q8_ROUND(off) _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + (off)), inv))
+    for (uint32_t t = 0; t < d; t += 64) {
+        /* low nibbles: dims t..t+15, t+32..t+47; high: t+16.., t+48.. */
+        _mm256_storeu_si256((__m256i *)(q8 + t),
+                            pack32(Q8_ROUND(t), Q8_ROUND(t + 8),
+                                   Q8_ROUND(t + 32), Q8_ROUND(t + 40)));
+        _mm256_storeu_si256((__m256i *)(q8 + t + 32),
+                            pack32(Q8_ROUND(t + 16), Q8_ROUND(t + 24),
+                                   Q8_ROUND(t + 48), Q8_ROUND(t + 56)));
+    }
+#undef Q8_ROUND
+    *scale = m / 127.0f;
+}
+
+int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
+                        code_q8_fn *c4q8, weights_q8_fn *wq8) {
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
         return 0;
     *c4 = code4_avx2;
     *c8 = code8_avx2;
     *c4p = code4_pair_avx2;
+    *c4q8 = code4_q8_avx2;
+    *wq8 = weights_q8_avx2;
     return 1;
 }

@@ -149,6 +149,20 @@ static void scalar_axpy_rows(kvs_dtype_t dtype, const float *w, size_t ldw,
     }
 }
 
+static void scalar_dot_gather(kvs_dtype_t dtype, const float *q, uint32_t nq,
+                              const void *const *rows, size_t n, uint32_t d,
+                              float scale, float *out, size_t ld) {
+    for (size_t j = 0; j < n; j++)
+        scalar_dot_rows(dtype, q, nq, rows[j], 1, d, scale, out + j, ld);
+}
+
+static void scalar_axpy_gather(kvs_dtype_t dtype, const float *w, size_t ldw,
+                               uint32_t nq, const void *const *rows, size_t n,
+                               uint32_t d, float *acc) {
+    for (size_t j = 0; j < n; j++)
+        scalar_axpy_rows(dtype, w + j, ldw, nq, rows[j], 1, d, acc);
+}
+
 static float scalar_exp_sum(float *x, size_t n, float m) {
     float s = 0;
     for (size_t i = 0; i < n; i++) {
@@ -171,6 +185,8 @@ static void table_init(void) {
     table.from_f32 = scalar_from_f32;
     table.dot_rows = scalar_dot_rows;
     table.axpy_rows = scalar_axpy_rows;
+    table.dot_gather = scalar_dot_gather;
+    table.axpy_gather = scalar_axpy_gather;
     table.exp_sum = scalar_exp_sum;
 }
 
@@ -223,6 +239,18 @@ void kvs_dot_rows(kvs_dtype_t dtype, const float *q, uint32_t nq,
 void kvs_axpy_rows(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
                    const void *vals, size_t n, uint32_t d, float *acc) {
     kt()->axpy_rows(dtype, w, ldw, nq, vals, n, d, acc);
+}
+
+void kvs_dot_gather(kvs_dtype_t dtype, const float *q, uint32_t nq,
+                    const void *const *rows, size_t n, uint32_t d, float scale,
+                    float *out, size_t ld) {
+    kt()->dot_gather(dtype, q, nq, rows, n, d, scale, out, ld);
+}
+
+void kvs_axpy_gather(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
+                     const void *const *rows, size_t n, uint32_t d,
+                     float *acc) {
+    kt()->axpy_gather(dtype, w, ldw, nq, rows, n, d, acc);
 }
 
 float kvs_max(const float *x, size_t n) {

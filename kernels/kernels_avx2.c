@@ -207,6 +207,38 @@ ALWAYS_INLINE void dot_rows_t(kvs_dtype_t dtype, const float *q, uint32_t nq,
     }
 }
 
+/* dot_rows_t over rows given by address: the rows of a shortlist are
+ * scattered, so each is prefetched GATHER_AHEAD rows before its use (the
+ * hardware prefetcher cannot guess the next address). */
+enum { GATHER_AHEAD = 6 };
+
+ALWAYS_INLINE void prefetch_row(const void *p, size_t rb) {
+    for (size_t o = 0; o < rb; o += 64)
+        __builtin_prefetch((const char *)p + o);
+}
+
+ALWAYS_INLINE void dot_gather_t(kvs_dtype_t dtype, const float *q, uint32_t nq,
+                                const void *const *rows, size_t n, uint32_t d,
+                                float scale, float *out, size_t ld) {
+    size_t rb = (size_t)d * kvs_dtype_size(dtype);
+    for (size_t j = 0; j < n && j < GATHER_AHEAD; j++)
+        prefetch_row(rows[j], rb);
+    size_t j = 0;
+    if (nq == 4 && (d & 7) == 0)
+        for (; j + 2 <= n; j += 2) {
+            if (j + GATHER_AHEAD < n)
+                prefetch_row(rows[j + GATHER_AHEAD], rb);
+            if (j + GATHER_AHEAD + 1 < n)
+                prefetch_row(rows[j + GATHER_AHEAD + 1], rb);
+            dot_2rows_4q(dtype, q, rows[j], rows[j + 1], d, scale, out, ld, j);
+        }
+    for (; j < n; j++) {
+        if (j + GATHER_AHEAD < n)
+            prefetch_row(rows[j + GATHER_AHEAD], rb);
+        dot_row_q(dtype, q, nq, rows[j], d, scale, out, ld, j);
+    }
+}
+
 #define DISPATCH_DTYPE(fn, dtype, ...)                                         \
     switch (dtype) {                                                           \
     case KVS_DTYPE_F16:                                                        \
@@ -249,20 +281,34 @@ static void avx2_dot_rows(kvs_dtype_t dtype, const float *q, uint32_t nq,
  * acc[i][t..t+8] += sum_j w[i][j] * v[j][t..t+8], rows in blocks small
  * enough to stay in L1 while every 8-float column chunk walks over them.
  */
-ALWAYS_INLINE void axpy_rows_t(kvs_dtype_t dtype, const float *w, size_t ldw,
-                               uint32_t nq, const void *vals, size_t n,
-                               uint32_t d, float *acc) {
+ALWAYS_INLINE const char *row_at(const void *vals, const void *const *rows,
+                                  size_t j, size_t rb) {
+    return rows ? (const char *)rows[j] : (const char *)vals + j * rb;
+}
+
+/* Rows are vals[j] (rows NULL) or rows[j]; a constant NULL folds away. */
+ALWAYS_INLINE void axpy_any_t(kvs_dtype_t dtype, const float *w, size_t ldw,
+                              uint32_t nq, const void *vals,
+                              const void *const *rows, size_t n, uint32_t d,
+                              float *acc) {
     enum { BLOCK = 32 };
     size_t esz = kvs_dtype_size(dtype);
+    size_t rb = (size_t)d * esz;
     uint32_t d8 = d & ~7u;
+    if (rows)
+        for (size_t j = 0; j < n && j < BLOCK; j++)
+            prefetch_row(rows[j], rb);
     for (size_t j0 = 0; j0 < n; j0 += BLOCK) {
         size_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+        if (rows) /* the next block's rows while this one is summed */
+            for (size_t j = j1; j < j1 + BLOCK && j < n; j++)
+                prefetch_row(rows[j], rb);
         for (uint32_t t = 0; t < d8; t += 8) {
             __m256 a[KVS_KERNEL_MAX_Q];
             for (uint32_t i = 0; i < nq; i++)
                 a[i] = _mm256_loadu_ps(acc + i * d + t);
             for (size_t j = j0; j < j1; j++) {
-                __m256 v = load8(dtype, (const char *)vals + j * d * esz, t);
+                __m256 v = load8(dtype, row_at(vals, rows, j, rb), t);
                 for (uint32_t i = 0; i < nq; i++)
                     a[i] = _mm256_fmadd_ps(_mm256_set1_ps(w[i * ldw + j]), v,
                                            a[i]);
@@ -272,11 +318,23 @@ ALWAYS_INLINE void axpy_rows_t(kvs_dtype_t dtype, const float *w, size_t ldw,
         }
         for (uint32_t t = d8; t < d; t++)
             for (size_t j = j0; j < j1; j++) {
-                float v = load1(dtype, (const char *)vals + j * d * esz, t);
+                float v = load1(dtype, row_at(vals, rows, j, rb), t);
                 for (uint32_t i = 0; i < nq; i++)
                     acc[i * d + t] += w[i * ldw + j] * v;
             }
     }
+}
+
+ALWAYS_INLINE void axpy_rows_t(kvs_dtype_t dtype, const float *w, size_t ldw,
+                               uint32_t nq, const void *vals, size_t n,
+                               uint32_t d, float *acc) {
+    axpy_any_t(dtype, w, ldw, nq, vals, NULL, n, d, acc);
+}
+
+ALWAYS_INLINE void axpy_gather_t(kvs_dtype_t dtype, const float *w, size_t ldw,
+                                 uint32_t nq, const void *const *rows, size_t n,
+                                 uint32_t d, float *acc) {
+    axpy_any_t(dtype, w, ldw, nq, NULL, rows, n, d, acc);
 }
 
 #define AXPY_NQ(dt, w, ldw, nq, vals, n, d, acc)                               \
@@ -301,6 +359,42 @@ static void avx2_axpy_rows(kvs_dtype_t dtype, const float *w, size_t ldw,
                            uint32_t nq, const void *vals, size_t n, uint32_t d,
                            float *acc) {
     DISPATCH_DTYPE(AXPY_NQ, dtype, w, ldw, nq, vals, n, d, acc);
+}
+
+#define DOT_GATHER_NQ(dt, q, nq, rows, n, d, scale, out, ld)                   \
+    switch (nq) {                                                              \
+    case 4:                                                                    \
+        dot_gather_t(dt, q, 4, rows, n, d, scale, out, ld);                    \
+        break;                                                                 \
+    case 8:                                                                    \
+        dot_gather_t(dt, q, 8, rows, n, d, scale, out, ld);                    \
+        break;                                                                 \
+    default:                                                                   \
+        dot_gather_t(dt, q, nq, rows, n, d, scale, out, ld);                   \
+    }
+
+static void avx2_dot_gather(kvs_dtype_t dtype, const float *q, uint32_t nq,
+                            const void *const *rows, size_t n, uint32_t d,
+                            float scale, float *out, size_t ld) {
+    DISPATCH_DTYPE(DOT_GATHER_NQ, dtype, q, nq, rows, n, d, scale, out, ld);
+}
+
+#define AXPY_GATHER_NQ(dt, w, ldw, nq, rows, n, d, acc)                        \
+    switch (nq) {                                                              \
+    case 4:                                                                    \
+        axpy_gather_t(dt, w, ldw, 4, rows, n, d, acc);                         \
+        break;                                                                 \
+    case 8:                                                                    \
+        axpy_gather_t(dt, w, ldw, 8, rows, n, d, acc);                         \
+        break;                                                                 \
+    default:                                                                   \
+        axpy_gather_t(dt, w, ldw, nq, rows, n, d, acc);                        \
+    }
+
+static void avx2_axpy_gather(kvs_dtype_t dtype, const float *w, size_t ldw,
+                             uint32_t nq, const void *const *rows, size_t n,
+                             uint32_t d, float *acc) {
+    DISPATCH_DTYPE(AXPY_GATHER_NQ, dtype, w, ldw, nq, rows, n, d, acc);
 }
 
 /* exp(x) for x in [-87.3, 88.7] with ~1 ulp error (Cephes polynomial);
@@ -369,6 +463,8 @@ int kvs__kernels_avx2_init(kvs__kernel_table_t *t) {
     t->from_f32 = avx2_from_f32;
     t->dot_rows = avx2_dot_rows;
     t->axpy_rows = avx2_axpy_rows;
+    t->dot_gather = avx2_dot_gather;
+    t->axpy_gather = avx2_axpy_gather;
     t->exp_sum = avx2_exp_sum;
     return 1;
 }

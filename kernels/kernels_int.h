@@ -15,6 +15,11 @@ typedef struct kvs__kernel_table_s {
                      uint32_t, float, float *, size_t);
     void (*axpy_rows)(kvs_dtype_t, const float *, size_t, uint32_t,
                       const void *, size_t, uint32_t, float *);
+    void (*dot_gather)(kvs_dtype_t, const float *, uint32_t,
+                       const void *const *, size_t, uint32_t, float, float *,
+                       size_t);
+    void (*axpy_gather)(kvs_dtype_t, const float *, size_t, uint32_t,
+                        const void *const *, size_t, uint32_t, float *);
     float (*exp_sum)(float *, size_t, float);
 } kvs__kernel_table_t;
 

@@ -53,6 +53,20 @@ void kvs_axpy_rows(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
                    const void *vals, size_t n, uint32_t d, float *acc);
 
 /*
+ * kvs_dot_rows and kvs_axpy_rows over rows given by address (rows[j], each
+ * d elements of `dtype`): a shortlist's scattered keys and values, or
+ * value means of clusters across segments, without copying them together
+ * first. Rows are prefetched ahead, since their addresses are not a
+ * stream the hardware can follow. out[i * ld + j] and acc as above.
+ */
+void kvs_dot_gather(kvs_dtype_t dtype, const float *q, uint32_t nq,
+                    const void *const *rows, size_t n, uint32_t d, float scale,
+                    float *out, size_t ld);
+void kvs_axpy_gather(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
+                     const void *const *rows, size_t n, uint32_t d,
+                     float *acc);
+
+/*
  * Code scans (kernels/codes_scan.c): out[j] = bias + sum_i w[i] * code_j[i]
  * for rows j < n of unsigned integer codes, w [d] fp32.
  *   4-bit rows are d/2 bytes, d a multiple of 32: per block of 32 dims, 16
@@ -76,6 +90,27 @@ void kvs_code4_dot_rows_multi(const float *w, size_t w_stride, uint32_t g,
                               const uint8_t *codes, size_t n, uint32_t d,
                               float *out, size_t out_stride);
 const char *kvs_code_scan_isa(void);
+
+/*
+ * 4-bit code scans with int8 weights, the codes attend's fast path (a
+ * quarter of the instructions of the fp32 scan: products of 8-bit
+ * integers, 32 at a time). kvs_code4_weights_q8 makes the weights
+ * w[t] = a[t] x b[t] x mul (t < d, d a multiple of 32), rounds them to
+ * int8 in [-127, 127] at one scale per vector (*scale = max |w| / 127) and
+ * stores them in the scan's order (per 64 dims: the 32 low-nibble dims,
+ * then the 32 high-nibble ones; a last 32 dims in order); then
+ *   out[i * out_stride + j] = bias[i] + scale[i] x sum_t q8_i[t] code_j[t]
+ * for g queries with int8 weights q8 + i * q8_stride, the sum exact in
+ * int32. Rounding moves a score by at most scale/2 x the sum of the row's
+ * codes; on real keys well under the 4-bit codes' own error. Both give
+ * the same bits in their scalar and SIMD versions.
+ */
+void kvs_code4_weights_q8(const float *a, const float *b, float mul,
+                          uint32_t d, int8_t *q8, float *scale);
+void kvs_code4_dot_rows_q8(const int8_t *q8, size_t q8_stride, uint32_t g,
+                           const float *scale, const float *bias,
+                           const uint8_t *codes, size_t n, uint32_t d,
+                           float *out, size_t out_stride);
 
 /* Largest of x[0..n); -INFINITY when n is 0. */
 float kvs_max(const float *x, size_t n);

