@@ -1263,7 +1263,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     uint32_t E = kvs_zone_clusters(zp->estimation_fraction, C);
     if (E > C - used)
         E = C - used;
-    size_t nrows = 2 * (size_t)R + E + used + R + 1;
+    size_t nrows = 2 * (size_t)R + E + used + 1;
     if (GROW(s, rows, rows_cap, nrows))
         return KVS_ENOMEM;
     const void **keys = s->rows, **vals = s->rows + R;
@@ -1279,19 +1279,12 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         vals[cols] = (const char *)seg->values + slot * rb;
         cols++;
     }
-    if (cols) {
-        if (GROW(s, scores, scores_cap, (size_t)g * cols))
-            return KVS_ENOMEM;
-        partial_init(tmp, g, d, tmp->acc);
-        kvs_dot_gather(v->dtype, q, g, keys, cols, d, scale, s->scores, cols);
-        for (uint32_t i = 0; i < g; i++) {
-            float *row = s->scores + (size_t)i * cols;
-            tmp->m[i] = kvs_max(row, cols);
-            tmp->l[i] = kvs_exp_sum(row, cols, tmp->m[i]);
-        }
-        kvs_axpy_gather(v->dtype, s->scores, cols, g, vals, cols, d, tmp->acc);
-        partial_merge(run, tmp);
-    }
+    /* The shortlist's exact scores, [g][cols] (gs and sel are done). */
+    if (GROW(s, cscr, cscr_cap, (size_t)g * (cols ? cols : 1)))
+        return KVS_ENOMEM;
+    float *SR = s->cscr;
+    if (cols)
+        kvs_dot_gather(v->dtype, q, g, keys, cols, d, scale, SR, cols);
 
     /* Pseudo-tokens, one weighted row each in W ([g][P], linear weights
      * against m[i]) with its value row at prow[p]:
@@ -1307,9 +1300,11 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
      *     view's mean x count/left less each retrieved member's value /
      *     left (on the 32K dump the whole mean would do as well, 0.85% vs
      *     0.87%; where attention is spread, random keys in tests/engine,
-     *     it is 13% worse), as extra rows of negative weight. */
+     *     it is 13% worse). The retrieved members' share is taken off
+     *     their own exact weights, so their values are read once.
+     * Retrieval and pseudo-tokens are one softmax partial. */
     const void **prow = s->rows + 2 * (size_t)R;
-    size_t P = E + used + R + 1;
+    size_t P = E + used + 1;
     if (GROW(s, scores, scores_cap, (size_t)g * P))
         return KVS_ENOMEM;
     float *W = s->scores;
@@ -1357,23 +1352,20 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     const uint32_t n_est = np;
     float m[MAXQ], l[MAXQ], rescale[MAXQ];
     for (uint32_t i = 0; i < g; i++) {
-        /* scanned scores to weights against their own max, retrieved
-         * members' zeroed */
-        float *e = s->est + i * stride;
-        float em = kvs_max(e, nm);
-        kvs_exp_sum(e, nm, em);
-        float *wi = W + (size_t)i * P;
-        float xm = kvs_max(wi, n_est);
+        float *e = s->est + i * stride, *wi = W + (size_t)i * P;
+        float *sr = SR + (size_t)i * cols;
+        float em = kvs_max(e, nm), xm = kvs_max(wi, n_est);
+        float rm = kvs_max(sr, cols);
         m[i] = em > xm ? em : xm;
-        l[i] = kvs_exp_sum(wi, n_est, m[i]);
-        /* the scanned clusters' weights below are against em */
+        m[i] = rm > m[i] ? rm : m[i];
+        l[i] = kvs_exp_sum(wi, n_est, m[i]) + kvs_exp_sum(sr, cols, m[i]);
+        /* scanned scores to weights against em, rescaled to m below */
+        kvs_exp_sum(e, nm, em);
         rescale[i] = em == -INFINITY ? 0.0f : expf(em - m[i]);
     }
-    for (uint32_t mm = 0; mm < nm; mm++)
-        if (s->cpos[mm] < 0)
-            for (uint32_t i = 0; i < g; i++)
-                s->est[i * stride + mm] = 0;
-    /* The rest of each scanned cluster, rank order. */
+    /* The rest of each scanned cluster, rank order; retrieved members
+     * (cpos < 0) are shortlist columns in the same order. */
+    uint32_t col = 0;
     for (uint32_t u = 0; u < used; u++) {
         uint32_t c = s->idx[u];
         uint32_t si = seg_of(s->cbase, nseg, c);
@@ -1382,44 +1374,41 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         uint32_t cnt = kvs_segment_cluster_view(seg, c - s->cbase[si],
                                                 si + 1 == nseg, &mean);
         uint32_t m0 = s->ustart[u], k = s->ustart[u + 1] - m0;
-        uint32_t left = 0;
+        uint32_t left = 0, col0 = col;
         for (uint32_t j = m0; j < m0 + k; j++)
             left += s->cpos[j] >= 0;
+        col += k - left;
         if (cnt == 0 || left == 0)
             continue;
-        uint32_t p0 = np;
-        float share = (float)cnt / (float)left;
+        float share = (float)cnt / (float)left, x[MAXQ];
         prow[np] = mean;
         for (uint32_t i = 0; i < g; i++) {
             const float *e = s->est + i * stride + m0;
-            float x = 0;
+            float sum = 0;
             for (uint32_t j = 0; j < k; j++)
-                x += e[j];
-            x *= rescale[i];
-            l[i] += x;
-            W[(size_t)i * P + np] = x * share;
+                sum += s->cpos[m0 + j] >= 0 ? e[j] : 0.0f;
+            x[i] = sum * rescale[i];
+            l[i] += x[i];
+            W[(size_t)i * P + np] = x[i] * share;
         }
         np++;
-        if (left == cnt)
-            continue; /* nothing retrieved, nothing steady: the mean */
-        for (uint32_t j = m0; j < m0 + k; j++) {
-            if (s->cpos[j] >= 0)
-                continue;
-            uint64_t id = (uint64_t)s->cpos[j] & ~(1ull << 63);
-            const kvs_segment_t *sg = v->segments[id >> 32];
-            prow[np] = (const char *)sg->values + (uint32_t)id * rb;
+        /* not all of the view left: the mean x cnt/left over-counts the
+         * retrieved members (cnt == left exactly when none was retrieved
+         * and none is steady) */
+        for (uint32_t r = col0; r < col && left != cnt; r++)
             for (uint32_t i = 0; i < g; i++)
-                W[(size_t)i * P + np] = -W[(size_t)i * P + p0] / (float)cnt;
-            np++;
-        }
+                SR[(size_t)i * cols + r] -= x[i] / (float)left;
     }
-    if (np) {
+    if (np || cols) {
         partial_init(tmp, g, d, tmp->acc);
         for (uint32_t i = 0; i < g; i++) {
             tmp->m[i] = m[i];
             tmp->l[i] = l[i];
         }
-        kvs_axpy_gather(v->dtype, W, P, g, prow, np, d, tmp->acc);
+        if (cols)
+            kvs_axpy_gather(v->dtype, SR, cols, g, vals, cols, d, tmp->acc);
+        if (np)
+            kvs_axpy_gather(v->dtype, W, P, g, prow, np, d, tmp->acc);
         partial_merge(run, tmp);
     }
     st->keys_exact = st->keys_steady + cols;

@@ -224,7 +224,8 @@ static void usage(void) {
             "  --eps E (repeatable: bounded variants)  --drive I\n"
             "  --per-head K (variant on a store observing every K-th "
             "prefill query)\n"
-            "  --segment-tokens N  --threads N (OpenBLAS and store)\n");
+            "  --segment-tokens N  --cluster-tokens N  --threads N (OpenBLAS "
+            "and store)\n");
 }
 
 int main(int argc, char **argv) {
@@ -240,7 +241,8 @@ int main(int argc, char **argv) {
         O_DRIVE,
         O_SEG,
         O_THR,
-        O_PERHEAD
+        O_PERHEAD,
+        O_CLU
     };
     static const struct option lo[] = {{"rows", 1, 0, O_ROWS},
                                        {"label", 1, 0, O_LABEL},
@@ -252,12 +254,13 @@ int main(int argc, char **argv) {
                                        {"eps", 1, 0, O_EPS},
                                        {"drive", 1, 0, O_DRIVE},
                                        {"segment-tokens", 1, 0, O_SEG},
+                                       {"cluster-tokens", 1, 0, O_CLU},
                                        {"threads", 1, 0, O_THR},
                                        {"per-head", 1, 0, O_PERHEAD},
                                        {0, 0, 0, 0}};
     const char *rows = NULL, *label = "?", *text = NULL, *tokf = NULL;
     uint32_t ctx = 0, score = 256, gen = 1000, seg = 0, threads = 2;
-    uint32_t per_head = 0;
+    uint32_t per_head = 0, clu = 0;
     float eps[MAX_VARIANTS];
     int n_eps = 0, drive = 0, c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -292,6 +295,9 @@ int main(int argc, char **argv) {
             break;
         case O_SEG:
             seg = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case O_CLU:
+            clu = (uint32_t)strtoul(optarg, NULL, 10);
             break;
         case O_THR:
             threads = (uint32_t)strtoul(optarg, NULL, 10);
@@ -364,6 +370,8 @@ int main(int argc, char **argv) {
     so.n_threads = threads;
     if (seg)
         so.segment_tokens = seg;
+    if (clu)
+        so.cluster_tokens = clu;
     meter_t m = {.n_layers = cfg->n_layers,
                  .n_heads = cfg->n_heads,
                  .head_dim = cfg->head_dim,
