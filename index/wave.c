@@ -1055,34 +1055,62 @@ static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
     return 0;
 }
 
-/* The k-th largest of x[0 .. n) (1 <= k <= n, no NaN); x is reordered.
- * Hoare selection, descending, median-of-three pivots: deterministic. */
-static float kth_largest(float *x, uint32_t n, uint32_t k) {
-    int64_t lo = 0, hi = (int64_t)n - 1, want = (int64_t)k - 1;
-    while (lo < hi) {
-        float a = x[lo], b = x[lo + (hi - lo) / 2], c = x[hi];
-        float p = a > b ? (b > c ? b : (a > c ? c : a))
-                        : (a > c ? a : (b > c ? c : b));
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (x[i] > p)
-                i++;
-            while (x[j] < p)
-                j--;
-            if (i <= j) {
-                float t = x[i];
-                x[i++] = x[j];
-                x[j--] = t;
-            }
-        }
-        if (want <= j)
-            hi = j;
-        else if (want >= i)
-            lo = i;
-        else
-            return x[want];
+/* Order-preserving map of a float to uint32 (-0 as +0; no NaN). */
+static inline uint32_t float_key(float f) {
+    if (f == 0)
+        f = 0.0f;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u >> 31 ? ~u : u | 0x80000000u;
+}
+
+static inline float key_float(uint32_t u) {
+    u = u >> 31 ? u & 0x7fffffffu : ~u;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Among keys[0 .. n), the digit (key >> shift) & mask of the k-th largest
+ * (1 <= k <= n) of those whose higher bits equal `prefix` (all when
+ * shift + width = 32); *k becomes its rank among that digit's keys. */
+static uint32_t radix_digit(const uint32_t *keys, uint32_t n, uint32_t shift,
+                            uint32_t width, uint32_t prefix, uint32_t *k) {
+    uint32_t hist[2048] = {0};
+    const uint32_t mask = (1u << width) - 1, top = shift + width;
+    for (uint32_t i = 0; i < n; i++)
+        if (top == 32 || keys[i] >> top == prefix)
+            hist[(keys[i] >> shift) & mask]++;
+    uint32_t b = mask;
+    for (;; b--) {
+        if (hist[b] >= *k || b == 0)
+            break;
+        *k -= hist[b];
     }
-    return x[want];
+    return b;
+}
+
+/* The k-th largest of x[0 .. n) (1 <= k <= n, no NaN), exact: a radix
+ * select over the floats' order-preserving bits, 11 + 11 + 10 bits; the
+ * first digit's bucket is copied to buf ([n]) so the later passes read
+ * only it. Linear, without the data-dependent branches of quickselect. */
+static float kth_largest(const float *x, uint32_t n, uint32_t k,
+                         uint32_t *buf) {
+    uint32_t hist[2048] = {0};
+    for (uint32_t i = 0; i < n; i++)
+        hist[float_key(x[i]) >> 21]++;
+    uint32_t b1 = 2047;
+    for (; hist[b1] < k && b1 > 0; b1--)
+        k -= hist[b1];
+    uint32_t nb = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t u = float_key(x[i]);
+        if (u >> 21 == b1)
+            buf[nb++] = u;
+    }
+    uint32_t b2 = radix_digit(buf, nb, 10, 11, b1, &k);
+    uint32_t b3 = radix_digit(buf, nb, 0, 10, b1 << 11 | b2, &k);
+    return key_float(b1 << 21 | b2 << 10 | b3);
 }
 
 /* Room in s->est ([g][*stride] code scores, query-major) for `need`
@@ -1251,8 +1279,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     float thr = INFINITY;
     uint32_t ties = 0;
     if (R) {
-        memcpy(sel, gs, sizeof(float) * nm);
-        thr = kth_largest(sel, nm, R);
+        thr = kth_largest(gs, nm, R, (uint32_t *)(void *)sel);
         uint32_t above = 0;
         for (uint32_t m = 0; m < nm; m++)
             above += gs[m] > thr;
