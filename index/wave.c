@@ -96,6 +96,8 @@ struct kvs_scratch_s {
     size_t rows_cap;
     int8_t *cq8; /* codes attend: [nseg][g][d] int8 code weights */
     size_t cq8_cap;
+    uint32_t *cseg; /* codes attend: [C] each cluster's segment */
+    size_t cseg_cap;
 };
 
 kvs_scratch_t *kvs_scratch_new(void) {
@@ -126,6 +128,7 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->rq);
     free(s->rows);
     free(s->cq8);
+    free(s->cseg);
     free(s);
 }
 
@@ -1193,6 +1196,12 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     /* Scan: members (as segment << 32 | slot) and their scaled code
      * scores, est[i stride + m] for query i; scanned cluster u's members
      * are ustart[u] .. ustart[u + 1] - 1. */
+    if (GROW(s, cseg, cseg_cap, C))
+        return KVS_ENOMEM;
+    const uint32_t *cseg = s->cseg;
+    for (uint32_t si = 0; si < nseg; si++)
+        for (uint32_t c = s->cbase[si]; c < s->cbase[si + 1]; c++)
+            s->cseg[c] = si;
     size_t stride = M + 64 < v->indexed_tokens + 64 ? M + 64
                                                       : v->indexed_tokens + 64;
     if (GROW(s, est, est_cap, (size_t)g * stride) ||
@@ -1207,11 +1216,11 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
          * offsets of the cluster 4 ahead and the codes of the one 2 ahead
          * (whose offsets came 2 rounds ago). */
         if (used + 4 < C) {
-            uint32_t c4 = s->idx[used + 4], s4 = seg_of(s->cbase, nseg, c4);
+            uint32_t c4 = s->idx[used + 4], s4 = cseg[c4];
             __builtin_prefetch(v->segments[s4]->offsets + (c4 - s->cbase[s4]));
         }
         if (used + 2 < C) {
-            uint32_t c2 = s->idx[used + 2], s2 = seg_of(s->cbase, nseg, c2);
+            uint32_t c2 = s->idx[used + 2], s2 = cseg[c2];
             const kvs_segment_t *g2 = v->segments[s2];
             const uint32_t *o2 = g2->offsets + (c2 - s->cbase[s2]);
             prefetch_rows(g2->codes->keys + (size_t)o2[0] * (d / 2),
@@ -1220,7 +1229,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         uint32_t c = s->idx[used];
         if (s->rank[c] < 0)
             break; /* nothing of it left in the view */
-        uint32_t si = seg_of(s->cbase, nseg, c);
+        uint32_t si = cseg[c];
         const kvs_segment_t *seg = v->segments[si];
         uint32_t lc = c - s->cbase[si];
         uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
@@ -1395,7 +1404,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     uint32_t col = 0;
     for (uint32_t u = 0; u < used; u++) {
         uint32_t c = s->idx[u];
-        uint32_t si = seg_of(s->cbase, nseg, c);
+        uint32_t si = cseg[c];
         const kvs_segment_t *seg = v->segments[si];
         const void *mean;
         uint32_t cnt = kvs_segment_cluster_view(seg, c - s->cbase[si],
