@@ -163,6 +163,13 @@ static void scalar_axpy_gather(kvs_dtype_t dtype, const float *w, size_t ldw,
         scalar_axpy_rows(dtype, w + j, ldw, nq, rows[j], 1, d, acc);
 }
 
+static float scalar_max(const float *x, size_t n) {
+    float m = -INFINITY;
+    for (size_t i = 0; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 static float scalar_exp_sum(float *x, size_t n, float m) {
     float s = 0;
     for (size_t i = 0; i < n; i++) {
@@ -188,6 +195,7 @@ static void table_init(void) {
     table.dot_gather = scalar_dot_gather;
     table.axpy_gather = scalar_axpy_gather;
     table.exp_sum = scalar_exp_sum;
+    table.max = scalar_max;
 }
 
 static inline const kvs__kernel_table_t *kt(void) {
@@ -254,10 +262,7 @@ void kvs_axpy_gather(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
 }
 
 float kvs_max(const float *x, size_t n) {
-    float m = -INFINITY;
-    for (size_t i = 0; i < n; i++)
-        m = x[i] > m ? x[i] : m;
-    return m;
+    return kt()->max(x, n);
 }
 
 float kvs_exp_sum(float *x, size_t n, float m) {

@@ -447,6 +447,26 @@ static float avx2_exp_sum(float *x, size_t n, float m) {
     return sum;
 }
 
+/* Largest of x[0 .. n): NaN is never taken (as the scalar loop: a NaN
+ * compares false), -inf for n == 0. */
+static float avx2_max(const float *x, size_t n) {
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    size_t i = 0;
+    /* max_ps(a, b) returns b when either is NaN: x second keeps m */
+    for (; i + 16 <= n; i += 16) {
+        m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+        m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    float buf[8], m = -INFINITY;
+    _mm256_storeu_ps(buf, m0);
+    for (int k = 0; k < 8; k++)
+        m = buf[k] > m ? buf[k] : m;
+    for (; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 int kvs__kernels_avx2_init(kvs__kernel_table_t *t) {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
@@ -466,5 +486,6 @@ int kvs__kernels_avx2_init(kvs__kernel_table_t *t) {
     t->dot_gather = avx2_dot_gather;
     t->axpy_gather = avx2_axpy_gather;
     t->exp_sum = avx2_exp_sum;
+    t->max = avx2_max;
     return 1;
 }

@@ -21,6 +21,7 @@ typedef struct kvs__kernel_table_s {
     void (*axpy_gather)(kvs_dtype_t, const float *, size_t, uint32_t,
                         const void *const *, size_t, uint32_t, float *);
     float (*exp_sum)(float *, size_t, float);
+    float (*max)(const float *, size_t);
 } kvs__kernel_table_t;
 
 /* Fills `t` and returns 1 when the CPU has AVX2, FMA and F16C; else 0. */

@@ -220,8 +220,29 @@ static void test_kernels_exp_sum(void **state) {
     free(x), free(y);
 }
 
+/* kvs_max: the largest element at every length and position, NaN never
+ * taken, -inf for none. */
+static void test_kernels_max(void **state) {
+    (void)state;
+    float x[67] = {0};
+    assert_true(kvs_max(x, 0) == -INFINITY);
+    for (size_t n = 1; n <= 67; n++)
+        for (size_t at = 0; at < n; at += 5) {
+            for (size_t i = 0; i < n; i++)
+                x[i] = (float)(urand() * 10 - 20);
+            x[at] = 7.5f;
+            if (n > 2)
+                x[(at + 1) % n] = NAN;
+            assert_true(kvs_max(x, n) == 7.5f);
+        }
+    for (size_t i = 0; i < 20; i++)
+        x[i] = -INFINITY;
+    assert_true(kvs_max(x, 20) == -INFINITY);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kernels_max),
         cmocka_unit_test(test_kernels_f16_roundtrip),
         cmocka_unit_test(test_kernels_f16_bf16_rounding),
         cmocka_unit_test(test_kernels_convert),
