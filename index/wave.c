@@ -539,11 +539,11 @@ static int score_clusters(const kvs_head_view_t *v, const float *q, uint32_t g,
  * the same rule.
  */
 static int rank_clusters(const kvs_head_view_t *v, kvs_scratch_t *s, uint32_t g,
-                         uint32_t C, uint32_t *n_valid) {
+                         uint32_t C, int softmax, uint32_t *n_valid) {
     if (GROW(s, tmpc, tmpc_cap, C))
         return KVS_ENOMEM;
     memset(s->rank, 0, C * sizeof(float));
-    for (uint32_t i = 0; i < g; i++) {
+    for (uint32_t i = 0; i < g && softmax; i++) {
         memcpy(s->tmpc, s->cscore + (size_t)i * C, C * sizeof(float));
         float z = kvs_exp_sum(s->tmpc, C, kvs_max(s->tmpc, C));
         float inv = 1.0f / z;
@@ -624,6 +624,13 @@ static uint32_t bounded_count(const kvs_head_view_t *v, kvs_scratch_t *s,
 /* ---------------------------------------------------------------------- */
 /* Attention                                                              */
 
+/* The spread weight alpha of the codes attend's scan order (scan_rank). */
+static float scan_alpha(const kvs_rank_params_t *rp) {
+    return rp->spread == 0  ? KVS_SPREAD_ATTEND_DEFAULT
+           : rp->spread < 0 ? 0.0f
+                            : rp->spread;
+}
+
 /* The codes paths (defined with search, below). */
 static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
                      const kvs_rank_params_t *rp, int *yes);
@@ -638,9 +645,7 @@ static int use_codes(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
 static int scan_rank(const kvs_head_view_t *v, const float *q, uint32_t g,
                      const kvs_rank_params_t *rp, float scale, kvs_scratch_t *s,
                      uint32_t C) {
-    float alpha = rp->spread == 0  ? KVS_SPREAD_ATTEND_DEFAULT
-                  : rp->spread < 0 ? 0.0f
-                                   : rp->spread;
+    float alpha = scan_alpha(rp);
     if (alpha == 0)
         return 0;
     if (GROW(s, tmpc, tmpc_cap, C))
@@ -738,10 +743,13 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
     uint32_t C, n_valid;
     if ((rc = score_clusters(v, q, g, zp->scale, s, &C)))
         return rc;
-    if ((rc = rank_clusters(v, s, g, C, &n_valid)))
-        return rc;
     int codes;
     if ((rc = use_codes(v, zp, rp, &codes)))
+        return rc;
+    /* the codes path ranks again with the spread term (scan_rank): only
+     * the clusters without members are needed from here */
+    if ((rc = rank_clusters(v, s, g, C, !codes || scan_alpha(rp) == 0,
+                            &n_valid)))
         return rc;
     if (codes) {
         if ((rc = codes_attend(v, q, g, zp, rp, s, C, &run, &tmp, &st)))
@@ -1399,6 +1407,10 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         kvs_exp_sum(e, nm, em);
         rescale[i] = em == -INFINITY ? 0.0f : expf(em - m[i]);
     }
+    for (uint32_t j = 0; j < nm; j++) /* retrieved: no share in the rest */
+        if (s->cpos[j] < 0)
+            for (uint32_t i = 0; i < g; i++)
+                s->est[i * stride + j] = 0;
     /* The rest of each scanned cluster, rank order; retrieved members
      * (cpos < 0) are shortlist columns in the same order. */
     uint32_t col = 0;
@@ -1422,7 +1434,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             const float *e = s->est + i * stride + m0;
             float sum = 0;
             for (uint32_t j = 0; j < k; j++)
-                sum += s->cpos[m0 + j] >= 0 ? e[j] : 0.0f;
+                sum += e[j];
             x[i] = sum * rescale[i];
             l[i] += x[i];
             W[(size_t)i * P + np] = x[i] * share;
