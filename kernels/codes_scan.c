@@ -21,6 +21,19 @@ typedef void (*code_q8_fn)(const int8_t *, size_t, uint32_t, const float *,
                            float *, size_t);
 typedef void (*weights_q8_fn)(const float *, const float *, float, uint32_t,
                               int8_t *, float *);
+typedef void (*code8_q16_fn)(const int16_t *, size_t, uint32_t, const float *,
+                             const float *, const uint8_t *, size_t, uint32_t,
+                             float *, size_t);
+typedef void (*weights_q16_fn)(const float *, const float *, float, uint32_t,
+                               int16_t *, float *);
+void kvs__weights_q16_scalar(const float *a, const float *b, float mul,
+                             uint32_t d, int16_t *q16, float *scale);
+
+/* The portable 8-bit scan (also codes_scan_avx2.c's for d % 16). */
+void kvs__code8_q16_scalar(const int16_t *q16, size_t q16_stride, uint32_t g,
+                           const float *scale, const float *bias,
+                           const uint8_t *codes, size_t n, uint32_t d,
+                           float *out, size_t out_stride);
 
 /* The portable weights_q8 (also codes_scan_avx2.c's for odd d). */
 void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
@@ -28,7 +41,8 @@ void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
 
 /* codes_scan_avx2.c: the AVX2+FMA versions; 1 when the CPU runs them. */
 int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
-                        code_q8_fn *c4q8, weights_q8_fn *wq8);
+                        code_q8_fn *c4q8, weights_q8_fn *wq8,
+                        code8_q16_fn *c8q16, weights_q16_fn *wq16);
 
 /* The place in kvs_code4_weights_q8's order of dim t. Per 64 dims: low
  * nibbles (dims 0-15 and 32-47 of the 64) first, then high ones. */
@@ -54,6 +68,45 @@ void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
         q8[q8_place(t, d)] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
     }
     *scale = mx / 127.0f;
+}
+
+/* The largest |int16 weight| for rows of d 8-bit codes (see the header). */
+int32_t kvs__q16_max(uint32_t d) {
+    int64_t m = ((int64_t)1 << 31) / (255 * (int64_t)(d ? d : 1)) - 1;
+    return m > 32767 ? 32767 : (int32_t)m;
+}
+
+void kvs__weights_q16_scalar(const float *a, const float *b, float mul,
+                             uint32_t d, int16_t *q16, float *scale) {
+    float mx = 0;
+    for (uint32_t t = 0; t < d; t++) {
+        float w = a[t] * b[t] * mul;
+        w = w < 0 ? -w : w;
+        mx = w > mx ? w : mx;
+    }
+    const float top = (float)kvs__q16_max(d);
+    float inv = mx > 0 ? top / mx : 0.0f;
+    for (uint32_t t = 0; t < d; t++) {
+        long r = lrintf(a[t] * b[t] * mul * inv);
+        q16[t] = (int16_t)(r > top ? top : r < -top ? -top : r);
+    }
+    *scale = mx / top;
+}
+
+void kvs__code8_q16_scalar(const int16_t *q16, size_t q16_stride, uint32_t g,
+                           const float *scale, const float *bias,
+                           const uint8_t *codes, size_t n, uint32_t d,
+                           float *out, size_t out_stride) {
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *r = codes + j * d;
+        for (uint32_t i = 0; i < g; i++) {
+            const int16_t *w = q16 + i * q16_stride;
+            int32_t s = 0;
+            for (uint32_t t = 0; t < d; t++)
+                s += w[t] * r[t];
+            out[i * out_stride + j] = bias[i] + scale[i] * (float)s;
+        }
+    }
 }
 
 static void code4_q8_scalar(const int8_t *q8, size_t q8_stride, uint32_t g,
@@ -116,6 +169,8 @@ static void code4_pair_scalar(const float *w, const float *w2,
 static code_fn g_c4 = code4_scalar, g_c8 = code8_scalar;
 static code_pair_fn g_c4p = code4_pair_scalar;
 static code_q8_fn g_c4q8 = code4_q8_scalar;
+static code8_q16_fn g_c8q16 = kvs__code8_q16_scalar;
+static weights_q16_fn g_wq16 = kvs__weights_q16_scalar;
 static weights_q8_fn g_wq8 = kvs__weights_q8_scalar;
 static const char *g_isa = "scalar";
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
@@ -128,7 +183,11 @@ static void pick(void) {
     code_pair_fn c4p;
     code_q8_fn c4q8;
     weights_q8_fn wq8;
-    if (kvs__code_scan_avx2(&c4, &c8, &c4p, &c4q8, &wq8)) {
+    code8_q16_fn c8q16;
+    weights_q16_fn wq16;
+    if (kvs__code_scan_avx2(&c4, &c8, &c4p, &c4q8, &wq8, &c8q16, &wq16)) {
+        g_c8q16 = c8q16;
+        g_wq16 = wq16;
         g_wq8 = wq8;
         g_c4 = c4;
         g_c8 = c8;
@@ -182,4 +241,18 @@ void kvs_code4_weights_q8(const float *a, const float *b, float mul,
                           uint32_t d, int8_t *q8, float *scale) {
     pthread_once(&g_once, pick);
     g_wq8(a, b, mul, d, q8, scale);
+}
+
+void kvs_code8_dot_rows_q16(const int16_t *q16, size_t q16_stride, uint32_t g,
+                            const float *scale, const float *bias,
+                            const uint8_t *codes, size_t n, uint32_t d,
+                            float *out, size_t out_stride) {
+    pthread_once(&g_once, pick);
+    g_c8q16(q16, q16_stride, g, scale, bias, codes, n, d, out, out_stride);
+}
+
+void kvs_code8_weights_q16(const float *a, const float *b, float mul,
+                           uint32_t d, int16_t *q16, float *scale) {
+    pthread_once(&g_once, pick);
+    g_wq16(a, b, mul, d, q16, scale);
 }

@@ -18,8 +18,21 @@ typedef void (*code_q8_fn)(const int8_t *, size_t, uint32_t, const float *,
                            float *, size_t);
 typedef void (*weights_q8_fn)(const float *, const float *, float, uint32_t,
                               int8_t *, float *);
+typedef void (*code8_q16_fn)(const int16_t *, size_t, uint32_t, const float *,
+                             const float *, const uint8_t *, size_t, uint32_t,
+                             float *, size_t);
+typedef void (*weights_q16_fn)(const float *, const float *, float, uint32_t,
+                               int16_t *, float *);
 int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
-                        code_q8_fn *c4q8, weights_q8_fn *wq8);
+                        code_q8_fn *c4q8, weights_q8_fn *wq8,
+                        code8_q16_fn *c8q16, weights_q16_fn *wq16);
+void kvs__weights_q16_scalar(const float *a, const float *b, float mul,
+                             uint32_t d, int16_t *q16, float *scale);
+int32_t kvs__q16_max(uint32_t d);
+void kvs__code8_q16_scalar(const int16_t *q16, size_t q16_stride, uint32_t g,
+                           const float *scale, const float *bias,
+                           const uint8_t *codes, size_t n, uint32_t d,
+                           float *out, size_t out_stride);
 
 static inline float hsum(__m256 v) {
     __m128 a =
@@ -160,7 +173,7 @@ static inline void code4_q8_rows4(const int8_t *const *w, uint32_t nq,
         __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h),
                                     _mm256_extracti128_si256(h, 1));
         float res[4];
-        _mm_storeu_ps(res, _mm_fmadd_ps(_mm_cvtepi32_ps(sum), sc, bi));
+        _mm_storeu_ps(res, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), sc), bi));
         for (uint32_t i = 0; i < nq; i++)
             out[i][j] = res[i];
     }
@@ -272,8 +285,100 @@ static void weights_q8_avx2(const float *a, const float *b, float mul,
     *scale = m / 127.0f;
 }
 
+/* Up to four queries over rows of 8-bit codes, d a multiple of 16: per
+ * 16 codes widened to int16 once, madd with each query's int16 weights
+ * (pairs summed in int32; the weights' bound keeps every sum in int32). */
+static void code8_q16_avx2(const int16_t *q16, size_t q16_stride, uint32_t g,
+                           const float *scale, const float *bias,
+                           const uint8_t *codes, size_t n, uint32_t d,
+                           float *out, size_t out_stride) {
+    if (d % 16) {
+        kvs__code8_q16_scalar(q16, q16_stride, g, scale, bias, codes, n, d,
+                              out, out_stride);
+        return;
+    }
+    for (uint32_t i0 = 0; i0 < g; i0 += 4) {
+        uint32_t nq = g - i0 < 4 ? g - i0 : 4;
+        const int16_t *w0 = q16 + i0 * q16_stride;
+        const int16_t *w1 = nq > 1 ? w0 + q16_stride : w0;
+        const int16_t *w2 = nq > 2 ? w0 + 2 * q16_stride : w0;
+        const int16_t *w3 = nq > 3 ? w0 + 3 * q16_stride : w0;
+        float sc[4] = {0}, bi[4] = {0};
+        for (uint32_t k = 0; k < nq; k++) {
+            sc[k] = scale[i0 + k];
+            bi[k] = bias[i0 + k];
+        }
+        const __m128 scv = _mm_loadu_ps(sc), biv = _mm_loadu_ps(bi);
+        for (size_t j = 0; j < n; j++) {
+            const uint8_t *r = codes + j * d;
+            if (j + 4 < n)
+                __builtin_prefetch(r + 4 * d);
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            for (uint32_t t = 0; t < d; t += 16) {
+                __m256i c = _mm256_cvtepu8_epi16(
+                    _mm_loadu_si128((const __m128i *)(r + t)));
+#define Q16_STEP(acc, w)                                                       \
+    acc = _mm256_add_epi32(                                                    \
+        acc, _mm256_madd_epi16(                                                \
+                 c, _mm256_loadu_si256((const __m256i *)((w) + t))))
+                Q16_STEP(a0, w0);
+                Q16_STEP(a1, w1);
+                Q16_STEP(a2, w2);
+                Q16_STEP(a3, w3);
+#undef Q16_STEP
+            }
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1),
+                                          _mm256_hadd_epi32(a2, a3));
+            __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h),
+                                        _mm256_extracti128_si256(h, 1));
+            float res[4];
+            _mm_storeu_ps(res, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), scv), biv));
+            for (uint32_t k = 0; k < nq; k++)
+                out[(i0 + k) * out_stride + j] = res[k];
+        }
+    }
+}
+
+/* codes_scan.c's weights_q16 scalar loop, bit for bit (same products in
+ * the same order, rounding to nearest even); d a multiple of 16 and at
+ * most 1024, else the scalar one. */
+static void weights_q16_avx2(const float *a, const float *b, float mul,
+                             uint32_t d, int16_t *q16, float *scale) {
+    if (d % 16 || d > 1024) {
+        kvs__weights_q16_scalar(a, b, mul, d, q16, scale);
+        return;
+    }
+    float w[1024];
+    const __m256 mv = _mm256_set1_ps(mul);
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps();
+    for (uint32_t t = 0; t < d; t += 8) {
+        __m256 x = _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_loadu_ps(a + t), _mm256_loadu_ps(b + t)), mv);
+        _mm256_storeu_ps(w + t, x);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(x, absm));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx),
+                           _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float m = _mm_cvtss_f32(m4), top = (float)kvs__q16_max(d);
+    const __m256 inv = _mm256_set1_ps(m > 0 ? top / m : 0.0f);
+    for (uint32_t t = 0; t < d; t += 16) {
+        __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + t), inv));
+        __m256i hi =
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + t + 8), inv));
+        /* packs works per 128-bit lane: put the quarters back in order */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi),
+                                             _MM_SHUFFLE(3, 1, 2, 0));
+        _mm256_storeu_si256((__m256i *)(q16 + t), p);
+    }
+    *scale = m / top;
+}
+
 int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
-                        code_q8_fn *c4q8, weights_q8_fn *wq8) {
+                        code_q8_fn *c4q8, weights_q8_fn *wq8,
+                        code8_q16_fn *c8q16, weights_q16_fn *wq16) {
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
         return 0;
     *c4 = code4_avx2;
@@ -281,5 +386,7 @@ int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
     *c4p = code4_pair_avx2;
     *c4q8 = code4_q8_avx2;
     *wq8 = weights_q8_avx2;
+    *c8q16 = code8_q16_avx2;
+    *wq16 = weights_q16_avx2;
     return 1;
 }

@@ -107,6 +107,21 @@ const char *kvs_code_scan_isa(void);
  */
 void kvs_code4_weights_q8(const float *a, const float *b, float mul,
                           uint32_t d, int8_t *q8, float *scale);
+/*
+ * 8-bit code scans with int16 weights (the codes attend's centroid scores,
+ * half the bytes of bf16 centroids): kvs_code8_weights_q16 makes
+ * w[t] = a[t] x b[t] x mul, rounds it to int16 at one scale per vector
+ * (largest magnitude at most 32767 and small enough that a row's sum
+ * cannot leave int32: 255 x d x max < 2^31), in order; then
+ *   out[i * out_stride + j] = bias[i] + scale[i] x sum_t q16_i[t] code_j[t]
+ * exact in int32. The same bits from the scalar and SIMD versions.
+ */
+void kvs_code8_weights_q16(const float *a, const float *b, float mul,
+                           uint32_t d, int16_t *q16, float *scale);
+void kvs_code8_dot_rows_q16(const int16_t *q16, size_t q16_stride, uint32_t g,
+                            const float *scale, const float *bias,
+                            const uint8_t *codes, size_t n, uint32_t d,
+                            float *out, size_t out_stride);
 void kvs_code4_dot_rows_q8(const int8_t *q8, size_t q8_stride, uint32_t g,
                            const float *scale, const float *bias,
                            const uint8_t *codes, size_t n, uint32_t d,

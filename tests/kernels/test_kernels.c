@@ -220,6 +220,69 @@ static void test_kernels_exp_sum(void **state) {
     free(x), free(y);
 }
 
+/* The integer-weight code scans against the fp64 dot product with the
+ * fp32 weights they round: within half a weight step x the row's sum of
+ * codes (a wrong weight order would be off by whole weights), for 4-bit
+ * rows (d with and without a last block of 32) and 8-bit rows, 1 to 6
+ * queries. */
+static void test_kernels_code_scans_int(void **state) {
+    (void)state;
+    uint32_t dims[] = {32, 64, 96, 128, 256};
+    for (int b = 0; b < 5; b++)
+        for (uint32_t g = 1; g <= 6; g++) {
+            uint32_t d = dims[b];
+            size_t n = 37;
+            float *a = malloc(4 * g * d), *st = malloc(4 * d);
+            float sc8[6], bias[6], sc16[6], out[6 * 37], out16[6 * 37];
+            int8_t *q8 = malloc(g * d);
+            int16_t *q16 = malloc(2 * g * d);
+            uint8_t *c4 = malloc(n * d / 2), *c8 = malloc(n * d);
+            for (size_t i = 0; i < g * d; i++)
+                a[i] = (float)(urand() * 2 - 1);
+            for (uint32_t t = 0; t < d; t++)
+                st[t] = (float)(0.01 + urand() * 0.1);
+            for (size_t i = 0; i < n * d / 2; i++)
+                c4[i] = (uint8_t)(urand() * 256);
+            for (size_t i = 0; i < n * d; i++)
+                c8[i] = (uint8_t)(urand() * 256);
+            for (uint32_t i = 0; i < g; i++) {
+                bias[i] = (float)urand();
+                kvs_code4_weights_q8(a + i * d, st, 0.5f, d, q8 + i * d,
+                                     &sc8[i]);
+                kvs_code8_weights_q16(a + i * d, st, 0.5f, d, q16 + i * d,
+                                      &sc16[i]);
+            }
+            kvs_code4_dot_rows_q8(q8, d, g, sc8, bias, c4, n, d, out, n);
+            kvs_code8_dot_rows_q16(q16, d, g, sc16, bias, c8, n, d, out16, n);
+            for (uint32_t i = 0; i < g; i++)
+                for (size_t j = 0; j < n; j++) {
+                    double r4 = bias[i], r8 = bias[i], s4 = 0, s8 = 0;
+                    for (uint32_t blk = 0; blk < d; blk += 32)
+                        for (uint32_t u = 0; u < 16; u++) {
+                            uint8_t c = c4[j * d / 2 + blk / 2 + u];
+                            double wl = (double)a[i * d + blk + u] *
+                                        st[blk + u] * 0.5;
+                            double wh = (double)a[i * d + blk + 16 + u] *
+                                        st[blk + 16 + u] * 0.5;
+                            r4 += wl * (c & 15) + wh * (c >> 4);
+                            s4 += (c & 15) + (c >> 4);
+                        }
+                    for (uint32_t t = 0; t < d; t++) {
+                        uint8_t c = c8[j * d + t];
+                        r8 += (double)a[i * d + t] * st[t] * 0.5 * c;
+                        s8 += c;
+                    }
+                    double e4 = fabs(out[i * n + j] - r4);
+                    double e8 = fabs(out16[i * n + j] - r8);
+                    if (e4 > sc8[i] * 0.5 * s4 + 1e-4 ||
+                        e8 > sc16[i] * 0.5 * s8 + 1e-4)
+                        fail_msg("d %u g %u: %g vs %g, %g vs %g", d, g,
+                                 out[i * n + j], r4, out16[i * n + j], r8);
+                }
+            free(a), free(st), free(q8), free(q16), free(c4), free(c8);
+        }
+}
+
 /* kvs_max: the largest element at every length and position, NaN never
  * taken, -inf for none. */
 static void test_kernels_max(void **state) {
@@ -243,6 +306,7 @@ static void test_kernels_max(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kernels_max),
+        cmocka_unit_test(test_kernels_code_scans_int),
         cmocka_unit_test(test_kernels_f16_roundtrip),
         cmocka_unit_test(test_kernels_f16_bf16_rounding),
         cmocka_unit_test(test_kernels_convert),
