@@ -462,6 +462,18 @@ static uint32_t seg_of(const uint32_t *cbase, uint32_t nseg, uint32_t c) {
     return lo;
 }
 
+/* kvs_segment_cluster_view without the call and the cold flags array for
+ * segments that adjust no cluster (all but the few holding steady
+ * positions): count and value mean straight from the segment. */
+static inline uint32_t cluster_view(const kvs_segment_t *seg, uint32_t c,
+                                    int is_last, const void **mean) {
+    if (seg->adj_always.n || (is_last && seg->adj_last.n))
+        return kvs_segment_cluster_view(seg, c, is_last, mean);
+    *mean = (const char *)seg->value_means +
+            (size_t)c * seg->d * kvs_dtype_size(seg->dtype);
+    return seg->counts[c];
+}
+
 /* ---------------------------------------------------------------------- */
 /* Steady zone                                                            */
 
@@ -670,6 +682,8 @@ static int scan_rank(const kvs_head_view_t *v, const float *q, uint32_t g,
         const float a = alpha * scale * (float)sqrt(qq);
         const float *cs = s->cscore + (size_t)i * C;
         for (uint32_t si = 0; si < nseg; si++) {
+            if (i == 0 && si + 4 < nseg) /* cold: see code_weights */
+                __builtin_prefetch(v->segments[si + 4]->codes->spread);
             const kvs_segment_t *seg = v->segments[si];
             const float *sp = seg->codes->spread;
             for (uint32_t c = 0, b = s->cbase[si]; c < seg->n_clusters; c++)
@@ -804,7 +818,7 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
         cols += n;
         const void *mean;
         retrieved_rows +=
-            kvs_segment_cluster_view(seg, lc, si + 1 == v->n_segments, &mean);
+            cluster_view(seg, lc, si + 1 == v->n_segments, &mean);
     }
     if (cols) {
         if (GROW(s, scores, scores_cap, (size_t)g * cols))
@@ -828,7 +842,7 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
         uint32_t c = s->idx[e];
         uint32_t si = seg_of(s->cbase, v->n_segments, c);
         const void *mean;
-        uint32_t cnt = kvs_segment_cluster_view(
+        uint32_t cnt = cluster_view(
             v->segments[si], c - s->cbase[si], si + 1 == v->n_segments, &mean);
         if (cnt == 0)
             continue;
@@ -1406,7 +1420,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         const kvs_segment_t *seg = v->segments[si];
         uint32_t lc = c - s->cbase[si];
         const void *mean;
-        uint32_t cnt = kvs_segment_cluster_view(seg, lc, si + 1 == nseg, &mean);
+        uint32_t cnt = cluster_view(seg, lc, si + 1 == nseg, &mean);
         if (cnt == 0)
             continue;
         prow[np] = mean;
@@ -1444,7 +1458,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         uint32_t si = cseg[c];
         const kvs_segment_t *seg = v->segments[si];
         const void *mean;
-        uint32_t cnt = kvs_segment_cluster_view(seg, c - s->cbase[si],
+        uint32_t cnt = cluster_view(seg, c - s->cbase[si],
                                                 si + 1 == nseg, &mean);
         uint32_t m0 = s->ustart[u], k = s->ustart[u + 1] - m0;
         uint32_t left = 0, col0 = col;
