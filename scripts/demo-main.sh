@@ -16,15 +16,19 @@
 #
 # Environment: KVS_DEMO_MODEL (default ../shared/data/tinycode128.bin; a
 # non-byte model such as stories260K.bin gets BOS alone as its prompt),
-# KVS_DEMO_CTX (prompt tokens, default 8448: past the engine's default
-# 8192-token segment, so the wave index is built and used), KVS_DEMO_GEN
-# (generated tokens, default 200). About a minute on 2 cores.
+# KVS_DEMO_CTX (prompt tokens; default: the model's context less the
+# generated tokens and a margin, 32512 for tinycode128, where a decode
+# step through the index is clearly cheaper than full attention),
+# KVS_DEMO_GEN (generated tokens, default 200). About 3 minutes on 2 cores
+# (two 32K prefills: the daemon's and the in-process reference's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 model=${KVS_DEMO_MODEL:-../shared/data/tinycode128.bin}
-ctx=${KVS_DEMO_CTX:-8448}
 gen=${KVS_DEMO_GEN:-200}
+# llama2.c header: 7 int32, seq_len last
+seq_len=$(od -An -t d4 -j 24 -N 4 "$model" 2>/dev/null | tr -d ' ')
+ctx=${KVS_DEMO_CTX:-$(( ${seq_len:-8704} - gen - 56 ))}
 kvstored=$build/server/kvstored
 kvdecode=$build/tools/kvdecode/kvdecode
 for b in "$kvstored" "$kvdecode"; do
