@@ -817,8 +817,7 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
             return KVS_ENOMEM;
         cols += n;
         const void *mean;
-        retrieved_rows +=
-            cluster_view(seg, lc, si + 1 == v->n_segments, &mean);
+        retrieved_rows += cluster_view(seg, lc, si + 1 == v->n_segments, &mean);
     }
     if (cols) {
         if (GROW(s, scores, scores_cap, (size_t)g * cols))
@@ -842,8 +841,8 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
         uint32_t c = s->idx[e];
         uint32_t si = seg_of(s->cbase, v->n_segments, c);
         const void *mean;
-        uint32_t cnt = cluster_view(
-            v->segments[si], c - s->cbase[si], si + 1 == v->n_segments, &mean);
+        uint32_t cnt = cluster_view(v->segments[si], c - s->cbase[si],
+                                    si + 1 == v->n_segments, &mean);
         if (cnt == 0)
             continue;
         memcpy(s->gather + (size_t)cols * rbytes, mean, rbytes);
@@ -1101,8 +1100,7 @@ static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
                                   s->cq16 + (size_t)i * d, &csb[i]);
         }
         kvs_code8_dot_rows_q16(s->cq16, d, g, csb, csb + g, k->centroids,
-                               seg->n_clusters, d, s->cscore + s->cbase[si],
-                               C);
+                               seg->n_clusters, d, s->cscore + s->cbase[si], C);
     }
     return 0;
 }
@@ -1249,8 +1247,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     for (uint32_t si = 0; si < nseg; si++)
         for (uint32_t c = s->cbase[si]; c < s->cbase[si + 1]; c++)
             s->cseg[c] = si;
-    size_t stride = M + 64 < v->indexed_tokens + 64 ? M + 64
-                                                      : v->indexed_tokens + 64;
+    size_t stride =
+        M + 64 < v->indexed_tokens + 64 ? M + 64 : v->indexed_tokens + 64;
     if (GROW(s, est, est_cap, (size_t)g * stride) ||
         GROW(s, cpos, cpos_cap, stride) || GROW(s, tmpc, tmpc_cap, nseg))
         return KVS_ENOMEM;
@@ -1297,8 +1295,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         } else {
             /* compacted in place: a member's k-th lands at or before j */
             for (uint32_t j = 0; j < n; j++) {
-                if (kvs_head_is_steady(v, seg->first_pos +
-                                              seg->positions[a + j]))
+                if (kvs_head_is_steady(v,
+                                       seg->first_pos + seg->positions[a + j]))
                     continue;
                 s->cpos[nm + k] = (int64_t)((uint64_t)si << 32 | (a + j));
                 for (uint32_t i = 0; i < g && k != j; i++)
@@ -1458,8 +1456,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
         uint32_t si = cseg[c];
         const kvs_segment_t *seg = v->segments[si];
         const void *mean;
-        uint32_t cnt = cluster_view(seg, c - s->cbase[si],
-                                                si + 1 == nseg, &mean);
+        uint32_t cnt =
+            cluster_view(seg, c - s->cbase[si], si + 1 == nseg, &mean);
         uint32_t m0 = s->ustart[u], k = s->ustart[u + 1] - m0;
         uint32_t left = 0, col0 = col;
         for (uint32_t j = m0; j < m0 + k; j++)

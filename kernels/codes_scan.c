@@ -5,57 +5,25 @@
  * of the AVX2 versions in codes_scan_avx2.c. Kept apart from kernels.c so
  * that the scan kernels build and dispatch on their own.
  */
-#include "kvs_kernels.h"
+#include "codes_scan_int.h"
 
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t, float,
-                        float *);
-typedef void (*code_pair_fn)(const float *, const float *, const uint8_t *,
-                             size_t, uint32_t, float, float, float *, float *);
-typedef void (*code_q8_fn)(const int8_t *, size_t, uint32_t, const float *,
-                           const float *, const uint8_t *, size_t, uint32_t,
-                           float *, size_t);
-typedef void (*weights_q8_fn)(const float *, const float *, float, uint32_t,
-                              int8_t *, float *);
-typedef void (*code8_q16_fn)(const int16_t *, size_t, uint32_t, const float *,
-                             const float *, const uint8_t *, size_t, uint32_t,
-                             float *, size_t);
-typedef void (*weights_q16_fn)(const float *, const float *, float, uint32_t,
-                               int16_t *, float *);
-void kvs__weights_q16_scalar(const float *a, const float *b, float mul,
-                             uint32_t d, int16_t *q16, float *scale);
-
-/* The portable 8-bit scan (also codes_scan_avx2.c's for d % 16). */
-void kvs__code8_q16_scalar(const int16_t *q16, size_t q16_stride, uint32_t g,
-                           const float *scale, const float *bias,
-                           const uint8_t *codes, size_t n, uint32_t d,
-                           float *out, size_t out_stride);
-
-/* The portable weights_q8 (also codes_scan_avx2.c's for odd d). */
-void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
-                            uint32_t d, int8_t *q8, float *scale);
-
-/* codes_scan_avx2.c: the AVX2+FMA versions; 1 when the CPU runs them. */
-int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
-                        code_q8_fn *c4q8, weights_q8_fn *wq8,
-                        code8_q16_fn *c8q16, weights_q16_fn *wq16);
-
 /* The place in kvs_code4_weights_q8's order of dim t. Per 64 dims: low
  * nibbles (dims 0-15 and 32-47 of the 64) first, then high ones. */
 static uint32_t q8_place(uint32_t t, uint32_t d) {
     uint32_t base = t & ~63u, r = t & 63;
     if (base + 64 > d)
-        return t; /* a last block of 32: in order */
+        return t;                       /* a last block of 32: in order */
     uint32_t blk = r / 32, in = r % 32; /* block of 32, dim within it */
     return base + (in < 16 ? 0 : 32) + blk * 16 + in % 16;
 }
 
 void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
-                              uint32_t d, int8_t *q8, float *scale) {
+                            uint32_t d, int8_t *q8, float *scale) {
     float mx = 0;
     for (uint32_t t = 0; t < d; t++) {
         float w = a[t] * b[t] * mul;
@@ -70,7 +38,6 @@ void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
     *scale = mx / 127.0f;
 }
 
-/* The largest |int16 weight| for rows of d 8-bit codes (see the header). */
 int32_t kvs__q16_max(uint32_t d) {
     int64_t m = ((int64_t)1 << 31) / (255 * (int64_t)(d ? d : 1)) - 1;
     return m > 32767 ? 32767 : (int32_t)m;
@@ -109,10 +76,10 @@ void kvs__code8_q16_scalar(const int16_t *q16, size_t q16_stride, uint32_t g,
     }
 }
 
-static void code4_q8_scalar(const int8_t *q8, size_t q8_stride, uint32_t g,
-                            const float *scale, const float *bias,
-                            const uint8_t *codes, size_t n, uint32_t d,
-                            float *out, size_t out_stride) {
+void kvs__code4_q8_scalar(const int8_t *q8, size_t q8_stride, uint32_t g,
+                          const float *scale, const float *bias,
+                          const uint8_t *codes, size_t n, uint32_t d,
+                          float *out, size_t out_stride) {
     const size_t rb = d / 2;
     for (size_t j = 0; j < n; j++) {
         const uint8_t *r = codes + j * rb;
@@ -166,12 +133,15 @@ static void code4_pair_scalar(const float *w, const float *w2,
     code4_scalar(w2, codes, n, d, bias2, out2);
 }
 
-static code_fn g_c4 = code4_scalar, g_c8 = code8_scalar;
-static code_pair_fn g_c4p = code4_pair_scalar;
-static code_q8_fn g_c4q8 = code4_q8_scalar;
-static code8_q16_fn g_c8q16 = kvs__code8_q16_scalar;
-static weights_q16_fn g_wq16 = kvs__weights_q16_scalar;
-static weights_q8_fn g_wq8 = kvs__weights_q8_scalar;
+static kvs__code_scan_table_t scan = {
+    .c4 = code4_scalar,
+    .c8 = code8_scalar,
+    .c4_pair = code4_pair_scalar,
+    .c4_q8 = kvs__code4_q8_scalar,
+    .weights_q8 = kvs__weights_q8_scalar,
+    .c8_q16 = kvs__code8_q16_scalar,
+    .weights_q16 = kvs__weights_q16_scalar,
+};
 static const char *g_isa = "scalar";
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
@@ -179,20 +149,9 @@ static void pick(void) {
     const char *force = getenv("KVS_FORCE_SCALAR");
     if (force && *force && strcmp(force, "0"))
         return;
-    code_fn c4, c8;
-    code_pair_fn c4p;
-    code_q8_fn c4q8;
-    weights_q8_fn wq8;
-    code8_q16_fn c8q16;
-    weights_q16_fn wq16;
-    if (kvs__code_scan_avx2(&c4, &c8, &c4p, &c4q8, &wq8, &c8q16, &wq16)) {
-        g_c8q16 = c8q16;
-        g_wq16 = wq16;
-        g_wq8 = wq8;
-        g_c4 = c4;
-        g_c8 = c8;
-        g_c4p = c4p;
-        g_c4q8 = c4q8;
+    kvs__code_scan_table_t t = scan;
+    if (kvs__code_scan_avx2(&t)) {
+        scan = t;
         g_isa = "avx2";
     }
 }
@@ -205,7 +164,7 @@ const char *kvs_code_scan_isa(void) {
 void kvs_code4_dot_rows(const float *w, const uint8_t *codes, size_t n,
                         uint32_t d, float bias, float *out) {
     pthread_once(&g_once, pick);
-    g_c4(w, codes, n, d, bias, out);
+    scan.c4(w, codes, n, d, bias, out);
 }
 
 void kvs_code4_dot_rows_multi(const float *w, size_t w_stride, uint32_t g,
@@ -215,18 +174,18 @@ void kvs_code4_dot_rows_multi(const float *w, size_t w_stride, uint32_t g,
     pthread_once(&g_once, pick);
     uint32_t i = 0;
     for (; i + 2 <= g; i += 2)
-        g_c4p(w + i * w_stride, w + (i + 1) * w_stride, codes, n, d,
-              bias[i * bias_stride], bias[(i + 1) * bias_stride],
-              out + i * out_stride, out + (i + 1) * out_stride);
+        scan.c4_pair(w + i * w_stride, w + (i + 1) * w_stride, codes, n, d,
+                     bias[i * bias_stride], bias[(i + 1) * bias_stride],
+                     out + i * out_stride, out + (i + 1) * out_stride);
     if (i < g)
-        g_c4(w + i * w_stride, codes, n, d, bias[i * bias_stride],
-             out + i * out_stride);
+        scan.c4(w + i * w_stride, codes, n, d, bias[i * bias_stride],
+                out + i * out_stride);
 }
 
 void kvs_code8_dot_rows(const float *w, const uint8_t *codes, size_t n,
                         uint32_t d, float bias, float *out) {
     pthread_once(&g_once, pick);
-    g_c8(w, codes, n, d, bias, out);
+    scan.c8(w, codes, n, d, bias, out);
 }
 
 void kvs_code4_dot_rows_q8(const int8_t *q8, size_t q8_stride, uint32_t g,
@@ -234,13 +193,13 @@ void kvs_code4_dot_rows_q8(const int8_t *q8, size_t q8_stride, uint32_t g,
                            const uint8_t *codes, size_t n, uint32_t d,
                            float *out, size_t out_stride) {
     pthread_once(&g_once, pick);
-    g_c4q8(q8, q8_stride, g, scale, bias, codes, n, d, out, out_stride);
+    scan.c4_q8(q8, q8_stride, g, scale, bias, codes, n, d, out, out_stride);
 }
 
-void kvs_code4_weights_q8(const float *a, const float *b, float mul,
-                          uint32_t d, int8_t *q8, float *scale) {
+void kvs_code4_weights_q8(const float *a, const float *b, float mul, uint32_t d,
+                          int8_t *q8, float *scale) {
     pthread_once(&g_once, pick);
-    g_wq8(a, b, mul, d, q8, scale);
+    scan.weights_q8(a, b, mul, d, q8, scale);
 }
 
 void kvs_code8_dot_rows_q16(const int16_t *q16, size_t q16_stride, uint32_t g,
@@ -248,11 +207,11 @@ void kvs_code8_dot_rows_q16(const int16_t *q16, size_t q16_stride, uint32_t g,
                             const uint8_t *codes, size_t n, uint32_t d,
                             float *out, size_t out_stride) {
     pthread_once(&g_once, pick);
-    g_c8q16(q16, q16_stride, g, scale, bias, codes, n, d, out, out_stride);
+    scan.c8_q16(q16, q16_stride, g, scale, bias, codes, n, d, out, out_stride);
 }
 
 void kvs_code8_weights_q16(const float *a, const float *b, float mul,
                            uint32_t d, int16_t *q16, float *scale) {
     pthread_once(&g_once, pick);
-    g_wq16(a, b, mul, d, q16, scale);
+    scan.weights_q16(a, b, mul, d, q16, scale);
 }

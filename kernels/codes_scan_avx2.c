@@ -5,34 +5,9 @@
  * accumulators, so the sums are ordered differently from the scalar loop
  * (results agree to float rounding, not bit for bit).
  */
-#include "kvs_kernels.h"
+#include "codes_scan_int.h"
 
 #include <immintrin.h>
-
-typedef void (*code_fn)(const float *, const uint8_t *, size_t, uint32_t, float,
-                        float *);
-typedef void (*code_pair_fn)(const float *, const float *, const uint8_t *,
-                             size_t, uint32_t, float, float, float *, float *);
-typedef void (*code_q8_fn)(const int8_t *, size_t, uint32_t, const float *,
-                           const float *, const uint8_t *, size_t, uint32_t,
-                           float *, size_t);
-typedef void (*weights_q8_fn)(const float *, const float *, float, uint32_t,
-                              int8_t *, float *);
-typedef void (*code8_q16_fn)(const int16_t *, size_t, uint32_t, const float *,
-                             const float *, const uint8_t *, size_t, uint32_t,
-                             float *, size_t);
-typedef void (*weights_q16_fn)(const float *, const float *, float, uint32_t,
-                               int16_t *, float *);
-int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
-                        code_q8_fn *c4q8, weights_q8_fn *wq8,
-                        code8_q16_fn *c8q16, weights_q16_fn *wq16);
-void kvs__weights_q16_scalar(const float *a, const float *b, float mul,
-                             uint32_t d, int16_t *q16, float *scale);
-int32_t kvs__q16_max(uint32_t d);
-void kvs__code8_q16_scalar(const int16_t *q16, size_t q16_stride, uint32_t g,
-                           const float *scale, const float *bias,
-                           const uint8_t *codes, size_t n, uint32_t d,
-                           float *out, size_t out_stride);
 
 static inline float hsum(__m256 v) {
     __m128 a =
@@ -154,7 +129,7 @@ static inline void code4_q8_rows4(const int8_t *const *w, uint32_t nq,
     acc = _mm256_add_epi16(                                                    \
         acc, _mm256_add_epi16(                                                 \
                  _mm256_maddubs_epi16(                                         \
-                     lo, _mm256_loadu_si256((const __m256i *)(wq + u))),      \
+                     lo, _mm256_loadu_si256((const __m256i *)(wq + u))),       \
                  _mm256_maddubs_epi16(                                         \
                      hi, _mm256_loadu_si256((const __m256i *)(wq + u + 32)))))
                 Q8_STEP(s0, w0);
@@ -173,24 +148,19 @@ static inline void code4_q8_rows4(const int8_t *const *w, uint32_t nq,
         __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h),
                                     _mm256_extracti128_si256(h, 1));
         float res[4];
-        _mm_storeu_ps(res, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), sc), bi));
+        _mm_storeu_ps(res,
+                      _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), sc), bi));
         for (uint32_t i = 0; i < nq; i++)
             out[i][j] = res[i];
     }
 }
-
-static void code4_q8_scalar_rows(const int8_t *q8, size_t q8_stride,
-                                 uint32_t g, const float *scale,
-                                 const float *bias, const uint8_t *codes,
-                                 size_t n, uint32_t d, float *out,
-                                 size_t out_stride);
 
 static void code4_q8_avx2(const int8_t *q8, size_t q8_stride, uint32_t g,
                           const float *scale, const float *bias,
                           const uint8_t *codes, size_t n, uint32_t d,
                           float *out, size_t out_stride) {
     if (d % 64) { /* a last block of 32 dims: the portable loop */
-        code4_q8_scalar_rows(q8, q8_stride, g, scale, bias, codes, n, d, out,
+        kvs__code4_q8_scalar(q8, q8_stride, g, scale, bias, codes, n, d, out,
                              out_stride);
         return;
     }
@@ -206,44 +176,32 @@ static void code4_q8_avx2(const int8_t *q8, size_t q8_stride, uint32_t g,
     }
 }
 
-/* As codes_scan.c's reference, for d not a multiple of 64 (the last 32
- * dims' weights are in order). */
-static void code4_q8_scalar_rows(const int8_t *q8, size_t q8_stride,
-                                 uint32_t g, const float *scale,
-                                 const float *bias, const uint8_t *codes,
-                                 size_t n, uint32_t d, float *out,
-                                 size_t out_stride) {
-    const size_t rb = d / 2;
-    for (size_t j = 0; j < n; j++) {
-        const uint8_t *r = codes + j * rb;
-        for (uint32_t i = 0; i < g; i++) {
-            const int8_t *w = q8 + i * q8_stride;
-            int32_t s = 0;
-            uint32_t b = 0;
-            for (; b + 64 <= d; b += 64)
-                for (uint32_t u = 0; u < 32; u++) {
-                    uint8_t c = r[b / 2 + u];
-                    s += w[b + u] * (c & 15) + w[b + 32 + u] * (c >> 4);
-                }
-            for (; b < d; b += 32)
-                for (uint32_t u = 0; u < 16; u++) {
-                    uint8_t c = r[b / 2 + u];
-                    s += w[b + u] * (c & 15) + w[b + 16 + u] * (c >> 4);
-                }
-            out[i * out_stride + j] = bias[i] + scale[i] * (float)s;
-        }
+/* w[t] = a[t] x b[t] x mul (d a multiple of 8), returns max |w[t]|: the
+ * products in the scalar versions' order, so both round the same. */
+static float products_max(const float *a, const float *b, float mul, uint32_t d,
+                          float *w) {
+    const __m256 mv = _mm256_set1_ps(mul);
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps();
+    for (uint32_t t = 0; t < d; t += 8) {
+        __m256 x = _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_loadu_ps(a + t), _mm256_loadu_ps(b + t)), mv);
+        _mm256_storeu_ps(w + t, x);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(x, absm));
     }
+    __m128 m4 =
+        _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    return _mm_cvtss_f32(m4);
 }
-
-void kvs__weights_q8_scalar(const float *a, const float *b, float mul,
-                            uint32_t d, int8_t *q8, float *scale);
 
 /* 32 int32 (four vectors, in order) to 32 int8 in order; |x| <= 127. */
 static inline __m256i pack32(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
     __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1),
                                    _mm256_packs_epi32(i2, i3));
-    return _mm256_permutevar8x32_epi32(b,
-                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return _mm256_permutevar8x32_epi32(
+        b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 /* codes_scan.c's weights_q8_scalar, bit for bit: the same products in the
@@ -256,22 +214,10 @@ static void weights_q8_avx2(const float *a, const float *b, float mul,
         return;
     }
     float w[1024];
-    const __m256 mv = _mm256_set1_ps(mul);
-    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 mx = _mm256_setzero_ps();
-    for (uint32_t t = 0; t < d; t += 8) {
-        __m256 x = _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_loadu_ps(a + t), _mm256_loadu_ps(b + t)), mv);
-        _mm256_storeu_ps(w + t, x);
-        mx = _mm256_max_ps(mx, _mm256_and_ps(x, absm));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx),
-                           _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    float m = _mm_cvtss_f32(m4);
+    float m = products_max(a, b, mul, d, w);
     const __m256 inv = _mm256_set1_ps(m > 0 ? 127.0f / m : 0.0f);
-#define Q8_ROUND(off) _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + (off)), inv))
+#define Q8_ROUND(off)                                                          \
+    _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + (off)), inv))
     for (uint32_t t = 0; t < d; t += 64) {
         /* low nibbles: dims t..t+15, t+32..t+47; high: t+16.., t+48.. */
         _mm256_storeu_si256((__m256i *)(q8 + t),
@@ -293,8 +239,8 @@ static void code8_q16_avx2(const int16_t *q16, size_t q16_stride, uint32_t g,
                            const uint8_t *codes, size_t n, uint32_t d,
                            float *out, size_t out_stride) {
     if (d % 16) {
-        kvs__code8_q16_scalar(q16, q16_stride, g, scale, bias, codes, n, d,
-                              out, out_stride);
+        kvs__code8_q16_scalar(q16, q16_stride, g, scale, bias, codes, n, d, out,
+                              out_stride);
         return;
     }
     for (uint32_t i0 = 0; i0 < g; i0 += 4) {
@@ -319,8 +265,8 @@ static void code8_q16_avx2(const int16_t *q16, size_t q16_stride, uint32_t g,
                     _mm_loadu_si128((const __m128i *)(r + t)));
 #define Q16_STEP(acc, w)                                                       \
     acc = _mm256_add_epi32(                                                    \
-        acc, _mm256_madd_epi16(                                                \
-                 c, _mm256_loadu_si256((const __m256i *)((w) + t))))
+        acc,                                                                   \
+        _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)((w) + t))))
                 Q16_STEP(a0, w0);
                 Q16_STEP(a1, w1);
                 Q16_STEP(a2, w2);
@@ -332,7 +278,8 @@ static void code8_q16_avx2(const int16_t *q16, size_t q16_stride, uint32_t g,
             __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h),
                                         _mm256_extracti128_si256(h, 1));
             float res[4];
-            _mm_storeu_ps(res, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), scv), biv));
+            _mm_storeu_ps(
+                res, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), scv), biv));
             for (uint32_t k = 0; k < nq; k++)
                 out[(i0 + k) * out_stride + j] = res[k];
         }
@@ -349,23 +296,11 @@ static void weights_q16_avx2(const float *a, const float *b, float mul,
         return;
     }
     float w[1024];
-    const __m256 mv = _mm256_set1_ps(mul);
-    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 mx = _mm256_setzero_ps();
-    for (uint32_t t = 0; t < d; t += 8) {
-        __m256 x = _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_loadu_ps(a + t), _mm256_loadu_ps(b + t)), mv);
-        _mm256_storeu_ps(w + t, x);
-        mx = _mm256_max_ps(mx, _mm256_and_ps(x, absm));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx),
-                           _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    float m = _mm_cvtss_f32(m4), top = (float)kvs__q16_max(d);
+    float m = products_max(a, b, mul, d, w), top = (float)kvs__q16_max(d);
     const __m256 inv = _mm256_set1_ps(m > 0 ? top / m : 0.0f);
     for (uint32_t t = 0; t < d; t += 16) {
-        __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + t), inv));
+        __m256i lo =
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + t), inv));
         __m256i hi =
             _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + t + 8), inv));
         /* packs works per 128-bit lane: put the quarters back in order */
@@ -376,17 +311,15 @@ static void weights_q16_avx2(const float *a, const float *b, float mul,
     *scale = m / top;
 }
 
-int kvs__code_scan_avx2(code_fn *c4, code_fn *c8, code_pair_fn *c4p,
-                        code_q8_fn *c4q8, weights_q8_fn *wq8,
-                        code8_q16_fn *c8q16, weights_q16_fn *wq16) {
+int kvs__code_scan_avx2(kvs__code_scan_table_t *t) {
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
         return 0;
-    *c4 = code4_avx2;
-    *c8 = code8_avx2;
-    *c4p = code4_pair_avx2;
-    *c4q8 = code4_q8_avx2;
-    *wq8 = weights_q8_avx2;
-    *c8q16 = code8_q16_avx2;
-    *wq16 = weights_q16_avx2;
+    t->c4 = code4_avx2;
+    t->c8 = code8_avx2;
+    t->c4_pair = code4_pair_avx2;
+    t->c4_q8 = code4_q8_avx2;
+    t->weights_q8 = weights_q8_avx2;
+    t->c8_q16 = code8_q16_avx2;
+    t->weights_q16 = weights_q16_avx2;
     return 1;
 }

@@ -282,7 +282,7 @@ static void avx2_dot_rows(kvs_dtype_t dtype, const float *q, uint32_t nq,
  * enough to stay in L1 while every 8-float column chunk walks over them.
  */
 ALWAYS_INLINE const char *row_at(const void *vals, const void *const *rows,
-                                  size_t j, size_t rb) {
+                                 size_t j, size_t rb) {
     return rows ? (const char *)rows[j] : (const char *)vals + j * rb;
 }
 

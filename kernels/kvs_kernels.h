@@ -63,8 +63,7 @@ void kvs_dot_gather(kvs_dtype_t dtype, const float *q, uint32_t nq,
                     const void *const *rows, size_t n, uint32_t d, float scale,
                     float *out, size_t ld);
 void kvs_axpy_gather(kvs_dtype_t dtype, const float *w, size_t ldw, uint32_t nq,
-                     const void *const *rows, size_t n, uint32_t d,
-                     float *acc);
+                     const void *const *rows, size_t n, uint32_t d, float *acc);
 
 /*
  * Code scans (kernels/codes_scan.c): out[j] = bias + sum_i w[i] * code_j[i]
@@ -105,8 +104,8 @@ const char *kvs_code_scan_isa(void);
  * codes; on real keys well under the 4-bit codes' own error. Both give
  * the same bits in their scalar and SIMD versions.
  */
-void kvs_code4_weights_q8(const float *a, const float *b, float mul,
-                          uint32_t d, int8_t *q8, float *scale);
+void kvs_code4_weights_q8(const float *a, const float *b, float mul, uint32_t d,
+                          int8_t *q8, float *scale);
 /*
  * 8-bit code scans with int16 weights (the codes attend's centroid scores,
  * half the bytes of bf16 centroids): kvs_code8_weights_q16 makes

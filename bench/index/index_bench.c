@@ -181,7 +181,6 @@ static int run_context(uint32_t tokens, uint32_t n_queries, row_t *row) {
         if ((rc = kvs_seq_attend(s, 1, 0, q, &exact, out, &a)))
             break;
         te[r] = a.seconds;
-        if (getenv("WAVE_LOOP")) for (int z = 0; z < atoi(getenv("WAVE_LOOP")); z++) kvs_seq_attend(s, 1, 0, q, getenv("CENT") ? &wave_c : &wave, out, &a);
         if ((rc = kvs_seq_attend(s, 1, 0, q, &wave, out, &a)))
             break;
         tw[r] = a.seconds;
@@ -234,10 +233,9 @@ int main(int argc, char **argv) {
                  p = strtok(NULL, ","))
                 contexts[n_ctx++] = (uint32_t)atoi(p);
         } else {
-            fprintf(stderr,
-                    "usage: index_bench [--quick] [--contexts a,b] "
-                    "[--queries N] [--segment-tokens N] "
-                    "[--cluster-tokens N] [--json FILE]\n");
+            fprintf(stderr, "usage: index_bench [--quick] [--contexts a,b] "
+                            "[--queries N] [--segment-tokens N] "
+                            "[--cluster-tokens N] [--json FILE]\n");
             return 2;
         }
     }

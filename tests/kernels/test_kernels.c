@@ -260,8 +260,8 @@ static void test_kernels_code_scans_int(void **state) {
                     for (uint32_t blk = 0; blk < d; blk += 32)
                         for (uint32_t u = 0; u < 16; u++) {
                             uint8_t c = c4[j * d / 2 + blk / 2 + u];
-                            double wl = (double)a[i * d + blk + u] *
-                                        st[blk + u] * 0.5;
+                            double wl =
+                                (double)a[i * d + blk + u] * st[blk + u] * 0.5;
                             double wh = (double)a[i * d + blk + 16 + u] *
                                         st[blk + 16 + u] * 0.5;
                             r4 += wl * (c & 15) + wh * (c >> 4);

@@ -606,9 +606,8 @@ static void test_wave_codes_attend_big_clusters(void **state) {
         q[i] = frand();
     kvs_zone_params_t ze = {.exact = 1, .scale = 0.125f};
     assert_int_equal(kvs_head_attend(&c.view, q, G, &ze, s, ex, NULL), 0);
-    kvs_zone_params_t zc = {.retrieval_fraction = 0.01f,
-                            .estimation_fraction = 1,
-                            .scale = 0.125f};
+    kvs_zone_params_t zc = {
+        .retrieval_fraction = 0.01f, .estimation_fraction = 1, .scale = 0.125f};
     kvs_rank_params_t rc = {.rank = KVS_RANK_CODES, .code_ratio = 30};
     kvs_zone_stats_t st = {0};
     assert_int_equal(
