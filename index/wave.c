@@ -68,8 +68,6 @@ struct kvs_scratch_s {
     size_t cbase_cap;
     float *acc; /* [3][MAXQ][d] partial accumulators */
     size_t acc_cap;
-    char *gather; /* [E][row bytes] estimation value means */
-    size_t gather_cap;
     float *tmpc; /* [C] */
     size_t tmpc_cap;
     char *pbuf; /* precise exact mode: doubles and converted rows */
@@ -92,7 +90,7 @@ struct kvs_scratch_s {
     size_t rsort_cap;
     float *rq; /* [g][d] rotated queries (code_weights) */
     size_t rq_cap;
-    const void **rows; /* codes attend: row addresses for the gather kernels */
+    const void **rows; /* row addresses for the gather kernels */
     size_t rows_cap;
     int8_t *cq8; /* codes attend: [nseg][g][d] int8 code weights */
     size_t cq8_cap;
@@ -116,7 +114,6 @@ void kvs_scratch_free(kvs_scratch_t *s) {
     free(s->blocks);
     free(s->cbase);
     free(s->acc);
-    free(s->gather);
     free(s->pbuf);
     free(s->tmpc);
     free(s->hpos);
@@ -474,6 +471,21 @@ static inline uint32_t cluster_view(const kvs_segment_t *seg, uint32_t c,
     return seg->counts[c];
 }
 
+/* ln(n) for cluster counts: a table below 256, logf above. */
+static float log_table[256];
+static pthread_once_t log_table_once = PTHREAD_ONCE_INIT;
+static void log_table_init(void) {
+    log_table[0] = -INFINITY;
+    for (uint32_t i = 1; i < 256; i++)
+        log_table[i] = logf((float)i);
+}
+static float log_count(uint32_t n) {
+    if (n >= 256)
+        return logf((float)n);
+    pthread_once(&log_table_once, log_table_init);
+    return log_table[n];
+}
+
 /* ---------------------------------------------------------------------- */
 /* Steady zone                                                            */
 
@@ -828,11 +840,9 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
     }
 
     /* Estimation zone: one pseudo-token per cluster, score q.c*scale +
-     * log(count), value the cluster's value mean. The means are gathered
-     * into one contiguous block so that a single weighted-sum pass covers
-     * the whole zone. */
-    size_t rbytes = row_bytes(v);
-    if (GROW(s, gather, gather_cap, (size_t)E * rbytes) ||
+     * log(count), value the cluster's value mean, read where it lies (one
+     * weighted-sum pass over the means' addresses). */
+    if (GROW(s, rows, rows_cap, E ? E : 1) ||
         GROW(s, scores, scores_cap, (size_t)g * (E ? E : 1)))
         return KVS_ENOMEM;
     cols = 0;
@@ -845,8 +855,8 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
                                     si + 1 == v->n_segments, &mean);
         if (cnt == 0)
             continue;
-        memcpy(s->gather + (size_t)cols * rbytes, mean, rbytes);
-        float lc = logf((float)cnt);
+        s->rows[cols] = mean;
+        float lc = log_count(cnt);
         for (uint32_t i = 0; i < g; i++)
             S[(size_t)i * E + cols] = s->cscore[(size_t)i * C + c] + lc;
         cols++;
@@ -858,7 +868,7 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
             tmp.m[i] = kvs_max(row, cols);
             tmp.l[i] = kvs_exp_sum(row, cols, tmp.m[i]);
         }
-        kvs_axpy_rows(v->dtype, S, E, g, s->gather, cols, v->d, tmp.acc);
+        kvs_axpy_gather(v->dtype, S, E, g, s->rows, cols, v->d, tmp.acc);
         partial_merge(&run, &tmp);
     }
     partial_finish(&run, out);
@@ -1183,21 +1193,6 @@ static int seg_has_steady(const kvs_head_view_t *v, const kvs_segment_t *seg) {
     uint64_t end = seg->first_pos + seg->n_tokens;
     return seg->first_pos < v->sink_tokens ||
            end + v->window_tokens > v->indexed_tokens;
-}
-
-/* ln(n) for cluster counts: a table below 256, logf above. */
-static float log_table[256];
-static pthread_once_t log_table_once = PTHREAD_ONCE_INIT;
-static void log_table_init(void) {
-    log_table[0] = -INFINITY;
-    for (uint32_t i = 1; i < 256; i++)
-        log_table[i] = logf((float)i);
-}
-static float log_count(uint32_t n) {
-    if (n >= 256)
-        return logf((float)n);
-    pthread_once(&log_table_once, log_table_init);
-    return log_table[n];
 }
 
 /*
