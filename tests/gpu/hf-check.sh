@@ -29,6 +29,8 @@ gcc -O2 -fPIC -shared -std=c11 -I"$inc" -I"$pack/prefix/include" \
     -Wl,-rpath,"$lib:$pack/deps" -o "$pkg/_kvstore$ext" 2>&1 | tail -20
 export LD_LIBRARY_PATH="$lib:$pack/deps${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONPATH=$(dirname "$pkg") KVS_SHARED_DATA=$pack/data
+# the daemon some tests start (CTest sets it on the build machine)
+export KVS_KVSTORED=$pack/prefix/bin/kvstored
 "$py" -m kvstore 2>&1 | tee -a "$out/python.txt"
 rc=0
 if [ -z "${KVS_HF_SKIP_TESTS:-}" ]; then
