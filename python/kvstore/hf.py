@@ -36,24 +36,43 @@ NAME = "kvstore"
 _current = contextvars.ContextVar("kvstore_hf_session", default=None)
 
 
-def _torch_attention(query, key, value, attention_mask, scaling):
+# Query rows per block of a prefill's attention: the score block is
+# heads x block x keys floats (4 x 512 x 32K x 4 B = 256 MiB at 32K for
+# tinycode128), where the whole prompt at once was 16 GiB.
+PREFILL_BLOCK = 512
+
+
+def _torch_attention(query, key, value, attention_mask, scaling,
+                     block=PREFILL_BLOCK):
     """Causal attention in torch for a prefill: query [B, H, T, D], key and
-    value [B, KV, N, D]; returns [B, T, H, D]."""
+    value [B, KV, N, D]; returns [B, T, H, D]. Computed `block` query rows
+    at a time (each row's softmax is its own, so blocks change nothing but
+    the memory: a 32K prompt's whole score matrix would not fit)."""
     b, h, t, d = query.shape
     g = h // key.shape[1]
     k = key.repeat_interleave(g, dim=1)
     v = value.repeat_interleave(g, dim=1)
-    s = torch.matmul(query, k.transpose(-1, -2)) * scaling
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        s = s.masked_fill(~attention_mask[..., :k.shape[2]], float("-inf"))
-    elif attention_mask is not None:
-        s = s + attention_mask[..., :k.shape[2]]
-    else:
-        n = k.shape[2]
-        causal = torch.ones(t, n, dtype=torch.bool).tril(n - t)
-        s = s.masked_fill(~causal, float("-inf"))
-    o = torch.matmul(torch.softmax(s.float(), dim=-1).to(v.dtype), v)
-    return o.transpose(1, 2).contiguous()
+    n = k.shape[2]
+    kt = k.transpose(-1, -2)
+    out = torch.empty(b, h, t, v.shape[-1], dtype=v.dtype)
+    for r0 in range(0, t, block):
+        r1 = min(t, r0 + block)
+        s = torch.matmul(query[:, :, r0:r1], kt) * scaling
+        if attention_mask is not None:
+            m = attention_mask[..., :n]
+            if m.shape[-2] != 1:  # one row per query, else broadcast
+                m = m[..., r0:r1, :]
+            if m.dtype == torch.bool:
+                s = s.masked_fill(~m, float("-inf"))
+            else:
+                s = s + m
+        else:
+            rows = torch.arange(r0, r1).unsqueeze(1) + (n - t)
+            s = s.masked_fill(torch.arange(n).unsqueeze(0) > rows,
+                              float("-inf"))
+        out[:, :, r0:r1] = torch.matmul(torch.softmax(s.float(), dim=-1)
+                                        .to(v.dtype), v)
+    return out.transpose(1, 2).contiguous()
 
 
 class Session:

@@ -51,6 +51,48 @@ def rotate_half_forward(cfg, sd, tokens):
     return norm(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
 
 
+def _naive_causal(q, k, v, mask, scaling):
+    """The prefill attention written plainly in double: [B, T, H, D]."""
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1).double()
+    v = v.repeat_interleave(g, dim=1).double()
+    s = torch.matmul(q.double(), k.transpose(-1, -2)) * scaling
+    t, n = q.shape[2], k.shape[2]
+    if mask is None:
+        keep = torch.ones(t, n, dtype=torch.bool).tril(n - t)
+        s = s.masked_fill(~keep, float("-inf"))
+    elif mask.dtype == torch.bool:
+        s = s.masked_fill(~mask[..., :n], float("-inf"))
+    else:
+        s = s + mask[..., :n].double()
+    return torch.matmul(torch.softmax(s, -1), v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 512])
+def test_prefill_attention_in_row_blocks(block):
+    """kvstore.hf's prefill attention, in blocks of query rows (a 32K
+    prompt's whole score matrix is 16 GiB): the same output whatever the
+    block, with the causal default, a boolean mask, an additive mask
+    (one row per query or one broadcast row) and keys beyond the prompt
+    (a cache that already held some)."""
+    import kvstore.hf as hf
+    g = torch.Generator().manual_seed(5)
+    b, h, kv, t, n, d = 2, 4, 2, 9, 13, 8
+    q = torch.randn(b, h, t, d, generator=g)
+    k = torch.randn(b, kv, n, d, generator=g)
+    v = torch.randn(b, kv, n, d, generator=g)
+    rows = torch.arange(t).unsqueeze(1) + (n - t)
+    causal = (torch.arange(n + 3).unsqueeze(0) <= rows)  # 3 padded columns
+    causal = causal.expand(b, 1, t, n + 3)
+    additive = torch.zeros(b, 1, t, n + 3).masked_fill(~causal, -1e9)
+    broadcast = torch.randn(b, 1, 1, n, generator=g)
+    for mask in (None, causal, additive, broadcast):
+        got = hf._torch_attention(q, k, v, mask, 0.3, block=block)
+        want = _naive_causal(q, k, v, mask, 0.3)
+        assert got.shape == (b, t, h, d)
+        assert torch.allclose(got.double(), want, atol=1e-5), block
+
+
 @pytest.mark.parametrize("name", ["stories260K.bin", "tinycode128.bin"])
 def test_converted_layout_gives_the_same_logits(name):
     path = os.path.join(DATA, name)
