@@ -43,16 +43,29 @@ PREFILL_BLOCK = 512
 
 
 def _torch_attention(query, key, value, attention_mask, scaling,
-                     block=PREFILL_BLOCK):
+                     block=PREFILL_BLOCK, fused=True):
     """Causal attention in torch for a prefill: query [B, H, T, D], key and
-    value [B, KV, N, D]; returns [B, T, H, D]. Computed `block` query rows
-    at a time (each row's softmax is its own, so blocks change nothing but
-    the memory: a 32K prompt's whole score matrix would not fit)."""
+    value [B, KV, N, D]; returns [B, T, H, D]. torch's fused
+    scaled_dot_product_attention where it exists (torch >= 2.1: it skips
+    the masked half and never holds the score matrix), else `block` query
+    rows at a time (each row's softmax is its own, so blocks change nothing
+    but the memory: a 32K prompt's whole score matrix is 16 GiB)."""
     b, h, t, d = query.shape
     g = h // key.shape[1]
     k = key.repeat_interleave(g, dim=1)
     v = value.repeat_interleave(g, dim=1)
     n = k.shape[2]
+    sdpa = getattr(torch.nn.functional, "scaled_dot_product_attention", None)
+    if fused and sdpa is not None and (attention_mask is not None or n == t):
+        try:
+            if attention_mask is None:
+                o = sdpa(query, k, v, is_causal=True, scale=scaling)
+            else:
+                o = sdpa(query, k, v, attn_mask=attention_mask[..., :n],
+                         scale=scaling)
+            return o.transpose(1, 2).contiguous()
+        except TypeError:  # torch 2.0: no scale= argument
+            pass
     kt = k.transpose(-1, -2)
     out = torch.empty(b, h, t, v.shape[-1], dtype=v.dtype)
     for r0 in range(0, t, block):

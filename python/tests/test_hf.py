@@ -68,13 +68,16 @@ def _naive_causal(q, k, v, mask, scaling):
     return torch.matmul(torch.softmax(s, -1), v).transpose(1, 2)
 
 
-@pytest.mark.parametrize("block", [1, 3, 7, 512])
-def test_prefill_attention_in_row_blocks(block):
+@pytest.mark.parametrize("block,fused", [(1, False), (3, False),
+                                         (7, False), (512, False),
+                                         (512, True)])
+def test_prefill_attention_in_row_blocks(block, fused):
     """kvstore.hf's prefill attention, in blocks of query rows (a 32K
     prompt's whole score matrix is 16 GiB): the same output whatever the
     block, with the causal default, a boolean mask, an additive mask
     (one row per query or one broadcast row) and keys beyond the prompt
-    (a cache that already held some)."""
+    (a cache that already held some); fused: torch's own
+    scaled_dot_product_attention where this torch has it."""
     import kvstore.hf as hf
     g = torch.Generator().manual_seed(5)
     b, h, kv, t, n, d = 2, 4, 2, 9, 13, 8
@@ -87,7 +90,8 @@ def test_prefill_attention_in_row_blocks(block):
     additive = torch.zeros(b, 1, t, n + 3).masked_fill(~causal, -1e9)
     broadcast = torch.randn(b, 1, 1, n, generator=g)
     for mask in (None, causal, additive, broadcast):
-        got = hf._torch_attention(q, k, v, mask, 0.3, block=block)
+        got = hf._torch_attention(q, k, v, mask, 0.3, block=block,
+                                  fused=fused)
         want = _naive_causal(q, k, v, mask, 0.3)
         assert got.shape == (b, t, h, d)
         assert torch.allclose(got.double(), want, atol=1e-5), block
