@@ -1151,23 +1151,19 @@ static uint32_t radix_digit(const uint32_t *keys, uint32_t n, uint32_t shift,
 }
 
 /* The k-th largest of x[0 .. n) (1 <= k <= n, no NaN), exact: a radix
- * select over the floats' order-preserving bits, 11 + 11 + 10 bits; the
- * first digit's bucket is copied to buf ([n]) so the later passes read
- * only it. Linear, without the data-dependent branches of quickselect. */
+ * select over the floats' order-preserving bits, 11 + 11 + 10 bits; after
+ * the first digit buf ([n]) keeps only that digit's bucket, so the later
+ * passes read only it. Linear, without the data-dependent branches of
+ * quickselect. */
 static float kth_largest(const float *x, uint32_t n, uint32_t k,
                          uint32_t *buf) {
-    uint32_t hist[2048] = {0};
     for (uint32_t i = 0; i < n; i++)
-        hist[float_key(x[i]) >> 21]++;
-    uint32_t b1 = 2047;
-    for (; hist[b1] < k && b1 > 0; b1--)
-        k -= hist[b1];
+        buf[i] = float_key(x[i]);
+    uint32_t b1 = radix_digit(buf, n, 21, 11, 0, &k);
     uint32_t nb = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t u = float_key(x[i]);
-        if (u >> 21 == b1)
-            buf[nb++] = u;
-    }
+    for (uint32_t i = 0; i < n; i++) /* in place: nb <= i */
+        if (buf[i] >> 21 == b1)
+            buf[nb++] = buf[i];
     uint32_t b2 = radix_digit(buf, nb, 10, 11, b1, &k);
     uint32_t b3 = radix_digit(buf, nb, 0, 10, b1 << 11 | b2, &k);
     return key_float(b1 << 21 | b2 << 10 | b3);

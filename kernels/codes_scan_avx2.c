@@ -97,6 +97,15 @@ static void code8_avx2(const float *w, const uint8_t *codes, size_t n,
     }
 }
 
+/* x[0 .. n) in the first n of four lanes (n <= 4), zeros after: the
+ * scales or biases of a group of up to four queries. */
+static inline __m128 load_upto4(const float *x, uint32_t n) {
+    float v[4] = {0};
+    for (uint32_t i = 0; i < n && i < 4; i++)
+        v[i] = x[i];
+    return _mm_loadu_ps(v);
+}
+
 /* Up to four queries (nq) over rows whose d is a multiple of 64: per 32
  * code bytes (64 dims) the low and high nibbles are multiplied into the
  * weights as unsigned x signed bytes (maddubs: pairs summed to int16, at
@@ -108,10 +117,7 @@ static inline void code4_q8_rows4(const int8_t *const *w, uint32_t nq,
                                   float *const *out) {
     const size_t rb = d / 2;
     const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const __m128 sc = _mm_setr_ps(scale[0], nq > 1 ? scale[1] : 0,
-                                  nq > 2 ? scale[2] : 0, nq > 3 ? scale[3] : 0);
-    const __m128 bi = _mm_setr_ps(bias[0], nq > 1 ? bias[1] : 0,
-                                  nq > 2 ? bias[2] : 0, nq > 3 ? bias[3] : 0);
+    const __m128 sc = load_upto4(scale, nq), bi = load_upto4(bias, nq);
     const int8_t *w0 = w[0], *w1 = nq > 1 ? w[1] : w[0],
                  *w2 = nq > 2 ? w[2] : w[0], *w3 = nq > 3 ? w[3] : w[0];
     for (size_t j = 0; j < n; j++) {
@@ -249,12 +255,8 @@ static void code8_q16_avx2(const int16_t *q16, size_t q16_stride, uint32_t g,
         const int16_t *w1 = nq > 1 ? w0 + q16_stride : w0;
         const int16_t *w2 = nq > 2 ? w0 + 2 * q16_stride : w0;
         const int16_t *w3 = nq > 3 ? w0 + 3 * q16_stride : w0;
-        float sc[4] = {0}, bi[4] = {0};
-        for (uint32_t k = 0; k < nq; k++) {
-            sc[k] = scale[i0 + k];
-            bi[k] = bias[i0 + k];
-        }
-        const __m128 scv = _mm_loadu_ps(sc), biv = _mm_loadu_ps(bi);
+        const __m128 scv = load_upto4(scale + i0, nq),
+                     biv = load_upto4(bias + i0, nq);
         for (size_t j = 0; j < n; j++) {
             const uint8_t *r = codes + j * d;
             if (j + 4 < n)
