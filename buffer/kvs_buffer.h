@@ -122,6 +122,10 @@ void kvs_wbuf_free(kvs_wbuf_t *wb);
 int kvs_wbuf_use(kvs_wbuf_t *wb);
 cudaStream_t kvs_wbuf_stream(const kvs_wbuf_t *wb);
 int kvs_wbuf_step_host(kvs_wbuf_t *wb, const float *q, float *out);
+/* kvs_wbuf_step_host with q and out in device memory: the step reads and
+ * writes them in place on the buffer's stream; returns once out holds the
+ * result. */
+int kvs_wbuf_step_device(kvs_wbuf_t *wb, const float *q, float *out);
 int kvs_wbuf_sync(kvs_wbuf_t *wb);
 
 /*

@@ -808,6 +808,14 @@ int kvs_wbuf_step_host(kvs_wbuf_t *wb, const float *q, float *out) {
     return 0;
 }
 
+int kvs_wbuf_step_device(kvs_wbuf_t *wb, const float *q, float *out) {
+    int rc;
+    if ((rc = kvs_wbuf_use(wb)) != 0 ||
+        (rc = kvs_wbuf_step(wb, q, out, wb->own)) != 0)
+        return rc;
+    return cu(cudaStreamSynchronize(wb->own));
+}
+
 int kvs_wbuf_sync(kvs_wbuf_t *wb) {
     return cu(cudaStreamSynchronize(wb->own));
 }

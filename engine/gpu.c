@@ -660,11 +660,12 @@ static void zone_stats(const kvs__gpu_layer_t *m, const kvs_head_view_t *v,
     }
 }
 
-int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
-                    const kvs_head_view_t *v, uint32_t H, uint32_t G,
-                    const float *q, const kvs_zone_params_t *zp,
-                    const kvs_rank_params_t *rp, float *out,
-                    kvs_zone_stats_t *stats) {
+/* dev_io: q and out are device memory (kvs__gpu_attend_device). */
+static int gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
+                      const kvs_head_view_t *v, uint32_t H, uint32_t G,
+                      const float *q, const kvs_zone_params_t *zp,
+                      const kvs_rank_params_t *rp, float *out,
+                      kvs_zone_stats_t *stats, int dev_io) {
     if (!g)
         return KVS_ENOTSUP;
     /* The kernels rank by centroid; DEFAULT may mean codes on the CPU. */
@@ -705,7 +706,8 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
     if (g->profile)
         t[2] = ns_now();
     if (!rc) {
-        rc = kvs_wbuf_step_host(m->wb, q, out);
+        rc = dev_io ? kvs_wbuf_step_device(m->wb, q, out)
+                    : kvs_wbuf_step_host(m->wb, q, out);
         if (g->profile)
             t[3] = ns_now();
     }
@@ -739,6 +741,36 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
     }
     pthread_mutex_unlock(&m->mu);
     return rc;
+}
+
+int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
+                    const kvs_head_view_t *v, uint32_t H, uint32_t G,
+                    const float *q, const kvs_zone_params_t *zp,
+                    const kvs_rank_params_t *rp, float *out,
+                    kvs_zone_stats_t *stats) {
+    return gpu_attend(g, slot, v, H, G, q, zp, rp, out, stats, 0);
+}
+
+int kvs__gpu_attend_device(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
+                           const kvs_head_view_t *v, uint32_t H, uint32_t G,
+                           const float *q_dev, const kvs_zone_params_t *zp,
+                           const kvs_rank_params_t *rp, float *out_dev,
+                           kvs_zone_stats_t *stats) {
+    return gpu_attend(g, slot, v, H, G, q_dev, zp, rp, out_dev, stats, 1);
+}
+
+int kvs__gpu_copy(kvs__gpu_t *g, void *dst, const void *src, size_t n,
+                  int to_device) {
+    if (!g)
+        return KVS_ENOTSUP;
+    int rc = kvs_cuda_copy(g->p.device, dst, src, n, to_device);
+    if (rc && g->p.log) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "GPU copy of %zu bytes %s the device: %s", n,
+                 to_device ? "to" : "from", kvs_cuda_last_error());
+        g->p.log(g->p.log_ctx, KVS_LOG_WARN, msg);
+    }
+    return rc ? KVS_EIO : 0;
 }
 
 void kvs__gpu_stats(const kvs__gpu_t *g, kvs__gpu_stats_t *o) {

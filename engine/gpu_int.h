@@ -78,6 +78,22 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
                     const kvs_rank_params_t *rp, float *out,
                     kvs_zone_stats_t *stats);
 
+/* kvs__gpu_attend with q and out in device memory (kvs_seq_attend_device):
+ * the step reads and writes them in place. */
+int kvs__gpu_attend_device(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
+                           const kvs_head_view_t *views, uint32_t n_heads,
+                           uint32_t group, const float *q_dev,
+                           const kvs_zone_params_t *zp,
+                           const kvs_rank_params_t *rp, float *out_dev,
+                           kvs_zone_stats_t *stats);
+
+/* Synchronous copy of n bytes between host memory and the store's device
+ * (to_device 1: host -> device), on the device's legacy default stream, so
+ * ordered after the work queued there. KVS_ENOTSUP without a GPU; KVS_EIO
+ * when CUDA refuses it (the message through the log callback). */
+int kvs__gpu_copy(kvs__gpu_t *g, void *dst, const void *src, size_t n,
+                  int to_device);
+
 /*
  * The k-means of one index segment on the GPU (the engine then finishes
  * it with kvs_segment_from_labels): label[n] gets each key's cluster,

@@ -36,6 +36,22 @@ int kvs__gpu_attend(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
     return KVS_ENOTSUP;
 }
 
+int kvs__gpu_attend_device(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
+                           const kvs_head_view_t *views, uint32_t n_heads,
+                           uint32_t group, const float *q_dev,
+                           const kvs_zone_params_t *zp,
+                           const kvs_rank_params_t *rp, float *out_dev,
+                           kvs_zone_stats_t *stats) {
+    return kvs__gpu_attend(g, mirror, views, n_heads, group, q_dev, zp, rp,
+                           out_dev, stats);
+}
+
+int kvs__gpu_copy(kvs__gpu_t *g, void *dst, const void *src, size_t n,
+                  int to_device) {
+    (void)g, (void)dst, (void)src, (void)n, (void)to_device;
+    return KVS_ENOTSUP;
+}
+
 void kvs__gpu_layer_free(kvs__gpu_t *g, kvs__gpu_layer_t *m) {
     (void)g, (void)m;
 }

@@ -295,6 +295,11 @@ typedef struct call_s {
     kvs_rank_params_t rp;
     uint32_t group, k;
     float *out;
+    /* kvs_seq_attend_device: the caller's device copies of queries/out
+     * (the GPU step uses them in place); NULL otherwise */
+    const float *dev_queries;
+    float *dev_out;
+    int served_on_device; /* the GPU step wrote dev_out */
     int64_t *positions;
     float *scores;
     kvs_zone_stats_t stats[KVS_MAX_HEADS];
@@ -393,8 +398,16 @@ static int gpu_attend(kvs_store_t *s, call_t *c) {
         return KVS_ENOMEM;
     for (uint32_t h = 0; h < nh; h++)
         head_view(s, c->q, &c->L->heads[h], &v[h]);
-    int rc = kvs__gpu_attend(s->gpu, &c->L->gpu, v, nh, c->group, c->queries,
+    int rc;
+    if (c->dev_queries) {
+        rc = kvs__gpu_attend_device(s->gpu, &c->L->gpu, v, nh, c->group,
+                                    c->dev_queries, &c->zp, &c->rp, c->dev_out,
+                                    c->stats);
+        c->served_on_device = rc == 0;
+    } else {
+        rc = kvs__gpu_attend(s->gpu, &c->L->gpu, v, nh, c->group, c->queries,
                              &c->zp, &c->rp, c->out, c->stats);
+    }
     free(v);
     return rc;
 }
@@ -496,20 +509,30 @@ static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
     return rc;
 }
 
-int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
-                   const float *queries, const kvs_query_params_t *params,
-                   float *out, kvs_attend_stats_t *stats) {
-    if (!s)
-        return KVS_EINVAL;
-    kvs__clear_err(s);
-    if (!queries || !out)
-        return kvs__fail(s, KVS_EINVAL, "queries or out is NULL");
-    double t0 = kvs__now_s();
+/* kvs_seq_attend; with dev_queries (dev_floats of them), the GPU step takes
+ * dev_queries and dev_out in place of queries and out, and *on_device says
+ * whether it did (else out holds the answer). */
+static int attend(kvs_store_t *s, uint64_t id, uint32_t layer,
+                  const float *queries, const float *dev_queries,
+                  size_t dev_floats, const kvs_query_params_t *params,
+                  float *out, float *dev_out, int *on_device,
+                  kvs_attend_stats_t *stats, double t0) {
     call_t *c;
     int rc = call_begin(s, id, layer, queries, params, &c);
     if (rc)
         return rc;
+    if (dev_queries &&
+        (size_t)c->q->geo.n_q_heads * c->q->geo.head_dim != dev_floats) {
+        /* dropped and created again with another shape since the copy */
+        kvs__seq_unref(c->q);
+        free(c);
+        return kvs__fail(s, KVS_ENOSEQ, "sequence %llu changed during the call",
+                         (unsigned long long)id);
+    }
     c->out = out;
+    c->dev_queries = dev_queries;
+    c->dev_out = dev_out;
+    c->served_on_device = 0;
     if ((rc = call_lock(s, c))) {
         kvs__seq_unref(c->q);
         free(c);
@@ -531,7 +554,61 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
     if (!s->gpu || c->zp.exact || gpu_attend(s, c) != 0)
         kvs__pool_run(s->pool, c->q->geo.n_kv_heads, attend_task, c);
     kvs__rwunlock(&c->L->lock);
+    if (on_device)
+        *on_device = c->served_on_device;
     return call_end(c, stats, t0);
+}
+
+int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
+                   const float *queries, const kvs_query_params_t *params,
+                   float *out, kvs_attend_stats_t *stats) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (!queries || !out)
+        return kvs__fail(s, KVS_EINVAL, "queries or out is NULL");
+    return attend(s, id, layer, queries, NULL, 0, params, out, NULL, NULL,
+                  stats, kvs__now_s());
+}
+
+int kvs_seq_attend_device(kvs_store_t *s, uint64_t id, uint32_t layer,
+                          const float *queries,
+                          const kvs_query_params_t *params, float *out,
+                          kvs_attend_stats_t *stats) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (!queries || !out)
+        return kvs__fail(s, KVS_EINVAL, "queries or out is NULL");
+    if (!s->gpu)
+        return kvs__fail(s, KVS_ENOTSUP, "no GPU in this store: %s",
+                         kvs_store_gpu_info(s));
+    double t0 = kvs__now_s();
+    kvs_geometry_t g;
+    int rc = kvs_seq_shape(s, id, layer, &g, NULL);
+    if (rc)
+        return rc;
+    /* host copies: validation, per-head budgets and the CPU path read
+     * the queries; the CPU path writes its answer here */
+    const size_t n = (size_t)g.n_q_heads * g.head_dim;
+    float *host = malloc(2 * n * sizeof(float));
+    if (!host)
+        return kvs__fail(s, KVS_ENOMEM, "host copy of the queries");
+    if ((rc = kvs__gpu_copy(s->gpu, host, queries, n * sizeof(float), 0))) {
+        free(host);
+        return kvs__fail(s, rc,
+                         "copying the queries from the device failed "
+                         "(are they device memory of the store's "
+                         "GPU?)");
+    }
+    int on_device = 0;
+    rc = attend(s, id, layer, host, queries, n, params, host + n, out,
+                &on_device, stats, t0);
+    if (!rc && !on_device &&
+        (rc = kvs__gpu_copy(s->gpu, out, host + n, n * sizeof(float), 1)))
+        rc = kvs__fail(s, rc, "copying the output to the device failed");
+    free(host);
+    return rc;
 }
 
 int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,

@@ -4,7 +4,8 @@ kvstore (kvstore.hf, wave by default) against the same model with its own
 SDPA attention, same weights, same prompt, same process.
 
     hf_decode.py WEIGHTS TEXT --ctx 8192 [32768 ...] --steps N --json OUT
-                 [--threads T] [--cuda-store DEV] [--kvstored BINARY]
+                 [--threads T] [--device cuda] [--cuda-store DEV]
+                 [--store-dtype f32|bf16] [--kvstored BINARY]
 
 WEIGHTS: a llama2.c checkpoint, or a torch.save'd (config, state dict) pair
 (tests/gpu/hf-pack.sh writes one in bf16 so that it fits a device carry;
@@ -18,10 +19,14 @@ forward per token with the KV cache, timed alike: SDPA's own, and kvstore's
 (its prefill appends the prompt's keys/values to a store sequence, every
 decode step's attention comes from the store). greedy_agreement is the
 fraction of steps where kvstore's argmax equals the reference token.
-The model runs on the CPU (kvstore.hf hands CPU float32 tensors to the
-store); --cuda-store DEV opens the store with cuda_device=DEV (its GPU path
-serves only bf16/f16 sequences ranked by centroid, so float32 sequences
-still attend on the CPU: the row says how many attends the GPU served).
+The models run on the CPU, or on the GPU with --device cuda (both of
+them: the store's keys/values are copied to the host, where it keeps
+them). --cuda-store DEV opens the in-process store with cuda_device=DEV:
+with the model on that GPU its queries and outputs stay there
+(kvs_seq_attend_device). Its GPU path serves bf16/f16 sequences
+(--store-dtype bf16; f32 by default) ranked by centroid, which is what
+DEFAULT means on such a store; other calls attend on the CPU. The row says
+how many attends the GPU served.
 --kvstored BINARY repeats the store run through a kvstored started on a
 unix socket (in memory, deterministic), kvstore.Client as the handle: a row
 with backend "kvstored".
@@ -58,19 +63,27 @@ def build(transformers, cfg, sd, impl):
     return m.eval()
 
 
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def teacher_forced(model, ids, gen):
     """Prefill ids [1, P], then one forward per reference token; returns
-    (argmax per step [N], prefill seconds, decode seconds)."""
+    (argmax per step [N], prefill seconds, decode seconds). The argmax of
+    each step is read back before the next (as a sampler would)."""
+    sync(ids.device)
     t0 = time.perf_counter()
     o = model(input_ids=ids, use_cache=True)
-    t1 = time.perf_counter()
     picks = [int(o.logits[0, -1].argmax())]
+    t1 = time.perf_counter()
     past = o.past_key_values
     for tok in gen[:-1]:
-        o = model(input_ids=torch.tensor([[tok]]), past_key_values=past,
-                  use_cache=True)
+        o = model(input_ids=torch.tensor([[tok]], device=ids.device),
+                  past_key_values=past, use_cache=True)
         past = o.past_key_values
         picks.append(int(o.logits[0, -1].argmax()))
+    sync(ids.device)
     t2 = time.perf_counter()
     return picks, t1 - t0, t2 - t1
 
@@ -109,8 +122,8 @@ class Daemon:
         return rc
 
 
-def store_run(handle, kvs_model, ids, gen):
-    with kvstore.hf.Session(handle, kvs_model) as sess:
+def store_run(handle, kvs_model, ids, gen, dtype):
+    with kvstore.hf.Session(handle, kvs_model, dtype=dtype) as sess:
         got, pre, dec = teacher_forced(kvs_model, ids, gen)
         try:
             st = handle.stats()
@@ -127,6 +140,8 @@ def main():
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cuda-store", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--store-dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--kvstored", default=None)
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
@@ -135,15 +150,19 @@ def main():
         torch.set_num_threads(a.threads)
     cfg, sd = load(a.weights)
     kvstore.hf.register()
-    ref_model = build(transformers, cfg, sd, "sdpa")
-    kvs_model = build(transformers, cfg, sd, "kvstore")
+    dev = torch.device(a.device)
+    sdt = torch.bfloat16 if a.store_dtype == "bf16" else torch.float32
+    ref_model = build(transformers, cfg, sd, "sdpa").to(dev)
+    kvs_model = build(transformers, cfg, sd, "kvstore").to(dev)
     text = open(a.text, "rb").read()
     rows, metrics = [], {}
+    # the models on a GPU: their own names beside the CPU run's
+    pfx = "hf_" if dev.type == "cpu" else "hf_cuda_"
     for ctx in a.ctx:
         if len(text) < ctx - 1:
             print(f"ctx {ctx}: text has only {len(text)} bytes", file=sys.stderr)
             continue
-        ids = torch.tensor([[1] + list(text[:ctx - 1])])
+        ids = torch.tensor([[1] + list(text[:ctx - 1])], device=dev)
         with torch.no_grad():
             t0 = time.perf_counter()
             out = ref_model.generate(ids, max_new_tokens=a.steps,
@@ -154,13 +173,14 @@ def main():
             opts = {} if a.cuda_store is None else {"cuda_device": a.cuda_store}
             runs = []
             with kvstore.Store(deterministic=True, **opts) as s:
-                runs.append(("in-process",) + store_run(s, kvs_model, ids, gen))
+                runs.append(("in-process",) +
+                            store_run(s, kvs_model, ids, gen, sdt))
             if a.kvstored:
                 d = Daemon(a.kvstored, torch.get_num_threads())
                 try:
                     with kvstore.Client(d.addr, token=Daemon.TOKEN) as c:
                         runs.append(("kvstored",) +
-                                    store_run(c, kvs_model, ids, gen))
+                                    store_run(c, kvs_model, ids, gen, sdt))
                 finally:
                     d.stop()
         n = len(gen)
@@ -178,16 +198,17 @@ def main():
                    "store_stats": {k: st[k] for k in st
                                    if isinstance(st[k], (int, float))},
                    "threads": torch.get_num_threads(),
-                   "cuda_store": a.cuda_store,
+                   "cuda_store": a.cuda_store, "device": a.device,
+                   "store_dtype": a.store_dtype,
                    "transformers": transformers.__version__,
                    "torch": torch.__version__}
             print(json.dumps({k: v for k, v in row.items()
                               if k != "store_stats"}), file=sys.stderr)
             rows.append(row)
             sfx = "" if backend == "in-process" else "_kvstored"
-            metrics[f"hf_greedy_agreement_{tag}{sfx}"] = agree
-            metrics[f"hf_tokens_per_s_store_{tag}{sfx}"] = n / kvs_dec
-        metrics[f"hf_tokens_per_s_sdpa_{tag}"] = n / own_dec
+            metrics[f"{pfx}greedy_agreement_{tag}{sfx}"] = agree
+            metrics[f"{pfx}tokens_per_s_store_{tag}{sfx}"] = n / kvs_dec
+        metrics[f"{pfx}tokens_per_s_sdpa_{tag}"] = n / own_dec
     with open(a.json, "w") as f:
         json.dump({"bench": "python_hf", "metrics": metrics, "rows": rows},
                   f, indent=2)

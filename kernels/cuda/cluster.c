@@ -13,6 +13,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+int kvs_cuda_copy(int device, void *dst, const void *src, size_t n,
+                  int to_device) {
+    int rc = kvs_cuda_err(cudaSetDevice(device));
+    if (rc)
+        return rc;
+    /* the legacy stream (0), not a per-thread default: a DLPack producer
+     * asked for stream 1 orders its writes before it */
+    return kvs_cuda_err(cudaMemcpy(dst, src, n,
+                                   to_device ? cudaMemcpyHostToDevice
+                                             : cudaMemcpyDeviceToHost));
+}
+
 int kvs_cuda_device_check(int device, int min_major, size_t *free_bytes,
                           char *name, size_t name_len, char *why,
                           size_t why_len) {

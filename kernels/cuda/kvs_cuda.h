@@ -55,6 +55,12 @@ int kvs_cuda_device_count(void);
 int kvs_cuda_device_check(int device, int min_major, size_t *free_bytes,
                           char *name, size_t name_len, char *why,
                           size_t why_len);
+/* Synchronous copy of n bytes between host memory and device `device`
+ * (to_device 1: host -> device) on that device's legacy default stream, so
+ * ordered after the work queued there. 0 or a KVS_E* code, the message in
+ * kvs_cuda_last_error(). */
+int kvs_cuda_copy(int device, void *dst, const void *src, size_t n,
+                  int to_device);
 /* KVS_E* code for a CUDA error (0 for cudaSuccess). */
 int kvs_cuda_err(cudaError_t e);
 /* Last CUDA error message seen by any kvs_cuda call of this thread. */

@@ -67,7 +67,7 @@ def _torch_attention(query, key, value, attention_mask, scaling,
         except TypeError:  # torch 2.0: no scale= argument
             pass
     kt = k.transpose(-1, -2)
-    out = torch.empty(b, h, t, v.shape[-1], dtype=v.dtype)
+    out = torch.empty(b, h, t, v.shape[-1], dtype=v.dtype, device=v.device)
     for r0 in range(0, t, block):
         r1 = min(t, r0 + block)
         s = torch.matmul(query[:, :, r0:r1], kt) * scaling
@@ -80,9 +80,10 @@ def _torch_attention(query, key, value, attention_mask, scaling,
             else:
                 s = s + m
         else:
-            rows = torch.arange(r0, r1).unsqueeze(1) + (n - t)
-            s = s.masked_fill(torch.arange(n).unsqueeze(0) > rows,
-                              float("-inf"))
+            rows = torch.arange(r0, r1, device=s.device).unsqueeze(1) + \
+                (n - t)
+            cols = torch.arange(n, device=s.device).unsqueeze(0)
+            s = s.masked_fill(cols > rows, float("-inf"))
         out[:, :, r0:r1] = torch.matmul(torch.softmax(s.float(), dim=-1)
                                         .to(v.dtype), v)
     return out.transpose(1, 2).contiguous()
@@ -91,11 +92,16 @@ def _torch_attention(query, key, value, attention_mask, scaling,
 class Session:
     """Binds a model's attention calls to kvstore sequences (one per batch
     row) for the duration of a `with` block; the sequences are dropped on
-    exit. handle: kvstore.Store or kvstore.Client; mode/query params as
-    for kvstore.torch.StoreAttention."""
+    exit. handle: kvstore.Store or kvstore.Client; dtype: how the store
+    keeps keys/values (float32, or torch.bfloat16/float16: half the bytes,
+    and what a Store's GPU path serves); mode/query params as for
+    kvstore.torch.StoreAttention. A model on a GPU works as is: keys and
+    values are copied to the host, and a Store opened with cuda_device on
+    the model's device takes the queries and writes the outputs in GPU
+    memory."""
 
     def __init__(self, handle, model, *, batch=1, mode="wave",
-                 first_seq=1, **query_params):
+                 first_seq=1, dtype=torch.float32, **query_params):
         cfg = model.config
         hd = getattr(cfg, "head_dim", None) or \
             cfg.hidden_size // cfg.num_attention_heads
@@ -104,7 +110,8 @@ class Session:
             q_heads=cfg.num_attention_heads,
             kv_heads=getattr(cfg, "num_key_value_heads",
                              cfg.num_attention_heads),
-            head_dim=hd, mode=mode, first_seq=first_seq, **query_params)
+            head_dim=hd, dtype=dtype, mode=mode, first_seq=first_seq,
+            **query_params)
         self.batch = batch
         self.seqs = []
         self.decode_calls = 0
@@ -126,15 +133,17 @@ class Session:
             raise ValueError(f"query: batch {b}, but the session has "
                              f"{len(self.seqs)} sequences")
         layer = module.layer_idx
-        new_k = key[:, :, -t:].transpose(1, 2).float()  # [B, T, KV, D]
-        new_v = value[:, :, -t:].transpose(1, 2).float()
+        dt = self.backend.dtype
+        new_k = key[:, :, -t:].transpose(1, 2).to(dt)  # [B, T, KV, D]
+        new_v = value[:, :, -t:].transpose(1, 2).to(dt)
         if t > 1:
             for i, seq in enumerate(self.seqs):
                 append_chunked(self.backend.handle, seq, layer,
-                               new_k[i].contiguous(), new_v[i].contiguous())
+                               self.backend.to_store(new_k[i], "keys"),
+                               self.backend.to_store(new_v[i], "values"))
             return _torch_attention(query, key, value, attention_mask,
                                     scaling)
-        out = torch.empty(b, 1, h, d, dtype=query.dtype)
+        out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
         for i, seq in enumerate(self.seqs):
             o = self.backend.step(seq, layer, query[i, :, 0], new_k[i, 0],
                                   new_v[i, 0])

@@ -16,8 +16,12 @@ token of that request so far. Nothing of the KV cache stays in the model.
 
 Tensors go in by DLPack without a copy (CPU tensors; float32 queries, keys
 and values in the sequence's dtype); outputs are float32 CPU tensors that
-share memory with the numpy arrays the store wrote. `reference_attention`
-is the same computation in torch, what a model's own attention gives.
+share memory with the numpy arrays the store wrote. CUDA tensors work too:
+their keys/values are copied to the host (where the store keeps them); with
+a Store opened with `cuda_device` on the queries' device, queries and
+outputs stay on the GPU (kvs_seq_attend_device), otherwise they are copied
+down and the output back up. `reference_attention` is the same computation
+in torch, what a model's own attention gives.
 """
 import itertools
 import math
@@ -92,6 +96,10 @@ class StoreAttention:
         self.dtype = dtype
         self.mode, self.scale = mode, scale
         self.query_params = query_params
+        # the CUDA device whose queries the store takes in place (-1: none)
+        self.gpu_device = -1
+        if isinstance(handle, kvstore.Store):
+            self.gpu_device = handle.stats().get("gpu_device", -1)
         self._ids = itertools.count(first_seq)
         self._open = set()
 
@@ -113,11 +121,13 @@ class StoreAttention:
         for seq in list(self._open):
             self.close(seq)
 
-    def _kv(self, x, name):
+    def to_store(self, x, name):
         if x.dtype != self.dtype:
             raise TypeError(f"{name}: dtype must be {self.dtype}, "
                             f"got {x.dtype}")
         x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()  # the store keeps keys/values in host memory
         if self.dtype == torch.bfloat16:
             # numpy has no bfloat16: the store takes its bits.
             x = x.view(torch.int16)
@@ -126,17 +136,22 @@ class StoreAttention:
     def step(self, seq, layer, q, k, v):
         """Append one token's k, v [KV, D] to `layer`, then attend q [H, D]
         over every token so far; returns [H, D] float32."""
-        k = self._kv(k, "k").reshape(1, self.kv_heads, self.head_dim)
-        v = self._kv(v, "v").reshape(1, self.kv_heads, self.head_dim)
+        k = self.to_store(k, "k").reshape(1, self.kv_heads, self.head_dim)
+        v = self.to_store(v, "v").reshape(1, self.kv_heads, self.head_dim)
         self.handle.append(seq, layer, k, v)
         return self._attend(seq, layer, q)
 
     def _attend(self, seq, layer, q):
         q = q.detach().float().contiguous().reshape(self.q_heads,
                                                     self.head_dim)
-        out, _ = self.handle.attend(seq, layer, q, mode=self.mode,
+        if q.is_cuda and q.device.index == self.gpu_device:
+            out, _ = self.handle.attend(seq, layer, q, mode=self.mode,
+                                        scale=self.scale, **self.query_params)
+            return out  # a CUDA tensor the store wrote
+        dev = q.device
+        out, _ = self.handle.attend(seq, layer, q.cpu(), mode=self.mode,
                                     scale=self.scale, **self.query_params)
-        return torch.from_numpy(out)
+        return torch.from_numpy(out).to(dev)
 
     def prefill(self, seq, layer, q, k, v):
         """T tokens at once: q [T, H, D], k and v [T, KV, D]. Each query
@@ -144,9 +159,9 @@ class StoreAttention:
         appended and attended one position at a time, so every output
         comes from the store. Returns [T, H, D] float32."""
         t = q.shape[0]
-        out = torch.empty((t, self.q_heads, self.head_dim))
-        k = self._kv(k, "k").reshape(t, self.kv_heads, self.head_dim)
-        v = self._kv(v, "v").reshape(t, self.kv_heads, self.head_dim)
+        out = torch.empty((t, self.q_heads, self.head_dim), device=q.device)
+        k = self.to_store(k, "k").reshape(t, self.kv_heads, self.head_dim)
+        v = self.to_store(v, "v").reshape(t, self.kv_heads, self.head_dim)
         for i in range(t):
             self.handle.append(seq, layer, k[i:i + 1], v[i:i + 1])
             out[i] = self._attend(seq, layer, q[i])

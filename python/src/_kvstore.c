@@ -136,6 +136,7 @@ typedef struct {
     int inflight;       /* calls running with the GIL released; under GIL */
     bool closing;       /* close() began: new calls are refused */
     bool is_client;
+    int gpu_device; /* Store: the CUDA device its GPU path uses, or -1 */
 } kvs_py_handle_t;
 
 static PyTypeObject kvs_py_store_type;
@@ -593,6 +594,8 @@ static int store_init(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         return -1;
     }
     h->store = s;
+    kvs_store_stats_t st;
+    h->gpu_device = kvs_store_stats(s, &st) == 0 ? st.gpu_device : -1;
     return 0;
 }
 
@@ -871,14 +874,49 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         return NULL;
     if (params_from(mode, budget, rf, ef, eps, scale, &q.params) < 0)
         return NULL;
-    if (kvs__py_array_get(qo, "queries", false, &q.q) < 0)
+    /* CUDA queries: a Store's GPU path (kvs_seq_attend_device) */
+    if (kvs__py_array_get_any(qo, "queries", false, &q.q) < 0)
         return NULL;
     PyObject *ret = NULL, *arr = NULL;
     kvs_py_array_t o;
     memset(&o, 0, sizeof(o));
+    const int dev = q.q.cuda_device;
+    if (dev >= 0 && h->is_client) {
+        PyErr_SetString(PyExc_ValueError,
+                        "queries: a CUDA tensor; a Client sends host memory "
+                        "(move it with .cpu())");
+        goto done;
+    }
+    if (dev >= 0 && h->gpu_device < 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "queries: on CUDA device %d, but this Store has no GPU "
+                     "path (open it with cuda_device=; stats()['gpu_device'] "
+                     "is -1)",
+                     dev);
+        goto done;
+    }
+    if (dev >= 0 && h->gpu_device != dev) {
+        PyErr_Format(PyExc_ValueError,
+                     "queries: on CUDA device %d, but this Store's GPU path "
+                     "is on device %d",
+                     dev, h->gpu_device);
+        goto done;
+    }
     if (query_prepare(h, &q) < 0)
         goto done;
-    if (out == Py_None) {
+    if (out == Py_None && dev >= 0) {
+        /* a tensor like the queries (torch: same device and dtype) */
+        arr =
+            PyObject_CallMethod(qo, "new_empty", "((nn))",
+                                (Py_ssize_t)q.q_heads, (Py_ssize_t)q.head_dim);
+        if (!arr) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError,
+                            "out: pass out= for CUDA queries that have no "
+                            "new_empty() (torch tensors do)");
+            goto done;
+        }
+    } else if (out == Py_None) {
         arr = kvs__py_numpy_empty((Py_ssize_t)q.q_heads, (Py_ssize_t)q.head_dim,
                                   "float32");
         if (!arr)
@@ -887,10 +925,18 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         Py_INCREF(out);
         arr = out;
     }
-    if (kvs__py_array_get(arr, "out", true, &o) < 0 ||
+    if (kvs__py_array_get_any(arr, "out", true, &o) < 0 ||
         kvs__py_array_check_shape(&o, "out", 'f', "float32", q.q_heads,
                                   q.head_dim, NULL) < 0)
         goto done;
+    if (o.cuda_device != dev) {
+        PyErr_Format(PyExc_ValueError,
+                     "out: must be where queries are (%s%d), not %s%d",
+                     dev < 0 ? "host memory, " : "CUDA device ", dev,
+                     o.cuda_device < 0 ? "host memory, " : "CUDA device ",
+                     o.cuda_device);
+        goto done;
+    }
     kvs_attend_stats_t st;
     memset(&st, 0, sizeof(st));
     kvs_py_result_t r = {0};
@@ -900,6 +946,9 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     KVS_PY_CALL(h, r, {
         if (h->is_client)
             r.rc = kvs_client_seq_attend(h->client, q.seq, q.layer, qp, nq,
+                                         &q.params, op, &st);
+        else if (dev >= 0)
+            r.rc = kvs_seq_attend_device(h->store, q.seq, q.layer, qp,
                                          &q.params, op, &st);
         else
             r.rc = kvs_seq_attend(h->store, q.seq, q.layer, qp, &q.params, op,

@@ -22,28 +22,45 @@ void kvs__py_array_release(kvs_py_array_t *a) {
     a->owner = NULL;
 }
 
-/* Take obj.__dlpack__() into `a`: CPU memory only (a CUDA tensor is
- * refused, naming the argument: this binding has no device path yet),
- * C-contiguous, and a dtype we know. */
-static int array_get_dlpack(PyObject *obj, const char *arg, kvs_py_array_t *a) {
+/* Take obj.__dlpack__() into `a`: C-contiguous, a dtype we know, CPU
+ * memory (CUDA memory too with cuda_ok: then a->cuda_device is set). */
+static int array_get_dlpack(PyObject *obj, const char *arg, bool cuda_ok,
+                            kvs_py_array_t *a) {
+    int type = 1;
     PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
     if (dev) {
-        int type = -1, id = 0;
+        int id = 0;
         int ok = PyArg_ParseTuple(dev, "ii", &type, &id);
         Py_DECREF(dev);
         if (!ok)
             return -1;
-        if (type != 1 && type != 3) {
+        if (type != 1 && type != 3 && !(type == 2 && cuda_ok)) {
             PyErr_Format(PyExc_ValueError,
                          "%s: device must be the CPU (DLPack device type %d, "
-                         "id %d); move it with .cpu()",
-                         arg, type, id);
+                         "id %d); move it with .cpu()%s",
+                         arg, type, id,
+                         type == 2 ? " (CUDA tensors: queries and out of a "
+                                     "Store opened with cuda_device)"
+                                   : "");
             return -1;
         }
     } else {
         PyErr_Clear();
     }
-    PyObject *cap = PyObject_CallMethod(obj, "__dlpack__", NULL);
+    PyObject *cap;
+    if (type == 2) {
+        /* stream 1: the producer makes the legacy default stream wait for
+         * its pending writes; the engine's first copy runs there */
+        PyObject *fn = PyObject_GetAttrString(obj, "__dlpack__");
+        PyObject *noargs = PyTuple_New(0);
+        PyObject *kw = Py_BuildValue("{s:i}", "stream", 1);
+        cap = fn && noargs && kw ? PyObject_Call(fn, noargs, kw) : NULL;
+        Py_XDECREF(fn);
+        Py_XDECREF(noargs);
+        Py_XDECREF(kw);
+    } else {
+        cap = PyObject_CallMethod(obj, "__dlpack__", NULL);
+    }
     if (!cap)
         return -1;
     kvs_py_dl_managed_t *m = PyCapsule_GetPointer(cap, "dltensor");
@@ -59,7 +76,9 @@ static int array_get_dlpack(PyObject *obj, const char *arg, kvs_py_array_t *a) {
     Py_DECREF(cap);
     a->dl = m;
     kvs_py_dl_tensor_t *t = &m->dl_tensor;
-    if (t->device.device_type != 1 && t->device.device_type != 3) {
+    if (t->device.device_type == 2 && cuda_ok) {
+        a->cuda_device = t->device.device_id;
+    } else if (t->device.device_type != 1 && t->device.device_type != 3) {
         PyErr_Format(PyExc_ValueError, "%s: device must be the CPU", arg);
         return -1;
     }
@@ -131,18 +150,32 @@ char kvs__py_format_kind(const char *fmt, Py_ssize_t itemsize) {
     }
 }
 
+static int array_get(PyObject *obj, const char *arg, bool writable,
+                     bool cuda_ok, kvs_py_array_t *a);
+
 /* Get a C-contiguous view of `obj` named `arg` in errors. */
 int kvs__py_array_get(PyObject *obj, const char *arg, bool writable,
                       kvs_py_array_t *a) {
+    return array_get(obj, arg, writable, false, a);
+}
+
+int kvs__py_array_get_any(PyObject *obj, const char *arg, bool writable,
+                          kvs_py_array_t *a) {
+    return array_get(obj, arg, writable, true, a);
+}
+
+static int array_get(PyObject *obj, const char *arg, bool writable,
+                     bool cuda_ok, kvs_py_array_t *a) {
     memset(a, 0, sizeof(*a));
+    a->cuda_device = -1;
     int flags = PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_CheckBuffer(obj)) {
         Py_INCREF(obj);
         a->owner = obj;
     } else if (PyObject_HasAttrString(obj, "__dlpack__")) {
-        /* torch tensors (CPU; CUDA ones are refused by device). The
-         * producer keeps the memory alive until we call its deleter. */
-        if (array_get_dlpack(obj, arg, a) < 0)
+        /* torch tensors (CUDA ones only where cuda_ok). The producer
+         * keeps the memory alive until we call its deleter. */
+        if (array_get_dlpack(obj, arg, cuda_ok, a) < 0)
             goto err;
         return 0;
     } else if (PyObject_HasAttrString(obj, "__array__")) {

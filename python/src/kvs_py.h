@@ -51,6 +51,7 @@ typedef struct {
     kvs_py_dl_managed_t *dl;
     Py_ssize_t dl_shape[KVS_PY_MAX_DIMS];
     bool held;
+    int cuda_device; /* -1: host memory; else the CUDA device (DLPack) */
 } kvs_py_array_t;
 
 /* Release what kvs__py_array_get took (a no-op on a zeroed array). */
@@ -62,6 +63,12 @@ char kvs__py_format_kind(const char *fmt, Py_ssize_t itemsize);
  * outputs. 0, or -1 with a Python exception set. */
 int kvs__py_array_get(PyObject *obj, const char *arg, bool writable,
                       kvs_py_array_t *a);
+/* kvs__py_array_get that also takes CUDA memory (DLPack device type 2):
+ * a->cuda_device says where it lives. The producer is asked to order its
+ * pending writes on the device's legacy default stream
+ * (__dlpack__(stream=1)), which kvs_seq_attend_device waits for. */
+int kvs__py_array_get_any(PyObject *obj, const char *arg, bool writable,
+                          kvs_py_array_t *a);
 /* Check the element kind and that the shape is rows x cols (see arrays.c);
  * rows 0: any, returned through *rows_out. 0, or -1 with an exception. */
 int kvs__py_array_check_shape(kvs_py_array_t *a, const char *arg,

@@ -143,3 +143,34 @@ def test_llama_for_causal_lm_decodes_through_kvstore():
             got = model.generate(ids, max_new_tokens=48, do_sample=False)
             assert sess.decode_calls > 0
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the model on a GPU runs on the "
+                    "GPU machine (tests/gpu/hf-check.sh)")
+def test_llama_on_the_gpu_decodes_through_a_gpu_store():
+    """The model on CUDA with a Store opened on its device: keys/values go
+    to the host, queries and outputs stay CUDA tensors; exact mode gives
+    the model's own greedy tokens. (head_dim 8 and this short prompt keep
+    every call on the CPU path of kvs_seq_attend_device; the GPU step
+    itself is bench/python/hf_decode.py --device cuda with tinycode128.)"""
+    transformers = pytest.importorskip("transformers")
+    import kvstore.hf
+    cfg, sd = to_transformers(os.path.join(DATA, "stories260K.bin"))
+    kvstore.hf.register()
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**cfg, attn_implementation="kvstore"))
+    model.load_state_dict(sd, strict=False)
+    model = model.eval().cuda()
+    ids = torch.tensor([[1] + list(range(40, 72))]).cuda()
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=48, do_sample=False)
+        with kvstore.Store(cuda_device=0) as s:
+            if s.stats()["gpu_device"] != 0:
+                pytest.skip("the store has no GPU path (no CUDA in the build)")
+            with kvstore.hf.Session(s, model, mode="exact") as sess:
+                got = model.generate(ids, max_new_tokens=48, do_sample=False)
+                assert sess.decode_calls > 0
+    assert got.is_cuda
+    agree = (got[0, 33:] == want[0, 33:]).float().mean().item()
+    assert agree >= 0.95, agree

@@ -357,13 +357,90 @@ def test_dlpack_inputs_without_copy(kv):
     kk = rng.standard_normal((3, KVH, HD)).astype(np.float32)
     kv.append(100, 1, DLPackOnly(kk), DLPackOnly(kk))
     assert kv.info(100).tokens_max == 67
-    with pytest.raises(ValueError, match="queries: device must be the CPU"):
-        kv.attend(100, 0, DLPackOnly(q, device=(2, 0)))
+    # the capsule says where the memory is, not __dlpack_device__ alone
+    with pytest.raises(ValueError, match="keys: device must be the CPU"):
+        kv.append(100, 1, FakeCuda(kk), kk)
     with pytest.raises(TypeError, match="queries: dtype"):
         kv.attend(100, 0, DLPackOnly(q.astype(np.float64)))
     big = np.zeros((HD, QH), np.float32)
     with pytest.raises(ValueError, match="queries: must be C-contiguous"):
         kv.attend(100, 0, DLPackOnly(big.T))
+
+
+class FakeCuda:
+    """A DLPack producer that says its array is on CUDA device 0 (the
+    capsule too), over host memory nothing may read: what a CUDA tensor
+    looks like to the binding on a machine without a GPU. Records the
+    stream the consumer asked for."""
+
+    def __init__(self, a):
+        import ctypes as C
+
+        class Dev(C.Structure):
+            _fields_ = [("type", C.c_int32), ("id", C.c_int32)]
+
+        class DType(C.Structure):
+            _fields_ = [("code", C.c_uint8), ("bits", C.c_uint8),
+                        ("lanes", C.c_uint16)]
+
+        class Tensor(C.Structure):
+            _fields_ = [("data", C.c_void_p), ("device", Dev),
+                        ("ndim", C.c_int32), ("dtype", DType),
+                        ("shape", C.POINTER(C.c_int64)),
+                        ("strides", C.c_void_p), ("byte_offset", C.c_uint64)]
+
+        class Managed(C.Structure):
+            _fields_ = [("t", Tensor), ("ctx", C.c_void_p),
+                        ("deleter", C.c_void_p)]
+
+        self.a, self.stream = a, "not asked"
+        self.shape = (C.c_int64 * a.ndim)(*a.shape)
+        self.m = Managed(Tensor(a.ctypes.data, Dev(2, 0), a.ndim,
+                                DType(2, 32, 1), self.shape, None, 0),
+                         None, None)
+        self._C = C
+
+    def __dlpack__(self, stream=None):
+        C = self._C
+        self.stream = stream
+        new = C.pythonapi.PyCapsule_New
+        new.restype = C.py_object
+        new.argtypes = [C.c_void_p, C.c_char_p, C.c_void_p]
+        return new(C.addressof(self.m), FakeCuda.NAME, None)
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    NAME = b"dltensor"
+
+
+def test_cuda_arrays_without_a_gpu_path(kv):
+    """CUDA queries go to a Store's GPU path only (kvs_seq_attend_device);
+    without one, and through a Client, they are refused by name before any
+    of their memory is read; keys/values must be host memory."""
+    make(kv, 110)
+    q = rng.standard_normal((QH, HD)).astype(np.float32)
+    fq = FakeCuda(q)
+    if isinstance(kv, kvstore.Store):
+        with pytest.raises(ValueError, match="queries: on CUDA device 0, "
+                           "but this Store has no GPU path"):
+            kv.attend(110, 0, fq)
+    else:
+        with pytest.raises(ValueError, match="queries: a CUDA tensor; a "
+                           "Client sends host memory"):
+            kv.attend(110, 0, fq)
+    assert fq.stream == 1  # pending writes ordered on the legacy stream
+    with pytest.raises(ValueError, match="values: device must be the CPU"):
+        kv.append(110, 0, q.reshape(2, KVH, HD), FakeCuda(
+            q.reshape(2, KVH, HD)))
+    with pytest.raises(ValueError, match="device must be the CPU"):
+        kv.search(110, 0, fq, 4)
+    # host queries with a CUDA out (or the reverse) never mix
+    if isinstance(kv, kvstore.Store):
+        with pytest.raises(ValueError, match="out: must be where queries "
+                           "are"):
+            kv.attend(110, 0, q, out=FakeCuda(np.empty((QH, HD),
+                                                       np.float32)))
 
 
 def test_stubs_match_the_module():

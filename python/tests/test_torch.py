@@ -231,3 +231,80 @@ def test_append_chunked_splits_a_prefill_into_frames(client, store):
     assert pos[0, 0] == 699
     for h in (client, store):
         h.drop(91)
+
+
+NO_CUDA = "no CUDA device: the binding's GPU path (CUDA tensors by DLPack, " \
+    "a Store with cuda_device) runs on the GPU machine (tests/gpu/hf-check.sh)"
+
+
+def gpu_store():
+    s = kvstore.Store(cuda_device=0, deterministic=True, segment_tokens=1024)
+    if s.stats()["gpu_device"] != 0:
+        s.close()
+        pytest.skip("the store has no GPU path here (a build without CUDA)")
+    return s
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_queries_answer_as_host_queries():
+    """A Store's GPU path takes CUDA queries and writes a CUDA output in
+    place: the same answers as host queries (within 1e-6 where the GPU step
+    serves, wave; bit for bit where the CPU does, exact), writes pending on
+    another stream are seen, and host/CUDA arrays are not mixed."""
+    g = torch.Generator().manual_seed(5)
+    with gpu_store() as s:
+        qh, kvh, d, n = 8, 2, 128, 5000
+        s.create(1, layers=1, q_heads=qh, kv_heads=kvh, head_dim=d,
+                 dtype="bf16")
+        k = torch.randn(n, kvh, d, generator=g).to(torch.bfloat16)
+        v = torch.randn(n, kvh, d, generator=g).to(torch.bfloat16)
+        s.append(1, 0, k.view(torch.int16), v.view(torch.int16))
+        before = s.stats()["gpu_attends"]
+        for mode, tol in (("wave", 1e-6), ("exact", 0.0)):
+            for _ in range(3):
+                q = torch.randn(qh, d, generator=g)
+                want, _ = s.attend(1, 0, q.numpy(), mode=mode)
+                side = torch.cuda.Stream()
+                with torch.cuda.stream(side):  # pending on another stream
+                    qc = q.cuda(non_blocking=True) * 1.0
+                got, st = s.attend(1, 0, qc, mode=mode)
+                assert got.is_cuda and got.dtype == torch.float32
+                err = (got.cpu() - torch.from_numpy(want)).norm() / \
+                    torch.from_numpy(want).norm()
+                assert err <= tol, (mode, float(err))
+                assert st.keys_total == n * kvh
+                mine = torch.full((qh, d), 7.0, device="cuda")
+                s.attend(1, 0, qc, mode=mode, out=mine)
+                assert torch.equal(mine, got)
+        assert s.stats()["gpu_attends"] - before == 3 * 2 * 2  # wave only
+        with pytest.raises(ValueError, match="out: must be where queries"):
+            s.attend(1, 0, qc, out=torch.empty(qh, d))
+        with pytest.raises(ValueError, match="out: must be where queries"):
+            s.attend(1, 0, qc.cpu(), out=torch.empty(qh, d, device="cuda"))
+        with pytest.raises(ValueError, match="keys: device must be the CPU"):
+            s.append(1, 0, k[:1].cuda().view(torch.int16),
+                     v[:1].view(torch.int16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_backend_keeps_cuda_tensors_on_the_gpu():
+    """StoreAttention with CUDA tensors: keys/values to the host, queries
+    and outputs on the GPU with a GPU store; the answers of CPU tensors."""
+    g = torch.Generator().manual_seed(6)
+    with gpu_store() as s, kvstore.Store(deterministic=True,
+                                         segment_tokens=1024) as cpu:
+        kw = dict(layers=1, q_heads=8, kv_heads=2, head_dim=128,
+                  dtype=torch.bfloat16, mode="exact")
+        a, b = StoreAttention(s, **kw), StoreAttention(cpu, **kw)
+        assert a.gpu_device == 0 and b.gpu_device == -1
+        sa, sb = a.open(), b.open()
+        t = 300
+        q = torch.randn(t, 8, 128, generator=g)
+        k = torch.randn(t, 2, 128, generator=g).to(torch.bfloat16)
+        v = torch.randn(t, 2, 128, generator=g).to(torch.bfloat16)
+        oa = a.prefill(sa, 0, q.cuda(), k.cuda(), v.cuda())
+        ob = b.prefill(sb, 0, q, k, v)
+        assert oa.is_cuda and not ob.is_cuda
+        torch.testing.assert_close(oa.cpu(), ob, rtol=0, atol=0)
+        o = b.step(sb, 0, q[0].cuda(), k[0].cuda(), v[0].cuda())
+        assert o.is_cuda  # copied back to where the queries were

@@ -16,10 +16,13 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/device.
 cat "$out/device.txt"
 # Our libraries on the machine's glibc if it is new enough, else our glibc
 # and loader as well.
-run=(env LD_LIBRARY_PATH="$work/lib")
-if LD_LIBRARY_PATH="$work/lib" ldd "$work/test_engine_gpu" 2>&1 |
+# KVS_GPU_LIB_PATH: more folders of libraries (a pack that leaves out what
+# another pack beside it carries, to fit one device call)
+libs="$work/lib${KVS_GPU_LIB_PATH:+:$KVS_GPU_LIB_PATH}"
+run=(env LD_LIBRARY_PATH="$libs")
+if LD_LIBRARY_PATH="$libs" ldd "$work/test_engine_gpu" 2>&1 |
     grep -q "GLIBC.*not found"; then
-    run=("$work/glibc/ld-linux-x86-64.so.2" --library-path "$work/glibc:$work/lib")
+    run=("$work/glibc/ld-linux-x86-64.so.2" --library-path "$work/glibc:$libs")
     echo "using the packed glibc"
 fi
 status=0

@@ -6,7 +6,9 @@
 # With KVS_HF_BENCH="8192 32768" (contexts) it then runs
 # bench/python/hf_decode.py on tinycode128 (build-cuda/hfmodel, written by
 # hf-pack.sh) into $KVS_GPU_LOGS/python_hf.json; KVS_HF_STEPS sets the decode
-# steps (default 500), KVS_HF_SKIP_TESTS=1 skips the tests.
+# steps (default 500), KVS_HF_SKIP_TESTS=1 skips the tests. KVS_HF_BENCH_CUDA
+# (contexts) runs it again with the models on the GPU and the in-process
+# store on its GPU path, into $KVS_GPU_LOGS/python_hf_cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 pack=$(mktemp -d)
@@ -55,6 +57,18 @@ PY
         "$out/text.txt" --ctx $KVS_HF_BENCH --steps "${KVS_HF_STEPS:-500}" \
         --kvstored "$pack/prefix/bin/kvstored" \
         --json "$out/python_hf.json" 2>&1 | tee "$out/hf_decode.log" | tail -20
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ -n "${KVS_HF_BENCH_CUDA:-}" ]; then
+    # The models on the GPU; the in-process store on its GPU path (bf16
+    # sequences), kvstored on the CPU as above.
+    # shellcheck disable=SC2086
+    "$py" bench/python/hf_decode.py build-cuda/hfmodel/tinycode128_bf16.pt \
+        "$out/text.txt" --ctx $KVS_HF_BENCH_CUDA \
+        --steps "${KVS_HF_STEPS:-500}" --device cuda --cuda-store 0 \
+        --store-dtype bf16 --kvstored "$pack/prefix/bin/kvstored" \
+        --json "$out/python_hf_cuda.json" 2>&1 |
+        tee "$out/hf_decode_cuda.log" | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit "$rc"
