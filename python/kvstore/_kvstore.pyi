@@ -58,7 +58,9 @@ class _Handle:
                retrieval_fraction: float = 0.0,
                estimation_fraction: float = 0.0, epsilon: float = 0.0,
                scale: float = 0.0, out: Optional[ArrayLike] = None
-               ) -> Tuple[npt.NDArray[np.float32], AttendStats]: ...
+               ) -> Tuple[Any, AttendStats]:
+        """numpy out for host queries; for CUDA queries (a Store with
+        cuda_device) a CUDA tensor like them."""
     def observe_queries(self, seq: int, layer: int,
                         queries: ArrayLike) -> None: ...
     def search(self, seq: int, layer: int, queries: ArrayLike, k: int, *,

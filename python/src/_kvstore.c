@@ -1363,7 +1363,9 @@ static PyObject *m_ping(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
      "attend(seq, layer, queries, *, mode=None, budget=None, "                 \
      "retrieval_fraction=0, estimation_fraction=0, epsilon=0, scale=0, "       \
      "out=None) -> (out, AttendStats)\nAttention output for float32 "          \
-     "queries (q_heads, head_dim); out is float32 (q_heads, head_dim)."},      \
+     "queries (q_heads, head_dim); out is float32 (q_heads, head_dim). "       \
+     "A Store opened with cuda_device takes CUDA queries (DLPack) and "        \
+     "writes a CUDA out (by default queries.new_empty)."},                     \
     {"observe_queries", (PyCFunction)(void (*)(void))m_observe_queries,        \
      METH_VARARGS | METH_KEYWORDS,                                             \
      "observe_queries(seq, layer, queries)\nShow the store decoder queries "  \
