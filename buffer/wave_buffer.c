@@ -17,6 +17,7 @@
 #include "kvs_buffer.h"
 #include "fill.cuh"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -809,9 +810,24 @@ int kvs_wbuf_step_host(kvs_wbuf_t *wb, const float *q, float *out) {
 }
 
 int kvs_wbuf_step_device(kvs_wbuf_t *wb, const float *q, float *out) {
+    const size_t bytes = wb->q_floats * sizeof(float);
     int rc;
-    if ((rc = kvs_wbuf_use(wb)) != 0 ||
-        (rc = kvs_wbuf_step(wb, q, out, wb->own)) != 0)
+    if ((rc = kvs_wbuf_use(wb)) != 0)
+        return rc;
+    /* the kernels move q and out 16 bytes at a time: a tensor that starts
+     * elsewhere goes through the buffer's own arrays */
+    const int q_odd = ((uintptr_t)q & 15) != 0,
+              out_odd = ((uintptr_t)out & 15) != 0;
+    if (q_odd &&
+        (rc = cu(cudaMemcpyAsync(wb->d_q, q, bytes, cudaMemcpyDeviceToDevice,
+                                 wb->own))) != 0)
+        return rc;
+    if ((rc = kvs_wbuf_step(wb, q_odd ? wb->d_q : q, out_odd ? wb->d_out : out,
+                            wb->own)) != 0)
+        return rc;
+    if (out_odd &&
+        (rc = cu(cudaMemcpyAsync(out, wb->d_out, bytes,
+                                 cudaMemcpyDeviceToDevice, wb->own))) != 0)
         return rc;
     return cu(cudaStreamSynchronize(wb->own));
 }

@@ -756,7 +756,18 @@ int kvs__gpu_attend_device(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *slot,
                            const float *q_dev, const kvs_zone_params_t *zp,
                            const kvs_rank_params_t *rp, float *out_dev,
                            kvs_zone_stats_t *stats) {
-    return gpu_attend(g, slot, v, H, G, q_dev, zp, rp, out_dev, stats, 1);
+    /* the caller's thread: its current device is the caller's business
+     * (torch's, say); the buffer makes its own current */
+    const int was = kvs_cuda_current_device();
+    int rc = gpu_attend(g, slot, v, H, G, q_dev, zp, rp, out_dev, stats, 1);
+    kvs_cuda_restore_device(was);
+    return rc;
+}
+
+int kvs__gpu_check_ptr(kvs__gpu_t *g, const void *p, size_t n) {
+    if (!g)
+        return KVS_ENOTSUP;
+    return kvs_cuda_device_ptr(g->p.device, p, n) ? KVS_EINVAL : 0;
 }
 
 int kvs__gpu_copy(kvs__gpu_t *g, void *dst, const void *src, size_t n,

@@ -87,10 +87,15 @@ int kvs__gpu_attend_device(kvs__gpu_t *g, kvs__gpu_layer_t *_Atomic *mirror,
                            const kvs_rank_params_t *rp, float *out_dev,
                            kvs_zone_stats_t *stats);
 
+/* 0 when [p, p + n) is memory of the store's device (device or managed
+ * memory there), else KVS_EINVAL; KVS_ENOTSUP without a GPU. */
+int kvs__gpu_check_ptr(kvs__gpu_t *g, const void *p, size_t n);
+
 /* Synchronous copy of n bytes between host memory and the store's device
  * (to_device 1: host -> device), on the device's legacy default stream, so
- * ordered after the work queued there. KVS_ENOTSUP without a GPU; KVS_EIO
- * when CUDA refuses it (the message through the log callback). */
+ * ordered after the work queued there; returns once the bytes have landed.
+ * KVS_ENOTSUP without a GPU; KVS_EIO when CUDA refuses it (the message
+ * through the log callback). */
 int kvs__gpu_copy(kvs__gpu_t *g, void *dst, const void *src, size_t n,
                   int to_device);
 

@@ -414,8 +414,8 @@ static int gpu_attend(kvs_store_t *s, call_t *c) {
 
 /* Shared front half of search and attend: validation and the lock. */
 static int call_begin(kvs_store_t *s, uint64_t id, uint32_t layer,
-                      const float *queries, const kvs_query_params_t *params,
-                      call_t **out) {
+                      const float *queries, size_t expect_floats,
+                      const kvs_query_params_t *params, call_t **out) {
     int rc = 0;
     seq_t *q = kvs__seq_lookup(s, id, &rc);
     if (!q)
@@ -424,6 +424,16 @@ static int call_begin(kvs_store_t *s, uint64_t id, uint32_t layer,
     if (layer >= g->n_layers) {
         rc = kvs__fail(s, KVS_ERANGE, "layer %u out of range (n_layers %u)",
                        layer, g->n_layers);
+        goto err;
+    }
+    /* a caller that sized its arrays (kvs_seq_attend_device) must match
+     * the sequence as it is now, before anything reads them */
+    if (expect_floats && expect_floats != (size_t)g->n_q_heads * g->head_dim) {
+        rc = kvs__fail(s, KVS_EGEOMETRY,
+                       "queries hold %zu floats; sequence %llu has %u query "
+                       "heads x head_dim %u",
+                       expect_floats, (unsigned long long)id, g->n_q_heads,
+                       g->head_dim);
         goto err;
     }
     if (!kvs_all_finite(KVS_DTYPE_F32, queries,
@@ -509,26 +519,19 @@ static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
     return rc;
 }
 
-/* kvs_seq_attend; with dev_queries (dev_floats of them), the GPU step takes
- * dev_queries and dev_out in place of queries and out, and *on_device says
- * whether it did (else out holds the answer). */
+/* kvs_seq_attend; with dev_queries (dev_floats of them, as of out: the
+ * sequence must still have that many), the GPU step takes dev_queries and
+ * dev_out in place of queries and out, and *on_device says whether it did
+ * (else out holds the answer). */
 static int attend(kvs_store_t *s, uint64_t id, uint32_t layer,
                   const float *queries, const float *dev_queries,
                   size_t dev_floats, const kvs_query_params_t *params,
                   float *out, float *dev_out, int *on_device,
                   kvs_attend_stats_t *stats, double t0) {
     call_t *c;
-    int rc = call_begin(s, id, layer, queries, params, &c);
+    int rc = call_begin(s, id, layer, queries, dev_floats, params, &c);
     if (rc)
         return rc;
-    if (dev_queries &&
-        (size_t)c->q->geo.n_q_heads * c->q->geo.head_dim != dev_floats) {
-        /* dropped and created again with another shape since the copy */
-        kvs__seq_unref(c->q);
-        free(c);
-        return kvs__fail(s, KVS_ENOSEQ, "sequence %llu changed during the call",
-                         (unsigned long long)id);
-    }
     c->out = out;
     c->dev_queries = dev_queries;
     c->dev_out = dev_out;
@@ -572,34 +575,32 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
 }
 
 int kvs_seq_attend_device(kvs_store_t *s, uint64_t id, uint32_t layer,
-                          const float *queries,
+                          const float *queries, size_t n,
                           const kvs_query_params_t *params, float *out,
                           kvs_attend_stats_t *stats) {
     if (!s)
         return KVS_EINVAL;
     kvs__clear_err(s);
-    if (!queries || !out)
-        return kvs__fail(s, KVS_EINVAL, "queries or out is NULL");
+    if (!queries || !out || n == 0)
+        return kvs__fail(s, KVS_EINVAL, "queries or out is NULL, or n is 0");
     if (!s->gpu)
         return kvs__fail(s, KVS_ENOTSUP, "no GPU in this store: %s",
                          kvs_store_gpu_info(s));
-    double t0 = kvs__now_s();
-    kvs_geometry_t g;
-    int rc = kvs_seq_shape(s, id, layer, &g, NULL);
-    if (rc)
-        return rc;
+    const double t0 = kvs__now_s();
+    int rc;
+    if ((rc = kvs__gpu_check_ptr(s->gpu, queries, n * sizeof(float))) ||
+        (rc = kvs__gpu_check_ptr(s->gpu, out, n * sizeof(float))))
+        return kvs__fail(s, rc,
+                         "queries and out must be memory of the store's CUDA "
+                         "device");
     /* host copies: validation, per-head budgets and the CPU path read
      * the queries; the CPU path writes its answer here */
-    const size_t n = (size_t)g.n_q_heads * g.head_dim;
     float *host = malloc(2 * n * sizeof(float));
     if (!host)
         return kvs__fail(s, KVS_ENOMEM, "host copy of the queries");
     if ((rc = kvs__gpu_copy(s->gpu, host, queries, n * sizeof(float), 0))) {
         free(host);
-        return kvs__fail(s, rc,
-                         "copying the queries from the device failed "
-                         "(are they device memory of the store's "
-                         "GPU?)");
+        return kvs__fail(s, rc, "copying the queries from the device failed");
     }
     int on_device = 0;
     rc = attend(s, id, layer, host, queries, n, params, host + n, out,
@@ -621,7 +622,7 @@ int kvs_seq_search(kvs_store_t *s, uint64_t id, uint32_t layer,
     if (!queries || !positions || !scores)
         return kvs__fail(s, KVS_EINVAL, "queries, positions or scores is NULL");
     call_t *c;
-    int rc = call_begin(s, id, layer, queries, params, &c);
+    int rc = call_begin(s, id, layer, queries, 0, params, &c);
     if (rc)
         return rc;
     c->k = k;

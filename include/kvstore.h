@@ -376,23 +376,24 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
 
 /*
  * kvs_seq_attend for an engine whose tensors live on the GPU: `queries` and
- * `out` (same shapes) are in the memory of the store's CUDA device
- * (kvs_options_t.cuda_device), e.g. a CUDA tensor's data. The call first
- * waits for the work queued on that device's legacy default stream (a
- * DLPack consumer gets a producer's pending writes there by asking for
- * `__dlpack__(stream=1)`), then copies the queries to the host (the
- * validation, per-head budgets and any CPU path need them: 4 bytes x
- * n_q_heads x head_dim); it returns once `out` is written. Where
- * kvs_seq_attend would run on the GPU, the step reads `queries` and
- * writes `out` in place; elsewhere (exact mode, codes ranking, ...) the
- * CPU computes it and `out` is copied up. The same answers as
- * kvs_seq_attend. Errors: those of kvs_seq_attend; KVS_ENOTSUP when the
- * store has no GPU (no CUDA in the build, no cuda_device, or the device
- * was unusable at open: kvs_store_gpu_info says which); KVS_EIO when a
- * copy fails (e.g. a pointer that is not device memory).
+ * `out`, n floats each (n_q_heads x head_dim, else KVS_EGEOMETRY), are in
+ * the memory of the store's CUDA device (kvs_options_t.cuda_device), e.g.
+ * a CUDA tensor's data. The call first waits for the work queued on that
+ * device's legacy default stream (a DLPack consumer gets a producer's
+ * pending writes there by asking for `__dlpack__(stream=1)`), then copies
+ * the queries to the host (validation, per-head budgets and any CPU path
+ * read them: 4n bytes); it returns once `out` is written. Where
+ * kvs_seq_attend would run on the GPU, the step reads `queries` and writes
+ * `out` in place; elsewhere (exact mode, codes ranking, ...) the CPU
+ * computes it and `out` is copied up. The same answers as kvs_seq_attend.
+ * The calling thread's current CUDA device is left as it was. Errors:
+ * those of kvs_seq_attend; KVS_ENOTSUP when the store has no GPU (no CUDA
+ * in the build, no cuda_device, or the device was unusable at open:
+ * kvs_store_gpu_info says which); KVS_EINVAL when a pointer is not memory
+ * of that device; KVS_EIO when a copy fails.
  */
 int kvs_seq_attend_device(kvs_store_t *store, uint64_t seq, uint32_t layer,
-                          const float *queries,
+                          const float *queries, size_t n,
                           const kvs_query_params_t *params, float *out,
                           kvs_attend_stats_t *stats);
 

@@ -15,14 +15,53 @@
 
 int kvs_cuda_copy(int device, void *dst, const void *src, size_t n,
                   int to_device) {
-    int rc = kvs_cuda_err(cudaSetDevice(device));
-    if (rc)
-        return rc;
-    /* the legacy stream (0), not a per-thread default: a DLPack producer
-     * asked for stream 1 orders its writes before it */
-    return kvs_cuda_err(cudaMemcpy(dst, src, n,
-                                   to_device ? cudaMemcpyHostToDevice
-                                             : cudaMemcpyDeviceToHost));
+    int was = -1;
+    int rc = kvs_cuda_err(cudaGetDevice(&was));
+    if (!rc && was != device)
+        rc = kvs_cuda_err(cudaSetDevice(device));
+    /* the legacy stream, not a per-thread default: a DLPack producer asked
+     * for stream 1 orders its writes before it. A copy from pageable
+     * memory may return before its DMA lands: wait for the stream. */
+    if (!rc)
+        rc = kvs_cuda_err(cudaMemcpyAsync(dst, src, n,
+                                          to_device ? cudaMemcpyHostToDevice
+                                                    : cudaMemcpyDeviceToHost,
+                                          cudaStreamLegacy));
+    if (!rc)
+        rc = kvs_cuda_err(cudaStreamSynchronize(cudaStreamLegacy));
+    if (was >= 0 && was != device)
+        cudaSetDevice(was);
+    return rc;
+}
+
+int kvs_cuda_device_ptr(int device, const void *p, size_t n) {
+    struct cudaPointerAttributes a;
+    for (int end = 0; end < 2; end++) {
+        const char *at = (const char *)p + (end ? n - 1 : 0);
+        if (cudaPointerGetAttributes(&a, at) != cudaSuccess) {
+            cudaGetLastError(); /* not sticky, but clear it for the caller */
+            return KVS_EINVAL;
+        }
+        if ((a.type != cudaMemoryTypeDevice &&
+             a.type != cudaMemoryTypeManaged) ||
+            a.device != device)
+            return KVS_EINVAL;
+    }
+    return 0;
+}
+
+int kvs_cuda_current_device(void) {
+    int d = -1;
+    if (cudaGetDevice(&d) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    return d;
+}
+
+void kvs_cuda_restore_device(int device) {
+    if (device >= 0 && kvs_cuda_current_device() != device)
+        cudaSetDevice(device);
 }
 
 int kvs_cuda_device_check(int device, int min_major, size_t *free_bytes,

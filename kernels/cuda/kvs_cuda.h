@@ -57,10 +57,20 @@ int kvs_cuda_device_check(int device, int min_major, size_t *free_bytes,
                           size_t why_len);
 /* Synchronous copy of n bytes between host memory and device `device`
  * (to_device 1: host -> device) on that device's legacy default stream, so
- * ordered after the work queued there. 0 or a KVS_E* code, the message in
- * kvs_cuda_last_error(). */
+ * ordered after the work queued there; returns once the bytes have landed.
+ * The calling thread's current device is restored. 0 or a KVS_E* code, the
+ * message in kvs_cuda_last_error(). */
 int kvs_cuda_copy(int device, void *dst, const void *src, size_t n,
                   int to_device);
+/* 0 when [p, p + n) lies in memory of device `device` that its kernels can
+ * read and write (device or managed memory), else KVS_EINVAL (host memory,
+ * another device, unknown to CUDA). */
+int kvs_cuda_device_ptr(int device, const void *p, size_t n);
+/* The calling thread's current device (-1 if CUDA cannot say), and making
+ * one current again (a no-op for -1): callers that must leave it as they
+ * found it. */
+int kvs_cuda_current_device(void);
+void kvs_cuda_restore_device(int device);
 /* KVS_E* code for a CUDA error (0 for cudaSuccess). */
 int kvs_cuda_err(cudaError_t e);
 /* Last CUDA error message seen by any kvs_cuda call of this thread. */

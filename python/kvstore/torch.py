@@ -122,6 +122,9 @@ class StoreAttention:
             self.close(seq)
 
     def to_store(self, x, name):
+        """x as the store takes keys/values: this backend's dtype (else
+        TypeError naming x), in host memory, C-contiguous; bf16 as its
+        int16 bits (numpy has no bfloat16)."""
         if x.dtype != self.dtype:
             raise TypeError(f"{name}: dtype must be {self.dtype}, "
                             f"got {x.dtype}")
@@ -145,8 +148,12 @@ class StoreAttention:
         q = q.detach().float().contiguous().reshape(self.q_heads,
                                                     self.head_dim)
         if q.is_cuda and q.device.index == self.gpu_device:
-            out, _ = self.handle.attend(seq, layer, q, mode=self.mode,
-                                        scale=self.scale, **self.query_params)
+            # torch orders the queries' pending writes (DLPack stream 1)
+            # from the current device's stream: make it the queries'
+            with torch.cuda.device(q.device):
+                out, _ = self.handle.attend(seq, layer, q, mode=self.mode,
+                                            scale=self.scale,
+                                            **self.query_params)
             return out  # a CUDA tensor the store wrote
         dev = q.device
         out, _ = self.handle.attend(seq, layer, q.cpu(), mode=self.mode,

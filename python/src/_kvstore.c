@@ -910,10 +910,14 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
             PyObject_CallMethod(qo, "new_empty", "((nn))",
                                 (Py_ssize_t)q.q_heads, (Py_ssize_t)q.head_dim);
         if (!arr) {
-            PyErr_Clear();
-            PyErr_SetString(PyExc_TypeError,
-                            "out: pass out= for CUDA queries that have no "
-                            "new_empty() (torch tensors do)");
+            /* only a missing method is ours to explain; an allocation
+             * failure (CUDA out of memory, ...) is passed on as it is */
+            if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError,
+                                "out: pass out= for CUDA queries that have no "
+                                "new_empty() (torch tensors do)");
+            }
             goto done;
         }
     } else if (out == Py_None) {
@@ -948,7 +952,7 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
             r.rc = kvs_client_seq_attend(h->client, q.seq, q.layer, qp, nq,
                                          &q.params, op, &st);
         else if (dev >= 0)
-            r.rc = kvs_seq_attend_device(h->store, q.seq, q.layer, qp,
+            r.rc = kvs_seq_attend_device(h->store, q.seq, q.layer, qp, nq,
                                          &q.params, op, &st);
         else
             r.rc = kvs_seq_attend(h->store, q.seq, q.layer, qp, &q.params, op,

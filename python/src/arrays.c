@@ -76,7 +76,9 @@ static int array_get_dlpack(PyObject *obj, const char *arg, bool cuda_ok,
     Py_DECREF(cap);
     a->dl = m;
     kvs_py_dl_tensor_t *t = &m->dl_tensor;
-    if (t->device.device_type == 2 && cuda_ok) {
+    if (t->device.device_type == 2 && cuda_ok && type == 2) {
+        /* (a producer that hid its device from __dlpack_device__ was not
+         * asked to order its writes: refused below) */
         a->cuda_device = t->device.device_id;
     } else if (t->device.device_type != 1 && t->device.device_type != 3) {
         PyErr_Format(PyExc_ValueError, "%s: device must be the CPU", arg);

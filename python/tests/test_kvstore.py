@@ -369,9 +369,26 @@ def test_dlpack_inputs_without_copy(kv):
 
 class FakeCuda:
     """A DLPack producer that says its array is on CUDA device 0 (the
-    capsule too), over host memory nothing may read: what a CUDA tensor
-    looks like to the binding on a machine without a GPU. Records the
-    stream the consumer asked for."""
+    capsule too), over a page nobody may read or write (PROT_NONE: a read
+    on the host crashes the test): what a CUDA tensor looks like to the
+    binding on a machine without a GPU. Records the stream the consumer
+    asked for."""
+
+    _page = None
+
+    @classmethod
+    def no_access_page(cls):
+        import ctypes as C
+        if cls._page is None:
+            libc = C.CDLL(None, use_errno=True)
+            libc.mmap.restype = C.c_void_p
+            libc.mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int,
+                                  C.c_int, C.c_long]
+            # PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS
+            p = libc.mmap(None, 1 << 16, 0, 0x02 | 0x20, -1, 0)
+            assert p not in (None, C.c_void_p(-1).value)
+            cls._page = p
+        return cls._page
 
     def __init__(self, a):
         import ctypes as C
@@ -395,7 +412,8 @@ class FakeCuda:
 
         self.a, self.stream = a, "not asked"
         self.shape = (C.c_int64 * a.ndim)(*a.shape)
-        self.m = Managed(Tensor(a.ctypes.data, Dev(2, 0), a.ndim,
+        assert a.nbytes <= 1 << 16
+        self.m = Managed(Tensor(FakeCuda.no_access_page(), Dev(2, 0), a.ndim,
                                 DType(2, 32, 1), self.shape, None, 0),
                          None, None)
         self._C = C

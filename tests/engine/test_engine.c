@@ -419,13 +419,14 @@ static void test_engine_cuda_option_without_gpu(void **state) {
     }
     /* device-memory queries need the GPU path: refused, with the reason;
      * nothing is read through the pointers */
-    assert_int_equal(kvs_seq_attend_device(g, 7, 0, q, NULL, b, NULL),
+    assert_int_equal(kvs_seq_attend_device(g, 7, 0, q, 4 * 32, NULL, b, NULL),
                      KVS_ENOTSUP);
     assert_non_null(strstr(kvs_store_errmsg(g), "no GPU"));
-    assert_int_equal(kvs_seq_attend_device(f.s, 7, 0, q, NULL, b, NULL),
+    assert_int_equal(kvs_seq_attend_device(f.s, 7, 0, q, 4 * 32, NULL, b, NULL),
                      KVS_ENOTSUP);
-    assert_int_equal(kvs_seq_attend_device(g, 7, 0, NULL, NULL, b, NULL),
-                     KVS_EINVAL);
+    assert_int_equal(
+        kvs_seq_attend_device(g, 7, 0, NULL, 4 * 32, NULL, b, NULL),
+        KVS_EINVAL);
     kvs_store_stats_t st;
     assert_int_equal(kvs_store_stats(g, &st), 0);
     assert_int_equal(st.gpu_device, -1);

@@ -503,8 +503,10 @@ static void eviction_check(void) {
  * answers as kvs_seq_attend with host memory, where the GPU step serves
  * the call (centroid ranking: it reads and writes the device arrays in
  * place; within 1e-6) and where the CPU does (codes ranking, exact: copied
- * down and up; bit for bit); a host pointer is refused with KVS_EIO; a store
- * without a GPU says KVS_ENOTSUP.
+ * down and up; bit for bit); arrays not on 16 bytes answer the same; host
+ * pointers are refused with KVS_EINVAL, arrays of another size with
+ * KVS_EGEOMETRY; the current device is left alone. (A store without a GPU
+ * says KVS_ENOTSUP: tests/engine.)
  */
 static void device_io_check(void) {
     kvs_options_t o;
@@ -550,7 +552,7 @@ static void device_io_check(void) {
                 cudaMemcpy(dq, q, bytes, cudaMemcpyHostToDevice);
                 cudaMemset(dout, 0xff, bytes);
                 kvs_attend_stats_t st;
-                OK(kvs_seq_attend_device(s, 7, 0, dq, &p, dout, &st));
+                OK(kvs_seq_attend_device(s, 7, 0, dq, n, &p, dout, &st));
                 OK(kvs_store_stats(s, &after));
                 cudaMemcpy(got, dout, bytes, cudaMemcpyDeviceToHost);
                 const int on_gpu = ri == 0 && mi == 0;
@@ -571,12 +573,39 @@ static void device_io_check(void) {
                                            before.gpu_attends));
                 calls++;
             }
-    /* a host pointer is not device memory */
-    int rc = kvs_seq_attend_device(s, 7, 0, q, NULL, got, NULL);
-    CHECK(rc == KVS_EIO, "device io: host pointer gave %d (%s)", rc,
+    /* host memory is not the device's: neither side is touched */
+    int rc = kvs_seq_attend_device(s, 7, 0, q, n, NULL, dout, NULL);
+    CHECK(rc == KVS_EINVAL, "device io: host queries gave %d (%s)", rc,
           kvs_strerror(rc));
-    rc = kvs_seq_attend_device(s, 8, 0, dq, NULL, dout, NULL);
+    rc = kvs_seq_attend_device(s, 7, 0, dq, n, NULL, got, NULL);
+    CHECK(rc == KVS_EINVAL, "device io: host out gave %d (%s)", rc,
+          kvs_strerror(rc));
+    rc = kvs_seq_attend_device(s, 8, 0, dq, n, NULL, dout, NULL);
     CHECK(rc == KVS_ENOSEQ, "device io: unknown sequence gave %d", rc);
+    /* arrays sized for another geometry are refused before any read */
+    rc = kvs_seq_attend_device(s, 7, 0, dq, n - D, NULL, dout, NULL);
+    CHECK(rc == KVS_EGEOMETRY, "device io: short arrays gave %d", rc);
+    /* a tensor that does not start on 16 bytes (a slice): the step goes
+     * through the buffer's own arrays, same answer */
+    float *odd_q = NULL, *odd_out = NULL;
+    CHECK(cudaMalloc((void **)&odd_q, bytes + 16) == cudaSuccess &&
+              cudaMalloc((void **)&odd_out, bytes + 16) == cudaSuccess,
+          "cudaMalloc");
+    kv_synth_queries(&g, qh, q);
+    kvs_query_params_t pc = {.mode = KVS_MODE_WAVE, .rank = KVS_RANK_CENTROID};
+    OK(kvs_seq_attend(s, 7, 0, q, &pc, ref, NULL));
+    cudaMemcpy(odd_q + 1, q, bytes, cudaMemcpyHostToDevice);
+    OK(kvs_seq_attend_device(s, 7, 0, odd_q + 1, n, &pc, odd_out + 1, NULL));
+    cudaMemcpy(got, odd_out + 1, bytes, cudaMemcpyDeviceToHost);
+    CHECK(kv_synth_rel_l2(got, ref, n) <= 1e-6,
+          "device io: unaligned arrays differ (%.3g)",
+          kv_synth_rel_l2(got, ref, n));
+    /* the caller's current device is left as it was */
+    int cur = -1;
+    cudaGetDevice(&cur);
+    CHECK(cur == 0, "device io: current device %d", cur);
+    cudaFree(odd_q);
+    cudaFree(odd_out);
     printf("device io: %d calls with device queries/out answer as the host "
            "calls\n",
            calls);
@@ -593,13 +622,14 @@ static void device_io_check(void) {
 int main(void) {
     if (run_all(KVS_CUDA_KV_HOST) == 77)
         return 77;
-#ifdef KVS_TEST_CUDART
-    device_io_check();
-#endif
+
     run_all(KVS_CUDA_KV_AUTO);
     gpu_build_check();
     budget_check();
     eviction_check();
+#ifdef KVS_TEST_CUDART
+    device_io_check(); /* last: a fault here must not hide the others */
+#endif
     if (failures) {
         fprintf(stderr, "test_engine_gpu: %d failures\n", failures);
         return 1;
