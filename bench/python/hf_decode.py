@@ -27,8 +27,11 @@ with the model on that GPU its queries and outputs stay there
 (--store-dtype bf16; f32 by default) ranked by centroid, which is what
 DEFAULT means on such a store; other calls attend on the CPU. The row says
 how many attends the GPU served.
---kvstored BINARY repeats the store run through a kvstored started on a
-unix socket (in memory, deterministic), kvstore.Client as the handle: a row
+--new-tokens-cache adds an in-process run whose model keeps no K/V in its
+own cache (kvstore.hf.NewTokensCache: transformers' DynamicCache
+concatenates every layer's K/V at every step, which at 32K costs more than
+the attention). --kvstored BINARY repeats the store run through a kvstored
+started on a unix socket (in memory, deterministic), kvstore.Client as the handle: a row
 with backend "kvstored".
 """
 import argparse
@@ -68,13 +71,14 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def teacher_forced(model, ids, gen):
+def teacher_forced(model, ids, gen, cache=None):
     """Prefill ids [1, P], then one forward per reference token; returns
     (argmax per step [N], prefill seconds, decode seconds). The argmax of
-    each step is read back before the next (as a sampler would)."""
+    each step is read back before the next (as a sampler would). cache:
+    the past_key_values to start from (None: the model's own)."""
     sync(ids.device)
     t0 = time.perf_counter()
-    o = model(input_ids=ids, use_cache=True)
+    o = model(input_ids=ids, past_key_values=cache, use_cache=True)
     picks = [int(o.logits[0, -1].argmax())]
     t1 = time.perf_counter()
     past = o.past_key_values
@@ -122,9 +126,10 @@ class Daemon:
         return rc
 
 
-def store_run(handle, kvs_model, ids, gen, dtype):
+def store_run(handle, kvs_model, ids, gen, dtype, new_tokens_cache=False):
+    cache = kvstore.hf.NewTokensCache() if new_tokens_cache else None
     with kvstore.hf.Session(handle, kvs_model, dtype=dtype) as sess:
-        got, pre, dec = teacher_forced(kvs_model, ids, gen)
+        got, pre, dec = teacher_forced(kvs_model, ids, gen, cache)
         try:
             st = handle.stats()
         except Exception:  # noqa: BLE001 (a client may not serve stats)
@@ -142,6 +147,10 @@ def main():
     ap.add_argument("--cuda-store", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--store-dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--new-tokens-cache", action="store_true",
+                    help="also an in-process row whose model keeps no K/V "
+                    "of its own (kvstore.hf.NewTokensCache): the store "
+                    "holds the history")
     ap.add_argument("--kvstored", default=None)
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
@@ -175,6 +184,15 @@ def main():
             with kvstore.Store(deterministic=True, **opts) as s:
                 runs.append(("in-process",) +
                             store_run(s, kvs_model, ids, gen, sdt))
+            if a.new_tokens_cache:
+                try:
+                    with kvstore.Store(deterministic=True, **opts) as s:
+                        runs.append(("in-process-newtokens",) +
+                                    store_run(s, kvs_model, ids, gen, sdt,
+                                              new_tokens_cache=True))
+                except Exception as e:  # noqa: BLE001 (reported, not fatal)
+                    print(f"ctx {ctx}: NewTokensCache run failed: {e!r}",
+                          file=sys.stderr)
             if a.kvstored:
                 d = Daemon(a.kvstored, torch.get_num_threads())
                 try:
@@ -205,7 +223,8 @@ def main():
             print(json.dumps({k: v for k, v in row.items()
                               if k != "store_stats"}), file=sys.stderr)
             rows.append(row)
-            sfx = "" if backend == "in-process" else "_kvstored"
+            sfx = {"in-process": "", "kvstored": "_kvstored",
+                   "in-process-newtokens": "_newtokens"}[backend]
             metrics[f"{pfx}greedy_agreement_{tag}{sfx}"] = agree
             metrics[f"{pfx}tokens_per_s_store_{tag}{sfx}"] = n / kvs_dec
         metrics[f"{pfx}tokens_per_s_sdpa_{tag}"] = n / own_dec

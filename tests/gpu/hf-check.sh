@@ -9,6 +9,7 @@
 # steps (default 500), KVS_HF_SKIP_TESTS=1 skips the tests. KVS_HF_BENCH_CUDA
 # (contexts) runs it again with the models on the GPU and the in-process
 # store on its GPU path, into $KVS_GPU_LOGS/python_hf_cuda.json.
+# KVS_HF_NEWTOKENS=1 adds the CPU run's --new-tokens-cache row.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 pack=$(mktemp -d)
@@ -55,7 +56,7 @@ PY
     # shellcheck disable=SC2086
     "$py" bench/python/hf_decode.py build-cuda/hfmodel/tinycode128_bf16.pt \
         "$out/text.txt" --ctx $KVS_HF_BENCH --steps "${KVS_HF_STEPS:-500}" \
-        --kvstored "$pack/prefix/bin/kvstored" \
+        --kvstored "$pack/prefix/bin/kvstored" ${KVS_HF_NEWTOKENS:+--new-tokens-cache} \
         --json "$out/python_hf.json" 2>&1 | tee "$out/hf_decode.log" | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
