@@ -574,6 +574,66 @@ int kvs_seq_attend(kvs_store_t *s, uint64_t id, uint32_t layer,
                   stats, kvs__now_s());
 }
 
+/* kvs_seq_attend_batch: one task per sequence (its heads run as a nested
+ * job of the same pool: a submitter works on its own job, so nesting
+ * cannot stall). */
+typedef struct batch_s {
+    kvs_store_t *s;
+    const uint64_t *seqs;
+    uint32_t layer;
+    const float *queries;
+    size_t row;
+    const kvs_query_params_t *params;
+    float *out;
+    int *rc;
+    kvs_attend_stats_t *stats;
+    char (*msg)[160]; /* a failure's detail, from the thread that had it */
+} batch_t;
+
+static void batch_task(void *arg, uint32_t i) {
+    batch_t *b = arg;
+    const size_t at = (size_t)i * b->row;
+    b->rc[i] = attend(b->s, b->seqs[i], b->layer, b->queries + at, NULL, b->row,
+                      b->params, b->out + at, NULL, NULL,
+                      b->stats ? &b->stats[i] : NULL, kvs__now_s());
+    if (b->rc[i])
+        snprintf(b->msg[i], sizeof b->msg[i], "%s", kvs_store_errmsg(b->s));
+}
+
+int kvs_seq_attend_batch(kvs_store_t *s, uint32_t n, const uint64_t *seqs,
+                         uint32_t layer, const float *queries,
+                         size_t row_floats, const kvs_query_params_t *params,
+                         float *out, int *rcs, kvs_attend_stats_t *stats) {
+    if (!s)
+        return KVS_EINVAL;
+    kvs__clear_err(s);
+    if (n == 0)
+        return 0;
+    if (!seqs || !queries || !out || row_floats == 0)
+        return kvs__fail(s, KVS_EINVAL,
+                         "seqs, queries or out is NULL, or row_floats is 0");
+    int *rc = rcs ? rcs : malloc(n * sizeof *rc);
+    char(*msg)[160] = malloc(n * sizeof *msg);
+    if (!rc || !msg) {
+        if (!rcs)
+            free(rc);
+        free(msg);
+        return kvs__fail(s, KVS_ENOMEM, "batch state");
+    }
+    batch_t b = {s,      seqs, layer, queries, row_floats,
+                 params, out,  rc,    stats,   msg};
+    kvs__pool_run(s->pool, n, batch_task, &b);
+    int first = 0;
+    for (uint32_t i = 0; i < n && !first; i++)
+        if (rc[i])
+            first = kvs__fail(s, rc[i], "sequence %llu (batch row %u): %s",
+                              (unsigned long long)seqs[i], i, msg[i]);
+    if (!rcs)
+        free(rc);
+    free(msg);
+    return first;
+}
+
 int kvs_seq_attend_device(kvs_store_t *s, uint64_t id, uint32_t layer,
                           const float *queries, size_t n,
                           const kvs_query_params_t *params, float *out,

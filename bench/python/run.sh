@@ -8,7 +8,10 @@
 #    greedily after a prompt of the machine's C headers, its attention
 #    through kvstore.torch (wave) vs the model's own attention: greedy
 #    agreement (teacher forcing) and decode tokens/s, at 8K and 32K (--quick:
-#    2K and 50 steps). The interpreter is Debian's /usr/bin/python3 (its
+#    2K and 50 steps);
+# 3. Store.attend_batch (8 sequences, the longest context) vs a loop of
+#    attend, 1 and 2 KV heads (bench/python/batch.py). The interpreter is
+#    Debian's /usr/bin/python3 (its
 #    python3-torch and python3-numpy); KVS_PYTHON overrides.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,12 +39,17 @@ export PYTHONPATH=$build/python
     64 "$iters" --json "$tmp/overhead.json" >&2
 "$py" bench/python/decode.py ../shared/data/tinycode128.bin "$tmp/text.txt" \
     --ctx "${ctxs[@]}" --steps "$steps" --json "$tmp/decode.json" >&2
-"$py" - "$tmp/overhead.json" "$tmp/decode.json" "$out" <<'PY'
+"$py" bench/python/batch.py --batch 8 --ctx "${ctxs[-1]}" --kv-heads 1 2 \
+    --rounds "$([ $quick = 1 ] && echo 3 || echo 10)" \
+    --json "$tmp/batch.json" >&2
+"$py" - "$tmp/overhead.json" "$tmp/decode.json" "$tmp/batch.json" "$out" <<'PY'
 import json, sys
-o, d = (json.load(open(p)) for p in sys.argv[1:3])
+o, d, b = (json.load(open(p)) for p in sys.argv[1:4])
 m = dict(d["metrics"])
 m["binding_overhead_us_per_call"] = o["overhead_us"]
-rows = [dict(o, what="attend overhead, python vs C")] + d["rows"]
+m.update(b["metrics"])
+rows = [dict(o, what="attend overhead, python vs C")] + d["rows"] + \
+    [dict(r, what="attend_batch vs a loop of attend") for r in b["rows"]]
 json.dump({"bench": "python", "metrics": m, "rows": rows},
-          open(sys.argv[3], "w"), indent=2)
+          open(sys.argv[4], "w"), indent=2)
 PY

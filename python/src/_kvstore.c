@@ -1302,6 +1302,120 @@ err:
 }
 
 /* Store only. */
+/* attend_batch(seqs, layer, queries, ..., out=None) -> (out, [stats]):
+ * queries (n, q_heads, head_dim) float32, row i for seqs[i]; Store only. */
+static PyObject *m_attend_batch(kvs_py_handle_t *h, PyObject *args,
+                                PyObject *kw) {
+    static char *kwlist[] = {"seqs",
+                             "layer",
+                             "queries",
+                             "mode",
+                             "budget",
+                             "retrieval_fraction",
+                             "estimation_fraction",
+                             "epsilon",
+                             "scale",
+                             "out",
+                             NULL};
+    PyObject *seqo, *qo, *out = Py_None;
+    uint32_t layer;
+    const char *mode = NULL, *budget = NULL;
+    float rf = 0, ef = 0, eps = 0, scale = 0;
+    kvs_query_params_t params;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&O|$zzffffO", kwlist, &seqo,
+                                     conv_u32, &layer, &qo, &mode, &budget, &rf,
+                                     &ef, &eps, &scale, &out))
+        return NULL;
+    if (params_from(mode, budget, rf, ef, eps, scale, &params) < 0)
+        return NULL;
+    PyObject *fast = PySequence_Fast(seqo, "seqs: expected a sequence of ids");
+    if (!fast)
+        return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject *ret = NULL, *arr = NULL, *list = NULL;
+    uint64_t *ids = NULL;
+    kvs_attend_stats_t *st = NULL;
+    kvs_py_array_t q, o;
+    memset(&q, 0, sizeof(q));
+    memset(&o, 0, sizeof(o));
+    if (n == 0 || n > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "seqs: expected 1 or more ids");
+        goto done;
+    }
+    ids = PyMem_Malloc((size_t)n * sizeof(*ids));
+    st = PyMem_Calloc((size_t)n, sizeof(*st));
+    if (!ids || !st) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!conv_u64(PySequence_Fast_GET_ITEM(fast, i), &ids[i]))
+            goto done;
+    /* the first sequence's geometry sizes the rows; the engine checks
+     * every other sequence against it (GeometryError) */
+    kvs_geometry_t g;
+    memset(&g, 0, sizeof(g));
+    kvs_py_result_t r = {0};
+    KVS_PY_CALL(h, r, r.rc = kvs_seq_shape(h->store, ids[0], layer, &g, NULL));
+    if (r.rc) {
+        raise_result(&r);
+        goto done;
+    }
+    const uint64_t cols = (uint64_t)g.n_q_heads * g.head_dim;
+    if (kvs__py_array_get(qo, "queries", false, &q) < 0 ||
+        kvs__py_array_check_shape(&q, "queries", 'f', "float32", (uint64_t)n,
+                                  cols, NULL) < 0)
+        goto done;
+    if (out == Py_None) {
+        PyObject *flat = kvs__py_numpy_empty(n * (Py_ssize_t)g.n_q_heads,
+                                             (Py_ssize_t)g.head_dim, "float32");
+        if (!flat)
+            goto done;
+        arr = PyObject_CallMethod(flat, "reshape", "((nnn))", n,
+                                  (Py_ssize_t)g.n_q_heads,
+                                  (Py_ssize_t)g.head_dim);
+        Py_DECREF(flat);
+        if (!arr)
+            goto done;
+    } else {
+        Py_INCREF(out);
+        arr = out;
+    }
+    if (kvs__py_array_get(arr, "out", true, &o) < 0 ||
+        kvs__py_array_check_shape(&o, "out", 'f', "float32", (uint64_t)n, cols,
+                                  NULL) < 0)
+        goto done;
+    const float *qp = q.view.buf;
+    float *op = o.view.buf;
+    KVS_PY_CALL(h, r,
+                r.rc =
+                    kvs_seq_attend_batch(h->store, (uint32_t)n, ids, layer, qp,
+                                         (size_t)cols, &params, op, NULL, st));
+    if (r.rc) {
+        raise_result(&r);
+        goto done;
+    }
+    list = PyList_New(n);
+    if (!list)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = attend_stats_new(&st[i]);
+        if (!x)
+            goto done;
+        PyList_SET_ITEM(list, i, x);
+    }
+    ret = PyTuple_Pack(2, arr, list);
+done:
+    kvs__py_array_release(&o);
+    kvs__py_array_release(&q);
+    Py_XDECREF(list);
+    Py_XDECREF(arr);
+    Py_DECREF(fast);
+    PyMem_Free(ids);
+    PyMem_Free(st);
+    return ret;
+}
+
 static PyObject *m_wait_indexed(kvs_py_handle_t *h, PyObject *arg) {
     uint64_t seq;
     if (!conv_u64(arg, &seq))
@@ -1405,6 +1519,14 @@ static PyObject *m_ping(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
 
 static PyMethodDef kvs_py_store_methods[] = {
     KVS_PY_COMMON_METHODS,
+    {"attend_batch", (PyCFunction)(void (*)(void))m_attend_batch,
+     METH_VARARGS | METH_KEYWORDS,
+     "attend_batch(seqs, layer, queries, *, mode=None, budget=None, "
+     "retrieval_fraction=0, estimation_fraction=0, epsilon=0, scale=0, "
+     "out=None) -> (out, list[AttendStats])\nOne decode step of a batch: "
+     "queries float32 (n, q_heads, head_dim), row i for seqs[i], attended "
+     "in parallel; each row's answer is attend's for it alone. The first "
+     "failing sequence's error is raised."},
     {"wait_indexed", (PyCFunction)(void (*)(void))m_wait_indexed, METH_O,
      "wait_indexed(seq)\nBlock until the sequence's queued index builds "
      "finish."},

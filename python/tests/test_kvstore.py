@@ -218,6 +218,29 @@ def test_store_only_methods(store):
     assert store.expire() == 0  # not yet idle for a second
 
 
+def test_attend_batch_rows_equal_single_attends(store):
+    ids = [70, 71, 72]
+    for i in ids:
+        make(store, i, n=48 + i)
+    q = rng.standard_normal((len(ids), QH, HD)).astype(np.float32)
+    for mode in ("exact", "wave"):
+        out, stats = store.attend_batch(ids, 1, q, mode=mode)
+        assert out.shape == (len(ids), QH, HD) and len(stats) == len(ids)
+        for r, i in enumerate(ids):
+            one, st = store.attend(i, 1, q[r], mode=mode)
+            np.testing.assert_array_equal(out[r], one)
+            assert stats[r].keys_total == st.keys_total == (48 + i) * KVH
+    mine = np.zeros((len(ids), QH, HD), np.float32)
+    got, _ = store.attend_batch(ids, 1, q, out=mine, mode="exact")
+    assert got is mine and mine.any()
+    with pytest.raises(kvstore.NoSequenceError, match="sequence 999"):
+        store.attend_batch([70, 999], 1, q[:2])
+    with pytest.raises(ValueError, match="queries: shape"):
+        store.attend_batch(ids, 1, q[:2])
+    with pytest.raises(ValueError, match="seqs"):
+        store.attend_batch([], 1, q)
+
+
 def test_gil_released_two_threads_attend_concurrently(store):
     # Big enough that one exact attend takes milliseconds (sanitizer runs
     # are 5-20x slower: fewer keys give the same).

@@ -438,6 +438,84 @@ static void test_engine_cuda_option_without_gpu(void **state) {
     free_fixture(&f);
 }
 
+/*
+ * kvs_seq_attend_batch: six sequences of one layer in one call give, row by
+ * row, what kvs_seq_attend gives each alone (bit for bit: same index, same
+ * code); an unknown sequence and one of another geometry fail only their
+ * rows (ENOSEQ, EGEOMETRY), named in the message, the rest are computed.
+ */
+static void test_engine_attend_batch(void **state) {
+    (void)state;
+    kvs_store_t *s = open_small(256);
+    enum { NS = 6, T = 1500 };
+    const uint32_t kvh = GEO.n_kv_heads, d = GEO.head_dim;
+    const size_t row = (size_t)GEO.n_q_heads * d;
+    float *k = malloc((size_t)T * kvh * d * sizeof(float));
+    float *v = malloc((size_t)T * kvh * d * sizeof(float));
+    uint64_t ids[NS];
+    for (int i = 0; i < NS; i++) {
+        ids[i] = 100 + (uint64_t)i;
+        assert_int_equal(kvs_seq_create(s, ids[i], &GEO), 0);
+        make_kv(k, v, T - 100 * (uint32_t)i, kvh, d);
+        for (uint32_t l = 0; l < GEO.n_layers; l++)
+            assert_int_equal(
+                kvs_seq_append(s, ids[i], l, T - 100 * (uint32_t)i, k, v), 0);
+        assert_int_equal(kvs_seq_wait_indexed(s, ids[i]), 0);
+    }
+    float q[NS * 4 * 32], got[NS * 4 * 32], one[4 * 32];
+    for (size_t i = 0; i < NS * row; i++)
+        q[i] = nrand();
+    int rcs[NS];
+    kvs_attend_stats_t st[NS];
+    assert_int_equal(
+        kvs_seq_attend_batch(s, NS, ids, 1, q, row, NULL, got, rcs, st), 0);
+    for (int i = 0; i < NS; i++) {
+        kvs_attend_stats_t one_st;
+        assert_int_equal(rcs[i], 0);
+        assert_int_equal(
+            kvs_seq_attend(s, ids[i], 1, q + i * row, NULL, one, &one_st), 0);
+        assert_memory_equal(one, got + i * row, sizeof one);
+        assert_int_equal(st[i].keys_total, one_st.keys_total);
+        assert_int_equal(st[i].keys_exact, one_st.keys_exact);
+    }
+    /* a bad row fails alone */
+    kvs_geometry_t other = GEO;
+    other.head_dim = 16;
+    assert_int_equal(kvs_seq_create(s, 200, &other), 0);
+    assert_int_equal(kvs_seq_append(s, 200, 1, 10, k, v), 0);
+    uint64_t bad[NS];
+    memcpy(bad, ids, sizeof bad);
+    bad[2] = 999; /* unknown */
+    bad[4] = 200; /* another shape */
+    memset(got, 0, sizeof got);
+    int rc = kvs_seq_attend_batch(s, NS, bad, 1, q, row, NULL, got, rcs, NULL);
+    assert_int_equal(rc, KVS_ENOSEQ);
+    assert_non_null(strstr(kvs_store_errmsg(s), "sequence 999 (batch row 2)"));
+    assert_int_equal(rcs[2], KVS_ENOSEQ);
+    assert_int_equal(rcs[4], KVS_EGEOMETRY);
+    for (int i = 0; i < NS; i++) {
+        if (i == 2 || i == 4)
+            continue;
+        assert_int_equal(rcs[i], 0);
+        assert_int_equal(
+            kvs_seq_attend(s, ids[i], 1, q + i * row, NULL, one, NULL), 0);
+        assert_memory_equal(one, got + i * row, sizeof one);
+    }
+    /* argument errors; an empty batch is a no-op */
+    assert_int_equal(
+        kvs_seq_attend_batch(s, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL),
+        0);
+    assert_int_equal(
+        kvs_seq_attend_batch(s, NS, ids, 1, NULL, row, NULL, got, NULL, NULL),
+        KVS_EINVAL);
+    assert_int_equal(
+        kvs_seq_attend_batch(s, NS, ids, 1, q, 0, NULL, got, NULL, NULL),
+        KVS_EINVAL);
+    free(k);
+    free(v);
+    kvs_store_close(s);
+}
+
 /* Default budgets: zone sizes as documented, output close to exact. */
 static double rel_l2(const float *a, const float *ref, size_t n) {
     double e = 0, r = 0;
@@ -903,6 +981,7 @@ int main(void) {
         cmocka_unit_test(test_engine_wave_full_budget_equals_exact),
         cmocka_unit_test(test_engine_wave_default_zones),
         cmocka_unit_test(test_engine_search),
+        cmocka_unit_test(test_engine_attend_batch),
         cmocka_unit_test(test_engine_deterministic),
         cmocka_unit_test(test_engine_sequence_limits),
         cmocka_unit_test(test_engine_build_races_readers),
