@@ -11,6 +11,7 @@ token of that request so far. Nothing of the KV cache stays in the model.
                           head_dim=D, mode="wave")
     seq = attn.open()                      # one per request
     o = attn.step(seq, layer, q, k, v)     # q [H, D]; k, v [KV, D] -> [H, D]
+    o = attn.step_batch(seqs, layer, q, k, v)  # a batch: [B, ...] -> [B, H, D]
     o = attn.prefill(seq, layer, q, k, v)  # q [T, H, D]; k, v [T, KV, D]
     attn.close(seq)
 
@@ -143,6 +144,30 @@ class StoreAttention:
         v = self.to_store(v, "v").reshape(1, self.kv_heads, self.head_dim)
         self.handle.append(seq, layer, k, v)
         return self._attend(seq, layer, q)
+
+    def step_batch(self, seqs, layer, q, k, v):
+        """One decode step of a batch: row i appends k[i], v[i] [KV, D] to
+        seqs[i] and attends q[i] [H, D]; returns [B, H, D] float32 on q's
+        device. A Store on host tensors attends all rows in one call
+        (Store.attend_batch: in parallel on its threads); otherwise row by
+        row, as step does. Each row's answer is step's."""
+        b = len(seqs)
+        for i, seq in enumerate(seqs):
+            self.handle.append(
+                seq, layer,
+                self.to_store(k[i], "k").reshape(1, self.kv_heads,
+                                                 self.head_dim),
+                self.to_store(v[i], "v").reshape(1, self.kv_heads,
+                                                 self.head_dim))
+        batched = getattr(self.handle, "attend_batch", None)
+        if b > 1 and batched is not None and not q.is_cuda:
+            qq = q.detach().float().contiguous().reshape(b, self.q_heads,
+                                                         self.head_dim)
+            out, _ = batched(list(seqs), layer, qq, mode=self.mode,
+                             scale=self.scale, **self.query_params)
+            return torch.from_numpy(out)
+        return torch.stack([self._attend(seq, layer, q[i])
+                            for i, seq in enumerate(seqs)])
 
     def _attend(self, seq, layer, q):
         q = q.detach().float().contiguous().reshape(self.q_heads,

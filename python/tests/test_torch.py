@@ -206,6 +206,28 @@ def test_backend_refuses_wrong_dtype(model):
         back2.close_all()
 
 
+def test_step_batch_rows_equal_single_steps():
+    """step_batch (one Store.attend_batch for the rows) answers each row as
+    step does for it alone; a Client, which has no attend_batch, row by
+    row."""
+    g = torch.Generator().manual_seed(8)
+    with kvstore.Store(deterministic=True) as a, \
+            kvstore.Store(deterministic=True) as b:
+        kw = dict(layers=1, q_heads=4, kv_heads=2, head_dim=32, mode="wave")
+        one, many = StoreAttention(a, **kw), StoreAttention(b, **kw)
+        sa = [one.open() for _ in range(3)]
+        sb = [many.open() for _ in range(3)]
+        for t in range(300):
+            q = torch.randn(3, 4, 32, generator=g)
+            k = torch.randn(3, 2, 32, generator=g)
+            v = torch.randn(3, 2, 32, generator=g)
+            got = many.step_batch(sb, 0, q, k, v)
+            want = torch.stack([one.step(sa[i], 0, q[i], k[i], v[i])
+                                for i in range(3)])
+            assert got.shape == (3, 4, 32)
+            assert torch.equal(got, want), t
+
+
 def test_append_chunked_splits_a_prefill_into_frames(client, store):
     """A prefill larger than a frame reaches kvstored in runs of whole
     tokens, in order: the daemon's sequence equals one appended in
