@@ -590,9 +590,15 @@ typedef struct batch_s {
     char (*msg)[160]; /* a failure's detail, from the thread that had it */
 } batch_t;
 
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 static void batch_task(void *arg, uint32_t i) {
     batch_t *b = arg;
     const size_t at = (size_t)i * b->row;
+    kvs__clear_err(b->s); /* this worker's last message is not ours */
     b->rc[i] = attend(b->s, b->seqs[i], b->layer, b->queries + at, NULL, b->row,
                       b->params, b->out + at, NULL, NULL,
                       b->stats ? &b->stats[i] : NULL, kvs__now_s());
@@ -614,11 +620,34 @@ int kvs_seq_attend_batch(kvs_store_t *s, uint32_t n, const uint64_t *seqs,
                          "seqs, queries or out is NULL, or row_floats is 0");
     int *rc = rcs ? rcs : malloc(n * sizeof *rc);
     char(*msg)[160] = malloc(n * sizeof *msg);
-    if (!rc || !msg) {
+    uint64_t *sorted = malloc(n * sizeof *sorted);
+    if (!rc || !msg || !sorted) {
         if (!rcs)
             free(rc);
         free(msg);
+        free(sorted);
         return kvs__fail(s, KVS_ENOMEM, "batch state");
+    }
+    /* One row per sequence: two rows of one sequence would run in either
+     * order (its per-head budgets learn from each call), so their answers
+     * would depend on scheduling. */
+    memcpy(sorted, seqs, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, cmp_u64);
+    uint64_t dup = 0;
+    int twice = 0;
+    for (uint32_t i = 1; i < n && !twice; i++)
+        if (sorted[i] == sorted[i - 1]) {
+            dup = sorted[i];
+            twice = 1;
+        }
+    free(sorted);
+    if (twice) {
+        if (!rcs)
+            free(rc);
+        free(msg);
+        return kvs__fail(s, KVS_EINVAL,
+                         "sequence %llu appears twice in the batch",
+                         (unsigned long long)dup);
     }
     batch_t b = {s,      seqs, layer, queries, row_floats,
                  params, out,  rc,    stats,   msg};

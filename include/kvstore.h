@@ -379,11 +379,13 @@ int kvs_seq_attend(kvs_store_t *store, uint64_t seq, uint32_t layer,
  * at once, run in parallel on the store's threads (each sequence's heads
  * too). queries is [n][n_q_heads][head_dim] fp32 and out the same; every
  * sequence must have n_q_heads x head_dim == row_floats (else
- * KVS_EGEOMETRY for it). Each sequence's answer is what kvs_seq_attend
- * gives it alone. rcs (may be NULL) gets each sequence's code, stats (may
- * be NULL) [n] its counts; a failed sequence's out row is unspecified,
- * the others are computed. Returns 0 when every sequence succeeded, else
- * the code of the first that failed (kvs_store_errmsg names it).
+ * KVS_EGEOMETRY for it), and appear once (else KVS_EINVAL for the call:
+ * two rows of one sequence would answer in scheduling order). Each
+ * sequence's answer is what kvs_seq_attend gives it alone. rcs (may be NULL)
+ * gets each sequence's code, stats (may be NULL) [n] its counts; a failed
+ * sequence's out row is unspecified, the others are computed. Returns 0 when
+ * every sequence succeeded, else the code of the first that failed
+ * (kvs_store_errmsg names it).
  */
 int kvs_seq_attend_batch(kvs_store_t *store, uint32_t n, const uint64_t *seqs,
                          uint32_t layer, const float *queries,

@@ -152,6 +152,9 @@ class StoreAttention:
         (Store.attend_batch: in parallel on its threads); otherwise row by
         row, as step does. Each row's answer is step's."""
         b = len(seqs)
+        if len(set(seqs)) != b:
+            raise ValueError("seqs: a sequence appears twice (each row "
+                             "appends a token to its own sequence)")
         for i, seq in enumerate(seqs):
             self.handle.append(
                 seq, layer,
@@ -160,7 +163,7 @@ class StoreAttention:
                 self.to_store(v[i], "v").reshape(1, self.kv_heads,
                                                  self.head_dim))
         batched = getattr(self.handle, "attend_batch", None)
-        if b > 1 and batched is not None and not q.is_cuda:
+        if b > 1 and batched is not None and q.device.type == "cpu":
             qq = q.detach().float().contiguous().reshape(b, self.q_heads,
                                                          self.head_dim)
             out, _ = batched(list(seqs), layer, qq, mode=self.mode,

@@ -682,6 +682,19 @@ err:
         Py_END_ALLOW_THREADS call_end(h);                                      \
     } while (0)
 
+/* KVS_PY_CALL for a caller holding buffers: on a closed handle it jumps to
+ * `fail` (which releases them) instead of returning. */
+#define KVS_PY_CALL_OR(h, r, stmt, fail)                                       \
+    do {                                                                       \
+        if (call_begin(h) < 0)                                                 \
+            goto fail;                                                         \
+        Py_BEGIN_ALLOW_THREADS lock_client(h);                                 \
+        stmt;                                                                  \
+        result_take_msg(h, &(r));                                              \
+        unlock_client(h);                                                      \
+        Py_END_ALLOW_THREADS call_end(h);                                      \
+    } while (0)
+
 static PyObject *m_create(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"seq",      "layers", "q_heads", "kv_heads",
                              "head_dim", "dtype",  "ttl",     NULL};
@@ -947,17 +960,20 @@ static PyObject *m_attend(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     const float *qp = q.q.view.buf;
     float *op = o.view.buf;
     size_t nq = (size_t)(q.q_heads * q.head_dim);
-    KVS_PY_CALL(h, r, {
-        if (h->is_client)
-            r.rc = kvs_client_seq_attend(h->client, q.seq, q.layer, qp, nq,
-                                         &q.params, op, &st);
-        else if (dev >= 0)
-            r.rc = kvs_seq_attend_device(h->store, q.seq, q.layer, qp, nq,
-                                         &q.params, op, &st);
-        else
-            r.rc = kvs_seq_attend(h->store, q.seq, q.layer, qp, &q.params, op,
-                                  &st);
-    });
+    KVS_PY_CALL_OR(
+        h, r,
+        {
+            if (h->is_client)
+                r.rc = kvs_client_seq_attend(h->client, q.seq, q.layer, qp, nq,
+                                             &q.params, op, &st);
+            else if (dev >= 0)
+                r.rc = kvs_seq_attend_device(h->store, q.seq, q.layer, qp, nq,
+                                             &q.params, op, &st);
+            else
+                r.rc = kvs_seq_attend(h->store, q.seq, q.layer, qp, &q.params,
+                                      op, &st);
+        },
+        done);
     if (r.rc) {
         raise_result(&r);
         goto done;
@@ -1356,7 +1372,8 @@ static PyObject *m_attend_batch(kvs_py_handle_t *h, PyObject *args,
     kvs_geometry_t g;
     memset(&g, 0, sizeof(g));
     kvs_py_result_t r = {0};
-    KVS_PY_CALL(h, r, r.rc = kvs_seq_shape(h->store, ids[0], layer, &g, NULL));
+    KVS_PY_CALL_OR(
+        h, r, r.rc = kvs_seq_shape(h->store, ids[0], layer, &g, NULL), done);
     if (r.rc) {
         raise_result(&r);
         goto done;
@@ -1387,10 +1404,11 @@ static PyObject *m_attend_batch(kvs_py_handle_t *h, PyObject *args,
         goto done;
     const float *qp = q.view.buf;
     float *op = o.view.buf;
-    KVS_PY_CALL(h, r,
-                r.rc =
-                    kvs_seq_attend_batch(h->store, (uint32_t)n, ids, layer, qp,
-                                         (size_t)cols, &params, op, NULL, st));
+    KVS_PY_CALL_OR(h, r,
+                   r.rc = kvs_seq_attend_batch(h->store, (uint32_t)n, ids,
+                                               layer, qp, (size_t)cols, &params,
+                                               op, NULL, st),
+                   done);
     if (r.rc) {
         raise_result(&r);
         goto done;

@@ -239,6 +239,20 @@ def test_attend_batch_rows_equal_single_attends(store):
         store.attend_batch(ids, 1, q[:2])
     with pytest.raises(ValueError, match="seqs"):
         store.attend_batch([], 1, q)
+    with pytest.raises(kvstore.InvalidArgumentError, match="appears twice"):
+        store.attend_batch([70, 71, 70], 1, q)
+
+
+def test_attend_batch_on_a_closed_store_leaks_nothing():
+    s = kvstore.Store()
+    make(s, 1)
+    ids, q = [1], np.zeros((1, QH, HD), np.float32)
+    s.close()
+    before = sys.getrefcount(ids)
+    for _ in range(100):
+        with pytest.raises(ValueError, match="closed"):
+            s.attend_batch(ids, 0, q)
+    assert sys.getrefcount(ids) == before
 
 
 def test_gil_released_two_threads_attend_concurrently(store):

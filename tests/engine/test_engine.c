@@ -501,6 +501,18 @@ static void test_engine_attend_batch(void **state) {
             kvs_seq_attend(s, ids[i], 1, q + i * row, NULL, one, NULL), 0);
         assert_memory_equal(one, got + i * row, sizeof one);
     }
+    /* the failed row's own detail reaches the caller's message */
+    bad[2] = ids[2];
+    rc = kvs_seq_attend_batch(s, NS, bad, 1, q, row, NULL, got, rcs, NULL);
+    assert_int_equal(rc, KVS_EGEOMETRY);
+    assert_non_null(strstr(kvs_store_errmsg(s), "sequence 200 (batch row 4)"));
+    assert_non_null(strstr(kvs_store_errmsg(s), "head_dim 16"));
+    /* a sequence twice: refused as a whole */
+    bad[4] = ids[0];
+    assert_int_equal(
+        kvs_seq_attend_batch(s, NS, bad, 1, q, row, NULL, got, rcs, NULL),
+        KVS_EINVAL);
+    assert_non_null(strstr(kvs_store_errmsg(s), "sequence 100 appears twice"));
     /* argument errors; an empty batch is a no-op */
     assert_int_equal(
         kvs_seq_attend_batch(s, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL),
