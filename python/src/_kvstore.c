@@ -191,17 +191,28 @@ static PyObject *raise_result(const kvs_py_result_t *r) {
 
 /* ---------------------------------------------------------- converters */
 
+/* An unsigned integer from anything with __index__ (int, numpy and torch
+ * integers: engines keep ids in arrays); 0 with an exception set. */
+static int index_u64(PyObject *o, unsigned long long *v) {
+    PyObject *i = PyNumber_Index(o);
+    if (!i)
+        return 0;
+    *v = PyLong_AsUnsignedLongLong(i);
+    Py_DECREF(i);
+    return !(*v == (unsigned long long)-1 && PyErr_Occurred());
+}
+
 static int conv_u64(PyObject *o, void *p) {
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long v;
+    if (!index_u64(o, &v))
         return 0;
     *(uint64_t *)p = v;
     return 1;
 }
 
 static int conv_u32(PyObject *o, void *p) {
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long v;
+    if (!index_u64(o, &v))
         return 0;
     if (v > UINT32_MAX) {
         PyErr_SetString(PyExc_OverflowError, "value does not fit 32 bits");

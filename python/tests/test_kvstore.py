@@ -243,6 +243,21 @@ def test_attend_batch_rows_equal_single_attends(store):
         store.attend_batch([70, 71, 70], 1, q)
 
 
+def test_ids_from_numpy_integers(kv):
+    """Engines keep sequence ids and layers in arrays: numpy integers are
+    taken (by __index__); floats and negatives are not."""
+    k, v = make(kv, 120)
+    q = rng.standard_normal((QH, HD)).astype(np.float32)
+    want, _ = kv.attend(120, 1, q, mode="exact")
+    got, _ = kv.attend(np.uint64(120), np.int32(1), q, mode="exact")
+    np.testing.assert_array_equal(got, want)
+    assert kv.info(np.int64(120)).tokens_max == 64
+    with pytest.raises(TypeError):
+        kv.attend(120.0, 1, q)
+    with pytest.raises(OverflowError):
+        kv.attend(np.int64(-1), 1, q)
+
+
 def test_attend_batch_on_a_closed_store_leaks_nothing():
     s = kvstore.Store()
     make(s, 1)
