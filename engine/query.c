@@ -519,17 +519,18 @@ static int call_end(call_t *c, kvs_attend_stats_t *stats, double t0) {
     return rc;
 }
 
-/* kvs_seq_attend; with dev_queries (dev_floats of them, as of out: the
- * sequence must still have that many), the GPU step takes dev_queries and
- * dev_out in place of queries and out, and *on_device says whether it did
- * (else out holds the answer). */
+/* kvs_seq_attend. expect_floats (0: any): how many floats the caller's
+ * queries and out hold, which the sequence must still match. With
+ * dev_queries, the GPU step takes dev_queries and dev_out in place of
+ * queries and out, and *on_device says whether it did (else out holds the
+ * answer). */
 static int attend(kvs_store_t *s, uint64_t id, uint32_t layer,
                   const float *queries, const float *dev_queries,
-                  size_t dev_floats, const kvs_query_params_t *params,
+                  size_t expect_floats, const kvs_query_params_t *params,
                   float *out, float *dev_out, int *on_device,
                   kvs_attend_stats_t *stats, double t0) {
     call_t *c;
-    int rc = call_begin(s, id, layer, queries, dev_floats, params, &c);
+    int rc = call_begin(s, id, layer, queries, expect_floats, params, &c);
     if (rc)
         return rc;
     c->out = out;
@@ -621,45 +622,35 @@ int kvs_seq_attend_batch(kvs_store_t *s, uint32_t n, const uint64_t *seqs,
     int *rc = rcs ? rcs : malloc(n * sizeof *rc);
     char(*msg)[160] = malloc(n * sizeof *msg);
     uint64_t *sorted = malloc(n * sizeof *sorted);
+    int first = 0;
     if (!rc || !msg || !sorted) {
-        if (!rcs)
-            free(rc);
-        free(msg);
-        free(sorted);
-        return kvs__fail(s, KVS_ENOMEM, "batch state");
+        first = kvs__fail(s, KVS_ENOMEM, "batch state");
+        goto done;
     }
     /* One row per sequence: two rows of one sequence would run in either
      * order (its per-head budgets learn from each call), so their answers
      * would depend on scheduling. */
     memcpy(sorted, seqs, n * sizeof *sorted);
     qsort(sorted, n, sizeof *sorted, cmp_u64);
-    uint64_t dup = 0;
-    int twice = 0;
-    for (uint32_t i = 1; i < n && !twice; i++)
+    for (uint32_t i = 1; i < n; i++)
         if (sorted[i] == sorted[i - 1]) {
-            dup = sorted[i];
-            twice = 1;
+            first = kvs__fail(s, KVS_EINVAL,
+                              "sequence %llu appears twice in the batch",
+                              (unsigned long long)sorted[i]);
+            goto done;
         }
-    free(sorted);
-    if (twice) {
-        if (!rcs)
-            free(rc);
-        free(msg);
-        return kvs__fail(s, KVS_EINVAL,
-                         "sequence %llu appears twice in the batch",
-                         (unsigned long long)dup);
-    }
     batch_t b = {s,      seqs, layer, queries, row_floats,
                  params, out,  rc,    stats,   msg};
     kvs__pool_run(s->pool, n, batch_task, &b);
-    int first = 0;
     for (uint32_t i = 0; i < n && !first; i++)
         if (rc[i])
             first = kvs__fail(s, rc[i], "sequence %llu (batch row %u): %s",
                               (unsigned long long)seqs[i], i, msg[i]);
+done:
     if (!rcs)
         free(rc);
     free(msg);
+    free(sorted);
     return first;
 }
 

@@ -15,10 +15,8 @@
 
 int kvs_cuda_copy(int device, void *dst, const void *src, size_t n,
                   int to_device) {
-    int was = -1;
-    int rc = kvs_cuda_err(cudaGetDevice(&was));
-    if (!rc && was != device)
-        rc = kvs_cuda_err(cudaSetDevice(device));
+    const int was = kvs_cuda_current_device();
+    int rc = kvs_cuda_err(cudaSetDevice(device));
     /* the legacy stream, not a per-thread default: a DLPack producer asked
      * for stream 1 orders its writes before it. A copy from pageable
      * memory may return before its DMA lands: wait for the stream. */
@@ -29,8 +27,7 @@ int kvs_cuda_copy(int device, void *dst, const void *src, size_t n,
                                           cudaStreamLegacy));
     if (!rc)
         rc = kvs_cuda_err(cudaStreamSynchronize(cudaStreamLegacy));
-    if (was >= 0 && was != device)
-        cudaSetDevice(was);
+    kvs_cuda_restore_device(was);
     return rc;
 }
 

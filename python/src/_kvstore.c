@@ -1329,8 +1329,9 @@ err:
 }
 
 /* Store only. */
+
 /* attend_batch(seqs, layer, queries, ..., out=None) -> (out, [stats]):
- * queries (n, q_heads, head_dim) float32, row i for seqs[i]; Store only. */
+ * queries (n, q_heads, head_dim) float32, row i for seqs[i]. */
 static PyObject *m_attend_batch(kvs_py_handle_t *h, PyObject *args,
                                 PyObject *kw) {
     static char *kwlist[] = {"seqs",

@@ -126,7 +126,9 @@ def test_converter_refuses_wrong_rope_tables(tmp_path):
         to_transformers(str(bad))
 
 
-def test_llama_for_causal_lm_decodes_through_kvstore():
+def stories_llama():
+    """stories260K as an unmodified LlamaForCausalLM whose attention is
+    "kvstore" (skips without transformers); eval mode, on the CPU."""
     transformers = pytest.importorskip("transformers")
     import kvstore.hf
     cfg, sd = to_transformers(os.path.join(DATA, "stories260K.bin"))
@@ -134,7 +136,12 @@ def test_llama_for_causal_lm_decodes_through_kvstore():
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**cfg, attn_implementation="kvstore"))
     model.load_state_dict(sd, strict=False)
-    model.eval()
+    return model.eval()
+
+
+def test_llama_for_causal_lm_decodes_through_kvstore():
+    import kvstore.hf
+    model = stories_llama()
     ids = torch.tensor([[1] + list(range(40, 72))])
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=48, do_sample=False)
@@ -154,14 +161,8 @@ def test_llama_on_the_gpu_decodes_through_a_gpu_store():
     the model's own greedy tokens. (head_dim 8 and this short prompt keep
     every call on the CPU path of kvs_seq_attend_device; the GPU step
     itself is bench/python/hf_decode.py --device cuda with tinycode128.)"""
-    transformers = pytest.importorskip("transformers")
     import kvstore.hf
-    cfg, sd = to_transformers(os.path.join(DATA, "stories260K.bin"))
-    kvstore.hf.register()
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**cfg, attn_implementation="kvstore"))
-    model.load_state_dict(sd, strict=False)
-    model = model.eval().cuda()
+    model = stories_llama().cuda()
     ids = torch.tensor([[1] + list(range(40, 72))]).cuda()
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=48, do_sample=False)
