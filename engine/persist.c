@@ -69,7 +69,15 @@ struct kvs__db_s {
     pthread_mutex_t q_mu;
     pthread_cond_t q_work; /* pending writes or stopping */
     pthread_cond_t q_done; /* persisted moved, or the writer failed */
-    rocksdb_writebatch_t *pending, *spare;
+    /* Pending writes: a FIFO of batches, the last one open for filling.
+     * A batch is closed once it holds QB_TARGET bytes, and written ones
+     * are cleared and kept (q_free, up to q_keep_bytes of capacity), so
+     * a burst of appends is copied once into warm memory, not into one
+     * string that regrows (a copy of all it holds at each doubling) over
+     * freshly faulted pages. */
+    struct qbatch_s *q_head, *q_tail, *q_free;
+    uint64_t q_free_bytes, q_keep_bytes;
+    size_t qb_target;
     uint64_t pending_n, pending_bytes;
     uint64_t queued, persisted; /* tickets */
     uint64_t unpersisted;       /* bytes pending or being written */
@@ -898,6 +906,33 @@ err:
     return rc;
 }
 
+/* One batch of KVS_SYNC_ASYNC's queue (see submit). */
+typedef struct qbatch_s {
+    rocksdb_writebatch_t *b;
+    size_t peak; /* the most it held: a lower bound of its capacity */
+    struct qbatch_s *next;
+} qbatch_t;
+
+/* A closed batch is written as it is: past qb_target bytes (QB_TARGET,
+ * or KVS_QUEUE_BATCH_BYTES in the environment at open) the next write
+ * opens another (one write larger than that still goes in one batch). */
+#define QB_TARGET (8u << 20)
+
+static size_t qbatch_size(const qbatch_t *q) {
+    size_t n;
+    rocksdb_writebatch_data(q->b, &n);
+    return n;
+}
+
+static void qbatch_free_all(qbatch_t *q) {
+    while (q) {
+        qbatch_t *next = q->next;
+        rocksdb_writebatch_destroy(q->b);
+        free(q);
+        q = next;
+    }
+}
+
 int kvs__db_close(kvs__db_t *db) {
     if (!db)
         return 0;
@@ -906,10 +941,9 @@ int kvs__db_close(kvs__db_t *db) {
     stop_writer(db);
     if (db->q_failed)
         rc = db->q_failed;
-    if (db->pending)
-        rocksdb_writebatch_destroy(db->pending);
-    if (db->spare)
-        rocksdb_writebatch_destroy(db->spare);
+    qbatch_free_all(db->q_head);
+    qbatch_free_all(db->q_free);
+    db->q_head = db->q_tail = db->q_free = NULL;
     for (int i = 0; i < db->n_free_batches; i++)
         rocksdb_writebatch_destroy(db->free_batches[i]);
     db->n_free_batches = 0;
@@ -1065,16 +1099,17 @@ static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
  * a WriteBatch by a fill function. In the synchronous modes that batch is
  * the caller's own and is written at once (write_durable, or without the
  * fsync wait for a segment). With KVS_SYNC_ASYNC the records go into the
- * one pending batch under q_mu, in the order the engine makes its writes,
- * and the writer thread takes the whole pending batch at a time, writes it
- * with WriteOptions.sync (one fsync per group: what is persisted is durable
- * against power loss too, and while one fsync runs the next group fills),
- * then advances persisted. A write is numbered (its ticket) when it joins
- * the pending batch, so "ticket <= persisted" is exactly "on disk", and
- * since batches are written in ticket order, the disk always holds a prefix
- * of the writes made. Callers that must be durable on return (metadata:
- * create, drop, TTL, a fork's child) wait for their ticket; appends and
- * segments do not.
+ * open batch of the pending FIFO under q_mu, in the order the engine makes
+ * its writes, and the writer thread takes the whole FIFO at a time (a
+ * group), writes its batches in order, the last with WriteOptions.sync (one
+ * fsync per group: what is persisted is durable against power loss too,
+ * and while one fsync runs the next group fills), then advances persisted.
+ * A write is numbered (its ticket) when it joins the FIFO, so "ticket <=
+ * persisted" is exactly "on disk", and since batches are written in ticket
+ * order, the disk always holds a prefix of the writes made (a failed group
+ * may leave a prefix of itself, never synced, never counted). Callers that must
+ * be durable on return (metadata: create, drop, TTL, a fork's child) wait for
+ * their ticket; appends and segments do not.
  */
 
 typedef void (*fill_fn)(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx);
@@ -1103,18 +1138,42 @@ static void *writer_main(void *arg) {
             pthread_cond_wait(&db->q_work, &db->q_mu);
         if (!db->pending_n)
             break; /* stopping, and everything queued is written */
-        rocksdb_writebatch_t *w = db->pending;
-        db->pending = db->spare;
-        db->spare = NULL;
+        /* The whole queue is one group: its batches in order, the last
+         * written with WriteOptions.sync, whose fsync of the WAL covers
+         * the ones before it. */
+        qbatch_t *group = db->q_head;
+        db->q_head = db->q_tail = NULL;
         uint64_t hi = db->queued, bytes = db->pending_bytes;
         db->pending_bytes = 0;
         db->pending_n = 0;
         pthread_mutex_unlock(&db->q_mu);
         err[0] = 0;
-        int rc = db_write(db, db->wo, w, err, sizeof err, "queued write");
-        rocksdb_writebatch_clear(w);
+        int rc = 0;
+        for (qbatch_t *q = group; q; q = q->next) {
+            if (!rc)
+                rc = db_write(db, q->next ? db->wo_nosync : db->wo, q->b, err,
+                              sizeof err, "queued write");
+            size_t n = qbatch_size(q);
+            q->peak = n > q->peak ? n : q->peak;
+            rocksdb_writebatch_clear(q->b);
+        }
         pthread_mutex_lock(&db->q_mu);
-        db->spare = w;
+        /* Keep the cleared batches (their capacity is warm memory for the
+         * next burst) up to q_keep_bytes, none that a huge write grew;
+         * free the rest outside the lock. */
+        qbatch_t *drop = NULL;
+        for (qbatch_t *q = group, *next; q; q = next) {
+            next = q->next;
+            if (q->peak <= 2 * db->qb_target &&
+                db->q_free_bytes + q->peak <= db->q_keep_bytes) {
+                q->next = db->q_free;
+                db->q_free = q;
+                db->q_free_bytes += q->peak;
+            } else {
+                q->next = drop;
+                drop = q;
+            }
+        }
         if (!rc) {
             db->persisted = hi;
             db->groups++;
@@ -1134,6 +1193,9 @@ static void *writer_main(void *arg) {
         }
         db->unpersisted -= bytes;
         pthread_cond_broadcast(&db->q_done);
+        pthread_mutex_unlock(&db->q_mu);
+        qbatch_free_all(drop);
+        pthread_mutex_lock(&db->q_mu);
     }
     pthread_mutex_unlock(&db->q_mu);
     return NULL;
@@ -1193,7 +1255,28 @@ static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
         pthread_mutex_unlock(&db->q_mu);
         return refused(db, err, errlen, what);
     }
-    fill(db, db->pending, ctx);
+    if (!db->q_tail || qbatch_size(db->q_tail) >= db->qb_target) {
+        qbatch_t *q = db->q_free;
+        if (q) {
+            db->q_free = q->next;
+            db->q_free_bytes -= q->peak;
+        } else if ((q = calloc(1, sizeof *q)) &&
+                   !(q->b = rocksdb_writebatch_create())) {
+            free(q);
+            q = NULL;
+        }
+        if (!q) {
+            pthread_mutex_unlock(&db->q_mu);
+            return KVS_ENOMEM;
+        }
+        q->next = NULL;
+        if (db->q_tail)
+            db->q_tail->next = q;
+        else
+            db->q_head = q;
+        db->q_tail = q;
+    }
+    fill(db, db->q_tail->b, ctx);
     uint64_t mine = ++db->queued;
     db->pending_n++;
     db->pending_bytes += bytes;
@@ -1214,10 +1297,24 @@ int kvs__db_start_writer(kvs__db_t *db, uint64_t max_unpersisted,
     if (db->sync != KVS_SYNC_ASYNC)
         return 0;
     db->max_unpersisted = max_unpersisted;
-    /* Two batches: producers fill one while the writer writes the other. */
-    if (!(db->pending = rocksdb_writebatch_create()) ||
-        !(db->spare = rocksdb_writebatch_create()))
-        return KVS_ENOMEM;
+    /* Warm batches kept between bursts: a quarter of the lag bound, at
+     * most 64 MiB of memory held idle. */
+    db->q_keep_bytes =
+        max_unpersisted / 4 < (64u << 20) ? max_unpersisted / 4 : (64u << 20);
+    db->qb_target = QB_TARGET;
+    const char *env = getenv("KVS_QUEUE_BATCH_BYTES");
+    if (env && *env) {
+        char *end;
+        unsigned long long v = strtoull(env, &end, 10);
+        if (*end || v < 4096 || v > (1ull << 30)) {
+            db_log(db, KVS_LOG_WARN,
+                   "KVS_QUEUE_BATCH_BYTES=%s ignored (4096 .. 2^30 bytes); "
+                   "queued batches close at %u bytes",
+                   env, QB_TARGET);
+        } else {
+            db->qb_target = (size_t)v;
+        }
+    }
     int e = pthread_create(&db->writer, NULL, writer_main, db);
     if (e)
         return -e;
@@ -1455,14 +1552,25 @@ static void blk_key(unsigned char k[28], uint64_t id, uint32_t layer,
  * the slots in order. */
 typedef struct seg_rec_s {
     unsigned char k[24], lo[24], hi[24], bk[28];
-    const unsigned char *buf, *blk; /* each: crc | encoded */
-    size_t len, blk_len;
+    const unsigned char *buf; /* crc | encoded metadata */
+    size_t len;
+    /* The K/V block as parts: crc | header, then the segment's own key
+     * and value rows (RocksDB gathers them into the batch: no encode
+     * buffer of the whole block first). */
+    unsigned char blk_head[4 + KVS_SEGMENT_KV_BLOCK_HDR];
+    const void *blk_keys, *blk_values;
+    size_t blk_rows_len;
 } seg_rec_t;
 
 static void fill_segment(kvs__db_t *db, rocksdb_writebatch_t *b, void *ctx) {
     const seg_rec_t *r = ctx;
-    rocksdb_writebatch_put_cf(b, db->cf[CF_BLOCKS], (const char *)r->bk, 28,
-                              (const char *)r->blk, r->blk_len);
+    const char *bk = (const char *)r->bk;
+    size_t bkl = 28;
+    const char *parts[3] = {(const char *)r->blk_head, r->blk_keys,
+                            r->blk_values};
+    size_t part_len[3] = {sizeof r->blk_head, r->blk_rows_len, r->blk_rows_len};
+    rocksdb_writebatch_putv_cf(b, db->cf[CF_BLOCKS], 1, &bk, &bkl, 3, parts,
+                               part_len);
     rocksdb_writebatch_put_cf(b, db->cf[CF_INDEX], (const char *)r->k, 24,
                               (const char *)r->buf, r->len);
     rocksdb_writebatch_delete_range_cf(b, db->cf[CF_KV], (const char *)r->lo,
@@ -1473,18 +1581,19 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
                         uint32_t head, const kvs_segment_t *seg, char *err,
                         size_t errlen) {
     size_t len = kvs_segment_meta_encoded_size(seg);
-    size_t blen = kvs_segment_kv_block_size(seg, seg->n_tokens);
-    unsigned char *buf = malloc(4 + len + 4 + blen);
+    unsigned char *buf = malloc(4 + len);
     if (!buf)
         return KVS_ENOMEM;
-    unsigned char *blk = buf + 4 + len;
     kvs_segment_meta_encode(seg, buf + 4);
     uint32_t crc = kvs_crc32c(0, buf + 4, len);
     memcpy(buf, &crc, 4);
-    kvs_segment_kv_block_encode(seg, 0, seg->n_tokens, blk + 4);
-    crc = kvs_crc32c(0, blk + 4, blen);
-    memcpy(blk, &crc, 4);
-    seg_rec_t r = {.buf = buf, .len = 4 + len, .blk = blk, .blk_len = 4 + blen};
+    seg_rec_t r = {.buf = buf, .len = 4 + len};
+    kvs_segment_kv_block_parts(seg, 0, seg->n_tokens, r.blk_head + 4,
+                               &r.blk_keys, &r.blk_values, &r.blk_rows_len);
+    crc = kvs_crc32c(0, r.blk_head + 4, KVS_SEGMENT_KV_BLOCK_HDR);
+    crc = kvs_crc32c(crc, r.blk_keys, r.blk_rows_len);
+    crc = kvs_crc32c(crc, r.blk_values, r.blk_rows_len);
+    memcpy(r.blk_head, &crc, 4);
     rec_key(r.k, id, layer, head, seg->first_pos);
     blk_key(r.bk, id, layer, head, seg->first_pos, 0);
     rec_key(r.lo, id, layer, head, seg->first_pos);
@@ -1494,8 +1603,8 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
      * queued behind the rows it replaces, so its delete of them can never
      * run before they are written. The metadata and its blocks are one
      * batch: a segment is stored whole or not at all. */
-    int rc = submit(db, fill_segment, &r, 8 + len + blen + 100, SUBMIT_NOWAIT,
-                    NULL, err, errlen, "segment write");
+    int rc = submit(db, fill_segment, &r, 8 + len + 2 * r.blk_rows_len + 116,
+                    SUBMIT_NOWAIT, NULL, err, errlen, "segment write");
     free(buf);
     return rc;
 }

@@ -181,6 +181,13 @@ int kvs_segment_meta_decode(const void *buf, size_t len, kvs_segment_t **out,
 size_t kvs_segment_kv_block_size(const kvs_segment_t *seg, uint32_t n);
 void kvs_segment_kv_block_encode(const kvs_segment_t *seg, uint32_t slot0,
                                  uint32_t n, void *buf);
+/* The same block as parts to write where they lie: its header into `hdr`
+ * (KVS_SEGMENT_KV_BLOCK_HDR bytes), then keys and values of the slots,
+ * which point into the segment. Concatenated they are the encoded block. */
+#define KVS_SEGMENT_KV_BLOCK_HDR 16
+void kvs_segment_kv_block_parts(const kvs_segment_t *seg, uint32_t slot0,
+                                uint32_t n, void *hdr, const void **keys,
+                                const void **values, size_t *len);
 int kvs_segment_kv_attach(kvs_segment_t *seg, const void *buf, size_t len,
                           uint32_t *next, char *err, size_t errlen);
 

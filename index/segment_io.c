@@ -354,6 +354,20 @@ void kvs_segment_kv_block_encode(const kvs_segment_t *seg, uint32_t slot0,
     put(p, (const char *)seg->values + rb * slot0, rb * n);
 }
 
+_Static_assert(sizeof(blk_hdr_t) == KVS_SEGMENT_KV_BLOCK_HDR,
+               "the block header's size is part of the header file");
+
+void kvs_segment_kv_block_parts(const kvs_segment_t *seg, uint32_t slot0,
+                                uint32_t n, void *hdr, const void **keys,
+                                const void **values, size_t *len) {
+    size_t rb = kvs_dtype_size(seg->dtype) * seg->d;
+    blk_hdr_t h = {BLK_MAGIC, slot0, n, (uint32_t)rb};
+    memcpy(hdr, &h, sizeof h);
+    *keys = (const char *)seg->keys + rb * slot0;
+    *values = (const char *)seg->values + rb * slot0;
+    *len = rb * n;
+}
+
 int kvs_segment_kv_attach(kvs_segment_t *seg, const void *buf, size_t len,
                           uint32_t *next, char *err, size_t errlen) {
     size_t rb = kvs_dtype_size(seg->dtype) * seg->d;

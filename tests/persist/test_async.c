@@ -158,6 +158,56 @@ static void test_async_flush_and_close_drain(void **state) {
     free(dir);
 }
 
+/* A burst of 40 MiB in batches of 64 KiB (KVS_QUEUE_BATCH_BYTES; 8 MiB by
+ * default, engine/persist.c), so that groups span several batches, with a
+ * drop and a re-create inside the burst. After the flush every
+ * token is on disk in order, and again after a restart. */
+static void test_async_burst_spans_batches(void **state) {
+    (void)state;
+    char *dir = temp_dir();
+    kvs_options_t o;
+    opts_for(&o, dir, KVS_SYNC_ASYNC);
+    o.max_unpersisted_bytes = 64u << 20;
+    /* Small batches: every group of the burst spans many of them. */
+    setenv("KVS_QUEUE_BATCH_BYTES", "65536", 1);
+    kvs_store_t *s = open_opts(&o);
+    unsetenv("KVS_QUEUE_BATCH_BYTES");
+    const uint32_t chunk = 4096, n = 40; /* 1 MiB per append */
+    /* Made before the burst, so appends come as fast as memory allows. */
+    size_t row = (size_t)KVH * D; /* uint16 per token, keys or values */
+    uint16_t *k = malloc((size_t)n * chunk * row * 2);
+    uint16_t *v = malloc((size_t)n * chunk * row * 2);
+    assert_non_null(k);
+    assert_non_null(v);
+    kv_rows_make(KVH * D, 1, 0, 0, n * chunk, k, v);
+    assert_int_equal(kvs_seq_create(s, 1, &GEO), 0);
+    assert_int_equal(kvs_seq_create(s, 2, &GEO), 0);
+    for (uint32_t i = 0; i < n; i++) {
+        size_t o = (size_t)i * chunk * row;
+        assert_int_equal(kvs_seq_append(s, 1, 0, chunk, k + o, v + o), 0);
+        if (i == n / 2) {
+            assert_int_equal(append_tokens(s, 2, 2, 0, 0, chunk), 0);
+            assert_int_equal(kvs_seq_drop(s, 2), 0);
+            assert_int_equal(kvs_seq_create(s, 2, &GEO), 0);
+        }
+    }
+    assert_int_equal(append_tokens(s, 2, 3, 0, 0, CH), 0);
+    assert_int_equal(kvs_store_flush(s), 0);
+    kvs_store_stats_t st;
+    assert_int_equal(kvs_store_stats(s, &st), 0);
+    assert_true(st.persisted_seqno >= (uint64_t)n + 5);
+    check_tokens_as(s, 1, 1, 0, (uint64_t)n * chunk);
+    assert_int_equal(kvs_store_close(s), 0);
+    s = open_dir(dir, KVS_SYNC_ASYNC);
+    check_tokens_as(s, 1, 1, 0, (uint64_t)n * chunk);
+    check_tokens_as(s, 2, 3, 0, CH);
+    kvs_store_close(s);
+    free(k);
+    free(v);
+    rm_rf(dir);
+    free(dir);
+}
+
 /* A drop queued behind appends of its id wins; a re-create after it holds
  * only its own rows. */
 static void test_async_drop_not_overtaken(void **state) {
@@ -659,6 +709,10 @@ static void test_async_crash_rounds(void **state) {
     (void)state;
     SKIP_FORK_TESTS();
     crash_rounds(KVS_SYNC_ASYNC, rounds_env(25));
+    /* Again with groups of many small batches, killed between them. */
+    setenv("KVS_QUEUE_BATCH_BYTES", "4096", 1);
+    crash_rounds(KVS_SYNC_ASYNC, rounds_env(25) / 2 + 1);
+    unsetenv("KVS_QUEUE_BATCH_BYTES");
 }
 
 static void test_async_batch_crash_rounds(void **state) {
@@ -670,6 +724,7 @@ static void test_async_batch_crash_rounds(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_async_flush_and_close_drain),
+        cmocka_unit_test(test_async_burst_spans_batches),
         cmocka_unit_test(test_async_drop_not_overtaken),
         cmocka_unit_test(test_async_fork_sees_parent),
         cmocka_unit_test(test_async_evict_and_page_in),
