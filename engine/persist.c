@@ -1101,9 +1101,10 @@ static int write_durable(kvs__db_t *db, rocksdb_writebatch_t *b, char *err,
  * fsync wait for a segment). With KVS_SYNC_ASYNC the records go into the
  * open batch of the pending FIFO under q_mu, in the order the engine makes
  * its writes, and the writer thread takes the whole FIFO at a time (a
- * group), writes its batches in order, the last with WriteOptions.sync (one
- * fsync per group: what is persisted is durable against power loss too,
- * and while one fsync runs the next group fills), then advances persisted.
+ * group), writes its batches in order, each with WriteOptions.sync (one
+ * fsync per batch of ~8 MiB: what is persisted is durable against power
+ * loss too, and while the writer writes the next group fills), then
+ * advances persisted.
  * A write is numbered (its ticket) when it joins the FIFO, so "ticket <=
  * persisted" is exactly "on disk", and since batches are written in ticket
  * order, the disk always holds a prefix of the writes made (a failed group
@@ -1138,9 +1139,15 @@ static void *writer_main(void *arg) {
             pthread_cond_wait(&db->q_work, &db->q_mu);
         if (!db->pending_n)
             break; /* stopping, and everything queued is written */
-        /* The whole queue is one group: its batches in order, the last
-         * written with WriteOptions.sync, whose fsync of the WAL covers
-         * the ones before it. */
+        /* The whole queue is one group, its batches written in order,
+         * each with WriteOptions.sync. Syncing only the last would make
+         * persisted right (a synced write syncs every live WAL) but not
+         * the prefix after a power loss: RocksDB does not sync a WAL when
+         * a memtable switch starts the next one, so an unsynced tail of
+         * the old WAL could be lost while a later batch in the new one
+         * survived, and recovery (tolerating a torn tail) would replay
+         * it: a hole in ticket order. One fsync per ~8 MiB batch costs
+         * little beside writing the batch. */
         qbatch_t *group = db->q_head;
         db->q_head = db->q_tail = NULL;
         uint64_t hi = db->queued, bytes = db->pending_bytes;
@@ -1151,8 +1158,8 @@ static void *writer_main(void *arg) {
         int rc = 0;
         for (qbatch_t *q = group; q; q = q->next) {
             if (!rc)
-                rc = db_write(db, q->next ? db->wo_nosync : db->wo, q->b, err,
-                              sizeof err, "queued write");
+                rc =
+                    db_write(db, db->wo, q->b, err, sizeof err, "queued write");
             size_t n = qbatch_size(q);
             q->peak = n > q->peak ? n : q->peak;
             rocksdb_writebatch_clear(q->b);
@@ -1185,8 +1192,9 @@ static void *writer_main(void *arg) {
             uint64_t lost_bytes = db->unpersisted;
             db_log(db, KVS_LOG_ERROR,
                    "write-behind failed (%s): the %llu writes (%llu bytes) "
-                   "acknowledged after persisted_seqno %llu are lost; the "
-                   "store is read-only",
+                   "acknowledged after persisted_seqno %llu are lost (a "
+                   "prefix of them, written before the error, may still be "
+                   "found after a restart); the store is read-only",
                    err[0] ? err : kvs_strerror(rc), (unsigned long long)lost,
                    (unsigned long long)lost_bytes,
                    (unsigned long long)db->persisted);
@@ -1267,6 +1275,8 @@ static int submit(kvs__db_t *db, fill_fn fill, void *ctx, uint64_t bytes,
         }
         if (!q) {
             pthread_mutex_unlock(&db->q_mu);
+            if (err && errlen)
+                snprintf(err, errlen, "%s: out of memory for the queue", what);
             return KVS_ENOMEM;
         }
         q->next = NULL;
