@@ -8,9 +8,10 @@
  * what the segment stores (keys, centroids) is raw. Spherical
  * maximum-inner-product k-means (normalised centroids, assignment by largest
  * inner product; the algorithm of faiss::Clustering with spherical = 1, run
- * here on sgemm, see seg_kmeans) runs for up to `kmeans_iters` iterations on
- * a sample of the keys, then once over all of them (SEG_SAMPLE_PER_CLUSTER
- * below says why); then every centred key is assigned once more to its
+ * here on sgemm, see seg_kmeans) runs for up to `kmeans_iters` iterations
+ * over every key (KVS_KMEANS=sample: on a sample of the keys, then once over
+ * all of them; SEG_SAMPLE_PER_CLUSTER below); then every centred key is
+ * assigned once more to its
  * best normalised centroid,
  * and each centroid becomes the plain mean of its members' raw keys, which
  * is what q.c must estimate at query time.
@@ -164,8 +165,10 @@ static int seg_gain_cmp(const void *a, const void *b) {
 }
 
 /*
- * The default k-means (#14: about the same index at a third of the cost;
- * docs/index.md, "Build cost", has the measurements). It iterates on an
+ * The sample k-means (KVS_KMEANS=sample; the default from #14 until 32K
+ * measurements showed ~3% more attention error and ~15% more keys read at
+ * p90 than the full k-means, for 1.3-1.5x less build time with segments of
+ * 256: docs/index.md, "Build cost"). It iterates on an
  * evenly spaced sample of SEG_SAMPLE_PER_CLUSTER keys per cluster, and
  * stops once at most SEG_EPS of the sample's labels change instead of
  * waiting for none: the sample only has to get the centroids close. Then
@@ -186,14 +189,16 @@ typedef struct seg_km_cfg_s {
     uint32_t refine; /* iterations over all rows after the sample's */
 } seg_km_cfg_t;
 
-/* KVS_KMEANS=full in the environment selects the k-means of before #14
- * (every key, kmeans_iters iterations or until no label changes), so that
- * benchmarks can measure both in one process, as KVS_FORCE_SCALAR does for
- * the kernels. */
+/* The default is the full k-means (every key, kmeans_iters iterations or
+ * until no label changes). KVS_KMEANS=sample in the environment selects
+ * the sample-then-refine k-means (the default from #14 until the 32K
+ * measurements of docs/index.md, "Build cost", showed it indexes worse), so
+ * that benchmarks can measure both in one process, as KVS_FORCE_SCALAR does
+ * for the kernels. */
 static seg_km_cfg_t seg_km_cfg(const kvs_build_params_t *p, uint32_t k) {
     seg_km_cfg_t c = {p->kmeans_iters, 0, 0, 0};
     const char *m = getenv("KVS_KMEANS");
-    if (m && !strcmp(m, "full"))
+    if (!m || strcmp(m, "sample"))
         return c;
     c.eps = SEG_EPS;
     /* 0 (every row) where 4 k would not fit: no sample is smaller. */

@@ -217,7 +217,7 @@ int main(int argc, char **argv) {
     if (!nseg)
         die("context too short for one segment", KVS_EINVAL);
 
-    method_t methods[] = {{.name = "fast", .env = "fast"},
+    method_t methods[] = {{.name = "sample", .env = "sample"},
                           {.name = "full", .env = "full"}};
     int nm = sizeof methods / sizeof methods[0];
     if (only) {
