@@ -31,8 +31,12 @@ if [ ! -s "$dump" ]; then
         --dump "$dump" --quiet --threads "${KVS_BENCH_THREADS:-2}" >&2
 fi
 # One BLAS thread: the rate is per core, as the engine runs one build per
-# core (docs/index.md, "Threads").
+# core (docs/index.md, "Threads"). Segments of the engine's default size
+# (256; KVS_INDEX_SEGMENT_TOKENS to change it): with 1024, the size before
+# 2026-12-07, a segment has 4x the clusters per key and k-means weighs
+# 4x as much.
 OPENBLAS_NUM_THREADS=1 "$build/bench/index/build_bench" --dump "$dump" \
+    --segment-tokens "${KVS_INDEX_SEGMENT_TOKENS:-256}" \
     --reps "${KVS_INDEX_REPS:-3}" --json "$tmp/build.json"
 python3 - "$out" "$tmp/build.json" <<'PY'
 import json, sys
