@@ -891,7 +891,7 @@ int kvs__db_open(const char *dir, kvs_sync_t sync, uint32_t interval_ms,
     unlink(path);
     open_dir_add(db);
     db->wo = rocksdb_writeoptions_create();
-    /* ASYNC's writer fsyncs each group it writes (see submit). */
+    /* ASYNC's writer fsyncs each batch it writes (see submit). */
     rocksdb_writeoptions_set_sync(db->wo, sync == KVS_SYNC_ALWAYS ||
                                               sync == KVS_SYNC_ASYNC);
     db->wo_nosync = rocksdb_writeoptions_create();

@@ -121,9 +121,9 @@ typedef enum kvs_sync_e {
                              process crash, not a power loss */
     KVS_SYNC_ASYNC = 4,   /* write-behind: an append returns once it is in
                              memory and queued; one background writer per
-                             store writes the queue in order, each group of
-                             queued writes as one WriteBatch with an fsync
-                             of the WAL. A crash loses a suffix of the
+                             store writes the queue in order, in
+                             WriteBatches of ~8 MiB, each with an fsync of
+                             the WAL. A crash loses a suffix of the
                              acknowledged appends, never anything before
                              the last completed kvs_store_flush /
                              kvs_seq_flush, nor anything through the
