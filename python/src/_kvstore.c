@@ -746,7 +746,7 @@ static PyObject *m_create(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
 static const char dtype_kind[] = {'f', 'e', 'H'};
 static const char *const dtype_want[] = {
     "float32 (the sequence is f32)", "float16 (the sequence is f16)",
-    "bfloat16 bits as uint16 (the sequence is bf16)"};
+    "bfloat16, or its bits as uint16 or int16 (the sequence is bf16)"};
 
 static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"seq", "layer", "keys", "values", NULL};
@@ -780,7 +780,8 @@ static PyObject *m_append(kvs_py_handle_t *h, PyObject *args, PyObject *kw) {
         if (kind != 'f' && kind != 'e' && kind != 'H') {
             PyErr_Format(PyExc_TypeError,
                          "keys: dtype must be float32, float16 or bfloat16 "
-                         "bits as uint16 (buffer format '%s')",
+                         "(or its bits as uint16 or int16) (buffer format "
+                         "'%s')",
                          k.view.format ? k.view.format : "B");
             goto done;
         }

@@ -93,8 +93,11 @@ static int array_get_dlpack(PyObject *obj, const char *arg, bool cuda_ok,
         fmt = "f";
     else if (t->dtype.code == 2 && t->dtype.bits == 16)
         fmt = "e";
-    else if ((t->dtype.code == 4 || t->dtype.code == 1) && t->dtype.bits == 16)
-        fmt = "H"; /* bfloat16, or its bits as uint16 */
+    else if ((t->dtype.code == 4 || t->dtype.code == 1 || t->dtype.code == 0) &&
+             t->dtype.bits == 16)
+        fmt = "H"; /* bfloat16, or its bits as uint16 or int16 (what
+                      torch's .view(torch.int16) gives: no torch.uint16
+                      before 2.3) */
     else if (t->dtype.code == 0 && t->dtype.bits == 64)
         fmt = "q";
     else
@@ -127,9 +130,9 @@ static int array_get_dlpack(PyObject *obj, const char *arg, bool cuda_ok,
     return 0;
 }
 
-/* Element kind of a buffer format: 'f' f32, 'e' f16, 'H' u16 (bf16 bits),
- * 'q' i64; 0 for anything else. Byte-order prefixes of native order are
- * accepted. */
+/* Element kind of a buffer format: 'f' f32, 'e' f16, 'H' u16 or i16 (bf16
+ * bits), 'q' i64; 0 for anything else. Byte-order prefixes of native order
+ * are accepted. */
 char kvs__py_format_kind(const char *fmt, Py_ssize_t itemsize) {
     if (!fmt)
         return itemsize == 1 ? 'B' : 0;
@@ -143,6 +146,7 @@ char kvs__py_format_kind(const char *fmt, Py_ssize_t itemsize) {
     case 'e':
         return itemsize == 2 ? 'e' : 0;
     case 'H':
+    case 'h':
         return itemsize == 2 ? 'H' : 0;
     case 'q':
     case 'l':

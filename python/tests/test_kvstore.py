@@ -176,7 +176,10 @@ def test_half_precision_sequences(kv):
     kf = rng.standard_normal((8, KVH, HD)).astype(np.float32)
     bits = (kf.view(np.uint32) >> 16).astype(np.uint16)
     kv.append(41, 0, bits, bits)
+    # the same bits as int16 (what torch's .view(torch.int16) gives)
+    kv.append(41, 0, bits.view(np.int16), bits.view(np.int16))
     kb = (bits.astype(np.uint32) << 16).view(np.float32)
+    kb = np.concatenate([kb, kb])
     out, _ = kv.attend(41, 0, q, mode="exact")
     np.testing.assert_allclose(out, ref_attend(q, kb, kb), atol=1e-3)
     if isinstance(kv, kvstore.Store):

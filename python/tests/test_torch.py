@@ -228,6 +228,27 @@ def test_step_batch_rows_equal_single_steps():
             assert torch.equal(got, want), t
 
 
+def test_bf16_tensors_and_their_int16_bits():
+    """A bf16 sequence takes torch bf16 tensors and their bits viewed as
+    int16 (what kvstore.torch passes: torch has no uint16 before 2.3), by
+    DLPack; both give the same keys."""
+    s = kvstore.Store()
+    s.create(1, layers=1, q_heads=4, kv_heads=2, head_dim=64, dtype="bf16")
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(10, 2, 64, generator=g).to(torch.bfloat16)
+    v = torch.randn(10, 2, 64, generator=g).to(torch.bfloat16)
+    s.append(1, 0, k.view(torch.int16), v.view(torch.int16))
+    s.append(1, 0, k, v)
+    q = torch.randn(4, 64, generator=g)
+    out, _ = s.attend(1, 0, q.numpy(), mode="exact")
+    kk = torch.cat([k, k]).float().repeat_interleave(2, dim=1)  # [T, 4, D]
+    vv = torch.cat([v, v]).float().repeat_interleave(2, dim=1)
+    w = torch.softmax(torch.einsum("hd,thd->ht", q, kk) / 8.0, dim=1)
+    want = torch.einsum("ht,thd->hd", w, vv)
+    np.testing.assert_allclose(out, want.numpy(), atol=1e-4)
+    s.close()
+
+
 def test_append_chunked_splits_a_prefill_into_frames(client, store):
     """A prefill larger than a frame reaches kvstored in runs of whole
     tokens, in order: the daemon's sequence equals one appended in

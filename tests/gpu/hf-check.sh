@@ -41,9 +41,9 @@ if [ -z "${KVS_HF_SKIP_TESTS:-}" ]; then
         -k "not tinycode" 2>&1 | tee "$out/pytest.log" | tail -30
     rc=${PIPESTATUS[0]}
 fi
-if [ -n "${KVS_HF_BENCH:-}" ]; then
-    # The prompt: this Python's standard library sources in name order
-    # (real code, which the byte-level model was trained on).
+if [ -n "${KVS_HF_BENCH:-}${KVS_HF_BENCH_CUDA:-}" ]; then
+    # The prompt of both benchmarks: this Python's standard library sources
+    # in name order (real code, which the byte-level model was trained on).
     "$py" - "$out/text.txt" <<'PY'
 import glob, os, sys, sysconfig
 out = bytearray()
@@ -53,6 +53,8 @@ for p in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))
         break
 open(sys.argv[1], "wb").write(bytes(out))
 PY
+fi
+if [ -n "${KVS_HF_BENCH:-}" ]; then
     # shellcheck disable=SC2086
     "$py" bench/python/hf_decode.py build-cuda/hfmodel/tinycode128_bf16.pt \
         "$out/text.txt" --ctx $KVS_HF_BENCH --steps "${KVS_HF_STEPS:-500}" \
