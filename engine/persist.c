@@ -1613,8 +1613,10 @@ int kvs__db_put_segment(kvs__db_t *db, uint64_t id, uint32_t layer,
      * queued behind the rows it replaces, so its delete of them can never
      * run before they are written. The metadata and its blocks are one
      * batch: a segment is stored whole or not at all. */
-    int rc = submit(db, fill_segment, &r, 8 + len + 2 * r.blk_rows_len + 116,
-                    SUBMIT_NOWAIT, NULL, err, errlen, "segment write");
+    int rc =
+        submit(db, fill_segment, &r,
+               8 + len + kvs_segment_kv_block_size(seg, seg->n_tokens) + 100,
+               SUBMIT_NOWAIT, NULL, err, errlen, "segment write");
     free(buf);
     return rc;
 }

@@ -11,10 +11,9 @@
  * here on sgemm, see seg_kmeans) runs for up to `kmeans_iters` iterations
  * over every key (KVS_KMEANS=sample: on a sample of the keys, then once over
  * all of them; SEG_SAMPLE_PER_CLUSTER below); then every centred key is
- * assigned once more to its
- * best normalised centroid,
- * and each centroid becomes the plain mean of its members' raw keys, which
- * is what q.c must estimate at query time.
+ * assigned once more to its best normalised centroid, and each centroid
+ * becomes the plain mean of its members' raw keys, which is what q.c must
+ * estimate at query time.
  * Empty clusters are dropped, slots are counting-sorted by cluster (token
  * order inside a cluster), and the adjustment tables described in
  * kvs_index.h are filled by brute force over the members.

@@ -345,15 +345,6 @@ size_t kvs_segment_kv_block_size(const kvs_segment_t *seg, uint32_t n) {
     return sizeof(blk_hdr_t) + 2 * rb * n;
 }
 
-void kvs_segment_kv_block_encode(const kvs_segment_t *seg, uint32_t slot0,
-                                 uint32_t n, void *buf) {
-    size_t rb = kvs_dtype_size(seg->dtype) * seg->d;
-    blk_hdr_t h = {BLK_MAGIC, slot0, n, (uint32_t)rb};
-    char *p = put(buf, &h, sizeof h);
-    p = put(p, (const char *)seg->keys + rb * slot0, rb * n);
-    put(p, (const char *)seg->values + rb * slot0, rb * n);
-}
-
 _Static_assert(sizeof(blk_hdr_t) == KVS_SEGMENT_KV_BLOCK_HDR,
                "the block header's size is part of the header file");
 
@@ -366,6 +357,16 @@ void kvs_segment_kv_block_parts(const kvs_segment_t *seg, uint32_t slot0,
     *keys = (const char *)seg->keys + rb * slot0;
     *values = (const char *)seg->values + rb * slot0;
     *len = rb * n;
+}
+
+/* The parts, concatenated. */
+void kvs_segment_kv_block_encode(const kvs_segment_t *seg, uint32_t slot0,
+                                 uint32_t n, void *buf) {
+    const void *keys, *values;
+    size_t len;
+    kvs_segment_kv_block_parts(seg, slot0, n, buf, &keys, &values, &len);
+    char *p = put((char *)buf + KVS_SEGMENT_KV_BLOCK_HDR, keys, len);
+    put(p, values, len);
 }
 
 int kvs_segment_kv_attach(kvs_segment_t *seg, const void *buf, size_t len,
