@@ -33,14 +33,23 @@ static int is_pow2(uint32_t d) {
     return d && !(d & (d - 1));
 }
 
-void kvs_codes_rotate(const kvs_codes_t *codes, uint32_t d, const float *x,
+/* The dimensions the rotation of a head of d dims works in: those of its
+ * codes, or d itself for a head without codes (the rotation's own tests). */
+static uint32_t rot_dim(uint32_t d) {
+    uint32_t dc = kvs_codes_dim(d);
+    return dc ? dc : d;
+}
+
+void kvs_codes_rotate(const kvs_codes_t *codes, uint32_t d0, const float *x,
                       float *out) {
+    const uint32_t d = rot_dim(d0);
     kvs_rng_t s = {codes->seed};
     uint64_t bits = 0;
     for (uint32_t j = 0; j < d; j++) {
         if (j % 64 == 0)
             bits = kvs_rng_next(&s);
-        out[j] = (bits >> (j % 64)) & 1 ? -x[j] : x[j];
+        float v = j < d0 ? x[j] : 0.0f;
+        out[j] = (bits >> (j % 64)) & 1 ? -v : v;
     }
     if (!is_pow2(d))
         return;
@@ -69,7 +78,8 @@ void kvs_codes_free(kvs_codes_t *c) {
     free(c);
 }
 
-size_t kvs_codes_bytes(uint32_t n, uint32_t C, uint32_t d) {
+size_t kvs_codes_bytes(uint32_t n, uint32_t C, uint32_t d0) {
+    size_t d = rot_dim(d0);
     return sizeof(kvs_codes_t) + 4 * (size_t)d * sizeof(float) +
            (size_t)n * (d / 2) + (size_t)C * d + (size_t)C * sizeof(float);
 }
@@ -242,12 +252,26 @@ static double sq_dist_sum(const float *x, uint32_t m, const float *c,
     return ss;
 }
 
-int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed, float *xr) {
-    const uint32_t d = seg->d, n = seg->n_tokens, C = seg->n_clusters;
+/* Rows x [n][d0] as [n][d] (d >= d0), the added dims zero, into a fresh
+ * buffer; NULL when out of memory. */
+static float *pad_rows(const float *x, size_t n, uint32_t d0, uint32_t d) {
+    float *p = calloc(n ? n * d : 1, sizeof(*p));
+    for (size_t i = 0; p && i < n; i++)
+        memcpy(p + i * d, x + i * d0, sizeof(*p) * d0);
+    return p;
+}
+
+int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed,
+                                 float *xr0) {
+    /* In the codes' dims d: keys (xr) and centroids (cr) padded with zero
+     * dims, which quantise to code 0 with step 0 and so weigh nothing. */
+    const uint32_t d0 = seg->d, d = kvs_codes_dim(d0), n = seg->n_tokens,
+                   C = seg->n_clusters;
     int rc = KVS_ENOMEM;
-    float *cr = malloc(sizeof(*cr) * (size_t)C * d);
+    float *xr = d == d0 ? xr0 : pad_rows(xr0, n, d0, d);
+    float *cr = calloc((size_t)C * d, sizeof(*cr));
     kvs_codes_t *c = calloc(1, sizeof(*c));
-    if (!cr || !c)
+    if (!xr || !cr || !c)
         goto err;
     c->seed = seed ^ 0x636f646573ull; /* "codes": not the k-means stream */
     c->lo = malloc(sizeof(float) * d);
@@ -261,7 +285,13 @@ int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed, float *xr) {
         !c->centroids || !c->spread)
         goto err;
 
-    kvs_to_f32(seg->dtype, seg->centroids, cr, (size_t)C * d);
+    kvs_to_f32(seg->dtype, seg->centroids, cr, (size_t)C * d0);
+    if (d != d0) { /* spread [C][d0] out to [C][d], last row first */
+        for (uint32_t k = C; k-- > 0;) {
+            memmove(cr + (size_t)k * d, cr + (size_t)k * d0, sizeof(*cr) * d0);
+            memset(cr + (size_t)k * d + d0, 0, sizeof(*cr) * (d - d0));
+        }
+    }
     rotate_rows(c, d, xr, n);
     rotate_rows(c, d, cr, C);
     fit_range(xr, n, d, 16, c->lo, c->step);
@@ -281,7 +311,7 @@ int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed, float *xr) {
         /* The rotation is orthonormal: distances are the raw ones. */
         uint32_t m = seg->offsets[k + 1] - seg->offsets[k];
         double ss = sq_dist_sum(xr + (size_t)seg->offsets[k] * d, m, x, d);
-        c->spread[k] = m ? (float)sqrt(ss / ((double)m * d)) : 0.0f;
+        c->spread[k] = m ? (float)sqrt(ss / ((double)m * d0)) : 0.0f;
     }
     kvs_codes_free(seg->codes);
     seg->codes = c;
@@ -290,6 +320,8 @@ int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed, float *xr) {
 err:
     kvs_codes_free(c);
     free(cr);
+    if (xr != xr0)
+        free(xr);
     return rc;
 }
 
@@ -297,7 +329,7 @@ int kvs_segment_build_codes(kvs_segment_t *seg, uint64_t seed) {
     if (!seg)
         return KVS_EINVAL;
     const uint32_t d = seg->d, n = seg->n_tokens;
-    if (d % 32 || d > CODES_MAX_D)
+    if (!kvs_codes_dim(d))
         return 0;
     float *xr = malloc(sizeof(*xr) * (size_t)n * d);
     if (!xr)

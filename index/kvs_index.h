@@ -47,22 +47,24 @@ typedef struct kvs_cluster_adj_s {
 } kvs_cluster_adj_t;
 
 /*
- * Compact codes of a segment for two-stage search (index/codes.c). Keys and
- * centroids are rotated by R = H diag(sign) / sqrt(d) (H the Walsh-Hadamard
- * matrix, sign drawn from `seed` by splitmix64; d a power of two, else the
- * signs alone), which spreads a few large channels over all dims, then
+ * Compact codes of a segment for two-stage search (index/codes.c). They
+ * have dc = kvs_codes_dim(d) dimensions: a key is padded with zeros to dc
+ * (the 4-bit kernels work in blocks of 32 dims), then keys and centroids
+ * are rotated by R = H diag(sign) / sqrt(dc) (H the Walsh-Hadamard matrix,
+ * sign drawn from `seed` by splitmix64; dc a power of two, else the signs
+ * alone), which spreads a few large channels over all dims, then
  * quantised per rotated dim: key x gets code_j = round((Rx_j - lo_j) /
  * step_j) in 0..15 (4 bits, kvs_code4_dot_rows layout), centroid c gets
  * 8-bit codes with its own clo/cstep. q.x is estimated as
  * Rq.lo + sum_j (Rq_j step_j) code_j. Built with the segment (its data,
- * nothing else), so codebooks follow the data; d must be a multiple of 32.
+ * nothing else), so codebooks follow the data.
  */
 typedef struct kvs_codes_s {
     uint64_t seed;      /* rotation signs */
-    float *lo, *step;   /* [d] key codes: offset and step per rotated dim */
-    float *clo, *cstep; /* [d] centroid codes */
-    uint8_t *keys;      /* [n_tokens][d / 2] 4-bit codes, slot order */
-    uint8_t *centroids; /* [n_clusters][d] 8-bit codes */
+    float *lo, *step;   /* [dc] key codes: offset and step per rotated dim */
+    float *clo, *cstep; /* [dc] centroid codes */
+    uint8_t *keys;      /* [n_tokens][dc / 2] 4-bit codes, slot order */
+    uint8_t *centroids; /* [n_clusters][dc] 8-bit codes */
     float *spread;      /* [n_clusters] RMS member distance to the centroid
                            over sqrt(d): the spread of q.x - q.c per unit
                            of |q| if residuals were isotropic */
@@ -91,9 +93,10 @@ typedef struct kvs_segment_s {
     /* Owners beyond the first (forked sequences share segments); 0 from
      * the builder and the decoder. Managed by the engine with atomics. */
     int32_t extra_refs;
-    /* Compact codes (NULL when d is not a multiple of 32): built by both
+    /* Compact codes (NULL when kvs_codes_dim(d) is 0): built by both
      * builders, stored by segment_io.c (format 2), rebuilt from the keys
-     * when a format-1 record is decoded. Freed by kvs_segment_free. */
+     * when a whole record without them is decoded. Freed by
+     * kvs_segment_free. */
     kvs_codes_t *codes;
 } kvs_segment_t;
 
@@ -137,19 +140,33 @@ uint32_t kvs_segment_clusters(const kvs_build_params_t *params, uint32_t n);
 
 void kvs_segment_free(kvs_segment_t *seg);
 
+/* Head dims up to this get codes. */
+#define KVS_CODES_MAX_D 1024
+
+/* The dimensions of the codes of a head of d dims: d rounded up to a
+ * multiple of 32, or 0 when such a head gets no codes (d < 32, where 4-bit
+ * codes of 32 dims would be as large as 16-bit keys of 8 or 16, or d >
+ * KVS_CODES_MAX_D). Every multiple of 32 is its own: the codes of heads
+ * built before padding existed are unchanged. */
+static inline uint32_t kvs_codes_dim(uint32_t d) {
+    return d < 32 || d > KVS_CODES_MAX_D ? 0 : (d + 31) & ~31u;
+}
+
 /* The rotation seed of the codes the builders make (segments stored before
  * it carry their own; kvs_codes_t.seed is stored with each). */
 #define KVS_CODES_SEED 0x6b7673636f646573ull
 
 /* Build seg->codes from the segment's keys and centroids (replacing any);
- * deterministic in (keys, seed). A no-op returning 0 when d is not a
- * multiple of 32. Errors: KVS_ENOMEM. Called by the builders and by
- * kvs_segment_decode for records written before codes existed. */
+ * deterministic in (keys, seed). A no-op returning 0 when
+ * kvs_codes_dim(d) is 0. Errors: KVS_ENOMEM. Called by the builders and by
+ * kvs_segment_decode for records written without codes. */
 int kvs_segment_build_codes(kvs_segment_t *seg, uint64_t seed);
 void kvs_codes_free(kvs_codes_t *codes);
 /* Bytes held by codes of a segment of n tokens, C clusters, d dims. */
 size_t kvs_codes_bytes(uint32_t n, uint32_t C, uint32_t d);
-/* out = R x for the rotation of `codes` (x and out [d], may alias). */
+/* out = R x for the rotation of `codes`: x [d], out [kvs_codes_dim(d)]
+ * (x padded with zeros); they may alias (then the buffer holds the
+ * larger). */
 void kvs_codes_rotate(const kvs_codes_t *codes, uint32_t d, const float *x,
                       float *out);
 

@@ -667,7 +667,7 @@ static int seg_from_labels(const kvs_build_params_t *params, kvs_dtype_t dtype,
     /* Codes from the fp32 keys in hand (which they rotate in place). One
      * rotation for every segment (not the per-segment k-means seed), so a
      * query is rotated once per call, not once per segment. */
-    if (d % 32 == 0 && d <= KVS__CODES_MAX_D &&
+    if (kvs_codes_dim(d) &&
         (rc = kvs__segment_build_codes_f32(seg, KVS_CODES_SEED, xc))) {
         rc = kvs__errf(err, errlen, rc, "out of memory");
         goto fail;

@@ -10,10 +10,15 @@
  *   value_means[C][d] in dtype, then per adjustment table
  *   u32 cluster[m], u32 count[m], value_means[m][d].
  * Version 2 (codes) appends: u32 has_codes, u32 0, and when has_codes
- *   u64 seed, f32 lo[d], step[d], clo[d], cstep[d], spread[C],
- *   u8 centroid codes[C][d], u8 key codes[n][d/2] (see kvs_codes_t).
+ *   u64 seed, f32 lo[dc], step[dc], clo[dc], cstep[dc], spread[C],
+ *   u8 centroid codes[C][dc], u8 key codes[n][dc/2] (see kvs_codes_t;
+ *   dc = kvs_codes_dim(d), which is d for every multiple of 32).
  * Version 1 records (before codes) still decode: their codes are rebuilt
  * from the keys with seed = first_pos (a few ms per segment, no k-means).
+ * So are version-2 records without codes whose head_dim has them now
+ * (before padding, only multiples of 32 had codes), with KVS_CODES_SEED;
+ * a metadata record (below) of that kind stays without (its keys are
+ * elsewhere), and its head is ranked by centroid.
  * Version 3 (the *metadata* record, what ranking needs) is version 2
  *   without keys[n][d] and values[n][d]: those are stored apart, as K/V
  *   blocks of consecutive slots (kvs_segment_kv_*), so that a store can read
@@ -70,7 +75,7 @@ static size_t encoded_size(const hdr_t *h) {
 
 /* The version-2 codes section (has_codes word and pad included). */
 static size_t codes_size(const hdr_t *h, int has) {
-    size_t n = h->n_tokens, c = h->n_clusters, d = h->d;
+    size_t n = h->n_tokens, c = h->n_clusters, d = kvs_codes_dim(h->d);
     return 8 + (has ? 8 + 16 * d + 4 * c + c * d + n * (d / 2) : 0);
 }
 
@@ -127,7 +132,7 @@ static void encode(const kvs_segment_t *seg, uint32_t version, void *buf) {
     p = put(p, has, sizeof has);
     if (!k)
         return;
-    size_t d = seg->d;
+    size_t d = kvs_codes_dim(seg->d);
     p = put(p, &k->seed, 8);
     p = put(p, k->lo, 4 * d);
     p = put(p, k->step, 4 * d);
@@ -186,7 +191,7 @@ static int decode(const void *buf, size_t len, int meta, kvs_segment_t **out,
         if (len < body + 8)
             return bad(err, errlen, "size does not match header");
         memcpy(&has_codes, (const char *)buf + body, 4);
-        if (has_codes > 1 || (has_codes && (h.d % 32 || h.d > 1024)))
+        if (has_codes > 1 || (has_codes && !kvs_codes_dim(h.d)))
             return bad(err, errlen, "bad codes flag");
         body += codes_size(&h, (int)has_codes);
     }
@@ -277,7 +282,7 @@ static int decode(const void *buf, size_t len, int meta, kvs_segment_t **out,
         }
     }
     if (h.version >= 2 && has_codes) {
-        size_t d = h.d;
+        size_t d = kvs_codes_dim(h.d);
         p += 8; /* has_codes, pad */
         kvs_codes_t *k = calloc(1, sizeof *k);
         if (!k) {
@@ -314,6 +319,9 @@ static int decode(const void *buf, size_t len, int meta, kvs_segment_t **out,
             }
     } else if (h.version == 1 &&
                (rc = kvs_segment_build_codes(s, s->first_pos))) {
+        goto fail;
+    } else if (h.version == SEG_VERSION && !has_codes &&
+               (rc = kvs_segment_build_codes(s, KVS_CODES_SEED))) {
         goto fail;
     }
     *out = s;

@@ -76,7 +76,7 @@ struct kvs_scratch_s {
     size_t hpos_cap;
     float *hscore;
     size_t hscore_cap;
-    float *cq; /* codes search: per segment [w4 d][w8 d][b4 b8] */
+    float *cq; /* codes search: per segment [w4 dc][w8 dc][b4 b8] */
     size_t cq_cap;
     float *est; /* [cluster members] code scores */
     size_t est_cap;
@@ -88,15 +88,15 @@ struct kvs_scratch_s {
     size_t ustart_cap;
     uint64_t *rsort; /* [2][C] radix sort of the cluster ranking */
     size_t rsort_cap;
-    float *rq; /* [g][d] rotated queries (code_weights) */
+    float *rq; /* [g][dc] rotated queries (code_weights) */
     size_t rq_cap;
     const void **rows; /* row addresses for the gather kernels */
     size_t rows_cap;
-    int8_t *cq8; /* codes attend: [nseg][g][d] int8 code weights */
+    int8_t *cq8; /* codes attend: [nseg][g][dc] int8 code weights */
     size_t cq8_cap;
     uint32_t *cseg; /* codes attend: [C] each cluster's segment */
     size_t cseg_cap;
-    int16_t *cq16; /* codes attend: [g][d] int16 centroid code weights */
+    int16_t *cq16; /* codes attend: [g][dc] int16 centroid code weights */
     size_t cq16_cap;
 };
 
@@ -1059,7 +1059,7 @@ static void codes_budget(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
 }
 
 /* Per segment and query: 4-bit code weights Rq x step x scale rounded to
- * int8 (kvs_code4_weights_q8) into s->cq8 ([nseg][g][d]), their scales
+ * int8 (kvs_code4_weights_q8) into s->cq8 ([nseg][g][dc]), their scales
  * and the biases scale Rq.lo into s->cq ([nseg][2][g]), so a code scan
  * gives scaled scores directly; and every cluster's score, from its 8-bit
  * centroid code (int16 weights Rq x cstep x scale), into s->cscore
@@ -1070,7 +1070,9 @@ static void codes_budget(const kvs_head_view_t *v, const kvs_zone_params_t *zp,
  * into s->rq. */
 static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
                         float scale, kvs_scratch_t *s) {
-    const uint32_t d = v->d, nseg = v->n_segments, C = s->cbase[nseg];
+    /* d: the codes' dims (kvs_codes_dim), v->d the query's */
+    const uint32_t d = kvs_codes_dim(v->d), nseg = v->n_segments,
+                   C = s->cbase[nseg];
     if (GROW(s, cq8, cq8_cap, (size_t)nseg * g * d) ||
         GROW(s, cq, cq_cap, (size_t)nseg * 2 * g) ||
         GROW(s, rq, rq_cap, (size_t)g * d) ||
@@ -1098,7 +1100,8 @@ static int code_weights(const kvs_head_view_t *v, const float *q, uint32_t g,
         const kvs_codes_t *k = seg->codes;
         int again = si > 0 && v->segments[si - 1]->codes->seed == k->seed;
         for (uint32_t i = 0; i < g && !again; i++)
-            kvs_codes_rotate(k, d, q + (size_t)i * d, s->rq + (size_t)i * d);
+            kvs_codes_rotate(k, v->d, q + (size_t)i * v->d,
+                             s->rq + (size_t)i * d);
         float *sb = s->cq + (size_t)si * 2 * g; /* [scales g][biases g] */
         float csb[2 * MAXQ];                    /* the same for centroids */
         kvs_dot_rows(KVS_DTYPE_F32, s->rq, g, k->lo, 1, d, scale, sb + g, 1);
@@ -1214,7 +1217,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
                         const kvs_rank_params_t *rp, kvs_scratch_t *s,
                         uint32_t C, partial_t *run, partial_t *tmp,
                         kvs_zone_stats_t *st) {
-    const uint32_t d = v->d, nseg = v->n_segments;
+    const uint32_t d = v->d, dc = kvs_codes_dim(d), nseg = v->n_segments;
     const size_t rb = row_bytes(v);
     const float scale = zp->scale;
     uint32_t R;
@@ -1259,8 +1262,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             uint32_t c2 = s->idx[used + 2], s2 = cseg[c2];
             const kvs_segment_t *g2 = v->segments[s2];
             const uint32_t *o2 = g2->offsets + (c2 - s->cbase[s2]);
-            prefetch_rows(g2->codes->keys + (size_t)o2[0] * (d / 2),
-                          o2[1] - o2[0], d / 2);
+            prefetch_rows(g2->codes->keys + (size_t)o2[0] * (dc / 2),
+                          o2[1] - o2[0], dc / 2);
         }
         uint32_t c = s->idx[used];
         if (s->rank[c] < 0)
@@ -1275,8 +1278,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             return KVS_ENOMEM;
         s->ustart[used] = nm;
         const float *sb = s->cq + (size_t)si * 2 * g;
-        kvs_code4_dot_rows_q8(s->cq8 + (size_t)si * g * d, d, g, sb, sb + g,
-                              seg->codes->keys + (size_t)a * (d / 2), n, d,
+        kvs_code4_dot_rows_q8(s->cq8 + (size_t)si * g * dc, dc, g, sb, sb + g,
+                              seg->codes->keys + (size_t)a * (dc / 2), n, dc,
                               s->est + nm, stride);
         uint32_t k = 0;
         if (!steady_seg[si]) {
@@ -1509,10 +1512,10 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
                         const kvs_zone_params_t *zp,
                         const kvs_rank_params_t *rp, kvs_scratch_t *s,
                         search_ctx_t *ctx, kvs_zone_stats_t *st) {
-    const uint32_t d = v->d, nseg = v->n_segments;
+    const uint32_t d = v->d, dc = kvs_codes_dim(d), nseg = v->n_segments;
     const size_t rb = row_bytes(v);
     if (GROW(s, cbase, cbase_cap, nseg + 1) ||
-        GROW(s, cq, cq_cap, (size_t)nseg * (2 * d + 2)))
+        GROW(s, cq, cq_cap, (size_t)nseg * (2 * dc + 2)))
         return KVS_ENOMEM;
     uint32_t C = 0, maxn = 1;
     for (uint32_t si = 0; si < nseg; si++) {
@@ -1526,7 +1529,7 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
     }
     s->cbase[nseg] = C;
     if (GROW(s, rank, rank_cap, C) || GROW(s, idx, idx_cap, C) ||
-        GROW(s, est, est_cap, maxn) || GROW(s, rq, rq_cap, d))
+        GROW(s, est, est_cap, maxn) || GROW(s, rq, rq_cap, dc))
         return KVS_ENOMEM;
 
     float alpha = rp->spread == 0  ? KVS_SPREAD_DEFAULT
@@ -1540,22 +1543,23 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
     for (uint32_t si = 0; si < nseg; si++) {
         const kvs_segment_t *seg = v->segments[si];
         const kvs_codes_t *k = seg->codes;
-        float *w4 = s->cq + (size_t)si * (2 * d + 2), *w8 = w4 + d;
+        float *w4 = s->cq + (size_t)si * (2 * dc + 2), *w8 = w4 + dc;
         if (si == 0 || v->segments[si - 1]->codes->seed != k->seed)
             kvs_codes_rotate(k, d, q, s->rq); /* once per seed in a row */
-        memcpy(w8, s->rq, sizeof(float) * d);
+        memcpy(w8, s->rq, sizeof(float) * dc);
         double b4 = 0, b8 = 0;
-        for (uint32_t j = 0; j < d; j++) {
+        for (uint32_t j = 0; j < dc; j++) {
             b4 += (double)w8[j] * k->lo[j];
             b8 += (double)w8[j] * k->clo[j];
             w4[j] = w8[j] * k->step[j];
         }
-        for (uint32_t j = 0; j < d; j++)
+        for (uint32_t j = 0; j < dc; j++)
             w8[j] *= k->cstep[j];
-        w8[d] = (float)b4;
-        w8[d + 1] = (float)b8;
+        w8[dc] = (float)b4;
+        w8[dc + 1] = (float)b8;
         float *rk = s->rank + s->cbase[si];
-        kvs_code8_dot_rows(w8, k->centroids, seg->n_clusters, d, (float)b8, rk);
+        kvs_code8_dot_rows(w8, k->centroids, seg->n_clusters, dc, (float)b8,
+                           rk);
         for (uint32_t c = 0; c < seg->n_clusters; c++) {
             if (sq > 0)
                 rk[c] += sq * k->spread[c];
@@ -1570,7 +1574,7 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
                 if (kvs_segment_cluster_view(seg, c, si + 1 == nseg, NULL) == 0)
                     rk[c] = -INFINITY;
         /* Centroid codes, offsets, counts, spreads; four ranges. */
-        bytes += (uint64_t)seg->n_clusters * (d + 12) + 16 * (uint64_t)d;
+        bytes += (uint64_t)seg->n_clusters * (dc + 12) + 16 * (uint64_t)dc;
     }
 
     uint32_t R;
@@ -1598,10 +1602,10 @@ static int codes_search(const kvs_head_view_t *v, const float *q,
         const kvs_segment_t *seg = v->segments[si];
         uint32_t lc = c - s->cbase[si];
         uint32_t a = seg->offsets[lc], n = seg->offsets[lc + 1] - a;
-        const float *w4 = s->cq + (size_t)si * (2 * d + 2);
-        kvs_code4_dot_rows(w4, seg->codes->keys + (size_t)a * (d / 2), n, d,
-                           w4[2 * d], s->est);
-        bytes += (uint64_t)n * (d / 2 + 4);
+        const float *w4 = s->cq + (size_t)si * (2 * dc + 2);
+        kvs_code4_dot_rows(w4, seg->codes->keys + (size_t)a * (dc / 2), n, dc,
+                           w4[2 * dc], s->est);
+        bytes += (uint64_t)n * (dc / 2 + 4);
         for (uint32_t j = 0; j < n; j++) {
             uint64_t pos = seg->first_pos + seg->positions[a + j];
             if (kvs_head_is_steady(v, pos))

@@ -24,10 +24,17 @@
  * K-th position per layer after the prefill (0: none, only the decode
  * attends feed the reservoirs).
  *
+ * --dims N keeps the first N dims of every query, key and value (N <= the
+ * dump's head_dim; the store's head_dim is N): real vectors at a head_dim
+ * the dumped model lacks, e.g. 80 (phi-2's), whose codes are padded to 96.
+ * They are not a model of that head_dim (the model's own scale and
+ * training were for all its dims): a stress test of the index, not an
+ * accuracy figure for such a model.
+ *
  * usage: dump_acc --dump FILE [--end N] [--span N] [--stride N]
  *                 [--segment-tokens N] [--cluster-tokens N]
  *                 [--retrieval F] [--rank codes|centroid]
- *                 [--observe-samples N] [--observe K]
+ *                 [--observe-samples N] [--observe K] [--dims N]
  *                 [--label NAME] [--rows FILE]
  * (--end: use the first N positions of the dump only.)
  */
@@ -41,25 +48,30 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Row `pos` of one head's queries, keys or values as fp32
- * (tools/kvdecode/kvs_dump.h; fp16 dumps are converted). The positions are
- * this program's own, so a refusal is a bug here. */
+/* Dims kept of every row (--dims; the dump's head_dim by default). */
+static uint32_t dims;
+
+/* Row `pos` of one head's queries, keys or values as fp32, its first
+ * `dims` dims (tools/kvdecode/kvs_dump.h; fp16 dumps are converted). The
+ * positions are this program's own, so a refusal is a bug here. */
 static void dump_row(const kvs_dump_t *dp, uint32_t layer,
                      kvs_dump_array_t which, uint32_t head, uint32_t pos,
                      float *out) {
-    int rc = kvs_dump_rows(dp, layer, which, head, pos, 1, out);
+    float row[4096];
+    int rc = kvs_dump_rows(dp, layer, which, head, pos, 1, row);
     if (rc) {
         fprintf(stderr, "dump_acc: dump row (layer %u, head %u, %u): %s\n",
                 layer, head, pos, kvs_strerror(rc));
         exit(1);
     }
+    memcpy(out, row, sizeof(float) * dims);
 }
 
 /* Keys and values of positions a .. b of every layer into the store. */
 static int append_range(kvs_store_t *s, const kvs_dump_t *dp, uint32_t a,
                         uint32_t b, float *k, float *v) {
     const kvs_dump_info_t *in = kvs_dump_info(dp);
-    const uint32_t H = in->n_kv_heads, D = in->head_dim, chunk = 1024;
+    const uint32_t H = in->n_kv_heads, D = dims, chunk = 1024;
     for (uint32_t l = 0; l < in->n_layers; l++)
         for (uint32_t p = a; p < b; p += chunk) {
             uint32_t n = b - p < chunk ? b - p : chunk;
@@ -119,6 +131,8 @@ int main(int argc, char **argv) {
             seg = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--cluster-tokens"))
             cluster = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--dims"))
+            dims = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--rank") && !strcmp(x, "codes"))
             rank = KVS_RANK_CODES;
         else if (!strcmp(a, "--rank") && !strcmp(x, "centroid"))
@@ -137,6 +151,13 @@ int main(int argc, char **argv) {
         return 1;
     }
     const kvs_dump_info_t *in = kvs_dump_info(dp);
+    if (in->head_dim > 4096 || dims > in->head_dim) {
+        fprintf(stderr, "dump_acc: %s: --dims %u: head_dim is %u\n", path, dims,
+                in->head_dim);
+        return 1;
+    }
+    if (!dims)
+        dims = in->head_dim;
     /* Positions measured: the first n_used (--end). */
     uint32_t n_used = end && end < in->n_tokens ? end : in->n_tokens;
     if (span >= n_used) {
@@ -157,7 +178,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "dump_acc: %s\n", kvs_store_open_error());
         return 1;
     }
-    const uint32_t L = in->n_layers, HQ = in->n_q_heads, D = in->head_dim;
+    const uint32_t L = in->n_layers, HQ = in->n_q_heads, D = dims;
     kvs_geometry_t g = {L, HQ, in->n_kv_heads, D, KVS_DTYPE_F32};
     const uint32_t P = n_used - span;
     float *k = malloc((size_t)1024 * in->n_kv_heads * D * 4);
@@ -231,11 +252,12 @@ int main(int argc, char **argv) {
     double exf = (double)keys_exact / (double)keys_total;
     double stf = (double)keys_steady / (double)keys_total;
     fprintf(stderr,
-            "dump_acc: %s positions %u..%u step %u, segments of %u, rank %s, "
+            "dump_acc: %s positions %u..%u step %u, head_dim %u, segments of "
+            "%u, rank %s, "
             "budget %s: retrieval %g: rel_l2 median %.4g p95 %.4g max %.4g, "
             "%.2f%% keys "
             "exact (steady %.2f%%), %.1f s CPU\n",
-            label, P, n_used - 1, stride, o.segment_tokens,
+            label, P, n_used - 1, stride, D, o.segment_tokens,
             rank == KVS_RANK_CENTROID ? "centroid"
             : rank == KVS_RANK_CODES  ? "codes"
                                       : "default",
@@ -281,6 +303,6 @@ usage:
                     "[--stride N] [--segment-tokens N] [--cluster-tokens N] "
                     "[--retrieval F] "
                     "[--rank codes|centroid] [--observe-samples N] "
-                    "[--observe K] [--label NAME] [--rows FILE]\n");
+                    "[--observe K] [--dims N] [--label NAME] [--rows FILE]\n");
     return 2;
 }
