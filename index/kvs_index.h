@@ -95,7 +95,8 @@ typedef struct kvs_segment_s {
     int32_t extra_refs;
     /* Compact codes (NULL when kvs_codes_dim(d) is 0): built by both
      * builders, stored by segment_io.c (format 2), rebuilt from the keys
-     * when a whole record without them is decoded. Freed by
+     * when a whole record without them is decoded or a segment without
+     * them is made whole by kvs_segment_kv_attach. Freed by
      * kvs_segment_free. */
     kvs_codes_t *codes;
 } kvs_segment_t;

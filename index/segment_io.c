@@ -17,8 +17,8 @@
  * from the keys with seed = first_pos (a few ms per segment, no k-means).
  * So are version-2 records without codes whose head_dim has them now
  * (before padding, only multiples of 32 had codes), with KVS_CODES_SEED;
- * a metadata record (below) of that kind stays without (its keys are
- * elsewhere), and its head is ranked by centroid.
+ * a metadata record (below) of that kind gets them when its last K/V
+ * block is attached.
  * Version 3 (the *metadata* record, what ranking needs) is version 2
  *   without keys[n][d] and values[n][d]: those are stored apart, as K/V
  *   blocks of consecutive slots (kvs_segment_kv_*), so that a store can read
@@ -407,6 +407,13 @@ int kvs_segment_kv_attach(kvs_segment_t *seg, const void *buf, size_t len,
     const char *p = (const char *)buf + sizeof h;
     memcpy((char *)seg->keys + rb * h.slot0, p, rb * h.n);
     memcpy((char *)seg->values + rb * h.slot0, p + rb * h.n, rb * h.n);
+    /* Whole now: a record of a head_dim without codes before padding
+     * gets them from its keys, as a whole record does in decode(). */
+    if (*next + h.n == seg->n_tokens && !seg->codes && kvs_codes_dim(seg->d)) {
+        int rc = kvs_segment_build_codes(seg, KVS_CODES_SEED);
+        if (rc)
+            return rc; /* KVS_ENOMEM; *next unchanged */
+    }
     *next += h.n;
     return 0;
 }

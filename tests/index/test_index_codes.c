@@ -485,8 +485,8 @@ static kvs_segment_t *roundtrip(const kvs_segment_t *a, int meta) {
 /* Head dims that are not a multiple of 32 get codes padded to one (48 ->
  * 64, 80 -> 96: the error bound holds), which round-trip; a record of such
  * a segment written without codes (by a build before padding) gets them
- * rebuilt, bit for bit the builder's, unless it is a metadata record (its
- * keys are elsewhere). Below 32 dims there are no codes. */
+ * rebuilt, bit for bit the builder's (a metadata record once its K/V
+ * blocks are attached). Below 32 dims there are no codes. */
 static void test_index_codes_padded_dims(void **state) {
     (void)state;
     assert_int_equal(kvs_codes_dim(16), 0);
@@ -519,8 +519,25 @@ static void test_index_codes_padded_dims(void **state) {
     assert_memory_equal(r->codes->spread, codes->spread,
                         sizeof(float) * a->n_clusters);
     kvs_segment_free(r);
+    /* a metadata record: codes once its K/V blocks make it whole */
     r = roundtrip(a, 1);
     assert_null(r->codes);
+    uint32_t next = 0;
+    for (uint32_t slot = 0; slot < n; slot += 128) {
+        uint32_t m = n - slot < 128 ? n - slot : 128;
+        size_t bl = kvs_segment_kv_block_size(a, m);
+        char *blk = malloc(bl);
+        kvs_segment_kv_block_encode(a, slot, m, blk);
+        assert_int_equal(kvs_segment_kv_attach(r, blk, bl, &next, NULL, 0), 0);
+        free(blk);
+        if (next < n)
+            assert_null(r->codes);
+    }
+    assert_int_equal(next, n);
+    assert_non_null(r->codes);
+    assert_memory_equal(r->codes->keys, codes->keys, (size_t)n * dc / 2);
+    assert_memory_equal(r->codes->centroids, codes->centroids,
+                        (size_t)a->n_clusters * dc);
     kvs_segment_free(r);
     a->codes = codes;
     kvs_segment_free(a);

@@ -630,6 +630,50 @@ static void test_persist_blocks_format1_opens(void **state) {
     free(ref);
 }
 
+/* A head_dim that is not a multiple of 32 (80) has codes (padded to 96
+ * dims) in its metadata records: after a restart, eager or lazy, the
+ * codes ranking serves it (KVS_RANK_CODES is not refused) and every
+ * answer is the one given before the restart, bit for bit. */
+static void test_persist_blocks_padded_codes(void **state) {
+    (void)state;
+    enum { PD = 80, PL = 2 };
+    const kvs_geometry_t geo = {PL, QH, KVH, PD, KVS_DTYPE_F16};
+    char *dir = kv_temp_dir("blocks-d80");
+    kvs_store_t *s = open_load(dir, KVS_LOAD_EAGER, 0);
+    assert_int_equal(kvs_seq_create(s, 1, &geo), 0);
+    for (uint32_t l = 0; l < PL; l++)
+        kv_store_append(s, 1, l, 0, 3 * SEG + 17, KVH * PD);
+    assert_int_equal(kvs_seq_wait_indexed(s, 1), 0);
+    kvs_query_params_t codes;
+    kvs_query_params_default(&codes);
+    codes.rank = KVS_RANK_CODES;
+    float q[QH * PD], want[PL][2][QH * PD], got[QH * PD];
+    for (int i = 0; i < QH * PD; i++)
+        q[i] = kv_rows_elem(7, 0, 0, (uint32_t)i, 0);
+    for (uint32_t l = 0; l < PL; l++) {
+        assert_int_equal(kvs_seq_attend(s, 1, l, q, &codes, want[l][0], NULL),
+                         0);
+        assert_int_equal(kvs_seq_attend(s, 1, l, q, NULL, want[l][1], NULL), 0);
+    }
+    assert_int_equal(kvs_store_close(s), 0);
+    for (int lazy = 0; lazy < 2; lazy++) {
+        s = open_load(dir, lazy ? KVS_LOAD_LAZY : KVS_LOAD_EAGER, 0);
+        for (uint32_t l = 0; l < PL; l++) {
+            assert_int_equal(kvs_seq_attend(s, 1, l, q, &codes, got, NULL), 0);
+            assert_memory_equal(got, want[l][0], sizeof got);
+            assert_int_equal(kvs_seq_attend(s, 1, l, q, NULL, got, NULL), 0);
+            assert_memory_equal(got, want[l][1], sizeof got);
+        }
+        kvs_store_stats_t st;
+        assert_int_equal(kvs_store_stats(s, &st), 0);
+        assert_int_equal(st.quarantined, 0);
+        assert_int_equal(st.builds_done, 0);
+        assert_int_equal(kvs_store_close(s), 0);
+    }
+    kv_rm_rf(dir);
+    free(dir);
+}
+
 /* ---------------------------------------------------------------------- */
 
 /* Appends and forks on a lazily opened store read only the layers they
@@ -808,6 +852,7 @@ int main(void) {
         cmocka_unit_test(test_persist_blocks_evict_partly_read),
         cmocka_unit_test(test_persist_blocks_format1_opens),
         cmocka_unit_test(test_persist_blocks_append_fork_lazy),
+        cmocka_unit_test(test_persist_blocks_padded_codes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
