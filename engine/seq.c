@@ -114,9 +114,6 @@ int kvs__check_geometry(kvs_store_t *s, const kvs_geometry_t *g) {
                          "n_q_heads %u is not a multiple of "
                          "n_kv_heads %u",
                          g->n_q_heads, g->n_kv_heads);
-    if (g->n_q_heads / g->n_kv_heads > KVS_KERNEL_MAX_Q)
-        return kvs__fail(s, KVS_EINVAL, "more than %d query heads per KV head",
-                         KVS_KERNEL_MAX_Q);
     if (g->head_dim == 0 || g->head_dim > KVS_MAX_HEAD_DIM)
         return kvs__fail(s, KVS_EINVAL, "head_dim %u outside 1..%u",
                          g->head_dim, KVS_MAX_HEAD_DIM);

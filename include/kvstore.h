@@ -48,7 +48,10 @@ typedef struct kvs_store_s kvs_store_t;
 /* The model shape of one sequence. */
 typedef struct kvs_geometry_s {
     uint32_t n_layers;
-    uint32_t n_q_heads; /* query heads; a multiple of n_kv_heads (GQA) */
+    uint32_t n_q_heads; /* query heads; a multiple of n_kv_heads (GQA;
+                           any ratio, multi-query too: beyond 16 per KV
+                           head the CPU attends them 16 at a time, each
+                           16 ranking keys for itself) */
     uint32_t n_kv_heads;
     uint32_t head_dim;
     kvs_dtype_t dtype; /* element type of appended keys/values */

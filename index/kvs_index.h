@@ -338,8 +338,11 @@ void kvs_scratch_free(kvs_scratch_t *s);
 
 /*
  * Attention for the `g` query heads of one GQA group over `view`.
- * q is [g][d] fp32; out receives [g][d]. Stats are added to *stats.
- * Errors: KVS_ENOMEM, KVS_EINVAL (g > KVS_KERNEL_MAX_Q, empty view).
+ * q is [g][d] fp32; out receives [g][d]. Stats are added to *stats. A
+ * group of more than KVS_KERNEL_MAX_Q heads (multi-query attention) is
+ * attended as consecutive groups of at most that many, each ranking keys
+ * for itself and adding its own stats (as one head's).
+ * Errors: KVS_ENOMEM, KVS_EINVAL (g == 0, empty view).
  */
 int kvs_head_attend(const kvs_head_view_t *view, const float *q, uint32_t g,
                     const kvs_zone_params_t *zp, kvs_scratch_t *scratch,

@@ -726,8 +726,22 @@ int kvs_head_attend_ranked(const kvs_head_view_t *v, const float *q, uint32_t g,
                            const kvs_zone_params_t *zp,
                            const kvs_rank_params_t *rpp, kvs_scratch_t *s,
                            float *out, kvs_zone_stats_t *stats) {
-    if (g == 0 || g > MAXQ || !v || !q || !zp || !s || !out)
+    if (g == 0 || !v || !q || !zp || !s || !out)
         return KVS_EINVAL;
+    if (g > MAXQ) {
+        /* More query heads than the kernels take at once (multi-query
+         * attention: Falcon-7B has 71 per KV head): groups of MAXQ, each
+         * ranked for itself, each counted in stats as a head. */
+        for (uint32_t i0 = 0; i0 < g; i0 += MAXQ) {
+            uint32_t n = g - i0 < MAXQ ? g - i0 : MAXQ;
+            size_t off = (size_t)i0 * v->d;
+            int rc = kvs_head_attend_ranked(v, q + off, n, zp, rpp, s,
+                                            out + off, stats);
+            if (rc)
+                return rc;
+        }
+        return 0;
+    }
     const kvs_rank_params_t rp0 = {0}, *rp = rpp ? rpp : &rp0;
     uint64_t total = v->indexed_tokens + v->tail_tokens;
     if (total == 0)
@@ -1650,9 +1664,19 @@ int kvs_head_search_group_ranked(const kvs_head_view_t *v, const float *q,
                                  const kvs_rank_params_t *rpp, kvs_scratch_t *s,
                                  int64_t *positions, float *scores,
                                  kvs_zone_stats_t *stats) {
-    if (!v || !q || !zp || !s || !positions || !scores || k == 0 || g == 0 ||
-        g > MAXQ)
+    if (!v || !q || !zp || !s || !positions || !scores || k == 0 || g == 0)
         return KVS_EINVAL;
+    if (g > MAXQ) { /* as kvs_head_attend_ranked: groups of MAXQ */
+        for (uint32_t i0 = 0; i0 < g; i0 += MAXQ) {
+            uint32_t n = g - i0 < MAXQ ? g - i0 : MAXQ;
+            int rc = kvs_head_search_group_ranked(
+                v, q + (size_t)i0 * v->d, n, k, zp, rpp, s,
+                positions + (size_t)i0 * k, scores + (size_t)i0 * k, stats);
+            if (rc)
+                return rc;
+        }
+        return 0;
+    }
     const kvs_rank_params_t rp0 = {0}, *rp = rpp ? rpp : &rp0;
     uint64_t total = v->indexed_tokens + v->tail_tokens;
     if (GROW(s, hpos, hpos_cap, (size_t)g * k) ||

@@ -730,7 +730,7 @@ int main(int argc, char **argv) {
     if (!c.queries)
         c.queries = c.quick ? 8 : 16;
     const uint32_t ctx = dp.n_tokens, nq = c.queries;
-    if (nq >= ctx || G > KVS_KERNEL_MAX_Q)
+    if (nq >= ctx || G == 0)
         die("sample too small: %u tokens for %u decode queries", ctx, nq);
     /* The query positions (see the top of the file). */
     if (nq * 4 > ctx)
