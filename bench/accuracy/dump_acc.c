@@ -33,7 +33,7 @@
  *
  * usage: dump_acc --dump FILE [--end N] [--span N] [--stride N]
  *                 [--segment-tokens N] [--cluster-tokens N]
- *                 [--retrieval F] [--rank codes|centroid]
+ *                 [--retrieval F] [--estimation F] [--rank codes|centroid]
  *                 [--observe-samples N] [--observe K] [--dims N]
  *                 [--label NAME] [--rows FILE]
  * (--end: use the first N positions of the dump only.)
@@ -101,7 +101,7 @@ static double quant(const double *v, size_t n, double p) {
 int main(int argc, char **argv) {
     const char *path = NULL, *rows = NULL, *label = "tinycode128";
     uint32_t span = 8192, stride = 128, seg = 0, end = 0, cluster = 0;
-    float retrieval = 0;
+    float retrieval = 0, estimation = -1;
     int32_t observe_samples = 0;
     uint32_t observe = 0;
     kvs_rank_t rank = KVS_RANK_DEFAULT;
@@ -123,6 +123,8 @@ int main(int argc, char **argv) {
             end = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--retrieval"))
             retrieval = strtof(x, NULL);
+        else if (!strcmp(a, "--estimation"))
+            estimation = strtof(x, NULL);
         else if (!strcmp(a, "--observe-samples"))
             observe_samples = (int32_t)strtol(x, NULL, 10);
         else if (!strcmp(a, "--observe"))
@@ -212,8 +214,10 @@ int main(int argc, char **argv) {
     kvs_query_params_t wp, xp;
     kvs_query_params_default(&wp);
     wp.rank = rank;
-    if (retrieval > 0) /* the other two zone numbers stay the defaults */
+    if (retrieval > 0) /* the zone numbers not given stay the defaults */
         wp.retrieval_fraction = retrieval;
+    if (estimation >= 0)
+        wp.estimation_fraction = estimation;
     xp = wp;
     xp.mode = KVS_MODE_EXACT;
     uint64_t steps = 0, keys_total = 0, keys_exact = 0, keys_steady = 0;
@@ -301,7 +305,7 @@ fail:
 usage:
     fprintf(stderr, "usage: dump_acc --dump FILE [--end N] [--span N] "
                     "[--stride N] [--segment-tokens N] [--cluster-tokens N] "
-                    "[--retrieval F] "
+                    "[--retrieval F] [--estimation F] "
                     "[--rank codes|centroid] [--observe-samples N] "
                     "[--observe K] [--dims N] [--label NAME] [--rows FILE]\n");
     return 2;
