@@ -292,8 +292,9 @@ def gpu_store():
 def test_cuda_queries_answer_as_host_queries():
     """A Store's GPU path takes CUDA queries and writes a CUDA output in
     place: the same answers as host queries (within 1e-6 where the GPU step
-    serves, wave; bit for bit where the CPU does, exact), writes pending on
-    another stream are seen, and host/CUDA arrays are not mixed."""
+    serves, wave; bit for bit where the CPU does, exact), from one call to
+    the next too, writes pending on another stream are seen, and host/CUDA
+    arrays are not mixed."""
     g = torch.Generator().manual_seed(5)
     with gpu_store() as s:
         qh, kvh, d, n = 8, 2, 128, 5000
@@ -319,7 +320,15 @@ def test_cuda_queries_answer_as_host_queries():
                 assert st.keys_total == n * kvh
                 mine = torch.full((qh, d), 7.0, device="cuda")
                 s.attend(1, 0, qc, mode=mode, out=mine)
-                assert torch.equal(mine, got)
+                # every element written, and visible on this stream with
+                # no synchronisation of the caller's
+                assert not bool((mine == 7.0).any())
+                # the same call again: the same answer within tol (the
+                # GPU step's sums are not bit for bit the same from one
+                # call to the next: on the H100 this failed as
+                # torch.equal, the CPU's exact mode passes as equal)
+                diff = float((mine - got).norm() / got.norm())
+                assert diff <= tol, (mode, diff)
         # wave only: want, got and mine per query
         assert s.stats()["gpu_attends"] - before == 3 * 3
         with pytest.raises(ValueError, match="out: must be where queries"):
