@@ -31,10 +31,15 @@
  * training were for all its dims): a stress test of the index, not an
  * accuracy figure for such a model.
  *
+ * --search K measures kvs_seq_search instead: recall@K of the search
+ * with the same parameters against exact search (KVS_MODE_EXACT), per
+ * (layer, query head) pair averaged over the steps, median and p10, and
+ * the mean time of a search call against an exact one.
+ *
  * usage: dump_acc --dump FILE [--end N] [--span N] [--stride N]
  *                 [--segment-tokens N] [--cluster-tokens N]
  *                 [--retrieval F] [--estimation F] [--rank codes|centroid]
- *                 [--observe-samples N] [--observe K] [--dims N]
+ *                 [--observe-samples N] [--observe K] [--dims N] [--search K]
  *                 [--label NAME] [--rows FILE]
  * (--end: use the first N positions of the dump only.)
  */
@@ -103,7 +108,7 @@ int main(int argc, char **argv) {
     uint32_t span = 8192, stride = 128, seg = 0, end = 0, cluster = 0;
     float retrieval = 0, estimation = -1;
     int32_t observe_samples = 0;
-    uint32_t observe = 0;
+    uint32_t observe = 0, search_k = 0;
     kvs_rank_t rank = KVS_RANK_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *x = i + 1 < argc ? argv[i + 1] : NULL;
@@ -133,6 +138,8 @@ int main(int argc, char **argv) {
             seg = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--cluster-tokens"))
             cluster = (uint32_t)strtoul(x, NULL, 10);
+        else if (!strcmp(a, "--search"))
+            search_k = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--dims"))
             dims = (uint32_t)strtoul(x, NULL, 10);
         else if (!strcmp(a, "--rank") && !strcmp(x, "codes"))
@@ -222,6 +229,16 @@ int main(int argc, char **argv) {
     xp.mode = KVS_MODE_EXACT;
     uint64_t steps = 0, keys_total = 0, keys_exact = 0, keys_steady = 0;
     uint32_t have = P;
+    int64_t *sp = NULL, *xpos = NULL;
+    float *ss = NULL;
+    double t_search = 0, t_exact = 0;
+    if (search_k) {
+        sp = malloc(sizeof(int64_t) * HQ * search_k);
+        xpos = malloc(sizeof(int64_t) * HQ * search_k);
+        ss = malloc(sizeof(float) * HQ * search_k);
+        if (!sp || !xpos || !ss)
+            return 1;
+    }
     for (uint32_t t = P; t < n_used; t += stride, steps++) {
         if ((rc = append_range(s, dp, have, t + 1, k, v)))
             goto fail;
@@ -229,6 +246,34 @@ int main(int argc, char **argv) {
         for (uint32_t l = 0; l < L; l++) {
             for (uint32_t h = 0; h < HQ; h++)
                 dump_row(dp, l, KVS_DUMP_Q, h, t, q + (size_t)h * D);
+            if (search_k) {
+                /* A first call waits for the builds the appends started
+                 * (deterministic mode): untimed. */
+                struct timespec a0, a1, a2;
+                if ((rc = kvs_seq_search(s, 1, l, q, search_k, &xp, xpos, ss)))
+                    goto fail;
+                clock_gettime(CLOCK_MONOTONIC, &a0);
+                if ((rc = kvs_seq_search(s, 1, l, q, search_k, &wp, sp, ss)))
+                    goto fail;
+                clock_gettime(CLOCK_MONOTONIC, &a1);
+                if ((rc = kvs_seq_search(s, 1, l, q, search_k, &xp, xpos, ss)))
+                    goto fail;
+                clock_gettime(CLOCK_MONOTONIC, &a2);
+                t_search += (double)(a1.tv_sec - a0.tv_sec) +
+                            1e-9 * (double)(a1.tv_nsec - a0.tv_nsec);
+                t_exact += (double)(a2.tv_sec - a1.tv_sec) +
+                           1e-9 * (double)(a2.tv_nsec - a1.tv_nsec);
+                for (uint32_t h = 0; h < HQ; h++) {
+                    uint32_t hit = 0;
+                    for (uint32_t i = 0; i < search_k; i++)
+                        for (uint32_t j = 0; j < search_k; j++)
+                            hit += sp[(size_t)h * search_k + i] >= 0 &&
+                                   sp[(size_t)h * search_k + i] ==
+                                       xpos[(size_t)h * search_k + j];
+                    err[(size_t)l * HQ + h] += (double)hit / search_k;
+                }
+                continue;
+            }
             kvs_attend_stats_t st;
             if ((rc = kvs_seq_attend(s, 1, l, q, &xp, ex, NULL)) ||
                 (rc = kvs_seq_attend(s, 1, l, q, &wp, out, &st)))
@@ -252,6 +297,19 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++)
         err[i] /= (double)steps;
     qsort(err, n, sizeof(double), cmp_d);
+    if (search_k) {
+        fprintf(stderr,
+                "dump_acc: %s positions %u..%u step %u, head_dim %u: search "
+                "top-%u (retrieval %g): recall median %.4f p10 %.4f min "
+                "%.4f; %.3f ms a call vs exact %.3f ms\n",
+                label, P, n_used - 1, stride, D, search_k,
+                (double)wp.retrieval_fraction, quant(err, n, 0.5),
+                quant(err, n, 0.1), err[0], 1e3 * t_search / (steps * L),
+                1e3 * t_exact / (steps * L));
+        kvs_store_close(s);
+        kvs_dump_close(dp);
+        return 0;
+    }
     double med = quant(err, n, 0.5), p95 = quant(err, n, 0.95);
     double exf = (double)keys_exact / (double)keys_total;
     double stf = (double)keys_steady / (double)keys_total;
