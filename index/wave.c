@@ -1533,7 +1533,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
  * walked once, in address order, each query keeping the members of its
  * own clusters. Query by query (float weights, clusters in rank order, a
  * heap per query for the shortlist) a group of 4 read every code 4 times:
- * 9.6 ms against 5.7 for 32 query heads at 32K on 2 cores, the same
+ * 12.8 ms against 6.6 for 32 query heads at 32K on 2 cores, the same
  * recall. Stats count per query, as if each searched alone.
  */
 static int codes_search_group(const kvs_head_view_t *v, const float *q,
