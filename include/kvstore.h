@@ -356,7 +356,9 @@ int kvs_seq_search(kvs_store_t *store, uint64_t seq, uint32_t layer,
 
 /* What one attend call did, summed over KV heads. */
 typedef struct kvs_attend_stats_s {
-    uint64_t keys_total;  /* tokens in the layer x n_kv_heads */
+    uint64_t keys_total;  /* tokens in the layer x n_kv_heads (x the
+                             groups of 16 query heads a KV head's are
+                             attended in, beyond 16: each counts as one) */
     uint64_t keys_exact;  /* keys attended exactly (steady+retrieval) */
     uint64_t keys_steady; /* of which in the steady zone */
     uint64_t clusters_total;
