@@ -264,7 +264,10 @@ static float *pad_rows(const float *x, size_t n, uint32_t d0, uint32_t d) {
 int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed,
                                  float *xr0) {
     /* In the codes' dims d: keys (xr) and centroids (cr) padded with zero
-     * dims, which quantise to code 0 with step 0 and so weigh nothing. */
+     * dims. The rotation is orthonormal in d dims, so q.k is kept; without
+     * a Hadamard (d not a power of two) the added dims stay zero, quantise
+     * to code 0 with step 0 and weigh nothing, with one (48 -> 64) they
+     * are mixed in like any other. */
     const uint32_t d0 = seg->d, d = kvs_codes_dim(d0), n = seg->n_tokens,
                    C = seg->n_clusters;
     int rc = KVS_ENOMEM;

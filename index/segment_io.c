@@ -411,8 +411,14 @@ int kvs_segment_kv_attach(kvs_segment_t *seg, const void *buf, size_t len,
      * gets them from its keys, as a whole record does in decode(). */
     if (*next + h.n == seg->n_tokens && !seg->codes && kvs_codes_dim(seg->d)) {
         int rc = kvs_segment_build_codes(seg, KVS_CODES_SEED);
-        if (rc)
-            return rc; /* KVS_ENOMEM; *next unchanged */
+        if (rc) { /* KVS_ENOMEM: the segment as it was before the call */
+            if (*next == 0) {
+                free(seg->keys);
+                free(seg->values);
+                seg->keys = seg->values = NULL;
+            }
+            return rc;
+        }
     }
     *next += h.n;
     return 0;

@@ -1341,6 +1341,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
             gs[m] = x > gs[m] ? x : gs[m];
         }
     }
+    for (uint32_t m = 0; m < nm; m++) /* NaN ranks last (kth_largest) */
+        gs[m] = gs[m] == gs[m] ? gs[m] : -INFINITY;
     float thr = INFINITY;
     uint32_t ties = 0;
     if (R) {
@@ -1676,7 +1678,10 @@ static int codes_search_group(const kvs_head_view_t *v, const float *q,
                         kvs_head_is_steady(v, seg->first_pos +
                                                   seg->positions[a + j]))
                         continue;
-                    cs[m] = e[j];
+                    /* NaN (a key so large its rotation overflowed)
+                     * ranks last, as the clusters do: kth_largest
+                     * takes no NaN */
+                    cs[m] = e[j] == e[j] ? e[j] : -INFINITY;
                     cp[m++] = (int64_t)((uint64_t)si << 32 | (a + j));
                 }
                 ncand[i] = m;
