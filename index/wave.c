@@ -1189,6 +1189,34 @@ static float kth_largest(const float *x, uint32_t n, uint32_t k,
     return key_float(b1 << 21 | b2 << 10 | b3);
 }
 
+/* The best k of x[0 .. n) (no NaN), in order: x[m] is one of them when
+ * best_k_takes(x[m], thr, &ties), which counts down the ties, those equal
+ * to the k-th largest, taken first in order. The k-th largest by
+ * selection (kth_largest, buf [n]), linear where a heap costs log k a
+ * member. k == 0 takes none, k >= n all. */
+static void best_k(const float *x, uint32_t n, uint32_t k, uint32_t *buf,
+                   float *thr, uint32_t *ties) {
+    if (k == 0) {
+        *thr = INFINITY;
+        *ties = 0;
+        return;
+    }
+    if (k >= n) {
+        *thr = -INFINITY;
+        *ties = n;
+        return;
+    }
+    *thr = kth_largest(x, n, k, buf);
+    uint32_t above = 0;
+    for (uint32_t m = 0; m < n; m++)
+        above += x[m] > *thr;
+    *ties = k - above;
+}
+
+static inline int best_k_takes(float x, float thr, uint32_t *ties) {
+    return x > thr || (x == thr && *ties && (*ties)--);
+}
+
 /* Room in s->est ([g][*stride] code scores, query-major) for `need`
  * members per query: a larger stride moves each query's row up. */
 static int est_reserve(kvs_scratch_t *s, uint32_t g, size_t *stride,
@@ -1322,11 +1350,8 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     s->ustart[used] = nm;
     uint64_t coded = nm;
 
-    /* Shortlist: the best R members by group score. The R-th largest
-     * score is found by selection (linear in the scanned members, where a
-     * heap cost R log R more); members above it, then those equal to it
-     * in scan order until R, are taken. They are read in scan order:
-     * members of a cluster hold neighbouring slots. */
+    /* Shortlist: the best R members by group score (best_k), read in
+     * scan order: members of a cluster hold neighbouring slots. */
     if (R > nm)
         R = nm;
     if (GROW(s, cscr, cscr_cap, 2 * (size_t)(nm ? nm : 1)))
@@ -1343,15 +1368,9 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     }
     for (uint32_t m = 0; m < nm; m++) /* NaN ranks last (kth_largest) */
         gs[m] = gs[m] == gs[m] ? gs[m] : -INFINITY;
-    float thr = INFINITY;
-    uint32_t ties = 0;
-    if (R) {
-        thr = kth_largest(gs, nm, R, (uint32_t *)(void *)sel);
-        uint32_t above = 0;
-        for (uint32_t m = 0; m < nm; m++)
-            above += gs[m] > thr;
-        ties = R - above;
-    }
+    float thr;
+    uint32_t ties;
+    best_k(gs, nm, R, (uint32_t *)(void *)sel, &thr, &ties);
     /* Row addresses: the R keys, then the R values; the pseudo-tokens'
      * rows after them (below). */
     uint32_t E = kvs_zone_clusters(zp->estimation_fraction, C);
@@ -1363,7 +1382,7 @@ static int codes_attend(const kvs_head_view_t *v, const float *q, uint32_t g,
     const void **keys = s->rows, **vals = s->rows + R;
     uint32_t cols = 0;
     for (uint32_t m = 0; m < nm && cols < R; m++) {
-        if (!(gs[m] > thr || (gs[m] == thr && ties && ties--)))
+        if (!best_k_takes(gs[m], thr, &ties))
             continue;
         int64_t id = s->cpos[m];
         s->cpos[m] = (int64_t)((uint64_t)id | 1ull << 63); /* retrieved */
@@ -1690,9 +1709,7 @@ static int codes_search_group(const kvs_head_view_t *v, const float *q,
     }
 
     /* (3) Each query's shortlist, the best R of its scored members by
-     * code score (the R-th largest by selection, linear where a heap
-     * cost log R a member; those above it, then those equal to it in scan
-     * order), read in full and scored exactly. */
+     * code score (best_k), read in full and scored exactly. */
     if (GROW(s, gkey, gkey_cap, room) || GROW(s, rows, rows_cap, R) ||
         GROW(s, est, est_cap, R))
         return KVS_ENOMEM;
@@ -1701,21 +1718,15 @@ static int codes_search_group(const kvs_head_view_t *v, const float *q,
         const float *cs = s->cscr + (size_t)i * room;
         const int64_t *cp = s->cpos + (size_t)i * room;
         const uint32_t n = ncand[i];
-        float thr = -INFINITY;
-        uint32_t ties = n;
-        if (n > R) {
-            thr = kth_largest(cs, n, R, s->gkey);
-            uint32_t above = 0;
-            for (uint32_t m = 0; m < n; m++)
-                above += cs[m] > thr;
-            ties = R - above;
-        }
+        float thr;
+        uint32_t ties;
+        best_k(cs, n, R, s->gkey, &thr, &ties);
         uint32_t taken = 0;
         const void **rows = s->rows;
         float *exact = s->est; /* [R]: free after the scan */
         int64_t *tpos = s->cpos + (size_t)i * room; /* its own ids, read */
         for (uint32_t m = 0; m < n && taken < R; m++) {
-            if (!(cs[m] > thr || (cs[m] == thr && ties && ties--)))
+            if (!best_k_takes(cs[m], thr, &ties))
                 continue;
             uint64_t id = (uint64_t)cp[m];
             const kvs_segment_t *seg = v->segments[id >> 32];
