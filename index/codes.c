@@ -252,12 +252,14 @@ static double sq_dist_sum(const float *x, uint32_t m, const float *c,
     return ss;
 }
 
-/* Rows x [n][d0] as [n][d] (d >= d0), the added dims zero, into a fresh
- * buffer; NULL when out of memory. */
-static float *pad_rows(const float *x, size_t n, uint32_t d0, uint32_t d) {
+/* Rows x [n][d0] of `dtype` as fp32 [n][d] (d >= d0), the added dims
+ * zero, in a fresh buffer; NULL when out of memory. */
+static float *rows_f32(kvs_dtype_t dtype, const void *x, size_t n, uint32_t d0,
+                       uint32_t d) {
     float *p = calloc(n ? n * d : 1, sizeof(*p));
+    const size_t rb = kvs_dtype_size(dtype) * d0;
     for (size_t i = 0; p && i < n; i++)
-        memcpy(p + i * d, x + i * d0, sizeof(*p) * d0);
+        kvs_to_f32(dtype, (const char *)x + i * rb, p + i * d, d0);
     return p;
 }
 
@@ -271,8 +273,8 @@ int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed,
     const uint32_t d0 = seg->d, d = kvs_codes_dim(d0), n = seg->n_tokens,
                    C = seg->n_clusters;
     int rc = KVS_ENOMEM;
-    float *xr = d == d0 ? xr0 : pad_rows(xr0, n, d0, d);
-    float *cr = calloc((size_t)C * d, sizeof(*cr));
+    float *xr = d == d0 ? xr0 : rows_f32(KVS_DTYPE_F32, xr0, n, d0, d);
+    float *cr = rows_f32(seg->dtype, seg->centroids, C, d0, d);
     kvs_codes_t *c = calloc(1, sizeof(*c));
     if (!xr || !cr || !c)
         goto err;
@@ -288,13 +290,6 @@ int kvs__segment_build_codes_f32(kvs_segment_t *seg, uint64_t seed,
         !c->centroids || !c->spread)
         goto err;
 
-    kvs_to_f32(seg->dtype, seg->centroids, cr, (size_t)C * d0);
-    if (d != d0) { /* spread [C][d0] out to [C][d], last row first */
-        for (uint32_t k = C; k-- > 0;) {
-            memmove(cr + (size_t)k * d, cr + (size_t)k * d0, sizeof(*cr) * d0);
-            memset(cr + (size_t)k * d + d0, 0, sizeof(*cr) * (d - d0));
-        }
-    }
     rotate_rows(c, d, xr, n);
     rotate_rows(c, d, cr, C);
     fit_range(xr, n, d, 16, c->lo, c->step);
